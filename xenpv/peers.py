@@ -1,0 +1,123 @@
+"""Real Xen programs used as peers, fetched from Debian's archive without a Xen host.
+
+xenpv is tested against programs nobody on this project wrote: xenstore-utils, Xen's
+``test-xenstore``, ``vchan-socket-proxy``, ``xenconsoled``/``xenconsole``, libxenvchan and
+friends.  Installing ``xen-utils`` system-wide drags in hypervisor tooling, so the packages
+are downloaded with ``apt-get download`` and unpacked with ``dpkg-deb -x`` into a private
+tree (``peers_root()``), which is used through ``LD_LIBRARY_PATH``.
+
+``xenpv peers fetch`` does this; tests locate programs with :func:`find` and fail loudly if
+one is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from xenpv.errors import LocalError
+
+#: Debian packages unpacked into the peers tree (bookworm, Xen 4.17).
+PACKAGES: tuple[str, ...] = (
+    "libxen-dev",
+    "libxencall1",
+    "libxendevicemodel1",
+    "libxenevtchn1",
+    "libxenforeignmemory1",
+    "libxengnttab1",
+    "libxenhypfs1",
+    "libxenmisc4.17",
+    "libxenstore4",
+    "libxentoolcore1",
+    "libxentoollog1",
+    "xen-utils-4.17",
+    "xenstore-utils",
+)
+
+XEN_BIN = "usr/lib/xen-4.17/bin"
+LIB_DIR = "usr/lib/x86_64-linux-gnu"
+
+
+class PeerMissing(LocalError):
+    """A real peer program or file is not in the peers tree."""
+
+
+def peers_root() -> Path:
+    """Directory holding the unpacked packages (``$XENPV_PEERS_DIR`` or the user cache)."""
+    env = os.environ.get("XENPV_PEERS_DIR")
+    if env:
+        return Path(env)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(cache) / "xenpv" / "peers"
+
+
+def _stamp(packages: tuple[str, ...]) -> str:
+    return hashlib.sha256("\n".join(sorted(packages)).encode()).hexdigest()[:16]
+
+
+def fetch(root: Path | None = None, packages: tuple[str, ...] = PACKAGES, quiet: bool = False) -> Path:
+    """Download and unpack ``packages`` into ``root`` (idempotent); return ``root``."""
+    root = root or peers_root()
+    stamp = root / ".stamp"
+    if stamp.exists() and stamp.read_text().strip() == _stamp(packages):
+        return root
+    for tool in ("apt-get", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            raise PeerMissing(f"{tool} is needed to fetch the Xen peer programs (Debian/Ubuntu only)")
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="xenpv-debs-") as tmp:
+        cmd = ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *packages]
+        out = subprocess.DEVNULL if quiet else None
+        if subprocess.run(cmd, cwd=tmp, stdout=out).returncode != 0:
+            # A fresh machine has no package lists yet.
+            subprocess.run(["apt-get", "update", "-q"], check=True, stdout=out)
+            subprocess.run(cmd, cwd=tmp, check=True, stdout=out)
+        for deb in sorted(Path(tmp).glob("*.deb")):
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    stamp.write_text(_stamp(packages) + "\n")
+    return root
+
+
+def find(relpath: str, root: Path | None = None) -> Path:
+    """Return the path of ``relpath`` inside the peers tree, or raise :class:`PeerMissing`.
+
+    ``relpath`` is either a path relative to the tree root (``usr/bin/xenstore-read``) or a
+    bare program name, looked up in ``usr/bin`` and Xen's private ``bin`` directory.
+    """
+    root = root or peers_root()
+    candidates = [root / relpath] if "/" in relpath else [root / "usr/bin" / relpath, root / XEN_BIN / relpath]
+    for c in candidates:
+        if c.exists():
+            return c
+    raise PeerMissing(
+        f"real peer {relpath!r} not found under {root}; run 'xenpv peers fetch' "
+        "(the test command does this)"
+    )
+
+
+def lib_dir(root: Path | None = None) -> Path:
+    """Directory of the unpacked Xen libraries (for ``LD_LIBRARY_PATH`` and cffi)."""
+    return find(LIB_DIR, root)
+
+
+def include_dir(root: Path | None = None) -> Path:
+    """Directory of Xen's public headers (``xen/io/ring.h`` …) from libxen-dev."""
+    return find("usr/include", root)
+
+
+def run_env(extra_lib_dirs: list[str] | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for running a peer program: ``LD_LIBRARY_PATH`` with the peers' libraries.
+
+    ``extra_lib_dirs`` (for example the loopback emulator's replacement libraries) come
+    first, so they take precedence over Debian's.
+    """
+    env = dict(os.environ if base is None else base)
+    dirs = [*(extra_lib_dirs or []), str(lib_dir())]
+    if env.get("LD_LIBRARY_PATH"):
+        dirs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = ":".join(dirs)
+    return env

@@ -1,0 +1,1 @@
+"""xenpv.platforms.loopback."""

@@ -26,6 +26,7 @@ DEBUG = os.environ.get("XENPV_DEBUG_BUILD") == "1"
 CYTHON_MODULES: dict[str, str] = {
     "xenpv.rings._sring": "cython/sring.pyx",
     "xenpv.rings._bytering": "cython/bytering.pyx",
+    "xenpv.rings._atomic": "cython/atomic.pyx",
 }
 
 CYTHON_DIRECTIVES = {

@@ -1,0 +1,533 @@
+# Compiled shared request/response rings (Xen io/ring.h semantics).
+#
+# Theory of operation
+# -------------------
+# A ring is a 64-byte header (req_prod, req_event, rsp_prod, rsp_event, pvt, pad) followed by
+# N slots of E bytes, N the largest power of two that fits (xen-protocols.md §1.1-1.2).  The
+# frontend produces requests and consumes responses; the backend the reverse.  Each side keeps
+# its private indexes here (FrontRing: req_prod_pvt, rsp_cons; BackRing: req_cons,
+# rsp_prod_pvt) and only ever reads the peer's shared index once per call (a snapshot), so a
+# peer that changes its index while we work cannot make us loop or read twice.
+#
+# Every peer index is validated in free-running u32 arithmetic before it is used:
+#   back:  c <= prod - rsp_prod_pvt <= N   where c = req_cons - rsp_prod_pvt
+#          (io/ring.h RING_REQUEST_PROD_OVERFLOW is the upper bound; the lower bound catches
+#          a req_prod that moved backwards behind requests we already consumed)
+#   front: rsp_prod - rsp_cons <= req_prod_pvt - rsp_cons  (<= N)
+#          (io/ring.h RING_RESPONSE_PROD_OVERFLOW, tightened to "no more responses than
+#          requests outstanding")
+# A violation raises RingOverflowError (a PeerError) and the ring marks itself broken: every
+# later call raises the same error.  Slot addresses are always base + 64 + (idx & (N-1)) * E,
+# so nothing outside [base, base + 64 + N*E) is ever touched, whatever the peer writes.
+#
+# Batches are copied with at most two memcpy calls (the run of slots up to the end of the
+# array, then the rest from slot 0): each entry leaves shared memory exactly once (R1) and
+# Python pays one call per batch, not per entry.
+#
+# Notifications are never sent from here: pushes return ``notify: bool`` and the caller kicks
+# the event channel (sans-IO).
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.stdint cimport uint8_t, uint32_t
+from libc.string cimport memcpy, memset
+
+from includes.barrier cimport (
+    XENPV_DEBUG_ENABLED,
+    xenpv_load_u32,
+    xenpv_mb,
+    xenpv_rmb,
+    xenpv_store_u32,
+    xenpv_wmb,
+)
+
+from xenpv.errors import LocalError, RingOverflowError
+
+# io/ring.h: struct __name##_sring field offsets.
+cdef enum:
+    OFF_REQ_PROD = 0
+    OFF_REQ_EVENT = 4
+    OFF_RSP_PROD = 8
+    OFF_RSP_EVENT = 12
+    OFF_PVT = 16
+    HEADER_SIZE = 64
+
+HEADER_BYTES = HEADER_SIZE
+
+cdef object _numpy = None
+
+
+cdef object _as_dtype_view(object data, object dtype):
+    """Wrap a freshly copied bytearray as a numpy array of ``dtype`` (no further copy)."""
+    global _numpy
+    if _numpy is None:
+        import numpy
+        _numpy = numpy
+    return _numpy.frombuffer(data, dtype=dtype)
+
+
+cpdef unsigned int ring_size(Py_ssize_t nbytes, Py_ssize_t slot_size) except? 0:
+    """Number of slots N of a ring of ``nbytes`` bytes with ``slot_size``-byte slots.
+
+    io/ring.h __RING_SIZE: the largest power of two <= (nbytes - 64) // slot_size, or 0.
+    """
+    cdef Py_ssize_t k
+    if slot_size <= 0:
+        raise LocalError(f"slot size must be positive, not {slot_size}")
+    if nbytes <= HEADER_SIZE:
+        return 0
+    k = (nbytes - HEADER_SIZE) // slot_size
+    if k > 0xFFFFFFFF:
+        k = 0xFFFFFFFF
+    cdef unsigned int n = 1
+    while n <= <unsigned int>(k >> 1):
+        n <<= 1
+    return n if k > 0 else 0
+
+
+cdef class _Ring:
+    """Common part of FrontRing and BackRing: the held buffer and the ring geometry."""
+
+    cdef Py_buffer _view
+    cdef bint _have_view
+    cdef uint8_t *base
+    cdef uint8_t *slots
+    cdef Py_ssize_t nbytes
+    cdef readonly Py_ssize_t slot_size
+    cdef readonly unsigned int nr_ents
+    cdef unsigned int mask
+    cdef object _broken
+
+    def __cinit__(self, *args, **kwargs):
+        self._have_view = False
+        self.base = NULL
+        self._broken = None
+
+    cdef int _attach(self, object buf, Py_ssize_t slot_size) except -1:
+        cdef unsigned int n
+        PyObject_GetBuffer(buf, &self._view, PyBUF_WRITABLE)
+        self._have_view = True
+        n = ring_size(self._view.len, slot_size)
+        if n == 0:
+            self.release()
+            raise LocalError(
+                f"a {len(buf) if hasattr(buf, '__len__') else '?'}-byte buffer holds no "
+                f"{slot_size}-byte slot after the {HEADER_SIZE}-byte header")
+        if (<size_t>self._view.buf) & 3:
+            self.release()
+            raise LocalError("ring memory must be 4-byte aligned (shared indexes are u32)")
+        self.base = <uint8_t *>self._view.buf
+        self.slots = self.base + HEADER_SIZE
+        self.nbytes = self._view.len
+        self.slot_size = slot_size
+        self.nr_ents = n
+        self.mask = n - 1
+        return 0
+
+    def __dealloc__(self):
+        if self._have_view:
+            PyBuffer_Release(&self._view)
+
+    def release(self) -> None:
+        """Let go of the ring memory (an mmap can then be closed); later calls raise LocalError."""
+        if self._have_view:
+            PyBuffer_Release(&self._view)
+            self._have_view = False
+        self.base = NULL
+
+    @property
+    def broken(self) -> bool:
+        """True once the peer was caught violating the protocol (the ring is then dead)."""
+        return self._broken is not None
+
+    cdef inline int _usable(self) except -1:
+        if self._broken is not None:
+            raise RingOverflowError(self._broken)
+        if self.base == NULL:
+            raise LocalError("the ring memory was released")
+        return 0
+
+    cdef int _fail(self, str message) except -1:
+        self._broken = message
+        raise RingOverflowError(message)
+
+    cdef inline void _copy_in(self, uint32_t idx, const uint8_t *src, uint32_t n) noexcept nogil:
+        """Copy n entries from private memory into the slots of indexes idx .. idx+n-1."""
+        cdef uint32_t first = idx & self.mask
+        cdef uint32_t run = self.nr_ents - first
+        cdef Py_ssize_t e = self.slot_size
+        if run > n:
+            run = n
+        memcpy(self.slots + first * e, src, run * e)
+        if n > run:
+            memcpy(self.slots, src + run * e, (n - run) * e)
+
+    cdef inline void _copy_out(self, uint32_t idx, uint8_t *dst, uint32_t n) noexcept nogil:
+        """Copy n entries of indexes idx .. idx+n-1 out of the slots into private memory."""
+        cdef uint32_t first = idx & self.mask
+        cdef uint32_t run = self.nr_ents - first
+        cdef Py_ssize_t e = self.slot_size
+        if run > n:
+            run = n
+        memcpy(dst, self.slots + first * e, run * e)
+        if n > run:
+            memcpy(dst + run * e, self.slots, (n - run) * e)
+
+    cdef uint32_t _put(self, uint32_t idx, object src, Py_ssize_t n, uint32_t room,
+                       bint strict) except? 0xFFFFFFFF:
+        """Copy up to ``n`` entries (all of ``src`` if n < 0) into the slots from ``idx``."""
+        cdef Py_buffer view
+        cdef Py_ssize_t have
+        PyObject_GetBuffer(src, &view, PyBUF_SIMPLE)
+        try:
+            have = view.len // self.slot_size
+            if n < 0:
+                n = have
+            elif n > have:
+                raise LocalError(
+                    f"{n} entries asked for but the buffer holds {have} of {self.slot_size} bytes")
+            if n > room:
+                if strict:
+                    raise LocalError(f"{n} entries do not fit: room for {room}")
+                n = room
+            self._copy_in(idx, <const uint8_t *>view.buf, <uint32_t>n)
+        finally:
+            PyBuffer_Release(&view)
+        return <uint32_t>n
+
+    cdef uint32_t _take_into(self, uint32_t idx, object dst, Py_ssize_t max_n,
+                             uint32_t avail) except? 0xFFFFFFFF:
+        cdef Py_buffer view
+        cdef Py_ssize_t n
+        PyObject_GetBuffer(dst, &view, PyBUF_WRITABLE)
+        try:
+            n = view.len // self.slot_size
+            if max_n >= 0 and max_n < n:
+                n = max_n
+            if n > avail:
+                n = avail
+            self._copy_out(idx, <uint8_t *>view.buf, <uint32_t>n)
+        finally:
+            PyBuffer_Release(&view)
+        return <uint32_t>n
+
+    cdef object _take(self, uint32_t idx, uint32_t n, object dtype):
+        cdef object out
+        if dtype is None:
+            out = PyBytes_FromStringAndSize(NULL, n * self.slot_size)
+            self._copy_out(idx, <uint8_t *>PyBytes_AS_STRING(out), <uint32_t>n)
+            return out
+        out = PyByteArray_FromStringAndSize(NULL, n * self.slot_size)
+        self._copy_out(idx, <uint8_t *>PyByteArray_AS_STRING(out), <uint32_t>n)
+        return _as_dtype_view(out, dtype)
+
+    cdef inline bint _push(self, Py_ssize_t prod_off, Py_ssize_t event_off,
+                           uint32_t new) noexcept nogil:
+        """io/ring.h RING_PUSH_*_AND_CHECK_NOTIFY: publish ``new``, say if the peer asked."""
+        cdef uint32_t old = xenpv_load_u32(self.base + prod_off)
+        xenpv_wmb()  # the peer must see the slots before the index that covers them
+        xenpv_store_u32(self.base + prod_off, new)
+        xenpv_mb()   # the index store must be visible before we read the peer's event field
+        return <uint32_t>(new - xenpv_load_u32(self.base + event_off)) < <uint32_t>(new - old)
+
+    cdef inline void _push_plain(self, Py_ssize_t prod_off, uint32_t new) noexcept nogil:
+        xenpv_wmb()  # slots before the index that covers them
+        xenpv_store_u32(self.base + prod_off, new)
+
+    def _header_index(self, Py_ssize_t offset) -> int:
+        self._usable()
+        return xenpv_load_u32(self.base + offset)
+
+    @property
+    def req_prod(self) -> int:
+        """The shared ``req_prod`` (one load; diagnostics)."""
+        return self._header_index(OFF_REQ_PROD)
+
+    @property
+    def req_event(self) -> int:
+        """The shared ``req_event`` (one load; diagnostics)."""
+        return self._header_index(OFF_REQ_EVENT)
+
+    @property
+    def rsp_prod(self) -> int:
+        """The shared ``rsp_prod`` (one load; diagnostics)."""
+        return self._header_index(OFF_RSP_PROD)
+
+    @property
+    def rsp_event(self) -> int:
+        """The shared ``rsp_event`` (one load; diagnostics)."""
+        return self._header_index(OFF_RSP_EVENT)
+
+
+cdef class FrontRing(_Ring):
+    """The frontend's view of a shared ring: produces requests, consumes responses.
+
+    ``FrontRing(buf, slot_size, start=0, init=True)``: with ``init`` the shared header is
+    initialised (io/ring.h SHARED_RING_INIT, with both producer indexes at ``start`` and both
+    event fields at ``start + 1``); without it the ring is only attached (a frontend
+    reconnecting to a page whose header is already set up, io/ring.h FRONT_RING_ATTACH).
+    ``buf`` is any writable, 4-byte aligned buffer; it is held, never copied.
+    """
+
+    cdef uint32_t _req_prod_pvt
+    cdef uint32_t _rsp_cons
+
+    def __init__(self, buf, Py_ssize_t slot_size, start: int = 0, *, bint init=True):
+        cdef uint32_t s = <uint32_t>(start & 0xFFFFFFFF)
+        self._attach(buf, slot_size)
+        if init:
+            xenpv_store_u32(self.base + OFF_REQ_PROD, s)
+            xenpv_store_u32(self.base + OFF_RSP_PROD, s)
+            xenpv_store_u32(self.base + OFF_REQ_EVENT, s + 1)
+            xenpv_store_u32(self.base + OFF_RSP_EVENT, s + 1)
+            memset(self.base + OFF_PVT, 0, HEADER_SIZE - OFF_PVT)
+        self._req_prod_pvt = s
+        self._rsp_cons = s
+
+    @property
+    def req_prod_pvt(self) -> int:
+        """Private index of the next request slot to fill."""
+        return self._req_prod_pvt
+
+    @property
+    def rsp_cons(self) -> int:
+        """Private index of the next response to consume."""
+        return self._rsp_cons
+
+    cpdef unsigned int free_requests(self) except? 0xFFFFFFFF:
+        """io/ring.h RING_FREE_REQUESTS: slots the frontend may still fill."""
+        self._usable()
+        return self.nr_ents - (self._req_prod_pvt - self._rsp_cons)
+
+    def full(self) -> bool:
+        """io/ring.h RING_FULL."""
+        return self.free_requests() == 0
+
+    def put_request(self, data) -> None:
+        """Queue one request (``slot_size`` bytes or fewer; the rest of the slot is zeroed)."""
+        cdef Py_buffer view
+        cdef uint8_t *slot
+        self._usable()
+        if self.nr_ents - (self._req_prod_pvt - self._rsp_cons) == 0:
+            raise LocalError("request ring is full")
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if view.len > self.slot_size:
+                raise LocalError(f"a {view.len}-byte request does not fit a {self.slot_size}-byte slot")
+            slot = self.slots + (self._req_prod_pvt & self.mask) * self.slot_size
+            memcpy(slot, view.buf, view.len)
+            memset(slot + view.len, 0, self.slot_size - view.len)
+        finally:
+            PyBuffer_Release(&view)
+        self._req_prod_pvt += 1
+
+    cpdef unsigned int put_requests(self, src, Py_ssize_t n=-1) except? 0xFFFFFFFF:
+        """Copy up to ``n`` requests (default: all of ``src``) into free slots; not pushed yet.
+
+        ``src`` is any buffer of whole ``slot_size``-byte entries.  Returns how many fitted.
+        """
+        cdef uint32_t done
+        self._usable()
+        done = self._put(self._req_prod_pvt, src, n,
+                         self.nr_ents - (self._req_prod_pvt - self._rsp_cons), False)
+        self._req_prod_pvt += done
+        return done
+
+    cpdef void push_requests(self) except *:
+        """io/ring.h RING_PUSH_REQUESTS: publish queued requests without the notify check."""
+        self._usable()
+        self._push_plain(OFF_REQ_PROD, self._req_prod_pvt)
+
+    cpdef bint push_requests_and_check_notify(self) except -1:
+        """io/ring.h RING_PUSH_REQUESTS_AND_CHECK_NOTIFY: publish; True if the backend asked
+        to be notified (the caller signals the event channel)."""
+        self._usable()
+        return self._push(OFF_REQ_PROD, OFF_REQ_EVENT, self._req_prod_pvt)
+
+    cdef uint32_t _avail(self) except? 0xFFFFFFFF:
+        cdef uint32_t prod, n
+        self._usable()
+        prod = xenpv_load_u32(self.base + OFF_RSP_PROD)
+        n = prod - self._rsp_cons
+        # io/ring.h RING_RESPONSE_PROD_OVERFLOW, tightened to the requests outstanding.
+        if n > self._req_prod_pvt - self._rsp_cons:
+            self._fail(
+                f"backend rsp_prod {prod} claims {n} responses with rsp_cons {self._rsp_cons}, "
+                f"{self._req_prod_pvt - self._rsp_cons} requests outstanding, ring of {self.nr_ents}")
+        xenpv_rmb()  # the index load comes before the slot loads it covers
+        return n
+
+    cpdef unsigned int unconsumed_responses(self) except? 0xFFFFFFFF:
+        """io/ring.h RING_HAS_UNCONSUMED_RESPONSES, after the overflow check."""
+        return self._avail()
+
+    cpdef bint final_check_for_responses(self) except -1:
+        """io/ring.h RING_FINAL_CHECK_FOR_RESPONSES: True if responses are waiting; otherwise
+        re-arm ``rsp_event`` for the next response and check once more."""
+        if self._avail():
+            return True
+        xenpv_store_u32(self.base + OFF_RSP_EVENT, self._rsp_cons + 1)
+        xenpv_mb()  # the event store must be visible before re-reading rsp_prod
+        return self._avail() != 0
+
+    def set_rsp_event(self, value: int) -> None:
+        """Custom re-arm: ask to be notified when ``rsp_prod`` passes ``value``."""
+        self._usable()
+        xenpv_store_u32(self.base + OFF_RSP_EVENT, <uint32_t>(value & 0xFFFFFFFF))
+        xenpv_mb()
+
+    cpdef unsigned int take_responses_into(self, dst, Py_ssize_t max_n=-1) except? 0xFFFFFFFF:
+        """Copy up to ``max_n`` waiting responses (as many as fit ``dst``) into ``dst``."""
+        cdef uint32_t n = self._take_into(self._rsp_cons, dst, max_n, self._avail())
+        self._rsp_cons += n
+        return n
+
+    def take_responses(self, Py_ssize_t max_n=-1, dtype=None):
+        """Copy out up to ``max_n`` waiting responses: ``bytes`` of k * slot_size, or a numpy
+        array of ``dtype`` (itemsize = slot_size) over a private copy."""
+        cdef uint32_t n = self._avail()
+        if 0 <= max_n < n:
+            n = <uint32_t>max_n
+        out = self._take(self._rsp_cons, n, dtype)
+        self._rsp_cons += n
+        return out
+
+    def take_response(self):
+        """Copy out the next response (``bytes``), or None if there is none."""
+        if self._avail() == 0:
+            return None
+        out = self._take(self._rsp_cons, 1, None)
+        self._rsp_cons += 1
+        return out
+
+
+cdef class BackRing(_Ring):
+    """The backend's view of a shared ring: consumes requests, produces responses.
+
+    ``BackRing(buf, slot_size, start=0)`` attaches to a ring the frontend initialised
+    (io/ring.h BACK_RING_ATTACH); ``start`` is where both private indexes begin (0 on a
+    fresh ring, the current index when re-attaching after a reconnect).
+    """
+
+    cdef uint32_t _req_cons
+    cdef uint32_t _rsp_prod_pvt
+
+    def __init__(self, buf, Py_ssize_t slot_size, start: int = 0):
+        cdef uint32_t s = <uint32_t>(start & 0xFFFFFFFF)
+        self._attach(buf, slot_size)
+        self._req_cons = s
+        self._rsp_prod_pvt = s
+
+    @property
+    def req_cons(self) -> int:
+        """Private index of the next request to consume."""
+        return self._req_cons
+
+    @property
+    def rsp_prod_pvt(self) -> int:
+        """Private index of the next response slot to fill."""
+        return self._rsp_prod_pvt
+
+    cdef uint32_t _avail(self) except? 0xFFFFFFFF:
+        cdef uint32_t prod, ahead, consumed
+        self._usable()
+        prod = xenpv_load_u32(self.base + OFF_REQ_PROD)
+        ahead = prod - self._rsp_prod_pvt
+        consumed = self._req_cons - self._rsp_prod_pvt
+        # io/ring.h RING_REQUEST_PROD_OVERFLOW (upper bound), and prod may not fall behind
+        # requests already consumed (lower bound).
+        if ahead > self.nr_ents or ahead < consumed:
+            self._fail(
+                f"frontend req_prod {prod} is outside the ring: req_cons {self._req_cons}, "
+                f"rsp_prod_pvt {self._rsp_prod_pvt}, ring of {self.nr_ents}")
+        if XENPV_DEBUG_ENABLED and consumed > self.nr_ents:
+            raise AssertionError("xenpv internal: more requests consumed than answered + N")
+        xenpv_rmb()  # the index load comes before the slot loads it covers
+        return ahead - consumed
+
+    cpdef unsigned int unconsumed_requests(self) except? 0xFFFFFFFF:
+        """io/ring.h RING_HAS_UNCONSUMED_REQUESTS, after the overflow check."""
+        return self._avail()
+
+    cpdef bint final_check_for_requests(self) except -1:
+        """io/ring.h RING_FINAL_CHECK_FOR_REQUESTS: True if requests are waiting; otherwise
+        re-arm ``req_event`` for the next request and check once more."""
+        if self._avail():
+            return True
+        xenpv_store_u32(self.base + OFF_REQ_EVENT, self._req_cons + 1)
+        xenpv_mb()  # the event store must be visible before re-reading req_prod
+        return self._avail() != 0
+
+    def set_req_event(self, value: int) -> None:
+        """Custom re-arm: ask to be notified when ``req_prod`` passes ``value``."""
+        self._usable()
+        xenpv_store_u32(self.base + OFF_REQ_EVENT, <uint32_t>(value & 0xFFFFFFFF))
+        xenpv_mb()
+
+    cpdef unsigned int take_requests_into(self, dst, Py_ssize_t max_n=-1) except? 0xFFFFFFFF:
+        """Copy up to ``max_n`` waiting requests (as many as fit ``dst``) into ``dst``."""
+        cdef uint32_t n = self._take_into(self._req_cons, dst, max_n, self._avail())
+        self._req_cons += n
+        return n
+
+    def take_requests(self, Py_ssize_t max_n=-1, dtype=None):
+        """Copy out up to ``max_n`` waiting requests: ``bytes`` of k * slot_size, or a numpy
+        array of ``dtype`` (itemsize = slot_size) over a private copy."""
+        cdef uint32_t n = self._avail()
+        if 0 <= max_n < n:
+            n = <uint32_t>max_n
+        out = self._take(self._req_cons, n, dtype)
+        self._req_cons += n
+        return out
+
+    def take_request(self):
+        """Copy out the next request (``bytes``), or None if there is none."""
+        if self._avail() == 0:
+            return None
+        out = self._take(self._req_cons, 1, None)
+        self._req_cons += 1
+        return out
+
+    cpdef unsigned int pending_responses(self) except? 0xFFFFFFFF:
+        """Requests consumed but not answered yet (responses that may still be queued)."""
+        self._usable()
+        return self._req_cons - self._rsp_prod_pvt
+
+    def put_response(self, data) -> None:
+        """Queue one response (``slot_size`` bytes or fewer; the rest of the slot is zeroed)."""
+        cdef Py_buffer view
+        cdef uint8_t *slot
+        self._usable()
+        if self._req_cons == self._rsp_prod_pvt:
+            raise LocalError("no consumed request is waiting for a response")
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if view.len > self.slot_size:
+                raise LocalError(f"a {view.len}-byte response does not fit a {self.slot_size}-byte slot")
+            slot = self.slots + (self._rsp_prod_pvt & self.mask) * self.slot_size
+            memcpy(slot, view.buf, view.len)
+            memset(slot + view.len, 0, self.slot_size - view.len)
+        finally:
+            PyBuffer_Release(&view)
+        self._rsp_prod_pvt += 1
+
+    cpdef unsigned int put_responses(self, src, Py_ssize_t n=-1) except? 0xFFFFFFFF:
+        """Copy ``n`` responses (default: all of ``src``) into the slots of consumed requests;
+        not pushed yet.  More responses than consumed requests is a LocalError."""
+        cdef uint32_t done
+        self._usable()
+        done = self._put(self._rsp_prod_pvt, src, n, self._req_cons - self._rsp_prod_pvt, True)
+        self._rsp_prod_pvt += done
+        return done
+
+    cpdef void push_responses(self) except *:
+        """io/ring.h RING_PUSH_RESPONSES: publish queued responses without the notify check."""
+        self._usable()
+        self._push_plain(OFF_RSP_PROD, self._rsp_prod_pvt)
+
+    cpdef bint push_responses_and_check_notify(self) except -1:
+        """io/ring.h RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: publish; True if the frontend asked
+        to be notified (the caller signals the event channel)."""
+        self._usable()
+        return self._push(OFF_RSP_PROD, OFF_RSP_EVENT, self._rsp_prod_pvt)

@@ -1,0 +1,666 @@
+"""Pure-Python twin of the compiled rings: the executable specification.
+
+Theory of operation
+-------------------
+This module is written to be read next to Xen's ``io/ring.h`` and xen-protocols.md §1, §4.9,
+§8.1, §9.1 and §10.2.  It has the same public API as the Cython classes in
+``xenpv.rings._sring``, ``_bytering`` and ``_atomic``, produces the same bytes in shared
+memory and the same return values for every call (the differential tests check this after
+every operation), and serves when the extension is missing or ``XENPV_PURE_PYTHON=1``.
+
+Shared-memory rules kept here exactly as in the compiled core:
+
+* Every shared index is read with one aligned 32-bit load and written with one aligned
+  32-bit store through ``memoryview.cast("I")``.  ``struct.pack_into`` is never used for an
+  index: it zero-fills before writing, so a polling peer could see the index drop to 0.
+* All index arithmetic is free-running u32: every subtraction is masked with ``& MASK32``.
+* A peer's index is loaded once per call and validated before it is used; a violation raises
+  :class:`~xenpv.errors.RingOverflowError` and the ring stays broken.
+* Pure Python has no memory fence.  A lock acquire/release pair stands in for one (CPython's
+  lock operations are full barriers in the C code underneath); read and write barriers need
+  only program order, which CPython keeps because each buffer access is a separate C call.
+
+Entries are copied one slot at a time (the loop *is* the spec); the compiled core copies
+the same bytes with at most two ``memcpy`` calls per batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from xenpv.errors import LocalError, RingOverflowError
+
+MASK32 = 0xFFFFFFFF
+
+# io/ring.h: struct __name##_sring field offsets.
+OFF_REQ_PROD = 0
+OFF_REQ_EVENT = 4
+OFF_RSP_PROD = 8
+OFF_RSP_EVENT = 12
+OFF_PVT = 16
+HEADER_BYTES = 64
+
+_fence_lock = threading.Lock()
+
+
+def full_barrier() -> None:
+    """A full memory fence: the portable stand-in is a lock acquire/release pair."""
+    with _fence_lock:
+        pass
+
+
+def _rmb() -> None:
+    """Read barrier: CPython performs each buffer load in program order (one C call each)."""
+
+
+def _wmb() -> None:
+    """Write barrier: CPython performs each buffer store in program order (one C call each)."""
+
+
+def _words(buf: Any) -> tuple[memoryview, memoryview]:
+    """A writable byte view of ``buf`` and a u32 view of its first whole words."""
+    raw = memoryview(buf).cast("B")
+    if raw.readonly:
+        raise LocalError("ring memory must be writable")
+    words = raw[: len(raw) - len(raw) % 4].cast("I")
+    return raw, words
+
+
+def _word_index(raw: memoryview, offset: int) -> int:
+    """Index of the aligned u32 at byte ``offset`` (LocalError if misaligned or outside)."""
+    if offset < 0 or offset + 4 > len(raw) or offset % 4:
+        raise LocalError(f"index offset {offset} is not an aligned word of the {len(raw)}-byte buffer")
+    return offset // 4
+
+
+def ring_size(nbytes: int, slot_size: int) -> int:
+    """Number of slots N of a ring of ``nbytes`` bytes with ``slot_size``-byte slots.
+
+    io/ring.h __RING_SIZE: the largest power of two <= (nbytes - 64) // slot_size, or 0.
+    """
+    if slot_size <= 0:
+        raise LocalError(f"slot size must be positive, not {slot_size}")
+    if nbytes <= HEADER_BYTES:
+        return 0
+    k = min((nbytes - HEADER_BYTES) // slot_size, MASK32)
+    return 1 << (k.bit_length() - 1) if k else 0
+
+
+class _Ring:
+    """Common part of FrontRing and BackRing: the held buffer and the ring geometry."""
+
+    def __init__(self, buf: Any, slot_size: int) -> None:
+        raw, words = _words(buf)
+        n = ring_size(len(raw), slot_size)
+        if n == 0:
+            raise LocalError(
+                f"a {len(raw)}-byte buffer holds no {slot_size}-byte slot after the "
+                f"{HEADER_BYTES}-byte header")
+        self._raw: memoryview | None = raw
+        self._words: memoryview | None = words
+        self.slot_size = slot_size
+        self.nr_ents = n
+        self._broken: str | None = None
+
+    def release(self) -> None:
+        """Let go of the ring memory (an mmap can then be closed); later calls raise LocalError."""
+        if self._words is not None:
+            self._words.release()
+        if self._raw is not None:
+            self._raw.release()
+        self._raw = self._words = None
+
+    @property
+    def broken(self) -> bool:
+        """True once the peer was caught violating the protocol (the ring is then dead)."""
+        return self._broken is not None
+
+    def _mem(self) -> tuple[memoryview, memoryview]:
+        if self._broken is not None:
+            raise RingOverflowError(self._broken)
+        if self._raw is None or self._words is None:
+            raise LocalError("the ring memory was released")
+        return self._raw, self._words
+
+    def _fail(self, message: str) -> None:
+        self._broken = message
+        raise RingOverflowError(message)
+
+    def _load(self, offset: int) -> int:
+        """One aligned 32-bit load of a header index."""
+        return int(self._mem()[1][offset // 4])
+
+    def _store(self, offset: int, value: int) -> None:
+        """One aligned 32-bit store of a header index (never struct.pack_into)."""
+        self._mem()[1][offset // 4] = value & MASK32
+
+    def _slot(self, idx: int) -> int:
+        """Byte offset of the slot used by ring index ``idx`` (xen-protocols.md §1.2)."""
+        return HEADER_BYTES + (idx & (self.nr_ents - 1)) * self.slot_size
+
+    def _put(self, idx: int, src: Any, n: int, room: int, strict: bool) -> int:
+        """Copy up to ``n`` entries (all of ``src`` if n < 0) into the slots from ``idx``."""
+        raw = self._mem()[0]
+        with memoryview(src) as view:
+            data = view.cast("B")
+            have = len(data) // self.slot_size
+            if n < 0:
+                n = have
+            elif n > have:
+                raise LocalError(
+                    f"{n} entries asked for but the buffer holds {have} of {self.slot_size} bytes")
+            if n > room:
+                if strict:
+                    raise LocalError(f"{n} entries do not fit: room for {room}")
+                n = room
+            e = self.slot_size
+            for j in range(n):
+                at = self._slot(idx + j)
+                raw[at : at + e] = data[j * e : (j + 1) * e]
+        return n
+
+    def _put_one(self, idx: int, data: Any) -> None:
+        raw = self._mem()[0]
+        with memoryview(data) as view:
+            entry = view.cast("B")
+            if len(entry) > self.slot_size:
+                raise LocalError(
+                    f"a {len(entry)}-byte entry does not fit a {self.slot_size}-byte slot")
+            at = self._slot(idx)
+            raw[at : at + len(entry)] = entry
+            raw[at + len(entry) : at + self.slot_size] = bytes(self.slot_size - len(entry))
+
+    def _copy_out(self, idx: int, n: int, out: memoryview) -> None:
+        """Copy entries idx .. idx+n-1 out of shared memory, each exactly once."""
+        raw = self._mem()[0]
+        e = self.slot_size
+        for j in range(n):
+            at = self._slot(idx + j)
+            out[j * e : (j + 1) * e] = raw[at : at + e]
+
+    def _take_into(self, idx: int, dst: Any, max_n: int, avail: int) -> int:
+        with memoryview(dst) as view:
+            out = view.cast("B")
+            if out.readonly:
+                raise LocalError("destination buffer must be writable")
+            n = len(out) // self.slot_size
+            if 0 <= max_n < n:
+                n = max_n
+            n = min(n, avail)
+            self._copy_out(idx, n, out)
+        return n
+
+    def _take(self, idx: int, n: int, dtype: Any) -> Any:
+        out = bytearray(n * self.slot_size)
+        self._copy_out(idx, n, memoryview(out))
+        if dtype is None:
+            return bytes(out)
+        import numpy
+
+        return numpy.frombuffer(out, dtype=dtype)
+
+    def _push(self, prod_off: int, event_off: int, new: int) -> bool:
+        """io/ring.h RING_PUSH_*_AND_CHECK_NOTIFY: publish ``new``, say if the peer asked."""
+        old = self._load(prod_off)
+        _wmb()  # the peer must see the slots before the index that covers them
+        self._store(prod_off, new)
+        full_barrier()  # the index store must be visible before we read the peer's event
+        event = self._load(event_off)
+        # Notify exactly when the peer's wake-up point lies in (old, new] (mod 2^32).
+        return (new - event) & MASK32 < (new - old) & MASK32
+
+    def _push_plain(self, prod_off: int, new: int) -> None:
+        _wmb()  # slots before the index that covers them
+        self._store(prod_off, new)
+
+    @property
+    def req_prod(self) -> int:
+        """The shared ``req_prod`` (one load; diagnostics)."""
+        return self._load(OFF_REQ_PROD)
+
+    @property
+    def req_event(self) -> int:
+        """The shared ``req_event`` (one load; diagnostics)."""
+        return self._load(OFF_REQ_EVENT)
+
+    @property
+    def rsp_prod(self) -> int:
+        """The shared ``rsp_prod`` (one load; diagnostics)."""
+        return self._load(OFF_RSP_PROD)
+
+    @property
+    def rsp_event(self) -> int:
+        """The shared ``rsp_event`` (one load; diagnostics)."""
+        return self._load(OFF_RSP_EVENT)
+
+
+class FrontRing(_Ring):
+    """The frontend's view of a shared ring: produces requests, consumes responses.
+
+    ``FrontRing(buf, slot_size, start=0, init=True)``: with ``init`` the shared header is
+    initialised (io/ring.h SHARED_RING_INIT, with both producer indexes at ``start`` and both
+    event fields at ``start + 1``); without it the ring is only attached (a frontend
+    reconnecting to a page whose header is already set up, io/ring.h FRONT_RING_ATTACH).
+    ``buf`` is any writable, 4-byte aligned buffer; it is held, never copied.
+    """
+
+    def __init__(self, buf: Any, slot_size: int, start: int = 0, *, init: bool = True) -> None:
+        super().__init__(buf, slot_size)
+        start &= MASK32
+        if init:
+            self._store(OFF_REQ_PROD, start)
+            self._store(OFF_RSP_PROD, start)
+            self._store(OFF_REQ_EVENT, start + 1)
+            self._store(OFF_RSP_EVENT, start + 1)
+            self._mem()[0][OFF_PVT:HEADER_BYTES] = bytes(HEADER_BYTES - OFF_PVT)
+        self._req_prod_pvt = start
+        self._rsp_cons = start
+
+    @property
+    def req_prod_pvt(self) -> int:
+        """Private index of the next request slot to fill."""
+        return self._req_prod_pvt
+
+    @property
+    def rsp_cons(self) -> int:
+        """Private index of the next response to consume."""
+        return self._rsp_cons
+
+    def free_requests(self) -> int:
+        """io/ring.h RING_FREE_REQUESTS: slots the frontend may still fill."""
+        self._mem()
+        return self.nr_ents - ((self._req_prod_pvt - self._rsp_cons) & MASK32)
+
+    def full(self) -> bool:
+        """io/ring.h RING_FULL."""
+        return self.free_requests() == 0
+
+    def put_request(self, data: Any) -> None:
+        """Queue one request (``slot_size`` bytes or fewer; the rest of the slot is zeroed)."""
+        if self.free_requests() == 0:
+            raise LocalError("request ring is full")
+        self._put_one(self._req_prod_pvt, data)
+        self._req_prod_pvt = (self._req_prod_pvt + 1) & MASK32
+
+    def put_requests(self, src: Any, n: int = -1) -> int:
+        """Copy up to ``n`` requests (default: all of ``src``) into free slots; not pushed yet.
+
+        ``src`` is any buffer of whole ``slot_size``-byte entries.  Returns how many fitted.
+        """
+        done = self._put(self._req_prod_pvt, src, n, self.free_requests(), False)
+        self._req_prod_pvt = (self._req_prod_pvt + done) & MASK32
+        return done
+
+    def push_requests(self) -> None:
+        """io/ring.h RING_PUSH_REQUESTS: publish queued requests without the notify check."""
+        self._push_plain(OFF_REQ_PROD, self._req_prod_pvt)
+
+    def push_requests_and_check_notify(self) -> bool:
+        """io/ring.h RING_PUSH_REQUESTS_AND_CHECK_NOTIFY: publish; True if the backend asked
+        to be notified (the caller signals the event channel)."""
+        return self._push(OFF_REQ_PROD, OFF_REQ_EVENT, self._req_prod_pvt)
+
+    def _avail(self) -> int:
+        prod = self._load(OFF_RSP_PROD)  # the one snapshot of the peer's index for this call
+        n = (prod - self._rsp_cons) & MASK32
+        outstanding = (self._req_prod_pvt - self._rsp_cons) & MASK32
+        # io/ring.h RING_RESPONSE_PROD_OVERFLOW, tightened to the requests outstanding.
+        if n > outstanding:
+            self._fail(
+                f"backend rsp_prod {prod} claims {n} responses with rsp_cons {self._rsp_cons}, "
+                f"{outstanding} requests outstanding, ring of {self.nr_ents}")
+        _rmb()  # the index load comes before the slot loads it covers
+        return n
+
+    def unconsumed_responses(self) -> int:
+        """io/ring.h RING_HAS_UNCONSUMED_RESPONSES, after the overflow check."""
+        return self._avail()
+
+    def final_check_for_responses(self) -> bool:
+        """io/ring.h RING_FINAL_CHECK_FOR_RESPONSES: True if responses are waiting; otherwise
+        re-arm ``rsp_event`` for the next response and check once more."""
+        if self._avail():
+            return True
+        self._store(OFF_RSP_EVENT, self._rsp_cons + 1)
+        full_barrier()  # the event store must be visible before re-reading rsp_prod
+        return self._avail() != 0
+
+    def set_rsp_event(self, value: int) -> None:
+        """Custom re-arm: ask to be notified when ``rsp_prod`` passes ``value``."""
+        self._store(OFF_RSP_EVENT, value)
+        full_barrier()
+
+    def take_responses_into(self, dst: Any, max_n: int = -1) -> int:
+        """Copy up to ``max_n`` waiting responses (as many as fit ``dst``) into ``dst``."""
+        n = self._take_into(self._rsp_cons, dst, max_n, self._avail())
+        self._rsp_cons = (self._rsp_cons + n) & MASK32
+        return n
+
+    def take_responses(self, max_n: int = -1, dtype: Any = None) -> Any:
+        """Copy out up to ``max_n`` waiting responses: ``bytes`` of k * slot_size, or a numpy
+        array of ``dtype`` (itemsize = slot_size) over a private copy."""
+        n = self._avail()
+        if 0 <= max_n < n:
+            n = max_n
+        out = self._take(self._rsp_cons, n, dtype)
+        self._rsp_cons = (self._rsp_cons + n) & MASK32
+        return out
+
+    def take_response(self) -> bytes | None:
+        """Copy out the next response (``bytes``), or None if there is none."""
+        if self._avail() == 0:
+            return None
+        out: bytes = self._take(self._rsp_cons, 1, None)
+        self._rsp_cons = (self._rsp_cons + 1) & MASK32
+        return out
+
+
+class BackRing(_Ring):
+    """The backend's view of a shared ring: consumes requests, produces responses.
+
+    ``BackRing(buf, slot_size, start=0)`` attaches to a ring the frontend initialised
+    (io/ring.h BACK_RING_ATTACH); ``start`` is where both private indexes begin (0 on a
+    fresh ring, the current index when re-attaching after a reconnect).
+    """
+
+    def __init__(self, buf: Any, slot_size: int, start: int = 0) -> None:
+        super().__init__(buf, slot_size)
+        self._req_cons = start & MASK32
+        self._rsp_prod_pvt = start & MASK32
+
+    @property
+    def req_cons(self) -> int:
+        """Private index of the next request to consume."""
+        return self._req_cons
+
+    @property
+    def rsp_prod_pvt(self) -> int:
+        """Private index of the next response slot to fill."""
+        return self._rsp_prod_pvt
+
+    def _avail(self) -> int:
+        prod = self._load(OFF_REQ_PROD)  # the one snapshot of the peer's index for this call
+        ahead = (prod - self._rsp_prod_pvt) & MASK32
+        consumed = (self._req_cons - self._rsp_prod_pvt) & MASK32
+        # io/ring.h RING_REQUEST_PROD_OVERFLOW (upper bound), and prod may not fall behind
+        # requests already consumed (lower bound).
+        if ahead > self.nr_ents or ahead < consumed:
+            self._fail(
+                f"frontend req_prod {prod} is outside the ring: req_cons {self._req_cons}, "
+                f"rsp_prod_pvt {self._rsp_prod_pvt}, ring of {self.nr_ents}")
+        _rmb()  # the index load comes before the slot loads it covers
+        return ahead - consumed
+
+    def unconsumed_requests(self) -> int:
+        """io/ring.h RING_HAS_UNCONSUMED_REQUESTS, after the overflow check."""
+        return self._avail()
+
+    def final_check_for_requests(self) -> bool:
+        """io/ring.h RING_FINAL_CHECK_FOR_REQUESTS: True if requests are waiting; otherwise
+        re-arm ``req_event`` for the next request and check once more."""
+        if self._avail():
+            return True
+        self._store(OFF_REQ_EVENT, self._req_cons + 1)
+        full_barrier()  # the event store must be visible before re-reading req_prod
+        return self._avail() != 0
+
+    def set_req_event(self, value: int) -> None:
+        """Custom re-arm: ask to be notified when ``req_prod`` passes ``value``."""
+        self._store(OFF_REQ_EVENT, value)
+        full_barrier()
+
+    def take_requests_into(self, dst: Any, max_n: int = -1) -> int:
+        """Copy up to ``max_n`` waiting requests (as many as fit ``dst``) into ``dst``."""
+        n = self._take_into(self._req_cons, dst, max_n, self._avail())
+        self._req_cons = (self._req_cons + n) & MASK32
+        return n
+
+    def take_requests(self, max_n: int = -1, dtype: Any = None) -> Any:
+        """Copy out up to ``max_n`` waiting requests: ``bytes`` of k * slot_size, or a numpy
+        array of ``dtype`` (itemsize = slot_size) over a private copy."""
+        n = self._avail()
+        if 0 <= max_n < n:
+            n = max_n
+        out = self._take(self._req_cons, n, dtype)
+        self._req_cons = (self._req_cons + n) & MASK32
+        return out
+
+    def take_request(self) -> bytes | None:
+        """Copy out the next request (``bytes``), or None if there is none."""
+        if self._avail() == 0:
+            return None
+        out: bytes = self._take(self._req_cons, 1, None)
+        self._req_cons = (self._req_cons + 1) & MASK32
+        return out
+
+    def pending_responses(self) -> int:
+        """Requests consumed but not answered yet (responses that may still be queued)."""
+        self._mem()
+        return (self._req_cons - self._rsp_prod_pvt) & MASK32
+
+    def put_response(self, data: Any) -> None:
+        """Queue one response (``slot_size`` bytes or fewer; the rest of the slot is zeroed)."""
+        if self.pending_responses() == 0:
+            raise LocalError("no consumed request is waiting for a response")
+        self._put_one(self._rsp_prod_pvt, data)
+        self._rsp_prod_pvt = (self._rsp_prod_pvt + 1) & MASK32
+
+    def put_responses(self, src: Any, n: int = -1) -> int:
+        """Copy ``n`` responses (default: all of ``src``) into the slots of consumed requests;
+        not pushed yet.  More responses than consumed requests is a LocalError."""
+        done = self._put(self._rsp_prod_pvt, src, n, self.pending_responses(), True)
+        self._rsp_prod_pvt = (self._rsp_prod_pvt + done) & MASK32
+        return done
+
+    def push_responses(self) -> None:
+        """io/ring.h RING_PUSH_RESPONSES: publish queued responses without the notify check."""
+        self._push_plain(OFF_RSP_PROD, self._rsp_prod_pvt)
+
+    def push_responses_and_check_notify(self) -> bool:
+        """io/ring.h RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: publish; True if the frontend asked
+        to be notified (the caller signals the event channel)."""
+        return self._push(OFF_RSP_PROD, OFF_RSP_EVENT, self._rsp_prod_pvt)
+
+
+class ByteRing:
+    """One direction of a byte (or fixed-unit) ring laid out inside ``buf``.
+
+    ``ByteRing(buf, *, data_offset, size, prod_offset, cons_offset, slot=1, on_insane="error")``
+    where ``size`` is the number of units (bytes when ``slot`` is 1) and the offsets are byte
+    offsets into ``buf``.  Unit ``i`` lives at ``data_offset + (i % size) * slot``.  When
+    ``prod - cons`` exceeds ``size`` the peer is insane: ``on_insane="error"`` raises
+    RingOverflowError and the ring stays broken (xenstore); ``"zero"`` reports 0 units
+    available / free and counts ``insane_count`` (vchan, console).
+    The producer calls :meth:`write`, the consumer :meth:`read` / :meth:`read_into`.
+    """
+
+    def __init__(self, buf: Any, *, data_offset: int, size: int, prod_offset: int,
+                 cons_offset: int, slot: int = 1, on_insane: str = "error") -> None:
+        if on_insane not in ("error", "zero"):
+            raise LocalError(f"on_insane must be 'error' or 'zero', not {on_insane!r}")
+        if size <= 0 or size > 0x80000000 or slot <= 0:
+            raise LocalError(f"bad ring geometry: {size} units of {slot} bytes")
+        raw, words = _words(buf)
+        end = data_offset + size * slot
+        if data_offset < 0 or end > len(raw):
+            raise LocalError(
+                f"data area [{data_offset}, {end}) is outside the {len(raw)}-byte buffer")
+        for off in (prod_offset, cons_offset):
+            _word_index(raw, off)
+            if off + 4 > data_offset and off < end:
+                raise LocalError(f"index offset {off} overlaps the data area")
+        if prod_offset == cons_offset:
+            raise LocalError("prod and cons cannot share one word")
+        self._raw: memoryview | None = raw
+        self._words: memoryview | None = words
+        self._data_offset = data_offset
+        self._prod = prod_offset // 4
+        self._cons = cons_offset // 4
+        self.size = size
+        self.slot = slot
+        self.on_insane = on_insane
+        self.insane_count = 0
+        self._broken: str | None = None
+
+    def release(self) -> None:
+        """Let go of the ring memory; later calls raise LocalError."""
+        if self._words is not None:
+            self._words.release()
+        if self._raw is not None:
+            self._raw.release()
+        self._raw = self._words = None
+
+    @property
+    def broken(self) -> bool:
+        """True once an insane index state was seen with ``on_insane="error"``."""
+        return self._broken is not None
+
+    def _mem(self) -> tuple[memoryview, memoryview]:
+        if self._broken is not None:
+            raise RingOverflowError(self._broken)
+        if self._raw is None or self._words is None:
+            raise LocalError("the ring memory was released")
+        return self._raw, self._words
+
+    @property
+    def prod(self) -> int:
+        """The shared producer index (one load)."""
+        return int(self._mem()[1][self._prod])
+
+    @property
+    def cons(self) -> int:
+        """The shared consumer index (one load)."""
+        return int(self._mem()[1][self._cons])
+
+    def _snapshot(self) -> tuple[int, int, int | None]:
+        """Load prod and cons once; return them and the units used (None: insane, treat as 0)."""
+        words = self._mem()[1]
+        prod = int(words[self._prod])
+        cons = int(words[self._cons])
+        used = (prod - cons) & MASK32
+        if used > self.size:
+            if self.on_insane == "zero":
+                self.insane_count += 1
+                return prod, cons, None
+            self._broken = (f"ring indexes prod {prod} cons {cons} claim {used} units "
+                            f"in a ring of {self.size}")
+            raise RingOverflowError(self._broken)
+        return prod, cons, used
+
+    def available(self) -> int:
+        """Units the consumer may read now (0 for an insane state under ``"zero"``)."""
+        used = self._snapshot()[2]
+        return 0 if used is None else used
+
+    def free(self) -> int:
+        """Units the producer may write now (0 for an insane state under ``"zero"``)."""
+        used = self._snapshot()[2]
+        return 0 if used is None else self.size - used
+
+    def _unit(self, idx: int) -> int:
+        """Byte offset of unit ``idx`` (u32 index taken modulo ``size``, as the peers do)."""
+        return self._data_offset + ((idx & MASK32) % self.size) * self.slot
+
+    def _runs(self, idx: int, n: int) -> list[tuple[int, int]]:
+        """(buffer offset, units) pieces covering units idx .. idx+n-1 in ring order."""
+        if self.size & (self.size - 1):
+            return [(self._unit(idx + j), 1) for j in range(n)]  # modulo ring (kbdif)
+        first = idx & (self.size - 1)
+        run = min(n, self.size - first)  # up to the end of the data area, then wrap
+        pieces = [(self._data_offset + first * self.slot, run)]
+        if n > run:
+            pieces.append((self._data_offset, n - run))
+        return pieces
+
+    def write(self, data: Any) -> int:
+        """Copy as many whole units of ``data`` as fit, publish them; returns units written."""
+        prod, _cons, used = self._snapshot()
+        if used is None:
+            return 0
+        full_barrier()  # index loads before overwriting data the consumer has just released
+        raw, words = self._mem()
+        with memoryview(data) as view:
+            src = view.cast("B")
+            n = min(len(src) // self.slot, self.size - used)
+            at = 0
+            for off, units in self._runs(prod, n):
+                raw[off : off + units * self.slot] = src[at : at + units * self.slot]
+                at += units * self.slot
+        _wmb()  # the consumer must see the data before the index that covers it
+        words[self._prod] = (prod + n) & MASK32
+        return n
+
+    def _read(self, max_n: int, out: memoryview | None) -> tuple[int, bytes]:
+        _prod, cons, used = self._snapshot()
+        n = 0 if used is None else used
+        if out is not None:
+            n = min(n, len(out) // self.slot)
+        if 0 <= max_n < n:
+            n = max_n
+        _rmb()  # the prod load comes before the data loads it covers
+        raw, words = self._mem()
+        chunks = [bytes(raw[off : off + units * self.slot]) for off, units in self._runs(cons, n)]
+        data = b"".join(chunks)
+        if out is not None:
+            out[: len(data)] = data
+        if n:
+            full_barrier()  # finish reading the data before the producer may overwrite it
+            words[self._cons] = (cons + n) & MASK32
+        return n, data
+
+    def read_into(self, dst: Any, max_n: int = -1) -> int:
+        """Move up to ``max_n`` available units (as many as fit ``dst``) into ``dst``."""
+        with memoryview(dst) as view:
+            out = view.cast("B")
+            if out.readonly:
+                raise LocalError("destination buffer must be writable")
+            return self._read(max_n, out)[0]
+
+    def read(self, max_n: int = -1) -> bytes:
+        """Move up to ``max_n`` available units out of the ring and return them as bytes."""
+        return self._read(max_n, None)[1]
+
+
+_atomic_lock = threading.Lock()
+
+
+def _byte_at(buf: Any, offset: int) -> memoryview:
+    raw = memoryview(buf).cast("B")
+    if offset < 0 or offset >= len(raw):
+        raise LocalError(f"offset {offset} is outside the {len(raw)}-byte buffer")
+    return raw
+
+
+def atomic_or8(buf: Any, offset: int, bits: int) -> int:
+    """OR ``bits`` into ``buf[offset]``; returns the old byte.
+
+    Reference fallback: atomic only against other threads of this process (a lock), not
+    against another process or domain; the compiled core uses a real atomic instruction.
+    """
+    raw = _byte_at(buf, offset)
+    with _atomic_lock:
+        old = raw[offset]
+        raw[offset] = old | (bits & 0xFF)
+    return int(old)
+
+
+def atomic_fetch_and_clear8(buf: Any, offset: int, bits: int) -> int:
+    """Clear ``bits`` in ``buf[offset]``; returns the old byte (same caveat as atomic_or8)."""
+    raw = _byte_at(buf, offset)
+    with _atomic_lock:
+        old = raw[offset]
+        raw[offset] = old & ~bits & 0xFF
+    return int(old)
+
+
+def load_u32(buf: Any, offset: int) -> int:
+    """One aligned 32-bit load of a shared index at ``buf[offset]``."""
+    raw, words = _words(buf)
+    return int(words[_word_index(raw, offset)])
+
+
+def store_u32(buf: Any, offset: int, value: int) -> None:
+    """One aligned 32-bit store of a shared index at ``buf[offset]`` (value taken mod 2^32)."""
+    raw, words = _words(buf)
+    words[_word_index(raw, offset)] = value & MASK32

@@ -390,11 +390,8 @@ class Platform(Protocol):
 
 async def open_xenstore_client(path: str) -> Any:
     """Connect the asyncio xenstore client to ``path`` (shared by every platform)."""
-    from xenpv.xenstore import client as xs_client  # imported lazily: optional layer
+    import importlib
 
-    connect = getattr(xs_client, "connect", None)
-    if connect is not None:
-        return await connect(path)
-    cls = getattr(xs_client, "XenstoreClient", None) or xs_client.Client
-    opener = getattr(cls, "connect", None) or cls.open
-    return await opener(path)
+    # imported lazily: the xenstore layer is optional for grant/event-only users
+    xs_client: Any = importlib.import_module("xenpv.xenstore.client")
+    return await xs_client.connect(path)

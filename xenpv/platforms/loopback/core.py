@@ -1,0 +1,792 @@
+"""The loopback emulator's hypervisor: domains, grant tables, event channels, accounting.
+
+Theory of operation
+-------------------
+:class:`Hypervisor` holds all state of the emulated machine.  It is used directly by the
+in-process platform (``inprocess.py``) and by the daemon (``daemon.py``), which turns
+control-socket messages (docs/loopback-protocol.md) into calls on it; both therefore share
+one set of semantics.
+
+* **Handles.**  Every grant share, mapping and port is owned by a :class:`Handle` (one
+  control connection, or one in-process grant/event object).  :meth:`Hypervisor.close_handle`
+  releases everything it owns exactly like the death of the process holding it.
+* **Grants.**  Each domain has a bounded table of :class:`GrantEntry` (refs 0-7 are never
+  handed out; free refs are reused FIFO, so a just-freed ref is not handed out again at
+  once).  A share allocates a fresh memfd (:class:`Segment`) holding its zeroed pages; pages
+  are never recycled, so an old descriptor can never show later data.  Mapping a grant
+  records a :class:`Mapping`; while a grant is mapped (or pinned by the ``hold_mapped``
+  fault), strict end-of-access fails with :class:`GrantInUse` (R8) and deferred end turns
+  it *revoking* until the last mapping goes.  Map batches are all-or-nothing (R9).
+* **Unmap notifications** (gntdev/gntalloc ``SET_UNMAP_NOTIFY``) fire when a mapping is
+  unmapped, a share's page is ended, or the owning handle closes: clear the byte through
+  the segment, then signal the port's remote end.
+* **Event channels.**  Each port owns an *inbox* eventfd for its whole life.  Signalling a
+  port writes 1 to the inbox of its remote end, so clients that cached the remote inbox
+  (their *outbox*) notify without the hypervisor.  Each domain has a *generation page*
+  (memfd of u32 per port) whose entry is bumped whenever a port's remote end changes, so a
+  cached outbox can be validated with one memory load.  Masking lives in the clients
+  (epoll ``EPOLLONESHOT``, see the protocol document).
+* **Accounting.**  :meth:`stats` and :meth:`assert_released` let tests prove that every
+  grant, mapping and port was released.
+
+Nothing here blocks: every operation is bounded work on in-memory tables plus a few
+syscalls on memfds/eventfds.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import mmap
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from xenpv.errors import LocalError, PlatformError
+from xenpv.platforms.base import (
+    DOMID_SELF,
+    GNTTAB_NR_RESERVED_ENTRIES,
+    PAGE_SIZE,
+    EvtchnState,
+    GntSt,
+    GrantCopy,
+    GrantInUse,
+    GrantPtr,
+    MapError,
+    NoSuchDomain,
+    PortError,
+    ResourceExhausted,
+)
+
+DOMID_FIRST_RESERVED = 0x7FF0
+MAX_BATCH = 1024
+
+NOTIFY_CLEAR_BYTE = 1
+NOTIFY_SEND_EVENT = 2
+
+FAULT_HOLD_MAPPED = 1
+FAULT_RELEASE_HOLD = 2
+FAULT_DROP_NOTIFY = 3
+FAULT_DUPLICATE_NOTIFY = 4
+
+_ONE = (1).to_bytes(8, "little")
+
+
+class Segment:
+    """One memfd holding the pages of one share (zeroed at creation, never recycled)."""
+
+    __slots__ = ("_mm", "_ro_fd", "fd", "npages", "refs_live")
+
+    def __init__(self, npages: int, name: str) -> None:
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, npages * PAGE_SIZE)  # ftruncate: zero-filled pages (R7)
+        except OSError:
+            os.close(self.fd)
+            raise
+        self.npages = npages
+        self.refs_live = npages  # grant entries still referring to this segment
+        self._ro_fd = -1
+        self._mm: mmap.mmap | None = None
+
+    @property
+    def ro_fd(self) -> int:
+        """An ``O_RDONLY`` descriptor of the same memory: ``PROT_WRITE`` mmaps fail."""
+        if self._ro_fd < 0:
+            self._ro_fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        return self._ro_fd
+
+    @property
+    def mm(self) -> mmap.mmap:
+        """The hypervisor's own view of the pages (grant copy, clear-byte)."""
+        if self._mm is None:
+            self._mm = mmap.mmap(self.fd, self.npages * PAGE_SIZE)
+        return self._mm
+
+    def close(self) -> None:
+        """Drop the hypervisor's references; the memory goes when the last user unmaps."""
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # a copy in progress elsewhere holds it: let GC do it
+                pass
+            self._mm = None
+        if self._ro_fd >= 0:
+            os.close(self._ro_fd)
+            self._ro_fd = -1
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass(eq=False)
+class GrantEntry:
+    """One live grant-table entry of a granting domain."""
+
+    ref: int
+    granter: Domain
+    grantee: int
+    readonly: bool
+    segment: Segment
+    page: int
+    share: Share
+    mappers: int = 0  # live mappings of this entry (all handles)
+    holds: int = 0  # fault injection: pretend a peer keeps it mapped
+    revoking: bool = False
+    freed: bool = False
+
+    @property
+    def in_use(self) -> bool:
+        """True while some grantee maps the page (or a hold pins it)."""
+        return self.mappers > 0 or self.holds > 0
+
+
+@dataclass(eq=False)
+class Notify:
+    """An unmap notification: clear a byte and/or signal a port."""
+
+    offset: int
+    action: int
+    port: int
+
+
+@dataclass(eq=False)
+class Share:
+    """Pages one handle shared in one call."""
+
+    handle_id: int
+    owner: Handle
+    domid: int
+    writable: bool
+    segment: Segment
+    entries: list[GrantEntry]
+    notify: Notify | None = None
+
+    @property
+    def refs(self) -> tuple[int, ...]:
+        """The grant refs, in page order."""
+        return tuple(e.ref for e in self.entries)
+
+    def segment_at(self, offset: int) -> tuple[Segment, int]:
+        """The segment and byte offset behind byte ``offset`` of the share."""
+        return self.segment, offset
+
+    @property
+    def done(self) -> bool:
+        """True once every page is ended or revoking (the owner has let go of it)."""
+        return all(e.revoking or e.freed for e in self.entries)
+
+
+@dataclass(eq=False)
+class Mapping:
+    """A batch of foreign grants mapped by one handle."""
+
+    handle_id: int
+    owner: Handle
+    entries: list[GrantEntry]
+    writable: bool
+    notify: Notify | None = None
+
+    def segment_at(self, offset: int) -> tuple[Segment, int]:
+        """The segment and byte offset behind byte ``offset`` of the mapping."""
+        e = self.entries[offset // PAGE_SIZE]
+        return e.segment, e.page * PAGE_SIZE + offset % PAGE_SIZE
+
+    def pages(self, readonly_fds: bool) -> list[tuple[int, int]]:
+        """``(fd, page)`` per entry, using read-only fds where asked."""
+        return [
+            (e.segment.ro_fd if readonly_fds else e.segment.fd, e.page) for e in self.entries
+        ]
+
+
+@dataclass(eq=False)
+class Port:
+    """One event-channel port of a domain."""
+
+    port: int
+    domain: Domain
+    owner: Handle
+    remote_domid: int  # unbound: who may bind; interdomain: the peer domain
+    inbox: int  # eventfd
+    state: EvtchnState = EvtchnState.unbound
+    remote: Port | None = None
+
+
+@dataclass(eq=False)
+class Handle:
+    """One open of the emulated devices (a control connection, or an in-process object)."""
+
+    id: int
+    domain: Domain
+    shares: dict[int, Share] = field(default_factory=dict)
+    mappings: dict[int, Mapping] = field(default_factory=dict)
+    ports: dict[int, Port] = field(default_factory=dict)
+    restrict: int | None = None
+    closed: bool = False
+    on_close: list[Callable[[], None]] = field(default_factory=list)
+    _next: int = 1
+
+    def next_id(self) -> int:
+        """A fresh share/mapping handle number, unique within this handle."""
+        n = self._next
+        self._next += 1
+        return n
+
+
+class Domain:
+    """One emulated domain: grant table, ports, handles, generation page."""
+
+    def __init__(self, domid: int, name: str, *, max_grants: int, max_ports: int) -> None:
+        self.domid = domid
+        self.name = name
+        self.privileged = domid == 0
+        self.dying = False
+        self.max_grants = max_grants
+        self.max_ports = max_ports
+        self.grants: dict[int, GrantEntry] = {}
+        self._free_refs: deque[int] = deque(range(GNTTAB_NR_RESERVED_ENTRIES, max_grants))
+        self.ports: dict[int, Port] = {}
+        self._free_ports: list[int] = list(range(1, max_ports))  # heap: lowest first
+        self.handles: dict[int, Handle] = {}
+        self.gen_fd = os.memfd_create(f"xenpv-gen-dom{domid}", os.MFD_CLOEXEC)
+        os.ftruncate(self.gen_fd, max(max_ports * 4, PAGE_SIZE))
+        self._gen_mm = mmap.mmap(self.gen_fd, max(max_ports * 4, PAGE_SIZE))
+        self.gen = memoryview(self._gen_mm).cast("I")
+        self.notify_drop = 0
+        self.notify_duplicate = False
+
+    # -- refs and ports
+    def alloc_refs(self, count: int) -> list[int]:
+        """Take ``count`` free refs (all or none)."""
+        if count > len(self._free_refs):
+            raise ResourceExhausted(
+                f"dom{self.domid}: grant table full ({len(self.grants)} of "
+                f"{self.max_grants - GNTTAB_NR_RESERVED_ENTRIES} refs in use)"
+            )
+        return [self._free_refs.popleft() for _ in range(count)]
+
+    def free_ref(self, ref: int) -> None:
+        """Return ``ref`` to the free list (reused last: FIFO)."""
+        del self.grants[ref]
+        self._free_refs.append(ref)
+
+    def alloc_port(self) -> int:
+        """The lowest free port (never 0)."""
+        if not self._free_ports:
+            raise ResourceExhausted(f"dom{self.domid}: all {self.max_ports - 1} ports in use")
+        return heapq.heappop(self._free_ports)
+
+    def free_port(self, port: int) -> None:
+        """Return ``port`` to the free set."""
+        del self.ports[port]
+        heapq.heappush(self._free_ports, port)
+
+    def bump(self, port: int) -> None:
+        """Bump the generation of ``port`` (its remote end changed)."""
+        self.gen[port] = (self.gen[port] + 1) & 0xFFFFFFFF
+
+    def close(self) -> None:
+        """Release the generation page."""
+        self.gen.release()
+        self._gen_mm.close()
+        os.close(self.gen_fd)
+
+
+@dataclass(frozen=True, slots=True)
+class DomainStats:
+    """Outstanding resources of one domain (see :meth:`Hypervisor.stats`)."""
+
+    grants: int
+    grants_revoking: int
+    mappings: int
+    ports: int
+    shares: int
+    handles: int
+
+
+class Hypervisor:
+    """The emulated machine: domain table plus the grant and event-channel operations."""
+
+    def __init__(self, *, max_grants: int = 4096, max_ports: int = 1024) -> None:
+        if max_grants <= GNTTAB_NR_RESERVED_ENTRIES or max_ports < 2:
+            raise LocalError("table sizes too small")
+        self.max_grants = max_grants
+        self.max_ports = max_ports
+        self.domains: dict[int, Domain] = {}
+        self._zombies: list[Domain] = []  # destroyed domains with grants still mapped
+        self._next_handle = 1
+        self.on_domain_created: list[Callable[[Domain], None]] = []
+        self.on_domain_destroyed: list[Callable[[Domain], None]] = []
+        self.create_domain(0, "Domain-0")
+
+    # ------------------------------------------------------------------ domains
+    def create_domain(self, domid: int, name: str | None = None) -> Domain:
+        """Create domain ``domid`` (0 is created by the constructor and is privileged)."""
+        if not 0 <= domid < DOMID_FIRST_RESERVED:
+            raise PlatformError(f"invalid domid {domid}", errno.EINVAL)
+        if domid in self.domains:
+            raise PlatformError(f"domain {domid} exists", errno.EEXIST)
+        dom = Domain(
+            domid, name or f"dom{domid}", max_grants=self.max_grants, max_ports=self.max_ports
+        )
+        self.domains[domid] = dom
+        for cb in self.on_domain_created:
+            cb(dom)
+        return dom
+
+    def destroy_domain(self, domid: int) -> None:
+        """Tear domain ``domid`` down like a dead domain: its handles are closed."""
+        dom = self.domain(domid)
+        if domid == 0:
+            raise PlatformError("dom0 cannot be destroyed", errno.EPERM)
+        dom.dying = True
+        for h in list(dom.handles.values()):
+            self.close_handle(h)
+        del self.domains[domid]
+        if dom.grants:
+            self._zombies.append(dom)
+        dom.close()
+        for cb in self.on_domain_destroyed:
+            cb(dom)
+
+    def domain(self, domid: int) -> Domain:
+        """The live domain ``domid``, or :class:`NoSuchDomain`."""
+        dom = self.domains.get(domid)
+        if dom is None:
+            raise NoSuchDomain(f"no domain {domid}")
+        return dom
+
+    def _resolve(self, h: Handle, domid: int) -> int:
+        return h.domain.domid if domid == DOMID_SELF else domid
+
+    # ------------------------------------------------------------------ handles
+    def open_handle(self, domid: int) -> Handle:
+        """Open a handle acting as ``domid``."""
+        dom = self.domain(domid)
+        h = Handle(self._next_handle, dom)
+        self._next_handle += 1
+        dom.handles[h.id] = h
+        return h
+
+    def close_handle(self, h: Handle) -> None:
+        """Release everything ``h`` holds, as the death of its process would (idempotent).
+
+        Order: its mappings go (their notifications fire), its shares end (deferred while
+        mapped; their notifications fire), its ports close."""
+        if h.closed:
+            return
+        h.closed = True
+        for m in list(h.mappings.values()):
+            self._unmap(m)
+        for s in list(h.shares.values()):
+            self._end_share(s, s.entries, defer=True)
+        for p in list(h.ports.values()):
+            self._close_port(p)
+        del h.domain.handles[h.id]
+        for cb in h.on_close:
+            cb()
+
+    def _check_open(self, h: Handle) -> None:
+        if h.closed:
+            raise PlatformError("handle is closed", errno.EBADF)
+
+    # ------------------------------------------------------------------ grants
+    def share(self, h: Handle, domid: int, count: int, *, writable: bool) -> Share:
+        """gntalloc ALLOC_GREF: ``count`` zeroed pages granted to ``domid``."""
+        self._check_open(h)
+        dom = h.domain
+        if not 0 < count <= MAX_BATCH:
+            raise PlatformError(f"bad page count {count}", errno.EINVAL)
+        if domid == dom.domid or not 0 <= domid < DOMID_FIRST_RESERVED:
+            raise PlatformError(f"cannot grant to domain {domid}", errno.EINVAL)
+        self.domain(domid)
+        refs = dom.alloc_refs(count)
+        try:
+            seg = Segment(count, f"xenpv-dom{dom.domid}-gnt{refs[0]}")
+        except OSError as exc:
+            dom._free_refs.extendleft(reversed(refs))
+            raise PlatformError(f"cannot allocate pages: {exc}", exc.errno) from exc
+        share = Share(h.next_id(), h, domid, writable, seg, [])
+        for i, ref in enumerate(refs):
+            entry = GrantEntry(ref, dom, domid, not writable, seg, i, share)
+            dom.grants[ref] = entry
+            share.entries.append(entry)
+        h.shares[share.handle_id] = share
+        return share
+
+    def end_access(self, h: Handle, refs: Sequence[int], *, defer: bool = False) -> int:
+        """End grants ``refs`` of this handle; returns how many ended now.
+
+        Strict mode raises :class:`GrantInUse` and ends nothing if any is mapped."""
+        self._check_open(h)
+        entries: list[GrantEntry] = []
+        for ref in refs:
+            e = h.domain.grants.get(ref)
+            if e is None or e.share.owner is not h or e.revoking or e.freed:
+                raise PlatformError(f"ref {ref} is not shared through this handle", errno.ENOENT)
+            entries.append(e)
+        busy = [e.ref for e in entries if e.in_use]
+        if busy and not defer:
+            raise GrantInUse(f"dom{h.domain.domid}: refs {busy} are still mapped", busy)
+        ended = 0
+        by_share: dict[int, list[GrantEntry]] = {}
+        for e in entries:
+            by_share.setdefault(id(e.share), []).append(e)
+        for group in by_share.values():
+            ended += self._end_share(group[0].share, group, defer=True)
+        return ended
+
+    def _end_share(self, share: Share, entries: Iterable[GrantEntry], *, defer: bool) -> int:
+        todo = [e for e in entries if not (e.revoking or e.freed)]
+        n = share.notify
+        if n is not None and any(e.page == n.offset // PAGE_SIZE for e in todo):
+            # the owner's mapping of that page goes away: fire before the memory may go
+            share.notify = None
+            self._fire(share.owner.domain, share.segment_at, n, True)
+        ended = 0
+        for e in todo:
+            if e.in_use:
+                e.revoking = True
+            else:
+                self._free_entry(e)
+                ended += 1
+        if share.done:
+            share.owner.shares.pop(share.handle_id, None)
+        return ended
+
+    def _free_entry(self, e: GrantEntry) -> None:
+        e.freed = True
+        e.revoking = False
+        dom = e.granter
+        if dom.grants.get(e.ref) is e:
+            dom.free_ref(e.ref)
+        e.segment.refs_live -= 1
+        if e.segment.refs_live == 0:
+            e.segment.close()
+        if dom in self._zombies and not dom.grants:
+            self._zombies.remove(dom)
+
+    def map(
+        self, h: Handle, refs: Sequence[tuple[int, int]], *, writable: bool
+    ) -> Mapping:
+        """gntdev MAP_GRANT_REF: map ``(domid, ref)`` pairs, all or nothing (R9)."""
+        self._check_open(h)
+        if not 0 < len(refs) <= MAX_BATCH:
+            raise PlatformError(f"bad map count {len(refs)}", errno.EINVAL)
+        me = h.domain.domid
+        entries: list[GrantEntry] = []
+        for i, (domid, ref) in enumerate(refs):
+            domid = self._resolve(h, domid)
+            dom = self.domains.get(domid)
+            if dom is None or domid == me:
+                raise MapError(
+                    f"map #{i}: bad domain {domid}", errno.ESRCH, i, GntSt.bad_domain
+                )
+            e = dom.grants.get(ref)
+            if e is None or e.revoking or e.grantee != me:
+                raise MapError(
+                    f"map #{i}: dom{domid} ref {ref} is not granted to dom{me}",
+                    errno.ENOENT,
+                    i,
+                    GntSt.bad_gntref,
+                )
+            if writable and e.readonly:
+                raise MapError(
+                    f"map #{i}: dom{domid} ref {ref} is a read-only grant",
+                    errno.EPERM,
+                    i,
+                    GntSt.permission_denied,
+                )
+            entries.append(e)
+        # Validation is complete before any entry changes, so a failure above leaves
+        # nothing mapped: the "successful subset" to unwind is always empty.
+        for e in entries:
+            e.mappers += 1
+        m = Mapping(h.next_id(), h, entries, writable)
+        h.mappings[m.handle_id] = m
+        return m
+
+    def unmap(self, h: Handle, handle_id: int) -> None:
+        """gntdev UNMAP: drop mapping ``handle_id`` (or, for a share, end it deferred)."""
+        self._check_open(h)
+        m = h.mappings.get(handle_id)
+        if m is not None:
+            self._unmap(m)
+            return
+        s = h.shares.get(handle_id)
+        if s is None:
+            raise PlatformError(f"no mapping or share {handle_id}", errno.ENOENT)
+        self._end_share(s, s.entries, defer=True)
+
+    def _unmap(self, m: Mapping) -> None:
+        del m.owner.mappings[m.handle_id]
+        if m.notify is not None:
+            notify, m.notify = m.notify, None
+            self._fire(m.owner.domain, m.segment_at, notify, m.writable)
+        for e in m.entries:
+            e.mappers -= 1
+            if e.revoking and not e.in_use:
+                self._free_entry(e)
+
+    def set_notify(self, h: Handle, handle_id: int, offset: int, action: int, port: int) -> None:
+        """SET_UNMAP_NOTIFY on a mapping or share of this handle."""
+        self._check_open(h)
+        obj: Mapping | Share | None = h.mappings.get(handle_id) or h.shares.get(handle_id)
+        if obj is None:
+            raise PlatformError(f"no mapping or share {handle_id}", errno.ENOENT)
+        if action & ~(NOTIFY_CLEAR_BYTE | NOTIFY_SEND_EVENT):
+            raise PlatformError(f"bad notify action {action}", errno.EINVAL)
+        if not 0 <= offset < len(obj.entries) * PAGE_SIZE:
+            raise PlatformError(f"notify offset {offset} outside the mapping", errno.EINVAL)
+        if action & NOTIFY_CLEAR_BYTE and not obj.writable and isinstance(obj, Mapping):
+            raise PlatformError("clear-byte needs a writable mapping", errno.EINVAL)
+        if action & NOTIFY_SEND_EVENT and port not in h.domain.ports:
+            raise PlatformError(f"notify port {port} is not a port of this domain", errno.EINVAL)
+        obj.notify = Notify(offset, action, port)
+
+    def _fire(
+        self,
+        dom: Domain,
+        segment_at: Callable[[int], tuple[Segment, int]],
+        n: Notify,
+        writable: bool,
+    ) -> None:
+        if n.action & NOTIFY_CLEAR_BYTE and writable:
+            seg, off = segment_at(n.offset)
+            if seg.fd >= 0:
+                os.pwrite(seg.fd, b"\0", off)
+        if n.action & NOTIFY_SEND_EVENT:
+            p = dom.ports.get(n.port)
+            if p is not None:
+                self._signal_remote(p)
+
+    # ------------------------------------------------------------------ grant copy
+    def copy(self, h: Handle, segments: Sequence[GrantCopy]) -> list[int]:
+        """GNTTABOP_copy: one ``GNTST_*`` status per segment (segments independent)."""
+        self._check_open(h)
+        return [self._copy_one(h, s) for s in segments]
+
+    def _copy_side(self, h: Handle, p: Any, length: int, dest: bool) -> Any:
+        """A memoryview window for one side, or a GNTST code (int)."""
+        if isinstance(p, GrantPtr):
+            if p.offset < 0 or length < 0 or p.offset + length > PAGE_SIZE:
+                return GntSt.bad_copy_arg
+            domid = self._resolve(h, p.domid)
+            dom = self.domains.get(domid)
+            if dom is None:
+                return GntSt.bad_domain
+            e = dom.grants.get(p.ref)
+            if e is None or e.revoking or e.grantee != h.domain.domid:
+                return GntSt.bad_gntref
+            if dest and e.readonly:
+                return GntSt.permission_denied
+            start = e.page * PAGE_SIZE + p.offset
+            return memoryview(e.segment.mm)[start : start + length]
+        buf = memoryview(p.buffer).cast("B")
+        if p.offset < 0 or p.offset + length > len(buf):
+            return GntSt.bad_copy_arg
+        if dest and buf.readonly:
+            return GntSt.bad_copy_arg
+        return buf[p.offset : p.offset + length]
+
+    def _copy_one(self, h: Handle, s: GrantCopy) -> int:
+        src = self._copy_side(h, s.source, s.length, False)
+        if isinstance(src, int):
+            return int(src)
+        dst = self._copy_side(h, s.dest, s.length, True)
+        if isinstance(dst, int):
+            return int(dst)
+        dst[:] = src
+        return GntSt.okay
+
+    # ------------------------------------------------------------------ event channels
+    def _new_port(self, h: Handle, remote_domid: int) -> Port:
+        dom = h.domain
+        num = dom.alloc_port()
+        try:
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except OSError as exc:
+            heapq.heappush(dom._free_ports, num)
+            raise PlatformError(f"eventfd: {exc}", exc.errno) from exc
+        p = Port(num, dom, h, remote_domid, fd)
+        dom.ports[num] = p
+        h.ports[num] = p
+        dom.bump(num)
+        return p
+
+    def alloc_unbound(self, h: Handle, remote_domid: int) -> Port:
+        """EVTCHNOP_alloc_unbound: a port only ``remote_domid`` may bind."""
+        self._check_open(h)
+        remote_domid = self._resolve(h, remote_domid)
+        self.domain(remote_domid)
+        return self._new_port(h, remote_domid)
+
+    def bind_interdomain(self, h: Handle, remote_domid: int, remote_port: int) -> Port:
+        """EVTCHNOP_bind_interdomain: connect to an unbound port offered to us."""
+        self._check_open(h)
+        me = h.domain.domid
+        remote_domid = self._resolve(h, remote_domid)
+        if h.restrict is not None and remote_domid != h.restrict:
+            raise PortError(
+                f"handle restricted to dom{h.restrict}, not dom{remote_domid}", errno.EPERM
+            )
+        rdom = self.domain(remote_domid)
+        rp = rdom.ports.get(remote_port)
+        if rp is None or rp.state != EvtchnState.unbound or rp.remote_domid != me:
+            raise PortError(
+                f"dom{remote_domid} port {remote_port} is not offered to dom{me}", errno.EINVAL
+            )
+        lp = self._new_port(h, remote_domid)
+        lp.state = rp.state = EvtchnState.interdomain
+        lp.remote, rp.remote = rp, lp
+        rdom.bump(rp.port)
+        h.domain.bump(lp.port)
+        os.write(lp.inbox, _ONE)  # bind leaves the new local port pending
+        return lp
+
+    def unbind(self, h: Handle, port: int) -> None:
+        """EVTCHNOP_close of a port this handle owns."""
+        self._check_open(h)
+        p = h.ports.get(port)
+        if p is None:
+            raise PortError(f"port {port} is not bound by this handle", errno.EINVAL)
+        self._close_port(p)
+
+    def _close_port(self, p: Port) -> None:
+        r = p.remote
+        if r is not None:
+            # event_channel.h: closing one end puts the other back to unbound
+            r.remote = None
+            r.state = EvtchnState.unbound
+            r.domain.bump(r.port)
+        p.remote = None
+        p.state = EvtchnState.closed
+        del p.owner.ports[p.port]
+        p.domain.free_port(p.port)
+        p.domain.bump(p.port)
+        os.close(p.inbox)
+        p.inbox = -1
+
+    def port_of(self, h: Handle, port: int) -> Port:
+        """The port ``port`` owned by ``h``, or :class:`PortError`."""
+        p = h.ports.get(port)
+        if p is None:
+            raise PortError(f"port {port} is not bound by this handle", errno.EINVAL)
+        return p
+
+    def notify(self, h: Handle, port: int) -> Port | None:
+        """EVTCHNOP_send through the hypervisor; returns the remote port (or ``None``)."""
+        self._check_open(h)
+        p = self.port_of(h, port)
+        return self._signal_remote(p)
+
+    def _signal_remote(self, p: Port) -> Port | None:
+        r = p.remote
+        if r is None:
+            return None  # unbound: a successful no-op
+        dom = p.domain
+        if dom.notify_drop > 0:
+            dom.notify_drop -= 1
+            return r
+        os.write(r.inbox, _ONE)
+        if dom.notify_duplicate:
+            os.write(r.inbox, _ONE)
+        return r
+
+    def restrict(self, h: Handle, domid: int) -> None:
+        """IOCTL_EVTCHN_RESTRICT_DOMID (irreversible)."""
+        self._check_open(h)
+        if h.restrict is not None and h.restrict != domid:
+            raise PortError(f"already restricted to dom{h.restrict}", errno.EINVAL)
+        h.restrict = domid
+
+    def status(self, h: Handle, domid: int, port: int) -> tuple[int, int, int]:
+        """EVTCHNOP_status: ``(state, remote_domid, remote_port)``."""
+        domid = self._resolve(h, domid)
+        if domid != h.domain.domid and not h.domain.privileged:
+            raise PlatformError("only dom0 may inspect other domains", errno.EPERM)
+        dom = self.domain(domid)
+        p = dom.ports.get(port)
+        if p is None:
+            return (EvtchnState.closed, 0, 0)
+        if p.remote is None:
+            return (EvtchnState.unbound, p.remote_domid, 0)
+        return (EvtchnState.interdomain, p.remote.domain.domid, p.remote.port)
+
+    # ------------------------------------------------------------------ faults
+    def fault(self, kind: int, domid: int, ref: int = 0, arg: int = 0) -> None:
+        """Fault injection: hold/release a grant mapped, drop/duplicate notifications."""
+        dom = self.domain(domid)
+        if kind in (FAULT_HOLD_MAPPED, FAULT_RELEASE_HOLD):
+            e = dom.grants.get(ref)
+            if e is None:
+                raise PlatformError(f"dom{domid} has no grant {ref}", errno.ENOENT)
+            if kind == FAULT_HOLD_MAPPED:
+                e.holds += 1
+            elif e.holds > 0:
+                e.holds -= 1
+                if e.revoking and not e.in_use:
+                    self._free_entry(e)
+        elif kind == FAULT_DROP_NOTIFY:
+            dom.notify_drop = arg
+        elif kind == FAULT_DUPLICATE_NOTIFY:
+            dom.notify_duplicate = bool(arg)
+        else:
+            raise PlatformError(f"unknown fault {kind}", errno.EINVAL)
+
+    def hold_mapped(self, domid: int, ref: int) -> None:
+        """Pretend a peer keeps grant ``(domid, ref)`` mapped (scenario 13)."""
+        self.fault(FAULT_HOLD_MAPPED, domid, ref)
+
+    def release_hold(self, domid: int, ref: int) -> None:
+        """Undo :meth:`hold_mapped`."""
+        self.fault(FAULT_RELEASE_HOLD, domid, ref)
+
+    # ------------------------------------------------------------------ accounting
+    def stats(self, domid: int) -> DomainStats:
+        """Outstanding resources of a live domain."""
+        dom = self.domain(domid)
+        return DomainStats(
+            grants=len(dom.grants),
+            grants_revoking=sum(1 for e in dom.grants.values() if e.revoking),
+            mappings=sum(len(h.mappings) for h in dom.handles.values()),
+            ports=len(dom.ports),
+            shares=sum(len(h.shares) for h in dom.handles.values()),
+            handles=len(dom.handles),
+        )
+
+    def outstanding(self) -> dict[str, int]:
+        """Machine-wide totals: grants, mappings, ports, handles, zombie domains."""
+        doms = list(self.domains.values())
+        return {
+            "grants": sum(len(d.grants) for d in doms) + sum(len(d.grants) for d in self._zombies),
+            "mappings": sum(len(h.mappings) for d in doms for h in d.handles.values()),
+            "ports": sum(len(d.ports) for d in doms),
+            "handles": sum(len(d.handles) for d in doms),
+            "zombies": len(self._zombies),
+        }
+
+    def assert_released(self) -> None:
+        """Raise ``AssertionError`` listing what is still outstanding, if anything."""
+        left = {k: v for k, v in self.outstanding().items() if v}
+        if left:
+            raise AssertionError(f"loopback emulator still holds {left}")
+
+    def close(self) -> None:
+        """Destroy every domain and release all memory (end of an in-process run)."""
+        for domid in sorted(self.domains, reverse=True):
+            if domid != 0:
+                self.destroy_domain(domid)
+        dom0 = self.domains.get(0)
+        if dom0 is not None:
+            for h in list(dom0.handles.values()):
+                self.close_handle(h)
+            dom0.close()
+            del self.domains[0]
+        for z in self._zombies:
+            for e in list(z.grants.values()):
+                e.mappers = e.holds = 0
+                self._free_entry(e)
+        self._zombies.clear()

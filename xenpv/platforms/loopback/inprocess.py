@@ -1,0 +1,214 @@
+"""The loopback platform in one process: several domains sharing one :class:`Hypervisor`.
+
+Used by unit tests and fuzzing.  Semantics are those of the daemon (the daemon drives the
+very same :class:`~xenpv.platforms.loopback.core.Hypervisor`); only the transport differs:
+here the platform objects call the hypervisor directly and map its memfds themselves.
+Event-channel inboxes are duplicated into the handle, exactly as a control connection
+would receive them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from xenpv.errors import LocalError
+from xenpv.platforms.base import (
+    GrantCopy,
+    MappedGrants,
+    SharedPages,
+    UnmapNotify,
+    open_xenstore_client,
+)
+from xenpv.platforms.loopback.core import (
+    NOTIFY_CLEAR_BYTE,
+    NOTIFY_SEND_EVENT,
+    Handle,
+    Hypervisor,
+)
+from xenpv.platforms.loopback.events import EpollEvents
+from xenpv.platforms.loopback.memory import MappedRegion, Region, SharedRegion, map_fd
+
+__all__ = ["InProcessEvents", "InProcessGrantTable", "InProcessPlatform", "notify_args"]
+
+
+def notify_args(notify: UnmapNotify) -> tuple[int, int, int]:
+    """``(offset, action, port)`` of an :class:`UnmapNotify` (protocol encoding)."""
+    action = (NOTIFY_CLEAR_BYTE if notify.clear_byte else 0) | (
+        NOTIFY_SEND_EVENT if notify.port is not None else 0
+    )
+    return notify.offset, action, notify.port or 0
+
+
+def _own(obj: object, live: dict[int, Any]) -> Any:
+    run = live.get(getattr(obj, "handle_id", -1))
+    if run is None or run is not obj:
+        raise LocalError(f"{obj!r} does not belong to this grant table (or was released)")
+    return run
+
+
+class InProcessGrantTable:
+    """:class:`~xenpv.platforms.base.GrantTable` of one domain, in process."""
+
+    def __init__(self, hv: Hypervisor, domid: int) -> None:
+        self._hv = hv
+        self._h: Handle = hv.open_handle(domid)
+        self._live: dict[int, SharedRegion | MappedRegion] = {}
+
+    @property
+    def domid(self) -> int:
+        """The domain this handle acts as."""
+        return self._h.domain.domid
+
+    def grant(self, domid: int, count: int = 1, *, writable: bool = True) -> SharedRegion:
+        """Allocate, map and grant ``count`` zeroed pages to ``domid``."""
+        share = self._hv.share(self._h, domid, count, writable=writable)
+        try:
+            region = map_fd(share.segment.fd, count, writable=True)
+        except BaseException:
+            self._hv.end_access(self._h, share.refs, defer=True)
+            raise
+        run = SharedRegion(share.refs, domid, region, share.handle_id, writable)
+        self._live[run.handle_id] = run
+        return run
+
+    def end_access(self, pages: SharedPages) -> None:
+        """End every grant of ``pages`` (GrantInUse: nothing ended) and unmap locally."""
+        run = _own(pages, self._live)
+        self._hv.end_access(self._h, run.refs)
+        del self._live[run.handle_id]
+        run.region.release()
+
+    def set_unmap_notify(self, obj: SharedPages | MappedGrants, notify: UnmapNotify) -> None:
+        """Attach (or replace) the unmap notification of a share or mapping."""
+        run = _own(obj, self._live)
+        self._hv.set_notify(self._h, run.handle_id, *notify_args(notify))
+
+    def map(
+        self,
+        domid: int,
+        refs: Sequence[int],
+        *,
+        writable: bool = True,
+        notify: UnmapNotify | None = None,
+    ) -> MappedRegion:
+        """Map ``refs`` of ``domid`` contiguously; all or nothing."""
+        m = self._hv.map(self._h, [(domid, r) for r in refs], writable=writable)
+        try:
+            region = Region(m.pages(readonly_fds=not writable), writable=writable)
+            if notify is not None:
+                self._hv.set_notify(self._h, m.handle_id, *notify_args(notify))
+        except BaseException:
+            self._hv.unmap(self._h, m.handle_id)
+            raise
+        run = MappedRegion(refs, domid, region, m.handle_id, writable)
+        self._live[run.handle_id] = run
+        return run
+
+    def unmap(self, mapping: MappedGrants) -> None:
+        """Unmap; the unmap notification fires."""
+        run = _own(mapping, self._live)
+        del self._live[run.handle_id]
+        run.region.release()
+        self._hv.unmap(self._h, run.handle_id)
+
+    def copy(self, segments: Sequence[GrantCopy]) -> list[int]:
+        """Grant copy; one ``GNTST_*`` per segment."""
+        return self._hv.copy(self._h, segments)
+
+    def close(self) -> None:
+        """Release everything (as process death would)."""
+        for run in self._live.values():
+            run.region.release()
+        self._live.clear()
+        self._hv.close_handle(self._h)
+
+
+class InProcessEvents(EpollEvents):
+    """:class:`~xenpv.platforms.base.EventChannels` of one domain, in process."""
+
+    def __init__(self, hv: Hypervisor, domid: int) -> None:
+        super().__init__()
+        self._hv = hv
+        self._h: Handle = hv.open_handle(domid)
+
+    @property
+    def domid(self) -> int:
+        """The domain this handle acts as."""
+        return self._h.domain.domid
+
+    def alloc_unbound(self, remote_domid: int) -> int:
+        """A new port that only ``remote_domid`` may bind."""
+        p = self._hv.alloc_unbound(self._h, remote_domid)
+        self._register(p.port, os.dup(p.inbox))
+        return p.port
+
+    def bind_interdomain(self, remote_domid: int, remote_port: int) -> int:
+        """Bind to a port offered to us; the new port is pending."""
+        p = self._hv.bind_interdomain(self._h, remote_domid, remote_port)
+        self._register(p.port, os.dup(p.inbox))
+        return p.port
+
+    def notify(self, port: int) -> None:
+        """Signal the remote end of ``port``."""
+        self._hv.notify(self._h, port)
+
+    def restrict(self, domid: int) -> None:
+        """Only bind interdomain channels to ``domid`` from now on."""
+        self._hv.restrict(self._h, domid)
+
+    def _release_port(self, port: int) -> None:
+        if not self._h.closed:
+            self._hv.unbind(self._h, port)
+
+    def _release_all(self) -> None:
+        self._hv.close_handle(self._h)
+
+
+class InProcessPlatform:
+    """:class:`~xenpv.platforms.base.Platform` of one domain on an in-process hypervisor."""
+
+    def __init__(self, hv: Hypervisor, domid: int, xenstore_path: str | None = None) -> None:
+        self.hv = hv
+        self._domid = domid
+        self._grants = InProcessGrantTable(hv, domid)
+        self._events = InProcessEvents(hv, domid)
+        self._xenstore_path = xenstore_path
+
+    @property
+    def domid(self) -> int:
+        """The domain this platform acts as."""
+        return self._domid
+
+    @property
+    def grants(self) -> InProcessGrantTable:
+        """The grant table handle."""
+        return self._grants
+
+    @property
+    def events(self) -> InProcessEvents:
+        """The event-channel handle."""
+        return self._events
+
+    @property
+    def xenstore_path(self) -> str | None:
+        """The domain's xenstore socket, if a server was attached."""
+        return self._xenstore_path
+
+    async def xenstore(self) -> Any:
+        """A connected xenstore client acting as this domain."""
+        if self._xenstore_path is None:
+            raise LocalError("no xenstore server attached to this in-process platform")
+        return await open_xenstore_client(self._xenstore_path)
+
+    def close(self) -> None:
+        """Close both handles."""
+        self._events.close()
+        self._grants.close()
+
+    def __enter__(self) -> InProcessPlatform:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

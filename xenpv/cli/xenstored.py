@@ -1,0 +1,107 @@
+"""``xenpv xenstored``: run the embedded xenstore daemon in the foreground.
+
+It serves dom0's (privileged) socket and one socket per ``--domain DOMID=PATH``; it exits
+with status 0 on SIGTERM or SIGINT after saving ``--state-file`` and removing its sockets
+and ``--pid-file``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+
+from xenpv.xenstore.server import XenstoredServer
+from xenpv.xenstore.store import Quotas
+
+
+def _domain(text: str) -> tuple[int, str]:
+    domid, sep, path = text.partition("=")
+    if not sep or not domid.isdigit() or not path or not 0 < int(domid) <= 0x7FEF:
+        raise argparse.ArgumentTypeError(f"expected DOMID=SOCKETPATH with 0 < DOMID, got {text!r}")
+    return int(domid), path
+
+
+def _quota(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or name.replace("_", "-") not in Quotas.names():
+        choices = ", ".join(Quotas.names())
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME one of: {choices}")
+    return name, value
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the daemon's options."""
+    parser.add_argument("--socket", required=True, help="dom0's (privileged) socket path")
+    parser.add_argument("--state-file", help="load the tree from here and save it on exit")
+    parser.add_argument(
+        "--domain",
+        action="append",
+        default=[],
+        type=_domain,
+        metavar="DOMID=SOCKETPATH",
+        help="serve a socket whose connections act as DOMID (repeatable)",
+    )
+    parser.add_argument(
+        "--quota",
+        action="append",
+        default=[],
+        type=_quota,
+        metavar="NAME=VALUE",
+        help="override a per-domain quota, e.g. nodes=2000 (0 disables; repeatable)",
+    )
+    parser.add_argument("--pid-file", help="write the daemon's pid here once it listens")
+    parser.add_argument(
+        "--always-eagain",
+        action="store_true",
+        help="answer every transaction commit with EAGAIN (for testing clients)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="logging threshold (default: warning)",
+    )
+
+
+async def _serve(args: argparse.Namespace, quotas: Quotas) -> None:
+    server = XenstoredServer(
+        quotas=quotas, state_file=args.state_file, always_eagain=args.always_eagain
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.listen(args.socket, 0)
+        for domid, path in args.domain:
+            await server.listen(path, domid)
+        if args.pid_file:
+            tmp = f"{args.pid_file}.tmp"
+            with open(tmp, "w", encoding="ascii") as f:
+                f.write(f"{os.getpid()}\n")
+            os.replace(tmp, args.pid_file)
+        await stop.wait()
+    finally:
+        await server.close()
+        if args.pid_file:
+            try:
+                os.unlink(args.pid_file)
+            except FileNotFoundError:
+                pass
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the daemon until SIGTERM/SIGINT; return the exit status."""
+    logging.basicConfig(level=args.log_level.upper(), format="xenstored: %(message)s")
+    quotas = Quotas()
+    for name, value in args.quota:
+        try:
+            quotas.set(name, value)
+        except ValueError as exc:
+            logging.error("bad quota %s=%s: %s", name, value, exc)
+            return 2
+    asyncio.run(_serve(args, quotas))
+    return 0

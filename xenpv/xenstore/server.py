@@ -1,0 +1,420 @@
+"""The embedded xenstored: an asyncio Unix-socket server around :class:`~.store.Store`.
+
+Theory of operation
+-------------------
+Each listening socket belongs to one domain: every connection accepted on it acts as
+that domain (dom0's socket is privileged).  A connection is an :class:`asyncio.Protocol`
+with a :class:`~xenpv.xenstore.wire.Decoder`; incoming bytes are fed to the decoder and
+complete requests are handed to the store in *batches*: the replies of a batch, and the
+watch events it caused for any connection, leave in one ``transport.write`` per
+connection.
+
+Bounds (hostile-inputs R11, scenarios 21-25):
+
+* A payload over 4096 bytes (or any framing error) kills the connection at once.
+* Outstanding replies: the transport's write-buffer high-water mark is
+  ``outstanding * (16 + 4096)`` bytes for a domain connection.  When the client stops
+  reading and the buffer passes the mark, the connection stops reading and stops
+  processing requests (backpressure) until the buffer drains.
+* Watch events for a connection whose buffer is full wait in a bounded queue: identical
+  pending events are merged, the queue holds at most ``watch_events`` entries (newer
+  ones are dropped beyond that) and entries older than ``watch_event_timeout`` expire.
+* The undecoded input held per connection is bounded: reading pauses while more than
+  64 KiB wait to be processed.
+* A batch is at most ``outstanding`` requests for a domain (512 for dom0); between
+  batches the loop yields, so one connection never starves the others.
+* WRITE-type requests of unprivileged domains pass a token bucket (``write_rate`` per
+  second, ``write_burst`` deep; XSA-206); a domain over its rate is paused, not refused.
+
+State: with ``state_file`` the whole tree is loaded at start and saved atomically
+(temporary file, fsync, rename, directory fsync) by :meth:`XenstoredServer.close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import stat
+import time
+from collections import OrderedDict
+from typing import Any
+
+from xenpv.xenstore.store import Connection, Quotas, Store
+from xenpv.xenstore.wire import HEADER_SIZE, PAYLOAD_MAX, Decoder, WireError, XsType
+
+__all__ = ["XenstoredServer"]
+
+log = logging.getLogger(__name__)
+
+_DOM0_BATCH = 512
+_MAX_BUFFERED_INPUT = 65536
+_DOM0_HIGH_WATER = 1 << 20
+_WRITE_TYPES = frozenset({XsType.WRITE, XsType.MKDIR, XsType.RM, XsType.SET_PERMS})
+
+
+class _Bucket:
+    """Token bucket of one domain's WRITE-type requests."""
+
+    __slots__ = ("credit", "stamp")
+
+    def __init__(self, burst: float, now: float) -> None:
+        self.credit = burst
+        self.stamp = now
+
+    def take(self, rate: float, burst: float, now: float) -> float:
+        """Spend one token; return 0.0 if granted, else seconds until one is available."""
+        self.credit = min(burst, self.credit + (now - self.stamp) * rate)
+        self.stamp = now
+        if self.credit >= 1.0:
+            self.credit -= 1.0
+            return 0.0
+        return (1.0 - self.credit) / rate
+
+
+class _XsProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: XenstoredServer, domid: int) -> None:
+        self.server = server
+        self.domid = domid
+        self.decoder = Decoder(PAYLOAD_MAX)
+        self.transport: asyncio.Transport | None = None
+        self.conn: Connection | None = None
+        self.write_paused = False
+        self.reading_paused = False
+        self.throttled = False
+        self.scheduled = False
+        self.held: Any = None
+        self.queue: OrderedDict[bytes, float] = OrderedDict()
+        self.dropped_events = 0
+        quotas = server.store.quotas
+        privileged = domid == 0
+        self.batch = _DOM0_BATCH if privileged or not quotas.outstanding else quotas.outstanding
+        self.high_water = (
+            _DOM0_HIGH_WATER
+            if privileged or not quotas.outstanding
+            else quotas.outstanding * (HEADER_SIZE + PAYLOAD_MAX)
+        )
+
+    # -- asyncio callbacks -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        store = self.server.store
+        rec = store.domains.get(self.domid)
+        if self.domid != 0 and (rec is None or not rec.introduced):
+            transport.abort()  # the domain does not exist (any more)
+            return
+        transport.set_write_buffer_limits(high=self.high_water, low=self.high_water // 4)
+        self.conn = store.connect(self.domid)
+        self.server._register(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn is not None:
+            self.server._unregister(self)
+            self.server.store.disconnect(self.conn)
+        self.queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self.decoder.feed(data)
+        if self.decoder.buffered > _MAX_BUFFERED_INPUT:
+            self._pause_reading()
+        self._process()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._flush_queue()
+        self._schedule()
+
+    # -- request processing ------------------------------------------------------------
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.transport.is_closing():
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def _schedule(self) -> None:
+        if not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self._continue)
+
+    def _continue(self) -> None:
+        self.scheduled = False
+        self._process()
+
+    def _unthrottle(self) -> None:
+        self.throttled = False
+        self._process()
+
+    def _process(self) -> None:
+        conn, transport = self.conn, self.transport
+        if conn is None or transport is None or transport.is_closing():
+            return
+        if self.write_paused or self.throttled:
+            return
+        server = self.server
+        store = server.store
+        handle = store.handle
+        quotas = store.quotas
+        limited = self.domid != 0 and quotas.write_rate > 0
+        out: list[bytes] = []
+        more = False
+        try:
+            for _ in range(self.batch):
+                msg = self.held
+                if msg is None:
+                    msg = self.decoder.next_message()
+                    if msg is None:
+                        break
+                else:
+                    self.held = None
+                type_ = msg.type
+                if limited and (
+                    (type_ in _WRITE_TYPES and not msg.tx_id)
+                    or (type_ == XsType.TRANSACTION_END and msg.payload[:1] == b"T")
+                ):
+                    wait = server._bucket(self.domid).take(
+                        quotas.write_rate, quotas.write_burst, time.monotonic()
+                    )
+                    if wait:
+                        self.held = msg
+                        self.throttled = True
+                        asyncio.get_running_loop().call_later(wait, self._unthrottle)
+                        break
+                out.append(handle(conn, type_, msg.req_id, msg.tx_id, msg.payload))
+            else:
+                more = True
+        except WireError as exc:
+            log.info("xenstore connection of domain %d dropped: %s", self.domid, exc)
+            if out:
+                transport.write(b"".join(out))
+            transport.abort()
+            server._after_batch()
+            return
+        if out:
+            transport.write(b"".join(out))
+        server._after_batch()
+        if transport.is_closing():
+            return
+        if more and not self.write_paused:
+            self._schedule()
+        elif (
+            not self.write_paused
+            and not self.throttled
+            and self.decoder.buffered <= _MAX_BUFFERED_INPUT
+        ):
+            self._resume_reading()
+
+    # -- watch events ------------------------------------------------------------------
+    def send_events(self, events: list[bytes]) -> None:
+        """Deliver encoded watch events, queueing (bounded) while the client lags."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not self.write_paused and not self.queue:
+            transport.write(b"".join(events))
+            return
+        quotas = self.server.store.quotas
+        now = time.monotonic()
+        queue = self.queue
+        self._expire(now)
+        for event in events:
+            if event in queue:
+                continue  # identical pending event: merged
+            if quotas.watch_events and len(queue) >= quotas.watch_events:
+                self.dropped_events += 1
+                continue
+            queue[event] = now
+
+    def _expire(self, now: float) -> None:
+        timeout = self.server.store.quotas.watch_event_timeout
+        queue = self.queue
+        if not timeout:
+            return
+        while queue:
+            event, stamp = next(iter(queue.items()))
+            if now - stamp <= timeout:
+                break
+            del queue[event]
+            self.dropped_events += 1
+
+    def _flush_queue(self) -> None:
+        if not self.queue or self.transport is None or self.transport.is_closing():
+            return
+        self._expire(time.monotonic())
+        data = b"".join(self.queue)
+        self.queue.clear()
+        if data:
+            self.transport.write(data)
+
+
+class XenstoredServer:
+    """An embedded xenstored serving one or more Unix sockets (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        quotas: Quotas | None = None,
+        state_file: str | os.PathLike[str] | None = None,
+        always_eagain: bool = False,
+    ) -> None:
+        """Create the server; with ``state_file`` an existing saved tree is loaded."""
+        self.quotas = quotas if quotas is not None else Quotas()
+        self.state_file = os.fspath(state_file) if state_file is not None else None
+        self.store = self._load()
+        self.store.always_eagain = always_eagain
+        self._listeners: list[tuple[asyncio.AbstractServer, str]] = []
+        self._protocols: dict[Connection, _XsProtocol] = {}
+        self._buckets: dict[int, _Bucket] = {}
+        self._closed = False
+
+    def _load(self) -> Store:
+        path = self.state_file
+        if path is None or not os.path.exists(path):
+            return Store(self.quotas)
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        return Store.from_state(state, self.quotas)
+
+    # -- sockets -----------------------------------------------------------------------
+    async def listen(self, path: str, domid: int = 0) -> None:
+        """Serve ``path``; every connection on it acts as ``domid`` (introduced if needed)."""
+        if domid != 0:
+            self.introduce_domain(domid)
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # stale socket of an earlier run
+        except FileNotFoundError:
+            pass
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(lambda: _XsProtocol(self, domid), path)
+        self._listeners.append((server, path))
+
+    async def close(self) -> None:
+        """Stop listening, drop every connection, remove the sockets and save the state."""
+        if self._closed:
+            return
+        self._closed = True
+        for server, _ in self._listeners:
+            server.close()
+        for proto in list(self._protocols.values()):
+            if proto.transport is not None:
+                proto.transport.abort()
+        for server, path in self._listeners:
+            await server.wait_closed()
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self._listeners.clear()
+        await asyncio.sleep(0)
+        self.save_state()
+
+    def save_state(self) -> None:
+        """Write the tree to ``state_file`` atomically (no-op without a state file)."""
+        path = self.state_file
+        if path is None:
+            return
+        tmp = f"{path}.tmp"
+        data = json.dumps(self.store.to_state(), separators=(",", ":")).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    # -- domains -----------------------------------------------------------------------
+    def introduce_domain(self, domid: int) -> None:
+        """Introduce ``domid`` (fires ``@introduceDomain`` the first time)."""
+        self.store.introduce_domain(domid)
+        self._after_batch()
+
+    def release_domain(self, domid: int) -> None:
+        """Release ``domid``: its nodes go, its connections close, ``@releaseDomain`` fires."""
+        self.store.release_domain(domid)
+        self._after_batch()
+
+    # -- accounting queries ------------------------------------------------------------
+    def connection_count(self, domid: int | None = None) -> int:
+        """Number of open connections (of ``domid`` if given)."""
+        return sum(1 for c in self._protocols if domid is None or c.domid == domid)
+
+    def node_count(self, domid: int) -> int:
+        """Nodes owned by ``domid``."""
+        return self.store.node_count(domid)
+
+    def watch_count(self, domid: int) -> int:
+        """Watches registered by ``domid``."""
+        return self.store.watch_count(domid)
+
+    def transaction_count(self, domid: int) -> int:
+        """Open transactions of ``domid``."""
+        return self.store.transaction_count(domid)
+
+    def queued_events(self, domid: int) -> int:
+        """Watch events waiting for ``domid``'s clients to read."""
+        return sum(len(p.queue) for c, p in self._protocols.items() if c.domid == domid)
+
+    def dropped_events(self, domid: int | None = None) -> int:
+        """Watch events dropped or expired for open connections (of ``domid`` if given)."""
+        return sum(
+            p.dropped_events
+            for c, p in self._protocols.items()
+            if domid is None or c.domid == domid
+        )
+
+    # -- internals ---------------------------------------------------------------------
+    def _register(self, proto: _XsProtocol) -> None:
+        assert proto.conn is not None
+        self._protocols[proto.conn] = proto
+
+    def _unregister(self, proto: _XsProtocol) -> None:
+        assert proto.conn is not None
+        self._protocols.pop(proto.conn, None)
+
+    def _bucket(self, domid: int) -> _Bucket:
+        bucket = self._buckets.get(domid)
+        if bucket is None:
+            bucket = self._buckets[domid] = _Bucket(self.quotas.write_burst, time.monotonic())
+        return bucket
+
+    def _after_batch(self) -> None:
+        store = self.store
+        if store.dirty:
+            dirty = store.dirty
+            store.dirty = set()
+            for conn in dirty:
+                events = conn.events
+                if not events:
+                    continue
+                conn.events = []
+                proto = self._protocols.get(conn)
+                if proto is not None:
+                    proto.send_events(events)
+        if store.released:
+            released = set(store.released)
+            store.released.clear()
+            for domid in released:
+                self._buckets.pop(domid, None)
+            for conn, proto in list(self._protocols.items()):
+                if conn.domid in released and proto.transport is not None:
+                    proto.transport.abort()

@@ -1,0 +1,482 @@
+"""Network protocol (``xen/io/netif.h``): TX/RX/ctrl ring records, extra-info, packet rules.
+
+Theory of operation
+-------------------
+Each queue has a TX ring (12-byte slots: frontend requests, 4-byte responses) and an RX
+ring (8-byte slots).  A transmitted packet is a *chain* of TX slots: the first request
+carries the total packet size and flags; if it has ``NETTXF_extra_info`` the next slot(s)
+are 8-byte :class:`ExtraInfo` records (chained by ``XEN_NETIF_EXTRA_FLAG_MORE``) overlaying
+the request slot; if it has ``NETTXF_more_data`` further requests follow, each with its own
+fragment length.  :func:`parse_tx_packet` walks such a chain in a copied batch of slots and
+checks it (hostile scenario 6): at most ``fatal_slots`` slots after the first or the peer is
+treated as malicious (:class:`NetifFatalError`), more than ``max_slots`` data slots, a total
+above 0xFFFF, fragments larger than the total, or a fragment crossing its page make the
+packet droppable (:class:`NetifPacketError`, answered with ``NETIF_RSP_ERROR`` for every
+slot consumed).  Extra-info records are parsed per type (GSO, MCAST, HASH).
+
+Everything is sans-IO and bounded by the number of slots handed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from xenpv.errors import LocalError
+from xenpv.protocols import ProtocolError
+from xenpv.protocols.layout import XEN_PAGE_SIZE, Buffer, Field, Layout, Record, RingLayout, pad
+
+# io/netif.h: limits
+XEN_NETIF_NR_SLOTS_MIN = 18
+XEN_NETIF_MAX_TX_SIZE = 0xFFFF
+#: Linux netback's default ``fatal_skb_slots``: more slots after the first = malicious.
+FATAL_SKB_SLOTS_DEFAULT = 20
+
+# io/netif.h: TX flags
+NETTXF_csum_blank = 1 << 0
+NETTXF_data_validated = 1 << 1
+NETTXF_more_data = 1 << 2
+NETTXF_extra_info = 1 << 3
+
+# io/netif.h: RX flags (csum/validated swapped relative to TX)
+NETRXF_data_validated = 1 << 0
+NETRXF_csum_blank = 1 << 1
+NETRXF_more_data = 1 << 2
+NETRXF_extra_info = 1 << 3
+NETRXF_gso_prefix = 1 << 4
+
+# io/netif.h: response status
+NETIF_RSP_DROPPED = -2
+NETIF_RSP_ERROR = -1
+NETIF_RSP_OKAY = 0
+NETIF_RSP_NULL = 1
+
+# io/netif.h: extra-info types and flags
+XEN_NETIF_EXTRA_TYPE_NONE = 0
+XEN_NETIF_EXTRA_TYPE_GSO = 1
+XEN_NETIF_EXTRA_TYPE_MCAST_ADD = 2
+XEN_NETIF_EXTRA_TYPE_MCAST_DEL = 3
+XEN_NETIF_EXTRA_TYPE_HASH = 4
+XEN_NETIF_EXTRA_TYPE_MAX = 5
+XEN_NETIF_EXTRA_FLAG_MORE = 1 << 0
+
+# io/netif.h: GSO types
+XEN_NETIF_GSO_TYPE_NONE = 0
+XEN_NETIF_GSO_TYPE_TCPV4 = 1
+XEN_NETIF_GSO_TYPE_TCPV6 = 2
+
+# io/netif.h: hash types (bit numbers, and masks) and algorithms
+_XEN_NETIF_CTRL_HASH_TYPE_IPV4 = 0
+_XEN_NETIF_CTRL_HASH_TYPE_IPV4_TCP = 1
+_XEN_NETIF_CTRL_HASH_TYPE_IPV6 = 2
+_XEN_NETIF_CTRL_HASH_TYPE_IPV6_TCP = 3
+XEN_NETIF_CTRL_HASH_TYPE_IPV4 = 1 << _XEN_NETIF_CTRL_HASH_TYPE_IPV4
+XEN_NETIF_CTRL_HASH_TYPE_IPV4_TCP = 1 << _XEN_NETIF_CTRL_HASH_TYPE_IPV4_TCP
+XEN_NETIF_CTRL_HASH_TYPE_IPV6 = 1 << _XEN_NETIF_CTRL_HASH_TYPE_IPV6
+XEN_NETIF_CTRL_HASH_TYPE_IPV6_TCP = 1 << _XEN_NETIF_CTRL_HASH_TYPE_IPV6_TCP
+XEN_NETIF_CTRL_HASH_ALGORITHM_NONE = 0
+XEN_NETIF_CTRL_HASH_ALGORITHM_TOEPLITZ = 1
+
+# io/netif.h: control ring
+XEN_NETIF_CTRL_TYPE_INVALID = 0
+XEN_NETIF_CTRL_TYPE_GET_HASH_FLAGS = 1
+XEN_NETIF_CTRL_TYPE_SET_HASH_FLAGS = 2
+XEN_NETIF_CTRL_TYPE_SET_HASH_KEY = 3
+XEN_NETIF_CTRL_TYPE_GET_HASH_MAPPING_SIZE = 4
+XEN_NETIF_CTRL_TYPE_SET_HASH_MAPPING_SIZE = 5
+XEN_NETIF_CTRL_TYPE_SET_HASH_MAPPING = 6
+XEN_NETIF_CTRL_TYPE_SET_HASH_ALGORITHM = 7
+XEN_NETIF_CTRL_TYPE_GET_GREF_MAPPING_SIZE = 8
+XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING = 9
+XEN_NETIF_CTRL_TYPE_DEL_GREF_MAPPING = 10
+XEN_NETIF_CTRL_STATUS_SUCCESS = 0
+XEN_NETIF_CTRL_STATUS_NOT_SUPPORTED = 1
+XEN_NETIF_CTRL_STATUS_INVALID_PARAMETER = 2
+XEN_NETIF_CTRL_STATUS_BUFFER_OVERFLOW = 3
+_XEN_NETIF_CTRLF_GREF_readonly = 0
+XEN_NETIF_CTRLF_GREF_readonly = 1 << _XEN_NETIF_CTRLF_GREF_readonly
+
+# Xenstore keys (§7.4)
+KEY_TX_RING_REF = "tx-ring-ref"
+KEY_RX_RING_REF = "rx-ring-ref"
+KEY_CTRL_RING_REF = "ctrl-ring-ref"
+KEY_EVENT_CHANNEL = "event-channel"
+KEY_EVENT_CHANNEL_TX = "event-channel-tx"
+KEY_EVENT_CHANNEL_RX = "event-channel-rx"
+KEY_EVENT_CHANNEL_CTRL = "event-channel-ctrl"
+KEY_REQUEST_RX_COPY = "request-rx-copy"
+KEY_FEATURE_RX_NOTIFY = "feature-rx-notify"
+KEY_FEATURE_RX_COPY = "feature-rx-copy"
+KEY_FEATURE_RX_FLIP = "feature-rx-flip"
+KEY_FEATURE_SG = "feature-sg"
+KEY_FEATURE_GSO_TCPV4 = "feature-gso-tcpv4"
+KEY_FEATURE_GSO_TCPV6 = "feature-gso-tcpv6"
+KEY_FEATURE_IPV6_CSUM_OFFLOAD = "feature-ipv6-csum-offload"
+KEY_FEATURE_NO_CSUM_OFFLOAD = "feature-no-csum-offload"
+KEY_FEATURE_MULTICAST_CONTROL = "feature-multicast-control"
+KEY_FEATURE_DYNAMIC_MULTICAST_CONTROL = "feature-dynamic-multicast-control"
+KEY_REQUEST_MULTICAST_CONTROL = "request-multicast-control"
+KEY_FEATURE_SPLIT_EVENT_CHANNELS = "feature-split-event-channels"
+KEY_FEATURE_CTRL_RING = "feature-ctrl-ring"
+KEY_MULTI_QUEUE_MAX_QUEUES = "multi-queue-max-queues"
+KEY_MULTI_QUEUE_NUM_QUEUES = "multi-queue-num-queues"
+KEY_MAC = "mac"
+KEY_MTU = "mtu"
+KEY_CARRIER = "carrier"
+KEY_HANDLE = "handle"
+
+# -- layouts and records ---------------------------------------------------------------------
+
+TX_REQUEST_LAYOUT = Layout(
+    "netif_tx_request",
+    [Field("gref", "I"), Field("offset", "H"), Field("flags", "H"), Field("id", "H"), Field("size", "H")],
+    c_type="struct netif_tx_request",
+)
+TX_RESPONSE_LAYOUT = Layout(
+    "netif_tx_response", [Field("id", "H"), Field("status", "h")], c_type="struct netif_tx_response"
+)
+RX_REQUEST_LAYOUT = Layout(
+    "netif_rx_request",
+    [Field("id", "H"), Field("pad", "H"), Field("gref", "I")],
+    c_type="struct netif_rx_request",
+)
+RX_RESPONSE_LAYOUT = Layout(
+    "netif_rx_response",
+    [Field("id", "H"), Field("offset", "H"), Field("flags", "H"), Field("status", "h")],
+    c_type="struct netif_rx_response",
+)
+_EXTRA_HEAD = [Field("type", "B"), Field("flags", "B")]
+EXTRA_LAYOUT = Layout(
+    "netif_extra_info", [*_EXTRA_HEAD, Field("data", "s", 6, c="u")], c_type="struct netif_extra_info"
+)
+EXTRA_GSO_LAYOUT = Layout(
+    "netif_extra_info.gso",
+    [
+        *_EXTRA_HEAD,
+        Field("size", "H", c="u.gso.size"),
+        Field("gso_type", "B", c="u.gso.type"),
+        pad(1),
+        Field("features", "H", c="u.gso.features"),
+    ],
+    c_type="struct netif_extra_info",
+)
+EXTRA_MCAST_LAYOUT = Layout(
+    "netif_extra_info.mcast",
+    [*_EXTRA_HEAD, Field("addr", "s", 6, c="u.mcast.addr")],
+    c_type="struct netif_extra_info",
+)
+EXTRA_HASH_LAYOUT = Layout(
+    "netif_extra_info.hash",
+    [
+        *_EXTRA_HEAD,
+        Field("hash_type", "B", c="u.hash.type"),
+        Field("algorithm", "B", c="u.hash.algorithm"),
+        Field("value", "I", c="u.hash.value"),
+    ],
+    c_type="struct netif_extra_info",
+)
+CTRL_REQUEST_LAYOUT = Layout(
+    "xen_netif_ctrl_request",
+    [Field("id", "H"), Field("type", "H"), Field("data", "I", 3)],
+    c_type="struct xen_netif_ctrl_request",
+)
+CTRL_RESPONSE_LAYOUT = Layout(
+    "xen_netif_ctrl_response",
+    [Field("id", "H"), Field("type", "H"), Field("status", "I"), Field("data", "I")],
+    c_type="struct xen_netif_ctrl_response",
+)
+GREF_LAYOUT = Layout(
+    "xen_netif_gref",
+    [Field("ref", "I"), Field("flags", "H"), Field("status", "h")],
+    c_type="struct xen_netif_gref",
+)
+
+TX_RING = RingLayout("netif_tx", TX_REQUEST_LAYOUT.size, TX_RESPONSE_LAYOUT.size)
+RX_RING = RingLayout("netif_rx", RX_REQUEST_LAYOUT.size, RX_RESPONSE_LAYOUT.size)
+CTRL_RING = RingLayout("xen_netif_ctrl", CTRL_REQUEST_LAYOUT.size, CTRL_RESPONSE_LAYOUT.size)
+#: Slots of each single-page ring (256, 256, 128).
+NET_TX_RING_SIZE = TX_RING.nr_ents()
+NET_RX_RING_SIZE = RX_RING.nr_ents()
+NET_CTRL_RING_SIZE = CTRL_RING.nr_ents()
+
+#: Batch views over ring slots (itemsize = slot size).
+TX_REQUEST_DTYPE = TX_REQUEST_LAYOUT.dtype_for(TX_RING.slot_size)
+TX_RESPONSE_DTYPE = TX_RESPONSE_LAYOUT.dtype_for(TX_RING.slot_size)
+RX_REQUEST_DTYPE = RX_REQUEST_LAYOUT.dtype_for(RX_RING.slot_size)
+RX_RESPONSE_DTYPE = RX_RESPONSE_LAYOUT.dtype_for(RX_RING.slot_size)
+
+
+@dataclass(frozen=True)
+class TxRequest(Record):
+    """``struct netif_tx_request``."""
+
+    LAYOUT: ClassVar[Layout] = TX_REQUEST_LAYOUT
+    gref: int
+    offset: int
+    flags: int
+    id: int
+    size: int
+
+
+@dataclass(frozen=True)
+class TxResponse(Record):
+    """``struct netif_tx_response`` (4 bytes in a 12-byte slot)."""
+
+    LAYOUT: ClassVar[Layout] = TX_RESPONSE_LAYOUT
+    id: int
+    status: int
+
+
+@dataclass(frozen=True)
+class RxRequest(Record):
+    """``struct netif_rx_request``: an empty page granted (writable) to the backend."""
+
+    LAYOUT: ClassVar[Layout] = RX_REQUEST_LAYOUT
+    id: int
+    pad: int
+    gref: int
+
+
+@dataclass(frozen=True)
+class RxResponse(Record):
+    """``struct netif_rx_response``; ``status`` >= 0 is the byte count in this slot."""
+
+    LAYOUT: ClassVar[Layout] = RX_RESPONSE_LAYOUT
+    id: int
+    offset: int
+    flags: int
+    status: int
+
+
+@dataclass(frozen=True)
+class ExtraInfo(Record):
+    """``struct netif_extra_info`` of a type without a specific parser (raw 6-byte union)."""
+
+    LAYOUT: ClassVar[Layout] = EXTRA_LAYOUT
+    type: int
+    flags: int
+    data: bytes = bytes(6)
+
+
+@dataclass(frozen=True)
+class GsoExtra(Record):
+    """``netif_extra_info`` of type ``XEN_NETIF_EXTRA_TYPE_GSO``."""
+
+    LAYOUT: ClassVar[Layout] = EXTRA_GSO_LAYOUT
+    type: int
+    flags: int
+    size: int
+    gso_type: int
+    features: int
+
+
+@dataclass(frozen=True)
+class McastExtra(Record):
+    """``netif_extra_info`` of type ``XEN_NETIF_EXTRA_TYPE_MCAST_ADD`` / ``_DEL``."""
+
+    LAYOUT: ClassVar[Layout] = EXTRA_MCAST_LAYOUT
+    type: int
+    flags: int
+    addr: bytes
+
+
+@dataclass(frozen=True)
+class HashExtra(Record):
+    """``netif_extra_info`` of type ``XEN_NETIF_EXTRA_TYPE_HASH`` (value little-endian)."""
+
+    LAYOUT: ClassVar[Layout] = EXTRA_HASH_LAYOUT
+    type: int
+    flags: int
+    hash_type: int
+    algorithm: int
+    value: int
+
+
+AnyExtra = ExtraInfo | GsoExtra | McastExtra | HashExtra
+_EXTRA_CLASSES: dict[int, type[GsoExtra] | type[McastExtra] | type[HashExtra]] = {
+    XEN_NETIF_EXTRA_TYPE_GSO: GsoExtra,
+    XEN_NETIF_EXTRA_TYPE_MCAST_ADD: McastExtra,
+    XEN_NETIF_EXTRA_TYPE_MCAST_DEL: McastExtra,
+    XEN_NETIF_EXTRA_TYPE_HASH: HashExtra,
+}
+
+
+def parse_extra(buf: Buffer, offset: int = 0) -> AnyExtra:
+    """Copy an extra-info record out once and decode it by type (unknown types stay raw)."""
+    raw = bytes(memoryview(buf).cast("B")[offset : offset + EXTRA_LAYOUT.size])
+    if len(raw) != EXTRA_LAYOUT.size or offset < 0:
+        raise LocalError(f"netif_extra_info: buffer too short at {offset}")
+    cls = _EXTRA_CLASSES.get(raw[0])
+    return cls.parse(raw) if cls is not None else ExtraInfo.parse(raw)
+
+
+def validate_extra(extra: AnyExtra) -> None:
+    """Type must be 1..4 (NONE and >= MAX are invalid); GSO type must be known."""
+    if not XEN_NETIF_EXTRA_TYPE_NONE < extra.type < XEN_NETIF_EXTRA_TYPE_MAX:
+        raise ProtocolError(f"netif extra-info type {extra.type} invalid")
+    if extra.flags & ~XEN_NETIF_EXTRA_FLAG_MORE:
+        raise ProtocolError(f"netif extra-info flags {extra.flags:#x} unknown")
+    if isinstance(extra, GsoExtra):
+        if extra.gso_type not in (XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6):
+            raise ProtocolError(f"netif GSO type {extra.gso_type} unknown")
+        if extra.size == 0:
+            raise ProtocolError("netif GSO size 0")
+
+
+@dataclass(frozen=True)
+class CtrlRequest(Record):
+    """``struct xen_netif_ctrl_request``."""
+
+    LAYOUT: ClassVar[Layout] = CTRL_REQUEST_LAYOUT
+    id: int
+    type: int
+    data: tuple[int, ...] = (0, 0, 0)
+
+
+@dataclass(frozen=True)
+class CtrlResponse(Record):
+    """``struct xen_netif_ctrl_response``."""
+
+    LAYOUT: ClassVar[Layout] = CTRL_RESPONSE_LAYOUT
+    id: int
+    type: int
+    status: int
+    data: int
+
+
+@dataclass(frozen=True)
+class Gref(Record):
+    """``struct xen_netif_gref`` (entries of an ADD/DEL_GREF_MAPPING page)."""
+
+    LAYOUT: ClassVar[Layout] = GREF_LAYOUT
+    ref: int
+    flags: int
+    status: int
+
+
+# -- slot checks and packet assembly ---------------------------------------------------------
+
+
+class NetifPacketError(ProtocolError):
+    """A TX packet must be dropped: answer its ``slots`` consumed slots with ``NETIF_RSP_ERROR``."""
+
+    def __init__(self, message: str, slots: int, ids: tuple[int, ...]) -> None:
+        super().__init__(message)
+        self.slots = slots
+        self.ids = ids
+
+
+class NetifFatalError(ProtocolError):
+    """The frontend is malicious (too many slots, fragment crossing its page): disable it."""
+
+
+def check_slot(offset: int, length: int) -> None:
+    """A fragment must stay inside its 4096-byte page: ``offset + length <= 4096``."""
+    if offset + length > XEN_PAGE_SIZE:
+        raise NetifFatalError(f"fragment offset {offset} + size {length} crosses the page")
+
+
+def validate_rx_response(rsp: RxResponse) -> int:
+    """Frontend check of an RX response; returns the byte count (0 for error statuses).
+
+    A negative status is a legal per-packet error (dropped packet, not a protocol error);
+    data running past the page is a structural violation (hostile scenario 15).
+    """
+    if rsp.status < 0:
+        if rsp.status not in (NETIF_RSP_ERROR, NETIF_RSP_DROPPED):
+            raise ProtocolError(f"netif rx response {rsp.id}: unknown status {rsp.status}")
+        return 0
+    if rsp.offset + rsp.status > XEN_PAGE_SIZE:
+        raise ProtocolError(f"netif rx response {rsp.id}: offset {rsp.offset} + {rsp.status} > page")
+    return rsp.status
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """One piece of packet data: ``length`` bytes at ``offset`` of granted page ``gref``."""
+
+    gref: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class TxPacket:
+    """A checked TX packet: its requests (data slots), extras, fragments and slot count."""
+
+    requests: tuple[TxRequest, ...]
+    extras: tuple[AnyExtra, ...]
+    fragments: tuple[Fragment, ...]
+    size: int
+    slots: int
+
+    @property
+    def flags(self) -> int:
+        """The first request's flags (checksum offload bits apply to the whole packet)."""
+        return self.requests[0].flags
+
+
+def parse_tx_packet(
+    slots: Buffer,
+    count: int,
+    *,
+    max_slots: int = XEN_NETIF_NR_SLOTS_MIN,
+    fatal_slots: int = FATAL_SKB_SLOTS_DEFAULT,
+) -> TxPacket | None:
+    """Assemble one TX packet from ``count`` consumed 12-byte slots (a private copy).
+
+    Returns ``None`` if the chain continues past the ``count`` slots given (wait for more),
+    else the packet.  Raises :class:`NetifFatalError` (disable the frontend) or
+    :class:`NetifPacketError` (drop, answer each consumed slot with ``NETIF_RSP_ERROR``).
+    Work is bounded by ``min(count, fatal_slots + 1 + extras)`` slots.
+    """
+    if count < 1:
+        raise LocalError("parse_tx_packet needs at least one slot")
+    step = TX_RING.slot_size
+    first = TxRequest.parse(slots, 0)
+    used = 1
+    extras: list[AnyExtra] = []
+    ids = [first.id]
+    if first.flags & NETTXF_extra_info:
+        more = True
+        while more:
+            if used >= count:
+                return None
+            if len(extras) >= XEN_NETIF_EXTRA_TYPE_MAX:
+                raise NetifFatalError("too many chained extra-info slots")
+            extra = parse_extra(slots, used * step)
+            used += 1
+            try:
+                validate_extra(extra)
+            except ProtocolError as e:
+                raise NetifFatalError(str(e)) from None
+            extras.append(extra)
+            more = bool(extra.flags & XEN_NETIF_EXTRA_FLAG_MORE)
+    reqs = [first]
+    following = 0
+    more_data = bool(first.flags & NETTXF_more_data)
+    while more_data:
+        if following >= fatal_slots:
+            raise NetifFatalError(f"packet uses more than {fatal_slots} slots after the first")
+        if used >= count:
+            return None
+        req = TxRequest.parse(slots, used * step)
+        used += 1
+        following += 1
+        reqs.append(req)
+        ids.append(req.id)
+        more_data = bool(req.flags & NETTXF_more_data)
+    slot_ids = tuple(ids)
+    if following + 1 > max_slots:
+        raise NetifPacketError(f"packet uses {following + 1} data slots (> {max_slots})", used, slot_ids)
+    total = first.size
+    rest = sum(r.size for r in reqs[1:])
+    if rest > total:
+        raise NetifPacketError(f"fragments ({rest}) exceed packet size {total}", used, slot_ids)
+    if total > XEN_NETIF_MAX_TX_SIZE:
+        raise NetifPacketError(f"packet size {total} > {XEN_NETIF_MAX_TX_SIZE}", used, slot_ids)
+    frags = [Fragment(first.gref, first.offset, total - rest)]
+    frags.extend(Fragment(r.gref, r.offset, r.size) for r in reqs[1:])
+    for f in frags:
+        check_slot(f.offset, f.length)
+    return TxPacket(tuple(reqs), tuple(extras), tuple(frags), total, used)

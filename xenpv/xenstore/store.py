@@ -333,7 +333,7 @@ class Transaction:
         return node
 
     # -- mutations (same interface as the Store's) ---------------------------------
-    def create(self, path: str, value: bytes, perms: Perms) -> None:
+    def create(self, path: str, value: bytes, perms: Perms, fire: bool = True) -> None:
         """Create ``path`` (its parent exists in the view)."""
         store = self.store
         self._touch(path)
@@ -343,7 +343,7 @@ class Transaction:
         parent.children[paths.basename(path)] = None
         parent.gen = gen
         self.delta[perms[0][0]] = self.delta.get(perms[0][0], 0) + 1
-        self.ops.append(("create", path, value, perms))
+        self.ops.append(("create", path, value, perms, fire))
 
     def set_value(self, path: str, value: bytes) -> None:
         """Replace the value of existing ``path``."""
@@ -513,15 +513,16 @@ class Store:
         """Nodes owned by ``domid`` in the live tree."""
         return self.owned.get(domid, 0)
 
-    def create(self, path: str, value: bytes, perms: Perms) -> None:
-        """Create ``path`` under its existing parent; queues its watch event."""
+    def create(self, path: str, value: bytes, perms: Perms, fire: bool = True) -> None:
+        """Create ``path`` under its existing parent; queues its watch event if ``fire``."""
         parent = self.nodes[paths.parent(path)]
         gen = self.next_gen()
         self.nodes[path] = Node(value, perms, {}, gen, gen)
         parent.children[paths.basename(path)] = None
         parent.gen = gen
         self._account(perms[0][0], 1)
-        self._fired.append((path, False, perms, gen))
+        if fire:
+            self._fired.append((path, False, perms, gen))
 
     def set_value(self, path: str, value: bytes) -> None:
         """Replace the value of ``path``; queues its watch event."""
@@ -817,7 +818,8 @@ class Store:
         parent = node
         for sub in reversed(missing):
             perms = self._inherit(conn, parent)
-            view.create(sub, value if sub == path else b"", perms)
+            # Implicitly created parents fire no event of their own.
+            view.create(sub, value if sub == path else b"", perms, sub == path)
             created = view.lookup(sub)
             assert created is not None
             parent = created
@@ -968,7 +970,10 @@ class Store:
         conn.watches[key] = watch
         self.watch_index.setdefault(path, []).append(watch)
         rec.watches += 1
-        self._emit(watch, path)  # fire on register (queued after this reply)
+        # Fire on register (queued after this reply); special names only if readable.
+        special = self.specials.get(path)
+        if special is None or self.perm_for(conn, special) & READ:
+            self._emit(watch, path)
         return OK
 
     def _watch_path(self, conn: Connection, raw: bytes) -> tuple[str, bool]:
@@ -1064,7 +1069,7 @@ class Store:
                     self.set_value(path, op[2])
                     self.set_perms(path, op[3])
                 else:
-                    self.create(path, op[2], op[3])
+                    self.create(path, op[2], op[3], op[4])
             elif kind == "value":
                 self.set_value(path, op[2])
             elif kind == "perms":

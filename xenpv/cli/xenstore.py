@@ -102,8 +102,8 @@ def unsanitise(text: bytes) -> bytes:
         if c != 0x5C:
             out.append(c)
             continue
-        if i >= n:  # a lone trailing backslash stays
-            out.append(c)
+        if i >= n:  # a lone trailing backslash becomes a NUL byte (as in xenstore-write)
+            out.append(0)
             break
         e = text[i]
         i += 1
@@ -152,7 +152,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--tidy", action="store_true", help="also remove empty parents")
     p.add_argument("keys", nargs="*")
     p = add("exists", "exit 0 if every key exists, else 1")
-    p.add_argument("-p", "--prefix", action="store_true", help="accepted (no effect)")
+    p.add_argument("-p", "--prefix", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("keys", nargs="*")
     p = add("chmod", "set permissions: key perm [perm…] (perm = n|r|w|b + domid)")
     p.add_argument("-u", "--upto", action="store_true", help="also set on every parent")
@@ -252,9 +252,9 @@ class _Cli:
             if names is None:
                 self.warn(f"could not list path {key}")
                 return 1
-            prefix = "" if key == "/" else key
             for name in names:
-                line = f"{prefix}/{name}\n" if self.args.prefix else f"{name}\n"
+                # 4.17 prints "<key>/<name>" even for the root ("//tool"); so do we
+                line = f"{key}/{name}\n" if self.args.prefix else f"{name}\n"
                 self.buffer += line.encode("utf-8", "surrogateescape")
         return 0
 
@@ -500,6 +500,7 @@ async def _in_transaction(
             if ret == 0 and exc.errno_name == "EAGAIN":
                 continue
             cli.warn("couldn't end transaction")
+            cli.buffer.clear()  # xenstore-utils exit here without printing anything
             return 1
         return ret
 
@@ -512,6 +513,7 @@ def run(args: argparse.Namespace) -> int:
         (n == 0 and mode != "ls")
         or (mode == "write" and n % 2 == 1)
         or (mode == "watch" and n == 0)
+        or (mode == "exists" and args.prefix)  # 4.17 parses -p, then refuses it here
     )
     if bad:
         print(f"xenpv xenstore {mode}: {_usage(mode)}", file=sys.stderr)

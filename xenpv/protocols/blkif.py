@@ -76,6 +76,8 @@ VDISK_READONLY = 0x4
 XEN_IO_PROTO_ABI_X86_32 = "x86_32-abi"
 XEN_IO_PROTO_ABI_X86_64 = "x86_64-abi"
 XEN_IO_PROTO_ABI_ARM = "arm-abi"
+#: The native ABI of this build (x86-64).
+XEN_IO_PROTO_ABI_NATIVE = XEN_IO_PROTO_ABI_X86_64
 
 # Backend keys (io/blkif.h, §6.3)
 KEY_FEATURE_BARRIER = "feature-barrier"

@@ -30,7 +30,6 @@ EVTCHNOP_reset = 10
 EVTCHNOP_init_control = 11
 EVTCHNOP_expand_array = 12
 EVTCHNOP_set_priority = 13
-EVTCHNOP_reset_cont = 14
 
 # event_channel.h: port states (EVTCHNOP_status)
 EVTCHNSTAT_closed = 0

@@ -106,12 +106,38 @@ GNTDEV_GRANT_COPY_LAYOUT = Layout(
     c_type="struct ioctl_gntdev_grant_copy",
 )
 
+GNTDEV_DMABUF_EXP_FROM_REFS_LAYOUT = Layout(
+    "ioctl_gntdev_dmabuf_exp_from_refs",
+    [Field("flags", "I"), Field("count", "I"), Field("fd", "I"), Field("domid", "I"), Field("refs", "I", 1)],
+    c_type="struct ioctl_gntdev_dmabuf_exp_from_refs",
+)
+GNTDEV_DMABUF_EXP_WAIT_RELEASED_LAYOUT = Layout(
+    "ioctl_gntdev_dmabuf_exp_wait_released",
+    [Field("fd", "I"), Field("wait_to_ms", "I")],
+    c_type="struct ioctl_gntdev_dmabuf_exp_wait_released",
+)
+GNTDEV_DMABUF_IMP_TO_REFS_LAYOUT = Layout(
+    "ioctl_gntdev_dmabuf_imp_to_refs",
+    [Field("fd", "I"), Field("count", "I"), Field("domid", "I"), Field("reserved", "I"), Field("refs", "I", 1)],
+    c_type="struct ioctl_gntdev_dmabuf_imp_to_refs",
+)
+GNTDEV_DMABUF_IMP_RELEASE_LAYOUT = Layout(
+    "ioctl_gntdev_dmabuf_imp_release",
+    [Field("fd", "I"), Field("reserved", "I")],
+    c_type="struct ioctl_gntdev_dmabuf_imp_release",
+)
+
 IOCTL_GNTDEV_MAP_GRANT_REF = _IOC(_IOC_NONE, "G", 0, GNTDEV_MAP_GRANT_REF_LAYOUT.size)
 IOCTL_GNTDEV_UNMAP_GRANT_REF = _IOC(_IOC_NONE, "G", 1, GNTDEV_UNMAP_GRANT_REF_LAYOUT.size)
 IOCTL_GNTDEV_GET_OFFSET_FOR_VADDR = _IOC(_IOC_NONE, "G", 2, GNTDEV_GET_OFFSET_FOR_VADDR_LAYOUT.size)
 IOCTL_GNTDEV_SET_MAX_GRANTS = _IOC(_IOC_NONE, "G", 3, GNTDEV_SET_MAX_GRANTS_LAYOUT.size)
 IOCTL_GNTDEV_SET_UNMAP_NOTIFY = _IOC(_IOC_NONE, "G", 7, GNTDEV_UNMAP_NOTIFY_LAYOUT.size)
 IOCTL_GNTDEV_GRANT_COPY = _IOC(_IOC_NONE, "G", 8, GNTDEV_GRANT_COPY_LAYOUT.size)
+# Optional dma-buf export/import (not used by xenpv's drivers).
+IOCTL_GNTDEV_DMABUF_EXP_FROM_REFS = _IOC(_IOC_NONE, "G", 9, GNTDEV_DMABUF_EXP_FROM_REFS_LAYOUT.size)
+IOCTL_GNTDEV_DMABUF_EXP_WAIT_RELEASED = _IOC(_IOC_NONE, "G", 10, GNTDEV_DMABUF_EXP_WAIT_RELEASED_LAYOUT.size)
+IOCTL_GNTDEV_DMABUF_IMP_TO_REFS = _IOC(_IOC_NONE, "G", 11, GNTDEV_DMABUF_IMP_TO_REFS_LAYOUT.size)
+IOCTL_GNTDEV_DMABUF_IMP_RELEASE = _IOC(_IOC_NONE, "G", 12, GNTDEV_DMABUF_IMP_RELEASE_LAYOUT.size)
 
 # -- gntalloc --------------------------------------------------------------------------------
 

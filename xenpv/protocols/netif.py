@@ -33,17 +33,26 @@ XEN_NETIF_MAX_TX_SIZE = 0xFFFF
 FATAL_SKB_SLOTS_DEFAULT = 20
 
 # io/netif.h: TX flags
-NETTXF_csum_blank = 1 << 0
-NETTXF_data_validated = 1 << 1
-NETTXF_more_data = 1 << 2
-NETTXF_extra_info = 1 << 3
+_NETTXF_csum_blank = 0
+NETTXF_csum_blank = 1 << _NETTXF_csum_blank
+_NETTXF_data_validated = 1
+NETTXF_data_validated = 1 << _NETTXF_data_validated
+_NETTXF_more_data = 2
+NETTXF_more_data = 1 << _NETTXF_more_data
+_NETTXF_extra_info = 3
+NETTXF_extra_info = 1 << _NETTXF_extra_info
 
 # io/netif.h: RX flags (csum/validated swapped relative to TX)
-NETRXF_data_validated = 1 << 0
-NETRXF_csum_blank = 1 << 1
-NETRXF_more_data = 1 << 2
-NETRXF_extra_info = 1 << 3
-NETRXF_gso_prefix = 1 << 4
+_NETRXF_data_validated = 0
+NETRXF_data_validated = 1 << _NETRXF_data_validated
+_NETRXF_csum_blank = 1
+NETRXF_csum_blank = 1 << _NETRXF_csum_blank
+_NETRXF_more_data = 2
+NETRXF_more_data = 1 << _NETRXF_more_data
+_NETRXF_extra_info = 3
+NETRXF_extra_info = 1 << _NETRXF_extra_info
+_NETRXF_gso_prefix = 4
+NETRXF_gso_prefix = 1 << _NETRXF_gso_prefix
 
 # io/netif.h: response status
 NETIF_RSP_DROPPED = -2
@@ -58,7 +67,8 @@ XEN_NETIF_EXTRA_TYPE_MCAST_ADD = 2
 XEN_NETIF_EXTRA_TYPE_MCAST_DEL = 3
 XEN_NETIF_EXTRA_TYPE_HASH = 4
 XEN_NETIF_EXTRA_TYPE_MAX = 5
-XEN_NETIF_EXTRA_FLAG_MORE = 1 << 0
+_XEN_NETIF_EXTRA_FLAG_MORE = 0
+XEN_NETIF_EXTRA_FLAG_MORE = 1 << _XEN_NETIF_EXTRA_FLAG_MORE
 
 # io/netif.h: GSO types
 XEN_NETIF_GSO_TYPE_NONE = 0
@@ -187,7 +197,7 @@ CTRL_RESPONSE_LAYOUT = Layout(
 )
 GREF_LAYOUT = Layout(
     "xen_netif_gref",
-    [Field("ref", "I"), Field("flags", "H"), Field("status", "h")],
+    [Field("ref", "I"), Field("flags", "H"), Field("status", "H")],
     c_type="struct xen_netif_gref",
 )
 

@@ -189,6 +189,7 @@ class _XsProtocol(asyncio.Protocol):
                     if wait:
                         self.held = msg
                         self.throttled = True
+                        server.throttles[self.domid] = server.throttles.get(self.domid, 0) + 1
                         asyncio.get_running_loop().call_later(wait, self._unthrottle)
                         break
                 out.append(handle(conn, type_, msg.req_id, msg.tx_id, msg.payload))
@@ -276,6 +277,8 @@ class XenstoredServer:
         self._listeners: list[tuple[asyncio.AbstractServer, str]] = []
         self._protocols: dict[Connection, _XsProtocol] = {}
         self._buckets: dict[int, _Bucket] = {}
+        #: How often each domain was paused by the write rate limit.
+        self.throttles: dict[int, int] = {}
         self._closed = False
 
     def _load(self) -> Store:
@@ -381,6 +384,15 @@ class XenstoredServer:
             for c, p in self._protocols.items()
             if domid is None or c.domid == domid
         )
+
+    def buffered_bytes(self, domid: int) -> int:
+        """Bytes held for ``domid``'s connections: unsent output, queued events, unparsed input."""
+        total = 0
+        for conn, proto in self._protocols.items():
+            if conn.domid == domid and proto.transport is not None:
+                total += proto.transport.get_write_buffer_size() + proto.decoder.buffered
+                total += sum(len(event) for event in proto.queue)
+        return total
 
     # -- internals ---------------------------------------------------------------------
     def _register(self, proto: _XsProtocol) -> None:

@@ -1,0 +1,135 @@
+"""The ``xenpv xenstored`` daemon as a real process: state across restarts, signals, options."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hostile"))
+
+from test_xenstore_support import RawClient, setup_home
+
+from xenpv.xenstore import wire
+from xenpv.xenstore.wire import XsType as T
+
+
+@contextmanager
+def daemon(tmp: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``xenpv xenstored`` until the block ends (SIGKILL if it is still there)."""
+    pid_file = tmp / "xenstored.pid"
+    args = [
+        sys.executable, "-m", "xenpv", "xenstored",
+        "--socket", str(tmp / "dom0.sock"),
+        "--domain", f"5={tmp / 'dom5.sock'}",
+        "--pid-file", str(pid_file),
+        *extra,
+    ]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not pid_file.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "daemon did not start"
+            time.sleep(0.02)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=20)
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> tuple[int, bytes, bytes]:
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=20)
+    return proc.returncode, out, err
+
+
+def dump(c: RawClient) -> dict[str, tuple[bytes, bytes, bytes]]:
+    """Every node: value, permissions and generation (from DIRECTORY_PART)."""
+    tree: dict[str, tuple[bytes, bytes, bytes]] = {}
+    todo = ["/"]
+    while todo:
+        path = todo.pop()
+        gen = c.ok(T.DIRECTORY_PART, path, "0").split(b"\0", 1)[0]
+        tree[path] = (c.read(path), c.ok(T.GET_PERMS, path), gen)
+        names = wire.fields(c.ok(T.DIRECTORY, path))
+        todo += [(path.rstrip("/") + "/" + n.decode()) for n in names]
+    return tree
+
+
+def test_state_survives_a_restart_of_the_daemon(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    with daemon(tmp_path, "--state-file", str(state)) as proc:
+        with RawClient(str(tmp_path / "dom0.sock")) as dom0:
+            setup_home(dom0, 5)
+            odd = [bytes(range(256)), b"", b"\0", b"\xff" * 2000, "ünïcødé".encode(), b"a\nb\tc"]
+            for i in range(300):
+                dom0.write(f"/data/{i % 7}/node-{i}", odd[i % len(odd)] + str(i).encode())
+            dom0.ok(T.SET_PERMS, "/data/3", "r0", "b5", "w9")
+            dom0.ok(T.SET_PERMS, "@releaseDomain", "n0", "r5")
+            dom0.ok(T.INTRODUCE, "9", "100", "1")
+            with RawClient(str(tmp_path / "dom5.sock")) as guest:
+                assert guest.write("mine/x", b"guest\x00bytes") == "OK"
+                assert guest.write("/data/3/by-guest", b"1") == "OK"
+            before = dump(dom0)
+        code, out, err = stop(proc)
+    assert code == 0, err
+    assert out == b""
+    assert not (tmp_path / "dom0.sock").exists() and not (tmp_path / "dom5.sock").exists()
+    assert not (tmp_path / "xenstored.pid").exists()
+    assert state.exists() and not Path(f"{state}.tmp").exists()
+
+    with daemon(tmp_path, "--state-file", str(state)) as proc:
+        with RawClient(str(tmp_path / "dom0.sock")) as dom0:
+            assert dump(dom0) == before
+            assert dom0.ok(T.GET_PERMS, "@releaseDomain") == b"n0\0r5\0"
+            assert dom0.ok(T.IS_DOMAIN_INTRODUCED, "9") == b"T\0"
+            assert dom0.ok(T.CONTROL, "check") == b"OK\0"
+            dom0.write("/after-restart", b"1")
+            gens = {int(g) for _, _, g in dump(dom0).values()}
+            assert max(gens) > max(int(g) for _, _, g in before.values())
+        with RawClient(str(tmp_path / "dom5.sock")) as guest:
+            assert guest.read("mine/x") == b"guest\x00bytes"
+            assert guest.read("/data/3/by-guest") == b"1"
+            assert guest.ok(T.GET_PERMS, "/data/3/by-guest") == b"r5\0b5\0w9\0"
+        assert stop(proc, signal.SIGINT)[0] == 0
+
+
+def test_daemon_exits_cleanly_on_sigint_without_state_file(tmp_path: Path) -> None:
+    with daemon(tmp_path) as proc:
+        with RawClient(str(tmp_path / "dom0.sock")) as dom0:
+            assert dom0.ok(T.GET_DOMAIN_PATH, "5") == b"/local/domain/5\0"
+        code, out, _ = stop(proc, signal.SIGINT)
+    assert code == 0 and out == b""
+    assert not any(p.name.endswith(".sock") for p in tmp_path.iterdir())
+
+
+def test_quota_options_apply_to_domains(tmp_path: Path) -> None:
+    with daemon(tmp_path, "--quota", "nodes=3", "--quota", "write-rate=0") as proc:
+        with (
+            RawClient(str(tmp_path / "dom0.sock")) as dom0,
+            RawClient(str(tmp_path / "dom5.sock")) as guest,
+        ):
+            setup_home(dom0, 5)
+            assert guest.write("a") == "OK"
+            assert guest.write("b") == "OK"
+            assert guest.write("c") == "ENOSPC"  # home + a + b = 3
+            dom0.write("/local/domain/5/by-dom0")  # dom0 is exempt
+        assert stop(proc)[0] == 0
+
+
+def test_bad_options_are_usage_errors(tmp_path: Path) -> None:
+    for bad in (["--quota", "bogus=1"], ["--domain", "0=/x"], ["--domain", "five"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "xenpv", "xenstored", "--socket", str(tmp_path / "s"), *bad],
+            capture_output=True,
+            timeout=30,
+        )
+        assert out.returncode == 2, bad
+    assert not os.path.exists(tmp_path / "s")

@@ -395,3 +395,52 @@ async def open_xenstore_client(path: str) -> Any:
     # imported lazily: the xenstore layer is optional for grant/event-only users
     xs_client: Any = importlib.import_module("xenpv.xenstore.client")
     return await xs_client.connect(path)
+
+
+class BasePlatform:
+    """A concrete :class:`Platform` bundling a grant table, event channels and a xenstore
+    socket path; platforms subclass it and only build the two handles."""
+
+    def __init__(self, grants: Any, events: Any, xenstore_path: str | None = None) -> None:
+        self._grants = grants
+        self._events = events
+        self._xenstore_path = xenstore_path
+
+    @property
+    def domid(self) -> int:
+        """The domain this platform acts as."""
+        return int(self._grants.domid)
+
+    @property
+    def grants(self) -> Any:
+        """The grant table handle."""
+        return self._grants
+
+    @property
+    def events(self) -> Any:
+        """The event-channel handle."""
+        return self._events
+
+    @property
+    def xenstore_path(self) -> str | None:
+        """This domain's xenstore socket (or device), if it has one."""
+        return self._xenstore_path
+
+    async def xenstore(self) -> Any:
+        """A connected xenstore client acting as this domain."""
+        if self._xenstore_path is None:
+            from xenpv.errors import LocalError
+
+            raise LocalError("this platform has no xenstore endpoint")
+        return await open_xenstore_client(self._xenstore_path)
+
+    def close(self) -> None:
+        """Close the event-channel and grant handles (everything they hold)."""
+        self._events.close()
+        self._grants.close()
+
+    def __enter__(self) -> BasePlatform:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -149,7 +149,7 @@ class Notify:
 
     offset: int
     action: int
-    port: int
+    port: Port | None  # referenced: kept open until the notification fires (gntdev does too)
 
 
 @dataclass(eq=False)
@@ -196,9 +196,7 @@ class Mapping:
 
     def pages(self, readonly_fds: bool) -> list[tuple[int, int]]:
         """``(fd, page)`` per entry, using read-only fds where asked."""
-        return [
-            (e.segment.ro_fd if readonly_fds else e.segment.fd, e.page) for e in self.entries
-        ]
+        return [(e.segment.ro_fd if readonly_fds else e.segment.fd, e.page) for e in self.entries]
 
 
 @dataclass(eq=False)
@@ -212,6 +210,8 @@ class Port:
     inbox: int  # eventfd
     state: EvtchnState = EvtchnState.unbound
     remote: Port | None = None
+    notify_refs: int = 0  # unmap notifications that will signal this port
+    detached: bool = False  # unbound by its owner, kept alive for notify_refs
 
 
 @dataclass(eq=False)
@@ -468,9 +468,7 @@ class Hypervisor:
         if dom in self._zombies and not dom.grants:
             self._zombies.remove(dom)
 
-    def map(
-        self, h: Handle, refs: Sequence[tuple[int, int]], *, writable: bool
-    ) -> Mapping:
+    def map(self, h: Handle, refs: Sequence[tuple[int, int]], *, writable: bool) -> Mapping:
         """gntdev MAP_GRANT_REF: map ``(domid, ref)`` pairs, all or nothing (R9)."""
         self._check_open(h)
         if not 0 < len(refs) <= MAX_BATCH:
@@ -481,9 +479,7 @@ class Hypervisor:
             domid = self._resolve(h, domid)
             dom = self.domains.get(domid)
             if dom is None or domid == me:
-                raise MapError(
-                    f"map #{i}: bad domain {domid}", errno.ESRCH, i, GntSt.bad_domain
-                )
+                raise MapError(f"map #{i}: bad domain {domid}", errno.ESRCH, i, GntSt.bad_domain)
             e = dom.grants.get(ref)
             if e is None or e.revoking or e.grantee != me:
                 raise MapError(
@@ -542,9 +538,24 @@ class Hypervisor:
             raise PlatformError(f"notify offset {offset} outside the mapping", errno.EINVAL)
         if action & NOTIFY_CLEAR_BYTE and not obj.writable and isinstance(obj, Mapping):
             raise PlatformError("clear-byte needs a writable mapping", errno.EINVAL)
-        if action & NOTIFY_SEND_EVENT and port not in h.domain.ports:
-            raise PlatformError(f"notify port {port} is not a port of this domain", errno.EINVAL)
-        obj.notify = Notify(offset, action, port)
+        port_obj: Port | None = None
+        if action & NOTIFY_SEND_EVENT:
+            port_obj = h.domain.ports.get(port)
+            if port_obj is None or port_obj.detached:
+                raise PlatformError(
+                    f"notify port {port} is not a port of this domain", errno.EINVAL
+                )
+            port_obj.notify_refs += 1
+        if obj.notify is not None:
+            self._drop_notify(obj.notify)
+        obj.notify = Notify(offset, action, port_obj)
+
+    def _drop_notify(self, n: Notify) -> None:
+        p, n.port = n.port, None
+        if p is not None:
+            p.notify_refs -= 1
+            if p.detached and p.notify_refs == 0:
+                self._close_port(p)
 
     def _fire(
         self,
@@ -557,10 +568,9 @@ class Hypervisor:
             seg, off = segment_at(n.offset)
             if seg.fd >= 0:
                 os.pwrite(seg.fd, b"\0", off)
-        if n.action & NOTIFY_SEND_EVENT:
-            p = dom.ports.get(n.port)
-            if p is not None:
-                self._signal_remote(p)
+        if n.port is not None:
+            self._signal_remote(n.port)
+        self._drop_notify(n)
 
     # ------------------------------------------------------------------ grant copy
     def copy(self, h: Handle, segments: Sequence[GrantCopy]) -> list[int]:
@@ -655,6 +665,11 @@ class Hypervisor:
         self._close_port(p)
 
     def _close_port(self, p: Port) -> None:
+        if not p.detached:
+            p.detached = True
+            del p.owner.ports[p.port]
+        if p.notify_refs > 0:
+            return  # an unmap notification still refers to it: closed when it fires
         r = p.remote
         if r is not None:
             # event_channel.h: closing one end puts the other back to unbound
@@ -663,7 +678,6 @@ class Hypervisor:
             r.domain.bump(r.port)
         p.remote = None
         p.state = EvtchnState.closed
-        del p.owner.ports[p.port]
         p.domain.free_port(p.port)
         p.domain.bump(p.port)
         os.close(p.inbox)

@@ -34,6 +34,23 @@ from xenpv.platforms.base import PortError
 _ARM = select.EPOLLIN | select.EPOLLONESHOT
 
 
+async def wait_readable(fd: int, timeout: float | None = None) -> None:
+    """Wait until ``fd`` is readable (``loop.add_reader``); :class:`TimeoutError` after
+    ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def _ready() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, _ready)
+    try:
+        await asyncio.wait_for(ready, timeout)
+    finally:
+        loop.remove_reader(fd)
+
+
 class EpollEvents(ABC):
     """Shared masking/pending/wait logic of the loopback event-channel handles."""
 
@@ -120,20 +137,9 @@ class EpollEvents(ABC):
         port = self.pending(0)
         if port is not None:
             return port
-        loop = asyncio.get_running_loop()
         fd = self.fileno()
         while True:
-            ready: asyncio.Future[None] = loop.create_future()
-
-            def _ready(fut: asyncio.Future[None] = ready) -> None:
-                if not fut.done():
-                    fut.set_result(None)
-
-            loop.add_reader(fd, _ready)
-            try:
-                await asyncio.wait_for(ready, timeout)
-            finally:
-                loop.remove_reader(fd)
+            await wait_readable(fd, timeout)
             port = self.pending(0)
             if port is not None:
                 return port

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
 
-from xenpv.errors import LocalError
 from xenpv.platforms.base import (
+    BasePlatform,
     GrantCopy,
     MappedGrants,
     SharedPages,
     UnmapNotify,
-    open_xenstore_client,
 )
 from xenpv.platforms.loopback.core import (
     NOTIFY_CLEAR_BYTE,
@@ -28,7 +26,7 @@ from xenpv.platforms.loopback.core import (
     Hypervisor,
 )
 from xenpv.platforms.loopback.events import EpollEvents
-from xenpv.platforms.loopback.memory import MappedRegion, Region, SharedRegion, map_fd
+from xenpv.platforms.loopback.memory import MappedRegion, Region, SharedRegion, map_fd, owned_run
 
 __all__ = ["InProcessEvents", "InProcessGrantTable", "InProcessPlatform", "notify_args"]
 
@@ -39,13 +37,6 @@ def notify_args(notify: UnmapNotify) -> tuple[int, int, int]:
         NOTIFY_SEND_EVENT if notify.port is not None else 0
     )
     return notify.offset, action, notify.port or 0
-
-
-def _own(obj: object, live: dict[int, Any]) -> Any:
-    run = live.get(getattr(obj, "handle_id", -1))
-    if run is None or run is not obj:
-        raise LocalError(f"{obj!r} does not belong to this grant table (or was released)")
-    return run
 
 
 class InProcessGrantTable:
@@ -75,14 +66,14 @@ class InProcessGrantTable:
 
     def end_access(self, pages: SharedPages) -> None:
         """End every grant of ``pages`` (GrantInUse: nothing ended) and unmap locally."""
-        run = _own(pages, self._live)
+        run = owned_run(pages, self._live)
         self._hv.end_access(self._h, run.refs)
         del self._live[run.handle_id]
         run.region.release()
 
     def set_unmap_notify(self, obj: SharedPages | MappedGrants, notify: UnmapNotify) -> None:
         """Attach (or replace) the unmap notification of a share or mapping."""
-        run = _own(obj, self._live)
+        run = owned_run(obj, self._live)
         self._hv.set_notify(self._h, run.handle_id, *notify_args(notify))
 
     def map(
@@ -108,7 +99,7 @@ class InProcessGrantTable:
 
     def unmap(self, mapping: MappedGrants) -> None:
         """Unmap; the unmap notification fires."""
-        run = _own(mapping, self._live)
+        run = owned_run(mapping, self._live)
         del self._live[run.handle_id]
         run.region.release()
         self._hv.unmap(self._h, run.handle_id)
@@ -166,20 +157,15 @@ class InProcessEvents(EpollEvents):
         self._hv.close_handle(self._h)
 
 
-class InProcessPlatform:
+class InProcessPlatform(BasePlatform):
     """:class:`~xenpv.platforms.base.Platform` of one domain on an in-process hypervisor."""
 
     def __init__(self, hv: Hypervisor, domid: int, xenstore_path: str | None = None) -> None:
         self.hv = hv
-        self._domid = domid
-        self._grants = InProcessGrantTable(hv, domid)
-        self._events = InProcessEvents(hv, domid)
-        self._xenstore_path = xenstore_path
-
-    @property
-    def domid(self) -> int:
-        """The domain this platform acts as."""
-        return self._domid
+        grants = InProcessGrantTable(hv, domid)
+        super().__init__(grants, InProcessEvents(hv, domid), xenstore_path)
+        self._grants: InProcessGrantTable
+        self._events: InProcessEvents
 
     @property
     def grants(self) -> InProcessGrantTable:
@@ -190,25 +176,3 @@ class InProcessPlatform:
     def events(self) -> InProcessEvents:
         """The event-channel handle."""
         return self._events
-
-    @property
-    def xenstore_path(self) -> str | None:
-        """The domain's xenstore socket, if a server was attached."""
-        return self._xenstore_path
-
-    async def xenstore(self) -> Any:
-        """A connected xenstore client acting as this domain."""
-        if self._xenstore_path is None:
-            raise LocalError("no xenstore server attached to this in-process platform")
-        return await open_xenstore_client(self._xenstore_path)
-
-    def close(self) -> None:
-        """Close both handles."""
-        self._events.close()
-        self._grants.close()
-
-    def __enter__(self) -> InProcessPlatform:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

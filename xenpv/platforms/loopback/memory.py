@@ -29,7 +29,7 @@ from typing import Any
 
 import cffi
 
-from xenpv.errors import PlatformError
+from xenpv.errors import LocalError, PlatformError
 
 PAGE_SIZE = 4096
 
@@ -181,3 +181,12 @@ class MappedRegion(_PageRun):
     """Grants of ``domid`` mapped here (implements ``base.MappedGrants``)."""
 
     __slots__ = ()
+
+
+def owned_run(obj: object, live: dict[int, Any]) -> Any:
+    """``obj`` if it is a live page run of the handle whose runs are ``live``, else
+    :class:`~xenpv.errors.LocalError` (released twice, or another handle's run)."""
+    run = live.get(getattr(obj, "handle_id", -1))
+    if run is None or run is not obj:
+        raise LocalError(f"{obj!r} does not belong to this grant table (or was released)")
+    return run

@@ -1,0 +1,223 @@
+"""Grant-table semantics every platform mode must give (written against the interfaces)."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import pytest
+
+from xenpv.errors import PlatformError
+from xenpv.platforms.base import (
+    GntSt,
+    GrantCopy,
+    GrantInUse,
+    GrantPtr,
+    LocalPtr,
+    MapError,
+    UnmapNotify,
+)
+
+PAGE = 4096
+
+
+def test_shared_pages_are_zeroed_and_map_roundtrips_both_ways(machine: Any) -> None:
+    a, b = machine.domain(0), machine.domain(1)
+    pages = b.grants.grant(0, 3)
+    assert len(pages.refs) == 3 and all(r >= 8 for r in pages.refs)
+    m = a.grants.map(1, pages.refs)
+    assert bytes(m.mem[0 : 3 * PAGE]) == bytes(3 * PAGE)
+    m.mem[PAGE - 2 : PAGE + 2] = b"span"  # contiguous across the page boundary
+    assert bytes(pages.mem[PAGE - 2 : PAGE + 2]) == b"span"
+    pages.mem[2 * PAGE + 7 : 2 * PAGE + 10] = b"xyz"
+    assert bytes(m.mem[2 * PAGE + 7 : 2 * PAGE + 10]) == b"xyz"
+    a.grants.unmap(m)
+    b.grants.end_access(pages)
+
+
+def test_map_in_a_different_order_is_contiguous_in_that_order(machine: Any) -> None:
+    a, b = machine.domain(0), machine.domain(1)
+    pages = b.grants.grant(0, 2)
+    pages.mem[0:1] = b"A"
+    pages.mem[PAGE : PAGE + 1] = b"B"
+    m = a.grants.map(1, [pages.refs[1], pages.refs[0]])
+    assert bytes(m.mem[0:1]) == b"B" and bytes(m.mem[PAGE : PAGE + 1]) == b"A"
+    a.grants.unmap(m)
+    b.grants.end_access(pages)
+
+
+def test_isolation_mapping_a_ref_not_granted_to_you_fails(machine: Any) -> None:
+    a, b, c = machine.domain(0), machine.domain(1), machine.domain(2)
+    to_c = b.grants.grant(2, 1)
+    with pytest.raises(MapError) as info:
+        a.grants.map(1, to_c.refs)
+    assert info.value.status == GntSt.bad_gntref and info.value.index == 0
+    m = c.grants.map(1, to_c.refs)  # the real grantee can
+    c.grants.unmap(m)
+    b.grants.end_access(to_c)
+
+
+@pytest.mark.parametrize("ref", [0, 1, 7, 100_000, 2**32 - 1])
+def test_reserved_and_out_of_range_refs_cannot_be_mapped(machine: Any, ref: int) -> None:
+    a, _b = machine.domain(0), machine.domain(1)
+    with pytest.raises(MapError) as info:
+        a.grants.map(1, [ref])
+    assert info.value.status == GntSt.bad_gntref
+
+
+def test_partial_map_failure_leaves_nothing_mapped(machine: Any) -> None:
+    a, b = machine.domain(0), machine.domain(1)
+    pages = b.grants.grant(0, 4)
+    batch = [*pages.refs[:2], 5, *pages.refs[2:]]  # ref 5 (#2) is reserved
+    with pytest.raises(MapError) as info:
+        a.grants.map(1, batch)
+    assert info.value.index == 2
+    # nothing of the batch stayed mapped: ending access succeeds at once
+    b.grants.end_access(pages)
+
+
+def test_isolation_readonly_grant_cannot_be_written(machine: Any) -> None:
+    a, b = machine.domain(0), machine.domain(1)
+    pages = b.grants.grant(0, 1, writable=False)
+    pages.mem[0:5] = b"hello"
+    with pytest.raises(MapError) as info:
+        a.grants.map(1, pages.refs, writable=True)
+    assert info.value.status == GntSt.permission_denied
+    m = a.grants.map(1, pages.refs, writable=False)
+    assert bytes(m.mem[0:5]) == b"hello"
+    with pytest.raises(TypeError):
+        m.mem[0:1] = b"X"
+    assert bytes(pages.mem[0:5]) == b"hello"
+    a.grants.unmap(m)
+    b.grants.end_access(pages)
+
+
+def test_end_access_refused_while_mapped_and_page_not_reused(machine: Any) -> None:
+    a, b = machine.domain(0), machine.domain(1)
+    pages = b.grants.grant(0, 1)
+    m = a.grants.map(1, pages.refs)
+    m.mem[0:6] = b"secret"
+    with pytest.raises(GrantInUse) as info:
+        b.grants.end_access(pages)
+    assert info.value.errno == errno.EBUSY
+    # nothing was ended: the grant still works both ways
+    assert bytes(pages.mem[0:6]) == b"secret"
+    # a new grant never gets the quarantined page or ref
+    fresh = b.grants.grant(0, 1)
+    assert fresh.refs[0] != pages.refs[0]
+    fresh.mem[0:6] = b"canary"
+    assert bytes(m.mem[0:6]) == b"secret"
+    a.grants.unmap(m)
+    b.grants.end_access(pages)
+    b.grants.end_access(fresh)
+
+
+def test_hold_mapped_fault_makes_end_access_fail(machine: Any) -> None:
+    b = machine.domain(1)
+    pages = b.grants.grant(0, 2)
+    machine.hold_mapped(1, pages.refs[1])
+    try:
+        with pytest.raises(GrantInUse):
+            b.grants.end_access(pages)
+    finally:
+        machine.release_hold(1, pages.refs[1])
+    b.grants.end_access(pages)
+
+
+def test_grant_table_exhaustion_is_a_clear_error_and_leaks_nothing(machine: Any) -> None:
+    b = machine.domain(1)
+    held = []
+    with pytest.raises(PlatformError) as info:
+        for _ in range(10_000):
+            held.append(b.grants.grant(0, 8))
+    assert info.value.errno == errno.ENOSPC
+    assert len(held) >= 1
+    for pages in held:
+        b.grants.end_access(pages)
+    again = b.grants.grant(0, 8)  # the table is usable again
+    b.grants.end_access(again)
+
+
+def test_grant_copy_checks_bounds_permissions_and_grantee(machine: Any) -> None:
+    a, b, c = machine.domain(0), machine.domain(1), machine.domain(2)
+    rw = b.grants.grant(0, 1)
+    ro = b.grants.grant(0, 1, writable=False)
+    other = b.grants.grant(2, 1)
+    rw.mem[100:104] = b"ping"
+    out = bytearray(8)
+    src = bytearray(b"PONG")
+    status = a.grants.copy(
+        [
+            GrantCopy(GrantPtr(1, rw.refs[0], 100), LocalPtr(out, 2), 4),
+            GrantCopy(LocalPtr(src), GrantPtr(1, rw.refs[0], 4092), 4),
+            GrantCopy(LocalPtr(src), GrantPtr(1, rw.refs[0], 4093), 4),
+            GrantCopy(LocalPtr(src), GrantPtr(1, ro.refs[0], 0), 4),
+            GrantCopy(GrantPtr(1, other.refs[0], 0), LocalPtr(out), 4),
+            GrantCopy(GrantPtr(9, rw.refs[0], 0), LocalPtr(out), 4),
+            GrantCopy(GrantPtr(1, ro.refs[0], 0), LocalPtr(out, 6), 2),
+        ]
+    )
+    assert status == [
+        GntSt.okay,
+        GntSt.okay,
+        GntSt.bad_copy_arg,
+        GntSt.permission_denied,
+        GntSt.bad_gntref,
+        GntSt.bad_domain,
+        GntSt.okay,
+    ]
+    assert bytes(out[2:6]) == b"ping"
+    assert bytes(rw.mem[4092:4096]) == b"PONG"
+    assert bytes(ro.mem[0:4]) == bytes(4)
+    del c
+    for pages in (rw, ro, other):
+        b.grants.end_access(pages)
+
+
+def _bound_pair(a: Any, b: Any) -> tuple[int, int]:
+    """Port on ``b`` offered to ``a``'s domain, bound by ``a``; both pendings consumed."""
+    pb = b.events.alloc_unbound(a.domid)
+    pa = a.events.bind_interdomain(b.domid, pb)
+    assert a.events.pending(5) == pa
+    a.events.unmask(pa)
+    return pa, pb
+
+
+def test_unmap_notify_clears_byte_and_signals_on_unmap(machine: Any) -> None:
+    a, b = machine.domain(0), machine.domain(1)
+    pa, pb = _bound_pair(a, b)
+    pages = b.grants.grant(0, 2)
+    m = a.grants.map(1, pages.refs, notify=UnmapNotify(PAGE + 9, clear_byte=True, port=pa))
+    m.mem[PAGE + 9 : PAGE + 10] = b"\x01"
+    assert b.events.pending(0) is None
+    a.grants.unmap(m)
+    assert b.events.pending(5) == pb
+    assert bytes(pages.mem[PAGE + 9 : PAGE + 10]) == b"\x00"
+    b.grants.end_access(pages)
+
+
+def test_share_notify_fires_when_the_share_ends(machine: Any) -> None:
+    a, b = machine.domain(0), machine.domain(1)
+    pa, pb = _bound_pair(a, b)
+    pages = b.grants.grant(0, 1)
+    b.grants.set_unmap_notify(pages, UnmapNotify(3, clear_byte=True, port=pb))
+    b.grants.end_access(pages)
+    assert a.events.pending(5) == pa
+
+
+def test_process_death_fires_unmap_notify_and_unbinds(machine: Any) -> None:
+    a, b = machine.domain(0), machine.domain(1)
+    b_port, _a_port = _bound_pair(b, a)  # b binds a port a offered
+    pages = a.grants.grant(1, 1)
+    pages.mem[0:1] = b"\x01"
+    mine = b.grants.grant(0, 1)
+    keep = a.grants.map(1, mine.refs)
+    mine.mem[0:4] = b"live"
+    b.grants.map(0, pages.refs, notify=UnmapNotify(0, clear_byte=True, port=b_port))
+    machine.kill(b)
+    assert a.events.pending(10) is not None  # the notification of b's mapping
+    assert bytes(pages.mem[0:1]) == b"\x00"
+    # pages b shared stay valid while a still maps them (deferred revocation)
+    assert bytes(keep.mem[0:4]) == b"live"
+    a.grants.unmap(keep)
+    a.grants.end_access(pages)

@@ -1,0 +1,153 @@
+"""``xenpv loopback``: run the loopback emulator and manage its domains.
+
+::
+
+    xenpv loopback up --rundir DIR [--domain N[:NAME] ...] [--max-grants G] [--max-ports P]
+    xenpv loopback domain create|destroy --rundir DIR --domid N [--name NAME]
+    xenpv loopback domain list --rundir DIR
+    xenpv loopback env --rundir DIR --domid N
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shlex
+import struct
+import sys
+from pathlib import Path
+
+from xenpv.errors import PlatformError
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the ``up``, ``domain`` and ``env`` subcommands."""
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    up = sub.add_parser("up", help="run the emulator daemon in the foreground")
+    up.add_argument("--rundir", required=True, help="directory for the domains' sockets")
+    up.add_argument(
+        "--domain",
+        action="append",
+        default=[],
+        metavar="N[:NAME]",
+        help="create domain N at start (repeatable)",
+    )
+    up.add_argument("--max-grants", type=int, default=4096, help="grant table size per domain")
+    up.add_argument("--max-ports", type=int, default=1024, help="event-channel ports per domain")
+    up.add_argument("-v", "--verbose", action="store_true", help="log every domain change")
+
+    dom = sub.add_parser("domain", help="create, destroy or list domains (acts as dom0)")
+    dom.add_argument("op", choices=["create", "destroy", "list"])
+    dom.add_argument("--rundir", required=True)
+    dom.add_argument("--domid", type=int, help="domain id (create/destroy)")
+    dom.add_argument("--name", help="domain name (create)")
+
+    env = sub.add_parser("env", help="print the environment under which a program is domain N")
+    env.add_argument("--rundir", required=True)
+    env.add_argument("--domid", type=int, required=True)
+
+
+def _parse_domains(specs: list[str]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for spec in specs:
+        num, _, name = spec.partition(":")
+        out[int(num)] = name or f"dom{int(num)}"
+    return out
+
+
+def shim_dir() -> Path:
+    """Directory of the replacement libraries (``libxengnttab.so.1`` …)."""
+    return Path(__file__).resolve().parent.parent / "platforms" / "loopback" / "shim"
+
+
+def domain_env(rundir: str | os.PathLike[str], domid: int) -> dict[str, str]:
+    """The environment variables under which any program acts as domain ``domid``."""
+    base = Path(rundir).resolve() / f"dom{domid}"
+    old = os.environ.get("LD_LIBRARY_PATH", "")
+    return {
+        "XENPV_LOOPBACK_SOCKET": str(base / "control"),
+        "XENPV_LOOPBACK_DOMID": str(domid),
+        "XENSTORED_PATH": str(base / "xenstore"),
+        "LD_LIBRARY_PATH": str(shim_dir()) + (":" + old if old else ""),
+    }
+
+
+def _up(args: argparse.Namespace) -> int:
+    from xenpv.platforms.loopback.daemon import run_daemon
+
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="xenpv loopback: %(message)s",
+    )
+
+    def ready(_daemon: object) -> None:
+        print(f"xenpv loopback: ready in {args.rundir}", flush=True)
+
+    asyncio.run(
+        run_daemon(
+            args.rundir,
+            _parse_domains(args.domain),
+            max_grants=args.max_grants,
+            max_ports=args.max_ports,
+            ready=ready,
+        )
+    )
+    return 0
+
+
+def _domain(args: argparse.Namespace) -> int:
+    from xenpv.platforms.loopback import proto
+    from xenpv.platforms.loopback.client import ControlConnection
+    from xenpv.platforms.loopback.daemon import control_path
+
+    conn = ControlConnection(control_path(args.rundir, 0), timeout=10.0)
+    try:
+        if args.op == "list":
+            out, _ = conn.call(proto.Op.DOMAIN_LIST)
+            (count,) = proto.U32.unpack_from(out)
+            for i in range(count):
+                domid, flags = proto.U32x2.unpack_from(out, 4 + 8 * i)
+                tags = [
+                    t
+                    for bit, t in (
+                        (proto.DOMFLAG_PRIVILEGED, "privileged"),
+                        (proto.DOMFLAG_DYING, "dying"),
+                        (proto.DOMFLAG_RUNNING, "running"),
+                    )
+                    if flags & bit
+                ]
+                print(f"{domid}\t{','.join(tags)}")
+            return 0
+        if args.domid is None:
+            print("xenpv loopback domain: --domid is required", file=sys.stderr)
+            return 2
+        if args.op == "create":
+            name = (args.name or "").encode()
+            conn.call(proto.Op.DOMAIN_CREATE, struct.pack("<I", args.domid) + name)
+        else:
+            conn.call(proto.Op.DOMAIN_DESTROY, struct.pack("<I", args.domid))
+        return 0
+    finally:
+        conn.close()
+
+
+def _env(args: argparse.Namespace) -> int:
+    for key, value in domain_env(args.rundir, args.domid).items():
+        print(f"export {key}={shlex.quote(value)}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one ``xenpv loopback`` action."""
+    try:
+        if args.action == "up":
+            return _up(args)
+        if args.action == "domain":
+            return _domain(args)
+        return _env(args)
+    except PlatformError as exc:
+        print(f"xenpv loopback: {exc}", file=sys.stderr)
+        return 1

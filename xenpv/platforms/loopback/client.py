@@ -1,0 +1,473 @@
+"""The loopback platform across processes: a domain process talking to the daemon.
+
+Theory of operation
+-------------------
+Each handle (grant table, event channels) is one SOCK_SEQPACKET connection to
+``RUNDIR/dom<N>/control``; the socket is the process's identity as domain N.  Requests
+are sent one at a time and each waits for its reply with a timeout, so a dead daemon
+gives :class:`~xenpv.platforms.base.PlatformGone` (or ``ETIMEDOUT``) and never a hang.
+Descriptors arrive as SCM_RIGHTS; the client maps them (read-only descriptors for
+read-only grants) and closes them, so the process only ever holds memory granted to it.
+
+Event notification takes the fast path of docs/loopback-protocol.md §4.8: the outbox (the
+remote inbox eventfd) is cached with the port's generation; the daemon's generation page
+is mapped read-only and checked before each direct write, and the daemon is asked again
+only when the channel's remote end changed.
+
+If this process dies, the daemon sees the connections close and releases everything
+they held: mappings (their unmap notifications fire), shares, ports.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from xenpv.errors import LocalError, PlatformError
+from xenpv.platforms.base import (
+    BasePlatform,
+    GrantCopy,
+    GrantInUse,
+    GrantPtr,
+    LocalPtr,
+    MapError,
+    MappedGrants,
+    NoSuchDomain,
+    PlatformGone,
+    PortError,
+    ResourceExhausted,
+    SharedPages,
+    UnmapNotify,
+)
+from xenpv.platforms.loopback import proto
+from xenpv.platforms.loopback.events import EpollEvents
+from xenpv.platforms.loopback.inprocess import notify_args
+from xenpv.platforms.loopback.memory import MappedRegion, Region, SharedRegion, map_fd, owned_run
+from xenpv.platforms.loopback.proto import Op
+
+ENV_SOCKET = "XENPV_LOOPBACK_SOCKET"
+ENV_DOMID = "XENPV_LOOPBACK_DOMID"
+DEFAULT_TIMEOUT = 30.0
+_ONE = (1).to_bytes(8, "little")
+
+__all__ = [
+    "ENV_SOCKET",
+    "ClientEvents",
+    "ClientGrantTable",
+    "ClientPlatform",
+    "ControlConnection",
+]
+
+
+def _error(op: int, status: int, payload: bytes) -> PlatformError:
+    err = -status
+    text = f"{Op(op).name if op in Op._value2member_map_ else op}: {os.strerror(err)}"
+    if op == Op.GNT_MAP and len(payload) == proto.MAP_FAIL.size:
+        index, gntst = proto.MAP_FAIL.unpack(payload)
+        return MapError(f"{text} (ref #{index}, GNTST {gntst})", err, index, gntst)
+    if err == errno.ENOSPC:
+        return ResourceExhausted(text)
+    if err == errno.EBUSY and op == Op.GNT_END:
+        return GrantInUse(text)
+    if err == errno.ESRCH:
+        return NoSuchDomain(text)
+    if op in (Op.EVT_BIND_INTERDOMAIN, Op.EVT_UNBIND, Op.EVT_NOTIFY, Op.EVT_RESTRICT):
+        return PortError(text, err)
+    return PlatformError(text, err)
+
+
+class ControlConnection:
+    """One control connection (one handle) to the daemon, acting as one domain."""
+
+    def __init__(self, path: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.path = str(path)
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._seq = 0
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self.path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise PlatformGone(f"no loopback daemon at {self.path}: {exc}") from exc
+        except OSError:
+            sock.close()
+            raise
+        self._sock: socket.socket | None = sock
+        reply, fds = self.call(Op.HELLO, proto.U32.pack(proto.VERSION))
+        _v, self.domid, priv, self.max_grants, self.max_ports, _ps = proto.HELLO_REPLY.unpack(reply)
+        self.privileged = bool(priv)
+        self.gen_fd = fds[0] if fds else -1
+        for fd in fds[1:]:
+            os.close(fd)
+
+    @property
+    def closed(self) -> bool:
+        """True once closed (or the daemon went away)."""
+        return self._sock is None
+
+    def call(self, op: int, payload: bytes = b"") -> tuple[bytes, list[int]]:
+        """Send one request; return ``(payload, fds)`` or raise the mapped error."""
+        with self._lock:
+            sock = self._sock
+            if sock is None:
+                raise PlatformGone(f"control connection to {self.path} is closed")
+            self._seq = (self._seq + 1) & 0xFFFFFFFF
+            msg = proto.encode_request(op, self._seq, payload)
+            if len(msg) > proto.MAX_MESSAGE:
+                raise LocalError(f"request of {len(msg)} bytes exceeds MAX_MESSAGE")
+            try:
+                sock.sendall(msg)
+                data, anc, flags, _ = sock.recvmsg(proto.MAX_MESSAGE, proto.CMSG_SPACE)
+            except TimeoutError as exc:
+                self._drop()
+                raise PlatformError(
+                    f"loopback daemon did not answer within {self.timeout} s", errno.ETIMEDOUT
+                ) from exc
+            except OSError as exc:
+                self._drop()
+                raise PlatformGone(f"loopback daemon connection lost: {exc}") from exc
+            fds = proto.fds_from_ancdata(anc)
+            if not data:
+                self._drop()
+                for fd in fds:
+                    os.close(fd)
+                raise PlatformGone("loopback daemon closed the connection")
+            try:
+                rop, rseq, status, out = proto.decode_reply(data)
+                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or (rop, rseq) != (
+                    op,
+                    self._seq,
+                ):
+                    raise proto.ProtocolViolation("reply does not match the request")
+            except proto.ProtocolViolation as exc:
+                for fd in fds:
+                    os.close(fd)
+                self._drop()
+                raise PlatformGone(f"garbled reply from the loopback daemon: {exc}") from exc
+        if status < 0:
+            for fd in fds:
+                os.close(fd)
+            raise _error(op, status, out)
+        return out, fds
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def close(self) -> None:
+        """Close the connection: the daemon releases everything held through it."""
+        with self._lock:
+            self._drop()
+        if self.gen_fd >= 0:
+            os.close(self.gen_fd)
+            self.gen_fd = -1
+
+
+def _socket_from_env(path: str | os.PathLike[str] | None) -> str:
+    if path is not None:
+        return str(path)
+    env = os.environ.get(ENV_SOCKET)
+    if not env:
+        raise LocalError(f"no control socket given and ${ENV_SOCKET} is not set")
+    return env
+
+
+class ClientGrantTable:
+    """:class:`~xenpv.platforms.base.GrantTable` over a daemon connection."""
+
+    def __init__(
+        self, path: str | os.PathLike[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        self._conn = ControlConnection(_socket_from_env(path), timeout=timeout)
+        self._live: dict[int, SharedRegion | MappedRegion] = {}
+
+    @property
+    def domid(self) -> int:
+        """The domain this handle acts as."""
+        return self._conn.domid
+
+    @property
+    def connection(self) -> ControlConnection:
+        """The underlying control connection (accounting queries, faults)."""
+        return self._conn
+
+    def grant(self, domid: int, count: int = 1, *, writable: bool = True) -> SharedRegion:
+        """Allocate, map and grant ``count`` zeroed pages to ``domid``."""
+        flags = proto.SHARE_WRITABLE if writable else 0
+        out, fds = self._conn.call(Op.GNT_SHARE, proto.SHARE_REQ.pack(domid, flags, count))
+        handle_id, n = proto.U32x2.unpack_from(out)
+        refs = struct.unpack_from(f"<{n}I", out, 8)
+        try:
+            region = map_fd(fds[0], n, writable=True)
+        except BaseException:
+            self._conn.call(Op.GNT_UNMAP, proto.U32.pack(handle_id))
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        run = SharedRegion(refs, domid, region, handle_id, writable)
+        self._live[handle_id] = run
+        return run
+
+    def end_access(self, pages: SharedPages) -> None:
+        """End every grant of ``pages`` (GrantInUse: nothing ended) and unmap locally."""
+        run = owned_run(pages, self._live)
+        refs = run.refs
+        try:
+            self._conn.call(
+                Op.GNT_END, proto.U32x2.pack(0, len(refs)) + struct.pack(f"<{len(refs)}I", *refs)
+            )
+        except GrantInUse as exc:
+            raise GrantInUse(str(exc), refs) from None
+        del self._live[run.handle_id]
+        run.region.release()
+
+    def set_unmap_notify(self, obj: SharedPages | MappedGrants, notify: UnmapNotify) -> None:
+        """Attach (or replace) the unmap notification of a share or mapping."""
+        run = owned_run(obj, self._live)
+        offset, action, port = notify_args(notify)
+        self._conn.call(Op.GNT_SET_NOTIFY, proto.U32x4.pack(run.handle_id, offset, port, action))
+
+    def map(
+        self,
+        domid: int,
+        refs: Sequence[int],
+        *,
+        writable: bool = True,
+        notify: UnmapNotify | None = None,
+    ) -> MappedRegion:
+        """Map ``refs`` of ``domid`` contiguously; all or nothing."""
+        n = len(refs)
+        req = proto.U32x2.pack(proto.MAP_WRITABLE if writable else 0, n) + b"".join(
+            proto.U32x2.pack(domid, r) for r in refs
+        )
+        out, fds = self._conn.call(Op.GNT_MAP, req)
+        try:
+            handle_id, count, _nfds = proto.U32x3.unpack_from(out)
+            table = struct.unpack_from(f"<{2 * count}I", out, proto.U32x3.size)
+            pages = [(fds[table[2 * i]], table[2 * i + 1]) for i in range(count)]
+            try:
+                region = Region(pages, writable=writable)
+            except BaseException:
+                self._conn.call(Op.GNT_UNMAP, proto.U32.pack(handle_id))
+                raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        run = MappedRegion(refs, domid, region, handle_id, writable)
+        self._live[handle_id] = run
+        if notify is not None:
+            try:
+                self.set_unmap_notify(run, notify)
+            except BaseException:
+                self.unmap(run)
+                raise
+        return run
+
+    def unmap(self, mapping: MappedGrants) -> None:
+        """Unmap; the unmap notification fires."""
+        run = owned_run(mapping, self._live)
+        del self._live[run.handle_id]
+        run.region.release()
+        self._conn.call(Op.GNT_UNMAP, proto.U32.pack(run.handle_id))
+
+    def copy(self, segments: Sequence[GrantCopy]) -> list[int]:
+        """Grant copy done by the daemon; one ``GNTST_*`` per segment."""
+        head = [proto.U32x2.pack(len(segments), 0)]
+        data: list[bytes] = []
+        for s in segments:
+            flags = 0
+            sref = sdom = soff = dref = ddom = doff = 0
+            if isinstance(s.source, GrantPtr):
+                flags |= proto.GNTCOPY_source_gref
+                sref, sdom, soff = s.source.ref, s.source.domid, s.source.offset
+            else:
+                buf = memoryview(s.source.buffer).cast("B")
+                data.append(bytes(buf[s.source.offset : s.source.offset + s.length]))
+            if isinstance(s.dest, GrantPtr):
+                flags |= proto.GNTCOPY_dest_gref
+                dref, ddom, doff = s.dest.ref, s.dest.domid, s.dest.offset
+            head.append(proto.COPY_SEG.pack(sref, sdom, soff, dref, ddom, doff, s.length, flags, 0))
+        out, fds = self._conn.call(Op.GNT_COPY, b"".join(head) + b"".join(data))
+        for fd in fds:
+            os.close(fd)
+        count, _ = proto.U32x2.unpack_from(out)
+        status = list(struct.unpack_from(f"<{count}i", out, 8))
+        cursor = 8 + 4 * count
+        for seg, st in zip(segments, status, strict=True):
+            if not isinstance(seg.dest, LocalPtr):
+                continue
+            if st == 0:
+                dst = memoryview(seg.dest.buffer).cast("B")
+                dst[seg.dest.offset : seg.dest.offset + seg.length] = out[
+                    cursor : cursor + seg.length
+                ]
+            cursor += seg.length
+        return status
+
+    def stats(self, domid: int | None = None) -> tuple[int, ...]:
+        """STATS of ``domid`` (default: self): grants, revoking, mappings, ports, shares,
+        handles."""
+        out, _ = self._conn.call(Op.STATS, proto.U32.pack(self.domid if domid is None else domid))
+        return tuple(proto.U32x6.unpack(out))
+
+    def close(self) -> None:
+        """Release everything (the daemon does it when the connection closes)."""
+        for run in self._live.values():
+            run.region.release()
+        self._live.clear()
+        self._conn.close()
+
+
+class ClientEvents(EpollEvents):
+    """:class:`~xenpv.platforms.base.EventChannels` over a daemon connection."""
+
+    def __init__(
+        self, path: str | os.PathLike[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        super().__init__()
+        self._conn = ControlConnection(_socket_from_env(path), timeout=timeout)
+        self._gen_mm: mmap.mmap | None = None
+        self._gen: memoryview | None = None
+        if self._conn.gen_fd >= 0:
+            size = max(self._conn.max_ports * 4, 4096)
+            self._gen_mm = mmap.mmap(self._conn.gen_fd, size, prot=mmap.PROT_READ)
+            self._gen = memoryview(self._gen_mm).cast("I")
+        self._outbox: dict[int, tuple[int, int]] = {}  # port -> (fd, gen)
+
+    @property
+    def domid(self) -> int:
+        """The domain this handle acts as."""
+        return self._conn.domid
+
+    @property
+    def connection(self) -> ControlConnection:
+        """The underlying control connection."""
+        return self._conn
+
+    def alloc_unbound(self, remote_domid: int) -> int:
+        """A new port that only ``remote_domid`` may bind."""
+        out, fds = self._conn.call(Op.EVT_ALLOC_UNBOUND, proto.U32.pack(remote_domid))
+        (port,) = proto.U32.unpack(out)
+        self._register(port, fds[0])
+        return port
+
+    def bind_interdomain(self, remote_domid: int, remote_port: int) -> int:
+        """Bind to a port offered to us; the new port is pending."""
+        out, fds = self._conn.call(
+            Op.EVT_BIND_INTERDOMAIN, proto.U32x2.pack(remote_domid, remote_port)
+        )
+        port, gen = proto.U32x2.unpack(out)
+        self._register(port, fds[0])
+        self._outbox[port] = (fds[1], gen)
+        return port
+
+    def notify(self, port: int) -> None:
+        """Signal the remote end of ``port`` (direct eventfd write when the cache is valid)."""
+        cached = self._outbox.get(port)
+        if cached is not None and self._gen is not None and self._gen[port] == cached[1]:
+            os.write(cached[0], _ONE)
+            return
+        self._check_port(port)
+        self._drop_outbox(port)
+        out, fds = self._conn.call(Op.EVT_NOTIFY, proto.U32.pack(port))
+        gen, has = proto.U32x2.unpack(out)
+        if has and fds:
+            self._outbox[port] = (fds[0], gen)
+
+    def _drop_outbox(self, port: int) -> None:
+        cached = self._outbox.pop(port, None)
+        if cached is not None:
+            os.close(cached[0])
+
+    def restrict(self, domid: int) -> None:
+        """Only bind interdomain channels to ``domid`` from now on."""
+        self._conn.call(Op.EVT_RESTRICT, proto.U32.pack(domid))
+
+    def status(self, domid: int, port: int) -> tuple[int, int, int]:
+        """EVTCHNOP_status: ``(state, remote_domid, remote_port)``."""
+        out, _ = self._conn.call(Op.EVT_STATUS, proto.U32x2.pack(domid, port))
+        return tuple(proto.U32x3.unpack(out))
+
+    def _release_port(self, port: int) -> None:
+        self._drop_outbox(port)
+        if not self._conn.closed:
+            try:
+                self._conn.call(Op.EVT_UNBIND, proto.U32.pack(port))
+            except PlatformGone:
+                pass
+
+    def _release_all(self) -> None:
+        for port in list(self._outbox):
+            self._drop_outbox(port)
+        if self._gen is not None:
+            self._gen.release()
+            self._gen = None
+        if self._gen_mm is not None:
+            self._gen_mm.close()
+            self._gen_mm = None
+        self._conn.close()
+
+
+class ClientPlatform(BasePlatform):
+    """:class:`~xenpv.platforms.base.Platform` of the domain whose control socket it uses."""
+
+    def __init__(
+        self,
+        control: str | os.PathLike[str] | None = None,
+        xenstore_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        path = _socket_from_env(control)
+        grants = ClientGrantTable(path, timeout=timeout)
+        try:
+            events = ClientEvents(path, timeout=timeout)
+        except BaseException:
+            grants.close()
+            raise
+        if xenstore_path is None:
+            sibling = Path(path).with_name("xenstore")
+            xenstore_path = os.environ.get("XENSTORED_PATH") or (
+                str(sibling) if sibling.exists() else None
+            )
+        super().__init__(grants, events, None if xenstore_path is None else str(xenstore_path))
+        self._grants: ClientGrantTable
+        self._events: ClientEvents
+
+    @classmethod
+    def for_domain(cls, rundir: str | os.PathLike[str], domid: int, **kw: Any) -> ClientPlatform:
+        """The platform of domain ``domid`` of the daemon running in ``rundir``."""
+        base = Path(rundir) / f"dom{domid}"
+        return cls(base / "control", base / "xenstore", **kw)
+
+    @property
+    def grants(self) -> ClientGrantTable:
+        """The grant table handle."""
+        return self._grants
+
+    @property
+    def events(self) -> ClientEvents:
+        """The event-channel handle."""
+        return self._events
+
+
+def wait_for_daemon(rundir: str | os.PathLike[str], timeout: float = 10.0) -> None:
+    """Wait until ``RUNDIR/daemon.pid`` exists (the daemon is listening) or time out."""
+    pidfile = Path(rundir) / "daemon.pid"
+    deadline = time.monotonic() + timeout
+    while not pidfile.exists():
+        if time.monotonic() > deadline:
+            raise PlatformGone(f"no loopback daemon came up in {rundir} within {timeout} s")
+        time.sleep(0.02)

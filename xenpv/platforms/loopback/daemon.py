@@ -1,0 +1,551 @@
+"""``xenpv loopback up``: the loopback emulator daemon (hypervisor + xenstored).
+
+Theory of operation
+-------------------
+One asyncio process owns a :class:`~xenpv.platforms.loopback.core.Hypervisor` and, when
+the embedded xenstore server is available, a ``XenstoredServer``.  For every domain it
+listens on ``RUNDIR/dom<N>/control`` (SOCK_SEQPACKET, docs/loopback-protocol.md) and
+``RUNDIR/dom<N>/xenstore`` (the xenstore wire protocol, acting as domain N).
+
+Each accepted control connection becomes one hypervisor :class:`Handle` served by one
+task: receive a request, run it against the hypervisor, send the reply (with descriptors
+as SCM_RIGHTS).  When the connection ends for any reason — the client closed it, its
+process died, it violated the framing, it did not read its replies, or its domain was
+destroyed — the handle is closed, which releases everything it held exactly like the
+death of a real domain's process (mappings dropped and their unmap notifications fired,
+shares ended, ports closed).
+
+Notifications between domains never pass through here on the hot path: clients write the
+peer's inbox eventfd directly (see the protocol document); the daemon only hands out the
+descriptors and bumps the per-port generation when a channel's remote end changes.
+
+Domains get the home a toolstack gives them (``/local/domain/N`` with ``domid``, ``name``,
+``data/``, ``device/``, ``control/``, ``error/``) written through a dom0 xenstore client,
+then ``introduce_domain`` fires ``@introduceDomain``; destroying a domain removes its home
+and calls ``release_domain`` (``@releaseDomain``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import signal
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from xenpv.errors import PlatformError
+from xenpv.platforms.base import PAGE_SIZE, GrantCopy, GrantPtr, LocalPtr, MapError
+from xenpv.platforms.loopback import proto
+from xenpv.platforms.loopback.core import Domain, Handle, Hypervisor, Segment
+from xenpv.platforms.loopback.events import wait_readable
+from xenpv.platforms.loopback.proto import Op
+
+log = logging.getLogger("xenpv.loopback")
+
+Reply = tuple[int, bytes, list[int], list[int]]  # status, payload, fds, fds to close after
+
+
+def control_path(rundir: str | os.PathLike[str], domid: int) -> Path:
+    """``RUNDIR/dom<N>/control``."""
+    return Path(rundir) / f"dom{domid}" / "control"
+
+
+def xenstore_path(rundir: str | os.PathLike[str], domid: int) -> Path:
+    """``RUNDIR/dom<N>/xenstore``."""
+    return Path(rundir) / f"dom{domid}" / "xenstore"
+
+
+def _unpack(st: Any, payload: bytes, *, exact: bool = True) -> tuple[Any, ...]:
+    if len(payload) < st.size or (exact and len(payload) != st.size):
+        raise PlatformError("request payload has the wrong size", errno.EINVAL)
+    return tuple(st.unpack_from(payload))
+
+
+def _ok(
+    payload: bytes = b"", fds: list[int] | None = None, close: list[int] | None = None
+) -> Reply:
+    return 0, payload, fds or [], close or []
+
+
+class _Connection:
+    """One control connection = one hypervisor handle, served by one task."""
+
+    def __init__(self, daemon: LoopbackDaemon, sock: socket.socket, handle: Handle) -> None:
+        self.daemon = daemon
+        self.sock = sock
+        self.handle = handle
+        self.task: asyncio.Task[None] | None = None
+        handle.on_close.append(self._closed_by_hypervisor)
+
+    def _closed_by_hypervisor(self) -> None:
+        # domain destroyed: the connection dies with it
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    async def _recv(self) -> tuple[bytes, list[int]] | None:
+        while True:
+            try:
+                data, anc, flags, _ = self.sock.recvmsg(proto.MAX_MESSAGE, proto.CMSG_SPACE)
+            except (BlockingIOError, InterruptedError):
+                await wait_readable(self.sock.fileno())
+                continue
+            fds = proto.fds_from_ancdata(anc)
+            if not data and not fds:
+                return None  # EOF: the client is gone
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                for fd in fds:
+                    os.close(fd)
+                raise proto.ProtocolViolation("oversized request")
+            return data, fds
+
+    async def serve(self) -> None:
+        try:
+            while True:
+                got = await self._recv()
+                if got is None:
+                    return
+                data, fds = got
+                for fd in fds:  # clients never send descriptors
+                    os.close(fd)
+                op, seq, payload = proto.decode_request(data)
+                status, out, out_fds, to_close = await self.daemon.dispatch(self, op, payload)
+                msg = proto.encode_reply(op, seq, status, out)
+                if len(msg) > proto.MAX_MESSAGE:
+                    msg, out_fds = proto.encode_reply(op, seq, -errno.E2BIG), []
+                try:
+                    self.sock.sendmsg([msg], proto.ancdata_for(out_fds))
+                finally:
+                    for fd in to_close:
+                        os.close(fd)
+        except proto.ProtocolViolation as exc:
+            log.info("dom%d: dropping control connection: %s", self.handle.domain.domid, exc)
+        except (BlockingIOError, ConnectionError, OSError) as exc:
+            log.debug("dom%d: control connection ends: %s", self.handle.domain.domid, exc)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.daemon.connections.discard(self)
+        self.daemon.hv.close_handle(self.handle)
+        self.sock.close()
+
+
+class LoopbackDaemon:
+    """The daemon: hypervisor, xenstore server and the per-domain sockets."""
+
+    def __init__(
+        self,
+        rundir: str | os.PathLike[str],
+        *,
+        max_grants: int = 4096,
+        max_ports: int = 1024,
+        xenstore: bool = True,
+    ) -> None:
+        self.rundir = Path(rundir)
+        self.hv = Hypervisor(max_grants=max_grants, max_ports=max_ports)
+        self.connections: set[_Connection] = set()
+        self._listeners: dict[int, socket.socket] = {}
+        self._want_xenstore = xenstore
+        self.xenstored: Any = None
+        self._xs_dom0: Any = None
+        self._stopped = asyncio.Event()
+        self._handlers: dict[int, Callable[[_Connection, bytes], Any]] = {
+            Op.HELLO: self._hello,
+            Op.GNT_SHARE: self._gnt_share,
+            Op.GNT_END: self._gnt_end,
+            Op.GNT_MAP: self._gnt_map,
+            Op.GNT_UNMAP: self._gnt_unmap,
+            Op.GNT_SET_NOTIFY: self._gnt_set_notify,
+            Op.GNT_COPY: self._gnt_copy,
+            Op.EVT_ALLOC_UNBOUND: self._evt_alloc_unbound,
+            Op.EVT_BIND_INTERDOMAIN: self._evt_bind_interdomain,
+            Op.EVT_UNBIND: self._evt_unbind,
+            Op.EVT_NOTIFY: self._evt_notify,
+            Op.EVT_RESTRICT: self._evt_restrict,
+            Op.EVT_STATUS: self._evt_status,
+            Op.DOMAIN_LIST: self._domain_list,
+            Op.DOMAIN_CREATE: self._domain_create,
+            Op.DOMAIN_DESTROY: self._domain_destroy,
+            Op.STATS: self._stats,
+            Op.FAULT: self._fault,
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, domains: dict[int, str] | None = None) -> None:
+        """Create the rundir, dom0's endpoints and the requested domains."""
+        self.rundir.mkdir(parents=True, exist_ok=True)
+        if self._want_xenstore:
+            try:
+                from xenpv.xenstore.server import XenstoredServer
+            except ImportError:
+                log.warning("embedded xenstore server not available: grants and events only")
+            else:
+                self.xenstored = XenstoredServer(quotas=None, state_file=None)
+        await self._open_endpoints(self.hv.domains[0])
+        if self.xenstored is not None:
+            from xenpv.xenstore.client import connect
+
+            self._xs_dom0 = await connect(str(xenstore_path(self.rundir, 0)))
+            await self._write_home(self.hv.domains[0])
+        for domid, name in sorted((domains or {}).items()):
+            await self.create_domain(domid, name)
+        (self.rundir / "daemon.pid").write_text(f"{os.getpid()}\n")
+
+    async def _open_endpoints(self, dom: Domain) -> None:
+        path = control_path(self.rundir, dom.domid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        lsock.bind(str(path))
+        lsock.listen(64)
+        lsock.setblocking(False)
+        self._listeners[dom.domid] = lsock
+        asyncio.get_running_loop().add_reader(lsock.fileno(), self._accept, dom.domid)
+        if self.xenstored is not None:
+            xs = xenstore_path(self.rundir, dom.domid)
+            with contextlib.suppress(FileNotFoundError):
+                xs.unlink()
+            await self.xenstored.listen(str(xs), dom.domid)
+
+    def _accept(self, domid: int) -> None:
+        lsock = self._listeners.get(domid)
+        if lsock is None:
+            return
+        for _ in range(16):
+            try:
+                sock, _addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept on dom%d: %s", domid, exc)
+                return
+            sock.setblocking(False)
+            try:
+                handle = self.hv.open_handle(domid)
+            except PlatformError:
+                sock.close()
+                continue
+            conn = _Connection(self, sock, handle)
+            self.connections.add(conn)
+            conn.task = asyncio.get_running_loop().create_task(conn.serve())
+
+    def _close_endpoints(self, domid: int) -> None:
+        lsock = self._listeners.pop(domid, None)
+        if lsock is not None:
+            asyncio.get_running_loop().remove_reader(lsock.fileno())
+            lsock.close()
+        shutil.rmtree(self.rundir / f"dom{domid}", ignore_errors=True)
+
+    async def _write_home(self, dom: Domain) -> None:
+        xs = self._xs_dom0
+        if xs is None:
+            return
+        d = dom.domid
+        home = f"/local/domain/{d}"
+        ro = ["n0", f"r{d}"] if d else ["n0"]
+        rw = [f"n{d}"]
+
+        async def build(t: Any) -> None:
+            await t.write(home, "")
+            await t.set_perms(home, ro)
+            await t.write(f"{home}/domid", str(d))
+            await t.write(f"{home}/name", dom.name)
+            for sub in ("device", "control"):
+                await t.write(f"{home}/{sub}", "")
+                await t.set_perms(f"{home}/{sub}", ro)
+            for sub in ("data", "error"):
+                await t.write(f"{home}/{sub}", "")
+                await t.set_perms(f"{home}/{sub}", rw)
+
+        await xs.transact(build)
+
+    async def create_domain(self, domid: int, name: str | None = None) -> Domain:
+        """Create a domain with its endpoints and xenstore home; ``@introduceDomain``."""
+        dom = self.hv.create_domain(domid, name)
+        try:
+            # the home exists before @introduceDomain fires (listen introduces the domain)
+            await self._write_home(dom)
+            await self._open_endpoints(dom)
+            if self.xenstored is not None:
+                self.xenstored.introduce_domain(domid)
+        except BaseException:
+            self._close_endpoints(domid)
+            self.hv.destroy_domain(domid)
+            raise
+        log.info("created dom%d (%s)", domid, dom.name)
+        return dom
+
+    async def destroy_domain(self, domid: int) -> None:
+        """Tear a domain down like a dead one; ``@releaseDomain``."""
+        self.hv.destroy_domain(domid)
+        self._close_endpoints(domid)
+        if self.xenstored is not None:
+            with contextlib.suppress(Exception):
+                await self._xs_dom0.rm(f"/local/domain/{domid}")
+            self.xenstored.release_domain(domid)
+        log.info("destroyed dom%d", domid)
+
+    async def serve_forever(self) -> None:
+        """Run until :meth:`stop` (or SIGTERM/SIGINT when installed)."""
+        await self._stopped.wait()
+
+    def stop(self) -> None:
+        """Ask :meth:`serve_forever` to return."""
+        self._stopped.set()
+
+    async def close(self) -> None:
+        """Close every connection and endpoint, stop xenstore, remove the sockets."""
+        for conn in list(self.connections):
+            if conn.task is not None:
+                conn.task.cancel()
+        tasks = [c.task for c in self.connections if c.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for domid in list(self._listeners):
+            self._close_endpoints(domid)
+        if self._xs_dom0 is not None:
+            with contextlib.suppress(Exception):
+                await self._xs_dom0.close()
+        if self.xenstored is not None:
+            await self.xenstored.close()
+        self.hv.close()
+        with contextlib.suppress(FileNotFoundError):
+            (self.rundir / "daemon.pid").unlink()
+
+    # ------------------------------------------------------------------ dispatch
+    async def dispatch(self, conn: _Connection, op: int, payload: bytes) -> Reply:
+        """Run one request; returns ``(status, payload, fds, fds_to_close)``."""
+        handler = self._handlers.get(op)
+        if handler is None:
+            return -errno.ENOSYS, b"", [], []
+        try:
+            result = handler(conn, payload)
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result
+        except MapError as exc:
+            return -(exc.errno or errno.EINVAL), proto.MAP_FAIL.pack(exc.index, exc.status), [], []
+        except PlatformError as exc:
+            return -(exc.errno or errno.EINVAL), b"", [], []
+        except Exception:  # a bug in the daemon must not kill every domain
+            log.exception("dom%d: op %d failed", conn.handle.domain.domid, op)
+            return -errno.EIO, b"", [], []
+
+    def _require_priv(self, conn: _Connection) -> None:
+        if not conn.handle.domain.privileged:
+            raise PlatformError("only dom0 may do this", errno.EPERM)
+
+    # ------------------------------------------------------------------ ops
+    def _hello(self, conn: _Connection, payload: bytes) -> Reply:
+        (version,) = _unpack(proto.U32, payload)
+        if version != proto.VERSION:
+            raise PlatformError(f"protocol version {version} unsupported", errno.EPROTO)
+        dom = conn.handle.domain
+        ro = os.open(f"/proc/self/fd/{dom.gen_fd}", os.O_RDONLY | os.O_CLOEXEC)
+        out = proto.HELLO_REPLY.pack(
+            proto.VERSION, dom.domid, int(dom.privileged), dom.max_grants, dom.max_ports, PAGE_SIZE
+        )
+        return _ok(out, [ro], [ro])
+
+    def _gnt_share(self, conn: _Connection, payload: bytes) -> Reply:
+        domid, flags, count = _unpack(proto.SHARE_REQ, payload)
+        share = self.hv.share(
+            conn.handle, domid, count, writable=bool(flags & proto.SHARE_WRITABLE)
+        )
+        out = proto.U32x2.pack(share.handle_id, count) + b"".join(
+            proto.U32.pack(r) for r in share.refs
+        )
+        return _ok(out, [share.segment.fd])
+
+    def _refs_after(
+        self, payload: bytes, head: Any, item: Any
+    ) -> tuple[tuple[Any, ...], list[Any]]:
+        fields = _unpack(head, payload, exact=False)
+        count = fields[-1]
+        if len(payload) != head.size + count * item.size:
+            raise PlatformError("request payload has the wrong size", errno.EINVAL)
+        items = [item.unpack_from(payload, head.size + i * item.size) for i in range(count)]
+        return fields, items
+
+    def _gnt_end(self, conn: _Connection, payload: bytes) -> Reply:
+        (flags, _count), items = self._refs_after(payload, proto.U32x2, proto.U32)
+        ended = self.hv.end_access(
+            conn.handle, [r for (r,) in items], defer=bool(flags & proto.END_DEFER)
+        )
+        return _ok(proto.U32.pack(ended))
+
+    def _gnt_map(self, conn: _Connection, payload: bytes) -> Reply:
+        (flags, _count), items = self._refs_after(payload, proto.U32x2, proto.U32x2)
+        writable = bool(flags & proto.MAP_WRITABLE)
+        m = self.hv.map(conn.handle, [(d, r) for d, r in items], writable=writable)
+        fd_index: dict[int, int] = {}
+        fds: list[int] = []
+        table = []
+        for e in m.entries:
+            seg: Segment = e.segment
+            idx = fd_index.get(id(seg))
+            if idx is None:
+                idx = fd_index[id(seg)] = len(fds)
+                fds.append(seg.fd if writable else seg.ro_fd)
+            table.append(proto.U32x2.pack(idx, e.page))
+        if len(fds) > proto.MAX_FDS:
+            self.hv.unmap(conn.handle, m.handle_id)
+            raise PlatformError("mapping needs too many descriptors", errno.E2BIG)
+        out = proto.U32x3.pack(m.handle_id, len(m.entries), len(fds)) + b"".join(table)
+        return _ok(out, fds)
+
+    def _gnt_unmap(self, conn: _Connection, payload: bytes) -> Reply:
+        (handle_id,) = _unpack(proto.U32, payload)
+        self.hv.unmap(conn.handle, handle_id)
+        return _ok()
+
+    def _gnt_set_notify(self, conn: _Connection, payload: bytes) -> Reply:
+        handle_id, offset, port, action = _unpack(proto.U32x4, payload)
+        self.hv.set_notify(conn.handle, handle_id, offset, action, port)
+        return _ok()
+
+    def _gnt_copy(self, conn: _Connection, payload: bytes) -> Reply:
+        count, _pad = _unpack(proto.U32x2, payload, exact=False)
+        base = proto.U32x2.size + count * proto.COPY_SEG.size
+        if len(payload) < base:
+            raise PlatformError("short grant-copy request", errno.EINVAL)
+        data = memoryview(payload)[base:]
+        segs: list[GrantCopy] = []
+        out_len = 0
+        src_cursor = 0
+        raw = [
+            proto.COPY_SEG.unpack_from(payload, 8 + i * proto.COPY_SEG.size) for i in range(count)
+        ]
+        dst_total = sum(s[6] for s in raw if not s[7] & proto.GNTCOPY_dest_gref)
+        outbuf = bytearray(dst_total)
+        for sref, sdom, soff, dref, ddom, doff, length, flags, _ in raw:
+            src: GrantPtr | LocalPtr
+            dst: GrantPtr | LocalPtr
+            if flags & proto.GNTCOPY_source_gref:
+                src = GrantPtr(sdom, sref, soff)
+            else:
+                if src_cursor + length > len(data):
+                    raise PlatformError("grant copy: not enough source data", errno.EINVAL)
+                src = LocalPtr(data, src_cursor)
+                src_cursor += length
+            if flags & proto.GNTCOPY_dest_gref:
+                dst = GrantPtr(ddom, dref, doff)
+            else:
+                dst = LocalPtr(outbuf, out_len)
+                out_len += length
+            segs.append(GrantCopy(src, dst, length))
+        status = self.hv.copy(conn.handle, segs)
+        out = proto.U32x2.pack(count, 0) + b"".join(proto.STATUS_I32.pack(s) for s in status)
+        return _ok(out + bytes(outbuf))
+
+    def _evt_alloc_unbound(self, conn: _Connection, payload: bytes) -> Reply:
+        (remote,) = _unpack(proto.U32, payload)
+        p = self.hv.alloc_unbound(conn.handle, remote)
+        return _ok(proto.U32.pack(p.port), [p.inbox])
+
+    def _evt_bind_interdomain(self, conn: _Connection, payload: bytes) -> Reply:
+        remote, rport = _unpack(proto.U32x2, payload)
+        p = self.hv.bind_interdomain(conn.handle, remote, rport)
+        assert p.remote is not None
+        return _ok(proto.U32x2.pack(p.port, p.domain.gen[p.port]), [p.inbox, p.remote.inbox])
+
+    def _evt_unbind(self, conn: _Connection, payload: bytes) -> Reply:
+        (port,) = _unpack(proto.U32, payload)
+        self.hv.unbind(conn.handle, port)
+        return _ok()
+
+    def _evt_notify(self, conn: _Connection, payload: bytes) -> Reply:
+        (port,) = _unpack(proto.U32, payload)
+        r = self.hv.notify(conn.handle, port)
+        gen = conn.handle.domain.gen[port]
+        if r is None:
+            return _ok(proto.U32x2.pack(gen, 0))
+        return _ok(proto.U32x2.pack(gen, 1), [r.inbox])
+
+    def _evt_restrict(self, conn: _Connection, payload: bytes) -> Reply:
+        (domid,) = _unpack(proto.U32, payload)
+        self.hv.restrict(conn.handle, domid)
+        return _ok()
+
+    def _evt_status(self, conn: _Connection, payload: bytes) -> Reply:
+        domid, port = _unpack(proto.U32x2, payload)
+        return _ok(proto.U32x3.pack(*self.hv.status(conn.handle, domid, port)))
+
+    def _domain_list(self, conn: _Connection, payload: bytes) -> Reply:
+        if payload:
+            raise PlatformError("DOMAIN_LIST takes no payload", errno.EINVAL)
+        doms = sorted(self.hv.domains.values(), key=lambda d: d.domid)
+        out = proto.U32.pack(len(doms))
+        for d in doms:
+            flags = proto.DOMFLAG_RUNNING | (proto.DOMFLAG_PRIVILEGED if d.privileged else 0)
+            flags |= proto.DOMFLAG_DYING if d.dying else 0
+            out += proto.U32x2.pack(d.domid, flags)
+        return _ok(out)
+
+    async def _domain_create(self, conn: _Connection, payload: bytes) -> Reply:
+        self._require_priv(conn)
+        (domid,) = _unpack(proto.U32, payload, exact=False)
+        raw = payload[4:]
+        if len(raw) > proto.NAME_MAX or b"\0" in raw:
+            raise PlatformError("bad domain name", errno.EINVAL)
+        name = raw.decode("utf-8", "replace") or None
+        if domid == 0:
+            raise PlatformError("dom0 exists", errno.EINVAL)
+        await self.create_domain(domid, name)
+        return _ok()
+
+    async def _domain_destroy(self, conn: _Connection, payload: bytes) -> Reply:
+        self._require_priv(conn)
+        (domid,) = _unpack(proto.U32, payload)
+        if domid == 0:
+            raise PlatformError("dom0 cannot be destroyed", errno.EPERM)
+        await self.destroy_domain(domid)
+        return _ok()
+
+    def _stats(self, conn: _Connection, payload: bytes) -> Reply:
+        (domid,) = _unpack(proto.U32, payload)
+        if domid != conn.handle.domain.domid:
+            self._require_priv(conn)
+        s = self.hv.stats(domid)
+        return _ok(
+            proto.U32x6.pack(s.grants, s.grants_revoking, s.mappings, s.ports, s.shares, s.handles)
+        )
+
+    def _fault(self, conn: _Connection, payload: bytes) -> Reply:
+        self._require_priv(conn)
+        kind, domid, ref, arg = _unpack(proto.U32x4, payload)
+        self.hv.fault(kind, domid, ref, arg)
+        return _ok()
+
+
+async def run_daemon(
+    rundir: str | os.PathLike[str],
+    domains: dict[int, str] | None = None,
+    *,
+    max_grants: int = 4096,
+    max_ports: int = 1024,
+    ready: Callable[[LoopbackDaemon], None] | None = None,
+) -> None:
+    """Run the daemon in the foreground until SIGTERM/SIGINT, then shut down cleanly."""
+    daemon = LoopbackDaemon(rundir, max_grants=max_grants, max_ports=max_ports)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop)
+    try:
+        await daemon.start(domains)
+        if ready is not None:
+            ready(daemon)
+        await daemon.serve_forever()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await daemon.close()

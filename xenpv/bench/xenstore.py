@@ -1,0 +1,230 @@
+"""``xenpv bench xenstore``: xenstore round trips per second, all against one embedded server.
+
+Theory of operation
+-------------------
+One ``xenpv xenstored`` process is started on a private socket and every client measures
+READs of the same short value against it, in the same run:
+
+(a) ``ours_sequential``  — our asyncio client, one request at a time;
+(b) ``ours_pipelined``   — our client with 64 requests in flight (windows of 64 submits);
+(c) ``pyxs_sequential``  — pyxs (PyPI), one request at a time;
+(d) ``libxenstore_sequential`` — Xen's own ``libxenstore.so.4`` from Debian, called by a C
+    loop (``csrc/xs_libxs_read.c``: ``xs_open(0)`` then ``xs_read`` per iteration);
+(e) ``c_echo_floor``     — the transport floor: a C client and a C server exchanging
+    16-byte-header messages over the same kind of Unix socket (``csrc/xs_echo.c``).
+
+The C programs are compiled at bench time with the system ``cc``.  Every figure is the
+median of interleaved rounds.  Ratios: (a)/(c) and (b)/(c) show what our client gains over
+pyxs on the same server; (d)/(e) shows how close the server's round trip comes to the bare
+socket's (it is bounded by the server's per-request cost, as every client here is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from xenpv import peers
+from xenpv.errors import LocalError
+from xenpv.xenstore.client import connect
+from xenpv.xenstore.wire import XsType
+
+CSRC = Path(__file__).parent / "csrc"
+KEY = "/bench/key"
+VALUE = b"value"
+WINDOW = 64
+_START_TIMEOUT = 30.0
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the benchmark's options."""
+    parser.add_argument("--quick", action="store_true", help="tiny run (smoke test)")
+    parser.add_argument("--count", type=int, default=20000, help="reads per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
+
+
+def _compile(work: Path, name: str, *extra: str) -> Path:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise LocalError("xenpv bench xenstore needs a C compiler (cc)")
+    out = work / name
+    cmd = [cc, "-O2", "-o", str(out), str(CSRC / f"{name}.c"), *extra]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    return out
+
+
+def _start_server(work: Path) -> tuple[subprocess.Popen[bytes], str]:
+    sock = str(work / "xenstored.sock")
+    pid_file = work / "xenstored.pid"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xenpv", "xenstored", "--socket", sock, "--pid-file", str(pid_file)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + _START_TIMEOUT
+    while not pid_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop(proc)
+            raise LocalError("the embedded xenstored did not start")
+        time.sleep(0.02)
+    return proc, sock
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+async def _ours(sock: str, count: int, pipelined: bool) -> float:
+    c = await connect(sock, timeout=60)
+    try:
+        await c.write(KEY, VALUE)
+        payload = KEY.encode() + b"\0"
+        t0 = time.perf_counter()
+        if pipelined:
+            done = 0
+            while done < count:
+                futs = [c.submit(XsType.READ, payload) for _ in range(min(WINDOW, count - done))]
+                for f in futs:
+                    if await f != VALUE:
+                        raise LocalError("unexpected value")
+                done += len(futs)
+        else:
+            for _ in range(count):
+                if await c.read(KEY) != VALUE:
+                    raise LocalError("unexpected value")
+        return count / (time.perf_counter() - t0)
+    finally:
+        await c.close()
+
+
+def _pyxs(sock: str, count: int) -> float:
+    import pyxs
+
+    key = KEY.encode()
+    with pyxs.Client(unix_socket_path=sock) as c:
+        c[key] = VALUE
+        t0 = time.perf_counter()
+        for _ in range(count):
+            c[key]
+        return count / (time.perf_counter() - t0)
+
+
+def _parse_rate(out: str) -> float:
+    n, seconds = out.split()
+    return int(n) / float(seconds)
+
+
+def _libxenstore(exe: Path, sock: str, count: int) -> float:
+    env = peers.run_env()
+    env["XENSTORED_PATH"] = sock
+    res = subprocess.run(
+        [str(exe), KEY, str(count)], env=env, capture_output=True, text=True, timeout=600
+    )
+    if res.returncode != 0:
+        raise LocalError(f"xs_libxs_read failed: {res.stderr.strip()}")
+    return _parse_rate(res.stdout)
+
+
+def _c_echo(exe: Path, work: Path, count: int) -> float:
+    sock = str(work / "echo.sock")
+    with subprocess.Popen([str(exe), "server", sock], stdout=subprocess.PIPE, text=True) as srv:
+        try:
+            assert srv.stdout is not None
+            if srv.stdout.readline().strip() != "ready":
+                raise LocalError("xs_echo server did not start")
+            res = subprocess.run(
+                [str(exe), "client", sock, str(count)], capture_output=True, text=True, timeout=600
+            )
+            if res.returncode != 0:
+                raise LocalError(f"xs_echo client failed: {res.stderr.strip()}")
+            return _parse_rate(res.stdout)
+        finally:
+            try:  # the server exits when its one client hangs up
+                srv.wait(10)
+            except subprocess.TimeoutExpired:
+                srv.kill()
+                srv.wait(10)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every measurement; return figures (operations per second) and ratios."""
+    count = 300 if args.quick else args.count
+    rounds = 1 if args.quick else max(1, args.rounds)
+    with tempfile.TemporaryDirectory(prefix="xenpv-bench-xs-") as tmp:
+        work = Path(tmp)
+        echo = _compile(work, "xs_echo")
+        libdir = str(peers.lib_dir())
+        libxs = _compile(
+            work,
+            "xs_libxs_read",
+            f"-I{peers.include_dir()}",
+            os.path.join(libdir, "libxenstore.so.4"),
+            f"-Wl,-rpath-link,{libdir}",
+        )
+        proc, sock = _start_server(work)
+        try:
+            samples: dict[str, list[float]] = {
+                k: []
+                for k in (
+                    "ours_sequential",
+                    "ours_pipelined",
+                    "pyxs_sequential",
+                    "libxenstore_sequential",
+                    "c_echo_floor",
+                )
+            }
+            measures: dict[str, Callable[[], float]] = {
+                "ours_sequential": lambda: asyncio.run(_ours(sock, count, False)),
+                "ours_pipelined": lambda: asyncio.run(_ours(sock, count * 4, True)),
+                "pyxs_sequential": lambda: _pyxs(sock, count),
+                "libxenstore_sequential": lambda: _libxenstore(libxs, sock, count),
+                "c_echo_floor": lambda: _c_echo(echo, work, count),
+            }
+            for _ in range(rounds):
+                for name, fn in measures.items():
+                    samples[name].append(fn())
+        finally:
+            _stop(proc)
+    result: dict[str, Any] = {k: statistics.median(v) for k, v in samples.items()}
+    result["ratios"] = {
+        "ours_sequential/pyxs_sequential": result["ours_sequential"] / result["pyxs_sequential"],
+        "ours_pipelined/pyxs_sequential": result["ours_pipelined"] / result["pyxs_sequential"],
+        "libxenstore_sequential/c_echo_floor": (
+            result["libxenstore_sequential"] / result["c_echo_floor"]
+        ),
+        "ours_sequential/libxenstore_sequential": (
+            result["ours_sequential"] / result["libxenstore_sequential"]
+        ),
+    }
+    result["targets"] = {
+        "ours_sequential/pyxs_sequential": 3.0,
+        "ours_pipelined/pyxs_sequential": 10.0,
+        "libxenstore_sequential/c_echo_floor": 0.5,
+    }
+    result["setup"] = {
+        "reads_per_measurement": count,
+        "pipelined_reads": count * 4,
+        "window": WINDOW,
+        "rounds": rounds,
+        "server": "xenpv xenstored, separate process, Unix socket",
+        "libxenstore": "C loop calling xs_read (Debian libxenstore.so.4)",
+        "cpus": os.cpu_count(),
+    }
+    return result

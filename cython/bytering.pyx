@@ -25,8 +25,8 @@
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint32_t
-from libc.string cimport memcpy
 
+from includes.copy cimport xenpv_copy
 from includes.barrier cimport xenpv_load_u32, xenpv_mb, xenpv_rmb, xenpv_store_u32, xenpv_wmb
 
 from xenpv.errors import LocalError, RingOverflowError
@@ -155,12 +155,12 @@ cdef class ByteRing:
             run = self.size - first
             if run > n:
                 run = n
-            memcpy(self.data + first * self.slot, src, run * self.slot)
+            xenpv_copy(self.data + first * self.slot, src, run * self.slot)
             if n > run:
-                memcpy(self.data, src + run * self.slot, (n - run) * self.slot)
+                xenpv_copy(self.data, src + run * self.slot, (n - run) * self.slot)
         else:
             for j in range(n):
-                memcpy(self.data + (<uint32_t>(idx + j) % self.size) * self.slot,
+                xenpv_copy(self.data + (<uint32_t>(idx + j) % self.size) * self.slot,
                        src + j * self.slot, self.slot)
 
     cdef void _copy_out(self, uint32_t idx, uint8_t *dst, uint32_t n) noexcept nogil:
@@ -170,12 +170,12 @@ cdef class ByteRing:
             run = self.size - first
             if run > n:
                 run = n
-            memcpy(dst, self.data + first * self.slot, run * self.slot)
+            xenpv_copy(dst, self.data + first * self.slot, run * self.slot)
             if n > run:
-                memcpy(dst + run * self.slot, self.data, (n - run) * self.slot)
+                xenpv_copy(dst + run * self.slot, self.data, (n - run) * self.slot)
         else:
             for j in range(n):
-                memcpy(dst + j * self.slot,
+                xenpv_copy(dst + j * self.slot,
                        self.data + (<uint32_t>(idx + j) % self.size) * self.slot, self.slot)
 
     cpdef unsigned int write(self, data) except? 0xFFFFFFFF:

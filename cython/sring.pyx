@@ -31,8 +31,9 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyOb
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint32_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memset
 
+from includes.copy cimport xenpv_copy
 from includes.barrier cimport (
     XENPV_DEBUG_ENABLED,
     xenpv_load_u32,
@@ -159,9 +160,9 @@ cdef class _Ring:
         cdef Py_ssize_t e = self.slot_size
         if run > n:
             run = n
-        memcpy(self.slots + first * e, src, run * e)
+        xenpv_copy(self.slots + first * e, src, run * e)
         if n > run:
-            memcpy(self.slots, src + run * e, (n - run) * e)
+            xenpv_copy(self.slots, src + run * e, (n - run) * e)
 
     cdef inline void _copy_out(self, uint32_t idx, uint8_t *dst, uint32_t n) noexcept nogil:
         """Copy n entries of indexes idx .. idx+n-1 out of the slots into private memory."""
@@ -170,9 +171,9 @@ cdef class _Ring:
         cdef Py_ssize_t e = self.slot_size
         if run > n:
             run = n
-        memcpy(dst, self.slots + first * e, run * e)
+        xenpv_copy(dst, self.slots + first * e, run * e)
         if n > run:
-            memcpy(dst + run * e, self.slots, (n - run) * e)
+            xenpv_copy(dst + run * e, self.slots, (n - run) * e)
 
     cdef uint32_t _put(self, uint32_t idx, object src, Py_ssize_t n, uint32_t room,
                        bint strict) except? 0xFFFFFFFF:
@@ -316,7 +317,7 @@ cdef class FrontRing(_Ring):
             if view.len > self.slot_size:
                 raise LocalError(f"a {view.len}-byte request does not fit a {self.slot_size}-byte slot")
             slot = self.slots + (self._req_prod_pvt & self.mask) * self.slot_size
-            memcpy(slot, view.buf, view.len)
+            xenpv_copy(slot, view.buf, view.len)
             memset(slot + view.len, 0, self.slot_size - view.len)
         finally:
             PyBuffer_Release(&view)
@@ -343,6 +344,14 @@ cdef class FrontRing(_Ring):
         """io/ring.h RING_PUSH_REQUESTS_AND_CHECK_NOTIFY: publish; True if the backend asked
         to be notified (the caller signals the event channel)."""
         self._usable()
+        return self._push(OFF_REQ_PROD, OFF_REQ_EVENT, self._req_prod_pvt)
+
+    cpdef bint submit_requests(self, src, Py_ssize_t n=-1) except -1:
+        """Queue ``n`` requests (default: all of ``src``) and push them in one call; returns
+        ``notify``.  A LocalError if they do not all fit (see :meth:`free_requests`)."""
+        self._usable()
+        self._req_prod_pvt += self._put(self._req_prod_pvt, src, n,
+                                        self.nr_ents - (self._req_prod_pvt - self._rsp_cons), True)
         return self._push(OFF_REQ_PROD, OFF_REQ_EVENT, self._req_prod_pvt)
 
     cdef uint32_t _avail(self) except? 0xFFFFFFFF:
@@ -380,6 +389,17 @@ cdef class FrontRing(_Ring):
     cpdef unsigned int take_responses_into(self, dst, Py_ssize_t max_n=-1) except? 0xFFFFFFFF:
         """Copy up to ``max_n`` waiting responses (as many as fit ``dst``) into ``dst``."""
         cdef uint32_t n = self._take_into(self._rsp_cons, dst, max_n, self._avail())
+        self._rsp_cons += n
+        return n
+
+    cpdef unsigned int poll_responses_into(self, dst, Py_ssize_t max_n=-1) except? 0xFFFFFFFF:
+        """Take waiting responses into ``dst``; when there are none, re-arm ``rsp_event`` and
+        take what arrived meanwhile.  0 means the ring is empty and armed: safe to sleep."""
+        cdef uint32_t n = self._take_into(self._rsp_cons, dst, max_n, self._avail())
+        if n == 0 and max_n != 0:
+            xenpv_store_u32(self.base + OFF_RSP_EVENT, self._rsp_cons + 1)
+            xenpv_mb()  # the event store must be visible before re-reading rsp_prod
+            n = self._take_into(self._rsp_cons, dst, max_n, self._avail())
         self._rsp_cons += n
         return n
 
@@ -471,6 +491,17 @@ cdef class BackRing(_Ring):
         self._req_cons += n
         return n
 
+    cpdef unsigned int poll_requests_into(self, dst, Py_ssize_t max_n=-1) except? 0xFFFFFFFF:
+        """Take waiting requests into ``dst``; when there are none, re-arm ``req_event`` and
+        take what arrived meanwhile.  0 means the ring is empty and armed: safe to sleep."""
+        cdef uint32_t n = self._take_into(self._req_cons, dst, max_n, self._avail())
+        if n == 0 and max_n != 0:
+            xenpv_store_u32(self.base + OFF_REQ_EVENT, self._req_cons + 1)
+            xenpv_mb()  # the event store must be visible before re-reading req_prod
+            n = self._take_into(self._req_cons, dst, max_n, self._avail())
+        self._req_cons += n
+        return n
+
     def take_requests(self, Py_ssize_t max_n=-1, dtype=None):
         """Copy out up to ``max_n`` waiting requests: ``bytes`` of k * slot_size, or a numpy
         array of ``dtype`` (itemsize = slot_size) over a private copy."""
@@ -506,7 +537,7 @@ cdef class BackRing(_Ring):
             if view.len > self.slot_size:
                 raise LocalError(f"a {view.len}-byte response does not fit a {self.slot_size}-byte slot")
             slot = self.slots + (self._rsp_prod_pvt & self.mask) * self.slot_size
-            memcpy(slot, view.buf, view.len)
+            xenpv_copy(slot, view.buf, view.len)
             memset(slot + view.len, 0, self.slot_size - view.len)
         finally:
             PyBuffer_Release(&view)
@@ -530,4 +561,12 @@ cdef class BackRing(_Ring):
         """io/ring.h RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: publish; True if the frontend asked
         to be notified (the caller signals the event channel)."""
         self._usable()
+        return self._push(OFF_RSP_PROD, OFF_RSP_EVENT, self._rsp_prod_pvt)
+
+    cpdef bint submit_responses(self, src, Py_ssize_t n=-1) except -1:
+        """Queue ``n`` responses (default: all of ``src``) and push them in one call; returns
+        ``notify``.  More responses than consumed requests is a LocalError."""
+        self._usable()
+        self._rsp_prod_pvt += self._put(self._rsp_prod_pvt, src, n,
+                                        self._req_cons - self._rsp_prod_pvt, True)
         return self._push(OFF_RSP_PROD, OFF_RSP_EVENT, self._rsp_prod_pvt)

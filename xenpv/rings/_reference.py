@@ -301,6 +301,13 @@ class FrontRing(_Ring):
         to be notified (the caller signals the event channel)."""
         return self._push(OFF_REQ_PROD, OFF_REQ_EVENT, self._req_prod_pvt)
 
+    def submit_requests(self, src: Any, n: int = -1) -> bool:
+        """Queue ``n`` requests (default: all of ``src``) and push them in one call; returns
+        ``notify``.  A LocalError if they do not all fit (see :meth:`free_requests`)."""
+        done = self._put(self._req_prod_pvt, src, n, self.free_requests(), True)
+        self._req_prod_pvt = (self._req_prod_pvt + done) & MASK32
+        return self.push_requests_and_check_notify()
+
     def _avail(self) -> int:
         prod = self._load(OFF_RSP_PROD)  # the one snapshot of the peer's index for this call
         n = (prod - self._rsp_cons) & MASK32
@@ -334,6 +341,17 @@ class FrontRing(_Ring):
     def take_responses_into(self, dst: Any, max_n: int = -1) -> int:
         """Copy up to ``max_n`` waiting responses (as many as fit ``dst``) into ``dst``."""
         n = self._take_into(self._rsp_cons, dst, max_n, self._avail())
+        self._rsp_cons = (self._rsp_cons + n) & MASK32
+        return n
+
+    def poll_responses_into(self, dst: Any, max_n: int = -1) -> int:
+        """Take waiting responses into ``dst``; when there are none, re-arm ``rsp_event`` and
+        take what arrived meanwhile.  0 means the ring is empty and armed: safe to sleep."""
+        n = self._take_into(self._rsp_cons, dst, max_n, self._avail())
+        if n == 0 and max_n != 0:
+            self._store(OFF_RSP_EVENT, self._rsp_cons + 1)
+            full_barrier()  # the event store must be visible before re-reading rsp_prod
+            n = self._take_into(self._rsp_cons, dst, max_n, self._avail())
         self._rsp_cons = (self._rsp_cons + n) & MASK32
         return n
 
@@ -416,6 +434,17 @@ class BackRing(_Ring):
         self._req_cons = (self._req_cons + n) & MASK32
         return n
 
+    def poll_requests_into(self, dst: Any, max_n: int = -1) -> int:
+        """Take waiting requests into ``dst``; when there are none, re-arm ``req_event`` and
+        take what arrived meanwhile.  0 means the ring is empty and armed: safe to sleep."""
+        n = self._take_into(self._req_cons, dst, max_n, self._avail())
+        if n == 0 and max_n != 0:
+            self._store(OFF_REQ_EVENT, self._req_cons + 1)
+            full_barrier()  # the event store must be visible before re-reading req_prod
+            n = self._take_into(self._req_cons, dst, max_n, self._avail())
+        self._req_cons = (self._req_cons + n) & MASK32
+        return n
+
     def take_requests(self, max_n: int = -1, dtype: Any = None) -> Any:
         """Copy out up to ``max_n`` waiting requests: ``bytes`` of k * slot_size, or a numpy
         array of ``dtype`` (itemsize = slot_size) over a private copy."""
@@ -461,6 +490,12 @@ class BackRing(_Ring):
         """io/ring.h RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: publish; True if the frontend asked
         to be notified (the caller signals the event channel)."""
         return self._push(OFF_RSP_PROD, OFF_RSP_EVENT, self._rsp_prod_pvt)
+
+    def submit_responses(self, src: Any, n: int = -1) -> bool:
+        """Queue ``n`` responses (default: all of ``src``) and push them in one call; returns
+        ``notify``.  More responses than consumed requests is a LocalError."""
+        self.put_responses(src, n)
+        return self.push_responses_and_check_notify()
 
 
 class ByteRing:

@@ -543,7 +543,7 @@ IDE1_MAJOR = 22
 VDEV_EXTENDED = 1 << 28
 _MAX_EXT_DISK = (1 << 20) - 1
 
-_NAME_RE = re.compile(r"(xvd|sd|hd)([a-z]{1,4})([0-9]{0,3})")
+_NAME_RE = re.compile(r"(xvd|sd|hd)([a-z]{1,5})([0-9]{0,3})")
 _DP_RE = re.compile(r"d([0-9]{1,7})(?:p([0-9]{1,3}))?")
 
 

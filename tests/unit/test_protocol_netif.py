@@ -1,0 +1,141 @@
+"""netif TX packet assembly and slot checks, RX response checks, extra-info validation."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xenpv.errors import PeerError
+from xenpv.protocols import ProtocolError, netif
+from xenpv.protocols.netif import (
+    NetifFatalError,
+    NetifPacketError,
+    NETTXF_extra_info,
+    NETTXF_more_data,
+    TxRequest,
+)
+
+SLOT = netif.TX_RING.slot_size
+
+
+def slots(*items: netif.TxRequest | netif.AnyExtra) -> bytes:
+    return b"".join(i.pack().ljust(SLOT, b"\0") for i in items)
+
+
+def chain(sizes: list[int], *, offset: int = 0, total: int | None = None) -> list[TxRequest]:
+    reqs = []
+    for k, size in enumerate(sizes):
+        more = NETTXF_more_data if k < len(sizes) - 1 else 0
+        reqs.append(TxRequest(100 + k, offset, more, k, size))
+    first = reqs[0]
+    reqs[0] = TxRequest(first.gref, first.offset, first.flags, first.id, sum(sizes) if total is None else total)
+    return reqs
+
+
+def test_single_and_multi_slot_packets() -> None:
+    pkt = netif.parse_tx_packet(slots(TxRequest(5, 64, 0, 1, 1500)), 1)
+    assert pkt is not None and pkt.slots == 1 and pkt.size == 1500
+    assert pkt.fragments == (netif.Fragment(5, 64, 1500),)
+    reqs = chain([1000, 4096, 200])
+    pkt = netif.parse_tx_packet(slots(*reqs), 3)
+    assert pkt is not None
+    assert [f.length for f in pkt.fragments] == [1000, 4096, 200] and pkt.size == 5296
+
+
+def test_extras_precede_fragments_and_chain_by_more() -> None:
+    first = TxRequest(5, 0, NETTXF_extra_info | NETTXF_more_data, 1, 3000)
+    gso = netif.GsoExtra(netif.XEN_NETIF_EXTRA_TYPE_GSO, netif.XEN_NETIF_EXTRA_FLAG_MORE, 1448, 1, 0)
+    mcast = netif.McastExtra(netif.XEN_NETIF_EXTRA_TYPE_MCAST_ADD, 0, bytes(6))
+    frag = TxRequest(6, 0, 0, 2, 1000)
+    buf = slots(first, gso, mcast, frag)
+    pkt = netif.parse_tx_packet(buf, 4)
+    assert pkt is not None and pkt.slots == 4 and pkt.extras == (gso, mcast)
+    assert [f.length for f in pkt.fragments] == [2000, 1000]
+    for partial in (1, 2, 3):  # the chain continues beyond what was consumed so far
+        assert netif.parse_tx_packet(buf, partial) is None
+
+
+def test_scenario_06_too_many_slots_is_fatal() -> None:
+    reqs = chain([10] * 22)
+    with pytest.raises(NetifFatalError):
+        netif.parse_tx_packet(slots(*reqs), len(reqs))
+
+
+def test_scenario_06_more_than_18_data_slots_drops_the_packet() -> None:
+    reqs = chain([10] * 19)
+    with pytest.raises(NetifPacketError) as exc:
+        netif.parse_tx_packet(slots(*reqs), len(reqs))
+    assert exc.value.slots == 19 and exc.value.ids == tuple(range(19))
+
+
+def test_scenario_06_first_size_smaller_than_fragments_drops() -> None:
+    reqs = chain([100, 500, 500], total=600)
+    with pytest.raises(NetifPacketError):
+        netif.parse_tx_packet(slots(*reqs), 3)
+
+
+def test_scenario_06_total_above_64k_drops() -> None:
+    # `size` is a u16, so a packet claims at most 0xFFFF; fragments adding up to more drop it
+    reqs = chain([4096] * 17, total=0xFFFF)
+    with pytest.raises(NetifPacketError):
+        netif.parse_tx_packet(slots(*reqs), 17)
+    ok = chain([4096] * 15 + [4095], total=0xFFFF)
+    pkt = netif.parse_tx_packet(slots(*ok), 16)
+    assert pkt is not None and pkt.size == 0xFFFF and pkt.fragments[0].length == 4096
+
+
+def test_scenario_06_fragment_crossing_its_page_is_fatal() -> None:
+    with pytest.raises(NetifFatalError):
+        netif.parse_tx_packet(slots(TxRequest(5, 4000, 0, 1, 200)), 1)
+    with pytest.raises(NetifFatalError):
+        netif.check_slot(1, 4096)
+    netif.check_slot(0, 4096)
+
+
+def test_bad_extra_is_fatal() -> None:
+    first = TxRequest(5, 0, NETTXF_extra_info, 1, 100)
+    for bad in (
+        netif.ExtraInfo(netif.XEN_NETIF_EXTRA_TYPE_NONE, 0),
+        netif.ExtraInfo(netif.XEN_NETIF_EXTRA_TYPE_MAX, 0),
+        netif.GsoExtra(netif.XEN_NETIF_EXTRA_TYPE_GSO, 0, 1448, 7, 0),
+        netif.GsoExtra(netif.XEN_NETIF_EXTRA_TYPE_GSO, 0x80, 1448, 1, 0),
+    ):
+        with pytest.raises(NetifFatalError):
+            netif.parse_tx_packet(slots(first, bad), 2)
+
+
+def test_endless_extra_chain_is_bounded() -> None:
+    first = TxRequest(5, 0, NETTXF_extra_info, 1, 100)
+    more = netif.HashExtra(netif.XEN_NETIF_EXTRA_TYPE_HASH, netif.XEN_NETIF_EXTRA_FLAG_MORE, 0, 1, 0)
+    with pytest.raises(NetifFatalError):
+        netif.parse_tx_packet(slots(first, *([more] * 40)), 41)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(min_size=SLOT, max_size=SLOT * 30), fatal=st.integers(1, 25))
+def test_hostile_tx_slots_only_raise_peer_errors_and_stay_bounded(data: bytes, fatal: int) -> None:
+    count = len(data) // SLOT
+    try:
+        pkt = netif.parse_tx_packet(data, count, fatal_slots=fatal)
+    except PeerError:
+        return
+    if pkt is not None:
+        assert pkt.slots <= count and len(pkt.requests) <= fatal + 1
+        assert sum(f.length for f in pkt.fragments) == pkt.size <= netif.XEN_NETIF_MAX_TX_SIZE
+        assert all(f.offset + f.length <= 4096 for f in pkt.fragments)
+
+
+def test_scenario_15_rx_response_checks() -> None:
+    assert netif.validate_rx_response(netif.RxResponse(1, 100, 0, 1400)) == 1400
+    assert netif.validate_rx_response(netif.RxResponse(1, 0, 0, netif.NETIF_RSP_DROPPED)) == 0
+    with pytest.raises(ProtocolError):
+        netif.validate_rx_response(netif.RxResponse(1, 4000, 0, 200))
+    with pytest.raises(ProtocolError):
+        netif.validate_rx_response(netif.RxResponse(1, 0, 0, -7))
+
+
+def test_ring_sizes_and_limits() -> None:
+    assert (netif.NET_TX_RING_SIZE, netif.NET_RX_RING_SIZE, netif.NET_CTRL_RING_SIZE) == (256, 256, 128)
+    assert netif.XEN_NETIF_NR_SLOTS_MIN == 18 and netif.XEN_NETIF_MAX_TX_SIZE == 0xFFFF
+    assert netif.TxResponse.LAYOUT.size == 4 and netif.TX_RING.slot_size == 12

@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from xenpv.errors import LocalError, PeerError
 from xenpv.xenstore import client as xsclient
@@ -474,7 +476,9 @@ def test_watch_initial_event_tokens_and_unwatch(tmp_path: Path) -> None:
     ]
 
 
-def test_watch_queue_is_bounded_and_deduplicated(tmp_path: Path) -> None:
+def test_scenario_20_watch_flood_keeps_queue_bounded(tmp_path: Path) -> None:
+    """A peer floods watch events: the pending queue stays bounded, duplicates dropped."""
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         req = await recv(reader)
         p, tok, _ = req.payload.split(b"\0")
@@ -585,3 +589,73 @@ def test_perm_parse_and_format() -> None:
     for bad in ("", "b", "x1", "b-1", "r65536", "b1a", "r٣"):
         with pytest.raises(xsclient.InvalidPermError):
             Perm.parse(bad)
+
+
+class _NullTransport(asyncio.Transport):
+    """Swallows writes; records whether the connection was closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+_hostile_message = st.one_of(
+    st.binary(max_size=40),
+    st.builds(
+        lambda t, r, x, p: wire.encode(t, r, x, p),
+        st.sampled_from([0, 1, 2, 3, 4, 6, 7, 11, 15, 16, 17, 22, 99, 0xFFFF]),
+        st.integers(0, 6),
+        st.integers(0, 3),
+        st.binary(max_size=64) | st.sampled_from([b"OK\0", b"ENOENT\0", b"/p\0tok\0", b"7\0", b"T\0"]),
+    ),
+    st.builds(lambda n: wire.HEADER.pack(2, 1, 0, n), st.integers(4097, 2**32 - 1)),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_hostile_message, max_size=12), st.lists(st.integers(1, 50), min_size=1, max_size=5))
+def test_hostile_server_bytes_only_ever_give_peer_errors(chunks: list[bytes], cuts: list[int]) -> None:
+    """Whatever a server sends, requests end with a result, XenstoreError or a PeerError."""
+
+    async def main() -> None:
+        conn = xsclient._Connection()
+        transport = _NullTransport()
+        conn.connection_made(transport)
+        c = xsclient.XenstoreClient(conn)
+        w = c.watch("/p", "tok")
+        conn.watches["tok"] = [w]
+        w._registered = True
+        futs = [
+            asyncio.ensure_future(c.read("/a")),
+            asyncio.ensure_future(c.directory("/d")),
+            asyncio.ensure_future(c.is_domain_introduced(3)),
+            asyncio.ensure_future(c.get_perms("/p")),
+        ]
+        await asyncio.sleep(0)
+        stream = b"".join(chunks)
+        pos = i = 0
+        while pos < len(stream):
+            n = cuts[i % len(cuts)]
+            conn.data_received(stream[pos : pos + n])
+            pos += n
+            i += 1
+            await asyncio.sleep(0)
+        conn.connection_lost(None)
+        for f in futs:
+            try:
+                await asyncio.wait_for(f, 5)
+            except (XenstoreError, PeerError, XenstoreConnectionError):
+                pass
+        assert transport.closed
+        assert w.pending <= w.max_pending
+
+    asyncio.run(main())

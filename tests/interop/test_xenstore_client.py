@@ -266,3 +266,33 @@ def test_server_exit_fails_requests_and_watches(xs_server: Any) -> None:
             await c.close()
 
     run(body)
+
+
+def test_blocking_client(xs_server: Any) -> None:
+    with xsclient.BlockingClient(xs_server.socket, timeout=TIMEOUT) as c, \
+            xsclient.BlockingClient(xs_server.socket, timeout=TIMEOUT) as other:
+        c.write("/blk/a", "1")
+        c.mkdir("/blk/d")
+        assert c.read("/blk/a") == b"1" and c.exists("/blk/d")
+        assert sorted(c.directory("/blk")) == ["a", "d"]
+        c.set_perms("/blk/a", ["b0", "r3"])
+        assert [str(p) for p in c.get_perms("/blk/a")] == ["b0", "r3"]
+        assert c.get_domain_path(4) == "/local/domain/4"
+        calls = 0
+
+        def incr(t: xsclient.BlockingTransaction) -> int:
+            nonlocal calls
+            calls += 1
+            value = int(t.read("/blk/a")) + 1
+            if calls == 1:
+                other.write("/blk/a", "10")  # conflict: the first attempt must retry
+            t.write("/blk/a", str(value))
+            return value
+
+        assert c.transact(incr) == 11 and calls == 2
+        assert other.read("/blk/a") == b"11"
+        with pytest.raises(ZeroDivisionError):
+            c.transact(lambda t: (t.rm("/blk/a"), 1 / 0))
+        assert c.exists("/blk/a")
+        c.rm("/blk")
+        assert not c.exists("/blk")

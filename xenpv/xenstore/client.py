@@ -52,6 +52,8 @@ from xenpv.xenstore.wire import WireError, XenstoreError, XsType
 __all__ = [
     "DEFAULT_RUNDIR",
     "XENBUS_DEVICES",
+    "BlockingClient",
+    "BlockingTransaction",
     "InvalidPermError",
     "Perm",
     "Transaction",
@@ -933,3 +935,132 @@ async def connect(path: str | None = None, *, timeout: float | None = None) -> X
     """
     return await XenstoreClient.connect(path, timeout=timeout)
 
+
+
+class BlockingTransaction:
+    """Blocking view of a :class:`Transaction` (see :class:`BlockingClient`)."""
+
+    def __init__(self, owner: BlockingClient, tx: Transaction) -> None:
+        """Wrap ``tx``; its requests run on ``owner``'s private loop."""
+        self._run = owner._run
+        self.tx = tx
+
+    def read(self, path: str) -> bytes:
+        """Return the value of ``path`` inside the transaction."""
+        return self._run(self.tx.read(path))
+
+    def write(self, path: str, value: bytes | str) -> None:
+        """Write ``path`` inside the transaction."""
+        self._run(self.tx.write(path, value))
+
+    def mkdir(self, path: str) -> None:
+        """Create ``path`` inside the transaction."""
+        self._run(self.tx.mkdir(path))
+
+    def rm(self, path: str) -> None:
+        """Remove ``path`` inside the transaction."""
+        self._run(self.tx.rm(path))
+
+    def directory(self, path: str) -> list[str]:
+        """List the children of ``path`` inside the transaction."""
+        return self._run(self.tx.directory(path))
+
+    def exists(self, path: str) -> bool:
+        """Return whether ``path`` exists inside the transaction."""
+        return self._run(self.tx.exists(path))
+
+
+class BlockingClient:
+    """A small blocking wrapper for scripts: each call runs the async client to completion.
+
+    It owns a private event loop, so it must not be used from inside a running loop.
+    Watches are not offered here; use :class:`XenstoreClient` for them.
+    """
+
+    def __init__(self, path: str | None = None, *, timeout: float | None = None) -> None:
+        """Connect like :func:`connect`."""
+        self._loop = asyncio.new_event_loop()
+        try:
+            self.client = self._run(XenstoreClient.connect(path, timeout=timeout))
+        except BaseException:
+            self._loop.close()
+            raise
+
+    def _run(self, aw: Awaitable[T]) -> T:
+        async def wrapper() -> T:
+            return await aw
+
+        return self._loop.run_until_complete(wrapper())
+
+    def read(self, path: str) -> bytes:
+        """Return the value of ``path``."""
+        return self._run(self.client.read(path))
+
+    def write(self, path: str, value: bytes | str) -> None:
+        """Write ``value`` to ``path``."""
+        self._run(self.client.write(path, value))
+
+    def mkdir(self, path: str) -> None:
+        """Create ``path``."""
+        self._run(self.client.mkdir(path))
+
+    def rm(self, path: str) -> None:
+        """Remove ``path`` and its subtree."""
+        self._run(self.client.rm(path))
+
+    def directory(self, path: str) -> list[str]:
+        """List the children of ``path``."""
+        return self._run(self.client.directory(path))
+
+    def exists(self, path: str) -> bool:
+        """Return whether ``path`` exists."""
+        return self._run(self.client.exists(path))
+
+    def get_perms(self, path: str) -> list[Perm]:
+        """Return the permissions of ``path``."""
+        return self._run(self.client.get_perms(path))
+
+    def set_perms(self, path: str, perms: Iterable[Perm | str]) -> None:
+        """Set the permissions of ``path``."""
+        self._run(self.client.set_perms(path, perms))
+
+    def get_domain_path(self, domid: int) -> str:
+        """Return ``/local/domain/<domid>``."""
+        return self._run(self.client.get_domain_path(domid))
+
+    def transact(self, fn: Callable[[BlockingTransaction], T], *, retries: int = 16) -> T:
+        """Run ``fn(t)`` in a transaction; commit; re-run all of it on ``EAGAIN``.
+
+        If ``fn`` raises, the transaction is aborted and the exception propagates.
+        """
+        attempt = 0
+        while True:
+            tx = self._run(self.client.transaction().start())
+            try:
+                result = fn(BlockingTransaction(self, tx))
+            except BaseException:
+                with contextlib.suppress(XenstoreError, XenstoreConnectionError, WireError):
+                    self._run(tx.abort())
+                raise
+            try:
+                self._run(tx.commit())
+            except XenstoreError as exc:
+                if exc.errno_name != "EAGAIN" or attempt >= retries:
+                    raise
+                attempt += 1
+                continue
+            return result
+
+    def close(self) -> None:
+        """Close the connection and the private loop."""
+        if not self._loop.is_closed():
+            self._run(self.client.close())
+            self._loop.close()
+
+    def __enter__(self) -> BlockingClient:
+        """Return self."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close."""
+        self.close()

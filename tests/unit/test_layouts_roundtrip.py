@@ -128,8 +128,11 @@ def test_slot_dtypes_have_slot_itemsize() -> None:
     assert netif.RX_RESPONSE_DTYPE.itemsize == 8
     native = blkif.layouts()
     slot = native.ring.slot_size
-    rsp = native.response.dtype_for(slot)
-    assert (slot, rsp.itemsize) == (112, 112)
+    rsp = native.response_dtype
+    assert (slot, rsp.itemsize, native.request_dtype.itemsize) == (112, 112, 112)
+    assert blkif.layouts(blkif.ABI.X86_32).response_dtype.itemsize == 108
+    assert usbif.URB_RESPONSE_DTYPE.itemsize == 148 and usbif.CONN_REQUEST_DTYPE.itemsize == 4
+    assert netif.CTRL_RESPONSE_DTYPE.itemsize == 16
     # a batch of responses written slot by slot reads back through the slot dtype
     page = bytearray(slot * 4)
     for k in range(4):

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xenpv.errors import LocalError, PeerError
-from xenpv.protocols import ProtocolError, console, evtchn, grant, kbdif, usbif, xsring
+from xenpv.protocols import ProtocolError, console, evtchn, grant, ioctl, kbdif, usbif, xsring
 from xenpv.protocols.layout import RingLayout, parse_xs_uint, ring_nr_ents
 
 # -- kbdif -----------------------------------------------------------------------------------
@@ -171,3 +171,40 @@ def test_ring_geometry_helper() -> None:
     assert RingLayout("conn", 2, 4).slot_size == 4
     with pytest.raises(LocalError):
         ring_nr_ents(4096, 0)
+
+
+#: xen-protocols.md §0.3 (Linux, x86-64): number and argument size of each ioctl.
+IOCTL_TABLE = {
+    "IOCTL_GNTDEV_MAP_GRANT_REF": (0x00184700, 24),
+    "IOCTL_GNTDEV_UNMAP_GRANT_REF": (0x00104701, 16),
+    "IOCTL_GNTDEV_GET_OFFSET_FOR_VADDR": (0x00184702, 24),
+    "IOCTL_GNTDEV_SET_MAX_GRANTS": (0x00044703, 4),
+    "IOCTL_GNTDEV_SET_UNMAP_NOTIFY": (0x00104707, 16),
+    "IOCTL_GNTDEV_GRANT_COPY": (0x00104708, 16),
+    "IOCTL_GNTALLOC_ALLOC_GREF": (0x00184705, 24),
+    "IOCTL_GNTALLOC_DEALLOC_GREF": (0x00104706, 16),
+    "IOCTL_GNTALLOC_SET_UNMAP_NOTIFY": (0x00104707, 16),
+    "IOCTL_EVTCHN_BIND_VIRQ": (0x00044500, 4),
+    "IOCTL_EVTCHN_BIND_INTERDOMAIN": (0x00084501, 8),
+    "IOCTL_EVTCHN_BIND_UNBOUND_PORT": (0x00044502, 4),
+    "IOCTL_EVTCHN_UNBIND": (0x00044503, 4),
+    "IOCTL_EVTCHN_NOTIFY": (0x00044504, 4),
+    "IOCTL_EVTCHN_RESET": (0x00004505, 0),
+    "IOCTL_EVTCHN_RESTRICT_DOMID": (0x00024506, 2),
+    "IOCTL_EVTCHN_BIND_STATIC": (0x00044507, 4),
+}
+
+
+@pytest.mark.parametrize("name", list(IOCTL_TABLE))
+def test_ioctl_numbers_match_the_reference_table(name: str) -> None:
+    # BIND_STATIC is newer than Xen 4.17's copy of the header, so this table is its check;
+    # the others are also compared with the compiled kernel headers in test_layouts_c.
+    number, size = IOCTL_TABLE[name]
+    assert getattr(ioctl, name) == number
+    assert (number >> 16) & 0x3FFF == size and number >> 30 == 0
+
+
+def test_ioc_encoding() -> None:
+    assert ioctl._IOC(ioctl._IOC_READ | ioctl._IOC_WRITE, "G", 1, 8) == 0xC0084701
+    with pytest.raises(LocalError):
+        ioctl._IOC(ioctl._IOC_NONE, "G", 256, 0)

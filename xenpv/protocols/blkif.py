@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar, Self
 
+import numpy as np
+
 from xenpv.errors import LocalError
 from xenpv.protocols import ProtocolError
 from xenpv.protocols.layout import (
@@ -226,6 +228,16 @@ class BlkifLayouts:
     indirect: Layout
     response: Layout
     ring: RingLayout
+
+    @property
+    def request_dtype(self) -> np.dtype[Any]:
+        """Read/write requests viewed over a batch of ring slots (itemsize = slot size)."""
+        return self.request.dtype_for(self.ring.slot_size)
+
+    @property
+    def response_dtype(self) -> np.dtype[Any]:
+        """Responses viewed over a batch of ring slots (itemsize = slot size)."""
+        return self.response.dtype_for(self.ring.slot_size)
 
 
 def _layouts(abi: ABI) -> BlkifLayouts:

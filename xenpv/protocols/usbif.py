@@ -117,6 +117,11 @@ URB_RING = RingLayout("usbif_urb", URB_REQUEST_LAYOUT.size, URB_RESPONSE_LAYOUT.
 CONN_RING = RingLayout("usbif_conn", CONN_REQUEST_LAYOUT.size, CONN_RESPONSE_LAYOUT.size)
 USB_URB_RING_SIZE = URB_RING.nr_ents()
 USB_CONN_RING_SIZE = CONN_RING.nr_ents()
+#: Batch views over ring slots (itemsize = slot size).
+URB_REQUEST_DTYPE = URB_REQUEST_LAYOUT.dtype_for(URB_RING.slot_size)
+URB_RESPONSE_DTYPE = URB_RESPONSE_LAYOUT.dtype_for(URB_RING.slot_size)
+CONN_REQUEST_DTYPE = CONN_REQUEST_LAYOUT.dtype_for(CONN_RING.slot_size)
+CONN_RESPONSE_DTYPE = CONN_RESPONSE_LAYOUT.dtype_for(CONN_RING.slot_size)
 
 
 def _frame_desc_segs(pipe: int, u: bytes) -> int:

@@ -72,6 +72,8 @@ def test_placement_and_grants() -> None:
     struct.pack_into("<5I", page, vchan.VCHAN_GRANTS_OFFSET, 8, 9, 10, 11, 12)
     assert vchan.parse_grants(page, 13, 12) == ((8, 9), (10,))
     assert vchan.nr_grants(12, 14) == 5
+    with pytest.raises(ProtocolError):
+        vchan.parse_grants(page, 30, 12)
 
 
 def test_scenario_26_insane_indexes_read_as_zero() -> None:

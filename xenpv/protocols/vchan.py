@@ -14,6 +14,7 @@ at offset 24, left ring's first.  :func:`choose_orders` is the server's size cho
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -146,9 +147,8 @@ def validate_orders(left_order: int, right_order: int) -> None:
 
 
 def parse_grants(page: Buffer, left_order: int, right_order: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Copy the (left, right) grant refs out of the control page (orders already validated)."""
-    import struct
-
+    """Copy the (left, right) grant refs out of the control page; bad orders are peer errors."""
+    validate_orders(left_order, right_order)
     n_left, n_right = pages_for_order(left_order), pages_for_order(right_order)
     refs = struct.unpack_from(f"<{n_left + n_right}I", page, VCHAN_GRANTS_OFFSET)
     return tuple(refs[:n_left]), tuple(refs[n_left:])

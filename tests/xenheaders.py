@@ -102,20 +102,31 @@ _DIRECTIVE = re.compile(r"\s*\.(long|zero|value|byte|quad)\s+(-?\w+)")
 
 
 def asm_values(
-    int_queries: Mapping[str, str], prelude: str, tmpdir: Path, *, m32: bool, name: str = "probe"
+    int_queries: Mapping[str, str],
+    prelude: str,
+    tmpdir: Path,
+    *,
+    m32: bool,
+    name: str = "probe",
+    extra_includes: tuple[Path, ...] = (),
 ) -> dict[str, int]:
     """Compile the queries with ``gcc -S`` (``-m32`` for i386) and read the values back.
 
-    Every query must be a constant expression that fits an ``int``.
+    Every query must be a constant expression that fits an ``int``.  ``extra_includes``
+    come before Xen's include directory (e.g. stand-ins for libc headers in a freestanding
+    i386 compile).
     """
     tmpdir.mkdir(parents=True, exist_ok=True)
     src = tmpdir / f"{name}.c"
     asm = tmpdir / f"{name}.s"
     src.write_text(COMMON_PRELUDE + prelude + _table(int_queries, "int"))
-    cmd = [_cc(), "-S", "-O0", "-w", "-D__XEN_TOOLS__", f"-I{include_dir()}", "-o", str(asm), str(src)]
+    incs = [f"-I{d}" for d in (*extra_includes, include_dir())]
+    cmd = [_cc(), "-S", "-O0", "-w", "-D__XEN_TOOLS__", *incs, "-o", str(asm), str(src)]
     if m32:
         cmd[1:1] = ["-m32", "-ffreestanding"]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{res.stderr}")
     values: list[int] = []
     inside = False
     for line in asm.read_text().splitlines():

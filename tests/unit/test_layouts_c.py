@@ -318,6 +318,32 @@ def test_blkif_x86_32_abi_matches_pack4_compile(tmp_path: Path) -> None:
         assert BLKIF_32.ring.nr_ents(pages) == values[f"ring|{pages}"]
 
 
+#: Device protocols whose layout does not depend on the guest ABI (only blkif's does).
+ABI_NEUTRAL = (netif, kbdif, console, xsring, usbif, vchan)
+
+
+def test_other_device_layouts_are_the_same_on_i386(tmp_path: Path) -> None:
+    """netif, kbdif, console, xenstore, usbif and vchan records compiled for i386 match too."""
+    if not xenheaders.m32_supported(tmp_path):
+        pytest.xfail("C compiler without i386 code generation")
+    layouts = [lay for lay in LAYOUTS if any(lay in vars(m).values() for m in ABI_NEUTRAL)]
+    assert len(layouts) >= 20
+    queries: dict[str, str] = {}
+    for layout in layouts:
+        queries.update(member_queries(layout))
+    prelude = "".join(f"#include <{h}>\n" for h in HEADERS if "/io/" in h)
+    # libxenvchan.h includes <sys/types.h>, which a freestanding i386 compile lacks; it
+    # needs nothing from it for the structs checked here.
+    stub = tmp_path / "stub"
+    (stub / "sys").mkdir(parents=True)
+    (stub / "sys" / "types.h").write_text("/* stand-in for a freestanding compile */\n")
+    values = xenheaders.asm_values(
+        queries, prelude, tmp_path, m32=True, name="neutral32", extra_includes=(stub,)
+    )
+    for layout in layouts:
+        check_members(layout, values)
+
+
 def test_header_macro_discovery_sees_known_names() -> None:
     macros = family_macros()
     assert {"BLKIF_OP_INDIRECT", "XEN_IO_PROTO_ABI_X86_32"} <= set(macros[blkif])

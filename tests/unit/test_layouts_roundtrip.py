@@ -230,6 +230,8 @@ def test_pack_refuses_values_that_do_not_fit() -> None:
         netif.TxRequest(0, 0, 0, 0, 0).pack_into(b"x" * 12)
     with pytest.raises(LocalError):
         netif.TxRequest.parse(bytes(11))
+    with pytest.raises(LocalError):
+        netif.TxRequest.parse(bytes(24), -12)
 
 
 def test_page_snapshots() -> None:

@@ -269,6 +269,8 @@ class Layout:
 
     def unpack_from(self, buf: Buffer, offset: int = 0) -> tuple[Any, ...]:
         """Copy one record out of ``buf`` (single fetch) as nested raw values."""
+        if offset < 0:
+            raise LocalError(f"{self.name}: negative offset {offset}")
         try:
             flat = self.struct.unpack_from(buf, offset)
         except struct.error as e:

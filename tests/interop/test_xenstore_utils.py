@@ -238,3 +238,51 @@ def test_no_server_is_an_error(mode: str, tmp_path: os.PathLike[str]) -> None:
     env["XENSTORED_PATH"] = os.path.join(tmp_path, "absent.sock")
     assert real(env, mode, "/x").returncode == 1
     assert ours(env, mode, "/x").returncode == 1
+
+
+def _run_on_terminal(cmd: list[str], env: dict[str, str], cols: int) -> bytes:
+    """Run ``cmd`` with stdout on a pty ``cols`` wide; return what it printed."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import tty
+
+    master, slave = pty.openpty()
+    try:
+        tty.setraw(slave)  # no newline translation
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, cols, 0, 0))
+        proc = subprocess.Popen(cmd, env=env, stdout=slave, stderr=subprocess.DEVNULL)
+        os.close(slave)
+        slave = -1
+        out = bytearray()
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                proc.kill()
+                break
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the program closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        proc.wait(TIMEOUT)
+        return bytes(out)
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+
+
+@pytest.mark.parametrize("cols", [50, 120])
+def test_ls_on_a_terminal_uses_its_width(xs_env: dict[str, str], cols: int) -> None:
+    populate(xs_env)
+    exe = str(peers.find("xenstore-ls"))
+    for opts in ([], ["-p"]):
+        a = _run_on_terminal([exe, *opts, "/t"], xs_env, cols)
+        b = _run_on_terminal([sys.executable, "-m", "xenpv", "xenstore", "ls", *opts, "/t"],
+                             xs_env, cols)
+        assert a == b and a

@@ -136,6 +136,13 @@ OFFSET_CONSTANTS: dict[tuple[ModuleType, str], str] = {
     (evtchn, "EVTCHN_2L_NR_CHANNELS"): "EVTCHN_2L_NR_CHANNELS",
 }
 
+#: Layouts of a part of a C struct: (layout, the C struct, offset of the part in it).
+EMBEDDED: list[tuple[Layout, str, int]] = [
+    (console.INDEXES_LAYOUT, "struct xencons_interface", console.XENCONS_INDEXES_OFFSET),
+    (xsring.CONTROL_LAYOUT, "struct xenstore_domain_interface", xsring.XS_REQ_CONS_OFFSET),
+    (usbif.ISOC_LAYOUT, "struct usbif_urb_request", usbif.URB_REQUEST_LAYOUT.offsets["u"]),
+]
+
 #: (ring, C ring type name, pages)
 RINGS: list[tuple[RingLayout, str, int]] = [
     *((blkif.LAYOUTS[blkif.ABI.X86_64].ring, "blkif", p) for p in (1, 2, 4, 8, 16)),
@@ -219,6 +226,8 @@ class Compiled:
             ints.update({f"{mod.__name__}|{n}": n for n in names})
         for (mod, name), expr in OFFSET_CONSTANTS.items():
             ints[f"offset|{mod.__name__}|{name}"] = expr
+        for layout, ctype, _base in EMBEDDED:
+            ints.update(member_queries(layout, ctype))
         for _ring, cname, pages in RINGS:
             ints[f"ring|{cname}|{pages}"] = f"__CONST_RING_SIZE({cname}, {pages * 4096})"
             ints[f"slot|{cname}"] = f"sizeof(union {cname}_sring_entry)"
@@ -249,6 +258,18 @@ def test_every_header_constant_exists_with_the_same_value(mod: ModuleType, compi
         assert getattr(mod, name) == expected, name
     for name in ENUMERATORS.get(mod, []):
         assert getattr(mod, name) == compiled.ints[f"{mod.__name__}|{name}"], name
+
+
+@pytest.mark.parametrize("part", EMBEDDED, ids=lambda e: e[0].name)
+def test_partial_layouts_match_their_place_in_the_c_struct(
+    part: tuple[Layout, str, int], compiled: Compiled
+) -> None:
+    layout, _ctype, base = part
+    for leaf in layout.leaves():
+        key = f"{layout.name}|%s|{leaf.c_path}"
+        assert compiled.ints[key % "off"] == base + leaf.offset, leaf.c_path
+        assert compiled.ints[key % "size"] == leaf.size, leaf.c_path
+        assert bool(compiled.ints[key % "signed"]) == leaf.signed, leaf.c_path
 
 
 @pytest.mark.parametrize("key", list(OFFSET_CONSTANTS), ids=lambda k: k[1])

@@ -659,3 +659,26 @@ def test_hostile_server_bytes_only_ever_give_peer_errors(chunks: list[bytes], cu
         assert w.pending <= w.max_pending
 
     asyncio.run(main())
+
+
+def test_req_id_wraps_around_skipping_zero_and_ids_in_use(tmp_path: Path) -> None:
+    seen: list[int] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reqs = [await recv(reader) for _ in range(4)]
+        seen.extend(r.req_id for r in reqs)
+        for r in reqs:
+            reply(writer, r, b"v")
+        await reader.read()
+
+    async def body(path: str) -> None:
+        import itertools
+
+        async with await xsclient.connect(path) as c:
+            c._conn._ids = itertools.count(2**32 - 2)
+            stuck = c.submit(XsType.READ, b"/stuck\0")  # takes 2**32 - 2
+            rest = [c.submit(XsType.READ, b"/k\0") for _ in range(3)]
+            assert [await f for f in (stuck, *rest)] == [b"v"] * 4
+
+    run(with_server(tmp_path, handler, body))
+    assert seen == [2**32 - 2, 2**32 - 1, 1, 2]

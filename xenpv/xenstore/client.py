@@ -252,37 +252,37 @@ class _Connection(asyncio.Protocol):
 
     def submit(self, type_: int, payload: bytes, tx_id: int = 0) -> asyncio.Future[bytes]:
         """Send one request; return the future of its reply payload."""
+        return self._submit(type_, payload, tx_id)[1]
+
+    def _submit(
+        self, type_: int, payload: bytes, tx_id: int
+    ) -> tuple[int, asyncio.Future[bytes]]:
         if self.error is not None:
             raise self.error
         req_id = next(self._ids) & 0xFFFFFFFF
-        while req_id == 0 or req_id in self._pending:
-            self._ids = itertools.count(1)
-            req_id = next(self._ids)
-            while req_id in self._pending:
-                req_id = next(self._ids)
+        while req_id == 0 or req_id in self._pending:  # wrapped around: skip ids in use
+            req_id = next(self._ids) & 0xFFFFFFFF
         data = wire.encode(type_, req_id, tx_id, payload)
         fut: asyncio.Future[bytes] = self._loop.create_future()
         self._pending[req_id] = (fut, type_, tx_id)
         assert self._write is not None
         self._write(data)
-        fut.req_id = req_id  # type: ignore[attr-defined]
-        return fut
+        return req_id, fut
 
     async def call(
         self, type_: int, payload: bytes, tx_id: int = 0, timeout: float | None = None
     ) -> bytes:
         """Send one request and wait (at most ``timeout`` seconds) for its reply."""
-        fut = self.submit(type_, payload, tx_id)
+        req_id, fut = self._submit(type_, payload, tx_id)
         if timeout is None:
             return await fut
-        handle = self._loop.call_later(timeout, self._expire, fut)
+        handle = self._loop.call_later(timeout, self._expire, req_id, fut)
         try:
             return await fut
         finally:
             handle.cancel()
 
-    def _expire(self, fut: asyncio.Future[bytes]) -> None:
-        req_id: int = fut.req_id  # type: ignore[attr-defined]
+    def _expire(self, req_id: int, fut: asyncio.Future[bytes]) -> None:
         if self._pending.pop(req_id, None) is not None:
             self._expired[req_id] = None
             while len(self._expired) > _EXPIRED_MEMORY:

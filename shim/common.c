@@ -3,10 +3,16 @@
  *
  * Theory of operation
  * -------------------
- * Each handle (xengnttab_open, xengntshr_open, xenevtchn_open, xc_interface_open) is one
- * SOCK_SEQPACKET connection to the daemon's RUNDIR/dom<N>/control socket, named by
- * $XENPV_LOOPBACK_SOCKET; the connection *is* the domain's identity and owns everything
- * created through it, so process death releases it all (docs/loopback-protocol.md §2).
+ * All handles of a process (xengnttab_open, xengntshr_open, xenevtchn_open,
+ * xc_interface_open) share one SOCK_SEQPACKET connection to the daemon's
+ * RUNDIR/dom<N>/control socket, named by $XENPV_LOOPBACK_SOCKET.  The connection *is* the
+ * domain's identity and owns everything created through it, so process death releases it
+ * all (docs/loopback-protocol.md §2).  One connection per process matters: the daemon
+ * releases a dying connection's mappings (firing their unmap notifications) before its
+ * ports, which is the order the kernel keeps when a process dies (its address space goes
+ * before its files).  With a connection per handle, the event-channel connection could be
+ * released first and the notification's event would be lost.  Closing one handle
+ * therefore releases that handle's objects explicitly (libraries do it in their close).
  * A request is one message (12-byte header + payload); the reply is one message (16-byte
  * header + payload) with any descriptors in one SCM_RIGHTS control message (§3).  Requests
  * on a connection are serialised with a mutex, so the libraries are thread-safe per handle
@@ -169,10 +175,23 @@ int lb_call_simple(struct lb_conn *c, uint32_t op, const void *req, size_t reqle
     return 0;
 }
 
-int lb_open(struct lb_conn *c, int fd)
+static void lb_close(struct lb_conn *c)
+{
+    if (c->gen_fd >= 0)
+        close(c->gen_fd);
+    c->gen_fd = -1;
+    if (c->fd >= 0)
+        close(c->fd);
+    c->fd = -1;
+    c->broken = 1;
+    pthread_mutex_destroy(&c->lock);
+}
+
+static int lb_open(struct lb_conn *c, int fd)
 {
     memset(c, 0, sizeof(*c));
     c->gen_fd = -1;
+    c->pid = (int)getpid();
     if (fd < 0) {
         const char *path = getenv("XENPV_LOOPBACK_SOCKET");
         struct sockaddr_un sa = {.sun_family = AF_UNIX};
@@ -186,6 +205,7 @@ int lb_open(struct lb_conn *c, int fd)
             return -1;
         }
         strcpy(sa.sun_path, path);
+        strcpy(c->path, path);
         fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
         if (fd < 0)
             return -1;
@@ -234,14 +254,57 @@ int lb_open(struct lb_conn *c, int fd)
     return 0;
 }
 
-void lb_close(struct lb_conn *c)
+
+static pthread_mutex_t shared_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct lb_conn *shared; /* this process's connection, or NULL */
+
+static struct lb_conn *new_conn(int fd)
 {
-    if (c->gen_fd >= 0)
-        close(c->gen_fd);
-    c->gen_fd = -1;
-    if (c->fd >= 0)
-        close(c->fd);
-    c->fd = -1;
-    c->broken = 1;
-    pthread_mutex_destroy(&c->lock);
+    struct lb_conn *c = malloc(sizeof(*c));
+    if (!c)
+        return NULL;
+    if (lb_open(c, fd) < 0) {
+        int err = errno;
+        free(c);
+        errno = err;
+        return NULL;
+    }
+    c->refs = 1;
+    return c;
+}
+
+struct lb_conn *lb_connect(int fd)
+{
+    if (fd >= 0)
+        return new_conn(fd);
+    pthread_mutex_lock(&shared_lock);
+    /* A broken connection, one inherited across fork, or one to another socket than
+     * $XENPV_LOOPBACK_SOCKET now names stays with the handles that still use it; new
+     * handles get a new one. */
+    const char *path = getenv("XENPV_LOOPBACK_SOCKET");
+    if (shared && (shared->broken || shared->pid != (int)getpid() || !path ||
+                   strcmp(path, shared->path) != 0))
+        shared = NULL;
+    if (shared)
+        shared->refs++;
+    else
+        shared = new_conn(-1);
+    struct lb_conn *c = shared;
+    pthread_mutex_unlock(&shared_lock);
+    return c;
+}
+
+void lb_disconnect(struct lb_conn *c)
+{
+    if (!c)
+        return;
+    pthread_mutex_lock(&shared_lock);
+    int last = --c->refs == 0;
+    if (last && shared == c)
+        shared = NULL;
+    pthread_mutex_unlock(&shared_lock);
+    if (last) {
+        lb_close(c);
+        free(c);
+    }
 }

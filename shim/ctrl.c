@@ -4,7 +4,7 @@
  * vchan-socket-proxy asks xc_domain_getinfo whether the server domain still exists;
  * xenconsoled lists domains with it and checks its console ports with xc_evtchn_status.
  * Both are answered from the daemon (DOMAIN_LIST, EVT_STATUS in
- * docs/loopback-protocol.md §4.8–4.9) over an xc_interface's own control connection.
+ * docs/loopback-protocol.md §4.8–4.9) over the process's control connection.
  */
 #include "xenpv_shim.h"
 #include "xenpv_xentypes.h"
@@ -14,7 +14,7 @@
 #include <string.h>
 
 struct xc_interface_core {
-    struct lb_conn conn;
+    struct lb_conn *conn;
 };
 
 /* Room for the largest DOMAIN_LIST reply. */
@@ -37,7 +37,8 @@ xc_interface *xc_interface_open(struct xentoollog_logger *logger,
     xc_interface *xch = calloc(1, sizeof(*xch));
     if (!xch)
         return NULL;
-    if (lb_open(&xch->conn, -1) < 0) {
+    xch->conn = lb_connect(-1);
+    if (!xch->conn) {
         int err = errno;
         free(xch);
         errno = err;
@@ -49,7 +50,7 @@ xc_interface *xc_interface_open(struct xentoollog_logger *logger,
 int xc_interface_close(xc_interface *xch)
 {
     if (xch) {
-        lb_close(&xch->conn);
+        lb_disconnect(xch->conn);
         free(xch);
     }
     return 0;
@@ -70,7 +71,7 @@ int xc_domain_getinfo(xc_interface *xch, uint32_t first_domid, unsigned int max_
         return -1;
     struct lb_reply rep = {.payload = buf, .cap = DOMLIST_MAX};
     int rc = -1;
-    if (lb_call(&xch->conn, LB_DOMAIN_LIST, NULL, 0, NULL, 0, &rep) < 0)
+    if (lb_call(xch->conn, LB_DOMAIN_LIST, NULL, 0, NULL, 0, &rep) < 0)
         goto out;
     lb_close_fds(&rep);
     if (rep.status < 0) {
@@ -109,10 +110,10 @@ out:
 int xc_evtchn_status(xc_interface *xch, xc_evtchn_status_t *status)
 {
     unsigned char req[8], out[12];
-    uint32_t dom = status->dom == DOMID_SELF ? xch->conn.domid : status->dom;
+    uint32_t dom = status->dom == DOMID_SELF ? xch->conn->domid : status->dom;
     lb_put32(req, dom);
     lb_put32(req + 4, status->port);
-    if (lb_call_simple(&xch->conn, LB_EVT_STATUS, req, sizeof(req), out, sizeof(out), NULL) < 0)
+    if (lb_call_simple(xch->conn, LB_EVT_STATUS, req, sizeof(req), out, sizeof(out), NULL) < 0)
         return -1;
     uint32_t state = lb_get32(out), rdom = lb_get32(out + 4), rport = lb_get32(out + 8);
     status->status = state;

@@ -4,8 +4,9 @@
  *
  * Theory of operation
  * -------------------
- * A handle is one control connection (common.c) plus one epoll instance, which is the
- * pollable descriptor xenevtchn_fd() returns (docs/loopback-protocol.md §4.8).
+ * A handle uses the process's control connection (common.c) and owns one epoll instance,
+ * which is the pollable descriptor xenevtchn_fd() returns (docs/loopback-protocol.md
+ * §4.8).
  *
  * Every local port has an *inbox* eventfd created by the daemon; whoever signals the port
  * adds 1 to it.  The inbox is registered in the epoll set with EPOLLIN | EPOLLONESHOT and
@@ -42,7 +43,7 @@ struct port {
 };
 
 struct xenevtchn_handle {
-    struct lb_conn conn;
+    struct lb_conn *conn;
     int epfd;
     const volatile uint32_t *gens; /* port generations (read-only mapping), or NULL */
     size_t gens_len;
@@ -70,28 +71,32 @@ XENPV_EXPORT xenevtchn_port_or_error_t xenevtchn_pending(xenevtchn_handle *xce);
 XENPV_EXPORT int xenevtchn_unmask(xenevtchn_handle *xce, evtchn_port_t port);
 XENPV_EXPORT int xenevtchn_restrict(xenevtchn_handle *xce, domid_t domid);
 
+static void unbind_remote(xenevtchn_handle *h, uint32_t port);
+
 static xenevtchn_handle *open_handle(int fd, unsigned flags)
 {
     xenevtchn_handle *h = calloc(1, sizeof(*h));
     if (!h)
         return NULL;
     h->epfd = -1;
-    if (lb_open(&h->conn, fd) < 0) {
+    h->conn = lb_connect(fd);
+    if (!h->conn) {
         int err = errno;
         free(h);
         errno = err;
         return NULL;
     }
     int err = ENOMEM;
-    h->nports = h->conn.max_ports;
+    h->nports = h->conn->max_ports;
     h->ports = malloc(sizeof(struct port) * h->nports);
     if (!h->ports)
         goto fail;
     for (uint32_t i = 0; i < h->nports; i++)
         h->ports[i] = (struct port){.inbox = -1, .outbox = -1};
     h->gens_len = ((size_t)h->nports * 4 + LB_PAGE_SIZE - 1) & ~(size_t)(LB_PAGE_SIZE - 1);
-    void *g = h->gens_len ? mmap(NULL, h->gens_len, PROT_READ, MAP_SHARED, h->conn.gen_fd, 0)
-                          : MAP_FAILED;
+    void *g = h->gens_len && h->conn->gen_fd >= 0
+                  ? mmap(NULL, h->gens_len, PROT_READ, MAP_SHARED, h->conn->gen_fd, 0)
+                  : MAP_FAILED;
     if (g == MAP_FAILED) {
         /* No fast path: every notify goes through the daemon. */
         lb_debug("no port-generation page: %s", strerror(errno));
@@ -99,8 +104,6 @@ static xenevtchn_handle *open_handle(int fd, unsigned flags)
     } else {
         h->gens = g;
     }
-    close(h->conn.gen_fd);
-    h->conn.gen_fd = -1;
     h->epfd = epoll_create1((flags & XENEVTCHN_NO_CLOEXEC) ? 0 : EPOLL_CLOEXEC);
     if (h->epfd < 0) {
         err = errno;
@@ -109,7 +112,7 @@ static xenevtchn_handle *open_handle(int fd, unsigned flags)
     pthread_mutex_init(&h->lock, NULL);
     return h;
 fail:
-    lb_close(&h->conn);
+    lb_disconnect(h->conn);
     free(h->ports);
     free(h);
     errno = err;
@@ -148,10 +151,14 @@ int xenevtchn_close(xenevtchn_handle *xce)
 {
     if (!xce)
         return 0;
-    /* Closing the connection closes every port it owns (remote ends become unbound). */
-    lb_close(&xce->conn);
+    /* Close this handle's ports, as closing the device would (remote ends become
+     * unbound); the connection is shared with the process's other handles. */
     for (uint32_t i = 0; i < xce->nports; i++)
-        drop_port(xce, &xce->ports[i]);
+        if (xce->ports[i].inbox >= 0) {
+            drop_port(xce, &xce->ports[i]);
+            unbind_remote(xce, i);
+        }
+    lb_disconnect(xce->conn);
     if (xce->epfd >= 0)
         close(xce->epfd);
     if (xce->gens)
@@ -214,7 +221,7 @@ static void unbind_remote(xenevtchn_handle *h, uint32_t port)
 {
     unsigned char req[4];
     lb_put32(req, port);
-    lb_call_simple(&h->conn, LB_EVT_UNBIND, req, sizeof(req), NULL, 0, NULL);
+    lb_call_simple(h->conn, LB_EVT_UNBIND, req, sizeof(req), NULL, 0, NULL);
 }
 
 /* EVT_ALLOC_UNBOUND / EVT_BIND_INTERDOMAIN: the reply is the port (and, for interdomain,
@@ -227,7 +234,7 @@ static xenevtchn_port_or_error_t bind_port(xenevtchn_handle *h, uint32_t op,
     size_t want_len = interdomain ? 8 : 4;
     int want_fds = interdomain ? 2 : 1;
     struct lb_reply rep = {.payload = buf, .cap = sizeof(buf)};
-    if (lb_call(&h->conn, op, req, reqlen, NULL, 0, &rep) < 0)
+    if (lb_call(h->conn, op, req, reqlen, NULL, 0, &rep) < 0)
         return -1;
     if (rep.status < 0) {
         errno = -rep.status;
@@ -285,7 +292,7 @@ int xenevtchn_unbind(xenevtchn_handle *xce, evtchn_port_t port)
     pthread_mutex_unlock(&xce->lock);
     unsigned char req[4];
     lb_put32(req, port);
-    return lb_call_simple(&xce->conn, LB_EVT_UNBIND, req, sizeof(req), NULL, 0, NULL);
+    return lb_call_simple(xce->conn, LB_EVT_UNBIND, req, sizeof(req), NULL, 0, NULL);
 }
 
 /* Slow path: the daemon signals the remote end and returns the fresh outbox. */
@@ -294,7 +301,7 @@ static int notify_slow(xenevtchn_handle *h, evtchn_port_t port)
     unsigned char req[4], buf[16];
     lb_put32(req, port);
     struct lb_reply rep = {.payload = buf, .cap = sizeof(buf)};
-    if (lb_call(&h->conn, LB_EVT_NOTIFY, req, sizeof(req), NULL, 0, &rep) < 0)
+    if (lb_call(h->conn, LB_EVT_NOTIFY, req, sizeof(req), NULL, 0, &rep) < 0)
         return -1;
     if (rep.status < 0) {
         errno = -rep.status;
@@ -388,5 +395,5 @@ int xenevtchn_restrict(xenevtchn_handle *xce, domid_t domid)
 {
     unsigned char req[4];
     lb_put32(req, domid);
-    return lb_call_simple(&xce->conn, LB_EVT_RESTRICT, req, sizeof(req), NULL, 0, NULL);
+    return lb_call_simple(xce->conn, LB_EVT_RESTRICT, req, sizeof(req), NULL, 0, NULL);
 }

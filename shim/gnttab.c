@@ -4,8 +4,9 @@
  *
  * Theory of operation
  * -------------------
- * A handle is one control connection (common.c); the daemon owns the grant tables and
- * hands out memory as memfds (docs/loopback-protocol.md §4.2–4.7).
+ * Handles talk to the daemon over the process's control connection (common.c); the
+ * daemon owns the grant tables and hands out memory as memfds
+ * (docs/loopback-protocol.md §4.2–4.7).
  *
  * Mapping (GNT_MAP): the reply names, per ref, a descriptor and a page within it.  A run
  * of N pages is first reserved as one PROT_NONE anonymous region, then each stretch of
@@ -24,7 +25,7 @@
  *
  * Callers may release memory with plain munmap (libxenvchan does so for the ring pages it
  * shares).  The daemon cannot see that, so the grants stay alive until the handle is
- * closed (closing releases everything the connection owns).  The records kept here may
+ * closed (closing releases everything the handle created).  The records kept here may
  * then be stale: when the kernel hands out an address range that overlaps a recorded
  * region, that region was necessarily munmapped already, so its record is dropped and its
  * daemon handles are released.  Closing a handle never munmaps anything: as with the real
@@ -52,7 +53,7 @@ struct region {
 };
 
 struct xengntdev_handle {
-    struct lb_conn conn;
+    struct lb_conn *conn;
     pthread_mutex_t lock; /* protects regions */
     struct region *regions;
 };
@@ -101,20 +102,20 @@ XENPV_EXPORT int xengntshr_unshare(xengntshr_handle *xgs, void *start_address,
 
 /* ------------------------------------------------------------------ handles and records */
 
+static void release_handles(struct xengntdev_handle *h, const uint32_t *handles, uint32_t n);
+
 static struct xengntdev_handle *handle_open(void)
 {
     struct xengntdev_handle *h = calloc(1, sizeof(*h));
     if (!h)
         return NULL;
-    if (lb_open(&h->conn, -1) < 0) {
+    h->conn = lb_connect(-1);
+    if (!h->conn) {
         int err = errno;
         free(h);
         errno = err;
         return NULL;
     }
-    /* The port-generation page is only used by the event-channel library. */
-    close(h->conn.gen_fd);
-    h->conn.gen_fd = -1;
     pthread_mutex_init(&h->lock, NULL);
     return h;
 }
@@ -123,12 +124,14 @@ static int handle_close(struct xengntdev_handle *h)
 {
     if (!h)
         return 0;
-    /* The daemon releases every grant, share and mapping the connection owns. */
-    lb_close(&h->conn);
+    /* Release what this handle created, as closing the device would; the memory stays
+     * mapped until the caller unmaps it. */
     for (struct region *r = h->regions, *next; r; r = next) {
         next = r->next;
+        release_handles(h, r->handles, r->nhandles);
         free(r);
     }
+    lb_disconnect(h->conn);
     pthread_mutex_destroy(&h->lock);
     free(h);
     return 0;
@@ -139,7 +142,7 @@ static void release_handles(struct xengntdev_handle *h, const uint32_t *handles,
     for (uint32_t i = 0; i < n; i++) {
         unsigned char req[4];
         lb_put32(req, handles[i]);
-        if (lb_call_simple(&h->conn, LB_GNT_UNMAP, req, sizeof(req), NULL, 0, NULL) < 0)
+        if (lb_call_simple(h->conn, LB_GNT_UNMAP, req, sizeof(req), NULL, 0, NULL) < 0)
             lb_debug("GNT_UNMAP %u: %s", handles[i], strerror(errno));
     }
 }
@@ -238,7 +241,7 @@ static int map_chunk(struct xengntdev_handle *h, struct region *r, unsigned char
         lb_put32(pairs + 8 * i + 4, refs[i]);
     }
     struct lb_reply rep = {.payload = rbuf, .cap = MAP_REPLY_MAX};
-    if (lb_call(&h->conn, LB_GNT_MAP, hdr, sizeof(hdr), pairs, (size_t)n * 8, &rep) < 0) {
+    if (lb_call(h->conn, LB_GNT_MAP, hdr, sizeof(hdr), pairs, (size_t)n * 8, &rep) < 0) {
         err = errno;
         goto out;
     }
@@ -344,7 +347,7 @@ int xengnttab_close(xengnttab_handle *xgt)
 
 int xengnttab_fd(xengnttab_handle *xgt)
 {
-    return xgt->conn.fd;
+    return xgt->conn->fd;
 }
 
 void *xengnttab_map_grant_ref(xengnttab_handle *xgt, uint32_t domid, uint32_t ref, int prot)
@@ -384,7 +387,7 @@ static int set_notify(struct xengntdev_handle *h, uint32_t handle, uint32_t offs
     lb_put32(req + 4, offset == (uint32_t)-1 ? 0 : offset);
     lb_put32(req + 8, port == (uint32_t)-1 ? 0 : port);
     lb_put32(req + 12, action);
-    return lb_call_simple(&h->conn, LB_GNT_SET_NOTIFY, req, sizeof(req), NULL, 0, NULL);
+    return lb_call_simple(h->conn, LB_GNT_SET_NOTIFY, req, sizeof(req), NULL, 0, NULL);
 }
 
 /* Attach the notification to a one-page region just made; on failure undo the region. */
@@ -473,7 +476,7 @@ static int copy_batch(struct xengntdev_handle *h, xengnttab_grant_copy_segment_t
         }
     }
     struct lb_reply rep = {.payload = rbuf, .cap = LB_MAX_MESSAGE};
-    if (lb_call(&h->conn, LB_GNT_COPY, hdr, sizeof(hdr), buf, (size_t)n * 24 + srclen, &rep) < 0)
+    if (lb_call(h->conn, LB_GNT_COPY, hdr, sizeof(hdr), buf, (size_t)n * 24 + srclen, &rep) < 0)
         return -1;
     lb_close_fds(&rep);
     if (rep.status < 0) {
@@ -578,7 +581,7 @@ static int share_chunk(struct xengntdev_handle *h, struct region *r, unsigned ch
     lb_put32(req + 4, n);
     struct lb_reply rep = {.payload = rbuf, .cap = MAP_REPLY_MAX};
     int rc = -1, err = EPROTO;
-    if (lb_call(&h->conn, LB_GNT_SHARE, req, sizeof(req), NULL, 0, &rep) < 0) {
+    if (lb_call(h->conn, LB_GNT_SHARE, req, sizeof(req), NULL, 0, &rep) < 0) {
         err = errno;
         goto out;
     }
@@ -621,7 +624,7 @@ int xengntshr_close(xengntshr_handle *xgs)
 
 int xengntshr_fd(xengntshr_handle *xgs)
 {
-    return xgs->conn.fd;
+    return xgs->conn->fd;
 }
 
 /* Share count pages; returns the new (recorded) region or NULL with errno. */

@@ -45,9 +45,12 @@ enum lb_op {
 #define LB_DOMFLAG_DYING 2u
 #define LB_DOMFLAG_RUNNING 4u
 
-/* One connection to RUNDIR/dom<N>/control: one handle of a device. */
+/* One connection to RUNDIR/dom<N>/control, shared by the handles of a process. */
 struct lb_conn {
     int fd;
+    int refs;         /* handles using it (lb_connect / lb_disconnect) */
+    int pid;          /* process that connected it (a forked child connects anew) */
+    char path[108];   /* socket path it was connected to ("" for a given descriptor) */
     int broken;       /* the daemon went away or broke the protocol: every call fails */
     uint32_t seq;
     pthread_mutex_t lock; /* one request in flight per connection (§2) */
@@ -69,11 +72,13 @@ struct lb_reply {
     int nfds;
 };
 
-/* Connect to $XENPV_LOOPBACK_SOCKET (or take over a connected socket if fd >= 0) and say
- * HELLO.  Returns 0, or -1 with errno set. */
-int lb_open(struct lb_conn *c, int fd);
-/* Close the connection; the daemon releases everything it owns. */
-void lb_close(struct lb_conn *c);
+/* A reference to this process's connection to $XENPV_LOOPBACK_SOCKET (made, with HELLO,
+ * on first use, or anew after a fork or when the daemon went away), or, if fd >= 0, a new
+ * private connection over that already connected socket.  NULL with errno on failure. */
+struct lb_conn *lb_connect(int fd);
+/* Drop a reference; the last one closes the connection (the daemon then releases
+ * everything still owned through it). */
+void lb_disconnect(struct lb_conn *c);
 /* Send one request (header + two payload pieces) and receive its reply into rep.  Returns
  * 0 (the daemon's verdict is rep->status) or, when the connection failed, -1 with errno set
  * (ENOTCONN when the daemon is gone, EPROTO on a malformed reply).  The rep->nfds

@@ -675,10 +675,10 @@ def test_req_id_wraps_around_skipping_zero_and_ids_in_use(tmp_path: Path) -> Non
         import itertools
 
         async with await xsclient.connect(path) as c:
+            stuck = c.submit(XsType.READ, b"/stuck\0")  # takes id 1, still pending
             c._conn._ids = itertools.count(2**32 - 2)
-            stuck = c.submit(XsType.READ, b"/stuck\0")  # takes 2**32 - 2
             rest = [c.submit(XsType.READ, b"/k\0") for _ in range(3)]
             assert [await f for f in (stuck, *rest)] == [b"v"] * 4
 
     run(with_server(tmp_path, handler, body))
-    assert seen == [2**32 - 2, 2**32 - 1, 1, 2]
+    assert seen == [1, 2**32 - 2, 2**32 - 1, 2]

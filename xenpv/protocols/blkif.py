@@ -153,59 +153,57 @@ SEGMENT_LAYOUT = Layout(
 )
 
 
-def _request_layout(abi: ABI) -> Layout:
-    gap = [] if abi is ABI.X86_32 else [pad(4)]
+def _gap(abi: ABI) -> list[Field]:
+    """Padding before the u64 ``id``: 4 bytes where u64 is 8-aligned, none on i386."""
+    return [] if abi is ABI.X86_32 else [pad(4)]
+
+
+def _request_kind(abi: ABI, kind: str, head: list[Field], tail: list[Field]) -> Layout:
+    """A request layout: ``operation``, two ``head`` fields, ``id``, ``sector_number``, ``tail``."""
     return Layout(
-        f"blkif_request[{abi.value}]",
+        f"{kind}[{abi.value}]",
         [
             Field("operation", "B"),
-            Field("nr_segments", "B"),
-            Field("handle", "H"),
-            *gap,
+            *head,
+            *_gap(abi),
             Field("id", "Q"),
             Field("sector_number", "Q"),
-            Field("seg", "", BLKIF_MAX_SEGMENTS_PER_REQUEST, sub=SEGMENT_LAYOUT),
+            *tail,
         ],
-        c_type="struct blkif_request",
+        c_type=f"struct {kind}",
+    )
+
+
+def _request_layout(abi: ABI) -> Layout:
+    return _request_kind(
+        abi,
+        "blkif_request",
+        [Field("nr_segments", "B"), Field("handle", "H")],
+        [Field("seg", "", BLKIF_MAX_SEGMENTS_PER_REQUEST, sub=SEGMENT_LAYOUT)],
     )
 
 
 def _discard_layout(abi: ABI) -> Layout:
-    gap = [] if abi is ABI.X86_32 else [pad(4)]
-    return Layout(
-        f"blkif_request_discard[{abi.value}]",
-        [
-            Field("operation", "B"),
-            Field("flag", "B"),
-            Field("handle", "H"),
-            *gap,
-            Field("id", "Q"),
-            Field("sector_number", "Q"),
-            Field("nr_sectors", "Q"),
-        ],
-        c_type="struct blkif_request_discard",
+    return _request_kind(
+        abi,
+        "blkif_request_discard",
+        [Field("flag", "B"), Field("handle", "H")],
+        [Field("nr_sectors", "Q")],
     )
 
 
 def _indirect_layout(abi: ABI) -> Layout:
-    gap = [] if abi is ABI.X86_32 else [pad(4)]
     # io/blkif.h: x86_64 pads the struct to 64 implicitly, i386 with an explicit u64 `pad`.
-    tail = pad(8) if abi is ABI.X86_32 else pad(4)
-    return Layout(
-        f"blkif_request_indirect[{abi.value}]",
+    return _request_kind(
+        abi,
+        "blkif_request_indirect",
+        [Field("indirect_op", "B"), Field("nr_segments", "H")],
         [
-            Field("operation", "B"),
-            Field("indirect_op", "B"),
-            Field("nr_segments", "H"),
-            *gap,
-            Field("id", "Q"),
-            Field("sector_number", "Q"),
             Field("handle", "H"),
             pad(2),
             Field("indirect_grefs", "I", BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST),
-            tail,
+            pad(8) if abi is ABI.X86_32 else pad(4),
         ],
-        c_type="struct blkif_request_indirect",
     )
 
 

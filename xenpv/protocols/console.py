@@ -72,15 +72,11 @@ class ConsoleIndexes(Record):
     """The four ring indexes of a console page (parse at :data:`XENCONS_INDEXES_OFFSET`)."""
 
     LAYOUT: ClassVar[Layout] = INDEXES_LAYOUT
+    PAGE_OFFSET: ClassVar[int] = XENCONS_INDEXES_OFFSET
     in_cons: int
     in_prod: int
     out_cons: int
     out_prod: int
-
-    @classmethod
-    def from_page(cls, page: bytes | bytearray | memoryview) -> ConsoleIndexes:
-        """Copy the indexes out of a console page."""
-        return cls.parse(page, XENCONS_INDEXES_OFFSET)
 
     def out_pending(self) -> int:
         """Output bytes waiting for the backend; a corrupt (over-full) ring reads as 0."""

@@ -77,10 +77,10 @@ GNTDEV_GET_OFFSET_FOR_VADDR_LAYOUT = Layout(
 GNTDEV_SET_MAX_GRANTS_LAYOUT = Layout(
     "ioctl_gntdev_set_max_grants", [Field("count", "I")], c_type="struct ioctl_gntdev_set_max_grants"
 )
+#: gntdev and gntalloc share the unmap-notify argument's fields.
+_UNMAP_NOTIFY_FIELDS = [Field("index", "Q"), Field("action", "I"), Field("event_channel_port", "I")]
 GNTDEV_UNMAP_NOTIFY_LAYOUT = Layout(
-    "ioctl_gntdev_unmap_notify",
-    [Field("index", "Q"), Field("action", "I"), Field("event_channel_port", "I")],
-    c_type="struct ioctl_gntdev_unmap_notify",
+    "ioctl_gntdev_unmap_notify", _UNMAP_NOTIFY_FIELDS, c_type="struct ioctl_gntdev_unmap_notify"
 )
 #: A copy segment with both sides in the "foreign" form; for a local side the 8-byte union
 #: holds a virtual address instead (see :func:`virt_side`).
@@ -161,9 +161,7 @@ GNTALLOC_DEALLOC_GREF_LAYOUT = Layout(
     c_type="struct ioctl_gntalloc_dealloc_gref",
 )
 GNTALLOC_UNMAP_NOTIFY_LAYOUT = Layout(
-    "ioctl_gntalloc_unmap_notify",
-    [Field("index", "Q"), Field("action", "I"), Field("event_channel_port", "I")],
-    c_type="struct ioctl_gntalloc_unmap_notify",
+    "ioctl_gntalloc_unmap_notify", _UNMAP_NOTIFY_FIELDS, c_type="struct ioctl_gntalloc_unmap_notify"
 )
 
 IOCTL_GNTALLOC_ALLOC_GREF = _IOC(_IOC_NONE, "G", 5, GNTALLOC_ALLOC_GREF_LAYOUT.size)
@@ -172,22 +170,19 @@ IOCTL_GNTALLOC_SET_UNMAP_NOTIFY = _IOC(_IOC_NONE, "G", 7, GNTALLOC_UNMAP_NOTIFY_
 
 # -- evtchn ----------------------------------------------------------------------------------
 
-EVTCHN_BIND_VIRQ_LAYOUT = Layout("ioctl_evtchn_bind_virq", [Field("virq", "I")], c_type="struct ioctl_evtchn_bind_virq")
-EVTCHN_BIND_INTERDOMAIN_LAYOUT = Layout(
-    "ioctl_evtchn_bind_interdomain",
-    [Field("remote_domain", "I"), Field("remote_port", "I")],
-    c_type="struct ioctl_evtchn_bind_interdomain",
+def _evtchn_arg(name: str, *fields: Field) -> Layout:
+    """Layout of ``struct ioctl_evtchn_<name>``."""
+    return Layout(f"ioctl_evtchn_{name}", list(fields), c_type=f"struct ioctl_evtchn_{name}")
+
+
+EVTCHN_BIND_VIRQ_LAYOUT = _evtchn_arg("bind_virq", Field("virq", "I"))
+EVTCHN_BIND_INTERDOMAIN_LAYOUT = _evtchn_arg(
+    "bind_interdomain", Field("remote_domain", "I"), Field("remote_port", "I")
 )
-EVTCHN_BIND_UNBOUND_PORT_LAYOUT = Layout(
-    "ioctl_evtchn_bind_unbound_port",
-    [Field("remote_domain", "I")],
-    c_type="struct ioctl_evtchn_bind_unbound_port",
-)
-EVTCHN_UNBIND_LAYOUT = Layout("ioctl_evtchn_unbind", [Field("port", "I")], c_type="struct ioctl_evtchn_unbind")
-EVTCHN_NOTIFY_LAYOUT = Layout("ioctl_evtchn_notify", [Field("port", "I")], c_type="struct ioctl_evtchn_notify")
-EVTCHN_RESTRICT_DOMID_LAYOUT = Layout(
-    "ioctl_evtchn_restrict_domid", [Field("domid", "H")], c_type="struct ioctl_evtchn_restrict_domid"
-)
+EVTCHN_BIND_UNBOUND_PORT_LAYOUT = _evtchn_arg("bind_unbound_port", Field("remote_domain", "I"))
+EVTCHN_UNBIND_LAYOUT = _evtchn_arg("unbind", Field("port", "I"))
+EVTCHN_NOTIFY_LAYOUT = _evtchn_arg("notify", Field("port", "I"))
+EVTCHN_RESTRICT_DOMID_LAYOUT = _evtchn_arg("restrict_domid", Field("domid", "H"))
 #: Newer kernels only (not in Xen 4.17's copy of the header): bind a static port.
 EVTCHN_BIND_STATIC_LAYOUT = Layout("ioctl_evtchn_bind_static", [Field("port", "I")])
 

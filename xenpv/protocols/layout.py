@@ -306,6 +306,13 @@ class Record:
     """
 
     LAYOUT: ClassVar[Layout]
+    #: Where the record sits in its shared page, for records that are part of one.
+    PAGE_OFFSET: ClassVar[int] = 0
+
+    @classmethod
+    def from_page(cls, page: Buffer) -> Self:
+        """Copy the record out of a shared page at :attr:`PAGE_OFFSET`."""
+        return cls.parse(page, cls.PAGE_OFFSET)
 
     @classmethod
     def from_raw(cls, raw: tuple[Any, ...]) -> Self:

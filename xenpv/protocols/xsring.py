@@ -81,6 +81,7 @@ class XsControl(Record):
     """A snapshot of the ring's control words (indexes, features, connection, error)."""
 
     LAYOUT: ClassVar[Layout] = CONTROL_LAYOUT
+    PAGE_OFFSET: ClassVar[int] = XS_REQ_CONS_OFFSET
     req_cons: int
     req_prod: int
     rsp_cons: int
@@ -88,11 +89,6 @@ class XsControl(Record):
     server_features: int
     connection: int
     error: int
-
-    @classmethod
-    def from_page(cls, page: bytes | bytearray | memoryview) -> XsControl:
-        """Copy the control words out of a xenstore ring page."""
-        return cls.parse(page, XS_REQ_CONS_OFFSET)
 
 
 def ring_used(prod: int, cons: int) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xenpv.xenstore import wire
 from xenpv.xenstore.store import Quotas, Store
@@ -628,3 +630,47 @@ def test_state_round_trip_keeps_everything(dom0: Client, guest: Client, store: S
     c = Client(copy, 5)
     assert c.read("mine/x") == b"\xff"
     assert c.read("/odd")[:3] == b"\0\1\2"
+
+
+# -- robustness ---------------------------------------------------------------------------------
+_FIELD = st.one_of(
+    st.sampled_from(
+        [b"/", b"/a", b"/a/b", b"data", b"@releaseDomain", b"T", b"F", b"5", b"0", b"b5", b"n0"]
+    ),
+    st.binary(max_size=12),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from([0, 5]),
+            st.integers(min_value=0, max_value=30) | st.just(0xFFFF),
+            st.sampled_from([0, 0, 1, 2, 0xFFFFFFFF]),
+            st.lists(_FIELD, max_size=4).map(lambda fs: b"\0".join(fs) + b"\0"),
+        ),
+        max_size=25,
+    )
+)
+def test_any_request_gets_one_bounded_reply_and_keeps_the_store_consistent(
+    steps: list[tuple[int, int, int, bytes]],
+) -> None:
+    store = Store(Quotas())
+    store.introduce_domain(5)
+    conns = {0: store.connect(0), 5: store.connect(5)}
+    for domid, type_, tx_id, payload in steps:
+        reply = store.handle(conns[domid], type_, 9, tx_id, payload)
+        rtype, rid, rtx, length = wire.HEADER.unpack_from(reply)
+        assert (rid, rtx, length) == (9, tx_id, len(reply) - 16) and length <= wire.PAYLOAD_MAX
+        assert rtype in (type_, T.ERROR)
+    assert store.check() == []
+
+
+def test_requests_on_a_released_domains_connection_change_nothing(
+    store: Store, guest: Client
+) -> None:
+    store.release_domain(5)
+    assert guest.err(T.WATCH, "/", "t") == "EINVAL"
+    assert guest.write_err("/local/domain/5/x") == "EINVAL"
+    assert store.check() == [] and store.watch_count(5) == 0

@@ -108,6 +108,7 @@ class Quotas:
     node_permissions: int = 5
     path_max: int = 2048
     outstanding: int = 20
+    #: Reserved for C xenstored's memory quota; not enforced (nodes and sizes are).
     memory: int = 2_621_440
     #: Unread watch events kept per connection while its client is not reading.
     watch_events: int = 1024
@@ -714,6 +715,8 @@ class Store:
         try:
             if handler is None:
                 raise _Fail("ENOSYS")
+            if conn.closed:  # released domain or dropped connection: nothing more is done
+                raise _Fail("EINVAL")
             if tx_id and type_ not in _NO_TX:
                 tx = conn.transactions.get(tx_id)
                 if tx is None:

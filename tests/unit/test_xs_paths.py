@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xenpv.errors import LocalError
 from xenpv.xenstore import paths
@@ -66,3 +68,32 @@ def test_parent_basename_join() -> None:
     assert paths.parent("/a/b") == "/a" and paths.parent("/a") == "/" and paths.parent("/") == "/"
     assert paths.basename("/a/b") == "b" and paths.basename("/") == ""
     assert paths.join_path("/", "a") == "/a" and paths.join_path("/a", "b") == "/a/b"
+
+
+def _reference_valid(p: str, allow_special: bool = True) -> bool:
+    """The rules of xen-protocols.md §4.1 written out plainly."""
+    if not p:
+        return False
+    body = p
+    if p[0] == "@":
+        if not allow_special or len(p) == 1 or p[1] == "/":
+            return False
+        body = p[1:]
+    if len(p) > (3072 if p[0] == "/" else 2048):
+        return False
+    if any(not (c.isascii() and (c.isalnum() or c in "-/_")) for c in body):
+        return False
+    if "//" in body:
+        return False
+    return not (body.endswith("/") and p != "/")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet="/ab-_@.0 ", max_size=12), st.booleans())
+def test_validate_path_agrees_with_the_plain_rules(path: str, special: bool) -> None:
+    try:
+        validate_path(path, allow_special=special)
+        ok = True
+    except InvalidPathError:
+        ok = False
+    assert ok == _reference_valid(path, special)

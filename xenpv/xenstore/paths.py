@@ -41,6 +41,8 @@ SPECIAL_INTRODUCE = "@introduceDomain"
 SPECIAL_RELEASE = "@releaseDomain"
 
 _VALID = re.compile(r"[A-Za-z0-9\-/_]*\Z")
+# Fast path: a whole valid absolute or relative path (no //, no trailing /).
+_WELL_FORMED = re.compile(r"(?:/|/?[A-Za-z0-9_\-]+(?:/[A-Za-z0-9_\-]+)*)\Z")
 
 
 class InvalidPathError(LocalError, ValueError):
@@ -68,6 +70,8 @@ def validate_path(path: str | bytes, *, allow_special: bool = True) -> None:
     on the special nodes); everywhere else pass False.
     """
     text = _text(path)
+    if len(text) <= REL_PATH_MAX and _WELL_FORMED.match(text):
+        return
     if not text:
         raise InvalidPathError("empty xenstore path")
     body = text

@@ -206,8 +206,8 @@ class Decoder:
         self._max_payload = max_payload
         self._error: WireError | None = None
 
-    def feed(self, data: bytes) -> None:
-        """Append received bytes."""
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append received bytes (copied: the caller may reuse its buffer)."""
         if self._pos and self._pos == len(self._buf):
             self._buf.clear()
             self._pos = 0

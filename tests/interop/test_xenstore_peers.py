@@ -6,6 +6,7 @@ import subprocess
 import threading
 from typing import Any
 
+import pytest
 import pyxs
 
 from xenpv import peers
@@ -60,6 +61,7 @@ def test_test_xenstore_without_server_exits_2(xs_server: Any) -> None:
     assert test_xenstore(env).returncode == 2
 
 
+@pytest.mark.timeout(TIMEOUT)  # pyxs calls block without a timeout of their own
 def test_pyxs_client_operations(xs_server: Any) -> None:
     with pyxs.Client(unix_socket_path=xs_server.socket) as c:
         c[b"/pyxs/a"] = b"1"
@@ -84,6 +86,7 @@ def test_pyxs_client_operations(xs_server: Any) -> None:
             raise AssertionError("reading a missing key must fail")
 
 
+@pytest.mark.timeout(TIMEOUT)  # pyxs calls block without a timeout of their own
 def test_pyxs_transactions_commit_abort_and_conflict(xs_server: Any) -> None:
     with pyxs.Client(unix_socket_path=xs_server.socket) as c, \
             pyxs.Client(unix_socket_path=xs_server.socket) as other:
@@ -105,6 +108,7 @@ def test_pyxs_transactions_commit_abort_and_conflict(xs_server: Any) -> None:
         assert other[b"/tx/n"] == b"99"
 
 
+@pytest.mark.timeout(TIMEOUT)  # pyxs calls block without a timeout of their own
 def test_pyxs_monitor_watches(xs_server: Any) -> None:
     with pyxs.Client(unix_socket_path=xs_server.socket) as c:
         c[b"/mon/x"] = b"0"

@@ -1,0 +1,729 @@
+"""vchan server and client endpoints over the platform interfaces (libxenvchan-compatible).
+
+Theory of operation
+-------------------
+Setup follows xen-protocols.md §10.3 step by step, with every platform object passed in:
+
+* :meth:`VchanServer.create` allocates an unbound port for the client, shares the control
+  page with an unmap notification (clear ``srv_live``, signal the port) so that the client
+  learns of our death, fills in orders, live and notify bytes and the grant list, shares
+  the out-of-page ring pages, and publishes ``ring-ref`` and ``event-channel`` under the
+  caller's path in one xenstore transaction (retried on ``EAGAIN``), readable only by the
+  client (``[n<self>, r<client>]``; our domid comes from the relative key ``domid``).
+* :meth:`VchanClient.create` reads and validates the two keys, binds the port, maps the
+  control page read-write with an unmap notification (clear ``cli_live``, signal), copies
+  the orders and grant list out of the page *once* and validates them (scenario 26), maps
+  the ring it writes read-write and the ring it reads read-only, then marks itself live and
+  wakes the server.
+
+Everything a peer wrote is validated before use; a bad value raises
+:class:`~xenpv.vchan.errors.VchanPeerError` after releasing what was set up so far.
+
+Data moves through :class:`~xenpv.vchan.ring.VchanRings`.  Waiting goes through an
+:class:`EventHub`, which shares one event-channel handle between all endpoints of a
+platform: a pending port is unmasked at once (before the ring is re-examined, §12
+pitfall 7) and handed to the endpoint that owns it.  Blocking calls spin on the ring for a
+few tens of microseconds before sleeping on the event channel (waking another vCPU costs
+~30 µs on this machine kind, machine-baseline.md), and always request a notification and
+re-check the ring before they sleep.
+
+Close: own live byte to 0, release the ring views, end the shares / unmap the mappings,
+signal the port unconditionally and unbind it; the server also removes its xenstore path.
+A share the peer still maps cannot be ended yet (loopback ``GrantInUse``, R8): it is put
+in quarantine and retried on later vchan operations of that grant table (and by
+:func:`reap`) until the peer lets go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import struct
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ClassVar, TypeVar
+
+from xenpv.errors import LocalError, PeerError, PlatformError
+from xenpv.platforms.base import GrantInUse, UnmapNotify
+from xenpv.protocols import ProtocolError
+from xenpv.protocols.vchan import (
+    KEY_EVENT_CHANNEL,
+    KEY_RING_REF,
+    VCHAN_CLI_CONNECTED,
+    VCHAN_CLI_LIVE_OFFSET,
+    VCHAN_CLI_NOTIFY_OFFSET,
+    VCHAN_CLI_WAITING,
+    VCHAN_GRANTS_OFFSET,
+    VCHAN_IN_PAGE_OFFSETS,
+    VCHAN_LEFT_ORDER_OFFSET,
+    VCHAN_NOTIFY_WRITE,
+    VCHAN_SRV_ALIVE,
+    VCHAN_SRV_LIVE_OFFSET,
+    VCHAN_SRV_NOTIFY_OFFSET,
+    choose_orders,
+    pages_for_order,
+    parse_grants,
+)
+from xenpv.vchan.errors import VchanBroken, VchanPeerError
+from xenpv.vchan.ring import VchanRings
+
+__all__ = [
+    "DEFAULT_SPIN_US",
+    "EventHub",
+    "VchanClient",
+    "VchanEndpoint",
+    "VchanServer",
+    "reap",
+    "run_blocking",
+    "wait_reaped",
+]
+
+T = TypeVar("T")
+
+#: How long blocking calls poll the ring before sleeping on the event channel.
+DEFAULT_SPIN_US = 50
+#: Events taken per wake-up of the asyncio reader (bounded work under an event storm, R10).
+_EVENTS_PER_WAKEUP = 64
+PAGE = 4096
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def run_blocking(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run the coroutine made by ``fn`` to completion on a private loop in a helper thread
+    (so blocking callers work whether or not a loop runs in their own thread)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(fn())
+        except BaseException as exc:
+            box["error"] = exc
+
+    t = threading.Thread(target=target, name="xenpv-vchan-xenstore", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def parse_number(raw: bytes, what: str, *, low: int = 1, high: int = 0xFFFFFFFF) -> int:
+    """A peer-written decimal xenstore value in ``[low, high]``; else :class:`VchanPeerError`.
+
+    libxenvchan treats 0 (and unparsable text, which ``atoi`` turns into 0) as an error;
+    here anything but plain ASCII digits is refused too (R5)."""
+    text = raw.rstrip(b"\0")
+    if not text or len(text) > 10 or not text.isdigit():
+        raise VchanPeerError(f"vchan {what} {raw[:32]!r} is not a decimal number")
+    value = int(text)
+    if not low <= value <= high:
+        raise VchanPeerError(f"vchan {what} {value} outside {low}..{high}")
+    return value
+
+
+async def _with_xenstore(platform: Any, xs: Any, fn: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``fn(xs)`` with the given client, or a private one opened (and closed) here."""
+    if xs is not None:
+        return await fn(xs)
+    own = await platform.xenstore()
+    try:
+        return await fn(own)
+    finally:
+        await own.close()
+
+
+def _share_with_notify(gt: Any, domid: int, notify: UnmapNotify) -> Any:
+    """Share one page with an unmap notification attached (at share time where the platform
+    only supports that, as libxengnttab does)."""
+    if "notify" in inspect.signature(gt.grant).parameters:
+        return gt.grant(domid, 1, writable=True, notify=notify)
+    pages = gt.grant(domid, 1, writable=True)
+    try:
+        gt.set_unmap_notify(pages, notify)
+    except BaseException:
+        gt.end_access(pages)
+        raise
+    return pages
+
+
+# Shares whose grantee still mapped them at close: (grant table, pages).
+_quarantine: list[tuple[Any, Any]] = []
+
+
+def _end_or_quarantine(gt: Any, pages: Any) -> None:
+    try:
+        gt.end_access(pages)
+    except GrantInUse:
+        _quarantine.append((gt, pages))
+
+
+def reap(grants: Any | None = None) -> int:
+    """Retry ending quarantined shares (of one grant table, or all); returns how many are
+    still held because the peer keeps them mapped."""
+    left = 0
+    for item in list(_quarantine):
+        gt, pages = item
+        if grants is not None and gt is not grants:
+            continue
+        try:
+            gt.end_access(pages)
+        except GrantInUse:
+            left += 1
+            continue
+        except (LocalError, PlatformError):
+            pass  # the handle was closed meanwhile: everything went with it
+        _quarantine.remove(item)
+    return left
+
+
+async def wait_reaped(grants: Any, timeout: float) -> bool:
+    """Retry :func:`reap` for ``grants`` for up to ``timeout`` seconds; True once nothing
+    of it is quarantined any more."""
+    deadline = time.monotonic() + timeout
+    while reap(grants):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+# --------------------------------------------------------------------------- events
+
+
+class EventHub:
+    """Shares one event-channel handle between the vchan endpoints that use it.
+
+    A port taken from the handle is unmasked at once, then either handed to the asyncio
+    callback registered for it or remembered as fired for a blocking waiter."""
+
+    _hubs: ClassVar[dict[int, EventHub]] = {}
+
+    def __init__(self, events: Any) -> None:
+        self.events = events
+        self.fired: set[int] = set()
+        self.callbacks: dict[int, Callable[[], None]] = {}
+        self.users = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd = -1
+        #: Event deliveries seen (diagnostics; a storm shows up here).
+        self.deliveries = 0
+
+    @classmethod
+    def attach(cls, events: Any) -> EventHub:
+        """The hub of ``events`` (created on first use); balance with :meth:`detach`."""
+        hub = cls._hubs.get(id(events))
+        if hub is None or hub.events is not events:
+            hub = cls._hubs[id(events)] = cls(events)
+        hub.users += 1
+        return hub
+
+    def detach(self, port: int) -> None:
+        """Forget ``port``; the last user removes the hub."""
+        self.fired.discard(port)
+        self.unwatch(port)
+        self.users -= 1
+        if self.users <= 0 and self._hubs.get(id(self.events)) is self:
+            del self._hubs[id(self.events)]
+
+    def _deliver(self, port: int) -> None:
+        self.deliveries += 1
+        with contextlib.suppress(PlatformError, LocalError):
+            self.events.unmask(port)  # before anyone re-examines the ring
+        cb = self.callbacks.get(port)
+        if cb is not None:
+            cb()
+        else:
+            self.fired.add(port)
+
+    def take(self, port: int) -> bool:
+        """True (once) if ``port`` fired since the last call."""
+        if port in self.fired:
+            self.fired.discard(port)
+            return True
+        return False
+
+    def wait(self, port: int, timeout: float | None) -> bool:
+        """Block until ``port`` fires (True) or ``timeout`` seconds pass (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.take(port):
+                return True
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            got = self.events.pending(remaining)
+            if got is None:
+                return self.take(port)
+            self._deliver(got)
+
+    # -- asyncio
+    def watch(self, port: int, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` from the running loop whenever ``port`` fires."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._fd = self.events.fileno()
+            loop.add_reader(self._fd, self._on_readable)
+            self._loop = loop
+        elif self._loop is not loop:
+            raise LocalError("vchan endpoints of one platform must share one event loop")
+        self.callbacks[port] = callback
+        if self.take(port):
+            loop.call_soon(callback)
+
+    def unwatch(self, port: int) -> None:
+        """Stop calling back for ``port``."""
+        self.callbacks.pop(port, None)
+        if not self.callbacks and self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._fd)
+            self._loop = None
+
+    def _on_readable(self) -> None:
+        for _ in range(_EVENTS_PER_WAKEUP):
+            try:
+                port = self.events.pending(0)
+            except (LocalError, PlatformError):
+                return
+            if port is None:
+                return
+            self._deliver(port)
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+class VchanEndpoint:
+    """What servers and clients share: the data path, waiting and the blocking API."""
+
+    is_server: ClassVar[bool]
+
+    def __init__(self, platform: Any, peer_domid: int, path: str, port: int,
+                 rings: VchanRings) -> None:
+        self.platform = platform
+        self.peer_domid = peer_domid
+        self.path = path
+        self.port = port
+        self.rings = rings
+        self.events = platform.events
+        self.hub = EventHub.attach(self.events)
+        self.spin_us = DEFAULT_SPIN_US
+        self.closed = False
+
+    # -- state
+    @property
+    def is_open(self) -> int:
+        """libxenvchan's ``is_open``: server: the client's live byte (2 waiting for a
+        client, 1 connected, 0 gone); client: the server's (1 alive, 0 gone)."""
+        if self.closed:
+            return 0
+        live = self.rings.peer_live()
+        if live > (VCHAN_CLI_WAITING if self.is_server else VCHAN_SRV_ALIVE):
+            self._fail(f"peer live byte {live} is not a valid state")
+        return live
+
+    def _fail(self, why: str) -> None:
+        if self.rings.broken is None:
+            self.rings.broken = why
+        raise VchanBroken(f"vchan {self.path}: {self.rings.broken}")
+
+    def _check(self) -> None:
+        if self.closed:
+            raise LocalError(f"vchan {self.path} is closed")
+        if self.rings.broken is not None:
+            raise VchanBroken(f"vchan {self.path}: {self.rings.broken}")
+
+    def _kick(self) -> None:
+        if self.rings.kick:
+            self.rings.kick = False
+            self.events.notify(self.port)
+
+    def data_ready(self) -> int:
+        """Bytes that can be read now without waiting."""
+        self._check()
+        n = self.rings.data_ready()
+        self._check()
+        return n
+
+    def buffer_space(self) -> int:
+        """Bytes that can be written now without waiting."""
+        self._check()
+        n = self.rings.buffer_space()
+        self._check()
+        return n
+
+    # -- non-blocking data path
+    def send_nowait(self, data: Any) -> int:
+        """Write what fits now (possibly 0); :class:`BrokenPipeError` once the peer left."""
+        self._check()
+        if not self.is_open:
+            raise BrokenPipeError(f"vchan {self.path}: peer is gone")
+        n = self.rings.send(data)
+        self._kick()
+        if n == 0:
+            self._check()
+        return n
+
+    def recv_nowait(self, buf: Any, want: int = -1) -> int:
+        """Read what is available now into ``buf`` (possibly 0)."""
+        self._check()
+        n = self.rings.recv_into(buf, want)
+        self._kick()
+        if n == 0:
+            self._check()
+        return n
+
+    # -- waiting
+    def _spin(self, ready: Callable[[], int]) -> bool:
+        if self.spin_us <= 0:
+            return False
+        end = time.perf_counter_ns() + self.spin_us * 1000
+        while time.perf_counter_ns() < end:
+            if ready():
+                return True
+        return False
+
+    def _sleep(self, ready: Callable[[], int], timeout: float | None) -> bool:
+        """Spin, then sleep on the event channel; False if ``timeout`` passed."""
+        if self._spin(ready):
+            return True
+        return self.hub.wait(self.port, timeout)
+
+    def wait_event(self, timeout: float | None = None) -> bool:
+        """Block until our port fires (True) or ``timeout`` passes (False)."""
+        self._check()
+        return self.hub.wait(self.port, timeout)
+
+    def wait_readable(self, timeout: float | None = None) -> bool:
+        """Block until data can be read or the peer has gone (True), or ``timeout`` (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._check()
+            self.rings.request_notify(VCHAN_NOTIFY_WRITE)
+            if self.data_ready() or not self.is_open:
+                return True
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            self._sleep(self.rings.data_ready, remaining)
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        """Server: block until a client is connected (True) or ``timeout`` (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._check()
+            if self.is_open == VCHAN_CLI_CONNECTED:
+                return True
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            self.hub.wait(self.port, remaining)
+
+    # -- blocking API
+    def send(self, data: Any, timeout: float | None = None) -> int:
+        """Write all of ``data``, waiting for room; returns ``len(data)``.
+
+        :class:`BrokenPipeError` if the peer leaves first, :class:`TimeoutError` after
+        ``timeout`` seconds."""
+        src = memoryview(data).cast("B")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pos = 0
+        while pos < len(src):
+            pos += self.send_nowait(src[pos:])
+            if pos < len(src):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"vchan {self.path}: send timed out after {pos} bytes")
+                self._sleep(self.rings.buffer_space, remaining)
+        return pos
+
+    def recv_into(self, buf: Any, want: int = -1, timeout: float | None = None) -> int:
+        """Read at least one byte into ``buf`` (up to ``want``), waiting if needed.
+
+        Returns 0 at end of stream (the peer has gone and everything it sent was read);
+        :class:`TimeoutError` after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            n = self.recv_nowait(buf, want)
+            if n:
+                return n
+            if not self.is_open:
+                return self.recv_nowait(buf, want)  # data that raced with the close
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"vchan {self.path}: nothing to read")
+            self._sleep(self.rings.data_ready, remaining)
+
+    def recv(self, n: int, timeout: float | None = None) -> bytes:
+        """Read up to ``n`` bytes (at least one; ``b""`` at end of stream)."""
+        buf = bytearray(n)
+        got = self.recv_into(buf, n, timeout)
+        return bytes(buf[:got])
+
+    def recv_exactly(self, n: int, timeout: float | None = None) -> bytes:
+        """Read exactly ``n`` bytes; :class:`EOFError` if the stream ends first."""
+        buf = bytearray(n)
+        view = memoryview(buf)
+        pos = 0
+        while pos < n:
+            got = self.recv_into(view[pos:], n - pos, timeout)
+            if not got:
+                raise EOFError(f"vchan {self.path}: stream ended after {pos} of {n} bytes")
+            pos += got
+        return bytes(buf)
+
+    # -- close
+    def release(self) -> None:
+        """Tear down the shared state (no xenstore work); idempotent."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Close the vchan (blocking; the server also removes its xenstore path)."""
+        self.release()
+
+    async def aclose(self, xs: Any = None) -> None:
+        """Close the vchan from asyncio code."""
+        self.release()
+
+    def _release_events(self) -> None:
+        with contextlib.suppress(PlatformError, LocalError):
+            self.events.notify(self.port)  # unconditionally: the peer must look at us
+        self.hub.detach(self.port)
+        with contextlib.suppress(PlatformError, LocalError):
+            self.events.unbind(self.port)
+
+    def __enter__(self: Any) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class VchanServer(VchanEndpoint):
+    """The granting side of a vchan (libxenvchan ``server_init``).
+
+    Blocking construction: ``VchanServer(platform, client_domid, path, read_min=…,
+    write_min=…)``; from asyncio: ``await VchanServer.create(…)``.  ``read_min`` is the
+    least size of the ring the server reads (left), ``write_min`` of the one it writes."""
+
+    is_server = True
+
+    def __init__(self, platform: Any, client_domid: int, path: str, *, read_min: int = 0,
+                 write_min: int = 0, _setup: Any = None) -> None:
+        if _setup is None:
+            server = run_blocking(
+                lambda: VchanServer.create(platform, client_domid, path, read_min=read_min,
+                                           write_min=write_min))
+            self.__dict__.update(server.__dict__)
+            return
+        port, ctrl, shares, rings = _setup
+        super().__init__(platform, client_domid, path, port, rings)
+        self.ctrl = ctrl
+        self.shares = shares
+
+    @classmethod
+    async def create(cls, platform: Any, client_domid: int, path: str, *, read_min: int = 0,
+                     write_min: int = 0, xs: Any = None) -> VchanServer:
+        """Set up the vchan and publish it at ``path`` (see the module docstring)."""
+        left_order, right_order = choose_orders(read_min, write_min)
+        gt, events = platform.grants, platform.events
+        reap(gt)
+        port = events.alloc_unbound(client_domid)
+        ctrl = None
+        shares: list[Any] = []
+        try:
+            events.unmask(port)
+            ctrl = _share_with_notify(
+                gt, client_domid, UnmapNotify(VCHAN_SRV_LIVE_OFFSET, clear_byte=True, port=port))
+            mem = ctrl.mem
+            mem[:PAGE] = bytes(PAGE)  # R7, although fresh pages are zeroed already
+            struct.pack_into("<HH", mem, VCHAN_LEFT_ORDER_OFFSET, left_order, right_order)
+            mem[VCHAN_CLI_LIVE_OFFSET] = VCHAN_CLI_WAITING
+            mem[VCHAN_SRV_LIVE_OFFSET] = VCHAN_SRV_ALIVE
+            mem[VCHAN_CLI_NOTIFY_OFFSET] = VCHAN_NOTIFY_WRITE
+            refs: list[int] = []
+            views: list[memoryview] = []
+            for order in (left_order, right_order):
+                if order in VCHAN_IN_PAGE_OFFSETS:
+                    off = VCHAN_IN_PAGE_OFFSETS[order]
+                    views.append(mem[off : off + (1 << order)])
+                else:
+                    pages = gt.grant(client_domid, pages_for_order(order), writable=True)
+                    shares.append(pages)
+                    refs.extend(pages.refs)
+                    views.append(pages.mem)
+            if refs:
+                struct.pack_into(f"<{len(refs)}I", mem, VCHAN_GRANTS_OFFSET, *refs)
+            rings = VchanRings(mem, views[0], 1 << left_order, views[1], 1 << right_order,
+                               is_server=True)
+
+            async def publish(xs: Any) -> None:
+                own = parse_number(await xs.read("domid"), "own domid", low=0, high=0xFFFF)
+                perms = [f"n{own}", f"r{client_domid}"]
+
+                async def write(t: Any) -> None:
+                    await t.write(f"{path}/{KEY_RING_REF}", str(ctrl.refs[0]))
+                    await t.set_perms(f"{path}/{KEY_RING_REF}", perms)
+                    await t.write(f"{path}/{KEY_EVENT_CHANNEL}", str(port))
+                    await t.set_perms(f"{path}/{KEY_EVENT_CHANNEL}", perms)
+
+                await xs.transact(write, retries=64)
+
+            await _with_xenstore(platform, xs, publish)
+        except BaseException:
+            for pages in shares:
+                _end_or_quarantine(gt, pages)
+            if ctrl is not None:
+                _end_or_quarantine(gt, ctrl)
+            with contextlib.suppress(PlatformError, LocalError):
+                events.unbind(port)
+            raise
+        return cls(platform, client_domid, path, _setup=(port, ctrl, shares, rings))
+
+    def release(self) -> None:
+        """srv_live = 0, unshare everything, signal and unbind the port (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.rings.set_live(0)
+        self.rings.release()
+        gt = self.platform.grants
+        with contextlib.suppress(PlatformError, LocalError):
+            for pages in self.shares:
+                _end_or_quarantine(gt, pages)
+            _end_or_quarantine(gt, self.ctrl)
+        self._release_events()
+        with contextlib.suppress(PlatformError, LocalError):
+            reap(gt)
+
+    async def remove_path(self, xs: Any = None) -> None:
+        """Remove the published xenstore path."""
+        async def rm(c: Any) -> None:
+            await c.rm(self.path)
+
+        with contextlib.suppress(PlatformError, LocalError, PeerError, OSError):
+            await _with_xenstore(self.platform, xs, rm)
+
+    def close(self, linger: float = 0.0) -> None:
+        """Close and remove the xenstore path (blocking).
+
+        With ``linger`` > 0, wait up to that long for the client to unmap the shared pages
+        so that they are ended before returning (else they stay in quarantine)."""
+        if self.closed:
+            return
+        self.release()
+        run_blocking(self.remove_path)
+        deadline = time.monotonic() + linger
+        while reap(self.platform.grants) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    async def aclose(self, xs: Any = None, linger: float = 0.0) -> None:
+        """Close and remove the xenstore path (asyncio); ``linger`` as for :meth:`close`."""
+        if not self.closed:
+            self.release()
+            await self.remove_path(xs)
+        await wait_reaped(self.platform.grants, linger)
+
+
+class VchanClient(VchanEndpoint):
+    """The mapping side of a vchan (libxenvchan ``client_init``).
+
+    Blocking construction: ``VchanClient(platform, server_domid, path)``; from asyncio:
+    ``await VchanClient.create(…)``."""
+
+    is_server = False
+
+    def __init__(self, platform: Any, server_domid: int, path: str, *, _setup: Any = None) -> None:
+        if _setup is None:
+            client = run_blocking(lambda: VchanClient.create(platform, server_domid, path))
+            self.__dict__.update(client.__dict__)
+            return
+        port, ctrl, mappings, rings = _setup
+        super().__init__(platform, server_domid, path, port, rings)
+        self.ctrl = ctrl
+        self.mappings = mappings
+
+    @classmethod
+    async def create(cls, platform: Any, server_domid: int, path: str, *,
+                     xs: Any = None) -> VchanClient:
+        """Connect to the vchan published at ``path`` by ``server_domid``."""
+
+        async def read_keys(c: Any) -> tuple[int, int]:
+            ref = parse_number(await c.read(f"{path}/{KEY_RING_REF}"), "ring-ref")
+            evt = parse_number(await c.read(f"{path}/{KEY_EVENT_CHANNEL}"), "event-channel")
+            return ref, evt
+
+        ring_ref, remote_port = await _with_xenstore(platform, xs, read_keys)
+        return cls.attach(platform, server_domid, path, ring_ref, remote_port)
+
+    @classmethod
+    def attach(cls, platform: Any, server_domid: int, path: str, ring_ref: int,
+               remote_port: int) -> VchanClient:
+        """Connect given the (already read) ``ring-ref`` and ``event-channel`` values."""
+        gt, events = platform.grants, platform.events
+        reap(gt)
+        try:
+            port = events.bind_interdomain(server_domid, remote_port)
+        except PlatformError as exc:
+            raise VchanPeerError(f"vchan {path}: cannot bind event channel {remote_port}: {exc}") from exc
+        ctrl = None
+        mappings: list[Any] = []
+        try:
+            events.unmask(port)
+            try:
+                ctrl = gt.map(server_domid, [ring_ref], writable=True,
+                              notify=UnmapNotify(VCHAN_CLI_LIVE_OFFSET, clear_byte=True, port=port))
+            except PlatformError as exc:
+                raise VchanPeerError(f"vchan {path}: cannot map ring-ref {ring_ref}: {exc}") from exc
+            mem = ctrl.mem
+            page = bytes(mem[:PAGE])  # orders and grant list: one fetch (R1)
+            left_order, right_order = struct.unpack_from("<HH", page, VCHAN_LEFT_ORDER_OFFSET)
+            try:
+                left_refs, right_refs = parse_grants(page, left_order, right_order)
+            except ProtocolError as exc:
+                raise VchanPeerError(f"vchan {path}: {exc}") from exc
+            views: list[memoryview] = []
+            for order, refs, writable in ((left_order, left_refs, True),
+                                          (right_order, right_refs, False)):
+                if order in VCHAN_IN_PAGE_OFFSETS:
+                    off = VCHAN_IN_PAGE_OFFSETS[order]
+                    views.append(mem[off : off + (1 << order)])
+                    continue
+                try:
+                    m = gt.map(server_domid, refs, writable=writable)
+                except PlatformError as exc:
+                    raise VchanPeerError(f"vchan {path}: cannot map ring pages: {exc}") from exc
+                mappings.append(m)
+                views.append(m.mem)
+            rings = VchanRings(mem, views[1], 1 << right_order, views[0], 1 << left_order,
+                               is_server=False)
+            mem[VCHAN_CLI_LIVE_OFFSET] = VCHAN_CLI_CONNECTED
+            mem[VCHAN_SRV_NOTIFY_OFFSET] = VCHAN_NOTIFY_WRITE
+            events.notify(port)  # wake the server
+        except BaseException:
+            for m in mappings:
+                with contextlib.suppress(PlatformError, LocalError):
+                    gt.unmap(m)
+            if ctrl is not None:
+                with contextlib.suppress(PlatformError, LocalError):
+                    gt.unmap(ctrl)
+            with contextlib.suppress(PlatformError, LocalError):
+                events.unbind(port)
+            raise
+        return cls(platform, server_domid, path, _setup=(port, ctrl, mappings, rings))
+
+    def release(self) -> None:
+        """cli_live = 0, unmap everything, signal and unbind the port (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.rings.set_live(0)
+        self.rings.release()
+        gt = self.platform.grants
+        for m in [*self.mappings, self.ctrl]:
+            with contextlib.suppress(PlatformError, LocalError):
+                gt.unmap(m)
+        self._release_events()

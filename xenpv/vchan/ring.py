@@ -1,0 +1,255 @@
+"""The vchan data path over mapped memory: two byte rings, notify bits, live bytes (sans-IO).
+
+Theory of operation
+-------------------
+A vchan endpoint owns one control page (``vchan_interface``, xen-protocols.md §10.1) and
+two byte rings: the one it *reads* and the one it *writes*.  The server reads the left ring
+and writes the right one; the client the other way round.  :class:`VchanRings` does all
+shared-memory work of one endpoint and nothing else: it never signals an event channel,
+never waits and never touches xenstore.  Every call returns what happened, and
+:attr:`VchanRings.kick` tells the caller whether the peer asked to be signalled (the
+caller then notifies the event channel), in the style of Mirage's
+``push_requests_and_check_notify``.
+
+Indexes.  Both indexes of a ring are free-running u32 counters in the control page.  The
+index this side advances (``cons`` of the ring it reads, ``prod`` of the ring it writes)
+is kept privately and only *stored* to the page; the peer's index is *loaded* once per
+pass (R1).  Each pass also loads our own index back: a peer that rewrote it, or a peer
+index more than the ring size away from ours (R2, scenario 26), is an insane state.  An
+insane pass reads as 0 bytes available / 0 bytes free (so nothing is ever copied beyond
+the ring, and nothing outside it is touched), and :attr:`VchanRings.broken` records the
+reason; the endpoint then reports a :class:`~xenpv.vchan.errors.VchanBroken` peer error
+and the rings stay locked for good (R4).
+
+Copies are at most two slice copies per call (the data may wrap at the end of the ring),
+64 KiB at a time or whatever fits, so a bulk transfer costs a handful of Python calls per
+chunk.  Barriers follow libxenvchan's placement (§10.2): full barrier between loading the
+indexes and writing data, write barrier before publishing ``prod``, read barrier after
+loading ``prod``, full barrier before publishing ``cons`` and before consulting the notify
+byte.  The notify bytes are changed with atomic byte operations from :mod:`xenpv.rings`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from xenpv.protocols.vchan import (
+    VCHAN_CLI_LIVE_OFFSET,
+    VCHAN_CLI_NOTIFY_OFFSET,
+    VCHAN_LEFT_CONS_OFFSET,
+    VCHAN_LEFT_PROD_OFFSET,
+    VCHAN_NOTIFY_READ,
+    VCHAN_NOTIFY_WRITE,
+    VCHAN_RIGHT_CONS_OFFSET,
+    VCHAN_RIGHT_PROD_OFFSET,
+    VCHAN_SRV_LIVE_OFFSET,
+    VCHAN_SRV_NOTIFY_OFFSET,
+)
+from xenpv.rings import atomic_fetch_and_clear8, atomic_or8, full_barrier
+
+__all__ = ["MASK32", "VchanRings"]
+
+MASK32 = 0xFFFFFFFF
+
+
+class VchanRings:
+    """Shared-memory operations of one vchan endpoint.
+
+    ``ctrl`` is a writable view of the control page; ``rd_data``/``wr_data`` views of the
+    ring this side reads (may be read-only) and the ring it writes, of sizes ``rd_size``
+    and ``wr_size`` (powers of two).  ``is_server`` selects which indexes and bytes are
+    whose.  The own indexes start from the values currently in the page.
+    """
+
+    def __init__(
+        self,
+        ctrl: memoryview,
+        rd_data: memoryview,
+        rd_size: int,
+        wr_data: memoryview,
+        wr_size: int,
+        *,
+        is_server: bool,
+    ) -> None:
+        self.is_server = is_server
+        self._ctrl: memoryview | None = ctrl
+        self._words: memoryview | None = ctrl[:16].cast("I")
+        self._rd: memoryview | None = rd_data[:rd_size]
+        self._wr: memoryview | None = wr_data[:wr_size]
+        self.rd_size = rd_size
+        self.wr_size = wr_size
+        if is_server:  # server reads left, writes right
+            self._rd_cons_i, self._rd_prod_i = VCHAN_LEFT_CONS_OFFSET // 4, VCHAN_LEFT_PROD_OFFSET // 4
+            self._wr_cons_i, self._wr_prod_i = VCHAN_RIGHT_CONS_OFFSET // 4, VCHAN_RIGHT_PROD_OFFSET // 4
+            self._my_notify, self._peer_notify = VCHAN_SRV_NOTIFY_OFFSET, VCHAN_CLI_NOTIFY_OFFSET
+            self._my_live, self._peer_live = VCHAN_SRV_LIVE_OFFSET, VCHAN_CLI_LIVE_OFFSET
+        else:  # client reads right, writes left
+            self._rd_cons_i, self._rd_prod_i = VCHAN_RIGHT_CONS_OFFSET // 4, VCHAN_RIGHT_PROD_OFFSET // 4
+            self._wr_cons_i, self._wr_prod_i = VCHAN_LEFT_CONS_OFFSET // 4, VCHAN_LEFT_PROD_OFFSET // 4
+            self._my_notify, self._peer_notify = VCHAN_CLI_NOTIFY_OFFSET, VCHAN_SRV_NOTIFY_OFFSET
+            self._my_live, self._peer_live = VCHAN_CLI_LIVE_OFFSET, VCHAN_SRV_LIVE_OFFSET
+        w = self._words
+        self._rd_cons = int(w[self._rd_cons_i])
+        self._wr_prod = int(w[self._wr_prod_i])
+        #: Why the rings locked up (``None`` while sane).
+        self.broken: str | None = None
+        #: Set when the peer asked to be signalled after our last action; the caller
+        #: notifies the event channel and clears it.
+        self.kick = False
+        #: Insane passes seen (a hostile or broken peer).
+        self.insane_count = 0
+
+    # -- bookkeeping ------------------------------------------------------------------
+    def release(self) -> None:
+        """Drop every view of the shared memory; later calls see a broken, empty vchan."""
+        for view in (self._words, self._rd, self._wr):
+            if view is not None:
+                view.release()
+        self._ctrl = self._words = self._rd = self._wr = None
+        if self.broken is None:
+            self.broken = "released"
+
+    @property
+    def released(self) -> bool:
+        """True after :meth:`release`."""
+        return self._ctrl is None
+
+    def _insane(self, why: str) -> int:
+        self.insane_count += 1
+        if self.broken is None:
+            self.broken = why
+        return 0
+
+    # -- live and notify bytes --------------------------------------------------------
+    def peer_live(self) -> int:
+        """The peer's live byte (server: ``cli_live`` 2/1/0; client: ``srv_live`` 1/0).
+
+        0 once released."""
+        ctrl = self._ctrl
+        return 0 if ctrl is None else int(ctrl[self._peer_live])
+
+    def set_live(self, value: int) -> None:
+        """Store our own live byte."""
+        if self._ctrl is not None:
+            self._ctrl[self._my_live] = value
+
+    def request_notify(self, bit: int) -> None:
+        """Ask the peer to signal us after its next action of kind ``bit`` (OR into the
+        peer's check byte), then a full barrier so that the re-check that follows sees
+        everything published before the request."""
+        if self._ctrl is not None:
+            atomic_or8(self._ctrl, self._peer_notify, bit)
+            full_barrier()
+
+    def _send_notify(self, bit: int) -> None:
+        full_barrier()  # our index store is visible before we look at the request bit
+        if atomic_fetch_and_clear8(self._ctrl, self._my_notify, bit) & bit:
+            self.kick = True
+
+    # -- the ring we read -------------------------------------------------------------
+    def data_ready(self) -> int:
+        """Bytes readable now (0 for an insane state, which locks the rings)."""
+        w = self._words
+        if w is None or self.broken is not None:
+            return 0
+        prod = int(w[self._rd_prod_i])
+        cons = self._rd_cons
+        if int(w[self._rd_cons_i]) != cons:
+            return self._insane(f"peer rewrote our consumer index ({cons} -> {w[self._rd_cons_i]})")
+        ready = (prod - cons) & MASK32
+        if ready > self.rd_size:
+            return self._insane(
+                f"read ring prod {prod} cons {cons} claims {ready} bytes in a ring of {self.rd_size}"
+            )
+        return ready
+
+    def recv_into(self, buf: Any, want: int = -1) -> int:
+        """Move up to ``want`` (default: ``len(buf)``) available bytes into ``buf``.
+
+        When fewer than asked are available, notification of new data is requested first
+        and the ring re-checked (so a caller that then sleeps cannot miss a write).
+        After consuming, the peer is kicked if it asked (:attr:`kick`)."""
+        out = memoryview(buf).cast("B")
+        if want < 0 or want > len(out):
+            want = len(out)
+        ready = self.data_ready()
+        if ready < want and ready < self.rd_size:
+            self.request_notify(VCHAN_NOTIFY_WRITE)
+            ready = self.data_ready()
+        n = min(ready, want)
+        if n == 0:
+            return 0
+        rd = self._rd
+        assert rd is not None
+        size = self.rd_size
+        start = self._rd_cons & (size - 1)
+        first = min(n, size - start)
+        # (read barrier: the prod load above is a separate C call, done before these copies)
+        out[:first] = rd[start : start + first]
+        if n > first:
+            out[first:n] = rd[: n - first]
+        cons = (self._rd_cons + n) & MASK32
+        full_barrier()  # finish reading the data before the producer may overwrite it
+        self._words[self._rd_cons_i] = cons  # type: ignore[index]
+        self._rd_cons = cons
+        self._send_notify(VCHAN_NOTIFY_READ)
+        return n
+
+    def discard(self) -> int:
+        """Consume and drop everything readable now; returns the bytes dropped."""
+        n = self.data_ready()
+        if n:
+            cons = (self._rd_cons + n) & MASK32
+            full_barrier()
+            self._words[self._rd_cons_i] = cons  # type: ignore[index]
+            self._rd_cons = cons
+            self._send_notify(VCHAN_NOTIFY_READ)
+        return n
+
+    # -- the ring we write ------------------------------------------------------------
+    def buffer_space(self) -> int:
+        """Bytes writable now (0 for an insane state, which locks the rings)."""
+        w = self._words
+        if w is None or self.broken is not None:
+            return 0
+        cons = int(w[self._wr_cons_i])
+        prod = self._wr_prod
+        if int(w[self._wr_prod_i]) != prod:
+            return self._insane(f"peer rewrote our producer index ({prod} -> {w[self._wr_prod_i]})")
+        used = (prod - cons) & MASK32
+        if used > self.wr_size:
+            return self._insane(
+                f"write ring prod {prod} cons {cons} claims {used} bytes in a ring of {self.wr_size}"
+            )
+        return self.wr_size - used
+
+    def send(self, data: Any) -> int:
+        """Copy as much of ``data`` as fits into the ring we write and publish it.
+
+        When less room than ``len(data)`` is free, notification of the peer's reads is
+        requested first and the ring re-checked.  Returns the bytes written; after
+        writing, the peer is kicked if it asked (:attr:`kick`)."""
+        src = memoryview(data).cast("B")
+        want = len(src)
+        space = self.buffer_space()
+        if space < want:
+            self.request_notify(VCHAN_NOTIFY_READ)
+            space = self.buffer_space()
+        n = min(space, want)
+        if n == 0:
+            return 0
+        wr = self._wr
+        assert wr is not None
+        size = self.wr_size
+        start = self._wr_prod & (size - 1)
+        first = min(n, size - start)
+        full_barrier()  # indexes read before we overwrite data the consumer released
+        wr[start : start + first] = src[:first]
+        if n > first:
+            wr[: n - first] = src[first:n]
+        # (write barrier: the copies above are separate C calls, done before this store)
+        prod = (self._wr_prod + n) & MASK32
+        self._words[self._wr_prod_i] = prod  # type: ignore[index]
+        self._wr_prod = prod
+        self._send_notify(VCHAN_NOTIFY_WRITE)
+        return n

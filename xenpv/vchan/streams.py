@@ -1,0 +1,382 @@
+"""asyncio streams over vchan, in the style of ``asyncio.open_connection``/``start_server``.
+
+Theory of operation
+-------------------
+:class:`VchanTransport` is an :class:`asyncio.Transport` over one vchan endpoint, so the
+standard :class:`asyncio.StreamReader`/:class:`asyncio.StreamWriter` pair (and any
+:class:`asyncio.Protocol`) work unchanged.  The endpoint's event-channel port is watched
+through the platform's pollable fd (``loop.add_reader`` via
+:class:`~xenpv.vchan.endpoint.EventHub`); each notification runs :meth:`_service`:
+
+1. flush buffered writes into the ring we write (kicking the peer if it asked);
+2. move readable bytes to ``protocol.data_received`` (bounded per pass; a full pass
+   reschedules itself so one busy vchan does not starve the loop), honouring
+   ``pause_reading``;
+3. when the peer's live byte is 0 and nothing is left to read, deliver EOF, release the
+   endpoint (everything shared goes) and report ``connection_lost``.
+
+The data path always requests a notification and re-checks the ring before it goes back
+to waiting, so no wake-up is lost.  Writes beyond the ring go to a local buffer with
+high/low water marks (``pause_writing``/``resume_writing``: ``drain()`` works).  A peer
+error (insane indexes, scenario 26) closes the transport with that
+:class:`~xenpv.vchan.errors.VchanBroken` as the ``connection_lost`` error, which the
+reader raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from xenpv.errors import LocalError, PeerError, PlatformError
+from xenpv.protocols.vchan import VCHAN_CLI_CONNECTED
+from xenpv.vchan.endpoint import VchanClient, VchanEndpoint, VchanServer
+
+__all__ = ["VchanStreamServer", "VchanTransport", "open_connection", "start_server"]
+
+_READ_CHUNK = 1 << 16
+_PASS_BYTES = 1 << 20  # bytes handed to the protocol per pass before yielding to the loop
+_HIGH_WATER = 1 << 20
+_LOW_WATER = 1 << 18
+
+
+class VchanTransport(asyncio.Transport):
+    """An asyncio transport over a connected vchan endpoint."""
+
+    def __init__(self, endpoint: VchanEndpoint, protocol: asyncio.BaseProtocol,
+                 *, on_lost: Callable[[VchanEndpoint], None] | None = None) -> None:
+        super().__init__({"vchan": endpoint, "peername": (endpoint.peer_domid, endpoint.path)})
+        self._ep = endpoint
+        self._protocol: Any = protocol
+        self._loop = asyncio.get_running_loop()
+        self._wbuf = bytearray()
+        self._rbuf = bytearray(_READ_CHUNK)
+        self._reading = True
+        self._closing = False
+        self._lost = False
+        self._eof_seen = False
+        self._writing_paused = False
+        self._scheduled = False
+        self._on_lost = on_lost
+        endpoint.hub.watch(endpoint.port, self._schedule)
+        self._loop.call_soon(self._protocol.connection_made, self)
+        self._schedule()
+
+    # -- servicing
+    def _schedule(self) -> None:
+        if not self._scheduled and not self._lost:
+            self._scheduled = True
+            self._loop.call_soon(self._service)
+
+    def _service(self) -> None:
+        self._scheduled = False
+        if self._lost:
+            return
+        try:
+            self._flush()
+            again = self._pump()
+        except (PeerError, BrokenPipeError) as exc:
+            self._lose(exc if isinstance(exc, PeerError) else None)
+            return
+        if again:
+            self._schedule()
+
+    def _flush(self) -> None:
+        if not self._wbuf:
+            return
+        ep = self._ep
+        if not ep.is_open:
+            self._wbuf.clear()
+            raise BrokenPipeError("vchan peer is gone")
+        n = ep.send_nowait(self._wbuf)
+        if n:
+            del self._wbuf[:n]
+        self._check_water()
+        if not self._wbuf and self._closing and not self._lost:
+            self._lose(None)
+
+    def _check_water(self) -> None:
+        size = len(self._wbuf)
+        if not self._writing_paused and size > _HIGH_WATER:
+            self._writing_paused = True
+            self._protocol.pause_writing()
+        elif self._writing_paused and size <= _LOW_WATER:
+            self._writing_paused = False
+            self._protocol.resume_writing()
+
+    def _pump(self) -> bool:
+        """Hand readable data to the protocol; True if a further pass is due now."""
+        ep = self._ep
+        moved = 0
+        while self._reading and not self._lost and moved < _PASS_BYTES:
+            n = ep.recv_nowait(self._rbuf)
+            if not n:
+                break
+            moved += n
+            self._protocol.data_received(bytes(self._rbuf[:n]))
+        if self._lost or not self._reading:
+            return False
+        if moved >= _PASS_BYTES:
+            return True
+        if not ep.is_open and not ep.data_ready():
+            self._peer_gone()
+        return False
+
+    def _peer_gone(self) -> None:
+        if self._eof_seen:
+            return
+        self._eof_seen = True
+        with contextlib.suppress(AttributeError):
+            self._protocol.eof_received()
+        self._lose(None)
+
+    def _lose(self, exc: BaseException | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._wbuf.clear()
+        self._ep.hub.unwatch(self._ep.port)
+        self._ep.release()
+        if self._on_lost is not None:
+            self._on_lost(self._ep)
+        self._loop.call_soon(self._protocol.connection_lost, exc)
+
+    # -- asyncio.Transport API
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data``; as much as fits goes into the ring at once."""
+        if self._closing or self._lost:
+            return  # as socket transports do after close / connection loss
+        if not data:
+            return
+        if self._wbuf:
+            self._wbuf += data
+        else:
+            try:
+                if not self._ep.is_open:
+                    raise BrokenPipeError("vchan peer is gone")
+                n = self._ep.send_nowait(data)
+            except (PeerError, BrokenPipeError) as exc:
+                self._lose(exc if isinstance(exc, PeerError) else None)
+                return
+            if n < len(data):
+                self._wbuf += memoryview(data)[n:]
+        self._check_water()
+
+    def can_write_eof(self) -> bool:
+        """vchan has no half-close."""
+        return False
+
+    def write_eof(self) -> None:
+        """Not supported (vchan has no half-close)."""
+        raise NotImplementedError("vchan has no half-close")
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes queued locally, not yet in the ring."""
+        return len(self._wbuf)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        """(low, high) water marks."""
+        return _LOW_WATER, _HIGH_WATER
+
+    def pause_reading(self) -> None:
+        """Stop handing data to the protocol (the ring fills up, the peer waits)."""
+        self._reading = False
+
+    def resume_reading(self) -> None:
+        """Resume handing data to the protocol."""
+        if not self._reading:
+            self._reading = True
+            self._schedule()
+
+    def is_reading(self) -> bool:
+        """True unless paused."""
+        return self._reading and not self._lost
+
+    def is_closing(self) -> bool:
+        """True once closing or closed."""
+        return self._closing or self._lost
+
+    def close(self) -> None:
+        """Flush queued data (while the peer lives), then close the vchan."""
+        if self._closing or self._lost:
+            return
+        self._closing = True
+        if not self._wbuf:
+            self._lose(None)
+        else:
+            self._schedule()
+
+    def abort(self) -> None:
+        """Close at once, dropping queued data."""
+        self._closing = True
+        self._lose(None)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        """Replace the protocol."""
+        self._protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        """The current protocol."""
+        return self._protocol
+
+
+def _streams(limit: int) -> tuple[asyncio.StreamReader, Callable[..., asyncio.StreamReaderProtocol]]:
+    reader = asyncio.StreamReader(limit=limit)
+    return reader, lambda cb=None: asyncio.StreamReaderProtocol(reader, cb)
+
+
+async def open_connection(
+    platform: Any, server_domid: int, path: str, *, limit: int = 2**16, xs: Any = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to the vchan ``server_domid`` published at ``path``; returns
+    ``(reader, writer)`` like :func:`asyncio.open_connection`.
+
+    The writer's ``close()`` closes the vchan; reading returns EOF once the server has gone
+    and everything it sent was read."""
+    client = await VchanClient.create(platform, server_domid, path, xs=xs)
+    loop = asyncio.get_running_loop()
+    reader, make = _streams(limit)
+    protocol = make()
+    transport = VchanTransport(client, protocol)
+    await asyncio.sleep(0)  # connection_made runs
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+class VchanStreamServer:
+    """A vchan server publishing at one path and serving one client at a time.
+
+    Each connecting client gets ``callback(reader, writer)``.  When that connection ends
+    (the client left, or the writer was closed) the vchan is torn down and, unless the
+    server is closed, published afresh at the same path for the next client."""
+
+    def __init__(self, platform: Any, client_domid: int, path: str,
+                 callback: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+                 *, read_min: int, write_min: int, limit: int, xs: Any) -> None:
+        self.platform = platform
+        self.client_domid = client_domid
+        self.path = path
+        self.callback = callback
+        self.read_min = read_min
+        self.write_min = write_min
+        self.limit = limit
+        self._xs = xs
+        self.endpoint: VchanServer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+        #: Connections served so far.
+        self.connections = 0
+        self._handlers: set[asyncio.Task[Any]] = set()
+
+    async def _publish(self) -> None:
+        self.endpoint = await VchanServer.create(
+            self.platform, self.client_domid, self.path, read_min=self.read_min,
+            write_min=self.write_min, xs=self._xs)
+
+    async def _wait_client(self, ep: VchanServer) -> None:
+        ready = asyncio.Event()
+        ep.hub.watch(ep.port, ready.set)
+        try:
+            while ep.is_open != VCHAN_CLI_CONNECTED:
+                ready.clear()
+                if ep.is_open == VCHAN_CLI_CONNECTED:
+                    break
+                await ready.wait()
+        finally:
+            ep.hub.unwatch(ep.port)
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._closed.is_set():
+                ep = self.endpoint
+                if ep is None or ep.closed:
+                    await self._publish()
+                    ep = self.endpoint
+                    assert ep is not None
+                await self._wait_client(ep)
+                done = loop.create_future()
+                _reader, make = _streams(self.limit)
+
+                def connected(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+                    res = self.callback(r, w)
+                    if asyncio.iscoroutine(res):
+                        task = loop.create_task(res)
+                        self._handlers.add(task)
+                        task.add_done_callback(self._handlers.discard)
+
+                protocol = make(connected)
+
+                def lost(_ep: VchanEndpoint, done: asyncio.Future[None] = done) -> None:
+                    if not done.done():
+                        done.set_result(None)
+
+                VchanTransport(ep, protocol, on_lost=lost)
+                self.connections += 1
+                await done
+                await ep.remove_path(self._xs)
+        finally:
+            ep = self.endpoint
+            if ep is not None and not ep.closed:
+                await ep.aclose(self._xs)
+
+    def start(self) -> None:
+        """Start serving (called by :func:`start_server`)."""
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    def close(self) -> None:
+        """Stop serving: the current vchan (and its connection, if any) is closed."""
+        self._closed.set()
+        ep = self.endpoint
+        if self._task is not None:
+            self._task.cancel()
+        if ep is not None and not ep.closed:
+            ep.release()
+
+    async def wait_closed(self) -> None:
+        """Wait until the serving task has ended and the path is removed."""
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        ep = self.endpoint
+        if ep is not None:
+            await ep.remove_path(self._xs)
+
+    async def serve_forever(self) -> None:
+        """Serve until closed."""
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def __aenter__(self) -> VchanStreamServer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+
+async def start_server(
+    platform: Any,
+    client_domid: int,
+    path: str,
+    callback: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[Any] | None],
+    *,
+    read_min: int = 0,
+    write_min: int = 0,
+    limit: int = 2**16,
+    xs: Any = None,
+) -> VchanStreamServer:
+    """Publish a vchan for ``client_domid`` at ``path`` and call ``callback(reader,
+    writer)`` for each client connection (one at a time), like :func:`asyncio.start_server`.
+
+    The vchan is published before this returns, so a client may connect at once."""
+    server = VchanStreamServer(platform, client_domid, path, callback, read_min=read_min,
+                               write_min=write_min, limit=limit, xs=xs)
+    try:
+        await server._publish()
+    except (PlatformError, LocalError):
+        raise
+    server.start()
+    return server

@@ -286,3 +286,14 @@ def test_ls_on_a_terminal_uses_its_width(xs_env: dict[str, str], cols: int) -> N
         b = _run_on_terminal([sys.executable, "-m", "xenpv", "xenstore", "ls", *opts, "/t"],
                              xs_env, cols)
         assert a == b and a
+
+
+def test_multicall_xenstore_binary_agrees(xs_env: dict[str, str]) -> None:
+    """Xen's ``xenstore MODE …`` front end gives what ``xenpv xenstore MODE …`` gives."""
+    populate(xs_env)
+    exe = str(peers.find("xenstore"))
+    for mode, *args in (["read", "-p", "/t/a", "/t/esc"], ["list", "/t"], ["ls", "-f", "/t"],
+                        ["exists", "/t/long"], ["exists", "/t/none"]):
+        a = subprocess.run([exe, mode, *args], env=xs_env, capture_output=True, timeout=TIMEOUT)
+        b = ours(xs_env, mode, *args)
+        assert (a.returncode, a.stdout) == (b.returncode, b.stdout), (mode, a.stderr, b.stderr)

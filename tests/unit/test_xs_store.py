@@ -674,3 +674,18 @@ def test_requests_on_a_released_domains_connection_change_nothing(
     assert guest.err(T.WATCH, "/", "t") == "EINVAL"
     assert guest.write_err("/local/domain/5/x") == "EINVAL"
     assert store.check() == [] and store.watch_count(5) == 0
+
+
+def test_too_big_directory_reply_does_not_poison_the_transaction(dom0: Client) -> None:
+    for i in range(300):
+        dom0.write(f"/big/child-with-a-long-name-{i:04d}")
+    tx = dom0.start()
+    assert dom0.err(T.DIRECTORY, "/big", tx=tx) == "E2BIG"
+    dom0.ok(T.DIRECTORY_PART, "/big", "0", tx=tx)
+    assert dom0.commit(tx) == "OK"
+
+
+def test_refused_oversized_write_poisons_the_transaction(guest: Client) -> None:
+    tx = guest.start()
+    assert guest.write_err("big", b"x" * 3000, tx=tx) == "E2BIG"
+    assert guest.commit(tx) == "E2BIG"

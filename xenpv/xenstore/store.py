@@ -245,6 +245,7 @@ class _Fail(Exception):
 
 # Errors raised by a mutating request inside a transaction that poison it (R17).
 _POISONING = frozenset({"ENOSPC", "E2BIG", "ENOMEM"})
+_MUTATING = frozenset({11, 12, 13, 14})  # WRITE, MKDIR, RM, SET_PERMS
 
 
 class Transaction:
@@ -726,7 +727,11 @@ class Store:
                 raise _Fail("E2BIG")
         except _Fail as exc:
             self._fired.clear()
-            if tx is not None and exc.name in _POISONING:
+            # A quota failure (or a refused modification) poisons the transaction; a reply
+            # that is merely too big (DIRECTORY → E2BIG, then DIRECTORY_PART) does not.
+            if tx is not None and (
+                exc.name == "ENOSPC" or (exc.name in _POISONING and type_ in _MUTATING)
+            ):
                 tx.poisoned = tx.poisoned or exc.name
             name = exc.name.encode() + b"\0"
             return HEADER.pack(XsType.ERROR, req_id, tx_id, len(name)) + name

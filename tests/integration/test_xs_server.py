@@ -133,3 +133,28 @@ def test_bad_options_are_usage_errors(tmp_path: Path) -> None:
         )
         assert out.returncode == 2, bad
     assert not os.path.exists(tmp_path / "s")
+
+
+def test_always_eagain_option(tmp_path: Path) -> None:
+    with daemon(tmp_path, "--always-eagain") as proc:
+        with RawClient(str(tmp_path / "dom0.sock")) as dom0:
+            tx = int(dom0.ok(T.TRANSACTION_START, "")[:-1])
+            assert dom0.write("/x", b"1", tx=tx) == "OK"
+            assert dom0.err(T.TRANSACTION_END, "T", tx=tx) == "EAGAIN"
+            assert dom0.err(T.READ, "/x") == "ENOENT"
+        assert stop(proc)[0] == 0
+
+
+def test_unusable_state_file_or_socket_is_a_clean_error(tmp_path: Path) -> None:
+    bad_state = tmp_path / "state.json"
+    bad_state.write_text('{"version": 1, "nodes": [["/"]]}')
+    cases = [
+        ["--socket", str(tmp_path / "s"), "--state-file", str(bad_state)],
+        ["--socket", str(tmp_path / "no-such-dir" / "s")],
+    ]
+    for args in cases:
+        out = subprocess.run(
+            [sys.executable, "-m", "xenpv", "xenstored", *args], capture_output=True, timeout=30
+        )
+        assert out.returncode == 1, out.stderr
+        assert b"Traceback" not in out.stderr

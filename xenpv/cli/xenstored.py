@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 
+from xenpv.errors import LocalError
 from xenpv.xenstore.server import XenstoredServer
 from xenpv.xenstore.store import Quotas
 
@@ -103,5 +104,9 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             logging.error("bad quota %s=%s: %s", name, value, exc)
             return 2
-    asyncio.run(_serve(args, quotas))
+    try:
+        asyncio.run(_serve(args, quotas))
+    except (LocalError, OSError) as exc:
+        logging.error("%s", exc)
+        return 1
     return 0

@@ -41,6 +41,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from xenpv.errors import LocalError
 from xenpv.xenstore.store import Connection, Quotas, Store
 from xenpv.xenstore.wire import HEADER_SIZE, PAYLOAD_MAX, Decoder, WireError, XsType
 
@@ -269,7 +270,10 @@ class XenstoredServer:
         state_file: str | os.PathLike[str] | None = None,
         always_eagain: bool = False,
     ) -> None:
-        """Create the server; with ``state_file`` an existing saved tree is loaded."""
+        """Create the server; with ``state_file`` an existing saved tree is loaded.
+
+        Raises :class:`~xenpv.errors.LocalError` if the state file cannot be used.
+        """
         self.quotas = quotas if quotas is not None else Quotas()
         self.state_file = os.fspath(state_file) if state_file is not None else None
         self.store = self._load()
@@ -285,9 +289,12 @@ class XenstoredServer:
         path = self.state_file
         if path is None or not os.path.exists(path):
             return Store(self.quotas)
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-        return Store.from_state(state, self.quotas)
+        try:
+            with open(path, encoding="utf-8") as f:
+                state = json.load(f)
+            return Store.from_state(state, self.quotas)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise LocalError(f"xenstore state file {path} is unusable: {exc!r}") from None
 
     # -- sockets -----------------------------------------------------------------------
     async def listen(self, path: str, domid: int = 0) -> None:

@@ -266,9 +266,7 @@ class _Connection(asyncio.BufferedProtocol):
         """Send one request; return the future of its reply payload."""
         return self._submit(type_, payload, tx_id)[1]
 
-    def _submit(
-        self, type_: int, payload: bytes, tx_id: int
-    ) -> tuple[int, asyncio.Future[bytes]]:
+    def _submit(self, type_: int, payload: bytes, tx_id: int) -> tuple[int, asyncio.Future[bytes]]:
         if self.error is not None:
             raise self.error
         req_id = next(self._ids) & 0xFFFFFFFF
@@ -905,9 +903,7 @@ class XenstoreClient(_Ops):
         self, domid: int, gfn: int, evtchn: int, *, timeout: float | None = None
     ) -> None:
         """Introduce a domain to xenstored (dom0 only)."""
-        await self._call_ok(
-            XsType.INTRODUCE, wire.join(str(domid), str(gfn), str(evtchn)), timeout
-        )
+        await self._call_ok(XsType.INTRODUCE, wire.join(str(domid), str(gfn), str(evtchn)), timeout)
 
     async def release(self, domid: int, *, timeout: float | None = None) -> None:
         """Release a domain (dom0 only); fires ``@releaseDomain``."""
@@ -944,7 +940,6 @@ async def connect(path: str | None = None, *, timeout: float | None = None) -> X
     the same framing.  ``timeout`` becomes the default per-request timeout.
     """
     return await XenstoreClient.connect(path, timeout=timeout)
-
 
 
 class BlockingTransaction:

@@ -124,11 +124,6 @@ def test_ls_of_directory_too_big_for_one_reply(xs_env: dict[str, str]) -> None:
     assert [line.split(b" = ")[0].decode() for line in out.splitlines()] == BIG_NAMES
 
 
-@pytest.mark.xfail(
-    reason="embedded xenstored: an E2BIG DIRECTORY inside a transaction makes the commit "
-    "fail (E2BIG), so xenstore-list (which lists inside a transaction) cannot list it",
-    strict=False,
-)
 def test_list_of_directory_too_big_for_one_reply(xs_env: dict[str, str]) -> None:
     """xenstore-list runs in a transaction: the DIRECTORY_PART fallback must commit."""
     make_big_directory(xs_env)

@@ -429,3 +429,14 @@ def test_scenario_25_garbage_bytes_never_crash_the_server(
             c.closed_by_server()
     assert st.call(st.srv.store.check) == []
     assert_other_domain_served(st)
+
+
+def test_unlisten_removes_a_domain_socket_and_keeps_others(
+    xs: tuple[ServerThread, RawClient, RawClient],
+) -> None:
+    st, _, guest = xs
+    assert guest.write("data/accepted", b"1") == "OK"  # accepted before the socket goes
+    st.run(st.srv.unlisten(st.path(5)))
+    assert not Path(st.path(5)).exists()
+    assert guest.write("data/still-connected", b"1") == "OK"
+    assert_other_domain_served(st)

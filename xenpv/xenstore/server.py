@@ -310,6 +310,22 @@ class XenstoredServer:
         server = await loop.create_unix_server(lambda: _XsProtocol(self, domid), path)
         self._listeners.append((server, path))
 
+    async def unlisten(self, path: str) -> None:
+        """Stop serving ``path`` and remove it (its open connections stay; no-op if unknown)."""
+        keep = []
+        for server, spath in self._listeners:
+            if spath != path:
+                keep.append((server, spath))
+                continue
+            server.close()
+            await server.wait_closed()
+            try:
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self._listeners = keep
+
     async def close(self) -> None:
         """Stop listening, drop every connection, remove the sockets and save the state."""
         if self._closed:

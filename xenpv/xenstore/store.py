@@ -1292,6 +1292,9 @@ _CONTROL_HELP = (
 
 Handler = Callable[[Store, Connection, "Transaction | None", bytes], bytes]
 
+# io/xs_wire.h: enum xsd_sockmsg_type.  Absent here, and so answered ENOSYS: XS_RESTRICT
+# (20, removed), the upstream-only GET/SET_FEATURE and GET/SET_QUOTA (23-26), and the
+# server-to-client types WATCH_EVENT and ERROR.
 _HANDLERS: dict[int, Handler] = {
     XsType.CONTROL: Store._control,
     XsType.DIRECTORY: Store._directory,

@@ -59,7 +59,15 @@ def _wmb() -> None:
 
 
 def _words(buf: Any) -> tuple[memoryview, memoryview]:
-    """A writable byte view of ``buf`` and a u32 view of its first whole words."""
+    """A writable byte view of ``buf`` and a u32 view of its first whole words.
+
+    Hook: an object with a ``shared_views()`` method (the fuzzers' instrumented memory,
+    :mod:`xenpv.fuzz.memory`) supplies both views itself, so every access can be logged.
+    """
+    hook = getattr(buf, "shared_views", None)
+    if hook is not None:
+        views: tuple[memoryview, memoryview] = hook()
+        return views
     raw = memoryview(buf).cast("B")
     if raw.readonly:
         raise LocalError("ring memory must be writable")

@@ -13,6 +13,9 @@ READs of the same short value against it, in the same run:
 (e) ``c_echo_floor``     — the transport floor: a C client and a C server exchanging
     16-byte-header messages over the same kind of Unix socket (``csrc/xs_echo.c``).
 
+``client_only_vs_c_echo_server`` repeats (a) and (c) against the C echo server instead
+of xenstored, so the clients' own cost shows without the server's.
+
 The C programs are compiled at bench time with the system ``cc``.  Every figure is the
 median of interleaved rounds.  Ratios: (a)/(c) and (b)/(c) show what our client gains over
 pyxs on the same server; (d)/(e) shows how close the server's round trip comes to the bare
@@ -91,10 +94,11 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
-async def _ours(sock: str, count: int, pipelined: bool) -> float:
+async def _ours(sock: str, count: int, pipelined: bool, setup: bool = True) -> float:
     c = await connect(sock, timeout=60)
     try:
-        await c.write(KEY, VALUE)
+        if setup:
+            await c.write(KEY, VALUE)
         payload = KEY.encode() + b"\0"
         t0 = time.perf_counter()
         if pipelined:
@@ -114,12 +118,13 @@ async def _ours(sock: str, count: int, pipelined: bool) -> float:
         await c.close()
 
 
-def _pyxs(sock: str, count: int) -> float:
+def _pyxs(sock: str, count: int, setup: bool = True) -> float:
     import pyxs
 
     key = KEY.encode()
     with pyxs.Client(unix_socket_path=sock) as c:
-        c[key] = VALUE
+        if setup:
+            c[key] = VALUE
         t0 = time.perf_counter()
         for _ in range(count):
             c[key]
@@ -143,18 +148,28 @@ def _libxenstore(exe: Path, sock: str, count: int) -> float:
 
 
 def _c_echo(exe: Path, work: Path, count: int) -> float:
+    """The C client against the C echo server."""
+    return _against_echo(exe, work, lambda sock: _run_c_echo_client(exe, sock, count))
+
+
+def _run_c_echo_client(exe: Path, sock: str, count: int) -> float:
+    res = subprocess.run(
+        [str(exe), "client", sock, str(count)], capture_output=True, text=True, timeout=600
+    )
+    if res.returncode != 0:
+        raise LocalError(f"xs_echo client failed: {res.stderr.strip()}")
+    return _parse_rate(res.stdout)
+
+
+def _against_echo(exe: Path, work: Path, client: Callable[[str], float]) -> float:
+    """Run ``client(socket)`` against a fresh C echo server (it serves one connection)."""
     sock = str(work / "echo.sock")
     with subprocess.Popen([str(exe), "server", sock], stdout=subprocess.PIPE, text=True) as srv:
         try:
             assert srv.stdout is not None
             if srv.stdout.readline().strip() != "ready":
                 raise LocalError("xs_echo server did not start")
-            res = subprocess.run(
-                [str(exe), "client", sock, str(count)], capture_output=True, text=True, timeout=600
-            )
-            if res.returncode != 0:
-                raise LocalError(f"xs_echo client failed: {res.stderr.strip()}")
-            return _parse_rate(res.stdout)
+            return client(sock)
         finally:
             try:  # the server exits when its one client hangs up
                 srv.wait(10)
@@ -188,6 +203,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "pyxs_sequential",
                     "libxenstore_sequential",
                     "c_echo_floor",
+                    "ours_vs_c_echo_server",
+                    "pyxs_vs_c_echo_server",
                 )
             }
             measures: dict[str, Callable[[], float]] = {
@@ -196,13 +213,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "pyxs_sequential": lambda: _pyxs(sock, count),
                 "libxenstore_sequential": lambda: _libxenstore(libxs, sock, count),
                 "c_echo_floor": lambda: _c_echo(echo, work, count),
+                # client cost alone: the same clients against the C echo server
+                "ours_vs_c_echo_server": lambda: _against_echo(
+                    echo, work, lambda s: asyncio.run(_ours(s, count, False, setup=False))
+                ),
+                "pyxs_vs_c_echo_server": lambda: _against_echo(
+                    echo, work, lambda s: _pyxs(s, count, setup=False)
+                ),
             }
             for _ in range(rounds):
                 for name, fn in measures.items():
                     samples[name].append(fn())
         finally:
             _stop(proc)
-    result: dict[str, Any] = {k: statistics.median(v) for k, v in samples.items()}
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    client_only = {
+        "ours_sequential": medians.pop("ours_vs_c_echo_server"),
+        "pyxs_sequential": medians.pop("pyxs_vs_c_echo_server"),
+    }
+    client_only["ratio"] = client_only["ours_sequential"] / client_only["pyxs_sequential"]
+    result: dict[str, Any] = dict(medians)
     result["ratios"] = {
         "ours_sequential/pyxs_sequential": result["ours_sequential"] / result["pyxs_sequential"],
         "ours_pipelined/pyxs_sequential": result["ours_pipelined"] / result["pyxs_sequential"],
@@ -218,6 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ours_pipelined/pyxs_sequential": 10.0,
         "libxenstore_sequential/c_echo_floor": 0.5,
     }
+    result["client_only_vs_c_echo_server"] = client_only
     result["setup"] = {
         "reads_per_measurement": count,
         "pipelined_reads": count * 4,

@@ -689,3 +689,29 @@ def test_refused_oversized_write_poisons_the_transaction(guest: Client) -> None:
     tx = guest.start()
     assert guest.write_err("big", b"x" * 3000, tx=tx) == "E2BIG"
     assert guest.commit(tx) == "E2BIG"
+
+
+def test_memory_quota_counts_node_bytes(guest: Client, store: Store, dom0: Client) -> None:
+    store.quotas.memory = store.mem(5) + 2000
+    guest.write("a", b"x" * 1500)
+    assert guest.write_err("b", b"x" * 1000) == "ENOMEM"
+    assert guest.write_err("a", b"x" * 2048) == "ENOMEM"
+    guest.write("a", b"small")  # shrinking is always allowed
+    guest.write("b", b"x" * 1000)
+    dom0.write("/local/domain/5/b", b"x" * 4000)  # dom0 is exempt
+    assert store.mem(5) == sum(
+        len(p) + len(n.value) + 8 * len(n.perms) for p, n in store.nodes.items() if n.owner == 5
+    )
+    assert store.check() == []
+
+
+def test_commit_breaking_the_memory_quota_is_undone(guest: Client, store: Store) -> None:
+    guest.write("in")
+    guest.write("out")
+    store.quotas.memory = store.mem(5) + 3000
+    tx = guest.start()
+    guest.write("in/a", b"x" * 1500, tx=tx)
+    guest.write("out/b", b"x" * 1600)
+    before = dict(store.memory)
+    assert guest.commit(tx) == "ENOMEM"
+    assert store.memory == before and store.check() == []

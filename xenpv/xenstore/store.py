@@ -68,6 +68,7 @@ __all__ = [
     "Store",
     "Transaction",
     "Watch",
+    "footprint",
     "format_perms",
     "parse_perms",
 ]
@@ -108,7 +109,7 @@ class Quotas:
     node_permissions: int = 5
     path_max: int = 2048
     outstanding: int = 20
-    #: Reserved for C xenstored's memory quota; not enforced (nodes and sizes are).
+    #: Bytes of node data a domain may own (path + value + 8 per permission entry).
     memory: int = 2_621_440
     #: Unread watch events kept per connection while its client is not reading.
     watch_events: int = 1024
@@ -138,6 +139,11 @@ class Quotas:
         if number < 0:
             raise ValueError(f"quota {name} must not be negative")
         setattr(self, attr, number)
+
+
+def footprint(path: str, value: bytes, perms: Perms) -> int:
+    """Bytes a node counts against its owner's ``memory`` quota."""
+    return len(path) + len(value) + 8 * len(perms)
 
 
 def _over(limit: int | float, value: int | float) -> bool:
@@ -257,6 +263,7 @@ class Transaction:
         "conn",
         "delta",
         "id",
+        "mem_delta",
         "ops",
         "overlay",
         "poisoned",
@@ -277,6 +284,7 @@ class Transaction:
         self.accessed: set[str] = set()
         self.ops: list[tuple[Any, ...]] = []
         self.delta: dict[int, int] = {}
+        self.mem_delta: dict[int, int] = {}
         self.poisoned: str | None = None
 
     # -- view ------------------------------------------------------------------------
@@ -345,11 +353,13 @@ class Transaction:
         parent.children[paths.basename(path)] = None
         parent.gen = gen
         self.delta[perms[0][0]] = self.delta.get(perms[0][0], 0) + 1
+        self._charge(perms[0][0], footprint(path, value, perms))
         self.ops.append(("create", path, value, perms, fire))
 
     def set_value(self, path: str, value: bytes) -> None:
         """Replace the value of existing ``path``."""
         node = self._own(path)
+        self._charge(node.owner, len(value) - len(node.value))
         node.value = value
         node.gen = self.store.next_gen()
         self.ops.append(("value", path, value))
@@ -358,6 +368,8 @@ class Transaction:
         """Replace the permission list of existing ``path``."""
         node = self._own(path)
         old = node.owner
+        self._charge(old, -footprint(path, node.value, node.perms))
+        self._charge(perms[0][0], footprint(path, node.value, perms))
         node.perms = perms
         node.gen = node.perm_gen = self.store.next_gen()
         if old != perms[0][0]:
@@ -371,6 +383,7 @@ class Transaction:
             node = self.lookup(sub)
             assert node is not None
             self.delta[node.owner] = self.delta.get(node.owner, 0) - 1
+            self._charge(node.owner, -footprint(sub, node.value, node.perms))
             self.overlay[sub] = None
         parent = self._own(paths.parent(path))
         parent.children.pop(paths.basename(path), None)
@@ -380,6 +393,13 @@ class Transaction:
     def count(self, domid: int) -> int:
         """Nodes owned by ``domid`` as seen by this transaction."""
         return self.store.owned.get(domid, 0) + self.delta.get(domid, 0)
+
+    def mem(self, domid: int) -> int:
+        """Bytes owned by ``domid`` as seen by this transaction."""
+        return self.store.memory.get(domid, 0) + self.mem_delta.get(domid, 0)
+
+    def _charge(self, domid: int, nbytes: int) -> None:
+        self.mem_delta[domid] = self.mem_delta.get(domid, 0) + nbytes
 
 
 Lookup = Callable[[str], "Node | None"]
@@ -394,6 +414,8 @@ class Store:
         self.generation = 0
         self.nodes: dict[str, Node] = {}
         self.owned: dict[int, int] = {}
+        #: Bytes of node data per owning domid (see :func:`footprint`).
+        self.memory: dict[int, int] = {}
         self.domains: dict[int, Domain] = {0: Domain(0, 0, introduced=True)}
         self.specials: dict[str, Node] = {}
         self.connections: set[Connection] = set()
@@ -413,6 +435,7 @@ class Store:
         gen = self.next_gen()
         self.nodes["/"] = Node(b"", root_perms, {}, gen, gen)
         self.owned[0] = 1
+        self.memory[0] = footprint("/", b"", root_perms)
         for name in SPECIAL_NODES:
             self.specials[name] = Node(b"", root_perms, {}, gen, gen)
         self.create("/tool", b"", root_perms)
@@ -482,6 +505,9 @@ class Store:
         owned = {d: n for d, n in self.owned.items() if n}
         if owned != self.recount():
             problems.append(f"node accounting {owned} != recount {self.recount()}")
+        memory = {d: n for d, n in self.memory.items() if n}
+        if memory != self.remeasure():
+            problems.append(f"memory accounting {memory} != {self.remeasure()}")
         for path, node in self.nodes.items():
             for child in node.children:
                 if paths.join_path(path, child) not in self.nodes:
@@ -504,6 +530,20 @@ class Store:
     def _account(self, domid: int, delta: int) -> None:
         self.owned[domid] = self.owned.get(domid, 0) + delta
 
+    def _charge(self, domid: int, nbytes: int) -> None:
+        self.memory[domid] = self.memory.get(domid, 0) + nbytes
+
+    def mem(self, domid: int) -> int:
+        """Bytes of node data owned by ``domid`` (what the ``memory`` quota counts)."""
+        return self.memory.get(domid, 0)
+
+    def remeasure(self) -> dict[int, int]:
+        """Recompute :attr:`memory` by walking the whole tree (used to verify it)."""
+        usage: dict[int, int] = {}
+        for path, node in self.nodes.items():
+            usage[node.owner] = usage.get(node.owner, 0) + footprint(path, node.value, node.perms)
+        return usage
+
     # -- live-tree mutations (also used to replay a transaction) ---------------------
     def lookup(self, path: str) -> Node | None:
         """Return the live node at ``path`` (no transaction)."""
@@ -523,12 +563,14 @@ class Store:
         parent.children[paths.basename(path)] = None
         parent.gen = gen
         self._account(perms[0][0], 1)
+        self._charge(perms[0][0], footprint(path, value, perms))
         if fire:
             self._fired.append((path, False, perms, gen))
 
     def set_value(self, path: str, value: bytes) -> None:
         """Replace the value of ``path``; queues its watch event."""
         node = self.nodes[path]
+        self._charge(node.owner, len(value) - len(node.value))
         node.value = value
         node.gen = self.next_gen()
         self._fired.append((path, False, node.perms, node.perm_gen))
@@ -539,6 +581,8 @@ class Store:
         if node.owner != perms[0][0]:
             self._account(node.owner, -1)
             self._account(perms[0][0], 1)
+        self._charge(node.owner, -footprint(path, node.value, node.perms))
+        self._charge(perms[0][0], footprint(path, node.value, perms))
         node.perms = perms
         node.gen = node.perm_gen = self.next_gen()
         self._fired.append((path, False, perms, node.perm_gen))
@@ -550,6 +594,7 @@ class Store:
         for sub in self.subtree(path, nodes.get):
             node = nodes.pop(sub)
             self._account(node.owner, -1)
+            self._charge(node.owner, -footprint(sub, node.value, node.perms))
         parent = nodes[paths.parent(path)]
         parent.children.pop(paths.basename(path), None)
         parent.gen = self.next_gen()
@@ -630,6 +675,7 @@ class Store:
                 self.delete(path)
         del self.domains[domid]
         self.owned.pop(domid, None)
+        self.memory.pop(domid, None)
         for rec in self.domains.values():
             if rec.target == domid:
                 rec.target = None
@@ -821,8 +867,12 @@ class Store:
             missing.append(probe)
         if self.perm_for(conn, node) & WRITE != WRITE:
             raise _Fail("EACCES")
-        if not conn.privileged and _over(self.quotas.nodes, view.count(conn.domid) + len(missing)):
-            raise _Fail("ENOSPC")
+        if not conn.privileged:
+            if _over(self.quotas.nodes, view.count(conn.domid) + len(missing)):
+                raise _Fail("ENOSPC")
+            grow = sum(footprint(p, b"", node.perms) for p in missing) + len(value)
+            if _over(self.quotas.memory, view.mem(conn.domid) + grow):
+                raise _Fail("ENOMEM")
         parent = node
         for sub in reversed(missing):
             perms = self._inherit(conn, parent)
@@ -895,6 +945,13 @@ class Store:
         else:
             if self.perm_for(conn, node) & WRITE != WRITE:
                 raise _Fail("EACCES")
+            grow = len(value) - len(node.value)
+            if (
+                not conn.privileged
+                and grow > 0
+                and _over(self.quotas.memory, view.mem(node.owner) + grow)
+            ):
+                raise _Fail("ENOMEM")
             view.set_value(path, value)
         return OK
 
@@ -1053,6 +1110,7 @@ class Store:
         # Replay under an undo log: snapshot every node the replay may touch.
         saved: dict[str, Node | None] = {}
         owned = dict(self.owned)
+        memory = dict(self.memory)
 
         def save(path: str) -> None:
             if path not in saved:
@@ -1085,17 +1143,25 @@ class Store:
             elif path in nodes:
                 self.delete(path)
         conn = tx.conn
-        if not conn.privileged and self.quotas.nodes:
+        broken = None
+        if not conn.privileged:
+            q = self.quotas
             for domid, count in self.owned.items():
-                if count > owned.get(domid, 0) and count > self.quotas.nodes:
-                    for path, node in saved.items():
-                        if node is None:
-                            nodes.pop(path, None)
-                        else:
-                            nodes[path] = node
-                    self.owned = owned
-                    self._fired = before
-                    raise _Fail("ENOSPC")
+                if domid and count > owned.get(domid, 0) and _over(q.nodes, count):
+                    broken = "ENOSPC"
+            for domid, used in self.memory.items():
+                if domid and used > memory.get(domid, 0) and _over(q.memory, used):
+                    broken = broken or "ENOMEM"
+        if broken:
+            for path, node in saved.items():
+                if node is None:
+                    nodes.pop(path, None)
+                else:
+                    nodes[path] = node
+            self.owned = owned
+            self.memory = memory
+            self._fired = before
+            raise _Fail(broken)
         # One event per modified path, in first-modification order.
         merged: dict[str, tuple[str, bool, Perms, int]] = {}
         for ev in self._fired:
@@ -1237,6 +1303,7 @@ class Store:
         store = cls(quotas)
         store.nodes.clear()
         store.owned.clear()
+        store.memory.clear()
         store.domains.clear()
         for path, value, perms_text, gen, perm_gen in state["nodes"]:
             perms = parse_perms(perms_text.encode().split(b"\0")[:-1])
@@ -1247,6 +1314,7 @@ class Store:
             if path != "/":
                 store.nodes[paths.parent(path)].children[paths.basename(path)] = None
             store._account(node.owner, 1)
+            store._charge(node.owner, footprint(path, node.value, node.perms))
         for name, (perms_text, perm_gen) in state["specials"].items():
             perms = parse_perms(perms_text.encode().split(b"\0")[:-1])
             if name in store.specials and perms is not None:

@@ -11,6 +11,7 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -183,29 +184,60 @@ def _first_line(proc: subprocess.Popen[bytes], deadline: float) -> bytes:
     return line
 
 
-def test_watch_prints_the_same_events(xs_env: dict[str, str]) -> None:
-    check(real(xs_env, "write", "/wt/x", "0"))
+def watch_both(
+    env: dict[str, str], key: str, count: int, trigger: Callable[[], None]
+) -> list[bytes]:
+    """Run xenstore-watch and ours on ``key`` for ``count`` events; ``trigger`` makes them.
+
+    Both must print the initial event (the key itself) first; returns both outputs.
+    """
     exe = str(peers.find("xenstore-watch"))
+    n = str(count)
     procs = [
-        subprocess.Popen([exe, "-n", "4", "/wt"], env=xs_env, stdout=subprocess.PIPE),
-        subprocess.Popen([sys.executable, "-m", "xenpv", "xenstore", "watch", "-n", "4", "/wt"],
-                         env=xs_env, stdout=subprocess.PIPE),
+        subprocess.Popen([exe, "-n", n, key], env=env, stdout=subprocess.PIPE),
+        subprocess.Popen([sys.executable, "-m", "xenpv", "xenstore", "watch", "-n", n, key],
+                         env=env, stdout=subprocess.PIPE),
     ]
     try:
         deadline = time.monotonic() + TIMEOUT
         firsts = [_first_line(p, deadline) for p in procs]
-        assert firsts == [b"/wt\n", b"/wt\n"]
-        check(real(xs_env, "write", "/wt/x", "1"))
-        check(real(xs_env, "write", "/wt/y/z", "2"))
-        check(real(xs_env, "rm", "/wt/x"))
+        assert firsts == [key.encode() + b"\n"] * 2
+        trigger()
         outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
         assert [p.returncode for p in procs] == [0, 0]
-        assert outs[0] == outs[1] == b"/wt/x\n/wt/y/z\n/wt/x\n"
+        return outs
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
             p.wait(10)
+
+
+def test_watch_prints_the_same_events(xs_env: dict[str, str]) -> None:
+    check(real(xs_env, "write", "/wt/x", "0"))
+
+    def trigger() -> None:
+        check(real(xs_env, "write", "/wt/x", "1"))
+        check(real(xs_env, "write", "/wt/y/z", "2"))
+        check(real(xs_env, "rm", "/wt/x"))
+
+    outs = watch_both(xs_env, "/wt", 4, trigger)
+    assert outs[0] == outs[1] == b"/wt/x\n/wt/y/z\n/wt/x\n"
+
+
+def test_guest_watch_on_relative_path_reports_relative_paths(
+    xs_server: Any, xs_env: dict[str, str]
+) -> None:
+    check(real(xs_env, "write", "/local/domain/5/data/k", "0"))
+    check(real(xs_env, "chmod", "-r", "/local/domain/5", "b5"))
+    guest = dict(xs_env, XENSTORED_PATH=xs_server.guest_socket)
+
+    def trigger() -> None:
+        check(real(xs_env, "write", "/local/domain/5/data/k", "1"))
+        check(real(guest, "write", "data/new", "2"))
+
+    outs = watch_both(guest, "data", 3, trigger)
+    assert outs[0] == outs[1] == b"data/k\ndata/new\n"
 
 
 def test_usage_errors_exit_1(xs_env: dict[str, str]) -> None:

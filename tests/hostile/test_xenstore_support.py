@@ -95,7 +95,34 @@ def running_server(
         st.stop()
 
 
-class RawClient:
+class Requests:
+    """``ok``/``err``/``write`` helpers over a ``req`` returning ``("ok"|"error", payload)``."""
+
+    def req(
+        self, type_: int, *args: str | bytes, tx: int = 0, raw: bytes | None = None
+    ) -> tuple[str, bytes]:
+        raise NotImplementedError
+
+    def ok(self, type_: int, *args: str | bytes, tx: int = 0, raw: bytes | None = None) -> bytes:
+        kind, payload = self.req(type_, *args, tx=tx, raw=raw)
+        assert kind == "ok", payload
+        return payload
+
+    def err(self, type_: int, *args: str | bytes, tx: int = 0, raw: bytes | None = None) -> str:
+        kind, payload = self.req(type_, *args, tx=tx, raw=raw)
+        assert kind == "error", payload
+        return wire.parse_error(payload)
+
+    def write(self, path: str, value: bytes = b"", tx: int = 0) -> str:
+        """WRITE; returns ``"OK"`` or the error name."""
+        kind, payload = self.req(T.WRITE, tx=tx, raw=path.encode() + b"\0" + value)
+        return "OK" if kind == "ok" else wire.parse_error(payload)
+
+    def read(self, path: str, tx: int = 0) -> bytes:
+        return self.ok(T.READ, path, tx=tx)
+
+
+class RawClient(Requests):
     """A blocking wire-level xenstore client (watch events are kept aside)."""
 
     def __init__(self, path: str, timeout: float = TIMEOUT) -> None:
@@ -156,23 +183,6 @@ class RawClient:
             return "error", msg.payload
         assert msg.type == type_
         return "ok", msg.payload
-
-    def ok(self, type_: int, *args: str | bytes, tx: int = 0, raw: bytes | None = None) -> bytes:
-        kind, payload = self.req(type_, *args, tx=tx, raw=raw)
-        assert kind == "ok", payload
-        return payload
-
-    def err(self, type_: int, *args: str | bytes, tx: int = 0, raw: bytes | None = None) -> str:
-        kind, payload = self.req(type_, *args, tx=tx, raw=raw)
-        assert kind == "error", payload
-        return wire.parse_error(payload)
-
-    def write(self, path: str, value: bytes = b"", tx: int = 0) -> str:
-        kind, payload = self.req(T.WRITE, tx=tx, raw=path.encode() + b"\0" + value)
-        return "OK" if kind == "ok" else wire.parse_error(payload)
-
-    def read(self, path: str, tx: int = 0) -> bytes:
-        return self.ok(T.READ, path, tx=tx)
 
     def closed_by_server(self) -> bool:
         """Drain the connection: True once the server closed it, False on timeout."""

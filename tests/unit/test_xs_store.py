@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -12,8 +14,11 @@ from xenpv.xenstore import wire
 from xenpv.xenstore.store import Quotas, Store
 from xenpv.xenstore.wire import XsType as T
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hostile"))
+from test_xenstore_support import Requests
 
-class Client:
+
+class Client(Requests):
     """A connection of one domain to a store, speaking encoded messages."""
 
     def __init__(self, store: Store, domid: int) -> None:
@@ -36,24 +41,13 @@ class Client:
         assert rtype == type_
         return "ok", reply[16:]
 
-    def ok(self, type_: int, *args: str | bytes, tx: int = 0, raw: bytes | None = None) -> bytes:
-        kind, payload = self.req(type_, *args, tx=tx, raw=raw)
-        assert kind == "ok", payload
-        return payload
-
-    def err(self, type_: int, *args: str | bytes, tx: int = 0, raw: bytes | None = None) -> str:
-        kind, payload = self.req(type_, *args, tx=tx, raw=raw)
-        assert kind == "error", payload
-        return wire.parse_error(payload)
-
-    def write(self, path: str, value: bytes = b"", tx: int = 0) -> None:
-        self.ok(T.WRITE, tx=tx, raw=path.encode() + b"\0" + value)
+    def write(self, path: str, value: bytes = b"", tx: int = 0) -> str:
+        result = super().write(path, value, tx)
+        assert result == "OK", result
+        return result
 
     def write_err(self, path: str, value: bytes = b"", tx: int = 0) -> str:
         return self.err(T.WRITE, tx=tx, raw=path.encode() + b"\0" + value)
-
-    def read(self, path: str, tx: int = 0) -> bytes:
-        return self.ok(T.READ, path, tx=tx)
 
     def start(self) -> int:
         return int(self.ok(T.TRANSACTION_START, "")[:-1])

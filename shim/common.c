@@ -3,16 +3,14 @@
  *
  * Theory of operation
  * -------------------
- * All handles of a process (xengnttab_open, xengntshr_open, xenevtchn_open,
- * xc_interface_open) share one SOCK_SEQPACKET connection to the daemon's
- * RUNDIR/dom<N>/control socket, named by $XENPV_LOOPBACK_SOCKET.  The connection *is* the
- * domain's identity and owns everything created through it, so process death releases it
- * all (docs/loopback-protocol.md §2).  One connection per process matters: the daemon
- * releases a dying connection's mappings (firing their unmap notifications) before its
- * ports, which is the order the kernel keeps when a process dies (its address space goes
- * before its files).  With a connection per handle, the event-channel connection could be
- * released first and the notification's event would be lost.  Closing one handle
- * therefore releases that handle's objects explicitly (libraries do it in their close).
+ * The handles a library opens in one process (xengnttab_open and xengntshr_open in
+ * libxengnttab; xenevtchn_open; xc_interface_open) share one SOCK_SEQPACKET connection
+ * to the daemon's RUNDIR/dom<N>/control socket, named by $XENPV_LOOPBACK_SOCKET.  The
+ * connection *is* the domain's identity and owns everything created through it, so
+ * process death releases it all (docs/loopback-protocol.md §2); the daemon keeps a port
+ * that an unmap notification names alive until the notification fired, so the order in
+ * which a dead process's connections are released does not matter.  Closing one handle
+ * releases that handle's objects explicitly (each library does it in its close call).
  * A request is one message (12-byte header + payload); the reply is one message (16-byte
  * header + payload) with any descriptors in one SCM_RIGHTS control message (§3).  Requests
  * on a connection are serialised with a mutex, so the libraries are thread-safe per handle

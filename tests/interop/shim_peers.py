@@ -1,0 +1,111 @@
+"""Running unmodified Xen programs as emulated domains (helper of the shim/vchan tests).
+
+:class:`LoopbackRun` starts ``xenpv loopback up`` in a fresh run directory, creates
+domains with ``xenpv loopback domain create`` and runs programs under the environment
+``xenpv loopback env`` prints (the replacement libraries first on ``LD_LIBRARY_PATH``,
+then Debian's).  Every process it starts is killed at :meth:`LoopbackRun.close`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from xenpv import peers
+from xenpv.cli.loopback import shim_dir
+from xenpv.platforms.loopback.harness import start_daemon, stop_daemon
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 20.0) -> Any:
+    """Poll ``check`` until it returns something truthy; ``AssertionError`` after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def xenpv_cli(*args: str, timeout: float = 60.0) -> str:
+    """Run ``python -m xenpv ARGS`` and return its standard output (raise on failure)."""
+    return subprocess.run(
+        [sys.executable, "-m", "xenpv", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    ).stdout
+
+
+class LoopbackRun:
+    """A loopback daemon with some domains, and the peer processes started on it."""
+
+    def __init__(self, domains: dict[int, str]) -> None:
+        # Short path: Unix socket paths are limited to 107 bytes.
+        self.rundir = Path(tempfile.mkdtemp(prefix="xenpv-shim-"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.daemon = start_daemon(self.rundir)
+        try:
+            for domid, name in domains.items():
+                xenpv_cli(
+                    "loopback", "domain", "create", "--rundir", str(self.rundir),
+                    "--domid", str(domid), "--name", name,
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    def env(self, domid: int, **extra: str) -> dict[str, str]:
+        """The environment of a program acting as ``domid``: what ``xenpv loopback env``
+        prints, with Debian's Xen libraries after the replacement ones."""
+        out = xenpv_cli("loopback", "env", "--rundir", str(self.rundir), "--domid", str(domid))
+        base = dict(os.environ)
+        for line in out.splitlines():
+            words = shlex.split(line)
+            if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+                key, _, value = words[1].partition("=")
+                base[key] = value
+        base.update(extra)
+        return peers.run_env([str(shim_dir())], base=base)
+
+    def spawn(self, domid: int, cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """Start ``cmd`` acting as ``domid`` (killed at :meth:`close`)."""
+        proc = subprocess.Popen(list(cmd), env=self.env(domid), **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def xenstore_read(self, path: str) -> str | None:
+        """Read ``path`` as dom0 with Debian's ``xenstore-read``; ``None`` if absent."""
+        res = subprocess.run(
+            [str(peers.find("xenstore-read")), path],
+            env=self.env(0),
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        return res.stdout.strip() if res.returncode == 0 else None
+
+    def close(self) -> None:
+        """Kill every peer process, stop the daemon, remove the run directory."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            for stream in (proc.stdout, proc.stderr, proc.stdin):
+                if stream is not None:
+                    stream.close()
+        self.procs.clear()
+        stop_daemon(self.daemon)
+        shutil.rmtree(self.rundir, ignore_errors=True)

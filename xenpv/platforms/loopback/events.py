@@ -5,15 +5,22 @@ Theory of operation
 Every port has an inbox eventfd; whoever signals the port writes 1 to it, so
 notifications coalesce in the eventfd counter.  A handle keeps one ``epoll`` instance
 (its pollable :meth:`EpollEvents.fileno`, the equivalent of ``xenevtchn_fd``) in which
-each inbox is registered with ``EPOLLIN | EPOLLONESHOT`` and ``data = port``:
+each inbox is registered level-triggered for ``EPOLLIN``:
 
-* :meth:`pending` takes one ready event from the epoll set and drains that inbox; the
-  oneshot registration is now disarmed, so the port stays *masked* until unmasked, even
-  if the peer keeps notifying (``/dev/xen/evtchn``: a delivered port is masked in the
-  driver);
-* :meth:`unmask` re-arms the registration (``EPOLL_CTL_MOD``): if notifications arrived
-  meanwhile the counter is non-zero and the port is reported again at once;
-* :meth:`wait` integrates with asyncio through ``loop.add_reader`` on the epoll fd.
+* :meth:`pending` takes one ready inbox and drains it (the counter drops to 0, so epoll
+  stops reporting it); the port is now *masked* (``/dev/xen/evtchn``: a delivered port
+  stays masked until re-enabled);
+* a notification that arrives while the port is masked makes the inbox readable again;
+  the next :meth:`pending` sees the port is masked, takes the inbox out of the epoll set
+  (``EPOLL_CTL_MOD`` to no events) without draining it, and looks further;
+* :meth:`unmask` only forgets the mask in the common case (no system call); if the inbox
+  was taken out meanwhile it is put back, and since its counter is non-zero the port is
+  reported again at once.
+
+So the hot path is one ``epoll_wait`` plus one ``read`` per delivery and one ``write``
+per notification.  The epoll fd may look readable while only masked ports were notified
+(a spurious wake-up, harmless: :meth:`pending` then returns ``None``);
+:meth:`wait` integrates with asyncio through ``loop.add_reader`` on the epoll fd.
 
 Subclasses provide how ports are created and how a notification reaches the remote
 inbox (in-process: through the hypervisor object; across processes: a cached outbox fd,
@@ -26,12 +33,13 @@ import asyncio
 import errno
 import os
 import select
+import time
 from abc import ABC, abstractmethod
 
 from xenpv.errors import LocalError
 from xenpv.platforms.base import PortError
 
-_ARM = select.EPOLLIN | select.EPOLLONESHOT
+_ARM = select.EPOLLIN
 
 
 async def wait_readable(fd: int, timeout: float | None = None) -> None:
@@ -58,6 +66,7 @@ class EpollEvents(ABC):
         self._epoll = select.epoll()
         self._inbox: dict[int, int] = {}  # port -> inbox eventfd
         self._masked: set[int] = set()
+        self._disarmed: set[int] = set()  # masked ports taken out of the epoll set
         self._port_of_fd: dict[int, int] = {}  # select.epoll reports fds, not cookies
 
     # -- subclass hooks
@@ -114,23 +123,34 @@ class EpollEvents(ABC):
         """A pending port (now masked), or ``None`` after ``timeout`` seconds."""
         if self._epoll.closed:
             raise LocalError("event-channel handle is closed")
-        events = self._epoll.poll(-1 if timeout is None else timeout, 1)
-        if not events:
-            return None
-        fd, _ = events[0]
-        port = self._port_of_fd[fd]
-        try:
-            os.eventfd_read(fd)  # drain: notifications coalesce
-        except BlockingIOError:
-            pass
-        self._masked.add(port)
-        return port
+        deadline = None if timeout is None else time.monotonic() + timeout
+        wait = -1.0 if timeout is None else timeout
+        while True:
+            events = self._epoll.poll(wait, 1)
+            if not events:
+                return None
+            fd = events[0][0]
+            port = self._port_of_fd[fd]
+            if port not in self._masked:
+                try:
+                    os.eventfd_read(fd)  # drain: notifications coalesce
+                except BlockingIOError:
+                    pass
+                self._masked.add(port)
+                return port
+            # notified while masked: disarm it now (lazily) and keep it pending
+            self._epoll.modify(fd, 0)
+            self._disarmed.add(port)
+            if deadline is not None:
+                wait = max(0.0, deadline - time.monotonic())
 
     def unmask(self, port: int) -> None:
         """Re-enable delivery of ``port``; fires at once if notified meanwhile."""
         inbox = self._check_port(port)
         self._masked.discard(port)
-        self._epoll.modify(inbox, _ARM)
+        if port in self._disarmed:
+            self._disarmed.discard(port)
+            self._epoll.modify(inbox, _ARM)
 
     async def wait(self, timeout: float | None = None) -> int:
         """Await a pending port (masked on return)."""
@@ -152,7 +172,9 @@ class EpollEvents(ABC):
             except BlockingIOError:
                 pass
             self._masked.discard(port)
-            self._epoll.modify(inbox, _ARM)
+            if port in self._disarmed:
+                self._disarmed.discard(port)
+                self._epoll.modify(inbox, _ARM)
 
     def unbind(self, port: int) -> None:
         """Close ``port``; the remote end goes back to unbound."""
@@ -161,6 +183,7 @@ class EpollEvents(ABC):
         del self._inbox[port]
         del self._port_of_fd[inbox]
         self._masked.discard(port)
+        self._disarmed.discard(port)
         os.close(inbox)
         self._release_port(port)
 

@@ -1,0 +1,242 @@
+"""``xenpv bench platform``: the loopback emulator's hot paths against their floors.
+
+Measured in one run, medians over interleaved rounds (machine-baseline.md: absolute
+figures drift, ratios are what to read):
+
+(a) notify-and-wake round trip between two emulated domains in two processes (dom0 here,
+    dom1 in a child echoing every event), next to a raw eventfd ping-pong between two
+    processes doing the same Python work (the floor; target ratio <= 1.3);
+(b) map + unmap of 11-ref batches (one blkif request's worth of separately granted
+    pages) per second, in process and across processes (through the daemon);
+(c) grant copy of 4 KiB and 64 KiB (page-sized segments out of granted pages into a local
+    buffer), in process and through the daemon, against numpy copying the same bytes
+    (target ratio >= 0.5 at 64 KiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from xenpv.platforms.base import PAGE_SIZE, GrantCopy, GrantPtr, LocalPtr
+
+BATCH = 11
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """``--quick``: a smoke run (tiny counts, one round)."""
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
+
+
+# ---------------------------------------------------------------------------- children
+
+
+def _echo_eventfd(fd_in: int, fd_out: int, n: int) -> None:
+    for _ in range(n):
+        os.eventfd_read(fd_in)
+        os.eventfd_write(fd_out, 1)
+
+
+def _echo_domain(control: str, remote_port: int, n: int) -> None:
+    from xenpv.platforms.loopback.client import ClientEvents
+
+    ev = ClientEvents(control)
+    try:
+        port = ev.bind_interdomain(0, remote_port)
+        ev.pending(None)  # the bind's own event
+        ev.unmask(port)
+        ev.notify(port)  # ready
+        for _ in range(n):
+            p = ev.pending(None)
+            ev.unmask(p)  # type: ignore[arg-type]
+            ev.notify(port)
+    finally:
+        ev.close()
+
+
+def child_main(argv: list[str]) -> None:
+    """Entry of the helper processes (``python -m xenpv.bench.platform child …``)."""
+    kind = argv[0]
+    if kind == "eventfd":
+        _echo_eventfd(int(argv[1]), int(argv[2]), int(argv[3]))
+    elif kind == "domain":
+        _echo_domain(argv[1], int(argv[2]), int(argv[3]))
+
+
+def _spawn(args: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "xenpv.bench.platform", "child", *args], pass_fds=pass_fds
+    )
+
+
+def _finish(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+# ---------------------------------------------------------------------------- (a)
+
+
+def eventfd_floor_rtt_us(n: int) -> float:
+    """Raw eventfd ping-pong between two processes: µs per round trip."""
+    a = os.eventfd(0, os.EFD_CLOEXEC)
+    b = os.eventfd(0, os.EFD_CLOEXEC)
+    proc = _spawn(["eventfd", str(a), str(b), str(n + 1)], pass_fds=(a, b))
+    try:
+        os.eventfd_write(a, 1)  # warm-up: the child is up
+        os.eventfd_read(b)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            os.eventfd_write(a, 1)
+            os.eventfd_read(b)
+        dt = time.perf_counter() - t0
+    finally:
+        _finish(proc)
+        os.close(a)
+        os.close(b)
+    return dt / n * 1e6
+
+
+def notify_rtt_us(rundir: str, n: int) -> float:
+    """Notify-and-wake round trip between dom0 (here) and dom1 (a child): µs."""
+    from xenpv.platforms.loopback.client import ClientEvents
+
+    ev = ClientEvents(os.path.join(rundir, "dom0", "control"))
+    try:
+        port = ev.alloc_unbound(1)
+        proc = _spawn(["domain", os.path.join(rundir, "dom1", "control"), str(port), str(n)])
+        try:
+            if ev.pending(30) != port:
+                raise RuntimeError("echo domain did not come up")
+            ev.unmask(port)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                ev.notify(port)
+                ev.pending(None)
+                ev.unmask(port)
+            dt = time.perf_counter() - t0
+        finally:
+            _finish(proc)
+    finally:
+        ev.close()
+    return dt / n * 1e6
+
+
+# ---------------------------------------------------------------------------- (b), (c)
+
+
+def _rate(fn: Callable[[], Any], n: int) -> float:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return n / (time.perf_counter() - t0)
+
+
+def map_unmap_per_s(granter: Any, mapper: Any, n: int) -> float:
+    """Map + unmap of BATCH separately granted pages, batches per second."""
+    shares = [granter.grants.grant(mapper.domid, 1) for _ in range(BATCH)]
+    refs = [s.refs[0] for s in shares]
+    dom = granter.domid
+
+    def once() -> None:
+        mapper.grants.unmap(mapper.grants.map(dom, refs))
+
+    try:
+        return _rate(once, n)
+    finally:
+        for s in shares:
+            granter.grants.end_access(s)
+
+
+def grant_copy_gbps(granter: Any, copier: Any, nbytes: int, n: int) -> float:
+    """Grant copy of ``nbytes`` (page-sized segments) into a local buffer, GB/s."""
+    pages = nbytes // PAGE_SIZE
+    share = granter.grants.grant(copier.domid, pages)
+    out = np.zeros(nbytes, dtype=np.uint8)
+    segs = [
+        GrantCopy(GrantPtr(granter.domid, ref, 0), LocalPtr(out, i * PAGE_SIZE), PAGE_SIZE)
+        for i, ref in enumerate(share.refs)
+    ]
+    try:
+        rate = _rate(lambda: copier.grants.copy(segs), n)
+    finally:
+        granter.grants.end_access(share)
+    return rate * nbytes / 1e9
+
+
+def memcpy_gbps(nbytes: int, n: int) -> float:
+    """numpy copying the same bytes (the anchor), GB/s."""
+    src = np.ones(nbytes, dtype=np.uint8)
+    dst = np.zeros(nbytes, dtype=np.uint8)
+    return _rate(lambda: np.copyto(dst, src), n) * nbytes / 1e9
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every measurement; medians over rounds plus ratios."""
+    from xenpv.platforms.loopback.harness import DaemonMachine, InProcessMachine
+
+    quick = bool(getattr(args, "quick", False))
+    rounds = 1 if quick else max(1, int(getattr(args, "rounds", 5)))
+    n_rtt = 50 if quick else 2000
+    n_map = 20 if quick else 1000
+    n_copy = 50 if quick else 5000
+    samples: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        samples.setdefault(key, []).append(value)
+
+    inproc = InProcessMachine(max_grants=1024, max_ports=64)
+    daemon = DaemonMachine(max_grants=1024, max_ports=64)
+    try:
+        d0, d1 = inproc.domain(0), inproc.domain(1)
+        c0, c1 = daemon.domain(0), daemon.domain(1)
+        for _ in range(rounds):
+            add("eventfd_floor_rtt_us", eventfd_floor_rtt_us(n_rtt))
+            add("notify_rtt_us", notify_rtt_us(daemon.rundir, n_rtt))
+            add("map_unmap_batches_per_s_inprocess", map_unmap_per_s(d1, d0, n_map))
+            add("map_unmap_batches_per_s_crossprocess", map_unmap_per_s(c1, c0, n_map))
+            for size, tag in ((4096, "4k"), (65536, "64k")):
+                add(f"memcpy_{tag}_gbps", memcpy_gbps(size, n_copy))
+                add(f"grant_copy_{tag}_gbps", grant_copy_gbps(d1, d0, size, n_copy))
+                add(
+                    f"grant_copy_{tag}_gbps_crossprocess",
+                    grant_copy_gbps(c1, c0, size, max(10, n_copy // 20)),
+                )
+    finally:
+        inproc.close()
+        daemon.close()
+    res: dict[str, Any] = {k: statistics.median(v) for k, v in samples.items()}
+    res["ratios"] = {
+        "notify_rtt_vs_eventfd_floor": res["notify_rtt_us"] / res["eventfd_floor_rtt_us"],
+        "grant_copy_4k_vs_memcpy": res["grant_copy_4k_gbps"] / res["memcpy_4k_gbps"],
+        "grant_copy_64k_vs_memcpy": res["grant_copy_64k_gbps"] / res["memcpy_64k_gbps"],
+        "grant_copy_64k_crossprocess_vs_memcpy": res["grant_copy_64k_gbps_crossprocess"]
+        / res["memcpy_64k_gbps"],
+        "map_unmap_crossprocess_vs_inprocess": res["map_unmap_batches_per_s_crossprocess"]
+        / res["map_unmap_batches_per_s_inprocess"],
+    }
+    res["targets"] = {"notify_rtt_vs_eventfd_floor": "<= 1.3", "grant_copy_64k_vs_memcpy": ">= 0.5"}
+    res["rounds"] = rounds
+    res["placement"] = "two processes, scheduler-placed on a 2-vCPU machine; blocking waits"
+    return res
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "child":
+        child_main(sys.argv[2:])

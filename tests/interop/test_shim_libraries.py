@@ -8,6 +8,7 @@ import errno
 import mmap
 import re
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,6 +135,13 @@ void *xengntshr_share_pages(void *xgs, uint32_t domid, int count, uint32_t *refs
 void *xengnttab_open(void *logger, unsigned open_flags);
 int xengnttab_close(void *xgt);
 int xengnttab_grant_copy(void *xgt, uint32_t count, void *segs);
+int xengnttab_unmap(void *xgt, void *start_address, uint32_t count);
+void *xengnttab_map_grant_refs(void *xgt, uint32_t count, uint32_t *domids, uint32_t *refs,
+                               int prot);
+int xengntshr_unshare(void *xgs, void *start_address, uint32_t count);
+void *xenevtchn_fdopen(void *logger, int fd, unsigned open_flags);
+int xenevtchn_bind_unbound_port(void *xce, uint32_t domid);
+int xenevtchn_close(void *xce);
 int munmap(void *addr, size_t length);
 """
 ffi = cffi.FFI()
@@ -268,3 +276,53 @@ def test_grant_copy_with_no_segments_is_a_successful_probe(as_dom: Any) -> None:
         assert gt.xengnttab_grant_copy(h, 0, ffi.NULL) == 0
     finally:
         gt.xengnttab_close(h)
+
+
+def test_map_grant_refs_takes_a_domain_per_ref_and_unmap_checks_the_count(
+    loopback: LoopbackRun, as_dom: Any
+) -> None:
+    gt = _lib("libxengnttab.so.1")
+    shares, pages = [], []
+    for domid in (1, 2):  # one page from each domain, granted to dom0
+        as_dom(domid)
+        h = gt.xengntshr_open(ffi.NULL, 0)
+        ref = ffi.new("uint32_t[1]")
+        p = gt.xengntshr_share_pages(h, 0, 1, ref, 1)
+        assert p != ffi.NULL
+        ffi.memmove(p, f"from dom{domid}".encode(), 9)
+        shares.append((h, p))
+        pages.append(ref[0])
+    as_dom(0)
+    h0 = gt.xengnttab_open(ffi.NULL, 0)
+    try:
+        m = gt.xengnttab_map_grant_refs(
+            h0, 2, ffi.new("uint32_t[]", [1, 2]), ffi.new("uint32_t[]", pages),
+            mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+        assert m != ffi.NULL
+        raw = ffi.buffer(m, 2 * 4096)
+        assert raw[0:9] == b"from dom1" and raw[4096 : 4096 + 9] == b"from dom2"
+        assert gt.xengnttab_unmap(h0, m, 1) == -1 and ffi.errno == errno.EINVAL
+        assert gt.xengnttab_unmap(h0, m, 2) == 0
+        assert gt.xengnttab_unmap(h0, m, 2) == -1  # already gone
+    finally:
+        gt.xengnttab_close(h0)
+        for h, p in shares:
+            assert gt.xengntshr_unshare(h, p, 1) == 0
+            gt.xengntshr_close(h)
+    assert all(v == 0 for k, v in _stats(loopback, 1).items() if k != "handles")
+
+
+def test_evtchn_fdopen_takes_over_a_connected_control_socket(loopback: LoopbackRun) -> None:
+    ev = _lib("libxenevtchn.so.1")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.connect(str(loopback.rundir / "dom1" / "control"))
+    h = ev.xenevtchn_fdopen(ffi.NULL, sock.detach(), 0)
+    assert h != ffi.NULL
+    try:
+        port = ev.xenevtchn_bind_unbound_port(h, 2)
+        assert port > 0
+        assert _stats(loopback, 1)["ports"] == 1
+    finally:
+        ev.xenevtchn_close(h)
+    assert _stats(loopback, 1)["ports"] == 0

@@ -1,0 +1,97 @@
+"""Grant and event-channel paths of the replacement libraries that need volume or
+failure: mappings split across replies and chunks, and a daemon that goes away.  Driven
+through :class:`~xenpv.platforms.xen.XenPlatform`, several domains in this process (each
+platform keeps the connection it opened)."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Iterator
+
+import pytest
+from shim_peers import LoopbackRun
+
+from xenpv.cli.loopback import shim_dir
+from xenpv.platforms.base import PlatformGone
+from xenpv.platforms.loopback.harness import stop_daemon
+from xenpv.platforms.xen import XenPlatform
+
+PAGE = 4096
+
+
+@pytest.fixture
+def loopback() -> Iterator[LoopbackRun]:
+    """A daemon with domains 1 and 2."""
+    run = LoopbackRun({1: "one", 2: "two"})
+    try:
+        yield run
+    finally:
+        run.close()
+
+
+@pytest.fixture
+def platform(
+    loopback: LoopbackRun, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[[int], XenPlatform]]:
+    """``platform(N)``: a real-Xen platform acting as domain N (closed afterwards)."""
+    opened: list[XenPlatform] = []
+
+    def make(domid: int) -> XenPlatform:
+        monkeypatch.setenv("XENPV_LOOPBACK_SOCKET", str(loopback.rundir / f"dom{domid}" / "control"))
+        p = XenPlatform(domid, lib_dir=shim_dir())
+        opened.append(p)
+        return p
+
+    yield make
+    for p in opened:
+        p.close()
+
+
+def test_a_map_needing_more_descriptors_than_a_reply_carries_is_split(
+    platform: Callable[[int], XenPlatform],
+) -> None:
+    a, b = platform(1), platform(2)
+    # 300 separate shares: one descriptor each, more than one reply may carry (250)
+    shares = [b.grants.grant(1) for _ in range(300)]
+    for i, s in enumerate(shares):
+        s.mem[0:2] = i.to_bytes(2, "little")
+    m = a.grants.map(2, [s.refs[0] for s in shares])
+    assert [int.from_bytes(m.mem[i * PAGE : i * PAGE + 2], "little") for i in range(300)] == list(
+        range(300)
+    )
+    a.grants.unmap(m)
+    for s in shares:
+        b.grants.end_access(s)
+
+
+def test_shares_and_maps_beyond_one_request_are_chunked(
+    platform: Callable[[int], XenPlatform],
+) -> None:
+    a, b = platform(1), platform(2)
+    pages = b.grants.grant(1, 1100)  # more than one GNT_SHARE may allocate (1024)
+    assert len(set(pages.refs)) == 1100
+    for i in (0, 1023, 1024, 1099):
+        pages.mem[i * PAGE + 5 : i * PAGE + 7] = i.to_bytes(2, "little")
+    m = a.grants.map(2, pages.refs)
+    for i in (0, 1023, 1024, 1099):
+        assert int.from_bytes(m.mem[i * PAGE + 5 : i * PAGE + 7], "little") == i
+    m.mem[1024 * PAGE - 1 : 1024 * PAGE + 1] = b"xy"  # across the chunk boundary
+    assert bytes(pages.mem[1024 * PAGE - 1 : 1024 * PAGE + 1]) == b"xy"
+    a.grants.unmap(m)
+    b.grants.end_access(pages)
+
+
+def test_a_lost_daemon_is_reported_as_platform_gone(
+    loopback: LoopbackRun, platform: Callable[[int], XenPlatform]
+) -> None:
+    a = platform(1)
+    port = a.events.alloc_unbound(2)
+    stop_daemon(loopback.daemon)
+    with pytest.raises(PlatformGone) as info:
+        a.events.alloc_unbound(2)
+    assert info.value.errno == errno.ENOTCONN
+    with pytest.raises(PlatformGone):
+        a.grants.grant(2)
+    with pytest.raises(PlatformGone):
+        a.events.unbind(port)
+    a.close()  # releasing with no daemon neither hangs nor raises

@@ -205,7 +205,16 @@ class ClientGrantTable:
     def grant(self, domid: int, count: int = 1, *, writable: bool = True) -> SharedRegion:
         """Allocate, map and grant ``count`` zeroed pages to ``domid``."""
         flags = proto.SHARE_WRITABLE if writable else 0
-        out, fds = self._conn.call(Op.GNT_SHARE, proto.SHARE_REQ.pack(domid, flags, count))
+        return self._share(Op.GNT_SHARE, proto.SHARE_REQ.pack(domid, flags, count), domid, writable)
+
+    def grant_reserved(self, ref: int, domid: int, *, writable: bool = True) -> SharedRegion:
+        """Share one zeroed page at reserved ref 0 (console) or 1 (xenstore) with ``domid``."""
+        flags = proto.SHARE_WRITABLE if writable else 0
+        req = proto.SHARE_RESERVED_REQ.pack(ref, domid, flags)
+        return self._share(Op.GNT_SHARE_RESERVED, req, domid, writable)
+
+    def _share(self, op: int, req: bytes, domid: int, writable: bool) -> SharedRegion:
+        out, fds = self._conn.call(op, req)
         handle_id, n = proto.U32x2.unpack_from(out)
         refs = struct.unpack_from(f"<{n}I", out, 8)
         try:

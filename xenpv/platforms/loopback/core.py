@@ -270,7 +270,8 @@ class Domain:
     def free_ref(self, ref: int) -> None:
         """Return ``ref`` to the free list (reused last: FIFO)."""
         del self.grants[ref]
-        self._free_refs.append(ref)
+        if ref >= GNTTAB_NR_RESERVED_ENTRIES:  # reserved refs never enter the free list
+            self._free_refs.append(ref)
 
     def alloc_port(self) -> int:
         """The lowest free port (never 0)."""
@@ -393,8 +394,13 @@ class Hypervisor:
             raise PlatformError("handle is closed", errno.EBADF)
 
     # ------------------------------------------------------------------ grants
-    def share(self, h: Handle, domid: int, count: int, *, writable: bool) -> Share:
-        """gntalloc ALLOC_GREF: ``count`` zeroed pages granted to ``domid``."""
+    def share(
+        self, h: Handle, domid: int, count: int, *, writable: bool, reserved: int | None = None
+    ) -> Share:
+        """gntalloc ALLOC_GREF: ``count`` zeroed pages granted to ``domid``.
+
+        ``reserved`` (0 console or 1 xenstore) puts a single page at that reserved ref,
+        as Xen's domain builder does; refused if the ref is in use."""
         self._check_open(h)
         dom = h.domain
         if not 0 < count <= MAX_BATCH:
@@ -402,11 +408,20 @@ class Hypervisor:
         if domid == dom.domid or not 0 <= domid < DOMID_FIRST_RESERVED:
             raise PlatformError(f"cannot grant to domain {domid}", errno.EINVAL)
         self.domain(domid)
-        refs = dom.alloc_refs(count)
+        if reserved is not None:
+            # grant_table.h: GNTTAB_RESERVED_CONSOLE 0, GNTTAB_RESERVED_XENSTORE 1
+            if reserved not in (0, 1) or count != 1:
+                raise PlatformError(f"ref {reserved} cannot be shared explicitly", errno.EINVAL)
+            if reserved in dom.grants:
+                raise PlatformError(f"reserved ref {reserved} is in use", errno.EBUSY)
+            refs = [reserved]
+        else:
+            refs = dom.alloc_refs(count)
         try:
             seg = Segment(count, f"xenpv-dom{dom.domid}-gnt{refs[0]}")
         except OSError as exc:
-            dom._free_refs.extendleft(reversed(refs))
+            if reserved is None:
+                dom._free_refs.extendleft(reversed(refs))
             raise PlatformError(f"cannot allocate pages: {exc}", exc.errno) from exc
         share = Share(h.next_id(), h, domid, writable, seg, [])
         for i, ref in enumerate(refs):

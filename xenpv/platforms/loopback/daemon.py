@@ -176,6 +176,7 @@ class LoopbackDaemon:
             Op.DOMAIN_DESTROY: self._domain_destroy,
             Op.STATS: self._stats,
             Op.FAULT: self._fault,
+            Op.GNT_SHARE_RESERVED: self._gnt_share_reserved,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -358,8 +359,21 @@ class LoopbackDaemon:
 
     def _gnt_share(self, conn: _Connection, payload: bytes) -> Reply:
         domid, flags, count = _unpack(proto.SHARE_REQ, payload)
+        return self._share_reply(conn, domid, count, flags, None)
+
+    def _gnt_share_reserved(self, conn: _Connection, payload: bytes) -> Reply:
+        ref, domid, flags = _unpack(proto.SHARE_RESERVED_REQ, payload)
+        return self._share_reply(conn, domid, 1, flags, ref)
+
+    def _share_reply(
+        self, conn: _Connection, domid: int, count: int, flags: int, reserved: int | None
+    ) -> Reply:
         share = self.hv.share(
-            conn.handle, domid, count, writable=bool(flags & proto.SHARE_WRITABLE)
+            conn.handle,
+            domid,
+            count,
+            writable=bool(flags & proto.SHARE_WRITABLE),
+            reserved=reserved,
         )
         out = proto.U32x2.pack(share.handle_id, count) + b"".join(
             proto.U32.pack(r) for r in share.refs

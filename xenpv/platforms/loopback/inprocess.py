@@ -54,7 +54,14 @@ class InProcessGrantTable:
 
     def grant(self, domid: int, count: int = 1, *, writable: bool = True) -> SharedRegion:
         """Allocate, map and grant ``count`` zeroed pages to ``domid``."""
-        share = self._hv.share(self._h, domid, count, writable=writable)
+        return self._share(domid, count, writable, None)
+
+    def grant_reserved(self, ref: int, domid: int, *, writable: bool = True) -> SharedRegion:
+        """Share one zeroed page at reserved ref 0 (console) or 1 (xenstore) with ``domid``."""
+        return self._share(domid, 1, writable, ref)
+
+    def _share(self, domid: int, count: int, writable: bool, reserved: int | None) -> SharedRegion:
+        share = self._hv.share(self._h, domid, count, writable=writable, reserved=reserved)
         try:
             region = map_fd(share.segment.fd, count, writable=True)
         except BaseException:

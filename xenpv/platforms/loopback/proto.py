@@ -7,7 +7,6 @@ Only layouts, constants and pure encode/decode helpers live here; the daemon
 from __future__ import annotations
 
 import enum
-import errno
 import socket
 import struct
 
@@ -27,6 +26,7 @@ U32x4 = struct.Struct("<IIII")
 U32x6 = struct.Struct("<IIIIII")
 HELLO_REPLY = U32x6  # version, domid, privileged, max_grants, max_ports, page_size
 SHARE_REQ = struct.Struct("<HHI")  # domid, flags, count
+SHARE_RESERVED_REQ = struct.Struct("<IHH")  # ref, domid, flags
 MAP_FAIL = struct.Struct("<Ii")  # index, GNTST
 COPY_SEG = struct.Struct("<IHHIHHHHI")  # src ref, domid, off; dst ref, domid, off; len, flags, pad
 STATUS_I32 = struct.Struct("<i")
@@ -63,6 +63,7 @@ class Op(enum.IntEnum):
     DOMAIN_DESTROY = 16
     STATS = 17
     FAULT = 18
+    GNT_SHARE_RESERVED = 19
 
 
 class ProtocolViolation(Exception):
@@ -115,5 +116,3 @@ def ancdata_for(fds: list[int]) -> list[tuple[int, int, bytes]]:
         return []
     return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"<{len(fds)}i", *fds))]
 
-
-ERRNO_NAMES = {v: k for k, v in errno.errorcode.items()}

@@ -486,6 +486,17 @@ class XenbusMachine:
         """The own ``state`` node (the device directory) was removed by the toolstack."""
         return self._feed(Local.REMOVED)
 
+    def step(self, inp: Input, error: tuple[int, str] | None = None) -> list[Action]:
+        """Apply exactly one row for ``inp`` without settling (for tests and tools).
+
+        A peer-state input also updates :attr:`peer`.
+        """
+        if isinstance(inp, XenbusState):
+            self.peer = inp
+        out: list[Action] = []
+        self._apply(inp, error, out)
+        return out
+
     # -- queries ---------------------------------------------------------------------
     @property
     def destroyed(self) -> bool:

@@ -65,13 +65,22 @@ def shim_dir() -> Path:
 
 def domain_env(rundir: str | os.PathLike[str], domid: int) -> dict[str, str]:
     """The environment variables under which any program acts as domain ``domid``."""
+    from xenpv import peers
+
     base = Path(rundir).resolve() / f"dom{domid}"
+    dirs = [str(shim_dir())]
+    try:  # Debian's Xen libraries (libxenstore, libxenvchan …) for the real programs
+        dirs.append(str(peers.lib_dir()))
+    except peers.PeerMissing:
+        pass
     old = os.environ.get("LD_LIBRARY_PATH", "")
+    if old:
+        dirs.append(old)
     return {
         "XENPV_LOOPBACK_SOCKET": str(base / "control"),
         "XENPV_LOOPBACK_DOMID": str(domid),
         "XENSTORED_PATH": str(base / "xenstore"),
-        "LD_LIBRARY_PATH": str(shim_dir()) + (":" + old if old else ""),
+        "LD_LIBRARY_PATH": ":".join(dirs),
     }
 
 

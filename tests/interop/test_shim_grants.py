@@ -5,6 +5,7 @@ platform keeps the connection it opened)."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from collections.abc import Callable, Iterator
 
@@ -12,7 +13,7 @@ import pytest
 from shim_peers import LoopbackRun
 
 from xenpv.cli.loopback import shim_dir
-from xenpv.platforms.base import PlatformGone
+from xenpv.platforms.base import PlatformGone, PortError
 from xenpv.platforms.loopback.harness import stop_daemon
 from xenpv.platforms.xen import XenPlatform
 
@@ -95,3 +96,30 @@ def test_a_lost_daemon_is_reported_as_platform_gone(
     with pytest.raises(PlatformGone):
         a.events.unbind(port)
     a.close()  # releasing with no daemon neither hangs nor raises
+
+
+def test_restricted_event_channels_bind_only_to_that_domain(
+    platform: Callable[[int], XenPlatform],
+) -> None:
+    zero, one, two = platform(0), platform(1), platform(2)
+    from_zero = zero.events.alloc_unbound(1)
+    from_two = two.events.alloc_unbound(1)
+    one.events.restrict(2)
+    with pytest.raises(PortError):
+        one.events.bind_interdomain(0, from_zero)
+    port = one.events.bind_interdomain(2, from_two)
+    assert one.events.pending(5) == port
+
+
+def test_discover_learns_the_domid_from_xenstore(
+    loopback: LoopbackRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = loopback.rundir / "dom2"
+    monkeypatch.setenv("XENPV_LOOPBACK_SOCKET", str(base / "control"))
+    monkeypatch.setenv("XENSTORED_PATH", str(base / "xenstore"))
+    p = asyncio.run(XenPlatform.discover(lib_dir=shim_dir()))
+    try:
+        assert p.domid == 2 and p.xenstore_path == str(base / "xenstore")
+        assert p.grants.grant(1).refs[0] >= 8
+    finally:
+        p.close()

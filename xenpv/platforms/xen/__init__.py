@@ -78,6 +78,27 @@ class XenPlatform(BasePlatform):
         super().__init__(grants, events, xenstore_path or default_xenstore_path())
 
     @classmethod
+    async def discover(
+        cls,
+        *,
+        lib_dir: str | os.PathLike[str] | None = None,
+        xenstore_path: str | None = None,
+    ) -> XenPlatform:
+        """Open the platform for the domain this process runs in, learning its domid the
+        way a guest does: from its own xenstore key ``domid`` (a relative path)."""
+        from xenpv.errors import PeerError
+        from xenpv.xenstore.client import connect
+
+        path = xenstore_path or default_xenstore_path()
+        if path is None:
+            raise LocalError("no xenstore endpoint (set XENSTORED_PATH)")
+        async with await connect(path) as xs:
+            raw = await xs.read("domid")
+        if not raw.isdigit() or int(raw) >= 0x7FF0:
+            raise PeerError(f"xenstore key 'domid' is not a domain id: {raw[:32]!r}")
+        return cls(int(raw), lib_dir=lib_dir, xenstore_path=path)
+
+    @classmethod
     def for_loopback(cls, rundir: str | os.PathLike[str], domid: int) -> XenPlatform:
         """This platform acting as domain ``domid`` of the loopback emulator running in
         ``rundir``, through the emulator's replacement libraries.

@@ -1,0 +1,203 @@
+"""Isolation at the descriptor and socket level of the loopback daemon, and hostile clients."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import signal
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from xenpv.errors import PlatformError
+from xenpv.platforms.base import PlatformGone
+from xenpv.platforms.loopback import proto
+from xenpv.platforms.loopback.client import ClientPlatform, ControlConnection
+from xenpv.platforms.loopback.harness import start_daemon, stop_daemon
+from xenpv.platforms.loopback.proto import Op
+
+PAGE = 4096
+
+
+@pytest.fixture
+def rundir(tmp_path: Path) -> Iterator[Path]:
+    d = tmp_path / "run"
+    proc = start_daemon(d, domains=(1, 2), max_grants=64, max_ports=16)
+    try:
+        yield d
+    finally:
+        assert stop_daemon(proc) == 0
+
+
+def _conn(rundir: Path, domid: int, timeout: float = 10.0) -> ControlConnection:
+    return ControlConnection(rundir / f"dom{domid}" / "control", timeout=timeout)
+
+
+def _share(conn: ControlConnection, domid: int, count: int, writable: bool) -> tuple[int, ...]:
+    out, fds = conn.call(Op.GNT_SHARE, proto.SHARE_REQ.pack(domid, int(writable), count))
+    for fd in fds:
+        os.close(fd)
+    return struct.unpack_from(f"<{count}I", out, 8)
+
+
+def _map(conn: ControlConnection, domid: int, refs: tuple[int, ...], writable: bool) -> list[int]:
+    req = proto.U32x2.pack(int(writable), len(refs)) + b"".join(
+        proto.U32x2.pack(domid, r) for r in refs
+    )
+    _out, fds = conn.call(Op.GNT_MAP, req)
+    return fds
+
+
+def test_isolation_readonly_grant_fd_refuses_prot_write(rundir: Path) -> None:
+    granter, mapper = _conn(rundir, 1), _conn(rundir, 0)
+    try:
+        refs = _share(granter, 0, 2, writable=False)
+        fds = _map(mapper, 1, refs, writable=False)
+        try:
+            assert len(fds) == 1  # one descriptor for the pages of one share
+            fd = fds[0]
+            assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+            with pytest.raises(PermissionError):
+                mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            with pytest.raises(OSError) as info:
+                os.pwrite(fd, b"x", 0)
+            assert info.value.errno == errno.EBADF
+            ro = mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ)
+            assert ro[:4] == bytes(4)
+            ro.close()
+        finally:
+            for fd in fds:
+                os.close(fd)
+    finally:
+        mapper.close()
+        granter.close()
+
+
+def test_isolation_descriptors_reach_only_the_granted_share(rundir: Path) -> None:
+    granter, mapper = _conn(rundir, 1), _conn(rundir, 0)
+    try:
+        mine = _share(granter, 0, 3, writable=True)
+        _share(granter, 2, 5, writable=True)  # granted to someone else
+        fds = _map(mapper, 1, mine[:1], writable=True)
+        try:
+            assert [os.fstat(fd).st_size for fd in fds] == [3 * PAGE]
+        finally:
+            for fd in fds:
+                os.close(fd)
+    finally:
+        mapper.close()
+        granter.close()
+
+
+def test_isolation_a_socket_acts_only_as_its_domain(rundir: Path) -> None:
+    guest = _conn(rundir, 1)
+    try:
+        assert guest.domid == 1 and not guest.privileged
+        for op, payload in (
+            (Op.DOMAIN_CREATE, proto.U32.pack(7)),
+            (Op.DOMAIN_DESTROY, proto.U32.pack(2)),
+            (Op.FAULT, proto.U32x4.pack(1, 0, 8, 0)),
+            (Op.STATS, proto.U32.pack(0)),
+            (Op.EVT_STATUS, proto.U32x2.pack(2, 1)),
+        ):
+            with pytest.raises(PlatformError) as info:
+                guest.call(op, payload)
+            assert info.value.errno == errno.EPERM, op
+    finally:
+        guest.close()
+
+
+def test_isolation_hostile_client_frames_drop_only_its_connection(rundir: Path) -> None:
+    other = _conn(rundir, 2)
+    try:
+        bad_frames = [
+            b"\x01\x00",  # shorter than a header
+            proto.REQUEST.pack(Op.HELLO, 1, 100) + b"x",  # len disagrees with the message
+            proto.REQUEST.pack(0xFFFF, 1, 0),  # unknown op: -ENOSYS, connection stays
+            proto.REQUEST.pack(Op.GNT_MAP, 1, 8) + proto.U32x2.pack(0, 10_000),  # count lies
+            proto.REQUEST.pack(Op.GNT_COPY, 1, 8) + proto.U32x2.pack(2**31, 0),
+        ]
+        for frame in bad_frames:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.settimeout(10)
+            s.connect(str(rundir / "dom1" / "control"))
+            r, w = os.pipe()  # descriptors from a client are refused (closed by the daemon)
+            s.sendmsg([frame], proto.ancdata_for([r, w]))
+            os.close(r)
+            os.close(w)
+            reply = s.recv(proto.MAX_MESSAGE)
+            if reply:
+                _op, _seq, status, _ = proto.decode_reply(reply)
+                assert status < 0
+            s.close()
+        out, _ = other.call(Op.DOMAIN_LIST)  # the daemon and other domains are fine
+        assert proto.U32.unpack_from(out)[0] == 3
+    finally:
+        other.close()
+
+
+def test_isolation_client_that_never_reads_replies_is_dropped(rundir: Path) -> None:
+    other = _conn(rundir, 2)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(str(rundir / "dom1" / "control"))
+    s.setblocking(False)
+    msg = proto.encode_request(Op.STATS, 0, proto.U32.pack(1))
+    dropped = False
+    deadline = time.monotonic() + 20
+    try:
+        while not dropped and time.monotonic() < deadline:
+            try:
+                s.send(msg)
+            except BlockingIOError:
+                time.sleep(0.01)
+                # the daemon keeps serving others while this client floods it
+                other.call(Op.STATS, proto.U32.pack(2))
+            except (BrokenPipeError, ConnectionResetError):
+                dropped = True
+        assert dropped
+    finally:
+        s.close()
+        other.close()
+
+
+def test_dead_daemon_gives_clients_a_clear_error_never_a_hang(tmp_path: Path) -> None:
+    d = tmp_path / "run"
+    proc = start_daemon(d, domains=(1,))
+    try:
+        p = ClientPlatform.for_domain(d, 1, timeout=10.0)
+        pages = p.grants.grant(0, 1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        t0 = time.monotonic()
+        with pytest.raises(PlatformGone):
+            p.grants.grant(0, 1)
+        with pytest.raises(PlatformGone):
+            p.events.alloc_unbound(0)
+        assert time.monotonic() - t0 < 5
+        pages.mem[0:1] = b"x"  # local memory stays usable, nothing crashes
+        p.close()
+        with pytest.raises(PlatformGone):
+            ClientPlatform.for_domain(d, 1)
+    finally:
+        stop_daemon(proc)
+
+
+def test_stopped_daemon_times_out_instead_of_hanging(tmp_path: Path) -> None:
+    d = tmp_path / "run"
+    proc = start_daemon(d, domains=(1,))
+    conn = ControlConnection(d / "dom1" / "control", timeout=0.5)
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)
+        with pytest.raises(PlatformError) as info:
+            conn.call(Op.STATS, proto.U32.pack(1))
+        assert info.value.errno == errno.ETIMEDOUT
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        conn.close()
+        stop_daemon(proc)

@@ -58,7 +58,9 @@ def test_platform_objects_satisfy_the_interface_protocols(
     b.grants.end_access(pages)
 
 
-def test_numpy_views_share_the_granted_bytes(pair: tuple[InProcessPlatform, InProcessPlatform]) -> None:
+def test_numpy_views_share_the_granted_bytes(
+    pair: tuple[InProcessPlatform, InProcessPlatform],
+) -> None:
     a, b = pair
     pages = b.grants.grant(0, 2)
     m = a.grants.map(1, pages.refs, writable=False)
@@ -200,7 +202,9 @@ def test_fault_drop_and_duplicate_notifications(hv: Hypervisor) -> None:
     hv.assert_released()
 
 
-def test_clear_byte_needs_a_writable_mapping(pair: tuple[InProcessPlatform, InProcessPlatform]) -> None:
+def test_clear_byte_needs_a_writable_mapping(
+    pair: tuple[InProcessPlatform, InProcessPlatform],
+) -> None:
     a, b = pair
     pages = b.grants.grant(0, 1, writable=False)
     m = a.grants.map(1, pages.refs, writable=False)
@@ -212,7 +216,9 @@ def test_clear_byte_needs_a_writable_mapping(pair: tuple[InProcessPlatform, InPr
     b.grants.end_access(pages)
 
 
-def test_grant_in_use_reports_the_busy_refs(pair: tuple[InProcessPlatform, InProcessPlatform]) -> None:
+def test_grant_in_use_reports_the_busy_refs(
+    pair: tuple[InProcessPlatform, InProcessPlatform],
+) -> None:
     a, b = pair
     pages = b.grants.grant(0, 3)
     m = a.grants.map(1, pages.refs[1:2])
@@ -247,3 +253,30 @@ def test_domain_table_rules(hv: Hypervisor) -> None:
     with pytest.raises(PlatformError) as gone:
         hv.open_handle(42)
     assert gone.value.errno == errno.ESRCH
+
+
+def test_prepared_copy_revalidates_after_grant_changes(
+    pair: tuple[InProcessPlatform, InProcessPlatform],
+) -> None:
+    from xenpv.platforms.base import GntSt, GrantCopy, GrantPtr, LocalPtr, prepare_copy
+
+    a, b = pair
+    pages = b.grants.grant(0, 2)
+    pages.mem[0:PAGE] = b"a" * PAGE
+    pages.mem[PAGE : 2 * PAGE] = b"b" * PAGE
+    out = bytearray(2 * PAGE)
+    segs = [
+        GrantCopy(GrantPtr(1, r, 0), LocalPtr(out, i * PAGE), PAGE)
+        for i, r in enumerate(pages.refs)
+    ]
+    run = prepare_copy(a.grants, segs)
+    assert run() == [GntSt.okay, GntSt.okay]
+    assert bytes(out) == b"a" * PAGE + b"b" * PAGE  # one merged run, both pages
+    pages.mem[0:1] = b"z"
+    assert run() == [GntSt.okay, GntSt.okay] and out[0:1] == b"z"
+    b.grants.end_access(pages)  # the grants go: the plan must notice
+    out[:] = bytes(2 * PAGE)
+    assert run() == [GntSt.bad_gntref, GntSt.bad_gntref]
+    assert bytes(out) == bytes(2 * PAGE)
+    run.release()  # type: ignore[attr-defined]
+    out.extend(b"x")  # no view left on the buffer

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import enum
 import errno as _errno
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -58,6 +58,7 @@ __all__ = [
     "ResourceExhausted",
     "SharedPages",
     "UnmapNotify",
+    "prepare_copy",
 ]
 
 #: Xen page size for every ring protocol (bytes).
@@ -386,6 +387,20 @@ class Platform(Protocol):
     def close(self) -> None:
         """Close the grant and event-channel handles (everything they hold)."""
         ...
+
+
+def prepare_copy(grants: Any, segments: Sequence[GrantCopy]) -> Callable[[], list[int]]:
+    """A callable running the grant copy ``segments`` (one ``GNTST_*`` per segment).
+
+    Platforms that can validate a copy once and repeat it cheaply offer
+    ``grants.prepare_copy``; on the others this simply calls ``grants.copy`` each time.
+    Reuse it for copies repeated over the same grants and local buffers."""
+    prepare = getattr(grants, "prepare_copy", None)
+    if prepare is not None:
+        plan: Callable[[], list[int]] = prepare(segments)
+        return plan
+    fixed = tuple(segments)
+    return lambda: list(grants.copy(fixed))
 
 
 async def open_xenstore_client(path: str) -> Any:

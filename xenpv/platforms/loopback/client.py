@@ -27,7 +27,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -293,37 +293,12 @@ class ClientGrantTable:
 
     def copy(self, segments: Sequence[GrantCopy]) -> list[int]:
         """Grant copy done by the daemon; one ``GNTST_*`` per segment."""
-        head = [proto.U32x2.pack(len(segments), 0)]
-        data: list[bytes] = []
-        for s in segments:
-            flags = 0
-            sref = sdom = soff = dref = ddom = doff = 0
-            if isinstance(s.source, GrantPtr):
-                flags |= proto.GNTCOPY_source_gref
-                sref, sdom, soff = s.source.ref, s.source.domid, s.source.offset
-            else:
-                buf = memoryview(s.source.buffer).cast("B")
-                data.append(bytes(buf[s.source.offset : s.source.offset + s.length]))
-            if isinstance(s.dest, GrantPtr):
-                flags |= proto.GNTCOPY_dest_gref
-                dref, ddom, doff = s.dest.ref, s.dest.domid, s.dest.offset
-            head.append(proto.COPY_SEG.pack(sref, sdom, soff, dref, ddom, doff, s.length, flags, 0))
-        out, fds = self._conn.call(Op.GNT_COPY, b"".join(head) + b"".join(data))
-        for fd in fds:
-            os.close(fd)
-        count, _ = proto.U32x2.unpack_from(out)
-        status = list(struct.unpack_from(f"<{count}i", out, 8))
-        cursor = 8 + 4 * count
-        for seg, st in zip(segments, status, strict=True):
-            if not isinstance(seg.dest, LocalPtr):
-                continue
-            if st == 0:
-                dst = memoryview(seg.dest.buffer).cast("B")
-                dst[seg.dest.offset : seg.dest.offset + seg.length] = out[
-                    cursor : cursor + seg.length
-                ]
-            cursor += seg.length
-        return status
+        return _ClientCopyPlan(self._conn, segments)()
+
+    def prepare_copy(self, segments: Sequence[GrantCopy]) -> Callable[[], list[int]]:
+        """A reusable copy of ``segments``: the request layout is encoded once (local
+        source bytes are read at each run)."""
+        return _ClientCopyPlan(self._conn, segments)
 
     def stats(self, domid: int | None = None) -> tuple[int, ...]:
         """STATS of ``domid`` (default: self): grants, revoking, mappings, ports, shares,
@@ -337,6 +312,51 @@ class ClientGrantTable:
             run.region.release()
         self._live.clear()
         self._conn.close()
+
+
+class _ClientCopyPlan:
+    """GNT_COPY request for a fixed list of segments (docs/loopback-protocol.md §4.7)."""
+
+    def __init__(self, conn: ControlConnection, segments: Sequence[GrantCopy]) -> None:
+        self._conn = conn
+        self._segments = tuple(segments)
+        head = [proto.U32x2.pack(len(segments), 0)]
+        for s in segments:
+            flags = 0
+            sref = sdom = soff = dref = ddom = doff = 0
+            if isinstance(s.source, GrantPtr):
+                flags |= proto.GNTCOPY_source_gref
+                sref, sdom, soff = s.source.ref, s.source.domid, s.source.offset
+            if isinstance(s.dest, GrantPtr):
+                flags |= proto.GNTCOPY_dest_gref
+                dref, ddom, doff = s.dest.ref, s.dest.domid, s.dest.offset
+            head.append(proto.COPY_SEG.pack(sref, sdom, soff, dref, ddom, doff, s.length, flags, 0))
+        self._head = b"".join(head)
+
+    def __call__(self) -> list[int]:
+        data = [
+            bytes(
+                memoryview(s.source.buffer).cast("B")[s.source.offset : s.source.offset + s.length]
+            )
+            for s in self._segments
+            if isinstance(s.source, LocalPtr)
+        ]
+        out, fds = self._conn.call(Op.GNT_COPY, self._head + b"".join(data))
+        for fd in fds:
+            os.close(fd)
+        count, _ = proto.U32x2.unpack_from(out)
+        status = list(struct.unpack_from(f"<{count}i", out, 8))
+        cursor = 8 + 4 * count
+        for seg, st in zip(self._segments, status, strict=True):
+            if not isinstance(seg.dest, LocalPtr):
+                continue
+            if st == 0:
+                dst = memoryview(seg.dest.buffer).cast("B")
+                dst[seg.dest.offset : seg.dest.offset + seg.length] = out[
+                    cursor : cursor + seg.length
+                ]
+            cursor += seg.length
+        return status
 
 
 class ClientEvents(EpollEvents):

@@ -54,6 +54,7 @@ from xenpv.platforms.base import (
     GrantCopy,
     GrantInUse,
     GrantPtr,
+    LocalPtr,
     MapError,
     NoSuchDomain,
     PortError,
@@ -77,7 +78,7 @@ _ONE = (1).to_bytes(8, "little")
 class Segment:
     """One memfd holding the pages of one share (zeroed at creation, never recycled)."""
 
-    __slots__ = ("_mm", "_ro_fd", "fd", "npages", "refs_live")
+    __slots__ = ("_mm", "_ro_fd", "_view", "fd", "npages", "refs_live")
 
     def __init__(self, npages: int, name: str) -> None:
         self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
@@ -90,6 +91,7 @@ class Segment:
         self.refs_live = npages  # grant entries still referring to this segment
         self._ro_fd = -1
         self._mm: mmap.mmap | None = None
+        self._view: memoryview | None = None
 
     @property
     def ro_fd(self) -> int:
@@ -105,8 +107,18 @@ class Segment:
             self._mm = mmap.mmap(self.fd, self.npages * PAGE_SIZE)
         return self._mm
 
+    @property
+    def view(self) -> memoryview:
+        """A byte memoryview over :attr:`mm` (kept, so copies do not rebuild it)."""
+        if self._view is None:
+            self._view = memoryview(self.mm)
+        return self._view
+
     def close(self) -> None:
         """Drop the hypervisor's references; the memory goes when the last user unmaps."""
+        if self._view is not None:
+            self._view.release()
+            self._view = None
         if self._mm is not None:
             try:
                 self._mm.close()
@@ -307,6 +319,76 @@ class DomainStats:
     handles: int
 
 
+class CopyPlan:
+    """A validated grant copy that can be run again and again (``GNTTABOP_copy``).
+
+    Validation (grants, bounds, permissions) is done once and repeated only when the
+    grant tables changed since (:attr:`Hypervisor.grant_gen`) or the handle closed, so a
+    driver copying the same pages repeatedly pays one memcpy per contiguous run:
+    adjacent segments that are contiguous on both sides are merged.  :meth:`release`
+    drops the views it holds (local buffers can be resized again).
+    """
+
+    __slots__ = ("_gen", "_handle", "_hv", "_ops", "_status", "segments")
+
+    def __init__(self, hv: Hypervisor, h: Handle, segments: Sequence[GrantCopy]) -> None:
+        self._hv = hv
+        self._handle = h
+        self.segments = tuple(segments)
+        self._gen = -1
+        self._ops: list[tuple[memoryview, memoryview]] = []
+        self._status: list[int] = []
+
+    def _build(self) -> None:
+        hv, h = self._hv, self._handle
+        status: list[int] = []
+        runs: list[
+            list[Any]
+        ] = []  # [dst base, dst mv, dst start, src base, src mv, src start, len]
+        for seg in self.segments:
+            src = hv._copy_window(h, seg.source, seg.length, False)
+            if isinstance(src, int):
+                status.append(int(src))
+                continue
+            dst = hv._copy_window(h, seg.dest, seg.length, True)
+            if isinstance(dst, int):
+                status.append(int(dst))
+                continue
+            status.append(GntSt.okay)
+            last = runs[-1] if runs else None
+            if (
+                last is not None
+                and last[0] is dst[0]
+                and last[3] is src[0]
+                and last[2] + last[6] == dst[2]
+                and last[5] + last[6] == src[2]
+            ):
+                last[6] += seg.length
+            else:
+                runs.append([dst[0], dst[1], dst[2], src[0], src[1], src[2], seg.length])
+        self._ops = [(dmv[ds : ds + n], smv[ss : ss + n]) for _d, dmv, ds, _s, smv, ss, n in runs]
+        self._status = status
+        self._gen = hv.grant_gen
+
+    def __call__(self) -> list[int]:
+        """Run the copy; one ``GNTST_*`` status per segment."""
+        if self._handle.closed:
+            raise PlatformError("handle is closed", errno.EBADF)
+        if self._gen != self._hv.grant_gen:
+            self._build()
+        for dst, src in self._ops:
+            dst[:] = src
+        return list(self._status)
+
+    def release(self) -> None:
+        """Drop the memory views (the plan rebuilds them if run again)."""
+        for dst, src in self._ops:
+            dst.release()
+            src.release()
+        self._ops = []
+        self._gen = -1
+
+
 class Hypervisor:
     """The emulated machine: domain table plus the grant and event-channel operations."""
 
@@ -318,6 +400,7 @@ class Hypervisor:
         self.domains: dict[int, Domain] = {}
         self._zombies: list[Domain] = []  # destroyed domains with grants still mapped
         self._next_handle = 1
+        self.grant_gen = 0  # bumped on every grant-table change (invalidates copy plans)
         self.on_domain_created: list[Callable[[Domain], None]] = []
         self.on_domain_destroyed: list[Callable[[Domain], None]] = []
         self.create_domain(0, "Domain-0")
@@ -343,6 +426,7 @@ class Hypervisor:
         if domid == 0:
             raise PlatformError("dom0 cannot be destroyed", errno.EPERM)
         dom.dying = True
+        self.grant_gen += 1
         for h in list(dom.handles.values()):
             self.close_handle(h)
         del self.domains[domid]
@@ -423,6 +507,7 @@ class Hypervisor:
             if reserved is None:
                 dom._free_refs.extendleft(reversed(refs))
             raise PlatformError(f"cannot allocate pages: {exc}", exc.errno) from exc
+        self.grant_gen += 1
         share = Share(h.next_id(), h, domid, writable, seg, [])
         for i, ref in enumerate(refs):
             entry = GrantEntry(ref, dom, domid, not writable, seg, i, share)
@@ -462,6 +547,7 @@ class Hypervisor:
             self._fire(share.owner.domain, share.segment_at, n, True)
         ended = 0
         for e in todo:
+            self.grant_gen += 1
             if e.in_use:
                 e.revoking = True
             else:
@@ -472,6 +558,7 @@ class Hypervisor:
         return ended
 
     def _free_entry(self, e: GrantEntry) -> None:
+        self.grant_gen += 1
         e.freed = True
         e.revoking = False
         dom = e.granter
@@ -591,10 +678,19 @@ class Hypervisor:
     def copy(self, h: Handle, segments: Sequence[GrantCopy]) -> list[int]:
         """GNTTABOP_copy: one ``GNTST_*`` status per segment (segments independent)."""
         self._check_open(h)
-        return [self._copy_one(h, s) for s in segments]
+        plan = CopyPlan(self, h, segments)
+        try:
+            return plan()
+        finally:
+            plan.release()
 
-    def _copy_side(self, h: Handle, p: Any, length: int, dest: bool) -> Any:
-        """A memoryview window for one side, or a GNTST code (int)."""
+    def prepare_copy(self, h: Handle, segments: Sequence[GrantCopy]) -> CopyPlan:
+        """A reusable, pre-validated copy of ``segments`` (see :class:`CopyPlan`)."""
+        self._check_open(h)
+        return CopyPlan(self, h, segments)
+
+    def _copy_window(self, h: Handle, p: Any, length: int, dest: bool) -> Any:
+        """``(base object, memoryview, start)`` for one side, or a GNTST code (int)."""
         if isinstance(p, GrantPtr):
             if p.offset < 0 or length < 0 or p.offset + length > PAGE_SIZE:
                 return GntSt.bad_copy_arg
@@ -607,24 +703,15 @@ class Hypervisor:
                 return GntSt.bad_gntref
             if dest and e.readonly:
                 return GntSt.permission_denied
-            start = e.page * PAGE_SIZE + p.offset
-            return memoryview(e.segment.mm)[start : start + length]
+            return e.segment, e.segment.view, e.page * PAGE_SIZE + p.offset
+        if not isinstance(p, LocalPtr):
+            return GntSt.general_error
         buf = memoryview(p.buffer).cast("B")
-        if p.offset < 0 or p.offset + length > len(buf):
+        if p.offset < 0 or length < 0 or p.offset + length > len(buf):
             return GntSt.bad_copy_arg
         if dest and buf.readonly:
             return GntSt.bad_copy_arg
-        return buf[p.offset : p.offset + length]
-
-    def _copy_one(self, h: Handle, s: GrantCopy) -> int:
-        src = self._copy_side(h, s.source, s.length, False)
-        if isinstance(src, int):
-            return int(src)
-        dst = self._copy_side(h, s.dest, s.length, True)
-        if isinstance(dst, int):
-            return int(dst)
-        dst[:] = src
-        return GntSt.okay
+        return p.buffer, buf, p.offset
 
     # ------------------------------------------------------------------ event channels
     def _new_port(self, h: Handle, remote_domid: int) -> Port:

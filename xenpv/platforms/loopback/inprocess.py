@@ -22,6 +22,7 @@ from xenpv.platforms.base import (
 from xenpv.platforms.loopback.core import (
     NOTIFY_CLEAR_BYTE,
     NOTIFY_SEND_EVENT,
+    CopyPlan,
     Handle,
     Hypervisor,
 )
@@ -114,6 +115,10 @@ class InProcessGrantTable:
     def copy(self, segments: Sequence[GrantCopy]) -> list[int]:
         """Grant copy; one ``GNTST_*`` per segment."""
         return self._hv.copy(self._h, segments)
+
+    def prepare_copy(self, segments: Sequence[GrantCopy]) -> CopyPlan:
+        """A reusable, pre-validated copy (re-validated when grant tables change)."""
+        return self._hv.prepare_copy(self._h, segments)
 
     def close(self) -> None:
         """Release everything (as process death would)."""

@@ -280,3 +280,24 @@ def test_prepared_copy_revalidates_after_grant_changes(
     assert bytes(out) == bytes(2 * PAGE)
     run.release()  # type: ignore[attr-defined]
     out.extend(b"x")  # no view left on the buffer
+
+
+def test_maptrack_and_handles_are_bounded() -> None:
+    hv = Hypervisor(max_grants=64, max_ports=16, max_maptrack=4, max_handles=3)
+    try:
+        hv.create_domain(1)
+        g, m = hv.open_handle(1), hv.open_handle(0)
+        s = hv.share(g, 0, 3, writable=True)
+        hv.map(m, [(1, r) for r in s.refs], writable=True)
+        with pytest.raises(PlatformError) as full:
+            hv.map(m, [(1, s.refs[0]), (1, s.refs[1])], writable=True)
+        assert full.value.errno == errno.ENOSPC
+        hv.map(m, [(1, s.refs[0])], writable=True)  # exactly at the bound
+        hv.open_handle(1)
+        hv.open_handle(1)
+        with pytest.raises(PlatformError) as handles:
+            hv.open_handle(1)
+        assert handles.value.errno == errno.ENOSPC
+    finally:
+        hv.close()
+    hv.assert_released()

@@ -266,6 +266,7 @@ class Domain:
         os.ftruncate(self.gen_fd, max(max_ports * 4, PAGE_SIZE))
         self._gen_mm = mmap.mmap(self.gen_fd, max(max_ports * 4, PAGE_SIZE))
         self.gen = memoryview(self._gen_mm).cast("I")
+        self.maptrack = 0  # pages this domain currently maps (all handles)
         self.notify_drop = 0
         self.notify_duplicate = False
 
@@ -392,11 +393,20 @@ class CopyPlan:
 class Hypervisor:
     """The emulated machine: domain table plus the grant and event-channel operations."""
 
-    def __init__(self, *, max_grants: int = 4096, max_ports: int = 1024) -> None:
+    def __init__(
+        self,
+        *,
+        max_grants: int = 4096,
+        max_ports: int = 1024,
+        max_maptrack: int = 16384,
+        max_handles: int = 256,
+    ) -> None:
         if max_grants <= GNTTAB_NR_RESERVED_ENTRIES or max_ports < 2:
             raise LocalError("table sizes too small")
         self.max_grants = max_grants
         self.max_ports = max_ports
+        self.max_maptrack = max_maptrack
+        self.max_handles = max_handles
         self.domains: dict[int, Domain] = {}
         self._zombies: list[Domain] = []  # destroyed domains with grants still mapped
         self._next_handle = 1
@@ -450,6 +460,8 @@ class Hypervisor:
     def open_handle(self, domid: int) -> Handle:
         """Open a handle acting as ``domid``."""
         dom = self.domain(domid)
+        if len(dom.handles) >= self.max_handles:
+            raise ResourceExhausted(f"dom{domid}: {self.max_handles} handles open")
         h = Handle(self._next_handle, dom)
         self._next_handle += 1
         dom.handles[h.id] = h
@@ -576,6 +588,14 @@ class Hypervisor:
         if not 0 < len(refs) <= MAX_BATCH:
             raise PlatformError(f"bad map count {len(refs)}", errno.EINVAL)
         me = h.domain.domid
+        if h.domain.maptrack + len(refs) > self.max_maptrack:
+            # grant_table.c: the maptrack table bounds how much a domain can map
+            raise MapError(
+                f"dom{me}: maptrack full ({h.domain.maptrack} pages mapped)",
+                errno.ENOSPC,
+                0,
+                GntSt.no_space,
+            )
         entries: list[GrantEntry] = []
         for i, (domid, ref) in enumerate(refs):
             domid = self._resolve(h, domid)
@@ -602,6 +622,7 @@ class Hypervisor:
         # nothing mapped: the "successful subset" to unwind is always empty.
         for e in entries:
             e.mappers += 1
+        h.domain.maptrack += len(entries)
         m = Mapping(h.next_id(), h, entries, writable)
         h.mappings[m.handle_id] = m
         return m
@@ -623,6 +644,7 @@ class Hypervisor:
         if m.notify is not None:
             notify, m.notify = m.notify, None
             self._fire(m.owner.domain, m.segment_at, notify, m.writable)
+        m.owner.domain.maptrack -= len(m.entries)
         for e in m.entries:
             e.mappers -= 1
             if e.revoking and not e.in_use:

@@ -32,6 +32,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -541,6 +542,14 @@ class LoopbackDaemon:
         return _ok()
 
 
+def _raise_fd_limit() -> None:
+    """Every share holds a memfd in the daemon: lift the soft descriptor limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def run_daemon(
     rundir: str | os.PathLike[str],
     domains: dict[int, str] | None = None,
@@ -550,6 +559,7 @@ async def run_daemon(
     ready: Callable[[LoopbackDaemon], None] | None = None,
 ) -> None:
     """Run the daemon in the foreground until SIGTERM/SIGINT, then shut down cleanly."""
+    _raise_fd_limit()
     daemon = LoopbackDaemon(rundir, max_grants=max_grants, max_ports=max_ports)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -97,6 +97,16 @@ class LoopbackRun:
         )
         return res.stdout.strip() if res.returncode == 0 else None
 
+    def xenstore_write(self, path: str, value: str) -> None:
+        """Write ``path`` as dom0 with Debian's ``xenstore-write``."""
+        subprocess.run(
+            [str(peers.find("xenstore-write")), path, value],
+            env=self.env(0),
+            check=True,
+            capture_output=True,
+            timeout=20,
+        )
+
     def close(self) -> None:
         """Kill every peer process, stop the daemon, remove the run directory."""
         for proc in self.procs:

@@ -440,3 +440,13 @@ def test_unlisten_removes_a_domain_socket_and_keeps_others(
     assert not Path(st.path(5)).exists()
     assert guest.write("data/still-connected", b"1") == "OK"
     assert_other_domain_served(st)
+
+
+def test_scenario_22_rate_limit_leaves_ordinary_bursts_alone(
+    xs_limited: tuple[ServerThread, RawClient, RawClient],
+) -> None:
+    st, _, guest = xs_limited
+    for i in range(600):  # well inside the domain burst plus the shared reserve
+        guest.send(T.WRITE, f"data/k{i}".encode() + b"\0v")
+    assert all(guest.reply().type == T.WRITE for _ in range(600))
+    assert st.call(lambda: st.srv.throttles.get(5, 0)) == 0

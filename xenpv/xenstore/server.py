@@ -24,7 +24,9 @@ Bounds (hostile-inputs R11, scenarios 21-25):
 * A batch is at most ``outstanding`` requests for a domain (512 for dom0); between
   batches the loop yields, so one connection never starves the others.
 * WRITE-type requests of unprivileged domains pass a token bucket (``write_rate`` per
-  second, ``write_burst`` deep; XSA-206); a domain over its rate is paused, not refused.
+  second, ``write_burst`` deep; XSA-206), falling back on a reserve shared by all domains
+  (``write_global_burst`` deep, refilled at the same rate); a domain with neither credit
+  is paused, not refused.
 
 State: with ``state_file`` the whole tree is loaded at start and saved atomically
 (temporary file, fsync, rename, directory fsync) by :meth:`XenstoredServer.close`.
@@ -184,9 +186,7 @@ class _XsProtocol(asyncio.Protocol):
                     (type_ in _WRITE_TYPES and not msg.tx_id)
                     or (type_ == XsType.TRANSACTION_END and msg.payload[:1] == b"T")
                 ):
-                    wait = server._bucket(self.domid).take(
-                        quotas.write_rate, quotas.write_burst, time.monotonic()
-                    )
+                    wait = server._debit(self.domid)
                     if wait:
                         self.held = msg
                         self.throttled = True
@@ -281,6 +281,7 @@ class XenstoredServer:
         self._listeners: list[tuple[asyncio.AbstractServer, str]] = []
         self._protocols: dict[Connection, _XsProtocol] = {}
         self._buckets: dict[int, _Bucket] = {}
+        self._reserve: _Bucket | None = None
         #: How often each domain was paused by the write rate limit.
         self.throttles: dict[int, int] = {}
         self._closed = False
@@ -426,11 +427,19 @@ class XenstoredServer:
         assert proto.conn is not None
         self._protocols.pop(proto.conn, None)
 
-    def _bucket(self, domid: int) -> _Bucket:
+    def _debit(self, domid: int) -> float:
+        """Charge one write to ``domid``: 0.0 if allowed now, else seconds to wait."""
+        q = self.quotas
+        now = time.monotonic()
         bucket = self._buckets.get(domid)
         if bucket is None:
-            bucket = self._buckets[domid] = _Bucket(self.quotas.write_burst, time.monotonic())
-        return bucket
+            bucket = self._buckets[domid] = _Bucket(q.write_burst, now)
+        wait = bucket.take(q.write_rate, q.write_burst, now)
+        if wait and q.write_global_burst:
+            if self._reserve is None:
+                self._reserve = _Bucket(q.write_global_burst, now)
+            wait = min(wait, self._reserve.take(q.write_rate, q.write_global_burst, now))
+        return wait
 
     def _after_batch(self) -> None:
         store = self.store

@@ -119,6 +119,8 @@ class Quotas:
     write_rate: float = 200.0
     #: Burst of WRITE-type requests a domain may make before the rate limit applies.
     write_burst: float = 10.0
+    #: Shared reserve any domain may draw on once its own burst is spent (C: WRL_GBURST).
+    write_global_burst: float = 1000.0
 
     @classmethod
     def names(cls) -> list[str]:

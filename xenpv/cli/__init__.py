@@ -19,6 +19,7 @@ from collections.abc import Sequence
 # name -> (module, one-line help).  Keep alphabetical.
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("xenpv.cli.bench", "run a benchmark and report ratios against its anchor"),
+    "console": ("xenpv.cli.console", "attach to a guest console; run a console backend or frontend"),
     "demo": ("xenpv.cli.demo", "show xenpv at work (the README's main job)"),
     "info": ("xenpv.cli.info", "print version, ring implementation and platform facts"),
     "loopback": ("xenpv.cli.loopback", "run the loopback emulator daemon and manage its domains"),

@@ -1,0 +1,731 @@
+"""Console backend: serves guest consoles on ptys (and log files), like xenconsoled.
+
+Theory of operation
+-------------------
+One :class:`ConsoleSession` serves one mapped ``xencons_interface`` page and one bound
+event channel (xen-protocols.md §8.1).  The guest's output (``out`` ring) is consumed on
+every notification and goes to a pty master (``xenconsole --type pv`` attaches to the
+slave, whose path the backend writes to ``tty``), to an optional log file and to an
+optional in-process sink; bytes typed on the pty (or :meth:`ConsoleSession.feed`) are
+produced into the ``in`` ring as space allows.  The peer is notified after every index
+update.
+
+Hostile guests (hostile-inputs.md R10, R11, R14, scenario 27):
+
+* a corrupt index pair (``out_prod - out_cons > 2048``) reads as an empty ring and is
+  counted (``stats["insane"]``), never raised (§8.1);
+* output waiting for the pty is bounded by ``ConsoleConfig.limit`` (default 1 MiB, the
+  libxl default): policy ``"discard"`` drops the oldest bytes and keeps consuming, so the
+  guest never stalls; ``"block"`` stops consuming the ring until the pty drains (the
+  guest waits);
+* the log file is capped by ``log_max`` bytes: when full it is rotated once
+  (``NAME.log`` → ``NAME.log.1``), so the disk holds at most twice the cap;
+* every delivered event is charged to an :class:`~xenpv.frontends.console.EventRateLimiter`
+  (30 events per 200 ms, like xenconsoled); past the allowance the port stays masked until
+  the period ends, then the ring is examined once;
+* the guest's console nodes (``tty``, ``output``, ``limit``, ``type``) are never read:
+  limits, sinks and which domains to serve come from the backend's own configuration.
+  The toolstack helper :func:`publish_primary_console` makes the directory read-only to
+  the guest.
+
+Console kinds: :class:`PrimaryConsoleServer` serves ``/local/domain/<d>/console`` (no
+xenbus: it watches the directory, maps grant ref 0 of the guest and binds ``port``,
+re-mapping/re-binding when they change); :class:`ConsoleBackendDriver` serves secondary
+consoles (``backend/console/<fe>/<n>``) through the xenbus driver base;
+:class:`ConsoleBackend` bundles both for a set of guests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno as _errno
+import logging
+import os
+import time
+import tty
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xenpv.errors import LocalError, PeerError, PlatformError
+from xenpv.frontends.console import (
+    GNTTAB_RESERVED_CONSOLE,
+    ConsoleRing,
+    EventRateLimiter,
+    PortDispatcher,
+)
+from xenpv.protocols.console import XENCONS_IN_SIZE, XENCONS_OUT_SIZE
+from xenpv.xenbus import keys as _keys
+from xenpv.xenbus.driver import BackendDriver, PeerKeys
+from xenpv.xenbus.watcher import BackendWatcher
+from xenpv.xenstore.client import Perm, Transaction
+from xenpv.xenstore.wire import XenstoreError
+
+__all__ = [
+    "DEFAULT_LIMIT",
+    "ConsoleBackend",
+    "ConsoleBackendDriver",
+    "ConsoleConfig",
+    "ConsoleLog",
+    "ConsoleSession",
+    "PrimaryConsoleServer",
+    "bench_console_mbps",
+    "console_path",
+    "publish_primary_console",
+]
+
+log = logging.getLogger(__name__)
+
+#: libxl's default console ``limit``: bytes buffered per console.
+DEFAULT_LIMIT = 1 << 20
+#: Bytes consumed from the ring per service pass before yielding to the loop.
+_PASS_BYTES = 1 << 16
+_PTY_READ = 4096
+
+
+def console_path(domid: int) -> str:
+    """``/local/domain/<domid>/console`` (§8.2)."""
+    return f"/local/domain/{domid}/console"
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    """Host decisions for the consoles a backend serves (never taken from the guest).
+
+    ``limit``: bytes of output buffered for the pty; ``policy``: ``"discard"`` (drop the
+    oldest) or ``"block"`` (stop consuming the ring); ``log_dir``/``log_max``: one log
+    file per console, rotated once at ``log_max`` bytes; ``pty``: serve on a pty;
+    ``rate_allowance``/``rate_period``: event budget per console.
+    """
+
+    limit: int = DEFAULT_LIMIT
+    policy: str = "discard"
+    log_dir: str | None = None
+    log_max: int = 1 << 20
+    pty: bool = True
+    rate_allowance: int = 30
+    rate_period: float = 0.2
+    input_limit: int = 1 << 16
+
+    def __post_init__(self) -> None:
+        if self.limit < 1 or self.log_max < 1 or self.input_limit < 1:
+            raise LocalError("console limits must be positive")
+        if self.policy not in ("discard", "block"):
+            raise LocalError(f"console policy must be 'discard' or 'block', not {self.policy!r}")
+
+
+class ConsoleLog:
+    """An append-only log file capped at ``max_bytes``; rotated once when full."""
+
+    def __init__(self, path: str | os.PathLike[str], max_bytes: int) -> None:
+        """Open (append) ``path``."""
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        self.size = os.fstat(self._fd).st_size
+        #: Times the file was rotated.
+        self.rotations = 0
+
+    def write(self, data: bytes) -> None:
+        """Append ``data`` (a chunk larger than the cap keeps only its tail)."""
+        if self._fd < 0 or not data:
+            return
+        if len(data) > self.max_bytes:
+            data = data[-self.max_bytes:]
+        if self.size + len(data) > self.max_bytes:
+            self._rotate()
+        with contextlib.suppress(OSError):
+            os.write(self._fd, data)
+            self.size += len(data)
+
+    def _rotate(self) -> None:
+        os.close(self._fd)
+        with contextlib.suppress(OSError):
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+                           | os.O_CLOEXEC, 0o640)
+        self.size = 0
+        self.rotations += 1
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class ConsoleSession:
+    """Serves one console page + port (both already mapped/bound by the caller).
+
+    ``release`` runs once at :meth:`close` (unmap the page, unbind the port).  ``sink``
+    receives every output chunk (tests, benchmarks, the demo).  Counters are in
+    :attr:`stats`.
+    """
+
+    def __init__(self, ring: ConsoleRing, events: Any, port: int, config: ConsoleConfig,
+                 *, name: str = "console", sink: Callable[[bytes], None] | None = None,
+                 release: Callable[[], None] | None = None) -> None:
+        """Prepare; :meth:`start` opens the pty and begins serving."""
+        self.ring = ring
+        self.events = events
+        self.port = port
+        self.config = config
+        self.name = name
+        self.sink = sink
+        self._release = release
+        self.limiter = EventRateLimiter(config.rate_allowance, config.rate_period)
+        self.buffer = bytearray()  # output waiting for the pty (bounded by config.limit)
+        self.inbuf = bytearray()  # input waiting for ring space (bounded by input_limit)
+        self.log: ConsoleLog | None = None
+        self.master = -1
+        self.slave = -1
+        self.tty_path: str | None = None
+        self.stats = {"out": 0, "in": 0, "discarded": 0, "events": 0, "insane": 0,
+                      "notifies": 0, "rate_limited": 0, "max_buffered": 0}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dispatch: PortDispatcher | None = None
+        self._unmask_handle: asyncio.TimerHandle | None = None
+        self._writer_on = False
+        self._reader_on = False
+        self._scheduled = False
+        self._closed = False
+
+    # -- lifecycle
+    def start(self) -> None:
+        """Open pty and log, watch the port, examine the ring once."""
+        self._loop = asyncio.get_running_loop()
+        cfg = self.config
+        if cfg.log_dir is not None:
+            self.log = ConsoleLog(Path(cfg.log_dir) / f"{self.name}.log", cfg.log_max)
+        if cfg.pty:
+            self.master, self.slave = os.openpty()
+            tty.setraw(self.slave)  # no echo, no line editing: bytes pass unchanged
+            os.set_blocking(self.master, False)
+            self.tty_path = os.ttyname(self.slave)
+            self._want_input(True)
+        self._dispatch = PortDispatcher.of(self.events)
+        self._dispatch.watch(self.port, self._event)
+        self._schedule()
+
+    def close(self) -> None:
+        """Stop serving and release pty, log, page and port (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._dispatch is not None:
+            self._dispatch.unwatch(self.port)
+        if self._unmask_handle is not None:
+            self._unmask_handle.cancel()
+        if self._loop is not None and self.master >= 0:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self.master)
+            with contextlib.suppress(Exception):
+                self._loop.remove_writer(self.master)
+        for fd in (self.master, self.slave):
+            if fd >= 0:
+                os.close(fd)
+        self.master = self.slave = -1
+        if self.log is not None:
+            self.log.close()
+        self.ring.release()
+        if self._release is not None:
+            self._release()
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
+    # -- events
+    def _event(self) -> None:
+        if self._closed:
+            return
+        self.stats["events"] += 1
+        if self.limiter.admit():
+            self._unmask()
+        else:
+            self.stats["rate_limited"] += 1
+            if self._unmask_handle is None and self._loop is not None:
+                delay = max(0.0, self.limiter.period_end() - time.monotonic())
+                self._unmask_handle = self._loop.call_later(delay, self._period_over)
+        self._service()
+
+    def _period_over(self) -> None:
+        self._unmask_handle = None
+        if not self._closed:
+            self._unmask()
+            self._service()
+
+    def _unmask(self) -> None:
+        with contextlib.suppress(LocalError, PlatformError, OSError):
+            self.events.unmask(self.port)
+
+    def _notify(self) -> None:
+        self.stats["notifies"] += 1
+        with contextlib.suppress(PlatformError, OSError):
+            self.events.notify(self.port)
+
+    def _schedule(self) -> None:
+        if not self._scheduled and not self._closed and self._loop is not None:
+            self._scheduled = True
+            self._loop.call_soon(self._scheduled_pass)
+
+    def _scheduled_pass(self) -> None:
+        self._scheduled = False
+        self._service()
+
+    # -- data path
+    def _service(self) -> None:
+        """Consume output (bounded), produce pending input, notify after index moves."""
+        if self._closed:
+            return
+        cfg = self.config
+        consumed = 0
+        while consumed < _PASS_BYTES:
+            if cfg.policy == "block" and len(self.buffer) >= cfg.limit:
+                break  # the guest waits until the pty drains
+            insane = self.ring.insane
+            data = self.ring.read(XENCONS_OUT_SIZE)
+            if self.ring.insane != insane:
+                self.stats["insane"] += 1
+            if not data:
+                break
+            consumed += len(data)
+            self._output(data)
+        if consumed:
+            self._notify()
+        if consumed >= _PASS_BYTES:
+            self._schedule()
+        self._push_input()
+        self._drain()
+
+    def _output(self, data: bytes) -> None:
+        self.stats["out"] += len(data)
+        if self.log is not None:
+            self.log.write(data)
+        if self.sink is not None:
+            self.sink(data)
+        if self.master < 0:
+            return
+        self.buffer += data
+        over = len(self.buffer) - self.config.limit
+        if over > 0 and self.config.policy == "discard":
+            del self.buffer[:over]  # R11: keep the newest ``limit`` bytes
+            self.stats["discarded"] += over
+        self.stats["max_buffered"] = max(self.stats["max_buffered"], len(self.buffer))
+
+    def _drain(self) -> None:
+        """Write buffered output to the pty master (non-blocking)."""
+        if self.master < 0 or self._loop is None:
+            return
+        while self.buffer:
+            try:
+                n = os.write(self.master, self.buffer[:65536])
+            except BlockingIOError:
+                break
+            except OSError:
+                self.buffer.clear()  # the pty is unusable: nothing will ever drain
+                break
+            del self.buffer[:n]
+        want = bool(self.buffer)
+        if want != self._writer_on:
+            self._writer_on = want
+            if want:
+                self._loop.add_writer(self.master, self._writable)
+            else:
+                self._loop.remove_writer(self.master)
+
+    def _writable(self) -> None:
+        before = len(self.buffer)
+        self._drain()
+        if self.config.policy == "block" and before >= self.config.limit > len(self.buffer):
+            self._service()  # room again: resume consuming the ring
+
+    def feed(self, data: bytes) -> int:
+        """Queue keyboard input for the guest; returns bytes accepted (bounded queue)."""
+        room = self.config.input_limit - len(self.inbuf)
+        take = bytes(data[: max(0, room)])
+        self.inbuf += take
+        self._push_input()
+        return len(take)
+
+    def _push_input(self) -> None:
+        moved = 0
+        while self.inbuf:
+            n = self.ring.write(self.inbuf[:XENCONS_IN_SIZE])
+            if not n:
+                break
+            del self.inbuf[:n]
+            moved += n
+        if moved:
+            self.stats["in"] += moved
+            self._notify()  # after the in_prod update
+        self._want_input(len(self.inbuf) < self.config.input_limit)
+
+    def _want_input(self, want: bool) -> None:
+        if self.master < 0 or self._loop is None or want == self._reader_on:
+            return
+        self._reader_on = want
+        if want:
+            self._loop.add_reader(self.master, self._readable)
+        else:
+            self._loop.remove_reader(self.master)
+
+    def _readable(self) -> None:
+        room = self.config.input_limit - len(self.inbuf)
+        try:
+            data = os.read(self.master, min(_PTY_READ, max(room, 1)))
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # EIO: no slave open (cannot happen while we hold one) or closed
+            self._want_input(False)
+            return
+        self.inbuf += data
+        self._push_input()
+
+
+# --------------------------------------------------------------------------- toolstack
+
+
+async def publish_primary_console(client: Any, domid: int, *, port: int, ring_ref: int,
+                                  backend_domid: int = 0, backend_type: str = "xenconsoled",
+                                  limit: int = DEFAULT_LIMIT, timeout: float = 5.0) -> str:
+    """Toolstack (dom0): publish console 0 of ``domid`` (§8.2); returns its path.
+
+    The directory is owned by ``backend_domid`` (dom0) and only readable by the guest,
+    so the guest cannot rewrite ``tty``, ``limit``, ``output`` or ``type`` (R14).
+    ``ring_ref`` is the page's frame number on real Xen; the loopback emulator has no
+    guest frames (backends map grant ref 0), so any value that changes when the page
+    changes serves.
+    """
+    path = console_path(domid)
+
+    async def body(t: Transaction) -> None:
+        await t.write(path, b"")
+        await t.set_perms(path, [Perm("n", backend_domid), Perm("r", domid)])
+        for key, value in (("ring-ref", ring_ref), ("port", port), ("type", backend_type),
+                           ("output", "pty"), ("limit", limit), ("tty", ""),
+                           ("backend-id", backend_domid)):
+            await t.write(f"{path}/{key}", str(value).encode())
+
+    await client.transact(body, timeout=timeout)
+    return path
+
+
+async def remove_primary_console(client: Any, domid: int, timeout: float = 5.0) -> None:
+    """Toolstack: remove ``/local/domain/<domid>/console``."""
+    with contextlib.suppress(XenstoreError):
+        await client.rm(console_path(domid), timeout=timeout)
+
+
+# --------------------------------------------------------------------------- primary
+
+
+class PrimaryConsoleServer:
+    """Serves console 0 of one guest (§8.2), the way xenconsoled does.
+
+    Watches ``/local/domain/<domid>/console``; on every event re-reads ``ring-ref`` and
+    ``port`` (strictly parsed), maps grant ref 0 of the guest and binds the port, and
+    re-does either when it changes.  Writes the pty path to ``tty``.
+    """
+
+    def __init__(self, platform: Any, client: Any, domid: int, config: ConsoleConfig, *,
+                 sink: Callable[[bytes], None] | None = None, op_timeout: float = 5.0) -> None:
+        """Serve ``domid`` through ``platform`` (grants, events) and ``client`` (xenstore)."""
+        self.platform = platform
+        self.client = client
+        self.domid = domid
+        self.config = config
+        self.sink = sink
+        self.op_timeout = op_timeout
+        self.path = console_path(domid)
+        self.session: ConsoleSession | None = None
+        self._key: tuple[int, int] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()
+        self._ready = asyncio.Event()
+        #: Peer errors seen (bad ring-ref/port values); the console is not served then.
+        self.errors: list[str] = []
+
+    async def start(self) -> None:
+        """Register the watch and serve in the background."""
+        watch = self.client.watch(self.path, max_pending=4, timeout=self.op_timeout)
+        await watch.register()
+        self._task = asyncio.create_task(self._run(watch), name=f"console {self.domid}")
+
+    async def wait_ready(self, timeout: float = 10.0) -> ConsoleSession:
+        """Wait until a session serves the console."""
+        await asyncio.wait_for(self._ready.wait(), timeout)
+        assert self.session is not None
+        return self.session
+
+    async def _run(self, watch: Any) -> None:
+        async def forward() -> None:
+            with contextlib.suppress(Exception):
+                async for _ in watch:
+                    self._kick.set()
+            self._kick.set()
+
+        fwd = asyncio.create_task(forward())
+        try:
+            while True:
+                await self._kick.wait()
+                self._kick.clear()
+                if not self.client.connected:
+                    break
+                await self._sync()
+        finally:
+            fwd.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(watch.unregister(), self.op_timeout)
+            self._stop_session()
+
+    async def _read(self, key: str) -> bytes | None:
+        try:
+            return await self.client.read(f"{self.path}/{key}", timeout=self.op_timeout)
+        except XenstoreError as exc:
+            if exc.errno_name == "ENOENT":
+                return None
+            raise
+
+    async def _sync(self) -> None:
+        try:
+            ref_raw = await self._read("ring-ref")
+            port_raw = await self._read("port")
+        except (XenstoreError, TimeoutError) as exc:
+            log.warning("dom%d console: %r", self.domid, exc)
+            return
+        if ref_raw is None or port_raw is None:
+            self._stop_session()  # not set up (yet), or the domain went away
+            return
+        try:
+            ring_ref = _keys.parse_uint(ref_raw, "ring-ref")
+            port = _keys.parse_port(port_raw, "port")
+        except PeerError as exc:
+            self.errors.append(str(exc))
+            log.warning("dom%d console: %s", self.domid, exc)
+            self._stop_session()
+            return
+        if self._key == (ring_ref, port) and self.session is not None:
+            return
+        self._stop_session()
+        try:
+            self.session = self._open(port)
+        except PlatformError as exc:
+            self.errors.append(str(exc))
+            log.warning("dom%d console: cannot connect: %s", self.domid, exc)
+            return
+        self._key = (ring_ref, port)
+        if self.session.tty_path is not None:
+            with contextlib.suppress(XenstoreError, TimeoutError):
+                await self.client.write(f"{self.path}/tty", self.session.tty_path,
+                                        timeout=self.op_timeout)
+        self._ready.set()
+
+    def _open(self, port: int) -> ConsoleSession:
+        gt, ev = self.platform.grants, self.platform.events
+        # §8.2 step 3: map the guest's grant ref 0 (GNTTAB_RESERVED_CONSOLE)
+        mapping = gt.map(self.domid, [GNTTAB_RESERVED_CONSOLE], writable=True)
+        try:
+            local = ev.bind_interdomain(self.domid, port)
+        except BaseException:
+            gt.unmap(mapping)
+            raise
+        return _session(self.platform, mapping, local, self.config, f"guest-{self.domid}",
+                        self.sink)
+
+    def _stop_session(self) -> None:
+        self._ready.clear()
+        self._key = None
+        if self.session is not None:
+            session, self.session = self.session, None
+            session.close()
+
+    async def close(self) -> None:
+        """Stop serving and release everything (idempotent)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+            self._task = None
+        self._stop_session()
+
+
+def _session(platform: Any, mapping: Any, port: int, config: ConsoleConfig, name: str,
+             sink: Callable[[bytes], None] | None) -> ConsoleSession:
+    """Start a session over a mapped page and a bound port; it releases both."""
+    gt, ev = platform.grants, platform.events
+
+    def release() -> None:
+        with contextlib.suppress(LocalError, PlatformError):
+            ev.unbind(port)
+        with contextlib.suppress(LocalError, PlatformError):
+            gt.unmap(mapping)
+
+    try:
+        ring = ConsoleRing(mapping.mem, backend=True)
+        session = ConsoleSession(ring, ev, port, config, name=name, sink=sink, release=release)
+        session.start()
+    except BaseException:
+        release()
+        raise
+    return session
+
+
+# --------------------------------------------------------------------------- secondary
+
+
+class ConsoleBackendDriver(BackendDriver):
+    """Backend of a secondary console ``backend/console/<fe>/<n>`` (§8.3)."""
+
+    def __init__(self, platform: Any, client: Any, path: str, config: ConsoleConfig, *,
+                 sink: Callable[[bytes], None] | None = None, **kw: Any) -> None:
+        """Serve ``path`` (see :class:`BackendDriver`)."""
+        super().__init__(client, path, **kw)
+        self.platform = platform
+        self.config = config
+        self.sink = sink
+        self.session: ConsoleSession | None = None
+
+    async def connect(self, peer: PeerKeys) -> None:
+        """Read ``ring-ref`` and ``port`` strictly, map and bind, serve; write ``tty``."""
+        ref = await peer.grant_ref("ring-ref")
+        port = await peer.port("port")
+        gt, ev = self.platform.grants, self.platform.events
+        try:
+            mapping = gt.map(self.peer_domid, [ref], writable=True)
+        except PlatformError as exc:
+            raise _ConsolePeerError(f"cannot map ring-ref {ref}: {exc}") from None
+        try:
+            local = ev.bind_interdomain(self.peer_domid, port)
+        except PlatformError as exc:
+            gt.unmap(mapping)
+            raise _ConsolePeerError(f"cannot bind port {port}: {exc}") from None
+        name = f"guest-{self.peer_domid}-{self.path.rsplit('/', 1)[1]}"
+        self.session = _session(self.platform, mapping, local, self.config, name, self.sink)
+        if self.session.tty_path is not None:
+            with contextlib.suppress(XenstoreError, TimeoutError):
+                await self.client.write(f"{self.peer_path}/tty", self.session.tty_path,
+                                        timeout=self.op_timeout)
+
+    async def disconnect(self) -> None:
+        """Stop the session (unmaps and unbinds)."""
+        if self.session is not None:
+            session, self.session = self.session, None
+            session.close()
+
+
+class _ConsolePeerError(PeerError):
+    """The frontend's ring-ref/port cannot be used."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.errno = _errno.EINVAL
+
+
+class ConsoleBackend:
+    """Serves console 0 of the ``domids`` given and every secondary console of this domain.
+
+    Everything the backend decides comes from ``config`` and ``domids`` (R14).
+    """
+
+    def __init__(self, platform: Any, client: Any, config: ConsoleConfig | None = None, *,
+                 domids: Iterable[int] = (), secondary: bool = True,
+                 sink: Callable[[int, bytes], None] | None = None) -> None:
+        """Prepare; :meth:`start` begins serving."""
+        self.platform = platform
+        self.client = client
+        self.config = config or ConsoleConfig()
+        self.domids = tuple(domids)
+        self.secondary = secondary
+        self._sink = sink
+        self.primaries: dict[int, PrimaryConsoleServer] = {}
+        self.watcher: BackendWatcher | None = None
+
+    def _sink_for(self, domid: int) -> Callable[[bytes], None] | None:
+        if self._sink is None:
+            return None
+        fn = self._sink
+        return lambda data: fn(domid, data)
+
+    async def start(self) -> None:
+        """Start the primary servers and the secondary-console watcher."""
+        for d in self.domids:
+            srv = PrimaryConsoleServer(self.platform, self.client, d, self.config,
+                                       sink=self._sink_for(d))
+            await srv.start()
+            self.primaries[d] = srv
+        if self.secondary:
+            def factory(client: Any, path: str) -> ConsoleBackendDriver:
+                fe = int(path.rstrip("/").split("/")[-2])
+                return ConsoleBackendDriver(self.platform, client, path, self.config,
+                                            sink=self._sink_for(fe))
+
+            self.watcher = BackendWatcher(self.client, self.platform.domid, "console", factory)
+            await self.watcher.start()
+
+    async def close(self) -> None:
+        """Stop everything (bounded, idempotent)."""
+        if self.watcher is not None:
+            await self.watcher.close()
+            self.watcher = None
+        for srv in self.primaries.values():
+            await srv.close()
+        self.primaries.clear()
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def bench_console_mbps(total: int = 8 << 20, *, chunk: int = 4096, timeout: float = 60.0
+                       ) -> dict[str, float]:
+    """Console output throughput on the in-process loopback emulator.
+
+    A guest (dom1) writes ``total`` bytes through its primary console stream; a backend
+    (dom0) consumes them into a counting sink.  Returns ``{"console_mbps": …, "bytes": …,
+    "seconds": …}`` (MB/s = 10^6 bytes per second).
+    """
+    return asyncio.run(_bench(total, chunk, timeout))
+
+
+async def _bench(total: int, chunk: int, timeout: float) -> dict[str, float]:
+    from xenpv.frontends.console import PrimaryConsole
+    from xenpv.platforms.loopback.harness import InProcessMachine
+
+    machine = InProcessMachine()
+    got = 0
+    done = asyncio.Event()
+
+    def sink(data: bytes) -> None:
+        nonlocal got
+        got += len(data)
+        if got >= total:
+            done.set()
+
+    try:
+        guest, dom0 = machine.domain(1), machine.domain(0)
+        console = PrimaryConsole(guest, 0).setup()
+        cfg = ConsoleConfig(pty=False, rate_allowance=1 << 30)
+        mapping = dom0.grants.map(1, [GNTTAB_RESERVED_CONSOLE])
+        port = dom0.events.bind_interdomain(1, console.port)
+        session = _session(dom0, mapping, port, cfg, "bench", sink)
+        _reader, writer = await console.open(limiter=EventRateLimiter(1 << 30, 1.0))
+        block = os.urandom(chunk)
+        start = time.perf_counter()
+        sent = 0
+        while sent < total:
+            writer.write(block)
+            sent += len(block)
+            await writer.drain()
+        await asyncio.wait_for(done.wait(), timeout)
+        seconds = time.perf_counter() - start
+        session.close()
+        console.close()
+        return {"console_mbps": got / seconds / 1e6, "bytes": float(got), "seconds": seconds}
+    finally:
+        machine.close()

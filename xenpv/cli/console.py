@@ -1,0 +1,320 @@
+"""``xenpv console``: attach to a guest console, run a console backend or frontend.
+
+::
+
+    xenpv console attach DOMID [--num N] [--rundir DIR]        # like xenconsole --type pv
+    xenpv console backend [--rundir DIR] [--as DOMID] [--domid N ...] [--no-secondary]
+                          [--log-dir DIR] [--log-max BYTES] [--limit BYTES] [--policy P]
+    xenpv console frontend [--rundir DIR] --domid N [--backend-domid B] [--devid K]
+                           [--send BYTES] [--shell]
+    xenpv console publish [--rundir DIR] --domid N --port P [--ring-ref R]
+
+With ``--rundir`` a command acts on the loopback emulator running there (as dom0, or as
+the domain named); without it, the platform comes from the environment (``xenpv loopback
+env``).  ``backend`` and ``frontend`` print one JSON object per line on stdout
+(``{"event": "ready", …}`` first) and run until stdin is closed or SIGTERM.
+
+``frontend`` (the guest side) sets up console 0 (or, with ``--devid``, the secondary
+console ``device/console/K``), then optionally writes ``--send`` bytes of text, and with
+``--shell`` answers lines typed on the console: ``echo TEXT`` prints TEXT, ``send N``
+prints N bytes of text followed by ``<done N>``, ``quit`` ends.  Console 0 needs the
+toolstack to publish its ring and port (``publish``, or
+:func:`xenpv.backends.console.publish_primary_console`); ``frontend`` prints them in its
+ready line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import select
+import signal
+import sys
+import termios
+import tty
+from typing import Any
+
+from xenpv.errors import LocalError, PeerError, PlatformError
+
+ESCAPE = 0x1D  # Ctrl-], as xenconsole
+
+
+def emit(**fields: Any) -> None:
+    """Print one JSON line and flush."""
+    print(json.dumps(fields), flush=True)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the ``attach``, ``backend``, ``frontend`` and ``publish`` subcommands."""
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    at = sub.add_parser("attach", help="connect this terminal to a guest's console pty")
+    at.add_argument("domid", type=int)
+    at.add_argument("--num", type=int, default=0, help="console number (0: primary)")
+    at.add_argument("--rundir", help="loopback emulator run directory")
+
+    be = sub.add_parser("backend", help="serve consoles on ptys (dom0 by default)")
+    be.add_argument("--rundir")
+    be.add_argument("--as", dest="as_domid", type=int, default=0, help="backend domain")
+    be.add_argument("--domid", type=int, action="append", default=[],
+                    help="serve console 0 of this guest (repeatable)")
+    be.add_argument("--no-secondary", action="store_true", help="no device/console/N")
+    be.add_argument("--log-dir", help="write NAME.log per console here")
+    be.add_argument("--log-max", type=int, default=1 << 20, help="log size cap (bytes)")
+    be.add_argument("--limit", type=int, default=1 << 20, help="buffered output cap (bytes)")
+    be.add_argument("--policy", choices=["discard", "block"], default="discard")
+
+    fe = sub.add_parser("frontend", help="the guest side of a console")
+    fe.add_argument("--rundir")
+    fe.add_argument("--domid", type=int, required=True, help="the guest domain")
+    fe.add_argument("--backend-domid", type=int, default=0)
+    fe.add_argument("--devid", type=int, help="secondary console device/console/DEVID")
+    fe.add_argument("--send", type=int, default=0, help="bytes of text to print at start")
+    fe.add_argument("--shell", action="store_true", help="answer echo/send/quit lines")
+
+    pub = sub.add_parser("publish", help="toolstack: publish console 0 of a guest")
+    pub.add_argument("--rundir")
+    pub.add_argument("--domid", type=int, required=True)
+    pub.add_argument("--port", type=int, required=True)
+    pub.add_argument("--ring-ref", type=int, default=0)
+    pub.add_argument("--backend-domid", type=int, default=0)
+
+
+def _platform(rundir: str | None, domid: int) -> Any:
+    from xenpv.platforms.loopback.client import ClientPlatform
+
+    if rundir is None:
+        return ClientPlatform()
+    return ClientPlatform.for_domain(rundir, domid)
+
+
+async def _xenstore(rundir: str | None, domid: int) -> Any:
+    from xenpv.xenstore.client import connect
+
+    if rundir is None:
+        return await connect()
+    return await connect(os.path.join(rundir, f"dom{domid}", "xenstore"))
+
+
+def _stdin_closed(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+    """A future that completes when stdin reaches EOF (the parent let go of us)."""
+    fut: asyncio.Future[None] = loop.create_future()
+    fd = sys.stdin.fileno()
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            if not fut.done():
+                fut.set_result(None)
+
+    def stop() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(fd, readable)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    return fut
+
+
+# --------------------------------------------------------------------------- backend
+
+
+async def _backend(args: argparse.Namespace) -> int:
+    from xenpv.backends.console import ConsoleBackend, ConsoleConfig
+
+    config = ConsoleConfig(limit=args.limit, policy=args.policy, log_dir=args.log_dir,
+                           log_max=args.log_max)
+    platform = _platform(args.rundir, args.as_domid)
+    client = await _xenstore(args.rundir, args.as_domid)
+    backend = ConsoleBackend(platform, client, config, domids=args.domid,
+                             secondary=not args.no_secondary)
+    try:
+        await backend.start()
+        emit(event="ready", domids=args.domid)
+        await _stdin_closed(asyncio.get_running_loop())
+        stats = {str(d): (srv.session.stats if srv.session else None)
+                 for d, srv in backend.primaries.items()}
+        emit(event="done", stats=stats)
+    finally:
+        await backend.close()
+        await client.close()
+        platform.close()
+    return 0
+
+
+# --------------------------------------------------------------------------- frontend
+
+
+def text_block(n: int) -> bytes:
+    """``n`` bytes of printable text in 64-byte lines (safe on any terminal)."""
+    line = b"".join(bytes([0x41 + (i % 26)]) for i in range(63)) + b"\n"
+    reps = n // len(line) + 1
+    return (line * reps)[:n]
+
+
+async def _send(writer: asyncio.StreamWriter, n: int) -> None:
+    block = text_block(min(n, 1 << 16))
+    left = n
+    while left > 0:
+        piece = block[: min(left, len(block))]
+        writer.write(piece)
+        left -= len(piece)
+        await writer.drain()
+
+
+async def _shell(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 stop: asyncio.Future[None]) -> None:
+    """Answer ``echo``/``send``/``quit`` lines until quit or ``stop``."""
+    while not stop.done():
+        line_task = asyncio.ensure_future(reader.readline())
+        waiting: set[asyncio.Future[Any]] = {line_task, stop}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if not line_task.done():
+            line_task.cancel()
+            return
+        line = line_task.result().rstrip(b"\r\n")
+        if not line and reader.at_eof():
+            return
+        cmd, _, rest = line.partition(b" ")
+        if cmd == b"echo":
+            writer.write(rest + b"\n")
+        elif cmd == b"send" and rest.isdigit():
+            n = int(rest)
+            await _send(writer, n)
+            writer.write(b"<done %d>\n" % n)
+        elif cmd == b"quit":
+            writer.write(b"bye\n")
+            await writer.drain()
+            return
+        await writer.drain()
+
+
+async def _frontend(args: argparse.Namespace) -> int:
+    from xenpv.frontends.console import ConsoleFrontend, PrimaryConsole
+
+    platform = _platform(args.rundir, args.domid)
+    loop = asyncio.get_running_loop()
+    stop = _stdin_closed(loop)
+    primary: PrimaryConsole | None = None
+    driver: ConsoleFrontend | None = None
+    client: Any = None
+    try:
+        if args.devid is None:
+            primary = PrimaryConsole(platform, args.backend_domid).setup()
+            emit(event="ready", port=primary.port, ring_ref=primary.ring_ref)
+            reader, writer = await primary.open()
+        else:
+            client = await _xenstore(args.rundir, args.domid)
+            path = f"/local/domain/{args.domid}/device/console/{args.devid}"
+            driver = ConsoleFrontend(platform, client, path)
+            await driver.start()
+            reader, writer = await driver.streams(timeout=30.0)
+            emit(event="ready", path=path)
+        if args.send:
+            await _send(writer, args.send)
+            emit(event="sent", bytes=args.send)
+        if args.shell:
+            await _shell(reader, writer, stop)
+        # stay until told to go, so the backend can let go of the page first
+        await stop
+        # let the backend take what is still queued (bounded)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                while writer.transport.get_write_buffer_size():
+                    await asyncio.sleep(0.01)
+        emit(event="done")
+    finally:
+        if driver is not None:
+            await driver.close()
+        if client is not None:
+            await client.close()
+        if primary is not None:
+            primary.close()
+        platform.close()
+    return 0
+
+
+async def _publish(args: argparse.Namespace) -> int:
+    from xenpv.backends.console import publish_primary_console
+
+    client = await _xenstore(args.rundir, 0)
+    try:
+        path = await publish_primary_console(client, args.domid, port=args.port,
+                                             ring_ref=args.ring_ref,
+                                             backend_domid=args.backend_domid)
+    finally:
+        await client.close()
+    print(path)
+    return 0
+
+
+# --------------------------------------------------------------------------- attach
+
+
+async def _tty_path(args: argparse.Namespace, timeout: float = 10.0) -> str:
+    client = await _xenstore(args.rundir, 0)
+    home = f"/local/domain/{args.domid}"
+    path = f"{home}/console/tty" if args.num == 0 else f"{home}/device/console/{args.num}/tty"
+    try:
+        async with asyncio.timeout(timeout), client.watch(path, max_pending=4) as watch:
+            async for _ in watch:
+                with contextlib.suppress(Exception):
+                    value = await client.read(path)
+                    if value:
+                        return value.decode("ascii", "replace")
+    finally:
+        await client.close()
+    raise LocalError(f"{path} never appeared")
+
+
+def _attach(args: argparse.Namespace) -> int:
+    path = asyncio.run(_tty_path(args))
+    fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
+    tty.setraw(fd)
+    stdin = sys.stdin.fileno()
+    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
+    try:
+        if saved is not None:
+            tty.setraw(stdin)
+        while True:
+            ready, _, _ = select.select([fd, stdin], [], [])
+            if fd in ready:
+                data = os.read(fd, 4096)
+                if not data:
+                    return 0
+                os.write(sys.stdout.fileno(), data)
+            if stdin in ready:
+                data = os.read(stdin, 4096)
+                if not data:
+                    return 0
+                if ESCAPE in data:
+                    os.write(fd, data[: data.index(ESCAPE)])
+                    return 0
+                os.write(fd, data)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        os.close(fd)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one ``xenpv console`` action."""
+    try:
+        if args.action == "attach":
+            return _attach(args)
+        if args.action == "backend":
+            return asyncio.run(_backend(args))
+        if args.action == "frontend":
+            return asyncio.run(_frontend(args))
+        return asyncio.run(_publish(args))
+    except (LocalError, PeerError, PlatformError, OSError) as exc:
+        print(f"xenpv console: {exc}", file=sys.stderr)
+        return 1

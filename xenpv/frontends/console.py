@@ -1,0 +1,624 @@
+"""Console frontend: the guest side of ``io/console.h`` consoles, as asyncio streams.
+
+Theory of operation
+-------------------
+A console is one shared page (``xencons_interface``, xen-protocols.md §8.1) holding two
+byte rings with free-running u32 indexes: ``out`` (2048 bytes, guest → backend) and ``in``
+(1024 bytes, backend → guest), plus one event channel.  The guest produces into ``out`` and
+consumes ``in``.  :class:`ConsoleRing` wraps both rings of a page for either side over the
+shared :class:`~xenpv.rings.ByteRing` (compiled or reference): each call loads the peer's
+index once (single fetch, R1), and a corrupt index pair (``prod - cons`` larger than the
+ring) reads as "nothing there" and is counted, never raised (§8.1: ignored; scenario 27).
+
+:class:`ConsoleTransport` is an :class:`asyncio.Transport` over one ring page and one
+port, so the standard :class:`asyncio.StreamReader`/:class:`asyncio.StreamWriter` pair
+works unchanged (:func:`open_console_streams`).  Every notification runs one service
+pass: flush buffered writes into the ring, move readable bytes to the protocol (bounded
+per pass), notify the peer after any index update.  Event storms are bounded by an
+:class:`EventRateLimiter` (R10): beyond ``allowance`` events per ``period`` the port stays
+masked until the period ends (late EOI), then the ring is re-examined once.
+
+Two kinds of console (§8.2, §8.3):
+
+* **primary** (:class:`PrimaryConsole`): no xenbus handshake.  On the loopback emulator the
+  guest shares its page at the reserved grant ref 0 (``GNTTAB_RESERVED_CONSOLE``, what
+  Xen's domain builder does) and allocates an unbound port for the console backend's
+  domain; the toolstack then publishes ``/local/domain/<d>/console`` (read-only to the
+  guest) with :func:`xenpv.backends.console.publish_primary_console`.
+* **secondary** (:class:`ConsoleFrontend`): a normal xenbus device under
+  ``device/console/<n>`` (n ≥ 1): on backend InitWait (or at once) the frontend grants a
+  page (refs ≥ 8) and allocates a port, writes ``ring-ref`` and ``port`` and goes
+  Initialised; it opens the streams once both sides are Connected.
+
+Event channels: each console takes deliveries from the platform's event handle through a
+:class:`PortDispatcher` (one per handle), which hands a fired port (still masked) to its
+console; the console decides when to unmask.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from xenpv.errors import LocalError, PlatformError
+from xenpv.protocols.console import (
+    XENCONS_IN_CONS_OFFSET,
+    XENCONS_IN_OFFSET,
+    XENCONS_IN_PROD_OFFSET,
+    XENCONS_IN_SIZE,
+    XENCONS_OUT_CONS_OFFSET,
+    XENCONS_OUT_OFFSET,
+    XENCONS_OUT_PROD_OFFSET,
+    XENCONS_OUT_SIZE,
+)
+from xenpv.rings import ByteRing
+from xenpv.xenbus.driver import FrontendDriver, PeerKeys
+from xenpv.xenbus.machine import FrontendStyle
+
+__all__ = [
+    "GNTTAB_RESERVED_CONSOLE",
+    "ConsoleFrontend",
+    "ConsoleRing",
+    "ConsoleTransport",
+    "EventRateLimiter",
+    "PortDispatcher",
+    "PrimaryConsole",
+    "open_console_streams",
+]
+
+log = logging.getLogger(__name__)
+
+#: grant_table.h: GNTTAB_RESERVED_CONSOLE, the primary console page of every guest.
+GNTTAB_RESERVED_CONSOLE = 0
+#: Bytes handed to the protocol per service pass before yielding to the loop.
+_PASS_BYTES = 1 << 16
+_HIGH_WATER = 1 << 16
+_LOW_WATER = 1 << 14
+#: xenconsoled's event budget: 30 events per 200 ms, then the port stays masked.
+RATE_LIMIT_ALLOWANCE = 30
+RATE_LIMIT_PERIOD = 0.2
+
+
+class ConsoleRing:
+    """The two byte rings of one ``xencons_interface`` page, seen from one side.
+
+    ``backend=False`` (guest): :meth:`write` produces into ``out``, :meth:`read` consumes
+    ``in``.  ``backend=True``: :meth:`read` consumes ``out``, :meth:`write` produces into
+    ``in``.  Indexes are loaded once per call; an insane index pair reads as empty/full
+    and bumps :attr:`insane`.
+    """
+
+    def __init__(self, mem: Any, *, backend: bool) -> None:
+        """Place the rings in ``mem`` (at least the 3088 bytes of the 4.17 page)."""
+        # io/console.h: in[1024] @0, out[2048] @1024, in_cons, in_prod, out_cons, out_prod
+        inring = ByteRing(mem, data_offset=XENCONS_IN_OFFSET, size=XENCONS_IN_SIZE,
+                          prod_offset=XENCONS_IN_PROD_OFFSET,
+                          cons_offset=XENCONS_IN_CONS_OFFSET, on_insane="zero")
+        outring = ByteRing(mem, data_offset=XENCONS_OUT_OFFSET, size=XENCONS_OUT_SIZE,
+                           prod_offset=XENCONS_OUT_PROD_OFFSET,
+                           cons_offset=XENCONS_OUT_CONS_OFFSET, on_insane="zero")
+        self.backend = backend
+        self._rx, self._tx = (outring, inring) if backend else (inring, outring)
+
+    def write(self, data: Any) -> int:
+        """Copy as much of ``data`` as fits into the ring we produce; returns bytes."""
+        return self._tx.write(data)
+
+    def read(self, max_n: int = -1) -> bytes:
+        """Take up to ``max_n`` bytes from the ring we consume."""
+        return self._rx.read(max_n)
+
+    def readable(self) -> int:
+        """Bytes waiting in the ring we consume (0 if its indexes are corrupt)."""
+        return self._rx.available()
+
+    def writable(self) -> int:
+        """Free bytes in the ring we produce (0 if its indexes are corrupt)."""
+        return self._tx.free()
+
+    @property
+    def insane(self) -> int:
+        """How many times a corrupt index pair was seen (and ignored)."""
+        return int(self._rx.insane_count + self._tx.insane_count)
+
+    def release(self) -> None:
+        """Let go of the page memory (idempotent)."""
+        self._rx.release()
+        self._tx.release()
+
+
+class EventRateLimiter:
+    """Per-port event budget (R10): ``allowance`` events per ``period`` seconds.
+
+    :meth:`admit` is called for each delivered event; it returns True while the budget
+    lasts (unmask at once) and False once it is spent (leave the port masked until
+    :meth:`period_end`).  ``clock`` is injectable for tests.
+    """
+
+    def __init__(self, allowance: int = RATE_LIMIT_ALLOWANCE, period: float = RATE_LIMIT_PERIOD,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """A fresh budget."""
+        if allowance < 1 or period <= 0:
+            raise LocalError("rate limit needs allowance >= 1 and period > 0")
+        self.allowance = allowance
+        self.period = period
+        self._clock = clock
+        self._start = clock()
+        self.count = 0
+        #: Events seen in total, and periods in which the budget ran out.
+        self.events = 0
+        self.limited_periods = 0
+
+    def period_end(self) -> float:
+        """Clock time at which the current period ends."""
+        return self._start + self.period
+
+    def admit(self) -> bool:
+        """Account one event; False means "stay masked until :meth:`period_end`"."""
+        now = self._clock()
+        if now >= self._start + self.period:
+            self._start = now
+            self.count = 0
+        self.events += 1
+        self.count += 1
+        if self.count == self.allowance + 1:
+            self.limited_periods += 1
+        return self.count <= self.allowance
+
+
+class PortDispatcher:
+    """Hands ports delivered on one event-channel handle to their owners (asyncio).
+
+    The fired port reaches its callback still masked; the callback decides when to
+    unmask.  Ports nobody claims are unmasked and dropped.  At most
+    ``_EVENTS_PER_WAKEUP`` deliveries are taken per wake-up (bounded work, R3/R10).
+    """
+
+    _EVENTS_PER_WAKEUP = 64
+    _hubs: ClassVar[dict[int, PortDispatcher]] = {}
+
+    def __init__(self, events: Any) -> None:
+        """Dispatch for ``events`` (use :meth:`of` to share one per handle)."""
+        self.events = events
+        self.callbacks: dict[int, Callable[[], None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd = -1
+
+    @classmethod
+    def of(cls, events: Any) -> PortDispatcher:
+        """The dispatcher of ``events`` (created on first use)."""
+        hub = cls._hubs.get(id(events))
+        if hub is None or hub.events is not events:
+            hub = cls._hubs[id(events)] = cls(events)
+        return hub
+
+    def watch(self, port: int, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` in the running loop whenever ``port`` fires."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._fd = self.events.fileno()
+            loop.add_reader(self._fd, self._on_readable)
+            self._loop = loop
+        elif self._loop is not loop:
+            raise LocalError("consoles of one event handle must share one event loop")
+        self.callbacks[port] = callback
+
+    def unwatch(self, port: int) -> None:
+        """Stop dispatching ``port``; the last one removes the reader."""
+        self.callbacks.pop(port, None)
+        if not self.callbacks and self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._fd)
+            self._loop = None
+            if self._hubs.get(id(self.events)) is self:
+                del self._hubs[id(self.events)]
+
+    def _on_readable(self) -> None:
+        for _ in range(self._EVENTS_PER_WAKEUP):
+            try:
+                port = self.events.pending(0)
+            except (LocalError, PlatformError, OSError):
+                return
+            if port is None:
+                return
+            cb = self.callbacks.get(port)
+            if cb is None:
+                with contextlib.suppress(LocalError, PlatformError, OSError):
+                    self.events.unmask(port)
+                continue
+            cb()
+
+
+class ConsoleTransport(asyncio.Transport):
+    """An asyncio transport over one console ring page and its event channel.
+
+    ``backend`` selects the side (the guest is ``False``).  ``on_close`` runs once when
+    the transport is lost (release the page and port there).
+    """
+
+    def __init__(self, ring: ConsoleRing, events: Any, port: int,
+                 protocol: asyncio.BaseProtocol, *,
+                 limiter: EventRateLimiter | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
+        """Start serving: the port is watched and the ring examined once at once."""
+        super().__init__({"console_port": port})
+        self.ring = ring
+        self.events = events
+        self.port = port
+        self.limiter = limiter or EventRateLimiter()
+        self._protocol: Any = protocol
+        self._on_close = on_close
+        self._loop = asyncio.get_running_loop()
+        self._wbuf = bytearray()
+        self._reading = True
+        self._closing = False
+        self._lost = False
+        self._writing_paused = False
+        self._scheduled = False
+        self._unmask_handle: asyncio.TimerHandle | None = None
+        #: Counters: bytes each way, notifications sent, spurious wake-ups.
+        self.stats = {"sent": 0, "received": 0, "notifies": 0, "spurious": 0}
+        self._dispatch = PortDispatcher.of(events)
+        self._dispatch.watch(port, self._event)
+        self._protocol.connection_made(self)
+        self._schedule()
+
+    # -- events
+    def _event(self) -> None:
+        """The port fired (it is masked now): unmask within budget, then service."""
+        if self._lost:
+            return
+        if self.limiter.admit():
+            self._unmask()
+        elif self._unmask_handle is None:
+            delay = max(0.0, self.limiter.period_end() - time.monotonic())
+            self._unmask_handle = self._loop.call_later(delay, self._period_over)
+        if not self._service():
+            self.stats["spurious"] += 1
+
+    def _period_over(self) -> None:
+        self._unmask_handle = None
+        if not self._lost:
+            self._unmask()
+            self._service()
+
+    def _unmask(self) -> None:
+        with contextlib.suppress(LocalError, PlatformError, OSError):
+            self.events.unmask(self.port)
+
+    def _notify(self) -> None:
+        self.stats["notifies"] += 1
+        with contextlib.suppress(PlatformError, OSError):
+            self.events.notify(self.port)
+
+    def _schedule(self) -> None:
+        if not self._scheduled and not self._lost:
+            self._scheduled = True
+            self._loop.call_soon(self._scheduled_pass)
+
+    def _scheduled_pass(self) -> None:
+        self._scheduled = False
+        self._service()
+
+    def _service(self) -> bool:
+        """One pass: flush writes, deliver reads; True if any byte moved."""
+        if self._lost:
+            return False
+        moved = self._flush()
+        delivered = 0
+        while self._reading and delivered < _PASS_BYTES:
+            data = self.ring.read(_PASS_BYTES - delivered)
+            if not data:
+                break
+            delivered += len(data)
+            self.stats["received"] += len(data)
+            self._notify()  # io/console.h: tell the producer after the cons update
+            self._protocol.data_received(data)
+            if self._lost:
+                return True
+        if delivered >= _PASS_BYTES:
+            self._schedule()  # more may wait: continue after other callbacks ran
+        if self._closing and not self._wbuf:
+            self._lose(None)
+        return bool(moved or delivered)
+
+    def _flush(self) -> int:
+        if not self._wbuf:
+            return 0
+        n = self.ring.write(self._wbuf)
+        if n:
+            del self._wbuf[:n]
+            self.stats["sent"] += n
+            self._notify()  # after the prod update
+            self._check_water()
+        return n
+
+    def _check_water(self) -> None:
+        size = len(self._wbuf)
+        if not self._writing_paused and size > _HIGH_WATER:
+            self._writing_paused = True
+            self._protocol.pause_writing()
+        elif self._writing_paused and size <= _LOW_WATER:
+            self._writing_paused = False
+            self._protocol.resume_writing()
+
+    def _lose(self, exc: BaseException | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._dispatch.unwatch(self.port)
+        if self._unmask_handle is not None:
+            self._unmask_handle.cancel()
+            self._unmask_handle = None
+        try:
+            if self._on_close is not None:
+                self._on_close()
+        finally:
+            self._loop.call_soon(self._protocol.connection_lost, exc)
+
+    # -- asyncio.Transport API
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data``; it enters the ring as space frees up."""
+        if self._closing or self._lost:
+            raise LocalError("console transport is closing")
+        if not data:
+            return
+        self._wbuf += data
+        self._flush()
+        self._check_water()
+
+    def can_write_eof(self) -> bool:
+        """Consoles have no end-of-file."""
+        return False
+
+    def write_eof(self) -> None:
+        """Not supported (consoles have no end-of-file)."""
+        raise LocalError("a console has no end-of-file")
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes queued locally, not yet in the ring."""
+        return len(self._wbuf)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        """The (low, high) water marks."""
+        return (_LOW_WATER, _HIGH_WATER)
+
+    def pause_reading(self) -> None:
+        """Stop delivering bytes (the ring fills; the peer waits)."""
+        self._reading = False
+
+    def resume_reading(self) -> None:
+        """Deliver bytes again."""
+        if not self._reading:
+            self._reading = True
+            self._schedule()
+
+    def is_reading(self) -> bool:
+        """True unless paused."""
+        return self._reading and not self._lost
+
+    def is_closing(self) -> bool:
+        """True once :meth:`close` or :meth:`abort` was called."""
+        return self._closing or self._lost
+
+    def close(self) -> None:
+        """Close once the queued bytes are in the ring (see :meth:`abort`)."""
+        self._closing = True
+        if not self._wbuf:
+            self._lose(None)
+
+    def abort(self) -> None:
+        """Close at once, dropping queued bytes."""
+        self._wbuf.clear()
+        self._closing = True
+        self._lose(None)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        """Replace the protocol."""
+        self._protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        """The current protocol."""
+        protocol: asyncio.BaseProtocol = self._protocol
+        return protocol
+
+
+def open_console_streams(ring: ConsoleRing, events: Any, port: int, *,
+                         limiter: EventRateLimiter | None = None,
+                         on_close: Callable[[], None] | None = None,
+                         limit: int = 1 << 16,
+                         ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Streams over a console ring (call from a running loop)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport = ConsoleTransport(ring, events, port, protocol, limiter=limiter,
+                                 on_close=on_close)
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    return reader, writer
+
+
+class _Resources:
+    """The page, port and ring of one frontend console; released once (R13)."""
+
+    def __init__(self, platform: Any, backend_domid: int) -> None:
+        self.platform = platform
+        self.backend_domid = backend_domid
+        self.pages: Any = None
+        self.port: int | None = None
+        self.ring: ConsoleRing | None = None
+        self.quarantined: list[Any] = []
+
+    def allocate(self, reserved: bool) -> None:
+        gt = self.platform.grants
+        if reserved:
+            if not hasattr(gt, "grant_reserved"):
+                raise LocalError("this platform cannot place a page at the reserved console ref")
+            self.pages = gt.grant_reserved(GNTTAB_RESERVED_CONSOLE, self.backend_domid)
+        else:
+            self.pages = gt.grant(self.backend_domid, 1)
+        self.port = self.platform.events.alloc_unbound(self.backend_domid)
+        self.ring = ConsoleRing(self.pages.mem, backend=False)
+
+    @property
+    def ref(self) -> int:
+        if self.pages is None:
+            raise LocalError("console not set up")
+        return int(self.pages.refs[0])
+
+    def release(self) -> None:
+        if self.ring is not None:
+            self.ring.release()
+            self.ring = None
+        if self.port is not None:
+            port, self.port = self.port, None
+            with contextlib.suppress(LocalError, PlatformError):
+                self.platform.events.unbind(port)
+        if self.pages is not None:
+            pages, self.pages = self.pages, None
+            try:
+                self.platform.grants.end_access(pages)
+            except PlatformError as exc:  # GrantInUse: the backend still maps it (R8)
+                log.warning("console page still mapped by the backend (%s); quarantined", exc)
+                self.quarantined.append(pages)
+
+    def retry_quarantine(self) -> int:
+        """End quarantined pages whose grantee let go; returns how many remain."""
+        left = []
+        for pages in self.quarantined:
+            try:
+                self.platform.grants.end_access(pages)
+            except PlatformError:
+                left.append(pages)
+        self.quarantined = left
+        return len(left)
+
+
+class PrimaryConsole:
+    """The guest side of console 0 (§8.2): no xenbus handshake.
+
+    :meth:`setup` shares the ring page at grant ref 0 and allocates the port; the
+    toolstack publishes ``ring-ref``/``port`` (the guest cannot write them); then
+    :meth:`open` gives the streams.  :meth:`close` releases everything (idempotent).
+    """
+
+    def __init__(self, platform: Any, backend_domid: int = 0) -> None:
+        """Prepare; nothing is allocated until :meth:`setup`."""
+        self._res = _Resources(platform, backend_domid)
+        self.transport: ConsoleTransport | None = None
+
+    def setup(self) -> PrimaryConsole:
+        """Share the page at ref 0 and allocate the port (for the backend's domain)."""
+        try:
+            self._res.allocate(reserved=True)
+        except BaseException:
+            self._res.release()
+            raise
+        return self
+
+    @property
+    def ring_ref(self) -> int:
+        """The grant ref of the page (always 0, ``GNTTAB_RESERVED_CONSOLE``)."""
+        return self._res.ref
+
+    @property
+    def port(self) -> int:
+        """The guest-side port (unbound until the backend binds)."""
+        if self._res.port is None:
+            raise LocalError("console not set up")
+        return self._res.port
+
+    @property
+    def ring(self) -> ConsoleRing:
+        """The ring page."""
+        if self._res.ring is None:
+            raise LocalError("console not set up")
+        return self._res.ring
+
+    async def open(self, *, limiter: EventRateLimiter | None = None
+                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The console as an asyncio stream pair."""
+        if self.transport is not None:
+            raise LocalError("console already open")
+        reader, writer = open_console_streams(self.ring, self._res.platform.events, self.port,
+                                              limiter=limiter)
+        self.transport = writer.transport  # type: ignore[assignment]
+        return reader, writer
+
+    def close(self) -> None:
+        """Stop the streams and release the page and the port."""
+        if self.transport is not None:
+            self.transport.abort()
+            self.transport = None
+        self._res.release()
+
+    def __enter__(self) -> PrimaryConsole:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ConsoleFrontend(FrontendDriver):
+    """A secondary console (``device/console/<n>``) driven by the xenbus handshake.
+
+    ``platform`` gives the grant table and event channels; ``client`` is the guest's
+    xenstore client.  After :meth:`start`, await :meth:`streams` for the stream pair
+    (available once Connected).
+    """
+
+    style = FrontendStyle.STANDARD
+
+    def __init__(self, platform: Any, client: Any, path: str, **kw: Any) -> None:
+        """Serve the frontend directory ``path`` (see :class:`FrontendDriver`)."""
+        super().__init__(client, path, **kw)
+        self.platform = platform
+        self._res: _Resources | None = None
+        self._streams: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None
+        self._streams = None
+        self.transport: ConsoleTransport | None = None
+
+    async def publish(self, backend: PeerKeys) -> None:
+        """Grant the ring page, allocate the port, write ``ring-ref`` and ``port``."""
+        res = self._res = _Resources(self.platform, self.peer_domid)
+        res.allocate(reserved=False)
+        assert res.port is not None
+        await self.write_keys({"ring-ref": res.ref, "port": res.port})
+
+    async def connect(self, peer: PeerKeys) -> None:
+        """Both sides are up: open the stream pair."""
+        res = self._res
+        if res is None or res.ring is None or res.port is None:
+            raise LocalError("connect before publish")
+        reader, writer = open_console_streams(res.ring, self.platform.events, res.port)
+        self.transport = writer.transport  # type: ignore[assignment]
+        self._future().set_result((reader, writer))
+
+    async def disconnect(self) -> None:
+        """Stop the streams, release page and port (quarantine a still-mapped page)."""
+        if self.transport is not None:
+            self.transport.abort()
+            self.transport = None
+        fut = self._streams
+        if fut is not None and not fut.done():
+            fut.set_exception(LocalError("console disconnected"))
+        self._streams = None
+        if self._res is not None:
+            self._res.release()
+
+    def _future(self) -> asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+        if self._streams is None or self._streams.done():
+            self._streams = asyncio.get_running_loop().create_future()
+        return self._streams
+
+    async def streams(self, timeout: float = 10.0
+                      ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The stream pair, once the device is Connected (at most ``timeout`` s)."""
+        if self._streams is None:
+            self._future()
+        assert self._streams is not None
+        return await asyncio.wait_for(asyncio.shield(self._streams), timeout)

@@ -24,6 +24,7 @@
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport uint8_t, uint32_t
 
 from includes.copy cimport xenpv_copy
@@ -31,6 +32,19 @@ from includes.barrier cimport xenpv_load_u32, xenpv_mb, xenpv_rmb, xenpv_store_u
 
 from xenpv.errors import LocalError, RingOverflowError
 
+
+
+cdef Py_buffer *_hold(object buf) except NULL:
+    """Acquire a writable export of ``buf`` that outlives this call (freed by release())."""
+    cdef Py_buffer *view = <Py_buffer *>PyMem_Malloc(sizeof(Py_buffer))
+    if view == NULL:
+        raise MemoryError()
+    try:
+        PyObject_GetBuffer(buf, view, PyBUF_WRITABLE)
+    except BaseException:
+        PyMem_Free(view)
+        raise
+    return view
 
 cdef class ByteRing:
     """One direction of a byte (or fixed-unit) ring laid out inside ``buf``.
@@ -41,8 +55,10 @@ cdef class ByteRing:
     :meth:`read_into`; neither signals anything (the caller notifies its peer).
     """
 
-    cdef Py_buffer _view
-    cdef bint _have_view
+    # The held export lives outside the object: Cython's generated tp_clear would clear a
+    # Py_buffer member's ``obj`` behind PyBuffer_Release's back (the exporter then dies
+    # with an export outstanding).
+    cdef Py_buffer *_view
     cdef uint8_t *base
     cdef uint8_t *data
     cdef Py_ssize_t prod_off
@@ -56,7 +72,7 @@ cdef class ByteRing:
     cdef object _broken
 
     def __cinit__(self, *args, **kwargs):
-        self._have_view = False
+        self._view = NULL
         self.base = NULL
         self._broken = None
 
@@ -66,8 +82,8 @@ cdef class ByteRing:
             raise LocalError(f"on_insane must be 'error' or 'zero', not {on_insane!r}")
         if size <= 0 or size > 0x80000000 or slot <= 0:
             raise LocalError(f"bad ring geometry: {size} units of {slot} bytes")
-        PyObject_GetBuffer(buf, &self._view, PyBUF_WRITABLE)
-        self._have_view = True
+        self.release()  # __init__ called again: drop the old memory first
+        self._view = _hold(buf)
         try:
             _check_geometry(self._view.len, <size_t>self._view.buf, data_offset, size, slot,
                             prod_offset, cons_offset)
@@ -86,14 +102,16 @@ cdef class ByteRing:
         self.insane_count = 0
 
     def __dealloc__(self):
-        if self._have_view:
-            PyBuffer_Release(&self._view)
+        if self._view != NULL:
+            PyBuffer_Release(self._view)
+            PyMem_Free(self._view)
 
     def release(self) -> None:
         """Let go of the ring memory; later calls raise LocalError."""
-        if self._have_view:
-            PyBuffer_Release(&self._view)
-            self._have_view = False
+        if self._view != NULL:
+            PyBuffer_Release(self._view)
+            PyMem_Free(self._view)
+            self._view = NULL
         self.base = NULL
 
     @property

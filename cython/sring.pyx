@@ -30,6 +30,7 @@
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport uint8_t, uint32_t
 from libc.string cimport memset
 
@@ -87,11 +88,26 @@ cpdef unsigned int ring_size(Py_ssize_t nbytes, Py_ssize_t slot_size) except? 0:
     return n if k > 0 else 0
 
 
+
+cdef Py_buffer *_hold(object buf) except NULL:
+    """Acquire a writable export of ``buf`` that outlives this call (freed by release())."""
+    cdef Py_buffer *view = <Py_buffer *>PyMem_Malloc(sizeof(Py_buffer))
+    if view == NULL:
+        raise MemoryError()
+    try:
+        PyObject_GetBuffer(buf, view, PyBUF_WRITABLE)
+    except BaseException:
+        PyMem_Free(view)
+        raise
+    return view
+
 cdef class _Ring:
     """Common part of FrontRing and BackRing: the held buffer and the ring geometry."""
 
-    cdef Py_buffer _view
-    cdef bint _have_view
+    # The held export lives outside the object: Cython's generated tp_clear would clear a
+    # Py_buffer member's ``obj`` behind PyBuffer_Release's back (the exporter then dies
+    # with an export outstanding).
+    cdef Py_buffer *_view
     cdef uint8_t *base
     cdef uint8_t *slots
     cdef Py_ssize_t nbytes
@@ -101,14 +117,14 @@ cdef class _Ring:
     cdef object _broken
 
     def __cinit__(self, *args, **kwargs):
-        self._have_view = False
+        self._view = NULL
         self.base = NULL
         self._broken = None
 
     cdef int _attach(self, object buf, Py_ssize_t slot_size) except -1:
         cdef unsigned int n
-        PyObject_GetBuffer(buf, &self._view, PyBUF_WRITABLE)
-        self._have_view = True
+        self.release()  # __init__ called again: drop the old memory first
+        self._view = _hold(buf)
         n = ring_size(self._view.len, slot_size)
         if n == 0:
             self.release()
@@ -127,14 +143,16 @@ cdef class _Ring:
         return 0
 
     def __dealloc__(self):
-        if self._have_view:
-            PyBuffer_Release(&self._view)
+        if self._view != NULL:
+            PyBuffer_Release(self._view)
+            PyMem_Free(self._view)
 
     def release(self) -> None:
         """Let go of the ring memory (an mmap can then be closed); later calls raise LocalError."""
-        if self._have_view:
-            PyBuffer_Release(&self._view)
-            self._have_view = False
+        if self._view != NULL:
+            PyBuffer_Release(self._view)
+            PyMem_Free(self._view)
+            self._view = NULL
         self.base = NULL
 
     @property

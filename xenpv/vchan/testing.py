@@ -92,9 +92,9 @@ class VchanLab:
 
     def tool(self, domid: int, *args: str) -> subprocess.Popen[bytes]:
         """``python -m xenpv.vchan.tool ARGS`` as ``domid``, stdout an unbuffered pipe
-        (read it with :func:`read_line`)."""
+        (read it with :func:`read_line`), stdin a pipe (closing it ends ``--hold``)."""
         return self.spawn(domid, [sys.executable, "-m", "xenpv.vchan.tool", *args],
-                          stdout=subprocess.PIPE, bufsize=0)
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
 
     @staticmethod
     def read_json(proc: subprocess.Popen[Any], timeout: float = 60.0) -> dict[str, Any]:

@@ -13,7 +13,7 @@ written in ``--chunk`` sized pieces.  One JSON object per line goes to stdout:
 ``{"event": "done", "sent": N, "sent_crc": C, "received": M, "received_crc": D}`` where the
 CRCs are zlib CRC-32 values of everything sent and received.  ``--recv -1`` reads until
 the peer closes; ``--hold`` keeps the vchan open after the transfer until the peer goes
-(then ``{"event": "peer-closed"}``).  Exit status 0, or 2 if the stream broke.
+(then ``{"event": "peer-closed"}``) or stdin is closed (``{"event": "released"}``).  Exit status 0, or 2 if the stream broke.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import sys
 import time
 import zlib
@@ -86,6 +87,21 @@ def duplex(ep: VchanEndpoint, send_total: int, recv_total: int, chunk: int,
             "received_crc": received_crc}
 
 
+def _stdin_closed() -> bool:
+    ready, _, _ = select.select([sys.stdin], [], [], 0)
+    return bool(ready) and not os.read(sys.stdin.fileno(), 4096)
+
+
+def _hold(ep: VchanEndpoint) -> str:
+    """Keep the vchan open until the peer leaves ("peer-closed") or our stdin is closed
+    ("released")."""
+    while ep.is_open:
+        if _stdin_closed():
+            return "released"
+        ep.wait_event(0.1)
+    return "peer-closed"
+
+
 def _platform() -> Any:
     from xenpv.platforms.loopback.client import ClientPlatform
 
@@ -121,9 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         result = duplex(ep, args.send, args.recv, args.chunk, args.timeout)
         emit(event="done", **result)
         if args.hold:
-            while ep.is_open:
-                ep.wait_event(0.5)
-            emit(event="peer-closed")
+            emit(event=_hold(ep))
     except (PeerError, BrokenPipeError, TimeoutError) as exc:
         emit(event="error", error=f"{type(exc).__name__}: {exc}")
         status = 2

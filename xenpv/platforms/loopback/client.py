@@ -302,9 +302,9 @@ class ClientGrantTable:
 
     def stats(self, domid: int | None = None) -> tuple[int, ...]:
         """STATS of ``domid`` (default: self): grants, revoking, mappings, ports, shares,
-        handles."""
+        handles, xenstore watches."""
         out, _ = self._conn.call(Op.STATS, proto.U32.pack(self.domid if domid is None else domid))
-        return tuple(proto.U32x6.unpack(out))
+        return tuple(proto.STATS_REPLY.unpack(out))
 
     def close(self) -> None:
         """Release everything (the daemon does it when the connection closes)."""

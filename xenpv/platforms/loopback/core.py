@@ -869,10 +869,17 @@ class Hypervisor:
                     self._free_entry(e)
         elif kind == FAULT_DROP_NOTIFY:
             dom.notify_drop = arg
+            self._invalidate_outboxes(dom)
         elif kind == FAULT_DUPLICATE_NOTIFY:
             dom.notify_duplicate = bool(arg)
+            self._invalidate_outboxes(dom)
         else:
             raise PlatformError(f"unknown fault {kind}", errno.EINVAL)
+
+    def _invalidate_outboxes(self, dom: Domain) -> None:
+        # clients must take the hypervisor path for the fault to apply to them
+        for port in dom.ports:
+            dom.bump(port)
 
     def hold_mapped(self, domid: int, ref: int) -> None:
         """Pretend a peer keeps grant ``(domid, ref)`` mapped (scenario 13)."""

@@ -481,8 +481,10 @@ class LoopbackDaemon:
     def _evt_notify(self, conn: _Connection, payload: bytes) -> Reply:
         (port,) = _unpack(proto.U32, payload)
         r = self.hv.notify(conn.handle, port)
-        gen = conn.handle.domain.gen[port]
-        if r is None:
+        dom = conn.handle.domain
+        gen = dom.gen[port]
+        if r is None or dom.notify_drop or dom.notify_duplicate:
+            # no outbox while a notification fault is active: the client stays on this path
             return _ok(proto.U32x2.pack(gen, 0))
         return _ok(proto.U32x2.pack(gen, 1), [r.inbox])
 
@@ -531,9 +533,9 @@ class LoopbackDaemon:
         if domid != conn.handle.domain.domid:
             self._require_priv(conn)
         s = self.hv.stats(domid)
-        return _ok(
-            proto.U32x6.pack(s.grants, s.grants_revoking, s.mappings, s.ports, s.shares, s.handles)
-        )
+        watches = self.xenstored.watch_count(domid) if self.xenstored is not None else 0
+        fields = (s.grants, s.grants_revoking, s.mappings, s.ports, s.shares, s.handles, watches)
+        return _ok(proto.STATS_REPLY.pack(*fields))
 
     def _fault(self, conn: _Connection, payload: bytes) -> Reply:
         self._require_priv(conn)

@@ -25,6 +25,8 @@ U32x3 = struct.Struct("<III")
 U32x4 = struct.Struct("<IIII")
 U32x6 = struct.Struct("<IIIIII")
 HELLO_REPLY = U32x6  # version, domid, privileged, max_grants, max_ports, page_size
+# grants, revoking, mappings, ports, shares, handles, xenstore watches
+STATS_REPLY = struct.Struct("<IIIIIII")
 SHARE_REQ = struct.Struct("<HHI")  # domid, flags, count
 SHARE_RESERVED_REQ = struct.Struct("<IHH")  # ref, domid, flags
 MAP_FAIL = struct.Struct("<Ii")  # index, GNTST

@@ -1,0 +1,222 @@
+"""The console pair end to end: our frontend with our backend, on the loopback emulator.
+
+In process (no xenstore) the ring, events and session are exercised directly; on the
+loopback daemon the whole path runs: toolstack keys, primary console at grant ref 0,
+secondary consoles through the xenbus handshake, the pty, the log file, and the
+emulator's accounting afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import select
+import time
+import tty
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xenpv.backends.console import (
+    ConsoleBackend,
+    ConsoleConfig,
+    ConsoleSession,
+    publish_primary_console,
+)
+from xenpv.frontends.console import (
+    GNTTAB_RESERVED_CONSOLE,
+    ConsoleFrontend,
+    ConsoleRing,
+    EventRateLimiter,
+    PrimaryConsole,
+)
+from xenpv.platforms.loopback.client import ClientPlatform
+from xenpv.platforms.loopback.harness import DaemonMachine, InProcessMachine
+from xenpv.xenbus.toolstack import add_device, remove_device
+from xenpv.xenstore.client import connect
+
+GUEST = 7
+WAIT = 10.0
+
+
+@pytest.fixture
+def machine() -> Iterator[DaemonMachine]:
+    m = DaemonMachine(max_grants=64, max_ports=32)
+    try:
+        m.create_domain(GUEST)
+        yield m
+    finally:
+        m.close()
+
+
+def read_pty(fd: int, marker: bytes, timeout: float = WAIT) -> bytes:
+    """Read from a non-blocking pty until ``marker`` shows up (or fail)."""
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while marker not in buf:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {marker!r} on the pty; got {buf[-200:]!r}"
+        ready, _, _ = select.select([fd], [], [], min(left, 0.1))
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                buf += os.read(fd, 65536)
+    return buf
+
+
+def open_pty(path: str) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    tty.setraw(fd)
+    return fd
+
+
+async def wait_key(client: Any, path: str, timeout: float = WAIT) -> bytes:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(Exception):
+            value: bytes = await client.read(path)
+            if value:
+                return value
+        assert time.monotonic() < deadline, f"{path} never got a value"
+        await asyncio.sleep(0.02)
+
+
+def test_primary_console_moves_bytes_both_ways_in_process() -> None:
+    m = InProcessMachine()
+    try:
+        guest, dom0 = m.domain(GUEST), m.domain(0)
+
+        async def body() -> None:
+            console = PrimaryConsole(guest, 0).setup()
+            assert console.ring_ref == GNTTAB_RESERVED_CONSOLE
+            mapping = dom0.grants.map(GUEST, [GNTTAB_RESERVED_CONSOLE])
+            port = dom0.events.bind_interdomain(GUEST, console.port)
+            out: list[bytes] = []
+            session = ConsoleSession(ConsoleRing(mapping.mem, backend=True), dom0.events, port,
+                                     ConsoleConfig(pty=False), sink=out.append)
+            session.start()
+            reader, writer = await console.open()
+            writer.write(b"guest says hi\n")
+            session.feed(b"host types\n")
+            assert await asyncio.wait_for(reader.readline(), WAIT) == b"host types\n"
+            deadline = time.monotonic() + WAIT
+            while b"".join(out) != b"guest says hi\n":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            session.close()
+            dom0.events.unbind(port)
+            dom0.grants.unmap(mapping)
+            console.close()
+
+        asyncio.run(body())
+        m.release()
+        m.assert_released()
+    finally:
+        m.close()
+
+
+def test_a_megabyte_of_output_arrives_intact_and_in_order() -> None:
+    m = InProcessMachine()
+    try:
+        guest, dom0 = m.domain(GUEST), m.domain(0)
+        data = os.urandom(1 << 20)
+
+        async def body() -> bytes:
+            console = PrimaryConsole(guest, 0).setup()
+            mapping = dom0.grants.map(GUEST, [0])
+            port = dom0.events.bind_interdomain(GUEST, console.port)
+            got = bytearray()
+            session = ConsoleSession(ConsoleRing(mapping.mem, backend=True), dom0.events, port,
+                                     ConsoleConfig(pty=False, rate_allowance=1 << 20),
+                                     sink=got.extend)
+            session.start()
+            _reader, writer = await console.open(limiter=EventRateLimiter(1 << 20, 1.0))
+            for i in range(0, len(data), 10_000):
+                writer.write(data[i : i + 10_000])
+                await writer.drain()
+            deadline = time.monotonic() + 30
+            while len(got) < len(data):
+                assert time.monotonic() < deadline, f"only {len(got)} bytes arrived"
+                await asyncio.sleep(0.01)
+            session.close()
+            dom0.events.unbind(port)
+            dom0.grants.unmap(mapping)
+            console.close()
+            return bytes(got)
+
+        assert asyncio.run(body()) == data
+    finally:
+        m.close()
+
+
+def test_primary_console_served_on_a_pty_with_a_log(machine: DaemonMachine,
+                                                     tmp_path: Path) -> None:
+    async def body() -> None:
+        guest = ClientPlatform.for_domain(machine.rundir, GUEST)
+        dom0 = ClientPlatform.for_domain(machine.rundir, 0)
+        xs = await connect(str(Path(machine.rundir) / "dom0" / "xenstore"))
+        console = PrimaryConsole(guest, 0).setup()
+        backend = ConsoleBackend(dom0, xs, ConsoleConfig(log_dir=str(tmp_path)),
+                                 domids=[GUEST], secondary=False)
+        fd = -1
+        try:
+            await publish_primary_console(xs, GUEST, port=console.port, ring_ref=0)
+            await backend.start()
+            tty_path = (await wait_key(xs, f"/local/domain/{GUEST}/console/tty")).decode()
+            fd = open_pty(tty_path)
+            reader, writer = await console.open()
+            writer.write(b"login: ")
+            assert b"login: " in await asyncio.to_thread(read_pty, fd, b"login: ")
+            os.write(fd, b"root\n")
+            assert await asyncio.wait_for(reader.readline(), WAIT) == b"root\n"
+            log = (tmp_path / f"guest-{GUEST}.log").read_bytes()
+            assert log == b"login: "
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            await backend.close()
+            console.close()
+            await xs.close()
+            dom0.close()
+            guest.close()
+
+    asyncio.run(body())
+    machine.assert_released()
+
+
+def test_secondary_console_connects_through_xenbus(machine: DaemonMachine) -> None:
+    async def body() -> None:
+        guest = ClientPlatform.for_domain(machine.rundir, GUEST)
+        dom0 = ClientPlatform.for_domain(machine.rundir, 0)
+        xs0 = await connect(str(Path(machine.rundir) / "dom0" / "xenstore"))
+        xsg = await connect(str(Path(machine.rundir) / f"dom{GUEST}" / "xenstore"))
+        backend = ConsoleBackend(dom0, xs0, ConsoleConfig(), secondary=True)
+        info = await add_device(xs0, "console", GUEST, 0, 1, frontend_keys={"type": "xenpv"})
+        frontend = ConsoleFrontend(guest, xsg, info.frontend_path)
+        fd = -1
+        try:
+            await backend.start()
+            await frontend.start()
+            reader, writer = await frontend.streams(WAIT)
+            tty_path = (await wait_key(xs0, f"{info.frontend_path}/tty")).decode()
+            fd = open_pty(tty_path)
+            writer.write(b"second console\n")
+            await asyncio.to_thread(read_pty, fd, b"second console\n")
+            os.write(fd, b"typed\n")
+            assert await asyncio.wait_for(reader.readline(), WAIT) == b"typed\n"
+            assert await remove_device(xs0, "console", GUEST, 1, 0, timeout=WAIT)
+            await frontend.wait_done(WAIT)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            await frontend.close()
+            await backend.close()
+            await xsg.close()
+            await xs0.close()
+            dom0.close()
+            guest.close()
+
+    asyncio.run(body())
+    machine.assert_released()

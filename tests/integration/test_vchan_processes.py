@@ -1,0 +1,62 @@
+"""xenpv vchan server and client in separate domain processes on the loopback daemon.
+
+A bulk transfer with a digest both ways, then peer death: one process is killed in the
+middle of a transfer, the other reports the close (unmap notification: live byte cleared,
+port signalled) and the emulator holds nothing afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from xenpv.vchan.testing import VchanLab, vchan_path
+
+SERVER, CLIENT = 1, 2
+MiB = 1 << 20
+
+
+@pytest.fixture
+def lab() -> Iterator[VchanLab]:
+    with VchanLab((SERVER, CLIENT)) as lab:
+        yield lab
+
+
+@pytest.mark.parametrize("ring", [0, 64 * 1024, MiB], ids=["in-page", "64KiB", "1MiB"])
+def test_transfer_between_processes_with_digest(lab: VchanLab, ring: int) -> None:
+    size = MiB if ring == 0 else 48 * MiB
+    path = vchan_path(SERVER, CLIENT, f"bulk{ring}")
+    server = lab.tool(SERVER, "server", str(CLIENT), path, "--send", str(size), "--recv",
+                      str(size), "--read-min", str(ring), "--write-min", str(ring), "--chunk", "50001")
+    assert lab.read_json(server)["event"] == "ready"
+    client = lab.tool(CLIENT, "client", str(SERVER), path, "--send", str(size), "--recv", str(size))
+    assert lab.read_json(client)["event"] == "ready"
+    a, b = lab.read_json(server, 120), lab.read_json(client, 120)
+    assert a["event"] == b["event"] == "done"
+    assert a["sent"] == b["received"] == size and b["sent"] == a["received"] == size
+    assert a["sent_crc"] == b["received_crc"] and b["sent_crc"] == a["received_crc"]
+    assert server.wait(30) == 0 and client.wait(30) == 0
+    lab.assert_released()
+
+
+@pytest.mark.parametrize("victim", ["server", "client"])
+def test_peer_killed_mid_transfer_is_reported_and_released(lab: VchanLab, victim: str) -> None:
+    path = vchan_path(SERVER, CLIENT, f"kill-{victim}")
+    endless = str(1 << 40)
+    server = lab.tool(SERVER, "server", str(CLIENT), path, "--send", endless, "--recv", "-1",
+                      "--read-min", str(MiB), "--write-min", str(MiB))
+    assert lab.read_json(server)["event"] == "ready"
+    client = lab.tool(CLIENT, "client", str(SERVER), path, "--send", endless, "--recv", "-1")
+    assert lab.read_json(client)["event"] == "ready"
+    dead, survivor = (server, client) if victim == "server" else (client, server)
+    dead.kill()
+    dead.wait(10)
+    result = lab.read_json(survivor, 30)
+    # the survivor was sending when its peer vanished: either its write hit the gone peer
+    # (BrokenPipeError) or its reader saw the end of the stream first
+    assert result["event"] in ("error", "done")
+    if result["event"] == "error":
+        assert "BrokenPipeError" in result["error"]
+    survivor.wait(30)
+    lab.assert_released()

@@ -8,14 +8,16 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from shim_peers import LoopbackRun
 
 from xenpv.cli.loopback import shim_dir
-from xenpv.platforms.base import PlatformGone, PortError
+from xenpv.errors import LocalError
+from xenpv.platforms.base import GrantCopy, GrantPtr, LocalPtr, PlatformGone, PortError, UnmapNotify
 from xenpv.platforms.loopback.harness import stop_daemon
-from xenpv.platforms.xen import XenPlatform
+from xenpv.platforms.xen import XenPlatform, default_xenstore_path
 
 PAGE = 4096
 
@@ -123,3 +125,75 @@ def test_discover_learns_the_domid_from_xenstore(
         assert p.grants.grant(1).refs[0] >= 8
     finally:
         p.close()
+
+
+def test_close_releases_what_is_still_shared_and_mapped_and_stale_views_read_zeros(
+    loopback: LoopbackRun, platform: Callable[[int], XenPlatform]
+) -> None:
+    from test_shim_libraries import _stats
+
+    a, b = platform(1), platform(2)
+    pages = b.grants.grant(1, 2)
+    pages.mem[0:4] = b"data"
+    m = a.grants.map(2, pages.refs)
+    view = m.mem[0:4]  # a slice that outlives the mapping
+    a.close()
+    b.close()
+    assert bytes(view) == bytes(4)
+    assert bytes(pages.mem[0:4]) == bytes(4)
+    for domid in (1, 2):
+        assert {k: v for k, v in _stats(loopback, domid).items() if k != "handles"} == {
+            "grants": 0, "revoking": 0, "mappings": 0, "ports": 0, "shares": 0,
+        }
+    with pytest.raises(LocalError):
+        a.grants.grant(2)
+
+
+def test_grant_copy_argument_errors_are_local(platform: Callable[[int], XenPlatform]) -> None:
+    a = platform(1)
+    buf = bytearray(8)
+    with pytest.raises(LocalError):
+        a.grants.copy([GrantCopy(LocalPtr(b"abcd"), LocalPtr(buf), 4)])
+    with pytest.raises(LocalError):
+        a.grants.copy([GrantCopy(GrantPtr(2, 8, 0), LocalPtr(buf, 6), 4)])
+    with pytest.raises(LocalError):
+        a.grants.copy([GrantCopy(GrantPtr(2, 8, 0), LocalPtr(buf), 70_000)])
+    with pytest.raises(LocalError):
+        a.grants.map(2, [])
+    with pytest.raises(LocalError):
+        a.grants.grant(2, 0)
+    with pytest.raises(LocalError):
+        a.grants.map(2, [8], notify=UnmapNotify(4096))
+    assert a.grants.copy([]) == []
+
+
+def test_pending_without_timeout_blocks_until_an_event(
+    platform: Callable[[int], XenPlatform],
+) -> None:
+    a, b = platform(1), platform(2)
+    pb = b.events.alloc_unbound(1)
+    pa = a.events.bind_interdomain(2, pb)
+    assert a.events.pending(None) == pa  # the bind left it pending
+    a.events.unmask(pa)
+    b.events.notify(pb)
+    assert a.events.pending(None) == pa
+
+
+def test_domid_and_xenstore_path_come_from_the_environment(
+    loopback: LoopbackRun, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XENPV_LOOPBACK_SOCKET", str(loopback.rundir / "dom2" / "control"))
+    monkeypatch.setenv("XENPV_LOOPBACK_DOMID", "2")
+    monkeypatch.setenv("XENSTORED_PATH", "/somewhere/xs")
+    p = XenPlatform(lib_dir=shim_dir())
+    try:
+        assert p.domid == 2 and p.xenstore_path == "/somewhere/xs"
+    finally:
+        p.close()
+    monkeypatch.delenv("XENPV_LOOPBACK_DOMID")
+    with pytest.raises(LocalError):
+        XenPlatform(lib_dir=shim_dir())
+    monkeypatch.delenv("XENSTORED_PATH")
+    monkeypatch.setenv("XENSTORED_RUNDIR", str(tmp_path))
+    (tmp_path / "socket").touch()
+    assert default_xenstore_path() == str(tmp_path / "socket")

@@ -285,10 +285,13 @@ class ConsoleSession:
         cfg = self.config
         consumed = 0
         while consumed < _PASS_BYTES:
-            if cfg.policy == "block" and len(self.buffer) >= cfg.limit:
-                break  # the guest waits until the pty drains
+            want = XENCONS_OUT_SIZE
+            if cfg.policy == "block" and self.master >= 0:
+                want = min(want, cfg.limit - len(self.buffer))
+                if want <= 0:
+                    break  # the guest waits until the pty drains
             insane = self.ring.insane
-            data = self.ring.read(XENCONS_OUT_SIZE)
+            data = self.ring.read(want)
             if self.ring.insane != insane:
                 self.stats["insane"] += 1
             if not data:

@@ -1,0 +1,316 @@
+"""Hostile-inputs scenario 27: a hostile guest console against our console backend.
+
+The guest here is hand-made: it shares a page at grant ref 0 and allocates a port like a
+real guest, then writes whatever it likes into the page and the event channel.  The
+backend must ignore corrupt indexes, keep its buffers and its log bounded, never take a
+host decision from the guest's xenstore nodes, and rate-limit event storms; nothing may
+escape into the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xenpv.backends.console import (
+    ConsoleConfig,
+    ConsoleSession,
+    PrimaryConsoleServer,
+    console_path,
+    publish_primary_console,
+)
+from xenpv.frontends.console import GNTTAB_RESERVED_CONSOLE, ConsoleRing
+from xenpv.platforms.loopback.client import ClientPlatform
+from xenpv.platforms.loopback.harness import DaemonMachine, InProcessMachine
+from xenpv.protocols.console import XENCONS_OUT_CONS_OFFSET, XENCONS_OUT_PROD_OFFSET
+from xenpv.xenstore.client import Perm, connect
+from xenpv.xenstore.wire import XenstoreError
+
+GUEST = 9
+WAIT = 10.0
+
+
+class HostileGuest:
+    """A guest that shares the console page and port and then misbehaves at will."""
+
+    def __init__(self, platform: Any, backend_domid: int = 0) -> None:
+        self.platform = platform
+        self.pages = platform.grants.grant_reserved(GNTTAB_RESERVED_CONSOLE, backend_domid)
+        self.port = platform.events.alloc_unbound(backend_domid)
+        self.mem = self.pages.mem
+        self.ring = ConsoleRing(self.mem, backend=False)
+
+    def set_out(self, cons: int, prod: int) -> None:
+        words = self.mem.cast("I")
+        words[XENCONS_OUT_CONS_OFFSET // 4] = cons & 0xFFFFFFFF
+        words[XENCONS_OUT_PROD_OFFSET // 4] = prod & 0xFFFFFFFF
+        words.release()
+
+    def out_cons(self) -> int:
+        return int(struct.unpack_from("<I", self.mem, XENCONS_OUT_CONS_OFFSET)[0])
+
+    def notify(self) -> None:
+        self.platform.events.notify(self.port)
+
+    def close(self) -> None:
+        self.ring.release()
+        with contextlib.suppress(Exception):
+            self.platform.events.unbind(self.port)
+        with contextlib.suppress(Exception):
+            self.platform.grants.end_access(self.pages)
+
+
+class Served:
+    """Our backend's session over the hostile guest's page (in process)."""
+
+    def __init__(self, machine: InProcessMachine, config: ConsoleConfig) -> None:
+        self.guest = HostileGuest(machine.domain(GUEST))
+        dom0 = machine.domain(0)
+        self.mapping = dom0.grants.map(GUEST, [GNTTAB_RESERVED_CONSOLE])
+        self.port = dom0.events.bind_interdomain(GUEST, self.guest.port)
+        self.out = bytearray()
+        self.session = ConsoleSession(ConsoleRing(self.mapping.mem, backend=True), dom0.events,
+                                      self.port, config, sink=self.out.extend)
+        self.dom0 = dom0
+
+    def close(self) -> None:
+        self.session.close()
+        self.dom0.events.unbind(self.port)
+        self.dom0.grants.unmap(self.mapping)
+        self.guest.close()
+
+
+@pytest.fixture
+def machine() -> Iterator[InProcessMachine]:
+    m = InProcessMachine()
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+def run_checked(coro_fn: Any) -> Any:
+    """Run a coroutine; fail if anything reached the loop's exception handler."""
+    errors: list[dict[str, Any]] = []
+
+    async def main() -> Any:
+        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: errors.append(ctx))
+        return await coro_fn()
+
+    result = asyncio.run(main())
+    assert not errors, errors
+    return result
+
+
+async def settle(cond: Any, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("excess", [1, 2**31, 2**32 - 1 - 2048])
+def test_scenario_27_out_prod_beyond_ring_is_ignored(machine: InProcessMachine,
+                                                     excess: int) -> None:
+    async def body() -> None:
+        s = Served(machine, ConsoleConfig(pty=False))
+        s.session.start()
+        try:
+            s.guest.set_out(1000, 1000 + 2048 + excess)  # prod - cons > sizeof(out)
+            for _ in range(5):
+                s.guest.notify()
+                await asyncio.sleep(0.02)
+            await settle(lambda: s.session.stats["insane"] > 0)
+            assert s.out == b""
+            assert s.guest.out_cons() == 1000  # the backend did not move anything
+            # the guest repairs its ring: the console works again (ignored, not failed)
+            s.guest.set_out(1000, 1000)
+            assert s.guest.ring.write(b"sane again\n") == 11
+            s.guest.notify()
+            await settle(lambda: bytes(s.out) == b"sane again\n")
+        finally:
+            s.close()
+
+    run_checked(body)
+    machine.release()
+    machine.assert_released()
+
+
+@pytest.mark.parametrize("policy", ["discard", "block"])
+def test_scenario_27_output_flood_keeps_buffer_and_log_bounded(
+        machine: InProcessMachine, tmp_path: Path, policy: str) -> None:
+    limit, log_max, total = 8192, 16384, 2 << 20
+    cfg = ConsoleConfig(limit=limit, policy=policy, log_dir=str(tmp_path), log_max=log_max,
+                        rate_allowance=1 << 20)  # the bound under test is memory, not events
+
+    async def body() -> int:
+        s = Served(machine, cfg)
+        s.session.start()  # a pty nobody reads: it fills, then the buffer takes the rest
+        sent = 0
+        try:
+            chunk = b"flood " * 300
+            deadline = time.monotonic() + 30
+            while sent < total and time.monotonic() < deadline:
+                n = s.guest.ring.write(chunk)
+                if n:
+                    sent += n
+                    s.guest.notify()
+                await asyncio.sleep(0)  # let the backend run
+                if policy == "block" and not n and s.session.stats["max_buffered"] >= limit:
+                    break  # the guest is held back, as it should be
+            stats = dict(s.session.stats)
+            assert stats["max_buffered"] <= limit
+            assert len(s.session.buffer) <= limit
+            logs = list(tmp_path.iterdir())
+            assert sum(p.stat().st_size for p in logs) <= 2 * log_max
+            if policy == "discard":
+                assert sent >= total  # the guest never stalls
+                assert stats["discarded"] > 0
+            else:
+                assert stats["discarded"] == 0
+                assert sent < total  # the backend stopped consuming
+        finally:
+            s.close()
+        return sent
+
+    run_checked(body)
+    machine.release()
+    machine.assert_released()
+
+
+def test_scenario_27_event_storm_is_rate_limited(machine: InProcessMachine) -> None:
+    allowance, period = 30, 0.2
+
+    async def body() -> None:
+        s = Served(machine, ConsoleConfig(pty=False, rate_allowance=allowance,
+                                          rate_period=period))
+        s.session.start()
+        try:
+            t0 = time.monotonic()
+            sent = 0
+            while time.monotonic() - t0 < 0.6:
+                for _ in range(200):
+                    s.guest.notify()  # no data at all: a pure storm
+                sent += 200
+                await asyncio.sleep(0)
+            elapsed = time.monotonic() - t0
+            stats = s.session.stats
+            assert stats["rate_limited"] > 0
+            assert s.session.limiter.limited_periods >= 1
+            # each period admits `allowance` events, then one more delivery is taken and
+            # the port stays masked: the work done is bounded by the budget, not the storm
+            periods = elapsed / period + 2
+            assert stats["events"] <= (allowance + 1) * periods
+            assert stats["events"] < sent
+            # the console still works after the storm
+            assert s.guest.ring.write(b"still here\n") == 11
+            s.guest.notify()
+            await settle(lambda: bytes(s.out).endswith(b"still here\n"))
+        finally:
+            s.close()
+
+    run_checked(body)
+    machine.release()
+    machine.assert_released()
+
+
+@pytest.fixture
+def daemon() -> Iterator[DaemonMachine]:
+    m = DaemonMachine(max_grants=64, max_ports=32)
+    try:
+        m.create_domain(GUEST)
+        yield m
+    finally:
+        m.close()
+
+
+def test_scenario_27_guest_cannot_rewrite_its_console_nodes(daemon: DaemonMachine) -> None:
+    async def body() -> None:
+        guest = ClientPlatform.for_domain(daemon.rundir, GUEST)
+        dom0 = ClientPlatform.for_domain(daemon.rundir, 0)
+        xs0 = await connect(str(Path(daemon.rundir) / "dom0" / "xenstore"))
+        xsg = await connect(str(Path(daemon.rundir) / f"dom{GUEST}" / "xenstore"))
+        hostile = HostileGuest(guest)
+        server = PrimaryConsoleServer(dom0, xs0, GUEST, ConsoleConfig(limit=4096))
+        try:
+            await publish_primary_console(xs0, GUEST, port=hostile.port, ring_ref=0)
+            await server.start()
+            session = await server.wait_ready(WAIT)
+            path = console_path(GUEST)
+            tty_before = await xs0.read(f"{path}/tty")
+            assert tty_before
+            for key, value in (("tty", b"/dev/null"), ("output", b"file:/etc/passwd"),
+                               ("limit", b"999999999"), ("type", b"ioemu")):
+                with pytest.raises(XenstoreError) as exc:
+                    await xsg.write(f"{path}/{key}", value)
+                assert exc.value.errno_name == "EACCES"
+            with pytest.raises(XenstoreError):
+                await xsg.rm(f"{path}/tty")
+            assert await xs0.read(f"{path}/tty") == tty_before
+            assert server.session is session
+        finally:
+            await server.close()
+            hostile.close()
+            await xsg.close()
+            await xs0.close()
+            dom0.close()
+            guest.close()
+
+    run_checked(body)
+    daemon.assert_released()
+
+
+def test_scenario_27_guest_written_nodes_never_drive_host_decisions(
+        daemon: DaemonMachine) -> None:
+    """Even with a careless toolstack that left the nodes writable by the guest."""
+
+    async def body() -> None:
+        guest = ClientPlatform.for_domain(daemon.rundir, GUEST)
+        dom0 = ClientPlatform.for_domain(daemon.rundir, 0)
+        xs0 = await connect(str(Path(daemon.rundir) / "dom0" / "xenstore"))
+        xsg = await connect(str(Path(daemon.rundir) / f"dom{GUEST}" / "xenstore"))
+        hostile = HostileGuest(guest)
+        out = bytearray()
+        cfg = ConsoleConfig(limit=4096, rate_allowance=1 << 20)
+        server = PrimaryConsoleServer(dom0, xs0, GUEST, cfg, sink=out.extend)
+        path = console_path(GUEST)
+        try:
+            await publish_primary_console(xs0, GUEST, port=hostile.port, ring_ref=0)
+            await xs0.set_perms(path, [Perm("n", 0), Perm("b", GUEST)])
+            for key in ("tty", "output", "limit", "type"):
+                await xs0.set_perms(f"{path}/{key}", [Perm("n", 0), Perm("b", GUEST)])
+            await server.start()
+            session = await server.wait_ready(WAIT)
+            for key, value in (("tty", b"/dev/null"), ("output", b"file:/etc/passwd"),
+                               ("limit", b"999999999"), ("type", b"ioemu")):
+                await xsg.write(f"{path}/{key}", value)
+            await asyncio.sleep(0.2)  # the watch fired; the server re-read what it reads
+            assert server.session is session  # still served, same pty, same page
+            assert session.config.limit == 4096
+            assert session.tty_path is not None and session.tty_path != "/dev/null"
+            # a flood is still bounded by the backend's own limit, not the guest's
+            sent = 0
+            while sent < 64 << 10:
+                n = hostile.ring.write(b"x" * 2048)
+                sent += n
+                hostile.notify()
+                await asyncio.sleep(0)
+            await settle(lambda: len(out) == sent)
+            assert len(session.buffer) <= 4096
+        finally:
+            await server.close()
+            hostile.close()
+            await xsg.close()
+            await xs0.close()
+            dom0.close()
+            guest.close()
+
+    run_checked(body)
+    daemon.assert_released()

@@ -49,16 +49,19 @@ cdef Py_buffer *_hold(object buf) except NULL:
 cdef class ByteRing:
     """One direction of a byte (or fixed-unit) ring laid out inside ``buf``.
 
-    ``ByteRing(buf, *, data_offset, size, prod_offset, cons_offset, slot=1, on_insane="error")``
-    where ``size`` is the number of units (bytes when ``slot`` is 1) and the offsets are byte
-    offsets into ``buf``.  The producer calls :meth:`write`, the consumer :meth:`read` /
-    :meth:`read_into`; neither signals anything (the caller notifies its peer).
+    ``ByteRing(buf, *, data_offset, size, prod_offset, cons_offset, slot=1, on_insane="error",
+    data_buffer=None)`` where ``size`` is the number of units (bytes when ``slot`` is 1) and
+    the offsets are byte offsets into ``buf``; with ``data_buffer`` the data area is in that
+    buffer instead (vchan rings of order >= 12 live in their own pages).  The producer calls
+    :meth:`write`, the consumer :meth:`read` / :meth:`read_into`; neither signals anything
+    (the caller notifies its peer).
     """
 
     # The held export lives outside the object: Cython's generated tp_clear would clear a
     # Py_buffer member's ``obj`` behind PyBuffer_Release's back (the exporter then dies
     # with an export outstanding).
     cdef Py_buffer *_view
+    cdef Py_buffer *_data_view
     cdef uint8_t *base
     cdef uint8_t *data
     cdef Py_ssize_t prod_off
@@ -73,25 +76,31 @@ cdef class ByteRing:
 
     def __cinit__(self, *args, **kwargs):
         self._view = NULL
+        self._data_view = NULL
         self.base = NULL
         self._broken = None
 
     def __init__(self, buf, *, Py_ssize_t data_offset, Py_ssize_t size, Py_ssize_t prod_offset,
-                 Py_ssize_t cons_offset, Py_ssize_t slot=1, str on_insane="error"):
+                 Py_ssize_t cons_offset, Py_ssize_t slot=1, str on_insane="error",
+                 data_buffer=None):
+        cdef Py_buffer *dview
         if on_insane not in ("error", "zero"):
             raise LocalError(f"on_insane must be 'error' or 'zero', not {on_insane!r}")
         if size <= 0 or size > 0x80000000 or slot <= 0:
             raise LocalError(f"bad ring geometry: {size} units of {slot} bytes")
         self.release()  # __init__ called again: drop the old memory first
         self._view = _hold(buf)
+        if data_buffer is not None:
+            self._data_view = _hold(data_buffer)
+        dview = self._data_view if self._data_view != NULL else self._view
         try:
-            _check_geometry(self._view.len, <size_t>self._view.buf, data_offset, size, slot,
-                            prod_offset, cons_offset)
+            _check_geometry(self._view.len, <size_t>self._view.buf, dview.len, data_offset,
+                            size, slot, prod_offset, cons_offset, self._data_view != NULL)
         except BaseException:
             self.release()
             raise
         self.base = <uint8_t *>self._view.buf
-        self.data = self.base + data_offset
+        self.data = <uint8_t *>dview.buf + data_offset
         self.prod_off = prod_offset
         self.cons_off = cons_offset
         self.size = <uint32_t>size
@@ -102,9 +111,7 @@ cdef class ByteRing:
         self.insane_count = 0
 
     def __dealloc__(self):
-        if self._view != NULL:
-            PyBuffer_Release(self._view)
-            PyMem_Free(self._view)
+        self.release()
 
     def release(self) -> None:
         """Let go of the ring memory; later calls raise LocalError."""
@@ -112,6 +119,10 @@ cdef class ByteRing:
             PyBuffer_Release(self._view)
             PyMem_Free(self._view)
             self._view = NULL
+        if self._data_view != NULL:
+            PyBuffer_Release(self._data_view)
+            PyMem_Free(self._data_view)
+            self._data_view = NULL
         self.base = NULL
 
     @property
@@ -269,19 +280,20 @@ cdef class ByteRing:
         return out
 
 
-cdef int _check_geometry(Py_ssize_t buflen, size_t addr, Py_ssize_t data_offset,
-                         Py_ssize_t size, Py_ssize_t slot, Py_ssize_t prod_offset,
-                         Py_ssize_t cons_offset) except -1:
-    if data_offset < 0 or data_offset + size * slot > buflen:
+cdef int _check_geometry(Py_ssize_t buflen, size_t addr, Py_ssize_t datalen,
+                         Py_ssize_t data_offset, Py_ssize_t size, Py_ssize_t slot,
+                         Py_ssize_t prod_offset, Py_ssize_t cons_offset,
+                         bint separate) except -1:
+    if data_offset < 0 or data_offset + size * slot > datalen:
         raise LocalError(
             f"data area [{data_offset}, {data_offset + size * slot}) is outside the "
-            f"{buflen}-byte buffer")
+            f"{datalen}-byte buffer")
     for off in (prod_offset, cons_offset):
         if off < 0 or off + 4 > buflen:
             raise LocalError(f"index offset {off} is outside the {buflen}-byte buffer")
         if (addr + off) & 3:
             raise LocalError(f"index offset {off} is not 4-byte aligned")
-        if off + 4 > data_offset and off < data_offset + size * slot:
+        if not separate and off + 4 > data_offset and off < data_offset + size * slot:
             raise LocalError(f"index offset {off} overlaps the data area")
     if prod_offset == cons_offset:
         raise LocalError("prod and cons cannot share one word")

@@ -509,9 +509,11 @@ class BackRing(_Ring):
 class ByteRing:
     """One direction of a byte (or fixed-unit) ring laid out inside ``buf``.
 
-    ``ByteRing(buf, *, data_offset, size, prod_offset, cons_offset, slot=1, on_insane="error")``
-    where ``size`` is the number of units (bytes when ``slot`` is 1) and the offsets are byte
-    offsets into ``buf``.  Unit ``i`` lives at ``data_offset + (i % size) * slot``.  When
+    ``ByteRing(buf, *, data_offset, size, prod_offset, cons_offset, slot=1, on_insane="error",
+    data_buffer=None)`` where ``size`` is the number of units (bytes when ``slot`` is 1) and
+    the offsets are byte offsets into ``buf``; with ``data_buffer`` the data area is in that
+    buffer instead (vchan rings of order >= 12 live in their own pages).  Unit ``i`` lives at
+    ``data_offset + (i % size) * slot``.  When
     ``prod - cons`` exceeds ``size`` the peer is insane: ``on_insane="error"`` raises
     RingOverflowError and the ring stays broken (xenstore); ``"zero"`` reports 0 units
     available / free and counts ``insane_count`` (vchan, console).
@@ -519,24 +521,27 @@ class ByteRing:
     """
 
     def __init__(self, buf: Any, *, data_offset: int, size: int, prod_offset: int,
-                 cons_offset: int, slot: int = 1, on_insane: str = "error") -> None:
+                 cons_offset: int, slot: int = 1, on_insane: str = "error",
+                 data_buffer: Any = None) -> None:
         if on_insane not in ("error", "zero"):
             raise LocalError(f"on_insane must be 'error' or 'zero', not {on_insane!r}")
         if size <= 0 or size > 0x80000000 or slot <= 0:
             raise LocalError(f"bad ring geometry: {size} units of {slot} bytes")
         raw, words = _words(buf)
+        data = raw if data_buffer is None else _words(data_buffer)[0]
         end = data_offset + size * slot
-        if data_offset < 0 or end > len(raw):
+        if data_offset < 0 or end > len(data):
             raise LocalError(
-                f"data area [{data_offset}, {end}) is outside the {len(raw)}-byte buffer")
+                f"data area [{data_offset}, {end}) is outside the {len(data)}-byte buffer")
         for off in (prod_offset, cons_offset):
             _word_index(raw, off)
-            if off + 4 > data_offset and off < end:
+            if data_buffer is None and off + 4 > data_offset and off < end:
                 raise LocalError(f"index offset {off} overlaps the data area")
         if prod_offset == cons_offset:
             raise LocalError("prod and cons cannot share one word")
         self._raw: memoryview | None = raw
         self._words: memoryview | None = words
+        self._data: memoryview | None = data
         self._data_offset = data_offset
         self._prod = prod_offset // 4
         self._cons = cons_offset // 4
@@ -548,11 +553,10 @@ class ByteRing:
 
     def release(self) -> None:
         """Let go of the ring memory; later calls raise LocalError."""
-        if self._words is not None:
-            self._words.release()
-        if self._raw is not None:
-            self._raw.release()
-        self._raw = self._words = None
+        for view in (self._words, self._raw, self._data):
+            if view is not None:
+                view.release()
+        self._raw = self._words = self._data = None
 
     @property
     def broken(self) -> bool:
@@ -560,11 +564,12 @@ class ByteRing:
         return self._broken is not None
 
     def _mem(self) -> tuple[memoryview, memoryview]:
+        """(data bytes, index words) of a usable ring."""
         if self._broken is not None:
             raise RingOverflowError(self._broken)
-        if self._raw is None or self._words is None:
+        if self._data is None or self._words is None:
             raise LocalError("the ring memory was released")
-        return self._raw, self._words
+        return self._data, self._words
 
     @property
     def prod(self) -> int:
@@ -622,13 +627,13 @@ class ByteRing:
         if used is None:
             return 0
         full_barrier()  # index loads before overwriting data the consumer has just released
-        raw, words = self._mem()
+        area, words = self._mem()
         with memoryview(data) as view:
             src = view.cast("B")
             n = min(len(src) // self.slot, self.size - used)
             at = 0
             for off, units in self._runs(prod, n):
-                raw[off : off + units * self.slot] = src[at : at + units * self.slot]
+                area[off : off + units * self.slot] = src[at : at + units * self.slot]
                 at += units * self.slot
         _wmb()  # the consumer must see the data before the index that covers it
         words[self._prod] = (prod + n) & MASK32
@@ -642,8 +647,8 @@ class ByteRing:
         if 0 <= max_n < n:
             n = max_n
         _rmb()  # the prod load comes before the data loads it covers
-        raw, words = self._mem()
-        chunks = [bytes(raw[off : off + units * self.slot]) for off, units in self._runs(cons, n)]
+        area, words = self._mem()
+        chunks = [bytes(area[off : off + units * self.slot]) for off, units in self._runs(cons, n)]
         data = b"".join(chunks)
         if out is not None:
             out[: len(data)] = data

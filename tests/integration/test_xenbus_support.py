@@ -19,11 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from xenpv.errors import PlatformError
 from xenpv.platforms.base import GrantInUse
 from xenpv.platforms.loopback.harness import InProcessMachine
-from xenpv.xenbus import BackendDriver, FrontendDriver, PeerKeys, XenbusState, add_device
+from xenpv.xenbus import (
+    BackendDriver,
+    BadKeyError,
+    FrontendDriver,
+    PeerKeys,
+    XenbusState,
+    add_device,
+)
 from xenpv.xenstore.client import Perm, XenstoreClient
 from xenpv.xenstore.server import XenstoredServer
+from xenpv.xenstore.store import Quotas
 
 FE, BE = 3, 2
 DEVTYPE = "toy"
@@ -69,10 +78,10 @@ class World:
 
 
 @contextlib.asynccontextmanager
-async def xenstore_world() -> AsyncIterator[World]:
+async def xenstore_world(quotas: Quotas | None = None) -> AsyncIterator[World]:
     """An embedded xenstored serving dom0, FE and BE; everything closed afterwards."""
     with tempfile.TemporaryDirectory(prefix="xenbus-") as tmp:
-        server = XenstoredServer()
+        server = XenstoredServer(quotas=quotas)
         sockets = {d: str(Path(tmp) / f"dom{d}.sock") for d in (0, FE, BE)}
         for domid, path in sockets.items():
             await server.listen(path, domid)
@@ -124,10 +133,18 @@ class ToyFrontend(FrontendDriver):
             self.port = None
         if self.pages is not None:
             pages, self.pages = self.pages, None
+            self.quarantine.append(pages)
+        self.retry_quarantine()
+
+    def retry_quarantine(self) -> None:
+        """End access to quarantined pages the backend no longer maps (R8)."""
+        keep = []
+        for pages in self.quarantine:
             try:
                 self.platform.grants.end_access(pages)
             except GrantInUse:
-                self.quarantine.append(pages)  # R8: never reuse, retry later
+                keep.append(pages)  # still mapped by the peer: never reuse, retry later
+        self.quarantine = keep
 
 
 class ToyBackend(BackendDriver):
@@ -142,19 +159,29 @@ class ToyBackend(BackendDriver):
         self.disconnects = 0
 
     async def publish_features(self) -> None:
-        await self.write_keys({"feature-toy": 1, "max-ring-page-order": 0})
+        await self.write_keys(
+            {"feature-toy": 1, "max-ring-page-order": 1, "multi-queue-max-queues": 1}
+        )
 
     async def connect(self, frontend: PeerKeys) -> None:
-        refs = await frontend.ring_refs(max_order=0)
-        port = await frontend.port()
+        # every key is parsed strictly before anything is allocated (scenario 18)
+        await frontend.features()
         await frontend.protocol()
-        self.mapping = self.platform.grants.map(self.peer_domid, refs)
-        self.port = self.platform.events.bind_interdomain(self.peer_domid, port)
+        await frontend.uint("multi-queue-num-queues", 1, 1, default=1)
+        refs = await frontend.ring_refs(max_order=1)
+        port = await frontend.port()
+        try:
+            self.mapping = self.platform.grants.map(self.peer_domid, refs)
+            self.port = self.platform.events.bind_interdomain(self.peer_domid, port)
+        except PlatformError as exc:
+            # the refs and the port came from the frontend: refusing them is its fault
+            raise BadKeyError(f"frontend ring/port refused: {exc}") from exc
         self.connects += 1
         await self.write_keys({"toy-magic": 4660})
 
     async def disconnect(self) -> None:
-        self.disconnects += 1
+        if self.mapping is not None or self.port is not None:
+            self.disconnects += 1
         if self.port is not None:
             self.platform.events.unbind(self.port)
             self.port = None

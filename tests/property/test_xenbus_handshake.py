@@ -4,7 +4,8 @@ A frontend and a backend machine share a model of the two ``state`` nodes.  Each
 works like the driver: it executes the actions of its last input one at a time (so the
 other side can move in between), and reads the peer's *current* state when it runs again,
 which is what coalesced watch events amount to.  Rules add local closes, reconnects,
-failing hooks, forced closes and the toolstack's removal.  Invariants: no exception ever;
+failing hooks, forced closes and the toolstack's removal; at the end the driver's
+connect and close timeouts are applied to a side that still waits.  Invariants: no exception ever;
 a side never writes its state node after the toolstack deleted it; and once everything
 settles, the two ends agree: both Connected, or both closed (Closed, or gone).
 """
@@ -161,11 +162,31 @@ class Handshake(RuleBasedStateMachine):
         else:
             raise AssertionError(f"no quiescence: {self.nodes}")
 
+    def _timeouts(self) -> None:
+        """What the driver's deadlines do to a side still waiting (connect/close timeouts)."""
+        for _ in range(4):
+            for side in SIDES:
+                m = self.m[side]
+                if m.destroyed:
+                    continue
+                waiting = m.state is S.Closing or (
+                    side == "fe"
+                    and (m.state in (S.Initialising, S.Initialised) or m.reconnect_requested)
+                )
+                if not waiting:
+                    continue
+                if m.state in (S.Closing, S.Closed):
+                    self._feed(side, m.force_close())
+                else:
+                    self._feed(side, m.local_error(errno.ETIMEDOUT, "connect timeout"))
+            self._settle()
+
     def teardown(self) -> None:
         if not self.started:
             return
         self.fail_next = {"fe": False, "be": False}
         self._settle()
+        self._timeouts()
         if not self.online:
             # the toolstack finishes the removal (forced if the backend is not Closed)
             self.nodes["fe"] = self.nodes["be"] = None

@@ -274,8 +274,10 @@ class XenbusDriver:
     # -- public API ------------------------------------------------------------------
     @property
     def state(self) -> XenbusState:
-        """The own state as the machine sees it (Unknown once destroyed or not started)."""
-        return self.machine.state if self.machine is not None else S.Unknown
+        """The own state last written (Unknown before start and once destroyed)."""
+        if self.machine is None or self.machine.destroyed or self._written is None:
+            return S.Unknown
+        return self._written
 
     @property
     def peer_state(self) -> XenbusState | None:
@@ -588,6 +590,7 @@ class XenbusDriver:
         await self.client.transact(body, timeout=self.op_timeout)
         self._written = state
         self.stats["writes"] += 1
+        self._changed.set()
 
     def _note(self, message: str) -> None:
         now = time.monotonic()

@@ -107,7 +107,9 @@ Input = XenbusState | Local
 class Guard(enum.Enum):
     """A condition on the machine's flags that selects between rows of one key."""
 
+    #: ``online`` reads 1 and no local close was requested: the device is to stay.
     ONLINE = "online"
+    #: ``online`` reads 0 (the toolstack removes the device) or a local close was requested.
     OFFLINE = "offline"
     READY = "ready"
     NOT_READY = "not ready"
@@ -272,12 +274,14 @@ _b.add([S.Connected], [S.Initialised, S.Connected])
 _b.add([S.Connected], [S.Initialising], [DISCONNECT, _w(S.Closed)], S.Closed)  # frontend restarted
 _b.add([S.Connected], [S.Closing], [DISCONNECT, _w(S.Closing)], S.Closing)
 _b.add([S.Connected], [S.Closed], [DISCONNECT, _w(S.Closed)], S.Closed)
-# Closing: wait for the frontend to close; anything else is ignored.
-_b.add([S.Closing], [S.Initialising], [_w(S.Closed)], S.Closed, Guard.ONLINE)
-_b.add([S.Closing], [S.Initialising], [], None, Guard.OFFLINE)
+# Closing: wait for the frontend to close; anything else is ignored.  A frontend still
+# (or again) at Initialising is not taken as a reconnect here: after an error it may
+# simply never have started, and answering it would retry the failed step at once.
+# The close timeout moves the backend to Closed, where Initialising means reconnect.
 _b.add(
     [S.Closing],
-    [S.InitWait, S.Initialised, S.Connected, S.Closing, S.Reconfiguring, S.Reconfigured],
+    [S.Initialising, S.InitWait, S.Initialised, S.Connected, S.Closing]
+    + [S.Reconfiguring, S.Reconfigured],
 )
 _b.add([S.Closing], [S.Closed], [_w(S.Closed)], S.Closed)
 # Closed: a frontend back at Initialising (or already Initialised: coalesced 1->3) means
@@ -387,6 +391,7 @@ class _Flags:
     online: bool = True
     ready: bool = True
     reconnect: bool = False
+    closing: bool = False
 
 
 @dataclass
@@ -452,8 +457,9 @@ class XenbusMachine:
         return self._feed(Local.LOCAL_ERROR, (errno, message))
 
     def close(self) -> list[Action]:
-        """Begin an orderly close (the Closing/Closed handshake of §5.4)."""
+        """Begin an orderly close (the Closing/Closed handshake of §5.4); final."""
         self.flags.reconnect = False
+        self.flags.closing = True
         return self._feed(Local.CLOSE)
 
     def force_close(self) -> list[Action]:
@@ -523,8 +529,8 @@ class XenbusMachine:
         f = self.flags
         return {
             None: True,
-            Guard.ONLINE: f.online,
-            Guard.OFFLINE: not f.online,
+            Guard.ONLINE: f.online and not f.closing,
+            Guard.OFFLINE: not f.online or f.closing,
             Guard.READY: f.ready,
             Guard.NOT_READY: not f.ready,
             Guard.RECONNECT: f.reconnect,

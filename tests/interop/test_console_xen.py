@@ -1,0 +1,172 @@
+"""The console pair against Xen's own console programs, on the loopback emulator.
+
+* our frontend (``xenpv console frontend``, the guest) served by Debian's ``xenconsoled``
+  (through the replacement libraries), with Debian's ``xenconsole --type pv`` attached to
+  the pty xenconsoled creates: text both ways, and xenconsoled's guest log;
+* our backend (``xenpv console backend``) with ``xenconsole --type pv`` attached: text
+  both ways.
+
+``xenconsole`` needs a terminal: it runs on a pty of ours.  The guest runs a tiny shell
+(``echo``/``send``/``quit``), so what we type in xenconsole comes back through the
+guest.  Every process is ended by the fixture, also on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from shim_peers import LoopbackRun, wait_for
+
+from xenpv import peers
+from xenpv.cli.console import text_block
+
+# domids of our own: xenconsole locks /var/lock/xenconsole.<domid> machine-wide
+FE_GUEST = 31
+BE_GUEST = 32
+WAIT = 20.0
+
+
+def read_until(fd: int, needle: bytes, timeout: float = WAIT) -> bytes:
+    got = b""
+    deadline = time.monotonic() + timeout
+    while needle not in got:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {needle!r} on the terminal (got {got[-300:]!r})"
+        ready, _, _ = select.select([fd], [], [], min(left, 0.2))
+        if ready:
+            try:
+                got += os.read(fd, 65536)
+            except OSError:  # EIO: the program on the terminal exited
+                break
+    assert needle in got, f"no {needle!r} on the terminal (got {got[-300:]!r})"
+    return got
+
+
+def json_line(proc: subprocess.Popen[bytes], timeout: float = WAIT) -> dict[str, object]:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, "no JSON line from the process"
+    line = proc.stdout.readline()
+    assert line, f"process exited with {proc.wait(5)}"
+    event: dict[str, object] = json.loads(line)
+    return event
+
+
+def xenpv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "xenpv", *args]
+
+
+class ConsoleRun:
+    """The loopback daemon, a guest running our console frontend (shell), console 0
+    published by the toolstack."""
+
+    def __init__(self, domid: int) -> None:
+        self.domid = domid
+        self.run = LoopbackRun({domid: "guest"})
+        self.rundir = str(self.run.rundir)
+        self.terminal = -1
+        try:
+            self.guest = self.run.spawn(domid, xenpv(
+                "console", "frontend", "--rundir", self.rundir, "--domid", str(domid),
+                "--shell"), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            ready = json_line(self.guest)
+            assert ready["event"] == "ready" and ready["ring_ref"] == 0
+            self.run.spawn(0, xenpv("console", "publish", "--rundir", self.rundir, "--domid",
+                                    str(domid), "--port", str(ready["port"]))).wait(WAIT)
+        except BaseException:
+            self.close()
+            raise
+
+    def tty(self) -> str:
+        path = f"/local/domain/{self.domid}/console/tty"
+        value: str = wait_for("console/tty", lambda: self.run.xenstore_read(path), WAIT)
+        return value
+
+    def xenconsole(self) -> int:
+        """Start ``xenconsole --type pv DOMID`` (dom0) on a fresh terminal; its master fd."""
+        master, slave = os.openpty()
+        self.terminal = master
+        try:
+            self.run.spawn(0, [str(peers.find("xenconsole")), "--type", "pv", str(self.domid)],
+                           stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+        finally:
+            os.close(slave)
+        return master
+
+    def talk(self, master: int) -> None:
+        """Text both ways through xenconsole: typed lines come back from the guest."""
+        os.write(master, b"echo hello-from-xenconsole\n")  # xenconsole made it raw
+        read_until(master, b"hello-from-xenconsole\n")
+        os.write(master, b"send 20000\n")
+        out = read_until(master, b"<done 20000>\n")
+        body = out[: out.index(b"<done 20000>\n")]
+        assert body.endswith(text_block(20000))
+        os.write(master, b"\x1d")  # xenconsole's escape character ends it
+
+    def close(self) -> None:
+        if self.terminal >= 0:
+            os.close(self.terminal)
+            self.terminal = -1
+        self.run.close()
+
+
+@pytest.fixture
+def frontend_guest() -> Iterator[ConsoleRun]:
+    c = ConsoleRun(FE_GUEST)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def backend_guest() -> Iterator[ConsoleRun]:
+    c = ConsoleRun(BE_GUEST)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def test_our_frontend_served_by_xenconsoled_with_xenconsole_attached(
+        frontend_guest: ConsoleRun, tmp_path: Path) -> None:
+    c = frontend_guest
+    logdir = tmp_path / "log"
+    logdir.mkdir()
+    c.run.spawn(0, [str(peers.find("xenconsoled")), "-i", "--log=guest",
+                    f"--log-dir={logdir}"])
+    c.tty()  # xenconsoled mapped grant ref 0, bound the port, made a pty
+    master = c.xenconsole()
+    c.talk(master)
+    log = logdir / "guest-guest.log"
+    wait_for("xenconsoled's guest log", lambda: log.exists() and
+             b"hello-from-xenconsole" in log.read_bytes(), WAIT)
+
+
+def test_our_backend_with_xenconsole_attached(backend_guest: ConsoleRun,
+                                              tmp_path: Path) -> None:
+    c = backend_guest
+    backend = c.run.spawn(0, xenpv("console", "backend", "--rundir", c.rundir, "--domid",
+                                   str(c.domid), "--log-dir", str(tmp_path)),
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert json_line(backend)["event"] == "ready"
+    tty_path = c.tty()
+    assert tty_path.startswith("/dev/pts/")
+    master = c.xenconsole()
+    c.talk(master)
+    assert backend.stdin is not None
+    backend.stdin.close()
+    done = json_line(backend)
+    assert done["event"] == "done"
+    stats = done["stats"][str(c.domid)]  # type: ignore[index]
+    assert stats["out"] >= 20000 and stats["in"] > 0
+    assert backend.wait(WAIT) == 0
+    assert b"hello-from-xenconsole" in (tmp_path / f"guest-{c.domid}.log").read_bytes()

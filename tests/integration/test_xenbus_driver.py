@@ -243,7 +243,7 @@ def test_hook_failure_writes_the_error_node_and_closes() -> None:
 
     async def main() -> None:
         async with xenstore_world() as w:
-            fp, bp = await w.add()
+            _fp, bp = await w.add()
             be = Failing(w.be, bp, w.machine.domain(BE), close_timeout=0.3)
             await be.start()
             await be.wait_state(S.Closing)

@@ -238,6 +238,7 @@ def _w(state: XenbusState) -> WriteState:
 _b = _Builder()
 _B_ALL = (S.Initialising, S.InitWait, S.Connected, S.Closing, S.Closed)
 _B_EARLY = (S.Initialising, S.InitWait)  # nothing connected yet
+_RECONF = (S.Reconfiguring, S.Reconfigured)
 # Local events.  A (re)started backend always probes again: stale own state is ignored.
 _b.add(_B_ALL, [Local.START], [PUBLISH_FEATURES, _w(S.InitWait)], S.InitWait, Guard.ONLINE)
 _b.add(_B_ALL, [Local.START], [_w(S.Closing)], S.Closing, Guard.OFFLINE)
@@ -280,8 +281,7 @@ _b.add([S.Connected], [S.Closed], [DISCONNECT, _w(S.Closed)], S.Closed)
 # The close timeout moves the backend to Closed, where Initialising means reconnect.
 _b.add(
     [S.Closing],
-    [S.Initialising, S.InitWait, S.Initialised, S.Connected, S.Closing]
-    + [S.Reconfiguring, S.Reconfigured],
+    [S.Initialising, S.InitWait, S.Initialised, S.Connected, S.Closing, *_RECONF],
 )
 _b.add([S.Closing], [S.Closed], [_w(S.Closed)], S.Closed)
 # Closed: a frontend back at Initialising (or already Initialised: coalesced 1->3) means

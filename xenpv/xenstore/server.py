@@ -41,7 +41,7 @@ import os
 import stat
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, cast
 
 from xenpv.errors import LocalError
 from xenpv.xenstore.store import Connection, Quotas, Store
@@ -103,8 +103,9 @@ class _XsProtocol(asyncio.Protocol):
 
     # -- asyncio callbacks -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # (a cast, not an isinstance check: uvloop's transports are not asyncio subclasses)
+        self.transport = cast(asyncio.Transport, transport)
+        transport = self.transport
         store = self.server.store
         rec = store.domains.get(self.domid)
         if self.domid != 0 and (rec is None or not rec.introduced):

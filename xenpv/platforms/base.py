@@ -28,7 +28,7 @@ import enum
 import errno as _errno
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -412,11 +412,16 @@ async def open_xenstore_client(path: str) -> Any:
     return await xs_client.connect(path)
 
 
-class BasePlatform:
-    """A concrete :class:`Platform` bundling a grant table, event channels and a xenstore
-    socket path; platforms subclass it and only build the two handles."""
+G = TypeVar("G", bound=GrantTable)
+E = TypeVar("E", bound=EventChannels)
 
-    def __init__(self, grants: Any, events: Any, xenstore_path: str | None = None) -> None:
+
+class BasePlatform(Generic[G, E]):
+    """A concrete :class:`Platform` bundling a grant table, event channels and a xenstore
+    socket path; platforms subclass it (``BasePlatform[MyGrants, MyEvents]``) and only
+    build the two handles."""
+
+    def __init__(self, grants: G, events: E, xenstore_path: str | None = None) -> None:
         self._grants = grants
         self._events = events
         self._xenstore_path = xenstore_path
@@ -424,15 +429,15 @@ class BasePlatform:
     @property
     def domid(self) -> int:
         """The domain this platform acts as."""
-        return int(self._grants.domid)
+        return self._grants.domid
 
     @property
-    def grants(self) -> Any:
+    def grants(self) -> G:
         """The grant table handle."""
         return self._grants
 
     @property
-    def events(self) -> Any:
+    def events(self) -> E:
         """The event-channel handle."""
         return self._events
 
@@ -454,7 +459,7 @@ class BasePlatform:
         self._events.close()
         self._grants.close()
 
-    def __enter__(self) -> BasePlatform:
+    def __enter__(self) -> BasePlatform[G, E]:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -183,14 +183,10 @@ def _socket_from_env(path: str | os.PathLike[str] | None) -> str:
     return env
 
 
-class ClientGrantTable:
-    """:class:`~xenpv.platforms.base.GrantTable` over a daemon connection."""
+class _OnConnection:
+    """A handle that is one control connection: its domain and the connection itself."""
 
-    def __init__(
-        self, path: str | os.PathLike[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT
-    ) -> None:
-        self._conn = ControlConnection(_socket_from_env(path), timeout=timeout)
-        self._live: dict[int, SharedRegion | MappedRegion] = {}
+    _conn: ControlConnection
 
     @property
     def domid(self) -> int:
@@ -201,6 +197,16 @@ class ClientGrantTable:
     def connection(self) -> ControlConnection:
         """The underlying control connection (accounting queries, faults)."""
         return self._conn
+
+
+class ClientGrantTable(_OnConnection):
+    """:class:`~xenpv.platforms.base.GrantTable` over a daemon connection."""
+
+    def __init__(
+        self, path: str | os.PathLike[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        self._conn = ControlConnection(_socket_from_env(path), timeout=timeout)
+        self._live: dict[int, SharedRegion | MappedRegion] = {}
 
     def grant(self, domid: int, count: int = 1, *, writable: bool = True) -> SharedRegion:
         """Allocate, map and grant ``count`` zeroed pages to ``domid``."""
@@ -359,7 +365,7 @@ class _ClientCopyPlan:
         return status
 
 
-class ClientEvents(EpollEvents):
+class ClientEvents(_OnConnection, EpollEvents):
     """:class:`~xenpv.platforms.base.EventChannels` over a daemon connection."""
 
     def __init__(
@@ -374,16 +380,6 @@ class ClientEvents(EpollEvents):
             self._gen_mm = mmap.mmap(self._conn.gen_fd, size, prot=mmap.PROT_READ)
             self._gen = memoryview(self._gen_mm).cast("I")
         self._outbox: dict[int, tuple[int, int]] = {}  # port -> (fd, gen)
-
-    @property
-    def domid(self) -> int:
-        """The domain this handle acts as."""
-        return self._conn.domid
-
-    @property
-    def connection(self) -> ControlConnection:
-        """The underlying control connection."""
-        return self._conn
 
     def alloc_unbound(self, remote_domid: int) -> int:
         """A new port that only ``remote_domid`` may bind."""
@@ -449,7 +445,7 @@ class ClientEvents(EpollEvents):
         self._conn.close()
 
 
-class ClientPlatform(BasePlatform):
+class ClientPlatform(BasePlatform[ClientGrantTable, ClientEvents]):
     """:class:`~xenpv.platforms.base.Platform` of the domain whose control socket it uses."""
 
     def __init__(
@@ -472,24 +468,12 @@ class ClientPlatform(BasePlatform):
                 str(sibling) if sibling.exists() else None
             )
         super().__init__(grants, events, None if xenstore_path is None else str(xenstore_path))
-        self._grants: ClientGrantTable
-        self._events: ClientEvents
 
     @classmethod
     def for_domain(cls, rundir: str | os.PathLike[str], domid: int, **kw: Any) -> ClientPlatform:
         """The platform of domain ``domid`` of the daemon running in ``rundir``."""
         base = Path(rundir) / f"dom{domid}"
         return cls(base / "control", base / "xenstore", **kw)
-
-    @property
-    def grants(self) -> ClientGrantTable:
-        """The grant table handle."""
-        return self._grants
-
-    @property
-    def events(self) -> ClientEvents:
-        """The event-channel handle."""
-        return self._events
 
 
 def wait_for_daemon(rundir: str | os.PathLike[str], timeout: float = 10.0) -> None:

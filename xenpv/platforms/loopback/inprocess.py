@@ -169,22 +169,10 @@ class InProcessEvents(EpollEvents):
         self._hv.close_handle(self._h)
 
 
-class InProcessPlatform(BasePlatform):
+class InProcessPlatform(BasePlatform[InProcessGrantTable, InProcessEvents]):
     """:class:`~xenpv.platforms.base.Platform` of one domain on an in-process hypervisor."""
 
     def __init__(self, hv: Hypervisor, domid: int, xenstore_path: str | None = None) -> None:
         self.hv = hv
         grants = InProcessGrantTable(hv, domid)
         super().__init__(grants, InProcessEvents(hv, domid), xenstore_path)
-        self._grants: InProcessGrantTable
-        self._events: InProcessEvents
-
-    @property
-    def grants(self) -> InProcessGrantTable:
-        """The grant table handle."""
-        return self._grants
-
-    @property
-    def events(self) -> InProcessEvents:
-        """The event-channel handle."""
-        return self._events

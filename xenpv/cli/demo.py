@@ -32,6 +32,7 @@ import json
 import os
 import select
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -443,15 +444,18 @@ def _leaks(rundir: str) -> dict[str, int]:
         while True:
             out, _ = conn.call(proto.Op.DOMAIN_LIST)
             (count,) = proto.U32.unpack_from(out)
-            totals = {"grants": 0, "mappings": 0, "ports": 0, "handles": 0}
+            totals = {"grants": 0, "mappings": 0, "ports": 0, "handles": 0, "watches": 0}
             for i in range(count):
                 domid = proto.U32x2.unpack_from(out, 4 + 8 * i)[0]
                 st, _ = conn.call(proto.Op.STATS, proto.U32.pack(domid))
-                grants, _rev, mappings, ports, _shares, handles = proto.U32x6.unpack(st)
-                totals["grants"] += grants
-                totals["mappings"] += mappings
-                totals["ports"] += ports
-                totals["handles"] += handles - (1 if domid == 0 else 0)
+                # docs/loopback-protocol.md STATS: grants, revoking, mappings, ports,
+                # shares, handles[, xenstore watches]
+                fields = struct.unpack_from(f"<{len(st) // 4}I", st)
+                totals["grants"] += fields[0]
+                totals["mappings"] += fields[2]
+                totals["ports"] += fields[3]
+                totals["handles"] += fields[5] - (1 if domid == 0 else 0)
+                totals["watches"] += fields[6] if len(fields) > 6 else 0
             left = {k: v for k, v in totals.items() if v}
             if not left or time.monotonic() > deadline:
                 return left

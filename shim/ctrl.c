@@ -111,6 +111,12 @@ int xc_evtchn_status(xc_interface *xch, xc_evtchn_status_t *status)
 {
     unsigned char req[8], out[12];
     uint32_t dom = status->dom == DOMID_SELF ? xch->conn->domid : status->dom;
+    if (status->port >= xch->conn->max_ports) {
+        /* Xen: EVTCHNOP_status of a port beyond the domain's port space is EINVAL (tools
+         * such as lsevtchn scan ports until this error). */
+        errno = EINVAL;
+        return -1;
+    }
     lb_put32(req, dom);
     lb_put32(req + 4, status->port);
     if (lb_call_simple(xch->conn, LB_EVT_STATUS, req, sizeof(req), out, sizeof(out), NULL) < 0)

@@ -327,3 +327,31 @@ def test_evtchn_fdopen_takes_over_a_connected_control_socket(loopback: LoopbackR
     finally:
         ev.xenevtchn_close(h)
     assert _stats(loopback, 1)["ports"] == 0
+
+
+def test_lsevtchn_lists_a_domains_ports_through_xc_evtchn_status(
+    loopback: LoopbackRun, as_dom: Any
+) -> None:
+    as_dom(1)
+    one = XenPlatform(1, lib_dir=shim_dir())
+    as_dom(2)
+    two = XenPlatform(2, lib_dir=shim_dir())
+    try:
+        offered = one.events.alloc_unbound(2)
+        waiting = one.events.alloc_unbound(0)
+        bound = two.events.bind_interdomain(1, offered)
+        out = subprocess.run(
+            [str(peers.find("lsevtchn")), "1"],
+            env=loopback.env(0),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        assert out.splitlines() == [
+            f"{offered:4d}: VCPU 0: Interdomain (Connected) - Remote Domain 2, Port {bound}",
+            f"{waiting:4d}: VCPU 0: Interdomain (Waiting connection) - Remote Domain 0",
+        ]
+    finally:
+        one.close()
+        two.close()

@@ -709,3 +709,14 @@ def test_commit_breaking_the_memory_quota_is_undone(guest: Client, store: Store)
     before = dict(store.memory)
     assert guest.commit(tx) == "ENOMEM"
     assert store.memory == before and store.check() == []
+
+
+def test_pending_events_of_a_domain_are_bounded(guest: Client, dom0: Client, store: Store) -> None:
+    store.quotas.watch_events = 10
+    dom0.ok(T.SET_PERMS, "/local/domain/5", "n5", "r0")
+    for i in range(5):
+        guest.ok(T.WATCH, "/local/domain/5", f"tok{i}")
+    for i in range(10):
+        dom0.write(f"/local/domain/5/k{i}")
+    assert len(guest.conn.events) == 10
+    assert store.dropped_events == 5 + 50 - 10

@@ -695,6 +695,10 @@ class Store:
         if len(payload) > PAYLOAD_MAX:
             self.dropped_events += 1
             return
+        # A domain's events not yet taken by the I/O layer are bounded too (R11).
+        if not conn.privileged and _over(self.quotas.watch_events, len(conn.events) + 1):
+            self.dropped_events += 1
+            return
         conn.events.append(HEADER.pack(XsType.WATCH_EVENT, 0, 0, len(payload)) + payload)
         self.dirty.add(conn)
 

@@ -22,11 +22,13 @@ copy (the *overlay*).  The one exception is a WRITE to an existing node the tran
 has not looked at before (a *blind write*): only the node's existence is recorded, so a
 concurrent writer of the same node does not make the commit fail ("blind writes win").
 Mutations are also appended to an operation log.  At commit the read set is compared
-with the live tree (any difference → ``EAGAIN``, nothing else ever does) and the log is
-replayed against the live tree under an undo log; if the replay breaks a node quota the
-undo log restores everything and the commit answers ``ENOSPC``.  Watch events of the
-replay fire only once the commit succeeded (one per modified path).  Quota failures
-inside a transaction poison it: its commit fails with that error (hostile-inputs R17).
+with the live tree: a changed generation, or a blindly written node that vanished, gives
+``EAGAIN``; nothing else does (except the ``always_eagain`` chaos knob).  Then the log is
+replayed against the live tree under an undo log; if the replay breaks the node or
+memory quota the undo log restores everything and the commit answers ``ENOSPC`` /
+``ENOMEM``.  Watch events of the replay fire only once the commit succeeded (one per
+modified path).  Quota failures inside a transaction poison it: its commit fails with
+that error (hostile-inputs R17).
 
 Permissions follow hostile-inputs.md "Permission rules": entry 0 is the owner (full
 access; its letter is the default for everyone else); a domain's entries count only if

@@ -26,7 +26,6 @@ import os
 import socket
 import struct
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -474,13 +473,3 @@ class ClientPlatform(BasePlatform[ClientGrantTable, ClientEvents]):
         """The platform of domain ``domid`` of the daemon running in ``rundir``."""
         base = Path(rundir) / f"dom{domid}"
         return cls(base / "control", base / "xenstore", **kw)
-
-
-def wait_for_daemon(rundir: str | os.PathLike[str], timeout: float = 10.0) -> None:
-    """Wait until ``RUNDIR/daemon.pid`` exists (the daemon is listening) or time out."""
-    pidfile = Path(rundir) / "daemon.pid"
-    deadline = time.monotonic() + timeout
-    while not pidfile.exists():
-        if time.monotonic() > deadline:
-            raise PlatformGone(f"no loopback daemon came up in {rundir} within {timeout} s")
-        time.sleep(0.02)

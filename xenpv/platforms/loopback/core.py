@@ -478,7 +478,7 @@ class Hypervisor:
         for m in list(h.mappings.values()):
             self._unmap(m)
         for s in list(h.shares.values()):
-            self._end_share(s, s.entries, defer=True)
+            self._end_share(s, s.entries)
         for p in list(h.ports.values()):
             self._close_port(p)
         del h.domain.handles[h.id]
@@ -547,16 +547,17 @@ class Hypervisor:
         for e in entries:
             by_share.setdefault(id(e.share), []).append(e)
         for group in by_share.values():
-            ended += self._end_share(group[0].share, group, defer=True)
+            ended += self._end_share(group[0].share, group)
         return ended
 
-    def _end_share(self, share: Share, entries: Iterable[GrantEntry], *, defer: bool) -> int:
+    def _end_share(self, share: Share, entries: Iterable[GrantEntry]) -> int:
+        # ends what is unmapped now; what is mapped becomes revoking (deferred end)
         todo = [e for e in entries if not (e.revoking or e.freed)]
         n = share.notify
         if n is not None and any(e.page == n.offset // PAGE_SIZE for e in todo):
             # the owner's mapping of that page goes away: fire before the memory may go
             share.notify = None
-            self._fire(share.owner.domain, share.segment_at, n, True)
+            self._fire(share.segment_at, n, True)
         ended = 0
         for e in todo:
             self.grant_gen += 1
@@ -637,13 +638,13 @@ class Hypervisor:
         s = h.shares.get(handle_id)
         if s is None:
             raise PlatformError(f"no mapping or share {handle_id}", errno.ENOENT)
-        self._end_share(s, s.entries, defer=True)
+        self._end_share(s, s.entries)
 
     def _unmap(self, m: Mapping) -> None:
         del m.owner.mappings[m.handle_id]
         if m.notify is not None:
             notify, m.notify = m.notify, None
-            self._fire(m.owner.domain, m.segment_at, notify, m.writable)
+            self._fire(m.segment_at, notify, m.writable)
         m.owner.domain.maptrack -= len(m.entries)
         for e in m.entries:
             e.mappers -= 1
@@ -683,7 +684,6 @@ class Hypervisor:
 
     def _fire(
         self,
-        dom: Domain,
         segment_at: Callable[[int], tuple[Segment, int]],
         n: Notify,
         writable: bool,

@@ -68,6 +68,19 @@ def test_domain_create_list_destroy_through_the_cli(rundir: Path) -> None:
     assert not any(x.startswith("3\t") for x in _cli("domain", "list", "--rundir", str(rundir)).stdout.split("\n"))
 
 
+def test_stats_lists_what_each_domain_holds(rundir: Path) -> None:
+    p = ClientPlatform.for_domain(rundir, 1)
+    try:
+        p.grants.grant(0, 3)
+        p.events.alloc_unbound(0)
+        lines = _cli("stats", "--rundir", str(rundir)).stdout.strip().split("\n")
+        assert lines[0].split("\t")[:5] == ["domid", "grants", "revoking", "mappings", "ports"]
+        row = dict(line.split("\t", 1) for line in lines[1:])
+        assert row["1"].split("\t")[:4] == ["3", "0", "0", "1"]
+    finally:
+        p.close()
+
+
 def test_env_prints_the_domain_environment(rundir: Path) -> None:
     out = _cli("env", "--rundir", str(rundir), "--domid", "1").stdout
     assert f"export XENSTORED_PATH={rundir.resolve()}/dom1/xenstore" in out

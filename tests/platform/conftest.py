@@ -3,8 +3,9 @@
 ``MODES`` maps a mode name to a factory returning a *machine* (see
 ``xenpv.platforms.loopback.harness``): ``domain(domid)`` gives a platform acting as that
 domain, plus ``kill``, ``hold_mapped``/``release_hold``, ``release`` and
-``assert_released``.  Another mode is added by one registration line below (e.g. the
-real-Xen platform running on the emulator through the replacement libraries).
+``assert_released``.  Another mode is added by one registration line in ``MODES``; the
+real-Xen platform on the emulator (through the replacement libraries) runs these same
+tests from ``tests/interop/test_shim_platform_suite.py`` with ``xenmode.xen_machine``.
 """
 
 from __future__ import annotations

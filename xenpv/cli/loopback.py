@@ -6,6 +6,7 @@
     xenpv loopback domain create|destroy --rundir DIR --domid N [--name NAME]
     xenpv loopback domain list --rundir DIR
     xenpv loopback env --rundir DIR --domid N
+    xenpv loopback stats --rundir DIR
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     env = sub.add_parser("env", help="print the environment under which a program is domain N")
     env.add_argument("--rundir", required=True)
     env.add_argument("--domid", type=int, required=True)
+
+    stats = sub.add_parser("stats", help="what every domain holds (grants, mappings, ports …)")
+    stats.add_argument("--rundir", required=True)
 
 
 def _parse_domains(specs: list[str]) -> dict[int, str]:
@@ -114,6 +118,16 @@ def _domain(args: argparse.Namespace) -> int:
 
     conn = ControlConnection(control_path(args.rundir, 0), timeout=10.0)
     try:
+        if args.op == "stats":
+            out, _ = conn.call(proto.Op.DOMAIN_LIST)
+            (count,) = proto.U32.unpack_from(out)
+            names = ("grants", "revoking", "mappings", "ports", "shares", "handles", "watches")
+            print("domid\t" + "\t".join(names))
+            for i in range(count):
+                domid, _flags = proto.U32x2.unpack_from(out, 4 + 8 * i)
+                st, _ = conn.call(proto.Op.STATS, proto.U32.pack(domid))
+                print(f"{domid}\t" + "\t".join(str(v) for v in proto.STATS_REPLY.unpack(st)))
+            return 0
         if args.op == "list":
             out, _ = conn.call(proto.Op.DOMAIN_LIST)
             (count,) = proto.U32.unpack_from(out)
@@ -155,6 +169,9 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "up":
             return _up(args)
         if args.action == "domain":
+            return _domain(args)
+        if args.action == "stats":
+            args.op = "stats"
             return _domain(args)
         return _env(args)
     except PlatformError as exc:

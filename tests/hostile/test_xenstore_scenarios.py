@@ -450,3 +450,17 @@ def test_scenario_22_rate_limit_leaves_ordinary_bursts_alone(
         guest.send(T.WRITE, f"data/k{i}".encode() + b"\0v")
     assert all(guest.reply().type == T.WRITE for _ in range(600))
     assert st.call(lambda: st.srv.throttles.get(5, 0)) == 0
+
+
+def test_requests_sent_before_a_half_close_are_all_answered(
+    xs: tuple[ServerThread, RawClient, RawClient],
+) -> None:
+    st, _, guest = xs
+    for i in range(100):
+        guest.send(T.GET_DOMAIN_PATH, b"%d\0" % i)
+    guest.sock.shutdown(socket.SHUT_WR)
+    replies = []
+    while (msg := guest.recv_message()) is not None:
+        replies.append(msg)
+    assert [m.payload for m in replies] == [b"/local/domain/%d\0" % i for i in range(100)]
+    assert_other_domain_served(st)

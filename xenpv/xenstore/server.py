@@ -90,6 +90,7 @@ class _XsProtocol(asyncio.Protocol):
         self.throttled = False
         self.scheduled = False
         self.held: Any = None
+        self.eof = False
         self.queue: OrderedDict[bytes, float] = OrderedDict()
         self.dropped_events = 0
         quotas = server.store.quotas
@@ -126,6 +127,12 @@ class _XsProtocol(asyncio.Protocol):
         if self.decoder.buffered > _MAX_BUFFERED_INPUT:
             self._pause_reading()
         self._process()
+
+    def eof_received(self) -> bool:
+        # The client will send nothing more: answer what it sent, then close.
+        self.eof = True
+        self._process()
+        return True
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -211,6 +218,10 @@ class _XsProtocol(asyncio.Protocol):
             return
         if more and not self.write_paused:
             self._schedule()
+        elif self.eof and not more and self.held is None and not self.throttled:
+            if not self.write_paused:
+                self._flush_queue()
+            transport.close()  # flushes what is buffered first
         elif (
             not self.write_paused
             and not self.throttled

@@ -23,6 +23,12 @@ from xenpv.errors import LocalError
 
 #: Debian packages unpacked into the peers tree (bookworm, Xen 4.17).
 PACKAGES: tuple[str, ...] = (
+    "libfdt1",
+    "libgstreamer-plugins-base1.0-0",
+    "libopus0",
+    "liborc-0.4-0",
+    "libspice-server1",
+    "libusb-1.0-0",
     "libxen-dev",
     "libxencall1",
     "libxendevicemodel1",
@@ -34,6 +40,7 @@ PACKAGES: tuple[str, ...] = (
     "libxenstore4",
     "libxentoolcore1",
     "libxentoollog1",
+    "qemu-system-xen",  # usr/libexec/xen-qemu-system-i386 (PV backends); libraries above
     "xen-utils-4.17",
     "xenstore-utils",
 )

@@ -5,6 +5,7 @@
  * xenconsoled lists domains with it and checks its console ports with xc_evtchn_status.
  * Both are answered from the daemon (DOMAIN_LIST, EVT_STATUS in
  * docs/loopback-protocol.md §4.8–4.9) over the process's control connection.
+
  */
 #include "xenpv_shim.h"
 #include "xenpv_xentypes.h"
@@ -140,4 +141,133 @@ int xc_readconsolering(xc_interface *xch, char *buffer, unsigned int *pnr_chars,
 {
     errno = EOPNOTSUPP;
     return -1;
+}
+
+/*
+ * Device-model calls QEMU (xen-qemu-system-i386) links against.  Its PV backends
+ * (-machine xenpv) never reach them, but the loader needs every imported symbol
+ * (BIND_NOW).  The emulator has no physical devices, interrupts or HVM parameters:
+ * each fails with EOPNOTSUPP, as a hypervisor without that feature would.
+ */
+XENPV_EXPORT int xc_domain_bind_pt_pci_irq(xc_interface *xch, uint32_t domid,
+                                           uint8_t machine_irq, uint8_t bus, uint8_t device,
+                                           uint8_t intx);
+XENPV_EXPORT int xc_domain_iomem_permission(xc_interface *xch, uint32_t domid,
+                                            unsigned long first_mfn, unsigned long nr_mfns,
+                                            uint8_t allow_access);
+XENPV_EXPORT int xc_domain_ioport_mapping(xc_interface *xch, uint32_t domid,
+                                          uint32_t first_gport, uint32_t first_mport,
+                                          uint32_t nr_ports, uint32_t add_mapping);
+XENPV_EXPORT int xc_domain_memory_mapping(xc_interface *xch, uint32_t domid,
+                                          unsigned long first_gfn, unsigned long first_mfn,
+                                          unsigned long nr_mfns, uint32_t add_mapping);
+XENPV_EXPORT int xc_domain_populate_physmap_exact(xc_interface *xch, uint32_t domid,
+                                                  unsigned long nr_extents,
+                                                  unsigned int extent_order,
+                                                  unsigned int mem_flags,
+                                                  xen_pfn_t *extent_start);
+XENPV_EXPORT int xc_domain_shutdown(xc_interface *xch, uint32_t domid, int reason);
+XENPV_EXPORT int xc_domain_unbind_msi_irq(xc_interface *xch, uint32_t domid, uint32_t gvec,
+                                          uint32_t pirq, uint32_t gflags);
+XENPV_EXPORT int xc_domain_unbind_pt_irq(xc_interface *xch, uint32_t domid,
+                                         uint8_t machine_irq, uint8_t irq_type, uint8_t bus,
+                                         uint8_t device, uint8_t intx, uint8_t isa_irq);
+XENPV_EXPORT int xc_domain_update_msi_irq(xc_interface *xch, uint32_t domid, uint32_t gvec,
+                                          uint32_t pirq, uint32_t gflags, uint64_t gtable);
+XENPV_EXPORT int xc_get_hvm_param(xc_interface *handle, uint32_t dom, int param,
+                                  unsigned long *value);
+XENPV_EXPORT int xc_set_hvm_param(xc_interface *handle, uint32_t dom, int param,
+                                  unsigned long value);
+XENPV_EXPORT int xc_physdev_map_pirq(xc_interface *xch, uint32_t domid, int index, int *pirq);
+XENPV_EXPORT int xc_physdev_map_pirq_msi(xc_interface *xch, uint32_t domid, int index,
+                                         int *pirq, int devfn, int bus, int entry_nr,
+                                         uint64_t table_base);
+XENPV_EXPORT int xc_physdev_unmap_pirq(xc_interface *xch, uint32_t domid, int pirq);
+
+static int unsupported(void)
+{
+    errno = EOPNOTSUPP;
+    return -1;
+}
+
+int xc_domain_bind_pt_pci_irq(xc_interface *xch, uint32_t domid, uint8_t machine_irq,
+                              uint8_t bus, uint8_t device, uint8_t intx)
+{
+    return unsupported();
+}
+
+int xc_domain_iomem_permission(xc_interface *xch, uint32_t domid, unsigned long first_mfn,
+                               unsigned long nr_mfns, uint8_t allow_access)
+{
+    return unsupported();
+}
+
+int xc_domain_ioport_mapping(xc_interface *xch, uint32_t domid, uint32_t first_gport,
+                             uint32_t first_mport, uint32_t nr_ports, uint32_t add_mapping)
+{
+    return unsupported();
+}
+
+int xc_domain_memory_mapping(xc_interface *xch, uint32_t domid, unsigned long first_gfn,
+                             unsigned long first_mfn, unsigned long nr_mfns,
+                             uint32_t add_mapping)
+{
+    return unsupported();
+}
+
+int xc_domain_populate_physmap_exact(xc_interface *xch, uint32_t domid,
+                                     unsigned long nr_extents, unsigned int extent_order,
+                                     unsigned int mem_flags, xen_pfn_t *extent_start)
+{
+    return unsupported();
+}
+
+int xc_domain_shutdown(xc_interface *xch, uint32_t domid, int reason)
+{
+    return unsupported();
+}
+
+int xc_domain_unbind_msi_irq(xc_interface *xch, uint32_t domid, uint32_t gvec, uint32_t pirq,
+                             uint32_t gflags)
+{
+    return unsupported();
+}
+
+int xc_domain_unbind_pt_irq(xc_interface *xch, uint32_t domid, uint8_t machine_irq,
+                            uint8_t irq_type, uint8_t bus, uint8_t device, uint8_t intx,
+                            uint8_t isa_irq)
+{
+    return unsupported();
+}
+
+int xc_domain_update_msi_irq(xc_interface *xch, uint32_t domid, uint32_t gvec, uint32_t pirq,
+                             uint32_t gflags, uint64_t gtable)
+{
+    return unsupported();
+}
+
+int xc_get_hvm_param(xc_interface *handle, uint32_t dom, int param, unsigned long *value)
+{
+    return unsupported();
+}
+
+int xc_set_hvm_param(xc_interface *handle, uint32_t dom, int param, unsigned long value)
+{
+    return unsupported();
+}
+
+int xc_physdev_map_pirq(xc_interface *xch, uint32_t domid, int index, int *pirq)
+{
+    return unsupported();
+}
+
+int xc_physdev_map_pirq_msi(xc_interface *xch, uint32_t domid, int index, int *pirq, int devfn,
+                            int bus, int entry_nr, uint64_t table_base)
+{
+    return unsupported();
+}
+
+int xc_physdev_unmap_pirq(xc_interface *xch, uint32_t domid, int pirq)
+{
+    return unsupported();
 }

@@ -5,7 +5,6 @@
  * xenconsoled lists domains with it and checks its console ports with xc_evtchn_status.
  * Both are answered from the daemon (DOMAIN_LIST, EVT_STATUS in
  * docs/loopback-protocol.md §4.8–4.9) over the process's control connection.
-
  */
 #include "xenpv_shim.h"
 #include "xenpv_xentypes.h"

@@ -87,6 +87,8 @@ async def xenstore_world(quotas: Quotas | None = None) -> AsyncIterator[World]:
             await server.listen(path, domid)
         clients: list[XenstoreClient] = []
         machine = InProcessMachine()
+        for domid in (FE, BE):
+            machine.hv.create_domain(domid)  # both domains exist in the emulator
         try:
             for domid in sockets:
                 clients.append(await XenstoreClient.connect(sockets[domid], timeout=5.0))
@@ -190,9 +192,7 @@ class ToyBackend(BackendDriver):
             self.platform.grants.unmap(mapping)
 
 
-def toy_pair(
-    world: World, fe_path: str, be_path: str, **kw: Any
-) -> tuple[ToyFrontend, ToyBackend]:
+def toy_pair(world: World, fe_path: str, be_path: str, **kw: Any) -> tuple[ToyFrontend, ToyBackend]:
     """A toy frontend (acting as FE) and backend (acting as BE) on the world's emulator."""
     fe = ToyFrontend(world.fe, fe_path, world.machine.domain(FE), **kw)
     be = ToyBackend(world.be, be_path, world.machine.domain(BE), **kw)

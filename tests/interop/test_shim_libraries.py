@@ -38,6 +38,8 @@ CONSUMERS = [
     "usr/lib/xen-4.17/bin/vchan-socket-proxy",
     "usr/lib/xen-4.17/bin/xenconsoled",
     "usr/lib/xen-4.17/bin/xenconsole",
+    "usr/lib/xen-4.17/bin/lsevtchn",
+    "usr/libexec/xen-qemu-system-i386",
 ]
 _SYM = re.compile(r"\s(DF|DO)\s+(\S+)\s+\S+\s+(\(?)(\S+?)\)?\s+(\S+)$")
 

@@ -60,3 +60,26 @@ def test_peer_killed_mid_transfer_is_reported_and_released(lab: VchanLab, victim
         assert "BrokenPipeError" in result["error"]
     survivor.wait(30)
     lab.assert_released()
+
+
+@pytest.mark.parametrize(("server_platform", "client_platform", "ring"),
+                         [("xen", "loopback", MiB), ("loopback", "xen", MiB), ("xen", "xen", 0)])
+def test_real_xen_platform_through_the_replacement_libraries(
+        lab: VchanLab, server_platform: str, client_platform: str, ring: int) -> None:
+    """The same endpoints on ``xenpv.platforms.xen`` (Xen's C library API, here served by
+    the emulator's replacement libraries) against the loopback platform and itself."""
+    size = 4 * MiB if ring else MiB // 2
+    path = vchan_path(SERVER, CLIENT, f"xen-{server_platform}-{client_platform}")
+    server = lab.tool(SERVER, "server", str(CLIENT), path, "--send", str(size), "--recv",
+                      str(size), "--read-min", str(ring), "--write-min", str(ring),
+                      "--platform", server_platform)
+    assert lab.read_json(server)["event"] == "ready"
+    client = lab.tool(CLIENT, "client", str(SERVER), path, "--send", str(size), "--recv",
+                      str(size), "--platform", client_platform)
+    assert lab.read_json(client)["event"] == "ready"
+    a, b = lab.read_json(server, 120), lab.read_json(client, 120)
+    assert a["event"] == b["event"] == "done"
+    assert a["sent_crc"] == b["received_crc"] and b["sent_crc"] == a["received_crc"]
+    assert a["received"] == b["received"] == size
+    assert server.wait(30) == 0 and client.wait(30) == 0
+    lab.assert_released()

@@ -166,14 +166,16 @@ class VchanRings:
     def recv_into(self, buf: Any, want: int = -1) -> int:
         """Move up to ``want`` (default: ``len(buf)``) available bytes into ``buf``.
 
-        When fewer than asked are available, notification of new data is requested first
-        and the ring re-checked (so a caller that then sleeps cannot miss a write).
+        When nothing is available, notification of new data is requested first and the
+        ring re-checked, so a caller that sleeps after a 0 cannot miss a write (asking
+        only then, not on every short read, keeps the writer from signalling on every
+        write while we are busy).
         After consuming, the peer is kicked if it asked (:attr:`kick`)."""
         out = memoryview(buf).cast("B")
         if want < 0 or want > len(out):
             want = len(out)
         ready = self.data_ready()
-        if ready < want and ready < self.rd_size:
+        if not ready:  # about to come back empty: ask to hear of the next write, re-check
             self.request_notify(VCHAN_NOTIFY_WRITE)
             ready = self.data_ready()
         n = min(ready, want)
@@ -226,13 +228,13 @@ class VchanRings:
     def send(self, data: Any) -> int:
         """Copy as much of ``data`` as fits into the ring we write and publish it.
 
-        When less room than ``len(data)`` is free, notification of the peer's reads is
-        requested first and the ring re-checked.  Returns the bytes written; after
+        When the ring is full, notification of the peer's reads is requested first and
+        the ring re-checked (so a caller that sleeps after a 0 cannot miss a read).  Returns the bytes written; after
         writing, the peer is kicked if it asked (:attr:`kick`)."""
         src = memoryview(data).cast("B")
         want = len(src)
         space = self.buffer_space()
-        if space < want:
+        if not space and want:  # full: ask to hear of the next read, re-check
             self.request_notify(VCHAN_NOTIFY_READ)
             space = self.buffer_space()
         n = min(space, want)

@@ -39,12 +39,15 @@ def emit(**fields: Any) -> None:
 
 
 def duplex(ep: VchanEndpoint, send_total: int, recv_total: int, chunk: int,
-           timeout: float = 120.0) -> dict[str, int]:
+           timeout: float = 120.0, crc: bool = True, read_size: int = 0) -> dict[str, Any]:
     """Send ``send_total`` bytes and receive ``recv_total`` bytes (``-1``: until the peer
-    closes) at the same time; returns counts and CRC-32s of both directions."""
+    closes) at the same time; returns counts and CRC-32s of both directions (0 without
+    ``crc``) and ``recv_seconds``, the time from the first to the last byte received."""
+    crc32 = zlib.crc32 if crc else (lambda data, value=0: 0)
+    first_recv = last_recv = 0.0
     block = os.urandom(_BLOCK)
     src = memoryview(block + block[:chunk])
-    buf = bytearray(max(chunk, 1))
+    buf = bytearray(max(read_size or chunk, 1))
     sent = received = 0
     sent_crc = received_crc = 0
     offset = 0
@@ -56,7 +59,7 @@ def duplex(ep: VchanEndpoint, send_total: int, recv_total: int, chunk: int,
             piece = src[offset : offset + min(chunk, send_total - sent)]
             n = ep.send_nowait(piece)
             if n:
-                sent_crc = zlib.crc32(piece[:n], sent_crc)
+                sent_crc = crc32(piece[:n], sent_crc)
                 sent += n
                 offset = (offset + n + 7) % _BLOCK
                 progress = True
@@ -64,7 +67,10 @@ def duplex(ep: VchanEndpoint, send_total: int, recv_total: int, chunk: int,
             want = len(buf) if recv_total < 0 else min(len(buf), recv_total - received)
             n = ep.recv_nowait(buf, want)
             if n:
-                received_crc = zlib.crc32(memoryview(buf)[:n], received_crc)
+                last_recv = time.perf_counter()
+                if not received:
+                    first_recv = last_recv
+                received_crc = crc32(memoryview(buf)[:n], received_crc)
                 received += n
                 progress = True
             elif not ep.is_open:
@@ -74,7 +80,7 @@ def duplex(ep: VchanEndpoint, send_total: int, recv_total: int, chunk: int,
                     if recv_total >= 0 or sent < send_total:
                         break
                     continue
-                received_crc = zlib.crc32(memoryview(buf)[:n], received_crc)
+                received_crc = crc32(memoryview(buf)[:n], received_crc)
                 received += n
                 progress = True
         if not progress:
@@ -84,7 +90,37 @@ def duplex(ep: VchanEndpoint, send_total: int, recv_total: int, chunk: int,
                 continue
             ep.wait_event(0.5)
     return {"sent": sent, "sent_crc": sent_crc, "received": received,
-            "received_crc": received_crc}
+            "received_crc": received_crc, "recv_seconds": last_recv - first_recv}
+
+
+def echo(ep: VchanEndpoint, timeout: float) -> int:
+    """Send back everything received until the peer closes; returns the bytes echoed."""
+    buf = bytearray(1 << 16)
+    total = 0
+    while True:
+        try:
+            n = ep.recv_into(buf, timeout=timeout)
+        except TimeoutError:
+            return total
+        if not n:
+            return total
+        ep.send(memoryview(buf)[:n], timeout=timeout)
+        total += n
+
+
+def pingpong(ep: VchanEndpoint, count: int, size: int, timeout: float) -> dict[str, Any]:
+    """``count`` round trips of ``size``-byte messages; returns median and mean in µs."""
+    msg = os.urandom(size)
+    times: list[float] = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        ep.send(msg, timeout=timeout)
+        if ep.recv_exactly(size, timeout=timeout) != msg:
+            raise ValueError("ping-pong message came back changed")
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"count": count, "size": size, "rtt_us_median": times[len(times) // 2] * 1e6,
+            "rtt_us_mean": sum(times) / len(times) * 1e6}
 
 
 def _stdin_closed() -> bool:
@@ -102,7 +138,13 @@ def _hold(ep: VchanEndpoint) -> str:
     return "peer-closed"
 
 
-def _platform() -> Any:
+def _platform(kind: str) -> Any:
+    """``loopback``: the emulator's control-protocol client; ``xen``: Xen's C libraries
+    (on the emulator, its replacement libraries)."""
+    if kind == "xen":
+        from xenpv.platforms.xen import XenPlatform
+
+        return XenPlatform()
     from xenpv.platforms.loopback.client import ClientPlatform
 
     return ClientPlatform()
@@ -121,8 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-min", type=int, default=0)
     p.add_argument("--hold", action="store_true", help="stay until the peer goes away")
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--no-crc", action="store_true", help="skip the CRCs (benchmarks)")
+    p.add_argument("--echo", action="store_true", help="echo everything until the peer closes")
+    p.add_argument("--pingpong", type=int, default=0, metavar="COUNT",
+                   help="measure COUNT round trips of --size byte messages")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--platform", choices=["loopback", "xen"], default="loopback")
+    p.add_argument("--read-size", type=int, default=0, help="receive buffer (default: --chunk)")
+    p.add_argument("--spin-us", type=int, default=None, help="spin before sleeping (µs)")
     args = p.parse_args(argv)
-    platform = _platform()
+    platform = _platform(args.platform)
     ep: VchanEndpoint
     if args.role == "server":
         ep = VchanServer(platform, args.peer, args.path, read_min=args.read_min,
@@ -132,13 +182,21 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ep = VchanClient(platform, args.peer, args.path)
         emit(event="ready", port=ep.port)
+    if args.spin_us is not None:
+        ep.spin_us = args.spin_us
     status = 0
     try:
-        result = duplex(ep, args.send, args.recv, args.chunk, args.timeout)
-        emit(event="done", **result)
+        if args.echo:
+            emit(event="done", echoed=echo(ep, args.timeout))
+        elif args.pingpong:
+            emit(event="done", **pingpong(ep, args.pingpong, args.size, args.timeout))
+        else:
+            result = duplex(ep, args.send, args.recv, args.chunk, args.timeout, not args.no_crc,
+                            args.read_size)
+            emit(event="done", **result)
         if args.hold:
             emit(event=_hold(ep))
-    except (PeerError, BrokenPipeError, TimeoutError) as exc:
+    except (PeerError, BrokenPipeError, TimeoutError, EOFError, ValueError) as exc:
         emit(event="error", error=f"{type(exc).__name__}: {exc}")
         status = 2
     finally:

@@ -79,6 +79,50 @@ def test_isolation_readonly_grant_fd_refuses_prot_write(rundir: Path) -> None:
         granter.close()
 
 
+def test_isolation_readonly_grant_fd_cannot_be_reopened_for_writing(rundir: Path) -> None:
+    """An O_RDONLY memfd can be reopened O_RDWR through /proc: the seals must still hold."""
+    granter, mapper = _conn(rundir, 1), _conn(rundir, 0)
+    try:
+        refs = _share(granter, 0, 1, writable=False)
+        fds = _map(mapper, 1, refs, writable=False)
+        try:
+            rw = os.open(f"/proc/self/fd/{fds[0]}", os.O_RDWR)
+            try:
+                with pytest.raises(PermissionError):
+                    os.pwrite(rw, b"x", 0)
+                with pytest.raises(PermissionError):
+                    mmap.mmap(rw, PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                with pytest.raises(PermissionError):
+                    os.ftruncate(rw, 0)
+            finally:
+                os.close(rw)
+        finally:
+            for fd in fds:
+                os.close(fd)
+    finally:
+        mapper.close()
+        granter.close()
+
+
+def test_isolation_writable_grant_fd_cannot_resize_the_pages(rundir: Path) -> None:
+    """A grantee shrinking the memfd would turn every other mapper's access into SIGBUS."""
+    granter, mapper = _conn(rundir, 1), _conn(rundir, 0)
+    try:
+        refs = _share(granter, 0, 2, writable=True)
+        fds = _map(mapper, 1, refs, writable=True)
+        try:
+            for size in (0, PAGE, 64 * PAGE):
+                with pytest.raises(PermissionError):
+                    os.ftruncate(fds[0], size)
+            assert os.fstat(fds[0]).st_size == 2 * PAGE
+        finally:
+            for fd in fds:
+                os.close(fd)
+    finally:
+        mapper.close()
+        granter.close()
+
+
 def test_isolation_descriptors_reach_only_the_granted_share(rundir: Path) -> None:
     granter, mapper = _conn(rundir, 1), _conn(rundir, 0)
     try:

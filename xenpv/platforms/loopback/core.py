@@ -36,6 +36,7 @@ syscalls on memfds/eventfds.
 from __future__ import annotations
 
 import errno
+import fcntl
 import heapq
 import mmap
 import os
@@ -73,25 +74,56 @@ FAULT_DROP_NOTIFY = 3
 FAULT_DUPLICATE_NOTIFY = 4
 
 _ONE = (1).to_bytes(8, "little")
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)  # linux/fcntl.h, 5.1+
 
 
 class Segment:
-    """One memfd holding the pages of one share (zeroed at creation, never recycled)."""
+    """One memfd holding the pages of one share (zeroed at creation, never recycled).
 
-    __slots__ = ("_mm", "_ro_fd", "_view", "fd", "npages", "refs_live")
+    Seals keep descriptors handed to grantees from doing more than the grant allows: the
+    size is sealed at once (nobody can shrink the pages under the other mappers, which
+    would turn their accesses into SIGBUS), and a read-only share is sealed against
+    future writes before its first grantee receives a descriptor.  The seal matters
+    because an ``O_RDONLY`` descriptor of a memfd can be reopened read-write through
+    ``/proc/self/fd``; with ``F_SEAL_FUTURE_WRITE`` such a reopening can neither ``write``
+    nor map ``PROT_WRITE``, while the granter's own earlier mapping stays writable.
+    """
 
-    def __init__(self, npages: int, name: str) -> None:
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    __slots__ = ("_mm", "_ro_fd", "_view", "fd", "npages", "readonly_sealed", "refs_live")
+
+    def __init__(self, npages: int, name: str, *, writable: bool = True) -> None:
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, npages * PAGE_SIZE)  # ftruncate: zero-filled pages (R7)
+            seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+            if writable:  # nothing more to seal later: forbid further seals too
+                seals |= fcntl.F_SEAL_SEAL
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, seals)
         except OSError:
             os.close(self.fd)
             raise
         self.npages = npages
         self.refs_live = npages  # grant entries still referring to this segment
+        self.readonly_sealed = False
         self._ro_fd = -1
         self._mm: mmap.mmap | None = None
         self._view: memoryview | None = None
+
+    def seal_readonly(self) -> None:
+        """Forbid new writes and writable mappings through any descriptor (idempotent).
+
+        Existing writable mappings — the granter's, and the hypervisor's own
+        :attr:`mm`, created here first for clear-byte notifications — keep working."""
+        if self.readonly_sealed:
+            return
+        self.mm  # noqa: B018 - the hypervisor's writable view must exist before the seal
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL)
+        self.readonly_sealed = True
+
+    def clear_byte(self, offset: int) -> None:
+        """Zero one byte (unmap notification), through the hypervisor's own mapping."""
+        if self.fd >= 0:
+            self.mm[offset] = 0
 
     @property
     def ro_fd(self) -> int:
@@ -514,7 +546,7 @@ class Hypervisor:
         else:
             refs = dom.alloc_refs(count)
         try:
-            seg = Segment(count, f"xenpv-dom{dom.domid}-gnt{refs[0]}")
+            seg = Segment(count, f"xenpv-dom{dom.domid}-gnt{refs[0]}", writable=writable)
         except OSError as exc:
             if reserved is None:
                 dom._free_refs.extendleft(reversed(refs))
@@ -622,6 +654,8 @@ class Hypervisor:
         # Validation is complete before any entry changes, so a failure above leaves
         # nothing mapped: the "successful subset" to unwind is always empty.
         for e in entries:
+            if e.readonly:
+                e.segment.seal_readonly()  # before any grantee holds a descriptor
             e.mappers += 1
         h.domain.maptrack += len(entries)
         m = Mapping(h.next_id(), h, entries, writable)
@@ -690,8 +724,7 @@ class Hypervisor:
     ) -> None:
         if n.action & NOTIFY_CLEAR_BYTE and writable:
             seg, off = segment_at(n.offset)
-            if seg.fd >= 0:
-                os.pwrite(seg.fd, b"\0", off)
+            seg.clear_byte(off)
         if n.port is not None:
             self._signal_remote(n.port)
         self._drop_notify(n)

@@ -491,3 +491,13 @@ def test_diagram_shows_every_effective_row(name: str) -> None:
             assert any(text in label for label in labels), (own, inp)
     assert mermaid.count("-->") == len(labels) + 1
     assert dot.count("->") == len(labels)
+
+
+def test_the_user_guide_diagrams_are_current() -> None:
+    from pathlib import Path
+
+    from xenpv.xenbus.diagram import update_generated
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "xenbus.md").read_text()
+    assert "<!-- generated: xenbus diagram backend -->" in doc
+    assert update_generated(doc) == doc, "run: python -m xenpv.xenbus.diagram docs/xenbus.md"

@@ -19,7 +19,7 @@ from xenpv.xenbus.machine import (
 )
 from xenpv.xenbus.states import XenbusState
 
-__all__ = ["TABLES", "edges", "render_dot", "render_mermaid"]
+__all__ = ["TABLES", "edges", "render_dot", "render_mermaid", "update_generated"]
 
 #: Tables by the name the CLI and the docs use.
 TABLES: dict[str, tuple[Table, str]] = {
@@ -71,3 +71,43 @@ def render_dot(name: str) -> str:
         lines.append(f'    {src} -> {dst} [label="{text}"];')
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+_BEGIN = "<!-- generated: xenbus diagram {name} -->"
+_END = "<!-- end generated -->"
+
+
+def update_generated(text: str) -> str:
+    """Rewrite every generated diagram section of a Markdown document.
+
+    A section starts with ``<!-- generated: xenbus diagram NAME -->`` and ends with
+    ``<!-- end generated -->``; its body becomes a fenced Mermaid block of table NAME.
+    Run ``python -m xenpv.xenbus.diagram docs/xenbus.md`` after changing a table.
+    """
+    out: list[str] = []
+    lines = text.splitlines(keepends=True)
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        out.append(line)
+        i += 1
+        stripped = line.strip()
+        for name in TABLES:
+            if stripped == _BEGIN.format(name=name):
+                out.append("```mermaid\n" + render_mermaid(name) + "```\n")
+                while i < len(lines) and lines[i].strip() != _END:
+                    i += 1
+                break
+    return "".join(out)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    for doc in sys.argv[1:]:
+        with open(doc, encoding="utf-8") as f:
+            old = f.read()
+        new = update_generated(old)
+        if new != old:
+            with open(doc, "w", encoding="utf-8") as f:
+                f.write(new)

@@ -77,7 +77,9 @@ from xenpv.xenbus.machine import (
     XenbusMachine,
 )
 from xenpv.xenbus.paths import (
+    BackendPath,
     DevicePathError,
+    FrontendPath,
     error_path,
     error_value,
     parse_backend_path,
@@ -394,8 +396,27 @@ class XenbusDriver:
         """Hook: stop I/O and release what publish/connect set up (may run twice)."""
 
     # -- subclass plumbing -----------------------------------------------------------
-    async def _check_peer(self, peer_path: bytes, peer_id: bytes) -> None:
+    def _paths(self, peer_path: bytes) -> tuple[FrontendPath, BackendPath]:
+        """Parse (frontend path, backend path) from the own path and ``peer_path``."""
         raise NotImplementedError
+
+    async def _check_peer(self, peer_path: bytes, peer_id: bytes) -> None:
+        # §5.2 and R14: decide only from the own directory (written by the toolstack) and
+        # from the peer directory's owner (only dom0 can set owners: XSA-352), never from
+        # keys the peer can write.  Both paths must name the same frontend and devid.
+        try:
+            fe, be = self._paths(peer_path)
+            peer_domid = _keys.parse_uint(peer_id, self.peer_id_key)
+        except (DevicePathError, BadKeyError) as exc:
+            raise DeviceConfigError(str(exc)) from None
+        peer: FrontendPath | BackendPath = be if self.role is Role.FRONTEND else fe
+        if peer.domid != peer_domid or be.frontend_domid != fe.domid or be.devid != fe.devid:
+            raise DeviceConfigError(
+                f"{self.peer_path_key} {str(peer)!r} does not match {self.path}"
+            )
+        if await self._peer_owner(str(peer)) != peer.domid:
+            raise DeviceConfigError(f"{peer} is not owned by domain {peer.domid}")
+        self.peer_path, self.peer_domid = str(peer), peer.domid
 
     async def _make_machine(self, own_raw: bytes) -> XenbusMachine:
         raise NotImplementedError
@@ -643,19 +664,8 @@ class FrontendDriver(XenbusDriver):
     async def _publish(self) -> None:
         await self.publish(self._peer_keys())
 
-    async def _check_peer(self, peer_path: bytes, peer_id: bytes) -> None:
-        # §5.2: the toolstack wrote backend/backend-id into our own directory.
-        try:
-            be = parse_backend_path(peer_path)
-            be_id = _keys.parse_uint(peer_id, "backend-id")
-            fe = parse_frontend_path(self.path)
-        except (DevicePathError, BadKeyError) as exc:
-            raise DeviceConfigError(str(exc)) from None
-        if be.domid != be_id or be.frontend_domid != fe.domid or be.devid != fe.devid:
-            raise DeviceConfigError(f"backend {str(be)!r} does not match {self.path}")
-        if await self._peer_owner(str(be)) != be.domid:
-            raise DeviceConfigError(f"{be} is not owned by domain {be.domid}")
-        self.peer_path, self.peer_domid = str(be), be.domid
+    def _paths(self, peer_path: bytes) -> tuple[FrontendPath, BackendPath]:
+        return parse_frontend_path(self.path), parse_backend_path(peer_path)
 
     async def _make_machine(self, own_raw: bytes) -> XenbusMachine:
         try:
@@ -690,20 +700,8 @@ class BackendDriver(XenbusDriver):
     async def _publish_features(self) -> None:
         await self.publish_features()
 
-    async def _check_peer(self, peer_path: bytes, peer_id: bytes) -> None:
-        # R14: decide only from our own directory (written by the toolstack) and from the
-        # frontend directory's owner (only dom0 can set it), never from frontend keys.
-        try:
-            own = parse_backend_path(self.path)
-            fe = parse_frontend_path(peer_path)
-            fe_id = _keys.parse_uint(peer_id, "frontend-id")
-        except (DevicePathError, BadKeyError) as exc:
-            raise DeviceConfigError(str(exc)) from None
-        if fe.domid != fe_id or fe.domid != own.frontend_domid or fe.devid != own.devid:
-            raise DeviceConfigError(f"frontend {str(fe)!r} does not match {self.path}")
-        if await self._peer_owner(str(fe)) != fe.domid:
-            raise DeviceConfigError(f"{fe} is not owned by domain {fe.domid}")
-        self.peer_path, self.peer_domid = str(fe), fe.domid
+    def _paths(self, peer_path: bytes) -> tuple[FrontendPath, BackendPath]:
+        return parse_frontend_path(peer_path), parse_backend_path(self.path)
 
     async def _online(self) -> bool:
         # Linux xenbus_dev_is_online(): a missing or non-numeric node reads as 0.

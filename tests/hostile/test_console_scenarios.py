@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,10 @@ import pytest
 
 from xenpv.backends.console import (
     ConsoleConfig,
-    ConsoleSession,
     PrimaryConsoleServer,
     console_path,
     publish_primary_console,
+    serve_console,
 )
 from xenpv.frontends.console import GNTTAB_RESERVED_CONSOLE, ConsoleRing
 from xenpv.platforms.loopback.client import ClientPlatform
@@ -68,22 +68,16 @@ class HostileGuest:
 
 
 class Served:
-    """Our backend's session over the hostile guest's page (in process)."""
+    """Our backend's session over the hostile guest's page (in process; it starts at once)."""
 
     def __init__(self, machine: InProcessMachine, config: ConsoleConfig) -> None:
         self.guest = HostileGuest(machine.domain(GUEST))
-        dom0 = machine.domain(0)
-        self.mapping = dom0.grants.map(GUEST, [GNTTAB_RESERVED_CONSOLE])
-        self.port = dom0.events.bind_interdomain(GUEST, self.guest.port)
         self.out = bytearray()
-        self.session = ConsoleSession(ConsoleRing(self.mapping.mem, backend=True), dom0.events,
-                                      self.port, config, sink=self.out.extend)
-        self.dom0 = dom0
+        self.session = serve_console(machine.domain(0), GUEST, GNTTAB_RESERVED_CONSOLE,
+                                     self.guest.port, config, "hostile", self.out.extend)
 
     def close(self) -> None:
         self.session.close()
-        self.dom0.events.unbind(self.port)
-        self.dom0.grants.unmap(self.mapping)
         self.guest.close()
 
 
@@ -121,7 +115,6 @@ def test_scenario_27_out_prod_beyond_ring_is_ignored(machine: InProcessMachine,
                                                      excess: int) -> None:
     async def body() -> None:
         s = Served(machine, ConsoleConfig(pty=False))
-        s.session.start()
         try:
             s.guest.set_out(1000, 1000 + 2048 + excess)  # prod - cons > sizeof(out)
             for _ in range(5):
@@ -152,7 +145,7 @@ def test_scenario_27_output_flood_keeps_buffer_and_log_bounded(
 
     async def body() -> int:
         s = Served(machine, cfg)
-        s.session.start()  # a pty nobody reads: it fills, then the buffer takes the rest
+        # the session's pty is read by nobody: it fills, then the buffer takes the rest
         sent = 0
         try:
             chunk = b"flood " * 300
@@ -191,7 +184,6 @@ def test_scenario_27_event_storm_is_rate_limited(machine: InProcessMachine) -> N
     async def body() -> None:
         s = Served(machine, ConsoleConfig(pty=False, rate_allowance=allowance,
                                           rate_period=period))
-        s.session.start()
         try:
             t0 = time.monotonic()
             sent = 0
@@ -231,37 +223,56 @@ def daemon() -> Iterator[DaemonMachine]:
         m.close()
 
 
+@contextlib.asynccontextmanager
+async def console_on_daemon(daemon: DaemonMachine, cfg: ConsoleConfig, *,
+                            writable_nodes: bool = False) -> AsyncIterator[dict[str, Any]]:
+    """A hostile guest's console 0 published by the toolstack and served by our
+    :class:`PrimaryConsoleServer`; ``writable_nodes`` mimics a careless toolstack that
+    leaves the guest write access to its console nodes."""
+    guest = ClientPlatform.for_domain(daemon.rundir, GUEST)
+    dom0 = ClientPlatform.for_domain(daemon.rundir, 0)
+    xs0 = await connect(str(Path(daemon.rundir) / "dom0" / "xenstore"))
+    xsg = await connect(str(Path(daemon.rundir) / f"dom{GUEST}" / "xenstore"))
+    hostile = HostileGuest(guest)
+    out = bytearray()
+    server = PrimaryConsoleServer(dom0, xs0, GUEST, cfg, sink=out.extend)
+    path = console_path(GUEST)
+    try:
+        await publish_primary_console(xs0, GUEST, port=hostile.port, ring_ref=0)
+        if writable_nodes:
+            for node in (path, *(f"{path}/{k}" for k in ("tty", "output", "limit", "type"))):
+                await xs0.set_perms(node, [Perm("n", 0), Perm("b", GUEST)])
+        await server.start()
+        session = await server.wait_ready(WAIT)
+        yield {"path": path, "xs0": xs0, "xsg": xsg, "server": server, "session": session,
+               "guest": hostile, "out": out}
+    finally:
+        await server.close()
+        hostile.close()
+        await xsg.close()
+        await xs0.close()
+        dom0.close()
+        guest.close()
+
+
+GUEST_WRITES = (("tty", b"/dev/null"), ("output", b"file:/etc/passwd"),
+                ("limit", b"999999999"), ("type", b"ioemu"))
+
+
 def test_scenario_27_guest_cannot_rewrite_its_console_nodes(daemon: DaemonMachine) -> None:
     async def body() -> None:
-        guest = ClientPlatform.for_domain(daemon.rundir, GUEST)
-        dom0 = ClientPlatform.for_domain(daemon.rundir, 0)
-        xs0 = await connect(str(Path(daemon.rundir) / "dom0" / "xenstore"))
-        xsg = await connect(str(Path(daemon.rundir) / f"dom{GUEST}" / "xenstore"))
-        hostile = HostileGuest(guest)
-        server = PrimaryConsoleServer(dom0, xs0, GUEST, ConsoleConfig(limit=4096))
-        try:
-            await publish_primary_console(xs0, GUEST, port=hostile.port, ring_ref=0)
-            await server.start()
-            session = await server.wait_ready(WAIT)
-            path = console_path(GUEST)
+        async with console_on_daemon(daemon, ConsoleConfig(limit=4096)) as c:
+            path, xs0, xsg = c["path"], c["xs0"], c["xsg"]
             tty_before = await xs0.read(f"{path}/tty")
             assert tty_before
-            for key, value in (("tty", b"/dev/null"), ("output", b"file:/etc/passwd"),
-                               ("limit", b"999999999"), ("type", b"ioemu")):
+            for key, value in GUEST_WRITES:
                 with pytest.raises(XenstoreError) as exc:
                     await xsg.write(f"{path}/{key}", value)
                 assert exc.value.errno_name == "EACCES"
             with pytest.raises(XenstoreError):
                 await xsg.rm(f"{path}/tty")
             assert await xs0.read(f"{path}/tty") == tty_before
-            assert server.session is session
-        finally:
-            await server.close()
-            hostile.close()
-            await xsg.close()
-            await xs0.close()
-            dom0.close()
-            guest.close()
+            assert c["server"].session is c["session"]
 
     run_checked(body)
     daemon.assert_released()
@@ -270,47 +281,25 @@ def test_scenario_27_guest_cannot_rewrite_its_console_nodes(daemon: DaemonMachin
 def test_scenario_27_guest_written_nodes_never_drive_host_decisions(
         daemon: DaemonMachine) -> None:
     """Even with a careless toolstack that left the nodes writable by the guest."""
+    cfg = ConsoleConfig(limit=4096, rate_allowance=1 << 20)
 
     async def body() -> None:
-        guest = ClientPlatform.for_domain(daemon.rundir, GUEST)
-        dom0 = ClientPlatform.for_domain(daemon.rundir, 0)
-        xs0 = await connect(str(Path(daemon.rundir) / "dom0" / "xenstore"))
-        xsg = await connect(str(Path(daemon.rundir) / f"dom{GUEST}" / "xenstore"))
-        hostile = HostileGuest(guest)
-        out = bytearray()
-        cfg = ConsoleConfig(limit=4096, rate_allowance=1 << 20)
-        server = PrimaryConsoleServer(dom0, xs0, GUEST, cfg, sink=out.extend)
-        path = console_path(GUEST)
-        try:
-            await publish_primary_console(xs0, GUEST, port=hostile.port, ring_ref=0)
-            await xs0.set_perms(path, [Perm("n", 0), Perm("b", GUEST)])
-            for key in ("tty", "output", "limit", "type"):
-                await xs0.set_perms(f"{path}/{key}", [Perm("n", 0), Perm("b", GUEST)])
-            await server.start()
-            session = await server.wait_ready(WAIT)
-            for key, value in (("tty", b"/dev/null"), ("output", b"file:/etc/passwd"),
-                               ("limit", b"999999999"), ("type", b"ioemu")):
-                await xsg.write(f"{path}/{key}", value)
+        async with console_on_daemon(daemon, cfg, writable_nodes=True) as c:
+            session, hostile, out = c["session"], c["guest"], c["out"]
+            for key, value in GUEST_WRITES:
+                await c["xsg"].write(f"{c['path']}/{key}", value)
             await asyncio.sleep(0.2)  # the watch fired; the server re-read what it reads
-            assert server.session is session  # still served, same pty, same page
+            assert c["server"].session is session  # still served, same pty, same page
             assert session.config.limit == 4096
             assert session.tty_path is not None and session.tty_path != "/dev/null"
             # a flood is still bounded by the backend's own limit, not the guest's
             sent = 0
             while sent < 64 << 10:
-                n = hostile.ring.write(b"x" * 2048)
-                sent += n
+                sent += hostile.ring.write(b"x" * 2048)
                 hostile.notify()
                 await asyncio.sleep(0)
             await settle(lambda: len(out) == sent)
             assert len(session.buffer) <= 4096
-        finally:
-            await server.close()
-            hostile.close()
-            await xsg.close()
-            await xs0.close()
-            dom0.close()
-            guest.close()
 
     run_checked(body)
     daemon.assert_released()

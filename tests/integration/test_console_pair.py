@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import select
 import time
-import tty
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,13 +21,13 @@ import pytest
 from xenpv.backends.console import (
     ConsoleBackend,
     ConsoleConfig,
-    ConsoleSession,
     publish_primary_console,
+    serve_console,
 )
+from xenpv.cli.demo import Pty
 from xenpv.frontends.console import (
     GNTTAB_RESERVED_CONSOLE,
     ConsoleFrontend,
-    ConsoleRing,
     EventRateLimiter,
     PrimaryConsole,
 )
@@ -52,26 +50,6 @@ def machine() -> Iterator[DaemonMachine]:
         m.close()
 
 
-def read_pty(fd: int, marker: bytes, timeout: float = WAIT) -> bytes:
-    """Read from a non-blocking pty until ``marker`` shows up (or fail)."""
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while marker not in buf:
-        left = deadline - time.monotonic()
-        assert left > 0, f"no {marker!r} on the pty; got {buf[-200:]!r}"
-        ready, _, _ = select.select([fd], [], [], min(left, 0.1))
-        if ready:
-            with contextlib.suppress(BlockingIOError):
-                buf += os.read(fd, 65536)
-    return buf
-
-
-def open_pty(path: str) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-    tty.setraw(fd)
-    return fd
-
-
 async def wait_key(client: Any, path: str, timeout: float = WAIT) -> bytes:
     deadline = time.monotonic() + timeout
     while True:
@@ -91,12 +69,9 @@ def test_primary_console_moves_bytes_both_ways_in_process() -> None:
         async def body() -> None:
             console = PrimaryConsole(guest, 0).setup()
             assert console.ring_ref == GNTTAB_RESERVED_CONSOLE
-            mapping = dom0.grants.map(GUEST, [GNTTAB_RESERVED_CONSOLE])
-            port = dom0.events.bind_interdomain(GUEST, console.port)
             out: list[bytes] = []
-            session = ConsoleSession(ConsoleRing(mapping.mem, backend=True), dom0.events, port,
-                                     ConsoleConfig(pty=False), sink=out.append)
-            session.start()
+            session = serve_console(dom0, GUEST, GNTTAB_RESERVED_CONSOLE, console.port,
+                                    ConsoleConfig(pty=False), "test", out.append)
             reader, writer = await console.open()
             writer.write(b"guest says hi\n")
             session.feed(b"host types\n")
@@ -106,8 +81,6 @@ def test_primary_console_moves_bytes_both_ways_in_process() -> None:
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.01)
             session.close()
-            dom0.events.unbind(port)
-            dom0.grants.unmap(mapping)
             console.close()
 
         asyncio.run(body())
@@ -125,13 +98,10 @@ def test_a_megabyte_of_output_arrives_intact_and_in_order() -> None:
 
         async def body() -> bytes:
             console = PrimaryConsole(guest, 0).setup()
-            mapping = dom0.grants.map(GUEST, [0])
-            port = dom0.events.bind_interdomain(GUEST, console.port)
             got = bytearray()
-            session = ConsoleSession(ConsoleRing(mapping.mem, backend=True), dom0.events, port,
-                                     ConsoleConfig(pty=False, rate_allowance=1 << 20),
-                                     sink=got.extend)
-            session.start()
+            session = serve_console(dom0, GUEST, GNTTAB_RESERVED_CONSOLE, console.port,
+                                    ConsoleConfig(pty=False, rate_allowance=1 << 20), "test",
+                                    got.extend)
             _reader, writer = await console.open(limiter=EventRateLimiter(1 << 20, 1.0))
             for i in range(0, len(data), 10_000):
                 writer.write(data[i : i + 10_000])
@@ -141,8 +111,6 @@ def test_a_megabyte_of_output_arrives_intact_and_in_order() -> None:
                 assert time.monotonic() < deadline, f"only {len(got)} bytes arrived"
                 await asyncio.sleep(0.01)
             session.close()
-            dom0.events.unbind(port)
-            dom0.grants.unmap(mapping)
             console.close()
             return bytes(got)
 
@@ -160,22 +128,22 @@ def test_primary_console_served_on_a_pty_with_a_log(machine: DaemonMachine,
         console = PrimaryConsole(guest, 0).setup()
         backend = ConsoleBackend(dom0, xs, ConsoleConfig(log_dir=str(tmp_path)),
                                  domids=[GUEST], secondary=False)
-        fd = -1
+        pty: Pty | None = None
         try:
             await publish_primary_console(xs, GUEST, port=console.port, ring_ref=0)
             await backend.start()
             tty_path = (await wait_key(xs, f"/local/domain/{GUEST}/console/tty")).decode()
-            fd = open_pty(tty_path)
+            pty = Pty.open(tty_path)
             reader, writer = await console.open()
             writer.write(b"login: ")
-            assert b"login: " in await asyncio.to_thread(read_pty, fd, b"login: ")
-            os.write(fd, b"root\n")
+            await asyncio.to_thread(pty.read_until, b"login: ", WAIT)
+            pty.write(b"root\n")
             assert await asyncio.wait_for(reader.readline(), WAIT) == b"root\n"
             log = (tmp_path / f"guest-{GUEST}.log").read_bytes()
             assert log == b"login: "
         finally:
-            if fd >= 0:
-                os.close(fd)
+            if pty is not None:
+                pty.close()
             await backend.close()
             console.close()
             await xs.close()
@@ -195,22 +163,22 @@ def test_secondary_console_connects_through_xenbus(machine: DaemonMachine) -> No
         backend = ConsoleBackend(dom0, xs0, ConsoleConfig(), secondary=True)
         info = await add_device(xs0, "console", GUEST, 0, 1, frontend_keys={"type": "xenpv"})
         frontend = ConsoleFrontend(guest, xsg, info.frontend_path)
-        fd = -1
+        pty: Pty | None = None
         try:
             await backend.start()
             await frontend.start()
             reader, writer = await frontend.streams(WAIT)
             tty_path = (await wait_key(xs0, f"{info.frontend_path}/tty")).decode()
-            fd = open_pty(tty_path)
+            pty = Pty.open(tty_path)
             writer.write(b"second console\n")
-            await asyncio.to_thread(read_pty, fd, b"second console\n")
-            os.write(fd, b"typed\n")
+            await asyncio.to_thread(pty.read_until, b"second console\n", WAIT)
+            pty.write(b"typed\n")
             assert await asyncio.wait_for(reader.readline(), WAIT) == b"typed\n"
             assert await remove_device(xs0, "console", GUEST, 1, 0, timeout=WAIT)
             await frontend.wait_done(WAIT)
         finally:
-            if fd >= 0:
-                os.close(fd)
+            if pty is not None:
+                pty.close()
             await frontend.close()
             await backend.close()
             await xsg.close()

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import select
 import subprocess
 import time
-import tty
 from pathlib import Path
 
 from shim_peers import LoopbackRun
 
 from xenpv import peers
+from xenpv.cli.demo import Pty
 from xenpv.frontends.console import ConsoleFrontend
 from xenpv.platforms.loopback.client import ClientPlatform
 from xenpv.xenbus.states import XenbusState
@@ -30,19 +28,6 @@ from xenpv.xenstore.client import connect
 
 GUEST = 33
 WAIT = 20.0
-
-
-def read_pty(fd: int, marker: bytes, timeout: float = WAIT) -> bytes:
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while marker not in buf:
-        left = deadline - time.monotonic()
-        assert left > 0, f"no {marker!r} on QEMU's pty (got {buf[-200:]!r})"
-        ready, _, _ = select.select([fd], [], [], min(left, 0.1))
-        if ready:
-            with contextlib.suppress(BlockingIOError):
-                buf += os.read(fd, 65536)
-    return buf
 
 
 async def wait_value(client: object, path: str) -> bytes:
@@ -66,7 +51,7 @@ def test_our_frontend_with_qemus_console_backend() -> None:
             guest = ClientPlatform.for_domain(rundir, GUEST)
             xs0 = await connect(str(rundir / "dom0" / "xenstore"))
             xsg = await connect(str(rundir / f"dom{GUEST}" / "xenstore"))
-            fd = -1
+            pty: Pty | None = None
             frontend = None
             try:
                 info = await add_device(xs0, "console", GUEST, 0, 1,
@@ -80,17 +65,16 @@ def test_our_frontend_with_qemus_console_backend() -> None:
                 await frontend.wait_state(XenbusState.Connected, timeout=WAIT)
                 assert await xs0.read(f"{info.backend_path}/state") == b"4"
                 pty_path = (await wait_value(xs0, f"{info.frontend_path}/tty")).decode()
-                fd = os.open(pty_path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-                tty.setraw(fd)
+                pty = Pty.open(pty_path)
                 writer.write(b"from the guest through qemu\n")
-                await asyncio.to_thread(read_pty, fd, b"from the guest through qemu\n")
-                os.write(fd, b"typed on qemu's pty\n")
+                await asyncio.to_thread(pty.read_until, b"from the guest through qemu\n", WAIT)
+                pty.write(b"typed on qemu's pty\n")
                 line = await asyncio.wait_for(reader.readline(), WAIT)
                 assert line == b"typed on qemu's pty\n"
                 await remove_device(xs0, "console", GUEST, 1, 0, timeout=5.0)
             finally:
-                if fd >= 0:
-                    os.close(fd)
+                if pty is not None:
+                    pty.close()
                 if frontend is not None:
                     await frontend.close()
                 await xsg.close()

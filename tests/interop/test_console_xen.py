@@ -18,7 +18,6 @@ import os
 import select
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,27 +26,12 @@ from shim_peers import LoopbackRun, wait_for
 
 from xenpv import peers
 from xenpv.cli.console import text_block
+from xenpv.cli.demo import Pty
 
 # domids of our own: xenconsole locks /var/lock/xenconsole.<domid> machine-wide
 FE_GUEST = 31
 BE_GUEST = 32
 WAIT = 20.0
-
-
-def read_until(fd: int, needle: bytes, timeout: float = WAIT) -> bytes:
-    got = b""
-    deadline = time.monotonic() + timeout
-    while needle not in got:
-        left = deadline - time.monotonic()
-        assert left > 0, f"no {needle!r} on the terminal (got {got[-300:]!r})"
-        ready, _, _ = select.select([fd], [], [], min(left, 0.2))
-        if ready:
-            try:
-                got += os.read(fd, 65536)
-            except OSError:  # EIO: the program on the terminal exited
-                break
-    assert needle in got, f"no {needle!r} on the terminal (got {got[-300:]!r})"
-    return got
 
 
 def json_line(proc: subprocess.Popen[bytes], timeout: float = WAIT) -> dict[str, object]:
@@ -72,7 +56,7 @@ class ConsoleRun:
         self.domid = domid
         self.run = LoopbackRun({domid: "guest"})
         self.rundir = str(self.run.rundir)
-        self.terminal = -1
+        self.terminal: Pty | None = None
         try:
             self.guest = self.run.spawn(domid, xenpv(
                 "console", "frontend", "--rundir", self.rundir, "--domid", str(domid),
@@ -90,78 +74,69 @@ class ConsoleRun:
         value: str = wait_for("console/tty", lambda: self.run.xenstore_read(path), WAIT)
         return value
 
-    def xenconsole(self) -> int:
-        """Start ``xenconsole --type pv DOMID`` (dom0) on a fresh terminal; its master fd."""
+    def xenconsole(self) -> Pty:
+        """Start ``xenconsole --type pv DOMID`` (dom0) on a fresh terminal; our end of it."""
         master, slave = os.openpty()
-        self.terminal = master
+        self.terminal = Pty(master)
         try:
             self.run.spawn(0, [str(peers.find("xenconsole")), "--type", "pv", str(self.domid)],
                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
         finally:
             os.close(slave)
-        return master
+        return self.terminal
 
-    def talk(self, master: int) -> None:
+    @staticmethod
+    def talk(terminal: Pty) -> None:
         """Text both ways through xenconsole: typed lines come back from the guest."""
-        os.write(master, b"echo hello-from-xenconsole\n")  # xenconsole made it raw
-        read_until(master, b"hello-from-xenconsole\n")
-        os.write(master, b"send 20000\n")
-        out = read_until(master, b"<done 20000>\n")
-        body = out[: out.index(b"<done 20000>\n")]
-        assert body.endswith(text_block(20000))
-        os.write(master, b"\x1d")  # xenconsole's escape character ends it
+        terminal.write(b"echo hello-from-xenconsole\n")  # xenconsole made it raw
+        terminal.read_until(b"hello-from-xenconsole\n", WAIT)
+        terminal.write(b"send 20000\n")
+        out = terminal.read_until(b"<done 20000>\n", WAIT)
+        assert out[: -len(b"<done 20000>\n")].endswith(text_block(20000))
+        terminal.write(b"\x1d")  # xenconsole's escape character ends it
 
     def close(self) -> None:
-        if self.terminal >= 0:
-            os.close(self.terminal)
-            self.terminal = -1
+        if self.terminal is not None:
+            self.terminal.close()
+            self.terminal = None
         self.run.close()
 
 
 @pytest.fixture
-def frontend_guest() -> Iterator[ConsoleRun]:
-    c = ConsoleRun(FE_GUEST)
+def console_run(request: pytest.FixtureRequest) -> Iterator[ConsoleRun]:
+    c = ConsoleRun(request.param)
     try:
         yield c
     finally:
         c.close()
 
 
-@pytest.fixture
-def backend_guest() -> Iterator[ConsoleRun]:
-    c = ConsoleRun(BE_GUEST)
-    try:
-        yield c
-    finally:
-        c.close()
-
-
+@pytest.mark.parametrize("console_run", [FE_GUEST], indirect=True)
 def test_our_frontend_served_by_xenconsoled_with_xenconsole_attached(
-        frontend_guest: ConsoleRun, tmp_path: Path) -> None:
-    c = frontend_guest
+        console_run: ConsoleRun, tmp_path: Path) -> None:
+    c = console_run
     logdir = tmp_path / "log"
     logdir.mkdir()
     c.run.spawn(0, [str(peers.find("xenconsoled")), "-i", "--log=guest",
                     f"--log-dir={logdir}"])
     c.tty()  # xenconsoled mapped grant ref 0, bound the port, made a pty
-    master = c.xenconsole()
-    c.talk(master)
+    c.talk(c.xenconsole())
     log = logdir / "guest-guest.log"
     wait_for("xenconsoled's guest log", lambda: log.exists() and
              b"hello-from-xenconsole" in log.read_bytes(), WAIT)
 
 
-def test_our_backend_with_xenconsole_attached(backend_guest: ConsoleRun,
+@pytest.mark.parametrize("console_run", [BE_GUEST], indirect=True)
+def test_our_backend_with_xenconsole_attached(console_run: ConsoleRun,
                                               tmp_path: Path) -> None:
-    c = backend_guest
+    c = console_run
     backend = c.run.spawn(0, xenpv("console", "backend", "--rundir", c.rundir, "--domid",
                                    str(c.domid), "--log-dir", str(tmp_path)),
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert json_line(backend)["event"] == "ready"
     tty_path = c.tty()
     assert tty_path.startswith("/dev/pts/")
-    master = c.xenconsole()
-    c.talk(master)
+    c.talk(c.xenconsole())
     assert backend.stdin is not None
     backend.stdin.close()
     done = json_line(backend)

@@ -111,3 +111,12 @@ def test_log_is_capped_and_rotated_once(tmp_path) -> None:  # type: ignore[no-un
     assert total <= 200
     assert (tmp_path / "guest.log").read_bytes() == b"z" * 100
     assert log.rotations >= 5
+
+
+def test_bench_console_mbps_smoke() -> None:
+    from xenpv.backends.console import bench_console_mbps
+
+    result = bench_console_mbps(64 << 10)
+    assert set(result) == {"console_mbps", "bytes", "seconds"}
+    assert result["bytes"] == 64 << 10
+    assert result["console_mbps"] > 0

@@ -53,8 +53,8 @@ from xenpv.errors import LocalError, PeerError, PlatformError
 from xenpv.frontends.console import (
     GNTTAB_RESERVED_CONSOLE,
     ConsoleRing,
+    EventPump,
     EventRateLimiter,
-    PortDispatcher,
 )
 from xenpv.protocols.console import XENCONS_IN_SIZE, XENCONS_OUT_SIZE
 from xenpv.xenbus import keys as _keys
@@ -74,6 +74,8 @@ __all__ = [
     "bench_console_mbps",
     "console_path",
     "publish_primary_console",
+    "remove_primary_console",
+    "serve_console",
 ]
 
 log = logging.getLogger(__name__)
@@ -157,7 +159,7 @@ class ConsoleLog:
             self._fd = -1
 
 
-class ConsoleSession:
+class ConsoleSession(EventPump):
     """Serves one console page + port (both already mapped/bound by the caller).
 
     ``release`` runs once at :meth:`close` (unmap the page, unbind the port).  ``sink``
@@ -184,13 +186,10 @@ class ConsoleSession:
         self.slave = -1
         self.tty_path: str | None = None
         self.stats = {"out": 0, "in": 0, "discarded": 0, "events": 0, "insane": 0,
-                      "notifies": 0, "rate_limited": 0, "max_buffered": 0}
+                      "notifies": 0, "rate_limited": 0, "spurious": 0, "max_buffered": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._dispatch: PortDispatcher | None = None
-        self._unmask_handle: asyncio.TimerHandle | None = None
         self._writer_on = False
         self._reader_on = False
-        self._scheduled = False
         self._closed = False
 
     # -- lifecycle
@@ -206,8 +205,7 @@ class ConsoleSession:
             os.set_blocking(self.master, False)
             self.tty_path = os.ttyname(self.slave)
             self._want_input(True)
-        self._dispatch = PortDispatcher.of(self.events)
-        self._dispatch.watch(self.port, self._event)
+        self._watch_port()
         self._schedule()
 
     def close(self) -> None:
@@ -215,10 +213,7 @@ class ConsoleSession:
         if self._closed:
             return
         self._closed = True
-        if self._dispatch is not None:
-            self._dispatch.unwatch(self.port)
-        if self._unmask_handle is not None:
-            self._unmask_handle.cancel()
+        self._unwatch_port()
         if self._loop is not None and self.master >= 0:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self.master)
@@ -239,49 +234,15 @@ class ConsoleSession:
         """True after :meth:`close`."""
         return self._closed
 
-    # -- events
-    def _event(self) -> None:
-        if self._closed:
-            return
-        self.stats["events"] += 1
-        if self.limiter.admit():
-            self._unmask()
-        else:
-            self.stats["rate_limited"] += 1
-            if self._unmask_handle is None and self._loop is not None:
-                delay = max(0.0, self.limiter.period_end() - time.monotonic())
-                self._unmask_handle = self._loop.call_later(delay, self._period_over)
-        self._service()
-
-    def _period_over(self) -> None:
-        self._unmask_handle = None
-        if not self._closed:
-            self._unmask()
-            self._service()
-
-    def _unmask(self) -> None:
-        with contextlib.suppress(LocalError, PlatformError, OSError):
-            self.events.unmask(self.port)
-
-    def _notify(self) -> None:
-        self.stats["notifies"] += 1
-        with contextlib.suppress(PlatformError, OSError):
-            self.events.notify(self.port)
-
-    def _schedule(self) -> None:
-        if not self._scheduled and not self._closed and self._loop is not None:
-            self._scheduled = True
-            self._loop.call_soon(self._scheduled_pass)
-
-    def _scheduled_pass(self) -> None:
-        self._scheduled = False
-        self._service()
+    @property
+    def _stopped(self) -> bool:
+        return self._closed
 
     # -- data path
-    def _service(self) -> None:
+    def _service(self) -> bool:
         """Consume output (bounded), produce pending input, notify after index moves."""
         if self._closed:
-            return
+            return False
         cfg = self.config
         consumed = 0
         while consumed < _PASS_BYTES:
@@ -302,8 +263,9 @@ class ConsoleSession:
             self._notify()
         if consumed >= _PASS_BYTES:
             self._schedule()
-        self._push_input()
+        moved_in = self._push_input()
         self._drain()
+        return bool(consumed or moved_in)
 
     def _output(self, data: bytes) -> None:
         self.stats["out"] += len(data)
@@ -355,7 +317,7 @@ class ConsoleSession:
         self._push_input()
         return len(take)
 
-    def _push_input(self) -> None:
+    def _push_input(self) -> int:
         moved = 0
         while self.inbuf:
             n = self.ring.write(self.inbuf[:XENCONS_IN_SIZE])
@@ -367,6 +329,7 @@ class ConsoleSession:
             self.stats["in"] += moved
             self._notify()  # after the in_prod update
         self._want_input(len(self.inbuf) < self.config.input_limit)
+        return moved
 
     def _want_input(self, want: bool) -> None:
         if self.master < 0 or self._loop is None or want == self._reader_on:
@@ -531,16 +494,9 @@ class PrimaryConsoleServer:
         self._ready.set()
 
     def _open(self, port: int) -> ConsoleSession:
-        gt, ev = self.platform.grants, self.platform.events
         # §8.2 step 3: map the guest's grant ref 0 (GNTTAB_RESERVED_CONSOLE)
-        mapping = gt.map(self.domid, [GNTTAB_RESERVED_CONSOLE], writable=True)
-        try:
-            local = ev.bind_interdomain(self.domid, port)
-        except BaseException:
-            gt.unmap(mapping)
-            raise
-        return _session(self.platform, mapping, local, self.config, f"guest-{self.domid}",
-                        self.sink)
+        return serve_console(self.platform, self.domid, GNTTAB_RESERVED_CONSOLE, port,
+                             self.config, f"guest-{self.domid}", self.sink)
 
     def _stop_session(self) -> None:
         self._ready.clear()
@@ -559,10 +515,19 @@ class PrimaryConsoleServer:
         self._stop_session()
 
 
-def _session(platform: Any, mapping: Any, port: int, config: ConsoleConfig, name: str,
-             sink: Callable[[bytes], None] | None) -> ConsoleSession:
-    """Start a session over a mapped page and a bound port; it releases both."""
+def serve_console(platform: Any, domid: int, ref: int, remote_port: int,
+                  config: ConsoleConfig, name: str,
+                  sink: Callable[[bytes], None] | None = None) -> ConsoleSession:
+    """Map grant ``ref`` of ``domid``, bind its ``remote_port`` and start a session on
+    them; the session releases both when it closes.  Nothing is left held on failure:
+    a :class:`PlatformError` from the map or the bind propagates."""
     gt, ev = platform.grants, platform.events
+    mapping = gt.map(domid, [ref], writable=True)
+    try:
+        port = ev.bind_interdomain(domid, remote_port)
+    except BaseException:
+        gt.unmap(mapping)
+        raise
 
     def release() -> None:
         with contextlib.suppress(LocalError, PlatformError):
@@ -599,18 +564,12 @@ class ConsoleBackendDriver(BackendDriver):
         """Read ``ring-ref`` and ``port`` strictly, map and bind, serve; write ``tty``."""
         ref = await peer.grant_ref("ring-ref")
         port = await peer.port("port")
-        gt, ev = self.platform.grants, self.platform.events
-        try:
-            mapping = gt.map(self.peer_domid, [ref], writable=True)
-        except PlatformError as exc:
-            raise _ConsolePeerError(f"cannot map ring-ref {ref}: {exc}") from None
-        try:
-            local = ev.bind_interdomain(self.peer_domid, port)
-        except PlatformError as exc:
-            gt.unmap(mapping)
-            raise _ConsolePeerError(f"cannot bind port {port}: {exc}") from None
         name = f"guest-{self.peer_domid}-{self.path.rsplit('/', 1)[1]}"
-        self.session = _session(self.platform, mapping, local, self.config, name, self.sink)
+        try:
+            self.session = serve_console(self.platform, self.peer_domid, ref, port,
+                                         self.config, name, self.sink)
+        except PlatformError as exc:  # the ref or port the frontend wrote is unusable
+            raise _ConsolePeerError(f"cannot use ring-ref {ref}, port {port}: {exc}") from None
         if self.session.tty_path is not None:
             with contextlib.suppress(XenstoreError, TimeoutError):
                 await self.client.write(f"{self.peer_path}/tty", self.session.tty_path,
@@ -714,9 +673,8 @@ async def _bench(total: int, chunk: int, timeout: float) -> dict[str, float]:
         guest, dom0 = machine.domain(1), machine.domain(0)
         console = PrimaryConsole(guest, 0).setup()
         cfg = ConsoleConfig(pty=False, rate_allowance=1 << 30)
-        mapping = dom0.grants.map(1, [GNTTAB_RESERVED_CONSOLE])
-        port = dom0.events.bind_interdomain(1, console.port)
-        session = _session(dom0, mapping, port, cfg, "bench", sink)
+        session = serve_console(dom0, 1, GNTTAB_RESERVED_CONSOLE, console.port, cfg, "bench",
+                                sink)
         _reader, writer = await console.open(limiter=EventRateLimiter(1 << 30, 1.0))
         block = os.urandom(chunk)
         start = time.perf_counter()

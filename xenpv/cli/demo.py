@@ -243,13 +243,23 @@ async def _wait_tty(rundir: str, timeout: float) -> str:
 
 
 class Pty:
-    """The demo's end of the console pty (what ``xenconsole`` would hold)."""
+    """A terminal end the demo (or a test) types into and reads from, like ``xenconsole``.
 
-    def __init__(self, path: str) -> None:
-        """Open ``path`` raw."""
-        self.fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-        tty.setraw(self.fd)
+    ``Pty(fd)`` wraps an open descriptor (made non-blocking); :meth:`open` opens a pty
+    path in raw mode.  Failures raise :class:`DemoError`."""
+
+    def __init__(self, fd: int) -> None:
+        """Use ``fd`` (owned from now on: :meth:`close` closes it)."""
+        os.set_blocking(fd, False)
+        self.fd = fd
         self.buf = bytearray()
+
+    @classmethod
+    def open(cls, path: str) -> Pty:
+        """Open the pty ``path`` in raw mode."""
+        fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        tty.setraw(fd)
+        return cls(fd)
 
     def write(self, data: bytes) -> None:
         """Type ``data``."""
@@ -277,16 +287,21 @@ class Pty:
             searched = len(self.buf)
             left = deadline - time.monotonic()
             if left <= 0:
-                raise DemoError(f"console: no {marker!r} within {timeout:.0f} s")
+                raise DemoError(f"console: no {marker!r} within {timeout:.0f} s "
+                                f"(got {bytes(self.buf[-200:])!r})")
             ready, _, _ = select.select([self.fd], [], [], min(left, 0.2))
             if ready:
-                with contextlib.suppress(BlockingIOError):
+                try:
                     chunk = os.read(self.fd, 65536)
-                    if not chunk:
-                        raise DemoError("console: the pty closed")
-                    self.buf += chunk
-                    if progress is not None:
-                        progress(len(self.buf))
+                except BlockingIOError:
+                    continue
+                except OSError as exc:  # EIO: the other side of the terminal is gone
+                    raise DemoError(f"console: the terminal closed ({exc})") from None
+                if not chunk:
+                    raise DemoError("console: the terminal closed")
+                self.buf += chunk
+                if progress is not None:
+                    progress(len(self.buf))
 
     def close(self) -> None:
         """Close the pty."""
@@ -304,7 +319,7 @@ def console_stage(rundir: str, kids: Children, nbytes: int, pings: int, timeout:
         "console", "backend", "--rundir", rundir, "--domid", str(GUEST), "--no-secondary",
         "--log-dir", os.path.join(rundir, "console-logs")))
     kids.read_event("console backend", be, timeout)
-    pty = Pty(asyncio.run(_wait_tty(rundir, timeout)))
+    pty = Pty.open(asyncio.run(_wait_tty(rundir, timeout)))
     try:
         rtts = []
         for i in range(pings):

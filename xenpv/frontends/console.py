@@ -64,6 +64,7 @@ __all__ = [
     "ConsoleFrontend",
     "ConsoleRing",
     "ConsoleTransport",
+    "EventPump",
     "EventRateLimiter",
     "PortDispatcher",
     "PrimaryConsole",
@@ -233,7 +234,85 @@ class PortDispatcher:
             cb()
 
 
-class ConsoleTransport(asyncio.Transport):
+class EventPump:
+    """Event handling of one console port, shared by both halves (R10, late EOI).
+
+    A delivered port arrives masked.  Within the :class:`EventRateLimiter` budget it is
+    unmasked at once; past it, it stays masked until the period ends and the ring is
+    examined once more then.  Each delivery runs :meth:`_service`; one that moved no
+    byte is counted as spurious.  Subclasses provide ``events``, ``port``, ``limiter``,
+    ``stats`` (with ``events``, ``rate_limited``, ``spurious``, ``notifies``), ``_loop``,
+    :attr:`_stopped` and :meth:`_service`.
+    """
+
+    events: Any
+    port: int
+    limiter: EventRateLimiter
+    stats: dict[str, int]
+    _loop: asyncio.AbstractEventLoop | None
+    _unmask_handle: asyncio.TimerHandle | None = None
+    _scheduled = False
+    _dispatch: PortDispatcher | None = None
+
+    @property
+    def _stopped(self) -> bool:
+        raise NotImplementedError
+
+    def _service(self) -> bool:
+        """One pass over the rings; True if any byte moved."""
+        raise NotImplementedError
+
+    def _watch_port(self) -> None:
+        self._dispatch = PortDispatcher.of(self.events)
+        self._dispatch.watch(self.port, self._event)
+
+    def _unwatch_port(self) -> None:
+        if self._dispatch is not None:
+            self._dispatch.unwatch(self.port)
+        if self._unmask_handle is not None:
+            self._unmask_handle.cancel()
+            self._unmask_handle = None
+
+    def _event(self) -> None:
+        if self._stopped:
+            return
+        self.stats["events"] += 1
+        if self.limiter.admit():
+            self._unmask()
+        else:
+            self.stats["rate_limited"] += 1
+            if self._unmask_handle is None and self._loop is not None:
+                delay = max(0.0, self.limiter.period_end() - time.monotonic())
+                self._unmask_handle = self._loop.call_later(delay, self._period_over)
+        if not self._service():
+            self.stats["spurious"] += 1
+
+    def _period_over(self) -> None:
+        self._unmask_handle = None
+        if not self._stopped:
+            self._unmask()
+            self._service()
+
+    def _unmask(self) -> None:
+        with contextlib.suppress(LocalError, PlatformError, OSError):
+            self.events.unmask(self.port)
+
+    def _notify(self) -> None:
+        self.stats["notifies"] += 1
+        with contextlib.suppress(PlatformError, OSError):
+            self.events.notify(self.port)
+
+    def _schedule(self) -> None:
+        if not self._scheduled and not self._stopped and self._loop is not None:
+            self._scheduled = True
+            self._loop.call_soon(self._scheduled_pass)
+
+    def _scheduled_pass(self) -> None:
+        self._scheduled = False
+        self._service()
+
+
+class ConsoleTransport(EventPump, asyncio.Transport):
     """An asyncio transport over one console ring page and its event channel.
 
     ``backend`` selects the side (the guest is ``False``).  ``on_close`` runs once when
@@ -252,57 +331,22 @@ class ConsoleTransport(asyncio.Transport):
         self.limiter = limiter or EventRateLimiter()
         self._protocol: Any = protocol
         self._on_close = on_close
-        self._loop = asyncio.get_running_loop()
+        self._loop: asyncio.AbstractEventLoop = asyncio.get_running_loop()
         self._wbuf = bytearray()
         self._reading = True
         self._closing = False
         self._lost = False
         self._writing_paused = False
-        self._scheduled = False
-        self._unmask_handle: asyncio.TimerHandle | None = None
-        #: Counters: bytes each way, notifications sent, spurious wake-ups.
-        self.stats = {"sent": 0, "received": 0, "notifies": 0, "spurious": 0}
-        self._dispatch = PortDispatcher.of(events)
-        self._dispatch.watch(port, self._event)
+        #: Counters: bytes each way, events, notifications sent, spurious wake-ups.
+        self.stats = {"sent": 0, "received": 0, "events": 0, "rate_limited": 0,
+                      "notifies": 0, "spurious": 0}
+        self._watch_port()
         self._protocol.connection_made(self)
         self._schedule()
 
-    # -- events
-    def _event(self) -> None:
-        """The port fired (it is masked now): unmask within budget, then service."""
-        if self._lost:
-            return
-        if self.limiter.admit():
-            self._unmask()
-        elif self._unmask_handle is None:
-            delay = max(0.0, self.limiter.period_end() - time.monotonic())
-            self._unmask_handle = self._loop.call_later(delay, self._period_over)
-        if not self._service():
-            self.stats["spurious"] += 1
-
-    def _period_over(self) -> None:
-        self._unmask_handle = None
-        if not self._lost:
-            self._unmask()
-            self._service()
-
-    def _unmask(self) -> None:
-        with contextlib.suppress(LocalError, PlatformError, OSError):
-            self.events.unmask(self.port)
-
-    def _notify(self) -> None:
-        self.stats["notifies"] += 1
-        with contextlib.suppress(PlatformError, OSError):
-            self.events.notify(self.port)
-
-    def _schedule(self) -> None:
-        if not self._scheduled and not self._lost:
-            self._scheduled = True
-            self._loop.call_soon(self._scheduled_pass)
-
-    def _scheduled_pass(self) -> None:
-        self._scheduled = False
-        self._service()
+    @property
+    def _stopped(self) -> bool:
+        return self._lost
 
     def _service(self) -> bool:
         """One pass: flush writes, deliver reads; True if any byte moved."""
@@ -350,10 +394,7 @@ class ConsoleTransport(asyncio.Transport):
         if self._lost:
             return
         self._lost = True
-        self._dispatch.unwatch(self.port)
-        if self._unmask_handle is not None:
-            self._unmask_handle.cancel()
-            self._unmask_handle = None
+        self._unwatch_port()
         try:
             if self._on_close is not None:
                 self._on_close()

@@ -25,14 +25,35 @@ from xenpv.platforms.loopback.proto import Op
 PAGE = 4096
 
 
-@pytest.fixture
-def rundir(tmp_path: Path) -> Iterator[Path]:
-    d = tmp_path / "run"
+@pytest.fixture(scope="module")
+def daemon_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    d = tmp_path_factory.mktemp("isolation") / "run"
     proc = start_daemon(d, domains=(1, 2), max_grants=64, max_ports=16)
     try:
         yield d
     finally:
         assert stop_daemon(proc) == 0
+
+
+@pytest.fixture
+def rundir(daemon_dir: Path) -> Iterator[Path]:
+    """The module's daemon; after each test no domain may hold anything any more."""
+    yield daemon_dir
+    ctl = _conn(daemon_dir, 0)
+    try:
+        deadline = time.monotonic() + 5
+        while True:
+            held = [
+                proto.STATS_REPLY.unpack(ctl.call(Op.STATS, proto.U32.pack(d))[0])[:6]
+                for d in (0, 1, 2)
+            ]
+            # dom0's own STATS connection is the one handle left
+            if held == [(0, 0, 0, 0, 0, 1), (0,) * 6, (0,) * 6]:
+                break
+            assert time.monotonic() < deadline, held
+            time.sleep(0.02)
+    finally:
+        ctl.close()
 
 
 def _conn(rundir: Path, domid: int, timeout: float = 10.0) -> ControlConnection:
@@ -155,6 +176,41 @@ def test_isolation_a_socket_acts_only_as_its_domain(rundir: Path) -> None:
             assert info.value.errno == errno.EPERM, op
     finally:
         guest.close()
+
+
+def test_isolation_saturated_inbox_breaks_nothing(rundir: Path) -> None:
+    """A hostile peer writes the largest value into the victim's inbox (its outbox):
+    notifications still read as pending and teardown still completes."""
+    victim = ClientPlatform.for_domain(rundir, 0)
+    hostile = _conn(rundir, 1)
+    try:
+        port = victim.events.alloc_unbound(1)
+        out, fds = hostile.call(Op.EVT_BIND_INTERDOMAIN, proto.U32x2.pack(0, port))
+        hport, _gen = proto.U32x2.unpack(out)
+        inbox, outbox = fds
+        os.write(outbox, (2**64 - 2).to_bytes(8, "little"))  # counter at its maximum
+        page = victim.grants.grant(1, 1)
+        req = proto.U32x2.pack(1, 1) + proto.U32x2.pack(0, page.refs[0])
+        mout, mfds = hostile.call(Op.GNT_MAP, req)
+        for fd in mfds:
+            os.close(fd)
+        handle_id = proto.U32x3.unpack_from(mout)[0]
+        hostile.call(Op.GNT_SET_NOTIFY, proto.U32x4.pack(handle_id, 0, hport, 3))
+        hostile.call(Op.EVT_NOTIFY, proto.U32.pack(hport))  # the daemon's write: EAGAIN
+        assert victim.events.pending(5) == port
+        hostile.close()  # teardown signals the saturated inbox again: must not break
+        os.close(inbox)
+        os.close(outbox)
+        deadline = time.monotonic() + 5
+        while victim.grants.stats(0)[0] and time.monotonic() < deadline:
+            try:
+                victim.grants.end_access(page)
+            except PlatformError:
+                time.sleep(0.02)
+        assert victim.grants.stats(0)[:4] == (0, 0, 0, 1)
+    finally:
+        hostile.close()
+        victim.close()
 
 
 def test_isolation_hostile_client_frames_drop_only_its_connection(rundir: Path) -> None:

@@ -47,6 +47,7 @@ from xenpv.platforms.base import (
     UnmapNotify,
 )
 from xenpv.platforms.loopback import proto
+from xenpv.platforms.loopback.core import signal_eventfd
 from xenpv.platforms.loopback.events import EpollEvents
 from xenpv.platforms.loopback.inprocess import notify_args
 from xenpv.platforms.loopback.memory import MappedRegion, Region, SharedRegion, map_fd, owned_run
@@ -55,7 +56,6 @@ from xenpv.platforms.loopback.proto import Op
 ENV_SOCKET = "XENPV_LOOPBACK_SOCKET"
 ENV_DOMID = "XENPV_LOOPBACK_DOMID"
 DEFAULT_TIMEOUT = 30.0
-_ONE = (1).to_bytes(8, "little")
 
 __all__ = [
     "ENV_SOCKET",
@@ -401,7 +401,7 @@ class ClientEvents(_OnConnection, EpollEvents):
         """Signal the remote end of ``port`` (direct eventfd write when the cache is valid)."""
         cached = self._outbox.get(port)
         if cached is not None and self._gen is not None and self._gen[port] == cached[1]:
-            os.write(cached[0], _ONE)
+            signal_eventfd(cached[0])
             return
         self._check_port(port)
         self._drop_outbox(port)

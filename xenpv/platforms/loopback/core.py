@@ -77,6 +77,15 @@ _ONE = (1).to_bytes(8, "little")
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)  # linux/fcntl.h, 5.1+
 
 
+def signal_eventfd(fd: int) -> None:
+    """Add 1 to an inbox eventfd.  A counter a hostile peer saturated (EAGAIN) already
+    reads as pending, so that is not an error; neither is a just-closed inbox."""
+    try:
+        os.write(fd, _ONE)
+    except OSError:
+        pass
+
+
 class Segment:
     """One memfd holding the pages of one share (zeroed at creation, never recycled).
 
@@ -294,9 +303,18 @@ class Domain:
         self.ports: dict[int, Port] = {}
         self._free_ports: list[int] = list(range(1, max_ports))  # heap: lowest first
         self.handles: dict[int, Handle] = {}
-        self.gen_fd = os.memfd_create(f"xenpv-gen-dom{domid}", os.MFD_CLOEXEC)
-        os.ftruncate(self.gen_fd, max(max_ports * 4, PAGE_SIZE))
-        self._gen_mm = mmap.mmap(self.gen_fd, max(max_ports * 4, PAGE_SIZE))
+        size = max(max_ports * 4, PAGE_SIZE)
+        self.gen_fd = os.memfd_create(
+            f"xenpv-gen-dom{domid}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+        )
+        os.ftruncate(self.gen_fd, size)
+        self._gen_mm = mmap.mmap(self.gen_fd, size)
+        # clients get it read-only: sealed so that not even a /proc reopening can write it
+        fcntl.fcntl(
+            self.gen_fd,
+            fcntl.F_ADD_SEALS,
+            fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL,
+        )
         self.gen = memoryview(self._gen_mm).cast("I")
         self.maptrack = 0  # pages this domain currently maps (all handles)
         self.notify_drop = 0
@@ -810,7 +828,7 @@ class Hypervisor:
         lp.remote, rp.remote = rp, lp
         rdom.bump(rp.port)
         h.domain.bump(lp.port)
-        os.write(lp.inbox, _ONE)  # bind leaves the new local port pending
+        signal_eventfd(lp.inbox)  # bind leaves the new local port pending
         return lp
 
     def unbind(self, h: Handle, port: int) -> None:
@@ -861,9 +879,9 @@ class Hypervisor:
         if dom.notify_drop > 0:
             dom.notify_drop -= 1
             return r
-        os.write(r.inbox, _ONE)
+        signal_eventfd(r.inbox)
         if dom.notify_duplicate:
-            os.write(r.inbox, _ONE)
+            signal_eventfd(r.inbox)
         return r
 
     def restrict(self, h: Handle, domid: int) -> None:

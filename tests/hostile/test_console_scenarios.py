@@ -303,3 +303,47 @@ def test_scenario_27_guest_written_nodes_never_drive_host_decisions(
 
     run_checked(body)
     daemon.assert_released()
+
+
+def test_scenario_16_backend_event_storm_on_the_console_frontend(
+        machine: InProcessMachine) -> None:
+    """The guest side has the same budget: a backend flooding its port is rate-limited."""
+    from xenpv.frontends.console import EventRateLimiter, PrimaryConsole
+
+    allowance, period = 30, 0.2
+
+    async def body() -> None:
+        console = PrimaryConsole(machine.domain(GUEST), 0).setup()
+        dom0 = machine.domain(0)
+        port = dom0.events.bind_interdomain(GUEST, console.port)
+        mapping = dom0.grants.map(GUEST, [GNTTAB_RESERVED_CONSOLE])
+        backend_ring = ConsoleRing(mapping.mem, backend=True)
+        try:
+            reader, _writer = await console.open(limiter=EventRateLimiter(allowance, period))
+            transport = console.transport
+            assert transport is not None
+            t0 = time.monotonic()
+            storm = 0
+            while time.monotonic() - t0 < 0.6:
+                for _ in range(200):
+                    dom0.events.notify(port)  # hostile backend: events, no data
+                storm += 200
+                await asyncio.sleep(0)
+            periods = (time.monotonic() - t0) / period + 2
+            stats = transport.stats
+            assert stats["rate_limited"] > 0
+            assert stats["events"] <= (allowance + 1) * periods < storm
+            assert stats["spurious"] >= stats["events"] - 2
+            # the guest side is still responsive afterwards
+            assert backend_ring.write(b"after the storm\n") == 16
+            dom0.events.notify(port)
+            assert await asyncio.wait_for(reader.readline(), WAIT) == b"after the storm\n"
+        finally:
+            backend_ring.release()
+            dom0.grants.unmap(mapping)
+            dom0.events.unbind(port)
+            console.close()
+
+    run_checked(body)
+    machine.release()
+    machine.assert_released()

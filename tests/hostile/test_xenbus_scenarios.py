@@ -33,6 +33,7 @@ from test_xenbus_support import (
 )
 
 from xenpv.xenbus.driver import WATCH_PENDING
+from xenpv.xenstore.client import Perm
 from xenpv.xenstore.store import Quotas
 from xenpv.xenstore.wire import XsType
 
@@ -284,3 +285,39 @@ def test_scenario_20_state_flood_keeps_queues_bounded() -> None:
             await be.close()
 
     run(main(), 120)
+
+
+def test_scenario_19_state_node_made_unreadable_is_a_peer_error() -> None:
+    async def main() -> None:
+        async with xenstore_world() as w:
+            be, fp, _ = await hostile_backend_setup(w)
+            await w.fe.set_perms(f"{fp}/state", [Perm("n", FE)])  # the frontend hides it
+            await w.fe.write(f"{fp}/state", b"3")
+            await eventually(lambda: _true(be.state is S.Closing))
+            assert b"peer state unreadable: EACCES" in (await w.read(BE_ERROR) or b"")
+            assert be.misbehaving and be.mapping is None
+            await be.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(("value", "text"), [(b"3", b"backend state Initialised"),
+                                             (b"99", b"invalid xenbus state")])  # fmt: skip
+def test_scenario_19_mirror_hostile_backend_state_closes_the_frontend(
+    value: bytes, text: bytes
+) -> None:
+    async def main() -> None:
+        async with xenstore_world() as w:
+            fp, bp = await w.add()
+            fe = ToyFrontend(w.fe, fp, w.machine.domain(FE), close_timeout=0.3)
+            await fe.start()
+            await w.be.write(f"{bp}/state", b"2")
+            await fe.wait_state(S.Initialised)
+            await w.be.write(f"{bp}/state", value)
+            await fe.wait_state(S.Closing, S.Closed)
+            assert text in (await w.read(FE_ERROR) or b"")
+            assert fe.misbehaving
+            await fe.close()
+            assert fe.state is S.Closed and w.machine.outstanding()["grants"] == 0
+
+    run(main())

@@ -73,17 +73,20 @@ def test_kick_only_when_peer_asked() -> None:
     assert not client.kick  # nobody asked
     buf = bytearray(8)
     assert server.recv_into(buf) == 1
-    assert server.recv_into(buf) == 0  # empty: the server asks to hear about writes
+    assert server.recv_into(buf) == 0
+    assert not page[VCHAN_CLI_NOTIFY_OFFSET] & VCHAN_NOTIFY_WRITE  # polling asks nothing
+    server.request_notify(VCHAN_NOTIFY_WRITE)  # about to sleep: ask to hear of writes
     assert page[VCHAN_CLI_NOTIFY_OFFSET] & VCHAN_NOTIFY_WRITE
     client.send(b"b")
     assert client.kick  # ... so the client must signal, and the bit is consumed
     assert not page[VCHAN_CLI_NOTIFY_OFFSET] & VCHAN_NOTIFY_WRITE
 
 
-def test_full_ring_requests_read_notification() -> None:
+def test_read_notification_kicks_the_waiting_writer() -> None:
     server, client, page = pair()
     client.send(b"z" * 1024)
     assert client.send(b"more") == 0
+    client.request_notify(VCHAN_NOTIFY_READ)
     assert page[VCHAN_SRV_NOTIFY_OFFSET] & VCHAN_NOTIFY_READ
     server.recv_into(bytearray(10))
     assert server.kick

@@ -38,7 +38,7 @@ import sys
 from typing import Any
 
 from xenpv.errors import LocalError, PeerError, PlatformError
-from xenpv.protocols.vchan import VCHAN_CLI_CONNECTED
+from xenpv.protocols.vchan import VCHAN_CLI_CONNECTED, VCHAN_NOTIFY_READ, VCHAN_NOTIFY_WRITE
 from xenpv.vchan.endpoint import VchanClient, VchanEndpoint, VchanServer
 
 BUFSIZE = 1 << 16
@@ -185,6 +185,10 @@ class _Pump:
                 return "vchan-closed"
             if progress:
                 await asyncio.sleep(0)
+                continue
+            # about to sleep: ask to hear of writes (and reads, while we hold input)
+            ep.rings.request_notify(VCHAN_NOTIFY_WRITE | (VCHAN_NOTIFY_READ if self.inbuf else 0))
+            if ep.rings.data_ready() or (self.inbuf and ep.rings.buffer_space()):
                 continue
             self._want(self.in_fd, True, not input_eof and len(self.inbuf) < BUFSIZE)
             self._want(self.out_fd, False, bool(self.outbuf) and not self._always_writable)

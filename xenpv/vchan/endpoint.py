@@ -58,6 +58,7 @@ from xenpv.protocols.vchan import (
     VCHAN_GRANTS_OFFSET,
     VCHAN_IN_PAGE_OFFSETS,
     VCHAN_LEFT_ORDER_OFFSET,
+    VCHAN_NOTIFY_READ,
     VCHAN_NOTIFY_WRITE,
     VCHAN_SRV_ALIVE,
     VCHAN_SRV_LIVE_OFFSET,
@@ -386,11 +387,30 @@ class VchanEndpoint:
                 return True
         return False
 
-    def _sleep(self, ready: Callable[[], int], timeout: float | None) -> bool:
-        """Spin, then sleep on the event channel; False if ``timeout`` passed."""
+    def _sleep(self, ready: Callable[[], int], bits: int, timeout: float | None) -> bool:
+        """Spin on ``ready``; then ask the peer for notification ``bits``, re-check, and
+        sleep on the event channel.  False if ``timeout`` passed."""
         if self._spin(ready):
             return True
+        self.rings.request_notify(bits)
+        if ready() or not self.rings.peer_live():
+            return True
         return self.hub.wait(self.port, timeout)
+
+    def idle(self, *, reading: bool = True, writing: bool = False,
+             timeout: float | None = None) -> bool:
+        """Wait until data can be read (``reading``), room can be written (``writing``)
+        or the peer went away: spin first, then request notifications and sleep.
+        False if ``timeout`` passed."""
+        rings = self.rings
+        bits = (VCHAN_NOTIFY_WRITE if reading else 0) | (VCHAN_NOTIFY_READ if writing else 0)
+
+        def ready() -> int:
+            return ((reading and rings.data_ready()) or (writing and rings.buffer_space())
+                    or not rings.peer_live())
+
+        self._check()
+        return self._sleep(ready, bits, timeout)
 
     def wait_event(self, timeout: float | None = None) -> bool:
         """Block until our port fires (True) or ``timeout`` passes (False)."""
@@ -402,13 +422,12 @@ class VchanEndpoint:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._check()
-            self.rings.request_notify(VCHAN_NOTIFY_WRITE)
             if self.data_ready() or not self.is_open:
                 return True
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
-            self._sleep(self.rings.data_ready, remaining)
+            self._sleep(self.rings.data_ready, VCHAN_NOTIFY_WRITE, remaining)
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         """Server: block until a client is connected (True) or ``timeout`` (False)."""
@@ -437,7 +456,7 @@ class VchanEndpoint:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"vchan {self.path}: send timed out after {pos} bytes")
-                self._sleep(self.rings.buffer_space, remaining)
+                self._sleep(self.rings.buffer_space, VCHAN_NOTIFY_READ, remaining)
         return pos
 
     def recv_into(self, buf: Any, want: int = -1, timeout: float | None = None) -> int:
@@ -455,7 +474,7 @@ class VchanEndpoint:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(f"vchan {self.path}: nothing to read")
-            self._sleep(self.rings.data_ready, remaining)
+            self._sleep(self.rings.data_ready, VCHAN_NOTIFY_WRITE, remaining)
 
     def recv(self, n: int, timeout: float | None = None) -> bytes:
         """Read up to ``n`` bytes (at least one; ``b""`` at end of stream)."""

@@ -166,19 +166,14 @@ class VchanRings:
     def recv_into(self, buf: Any, want: int = -1) -> int:
         """Move up to ``want`` (default: ``len(buf)``) available bytes into ``buf``.
 
-        When nothing is available, notification of new data is requested first and the
-        ring re-checked, so a caller that sleeps after a 0 cannot miss a write (asking
-        only then, not on every short read, keeps the writer from signalling on every
-        write while we are busy).
-        After consuming, the peer is kicked if it asked (:attr:`kick`)."""
+        After consuming, the peer is kicked if it asked (:attr:`kick`).  Asking for a
+        notification is the caller's business, right before it sleeps
+        (:meth:`request_notify` ``VCHAN_NOTIFY_WRITE``, then re-check): asking only then,
+        not on every empty poll, keeps the writer from signalling while we spin."""
         out = memoryview(buf).cast("B")
         if want < 0 or want > len(out):
             want = len(out)
-        ready = self.data_ready()
-        if not ready:  # about to come back empty: ask to hear of the next write, re-check
-            self.request_notify(VCHAN_NOTIFY_WRITE)
-            ready = self.data_ready()
-        n = min(ready, want)
+        n = min(self.data_ready(), want)
         if n == 0:
             return 0
         rd = self._rd
@@ -228,16 +223,12 @@ class VchanRings:
     def send(self, data: Any) -> int:
         """Copy as much of ``data`` as fits into the ring we write and publish it.
 
-        When the ring is full, notification of the peer's reads is requested first and
-        the ring re-checked (so a caller that sleeps after a 0 cannot miss a read).  Returns the bytes written; after
-        writing, the peer is kicked if it asked (:attr:`kick`)."""
+        Returns the bytes written; after writing, the peer is kicked if it asked
+        (:attr:`kick`).  A caller about to sleep for room requests ``VCHAN_NOTIFY_READ``
+        first and re-checks."""
         src = memoryview(data).cast("B")
         want = len(src)
-        space = self.buffer_space()
-        if not space and want:  # full: ask to hear of the next read, re-check
-            self.request_notify(VCHAN_NOTIFY_READ)
-            space = self.buffer_space()
-        n = min(space, want)
+        n = min(self.buffer_space(), want)
         if n == 0:
             return 0
         wr = self._wr

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from xenpv.errors import LocalError, PeerError, PlatformError
-from xenpv.protocols.vchan import VCHAN_CLI_CONNECTED
+from xenpv.protocols.vchan import VCHAN_CLI_CONNECTED, VCHAN_NOTIFY_READ, VCHAN_NOTIFY_WRITE
 from xenpv.vchan.endpoint import VchanClient, VchanEndpoint, VchanServer
 
 __all__ = ["VchanStreamServer", "VchanTransport", "open_connection", "start_server"]
@@ -93,6 +93,10 @@ class VchanTransport(asyncio.Transport):
         n = ep.send_nowait(self._wbuf)
         if n:
             del self._wbuf[:n]
+        if self._wbuf:  # full: hear of the peer's next read, then re-check
+            ep.rings.request_notify(VCHAN_NOTIFY_READ)
+            if ep.rings.buffer_space():
+                self._schedule()
         self._check_water()
         if not self._wbuf and self._closing and not self._lost:
             self._lose(None)
@@ -119,6 +123,9 @@ class VchanTransport(asyncio.Transport):
         if self._lost or not self._reading:
             return False
         if moved >= _PASS_BYTES:
+            return True
+        ep.rings.request_notify(VCHAN_NOTIFY_WRITE)  # empty: hear of the next write
+        if ep.rings.data_ready():
             return True
         if not ep.is_open and not ep.data_ready():
             self._peer_gone()

@@ -86,9 +86,8 @@ def duplex(ep: VchanEndpoint, send_total: int, recv_total: int, chunk: int,
         if not progress:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"vchan transfer stalled: sent {sent}, received {received}")
-            if ep._spin(lambda: ep.rings.data_ready() or ep.rings.buffer_space()):
-                continue
-            ep.wait_event(0.5)
+            ep.idle(reading=recv_total < 0 or received < recv_total,
+                    writing=sent < send_total, timeout=0.5)
     return {"sent": sent, "sent_crc": sent_crc, "received": received,
             "received_crc": received_crc, "recv_seconds": last_recv - first_recv}
 

@@ -85,6 +85,14 @@ class InProcessMachine:
         self.hv.close()
 
 
+def _die_with_parent() -> None:
+    # prctl(PR_SET_PDEATHSIG, SIGTERM): a test runner killed outright leaves no daemon behind
+    # (the signal follows the death of the *thread* that started it: start from a long-lived one)
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+
+
 def start_daemon(
     rundir: str | os.PathLike[str],
     *,
@@ -98,7 +106,7 @@ def start_daemon(
     cmd += ["--max-grants", str(max_grants), "--max-ports", str(max_ports)]
     for d in domains:
         cmd += ["--domain", str(d)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent)
     pidfile = Path(rundir) / "daemon.pid"
     deadline = time.monotonic() + timeout
     while not pidfile.exists():

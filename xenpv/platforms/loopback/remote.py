@@ -238,7 +238,7 @@ class RemotePlatform:
         ]
         full_env = dict(os.environ)
         full_env.update(env or {})
-        proc = subprocess.Popen(cmd, pass_fds=[child.fileno()], env=full_env)
+        proc = subprocess.Popen(cmd, pass_fds=[child.fileno()], env=full_env)  # exits on EOF
         child.close()
         conn = Connection(parent.detach())
         self = cls(proc, conn, domid)

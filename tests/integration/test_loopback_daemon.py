@@ -151,3 +151,21 @@ def test_real_xenstore_read_runs_as_the_domain(rundir: Path, peer_root: Path) ->
     out = subprocess.run([prog, "domid"], env=env, capture_output=True, text=True, timeout=30, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"
+
+
+def test_platform_xenstore_accessor_acts_as_the_domain(rundir: Path) -> None:
+    p = ClientPlatform.for_domain(rundir, 1)
+
+    async def scenario() -> None:
+        xs = await p.xenstore()
+        try:
+            assert await xs.read("domid") == b"1"
+            assert await xs.get_domain_path(1) == "/local/domain/1"
+        finally:
+            await xs.close()
+
+    try:
+        assert p.xenstore_path == str(rundir / "dom1" / "xenstore")
+        asyncio.run(scenario())
+    finally:
+        p.close()

@@ -26,7 +26,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from xenpv.errors import LocalError, PeerError
+from xenpv.errors import LocalError
 from xenpv.xenbus.driver import BackendDriver, FrontendDriver, XenbusDriver
 from xenpv.xenbus.paths import backend_dir, frontend_dir
 from xenpv.xenstore.client import Watch, XenstoreClient, XenstoreConnectionError
@@ -98,7 +98,9 @@ class DeviceWatcher:
             driver = self.factory(self.client, path)
             try:
                 await driver.start()
-            except (LocalError, PeerError, XenstoreError) as exc:
+            except (XenstoreConnectionError, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # refused, or a broken driver: serve the others
                 self.refused[path] = str(exc)
                 self.finished.add(path)
                 log.warning("%s: not served: %s", path, exc)

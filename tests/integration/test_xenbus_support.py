@@ -209,3 +209,48 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0
     async with asyncio.timeout(timeout):
         while not await check():
             await asyncio.sleep(0.01)
+
+
+async def serve_domain(role: str, rundir: str, domid: int) -> None:
+    """Run a toy backend or frontend watcher as domain ``domid`` of a loopback daemon.
+
+    Used as a child process (``python test_xenbus_support.py ROLE RUNDIR DOMID``): prints
+    ``ready`` once watching, then ``<path> <state>`` on every state change of a driver,
+    and stops cleanly (closing every driver) on SIGTERM.
+    """
+    import signal
+    import sys
+
+    from xenpv.platforms.loopback.client import ClientPlatform
+    from xenpv.xenbus import BackendWatcher, FrontendWatcher
+
+    platform = ClientPlatform.for_domain(rundir, domid)
+    client = await XenstoreClient.connect(platform.xenstore_path, timeout=5.0)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    watcher: BackendWatcher | FrontendWatcher
+    if role == "backend":
+        watcher = BackendWatcher(client, domid, DEVTYPE, lambda c, p: ToyBackend(c, p, platform))
+    else:
+        watcher = FrontendWatcher(client, domid, DEVTYPE, lambda c, p: ToyFrontend(c, p, platform))
+    await watcher.start()
+    print("ready", flush=True)
+    seen: dict[str, XenbusState] = {}
+    while not stop.is_set():
+        for path, driver in list(watcher.devices.items()):
+            if seen.get(path) is not driver.state:
+                seen[path] = driver.state
+                print(path, int(driver.state), flush=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.02)
+    await watcher.close()
+    await client.close()
+    platform.close()
+    print("stopped", flush=True)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    import sys
+
+    asyncio.run(serve_domain(sys.argv[1], sys.argv[2], int(sys.argv[3])))

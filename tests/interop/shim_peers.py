@@ -56,6 +56,7 @@ class LoopbackRun:
         # Short path: Unix socket paths are limited to 107 bytes.
         self.rundir = Path(tempfile.mkdtemp(prefix="xenpv-shim-"))
         self.procs: list[subprocess.Popen[bytes]] = []
+        self._env: dict[int, dict[str, str]] = {}
         self.daemon = start_daemon(self.rundir)
         try:
             for domid, name in domains.items():
@@ -70,15 +71,18 @@ class LoopbackRun:
     def env(self, domid: int, **extra: str) -> dict[str, str]:
         """The environment of a program acting as ``domid``: what ``xenpv loopback env``
         prints, with Debian's Xen libraries after the replacement ones."""
-        out = xenpv_cli("loopback", "env", "--rundir", str(self.rundir), "--domid", str(domid))
-        base = dict(os.environ)
-        for line in out.splitlines():
-            words = shlex.split(line)
-            if len(words) == 2 and words[0] == "export" and "=" in words[1]:
-                key, _, value = words[1].partition("=")
-                base[key] = value
-        base.update(extra)
-        return peers.run_env([str(shim_dir())], base=base)
+        if domid not in self._env:
+            out = xenpv_cli(
+                "loopback", "env", "--rundir", str(self.rundir), "--domid", str(domid)
+            )
+            base = dict(os.environ)
+            for line in out.splitlines():
+                words = shlex.split(line)
+                if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+                    key, _, value = words[1].partition("=")
+                    base[key] = value
+            self._env[domid] = peers.run_env([str(shim_dir())], base=base)
+        return {**self._env[domid], **extra}
 
     def spawn(self, domid: int, cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         """Start ``cmd`` acting as ``domid`` (killed at :meth:`close`)."""

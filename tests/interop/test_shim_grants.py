@@ -22,9 +22,9 @@ from xenpv.platforms.xen import XenPlatform, default_xenstore_path
 PAGE = 4096
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def loopback() -> Iterator[LoopbackRun]:
-    """A daemon with domains 1 and 2."""
+    """A daemon with domains 1 and 2 (shared by the module; tests close what they open)."""
     run = LoopbackRun({1: "one", 2: "two"})
     try:
         yield run
@@ -84,20 +84,23 @@ def test_shares_and_maps_beyond_one_request_are_chunked(
     b.grants.end_access(pages)
 
 
-def test_a_lost_daemon_is_reported_as_platform_gone(
-    loopback: LoopbackRun, platform: Callable[[int], XenPlatform]
-) -> None:
-    a = platform(1)
-    port = a.events.alloc_unbound(2)
-    stop_daemon(loopback.daemon)
-    with pytest.raises(PlatformGone) as info:
-        a.events.alloc_unbound(2)
-    assert info.value.errno == errno.ENOTCONN
-    with pytest.raises(PlatformGone):
-        a.grants.grant(2)
-    with pytest.raises(PlatformGone):
-        a.events.unbind(port)
-    a.close()  # releasing with no daemon neither hangs nor raises
+def test_a_lost_daemon_is_reported_as_platform_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    run = LoopbackRun({1: "one", 2: "two"})  # its own daemon: this test stops it
+    try:
+        monkeypatch.setenv("XENPV_LOOPBACK_SOCKET", str(run.rundir / "dom1" / "control"))
+        a = XenPlatform(1, lib_dir=shim_dir())
+        port = a.events.alloc_unbound(2)
+        stop_daemon(run.daemon)
+        with pytest.raises(PlatformGone) as info:
+            a.events.alloc_unbound(2)
+        assert info.value.errno == errno.ENOTCONN
+        with pytest.raises(PlatformGone):
+            a.grants.grant(2)
+        with pytest.raises(PlatformGone):
+            a.events.unbind(port)
+        a.close()  # releasing with no daemon neither hangs nor raises
+    finally:
+        run.close()
 
 
 def test_restricted_event_channels_bind_only_to_that_domain(

@@ -278,12 +278,12 @@ async def _tty_path(args: argparse.Namespace, timeout: float = 10.0) -> str:
 def _attach(args: argparse.Namespace) -> int:
     path = asyncio.run(_tty_path(args))
     fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
-    tty.setraw(fd)
+    tty.setraw(fd, termios.TCSANOW)  # TCSANOW: keep what the guest already wrote
     stdin = sys.stdin.fileno()
     saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
     try:
         if saved is not None:
-            tty.setraw(stdin)
+            tty.setraw(stdin, termios.TCSANOW)  # keep type-ahead
         while True:
             ready, _, _ = select.select([fd, stdin], [], [])
             if fd in ready:

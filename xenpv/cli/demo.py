@@ -36,6 +36,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 import tty
 import zlib
@@ -258,7 +259,7 @@ class Pty:
     def open(cls, path: str) -> Pty:
         """Open the pty ``path`` in raw mode."""
         fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-        tty.setraw(fd)
+        tty.setraw(fd, termios.TCSANOW)  # keep output the guest already wrote
         return cls(fd)
 
     def write(self, data: bytes) -> None:

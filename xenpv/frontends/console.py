@@ -647,6 +647,7 @@ class ConsoleFrontend(FrontendDriver):
         fut = self._streams
         if fut is not None and not fut.done():
             fut.set_exception(LocalError("console disconnected"))
+            fut.exception()  # retrieved here: nobody may be waiting for it
         self._streams = None
         if self._res is not None:
             self._res.release()

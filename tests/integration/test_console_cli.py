@@ -1,0 +1,91 @@
+"""``xenpv console``: backend, frontend, publish and attach as separate processes.
+
+The guest runs ``xenpv console frontend --shell``; the toolstack step is ``xenpv console
+publish``; ``xenpv console backend`` serves the console on a pty and ``xenpv console
+attach`` (on a terminal of ours) connects to it like ``xenconsole``: typed lines come
+back from the guest's shell, and Ctrl-] leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from xenpv.cli.demo import Pty
+from xenpv.platforms.loopback.harness import DaemonMachine
+
+GUEST = 11
+WAIT = 20.0
+
+
+def xenpv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "xenpv", *args]
+
+
+def event(proc: subprocess.Popen[bytes]) -> dict[str, object]:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], WAIT)
+    assert ready, "no JSON line"
+    line = proc.stdout.readline()
+    assert line, f"exited with {proc.wait(5)}"
+    value: dict[str, object] = json.loads(line)
+    return value
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        yield started
+    finally:
+        for p in started:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+            for f in (p.stdin, p.stdout):
+                if f is not None:
+                    f.close()
+
+
+def test_backend_frontend_publish_and_attach(procs: list[subprocess.Popen[bytes]]) -> None:
+    machine = DaemonMachine(max_grants=64, max_ports=32)
+    terminal: Pty | None = None
+    try:
+        machine.create_domain(GUEST)
+        rundir = machine.rundir
+        pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
+        fe = subprocess.Popen(xenpv("console", "frontend", "--rundir", rundir, "--domid",
+                                    str(GUEST), "--shell"), **pipes)  # type: ignore[call-overload]
+        procs.append(fe)
+        ready = event(fe)
+        subprocess.run(xenpv("console", "publish", "--rundir", rundir, "--domid", str(GUEST),
+                             "--port", str(ready["port"])), check=True, timeout=WAIT)
+        be = subprocess.Popen(xenpv("console", "backend", "--rundir", rundir, "--domid",
+                                    str(GUEST)), **pipes)  # type: ignore[call-overload]
+        procs.append(be)
+        assert event(be)["event"] == "ready"
+        master, slave = os.openpty()
+        terminal = Pty(master)
+        at = subprocess.Popen(xenpv("console", "attach", str(GUEST), "--rundir", rundir),
+                              stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+        procs.append(at)
+        os.close(slave)
+        terminal.write(b"echo through attach\n")
+        terminal.read_until(b"through attach\n", WAIT)
+        terminal.write(b"\x1d")
+        assert at.wait(WAIT) == 0
+        for p in (be, fe):  # the backend lets go of the page first
+            assert p.stdin is not None
+            p.stdin.close()
+            assert p.wait(WAIT) == 0
+        machine.assert_released()
+    finally:
+        if terminal is not None:
+            terminal.close()
+        machine.close()

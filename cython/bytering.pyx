@@ -24,27 +24,16 @@
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport uint8_t, uint32_t
 
-from includes.copy cimport xenpv_copy
+from heldbuf cimport drop_buffer, hold_buffer
 from includes.barrier cimport xenpv_load_u32, xenpv_mb, xenpv_rmb, xenpv_store_u32, xenpv_wmb
+from includes.copy cimport xenpv_copy
 
 from xenpv.errors import LocalError, RingOverflowError
 
 
 
-cdef Py_buffer *_hold(object buf) except NULL:
-    """Acquire a writable export of ``buf`` that outlives this call (freed by release())."""
-    cdef Py_buffer *view = <Py_buffer *>PyMem_Malloc(sizeof(Py_buffer))
-    if view == NULL:
-        raise MemoryError()
-    try:
-        PyObject_GetBuffer(buf, view, PyBUF_WRITABLE)
-    except BaseException:
-        PyMem_Free(view)
-        raise
-    return view
 
 cdef class ByteRing:
     """One direction of a byte (or fixed-unit) ring laid out inside ``buf``.
@@ -57,9 +46,6 @@ cdef class ByteRing:
     (the caller notifies its peer).
     """
 
-    # The held export lives outside the object: Cython's generated tp_clear would clear a
-    # Py_buffer member's ``obj`` behind PyBuffer_Release's back (the exporter then dies
-    # with an export outstanding).
     cdef Py_buffer *_view
     cdef Py_buffer *_data_view
     cdef uint8_t *base
@@ -89,9 +75,9 @@ cdef class ByteRing:
         if size <= 0 or size > 0x80000000 or slot <= 0:
             raise LocalError(f"bad ring geometry: {size} units of {slot} bytes")
         self.release()  # __init__ called again: drop the old memory first
-        self._view = _hold(buf)
+        self._view = hold_buffer(buf)
         if data_buffer is not None:
-            self._data_view = _hold(data_buffer)
+            self._data_view = hold_buffer(data_buffer)
         dview = self._data_view if self._data_view != NULL else self._view
         try:
             _check_geometry(self._view.len, <size_t>self._view.buf, dview.len, data_offset,
@@ -115,14 +101,8 @@ cdef class ByteRing:
 
     def release(self) -> None:
         """Let go of the ring memory; later calls raise LocalError."""
-        if self._view != NULL:
-            PyBuffer_Release(self._view)
-            PyMem_Free(self._view)
-            self._view = NULL
-        if self._data_view != NULL:
-            PyBuffer_Release(self._data_view)
-            PyMem_Free(self._data_view)
-            self._data_view = NULL
+        drop_buffer(&self._view)
+        drop_buffer(&self._data_view)
         self.base = NULL
 
     @property

@@ -96,9 +96,19 @@ def ring_size(nbytes: int, slot_size: int) -> int:
 
 
 class _Ring:
-    """Common part of FrontRing and BackRing: the held buffer and the ring geometry."""
+    """One end of a shared ring: the held memory, the geometry and the generic operations.
 
-    def __init__(self, buf: Any, slot_size: int) -> None:
+    Both ends are the same machine seen from two sides.  ``_prod_pvt`` counts the entries
+    this end produced (published or not) and ``_cons`` those it consumed; ``_out_*`` are the
+    shared producer index and event field of what this end produces, ``_in_*`` of what it
+    consumes.  Subclasses name things as io/ring.h does and define :meth:`_room` (how many
+    entries this end may produce) and :meth:`_avail` (the validated count of entries the
+    peer published).
+    """
+
+    _out_prod = _out_event = _in_prod = _in_event = 0
+
+    def __init__(self, buf: Any, slot_size: int, start: int) -> None:
         raw, words = _words(buf)
         n = ring_size(len(raw), slot_size)
         if n == 0:
@@ -110,6 +120,8 @@ class _Ring:
         self.slot_size = slot_size
         self.nr_ents = n
         self._broken: str | None = None
+        self._prod_pvt = start & MASK32
+        self._cons = start & MASK32
 
     def release(self) -> None:
         """Let go of the ring memory (an mmap can then be closed); later calls raise LocalError."""
@@ -147,9 +159,20 @@ class _Ring:
         """Byte offset of the slot used by ring index ``idx`` (xen-protocols.md §1.2)."""
         return HEADER_BYTES + (idx & (self.nr_ents - 1)) * self.slot_size
 
-    def _put(self, idx: int, src: Any, n: int, room: int, strict: bool) -> int:
-        """Copy up to ``n`` entries (all of ``src`` if n < 0) into the slots from ``idx``."""
+    # -- the two things FrontRing and BackRing define -------------------------------------
+    def _room(self) -> int:
+        """Entries this end may produce now."""
+        raise NotImplementedError
+
+    def _avail(self) -> int:
+        """Validated number of entries the peer published for us (one load of its index)."""
+        raise NotImplementedError
+
+    # -- producing -------------------------------------------------------------------------
+    def _put(self, src: Any, n: int, strict: bool) -> int:
+        """Copy up to ``n`` entries (all of ``src`` if n < 0) into the slots; not pushed."""
         raw = self._mem()[0]
+        room = self._room()
         with memoryview(src) as view:
             data = view.cast("B")
             have = len(data) // self.slot_size
@@ -164,30 +187,54 @@ class _Ring:
                 n = room
             e = self.slot_size
             for j in range(n):
-                at = self._slot(idx + j)
+                at = self._slot(self._prod_pvt + j)
                 raw[at : at + e] = data[j * e : (j + 1) * e]
+        self._prod_pvt = (self._prod_pvt + n) & MASK32
         return n
 
-    def _put_one(self, idx: int, data: Any) -> None:
+    def _put_one(self, data: Any) -> None:
+        """Queue one entry of at most slot_size bytes; the rest of the slot is zeroed."""
         raw = self._mem()[0]
+        if self._room() == 0:
+            raise LocalError("no room for another entry")
         with memoryview(data) as view:
             entry = view.cast("B")
             if len(entry) > self.slot_size:
                 raise LocalError(
                     f"a {len(entry)}-byte entry does not fit a {self.slot_size}-byte slot")
-            at = self._slot(idx)
+            at = self._slot(self._prod_pvt)
             raw[at : at + len(entry)] = entry
             raw[at + len(entry) : at + self.slot_size] = bytes(self.slot_size - len(entry))
+        self._prod_pvt = (self._prod_pvt + 1) & MASK32
 
-    def _copy_out(self, idx: int, n: int, out: memoryview) -> None:
-        """Copy entries idx .. idx+n-1 out of shared memory, each exactly once."""
+    def _push_plain(self) -> None:
+        """io/ring.h RING_PUSH_*: publish what was queued."""
+        _wmb()  # the peer must see the slots before the index that covers them
+        self._store(self._out_prod, self._prod_pvt)
+
+    def _push(self) -> bool:
+        """io/ring.h RING_PUSH_*_AND_CHECK_NOTIFY: publish, say if the peer asked to be told."""
+        new = self._prod_pvt
+        old = self._load(self._out_prod)
+        _wmb()  # the peer must see the slots before the index that covers them
+        self._store(self._out_prod, new)
+        full_barrier()  # the index store must be visible before we read the peer's event
+        event = self._load(self._out_event)
+        # Notify exactly when the peer's wake-up point lies in (old, new] (mod 2^32).
+        return (new - event) & MASK32 < (new - old) & MASK32
+
+    # -- consuming -------------------------------------------------------------------------
+    def _copy_out(self, n: int, out: memoryview) -> None:
+        """Copy entries _cons .. _cons+n-1 out of shared memory, each exactly once."""
         raw = self._mem()[0]
         e = self.slot_size
         for j in range(n):
-            at = self._slot(idx + j)
+            at = self._slot(self._cons + j)
             out[j * e : (j + 1) * e] = raw[at : at + e]
+        self._cons = (self._cons + n) & MASK32
 
-    def _take_into(self, idx: int, dst: Any, max_n: int, avail: int) -> int:
+    def _take_into(self, dst: Any, max_n: int, avail: int) -> int:
+        """Copy up to min(max_n, avail, what fits dst) entries out; advance _cons."""
         with memoryview(dst) as view:
             out = view.cast("B")
             if out.readonly:
@@ -196,32 +243,45 @@ class _Ring:
             if 0 <= max_n < n:
                 n = max_n
             n = min(n, avail)
-            self._copy_out(idx, n, out)
+            self._copy_out(n, out)
         return n
 
-    def _take(self, idx: int, n: int, dtype: Any) -> Any:
+    def _take(self, max_n: int, dtype: Any) -> Any:
+        """Copy up to ``max_n`` waiting entries out: bytes, or a numpy array of ``dtype``."""
+        n = self._avail()
+        if 0 <= max_n < n:
+            n = max_n
         out = bytearray(n * self.slot_size)
-        self._copy_out(idx, n, memoryview(out))
+        self._copy_out(n, memoryview(out))
         if dtype is None:
             return bytes(out)
         import numpy
 
         return numpy.frombuffer(out, dtype=dtype)
 
-    def _push(self, prod_off: int, event_off: int, new: int) -> bool:
-        """io/ring.h RING_PUSH_*_AND_CHECK_NOTIFY: publish ``new``, say if the peer asked."""
-        old = self._load(prod_off)
-        _wmb()  # the peer must see the slots before the index that covers them
-        self._store(prod_off, new)
-        full_barrier()  # the index store must be visible before we read the peer's event
-        event = self._load(event_off)
-        # Notify exactly when the peer's wake-up point lies in (old, new] (mod 2^32).
-        return (new - event) & MASK32 < (new - old) & MASK32
+    def _rearm(self) -> None:
+        """Ask for a notification on the very next entry (io/ring.h RING_FINAL_CHECK_*)."""
+        self._store(self._in_event, self._cons + 1)
+        full_barrier()  # the event store must be visible before re-reading the peer's index
 
-    def _push_plain(self, prod_off: int, new: int) -> None:
-        _wmb()  # slots before the index that covers them
-        self._store(prod_off, new)
+    def _poll_into(self, dst: Any, max_n: int) -> int:
+        n = self._take_into(dst, max_n, self._avail())
+        if n == 0 and max_n != 0:
+            self._rearm()
+            n = self._take_into(dst, max_n, self._avail())
+        return n
 
+    def _final_check(self) -> bool:
+        if self._avail():
+            return True
+        self._rearm()
+        return self._avail() != 0
+
+    def _set_event(self, value: int) -> None:
+        self._store(self._in_event, value)
+        full_barrier()
+
+    # -- diagnostics -----------------------------------------------------------------------
     @property
     def req_prod(self) -> int:
         """The shared ``req_prod`` (one load; diagnostics)."""
@@ -253,32 +313,47 @@ class FrontRing(_Ring):
     ``buf`` is any writable, 4-byte aligned buffer; it is held, never copied.
     """
 
+    _out_prod, _out_event = OFF_REQ_PROD, OFF_REQ_EVENT
+    _in_prod, _in_event = OFF_RSP_PROD, OFF_RSP_EVENT
+
     def __init__(self, buf: Any, slot_size: int, start: int = 0, *, init: bool = True) -> None:
-        super().__init__(buf, slot_size)
-        start &= MASK32
+        super().__init__(buf, slot_size, start)
         if init:
             self._store(OFF_REQ_PROD, start)
             self._store(OFF_RSP_PROD, start)
             self._store(OFF_REQ_EVENT, start + 1)
             self._store(OFF_RSP_EVENT, start + 1)
             self._mem()[0][OFF_PVT:HEADER_BYTES] = bytes(HEADER_BYTES - OFF_PVT)
-        self._req_prod_pvt = start
-        self._rsp_cons = start
+
+    def _room(self) -> int:
+        return self.nr_ents - ((self._prod_pvt - self._cons) & MASK32)
+
+    def _avail(self) -> int:
+        prod = self._load(OFF_RSP_PROD)  # the one snapshot of the peer's index for this call
+        n = (prod - self._cons) & MASK32
+        outstanding = (self._prod_pvt - self._cons) & MASK32
+        # io/ring.h RING_RESPONSE_PROD_OVERFLOW, tightened to the requests outstanding.
+        if n > outstanding:
+            self._fail(
+                f"backend rsp_prod {prod} claims {n} responses with rsp_cons {self._cons}, "
+                f"{outstanding} requests outstanding, ring of {self.nr_ents}")
+        _rmb()  # the index load comes before the slot loads it covers
+        return n
 
     @property
     def req_prod_pvt(self) -> int:
         """Private index of the next request slot to fill."""
-        return self._req_prod_pvt
+        return self._prod_pvt
 
     @property
     def rsp_cons(self) -> int:
         """Private index of the next response to consume."""
-        return self._rsp_cons
+        return self._cons
 
     def free_requests(self) -> int:
         """io/ring.h RING_FREE_REQUESTS: slots the frontend may still fill."""
         self._mem()
-        return self.nr_ents - ((self._req_prod_pvt - self._rsp_cons) & MASK32)
+        return self._room()
 
     def full(self) -> bool:
         """io/ring.h RING_FULL."""
@@ -286,47 +361,29 @@ class FrontRing(_Ring):
 
     def put_request(self, data: Any) -> None:
         """Queue one request (``slot_size`` bytes or fewer; the rest of the slot is zeroed)."""
-        if self.free_requests() == 0:
-            raise LocalError("request ring is full")
-        self._put_one(self._req_prod_pvt, data)
-        self._req_prod_pvt = (self._req_prod_pvt + 1) & MASK32
+        self._put_one(data)
 
     def put_requests(self, src: Any, n: int = -1) -> int:
         """Copy up to ``n`` requests (default: all of ``src``) into free slots; not pushed yet.
 
         ``src`` is any buffer of whole ``slot_size``-byte entries.  Returns how many fitted.
         """
-        done = self._put(self._req_prod_pvt, src, n, self.free_requests(), False)
-        self._req_prod_pvt = (self._req_prod_pvt + done) & MASK32
-        return done
+        return self._put(src, n, False)
 
     def push_requests(self) -> None:
         """io/ring.h RING_PUSH_REQUESTS: publish queued requests without the notify check."""
-        self._push_plain(OFF_REQ_PROD, self._req_prod_pvt)
+        self._push_plain()
 
     def push_requests_and_check_notify(self) -> bool:
         """io/ring.h RING_PUSH_REQUESTS_AND_CHECK_NOTIFY: publish; True if the backend asked
         to be notified (the caller signals the event channel)."""
-        return self._push(OFF_REQ_PROD, OFF_REQ_EVENT, self._req_prod_pvt)
+        return self._push()
 
     def submit_requests(self, src: Any, n: int = -1) -> bool:
         """Queue ``n`` requests (default: all of ``src``) and push them in one call; returns
         ``notify``.  A LocalError if they do not all fit (see :meth:`free_requests`)."""
-        done = self._put(self._req_prod_pvt, src, n, self.free_requests(), True)
-        self._req_prod_pvt = (self._req_prod_pvt + done) & MASK32
-        return self.push_requests_and_check_notify()
-
-    def _avail(self) -> int:
-        prod = self._load(OFF_RSP_PROD)  # the one snapshot of the peer's index for this call
-        n = (prod - self._rsp_cons) & MASK32
-        outstanding = (self._req_prod_pvt - self._rsp_cons) & MASK32
-        # io/ring.h RING_RESPONSE_PROD_OVERFLOW, tightened to the requests outstanding.
-        if n > outstanding:
-            self._fail(
-                f"backend rsp_prod {prod} claims {n} responses with rsp_cons {self._rsp_cons}, "
-                f"{outstanding} requests outstanding, ring of {self.nr_ents}")
-        _rmb()  # the index load comes before the slot loads it covers
-        return n
+        self._put(src, n, True)
+        return self._push()
 
     def unconsumed_responses(self) -> int:
         """io/ring.h RING_HAS_UNCONSUMED_RESPONSES, after the overflow check."""
@@ -335,51 +392,29 @@ class FrontRing(_Ring):
     def final_check_for_responses(self) -> bool:
         """io/ring.h RING_FINAL_CHECK_FOR_RESPONSES: True if responses are waiting; otherwise
         re-arm ``rsp_event`` for the next response and check once more."""
-        if self._avail():
-            return True
-        self._store(OFF_RSP_EVENT, self._rsp_cons + 1)
-        full_barrier()  # the event store must be visible before re-reading rsp_prod
-        return self._avail() != 0
+        return self._final_check()
 
     def set_rsp_event(self, value: int) -> None:
         """Custom re-arm: ask to be notified when ``rsp_prod`` passes ``value``."""
-        self._store(OFF_RSP_EVENT, value)
-        full_barrier()
+        self._set_event(value)
 
     def take_responses_into(self, dst: Any, max_n: int = -1) -> int:
         """Copy up to ``max_n`` waiting responses (as many as fit ``dst``) into ``dst``."""
-        n = self._take_into(self._rsp_cons, dst, max_n, self._avail())
-        self._rsp_cons = (self._rsp_cons + n) & MASK32
-        return n
+        return self._take_into(dst, max_n, self._avail())
 
     def poll_responses_into(self, dst: Any, max_n: int = -1) -> int:
         """Take waiting responses into ``dst``; when there are none, re-arm ``rsp_event`` and
         take what arrived meanwhile.  0 means the ring is empty and armed: safe to sleep."""
-        n = self._take_into(self._rsp_cons, dst, max_n, self._avail())
-        if n == 0 and max_n != 0:
-            self._store(OFF_RSP_EVENT, self._rsp_cons + 1)
-            full_barrier()  # the event store must be visible before re-reading rsp_prod
-            n = self._take_into(self._rsp_cons, dst, max_n, self._avail())
-        self._rsp_cons = (self._rsp_cons + n) & MASK32
-        return n
+        return self._poll_into(dst, max_n)
 
     def take_responses(self, max_n: int = -1, dtype: Any = None) -> Any:
         """Copy out up to ``max_n`` waiting responses: ``bytes`` of k * slot_size, or a numpy
         array of ``dtype`` (itemsize = slot_size) over a private copy."""
-        n = self._avail()
-        if 0 <= max_n < n:
-            n = max_n
-        out = self._take(self._rsp_cons, n, dtype)
-        self._rsp_cons = (self._rsp_cons + n) & MASK32
-        return out
+        return self._take(max_n, dtype)
 
     def take_response(self) -> bytes | None:
         """Copy out the next response (``bytes``), or None if there is none."""
-        if self._avail() == 0:
-            return None
-        out: bytes = self._take(self._rsp_cons, 1, None)
-        self._rsp_cons = (self._rsp_cons + 1) & MASK32
-        return out
+        return self._take(1, None) or None
 
 
 class BackRing(_Ring):
@@ -390,33 +425,37 @@ class BackRing(_Ring):
     fresh ring, the current index when re-attaching after a reconnect).
     """
 
+    _out_prod, _out_event = OFF_RSP_PROD, OFF_RSP_EVENT
+    _in_prod, _in_event = OFF_REQ_PROD, OFF_REQ_EVENT
+
     def __init__(self, buf: Any, slot_size: int, start: int = 0) -> None:
-        super().__init__(buf, slot_size)
-        self._req_cons = start & MASK32
-        self._rsp_prod_pvt = start & MASK32
+        super().__init__(buf, slot_size, start)
 
-    @property
-    def req_cons(self) -> int:
-        """Private index of the next request to consume."""
-        return self._req_cons
-
-    @property
-    def rsp_prod_pvt(self) -> int:
-        """Private index of the next response slot to fill."""
-        return self._rsp_prod_pvt
+    def _room(self) -> int:
+        return (self._cons - self._prod_pvt) & MASK32
 
     def _avail(self) -> int:
         prod = self._load(OFF_REQ_PROD)  # the one snapshot of the peer's index for this call
-        ahead = (prod - self._rsp_prod_pvt) & MASK32
-        consumed = (self._req_cons - self._rsp_prod_pvt) & MASK32
+        ahead = (prod - self._prod_pvt) & MASK32
+        consumed = (self._cons - self._prod_pvt) & MASK32
         # io/ring.h RING_REQUEST_PROD_OVERFLOW (upper bound), and prod may not fall behind
         # requests already consumed (lower bound).
         if ahead > self.nr_ents or ahead < consumed:
             self._fail(
-                f"frontend req_prod {prod} is outside the ring: req_cons {self._req_cons}, "
-                f"rsp_prod_pvt {self._rsp_prod_pvt}, ring of {self.nr_ents}")
+                f"frontend req_prod {prod} is outside the ring: req_cons {self._cons}, "
+                f"rsp_prod_pvt {self._prod_pvt}, ring of {self.nr_ents}")
         _rmb()  # the index load comes before the slot loads it covers
         return ahead - consumed
+
+    @property
+    def req_cons(self) -> int:
+        """Private index of the next request to consume."""
+        return self._cons
+
+    @property
+    def rsp_prod_pvt(self) -> int:
+        """Private index of the next response slot to fill."""
+        return self._prod_pvt
 
     def unconsumed_requests(self) -> int:
         """io/ring.h RING_HAS_UNCONSUMED_REQUESTS, after the overflow check."""
@@ -425,85 +464,58 @@ class BackRing(_Ring):
     def final_check_for_requests(self) -> bool:
         """io/ring.h RING_FINAL_CHECK_FOR_REQUESTS: True if requests are waiting; otherwise
         re-arm ``req_event`` for the next request and check once more."""
-        if self._avail():
-            return True
-        self._store(OFF_REQ_EVENT, self._req_cons + 1)
-        full_barrier()  # the event store must be visible before re-reading req_prod
-        return self._avail() != 0
+        return self._final_check()
 
     def set_req_event(self, value: int) -> None:
         """Custom re-arm: ask to be notified when ``req_prod`` passes ``value``."""
-        self._store(OFF_REQ_EVENT, value)
-        full_barrier()
+        self._set_event(value)
 
     def take_requests_into(self, dst: Any, max_n: int = -1) -> int:
         """Copy up to ``max_n`` waiting requests (as many as fit ``dst``) into ``dst``."""
-        n = self._take_into(self._req_cons, dst, max_n, self._avail())
-        self._req_cons = (self._req_cons + n) & MASK32
-        return n
+        return self._take_into(dst, max_n, self._avail())
 
     def poll_requests_into(self, dst: Any, max_n: int = -1) -> int:
         """Take waiting requests into ``dst``; when there are none, re-arm ``req_event`` and
         take what arrived meanwhile.  0 means the ring is empty and armed: safe to sleep."""
-        n = self._take_into(self._req_cons, dst, max_n, self._avail())
-        if n == 0 and max_n != 0:
-            self._store(OFF_REQ_EVENT, self._req_cons + 1)
-            full_barrier()  # the event store must be visible before re-reading req_prod
-            n = self._take_into(self._req_cons, dst, max_n, self._avail())
-        self._req_cons = (self._req_cons + n) & MASK32
-        return n
+        return self._poll_into(dst, max_n)
 
     def take_requests(self, max_n: int = -1, dtype: Any = None) -> Any:
         """Copy out up to ``max_n`` waiting requests: ``bytes`` of k * slot_size, or a numpy
         array of ``dtype`` (itemsize = slot_size) over a private copy."""
-        n = self._avail()
-        if 0 <= max_n < n:
-            n = max_n
-        out = self._take(self._req_cons, n, dtype)
-        self._req_cons = (self._req_cons + n) & MASK32
-        return out
+        return self._take(max_n, dtype)
 
     def take_request(self) -> bytes | None:
         """Copy out the next request (``bytes``), or None if there is none."""
-        if self._avail() == 0:
-            return None
-        out: bytes = self._take(self._req_cons, 1, None)
-        self._req_cons = (self._req_cons + 1) & MASK32
-        return out
+        return self._take(1, None) or None
 
     def pending_responses(self) -> int:
         """Requests consumed but not answered yet (responses that may still be queued)."""
         self._mem()
-        return (self._req_cons - self._rsp_prod_pvt) & MASK32
+        return self._room()
 
     def put_response(self, data: Any) -> None:
         """Queue one response (``slot_size`` bytes or fewer; the rest of the slot is zeroed)."""
-        if self.pending_responses() == 0:
-            raise LocalError("no consumed request is waiting for a response")
-        self._put_one(self._rsp_prod_pvt, data)
-        self._rsp_prod_pvt = (self._rsp_prod_pvt + 1) & MASK32
+        self._put_one(data)
 
     def put_responses(self, src: Any, n: int = -1) -> int:
         """Copy ``n`` responses (default: all of ``src``) into the slots of consumed requests;
         not pushed yet.  More responses than consumed requests is a LocalError."""
-        done = self._put(self._rsp_prod_pvt, src, n, self.pending_responses(), True)
-        self._rsp_prod_pvt = (self._rsp_prod_pvt + done) & MASK32
-        return done
+        return self._put(src, n, True)
 
     def push_responses(self) -> None:
         """io/ring.h RING_PUSH_RESPONSES: publish queued responses without the notify check."""
-        self._push_plain(OFF_RSP_PROD, self._rsp_prod_pvt)
+        self._push_plain()
 
     def push_responses_and_check_notify(self) -> bool:
         """io/ring.h RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: publish; True if the frontend asked
         to be notified (the caller signals the event channel)."""
-        return self._push(OFF_RSP_PROD, OFF_RSP_EVENT, self._rsp_prod_pvt)
+        return self._push()
 
     def submit_responses(self, src: Any, n: int = -1) -> bool:
         """Queue ``n`` responses (default: all of ``src``) and push them in one call; returns
         ``notify``.  More responses than consumed requests is a LocalError."""
-        self.put_responses(src, n)
-        return self.push_responses_and_check_notify()
+        self._put(src, n, True)
+        return self._push()
 
 
 class ByteRing:

@@ -78,6 +78,29 @@ def test_echo_over_each_ring_placement(pfs: tuple[Any, Any], read_min: int, writ
     run(main())
 
 
+async def source(writer: asyncio.StreamWriter, size: int) -> str:
+    """Write ``size`` random bytes in 64 KiB pieces; return their SHA-256."""
+    h = hashlib.sha256()
+    for _ in range(size // (1 << 16)):
+        block = os.urandom(1 << 16)
+        h.update(block)
+        writer.write(block)
+        await writer.drain()
+    return h.hexdigest()
+
+
+async def sink(reader: asyncio.StreamReader, size: int) -> str:
+    """Read exactly ``size`` bytes; return their SHA-256."""
+    h = hashlib.sha256()
+    left = size
+    while left:
+        chunk = await reader.read(min(left, 1 << 16))
+        assert chunk
+        h.update(chunk)
+        left -= len(chunk)
+    return h.hexdigest()
+
+
 def test_large_transfer_both_ways_with_digest(pfs: tuple[Any, Any]) -> None:
     spf, cpf = pfs
     path = vchan_path(SERVER, CLIENT, "bulk")
@@ -85,52 +108,15 @@ def test_large_transfer_both_ways_with_digest(pfs: tuple[Any, Any]) -> None:
     digests: dict[str, str] = {}
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        async def sink() -> None:
-            h = hashlib.sha256()
-            left = size
-            while left:
-                chunk = await reader.read(min(left, 1 << 16))
-                assert chunk
-                h.update(chunk)
-                left -= len(chunk)
-            digests["server_got"] = h.hexdigest()
-
-        async def source() -> None:
-            h = hashlib.sha256()
-            for _ in range(size // (1 << 16)):
-                block = os.urandom(1 << 16)
-                h.update(block)
-                writer.write(block)
-                await writer.drain()
-            digests["server_sent"] = h.hexdigest()
-
-        await asyncio.gather(sink(), source())
+        digests["server_got"], digests["server_sent"] = await asyncio.gather(
+            sink(reader, size), source(writer, size))
         await reader.read()  # until the client closes
 
     async def main() -> None:
         server = await start_server(spf, CLIENT, path, handler, read_min=MiB, write_min=MiB)
         reader, writer = await open_connection(cpf, SERVER, path)
-
-        async def source() -> None:
-            h = hashlib.sha256()
-            for _ in range(size // (1 << 16)):
-                block = os.urandom(1 << 16)
-                h.update(block)
-                writer.write(block)
-                await writer.drain()
-            digests["client_sent"] = h.hexdigest()
-
-        async def sink() -> None:
-            h = hashlib.sha256()
-            left = size
-            while left:
-                chunk = await reader.read(min(left, 1 << 16))
-                assert chunk
-                h.update(chunk)
-                left -= len(chunk)
-            digests["client_got"] = h.hexdigest()
-
-        await asyncio.gather(source(), sink())
+        digests["client_sent"], digests["client_got"] = await asyncio.gather(
+            source(writer, size), sink(reader, size))
         writer.close()
         await writer.wait_closed()
         server.close()

@@ -162,6 +162,25 @@ def _end_or_quarantine(gt: Any, pages: Any) -> None:
         _quarantine.append((gt, pages))
 
 
+def _drop_memory(gt: Any, objs: list[Any], *, shared: bool) -> None:
+    """End our shares (quarantining those still mapped) or unmap our mappings."""
+    for obj in objs:
+        if obj is None:
+            continue
+        with contextlib.suppress(PlatformError, LocalError):
+            if shared:
+                _end_or_quarantine(gt, obj)
+            else:
+                gt.unmap(obj)
+
+
+def _undo_setup(platform: Any, port: int, objs: list[Any], *, shared: bool) -> None:
+    """Release what a failed setup had acquired."""
+    _drop_memory(platform.grants, objs, shared=shared)
+    with contextlib.suppress(PlatformError, LocalError):
+        platform.events.unbind(port)
+
+
 def reap(grants: Any | None = None) -> int:
     """Retry ending quarantined shares (of one grant table, or all); returns how many are
     still held because the peer keeps them mapped."""
@@ -495,9 +514,30 @@ class VchanEndpoint:
         return bytes(buf)
 
     # -- close
-    def release(self) -> None:
-        """Tear down the shared state (no xenstore work); idempotent."""
+    #: Whether our memory is shared (server: end access) or mapped (client: unmap).
+    _shares_memory: ClassVar[bool]
+
+    def _memory(self) -> list[Any]:
+        """Our page runs, control page last."""
         raise NotImplementedError
+
+    def release(self) -> None:
+        """Own live byte to 0, let go of every page, signal the port unconditionally and
+        unbind it (no xenstore work); idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.rings.set_live(0)
+        self.rings.release()
+        gt = self.platform.grants
+        _drop_memory(gt, self._memory(), shared=self._shares_memory)
+        with contextlib.suppress(PlatformError, LocalError):
+            self.events.notify(self.port)  # unconditionally: the peer must look at us
+        self.hub.detach(self.port)
+        with contextlib.suppress(PlatformError, LocalError):
+            self.events.unbind(self.port)
+        with contextlib.suppress(PlatformError, LocalError):
+            reap(gt)
 
     def close(self) -> None:
         """Close the vchan (blocking; the server also removes its xenstore path)."""
@@ -506,13 +546,6 @@ class VchanEndpoint:
     async def aclose(self, xs: Any = None) -> None:
         """Close the vchan from asyncio code."""
         self.release()
-
-    def _release_events(self) -> None:
-        with contextlib.suppress(PlatformError, LocalError):
-            self.events.notify(self.port)  # unconditionally: the peer must look at us
-        self.hub.detach(self.port)
-        with contextlib.suppress(PlatformError, LocalError):
-            self.events.unbind(self.port)
 
     def __enter__(self: Any) -> Any:
         return self
@@ -593,30 +626,15 @@ class VchanServer(VchanEndpoint):
 
             await _with_xenstore(platform, xs, publish)
         except BaseException:
-            for pages in shares:
-                _end_or_quarantine(gt, pages)
-            if ctrl is not None:
-                _end_or_quarantine(gt, ctrl)
-            with contextlib.suppress(PlatformError, LocalError):
-                events.unbind(port)
+            _undo_setup(platform, port, [*shares, ctrl], shared=True)
             raise
         return cls(platform, client_domid, path, _setup=(port, ctrl, shares, rings))
 
-    def release(self) -> None:
-        """srv_live = 0, unshare everything, signal and unbind the port (idempotent)."""
-        if self.closed:
-            return
-        self.closed = True
-        self.rings.set_live(0)
-        self.rings.release()
-        gt = self.platform.grants
-        with contextlib.suppress(PlatformError, LocalError):
-            for pages in self.shares:
-                _end_or_quarantine(gt, pages)
-            _end_or_quarantine(gt, self.ctrl)
-        self._release_events()
-        with contextlib.suppress(PlatformError, LocalError):
-            reap(gt)
+    _shares_memory = True
+
+    def _memory(self) -> list[Any]:
+        """Ring shares, then the control page."""
+        return [*self.shares, self.ctrl]
 
     async def remove_path(self, xs: Any = None) -> None:
         """Remove the published xenstore path."""
@@ -723,26 +741,12 @@ class VchanClient(VchanEndpoint):
             mem[VCHAN_SRV_NOTIFY_OFFSET] = VCHAN_NOTIFY_WRITE
             events.notify(port)  # wake the server
         except BaseException:
-            for m in mappings:
-                with contextlib.suppress(PlatformError, LocalError):
-                    gt.unmap(m)
-            if ctrl is not None:
-                with contextlib.suppress(PlatformError, LocalError):
-                    gt.unmap(ctrl)
-            with contextlib.suppress(PlatformError, LocalError):
-                events.unbind(port)
+            _undo_setup(platform, port, [*mappings, ctrl], shared=False)
             raise
         return cls(platform, server_domid, path, _setup=(port, ctrl, mappings, rings))
 
-    def release(self) -> None:
-        """cli_live = 0, unmap everything, signal and unbind the port (idempotent)."""
-        if self.closed:
-            return
-        self.closed = True
-        self.rings.set_live(0)
-        self.rings.release()
-        gt = self.platform.grants
-        for m in [*self.mappings, self.ctrl]:
-            with contextlib.suppress(PlatformError, LocalError):
-                gt.unmap(m)
-        self._release_events()
+    _shares_memory = False
+
+    def _memory(self) -> list[Any]:
+        """Ring mappings, then the control page (its unmap notification fires)."""
+        return [*self.mappings, self.ctrl]

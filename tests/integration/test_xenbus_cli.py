@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -42,10 +43,14 @@ def xenstored(tmp_path: Path) -> Iterator[str]:
         proc.communicate(timeout=20)
 
 
-def xenpv(*args: str) -> subprocess.CompletedProcess[str]:
+def xenpv(*args: str, socket: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.pop("XENSTORED_PATH", None)
+    if socket is not None:
+        env["XENSTORED_PATH"] = socket  # found the way xenstore-utils find it
     return subprocess.run(
         [sys.executable, "-m", "xenpv", "device", *args],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
 
 
@@ -67,7 +72,7 @@ def test_add_list_remove(xenstored: str) -> None:
         c.write(f"{be}/state", b"4")
     dup = xenpv("add", "vbd", *ids, "--devid", "51712")
     assert dup.returncode == 1 and "already exists" in dup.stderr
-    listed = xenpv("list", "vbd", "-b", str(BE), "-s", xenstored)
+    listed = xenpv("list", "vbd", "-b", str(BE), socket=xenstored)
     assert listed.returncode == 0
     lines = listed.stdout.splitlines()
     assert lines[0].split() == [

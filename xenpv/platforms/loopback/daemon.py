@@ -36,7 +36,7 @@ import resource
 import shutil
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ from xenpv.errors import PlatformError
 from xenpv.platforms.base import PAGE_SIZE, GrantCopy, GrantPtr, LocalPtr, MapError
 from xenpv.platforms.loopback import proto
 from xenpv.platforms.loopback.core import Domain, Handle, Hypervisor, Segment
-from xenpv.platforms.loopback.events import wait_readable
 from xenpv.platforms.loopback.proto import Op
 
 log = logging.getLogger("xenpv.loopback")
@@ -75,65 +74,99 @@ def _ok(
 
 
 class _Connection:
-    """One control connection = one hypervisor handle, served by one task."""
+    """One control connection = one hypervisor handle.
+
+    Requests are read and answered from a reader callback (no task switch per request).
+    Only domain creation and destruction await (xenstore); while one of those runs, the
+    connection stops reading, so requests stay strictly in order."""
 
     def __init__(self, daemon: LoopbackDaemon, sock: socket.socket, handle: Handle) -> None:
         self.daemon = daemon
         self.sock = sock
         self.handle = handle
-        self.task: asyncio.Task[None] | None = None
-        handle.on_close.append(self._closed_by_hypervisor)
+        self.task: asyncio.Task[None] | None = None  # an awaiting request, if any
+        self.closed = False
+        self._reading = False
+        handle.on_close.append(self.close)  # domain destroyed: the connection dies with it
 
-    def _closed_by_hypervisor(self) -> None:
-        # domain destroyed: the connection dies with it
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
+    def start(self) -> None:
+        """Start serving requests."""
+        self._resume()
 
-    async def _recv(self) -> tuple[bytes, list[int]] | None:
-        while True:
-            try:
-                data, anc, flags, _ = self.sock.recvmsg(proto.MAX_MESSAGE, proto.CMSG_SPACE)
-            except (BlockingIOError, InterruptedError):
-                await wait_readable(self.sock.fileno())
-                continue
-            fds = proto.fds_from_ancdata(anc)
-            if not data and not fds:
-                return None  # EOF: the client is gone
-            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-                for fd in fds:
-                    os.close(fd)
-                raise proto.ProtocolViolation("oversized request")
-            return data, fds
+    def _resume(self) -> None:
+        if not self.closed and not self._reading:
+            asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
+            self._reading = True
 
-    async def serve(self) -> None:
+    def _pause(self) -> None:
+        if self._reading:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self._reading = False
+
+    def _readable(self) -> None:
         try:
-            while True:
-                got = await self._recv()
-                if got is None:
+            for _ in range(64):  # bounded work per wake-up; the loop calls us again
+                try:
+                    data, anc, flags, _ = self.sock.recvmsg(proto.MAX_MESSAGE, proto.CMSG_SPACE)
+                except (BlockingIOError, InterruptedError):
                     return
-                data, fds = got
+                fds = proto.fds_from_ancdata(anc)
                 for fd in fds:  # clients never send descriptors
                     os.close(fd)
+                if not data and not fds:
+                    self.close()  # EOF: the client is gone
+                    return
+                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                    raise proto.ProtocolViolation("oversized request")
                 op, seq, payload = proto.decode_request(data)
-                status, out, out_fds, to_close = await self.daemon.dispatch(self, op, payload)
-                msg = proto.encode_reply(op, seq, status, out)
-                if len(msg) > proto.MAX_MESSAGE:
-                    msg, out_fds = proto.encode_reply(op, seq, -errno.E2BIG), []
-                try:
-                    self.sock.sendmsg([msg], proto.ancdata_for(out_fds))
-                finally:
-                    for fd in to_close:
-                        os.close(fd)
+                reply = self.daemon.dispatch_now(self, op, payload)
+                if isinstance(reply, tuple):
+                    self._send(op, seq, reply)
+                    continue
+                self._pause()
+                self.task = asyncio.get_running_loop().create_task(self._finish(op, seq, reply))
+                return
         except proto.ProtocolViolation as exc:
             log.info("dom%d: dropping control connection: %s", self.handle.domain.domid, exc)
-        except (BlockingIOError, ConnectionError, OSError) as exc:
+            self.close()
+        except OSError as exc:  # reset, or a client that does not read its replies
             log.debug("dom%d: control connection ends: %s", self.handle.domain.domid, exc)
-        except asyncio.CancelledError:
-            pass
-        finally:
             self.close()
 
+    async def _finish(self, op: int, seq: int, pending: Awaitable[Reply]) -> None:
+        try:
+            reply = await pending
+            if not self.closed:
+                self._send(op, seq, reply)
+        except asyncio.CancelledError:
+            return
+        except OSError:
+            self.close()
+            return
+        self.task = None
+        if not self.closed:
+            self._resume()
+            self._readable()
+
+    def _send(self, op: int, seq: int, reply: Reply) -> None:
+        status, out, out_fds, to_close = reply
+        msg = proto.encode_reply(op, seq, status, out)
+        if len(msg) > proto.MAX_MESSAGE:
+            msg, out_fds = proto.encode_reply(op, seq, -errno.E2BIG), []
+        try:
+            self.sock.sendmsg([msg], proto.ancdata_for(out_fds))
+        finally:
+            for fd in to_close:
+                os.close(fd)
+
     def close(self) -> None:
+        """Release the handle (everything it holds) and the socket (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._pause()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
         self.daemon.connections.discard(self)
         self.daemon.hv.close_handle(self.handle)
         self.sock.close()
@@ -238,7 +271,7 @@ class LoopbackDaemon:
                 continue
             conn = _Connection(self, sock, handle)
             self.connections.add(conn)
-            conn.task = asyncio.get_running_loop().create_task(conn.serve())
+            conn.start()
 
     def _close_endpoints(self, domid: int) -> None:
         lsock = self._listeners.pop(domid, None)
@@ -306,10 +339,9 @@ class LoopbackDaemon:
 
     async def close(self) -> None:
         """Close every connection and endpoint, stop xenstore, remove the sockets."""
-        for conn in list(self.connections):
-            if conn.task is not None:
-                conn.task.cancel()
         tasks = [c.task for c in self.connections if c.task is not None]
+        for conn in list(self.connections):
+            conn.close()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         for domid in list(self._listeners):
@@ -324,23 +356,41 @@ class LoopbackDaemon:
             (self.rundir / "daemon.pid").unlink()
 
     # ------------------------------------------------------------------ dispatch
-    async def dispatch(self, conn: _Connection, op: int, payload: bytes) -> Reply:
-        """Run one request; returns ``(status, payload, fds, fds_to_close)``."""
+    def dispatch_now(self, conn: _Connection, op: int, payload: bytes) -> Reply | Awaitable[Reply]:
+        """Run one request: the reply ``(status, payload, fds, fds_to_close)``, or an
+        awaitable of it for the few operations that must wait (domain create/destroy)."""
         handler = self._handlers.get(op)
         if handler is None:
             return -errno.ENOSYS, b"", [], []
         try:
             result = handler(conn, payload)
-            if asyncio.iscoroutine(result):
-                result = await result
-            return result
-        except MapError as exc:
+        except Exception as exc:
+            return self._error_reply(conn, op, exc)
+        if asyncio.iscoroutine(result):
+            return self._awaited(conn, op, result)
+        return result
+
+    async def _awaited(self, conn: _Connection, op: int, pending: Awaitable[Reply]) -> Reply:
+        try:
+            return await pending
+        except Exception as exc:
+            return self._error_reply(conn, op, exc)
+
+    def _error_reply(self, conn: _Connection, op: int, exc: Exception) -> Reply:
+        if isinstance(exc, MapError):
             return -(exc.errno or errno.EINVAL), proto.MAP_FAIL.pack(exc.index, exc.status), [], []
-        except PlatformError as exc:
+        if isinstance(exc, PlatformError):
             return -(exc.errno or errno.EINVAL), b"", [], []
-        except Exception:  # a bug in the daemon must not kill every domain
-            log.exception("dom%d: op %d failed", conn.handle.domain.domid, op)
-            return -errno.EIO, b"", [], []
+        # a bug in the daemon must not kill every domain
+        log.error("dom%d: op %d failed", conn.handle.domain.domid, op, exc_info=exc)
+        return -errno.EIO, b"", [], []
+
+    async def dispatch(self, conn: _Connection, op: int, payload: bytes) -> Reply:
+        """Run one request to completion (see :meth:`dispatch_now`)."""
+        reply = self.dispatch_now(conn, op, payload)
+        if isinstance(reply, tuple):
+            return reply
+        return await reply
 
     def _require_priv(self, conn: _Connection) -> None:
         if not conn.handle.domain.privileged:

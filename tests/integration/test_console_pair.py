@@ -188,3 +188,50 @@ def test_secondary_console_connects_through_xenbus(machine: DaemonMachine) -> No
 
     asyncio.run(body())
     machine.assert_released()
+
+
+def test_backend_follows_domains_as_they_come_and_go(machine: DaemonMachine) -> None:
+    late = GUEST + 1
+
+    async def body() -> None:
+        dom0 = ClientPlatform.for_domain(machine.rundir, 0)
+        xs = await connect(str(Path(machine.rundir) / "dom0" / "xenstore"))
+        backend = ConsoleBackend(dom0, xs, ConsoleConfig(), all_domains=True, secondary=False)
+        guest = None
+        console = None
+        pty: Pty | None = None
+        try:
+            await backend.start()
+            machine.create_domain(late)  # @introduceDomain: the backend notices
+            guest = ClientPlatform.for_domain(machine.rundir, late)
+            console = PrimaryConsole(guest, 0).setup()
+            await publish_primary_console(xs, late, port=console.port, ring_ref=0)
+            pty = Pty.open((await wait_key(xs, f"/local/domain/{late}/console/tty")).decode())
+            _reader, writer = await console.open()
+            writer.write(b"late guest\n")
+            await asyncio.to_thread(pty.read_until, b"late guest\n", WAIT)
+            assert set(backend.primaries) >= {GUEST, late}
+            pty.close()
+            pty = None
+            console.close()
+            console = None
+            guest.close()
+            guest = None
+            machine.destroy_domain(late)  # @releaseDomain: its server goes
+            deadline = time.monotonic() + WAIT
+            while late in backend.primaries:
+                assert time.monotonic() < deadline, "the backend kept a destroyed domain"
+                await asyncio.sleep(0.02)
+        finally:
+            if pty is not None:
+                pty.close()
+            if console is not None:
+                console.close()
+            if guest is not None:
+                guest.close()
+            await backend.close()
+            await xs.close()
+            dom0.close()
+
+    asyncio.run(body())
+    machine.assert_released()

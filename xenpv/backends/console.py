@@ -591,23 +591,30 @@ class _ConsolePeerError(PeerError):
 
 
 class ConsoleBackend:
-    """Serves console 0 of the ``domids`` given and every secondary console of this domain.
+    """Serves console 0 of guests and every secondary console of this domain.
 
-    Everything the backend decides comes from ``config`` and ``domids`` (R14).
+    Console 0 is served for the ``domids`` given, or with ``all_domains`` for every
+    domain under ``/local/domain`` (a dom0-owned directory), found again on each
+    ``@introduceDomain``/``@releaseDomain``, as xenconsoled does; at most
+    ``max_domains``.  Everything the backend decides comes from its arguments (R14).
     """
 
     def __init__(self, platform: Any, client: Any, config: ConsoleConfig | None = None, *,
-                 domids: Iterable[int] = (), secondary: bool = True,
+                 domids: Iterable[int] = (), all_domains: bool = False,
+                 secondary: bool = True, max_domains: int = 1024,
                  sink: Callable[[int, bytes], None] | None = None) -> None:
         """Prepare; :meth:`start` begins serving."""
         self.platform = platform
         self.client = client
         self.config = config or ConsoleConfig()
         self.domids = tuple(domids)
+        self.all_domains = all_domains
         self.secondary = secondary
+        self.max_domains = max_domains
         self._sink = sink
         self.primaries: dict[int, PrimaryConsoleServer] = {}
         self.watcher: BackendWatcher | None = None
+        self._domlist: asyncio.Task[None] | None = None
 
     def _sink_for(self, domid: int) -> Callable[[bytes], None] | None:
         if self._sink is None:
@@ -615,13 +622,22 @@ class ConsoleBackend:
         fn = self._sink
         return lambda data: fn(domid, data)
 
+    async def _serve(self, domid: int) -> None:
+        srv = PrimaryConsoleServer(self.platform, self.client, domid, self.config,
+                                   sink=self._sink_for(domid))
+        await srv.start()
+        self.primaries[domid] = srv
+
     async def start(self) -> None:
         """Start the primary servers and the secondary-console watcher."""
         for d in self.domids:
-            srv = PrimaryConsoleServer(self.platform, self.client, d, self.config,
-                                       sink=self._sink_for(d))
-            await srv.start()
-            self.primaries[d] = srv
+            await self._serve(d)
+        if self.all_domains:
+            watches = [self.client.watch(w, max_pending=4) for w in
+                       ("@introduceDomain", "@releaseDomain")]
+            for w in watches:
+                await w.register()
+            self._domlist = asyncio.create_task(self._follow_domains(watches))
         if self.secondary:
             def factory(client: Any, path: str) -> ConsoleBackendDriver:
                 fe = int(path.rstrip("/").split("/")[-2])
@@ -631,8 +647,51 @@ class ConsoleBackend:
             self.watcher = BackendWatcher(self.client, self.platform.domid, "console", factory)
             await self.watcher.start()
 
+    async def _follow_domains(self, watches: list[Any]) -> None:
+        kick = asyncio.Event()
+
+        async def forward(w: Any) -> None:
+            with contextlib.suppress(Exception):
+                async for _ in w:
+                    kick.set()
+            kick.set()
+
+        forwarders = [asyncio.create_task(forward(w)) for w in watches]
+        try:
+            while self.client.connected:
+                await kick.wait()
+                kick.clear()
+                await self._rescan()
+        finally:
+            for f in forwarders:
+                f.cancel()
+            for w in watches:
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(w.unregister(), 5.0)
+
+    async def _rescan(self) -> None:
+        try:
+            names = await self.client.directory("/local/domain", timeout=5.0)
+        except (XenstoreError, TimeoutError) as exc:
+            log.warning("console backend: cannot list domains: %r", exc)
+            return
+        own = self.platform.domid
+        live = {int(n) for n in names if n.isdigit() and len(n) <= 5} - {own}
+        for gone in set(self.primaries) - live - set(self.domids):
+            await self.primaries.pop(gone).close()
+        for d in sorted(live - set(self.primaries)):
+            if len(self.primaries) >= self.max_domains:
+                log.warning("console backend: serving %d domains already", self.max_domains)
+                break
+            await self._serve(d)
+
     async def close(self) -> None:
         """Stop everything (bounded, idempotent)."""
+        if self._domlist is not None:
+            self._domlist.cancel()
+            with contextlib.suppress(BaseException):
+                await self._domlist
+            self._domlist = None
         if self.watcher is not None:
             await self.watcher.close()
             self.watcher = None

@@ -3,7 +3,7 @@
 ::
 
     xenpv console attach DOMID [--num N] [--rundir DIR]        # like xenconsole --type pv
-    xenpv console backend [--rundir DIR] [--as DOMID] [--domid N ...] [--no-secondary]
+    xenpv console backend [--rundir DIR] [--as DOMID] [--domid N ... | --all] [--no-secondary]
                           [--log-dir DIR] [--log-max BYTES] [--limit BYTES] [--policy P]
     xenpv console frontend [--rundir DIR] --domid N [--backend-domid B] [--devid K]
                            [--send BYTES] [--shell]
@@ -61,6 +61,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     be.add_argument("--as", dest="as_domid", type=int, default=0, help="backend domain")
     be.add_argument("--domid", type=int, action="append", default=[],
                     help="serve console 0 of this guest (repeatable)")
+    be.add_argument("--all", action="store_true",
+                    help="serve console 0 of every domain, as they come and go")
     be.add_argument("--no-secondary", action="store_true", help="no device/console/N")
     be.add_argument("--log-dir", help="write NAME.log per console here")
     be.add_argument("--log-max", type=int, default=1 << 20, help="log size cap (bytes)")
@@ -135,7 +137,7 @@ async def _backend(args: argparse.Namespace) -> int:
     platform = _platform(args.rundir, args.as_domid)
     client = await _xenstore(args.rundir, args.as_domid)
     backend = ConsoleBackend(platform, client, config, domids=args.domid,
-                             secondary=not args.no_secondary)
+                             all_domains=args.all, secondary=not args.no_secondary)
     try:
         await backend.start()
         emit(event="ready", domids=args.domid)

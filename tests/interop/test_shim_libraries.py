@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import mmap
+import os
 import re
 import shutil
 import socket
@@ -357,3 +358,28 @@ def test_lsevtchn_lists_a_domains_ports_through_xc_evtchn_status(
     finally:
         one.close()
         two.close()
+
+
+def test_a_forked_child_gets_its_own_connection(loopback: LoopbackRun, as_dom: Any) -> None:
+    gt = _lib("libxengnttab.so.1")
+    as_dom(1)
+    h = gt.xengntshr_open(ffi.NULL, 0)
+    assert h != ffi.NULL
+    refs = ffi.new("uint32_t[1]")
+    try:
+        pid = os.fork()
+        if pid == 0:  # child: the inherited connection is the parent's; a new handle
+            code = 1  # must connect anew and work
+            try:
+                hc = gt.xengntshr_open(ffi.NULL, 0)
+                if hc != ffi.NULL and gt.xengntshr_share_pages(hc, 2, 1, refs, 1) != ffi.NULL:
+                    code = 0 if _stats(loopback, 1)["handles"] == 2 else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        # the child's connection died with it (its share ended); ours still works
+        assert gt.xengntshr_share_pages(h, 2, 1, refs, 1) != ffi.NULL
+        assert _stats(loopback, 1)["shares"] == 1
+    finally:
+        gt.xengntshr_close(h)

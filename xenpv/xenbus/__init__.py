@@ -12,7 +12,13 @@
 
 from __future__ import annotations
 
-from xenpv.xenbus.driver import BackendDriver, DeviceConfigError, FrontendDriver, PeerKeys
+from xenpv.xenbus.driver import (
+    BackendDriver,
+    DeviceConfigError,
+    DeviceRemovedError,
+    FrontendDriver,
+    PeerKeys,
+)
 from xenpv.xenbus.machine import (
     BackendMachine,
     FrontendMachine,
@@ -37,6 +43,7 @@ __all__ = [
     "BackendWatcher",
     "BadKeyError",
     "DeviceConfigError",
+    "DeviceRemovedError",
     "FrontendDriver",
     "FrontendMachine",
     "FrontendStyle",

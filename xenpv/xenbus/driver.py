@@ -92,6 +92,7 @@ from xenpv.xenstore.wire import WireError, XenstoreError
 __all__ = [
     "BackendDriver",
     "DeviceConfigError",
+    "DeviceRemovedError",
     "FrontendDriver",
     "PeerKeys",
     "XenbusDriver",
@@ -113,8 +114,12 @@ class DeviceConfigError(LocalError):
     """The own device directory (written by the toolstack) is missing or inconsistent."""
 
 
-class _Removed(Exception):
-    """The own ``state`` node is gone: the toolstack removed the device."""
+class DeviceRemovedError(LocalError):
+    """The own ``state`` node is gone: the toolstack removed the device.
+
+    Raised by :meth:`XenbusDriver.write_keys` instead of re-creating the directory; inside
+    a hook it makes the driver destroy itself.
+    """
 
 
 def _errno_of(exc: BaseException) -> int:
@@ -381,7 +386,7 @@ class XenbusDriver:
 
         async def body(t: Transaction) -> None:
             if not await t.exists(f"{self.path}/state"):
-                raise _Removed()
+                raise DeviceRemovedError(self.path)
             for name, value in items.items():
                 data = value if isinstance(value, bytes) else str(value).encode()
                 await t.write(f"{self.path}/{name}", data)
@@ -464,7 +469,12 @@ class XenbusDriver:
             while not m.destroyed:
                 self.stats["passes"] += 1
                 while self._commands and not m.destroyed:
-                    await self._execute(self._commands.popleft()())
+                    try:
+                        actions = self._commands.popleft()()
+                    except LocalError as exc:
+                        self._note(f"command refused: {exc}")
+                        continue
+                    await self._execute(actions)
                 if not m.destroyed:
                     await self._sync(m)
                 self._track_phase(m)
@@ -483,7 +493,7 @@ class XenbusDriver:
     async def _sync(self, m: XenbusMachine) -> None:
         try:
             if await self._read(f"{self.path}/state") is None:
-                raise _Removed()
+                raise DeviceRemovedError(self.path)
             await self._execute(await self._sync_own(m))
             if m.destroyed:
                 return
@@ -497,7 +507,7 @@ class XenbusDriver:
                     return
                 raw = None
             await self._execute(m.peer_state_raw(raw))
-        except _Removed:
+        except DeviceRemovedError:
             await self._execute(m.removed())
 
     def _track_phase(self, m: XenbusMachine) -> None:
@@ -542,7 +552,7 @@ class XenbusDriver:
         for action in actions:
             try:
                 await self._do(action)
-            except _Removed:
+            except DeviceRemovedError:
                 if depth == 0:
                     await self._execute(m.removed(), depth + 1)
                 return
@@ -605,7 +615,7 @@ class XenbusDriver:
 
         async def body(t: Transaction) -> None:
             if not await t.exists(f"{self.path}/state"):
-                raise _Removed()
+                raise DeviceRemovedError(self.path)
             await t.write(f"{self.path}/state", state.encode())
 
         await self.client.transact(body, timeout=self.op_timeout)

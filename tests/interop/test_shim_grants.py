@@ -200,3 +200,24 @@ def test_domid_and_xenstore_path_come_from_the_environment(
     monkeypatch.setenv("XENSTORED_RUNDIR", str(tmp_path))
     (tmp_path / "socket").touch()
     assert default_xenstore_path() == str(tmp_path / "socket")
+
+
+def test_a_grant_copy_larger_than_one_request_is_split(
+    platform: Callable[[int], XenPlatform],
+) -> None:
+    a, b = platform(1), platform(2)
+    pages = b.grants.grant(1, 40)
+    for i in range(40):
+        pages.mem[i * PAGE : (i + 1) * PAGE] = bytes([i]) * PAGE
+    out = bytearray(40 * PAGE)  # 160 KiB each way: more than one request may carry
+    status = a.grants.copy(
+        [GrantCopy(GrantPtr(2, ref, 0), LocalPtr(out, i * PAGE), PAGE) for i, ref in enumerate(pages.refs)]
+    )
+    assert status == [0] * 40
+    assert all(out[i * PAGE : (i + 1) * PAGE] == bytes([i]) * PAGE for i in range(40))
+    back = bytes(reversed(out))
+    status = a.grants.copy(
+        [GrantCopy(LocalPtr(back, i * PAGE), GrantPtr(2, ref, 0), PAGE) for i, ref in enumerate(pages.refs)]
+    )
+    assert status == [0] * 40 and bytes(pages.mem) == back
+    b.grants.end_access(pages)

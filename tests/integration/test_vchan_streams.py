@@ -20,20 +20,24 @@ import pytest
 from xenpv.protocols.vchan import choose_orders
 from xenpv.vchan import VchanClient, VchanServer, open_connection, start_server
 from xenpv.vchan.endpoint import wait_reaped
-from xenpv.vchan.testing import VchanLab, vchan_path
+from xenpv.vchan.testing import InProcessVchanLab, VchanLab, vchan_path
 
 SERVER, CLIENT = 1, 2
 MiB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[VchanLab]:
-    with VchanLab((SERVER, CLIENT)) as lab:
+LABS = {"inprocess": InProcessVchanLab, "crossprocess": VchanLab}
+
+
+@pytest.fixture(scope="module", params=sorted(LABS))
+def lab(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The loopback emulator in this process, or the daemon (both ends here)."""
+    with LABS[request.param]((SERVER, CLIENT)) as lab:
         yield lab
 
 
 @pytest.fixture
-def pfs(lab: VchanLab) -> Iterator[tuple[Any, Any]]:
+def pfs(lab: Any) -> Iterator[tuple[Any, Any]]:
     s, c = lab.platform(SERVER), lab.platform(CLIENT)
     yield s, c
     lab.assert_released()
@@ -182,8 +186,15 @@ def test_close_from_either_side_reports_eof_and_releases(pfs: tuple[Any, Any], c
     run(main())
 
 
-def test_blocking_api_across_threads(pfs: tuple[Any, Any]) -> None:
-    spf, cpf = pfs
+@pytest.fixture(scope="module")
+def daemon_lab() -> Iterator[VchanLab]:
+    """The daemon mode only: its platforms may be used from two threads."""
+    with VchanLab((SERVER, CLIENT)) as lab:
+        yield lab
+
+
+def test_blocking_api_across_threads(daemon_lab: VchanLab) -> None:
+    spf, cpf = daemon_lab.platform(SERVER), daemon_lab.platform(CLIENT)
     path = vchan_path(SERVER, CLIENT, "blocking")
     server = VchanServer(spf, CLIENT, path, read_min=65536, write_min=65536)
     data = os.urandom(3 * MiB + 17)
@@ -209,6 +220,7 @@ def test_blocking_api_across_threads(pfs: tuple[Any, Any]) -> None:
         client.close()
         server.close(linger=5)
     assert bytes(got) == data
+    daemon_lab.assert_released()
 
 
 def test_server_may_write_before_client_connects(pfs: tuple[Any, Any]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from xenpv.fuzz.memory import InstrumentedMemory
+from xenpv.fuzz.memory import AccessBudgetExceeded, InstrumentedMemory
 from xenpv.rings import _reference as ref
 
 
@@ -47,7 +47,21 @@ def test_access_outside_the_memory_is_an_index_error() -> None:
         words[16]
     with pytest.raises(IndexError):
         raw[70]
-    assert raw[60:80] == bytes(4)  # slices clamp like memoryview slices
+    with pytest.raises(IndexError):
+        raw[60:80]  # stricter than memoryview: no silently shortened reads
+    assert raw[60:64] == bytes(4)
+
+
+def test_access_budget_stops_a_runaway_driver() -> None:
+    mem = InstrumentedMemory(64)
+    _raw, words = mem.shared_views()
+    mem.limit(3)
+    for _ in range(3):
+        words[0]
+    with pytest.raises(AccessBudgetExceeded):
+        words[0]
+    mem.limit(None)
+    words[0]
 
 
 def test_peer_writes_are_not_logged() -> None:

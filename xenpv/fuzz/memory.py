@@ -25,7 +25,8 @@ the "racing page" of hostile-inputs.md scenarios 2, 3 and 12: a driver that read
 twice sees two different values, and the access log shows that it did.
 
 Reads or writes outside the memory raise ``IndexError`` (never silently clamp, so an
-out-of-bounds access by a driver is a visible invariant violation).
+out-of-bounds access by a driver is a visible invariant violation), and :meth:`limit`
+caps the accesses of one service call (a driver looping on a hostile index is stopped).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 
 __all__ = [
     "Access",
+    "AccessBudgetExceeded",
     "ByteView",
     "InstrumentedMemory",
     "Race",
@@ -44,6 +46,10 @@ __all__ = [
 ]
 
 _U32 = struct.Struct("<I")
+
+
+class AccessBudgetExceeded(RuntimeError):
+    """A driver made more shared-memory accesses than the fuzzer allowed (unbounded work)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +99,7 @@ class InstrumentedMemory:
         self.log: list[Access] = []
         self.races: list[Race] = []
         self._seq = 0
+        self._budget: int | None = None
 
     def __len__(self) -> int:
         return len(self.backing)
@@ -106,10 +113,20 @@ class InstrumentedMemory:
         """Alias of :meth:`shared_views`."""
         return self.shared_views()
 
+    def limit(self, accesses: int | None) -> None:
+        """Allow at most ``accesses`` more driver accesses (None: no limit).
+
+        Beyond it every access raises :class:`AccessBudgetExceeded`: a driver looping on
+        peer-controlled indexes is stopped (and reported) instead of hanging the fuzzer.
+        """
+        self._budget = None if accesses is None else self._seq + accesses
+
     def _record(self, kind: str, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > len(self.backing):
             raise IndexError(
                 f"access [{offset}, {offset + length}) outside {len(self.backing)}-byte memory")
+        if self._budget is not None and self._seq >= self._budget:
+            raise AccessBudgetExceeded(f"more than the allowed shared-memory accesses (at {offset})")
         if kind == "r" and self.races:
             for race in self.races:
                 if race.offset < offset + length and offset < race.offset + race.length:
@@ -237,10 +254,14 @@ class ByteView:
         return len(self)
 
     def _range(self, key: slice) -> tuple[int, int]:
-        start, stop, step = key.indices(len(self))
+        # Stricter than memoryview on purpose: a slice reaching past the end is an access
+        # outside the shared memory (IndexError), not a silently shortened read.
+        start, stop, step = key.indices(1 << 62)
         if step != 1:
             raise ValueError("instrumented memory supports contiguous slices only")
-        return self._start + start, max(0, stop - start)
+        if stop > len(self) and stop > start:
+            raise IndexError(f"slice [{start}, {stop}) outside a {len(self)}-byte view")
+        return self._start + start, max(0, min(stop, len(self)) - start)
 
     def __getitem__(self, key: int | slice) -> Any:
         if isinstance(key, slice):

@@ -1,0 +1,341 @@
+"""The fuzz targets: one function of one ``bytes`` input each, and the registry of them.
+
+A target raises :class:`~xenpv.fuzz.hostile.InvariantViolation` (or lets any other
+non-PeerError exception escape) when hostile input broke the invariant; returning
+normally, or after handling a PeerError the way the protocol wants, is a pass.
+
+Targets that attack a driver take the victim as a parameter: :func:`get_target` accepts
+a victim factory (``"module:callable"`` or ``"path/to/file.py:callable"``) and builds the
+target around it, so the same hostile peer can attack xenpv's own sans-IO drivers, the
+deliberately vulnerable example of the test suite, or any other driver with the
+:class:`~xenpv.fuzz.victims.Victim` interface.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xenpv.errors import LocalError, PeerError
+from xenpv.fuzz.byterings import BYTE_RING_SPECS, ByteRingVictim, HostileProducer
+from xenpv.fuzz.hostile import HostileBackend, HostileFrontend, InvariantViolation, violation
+from xenpv.fuzz.ringspecs import RING_SPECS
+from xenpv.fuzz.source import ByteSource
+from xenpv.fuzz.victims import RingBackend, RingFrontend
+from xenpv.protocols import blkif, kbdif, netif, usbif, vchan
+from xenpv.xenstore import wire
+from xenpv.xenstore.store import Quotas, Store
+
+__all__ = ["TARGETS", "Target", "get_target", "load_victim"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A named fuzz target.
+
+    ``build(victim)`` returns the function of one input; ``victim`` is a factory or None
+    for the default.  ``kind`` says which victim interface a replacement must offer
+    (``"ring-backend"``, ``"ring-frontend"``, ``"byte-ring"``) or is ``""`` when the
+    target takes no victim.
+    """
+
+    name: str
+    description: str
+    build: Callable[[Any], Callable[[bytes], None]]
+    kind: str = ""
+
+
+def load_victim(spec: str) -> Any:
+    """Resolve ``"module:callable"`` or ``"path/file.py:callable"`` to the callable."""
+    where, sep, attr = spec.rpartition(":")
+    if not sep or not where or not attr:
+        raise LocalError(f"victim must be MODULE:CALLABLE or FILE.py:CALLABLE, not {spec!r}")
+    if where.endswith(".py"):
+        path = Path(where)
+        mod_spec = importlib.util.spec_from_file_location(f"xenpv_victim_{path.stem}", path)
+        if mod_spec is None or mod_spec.loader is None:
+            raise LocalError(f"cannot load {where}")
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise LocalError(f"{where} has no {attr!r}") from None
+
+
+def _guard(fn: Callable[[], object]) -> None:
+    """Run ``fn``: a PeerError is the allowed outcome, anything else a violation."""
+    try:
+        fn()
+    except PeerError:
+        pass
+    except InvariantViolation:
+        raise
+    except Exception as e:
+        raise violation("hostile input produced something other than a PeerError", e) from None
+
+
+# -- ring peers ------------------------------------------------------------------------------
+
+
+def _ring_backend(name: str) -> Callable[[Any], Callable[[bytes], None]]:
+    def build(victim: Any) -> Callable[[bytes], None]:
+        factory = victim or RingBackend
+        return lambda data: HostileFrontend(RING_SPECS[name], factory, ByteSource(data)).run()
+
+    return build
+
+
+def _ring_frontend(name: str) -> Callable[[Any], Callable[[bytes], None]]:
+    def build(victim: Any) -> Callable[[bytes], None]:
+        factory = victim or RingFrontend
+        return lambda data: HostileBackend(RING_SPECS[name], factory, ByteSource(data)).run()
+
+    return build
+
+
+def _byte_ring(name: str) -> Callable[[Any], Callable[[bytes], None]]:
+    def build(victim: Any) -> Callable[[bytes], None]:
+        factory = victim or ByteRingVictim
+        return lambda data: HostileProducer(BYTE_RING_SPECS[name], factory, ByteSource(data)).run()
+
+    return build
+
+
+# -- differential: both ring implementations on the same bytes --------------------------------
+
+
+def _ring_diff(victim: Any) -> Callable[[bytes], None]:
+    from xenpv.rings import implementation
+
+    try:
+        impls = [implementation("reference"), implementation("cython")]
+    except ImportError:  # the compiled core is not built: compare the reference with itself
+        impls = [implementation("reference")] * 2
+
+    def run(data: bytes) -> None:
+        src = ByteSource(data)
+        slot = src.choice((4, 8, 12, 16, 112, 148))
+        page = bytearray(src.take(64)) + bytearray(4096 - 64)
+        page[64:] = src.take(4096 - 64)
+        start = src.u32()
+        ops = [src.below(6) for _ in range(min(32, src.remaining))]
+        outcomes = []
+        for impl in impls:
+            buf = bytearray(page)
+            back = impl.BackRing(buf, slot, start)
+            front = impl.FrontRing(buf, slot, start, init=False)
+            trace: list[Any] = []
+            for op in ops:
+                try:
+                    if op == 0:
+                        trace.append(back.take_requests(8))
+                    elif op == 1:
+                        trace.append(back.final_check_for_requests())
+                    elif op == 2:
+                        trace.append(front.take_responses(8))
+                    elif op == 3:
+                        trace.append(front.final_check_for_responses())
+                    elif op == 4:
+                        n = back.pending_responses()
+                        trace.append(back.submit_responses(bytes(n * slot)))
+                    else:
+                        k = min(front.free_requests(), 3)
+                        trace.append(front.submit_requests(bytes([7]) * (k * slot)))
+                except PeerError as e:
+                    trace.append(("peer", type(e).__name__))
+                except LocalError as e:
+                    trace.append(("local", type(e).__name__))
+                except Exception as e:
+                    raise violation(f"{impl.name} ring raised", e) from None
+            outcomes.append((trace, bytes(buf)))
+        if outcomes[0] != outcomes[1]:
+            raise violation("the cython and reference rings disagree on the same input "
+                            f"(slot {slot}, start {start}, ops {ops})")
+
+    return run
+
+
+# -- request parsing ---------------------------------------------------------------------------
+
+
+def _parse_blkif(victim: Any) -> Callable[[bytes], None]:
+    def run(data: bytes) -> None:
+        src = ByteSource(data)
+        abi = src.choice(list(blkif.ABI))
+        slot = src.take(blkif.layouts(abi).ring.slot_size)
+
+        def go() -> None:
+            req = blkif.parse_request(slot, 0, abi)
+            try:
+                blkif.validate_request(req, max_indirect_segments=src.below(4097),
+                                       disk_sectors=src.u32() or None)
+            except blkif.BlkifRequestError:
+                return
+            if isinstance(req, blkif.BlkifRequestIndirect):
+                pages: list[Any] = [src.take(4096) for _ in range(blkif.indirect_pages(req.nr_segments))]
+                segs = blkif.parse_indirect_segments(pages, req.nr_segments)
+                blkif.validate_segments(req, segs, 1 << 20)
+
+        _guard(go)
+
+    return run
+
+
+def _parse_netif(victim: Any) -> Callable[[bytes], None]:
+    def run(data: bytes) -> None:
+        src = ByteSource(data)
+        count = 1 + src.below(40)
+        slots = src.take(count * netif.TX_RING.slot_size)
+        _guard(lambda: netif.parse_tx_packet(slots, count, max_slots=1 + src.below(30)))
+        _guard(lambda: netif.validate_rx_response(netif.RxResponse.parse(src.take(8))))
+        _guard(lambda: netif.validate_extra(netif.parse_extra(src.take(8))))
+
+    return run
+
+
+def _parse_kbdif(victim: Any) -> Callable[[bytes], None]:
+    def run(data: bytes) -> None:
+        src = ByteSource(data)
+        ev = src.take(kbdif.XENKBD_IN_EVENT_SIZE)
+        _guard(lambda: kbdif.validate_in_event(kbdif.parse_in_event(ev), width=src.u16(),
+                                               height=src.u16(), num_contacts=src.u8()))
+
+    return run
+
+
+def _parse_usbif(victim: Any) -> Callable[[bytes], None]:
+    def run(data: bytes) -> None:
+        src = ByteSource(data)
+        req = src.take(usbif.URB_RING.slot_size)
+        _guard(lambda: usbif.validate_urb_request(usbif.UrbRequest.parse(req), src.below(40)))
+        _guard(lambda: usbif.validate_conn_response(usbif.ConnResponse.parse(src.take(4))))
+
+    return run
+
+
+def _parse_vchan(victim: Any) -> Callable[[bytes], None]:
+    def run(data: bytes) -> None:
+        page = ByteSource(data).take(4096)
+
+        def go() -> None:
+            hdr = vchan.VchanInterface.parse(page)
+            left, right = vchan.parse_grants(page, hdr.left_order, hdr.right_order)
+            placement = vchan.ring_placement(hdr.left_order, hdr.right_order)
+            if len(left) != placement[0].pages or len(right) != placement[1].pages:
+                raise InvariantViolation("vchan grant list does not match the ring placement")
+            for prod, cons, ring in ((hdr.left_prod, hdr.left_cons, placement[0]),
+                                     (hdr.right_prod, hdr.right_cons, placement[1])):
+                if not 0 <= vchan.ring_avail(prod, cons, ring.size) <= ring.size:
+                    raise InvariantViolation("vchan ring_avail out of range")
+                if not 0 <= vchan.ring_space(prod, cons, ring.size) <= ring.size:
+                    raise InvariantViolation("vchan ring_space out of range")
+
+        _guard(go)
+
+    return run
+
+
+# -- xenstore ----------------------------------------------------------------------------------
+
+_XS_TYPES = [int(t) for t in wire.XsType] + [99, 0xFFFF]
+
+
+def _xenstore_wire(victim: Any) -> Callable[[bytes], None]:
+    """Raw wire bytes from an unprivileged guest (and dom0) into the decoder and the store."""
+
+    def run(data: bytes) -> None:
+        src = ByteSource(data)
+        store = Store(Quotas(nodes=20, watches=8, transactions=3, outstanding=4))
+        store.introduce_domain(5)
+        conns = [store.connect(5), store.connect(0)]
+        decoders = [wire.Decoder(), wire.Decoder()]
+        broken = [False, False]
+        for _ in range(64):
+            if src.remaining <= 0:
+                break
+            who = src.below(2)
+            if src.boolean():  # a structured message with a chosen type and payload
+                payload = src.take(src.below(80))
+                if src.boolean():
+                    payload = b"/local/domain/5/" + payload.replace(b"\0", b"a")[:20] + b"\0" + payload
+                raw = struct.pack("<IIII", src.choice(_XS_TYPES), src.u32(),
+                                  src.choice((0, 1, 2, src.u32())), len(payload)) + payload
+            else:
+                raw = src.take(1 + src.below(64))  # raw bytes: bad headers, half headers
+            if broken[who]:
+                continue
+            try:
+                decoders[who].feed(raw)
+                for msg in decoders[who]:
+                    reply = store.handle(conns[who], msg.type, msg.req_id, msg.tx_id, msg.payload)
+                    _rtype, rid, rtx, length = wire.HEADER.unpack_from(reply)
+                    if length != len(reply) - 16 or length > wire.PAYLOAD_MAX:
+                        raise InvariantViolation(f"malformed reply {reply[:32]!r}")
+                    if (rid, rtx) != (msg.req_id, msg.tx_id):
+                        raise InvariantViolation("reply does not echo req_id/tx_id")
+            except wire.WireError:
+                broken[who] = True  # the connection is dropped; the store must stay sound
+            except InvariantViolation:
+                raise
+            except Exception as e:
+                raise violation("the xenstore server raised", e) from None
+            for c in conns:
+                c.events.clear()
+            problems = store.check()
+            if problems:
+                raise InvariantViolation(f"store accounting broken: {problems[:3]}")
+        for c in conns:
+            store.disconnect(c)
+
+    return run
+
+
+def _make_targets() -> dict[str, Target]:
+    out: list[Target] = []
+    for name, spec in RING_SPECS.items():
+        out.append(Target(f"ring-backend:{name}", f"hostile frontend vs a backend: {spec.description}",
+                          _ring_backend(name), "ring-backend"))
+        out.append(Target(f"ring-frontend:{name}", f"hostile backend vs a frontend: {spec.description}",
+                          _ring_frontend(name), "ring-frontend"))
+    for name, bspec in BYTE_RING_SPECS.items():
+        out.append(Target(f"bytering:{name}", f"hostile producer vs the consumer: {bspec.description}",
+                          _byte_ring(name), "byte-ring"))
+    out += [
+        Target("ring-diff", "bytes -> ring page -> both ring implementations, compared", _ring_diff),
+        Target("parse:blkif", "blkif request slots (3 ABIs) and indirect pages: parse + validate",
+               _parse_blkif),
+        Target("parse:netif", "netif TX slot chains, RX responses, extra-info: parse + validate",
+               _parse_netif),
+        Target("parse:kbdif", "kbdif in-ring events: parse + validate", _parse_kbdif),
+        Target("parse:usbif", "usbif urb requests and conn responses: parse + validate", _parse_usbif),
+        Target("parse:vchan", "vchan control page: header, orders, grant list, ring indexes",
+               _parse_vchan),
+        Target("xenstore:wire", "raw xenstore wire bytes -> decoder -> embedded server dispatch",
+               _xenstore_wire),
+    ]
+    return {t.name: t for t in out}
+
+
+TARGETS: dict[str, Target] = _make_targets()
+
+
+def get_target(name: str, victim: str | Any | None = None) -> Callable[[bytes], None]:
+    """The input function of target ``name``, attacking ``victim`` (a factory or its spec)."""
+    try:
+        target = TARGETS[name]
+    except KeyError:
+        raise LocalError(f"unknown fuzz target {name!r} (see 'xenpv fuzz --list')") from None
+    if isinstance(victim, str):
+        victim = load_victim(victim)
+    if victim is not None and not target.kind:
+        raise LocalError(f"target {name} takes no victim")
+    return target.build(victim)
+

@@ -33,7 +33,7 @@ Two kinds of console (§8.2, §8.3):
 Event channels: each console takes deliveries from the platform's event handle through a
 :class:`PortDispatcher` (one per handle), which hands a fired port (still masked) to its
 console; :class:`EventPump`, shared with the backend's sessions, decides when to unmask.
-The "in-page" ring is always written by its producer with a single aligned index store
+Each ring is written by its producer with a single aligned index store
 after the data (and read by its consumer after one index load), through the ring layer's
 barriers; the notification follows the index store.
 """

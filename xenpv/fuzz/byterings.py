@@ -234,6 +234,8 @@ class HostileProducer:
         except Exception as e:
             raise violation("the victim failed to attach", e) from None
         self.data_bytes = spec.size * spec.slot
+        #: Hostile operations played so far (the benchmark's unit).
+        self.ops = 0
 
     def cons(self) -> int:
         """The consumer's shared index (as the peer sees it)."""
@@ -290,6 +292,7 @@ class HostileProducer:
         for _ in range(MAX_OPS):
             if src.remaining <= 0:
                 break
+            self.ops += 1
             op = src.below(8)
             if op == 0:
                 self.write(spec.valid(src))

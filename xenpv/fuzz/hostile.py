@@ -137,6 +137,8 @@ class HostilePeer:
         self.prod = self.start  # the hostile peer's private producer index
         self.written: list[bytes] = []
         self.peer_errors = 0
+        #: Hostile operations played so far (the benchmark's unit).
+        self.ops = 0
 
     def init_header(self) -> None:
         """Set up the shared header as the frontend would (indexes at ``start``)."""
@@ -244,6 +246,7 @@ class HostileFrontend(HostilePeer):
         for _ in range(MAX_OPS):
             if src.remaining <= 0:
                 break
+            self.ops += 1
             op = src.below(11)
             if op == 0:  # valid requests
                 for _ in range(1 + src.below(n)):
@@ -303,6 +306,7 @@ class HostileBackend(HostilePeer):
         for _ in range(MAX_OPS):
             if src.remaining <= 0:
                 break
+            self.ops += 1
             op = src.below(10)
             if op == 0 and submit is not None:  # the victim issues requests
                 submit(1 + src.below(n), src)

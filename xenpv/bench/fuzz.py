@@ -1,0 +1,110 @@
+"""``xenpv bench fuzz``: hostile operations per second against benign throughput, per target.
+
+For each instrumented in-process ring target the same driver (xenpv's sans-IO
+``RingBackend`` / ``RingFrontend`` / byte-ring consumer on instrumented memory with the
+reference ring) is measured twice in the same run:
+
+* benign: a well-behaved peer keeps the ring busy with valid requests (or bytes) and the
+  driver serves them; the figure is entries served per second;
+* hostile: the hostile peer plays random operation lists (each input a fresh run with every
+  invariant check on); the figure is hostile operations per second.
+
+The anchor is the benign figure; ``ratio`` = hostile / benign (the goal is >= 0.1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from typing import Any
+
+from xenpv.fuzz.byterings import BYTE_RING_SPECS, ByteRingVictim, HostileProducer
+from xenpv.fuzz.hostile import REFERENCE, HostileBackend, HostileFrontend
+from xenpv.fuzz.memory import InstrumentedMemory
+from xenpv.fuzz.ringspecs import RING_SPECS
+from xenpv.fuzz.source import ByteSource
+from xenpv.fuzz.victims import RingBackend, RingFrontend
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the benchmark's options."""
+    parser.add_argument("--quick", action="store_true", help="a very short run (smoke test)")
+    parser.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
+
+
+def _rate(fn: Any, seconds: float) -> float:
+    """Units per second of ``fn()`` (returns units done per call) over ``seconds``."""
+    done = 0
+    start = time.perf_counter()
+    while True:
+        done += fn()
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return done / elapsed
+
+
+def _benign_backend(name: str) -> Any:
+    spec = RING_SPECS[name]
+    mem = InstrumentedMemory(4096)
+    front = RingFrontend(mem, spec, 0, REFERENCE)
+    back = RingBackend(mem, spec, 0, REFERENCE)
+    src = ByteSource(random.Random(1).randbytes(1 << 16))
+
+    def step() -> int:
+        front.submit(front.ring.free_requests(), src)
+        served = back.service()
+        front.service()
+        mem.clear_log()
+        return served
+
+    return step
+
+
+def _benign_bytes(name: str) -> Any:
+    spec = BYTE_RING_SPECS[name]
+    mem = InstrumentedMemory(spec.page_size)
+    victim = ByteRingVictim(mem, spec, REFERENCE)
+    producer = REFERENCE.ByteRing(mem, data_offset=spec.data_offset, size=spec.size,
+                                  prod_offset=spec.prod_offset, cons_offset=spec.cons_offset,
+                                  slot=spec.slot, on_insane=spec.on_insane)
+    src = ByteSource(random.Random(1).randbytes(1 << 16))
+    data = b"".join(spec.valid(src) for _ in range(8))
+
+    def step() -> int:
+        producer.write(data)
+        served = victim.service()
+        mem.clear_log()
+        return served
+
+    return step
+
+
+def _hostile(make: Any) -> Any:
+    rng = random.Random(2)
+
+    def step() -> int:
+        peer = make(ByteSource(rng.randbytes(256)))
+        peer.run()
+        return int(peer.ops)
+
+    return step
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure every ring target; returns ``{target: {hostile_ops_per_s, benign_ops_per_s, ratio}}``."""
+    seconds = 0.05 if args.quick else args.seconds
+    out: dict[str, Any] = {}
+    for name, spec in RING_SPECS.items():
+        benign = _rate(_benign_backend(name), seconds)
+        for target, cls, victim in ((f"ring-backend:{name}", HostileFrontend, RingBackend),
+                                    (f"ring-frontend:{name}", HostileBackend, RingFrontend)):
+            hostile = _rate(_hostile(lambda s, c=cls, v=victim, sp=spec: c(sp, v, s)), seconds)
+            out[target] = {"hostile_ops_per_s": hostile, "benign_ops_per_s": benign,
+                           "ratio": hostile / benign if benign else 0.0}
+    for name, bspec in BYTE_RING_SPECS.items():
+        benign = _rate(_benign_bytes(name), seconds)
+        hostile = _rate(_hostile(lambda s, sp=bspec: HostileProducer(sp, ByteRingVictim, s)), seconds)
+        out[f"bytering:{name}"] = {"hostile_ops_per_s": hostile, "benign_ops_per_s": benign,
+                                   "ratio": hostile / benign if benign else 0.0}
+    return out

@@ -87,7 +87,6 @@ def test_scenario_17_dead_backend_never_leaves_initwait_connect_timeout() -> Non
             await w.be.write(f"{bp}/state", b"2")  # the backend says InitWait, then nothing
             fe = ToyFrontend(w.fe, fp, w.machine.domain(FE), connect_timeout=0.5, close_timeout=0.3)
             await fe.start()
-            await fe.wait_state(S.Initialised)
             await fe.wait_state(S.Closed, timeout=10)  # connect timeout, then forced close
             error = await w.read(FE_ERROR)
             assert error is not None and error.startswith(b"%d " % errno.ETIMEDOUT)

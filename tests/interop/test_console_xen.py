@@ -4,7 +4,8 @@
   (through the replacement libraries), with Debian's ``xenconsole --type pv`` attached to
   the pty xenconsoled creates: text both ways, and xenconsoled's guest log;
 * our backend (``xenpv console backend``) with ``xenconsole --type pv`` attached: text
-  both ways.
+  both ways, for console 0 and for a secondary console (``device/console/1``, xenbus
+  handshake with our frontend, ``xenconsole -n 1``).
 
 ``xenconsole`` needs a terminal: it runs on a pty of ours.  The guest runs a tiny shell
 (``echo``/``send``/``quit``), so what we type in xenconsole comes back through the
@@ -13,6 +14,7 @@ guest.  Every process is ended by the fixture, also on failure.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import select
@@ -52,11 +54,13 @@ class ConsoleRun:
     """The loopback daemon, a guest running our console frontend (shell), console 0
     published by the toolstack."""
 
-    def __init__(self, domid: int) -> None:
+    def __init__(self, domid: int, *, primary: bool = True) -> None:
         self.domid = domid
         self.run = LoopbackRun({domid: "guest"})
         self.rundir = str(self.run.rundir)
         self.terminal: Pty | None = None
+        if not primary:
+            return
         try:
             self.guest = self.run.spawn(domid, xenpv(
                 "console", "frontend", "--rundir", self.rundir, "--domid", str(domid),
@@ -74,12 +78,14 @@ class ConsoleRun:
         value: str = wait_for("console/tty", lambda: self.run.xenstore_read(path), WAIT)
         return value
 
-    def xenconsole(self) -> Pty:
-        """Start ``xenconsole --type pv DOMID`` (dom0) on a fresh terminal; our end of it."""
+    def xenconsole(self, num: int = 0) -> Pty:
+        """Start ``xenconsole --type pv -n NUM DOMID`` (dom0) on a fresh terminal; our end
+        of it."""
         master, slave = os.openpty()
         self.terminal = Pty(master)
         try:
-            self.run.spawn(0, [str(peers.find("xenconsole")), "--type", "pv", str(self.domid)],
+            self.run.spawn(0, [str(peers.find("xenconsole")), "--type", "pv", "-n", str(num),
+                               str(self.domid)],
                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
         finally:
             os.close(slave)
@@ -145,3 +151,37 @@ def test_our_backend_with_xenconsole_attached(console_run: ConsoleRun,
     assert stats["out"] >= 20000 and stats["in"] > 0
     assert backend.wait(WAIT) == 0
     assert b"hello-from-xenconsole" in (tmp_path / f"guest-{c.domid}.log").read_bytes()
+
+
+SECONDARY_GUEST = 34
+
+
+def test_our_backend_serves_a_secondary_console_to_xenconsole() -> None:
+    """``device/console/1`` through the xenbus handshake; ``xenconsole -n 1`` attaches."""
+    from xenpv.xenbus.toolstack import add_device
+    from xenpv.xenstore.client import connect
+
+    c = ConsoleRun(SECONDARY_GUEST, primary=False)
+    try:
+        async def create() -> None:
+            xs = await connect(str(Path(c.rundir) / "dom0" / "xenstore"))
+            try:
+                await add_device(xs, "console", c.domid, 0, 1)
+            finally:
+                await xs.close()
+
+        asyncio.run(create())
+        backend = c.run.spawn(0, xenpv("console", "backend", "--rundir", c.rundir),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert json_line(backend)["event"] == "ready"
+        guest = c.run.spawn(c.domid, xenpv("console", "frontend", "--rundir", c.rundir,
+                                           "--domid", str(c.domid), "--devid", "1", "--shell"),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        ready = json_line(guest)
+        assert ready == {"event": "ready", "path": f"/local/domain/{c.domid}/device/console/1"}
+        path = f"/local/domain/{c.domid}/device/console/1/tty"
+        wait_for("device/console/1/tty", lambda: c.run.xenstore_read(path), WAIT)
+        assert c.run.xenstore_read(f"/local/domain/0/backend/console/{c.domid}/1/state") == "4"
+        c.talk(c.xenconsole(1))
+    finally:
+        c.close()

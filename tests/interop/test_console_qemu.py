@@ -41,8 +41,9 @@ async def wait_value(client: object, path: str) -> bytes:
         await asyncio.sleep(0.05)
 
 
-def test_our_frontend_with_qemus_console_backend() -> None:
+def test_our_frontend_with_qemus_console_backend(tmp_path: Path) -> None:
     qemu = str(peers.find("usr/libexec/xen-qemu-system-i386"))
+    qemu_log = tmp_path / "qemu.log"
     run = LoopbackRun({GUEST: "guest"})
     try:
         rundir = Path(run.rundir)
@@ -56,9 +57,10 @@ def test_our_frontend_with_qemus_console_backend() -> None:
             try:
                 info = await add_device(xs0, "console", GUEST, 0, 1,
                                         frontend_keys={"type": "ioemu", "output": "pty"})
-                run.spawn(0, [qemu, "-machine", "xenpv", "-xen-domid", str(GUEST),
-                              "-xen-attach", "-display", "none", "-nodefaults"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                with open(qemu_log, "wb") as log:
+                    run.spawn(0, [qemu, "-machine", "xenpv", "-xen-domid", str(GUEST),
+                                  "-xen-attach", "-display", "none", "-nodefaults"],
+                              stdout=log, stderr=subprocess.STDOUT)
                 frontend = ConsoleFrontend(guest, xsg, info.frontend_path)
                 await frontend.start()
                 reader, writer = await frontend.streams(WAIT)
@@ -81,6 +83,9 @@ def test_our_frontend_with_qemus_console_backend() -> None:
                 await xs0.close()
                 guest.close()
 
-        asyncio.run(body())
+        try:
+            asyncio.run(body())
+        except BaseException as exc:  # show what QEMU said
+            raise AssertionError(f"{exc!r}; QEMU said: {qemu_log.read_text()[-2000:]}") from exc
     finally:
         run.close()

@@ -85,7 +85,7 @@ def test_our_frontend_with_qemus_console_backend(tmp_path: Path) -> None:
 
         try:
             asyncio.run(body())
-        except BaseException as exc:  # show what QEMU said
+        except Exception as exc:  # show what QEMU said
             raise AssertionError(f"{exc!r}; QEMU said: {qemu_log.read_text()[-2000:]}") from exc
     finally:
         run.close()

@@ -80,3 +80,31 @@ def test_console_page_matches_the_model_on_the_reference_rings(
         _run(in_start, out_start, steps)
     finally:
         fc.ByteRing = saved  # type: ignore[misc]
+
+
+@settings(max_examples=200, deadline=None)
+@given(starts, starts, starts, starts, st.binary(min_size=1, max_size=64))
+def test_any_index_values_a_guest_writes_are_handled_safely(
+        out_cons: int, out_prod: int, in_cons: int, in_prod: int, garbage: bytes) -> None:
+    """Scenario 27 as a property: whatever the page holds, the backend reads at most what
+    a sane ring can hold, moves its index only over sane data, and never raises."""
+    page = bytearray((garbage * (4096 // len(garbage) + 1))[:4096])
+    struct.pack_into("<IIII", page, XENCONS_IN_CONS_OFFSET, in_cons, in_prod, out_cons,
+                     out_prod)
+    back = fc.ConsoleRing(page, backend=True)
+    pending = (out_prod - out_cons) & 0xFFFFFFFF
+    space = XENCONS_IN_SIZE - ((in_prod - in_cons) & 0xFFFFFFFF)
+    got = back.read()
+    wrote = back.write(b"k" * 2000)
+    after = struct.unpack_from("<IIII", page, XENCONS_IN_CONS_OFFSET)
+    if pending <= XENCONS_OUT_SIZE:
+        assert len(got) == pending and after[2] == out_prod
+    else:
+        assert got == b"" and after[2] == out_cons and back.insane > 0
+    if 0 <= space <= XENCONS_IN_SIZE:
+        assert wrote == min(2000, space)
+        assert after[1] == (in_prod + wrote) & 0xFFFFFFFF
+    else:
+        assert wrote == 0 and after[1] == in_prod
+    assert after[0] == in_cons and after[3] == out_prod  # the guest's indexes untouched
+    back.release()

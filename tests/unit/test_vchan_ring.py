@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -15,25 +16,33 @@ from xenpv.protocols.vchan import (
     VCHAN_NOTIFY_WRITE,
     VCHAN_SRV_NOTIFY_OFFSET,
 )
-from xenpv.vchan.ring import VchanRings
+from xenpv.vchan.ring import implementation
+
+IMPLS = ["reference", "cython"]
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request: pytest.FixtureRequest) -> Any:
+    """Each test runs against both implementations (the compiled one must be built)."""
+    return implementation(request.param)
 
 PAGE = 4096
 
 
-def pair(left: int = 1024, right: int = 2048, start: int = 0) -> tuple[VchanRings, VchanRings, bytearray]:
+def pair(cls: Any, left: int = 1024, right: int = 2048, start: int = 0) -> tuple[Any, Any, bytearray]:
     """A server and a client over one control page with in-page rings (left at 1024,
     right at 2048), indexes starting at ``start``."""
     page = bytearray(PAGE)
     struct.pack_into("<IIII", page, 0, start, start, start, start)
     mv = memoryview(page)
     lv, rv = mv[1024 : 1024 + left], mv[2048 : 2048 + right]
-    server = VchanRings(mv, lv, left, rv, right, is_server=True)
-    client = VchanRings(mv, rv, right, lv, left, is_server=False)
+    server = cls(mv, lv, left, rv, right, is_server=True)
+    client = cls(mv, rv, right, lv, left, is_server=False)
     return server, client, page
 
 
-def test_bytes_flow_both_ways() -> None:
-    server, client, _ = pair()
+def test_bytes_flow_both_ways(impl: Any) -> None:
+    server, client, _ = pair(impl)
     assert client.send(b"hello") == 5
     buf = bytearray(16)
     assert server.recv_into(buf) == 5 and buf[:5] == b"hello"
@@ -42,8 +51,8 @@ def test_bytes_flow_both_ways() -> None:
     assert server.data_ready() == 0 and client.data_ready() == 0
 
 
-def test_send_stops_at_ring_size_and_recv_never_exceeds_it() -> None:
-    server, client, _ = pair()
+def test_send_stops_at_ring_size_and_recv_never_exceeds_it(impl: Any) -> None:
+    server, client, _ = pair(impl)
     assert client.send(b"x" * 5000) == 1024  # left ring holds 1024
     assert client.send(b"y") == 0
     assert client.buffer_space() == 0
@@ -52,8 +61,8 @@ def test_send_stops_at_ring_size_and_recv_never_exceeds_it() -> None:
 
 
 @pytest.mark.parametrize("start", [0, 0x7FFFFF00, 0xFFFFFF00])
-def test_wrap_around_keeps_bytes_in_order(start: int) -> None:
-    server, client, _ = pair(start=start)
+def test_wrap_around_keeps_bytes_in_order(impl: Any, start: int) -> None:
+    server, client, _ = pair(impl, start=start)
     data = os.urandom(50_000)
     out = bytearray()
     buf = bytearray(777)
@@ -65,8 +74,8 @@ def test_wrap_around_keeps_bytes_in_order(start: int) -> None:
     assert bytes(out) == data
 
 
-def test_kick_only_when_peer_asked() -> None:
-    server, client, page = pair()
+def test_kick_only_when_peer_asked(impl: Any) -> None:
+    server, client, page = pair(impl)
     page[VCHAN_SRV_NOTIFY_OFFSET] = 0
     page[VCHAN_CLI_NOTIFY_OFFSET] = 0
     client.send(b"a")
@@ -82,8 +91,8 @@ def test_kick_only_when_peer_asked() -> None:
     assert not page[VCHAN_CLI_NOTIFY_OFFSET] & VCHAN_NOTIFY_WRITE
 
 
-def test_read_notification_kicks_the_waiting_writer() -> None:
-    server, client, page = pair()
+def test_read_notification_kicks_the_waiting_writer(impl: Any) -> None:
+    server, client, page = pair(impl)
     client.send(b"z" * 1024)
     assert client.send(b"more") == 0
     client.request_notify(VCHAN_NOTIFY_READ)
@@ -92,8 +101,8 @@ def test_read_notification_kicks_the_waiting_writer() -> None:
     assert server.kick
 
 
-def test_scenario_26_prod_beyond_ring_reads_as_zero_and_locks() -> None:
-    server, _client, page = pair()
+def test_scenario_26_prod_beyond_ring_reads_as_zero_and_locks(impl: Any) -> None:
+    server, _client, page = pair(impl)
     struct.pack_into("<I", page, 4, 1024 + 5)  # left.prod claims more than the ring holds
     buf = bytearray(8192)
     assert server.recv_into(buf) == 0
@@ -103,21 +112,26 @@ def test_scenario_26_prod_beyond_ring_reads_as_zero_and_locks() -> None:
     assert server.recv_into(buf) == 0
 
 
-def test_scenario_26_peer_rewrites_our_index() -> None:
-    _server, client, page = pair()
+def test_scenario_26_peer_rewrites_our_index(impl: Any) -> None:
+    _server, client, page = pair(impl)
     client.send(b"abc")
     struct.pack_into("<I", page, 4, 0x12345)  # the server rewrites the client's left.prod
     assert client.send(b"d") == 0
     assert client.broken is not None
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from([0, 4, 8, 12]), st.integers(0, 0xFFFFFFFF)),
                 max_size=6),
        st.lists(st.integers(1, 3000), min_size=1, max_size=8))
 def test_scenario_26_arbitrary_indexes_never_overrun(writes: list[tuple[int, int]],
                                                      sizes: list[int]) -> None:
-    server, client, page = pair()
+    for name in IMPLS:
+        run_arbitrary(implementation(name), writes, sizes)
+
+
+def run_arbitrary(cls: Any, writes: list[tuple[int, int]], sizes: list[int]) -> None:
+    server, client, page = pair(cls)
     for (off, value), size in zip(writes + [(0, 0)] * len(sizes), sizes, strict=False):
         if writes:
             struct.pack_into("<I", page, off, value)
@@ -129,8 +143,8 @@ def test_scenario_26_arbitrary_indexes_never_overrun(writes: list[tuple[int, int
             assert 0 <= ep.data_ready() <= ring
 
 
-def test_released_rings_are_empty_and_broken() -> None:
-    server, _client, _ = pair()
+def test_released_rings_are_empty_and_broken(impl: Any) -> None:
+    server, _client, _ = pair(impl)
     server.release()
     assert server.recv_into(bytearray(4)) == 0
     assert server.send(b"x") == 0

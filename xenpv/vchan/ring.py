@@ -21,7 +21,9 @@ the ring, and nothing outside it is touched), and :attr:`VchanRings.broken` reco
 reason; the endpoint then reports a :class:`~xenpv.vchan.errors.VchanBroken` peer error
 and the rings stay locked for good (R4).
 
-Copies are at most two slice copies per call (the data may wrap at the end of the ring),
+This pure-Python class is the readable specification; ``_vring.pyx`` is its compiled twin
+with the same API, used when built (``IMPLEMENTATION``; ``XENPV_PURE_PYTHON=1`` forces
+this one).  Copies are at most two slice copies per call (the data may wrap at the end of the ring),
 64 KiB at a time or whatever fits, so a bulk transfer costs a handful of Python calls per
 chunk.  Barriers follow libxenvchan's placement (§10.2): full barrier between loading the
 indexes and writing data, write barrier before publishing ``prod``, read barrier after
@@ -31,7 +33,8 @@ byte.  The notify bytes are changed with atomic byte operations from :mod:`xenpv
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
 
 from xenpv.protocols.vchan import (
     VCHAN_CLI_LIVE_OFFSET,
@@ -47,7 +50,7 @@ from xenpv.protocols.vchan import (
 )
 from xenpv.rings import atomic_fetch_and_clear8, atomic_or8, full_barrier
 
-__all__ = ["MASK32", "VchanRings"]
+__all__ = ["IMPLEMENTATION", "MASK32", "ReferenceVchanRings", "VchanRings", "implementation"]
 
 MASK32 = 0xFFFFFFFF
 
@@ -246,3 +249,28 @@ class VchanRings:
         self._wr_prod = prod
         self._send_notify(VCHAN_NOTIFY_WRITE)
         return n
+
+
+#: The pure-Python class above, always available (tests compare both).
+ReferenceVchanRings = VchanRings
+
+IMPLEMENTATION = "reference"
+if not TYPE_CHECKING and os.environ.get("XENPV_PURE_PYTHON") != "1":
+    try:
+        from xenpv.vchan._vring import VchanRings  # the compiled twin
+
+        IMPLEMENTATION = "cython"
+    except ImportError:
+        pass
+
+
+def implementation(name: str) -> Any:
+    """The ``VchanRings`` class of one implementation: ``"cython"`` or ``"reference"``
+    (ImportError if the extension is not built)."""
+    if name == "reference":
+        return ReferenceVchanRings
+    if name == "cython":
+        from xenpv.vchan._vring import VchanRings as compiled
+
+        return compiled
+    raise ValueError(f"unknown vchan ring implementation {name!r}")

@@ -27,6 +27,7 @@ CYTHON_MODULES: dict[str, str] = {
     "xenpv.rings._sring": "cython/sring.pyx",
     "xenpv.rings._bytering": "cython/bytering.pyx",
     "xenpv.rings._atomic": "cython/atomic.pyx",
+    "xenpv.vchan._vring": "xenpv/vchan/_vring.pyx",
 }
 
 CYTHON_DIRECTIVES = {

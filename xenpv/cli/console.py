@@ -54,10 +54,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     at = sub.add_parser("attach", help="connect this terminal to a guest's console pty")
     at.add_argument("domid", type=int)
     at.add_argument("--num", type=int, default=0, help="console number (0: primary)")
-    at.add_argument("--rundir", help="loopback emulator run directory")
+    at.add_argument("--rundir", help="loopback emulator run directory (default: the environment)")
 
     be = sub.add_parser("backend", help="serve consoles on ptys (dom0 by default)")
-    be.add_argument("--rundir")
+    be.add_argument("--rundir", help="loopback emulator run directory (default: the environment)")
     be.add_argument("--as", dest="as_domid", type=int, default=0, help="backend domain")
     be.add_argument("--domid", type=int, action="append", default=[],
                     help="serve console 0 of this guest (repeatable)")
@@ -70,7 +70,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     be.add_argument("--policy", choices=["discard", "block"], default="discard")
 
     fe = sub.add_parser("frontend", help="the guest side of a console")
-    fe.add_argument("--rundir")
+    fe.add_argument("--rundir", help="loopback emulator run directory (default: the environment)")
     fe.add_argument("--domid", type=int, required=True, help="the guest domain")
     fe.add_argument("--backend-domid", type=int, default=0)
     fe.add_argument("--devid", type=int, help="secondary console device/console/DEVID")
@@ -78,7 +78,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     fe.add_argument("--shell", action="store_true", help="answer echo/send/quit lines")
 
     pub = sub.add_parser("publish", help="toolstack: publish console 0 of a guest")
-    pub.add_argument("--rundir")
+    pub.add_argument("--rundir", help="loopback emulator run directory (default: the environment)")
     pub.add_argument("--domid", type=int, required=True)
     pub.add_argument("--port", type=int, required=True)
     pub.add_argument("--ring-ref", type=int, default=0)

@@ -561,3 +561,15 @@ cdef class BackRing(_Ring):
         ``notify``.  More responses than consumed requests is a LocalError."""
         self._put(src, n, True)
         return self._push()
+
+    def take_and_respond(self, dst, responses, Py_ssize_t max_n=-1):
+        """One call for backends whose answers are known before the requests are read (an
+        echo, a null device, benchmarks): take up to ``max_n`` requests into ``dst`` (as
+        :meth:`poll_requests_into`, re-arming when empty), queue the first k entries of
+        ``responses`` as their answers and push.  Returns ``(k, notify)``.  ``responses``
+        may be ``dst`` itself (echo)."""
+        cdef uint32_t k = self._poll_into(dst, max_n)
+        if k == 0:
+            return 0, False
+        self._put(responses, k, True)
+        return k, self._push()

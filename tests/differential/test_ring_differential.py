@@ -25,11 +25,11 @@ ALL = 1 << 20  # "as many as possible"
 FRONT_OPS = ("put", "push", "push_notify", "submit", "take_rsp", "take_rsp_into", "poll_rsp",
              "unconsumed_rsp", "final_rsp", "free", "set_rsp_event")
 BACK_OPS = ("take_req", "take_req_into", "poll_req", "unconsumed_req", "final_req", "put_rsp",
-            "push_rsp", "push_rsp_notify", "submit_rsp", "set_req_event")
+            "push_rsp", "push_rsp_notify", "submit_rsp", "set_req_event", "take_respond")
 
 # the ordinary protocol flow is drawn more often than the rest
 FLOW = ("put", "push_notify", "submit", "take_req", "poll_req", "put_rsp", "push_rsp_notify",
-        "submit_rsp", "take_rsp", "poll_rsp", "final_req", "final_rsp")
+        "submit_rsp", "take_rsp", "poll_rsp", "final_req", "final_rsp", "take_respond")
 counts = st.one_of(st.integers(0, 6), st.integers(0, 40), st.just(ALL))
 u32 = st.integers(0, MASK32)
 # a value near the current index ("rel", delta), near one ring size ahead ("relN", delta),
@@ -106,6 +106,12 @@ def ours_take(ring: Any, method: str, n: int, slot: int) -> Any:
     return data if data == OVERFLOW else (len(data) // slot, bytes(data))
 
 
+def ours_take_respond(ring: Any, n: int, slot: int, responses: bytes) -> Any:
+    buf = bytearray(n * slot)
+    got = ours(lambda: ring.take_and_respond(buf, responses, n))
+    return got if got == OVERFLOW else (got[0], bytes(buf[: got[0] * slot]), got[1])
+
+
 def run_op(step: int, op: tuple[Any, ...], model: dict[str, Any]) -> list[Any]:
     """Apply one operation to every implementation; return their observations."""
     name, k, value = op
@@ -146,9 +152,12 @@ def run_op(step: int, op: tuple[Any, ...], model: dict[str, Any]) -> list[Any]:
         k = min(k, free + 2) if name == "put" else min(k, free)
     elif name in ("put_rsp", "submit_rsp"):
         k = min(k, ref_back.pending_responses())
+    elif name == "take_respond":
+        k = min(k, ref_back.nr_ents)
     else:
         k = min(k, 4 * 4096)
-    data = pattern(step, k * slot) if name in ("put", "submit", "put_rsp", "submit_rsp") else b""
+    data = pattern(step, k * slot) if name in ("put", "submit", "put_rsp", "submit_rsp",
+                                               "take_respond") else b""
     results = []
     for _page, f, b in impls:
         results.append({
@@ -173,6 +182,7 @@ def run_op(step: int, op: tuple[Any, ...], model: dict[str, Any]) -> list[Any]:
             "push_rsp_notify": lambda b=b: ours(b.push_responses_and_check_notify),
             "submit_rsp": lambda b=b: ours(lambda: b.submit_responses(data, k)),
             "set_req_event": lambda b=b: ours(lambda: b.set_req_event(value)),
+            "take_respond": lambda b=b: ours_take_respond(b, k, slot, data),
         }[name]())
     # the same operation through Xen's macros
     if name in ("put", "put_rsp"):
@@ -189,6 +199,11 @@ def run_op(step: int, op: tuple[Any, ...], model: dict[str, Any]) -> list[Any]:
         cres = c.take(k)
     elif name in ("poll_rsp", "poll_req"):
         cres = c.poll(k)
+    elif name == "take_respond":  # poll, then answer what was taken, then push
+        cres = c.poll(k)
+        if cres != OVERFLOW:
+            notify = bool(c.op(1, data, cres[0]) and c.op(3)) if cres[0] else False
+            cres = (cres[0], cres[1], notify)
     elif name in ("unconsumed_rsp", "unconsumed_req"):
         v = c.op(4)
         cres = OVERFLOW if v < 0 else v

@@ -318,3 +318,17 @@ def test_a_ring_in_a_reference_cycle_gives_its_memory_back(rings: SimpleNamespac
     del holder
     gc.collect()
     page.append(0)  # BufferError while an export is outstanding
+
+
+def test_take_and_respond_echoes_in_one_call(rings: SimpleNamespace) -> None:
+    page = bytearray(PAGE)
+    front = rings.FrontRing(page, 16)
+    back = rings.BackRing(page, 16)
+    buf = bytearray(16 * 8)
+    assert back.take_and_respond(buf, buf) == (0, False)
+    assert back.req_event == 1  # empty: re-armed
+    front.submit_requests(pattern(7, 16 * 5))
+    assert back.take_and_respond(buf, buf, 3) == (3, True)
+    assert front.take_responses() == pattern(7, 16 * 5)[: 16 * 3]
+    with pytest.raises(LocalError):
+        back.take_and_respond(buf, bytes(16))  # two requests taken, one answer given

@@ -6,9 +6,9 @@ What is measured (one run; every figure is requests completed per second):
   by Xen's ``io/ring.h`` macros, the whole loop in C (compiled with cffi at bench time from
   libxen-dev's headers).  Per round: the frontend queues 32 requests and pushes, the backend
   copies them out, queues 32 responses and pushes, the frontend copies the responses out.
-* ``cython``: the same rounds through xenpv's compiled batch API, from a Python loop (four
-  batch calls per round: ``submit_requests``, ``poll_requests_into``, ``submit_responses``,
-  ``poll_responses_into``).
+* ``cython``: the same rounds through xenpv's compiled batch API, from a Python loop (three
+  batch calls per round: ``submit_requests``; ``take_and_respond``, which copies the
+  requests out, queues the responses and pushes; ``poll_responses_into``).
 * ``reference``: the same loop on the pure-Python reference ring.
 * ``two_process_c`` / ``two_process_cython``: frontend and backend in two processes over a
   shared memfd, woken through eventfds under the event-index protocol, up to 32 requests in
@@ -173,16 +173,14 @@ def bench_python_loop(impl_name: str, seconds: float, repeats: int = 3) -> float
     rsps = bytes([0xA5]) * (SLOT * BATCH)
     got_req = bytearray(SLOT * BATCH)
     got_rsp = bytearray(SLOT * BATCH)
-    submit_req, poll_req = front.submit_requests, back.poll_requests_into
-    submit_rsp, poll_rsp = back.submit_responses, front.poll_responses_into
+    submit, serve, poll = front.submit_requests, back.take_and_respond, front.poll_responses_into
 
     def step(rounds: int) -> int:
         done = 0
         for _ in range(rounds):
-            submit_req(reqs, BATCH)
-            n = poll_req(got_req, BATCH)
-            submit_rsp(rsps, n)
-            done += poll_rsp(got_rsp, BATCH)
+            submit(reqs, BATCH)
+            serve(got_req, rsps, BATCH)
+            done += poll(got_rsp, BATCH)
         return done
 
     chunk = 2000 if impl_name == "cython" else 20

@@ -517,6 +517,18 @@ class BackRing(_Ring):
         self._put(src, n, True)
         return self._push()
 
+    def take_and_respond(self, dst: Any, responses: Any, max_n: int = -1) -> tuple[int, bool]:
+        """One call for backends whose answers are known before the requests are read (an
+        echo, a null device, benchmarks): take up to ``max_n`` requests into ``dst`` (as
+        :meth:`poll_requests_into`, re-arming when empty), queue the first k entries of
+        ``responses`` as their answers and push.  Returns ``(k, notify)``.  ``responses``
+        may be ``dst`` itself (echo)."""
+        k = self._poll_into(dst, max_n)
+        if k == 0:
+            return 0, False
+        self._put(responses, k, True)
+        return k, self._push()
+
 
 class ByteRing:
     """One direction of a byte (or fixed-unit) ring laid out inside ``buf``.

@@ -5,7 +5,10 @@ figures drift, ratios are what to read):
 
 (a) notify-and-wake round trip between two emulated domains in two processes (dom0 here,
     dom1 in a child echoing every event), next to a raw eventfd ping-pong between two
-    processes doing the same Python work (the floor; target ratio <= 1.3);
+    processes doing the same Python work (the floor; target ratio <= 1.3).  Measured with
+    the processes pinned to different CPUs (the headline figures) and to the same CPU
+    (``*_same_cpu``), since waking another vCPU dominates the first and system-call count
+    the second;
 (b) map + unmap of 11-ref batches (one blkif request's worth of separately granted
     pages) per second, in process and across processes (through the daemon);
 (c) grant copy of 4 KiB and 64 KiB (page-sized segments out of granted pages into a local
@@ -64,18 +67,45 @@ def _echo_domain(control: str, remote_port: int, n: int) -> None:
 
 
 def child_main(argv: list[str]) -> None:
-    """Entry of the helper processes (``python -m xenpv.bench.platform child …``)."""
-    kind = argv[0]
+    """Entry of the helper processes (``python -m xenpv.bench.platform child CPU …``)."""
+    cpu, kind = int(argv[0]), argv[1]
+    if cpu >= 0:
+        os.sched_setaffinity(0, {cpu})
     if kind == "eventfd":
-        _echo_eventfd(int(argv[1]), int(argv[2]), int(argv[3]))
+        _echo_eventfd(int(argv[2]), int(argv[3]), int(argv[4]))
     elif kind == "domain":
-        _echo_domain(argv[1], int(argv[2]), int(argv[3]))
+        _echo_domain(argv[2], int(argv[3]), int(argv[4]))
 
 
-def _spawn(args: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+def _spawn(cpu: int, args: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "xenpv.bench.platform", "child", *args], pass_fds=pass_fds
+        [sys.executable, "-m", "xenpv.bench.platform", "child", str(cpu), *args],
+        pass_fds=pass_fds,
     )
+
+
+class _Pinned:
+    """Pin this process to ``cpu`` for a measurement (no-op for -1), then restore."""
+
+    def __init__(self, cpu: int) -> None:
+        self.cpu = cpu
+        self.saved = os.sched_getaffinity(0)
+
+    def __enter__(self) -> None:
+        if self.cpu >= 0:
+            os.sched_setaffinity(0, {self.cpu})
+
+    def __exit__(self, *exc: object) -> None:
+        os.sched_setaffinity(0, self.saved)
+
+
+def placements() -> dict[str, tuple[int, int]]:
+    """(parent cpu, child cpu) per placement; "cross" needs two usable CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    out = {"same": (cpus[0], cpus[0])}
+    if len(cpus) > 1:
+        out["cross"] = (cpus[0], cpus[1])
+    return out
 
 
 def _finish(proc: subprocess.Popen[bytes]) -> None:
@@ -89,19 +119,20 @@ def _finish(proc: subprocess.Popen[bytes]) -> None:
 # ---------------------------------------------------------------------------- (a)
 
 
-def eventfd_floor_rtt_us(n: int) -> float:
+def eventfd_floor_rtt_us(n: int, cpus: tuple[int, int] = (-1, -1)) -> float:
     """Raw eventfd ping-pong between two processes: µs per round trip."""
     a = os.eventfd(0, os.EFD_CLOEXEC)
     b = os.eventfd(0, os.EFD_CLOEXEC)
-    proc = _spawn(["eventfd", str(a), str(b), str(n + 1)], pass_fds=(a, b))
+    proc = _spawn(cpus[1], ["eventfd", str(a), str(b), str(n + 1)], pass_fds=(a, b))
     try:
-        os.eventfd_write(a, 1)  # warm-up: the child is up
-        os.eventfd_read(b)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            os.eventfd_write(a, 1)
+        with _Pinned(cpus[0]):
+            os.eventfd_write(a, 1)  # warm-up: the child is up
             os.eventfd_read(b)
-        dt = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for _ in range(n):
+                os.eventfd_write(a, 1)
+                os.eventfd_read(b)
+            dt = time.perf_counter() - t0
     finally:
         _finish(proc)
         os.close(a)
@@ -109,24 +140,26 @@ def eventfd_floor_rtt_us(n: int) -> float:
     return dt / n * 1e6
 
 
-def notify_rtt_us(rundir: str, n: int) -> float:
+def notify_rtt_us(rundir: str, n: int, cpus: tuple[int, int] = (-1, -1)) -> float:
     """Notify-and-wake round trip between dom0 (here) and dom1 (a child): µs."""
     from xenpv.platforms.loopback.client import ClientEvents
 
     ev = ClientEvents(os.path.join(rundir, "dom0", "control"))
     try:
         port = ev.alloc_unbound(1)
-        proc = _spawn(["domain", os.path.join(rundir, "dom1", "control"), str(port), str(n)])
+        control = os.path.join(rundir, "dom1", "control")
+        proc = _spawn(cpus[1], ["domain", control, str(port), str(n)])
         try:
             if ev.pending(30) != port:
                 raise RuntimeError("echo domain did not come up")
             ev.unmask(port)
-            t0 = time.perf_counter()
-            for _ in range(n):
-                ev.notify(port)
-                ev.pending(None)
-                ev.unmask(port)
-            dt = time.perf_counter() - t0
+            with _Pinned(cpus[0]):
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    ev.notify(port)
+                    ev.pending(None)
+                    ev.unmask(port)
+                dt = time.perf_counter() - t0
         finally:
             _finish(proc)
     finally:
@@ -210,9 +243,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         d0, d1 = inproc.domain(0), inproc.domain(1)
         c0, c1 = daemon.domain(0), daemon.domain(1)
+        where = placements()
         for _ in range(rounds):
-            add("eventfd_floor_rtt_us", eventfd_floor_rtt_us(n_rtt))
-            add("notify_rtt_us", notify_rtt_us(daemon.rundir, n_rtt))
+            for name, cpus in where.items():
+                tag = "" if name == "cross" or len(where) == 1 else "_same_cpu"
+                add(f"eventfd_floor_rtt_us{tag}", eventfd_floor_rtt_us(n_rtt, cpus))
+                add(f"notify_rtt_us{tag}", notify_rtt_us(daemon.rundir, n_rtt, cpus))
             add("map_unmap_batches_per_s_inprocess", map_unmap_per_s(d1, d0, n_map))
             add("map_unmap_batches_per_s_crossprocess", map_unmap_per_s(c1, c0, n_map))
             for size, tag in ((4096, "4k"), (65536, "64k")):
@@ -228,6 +264,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {k: statistics.median(v) for k, v in samples.items()}
     res["ratios"] = {
         "notify_rtt_vs_eventfd_floor": res["notify_rtt_us"] / res["eventfd_floor_rtt_us"],
+        **(
+            {
+                "notify_rtt_vs_eventfd_floor_same_cpu": res["notify_rtt_us_same_cpu"]
+                / res["eventfd_floor_rtt_us_same_cpu"]
+            }
+            if "notify_rtt_us_same_cpu" in res
+            else {}
+        ),
         "grant_copy_4k_vs_memcpy": res["grant_copy_4k_gbps"] / res["memcpy_4k_gbps"],
         "grant_copy_64k_vs_memcpy": res["grant_copy_64k_gbps"] / res["memcpy_64k_gbps"],
         "grant_copy_64k_crossprocess_vs_memcpy": res["grant_copy_64k_gbps_crossprocess"]
@@ -237,7 +281,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     res["targets"] = {"notify_rtt_vs_eventfd_floor": "<= 1.3", "grant_copy_64k_vs_memcpy": ">= 0.5"}
     res["rounds"] = rounds
-    res["placement"] = "two processes, scheduler-placed on a 2-vCPU machine; blocking waits"
+    res["placement"] = (
+        "notify_rtt_us / eventfd_floor_rtt_us: the two processes pinned to different CPUs "
+        "(split drivers in two domains); *_same_cpu: both pinned to one CPU; blocking waits"
+        if "cross" in where
+        else "one usable CPU: both processes on it; blocking waits"
+    )
     return res
 
 

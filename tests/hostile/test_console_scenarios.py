@@ -347,3 +347,49 @@ def test_scenario_16_backend_event_storm_on_the_console_frontend(
     run_checked(body)
     machine.release()
     machine.assert_released()
+
+
+def test_scenario_29_guest_dies_mid_output_then_its_domain_goes(daemon: DaemonMachine) -> None:
+    """The guest process is killed while it floods its console; the backend keeps
+    serving what is left, then lets go of everything when the domain is destroyed."""
+    import json
+    import subprocess
+    import sys
+
+    async def body() -> None:
+        dom0 = ClientPlatform.for_domain(daemon.rundir, 0)
+        xs0 = await connect(str(Path(daemon.rundir) / "dom0" / "xenstore"))
+        out = bytearray()
+        server = PrimaryConsoleServer(dom0, xs0, GUEST, ConsoleConfig(limit=4096),
+                                      sink=out.extend)
+        guest = subprocess.Popen(
+            [sys.executable, "-m", "xenpv", "console", "frontend", "--rundir", daemon.rundir,
+             "--domid", str(GUEST), "--send", str(64 << 20)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            assert guest.stdout is not None
+            ready = json.loads(await asyncio.to_thread(guest.stdout.readline))
+            await publish_primary_console(xs0, GUEST, port=ready["port"], ring_ref=0)
+            await server.start()
+            session = await server.wait_ready(WAIT)
+            await settle(lambda: len(out) > 100_000)
+            guest.kill()  # mid-stream
+            guest.wait(WAIT)
+            await asyncio.sleep(0.1)
+            assert server.session is session and not session.closed
+            daemon.destroy_domain(GUEST)  # its home (and console directory) goes
+            await settle(lambda: server.session is None)
+            assert session.closed
+        finally:
+            if guest.poll() is None:
+                guest.kill()
+                guest.wait(WAIT)
+            for f in (guest.stdin, guest.stdout):
+                if f is not None:
+                    f.close()
+            await server.close()
+            await xs0.close()
+            dom0.close()
+
+    run_checked(body)
+    daemon.assert_released()

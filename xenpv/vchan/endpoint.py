@@ -397,10 +397,12 @@ class VchanEndpoint:
         return n
 
     # -- waiting
-    def _spin(self, ready: Callable[[], int]) -> bool:
-        if self.spin_us <= 0:
+    def _spin(self, ready: Callable[[], int], spin_us: int | None = None) -> bool:
+        """Poll ``ready`` for up to ``spin_us`` (default :attr:`spin_us`) microseconds."""
+        us = self.spin_us if spin_us is None else spin_us
+        if us <= 0:
             return False
-        end = time.perf_counter_ns() + self.spin_us * 1000
+        end = time.perf_counter_ns() + us * 1000
         while time.perf_counter_ns() < end:
             if ready():
                 return True

@@ -222,17 +222,21 @@ class ClientGrantTable(_OnConnection):
         out, fds = self._conn.call(op, req)
         handle_id, n = proto.U32x2.unpack_from(out)
         refs = struct.unpack_from(f"<{n}I", out, 8)
+        region = self._place(handle_id, fds, lambda: map_fd(fds[0], n, writable=True))
+        run = SharedRegion(refs, domid, region, handle_id, writable)
+        self._live[handle_id] = run
+        return run
+
+    def _place(self, handle_id: int, fds: list[int], build: Callable[[], Region]) -> Region:
+        """Map what the daemon sent, close its descriptors; undo the share/map on failure."""
         try:
-            region = map_fd(fds[0], n, writable=True)
+            return build()
         except BaseException:
             self._conn.call(Op.GNT_UNMAP, proto.U32.pack(handle_id))
             raise
         finally:
             for fd in fds:
                 os.close(fd)
-        run = SharedRegion(refs, domid, region, handle_id, writable)
-        self._live[handle_id] = run
-        return run
 
     def end_access(self, pages: SharedPages) -> None:
         """End every grant of ``pages`` (GrantInUse: nothing ended) and unmap locally."""
@@ -267,18 +271,10 @@ class ClientGrantTable(_OnConnection):
             proto.U32x2.pack(domid, r) for r in refs
         )
         out, fds = self._conn.call(Op.GNT_MAP, req)
-        try:
-            handle_id, count, _nfds = proto.U32x3.unpack_from(out)
-            table = struct.unpack_from(f"<{2 * count}I", out, proto.U32x3.size)
-            pages = [(fds[table[2 * i]], table[2 * i + 1]) for i in range(count)]
-            try:
-                region = Region(pages, writable=writable)
-            except BaseException:
-                self._conn.call(Op.GNT_UNMAP, proto.U32.pack(handle_id))
-                raise
-        finally:
-            for fd in fds:
-                os.close(fd)
+        handle_id, count, _nfds = proto.U32x3.unpack_from(out)
+        table = struct.unpack_from(f"<{2 * count}I", out, proto.U32x3.size)
+        pages = [(fds[table[2 * i]], table[2 * i + 1]) for i in range(count)]
+        region = self._place(handle_id, fds, lambda: Region(pages, writable=writable))
         run = MappedRegion(refs, domid, region, handle_id, writable)
         self._live[handle_id] = run
         if notify is not None:

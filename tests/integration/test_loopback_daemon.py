@@ -37,7 +37,8 @@ def rundir(tmp_path: Path) -> Iterator[Path]:
         assert stop_daemon(proc) == 0
 
 
-def test_up_creates_endpoints_and_sigterm_removes_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_up_creates_endpoints_and_a_signal_removes_them(tmp_path: Path, sig: int) -> None:
     d = tmp_path / "run"
     proc = subprocess.Popen(
         [*CLI, "up", "--rundir", str(d), "--domain", "1:guest"],
@@ -51,8 +52,13 @@ def test_up_creates_endpoints_and_sigterm_removes_them(tmp_path: Path) -> None:
             assert (d / f"dom{n}" / "control").is_socket()
             assert (d / f"dom{n}" / "xenstore").is_socket()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+        proc.send_signal(sig)
+        try:
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
     assert not list(d.glob("dom*")) and not (d / "daemon.pid").exists()
 
 

@@ -374,6 +374,8 @@ cdef class FrontRing(_Ring):
         prod = xenpv_load_u32(self.base + OFF_RSP_PROD)
         n = prod - self._cons
         outstanding = self._prod_pvt - self._cons
+        if XENPV_DEBUG_ENABLED and outstanding > self.nr_ents:
+            raise AssertionError("xenpv internal: more requests outstanding than slots")
         # io/ring.h RING_RESPONSE_PROD_OVERFLOW, tightened to the requests outstanding.
         if n > outstanding:
             self._fail(

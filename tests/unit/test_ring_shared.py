@@ -332,3 +332,23 @@ def test_take_and_respond_echoes_in_one_call(rings: SimpleNamespace) -> None:
     assert front.take_responses() == pattern(7, 16 * 5)[: 16 * 3]
     with pytest.raises(LocalError):
         back.take_and_respond(buf, bytes(16))  # two requests taken, one answer given
+
+
+def test_implementation_choice() -> None:
+    """The compiled core is chosen when built; XENPV_PURE_PYTHON=1 forces the reference."""
+    import os
+    import subprocess
+    import sys
+
+    import xenpv.rings
+    from xenpv.rings import implementation
+
+    assert xenpv.rings.IMPLEMENTATION == "cython"
+    assert xenpv.rings.FrontRing is implementation("cython").FrontRing
+    with pytest.raises(LocalError):
+        implementation("assembler")
+    code = "import xenpv.rings as r; print(r.IMPLEMENTATION, r.BackRing.__module__)"
+    env = dict(os.environ, XENPV_PURE_PYTHON="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split()
+    assert out == ["reference", "xenpv.rings._reference"]

@@ -24,6 +24,8 @@ import os
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
+from xenpv.errors import LocalError
+
 __all__ = [
     "HEADER_BYTES",
     "IMPLEMENTATION",
@@ -65,7 +67,7 @@ def implementation(name: str) -> SimpleNamespace:
             atomic_fetch_and_clear8=_atomic.atomic_fetch_and_clear8,
             full_barrier=_atomic.full_barrier, load_u32=_atomic.load_u32,
             store_u32=_atomic.store_u32)
-    raise ValueError(f"unknown ring implementation {name!r} (cython or reference)")
+    raise LocalError(f"unknown ring implementation {name!r} (cython or reference)")
 
 
 IMPLEMENTATION: str

@@ -7,10 +7,13 @@ port signalled) and the emulator holds nothing afterwards.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
 
+import xenpv.vchan as xenpv_vchan
+from xenpv.vchan.endpoint import wait_reaped
 from xenpv.vchan.testing import VchanLab, vchan_path
 
 SERVER, CLIENT = 1, 2
@@ -82,4 +85,38 @@ def test_real_xen_platform_through_the_replacement_libraries(
     assert a["sent_crc"] == b["received_crc"] and b["sent_crc"] == a["received_crc"]
     assert a["received"] == b["received"] == size
     assert server.wait(30) == 0 and client.wait(30) == 0
+    lab.assert_released()
+
+
+def test_asyncio_server_sees_killed_client_process(lab: VchanLab) -> None:
+    """Our asyncio stream server (here) and a client process killed mid-transfer: the
+    handler's reader reaches end of file and the vchan is released."""
+    spf = lab.platform(SERVER)
+    path = vchan_path(SERVER, CLIENT, "asyncio-kill")
+    got: list[int] = []
+
+    async def main() -> None:
+        ended = asyncio.Event()
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            total = 0
+            while chunk := await reader.read(1 << 16):
+                total += len(chunk)
+                if total > 4 * MiB and client.poll() is None:
+                    client.kill()
+            got.append(total)
+            writer.close()
+            ended.set()
+
+        server = await xenpv_vchan.start_server(spf, CLIENT, path, handler, read_min=MiB,
+                                                write_min=MiB)
+        client = lab.tool(CLIENT, "client", str(SERVER), path, "--send", str(1 << 40))
+        await asyncio.wait_for(ended.wait(), 60)
+        server.close()
+        await server.wait_closed()
+        assert await wait_reaped(spf.grants, 5.0)
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+    assert got and got[0] > 4 * MiB
+    spf.close()
     lab.assert_released()

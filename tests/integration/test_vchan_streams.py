@@ -236,3 +236,27 @@ def test_server_may_write_before_client_connects(pfs: tuple[Any, Any]) -> None:
     finally:
         client.close()
         server.close(linger=5)
+
+
+@pytest.mark.parametrize("victim", ["server", "client"])
+def test_peer_platform_dies_other_side_reports_and_releases(pfs: tuple[Any, Any],
+                                                            victim: str) -> None:
+    """A domain's platform goes away without closing its vchan (as when its process
+    dies): the unmap notification clears its live byte and signals; the survivor drains
+    what was sent, sees the end of the stream, and releases everything on close."""
+    spf, cpf = pfs
+    path = vchan_path(SERVER, CLIENT, f"death-{victim}")
+
+    async def main() -> None:
+        server = await VchanServer.create(spf, CLIENT, path, read_min=MiB, write_min=MiB)
+        client = await VchanClient.create(cpf, SERVER, path)
+        dead, survivor, platform = ((server, client, spf) if victim == "server"
+                                    else (client, server, cpf))
+        dead.send(b"famous last words")
+        platform.close()  # no vchan close: the platform (the "process") is gone
+        assert survivor.recv(100, timeout=5) == b"famous last words"
+        assert survivor.recv(100, timeout=5) == b""
+        assert survivor.is_open == 0
+        await survivor.aclose()
+
+    run(main())

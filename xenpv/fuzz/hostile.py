@@ -270,12 +270,12 @@ class HostileFrontend(HostilePeer):
                 self.publish()
             elif op == 7:
                 self.flip()
-            elif op == 9:  # storm: fill the ring and kick repeatedly (scenario 8)
-                for _ in range(n):
-                    self.put(spec.build_request(ids, src))
-                    ids += 1
-                self.publish()
-                for _ in range(1 + src.below(4)):
+            elif op == 9:  # storm: waves of a full ring's worth, each kicked (scenario 8)
+                for _ in range(2 + src.below(3)):
+                    for _ in range(n):
+                        self.put(spec.build_request(ids, src))
+                        ids += 1
+                    self.publish()
                     self.service()
             elif op == 10:  # garbage in the backend's header fields and the padding
                 self.mem.poke_u32(src.choice((OFF_REQ_EVENT, OFF_RSP_PROD, OFF_RSP_EVENT, 16, 60)),

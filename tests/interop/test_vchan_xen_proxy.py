@@ -151,23 +151,24 @@ def xenpv_proxy(*args: str) -> list[str]:
     return [sys.executable, "-m", "xenpv", "vchan-proxy", *args]
 
 
-def echo_listener(path: str) -> tuple[socket.socket, threading.Thread]:
-    """A Unix socket server echoing every connection (until EOF) with bytes reversed per
-    chunk boundary-independent: each byte XOR 0x5A."""
+def echo_listener(path: str, connections: int = 1) -> tuple[socket.socket, threading.Thread]:
+    """A Unix socket server answering ``connections`` connections one after the other,
+    each until EOF, with every byte XOR 0x5A."""
     lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     lsock.bind(path)
     lsock.listen(4)
     lsock.settimeout(30)
 
     def serve() -> None:
-        try:
-            conn, _ = lsock.accept()
-        except OSError:
-            return
-        with conn:
-            conn.settimeout(30)
-            while data := conn.recv(65536):
-                conn.sendall(bytes(b ^ 0x5A for b in data))
+        for _ in range(connections):
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(30)
+                while data := conn.recv(65536):
+                    conn.sendall(bytes(b ^ 0x5A for b in data))
 
     t = threading.Thread(target=serve, daemon=True)
     t.start()
@@ -177,17 +178,18 @@ def echo_listener(path: str) -> tuple[socket.socket, threading.Thread]:
 def test_our_proxy_server_with_xen_proxy_client(lab: VchanLab, tmp_path: Any) -> None:
     path = vchan_path(SERVER, CLIENT, "ours-server")
     sock_path = str(tmp_path / "echo.sock")
-    lsock, t = echo_listener(sock_path)
+    lsock, t = echo_listener(sock_path, connections=2)
     state = f"/local/domain/{SERVER}/data/xenpv-proxy-state"
     try:
         server = lab.spawn(SERVER, xenpv_proxy("-m", "server", "-s", state, str(CLIENT), path, sock_path))
         wait_published(lab, path)
-        client = lab.spawn(CLIENT, [xen_proxy(), str(SERVER), path, "-"],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        data = os.urandom(300_000)
-        got = exchange_stdio(client, data, len(data))
-        assert got == bytes(b ^ 0x5A for b in data)
-        assert client.wait(30) == 0
+        for _ in range(2):  # one vchan client after the other, like Xen's proxy allows
+            client = lab.spawn(CLIENT, [xen_proxy(), str(SERVER), path, "-"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            data = os.urandom(300_000)
+            got = exchange_stdio(client, data, len(data))
+            assert got == bytes(b ^ 0x5A for b in data)
+            assert client.wait(30) == 0
         t.join(30)
         assert server.poll() is None  # a socket path: it keeps serving
         assert read_state(lab, state) == b"running"

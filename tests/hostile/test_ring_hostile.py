@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import signal
 import struct
 import time
 from types import SimpleNamespace
@@ -145,7 +146,7 @@ def _flip_prod(path: str, stop_at: float) -> None:  # pragma: no cover - runs in
     fd = os.open(path, os.O_RDWR)
     mem = mmap.mmap(fd, PAGE)
     words = memoryview(mem).cast("I")
-    values = [0, 5, N, N + 1, 0xFFFFFFFF, 1 << 31, 3, N - 1]
+    values = [5, 0, N, N + 1, 0xFFFFFFFF, 1 << 31, 3, N - 1]  # first a non-zero: "started"
     i = 0
     while time.monotonic() < stop_at:
         words[0] = values[i % len(values)]
@@ -170,9 +171,13 @@ def test_scenario_02_racing_peer_process(rings: SimpleNamespace, tmp_path) -> No
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child
             try:
-                _flip_prod(str(path), time.monotonic() + 1.0)
+                _flip_prod(str(path), time.monotonic() + 10.0)
             finally:
                 os._exit(0)
+        started = time.monotonic()
+        while memoryview(mem).cast("I")[0] == 0:  # until the peer process runs
+            assert time.monotonic() - started < 30, "the racing peer never started"
+            time.sleep(0.001)
         outcomes = {"ok": 0, "overflow": 0}
         deadline = time.monotonic() + 0.8
         dst = bytearray(4 * N * SLOT)
@@ -193,6 +198,7 @@ def test_scenario_02_racing_peer_process(rings: SimpleNamespace, tmp_path) -> No
         assert bytes(mem[64 + N * SLOT :]) == before_tail
     finally:
         if pid > 0:
+            os.kill(pid, signal.SIGKILL)  # our own racing child, done with
             os.waitpid(pid, 0)
         mem.close()
         os.close(fd)

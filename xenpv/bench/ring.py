@@ -427,7 +427,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from xenpv.rings import ring_size
 
     seconds = 0.05 if args.quick else args.seconds
-    tp_seconds = 0.1 if args.quick else seconds / 2
+    tp_seconds = 0.1 if args.quick else seconds
     out: dict[str, Any] = {
         "unit": "requests/s",
         "slot_size": SLOT,
@@ -439,9 +439,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out["cython"] = bench_python_loop("cython", seconds)
     out["reference"] = bench_python_loop("reference", seconds)
     detail: dict[str, Any] = {}
+    repeats = 1 if args.quick else 3
     for name, spin in (("", SPIN_US), ("_nospin", 0)):
-        c = bench_two_process_c(tp_seconds, spin)
-        py = run_two_process("cython", seconds=tp_seconds, spin_us=spin)
+        # interleaved, best of ``repeats`` each: the two vCPUs are shared with other work
+        runs_c: list[dict[str, float]] = []
+        runs_py: list[dict[str, float]] = []
+        for _ in range(repeats):
+            runs_c.append(bench_two_process_c(tp_seconds / repeats, spin))
+            runs_py.append(run_two_process("cython", seconds=tp_seconds / repeats, spin_us=spin))
+        c = max(runs_c, key=lambda r: r["requests_per_s"])
+        py = max(runs_py, key=lambda r: r["requests_per_s"])
         out[f"two_process_c{name}"] = c["requests_per_s"]
         out[f"two_process_cython{name}"] = py["requests_per_s"]
         detail[f"two_process_c{name}"] = c

@@ -13,7 +13,8 @@ What is measured (one run, two processes per figure, 64 KiB writes, 1 MiB rings)
   with the same spin-then-sleep policy.
 * ``vchan_rtt_us``: median round trip of a 64-byte message over xenpv's vchan (in-page
   rings), client and server in two processes.
-* ``console_mbps``: no console pair exists in xenpv yet, so ``null``.
+* ``console_mbps``: ``null`` here; the console pair (``xenpv.frontends.console`` /
+  ``xenpv.backends.console``, still being written) fills it in.
 
 Throughput is bytes over the receiver's time from its first to its last byte (GB/s =
 1e9 bytes per second).  The measurements run in ``--rounds`` interleaved rounds and the

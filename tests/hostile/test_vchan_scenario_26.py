@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -204,4 +206,34 @@ def test_scenario_26_stream_reader_gets_the_peer_error(pfs: tuple[Any, Any]) -> 
     try:
         asyncio.run(asyncio.wait_for(main(), 30))
     finally:
+        server.close(linger=5)
+
+
+def test_notification_storm_keeps_waits_bounded(pfs: tuple[Any, Any]) -> None:
+    """R10: a peer signalling without writing anything only causes bounded spurious
+    wake-ups: a read with a timeout still times out, and real data still arrives."""
+    spf, cpf = pfs
+    server, client = connected_pair(spf, cpf, "storm", 0)
+    stop = threading.Event()
+
+    def storm() -> None:
+        while not stop.is_set():
+            for _ in range(100):
+                cpf.events.notify(client.port)
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=storm)
+    t.start()
+    try:
+        with pytest.raises(TimeoutError):
+            server.recv(10, timeout=0.3)
+        assert server.hub.deliveries > 0  # the storm did reach us
+    finally:
+        stop.set()
+        t.join(10)
+    try:
+        client.send(b"real data")
+        assert server.recv(100, timeout=5) == b"real data"
+    finally:
+        client.close()
         server.close(linger=5)

@@ -261,3 +261,58 @@ def test_xen_proxy_client_waiting_before_the_server_publishes(lab: VchanLab) -> 
     assert lab.read_json(server)["event"] == "ready"
     got = exchange_stdio(client, os.urandom(1000), 1000, timeout=3)
     assert len(got) == 1000
+
+
+def test_our_proxy_client_on_stdio_with_xen_proxy_server(lab: VchanLab) -> None:
+    """``xenpv vchan-proxy DOMID PATH -`` (client on stdin/stdout) against Xen's server."""
+    path = vchan_path(SERVER, CLIENT, "ours-stdio")
+    server = lab.spawn(SERVER, [xen_proxy(), "-m", "server", str(CLIENT), path, "-"],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    wait_published(lab, path)
+    client = lab.spawn(CLIENT, xenpv_proxy(str(SERVER), path, "-"),
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    up, down = os.urandom(500_000), os.urandom(400_000)
+    results: dict[str, bytes] = {}
+
+    def to_server() -> None:
+        results["server_got"] = exchange_stdio_half(client, up, server, len(up))
+
+    t = threading.Thread(target=to_server, daemon=True)
+    t.start()
+    results["client_got"] = exchange_stdio_half(server, down, client, len(down))
+    t.join(60)
+    assert results["server_got"] == up
+    assert results["client_got"] == down
+    assert client.stdin is not None
+    client.stdin.close()  # end of input: our proxy flushes, closes the vchan and exits
+    assert client.wait(30) == 0
+    assert server.stdin is not None
+    server.stdin.close()
+    assert server.wait(30) == 0
+    lab.assert_released()
+
+
+def exchange_stdio_half(writer: subprocess.Popen[bytes], data: bytes,
+                        reader: subprocess.Popen[bytes], expect: int,
+                        timeout: float = 60.0) -> bytes:
+    """Write ``data`` to one process's stdin and read ``expect`` bytes from another's
+    stdout (stdin left open)."""
+    got = bytearray()
+
+    def pump() -> None:
+        assert reader.stdout is not None
+        while len(got) < expect:
+            chunk = reader.stdout.read1(MiB)
+            if not chunk:
+                return
+            got.extend(chunk)
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    assert writer.stdin is not None
+    with contextlib.suppress(BrokenPipeError):
+        writer.stdin.write(data)
+        writer.stdin.flush()
+    t.join(timeout)
+    assert not t.is_alive(), "proxy stalled"
+    return bytes(got)

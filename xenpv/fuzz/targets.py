@@ -27,6 +27,7 @@ from xenpv.fuzz.hostile import HostileBackend, HostileFrontend, InvariantViolati
 from xenpv.fuzz.ringspecs import RING_SPECS
 from xenpv.fuzz.source import ByteSource
 from xenpv.fuzz.victims import RingBackend, RingFrontend
+from xenpv.fuzz.xenbus import drive_machine, parse_keys
 from xenpv.protocols import blkif, kbdif, netif, usbif, vchan
 from xenpv.xenstore import wire
 from xenpv.xenstore.store import Quotas, Store
@@ -320,6 +321,10 @@ def _make_targets() -> dict[str, Target]:
                _parse_vchan),
         Target("xenstore:wire", "raw xenstore wire bytes -> decoder -> embedded server dispatch",
                _xenstore_wire),
+        Target("xenbus:machine", "hostile xenbus peer: state sequences and garbage vs both machines",
+               lambda victim: drive_machine),
+        Target("xenbus:keys", "hostile connect-time keys (ring-ref, event-channel, orders, queues)",
+               lambda victim: parse_keys),
     ]
     return {t.name: t for t in out}
 

@@ -301,3 +301,20 @@ def test_maptrack_and_handles_are_bounded() -> None:
     finally:
         hv.close()
     hv.assert_released()
+
+
+def test_scenario_16_notification_storm_is_one_delivery(
+    pair: tuple[InProcessPlatform, InProcessPlatform],
+) -> None:
+    """A peer flooding a port costs the receiver one delivery per unmask, not one per event."""
+    a, b = pair
+    pb = b.events.alloc_unbound(0)
+    pa = a.events.bind_interdomain(1, pb)
+    assert a.events.pending(1) == pa
+    a.events.unmask(pa)
+    for _ in range(20_000):
+        b.events.notify(pb)
+    assert a.events.pending(1) == pa
+    assert a.events.pending(0) is None  # masked: the storm stays queued as one event
+    a.events.unmask(pa)
+    assert a.events.pending(0.05) is None  # drained at delivery: nothing left

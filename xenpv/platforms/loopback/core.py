@@ -779,7 +779,10 @@ class Hypervisor:
             return e.segment, e.segment.view, e.page * PAGE_SIZE + p.offset
         if not isinstance(p, LocalPtr):
             return GntSt.general_error
-        buf = memoryview(p.buffer).cast("B")
+        try:
+            buf = memoryview(p.buffer).cast("B")
+        except (TypeError, ValueError) as exc:  # not a contiguous buffer: caller's bug
+            raise LocalError(f"grant copy needs a contiguous local buffer: {exc}") from exc
         if p.offset < 0 or length < 0 or p.offset + length > len(buf):
             return GntSt.bad_copy_arg
         if dest and buf.readonly:

@@ -299,6 +299,42 @@ def _xenstore_wire(victim: Any) -> Callable[[bytes], None]:
     return run
 
 
+def _xenstore_model(victim: Any) -> Callable[[bytes], None]:
+    """An operation list against the store and the reference model, compared after each."""
+    from xenpv.fuzz.xsmodel import CONNS, PATHS, PERM_SETS, WATCH_PATHS, XsHarness
+
+    conns = sorted(CONNS)
+    ops = ["read", "dir", "getperms", "mkdir", "rm"]
+
+    def run(data: bytes) -> None:
+        src = ByteSource(data)
+        h = XsHarness()
+        h.homes()
+        for _ in range(48):
+            if src.remaining <= 0:
+                break
+            conn, kind = src.choice(conns), src.below(8)
+            if kind == 0:
+                h.op(conn, src.boolean(), "write", src.choice(PATHS), src.take(src.below(7)))
+            elif kind == 1:
+                h.op(conn, src.boolean(), src.choice(ops), src.choice(PATHS))
+            elif kind == 2:
+                h.op(conn, src.boolean(), "setperms", src.choice(PATHS), src.choice(PERM_SETS))
+            elif kind == 3:
+                h.watch(conn, src.choice(WATCH_PATHS), src.choice(("t1", "t2")))
+            elif kind == 4:
+                h.unwatch(conn, src.choice(WATCH_PATHS), src.choice(("t1", "t2")))
+            elif kind == 5:
+                h.start(conn)
+            elif kind == 6 and h.txs:
+                h.end(src.choice(sorted(h.txs)), src.boolean())
+            else:
+                h.round_trip()
+            h.same_tree_and_counts()
+
+    return run
+
+
 def _make_targets() -> dict[str, Target]:
     out: list[Target] = []
     for name, spec in RING_SPECS.items():
@@ -321,6 +357,8 @@ def _make_targets() -> dict[str, Target]:
                _parse_vchan),
         Target("xenstore:wire", "raw xenstore wire bytes -> decoder -> embedded server dispatch",
                _xenstore_wire),
+        Target("xenstore:model", "operation lists against the store and a naive reference model",
+               _xenstore_model),
         Target("xenbus:machine", "hostile xenbus peer: state sequences and garbage vs both machines",
                lambda victim: drive_machine),
         Target("xenbus:keys", "hostile connect-time keys (ring-ref, event-channel, orders, queues)",

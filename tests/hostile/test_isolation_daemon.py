@@ -11,6 +11,7 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -75,89 +76,70 @@ def _map(conn: ControlConnection, domid: int, refs: tuple[int, ...], writable: b
     return fds
 
 
-def test_isolation_readonly_grant_fd_refuses_prot_write(rundir: Path) -> None:
+@contextmanager
+def _granted_fds(
+    rundir: Path, count: int, *, writable: bool, map_count: int | None = None, extra: int = 0
+) -> Iterator[list[int]]:
+    """dom1 shares ``count`` pages with dom0 (and ``extra`` with dom2); dom0 maps the
+    first ``map_count`` of them; yields the descriptors dom0 received."""
     granter, mapper = _conn(rundir, 1), _conn(rundir, 0)
     try:
-        refs = _share(granter, 0, 2, writable=False)
-        fds = _map(mapper, 1, refs, writable=False)
+        refs = _share(granter, 0, count, writable=writable)
+        if extra:
+            _share(granter, 2, extra, writable=True)
+        fds = _map(mapper, 1, refs[: map_count or count], writable=writable)
         try:
-            assert len(fds) == 1  # one descriptor for the pages of one share
-            fd = fds[0]
-            assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
-            with pytest.raises(PermissionError):
-                mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            with pytest.raises(OSError) as info:
-                os.pwrite(fd, b"x", 0)
-            assert info.value.errno == errno.EBADF
-            ro = mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ)
-            assert ro[:4] == bytes(4)
-            ro.close()
+            yield fds
         finally:
             for fd in fds:
                 os.close(fd)
     finally:
         mapper.close()
         granter.close()
+
+
+def test_isolation_readonly_grant_fd_refuses_prot_write(rundir: Path) -> None:
+    with _granted_fds(rundir, 2, writable=False) as fds:
+        assert len(fds) == 1  # one descriptor for the pages of one share
+        fd = fds[0]
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        with pytest.raises(PermissionError):
+            mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        with pytest.raises(OSError) as info:
+            os.pwrite(fd, b"x", 0)
+        assert info.value.errno == errno.EBADF
+        ro = mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ)
+        assert ro[:4] == bytes(4)
+        ro.close()
 
 
 def test_isolation_readonly_grant_fd_cannot_be_reopened_for_writing(rundir: Path) -> None:
     """An O_RDONLY memfd can be reopened O_RDWR through /proc: the seals must still hold."""
-    granter, mapper = _conn(rundir, 1), _conn(rundir, 0)
-    try:
-        refs = _share(granter, 0, 1, writable=False)
-        fds = _map(mapper, 1, refs, writable=False)
+    with _granted_fds(rundir, 1, writable=False) as fds:
+        rw = os.open(f"/proc/self/fd/{fds[0]}", os.O_RDWR)
         try:
-            rw = os.open(f"/proc/self/fd/{fds[0]}", os.O_RDWR)
-            try:
-                with pytest.raises(PermissionError):
-                    os.pwrite(rw, b"x", 0)
-                with pytest.raises(PermissionError):
-                    mmap.mmap(rw, PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-                with pytest.raises(PermissionError):
-                    os.ftruncate(rw, 0)
-            finally:
-                os.close(rw)
+            with pytest.raises(PermissionError):
+                os.pwrite(rw, b"x", 0)
+            with pytest.raises(PermissionError):
+                mmap.mmap(rw, PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            with pytest.raises(PermissionError):
+                os.ftruncate(rw, 0)
         finally:
-            for fd in fds:
-                os.close(fd)
-    finally:
-        mapper.close()
-        granter.close()
+            os.close(rw)
 
 
 def test_isolation_writable_grant_fd_cannot_resize_the_pages(rundir: Path) -> None:
     """A grantee shrinking the memfd would turn every other mapper's access into SIGBUS."""
-    granter, mapper = _conn(rundir, 1), _conn(rundir, 0)
-    try:
-        refs = _share(granter, 0, 2, writable=True)
-        fds = _map(mapper, 1, refs, writable=True)
-        try:
-            for size in (0, PAGE, 64 * PAGE):
-                with pytest.raises(PermissionError):
-                    os.ftruncate(fds[0], size)
-            assert os.fstat(fds[0]).st_size == 2 * PAGE
-        finally:
-            for fd in fds:
-                os.close(fd)
-    finally:
-        mapper.close()
-        granter.close()
+    with _granted_fds(rundir, 2, writable=True) as fds:
+        for size in (0, PAGE, 64 * PAGE):
+            with pytest.raises(PermissionError):
+                os.ftruncate(fds[0], size)
+        assert os.fstat(fds[0]).st_size == 2 * PAGE
 
 
 def test_isolation_descriptors_reach_only_the_granted_share(rundir: Path) -> None:
-    granter, mapper = _conn(rundir, 1), _conn(rundir, 0)
-    try:
-        mine = _share(granter, 0, 3, writable=True)
-        _share(granter, 2, 5, writable=True)  # granted to someone else
-        fds = _map(mapper, 1, mine[:1], writable=True)
-        try:
-            assert [os.fstat(fd).st_size for fd in fds] == [3 * PAGE]
-        finally:
-            for fd in fds:
-                os.close(fd)
-    finally:
-        mapper.close()
-        granter.close()
+    with _granted_fds(rundir, 3, writable=True, map_count=1, extra=5) as fds:
+        assert [os.fstat(fd).st_size for fd in fds] == [3 * PAGE]
 
 
 def test_isolation_a_socket_acts_only_as_its_domain(rundir: Path) -> None:

@@ -216,7 +216,7 @@ class DaemonMachine:
             total["handles"] += handles - (1 if domid == 0 else 0)
         return total
 
-    def assert_released(self, timeout: float = 5.0, *, handles: bool = True) -> None:
+    def assert_released(self, timeout: float = 10.0, *, handles: bool = True) -> None:
         """Wait (bounded) until nothing is held; else raise ``AssertionError``.
 
         Connection closes reach the daemon asynchronously, hence the short wait."""

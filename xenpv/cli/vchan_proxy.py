@@ -38,7 +38,7 @@ import sys
 from typing import Any
 
 from xenpv.errors import LocalError, PeerError, PlatformError
-from xenpv.protocols.vchan import VCHAN_CLI_CONNECTED, VCHAN_NOTIFY_READ, VCHAN_NOTIFY_WRITE
+from xenpv.protocols.vchan import VCHAN_NOTIFY_READ, VCHAN_NOTIFY_WRITE
 from xenpv.vchan.endpoint import VchanClient, VchanEndpoint, VchanServer
 
 BUFSIZE = 1 << 16
@@ -255,26 +255,13 @@ async def _write_state(platform: Any, path: str | None) -> None:
             await xs.close()
 
 
-async def _wait_client(server: VchanServer) -> None:
-    ready = asyncio.Event()
-    server.hub.watch(server.port, ready.set)
-    try:
-        while server.is_open != VCHAN_CLI_CONNECTED:
-            ready.clear()
-            if server.is_open == VCHAN_CLI_CONNECTED:
-                break
-            await ready.wait()
-    finally:
-        server.hub.unwatch(server.port)
-
-
 async def run_server(platform: Any, args: argparse.Namespace) -> int:
     """Server mode (see the module docstring)."""
     server = await VchanServer.create(platform, args.domid, args.nodepath, read_min=0, write_min=0)
     try:
         await _write_state(platform, args.state_path)
         while True:
-            await _wait_client(server)
+            await server.wait_client()
             log("vchan client connected")
             try:
                 in_fd, out_fd = _connect_local(args.socket)

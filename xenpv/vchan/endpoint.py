@@ -632,6 +632,19 @@ class VchanServer(VchanEndpoint):
             raise
         return cls(platform, client_domid, path, _setup=(port, ctrl, shares, rings))
 
+    async def wait_client(self) -> None:
+        """asyncio: wait until a client is connected (``cli_live`` 1)."""
+        ready = asyncio.Event()
+        self.hub.watch(self.port, ready.set)
+        try:
+            while self.is_open != VCHAN_CLI_CONNECTED:
+                ready.clear()
+                if self.is_open == VCHAN_CLI_CONNECTED:
+                    break
+                await ready.wait()
+        finally:
+            self.hub.unwatch(self.port)
+
     _shares_memory = True
 
     def _memory(self) -> list[Any]:

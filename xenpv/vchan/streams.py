@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from xenpv.errors import LocalError, PeerError, PlatformError
-from xenpv.protocols.vchan import VCHAN_CLI_CONNECTED, VCHAN_NOTIFY_READ, VCHAN_NOTIFY_WRITE
+from xenpv.protocols.vchan import VCHAN_NOTIFY_READ, VCHAN_NOTIFY_WRITE
 from xenpv.vchan.endpoint import VchanClient, VchanEndpoint, VchanServer
 
 __all__ = ["VchanStreamServer", "VchanTransport", "open_connection", "start_server"]
@@ -293,18 +293,6 @@ class VchanStreamServer:
             self.platform, self.client_domid, self.path, read_min=self.read_min,
             write_min=self.write_min, xs=self._xs)
 
-    async def _wait_client(self, ep: VchanServer) -> None:
-        ready = asyncio.Event()
-        ep.hub.watch(ep.port, ready.set)
-        try:
-            while ep.is_open != VCHAN_CLI_CONNECTED:
-                ready.clear()
-                if ep.is_open == VCHAN_CLI_CONNECTED:
-                    break
-                await ready.wait()
-        finally:
-            ep.hub.unwatch(ep.port)
-
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         try:
@@ -314,7 +302,7 @@ class VchanStreamServer:
                     await self._publish()
                     ep = self.endpoint
                     assert ep is not None
-                await self._wait_client(ep)
+                await ep.wait_client()
                 done = loop.create_future()
                 _reader, make = _streams(self.limit)
 

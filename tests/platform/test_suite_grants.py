@@ -16,6 +16,7 @@ from xenpv.platforms.base import (
     LocalPtr,
     MapError,
     UnmapNotify,
+    prepare_copy,
 )
 
 PAGE = 4096
@@ -221,3 +222,25 @@ def test_process_death_fires_unmap_notify_and_unbinds(machine: Any) -> None:
     assert bytes(keep.mem[0:4]) == b"live"
     a.grants.unmap(keep)
     a.grants.end_access(pages)
+
+
+def test_repeated_copy_notices_ended_grants(machine: Any) -> None:
+    a, b = machine.domain(0), machine.domain(1)
+    pages = b.grants.grant(0, 2)
+    pages.mem[0:4] = b"one!"
+    out = bytearray(2 * PAGE)
+    segs = [
+        GrantCopy(GrantPtr(1, r, 0), LocalPtr(out, i * PAGE), PAGE)
+        for i, r in enumerate(pages.refs)
+    ]
+    run = prepare_copy(a.grants, segs)
+    assert run() == [GntSt.okay, GntSt.okay] and bytes(out[0:4]) == b"one!"
+    pages.mem[0:4] = b"two!"
+    assert run() == [GntSt.okay, GntSt.okay] and bytes(out[0:4]) == b"two!"
+    b.grants.end_access(pages)
+    out[:] = bytes(2 * PAGE)
+    assert run() == [GntSt.bad_gntref, GntSt.bad_gntref]
+    assert bytes(out) == bytes(2 * PAGE)
+    release = getattr(run, "release", None)
+    if release is not None:
+        release()

@@ -316,13 +316,18 @@ class ClientGrantTable(_OnConnection):
 
 
 class _ClientCopyPlan:
-    """GNT_COPY request for a fixed list of segments (docs/loopback-protocol.md §4.7)."""
+    """GNT_COPY request for a fixed list of segments (docs/loopback-protocol.md §4.7).
+
+    The request layout is encoded once; local destinations that follow each other in one
+    buffer are filled with one slice assignment when all their segments succeeded."""
 
     def __init__(self, conn: ControlConnection, segments: Sequence[GrantCopy]) -> None:
         self._conn = conn
         self._segments = tuple(segments)
         head = [proto.U32x2.pack(len(segments), 0)]
-        for s in segments:
+        # runs of local destinations: [buffer, offset, length, first segment, end segment]
+        self._runs: list[list[Any]] = []
+        for i, s in enumerate(segments):
             flags = 0
             sref = sdom = soff = dref = ddom = doff = 0
             if isinstance(s.source, GrantPtr):
@@ -331,6 +336,18 @@ class _ClientCopyPlan:
             if isinstance(s.dest, GrantPtr):
                 flags |= proto.GNTCOPY_dest_gref
                 dref, ddom, doff = s.dest.ref, s.dest.domid, s.dest.offset
+            else:
+                last = self._runs[-1] if self._runs else None
+                if (
+                    last is not None
+                    and last[0] is s.dest.buffer
+                    and last[1] + last[2] == s.dest.offset
+                    and last[4] == i
+                ):
+                    last[2] += s.length
+                    last[4] = i + 1
+                else:
+                    self._runs.append([s.dest.buffer, s.dest.offset, s.length, i, i + 1])
             head.append(proto.COPY_SEG.pack(sref, sdom, soff, dref, ddom, doff, s.length, flags, 0))
         self._head = b"".join(head)
 
@@ -347,16 +364,19 @@ class _ClientCopyPlan:
             os.close(fd)
         count, _ = proto.U32x2.unpack_from(out)
         status = list(struct.unpack_from(f"<{count}i", out, 8))
-        cursor = 8 + 4 * count
-        for seg, st in zip(self._segments, status, strict=True):
-            if not isinstance(seg.dest, LocalPtr):
+        view = memoryview(out)
+        cursor = 8 + 4 * count  # dest data, in order of the local destinations
+        for buffer, offset, length, first, end in self._runs:
+            dst = memoryview(buffer).cast("B")
+            if not any(status[first:end]):
+                dst[offset : offset + length] = view[cursor : cursor + length]
+                cursor += length
                 continue
-            if st == 0:
-                dst = memoryview(seg.dest.buffer).cast("B")
-                dst[seg.dest.offset : seg.dest.offset + seg.length] = out[
-                    cursor : cursor + seg.length
-                ]
-            cursor += seg.length
+            for seg, st in zip(self._segments[first:end], status[first:end], strict=True):
+                if st == 0:
+                    o = seg.dest.offset
+                    dst[o : o + seg.length] = view[cursor : cursor + seg.length]
+                cursor += seg.length
         return status
 
 

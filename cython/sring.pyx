@@ -40,8 +40,10 @@ from libc.string cimport memset
 from heldbuf cimport drop_buffer, hold_buffer
 from includes.barrier cimport (
     XENPV_DEBUG_ENABLED,
+    xenpv_cpu_relax,
     xenpv_load_u32,
     xenpv_mb,
+    xenpv_now_ns,
     xenpv_rmb,
     xenpv_store_u32,
     xenpv_wmb,
@@ -311,6 +313,30 @@ cdef class _Ring:
         self._rearm()
         return self._avail() != 0
 
+    cdef uint32_t _spin(self, long long max_ns) except? 0xFFFFFFFF:
+        """Busy-wait up to ``max_ns`` for the peer to publish entries; the validated count."""
+        cdef uint32_t n = self._avail()
+        cdef long long until
+        if n or max_ns <= 0:
+            return n
+        cdef int turn
+        until = xenpv_now_ns() + max_ns
+        while True:
+            # a cheap volatile load per turn, the clock every 16 turns; the full check only
+            # once something changed
+            for turn in range(16):
+                if xenpv_load_u32(self.base + self.in_prod) != self._cons:
+                    return self._avail()
+                xenpv_cpu_relax()
+            if xenpv_now_ns() >= until:
+                return self._avail()
+
+    def spin(self, long long max_ns) -> int:
+        """Poll the peer's producer index for up to ``max_ns`` nanoseconds (a busy-wait, no
+        sleeping, no re-arm) and return how many entries are waiting (0: time ran out).
+        Drivers spin briefly after the last entry before they re-arm and sleep."""
+        return self._spin(max_ns)
+
     cdef int _set_event(self, value) except -1:
         self._usable()
         xenpv_store_u32(self.base + self.in_event, <uint32_t>(value & 0xFFFFFFFF))
@@ -442,9 +468,11 @@ cdef class FrontRing(_Ring):
         """Custom re-arm: ask to be notified when ``rsp_prod`` passes ``value``."""
         self._set_event(value)
 
-    cpdef unsigned int take_responses_into(self, dst, Py_ssize_t max_n=-1) except? 0xFFFFFFFF:
-        """Copy up to ``max_n`` waiting responses (as many as fit ``dst``) into ``dst``."""
-        return self._take_into(dst, max_n, self._avail())
+    cpdef unsigned int take_responses_into(self, dst, Py_ssize_t max_n=-1,
+                                        long long spin_ns=0) except? 0xFFFFFFFF:
+        """Copy up to ``max_n`` waiting responses (as many as fit ``dst``) into ``dst``; with
+        ``spin_ns``, busy-wait up to that long (see :meth:`spin`) when none are waiting."""
+        return self._take_into(dst, max_n, self._spin(spin_ns))
 
     cpdef unsigned int poll_responses_into(self, dst, Py_ssize_t max_n=-1) except? 0xFFFFFFFF:
         """Take waiting responses into ``dst``; when there are none, re-arm ``rsp_event`` and
@@ -517,9 +545,11 @@ cdef class BackRing(_Ring):
         """Custom re-arm: ask to be notified when ``req_prod`` passes ``value``."""
         self._set_event(value)
 
-    cpdef unsigned int take_requests_into(self, dst, Py_ssize_t max_n=-1) except? 0xFFFFFFFF:
-        """Copy up to ``max_n`` waiting requests (as many as fit ``dst``) into ``dst``."""
-        return self._take_into(dst, max_n, self._avail())
+    cpdef unsigned int take_requests_into(self, dst, Py_ssize_t max_n=-1,
+                                        long long spin_ns=0) except? 0xFFFFFFFF:
+        """Copy up to ``max_n`` waiting requests (as many as fit ``dst``) into ``dst``; with
+        ``spin_ns``, busy-wait up to that long (see :meth:`spin`) when none are waiting."""
+        return self._take_into(dst, max_n, self._spin(spin_ns))
 
     cpdef unsigned int poll_requests_into(self, dst, Py_ssize_t max_n=-1) except? 0xFFFFFFFF:
         """Take waiting requests into ``dst``; when there are none, re-arm ``req_event`` and

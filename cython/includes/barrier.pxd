@@ -8,6 +8,8 @@ cdef extern from "xenpv_barrier.h" nogil:
     void xenpv_rmb()
     void xenpv_wmb()
     void xenpv_mb()
+    void xenpv_cpu_relax()
+    long long xenpv_now_ns()
     uint32_t xenpv_load_u32(const void *p)
     void xenpv_store_u32(void *p, uint32_t v)
     uint8_t xenpv_load_u8(const void *p)

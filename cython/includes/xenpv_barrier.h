@@ -25,6 +25,7 @@
 #define XENPV_BARRIER_H
 
 #include <stdint.h>
+#include <time.h>
 
 #ifdef XENPV_DEBUG
 #define XENPV_DEBUG_ENABLED 1
@@ -60,6 +61,29 @@ static inline void xenpv_wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
  * a missed ordering means a missed wake-up and a hung device.  Emits mfence/lock-op on x86.
  */
 static inline void xenpv_mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+/*
+ * Inside a busy-wait on a shared index: tells the CPU we are spinning (x86 `pause` saves
+ * power and avoids a memory-order mis-speculation penalty when the peer's store arrives).
+ */
+static inline void xenpv_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield" ::: "memory");
+#else
+    xenpv_compiler_barrier();
+#endif
+}
+
+/* Monotonic nanoseconds, for bounded busy-waits. */
+static inline long long xenpv_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
 
 /* One aligned 32-bit load of a shared index; volatile so it is re-done on every call. */
 static inline uint32_t xenpv_load_u32(const void *p)

@@ -353,3 +353,27 @@ def test_implementation_choice() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=60, check=True).stdout.split()
     assert out == ["reference", "xenpv.rings._reference"]
+
+
+def test_spin_waits_a_bounded_time_and_sees_new_entries(rings: SimpleNamespace) -> None:
+    """spin() busy-waits at most max_ns (never sleeps, never re-arms) and returns the
+    validated count; a take with spin_ns does the same before copying."""
+    page = bytearray(PAGE)
+    front = rings.FrontRing(page, 8)
+    back = rings.BackRing(page, 8)
+    event = back.req_event
+    assert back.spin(2_000_000) == 0  # 2 ms, then time is up
+    assert back.spin(0) == 0
+    assert back.req_event == event  # no re-arm
+    front.submit_requests(bytes(8 * 3))
+    assert back.spin(10**12) == 3  # returns at once: something is there
+    dst = bytearray(8 * 4)
+    assert back.take_requests_into(dst, 2, spin_ns=10**12) == 2
+    assert back.take_requests_into(dst, -1, 1000) == 1
+    assert back.take_requests_into(dst, -1, 1000) == 0
+    back.put_responses(bytes(8 * 3))
+    back.push_responses()
+    assert front.take_responses_into(bytearray(64), -1, 10**12) == 3
+    struct.pack_into("<I", page, 0, 1000)  # the peer goes insane while we would spin
+    with pytest.raises(RingOverflowError):
+        back.spin(10**12)

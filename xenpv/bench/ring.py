@@ -187,11 +187,23 @@ def bench_python_loop(impl_name: str, seconds: float, repeats: int = 3) -> float
     return _best(seconds, repeats, lambda s: _timed(s, step, chunk))
 
 
+def placement() -> tuple[int, int] | None:
+    """CPUs for (frontend, backend): two different ones we may run on, or None (one CPU)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return (cpus[0], cpus[1]) if len(cpus) >= 2 else None
+
+
+def _pin(cpu: int | None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+
+
 def bench_two_process_c(seconds: float, spin_us: int) -> dict[str, float]:
     """Run the C two-process program; requests/s and notification counts."""
     exe = compile_program("two_process", CSRC / "two_process.c",
                           [str(peers.include_dir())], cache_dir())
-    out = subprocess.run([str(exe), str(seconds), str(spin_us), str(BATCH)], check=True,
+    cpus = [str(c) for c in placement() or (-1, -1)]
+    out = subprocess.run([str(exe), str(seconds), str(spin_us), str(BATCH), *cpus], check=True,
                          capture_output=True, text=True, timeout=seconds + 30).stdout.split()
     done, fn, bn, fs, bs, ns = (int(x) for x in out)
     return _two_process_result(done, fn, bn, fs, bs, ns / 1e9)
@@ -231,14 +243,6 @@ class _Waker:
             pass
 
 
-def _spin(check: Callable[[], int], spin_ns: int) -> None:
-    """Poll ``check`` for up to ``spin_ns`` nanoseconds before the caller re-arms and sleeps."""
-    until = time.perf_counter_ns() + spin_ns
-    while time.perf_counter_ns() < until:
-        if check():
-            return
-
-
 def _backend_loop(impl_name: str, shared: mmap.mmap, waker: _Waker, spin_ns: int,
                   batch: int, timeout_s: float) -> None:
     from xenpv.rings import implementation
@@ -247,13 +251,12 @@ def _backend_loop(impl_name: str, shared: mmap.mmap, waker: _Waker, spin_ns: int
     back = impl.BackRing(memoryview(shared)[:PAGE], SLOT)
     got = bytearray(SLOT * batch)
     notifies = sleeps = 0
+    take, submit = back.take_requests_into, back.submit_responses
     while True:
-        n = back.take_requests_into(got, batch)
+        n = take(got, batch, spin_ns)  # spins up to spin_ns when there is nothing yet
         if n == 0:
             if impl.load_u32(shared, CTL_STOP):
                 break
-            if spin_ns:
-                _spin(back.unconsumed_requests, spin_ns)
             n = back.poll_requests_into(got, batch)  # re-arms req_event when empty
             if n == 0:
                 if impl.load_u32(shared, CTL_STOP):
@@ -261,7 +264,7 @@ def _backend_loop(impl_name: str, shared: mmap.mmap, waker: _Waker, spin_ns: int
                 sleeps += 1
                 waker.sleep(timeout_s)
                 continue
-        if back.submit_responses(got, n):  # each response echoes its request
+        if submit(got, n):  # each response echoes its request
             notifies += 1
             waker.kick()
     impl.store_u32(shared, CTL_NOTIFIES, notifies)
@@ -271,13 +274,16 @@ def _backend_loop(impl_name: str, shared: mmap.mmap, waker: _Waker, spin_ns: int
 
 def run_two_process(impl_name: str = "cython", *, seconds: float | None = 1.0,
                     count: int | None = None, spin_us: int = SPIN_US, batch: int = BATCH,
-                    timeout_s: float = 10.0, verify: bool = False) -> dict[str, float]:
+                    timeout_s: float = 10.0, verify: bool = False,
+                    pin: bool = True) -> dict[str, float]:
     """Frontend here, backend in a forked child, over a shared memfd with eventfd wake-ups.
 
     Runs for ``seconds`` or until ``count`` requests completed (whichever is given/first).
     The backend answers each request with a copy of it; with ``verify`` every request
     carries its sequence number (at the offset of blkif's ``id``) and the frontend checks
     that the answers come back complete and in order (a RuntimeError otherwise).
+    With ``pin`` (and two CPUs available) the frontend and backend run on different CPUs
+    (see :func:`placement`); this process's affinity is restored afterwards.
     Returns requests/s, notification and sleep counts of both sides.
     """
     from xenpv.rings import implementation
@@ -293,11 +299,14 @@ def run_two_process(impl_name: str = "cython", *, seconds: float | None = 1.0,
         page = memoryview(shared)[:PAGE]
         front = impl.FrontRing(page, SLOT)
         spin_ns = spin_us * 1000
+        cpus = placement() if pin else None
+        affinity = os.sched_getaffinity(0)
         sys.stdout.flush()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child reports through shared memory
             status = 0
             try:
+                _pin(cpus[1] if cpus else None)
                 _backend_loop(impl_name, shared, _Waker(to_back, to_front), spin_ns, batch,
                               timeout_s)
             except BaseException:
@@ -305,6 +314,7 @@ def run_two_process(impl_name: str = "cython", *, seconds: float | None = 1.0,
             finally:
                 os._exit(status)
         try:
+            _pin(cpus[0] if cpus else None)
             result = _frontend_loop(front, _Waker(to_front, to_back), spin_ns, batch, seconds,
                                     count, timeout_s, verify)
         finally:
@@ -312,6 +322,7 @@ def run_two_process(impl_name: str = "cython", *, seconds: float | None = 1.0,
             impl.full_barrier()
             os.eventfd_write(to_back, 1)
             status = _reap(pid, timeout_s)
+            os.sched_setaffinity(0, affinity)
         front.release()
         result["back_notifies"] = impl.load_u32(shared, CTL_NOTIFIES)
         result["back_sleeps"] = impl.load_u32(shared, CTL_SLEEPS)
@@ -356,21 +367,24 @@ def _frontend_loop(front: Any, waker: _Waker, spin_ns: int, batch: int,
     start = time.perf_counter()
     deadline = start + seconds if seconds is not None else float("inf")
     limit = count if count is not None else -1
-    while time.perf_counter() < deadline and done != limit:
-        k = min(front.free_requests(), batch)
-        if limit >= 0:
-            k = min(k, limit - submitted)
+    free, submit, take = front.free_requests, front.submit_requests, front.take_responses_into
+    clock = time.perf_counter
+    while done != limit and clock() < deadline:
+        room = k = free()
+        if k > batch:
+            k = batch
+        if limit >= 0 and k > limit - submitted:
+            k = limit - submitted
         if k:
             if verify:
                 reqs_ids[:k] = window[:k] + submitted
-            if front.submit_requests(reqs, k):
+            if submit(reqs, k):
                 notifies += 1
                 waker.kick()
             submitted += k
-        n = front.take_responses_into(got, batch)
-        if n == 0 and (front.free_requests() == 0 or submitted == limit):
-            if spin_ns:
-                _spin(front.unconsumed_responses, spin_ns)
+        waiting = room == k or submitted == limit  # nothing more to send: we may wait
+        n = take(got, batch, spin_ns if waiting else 0)
+        if n == 0 and waiting:
             n = front.poll_responses_into(got, batch)
             if n == 0:
                 sleeps += 1
@@ -435,6 +449,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch": BATCH,
         "spin_us": SPIN_US,
     }
+    cpus = placement()
+    out["placement"] = (f"front on CPU {cpus[0]}, back on CPU {cpus[1]}" if cpus
+                        else "front and back share one CPU")
     out["c_macros"] = bench_c_macros(seconds)
     out["cython"] = bench_python_loop("cython", seconds)
     out["reference"] = bench_python_loop("reference", seconds)

@@ -27,6 +27,7 @@ the same bytes with at most two ``memcpy`` calls per batch.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from xenpv.errors import LocalError, RingOverflowError
@@ -277,6 +278,20 @@ class _Ring:
         self._rearm()
         return self._avail() != 0
 
+    def spin(self, max_ns: int) -> int:
+        """Poll the peer's producer index for up to ``max_ns`` nanoseconds (a busy-wait, no
+        sleeping, no re-arm) and return how many entries are waiting (0: time ran out).
+        Drivers spin briefly after the last entry before they re-arm and sleep."""
+        n = self._avail()
+        if n or max_ns <= 0:
+            return n
+        until = time.monotonic_ns() + max_ns
+        while True:
+            if self._load(self._in_prod) != self._cons:  # something changed: check it fully
+                return self._avail()
+            if time.monotonic_ns() >= until:
+                return self._avail()
+
     def _set_event(self, value: int) -> None:
         self._store(self._in_event, value)
         full_barrier()
@@ -398,9 +413,10 @@ class FrontRing(_Ring):
         """Custom re-arm: ask to be notified when ``rsp_prod`` passes ``value``."""
         self._set_event(value)
 
-    def take_responses_into(self, dst: Any, max_n: int = -1) -> int:
-        """Copy up to ``max_n`` waiting responses (as many as fit ``dst``) into ``dst``."""
-        return self._take_into(dst, max_n, self._avail())
+    def take_responses_into(self, dst: Any, max_n: int = -1, spin_ns: int = 0) -> int:
+        """Copy up to ``max_n`` waiting responses (as many as fit ``dst``) into ``dst``; with
+        ``spin_ns``, busy-wait up to that long (see :meth:`spin`) when none are waiting."""
+        return self._take_into(dst, max_n, self.spin(spin_ns))
 
     def poll_responses_into(self, dst: Any, max_n: int = -1) -> int:
         """Take waiting responses into ``dst``; when there are none, re-arm ``rsp_event`` and
@@ -470,9 +486,10 @@ class BackRing(_Ring):
         """Custom re-arm: ask to be notified when ``req_prod`` passes ``value``."""
         self._set_event(value)
 
-    def take_requests_into(self, dst: Any, max_n: int = -1) -> int:
-        """Copy up to ``max_n`` waiting requests (as many as fit ``dst``) into ``dst``."""
-        return self._take_into(dst, max_n, self._avail())
+    def take_requests_into(self, dst: Any, max_n: int = -1, spin_ns: int = 0) -> int:
+        """Copy up to ``max_n`` waiting requests (as many as fit ``dst``) into ``dst``; with
+        ``spin_ns``, busy-wait up to that long (see :meth:`spin`) when none are waiting."""
+        return self._take_into(dst, max_n, self.spin(spin_ns))
 
     def poll_requests_into(self, dst: Any, max_n: int = -1) -> int:
         """Take waiting requests into ``dst``; when there are none, re-arm ``req_event`` and

@@ -248,8 +248,6 @@ def test_xen_proxy_server_with_our_proxy_client(lab: VchanLab, tmp_path: Any) ->
     lab.assert_released()
 
 
-@pytest.mark.xfail(strict=True, reason="the emulated xenstored sends no watch event to a domain "
-                   "that a transaction both created a node for and granted read access to")
 def test_xen_proxy_client_waiting_before_the_server_publishes(lab: VchanLab) -> None:
     """Xen's proxy client waits on a watch of the vchan path; the server comes later."""
     path = vchan_path(SERVER, CLIENT, "late-server")

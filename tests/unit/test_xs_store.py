@@ -720,3 +720,18 @@ def test_pending_events_of_a_domain_are_bounded(guest: Client, dom0: Client, sto
         dom0.write(f"/local/domain/5/k{i}")
     assert len(guest.conn.events) == 10
     assert store.dropped_events == 5 + 50 - 10
+
+
+def test_commit_that_creates_and_grants_read_notifies_the_grantee(
+    dom0: Client, guest: Client
+) -> None:
+    """Visibility of a committed event follows the node's permissions after the commit."""
+    dom0.write("/local/domain/0/data/vchan/5/p")
+    dom0.ok(T.SET_PERMS, "/local/domain/0/data/vchan/5", "n0", "r5")
+    guest.ok(T.WATCH, "/local/domain/0/data/vchan/5/p/ring-ref", "tok")
+    assert guest.events() == [("/local/domain/0/data/vchan/5/p/ring-ref", "tok")]
+    tx = dom0.start()
+    dom0.write("/local/domain/0/data/vchan/5/p/ring-ref", b"8", tx=tx)
+    dom0.ok(T.SET_PERMS, "/local/domain/0/data/vchan/5/p/ring-ref", "n0", "r5", tx=tx)
+    assert dom0.commit(tx) == "OK"
+    assert guest.events() == [("/local/domain/0/data/vchan/5/p/ring-ref", "tok")]

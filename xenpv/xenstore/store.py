@@ -1170,12 +1170,13 @@ class Store:
             self.memory = memory
             self._fired = before
             raise _Fail(broken)
-        # One event per modified path, in first-modification order.
+        # One event per modified path, in first-modification order; visibility is decided
+        # by the permissions the path has at the end of the commit (a transaction that
+        # creates a node and then grants a domain read access must notify that domain).
         merged: dict[str, tuple[str, bool, Perms, int]] = {}
         for ev in self._fired:
             prev = merged.get(ev[0])
-            if prev is None or (ev[1] and not prev[1]):
-                merged[ev[0]] = ev
+            merged[ev[0]] = ev if prev is None else (ev[0], prev[1] or ev[1], ev[2], ev[3])
         self._fired = before + list(merged.values())
 
     def _introduce(self, conn: Connection, tx: Transaction | None, payload: bytes) -> bytes:

@@ -69,7 +69,7 @@ __all__ = [
 def _error(op: int, status: int, payload: bytes) -> PlatformError:
     err = -status
     text = f"{Op(op).name if op in Op._value2member_map_ else op}: {os.strerror(err)}"
-    if op == Op.GNT_MAP and len(payload) == proto.MAP_FAIL.size:
+    if op in (Op.GNT_MAP, Op.FOREIGN_MAP) and len(payload) == proto.MAP_FAIL.size:
         index, gntst = proto.MAP_FAIL.unpack(payload)
         return MapError(f"{text} (ref #{index}, GNTST {gntst})", err, index, gntst)
     if err == errno.ENOSPC:
@@ -266,23 +266,48 @@ class ClientGrantTable(_OnConnection):
         notify: UnmapNotify | None = None,
     ) -> MappedRegion:
         """Map ``refs`` of ``domid`` contiguously; all or nothing."""
-        n = len(refs)
-        req = proto.U32x2.pack(proto.MAP_WRITABLE if writable else 0, n) + b"".join(
+        req = proto.U32x2.pack(proto.MAP_WRITABLE if writable else 0, len(refs)) + b"".join(
             proto.U32x2.pack(domid, r) for r in refs
         )
-        out, fds = self._conn.call(Op.GNT_MAP, req)
-        handle_id, count, _nfds = proto.U32x3.unpack_from(out)
-        table = struct.unpack_from(f"<{2 * count}I", out, proto.U32x3.size)
-        pages = [(fds[table[2 * i]], table[2 * i + 1]) for i in range(count)]
-        region = self._place(handle_id, fds, lambda: Region(pages, writable=writable))
-        run = MappedRegion(refs, domid, region, handle_id, writable)
-        self._live[handle_id] = run
+        run = self._mapped(Op.GNT_MAP, req, refs, domid, writable)
         if notify is not None:
             try:
                 self.set_unmap_notify(run, notify)
             except BaseException:
                 self.unmap(run)
                 raise
+        return run
+
+    def alloc_frames(self, count: int) -> SharedRegion:
+        """``count`` zeroed guest frames of this domain (``refs`` are the gfns) that dom0
+        may map with :meth:`foreign_map`; release with :meth:`free_frames`."""
+        return self._share(Op.FRAME_ALLOC, proto.U32.pack(count), self.domid, True)
+
+    def free_frames(self, frames: SharedPages) -> None:
+        """Give the frames back (deferred while dom0 still maps one) and unmap locally."""
+        run = owned_run(frames, self._live)
+        del self._live[run.handle_id]
+        run.region.release()
+        self._conn.call(Op.GNT_UNMAP, proto.U32.pack(run.handle_id))
+
+    def foreign_map(
+        self, domid: int, gfns: Sequence[int], *, writable: bool = True
+    ) -> MappedRegion:
+        """``xenforeignmemory_map`` (dom0 only): map guest frames of ``domid``."""
+        flags = proto.MAP_WRITABLE if writable else 0
+        req = proto.U32x3.pack(domid, flags, len(gfns)) + struct.pack(f"<{len(gfns)}I", *gfns)
+        return self._mapped(Op.FOREIGN_MAP, req, gfns, domid, writable)
+
+    def _mapped(
+        self, op: int, req: bytes, refs: Sequence[int], domid: int, writable: bool
+    ) -> MappedRegion:
+        out, fds = self._conn.call(op, req)
+        handle_id, count, _nfds = proto.U32x3.unpack_from(out)
+        table = struct.unpack_from(f"<{2 * count}I", out, proto.U32x3.size)
+        pages = [(fds[table[2 * i]], table[2 * i + 1]) for i in range(count)]
+        region = self._place(handle_id, fds, lambda: Region(pages, writable=writable))
+        run = MappedRegion(refs, domid, region, handle_id, writable)
+        self._live[handle_id] = run
         return run
 
     def unmap(self, mapping: MappedGrants) -> None:

@@ -63,6 +63,7 @@ from xenpv.platforms.base import (
 )
 
 DOMID_FIRST_RESERVED = 0x7FF0
+FIRST_GFN = 0x10000  # guest frame numbers handed out from here, never reused
 MAX_BATCH = 1024
 
 NOTIFY_CLEAR_BYTE = 1
@@ -189,6 +190,7 @@ class GrantEntry:
     holds: int = 0  # fault injection: pretend a peer keeps it mapped
     revoking: bool = False
     freed: bool = False
+    frame: bool = False  # a guest frame (``ref`` is its gfn), not a grant
 
     @property
     def in_use(self) -> bool:
@@ -299,6 +301,8 @@ class Domain:
         self.max_grants = max_grants
         self.max_ports = max_ports
         self.grants: dict[int, GrantEntry] = {}
+        self.frames: dict[int, GrantEntry] = {}  # gfn -> page (foreign-mappable by dom0)
+        self.next_gfn = FIRST_GFN
         self._free_refs: deque[int] = deque(range(GNTTAB_NR_RESERVED_ENTRIES, max_grants))
         self.ports: dict[int, Port] = {}
         self._free_ports: list[int] = list(range(1, max_ports))  # heap: lowest first
@@ -490,7 +494,7 @@ class Hypervisor:
         for h in list(dom.handles.values()):
             self.close_handle(h)
         del self.domains[domid]
-        if dom.grants:
+        if dom.grants or dom.frames:
             self._zombies.append(dom)
         dom.close()
         for cb in self.on_domain_destroyed:
@@ -625,13 +629,71 @@ class Hypervisor:
         e.freed = True
         e.revoking = False
         dom = e.granter
-        if dom.grants.get(e.ref) is e:
+        if e.frame:
+            if dom.frames.get(e.ref) is e:
+                del dom.frames[e.ref]
+        elif dom.grants.get(e.ref) is e:
             dom.free_ref(e.ref)
         e.segment.refs_live -= 1
         if e.segment.refs_live == 0:
             e.segment.close()
-        if dom in self._zombies and not dom.grants:
+        if dom in self._zombies and not dom.grants and not dom.frames:
             self._zombies.remove(dom)
+
+    def alloc_frames(self, h: Handle, count: int) -> Share:
+        """Give the domain ``count`` zeroed guest frames that dom0 may map foreign.
+
+        Returned as a share whose ``refs`` are the gfns; it ends like a share (its handle
+        unmapped, or the handle closed), deferred while dom0 still maps a frame."""
+        self._check_open(h)
+        dom = h.domain
+        if not 0 < count <= MAX_BATCH:
+            raise PlatformError(f"bad frame count {count}", errno.EINVAL)
+        if len(dom.frames) + count > self.max_grants:
+            raise ResourceExhausted(f"dom{dom.domid}: frame table full")
+        gfns = list(range(dom.next_gfn, dom.next_gfn + count))
+        try:
+            seg = Segment(count, f"xenpv-dom{dom.domid}-gfn{gfns[0]:#x}")
+        except OSError as exc:
+            raise PlatformError(f"cannot allocate frames: {exc}", exc.errno) from exc
+        dom.next_gfn += count
+        share = Share(h.next_id(), h, 0, True, seg, [])
+        for i, gfn in enumerate(gfns):
+            entry = GrantEntry(gfn, dom, 0, False, seg, i, share, frame=True)
+            dom.frames[gfn] = entry
+            share.entries.append(entry)
+        h.shares[share.handle_id] = share
+        return share
+
+    def foreign_map(self, h: Handle, domid: int, gfns: Sequence[int], *, writable: bool) -> Mapping:
+        """``xenforeignmemory_map``: dom0 maps guest frames of ``domid``, all or nothing."""
+        self._check_open(h)
+        if not h.domain.privileged:
+            raise PlatformError("only dom0 may map foreign frames", errno.EPERM)
+        if not 0 < len(gfns) <= MAX_BATCH:
+            raise PlatformError(f"bad map count {len(gfns)}", errno.EINVAL)
+        dom = self.domains.get(self._resolve(h, domid))
+        if dom is None or dom is h.domain:
+            raise MapError(f"bad domain {domid}", errno.ESRCH, 0, GntSt.bad_domain)
+        if h.domain.maptrack + len(gfns) > self.max_maptrack:
+            raise MapError("maptrack full", errno.ENOSPC, 0, GntSt.no_space)
+        entries: list[GrantEntry] = []
+        for i, gfn in enumerate(gfns):
+            e = dom.frames.get(gfn)
+            if e is None or e.revoking:
+                raise MapError(
+                    f"frame #{i}: dom{dom.domid} has no frame {gfn:#x}",
+                    errno.EINVAL,
+                    i,
+                    GntSt.bad_page,
+                )
+            entries.append(e)
+        for e in entries:
+            e.mappers += 1
+        h.domain.maptrack += len(entries)
+        m = Mapping(h.next_id(), h, entries, writable)
+        h.mappings[m.handle_id] = m
+        return m
 
     def map(self, h: Handle, refs: Sequence[tuple[int, int]], *, writable: bool) -> Mapping:
         """gntdev MAP_GRANT_REF: map ``(domid, ref)`` pairs, all or nothing (R9)."""
@@ -961,6 +1023,7 @@ class Hypervisor:
         doms = list(self.domains.values())
         return {
             "grants": sum(len(d.grants) for d in doms) + sum(len(d.grants) for d in self._zombies),
+            "frames": sum(len(d.frames) for d in doms) + sum(len(d.frames) for d in self._zombies),
             "mappings": sum(len(h.mappings) for d in doms for h in d.handles.values()),
             "ports": sum(len(d.ports) for d in doms),
             "handles": sum(len(d.handles) for d in doms),

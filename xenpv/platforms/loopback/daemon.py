@@ -44,7 +44,7 @@ from typing import Any
 from xenpv.errors import PlatformError
 from xenpv.platforms.base import PAGE_SIZE, GrantCopy, GrantPtr, LocalPtr, MapError
 from xenpv.platforms.loopback import proto
-from xenpv.platforms.loopback.core import CopyPlan, Domain, Handle, Hypervisor, Segment
+from xenpv.platforms.loopback.core import CopyPlan, Domain, Handle, Hypervisor, Mapping, Segment
 from xenpv.platforms.loopback.proto import Op
 
 log = logging.getLogger("xenpv.loopback")
@@ -217,6 +217,8 @@ class LoopbackDaemon:
             Op.STATS: self._stats,
             Op.FAULT: self._fault,
             Op.GNT_SHARE_RESERVED: self._gnt_share_reserved,
+            Op.FRAME_ALLOC: self._frame_alloc,
+            Op.FOREIGN_MAP: self._foreign_map,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -458,6 +460,15 @@ class LoopbackDaemon:
         (flags, _count), items = self._refs_after(payload, proto.U32x2, proto.U32x2)
         writable = bool(flags & proto.MAP_WRITABLE)
         m = self.hv.map(conn.handle, [(d, r) for d, r in items], writable=writable)
+        return self._mapping_reply(conn, m, writable)
+
+    def _foreign_map(self, conn: _Connection, payload: bytes) -> Reply:
+        (domid, flags, _count), items = self._refs_after(payload, proto.U32x3, proto.U32)
+        writable = bool(flags & proto.MAP_WRITABLE)
+        m = self.hv.foreign_map(conn.handle, domid, [g for (g,) in items], writable=writable)
+        return self._mapping_reply(conn, m, writable)
+
+    def _mapping_reply(self, conn: _Connection, m: Mapping, writable: bool) -> Reply:
         fd_index: dict[int, int] = {}
         fds: list[int] = []
         table = []
@@ -473,6 +484,12 @@ class LoopbackDaemon:
             raise PlatformError("mapping needs too many descriptors", errno.E2BIG)
         out = proto.U32x3.pack(m.handle_id, len(m.entries), len(fds)) + b"".join(table)
         return _ok(out, fds)
+
+    def _frame_alloc(self, conn: _Connection, payload: bytes) -> Reply:
+        (count,) = _unpack(proto.U32, payload)
+        share = self.hv.alloc_frames(conn.handle, count)
+        out = proto.U32x2.pack(share.handle_id, count) + struct.pack(f"<{count}I", *share.refs)
+        return _ok(out, [share.segment.fd])
 
     def _gnt_unmap(self, conn: _Connection, payload: bytes) -> Reply:
         (handle_id,) = _unpack(proto.U32, payload)

@@ -205,11 +205,12 @@ class DaemonMachine:
     def outstanding(self) -> dict[str, int]:
         """Grants, mappings, ports and xenstore watches held in all domains, and control
         handles beyond ours."""
-        total = {"grants": 0, "mappings": 0, "ports": 0, "handles": 0, "watches": 0}
+        total = {"grants": 0, "shares": 0, "mappings": 0, "ports": 0, "handles": 0, "watches": 0}
         for domid in self._domains():
             out, _ = self.ctl.call(proto.Op.STATS, proto.U32.pack(domid))
-            grants, _rev, mappings, ports, _shares, handles, watches = proto.STATS_REPLY.unpack(out)
+            grants, _rev, mappings, ports, shares, handles, watches = proto.STATS_REPLY.unpack(out)
             total["watches"] += watches
+            total["shares"] += shares
             total["grants"] += grants
             total["mappings"] += mappings
             total["ports"] += ports

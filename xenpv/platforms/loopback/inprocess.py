@@ -25,6 +25,8 @@ from xenpv.platforms.loopback.core import (
     CopyPlan,
     Handle,
     Hypervisor,
+    Mapping,
+    Share,
 )
 from xenpv.platforms.loopback.events import EpollEvents
 from xenpv.platforms.loopback.memory import MappedRegion, Region, SharedRegion, map_fd, owned_run
@@ -63,10 +65,32 @@ class InProcessGrantTable:
 
     def _share(self, domid: int, count: int, writable: bool, reserved: int | None) -> SharedRegion:
         share = self._hv.share(self._h, domid, count, writable=writable, reserved=reserved)
+        return self._wrap(share, domid, writable)
+
+    def alloc_frames(self, count: int) -> SharedRegion:
+        """``count`` zeroed guest frames of this domain (``refs`` are the gfns) that dom0
+        may map with :meth:`foreign_map`; release with :meth:`free_frames`."""
+        return self._wrap(self._hv.alloc_frames(self._h, count), self.domid, True)
+
+    def free_frames(self, frames: SharedPages) -> None:
+        """Give the frames back (deferred while dom0 still maps one) and unmap locally."""
+        run = owned_run(frames, self._live)
+        del self._live[run.handle_id]
+        run.region.release()
+        self._hv.unmap(self._h, run.handle_id)
+
+    def foreign_map(
+        self, domid: int, gfns: Sequence[int], *, writable: bool = True
+    ) -> MappedRegion:
+        """``xenforeignmemory_map`` (dom0 only): map guest frames of ``domid``."""
+        m = self._hv.foreign_map(self._h, domid, gfns, writable=writable)
+        return self._place(m, gfns, domid, writable, None)
+
+    def _wrap(self, share: Share, domid: int, writable: bool) -> SharedRegion:
         try:
-            region = map_fd(share.segment.fd, count, writable=True)
+            region = map_fd(share.segment.fd, len(share.entries), writable=True)
         except BaseException:
-            self._hv.end_access(self._h, share.refs, defer=True)
+            self._hv.unmap(self._h, share.handle_id)
             raise
         run = SharedRegion(share.refs, domid, region, share.handle_id, writable)
         self._live[run.handle_id] = run
@@ -94,6 +118,16 @@ class InProcessGrantTable:
     ) -> MappedRegion:
         """Map ``refs`` of ``domid`` contiguously; all or nothing."""
         m = self._hv.map(self._h, [(domid, r) for r in refs], writable=writable)
+        return self._place(m, refs, domid, writable, notify)
+
+    def _place(
+        self,
+        m: Mapping,
+        refs: Sequence[int],
+        domid: int,
+        writable: bool,
+        notify: UnmapNotify | None,
+    ) -> MappedRegion:
         try:
             region = Region(m.pages(readonly_fds=not writable), writable=writable)
             if notify is not None:

@@ -66,6 +66,8 @@ class Op(enum.IntEnum):
     STATS = 17
     FAULT = 18
     GNT_SHARE_RESERVED = 19
+    FRAME_ALLOC = 20
+    FOREIGN_MAP = 21
 
 
 class ProtocolViolation(Exception):

@@ -102,6 +102,18 @@ def _payloads() -> st.SearchStrategy[tuple[int, bytes]]:
                 st.binary(max_size=128),
             ),
         ),
+        st.tuples(st.just(int(Op.FRAME_ALLOC)), st.builds(proto.U32.pack, st.integers(0, 3))),
+        st.tuples(
+            st.just(int(Op.FOREIGN_MAP)),
+            st.builds(
+                lambda d, f, gs: (
+                    proto.U32x3.pack(d, f, len(gs)) + b"".join(proto.U32.pack(g) for g in gs)
+                ),
+                st.sampled_from([0, 1, 2]),
+                st.integers(0, 1),
+                st.lists(st.sampled_from([0, 0x10000, 0x10001, 0xFFFFFFFF]), max_size=3),
+            ),
+        ),
         st.tuples(
             st.just(int(Op.GNT_SHARE_RESERVED)),
             st.builds(

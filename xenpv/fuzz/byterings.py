@@ -234,7 +234,7 @@ class HostileProducer:
         except Exception as e:
             raise violation("the victim failed to attach", e) from None
         self.data_bytes = spec.size * spec.slot
-        #: Hostile operations played so far (the benchmark's unit).
+        #: Peer actions so far: operations played (the benchmark's unit).
         self.ops = 0
 
     def cons(self) -> int:

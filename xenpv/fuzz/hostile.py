@@ -137,7 +137,7 @@ class HostilePeer:
         self.prod = self.start  # the hostile peer's private producer index
         self.written: list[bytes] = []
         self.peer_errors = 0
-        #: Hostile operations played so far (the benchmark's unit).
+        #: Peer actions so far: operations played plus entries written (the benchmark's unit).
         self.ops = 0
 
     def init_header(self) -> None:
@@ -156,6 +156,7 @@ class HostilePeer:
         entry = data[: self.spec.slot_size]
         self.mem.poke(self.slot_offset(self.prod), entry + bytes(self.spec.slot_size - len(entry)))
         self.written.append(entry)
+        self.ops += 1
         if len(self.written) > 64:
             del self.written[:32]
         self.prod = (self.prod + 1) & MASK32

@@ -151,11 +151,12 @@ def _tx_answer(slots: list[bytes], status: int) -> list[bytes]:
 def _tx_serve(slots: list[bytes]) -> ServeResult:
     """netback's TX path: assemble packets over the slots; drop bad ones, error on fatal."""
     out: list[bytes] = []
+    blob = memoryview(b"".join(slots))
     at = 0
     while at < len(slots):
         chunk = slots[at:]
         try:
-            pkt = netif.parse_tx_packet(b"".join(chunk), len(chunk))
+            pkt = netif.parse_tx_packet(blob[at * _TX :], len(chunk))
         except netif.NetifPacketError as e:
             out += _tx_answer(chunk[: e.slots], netif.NETIF_RSP_ERROR)
             at += e.slots

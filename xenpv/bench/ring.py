@@ -14,7 +14,10 @@ What is measured (one run; every figure is requests completed per second):
   shared memfd, woken through eventfds under the event-index protocol, up to 32 requests in
   flight; a side with nothing to do spins up to 50 µs before re-arming and sleeping.  The
   ``*_nospin`` variants re-arm and sleep at once.  The C program uses the macros; the Python
-  one uses :mod:`xenpv.rings`.
+  one uses :mod:`xenpv.rings` (its spin is the core's bounded busy-wait, ``spin_ns``).  With
+  two CPUs available the frontend and backend are pinned to different ones (``placement``),
+  so every sleep costs a cross-CPU wake-up; each figure is the best of three interleaved
+  runs, the machine being shared.
 
 Entries are whole slots copied once in each direction in every variant, so all do the same
 work.  ``ratios`` compare each against its anchor measured in the same run; ``targets`` says

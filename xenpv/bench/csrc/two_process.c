@@ -2,8 +2,10 @@
  * Benchmark anchor: frontend and backend in two processes over a shared memfd, woken by
  * eventfds under the ring's event-index protocol, driven by Xen's io/ring.h macros.
  *
- *   two_process SECONDS SPIN_US BATCH
+ *   two_process SECONDS SPIN_US BATCH [FRONT_CPU BACK_CPU]
  *
+ * With the CPU numbers the frontend (parent) and backend (child) are pinned there, so the
+ * placement is known (different vCPUs: every sleep costs a cross-CPU wake-up).
  * The frontend keeps up to BATCH requests in flight; the backend answers every request it
  * copies out.  A side that finds nothing to do polls the ring for up to SPIN_US microseconds,
  * then does the final check (re-arm) and sleeps in read(eventfd).  A push notifies the peer
@@ -15,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
@@ -44,6 +47,16 @@ struct control {          /* second page of the memfd */
     volatile uint32_t stop;
     volatile long long back_notifies, back_sleeps;
 };
+
+static void pin(int cpu)
+{
+    cpu_set_t set;
+    if (cpu < 0)
+        return;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    sched_setaffinity(0, sizeof(set), &set);  /* best effort */
+}
 
 static long long now_ns(void)
 {
@@ -115,6 +128,7 @@ int main(int argc, char **argv)
     double seconds = argc > 1 ? atof(argv[1]) : 1.0;
     long long spin_ns = (argc > 2 ? atoll(argv[2]) : 50) * 1000;
     int batch = argc > 3 ? atoi(argv[3]) : 32;
+    int front_cpu = argc > 5 ? atoi(argv[4]) : -1, back_cpu = argc > 5 ? atoi(argv[5]) : -1;
     int mfd = memfd_create("xenpv-bench-ring", 0);
     int to_back = eventfd(0, 0), to_front = eventfd(0, 0);
     long long done = 0, front_notifies = 0, front_sleeps = 0, start, deadline, end;
@@ -140,10 +154,12 @@ int main(int argc, char **argv)
     if (child < 0)
         return 2;
     if (child == 0) {
+        pin(back_cpu);
         backend(s, c, to_back, to_front, spin_ns, batch);
         _exit(0);
     }
 
+    pin(front_cpu);
     memset(&req, 0x5a, sizeof(req));
     start = now_ns();
     deadline = start + (long long)(seconds * 1e9);

@@ -97,3 +97,31 @@ def test_readonly_region_and_readonly_fd() -> None:
     finally:
         os.close(ro)
         os.close(fd)
+
+
+def test_a_forked_child_cannot_use_the_parents_control_connection(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from xenpv.errors import LocalError
+    from xenpv.platforms.loopback.client import ControlConnection
+    from xenpv.platforms.loopback.harness import start_daemon, stop_daemon
+
+    d = Path(str(tmp_path)) / "run"
+    proc = start_daemon(d)
+    conn = ControlConnection(d / "dom0" / "control")
+    try:
+        pid = os.fork()
+        if pid == 0:  # child: must refuse, not interleave on the parent's socket
+            try:
+                conn.call(proto.Op.DOMAIN_LIST)
+            except LocalError:
+                os._exit(0)
+            except BaseException:
+                os._exit(2)
+            os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        conn.call(proto.Op.DOMAIN_LIST)  # the parent's connection still works
+    finally:
+        conn.close()
+        stop_daemon(proc)

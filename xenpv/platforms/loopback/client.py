@@ -91,6 +91,7 @@ class ControlConnection:
         self.timeout = timeout
         self._lock = threading.Lock()
         self._seq = 0
+        self._pid = os.getpid()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             sock.settimeout(timeout)
@@ -116,6 +117,9 @@ class ControlConnection:
 
     def call(self, op: int, payload: bytes = b"") -> tuple[bytes, list[int]]:
         """Send one request; return ``(payload, fds)`` or raise the mapped error."""
+        if os.getpid() != self._pid:
+            # a forked child would interleave its requests with the parent's on one socket
+            raise LocalError("this control connection belongs to the parent process")
         with self._lock:
             sock = self._sock
             if sock is None:

@@ -121,22 +121,24 @@ class EpollEvents(ABC):
 
     def pending(self, timeout: float | None = 0.0) -> int | None:
         """A pending port (now masked), or ``None`` after ``timeout`` seconds."""
-        if self._epoll.closed:
-            raise LocalError("event-channel handle is closed")
         deadline = None if timeout is None else time.monotonic() + timeout
         wait = -1.0 if timeout is None else timeout
+        masked = self._masked
         while True:
-            events = self._epoll.poll(wait, 1)
+            try:
+                events = self._epoll.poll(wait, 1)
+            except ValueError:  # closed epoll object
+                raise LocalError("event-channel handle is closed") from None
             if not events:
                 return None
             fd = events[0][0]
             port = self._port_of_fd[fd]
-            if port not in self._masked:
+            if port not in masked:
                 try:
-                    os.eventfd_read(fd)  # drain: notifications coalesce
+                    os.read(fd, 8)  # drain: notifications coalesce
                 except BlockingIOError:
                     pass
-                self._masked.add(port)
+                masked.add(port)
                 return port
             # notified while masked: disarm it now (lazily) and keep it pending
             self._epoll.modify(fd, 0)
@@ -146,7 +148,9 @@ class EpollEvents(ABC):
 
     def unmask(self, port: int) -> None:
         """Re-enable delivery of ``port``; fires at once if notified meanwhile."""
-        inbox = self._check_port(port)
+        inbox = self._inbox.get(port)
+        if inbox is None:
+            raise PortError(f"port {port} is not bound by this handle", errno.EINVAL)
         self._masked.discard(port)
         if port in self._disarmed:
             self._disarmed.discard(port)

@@ -45,7 +45,7 @@ SHIM_LIBRARIES: dict[str, tuple[list[str], str | None, list[str]]] = {
     "libxengnttab.so.1": (["shim/gnttab.c", "shim/common.c"], "shim/libxengnttab.map", ["-lpthread"]),
     "libxenevtchn.so.1": (["shim/evtchn.c", "shim/common.c"], "shim/libxenevtchn.map", ["-lpthread"]),
     "libxenctrl.so.4.17": (["shim/ctrl.c", "shim/common.c"], "shim/libxenctrl.map", ["-lpthread"]),
-    "libxenforeignmemory.so.1": (["shim/foreignmemory.c"], "shim/libxenforeignmemory.map", []),
+    "libxenforeignmemory.so.1": (["shim/foreignmemory.c", "shim/common.c"], "shim/libxenforeignmemory.map", ["-lpthread"]),
     "libxendevicemodel.so.1": (["shim/devicemodel.c"], "shim/libxendevicemodel.map", []),
     "libxentoolcore.so.1": (["shim/toolcore.c"], "shim/libxentoolcore.map", ["-lpthread"]),
 }

@@ -26,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/un.h>
@@ -52,6 +53,29 @@ void lb_close_fds(struct lb_reply *rep)
         if (rep->fds[i] >= 0)
             close(rep->fds[i]);
     rep->nfds = 0;
+}
+
+int lb_place_pages(unsigned char *dst, const unsigned char *table, uint32_t n,
+                   const struct lb_reply *rep, int prot)
+{
+    for (uint32_t i = 0; i < n;) {
+        uint32_t fdi = lb_get32(table + 8 * i), page = lb_get32(table + 8 * i + 4);
+        uint32_t run = 1;
+        while (i + run < n && lb_get32(table + 8 * (i + run)) == fdi &&
+               lb_get32(table + 8 * (i + run) + 4) == page + run)
+            run++;
+        if (fdi >= (uint32_t)rep->nfds) {
+            errno = EPROTO;
+            return -1;
+        }
+        void *p = mmap(dst + (size_t)i * LB_PAGE_SIZE, (size_t)run * LB_PAGE_SIZE,
+                       prot & (PROT_READ | PROT_WRITE), MAP_SHARED | MAP_FIXED,
+                       rep->fds[fdi], (off_t)page * LB_PAGE_SIZE);
+        if (p == MAP_FAILED)
+            return -1;
+        i += run;
+    }
+    return 0;
 }
 
 /* Errors that mean the daemon (or our connection to it) is gone. */

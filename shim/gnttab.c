@@ -258,26 +258,10 @@ static int map_chunk(struct xengntdev_handle *h, struct region *r, unsigned char
         goto out;
     }
     r->handles[r->nhandles++] = lb_get32(rbuf);
-    /* Place runs of refs that are consecutive pages of one descriptor. */
-    for (uint32_t i = 0; i < n;) {
-        uint32_t fdi = lb_get32(rbuf + 12 + 8 * i), page = lb_get32(rbuf + 16 + 8 * i);
-        uint32_t run = 1;
-        while (i + run < n && lb_get32(rbuf + 12 + 8 * (i + run)) == fdi &&
-               lb_get32(rbuf + 16 + 8 * (i + run)) == page + run)
-            run++;
-        if (fdi >= (uint32_t)rep.nfds) {
-            lb_close_fds(&rep);
-            goto out;
-        }
-        void *p = mmap(dst + (size_t)i * XEN_PAGE_SIZE, (size_t)run * XEN_PAGE_SIZE,
-                       prot & (PROT_READ | PROT_WRITE), MAP_SHARED | MAP_FIXED,
-                       rep.fds[fdi], (off_t)page * XEN_PAGE_SIZE);
-        if (p == MAP_FAILED) {
-            err = errno;
-            lb_close_fds(&rep);
-            goto out;
-        }
-        i += run;
+    if (lb_place_pages(dst, rbuf + 12, n, &rep, prot) < 0) {
+        err = errno;
+        lb_close_fds(&rep);
+        goto out;
     }
     lb_close_fds(&rep);
     rc = 0;

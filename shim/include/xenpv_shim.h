@@ -36,6 +36,8 @@ enum lb_op {
     LB_EVT_RESTRICT = 12,
     LB_EVT_STATUS = 13,
     LB_DOMAIN_LIST = 14,
+    LB_FRAME_ALLOC = 20,
+    LB_FOREIGN_MAP = 21,
 };
 
 #define LB_GNT_WRITABLE 1u
@@ -90,6 +92,12 @@ int lb_call(struct lb_conn *c, uint32_t op, const void *req, size_t reqlen, cons
 int lb_call_simple(struct lb_conn *c, uint32_t op, const void *req, size_t reqlen, void *out,
                    size_t outcap, size_t *outlen);
 void lb_close_fds(struct lb_reply *rep);
+/* Place the n pages of a successful GNT_MAP / FOREIGN_MAP reply (§4.4) at dst, which the
+ * caller reserved: table is the reply's (fd_index, page) list, fds are rep's.  Runs of
+ * consecutive pages of one descriptor become one MAP_FIXED mmap.  0, or -1 with errno
+ * (EPROTO for a table naming a descriptor that did not arrive).  Closes nothing. */
+int lb_place_pages(unsigned char *dst, const unsigned char *table, uint32_t n,
+                   const struct lb_reply *rep, int prot);
 /* Print a diagnostic when XENPV_SHIM_DEBUG is set. */
 void lb_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -330,6 +330,9 @@ class LoopbackDaemon:
     async def destroy_domain(self, domid: int) -> None:
         """Tear a domain down like a dead one; ``@releaseDomain``."""
         self.hv.destroy_domain(domid)
+        if self.xenstored is not None:
+            # its xenstore socket stops accepting now, not when the daemon exits
+            await self.xenstored.unlisten(str(xenstore_path(self.rundir, domid)))
         self._close_endpoints(domid)
         if self.xenstored is not None:
             with contextlib.suppress(Exception):

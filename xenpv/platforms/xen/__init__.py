@@ -47,7 +47,7 @@ def default_xenstore_path() -> str | None:
     return next((c for c in candidates if os.path.exists(c)), None)
 
 
-class XenPlatform(BasePlatform):
+class XenPlatform(BasePlatform[XenGrantTable, XenEvents]):
     """Everything a driver needs, for this domain, on real Xen's libraries.
 
     ``domid`` is this domain's id (a guest learns it from its xenstore key ``domid``); when

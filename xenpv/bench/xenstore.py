@@ -54,7 +54,39 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Add the benchmark's options."""
     parser.add_argument("--quick", action="store_true", help="tiny run (smoke test)")
     parser.add_argument("--count", type=int, default=20000, help="reads per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
+    parser.add_argument(
+        "--placement",
+        choices=sorted(PLACEMENTS),
+        default="split",
+        help="CPU placement of servers and clients (default: split)",
+    )
+
+
+#: Where the servers (xenstored, the C echo server) and the clients run.  Every
+#: measurement of a run uses the same placement.
+PLACEMENTS = {
+    "split": "servers pinned to CPU 0, every client pinned to CPU 1",
+    "same": "servers and clients all pinned to CPU 0",
+    "free": "no pinning (the kernel places every process)",
+}
+
+
+def _cpus(placement: str) -> tuple[set[int] | None, set[int] | None]:
+    """Return the CPU sets of (servers, clients) for ``placement`` (None: not pinned)."""
+    if placement == "free":
+        return None, None
+    allowed = sorted(os.sched_getaffinity(0))
+    if placement == "split":
+        if len(allowed) < 2:
+            raise LocalError("placement 'split' needs two CPUs")
+        return {allowed[0]}, {allowed[1]}
+    return {allowed[0]}, {allowed[0]}
+
+
+def _pin(pid: int, cpus: set[int] | None) -> None:
+    if cpus is not None:
+        os.sched_setaffinity(pid, cpus)
 
 
 def _compile(work: Path, name: str, *extra: str) -> Path:
@@ -67,7 +99,7 @@ def _compile(work: Path, name: str, *extra: str) -> Path:
     return out
 
 
-def _start_server(work: Path) -> tuple[subprocess.Popen[bytes], str]:
+def _start_server(work: Path, cpus: set[int] | None) -> tuple[subprocess.Popen[bytes], str]:
     sock = str(work / "xenstored.sock")
     pid_file = work / "xenstored.pid"
     proc = subprocess.Popen(
@@ -75,6 +107,7 @@ def _start_server(work: Path) -> tuple[subprocess.Popen[bytes], str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    _pin(proc.pid, cpus)
     deadline = time.monotonic() + _START_TIMEOUT
     while not pid_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -147,9 +180,9 @@ def _libxenstore(exe: Path, sock: str, count: int) -> float:
     return _parse_rate(res.stdout)
 
 
-def _c_echo(exe: Path, work: Path, count: int) -> float:
+def _c_echo(exe: Path, work: Path, count: int, cpus: set[int] | None) -> float:
     """The C client against the C echo server."""
-    return _against_echo(exe, work, lambda sock: _run_c_echo_client(exe, sock, count))
+    return _against_echo(exe, work, cpus, lambda sock: _run_c_echo_client(exe, sock, count))
 
 
 def _run_c_echo_client(exe: Path, sock: str, count: int) -> float:
@@ -161,11 +194,14 @@ def _run_c_echo_client(exe: Path, sock: str, count: int) -> float:
     return _parse_rate(res.stdout)
 
 
-def _against_echo(exe: Path, work: Path, client: Callable[[str], float]) -> float:
+def _against_echo(
+    exe: Path, work: Path, cpus: set[int] | None, client: Callable[[str], float]
+) -> float:
     """Run ``client(socket)`` against a fresh C echo server (it serves one connection)."""
     sock = str(work / "echo.sock")
     with subprocess.Popen([str(exe), "server", sock], stdout=subprocess.PIPE, text=True) as srv:
         try:
+            _pin(srv.pid, cpus)
             assert srv.stdout is not None
             if srv.stdout.readline().strip() != "ready":
                 raise LocalError("xs_echo server did not start")
@@ -182,50 +218,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run every measurement; return figures (operations per second) and ratios."""
     count = 300 if args.quick else args.count
     rounds = 1 if args.quick else max(1, args.rounds)
-    with tempfile.TemporaryDirectory(prefix="xenpv-bench-xs-") as tmp:
-        work = Path(tmp)
-        echo = _compile(work, "xs_echo")
-        libdir = str(peers.lib_dir())
-        libxs = _compile(
-            work,
-            "xs_libxs_read",
-            f"-I{peers.include_dir()}",
-            os.path.join(libdir, "libxenstore.so.4"),
-            f"-Wl,-rpath-link,{libdir}",
-        )
-        proc, sock = _start_server(work)
-        try:
-            samples: dict[str, list[float]] = {
-                k: []
-                for k in (
-                    "ours_sequential",
-                    "ours_pipelined",
-                    "pyxs_sequential",
-                    "libxenstore_sequential",
-                    "c_echo_floor",
-                    "ours_vs_c_echo_server",
-                    "pyxs_vs_c_echo_server",
-                )
-            }
-            measures: dict[str, Callable[[], float]] = {
-                "ours_sequential": lambda: asyncio.run(_ours(sock, count, False)),
-                "ours_pipelined": lambda: asyncio.run(_ours(sock, count * 4, True)),
-                "pyxs_sequential": lambda: _pyxs(sock, count),
-                "libxenstore_sequential": lambda: _libxenstore(libxs, sock, count),
-                "c_echo_floor": lambda: _c_echo(echo, work, count),
-                # client cost alone: the same clients against the C echo server
-                "ours_vs_c_echo_server": lambda: _against_echo(
-                    echo, work, lambda s: asyncio.run(_ours(s, count, False, setup=False))
-                ),
-                "pyxs_vs_c_echo_server": lambda: _against_echo(
-                    echo, work, lambda s: _pyxs(s, count, setup=False)
-                ),
-            }
-            for _ in range(rounds):
-                for name, fn in measures.items():
-                    samples[name].append(fn())
-        finally:
-            _stop(proc)
+    placement = getattr(args, "placement", "split")
+    server_cpus, client_cpus = _cpus(placement)
+    saved = os.sched_getaffinity(0)
+    _pin(0, client_cpus)  # clients run in this process or are its children
+    try:
+        samples = _measure(count, rounds, server_cpus)
+    finally:
+        os.sched_setaffinity(0, saved)
     medians = {k: statistics.median(v) for k, v in samples.items()}
     client_only = {
         "ours_sequential": medians.pop("ours_vs_c_echo_server"),
@@ -249,13 +249,57 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "libxenstore_sequential/c_echo_floor": 0.5,
     }
     result["client_only_vs_c_echo_server"] = client_only
+    result["spread"] = {k: [min(v), max(v)] for k, v in samples.items()}
     result["setup"] = {
         "reads_per_measurement": count,
         "pipelined_reads": count * 4,
         "window": WINDOW,
         "rounds": rounds,
+        "statistic": "median of interleaved rounds (spread: min and max)",
+        "placement": placement,
+        "placement_detail": PLACEMENTS[placement],
+        "server_cpus": sorted(server_cpus) if server_cpus is not None else None,
+        "client_cpus": sorted(client_cpus) if client_cpus is not None else None,
         "server": "xenpv xenstored, separate process, Unix socket",
         "libxenstore": "C loop calling xs_read (Debian libxenstore.so.4)",
         "cpus": os.cpu_count(),
     }
     return result
+
+
+def _measure(count: int, rounds: int, cpus: set[int] | None) -> dict[str, list[float]]:
+    """Interleave ``rounds`` rounds of every measurement; return the samples of each."""
+    with tempfile.TemporaryDirectory(prefix="xenpv-bench-xs-") as tmp:
+        work = Path(tmp)
+        echo = _compile(work, "xs_echo")
+        libdir = str(peers.lib_dir())
+        libxs = _compile(
+            work,
+            "xs_libxs_read",
+            f"-I{peers.include_dir()}",
+            os.path.join(libdir, "libxenstore.so.4"),
+            f"-Wl,-rpath-link,{libdir}",
+        )
+        proc, sock = _start_server(work, cpus)
+        try:
+            measures: dict[str, Callable[[], float]] = {
+                "ours_sequential": lambda: asyncio.run(_ours(sock, count, False)),
+                "ours_pipelined": lambda: asyncio.run(_ours(sock, count * 4, True)),
+                "pyxs_sequential": lambda: _pyxs(sock, count),
+                "libxenstore_sequential": lambda: _libxenstore(libxs, sock, count),
+                "c_echo_floor": lambda: _c_echo(echo, work, count, cpus),
+                # client cost alone: the same clients against the C echo server
+                "ours_vs_c_echo_server": lambda: _against_echo(
+                    echo, work, cpus, lambda s: asyncio.run(_ours(s, count, False, setup=False))
+                ),
+                "pyxs_vs_c_echo_server": lambda: _against_echo(
+                    echo, work, cpus, lambda s: _pyxs(s, count, setup=False)
+                ),
+            }
+            samples: dict[str, list[float]] = {k: [] for k in measures}
+            for _ in range(rounds):
+                for name, fn in measures.items():
+                    samples[name].append(fn())
+            return samples
+        finally:
+            _stop(proc)

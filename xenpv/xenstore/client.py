@@ -36,6 +36,7 @@ import asyncio
 import collections
 import contextlib
 import errno as _errno
+import heapq
 import itertools
 import os
 import stat
@@ -75,6 +76,8 @@ XENBUS_DEVICES = ("/dev/xen/xenbus", "/proc/xen/xenbus")
 _DIRECTORY_PART_RESTARTS = 16
 #: Timed-out request ids remembered so that their late replies are ignored.
 _EXPIRED_MEMORY = 4096
+#: Answered requests the deadline heap may hold beyond twice the pending ones.
+_DEADLINE_SLACK = 64
 
 
 class XenstoreConnectionError(PlatformError):
@@ -179,6 +182,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.error: BaseException | None = None
         self.closed = asyncio.get_running_loop().create_future()
         self._loop = asyncio.get_running_loop()
+        self._deadlines: list[tuple[float, int, asyncio.Future[bytes]]] = []
+        self._timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -279,18 +284,43 @@ class _Connection(asyncio.BufferedProtocol):
         self._write(data)
         return req_id, fut
 
-    async def call(
+    def call(
         self, type_: int, payload: bytes, tx_id: int = 0, timeout: float | None = None
-    ) -> bytes:
-        """Send one request and wait (at most ``timeout`` seconds) for its reply."""
+    ) -> asyncio.Future[bytes]:
+        """Send one request; return the future of its reply, failing after ``timeout`` s.
+
+        Deadlines share one timer: each request pushes ``(deadline, req_id, future)`` on a
+        heap and the timer is armed for the earliest one, so a request costs no timer
+        handle of its own.  Answered requests leave the heap lazily (when their deadline
+        comes, or when the heap is compacted because it outgrew the pending table).
+        """
         req_id, fut = self._submit(type_, payload, tx_id)
-        if timeout is None:
-            return await fut
-        handle = self._loop.call_later(timeout, self._expire, req_id, fut)
-        try:
-            return await fut
-        finally:
-            handle.cancel()
+        if timeout is not None:
+            deadline = self._loop.time() + timeout
+            heap = self._deadlines
+            heapq.heappush(heap, (deadline, req_id, fut))
+            if len(heap) > 2 * len(self._pending) + _DEADLINE_SLACK:
+                self._deadlines = heap = [e for e in heap if not e[2].done()]
+                heapq.heapify(heap)
+            timer = self._timer
+            if timer is None or deadline < timer.when():
+                if timer is not None:
+                    timer.cancel()
+                self._timer = self._loop.call_at(deadline, self._on_deadline)
+        return fut
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        heap = self._deadlines
+        now = self._loop.time()
+        while heap and heap[0][0] <= now:
+            _, req_id, fut = heapq.heappop(heap)
+            if not fut.done():
+                self._expire(req_id, fut)
+        while heap and heap[0][2].done():
+            heapq.heappop(heap)
+        if heap:
+            self._timer = self._loop.call_at(heap[0][0], self._on_deadline)
 
     def _expire(self, req_id: int, fut: asyncio.Future[bytes]) -> None:
         if self._pending.pop(req_id, None) is not None:
@@ -311,6 +341,10 @@ class _Connection(asyncio.BufferedProtocol):
         for watches in list(self.watches.values()):
             for w in watches:
                 w._fail(self.error)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._deadlines = []
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
@@ -405,9 +439,9 @@ class _Ops:
     def _check_open(self) -> None:
         """Hook for transactions to refuse use after their end."""
 
-    async def _call(self, type_: int, payload: bytes, timeout: float | None) -> bytes:
+    def _call(self, type_: int, payload: bytes, timeout: float | None) -> asyncio.Future[bytes]:
         self._check_open()
-        return await self._conn.call(
+        return self._conn.call(
             type_, payload, self._tx_id, self.default_timeout if timeout is None else timeout
         )
 

@@ -3,19 +3,21 @@
 Theory of operation
 -------------------
 Each listening socket belongs to one domain: every connection accepted on it acts as
-that domain (dom0's socket is privileged).  A connection is an :class:`asyncio.Protocol`
-with a :class:`~xenpv.xenstore.wire.Decoder`; incoming bytes are fed to the decoder and
-complete requests are handed to the store in *batches*: the replies of a batch, and the
-watch events it caused for any connection, leave in one ``transport.write`` per
-connection.
+that domain (dom0's socket is privileged).  Connections bypass asyncio's transports: each
+is a non-blocking socket registered with ``loop.add_reader``.  One reader callback is the
+whole hot path: ``recv_into`` a reused buffer, feed the sans-IO
+:class:`~xenpv.xenstore.wire.Decoder`, hand every complete request to the store (a
+*batch*), and send the replies of the batch in one ``send``; the watch events it caused
+for any connection leave in one ``send`` per connection.  Only when a socket does not
+take everything is the rest kept and written by a writer callback (``loop.add_writer``).
 
 Bounds (hostile-inputs R11, scenarios 21-25):
 
 * A payload over 4096 bytes (or any framing error) kills the connection at once.
-* Outstanding replies: the transport's write-buffer high-water mark is
-  ``outstanding * (16 + 4096)`` bytes for a domain connection.  When the client stops
-  reading and the buffer passes the mark, the connection stops reading and stops
-  processing requests (backpressure) until the buffer drains.
+* Outstanding replies: the unsent output of a domain connection may reach
+  ``outstanding * (16 + 4096)`` bytes (1 MiB for dom0).  When the client stops reading
+  and the backlog passes that mark, the connection stops reading and stops processing
+  requests (backpressure) until the backlog drains to a quarter of it.
 * Watch events for a connection whose buffer is full wait in a bounded queue: identical
   pending events are merged, the queue holds at most ``watch_events`` entries (newer
   ones are dropped beyond that) and entries older than ``watch_event_timeout`` expire.
@@ -35,13 +37,15 @@ State: with ``state_file`` the whole tree is loaded at start and saved atomicall
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
+import socket
 import stat
 import time
 from collections import OrderedDict
-from typing import Any, cast
+from typing import Any
 
 from xenpv.errors import LocalError
 from xenpv.xenstore.store import Connection, Quotas, Store
@@ -54,6 +58,11 @@ log = logging.getLogger(__name__)
 _DOM0_BATCH = 512
 _MAX_BUFFERED_INPUT = 65536
 _DOM0_HIGH_WATER = 1 << 20
+_RECV_SIZE = 65536
+_BACKLOG = 128
+_ACCEPT_BATCH = 32
+_ACCEPT_PAUSE = 1.0
+_ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _WRITE_TYPES = frozenset({XsType.WRITE, XsType.MKDIR, XsType.RM, XsType.SET_PERMS})
 
 
@@ -76,17 +85,39 @@ class _Bucket:
         return (1.0 - self.credit) / rate
 
 
-class _XsProtocol(asyncio.Protocol):
-    """One client connection."""
+class _XsConnection:
+    """One client connection: a non-blocking socket driven by the loop's fd callbacks.
 
-    def __init__(self, server: XenstoredServer, domid: int) -> None:
+    The hot path is one reader callback: ``recv_into`` a reused buffer, decode and handle
+    every complete request (up to a batch), and one ``send`` of all the replies.  Output
+    the socket does not take at once is kept in :attr:`out` and written by a writer
+    callback; past :attr:`high_water` bytes the connection stops reading and processing
+    (backpressure) until the backlog drains to :attr:`low_water`.
+    """
+
+    def __init__(
+        self,
+        server: XenstoredServer,
+        domid: int,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self.server = server
         self.domid = domid
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.loop = loop
         self.decoder = Decoder(PAYLOAD_MAX)
-        self.transport: asyncio.Transport | None = None
+        self.rbuf = bytearray(_RECV_SIZE)
+        self.rview = memoryview(self.rbuf)
+        #: Replies and events the socket has not taken yet.
+        self.out = bytearray()
         self.conn: Connection | None = None
+        self.reading = False
+        self.writing = False
+        self.closing = False  # close once ``out`` is flushed; no more processing
+        self.closed = False
         self.write_paused = False
-        self.reading_paused = False
         self.throttled = False
         self.scheduled = False
         self.held: Any = None
@@ -101,63 +132,143 @@ class _XsProtocol(asyncio.Protocol):
             if privileged or not quotas.outstanding
             else quotas.outstanding * (HEADER_SIZE + PAYLOAD_MAX)
         )
+        self.low_water = self.high_water // 4
 
-    # -- asyncio callbacks -------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # (a cast, not an isinstance check: uvloop's transports are not asyncio subclasses)
-        self.transport = cast(asyncio.Transport, transport)
-        transport = self.transport
+    # -- life cycle --------------------------------------------------------------------
+    def start(self) -> None:
+        """Attach to the store and start reading (drops the connection of a gone domain)."""
         store = self.server.store
         rec = store.domains.get(self.domid)
         if self.domid != 0 and (rec is None or not rec.introduced):
-            transport.abort()  # the domain does not exist (any more)
+            self.abort()  # the domain does not exist (any more)
             return
-        transport.set_write_buffer_limits(high=self.high_water, low=self.high_water // 4)
         self.conn = store.connect(self.domid)
         self.server._register(self)
+        self._resume_reading()
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def is_closing(self) -> bool:
+        """True once the connection is closing or closed."""
+        return self.closing or self.closed
+
+    def close(self) -> None:
+        """Stop processing; close the socket once the pending output is written."""
+        if self.closed:
+            return
+        self.closing = True
+        self._pause_reading()
+        if not self.out:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close the socket at once, dropping pending output."""
+        if self.closed:
+            return
+        self.closed = self.closing = True
+        self.out.clear()
+        self._pause_reading()
+        if self.writing:
+            self.writing = False
+            self.loop.remove_writer(self.fd)
+        self.sock.close()
+        # Like a transport's connection_lost: detach from the store on a later loop pass,
+        # never in the middle of a batch or of an event delivery.
+        self.loop.call_soon(self._lost)
+
+    def _lost(self) -> None:
         if self.conn is not None:
             self.server._unregister(self)
             self.server.store.disconnect(self.conn)
         self.queue.clear()
 
-    def data_received(self, data: bytes) -> None:
-        self.decoder.feed(data)
-        if self.decoder.buffered > _MAX_BUFFERED_INPUT:
+    # -- socket I/O --------------------------------------------------------------------
+    def _failed(self, exc: OSError) -> None:
+        log.info("xenstore connection of domain %d failed: %s", self.domid, exc)
+        self.abort()
+
+    def _on_readable(self) -> None:
+        try:
+            n = self.sock.recv_into(self.rbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._failed(exc)
+            return
+        if not n:
+            # The client will send nothing more: answer what it sent, then close.
+            self.eof = True
+            self._pause_reading()
+            self._process()
+            return
+        decoder = self.decoder
+        decoder.feed(self.rview[:n])
+        if decoder.buffered > _MAX_BUFFERED_INPUT:
             self._pause_reading()
         self._process()
 
-    def eof_received(self) -> bool:
-        # The client will send nothing more: answer what it sent, then close.
-        self.eof = True
-        self._process()
-        return True
+    def write(self, data: bytes) -> None:
+        """Send ``data`` now if the socket takes it, else keep it for the writer callback."""
+        if self.is_closing():
+            return
+        out = self.out
+        if not out:
+            try:
+                n = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as exc:
+                self._failed(exc)
+                return
+            if n == len(data):
+                return
+            out += memoryview(data)[n:]
+            self.writing = True
+            self.loop.add_writer(self.fd, self._on_writable)
+        else:
+            out += data
+        if not self.write_paused and len(out) > self.high_water:
+            self.write_paused = True
+            self._pause_reading()
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        self._pause_reading()
+    def _on_writable(self) -> None:
+        out = self.out
+        try:
+            n = self.sock.send(out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._failed(exc)
+            return
+        del out[:n]
+        if not out:
+            self.writing = False
+            self.loop.remove_writer(self.fd)
+            if self.closing:
+                self.abort()
+                return
+        if self.write_paused and len(out) <= self.low_water:
+            self.write_paused = False
+            self._flush_queue()
+            self._schedule()
 
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        self._flush_queue()
-        self._schedule()
+    def buffered_output(self) -> int:
+        """Bytes written by the server that the client has not taken yet."""
+        return len(self.out)
 
     # -- request processing ------------------------------------------------------------
     def _pause_reading(self) -> None:
-        if not self.reading_paused and self.transport is not None:
-            self.reading_paused = True
-            self.transport.pause_reading()
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.fd)
 
     def _resume_reading(self) -> None:
-        if self.reading_paused and self.transport is not None and not self.transport.is_closing():
-            self.reading_paused = False
-            self.transport.resume_reading()
+        if not self.reading and not self.eof and not self.is_closing():
+            self.reading = True
+            self.loop.add_reader(self.fd, self._on_readable)
 
     def _schedule(self) -> None:
         if not self.scheduled:
             self.scheduled = True
-            asyncio.get_running_loop().call_soon(self._continue)
+            self.loop.call_soon(self._continue)
 
     def _continue(self) -> None:
         self.scheduled = False
@@ -168,23 +279,21 @@ class _XsProtocol(asyncio.Protocol):
         self._process()
 
     def _process(self) -> None:
-        conn, transport = self.conn, self.transport
-        if conn is None or transport is None or transport.is_closing():
-            return
-        if self.write_paused or self.throttled:
+        conn = self.conn
+        if conn is None or self.is_closing() or self.write_paused or self.throttled:
             return
         server = self.server
         store = server.store
         handle = store.handle
-        quotas = store.quotas
-        limited = self.domid != 0 and quotas.write_rate > 0
+        next_message = self.decoder.next_message
+        limited = self.domid != 0 and store.quotas.write_rate > 0
         out: list[bytes] = []
         more = False
         try:
             for _ in range(self.batch):
                 msg = self.held
                 if msg is None:
-                    msg = self.decoder.next_message()
+                    msg = next_message()
                     if msg is None:
                         break
                 else:
@@ -199,7 +308,7 @@ class _XsProtocol(asyncio.Protocol):
                         self.held = msg
                         self.throttled = True
                         server.throttles[self.domid] = server.throttles.get(self.domid, 0) + 1
-                        asyncio.get_running_loop().call_later(wait, self._unthrottle)
+                        self.loop.call_later(wait, self._unthrottle)
                         break
                 out.append(handle(conn, type_, msg.req_id, msg.tx_id, msg.payload))
             else:
@@ -207,21 +316,22 @@ class _XsProtocol(asyncio.Protocol):
         except WireError as exc:
             log.info("xenstore connection of domain %d dropped: %s", self.domid, exc)
             if out:
-                transport.write(b"".join(out))
-            transport.abort()
+                self.write(b"".join(out))
+            self.abort()
             server._after_batch()
             return
         if out:
-            transport.write(b"".join(out))
-        server._after_batch()
-        if transport.is_closing():
+            self.write(out[0] if len(out) == 1 else b"".join(out))
+        if store.dirty or store.released:
+            server._after_batch()
+        if self.is_closing():
             return
         if more and not self.write_paused:
             self._schedule()
         elif self.eof and not more and self.held is None and not self.throttled:
             if not self.write_paused:
                 self._flush_queue()
-            transport.close()  # flushes what is buffered first
+            self.close()  # flushes what is buffered first
         elif (
             not self.write_paused
             and not self.throttled
@@ -232,11 +342,10 @@ class _XsProtocol(asyncio.Protocol):
     # -- watch events ------------------------------------------------------------------
     def send_events(self, events: list[bytes]) -> None:
         """Deliver encoded watch events, queueing (bounded) while the client lags."""
-        transport = self.transport
-        if transport is None or transport.is_closing():
+        if self.is_closing():
             return
         if not self.write_paused and not self.queue:
-            transport.write(b"".join(events))
+            self.write(b"".join(events))
             return
         quotas = self.server.store.quotas
         now = time.monotonic()
@@ -263,13 +372,13 @@ class _XsProtocol(asyncio.Protocol):
             self.dropped_events += 1
 
     def _flush_queue(self) -> None:
-        if not self.queue or self.transport is None or self.transport.is_closing():
+        if not self.queue or self.is_closing():
             return
         self._expire(time.monotonic())
         data = b"".join(self.queue)
         self.queue.clear()
         if data:
-            self.transport.write(data)
+            self.write(data)
 
 
 class XenstoredServer:
@@ -290,8 +399,9 @@ class XenstoredServer:
         self.state_file = os.fspath(state_file) if state_file is not None else None
         self.store = self._load()
         self.store.always_eagain = always_eagain
-        self._listeners: list[tuple[asyncio.AbstractServer, str]] = []
-        self._protocols: dict[Connection, _XsProtocol] = {}
+        self._listeners: list[tuple[socket.socket, str]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._protocols: dict[Connection, _XsConnection] = {}
         self._buckets: dict[int, _Bucket] = {}
         self._reserve: _Bucket | None = None
         #: How often each domain was paused by the write rate limit.
@@ -319,24 +429,61 @@ class XenstoredServer:
                 os.unlink(path)  # stale socket of an earlier run
         except FileNotFoundError:
             pass
-        loop = asyncio.get_running_loop()
-        server = await loop.create_unix_server(lambda: _XsProtocol(self, domid), path)
-        self._listeners.append((server, path))
+        loop = self._loop = asyncio.get_running_loop()
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            lsock.setblocking(False)
+            lsock.bind(path)
+            lsock.listen(_BACKLOG)
+        except BaseException:
+            lsock.close()
+            raise
+        loop.add_reader(lsock.fileno(), self._accept, lsock, domid)
+        self._listeners.append((lsock, path))
+
+    def _accept(self, lsock: socket.socket, domid: int) -> None:
+        loop = self._loop
+        assert loop is not None
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, _ = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_PAUSE_ERRNOS:
+                    # Out of descriptors or memory: stop accepting for a while instead of
+                    # spinning on a listening socket that stays readable.
+                    log.warning("xenstored cannot accept connections: %s", exc)
+                    loop.remove_reader(lsock.fileno())
+                    loop.call_later(_ACCEPT_PAUSE, self._resume_accept, lsock, domid)
+                    return
+                log.info("xenstored accept failed: %s", exc)
+                return
+            sock.setblocking(False)
+            _XsConnection(self, domid, sock, loop).start()
+
+    def _resume_accept(self, lsock: socket.socket, domid: int) -> None:
+        if self._loop is not None and lsock.fileno() >= 0:
+            self._loop.add_reader(lsock.fileno(), self._accept, lsock, domid)
+
+    def _close_listener(self, lsock: socket.socket, path: str) -> None:
+        if lsock.fileno() >= 0 and self._loop is not None:
+            self._loop.remove_reader(lsock.fileno())
+        lsock.close()
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
 
     async def unlisten(self, path: str) -> None:
         """Stop serving ``path`` and remove it (its open connections stay; no-op if unknown)."""
         keep = []
-        for server, spath in self._listeners:
+        for lsock, spath in self._listeners:
             if spath != path:
-                keep.append((server, spath))
+                keep.append((lsock, spath))
                 continue
-            server.close()
-            await server.wait_closed()
-            try:
-                if stat.S_ISSOCK(os.lstat(path).st_mode):
-                    os.unlink(path)
-            except FileNotFoundError:
-                pass
+            self._close_listener(lsock, spath)
         self._listeners = keep
 
     async def close(self) -> None:
@@ -344,18 +491,11 @@ class XenstoredServer:
         if self._closed:
             return
         self._closed = True
-        for server, _ in self._listeners:
-            server.close()
-        for proto in list(self._protocols.values()):
-            if proto.transport is not None:
-                proto.transport.abort()
-        for server, path in self._listeners:
-            await server.wait_closed()
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        for lsock, path in self._listeners:
+            self._close_listener(lsock, path)
         self._listeners.clear()
+        for proto in list(self._protocols.values()):
+            proto.abort()
         await asyncio.sleep(0)
         self.save_state()
 
@@ -425,17 +565,17 @@ class XenstoredServer:
         """Bytes held for ``domid``'s connections: unsent output, queued events, unparsed input."""
         total = 0
         for conn, proto in self._protocols.items():
-            if conn.domid == domid and proto.transport is not None:
-                total += proto.transport.get_write_buffer_size() + proto.decoder.buffered
+            if conn.domid == domid:
+                total += proto.buffered_output() + proto.decoder.buffered
                 total += sum(len(event) for event in proto.queue)
         return total
 
     # -- internals ---------------------------------------------------------------------
-    def _register(self, proto: _XsProtocol) -> None:
+    def _register(self, proto: _XsConnection) -> None:
         assert proto.conn is not None
         self._protocols[proto.conn] = proto
 
-    def _unregister(self, proto: _XsProtocol) -> None:
+    def _unregister(self, proto: _XsConnection) -> None:
         assert proto.conn is not None
         self._protocols.pop(proto.conn, None)
 
@@ -472,5 +612,5 @@ class XenstoredServer:
             for domid in released:
                 self._buckets.pop(domid, None)
             for conn, proto in list(self._protocols.items()):
-                if conn.domid in released and proto.transport is not None:
-                    proto.transport.abort()
+                if conn.domid in released:
+                    proto.abort()

@@ -1,0 +1,105 @@
+"""The embedded xenstored's socket layer: replies the client does not read yet are kept,
+written later in order, and bounded; clients that vanish mid-reply are dropped cleanly."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hostile"))
+
+from test_xenstore_support import RawClient, running_server
+
+from xenpv.xenstore import wire
+from xenpv.xenstore.wire import XsType as T
+
+VALUE = bytes(range(256)) * 15 + b"tail"  # 3844 bytes: one near-maximal reply each
+
+
+def _pipeline_reads(client: RawClient, count: int) -> list[int]:
+    """Send ``count`` READs of /big without reading any reply; return their req_ids."""
+    ids = []
+    for _ in range(count):
+        ids.append(client.send(T.READ, b"/big\0"))
+    return ids
+
+
+def _wait_held(held_now: Callable[[], int], want: int, deadline_s: float = 10.0) -> int:
+    """Poll ``held_now()`` until it reaches ``want`` (or the deadline); return the last value."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        held = held_now()
+        if held >= want or time.monotonic() > deadline:
+            return held
+        time.sleep(0.02)
+
+
+def _read_replies(client: RawClient, ids: list[int]) -> None:
+    for req_id in ids:
+        msg = client.recv_message()
+        assert msg is not None, "server closed the connection"
+        assert (msg.type, msg.req_id, msg.payload) == (T.READ, req_id, VALUE)
+
+
+def test_replies_to_a_client_that_does_not_read_are_kept_and_sent_in_order(
+    tmp_path: Path,
+) -> None:
+    with running_server(tmp_path) as st, RawClient(st.path(0)) as dom0:
+        dom0.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        assert dom0.write("/big", VALUE) == "OK"
+        ids = _pipeline_reads(dom0, 150)  # ~580 KiB of replies: below dom0's 1 MiB mark
+        held = _wait_held(lambda: st.call(lambda: st.srv.buffered_bytes(0)), 100_000)
+        assert held >= 100_000, "the server should hold what the socket did not take"
+        _read_replies(dom0, ids)
+        # Drained: nothing is held any more and the connection still answers.
+        assert dom0.read("/big") == VALUE
+        assert st.call(lambda: st.srv.buffered_bytes(0)) == 0
+
+
+def test_a_client_that_stops_reading_pauses_its_connection_within_the_bound(
+    tmp_path: Path,
+) -> None:
+    with running_server(tmp_path) as st, RawClient(st.path(0)) as dom0:
+        dom0.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        assert dom0.write("/big", VALUE) == "OK"
+        dom0.sock.setblocking(False)
+        ids: list[int] = []
+        deadline = time.monotonic() + 10
+        try:  # pipeline until the server stops reading and the socket fills up
+            while len(ids) < 5000 and time.monotonic() < deadline:
+                payload = b"/big\0"
+                msg = wire.HEADER.pack(T.READ, dom0.req_id + 1, 0, len(payload)) + payload
+                if dom0.sock.send(msg) != len(msg):
+                    break  # partial request: the stream would be torn; stop here
+                dom0.req_id += 1
+                ids.append(dom0.req_id)
+        except BlockingIOError:
+            pass
+        dom0.sock.settimeout(10)
+        assert len(ids) < 5000, "the server kept reading a client that reads nothing"
+        held = st.call(lambda: st.srv.buffered_bytes(0))
+        bound = (1 << 20) + 512 * (16 + 4096) + 65536  # mark + one batch + decoder input
+        assert 0 < held <= bound
+        _read_replies(dom0, ids)
+        assert dom0.read("/big") == VALUE
+
+
+def test_a_client_that_disconnects_with_replies_held_is_dropped(tmp_path: Path) -> None:
+    with running_server(tmp_path) as st:
+        with RawClient(st.path(0)) as dom0:
+            assert dom0.write("/big", VALUE) == "OK"
+        slow = RawClient(st.path(0))
+        slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        _pipeline_reads(slow, 100)
+        assert _wait_held(lambda: st.call(lambda: st.srv.buffered_bytes(0)), 50_000) > 0
+        slow.close()
+        deadline = time.monotonic() + 10
+        while st.call(lambda: st.srv.connection_count(0)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert st.call(lambda: st.srv.connection_count(0)) == 0
+        assert st.call(lambda: st.srv.buffered_bytes(0)) == 0
+        with RawClient(st.path(0)) as again:
+            assert again.read("/big") == VALUE

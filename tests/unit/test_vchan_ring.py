@@ -11,9 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xenpv.protocols.vchan import (
+    VCHAN_CLI_LIVE_OFFSET,
     VCHAN_CLI_NOTIFY_OFFSET,
     VCHAN_NOTIFY_READ,
     VCHAN_NOTIFY_WRITE,
+    VCHAN_SRV_LIVE_OFFSET,
     VCHAN_SRV_NOTIFY_OFFSET,
 )
 from xenpv.vchan.ring import implementation
@@ -101,6 +103,53 @@ def test_read_notification_kicks_the_waiting_writer(impl: Any) -> None:
     assert server.kick
 
 
+def live_pair(cls: Any) -> tuple[Any, Any, bytearray]:
+    """A connected pair: both live bytes set."""
+    server, client, page = pair(cls)
+    page[VCHAN_CLI_LIVE_OFFSET] = 1
+    page[VCHAN_SRV_LIVE_OFFSET] = 1
+    return server, client, page
+
+
+SPIN_NS = 200_000  # 0.2 ms: long enough to go round the polling loop many times
+
+
+def test_wait_ready_sees_data_room_and_departure(impl: Any) -> None:
+    server, client, page = live_pair(impl)
+    assert not server.wait_ready(True, False, SPIN_NS)  # nothing to read yet
+    assert client.wait_ready(False, True, SPIN_NS)  # an empty ring has room
+    client.send(b"x" * 1024)  # fills the left ring
+    assert not client.wait_ready(False, True, SPIN_NS)
+    assert server.wait_ready(True, False, SPIN_NS)
+    assert server.recv_into(bytearray(10)) == 10
+    assert client.wait_ready(False, True, 0)  # room again, seen without spinning
+    page[VCHAN_CLI_LIVE_OFFSET] = 0  # the client leaves: a waiting server must look
+    assert server.wait_ready(False, False, SPIN_NS)
+    assert server.broken is None and client.broken is None
+
+
+def test_spinning_calls_give_up_with_nothing_to_move(impl: Any) -> None:
+    server, client, _ = live_pair(impl)
+    buf = bytearray(64)
+    assert server.recv_into(buf, -1, SPIN_NS) == 0
+    assert client.send(b"y" * 1024, SPIN_NS) == 1024
+    assert client.send(b"z", SPIN_NS) == 0  # full: spun, then gave up
+    assert server.recv_into(buf, -1, SPIN_NS) == 64  # data there: no spin needed
+    assert bytes(buf) == b"y" * 64
+    assert client.send(b"z", SPIN_NS) == 1
+    assert server.recv_into(buf, 0, SPIN_NS) == 0  # want 0: nothing, no wait
+
+
+def test_scenario_26_wait_ready_reports_insane_indexes(impl: Any) -> None:
+    server, client, page = live_pair(impl)
+    struct.pack_into("<I", page, 4, 1024 + 5)  # left.prod beyond the ring, mid-wait
+    assert server.wait_ready(True, False, SPIN_NS)
+    assert server.broken is not None and server.data_ready() == 0
+    struct.pack_into("<I", page, 8, 0x40000)  # the server rewrites the client's right.cons
+    assert client.wait_ready(True, False, SPIN_NS) and client.broken is not None
+    assert server.wait_ready(False, True, SPIN_NS)  # broken rings never keep us spinning
+
+
 def test_scenario_26_prod_beyond_ring_reads_as_zero_and_locks(impl: Any) -> None:
     server, _client, page = pair(impl)
     struct.pack_into("<I", page, 4, 1024 + 5)  # left.prod claims more than the ring holds
@@ -141,6 +190,8 @@ def run_arbitrary(cls: Any, writes: list[tuple[int, int]], sizes: list[int]) -> 
             assert 0 <= n <= min(size, ring)
             assert 0 <= ep.send(os.urandom(size)) <= min(size, 2048 if ep is server else 1024)
             assert 0 <= ep.data_ready() <= ring
+            assert 0 <= ep.recv_into(buf, -1, 1000) <= min(size, ring)  # spins stay bounded
+            assert isinstance(ep.wait_ready(True, True, 1000), bool)  # and returns
 
 
 def test_released_rings_are_empty_and_broken(impl: Any) -> None:

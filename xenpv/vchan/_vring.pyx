@@ -11,6 +11,11 @@
 # lock-prefixed byte atomics for the notify bytes, and copies through xenpv_copy (glibc's
 # memcpy at any relative alignment, see xenpv_copy.h), so a 64 KiB chunk costs about what
 # the copy costs.  Nothing outside the two data areas and the 24-byte header is touched.
+#
+# wait_ready is the busy-wait of the blocking API kept in C: a tight loop of volatile loads
+# and `pause` (no Python call per iteration) that leaves as soon as any watched word moves
+# away from the "nothing to do" state; the checked data_ready/buffer_space then decide
+# (so an insane index still ends up in `broken`, exactly as in ring.py).
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport uint8_t, uint32_t
@@ -18,9 +23,11 @@ from libc.stdint cimport uint8_t, uint32_t
 from includes.barrier cimport (
     xenpv_atomic_fetch_and_clear8,
     xenpv_atomic_or8,
+    xenpv_cpu_relax,
     xenpv_load_u32,
     xenpv_load_u8,
     xenpv_mb,
+    xenpv_now_ns,
     xenpv_rmb,
     xenpv_store_u32,
     xenpv_wmb,
@@ -156,6 +163,58 @@ cdef class VchanRings:
         if xenpv_atomic_fetch_and_clear8(self.ctrl + self.my_notify, bit) & bit:
             self.kick = True
 
+    # -- waiting
+    cdef inline bint _moved(self, bint reading, bint writing):
+        # One pass of volatile loads: has anything left the "nothing to do" state?
+        # Differences in our own index count as movement: the checked path reports them.
+        cdef uint32_t prod, cons
+        if xenpv_load_u8(self.ctrl + self.peer_live_off) == 0:
+            return True
+        if reading:
+            prod = xenpv_load_u32(self.ctrl + self.rd_prod_off)
+            cons = xenpv_load_u32(self.ctrl + self.rd_cons_off)
+            if prod != self._rd_cons or cons != self._rd_cons:
+                return True
+        if writing:
+            cons = xenpv_load_u32(self.ctrl + self.wr_cons_off)
+            prod = xenpv_load_u32(self.ctrl + self.wr_prod_off)
+            if prod != self._wr_prod or self._wr_prod - cons != self.wr_size:
+                return True
+        return False
+
+    cdef bint _ready(self, bint reading, bint writing) except -1:
+        if self.ctrl == NULL or self.broken is not None:
+            return True
+        if reading and self.data_ready():
+            return True
+        if writing and self.buffer_space():
+            return True
+        return self.broken is not None or xenpv_load_u8(self.ctrl + self.peer_live_off) == 0
+
+    def wait_ready(self, bint reading, bint writing, long long spin_ns) -> bool:
+        """Poll for up to ``spin_ns`` nanoseconds until data is readable (``reading``),
+        room is writable (``writing``), the peer's live byte is 0, or the rings are broken
+        (True); False if none of that happened in time.  Never sleeps, never notifies."""
+        return self._wait(reading, writing, spin_ns)
+
+    cdef bint _wait(self, bint reading, bint writing, long long spin_ns) except -1:
+        cdef long long end
+        cdef unsigned int spins = 0
+        if self._ready(reading, writing):
+            return True
+        if spin_ns <= 0:
+            return False
+        end = xenpv_now_ns() + spin_ns
+        while True:
+            if self._moved(reading, writing):
+                xenpv_rmb()  # the loads above come before those of the checked pass
+                if self._ready(reading, writing):
+                    return True
+            xenpv_cpu_relax()
+            spins += 1
+            if (spins & 15) == 0 and xenpv_now_ns() >= end:
+                return self._ready(reading, writing)
+
     # -- the ring we read
     cpdef unsigned int data_ready(self) except? 0xFFFFFFFF:
         """Bytes readable now (0 for an insane state, which locks the rings)."""
@@ -172,8 +231,9 @@ cdef class VchanRings:
                                 f"bytes in a ring of {self.rd_size}")
         return ready
 
-    def recv_into(self, buf, Py_ssize_t want=-1) -> int:
-        """Move up to ``want`` (default ``len(buf)``) available bytes into ``buf``."""
+    def recv_into(self, buf, Py_ssize_t want=-1, long long spin_ns=0) -> int:
+        """Move up to ``want`` (default ``len(buf)``) available bytes into ``buf``; with
+        nothing available, first poll for up to ``spin_ns`` nanoseconds (:meth:`wait_ready`)."""
         cdef Py_buffer view
         cdef uint32_t n, start, first, mask
         PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
@@ -181,6 +241,8 @@ cdef class VchanRings:
             if want < 0 or want > view.len:
                 want = view.len
             n = self.data_ready()
+            if n == 0 and want > 0 and spin_ns > 0 and self._wait(True, False, spin_ns):
+                n = self.data_ready()
             if n > want:
                 n = <uint32_t>want
             if n == 0:
@@ -228,13 +290,16 @@ cdef class VchanRings:
                                 f"bytes in a ring of {self.wr_size}")
         return self.wr_size - used
 
-    def send(self, data) -> int:
-        """Copy as much of ``data`` as fits into the ring we write and publish it."""
+    def send(self, data, long long spin_ns=0) -> int:
+        """Copy as much of ``data`` as fits into the ring we write and publish it; with no
+        room, first poll for up to ``spin_ns`` nanoseconds (:meth:`wait_ready`)."""
         cdef Py_buffer view
         cdef uint32_t n, start, first, mask
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             n = self.buffer_space()
+            if n == 0 and view.len > 0 and spin_ns > 0 and self._wait(False, True, spin_ns):
+                n = self.buffer_space()
             if n > view.len:
                 n = <uint32_t>view.len
             if n == 0:

@@ -330,8 +330,13 @@ class VchanEndpoint:
         self.rings = rings
         self.events = platform.events
         self.hub = EventHub.attach(self.events)
+        #: Microseconds blocking calls poll the ring before sleeping on the event channel.
         self.spin_us = DEFAULT_SPIN_US
         self.closed = False
+        #: Diagnostics: notifications we sent (the peer asked) and sleeps on the event
+        #: channel (spinning did not see the ring move).
+        self.notifies = 0
+        self.sleeps = 0
 
     # -- state
     @property
@@ -359,6 +364,7 @@ class VchanEndpoint:
     def _kick(self) -> None:
         if self.rings.kick:
             self.rings.kick = False
+            self.notifies += 1
             self.events.notify(self.port)
 
     def data_ready(self) -> int:
@@ -378,44 +384,62 @@ class VchanEndpoint:
     # -- non-blocking data path
     def send_nowait(self, data: Any) -> int:
         """Write what fits now (possibly 0); :class:`BrokenPipeError` once the peer left."""
-        self._check()
-        if not self.is_open:
+        return self._write(data, 0)
+
+    def recv_nowait(self, buf: Any, want: int = -1) -> int:
+        """Read what is available now into ``buf`` (possibly 0)."""
+        return self._read(buf, want, 0)
+
+    def _write(self, data: Any, spin_ns: int) -> int:
+        # One call into the ring per write; with no room it polls up to spin_ns first.
+        rings = self.rings
+        if self.closed or rings.broken is not None:
+            self._check()
+        live = rings.peer_live()
+        if live != (VCHAN_CLI_CONNECTED if self.is_server else VCHAN_SRV_ALIVE) and not self.is_open:
             raise BrokenPipeError(f"vchan {self.path}: peer is gone")
-        n = self.rings.send(data)
-        self._kick()
+        n = rings.send(data, spin_ns)
+        if rings.kick:
+            self._kick()
         if n == 0:
             self._check()
         return n
 
-    def recv_nowait(self, buf: Any, want: int = -1) -> int:
-        """Read what is available now into ``buf`` (possibly 0)."""
-        self._check()
-        n = self.rings.recv_into(buf, want)
-        self._kick()
+    def _read(self, buf: Any, want: int, spin_ns: int) -> int:
+        # One call into the ring per read; with nothing there it polls up to spin_ns first.
+        rings = self.rings
+        if self.closed or rings.broken is not None:
+            self._check()
+        n = rings.recv_into(buf, want, spin_ns)
+        if rings.kick:
+            self._kick()
         if n == 0:
             self._check()
         return n
 
     # -- waiting
-    def _spin(self, ready: Callable[[], int], spin_us: int | None = None) -> bool:
-        """Poll ``ready`` for up to ``spin_us`` (default :attr:`spin_us`) microseconds."""
+    def spin(self, *, reading: bool = False, writing: bool = False,
+             spin_us: int | None = None) -> bool:
+        """Poll the rings for up to ``spin_us`` (default :attr:`spin_us`) microseconds
+        without sleeping: True as soon as data is readable (``reading``), room is writable
+        (``writing``), the peer went away or the rings broke; else False."""
         us = self.spin_us if spin_us is None else spin_us
-        if us <= 0:
-            return False
-        end = time.perf_counter_ns() + us * 1000
-        while time.perf_counter_ns() < end:
-            if ready():
-                return True
-        return False
+        return self.rings.wait_ready(reading, writing, max(us, 0) * 1000)
 
-    def _sleep(self, ready: Callable[[], int], bits: int, timeout: float | None) -> bool:
-        """Spin on ``ready``; then ask the peer for notification ``bits``, re-check, and
-        sleep on the event channel.  False if ``timeout`` passed."""
-        if self._spin(ready):
+    def _sleep(self, reading: bool, writing: bool, timeout: float | None,
+               spin: bool = True) -> bool:
+        """Spin (:meth:`spin`, unless the caller just did); then ask the peer for the
+        notifications that match (``VCHAN_NOTIFY_WRITE`` to hear of data,
+        ``VCHAN_NOTIFY_READ`` of room), re-check, and sleep on the event channel.
+        False if ``timeout`` passed."""
+        rings = self.rings
+        if rings.wait_ready(reading, writing, max(self.spin_us, 0) * 1000 if spin else 0):
             return True
-        self.rings.request_notify(bits)
-        if ready() or not self.rings.peer_live():
+        rings.request_notify((VCHAN_NOTIFY_WRITE if reading else 0)
+                             | (VCHAN_NOTIFY_READ if writing else 0))
+        if rings.wait_ready(reading, writing, 0):
             return True
+        self.sleeps += 1
         return self.hub.wait(self.port, timeout)
 
     def idle(self, *, reading: bool = True, writing: bool = False,
@@ -423,15 +447,8 @@ class VchanEndpoint:
         """Wait until data can be read (``reading``), room can be written (``writing``)
         or the peer went away: spin first, then request notifications and sleep.
         False if ``timeout`` passed."""
-        rings = self.rings
-        bits = (VCHAN_NOTIFY_WRITE if reading else 0) | (VCHAN_NOTIFY_READ if writing else 0)
-
-        def ready() -> int:
-            return ((reading and rings.data_ready()) or (writing and rings.buffer_space())
-                    or not rings.peer_live())
-
         self._check()
-        return self._sleep(ready, bits, timeout)
+        return self._sleep(reading, writing, timeout)
 
     def wait_event(self, timeout: float | None = None) -> bool:
         """Block until our port fires (True) or ``timeout`` passes (False)."""
@@ -448,7 +465,7 @@ class VchanEndpoint:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
-            self._sleep(self.rings.data_ready, VCHAN_NOTIFY_WRITE, remaining)
+            self._sleep(True, False, remaining)
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         """Server: block until a client is connected (True) or ``timeout`` (False)."""
@@ -469,15 +486,19 @@ class VchanEndpoint:
         :class:`BrokenPipeError` if the peer leaves first, :class:`TimeoutError` after
         ``timeout`` seconds."""
         src = memoryview(data).cast("B")
+        total = len(src)
+        if not total:
+            return 0
         deadline = None if timeout is None else time.monotonic() + timeout
-        pos = 0
-        while pos < len(src):
-            pos += self.send_nowait(src[pos:])
-            if pos < len(src):
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"vchan {self.path}: send timed out after {pos} bytes")
-                self._sleep(self.rings.buffer_space, VCHAN_NOTIFY_READ, remaining)
+        spin_ns = max(self.spin_us, 0) * 1000
+        n = pos = self._write(src, spin_ns)
+        while pos < total:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"vchan {self.path}: send timed out after {pos} bytes")
+            self._sleep(False, True, remaining, spin=n > 0)  # n == 0: _write just spun
+            n = self._write(src[pos:], spin_ns)
+            pos += n
         return pos
 
     def recv_into(self, buf: Any, want: int = -1, timeout: float | None = None) -> int:
@@ -486,8 +507,9 @@ class VchanEndpoint:
         Returns 0 at end of stream (the peer has gone and everything it sent was read);
         :class:`TimeoutError` after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        spin_ns = max(self.spin_us, 0) * 1000
         while True:
-            n = self.recv_nowait(buf, want)
+            n = self._read(buf, want, spin_ns)
             if n:
                 return n
             if not self.is_open:
@@ -495,7 +517,7 @@ class VchanEndpoint:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(f"vchan {self.path}: nothing to read")
-            self._sleep(self.rings.data_ready, VCHAN_NOTIFY_WRITE, remaining)
+            self._sleep(True, False, remaining, spin=False)  # _read just spun
 
     def recv(self, n: int, timeout: float | None = None) -> bytes:
         """Read up to ``n`` bytes (at least one; ``b""`` at end of stream)."""

@@ -34,6 +34,7 @@ byte.  The notify bytes are changed with atomic byte operations from :mod:`xenpv
 from __future__ import annotations
 
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
 from xenpv.protocols.vchan import (
@@ -149,6 +150,32 @@ class VchanRings:
         if atomic_fetch_and_clear8(self._ctrl, self._my_notify, bit) & bit:
             self.kick = True
 
+    # -- waiting ----------------------------------------------------------------------
+    def _ready(self, reading: bool, writing: bool) -> bool:
+        if self._ctrl is None or self.broken is not None:
+            return True
+        if (reading and self.data_ready()) or (writing and self.buffer_space()):
+            return True
+        return self.broken is not None or not self.peer_live()
+
+    def wait_ready(self, reading: bool, writing: bool, spin_ns: int) -> bool:
+        """Poll for up to ``spin_ns`` nanoseconds until data is readable (``reading``),
+        room is writable (``writing``), the peer's live byte is 0, or the rings are broken
+        (True); False if none of that happened in time.  Never sleeps, never notifies.
+
+        This is the busy-wait of the blocking API (poll tens of microseconds before asking
+        for a notification: waking a halted vCPU costs more, machine-baseline.md); the
+        compiled twin runs the loop in C."""
+        if self._ready(reading, writing):
+            return True
+        if spin_ns <= 0:
+            return False
+        end = time.perf_counter_ns() + spin_ns
+        while time.perf_counter_ns() < end:
+            if self._ready(reading, writing):
+                return True
+        return self._ready(reading, writing)
+
     # -- the ring we read -------------------------------------------------------------
     def data_ready(self) -> int:
         """Bytes readable now (0 for an insane state, which locks the rings)."""
@@ -166,8 +193,9 @@ class VchanRings:
             )
         return ready
 
-    def recv_into(self, buf: Any, want: int = -1) -> int:
-        """Move up to ``want`` (default: ``len(buf)``) available bytes into ``buf``.
+    def recv_into(self, buf: Any, want: int = -1, spin_ns: int = 0) -> int:
+        """Move up to ``want`` (default: ``len(buf)``) available bytes into ``buf``; with
+        nothing available, first poll for up to ``spin_ns`` nanoseconds (:meth:`wait_ready`).
 
         After consuming, the peer is kicked if it asked (:attr:`kick`).  Asking for a
         notification is the caller's business, right before it sleeps
@@ -176,7 +204,10 @@ class VchanRings:
         out = memoryview(buf).cast("B")
         if want < 0 or want > len(out):
             want = len(out)
-        n = min(self.data_ready(), want)
+        ready = self.data_ready()
+        if not ready and want > 0 and spin_ns > 0 and self.wait_ready(True, False, spin_ns):
+            ready = self.data_ready()
+        n = min(ready, want)
         if n == 0:
             return 0
         rd = self._rd
@@ -223,15 +254,19 @@ class VchanRings:
             )
         return self.wr_size - used
 
-    def send(self, data: Any) -> int:
-        """Copy as much of ``data`` as fits into the ring we write and publish it.
+    def send(self, data: Any, spin_ns: int = 0) -> int:
+        """Copy as much of ``data`` as fits into the ring we write and publish it; with no
+        room, first poll for up to ``spin_ns`` nanoseconds (:meth:`wait_ready`).
 
         Returns the bytes written; after writing, the peer is kicked if it asked
         (:attr:`kick`).  A caller about to sleep for room requests ``VCHAN_NOTIFY_READ``
         first and re-checks."""
         src = memoryview(data).cast("B")
         want = len(src)
-        n = min(self.buffer_space(), want)
+        room = self.buffer_space()
+        if not room and want > 0 and spin_ns > 0 and self.wait_ready(False, True, spin_ns):
+            room = self.buffer_space()
+        n = min(room, want)
         if n == 0:
             return 0
         wr = self._wr

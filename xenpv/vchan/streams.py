@@ -99,7 +99,7 @@ class VchanTransport(asyncio.Transport):
         n = ep.send_nowait(self._wbuf)
         if n:
             del self._wbuf[:n]
-            if self._wbuf and ep._spin(ep.rings.buffer_space, self.spin_us):
+            if self._wbuf and ep.spin(writing=True, spin_us=self.spin_us):
                 self._schedule()  # the peer is reading right now: go on without sleeping
                 self._check_water()
                 return
@@ -134,7 +134,7 @@ class VchanTransport(asyncio.Transport):
             return False
         if moved >= _PASS_BYTES:
             return True
-        if moved and ep.is_open and ep._spin(ep.rings.data_ready, self.spin_us):
+        if moved and ep.is_open and ep.spin(reading=True, spin_us=self.spin_us):
             return True  # a busy peer: more is coming, no need to sleep yet
         ep.rings.request_notify(VCHAN_NOTIFY_WRITE)  # empty: hear of the next write
         if ep.rings.data_ready():

@@ -7,11 +7,12 @@ moves a stream through one vchan with the blocking API::
     python -m xenpv.vchan.tool client SERVER_DOMID PATH [--send N] [--recv N]
 
 Both directions run at once (one thread, never blocking on one direction while the other
-could progress).  The bytes sent are slices of a random 1 MiB block at varying offsets,
-written in ``--chunk`` sized pieces.  One JSON object per line goes to stdout:
+could progress).  The bytes sent are slices of a random block (``--block``, 1 MiB by default) at
+varying offsets, written in ``--chunk`` sized pieces.  One JSON object per line goes to stdout:
 ``{"event": "ready", ...}`` once the vchan is up (server: published), then
-``{"event": "done", "sent": N, "sent_crc": C, "received": M, "received_crc": D}`` where the
-CRCs are zlib CRC-32 values of everything sent and received.  ``--recv -1`` reads until
+``{"event": "done", "sent": N, "sent_crc": C, "received": M, "received_crc": D, ...}`` where
+the CRCs are zlib CRC-32 values of everything sent and received (the rest: timings and
+notification counts, see :func:`duplex`).  ``--recv -1`` reads until
 the peer closes; ``--hold`` keeps the vchan open after the transfer until the peer goes
 (then ``{"event": "peer-closed"}``) or stdin is closed (``{"event": "released"}``).  Exit status 0, or 2 if the stream broke.
 """
@@ -39,29 +40,57 @@ def emit(**fields: Any) -> None:
 
 
 def duplex(ep: VchanEndpoint, send_total: int, recv_total: int, chunk: int,
-           timeout: float = 120.0, crc: bool = True, read_size: int = 0) -> dict[str, Any]:
+           timeout: float = 120.0, crc: bool = True, read_size: int = 0,
+           block: int = _BLOCK) -> dict[str, Any]:
     """Send ``send_total`` bytes and receive ``recv_total`` bytes (``-1``: until the peer
     closes) at the same time; returns counts and CRC-32s of both directions (0 without
-    ``crc``) and ``recv_seconds``, the time from the first to the last byte received."""
-    crc32 = zlib.crc32 if crc else (lambda data, value=0: 0)
+    ``crc``), ``recv_seconds`` (the time from the first to the last byte received),
+    ``cpu_seconds`` (this process's CPU time over the transfer) and the endpoint's
+    ``notifies`` and ``sleeps``.  The bytes sent are slices of a random ``block``-byte
+    block at offsets that advance by each write (plus 7 with ``crc``, so that reordered
+    or repeated data changes the CRC).  A one-way transfer uses the blocking calls
+    (``send``/``recv_into``, which poll the ring before sleeping); both ways at once use
+    the non-blocking ones and :meth:`~VchanEndpoint.idle` when neither moved."""
     first_recv = last_recv = 0.0
-    block = os.urandom(_BLOCK)
-    src = memoryview(block + block[:chunk])
+    data = os.urandom(block)
+    src = memoryview(data * (1 + -(-chunk // block)))  # any offset < block has chunk bytes
     buf = bytearray(max(read_size or chunk, 1))
+    view = memoryview(buf)
     sent = received = 0
     sent_crc = received_crc = 0
     offset = 0
     deadline = time.monotonic() + timeout
     peer_gone = False
-    while sent < send_total or (recv_total < 0 and not peer_gone) or received < recv_total:
+    cpu0 = time.process_time()
+    one_way = not recv_total or not send_total  # the blocking calls do the waiting
+    while one_way and sent < send_total:
+        piece = src[offset : offset + min(chunk, send_total - sent)]
+        sent += ep.send(piece, timeout=max(deadline - time.monotonic(), 0.0))
+        if crc:
+            sent_crc = zlib.crc32(piece, sent_crc)
+        offset = (offset + len(piece) + (7 if crc else 0)) % block
+    while one_way and (recv_total < 0 or received < recv_total):
+        want = len(buf) if recv_total < 0 else min(len(buf), recv_total - received)
+        n = ep.recv_into(buf, want, timeout=max(deadline - time.monotonic(), 0.0))
+        if not n:
+            break
+        last_recv = time.perf_counter()
+        if not received:
+            first_recv = last_recv
+        if crc:
+            received_crc = zlib.crc32(view[:n], received_crc)
+        received += n
+    while not one_way and (sent < send_total or (recv_total < 0 and not peer_gone)
+                           or received < recv_total):
         progress = False
         if sent < send_total:
             piece = src[offset : offset + min(chunk, send_total - sent)]
             n = ep.send_nowait(piece)
             if n:
-                sent_crc = crc32(piece[:n], sent_crc)
+                if crc:
+                    sent_crc = zlib.crc32(piece[:n], sent_crc)
                 sent += n
-                offset = (offset + n + 7) % _BLOCK
+                offset = (offset + n + (7 if crc else 0)) % block
                 progress = True
         if recv_total < 0 or received < recv_total:
             want = len(buf) if recv_total < 0 else min(len(buf), recv_total - received)
@@ -70,8 +99,6 @@ def duplex(ep: VchanEndpoint, send_total: int, recv_total: int, chunk: int,
                 last_recv = time.perf_counter()
                 if not received:
                     first_recv = last_recv
-                received_crc = crc32(memoryview(buf)[:n], received_crc)
-                received += n
                 progress = True
             elif not ep.is_open:
                 n = ep.recv_nowait(buf, want)
@@ -80,16 +107,20 @@ def duplex(ep: VchanEndpoint, send_total: int, recv_total: int, chunk: int,
                     if recv_total >= 0 or sent < send_total:
                         break
                     continue
-                received_crc = crc32(memoryview(buf)[:n], received_crc)
-                received += n
                 progress = True
+            if n:
+                if crc:
+                    received_crc = zlib.crc32(view[:n], received_crc)
+                received += n
         if not progress:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"vchan transfer stalled: sent {sent}, received {received}")
             ep.idle(reading=recv_total < 0 or received < recv_total,
                     writing=sent < send_total, timeout=0.5)
     return {"sent": sent, "sent_crc": sent_crc, "received": received,
-            "received_crc": received_crc, "recv_seconds": last_recv - first_recv}
+            "received_crc": received_crc, "recv_seconds": last_recv - first_recv,
+            "cpu_seconds": time.process_time() - cpu0, "notifies": ep.notifies,
+            "sleeps": ep.sleeps}
 
 
 def echo(ep: VchanEndpoint, timeout: float) -> int:
@@ -169,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--platform", choices=["loopback", "xen"], default="loopback")
     p.add_argument("--read-size", type=int, default=0, help="receive buffer (default: --chunk)")
+    p.add_argument("--block", type=int, default=_BLOCK,
+                   help="size of the random block the bytes sent are sliced from")
     p.add_argument("--spin-us", type=int, default=None, help="spin before sleeping (µs)")
     args = p.parse_args(argv)
     platform = _platform(args.platform)
@@ -191,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             emit(event="done", **pingpong(ep, args.pingpong, args.size, args.timeout))
         else:
             result = duplex(ep, args.send, args.recv, args.chunk, args.timeout, not args.no_crc,
-                            args.read_size)
+                            args.read_size, args.block)
             emit(event="done", **result)
         if args.hold:
             emit(event=_hold(ep))

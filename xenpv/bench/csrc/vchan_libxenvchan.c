@@ -7,8 +7,9 @@
  * "client" connects and sends BYTES bytes in CHUNK-sized libxenvchan_write calls.  Both use
  * non-blocking calls, spin up to SPIN_US microseconds on the ring when nothing moved, and
  * then sleep in poll() on the event fd (acknowledged with libxenvchan_wait).  The server
- * prints "ready" once published and, at the end, "done <bytes> <seconds>" where seconds run
- * from the first byte received to the last.  The client prints "done <bytes>".
+ * prints "ready" once published and, at the end, "done <bytes> <seconds> <cpu>" where seconds
+ * run from the first byte received to the last and cpu is the process CPU time spent in the
+ * transfer loop.  The client prints "done <bytes> <cpu>" (its CPU time in the send loop).
  *
  * Usage: vchan_libxenvchan server|client PEER_DOMID XS_PATH BYTES [RING [CHUNK [SPIN_US]]]
  */
@@ -24,6 +25,13 @@ static double now(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static double cpu_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
@@ -67,6 +75,7 @@ int main(int argc, char **argv)
     }
     v->blocking = 0;
     unsigned long long done = 0;
+    double cpu = cpu_now();
     if (server) {
         printf("ready\n");
         fflush(stdout);
@@ -85,7 +94,7 @@ int main(int argc, char **argv)
                 first = last;
             done += n;
         }
-        printf("done %llu %.9f\n", done, last - first);
+        printf("done %llu %.9f %.6f\n", done, last - first, cpu_now() - cpu);
     } else {
         while (done < total) {
             unsigned long long left = total - done;
@@ -98,10 +107,11 @@ int main(int argc, char **argv)
             }
             done += n;
         }
+        cpu = cpu_now() - cpu;
         /* stay until the server has read everything and closed */
         while (libxenvchan_is_open(v))
             wait_event(v, 0, 1);
-        printf("done %llu\n", done);
+        printf("done %llu %.6f\n", done, cpu);
     }
     fflush(stdout);
     libxenvchan_close(v);

@@ -8,6 +8,7 @@ then Debian's).  Every process it starts is killed at :meth:`LoopbackRun.close`.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import shutil
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,36 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 20.0) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
+
+
+async def wait_xenstore_value(client: Any, path: str, timeout: float = 20.0) -> bytes:
+    """The value of ``path`` (read with the asyncio xenstore ``client``) once it exists
+    and is not empty; ``AssertionError`` after ``timeout`` seconds."""
+
+    async def poll() -> bytes:
+        while True:
+            try:
+                value: bytes = await client.read(path)
+            except Exception:  # not there yet
+                value = b""
+            if value:
+                return value
+            await asyncio.sleep(0.05)
+
+    try:
+        return await asyncio.wait_for(poll(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"{path} never got a value") from None
+
+
+def run_showing_log(main: Callable[[], Coroutine[Any, Any, None]], log: Path,
+                    who: str) -> None:
+    """``asyncio.run(main())``; a failure carries the tail of ``who``'s ``log``."""
+    try:
+        asyncio.run(main())
+    except Exception as exc:
+        text = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+        raise AssertionError(f"{exc!r}; {who} said: {text}") from exc
 
 
 def xenpv_cli(*args: str, timeout: float = 60.0) -> str:

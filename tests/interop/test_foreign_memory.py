@@ -6,7 +6,9 @@ The guest (domain 1) allocates frames with the loopback client (FRAME_ALLOC); th
 process then acts as dom0 with the library and checks contiguity in ``arr[]`` order,
 that ``prot`` is honoured (the kernel's view of the mapping), per-frame ``err[]`` as
 Xen's library fills it, the whole-call failures, and that the daemon lets go of every
-mapping on unmap and on close.
+mapping on unmap and on close.  A frame the guest also grants at reserved ref 0 (what
+Xen's domain builder does for the console page) is one page whether dom0 maps the grant
+with libxengnttab or the frame with libxenforeignmemory.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 from shim_peers import LoopbackRun
 
 from xenpv.cli.loopback import shim_dir
+from xenpv.errors import PlatformError
 from xenpv.platforms.loopback.client import ClientPlatform
 
 PAGE = 4096
@@ -39,6 +42,10 @@ int xenforeignmemory_restrict(void *fmem, uint16_t domid);
 void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
 int munmap(void *addr, size_t length);
 int mprotect(void *addr, size_t len, int prot);
+void *xengnttab_open(void *logger, unsigned open_flags);
+int xengnttab_close(void *xgt);
+void *xengnttab_map_grant_ref(void *xgt, uint32_t domid, uint32_t ref, int prot);
+int xengnttab_unmap(void *xgt, void *start_address, uint32_t count);
 """)
 
 
@@ -241,3 +248,38 @@ def test_closing_the_handle_releases_its_mappings_and_freed_frames_stay_while_ma
     assert mappings_of_dom0(dom0) == 0
     assert bytes(ffi.buffer(addr, 4)) == b"kept"  # the memory stays until munmapped
     ffi.dlopen(None).munmap(addr, PAGE)
+
+
+def test_a_frame_granted_at_ref_0_is_one_page_as_grant_and_as_frame(
+        fm: Any, handle: Any, guest: ClientPlatform, dom0: ClientPlatform) -> None:
+    gt = ffi.dlopen(str(shim_dir() / "libxengnttab.so.1"))
+    frames = guest.grants.alloc_frames(1)
+    gfn = frames.refs[0]
+    granted = guest.grants.grant_frame(gfn, 0, ref=0)
+    assert granted.refs == (0,)
+    with pytest.raises(PlatformError) as busy:
+        guest.grants.grant_frame(gfn, 0, ref=0)
+    assert busy.value.errno == errno.EBUSY
+    rw = mmap.PROT_READ | mmap.PROT_WRITE
+    xgt = gt.xengnttab_open(ffi.NULL, 0)
+    assert xgt != ffi.NULL
+    try:
+        by_ref = gt.xengnttab_map_grant_ref(xgt, 1, 0, rw)
+        assert by_ref != ffi.NULL, f"errno {ffi.errno}"
+        err = ffi.new("int[1]")
+        by_gfn = fm.xenforeignmemory_map(handle, 1, rw, 1, ffi.new("unsigned long[]", [gfn]),
+                                         err)
+        assert by_gfn != ffi.NULL and err[0] == 0
+        frames.mem[0:5] = b"guest"
+        assert bytes(ffi.buffer(by_ref, 5)) == b"guest"
+        ffi.buffer(by_gfn, 5)[0:5] = b"frame"
+        assert bytes(ffi.buffer(by_ref, 5)) == b"frame" and bytes(granted.mem[0:5]) == b"frame"
+        assert gt.xengnttab_unmap(xgt, by_ref, 1) == 0
+        # ending the grant leaves the frame, and freeing the frame leaves the mapping
+        guest.grants.end_access(granted)
+        guest.grants.free_frames(frames)
+        assert bytes(ffi.buffer(by_gfn, 5)) == b"frame"
+        assert fm.xenforeignmemory_unmap(handle, by_gfn, 1) == 0
+        assert dom0.grants.stats(1)[0] == 0  # no grant of the guest is left
+    finally:
+        gt.xengnttab_close(xgt)

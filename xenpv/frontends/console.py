@@ -24,7 +24,11 @@ Two kinds of console (§8.2, §8.3):
   guest shares its page at the reserved grant ref 0 (``GNTTAB_RESERVED_CONSOLE``, what
   Xen's domain builder does) and allocates an unbound port for the console backend's
   domain; the toolstack then publishes ``/local/domain/<d>/console`` (read-only to the
-  guest) with :func:`xenpv.backends.console.publish_primary_console`.
+  guest) with :func:`xenpv.backends.console.publish_primary_console`.  With
+  ``frame=True`` the page is a guest frame (``FRAME_ALLOC``), so ``ring-ref`` is its real
+  frame number, as on Xen: backends that map frames (``xenforeignmemory_map``: QEMU,
+  xenconsoled's fallback) reach it, and unless ``grant_ref0=False`` the same frame is also
+  granted at ref 0 for backends that prefer the grant (xenconsoled, ours).
 * **secondary** (:class:`ConsoleFrontend`): a normal xenbus device under
   ``device/console/<n>`` (n ≥ 1): on backend InitWait (or at once) the frontend grants a
   page (refs ≥ 8) and allocates a port, writes ``ring-ref`` and ``port`` and goes
@@ -493,6 +497,7 @@ class _Resources:
         self.platform = platform
         self.backend_domid = backend_domid
         self.pages: Any = None
+        self.frames: Any = None  # the page as a guest frame (primary console, frame mode)
         self.port: int | None = None
         self.ring: ConsoleRing | None = None
         self.quarantined: list[Any] = []
@@ -507,6 +512,26 @@ class _Resources:
             self.pages = gt.grant(self.backend_domid, 1)
         self.port = self.platform.events.alloc_unbound(self.backend_domid)
         self.ring = ConsoleRing(self.pages.mem, backend=False)
+
+    def allocate_frame(self, grant_ref0: bool) -> None:
+        """The page as a guest frame, also granted at ref 0 if ``grant_ref0``."""
+        gt = self.platform.grants
+        if not hasattr(gt, "alloc_frames") or (grant_ref0 and not hasattr(gt, "grant_frame")):
+            raise LocalError("this platform has no guest frames for the console page")
+        self.frames = gt.alloc_frames(1)
+        if grant_ref0:
+            # what Xen's domain builder does: grant entry 0 names the console frame
+            self.pages = gt.grant_frame(self.frames.refs[0], self.backend_domid,
+                                        ref=GNTTAB_RESERVED_CONSOLE)
+        self.port = self.platform.events.alloc_unbound(self.backend_domid)
+        self.ring = ConsoleRing(self.frames.mem, backend=False)
+
+    @property
+    def ring_ref(self) -> int:
+        """What ``console/ring-ref`` names: the frame number, else the grant ref."""
+        if self.frames is not None:
+            return int(self.frames.refs[0])
+        return self.ref
 
     @property
     def ref(self) -> int:
@@ -529,6 +554,11 @@ class _Resources:
             except PlatformError as exc:  # GrantInUse: the backend still maps it (R8)
                 log.warning("console page still mapped by the backend (%s); quarantined", exc)
                 self.quarantined.append(pages)
+        if self.frames is not None:
+            frames, self.frames = self.frames, None
+            # a frame a backend still maps stays until it unmaps it, then goes (no reuse)
+            with contextlib.suppress(LocalError, PlatformError):
+                self.platform.grants.free_frames(frames)
 
     def retry_quarantine(self) -> int:
         """End quarantined pages whose grantee let go; returns how many remain."""
@@ -548,17 +578,31 @@ class PrimaryConsole:
     :meth:`setup` shares the ring page at grant ref 0 and allocates the port; the
     toolstack publishes ``ring-ref``/``port`` (the guest cannot write them); then
     :meth:`open` gives the streams.  :meth:`close` releases everything (idempotent).
+
+    ``frame=True`` makes the page a guest frame (a platform with ``alloc_frames``, the
+    loopback emulator): :attr:`ring_ref` is then its frame number, for backends that map
+    frames (``xenforeignmemory_map``); the frame is also granted at ref 0 unless
+    ``grant_ref0=False`` (then only frame-mapping backends can reach it).
     """
 
-    def __init__(self, platform: Any, backend_domid: int = 0) -> None:
+    def __init__(self, platform: Any, backend_domid: int = 0, *, frame: bool = False,
+                 grant_ref0: bool = True) -> None:
         """Prepare; nothing is allocated until :meth:`setup`."""
+        if not (frame or grant_ref0):
+            raise LocalError("the console page needs a frame, grant ref 0, or both")
         self._res = _Resources(platform, backend_domid)
+        self._frame = frame
+        self._grant_ref0 = grant_ref0
         self.transport: ConsoleTransport | None = None
 
     def setup(self) -> PrimaryConsole:
-        """Share the page at ref 0 and allocate the port (for the backend's domain)."""
+        """Allocate the page (at ref 0 and/or as a frame) and the port (for the
+        backend's domain)."""
         try:
-            self._res.allocate(reserved=True)
+            if self._frame:
+                self._res.allocate_frame(self._grant_ref0)
+            else:
+                self._res.allocate(reserved=True)
         except BaseException:
             self._res.release()
             raise
@@ -566,8 +610,9 @@ class PrimaryConsole:
 
     @property
     def ring_ref(self) -> int:
-        """The grant ref of the page (always 0, ``GNTTAB_RESERVED_CONSOLE``)."""
-        return self._res.ref
+        """What the toolstack publishes as ``console/ring-ref``: the page's frame number
+        (frame mode), else its grant ref (always 0, ``GNTTAB_RESERVED_CONSOLE``)."""
+        return self._res.ring_ref
 
     @property
     def port(self) -> int:

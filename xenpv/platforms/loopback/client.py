@@ -294,6 +294,20 @@ class ClientGrantTable(_OnConnection):
         run.region.release()
         self._conn.call(Op.GNT_UNMAP, proto.U32.pack(run.handle_id))
 
+    def grant_frame(self, gfn: int, domid: int, *, ref: int | None = None) -> SharedRegion:
+        """Grant this domain's frame ``gfn`` to ``domid`` (writable) at a free ref or at
+        reserved ref ``ref``; the result maps the same page (release with
+        :meth:`end_access`; the frame stays)."""
+        req = proto.GRANT_FRAME_REQ.pack(
+            gfn, proto.ANY_REF if ref is None else ref, domid, proto.SHARE_WRITABLE
+        )
+        out, fds = self._conn.call(Op.GNT_GRANT_FRAME, req)
+        handle_id, granted, page = proto.U32x3.unpack_from(out)
+        region = self._place(handle_id, fds, lambda: Region([(fds[0], page)], writable=True))
+        run = SharedRegion((granted,), domid, region, handle_id, True)
+        self._live[handle_id] = run
+        return run
+
     def foreign_map(
         self, domid: int, gfns: Sequence[int], *, writable: bool = True
     ) -> MappedRegion:

@@ -218,6 +218,7 @@ class Share:
     segment: Segment
     entries: list[GrantEntry]
     notify: Notify | None = None
+    first_page: int = 0  # page of ``segment`` where the share starts (a granted frame)
 
     @property
     def refs(self) -> tuple[int, ...]:
@@ -226,7 +227,7 @@ class Share:
 
     def segment_at(self, offset: int) -> tuple[Segment, int]:
         """The segment and byte offset behind byte ``offset`` of the share."""
-        return self.segment, offset
+        return self.segment, self.first_page * PAGE_SIZE + offset
 
     @property
     def done(self) -> bool:
@@ -608,7 +609,9 @@ class Hypervisor:
         # ends what is unmapped now; what is mapped becomes revoking (deferred end)
         todo = [e for e in entries if not (e.revoking or e.freed)]
         n = share.notify
-        if n is not None and any(e.page == n.offset // PAGE_SIZE for e in todo):
+        if n is not None and any(
+            e.page - share.first_page == n.offset // PAGE_SIZE for e in todo
+        ):
             # the owner's mapping of that page goes away: fire before the memory may go
             share.notify = None
             self._fire(share.segment_at, n, True)
@@ -662,6 +665,44 @@ class Hypervisor:
             entry = GrantEntry(gfn, dom, 0, False, seg, i, share, frame=True)
             dom.frames[gfn] = entry
             share.entries.append(entry)
+        h.shares[share.handle_id] = share
+        return share
+
+    def grant_frame(
+        self, h: Handle, gfn: int, domid: int, *, reserved: int | None = None
+    ) -> Share:
+        """Grant guest frame ``gfn`` of the caller's domain to ``domid``, writable, at a
+        free ref or at ``reserved`` (0 console, 1 xenstore): what Xen's domain builder
+        does for the console and xenstore pages, so one page is reachable both as a
+        frame (``xenforeignmemory_map``) and as a grant.
+
+        Returned as a one-page share over the frame's memory; ending it leaves the frame
+        alone, and freeing the frame leaves the grant (the memory stays while either
+        refers to it)."""
+        self._check_open(h)
+        dom = h.domain
+        frame = dom.frames.get(gfn)
+        if frame is None or frame.revoking or frame.freed:
+            raise PlatformError(f"dom{dom.domid} has no frame {gfn:#x}", errno.EINVAL)
+        if domid == dom.domid or not 0 <= domid < DOMID_FIRST_RESERVED:
+            raise PlatformError(f"cannot grant to domain {domid}", errno.EINVAL)
+        self.domain(domid)
+        if reserved is not None:
+            # grant_table.h: GNTTAB_RESERVED_CONSOLE 0, GNTTAB_RESERVED_XENSTORE 1
+            if reserved not in (0, 1):
+                raise PlatformError(f"ref {reserved} cannot be granted explicitly", errno.EINVAL)
+            if reserved in dom.grants:
+                raise PlatformError(f"reserved ref {reserved} is in use", errno.EBUSY)
+            ref = reserved
+        else:
+            (ref,) = dom.alloc_refs(1)
+        seg = frame.segment
+        self.grant_gen += 1
+        share = Share(h.next_id(), h, domid, True, seg, [], first_page=frame.page)
+        entry = GrantEntry(ref, dom, domid, False, seg, frame.page, share)
+        seg.refs_live += 1  # the memory stays while the grant or the frame refers to it
+        dom.grants[ref] = entry
+        share.entries.append(entry)
         h.shares[share.handle_id] = share
         return share
 

@@ -219,6 +219,7 @@ class LoopbackDaemon:
             Op.GNT_SHARE_RESERVED: self._gnt_share_reserved,
             Op.FRAME_ALLOC: self._frame_alloc,
             Op.FOREIGN_MAP: self._foreign_map,
+            Op.GNT_GRANT_FRAME: self._gnt_grant_frame,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -492,6 +493,16 @@ class LoopbackDaemon:
         (count,) = _unpack(proto.U32, payload)
         share = self.hv.alloc_frames(conn.handle, count)
         out = proto.U32x2.pack(share.handle_id, count) + struct.pack(f"<{count}I", *share.refs)
+        return _ok(out, [share.segment.fd])
+
+    def _gnt_grant_frame(self, conn: _Connection, payload: bytes) -> Reply:
+        gfn, ref, domid, flags = _unpack(proto.GRANT_FRAME_REQ, payload)
+        if not flags & proto.SHARE_WRITABLE:
+            raise PlatformError("a granted frame is writable", errno.EINVAL)
+        share = self.hv.grant_frame(
+            conn.handle, gfn, domid, reserved=None if ref == proto.ANY_REF else ref
+        )
+        out = proto.U32x3.pack(share.handle_id, share.refs[0], share.first_page)
         return _ok(out, [share.segment.fd])
 
     def _gnt_unmap(self, conn: _Connection, payload: bytes) -> Reply:

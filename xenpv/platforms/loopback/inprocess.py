@@ -29,7 +29,7 @@ from xenpv.platforms.loopback.core import (
     Share,
 )
 from xenpv.platforms.loopback.events import EpollEvents
-from xenpv.platforms.loopback.memory import MappedRegion, Region, SharedRegion, map_fd, owned_run
+from xenpv.platforms.loopback.memory import MappedRegion, Region, SharedRegion, owned_run
 
 __all__ = ["InProcessEvents", "InProcessGrantTable", "InProcessPlatform", "notify_args"]
 
@@ -79,6 +79,12 @@ class InProcessGrantTable:
         run.region.release()
         self._hv.unmap(self._h, run.handle_id)
 
+    def grant_frame(self, gfn: int, domid: int, *, ref: int | None = None) -> SharedRegion:
+        """Grant this domain's frame ``gfn`` to ``domid`` (writable) at a free ref or at
+        reserved ref ``ref``; the result maps the same page (release with
+        :meth:`end_access`; the frame stays)."""
+        return self._wrap(self._hv.grant_frame(self._h, gfn, domid, reserved=ref), domid, True)
+
     def foreign_map(
         self, domid: int, gfns: Sequence[int], *, writable: bool = True
     ) -> MappedRegion:
@@ -88,7 +94,8 @@ class InProcessGrantTable:
 
     def _wrap(self, share: Share, domid: int, writable: bool) -> SharedRegion:
         try:
-            region = map_fd(share.segment.fd, len(share.entries), writable=True)
+            fd, first = share.segment.fd, share.first_page
+            region = Region([(fd, first + i) for i in range(len(share.entries))], writable=True)
         except BaseException:
             self._hv.unmap(self._h, share.handle_id)
             raise

@@ -29,6 +29,8 @@ HELLO_REPLY = U32x6  # version, domid, privileged, max_grants, max_ports, page_s
 STATS_REPLY = struct.Struct("<IIIIIII")
 SHARE_REQ = struct.Struct("<HHI")  # domid, flags, count
 SHARE_RESERVED_REQ = struct.Struct("<IHH")  # ref, domid, flags
+GRANT_FRAME_REQ = struct.Struct("<IIHH")  # gfn, ref (ANY_REF: a free one), domid, flags
+ANY_REF = 0xFFFFFFFF
 MAP_FAIL = struct.Struct("<Ii")  # index, GNTST
 COPY_SEG = struct.Struct("<IHHIHHHHI")  # src ref, domid, off; dst ref, domid, off; len, flags, pad
 STATUS_I32 = struct.Struct("<i")
@@ -68,6 +70,7 @@ class Op(enum.IntEnum):
     GNT_SHARE_RESERVED = 19
     FRAME_ALLOC = 20
     FOREIGN_MAP = 21
+    GNT_GRANT_FRAME = 22
 
 
 class ProtocolViolation(Exception):

@@ -115,6 +115,16 @@ def _payloads() -> st.SearchStrategy[tuple[int, bytes]]:
             ),
         ),
         st.tuples(
+            st.just(int(Op.GNT_GRANT_FRAME)),
+            st.builds(
+                proto.GRANT_FRAME_REQ.pack,
+                st.sampled_from([0, 0x10000, 0x10001, 0xFFFFFFFF]),
+                st.sampled_from([0, 1, 2, 9, proto.ANY_REF]),
+                st.sampled_from([0, 1, 2]),
+                st.integers(0, 1),
+            ),
+        ),
+        st.tuples(
             st.just(int(Op.GNT_SHARE_RESERVED)),
             st.builds(
                 proto.SHARE_RESERVED_REQ.pack,

@@ -24,6 +24,7 @@ from shim_peers import LoopbackRun
 
 from xenpv.cli.loopback import shim_dir
 from xenpv.errors import PlatformError
+from xenpv.platforms.loopback import proto
 from xenpv.platforms.loopback.client import ClientPlatform
 
 PAGE = 4096
@@ -283,3 +284,33 @@ def test_a_frame_granted_at_ref_0_is_one_page_as_grant_and_as_frame(
         assert dom0.grants.stats(1)[0] == 0  # no grant of the guest is left
     finally:
         gt.xengnttab_close(xgt)
+
+
+def test_granting_a_frame_is_refused_cleanly(guest: ClientPlatform, dom0: ClientPlatform) -> None:
+    frames = guest.grants.alloc_frames(1)
+    gfn = frames.refs[0]
+    conn = guest.grants.connection
+
+    def refused(gfn: int, ref: int, domid: int, flags: int) -> int:
+        with pytest.raises(PlatformError) as exc:
+            conn.call(proto.Op.GNT_GRANT_FRAME, proto.GRANT_FRAME_REQ.pack(gfn, ref, domid, flags))
+        return int(exc.value.errno)
+
+    assert refused(gfn + 1, 0, 0, proto.SHARE_WRITABLE) == errno.EINVAL  # not a frame
+    assert refused(gfn, 0, 0, 0) == errno.EINVAL  # read-only
+    assert refused(gfn, 5, 0, proto.SHARE_WRITABLE) == errno.EINVAL  # not a reserved ref
+    assert refused(gfn, 0, 1, proto.SHARE_WRITABLE) == errno.EINVAL  # to itself
+    assert refused(gfn, 0, 9, proto.SHARE_WRITABLE) == errno.ESRCH  # no such domain
+    # dom0 cannot grant the guest's frame: frames are its own domain's only
+    other = dom0.grants.connection
+    with pytest.raises(PlatformError) as exc:
+        other.call(proto.Op.GNT_GRANT_FRAME,
+                   proto.GRANT_FRAME_REQ.pack(gfn, proto.ANY_REF, 1, proto.SHARE_WRITABLE))
+    assert exc.value.errno == errno.EINVAL
+    anywhere = guest.grants.grant_frame(gfn, 0)  # a free ref, not a reserved one
+    assert anywhere.refs[0] >= 8
+    guest.grants.end_access(anywhere)
+    guest.grants.free_frames(frames)
+    with pytest.raises(PlatformError):
+        guest.grants.grant_frame(gfn, 0)  # released frames cannot be granted
+    assert dom0.grants.stats(1)[0] == 0

@@ -253,7 +253,8 @@ static int map_all(xenforeignmemory_handle *fmem, struct fmem_region *r, uint32_
 void *xenforeignmemory_map2(xenforeignmemory_handle *fmem, uint32_t dom, void *addr, int prot,
                             int flags, size_t pages, const xen_pfn_t arr[], int err[])
 {
-    if (!fmem || pages == 0 || pages > (1u << 20) || !arr || (flags & ~MAP_FIXED)) {
+    /* flags go to mmap in Xen's library; only MAP_FIXED matters for a placement */
+    if (!fmem || pages == 0 || pages > (1u << 20) || !arr) {
         errno = EINVAL;
         return NULL;
     }

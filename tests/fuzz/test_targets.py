@@ -25,8 +25,12 @@ def _seeds_for(name: str) -> list[bytes]:
 
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_target_survives_its_time_box(name: str, tmp_path: Path) -> None:
-    result = runner.run_random(name, get_target(name), out_dir=tmp_path, seconds=1.5, seed=7,
-                               seeds=_seeds_for(name))
+    fn = get_target(name)
+    try:
+        result = runner.run_random(name, fn, out_dir=tmp_path, seconds=1.5, seed=7,
+                                   seeds=_seeds_for(name))
+    finally:
+        runner.close_target(fn)
     assert result.runs > 20
     assert result.failures == [], result.failures[0].message
 

@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"fuzzing {args.target} with {engine} for {args.time:g} s (seed {args.seed})",
           file=sys.stderr)
     if engine == "atheris":
+        runner.close_target(fn)  # the worker builds its own
         result = runner.run_atheris(args.target, out_dir=args.out, seconds=args.time, runs=args.runs,
                                     seed=args.seed, victim=args.victim, seed_dir=seeds_dir)
     else:
@@ -85,8 +86,12 @@ def run(args: argparse.Namespace) -> int:
                 name, data = runner.read_reproducer(path)
                 if name == args.target:
                     seeds.append(data)
-        result = runner.run_random(args.target, fn, out_dir=args.out, seconds=args.time,
-                                   runs=args.runs, seed=args.seed, seeds=seeds, progress=sys.stderr)
+        try:
+            result = runner.run_random(args.target, fn, out_dir=args.out, seconds=args.time,
+                                       runs=args.runs, seed=args.seed, seeds=seeds,
+                                       progress=sys.stderr)
+        finally:
+            runner.close_target(fn)
     print(f"{args.target}: {result.runs} inputs in {result.seconds:.1f} s "
           f"({result.execs_per_s:,.0f}/s), {len(result.failures)} distinct failure(s)")
     for f in result.failures:

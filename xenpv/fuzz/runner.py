@@ -42,6 +42,7 @@ __all__ = [
     "CampaignResult",
     "Failure",
     "FailureLog",
+    "close_target",
     "mutate",
     "read_reproducer",
     "replay",
@@ -132,7 +133,16 @@ def replay(path: str | os.PathLike[str], victim: Any = None) -> str | None:
         fn(data)
     except Exception as e:
         return describe(e)
+    finally:
+        close_target(fn)
     return None
+
+
+def close_target(fn: Callable[[bytes], None]) -> None:
+    """Release what a target function holds (a victim process), if anything."""
+    close = getattr(fn, "close", None)
+    if close is not None:
+        close()
 
 
 class FailureLog:

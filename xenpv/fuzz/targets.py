@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 from xenpv.errors import LocalError, PeerError
 from xenpv.fuzz.byterings import BYTE_RING_SPECS, ByteRingVictim, HostileProducer
+from xenpv.fuzz.external import XenstoredProcess, hostile_xs_chunks
 from xenpv.fuzz.hostile import HostileBackend, HostileFrontend, InvariantViolation, violation
 from xenpv.fuzz.ringspecs import RING_SPECS
 from xenpv.fuzz.source import ByteSource
@@ -41,8 +41,9 @@ class Target:
 
     ``build(victim)`` returns the function of one input; ``victim`` is a factory or None
     for the default.  ``kind`` says which victim interface a replacement must offer
-    (``"ring-backend"``, ``"ring-frontend"``, ``"byte-ring"``) or is ``""`` when the
-    target takes no victim.
+    (``"ring-backend"``, ``"ring-frontend"``, ``"byte-ring"``, or ``"command"``: a command
+    line run as a separate process) or is ``""`` when the target takes no victim.  A
+    function with a ``close()`` method holds resources (a victim process) until closed.
     """
 
     name: str
@@ -246,9 +247,6 @@ def _parse_vchan(victim: Any) -> Callable[[bytes], None]:
 
 # -- xenstore ----------------------------------------------------------------------------------
 
-_XS_TYPES = [int(t) for t in wire.XsType] + [99, 0xFFFF]
-
-
 def _xenstore_wire(victim: Any) -> Callable[[bytes], None]:
     """Raw wire bytes from an unprivileged guest (and dom0) into the decoder and the store."""
 
@@ -259,18 +257,7 @@ def _xenstore_wire(victim: Any) -> Callable[[bytes], None]:
         conns = [store.connect(5), store.connect(0)]
         decoders = [wire.Decoder(), wire.Decoder()]
         broken = [False, False]
-        for _ in range(64):
-            if src.remaining <= 0:
-                break
-            who = src.below(2)
-            if src.boolean():  # a structured message with a chosen type and payload
-                payload = src.take(src.below(80))
-                if src.boolean():
-                    payload = b"/local/domain/5/" + payload.replace(b"\0", b"a")[:20] + b"\0" + payload
-                raw = struct.pack("<IIII", src.choice(_XS_TYPES), src.u32(),
-                                  src.choice((0, 1, 2, src.u32())), len(payload)) + payload
-            else:
-                raw = src.take(1 + src.below(64))  # raw bytes: bad headers, half headers
+        for who, raw in hostile_xs_chunks(src):
             if broken[who]:
                 continue
             try:
@@ -357,6 +344,9 @@ def _make_targets() -> dict[str, Target]:
                _parse_vchan),
         Target("xenstore:wire", "raw xenstore wire bytes -> decoder -> embedded server dispatch",
                _xenstore_wire),
+        Target("xenstore:process", "hostile guest connection vs a xenstore server process "
+               "(victim: a command with {dom0} and {guest} socket placeholders)",
+               lambda victim: XenstoredProcess(victim), "command"),
         Target("xenstore:model", "operation lists against the store and a naive reference model",
                _xenstore_model),
         Target("xenbus:machine", "hostile xenbus peer: state sequences and garbage vs both machines",
@@ -376,7 +366,7 @@ def get_target(name: str, victim: str | Any | None = None) -> Callable[[bytes], 
         target = TARGETS[name]
     except KeyError:
         raise LocalError(f"unknown fuzz target {name!r} (see 'xenpv fuzz --list')") from None
-    if isinstance(victim, str):
+    if isinstance(victim, str) and target.kind != "command":
         victim = load_victim(victim)
     if victim is not None and not target.kind:
         raise LocalError(f"target {name} takes no victim")

@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         from xenpv.fuzz.targets import get_target
 
     fn = get_target(args.target, args.victim)
+    close = getattr(fn, "close", None)
+    if close is not None:
+        atexit.register(close)
     log = FailureLog(args.target, args.out)
     counter = [0]
     stats = Path(args.out) / f".{safe_name(args.target)}.runs"

@@ -5,9 +5,11 @@ Theory of operation
 One :class:`XenstoreClient` owns one connection to a xenstore server: a Unix stream socket
 (dom0's ``xenstored`` socket, or an emulated domain's own endpoint, whose connections act
 as that domain) or the ``/dev/xen/xenbus`` device, which carries the same framing.  The
-connection is an :class:`asyncio.Protocol`: bytes received go straight into the sans-IO
-:class:`~xenpv.xenstore.wire.Decoder`, and every complete message is dispatched at once,
-so there is exactly one reader and no extra task per request.
+connection is an :class:`asyncio.BufferedProtocol` on a minimal fd transport (the loop's
+reader callback reads into one reused buffer; writes go straight to the fd): bytes
+received go into the sans-IO :class:`~xenpv.xenstore.wire.Decoder`, and every complete
+message is dispatched at once, so there is exactly one reader and no extra task per
+request.  Request timeouts share one timer (a deadline heap), not one timer each.
 
 Requests are pipelined.  Each gets a fresh ``req_id`` and a future in ``_pending``;
 the reply (same type, or ``ERROR``) with that ``req_id`` resolves the future
@@ -39,6 +41,7 @@ import errno as _errno
 import heapq
 import itertools
 import os
+import socket
 import stat
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -165,8 +168,8 @@ def _arg(value: str | bytes | int) -> bytes:
 class _Connection(asyncio.BufferedProtocol):
     """The protocol object: request table, decoder and watch routing of one connection.
 
-    A buffered protocol: the event loop receives into one reused buffer (``recv_into``),
-    which spares the allocation of a fresh 256 KiB bytes object per read.
+    A buffered protocol: the transport reads into one reused buffer, which spares the
+    allocation of a fresh bytes object per read.
     """
 
     def __init__(self) -> None:
@@ -353,8 +356,14 @@ def _errno_of(exc: BaseException) -> int | None:
     return exc.errno if isinstance(exc, OSError) else None
 
 
-class _DeviceTransport(asyncio.Transport):
-    """Minimal transport over a character device fd (``/dev/xen/xenbus``, a pty …)."""
+class _FdTransport(asyncio.Transport):
+    """Minimal transport over a file descriptor: a connected Unix socket or a character
+    device (``/dev/xen/xenbus``, a pty …).
+
+    It is the client's hot path, so it skips asyncio's stream transports: the loop's
+    reader callback reads straight into the protocol's reused buffer (``readv``) and
+    a write goes to the fd at once, buffered (``add_writer``) only when the fd is full.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, protocol: _Connection) -> None:
         super().__init__()
@@ -363,23 +372,24 @@ class _DeviceTransport(asyncio.Transport):
         self._protocol = protocol
         self._out = bytearray()
         self._closing = False
+        self._rbufs = [protocol.get_buffer(-1)]
         os.set_blocking(fd, False)
         loop.add_reader(fd, self._on_readable)
         protocol.connection_made(self)
 
     def _on_readable(self) -> None:
         try:
-            data = os.read(self._fd, 65536)
+            n = os.readv(self._fd, self._rbufs)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._close(exc)
             return
-        if not data:
+        if not n:
             self._protocol.eof_received()
             self._close(None)
             return
-        self._protocol.data_received(data)
+        self._protocol.buffer_updated(n)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Queue ``data``; written at once when the device accepts it."""
@@ -427,6 +437,18 @@ class _DeviceTransport(asyncio.Transport):
         self._loop.remove_writer(self._fd)
         os.close(self._fd)
         self._loop.call_soon(self._protocol.connection_lost, exc)
+
+
+async def _connect_unix(loop: asyncio.AbstractEventLoop, path: str) -> int:
+    """Connect a non-blocking Unix stream socket to ``path``; return its fd."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock.detach()
 
 
 class _Ops:
@@ -815,10 +837,10 @@ class XenstoreClient(_Ops):
             conn = _Connection()
             try:
                 if stat.S_ISSOCK(st.st_mode):
-                    await loop.create_unix_connection(lambda c=conn: c, candidate)  # type: ignore[misc]
+                    fd = await _connect_unix(loop, candidate)
                 else:
                     fd = os.open(candidate, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY)
-                    _DeviceTransport(loop, fd, conn)
+                _FdTransport(loop, fd, conn)
             except OSError as exc:
                 last = exc
                 continue

@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -114,53 +115,112 @@ def _byte_ring(name: str) -> Callable[[Any], Callable[[bytes], None]]:
 # -- differential: both ring implementations on the same bytes --------------------------------
 
 
-def _ring_diff(victim: Any) -> Callable[[bytes], None]:
+def _impls() -> list[Any]:
     from xenpv.rings import implementation
 
     try:
-        impls = [implementation("reference"), implementation("cython")]
+        return [implementation("reference"), implementation("cython")]
     except ImportError:  # the compiled core is not built: compare the reference with itself
-        impls = [implementation("reference")] * 2
+        return [implementation("reference")] * 2
+
+
+def _compare(impls: list[Any], play: Callable[[Any, bytearray, list[Any]], None], page: bytes,
+             what: str) -> None:
+    """Play the same steps on a copy of ``page`` with each implementation; all must agree."""
+    outcomes = []
+    for impl in impls:
+        buf = bytearray(page)
+        trace: list[Any] = []
+        try:
+            play(impl, buf, trace)
+        except PeerError as e:
+            trace.append(("peer", type(e).__name__))
+        except LocalError as e:
+            trace.append(("local", type(e).__name__))
+        except Exception as e:
+            raise violation(f"the {impl.name} ring raised", e) from None
+        outcomes.append((trace, bytes(buf)))
+    if outcomes[0] != outcomes[1]:
+        raise violation(f"the cython and reference rings disagree on the same input ({what})")
+
+
+def _step(trace: list[Any], fn: Callable[[], Any]) -> None:
+    """Record one call's result or the kind of error it raised."""
+    try:
+        trace.append(fn())
+    except PeerError as e:
+        trace.append(("peer", type(e).__name__))
+    except LocalError as e:
+        trace.append(("local", type(e).__name__))
+
+
+def _ring_diff(victim: Any) -> Callable[[bytes], None]:
+    impls = _impls()
 
     def run(data: bytes) -> None:
         src = ByteSource(data)
         slot = src.choice((4, 8, 12, 16, 112, 148))
-        page = bytearray(src.take(64)) + bytearray(4096 - 64)
-        page[64:] = src.take(4096 - 64)
+        page = src.take(64) + bytes(4096 - 64)  # the header from the input, slots zero
         start = src.u32()
-        ops = [src.below(6) for _ in range(min(32, src.remaining))]
-        outcomes = []
-        for impl in impls:
-            buf = bytearray(page)
+        ops = [(src.below(7), src.choice((0, 8)), src.u32()) for _ in range(min(32, src.remaining))]
+
+        def play(impl: Any, buf: bytearray, trace: list[Any]) -> None:
             back = impl.BackRing(buf, slot, start)
             front = impl.FrontRing(buf, slot, start, init=False)
-            trace: list[Any] = []
-            for op in ops:
-                try:
-                    if op == 0:
-                        trace.append(back.take_requests(8))
-                    elif op == 1:
-                        trace.append(back.final_check_for_requests())
-                    elif op == 2:
-                        trace.append(front.take_responses(8))
-                    elif op == 3:
-                        trace.append(front.final_check_for_responses())
-                    elif op == 4:
-                        n = back.pending_responses()
-                        trace.append(back.submit_responses(bytes(n * slot)))
-                    else:
-                        k = min(front.free_requests(), 3)
-                        trace.append(front.submit_requests(bytes([7]) * (k * slot)))
-                except PeerError as e:
-                    trace.append(("peer", type(e).__name__))
-                except LocalError as e:
-                    trace.append(("local", type(e).__name__))
-                except Exception as e:
-                    raise violation(f"{impl.name} ring raised", e) from None
-            outcomes.append((trace, bytes(buf)))
-        if outcomes[0] != outcomes[1]:
-            raise violation("the cython and reference rings disagree on the same input "
-                            f"(slot {slot}, start {start}, ops {ops})")
+            for op, off, value in ops:
+                if op == 0:
+                    _step(trace, lambda: back.take_requests(8))
+                elif op == 1:
+                    _step(trace, back.final_check_for_requests)
+                elif op == 2:
+                    _step(trace, lambda: front.take_responses(8))
+                elif op == 3:
+                    _step(trace, front.final_check_for_responses)
+                elif op == 4:
+                    _step(trace, lambda: back.submit_responses(bytes(back.pending_responses() * slot)))
+                elif op == 5:
+                    k = min(front.free_requests(), 3) if not front.broken else 0
+                    _step(trace, partial(front.submit_requests, bytes([7]) * (k * slot)))
+                else:  # the hostile peer stores a producer index between two calls
+                    buf[off : off + 4] = value.to_bytes(4, "little")
+
+        _compare(impls, play, page, f"slot {slot}, start {start}, ops {ops}")
+
+    return run
+
+
+def _bytering_diff(victim: Any) -> Callable[[bytes], None]:
+    impls = _impls()
+    specs = list(BYTE_RING_SPECS.values())
+
+    def run(data: bytes) -> None:
+        src = ByteSource(data)
+        spec = src.choice(specs)
+        on_insane = src.choice(("error", "zero"))
+        page = bytearray(spec.page_size)
+        for off in (spec.prod_offset, spec.cons_offset):
+            page[off : off + 4] = src.take(4)
+        ops = [(src.below(6), src.take(src.below(64)), src.u32()) for _ in range(min(32, src.remaining))]
+
+        def play(impl: Any, buf: bytearray, trace: list[Any]) -> None:
+            ring = impl.ByteRing(buf, data_offset=spec.data_offset, size=spec.size,
+                                 prod_offset=spec.prod_offset, cons_offset=spec.cons_offset,
+                                 slot=spec.slot, on_insane=on_insane)
+            for op, chunk, value in ops:
+                if op == 0:
+                    _step(trace, partial(ring.write, chunk))
+                elif op == 1:
+                    _step(trace, partial(ring.read, value % 300))
+                elif op == 2:
+                    _step(trace, ring.available)
+                elif op == 3:
+                    _step(trace, ring.free)
+                else:  # the hostile peer stores one of the two indexes
+                    off = spec.prod_offset if op == 4 else spec.cons_offset
+                    buf[off : off + 4] = value.to_bytes(4, "little")
+            trace.append(("insane", ring.insane_count, ring.broken))
+
+        _compare(impls, play, bytes(page), f"{spec.name} ring, on_insane={on_insane}, ops {ops}")
 
     return run
 
@@ -334,6 +394,8 @@ def _make_targets() -> dict[str, Target]:
                           _byte_ring(name), "byte-ring"))
     out += [
         Target("ring-diff", "bytes -> ring page -> both ring implementations, compared", _ring_diff),
+        Target("bytering-diff", "bytes -> byte-ring page -> both byte-ring implementations, compared",
+               _bytering_diff),
         Target("parse:blkif", "blkif request slots (3 ABIs) and indirect pages: parse + validate",
                _parse_blkif),
         Target("parse:netif", "netif TX slot chains, RX responses, extra-info: parse + validate",

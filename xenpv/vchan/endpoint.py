@@ -333,6 +333,8 @@ class VchanEndpoint:
         #: Microseconds blocking calls poll the ring before sleeping on the event channel.
         self.spin_us = DEFAULT_SPIN_US
         self.closed = False
+        # The peer's live byte while connected (fast path of the data calls).
+        self._live_connected = VCHAN_CLI_CONNECTED if self.is_server else VCHAN_SRV_ALIVE
         #: Diagnostics: notifications we sent (the peer asked) and sleeps on the event
         #: channel (spinning did not see the ring move).
         self.notifies = 0
@@ -395,8 +397,7 @@ class VchanEndpoint:
         rings = self.rings
         if self.closed or rings.broken is not None:
             self._check()
-        live = rings.peer_live()
-        if live != (VCHAN_CLI_CONNECTED if self.is_server else VCHAN_SRV_ALIVE) and not self.is_open:
+        if rings.peer_live() != self._live_connected and not self.is_open:
             raise BrokenPipeError(f"vchan {self.path}: peer is gone")
         n = rings.send(data, spin_ns)
         if rings.kick:
@@ -481,17 +482,21 @@ class VchanEndpoint:
 
     # -- blocking API
     def send(self, data: Any, timeout: float | None = None) -> int:
-        """Write all of ``data``, waiting for room; returns ``len(data)``.
+        """Write all of ``data``, waiting for room; returns its size in bytes.
 
         :class:`BrokenPipeError` if the peer leaves first, :class:`TimeoutError` after
-        ``timeout`` seconds."""
-        src = memoryview(data).cast("B")
-        total = len(src)
+        ``timeout`` seconds (counted from the first wait for room)."""
+        kind = type(data)
+        total = (len(data) if kind is bytes or kind is bytearray
+                 else data.nbytes if kind is memoryview else memoryview(data).nbytes)
         if not total:
             return 0
+        spin_ns = self.spin_us * 1000 if self.spin_us > 0 else 0
+        n = pos = self._write(data, spin_ns)  # usually all of it: one call into the ring
+        if pos == total:
+            return pos
+        src = memoryview(data).cast("B")
         deadline = None if timeout is None else time.monotonic() + timeout
-        spin_ns = max(self.spin_us, 0) * 1000
-        n = pos = self._write(src, spin_ns)
         while pos < total:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -505,19 +510,22 @@ class VchanEndpoint:
         """Read at least one byte into ``buf`` (up to ``want``), waiting if needed.
 
         Returns 0 at end of stream (the peer has gone and everything it sent was read);
-        :class:`TimeoutError` after ``timeout`` seconds."""
+        :class:`TimeoutError` after ``timeout`` seconds (counted from the first wait)."""
+        spin_ns = self.spin_us * 1000 if self.spin_us > 0 else 0
+        n = self._read(buf, want, spin_ns)  # usually data: one call into the ring
+        if n:
+            return n
         deadline = None if timeout is None else time.monotonic() + timeout
-        spin_ns = max(self.spin_us, 0) * 1000
         while True:
-            n = self._read(buf, want, spin_ns)
-            if n:
-                return n
             if not self.is_open:
                 return self.recv_nowait(buf, want)  # data that raced with the close
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(f"vchan {self.path}: nothing to read")
             self._sleep(True, False, remaining, spin=False)  # _read just spun
+            n = self._read(buf, want, spin_ns)
+            if n:
+                return n
 
     def recv(self, n: int, timeout: float | None = None) -> bytes:
         """Read up to ``n`` bytes (at least one; ``b""`` at end of stream)."""

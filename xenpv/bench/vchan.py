@@ -24,7 +24,8 @@ the three measurements are placed alike; ``placement`` in the result says where 
 
 Throughput is bytes over the receiver's time from its first to its last byte (GB/s =
 1e9 bytes per second).  The measurements run in ``--rounds`` interleaved rounds and the
-medians are reported (``runs`` lists every figure): on a shared 2-vCPU machine one run
+medians are reported (``runs`` lists every figure; the three throughputs take turns in
+going first): on a shared 2-vCPU machine one run
 varies several-fold with what else the CPUs are doing.  ``gb_per_cpu_second`` divides the
 bytes by the CPU time both processes spent in their transfer loops (medians): it varies far
 less with load and shows what each byte costs.  ``vchan_wakeups`` are the medians of the
@@ -259,10 +260,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     samples: dict[str, list[Sample]] = {"vchan": [], "unix": [], "c": []}
     rtts: list[float] = []
     with VchanLab((1, 2)) as lab, tempfile.TemporaryDirectory(prefix="xenpv-bench-") as build:
-        for _ in range(rounds):
-            samples["unix"].append(unix_socket_gbps(total, where))
-            samples["vchan"].append(vchan_gbps(lab, total, where, args.spin_us))
-            samples["c"].append(libxenvchan_gbps(lab, total, build, where, args.spin_us))
+        measure = {
+            "unix": lambda: unix_socket_gbps(total, where),
+            "vchan": lambda: vchan_gbps(lab, total, where, args.spin_us),
+            "c": lambda: libxenvchan_gbps(lab, total, build, where, args.spin_us),
+        }
+        order = list(measure)
+        for r in range(rounds):
+            for kind in order[r % 3:] + order[: r % 3]:  # each goes first in turn
+                samples[kind].append(measure[kind]())
             rtts.append(vchan_rtt_us(lab, count, where))
     console = bench_console_mbps(MiB if args.quick else 8 * MiB)
     ours, unix, c = (median(s.gbps for s in samples[k]) for k in ("vchan", "unix", "c"))

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from xenpv.errors import LocalError, PeerError
@@ -30,6 +31,7 @@ from xenpv.fuzz.source import ByteSource
 from xenpv.fuzz.victims import RingBackend, RingFrontend
 from xenpv.fuzz.xenbus import drive_machine, parse_keys
 from xenpv.protocols import blkif, kbdif, netif, usbif, vchan
+from xenpv.vchan import ring as vring
 from xenpv.xenstore import wire
 from xenpv.xenstore.store import Quotas, Store
 
@@ -225,6 +227,64 @@ def _bytering_diff(victim: Any) -> Callable[[bytes], None]:
     return run
 
 
+def _vchan_rings(victim: Any) -> Callable[[bytes], None]:
+    """A hostile vchan client against the server side of ``xenpv.vchan.ring``, both cores."""
+    classes = [vring.implementation("reference")]
+    try:
+        classes.append(vring.implementation("cython"))
+    except ImportError:
+        classes.append(classes[0])
+    left, right = vchan.ring_placement(10, 11)  # in-page rings: server reads left, writes right
+    assert left.offset is not None and right.offset is not None
+    lo, ro = left.offset, right.offset
+    index_offsets = (vchan.VCHAN_LEFT_CONS_OFFSET, vchan.VCHAN_LEFT_PROD_OFFSET,
+                     vchan.VCHAN_RIGHT_CONS_OFFSET, vchan.VCHAN_RIGHT_PROD_OFFSET)
+
+    def run(data: bytes) -> None:
+        src = ByteSource(data)
+        page = bytearray(4096)
+        for off in index_offsets:
+            page[off : off + 4] = src.take(4)
+        page[vchan.VCHAN_CLI_LIVE_OFFSET : vchan.VCHAN_SRV_NOTIFY_OFFSET + 1] = src.take(4)
+        ops = [(src.below(8), src.choice(index_offsets), src.u32(), src.take(src.below(48)))
+               for _ in range(min(24, src.remaining))]
+
+        def play(cls: Any, buf: bytearray, trace: list[Any]) -> None:
+            mv = memoryview(buf)
+            rings = cls(mv, mv[lo:], left.size, mv[ro:], right.size, is_server=True)
+            out = bytearray(2048)
+            for op, off, value, chunk in ops:
+                if op == 0:
+                    n = rings.recv_into(out, value % 3000)
+                    if not 0 <= n <= left.size:
+                        raise InvariantViolation(f"vchan recv_into returned {n} from a {left.size}-byte ring")
+                    trace.append(bytes(out[:n]))
+                elif op == 1:
+                    n = rings.send(chunk)
+                    if not 0 <= n <= min(len(chunk), right.size):
+                        raise InvariantViolation(f"vchan send returned {n} for {len(chunk)} bytes")
+                    trace.append(n)
+                elif op == 2:
+                    trace.append((rings.data_ready(), rings.buffer_space()))
+                elif op == 3:
+                    trace.append(rings.discard())
+                elif op == 4:
+                    trace.append(rings.peer_live())
+                elif op == 5:  # the client writes into the ring the server reads
+                    buf[lo + value % left.size] = value & 0xFF
+                else:  # the client stores any index, the server's own included
+                    buf[off : off + 4] = value.to_bytes(4, "little")
+            trace.append((rings.broken is not None, rings.insane_count, rings.kick))
+            rings.release()
+            rings.release()
+
+        impls = [SimpleNamespace(name=c.__module__, cls=c) for c in classes]
+        _compare(impls, lambda impl, buf, trace: play(impl.cls, buf, trace), bytes(page),
+                 f"vchan ops {ops}")
+
+    return run
+
+
 # -- request parsing ---------------------------------------------------------------------------
 
 
@@ -396,6 +456,8 @@ def _make_targets() -> dict[str, Target]:
         Target("ring-diff", "bytes -> ring page -> both ring implementations, compared", _ring_diff),
         Target("bytering-diff", "bytes -> byte-ring page -> both byte-ring implementations, compared",
                _bytering_diff),
+        Target("vchan:rings", "hostile vchan client vs the server's ring code (both cores, compared)",
+               _vchan_rings),
         Target("parse:blkif", "blkif request slots (3 ABIs) and indirect pages: parse + validate",
                _parse_blkif),
         Target("parse:netif", "netif TX slot chains, RX responses, extra-info: parse + validate",

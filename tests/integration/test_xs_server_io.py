@@ -11,9 +11,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hostile"))
 
-from test_xenstore_support import RawClient, running_server
+from test_xenstore_support import RawClient, running_server, setup_home
 
 from xenpv.xenstore import wire
+from xenpv.xenstore.store import Quotas
 from xenpv.xenstore.wire import XsType as T
 
 VALUE = bytes(range(256)) * 15 + b"tail"  # 3844 bytes: one near-maximal reply each
@@ -100,3 +101,54 @@ def test_a_client_that_disconnects_with_replies_held_is_dropped(tmp_path: Path) 
         assert st.call(lambda: st.srv.buffered_bytes(0)) == 0
         with RawClient(st.path(0)) as again:
             assert again.read("/big") == VALUE
+
+
+def _frame(req_id: int, type_: int, payload: bytes) -> bytes:
+    return wire.HEADER.pack(type_, req_id, 0, len(payload)) + payload
+
+
+def test_a_burst_ending_in_a_partial_request_is_answered_whole_and_in_order(
+    tmp_path: Path,
+) -> None:
+    with running_server(tmp_path) as st, RawClient(st.path(0)) as dom0:
+        assert dom0.write("/k", b"v") == "OK"
+        burst = b"".join(_frame(100 + i, T.READ, b"/k\0") for i in range(3))
+        last = _frame(103, T.WRITE, b"/k2\0" + b"x" * 300)
+        dom0.sock.sendall(burst + last[:40])  # three whole requests and a piece of one
+        time.sleep(0.1)
+        dom0.sock.sendall(last[40:] + _frame(104, T.READ, b"/k2\0"))
+        got = [dom0.recv_message() for _ in range(5)]
+        assert [(m.req_id, m.type) for m in got if m is not None] == [
+            (100, T.READ), (101, T.READ), (102, T.READ), (103, T.WRITE), (104, T.READ),
+        ]  # fmt: skip
+        assert [m.payload for m in got if m is not None] == [b"v"] * 3 + [b"OK\0", b"x" * 300]
+
+
+def test_rate_limited_writes_inside_a_burst_keep_their_place(tmp_path: Path) -> None:
+    quotas = Quotas(write_rate=20.0, write_burst=1.0, write_global_burst=0.0)
+    with running_server(tmp_path, quotas) as st:
+        with RawClient(st.path(0)) as dom0:
+            setup_home(dom0, 5)
+        with RawClient(st.path(5)) as guest:
+            ops = [(T.WRITE, b"a\x001"), (T.READ, b"a\0"), (T.WRITE, b"a\x002"), (T.READ, b"a\0"),
+                   (T.WRITE, b"a\x003"), (T.READ, b"a\0")]  # fmt: skip
+            guest.sock.sendall(b"".join(_frame(10 + i, t, p) for i, (t, p) in enumerate(ops)))
+            got = [guest.recv_message() for _ in ops]
+            assert [m.req_id for m in got if m is not None] == [10 + i for i in range(len(ops))]
+            assert [m.payload for m in got if m is not None] == [
+                b"OK\0", b"1", b"OK\0", b"2", b"OK\0", b"3",
+            ]  # fmt: skip
+        assert st.call(lambda: st.srv.throttles.get(5, 0)) >= 1
+
+
+def test_requests_before_an_oversized_header_are_answered_then_the_connection_drops(
+    tmp_path: Path,
+) -> None:
+    with running_server(tmp_path) as st, RawClient(st.path(0)) as dom0:
+        assert dom0.write("/k", b"v") == "OK"
+        bad = wire.HEADER.pack(T.READ, 9, 0, 4097)  # io/xs_wire.h: len > XENSTORE_PAYLOAD_MAX
+        dom0.sock.sendall(_frame(7, T.READ, b"/k\0") + _frame(8, T.READ, b"/k\0") + bad)
+        first, second = dom0.recv_message(), dom0.recv_message()
+        assert first is not None and second is not None
+        assert (first.req_id, first.payload, second.req_id, second.payload) == (7, b"v", 8, b"v")
+        assert dom0.recv_message() is None  # then the server closed the connection

@@ -186,6 +186,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.closed = asyncio.get_running_loop().create_future()
         self._loop = asyncio.get_running_loop()
         self._deadlines: list[tuple[float, int, asyncio.Future[bytes]]] = []
+        self._queued: list[bytes] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------
@@ -282,10 +283,26 @@ class _Connection(asyncio.BufferedProtocol):
             req_id = next(self._ids) & 0xFFFFFFFF
         data = wire.encode(type_, req_id, tx_id, payload)
         fut: asyncio.Future[bytes] = self._loop.create_future()
-        self._pending[req_id] = (fut, type_, tx_id)
-        assert self._write is not None
-        self._write(data)
+        pending = self._pending
+        # A lone request leaves at once.  Requests made while others are in flight are
+        # gathered until the loop's next pass and leave in one write (in order): a
+        # window of pipelined requests costs the server one wake-up, not one each.
+        queued = self._queued
+        if queued is not None:
+            queued.append(data)
+        elif pending:
+            self._queued = [data]
+            self._loop.call_soon(self._flush)
+        else:
+            assert self._write is not None
+            self._write(data)
+        pending[req_id] = (fut, type_, tx_id)
         return req_id, fut
+
+    def _flush(self) -> None:
+        queued, self._queued = self._queued, None
+        if queued and self.error is None and self._write is not None:
+            self._write(b"".join(queued))
 
     def call(
         self, type_: int, payload: bytes, tx_id: int = 0, timeout: float | None = None

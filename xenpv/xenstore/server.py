@@ -49,7 +49,7 @@ from typing import Any
 
 from xenpv.errors import LocalError
 from xenpv.xenstore.store import Connection, Quotas, Store
-from xenpv.xenstore.wire import HEADER_SIZE, PAYLOAD_MAX, Decoder, WireError, XsType
+from xenpv.xenstore.wire import HEADER, HEADER_SIZE, PAYLOAD_MAX, Decoder, WireError, XsType
 
 __all__ = ["XenstoredServer"]
 
@@ -64,6 +64,7 @@ _ACCEPT_BATCH = 32
 _ACCEPT_PAUSE = 1.0
 _ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _WRITE_TYPES = frozenset({XsType.WRITE, XsType.MKDIR, XsType.RM, XsType.SET_PERMS})
+_LIMITED_TYPES = _WRITE_TYPES | {XsType.TRANSACTION_END}
 
 
 class _Bucket:
@@ -134,6 +135,11 @@ class _XsConnection:
         )
         self.low_water = self.high_water // 4
 
+    @property
+    def limited(self) -> bool:
+        """Whether WRITE-type requests pass the rate limit (unprivileged, limit set now)."""
+        return self.domid != 0 and self.server.store.quotas.write_rate > 0
+
     # -- life cycle --------------------------------------------------------------------
     def start(self) -> None:
         """Attach to the store and start reading (drops the connection of a gone domain)."""
@@ -200,10 +206,47 @@ class _XsConnection:
             self._process()
             return
         decoder = self.decoder
+        if (
+            not decoder.buffered
+            and self.held is None
+            and self.conn is not None
+            and not (self.write_paused or self.throttled or self.scheduled)
+        ):
+            self._process_direct(n)
+            return
         decoder.feed(self.rview[:n])
         if decoder.buffered > _MAX_BUFFERED_INPUT:
             self._pause_reading()
         self._process()
+
+    def _process_direct(self, n: int) -> None:
+        """Handle requests straight from the receive buffer (nothing older is waiting).
+
+        Complete requests are parsed in place; the first one that needs the general
+        path (a partial message, a bad length, a rate-limited write) and everything
+        after it go through the decoder and :meth:`_process`, as does the tail logic.
+        """
+        rbuf, rview = self.rbuf, self.rview
+        conn = self.conn
+        assert conn is not None
+        handle = self.server.store.handle
+        unpack = HEADER.unpack_from
+        limited = self.limited
+        out: list[bytes] = []
+        pos = 0
+        for _ in range(self.batch):
+            if n - pos < HEADER_SIZE:
+                break
+            type_, req_id, tx_id, length = unpack(rbuf, pos)
+            start = pos + HEADER_SIZE
+            end = start + length
+            if end > n or length > PAYLOAD_MAX or (limited and type_ in _LIMITED_TYPES):
+                break
+            out.append(handle(conn, type_, req_id, tx_id, bytes(rview[start:end])))
+            pos = end
+        if pos < n:
+            self.decoder.feed(rview[pos:n])
+        self._process(out)
 
     def write(self, data: bytes) -> None:
         """Send ``data`` now if the socket takes it, else keep it for the writer callback."""
@@ -278,19 +321,22 @@ class _XsConnection:
         self.throttled = False
         self._process()
 
-    def _process(self) -> None:
+    def _process(self, out: list[bytes] | None = None) -> None:
+        """Handle a batch of decoded requests (after ``out``, replies already made)."""
         conn = self.conn
-        if conn is None or self.is_closing() or self.write_paused or self.throttled:
-            return
+        if out is None:
+            out = []
+            if conn is None or self.is_closing() or self.write_paused or self.throttled:
+                return
+        assert conn is not None
         server = self.server
         store = server.store
         handle = store.handle
         next_message = self.decoder.next_message
-        limited = self.domid != 0 and store.quotas.write_rate > 0
-        out: list[bytes] = []
+        limited = self.limited
         more = False
         try:
-            for _ in range(self.batch):
+            for _ in range(self.batch - len(out)):
                 msg = self.held
                 if msg is None:
                     msg = next_message()

@@ -765,6 +765,18 @@ class Store:
         Watch events caused by the request are queued on the connections concerned
         (see :attr:`dirty`).  Never raises for anything the client sent.
         """
+        if type_ == _READ and not tx_id and not conn.closed:
+            # Fast path of the commonest request: a readable node outside a transaction.
+            # Anything else (an error to report) takes the general path below.
+            try:
+                path = self._path(conn, self._arg(payload))
+            except _Fail:
+                path = ""
+            node = self.nodes.get(path)
+            if node is not None and (conn.privileged or self.perm_for(conn, node) & READ):
+                value = node.value
+                # (values are at most PAYLOAD_MAX bytes: WRITE payloads are bounded)
+                return _pack_header(_READ, req_id, 0, len(value)) + value
         handler = _HANDLERS.get(type_)
         tx: Transaction | None = None
         try:
@@ -1394,6 +1406,9 @@ _HANDLERS: dict[int, Handler] = {
     XsType.RESET_WATCHES: Store._reset_watches_req,
     XsType.DIRECTORY_PART: Store._directory_part,
 }
+
+_READ = int(XsType.READ)
+_pack_header = HEADER.pack
 
 # Types whose header tx_id is not looked up (WATCH ignores it; RESET_WATCHES drops all).
 _NO_TX = frozenset({XsType.WATCH, XsType.UNWATCH, XsType.RESET_WATCHES})

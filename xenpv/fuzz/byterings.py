@@ -103,6 +103,24 @@ class _XenstoreServerSink(_Sink):
         return self.decoder.buffered
 
 
+class _XenstoreClientSink(_Sink):
+    """A guest's xenstore client reading replies and watch events from the response ring."""
+
+    bound = 2 * (wire.HEADER_SIZE + wire.PAYLOAD_MAX)
+
+    def __init__(self) -> None:
+        self.decoder = wire.Decoder()
+        self.messages = 0
+
+    def feed(self, data: bytes) -> None:
+        self.decoder.feed(data)
+        for _msg in self.decoder:  # WireError (a PeerError) on a length beyond 4096
+            self.messages += 1
+
+    def held(self) -> int:
+        return self.decoder.buffered
+
+
 class _KbdSink(_Sink):
     """The keyboard frontend: decode each 40-byte event once, drop invalid ones."""
 
@@ -174,6 +192,13 @@ BYTE_RING_SPECS: dict[str, ByteRingSpec] = {
         ByteRingSpec("xenstore", "xenstore request ring (io/xs_wire.h) into the embedded server",
                      xsring.XS_REQ_OFFSET, xsring.XENSTORE_RING_SIZE, xsring.XS_REQ_PROD_OFFSET,
                      xsring.XS_REQ_CONS_OFFSET, 1, "error", _XenstoreServerSink, _xs_valid),
+        ByteRingSpec("console-in", "guest console input ring (io/console.h) written by a hostile backend",
+                     console.XENCONS_IN_OFFSET, console.XENCONS_IN_SIZE,
+                     console.XENCONS_IN_PROD_OFFSET, console.XENCONS_IN_CONS_OFFSET, 1, "zero",
+                     lambda: _BoundedLog(4096), lambda src: src.take(1 + src.below(200))),
+        ByteRingSpec("xenstore-rsp", "xenstore response ring (io/xs_wire.h) read by a guest's client",
+                     xsring.XS_RSP_OFFSET, xsring.XENSTORE_RING_SIZE, xsring.XS_RSP_PROD_OFFSET,
+                     xsring.XS_RSP_CONS_OFFSET, 1, "error", _XenstoreClientSink, _xs_valid),
         ByteRingSpec("vchan", "vchan in-page ring of order 10 (libxenvchan) into a bounded buffer",
                      _VCHAN_LEFT, 1 << 10, vchan.VCHAN_LEFT_PROD_OFFSET,
                      vchan.VCHAN_LEFT_CONS_OFFSET, 1, "zero",

@@ -8,6 +8,8 @@ What is measured (one run, two processes per figure, 64 KiB writes, 1 MiB rings)
   poll the ring in C for up to ``--spin-us`` µs before sleeping on the event channel).
 * ``unix_socket_gbps`` (anchor): a Unix stream socket between two Python processes,
   ``sendall`` of 64 KiB / ``recv_into`` a 64 KiB buffer.
+
+All three writers send the same 64 KiB block over and over (the vchan tool's ``--block``).
 * ``libxenvchan_gbps`` (anchor): Debian's libxenvchan driven by a small C program
   (``csrc/vchan_libxenvchan.c``) on the same emulator through the replacement libraries,
   with the same spin-then-sleep policy.
@@ -192,7 +194,8 @@ def vchan_gbps(lab: Any, total: int, where: Placement, spin_us: int) -> Sample:
     assert lab.read_json(server)["event"] == "ready"
     with pinned(where.sender):
         client = lab.tool(2, "client", "1", path, "--send", str(total), "--no-crc", "--chunk",
-                          str(CHUNK), "--timeout", "300", "--spin-us", str(spin_us))
+                          str(CHUNK), "--block", str(CHUNK), "--timeout", "300", "--spin-us",
+                          str(spin_us))
     assert lab.read_json(client)["event"] == "ready"
     done = lab.read_json(server, 300)
     sent = lab.read_json(client, 60)

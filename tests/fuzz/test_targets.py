@@ -68,3 +68,11 @@ def test_cli_unknown_target_is_a_usage_error() -> None:
     proc = subprocess.run([sys.executable, "-m", "xenpv", "fuzz", "no-such-target"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
+
+
+def test_cli_replay_of_a_passing_seed_exits_0() -> None:
+    seed = sorted(SEEDS.glob("*.repro"))[0]
+    proc = subprocess.run([sys.executable, "-m", "xenpv", "fuzz", "--replay", str(seed)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "passes" in proc.stdout

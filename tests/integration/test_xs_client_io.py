@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_xs_client import echo_store, run, with_server
 
+from xenpv.errors import LocalError
 from xenpv.xenstore import client as xsclient
 from xenpv.xenstore import wire
 from xenpv.xenstore.wire import XsType
@@ -116,5 +117,19 @@ def test_answered_requests_do_not_pile_up_in_the_deadline_heap(tmp_path: Path) -
             for _ in range(500):
                 assert await c.read("/k") == b"v"
             assert len(c._conn._deadlines) <= 2 + xsclient._DEADLINE_SLACK + 1  # not 500
+
+    run(with_server(tmp_path, echo_store, body))
+
+
+def test_encoded_path_cache_keeps_validation(tmp_path: Path) -> None:
+    async def body(path: str) -> None:
+        async with await xsclient.connect(path, timeout=10) as c:
+            await c.write("/k", b"v")
+            for _ in range(3):
+                assert await c.read("/k") == b"v"
+                with pytest.raises(LocalError):
+                    await c.read("/k//bad")  # never cached, refused every time
+                with pytest.raises(LocalError):
+                    await c.read("@releaseDomain")  # special names only where allowed
 
     run(with_server(tmp_path, echo_store, body))

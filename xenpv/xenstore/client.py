@@ -79,6 +79,9 @@ XENBUS_DEVICES = ("/dev/xen/xenbus", "/proc/xen/xenbus")
 _DIRECTORY_PART_RESTARTS = 16
 #: Timed-out request ids remembered so that their late replies are ignored.
 _EXPIRED_MEMORY = 4096
+#: Valid ordinary paths already encoded for the wire (validation is per request otherwise).
+_PATH_CACHE: dict[str, bytes] = {}
+_PATH_CACHE_SIZE = 1024
 #: Answered requests the deadline heap may hold beyond twice the pending ones.
 _DEADLINE_SLACK = 64
 
@@ -496,8 +499,17 @@ class _Ops:
 
     @staticmethod
     def _path(path: str, *, special: bool = False) -> bytes:
+        if not special:
+            cached = _PATH_CACHE.get(path)
+            if cached is not None:
+                return cached
         _paths.validate_path(path, allow_special=special)
-        return path.encode("ascii") + b"\0"
+        wire_path = path.encode("ascii") + b"\0"
+        if not special:
+            if len(_PATH_CACHE) >= _PATH_CACHE_SIZE:
+                _PATH_CACHE.clear()
+            _PATH_CACHE[path] = wire_path
+        return wire_path
 
     async def read(self, path: str, *, timeout: float | None = None) -> bytes:
         """Return the value of ``path`` (raw bytes)."""

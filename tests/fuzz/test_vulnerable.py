@@ -37,3 +37,15 @@ def test_harness_flags_the_bug_and_replay_confirms(target: str, bug: str, tmp_pa
                            "--victim", victim], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "still fails" in proc.stdout
+
+
+@pytest.mark.parametrize("target", ["ring-frontend:blkif", "ring-frontend:usbif-urb"])
+def test_harness_flags_a_frontend_double_fetch(target: str, tmp_path: Path) -> None:
+    victim = f"{VULNERABLE}:double_fetch_frontend"
+    result = runner.run_random(target, get_target(target, victim), out_dir=tmp_path,
+                               seconds=None, runs=500, seed=1)
+    assert any("double fetch" in f.signature for f in result.failures), [
+        f.signature for f in result.failures]
+    repro = next(f.path for f in result.failures if "double fetch" in f.signature)
+    assert runner.replay(repro, victim) is not None
+    assert runner.replay(repro) is None

@@ -104,3 +104,49 @@ def all_bugs(memory: Any, spec: RingSpec, start: int, impl: SimpleNamespace) -> 
     """All three bugs at once."""
     return VulnerableBackend(memory, spec, start, impl,
                              frozenset({"double_fetch", "unchecked_index", "unbounded_queue"}))
+
+
+class DoubleFetchFrontend:
+    """A frontend that checks a response's id in its copy, then uses the id it re-reads
+    from shared memory (the XSA-155 bug on the frontend side, scenario 12)."""
+
+    def __init__(self, memory: Any, spec: RingSpec, start: int, impl: SimpleNamespace) -> None:
+        from xenpv.fuzz.victims import RingFrontend
+
+        self.inner = RingFrontend(memory, spec, start, impl)
+        self.raw, _words = memory.shared_views()
+        self.queue_bound = self.inner.queue_bound
+
+    @property
+    def misbehaving(self) -> bool:
+        """The wrapped frontend's verdict."""
+        return self.inner.misbehaving
+
+    def submit(self, count: int, src: Any) -> int:
+        """Issue requests as the honest frontend does."""
+        return self.inner.submit(count, src)
+
+    def service(self) -> int:
+        """Consume responses, re-reading each id from its slot (the bug)."""
+        ring = self.inner.ring
+        first = ring.rsp_cons
+        n = self.inner.service()
+        size = self.inner.spec.slot_size
+        for k in range(n):
+            at = HEADER + ((first + k) & (self.inner.nr_ents - 1)) * size
+            self.raw[at : at + self.inner.spec.id_bytes]  # Bug: a second fetch of the id
+        return n
+
+    def queued(self) -> int:
+        """Requests outstanding."""
+        return self.inner.queued()
+
+    def close(self) -> None:
+        """Let go of the ring."""
+        self.inner.close()
+
+
+def double_fetch_frontend(memory: Any, spec: RingSpec, start: int,
+                          impl: SimpleNamespace) -> DoubleFetchFrontend:
+    """A frontend that re-reads response ids from shared memory."""
+    return DoubleFetchFrontend(memory, spec, start, impl)

@@ -22,3 +22,6 @@ def test_bench_xenstore_quick_reports_every_figure(peer_root: Path) -> None:
     assert all(data[k] > 0 for k in KEYS - {"ratios"})
     assert {"ours_sequential/pyxs_sequential", "ours_pipelined/pyxs_sequential",
             "libxenstore_sequential/c_echo_floor"} <= data["ratios"].keys()
+    # every figure says how it was measured: placement, and the spread of its rounds
+    assert data["setup"]["placement"] in {"split", "same", "free"}
+    assert KEYS - {"ratios"} <= data["spread"].keys()

@@ -735,3 +735,14 @@ def test_commit_that_creates_and_grants_read_notifies_the_grantee(
     dom0.ok(T.SET_PERMS, "/local/domain/0/data/vchan/5/p/ring-ref", "n0", "r5", tx=tx)
     assert dom0.commit(tx) == "OK"
     assert guest.events() == [("/local/domain/0/data/vchan/5/p/ring-ref", "tok")]
+
+
+def test_transaction_rm_of_node_whose_parent_it_saw_absent_ends_in_eagain(dom0: Client) -> None:
+    """A node created outside after the transaction saw its parent absent: the removal
+    inside is harmless and the commit is an exact conflict (the parent's absence was read)."""
+    tx = dom0.start()
+    assert dom0.err(T.SET_PERMS, "/a", "n0", tx=tx) == "ENOENT"
+    dom0.write("/a/b")
+    assert dom0.ok(T.RM, "/a/b", tx=tx) == b"OK\0"
+    assert dom0.commit(tx) == "EAGAIN"
+    assert dom0.ok(T.READ, "/a/b") == b""

@@ -207,6 +207,8 @@ class Model:
             p.ver = self.next()
             self.fired.append((path, True, top.perms))
         else:
+            if self.get(tx, parent(path)) is None:
+                return  # parent read as absent: the commit fails with EAGAIN anyway
             for sub in self.subtree(tx, path):
                 node = self.get(tx, sub)
                 assert node is not None

@@ -382,7 +382,15 @@ class Transaction:
         self.ops.append(("perms", path, perms))
 
     def delete(self, path: str) -> None:
-        """Remove ``path`` and its subtree from the view."""
+        """Remove ``path`` and its subtree from the view.
+
+        The view is taken node by node, so it can hold a node whose parent it saw absent
+        (the parent was read before another writer created both).  Such a transaction read
+        the parent's absence, which is no longer true: its commit fails with EAGAIN, and
+        the removal has nothing consistent to change here.
+        """
+        if path != "/" and self.lookup(paths.parent(path)) is None:
+            return
         for sub in self.store.subtree(path, self.lookup):
             node = self.lookup(sub)
             assert node is not None

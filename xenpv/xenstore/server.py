@@ -244,6 +244,14 @@ class _XsConnection:
                 break
             out.append(handle(conn, type_, req_id, tx_id, bytes(rview[start:end])))
             pos = end
+        if pos == n and len(out) < self.batch:
+            # Everything received was handled: send, deliver events, keep reading.
+            if out:
+                self.write(out[0] if len(out) == 1 else b"".join(out))
+            store = self.server.store
+            if store.dirty or store.released:
+                self.server._after_batch()
+            return
         if pos < n:
             self.decoder.feed(rview[pos:n])
         self._process(out)

@@ -44,7 +44,8 @@ class Target:
 
     ``build(victim)`` returns the function of one input; ``victim`` is a factory or None
     for the default.  ``kind`` says which victim interface a replacement must offer
-    (``"ring-backend"``, ``"ring-frontend"``, ``"byte-ring"``, or ``"command"``: a command
+    (``"ring-backend"``, ``"ring-frontend"``, ``"byte-ring"``, ``"xenbus-backend"``
+    (``factory(client, path, platform, **timeouts)`` returning a ``BackendDriver``), or ``"command"``: a command
     line run as a separate process) or is ``""`` when the target takes no victim.  A
     function with a ``close()`` method holds resources (a victim process) until closed.
     """
@@ -442,6 +443,12 @@ def _xenstore_model(victim: Any) -> Callable[[bytes], None]:
     return run
 
 
+def _xenbus_driver(victim: Any) -> Callable[[bytes], None]:
+    from xenpv.fuzz.xenbus_driver import DriverTarget
+
+    return DriverTarget(victim)
+
+
 def _make_targets() -> dict[str, Target]:
     out: list[Target] = []
     for name, spec in RING_SPECS.items():
@@ -477,6 +484,9 @@ def _make_targets() -> dict[str, Target]:
                lambda victim: drive_machine),
         Target("xenbus:keys", "hostile connect-time keys (ring-ref, event-channel, orders, queues)",
                lambda victim: parse_keys),
+        Target("xenbus:driver", "hostile frontend domain via xenstore vs an asyncio backend driver "
+               "(embedded xenstored + emulator; victim: a BackendDriver factory)",
+               _xenbus_driver, "xenbus-backend"),
     ]
     return {t.name: t for t in out}
 

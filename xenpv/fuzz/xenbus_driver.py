@@ -1,0 +1,309 @@
+"""A hostile xenbus frontend against the asyncio backend driver base (target ``xenbus:driver``).
+
+Theory of operation
+-------------------
+:mod:`xenpv.fuzz.xenbus` attacks the sans-IO xenbus machine directly; this target attacks
+the whole asyncio layer on top of it (:class:`~xenpv.xenbus.driver.BackendDriver`: the
+watches, the run loop, the hooks, the strict key readers) the way a real hostile guest
+would: through xenstore.  Every input gets a fresh *world*, all in this process:
+
+* an embedded :class:`~xenpv.xenstore.server.XenstoredServer` on temporary Unix sockets
+  (write rate limit lifted, so a flood is a flood), with one client per domain: dom0 (the
+  toolstack, which creates the device with :func:`~xenpv.xenbus.toolstack.add_device`),
+  the frontend domain ``FE`` and the backend domain ``BE``;
+* an :class:`~xenpv.platforms.loopback.harness.InProcessMachine` (grants, event channels);
+* the victim: a backend driver acting as ``BE`` (default :class:`ToyBackend`, which maps
+  one granted ring page and binds one event channel; any factory
+  ``factory(client, path, platform, **timeouts) -> BackendDriver`` can stand in);
+* the hostile frontend: the ``FE`` client and platform, which plays the input as up to
+  :data:`MAX_OPS` operations: state values (legal, illegal jumps, garbage, 2 KiB), its
+  connect-time keys (good, garbage, out of range, refs it never granted, ports it never
+  offered), pipelined floods of its state node, removing or hiding (permissions) its state
+  node, granting or revoking its page, unbinding its port, and pauses that let the driver
+  run in between.
+
+Invariant, checked per input (any breach raises
+:class:`~xenpv.fuzz.hostile.InvariantViolation`):
+
+1. nothing escapes the driver: its run loop ends only the way the protocol says (the
+   frontend's state Unknown or missing: the device is gone, §5.4), holding nothing;
+2. bounded queues: during floods every watch of the driver holds at most
+   :data:`~xenpv.xenbus.driver.WATCH_PENDING` events and the server at most the
+   ``watch_events`` quota for ``BE``;
+3. once the peer stops, the driver settles (within :data:`SETTLE_S`) in a consistent
+   state: its state node says what the driver says; Connected exactly when it holds the
+   mapping and the port; InitWait, Closing or Closed otherwise (a peer error always leaves
+   it Closing or Closed and marked misbehaving);
+4. :meth:`close` completes within its bound, the driver holds nothing, and after the
+   hostile domain's own handles are closed the emulator holds nothing at all
+   (``assert_released``);
+5. the whole input takes at most :data:`INPUT_BUDGET_S` (no hang).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from xenpv.errors import LocalError, PeerError, PlatformError
+from xenpv.fuzz.hostile import InvariantViolation, violation
+from xenpv.fuzz.source import ByteSource
+from xenpv.platforms.loopback.harness import InProcessMachine
+from xenpv.xenbus import BackendDriver, BadKeyError, PeerKeys, XenbusState, add_device
+from xenpv.xenbus.driver import WATCH_PENDING
+from xenpv.xenstore.client import Perm, XenstoreClient
+from xenpv.xenstore.server import XenstoredServer
+from xenpv.xenstore.store import Quotas
+from xenpv.xenstore.wire import XenstoreError, XsType
+
+__all__ = ["INPUT_BUDGET_S", "MAX_OPS", "SETTLE_S", "DriverTarget", "ToyBackend"]
+
+FE, BE = 3, 2
+DEVTYPE = "fuzz"
+S = XenbusState
+#: Operations of the hostile frontend per input.
+MAX_OPS = 24
+#: Seconds the driver has to settle once the peer stops.
+SETTLE_S = 3.0
+#: Hard bound on one input, world set-up and tear-down included.
+INPUT_BUDGET_S = 20.0
+#: Timeouts handed to the victim (short: a fuzz input must not wait out real-world ones).
+DRIVER_TIMEOUTS: dict[str, float] = {"close_timeout": 0.2, "op_timeout": 2.0, "hook_timeout": 2.0}
+QUOTAS = Quotas(write_rate=0)
+
+_STATES = [str(i).encode() for i in range(9)] + [b"99", b"-1", b" 4", b"4\0", b"", b"\xff\xfe",
+                                                   str(2**40).encode(), b"4" * 2048]
+_KEYS = ("ring-ref", "event-channel", "protocol", "multi-queue-num-queues", "ring-page-order",
+         "ring-ref0", "feature-persistent", "toy-extra")
+_GARBAGE = [b"", b"abc", b"-1", b"0", b"3", b"1x", b"4000", b"999999", str(2**40).encode(),
+            b"x86_16-abi", b"x86_64-abi", b"yes", b"1", b"2", b"5", b"\0\0", b"7" * 300]
+
+BackendFactory = Callable[..., BackendDriver]
+
+
+class ToyBackend(BackendDriver):
+    """The default victim: maps the frontend's one ring page and binds its event channel."""
+
+    def __init__(self, client: XenstoreClient, path: str, platform: Any, **kw: Any) -> None:
+        super().__init__(client, path, **kw)
+        self.platform = platform
+        self.mapping: Any = None
+        self.port: int | None = None
+
+    async def publish_features(self) -> None:
+        """Advertise a feature and the ring limits the connect hook enforces."""
+        await self.write_keys({"feature-toy": 1, "max-ring-page-order": 1,
+                               "multi-queue-max-queues": 1})
+
+    async def connect(self, frontend: PeerKeys) -> None:
+        """Parse every frontend key strictly, then map the ring and bind the port."""
+        await frontend.features()
+        await frontend.protocol()
+        await frontend.uint("multi-queue-num-queues", 1, 1, default=1)
+        refs = await frontend.ring_refs(max_order=1)
+        port = await frontend.port()
+        try:
+            self.mapping = self.platform.grants.map(self.peer_domid, refs)
+            self.port = self.platform.events.bind_interdomain(self.peer_domid, port)
+        except PlatformError as exc:  # the refs and the port came from the frontend
+            raise BadKeyError(f"frontend ring/port refused: {exc}") from exc
+        await self.write_keys({"toy-magic": 4660})
+
+    async def disconnect(self) -> None:
+        """Unbind the port and unmap the ring (whatever connect got as far as)."""
+        if self.port is not None:
+            port, self.port = self.port, None
+            self.platform.events.unbind(port)
+        if self.mapping is not None:
+            mapping, self.mapping = self.mapping, None
+            self.platform.grants.unmap(mapping)
+
+    def holds(self) -> bool:
+        """True while the driver holds the mapping or the port."""
+        return self.mapping is not None or self.port is not None
+
+
+class _HostileFrontend:
+    """The frontend domain playing the input against its own device directory."""
+
+    def __init__(self, client: XenstoreClient, platform: Any, fp: str, src: ByteSource) -> None:
+        self.client, self.platform, self.fp, self.src = client, platform, fp, src
+        self.grants: list[Any] = []
+        self.ports: list[int] = []
+
+    async def write(self, key: str, value: bytes) -> None:
+        await self.client.write(f"{self.fp}/{key}", value)
+
+    async def good_keys(self) -> None:
+        pages = self.platform.grants.grant(BE, 1)
+        self.grants.append(pages)
+        port = self.platform.events.alloc_unbound(BE)
+        self.ports.append(port)
+        await self.write("ring-ref", str(pages.refs[0]).encode())
+        await self.write("event-channel", str(port).encode())
+
+    async def step(self, check_queues: Callable[[], None]) -> None:
+        """Play one operation of the input."""
+        src = self.src
+        op = src.below(10)
+        if op <= 2:
+            await self.write("state", src.choice(_STATES))
+        elif op == 3:
+            await self.good_keys()
+        elif op == 4:
+            value = src.choice(_GARBAGE) if src.boolean() else src.take(src.below(16))
+            await self.write(src.choice(_KEYS), value)
+        elif op == 5:  # a flood of state writes, pipelined
+            values = [src.choice(_STATES[:9]) for _ in range(1 + src.below(4))]
+            payload = f"{self.fp}/state".encode() + b"\0"
+            count = 16 * (1 + src.below(16))
+            futs = [self.client.submit(XsType.WRITE, payload + values[i % len(values)])
+                    for i in range(count)]
+            for k in range(0, count, 32):
+                await asyncio.gather(*futs[k : k + 32])
+                check_queues()
+        elif op == 6:
+            what = src.below(3)
+            if what == 0:
+                await self.client.rm(f"{self.fp}/state")
+            elif what == 1:  # hide the state node from the backend
+                await self.client.set_perms(f"{self.fp}/state", [Perm("n", FE)])
+            else:
+                await self.client.rm(f"{self.fp}/{src.choice(_KEYS)}")
+        elif op == 7:  # revoke or drop what it offered
+            if self.ports and src.boolean():
+                self.platform.events.unbind(self.ports.pop(src.below(len(self.ports))))
+            elif self.grants:
+                pages = self.grants[src.below(len(self.grants))]
+                with contextlib.suppress(PlatformError):  # still mapped: the revoke fails
+                    self.platform.grants.end_access(pages)
+                    self.grants.remove(pages)
+        else:  # let the driver run
+            await asyncio.sleep(0.001 * src.below(20))
+
+
+class DriverTarget:
+    """The ``xenbus:driver`` target: one fresh world per input (callable)."""
+
+    def __init__(self, factory: BackendFactory | None = None) -> None:
+        self.factory: BackendFactory = factory or ToyBackend
+
+    def __call__(self, data: bytes) -> None:
+        """Play one input; raises InvariantViolation on a breach."""
+        started = time.monotonic()
+        quiet = logging.getLogger("xenpv.xenbus")  # thousands of expected peer-error notes
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
+        try:
+            asyncio.run(asyncio.wait_for(self._run(data), INPUT_BUDGET_S))
+        except InvariantViolation:
+            raise
+        except TimeoutError:
+            raise InvariantViolation(
+                f"one xenbus:driver input took over {INPUT_BUDGET_S} s (hang)") from None
+        except Exception as e:
+            raise violation("the xenbus driver world raised", e) from None
+        finally:
+            quiet.setLevel(level)
+        if time.monotonic() - started > INPUT_BUDGET_S:
+            raise InvariantViolation(f"one xenbus:driver input took over {INPUT_BUDGET_S} s")
+
+    async def _run(self, data: bytes) -> None:
+        with tempfile.TemporaryDirectory(prefix="xenpv-fuzz-xb-") as tmp:
+            server = XenstoredServer(quotas=QUOTAS)
+            machine = InProcessMachine()
+            clients: list[XenstoreClient] = []
+            try:
+                for domid in (0, FE, BE):
+                    path = str(Path(tmp) / f"dom{domid}.sock")
+                    await server.listen(path, domid)
+                    clients.append(await XenstoreClient.connect(path, timeout=5.0))
+                dom0, fe_client, be_client = clients
+                for domid in (FE, BE):
+                    machine.hv.create_domain(domid)
+                    await dom0.mkdir(f"/local/domain/{domid}")
+                    await dom0.set_perms(f"/local/domain/{domid}", [Perm("n", domid)])
+                info = await add_device(dom0, DEVTYPE, FE, BE, 0)
+                await self._attack(data, server, machine, dom0, fe_client, be_client,
+                                   info.frontend_path, info.backend_path)
+            finally:
+                for c in clients:
+                    await c.close()
+                await server.close()
+                machine.close()
+
+    async def _attack(self, data: bytes, server: XenstoredServer, machine: InProcessMachine,
+                      dom0: XenstoreClient, fe_client: XenstoreClient,
+                      be_client: XenstoreClient, fp: str, bp: str) -> None:
+        fe_platform = machine.domain(FE)
+        driver = self.factory(be_client, bp, machine.domain(BE), **DRIVER_TIMEOUTS)
+        await driver.start()
+        peer = _HostileFrontend(fe_client, fe_platform, fp, ByteSource(data))
+
+        def check_queues() -> None:
+            pending = max((w.pending for w in driver._watches), default=0)
+            if pending > WATCH_PENDING:
+                raise InvariantViolation(f"a driver watch holds {pending} events (R16)")
+            queued = server.queued_events(BE)
+            if queued > QUOTAS.watch_events:
+                raise InvariantViolation(f"xenstored queues {queued} events for the backend")
+
+        try:
+            for _ in range(MAX_OPS):
+                if peer.src.remaining <= 0:
+                    break
+                try:
+                    await peer.step(check_queues)
+                except (PeerError, LocalError, PlatformError, XenstoreError):
+                    pass  # the hostile domain's own request refused (quota, perms, EBUSY)
+                check_queues()
+            await self._settled(driver, dom0, bp)
+        finally:
+            try:
+                await driver.close()
+            except Exception as e:
+                raise violation("closing the backend driver raised", e) from None
+        holds = getattr(driver, "holds", None)
+        if holds is not None and holds():
+            raise InvariantViolation("the backend driver still holds its ring or port after close")
+        out = machine.outstanding()
+        if out["mappings"]:
+            raise InvariantViolation(f"the backend left {out['mappings']} grant mapping(s)")
+        machine.release()  # the hostile domain's handles (its grants and ports) close
+        try:
+            machine.hv.assert_released()
+        except AssertionError as e:
+            raise InvariantViolation(f"after the hostile input: {e}") from None
+
+    async def _settled(self, driver: Any, dom0: XenstoreClient, bp: str) -> None:
+        """Wait until the driver's state, its node and its resources agree (bounded)."""
+        deadline = time.monotonic() + SETTLE_S
+        last = ""
+        while True:
+            state = driver.state
+            node = await dom0.read(f"{bp}/state") if await dom0.exists(f"{bp}/state") else None
+            holder = getattr(driver, "holds", None)
+            holds = holder() if holder is not None else state is S.Connected
+            ok = node == str(int(state)).encode() and (
+                (state is S.Connected and holds)
+                or (state in (S.InitWait, S.Closing, S.Closed) and not holds))
+            if ok and driver.misbehaving and state not in (S.Closing, S.Closed):
+                ok = False  # R4: a misbehaving peer leaves the device closing or closed
+            if ok:
+                return
+            last = f"driver {state.name}, node {node!r}, holds {holds}, misbehaving {driver.misbehaving}"
+            if driver.done:
+                # only the frontend going Unknown (or its state node vanishing) may end the
+                # backend (the device is gone), and it must have let go of everything
+                if driver.peer_state in (S.Unknown, None) and state is S.Unknown and not holds:
+                    return
+                raise InvariantViolation(f"the backend driver's run loop ended: {last}")
+            if time.monotonic() > deadline:
+                raise InvariantViolation(f"the backend driver did not settle consistently: {last}")
+            await asyncio.sleep(0.01)

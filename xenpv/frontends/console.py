@@ -493,8 +493,11 @@ def open_console_streams(ring: ConsoleRing, events: Any, port: int, *,
 class _Resources:
     """The page, port and ring of one frontend console; released once (R13)."""
 
-    def __init__(self, platform: Any, backend_domid: int) -> None:
+    def __init__(self, platform: Any, backend_domid: int, grants: Any = None) -> None:
         self.platform = platform
+        #: the grant table the page is shared through (the platform's unless a domain
+        #: builder places the page, see :class:`PrimaryConsole`)
+        self.grants = platform.grants if grants is None else grants
         self.backend_domid = backend_domid
         self.pages: Any = None
         self.frames: Any = None  # the page as a guest frame (primary console, frame mode)
@@ -503,10 +506,11 @@ class _Resources:
         self.quarantined: list[Any] = []
 
     def allocate(self, reserved: bool) -> None:
-        gt = self.platform.grants
+        gt = self.grants
         if reserved:
             if not hasattr(gt, "grant_reserved"):
-                raise LocalError("this platform cannot place a page at the reserved console ref")
+                raise LocalError("this grant table cannot place a page at the reserved console "
+                                 "ref (give PrimaryConsole the domain builder's: builder=)")
             self.pages = gt.grant_reserved(GNTTAB_RESERVED_CONSOLE, self.backend_domid)
         else:
             self.pages = gt.grant(self.backend_domid, 1)
@@ -515,9 +519,9 @@ class _Resources:
 
     def allocate_frame(self, grant_ref0: bool) -> None:
         """The page as a guest frame, also granted at ref 0 if ``grant_ref0``."""
-        gt = self.platform.grants
+        gt = self.grants
         if not hasattr(gt, "alloc_frames") or (grant_ref0 and not hasattr(gt, "grant_frame")):
-            raise LocalError("this platform has no guest frames for the console page")
+            raise LocalError("this grant table has no guest frames for the console page")
         self.frames = gt.alloc_frames(1)
         if grant_ref0:
             # what Xen's domain builder does: grant entry 0 names the console frame
@@ -550,7 +554,7 @@ class _Resources:
         if self.pages is not None:
             pages, self.pages = self.pages, None
             try:
-                self.platform.grants.end_access(pages)
+                self.grants.end_access(pages)
             except PlatformError as exc:  # GrantInUse: the backend still maps it (R8)
                 log.warning("console page still mapped by the backend (%s); quarantined", exc)
                 self.quarantined.append(pages)
@@ -558,14 +562,14 @@ class _Resources:
             frames, self.frames = self.frames, None
             # a frame a backend still maps stays until it unmaps it, then goes (no reuse)
             with contextlib.suppress(LocalError, PlatformError):
-                self.platform.grants.free_frames(frames)
+                self.grants.free_frames(frames)
 
     def retry_quarantine(self) -> int:
         """End quarantined pages whose grantee let go; returns how many remain."""
         left = []
         for pages in self.quarantined:
             try:
-                self.platform.grants.end_access(pages)
+                self.grants.end_access(pages)
             except PlatformError:
                 left.append(pages)
         self.quarantined = left
@@ -583,14 +587,21 @@ class PrimaryConsole:
     loopback emulator): :attr:`ring_ref` is then its frame number, for backends that map
     frames (``xenforeignmemory_map``); the frame is also granted at ref 0 unless
     ``grant_ref0=False`` (then only frame-mapping backends can reach it).
+
+    ``builder`` is the grant table that places the page (``grant_reserved`` or
+    ``alloc_frames``/``grant_frame``), when that is not the platform's own: on Xen, grant
+    entry 0 is written by the domain builder, and Xen's library API
+    (``xengntshr_share_pages``) only hands out free refs, so a platform on that API
+    (:class:`~xenpv.platforms.xen.XenPlatform`) takes the page from the builder and
+    keeps its event channel.
     """
 
     def __init__(self, platform: Any, backend_domid: int = 0, *, frame: bool = False,
-                 grant_ref0: bool = True) -> None:
+                 grant_ref0: bool = True, builder: Any = None) -> None:
         """Prepare; nothing is allocated until :meth:`setup`."""
         if not (frame or grant_ref0):
             raise LocalError("the console page needs a frame, grant ref 0, or both")
-        self._res = _Resources(platform, backend_domid)
+        self._res = _Resources(platform, backend_domid, builder)
         self._frame = frame
         self._grant_ref0 = grant_ref0
         self.transport: ConsoleTransport | None = None

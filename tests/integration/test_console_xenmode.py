@@ -27,6 +27,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,13 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     writer.write(b"hello from the guest\n")
     while line := await reader.readline():
         if line.startswith(b"send "):
-            writer.write(bulk(int(line[5:])) + b"<done>\n")
+            left = int(line[5:])
+            while left:
+                n = min(left, 94 * 512)  # whole periods: the text runs on across chunks
+                writer.write(bulk(n))
+                await writer.drain()
+                left -= n
+            writer.write(b"<done>\n")
         else:
             writer.write(b"echo " + line)
 
@@ -171,14 +178,14 @@ def end_guest(lab: VchanLab, guest: Any) -> None:
 
 @contextlib.asynccontextmanager
 async def dom0_backend(lab: VchanLab, config: ConsoleConfig, **kw: Any
-                       ) -> AsyncIterator[tuple[Any, ConsoleBackend]]:
-    """dom0's xenstore client and a started console backend on ``XenPlatform``."""
+                       ) -> AsyncIterator[Any]:
+    """dom0's xenstore client, with a console backend on ``XenPlatform`` started."""
     dom0 = xen_platform(lab.rundir, 0)
     xs = await connect(str(Path(lab.rundir) / "dom0" / "xenstore"))
     backend = ConsoleBackend(dom0, xs, config, **kw)
     try:
         await backend.start()
-        yield xs, backend
+        yield xs
     finally:
         await backend.close()
         await xs.close()
@@ -197,7 +204,7 @@ def test_primary_console_on_the_xen_platform(lab: VchanLab, tmp_path: Path) -> N
 
     async def body() -> None:
         config = ConsoleConfig(log_dir=str(tmp_path))
-        async with dom0_backend(lab, config, domids=[GUEST], secondary=False) as (xs, _):
+        async with dom0_backend(lab, config, domids=[GUEST], secondary=False) as xs:
             await publish_primary_console(xs, GUEST, port=ready["port"], ring_ref=0)
             tty = await open_tty(xs, f"/local/domain/{GUEST}/console/tty")
             with contextlib.closing(tty) as pty:
@@ -213,7 +220,7 @@ def test_primary_console_on_the_xen_platform(lab: VchanLab, tmp_path: Path) -> N
 
 def test_secondary_console_on_the_xen_platform(lab: VchanLab) -> None:
     async def body() -> None:
-        async with dom0_backend(lab, ConsoleConfig(), secondary=True) as (xs, _):
+        async with dom0_backend(lab, ConsoleConfig(), secondary=True) as xs:
             info = await add_device(xs, "console", GUEST, 0, 1, frontend_keys={"type": "xenpv"})
             guest = start_guest(lab, 1)
             ready = await asyncio.to_thread(lab.read_json, guest, WAIT)
@@ -222,6 +229,33 @@ def test_secondary_console_on_the_xen_platform(lab: VchanLab) -> None:
                 await converse(pty)
             assert await remove_device(xs, "console", GUEST, 1, 0, timeout=WAIT)
             await asyncio.to_thread(end_guest, lab, guest)
+
+    asyncio.run(asyncio.wait_for(body(), 60))
+    lab.assert_released()
+
+
+def test_guest_killed_mid_output_lets_the_backend_release_everything(lab: VchanLab) -> None:
+    """The guest process dies while it floods its secondary console: the toolstack's
+    removal still completes and the backend lets go of the page and the port."""
+    async def body() -> None:
+        async with dom0_backend(lab, ConsoleConfig(), secondary=True) as xs:
+            info = await add_device(xs, "console", GUEST, 0, 2, frontend_keys={"type": "xenpv"})
+            guest = start_guest(lab, 2)
+            assert (await asyncio.to_thread(lab.read_json, guest, WAIT))["event"] == "ready"
+            with contextlib.closing(await open_tty(xs, f"{info.frontend_path}/tty")) as pty:
+                await asyncio.to_thread(pty.read_until, b"hello from the guest\n", WAIT)
+                pty.write(b"send %d\n" % (1 << 40))
+                await asyncio.to_thread(pty.read_until, bulk(4096), WAIT)
+                guest.kill()
+                await asyncio.to_thread(guest.wait, WAIT)
+            # the dead frontend never answers Closing: the toolstack forces the removal
+            assert not await remove_device(xs, "console", GUEST, 2, 0, timeout=1.0)
+            # before the backend itself closes (its watches stay): the removal alone made
+            # it let go of the page and the port
+            deadline = time.monotonic() + WAIT
+            while held := {k: v for k, v in lab.outstanding().items() if v and k != "watches"}:
+                assert time.monotonic() < deadline, f"still held after the removal: {held}"
+                await asyncio.sleep(0.05)
 
     asyncio.run(asyncio.wait_for(body(), 60))
     lab.assert_released()

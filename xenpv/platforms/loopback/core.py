@@ -25,7 +25,7 @@ one set of semantics.
   (their *outbox*) notify without the hypervisor.  Each domain has a *generation page*
   (memfd of u32 per port) whose entry is bumped whenever a port's remote end changes, so a
   cached outbox can be validated with one memory load.  Masking lives in the clients
-  (epoll ``EPOLLONESHOT``, see the protocol document).
+  (one epoll set per handle, see ``events.py`` and the protocol document).
 * **Accounting.**  :meth:`stats` and :meth:`assert_released` let tests prove that every
   grant, mapping and port was released.
 

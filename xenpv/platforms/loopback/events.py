@@ -5,22 +5,27 @@ Theory of operation
 Every port has an inbox eventfd; whoever signals the port writes 1 to it, so
 notifications coalesce in the eventfd counter.  A handle keeps one ``epoll`` instance
 (its pollable :meth:`EpollEvents.fileno`, the equivalent of ``xenevtchn_fd``) in which
-each inbox is registered level-triggered for ``EPOLLIN``:
+each inbox is registered edge-triggered (``EPOLLIN | EPOLLET``): every write to the inbox
+queues the port once in the epoll instance, and ``epoll_wait`` hands it out once, whatever
+the counter holds.  So the counter is never drained on the hot path:
 
-* :meth:`pending` takes one ready inbox and drains it (the counter drops to 0, so epoll
-  stops reporting it); the port is now *masked* (``/dev/xen/evtchn``: a delivered port
-  stays masked until re-enabled);
-* a notification that arrives while the port is masked makes the inbox readable again;
-  the next :meth:`pending` sees the port is masked, takes the inbox out of the epoll set
-  (``EPOLL_CTL_MOD`` to no events) without draining it, and looks further;
-* :meth:`unmask` only forgets the mask in the common case (no system call); if the inbox
-  was taken out meanwhile it is put back, and since its counter is non-zero the port is
-  reported again at once.
+* :meth:`pending` takes one queued port; if it is not masked, it is now *masked*
+  (``/dev/xen/evtchn``: a delivered port stays masked until re-enabled) and returned;
+* a notification that arrives while the port is masked queues it again; the next
+  :meth:`pending` sees the port is masked and only remembers it as *deferred* (no system
+  call), and looks further;
+* :meth:`unmask` only forgets the mask in the common case (no system call); if the port
+  was deferred meanwhile, it writes 1 to the port's own inbox, which queues it again, so
+  the port is reported at once (through :meth:`fileno` as well);
+* :meth:`reset` drains every counter: the kernel re-checks readiness when it hands out a
+  queued port, so notifications queued before the reset are not reported.
 
-So the hot path is one ``epoll_wait`` plus one ``read`` per delivery and one ``write``
-per notification.  The epoll fd may look readable while only masked ports were notified
-(a spurious wake-up, harmless: :meth:`pending` then returns ``None``);
-:meth:`wait` integrates with asyncio through ``loop.add_reader`` on the epoll fd.
+So the hot path is one ``epoll_wait`` per delivery and one ``write`` per notification:
+as many system calls as a raw eventfd ping-pong that blocks in ``read``.  The epoll fd
+may look readable while only masked ports were notified (a spurious wake-up, harmless:
+:meth:`pending` then returns ``None``); :meth:`wait` integrates with asyncio through
+``loop.add_reader`` on the epoll fd.  A counter a hostile peer saturated takes no more
+writes, so that port (and only that port) stops being notified.
 
 Subclasses provide how ports are created and how a notification reaches the remote
 inbox (in-process: through the hypervisor object; across processes: a cached outbox fd,
@@ -39,7 +44,7 @@ from abc import ABC, abstractmethod
 from xenpv.errors import LocalError
 from xenpv.platforms.base import PortError
 
-_ARM = select.EPOLLIN
+_ARM = select.EPOLLIN | select.EPOLLET
 
 
 async def wait_readable(fd: int, timeout: float | None = None) -> None:
@@ -59,6 +64,21 @@ async def wait_readable(fd: int, timeout: float | None = None) -> None:
         loop.remove_reader(fd)
 
 
+def _requeue(inbox: int) -> None:
+    """Queue the port of ``inbox`` in the epoll instance again (a write is an edge); a
+    saturated counter takes no write, so drain it first then."""
+    try:
+        os.eventfd_write(inbox, 1)
+        return
+    except BlockingIOError:
+        pass
+    try:
+        os.eventfd_read(inbox)
+        os.eventfd_write(inbox, 1)
+    except BlockingIOError:  # saturated again at once: that peer silences its own port
+        pass
+
+
 class EpollEvents(ABC):
     """Shared masking/pending/wait logic of the loopback event-channel handles."""
 
@@ -66,7 +86,7 @@ class EpollEvents(ABC):
         self._epoll = select.epoll()
         self._inbox: dict[int, int] = {}  # port -> inbox eventfd
         self._masked: set[int] = set()
-        self._disarmed: set[int] = set()  # masked ports taken out of the epoll set
+        self._deferred: set[int] = set()  # masked ports notified meanwhile
         self._port_of_fd: dict[int, int] = {}  # select.epoll reports fds, not cookies
 
     # -- subclass hooks
@@ -131,18 +151,12 @@ class EpollEvents(ABC):
                 raise LocalError("event-channel handle is closed") from None
             if not events:
                 return None
-            fd = events[0][0]
-            port = self._port_of_fd[fd]
+            port = self._port_of_fd[events[0][0]]
             if port not in masked:
-                try:
-                    os.read(fd, 8)  # drain: notifications coalesce
-                except BlockingIOError:
-                    pass
                 masked.add(port)
                 return port
-            # notified while masked: disarm it now (lazily) and keep it pending
-            self._epoll.modify(fd, 0)
-            self._disarmed.add(port)
+            # notified while masked: keep it pending until unmask
+            self._deferred.add(port)
             if deadline is not None:
                 wait = max(0.0, deadline - time.monotonic())
 
@@ -152,9 +166,9 @@ class EpollEvents(ABC):
         if inbox is None:
             raise PortError(f"port {port} is not bound by this handle", errno.EINVAL)
         self._masked.discard(port)
-        if port in self._disarmed:
-            self._disarmed.discard(port)
-            self._epoll.modify(inbox, _ARM)
+        if port in self._deferred:
+            self._deferred.discard(port)
+            _requeue(inbox)
 
     async def wait(self, timeout: float | None = None) -> int:
         """Await a pending port (masked on return)."""
@@ -170,15 +184,13 @@ class EpollEvents(ABC):
 
     def reset(self) -> None:
         """Drain every inbox and unmask every port (IOCTL_EVTCHN_RESET)."""
-        for port, inbox in self._inbox.items():
+        for inbox in self._inbox.values():
             try:
                 os.eventfd_read(inbox)
             except BlockingIOError:
                 pass
-            self._masked.discard(port)
-            if port in self._disarmed:
-                self._disarmed.discard(port)
-                self._epoll.modify(inbox, _ARM)
+        self._masked.clear()
+        self._deferred.clear()
 
     def unbind(self, port: int) -> None:
         """Close ``port``; the remote end goes back to unbound."""
@@ -187,7 +199,7 @@ class EpollEvents(ABC):
         del self._inbox[port]
         del self._port_of_fd[inbox]
         self._masked.discard(port)
-        self._disarmed.discard(port)
+        self._deferred.discard(port)
         os.close(inbox)
         self._release_port(port)
 

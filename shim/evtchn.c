@@ -9,13 +9,17 @@
  * §4.8).
  *
  * Every local port has an *inbox* eventfd created by the daemon; whoever signals the port
- * adds 1 to it.  The inbox is registered in the epoll set with EPOLLIN | EPOLLONESHOT and
- * the port number as data, which gives the device's masking rules for free:
- *   pending  = epoll_wait for one event, drain the inbox; the oneshot registration is now
- *              disarmed, i.e. the port is masked;
- *   unmask   = EPOLL_CTL_MOD re-arming it; a notification that arrived meanwhile left the
- *              counter non-zero, so the port fires again at once;
- *   coalesce = the eventfd counter; one wake-up however many signals arrived.
+ * adds 1 to it.  The inbox is registered in the epoll set edge-triggered (EPOLLIN |
+ * EPOLLET) with the port number as data: every write queues the port once, epoll_wait
+ * hands it out once, so the counter is never drained on the hot path.  Masking is a flag
+ * per port:
+ *   pending  = epoll_wait for one event; an unmasked port is masked and returned; a
+ *              masked one (notified while masked) is only marked deferred, and we look
+ *              again;
+ *   unmask   = clear the mask; only if the port was deferred, write 1 to its own inbox,
+ *              which queues it again, so it fires at once (also for pollers of the fd);
+ *   coalesce = edges: one wake-up however many signals arrived before epoll_wait.
+ * So a delivery costs one epoll_wait and a notification one write.
  *
  * Notifying the remote end does not go through the daemon on the hot path: an
  * interdomain port caches the remote port's inbox (its *outbox*) and the port's
@@ -29,6 +33,7 @@
 #include "xenpv_xentypes.h"
 
 #include <errno.h>
+#include <stdbool.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,6 +45,8 @@ struct port {
     int inbox;  /* -1: not a port of this handle */
     int outbox; /* cached remote inbox, or -1 */
     uint32_t gen;
+    bool masked;   /* delivered by pending, not unmasked yet */
+    bool deferred; /* notified while masked */
 };
 
 struct xenevtchn_handle {
@@ -184,11 +191,25 @@ static struct port *own_port(xenevtchn_handle *h, evtchn_port_t port)
     return &h->ports[port];
 }
 
-/* Arm (or re-arm) the inbox of port in the epoll set. */
-static int arm(xenevtchn_handle *h, struct port *p, evtchn_port_t port, int op)
+/* Register the inbox of port in the epoll set (a pending inbox is queued at once). */
+static int arm(xenevtchn_handle *h, struct port *p, evtchn_port_t port)
 {
-    struct epoll_event ev = {.events = EPOLLIN | EPOLLONESHOT, .data.u32 = port};
-    return epoll_ctl(h->epfd, op, p->inbox, &ev);
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.u32 = port};
+    return epoll_ctl(h->epfd, EPOLL_CTL_ADD, p->inbox, &ev);
+}
+
+/* Queue a port again: a write to its inbox is an edge.  A counter a hostile peer
+ * saturated takes no write, so drain it first then. */
+static void requeue(struct port *p)
+{
+    uint64_t v = 1;
+    if (write(p->inbox, &v, sizeof(v)) == (ssize_t)sizeof(v) || errno != EAGAIN)
+        return;
+    if (read(p->inbox, &v, sizeof(v)) == (ssize_t)sizeof(v)) {
+        v = 1;
+        if (write(p->inbox, &v, sizeof(v)) < 0)
+            return; /* saturated again at once: that peer silences its own port */
+    }
 }
 
 /* Register a new port's descriptors; closes them on failure.  Returns the port or -1. */
@@ -205,7 +226,7 @@ static int add_port(xenevtchn_handle *h, uint32_t port, int inbox, int outbox, u
     }
     struct port *p = &h->ports[port];
     *p = (struct port){.inbox = inbox, .outbox = outbox, .gen = gen};
-    if (arm(h, p, port, EPOLL_CTL_ADD) < 0) {
+    if (arm(h, p, port) < 0) {
         int err = errno;
         drop_port(h, p);
         pthread_mutex_unlock(&h->lock);
@@ -369,16 +390,15 @@ xenevtchn_port_or_error_t xenevtchn_pending(xenevtchn_handle *xce)
         evtchn_port_t port = ev.data.u32;
         pthread_mutex_lock(&xce->lock);
         struct port *p = own_port(xce, port);
-        if (p) {
-            uint64_t count;
-            /* Drain; the oneshot registration now keeps the port masked. */
-            while (read(p->inbox, &count, sizeof(count)) == (ssize_t)sizeof(count))
-                ;
-        }
+        bool deliver = p && !p->masked;
+        if (deliver)
+            p->masked = true;
+        else if (p)
+            p->deferred = true; /* notified while masked: fires on unmask */
         pthread_mutex_unlock(&xce->lock);
-        if (p)
+        if (deliver)
             return (xenevtchn_port_or_error_t)port;
-        /* The port was unbound between the wake-up and now: look again. */
+        /* Masked, or unbound between the wake-up and now: look again. */
     }
 }
 
@@ -386,9 +406,15 @@ int xenevtchn_unmask(xenevtchn_handle *xce, evtchn_port_t port)
 {
     pthread_mutex_lock(&xce->lock);
     struct port *p = own_port(xce, port);
-    int rc = p ? arm(xce, p, port, EPOLL_CTL_MOD) : -1;
+    if (p) {
+        p->masked = false;
+        if (p->deferred) {
+            p->deferred = false;
+            requeue(p);
+        }
+    }
     pthread_mutex_unlock(&xce->lock);
-    return rc;
+    return p ? 0 : -1;
 }
 
 int xenevtchn_restrict(xenevtchn_handle *xce, domid_t domid)

@@ -32,7 +32,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=("auto", "atheris", "random"), default="auto",
                         help="coverage-guided atheris (default when installed) or random mutation")
     parser.add_argument("--victim", default=None,
-                        help="driver to attack: MODULE:FACTORY or FILE.py:FACTORY")
+                        help="driver to attack: MODULE:FACTORY or FILE.py:FACTORY "
+                             "(a command line for the *:process targets)")
     parser.add_argument("--seeds", default=None,
                         help="seed reproducers (default: the saved regression seeds if present)")
 

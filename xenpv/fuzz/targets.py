@@ -449,6 +449,12 @@ def _xenbus_driver(victim: Any) -> Callable[[bytes], None]:
     return DriverTarget(victim)
 
 
+def _vchan_process(victim: Any) -> Callable[[bytes], None]:
+    from xenpv.fuzz.vchan_process import VchanProcess
+
+    return VchanProcess(victim)
+
+
 def _make_targets() -> dict[str, Target]:
     out: list[Target] = []
     for name, spec in RING_SPECS.items():
@@ -478,6 +484,9 @@ def _make_targets() -> dict[str, Target]:
         Target("xenstore:process", "hostile guest connection vs a xenstore server process "
                "(victim: a command with {dom0} and {guest} socket placeholders)",
                lambda victim: XenstoredProcess(victim), "command"),
+        Target("vchan:process", "hostile vchan client via the emulator vs a vchan server process "
+               "(victim: a command with {domid} {path} {socket}; default xenpv vchan-proxy)",
+               _vchan_process, "command"),
         Target("xenstore:model", "operation lists against the store and a naive reference model",
                _xenstore_model),
         Target("xenbus:machine", "hostile xenbus peer: state sequences and garbage vs both machines",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import sys
+import time
 from pathlib import Path
 
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         atexit.register(close)
     log = FailureLog(args.target, args.out)
     counter = [0]
+    last_save = [time.monotonic()]
     stats = Path(args.out) / f".{safe_name(args.target)}.runs"
 
     def save_stats() -> None:
@@ -53,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
             if failure is not None:
                 print(f"FAILURE {failure.signature}\n  reproducer: {failure.path}", file=sys.stderr,
                       flush=True)
-        if counter[0] % 256 == 0:
+        # libFuzzer ends the process with exit(), past Python's atexit: keep the count
+        # current (every 256 inputs, and at least twice a second for slow targets)
+        now = time.monotonic()
+        if counter[0] % 256 == 0 or now - last_save[0] > 0.5:
+            last_save[0] = now
             save_stats()
 
     corpus: list[str] = []

@@ -27,7 +27,11 @@ def _seeds_for(name: str) -> list[bytes]:
 MIN_RUNS = 50
 
 
-@pytest.mark.parametrize("name", sorted(TARGETS))
+#: targets with a time box of their own elsewhere (tests/fuzz/test_vchan_process.py)
+OWN_TESTS = {"vchan:process"}
+
+
+@pytest.mark.parametrize("name", sorted(set(TARGETS) - OWN_TESTS))
 def test_target_survives_its_time_box(name: str, tmp_path: Path) -> None:
     fn = get_target(name)
     try:

@@ -1,7 +1,6 @@
 """The hostile vchan client against vchan server processes on the loopback emulator:
-Debian's ``vchan-socket-proxy`` survives a campaign, a fragile server that crashes is
-caught.  (xenpv's own ``vchan-proxy``, the default victim, runs
-in ``test_targets.py``'s time box like every target.)"""
+neither xenpv's ``vchan-proxy`` nor Debian's ``vchan-socket-proxy`` crashes or leaks, a
+fragile server that crashes is caught."""
 
 from __future__ import annotations
 
@@ -28,19 +27,29 @@ def _campaign(tmp_path: Path, victim: str | None, runs: int, seed: int) -> runne
         runner.close_target(fn)
 
 
-def test_debian_vchan_socket_proxy_never_crashes_or_leaks(tmp_path: Path) -> None:
-    peers.find("vchan-socket-proxy")  # PeerMissing errors the test
-    fn = VchanProcess(DEBIAN, hang_s=3.0)
+def _no_crash_no_leak(tmp_path: Path, victim: str | None, seed: int) -> None:
+    """50 inputs against ``victim``: a crash, a leak or a victim that ignores SIGTERM
+    fails the test.  A stall is tolerated: it is a known finding (docs/fuzzing.md) that
+    after some hostile sessions a proxy may stop serving later clients of the same vchan,
+    at a rate that would make this test flaky; the target reports it as "hangs"."""
+    fn = VchanProcess(victim, hang_s=3.0)
     try:
-        result = runner.run_random("vchan:process", fn, out_dir=tmp_path, seconds=None, runs=30,
-                                   seed=4)
+        result = runner.run_random("vchan:process", fn, out_dir=tmp_path, seconds=None, runs=50,
+                                   seed=seed)
     finally:
         fn.close()  # raises if it ignores SIGTERM or leaves grants behind
-    assert result.runs == 30
-    # Known finding (docs/fuzzing.md): after some hostile sessions Debian's proxy stops
-    # serving later clients of the same vchan.  Nothing else may show up.
+    assert result.runs == 50
     others = [f for f in result.failures if "hangs" not in f.signature]
     assert others == [], others[0].message
+
+
+def test_xenpv_vchan_proxy_never_crashes_or_leaks(tmp_path: Path) -> None:
+    _no_crash_no_leak(tmp_path, None, 7)
+
+
+def test_debian_vchan_socket_proxy_never_crashes_or_leaks(tmp_path: Path) -> None:
+    peers.find("vchan-socket-proxy")  # PeerMissing errors the test
+    _no_crash_no_leak(tmp_path, DEBIAN, 4)
 
 
 def test_crashing_vchan_server_is_flagged(tmp_path: Path) -> None:

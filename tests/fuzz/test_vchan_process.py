@@ -1,6 +1,6 @@
 """The hostile vchan client against vchan server processes on the loopback emulator:
-neither xenpv's ``vchan-proxy`` nor Debian's ``vchan-socket-proxy`` crashes or leaks, a
-fragile server that crashes is caught."""
+xenpv's ``vchan-proxy`` and Debian's ``vchan-socket-proxy`` survive it (no crash, no
+stall, no leak), a fragile server that crashes is caught."""
 
 from __future__ import annotations
 
@@ -27,29 +27,25 @@ def _campaign(tmp_path: Path, victim: str | None, runs: int, seed: int) -> runne
         runner.close_target(fn)
 
 
-def _no_crash_no_leak(tmp_path: Path, victim: str | None, seed: int) -> None:
-    """50 inputs against ``victim``: a crash, a leak or a victim that ignores SIGTERM
-    fails the test.  A stall is tolerated: it is a known finding (docs/fuzzing.md) that
-    after some hostile sessions a proxy may stop serving later clients of the same vchan,
-    at a rate that would make this test flaky; the target reports it as "hangs"."""
-    fn = VchanProcess(victim, hang_s=3.0)
+def _survives(tmp_path: Path, victim: str | None, seed: int) -> None:
+    """50 inputs against ``victim``: no crash, no stall, no leak, and it ends on SIGTERM."""
+    fn = VchanProcess(victim, hang_s=5.0)
     try:
         result = runner.run_random("vchan:process", fn, out_dir=tmp_path, seconds=None, runs=50,
                                    seed=seed)
     finally:
         fn.close()  # raises if it ignores SIGTERM or leaves grants behind
     assert result.runs == 50
-    others = [f for f in result.failures if "hangs" not in f.signature]
-    assert others == [], others[0].message
+    assert result.failures == [], result.failures[0].message
 
 
-def test_xenpv_vchan_proxy_never_crashes_or_leaks(tmp_path: Path) -> None:
-    _no_crash_no_leak(tmp_path, None, 7)
+def test_xenpv_vchan_proxy_survives_hostile_clients(tmp_path: Path) -> None:
+    _survives(tmp_path, None, 7)
 
 
-def test_debian_vchan_socket_proxy_never_crashes_or_leaks(tmp_path: Path) -> None:
+def test_debian_vchan_socket_proxy_survives_hostile_clients(tmp_path: Path) -> None:
     peers.find("vchan-socket-proxy")  # PeerMissing errors the test
-    _no_crash_no_leak(tmp_path, DEBIAN, 4)
+    _survives(tmp_path, DEBIAN, 4)
 
 
 def test_crashing_vchan_server_is_flagged(tmp_path: Path) -> None:

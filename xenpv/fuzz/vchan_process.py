@@ -29,9 +29,10 @@ For a foreign process only observable behaviour counts.  The invariant per input
 * the victim does not die by a signal (a crash); exiting with a status is allowed (it may
   give up on a broken peer), but then the emulator must hold nothing of it
   (``assert_released``) and the next input starts it again;
-* it does not hang: within :data:`HANG_S` seconds it either exits or serves an honest
-  client that comes and goes after the hostile one (it connects its local side for it and
-  closes it when that client leaves);
+* it does not hang: within :data:`HANG_S` seconds it either exits or notices that the
+  hostile client left (closes the local connection it opened for it), and then, again
+  within :data:`HANG_S`, serves an honest client that comes and goes (connects its local
+  side for it and closes it when that client leaves);
 * while it runs, the grants it holds stay bounded (:data:`MAX_GRANTS`: no per-client leak).
 
 :meth:`VchanProcess.close` ends the victim (SIGTERM), and checks that it exits and that
@@ -319,7 +320,12 @@ class VchanProcess:
         self.inputs += 1
         keys = self._read_keys() or self.keys
         self._session(ByteSource(data), *keys)
-        if not self._probe():
+        # the victim must notice the hostile client leave (close the local side it opened
+        # for it) before the honest one comes: a client that comes back at once would look
+        # to it like the same connection (cli_live never seen 0)
+        local = self.local
+        if not self._until(lambda: not local.conns, "notice the hostile client leave") \
+                or not self._probe():
             self._check_exit()
             return
         self.local.drop()

@@ -366,9 +366,9 @@ async def publish_primary_console(client: Any, domid: int, *, port: int, ring_re
 
     The directory is owned by ``backend_domid`` (dom0) and only readable by the guest,
     so the guest cannot rewrite ``tty``, ``limit``, ``output`` or ``type`` (R14).
-    ``ring_ref`` is the page's frame number on real Xen; the loopback emulator has no
-    guest frames (backends map grant ref 0), so any value that changes when the page
-    changes serves.
+    ``ring_ref`` is the page's frame number (on the loopback emulator, a frame of the
+    guest's frame namespace when the frontend publishes one; backends that map grant
+    ref 0 only need a value that changes when the page changes).
     """
     path = console_path(domid)
 

@@ -746,3 +746,16 @@ def test_transaction_rm_of_node_whose_parent_it_saw_absent_ends_in_eagain(dom0: 
     assert dom0.ok(T.RM, "/a/b", tx=tx) == b"OK\0"
     assert dom0.commit(tx) == "EAGAIN"
     assert dom0.ok(T.READ, "/a/b") == b""
+
+
+def test_transaction_rm_of_node_created_after_its_parent_was_read_ends_in_eagain(
+    dom0: Client,
+) -> None:
+    """The transaction read the parent's child list before the node existed."""
+    dom0.write("/p/keep")
+    tx = dom0.start()
+    assert dom0.ok(T.DIRECTORY, "/p", tx=tx) == b"keep\0"
+    dom0.write("/p/x")
+    assert dom0.ok(T.RM, "/p/x", tx=tx) == b"OK\0"
+    assert dom0.commit(tx) == "EAGAIN"
+    assert dom0.ok(T.READ, "/p/x") == b""

@@ -215,7 +215,8 @@ class Model:
                 tx.delta[node.perms[0][0]] = tx.delta.get(node.perms[0][0], 0) - 1
                 tx.local[sub] = None
             p = self.own(tx, parent(path))
-            p.children.remove(name)
+            if name in p.children:  # absent when the node appeared after the parent was read
+                p.children.remove(name)
             p.ver = self.next()
             tx.ops.append(("delete", path))
 

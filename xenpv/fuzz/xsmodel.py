@@ -373,10 +373,12 @@ class Model:
                     self.live = backup
                     self.fired.clear()
                     return "ENOSPC"
+        # One event per path, in first-modification order, visible by the permissions the
+        # path has at the end of the commit.
         merged: dict[str, tuple[str, bool, Perms]] = {}
         for ev in self.fired:
-            if ev[0] not in merged or (ev[1] and not merged[ev[0]][1]):
-                merged[ev[0]] = ev
+            prev = merged.get(ev[0])
+            merged[ev[0]] = ev if prev is None else (ev[0], prev[1] or ev[1], ev[2])
         self.fired = list(merged.values())
         self.flush()
         return "OK"

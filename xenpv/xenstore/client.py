@@ -1027,40 +1027,55 @@ async def connect(path: str | None = None, *, timeout: float | None = None) -> X
     return await XenstoreClient.connect(path, timeout=timeout)
 
 
-class BlockingTransaction:
-    """Blocking view of a :class:`Transaction` (see :class:`BlockingClient`)."""
+class _BlockingNodeOps:
+    """The node operations shared by :class:`BlockingClient` and
+    :class:`BlockingTransaction`: each runs the same call of ``_target`` (the async
+    client or transaction) to completion on the owner's private loop."""
+
+    _target: XenstoreClient | Transaction
+
+    def _run(self, aw: Awaitable[T]) -> T:
+        raise NotImplementedError
+
+    def read(self, path: str) -> bytes:
+        """Return the value of ``path``."""
+        return self._run(self._target.read(path))
+
+    def write(self, path: str, value: bytes | str) -> None:
+        """Write ``value`` to ``path``."""
+        self._run(self._target.write(path, value))
+
+    def mkdir(self, path: str) -> None:
+        """Create ``path``."""
+        self._run(self._target.mkdir(path))
+
+    def rm(self, path: str) -> None:
+        """Remove ``path`` and its subtree."""
+        self._run(self._target.rm(path))
+
+    def directory(self, path: str) -> list[str]:
+        """List the children of ``path``."""
+        return self._run(self._target.directory(path))
+
+    def exists(self, path: str) -> bool:
+        """Return whether ``path`` exists."""
+        return self._run(self._target.exists(path))
+
+
+class BlockingTransaction(_BlockingNodeOps):
+    """Blocking view of a :class:`Transaction` (see :class:`BlockingClient`); its node
+    operations act inside the transaction."""
 
     def __init__(self, owner: BlockingClient, tx: Transaction) -> None:
         """Wrap ``tx``; its requests run on ``owner``'s private loop."""
-        self._run = owner._run
-        self.tx = tx
+        self._owner = owner
+        self.tx = self._target = tx
 
-    def read(self, path: str) -> bytes:
-        """Return the value of ``path`` inside the transaction."""
-        return self._run(self.tx.read(path))
-
-    def write(self, path: str, value: bytes | str) -> None:
-        """Write ``path`` inside the transaction."""
-        self._run(self.tx.write(path, value))
-
-    def mkdir(self, path: str) -> None:
-        """Create ``path`` inside the transaction."""
-        self._run(self.tx.mkdir(path))
-
-    def rm(self, path: str) -> None:
-        """Remove ``path`` inside the transaction."""
-        self._run(self.tx.rm(path))
-
-    def directory(self, path: str) -> list[str]:
-        """List the children of ``path`` inside the transaction."""
-        return self._run(self.tx.directory(path))
-
-    def exists(self, path: str) -> bool:
-        """Return whether ``path`` exists inside the transaction."""
-        return self._run(self.tx.exists(path))
+    def _run(self, aw: Awaitable[T]) -> T:
+        return self._owner._run(aw)
 
 
-class BlockingClient:
+class BlockingClient(_BlockingNodeOps):
     """A small blocking wrapper for scripts: each call runs the async client to completion.
 
     It owns a private event loop, so it must not be used from inside a running loop.
@@ -1071,7 +1086,7 @@ class BlockingClient:
         """Connect like :func:`connect`."""
         self._loop = asyncio.new_event_loop()
         try:
-            self.client = self._run(XenstoreClient.connect(path, timeout=timeout))
+            self.client = self._target = self._run(XenstoreClient.connect(path, timeout=timeout))
         except BaseException:
             self._loop.close()
             raise
@@ -1081,30 +1096,6 @@ class BlockingClient:
             return await aw
 
         return self._loop.run_until_complete(wrapper())
-
-    def read(self, path: str) -> bytes:
-        """Return the value of ``path``."""
-        return self._run(self.client.read(path))
-
-    def write(self, path: str, value: bytes | str) -> None:
-        """Write ``value`` to ``path``."""
-        self._run(self.client.write(path, value))
-
-    def mkdir(self, path: str) -> None:
-        """Create ``path``."""
-        self._run(self.client.mkdir(path))
-
-    def rm(self, path: str) -> None:
-        """Remove ``path`` and its subtree."""
-        self._run(self.client.rm(path))
-
-    def directory(self, path: str) -> list[str]:
-        """List the children of ``path``."""
-        return self._run(self.client.directory(path))
-
-    def exists(self, path: str) -> bool:
-        """Return whether ``path`` exists."""
-        return self._run(self.client.exists(path))
 
     def get_perms(self, path: str) -> list[Perm]:
         """Return the permissions of ``path``."""

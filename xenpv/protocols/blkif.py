@@ -37,6 +37,7 @@ from xenpv.protocols.layout import (
     Layout,
     Record,
     RingLayout,
+    c_struct,
     pad,
     parse_xs_uint,
 )
@@ -146,10 +147,9 @@ def abi_from_protocol(value: str | bytes | None, native: ABI = NATIVE_ABI) -> AB
 
 # -- layouts ---------------------------------------------------------------------------------
 
-SEGMENT_LAYOUT = Layout(
+SEGMENT_LAYOUT = c_struct(
     "blkif_request_segment",
     [Field("gref", "I"), Field("first_sect", "B"), Field("last_sect", "B"), pad(2)],
-    c_type="struct blkif_request_segment",
 )
 
 
@@ -160,7 +160,7 @@ def _gap(abi: ABI) -> list[Field]:
 
 def _request_kind(abi: ABI, kind: str, head: list[Field], tail: list[Field]) -> Layout:
     """A request layout: ``operation``, two ``head`` fields, ``id``, ``sector_number``, ``tail``."""
-    return Layout(
+    return c_struct(
         f"{kind}[{abi.value}]",
         [
             Field("operation", "B"),
@@ -170,7 +170,6 @@ def _request_kind(abi: ABI, kind: str, head: list[Field], tail: list[Field]) -> 
             Field("sector_number", "Q"),
             *tail,
         ],
-        c_type=f"struct {kind}",
     )
 
 
@@ -209,10 +208,9 @@ def _indirect_layout(abi: ABI) -> Layout:
 
 def _response_layout(abi: ABI) -> Layout:
     tail = [] if abi is ABI.X86_32 else [pad(4)]
-    return Layout(
+    return c_struct(
         f"blkif_response[{abi.value}]",
         [Field("id", "Q"), Field("operation", "B"), pad(1), Field("status", "h"), *tail],
-        c_type="struct blkif_response",
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from xenpv.protocols.layout import Field, Layout, Record
+from xenpv.protocols.layout import Field, Layout, Record, byte_ring_avail, byte_ring_space, c_struct
 
 # io/console.h: ring sizes (sizeof(in), sizeof(out))
 XENCONS_IN_SIZE = 1024
@@ -53,7 +53,7 @@ INDEXES_LAYOUT = Layout(
     [Field("in_cons", "I"), Field("in_prod", "I"), Field("out_cons", "I"), Field("out_prod", "I")],
 )
 #: The whole 4.17 page header (ring bytes as raw strings), for whole-page snapshots.
-INTERFACE_LAYOUT = Layout(
+INTERFACE_LAYOUT = c_struct(
     "xencons_interface",
     [
         Field("in", "s", XENCONS_IN_SIZE),
@@ -63,7 +63,6 @@ INTERFACE_LAYOUT = Layout(
         Field("out_cons", "I"),
         Field("out_prod", "I"),
     ],
-    c_type="struct xencons_interface",
 )
 
 
@@ -80,10 +79,8 @@ class ConsoleIndexes(Record):
 
     def out_pending(self) -> int:
         """Output bytes waiting for the backend; a corrupt (over-full) ring reads as 0."""
-        n = (self.out_prod - self.out_cons) & 0xFFFFFFFF
-        return n if n <= XENCONS_OUT_SIZE else 0
+        return byte_ring_avail(self.out_prod, self.out_cons, XENCONS_OUT_SIZE)
 
     def in_space(self) -> int:
         """Free bytes in the input ring; a corrupt ring reads as 0."""
-        n = (self.in_prod - self.in_cons) & 0xFFFFFFFF
-        return XENCONS_IN_SIZE - n if n <= XENCONS_IN_SIZE else 0
+        return byte_ring_space(self.in_prod, self.in_cons, XENCONS_IN_SIZE)

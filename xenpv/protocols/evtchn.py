@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from xenpv.protocols import ProtocolError
-from xenpv.protocols.layout import Field, Layout, Record, pad, parse_xs_uint
+from xenpv.protocols.layout import Field, Layout, Record, c_struct, pad, parse_xs_uint
 
 # event_channel.h: operations
 EVTCHNOP_bind_interdomain = 0
@@ -59,23 +59,20 @@ BIND_PIRQ__WILL_SHARE = 1
 #: Port 0 is reserved and never allocated.
 EVTCHN_PORT_INVALID = 0
 
-ALLOC_UNBOUND_LAYOUT = Layout(
+ALLOC_UNBOUND_LAYOUT = c_struct(
     "evtchn_alloc_unbound",
     [Field("dom", "H"), Field("remote_dom", "H"), Field("port", "I")],
-    c_type="struct evtchn_alloc_unbound",
 )
-BIND_INTERDOMAIN_LAYOUT = Layout(
+BIND_INTERDOMAIN_LAYOUT = c_struct(
     "evtchn_bind_interdomain",
     [Field("remote_dom", "H"), pad(2), Field("remote_port", "I"), Field("local_port", "I")],
-    c_type="struct evtchn_bind_interdomain",
 )
-BIND_VIRQ_LAYOUT = Layout(
+BIND_VIRQ_LAYOUT = c_struct(
     "evtchn_bind_virq",
     [Field("virq", "I"), Field("vcpu", "I"), Field("port", "I")],
-    c_type="struct evtchn_bind_virq",
 )
-PORT_LAYOUT = Layout("evtchn_send", [Field("port", "I")], c_type="struct evtchn_send")
-STATUS_LAYOUT = Layout(
+PORT_LAYOUT = c_struct("evtchn_send", [Field("port", "I")])
+STATUS_LAYOUT = c_struct(
     "evtchn_status",
     [
         Field("dom", "H"),
@@ -87,7 +84,6 @@ STATUS_LAYOUT = Layout(
         pad(2),
         Field("remote_port", "I", c="u.interdomain.port"),
     ],
-    c_type="struct evtchn_status",
 )
 
 

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from xenpv.protocols import ProtocolError
-from xenpv.protocols.layout import XEN_PAGE_SIZE, Field, Layout, Record, pad, parse_xs_uint
+from xenpv.protocols.layout import (
+    XEN_PAGE_SIZE,
+    Field,
+    Layout,
+    Record,
+    c_struct,
+    pad,
+    parse_xs_uint,
+)
 
 # xen.h: reserved domain ids
 DOMID_FIRST_RESERVED = 0x7FF0
@@ -128,13 +136,12 @@ def gntst_name(status: int) -> str:
     return GNTST_NAMES.get(status, f"unknown({status})")
 
 
-ENTRY_V1_LAYOUT = Layout(
+ENTRY_V1_LAYOUT = c_struct(
     "grant_entry_v1",
     [Field("flags", "H"), Field("domid", "H"), Field("frame", "I")],
-    c_type="struct grant_entry_v1",
 )
 _V2_HDR = [Field("flags", "H", c="hdr.flags"), Field("domid", "H", c="hdr.domid")]
-ENTRY_V2_FULL_PAGE_LAYOUT = Layout(
+ENTRY_V2_FULL_PAGE_LAYOUT = c_struct(
     "grant_entry_v2.full_page",
     [
         Field("flags", "H", c="full_page.hdr.flags"),
@@ -142,9 +149,9 @@ ENTRY_V2_FULL_PAGE_LAYOUT = Layout(
         pad(4),
         Field("frame", "Q", c="full_page.frame"),
     ],
-    c_type="union grant_entry_v2",
+    kind="union",
 )
-ENTRY_V2_SUB_PAGE_LAYOUT = Layout(
+ENTRY_V2_SUB_PAGE_LAYOUT = c_struct(
     "grant_entry_v2.sub_page",
     [
         *_V2_HDR,
@@ -152,9 +159,9 @@ ENTRY_V2_SUB_PAGE_LAYOUT = Layout(
         Field("length", "H", c="sub_page.length"),
         Field("frame", "Q", c="sub_page.frame"),
     ],
-    c_type="union grant_entry_v2",
+    kind="union",
 )
-ENTRY_V2_TRANSITIVE_LAYOUT = Layout(
+ENTRY_V2_TRANSITIVE_LAYOUT = c_struct(
     "grant_entry_v2.transitive",
     [
         *_V2_HDR,
@@ -163,9 +170,9 @@ ENTRY_V2_TRANSITIVE_LAYOUT = Layout(
         Field("gref", "I", c="transitive.gref"),
         pad(4),
     ],
-    c_type="union grant_entry_v2",
+    kind="union",
 )
-MAP_GRANT_REF_LAYOUT = Layout(
+MAP_GRANT_REF_LAYOUT = c_struct(
     "gnttab_map_grant_ref",
     [
         Field("host_addr", "Q"),
@@ -176,14 +183,12 @@ MAP_GRANT_REF_LAYOUT = Layout(
         Field("handle", "I"),
         Field("dev_bus_addr", "Q"),
     ],
-    c_type="struct gnttab_map_grant_ref",
 )
-UNMAP_GRANT_REF_LAYOUT = Layout(
+UNMAP_GRANT_REF_LAYOUT = c_struct(
     "gnttab_unmap_grant_ref",
     [Field("host_addr", "Q"), Field("dev_bus_addr", "Q"), Field("handle", "I"), Field("status", "h"), pad(2)],
-    c_type="struct gnttab_unmap_grant_ref",
 )
-COPY_LAYOUT = Layout(
+COPY_LAYOUT = c_struct(
     "gnttab_copy",
     [
         Field("source_u", "Q", c="source.u.gmfn"),
@@ -199,7 +204,6 @@ COPY_LAYOUT = Layout(
         Field("status", "h"),
         pad(2),
     ],
-    c_type="struct gnttab_copy",
 )
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from xenpv.errors import LocalError
-from xenpv.protocols.layout import Field, Layout, Record, pad
+from xenpv.protocols.layout import Field, Layout, Record, c_struct, pad
 
 # asm-generic/ioctl.h: field widths and positions
 _IOC_NRBITS = 8
@@ -50,11 +50,9 @@ UNMAP_NOTIFY_SEND_EVENT = 0x2
 GNTDEV_DMA_FLAG_WC = 1 << 0
 GNTDEV_DMA_FLAG_COHERENT = 1 << 1
 
-GNTDEV_GRANT_REF_LAYOUT = Layout(
-    "ioctl_gntdev_grant_ref", [Field("domid", "I"), Field("ref", "I")], c_type="struct ioctl_gntdev_grant_ref"
-)
+GNTDEV_GRANT_REF_LAYOUT = c_struct("ioctl_gntdev_grant_ref", [Field("domid", "I"), Field("ref", "I")])
 #: Fixed part plus room for one ref, as the kernel header declares it (refs[1]).
-GNTDEV_MAP_GRANT_REF_LAYOUT = Layout(
+GNTDEV_MAP_GRANT_REF_LAYOUT = c_struct(
     "ioctl_gntdev_map_grant_ref",
     [
         Field("count", "I"),
@@ -62,29 +60,22 @@ GNTDEV_MAP_GRANT_REF_LAYOUT = Layout(
         Field("index", "Q"),
         Field("refs", "", 1, sub=GNTDEV_GRANT_REF_LAYOUT),
     ],
-    c_type="struct ioctl_gntdev_map_grant_ref",
 )
-GNTDEV_UNMAP_GRANT_REF_LAYOUT = Layout(
+GNTDEV_UNMAP_GRANT_REF_LAYOUT = c_struct(
     "ioctl_gntdev_unmap_grant_ref",
     [Field("index", "Q"), Field("count", "I"), Field("pad", "I")],
-    c_type="struct ioctl_gntdev_unmap_grant_ref",
 )
-GNTDEV_GET_OFFSET_FOR_VADDR_LAYOUT = Layout(
+GNTDEV_GET_OFFSET_FOR_VADDR_LAYOUT = c_struct(
     "ioctl_gntdev_get_offset_for_vaddr",
     [Field("vaddr", "Q"), Field("offset", "Q"), Field("count", "I"), Field("pad", "I")],
-    c_type="struct ioctl_gntdev_get_offset_for_vaddr",
 )
-GNTDEV_SET_MAX_GRANTS_LAYOUT = Layout(
-    "ioctl_gntdev_set_max_grants", [Field("count", "I")], c_type="struct ioctl_gntdev_set_max_grants"
-)
+GNTDEV_SET_MAX_GRANTS_LAYOUT = c_struct("ioctl_gntdev_set_max_grants", [Field("count", "I")])
 #: gntdev and gntalloc share the unmap-notify argument's fields.
 _UNMAP_NOTIFY_FIELDS = [Field("index", "Q"), Field("action", "I"), Field("event_channel_port", "I")]
-GNTDEV_UNMAP_NOTIFY_LAYOUT = Layout(
-    "ioctl_gntdev_unmap_notify", _UNMAP_NOTIFY_FIELDS, c_type="struct ioctl_gntdev_unmap_notify"
-)
+GNTDEV_UNMAP_NOTIFY_LAYOUT = c_struct("ioctl_gntdev_unmap_notify", _UNMAP_NOTIFY_FIELDS)
 #: A copy segment with both sides in the "foreign" form; for a local side the 8-byte union
 #: holds a virtual address instead (see :func:`virt_side`).
-GNTDEV_GRANT_COPY_SEGMENT_LAYOUT = Layout(
+GNTDEV_GRANT_COPY_SEGMENT_LAYOUT = c_struct(
     "ioctl_gntdev_grant_copy_segment",
     [
         Field("source_ref", "I", c="source.foreign.ref"),
@@ -98,33 +89,27 @@ GNTDEV_GRANT_COPY_SEGMENT_LAYOUT = Layout(
         Field("status", "h"),
         pad(2),
     ],
-    c_type="struct ioctl_gntdev_grant_copy_segment",
 )
-GNTDEV_GRANT_COPY_LAYOUT = Layout(
+GNTDEV_GRANT_COPY_LAYOUT = c_struct(
     "ioctl_gntdev_grant_copy",
     [Field("count", "I"), pad(4), Field("segments", "Q")],
-    c_type="struct ioctl_gntdev_grant_copy",
 )
 
-GNTDEV_DMABUF_EXP_FROM_REFS_LAYOUT = Layout(
+GNTDEV_DMABUF_EXP_FROM_REFS_LAYOUT = c_struct(
     "ioctl_gntdev_dmabuf_exp_from_refs",
     [Field("flags", "I"), Field("count", "I"), Field("fd", "I"), Field("domid", "I"), Field("refs", "I", 1)],
-    c_type="struct ioctl_gntdev_dmabuf_exp_from_refs",
 )
-GNTDEV_DMABUF_EXP_WAIT_RELEASED_LAYOUT = Layout(
+GNTDEV_DMABUF_EXP_WAIT_RELEASED_LAYOUT = c_struct(
     "ioctl_gntdev_dmabuf_exp_wait_released",
     [Field("fd", "I"), Field("wait_to_ms", "I")],
-    c_type="struct ioctl_gntdev_dmabuf_exp_wait_released",
 )
-GNTDEV_DMABUF_IMP_TO_REFS_LAYOUT = Layout(
+GNTDEV_DMABUF_IMP_TO_REFS_LAYOUT = c_struct(
     "ioctl_gntdev_dmabuf_imp_to_refs",
     [Field("fd", "I"), Field("count", "I"), Field("domid", "I"), Field("reserved", "I"), Field("refs", "I", 1)],
-    c_type="struct ioctl_gntdev_dmabuf_imp_to_refs",
 )
-GNTDEV_DMABUF_IMP_RELEASE_LAYOUT = Layout(
+GNTDEV_DMABUF_IMP_RELEASE_LAYOUT = c_struct(
     "ioctl_gntdev_dmabuf_imp_release",
     [Field("fd", "I"), Field("reserved", "I")],
-    c_type="struct ioctl_gntdev_dmabuf_imp_release",
 )
 
 IOCTL_GNTDEV_MAP_GRANT_REF = _IOC(_IOC_NONE, "G", 0, GNTDEV_MAP_GRANT_REF_LAYOUT.size)
@@ -143,7 +128,7 @@ IOCTL_GNTDEV_DMABUF_IMP_RELEASE = _IOC(_IOC_NONE, "G", 12, GNTDEV_DMABUF_IMP_REL
 
 GNTALLOC_FLAG_WRITABLE = 1
 
-GNTALLOC_ALLOC_GREF_LAYOUT = Layout(
+GNTALLOC_ALLOC_GREF_LAYOUT = c_struct(
     "ioctl_gntalloc_alloc_gref",
     [
         Field("domid", "H"),
@@ -153,16 +138,12 @@ GNTALLOC_ALLOC_GREF_LAYOUT = Layout(
         Field("gref_ids", "I", 1),
         pad(4),
     ],
-    c_type="struct ioctl_gntalloc_alloc_gref",
 )
-GNTALLOC_DEALLOC_GREF_LAYOUT = Layout(
+GNTALLOC_DEALLOC_GREF_LAYOUT = c_struct(
     "ioctl_gntalloc_dealloc_gref",
     [Field("index", "Q"), Field("count", "I"), pad(4)],
-    c_type="struct ioctl_gntalloc_dealloc_gref",
 )
-GNTALLOC_UNMAP_NOTIFY_LAYOUT = Layout(
-    "ioctl_gntalloc_unmap_notify", _UNMAP_NOTIFY_FIELDS, c_type="struct ioctl_gntalloc_unmap_notify"
-)
+GNTALLOC_UNMAP_NOTIFY_LAYOUT = c_struct("ioctl_gntalloc_unmap_notify", _UNMAP_NOTIFY_FIELDS)
 
 IOCTL_GNTALLOC_ALLOC_GREF = _IOC(_IOC_NONE, "G", 5, GNTALLOC_ALLOC_GREF_LAYOUT.size)
 IOCTL_GNTALLOC_DEALLOC_GREF = _IOC(_IOC_NONE, "G", 6, GNTALLOC_DEALLOC_GREF_LAYOUT.size)
@@ -172,7 +153,7 @@ IOCTL_GNTALLOC_SET_UNMAP_NOTIFY = _IOC(_IOC_NONE, "G", 7, GNTALLOC_UNMAP_NOTIFY_
 
 def _evtchn_arg(name: str, *fields: Field) -> Layout:
     """Layout of ``struct ioctl_evtchn_<name>``."""
-    return Layout(f"ioctl_evtchn_{name}", list(fields), c_type=f"struct ioctl_evtchn_{name}")
+    return c_struct(f"ioctl_evtchn_{name}", fields)
 
 
 EVTCHN_BIND_VIRQ_LAYOUT = _evtchn_arg("bind_virq", Field("virq", "I"))

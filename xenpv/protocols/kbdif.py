@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from xenpv.errors import LocalError
 from xenpv.protocols import ProtocolError
-from xenpv.protocols.layout import Buffer, Field, Layout, Record, pad
+from xenpv.protocols.layout import Buffer, Field, Layout, Record, c_struct, pad
 
 # io/kbdif.h: event types
 XENKBD_TYPE_MOTION = 1
@@ -72,51 +72,44 @@ DEFAULT_HEIGHT = 600
 #: Absolute range in raw pointer mode.
 RAW_POINTER_MAX = 0x7FFF
 
-PAGE_LAYOUT = Layout(
+PAGE_LAYOUT = c_struct(
     "xenkbd_page",
     [Field("in_cons", "I"), Field("in_prod", "I"), Field("out_cons", "I"), Field("out_prod", "I")],
-    c_type="struct xenkbd_page",
 )
 
 _E = XENKBD_IN_EVENT_SIZE
-MOTION_LAYOUT = Layout(
+MOTION_LAYOUT = c_struct(
     "xenkbd_motion",
     [Field("type", "B"), pad(3), Field("rel_x", "i"), Field("rel_y", "i"), Field("rel_z", "i")],
-    c_type="struct xenkbd_motion",
     pad_to=_E,
 )
-KEY_LAYOUT = Layout(
+KEY_LAYOUT = c_struct(
     "xenkbd_key",
     [Field("type", "B"), Field("pressed", "B"), pad(2), Field("keycode", "I")],
-    c_type="struct xenkbd_key",
     pad_to=_E,
 )
-POSITION_LAYOUT = Layout(
+POSITION_LAYOUT = c_struct(
     "xenkbd_position",
     [Field("type", "B"), pad(3), Field("abs_x", "i"), Field("abs_y", "i"), Field("rel_z", "i")],
-    c_type="struct xenkbd_position",
     pad_to=_E,
 )
 _MT_HEAD = [Field("type", "B"), Field("event_type", "B"), Field("contact_id", "B"), pad(5)]
-MTOUCH_POS_LAYOUT = Layout(
+MTOUCH_POS_LAYOUT = c_struct(
     "xenkbd_mtouch.pos",
     [*_MT_HEAD, Field("abs_x", "i", c="u.pos.abs_x"), Field("abs_y", "i", c="u.pos.abs_y")],
-    c_type="struct xenkbd_mtouch",
     pad_to=_E,
 )
-MTOUCH_SHAPE_LAYOUT = Layout(
+MTOUCH_SHAPE_LAYOUT = c_struct(
     "xenkbd_mtouch.shape",
     [*_MT_HEAD, Field("major", "I", c="u.shape.major"), Field("minor", "I", c="u.shape.minor")],
-    c_type="struct xenkbd_mtouch",
     pad_to=_E,
 )
-MTOUCH_ORIENT_LAYOUT = Layout(
+MTOUCH_ORIENT_LAYOUT = c_struct(
     "xenkbd_mtouch.orientation",
     [*_MT_HEAD, Field("orientation", "h", c="u.orientation")],
-    c_type="struct xenkbd_mtouch",
     pad_to=_E,
 )
-MTOUCH_LAYOUT = Layout("xenkbd_mtouch.plain", _MT_HEAD, c_type="struct xenkbd_mtouch", pad_to=_E)
+MTOUCH_LAYOUT = c_struct("xenkbd_mtouch.plain", _MT_HEAD, pad_to=_E)
 #: Just the type byte of a 40-byte slot: batch view to dispatch on ``type``.
 EVENT_TYPE_DTYPE = Layout("xenkbd_in_event", [Field("type", "B")], pad_to=_E).dtype
 

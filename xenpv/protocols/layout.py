@@ -14,6 +14,10 @@ that list :class:`Layout` derives everything else:
   with ``offsetof``/``sizeof`` computed by a C compiler from Xen's own headers; a field's
   ``c`` path is its member designator in the C struct).
 
+A layout that mirrors a C type of Xen's headers is declared with :func:`c_struct`, which
+names the C type after the layout (``"netif_extra_info.gso"`` reads ``struct
+netif_extra_info``), so the layout tests know what to compile it against.
+
 A :class:`Record` is an immutable (frozen dataclass) parsed copy of one record:
 ``parse(buf, offset)`` copies the bytes out once (R1) and ``pack()``/``pack_into()`` write
 them back with zeroed padding.  Parsing never validates: validation helpers in the device
@@ -21,11 +25,14 @@ modules check the parsed copy and raise :class:`~xenpv.protocols.ProtocolError`.
 
 :class:`RingLayout` is the geometry of one ``DEFINE_RING_TYPES`` ring (``io/ring.h``): a
 64-byte header followed by a power-of-two number of slots, each the size of the larger of
-the request and the response.
+the request and the response.  The console, xenstore and vchan byte rings count in
+free-running u32 indexes instead; :func:`byte_ring_fill` and its two readings are shared by
+them.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -298,6 +305,19 @@ class Layout:
             raise LocalError(f"{self.name}: cannot write to buffer: {e}") from None
 
 
+def c_struct(
+    name: str, fields: Sequence[Field], *, pad_to: int | None = None, kind: str = "struct"
+) -> Layout:
+    """The layout of a record that mirrors a C type of Xen's headers, named after it.
+
+    The C type (checked by the layout tests) is ``kind`` and ``name`` up to its first
+    ``.`` or ``[``: ``"netif_extra_info.gso"`` is one reading of ``struct netif_extra_info``,
+    ``"blkif_response[x86_32]"`` one ABI's ``struct blkif_response``.
+    """
+    tag = re.split(r"[.\[]", name, maxsplit=1)[0]
+    return Layout(name, fields, c_type=f"{kind} {tag}", pad_to=pad_to)
+
+
 class Record:
     """Base of the immutable parsed records (subclasses are frozen dataclasses).
 
@@ -375,6 +395,30 @@ class RingLayout:
         return SRING_HEADER_SIZE + (idx & (self.nr_ents(pages) - 1)) * self.slot_size
 
 
+# -- byte rings with free-running u32 indexes (console, xenstore, vchan) ----------------------
+
+
+def byte_ring_fill(prod: int, cons: int) -> int:
+    """Bytes between two free-running u32 indexes (``prod - cons`` modulo 2**32).
+
+    More than the ring's size means the indexes are corrupt; each protocol decides what
+    that costs (xenstore: an error; console and vchan: the ring reads as empty or full).
+    """
+    return (prod - cons) & 0xFFFFFFFF
+
+
+def byte_ring_avail(prod: int, cons: int, size: int) -> int:
+    """Readable bytes of a byte ring of ``size``; a corrupt index pair reads as 0."""
+    n = byte_ring_fill(prod, cons)
+    return n if n <= size else 0
+
+
+def byte_ring_space(prod: int, cons: int, size: int) -> int:
+    """Free bytes of a byte ring of ``size``; a corrupt index pair reads as 0 (full)."""
+    n = byte_ring_fill(prod, cons)
+    return size - n if n <= size else 0
+
+
 # -- peer-written xenstore numbers ------------------------------------------------------------
 
 
@@ -402,6 +446,10 @@ __all__ = [
     "Leaf",
     "Record",
     "RingLayout",
+    "byte_ring_avail",
+    "byte_ring_fill",
+    "byte_ring_space",
+    "c_struct",
     "pad",
     "parse_xs_uint",
     "ring_nr_ents",

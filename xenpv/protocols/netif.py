@@ -24,7 +24,16 @@ from typing import ClassVar
 
 from xenpv.errors import LocalError
 from xenpv.protocols import ProtocolError
-from xenpv.protocols.layout import XEN_PAGE_SIZE, Buffer, Field, Layout, Record, RingLayout, pad
+from xenpv.protocols.layout import (
+    XEN_PAGE_SIZE,
+    Buffer,
+    Field,
+    Layout,
+    Record,
+    RingLayout,
+    c_struct,
+    pad,
+)
 
 # io/netif.h: limits
 XEN_NETIF_NR_SLOTS_MIN = 18
@@ -137,29 +146,22 @@ KEY_HANDLE = "handle"
 
 # -- layouts and records ---------------------------------------------------------------------
 
-TX_REQUEST_LAYOUT = Layout(
+TX_REQUEST_LAYOUT = c_struct(
     "netif_tx_request",
     [Field("gref", "I"), Field("offset", "H"), Field("flags", "H"), Field("id", "H"), Field("size", "H")],
-    c_type="struct netif_tx_request",
 )
-TX_RESPONSE_LAYOUT = Layout(
-    "netif_tx_response", [Field("id", "H"), Field("status", "h")], c_type="struct netif_tx_response"
-)
-RX_REQUEST_LAYOUT = Layout(
+TX_RESPONSE_LAYOUT = c_struct("netif_tx_response", [Field("id", "H"), Field("status", "h")])
+RX_REQUEST_LAYOUT = c_struct(
     "netif_rx_request",
     [Field("id", "H"), Field("pad", "H"), Field("gref", "I")],
-    c_type="struct netif_rx_request",
 )
-RX_RESPONSE_LAYOUT = Layout(
+RX_RESPONSE_LAYOUT = c_struct(
     "netif_rx_response",
     [Field("id", "H"), Field("offset", "H"), Field("flags", "H"), Field("status", "h")],
-    c_type="struct netif_rx_response",
 )
 _EXTRA_HEAD = [Field("type", "B"), Field("flags", "B")]
-EXTRA_LAYOUT = Layout(
-    "netif_extra_info", [*_EXTRA_HEAD, Field("data", "s", 6, c="u")], c_type="struct netif_extra_info"
-)
-EXTRA_GSO_LAYOUT = Layout(
+EXTRA_LAYOUT = c_struct("netif_extra_info", [*_EXTRA_HEAD, Field("data", "s", 6, c="u")])
+EXTRA_GSO_LAYOUT = c_struct(
     "netif_extra_info.gso",
     [
         *_EXTRA_HEAD,
@@ -168,14 +170,12 @@ EXTRA_GSO_LAYOUT = Layout(
         pad(1),
         Field("features", "H", c="u.gso.features"),
     ],
-    c_type="struct netif_extra_info",
 )
-EXTRA_MCAST_LAYOUT = Layout(
+EXTRA_MCAST_LAYOUT = c_struct(
     "netif_extra_info.mcast",
     [*_EXTRA_HEAD, Field("addr", "s", 6, c="u.mcast.addr")],
-    c_type="struct netif_extra_info",
 )
-EXTRA_HASH_LAYOUT = Layout(
+EXTRA_HASH_LAYOUT = c_struct(
     "netif_extra_info.hash",
     [
         *_EXTRA_HEAD,
@@ -183,22 +183,18 @@ EXTRA_HASH_LAYOUT = Layout(
         Field("algorithm", "B", c="u.hash.algorithm"),
         Field("value", "I", c="u.hash.value"),
     ],
-    c_type="struct netif_extra_info",
 )
-CTRL_REQUEST_LAYOUT = Layout(
+CTRL_REQUEST_LAYOUT = c_struct(
     "xen_netif_ctrl_request",
     [Field("id", "H"), Field("type", "H"), Field("data", "I", 3)],
-    c_type="struct xen_netif_ctrl_request",
 )
-CTRL_RESPONSE_LAYOUT = Layout(
+CTRL_RESPONSE_LAYOUT = c_struct(
     "xen_netif_ctrl_response",
     [Field("id", "H"), Field("type", "H"), Field("status", "I"), Field("data", "I")],
-    c_type="struct xen_netif_ctrl_response",
 )
-GREF_LAYOUT = Layout(
+GREF_LAYOUT = c_struct(
     "xen_netif_gref",
     [Field("ref", "I"), Field("flags", "H"), Field("status", "H")],
-    c_type="struct xen_netif_gref",
 )
 
 TX_RING = RingLayout("netif_tx", TX_REQUEST_LAYOUT.size, TX_RESPONSE_LAYOUT.size)

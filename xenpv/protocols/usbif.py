@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 from xenpv.protocols import ProtocolError
-from xenpv.protocols.layout import XEN_PAGE_SIZE, Field, Layout, Record, RingLayout
+from xenpv.protocols.layout import XEN_PAGE_SIZE, Field, Layout, Record, RingLayout, c_struct
 
 # io/usbif.h: enum usb_spec_version
 USB_VER_UNKNOWN = 0
@@ -67,12 +67,11 @@ def port_key(port: int) -> str:
     return f"port/{port}"
 
 
-SEGMENT_LAYOUT = Layout(
+SEGMENT_LAYOUT = c_struct(
     "usbif_request_segment",
     [Field("gref", "I"), Field("offset", "H"), Field("length", "H")],
-    c_type="struct usbif_request_segment",
 )
-URB_REQUEST_LAYOUT = Layout(
+URB_REQUEST_LAYOUT = c_struct(
     "usbif_urb_request",
     [
         Field("id", "H"),
@@ -83,9 +82,8 @@ URB_REQUEST_LAYOUT = Layout(
         Field("u", "s", 8, c="u.ctrl"),
         Field("seg", "", USBIF_MAX_SEGMENTS_PER_REQUEST, sub=SEGMENT_LAYOUT),
     ],
-    c_type="struct usbif_urb_request",
 )
-URB_RESPONSE_LAYOUT = Layout(
+URB_RESPONSE_LAYOUT = c_struct(
     "usbif_urb_response",
     [
         Field("id", "H"),
@@ -94,13 +92,11 @@ URB_RESPONSE_LAYOUT = Layout(
         Field("actual_length", "i"),
         Field("error_count", "i"),
     ],
-    c_type="struct usbif_urb_response",
 )
-CONN_REQUEST_LAYOUT = Layout("usbif_conn_request", [Field("id", "H")], c_type="struct usbif_conn_request")
-CONN_RESPONSE_LAYOUT = Layout(
+CONN_REQUEST_LAYOUT = c_struct("usbif_conn_request", [Field("id", "H")])
+CONN_RESPONSE_LAYOUT = c_struct(
     "usbif_conn_response",
     [Field("id", "H"), Field("portnum", "B"), Field("speed", "B")],
-    c_type="struct usbif_conn_response",
 )
 #: The type-specific 8 bytes read as isochronous parameters (``u.isoc``).
 ISOC_LAYOUT = Layout(

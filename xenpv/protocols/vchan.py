@@ -20,7 +20,17 @@ from typing import ClassVar
 
 from xenpv.errors import LocalError
 from xenpv.protocols import ProtocolError
-from xenpv.protocols.layout import XEN_PAGE_SHIFT, XEN_PAGE_SIZE, Buffer, Field, Layout, Record
+from xenpv.protocols.layout import (
+    XEN_PAGE_SHIFT,
+    XEN_PAGE_SIZE,
+    Buffer,
+    Field,
+    Layout,
+    Record,
+    byte_ring_avail,
+    byte_ring_space,
+    c_struct,
+)
 
 # io/libxenvchan.h: notify bits
 VCHAN_NOTIFY_WRITE = 0x1
@@ -57,10 +67,8 @@ VCHAN_GRANTS_OFFSET = 24
 KEY_RING_REF = "ring-ref"
 KEY_EVENT_CHANNEL = "event-channel"
 
-RING_SHARED_LAYOUT = Layout(
-    "ring_shared", [Field("cons", "I"), Field("prod", "I")], c_type="struct ring_shared"
-)
-INTERFACE_LAYOUT = Layout(
+RING_SHARED_LAYOUT = c_struct("ring_shared", [Field("cons", "I"), Field("prod", "I")])
+INTERFACE_LAYOUT = c_struct(
     "vchan_interface",
     [
         Field("left_cons", "I", c="left.cons"),
@@ -74,7 +82,6 @@ INTERFACE_LAYOUT = Layout(
         Field("cli_notify", "B"),
         Field("srv_notify", "B"),
     ],
-    c_type="struct vchan_interface",
 )
 
 
@@ -185,11 +192,9 @@ def choose_orders(read_min: int, write_min: int) -> tuple[int, int]:
 
 def ring_avail(prod: int, cons: int, size: int) -> int:
     """Readable bytes of a vchan ring; an insane index pair reads as 0 (scenario 26)."""
-    n = (prod - cons) & 0xFFFFFFFF
-    return n if n <= size else 0
+    return byte_ring_avail(prod, cons, size)
 
 
 def ring_space(prod: int, cons: int, size: int) -> int:
     """Free bytes of a vchan ring; an insane index pair reads as 0."""
-    n = size - ((prod - cons) & 0xFFFFFFFF)
-    return n if 0 <= n <= size else 0
+    return byte_ring_space(prod, cons, size)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from xenpv.protocols import ProtocolError
-from xenpv.protocols.layout import Field, Layout, Record
+from xenpv.protocols.layout import Field, Layout, Record, byte_ring_fill, c_struct
 
 # io/xs_wire.h
 XENSTORE_RING_SIZE = 1024
@@ -64,10 +64,9 @@ _CONTROL_FIELDS = [
 #: The control words after the two rings (parse at :data:`XS_REQ_CONS_OFFSET`).
 CONTROL_LAYOUT = Layout("xenstore_domain_interface.control", _CONTROL_FIELDS)
 #: The whole 4.17 interface (rings as raw bytes).
-INTERFACE_LAYOUT = Layout(
+INTERFACE_LAYOUT = c_struct(
     "xenstore_domain_interface",
     [Field("req", "s", XENSTORE_RING_SIZE), Field("rsp", "s", XENSTORE_RING_SIZE), *_CONTROL_FIELDS],
-    c_type="struct xenstore_domain_interface",
 )
 #: The upstream interface with ``evtchn_port``.
 INTERFACE_LAYOUT_UPSTREAM = Layout(
@@ -93,7 +92,7 @@ class XsControl(Record):
 
 def ring_used(prod: int, cons: int) -> int:
     """Bytes in a xenstore byte ring; more than 1024 is a corrupt peer (R2)."""
-    n = (prod - cons) & 0xFFFFFFFF
+    n = byte_ring_fill(prod, cons)
     if n > XENSTORE_RING_SIZE:
         raise ProtocolError(f"xenstore ring index corrupt: prod {prod} cons {cons}")
     return n

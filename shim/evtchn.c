@@ -15,11 +15,13 @@
  * per port:
  *   pending  = epoll_wait for one event; an unmasked port is masked and returned; a
  *              masked one (notified while masked) is only marked deferred, and we look
- *              again;
+ *              again.  It first takes an event already queued (timeout 0); only when
+ *              none is does it read O_NONBLOCK of the descriptor, and then fails with
+ *              EAGAIN or sleeps in epoll_wait, as read() on the device would;
  *   unmask   = clear the mask; only if the port was deferred, write 1 to its own inbox,
  *              which queues it again, so it fires at once (also for pollers of the fd);
  *   coalesce = edges: one wake-up however many signals arrived before epoll_wait.
- * So a delivery costs one epoll_wait and a notification one write.
+ * So a delivery of a queued port costs one epoll_wait and a notification one write.
  *
  * Notifying the remote end does not go through the daemon on the hot path: an
  * interdomain port caches the remote port's inbox (its *outbox*) and the port's
@@ -373,20 +375,27 @@ int xenevtchn_notify(xenevtchn_handle *xce, evtchn_port_t port)
 
 xenevtchn_port_or_error_t xenevtchn_pending(xenevtchn_handle *xce)
 {
-    /* A non-blocking descriptor makes pending non-blocking, as read() on the device. */
-    int fl = fcntl(xce->epfd, F_GETFL);
-    int timeout = (fl >= 0 && (fl & O_NONBLOCK)) ? 0 : -1;
     for (;;) {
+        /* A port already queued is taken without asking how the descriptor is set: the
+         * common case (the caller polled the fd, it was readable) is one epoll_wait. */
         struct epoll_event ev;
-        int n = epoll_wait(xce->epfd, &ev, 1, timeout);
+        int n = epoll_wait(xce->epfd, &ev, 1, 0);
+        if (n == 0) {
+            /* Nothing queued: now the call would block.  A descriptor the caller made
+             * non-blocking makes pending non-blocking, as read() on the device.  The flag
+             * is read here, at the moment it matters, never cached: the caller may switch
+             * it at any time with fcntl on xenevtchn_fd(). */
+            int fl = fcntl(xce->epfd, F_GETFL);
+            if (fl >= 0 && (fl & O_NONBLOCK)) {
+                errno = EAGAIN;
+                return -1;
+            }
+            n = epoll_wait(xce->epfd, &ev, 1, -1);
+        }
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0)
             return -1;
-        if (n == 0) {
-            errno = EAGAIN;
-            return -1;
-        }
         evtchn_port_t port = ev.data.u32;
         pthread_mutex_lock(&xce->lock);
         struct port *p = own_port(xce, port);

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from shim_peers import LoopbackRun
+from shim_support import act_as, daemon_stats, loopback_fixture
 
 from xenpv import peers
 from xenpv.cli.loopback import shim_dir
@@ -25,14 +26,8 @@ from xenpv.platforms.xen import XenPlatform, default_xenstore_path
 PAGE = 4096
 
 
-@pytest.fixture(scope="module")
-def loopback() -> Iterator[LoopbackRun]:
-    """A daemon with domains 1 and 2 (shared by the module; tests close what they open)."""
-    run = LoopbackRun({1: "one", 2: "two"})
-    try:
-        yield run
-    finally:
-        run.close()
+#: A daemon with domains 1 and 2 (shared by the module; tests close what they open).
+loopback = loopback_fixture({1: "one", 2: "two"})
 
 
 @pytest.fixture
@@ -43,7 +38,7 @@ def platform(
     opened: list[XenPlatform] = []
 
     def make(domid: int) -> XenPlatform:
-        monkeypatch.setenv("XENPV_LOOPBACK_SOCKET", str(loopback.rundir / f"dom{domid}" / "control"))
+        act_as(monkeypatch, loopback, domid)
         p = XenPlatform(domid, lib_dir=shim_dir())
         opened.append(p)
         return p
@@ -90,7 +85,7 @@ def test_shares_and_maps_beyond_one_request_are_chunked(
 def test_a_lost_daemon_is_reported_as_platform_gone(monkeypatch: pytest.MonkeyPatch) -> None:
     run = LoopbackRun({1: "one", 2: "two"})  # its own daemon: this test stops it
     try:
-        monkeypatch.setenv("XENPV_LOOPBACK_SOCKET", str(run.rundir / "dom1" / "control"))
+        act_as(monkeypatch, run, 1)
         a = XenPlatform(1, lib_dir=shim_dir())
         port = a.events.alloc_unbound(2)
         stop_daemon(run.daemon)
@@ -136,8 +131,6 @@ def test_discover_learns_the_domid_from_xenstore(
 def test_close_releases_what_is_still_shared_and_mapped_and_stale_views_read_zeros(
     loopback: LoopbackRun, platform: Callable[[int], XenPlatform]
 ) -> None:
-    from test_shim_libraries import _stats
-
     a, b = platform(1), platform(2)
     pages = b.grants.grant(1, 2)
     pages.mem[0:4] = b"data"
@@ -148,7 +141,7 @@ def test_close_releases_what_is_still_shared_and_mapped_and_stale_views_read_zer
     assert bytes(view) == bytes(4)
     assert bytes(pages.mem[0:4]) == bytes(4)
     for domid in (1, 2):
-        assert {k: v for k, v in _stats(loopback, domid).items() if k != "handles"} == {
+        assert {k: v for k, v in daemon_stats(loopback, domid).items() if k != "handles"} == {
             "grants": 0, "revoking": 0, "mappings": 0, "ports": 0, "shares": 0,
         }
     with pytest.raises(LocalError):
@@ -188,7 +181,7 @@ def test_pending_without_timeout_blocks_until_an_event(
 def test_domid_and_xenstore_path_come_from_the_environment(
     loopback: LoopbackRun, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("XENPV_LOOPBACK_SOCKET", str(loopback.rundir / "dom2" / "control"))
+    act_as(monkeypatch, loopback, 2)
     monkeypatch.setenv("XENPV_LOOPBACK_DOMID", "2")
     monkeypatch.setenv("XENSTORED_PATH", "/somewhere/xs")
     p = XenPlatform(lib_dir=shim_dir())

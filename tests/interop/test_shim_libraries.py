@@ -11,18 +11,16 @@ import re
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import cffi
 import pytest
 from shim_peers import LoopbackRun
+from shim_support import act_as, daemon_stats, loopback_fixture
 
 from xenpv import peers
 from xenpv.cli.loopback import shim_dir
-from xenpv.platforms.loopback import proto
-from xenpv.platforms.loopback.client import ControlConnection
 from xenpv.platforms.xen import XenPlatform
 
 REPO = Path(__file__).resolve().parents[2]
@@ -151,14 +149,8 @@ ffi = cffi.FFI()
 ffi.cdef(CDEF)
 
 
-@pytest.fixture(scope="module")
-def loopback() -> Iterator[LoopbackRun]:
-    """A daemon with domains 1 and 2."""
-    run = LoopbackRun({1: "one", 2: "two"})
-    try:
-        yield run
-    finally:
-        run.close()
+#: A daemon with domains 1 and 2.
+loopback = loopback_fixture({1: "one", 2: "two"})
 
 
 @pytest.fixture
@@ -166,7 +158,7 @@ def as_dom(loopback: LoopbackRun, monkeypatch: pytest.MonkeyPatch) -> Any:
     """``as_dom(N)``: this process acts as domain N for handles opened from now on."""
 
     def switch(domid: int) -> None:
-        monkeypatch.setenv("XENPV_LOOPBACK_SOCKET", str(loopback.rundir / f"dom{domid}" / "control"))
+        act_as(monkeypatch, loopback, domid)
 
     return switch
 
@@ -224,17 +216,6 @@ def test_stub_libraries_open_dummy_handles_and_refuse_operations(as_dom: Any) ->
     assert tc.xentoolcore_restrict_all(6) == 0 and seen == [5]
 
 
-def _stats(loopback: LoopbackRun, domid: int) -> dict[str, int]:
-    ctl = ControlConnection(loopback.rundir / "dom0" / "control")
-    try:
-        out, _ = ctl.call(proto.Op.STATS, proto.U32.pack(domid))
-    finally:
-        ctl.close()
-    names = ("grants", "revoking", "mappings", "ports", "shares", "handles")
-    # the leading fields (later protocol versions may append more)
-    return dict(zip(names, proto.U32x6.unpack_from(out), strict=True))
-
-
 def test_shares_released_with_plain_munmap_are_ended_when_their_address_returns(
     loopback: LoopbackRun, as_dom: Any
 ) -> None:
@@ -253,12 +234,12 @@ def test_shares_released_with_plain_munmap_are_ended_when_their_address_returns(
             assert p != ffi.NULL
             addrs.add(int(ffi.cast("uintptr_t", p)))
             libc.munmap(p, 4096)
-        stats = _stats(loopback, 1)
+        stats = daemon_stats(loopback, 1)
         assert len(addrs) < 20, "the kernel never reused an address"
         assert stats["shares"] == len(addrs) and stats["grants"] == len(addrs)
     finally:
         gt.xengntshr_close(h)
-    assert _stats(loopback, 1)["shares"] == 0
+    assert daemon_stats(loopback, 1)["shares"] == 0
 
 
 def test_grant_copy_with_no_segments_is_a_successful_probe(as_dom: Any) -> None:
@@ -304,7 +285,7 @@ def test_map_grant_refs_takes_a_domain_per_ref_and_unmap_checks_the_count(
         for h, p in shares:
             assert gt.xengntshr_unshare(h, p, 1) == 0
             gt.xengntshr_close(h)
-    assert all(v == 0 for k, v in _stats(loopback, 1).items() if k != "handles")
+    assert all(v == 0 for k, v in daemon_stats(loopback, 1).items() if k != "handles")
 
 
 def test_evtchn_fdopen_takes_over_a_connected_control_socket(loopback: LoopbackRun) -> None:
@@ -316,10 +297,10 @@ def test_evtchn_fdopen_takes_over_a_connected_control_socket(loopback: LoopbackR
     try:
         port = ev.xenevtchn_bind_unbound_port(h, 2)
         assert port > 0
-        assert _stats(loopback, 1)["ports"] == 1
+        assert daemon_stats(loopback, 1)["ports"] == 1
     finally:
         ev.xenevtchn_close(h)
-    assert _stats(loopback, 1)["ports"] == 0
+    assert daemon_stats(loopback, 1)["ports"] == 0
 
 
 def test_lsevtchn_lists_a_domains_ports_through_xc_evtchn_status(
@@ -363,13 +344,13 @@ def test_a_forked_child_gets_its_own_connection(loopback: LoopbackRun, as_dom: A
             try:
                 hc = gt.xengntshr_open(ffi.NULL, 0)
                 if hc != ffi.NULL and gt.xengntshr_share_pages(hc, 2, 1, refs, 1) != ffi.NULL:
-                    code = 0 if _stats(loopback, 1)["handles"] == 2 else 2
+                    code = 0 if daemon_stats(loopback, 1)["handles"] == 2 else 2
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         # the child's connection died with it (its share ended); ours still works
         assert gt.xengntshr_share_pages(h, 2, 1, refs, 1) != ffi.NULL
-        assert _stats(loopback, 1)["shares"] == 1
+        assert daemon_stats(loopback, 1)["shares"] == 1
     finally:
         gt.xengntshr_close(h)

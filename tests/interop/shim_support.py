@@ -1,0 +1,51 @@
+"""Shared pieces of the replacement-library tests that call the libraries in this process.
+
+* :func:`loopback_fixture` -- a module-scoped fixture running one loopback daemon with the
+  given domains for the whole module (``loopback = loopback_fixture({1: "one"})``);
+* :func:`act_as` -- make the handles this process opens from now on act as a domain;
+* :func:`daemon_stats` -- the daemon's count of what a domain holds, asked as dom0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from shim_peers import LoopbackRun
+
+from xenpv.platforms.loopback import proto
+from xenpv.platforms.loopback.client import ControlConnection
+
+#: The leading fields of a STATS reply (later protocol versions may append more).
+STATS_FIELDS = ("grants", "revoking", "mappings", "ports", "shares", "handles")
+
+
+def loopback_fixture(domains: dict[int, str]) -> Any:
+    """A module-scoped ``loopback`` fixture: a daemon with ``domains`` ({domid: name}),
+    shared by the module's tests (each closes what it opens), stopped after the module."""
+
+    @pytest.fixture(scope="module")
+    def loopback() -> Iterator[LoopbackRun]:
+        run = LoopbackRun(domains)
+        try:
+            yield run
+        finally:
+            run.close()
+
+    return loopback
+
+
+def act_as(monkeypatch: pytest.MonkeyPatch, run: LoopbackRun, domid: int) -> None:
+    """Handles of the replacement libraries opened from now on act as ``domid``."""
+    monkeypatch.setenv("XENPV_LOOPBACK_SOCKET", str(run.rundir / f"dom{domid}" / "control"))
+
+
+def daemon_stats(run: LoopbackRun, domid: int) -> dict[str, int]:
+    """What the daemon counts for ``domid`` (grants, mappings, ports, shares, handles...)."""
+    ctl = ControlConnection(run.rundir / "dom0" / "control")
+    try:
+        out, _ = ctl.call(proto.Op.STATS, proto.U32.pack(domid))
+    finally:
+        ctl.close()
+    return dict(zip(STATS_FIELDS, proto.U32x6.unpack_from(out), strict=True))

@@ -42,10 +42,6 @@ BE_ERROR = f"/local/domain/{BE}/error/backend/toy/{FE}/0/error"
 FE_ERROR = f"/local/domain/{FE}/error/device/toy/0/error"
 
 
-async def _true(value: bool) -> bool:
-    return value
-
-
 async def hostile_backend_setup(
     w: World, close_timeout: float = 0.3
 ) -> tuple[ToyBackend, str, str]:
@@ -150,7 +146,7 @@ def test_scenario_18_bad_connect_time_keys_are_refused(case: str) -> None:
             peer = HostileFrontend(w, fp)
             await peer.write(**{**peer.good_keys(), **override})
             await peer.state(b"3")
-            await eventually(lambda: _true(be.state is S.Closing))
+            await eventually(lambda: be.state is S.Closing)
             assert await w.read(f"{bp}/state") == b"5"
             error = await w.read(BE_ERROR)
             assert error is not None and error.startswith(b"%d " % err), error
@@ -180,7 +176,7 @@ def test_scenario_19_state_cycling_at_high_rate_leaks_nothing() -> None:
                     for value in (b"1", b"4", b"6", b"4"):
                         await peer.state(value)
                 await peer.state(b"6")
-                await eventually(lambda: _true(be.state is S.Closed and be.mapping is None))
+                await eventually(lambda: be.state is S.Closed and be.mapping is None)
                 assert be.port is None
                 assert w.machine.outstanding()["mappings"] == 0  # leak counter back to 0
                 assert not be.done and be.connects == be.disconnects
@@ -203,7 +199,7 @@ def test_scenario_19_connected_before_the_ring_is_published() -> None:
         async with xenstore_world() as w:
             be, fp, _ = await hostile_backend_setup(w)
             await HostileFrontend(w, fp).state(b"4")
-            await eventually(lambda: _true(be.state is S.Closing))
+            await eventually(lambda: be.state is S.Closing)
             assert (await w.read(BE_ERROR) or b"").startswith(b"%d " % errno.ENOENT)
             assert be.misbehaving and be.mapping is None
             await be.close()
@@ -218,16 +214,14 @@ def test_scenario_19_invalid_state_value_answers_closing(value: bytes) -> None:
             be, fp, _ = await hostile_backend_setup(w, close_timeout=3.0)
             peer = HostileFrontend(w, fp)
             await peer.state(value)
-            await eventually(lambda: _true(be.state is S.Closing))
+            await eventually(lambda: be.state is S.Closing)
             assert (await w.read(BE_ERROR) or b"").startswith(b"22 invalid xenbus state")
             assert be.misbehaving
             assert be.machine is not None
             writes, seen = be.stats["writes"], be.machine.peer_errors
             await w.dom0.rm(BE_ERROR)
             await peer.state(b"77")  # more garbage while closing: counted, not rewritten
-            await eventually(
-                lambda: _true(be.machine is not None and be.machine.peer_errors > seen)
-            )
+            await eventually(lambda: be.machine is not None and be.machine.peer_errors > seen)
             assert be.state is S.Closing and be.stats["writes"] == writes
             assert await w.read(BE_ERROR) is None
             await peer.state(b"6")
@@ -242,7 +236,7 @@ def test_scenario_19_invalid_transition_from_the_backend_side() -> None:
         async with xenstore_world() as w:
             be, fp, _bp = await hostile_backend_setup(w)
             await HostileFrontend(w, fp).state(b"7")  # Reconfiguring: not for this device
-            await eventually(lambda: _true(be.state is S.Closing))
+            await eventually(lambda: be.state is S.Closing)
             assert b"frontend state Reconfiguring not allowed" in (await w.read(BE_ERROR) or b"")
             await be.close()
 
@@ -269,7 +263,7 @@ def test_scenario_20_state_flood_keeps_queues_bounded() -> None:
             assert max(pending) <= WATCH_PENDING
             assert max(queued) <= FAST.watch_events
             # the batch of InitWait writes mid-flood was a peer error; "1" is a no-op
-            await eventually(lambda: _true(be.state is S.Closing))
+            await eventually(lambda: be.state is S.Closing)
             # still responsive: the frontend closes, reconnects and connects properly
             await peer.state(b"6")
             await be.wait_state(S.Closed)
@@ -292,7 +286,7 @@ def test_scenario_19_state_node_made_unreadable_is_a_peer_error() -> None:
             be, fp, _ = await hostile_backend_setup(w)
             await w.fe.set_perms(f"{fp}/state", [Perm("n", FE)])  # the frontend hides it
             await w.fe.write(f"{fp}/state", b"3")
-            await eventually(lambda: _true(be.state is S.Closing))
+            await eventually(lambda: be.state is S.Closing)
             assert b"peer state unreadable: EACCES" in (await w.read(BE_ERROR) or b"")
             assert be.misbehaving and be.mapping is None
             await be.close()

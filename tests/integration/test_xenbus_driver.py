@@ -89,7 +89,7 @@ def test_connect_exchange_close_reconnect_remove() -> None:
             assert be.connects == 2
             # reconnect of a live driver: closes, waits for the backend, connects again
             await fe2.reconnect()
-            await eventually(lambda: _const(be.connects == 3 and fe2.state is S.Connected))
+            await eventually(lambda: be.connects == 3 and fe2.state is S.Connected)
             assert held(w)["mappings"] == 1
             # toolstack removal: online=0 + state=5, backend Closed, directories deleted
             assert await remove_device(w.dom0, DEVTYPE, FE, 0, BE, timeout=10) is True
@@ -103,10 +103,6 @@ def test_connect_exchange_close_reconnect_remove() -> None:
             await be.close()
 
     run(main())
-
-
-async def _const(value: bool) -> bool:
-    return value
 
 
 def test_toolstack_creates_both_directories_with_the_right_permissions() -> None:
@@ -187,12 +183,12 @@ def test_watchers_serve_devices_as_they_come_and_go() -> None:
             try:
                 for devid in (0, 1):
                     await w.add(devid)
-                await eventually(lambda: _const(len(bw.devices) == 2 and len(fw.devices) == 2))
+                await eventually(lambda: len(bw.devices) == 2 and len(fw.devices) == 2)
                 for d in [*bw.devices.values(), *fw.devices.values()]:
                     await d.wait_state(S.Connected)
                 assert held(w)["mappings"] == 2
                 assert await remove_device(w.dom0, DEVTYPE, FE, 0, BE) is True
-                await eventually(lambda: _const(len(bw.devices) == 1 and len(fw.devices) == 1))
+                await eventually(lambda: len(bw.devices) == 1 and len(fw.devices) == 1)
                 assert held(w)["mappings"] == 1
             finally:
                 await both(bw.close(), fw.close())
@@ -227,7 +223,7 @@ def test_backend_refuses_a_device_whose_frontend_path_is_not_the_toolstacks() ->
             bw = BackendWatcher(w.be, BE, DEVTYPE, lambda c, p: ToyBackend(c, p, plat))
             await bw.start()
             try:
-                await eventually(lambda: _const(bp in bw.refused))
+                await eventually(lambda: bp in bw.refused)
                 assert bw.devices == {}
             finally:
                 await bw.close()

@@ -1,40 +1,30 @@
 """Shared pieces of the xenbus integration and hostile tests (no tests here).
 
-* :func:`xenstore_world` — an embedded xenstored on temporary Unix sockets, with one
-  asyncio client per domain acting as that domain (dom0 = the toolstack, FE and BE the two
-  unprivileged domains), their homes owned by them as a toolstack would leave them;
+* :func:`xenstore_world` — the world of the ``xenbus:driver`` fuzz target
+  (:func:`xenpv.fuzz.xenbus_driver.xenstore_world`) for toy devices: an embedded xenstored
+  on temporary Unix sockets, with one asyncio client per domain acting as that domain
+  (dom0 = the toolstack, FE and BE the two unprivileged domains), their homes owned by them
+  as a toolstack would leave them;
 * :class:`ToyFrontend` / :class:`ToyBackend` — a minimal real device pair on the
   in-process loopback emulator: the frontend grants a ring page and offers an event
-  channel, the backend maps the page and binds the channel, and they exchange a
-  notification and bytes through the page once connected.
+  channel, the backend (the fuzz target's victim, counting here) maps the page and binds
+  the channel, and they exchange a notification and bytes through the page once connected.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from xenpv.errors import PlatformError
+from xenpv.fuzz import xenbus_driver
+from xenpv.fuzz.xenbus_driver import BE, FE, World
 from xenpv.platforms.base import GrantInUse
-from xenpv.platforms.loopback.harness import InProcessMachine
-from xenpv.xenbus import (
-    BackendDriver,
-    BadKeyError,
-    FrontendDriver,
-    PeerKeys,
-    XenbusState,
-    add_device,
-)
-from xenpv.xenstore.client import Perm, XenstoreClient
-from xenpv.xenstore.server import XenstoredServer
+from xenpv.xenbus import FrontendDriver, PeerKeys, XenbusState
+from xenpv.xenstore.client import XenstoreClient
 from xenpv.xenstore.store import Quotas
 
-FE, BE = 3, 2
 DEVTYPE = "toy"
 T = TypeVar("T")
 S = XenbusState
@@ -50,59 +40,9 @@ def run(coro: Awaitable[T], timeout: float = 60.0) -> T:
     return asyncio.run(main())
 
 
-@dataclass
-class World:
-    """The xenstored, one client per domain and the loopback emulator."""
-
-    server: XenstoredServer
-    dom0: XenstoreClient
-    fe: XenstoreClient
-    be: XenstoreClient
-    machine: InProcessMachine
-    sockets: dict[int, str]
-
-    async def connect(self, domid: int) -> XenstoreClient:
-        """Another client acting as ``domid``."""
-        return await XenstoreClient.connect(self.sockets[domid], timeout=5.0)
-
-    async def add(self, devid: int = 0, **kwargs: Any) -> tuple[str, str]:
-        """Create a toy device pair as the toolstack; returns (frontend, backend) paths."""
-        info = await add_device(self.dom0, DEVTYPE, FE, BE, devid, **kwargs)
-        return info.frontend_path, info.backend_path
-
-    async def read(self, path: str) -> bytes | None:
-        """dom0's view of ``path`` (None if missing)."""
-        if not await self.dom0.exists(path):
-            return None
-        return await self.dom0.read(path)
-
-
-@contextlib.asynccontextmanager
-async def xenstore_world(quotas: Quotas | None = None) -> AsyncIterator[World]:
-    """An embedded xenstored serving dom0, FE and BE; everything closed afterwards."""
-    with tempfile.TemporaryDirectory(prefix="xenbus-") as tmp:
-        server = XenstoredServer(quotas=quotas)
-        sockets = {d: str(Path(tmp) / f"dom{d}.sock") for d in (0, FE, BE)}
-        for domid, path in sockets.items():
-            await server.listen(path, domid)
-        clients: list[XenstoreClient] = []
-        machine = InProcessMachine()
-        for domid in (FE, BE):
-            machine.hv.create_domain(domid)  # both domains exist in the emulator
-        try:
-            for domid in sockets:
-                clients.append(await XenstoreClient.connect(sockets[domid], timeout=5.0))
-            dom0 = clients[0]
-            for domid in (FE, BE):
-                home = f"/local/domain/{domid}"
-                await dom0.mkdir(home)
-                await dom0.set_perms(home, [Perm("n", domid)])
-            yield World(server, dom0, clients[1], clients[2], machine, sockets)
-        finally:
-            for c in clients:
-                await c.close()
-            await server.close()
-            machine.close()
+def xenstore_world(quotas: Quotas | None = None) -> contextlib.AbstractAsyncContextManager[World]:
+    """The fuzz target's world for ``toy`` devices; everything closed afterwards."""
+    return xenbus_driver.xenstore_world(DEVTYPE, quotas)
 
 
 class ToyFrontend(FrontendDriver):
@@ -149,47 +89,23 @@ class ToyFrontend(FrontendDriver):
         self.quarantine = keep
 
 
-class ToyBackend(BackendDriver):
-    """A backend that maps the frontend's ring page and binds its event channel."""
+class ToyBackend(xenbus_driver.ToyBackend):
+    """The fuzz target's toy backend, counting its connects and its disconnects of a
+    live connection."""
 
     def __init__(self, client: XenstoreClient, path: str, platform: Any, **kw: Any) -> None:
-        super().__init__(client, path, **kw)
-        self.platform = platform
-        self.mapping: Any = None
-        self.port: int | None = None
+        super().__init__(client, path, platform, **kw)
         self.connects = 0
         self.disconnects = 0
 
-    async def publish_features(self) -> None:
-        await self.write_keys(
-            {"feature-toy": 1, "max-ring-page-order": 1, "multi-queue-max-queues": 1}
-        )
-
     async def connect(self, frontend: PeerKeys) -> None:
-        # every key is parsed strictly before anything is allocated (scenario 18)
-        await frontend.features()
-        await frontend.protocol()
-        await frontend.uint("multi-queue-num-queues", 1, 1, default=1)
-        refs = await frontend.ring_refs(max_order=1)
-        port = await frontend.port()
-        try:
-            self.mapping = self.platform.grants.map(self.peer_domid, refs)
-            self.port = self.platform.events.bind_interdomain(self.peer_domid, port)
-        except PlatformError as exc:
-            # the refs and the port came from the frontend: refusing them is its fault
-            raise BadKeyError(f"frontend ring/port refused: {exc}") from exc
+        await super().connect(frontend)
         self.connects += 1
-        await self.write_keys({"toy-magic": 4660})
 
     async def disconnect(self) -> None:
-        if self.mapping is not None or self.port is not None:
+        if self.holds():
             self.disconnects += 1
-        if self.port is not None:
-            self.platform.events.unbind(self.port)
-            self.port = None
-        if self.mapping is not None:
-            mapping, self.mapping = self.mapping, None
-            self.platform.grants.unmap(mapping)
+        await super().disconnect()
 
 
 def toy_pair(world: World, fe_path: str, be_path: str, **kw: Any) -> tuple[ToyFrontend, ToyBackend]:
@@ -204,10 +120,11 @@ async def both(*aws: Awaitable[Any]) -> list[Any]:
     return list(await asyncio.gather(*aws))
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    """Poll ``check`` until it holds (TimeoutError after ``timeout`` s)."""
+async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``check`` (letting the drivers run in between) until it holds; TimeoutError
+    after ``timeout`` s."""
     async with asyncio.timeout(timeout):
-        while not await check():
+        while not check():
             await asyncio.sleep(0.01)
 
 

@@ -38,6 +38,9 @@ Invariant, checked per input (any breach raises
    hostile domain's own handles are closed the emulator holds nothing at all
    (``assert_released``);
 5. the whole input takes at most :data:`INPUT_BUDGET_S` (no hang).
+
+The world (:func:`xenstore_world`) and the victim (:class:`ToyBackend`) are also what the
+xenbus integration and hostile tests run their device pairs on.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ import contextlib
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +66,17 @@ from xenpv.xenstore.server import XenstoredServer
 from xenpv.xenstore.store import Quotas
 from xenpv.xenstore.wire import XenstoreError, XsType
 
-__all__ = ["INPUT_BUDGET_S", "MAX_OPS", "SETTLE_S", "DriverTarget", "ToyBackend"]
+__all__ = [
+    "BE",
+    "FE",
+    "INPUT_BUDGET_S",
+    "MAX_OPS",
+    "SETTLE_S",
+    "DriverTarget",
+    "ToyBackend",
+    "World",
+    "xenstore_world",
+]
 
 FE, BE = 3, 2
 DEVTYPE = "fuzz"
@@ -85,6 +99,63 @@ _GARBAGE = [b"", b"abc", b"-1", b"0", b"3", b"1x", b"4000", b"999999", str(2**40
             b"x86_16-abi", b"x86_64-abi", b"yes", b"1", b"2", b"5", b"\0\0", b"7" * 300]
 
 BackendFactory = Callable[..., BackendDriver]
+
+
+@dataclass
+class World:
+    """The xenstored, one client per domain and the loopback emulator."""
+
+    server: XenstoredServer
+    dom0: XenstoreClient
+    fe: XenstoreClient
+    be: XenstoreClient
+    machine: InProcessMachine
+    sockets: dict[int, str]
+    devtype: str
+
+    async def connect(self, domid: int) -> XenstoreClient:
+        """Another client acting as ``domid``."""
+        return await XenstoreClient.connect(self.sockets[domid], timeout=5.0)
+
+    async def add(self, devid: int = 0, **kwargs: Any) -> tuple[str, str]:
+        """Create a device pair (FE's frontend, BE's backend) as the toolstack; returns
+        the (frontend, backend) paths."""
+        info = await add_device(self.dom0, self.devtype, FE, BE, devid, **kwargs)
+        return info.frontend_path, info.backend_path
+
+    async def read(self, path: str) -> bytes | None:
+        """dom0's view of ``path`` (None if missing)."""
+        if not await self.dom0.exists(path):
+            return None
+        return await self.dom0.read(path)
+
+
+@contextlib.asynccontextmanager
+async def xenstore_world(devtype: str, quotas: Quotas | None = None) -> AsyncIterator[World]:
+    """An embedded xenstored on temporary Unix sockets serving dom0, FE and BE (their
+    homes owned by them, as a toolstack leaves them) and an in-process emulator holding
+    both domains; everything is closed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="xenpv-xenbus-") as tmp:
+        server = XenstoredServer(quotas=quotas)
+        sockets = {d: str(Path(tmp) / f"dom{d}.sock") for d in (0, FE, BE)}
+        machine = InProcessMachine()
+        clients: list[XenstoreClient] = []
+        try:
+            for domid, path in sockets.items():
+                await server.listen(path, domid)
+                clients.append(await XenstoreClient.connect(path, timeout=5.0))
+            dom0, fe, be = clients
+            for domid in (FE, BE):
+                machine.hv.create_domain(domid)
+                home = f"/local/domain/{domid}"
+                await dom0.mkdir(home)
+                await dom0.set_perms(home, [Perm("n", domid)])
+            yield World(server, dom0, fe, be, machine, sockets, devtype)
+        finally:
+            for c in clients:
+                await c.close()
+            await server.close()
+            machine.close()
 
 
 class ToyBackend(BackendDriver):
@@ -215,28 +286,9 @@ class DriverTarget:
             raise InvariantViolation(f"one xenbus:driver input took over {INPUT_BUDGET_S} s")
 
     async def _run(self, data: bytes) -> None:
-        with tempfile.TemporaryDirectory(prefix="xenpv-fuzz-xb-") as tmp:
-            server = XenstoredServer(quotas=QUOTAS)
-            machine = InProcessMachine()
-            clients: list[XenstoreClient] = []
-            try:
-                for domid in (0, FE, BE):
-                    path = str(Path(tmp) / f"dom{domid}.sock")
-                    await server.listen(path, domid)
-                    clients.append(await XenstoreClient.connect(path, timeout=5.0))
-                dom0, fe_client, be_client = clients
-                for domid in (FE, BE):
-                    machine.hv.create_domain(domid)
-                    await dom0.mkdir(f"/local/domain/{domid}")
-                    await dom0.set_perms(f"/local/domain/{domid}", [Perm("n", domid)])
-                info = await add_device(dom0, DEVTYPE, FE, BE, 0)
-                await self._attack(data, server, machine, dom0, fe_client, be_client,
-                                   info.frontend_path, info.backend_path)
-            finally:
-                for c in clients:
-                    await c.close()
-                await server.close()
-                machine.close()
+        async with xenstore_world(DEVTYPE, QUOTAS) as w:
+            fp, bp = await w.add()
+            await self._attack(data, w.server, w.machine, w.dom0, w.fe, w.be, fp, bp)
 
     async def _attack(self, data: bytes, server: XenstoredServer, machine: InProcessMachine,
                       dom0: XenstoreClient, fe_client: XenstoreClient,

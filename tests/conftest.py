@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from xenpv import peers
+from xenpv.platforms.loopback.harness import DaemonMachine, InProcessMachine
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +24,36 @@ def peer_root() -> Path:
 def peer_env(peer_root: Path) -> dict[str, str]:
     """Environment under which the real Xen programs find their libraries."""
     return peers.run_env()
+
+
+@pytest.fixture
+def inprocess_machine() -> Iterator[InProcessMachine]:
+    """A fresh in-process loopback emulator, closed after the test."""
+    machine = InProcessMachine()
+    try:
+        yield machine
+    finally:
+        machine.close()
+
+
+@pytest.fixture
+def daemon_machine() -> Iterator[Callable[..., DaemonMachine]]:
+    """``daemon_machine(*domids, **limits)``: a loopback daemon (``DaemonMachine(**limits)``)
+    with those domains created; every daemon made is stopped after the test."""
+    made: list[DaemonMachine] = []
+
+    def make(*domids: int, **limits: int) -> DaemonMachine:
+        machine = DaemonMachine(**limits)
+        made.append(machine)
+        for domid in domids:
+            machine.create_domain(domid)
+        return machine
+
+    try:
+        yield make
+    finally:
+        for machine in made:
+            machine.close()
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from xenpv.fuzz.platform import EventStorm, held_grant
@@ -11,30 +9,25 @@ from xenpv.platforms.base import GrantInUse
 from xenpv.platforms.loopback.harness import InProcessMachine
 
 
-@pytest.fixture
-def machine() -> Iterator[InProcessMachine]:
-    m = InProcessMachine()
-    try:
-        yield m
-    finally:
-        m.close()
-
-
-def test_held_grant_refuses_end_of_access_until_released(machine: InProcessMachine) -> None:
-    front, back = machine.domain(1), machine.domain(2)
+def test_held_grant_refuses_end_of_access_until_released(
+    inprocess_machine: InProcessMachine,
+) -> None:
+    front, back = inprocess_machine.domain(1), inprocess_machine.domain(2)
     pages = front.grants.grant(2, 1)
     mapping = back.grants.map(1, pages.refs)
     back.grants.unmap(mapping)
-    with held_grant(machine, 1, pages.refs[0]):
+    with held_grant(inprocess_machine, 1, pages.refs[0]):
         with pytest.raises(GrantInUse):
             front.grants.end_access(pages)
     front.grants.end_access(pages)
-    machine.release()
-    machine.assert_released()
+    inprocess_machine.release()
+    inprocess_machine.assert_released()
 
 
-def test_event_storm_coalesces_and_the_receiver_stays_responsive(machine: InProcessMachine) -> None:
-    rx, tx = machine.domain(1), machine.domain(2)
+def test_event_storm_coalesces_and_the_receiver_stays_responsive(
+    inprocess_machine: InProcessMachine,
+) -> None:
+    rx, tx = inprocess_machine.domain(1), inprocess_machine.domain(2)
     port = rx.events.alloc_unbound(2)
     peer = tx.events.bind_interdomain(1, port)
     first = rx.events.pending(0.5)  # the bind may leave the port pending once: drain it
@@ -52,26 +45,26 @@ def test_event_storm_coalesces_and_the_receiver_stays_responsive(machine: InProc
     assert storm.error is None
     assert storm.sent == 20000
     assert deliveries < storm.sent  # notifications coalesce while the port is masked
-    machine.release()
-    machine.assert_released()
+    inprocess_machine.release()
+    inprocess_machine.assert_released()
 
 
-def test_paced_storm_stops_on_request(machine: InProcessMachine) -> None:
-    rx, tx = machine.domain(1), machine.domain(2)
+def test_paced_storm_stops_on_request(inprocess_machine: InProcessMachine) -> None:
+    rx, tx = inprocess_machine.domain(1), inprocess_machine.domain(2)
     port = rx.events.alloc_unbound(2)
     peer = tx.events.bind_interdomain(1, port)
     with EventStorm(tx.events, peer, seconds=10.0, rate=1000.0) as storm:
         assert rx.events.pending(2.0) == port
     assert 0 < storm.sent < 10000
-    machine.release()
-    machine.assert_released()
+    inprocess_machine.release()
+    inprocess_machine.assert_released()
 
 
-def test_storm_on_a_closed_port_ends_with_the_error(machine: InProcessMachine) -> None:
-    tx = machine.domain(2)
-    machine.domain(1)
+def test_storm_on_a_closed_port_ends_with_the_error(inprocess_machine: InProcessMachine) -> None:
+    tx = inprocess_machine.domain(2)
+    inprocess_machine.domain(1)
     storm = EventStorm(tx.events, 12345, count=10).start()
     storm.join(10.0)
     assert storm.error is not None
-    machine.release()
-    machine.assert_released()
+    inprocess_machine.release()
+    inprocess_machine.assert_released()

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import struct
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +81,6 @@ class Served:
         self.guest.close()
 
 
-@pytest.fixture
-def machine() -> Iterator[InProcessMachine]:
-    m = InProcessMachine()
-    try:
-        yield m
-    finally:
-        m.close()
-
-
 def run_checked(coro_fn: Any) -> Any:
     """Run a coroutine; fail if anything reached the loop's exception handler."""
     errors: list[dict[str, Any]] = []
@@ -111,10 +102,10 @@ async def settle(cond: Any, timeout: float = WAIT) -> None:
 
 
 @pytest.mark.parametrize("excess", [1, 2**31, 2**32 - 1 - 2048])
-def test_scenario_27_out_prod_beyond_ring_is_ignored(machine: InProcessMachine,
-                                                     excess: int) -> None:
+def test_scenario_27_out_prod_beyond_ring_is_ignored(inprocess_machine: InProcessMachine,
+                                                      excess: int) -> None:
     async def body() -> None:
-        s = Served(machine, ConsoleConfig(pty=False))
+        s = Served(inprocess_machine, ConsoleConfig(pty=False))
         try:
             s.guest.set_out(1000, 1000 + 2048 + excess)  # prod - cons > sizeof(out)
             for _ in range(5):
@@ -132,19 +123,19 @@ def test_scenario_27_out_prod_beyond_ring_is_ignored(machine: InProcessMachine,
             s.close()
 
     run_checked(body)
-    machine.release()
-    machine.assert_released()
+    inprocess_machine.release()
+    inprocess_machine.assert_released()
 
 
 @pytest.mark.parametrize("policy", ["discard", "block"])
 def test_scenario_27_output_flood_keeps_buffer_and_log_bounded(
-        machine: InProcessMachine, tmp_path: Path, policy: str) -> None:
+        inprocess_machine: InProcessMachine, tmp_path: Path, policy: str) -> None:
     limit, log_max, total = 8192, 16384, 2 << 20
     cfg = ConsoleConfig(limit=limit, policy=policy, log_dir=str(tmp_path), log_max=log_max,
                         rate_allowance=1 << 20)  # the bound under test is memory, not events
 
     async def body() -> int:
-        s = Served(machine, cfg)
+        s = Served(inprocess_machine, cfg)
         # the session's pty is read by nobody: it fills, then the buffer takes the rest
         sent = 0
         try:
@@ -174,16 +165,16 @@ def test_scenario_27_output_flood_keeps_buffer_and_log_bounded(
         return sent
 
     run_checked(body)
-    machine.release()
-    machine.assert_released()
+    inprocess_machine.release()
+    inprocess_machine.assert_released()
 
 
-def test_scenario_27_event_storm_is_rate_limited(machine: InProcessMachine) -> None:
+def test_scenario_27_event_storm_is_rate_limited(inprocess_machine: InProcessMachine) -> None:
     allowance, period = 30, 0.2
 
     async def body() -> None:
-        s = Served(machine, ConsoleConfig(pty=False, rate_allowance=allowance,
-                                          rate_period=period))
+        s = Served(inprocess_machine, ConsoleConfig(pty=False, rate_allowance=allowance,
+                                                    rate_period=period))
         try:
             t0 = time.monotonic()
             sent = 0
@@ -209,18 +200,14 @@ def test_scenario_27_event_storm_is_rate_limited(machine: InProcessMachine) -> N
             s.close()
 
     run_checked(body)
-    machine.release()
-    machine.assert_released()
+    inprocess_machine.release()
+    inprocess_machine.assert_released()
 
 
 @pytest.fixture
-def daemon() -> Iterator[DaemonMachine]:
-    m = DaemonMachine(max_grants=64, max_ports=32)
-    try:
-        m.create_domain(GUEST)
-        yield m
-    finally:
-        m.close()
+def daemon(daemon_machine: Callable[..., DaemonMachine]) -> DaemonMachine:
+    """A loopback daemon with the hostile guest's domain."""
+    return daemon_machine(GUEST, max_grants=64, max_ports=32)
 
 
 @contextlib.asynccontextmanager
@@ -306,15 +293,15 @@ def test_scenario_27_guest_written_nodes_never_drive_host_decisions(
 
 
 def test_scenario_16_backend_event_storm_on_the_console_frontend(
-        machine: InProcessMachine) -> None:
+        inprocess_machine: InProcessMachine) -> None:
     """The guest side has the same budget: a backend flooding its port is rate-limited."""
     from xenpv.frontends.console import EventRateLimiter, PrimaryConsole
 
     allowance, period = 30, 0.2
 
     async def body() -> None:
-        console = PrimaryConsole(machine.domain(GUEST), 0).setup()
-        dom0 = machine.domain(0)
+        console = PrimaryConsole(inprocess_machine.domain(GUEST), 0).setup()
+        dom0 = inprocess_machine.domain(0)
         port = dom0.events.bind_interdomain(GUEST, console.port)
         mapping = dom0.grants.map(GUEST, [GNTTAB_RESERVED_CONSOLE])
         backend_ring = ConsoleRing(mapping.mem, backend=True)
@@ -345,8 +332,8 @@ def test_scenario_16_backend_event_storm_on_the_console_frontend(
             console.close()
 
     run_checked(body)
-    machine.release()
-    machine.assert_released()
+    inprocess_machine.release()
+    inprocess_machine.assert_released()
 
 
 def test_scenario_29_guest_dies_mid_output_then_its_domain_goes(daemon: DaemonMachine) -> None:

@@ -8,34 +8,18 @@ back from the guest's shell, and Ctrl-] leaves.
 
 from __future__ import annotations
 
-import json
 import os
-import select
 import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
+from cli_support import json_line, xenpv
 
 from xenpv.cli.demo import Pty
 from xenpv.platforms.loopback.harness import DaemonMachine
 
 GUEST = 11
 WAIT = 20.0
-
-
-def xenpv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "xenpv", *args]
-
-
-def event(proc: subprocess.Popen[bytes]) -> dict[str, object]:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], WAIT)
-    assert ready, "no JSON line"
-    line = proc.stdout.readline()
-    assert line, f"exited with {proc.wait(5)}"
-    value: dict[str, object] = json.loads(line)
-    return value
 
 
 @pytest.fixture
@@ -63,13 +47,13 @@ def test_backend_frontend_publish_and_attach(procs: list[subprocess.Popen[bytes]
         fe = subprocess.Popen(xenpv("console", "frontend", "--rundir", rundir, "--domid",
                                     str(GUEST), "--shell"), **pipes)  # type: ignore[call-overload]
         procs.append(fe)
-        ready = event(fe)
+        ready = json_line(fe, WAIT)
         subprocess.run(xenpv("console", "publish", "--rundir", rundir, "--domid", str(GUEST),
                              "--port", str(ready["port"])), check=True, timeout=WAIT)
         be = subprocess.Popen(xenpv("console", "backend", "--rundir", rundir, "--domid",
                                     str(GUEST)), **pipes)  # type: ignore[call-overload]
         procs.append(be)
-        assert event(be)["event"] == "ready"
+        assert json_line(be, WAIT)["event"] == "ready"
         master, slave = os.openpty()
         terminal = Pty(master)
         at = subprocess.Popen(xenpv("console", "attach", str(GUEST), "--rundir", rundir),

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +41,9 @@ WAIT = 10.0
 
 
 @pytest.fixture
-def machine() -> Iterator[DaemonMachine]:
-    m = DaemonMachine(max_grants=64, max_ports=32)
-    try:
-        m.create_domain(GUEST)
-        yield m
-    finally:
-        m.close()
+def machine(daemon_machine: Callable[..., DaemonMachine]) -> DaemonMachine:
+    """A loopback daemon with the guest's domain."""
+    return daemon_machine(GUEST, max_grants=64, max_ports=32)
 
 
 async def wait_key(client: Any, path: str, timeout: float = WAIT) -> bytes:

@@ -10,15 +10,11 @@ writes its path to ``tty``.  Text goes both ways between our stream pair and the
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import subprocess
-import time
 from pathlib import Path
 
-from shim_peers import LoopbackRun
+from qemu_support import qemu_command, start_qemu, text_both_ways
+from shim_peers import LoopbackRun, run_showing_log, wait_xenstore_value
 
-from xenpv import peers
 from xenpv.cli.demo import Pty
 from xenpv.frontends.console import ConsoleFrontend
 from xenpv.platforms.loopback.client import ClientPlatform
@@ -30,19 +26,8 @@ GUEST = 33
 WAIT = 20.0
 
 
-async def wait_value(client: object, path: str) -> bytes:
-    deadline = time.monotonic() + WAIT
-    while True:
-        with contextlib.suppress(Exception):
-            value: bytes = await client.read(path)  # type: ignore[attr-defined]
-            if value:
-                return value
-        assert time.monotonic() < deadline, f"{path} never got a value"
-        await asyncio.sleep(0.05)
-
-
 def test_our_frontend_with_qemus_console_backend(tmp_path: Path) -> None:
-    qemu = str(peers.find("usr/libexec/xen-qemu-system-i386"))
+    qemu = qemu_command(GUEST)
     qemu_log = tmp_path / "qemu.log"
     run = LoopbackRun({GUEST: "guest"})
     try:
@@ -57,22 +42,15 @@ def test_our_frontend_with_qemus_console_backend(tmp_path: Path) -> None:
             try:
                 info = await add_device(xs0, "console", GUEST, 0, 1,
                                         frontend_keys={"type": "ioemu", "output": "pty"})
-                with open(qemu_log, "wb") as log:
-                    run.spawn(0, [qemu, "-machine", "xenpv", "-xen-domid", str(GUEST),
-                                  "-xen-attach", "-display", "none", "-nodefaults"],
-                              stdout=log, stderr=subprocess.STDOUT)
+                start_qemu(run, qemu, qemu_log)
                 frontend = ConsoleFrontend(guest, xsg, info.frontend_path)
                 await frontend.start()
                 reader, writer = await frontend.streams(WAIT)
                 await frontend.wait_state(XenbusState.Connected, timeout=WAIT)
                 assert await xs0.read(f"{info.backend_path}/state") == b"4"
-                pty_path = (await wait_value(xs0, f"{info.frontend_path}/tty")).decode()
-                pty = Pty.open(pty_path)
-                writer.write(b"from the guest through qemu\n")
-                await asyncio.to_thread(pty.read_until, b"from the guest through qemu\n", WAIT)
-                pty.write(b"typed on qemu's pty\n")
-                line = await asyncio.wait_for(reader.readline(), WAIT)
-                assert line == b"typed on qemu's pty\n"
+                pty_path = await wait_xenstore_value(xs0, f"{info.frontend_path}/tty", WAIT)
+                pty = Pty.open(pty_path.decode())
+                await text_both_ways(pty, reader, writer, b"from the guest through qemu\n", WAIT)
                 await remove_device(xs0, "console", GUEST, 1, 0, timeout=5.0)
             finally:
                 if pty is not None:
@@ -83,9 +61,6 @@ def test_our_frontend_with_qemus_console_backend(tmp_path: Path) -> None:
                 await xs0.close()
                 guest.close()
 
-        try:
-            asyncio.run(body())
-        except Exception as exc:  # show what QEMU said
-            raise AssertionError(f"{exc!r}; QEMU said: {qemu_log.read_text()[-2000:]}") from exc
+        run_showing_log(body, qemu_log, "QEMU")
     finally:
         run.close()

@@ -13,14 +13,12 @@ stream pair and that pty.
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
 from pathlib import Path
 from typing import Any
 
+from qemu_support import qemu_command, start_qemu, text_both_ways
 from shim_peers import LoopbackRun, run_showing_log, wait_xenstore_value
 
-from xenpv import peers
 from xenpv.backends.console import publish_primary_console
 from xenpv.cli.demo import Pty
 from xenpv.frontends.console import PrimaryConsole
@@ -46,7 +44,7 @@ async def create_backend_dir(xs0: Any, domid: int) -> str:
 
 
 def test_qemu_serves_our_primary_console_through_its_guest_frame(tmp_path: Path) -> None:
-    qemu = str(peers.find("usr/libexec/xen-qemu-system-i386"))
+    qemu = qemu_command(GUEST)
     qemu_log = tmp_path / "qemu.log"
     run = LoopbackRun({GUEST: "guest"})
     try:
@@ -62,17 +60,10 @@ def test_qemu_serves_our_primary_console_through_its_guest_frame(tmp_path: Path)
                                               ring_ref=console.ring_ref, backend_type="ioemu")
                 be = await create_backend_dir(xs0, GUEST)
                 reader, writer = await console.open()
-                with open(qemu_log, "wb") as log:
-                    run.spawn(0, [qemu, "-machine", "xenpv", "-xen-domid", str(GUEST),
-                                  "-xen-attach", "-display", "none", "-nodefaults"],
-                              stdout=log, stderr=subprocess.STDOUT)
+                start_qemu(run, qemu, qemu_log)
                 pty_path = (await wait_xenstore_value(xs0, f"/local/domain/{GUEST}/console/tty")).decode()
                 pty = Pty.open(pty_path)
-                writer.write(b"console 0 through qemu\n")
-                await asyncio.to_thread(pty.read_until, b"console 0 through qemu\n", WAIT)
-                pty.write(b"typed on qemu's pty\n")
-                line = await asyncio.wait_for(reader.readline(), WAIT)
-                assert line == b"typed on qemu's pty\n"
+                await text_both_ways(pty, reader, writer, b"console 0 through qemu\n", WAIT)
                 assert await wait_xenstore_value(xs0, f"{be}/state") == b"4"  # Connected
                 # QEMU reached the page as a frame: dom0 holds a foreign mapping of it
                 dom0 = ClientPlatform.for_domain(run.rundir, 0)

@@ -15,15 +15,13 @@ guest.  Every process is ended by the fixture, also on failure.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import select
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_support import json_line, xenpv
 from shim_peers import LoopbackRun, wait_for
 
 from xenpv import peers
@@ -34,20 +32,6 @@ from xenpv.cli.demo import Pty
 FE_GUEST = 31
 BE_GUEST = 32
 WAIT = 20.0
-
-
-def json_line(proc: subprocess.Popen[bytes], timeout: float = WAIT) -> dict[str, object]:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert ready, "no JSON line from the process"
-    line = proc.stdout.readline()
-    assert line, f"process exited with {proc.wait(5)}"
-    event: dict[str, object] = json.loads(line)
-    return event
-
-
-def xenpv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "xenpv", *args]
 
 
 class ConsoleRun:
@@ -65,7 +49,7 @@ class ConsoleRun:
             self.guest = self.run.spawn(domid, xenpv(
                 "console", "frontend", "--rundir", self.rundir, "--domid", str(domid),
                 "--shell"), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            ready = json_line(self.guest)
+            ready = json_line(self.guest, WAIT)
             assert ready["event"] == "ready" and ready["ring_ref"] == 0
             self.run.spawn(0, xenpv("console", "publish", "--rundir", self.rundir, "--domid",
                                     str(domid), "--port", str(ready["port"]))).wait(WAIT)
@@ -139,13 +123,13 @@ def test_our_backend_with_xenconsole_attached(console_run: ConsoleRun,
     backend = c.run.spawn(0, xenpv("console", "backend", "--rundir", c.rundir, "--domid",
                                    str(c.domid), "--log-dir", str(tmp_path)),
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert json_line(backend)["event"] == "ready"
+    assert json_line(backend, WAIT)["event"] == "ready"
     tty_path = c.tty()
     assert tty_path.startswith("/dev/pts/")
     c.talk(c.xenconsole())
     assert backend.stdin is not None
     backend.stdin.close()
-    done = json_line(backend)
+    done = json_line(backend, WAIT)
     assert done["event"] == "done"
     stats = done["stats"][str(c.domid)]  # type: ignore[index]
     assert stats["out"] >= 20000 and stats["in"] > 0
@@ -173,11 +157,11 @@ def test_our_backend_serves_a_secondary_console_to_xenconsole() -> None:
         asyncio.run(create())
         backend = c.run.spawn(0, xenpv("console", "backend", "--rundir", c.rundir),
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert json_line(backend)["event"] == "ready"
+        assert json_line(backend, WAIT)["event"] == "ready"
         guest = c.run.spawn(c.domid, xenpv("console", "frontend", "--rundir", c.rundir,
                                            "--domid", str(c.domid), "--devid", "1", "--shell"),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        ready = json_line(guest)
+        ready = json_line(guest, WAIT)
         assert ready == {"event": "ready", "path": f"/local/domain/{c.domid}/device/console/1"}
         path = f"/local/domain/{c.domid}/device/console/1/tty"
         wait_for("device/console/1/tty", lambda: c.run.xenstore_read(path), WAIT)

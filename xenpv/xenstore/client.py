@@ -37,20 +37,29 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import errno as _errno
 import heapq
 import itertools
 import os
 import socket
 import stat
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from types import TracebackType
-from typing import NamedTuple, TypeVar
+from typing import TypeVar
 
-from xenpv.errors import LocalError, PlatformError
+from xenpv.errors import LocalError
+from xenpv.xenstore import ops, wire
 from xenpv.xenstore import paths as _paths
-from xenpv.xenstore import wire
+from xenpv.xenstore.blocking import BlockingClient, BlockingTransaction
+from xenpv.xenstore.ops import (
+    DEFAULT_RUNDIR,
+    XENBUS_DEVICES,
+    InvalidPermError,
+    Perm,
+    WatchEvent,
+    XenstoreConnectionError,
+    daemon_socket_path,
+    encode_path,
+)
 from xenpv.xenstore.wire import WireError, XenstoreError, XsType
 
 __all__ = [
@@ -71,101 +80,10 @@ __all__ = [
 
 T = TypeVar("T")
 
-#: Build-time default of ``XENSTORED_RUNDIR`` in libxenstore.
-DEFAULT_RUNDIR = "/var/run/xenstored"
-#: Kernel devices carrying the xenstore protocol, in the order libxenstore tries them.
-XENBUS_DEVICES = ("/dev/xen/xenbus", "/proc/xen/xenbus")
-#: Retries of a DIRECTORY_PART walk whose generation keeps changing.
-_DIRECTORY_PART_RESTARTS = 16
 #: Timed-out request ids remembered so that their late replies are ignored.
 _EXPIRED_MEMORY = 4096
-#: Valid ordinary paths already encoded for the wire (validation is per request otherwise).
-_PATH_CACHE: dict[str, bytes] = {}
-_PATH_CACHE_SIZE = 1024
 #: Answered requests the deadline heap may hold beyond twice the pending ones.
 _DEADLINE_SLACK = 64
-
-
-class XenstoreConnectionError(PlatformError):
-    """The connection to the xenstore server is closed, lost or could not be opened."""
-
-
-class InvalidPermError(LocalError, ValueError):
-    """A permission entry is not a letter ``n r w b`` followed by a decimal domid."""
-
-
-_PERM_LETTERS = "nrwb"
-
-
-@dataclass(frozen=True, slots=True)
-class Perm:
-    """One xenstore permission entry (xen-protocols.md §4.6), e.g. ``b0`` or ``r5``.
-
-    ``access`` is one of ``n`` (none), ``r`` (read), ``w`` (write), ``b`` (both).
-    In a node's list, entry 0 names the owner and gives the access of unlisted domains.
-    """
-
-    access: str
-    domid: int
-
-    def __post_init__(self) -> None:
-        """Check the letter and the domid range."""
-        if self.access not in _PERM_LETTERS or len(self.access) != 1:
-            raise InvalidPermError(f"invalid permission letter {self.access!r}")
-        if not 0 <= self.domid <= 0xFFFF:
-            raise InvalidPermError(f"domid {self.domid} out of range")
-
-    @classmethod
-    def parse(cls, text: str | bytes) -> Perm:
-        """Parse ``"b0"`` / ``b"r5"``; raises :class:`InvalidPermError`."""
-        if isinstance(text, bytes):
-            text = text.decode("ascii", "replace")
-        if len(text) < 2 or not text[1:].isdigit() or not text[1:].isascii():
-            raise InvalidPermError(f"invalid permission entry {text!r}")
-        return cls(text[0], int(text[1:]))
-
-    def __str__(self) -> str:
-        """Return the wire form, e.g. ``b0``."""
-        return f"{self.access}{self.domid}"
-
-    @property
-    def can_read(self) -> bool:
-        """True for ``r`` and ``b``."""
-        return self.access in "rb"
-
-    @property
-    def can_write(self) -> bool:
-        """True for ``w`` and ``b``."""
-        return self.access in "wb"
-
-
-class WatchEvent(NamedTuple):
-    """One watch firing: the changed path (relative if the watch was) and the token."""
-
-    path: str
-    token: str
-
-
-def daemon_socket_path() -> str:
-    """Return the socket path libxenstore would use: ``$XENSTORED_PATH`` or rundir/socket."""
-    path = os.environ.get("XENSTORED_PATH")
-    if path:
-        return path
-    rundir = os.environ.get("XENSTORED_RUNDIR") or DEFAULT_RUNDIR
-    return os.path.join(rundir, "socket")
-
-
-def _ascii(raw: bytes, what: str) -> str:
-    try:
-        return raw.decode("ascii")
-    except UnicodeDecodeError:
-        raise WireError(f"non-ASCII {what} from xenstore: {raw[:64]!r}") from None
-
-
-def _arg(value: str | bytes | int) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    return str(value).encode()
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -261,16 +179,9 @@ class _Connection(asyncio.BufferedProtocol):
         raise exc
 
     def _watch_event(self, payload: bytes) -> None:
-        parts = payload.split(b"\0")
-        # WATCH_EVENT payload: <path>\0<token>\0
-        if len(parts) != 3 or parts[2] != b"" or not parts[0]:
-            raise WireError(f"malformed xenstore watch event {payload[:80]!r}")
-        token = _ascii(parts[1], "watch token")
-        targets = self.watches.get(token)
-        if targets:
-            event = WatchEvent(_ascii(parts[0], "watch path"), token)
-            for w in targets:
-                w._deliver(event)
+        event = ops.parse_watch_event(payload)
+        for w in self.watches.get(event.token, ()):
+            w._deliver(event)
 
     # -- requests -----------------------------------------------------------------------
 
@@ -472,7 +383,11 @@ async def _connect_unix(loop: asyncio.AbstractEventLoop, path: str) -> int:
 
 
 class _Ops:
-    """Node operations shared by the client (tx_id 0) and transactions."""
+    """Node operations shared by the client (tx_id 0) and transactions.
+
+    Each runs one sans-IO operation of :mod:`xenpv.xenstore.ops` on the connection
+    (:meth:`_run`); READ, the hot one, skips the generator.
+    """
 
     _conn: _Connection
     _tx_id: int = 0
@@ -481,63 +396,55 @@ class _Ops:
     def _check_open(self) -> None:
         """Hook for transactions to refuse use after their end."""
 
-    def _call(self, type_: int, payload: bytes, timeout: float | None) -> asyncio.Future[bytes]:
+    async def _run(self, op: ops.Op[T], timeout: float | None, tx_id: int | None = None) -> T:
+        """Drive ``op`` to its result: each request it yields goes out in this
+        transaction (or ``tx_id``); replies go back in, ERROR replies are thrown in.  A
+        reply the operation finds malformed closes the connection."""
         self._check_open()
-        return self._conn.call(
-            type_, payload, self._tx_id, self.default_timeout if timeout is None else timeout
-        )
-
-    async def _call_ok(self, type_: int, payload: bytes, timeout: float | None) -> None:
-        reply = await self._call(type_, payload, timeout)
-        if reply != wire.OK:
-            self._protocol_error(f"expected OK, got {reply[:64]!r}")
-
-    def _protocol_error(self, text: str) -> None:
-        exc = WireError(f"malformed xenstore reply: {text}")
-        self._conn.fail(exc)
-        raise exc
-
-    @staticmethod
-    def _path(path: str, *, special: bool = False) -> bytes:
-        if not special:
-            cached = _PATH_CACHE.get(path)
-            if cached is not None:
-                return cached
-        _paths.validate_path(path, allow_special=special)
-        wire_path = path.encode("ascii") + b"\0"
-        if not special:
-            if len(_PATH_CACHE) >= _PATH_CACHE_SIZE:
-                _PATH_CACHE.clear()
-            _PATH_CACHE[path] = wire_path
-        return wire_path
+        conn = self._conn
+        tx = self._tx_id if tx_id is None else tx_id
+        if timeout is None:
+            timeout = self.default_timeout
+        try:
+            type_, payload = next(op)
+            while True:
+                try:
+                    reply = await conn.call(type_, payload, tx, timeout)
+                except XenstoreError as exc:
+                    type_, payload = op.throw(exc)
+                else:
+                    type_, payload = op.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        except WireError as exc:
+            conn.fail(exc)
+            raise
 
     async def read(self, path: str, *, timeout: float | None = None) -> bytes:
         """Return the value of ``path`` (raw bytes)."""
-        return await self._call(XsType.READ, self._path(path), timeout)
+        self._check_open()
+        return await self._conn.call(
+            XsType.READ,
+            encode_path(path),
+            self._tx_id,
+            self.default_timeout if timeout is None else timeout,
+        )
 
     async def write(self, path: str, value: bytes | str, *, timeout: float | None = None) -> None:
         """Set ``path`` to ``value`` (creating missing parents)."""
-        data = value.encode() if isinstance(value, str) else value
-        # io/xs_wire.h: XS_WRITE payload is <path>\0<value>, the value not NUL-terminated
-        await self._call_ok(XsType.WRITE, self._path(path) + data, timeout)
+        await self._run(ops.write(path, value), timeout)
 
     async def mkdir(self, path: str, *, timeout: float | None = None) -> None:
         """Create ``path`` (and parents) if missing; existing values are untouched."""
-        await self._call_ok(XsType.MKDIR, self._path(path), timeout)
+        await self._run(ops.mkdir(path), timeout)
 
     async def rm(self, path: str, *, timeout: float | None = None) -> None:
         """Remove ``path`` and its subtree (no error if it is absent but its parent exists)."""
-        await self._call_ok(XsType.RM, self._path(path), timeout)
+        await self._run(ops.rm(path), timeout)
 
     async def exists(self, path: str, *, timeout: float | None = None) -> bool:
         """Return whether ``path`` exists (ENOENT → False; other errors raise)."""
-        try:
-            await self._call(XsType.READ, self._path(path), timeout)
-        except XenstoreError as exc:
-            if exc.errno_name == "ENOENT":
-                return False
-            raise
-        return True
+        return await self._run(ops.exists(path), timeout)
 
     async def directory(self, path: str, *, timeout: float | None = None) -> list[str]:
         """Return the names of the children of ``path``.
@@ -545,75 +452,17 @@ class _Ops:
         Falls back to ``DIRECTORY_PART`` when the full list does not fit in one reply
         (the server answers ``E2BIG``).
         """
-        payload = self._path(path)
-        try:
-            reply = await self._call(XsType.DIRECTORY, payload, timeout)
-        except XenstoreError as exc:
-            if exc.errno_name != "E2BIG":
-                raise
-            return await self._directory_part(payload, timeout)
-        return self._names(wire.fields(reply))
-
-    def _names(self, raw: Iterable[bytes]) -> list[str]:
-        out = []
-        for name in raw:
-            if not name:
-                self._protocol_error("empty child name")
-            out.append(_ascii(name, "child name"))
-        return out
-
-    async def _directory_part(self, path_arg: bytes, timeout: float | None) -> list[str]:
-        # xen-protocols.md §4.2: DIRECTORY_PART <path>\0<offset>\0 -> <gen>\0<child>\0...,
-        # the last chunk ends in an extra \0; a generation change means restart at 0.
-        for _ in range(_DIRECTORY_PART_RESTARTS):
-            names: list[bytes] = []
-            offset = 0
-            generation: bytes | None = None
-            while True:
-                reply = await self._call(
-                    XsType.DIRECTORY_PART, path_arg + b"%d\0" % offset, timeout
-                )
-                gen, sep, rest = reply.partition(b"\0")
-                if not sep or not gen.isdigit():
-                    self._protocol_error(f"DIRECTORY_PART reply {reply[:64]!r}")
-                if generation is None:
-                    generation = gen
-                elif gen != generation:
-                    break
-                final = rest == b"\0" or rest.endswith(b"\0\0") or rest == b""
-                chunk = rest[:-1] if final and rest else rest
-                if chunk and not chunk.endswith(b"\0"):
-                    self._protocol_error("DIRECTORY_PART chunk not NUL-terminated")
-                new = chunk.split(b"\0")[:-1] if chunk else []
-                if not final and not new:
-                    self._protocol_error("DIRECTORY_PART made no progress")
-                names.extend(new)
-                offset += len(chunk)
-                if final:
-                    return self._names(names)
-        raise XenstoreError("EAGAIN", "directory kept changing during DIRECTORY_PART")
+        return await self._run(ops.directory(path), timeout)
 
     async def get_perms(self, path: str, *, timeout: float | None = None) -> list[Perm]:
         """Return the permission list of ``path`` (entry 0 is the owner)."""
-        reply = await self._call(XsType.GET_PERMS, self._path(path, special=True), timeout)
-        items = wire.fields(reply)
-        if not items:
-            self._protocol_error("empty permission list")
-        try:
-            return [Perm.parse(item) for item in items]
-        except InvalidPermError as exc:
-            self._protocol_error(str(exc))
-            raise  # unreachable; keeps type checkers informed
+        return await self._run(ops.get_perms(path), timeout)
 
     async def set_perms(
         self, path: str, perms: Iterable[Perm | str], *, timeout: float | None = None
     ) -> None:
         """Replace the permission list of ``path`` (first entry names the owner)."""
-        entries = [p if isinstance(p, Perm) else Perm.parse(p) for p in perms]
-        if not entries:
-            raise LocalError("a permission list needs at least the owner entry")
-        payload = self._path(path, special=True) + wire.join(*(str(p) for p in entries))
-        await self._call_ok(XsType.SET_PERMS, payload, timeout)
+        await self._run(ops.set_perms(path, perms), timeout)
 
 
 class Transaction(_Ops):
@@ -644,18 +493,14 @@ class Transaction(_Ops):
         """Send TRANSACTION_START (header tx_id 0, payload ``\\0``)."""
         if self._state != "new":
             raise LocalError("transaction already started")
-        reply = await self._conn.call(XsType.TRANSACTION_START, b"\0", 0, self.default_timeout)
-        text = reply[:-1] if reply.endswith(b"\0") else reply
-        if not text.isdigit() or int(text) == 0 or int(text) > 0xFFFFFFFF:
-            self._protocol_error(f"transaction id {reply[:32]!r}")
-        self._tx_id = int(text)
+        self._tx_id = await self._client._run(ops.transaction_start(), self.default_timeout)
         self._state = "open"
         return self
 
     async def end(self, commit: bool = True, *, timeout: float | None = None) -> None:
         """Commit (``T``) or abort (``F``); the transaction is over either way."""
         try:
-            await self._call_ok(XsType.TRANSACTION_END, b"T\0" if commit else b"F\0", timeout)
+            await self._run(ops.transaction_end(commit), timeout)
         finally:
             self._state = "failed" if self._state == "open" else self._state
         self._state = "committed" if commit else "aborted"
@@ -747,17 +592,11 @@ class Watch:
 
     async def register(self) -> Watch:
         """Send WATCH; events start arriving (first the initial one)."""
-        conn = self.client._conn
         _paths.validate_path(self.path, allow_special=True)
-        args: list[str | bytes] = [self.path, self.token]
-        if self.depth is not None:
-            args.append(str(self.depth))
-        conn.watches.setdefault(self.token, []).append(self)
+        self.client._conn.watches.setdefault(self.token, []).append(self)
         self._registered = True
         try:
-            reply = await conn.call(XsType.WATCH, wire.join(*args), 0, self._timeout())
-            if reply != wire.OK:
-                self.client._protocol_error(f"WATCH reply {reply[:64]!r}")
+            await self.client._run(ops.watch(self.path, self.token, self.depth), self._timeout())
         except BaseException:
             self._unroute()
             raise
@@ -784,9 +623,7 @@ class Watch:
         conn = self.client._conn
         if conn.error is None:
             with contextlib.suppress(XenstoreError, XenstoreConnectionError):
-                await conn.call(
-                    XsType.UNWATCH, wire.join(self.path, self.token), 0, self._timeout()
-                )
+                await self.client._run(ops.unwatch(self.path, self.token), self._timeout())
         self._pending.clear()
         self._fail(LocalError("watch unregistered"))
 
@@ -855,7 +692,7 @@ class XenstoreClient(_Ops):
     ) -> XenstoreClient:
         """Connect like libxenstore does, or to ``path`` (socket or device). See :func:`connect`."""
         loop = asyncio.get_running_loop()
-        candidates = [path] if path is not None else [daemon_socket_path(), *XENBUS_DEVICES]
+        candidates = ops.connect_candidates(path)
         last: BaseException | None = None
         for candidate in candidates:
             try:
@@ -874,10 +711,7 @@ class XenstoreClient(_Ops):
                 last = exc
                 continue
             return cls(conn, timeout)
-        raise XenstoreConnectionError(
-            f"cannot connect to xenstore ({', '.join(candidates)}): {last}",
-            _errno_of(last) if last is not None else _errno.ENOENT,
-        )
+        raise ops.connect_error(candidates, last)
 
     @property
     def connected(self) -> bool:
@@ -971,7 +805,7 @@ class XenstoreClient(_Ops):
 
     async def reset_watches(self, *, timeout: float | None = None) -> None:
         """Drop every watch and transaction of this connection (RESET_WATCHES)."""
-        await self._call_ok(XsType.RESET_WATCHES, b"\0", timeout)
+        await self._run(ops.reset_watches(), timeout)
         for watches in list(self._conn.watches.values()):
             for w in list(watches):
                 w._unroute()
@@ -981,39 +815,33 @@ class XenstoreClient(_Ops):
 
     async def get_domain_path(self, domid: int, *, timeout: float | None = None) -> str:
         """Return the home path of ``domid`` (``/local/domain/<domid>``)."""
-        reply = await self._call(XsType.GET_DOMAIN_PATH, wire.join(str(domid)), timeout)
-        return _ascii(reply.rstrip(b"\0"), "domain path")
+        return await self._run(ops.get_domain_path(domid), timeout)
 
     async def introduce(
         self, domid: int, gfn: int, evtchn: int, *, timeout: float | None = None
     ) -> None:
         """Introduce a domain to xenstored (dom0 only)."""
-        await self._call_ok(XsType.INTRODUCE, wire.join(str(domid), str(gfn), str(evtchn)), timeout)
+        await self._run(ops.introduce(domid, gfn, evtchn), timeout)
 
     async def release(self, domid: int, *, timeout: float | None = None) -> None:
         """Release a domain (dom0 only); fires ``@releaseDomain``."""
-        await self._call_ok(XsType.RELEASE, wire.join(str(domid)), timeout)
+        await self._run(ops.release(domid), timeout)
 
     async def resume(self, domid: int, *, timeout: float | None = None) -> None:
         """Re-enable ``@releaseDomain`` reporting for ``domid``."""
-        await self._call_ok(XsType.RESUME, wire.join(str(domid)), timeout)
+        await self._run(ops.resume(domid), timeout)
 
     async def set_target(self, domid: int, target: int, *, timeout: float | None = None) -> None:
         """Give ``domid`` owner-like rights over ``target``'s nodes."""
-        await self._call_ok(XsType.SET_TARGET, wire.join(str(domid), str(target)), timeout)
+        await self._run(ops.set_target(domid, target), timeout)
 
     async def is_domain_introduced(self, domid: int, *, timeout: float | None = None) -> bool:
         """Return whether ``domid`` is known to xenstored."""
-        reply = await self._call(XsType.IS_DOMAIN_INTRODUCED, wire.join(str(domid)), timeout)
-        if reply not in (b"T\0", b"F\0"):
-            self._protocol_error(f"IS_DOMAIN_INTRODUCED reply {reply[:32]!r}")
-        return reply == b"T\0"
+        return await self._run(ops.is_domain_introduced(domid), timeout)
 
     async def control(self, *args: str | bytes | int, timeout: float | None = None) -> bytes:
         """Send a CONTROL request (implementation-defined); return the raw reply."""
-        if not args:
-            raise LocalError("control needs a command")
-        return await self._call(XsType.CONTROL, wire.join(*(_arg(a) for a in args)), timeout)
+        return await self._run(ops.control(*args), timeout)
 
 
 async def connect(path: str | None = None, *, timeout: float | None = None) -> XenstoreClient:
@@ -1025,123 +853,3 @@ async def connect(path: str | None = None, *, timeout: float | None = None) -> X
     the same framing.  ``timeout`` becomes the default per-request timeout.
     """
     return await XenstoreClient.connect(path, timeout=timeout)
-
-
-class _BlockingNodeOps:
-    """The node operations shared by :class:`BlockingClient` and
-    :class:`BlockingTransaction`: each runs the same call of ``_target`` (the async
-    client or transaction) to completion on the owner's private loop."""
-
-    _target: XenstoreClient | Transaction
-
-    def _run(self, aw: Awaitable[T]) -> T:
-        raise NotImplementedError
-
-    def read(self, path: str) -> bytes:
-        """Return the value of ``path``."""
-        return self._run(self._target.read(path))
-
-    def write(self, path: str, value: bytes | str) -> None:
-        """Write ``value`` to ``path``."""
-        self._run(self._target.write(path, value))
-
-    def mkdir(self, path: str) -> None:
-        """Create ``path``."""
-        self._run(self._target.mkdir(path))
-
-    def rm(self, path: str) -> None:
-        """Remove ``path`` and its subtree."""
-        self._run(self._target.rm(path))
-
-    def directory(self, path: str) -> list[str]:
-        """List the children of ``path``."""
-        return self._run(self._target.directory(path))
-
-    def exists(self, path: str) -> bool:
-        """Return whether ``path`` exists."""
-        return self._run(self._target.exists(path))
-
-
-class BlockingTransaction(_BlockingNodeOps):
-    """Blocking view of a :class:`Transaction` (see :class:`BlockingClient`); its node
-    operations act inside the transaction."""
-
-    def __init__(self, owner: BlockingClient, tx: Transaction) -> None:
-        """Wrap ``tx``; its requests run on ``owner``'s private loop."""
-        self._owner = owner
-        self.tx = self._target = tx
-
-    def _run(self, aw: Awaitable[T]) -> T:
-        return self._owner._run(aw)
-
-
-class BlockingClient(_BlockingNodeOps):
-    """A small blocking wrapper for scripts: each call runs the async client to completion.
-
-    It owns a private event loop, so it must not be used from inside a running loop.
-    Watches are not offered here; use :class:`XenstoreClient` for them.
-    """
-
-    def __init__(self, path: str | None = None, *, timeout: float | None = None) -> None:
-        """Connect like :func:`connect`."""
-        self._loop = asyncio.new_event_loop()
-        try:
-            self.client = self._target = self._run(XenstoreClient.connect(path, timeout=timeout))
-        except BaseException:
-            self._loop.close()
-            raise
-
-    def _run(self, aw: Awaitable[T]) -> T:
-        async def wrapper() -> T:
-            return await aw
-
-        return self._loop.run_until_complete(wrapper())
-
-    def get_perms(self, path: str) -> list[Perm]:
-        """Return the permissions of ``path``."""
-        return self._run(self.client.get_perms(path))
-
-    def set_perms(self, path: str, perms: Iterable[Perm | str]) -> None:
-        """Set the permissions of ``path``."""
-        self._run(self.client.set_perms(path, perms))
-
-    def get_domain_path(self, domid: int) -> str:
-        """Return ``/local/domain/<domid>``."""
-        return self._run(self.client.get_domain_path(domid))
-
-    def transact(self, fn: Callable[[BlockingTransaction], T], *, retries: int = 16) -> T:
-        """Run ``fn(t)`` in a transaction; commit; re-run all of it on ``EAGAIN``.
-
-        If ``fn`` raises, the transaction is aborted and the exception propagates.
-        """
-        attempt = 0
-        while True:
-            tx = self._run(self.client.transaction().start())
-            try:
-                result = fn(BlockingTransaction(self, tx))
-            except BaseException:
-                with contextlib.suppress(XenstoreError, XenstoreConnectionError, WireError):
-                    self._run(tx.abort())
-                raise
-            try:
-                self._run(tx.commit())
-            except XenstoreError as exc:
-                if exc.errno_name != "EAGAIN" or attempt >= retries:
-                    raise
-                attempt += 1
-                continue
-            return result
-
-    def close(self) -> None:
-        """Close the connection and the private loop."""
-        if not self._loop.is_closed():
-            self._run(self.client.close())
-            self._loop.close()
-
-    def __enter__(self) -> BlockingClient:
-        """Return self."""
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        """Close."""
-        self.close()

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,3 +92,22 @@ def xs_env(xs_server: XsServer) -> dict[str, str]:
     env.pop("XENSTORED_RUNDIR", None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     return env
+
+
+@pytest.fixture
+def xs_server_with(tmp_path: Path, peer_root: Path) -> Iterator[Callable[..., XsServer]]:
+    """Start our xenstored with extra command-line arguments (stopped after the test)."""
+    started: list[XsServer] = []
+
+    def start(*extra: str) -> XsServer:
+        tmp = tmp_path / f"xs{len(started)}"
+        tmp.mkdir()
+        server = start_xenstored(tmp, *extra)
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            stop_xenstored(server)

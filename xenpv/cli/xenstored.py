@@ -13,7 +13,9 @@ import logging
 import os
 import signal
 
+from xenpv import loops
 from xenpv.errors import LocalError
+from xenpv.loops import LOOPS
 from xenpv.xenstore.server import XenstoredServer
 from xenpv.xenstore.store import Quotas
 
@@ -58,6 +60,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--always-eagain",
         action="store_true",
         help="answer every transaction commit with EAGAIN (for testing clients)",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="auto",
+        help="event loop: uvloop when installed (auto, the default), uvloop or asyncio",
     )
     parser.add_argument(
         "--log-level",
@@ -105,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
             logging.error("bad quota %s=%s: %s", name, value, exc)
             return 2
     try:
-        asyncio.run(_serve(args, quotas))
+        loops.run(_serve(args, quotas), args.loop)
     except (LocalError, OSError) as exc:
         logging.error("%s", exc)
         return 1

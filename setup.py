@@ -28,6 +28,7 @@ CYTHON_MODULES: dict[str, str] = {
     "xenpv.rings._bytering": "cython/bytering.pyx",
     "xenpv.rings._atomic": "cython/atomic.pyx",
     "xenpv.vchan._vring": "xenpv/vchan/_vring.pyx",
+    "xenpv.xenstore._xsconn": "cython/xsconn.pyx",
 }
 
 CYTHON_DIRECTIVES = {

@@ -58,3 +58,16 @@ def daemon_machine() -> Iterator[Callable[..., DaemonMachine]]:
 
 def pytest_report_header(config: pytest.Config) -> str:
     return f"xenpv peers: {peers.peers_root()} (CI={os.environ.get('CI', '')})"
+
+
+@pytest.fixture(params=["selected", "python"])
+def direct_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on the embedded xenstored's selected direct path (the compiled one when
+    built) and again on its pure-Python twin.  Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("direct_path")``; the server must run in the
+    test's process (the in-thread harness of the xenstore socket tests)."""
+    from xenpv.xenstore import server
+
+    if request.param == "python":
+        monkeypatch.setattr(server, "_serve", server._XsConnection._serve_direct)
+    return str(request.param)

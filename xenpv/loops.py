@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from xenpv.errors import LocalError
 
-__all__ = ["LOOPS", "loop_factory", "run"]
+__all__ = ["LOOPS", "default_loop_name", "loop_factory", "run"]
 
 T = TypeVar("T")
 
@@ -41,6 +41,11 @@ def loop_factory(kind: str = "auto") -> Callable[[], asyncio.AbstractEventLoop]:
         else:
             return uvloop.new_event_loop
     return asyncio.new_event_loop
+
+
+def default_loop_name() -> str:
+    """The loop ``auto`` picks here: ``"uvloop"`` or ``"asyncio"``."""
+    return "asyncio" if loop_factory("auto") is asyncio.new_event_loop else "uvloop"
 
 
 def run(main: Coroutine[Any, Any, T], kind: str = "auto") -> T:

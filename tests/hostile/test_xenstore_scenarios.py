@@ -30,6 +30,8 @@ from xenpv.xenstore import wire
 from xenpv.xenstore.store import Quotas
 from xenpv.xenstore.wire import XsType as T
 
+pytestmark = pytest.mark.usefixtures("direct_path")
+
 
 @contextmanager
 def _serve(tmp_path: Path, quotas: Quotas) -> Iterator[tuple[ServerThread, RawClient, RawClient]]:

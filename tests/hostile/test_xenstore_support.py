@@ -206,3 +206,4 @@ def assert_other_domain_served(st: ServerThread, domid: int = 6) -> None:
     with RawClient(st.path(domid), timeout=5.0) as c:
         assert c.write(f"/local/domain/{domid}/alive", b"yes") == "OK"
         assert c.read(f"/local/domain/{domid}/alive") == b"yes"
+

@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hostile"))
 
 from test_xenstore_support import RawClient, running_server, setup_home
@@ -18,6 +20,8 @@ from xenpv.xenstore.store import Quotas
 from xenpv.xenstore.wire import XsType as T
 
 VALUE = bytes(range(256)) * 15 + b"tail"  # 3844 bytes: one near-maximal reply each
+
+pytestmark = pytest.mark.usefixtures("direct_path")
 
 
 def _pipeline_reads(client: RawClient, count: int) -> list[int]:

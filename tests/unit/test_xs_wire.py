@@ -138,3 +138,13 @@ def test_decoder_hostile_bytes_only_peer_error(data: bytes) -> None:
             assert len(msg.payload) <= wire.PAYLOAD_MAX
     except PeerError:
         pass
+
+
+def test_the_compiled_xenstored_path_is_chosen_when_built() -> None:
+    """The daemon's direct path is the compiled one unless XENPV_PURE_PYTHON=1."""
+    import os
+
+    from xenpv.xenstore import server
+
+    want = "python" if os.environ.get("XENPV_PURE_PYTHON") == "1" else "cython"
+    assert server.SERVE_IMPL == want

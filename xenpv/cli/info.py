@@ -23,6 +23,13 @@ def facts() -> dict[str, str]:
         out["rings"] = rings.IMPLEMENTATION
     except Exception as exc:  # an unbuilt tree still prints the rest
         out["rings"] = f"unavailable ({exc})"
+    try:
+        from xenpv import loops
+        from xenpv.xenstore import server
+
+        out["xenstored"] = f"{server.SERVE_IMPL}, loop {loops.default_loop_name()}"
+    except Exception as exc:
+        out["xenstored"] = f"unavailable ({exc})"
     out["xen"] = "present" if os.path.exists("/dev/xen/evtchn") else "absent (use the loopback emulator)"
     try:
         out["peers"] = str(peers.find("usr/bin/xenstore-read").parents[2])

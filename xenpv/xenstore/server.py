@@ -45,6 +45,7 @@ import socket
 import stat
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from xenpv.errors import LocalError
@@ -61,6 +62,8 @@ _DOM0_HIGH_WATER = 1 << 20
 _RECV_SIZE = 65536
 #: Receive rounds one reader callback may take while every round is fully answered.
 _READ_AGAIN = 16
+# Results of one direct serve (xenpv.xenstore._xsconn and _XsConnection._serve_direct).
+_AGAIN, _DONE, _GENERAL, _UNSENT, _EOF, _ERROR = range(6)
 _BACKLOG = 128
 _ACCEPT_BATCH = 32
 _ACCEPT_PAUSE = 1.0
@@ -136,6 +139,7 @@ class _XsConnection:
             else quotas.outstanding * (HEADER_SIZE + PAYLOAD_MAX)
         )
         self.low_water = self.high_water // 4
+        self.limited_types = _LIMITED_TYPES
 
     @property
     def limited(self) -> bool:
@@ -194,36 +198,51 @@ class _XsConnection:
         self.abort()
 
     def _on_readable(self) -> None:
-        # After answering everything received, read again before returning to the loop
-        # (at most _READ_AGAIN times): a client that waits for each reply has usually
-        # sent its next request by the time the reply's send returns, so the loop's
-        # poll and dispatch are skipped; when nothing is there the cost is one recv.
-        for _ in range(_READ_AGAIN):
-            try:
-                n = self.sock.recv_into(self.rbuf)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self._failed(exc)
-                return
-            if not n:
-                # The client will send nothing more: answer what it sent, then close.
-                self.eof = True
-                self._pause_reading()
-                self._process()
-                return
-            if (
-                self.decoder.buffered
-                or self.held is not None
-                or self.conn is None
-                or self.write_paused
-                or self.throttled
-                or self.scheduled
-            ):
-                break
-            if not (self._process_direct(n) and self.reading and not self.out):
-                return
+        if (
+            self.decoder.buffered
+            or self.held is not None
+            or self.conn is None
+            or self.write_paused
+            or self.throttled
+            or self.scheduled
+            or self.out
+        ):
+            self._read_general()
+            return
+        # Nothing older is waiting: serve whole requests straight from the receive
+        # buffer, and after answering everything received read again before returning
+        # to the loop (at most _READ_AGAIN times): a client that waits for each reply
+        # has usually sent its next request by the time the reply's send returns.
+        result = _serve(self, _READ_AGAIN)
+        status = result[0]
+        if status <= _DONE:
+            return
+        if status == _GENERAL:
+            _, n, pos, out = result
+            if pos < n:
+                self.decoder.feed(self.rview[pos:n])
+            self._process(out)
+        elif status == _UNSENT:
+            self._keep(result[1])
+            store = self.server.store
+            if store.dirty or store.released:
+                self.server._after_batch()
+        elif status == _EOF:
+            self._at_eof()
         else:
+            self._failed(OSError(result[1], os.strerror(result[1])))
+
+    def _read_general(self) -> None:
+        """One receive for the general path (the decoder and :meth:`_process`)."""
+        try:
+            n = self.sock.recv_into(self.rbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._failed(exc)
+            return
+        if not n:
+            self._at_eof()
             return
         decoder = self.decoder
         decoder.feed(self.rview[:n])
@@ -231,44 +250,64 @@ class _XsConnection:
             self._pause_reading()
         self._process()
 
-    def _process_direct(self, n: int) -> bool:
-        """Handle requests straight from the receive buffer (nothing older is waiting).
+    def _at_eof(self) -> None:
+        # The client will send nothing more: answer what it sent, then close.
+        self.eof = True
+        self._pause_reading()
+        self._process()
 
-        Complete requests are parsed in place; the first one that needs the general
-        path (a partial message, a bad length, a rate-limited write) and everything
-        after it go through the decoder and :meth:`_process`, as does the tail logic.
-        Returns True when every byte received was a complete request and was answered.
+    def _serve_direct(self, rounds: int) -> tuple[Any, ...]:
+        """Serve up to ``rounds`` receives straight from the receive buffer.
+
+        The pure-Python twin of the compiled ``xenpv.xenstore._xsconn.serve`` (its
+        module comment lists the results): complete requests are parsed in place and
+        answered in one send per receive; the first one that needs the general path (a
+        partial message, a bad length, a rate-limited write, a full batch) stops it.
         """
-        rbuf, rview = self.rbuf, self.rview
+        sock, rbuf, rview = self.sock, self.rbuf, self.rview
         conn = self.conn
         assert conn is not None
-        handle = self.server.store.handle
+        server = self.server
+        store = server.store
+        handle = store.handle
         unpack = HEADER.unpack_from
         limited = self.limited
-        out: list[bytes] = []
-        pos = 0
-        for _ in range(self.batch):
-            if n - pos < HEADER_SIZE:
-                break
-            type_, req_id, tx_id, length = unpack(rbuf, pos)
-            start = pos + HEADER_SIZE
-            end = start + length
-            if end > n or length > PAYLOAD_MAX or (limited and type_ in _LIMITED_TYPES):
-                break
-            out.append(handle(conn, type_, req_id, tx_id, bytes(rview[start:end])))
-            pos = end
-        if pos == n and len(out) < self.batch:
-            # Everything received was handled: send, deliver events, keep reading.
-            if out:
-                self.write(out[0] if len(out) == 1 else b"".join(out))
-            store = self.server.store
+        batch = self.batch
+        for _ in range(rounds):
+            try:
+                n = sock.recv_into(rbuf)
+            except (BlockingIOError, InterruptedError):
+                return (_AGAIN,)
+            except OSError as exc:
+                return (_ERROR, exc.errno)
+            if not n:
+                return (_EOF,)
+            out: list[bytes] = []
+            pos = 0
+            while len(out) < batch and n - pos >= HEADER_SIZE:
+                type_, req_id, tx_id, length = unpack(rbuf, pos)
+                start = pos + HEADER_SIZE
+                end = start + length
+                if length > PAYLOAD_MAX or end > n or (limited and type_ in _LIMITED_TYPES):
+                    break
+                out.append(handle(conn, type_, req_id, tx_id, bytes(rview[start:end])))
+                pos = end
+            if pos != n or len(out) >= batch:
+                return (_GENERAL, n, pos, out)
+            data = out[0] if len(out) == 1 else b"".join(out)
+            try:
+                sent = sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                return (_ERROR, exc.errno)
+            if sent < len(data):
+                return (_UNSENT, data[sent:])
             if store.dirty or store.released:
-                self.server._after_batch()
-            return True
-        if pos < n:
-            self.decoder.feed(rview[pos:n])
-        self._process(out)
-        return False
+                server._after_batch()
+            if self.closing or not self.reading or self.out:
+                return (_DONE,)
+        return (_DONE,)
 
     def write(self, data: bytes) -> None:
         """Send ``data`` now if the socket takes it, else keep it for the writer callback."""
@@ -285,12 +324,19 @@ class _XsConnection:
                 return
             if n == len(data):
                 return
-            out += memoryview(data)[n:]
-            self.writing = True
-            self.loop.add_writer(self.fd, self._on_writable)
-        else:
-            out += data
+            self._keep(memoryview(data)[n:])
+            return
+        out += data
         if not self.write_paused and len(out) > self.high_water:
+            self.write_paused = True
+            self._pause_reading()
+
+    def _keep(self, rest: bytes | memoryview) -> None:
+        """Keep what the socket did not take (the output was empty) for the writer callback."""
+        self.out += rest
+        self.writing = True
+        self.loop.add_writer(self.fd, self._on_writable)
+        if not self.write_paused and len(self.out) > self.high_water:
             self.write_paused = True
             self._pause_reading()
 
@@ -682,3 +728,30 @@ class XenstoredServer:
             for conn, proto in list(self._protocols.items()):
                 if conn.domid in released:
                     proto.abort()
+
+
+def _compiled_serve() -> Callable[[_XsConnection, int], tuple[Any, ...]] | None:
+    """The compiled direct path, unless it is missing or ``XENPV_PURE_PYTHON=1``."""
+    if os.environ.get("XENPV_PURE_PYTHON") == "1":
+        return None
+    try:
+        from xenpv.xenstore import _xsconn  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    codes = (
+        _xsconn.AGAIN,
+        _xsconn.DONE,
+        _xsconn.GENERAL,
+        _xsconn.UNSENT,
+        _xsconn.EOF,
+        _xsconn.ERROR,
+    )
+    if codes != (_AGAIN, _DONE, _GENERAL, _UNSENT, _EOF, _ERROR):
+        raise ImportError("xenpv.xenstore._xsconn does not match this server")
+    serve: Callable[[_XsConnection, int], tuple[Any, ...]] = _xsconn.serve
+    return serve
+
+
+_serve = _compiled_serve() or _XsConnection._serve_direct
+#: Which direct path serves connections: ``"cython"`` or ``"python"``.
+SERVE_IMPL = "python" if _serve is _XsConnection._serve_direct else "cython"

@@ -156,3 +156,30 @@ def test_requests_before_an_oversized_header_are_answered_then_the_connection_dr
         assert first is not None and second is not None
         assert (first.req_id, first.payload, second.req_id, second.payload) == (7, b"v", 8, b"v")
         assert dom0.recv_message() is None  # then the server closed the connection
+
+
+def test_an_internal_error_answers_eio_and_the_server_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug inside a request handler (simulated: MKDIR's handler raises) is logged and
+    answered with EIO; the transaction it was in cannot commit; the connection and
+    everyone else keep being served."""
+    from xenpv.xenstore import store as store_module
+
+    def broken(*args: object) -> bytes:
+        raise RuntimeError("simulated bug")
+
+    with running_server(tmp_path, domids=(3,)) as st, RawClient(st.path(0)) as dom0:
+        setup_home(dom0, 3)
+        monkeypatch.setitem(store_module._HANDLERS, T.MKDIR, broken)
+        with RawClient(st.path(3)) as guest:
+            assert dom0.err(T.MKDIR, "/a") == "EIO"
+            assert guest.err(T.MKDIR, "/local/domain/3/x") == "EIO"
+            tx = int(dom0.ok(T.TRANSACTION_START, "").rstrip(b"\0"))
+            assert dom0.write("/in-tx", b"1", tx=tx) == "OK"
+            assert dom0.err(T.MKDIR, "/b", tx=tx) == "EIO"
+            assert dom0.err(T.TRANSACTION_END, "T", tx=tx) == "EIO"
+            assert dom0.err(T.READ, "/in-tx") == "ENOENT"  # nothing of it was committed
+            assert dom0.write("/after", b"ok") == "OK"
+            assert guest.read("/local/domain/3") == b""
+        assert st.call(lambda: st.srv.store.internal_errors) == 3

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import logging
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ from xenpv.xenstore.wire import (
     XenstoreError,
     XsType,
 )
+
+_logger = logging.getLogger(__name__)
 
 __all__ = [
     "BOTH",
@@ -442,6 +445,8 @@ class Store:
         self.dropped_events = 0
         #: Chaos knob (oxenstored ``test-eagain``): every commit answers EAGAIN.
         self.always_eagain = False
+        #: Requests that failed with EIO because of an unexpected exception in the store.
+        self.internal_errors = 0
         self._fired: list[tuple[str, bool, Perms, int]] = []
         root_perms: Perms = ((0, NONE),)
         gen = self.next_gen()
@@ -771,7 +776,8 @@ class Store:
         """Process one request of ``conn``; return the encoded reply message.
 
         Watch events caused by the request are queued on the connections concerned
-        (see :attr:`dirty`).  Never raises for anything the client sent.
+        (see :attr:`dirty`).  Never raises for anything the client sent; an unexpected
+        exception inside a handler (a bug) is logged and answered with ``EIO``.
         """
         if type_ == _READ and not tx_id and not conn.closed:
             # Fast path of the commonest request: a readable node outside a transaction.
@@ -796,7 +802,20 @@ class Store:
                 tx = conn.transactions.get(tx_id)
                 if tx is None:
                     raise _Fail("ENOENT")
-            reply = handler(self, conn, tx, payload)
+            try:
+                reply = handler(self, conn, tx, payload)
+            except _Fail:
+                raise
+            except Exception:
+                # A bug of ours, not the client's doing: the client gets EIO (and the
+                # transaction can no longer commit), everyone else is still served.
+                _logger.exception(
+                    "xenstore request of type %d from domain %d failed", type_, conn.domid
+                )
+                self.internal_errors += 1
+                if tx is not None:
+                    tx.poisoned = tx.poisoned or "EIO"
+                raise _Fail("EIO") from None
             if len(reply) > PAYLOAD_MAX:
                 raise _Fail("E2BIG")
         except _Fail as exc:

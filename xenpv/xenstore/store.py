@@ -782,10 +782,14 @@ class Store:
         if type_ == _READ and not tx_id and not conn.closed:
             # Fast path of the commonest request: a readable node outside a transaction.
             # Anything else (an error to report) takes the general path below.
-            try:
-                path = self._path(conn, self._arg(payload))
-            except _Fail:
-                path = ""
+            path = conn.path_cache.get(payload)  # also keyed by whole READ payloads
+            if path is None:
+                try:
+                    path = self._path(conn, self._arg(payload))
+                except _Fail:
+                    path = ""
+                else:
+                    conn.path_cache[payload] = path
             node = self.nodes.get(path)
             if node is not None and (conn.privileged or self.perm_for(conn, node) & READ):
                 value = node.value

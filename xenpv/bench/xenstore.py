@@ -5,16 +5,23 @@ Theory of operation
 One ``xenpv xenstored`` process is started on a private socket and every client measures
 READs of the same short value against it, in the same run:
 
-(a) ``ours_sequential``  — our asyncio client, one request at a time;
-(b) ``ours_pipelined``   — our client with 64 requests in flight (windows of 64 submits);
+(a) ``ours_sequential``  — our client for sequential callers, the blocking
+    :class:`~xenpv.xenstore.blocking.BlockingClient`, one request at a time;
+(b) ``ours_pipelined``   — our asyncio client with 64 requests in flight (windows of 64
+    submits);
 (c) ``pyxs_sequential``  — pyxs (PyPI), one request at a time;
-(d) ``libxenstore_sequential`` — Xen's own ``libxenstore.so.4`` from Debian, called by a C
-    loop (``csrc/xs_libxs_read.c``: ``xs_open(0)`` then ``xs_read`` per iteration);
+(d) ``libxenstore_sequential`` — Xen's own ``libxenstore.so.4`` from Debian, called from
+    Python through cffi (``_xs_cffi.py``: ``xs_open(0)``, then ``xs_read`` + ``free``
+    per iteration);
 (e) ``c_echo_floor``     — the transport floor: a C client and a C server exchanging
     16-byte-header messages over the same kind of Unix socket (``csrc/xs_echo.c``).
 
-``client_only_vs_c_echo_server`` repeats (a) and (c) against the C echo server instead
-of xenstored, so the clients' own cost shows without the server's.
+Also reported, without targets: ``ours_sequential_asyncio`` (the asyncio client one
+request at a time: it pays an event-loop wake-up and a task switch per reply) and
+``libxenstore_c_loop`` (libxenstore called by a C loop, ``csrc/xs_libxs_read.c``: the
+cost of cffi's call shows as its difference from (d)).  ``client_only_vs_c_echo_server``
+repeats the sequential Python clients against the C echo server instead of xenstored,
+so the clients' own cost shows without the server's.
 
 The C programs are compiled at bench time with the system ``cc``.  Every figure is the
 median of interleaved rounds (``spread`` gives the lowest and highest).  Ratios: (a)/(c)
@@ -52,6 +59,7 @@ from typing import Any
 
 from xenpv import peers
 from xenpv.errors import LocalError
+from xenpv.xenstore.blocking import BlockingClient
 from xenpv.xenstore.client import connect
 from xenpv.xenstore.wire import XsType
 
@@ -164,6 +172,18 @@ async def _ours(sock: str, count: int, pipelined: bool, setup: bool = True) -> f
         await c.close()
 
 
+def _blocking(sock: str, count: int, setup: bool = True) -> float:
+    with BlockingClient(sock) as c:
+        if setup:
+            c.write(KEY, VALUE)
+        read = c.read
+        t0 = time.perf_counter()
+        for _ in range(count):
+            if read(KEY) != VALUE:
+                raise LocalError("unexpected value")
+        return count / (time.perf_counter() - t0)
+
+
 def _pyxs(sock: str, count: int, setup: bool = True) -> float:
     import pyxs
 
@@ -182,14 +202,15 @@ def _parse_rate(out: str) -> float:
     return int(n) / float(seconds)
 
 
-def _libxenstore(exe: Path, sock: str, count: int) -> float:
+def _libxenstore(cmd: list[str], sock: str, count: int) -> float:
+    """Run a libxenstore reader (``cmd PATH COUNT``) against ``sock``."""
     env = peers.run_env()
     env["XENSTORED_PATH"] = sock
     res = subprocess.run(
-        [str(exe), KEY, str(count)], env=env, capture_output=True, text=True, timeout=600
+        [*cmd, KEY, str(count)], env=env, capture_output=True, text=True, timeout=600
     )
     if res.returncode != 0:
-        raise LocalError(f"xs_libxs_read failed: {res.stderr.strip()}")
+        raise LocalError(f"{' '.join(cmd)} failed: {res.stderr.strip()}")
     return _parse_rate(res.stdout)
 
 
@@ -241,6 +262,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     medians = {k: statistics.median(v) for k, v in samples.items()}
     client_only = {
         "ours_sequential": medians.pop("ours_vs_c_echo_server"),
+        "ours_sequential_asyncio": medians.pop("asyncio_vs_c_echo_server"),
         "pyxs_sequential": medians.pop("pyxs_vs_c_echo_server"),
     }
     client_only["ratio"] = client_only["ours_sequential"] / client_only["pyxs_sequential"]
@@ -253,6 +275,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "ours_sequential/libxenstore_sequential": (
             result["ours_sequential"] / result["libxenstore_sequential"]
+        ),
+        "ours_sequential_asyncio/pyxs_sequential": (
+            result["ours_sequential_asyncio"] / result["pyxs_sequential"]
+        ),
+        "libxenstore_c_loop/c_echo_floor": (
+            result["libxenstore_c_loop"] / result["c_echo_floor"]
         ),
     }
     result["targets"] = {
@@ -273,7 +301,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "server_cpus": sorted(server_cpus) if server_cpus is not None else None,
         "client_cpus": sorted(client_cpus) if client_cpus is not None else None,
         "server": "xenpv xenstored, separate process, Unix socket",
-        "libxenstore": "C loop calling xs_read (Debian libxenstore.so.4)",
+        "ours_sequential": "BlockingClient.read, no timeout",
+        "ours_pipelined": "XenstoreClient.submit, windows of 64",
+        "libxenstore": "xs_read from Python through cffi (Debian libxenstore.so.4)",
+        "libxenstore_c_loop": "xs_read from a C loop",
         "cpus": os.cpu_count(),
     }
     return result
@@ -294,14 +325,20 @@ def _measure(count: int, rounds: int, cpus: set[int] | None) -> dict[str, list[f
         )
         proc, sock = _start_server(work, cpus)
         try:
+            cffi_reader = [sys.executable, "-m", "xenpv.bench._xs_cffi"]
             measures: dict[str, Callable[[], float]] = {
-                "ours_sequential": lambda: asyncio.run(_ours(sock, count, False)),
+                "ours_sequential": lambda: _blocking(sock, count),
                 "ours_pipelined": lambda: asyncio.run(_ours(sock, count * 4, True)),
+                "ours_sequential_asyncio": lambda: asyncio.run(_ours(sock, count, False)),
                 "pyxs_sequential": lambda: _pyxs(sock, count),
-                "libxenstore_sequential": lambda: _libxenstore(libxs, sock, count),
+                "libxenstore_sequential": lambda: _libxenstore(cffi_reader, sock, count),
+                "libxenstore_c_loop": lambda: _libxenstore([str(libxs)], sock, count),
                 "c_echo_floor": lambda: _c_echo(echo, work, count, cpus),
                 # client cost alone: the same clients against the C echo server
                 "ours_vs_c_echo_server": lambda: _against_echo(
+                    echo, work, cpus, lambda s: _blocking(s, count, setup=False)
+                ),
+                "asyncio_vs_c_echo_server": lambda: _against_echo(
                     echo, work, cpus, lambda s: asyncio.run(_ours(s, count, False, setup=False))
                 ),
                 "pyxs_vs_c_echo_server": lambda: _against_echo(

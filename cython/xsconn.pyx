@@ -23,6 +23,7 @@
 #   (EOF,)                       the client closed its side
 #   (ERROR, errno)               recv or send failed
 
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint32_t
@@ -58,9 +59,9 @@ ERROR = 5
 def serve(object xc, int rounds):
     """Serve up to ``rounds`` receives of connection ``xc`` (see the module comment)."""
     cdef int fd = xc.fd
-    cdef unsigned char[::1] rbuf = xc.rbuf
-    cdef unsigned char *buf = &rbuf[0]
-    cdef size_t size = rbuf.shape[0]
+    cdef bytearray rbuf = xc.rbuf  # fixed size for the connection's life
+    cdef char *buf = PyByteArray_AS_STRING(rbuf)
+    cdef size_t size = PyByteArray_GET_SIZE(rbuf)
     cdef Py_ssize_t n, pos, end, count, sent, total
     cdef Py_ssize_t batch = xc.batch
     cdef xsd_sockmsg h
@@ -97,7 +98,7 @@ def serve(object xc, int rounds):
                     h.type,
                     h.req_id,
                     h.tx_id,
-                    PyBytes_FromStringAndSize(<char *>buf + pos + HEADER_SIZE, h.len),
+                    PyBytes_FromStringAndSize(buf + pos + HEADER_SIZE, h.len),
                 )
             )
             pos = end

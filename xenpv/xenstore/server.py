@@ -62,6 +62,7 @@ _DOM0_HIGH_WATER = 1 << 20
 _RECV_SIZE = 65536
 #: Receive rounds one reader callback may take while every round is fully answered.
 _READ_AGAIN = 16
+_MAX_MESSAGE = HEADER_SIZE + PAYLOAD_MAX
 # Results of one direct serve (xenpv.xenstore._xsconn and _XsConnection._serve_direct).
 _AGAIN, _DONE, _GENERAL, _UNSENT, _EOF, _ERROR = range(6)
 _BACKLOG = 128
@@ -282,6 +283,17 @@ class _XsConnection:
                 return (_ERROR, exc.errno)
             if not n:
                 return (_EOF,)
+            if n < HEADER_SIZE or n < HEADER_SIZE + unpack(rbuf)[3] <= _MAX_MESSAGE:
+                # Only part of one request came.  libxenstore writes a request's header
+                # and payload with two writes: let the writer finish (on a shared CPU it
+                # waits for us) and read once more before going back to the loop.
+                os.sched_yield()
+                try:
+                    n += sock.recv_into(rview[n:])
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError as exc:
+                    return (_ERROR, exc.errno)
             out: list[bytes] = []
             pos = 0
             while len(out) < batch and n - pos >= HEADER_SIZE:

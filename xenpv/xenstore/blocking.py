@@ -59,8 +59,9 @@ _EXPIRED_MEMORY = 4096
 _token_counter = itertools.count(1)
 
 
-def _open(path: str | None) -> int:
-    """Open a blocking connection the way libxenstore does (see :func:`ops.connect_candidates`)."""
+def _open(path: str | None) -> tuple[int, socket.socket | None]:
+    """Open a blocking connection the way libxenstore does (see :func:`ops.connect_candidates`);
+    return the descriptor and, for a socket, its socket object."""
     candidates = ops.connect_candidates(path)
     last: BaseException | None = None
     for candidate in candidates:
@@ -72,11 +73,26 @@ def _open(path: str | None) -> int:
                 except BaseException:
                     sock.close()
                     raise
-                return sock.detach()
-            return os.open(candidate, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY)
+                return sock.fileno(), sock
+            return os.open(candidate, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY), None
         except OSError as exc:
             last = exc
     raise ops.connect_error(candidates, last)
+
+
+def _below(path: str, top: str) -> bool:
+    """Whether ``path`` is ``top`` or a node under it (special ``@`` paths: only itself)."""
+    if path == top:
+        return True
+    prefix = top if top.endswith("/") else top + "/"
+    return not top.startswith("@") and path.startswith(prefix)
+
+
+def _fires(watch_path: str, path: str) -> bool:
+    """Whether a watch on ``watch_path`` fires with ``path``: a change at or below the
+    watched node, or the removal of one of its ancestors (the event names the removed
+    node)."""
+    return _below(path, watch_path) or _below(watch_path, path)
 
 
 class _NodeOps:
@@ -204,9 +220,11 @@ class BlockingClient(_NodeOps):
         self, path: str | None = None, *, timeout: float | None = None, max_pending: int = 1024
     ) -> None:
         """Connect like :func:`xenpv.xenstore.client.connect`."""
+        self._fd = -1  # (so that __del__ of a client that failed here has nothing to do)
+        self._sock: socket.socket | None = None
         if max_pending < 1:
             raise LocalError("max_pending must be at least 1")
-        self._fd = _open(path)
+        self._fd, self._sock = _open(path)
         self._client = self
         self.default_timeout = timeout
         self.max_pending = max_pending
@@ -217,8 +235,9 @@ class BlockingClient(_NodeOps):
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._expired: collections.OrderedDict[int, None] = collections.OrderedDict()
-        #: registered watches: token → path (events of other tokens are dropped)
-        self._watches: dict[str, str] = {}
+        #: registered watches: token → its paths (the server keys watches by path and
+        #: token; events of other tokens are dropped)
+        self._watches: dict[str, list[str]] = {}
         self._events: dict[WatchEvent, None] = {}
         self.overflows = 0
         self.error: BaseException | None = None
@@ -246,14 +265,37 @@ class BlockingClient(_NodeOps):
         """Close."""
         self.close()
 
+    def __del__(self) -> None:
+        """Release the descriptor of a client that was never closed."""
+        self._close_fd()
+
     def _fail(self, exc: BaseException) -> None:
+        """Mark the connection failed with ``exc`` and release the descriptor.
+
+        The descriptor is closed only by whoever holds the lock (or can take it now): a
+        thread blocked on it is woken by ``shutdown`` and closes it on its way out, so no
+        thread ever uses a descriptor number that was closed (and maybe reused) under it.
+        """
         if self.error is None:
             self.error = exc
-            with contextlib.suppress(OSError):  # wakes a thread blocked on the socket
-                sock = socket.socket(fileno=self._fd)
-                sock.shutdown(socket.SHUT_RDWR)
-                sock.detach()
-            os.close(self._fd)
+            if self._sock is not None:
+                with contextlib.suppress(OSError):  # wakes a thread blocked on the socket
+                    self._sock.shutdown(socket.SHUT_RDWR)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._close_fd()
+            finally:
+                self._lock.release()
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd < 0:
+            return
+        sock = self._sock
+        if sock is not None:
+            sock.close()
+        else:
+            os.close(fd)
 
     # -- the wire -----------------------------------------------------------------------
 
@@ -279,35 +321,55 @@ class BlockingClient(_NodeOps):
         if timeout is None:
             timeout = self.default_timeout
         with self._lock:
-            if self.error is not None:
-                raise self.error
-            req_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
-            deadline = None if timeout is None else time.monotonic() + timeout
             try:
-                self._send(wire.encode(type_, req_id, tx_id, payload), deadline)
-                while True:
-                    r_type, r_id, r_tx, r_payload = self._receive(deadline)
-                    if r_id == req_id:
-                        break
-                    self._unsolicited(r_type, r_id, r_payload)
-            except TimeoutError:
-                self._expired[req_id] = None
-                while len(self._expired) > _EXPIRED_MEMORY:
-                    self._expired.popitem(last=False)
-                raise TimeoutError(f"xenstore request {req_id} timed out") from None
-            except WireError as exc:
-                self._fail(exc)
-                raise
-            if r_tx != tx_id:
-                bad = WireError(f"xenstore reply tx_id {r_tx} != request tx_id {tx_id}")
-            elif r_type == type_:
-                return r_payload
-            elif r_type == XsType.ERROR:
-                raise XenstoreError(wire.parse_error(r_payload))
-            else:
-                bad = WireError(f"xenstore reply of type {r_type} to a request of type {type_}")
-            self._fail(bad)
-            raise bad
+                return self._call_locked(type_, payload, tx_id, timeout)
+            finally:
+                if self.error is not None:
+                    self._close_fd()
+
+    def _call_locked(self, type_: int, payload: bytes, tx_id: int, timeout: float | None) -> bytes:
+        if self.error is not None:
+            raise self.error
+        req_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sent = False
+        try:
+            self._send(wire.encode(type_, req_id, tx_id, payload), deadline)
+            sent = True
+            while True:
+                r_type, r_id, r_tx, r_payload = self._receive(deadline)
+                if r_id == req_id:
+                    break
+                self._unsolicited(r_type, r_id, r_payload)
+        except TimeoutError:
+            if sent:
+                self._expire(req_id)
+            raise TimeoutError(f"xenstore request {req_id} timed out") from None
+        except WireError as exc:
+            self._fail(exc)
+            raise
+        except BaseException:
+            # Interrupted (a signal handler raised, a connection error): a reply that
+            # comes later is discarded like the late reply of a timed-out request.
+            if sent:
+                self._expire(req_id)
+            raise
+        if r_tx != tx_id:
+            bad = WireError(f"xenstore reply tx_id {r_tx} != request tx_id {tx_id}")
+        elif r_type == type_:
+            return r_payload
+        elif r_type == XsType.ERROR:
+            raise XenstoreError(wire.parse_error(r_payload))
+        else:
+            bad = WireError(f"xenstore reply of type {r_type} to a request of type {type_}")
+        self._fail(bad)
+        raise bad
+
+    def _expire(self, req_id: int) -> None:
+        """Remember ``req_id`` so that its late reply is discarded (bounded memory)."""
+        self._expired[req_id] = None
+        while len(self._expired) > _EXPIRED_MEMORY:
+            self._expired.popitem(last=False)
 
     def _unsolicited(self, type_: int, req_id: int, payload: bytes) -> None:
         """A message that is not the awaited reply: a watch event or a late reply."""
@@ -319,19 +381,26 @@ class BlockingClient(_NodeOps):
             raise WireError(f"xenstore reply to unknown req_id {req_id} (type {type_})")
 
     def _queue_event(self, event: WatchEvent) -> None:
-        path = self._watches.get(event.token)
-        if path is None:  # not (or no longer) ours: a late event of an UNWATCH
-            return
+        paths = self._watches.get(event.token)
+        if not paths or not any(_fires(p, event.path) for p in paths):
+            return  # not (or no longer) ours: e.g. a late event of an UNWATCH
         events = self._events
         if event not in events:
             if len(events) >= self.max_pending:
-                # events are hints: collapse into one event per watch path
-                watched = {WatchEvent(self._watches.get(e.token, e.path), e.token) for e in events}
+                # events are hints: collapse into one event per watch (at most one per
+                # registered path and token)
+                watched = {self._collapsed(e) for e in events}
                 events.clear()
                 events.update(dict.fromkeys(watched))
                 self.overflows += 1
-                event = WatchEvent(path, event.token)
+                event = self._collapsed(event)
             events[event] = None
+
+    def _collapsed(self, event: WatchEvent) -> WatchEvent:
+        """The event of the watch path ``event`` belongs to (any path of its token)."""
+        paths = self._watches.get(event.token) or [event.path]
+        path = next((p for p in paths if _fires(p, event.path)), paths[0])
+        return WatchEvent(path, event.token)
 
     def _wait(self, fd: int, what: int, deadline: float | None) -> None:
         """Wait until ``fd`` is ready for ``what`` (POLLIN/POLLOUT); TimeoutError at the
@@ -348,16 +417,35 @@ class BlockingClient(_NodeOps):
                 return
 
     def _send(self, data: bytes, deadline: float | None) -> None:
+        """Write one whole request.  With a deadline a socket is written without blocking
+        (a blocking write waits for room for everything, past any deadline); a request
+        left half-written fails the connection, as the stream can no longer be framed."""
         view = memoryview(data)
-        while view:
-            self._wait(self._fd, select.POLLOUT, deadline)
-            try:
-                n = os.write(self._fd, view)
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                raise self._lost(exc) from exc
-            view = view[n:]
+        fd = self._fd
+        sock = self._sock if deadline is not None else None
+        device = deadline is not None and sock is None
+        try:
+            if device:  # (a device has no per-call MSG_DONTWAIT)
+                os.set_blocking(fd, False)
+            while view:
+                self._wait(fd, select.POLLOUT, deadline)
+                try:
+                    if sock is not None:
+                        n = sock.send(view, socket.MSG_DONTWAIT)
+                    else:
+                        n = os.write(fd, view)
+                except (InterruptedError, BlockingIOError):
+                    continue
+                except OSError as exc:
+                    raise self._lost(exc) from exc
+                view = view[n:]
+        except BaseException:
+            if 0 < len(view) < len(data):
+                self._fail(XenstoreConnectionError("xenstore request left half-written"))
+            raise
+        finally:
+            if device and self._fd == fd:
+                os.set_blocking(fd, True)
 
     def _receive(self, deadline: float | None) -> tuple[int, int, int, bytes]:
         """Return the next complete message (type, req_id, tx_id, payload)."""
@@ -437,20 +525,35 @@ class BlockingClient(_NodeOps):
         """
         if token is None:
             token = f"xenpv-{os.getpid()}-{next(_token_counter)}"
-        self._watches[token] = path
+        # Registered before the request, so that the initial event is kept; a refused
+        # WATCH (EEXIST for a duplicate) takes back only this registration.
+        with self._lock:
+            self._watches.setdefault(token, []).append(path)
         try:
             self._drive(ops.watch(path, token, depth), 0)
         except BaseException:
-            self._watches.pop(token, None)
+            with self._lock:
+                self._forget(path, token)
             raise
         return token
 
     def unwatch(self, path: str, token: str) -> None:
-        """Unregister a watch and drop its queued events."""
-        self._watches.pop(token, None)
-        for event in [e for e in self._events if e.token == token]:
-            del self._events[event]
+        """Unregister a watch and drop its queued events (those another watch of the same
+        token covers stay)."""
+        with self._lock:  # the queue belongs to the thread holding the connection
+            self._forget(path, token)
+            paths = self._watches.get(token, [])
+            for event in [e for e in self._events if e.token == token]:
+                if not any(_fires(p, event.path) for p in paths):
+                    del self._events[event]
         self._drive(ops.unwatch(path, token), 0)
+
+    def _forget(self, path: str, token: str) -> None:
+        paths = self._watches.get(token)
+        if paths is not None and path in paths:
+            paths.remove(path)
+            if not paths:
+                del self._watches[token]
 
     @property
     def pending_watch_events(self) -> int:
@@ -463,18 +566,22 @@ class BlockingClient(_NodeOps):
         if timeout is None:
             timeout = self.default_timeout
         with self._lock:
-            if self.error is not None and not self._events:
-                raise self.error
-            deadline = None if timeout is None else time.monotonic() + timeout
             try:
-                while not self._events:
-                    self._unsolicited(*_drop_tx(self._receive(deadline)))
-            except WireError as exc:
-                self._fail(exc)
-                raise
-            event = next(iter(self._events))
-            del self._events[event]
-            return event
+                if self.error is not None and not self._events:
+                    raise self.error
+                deadline = None if timeout is None else time.monotonic() + timeout
+                try:
+                    while not self._events:
+                        self._unsolicited(*_drop_tx(self._receive(deadline)))
+                except WireError as exc:
+                    self._fail(exc)
+                    raise
+                event = next(iter(self._events))
+                del self._events[event]
+                return event
+            finally:
+                if self.error is not None:
+                    self._close_fd()
 
     # -- domains ------------------------------------------------------------------------
 

@@ -62,6 +62,9 @@ DEFAULT_RUNDIR = "/var/run/xenstored"
 XENBUS_DEVICES = ("/dev/xen/xenbus", "/proc/xen/xenbus")
 #: Retries of a DIRECTORY_PART walk whose generation keeps changing.
 _DIRECTORY_PART_RESTARTS = 16
+#: Bytes of child names one DIRECTORY_PART walk may collect (a server that never sends
+#: the last chunk must not make a client loop and grow for ever; hostile-inputs R11).
+DIRECTORY_PART_MAX = 1 << 22
 #: Valid ordinary paths already encoded for the wire (validation is per request otherwise).
 _PATH_CACHE: dict[str, bytes] = {}
 _PATH_CACHE_SIZE = 1024
@@ -294,6 +297,8 @@ def _directory_part(path_arg: bytes) -> Op[list[str]]:
                 raise malformed("DIRECTORY_PART made no progress")
             names.extend(new)
             offset += len(chunk)
+            if offset > DIRECTORY_PART_MAX:
+                raise malformed(f"DIRECTORY_PART walk beyond {DIRECTORY_PART_MAX} bytes")
             if final:
                 return _names(names)
     raise XenstoreError("EAGAIN", "directory kept changing during DIRECTORY_PART")

@@ -443,6 +443,12 @@ def _xenstore_model(victim: Any) -> Callable[[bytes], None]:
     return run
 
 
+def _blocking_client(victim: Any) -> Callable[[bytes], None]:
+    from xenpv.fuzz.xsclient import BlockingClientTarget
+
+    return BlockingClientTarget()
+
+
 def _xenbus_driver(victim: Any) -> Callable[[bytes], None]:
     from xenpv.fuzz.xenbus_driver import DriverTarget
 
@@ -489,6 +495,8 @@ def _make_targets() -> dict[str, Target]:
                _vchan_process, "command"),
         Target("xenstore:model", "operation lists against the store and a naive reference model",
                _xenstore_model),
+        Target("xenstore:blocking-client", "hostile xenstore server vs the blocking client "
+               "(replies, errors, watch events, floods, garbage, hang-ups)", _blocking_client),
         Target("xenbus:machine", "hostile xenbus peer: state sequences and garbage vs both machines",
                lambda victim: drive_machine),
         Target("xenbus:keys", "hostile connect-time keys (ring-ref, event-channel, orders, queues)",

@@ -239,6 +239,9 @@ class ConsoleSession(EventPump):
     def _stopped(self) -> bool:
         return self._closed
 
+    def _pump_loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
     # -- data path
     def _service(self) -> bool:
         """Consume output (bounded), produce pending input, notify after index moves."""

@@ -11,7 +11,8 @@ index once (single fetch, R1), and a corrupt index pair (``prod - cons`` larger 
 ring) reads as "nothing there" and is counted, never raised (§8.1: ignored; scenario 27).
 
 :class:`ConsoleTransport` is an :class:`asyncio.Transport` over one ring page and one
-port, so the standard :class:`asyncio.StreamReader`/:class:`asyncio.StreamWriter` pair
+port (a :class:`~xenpv.streams.RingStreamTransport`, the base it shares with vchan's
+streams), so the standard :class:`asyncio.StreamReader`/:class:`asyncio.StreamWriter` pair
 works unchanged (:func:`open_console_streams`).  Every notification runs one service
 pass: flush buffered writes into the ring, move readable bytes to the protocol (bounded
 per pass), notify the peer after any index update.  Event storms are bounded by an
@@ -34,9 +35,11 @@ Two kinds of console (§8.2, §8.3):
   page (refs ≥ 8) and allocates a port, writes ``ring-ref`` and ``port`` and goes
   Initialised; it opens the streams once both sides are Connected.
 
-Event channels: each console takes deliveries from the platform's event handle through a
-:class:`PortDispatcher` (one per handle), which hands a fired port (still masked) to its
-console; :class:`EventPump`, shared with the backend's sessions, decides when to unmask.
+Event channels: each console takes deliveries from the platform's event handle through
+the handle's :class:`~xenpv.platforms.dispatch.PortDispatcher` (one per handle, shared
+with every other driver on that handle, vchan included), which hands the fired port to its
+console still masked; :class:`EventPump`, shared with the backend's sessions, decides
+when to unmask.
 Each ring is written by its producer with a single aligned index store
 after the data (and read by its consumer after one index load), through the ring layer's
 barriers; the notification follows the index store.
@@ -49,9 +52,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 from xenpv.errors import LocalError, PlatformError
+from xenpv.platforms.dispatch import PortDispatcher
 from xenpv.protocols.console import (
     XENCONS_IN_CONS_OFFSET,
     XENCONS_IN_OFFSET,
@@ -63,6 +67,7 @@ from xenpv.protocols.console import (
     XENCONS_OUT_SIZE,
 )
 from xenpv.rings import ByteRing
+from xenpv.streams import RingStreamTransport
 from xenpv.xenbus.driver import FrontendDriver, PeerKeys
 from xenpv.xenbus.machine import FrontendStyle
 
@@ -178,69 +183,6 @@ class EventRateLimiter:
         return self.count <= self.allowance
 
 
-class PortDispatcher:
-    """Hands ports delivered on one event-channel handle to their owners (asyncio).
-
-    The fired port reaches its callback still masked; the callback decides when to
-    unmask.  Ports nobody claims are unmasked and dropped.  At most
-    ``_EVENTS_PER_WAKEUP`` deliveries are taken per wake-up (bounded work, R3/R10).
-    """
-
-    _EVENTS_PER_WAKEUP = 64
-    _hubs: ClassVar[dict[int, PortDispatcher]] = {}
-
-    def __init__(self, events: Any) -> None:
-        """Dispatch for ``events`` (use :meth:`of` to share one per handle)."""
-        self.events = events
-        self.callbacks: dict[int, Callable[[], None]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._fd = -1
-
-    @classmethod
-    def of(cls, events: Any) -> PortDispatcher:
-        """The dispatcher of ``events`` (created on first use)."""
-        hub = cls._hubs.get(id(events))
-        if hub is None or hub.events is not events:
-            hub = cls._hubs[id(events)] = cls(events)
-        return hub
-
-    def watch(self, port: int, callback: Callable[[], None]) -> None:
-        """Call ``callback()`` in the running loop whenever ``port`` fires."""
-        loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._fd = self.events.fileno()
-            loop.add_reader(self._fd, self._on_readable)
-            self._loop = loop
-        elif self._loop is not loop:
-            raise LocalError("consoles of one event handle must share one event loop")
-        self.callbacks[port] = callback
-
-    def unwatch(self, port: int) -> None:
-        """Stop dispatching ``port``; the last one removes the reader."""
-        self.callbacks.pop(port, None)
-        if not self.callbacks and self._loop is not None:
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(self._fd)
-            self._loop = None
-            if self._hubs.get(id(self.events)) is self:
-                del self._hubs[id(self.events)]
-
-    def _on_readable(self) -> None:
-        for _ in range(self._EVENTS_PER_WAKEUP):
-            try:
-                port = self.events.pending(0)
-            except (LocalError, PlatformError, OSError):
-                return
-            if port is None:
-                return
-            cb = self.callbacks.get(port)
-            if cb is None:
-                with contextlib.suppress(LocalError, PlatformError, OSError):
-                    self.events.unmask(port)
-                continue
-            cb()
-
-
 class EventPump:
     """Event handling of one console port, shared by both halves (R10, late EOI).
 
@@ -248,15 +190,14 @@ class EventPump:
     unmasked at once; past it, it stays masked until the period ends and the ring is
     examined once more then.  Each delivery runs :meth:`_service`; one that moved no
     byte is counted as spurious.  Subclasses provide ``events``, ``port``, ``limiter``,
-    ``stats`` (with ``events``, ``rate_limited``, ``spurious``, ``notifies``), ``_loop``,
-    :attr:`_stopped` and :meth:`_service`.
+    ``stats`` (with ``events``, ``rate_limited``, ``spurious``, ``notifies``),
+    :meth:`_pump_loop`, :attr:`_stopped` and :meth:`_service`.
     """
 
     events: Any
     port: int
     limiter: EventRateLimiter
     stats: dict[str, int]
-    _loop: asyncio.AbstractEventLoop | None
     _unmask_handle: asyncio.TimerHandle | None = None
     _scheduled = False
     _dispatch: PortDispatcher | None = None
@@ -269,13 +210,19 @@ class EventPump:
         """One pass over the rings; True if any byte moved."""
         raise NotImplementedError
 
+    def _pump_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop serving the port (None before it started)."""
+        raise NotImplementedError
+
     def _watch_port(self) -> None:
-        self._dispatch = PortDispatcher.of(self.events)
-        self._dispatch.watch(self.port, self._event)
+        # the port reaches _event still masked: the event budget decides when to unmask
+        self._dispatch = PortDispatcher.attach(self.events)
+        self._dispatch.watch(self.port, self._event, unmask=False)
 
     def _unwatch_port(self) -> None:
         if self._dispatch is not None:
-            self._dispatch.unwatch(self.port)
+            dispatch, self._dispatch = self._dispatch, None
+            dispatch.detach(self.port)
         if self._unmask_handle is not None:
             self._unmask_handle.cancel()
             self._unmask_handle = None
@@ -288,9 +235,10 @@ class EventPump:
             self._unmask()
         else:
             self.stats["rate_limited"] += 1
-            if self._unmask_handle is None and self._loop is not None:
+            loop = self._pump_loop()
+            if self._unmask_handle is None and loop is not None:
                 delay = max(0.0, self.limiter.period_end() - time.monotonic())
-                self._unmask_handle = self._loop.call_later(delay, self._period_over)
+                self._unmask_handle = loop.call_later(delay, self._period_over)
         if not self._service():
             self.stats["spurious"] += 1
 
@@ -310,40 +258,39 @@ class EventPump:
             self.events.notify(self.port)
 
     def _schedule(self) -> None:
-        if not self._scheduled and not self._stopped and self._loop is not None:
+        loop = self._pump_loop()
+        if not self._scheduled and not self._stopped and loop is not None:
             self._scheduled = True
-            self._loop.call_soon(self._scheduled_pass)
+            loop.call_soon(self._scheduled_pass)
 
     def _scheduled_pass(self) -> None:
         self._scheduled = False
         self._service()
 
 
-class ConsoleTransport(EventPump, asyncio.Transport):
+class ConsoleTransport(RingStreamTransport, EventPump):
     """An asyncio transport over one console ring page and its event channel.
 
     ``backend`` selects the side (the guest is ``False``).  ``on_close`` runs once when
-    the transport is lost (release the page and port there).
+    the transport is lost (release the page and port there).  The transport API itself
+    is :class:`~xenpv.streams.RingStreamTransport`'s.
     """
+
+    write_high_water = _HIGH_WATER
+    write_low_water = _LOW_WATER
+    kind = "console"
 
     def __init__(self, ring: ConsoleRing, events: Any, port: int,
                  protocol: asyncio.BaseProtocol, *,
                  limiter: EventRateLimiter | None = None,
                  on_close: Callable[[], None] | None = None) -> None:
         """Start serving: the port is watched and the ring examined once at once."""
-        super().__init__({"console_port": port})
+        super().__init__(protocol, {"console_port": port})
         self.ring = ring
         self.events = events
         self.port = port
         self.limiter = limiter or EventRateLimiter()
-        self._protocol: Any = protocol
         self._on_close = on_close
-        self._loop: asyncio.AbstractEventLoop = asyncio.get_running_loop()
-        self._wbuf = bytearray()
-        self._reading = True
-        self._closing = False
-        self._lost = False
-        self._writing_paused = False
         #: Counters: bytes each way, events, notifications sent, spurious wake-ups.
         self.stats = {"sent": 0, "received": 0, "events": 0, "rate_limited": 0,
                       "notifies": 0, "spurious": 0}
@@ -354,6 +301,9 @@ class ConsoleTransport(EventPump, asyncio.Transport):
     @property
     def _stopped(self) -> bool:
         return self._lost
+
+    def _pump_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
 
     def _service(self) -> bool:
         """One pass: flush writes, deliver reads; True if any byte moved."""
@@ -373,106 +323,32 @@ class ConsoleTransport(EventPump, asyncio.Transport):
                 return True
         if delivered >= _PASS_BYTES:
             self._schedule()  # more may wait: continue after other callbacks ran
-        if self._closing and not self._wbuf:
-            self._lose(None)
+        self._close_if_flushed()
         return bool(moved or delivered)
+
+    def _send(self, data: Any) -> int:
+        n = self.ring.write(data)
+        if n:
+            self.stats["sent"] += n
+            self._notify()  # after the prod update
+        return n
 
     def _flush(self) -> int:
         if not self._wbuf:
             return 0
-        n = self.ring.write(self._wbuf)
+        n = self._send(self._wbuf)
         if n:
             del self._wbuf[:n]
-            self.stats["sent"] += n
-            self._notify()  # after the prod update
             self._check_water()
         return n
 
-    def _check_water(self) -> None:
-        size = len(self._wbuf)
-        if not self._writing_paused and size > _HIGH_WATER:
-            self._writing_paused = True
-            self._protocol.pause_writing()
-        elif self._writing_paused and size <= _LOW_WATER:
-            self._writing_paused = False
-            self._protocol.resume_writing()
-
-    def _lose(self, exc: BaseException | None) -> None:
-        if self._lost:
-            return
-        self._lost = True
+    def _teardown(self) -> None:
         self._unwatch_port()
-        try:
-            if self._on_close is not None:
-                self._on_close()
-        finally:
-            self._loop.call_soon(self._protocol.connection_lost, exc)
+        if self._on_close is not None:
+            self._on_close()
 
-    # -- asyncio.Transport API
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue ``data``; it enters the ring as space frees up."""
-        if self._closing or self._lost:
-            raise LocalError("console transport is closing")
-        if not data:
-            return
-        self._wbuf += data
-        self._flush()
-        self._check_water()
-
-    def can_write_eof(self) -> bool:
-        """Consoles have no end-of-file."""
-        return False
-
-    def write_eof(self) -> None:
-        """Not supported (consoles have no end-of-file)."""
-        raise LocalError("a console has no end-of-file")
-
-    def get_write_buffer_size(self) -> int:
-        """Bytes queued locally, not yet in the ring."""
-        return len(self._wbuf)
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        """The (low, high) water marks."""
-        return (_LOW_WATER, _HIGH_WATER)
-
-    def pause_reading(self) -> None:
-        """Stop delivering bytes (the ring fills; the peer waits)."""
-        self._reading = False
-
-    def resume_reading(self) -> None:
-        """Deliver bytes again."""
-        if not self._reading:
-            self._reading = True
-            self._schedule()
-
-    def is_reading(self) -> bool:
-        """True unless paused."""
-        return self._reading and not self._lost
-
-    def is_closing(self) -> bool:
-        """True once :meth:`close` or :meth:`abort` was called."""
-        return self._closing or self._lost
-
-    def close(self) -> None:
-        """Close once the queued bytes are in the ring (see :meth:`abort`)."""
-        self._closing = True
-        if not self._wbuf:
-            self._lose(None)
-
-    def abort(self) -> None:
-        """Close at once, dropping queued bytes."""
-        self._wbuf.clear()
-        self._closing = True
-        self._lose(None)
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        """Replace the protocol."""
-        self._protocol = protocol
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        """The current protocol."""
-        protocol: asyncio.BaseProtocol = self._protocol
-        return protocol
+    def _write_refused(self) -> None:
+        raise LocalError("console transport is closing")
 
 
 def open_console_streams(ring: ConsoleRing, events: Any, port: int, *,

@@ -19,10 +19,11 @@ Setup follows xen-protocols.md §10.3 step by step, with every platform object p
 Everything a peer wrote is validated before use; a bad value raises
 :class:`~xenpv.vchan.errors.VchanPeerError` after releasing what was set up so far.
 
-Data moves through :class:`~xenpv.vchan.ring.VchanRings`.  Waiting goes through an
-:class:`EventHub`, which shares one event-channel handle between all endpoints of a
-platform: a pending port is unmasked at once (before the ring is re-examined, §12
-pitfall 7) and handed to the endpoint that owns it.  Blocking calls spin on the ring for a
+Data moves through :class:`~xenpv.vchan.ring.VchanRings`.  Waiting goes through the
+handle's :class:`~xenpv.platforms.dispatch.PortDispatcher` (``endpoint.hub``; also known
+as :data:`EventHub`), which shares one event-channel handle between all endpoints of a
+platform and every other driver on it (consoles): a pending port is unmasked at once
+(before the ring is re-examined, §12 pitfall 7) and handed to the endpoint that owns it.  Blocking calls spin on the ring for a
 few tens of microseconds before sleeping on the event channel (waking another vCPU costs
 ~30 µs on this machine kind, machine-baseline.md), and always request a notification and
 re-check the ring before they sleep.
@@ -47,6 +48,7 @@ from typing import Any, ClassVar, TypeVar
 
 from xenpv.errors import LocalError, PeerError, PlatformError
 from xenpv.platforms.base import GrantInUse, UnmapNotify
+from xenpv.platforms.dispatch import PortDispatcher
 from xenpv.protocols import ProtocolError
 from xenpv.protocols.vchan import (
     KEY_EVENT_CHANNEL,
@@ -85,8 +87,6 @@ T = TypeVar("T")
 
 #: How long blocking calls poll the ring before sleeping on the event channel.
 DEFAULT_SPIN_US = 50
-#: Events taken per wake-up of the asyncio reader (bounded work under an event storm, R10).
-_EVENTS_PER_WAKEUP = 64
 PAGE = 4096
 
 
@@ -213,104 +213,8 @@ async def wait_reaped(grants: Any, timeout: float) -> bool:
 
 # --------------------------------------------------------------------------- events
 
-
-class EventHub:
-    """Shares one event-channel handle between the vchan endpoints that use it.
-
-    A port taken from the handle is unmasked at once, then either handed to the asyncio
-    callback registered for it or remembered as fired for a blocking waiter."""
-
-    _hubs: ClassVar[dict[int, EventHub]] = {}
-
-    def __init__(self, events: Any) -> None:
-        self.events = events
-        self.fired: set[int] = set()
-        self.callbacks: dict[int, Callable[[], None]] = {}
-        self.users = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._fd = -1
-        #: Event deliveries seen (diagnostics; a storm shows up here).
-        self.deliveries = 0
-
-    @classmethod
-    def attach(cls, events: Any) -> EventHub:
-        """The hub of ``events`` (created on first use); balance with :meth:`detach`."""
-        hub = cls._hubs.get(id(events))
-        if hub is None or hub.events is not events:
-            hub = cls._hubs[id(events)] = cls(events)
-        hub.users += 1
-        return hub
-
-    def detach(self, port: int) -> None:
-        """Forget ``port``; the last user removes the hub."""
-        self.fired.discard(port)
-        self.unwatch(port)
-        self.users -= 1
-        if self.users <= 0 and self._hubs.get(id(self.events)) is self:
-            del self._hubs[id(self.events)]
-
-    def _deliver(self, port: int) -> None:
-        self.deliveries += 1
-        with contextlib.suppress(PlatformError, LocalError):
-            self.events.unmask(port)  # before anyone re-examines the ring
-        cb = self.callbacks.get(port)
-        if cb is not None:
-            cb()
-        else:
-            self.fired.add(port)
-
-    def take(self, port: int) -> bool:
-        """True (once) if ``port`` fired since the last call."""
-        if port in self.fired:
-            self.fired.discard(port)
-            return True
-        return False
-
-    def wait(self, port: int, timeout: float | None) -> bool:
-        """Block until ``port`` fires (True) or ``timeout`` seconds pass (False)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if self.take(port):
-                return True
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return False
-            got = self.events.pending(remaining)
-            if got is None:
-                return self.take(port)
-            self._deliver(got)
-
-    # -- asyncio
-    def watch(self, port: int, callback: Callable[[], None]) -> None:
-        """Call ``callback()`` from the running loop whenever ``port`` fires."""
-        loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._fd = self.events.fileno()
-            loop.add_reader(self._fd, self._on_readable)
-            self._loop = loop
-        elif self._loop is not loop:
-            raise LocalError("vchan endpoints of one platform must share one event loop")
-        self.callbacks[port] = callback
-        if self.take(port):
-            loop.call_soon(callback)
-
-    def unwatch(self, port: int) -> None:
-        """Stop calling back for ``port``."""
-        self.callbacks.pop(port, None)
-        if not self.callbacks and self._loop is not None:
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(self._fd)
-            self._loop = None
-
-    def _on_readable(self) -> None:
-        for _ in range(_EVENTS_PER_WAKEUP):
-            try:
-                port = self.events.pending(0)
-            except (LocalError, PlatformError):
-                return
-            if port is None:
-                return
-            self._deliver(port)
+#: The per-handle port dispatcher, under the name vchan code has always used.
+EventHub = PortDispatcher
 
 
 # --------------------------------------------------------------------------- endpoints
@@ -329,7 +233,7 @@ class VchanEndpoint:
         self.port = port
         self.rings = rings
         self.events = platform.events
-        self.hub = EventHub.attach(self.events)
+        self.hub = PortDispatcher.attach(self.events)
         #: Microseconds blocking calls poll the ring before sleeping on the event channel.
         self.spin_us = DEFAULT_SPIN_US
         self.closed = False

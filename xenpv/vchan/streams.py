@@ -4,9 +4,11 @@ Theory of operation
 -------------------
 :class:`VchanTransport` is an :class:`asyncio.Transport` over one vchan endpoint, so the
 standard :class:`asyncio.StreamReader`/:class:`asyncio.StreamWriter` pair (and any
-:class:`asyncio.Protocol`) work unchanged.  The endpoint's event-channel port is watched
-through the platform's pollable fd (``loop.add_reader`` via
-:class:`~xenpv.vchan.endpoint.EventHub`); each notification runs :meth:`_service`:
+:class:`asyncio.Protocol`) work unchanged.  It is a :class:`~xenpv.streams.RingStreamTransport`
+(write queue and water marks, pause/resume, close/abort: the base it shares with the
+console's streams).  The endpoint's event-channel port is watched through the handle's
+:class:`~xenpv.platforms.dispatch.PortDispatcher` (one ``loop.add_reader`` per handle,
+shared with other endpoints and consoles); each notification runs :meth:`_service`:
 
 1. flush buffered writes into the ring we write (kicking the peer if it asked);
 2. move readable bytes to ``protocol.data_received`` (bounded per pass; a full pass
@@ -34,6 +36,7 @@ from typing import Any
 
 from xenpv.errors import LocalError, PeerError, PlatformError
 from xenpv.protocols.vchan import VCHAN_NOTIFY_READ, VCHAN_NOTIFY_WRITE
+from xenpv.streams import RingStreamTransport
 from xenpv.vchan.endpoint import VchanClient, VchanEndpoint, VchanServer
 
 __all__ = ["VchanStreamServer", "VchanTransport", "open_connection", "start_server"]
@@ -45,23 +48,21 @@ _HIGH_WATER = 1 << 20
 _LOW_WATER = 1 << 18
 
 
-class VchanTransport(asyncio.Transport):
-    """An asyncio transport over a connected vchan endpoint."""
+class VchanTransport(RingStreamTransport):
+    """An asyncio transport over a connected vchan endpoint (the transport API itself is
+    :class:`~xenpv.streams.RingStreamTransport`'s)."""
+
+    write_high_water = _HIGH_WATER
+    write_low_water = _LOW_WATER
+    kind = "vchan"
 
     def __init__(self, endpoint: VchanEndpoint, protocol: asyncio.BaseProtocol,
                  *, on_lost: Callable[[VchanEndpoint], None] | None = None) -> None:
-        super().__init__({"vchan": endpoint, "peername": (endpoint.peer_domid, endpoint.path)})
+        super().__init__(protocol, {"vchan": endpoint,
+                                    "peername": (endpoint.peer_domid, endpoint.path)})
         self._ep = endpoint
-        self._protocol: Any = protocol
-        self._loop = asyncio.get_running_loop()
-        self._wbuf = bytearray()
         self._rbuf = bytearray(_READ_CHUNK)
-        self._reading = True
-        self._closing = False
-        self._lost = False
         self._eof_seen = False
-        self._writing_paused = False
-        self._scheduled = False
         self._on_lost = on_lost
         #: Microseconds a pass that moved data polls the ring before going back to the
         #: loop to wait (kept short: the loop is blocked meanwhile).
@@ -71,32 +72,31 @@ class VchanTransport(asyncio.Transport):
         self._schedule()
 
     # -- servicing
-    def _schedule(self) -> None:
-        if not self._scheduled and not self._lost:
-            self._scheduled = True
-            self._loop.call_soon(self._service)
-
     def _service(self) -> None:
-        self._scheduled = False
         if self._lost:
+            return
+        if self._ep.closed:  # released under us (the stream server closed)
+            self._lose(None)
             return
         try:
             self._flush()
             again = self._pump()
         except (PeerError, BrokenPipeError) as exc:
-            self._lose(exc if isinstance(exc, PeerError) else None)
+            self._fail(exc)
             return
         if again:
             self._schedule()
+
+    def _send(self, data: Any) -> int:
+        if not self._ep.is_open:
+            raise BrokenPipeError("vchan peer is gone")
+        return self._ep.send_nowait(data)
 
     def _flush(self) -> None:
         if not self._wbuf:
             return
         ep = self._ep
-        if not ep.is_open:
-            self._wbuf.clear()
-            raise BrokenPipeError("vchan peer is gone")
-        n = ep.send_nowait(self._wbuf)
+        n = self._send(self._wbuf)
         if n:
             del self._wbuf[:n]
             if self._wbuf and ep.spin(writing=True, spin_us=self.spin_us):
@@ -108,17 +108,7 @@ class VchanTransport(asyncio.Transport):
             if ep.rings.buffer_space():
                 self._schedule()
         self._check_water()
-        if not self._wbuf and self._closing and not self._lost:
-            self._lose(None)
-
-    def _check_water(self) -> None:
-        size = len(self._wbuf)
-        if not self._writing_paused and size > _HIGH_WATER:
-            self._writing_paused = True
-            self._protocol.pause_writing()
-        elif self._writing_paused and size <= _LOW_WATER:
-            self._writing_paused = False
-            self._protocol.resume_writing()
+        self._close_if_flushed()
 
     def _pump(self) -> bool:
         """Hand readable data to the protocol; True if a further pass is due now."""
@@ -151,94 +141,11 @@ class VchanTransport(asyncio.Transport):
             self._protocol.eof_received()
         self._lose(None)
 
-    def _lose(self, exc: BaseException | None) -> None:
-        if self._lost:
-            return
-        self._lost = True
-        self._wbuf.clear()
+    def _teardown(self) -> None:
         self._ep.hub.unwatch(self._ep.port)
         self._ep.release()
         if self._on_lost is not None:
             self._on_lost(self._ep)
-        self._loop.call_soon(self._protocol.connection_lost, exc)
-
-    # -- asyncio.Transport API
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue ``data``; as much as fits goes into the ring at once."""
-        if self._closing or self._lost:
-            return  # as socket transports do after close / connection loss
-        if not data:
-            return
-        if self._wbuf:
-            self._wbuf += data
-        else:
-            try:
-                if not self._ep.is_open:
-                    raise BrokenPipeError("vchan peer is gone")
-                n = self._ep.send_nowait(data)
-            except (PeerError, BrokenPipeError) as exc:
-                self._lose(exc if isinstance(exc, PeerError) else None)
-                return
-            if n < len(data):
-                self._wbuf += memoryview(data)[n:]
-        self._check_water()
-
-    def can_write_eof(self) -> bool:
-        """vchan has no half-close."""
-        return False
-
-    def write_eof(self) -> None:
-        """Not supported (vchan has no half-close)."""
-        raise NotImplementedError("vchan has no half-close")
-
-    def get_write_buffer_size(self) -> int:
-        """Bytes queued locally, not yet in the ring."""
-        return len(self._wbuf)
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        """(low, high) water marks."""
-        return _LOW_WATER, _HIGH_WATER
-
-    def pause_reading(self) -> None:
-        """Stop handing data to the protocol (the ring fills up, the peer waits)."""
-        self._reading = False
-
-    def resume_reading(self) -> None:
-        """Resume handing data to the protocol."""
-        if not self._reading:
-            self._reading = True
-            self._schedule()
-
-    def is_reading(self) -> bool:
-        """True unless paused."""
-        return self._reading and not self._lost
-
-    def is_closing(self) -> bool:
-        """True once closing or closed."""
-        return self._closing or self._lost
-
-    def close(self) -> None:
-        """Flush queued data (while the peer lives), then close the vchan."""
-        if self._closing or self._lost:
-            return
-        self._closing = True
-        if not self._wbuf:
-            self._lose(None)
-        else:
-            self._schedule()
-
-    def abort(self) -> None:
-        """Close at once, dropping queued data."""
-        self._closing = True
-        self._lose(None)
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        """Replace the protocol."""
-        self._protocol = protocol
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        """The current protocol."""
-        return self._protocol
 
 
 def _streams(limit: int) -> tuple[asyncio.StreamReader, Callable[..., asyncio.StreamReaderProtocol]]:

@@ -444,9 +444,15 @@ def _xenstore_model(victim: Any) -> Callable[[bytes], None]:
 
 
 def _blocking_client(victim: Any) -> Callable[[bytes], None]:
-    from xenpv.fuzz.xsclient import BlockingClientTarget
+    from xenpv.fuzz.xsclient import blocking_client
 
-    return BlockingClientTarget()
+    return blocking_client()
+
+
+def _async_client(victim: Any) -> Callable[[bytes], None]:
+    from xenpv.fuzz.xsclient import async_client
+
+    return async_client()
 
 
 def _xenbus_driver(victim: Any) -> Callable[[bytes], None]:
@@ -497,6 +503,8 @@ def _make_targets() -> dict[str, Target]:
                _xenstore_model),
         Target("xenstore:blocking-client", "hostile xenstore server vs the blocking client "
                "(replies, errors, watch events, floods, garbage, hang-ups)", _blocking_client),
+        Target("xenstore:async-client", "hostile xenstore server vs the asyncio client "
+               "(the same plans as xenstore:blocking-client)", _async_client),
         Target("xenbus:machine", "hostile xenbus peer: state sequences and garbage vs both machines",
                lambda victim: drive_machine),
         Target("xenbus:keys", "hostile connect-time keys (ring-ref, event-channel, orders, queues)",

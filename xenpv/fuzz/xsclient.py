@@ -1,5 +1,6 @@
-"""Fuzz target ``xenstore:blocking-client``: a hostile xenstore server against the blocking
-client (:class:`~xenpv.xenstore.blocking.BlockingClient`).
+"""Fuzz targets ``xenstore:blocking-client`` and ``xenstore:async-client``: a hostile
+xenstore server against the blocking client (:class:`~xenpv.xenstore.blocking.BlockingClient`)
+and against the asyncio client (:class:`~xenpv.xenstore.client.XenstoreClient`).
 
 Theory of operation
 -------------------
@@ -26,11 +27,14 @@ result is the right one; the queued watch events stay within ``max_pending`` (pl
 per registered watch, the collapsed form), the memory of expired request ids within its
 bound, the receive buffer at its size; every request the client wrote is well framed; and
 after the input the client's descriptor is closed (the process holds no more descriptors
-than before).
+than before).  The asyncio client is driven the same way, one call at a time on a private
+event loop (a ``_Driver`` per client kind makes the calls and checks its own bounds: each
+watch's pending events, no request left pending between calls).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -44,11 +48,12 @@ from xenpv.errors import PeerError
 from xenpv.fuzz.hostile import InvariantViolation, violation
 from xenpv.fuzz.source import ByteSource
 from xenpv.xenstore import blocking, wire
+from xenpv.xenstore import client as aclient
 from xenpv.xenstore.blocking import BlockingClient
 from xenpv.xenstore.ops import Perm, WatchEvent, XenstoreConnectionError
 from xenpv.xenstore.wire import HEADER, PAYLOAD_MAX, XenstoreError, XsType
 
-__all__ = ["BlockingClientTarget"]
+__all__ = ["ClientTarget", "async_client", "blocking_client"]
 
 #: Timeout of a call whose plan holds no answer (it will time out).
 SHORT = 0.004
@@ -66,79 +71,176 @@ _ALLOWED = (XenstoreError, TimeoutError, XenstoreConnectionError, PeerError)
 
 @dataclass
 class _Call:
-    """One client call: how to make it, its request type and an honest answer."""
+    """One client call: its name and arguments, its request type and an honest answer."""
 
     name: str
-    run: Callable[[BlockingClient, float], Any]
+    args: tuple[Any, ...]
     type_: int
     reply: bytes
     expected: Any
 
 
-def _calls(src: ByteSource) -> _Call:
+def _choose_call(src: ByteSource) -> _Call:
     """Choose the next call and an honest answer for it."""
     kind = src.below(12)
     value = src.take(src.below(40))
     path = src.choice(("/a", "/a/b", "rel/x", "/w/x"))
-
-    def public(fn: Callable[[BlockingClient], Any]) -> Callable[[BlockingClient, float], Any]:
-        return lambda c, t: _with_timeout(c, t, fn)
-
     if kind == 0:
-        return _Call("read", public(lambda c: c.read(path)), XsType.READ, value, value)
+        return _Call("read", (path,), XsType.READ, value, value)
     if kind == 1:
-        return _Call("write", public(lambda c: c.write(path, value)), XsType.WRITE, wire.OK, None)
+        return _Call("write", (path, value), XsType.WRITE, wire.OK, None)
     if kind == 2:
         names = [f"c{i}" for i in range(src.below(6))]
         reply = b"".join(n.encode() + b"\0" for n in names)
-        return _Call("directory", public(lambda c: c.directory(path)), XsType.DIRECTORY,
-                     reply, names)
+        return _Call("directory", (path,), XsType.DIRECTORY, reply, names)
     if kind == 3:
-        return _Call("exists", public(lambda c: c.exists(path)), XsType.READ, value, True)
+        return _Call("exists", (path,), XsType.READ, value, True)
     if kind == 4:
-        return _Call("get_perms", public(lambda c: c.get_perms(path)), XsType.GET_PERMS,
-                     b"b0\0r5\0", [Perm("b", 0), Perm("r", 5)])
+        return _Call("get_perms", (path,), XsType.GET_PERMS, b"b0\0r5\0",
+                     [Perm("b", 0), Perm("r", 5)])
     if kind == 5:
-        return _Call("rm", public(lambda c: c.rm(path)), XsType.RM, wire.OK, None)
-    if kind == 6:
+        return _Call("rm", (path,), XsType.RM, wire.OK, None)
+    if kind in (6, 7):
         wpath, token = src.choice(WATCH_PATHS), src.choice(TOKENS)
-        return _Call("watch", public(lambda c: c.watch(wpath, token)), XsType.WATCH, wire.OK,
-                     token)
-    if kind == 7:
-        wpath, token = src.choice(WATCH_PATHS), src.choice(TOKENS)
-        return _Call("unwatch", public(lambda c: c.unwatch(wpath, token)), XsType.UNWATCH,
-                     wire.OK, None)
+        if kind == 6:
+            return _Call("watch", (wpath, token), XsType.WATCH, wire.OK, token)
+        return _Call("unwatch", (wpath, token), XsType.UNWATCH, wire.OK, None)
     if kind == 8:
-        return _Call("transaction_start", public(lambda c: c.transaction().start().tx_id),
-                     XsType.TRANSACTION_START, b"42\0", 42)
+        return _Call("transaction_start", (), XsType.TRANSACTION_START, b"42\0", 42)
     if kind == 9:
-        return _Call("get_domain_path", public(lambda c: c.get_domain_path(5)),
-                     XsType.GET_DOMAIN_PATH, b"/local/domain/5\0", "/local/domain/5")
+        return _Call("get_domain_path", (5,), XsType.GET_DOMAIN_PATH, b"/local/domain/5\0",
+                     "/local/domain/5")
     if kind == 10:
-        return _Call("is_domain_introduced", public(lambda c: c.is_domain_introduced(5)),
-                     XsType.IS_DOMAIN_INTRODUCED, b"T\0", True)
-    return _Call("read_watch", lambda c, t: c.read_watch(timeout=t), -1, b"", None)
+        return _Call("is_domain_introduced", (5,), XsType.IS_DOMAIN_INTRODUCED, b"T\0", True)
+    return _Call("read_watch", (src.choice(WATCH_PATHS), src.choice(TOKENS)), -1, b"", None)
 
 
-def _with_timeout(client: BlockingClient, timeout: float, fn: Callable[[BlockingClient], Any]
-                  ) -> Any:
-    saved = client.default_timeout
-    client.default_timeout = timeout
-    try:
-        return fn(client)
-    finally:
-        client.default_timeout = saved
+class _Driver:
+    """How one kind of client makes the calls, and its bounds."""
+
+    def connected(self) -> bool:
+        """Whether the client still considers its connection usable."""
+        raise NotImplementedError
+
+    def run(self, call: _Call, timeout: float) -> Any:
+        """Make ``call`` (bounded by ``timeout``); return its result."""
+        raise NotImplementedError
+
+    def check_bounds(self) -> None:
+        """Raise :class:`InvariantViolation` if a queue or memory outgrew its bound."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Close the client."""
+        raise NotImplementedError
+
+
+class _BlockingDriver(_Driver):
+    def __init__(self, path: str, max_pending: int) -> None:
+        self.client = BlockingClient(path, timeout=SHORT, max_pending=max_pending)
+
+    def connected(self) -> bool:
+        return self.client.connected
+
+    def run(self, call: _Call, timeout: float) -> Any:
+        client = self.client
+        if call.name == "read_watch":
+            return client.read_watch(timeout=timeout)
+        saved = client.default_timeout
+        client.default_timeout = timeout
+        try:
+            if call.name == "transaction_start":
+                return client.transaction().start().tx_id
+            result = getattr(client, call.name)(*call.args)
+            return call.args[1] if call.name == "watch" else result
+        finally:
+            client.default_timeout = saved
+
+    def check_bounds(self) -> None:
+        client = self.client
+        registered = sum(len(p) for p in client._watches.values())
+        if client.pending_watch_events > client.max_pending + registered + 1:
+            raise InvariantViolation(
+                f"{client.pending_watch_events} watch events queued "
+                f"(max_pending {client.max_pending}, {registered} watches)")
+        if len(client._expired) > blocking._EXPIRED_MEMORY:
+            raise InvariantViolation("expired request ids beyond their bound")
+        if len(client._rbuf) != blocking._RECV_SIZE:
+            raise InvariantViolation("the receive buffer grew")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class _AsyncDriver(_Driver):
+    """The asyncio client on a private event loop, one call at a time."""
+
+    def __init__(self, path: str, max_pending: int) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.max_pending = max_pending
+        self.watches: dict[tuple[str, str], aclient.Watch] = {}
+        try:
+            self.client = self.loop.run_until_complete(aclient.connect(path, timeout=SHORT))
+        except BaseException:
+            self.loop.close()
+            raise
+
+    def connected(self) -> bool:
+        return self.client.connected
+
+    def run(self, call: _Call, timeout: float) -> Any:
+        return self.loop.run_until_complete(self._run(call, timeout))
+
+    async def _run(self, call: _Call, timeout: float) -> Any:
+        client = self.client
+        if call.name == "read_watch":
+            w = self.watches.get(call.args)
+            return None if w is None else await w.get(timeout)
+        if call.name == "watch":
+            w = client.watch(*call.args, max_pending=self.max_pending, timeout=timeout)
+            await w.register()
+            old = self.watches.get(call.args)
+            self.watches[call.args] = w
+            if old is not None:  # (the server refused a duplicate: nothing is sent)
+                old._unroute()
+            return w.token
+        if call.name == "unwatch":
+            old = self.watches.pop(call.args, None)
+            if old is not None:
+                old.timeout = timeout  # (the watch keeps the timeout it was made with)
+                await old.unregister()
+            return None
+        if call.name == "transaction_start":
+            return (await client.transaction(timeout=timeout).start()).tx_id
+        return await getattr(client, call.name)(*call.args, timeout=timeout)
+
+    def check_bounds(self) -> None:
+        conn = self.client._conn
+        for w in self.watches.values():
+            if w.pending > w.max_pending:
+                raise InvariantViolation(f"{w.pending} events queued on one watch")
+        if len(conn._expired) > aclient._EXPIRED_MEMORY:
+            raise InvariantViolation("expired request ids beyond their bound")
+        if conn._pending:
+            raise InvariantViolation(f"{len(conn._pending)} requests still pending between calls")
+
+    def close(self) -> None:
+        try:
+            self.loop.run_until_complete(self.client.close())
+        finally:
+            self.loop.close()
 
 
 def _event(path: str, token: str) -> bytes:
     return wire.encode(XsType.WATCH_EVENT, 0, 0, path.encode() + b"\0" + token.encode() + b"\0")
 
 
-class BlockingClientTarget:
-    """The ``xenstore:blocking-client`` target (see the module docstring); call it with one
-    input, ``close()`` it at the end of the campaign."""
+class ClientTarget:
+    """The ``xenstore:blocking-client`` and ``xenstore:async-client`` targets (see the
+    module docstring); call it with one input, ``close()`` it at the end of the campaign."""
 
-    def __init__(self) -> None:
+    def __init__(self, driver: Callable[[str, int], _Driver]) -> None:
+        self._driver = driver
         self._dir = tempfile.mkdtemp(prefix="xenpv-fuzz-xsclient-")
         self.path = os.path.join(self._dir, "xs.sock")
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -155,16 +257,19 @@ class BlockingClientTarget:
         """Play one input (raises :class:`InvariantViolation` when the client broke it)."""
         before = _open_fds()
         src = ByteSource(data)
-        max_pending = src.choice((1, 4, 32, 1024))
-        client = BlockingClient(self.path, timeout=SHORT, max_pending=max_pending)
-        server, _ = self._listener.accept()
+        driver = self._driver(self.path, src.choice((1, 4, 32, 1024)))
+        try:
+            server, _ = self._listener.accept()
+        except BaseException:
+            driver.close()
+            raise
         try:
             server.setblocking(False)
-            _Session(client, server, src).play()
+            _Session(driver, server, src).play()
         finally:
-            client.close()
+            driver.close()
             server.close()
-        del client
+        del driver
         after = _open_fds()
         if after > before:
             raise InvariantViolation(f"descriptors leaked: {before} before, {after} after")
@@ -180,8 +285,8 @@ def _open_fds() -> int:
 class _Session:
     """One input's conversation between the hostile server end and the client."""
 
-    def __init__(self, client: BlockingClient, server: socket.socket, src: ByteSource) -> None:
-        self.client = client
+    def __init__(self, driver: _Driver, server: socket.socket, src: ByteSource) -> None:
+        self.driver = driver
         self.server = server
         self.src = src
         self.next_id = 1
@@ -196,7 +301,7 @@ class _Session:
         for _ in range(STEPS):
             if src.remaining <= 0:
                 break
-            call = _calls(src)
+            call = _choose_call(src)
             plan, honest, answered = self.plan(call)
             if not self.deliver(plan):
                 honest = answered = False
@@ -211,7 +316,7 @@ class _Session:
             self.read_requests()
             if timed_out and self.next_id > sent:
                 self.expired.append(self.next_id - 1)  # its late reply must be discarded
-            self.check_bounds()
+            self.driver.check_bounds()
 
     # -- the server's side -------------------------------------------------------------
     def plan(self, call: _Call) -> tuple[bytes, bool, bool]:
@@ -220,7 +325,7 @@ class _Session:
         src = self.src
         rid = self.next_id
         out = bytearray()
-        honest = self.client.connected and not self.hung_up
+        honest = self.driver.connected() and not self.hung_up
         answered = False
         for _ in range(1 + src.below(4)):
             kind = src.below(16)
@@ -309,12 +414,11 @@ class _Session:
     # -- the client's side -------------------------------------------------------------
     def call(self, call: _Call, honest: bool, answered: bool) -> bool:
         """Make the call and check its outcome; return whether it timed out."""
-        client = self.client
         timeout = LONG if answered else SHORT
         started = time.monotonic()
         timed_out = False
         try:
-            result = call.run(client, timeout)
+            result = self.driver.run(call, timeout)
         except TimeoutError:
             result = None
             honest_ok = False
@@ -338,14 +442,12 @@ class _Session:
             raise InvariantViolation(f"read_watch returned {result!r}")
         return timed_out
 
-    def check_bounds(self) -> None:
-        client = self.client
-        registered = sum(len(p) for p in client._watches.values())
-        if client.pending_watch_events > client.max_pending + registered + 1:
-            raise InvariantViolation(
-                f"{client.pending_watch_events} watch events queued "
-                f"(max_pending {client.max_pending}, {registered} watches)")
-        if len(client._expired) > blocking._EXPIRED_MEMORY:
-            raise InvariantViolation("expired request ids beyond their bound")
-        if len(client._rbuf) != blocking._RECV_SIZE:
-            raise InvariantViolation("the receive buffer grew")
+
+def blocking_client() -> ClientTarget:
+    """The ``xenstore:blocking-client`` target."""
+    return ClientTarget(_BlockingDriver)
+
+
+def async_client() -> ClientTarget:
+    """The ``xenstore:async-client`` target: the same plans against the asyncio client."""
+    return ClientTarget(_AsyncDriver)

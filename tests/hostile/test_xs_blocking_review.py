@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "interop"))
 
 from test_xs_blocking_client import answer, recv_request, scripted
 
+from xenpv.errors import LocalError
 from xenpv.xenstore import wire
 from xenpv.xenstore.blocking import BlockingClient
 from xenpv.xenstore.ops import WatchEvent, XenstoreConnectionError
@@ -231,3 +232,18 @@ def test_endless_directory_part_walk_is_a_peer_error(tmp_path: Path) -> None:
             c.directory("/d")
         assert not c.connected
     assert served[0] <= 4096
+
+
+@pytest.mark.parametrize("token", ["t\u00f6k", "a\0b"], ids=["non-ascii", "nul"])
+def test_watch_token_the_events_could_not_carry_is_refused_locally(
+    tmp_path: Path, token: str
+) -> None:
+    """A token the server would echo back as a malformed event (non-ASCII, reads as a
+    peer error) or would split (a NUL) is the caller's mistake: LocalError, nothing sent,
+    the connection stays usable."""
+    with running_server(tmp_path) as st, BlockingClient(st.path(0), timeout=TIMEOUT) as c:
+        with pytest.raises(LocalError):
+            c.watch("/w", token)
+        c.write("/w/a", "1")
+        assert c.connected and c.read("/w/a") == b"1"
+        assert c.pending_watch_events == 0

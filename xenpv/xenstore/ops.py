@@ -43,6 +43,7 @@ __all__ = [
     "Perm",
     "WatchEvent",
     "XenstoreConnectionError",
+    "check_token",
     "connect_candidates",
     "daemon_socket_path",
     "encode_path",
@@ -338,9 +339,17 @@ def transaction_end(commit: bool) -> Op[None]:
     _ok((yield XsType.TRANSACTION_END, b"T\0" if commit else b"F\0"), "TRANSACTION_END")
 
 
+def check_token(token: str) -> None:
+    """Refuse a watch token the server's events could not carry back: a NUL would split
+    it, and non-ASCII would come back as a malformed event (a peer error)."""
+    if not token.isascii() or "\0" in token:
+        raise LocalError(f"watch token {token!r} must be ASCII without NUL")
+
+
 def watch(path: str, token: str, depth: int | None = None) -> Op[None]:
     """WATCH ``path`` under ``token`` (``depth`` only if given: a server feature)."""
     _paths.validate_path(path, allow_special=True)
+    check_token(token)
     args: list[str | bytes] = [path, token]
     if depth is not None:
         args.append(str(depth))

@@ -12,7 +12,9 @@ path.  Hypothesis generates, for a dom0 connection and an unprivileged guest con
 calls, when a client stops and resumes reading, when it shuts its side (EOF, possibly
 after half a header) and when time passes.  The same schedule is played against a fresh
 server on each path, and the reply byte streams (watch events included), the connection
-fates, the store state and the server's counters must be identical.
+fates, the store state and the server's counters must be identical — to each other and to
+a third run in which every receive goes to the general path (the server without a direct
+path, the reference).
 
 Delivery is made deterministic by replacing the event loop: each connection is a real
 ``socketpair``, but the loop the connection registers with is :class:`SteppedLoop`, which
@@ -53,6 +55,20 @@ def _compiled_serve() -> Callable[..., tuple[Any, ...]]:
 
     serve: Callable[..., tuple[Any, ...]] = _xsconn.serve
     return serve
+
+
+def _general_only(xc: xs_server._XsConnection, rounds: int) -> tuple[Any, ...]:
+    """A "direct path" that hands every receive to the general path (the server as it was
+    before the direct path existed): the reference both direct paths must match."""
+    try:
+        n = xc.sock.recv_into(xc.rbuf)
+    except (BlockingIOError, InterruptedError):
+        return (xs_server._AGAIN,)
+    except OSError as exc:
+        return (xs_server._ERROR, exc.errno)
+    if not n:
+        return (xs_server._EOF,)
+    return (xs_server._GENERAL, n, 0, [])
 
 
 class SteppedLoop:
@@ -361,10 +377,11 @@ def play(run: Run, requests: list[list[bytes]], actions: list[tuple[str, int, in
 def test_direct_paths_agree(monkeypatch: pytest.MonkeyPatch, data: list[list[bytes]],
                             actions: list[tuple[str, int, int]]) -> None:
     outcomes = []
-    for serve in (_compiled_serve(), xs_server._XsConnection._serve_direct):
+    for serve in (_compiled_serve(), xs_server._XsConnection._serve_direct, _general_only):
         with monkeypatch.context() as m:
             outcomes.append(play(Run(serve, m), data, actions))
-    compiled, python = outcomes
+    compiled, python, general = outcomes
     assert compiled["problems"] == [] and python["problems"] == []
     for key in compiled:
         assert compiled[key] == python[key], key
+        assert compiled[key] == general[key], f"{key} (direct path vs general path)"

@@ -10,7 +10,7 @@ path.  Hypothesis generates, for a dom0 connection and an unprivileged guest con
 (every message type, unknown types, bad paths, unknown transaction ids, payloads over
 4096, truncated headers) and a schedule saying how the streams are cut into ``send``
 calls, when a client stops and resumes reading, when it shuts its side (EOF, possibly
-after half a header) and when time passes.  The same schedule is played against a fresh
+after half a header) or goes away with replies unread, and when time passes.  The same schedule is played against a fresh
 server on each path, and the reply byte streams (watch events included), the connection
 fates, the store state and the server's counters must be identical — to each other and to
 a third run in which every receive goes to the general path (the server without a direct
@@ -325,7 +325,7 @@ action = st.one_of(
     st.tuples(st.just("resume"), st.integers(0, 1), st.just(0)),
     st.tuples(st.just("tick"), st.just(0), st.sampled_from([0, 1, 3, 30])),
     st.tuples(st.just("send"), st.integers(0, 1), st.sampled_from([20, 64, 200, 9000])),
-    st.tuples(st.just("eof"), st.integers(0, 1), st.sampled_from([0, 8])),
+    st.tuples(st.just("eof"), st.integers(0, 1), st.sampled_from([0, 1, 8])),
 )
 
 
@@ -350,10 +350,14 @@ def play(run: Run, requests: list[list[bytes]], actions: list[tuple[str, int, in
             pos[who] += len(chunk)
             run.send(who, chunk)
         elif kind == "eof" and not shut[who]:
-            if arg:  # half a header first
+            if arg == 8:  # half a header first
                 run.send(who, struct.pack("=II", XsType.READ, 1))
             shut[who] = True
-            run.clients[who].shutdown(socket.SHUT_WR)
+            if arg == 1:  # the client goes away, maybe leaving replies unread (ECONNRESET)
+                run.eof_seen[who] = True
+                run.clients[who].close()
+            else:
+                run.clients[who].shutdown(socket.SHUT_WR)
             run.settle()
         elif kind == "pause":
             run.reading[who] = False

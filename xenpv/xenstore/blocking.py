@@ -26,7 +26,17 @@ framing, an unknown ``req_id``, a reply of the wrong type or transaction) is a
 :class:`~xenpv.xenstore.wire.WireError` that closes the connection; a closed or lost
 connection raises :class:`~xenpv.xenstore.ops.XenstoreConnectionError` from then on; a
 request that outlives ``timeout`` raises :class:`TimeoutError` and its late reply is
-discarded when it comes.
+discarded when it comes.  The same holds for a call interrupted by an exception from a
+signal handler once its request is on the wire.  The timeout bounds the write too (a
+socket is written with ``MSG_DONTWAIT``, a device is made non-blocking for the write); a
+request left half-written fails the connection, since the stream could no longer be
+framed.
+
+The descriptor is closed only by the thread holding the lock (or by :meth:`close` when no
+one holds it): ``close`` from another thread shuts the socket down, which wakes the
+holder, and the holder closes the descriptor on its way out, so no thread ever reads or
+writes a descriptor number that was closed (and perhaps reused) under it.  A client that
+is dropped without ``close`` releases its descriptor when it is collected.
 """
 
 from __future__ import annotations

@@ -30,6 +30,10 @@ from libc.stdint cimport uint32_t
 from libc.string cimport memcpy
 
 
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
+
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     ssize_t send(int fd, const void *buf, size_t n, int flags)
@@ -62,7 +66,7 @@ def serve(object xc, int rounds):
     cdef bytearray rbuf = xc.rbuf  # fixed size for the connection's life
     cdef char *buf = PyByteArray_AS_STRING(rbuf)
     cdef size_t size = PyByteArray_GET_SIZE(rbuf)
-    cdef Py_ssize_t n, pos, end, count, sent, total
+    cdef Py_ssize_t n, m, pos, end, count, sent, total
     cdef Py_ssize_t batch = xc.batch
     cdef xsd_sockmsg h
     cdef bint limited = xc.limited
@@ -84,6 +88,20 @@ def serve(object xc, int rounds):
             return (ERROR, errno)
         if n == 0:
             return (EOF,)
+        if n >= HEADER_SIZE:
+            memcpy(&h, buf, HEADER_SIZE)
+        if n < HEADER_SIZE or (h.len <= PAYLOAD_MAX and n < HEADER_SIZE + <Py_ssize_t>h.len):
+            # Only part of one request came.  libxenstore writes a request's header and
+            # payload with two writes: let the writer finish (on a shared CPU it waits for
+            # us) and read once more before going back to the loop.  (End of file here is
+            # seen by the next read.)
+            with nogil:
+                sched_yield()
+                m = recv(fd, buf + n, size - n, MSG_DONTWAIT)
+            if m > 0:
+                n += m
+            elif m < 0 and errno != EAGAIN and errno != EINTR:
+                return (ERROR, errno)
         out = []
         pos = 0
         count = 0

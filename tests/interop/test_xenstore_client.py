@@ -296,3 +296,58 @@ def test_blocking_client(xs_server: Any) -> None:
         assert c.exists("/blk/a")
         c.rm("/blk")
         assert not c.exists("/blk")
+
+
+def test_one_token_watching_two_paths_routes_each_event(xs_server: Any) -> None:
+    async def body() -> None:
+        c = await dom0(xs_server)
+        try:
+            async with c.watch("/ra", "shared") as wa, c.watch("/rb", "shared") as wb:
+                assert (await wa.get(timeout=10)).path == "/ra"
+                assert (await wb.get(timeout=10)).path == "/rb"
+                await c.write("/ra/x", "1")
+                await c.write("/rb/y", "1")
+                assert (await wa.get(timeout=10)).path == "/ra/x"
+                assert (await wb.get(timeout=10)).path == "/rb/y"
+                await c.read("/ra/x")  # every event has arrived by this reply
+                assert wa.pending == 0 and wb.pending == 0
+                await wa.unregister(timeout=5)
+                await c.write("/rb/z", "1")
+                assert (await wb.get(timeout=10)).path == "/rb/z"
+        finally:
+            await c.close()
+
+    run(body)
+
+
+def test_cancelled_requests_do_not_pile_up(tmp_path: Any) -> None:
+    """Callers that give up on requests a silent server never answers (cancelled, no
+    timeout) leave no growing request table behind."""
+    import socket
+
+    path = str(tmp_path / "silent.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    async def body() -> None:
+        c = await xsclient.connect(path)
+        conn, _ = listener.accept()
+        try:
+            for _ in range(10):
+                tasks = [asyncio.ensure_future(c.read("/k")) for _ in range(200)]
+                await asyncio.sleep(0)
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            last = c.submit(XsType.READ, b"/k\0")  # the next request sweeps the cancelled
+            assert len(c._conn._pending) <= 256
+            last.cancel()
+        finally:
+            await c.close()
+            conn.close()
+
+    try:
+        run(body)
+    finally:
+        listener.close()

@@ -90,21 +90,6 @@ def _open(path: str | None) -> tuple[int, socket.socket | None]:
     raise ops.connect_error(candidates, last)
 
 
-def _below(path: str, top: str) -> bool:
-    """Whether ``path`` is ``top`` or a node under it (special ``@`` paths: only itself)."""
-    if path == top:
-        return True
-    prefix = top if top.endswith("/") else top + "/"
-    return not top.startswith("@") and path.startswith(prefix)
-
-
-def _fires(watch_path: str, path: str) -> bool:
-    """Whether a watch on ``watch_path`` fires with ``path``: a change at or below the
-    watched node, or the removal of one of its ancestors (the event names the removed
-    node)."""
-    return _below(path, watch_path) or _below(watch_path, path)
-
-
 class _NodeOps:
     """The node operations of a client (tx_id 0) and of a transaction: each drives one
     operation of :mod:`xenpv.xenstore.ops` through the owning client."""
@@ -392,7 +377,7 @@ class BlockingClient(_NodeOps):
 
     def _queue_event(self, event: WatchEvent) -> None:
         paths = self._watches.get(event.token)
-        if not paths or not any(_fires(p, event.path) for p in paths):
+        if not paths or not any(ops.watch_fires(p, event.path) for p in paths):
             return  # not (or no longer) ours: e.g. a late event of an UNWATCH
         events = self._events
         if event not in events:
@@ -409,7 +394,7 @@ class BlockingClient(_NodeOps):
     def _collapsed(self, event: WatchEvent) -> WatchEvent:
         """The event of the watch path ``event`` belongs to (any path of its token)."""
         paths = self._watches.get(event.token) or [event.path]
-        path = next((p for p in paths if _fires(p, event.path)), paths[0])
+        path = next((p for p in paths if ops.watch_fires(p, event.path)), paths[0])
         return WatchEvent(path, event.token)
 
     def _wait(self, fd: int, what: int, deadline: float | None) -> None:
@@ -554,7 +539,7 @@ class BlockingClient(_NodeOps):
             self._forget(path, token)
             paths = self._watches.get(token, [])
             for event in [e for e in self._events if e.token == token]:
-                if not any(_fires(p, event.path) for p in paths):
+                if not any(ops.watch_fires(p, event.path) for p in paths):
                     del self._events[event]
         self._drive(ops.unwatch(path, token), 0)
 

@@ -84,6 +84,8 @@ T = TypeVar("T")
 _EXPIRED_MEMORY = 4096
 #: Answered requests the deadline heap may hold beyond twice the pending ones.
 _DEADLINE_SLACK = 64
+#: Pending requests below which cancelled ones are not swept out.
+_SWEEP_MIN = 256
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -109,6 +111,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._deadlines: list[tuple[float, int, asyncio.Future[bytes]]] = []
         self._queued: list[bytes] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._sweep_at = _SWEEP_MIN
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -181,7 +184,8 @@ class _Connection(asyncio.BufferedProtocol):
     def _watch_event(self, payload: bytes) -> None:
         event = ops.parse_watch_event(payload)
         for w in self.watches.get(event.token, ()):
-            w._deliver(event)
+            if ops.watch_fires(w.path, event.path):  # one token may watch several paths
+                w._deliver(event)
 
     # -- requests -----------------------------------------------------------------------
 
@@ -198,6 +202,8 @@ class _Connection(asyncio.BufferedProtocol):
         data = wire.encode(type_, req_id, tx_id, payload)
         fut: asyncio.Future[bytes] = self._loop.create_future()
         pending = self._pending
+        if len(pending) >= self._sweep_at:
+            self._sweep()
         # A lone request leaves at once.  Requests made while others are in flight are
         # gathered until the loop's next pass and leave in one write (in order): a
         # window of pipelined requests costs the server one wake-up, not one each.
@@ -212,6 +218,22 @@ class _Connection(asyncio.BufferedProtocol):
             self._write(data)
         pending[req_id] = (fut, type_, tx_id)
         return req_id, fut
+
+    def _sweep(self) -> None:
+        """Forget requests whose callers gave up (cancelled futures): their late replies
+        are discarded like a timed-out request's.  Runs when the table has doubled since
+        the last sweep, so it costs O(1) per request and the table stays bounded by twice
+        the requests really outstanding."""
+        pending = self._pending
+        for req_id in [r for r, entry in pending.items() if entry[0].cancelled()]:
+            del pending[req_id]
+            self._remember_expired(req_id)
+        self._sweep_at = max(_SWEEP_MIN, 2 * len(pending))
+
+    def _remember_expired(self, req_id: int) -> None:
+        self._expired[req_id] = None
+        while len(self._expired) > _EXPIRED_MEMORY:
+            self._expired.popitem(last=False)
 
     def _flush(self) -> None:
         queued, self._queued = self._queued, None
@@ -258,9 +280,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _expire(self, req_id: int, fut: asyncio.Future[bytes]) -> None:
         if self._pending.pop(req_id, None) is not None:
-            self._expired[req_id] = None
-            while len(self._expired) > _EXPIRED_MEMORY:
-                self._expired.popitem(last=False)
+            self._remember_expired(req_id)
         if not fut.done():
             fut.set_exception(TimeoutError(f"xenstore request {req_id} timed out"))
 
@@ -615,15 +635,20 @@ class Watch:
             if not routes:
                 del self.client._conn.watches[self.token]
 
-    async def unregister(self) -> None:
-        """Send UNWATCH and stop routing events here (no error if the connection is gone)."""
+    async def unregister(self, *, timeout: float | None = None) -> None:
+        """Send UNWATCH and stop routing events here (no error if the connection is gone).
+
+        ``timeout`` defaults to the watch's own (see :meth:`XenstoreClient.watch`)."""
         if not self._registered:
             return
         self._unroute()
         conn = self.client._conn
         if conn.error is None:
             with contextlib.suppress(XenstoreError, XenstoreConnectionError):
-                await self.client._run(ops.unwatch(self.path, self.token), self._timeout())
+                await self.client._run(
+                    ops.unwatch(self.path, self.token),
+                    self._timeout() if timeout is None else timeout,
+                )
         self._pending.clear()
         self._fail(LocalError("watch unregistered"))
 

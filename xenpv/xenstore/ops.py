@@ -210,6 +210,22 @@ def parse_watch_event(payload: bytes) -> WatchEvent:
     return WatchEvent(ascii_field(parts[0], "watch path"), ascii_field(parts[1], "watch token"))
 
 
+def _below(path: str, top: str) -> bool:
+    """Whether ``path`` is ``top`` or a node under it (special ``@`` paths: only itself)."""
+    if path == top:
+        return True
+    prefix = top if top.endswith("/") else top + "/"
+    return not top.startswith("@") and path.startswith(prefix)
+
+
+def watch_fires(watch_path: str, path: str) -> bool:
+    """Whether a watch on ``watch_path`` fires with an event for ``path``: a change at or
+    below the watched node, or the removal of one of its ancestors (the event then names
+    the removed node).  The server keys watches by (path, token), so a client routes an
+    event to the watches of its token for which this holds."""
+    return _below(path, watch_path) or _below(watch_path, path)
+
+
 def _names(raw: Iterable[bytes]) -> list[str]:
     out = []
     for name in raw:

@@ -216,8 +216,13 @@ class EventPump:
 
     def _watch_port(self) -> None:
         # the port reaches _event still masked: the event budget decides when to unmask
-        self._dispatch = PortDispatcher.attach(self.events)
-        self._dispatch.watch(self.port, self._event, unmask=False)
+        dispatch = PortDispatcher.attach(self.events)
+        try:
+            dispatch.watch(self.port, self._event, unmask=False)
+        except BaseException:
+            dispatch.detach()
+            raise
+        self._dispatch = dispatch
 
     def _unwatch_port(self) -> None:
         if self._dispatch is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,15 +19,6 @@ from xenpv.platforms.loopback.daemon import xenstore_path
 from xenpv.platforms.loopback.harness import DaemonMachine
 
 DOMID = 7
-
-
-@pytest.fixture
-def machine() -> Iterator[DaemonMachine]:
-    m = DaemonMachine()
-    try:
-        yield m
-    finally:
-        m.close()
 
 
 def connect(path: Path) -> socket.socket:
@@ -42,7 +33,10 @@ def connect(path: Path) -> socket.socket:
     return s
 
 
-def test_destroyed_domains_xenstore_listener_is_closed(machine: DaemonMachine) -> None:
+def test_destroyed_domains_xenstore_listener_is_closed(
+    daemon_machine: Callable[..., DaemonMachine],
+) -> None:
+    machine = daemon_machine()
     machine.create_domain(DOMID, "doomed")
     path = xenstore_path(machine.rundir, DOMID)
     with tempfile.TemporaryDirectory(dir=machine.rundir) as tmp:

@@ -5,11 +5,17 @@ Theory of operation
 Each listening socket belongs to one domain: every connection accepted on it acts as
 that domain (dom0's socket is privileged).  Connections bypass asyncio's transports: each
 is a non-blocking socket registered with ``loop.add_reader``.  One reader callback is the
-whole hot path: ``recv_into`` a reused buffer, feed the sans-IO
-:class:`~xenpv.xenstore.wire.Decoder`, hand every complete request to the store (a
-*batch*), and send the replies of the batch in one ``send``; the watch events it caused
-for any connection leave in one ``send`` per connection.  Only when a socket does not
-take everything is the rest kept and written by a writer callback (``loop.add_writer``).
+whole hot path.  When nothing older waits, it takes the *direct path* (compiled in
+``cython/xsconn.pyx``, with the pure-Python twin :meth:`_XsConnection._serve_direct`):
+``recv`` into a reused buffer, hand every whole request in it to the store (a *batch*),
+send the batch's replies in one ``send``, deliver the watch events it caused (one ``send``
+per connection), and read again — at most ``_READ_AGAIN`` rounds per callback — because
+a client that waits for each reply has usually sent the next request by then.  A receive
+holding only part of one request yields the CPU once and reads again (libxenstore writes
+header and payload separately).  Anything else goes through the general path: the
+sans-IO :class:`~xenpv.xenstore.wire.Decoder` and :meth:`_XsConnection._process`.  Only
+when a socket does not take everything is the rest kept and written by a writer callback
+(``loop.add_writer``).
 
 Bounds (hostile-inputs R11, scenarios 21-25):
 
@@ -23,8 +29,9 @@ Bounds (hostile-inputs R11, scenarios 21-25):
   ones are dropped beyond that) and entries older than ``watch_event_timeout`` expire.
 * The undecoded input held per connection is bounded: reading pauses while more than
   64 KiB wait to be processed.
-* A batch is at most ``outstanding`` requests for a domain (512 for dom0); between
-  batches the loop yields, so one connection never starves the others.
+* A batch is at most ``outstanding`` requests for a domain (512 for dom0), and one
+  reader callback serves at most ``_READ_AGAIN`` (16) receives, each one batch at most;
+  then the loop runs the others, so one connection never starves them.
 * WRITE-type requests of unprivileged domains pass a token bucket (``write_rate`` per
   second, ``write_burst`` deep; XSA-206), falling back on a reserve shared by all domains
   (``write_global_burst`` deep, refilled at the same rate); a domain with neither credit

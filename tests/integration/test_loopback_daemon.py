@@ -27,10 +27,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=30, check=False)
 
 
-@pytest.fixture
-def rundir(tmp_path: Path) -> Iterator[Path]:
+@pytest.fixture(params=["auto", "asyncio"])
+def rundir(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A daemon on the default loop (uvloop when installed) and on asyncio's own."""
     d = tmp_path / "run"
-    proc = start_daemon(d, domains=(1,), max_grants=64, max_ports=16)
+    proc = start_daemon(d, domains=(1,), max_grants=64, max_ports=16, loop=request.param)
     try:
         yield d
     finally:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import shlex
@@ -20,7 +19,9 @@ import struct
 import sys
 from pathlib import Path
 
+from xenpv import loops
 from xenpv.errors import PlatformError
+from xenpv.loops import LOOPS
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +39,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     up.add_argument("--max-grants", type=int, default=4096, help="grant table size per domain")
     up.add_argument("--max-ports", type=int, default=1024, help="event-channel ports per domain")
+    up.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="auto",
+        help="event loop: uvloop when installed (auto, the default), uvloop or asyncio",
+    )
     up.add_argument("-v", "--verbose", action="store_true", help="log every domain change")
 
     dom = sub.add_parser("domain", help="create, destroy or list domains (acts as dom0)")
@@ -99,14 +106,15 @@ def _up(args: argparse.Namespace) -> int:
     def ready(_daemon: object) -> None:
         print(f"xenpv loopback: ready in {args.rundir}", flush=True)
 
-    asyncio.run(
+    loops.run(
         run_daemon(
             args.rundir,
             _parse_domains(args.domain),
             max_grants=args.max_grants,
             max_ports=args.max_ports,
             ready=ready,
-        )
+        ),
+        args.loop,
     )
     return 0
 

@@ -100,10 +100,13 @@ def start_daemon(
     max_grants: int = 4096,
     max_ports: int = 1024,
     timeout: float = 20.0,
+    loop: str = "auto",
 ) -> subprocess.Popen[bytes]:
-    """Start ``xenpv loopback up`` and wait until it listens (raise if it does not)."""
+    """Start ``xenpv loopback up`` and wait until it listens (raise if it does not).
+
+    ``loop`` is the daemon's event loop (``--loop``: auto, uvloop or asyncio)."""
     cmd = [sys.executable, "-m", "xenpv", "loopback", "up", "--rundir", str(rundir)]
-    cmd += ["--max-grants", str(max_grants), "--max-ports", str(max_ports)]
+    cmd += ["--max-grants", str(max_grants), "--max-ports", str(max_ports), "--loop", loop]
     for d in domains:
         cmd += ["--domain", str(d)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent)
@@ -142,6 +145,7 @@ class DaemonMachine:
         local_factory: Callable[[str, int], Any] | None = None,
         env_for: Callable[[str, int], dict[str, str]] | None = None,
         rundir: str | None = None,
+        loop: str = "auto",
     ) -> None:
         from xenpv.cli.loopback import domain_env
         from xenpv.platforms.loopback.client import ClientPlatform, ControlConnection
@@ -151,7 +155,9 @@ class DaemonMachine:
         self.factory = factory
         self.local_factory = local_factory or ClientPlatform.for_domain
         self.env_for = env_for or domain_env
-        self.proc = start_daemon(self.rundir, max_grants=max_grants, max_ports=max_ports)
+        self.proc = start_daemon(
+            self.rundir, max_grants=max_grants, max_ports=max_ports, loop=loop
+        )
         self.ctl = ControlConnection(Path(self.rundir) / "dom0" / "control", timeout=10.0)
         self._pool: dict[int, list[RemotePlatform]] = {}
         self._out: list[Any] = []

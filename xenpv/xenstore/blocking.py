@@ -415,8 +415,18 @@ class BlockingClient(_NodeOps):
         """Write one whole request.  With a deadline a socket is written without blocking
         (a blocking write waits for room for everything, past any deadline); a request
         left half-written fails the connection, as the stream can no longer be framed."""
-        view = memoryview(data)
         fd = self._fd
+        view = memoryview(data)
+        if deadline is None:
+            try:  # the common case: one blocking write takes the whole request
+                n = os.write(fd, data)
+            except (InterruptedError, BlockingIOError):
+                n = 0
+            except OSError as exc:
+                raise self._lost(exc) from exc
+            if n == len(data):
+                return
+            view = view[n:]
         sock = self._sock if deadline is not None else None
         device = deadline is not None and sock is None
         try:
@@ -464,7 +474,8 @@ class BlockingClient(_NodeOps):
             if start and len(buf) - end < HEADER_SIZE + PAYLOAD_MAX:
                 buf[: end - start] = buf[start:end]  # make room for a whole message
                 self._start, self._end = 0, end - start
-            self._wait(self._fd, select.POLLIN, deadline)
+            if deadline is not None:
+                self._wait(self._fd, select.POLLIN, deadline)
             try:
                 n = os.readv(self._fd, [self._rview[self._end :]])
             except InterruptedError:

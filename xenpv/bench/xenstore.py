@@ -24,10 +24,13 @@ repeats the sequential Python clients against the C echo server instead of xenst
 so the clients' own cost shows without the server's.
 
 The C programs are compiled at bench time with the system ``cc``.  Every figure is the
-median of interleaved rounds (``spread`` gives the lowest and highest).  Ratios: (a)/(c)
-and (b)/(c) show what our client gains over pyxs on the same server; (d)/(e) shows how
-close the server's round trip comes to the bare socket's (it is bounded by the server's
-per-request cost, as every client here is).
+median of interleaved rounds (``spread`` gives the lowest and highest).  Every ratio is
+the median of the ratios of the same round's two figures (``ratio_spread``: lowest and
+highest), a paired statistic: on a shared virtual machine the speed drifts between rounds
+by tens of percent, and pairing cancels what both figures of a round share.  Ratios:
+(a)/(c) and (b)/(c) show what our client gains over pyxs on the same server; (d)/(e) shows
+how close the server's round trip comes to the bare socket's (it is bounded by the
+server's per-request cost, as every client here is).
 
 Placement (``--placement``, reported under ``setup``) is the same for all measurements of
 a run: ``same`` (default) pins every server (xenstored, the C echo server) and every
@@ -74,7 +77,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Add the benchmark's options."""
     parser.add_argument("--quick", action="store_true", help="tiny run (smoke test)")
     parser.add_argument("--count", type=int, default=20000, help="reads per measurement")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median)")
     parser.add_argument(
         "--placement",
         choices=sorted(PLACEMENTS),
@@ -265,23 +268,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ours_sequential_asyncio": medians.pop("asyncio_vs_c_echo_server"),
         "pyxs_sequential": medians.pop("pyxs_vs_c_echo_server"),
     }
-    client_only["ratio"] = client_only["ours_sequential"] / client_only["pyxs_sequential"]
+    client_only["ratio"] = _paired(samples, "ours_vs_c_echo_server", "pyxs_vs_c_echo_server")
     result: dict[str, Any] = dict(medians)
     result["ratios"] = {
-        "ours_sequential/pyxs_sequential": result["ours_sequential"] / result["pyxs_sequential"],
-        "ours_pipelined/pyxs_sequential": result["ours_pipelined"] / result["pyxs_sequential"],
-        "libxenstore_sequential/c_echo_floor": (
-            result["libxenstore_sequential"] / result["c_echo_floor"]
-        ),
-        "ours_sequential/libxenstore_sequential": (
-            result["ours_sequential"] / result["libxenstore_sequential"]
-        ),
-        "ours_sequential_asyncio/pyxs_sequential": (
-            result["ours_sequential_asyncio"] / result["pyxs_sequential"]
-        ),
-        "libxenstore_c_loop/c_echo_floor": (
-            result["libxenstore_c_loop"] / result["c_echo_floor"]
-        ),
+        f"{a}/{b}": _paired(samples, a, b)
+        for a, b in (
+            ("ours_sequential", "pyxs_sequential"),
+            ("ours_pipelined", "pyxs_sequential"),
+            ("libxenstore_sequential", "c_echo_floor"),
+            ("ours_sequential", "libxenstore_sequential"),
+            ("ours_sequential_asyncio", "pyxs_sequential"),
+            ("libxenstore_c_loop", "c_echo_floor"),
+        )
+    }
+    result["ratio_spread"] = {
+        name: [min(r), max(r)]
+        for name, r in (
+            (f"{a}/{b}", [x / y for x, y in zip(samples[a], samples[b], strict=True)])
+            for a, b in (k.split("/") for k in result["ratios"])
+        )
     }
     result["targets"] = {
         "ours_sequential/pyxs_sequential": 3.0,
@@ -295,7 +300,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "pipelined_reads": count * 4,
         "window": WINDOW,
         "rounds": rounds,
-        "statistic": "median of interleaved rounds (spread: min and max)",
+        "statistic": (
+            "figures: median of interleaved rounds (spread: min and max); ratios: median of"
+            " the per-round ratios (ratio_spread: min and max)"
+        ),
         "placement": placement,
         "placement_detail": PLACEMENTS[placement],
         "server_cpus": sorted(server_cpus) if server_cpus is not None else None,
@@ -308,6 +316,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpus": os.cpu_count(),
     }
     return result
+
+
+def _paired(samples: dict[str, list[float]], a: str, b: str) -> float:
+    """The median over rounds of ``a / b`` measured in the same round: a paired statistic,
+    so noise that drifts between rounds cancels instead of widening the ratio."""
+    return statistics.median(x / y for x, y in zip(samples[a], samples[b], strict=True))
 
 
 def _measure(count: int, rounds: int, cpus: set[int] | None) -> dict[str, list[float]]:

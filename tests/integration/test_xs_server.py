@@ -101,6 +101,35 @@ def test_state_survives_a_restart_of_the_daemon(tmp_path: Path) -> None:
         assert stop(proc, signal.SIGINT)[0] == 0
 
 
+def test_changes_are_saved_while_running_and_survive_sigkill(tmp_path: Path) -> None:
+    """With --save-interval the tree is saved while it changes, so a daemon that is
+    killed (no chance to save at exit) loses at most the last interval."""
+    state = tmp_path / "state.json"
+    opts = ("--state-file", str(state), "--save-interval", "0.2")
+    with daemon(tmp_path, *opts) as proc:
+        with RawClient(str(tmp_path / "dom0.sock")) as dom0:
+            setup_home(dom0, 5)
+            for i in range(50):
+                dom0.write(f"/kept/{i}", str(i).encode())
+            dom0.ok(T.INTRODUCE, "9", "100", "1")
+            before = dump(dom0)
+            deadline = time.monotonic() + 20
+            while b"/kept/49" not in (state.read_bytes() if state.exists() else b""):
+                assert time.monotonic() < deadline, "the state was never saved"
+                time.sleep(0.05)
+            mtime = state.stat().st_mtime_ns
+            time.sleep(0.6)  # nothing changed: nothing is written again
+            assert state.stat().st_mtime_ns == mtime
+        proc.kill()
+        proc.wait(20)
+    (tmp_path / "xenstored.pid").unlink()  # left by the killed daemon
+    with daemon(tmp_path, *opts) as proc:
+        with RawClient(str(tmp_path / "dom0.sock")) as dom0:
+            assert dump(dom0) == before
+            assert dom0.ok(T.IS_DOMAIN_INTRODUCED, "9") == b"T\0"
+        assert stop(proc)[0] == 0
+
+
 def test_daemon_exits_cleanly_on_sigint_without_state_file(tmp_path: Path) -> None:
     with daemon(tmp_path) as proc:
         with RawClient(str(tmp_path / "dom0.sock")) as dom0:

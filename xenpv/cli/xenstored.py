@@ -40,6 +40,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", required=True, help="dom0's (privileged) socket path")
     parser.add_argument("--state-file", help="load the tree from here and save it on exit")
     parser.add_argument(
+        "--save-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="with --state-file, also save a changed tree this often (0: only on exit; "
+        "default 5)",
+    )
+    parser.add_argument(
         "--domain",
         action="append",
         default=[],
@@ -77,7 +85,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 async def _serve(args: argparse.Namespace, quotas: Quotas) -> None:
     server = XenstoredServer(
-        quotas=quotas, state_file=args.state_file, always_eagain=args.always_eagain
+        quotas=quotas,
+        state_file=args.state_file,
+        always_eagain=args.always_eagain,
+        save_interval=args.save_interval,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

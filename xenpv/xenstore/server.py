@@ -38,7 +38,8 @@ Bounds (hostile-inputs R11, scenarios 21-25):
   is paused, not refused.
 
 State: with ``state_file`` the whole tree is loaded at start and saved atomically
-(temporary file, fsync, rename, directory fsync) by :meth:`XenstoredServer.close`.
+(temporary file, fsync, rename, directory fsync) by :meth:`XenstoredServer.close`, and
+every ``save_interval`` seconds while it changes.
 """
 
 from __future__ import annotations
@@ -523,10 +524,14 @@ class XenstoredServer:
         quotas: Quotas | None = None,
         state_file: str | os.PathLike[str] | None = None,
         always_eagain: bool = False,
+        save_interval: float = 0.0,
     ) -> None:
         """Create the server; with ``state_file`` an existing saved tree is loaded.
 
-        Raises :class:`~xenpv.errors.LocalError` if the state file cannot be used.
+        The tree is saved at :meth:`close`, and also every ``save_interval`` seconds
+        (when positive) if it changed since the last save, so a daemon that is killed
+        loses at most that much.  Raises :class:`~xenpv.errors.LocalError` if the state
+        file cannot be used.
         """
         self.quotas = quotas if quotas is not None else Quotas()
         self.state_file = os.fspath(state_file) if state_file is not None else None
@@ -540,6 +545,9 @@ class XenstoredServer:
         #: How often each domain was paused by the write rate limit.
         self.throttles: dict[int, int] = {}
         self._closed = False
+        self.save_interval = save_interval
+        self._saved: object = self._fingerprint()
+        self._save_timer: asyncio.TimerHandle | None = None
 
     def _load(self) -> Store:
         path = self.state_file
@@ -573,6 +581,8 @@ class XenstoredServer:
             raise
         loop.add_reader(lsock.fileno(), self._accept, lsock, domid)
         self._listeners.append((lsock, path))
+        if self.state_file and self.save_interval > 0 and self._save_timer is None:
+            self._save_timer = loop.call_later(self.save_interval, self._periodic_save)
 
     def _accept(self, lsock: socket.socket, domid: int) -> None:
         loop = self._loop
@@ -624,6 +634,9 @@ class XenstoredServer:
         if self._closed:
             return
         self._closed = True
+        if self._save_timer is not None:
+            self._save_timer.cancel()
+            self._save_timer = None
         for lsock, path in self._listeners:
             self._close_listener(lsock, path)
         self._listeners.clear()
@@ -632,11 +645,30 @@ class XenstoredServer:
         await asyncio.sleep(0)
         self.save_state()
 
+    def _fingerprint(self) -> object:
+        """What a save records, in brief: the generation counter (bumped by every node
+        and permission change) and the domain records."""
+        store = self.store
+        domains = tuple((r.domid, r.gen, r.introduced, r.target) for r in store.domains.values())
+        return (store.generation, domains)
+
+    def _periodic_save(self) -> None:
+        self._save_timer = None
+        if self._closed or self._loop is None:
+            return
+        if self._fingerprint() != self._saved:
+            try:
+                self.save_state()
+            except OSError as exc:  # keep serving; the next interval tries again
+                log.error("xenstored could not save its state to %s: %s", self.state_file, exc)
+        self._save_timer = self._loop.call_later(self.save_interval, self._periodic_save)
+
     def save_state(self) -> None:
         """Write the tree to ``state_file`` atomically (no-op without a state file)."""
         path = self.state_file
         if path is None:
             return
+        self._saved = self._fingerprint()
         tmp = f"{path}.tmp"
         data = json.dumps(self.store.to_state(), separators=(",", ":")).encode()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

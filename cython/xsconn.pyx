@@ -34,6 +34,34 @@ cdef extern from "<sched.h>" nogil:
     int sched_yield()
 
 
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec *ts)
+    enum:
+        CLOCK_MONOTONIC
+
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef Py_ssize_t _spin_recv(int fd, char *buf, size_t size, double spin) noexcept nogil:
+    """Poll ``fd`` for up to ``spin`` seconds, yielding the CPU between tries; the
+    receive's result (-1 with errno EAGAIN when nothing came)."""
+    cdef double end = _now() + spin
+    cdef Py_ssize_t n
+    while True:
+        sched_yield()
+        n = recv(fd, buf, size, MSG_DONTWAIT)
+        if n >= 0 or (errno != EAGAIN and errno != EINTR) or _now() > end:
+            return n
+
+
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     ssize_t send(int fd, const void *buf, size_t n, int flags)
@@ -79,9 +107,14 @@ def serve(object xc, int rounds):
     cdef bytes data
     cdef const char *reply
     cdef int r
+    cdef double spin = server.spin
+    cdef bint served = False
     for r in range(rounds):
         with nogil:
             n = recv(fd, buf, size, MSG_DONTWAIT)
+            if n < 0 and served and spin > 0 and (errno == EAGAIN or errno == EINTR):
+                n = _spin_recv(fd, buf, size, spin)
+        served = True
         if n < 0:
             if errno == EAGAIN or errno == EINTR:  # (EWOULDBLOCK is EAGAIN on Linux)
                 return (AGAIN,)

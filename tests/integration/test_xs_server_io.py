@@ -183,3 +183,35 @@ def test_an_internal_error_answers_eio_and_the_server_goes_on(
             assert dom0.write("/after", b"ok") == "OK"
             assert guest.read("/local/domain/3") == b""
         assert st.call(lambda: st.srv.store.internal_errors) == 3
+
+
+def test_polling_after_a_reply_serves_everyone_in_order(tmp_path: Path) -> None:
+    """With spin_us set, a connection is polled after each reply; sequential and
+    pipelined clients, a guest, a dribbled request and a hang-up during the poll are all
+    served exactly as without it."""
+    with running_server(tmp_path) as st, RawClient(st.path(0)) as dom0:
+        st.call(lambda: setattr(st.srv, "spin", 0.002))  # 2 ms: the poll really happens
+        setup_home(dom0, 5)
+        with RawClient(st.path(5)) as guest:
+            for i in range(100):
+                assert dom0.write(f"/spin/{i}", str(i).encode()) == "OK"
+                assert guest.read("/local/domain/5") == b""
+                assert dom0.read(f"/spin/{i}") == str(i).encode()
+            ids = [dom0.send(T.READ, f"/spin/{i}\0".encode()) for i in range(50)]
+            for i, req_id in enumerate(ids):
+                msg = dom0.recv_message()
+                assert msg is not None and (msg.req_id, msg.payload) == (req_id, str(i).encode())
+            whole = _frame(900, T.READ, b"/spin/7\0")
+            dom0.sock.sendall(whole[:5])
+            time.sleep(0.01)
+            dom0.sock.sendall(whole[5:])
+            msg = dom0.recv_message()
+            assert msg is not None and (msg.req_id, msg.payload) == (900, b"7")
+        with RawClient(st.path(0)) as brief:
+            assert brief.read("/spin/3") == b"3"
+        # the hang-up during the poll is noticed: the connection is gone from the server
+        deadline = time.monotonic() + 10
+        while st.call(lambda: st.srv.connection_count(0)) > 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert dom0.read("/spin/99") == b"99"

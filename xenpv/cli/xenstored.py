@@ -70,6 +70,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="answer every transaction commit with EAGAIN (for testing clients)",
     )
     parser.add_argument(
+        "--spin-us",
+        type=float,
+        default=50.0,
+        metavar="MICROSECONDS",
+        help="after answering a connection, poll it this long before sleeping (a "
+        "sequential client's next request then costs no wake-up; 0: never; default 50)",
+    )
+    parser.add_argument(
         "--loop",
         choices=LOOPS,
         default="auto",
@@ -89,6 +97,7 @@ async def _serve(args: argparse.Namespace, quotas: Quotas) -> None:
         state_file=args.state_file,
         always_eagain=args.always_eagain,
         save_interval=args.save_interval,
+        spin_us=args.spin_us,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

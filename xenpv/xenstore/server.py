@@ -10,7 +10,11 @@ whole hot path.  When nothing older waits, it takes the *direct path* (compiled 
 ``recv`` into a reused buffer, hand every whole request in it to the store (a *batch*),
 send the batch's replies in one ``send``, deliver the watch events it caused (one ``send``
 per connection), and read again — at most ``_READ_AGAIN`` rounds per callback — because
-a client that waits for each reply has usually sent the next request by then.  A receive
+a client that waits for each reply has usually sent the next request by then.  With
+``spin_us`` set (``xenpv xenstored --spin-us``, default 50), a connection just answered is
+polled that long, yielding the CPU between tries, before the callback returns: a
+sequential client on another CPU then gets its next request taken without waking this
+CPU from idle, the cost that dominates a cross-CPU round trip.  A receive
 holding only part of one request yields the CPU once and reads again (libxenstore writes
 header and payload separately).  Anything else goes through the general path: the
 sans-IO :class:`~xenpv.xenstore.wire.Decoder` and :meth:`_XsConnection._process`.  Only
@@ -30,8 +34,9 @@ Bounds (hostile-inputs R11, scenarios 21-25):
 * The undecoded input held per connection is bounded: reading pauses while more than
   64 KiB wait to be processed.
 * A batch is at most ``outstanding`` requests for a domain (512 for dom0), and one
-  reader callback serves at most ``_READ_AGAIN`` (16) receives, each one batch at most;
-  then the loop runs the others, so one connection never starves them.
+  reader callback serves at most ``_READ_AGAIN`` (16) receives, each one batch at most
+  and each followed by at most one poll of ``spin_us``; then the loop runs the others,
+  so one connection never starves them.
 * WRITE-type requests of unprivileged domains pass a token bucket (``write_rate`` per
   second, ``write_burst`` deep; XSA-206), falling back on a reserve shared by all domains
   (``write_global_burst`` deep, refilled at the same rate); a domain with neither credit
@@ -282,13 +287,23 @@ class _XsConnection:
         unpack = HEADER.unpack_from
         limited = self.limited
         batch = self.batch
-        for _ in range(rounds):
+        spin = server.spin
+        for r in range(rounds):
             try:
                 n = sock.recv_into(rbuf)
             except (BlockingIOError, InterruptedError):
-                return (_AGAIN,)
+                n = -1
             except OSError as exc:
                 return (_ERROR, exc.errno)
+            if n < 0:
+                if not (r and spin):
+                    return (_AGAIN,)
+                try:
+                    n = _spin_recv(sock, rbuf, spin)
+                except OSError as exc:
+                    return (_ERROR, exc.errno)
+                if n < 0:
+                    return (_AGAIN,)
             if not n:
                 return (_EOF,)
             if n < HEADER_SIZE or n < HEADER_SIZE + unpack(rbuf)[3] <= _MAX_MESSAGE:
@@ -525,6 +540,7 @@ class XenstoredServer:
         state_file: str | os.PathLike[str] | None = None,
         always_eagain: bool = False,
         save_interval: float = 0.0,
+        spin_us: float = 0.0,
     ) -> None:
         """Create the server; with ``state_file`` an existing saved tree is loaded.
 
@@ -532,6 +548,10 @@ class XenstoredServer:
         (when positive) if it changed since the last save, so a daemon that is killed
         loses at most that much.  Raises :class:`~xenpv.errors.LocalError` if the state
         file cannot be used.
+
+        ``spin_us``: after answering a connection, poll it this many microseconds
+        (yielding the CPU between tries) before going back to the event loop, so a
+        client's next request is taken without a wake-up (see the module docstring).
         """
         self.quotas = quotas if quotas is not None else Quotas()
         self.state_file = os.fspath(state_file) if state_file is not None else None
@@ -546,6 +566,8 @@ class XenstoredServer:
         self.throttles: dict[int, int] = {}
         self._closed = False
         self.save_interval = save_interval
+        #: Seconds a connection is polled after answering it (0: not at all).
+        self.spin = max(0.0, spin_us) / 1e6
         self._saved: object = self._fingerprint()
         self._save_timer: asyncio.TimerHandle | None = None
 
@@ -779,6 +801,19 @@ class XenstoredServer:
             for conn, proto in list(self._protocols.items()):
                 if conn.domid in released:
                     proto.abort()
+
+
+def _spin_recv(sock: socket.socket, rbuf: bytearray, spin: float) -> int:
+    """Poll ``sock`` for up to ``spin`` seconds, yielding the CPU between tries; the
+    number of bytes received, or -1 when nothing came."""
+    end = time.monotonic() + spin
+    while True:
+        os.sched_yield()
+        try:
+            return sock.recv_into(rbuf)
+        except (BlockingIOError, InterruptedError):
+            if time.monotonic() > end:
+                return -1
 
 
 def _compiled_serve() -> Callable[[_XsConnection, int], tuple[Any, ...]] | None:

@@ -349,16 +349,13 @@ class BlockingClient(_NodeOps):
             if sent:
                 self._expire(req_id)
             raise
-        if r_tx != tx_id:
-            bad = WireError(f"xenstore reply tx_id {r_tx} != request tx_id {tx_id}")
-        elif r_type == type_:
+        if r_type == type_ and r_tx == tx_id:
             return r_payload
-        elif r_type == XsType.ERROR:
-            raise XenstoreError(wire.parse_error(r_payload))
-        else:
-            bad = WireError(f"xenstore reply of type {r_type} to a request of type {type_}")
-        self._fail(bad)
-        raise bad
+        error = ops.reply_error(type_, tx_id, wire.Message(r_type, r_id, r_tx, r_payload))
+        if isinstance(error, WireError):
+            self._fail(error)
+        assert error is not None
+        raise error
 
     def _expire(self, req_id: int) -> None:
         """Remember ``req_id`` so that its late reply is discarded (bounded memory)."""

@@ -164,22 +164,15 @@ class _Connection(asyncio.BufferedProtocol):
                 return
             raise WireError(f"xenstore reply to unknown req_id {msg.req_id} (type {msg.type})")
         fut, req_type, tx_id = entry
-        if msg.tx_id != tx_id:
-            self._reject(fut, f"xenstore reply tx_id {msg.tx_id} != request tx_id {tx_id}")
-        if msg.type == XsType.ERROR:
+        if msg.type == req_type and msg.tx_id == tx_id:
             if not fut.done():
-                fut.set_exception(XenstoreError(wire.parse_error(msg.payload)))
-        elif msg.type != req_type:
-            self._reject(fut, f"xenstore reply of type {msg.type} to a request of type {req_type}")
-        elif not fut.done():
-            fut.set_result(msg.payload)
-
-    @staticmethod
-    def _reject(fut: asyncio.Future[bytes], text: str) -> None:
-        exc = WireError(text)
-        if not fut.done():
+                fut.set_result(msg.payload)
+            return
+        exc = ops.reply_error(req_type, tx_id, msg)
+        if exc is not None and not fut.done():
             fut.set_exception(exc)
-        raise exc
+        if isinstance(exc, WireError):
+            raise exc
 
     def _watch_event(self, payload: bytes) -> None:
         event = ops.parse_watch_event(payload)

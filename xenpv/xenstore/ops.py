@@ -25,6 +25,7 @@ parsing, and the way libxenstore picks its connection (:func:`connect_candidates
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass
@@ -151,8 +152,6 @@ def connect_candidates(path: str | None) -> list[str]:
 
 def connect_error(candidates: list[str], last: BaseException | None) -> XenstoreConnectionError:
     """The error of a connection attempt that found no usable candidate."""
-    import errno
-
     code = last.errno if isinstance(last, OSError) else None
     return XenstoreConnectionError(
         f"cannot connect to xenstore ({', '.join(candidates)}): {last}",
@@ -208,6 +207,20 @@ def parse_watch_event(payload: bytes) -> WatchEvent:
     if len(parts) != 3 or parts[2] != b"" or not parts[0]:
         raise WireError(f"malformed xenstore watch event {payload[:80]!r}")
     return WatchEvent(ascii_field(parts[0], "watch path"), ascii_field(parts[1], "watch token"))
+
+
+def reply_error(req_type: int, tx_id: int, msg: wire.Message) -> Exception | None:
+    """What the reply ``msg`` to a request of ``req_type`` in ``tx_id`` carries instead of
+    a result: a :class:`WireError` if it breaks the protocol (io/xs_wire.h: a reply has
+    its request's type, req_id and tx_id), a :class:`XenstoreError` for an ``ERROR``
+    reply, ``None`` for a good reply."""
+    if msg.tx_id != tx_id:
+        return WireError(f"xenstore reply tx_id {msg.tx_id} != request tx_id {tx_id}")
+    if msg.type == XsType.ERROR:
+        return XenstoreError(wire.parse_error(msg.payload))
+    if msg.type != req_type:
+        return WireError(f"xenstore reply of type {msg.type} to a request of type {req_type}")
+    return None
 
 
 def _below(path: str, top: str) -> bool:

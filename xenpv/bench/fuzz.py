@@ -13,16 +13,22 @@ Both count *peer actions* per second: an entry written, an index published, a ra
 byte flip installed, a service pass of the driver (a byte-ring write of any size is one
 action).
 
-The anchor is the benign figure; ``ratio`` = hostile / benign (the goal is >= 0.1).
+The anchor is the benign figure; the ratio named after the target is hostile / benign
+(the goal is >= 0.1).  Figures are ``hostile_ops_per_s.<target>`` and
+``benign_ops_per_s.<target>``, medians of ``--rounds`` interleaved rounds (every target's
+pair of measurements in turn, the pairs' order rotating between rounds).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
+from xenpv.bench.report import Ratio, Rounds
 from xenpv.fuzz.byterings import BYTE_RING_SPECS, ByteRingVictim, HostileProducer
 from xenpv.fuzz.hostile import REFERENCE, HostileBackend, HostileFrontend
 from xenpv.fuzz.memory import InstrumentedMemory
@@ -34,7 +40,9 @@ from xenpv.fuzz.victims import RingBackend, RingFrontend
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the benchmark's options."""
     parser.add_argument("--quick", action="store_true", help="a very short run (smoke test)")
-    parser.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
+    parser.add_argument("--seconds", type=float, default=1.0,
+                        help="time per measurement, over all rounds (default 1)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
 
 
 def _rate(fn: Any, seconds: float) -> float:
@@ -96,19 +104,33 @@ def _hostile(make: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Measure every ring target; returns ``{target: {hostile_ops_per_s, benign_ops_per_s, ratio}}``."""
-    seconds = 0.05 if args.quick else args.seconds
-    out: dict[str, Any] = {}
+    """Measure every ring target in interleaved rounds; the ratio per target is hostile /
+    benign (paired per round)."""
+    rounds = 1 if args.quick else max(1, args.rounds)
+    seconds = 0.05 if args.quick else args.seconds / rounds
+    pairs: dict[str, tuple[Any, Any]] = {}
     for name, spec in RING_SPECS.items():
-        benign = _rate(_benign_backend(name), seconds)
+        benign = _benign_backend(name)
         for target, cls, victim in ((f"ring-backend:{name}", HostileFrontend, RingBackend),
                                     (f"ring-frontend:{name}", HostileBackend, RingFrontend)):
-            hostile = _rate(_hostile(lambda s, c=cls, v=victim, sp=spec: c(sp, v, s)), seconds)
-            out[target] = {"hostile_ops_per_s": hostile, "benign_ops_per_s": benign,
-                           "ratio": hostile / benign if benign else 0.0}
+            pairs[target] = (benign, _hostile(lambda s, c=cls, v=victim, sp=spec: c(sp, v, s)))
     for name, bspec in BYTE_RING_SPECS.items():
-        benign = _rate(_benign_bytes(name), seconds)
-        hostile = _rate(_hostile(lambda s, sp=bspec: HostileProducer(sp, ByteRingVictim, s)), seconds)
-        out[f"bytering:{name}"] = {"hostile_ops_per_s": hostile, "benign_ops_per_s": benign,
-                                   "ratio": hostile / benign if benign else 0.0}
-    return out
+        pairs[f"bytering:{name}"] = (
+            _benign_bytes(name),
+            _hostile(lambda s, sp=bspec: HostileProducer(sp, ByteRingVictim, s)))
+    rec = Rounds("fuzz")
+
+    def measure(target: str) -> float:
+        benign, hostile = pairs[target]
+        rec.add(f"benign_ops_per_s.{target}", _rate(benign, seconds))
+        return _rate(hostile, seconds)
+
+    measures: dict[str, Callable[[], float]] = {
+        f"hostile_ops_per_s.{t}": functools.partial(measure, t) for t in pairs}
+    rec.interleave(rounds, measures)
+    ratios = {t: Ratio(f"hostile_ops_per_s.{t}", f"benign_ops_per_s.{t}", ">= 0.1")
+              for t in pairs}
+    units = {k: "ops/s" for k in rec.samples}
+    return rec.result(units=units, ratios=ratios, placement="unpinned, one process",
+                      noisy_keys=set(ratios),
+                      extra={"seconds_per_measurement": seconds})

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import select
-import statistics
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from xenpv.bench.report import Ratio, Rounds
 from xenpv.platforms.base import PAGE_SIZE, GrantCopy, GrantPtr, LocalPtr, prepare_copy
 
 BATCH = 11
@@ -286,10 +286,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n_rtt = 50 if quick else 2000
     n_map = 20 if quick else 1000
     n_copy = 50 if quick else 5000
-    samples: dict[str, list[float]] = {}
-
-    def add(key: str, value: float) -> None:
-        samples.setdefault(key, []).append(value)
+    rec = Rounds("platform")
+    add = rec.add
 
     inproc = InProcessMachine(max_grants=1024, max_ports=64)
     daemon = DaemonMachine(max_grants=1024, max_ports=64)
@@ -315,42 +313,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         inproc.close()
         daemon.close()
-    res: dict[str, Any] = {k: statistics.median(v) for k, v in samples.items()}
-    rtt_ratios: dict[str, float] = {}
+    ratios: dict[str, Ratio] = {}
     for tag in ("", "_same_cpu"):
-        if f"notify_rtt_us{tag}" in res:
-            notify = res[f"notify_rtt_us{tag}"]
-            rtt_ratios[f"notify_rtt_vs_eventfd_floor{tag}"] = (
-                notify / res[f"eventfd_floor_rtt_us{tag}"]
-            )
-            rtt_ratios[f"notify_rtt_vs_eventfd_read_floor{tag}"] = (
-                notify / res[f"eventfd_read_floor_rtt_us{tag}"]
-            )
-    res["ratios"] = {
-        **rtt_ratios,
-        "grant_copy_4k_vs_memcpy": res["grant_copy_4k_gbps"] / res["memcpy_4k_gbps"],
-        "grant_copy_64k_vs_memcpy": res["grant_copy_64k_gbps"] / res["memcpy_64k_gbps"],
-        "grant_copy_64k_crossprocess_vs_memcpy": res["grant_copy_64k_gbps_crossprocess"]
-        / res["memcpy_64k_gbps"],
-        "map_unmap_crossprocess_vs_inprocess": res["map_unmap_batches_per_s_crossprocess"]
-        / res["map_unmap_batches_per_s_inprocess"],
-    }
-    res["targets"] = {"notify_rtt_vs_eventfd_floor": "<= 1.3", "grant_copy_64k_vs_memcpy": ">= 0.5"}
-    res["rounds"] = rounds
-    res["placement"] = (
+        if f"notify_rtt_us{tag}" in rec.samples:
+            ratios[f"notify_rtt_vs_eventfd_floor{tag}"] = Ratio(
+                f"notify_rtt_us{tag}", f"eventfd_floor_rtt_us{tag}", "<= 1.3" if not tag else None)
+            ratios[f"notify_rtt_vs_eventfd_read_floor{tag}"] = Ratio(
+                f"notify_rtt_us{tag}", f"eventfd_read_floor_rtt_us{tag}")
+    ratios.update({
+        "grant_copy_4k_vs_memcpy": Ratio("grant_copy_4k_gbps", "memcpy_4k_gbps"),
+        "grant_copy_64k_vs_memcpy": Ratio("grant_copy_64k_gbps", "memcpy_64k_gbps", ">= 0.5"),
+        "grant_copy_64k_crossprocess_vs_memcpy": Ratio("grant_copy_64k_gbps_crossprocess",
+                                                       "memcpy_64k_gbps"),
+        "map_unmap_crossprocess_vs_inprocess": Ratio("map_unmap_batches_per_s_crossprocess",
+                                                     "map_unmap_batches_per_s_inprocess"),
+    })
+    units = {k: "µs" if k.endswith("_us") or "_rtt_us" in k else
+             "GB/s" if "gbps" in k else "batches/s" for k in rec.samples}
+    placement = (
         "notify_rtt_us / eventfd_floor_rtt_us / eventfd_read_floor_rtt_us: the two processes "
         "pinned to different CPUs (split drivers in two domains); *_same_cpu: both pinned to "
         "one CPU"
         if "cross" in where
         else "one usable CPU: both processes on it"
     )
-    res["measured"] = (
+    measured = (
         "round trips, Python loop on both sides of every pair, blocking waits: notify = "
         "notify + pending(None) + unmask (write; epoll_wait); eventfd_floor = write; "
         "epoll_wait on a one-eventfd edge-triggered epoll set (the target's floor); "
         "eventfd_read_floor = write; blocking read (informational)"
     )
-    return res
+    return rec.result(units=units, ratios=ratios,
+                      placement={k: list(v) for k, v in where.items()},
+                      extra={"placement": placement, "measured": measured})
 
 
 if __name__ == "__main__":

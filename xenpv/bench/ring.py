@@ -16,8 +16,11 @@ What is measured (one run; every figure is requests completed per second):
   ``*_nospin`` variants re-arm and sleep at once.  The C program uses the macros; the Python
   one uses :mod:`xenpv.rings` (its spin is the core's bounded busy-wait, ``spin_ns``).  With
   two CPUs available the frontend and backend are pinned to different ones (``placement``),
-  so every sleep costs a cross-CPU wake-up; each figure is the best of three interleaved
-  runs, the machine being shared.
+  so every sleep costs a cross-CPU wake-up.
+
+Every figure is the median of ``--rounds`` interleaved rounds (each variant going first in
+turn; ``--seconds`` of measuring per figure, split over the rounds), and every ratio the
+median of the per-round ratios (:mod:`xenpv.bench.report`).
 
 Entries are whole slots copied once in each direction in every variant, so all do the same
 work.  ``ratios`` compare each against its anchor measured in the same run; ``targets`` says
@@ -27,6 +30,7 @@ which ratio the project aims for.  Absolute figures depend on the machine and it
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import mmap
@@ -44,6 +48,7 @@ from types import ModuleType
 from typing import Any
 
 from xenpv import peers
+from xenpv.bench.report import Ratio, Rounds
 
 SLOT = 112  # sizeof(blkif_request), x86_64 ABI
 PAGE = 4096
@@ -56,8 +61,17 @@ CTL_STOP, CTL_NOTIFIES, CTL_SLEEPS = CONTROL, CONTROL + 4, CONTROL + 8
 TARGETS = {
     "cython/c_macros": 0.30,
     "cython/reference": 20.0,
-    "two_process_cython/two_process_c": 0.5,
+    "two_process_cython/two_process_c": 0.7,
 }
+
+
+def prerequisites() -> None:
+    """Raise a one-line LocalError if Xen's headers (the peers tree) or cc are missing."""
+    from xenpv.errors import LocalError
+
+    peers.include_dir()
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        raise LocalError("needs a C compiler (cc, or $CC) for the C anchors")
 
 
 def cache_dir() -> Path:
@@ -404,7 +418,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a very short run (smoke test; figures are not meaningful)")
     parser.add_argument("--seconds", type=float, default=2.0,
-                        help="measuring time per figure (default 2)")
+                        help="measuring time per figure over all rounds (default 2)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
     parser.add_argument("--demo", type=int, metavar="N", default=0,
                         help="instead: push N checked requests between two processes, with "
                              "and without spinning, and print a table")
@@ -443,44 +458,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return demo(args.demo)
     from xenpv.rings import ring_size
 
-    seconds = 0.05 if args.quick else args.seconds
+    rounds = 1 if args.quick else max(1, args.rounds)
+    seconds = 0.05 if args.quick else args.seconds / rounds
     tp_seconds = 0.1 if args.quick else seconds
-    out: dict[str, Any] = {
-        "unit": "requests/s",
-        "slot_size": SLOT,
-        "ring_slots": ring_size(PAGE, SLOT),
-        "batch": BATCH,
-        "spin_us": SPIN_US,
-    }
     cpus = placement()
-    out["placement"] = (f"front on CPU {cpus[0]}, back on CPU {cpus[1]}" if cpus
-                        else "front and back share one CPU")
-    out["c_macros"] = bench_c_macros(seconds)
-    out["cython"] = bench_python_loop("cython", seconds)
-    out["reference"] = bench_python_loop("reference", seconds)
-    detail: dict[str, Any] = {}
-    repeats = 1 if args.quick else 3
-    for name, spin in (("", SPIN_US), ("_nospin", 0)):
-        # interleaved, best of ``repeats`` each: the two vCPUs are shared with other work
-        runs_c: list[dict[str, float]] = []
-        runs_py: list[dict[str, float]] = []
-        for _ in range(repeats):
-            runs_c.append(bench_two_process_c(tp_seconds / repeats, spin))
-            runs_py.append(run_two_process("cython", seconds=tp_seconds / repeats, spin_us=spin))
-        c = max(runs_c, key=lambda r: r["requests_per_s"])
-        py = max(runs_py, key=lambda r: r["requests_per_s"])
-        out[f"two_process_c{name}"] = c["requests_per_s"]
-        out[f"two_process_cython{name}"] = py["requests_per_s"]
-        detail[f"two_process_c{name}"] = c
-        detail[f"two_process_cython{name}"] = py
-    out["ratios"] = {
-        "cython/c_macros": out["cython"] / out["c_macros"],
-        "cython/reference": out["cython"] / out["reference"],
-        "two_process_cython/two_process_c":
-            out["two_process_cython"] / out["two_process_c"],
-        "two_process_cython_nospin/two_process_c_nospin":
-            out["two_process_cython_nospin"] / out["two_process_c_nospin"],
+    where = (f"front on CPU {cpus[0]}, back on CPU {cpus[1]}" if cpus
+             else "front and back share one CPU")
+    rec = Rounds("ring")
+    detail: dict[str, list[dict[str, float]]] = {}
+
+    def two_process(name: str, spin: int, c: bool) -> float:
+        r = (bench_two_process_c(tp_seconds, spin) if c
+             else run_two_process("cython", seconds=tp_seconds, spin_us=spin))
+        detail.setdefault(name, []).append(r)
+        return r["requests_per_s"]
+
+    measures: dict[str, Callable[[], float]] = {
+        "c_macros": lambda: bench_c_macros(seconds, 1),
+        "cython": lambda: bench_python_loop("cython", seconds, 1),
+        "reference": lambda: bench_python_loop("reference", seconds, 1),
     }
-    out["targets"] = dict(TARGETS)
-    out["two_process_detail"] = detail
-    return out
+    for name, spin in (("", SPIN_US), ("_nospin", 0)):
+        measures[f"two_process_c{name}"] = functools.partial(
+            two_process, f"two_process_c{name}", spin, True)
+        measures[f"two_process_cython{name}"] = functools.partial(
+            two_process, f"two_process_cython{name}", spin, False)
+    rec.interleave(rounds, measures)
+    ratios = {
+        "cython/c_macros": Ratio("cython", "c_macros", f">= {TARGETS['cython/c_macros']}"),
+        "cython/reference": Ratio("cython", "reference", f">= {TARGETS['cython/reference']}"),
+        "two_process_cython/two_process_c": Ratio(
+            "two_process_cython", "two_process_c",
+            f">= {TARGETS['two_process_cython/two_process_c']}"),
+        "two_process_cython_nospin/two_process_c_nospin": Ratio(
+            "two_process_cython_nospin", "two_process_c_nospin"),
+    }
+    # the notification and sleep counts of each variant's median round
+    middle = {k: sorted(v, key=lambda r: r["requests_per_s"])[len(v) // 2]
+              for k, v in detail.items()}
+    return rec.result(
+        units={k: "requests/s" for k in measures}, ratios=ratios, placement=where,
+        extra={"unit": "requests/s", "slot_size": SLOT, "ring_slots": ring_size(PAGE, SLOT),
+               "batch": BATCH, "spin_us": SPIN_US, "placement": where,
+               "two_process_detail": middle})

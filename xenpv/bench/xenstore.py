@@ -51,7 +51,6 @@ import asyncio
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from xenpv import peers
+from xenpv.bench.report import Ratio, Rounds
 from xenpv.errors import LocalError
 from xenpv.xenstore.blocking import BlockingClient
 from xenpv.xenstore.client import connect
@@ -251,8 +251,31 @@ def _against_echo(
                 srv.wait(10)
 
 
+def prerequisites() -> None:
+    """Raise a one-line LocalError naming what is missing: the peers tree (libxenstore and
+    Xen's headers), pyxs, or a C compiler."""
+    import importlib.util
+
+    peers.find(f"{peers.LIB_DIR}/libxenstore.so.4")
+    peers.include_dir()
+    if importlib.util.find_spec("pyxs") is None:
+        raise LocalError("the pyxs anchor needs pyxs: pip install pyxs "
+                         "(or pip install 'xenpv[test]')")
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        raise LocalError("needs a C compiler (cc) for the C anchors")
+
+
+#: Figures measured against the C echo server instead of xenstored (client cost alone).
+CLIENT_ONLY = {
+    "ours_vs_c_echo_server": "client_only_vs_c_echo_server.ours_sequential",
+    "asyncio_vs_c_echo_server": "client_only_vs_c_echo_server.ours_sequential_asyncio",
+    "pyxs_vs_c_echo_server": "client_only_vs_c_echo_server.pyxs_sequential",
+}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run every measurement; return figures (operations per second) and ratios."""
+    rec = Rounds("xenstore")
     count = 300 if args.quick else args.count
     rounds = 1 if args.quick else max(1, args.rounds)
     placement, server_cpus, client_cpus = _cpus(getattr(args, "placement", "same"))
@@ -262,16 +285,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         samples = _measure(count, rounds, server_cpus)
     finally:
         os.sched_setaffinity(0, saved)
-    medians = {k: statistics.median(v) for k, v in samples.items()}
-    client_only = {
-        "ours_sequential": medians.pop("ours_vs_c_echo_server"),
-        "ours_sequential_asyncio": medians.pop("asyncio_vs_c_echo_server"),
-        "pyxs_sequential": medians.pop("pyxs_vs_c_echo_server"),
-    }
-    client_only["ratio"] = _paired(samples, "ours_vs_c_echo_server", "pyxs_vs_c_echo_server")
-    result: dict[str, Any] = dict(medians)
-    result["ratios"] = {
-        f"{a}/{b}": _paired(samples, a, b)
+    for key, values in samples.items():
+        for v in values:
+            rec.add(CLIENT_ONLY.get(key, key), v)
+    ratios = {
+        f"{a}/{b}": Ratio(a, b, TARGETS.get(f"{a}/{b}"))
         for a, b in (
             ("ours_sequential", "pyxs_sequential"),
             ("ours_pipelined", "pyxs_sequential"),
@@ -281,21 +299,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ("libxenstore_c_loop", "c_echo_floor"),
         )
     }
-    result["ratio_spread"] = {
-        name: [min(r), max(r)]
-        for name, r in (
-            (f"{a}/{b}", [x / y for x, y in zip(samples[a], samples[b], strict=True)])
-            for a, b in (k.split("/") for k in result["ratios"])
-        )
-    }
-    result["targets"] = {
-        "ours_sequential/pyxs_sequential": 3.0,
-        "ours_pipelined/pyxs_sequential": 10.0,
-        "libxenstore_sequential/c_echo_floor": 0.5,
-    }
-    result["client_only_vs_c_echo_server"] = client_only
-    result["spread"] = {k: [min(v), max(v)] for k, v in samples.items()}
-    result["setup"] = {
+    ratios["client_only: ours_sequential/pyxs_sequential"] = Ratio(
+        CLIENT_ONLY["ours_vs_c_echo_server"], CLIENT_ONLY["pyxs_vs_c_echo_server"])
+    setup = {
         "reads_per_measurement": count,
         "pipelined_reads": count * 4,
         "window": WINDOW,
@@ -315,13 +321,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "libxenstore_c_loop": "xs_read from a C loop",
         "cpus": os.cpu_count(),
     }
-    return result
+    return rec.result(units={k: "ops/s" for k in rec.samples}, ratios=ratios,
+                      placement=placement, extra={"setup": setup})
 
 
-def _paired(samples: dict[str, list[float]], a: str, b: str) -> float:
-    """The median over rounds of ``a / b`` measured in the same round: a paired statistic,
-    so noise that drifts between rounds cancels instead of widening the ratio."""
-    return statistics.median(x / y for x, y in zip(samples[a], samples[b], strict=True))
+TARGETS = {
+    "ours_sequential/pyxs_sequential": ">= 3.0",
+    "ours_pipelined/pyxs_sequential": ">= 10.0",
+    "libxenstore_sequential/c_echo_floor": ">= 0.5",
+}
 
 
 def _measure(count: int, rounds: int, cpus: set[int] | None) -> dict[str, list[float]]:

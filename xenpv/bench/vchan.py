@@ -1,20 +1,26 @@
 """``xenpv bench vchan``: vchan throughput and latency against a Unix socket and libxenvchan.
 
-What is measured (one run, two processes per figure, 64 KiB writes, 1 MiB rings):
+What is measured (one run, two processes per figure, ``--write-size`` writes (64 KiB by
+default), 1 MiB rings):
 
 * ``vchan_gbps``: xenpv's vchan between two emulated domains on the loopback daemon
   (``python -m xenpv.vchan.tool``, blocking API on the compiled ring: the writer copies
-  64 KiB slices, the reader takes whatever is in the ring up to 256 KiB per call; both
+  write-size slices, the reader takes whatever is in the ring up to 256 KiB per call; both
   poll the ring in C for up to ``--spin-us`` µs before sleeping on the event channel).
 * ``unix_socket_gbps`` (anchor): a Unix stream socket between two Python processes,
-  ``sendall`` of 64 KiB / ``recv_into`` a 64 KiB buffer.
+  ``sendall`` of a write-size block / ``recv_into`` a buffer of that size.
 
-All three writers send the same 64 KiB block over and over (the vchan tool's ``--block``).
+All three writers send the same write-size block over and over (the vchan tool's
+``--block``).
 * ``libxenvchan_gbps`` (anchor): Debian's libxenvchan driven by a small C program
   (``csrc/vchan_libxenvchan.c``) on the same emulator through the replacement libraries,
-  with the same spin-then-sleep policy.
+  with the same spin-then-sleep policy, reading up to 256 KiB per call as ours does.
+* ``vchan_gbps_4k`` / ``libxenvchan_gbps_4k``: the same two with 4 KiB writes (a quarter
+  of ``--bytes``), measured in the same rounds.
 * ``vchan_rtt_us``: median round trip of a 64-byte message over xenpv's vchan (in-page
   rings), client and server in two processes.
+* ``libxenvchan_rtt_us`` (anchor): the same round trip between two C programs on
+  libxenvchan (``vchan_libxenvchan.c`` ``ping`` / ``echo``), same rings, same spin.
 * ``console_mbps``: console output throughput of the console pair on the in-process
   emulator (:func:`xenpv.backends.console.bench_console_mbps`).
 
@@ -26,11 +32,11 @@ the three measurements are placed alike; ``placement`` in the result says where 
 
 Throughput is bytes over the receiver's time from its first to its last byte (GB/s =
 1e9 bytes per second).  The measurements run in ``--rounds`` interleaved rounds and the
-medians are reported (``runs`` lists every figure; the three throughputs take turns in
-going first): on a shared 2-vCPU machine one run
-varies several-fold with what else the CPUs are doing.  ``gb_per_cpu_second`` divides the
-bytes by the CPU time both processes spent in their transfer loops (medians): it varies far
-less with load and shows what each byte costs.  ``vchan_wakeups`` are the medians of the
+medians are reported (``runs`` lists every figure, ``spread`` the lowest and highest; the
+measurements take turns in going first; see :mod:`xenpv.bench.report`): on a shared
+2-vCPU machine one run varies several-fold with what else the CPUs are doing.
+``gb_per_cpu_second`` divides the bytes by the CPU time both processes spent in their
+transfer loops (medians): it varies far less with load and shows what each byte costs.  ``vchan_wakeups`` are the medians of the
 notifications sent and sleeps taken by each side of xenpv's vchan.  ``ratios`` compare
 against the anchors measured in this run; ``targets`` are the project's goals.  ``--quick``
 moves a few MiB only (smoke test).
@@ -46,17 +52,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from statistics import median
 from typing import Any, NamedTuple
+
+from xenpv.bench.report import Ratio, Rounds
 
 MiB = 1 << 20
 CHUNK = 1 << 16
 READ_SIZE = 1 << 18  # the reader takes up to this much per call
 CSRC = Path(__file__).resolve().parent / "csrc" / "vchan_libxenvchan.c"
-TARGETS = {"vchan/unix_socket": 2.0, "vchan/libxenvchan": 0.5}
+SMALL_WRITE = 4096  # the ``_4k`` figures
 SPIN_US = 50
+RTT_SIZE = 64
 
 
 class Placement(NamedTuple):
@@ -88,6 +97,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="receiver and sender on two CPUs, on one, or unpinned")
     parser.add_argument("--spin-us", type=int, default=SPIN_US,
                         help="µs each side polls the ring before sleeping (vchan and C)")
+    parser.add_argument("--write-size", type=int, default=CHUNK, metavar="BYTES",
+                        help="bytes per write of the main throughput figures (default 65536;"
+                             " the _4k figures always write 4096)")
+
+
+def prerequisites() -> None:
+    """Raise a one-line LocalError if libxenvchan (the peers tree) or gcc is missing."""
+    import shutil
+
+    from xenpv import peers
+    from xenpv.errors import LocalError
+
+    peers.find(f"{peers.LIB_DIR}/libxenvchan.so.4.17")
+    peers.include_dir()
+    if shutil.which("gcc") is None:
+        raise LocalError("needs gcc to build the libxenvchan anchor")
 
 
 def placement(kind: str) -> Placement:
@@ -113,7 +138,7 @@ def pinned(cpu: int | None) -> Iterator[None]:
         os.sched_setaffinity(0, saved)
 
 
-def _unix_child(role: str, path: str, total: int) -> None:
+def _unix_child(role: str, path: str, total: int, chunk: int = CHUNK) -> None:
     """One side of the Unix socket anchor; the receiver prints bytes, seconds and CPU
     seconds, the sender its CPU seconds."""
     if role == "recv":
@@ -122,7 +147,7 @@ def _unix_child(role: str, path: str, total: int) -> None:
         lsock.listen(1)
         print("ready", flush=True)
         conn, _ = lsock.accept()
-        buf = bytearray(CHUNK)
+        buf = bytearray(chunk)
         got = 0
         first = last = 0.0
         cpu = time.process_time()
@@ -140,17 +165,17 @@ def _unix_child(role: str, path: str, total: int) -> None:
     else:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(path)
-        block = memoryview(os.urandom(CHUNK))
+        block = memoryview(os.urandom(chunk))
         sent = 0
         cpu = time.process_time()
         while sent < total:
-            sock.sendall(block[: min(CHUNK, total - sent)])
-            sent += min(CHUNK, total - sent)
+            sock.sendall(block[: min(chunk, total - sent)])
+            sent += min(chunk, total - sent)
         print(f"done {time.process_time() - cpu:.6f}", flush=True)
         sock.close()
 
 
-def unix_socket_gbps(total: int, where: Placement) -> Sample:
+def unix_socket_gbps(total: int, where: Placement, chunk: int = CHUNK) -> Sample:
     """The Unix socket anchor between two Python processes."""
     from xenpv.vchan.testing import read_line
 
@@ -160,13 +185,13 @@ def unix_socket_gbps(total: int, where: Placement) -> Sample:
         procs: list[subprocess.Popen[bytes]] = []
         try:
             with pinned(where.receiver):
-                recv = subprocess.Popen([*me, "recv", path, str(total)], stdout=subprocess.PIPE,
-                                        bufsize=0)
+                recv = subprocess.Popen([*me, "recv", path, str(total), str(chunk)],
+                                        stdout=subprocess.PIPE, bufsize=0)
             procs.append(recv)
             assert read_line(recv, 30) == "ready"
             with pinned(where.sender):
-                send = subprocess.Popen([*me, "send", path, str(total)], stdout=subprocess.PIPE,
-                                        bufsize=0)
+                send = subprocess.Popen([*me, "send", path, str(total), str(chunk)],
+                                        stdout=subprocess.PIPE, bufsize=0)
             procs.append(send)
             _, got, seconds, recv_cpu = read_line(recv, 300).split()
             _, send_cpu = read_line(send, 60).split()
@@ -182,11 +207,12 @@ def unix_socket_gbps(total: int, where: Placement) -> Sample:
     return Sample(int(got) / float(seconds) / 1e9, int(got), float(recv_cpu), float(send_cpu))
 
 
-def vchan_gbps(lab: Any, total: int, where: Placement, spin_us: int) -> Sample:
-    """xenpv vchan between two domain processes (1 MiB rings)."""
+def vchan_gbps(lab: Any, total: int, where: Placement, spin_us: int,
+               chunk: int = CHUNK) -> Sample:
+    """xenpv vchan between two domain processes (1 MiB rings), ``chunk``-byte writes."""
     from xenpv.vchan.testing import vchan_path
 
-    path = vchan_path(1, 2, "bench")
+    path = vchan_path(1, 2, f"bench-{chunk}")
     with pinned(where.receiver):
         server = lab.tool(1, "server", "2", path, "--recv", str(total), "--read-min", str(MiB),
                           "--write-min", str(MiB), "--no-crc", "--read-size", str(READ_SIZE),
@@ -194,7 +220,7 @@ def vchan_gbps(lab: Any, total: int, where: Placement, spin_us: int) -> Sample:
     assert lab.read_json(server)["event"] == "ready"
     with pinned(where.sender):
         client = lab.tool(2, "client", "1", path, "--send", str(total), "--no-crc", "--chunk",
-                          str(CHUNK), "--block", str(CHUNK), "--timeout", "300", "--spin-us",
+                          str(chunk), "--block", str(chunk), "--timeout", "300", "--spin-us",
                           str(spin_us))
     assert lab.read_json(client)["event"] == "ready"
     done = lab.read_json(server, 300)
@@ -207,14 +233,21 @@ def vchan_gbps(lab: Any, total: int, where: Placement, spin_us: int) -> Sample:
                   (done["notifies"], done["sleeps"], sent["notifies"], sent["sleeps"]))
 
 
-def libxenvchan_gbps(lab: Any, total: int, build_dir: str, where: Placement,
-                     spin_us: int) -> Sample:
-    """Debian's libxenvchan from C between two domain processes (1 MiB rings)."""
-    from xenpv.vchan.testing import build_libxenvchan_program, read_line, vchan_path
+def _c_program(build_dir: str) -> str:
+    from xenpv.vchan.testing import build_libxenvchan_program
 
-    exe = str(build_libxenvchan_program(CSRC, Path(build_dir) / "vchan_libxenvchan"))
-    path = vchan_path(1, 2, "bench-c")
-    sizes = [str(total), str(MiB), str(CHUNK), str(spin_us)]
+    return str(build_libxenvchan_program(CSRC, Path(build_dir) / "vchan_libxenvchan"))
+
+
+def libxenvchan_gbps(lab: Any, total: int, build_dir: str, where: Placement,
+                     spin_us: int, chunk: int = CHUNK) -> Sample:
+    """Debian's libxenvchan from C between two domain processes (1 MiB rings),
+    ``chunk``-byte writes, reads of up to 256 KiB (as ours)."""
+    from xenpv.vchan.testing import read_line, vchan_path
+
+    exe = _c_program(build_dir)
+    path = vchan_path(1, 2, f"bench-c-{chunk}")
+    sizes = [str(total), str(MiB), str(chunk), str(spin_us), str(READ_SIZE)]
     with pinned(where.receiver):
         server = lab.spawn(1, [exe, "server", "2", path, *sizes], stdout=subprocess.PIPE,
                            bufsize=0)
@@ -229,16 +262,18 @@ def libxenvchan_gbps(lab: Any, total: int, build_dir: str, where: Placement,
     return Sample(int(got) / float(seconds) / 1e9, int(got), float(recv_cpu), float(send_cpu))
 
 
-def vchan_rtt_us(lab: Any, count: int, where: Placement) -> float:
+def vchan_rtt_us(lab: Any, count: int, where: Placement, spin_us: int = SPIN_US) -> float:
     """Median 64-byte round trip over xenpv vchan (in-page rings), in microseconds."""
     from xenpv.vchan.testing import vchan_path
 
     path = vchan_path(1, 2, "rtt")
+    spin = ["--spin-us", str(spin_us)]
     with pinned(where.receiver):
-        server = lab.tool(1, "server", "2", path, "--echo", "--timeout", "60")
+        server = lab.tool(1, "server", "2", path, "--echo", "--timeout", "60", *spin)
     assert lab.read_json(server)["event"] == "ready"
     with pinned(where.sender):
-        client = lab.tool(2, "client", "1", path, "--pingpong", str(count), "--size", "64")
+        client = lab.tool(2, "client", "1", path, "--pingpong", str(count), "--size",
+                          str(RTT_SIZE), *spin)
     assert lab.read_json(client)["event"] == "ready"
     done = lab.read_json(client, 300)
     client.wait(60)
@@ -246,66 +281,94 @@ def vchan_rtt_us(lab: Any, count: int, where: Placement) -> float:
     return float(done["rtt_us_median"])
 
 
-def _per_cpu_second(samples: list[Sample]) -> float:
-    return median(s.bytes / (s.recv_cpu + s.send_cpu) / 1e9 for s in samples
-                  if s.recv_cpu + s.send_cpu > 0) if samples else 0.0
+def libxenvchan_rtt_us(lab: Any, count: int, build_dir: str, where: Placement,
+                       spin_us: int = SPIN_US) -> float:
+    """Median 64-byte round trip between two C programs on libxenvchan (in-page rings)."""
+    from xenpv.vchan.testing import read_line, vchan_path
+
+    exe = _c_program(build_dir)
+    path = vchan_path(1, 2, "rtt-c")
+    with pinned(where.receiver):
+        server = lab.spawn(1, [exe, "echo", "2", path, str(count), "0", str(RTT_SIZE),
+                               str(spin_us)], stdout=subprocess.PIPE, bufsize=0)
+    assert read_line(server, 30) == "ready"
+    with pinned(where.sender):
+        client = lab.spawn(2, [exe, "ping", "1", path, str(count), "0", str(RTT_SIZE),
+                               str(spin_us)], stdout=subprocess.PIPE, bufsize=0)
+    _, _, median_us, _ = read_line(client, 300).split()
+    client.wait(60)
+    server.wait(60)
+    return float(median_us)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the measurements in interleaved rounds; report medians and their ratios."""
+    """Run the measurements in interleaved rounds; report medians and paired ratios."""
     from xenpv.backends.console import bench_console_mbps
     from xenpv.vchan.testing import VchanLab
 
     total = 16 * MiB if args.quick else args.bytes
+    small_total = max(total // 4, MiB)
     count = 50 if args.quick else args.rtt_count
     rounds = 1 if args.quick else max(1, args.rounds)
+    size = max(1, args.write_size)
+    spin = args.spin_us
     where = placement(args.placement)
-    samples: dict[str, list[Sample]] = {"vchan": [], "unix": [], "c": []}
-    rtts: list[float] = []
+    rec = Rounds("vchan")
+    wakeups: list[tuple[int, int, int, int]] = []
+
+    def throughput(name: str, sample: Sample) -> float:
+        cpu = sample.recv_cpu + sample.send_cpu
+        rec.add(f"gb_per_cpu_second.{name}", sample.bytes / cpu / 1e9 if cpu > 0 else 0.0)
+        if sample.wakeups is not None and name == "vchan":
+            wakeups.append(sample.wakeups)
+        return sample.gbps
+
     with VchanLab((1, 2)) as lab, tempfile.TemporaryDirectory(prefix="xenpv-bench-") as build:
-        measure = {
-            "unix": lambda: unix_socket_gbps(total, where),
-            "vchan": lambda: vchan_gbps(lab, total, where, args.spin_us),
-            "c": lambda: libxenvchan_gbps(lab, total, build, where, args.spin_us),
+        measures: dict[str, Callable[[], float]] = {
+            "unix_socket_gbps": lambda: throughput(
+                "unix_socket", unix_socket_gbps(total, where, size)),
+            "vchan_gbps": lambda: throughput(
+                "vchan", vchan_gbps(lab, total, where, spin, size)),
+            "libxenvchan_gbps": lambda: throughput(
+                "libxenvchan", libxenvchan_gbps(lab, total, build, where, spin, size)),
+            "vchan_gbps_4k": lambda: throughput(
+                "vchan_4k", vchan_gbps(lab, small_total, where, spin, SMALL_WRITE)),
+            "libxenvchan_gbps_4k": lambda: throughput(
+                "libxenvchan_4k",
+                libxenvchan_gbps(lab, small_total, build, where, spin, SMALL_WRITE)),
+            "vchan_rtt_us": lambda: vchan_rtt_us(lab, count, where, spin),
+            "libxenvchan_rtt_us": lambda: libxenvchan_rtt_us(lab, count, build, where, spin),
         }
-        order = list(measure)
-        for r in range(rounds):
-            for kind in order[r % 3:] + order[: r % 3]:  # each goes first in turn
-                samples[kind].append(measure[kind]())
-            rtts.append(vchan_rtt_us(lab, count, where))
-    console = bench_console_mbps(MiB if args.quick else 8 * MiB)
-    ours, unix, c = (median(s.gbps for s in samples[k]) for k in ("vchan", "unix", "c"))
-    ratios = {"vchan/unix_socket": ours / unix, "vchan/libxenvchan": ours / c}
-    wakeups = [s.wakeups for s in samples["vchan"] if s.wakeups is not None]
-    names = ("receiver_notifies", "receiver_sleeps", "sender_notifies", "sender_sleeps")
-    return {
-        "rounds": rounds,
-        "runs": {"vchan": [s.gbps for s in samples["vchan"]],
-                 "unix": [s.gbps for s in samples["unix"]],
-                 "c": [s.gbps for s in samples["c"]], "rtt": rtts},
-        "bytes": total,
-        "write_size": CHUNK,
-        "ring_bytes": MiB,
-        "spin_us": args.spin_us,
-        "placement": {"name": where.name, "receiver_cpu": where.receiver,
-                      "sender_cpu": where.sender},
-        "vchan_gbps": ours,
-        "unix_socket_gbps": unix,
-        "libxenvchan_gbps": c,
-        "vchan_rtt_us": median(rtts),
-        "console_mbps": float(console["console_mbps"]),
-        "gb_per_cpu_second": {"vchan": _per_cpu_second(samples["vchan"]),
-                              "unix_socket": _per_cpu_second(samples["unix"]),
-                              "libxenvchan": _per_cpu_second(samples["c"])},
-        "vchan_wakeups": {n: median(w[i] for w in wakeups) for i, n in enumerate(names)},
-        "ratios": ratios,
-        "targets": TARGETS,
-        "targets_met": {k: ratios[k] >= v for k, v in TARGETS.items()},
+        rec.interleave(rounds, measures)
+    rec.add("console_mbps", float(bench_console_mbps(MiB if args.quick else 8 * MiB)
+                                  ["console_mbps"]))
+    ratios = {
+        "vchan/unix_socket": Ratio("vchan_gbps", "unix_socket_gbps", ">= 2"),
+        "vchan/libxenvchan": Ratio("vchan_gbps", "libxenvchan_gbps", ">= 0.8"),
+        "vchan_4k/libxenvchan_4k": Ratio("vchan_gbps_4k", "libxenvchan_gbps_4k", ">= 0.5"),
+        "vchan/libxenvchan per CPU-second": Ratio(
+            "gb_per_cpu_second.vchan", "gb_per_cpu_second.libxenvchan", ">= 0.6"),
+        "vchan_rtt/libxenvchan_rtt": Ratio("vchan_rtt_us", "libxenvchan_rtt_us", "<= 1.5"),
     }
+    units = {k: "GB/s" if "gbps" in k else "µs" if k.endswith("_us") else
+             "GB per CPU-second" if k.startswith("gb_per") else "MB/s" for k in rec.samples}
+    names = ("receiver_notifies", "receiver_sleeps", "sender_notifies", "sender_sleeps")
+    where_json = {"name": where.name, "receiver_cpu": where.receiver,
+                  "sender_cpu": where.sender}
+    return rec.result(units=units, ratios=ratios, placement=where_json, extra={
+        "bytes": total,
+        "bytes_4k": small_total,
+        "write_size": size,
+        "ring_bytes": MiB,
+        "rtt_message_bytes": RTT_SIZE,
+        "spin_us": spin,
+        "placement": where_json,
+        "vchan_wakeups": {n: median(w[i] for w in wakeups) for i, n in enumerate(names)},
+    })
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--unix-child":
-        _unix_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    if len(sys.argv) == 6 and sys.argv[1] == "--unix-child":
+        _unix_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     else:
-        sys.exit("usage: python -m xenpv.bench.vchan --unix-child recv|send PATH BYTES")
+        sys.exit("usage: python -m xenpv.bench.vchan --unix-child recv|send PATH BYTES CHUNK")

@@ -5,7 +5,8 @@ and ratio present in both, a line gives old → new and new/old; a change is fla
 regression (or an improvement) only when it lies beyond the rounds' spread: the new
 median is outside the old run's lowest to highest range in the worse (better) direction and
 the old median outside the new run's range.  ``better`` in the results says which
-direction is worse (latencies lower, rates higher).  Keys present in one file only are
+direction is worse (latencies lower, rates higher).  A side without a spread (one round,
+as ``--quick`` runs have) leaves its changes unjudged.  Keys present in one file only are
 listed as added or removed.
 """
 
@@ -27,7 +28,7 @@ class Change(NamedTuple):
     key: str
     old: float
     new: float
-    verdict: str  # "regression", "improvement" or "" (within the spread)
+    verdict: str  # "regression", "improvement", "" (within the spread) or "unjudged"
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -65,6 +66,8 @@ def _entries(result: Mapping[str, Any]) -> dict[str, tuple[float, list[float], s
 
 def _verdict(old: tuple[float, list[float], str], new: tuple[float, list[float], str]) -> str:
     (ov, (olo, ohi), better), (nv, (nlo, nhi), _) = old, new
+    if olo == ohi or nlo == nhi:
+        return "unjudged"  # one round (or identical rounds): no spread to judge by
     if nv < olo and ov > nhi:
         return "regression" if better == "higher" else "improvement"
     if nv > ohi and ov < nlo:
@@ -122,8 +125,11 @@ def render(a: Mapping[str, Any], b: Mapping[str, Any], name_a: str = "A",
     lines.extend(f"{k}: removed (only in {name_a})" for k in removed)
     lines.extend(f"{k}: added (only in {name_b})" for k in added)
     n = sum(c.verdict == "regression" for c in changes)
+    unjudged = sum(c.verdict == "unjudged" for c in changes)
     lines.append("")
-    lines.append(f"{len(changes)} keys compared, {n} regression(s) beyond the rounds' spread")
+    lines.append(f"{len(changes)} keys compared, {n} regression(s) beyond the rounds' spread"
+                 + (f"; {unjudged} not judged (a side has one round, so no spread)"
+                    if unjudged else ""))
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """Draw benchmark results: each figure beside its anchor, with the spread of the rounds.
 
-One dot chart per benchmark (stacked in one file for ``xenpv bench all``): a row per ratio,
-the figure as a filled dot and its anchor as a hollow one, each with a bar from its lowest
+One dot chart per benchmark (stacked in one file for ``xenpv bench all``): a row per ratio
+(named as in the result's ``ratios``, with the figures' unit), the figure as a filled dot
+and its anchor as a hollow one, each with a bar from its lowest
 to its highest round, on a logarithmic axis (so the distance between the dots is the
 ratio, whatever the unit).  Where the ratio has a target, a bar marks where the figure
 has to be (the anchor times the target), green when met and red when missed; the ratio
@@ -69,7 +70,7 @@ def _rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
 def _fmt(v: float) -> str:
     if v >= 1e6:
         return f"{v / 1e6:.3g} M"
-    if v >= 1e4:
+    if v >= 1e3:
         return f"{v / 1e3:.3g} k"
     return f"{v:.3g}"
 
@@ -106,9 +107,16 @@ def plot(document: Mapping[str, Any], path: str | Path) -> Path:
         _draw(ax, name, result, rows)
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+def matplotlib_ticker() -> Any:
+    """matplotlib's ticker module (imported once matplotlib is known to be there)."""
+    import matplotlib.ticker
+
+    return matplotlib.ticker
 
 
 def _draw(ax: Any, name: str, result: Mapping[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -119,7 +127,8 @@ def _draw(ax: Any, name: str, result: Mapping[str, Any], rows: list[dict[str, An
         for value, (low, high), face, dy in ((r["fv"], r["fs"], "C0", 0.12),
                                              (r["av"], r["as"], "white", -0.12)):
             ax.errorbar([value], [y + dy], xerr=[[value - low], [high - value]], fmt="o",
-                        color="C0", markerfacecolor=face, capsize=3)
+                        color="C0", markerfacecolor=face, capsize=3,
+                        label=("figure" if face != "white" else "anchor") if i == 0 else None)
             ax.annotate(_fmt(value), (value, y + dy), textcoords="offset points",
                         xytext=(0, 5), ha="center", fontsize=7)
         label = f"{r['ratio']:.3g}" if r["ratio"] is not None else ""
@@ -133,10 +142,16 @@ def _draw(ax: Any, name: str, result: Mapping[str, Any], rows: list[dict[str, An
         ax.text(1.01, (y + 0.5) / len(rows), label, transform=ax.transAxes, fontsize=8,
                 va="center", color="black" if r["met"] in (None, True) else "red")
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([f"{r['figure']} vs {r['anchor']}" + (f" [{r['unit']}]" if r["unit"]
-                        else "") for r in reversed(rows)], fontsize=8)
+    ax.set_yticklabels([r["name"] + (f" [{r['unit']}]" if r["unit"] else "")
+                        for r in reversed(rows)], fontsize=8)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib_ticker().NullFormatter())
     ax.set_xlim(lo / 2, hi * 2 if math.isfinite(hi) else None)
     ax.set_ylim(-0.7, len(rows) - 0.3)
     ax.set_title(_title(name, result), fontsize=10, loc="left")
+    if any(r["target"] for r in rows):
+        ax.plot([], [], marker="|", markersize=10, linestyle="none", color="green",
+                label="where the figure must be (anchor x target; red: missed)")
+    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.02), ncol=3, fontsize=7, frameon=False,
+              title=None, borderaxespad=1.2)
     ax.grid(axis="x", which="both", alpha=0.3)

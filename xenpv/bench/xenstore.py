@@ -254,13 +254,13 @@ def _against_echo(
 def prerequisites() -> None:
     """Raise a one-line LocalError naming what is missing: the peers tree (libxenstore and
     Xen's headers), pyxs, or a C compiler."""
-    import importlib.util
-
     peers.find(f"{peers.LIB_DIR}/libxenstore.so.4")
     peers.include_dir()
-    if importlib.util.find_spec("pyxs") is None:
+    try:
+        import pyxs  # noqa: F401
+    except ImportError:
         raise LocalError("the pyxs anchor needs pyxs: pip install pyxs "
-                         "(or pip install 'xenpv[test]')")
+                         "(or pip install 'xenpv[test]')") from None
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         raise LocalError("needs a C compiler (cc) for the C anchors")
 

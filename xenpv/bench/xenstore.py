@@ -367,10 +367,8 @@ def _measure(count: int, rounds: int, cpus: set[int] | None) -> dict[str, list[f
                     echo, work, cpus, lambda s: _pyxs(s, count, setup=False)
                 ),
             }
-            samples: dict[str, list[float]] = {k: [] for k in measures}
-            for _ in range(rounds):
-                for name, fn in measures.items():
-                    samples[name].append(fn())
-            return samples
+            rec = Rounds("xenstore")
+            rec.interleave(rounds, measures)  # each measurement goes first in turn
+            return rec.samples
         finally:
             _stop(proc)

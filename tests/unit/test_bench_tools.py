@@ -54,10 +54,11 @@ def shadowed_env(tmp_path: Path, module: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def fuzz_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One real ``bench fuzz`` run of two rounds with ``--plot`` (SVG) and ``--output``."""
+    """One real ``bench fuzz --quick`` run of two rounds (``--rounds`` overrides
+    ``--quick``'s one) with ``--plot`` (SVG) and ``--output``."""
     out = tmp_path_factory.mktemp("fuzz")
     svg, js = out / "fuzz.svg", out / "fuzz.json"
-    res = xenpv("bench", "fuzz", "--rounds", "2", "--seconds", "0.2", "--plot", str(svg),
+    res = xenpv("bench", "fuzz", "--quick", "--rounds", "2", "--plot", str(svg),
                 "--output", str(js))
     assert res.returncode == 0, res.stderr
     return {"svg": svg, "json": js, "result": json.loads(js.read_text()), "text": res.stdout}
@@ -123,7 +124,7 @@ def test_text_output_marks_each_ratio_met_or_missed() -> None:
 def test_plot_svg_names_every_benchmark_figure_and_ratio(fuzz_run: dict[str, Any]) -> None:
     text = svg_text(fuzz_run["svg"])
     result = fuzz_run["result"]
-    assert "fuzz" in text and "2 rounds" in text
+    assert "fuzz" in text and "2 rounds" in text and fuzz_run["result"]["rounds"] == 2
     for name, ratio in result["ratios"].items():
         assert name in text, name
         assert f"{ratio:.3g}" in text, (name, ratio)

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from xenpv.bench.report import Ratio, Rounds
+from xenpv.bench.report import Ratio, Rounds, add_rounds_option, rounds_of
 from xenpv.fuzz.byterings import BYTE_RING_SPECS, ByteRingVictim, HostileProducer
 from xenpv.fuzz.hostile import REFERENCE, HostileBackend, HostileFrontend
 from xenpv.fuzz.memory import InstrumentedMemory
@@ -42,7 +42,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a very short run (smoke test)")
     parser.add_argument("--seconds", type=float, default=1.0,
                         help="time per measurement, over all rounds (default 1)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
+    add_rounds_option(parser, 5)
 
 
 def _rate(fn: Any, seconds: float) -> float:
@@ -106,7 +106,7 @@ def _hostile(make: Any) -> Any:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure every ring target in interleaved rounds; the ratio per target is hostile /
     benign (paired per round)."""
-    rounds = 1 if args.quick else max(1, args.rounds)
+    rounds = rounds_of(args, 5)
     seconds = 0.05 if args.quick else args.seconds / rounds
     pairs: dict[str, tuple[Any, Any]] = {}
     for name, spec in RING_SPECS.items():

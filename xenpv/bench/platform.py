@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from xenpv.bench.report import Ratio, Rounds
+from xenpv.bench.report import Ratio, Rounds, add_rounds_option, rounds_of
 from xenpv.platforms.base import PAGE_SIZE, GrantCopy, GrantPtr, LocalPtr, prepare_copy
 
 BATCH = 11
@@ -48,7 +48,7 @@ _WAIT = select.EPOLLIN | select.EPOLLET  # how an event-channel handle waits (ev
 def configure(parser: argparse.ArgumentParser) -> None:
     """``--quick``: a smoke run (tiny counts, one round)."""
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
+    add_rounds_option(parser, 5)
 
 
 # ---------------------------------------------------------------------------- children
@@ -282,7 +282,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from xenpv.platforms.loopback.harness import DaemonMachine, InProcessMachine
 
     quick = bool(getattr(args, "quick", False))
-    rounds = 1 if quick else max(1, int(getattr(args, "rounds", 5)))
+    rounds = rounds_of(args, 5)
     n_rtt = 50 if quick else 2000
     n_map = 20 if quick else 1000
     n_copy = 50 if quick else 5000

@@ -59,6 +59,21 @@ class Ratio(NamedTuple):
     better: str | None = None
 
 
+def add_rounds_option(parser: Any, default: int) -> None:
+    """The ``--rounds`` option every benchmark has (``--quick`` alone means one round)."""
+    parser.add_argument("--rounds", type=int, default=None, metavar="N",
+                        help=f"interleaved rounds, medians reported (default {default}; "
+                             "1 with --quick)")
+
+
+def rounds_of(args: Any, default: int) -> int:
+    """The rounds asked for: ``--rounds``, else 1 for ``--quick``, else ``default``."""
+    rounds = getattr(args, "rounds", None)
+    if rounds:
+        return max(1, int(rounds))
+    return 1 if getattr(args, "quick", False) else default
+
+
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), or what :mod:`platform` knows."""
     try:

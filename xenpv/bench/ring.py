@@ -48,7 +48,7 @@ from types import ModuleType
 from typing import Any
 
 from xenpv import peers
-from xenpv.bench.report import Ratio, Rounds
+from xenpv.bench.report import Ratio, Rounds, add_rounds_option, rounds_of
 
 SLOT = 112  # sizeof(blkif_request), x86_64 ABI
 PAGE = 4096
@@ -419,7 +419,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a very short run (smoke test; figures are not meaningful)")
     parser.add_argument("--seconds", type=float, default=2.0,
                         help="measuring time per figure over all rounds (default 2)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
+    add_rounds_option(parser, 5)
     parser.add_argument("--demo", type=int, metavar="N", default=0,
                         help="instead: push N checked requests between two processes, with "
                              "and without spinning, and print a table")
@@ -458,7 +458,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return demo(args.demo)
     from xenpv.rings import ring_size
 
-    rounds = 1 if args.quick else max(1, args.rounds)
+    rounds = rounds_of(args, 5)
     seconds = 0.05 if args.quick else args.seconds / rounds
     tp_seconds = 0.1 if args.quick else seconds
     cpus = placement()

@@ -57,7 +57,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any, NamedTuple
 
-from xenpv.bench.report import Ratio, Rounds
+from xenpv.bench.report import Ratio, Rounds, add_rounds_option, rounds_of
 
 MiB = 1 << 20
 CHUNK = 1 << 16
@@ -91,7 +91,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Options of the vchan benchmark."""
     parser.add_argument("--quick", action="store_true", help="tiny transfers (smoke test)")
     parser.add_argument("--bytes", type=int, default=512 * MiB, help="bytes per throughput run")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (medians)")
+    add_rounds_option(parser, 7)
     parser.add_argument("--rtt-count", type=int, default=2000, help="round trips to time")
     parser.add_argument("--placement", choices=["cross", "same", "none"], default="cross",
                         help="receiver and sender on two CPUs, on one, or unpinned")
@@ -309,7 +309,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     total = 16 * MiB if args.quick else args.bytes
     small_total = max(total // 4, MiB)
     count = 50 if args.quick else args.rtt_count
-    rounds = 1 if args.quick else max(1, args.rounds)
+    rounds = rounds_of(args, 7)
     size = max(1, args.write_size)
     spin = args.spin_us
     where = placement(args.placement)

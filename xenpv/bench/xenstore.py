@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from xenpv import peers
-from xenpv.bench.report import Ratio, Rounds
+from xenpv.bench.report import Ratio, Rounds, add_rounds_option, rounds_of
 from xenpv.errors import LocalError
 from xenpv.xenstore.blocking import BlockingClient
 from xenpv.xenstore.client import connect
@@ -77,7 +77,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Add the benchmark's options."""
     parser.add_argument("--quick", action="store_true", help="tiny run (smoke test)")
     parser.add_argument("--count", type=int, default=20000, help="reads per measurement")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median)")
+    add_rounds_option(parser, 7)
     parser.add_argument(
         "--placement",
         choices=sorted(PLACEMENTS),
@@ -277,7 +277,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run every measurement; return figures (operations per second) and ratios."""
     rec = Rounds("xenstore")
     count = 300 if args.quick else args.count
-    rounds = 1 if args.quick else max(1, args.rounds)
+    rounds = rounds_of(args, 7)
     placement, server_cpus, client_cpus = _cpus(getattr(args, "placement", "same"))
     saved = os.sched_getaffinity(0)
     _pin(0, client_cpus)  # clients run in this process or are its children

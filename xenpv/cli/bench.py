@@ -60,6 +60,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _outputs(p)
     p.add_argument("--quick", action="store_true",
                    help="every benchmark's smoke run (figures are not meaningful)")
+    p.add_argument("--rounds", type=int, metavar="N",
+                   help="interleaved rounds of every benchmark (default: each one's own)")
     p = sub.add_parser("compare", help=TOOLS["compare"], description=TOOLS["compare"])
     p.add_argument("old", help="the earlier result (JSON)")
     p.add_argument("new", help="the later result (JSON)")
@@ -163,8 +165,9 @@ def _check(name: str) -> None:
         check()
 
 
-def run_all(quick: bool) -> dict[str, Any]:
-    """Run every benchmark (after checking every prerequisite first) into one document."""
+def run_all(quick: bool, rounds: int | None = None) -> dict[str, Any]:
+    """Run every benchmark (after checking every prerequisite first) into one document;
+    ``rounds`` overrides every benchmark's default number of rounds."""
     from xenpv.bench.report import cpu_model, loadavg
 
     for name in sorted(BENCHMARKS):
@@ -173,10 +176,11 @@ def run_all(quick: bool) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name in sorted(BENCHMARKS):
         print(f"xenpv bench all: {name} …", file=sys.stderr, flush=True)
+        argv = (["--quick"] if quick else []) + (["--rounds", str(rounds)] if rounds else [])
         results[name] = importlib.import_module(f"xenpv.bench.{name}").run(
-            _bench_args(name, ["--quick"] if quick else []))
+            _bench_args(name, argv))
     noisy = sorted(n for n, r in results.items() if r.get("conditions", {}).get("noisy"))
-    return {"benchmark": "all", "quick": quick, "benchmarks": results,
+    return {"benchmark": "all", "quick": quick, "rounds": rounds, "benchmarks": results,
             "conditions": {"cpu_model": cpu_model(), "load_before": before,
                            "load_after": loadavg(), "noisy": noisy}}
 
@@ -212,7 +216,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.plot:
         plot.require(args.plot)  # say what to install before running anything
     if args.bench == "all":
-        result = run_all(args.quick)
+        result = run_all(args.quick, args.rounds)
         text = "\n\n".join(render_result(r) for r in result["benchmarks"].values())
     else:
         _check(args.bench)

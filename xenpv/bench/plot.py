@@ -5,8 +5,9 @@ One dot chart per benchmark (stacked in one file for ``xenpv bench all``): a row
 and its anchor as a hollow one, each with a bar from its lowest
 to its highest round, on a logarithmic axis (so the distance between the dots is the
 ratio, whatever the unit).  Where the ratio has a target, a bar marks where the figure
-has to be (the anchor times the target), green when met and red when missed; the ratio
-and the verdict are written at the row's end.  The format follows the file's suffix
+has to be (the anchor's median times the target), green when met and red when missed; the
+ratio and the verdict are written at the row's end (both the paired median of the
+per-round ratios, so the dots' distance, a ratio of medians, may differ slightly).  The format follows the file's suffix
 (``.svg`` keeps its text as text, so names and values are searchable; ``.png``, ``.pdf``).
 
 Plotting needs matplotlib, an optional extra: ``pip install 'xenpv[plot]'``.

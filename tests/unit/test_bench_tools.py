@@ -19,7 +19,7 @@ import pytest
 
 from xenpv.bench import report
 from xenpv.bench.report import Ratio, Rounds
-from xenpv.cli.bench import render_result
+from xenpv.cli.bench import render_result, summary
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -116,6 +116,15 @@ def test_text_output_marks_each_ratio_met_or_missed() -> None:
     assert lines["a/b"].endswith("target >= 0.4: met")
     assert lines["b/a"].endswith("target >= 3: MISSED")
     assert "target" not in lines["info"]
+
+
+def test_bench_all_summary_counts_targets_met_and_names_the_missed() -> None:
+    rec = Rounds("demo")
+    rec.add("a", 1.0)
+    rec.add("b", 2.0)
+    res = rec.result(ratios={"a/b": Ratio("a", "b", ">= 0.4"), "b/a": Ratio("b", "a", ">= 3")})
+    text = summary({"benchmarks": {"demo": res}})
+    assert "demo: 1 of 2 targets met; missed: b/a (noisy run)" in text
 
 
 # ---------------------------------------------------------------------------- plot

@@ -141,6 +141,18 @@ def render_result(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def summary(document: Mapping[str, Any]) -> str:
+    """One line per benchmark of a ``bench all`` document: targets met and missed, noise."""
+    lines = ["summary:"]
+    for name, result in document["benchmarks"].items():
+        met = result.get("targets_met", {})
+        missed = [k for k, ok in met.items() if not ok]
+        noisy = " (noisy run)" if result.get("conditions", {}).get("noisy") else ""
+        lines.append(f"  {name}: {len(met) - len(missed)} of {len(met)} targets met"
+                     + (f"; missed: {', '.join(missed)}" if missed else "") + noisy)
+    return "\n".join(lines)
+
+
 def _placement(p: Any) -> str:
     if isinstance(p, Mapping):
         return ", ".join(f"{k} {v}" for k, v in p.items())
@@ -217,7 +229,8 @@ def _run(args: argparse.Namespace) -> int:
         plot.require(args.plot)  # say what to install before running anything
     if args.bench == "all":
         result = run_all(args.quick, args.rounds)
-        text = "\n\n".join(render_result(r) for r in result["benchmarks"].values())
+        text = "\n\n".join([*(render_result(r) for r in result["benchmarks"].values()),
+                             summary(result)])
     else:
         _check(args.bench)
         result = importlib.import_module(f"xenpv.bench.{args.bench}").run(args)

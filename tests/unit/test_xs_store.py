@@ -711,6 +711,41 @@ def test_commit_breaking_the_memory_quota_is_undone(guest: Client, store: Store)
     assert store.memory == before and store.check() == []
 
 
+def test_scenario_21_dom0_usage_never_counts_against_a_guest_write(
+    guest: Client, store: Store, dom0: Client
+) -> None:
+    """hostile-inputs.md quota section and scenario 21: quotas never apply to dom0, so a
+    guest's permitted write to a dom0-owned node succeeds however much dom0 owns, in and
+    outside a transaction (issue 14 item 8; failed with ENOMEM before)."""
+    store.quotas.memory = 3000
+    dom0.write("/local/domain/0/bulk", b"x" * 4000)  # dom0 alone owns more than the quota
+    assert store.mem(0) > store.quotas.memory
+    dom0.write("/shared/slot", b"")
+    dom0.ok(T.SET_PERMS, "/shared/slot", "n0", "b5")
+    assert guest.write("/shared/slot", b"y" * 1000) == "OK"
+    tx = guest.start()
+    guest.write("/shared/slot", b"z" * 1500, tx=tx)
+    assert guest.commit(tx) == "OK"
+    assert dom0.read("/shared/slot") == b"z" * 1500
+    assert store.check() == [] and store.remeasure() == {k: v for k, v in store.memory.items() if v}
+
+
+def test_scenario_21_writing_another_guests_node_checks_that_guests_quota(
+    guest: Client, other: Client, store: Store, dom0: Client
+) -> None:
+    """The other way round: growth of a node owned by another unprivileged domain is still
+    checked against the owner's memory quota, in and outside a transaction."""
+    other.write("shared", b"")
+    other.ok(T.SET_PERMS, "shared", "n6", "b5")
+    store.quotas.memory = store.mem(6) + 500
+    assert guest.write_err("/local/domain/6/shared", b"x" * 600) == "ENOMEM"
+    tx = guest.start()
+    assert guest.write_err("/local/domain/6/shared", b"x" * 600, tx=tx) == "ENOMEM"
+    assert guest.commit(tx) == "ENOMEM"
+    assert guest.write("/local/domain/6/shared", b"x" * 400) == "OK"
+    assert store.check() == []
+
+
 def test_pending_events_of_a_domain_are_bounded(guest: Client, dom0: Client, store: Store) -> None:
     store.quotas.watch_events = 10
     dom0.ok(T.SET_PERMS, "/local/domain/5", "n5", "r0")

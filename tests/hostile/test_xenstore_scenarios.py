@@ -271,6 +271,25 @@ def test_scenario_23_guest_not_reading_stays_bounded(tmp_path: Path) -> None:
 
 
 # -- scenario 24: permission attacks --------------------------------------------------------------
+def test_scenario_23_reads_with_varying_trailing_bytes_keep_server_memory_bounded(
+    xs: tuple[ServerThread, RawClient, RawClient],
+) -> None:
+    """Plain READs of one path, each with different bytes after the NUL, on both direct
+    paths: every one is answered and the connection's path cache stays a few entries
+    (issue 14 item 2: it grew by one entry per read)."""
+    st, dom0, guest = xs
+    dom0.ok(T.WRITE, raw=b"/local/domain/5/v\0value")
+    for client in (dom0, guest):
+        count = 3000
+        for i in range(count):  # pipelined, as a hostile client would
+            client.send(T.READ, b"/local/domain/5/v\0" + i.to_bytes(4, "little") + b"#" * 500)
+        replies = [client.reply() for _ in range(count)]
+        assert all(r.type == T.READ and r.payload == b"value" for r in replies)
+    caches = st.call(lambda: [len(c.path_cache) for c in st.srv._protocols])
+    assert caches and max(caches) <= 4
+    assert_other_domain_served(st)
+
+
 def test_scenario_24_guest_cannot_change_owner(
     xs: tuple[ServerThread, RawClient, RawClient],
 ) -> None:

@@ -746,6 +746,40 @@ def test_scenario_21_writing_another_guests_node_checks_that_guests_quota(
     assert store.check() == []
 
 
+def _path_cache_size(conn: object) -> tuple[int, int]:
+    cache = conn.path_cache  # type: ignore[attr-defined]
+    return len(cache), sum(len(k) + len(v) for k, v in cache.items())
+
+
+def test_scenario_23_reads_with_varying_trailing_bytes_keep_the_path_cache_bounded(
+    store: Store, dom0: Client, guest: Client
+) -> None:
+    """hostile-inputs.md scenario 23 (server memory stays bounded): READs of one path with
+    different bytes after the NUL used to add a cache entry each (issue 14 item 2)."""
+    dom0.write("/local/domain/5/v", b"value")
+    for client in (dom0, guest):
+        for i in range(5000):
+            raw = b"/local/domain/5/v\0" + i.to_bytes(4, "little") + b"#" * 900
+            assert client.ok(T.READ, raw=raw) == b"value"
+        entries, nbytes = _path_cache_size(client.conn)
+        assert entries <= 4 and nbytes <= 200
+
+
+def test_scenario_23_many_long_distinct_paths_keep_the_path_cache_bounded(
+    store: Store, guest: Client
+) -> None:
+    """Distinct valid paths (each read once, each near the length limit) are bounded by
+    bytes as well as by entries."""
+    for i in range(1500):
+        path = f"{i:05d}/" + "p" * 2000
+        assert guest.err(T.READ, path) == "ENOENT"
+        assert guest.err(T.READ, raw=path.encode() + b"\0") == "ENOENT"
+    entries, nbytes = _path_cache_size(guest.conn)
+    assert entries <= 1024 and nbytes <= 65536
+    guest.write("still-served", b"1")
+    assert guest.read("still-served") == b"1"
+
+
 def test_pending_events_of_a_domain_are_bounded(guest: Client, dom0: Client, store: Store) -> None:
     store.quotas.watch_events = 10
     dom0.ok(T.SET_PERMS, "/local/domain/5", "n5", "r0")

@@ -94,6 +94,11 @@ NO_GEN = -1
 DOMID_MAX = 0xFFFF
 #: The special watch nodes (they carry permissions but no value, and are not in the tree).
 SPECIAL_NODES = (paths.SPECIAL_INTRODUCE, paths.SPECIAL_RELEASE)
+#: Bounds of a connection's cache of validated paths: entries, and bytes of keys plus
+#: paths.  Past either the cache starts afresh (hostile-inputs scenario 23: a client's
+#: requests never make the server keep more than this per connection).
+PATH_CACHE_ENTRIES = 1024
+PATH_CACHE_BYTES = 65536
 
 Perms = tuple[tuple[int, int], ...]
 
@@ -229,6 +234,7 @@ class Connection:
         "events",
         "next_tx",
         "path_cache",
+        "path_cache_bytes",
         "privileged",
         "store",
         "transactions",
@@ -244,8 +250,25 @@ class Connection:
         self.transactions: dict[int, Transaction] = {}
         self.next_tx = 1
         self.events: list[bytes] = []
+        #: Validated paths by the raw bytes that named them (see :meth:`cache_path`).
         self.path_cache: dict[bytes, str] = {}
+        self.path_cache_bytes = 0
         self.closed = False
+
+    def cache_path(self, key: bytes, path: str) -> None:
+        """Remember that ``key`` names the validated absolute ``path``.
+
+        ``key`` is a path as sent (or a READ payload that is exactly that path and its
+        NUL), never bytes the client may vary freely, and the cache holds at most
+        :data:`PATH_CACHE_ENTRIES` entries and :data:`PATH_CACHE_BYTES` bytes.
+        """
+        size = len(key) + len(path)
+        cache = self.path_cache
+        if len(cache) >= PATH_CACHE_ENTRIES or self.path_cache_bytes + size > PATH_CACHE_BYTES:
+            cache.clear()
+            self.path_cache_bytes = 0
+        cache[key] = path
+        self.path_cache_bytes += size
 
 
 class _Fail(Exception):
@@ -782,14 +805,18 @@ class Store:
         if type_ == _READ and not tx_id and not conn.closed:
             # Fast path of the commonest request: a readable node outside a transaction.
             # Anything else (an error to report) takes the general path below.
-            path = conn.path_cache.get(payload)  # also keyed by whole READ payloads
+            path = conn.path_cache.get(payload)
             if path is None:
+                end = payload.find(b"\0")
                 try:
-                    path = self._path(conn, self._arg(payload))
+                    path = self._path(conn, payload if end < 0 else payload[:end])
                 except _Fail:
                     path = ""
                 else:
-                    conn.path_cache[payload] = path
+                    if end == len(payload) - 1:
+                        # The usual "path\0": the payload is the path, so it may be a key
+                        # too (bytes after the NUL would make every request a new key).
+                        conn.cache_path(payload, path)
             node = self.nodes.get(path)
             if node is not None and (conn.privileged or self.perm_for(conn, node) & READ):
                 value = node.value
@@ -857,9 +884,7 @@ class Store:
                 rel = rest
             if len(rel) > self.quotas.path_max:
                 raise _Fail("EINVAL")
-        if len(cache) >= 1024:
-            cache.clear()
-        cache[raw] = path
+        conn.cache_path(raw, path)
         return path
 
     @staticmethod

@@ -290,6 +290,48 @@ def test_scenario_23_reads_with_varying_trailing_bytes_keep_server_memory_bounde
     assert_other_domain_served(st)
 
 
+def _served(path: str) -> RawClient | None:
+    """A new connection on ``path`` if the server answers on it, else None (refused)."""
+    c = RawClient(path, timeout=5.0)
+    try:
+        c.send(T.GET_DOMAIN_PATH, b"0\0")
+        msg = c.recv_message()
+    except BrokenPipeError:  # closed by the server before the request went out
+        msg = None
+    if msg is None:
+        c.close()
+        return None
+    return c
+
+
+def test_scenario_21_connection_quota_refuses_more_and_dom0_is_served(tmp_path: Path) -> None:
+    """A guest opening connection after connection on its own socket gets the
+    ``connections`` quota and no more (the rest are closed at once); dom0 and other
+    domains are still answered, and a closed connection frees its slot (issue 14 item 4)."""
+    with _serve(tmp_path, Quotas(write_rate=0, connections=8)) as (st, dom0, guest):
+        opened = [c for c in (_served(st.path(5)) for _ in range(40)) if c is not None]
+        try:
+            assert len(opened) == 7  # plus the fixture's guest connection
+            assert st.call(lambda: st.srv.connection_count(5)) == 8
+            assert st.call(lambda: st.srv.refused[5]) == 33
+            assert dom0.read("/local/domain/5") == b""
+            with RawClient(st.path(0), timeout=5.0) as fresh:
+                assert fresh.ok(T.GET_DOMAIN_PATH, "5") == b"/local/domain/5\0"
+            assert_other_domain_served(st)
+            assert guest.write("still", b"ok") == "OK"
+            opened.pop().close()
+            deadline = time.monotonic() + 5
+            while st.call(lambda: st.srv.connection_count(5)) > 7:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            again = _served(st.path(5))
+            assert again is not None
+            opened.append(again)
+        finally:
+            for c in opened:
+                c.close()
+
+
 def test_scenario_24_guest_cannot_change_owner(
     xs: tuple[ServerThread, RawClient, RawClient],
 ) -> None:

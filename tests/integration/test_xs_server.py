@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,8 +22,11 @@ from xenpv.xenstore.wire import XsType as T
 
 
 @contextmanager
-def daemon(tmp: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``xenpv xenstored`` until the block ends (SIGKILL if it is still there)."""
+def daemon(
+    tmp: Path, *extra: str, fd_limit: int | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``xenpv xenstored`` until the block ends (SIGKILL if it is still there); with
+    ``fd_limit`` its soft descriptor limit is lowered to that."""
     pid_file = tmp / "xenstored.pid"
     args = [
         sys.executable, "-m", "xenpv", "xenstored",
@@ -30,7 +35,15 @@ def daemon(tmp: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
         "--pid-file", str(pid_file),
         *extra,
     ]  # fmt: skip
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def limit() -> None:
+        if fd_limit is not None:
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, hard))
+
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=limit
+    )
     try:
         deadline = time.monotonic() + 20
         while not pid_file.exists():
@@ -187,3 +200,39 @@ def test_unusable_state_file_or_socket_is_a_clean_error(tmp_path: Path) -> None:
         )
         assert out.returncode == 1, out.stderr
         assert b"Traceback" not in out.stderr
+
+
+def test_scenario_21_guest_connections_never_lock_dom0_out(tmp_path: Path) -> None:
+    """A guest opens connections on its own socket until it is refused, with the
+    connection quota disabled and the daemon's descriptor limit low: it never gets the
+    last descriptors, so dom0 (and a fresh dom0 connection) is still answered (issue 14
+    item 4; before, the daemon ran out of descriptors and dom0 could not connect)."""
+    held: list[socket.socket] = []
+    with daemon(tmp_path, "--quota", "connections=0", fd_limit=160) as proc:
+        try:
+            for _ in range(300):
+                c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                c.settimeout(2.0)
+                held.append(c)
+                try:
+                    c.connect(str(tmp_path / "dom5.sock"))
+                    c.sendall(wire.HEADER.pack(T.GET_DOMAIN_PATH, 1, 0, 2) + b"5\0")
+                    if not c.recv(4096):
+                        break  # refused: closed at once
+                except OSError:  # refused (reset, broken pipe) or never accepted (timeout)
+                    break
+            else:
+                raise AssertionError("300 guest connections were all served")
+            assert len(held) > 50  # the guest got many before being refused
+            with RawClient(str(tmp_path / "dom0.sock"), timeout=5.0) as dom0:
+                assert dom0.ok(T.GET_DOMAIN_PATH, "5") == b"/local/domain/5\0"
+                dom0.write("/still", b"answered")
+                assert dom0.read("/still") == b"answered"
+        finally:
+            for c in held:
+                c.close()
+        code, _, err = stop(proc)
+    assert code == 0
+    assert b"refused a connection of domain 5" in err
+    assert err.count(b"\n") < 20  # the warning is rate-limited
+

@@ -24,6 +24,12 @@ when a socket does not take everything is the rest kept and written by a writer 
 Bounds (hostile-inputs R11, scenarios 21-25):
 
 * A payload over 4096 bytes (or any framing error) kills the connection at once.
+* Connections: an unprivileged domain may hold ``connections`` open connections (64 by
+  default); one more is accepted and closed at once.  Whatever the quotas, a guest's
+  connection is also refused when the descriptor it got lies in the top
+  ``_FD_RESERVE`` (64, or a quarter of the limit if that is less) of the process's
+  descriptor limit: descriptors are handed out lowest first, so guests never hold the
+  last ones and dom0 can always connect (issue 14, scenario 21).
 * Outstanding replies: the unsent output of a domain connection may reach
   ``outstanding * (16 + 4096)`` bytes (1 MiB for dom0).  When the client stops reading
   and the backlog passes that mark, the connection stops reading and stops processing
@@ -54,6 +60,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import socket
 import stat
 import time
@@ -82,6 +89,8 @@ _BACKLOG = 128
 _ACCEPT_BATCH = 32
 _ACCEPT_PAUSE = 1.0
 _ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: Descriptors at the top of the process's limit that guests' connections never take.
+_FD_RESERVE = 64
 _WRITE_TYPES = frozenset({XsType.WRITE, XsType.MKDIR, XsType.RM, XsType.SET_PERMS})
 _LIMITED_TYPES = _WRITE_TYPES | {XsType.TRANSACTION_END}
 
@@ -560,6 +569,10 @@ class XenstoredServer:
         self._listeners: list[tuple[socket.socket, str]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._protocols: dict[Connection, _XsConnection] = {}
+        #: Open connections per domid (what the ``connections`` quota counts).
+        self._open: dict[int, int] = {}
+        #: Connections refused per domid (connection quota or descriptor reserve).
+        self.refused: dict[int, int] = {}
         self._buckets: dict[int, _Bucket] = {}
         self._reserve: _Bucket | None = None
         #: How often each domain was paused by the write rate limit.
@@ -624,8 +637,33 @@ class XenstoredServer:
                     return
                 log.info("xenstored accept failed: %s", exc)
                 return
+            if domid != 0 and not self._admit(domid, sock):
+                continue
             sock.setblocking(False)
             _XsConnection(self, domid, sock, loop).start()
+
+    def _admit(self, domid: int, sock: socket.socket) -> bool:
+        """Whether a new connection of unprivileged ``domid`` may be served (see the
+        module docstring); a refused one is closed at once."""
+        why = ""
+        limit = self.quotas.connections
+        if limit and self._open.get(domid, 0) >= limit:
+            why = f"it has {limit} connections (quota)"
+        else:
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            if soft != resource.RLIM_INFINITY and sock.fileno() >= soft - min(
+                _FD_RESERVE, soft // 4
+            ):
+                why = "descriptors are running out (kept for dom0)"
+        if not why:
+            return True
+        sock.close()
+        count = self.refused[domid] = self.refused.get(domid, 0) + 1
+        if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th … refusal: bounded logging
+            log.warning(
+                "xenstored refused a connection of domain %d: %s (%d refused)", domid, why, count
+            )
+        return False
 
     def _resume_accept(self, lsock: socket.socket, domid: int) -> None:
         if self._loop is not None and lsock.fileno() >= 0:
@@ -761,10 +799,16 @@ class XenstoredServer:
     def _register(self, proto: _XsConnection) -> None:
         assert proto.conn is not None
         self._protocols[proto.conn] = proto
+        self._open[proto.domid] = self._open.get(proto.domid, 0) + 1
 
     def _unregister(self, proto: _XsConnection) -> None:
         assert proto.conn is not None
-        self._protocols.pop(proto.conn, None)
+        if self._protocols.pop(proto.conn, None) is not None:
+            left = self._open[proto.domid] - 1
+            if left:
+                self._open[proto.domid] = left
+            else:
+                del self._open[proto.domid]
 
     def _debit(self, domid: int) -> float:
         """Charge one write to ``domid``: 0.0 if allowed now, else seconds to wait."""

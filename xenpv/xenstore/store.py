@@ -131,6 +131,8 @@ class Quotas:
     write_burst: float = 10.0
     #: Shared reserve any domain may draw on once its own burst is spent (C: WRL_GBURST).
     write_global_burst: float = 1000.0
+    #: Open socket connections per domain; more are refused (closed at once).
+    connections: int = 64
 
     @classmethod
     def names(cls) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +19,9 @@ from xenpv.platforms.base import EvtchnState, PlatformGone, UnmapNotify
 from xenpv.platforms.loopback.client import ClientPlatform
 from xenpv.platforms.loopback.harness import start_daemon, stop_daemon
 from xenpv.platforms.loopback.remote import RemotePlatform
+from xenpv.xenstore import wire
 from xenpv.xenstore.client import XenstoreError, connect
+from xenpv.xenstore.wire import XsType as T
 
 CLI = [sys.executable, "-m", "xenpv", "loopback"]
 
@@ -38,6 +41,17 @@ def rundir(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
         assert stop_daemon(proc) == 0
 
 
+def _end(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` to ``loopback up``: it must exit with status 0 (killed if it hangs)."""
+    proc.send_signal(sig)
+    try:
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_up_creates_endpoints_and_a_signal_removes_them(tmp_path: Path, sig: int) -> None:
     d = tmp_path / "run"
@@ -53,13 +67,7 @@ def test_up_creates_endpoints_and_a_signal_removes_them(tmp_path: Path, sig: int
             assert (d / f"dom{n}" / "control").is_socket()
             assert (d / f"dom{n}" / "xenstore").is_socket()
     finally:
-        proc.send_signal(sig)
-        try:
-            assert proc.wait(20) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+        _end(proc, sig)
     assert not list(d.glob("dom*")) and not (d / "daemon.pid").exists()
 
 
@@ -176,3 +184,83 @@ def test_platform_xenstore_accessor_acts_as_the_domain(rundir: Path) -> None:
         asyncio.run(scenario())
     finally:
         p.close()
+
+
+def test_second_up_on_a_live_rundir_refuses_and_leaves_it_alone(tmp_path: Path) -> None:
+    """``loopback up`` on the rundir of a live daemon exits with status 1 and one line
+    naming the live daemon's pid, without printing "ready" or touching its sockets
+    (issue 14 item 7; before, it took the rundir over and deleted the sockets on exit)."""
+    d = tmp_path / "run"
+    proc = start_daemon(d, domains=(1,), max_grants=64, max_ports=16)
+    try:
+        second = _cli("up", "--rundir", str(d), "--domain", "2")
+        assert second.returncode == 1, second
+        assert "ready" not in second.stdout
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"running process {proc.pid}" in lines[0], lines
+        assert (d / "daemon.pid").read_text() == f"{proc.pid}\n"
+        for n in (0, 1):
+            assert (d / f"dom{n}" / "control").is_socket()
+            assert (d / f"dom{n}" / "xenstore").is_socket()
+        assert not (d / "dom2").exists()
+        listing = _cli("domain", "list", "--rundir", str(d))
+        assert listing.returncode == 0 and listing.stdout.startswith("0\tprivileged")
+        read = subprocess.run(
+            [sys.executable, "-m", "xenpv", "xenstore", "read", "domid"],
+            env={**os.environ, **domain_env(d, 1)}, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert read.returncode == 0 and read.stdout.strip() == "1", read
+    finally:
+        assert stop_daemon(proc) == 0
+    assert not list(d.glob("dom*")) and not (d / "daemon.pid").exists()
+    assert not (d / "daemon.lock").exists()
+
+
+def test_up_replaces_the_sockets_of_a_killed_daemon(tmp_path: Path) -> None:
+    """A rundir left by a daemon that was killed has no live owner: ``up`` takes it."""
+    d = tmp_path / "run"
+    proc = start_daemon(d, domains=(1,), max_grants=64, max_ports=16)
+    proc.kill()
+    proc.wait(20)
+    assert (d / "dom0" / "control").is_socket() and (d / "daemon.lock").exists()
+    (d / "daemon.pid").unlink()  # (start_daemon waits for a fresh one)
+    proc = start_daemon(d, domains=(1,), max_grants=64, max_ports=16)
+    try:
+        assert (d / "daemon.pid").read_text() == f"{proc.pid}\n"
+        listing = _cli("domain", "list", "--rundir", str(d))
+        assert listing.returncode == 0 and "1\t" in listing.stdout
+    finally:
+        assert stop_daemon(proc) == 0
+
+
+def test_up_xenstore_quota_option_limits_a_guests_connections(tmp_path: Path) -> None:
+    """``--xenstore-quota connections=N``: a guest's connection beyond N is refused while
+    dom0 is still answered (issue 14 item 4)."""
+    d = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*CLI, "up", "--rundir", str(d), "--domain", "1", "--xenstore-quota", "connections=2"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    held: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        assert "ready" in proc.stdout.readline()
+        answered = 0
+        for _ in range(5):
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.settimeout(5.0)
+            held.append(c)
+            c.connect(str(d / "dom1" / "xenstore"))
+            try:
+                c.sendall(wire.HEADER.pack(T.GET_DOMAIN_PATH, 1, 0, 2) + b"1\0")
+                answered += bool(c.recv(4096))
+            except OSError:
+                pass
+        assert answered == 2
+        listing = _cli("domain", "list", "--rundir", str(d))
+        assert listing.returncode == 0 and "1\t" in listing.stdout
+    finally:
+        for c in held:
+            c.close()
+        _end(proc)

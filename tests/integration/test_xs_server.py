@@ -236,3 +236,57 @@ def test_scenario_21_guest_connections_never_lock_dom0_out(tmp_path: Path) -> No
     assert b"refused a connection of domain 5" in err
     assert err.count(b"\n") < 20  # the warning is rate-limited
 
+
+def _second(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "xenpv", "xenstored", "--pid-file", str(tmp_path / "b.pid"), *args],
+        capture_output=True,
+        timeout=30,
+    )
+
+
+def test_second_daemon_on_a_live_socket_or_state_file_refuses(tmp_path: Path) -> None:
+    """A second ``xenpv xenstored`` on the socket (or the state file) of a live one exits
+    with status 1 and one line naming the live daemon's pid, and changes nothing: the
+    first keeps its sockets and pid file and saves the tree with everything written to
+    it (issue 14 item 7; before, the second took the socket over, the first became
+    unreachable and a key written to the second was lost)."""
+    state = tmp_path / "state.json"
+    with daemon(tmp_path, "--state-file", str(state)) as proc:
+        with RawClient(str(tmp_path / "dom0.sock")) as dom0:
+            dom0.write("/first", b"1")
+        attempts = [
+            ["--socket", str(tmp_path / "dom0.sock")],
+            ["--socket", str(tmp_path / "other.sock"), "--state-file", str(state)],
+            ["--socket", str(tmp_path / "other.sock"), "--domain", f"5={tmp_path / 'dom5.sock'}"],
+        ]
+        for args in attempts:
+            out = _second(tmp_path, *args)
+            assert out.returncode == 1, out
+            lines = out.stderr.decode().strip().splitlines()
+            assert len(lines) == 1 and f"running process {proc.pid}" in lines[0], lines
+            assert not (tmp_path / "other.sock").exists() and not (tmp_path / "b.pid").exists()
+        assert (tmp_path / "xenstored.pid").read_text() == f"{proc.pid}\n"
+        with RawClient(str(tmp_path / "dom0.sock"), timeout=5.0) as dom0:
+            assert dom0.read("/first") == b"1"
+            dom0.write("/second", b"2")
+        with RawClient(str(tmp_path / "dom5.sock"), timeout=5.0) as guest:
+            assert guest.ok(T.GET_DOMAIN_PATH, "5") == b"/local/domain/5\0"
+        assert stop(proc)[0] == 0
+    saved = state.read_text()
+    assert "/first" in saved and "/second" in saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_daemon_replaces_the_stale_socket_of_a_killed_one(tmp_path: Path) -> None:
+    """A socket (and lock file) left by a daemon that was killed has no live owner: the
+    next daemon replaces it and serves."""
+    with daemon(tmp_path) as proc:
+        proc.kill()
+        proc.wait(20)
+    assert (tmp_path / "dom0.sock").is_socket() and (tmp_path / "dom0.sock.lock").exists()
+    (tmp_path / "xenstored.pid").unlink()
+    with daemon(tmp_path) as proc:
+        with RawClient(str(tmp_path / "dom0.sock"), timeout=5.0) as dom0:
+            assert dom0.ok(T.GET_DOMAIN_PATH, "5") == b"/local/domain/5\0"
+        assert stop(proc)[0] == 0

@@ -20,8 +20,10 @@ import sys
 from pathlib import Path
 
 from xenpv import loops
+from xenpv.cli.xenstored import make_quotas, quota_arg
 from xenpv.errors import PlatformError
 from xenpv.loops import LOOPS
+from xenpv.pidlock import InUseError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +41,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     up.add_argument("--max-grants", type=int, default=4096, help="grant table size per domain")
     up.add_argument("--max-ports", type=int, default=1024, help="event-channel ports per domain")
+    up.add_argument(
+        "--xenstore-quota",
+        action="append",
+        default=[],
+        type=quota_arg,
+        metavar="NAME=VALUE",
+        help="override a quota of the embedded xenstored, e.g. connections=16 (as "
+        "xenpv xenstored --quota; repeatable)",
+    )
     up.add_argument(
         "--loop",
         choices=LOOPS,
@@ -106,16 +117,26 @@ def _up(args: argparse.Namespace) -> int:
     def ready(_daemon: object) -> None:
         print(f"xenpv loopback: ready in {args.rundir}", flush=True)
 
-    loops.run(
-        run_daemon(
-            args.rundir,
-            _parse_domains(args.domain),
-            max_grants=args.max_grants,
-            max_ports=args.max_ports,
-            ready=ready,
-        ),
-        args.loop,
-    )
+    try:
+        quotas = make_quotas(args.xenstore_quota)
+    except ValueError as exc:
+        print(f"xenpv loopback: {exc}", file=sys.stderr)
+        return 2
+    try:
+        loops.run(
+            run_daemon(
+                args.rundir,
+                _parse_domains(args.domain),
+                max_grants=args.max_grants,
+                max_ports=args.max_ports,
+                ready=ready,
+                quotas=quotas,
+            ),
+            args.loop,
+        )
+    except InUseError as exc:  # a live daemon owns the rundir: it is left alone
+        print(f"xenpv loopback: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,7 +2,9 @@
 
 It serves dom0's (privileged) socket and one socket per ``--domain DOMID=PATH``; it exits
 with status 0 on SIGTERM or SIGINT after saving ``--state-file`` and removing its sockets
-and ``--pid-file``.
+and ``--pid-file``.  If a live process serves one of the sockets or uses the state file
+(their ``.lock`` files, :mod:`xenpv.pidlock`), it exits with status 1 and a one-line
+error naming that process, having changed nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import signal
 from xenpv import loops
 from xenpv.errors import LocalError
 from xenpv.loops import LOOPS
+from xenpv.pidlock import PidLock
 from xenpv.xenstore.server import XenstoredServer
 from xenpv.xenstore.store import Quotas
 
@@ -27,12 +30,25 @@ def _domain(text: str) -> tuple[int, str]:
     return int(domid), path
 
 
-def _quota(text: str) -> tuple[str, str]:
+def quota_arg(text: str) -> tuple[str, str]:
+    """Parse a ``NAME=VALUE`` quota override (an argparse ``type``)."""
     name, sep, value = text.partition("=")
     if not sep or name.replace("_", "-") not in Quotas.names():
         choices = ", ".join(Quotas.names())
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME one of: {choices}")
     return name, value
+
+
+def make_quotas(overrides: list[tuple[str, str]]) -> Quotas:
+    """The default quotas with ``overrides`` (from :func:`quota_arg`) applied; raises
+    ``ValueError`` naming a bad value."""
+    quotas = Quotas()
+    for name, value in overrides:
+        try:
+            quotas.set(name, value)
+        except ValueError as exc:
+            raise ValueError(f"bad quota {name}={value}: {exc}") from None
+    return quotas
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +75,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--quota",
         action="append",
         default=[],
-        type=_quota,
+        type=quota_arg,
         metavar="NAME=VALUE",
         help="override a per-domain quota, e.g. nodes=2000 (0 disables; repeatable)",
     )
@@ -92,21 +108,39 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 async def _serve(args: argparse.Namespace, quotas: Quotas) -> None:
-    server = XenstoredServer(
-        quotas=quotas,
-        state_file=args.state_file,
-        always_eagain=args.always_eagain,
-        save_interval=args.save_interval,
-        spin_us=args.spin_us,
-    )
+    # A live daemon owning the state file or a socket makes this one refuse before it
+    # touches anything (InUseError names its pid); nothing is saved or removed then.
+    state_lock = None
+    if args.state_file:
+        state_lock = PidLock(f"{args.state_file}.lock", f"state file {args.state_file}")
+        state_lock.acquire()
+    try:
+        server = XenstoredServer(
+            quotas=quotas,
+            state_file=args.state_file,
+            always_eagain=args.always_eagain,
+            save_interval=args.save_interval,
+            spin_us=args.spin_us,
+        )
+        try:
+            await server.listen(args.socket, 0)
+            for domid, path in args.domain:
+                await server.listen(path, domid)
+        except BaseException:
+            await server.close(save=False)  # only the sockets this process bound go
+            raise
+        await _serve_until_stopped(args, server)
+    finally:
+        if state_lock is not None:
+            state_lock.release()
+
+
+async def _serve_until_stopped(args: argparse.Namespace, server: XenstoredServer) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await server.listen(args.socket, 0)
-        for domid, path in args.domain:
-            await server.listen(path, domid)
         if args.pid_file:
             tmp = f"{args.pid_file}.tmp"
             with open(tmp, "w", encoding="ascii") as f:
@@ -125,13 +159,11 @@ async def _serve(args: argparse.Namespace, quotas: Quotas) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT; return the exit status."""
     logging.basicConfig(level=args.log_level.upper(), format="xenstored: %(message)s")
-    quotas = Quotas()
-    for name, value in args.quota:
-        try:
-            quotas.set(name, value)
-        except ValueError as exc:
-            logging.error("bad quota %s=%s: %s", name, value, exc)
-            return 2
+    try:
+        quotas = make_quotas(args.quota)
+    except ValueError as exc:
+        logging.error("%s", exc)
+        return 2
     try:
         loops.run(_serve(args, quotas), args.loop)
     except (LocalError, OSError) as exc:

@@ -69,6 +69,7 @@ from collections.abc import Callable
 from typing import Any
 
 from xenpv.errors import LocalError
+from xenpv.pidlock import PidLock
 from xenpv.xenstore.store import Connection, Quotas, Store
 from xenpv.xenstore.wire import HEADER, HEADER_SIZE, PAYLOAD_MAX, Decoder, WireError, XsType
 
@@ -567,6 +568,8 @@ class XenstoredServer:
         self.store = self._load()
         self.store.always_eagain = always_eagain
         self._listeners: list[tuple[socket.socket, str]] = []
+        #: The lock file of each socket served (``<socket>.lock``, see :meth:`listen`).
+        self._locks: dict[str, PidLock] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._protocols: dict[Connection, _XsConnection] = {}
         #: Open connections per domid (what the ``connections`` quota counts).
@@ -597,23 +600,36 @@ class XenstoredServer:
 
     # -- sockets -----------------------------------------------------------------------
     async def listen(self, path: str, domid: int = 0) -> None:
-        """Serve ``path``; every connection on it acts as ``domid`` (introduced if needed)."""
+        """Serve ``path``; every connection on it acts as ``domid`` (introduced if needed).
+
+        The socket is owned through the lock file ``<path>.lock`` (see
+        :mod:`xenpv.pidlock`): if a live process serves ``path`` this raises
+        :class:`~xenpv.pidlock.InUseError` naming it and touches nothing; a socket left by
+        a process that is gone is replaced.
+        """
+        lock = PidLock(f"{path}.lock", f"xenstore socket {path}")
+        lock.acquire()
+        try:
+            try:
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)  # stale socket of an earlier run
+            except FileNotFoundError:
+                pass
+            loop = self._loop = asyncio.get_running_loop()
+            lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                lsock.setblocking(False)
+                lsock.bind(path)
+                lsock.listen(_BACKLOG)
+            except BaseException:
+                lsock.close()
+                raise
+        except BaseException:
+            lock.release()
+            raise
+        self._locks[path] = lock
         if domid != 0:
             self.introduce_domain(domid)
-        try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)  # stale socket of an earlier run
-        except FileNotFoundError:
-            pass
-        loop = self._loop = asyncio.get_running_loop()
-        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            lsock.setblocking(False)
-            lsock.bind(path)
-            lsock.listen(_BACKLOG)
-        except BaseException:
-            lsock.close()
-            raise
         loop.add_reader(lsock.fileno(), self._accept, lsock, domid)
         self._listeners.append((lsock, path))
         if self.state_file and self.save_interval > 0 and self._save_timer is None:
@@ -678,6 +694,9 @@ class XenstoredServer:
                 os.unlink(path)
         except FileNotFoundError:
             pass
+        lock = self._locks.pop(path, None)
+        if lock is not None:
+            lock.release()
 
     async def unlisten(self, path: str) -> None:
         """Stop serving ``path`` and remove it (its open connections stay; no-op if unknown)."""
@@ -689,8 +708,9 @@ class XenstoredServer:
             self._close_listener(lsock, spath)
         self._listeners = keep
 
-    async def close(self) -> None:
-        """Stop listening, drop every connection, remove the sockets and save the state."""
+    async def close(self, *, save: bool = True) -> None:
+        """Stop listening, drop every connection, remove the sockets and save the state
+        (unless ``save`` is false)."""
         if self._closed:
             return
         self._closed = True
@@ -703,7 +723,8 @@ class XenstoredServer:
         for proto in list(self._protocols.values()):
             proto.abort()
         await asyncio.sleep(0)
-        self.save_state()
+        if save:
+            self.save_state()
 
     def _fingerprint(self) -> object:
         """What a save records, in brief: the generation counter (bumped by every node

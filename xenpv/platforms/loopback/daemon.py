@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from xenpv.errors import PlatformError
+from xenpv.pidlock import PidLock
 from xenpv.platforms.base import PAGE_SIZE, GrantCopy, GrantPtr, LocalPtr, MapError
 from xenpv.platforms.loopback import proto
 from xenpv.platforms.loopback.core import CopyPlan, Domain, Handle, Hypervisor, Mapping, Segment
@@ -188,8 +189,12 @@ class LoopbackDaemon:
         max_grants: int = 4096,
         max_ports: int = 1024,
         xenstore: bool = True,
+        quotas: Any = None,
     ) -> None:
+        """``quotas``: the embedded xenstored's :class:`~xenpv.xenstore.store.Quotas`."""
         self.rundir = Path(rundir)
+        self._lock = PidLock(self.rundir / "daemon.lock", f"run directory {self.rundir}")
+        self._quotas = quotas
         self.hv = Hypervisor(max_grants=max_grants, max_ports=max_ports)
         self.connections: set[_Connection] = set()
         self._listeners: dict[int, socket.socket] = {}
@@ -224,15 +229,20 @@ class LoopbackDaemon:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, domains: dict[int, str] | None = None) -> None:
-        """Create the rundir, dom0's endpoints and the requested domains."""
+        """Create the rundir, dom0's endpoints and the requested domains.
+
+        Raises :class:`~xenpv.pidlock.InUseError` (and changes nothing) if a live daemon
+        owns the rundir; the sockets of one that is gone are replaced.
+        """
         self.rundir.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
         if self._want_xenstore:
             try:
                 from xenpv.xenstore.server import XenstoredServer
             except ImportError:
                 log.warning("embedded xenstore server not available: grants and events only")
             else:
-                self.xenstored = XenstoredServer(quotas=None, state_file=None)
+                self.xenstored = XenstoredServer(quotas=self._quotas, state_file=None)
         await self._open_endpoints(self.hv.domains[0])
         if self.xenstored is not None:
             from xenpv.xenstore.client import connect
@@ -364,8 +374,10 @@ class LoopbackDaemon:
         if self.xenstored is not None:
             await self.xenstored.close()
         self.hv.close()
-        with contextlib.suppress(FileNotFoundError):
-            (self.rundir / "daemon.pid").unlink()
+        if self._lock.held:  # (the pid file of a live daemon that refused us stays)
+            with contextlib.suppress(FileNotFoundError):
+                (self.rundir / "daemon.pid").unlink()
+            self._lock.release()
 
     # ------------------------------------------------------------------ dispatch
     def dispatch_now(self, conn: _Connection, op: int, payload: bytes) -> Reply | Awaitable[Reply]:
@@ -667,10 +679,11 @@ async def run_daemon(
     max_grants: int = 4096,
     max_ports: int = 1024,
     ready: Callable[[LoopbackDaemon], None] | None = None,
+    quotas: Any = None,
 ) -> None:
     """Run the daemon in the foreground until SIGTERM/SIGINT, then shut down cleanly."""
     _raise_fd_limit()
-    daemon = LoopbackDaemon(rundir, max_grants=max_grants, max_ports=max_ports)
+    daemon = LoopbackDaemon(rundir, max_grants=max_grants, max_ports=max_ports, quotas=quotas)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop)

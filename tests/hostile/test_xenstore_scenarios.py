@@ -244,6 +244,13 @@ def test_scenario_23_guest_not_reading_stays_bounded(tmp_path: Path) -> None:
             if sent == len(stream):
                 break
         assert sent == len(stream)  # 60 KB fit in the socket buffers
+        # Only once the server has answered enough to pause the guest do its watch events
+        # wait in the bounded queue (on a loaded machine that takes a while).
+        deadline = time.monotonic() + 10
+        while not st.call(lambda: any(p.write_paused for p in st.srv._protocols.values()
+                                      if p.domid == 5)):  # fmt: skip
+            assert time.monotonic() < deadline, "the guest was never paused"
+            time.sleep(0.01)
         # Dom0 churns 1000 nodes under the watched subtree.
         for i in range(1000):
             dom0.send(T.WRITE, f"/local/domain/5/w/n{i}".encode() + b"\0v")

@@ -46,6 +46,7 @@ from xenpv.pidlock import PidLock
 from xenpv.platforms.base import PAGE_SIZE, GrantCopy, GrantPtr, LocalPtr, MapError
 from xenpv.platforms.loopback import proto
 from xenpv.platforms.loopback.core import CopyPlan, Domain, Handle, Hypervisor, Mapping, Segment
+from xenpv.platforms.loopback.home import write_domain_home
 from xenpv.platforms.loopback.proto import Op
 
 log = logging.getLogger("xenpv.loopback")
@@ -300,27 +301,8 @@ class LoopbackDaemon:
         shutil.rmtree(self.rundir / f"dom{domid}", ignore_errors=True)
 
     async def _write_home(self, dom: Domain) -> None:
-        xs = self._xs_dom0
-        if xs is None:
-            return
-        d = dom.domid
-        home = f"/local/domain/{d}"
-        ro = ["n0", f"r{d}"] if d else ["n0"]
-        rw = [f"n{d}"]
-
-        async def build(t: Any) -> None:
-            await t.write(home, "")
-            await t.set_perms(home, ro)
-            await t.write(f"{home}/domid", str(d))
-            await t.write(f"{home}/name", dom.name)
-            for sub in ("device", "control"):
-                await t.write(f"{home}/{sub}", "")
-                await t.set_perms(f"{home}/{sub}", ro)
-            for sub in ("data", "error"):
-                await t.write(f"{home}/{sub}", "")
-                await t.set_perms(f"{home}/{sub}", rw)
-
-        await xs.transact(build)
+        if self._xs_dom0 is not None:
+            await write_domain_home(self._xs_dom0, dom.domid, dom.name)
 
     async def create_domain(self, domid: int, name: str | None = None) -> Domain:
         """Create a domain with its endpoints and xenstore home; ``@introduceDomain``."""

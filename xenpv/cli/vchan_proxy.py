@@ -40,6 +40,7 @@ from typing import Any
 from xenpv.errors import LocalError, PeerError, PlatformError
 from xenpv.protocols.vchan import VCHAN_NOTIFY_READ, VCHAN_NOTIFY_WRITE
 from xenpv.vchan.endpoint import VchanClient, VchanEndpoint, VchanServer
+from xenpv.xenstore.wire import XenstoreError
 
 BUFSIZE = 1 << 16
 
@@ -71,18 +72,21 @@ def _is_fd(text: str) -> bool:
     return True
 
 
-def open_platform() -> Any:
+def open_platform(domid: int | None = None) -> Any:
     """The platform of this process's domain: the loopback emulator when its environment
-    is set, else real Xen."""
-    if os.environ.get("XENPV_LOOPBACK_SOCKET"):
+    is set, else real Xen (Xen's libraries; the domid from the xenstore key ``domid``
+    unless given).  ``XENPV_PLATFORM=xen`` picks real Xen's libraries even under the
+    emulator's environment, where they are its replacement libraries (tests use this)."""
+    if os.environ.get("XENPV_LOOPBACK_SOCKET") and os.environ.get("XENPV_PLATFORM") != "xen":
         from xenpv.platforms.loopback.client import ClientPlatform
 
         return ClientPlatform()
     from xenpv.platforms.xen import XenPlatform
     from xenpv.xenstore.client import BlockingClient
 
-    with BlockingClient() as xs:
-        domid = int(xs.read("domid"))
+    if domid is None:
+        with BlockingClient() as xs:
+            domid = int(xs.read("domid"))
     return XenPlatform(domid)
 
 
@@ -299,6 +303,8 @@ async def connect_vchan(platform: Any, domid: int, path: str) -> VchanClient | N
                     tasks[asyncio.ensure_future(w.get())] = w
                 try:
                     return await VchanClient.create(platform, domid, path, xs=xs)
+                except XenstoreError as exc:  # keys not (all) there yet, or not readable
+                    log(f"vchan not ready: {exc.errno_name}")
                 except (PlatformError, PeerError) as exc:
                     log(f"vchan not ready: {exc}")
                 try:

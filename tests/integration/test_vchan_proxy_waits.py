@@ -1,0 +1,38 @@
+"""``xenpv vchan-proxy -m client`` started before the server waits for it, like Xen's tool.
+
+The client watches NODEPATH and tries to connect on every event; the first event fires
+before the server has published anything, and reading the missing ``ring-ref`` must count
+as "not ready yet", not end the client.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from xenpv.vchan.testing import VchanLab, vchan_path
+
+SERVER, CLIENT = 4, 0
+WAIT = 20.0
+
+
+def test_client_started_before_the_server_waits_and_connects() -> None:
+    path = vchan_path(SERVER, CLIENT, "late")
+    with VchanLab((SERVER,)) as lab:
+        client = lab.spawn(CLIENT, [sys.executable, "-m", "xenpv", "vchan-proxy", "-m", "client",
+                                    str(SERVER), path, "-"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+        time.sleep(1.0)  # the client is up and watching before the server exists
+        assert client.poll() is None, client.stderr.read() if client.stderr else b""
+        server = lab.spawn(SERVER, [sys.executable, "-m", "xenpv", "vchan-proxy", "-m", "server",
+                                    str(CLIENT), path, "-"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert server.stdin is not None and client.stdin is not None
+        server.stdin.write(b"late but here\n")
+        server.stdin.close()
+        out, err = client.communicate(timeout=WAIT)
+        assert client.returncode == 0, err.decode()
+        assert out == b"late but here\n"
+        server.wait(WAIT)

@@ -88,8 +88,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _platform(rundir: str | None, domid: int) -> Any:
     from xenpv.platforms.loopback.client import ClientPlatform
 
-    if rundir is None:
-        return ClientPlatform()
+    if rundir is None:  # the environment's: the emulator's, or real Xen's libraries
+        from xenpv.cli.vchan_proxy import open_platform
+
+        return open_platform(domid)
     return ClientPlatform.for_domain(rundir, domid)
 
 

@@ -48,12 +48,17 @@ EXPECTED: dict[str, list[str]] = {
 }
 
 
-def run_example(name: str) -> subprocess.CompletedProcess[str]:
-    """``python examples/NAME`` with this tree importable; bounded."""
+def run_python(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python ARGS`` in a fresh interpreter with this tree importable; bounded."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return subprocess.run([sys.executable, str(EXAMPLES / name)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
+
+
+def run_example(name: str) -> subprocess.CompletedProcess[str]:
+    """``python examples/NAME``."""
+    return run_python(str(EXAMPLES / name))
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -72,3 +77,12 @@ def test_every_example_is_run_here_and_explains_itself() -> None:
     for name in scripts:
         doc = ast.get_docstring(ast.parse((EXAMPLES / name).read_text()))
         assert doc and "Run it:" in doc, f"{name} needs a docstring saying what it shows"
+
+
+def test_readme_python_api_snippet_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    proc = run_python("-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "b'hello'"

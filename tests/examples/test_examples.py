@@ -36,7 +36,7 @@ EXPECTED: dict[str, list[str]] = {
         "dom0 saw /local/domain/2/data/greeting = hello",
         "dom0 saw /local/domain/2/data/temperature = 21",
         "dom2 may not write dom1's data: EACCES",
-        "watch done: 4 events",
+        "watch done: events for greeting, temperature, unit, done",
     ],
     "custom_backend.py": [
         "/local/domain/3/device/upper/0 and /local/domain/0/backend/upper/3/0 are Connected",

@@ -24,6 +24,7 @@ from typing import Any
 from xenpv import peers
 from xenpv.cli.loopback import domain_env
 from xenpv.platforms.loopback.client import ClientPlatform
+from xenpv.platforms.loopback.emulator import InProcessEmulator
 from xenpv.platforms.loopback.harness import DaemonMachine
 
 __all__ = ["InProcessVchanLab", "VchanLab", "build_libxenvchan_program", "read_line", "vchan_path"]
@@ -138,110 +139,27 @@ class VchanLab:
         self.close()
 
 
-async def write_home(xs: Any, domid: int) -> None:
-    """Give ``domid`` the xenstore home a toolstack gives it (``domid``, a writable
-    ``data``), through a dom0 client ``xs``."""
-    home = f"/local/domain/{domid}"
-
-    async def build(t: Any) -> None:
-        await t.write(home, "")
-        await t.set_perms(home, ["n0", f"r{domid}"] if domid else ["n0"])
-        await t.write(f"{home}/domid", str(domid))
-        await t.write(f"{home}/data", "")
-        await t.set_perms(f"{home}/data", [f"n{domid}"])
-
-    await xs.transact(build)
-
-
-class InProcessVchanLab:
-    """The in-process loopback mode: every domain in this process on one
-    :class:`~xenpv.platforms.loopback.core.Hypervisor`, with the embedded xenstored
-    serving one socket per domain from a background thread.  Same :meth:`platform`,
-    :meth:`outstanding` and :meth:`assert_released` as :class:`VchanLab` (no processes).
+class InProcessVchanLab(InProcessEmulator):
+    """The in-process loopback mode: an
+    :class:`~xenpv.platforms.loopback.emulator.InProcessEmulator` (every domain in this
+    process, the embedded xenstored on its own thread) with the :meth:`platform`,
+    :meth:`outstanding` and :meth:`assert_released` of :class:`VchanLab` (no processes).
     Platforms of this mode must be used from one thread."""
 
     def __init__(self, domains: tuple[int, ...] = (1, 2), *, max_grants: int = 4096,
                  max_ports: int = 256) -> None:
-        import asyncio
-        import tempfile
-        import threading
-
-        from xenpv.platforms.loopback.harness import InProcessMachine
-        from xenpv.xenstore.server import XenstoredServer
-
-        self.machine = InProcessMachine(max_grants=max_grants, max_ports=max_ports)
-        self._tmp = tempfile.TemporaryDirectory(prefix="xenpv-vchan-")
-        self.rundir = self._tmp.name
-        self.platforms: list[Any] = []
-        self.sockets = {d: os.path.join(self.rundir, f"dom{d}.sock") for d in (0, *domains)}
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
-                                        name="xenpv-vchan-xenstored")
-        self._thread.start()
-        self.xenstored = XenstoredServer()
-
-        async def setup() -> None:
-            from xenpv.xenstore.client import connect
-
-            for d, path in self.sockets.items():
-                await self.xenstored.listen(path, d)
-            xs = await connect(self.sockets[0])
-            try:
-                for d in domains:
-                    await write_home(xs, d)
-            finally:
-                await xs.close()
-
-        try:
-            for d in domains:
-                self.machine.hv.create_domain(d)
-            asyncio.run_coroutine_threadsafe(setup(), self.loop).result(30)
-        except BaseException:
-            self.close()
-            raise
-
-    def platform(self, domid: int) -> Any:
-        """A platform acting as ``domid`` (closed by :meth:`close`)."""
-        from xenpv.platforms.loopback.inprocess import InProcessPlatform
-
-        p = InProcessPlatform(self.machine.hv, domid, self.sockets[domid])
-        self.platforms.append(p)
-        return p
+        super().__init__(domains, max_grants=max_grants, max_ports=max_ports)
 
     def outstanding(self) -> dict[str, int]:
         """Grants, mappings and ports still held."""
-        out = dict(self.machine.outstanding())
+        out = super().outstanding()
         out.pop("handles", None)
         return out
 
     def assert_released(self, timeout: float = 5.0) -> None:
-        """Raise AssertionError if a grant, mapping or port is still held."""
-        left = {k: v for k, v in self.outstanding().items() if v}
-        if left:
-            raise AssertionError(f"loopback emulator still holds {left}")
-
-    def close(self) -> None:
-        """Close the platforms, the xenstored and the hypervisor."""
-        import asyncio
-
-        for p in self.platforms:
-            with contextlib.suppress(Exception):
-                p.close()
-        self.platforms.clear()
-        if self.loop.is_running():
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(self.xenstored.close(), self.loop).result(10)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-        self.loop.close()
-        self.machine.close()
-        self._tmp.cleanup()
-
-    def __enter__(self) -> InProcessVchanLab:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        """Raise AssertionError if a grant, mapping or port is still held (``timeout`` is
+        accepted for :class:`VchanLab`'s signature: nothing here is asynchronous)."""
+        super().assert_released()
 
 
 _pending: dict[int, bytearray] = {}

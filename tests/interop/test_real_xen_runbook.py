@@ -90,7 +90,9 @@ def test_runbook_marks_every_xenpv_command_and_only_those() -> None:
     for step in steps:
         assert INVOKES.search(step.command), f"runbook line without xenpv: {step.command!r}"
     for info, body in ANY_BLOCK.findall(text):
-        if info.startswith("sh runbook:"):
+        # the rehearsal block sets up what the lab fixture sets up (the daemon, the
+        # domains' environments, the console 0 stand-in)
+        if info.startswith("sh runbook:") or info == "sh rehearsal":
             continue
         for line in body.splitlines():
             assert not INVOKES.search(line.split("#")[0]), (
@@ -242,14 +244,10 @@ def start_console0_stand_in(lab: VchanLab) -> subprocess.Popen[bytes]:
 
 def test_runbook_commands_work_on_the_real_xen_platform(lab: VchanLab, bin_dir: Path,
                                                        tmp_path: Path) -> None:
+    # every command that opens a platform must report the replacement libraries' use
+    # (Runner.check_xen_libraries): the emulator's own client platform does not load them
     steps = runbook_steps(RUNBOOK.read_text())
     runner = Runner(lab, bin_dir, tmp_path)
-    # the mode is real: the commands' platform is XenPlatform on the replacement libraries
-    probe = ("from xenpv.cli.vchan_proxy import open_platform; p = open_platform(); "
-             "print(type(p).__name__, p.domid); p.close()")
-    out = subprocess.run([sys.executable, "-c", probe], env=runner.envs["dom0"],
-                         capture_output=True, text=True, timeout=WAIT, check=True).stdout
-    assert out.split() == ["XenPlatform", "0"]
     console0 = start_console0_stand_in(lab)
     try:
         for step in steps:

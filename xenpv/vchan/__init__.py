@@ -9,15 +9,37 @@
 
 The wire format (control page, orders, placement) is :mod:`xenpv.protocols.vchan`; see
 ``docs/vchan.md`` for a guide.
+
+The names below are imported on first use, so that the sans-IO data path
+(:mod:`xenpv.vchan.ring`) does not load asyncio.
 """
 
 from __future__ import annotations
 
-from xenpv.vchan.endpoint import EventHub, VchanClient, VchanEndpoint, VchanServer, reap
-from xenpv.vchan.errors import VchanBroken, VchanPeerError
-from xenpv.vchan.ring import VchanRings
-from xenpv.vchan.streams import VchanStreamServer, VchanTransport, open_connection, start_server
+from typing import TYPE_CHECKING
 
+from xenpv._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from xenpv.vchan.endpoint import EventHub, VchanClient, VchanEndpoint, VchanServer, reap
+    from xenpv.vchan.errors import VchanBroken, VchanPeerError
+    from xenpv.vchan.ring import VchanRings
+    from xenpv.vchan.streams import VchanStreamServer, VchanTransport, open_connection, start_server
+
+_EXPORTS = {
+    "EventHub": "endpoint",
+    "VchanClient": "endpoint",
+    "VchanEndpoint": "endpoint",
+    "VchanServer": "endpoint",
+    "reap": "endpoint",
+    "VchanBroken": "errors",
+    "VchanPeerError": "errors",
+    "VchanRings": "ring",
+    "VchanStreamServer": "streams",
+    "VchanTransport": "streams",
+    "open_connection": "streams",
+    "start_server": "streams",
+}
 __all__ = [
     "EventHub",
     "VchanBroken",
@@ -32,3 +54,4 @@ __all__ = [
     "reap",
     "start_server",
 ]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -15,7 +15,7 @@ import socket
 import struct
 import sys
 
-from xenpv.cli.vchan_proxy import open_platform
+from xenpv.platforms.choose import open_platform
 from xenpv.protocols.vchan import VCHAN_CLI_CONNECTED, VCHAN_LEFT_CONS_OFFSET
 from xenpv.vchan import VchanServer
 

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from xenpv.errors import PeerError
+from xenpv.testing.vchan import VchanLab, vchan_path
 from xenpv.vchan import VchanBroken, VchanClient, VchanPeerError, VchanServer, open_connection
-from xenpv.vchan.testing import VchanLab, vchan_path
 
 SERVER, CLIENT = 1, 2
 

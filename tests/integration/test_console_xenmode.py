@@ -41,7 +41,7 @@ from xenpv.errors import LocalError
 from xenpv.frontends.console import GNTTAB_RESERVED_CONSOLE, ConsoleFrontend, PrimaryConsole
 from xenpv.platforms.loopback.client import ClientPlatform
 from xenpv.platforms.xen import XenPlatform
-from xenpv.vchan.testing import VchanLab
+from xenpv.testing.vchan import VchanLab
 from xenpv.xenbus.toolstack import add_device, remove_device
 from xenpv.xenstore.client import connect
 
@@ -61,7 +61,7 @@ def _load_xenmode() -> Any:
     return module
 
 
-#: ``xen_platform(rundir, domid)``: ``XenPlatform.for_loopback`` in that domain's environment
+#: ``xen_platform(rundir, domid)``: ``xen_on_loopback`` in that domain's environment
 xen_platform: Callable[[str, int], XenPlatform] = _load_xenmode()._local
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from xenpv import peers
-from xenpv.cli.loopback import domain_env
 from xenpv.platforms.base import EvtchnState, PlatformGone, UnmapNotify
 from xenpv.platforms.loopback.client import ClientPlatform
+from xenpv.platforms.loopback.env import domain_env
 from xenpv.platforms.loopback.harness import start_daemon, stop_daemon
 from xenpv.platforms.loopback.remote import RemotePlatform
 from xenpv.xenstore import wire

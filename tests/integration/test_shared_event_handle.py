@@ -26,9 +26,9 @@ from xenpv.backends.console import ConsoleConfig, ConsoleSession, serve_console
 from xenpv.errors import LocalError
 from xenpv.frontends.console import GNTTAB_RESERVED_CONSOLE, PrimaryConsole
 from xenpv.platforms.dispatch import PortDispatcher
+from xenpv.testing.vchan import InProcessVchanLab, VchanLab, vchan_path
 from xenpv.vchan import VchanStreamServer, open_connection, start_server
 from xenpv.vchan.endpoint import wait_reaped
-from xenpv.vchan.testing import InProcessVchanLab, VchanLab, vchan_path
 
 SERVER, GUEST = 1, 2
 WAIT = 20.0

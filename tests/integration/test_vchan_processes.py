@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import pytest
 
 import xenpv.vchan as xenpv_vchan
+from xenpv.testing.vchan import VchanLab, vchan_path
 from xenpv.vchan.endpoint import wait_reaped
-from xenpv.vchan.testing import VchanLab, vchan_path
 
 SERVER, CLIENT = 1, 2
 MiB = 1 << 20

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from xenpv.protocols.vchan import choose_orders
+from xenpv.testing.vchan import InProcessVchanLab, VchanLab, vchan_path
 from xenpv.vchan import VchanClient, VchanServer, open_connection, start_server
 from xenpv.vchan.endpoint import wait_reaped
-from xenpv.vchan.testing import InProcessVchanLab, VchanLab, vchan_path
 
 SERVER, CLIENT = 1, 2
 MiB = 1 << 20

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from xenpv import peers
-from xenpv.cli.loopback import shim_dir
+from xenpv.platforms.loopback.env import shim_dir
 from xenpv.platforms.loopback.harness import start_daemon, stop_daemon
 
 

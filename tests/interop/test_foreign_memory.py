@@ -22,10 +22,10 @@ import cffi
 import pytest
 from shim_peers import LoopbackRun
 
-from xenpv.cli.loopback import shim_dir
 from xenpv.errors import PlatformError
 from xenpv.platforms.loopback import proto
 from xenpv.platforms.loopback.client import ClientPlatform
+from xenpv.platforms.loopback.env import shim_dir
 
 PAGE = 4096
 MAP_FIXED = 0x10  # sys/mman.h, Linux x86-64

@@ -23,7 +23,7 @@ import pytest
 from shim_peers import LoopbackRun
 from shim_support import act_as, loopback_fixture
 
-from xenpv.cli.loopback import shim_dir
+from xenpv.platforms.loopback.env import shim_dir
 
 CDEF = """
 void *xenevtchn_open(void *logger, unsigned int flags);

@@ -17,9 +17,10 @@ from shim_peers import LoopbackRun
 from shim_support import act_as, daemon_stats, loopback_fixture
 
 from xenpv import peers
-from xenpv.cli.loopback import shim_dir
 from xenpv.errors import LocalError
 from xenpv.platforms.base import GrantCopy, GrantPtr, LocalPtr, PlatformGone, PortError, UnmapNotify
+from xenpv.platforms.choose import open_platform
+from xenpv.platforms.loopback.env import shim_dir
 from xenpv.platforms.loopback.harness import stop_daemon
 from xenpv.platforms.xen import XenPlatform, default_xenstore_path
 
@@ -182,16 +183,23 @@ def test_domid_and_xenstore_path_come_from_the_environment(
     loopback: LoopbackRun, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     act_as(monkeypatch, loopback, 2)
+    monkeypatch.setenv("XENPV_XEN_LIB_DIR", str(shim_dir()))
     monkeypatch.setenv("XENPV_LOOPBACK_DOMID", "2")
     monkeypatch.setenv("XENSTORED_PATH", "/somewhere/xs")
-    p = XenPlatform(lib_dir=shim_dir())
+    p = open_platform("xen")
     try:
+        assert isinstance(p, XenPlatform)
         assert p.domid == 2 and p.xenstore_path == "/somewhere/xs"
     finally:
         p.close()
+    # without the emulator's variable, the domid is read as a guest reads it: xenstore
     monkeypatch.delenv("XENPV_LOOPBACK_DOMID")
-    with pytest.raises(LocalError):
-        XenPlatform(lib_dir=shim_dir())
+    monkeypatch.setenv("XENSTORED_PATH", str(loopback.rundir / "dom2" / "xenstore"))
+    p = open_platform("xen")
+    try:
+        assert p.domid == 2
+    finally:
+        p.close()
     monkeypatch.delenv("XENSTORED_PATH")
     monkeypatch.setenv("XENSTORED_RUNDIR", str(tmp_path))
     (tmp_path / "socket").touch()

@@ -20,7 +20,7 @@ from shim_peers import LoopbackRun
 from shim_support import act_as, daemon_stats, loopback_fixture
 
 from xenpv import peers
-from xenpv.cli.loopback import shim_dir
+from xenpv.platforms.loopback.env import shim_dir
 from xenpv.platforms.xen import XenPlatform
 
 REPO = Path(__file__).resolve().parents[2]

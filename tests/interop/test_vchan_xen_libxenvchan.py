@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from xenpv.vchan.testing import VchanLab, build_libxenvchan_program, read_line, vchan_path
+from xenpv.testing.vchan import VchanLab, build_libxenvchan_program, read_line, vchan_path
 
 SERVER, CLIENT = 1, 2
 MiB = 1 << 20

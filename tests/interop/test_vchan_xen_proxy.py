@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from xenpv import peers
-from xenpv.cli.loopback import domain_env
-from xenpv.vchan.testing import VchanLab, vchan_path
+from xenpv.platforms.loopback.env import domain_env
+from xenpv.testing.vchan import VchanLab, vchan_path
 from xenpv.xenstore.client import BlockingClient
 
 SERVER, CLIENT = 1, 2

@@ -2,7 +2,7 @@
 
 :class:`~xenpv.platforms.xen.XenPlatform` (cffi on ``libxengnttab.so.1`` and
 ``libxenevtchn.so.1``) runs on the loopback emulator through the emulator's replacement
-libraries: a daemon machine whose domains are ``XenPlatform.for_loopback`` platforms, dom0
+libraries: a daemon machine whose domains are ``xen_on_loopback`` platforms, dom0
 in the test process and every other domain in its own child process.
 
 What Xen's C library API cannot express is declared in :data:`XEN_LIMITS`, so a suite test
@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from xenpv.cli.loopback import domain_env
+from xenpv.platforms.choose import xen_on_loopback
+from xenpv.platforms.loopback.env import domain_env
 from xenpv.platforms.loopback.harness import DaemonMachine
 from xenpv.platforms.xen import XenPlatform
 
-FACTORY = "xenpv.platforms.xen:XenPlatform.for_loopback"
+FACTORY = "xenpv.platforms.choose:xen_on_loopback"
 
 #: Suite features libxengnttab does not offer (see xenpv/platforms/xen/grants.py):
 #: strict end of access (gntalloc ends a still-mapped grant later, never refuses),
@@ -46,7 +47,7 @@ def _local(rundir: str, domid: int) -> XenPlatform:
     # The libraries read $XENPV_LOOPBACK_SOCKET when a handle is opened; the handles keep
     # their connection afterwards, so the variable is only needed while opening.
     with _environment(domain_env(rundir, domid)):
-        return XenPlatform.for_loopback(rundir, domid)
+        return xen_on_loopback(rundir, domid)
 
 
 def xen_machine(*, max_grants: int = 128, max_ports: int = 32) -> Any:

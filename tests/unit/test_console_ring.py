@@ -114,7 +114,7 @@ def test_log_is_capped_and_rotated_once(tmp_path) -> None:  # type: ignore[no-un
 
 
 def test_bench_console_mbps_smoke() -> None:
-    from xenpv.backends.console import bench_console_mbps
+    from xenpv.bench.console import bench_console_mbps
 
     result = bench_console_mbps(64 << 10)
     assert set(result) == {"console_mbps", "bytes", "seconds"}

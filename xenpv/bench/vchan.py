@@ -22,7 +22,7 @@ All three writers send the same write-size block over and over (the vchan tool's
 * ``libxenvchan_rtt_us`` (anchor): the same round trip between two C programs on
   libxenvchan (``vchan_libxenvchan.c`` ``ping`` / ``echo``), same rings, same spin.
 * ``console_mbps``: console output throughput of the console pair on the in-process
-  emulator (:func:`xenpv.backends.console.bench_console_mbps`).
+  emulator (:func:`xenpv.bench.console.bench_console_mbps`).
 
 Placement.  Every pair (all three throughputs and the round trip) runs with its receiver
 pinned to one CPU and its sender to another (``--placement cross``, the default; ``same``
@@ -177,7 +177,7 @@ def _unix_child(role: str, path: str, total: int, chunk: int = CHUNK) -> None:
 
 def unix_socket_gbps(total: int, where: Placement, chunk: int = CHUNK) -> Sample:
     """The Unix socket anchor between two Python processes."""
-    from xenpv.vchan.testing import read_line
+    from xenpv.testing.vchan import read_line
 
     with tempfile.TemporaryDirectory(prefix="xenpv-bench-") as tmp:
         path = os.path.join(tmp, "s")
@@ -210,7 +210,7 @@ def unix_socket_gbps(total: int, where: Placement, chunk: int = CHUNK) -> Sample
 def vchan_gbps(lab: Any, total: int, where: Placement, spin_us: int,
                chunk: int = CHUNK) -> Sample:
     """xenpv vchan between two domain processes (1 MiB rings), ``chunk``-byte writes."""
-    from xenpv.vchan.testing import vchan_path
+    from xenpv.testing.vchan import vchan_path
 
     path = vchan_path(1, 2, f"bench-{chunk}")
     with pinned(where.receiver):
@@ -234,7 +234,7 @@ def vchan_gbps(lab: Any, total: int, where: Placement, spin_us: int,
 
 
 def _c_program(build_dir: str) -> str:
-    from xenpv.vchan.testing import build_libxenvchan_program
+    from xenpv.testing.vchan import build_libxenvchan_program
 
     return str(build_libxenvchan_program(CSRC, Path(build_dir) / "vchan_libxenvchan"))
 
@@ -243,7 +243,7 @@ def libxenvchan_gbps(lab: Any, total: int, build_dir: str, where: Placement,
                      spin_us: int, chunk: int = CHUNK) -> Sample:
     """Debian's libxenvchan from C between two domain processes (1 MiB rings),
     ``chunk``-byte writes, reads of up to 256 KiB (as ours)."""
-    from xenpv.vchan.testing import read_line, vchan_path
+    from xenpv.testing.vchan import read_line, vchan_path
 
     exe = _c_program(build_dir)
     path = vchan_path(1, 2, f"bench-c-{chunk}")
@@ -264,7 +264,7 @@ def libxenvchan_gbps(lab: Any, total: int, build_dir: str, where: Placement,
 
 def vchan_rtt_us(lab: Any, count: int, where: Placement, spin_us: int = SPIN_US) -> float:
     """Median 64-byte round trip over xenpv vchan (in-page rings), in microseconds."""
-    from xenpv.vchan.testing import vchan_path
+    from xenpv.testing.vchan import vchan_path
 
     path = vchan_path(1, 2, "rtt")
     spin = ["--spin-us", str(spin_us)]
@@ -284,7 +284,7 @@ def vchan_rtt_us(lab: Any, count: int, where: Placement, spin_us: int = SPIN_US)
 def libxenvchan_rtt_us(lab: Any, count: int, build_dir: str, where: Placement,
                        spin_us: int = SPIN_US) -> float:
     """Median 64-byte round trip between two C programs on libxenvchan (in-page rings)."""
-    from xenpv.vchan.testing import read_line, vchan_path
+    from xenpv.testing.vchan import read_line, vchan_path
 
     exe = _c_program(build_dir)
     path = vchan_path(1, 2, "rtt-c")
@@ -303,8 +303,8 @@ def libxenvchan_rtt_us(lab: Any, count: int, build_dir: str, where: Placement,
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the measurements in interleaved rounds; report medians and paired ratios."""
-    from xenpv.backends.console import bench_console_mbps
-    from xenpv.vchan.testing import VchanLab
+    from xenpv.bench.console import bench_console_mbps
+    from xenpv.testing.vchan import VchanLab
 
     total = 16 * MiB if args.quick else args.bytes
     small_total = max(total // 4, MiB)

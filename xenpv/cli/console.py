@@ -86,13 +86,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _platform(rundir: str | None, domid: int) -> Any:
-    from xenpv.platforms.loopback.client import ClientPlatform
+    from xenpv.platforms.choose import open_platform
 
-    if rundir is None:  # the environment's: the emulator's, or real Xen's libraries
-        from xenpv.cli.vchan_proxy import open_platform
-
-        return open_platform(domid)
-    return ClientPlatform.for_domain(rundir, domid)
+    return open_platform(rundir=rundir, domid=domid)
 
 
 async def _xenstore(rundir: str | None, domid: int) -> Any:

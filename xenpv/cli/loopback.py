@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
 import struct
 import sys
-from pathlib import Path
 
 from xenpv import loops
 from xenpv.cli.xenstored import make_quotas, quota_arg
 from xenpv.errors import PlatformError
 from xenpv.loops import LOOPS
 from xenpv.pidlock import InUseError
+from xenpv.platforms.loopback.env import domain_env
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -78,32 +77,6 @@ def _parse_domains(specs: list[str]) -> dict[int, str]:
         num, _, name = spec.partition(":")
         out[int(num)] = name or f"dom{int(num)}"
     return out
-
-
-def shim_dir() -> Path:
-    """Directory of the replacement libraries (``libxengnttab.so.1`` …)."""
-    return Path(__file__).resolve().parent.parent / "platforms" / "loopback" / "shim"
-
-
-def domain_env(rundir: str | os.PathLike[str], domid: int) -> dict[str, str]:
-    """The environment variables under which any program acts as domain ``domid``."""
-    from xenpv import peers
-
-    base = Path(rundir).resolve() / f"dom{domid}"
-    dirs = [str(shim_dir())]
-    try:  # Debian's Xen libraries (libxenstore, libxenvchan …) for the real programs
-        dirs.append(str(peers.lib_dir()))
-    except peers.PeerMissing:
-        pass
-    old = os.environ.get("LD_LIBRARY_PATH", "")
-    if old:
-        dirs.append(old)
-    return {
-        "XENPV_LOOPBACK_SOCKET": str(base / "control"),
-        "XENPV_LOOPBACK_DOMID": str(domid),
-        "XENSTORED_PATH": str(base / "xenstore"),
-        "LD_LIBRARY_PATH": ":".join(dirs),
-    }
 
 
 def _up(args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ import sys
 from typing import Any
 
 from xenpv.errors import LocalError, PeerError, PlatformError
+from xenpv.platforms.choose import open_platform
 from xenpv.protocols.vchan import VCHAN_NOTIFY_READ, VCHAN_NOTIFY_WRITE
 from xenpv.vchan.endpoint import VchanClient, VchanEndpoint, VchanServer
 from xenpv.xenstore.wire import XenstoreError
@@ -70,24 +71,6 @@ def _is_fd(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def open_platform(domid: int | None = None) -> Any:
-    """The platform of this process's domain: the loopback emulator when its environment
-    is set, else real Xen (Xen's libraries; the domid from the xenstore key ``domid``
-    unless given).  ``XENPV_PLATFORM=xen`` picks real Xen's libraries even under the
-    emulator's environment, where they are its replacement libraries (tests use this)."""
-    if os.environ.get("XENPV_LOOPBACK_SOCKET") and os.environ.get("XENPV_PLATFORM") != "xen":
-        from xenpv.platforms.loopback.client import ClientPlatform
-
-        return ClientPlatform()
-    from xenpv.platforms.xen import XenPlatform
-    from xenpv.xenstore.client import BlockingClient
-
-    if domid is None:
-        with BlockingClient() as xs:
-            domid = int(xs.read("domid"))
-    return XenPlatform(domid)
 
 
 class _Pump:
@@ -366,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
     global _verbose
     _verbose = args.verbose
     try:
-        platform = open_platform()
+        platform = open_platform()  # from the environment: the emulator's or real Xen
     except (PlatformError, LocalError, OSError) as exc:
         print(f"vchan-proxy: {exc}", file=sys.stderr)
         return 1

@@ -9,7 +9,7 @@ names it from the peers tree).  The command line has the placeholders ``{domid}`
 client domain), ``{path}`` (the vchan's xenstore path) and ``{socket}`` (the local socket
 the server connects to for each vchan client).  It runs under the environment of
 ``xenpv loopback env`` as domain :data:`SERVER` of a loopback daemon
-(:class:`~xenpv.vchan.testing.VchanLab`), started once per campaign and again after it
+(:class:`~xenpv.testing.vchan.VchanLab`), started once per campaign and again after it
 exits.
 
 The hostile peer is domain :data:`CLIENT` in this process, speaking through the emulator
@@ -167,7 +167,7 @@ class VchanProcess:
 
     # -- set-up ----------------------------------------------------------------------
     def _setup(self) -> None:
-        from xenpv.vchan.testing import VchanLab
+        from xenpv.testing.vchan import VchanLab
 
         self.lab = VchanLab((SERVER, CLIENT), max_grants=512, max_ports=64)
         self.platform = self.lab.platform(CLIENT)

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from xenpv import peers
-from xenpv.cli.loopback import domain_env
 from xenpv.platforms.loopback.client import ClientPlatform
 from xenpv.platforms.loopback.emulator import InProcessEmulator
+from xenpv.platforms.loopback.env import domain_env
 from xenpv.platforms.loopback.harness import DaemonMachine
 
 __all__ = ["InProcessVchanLab", "VchanLab", "build_libxenvchan_program", "read_line", "vchan_path"]

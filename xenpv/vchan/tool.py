@@ -29,6 +29,7 @@ import zlib
 from typing import Any
 
 from xenpv.errors import PeerError
+from xenpv.platforms.choose import open_platform
 from xenpv.vchan.endpoint import VchanClient, VchanEndpoint, VchanServer
 
 _BLOCK = 1 << 20
@@ -168,18 +169,6 @@ def _hold(ep: VchanEndpoint) -> str:
     return "peer-closed"
 
 
-def _platform(kind: str) -> Any:
-    """``loopback``: the emulator's control-protocol client; ``xen``: Xen's C libraries
-    (on the emulator, its replacement libraries)."""
-    if kind == "xen":
-        from xenpv.platforms.xen import XenPlatform
-
-        return XenPlatform()
-    from xenpv.platforms.loopback.client import ClientPlatform
-
-    return ClientPlatform()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     p = argparse.ArgumentParser(prog="python -m xenpv.vchan.tool", description=__doc__.split("\n")[0])
@@ -198,13 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pingpong", type=int, default=0, metavar="COUNT",
                    help="measure COUNT round trips of --size byte messages")
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--platform", choices=["loopback", "xen"], default="loopback")
+    p.add_argument("--platform", choices=["loopback", "xen"], default="loopback",
+                   help="the emulator's client (default) or Xen's C libraries (on the "
+                   "emulator, its replacement libraries)")
     p.add_argument("--read-size", type=int, default=0, help="receive buffer (default: --chunk)")
     p.add_argument("--block", type=int, default=_BLOCK,
                    help="size of the random block the bytes sent are sliced from")
     p.add_argument("--spin-us", type=int, default=None, help="spin before sleeping (µs)")
     args = p.parse_args(argv)
-    platform = _platform(args.platform)
+    platform = open_platform(args.platform)
     ep: VchanEndpoint
     if args.role == "server":
         ep = VchanServer(platform, args.peer, args.path, read_min=args.read_min,

@@ -47,14 +47,13 @@ from xenpv.platforms.base import (
     UnmapNotify,
 )
 from xenpv.platforms.loopback import proto
+from xenpv.platforms.loopback.env import ENV_SOCKET, ENV_XENSTORED_PATH
 from xenpv.platforms.loopback.events import EpollEvents
 from xenpv.platforms.loopback.inprocess import notify_args
 from xenpv.platforms.loopback.memory import MappedRegion, Region, SharedRegion, map_fd, owned_run
 from xenpv.platforms.loopback.proto import Op
 
 _ONE = (1).to_bytes(8, "little")
-ENV_SOCKET = "XENPV_LOOPBACK_SOCKET"
-ENV_DOMID = "XENPV_LOOPBACK_DOMID"
 DEFAULT_TIMEOUT = 30.0
 
 __all__ = [
@@ -526,7 +525,7 @@ class ClientPlatform(BasePlatform[ClientGrantTable, ClientEvents]):
             raise
         if xenstore_path is None:
             sibling = Path(path).with_name("xenstore")
-            xenstore_path = os.environ.get("XENSTORED_PATH") or (
+            xenstore_path = os.environ.get(ENV_XENSTORED_PATH) or (
                 str(sibling) if sibling.exists() else None
             )
         super().__init__(grants, events, None if xenstore_path is None else str(xenstore_path))

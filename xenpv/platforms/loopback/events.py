@@ -34,7 +34,6 @@ validated with the daemon's generation page).
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import select
@@ -43,25 +42,9 @@ from abc import ABC, abstractmethod
 
 from xenpv.errors import LocalError
 from xenpv.platforms.base import PortError
+from xenpv.platforms.fdwait import wait_readable
 
 _ARM = select.EPOLLIN | select.EPOLLET
-
-
-async def wait_readable(fd: int, timeout: float | None = None) -> None:
-    """Wait until ``fd`` is readable (``loop.add_reader``); :class:`TimeoutError` after
-    ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def _ready() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fd, _ready)
-    try:
-        await asyncio.wait_for(ready, timeout)
-    finally:
-        loop.remove_reader(fd)
 
 
 def _requeue(inbox: int) -> None:

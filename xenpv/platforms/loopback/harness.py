@@ -30,6 +30,7 @@ from typing import Any
 from xenpv.platforms.base import PlatformGone
 from xenpv.platforms.loopback import proto
 from xenpv.platforms.loopback.core import FAULT_HOLD_MAPPED, FAULT_RELEASE_HOLD, Hypervisor
+from xenpv.platforms.loopback.env import domain_env
 from xenpv.platforms.loopback.inprocess import InProcessPlatform
 from xenpv.platforms.loopback.remote import DEFAULT_FACTORY, RemotePlatform
 
@@ -147,7 +148,6 @@ class DaemonMachine:
         rundir: str | None = None,
         loop: str = "auto",
     ) -> None:
-        from xenpv.cli.loopback import domain_env
         from xenpv.platforms.loopback.client import ClientPlatform, ControlConnection
 
         self._tmp = None if rundir else tempfile.TemporaryDirectory(prefix="xenpv-lb-")

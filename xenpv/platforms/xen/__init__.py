@@ -5,15 +5,14 @@ mode) bindings to ``libxengnttab.so.1`` and ``libxenevtchn.so.1`` (see ``_libs.p
 the asyncio xenstore client on ``$XENSTORED_PATH``, the xenstored socket or
 ``/dev/xen/xenbus``.  Run under the loopback emulator's environment (``xenpv loopback env
 --domid N``), the same code drives the emulator through its replacement libraries, which is
-how the test suite exercises it.
+how the test suite exercises it (:func:`xenpv.platforms.choose.xen_on_loopback`).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-from xenpv.errors import LocalError
+from xenpv.errors import LocalError, PeerError
 from xenpv.platforms.base import BasePlatform
 from xenpv.platforms.xen._libs import XenLibraries, load
 from xenpv.platforms.xen.events import XenEvents
@@ -28,11 +27,14 @@ __all__ = [
     "XenSharedPages",
     "default_xenstore_path",
     "load",
+    "parse_domid",
 ]
 
 #: Where libxenstore looks when ``$XENSTORED_PATH`` is unset.
 DEFAULT_XENSTORED_RUNDIR = "/var/run/xenstored"
 XENBUS_DEVICES = ("/dev/xen/xenbus", "/proc/xen/xenbus")
+#: xen.h: DOMID_FIRST_RESERVED; a guest's own id is below it.
+DOMID_FIRST_RESERVED = 0x7FF0
 
 
 def default_xenstore_path() -> str | None:
@@ -47,27 +49,30 @@ def default_xenstore_path() -> str | None:
     return next((c for c in candidates if os.path.exists(c)), None)
 
 
+def parse_domid(raw: bytes | str) -> int:
+    """The value of this domain's xenstore key ``domid`` (written by the toolstack): a
+    domain id below ``DOMID_FIRST_RESERVED``, else a :class:`~xenpv.errors.PeerError`."""
+    from xenpv.xenstore.values import parse_xs_number
+
+    return parse_xs_number(raw, "domid", lo=0, hi=DOMID_FIRST_RESERVED - 1,
+                           error=lambda message, _errno: PeerError(message))
+
+
 class XenPlatform(BasePlatform[XenGrantTable, XenEvents]):
     """Everything a driver needs, for this domain, on real Xen's libraries.
 
-    ``domid`` is this domain's id (a guest learns it from its xenstore key ``domid``); when
-    omitted, ``$XENPV_LOOPBACK_DOMID`` (set by ``xenpv loopback env``) is used.
-    ``lib_dir`` loads the libraries from that directory instead of the loader's search
+    ``domid`` is this domain's id (a guest learns it from its xenstore key ``domid``:
+    :meth:`discover`, or :func:`xenpv.platforms.choose.open_platform`).  ``lib_dir`` loads the libraries from that directory instead of the loader's search
     path; ``xenstore_path`` overrides :func:`default_xenstore_path`.
     """
 
     def __init__(
         self,
-        domid: int | None = None,
+        domid: int,
         *,
         lib_dir: str | os.PathLike[str] | None = None,
         xenstore_path: str | None = None,
     ) -> None:
-        if domid is None:
-            env = os.environ.get("XENPV_LOOPBACK_DOMID")
-            if env is None or not env.isdigit():
-                raise LocalError("XenPlatform needs domid= (read it from the xenstore key 'domid')")
-            domid = int(env)
         self.libraries = load(lib_dir)
         grants = XenGrantTable(self.libraries, domid)
         try:
@@ -86,7 +91,6 @@ class XenPlatform(BasePlatform[XenGrantTable, XenEvents]):
     ) -> XenPlatform:
         """Open the platform for the domain this process runs in, learning its domid the
         way a guest does: from its own xenstore key ``domid`` (a relative path)."""
-        from xenpv.errors import PeerError
         from xenpv.xenstore.client import connect
 
         path = xenstore_path or default_xenstore_path()
@@ -94,25 +98,4 @@ class XenPlatform(BasePlatform[XenGrantTable, XenEvents]):
             raise LocalError("no xenstore endpoint (set XENSTORED_PATH)")
         async with await connect(path) as xs:
             raw = await xs.read("domid")
-        if not raw.isdigit() or int(raw) >= 0x7FF0:
-            raise PeerError(f"xenstore key 'domid' is not a domain id: {raw[:32]!r}")
-        return cls(int(raw), lib_dir=lib_dir, xenstore_path=path)
-
-    @classmethod
-    def for_loopback(cls, rundir: str | os.PathLike[str], domid: int) -> XenPlatform:
-        """This platform acting as domain ``domid`` of the loopback emulator running in
-        ``rundir``, through the emulator's replacement libraries.
-
-        The libraries connect to ``$XENPV_LOOPBACK_SOCKET``, so the process must run in
-        that domain's environment (``xenpv loopback env --rundir RUNDIR --domid N``).
-        """
-        from xenpv.cli.loopback import shim_dir
-
-        base = Path(rundir).resolve() / f"dom{domid}"
-        socket = os.environ.get("XENPV_LOOPBACK_SOCKET", "")
-        if not socket or Path(socket).resolve() != base / "control":
-            raise LocalError(
-                f"not in dom{domid}'s environment: XENPV_LOOPBACK_SOCKET={socket!r} "
-                f"(see 'xenpv loopback env --rundir {rundir} --domid {domid}')"
-            )
-        return cls(domid, lib_dir=shim_dir(), xenstore_path=str(base / "xenstore"))
+        return cls(parse_domid(raw), lib_dir=lib_dir, xenstore_path=path)

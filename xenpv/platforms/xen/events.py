@@ -17,7 +17,7 @@ from typing import Any
 
 from xenpv.errors import LocalError
 from xenpv.platforms.base import PortError
-from xenpv.platforms.loopback.events import wait_readable
+from xenpv.platforms.fdwait import wait_readable
 from xenpv.platforms.xen._libs import XenLibraries, call_error, ffi
 
 __all__ = ["XenEvents"]

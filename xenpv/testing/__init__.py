@@ -1,0 +1,9 @@
+"""Test rigs: whole machines and peer processes for tests, benchmarks and fuzzing.
+
+* :mod:`xenpv.testing.vchan` -- :class:`~xenpv.testing.vchan.VchanLab`: a loopback daemon,
+  its domains, and programs started in a domain's environment (``python -m
+  xenpv.vchan.tool``, Xen's ``vchan-socket-proxy``, C programs linked with libxenvchan).
+
+The emulated machines themselves are :mod:`xenpv.platforms.loopback.harness`.  Nothing in
+the drivers imports this package (tests/unit/test_layers.py).
+"""

@@ -20,9 +20,6 @@ import xenheaders
 from xenpv.protocols import (
     blkif,
     console,
-    evtchn,
-    grant,
-    ioctl,
     kbdif,
     netif,
     usbif,
@@ -44,11 +41,8 @@ HEADERS = [
     "xen/io/xs_wire.h",
     "xen/io/usbif.h",
     "xen/io/libxenvchan.h",
-    "xen/sys/gntdev.h",
-    "xen/sys/gntalloc.h",
-    "xen/sys/evtchn.h",
 ]
-PRELUDE = "#include <linux/ioctl.h>\n" + "".join(f"#include <{h}>\n" for h in HEADERS)
+PRELUDE = "".join(f"#include <{h}>\n" for h in HEADERS)
 
 #: module -> (headers whose macros it mirrors, regex of the macro families it must have)
 FAMILIES: dict[ModuleType, tuple[list[str], str]] = {
@@ -58,15 +52,6 @@ FAMILIES: dict[ModuleType, tuple[list[str], str]] = {
     xsring: (["xen/io/xs_wire.h"], r"XENSTORE_\w+"),
     usbif: (["xen/io/usbif.h"], r"USBIF_\w+|USB_\w+_RING_SIZE"),
     vchan: (["xen/io/libxenvchan.h"], r"VCHAN_\w+"),
-    grant: (
-        ["xen/grant_table.h", "xen/xen.h"],
-        r"_?GTF_\w+|GNTTABOP_\w+|_?GNTMAP_\w+|_?GNTCOPY_\w+|GNTST_\w+|GNTTAB_\w+|DOMID_\w+",
-    ),
-    evtchn: (["xen/event_channel.h"], r"EVTCHNOP_\w+|EVTCHNSTAT_\w+|EVTCHN_\w+|BIND_PIRQ__\w+"),
-    ioctl: (
-        ["xen/sys/gntdev.h", "xen/sys/gntalloc.h", "xen/sys/evtchn.h"],
-        r"IOCTL_\w+|UNMAP_NOTIFY_\w+|GNTALLOC_\w+|GNTDEV_DMA_\w+",
-    ),
 }
 #: Constants that are C enumerators rather than macros.
 ENUMERATORS: dict[ModuleType, list[str]] = {
@@ -74,7 +59,7 @@ ENUMERATORS: dict[ModuleType, list[str]] = {
 }
 #: Macros of a family that are not constants (an initialiser), or exist only when building
 #: the hypervisor itself (``#ifdef __XEN__``).
-NOT_CONSTANTS = {"GNTTABOP_error_msgs", "EVTCHNOP_reset_cont"}
+NOT_CONSTANTS: set[str] = set()
 
 #: Layouts whose record fills a 40-byte event slot: compared with the union's size.
 SIZE_EXPR = {
@@ -92,11 +77,7 @@ SIZE_EXPR = {
 #: Members xenpv decodes differently from their C type (u8[4] read as one LE u32).
 NO_SIGN_CHECK = {("netif_extra_info.hash", "u.hash.value")}
 #: One-element C arrays (``x[1]``, the start of a variable-length tail) xenpv reads as a scalar.
-ARRAY_OF_ONE = {
-    ("ioctl_gntalloc_alloc_gref", "gref_ids"),
-    ("ioctl_gntdev_dmabuf_exp_from_refs", "refs"),
-    ("ioctl_gntdev_dmabuf_imp_to_refs", "refs"),
-}
+ARRAY_OF_ONE: set[tuple[str, str]] = set()
 
 #: Offsets xenpv states as module constants -> the C expression they must equal.
 OFFSET_CONSTANTS: dict[tuple[ModuleType, str], str] = {
@@ -132,8 +113,6 @@ OFFSET_CONSTANTS: dict[tuple[ModuleType, str], str] = {
     (vchan, "VCHAN_SRV_NOTIFY_OFFSET"): "offsetof(struct vchan_interface, srv_notify)",
     (vchan, "VCHAN_GRANTS_OFFSET"): "offsetof(struct vchan_interface, grants)",
     (blkif, "BLKIF_SEGMENTS_PER_INDIRECT_FRAME"): "4096 / sizeof(struct blkif_request_segment)",
-    (grant, "GRANT_ENTRIES_V1_PER_PAGE"): "4096 / sizeof(grant_entry_v1_t)",
-    (evtchn, "EVTCHN_2L_NR_CHANNELS"): "EVTCHN_2L_NR_CHANNELS",
 }
 
 #: Layouts of a part of a C struct: (layout, the C struct, offset of the part in it).
@@ -368,5 +347,25 @@ def test_header_macro_discovery_sees_known_names() -> None:
     macros = family_macros()
     assert {"BLKIF_OP_INDIRECT", "XEN_IO_PROTO_ABI_X86_32"} <= set(macros[blkif])
     assert re.fullmatch(r'"[^"]+"', macros[blkif]["XEN_IO_PROTO_ABI_ARM"])
-    assert "IOCTL_GNTDEV_MAP_GRANT_REF" in macros[ioctl]
-    assert "GNTST_eagain" in macros[grant]
+
+
+def test_platform_constants_match_the_headers(tmp_path: Path) -> None:
+    """The grant and event-channel facts the platforms use (``platforms/base.py``) are
+    Xen's: every ``GNTST_*`` status, every ``EVTCHNSTAT_*`` state, the reserved refs and
+    ``DOMID_SELF``."""
+    from xenpv.platforms import base
+
+    queries = {f"GNTST_{m.name}": f"GNTST_{m.name}" for m in base.GntSt}
+    queries |= {f"EVTCHNSTAT_{m.name}": f"EVTCHNSTAT_{m.name}" for m in base.EvtchnState}
+    queries |= {"GNTTAB_NR_RESERVED_ENTRIES": "GNTTAB_NR_RESERVED_ENTRIES",
+                "DOMID_SELF": "DOMID_SELF"}
+    values = xenheaders.asm_values(queries, PRELUDE, tmp_path, m32=False, name="platform")
+    ours = {f"GNTST_{m.name}": m.value for m in base.GntSt}
+    ours |= {f"EVTCHNSTAT_{m.name}": m.value for m in base.EvtchnState}
+    ours |= {"GNTTAB_NR_RESERVED_ENTRIES": base.GNTTAB_NR_RESERVED_ENTRIES,
+             "DOMID_SELF": base.DOMID_SELF}
+    assert values == ours
+    # and nothing of the header's families is missing from the enums
+    text = xenheaders.header_text("xen/grant_table.h", "xen/event_channel.h")
+    names = set(xenheaders.defined_macros(text, r"GNTST_\w+|EVTCHNSTAT_\w+"))
+    assert names == {n for n in ours if n.startswith(("GNTST_", "EVTCHNSTAT_"))}

@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xenpv.errors import LocalError
-from xenpv.protocols import blkif, console, evtchn, grant, ioctl, kbdif, netif, usbif, vchan, xsring
+from xenpv.protocols import blkif, console, kbdif, netif, usbif, vchan, xsring
 from xenpv.protocols.layout import Layout, Record
 
-MODULES: list[ModuleType] = [blkif, console, evtchn, grant, ioctl, kbdif, netif, usbif, vchan, xsring]
+MODULES: list[ModuleType] = [blkif, console, kbdif, netif, usbif, vchan, xsring]
 ABI_RECORDS = (blkif.BlkifRequest, blkif.BlkifRequestDiscard, blkif.BlkifRequestIndirect, blkif.BlkifResponse)
 
 
@@ -68,7 +68,7 @@ def expected_bytes(layout: Layout, rec: Record, data: bytes) -> bytes:
 def test_every_module_has_records() -> None:
     names = {cls.__name__ for cls, _ in CASES}
     assert len(CASES) >= 40
-    assert {"BlkifRequest", "TxRequest", "Motion", "VchanInterface", "UrbRequest", "GnttabCopy"} <= names
+    assert {"BlkifRequest", "TxRequest", "Motion", "VchanInterface", "UrbRequest"} <= names
 
 
 @EACH_RECORD
@@ -244,23 +244,3 @@ def test_page_snapshots() -> None:
     assert xsring.INTERFACE_LAYOUT_UPSTREAM.offsets["evtchn_port"] == xsring.XS_EVTCHN_PORT_OFFSET == 2076
     assert console.XENCONS_CONNECTION_OFFSET == 3088
     assert vchan.INTERFACE_LAYOUT.size == vchan.VCHAN_GRANTS_OFFSET
-
-
-def test_ioctl_variable_length_helpers() -> None:
-    buf = ioctl.gntdev_map_grant_ref_arg([(1, 8), (1, 9), (2, 10)])
-    assert len(buf) == 16 + 3 * 8
-    assert struct.unpack_from("<I", buf, 0)[0] == 3
-    assert struct.unpack_from("<6I", buf, 16) == (1, 8, 1, 9, 2, 10)
-    struct.pack_into("<Q", buf, 8, 0x3000)
-    assert ioctl.gntdev_map_grant_ref_index(buf) == 0x3000
-    abuf = ioctl.gntalloc_alloc_gref_arg(5, 1)
-    assert len(abuf) >= ioctl.GNTALLOC_ALLOC_GREF_LAYOUT.size
-    assert struct.unpack_from("<HHI", abuf, 0) == (5, ioctl.GNTALLOC_FLAG_WRITABLE, 1)
-    struct.pack_into("<QI", abuf, 8, 0x1000, 77)
-    assert ioctl.gntalloc_alloc_gref_result(abuf, 1) == (0x1000, (77,))
-    ref, off, dom = ioctl.virt_side(0x1234_5678_9ABC_DEF0)
-    seg = ioctl.GrantCopySegment(ref, off, dom, 9, 100, 3, 512, grant.GNTCOPY_dest_gref)
-    assert struct.unpack_from("<Q", seg.pack(), 0)[0] == 0x1234_5678_9ABC_DEF0
-    assert ioctl.grant_copy_arg(2, 0xABC) == struct.pack("<I4xQ", 2, 0xABC)
-    assert ioctl.UnmapNotify(4096 + 21, ioctl.UNMAP_NOTIFY_CLEAR_BYTE, 5).pack() == struct.pack("<QII", 4117, 1, 5)
-    assert evtchn.EvtchnBindInterdomain(3, 7).pack() == struct.pack("<H2xII", 3, 7, 0)

@@ -11,9 +11,10 @@ the code against the spec:
   :mod:`~xenpv.protocols.console`, :mod:`~xenpv.protocols.kbdif`,
   :mod:`~xenpv.protocols.vchan`, :mod:`~xenpv.protocols.xsring`,
   :mod:`~xenpv.protocols.usbif` -- the device protocols.
-* :mod:`~xenpv.protocols.grant`, :mod:`~xenpv.protocols.evtchn`,
-  :mod:`~xenpv.protocols.ioctl` -- grant-table and event-channel records and the Linux
-  char-device ioctls.
+
+Grant-table and event-channel facts the platforms need live with the platform interfaces
+(:mod:`xenpv.platforms.base`), below this layer; numbers peers write in xenstore are
+parsed by :func:`xenpv.xenstore.values.parse_xs_number`.
 
 Nothing here performs I/O.  Parsing never trusts the bytes: the validation helpers check a
 parsed (private) copy and raise :class:`ProtocolError` (a :class:`~xenpv.errors.PeerError`)
@@ -28,7 +29,15 @@ from xenpv.errors import PeerError
 
 
 class ProtocolError(PeerError):
-    """A peer-supplied value breaks a device protocol (out of range, unknown, inconsistent)."""
+    """A peer-supplied value breaks a device protocol (out of range, unknown, inconsistent).
+
+    ``errno`` is the errno a driver reports for it where one applies (``EINVAL``,
+    ``ERANGE``, ``ENOENT`` from :func:`xenpv.xenstore.values.parse_xs_number`), else ``None``.
+    """
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 __all__ = ["ProtocolError"]

@@ -39,8 +39,8 @@ from xenpv.protocols.layout import (
     RingLayout,
     c_struct,
     pad,
-    parse_xs_uint,
 )
+from xenpv.xenstore.values import parse_xs_number
 
 # io/blkif.h: operations
 BLKIF_OP_READ = 0
@@ -628,6 +628,6 @@ def vdev_decode(number: int) -> str:
 
 def parse_virtual_device(value: str | bytes) -> int:
     """Parse a ``virtual-device`` xenstore value (a decimal number) and check it decodes."""
-    number = parse_xs_uint(value, "virtual-device", (1 << 29) - 1)
+    number = parse_xs_number(value, "virtual-device", hi=(1 << 29) - 1, error=ProtocolError)
     vdev_decode(number)
     return number

@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 import numpy as np
 
 from xenpv.errors import LocalError
-from xenpv.protocols import ProtocolError
 
 #: Every ring protocol counts in 4096-byte Xen pages, whatever the guest's page size.
 XEN_PAGE_SHIFT = 12
@@ -419,24 +418,6 @@ def byte_ring_space(prod: int, cons: int, size: int) -> int:
     return size - n if n <= size else 0
 
 
-# -- peer-written xenstore numbers ------------------------------------------------------------
-
-
-def parse_xs_uint(value: str | bytes, what: str, maximum: int, minimum: int = 0) -> int:
-    """Parse a peer-written decimal xenstore value; out of ``[minimum, maximum]`` is a peer error.
-
-    Only plain ASCII digits are accepted (no sign, spaces, ``0x`` or underscores), and at
-    most 20 of them, so the work is bounded whatever the peer wrote.
-    """
-    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
-    if not (0 < len(text) <= 20) or not all("0" <= ch <= "9" for ch in text):
-        raise ProtocolError(f"{what}: not a decimal number: {text[:32]!r}")
-    n = int(text)
-    if not minimum <= n <= maximum:
-        raise ProtocolError(f"{what}: {n} out of range [{minimum}, {maximum}]")
-    return n
-
-
 __all__ = [
     "SRING_HEADER_SIZE",
     "XEN_PAGE_SHIFT",
@@ -451,6 +432,5 @@ __all__ = [
     "byte_ring_space",
     "c_struct",
     "pad",
-    "parse_xs_uint",
     "ring_nr_ents",
 ]

@@ -71,6 +71,7 @@ from xenpv.protocols.vchan import (
 )
 from xenpv.vchan.errors import VchanBroken, VchanPeerError
 from xenpv.vchan.ring import VchanRings
+from xenpv.xenstore.values import parse_xs_number
 
 __all__ = [
     "DEFAULT_SPIN_US",
@@ -116,14 +117,10 @@ def parse_number(raw: bytes, what: str, *, low: int = 1, high: int = 0xFFFFFFFF)
     """A peer-written decimal xenstore value in ``[low, high]``; else :class:`VchanPeerError`.
 
     libxenvchan treats 0 (and unparsable text, which ``atoi`` turns into 0) as an error;
-    here anything but plain ASCII digits is refused too (R5)."""
-    text = raw.rstrip(b"\0")
-    if not text or len(text) > 10 or not text.isdigit():
-        raise VchanPeerError(f"vchan {what} {raw[:32]!r} is not a decimal number")
-    value = int(text)
-    if not low <= value <= high:
-        raise VchanPeerError(f"vchan {what} {value} outside {low}..{high}")
-    return value
+    here anything but canonical decimal is refused too (R5), by the one strict parser
+    (:func:`~xenpv.xenstore.values.parse_xs_number`)."""
+    return parse_xs_number(raw, f"vchan {what}", lo=low, hi=high,
+                           error=lambda message, _errno: VchanPeerError(message))
 
 
 async def _with_xenstore(platform: Any, xs: Any, fn: Callable[[Any], Awaitable[T]]) -> T:

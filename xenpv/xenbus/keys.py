@@ -1,9 +1,10 @@
 """Strict parsers for the numeric and boolean keys a peer writes at connect time.
 
 Every value a peer domain writes into its xenstore directory is untrusted input
-(hostile-inputs.md R5, R14, scenario 18).  These parsers accept only canonical decimal
-text (ASCII digits, no sign, no spaces, no leading zeros, at most 10 digits) and check
-both bounds; anything else raises :class:`~xenpv.xenbus.states.BadKeyError`, a
+(hostile-inputs.md R5, R14, scenario 18).  Numbers go through the one strict parser,
+:func:`xenpv.xenstore.values.parse_xs_number` (canonical decimal text: ASCII digits, no
+sign, no spaces, no leading zeros, no more digits than the upper bound has), with both
+bounds checked; anything else raises :class:`~xenpv.xenbus.states.BadKeyError`, a
 :class:`~xenpv.errors.PeerError` whose ``errno`` goes into the ``error`` node:
 ``ENOENT`` for a missing key, ``ERANGE`` for a number out of range, ``EINVAL`` otherwise.
 Nothing here allocates in proportion to a value it parses.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import errno as _errno
 
 from xenpv.xenbus.states import BadKeyError
+from xenpv.xenstore.values import U32_MAX, parse_xs_number
 
 __all__ = [
     "EVTCHN_PORT_MAX",
@@ -41,7 +43,6 @@ __all__ = [
     "parse_uint",
 ]
 
-U32_MAX = 0xFFFFFFFF
 #: grant_table.h: GNTTAB_NR_RESERVED_ENTRIES; lower refs are never handed out.
 GRANT_REF_MIN = 8
 GRANT_REF_MAX = U32_MAX
@@ -49,7 +50,6 @@ GRANT_REF_MAX = U32_MAX
 EVTCHN_PORT_MAX = (1 << 17) - 1
 #: io/protocols.h: XEN_IO_PROTO_ABI_* strings (§6.2).
 PROTOCOLS = frozenset({"x86_32-abi", "x86_64-abi", "arm-abi"})
-_MAX_DIGITS = 10
 
 
 def missing(key: str) -> BadKeyError:
@@ -62,22 +62,9 @@ def _show(raw: bytes) -> str:
 
 
 def parse_uint(raw: bytes | None, key: str, lo: int = 0, hi: int = U32_MAX) -> int:
-    """Parse canonical decimal ``raw`` and check ``lo <= value <= hi``."""
-    if raw is None:
-        raise missing(key)
-    raw = bytes(raw)
-    if (
-        not raw
-        or len(raw) > _MAX_DIGITS
-        or not raw.isdigit()
-        or not raw.isascii()
-        or (raw[:1] == b"0" and len(raw) > 1)
-    ):
-        raise BadKeyError(f"peer key {key!r} is not a decimal number: {_show(raw)}")
-    value = int(raw)
-    if not lo <= value <= hi:
-        raise BadKeyError(f"peer key {key!r} = {value} not in {lo}..{hi}", _errno.ERANGE)
-    return value
+    """Parse canonical decimal ``raw`` and check ``lo <= value <= hi`` (a
+    :class:`BadKeyError` carrying ``ENOENT``, ``ERANGE`` or ``EINVAL`` otherwise)."""
+    return parse_xs_number(raw, key, lo=lo, hi=hi, error=BadKeyError)
 
 
 def parse_grant_ref(raw: bytes | None, key: str = "ring-ref") -> int:

@@ -55,7 +55,18 @@ from xenpv.frontends.console import (
     EventPump,
     EventRateLimiter,
 )
-from xenpv.protocols.console import XENCONS_IN_SIZE, XENCONS_OUT_SIZE
+from xenpv.protocols.console import (
+    CONSOLE_OUTPUT_PTY,
+    KEY_BACKEND_ID,
+    KEY_LIMIT,
+    KEY_OUTPUT,
+    KEY_PORT,
+    KEY_RING_REF,
+    KEY_TTY,
+    KEY_TYPE,
+    XENCONS_IN_SIZE,
+    XENCONS_OUT_SIZE,
+)
 from xenpv.xenbus import keys as _keys
 from xenpv.xenbus.driver import BackendDriver, PeerKeys
 from xenpv.xenbus.watcher import BackendWatcher
@@ -375,9 +386,9 @@ async def publish_primary_console(client: Any, domid: int, *, port: int, ring_re
     async def body(t: Transaction) -> None:
         await t.write(path, b"")
         await t.set_perms(path, [Perm("n", backend_domid), Perm("r", domid)])
-        for key, value in (("ring-ref", ring_ref), ("port", port), ("type", backend_type),
-                           ("output", "pty"), ("limit", limit), ("tty", ""),
-                           ("backend-id", backend_domid)):
+        for key, value in ((KEY_RING_REF, ring_ref), (KEY_PORT, port), (KEY_TYPE, backend_type),
+                           (KEY_OUTPUT, CONSOLE_OUTPUT_PTY), (KEY_LIMIT, limit), (KEY_TTY, ""),
+                           (KEY_BACKEND_ID, backend_domid)):
             await t.write(f"{path}/{key}", str(value).encode())
 
     await client.transact(body, timeout=timeout)
@@ -462,8 +473,8 @@ class PrimaryConsoleServer:
 
     async def _sync(self) -> None:
         try:
-            ref_raw = await self._read("ring-ref")
-            port_raw = await self._read("port")
+            ref_raw = await self._read(KEY_RING_REF)
+            port_raw = await self._read(KEY_PORT)
         except (XenstoreError, TimeoutError) as exc:
             log.warning("dom%d console: %r", self.domid, exc)
             return
@@ -471,8 +482,8 @@ class PrimaryConsoleServer:
             self._stop_session()  # not set up (yet), or the domain went away
             return
         try:
-            ring_ref = _keys.parse_uint(ref_raw, "ring-ref")
-            port = _keys.parse_port(port_raw, "port")
+            ring_ref = _keys.parse_uint(ref_raw, KEY_RING_REF)
+            port = _keys.parse_port(port_raw, KEY_PORT)
         except PeerError as exc:
             self.errors.append(str(exc))
             log.warning("dom%d console: %s", self.domid, exc)
@@ -490,7 +501,7 @@ class PrimaryConsoleServer:
         self._key = (ring_ref, port)
         if self.session.tty_path is not None:
             with contextlib.suppress(XenstoreError, TimeoutError):
-                await self.client.write(f"{self.path}/tty", self.session.tty_path,
+                await self.client.write(f"{self.path}/{KEY_TTY}", self.session.tty_path,
                                         timeout=self.op_timeout)
         self._ready.set()
 
@@ -563,8 +574,8 @@ class ConsoleBackendDriver(BackendDriver):
 
     async def connect(self, peer: PeerKeys) -> None:
         """Read ``ring-ref`` and ``port`` strictly, map and bind, serve; write ``tty``."""
-        ref = await peer.grant_ref("ring-ref")
-        port = await peer.port("port")
+        ref = await peer.grant_ref(KEY_RING_REF)
+        port = await peer.port(KEY_PORT)
         name = f"guest-{self.peer_domid}-{self.path.rsplit('/', 1)[1]}"
         try:
             self.session = serve_console(self.platform, self.peer_domid, ref, port,
@@ -573,7 +584,7 @@ class ConsoleBackendDriver(BackendDriver):
             raise _ConsolePeerError(f"cannot use ring-ref {ref}, port {port}: {exc}") from None
         if self.session.tty_path is not None:
             with contextlib.suppress(XenstoreError, TimeoutError):
-                await self.client.write(f"{self.peer_path}/tty", self.session.tty_path,
+                await self.client.write(f"{self.peer_path}/{KEY_TTY}", self.session.tty_path,
                                         timeout=self.op_timeout)
 
     async def disconnect(self) -> None:

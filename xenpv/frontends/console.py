@@ -57,6 +57,8 @@ from typing import Any
 from xenpv.errors import LocalError, PlatformError
 from xenpv.platforms.dispatch import PortDispatcher
 from xenpv.protocols.console import (
+    KEY_PORT,
+    KEY_RING_REF,
     XENCONS_IN_CONS_OFFSET,
     XENCONS_IN_OFFSET,
     XENCONS_IN_PROD_OFFSET,
@@ -568,7 +570,7 @@ class ConsoleFrontend(FrontendDriver):
         res = self._res = _Resources(self.platform, self.peer_domid)
         res.allocate(reserved=False)
         assert res.port is not None
-        await self.write_keys({"ring-ref": res.ref, "port": res.port})
+        await self.write_keys({KEY_RING_REF: res.ref, KEY_PORT: res.port})
 
     async def connect(self, peer: PeerKeys) -> None:
         """Both sides are up: open the stream pair."""

@@ -38,13 +38,17 @@ XENCONS_INTERFACE_SIZE_UPSTREAM = 3092
 XENCONSOLE_CONNECTED = 0
 XENCONSOLE_DISCONNECTED = 1
 
-# Primary console keys (§8.2), under /local/domain/<domid>/console
+# Console keys (§8.2), under /local/domain/<domid>/console; a secondary console's
+# frontend writes KEY_RING_REF and KEY_PORT too (§8.3)
 KEY_RING_REF = "ring-ref"
 KEY_PORT = "port"
 KEY_TYPE = "type"
 KEY_OUTPUT = "output"
 KEY_LIMIT = "limit"
 KEY_TTY = "tty"
+KEY_BACKEND_ID = "backend-id"
+#: The value of ``output`` for a console on a pseudo-terminal.
+CONSOLE_OUTPUT_PTY = "pty"
 CONSOLE_TYPE_XENCONSOLED = "xenconsoled"
 CONSOLE_TYPE_IOEMU = "ioemu"
 

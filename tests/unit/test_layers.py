@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 #: The layers, bottom first.  A module may import its own layer and any layer below it;
 #: a module belongs to the layer of the longest name listed that is a prefix of its name.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundation", ("xenpv", "xenpv._lazy", "xenpv.errors", "xenpv.loops", "xenpv.peers")),
+    ("foundation", ("xenpv", "xenpv._lazy", "xenpv.compiled", "xenpv.errors", "xenpv.loops",
+                    "xenpv.peers")),
     ("xenstore", ("xenpv.xenstore",)),
     ("platform interfaces", ("xenpv.platforms", "xenpv.platforms.base",
                              "xenpv.platforms.dispatch", "xenpv.platforms.fdwait")),

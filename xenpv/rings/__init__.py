@@ -20,10 +20,10 @@ The chosen implementation's names are exported here:
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
+from xenpv.compiled import pure_python
 from xenpv.errors import LocalError
 
 __all__ = [
@@ -71,7 +71,7 @@ def implementation(name: str) -> SimpleNamespace:
 
 
 IMPLEMENTATION: str
-if os.environ.get("XENPV_PURE_PYTHON") == "1":
+if pure_python():
     IMPLEMENTATION = "reference"
 else:
     try:

@@ -33,10 +33,10 @@ byte.  The notify bytes are changed with atomic byte operations from :mod:`xenpv
 
 from __future__ import annotations
 
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from xenpv.compiled import pure_python
 from xenpv.protocols.vchan import (
     VCHAN_CLI_LIVE_OFFSET,
     VCHAN_CLI_NOTIFY_OFFSET,
@@ -290,7 +290,7 @@ class VchanRings:
 ReferenceVchanRings = VchanRings
 
 IMPLEMENTATION = "reference"
-if not TYPE_CHECKING and os.environ.get("XENPV_PURE_PYTHON") != "1":
+if not TYPE_CHECKING and not pure_python():
     try:
         from xenpv.vchan._vring import VchanRings  # the compiled twin
 

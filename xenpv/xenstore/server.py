@@ -68,6 +68,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from xenpv.compiled import pure_python
 from xenpv.errors import LocalError
 from xenpv.pidlock import PidLock
 from xenpv.xenstore.store import Connection, Quotas, Store
@@ -883,10 +884,10 @@ def _spin_recv(sock: socket.socket, rbuf: bytearray, spin: float) -> int:
 
 def _compiled_serve() -> Callable[[_XsConnection, int], tuple[Any, ...]] | None:
     """The compiled direct path, unless it is missing or ``XENPV_PURE_PYTHON=1``."""
-    if os.environ.get("XENPV_PURE_PYTHON") == "1":
+    if pure_python():
         return None
     try:
-        from xenpv.xenstore import _xsconn  # type: ignore[attr-defined]
+        from xenpv.xenstore import _xsconn
     except ImportError:
         return None
     codes = (

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: a module belongs to the layer of the longest name listed that is a prefix of its name.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("xenpv", "xenpv._lazy", "xenpv.compiled", "xenpv.errors", "xenpv.loops",
-                    "xenpv.peers")),
+                    "xenpv.peers", "xenpv.pidlock")),
     ("xenstore", ("xenpv.xenstore",)),
     ("platform interfaces", ("xenpv.platforms", "xenpv.platforms.base",
                              "xenpv.platforms.dispatch", "xenpv.platforms.fdwait")),

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from xenpv.vchan.testing import VchanLab, vchan_path
+from xenpv.testing.vchan import VchanLab, vchan_path
 
 SERVER, CLIENT = 4, 0
 WAIT = 20.0

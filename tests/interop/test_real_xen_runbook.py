@@ -37,8 +37,8 @@ from pathlib import Path
 import pytest
 
 from xenpv.cli.demo import Pty
-from xenpv.cli.loopback import shim_dir
-from xenpv.vchan.testing import VchanLab, read_line
+from xenpv.platforms.loopback.env import shim_dir
+from xenpv.testing.vchan import VchanLab, read_line
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNBOOK = ROOT / "docs" / "real-xen.md"

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from xenpv.cli.info import xen_devices
-from xenpv.cli.loopback import shim_dir
+from xenpv.platforms.loopback.env import shim_dir
 
 
 def test_each_device_is_reported_present_or_missing(tmp_path: Path) -> None:

@@ -75,6 +75,17 @@ def test_scenario_06_first_size_smaller_than_fragments_drops() -> None:
         netif.parse_tx_packet(slots(*reqs), 3)
 
 
+def test_scenario_06_zero_length_packet_drops() -> None:
+    # hostile-inputs.md scenario 6: all-zero-length fragments are dropped (no zero-length
+    # allocation), whether in one slot or a chain
+    for reqs in ([TxRequest(5, 0, 0, 1, 0)], chain([0, 0, 0])):
+        with pytest.raises(NetifPacketError) as exc:
+            netif.parse_tx_packet(slots(*reqs), len(reqs))
+        assert exc.value.slots == len(reqs)
+    pkt = netif.parse_tx_packet(slots(*chain([1, 0])), 2)  # one byte: a packet, zero-size fragment or not
+    assert pkt is not None and pkt.size == 1
+
+
 def test_scenario_06_total_above_64k_drops() -> None:
     # `size` is a u16, so a packet claims at most 0xFFFF; fragments adding up to more drop it
     reqs = chain([4096] * 17, total=0xFFFF)

@@ -10,7 +10,7 @@ the request slot; if it has ``NETTXF_more_data`` further requests follow, each w
 fragment length.  :func:`parse_tx_packet` walks such a chain in a copied batch of slots and
 checks it (hostile scenario 6): at most ``fatal_slots`` slots after the first or the peer is
 treated as malicious (:class:`NetifFatalError`), more than ``max_slots`` data slots, a total
-above 0xFFFF, fragments larger than the total, or a fragment crossing its page make the
+above 0xFFFF or of 0 bytes, fragments larger than the total, or a fragment crossing its page make the
 packet droppable (:class:`NetifPacketError`, answered with ``NETIF_RSP_ERROR`` for every
 slot consumed).  Extra-info records are parsed per type (GSO, MCAST, HASH).
 
@@ -483,6 +483,8 @@ def parse_tx_packet(
         raise NetifPacketError(f"fragments ({rest}) exceed packet size {total}", used, slot_ids)
     if total > XEN_NETIF_MAX_TX_SIZE:
         raise NetifPacketError(f"packet size {total} > {XEN_NETIF_MAX_TX_SIZE}", used, slot_ids)
+    if total == 0:  # scenario 6: no zero-length packet (allocation)
+        raise NetifPacketError("packet of 0 bytes", used, slot_ids)
     frags = [Fragment(first.gref, first.offset, total - rest)]
     frags.extend(Fragment(r.gref, r.offset, r.size) for r in reqs[1:])
     for f in frags:

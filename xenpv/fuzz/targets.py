@@ -23,6 +23,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from xenpv.errors import LocalError, PeerError
+from xenpv.fuzz import oracles
 from xenpv.fuzz.byterings import BYTE_RING_SPECS, ByteRingVictim, HostileProducer
 from xenpv.fuzz.external import XenstoredProcess, hostile_xs_chunks
 from xenpv.fuzz.hostile import HostileBackend, HostileFrontend, InvariantViolation, violation
@@ -86,6 +87,18 @@ def _guard(fn: Callable[[], object]) -> None:
         raise
     except Exception as e:
         raise violation("hostile input produced something other than a PeerError", e) from None
+
+
+def _accepted(fn: Callable[[], Any], oracle: Callable[[Any], None]) -> None:
+    """Run validator ``fn``: a PeerError is a refusal; when it accepts, ``oracle`` checks
+    its result against the spec (:mod:`xenpv.fuzz.oracles`); anything else is a violation."""
+    try:
+        result = fn()
+    except PeerError:
+        return
+    except Exception as e:
+        raise violation("hostile input produced something other than a PeerError", e) from None
+    oracle(result)
 
 
 # -- ring peers ------------------------------------------------------------------------------
@@ -297,17 +310,23 @@ def _parse_blkif(victim: Any) -> Callable[[bytes], None]:
 
         def go() -> None:
             req = blkif.parse_request(slot, 0, abi)
+            max_indirect, disk = src.below(4097), src.u32() or None
             try:
-                blkif.validate_request(req, max_indirect_segments=src.below(4097),
-                                       disk_sectors=src.u32() or None)
+                blkif.validate_request(req, max_indirect_segments=max_indirect, disk_sectors=disk)
             except blkif.BlkifRequestError:
                 return
+            oracles.blkif_request(slot, abi, req, max_indirect_segments=max_indirect, disk_sectors=disk)
             if isinstance(req, blkif.BlkifRequestIndirect):
                 pages: list[Any] = [src.take(4096) for _ in range(blkif.indirect_pages(req.nr_segments))]
                 segs = blkif.parse_indirect_segments(pages, req.nr_segments)
                 blkif.validate_segments(req, segs, 1 << 20)
+                oracles.blkif_indirect_segments(pages, req.nr_segments, segs, req.sector_number, 1 << 20)
 
         _guard(go)
+        rsp = src.take(blkif.layouts(abi).response.size)
+        expected = src.below(8)
+        _accepted(lambda: blkif.validate_response(blkif.BlkifResponse.parse(rsp, 0, abi), expected),
+                  lambda _: oracles.blkif_response(rsp, expected))
 
     return run
 
@@ -317,9 +336,16 @@ def _parse_netif(victim: Any) -> Callable[[bytes], None]:
         src = ByteSource(data)
         count = 1 + src.below(40)
         slots = src.take(count * netif.TX_RING.slot_size)
-        _guard(lambda: netif.parse_tx_packet(slots, count, max_slots=1 + src.below(30)))
-        _guard(lambda: netif.validate_rx_response(netif.RxResponse.parse(src.take(8))))
-        _guard(lambda: netif.validate_extra(netif.parse_extra(src.take(8))))
+        max_slots = 1 + src.below(30)
+        _accepted(lambda: netif.parse_tx_packet(slots, count, max_slots=max_slots),
+                  lambda pkt: oracles.netif_tx_packet(slots, count, pkt, max_slots=max_slots,
+                                                      fatal_slots=netif.FATAL_SKB_SLOTS_DEFAULT))
+        rx = src.take(8)
+        _accepted(lambda: netif.validate_rx_response(netif.RxResponse.parse(rx)),
+                  lambda n: oracles.netif_rx_response(rx, n))
+        extra = src.take(8)
+        _accepted(lambda: netif.validate_extra(netif.parse_extra(extra)),
+                  lambda _: oracles.netif_extra(extra))
 
     return run
 
@@ -328,8 +354,10 @@ def _parse_kbdif(victim: Any) -> Callable[[bytes], None]:
     def run(data: bytes) -> None:
         src = ByteSource(data)
         ev = src.take(kbdif.XENKBD_IN_EVENT_SIZE)
-        _guard(lambda: kbdif.validate_in_event(kbdif.parse_in_event(ev), width=src.u16(),
-                                               height=src.u16(), num_contacts=src.u8()))
+        width, height, contacts = src.u16(), src.u16(), src.u8()
+        _accepted(lambda: kbdif.validate_in_event(kbdif.parse_in_event(ev), width=width,
+                                                  height=height, num_contacts=contacts),
+                  lambda _: oracles.kbdif_event(ev, width=width, height=height, num_contacts=contacts))
 
     return run
 
@@ -338,8 +366,12 @@ def _parse_usbif(victim: Any) -> Callable[[bytes], None]:
     def run(data: bytes) -> None:
         src = ByteSource(data)
         req = src.take(usbif.URB_RING.slot_size)
-        _guard(lambda: usbif.validate_urb_request(usbif.UrbRequest.parse(req), src.below(40)))
-        _guard(lambda: usbif.validate_conn_response(usbif.ConnResponse.parse(src.take(4))))
+        ports = src.below(40)
+        _accepted(lambda: usbif.validate_urb_request(usbif.UrbRequest.parse(req), ports),
+                  lambda _: oracles.usbif_urb_request(req, ports))
+        conn = src.take(4)
+        _accepted(lambda: usbif.validate_conn_response(usbif.ConnResponse.parse(conn)),
+                  lambda _: oracles.usbif_conn_response(conn, usbif.USBIF_MAX_PORTNR))
 
     return run
 
@@ -351,6 +383,7 @@ def _parse_vchan(victim: Any) -> Callable[[bytes], None]:
         def go() -> None:
             hdr = vchan.VchanInterface.parse(page)
             left, right = vchan.parse_grants(page, hdr.left_order, hdr.right_order)
+            oracles.vchan_grants(page, left, right)
             placement = vchan.ring_placement(hdr.left_order, hdr.right_order)
             if len(left) != placement[0].pages or len(right) != placement[1].pages:
                 raise InvariantViolation("vchan grant list does not match the ring placement")
@@ -362,6 +395,53 @@ def _parse_vchan(victim: Any) -> Callable[[bytes], None]:
                     raise InvariantViolation("vchan ring_space out of range")
 
         _guard(go)
+
+    return run
+
+
+def _parse_xs_values(victim: Any) -> Callable[[bytes], None]:
+    """Peer-written xenstore numbers and names read by the protocol modules (not xenbus keys)."""
+    from xenpv.protocols import evtchn, grant
+
+    checks: list[tuple[Callable[[bytes], Any], Callable[[bytes, Any], None]]] = [
+        (grant.parse_grant_ref, lambda raw, v: oracles.xs_decimal(raw, v, 0, 0xFFFFFFFF, what="grant ref")),
+        (evtchn.parse_port, lambda raw, v: oracles.xs_decimal(raw, v, 1, (1 << 17) - 1, what="event-channel")),
+        (blkif.parse_virtual_device, oracles.xs_virtual_device),
+        (blkif.abi_from_protocol, lambda raw, v: oracles.xs_protocol(raw, v, blkif.NATIVE_ABI)),
+    ]
+
+    def run(data: bytes) -> None:
+        src = ByteSource(data)
+        for _ in range(8):
+            if src.remaining <= 0:
+                break
+            raw = src.take(src.below(24))
+            parse, oracle = src.choice(checks)
+            _accepted(partial(parse, raw), partial(oracle, raw))
+
+    return run
+
+
+def _parse_byte_indexes(victim: Any) -> Callable[[bytes], None]:
+    """Peer-written index pairs of the byte rings: console, xenstore and vchan readers."""
+    from xenpv.protocols import console, xsring
+
+    orders = range(vchan.VCHAN_MIN_ORDER, vchan.VCHAN_MAX_ORDER + 1)
+
+    def run(data: bytes) -> None:
+        src = ByteSource(data)
+        for _ in range(8):
+            if src.remaining <= 0:
+                break
+            idx = console.ConsoleIndexes.parse(src.take(16))
+            oracles.byte_ring_readable(idx.out_prod, idx.out_cons, console.XENCONS_OUT_SIZE,
+                                       idx.out_pending())
+            oracles.byte_ring_free(idx.in_prod, idx.in_cons, console.XENCONS_IN_SIZE, idx.in_space())
+            prod, cons, size = src.u32(), src.u32(), 1 << src.choice(orders)
+            oracles.byte_ring_readable(prod, cons, size, vchan.ring_avail(prod, cons, size))
+            oracles.byte_ring_free(prod, cons, size, vchan.ring_space(prod, cons, size))
+            _accepted(partial(xsring.ring_used, prod, cons),
+                      partial(oracles.xenstore_ring_used, prod, cons))
 
     return run
 
@@ -491,6 +571,10 @@ def _make_targets() -> dict[str, Target]:
         Target("parse:usbif", "usbif urb requests and conn responses: parse + validate", _parse_usbif),
         Target("parse:vchan", "vchan control page: header, orders, grant list, ring indexes",
                _parse_vchan),
+        Target("parse:xs-values", "peer-written xenstore numbers and names: grant refs, ports, "
+               "virtual-device, protocol", _parse_xs_values),
+        Target("parse:byte-indexes", "byte-ring index pairs: console, xenstore and vchan readers",
+               _parse_byte_indexes),
         Target("xenstore:wire", "raw xenstore wire bytes -> decoder -> embedded server dispatch",
                _xenstore_wire),
         Target("xenstore:process", "hostile guest connection vs a xenstore server process "

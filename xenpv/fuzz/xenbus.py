@@ -22,6 +22,7 @@ lie inside the documented bounds.
 from __future__ import annotations
 
 from xenpv.errors import PeerError
+from xenpv.fuzz import oracles
 from xenpv.fuzz.hostile import InvariantViolation, violation
 from xenpv.fuzz.source import ByteSource
 from xenpv.xenbus import keys
@@ -114,7 +115,12 @@ def drive_machine(data: bytes) -> None:
 
 
 def parse_keys(data: bytes) -> None:
-    """Feed peer-written connect-time values to every strict key parser (scenario 18)."""
+    """Feed peer-written connect-time values to every strict key parser (scenario 18).
+
+    Only ``BadKeyError`` (a PeerError) may come out, and every accepted value must pass
+    the acceptance oracle (:mod:`xenpv.fuzz.oracles`): canonical decimal text worth the
+    value returned, inside the key's documented bounds.
+    """
     src = ByteSource(data)
     for _ in range(16):
         if src.remaining <= 0:
@@ -124,28 +130,47 @@ def parse_keys(data: bytes) -> None:
         try:
             if which == 0:
                 v = keys.parse_grant_ref(raw)
-                ok = keys.GRANT_REF_MIN <= v <= keys.GRANT_REF_MAX
+                oracles.xs_canonical_uint(_present(raw, which), v, 8, 0xFFFFFFFF, what="ring-ref")
             elif which == 1:
                 v = keys.parse_port(raw)
-                ok = 1 <= v <= keys.EVTCHN_PORT_MAX
+                oracles.xs_canonical_uint(_present(raw, which), v, 1, (1 << 17) - 1, what="event-channel")
             elif which == 2:
                 hi = src.below(9)
                 v = keys.parse_ring_page_order(raw, hi)
-                ok = 0 <= v <= hi
+                if raw is None:
+                    _default(which, v, 0)
+                else:
+                    oracles.xs_canonical_uint(raw, v, 0, hi, what="ring-page-order")
             elif which == 3:
                 hi = src.below(64)
                 v = keys.parse_num_queues(raw, hi)
-                ok = 1 <= v <= max(hi, 1)
+                if raw is None:
+                    _default(which, v, 1)
+                else:
+                    oracles.xs_canonical_uint(raw, v, 1, hi, what="multi-queue-num-queues")
             elif which == 4:
-                ok = keys.parse_bool(raw, "feature-x") in (True, False)
+                oracles.xs_bool(raw, keys.parse_bool(raw, "feature-x"), False)
             elif which == 5:
-                ok = keys.parse_protocol(raw) in keys.PROTOCOLS
+                oracles.xs_protocol(raw, keys.parse_protocol(raw), "x86_64-abi")
             else:
-                v = keys.parse_uint(raw, "x", 0, src.u32())
-                ok = v >= 0
+                hi = src.u32()
+                v = keys.parse_uint(raw, "x", 0, hi)
+                oracles.xs_canonical_uint(_present(raw, which), v, 0, hi)
         except PeerError:
             continue
+        except InvariantViolation:
+            raise
         except Exception as e:
             raise violation("a xenbus key parser raised something other than a PeerError", e) from None
-        if not ok:
-            raise InvariantViolation(f"key parser {which} accepted {raw!r} out of bounds")
+
+
+def _present(raw: bytes | None, which: int) -> bytes:
+    """A required key must be present for its parser to accept it."""
+    if raw is None:
+        raise InvariantViolation(f"key parser {which} accepted a missing required key")
+    return raw
+
+
+def _default(which: int, value: int, default: int) -> None:
+    if value != default:
+        raise InvariantViolation(f"key parser {which} gave {value} for an absent key (default {default})")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from xenpv.fuzz import runner
+from xenpv.fuzz.hostile import InvariantViolation
 from xenpv.fuzz.targets import TARGETS, get_target
 
 SEEDS = Path(__file__).parent / "seeds"
@@ -90,3 +91,41 @@ def test_cli_replay_of_a_passing_seed_exits_0() -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "passes" in proc.stdout
+
+
+def _failing_target(victim: object) -> object:
+    def run(data: bytes) -> None:
+        if data[:1] == b"\xff":
+            raise InvariantViolation("a planted failure")
+
+    return run
+
+
+def test_cli_all_runs_every_target_and_writes_reproducers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from xenpv.cli import main
+    from xenpv.fuzz import targets
+
+    seeds = tmp_path / "seeds"
+    runner.write_reproducer(seeds, "planted", b"\xff")  # the seed is run first: found at once
+    table = {name: TARGETS[name] for name in ("parse:kbdif", "xenbus:keys")}
+    table["planted"] = targets.Target("planted", "fails on inputs starting with 0xff", _failing_target)
+    monkeypatch.setattr(targets, "TARGETS", table)
+    out = tmp_path / "out"
+    status = main(["fuzz", "--all", "--engine", "random", "--time", "0.3", "--seeds", str(seeds),
+                   "--out", str(out)])
+    text = capsys.readouterr().out
+    assert status == 1, text
+    for name in table:
+        assert f"{name}: " in text
+    assert "all targets: 2 of 3 clean; failures in planted" in text
+    repros = sorted(out.glob("*.repro"))
+    assert [runner.read_reproducer(p) for p in repros] == [("planted", b"\xff")]
+
+
+def test_cli_all_rejects_a_target_or_victim() -> None:
+    for extra in (["parse:kbdif"], ["--victim", "x:y"]):
+        proc = subprocess.run([sys.executable, "-m", "xenpv", "fuzz", "--all", *extra],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stderr

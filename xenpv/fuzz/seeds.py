@@ -93,6 +93,8 @@ def _front(*ops: int | bytes, start: tuple[int, ...] = (0,), pages: tuple[int, .
     return s.done()
 
 
+#: Three TX slots of 0 bytes chained by more_data (gref 8, offset 0, ids 0..2).
+_ZERO_TX_CHAIN = b"".join(struct.pack("<IHHHH", 8, 0, 4 if k < 2 else 0, k, 0) for k in range(3))
 _XS_BAD_LEN = struct.pack("<IIII", 2, 1, 0, 4097)
 _XS_RESTRICT = struct.pack("<IIII", 20, 2, 0, 1) + b"\0"
 
@@ -145,6 +147,9 @@ SEEDS: list[Seed] = [
     Seed(25, "wire-length-all-ones", "xenstore:wire",
          Script().b(0, 0, 15).raw(struct.pack("<IIII", 2, 1, 0, 0xFFFFFFFF)).done()),
     Seed(19, "state-99", "xenbus:machine", Script().b(1, 1, 2, 9, 1, 2, 4).done()),
+    # found by `xenpv fuzz --all` with the acceptance oracles: a chain of 0-byte fragments
+    Seed(6, "zero-length-packet", "parse:netif",
+         Script().b(2).raw(_ZERO_TX_CHAIN).b(17).done()),
     Seed(18, "ring-ref-garbage", "xenbus:keys",
          Script().b(1, 3).raw(b"abc").b(0, 1, 2).raw(b"-1").b(0, 1, 13).raw(b"1099511627776").b(0).done()),
 ]

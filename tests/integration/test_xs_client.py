@@ -592,14 +592,15 @@ def test_perm_parse_and_format() -> None:
 
 
 class _NullTransport(asyncio.Transport):
-    """Swallows writes; records whether the connection was closed."""
+    """Records writes (the client's requests) and whether the connection was closed."""
 
     def __init__(self) -> None:
         super().__init__()
         self.closed = False
+        self.written = bytearray()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        pass
+        self.written += bytes(data)
 
     def is_closing(self) -> bool:
         return self.closed
@@ -621,10 +622,44 @@ _hostile_message = st.one_of(
 )
 
 
+def _frames(stream: bytes) -> list[tuple[int, int, bytes]]:
+    """(type, req_id, payload) of every whole message in ``stream``, read header by header
+    (independently of the client) up to the first length over 4096 or a cut message."""
+    out, pos = [], 0
+    while pos + 16 <= len(stream):
+        mtype, rid, _tx, length = wire.HEADER.unpack_from(stream, pos)
+        if length > 4096 or pos + 16 + length > len(stream):
+            break
+        out.append((mtype, rid, stream[pos + 16 : pos + 16 + length]))
+        pos += 16 + length
+    return out
+
+
+def _check_outcome(kind: str, value: object, req: tuple[int, int], stream: bytes,
+                   requests: list[tuple[int, int]]) -> None:
+    """A request's outcome must be backed by what the server sent for its req_id."""
+    rtype, rid = req
+    frames = _frames(stream)
+    if kind == "ok":
+        ok_ids = {(rtype, rid)}
+        if rtype == XsType.DIRECTORY:  # the E2BIG fallback asks again with DIRECTORY_PART
+            ok_ids |= {r for r in requests if r[0] == XsType.DIRECTORY_PART}
+        backing = [p for t, i, p in frames if (t, i) in ok_ids]
+        assert backing, f"request {req} succeeded with {value!r} but no reply of its type and id came"
+        if rtype == XsType.READ:
+            assert value in backing, (value, backing)
+    elif kind == "error":
+        names = [p.split(b"\0", 1)[0].decode("ascii", "replace") for t, i, p in frames
+                 if t == XsType.ERROR and i == rid]
+        assert names, f"request {req} raised XenstoreError {value} but no ERROR reply had its id"
+        assert value in names or value == "EINVAL", (value, names)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_hostile_message, max_size=12), st.lists(st.integers(1, 50), min_size=1, max_size=5))
 def test_hostile_server_bytes_only_ever_give_peer_errors(chunks: list[bytes], cuts: list[int]) -> None:
-    """Whatever a server sends, requests end with a result, XenstoreError or a PeerError."""
+    """Whatever a server sends, every request ends with a result or XenstoreError backed by
+    a reply with its req_id (a read's result is that reply's payload), or a PeerError."""
 
     async def main() -> None:
         conn = xsclient._Connection()
@@ -640,7 +675,11 @@ def test_hostile_server_bytes_only_ever_give_peer_errors(chunks: list[bytes], cu
             asyncio.ensure_future(c.is_domain_introduced(3)),
             asyncio.ensure_future(c.get_perms("/p")),
         ]
-        await asyncio.sleep(0)
+        for _ in range(20):  # let every request reach the transport
+            await asyncio.sleep(0)
+        first = [(t, i) for t, i, _p in _frames(bytes(transport.written))]
+        assert [t for t, _i in first] == [XsType.READ, XsType.DIRECTORY, XsType.IS_DOMAIN_INTRODUCED,
+                                          XsType.GET_PERMS]
         stream = b"".join(chunks)
         pos = i = 0
         while pos < len(stream):
@@ -650,11 +689,17 @@ def test_hostile_server_bytes_only_ever_give_peer_errors(chunks: list[bytes], cu
             i += 1
             await asyncio.sleep(0)
         conn.connection_lost(None)
+        outcomes: list[tuple[str, object]] = []
         for f in futs:
             try:
-                await asyncio.wait_for(f, 5)
-            except (XenstoreError, PeerError, XenstoreConnectionError):
-                pass
+                outcomes.append(("ok", await asyncio.wait_for(f, 5)))
+            except XenstoreError as e:
+                outcomes.append(("error", e.errno_name))
+            except (PeerError, XenstoreConnectionError):
+                outcomes.append(("failed", None))
+        requests = [(t, i) for t, i, _p in _frames(bytes(transport.written))]
+        for (kind, value), req in zip(outcomes, first, strict=True):
+            _check_outcome(kind, value, req, stream, requests)
         assert transport.closed
         assert w.pending <= w.max_pending
 

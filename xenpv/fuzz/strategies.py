@@ -9,18 +9,27 @@ protocol modules define (module-level ``*_LAYOUT`` names and the blkif ABI table
 :func:`records` builds the parsed record classes.  Use them for valid, valid-but-nasty
 (edge values are drawn often: Hypothesis favours 0, the maximum and the sign boundary)
 and byte-level tests alike.
+
+:class:`EdgeSpec` and :func:`edge_cases` are for *one field at a time at both edges*: a
+strategy of valid inputs (named integer fields, list elements named ``seg3.last`` and so
+on), the valid range of each field with the others fixed, and the range its type can hold;
+:func:`edge_cases` turns one valid input into every single-field perturbation to
+``min - 1``, ``min``, ``max`` and ``max + 1`` (values the type cannot hold dropped), for
+every field and every list element, each marked inside or outside the valid range.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from hypothesis import strategies as st
 
 from xenpv.protocols.layout import Field, Layout, Record
 
-__all__ = ["all_layouts", "layout_bytes", "layout_values", "records", "slot_bytes"]
+__all__ = ["Edge", "EdgeSpec", "all_layouts", "edge_cases", "layout_bytes", "layout_values", "records", "slot_bytes"]
 
 PROTOCOL_MODULES = ("blkif", "console", "evtchn", "grant", "ioctl", "kbdif", "netif", "usbif",
                     "vchan", "xsring")
@@ -77,3 +86,41 @@ def all_layouts() -> dict[str, Layout]:
                 for kind in ("request", "discard", "indirect", "response"):
                     out[f"blkif.{kind}[{abi.value}]"] = getattr(lays, kind)
     return out
+
+
+#: A valid input as named integer fields.
+Fields = dict[str, int]
+
+
+@dataclass(frozen=True)
+class Edge:
+    """One perturbation of a valid input: ``field`` set to ``value`` (``inside`` its range)."""
+
+    field: str
+    value: int
+    inside: bool
+    fields: Fields
+
+
+@dataclass(frozen=True)
+class EdgeSpec:
+    """How to perturb one kind of input one field at a time.
+
+    ``valid`` draws valid inputs; ``bounds(fields)`` gives each perturbable field's valid
+    range ``(lo, hi)`` with the other fields as they are; ``holds(name)`` the range the
+    field's type can hold (a u8 cannot be -1).
+    """
+
+    name: str
+    valid: st.SearchStrategy[Fields]
+    bounds: Callable[[Fields], dict[str, tuple[int, int]]]
+    holds: Callable[[str], tuple[int, int]]
+
+
+def edge_cases(spec: EdgeSpec, fields: Fields) -> Iterator[Edge]:
+    """Every single-field edge perturbation of valid ``fields`` (min-1, min, max, max+1)."""
+    for name, (lo, hi) in spec.bounds(fields).items():
+        type_lo, type_hi = spec.holds(name)
+        for value in dict.fromkeys((lo - 1, lo, hi, hi + 1)):
+            if type_lo <= value <= type_hi:
+                yield Edge(name, value, lo <= value <= hi, {**fields, name: value})

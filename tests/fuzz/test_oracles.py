@@ -21,9 +21,10 @@ import pytest
 from xenpv.fuzz.hostile import InvariantViolation
 from xenpv.fuzz.seeds import Script
 from xenpv.fuzz.targets import get_target
-from xenpv.protocols import ProtocolError, blkif, evtchn, kbdif, netif, usbif, vchan, xsring
+from xenpv.protocols import ProtocolError, blkif, kbdif, netif, usbif, vchan, xsring
 from xenpv.xenbus import keys
 from xenpv.xenbus.states import BadKeyError
+from xenpv.xenstore import values
 
 X86_64 = list(blkif.ABI).index(blkif.ABI.X86_64)
 
@@ -159,11 +160,10 @@ def _port_off_by_one(raw: bytes | None, key: str = "event-channel") -> int:
     return keys.parse_uint(raw, key, 1, keys.EVTCHN_PORT_MAX + 1)
 
 
-def _xs_port_no_minimum(value: str | bytes, what: str = "event-channel", limit: int = 1 << 17) -> int:
-    text = value.decode() if isinstance(value, bytes) else value
-    if not text.isdigit() or int(text) >= limit:
-        raise ProtocolError("bad port")
-    return int(text)
+def _xs_number_no_minimum(real: Callable[..., int]) -> Callable[..., int]:
+    """parse_xs_number that forgets the lower bound."""
+    return lambda raw, key, *, lo=0, hi=0xFFFFFFFF, error=ProtocolError: real(
+        raw, key, lo=0, hi=hi, error=error)
 
 
 def _vdev_unchecked(value: str | bytes) -> int:
@@ -254,7 +254,7 @@ CASES = [
     Case("keys-flag-yes", "xenbus:keys", _key(b"yes", 4),
          keys, "parse_bool", lambda real: lambda raw, key, default=False: raw is not None),
     Case("xs-port-0", "parse:xs-values", _xs_value(b"0", 1),
-         evtchn, "parse_port", lambda real: _xs_port_no_minimum),
+         values, "parse_xs_number", _xs_number_no_minimum),
     Case("xs-vdev-unknown-major", "parse:xs-values", _xs_value(b"4096", 2),
          blkif, "parse_virtual_device", lambda real: _vdev_unchecked),
     Case("vchan-avail-insane", "parse:byte-indexes", _indexes(3000, 0, 11),

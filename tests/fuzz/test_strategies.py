@@ -23,7 +23,7 @@ DISK = 1 << 20
 
 def test_every_protocol_module_contributes_layouts() -> None:
     prefixes = {name.split(".")[0] for name in LAYOUTS}
-    assert {"blkif", "netif", "kbdif", "usbif", "vchan", "xsring", "console", "grant"} <= prefixes
+    assert {"blkif", "netif", "kbdif", "usbif", "vchan", "xsring", "console"} <= prefixes
     assert "blkif.request[x86_32-abi]" in LAYOUTS
 
 

@@ -31,8 +31,7 @@ from xenpv.protocols.layout import Field, Layout, Record
 
 __all__ = ["Edge", "EdgeSpec", "all_layouts", "edge_cases", "layout_bytes", "layout_values", "records", "slot_bytes"]
 
-PROTOCOL_MODULES = ("blkif", "console", "evtchn", "grant", "ioctl", "kbdif", "netif", "usbif",
-                    "vchan", "xsring")
+PROTOCOL_MODULES = ("blkif", "console", "kbdif", "netif", "usbif", "vchan", "xsring")
 
 _RANGES: dict[str, tuple[int, int]] = {
     "B": (0, 0xFF), "b": (-0x80, 0x7F), "H": (0, 0xFFFF), "h": (-0x8000, 0x7FFF),

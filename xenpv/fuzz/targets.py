@@ -401,11 +401,19 @@ def _parse_vchan(victim: Any) -> Callable[[bytes], None]:
 
 def _parse_xs_values(victim: Any) -> Callable[[bytes], None]:
     """Peer-written xenstore numbers and names read by the protocol modules (not xenbus keys)."""
-    from xenpv.protocols import evtchn, grant
+    from xenpv.protocols import ProtocolError
+    from xenpv.xenstore import values
+
+    def grant_ref(raw: bytes) -> int:  # looked up on every call, so tests can patch it
+        return values.parse_xs_number(raw, "grant-ref", lo=0, hi=0xFFFFFFFF, error=ProtocolError)
+
+    def port(raw: bytes) -> int:
+        return values.parse_xs_number(raw, "event-channel", lo=1, hi=(1 << 17) - 1,
+                                      error=ProtocolError)
 
     checks: list[tuple[Callable[[bytes], Any], Callable[[bytes, Any], None]]] = [
-        (grant.parse_grant_ref, lambda raw, v: oracles.xs_decimal(raw, v, 0, 0xFFFFFFFF, what="grant ref")),
-        (evtchn.parse_port, lambda raw, v: oracles.xs_decimal(raw, v, 1, (1 << 17) - 1, what="event-channel")),
+        (grant_ref, lambda raw, v: oracles.xs_decimal(raw, v, 0, 0xFFFFFFFF, what="grant ref")),
+        (port, lambda raw, v: oracles.xs_decimal(raw, v, 1, (1 << 17) - 1, what="event-channel")),
         (blkif.parse_virtual_device, oracles.xs_virtual_device),
         (blkif.abi_from_protocol, lambda raw, v: oracles.xs_protocol(raw, v, blkif.NATIVE_ABI)),
     ]

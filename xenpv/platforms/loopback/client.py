@@ -50,7 +50,7 @@ from xenpv.platforms.loopback import proto
 from xenpv.platforms.loopback.env import ENV_SOCKET, ENV_XENSTORED_PATH
 from xenpv.platforms.loopback.events import EpollEvents
 from xenpv.platforms.loopback.inprocess import notify_args
-from xenpv.platforms.loopback.memory import MappedRegion, Region, SharedRegion, map_fd, owned_run
+from xenpv.platforms.loopback.memory import MappedRegion, Region, SharedRegion, owned_run
 from xenpv.platforms.loopback.proto import Op
 
 _ONE = (1).to_bytes(8, "little")
@@ -221,11 +221,21 @@ class ClientGrantTable(_OnConnection):
         req = proto.SHARE_RESERVED_REQ.pack(ref, domid, flags)
         return self._share(Op.GNT_SHARE_RESERVED, req, domid, writable)
 
-    def _share(self, op: int, req: bytes, domid: int, writable: bool) -> SharedRegion:
+    def _share(
+        self, op: int, req: bytes, domid: int, writable: bool, *, per_page: bool = False
+    ) -> SharedRegion:
+        """Map what GNT_SHARE / FRAME_ALLOC sent: one memfd of ``n`` pages, or (guest
+        frames, ``per_page``) one one-page memfd per frame."""
         out, fds = self._conn.call(op, req)
         handle_id, n = proto.U32x2.unpack_from(out)
         refs = struct.unpack_from(f"<{n}I", out, 8)
-        region = self._place(handle_id, fds, lambda: map_fd(fds[0], n, writable=True))
+        if len(fds) != (n if per_page else 1):
+            for fd in fds:
+                os.close(fd)
+            self._conn.call(Op.GNT_UNMAP, proto.U32.pack(handle_id))
+            raise PlatformGone(f"{Op(op).name}: {len(fds)} descriptors for {n} pages")
+        pages = [(fd, 0) for fd in fds] if per_page else [(fds[0], i) for i in range(n)]
+        region = self._place(handle_id, fds, lambda: Region(pages, writable=True))
         run = SharedRegion(refs, domid, region, handle_id, writable)
         self._live[handle_id] = run
         return run
@@ -284,7 +294,9 @@ class ClientGrantTable(_OnConnection):
     def alloc_frames(self, count: int) -> SharedRegion:
         """``count`` zeroed guest frames of this domain (``refs`` are the gfns) that dom0
         may map with :meth:`foreign_map`; release with :meth:`free_frames`."""
-        return self._share(Op.FRAME_ALLOC, proto.U32.pack(count), self.domid, True)
+        return self._share(
+            Op.FRAME_ALLOC, proto.U32.pack(count), self.domid, True, per_page=True
+        )
 
     def free_frames(self, frames: SharedPages) -> None:
         """Give the frames back (deferred while dom0 still maps one) and unmap locally."""

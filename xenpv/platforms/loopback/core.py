@@ -215,10 +215,9 @@ class Share:
     owner: Handle
     domid: int
     writable: bool
-    segment: Segment
     entries: list[GrantEntry]
     notify: Notify | None = None
-    first_page: int = 0  # page of ``segment`` where the share starts (a granted frame)
+    ended: int = 0  # entries ended or revoking (a partial end makes the rest unmappable)
 
     @property
     def refs(self) -> tuple[int, ...]:
@@ -227,7 +226,21 @@ class Share:
 
     def segment_at(self, offset: int) -> tuple[Segment, int]:
         """The segment and byte offset behind byte ``offset`` of the share."""
-        return self.segment, self.first_page * PAGE_SIZE + offset
+        e = self.entries[offset // PAGE_SIZE]
+        return e.segment, e.page * PAGE_SIZE + offset % PAGE_SIZE
+
+    def segments(self) -> list[Segment]:
+        """The distinct memfds behind the share, in page order (one for a grant share,
+        one per frame for guest frames)."""
+        out: list[Segment] = []
+        for e in self.entries:
+            if not out or out[-1] is not e.segment:
+                out.append(e.segment)
+        return out
+
+    def pages(self) -> list[tuple[int, int]]:
+        """``(fd, page)`` per page of the share (the owner's own read-write fds)."""
+        return [(e.segment.fd, e.page) for e in self.entries]
 
     @property
     def done(self) -> bool:
@@ -575,7 +588,7 @@ class Hypervisor:
                 dom._free_refs.extendleft(reversed(refs))
             raise PlatformError(f"cannot allocate pages: {exc}", exc.errno) from exc
         self.grant_gen += 1
-        share = Share(h.next_id(), h, domid, writable, seg, [])
+        share = Share(h.next_id(), h, domid, writable, [])
         for i, ref in enumerate(refs):
             entry = GrantEntry(ref, dom, domid, not writable, seg, i, share)
             dom.grants[ref] = entry
@@ -609,13 +622,12 @@ class Hypervisor:
         # ends what is unmapped now; what is mapped becomes revoking (deferred end)
         todo = [e for e in entries if not (e.revoking or e.freed)]
         n = share.notify
-        if n is not None and any(
-            e.page - share.first_page == n.offset // PAGE_SIZE for e in todo
-        ):
+        if n is not None and share.entries[n.offset // PAGE_SIZE] in todo:
             # the owner's mapping of that page goes away: fire before the memory may go
             share.notify = None
             self._fire(share.segment_at, n, True)
         ended = 0
+        share.ended += len(todo)
         for e in todo:
             self.grant_gen += 1
             if e.in_use:
@@ -647,7 +659,11 @@ class Hypervisor:
         """Give the domain ``count`` zeroed guest frames that dom0 may map foreign.
 
         Returned as a share whose ``refs`` are the gfns; it ends like a share (its handle
-        unmapped, or the handle closed), deferred while dom0 still maps a frame."""
+        unmapped, or the handle closed), deferred while dom0 still maps a frame.
+
+        Each frame is its own one-page memfd: a frame may later be granted alone
+        (:meth:`grant_frame`), and the grantee's descriptor must reach that page only,
+        never the frames allocated next to it."""
         self._check_open(h)
         dom = h.domain
         if not 0 < count <= MAX_BATCH:
@@ -655,14 +671,18 @@ class Hypervisor:
         if len(dom.frames) + count > self.max_grants:
             raise ResourceExhausted(f"dom{dom.domid}: frame table full")
         gfns = list(range(dom.next_gfn, dom.next_gfn + count))
+        segs: list[Segment] = []
         try:
-            seg = Segment(count, f"xenpv-dom{dom.domid}-gfn{gfns[0]:#x}")
+            for gfn in gfns:
+                segs.append(Segment(1, f"xenpv-dom{dom.domid}-gfn{gfn:#x}"))
         except OSError as exc:
+            for seg in segs:
+                seg.close()
             raise PlatformError(f"cannot allocate frames: {exc}", exc.errno) from exc
         dom.next_gfn += count
-        share = Share(h.next_id(), h, 0, True, seg, [])
-        for i, gfn in enumerate(gfns):
-            entry = GrantEntry(gfn, dom, 0, False, seg, i, share, frame=True)
+        share = Share(h.next_id(), h, 0, True, [])
+        for gfn, seg in zip(gfns, segs, strict=True):
+            entry = GrantEntry(gfn, dom, 0, False, seg, 0, share, frame=True)
             dom.frames[gfn] = entry
             share.entries.append(entry)
         h.shares[share.handle_id] = share
@@ -698,7 +718,7 @@ class Hypervisor:
             (ref,) = dom.alloc_refs(1)
         seg = frame.segment
         self.grant_gen += 1
-        share = Share(h.next_id(), h, domid, True, seg, [], first_page=frame.page)
+        share = Share(h.next_id(), h, domid, True, [])
         entry = GrantEntry(ref, dom, domid, False, seg, frame.page, share)
         seg.refs_live += 1  # the memory stays while the grant or the frame refers to it
         dom.grants[ref] = entry
@@ -770,6 +790,15 @@ class Hypervisor:
                     errno.EPERM,
                     i,
                     GntSt.permission_denied,
+                )
+            if e.share.ended and e.segment.npages > 1:
+                # The only descriptor of this page also reaches the share's ended pages,
+                # which are no longer granted: a new mapping must not receive it.
+                raise MapError(
+                    f"map #{i}: dom{domid} ref {ref} belongs to a partly ended share",
+                    errno.ENOENT,
+                    i,
+                    GntSt.bad_gntref,
                 )
             entries.append(e)
         # Validation is complete before any entry changes, so a failure above leaves

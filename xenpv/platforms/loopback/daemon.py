@@ -435,7 +435,7 @@ class LoopbackDaemon:
         out = proto.U32x2.pack(share.handle_id, count) + b"".join(
             proto.U32.pack(r) for r in share.refs
         )
-        return _ok(out, [share.segment.fd])
+        return _ok(out, [seg.fd for seg in share.segments()])
 
     def _refs_after(
         self, payload: bytes, head: Any, item: Any
@@ -485,9 +485,11 @@ class LoopbackDaemon:
 
     def _frame_alloc(self, conn: _Connection, payload: bytes) -> Reply:
         (count,) = _unpack(proto.U32, payload)
+        if count > proto.MAX_FDS:  # one descriptor per frame must fit one reply
+            raise PlatformError(f"{count} frames need too many descriptors", errno.E2BIG)
         share = self.hv.alloc_frames(conn.handle, count)
         out = proto.U32x2.pack(share.handle_id, count) + struct.pack(f"<{count}I", *share.refs)
-        return _ok(out, [share.segment.fd])
+        return _ok(out, [seg.fd for seg in share.segments()])
 
     def _gnt_grant_frame(self, conn: _Connection, payload: bytes) -> Reply:
         gfn, ref, domid, flags = _unpack(proto.GRANT_FRAME_REQ, payload)
@@ -496,8 +498,9 @@ class LoopbackDaemon:
         share = self.hv.grant_frame(
             conn.handle, gfn, domid, reserved=None if ref == proto.ANY_REF else ref
         )
-        out = proto.U32x3.pack(share.handle_id, share.refs[0], share.first_page)
-        return _ok(out, [share.segment.fd])
+        (entry,) = share.entries
+        out = proto.U32x3.pack(share.handle_id, entry.ref, entry.page)
+        return _ok(out, [entry.segment.fd])
 
     def _gnt_unmap(self, conn: _Connection, payload: bytes) -> Reply:
         (handle_id,) = _unpack(proto.U32, payload)

@@ -94,8 +94,7 @@ class InProcessGrantTable:
 
     def _wrap(self, share: Share, domid: int, writable: bool) -> SharedRegion:
         try:
-            fd, first = share.segment.fd, share.first_page
-            region = Region([(fd, first + i) for i in range(len(share.entries))], writable=True)
+            region = Region(share.pages(), writable=True)
         except BaseException:
             self._hv.unmap(self._h, share.handle_id)
             raise

@@ -415,6 +415,9 @@ class CopyPlan:
             list[Any]
         ] = []  # [dst base, dst mv, dst start, src base, src mv, src start, len]
         for seg in self.segments:
+            if not 0 <= seg.length <= PAGE_SIZE:  # grant_table.c: at most one page
+                status.append(GntSt.bad_copy_arg)
+                continue
             src = hv._copy_window(h, seg.source, seg.length, False)
             if isinstance(src, int):
                 status.append(int(src))

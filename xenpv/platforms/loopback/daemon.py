@@ -51,7 +51,7 @@ from xenpv.platforms.loopback.proto import Op
 
 log = logging.getLogger("xenpv.loopback")
 
-Reply = tuple[int, bytes, list[int], list[int]]  # status, payload, fds, fds to close after
+Reply = tuple[int, bytes | bytearray, list[int], list[int]]  # status, payload, fds, to close
 
 
 def control_path(rundir: str | os.PathLike[str], domid: int) -> Path:
@@ -71,7 +71,7 @@ def _unpack(st: Any, payload: bytes, *, exact: bool = True) -> tuple[Any, ...]:
 
 
 def _ok(
-    payload: bytes = b"", fds: list[int] | None = None, close: list[int] | None = None
+    payload: bytes | bytearray = b"", fds: list[int] | None = None, close: list[int] | None = None
 ) -> Reply:
     return 0, payload, fds or [], close or []
 
@@ -88,7 +88,8 @@ class _Connection:
         self.sock = sock
         self.handle = handle
         self.task: asyncio.Task[None] | None = None  # an awaiting request, if any
-        # (request, plan, dest buffer) of the last grant copy without local source data
+        # (request, plan, reply) of the last fully successful grant copy without local
+        # source data (bounded: both fit one message)
         self.copy_cache: tuple[bytes, CopyPlan, bytearray] | None = None
         self.closed = False
         self._reading = False
@@ -155,11 +156,12 @@ class _Connection:
 
     def _send(self, op: int, seq: int, reply: Reply) -> None:
         status, out, out_fds, to_close = reply
-        msg = proto.encode_reply(op, seq, status, out)
-        if len(msg) > proto.MAX_MESSAGE:
-            msg, out_fds = proto.encode_reply(op, seq, -errno.E2BIG), []
+        parts: list[Any] = [proto.REPLY.pack(op, seq, status, len(out)), out]
+        if proto.REPLY.size + len(out) > proto.MAX_MESSAGE:
+            parts, out_fds = [proto.encode_reply(op, seq, -errno.E2BIG)], []
         try:
-            self.sock.sendmsg([msg], proto.ancdata_for(out_fds))
+            # header and payload gathered by the kernel: a large payload is not copied
+            self.sock.sendmsg(parts, proto.ancdata_for(out_fds))
         finally:
             for fd in to_close:
                 os.close(fd)
@@ -521,51 +523,73 @@ class LoopbackDaemon:
         if cached is not None and len(payload) == base and cached[0] == payload:
             # the same segments again, with no local source data: reuse the plan (it
             # re-validates by itself whenever a grant table changed)
-            _, plan, outbuf = cached
+            _, plan, reply = cached
+            keep = True
         else:
-            plan, outbuf, local_src = self._copy_plan(conn, payload, count, base)
-            if conn.copy_cache is not None:
-                conn.copy_cache[1].release()
+            if cached is not None:
                 conn.copy_cache = None
-            if not local_src:
-                conn.copy_cache = (payload, plan, outbuf)
+                cached[1].release()
+            plan, reply, local_src = self._copy_plan(conn, payload, count, base)
+            keep = not local_src
         try:
             status = plan()
-        finally:
-            if conn.copy_cache is None or conn.copy_cache[1] is not plan:
-                plan.release()
-        out = proto.U32x2.pack(count, 0) + struct.pack(f"<{count}i", *status)
-        return _ok(out + bytes(outbuf))
+        except BaseException:
+            conn.copy_cache = None
+            plan.release()
+            raise
+        proto.U32x2.pack_into(reply, 0, count, 0)
+        struct.pack_into(f"<{count}i", reply, proto.U32x2.size, *status)
+        if keep and not any(status):
+            conn.copy_cache = (payload, plan, reply)
+        else:  # nothing is kept for a request with local data or a failed segment
+            conn.copy_cache = None
+            for seg, st in zip(plan.segments, status, strict=True):
+                if st and isinstance(seg.dest, LocalPtr):  # a reused reply: zero bytes
+                    seg.dest.buffer[seg.dest.offset : seg.dest.offset + seg.length] = bytes(
+                        seg.length
+                    )
+            plan.release()
+        return _ok(reply)
 
     def _copy_plan(
         self, conn: _Connection, payload: bytes, count: int, base: int
     ) -> tuple[CopyPlan, bytearray, bool]:
-        data = memoryview(payload)[base:]
-        segs: list[GrantCopy] = []
-        out_len = 0
-        src_cursor = 0
+        """Validate the peer's lengths, then build the plan and the one reply buffer.
+
+        Every length is checked before anything is allocated: the source data must be in
+        the request and the destination data must fit one reply, so a request can never
+        make the daemon allocate more than a message (hostile-inputs R5, R11)."""
         raw = [
-            proto.COPY_SEG.unpack_from(payload, 8 + i * proto.COPY_SEG.size) for i in range(count)
+            proto.COPY_SEG.unpack_from(payload, proto.U32x2.size + i * proto.COPY_SEG.size)
+            for i in range(count)
         ]
+        src_total = sum(s[6] for s in raw if not s[7] & proto.GNTCOPY_source_gref)
         dst_total = sum(s[6] for s in raw if not s[7] & proto.GNTCOPY_dest_gref)
-        outbuf = bytearray(dst_total)
+        if src_total > len(payload) - base:
+            raise PlatformError("grant copy: not enough source data", errno.EINVAL)
+        head = proto.U32x2.size + 4 * count
+        if proto.REPLY.size + head + dst_total > proto.MAX_MESSAGE:
+            raise PlatformError("grant copy: the destination data exceeds a reply", errno.E2BIG)
+        data = memoryview(payload)[base:]
+        reply = bytearray(head + dst_total)
+        dest = memoryview(reply)[head:]
+        segs: list[GrantCopy] = []
+        out_len = src_cursor = 0
         for sref, sdom, soff, dref, ddom, doff, length, flags, _ in raw:
             src: GrantPtr | LocalPtr
             dst: GrantPtr | LocalPtr
             if flags & proto.GNTCOPY_source_gref:
                 src = GrantPtr(sdom, sref, soff)
             else:
-                if src_cursor + length > len(data):
-                    raise PlatformError("grant copy: not enough source data", errno.EINVAL)
                 src = LocalPtr(data, src_cursor)
                 src_cursor += length
             if flags & proto.GNTCOPY_dest_gref:
                 dst = GrantPtr(ddom, dref, doff)
             else:
-                dst = LocalPtr(outbuf, out_len)
+                dst = LocalPtr(dest, out_len)
                 out_len += length
             segs.append(GrantCopy(src, dst, length))
-        return self.hv.prepare_copy(conn.handle, segs), outbuf, src_cursor > 0
+        return self.hv.prepare_copy(conn.handle, segs), reply, src_cursor > 0
 
     def _evt_alloc_unbound(self, conn: _Connection, payload: bytes) -> Reply:
         (remote,) = _unpack(proto.U32, payload)

@@ -28,6 +28,12 @@ one set of semantics.
   (one epoll set per handle, see ``events.py`` and the protocol document).
 * **Accounting.**  :meth:`stats` and :meth:`assert_released` let tests prove that every
   grant, mapping and port was released.
+* **Descriptor quota.**  Every memfd, inbox eventfd and control connection the daemon
+  holds on behalf of a domain is charged to it (a segment counts :data:`SEGMENT_FDS`,
+  the most it can hold: the memfd, the hypervisor's mmap and a read-only reopening).  An
+  unprivileged domain is refused with :class:`ResourceExhausted` beyond ``max_fds``, and
+  also once the process's lowest free descriptor is within :data:`FD_RESERVE` of its
+  ``RLIMIT_NOFILE``: that reserve is dom0's, so no guest can lock dom0 out.
 
 Nothing here blocks: every operation is bounded work on in-memory tables plus a few
 syscalls on memfds/eventfds.
@@ -40,6 +46,7 @@ import fcntl
 import heapq
 import mmap
 import os
+import resource
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +81,11 @@ FAULT_RELEASE_HOLD = 2
 FAULT_DROP_NOTIFY = 3
 FAULT_DUPLICATE_NOTIFY = 4
 
+#: descriptors one segment may hold in the daemon (memfd, mmap's dup, read-only reopening)
+SEGMENT_FDS = 3
+#: descriptors below RLIMIT_NOFILE that only dom0 may use
+FD_RESERVE = 64
+
 _ONE = (1).to_bytes(8, "little")
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)  # linux/fcntl.h, 5.1+
 
@@ -99,7 +111,16 @@ class Segment:
     nor map ``PROT_WRITE``, while the granter's own earlier mapping stays writable.
     """
 
-    __slots__ = ("_mm", "_ro_fd", "_view", "fd", "npages", "readonly_sealed", "refs_live")
+    __slots__ = (
+        "_mm",
+        "_ro_fd",
+        "_view",
+        "charged",
+        "fd",
+        "npages",
+        "readonly_sealed",
+        "refs_live",
+    )
 
     def __init__(self, npages: int, name: str, *, writable: bool = True) -> None:
         self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -113,6 +134,7 @@ class Segment:
             os.close(self.fd)
             raise
         self.npages = npages
+        self.charged: Domain | None = None  # the domain whose descriptor quota it uses
         self.refs_live = npages  # grant entries still referring to this segment
         self.readonly_sealed = False
         self._ro_fd = -1
@@ -335,6 +357,7 @@ class Domain:
         )
         self.gen = memoryview(self._gen_mm).cast("I")
         self.maptrack = 0  # pages this domain currently maps (all handles)
+        self.fds = 0  # descriptors held on its behalf (see the descriptor quota)
         self.notify_drop = 0
         self.notify_duplicate = False
 
@@ -386,6 +409,7 @@ class DomainStats:
     ports: int
     shares: int
     handles: int
+    fds: int = 0  # descriptors charged to the domain (see the descriptor quota)
 
 
 class CopyPlan:
@@ -471,6 +495,7 @@ class Hypervisor:
         max_ports: int = 1024,
         max_maptrack: int = 16384,
         max_handles: int = 256,
+        max_fds: int = 4096,
     ) -> None:
         if max_grants <= GNTTAB_NR_RESERVED_ENTRIES or max_ports < 2:
             raise LocalError("table sizes too small")
@@ -478,6 +503,7 @@ class Hypervisor:
         self.max_ports = max_ports
         self.max_maptrack = max_maptrack
         self.max_handles = max_handles
+        self.max_fds = max_fds  # descriptors held for one unprivileged domain
         self.domains: dict[int, Domain] = {}
         self._zombies: list[Domain] = []  # destroyed domains with grants still mapped
         self._next_handle = 1
@@ -527,12 +553,58 @@ class Hypervisor:
     def _resolve(self, h: Handle, domid: int) -> int:
         return h.domain.domid if domid == DOMID_SELF else domid
 
+    # ------------------------------------------------------------------ descriptor quota
+    def charge_fds(self, dom: Domain, n: int) -> None:
+        """Charge ``n`` descriptors to ``dom``: :class:`ResourceExhausted` (nothing
+        charged) if an unprivileged domain would exceed ``max_fds``."""
+        if not dom.privileged and dom.fds + n > self.max_fds:
+            raise ResourceExhausted(
+                f"dom{dom.domid}: descriptor quota reached ({dom.fds} of {self.max_fds} held)"
+            )
+        dom.fds += n
+
+    def check_headroom(self, dom: Domain, fd: int) -> None:
+        """:class:`ResourceExhausted` if ``fd``, just created for unprivileged ``dom``,
+        lies in dom0's reserve: the kernel hands out the lowest free descriptor, so every
+        one below it is in use and fewer than :data:`FD_RESERVE` are left."""
+        if dom.privileged:
+            return
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY and fd >= soft - FD_RESERVE:
+            raise ResourceExhausted(
+                f"dom{dom.domid}: the emulator is short of descriptors (the rest is dom0's)"
+            )
+
+    def _new_segment(self, dom: Domain, npages: int, name: str, *, writable: bool) -> Segment:
+        self.charge_fds(dom, SEGMENT_FDS)
+        try:
+            seg = Segment(npages, name, writable=writable)
+        except OSError as exc:
+            dom.fds -= SEGMENT_FDS
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                raise ResourceExhausted(f"dom{dom.domid}: cannot allocate pages: {exc}") from exc
+            raise PlatformError(f"cannot allocate pages: {exc}", exc.errno) from exc
+        seg.charged = dom
+        try:
+            self.check_headroom(dom, seg.fd)
+        except ResourceExhausted:
+            self._close_segment(seg)
+            raise
+        return seg
+
+    def _close_segment(self, seg: Segment) -> None:
+        seg.close()
+        if seg.charged is not None:
+            seg.charged.fds -= SEGMENT_FDS
+            seg.charged = None
+
     # ------------------------------------------------------------------ handles
     def open_handle(self, domid: int) -> Handle:
         """Open a handle acting as ``domid``."""
         dom = self.domain(domid)
         if len(dom.handles) >= self.max_handles:
             raise ResourceExhausted(f"dom{domid}: {self.max_handles} handles open")
+        self.charge_fds(dom, 1)  # the connection's socket, in the daemon
         h = Handle(self._next_handle, dom)
         self._next_handle += 1
         dom.handles[h.id] = h
@@ -553,6 +625,7 @@ class Hypervisor:
         for p in list(h.ports.values()):
             self._close_port(p)
         del h.domain.handles[h.id]
+        h.domain.fds -= 1
         for cb in h.on_close:
             cb()
 
@@ -585,11 +658,13 @@ class Hypervisor:
         else:
             refs = dom.alloc_refs(count)
         try:
-            seg = Segment(count, f"xenpv-dom{dom.domid}-gnt{refs[0]}", writable=writable)
-        except OSError as exc:
+            seg = self._new_segment(
+                dom, count, f"xenpv-dom{dom.domid}-gnt{refs[0]}", writable=writable
+            )
+        except PlatformError:
             if reserved is None:
                 dom._free_refs.extendleft(reversed(refs))
-            raise PlatformError(f"cannot allocate pages: {exc}", exc.errno) from exc
+            raise
         self.grant_gen += 1
         share = Share(h.next_id(), h, domid, writable, [])
         for i, ref in enumerate(refs):
@@ -654,7 +729,7 @@ class Hypervisor:
             dom.free_ref(e.ref)
         e.segment.refs_live -= 1
         if e.segment.refs_live == 0:
-            e.segment.close()
+            self._close_segment(e.segment)
         if dom in self._zombies and not dom.grants and not dom.frames:
             self._zombies.remove(dom)
 
@@ -677,11 +752,13 @@ class Hypervisor:
         segs: list[Segment] = []
         try:
             for gfn in gfns:
-                segs.append(Segment(1, f"xenpv-dom{dom.domid}-gfn{gfn:#x}"))
-        except OSError as exc:
+                segs.append(
+                    self._new_segment(dom, 1, f"xenpv-dom{dom.domid}-gfn{gfn:#x}", writable=True)
+                )
+        except PlatformError:
             for seg in segs:
-                seg.close()
-            raise PlatformError(f"cannot allocate frames: {exc}", exc.errno) from exc
+                self._close_segment(seg)
+            raise
         dom.next_gfn += count
         share = Share(h.next_id(), h, 0, True, [])
         for gfn, seg in zip(gfns, segs, strict=True):
@@ -927,12 +1004,27 @@ class Hypervisor:
     # ------------------------------------------------------------------ event channels
     def _new_port(self, h: Handle, remote_domid: int) -> Port:
         dom = h.domain
-        num = dom.alloc_port()
+        self.charge_fds(dom, 1)
+        try:
+            num = dom.alloc_port()
+        except ResourceExhausted:
+            dom.fds -= 1
+            raise
         try:
             fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         except OSError as exc:
             heapq.heappush(dom._free_ports, num)
+            dom.fds -= 1
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                raise ResourceExhausted(f"dom{dom.domid}: eventfd: {exc}") from exc
             raise PlatformError(f"eventfd: {exc}", exc.errno) from exc
+        try:
+            self.check_headroom(dom, fd)
+        except ResourceExhausted:
+            os.close(fd)
+            heapq.heappush(dom._free_ports, num)
+            dom.fds -= 1
+            raise
         p = Port(num, dom, h, remote_domid, fd)
         dom.ports[num] = p
         h.ports[num] = p
@@ -995,6 +1087,7 @@ class Hypervisor:
         p.domain.bump(p.port)
         os.close(p.inbox)
         p.inbox = -1
+        p.domain.fds -= 1
 
     def port_of(self, h: Handle, port: int) -> Port:
         """The port ``port`` owned by ``h``, or :class:`PortError`."""
@@ -1089,6 +1182,7 @@ class Hypervisor:
             ports=len(dom.ports),
             shares=sum(len(h.shares) for h in dom.handles.values()),
             handles=len(dom.handles),
+            fds=dom.fds,
         )
 
     def outstanding(self) -> dict[str, int]:

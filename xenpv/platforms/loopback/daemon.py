@@ -43,13 +43,26 @@ from typing import Any
 
 from xenpv.errors import PlatformError
 from xenpv.pidlock import PidLock
-from xenpv.platforms.base import PAGE_SIZE, GrantCopy, GrantPtr, LocalPtr, MapError
+from xenpv.platforms.base import (
+    PAGE_SIZE,
+    GrantCopy,
+    GrantPtr,
+    LocalPtr,
+    MapError,
+    ResourceExhausted,
+)
 from xenpv.platforms.loopback import proto
 from xenpv.platforms.loopback.core import CopyPlan, Domain, Handle, Hypervisor, Mapping, Segment
 from xenpv.platforms.loopback.home import write_domain_home
 from xenpv.platforms.loopback.proto import Op
 
 log = logging.getLogger("xenpv.loopback")
+
+#: seconds a listener stops accepting after the process ran out of descriptors or memory
+ACCEPT_PAUSE = 1.0
+#: at most one "cannot accept" warning per this many seconds (the rest are counted)
+ACCEPT_WARN_INTERVAL = 10.0
+_ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 Reply = tuple[int, bytes | bytearray, list[int], list[int]]  # status, payload, fds, to close
 
@@ -191,14 +204,18 @@ class LoopbackDaemon:
         *,
         max_grants: int = 4096,
         max_ports: int = 1024,
+        max_fds: int = 4096,
         xenstore: bool = True,
         quotas: Any = None,
     ) -> None:
-        """``quotas``: the embedded xenstored's :class:`~xenpv.xenstore.store.Quotas`."""
+        """``quotas``: the embedded xenstored's :class:`~xenpv.xenstore.store.Quotas`;
+        ``max_fds``: descriptors the daemon holds for one unprivileged domain."""
         self.rundir = Path(rundir)
         self._lock = PidLock(self.rundir / "daemon.lock", f"run directory {self.rundir}")
         self._quotas = quotas
-        self.hv = Hypervisor(max_grants=max_grants, max_ports=max_ports)
+        self.hv = Hypervisor(max_grants=max_grants, max_ports=max_ports, max_fds=max_fds)
+        self._accept_warned = -ACCEPT_WARN_INTERVAL  # loop time of the last warning
+        self._accept_suppressed = 0
         self.connections: set[_Connection] = set()
         self._listeners: dict[int, socket.socket] = {}
         self._want_xenstore = xenstore
@@ -283,17 +300,52 @@ class LoopbackDaemon:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("accept on dom%d: %s", domid, exc)
+                if exc.errno in _ACCEPT_PAUSE_ERRNOS:
+                    # The pending connection keeps the listener readable: stop watching it
+                    # for a while instead of spinning (the xenstore accept path does so too).
+                    self._pause_accept(domid, lsock, exc)
+                else:
+                    log.info("accept on dom%d: %s", domid, exc)
                 return
             sock.setblocking(False)
             try:
+                dom = self.hv.domain(domid)
+                self.hv.check_headroom(dom, sock.fileno())
                 handle = self.hv.open_handle(domid)
-            except PlatformError:
+            except PlatformError as exc:
+                log.debug("dom%d: connection refused: %s", domid, exc)
                 sock.close()
                 continue
             conn = _Connection(self, sock, handle)
             self.connections.add(conn)
             conn.start()
+
+    def _pause_accept(self, domid: int, lsock: socket.socket, exc: OSError) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(lsock.fileno())
+        loop.call_later(ACCEPT_PAUSE, self._resume_accept, domid, lsock)
+        now = loop.time()
+        if now - self._accept_warned >= ACCEPT_WARN_INTERVAL:
+            more = (
+                f" ({self._accept_suppressed} more since the last warning)"
+                if self._accept_suppressed
+                else ""
+            )
+            log.warning(
+                "cannot accept control connections (dom%d): %s; pausing %.1f s%s",
+                domid,
+                exc.strerror or exc,
+                ACCEPT_PAUSE,
+                more,
+            )
+            self._accept_warned = now
+            self._accept_suppressed = 0
+        else:
+            self._accept_suppressed += 1
+
+    def _resume_accept(self, domid: int, lsock: socket.socket) -> None:
+        if self._listeners.get(domid) is lsock and lsock.fileno() >= 0:
+            asyncio.get_running_loop().add_reader(lsock.fileno(), self._accept, domid)
 
     def _close_endpoints(self, domid: int) -> None:
         lsock = self._listeners.pop(domid, None)
@@ -389,6 +441,9 @@ class LoopbackDaemon:
             return -(exc.errno or errno.EINVAL), proto.MAP_FAIL.pack(exc.index, exc.status), [], []
         if isinstance(exc, PlatformError):
             return -(exc.errno or errno.EINVAL), b"", [], []
+        if isinstance(exc, OSError) and exc.errno in _ACCEPT_PAUSE_ERRNOS:
+            # out of descriptors or memory in the middle of a request: the caller's limit
+            return -errno.ENOSPC, b"", [], []
         # a bug in the daemon must not kill every domain
         log.error("dom%d: op %d failed", conn.handle.domain.domid, op, exc_info=exc)
         return -errno.EIO, b"", [], []
@@ -472,13 +527,17 @@ class LoopbackDaemon:
         fd_index: dict[int, int] = {}
         fds: list[int] = []
         table = []
-        for e in m.entries:
-            seg: Segment = e.segment
-            idx = fd_index.get(id(seg))
-            if idx is None:
-                idx = fd_index[id(seg)] = len(fds)
-                fds.append(seg.fd if writable else seg.ro_fd)
-            table.append(proto.U32x2.pack(idx, e.page))
+        try:
+            for e in m.entries:
+                seg: Segment = e.segment
+                idx = fd_index.get(id(seg))
+                if idx is None:
+                    idx = fd_index[id(seg)] = len(fds)
+                    fds.append(seg.fd if writable else seg.ro_fd)  # ro_fd may open one
+                table.append(proto.U32x2.pack(idx, e.page))
+        except OSError as exc:
+            self.hv.unmap(conn.handle, m.handle_id)
+            raise ResourceExhausted(f"cannot open a read-only descriptor: {exc}") from exc
         if len(fds) > proto.MAX_FDS:
             self.hv.unmap(conn.handle, m.handle_id)
             raise PlatformError("mapping needs too many descriptors", errno.E2BIG)
@@ -687,12 +746,17 @@ async def run_daemon(
     *,
     max_grants: int = 4096,
     max_ports: int = 1024,
+    max_fds: int = 4096,
     ready: Callable[[LoopbackDaemon], None] | None = None,
     quotas: Any = None,
 ) -> None:
-    """Run the daemon in the foreground until SIGTERM/SIGINT, then shut down cleanly."""
+    """Run the daemon in the foreground until SIGTERM/SIGINT, then shut down cleanly.
+
+    ``max_fds`` bounds the descriptors the daemon holds for one unprivileged domain."""
     _raise_fd_limit()
-    daemon = LoopbackDaemon(rundir, max_grants=max_grants, max_ports=max_ports, quotas=quotas)
+    daemon = LoopbackDaemon(
+        rundir, max_grants=max_grants, max_ports=max_ports, max_fds=max_fds, quotas=quotas
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop)

@@ -102,15 +102,19 @@ def start_daemon(
     max_ports: int = 1024,
     timeout: float = 20.0,
     loop: str = "auto",
+    stderr: Any = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``xenpv loopback up`` and wait until it listens (raise if it does not).
 
-    ``loop`` is the daemon's event loop (``--loop``: auto, uvloop or asyncio)."""
+    ``loop`` is the daemon's event loop (``--loop``: auto, uvloop or asyncio); ``stderr``
+    where its log goes (as for :class:`subprocess.Popen`; default: inherited)."""
     cmd = [sys.executable, "-m", "xenpv", "loopback", "up", "--rundir", str(rundir)]
     cmd += ["--max-grants", str(max_grants), "--max-ports", str(max_ports), "--loop", loop]
     for d in domains:
         cmd += ["--domain", str(d)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=_die_with_parent
+    )
     pidfile = Path(rundir) / "daemon.pid"
     deadline = time.monotonic() + timeout
     while not pidfile.exists():

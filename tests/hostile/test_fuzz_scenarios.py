@@ -36,6 +36,11 @@ def test_scenario_04_out_of_range_block_requests_get_error_responses() -> None:
     _run(4)
 
 
+def test_scenario_05_grant_copy_with_huge_lengths_leaves_the_daemon_bounded() -> None:
+    """loopback:exhaustion: a copy of 5000 segments of 65535 bytes (R5, R11)."""
+    _run(5)
+
+
 def test_scenario_06_net_tx_chain_beyond_fatal_slots() -> None:
     _run(6)
 
@@ -66,6 +71,11 @@ def test_scenario_18_bad_connect_time_keys() -> None:
 
 def test_scenario_19_invalid_state_value() -> None:
     _run(19)
+
+
+def test_scenario_21_guest_floods_leave_the_daemon_descriptors_bounded() -> None:
+    """loopback:exhaustion: share, frame and port floods adding up; dom0 still answered."""
+    _run(21)
 
 
 def test_scenario_25_garbage_on_the_xenstore_ring() -> None:

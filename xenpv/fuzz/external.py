@@ -91,6 +91,25 @@ def _recv_all(sock: socket.socket, deadline: float, cap: int = 1 << 20) -> bytes
     return bytes(out)
 
 
+def probe_write_read(s: socket.socket, req_id: int, path: bytes, value: bytes) -> None:
+    """WRITE ``value`` to ``path`` and READ it back on connection ``s`` (5 s in all):
+    :class:`InvariantViolation` on a wrong answer, ``OSError`` on a socket failure."""
+    s.sendall(wire.encode(wire.XsType.WRITE, req_id, 0, path + b"\0" + value))
+    s.sendall(wire.encode(wire.XsType.READ, req_id + 1, 0, path + b"\0"))
+    dec = wire.Decoder()
+    got: list[wire.Message] = []
+    deadline = time.monotonic() + 5.0
+    while len(got) < 2:
+        s.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        dec.feed(chunk)
+        got += [m for m in dec if m.type != wire.XsType.WATCH_EVENT]
+    if len(got) < 2 or got[0].payload != wire.OK or got[1].payload != value:
+        raise InvariantViolation(f"dom0 probe got wrong answers after hostile input: {got!r}")
+
+
 class XenstoredProcess:
     """A xenstore server process attacked by a hostile guest connection (callable per input)."""
 
@@ -133,22 +152,9 @@ class XenstoredProcess:
         path = b"/fuzz/probe"
         try:
             with self._connect(self.dom0) as s:
-                s.sendall(wire.encode(wire.XsType.WRITE, self.req_id, 0, path + b"\0" + value))
-                s.sendall(wire.encode(wire.XsType.READ, self.req_id + 1, 0, path + b"\0"))
-                dec = wire.Decoder()
-                got: list[wire.Message] = []
-                deadline = time.monotonic() + 5.0
-                while len(got) < 2:
-                    s.settimeout(max(0.01, deadline - time.monotonic()))
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        break
-                    dec.feed(chunk)
-                    got += [m for m in dec if m.type != wire.XsType.WATCH_EVENT]
+                probe_write_read(s, self.req_id, path, value)
         except OSError as e:
             raise InvariantViolation(f"dom0 probe failed after hostile input: {e!r}") from None
-        if len(got) < 2 or got[0].payload != wire.OK or got[1].payload != value:
-            raise InvariantViolation(f"dom0 probe got wrong answers after hostile input: {got!r}")
 
     def __call__(self, data: bytes) -> None:
         """One hostile guest session, then the liveness and correctness probe."""

@@ -152,6 +152,11 @@ SEEDS: list[Seed] = [
          Script().b(2).raw(_ZERO_TX_CHAIN).b(17).done()),
     Seed(18, "ring-ref-garbage", "xenbus:keys",
          Script().b(1, 3).raw(b"abc").b(0, 1, 2).raw(b"-1").b(0, 1, 13).raw(b"1099511627776").b(0).done()),
+    # loopback:exhaustion plans: 1 = a flood (0 shares, 1 frames, 2 ports), 3 = a grant copy
+    Seed(21, "descriptor-floods", "loopback:exhaustion",
+         Script().b(1, 0).u32(4999).b(0, 0).b(1, 1).u32(4999).u32(0).b(1, 2).u32(1100).done()),
+    Seed(5, "copy-huge-lengths", "loopback:exhaustion",
+         Script().b(3).u32(5000).u16(0xFFFF).b(1, 0, 0).u16(0).b(0).done()),
 ]
 
 

@@ -555,6 +555,12 @@ def _vchan_process(victim: Any) -> Callable[[bytes], None]:
     return VchanProcess(victim)
 
 
+def _loopback_exhaustion(victim: Any) -> Callable[[bytes], None]:
+    from xenpv.fuzz.exhaustion import DaemonExhaustion
+
+    return DaemonExhaustion()
+
+
 def _make_targets() -> dict[str, Target]:
     out: list[Target] = []
     for name, spec in RING_SPECS.items():
@@ -601,6 +607,10 @@ def _make_targets() -> dict[str, Target]:
                lambda victim: drive_machine),
         Target("xenbus:keys", "hostile connect-time keys (ring-ref, event-channel, orders, queues)",
                lambda victim: parse_keys),
+        Target("loopback:exhaustion", "hostile guest vs the loopback daemon's resources: many "
+               "connections, huge lengths, share/frame/port floods, xenstore connections and "
+               "cache-busting reads; dom0 still answered, descriptors and memory bounded",
+               _loopback_exhaustion),
         Target("xenbus:driver", "hostile frontend domain via xenstore vs an asyncio backend driver "
                "(embedded xenstored + emulator; victim: a BackendDriver factory)",
                _xenbus_driver, "xenbus-backend"),

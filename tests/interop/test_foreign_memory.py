@@ -314,3 +314,28 @@ def test_granting_a_frame_is_refused_cleanly(guest: ClientPlatform, dom0: Client
     with pytest.raises(PlatformError):
         guest.grants.grant_frame(gfn, 0)  # released frames cannot be granted
     assert dom0.grants.stats(1)[0] == 0
+
+
+def test_many_frames_map_in_one_call_though_each_frame_is_its_own_descriptor(
+        fm: Any, handle: Any, guest: ClientPlatform, dom0: ClientPlatform) -> None:
+    """hostile-inputs.md scenario 14 (a peer reaches only what it may): each guest frame
+    is its own memfd, so 400 frames need more descriptors than one reply carries; the
+    library splits the request after E2BIG and still returns one contiguous mapping."""
+    allocs = [guest.grants.alloc_frames(200) for _ in range(2)]
+    gfns = [g for a in allocs for g in a.refs]
+    for a in allocs:
+        for i in range(200):
+            a.mem[i * PAGE : i * PAGE + 4] = (a.refs[i]).to_bytes(4, "little")
+    err = ffi.new("int[]", len(gfns))
+    addr = fm.xenforeignmemory_map(handle, 1, mmap.PROT_READ, len(gfns),
+                                   ffi.new("unsigned long[]", gfns), err)
+    assert addr != ffi.NULL, f"errno {ffi.errno}"
+    assert set(err) == {0}
+    buf = ffi.buffer(addr, len(gfns) * PAGE)
+    assert [int.from_bytes(buf[i * PAGE : i * PAGE + 4], "little") for i in range(len(gfns))] \
+        == gfns
+    assert mappings_of_dom0(dom0) >= 2  # more than one FOREIGN_MAP behind the mapping
+    assert fm.xenforeignmemory_unmap(handle, addr, len(gfns)) == 0
+    assert mappings_of_dom0(dom0) == 0
+    for a in allocs:
+        guest.grants.free_frames(a)

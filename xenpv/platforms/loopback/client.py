@@ -293,7 +293,8 @@ class ClientGrantTable(_OnConnection):
 
     def alloc_frames(self, count: int) -> SharedRegion:
         """``count`` zeroed guest frames of this domain (``refs`` are the gfns) that dom0
-        may map with :meth:`foreign_map`; release with :meth:`free_frames`."""
+        may map with :meth:`foreign_map`; release with :meth:`free_frames`.  One memfd per
+        frame, so ``count`` is at most ``proto.MAX_FDS`` (250)."""
         return self._share(
             Op.FRAME_ALLOC, proto.U32.pack(count), self.domid, True, per_page=True
         )
@@ -322,7 +323,10 @@ class ClientGrantTable(_OnConnection):
     def foreign_map(
         self, domid: int, gfns: Sequence[int], *, writable: bool = True
     ) -> MappedRegion:
-        """``xenforeignmemory_map`` (dom0 only): map guest frames of ``domid``."""
+        """``xenforeignmemory_map`` (dom0 only): map guest frames of ``domid``.
+
+        Each frame arrives as its own descriptor, so one call maps at most
+        ``proto.MAX_FDS`` (250) frames (``E2BIG`` beyond: split the request)."""
         flags = proto.MAP_WRITABLE if writable else 0
         req = proto.U32x3.pack(domid, flags, len(gfns)) + struct.pack(f"<{len(gfns)}I", *gfns)
         return self._mapped(Op.FOREIGN_MAP, req, gfns, domid, writable)

@@ -11,7 +11,7 @@ index once (single fetch, R1), and a corrupt index pair (``prod - cons`` larger 
 ring) reads as "nothing there" and is counted, never raised (§8.1: ignored; scenario 27).
 
 :class:`ConsoleTransport` is an :class:`asyncio.Transport` over one ring page and one
-port (a :class:`~xenpv.streams.RingStreamTransport`, the base it shares with vchan's
+port (a :class:`~xenpv.drivers.streams.RingStreamTransport`, the base it shares with vchan's
 streams), so the standard :class:`asyncio.StreamReader`/:class:`asyncio.StreamWriter` pair
 works unchanged (:func:`open_console_streams`).  Every notification runs one service
 pass: flush buffered writes into the ring, move readable bytes to the protocol (bounded
@@ -54,6 +54,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from xenpv.drivers.streams import RingStreamTransport
 from xenpv.errors import LocalError, PlatformError
 from xenpv.platforms.dispatch import PortDispatcher
 from xenpv.protocols.console import (
@@ -69,7 +70,6 @@ from xenpv.protocols.console import (
     XENCONS_OUT_SIZE,
 )
 from xenpv.rings import ByteRing
-from xenpv.streams import RingStreamTransport
 from xenpv.xenbus.driver import FrontendDriver, PeerKeys
 from xenpv.xenbus.machine import FrontendStyle
 
@@ -280,7 +280,7 @@ class ConsoleTransport(RingStreamTransport, EventPump):
 
     ``backend`` selects the side (the guest is ``False``).  ``on_close`` runs once when
     the transport is lost (release the page and port there).  The transport API itself
-    is :class:`~xenpv.streams.RingStreamTransport`'s.
+    is :class:`~xenpv.drivers.streams.RingStreamTransport`'s.
     """
 
     write_high_water = _HIGH_WATER

@@ -11,6 +11,15 @@ across processes (one process per domain, talking to ``xenpv loopback up``), and
 (``xenpv.platforms.xen``, through Xen's C libraries).  Drivers receive a :class:`Platform`
 (or the individual interfaces) as an argument; they never import a platform.
 
+Optional platform features are small interfaces of their own, checked with
+``isinstance`` (all are :func:`typing.runtime_checkable`): :class:`ReservedGrants`
+(place a page at a reserved grant ref, as a domain builder does), :class:`GuestFrames`
+(guest frame numbers a dom0 backend may foreign-map) and :class:`PreparedCopies` (grant
+copies validated once, repeated cheaply).  The xenstore client is described by
+:class:`XenstoreClient` (asyncio; :mod:`xenpv.xenstore.client` satisfies it) and
+:class:`BlockingXenstore` (:mod:`xenpv.xenstore.blocking`), the node operations both
+share in their calling style being what drivers use.
+
 Memory is exposed as a :class:`memoryview` over the mapped pages (read-only mappings give
 a read-only view, so a write raises ``TypeError``) plus :func:`numpy.frombuffer` arrays
 over the same bytes.  Multi-page objects are always mapped contiguously, in ref order.
@@ -26,7 +35,7 @@ from __future__ import annotations
 
 import enum
 import errno as _errno
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
@@ -37,10 +46,14 @@ from xenpv.errors import PlatformError
 if TYPE_CHECKING:
     import numpy.typing as npt
 
+    from xenpv.platforms.dispatch import PortDispatcher
+
 __all__ = [
     "DOMID_SELF",
     "GNTTAB_NR_RESERVED_ENTRIES",
+    "GNTTAB_RESERVED_CONSOLE",
     "PAGE_SIZE",
+    "BlockingXenstore",
     "EventChannels",
     "EvtchnState",
     "GntSt",
@@ -48,6 +61,7 @@ __all__ = [
     "GrantInUse",
     "GrantPtr",
     "GrantTable",
+    "GuestFrames",
     "LocalPtr",
     "MapError",
     "MappedGrants",
@@ -55,9 +69,14 @@ __all__ = [
     "Platform",
     "PlatformGone",
     "PortError",
+    "PreparedCopies",
+    "ReservedGrants",
     "ResourceExhausted",
     "SharedPages",
     "UnmapNotify",
+    "XenstoreClient",
+    "XenstoreNodes",
+    "XenstoreWatch",
     "prepare_copy",
 ]
 
@@ -65,6 +84,8 @@ __all__ = [
 PAGE_SIZE = 4096
 #: grant_table.h: refs 0..7 are reserved (0 console, 1 xenstore) and never handed out.
 GNTTAB_NR_RESERVED_ENTRIES = 8
+#: grant_table.h: GNTTAB_RESERVED_CONSOLE, the primary console page of every guest.
+GNTTAB_RESERVED_CONSOLE = 0
 #: xen.h: DOMID_SELF.
 DOMID_SELF = 0x7FF0
 
@@ -260,10 +281,13 @@ class GrantTable(Protocol):
         """The domain this handle acts as."""
         ...
 
-    def grant(self, domid: int, count: int = 1, *, writable: bool = True) -> SharedPages:
+    def grant(self, domid: int, count: int = 1, *, writable: bool = True,
+              notify: UnmapNotify | None = None) -> SharedPages:
         """Allocate ``count`` zeroed pages, map them locally (contiguous) and grant each
-        to ``domid``.  ``writable=False`` makes read-only grants.  Raises
-        :class:`ResourceExhausted` when the grant table is full (nothing allocated)."""
+        to ``domid``.  ``writable=False`` makes read-only grants.  ``notify`` is attached
+        when the pages are shared (every platform supports it for a single page; some
+        only then).  Raises :class:`ResourceExhausted` when the grant table is full
+        (nothing allocated)."""
         ...
 
     def end_access(self, pages: SharedPages) -> None:
@@ -342,6 +366,12 @@ class EventChannels(Protocol):
         """Re-enable delivery for ``port`` (fires at once if notified meanwhile)."""
         ...
 
+    @property
+    def dispatcher(self) -> PortDispatcher:
+        """The handle's one :class:`~xenpv.platforms.dispatch.PortDispatcher` (drivers
+        wait on their ports through it; see that module)."""
+        ...
+
     async def wait(self, timeout: float | None = None) -> int:
         """Await a pending port (asyncio, via ``loop.add_reader`` on :meth:`fileno`).
         Raises :class:`TimeoutError` after ``timeout`` seconds."""
@@ -353,6 +383,158 @@ class EventChannels(Protocol):
 
     def close(self) -> None:
         """Close every port of this handle."""
+        ...
+
+
+@runtime_checkable
+class ReservedGrants(Protocol):
+    """Optional grant-table feature: share a page at a reserved ref (a domain builder's
+    job: ref 0 console, ref 1 xenstore)."""
+
+    def grant_reserved(self, ref: int, domid: int, *, writable: bool = True) -> SharedPages:
+        """Share one zeroed page at reserved ``ref`` with ``domid``."""
+        ...
+
+    def end_access(self, pages: SharedPages) -> None:
+        """As :meth:`GrantTable.end_access`."""
+        ...
+
+
+@runtime_checkable
+class GuestFrames(Protocol):
+    """Optional grant-table feature: guest frames of this domain that a dom0 backend
+    may map by frame number (``xenforeignmemory_map``)."""
+
+    def alloc_frames(self, count: int) -> SharedPages:
+        """``count`` zeroed frames (``refs`` are the frame numbers)."""
+        ...
+
+    def free_frames(self, frames: SharedPages) -> None:
+        """Give the frames back (deferred while a backend still maps one)."""
+        ...
+
+    def grant_frame(self, gfn: int, domid: int, *, ref: int | None = None) -> SharedPages:
+        """Grant frame ``gfn`` to ``domid`` at a free ref or at reserved ``ref``."""
+        ...
+
+    def end_access(self, pages: SharedPages) -> None:
+        """As :meth:`GrantTable.end_access`."""
+        ...
+
+
+@runtime_checkable
+class PreparedCopies(Protocol):
+    """Optional grant-table feature: copies validated once and repeated cheaply."""
+
+    def prepare_copy(self, segments: Sequence[GrantCopy]) -> Callable[[], list[int]]:
+        """A callable running ``segments`` (one ``GNTST_*`` per segment) each call."""
+        ...
+
+
+class XenstoreNodes(Protocol):
+    """The asyncio node operations drivers use, on a client or inside a transaction."""
+
+    async def read(self, path: str, *, timeout: float | None = None) -> bytes:
+        """The value of ``path`` (``XenstoreError`` ENOENT if absent)."""
+        ...
+
+    async def write(self, path: str, value: bytes | str, *, timeout: float | None = None
+                    ) -> None:
+        """Create or replace ``path``."""
+        ...
+
+    async def rm(self, path: str, *, timeout: float | None = None) -> None:
+        """Remove ``path`` and everything below it."""
+        ...
+
+    async def directory(self, path: str, *, timeout: float | None = None) -> list[str]:
+        """Names of the children of ``path``."""
+        ...
+
+    async def set_perms(self, path: str, perms: Iterable[Any], *,
+                        timeout: float | None = None) -> None:
+        """Replace the permission list of ``path`` (``Perm`` or ``"r5"``-style text)."""
+        ...
+
+
+class XenstoreWatch(Protocol):
+    """A registered watch: an async iterator of events."""
+
+    async def register(self) -> Any:
+        """Send the WATCH request."""
+        ...
+
+    async def unregister(self, *, timeout: float | None = None) -> None:
+        """Send the UNWATCH request."""
+        ...
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        """Iterate over the watch events."""
+        ...
+
+
+T = TypeVar("T")
+
+
+class XenstoreClient(XenstoreNodes, Protocol):
+    """The asyncio xenstore client drivers are given (:mod:`xenpv.xenstore.client`)."""
+
+    @property
+    def connected(self) -> bool:
+        """True until the connection is lost or closed."""
+        ...
+
+    async def close(self) -> None:
+        """Close the connection."""
+        ...
+
+    async def transact(self, fn: Callable[[Any], Awaitable[T]], *, retries: int = 16,
+                       timeout: float | None = None) -> T:
+        """Run ``await fn(t)`` in a transaction (a :class:`XenstoreNodes`), again on
+        ``EAGAIN``."""
+        ...
+
+    def watch(self, path: str, token: str | None = None, *, depth: int | None = None,
+              max_pending: int = 256, timeout: float | None = None) -> XenstoreWatch:
+        """A watch on ``path`` (register it before iterating)."""
+        ...
+
+
+class BlockingXenstore(Protocol):
+    """The blocking xenstore client (:mod:`xenpv.xenstore.blocking`): the same node
+    operations, called without a loop."""
+
+    @property
+    def connected(self) -> bool:
+        """True until the connection is lost or closed."""
+        ...
+
+    def read(self, path: str) -> bytes:
+        """The value of ``path``."""
+        ...
+
+    def write(self, path: str, value: bytes | str) -> None:
+        """Create or replace ``path``."""
+        ...
+
+    def rm(self, path: str) -> None:
+        """Remove ``path`` and everything below it."""
+        ...
+
+    def directory(self, path: str) -> list[str]:
+        """Names of the children of ``path``."""
+        ...
+
+    def set_perms(self, path: str, perms: Iterable[Any]) -> None:
+        """Replace the permission list of ``path``."""
+        ...
+
+    def transact(self, fn: Callable[[Any], T], *, retries: int = 16) -> T:
+        """Run ``fn(t)`` in a transaction, again on ``EAGAIN``."""
+        ...
+
+    def close(self) -> None:
+        """Close the connection."""
         ...
 
 
@@ -380,7 +562,7 @@ class Platform(Protocol):
         """Path of this domain's xenstore socket (or device), if it has one."""
         ...
 
-    async def xenstore(self) -> Any:
+    async def xenstore(self) -> XenstoreClient:
         """A connected :mod:`xenpv.xenstore.client` client acting as this domain."""
         ...
 
@@ -389,27 +571,35 @@ class Platform(Protocol):
         ...
 
 
-def prepare_copy(grants: Any, segments: Sequence[GrantCopy]) -> Callable[[], list[int]]:
+def prepare_copy(grants: GrantTable, segments: Sequence[GrantCopy]
+                 ) -> Callable[[], list[int]]:
     """A callable running the grant copy ``segments`` (one ``GNTST_*`` per segment).
 
-    Platforms that can validate a copy once and repeat it cheaply offer
-    ``grants.prepare_copy``; on the others this simply calls ``grants.copy`` each time.
+    Platforms that can validate a copy once and repeat it cheaply are
+    :class:`PreparedCopies`; on the others this simply calls ``grants.copy`` each time.
     Reuse it for copies repeated over the same grants and local buffers."""
-    prepare = getattr(grants, "prepare_copy", None)
-    if prepare is not None:
-        plan: Callable[[], list[int]] = prepare(segments)
-        return plan
+    if isinstance(grants, PreparedCopies):
+        return grants.prepare_copy(segments)
     fixed = tuple(segments)
     return lambda: list(grants.copy(fixed))
 
 
-async def open_xenstore_client(path: str) -> Any:
+async def open_xenstore_client(path: str) -> XenstoreClient:
     """Connect the asyncio xenstore client to ``path`` (shared by every platform)."""
-    import importlib
+    # imported here: the xenstore client is only loaded by platforms that use it
+    from xenpv.xenstore.client import connect
 
-    # imported lazily: the xenstore layer is optional for grant/event-only users
-    xs_client: Any = importlib.import_module("xenpv.xenstore.client")
-    return await xs_client.connect(path)
+    return await connect(path)
+
+
+if TYPE_CHECKING:
+    from xenpv.xenstore import blocking as _blocking
+    from xenpv.xenstore import client as _client
+
+    def _both_clients_conform(a: _client.XenstoreClient, b: _blocking.BlockingClient
+                              ) -> tuple[XenstoreClient, BlockingXenstore]:
+        """Checked by mypy only: both clients satisfy their interface."""
+        return a, b
 
 
 G = TypeVar("G", bound=GrantTable)
@@ -446,7 +636,7 @@ class BasePlatform(Generic[G, E]):
         """This domain's xenstore socket (or device), if it has one."""
         return self._xenstore_path
 
-    async def xenstore(self) -> Any:
+    async def xenstore(self) -> XenstoreClient:
         """A connected xenstore client acting as this domain."""
         if self._xenstore_path is None:
             from xenpv.errors import LocalError

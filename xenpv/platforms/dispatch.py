@@ -12,9 +12,11 @@ vchan proxy) goes through it.  It knows nothing of rings or devices.
 
 Theory of operation
 -------------------
-:meth:`PortDispatcher.attach` returns the dispatcher of a handle (one per handle object,
-created on first use, counted per user; :meth:`~PortDispatcher.detach` balances it and
-the last user lets it go).
+:meth:`PortDispatcher.attach` returns the dispatcher of a handle, counted per user
+(:meth:`~PortDispatcher.detach` balances it).  The dispatcher belongs to the handle: each
+:class:`~xenpv.platforms.base.EventChannels` implementation makes one on first use and
+offers it as its ``dispatcher`` attribute (:class:`DispatchedEvents` does that for it), so
+it lives exactly as long as the handle and needs no registry.
 
 * asyncio: :meth:`~PortDispatcher.watch` registers a callback for a port in the running
   loop; the first one installs the loop reader on the handle's fd, the last
@@ -48,11 +50,14 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar, cast
 
 from xenpv.errors import LocalError, PlatformError
 
-__all__ = ["PortDispatcher"]
+if TYPE_CHECKING:
+    from xenpv.platforms.base import EventChannels
+
+__all__ = ["DispatchedEvents", "PortDispatcher"]
 
 _HANDLE_ERRORS = (LocalError, PlatformError, OSError)
 
@@ -66,10 +71,9 @@ class PortDispatcher:
 
     #: Deliveries taken per wake-up of the loop reader before yielding to the loop.
     EVENTS_PER_WAKEUP: ClassVar[int] = 64
-    _registry: ClassVar[dict[int, PortDispatcher]] = {}
 
-    def __init__(self, events: Any) -> None:
-        """Dispatch for ``events`` (use :meth:`attach` to share the one of a handle)."""
+    def __init__(self, events: EventChannels) -> None:
+        """Dispatch for ``events`` (handles make theirs; drivers use :meth:`attach`)."""
         self.events = events
         #: port -> callback of the ports watched in the loop.
         self.callbacks: dict[int, Callable[[], None]] = {}
@@ -89,28 +93,20 @@ class PortDispatcher:
         """The loop whose reader is on the handle's fd (None while no port is watched)."""
         return self._loop
 
-    @classmethod
-    def attach(cls, events: Any) -> PortDispatcher:
-        """The dispatcher of ``events`` (created on first use), counted as one more user;
+    @staticmethod
+    def attach(events: EventChannels) -> PortDispatcher:
+        """The dispatcher of ``events`` (its ``dispatcher``), counted as one more user;
         balance with :meth:`detach`."""
-        hub = cls._registry.get(id(events))
-        if hub is None or hub.events is not events:
-            hub = cls._registry[id(events)] = cls(events)
+        hub = events.dispatcher
         hub.users += 1
         return hub
 
     def detach(self, port: int | None = None) -> None:
-        """One user fewer; forget ``port`` (its callback and any remembered firing).
-        The last user (with no port left watched) lets the dispatcher go."""
+        """One user fewer; forget ``port`` (its callback and any remembered firing)."""
         if port is not None:
             self.fired.discard(port)
             self.unwatch(port)
         self.users -= 1
-        self._forget_if_unused()
-
-    def _forget_if_unused(self) -> None:
-        if self.users <= 0 and not self.callbacks and self._registry.get(id(self.events)) is self:
-            del self._registry[id(self.events)]
 
     # -- delivery
     def _deliver(self, port: int, in_loop: bool) -> None:
@@ -188,7 +184,6 @@ class PortDispatcher:
         self.late_unmask.discard(port)
         if not self.callbacks:
             self._remove_reader()
-            self._forget_if_unused()
 
     def _remove_reader(self) -> None:
         if self._loop is not None:
@@ -206,6 +201,21 @@ class PortDispatcher:
             if port is None:
                 return
             self._deliver(port, True)
+
+
+class DispatchedEvents:
+    """Mixin for event-channel handles: the handle's own :class:`PortDispatcher`,
+    made on first use."""
+
+    _dispatcher: PortDispatcher | None = None
+
+    @property
+    def dispatcher(self) -> PortDispatcher:
+        """The one dispatcher of this handle (see :mod:`xenpv.platforms.dispatch`)."""
+        hub = self._dispatcher
+        if hub is None:
+            hub = self._dispatcher = PortDispatcher(cast("EventChannels", self))
+        return hub
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

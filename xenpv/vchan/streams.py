@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 :class:`VchanTransport` is an :class:`asyncio.Transport` over one vchan endpoint, so the
 standard :class:`asyncio.StreamReader`/:class:`asyncio.StreamWriter` pair (and any
-:class:`asyncio.Protocol`) work unchanged.  It is a :class:`~xenpv.streams.RingStreamTransport`
+:class:`asyncio.Protocol`) work unchanged.  It is a :class:`~xenpv.drivers.streams.RingStreamTransport`
 (write queue and water marks, pause/resume, close/abort: the base it shares with the
 console's streams).  The endpoint's event-channel port is watched through the handle's
 :class:`~xenpv.platforms.dispatch.PortDispatcher` (one ``loop.add_reader`` per handle,
@@ -34,9 +34,9 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from xenpv.drivers.streams import RingStreamTransport
 from xenpv.errors import LocalError, PeerError, PlatformError
 from xenpv.protocols.vchan import VCHAN_NOTIFY_READ, VCHAN_NOTIFY_WRITE
-from xenpv.streams import RingStreamTransport
 from xenpv.vchan.endpoint import VchanClient, VchanEndpoint, VchanServer
 
 __all__ = ["VchanStreamServer", "VchanTransport", "open_connection", "start_server"]
@@ -50,7 +50,7 @@ _LOW_WATER = 1 << 18
 
 class VchanTransport(RingStreamTransport):
     """An asyncio transport over a connected vchan endpoint (the transport API itself is
-    :class:`~xenpv.streams.RingStreamTransport`'s)."""
+    :class:`~xenpv.drivers.streams.RingStreamTransport`'s)."""
 
     write_high_water = _HIGH_WATER
     write_low_water = _LOW_WATER

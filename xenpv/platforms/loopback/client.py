@@ -49,8 +49,8 @@ from xenpv.platforms.base import (
 from xenpv.platforms.loopback import proto
 from xenpv.platforms.loopback.env import ENV_SOCKET, ENV_XENSTORED_PATH
 from xenpv.platforms.loopback.events import EpollEvents
-from xenpv.platforms.loopback.inprocess import notify_args
-from xenpv.platforms.loopback.memory import MappedRegion, Region, SharedRegion, owned_run
+from xenpv.platforms.loopback.inprocess import notify_args, with_notify
+from xenpv.platforms.loopback.memory import MappedRegion, Region, SharedRegion, map_fd, owned_run
 from xenpv.platforms.loopback.proto import Op
 
 _ONE = (1).to_bytes(8, "little")
@@ -210,10 +210,14 @@ class ClientGrantTable(_OnConnection):
         self._conn = ControlConnection(_socket_from_env(path), timeout=timeout)
         self._live: dict[int, SharedRegion | MappedRegion] = {}
 
-    def grant(self, domid: int, count: int = 1, *, writable: bool = True) -> SharedRegion:
-        """Allocate, map and grant ``count`` zeroed pages to ``domid``."""
+    def grant(self, domid: int, count: int = 1, *, writable: bool = True,
+              notify: UnmapNotify | None = None) -> SharedRegion:
+        """Allocate, map and grant ``count`` zeroed pages to ``domid``, with ``notify``
+        attached if given."""
         flags = proto.SHARE_WRITABLE if writable else 0
-        return self._share(Op.GNT_SHARE, proto.SHARE_REQ.pack(domid, flags, count), domid, writable)
+        run = self._share(Op.GNT_SHARE, proto.SHARE_REQ.pack(domid, flags, count), domid,
+                          writable)
+        return with_notify(self, run, notify)
 
     def grant_reserved(self, ref: int, domid: int, *, writable: bool = True) -> SharedRegion:
         """Share one zeroed page at reserved ref 0 (console) or 1 (xenstore) with ``domid``."""

@@ -43,6 +43,7 @@ from abc import ABC, abstractmethod
 from xenpv.errors import LocalError
 from xenpv.platforms.base import PortError
 from xenpv.platforms.fdwait import wait_readable
+from xenpv.platforms.dispatch import DispatchedEvents
 
 _ARM = select.EPOLLIN | select.EPOLLET
 
@@ -62,7 +63,7 @@ def _requeue(inbox: int) -> None:
         pass
 
 
-class EpollEvents(ABC):
+class EpollEvents(DispatchedEvents, ABC):
     """Shared masking/pending/wait logic of the loopback event-channel handles."""
 
     def __init__(self) -> None:

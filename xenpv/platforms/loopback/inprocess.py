@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from xenpv.platforms.base import (
     BasePlatform,
     GrantCopy,
+    GrantTable,
     MappedGrants,
     SharedPages,
     UnmapNotify,
@@ -42,6 +43,18 @@ def notify_args(notify: UnmapNotify) -> tuple[int, int, int]:
     return notify.offset, action, notify.port or 0
 
 
+def with_notify(gt: GrantTable, run: SharedRegion, notify: UnmapNotify | None) -> SharedRegion:
+    """``run`` with ``notify`` attached (``grant(notify=...)``); on failure the share is
+    ended again and the error propagates."""
+    if notify is not None:
+        try:
+            gt.set_unmap_notify(run, notify)
+        except BaseException:
+            gt.end_access(run)
+            raise
+    return run
+
+
 class InProcessGrantTable:
     """:class:`~xenpv.platforms.base.GrantTable` of one domain, in process."""
 
@@ -55,9 +68,11 @@ class InProcessGrantTable:
         """The domain this handle acts as."""
         return self._h.domain.domid
 
-    def grant(self, domid: int, count: int = 1, *, writable: bool = True) -> SharedRegion:
-        """Allocate, map and grant ``count`` zeroed pages to ``domid``."""
-        return self._share(domid, count, writable, None)
+    def grant(self, domid: int, count: int = 1, *, writable: bool = True,
+              notify: UnmapNotify | None = None) -> SharedRegion:
+        """Allocate, map and grant ``count`` zeroed pages to ``domid``, with ``notify``
+        attached if given."""
+        return with_notify(self, self._share(domid, count, writable, None), notify)
 
     def grant_reserved(self, ref: int, domid: int, *, writable: bool = True) -> SharedRegion:
         """Share one zeroed page at reserved ref 0 (console) or 1 (xenstore) with ``domid``."""

@@ -17,13 +17,14 @@ from typing import Any
 
 from xenpv.errors import LocalError
 from xenpv.platforms.base import PortError
+from xenpv.platforms.dispatch import DispatchedEvents
 from xenpv.platforms.fdwait import wait_readable
 from xenpv.platforms.xen._libs import XenLibraries, call_error, ffi
 
 __all__ = ["XenEvents"]
 
 
-class XenEvents:
+class XenEvents(DispatchedEvents):
     """:class:`~xenpv.platforms.base.EventChannels` on ``libxenevtchn.so.1``."""
 
     def __init__(self, libs: XenLibraries, domid: int) -> None:

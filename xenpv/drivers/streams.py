@@ -2,13 +2,10 @@
 
 Why here
 --------
-This is driver-layer code (asyncio, a transport's lifecycle), shared by two drivers that
+This is driver-layer code (asyncio, a transport's lifecycle) shared by two drivers that
 live in different packages (:mod:`xenpv.frontends.console`, :mod:`xenpv.vchan.streams`)
-and must not depend on each other.  The driver layer has no package of its own, so the
-base sits at the top of the package, beside :mod:`xenpv.errors`, importing nothing but
-that.  It does not belong in :mod:`xenpv.rings` (ring code does no I/O) nor in
-:mod:`xenpv.platforms` (the platform gives drivers grant tables, ports and xenstore;
-byte streams are something drivers make of them).
+and must not depend on each other, so it sits in :mod:`xenpv.drivers` with the other
+pieces drivers share.
 
 Theory of operation
 -------------------

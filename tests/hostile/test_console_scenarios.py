@@ -26,7 +26,8 @@ from xenpv.backends.console import (
     publish_primary_console,
     serve_console,
 )
-from xenpv.frontends.console import GNTTAB_RESERVED_CONSOLE, ConsoleRing
+from xenpv.drivers import ConsoleRing
+from xenpv.frontends.console import GNTTAB_RESERVED_CONSOLE
 from xenpv.platforms.loopback.client import ClientPlatform
 from xenpv.platforms.loopback.harness import DaemonMachine, InProcessMachine
 from xenpv.protocols.console import XENCONS_OUT_CONS_OFFSET, XENCONS_OUT_PROD_OFFSET
@@ -295,7 +296,8 @@ def test_scenario_27_guest_written_nodes_never_drive_host_decisions(
 def test_scenario_16_backend_event_storm_on_the_console_frontend(
         inprocess_machine: InProcessMachine) -> None:
     """The guest side has the same budget: a backend flooding its port is rate-limited."""
-    from xenpv.frontends.console import EventRateLimiter, PrimaryConsole
+    from xenpv.drivers import EventRateLimiter
+    from xenpv.frontends.console import PrimaryConsole
 
     allowance, period = 30, 0.2
 

@@ -25,10 +25,10 @@ from xenpv.backends.console import (
     serve_console,
 )
 from xenpv.cli.demo import Pty
+from xenpv.drivers import EventRateLimiter
 from xenpv.frontends.console import (
     GNTTAB_RESERVED_CONSOLE,
     ConsoleFrontend,
-    EventRateLimiter,
     PrimaryConsole,
 )
 from xenpv.platforms.loopback.client import ClientPlatform

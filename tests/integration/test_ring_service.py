@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import pytest
+from xenpv.vchan.testing import InProcessVchanLab, VchanLab, read_line
 
 from xenpv.drivers import (
     BackChannel,
@@ -32,7 +33,6 @@ from xenpv.drivers import (
 from xenpv.drivers.ringchannel import RingChannelPeerError
 from xenpv.errors import PeerError
 from xenpv.platforms.base import Platform, XenstoreClient
-from xenpv.vchan.testing import InProcessVchanLab, VchanLab, read_line
 from xenpv.xenbus.driver import PeerKeys
 
 FE, BE = 1, 2

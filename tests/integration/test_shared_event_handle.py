@@ -28,7 +28,6 @@ from xenpv.frontends.console import GNTTAB_RESERVED_CONSOLE, PrimaryConsole
 from xenpv.platforms.dispatch import PortDispatcher
 from xenpv.testing.vchan import InProcessVchanLab, VchanLab, vchan_path
 from xenpv.vchan import VchanStreamServer, open_connection, start_server
-from xenpv.vchan.endpoint import wait_reaped
 
 SERVER, GUEST = 1, 2
 WAIT = 20.0
@@ -107,7 +106,7 @@ async def console_and_vchan(spf: Any, gpf: Any, name: str,
             await server.wait_closed()
         session.close()  # the backend unmaps first: the guest can then end its grant
         console.close()
-    assert await wait_reaped(spf.grants, 5.0)
+    assert await server.quarantine.drain(5.0)
 
 
 def test_console_and_vchan_share_one_handle_per_domain(pfs: tuple[Any, Any]) -> None:

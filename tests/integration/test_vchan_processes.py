@@ -14,7 +14,6 @@ import pytest
 
 import xenpv.vchan as xenpv_vchan
 from xenpv.testing.vchan import VchanLab, vchan_path
-from xenpv.vchan.endpoint import wait_reaped
 
 SERVER, CLIENT = 1, 2
 MiB = 1 << 20
@@ -114,7 +113,7 @@ def test_asyncio_server_sees_killed_client_process(lab: VchanLab) -> None:
         await asyncio.wait_for(ended.wait(), 60)
         server.close()
         await server.wait_closed()
-        assert await wait_reaped(spf.grants, 5.0)
+        assert await server.quarantine.drain(5.0)
 
     asyncio.run(asyncio.wait_for(main(), 90))
     assert got and got[0] > 4 * MiB

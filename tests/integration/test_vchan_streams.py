@@ -20,7 +20,6 @@ import pytest
 from xenpv.protocols.vchan import choose_orders
 from xenpv.testing.vchan import InProcessVchanLab, VchanLab, vchan_path
 from xenpv.vchan import VchanClient, VchanServer, open_connection, start_server
-from xenpv.vchan.endpoint import wait_reaped
 
 SERVER, CLIENT = 1, 2
 MiB = 1 << 20
@@ -77,7 +76,7 @@ def test_echo_over_each_ring_placement(pfs: tuple[Any, Any], read_min: int, writ
         await writer.wait_closed()
         server.close()
         await server.wait_closed()
-        assert await wait_reaped(spf.grants, 5.0)
+        assert await server.quarantine.drain(5.0)
 
     run(main())
 
@@ -125,7 +124,7 @@ def test_large_transfer_both_ways_with_digest(pfs: tuple[Any, Any]) -> None:
         await writer.wait_closed()
         server.close()
         await server.wait_closed()
-        assert await wait_reaped(spf.grants, 5.0)
+        assert await server.quarantine.drain(5.0)
 
     run(main(), 120)
     assert digests["client_sent"] == digests["server_got"]
@@ -181,7 +180,7 @@ def test_close_from_either_side_reports_eof_and_releases(pfs: tuple[Any, Any], c
         with pytest.raises(BrokenPipeError):
             second.send(b"anyone?")
         await second.aclose()
-        assert await wait_reaped(spf.grants, 5.0)
+        assert await server.quarantine.drain(5.0)
 
     run(main())
 

@@ -7,8 +7,8 @@ import struct
 import pytest
 
 from xenpv.backends.console import ConsoleConfig, ConsoleLog
+from xenpv.drivers import ConsoleRing, EventRateLimiter
 from xenpv.errors import LocalError
-from xenpv.frontends.console import ConsoleRing, EventRateLimiter
 from xenpv.protocols.console import (
     XENCONS_IN_CONS_OFFSET,
     XENCONS_IN_PROD_OFFSET,

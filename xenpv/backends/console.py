@@ -20,7 +20,7 @@ Hostile guests (hostile-inputs.md R10, R11, R14, scenario 27):
   guest waits);
 * the log file is capped by ``log_max`` bytes: when full it is rotated once
   (``NAME.log`` → ``NAME.log.1``), so the disk holds at most twice the cap;
-* every delivered event is charged to an :class:`~xenpv.frontends.console.EventRateLimiter`
+* every delivered event is charged to an :class:`~xenpv.drivers.events.EventRateLimiter`
   (30 events per 200 ms, like xenconsoled); past the allowance the port stays masked until
   the period ends, then the ring is examined once;
 * the guest's console nodes (``tty``, ``output``, ``limit``, ``type``) are never read:
@@ -43,17 +43,22 @@ import errno as _errno
 import logging
 import os
 import tty
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xenpv.drivers.consolering import ConsoleRing
+from xenpv.drivers.events import EventPump, EventRateLimiter
+from xenpv.drivers.resources import DeviceResources
 from xenpv.errors import LocalError, PeerError, PlatformError
-from xenpv.frontends.console import (
+from xenpv.platforms.base import (
     GNTTAB_RESERVED_CONSOLE,
-    ConsoleRing,
-    EventPump,
-    EventRateLimiter,
+    EventChannels,
+    Platform,
+    XenstoreClient,
+    XenstoreNodes,
+    XenstoreWatch,
 )
 from xenpv.protocols.console import (
     CONSOLE_OUTPUT_PTY,
@@ -70,7 +75,7 @@ from xenpv.protocols.console import (
 from xenpv.xenbus import keys as _keys
 from xenpv.xenbus.driver import BackendDriver, PeerKeys
 from xenpv.xenbus.watcher import BackendWatcher
-from xenpv.xenstore.client import Perm, Transaction
+from xenpv.xenstore.client import XenstoreClient as XenbusClient
 from xenpv.xenstore.wire import XenstoreError
 
 __all__ = [
@@ -176,7 +181,8 @@ class ConsoleSession(EventPump):
     :attr:`stats`.
     """
 
-    def __init__(self, ring: ConsoleRing, events: Any, port: int, config: ConsoleConfig,
+    def __init__(self, ring: ConsoleRing, events: EventChannels, port: int,
+                 config: ConsoleConfig,
                  *, name: str = "console", sink: Callable[[bytes], None] | None = None,
                  release: Callable[[], None] | None = None) -> None:
         """Prepare; :meth:`start` opens the pty and begins serving."""
@@ -215,7 +221,7 @@ class ConsoleSession(EventPump):
             self.tty_path = os.ttyname(self.slave)
             self._want_input(True)
         self._watch_port()
-        self._schedule()
+        self._schedule_pump()
 
     def close(self) -> None:
         """Stop serving and release pty, log, page and port (idempotent)."""
@@ -274,7 +280,7 @@ class ConsoleSession(EventPump):
         if consumed:
             self._notify()
         if consumed >= _PASS_BYTES:
-            self._schedule()
+            self._schedule_pump()
         moved_in = self._push_input()
         self._drain()
         return bool(consumed or moved_in)
@@ -370,7 +376,7 @@ class ConsoleSession(EventPump):
 # --------------------------------------------------------------------------- toolstack
 
 
-async def publish_primary_console(client: Any, domid: int, *, port: int, ring_ref: int,
+async def publish_primary_console(client: XenstoreClient, domid: int, *, port: int, ring_ref: int,
                                   backend_domid: int = 0, backend_type: str = "xenconsoled",
                                   limit: int = DEFAULT_LIMIT, timeout: float = 5.0) -> str:
     """Toolstack (dom0): publish console 0 of ``domid`` (§8.2); returns its path.
@@ -383,9 +389,9 @@ async def publish_primary_console(client: Any, domid: int, *, port: int, ring_re
     """
     path = console_path(domid)
 
-    async def body(t: Transaction) -> None:
+    async def body(t: XenstoreNodes) -> None:
         await t.write(path, b"")
-        await t.set_perms(path, [Perm("n", backend_domid), Perm("r", domid)])
+        await t.set_perms(path, [f"n{backend_domid}", f"r{domid}"])
         for key, value in ((KEY_RING_REF, ring_ref), (KEY_PORT, port), (KEY_TYPE, backend_type),
                            (KEY_OUTPUT, CONSOLE_OUTPUT_PTY), (KEY_LIMIT, limit), (KEY_TTY, ""),
                            (KEY_BACKEND_ID, backend_domid)):
@@ -395,7 +401,7 @@ async def publish_primary_console(client: Any, domid: int, *, port: int, ring_re
     return path
 
 
-async def remove_primary_console(client: Any, domid: int, timeout: float = 5.0) -> None:
+async def remove_primary_console(client: XenstoreClient, domid: int, timeout: float = 5.0) -> None:
     """Toolstack: remove ``/local/domain/<domid>/console``."""
     with contextlib.suppress(XenstoreError):
         await client.rm(console_path(domid), timeout=timeout)
@@ -412,7 +418,8 @@ class PrimaryConsoleServer:
     re-does either when it changes.  Writes the pty path to ``tty``.
     """
 
-    def __init__(self, platform: Any, client: Any, domid: int, config: ConsoleConfig, *,
+    def __init__(self, platform: Platform, client: XenstoreClient, domid: int,
+                 config: ConsoleConfig, *,
                  sink: Callable[[bytes], None] | None = None, op_timeout: float = 5.0) -> None:
         """Serve ``domid`` through ``platform`` (grants, events) and ``client`` (xenstore)."""
         self.platform = platform
@@ -442,7 +449,7 @@ class PrimaryConsoleServer:
         assert self.session is not None
         return self.session
 
-    async def _run(self, watch: Any) -> None:
+    async def _run(self, watch: XenstoreWatch) -> None:
         async def forward() -> None:
             with contextlib.suppress(Exception):
                 async for _ in watch:
@@ -527,33 +534,20 @@ class PrimaryConsoleServer:
         self._stop_session()
 
 
-def serve_console(platform: Any, domid: int, ref: int, remote_port: int,
+def serve_console(platform: Platform, domid: int, ref: int, remote_port: int,
                   config: ConsoleConfig, name: str,
                   sink: Callable[[bytes], None] | None = None) -> ConsoleSession:
     """Map grant ``ref`` of ``domid``, bind its ``remote_port`` and start a session on
     them; the session releases both when it closes.  Nothing is left held on failure:
     a :class:`PlatformError` from the map or the bind propagates."""
-    gt, ev = platform.grants, platform.events
-    mapping = gt.map(domid, [ref], writable=True)
-    try:
-        port = ev.bind_interdomain(domid, remote_port)
-    except BaseException:
-        gt.unmap(mapping)
-        raise
-
-    def release() -> None:
-        with contextlib.suppress(LocalError, PlatformError):
-            ev.unbind(port)
-        with contextlib.suppress(LocalError, PlatformError):
-            gt.unmap(mapping)
-
-    try:
+    res = DeviceResources(platform.grants, platform.events)
+    with res.undo_on_error():
+        mapping = res.map(domid, [ref], writable=True)
+        port = res.bind(domid, remote_port)
         ring = ConsoleRing(mapping.mem, backend=True)
-        session = ConsoleSession(ring, ev, port, config, name=name, sink=sink, release=release)
+        session = ConsoleSession(ring, platform.events, port, config, name=name, sink=sink,
+                                 release=res.release)
         session.start()
-    except BaseException:
-        release()
-        raise
     return session
 
 
@@ -563,7 +557,8 @@ def serve_console(platform: Any, domid: int, ref: int, remote_port: int,
 class ConsoleBackendDriver(BackendDriver):
     """Backend of a secondary console ``backend/console/<fe>/<n>`` (§8.3)."""
 
-    def __init__(self, platform: Any, client: Any, path: str, config: ConsoleConfig, *,
+    def __init__(self, platform: Platform, client: XenbusClient, path: str,
+                 config: ConsoleConfig, *,
                  sink: Callable[[bytes], None] | None = None, **kw: Any) -> None:
         """Serve ``path`` (see :class:`BackendDriver`)."""
         super().__init__(client, path, **kw)
@@ -611,7 +606,8 @@ class ConsoleBackend:
     ``max_domains``.  Everything the backend decides comes from its arguments (R14).
     """
 
-    def __init__(self, platform: Any, client: Any, config: ConsoleConfig | None = None, *,
+    def __init__(self, platform: Platform, client: XenbusClient,
+                 config: ConsoleConfig | None = None, *,
                  domids: Iterable[int] = (), all_domains: bool = False,
                  secondary: bool = True, max_domains: int = 1024,
                  sink: Callable[[int, bytes], None] | None = None) -> None:
@@ -651,7 +647,7 @@ class ConsoleBackend:
                 await w.register()
             self._domlist = asyncio.create_task(self._follow_domains(watches))
         if self.secondary:
-            def factory(client: Any, path: str) -> ConsoleBackendDriver:
+            def factory(client: XenbusClient, path: str) -> ConsoleBackendDriver:
                 fe = int(path.rstrip("/").split("/")[-2])
                 return ConsoleBackendDriver(self.platform, client, path, self.config,
                                             sink=self._sink_for(fe))
@@ -659,10 +655,10 @@ class ConsoleBackend:
             self.watcher = BackendWatcher(self.client, self.platform.domid, "console", factory)
             await self.watcher.start()
 
-    async def _follow_domains(self, watches: list[Any]) -> None:
+    async def _follow_domains(self, watches: Sequence[XenstoreWatch]) -> None:
         kick = asyncio.Event()
 
-        async def forward(w: Any) -> None:
+        async def forward(w: XenstoreWatch) -> None:
             with contextlib.suppress(Exception):
                 async for _ in w:
                     kick.set()

@@ -76,7 +76,7 @@ class RingStreamTransport(asyncio.Transport):
         self._scheduled = False
 
     # -- what subclasses provide
-    def _send(self, data: Any) -> int:
+    def _send(self, data: bytes | bytearray | memoryview) -> int:
         """Put as much of ``data`` into the ring as fits now; returns bytes taken.
 
         May raise :class:`~xenpv.errors.PeerError` or :class:`BrokenPipeError` (the

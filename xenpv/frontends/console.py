@@ -5,10 +5,10 @@ Theory of operation
 A console is one shared page (``xencons_interface``, xen-protocols.md §8.1) holding two
 byte rings with free-running u32 indexes: ``out`` (2048 bytes, guest → backend) and ``in``
 (1024 bytes, backend → guest), plus one event channel.  The guest produces into ``out`` and
-consumes ``in``.  :class:`ConsoleRing` wraps both rings of a page for either side over the
-shared :class:`~xenpv.rings.ByteRing` (compiled or reference): each call loads the peer's
-index once (single fetch, R1), and a corrupt index pair (``prod - cons`` larger than the
-ring) reads as "nothing there" and is counted, never raised (§8.1: ignored; scenario 27).
+consumes ``in``.  :class:`~xenpv.drivers.consolering.ConsoleRing` wraps both rings of a page for either
+side: each call loads the peer's index once (single fetch, R1), and a corrupt index pair
+(``prod - cons`` larger than the ring) reads as "nothing there" and is counted, never
+raised (§8.1: ignored; scenario 27).
 
 :class:`ConsoleTransport` is an :class:`asyncio.Transport` over one ring page and one
 port (a :class:`~xenpv.drivers.streams.RingStreamTransport`, the base it shares with vchan's
@@ -16,7 +16,7 @@ streams), so the standard :class:`asyncio.StreamReader`/:class:`asyncio.StreamWr
 works unchanged (:func:`open_console_streams`).  Every notification runs one service
 pass: flush buffered writes into the ring, move readable bytes to the protocol (bounded
 per pass), notify the peer after any index update.  Event storms are bounded by an
-:class:`EventRateLimiter` (R10): beyond ``allowance`` events per ``period`` the port stays
+:class:`~xenpv.drivers.events.EventRateLimiter` (R10): beyond ``allowance`` events per ``period`` the port stays
 masked until the period ends (late EOI), then the ring is re-examined once.
 
 Two kinds of console (§8.2, §8.3):
@@ -38,8 +38,10 @@ Two kinds of console (§8.2, §8.3):
 Event channels: each console takes deliveries from the platform's event handle through
 the handle's :class:`~xenpv.platforms.dispatch.PortDispatcher` (one per handle, shared
 with every other driver on that handle, vchan included), which hands the fired port to its
-console still masked; :class:`EventPump`, shared with the backend's sessions, decides
-when to unmask.
+console still masked; :class:`~xenpv.drivers.events.EventPump`, shared with the
+backend's sessions, decides when to unmask.  The page and the port are held in a
+:class:`~xenpv.drivers.resources.DeviceResources`; a page the backend still maps when the
+console closes goes to the console's :class:`~xenpv.drivers.quarantine.GrantQuarantine`.
 Each ring is written by its producer with a single aligned index store
 after the data (and read by its consumer after one index load), through the ring layer's
 barriers; the notification follows the index store.
@@ -49,230 +51,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
+from xenpv.drivers.consolering import ConsoleRing
+from xenpv.drivers.events import EventPump, EventRateLimiter
+from xenpv.drivers.quarantine import GrantQuarantine
+from xenpv.drivers.resources import DeviceResources
 from xenpv.drivers.streams import RingStreamTransport
 from xenpv.errors import LocalError, PlatformError
-from xenpv.platforms.dispatch import PortDispatcher
+from xenpv.platforms.base import (
+    GNTTAB_RESERVED_CONSOLE,
+    EventChannels,
+    GrantTable,
+    GuestFrames,
+    Platform,
+    ReservedGrants,
+    SharedPages,
+)
 from xenpv.protocols.console import (
     KEY_PORT,
     KEY_RING_REF,
-    XENCONS_IN_CONS_OFFSET,
-    XENCONS_IN_OFFSET,
-    XENCONS_IN_PROD_OFFSET,
-    XENCONS_IN_SIZE,
-    XENCONS_OUT_CONS_OFFSET,
-    XENCONS_OUT_OFFSET,
-    XENCONS_OUT_PROD_OFFSET,
-    XENCONS_OUT_SIZE,
 )
-from xenpv.rings import ByteRing
 from xenpv.xenbus.driver import FrontendDriver, PeerKeys
 from xenpv.xenbus.machine import FrontendStyle
+from xenpv.xenstore.client import XenstoreClient as XenbusClient
 
 __all__ = [
     "GNTTAB_RESERVED_CONSOLE",
     "ConsoleFrontend",
-    "ConsoleRing",
     "ConsoleTransport",
-    "EventPump",
-    "EventRateLimiter",
-    "PortDispatcher",
     "PrimaryConsole",
     "open_console_streams",
 ]
 
-log = logging.getLogger(__name__)
-
-#: grant_table.h: GNTTAB_RESERVED_CONSOLE, the primary console page of every guest.
-GNTTAB_RESERVED_CONSOLE = 0
 #: Bytes handed to the protocol per service pass before yielding to the loop.
 _PASS_BYTES = 1 << 16
 _HIGH_WATER = 1 << 16
 _LOW_WATER = 1 << 14
-#: xenconsoled's event budget: 30 events per 200 ms, then the port stays masked.
-RATE_LIMIT_ALLOWANCE = 30
-RATE_LIMIT_PERIOD = 0.2
-
-
-class ConsoleRing:
-    """The two byte rings of one ``xencons_interface`` page, seen from one side.
-
-    ``backend=False`` (guest): :meth:`write` produces into ``out``, :meth:`read` consumes
-    ``in``.  ``backend=True``: :meth:`read` consumes ``out``, :meth:`write` produces into
-    ``in``.  Indexes are loaded once per call; an insane index pair reads as empty/full
-    and bumps :attr:`insane`.
-    """
-
-    def __init__(self, mem: Any, *, backend: bool) -> None:
-        """Place the rings in ``mem`` (at least the 3088 bytes of the 4.17 page)."""
-        # io/console.h: in[1024] @0, out[2048] @1024, in_cons, in_prod, out_cons, out_prod
-        inring = ByteRing(mem, data_offset=XENCONS_IN_OFFSET, size=XENCONS_IN_SIZE,
-                          prod_offset=XENCONS_IN_PROD_OFFSET,
-                          cons_offset=XENCONS_IN_CONS_OFFSET, on_insane="zero")
-        outring = ByteRing(mem, data_offset=XENCONS_OUT_OFFSET, size=XENCONS_OUT_SIZE,
-                           prod_offset=XENCONS_OUT_PROD_OFFSET,
-                           cons_offset=XENCONS_OUT_CONS_OFFSET, on_insane="zero")
-        self.backend = backend
-        self._rx, self._tx = (outring, inring) if backend else (inring, outring)
-
-    def write(self, data: Any) -> int:
-        """Copy as much of ``data`` as fits into the ring we produce; returns bytes."""
-        return self._tx.write(data)
-
-    def read(self, max_n: int = -1) -> bytes:
-        """Take up to ``max_n`` bytes from the ring we consume."""
-        return self._rx.read(max_n)
-
-    def readable(self) -> int:
-        """Bytes waiting in the ring we consume (0 if its indexes are corrupt)."""
-        return self._rx.available()
-
-    def writable(self) -> int:
-        """Free bytes in the ring we produce (0 if its indexes are corrupt)."""
-        return self._tx.free()
-
-    @property
-    def insane(self) -> int:
-        """How many times a corrupt index pair was seen (and ignored)."""
-        return int(self._rx.insane_count + self._tx.insane_count)
-
-    def release(self) -> None:
-        """Let go of the page memory (idempotent)."""
-        self._rx.release()
-        self._tx.release()
-
-
-class EventRateLimiter:
-    """Per-port event budget (R10): ``allowance`` events per ``period`` seconds.
-
-    :meth:`admit` is called for each delivered event; it returns True while the budget
-    lasts (unmask at once) and False once it is spent (leave the port masked until
-    :meth:`period_end`).  ``clock`` is injectable for tests.
-    """
-
-    def __init__(self, allowance: int = RATE_LIMIT_ALLOWANCE, period: float = RATE_LIMIT_PERIOD,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        """A fresh budget."""
-        if allowance < 1 or period <= 0:
-            raise LocalError("rate limit needs allowance >= 1 and period > 0")
-        self.allowance = allowance
-        self.period = period
-        self._clock = clock
-        self._start = clock()
-        self.count = 0
-        #: Events seen in total, and periods in which the budget ran out.
-        self.events = 0
-        self.limited_periods = 0
-
-    def period_end(self) -> float:
-        """Clock time at which the current period ends."""
-        return self._start + self.period
-
-    def admit(self) -> bool:
-        """Account one event; False means "stay masked until :meth:`period_end`"."""
-        now = self._clock()
-        if now >= self._start + self.period:
-            self._start = now
-            self.count = 0
-        self.events += 1
-        self.count += 1
-        if self.count == self.allowance + 1:
-            self.limited_periods += 1
-        return self.count <= self.allowance
-
-
-class EventPump:
-    """Event handling of one console port, shared by both halves (R10, late EOI).
-
-    A delivered port arrives masked.  Within the :class:`EventRateLimiter` budget it is
-    unmasked at once; past it, it stays masked until the period ends and the ring is
-    examined once more then.  Each delivery runs :meth:`_service`; one that moved no
-    byte is counted as spurious.  Subclasses provide ``events``, ``port``, ``limiter``,
-    ``stats`` (with ``events``, ``rate_limited``, ``spurious``, ``notifies``),
-    :meth:`_pump_loop`, :attr:`_stopped` and :meth:`_service`.
-    """
-
-    events: Any
-    port: int
-    limiter: EventRateLimiter
-    stats: dict[str, int]
-    _unmask_handle: asyncio.TimerHandle | None = None
-    _scheduled = False
-    _dispatch: PortDispatcher | None = None
-
-    @property
-    def _stopped(self) -> bool:
-        raise NotImplementedError
-
-    def _service(self) -> bool:
-        """One pass over the rings; True if any byte moved."""
-        raise NotImplementedError
-
-    def _pump_loop(self) -> asyncio.AbstractEventLoop | None:
-        """The loop serving the port (None before it started)."""
-        raise NotImplementedError
-
-    def _watch_port(self) -> None:
-        # the port reaches _event still masked: the event budget decides when to unmask
-        dispatch = PortDispatcher.attach(self.events)
-        try:
-            dispatch.watch(self.port, self._event, unmask=False)
-        except BaseException:
-            dispatch.detach()
-            raise
-        self._dispatch = dispatch
-
-    def _unwatch_port(self) -> None:
-        if self._dispatch is not None:
-            dispatch, self._dispatch = self._dispatch, None
-            dispatch.detach(self.port)
-        if self._unmask_handle is not None:
-            self._unmask_handle.cancel()
-            self._unmask_handle = None
-
-    def _event(self) -> None:
-        if self._stopped:
-            return
-        self.stats["events"] += 1
-        if self.limiter.admit():
-            self._unmask()
-        else:
-            self.stats["rate_limited"] += 1
-            loop = self._pump_loop()
-            if self._unmask_handle is None and loop is not None:
-                delay = max(0.0, self.limiter.period_end() - time.monotonic())
-                self._unmask_handle = loop.call_later(delay, self._period_over)
-        if not self._service():
-            self.stats["spurious"] += 1
-
-    def _period_over(self) -> None:
-        self._unmask_handle = None
-        if not self._stopped:
-            self._unmask()
-            self._service()
-
-    def _unmask(self) -> None:
-        with contextlib.suppress(LocalError, PlatformError, OSError):
-            self.events.unmask(self.port)
-
-    def _notify(self) -> None:
-        self.stats["notifies"] += 1
-        with contextlib.suppress(PlatformError, OSError):
-            self.events.notify(self.port)
-
-    def _schedule(self) -> None:
-        loop = self._pump_loop()
-        if not self._scheduled and not self._stopped and loop is not None:
-            self._scheduled = True
-            loop.call_soon(self._scheduled_pass)
-
-    def _scheduled_pass(self) -> None:
-        self._scheduled = False
-        self._service()
 
 
 class ConsoleTransport(RingStreamTransport, EventPump):
@@ -287,7 +103,7 @@ class ConsoleTransport(RingStreamTransport, EventPump):
     write_low_water = _LOW_WATER
     kind = "console"
 
-    def __init__(self, ring: ConsoleRing, events: Any, port: int,
+    def __init__(self, ring: ConsoleRing, events: EventChannels, port: int,
                  protocol: asyncio.BaseProtocol, *,
                  limiter: EventRateLimiter | None = None,
                  on_close: Callable[[], None] | None = None) -> None:
@@ -333,7 +149,7 @@ class ConsoleTransport(RingStreamTransport, EventPump):
         self._close_if_flushed()
         return bool(moved or delivered)
 
-    def _send(self, data: Any) -> int:
+    def _send(self, data: bytes | bytearray | memoryview) -> int:
         n = self.ring.write(data)
         if n:
             self.stats["sent"] += n
@@ -358,7 +174,7 @@ class ConsoleTransport(RingStreamTransport, EventPump):
         raise LocalError("console transport is closing")
 
 
-def open_console_streams(ring: ConsoleRing, events: Any, port: int, *,
+def open_console_streams(ring: ConsoleRing, events: EventChannels, port: int, *,
                          limiter: EventRateLimiter | None = None,
                          on_close: Callable[[], None] | None = None,
                          limit: int = 1 << 16,
@@ -373,45 +189,59 @@ def open_console_streams(ring: ConsoleRing, events: Any, port: int, *,
     return reader, writer
 
 
-class _Resources:
-    """The page, port and ring of one frontend console; released once (R13)."""
+def _transport_of(writer: asyncio.StreamWriter) -> ConsoleTransport:
+    transport = writer.transport
+    assert isinstance(transport, ConsoleTransport)
+    return transport
 
-    def __init__(self, platform: Any, backend_domid: int, grants: Any = None) -> None:
-        self.platform = platform
+
+class _ConsolePage:
+    """The page, port and ring of one frontend console, in a :class:`DeviceResources`
+    (released once, R13); the frame of a frame-mode primary console beside it."""
+
+    def __init__(self, platform: Platform, backend_domid: int,
+                 grants: GrantTable | None = None,
+                 quarantine: GrantQuarantine | None = None) -> None:
         #: the grant table the page is shared through (the platform's unless a domain
         #: builder places the page, see :class:`PrimaryConsole`)
         self.grants = platform.grants if grants is None else grants
+        self.events = platform.events
         self.backend_domid = backend_domid
-        self.pages: Any = None
-        self.frames: Any = None  # the page as a guest frame (primary console, frame mode)
+        self.res = DeviceResources(self.grants, self.events, quarantine)
+        self.pages: SharedPages | None = None
+        self.frames: SharedPages | None = None  # the page as a guest frame (frame mode)
         self.port: int | None = None
         self.ring: ConsoleRing | None = None
-        self.quarantined: list[Any] = []
 
     def allocate(self, reserved: bool) -> None:
+        """Share the page (at the reserved console ref, or any ref) and allocate the port."""
         gt = self.grants
-        if reserved:
-            if not hasattr(gt, "grant_reserved"):
-                raise LocalError("this grant table cannot place a page at the reserved console "
-                                 "ref (give PrimaryConsole the domain builder's: builder=)")
-            self.pages = gt.grant_reserved(GNTTAB_RESERVED_CONSOLE, self.backend_domid)
-        else:
-            self.pages = gt.grant(self.backend_domid, 1)
-        self.port = self.platform.events.alloc_unbound(self.backend_domid)
-        self.ring = ConsoleRing(self.pages.mem, backend=False)
+        with self.res.undo_on_error():
+            if reserved:
+                if not isinstance(gt, ReservedGrants):
+                    raise LocalError("this grant table cannot place a page at the reserved "
+                                     "console ref (give PrimaryConsole the domain builder's: "
+                                     "builder=)")
+                self.pages = self.res.adopt(
+                    gt.grant_reserved(GNTTAB_RESERVED_CONSOLE, self.backend_domid))
+            else:
+                self.pages = self.res.grant(self.backend_domid, 1)
+            self.port = self.res.alloc_unbound(self.backend_domid)
+            self.ring = ConsoleRing(self.pages.mem, backend=False)
 
     def allocate_frame(self, grant_ref0: bool) -> None:
         """The page as a guest frame, also granted at ref 0 if ``grant_ref0``."""
         gt = self.grants
-        if not hasattr(gt, "alloc_frames") or (grant_ref0 and not hasattr(gt, "grant_frame")):
+        if not isinstance(gt, GuestFrames):
             raise LocalError("this grant table has no guest frames for the console page")
         self.frames = gt.alloc_frames(1)
-        if grant_ref0:
-            # what Xen's domain builder does: grant entry 0 names the console frame
-            self.pages = gt.grant_frame(self.frames.refs[0], self.backend_domid,
-                                        ref=GNTTAB_RESERVED_CONSOLE)
-        self.port = self.platform.events.alloc_unbound(self.backend_domid)
-        self.ring = ConsoleRing(self.frames.mem, backend=False)
+        with self.res.undo_on_error():
+            if grant_ref0:
+                # what Xen's domain builder does: grant entry 0 names the console frame
+                self.pages = self.res.adopt(gt.grant_frame(
+                    self.frames.refs[0], self.backend_domid, ref=GNTTAB_RESERVED_CONSOLE))
+            self.port = self.res.alloc_unbound(self.backend_domid)
+            self.ring = ConsoleRing(self.frames.mem, backend=False)
 
     @property
     def ring_ref(self) -> int:
@@ -422,41 +252,26 @@ class _Resources:
 
     @property
     def ref(self) -> int:
+        """The grant ref of the page."""
         if self.pages is None:
             raise LocalError("console not set up")
         return int(self.pages.refs[0])
 
     def release(self) -> None:
+        """Release ring, port and page (a page still mapped goes to the quarantine),
+        then the frame (idempotent)."""
         if self.ring is not None:
             self.ring.release()
             self.ring = None
-        if self.port is not None:
-            port, self.port = self.port, None
-            with contextlib.suppress(LocalError, PlatformError):
-                self.platform.events.unbind(port)
-        if self.pages is not None:
-            pages, self.pages = self.pages, None
-            try:
-                self.grants.end_access(pages)
-            except PlatformError as exc:  # GrantInUse: the backend still maps it (R8)
-                log.warning("console page still mapped by the backend (%s); quarantined", exc)
-                self.quarantined.append(pages)
+        self.port = self.pages = None
+        self.res.release()
         if self.frames is not None:
             frames, self.frames = self.frames, None
+            gt = self.grants
+            assert isinstance(gt, GuestFrames)
             # a frame a backend still maps stays until it unmaps it, then goes (no reuse)
             with contextlib.suppress(LocalError, PlatformError):
-                self.grants.free_frames(frames)
-
-    def retry_quarantine(self) -> int:
-        """End quarantined pages whose grantee let go; returns how many remain."""
-        left = []
-        for pages in self.quarantined:
-            try:
-                self.grants.end_access(pages)
-            except PlatformError:
-                left.append(pages)
-        self.quarantined = left
-        return len(left)
+                gt.free_frames(frames)
 
 
 class PrimaryConsole:
@@ -477,14 +292,20 @@ class PrimaryConsole:
     (``xengntshr_share_pages``) only hands out free refs, so a platform on that API
     (:class:`~xenpv.platforms.xen.XenPlatform`) takes the page from the builder and
     keeps its event channel.
+
+    A page the backend still maps at :meth:`close` is kept in :attr:`quarantine` (the
+    one given, else the console's own) until the backend lets go.
     """
 
-    def __init__(self, platform: Any, backend_domid: int = 0, *, frame: bool = False,
-                 grant_ref0: bool = True, builder: Any = None) -> None:
+    def __init__(self, platform: Platform, backend_domid: int = 0, *, frame: bool = False,
+                 grant_ref0: bool = True, builder: GrantTable | None = None,
+                 quarantine: GrantQuarantine | None = None) -> None:
         """Prepare; nothing is allocated until :meth:`setup`."""
         if not (frame or grant_ref0):
             raise LocalError("the console page needs a frame, grant ref 0, or both")
-        self._res = _Resources(platform, backend_domid, builder)
+        self._res = _ConsolePage(platform, backend_domid, builder, quarantine)
+        #: Where a page still mapped at close waits (R8).
+        self.quarantine = self._res.res.quarantine
         self._frame = frame
         self._grant_ref0 = grant_ref0
         self.transport: ConsoleTransport | None = None
@@ -527,9 +348,9 @@ class PrimaryConsole:
         """The console as an asyncio stream pair."""
         if self.transport is not None:
             raise LocalError("console already open")
-        reader, writer = open_console_streams(self.ring, self._res.platform.events, self.port,
+        reader, writer = open_console_streams(self.ring, self._res.events, self.port,
                                               limiter=limiter)
-        self.transport = writer.transport  # type: ignore[assignment]
+        self.transport = _transport_of(writer)
         return reader, writer
 
     def close(self) -> None:
@@ -556,18 +377,25 @@ class ConsoleFrontend(FrontendDriver):
 
     style = FrontendStyle.STANDARD
 
-    def __init__(self, platform: Any, client: Any, path: str, **kw: Any) -> None:
+    def __init__(self, platform: Platform, client: XenbusClient, path: str, *,
+                 quarantine: GrantQuarantine | None = None, **kw: Any) -> None:
         """Serve the frontend directory ``path`` (see :class:`FrontendDriver`)."""
         super().__init__(client, path, **kw)
         self.platform = platform
-        self._res: _Resources | None = None
+        #: Pages the backend still mapped when a connection ended (R8), retried at the
+        #: next setup and teardown.
+        self.quarantine = quarantine if quarantine is not None else GrantQuarantine(
+            platform.grants)
+        self._res: _ConsolePage | None = None
         self._streams: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None
         self._streams = None
         self.transport: ConsoleTransport | None = None
 
     async def publish(self, backend: PeerKeys) -> None:
         """Grant the ring page, allocate the port, write ``ring-ref`` and ``port``."""
-        res = self._res = _Resources(self.platform, self.peer_domid)
+        self.quarantine.reap()
+        res = self._res = _ConsolePage(self.platform, self.peer_domid,
+                                       quarantine=self.quarantine)
         res.allocate(reserved=False)
         assert res.port is not None
         await self.write_keys({KEY_RING_REF: res.ref, KEY_PORT: res.port})
@@ -578,7 +406,7 @@ class ConsoleFrontend(FrontendDriver):
         if res is None or res.ring is None or res.port is None:
             raise LocalError("connect before publish")
         reader, writer = open_console_streams(res.ring, self.platform.events, res.port)
-        self.transport = writer.transport  # type: ignore[assignment]
+        self.transport = _transport_of(writer)
         self._future().set_result((reader, writer))
 
     async def disconnect(self) -> None:

@@ -451,16 +451,16 @@ class XenstoreNodes(Protocol):
         """Names of the children of ``path``."""
         ...
 
-    async def set_perms(self, path: str, perms: Iterable[Any], *,
+    async def set_perms(self, path: str, perms: Iterable[str], *,
                         timeout: float | None = None) -> None:
-        """Replace the permission list of ``path`` (``Perm`` or ``"r5"``-style text)."""
+        """Replace the permission list of ``path`` (``"n5"``/``"r5"``-style entries)."""
         ...
 
 
 class XenstoreWatch(Protocol):
     """A registered watch: an async iterator of events."""
 
-    async def register(self) -> Any:
+    async def register(self) -> object:
         """Send the WATCH request."""
         ...
 
@@ -468,7 +468,7 @@ class XenstoreWatch(Protocol):
         """Send the UNWATCH request."""
         ...
 
-    def __aiter__(self) -> AsyncIterator[Any]:
+    def __aiter__(self) -> AsyncIterator[object]:
         """Iterate over the watch events."""
         ...
 
@@ -488,7 +488,7 @@ class XenstoreClient(XenstoreNodes, Protocol):
         """Close the connection."""
         ...
 
-    async def transact(self, fn: Callable[[Any], Awaitable[T]], *, retries: int = 16,
+    async def transact(self, fn: Callable[[XenstoreNodes], Awaitable[T]], *, retries: int = 16,
                        timeout: float | None = None) -> T:
         """Run ``await fn(t)`` in a transaction (a :class:`XenstoreNodes`), again on
         ``EAGAIN``."""
@@ -525,7 +525,7 @@ class BlockingXenstore(Protocol):
         """Names of the children of ``path``."""
         ...
 
-    def set_perms(self, path: str, perms: Iterable[Any]) -> None:
+    def set_perms(self, path: str, perms: Iterable[str]) -> None:
         """Replace the permission list of ``path``."""
         ...
 

@@ -100,7 +100,8 @@ class VchanLab:
     @staticmethod
     def read_json(proc: subprocess.Popen[Any], timeout: float = 60.0) -> dict[str, Any]:
         """The next JSON line ``proc`` prints (``AssertionError`` on EOF or timeout)."""
-        return json.loads(read_line(proc, timeout))
+        data: dict[str, Any] = json.loads(read_line(proc, timeout))
+        return data
 
     def outstanding(self) -> dict[str, int]:
         """Grants, mappings and ports still held in every domain."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from xenpv._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from xenpv.vchan.endpoint import EventHub, VchanClient, VchanEndpoint, VchanServer, reap
+    from xenpv.vchan.endpoint import EventHub, VchanClient, VchanEndpoint, VchanServer
     from xenpv.vchan.errors import VchanBroken, VchanPeerError
     from xenpv.vchan.ring import VchanRings
     from xenpv.vchan.streams import VchanStreamServer, VchanTransport, open_connection, start_server
@@ -31,7 +31,6 @@ _EXPORTS = {
     "VchanClient": "endpoint",
     "VchanEndpoint": "endpoint",
     "VchanServer": "endpoint",
-    "reap": "endpoint",
     "VchanBroken": "errors",
     "VchanPeerError": "errors",
     "VchanRings": "ring",
@@ -51,7 +50,6 @@ __all__ = [
     "VchanStreamServer",
     "VchanTransport",
     "open_connection",
-    "reap",
     "start_server",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

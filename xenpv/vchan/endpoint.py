@@ -30,24 +30,36 @@ re-check the ring before they sleep.
 
 Close: own live byte to 0, release the ring views, end the shares / unmap the mappings,
 signal the port unconditionally and unbind it; the server also removes its xenstore path.
-A share the peer still maps cannot be ended yet (loopback ``GrantInUse``, R8): it is put
-in quarantine and retried on later vchan operations of that grant table (and by
-:func:`reap`) until the peer lets go.
+A share the peer still maps cannot be ended yet (loopback ``GrantInUse``, R8): it goes to
+the endpoint's :class:`~xenpv.drivers.quarantine.GrantQuarantine` (``quarantine=`` at
+creation, else one of its own), which later setups and closes given the same quarantine
+retry, and :meth:`GrantQuarantine.drain` waits for.  Shares, mappings and the port of an
+endpoint are held in one :class:`~xenpv.drivers.resources.DeviceResources`, which also
+undoes a half-done setup.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
+from xenpv.drivers.quarantine import GrantQuarantine
+from xenpv.drivers.resources import DeviceResources
 from xenpv.errors import LocalError, PeerError, PlatformError
-from xenpv.platforms.base import GrantInUse, UnmapNotify
+from xenpv.platforms.base import (
+    EventChannels,
+    MappedGrants,
+    Platform,
+    SharedPages,
+    UnmapNotify,
+    XenstoreClient,
+    XenstoreNodes,
+)
 from xenpv.platforms.dispatch import PortDispatcher
 from xenpv.protocols import ProtocolError
 from xenpv.protocols.vchan import (
@@ -73,15 +85,16 @@ from xenpv.vchan.errors import VchanBroken, VchanPeerError
 from xenpv.vchan.ring import VchanRings
 from xenpv.xenstore.values import parse_xs_number
 
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
 __all__ = [
     "DEFAULT_SPIN_US",
     "EventHub",
     "VchanClient",
     "VchanEndpoint",
     "VchanServer",
-    "reap",
     "run_blocking",
-    "wait_reaped",
 ]
 
 T = TypeVar("T")
@@ -97,20 +110,21 @@ PAGE = 4096
 def run_blocking(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run the coroutine made by ``fn`` to completion on a private loop in a helper thread
     (so blocking callers work whether or not a loop runs in their own thread)."""
-    box: dict[str, Any] = {}
+    values: list[T] = []
+    errors: list[BaseException] = []
 
     def target() -> None:
         try:
-            box["value"] = asyncio.run(fn())
+            values.append(asyncio.run(fn()))
         except BaseException as exc:
-            box["error"] = exc
+            errors.append(exc)
 
     t = threading.Thread(target=target, name="xenpv-vchan-xenstore", daemon=True)
     t.start()
     t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    if errors:
+        raise errors[0]
+    return values[0]
 
 
 def parse_number(raw: bytes, what: str, *, low: int = 1, high: int = 0xFFFFFFFF) -> int:
@@ -123,7 +137,8 @@ def parse_number(raw: bytes, what: str, *, low: int = 1, high: int = 0xFFFFFFFF)
                            error=lambda message, _errno: VchanPeerError(message))
 
 
-async def _with_xenstore(platform: Any, xs: Any, fn: Callable[[Any], Awaitable[T]]) -> T:
+async def _with_xenstore(platform: Platform, xs: XenstoreClient | None,
+                         fn: Callable[[XenstoreClient], Awaitable[T]]) -> T:
     """Run ``fn(xs)`` with the given client, or a private one opened (and closed) here."""
     if xs is not None:
         return await fn(xs)
@@ -132,80 +147,6 @@ async def _with_xenstore(platform: Any, xs: Any, fn: Callable[[Any], Awaitable[T
         return await fn(own)
     finally:
         await own.close()
-
-
-def _share_with_notify(gt: Any, domid: int, notify: UnmapNotify) -> Any:
-    """Share one page with an unmap notification attached (at share time where the platform
-    only supports that, as libxengnttab does)."""
-    if "notify" in inspect.signature(gt.grant).parameters:
-        return gt.grant(domid, 1, writable=True, notify=notify)
-    pages = gt.grant(domid, 1, writable=True)
-    try:
-        gt.set_unmap_notify(pages, notify)
-    except BaseException:
-        gt.end_access(pages)
-        raise
-    return pages
-
-
-# Shares whose grantee still mapped them at close: (grant table, pages).
-_quarantine: list[tuple[Any, Any]] = []
-
-
-def _end_or_quarantine(gt: Any, pages: Any) -> None:
-    try:
-        gt.end_access(pages)
-    except GrantInUse:
-        _quarantine.append((gt, pages))
-
-
-def _drop_memory(gt: Any, objs: list[Any], *, shared: bool) -> None:
-    """End our shares (quarantining those still mapped) or unmap our mappings."""
-    for obj in objs:
-        if obj is None:
-            continue
-        with contextlib.suppress(PlatformError, LocalError):
-            if shared:
-                _end_or_quarantine(gt, obj)
-            else:
-                gt.unmap(obj)
-
-
-def _undo_setup(platform: Any, port: int, objs: list[Any], *, shared: bool) -> None:
-    """Release what a failed setup had acquired."""
-    _drop_memory(platform.grants, objs, shared=shared)
-    with contextlib.suppress(PlatformError, LocalError):
-        platform.events.unbind(port)
-
-
-def reap(grants: Any | None = None) -> int:
-    """Retry ending quarantined shares (of one grant table, or all); returns how many are
-    still held because the peer keeps them mapped."""
-    left = 0
-    for item in list(_quarantine):
-        gt, pages = item
-        if grants is not None and gt is not grants:
-            continue
-        try:
-            gt.end_access(pages)
-        except GrantInUse:
-            left += 1
-            continue
-        except (LocalError, PlatformError):
-            pass  # the handle was closed meanwhile: everything went with it
-        _quarantine.remove(item)
-    return left
-
-
-async def wait_reaped(grants: Any, timeout: float) -> bool:
-    """Retry :func:`reap` for ``grants`` for up to ``timeout`` seconds; True once nothing
-    of it is quarantined any more."""
-    deadline = time.monotonic() + timeout
-    while reap(grants):
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
 
 
 # --------------------------------------------------------------------------- events
@@ -222,14 +163,18 @@ class VchanEndpoint:
 
     is_server: ClassVar[bool]
 
-    def __init__(self, platform: Any, peer_domid: int, path: str, port: int,
-                 rings: VchanRings) -> None:
+    def __init__(self, platform: Platform, peer_domid: int, path: str, port: int,
+                 rings: VchanRings, res: DeviceResources) -> None:
         self.platform = platform
+        #: The shares/mappings and port of this endpoint, released at close.
+        self.res = res
+        #: Where shares the peer still maps at close wait (R8).
+        self.quarantine = res.quarantine
         self.peer_domid = peer_domid
         self.path = path
         self.port = port
         self.rings = rings
-        self.events = platform.events
+        self.events: EventChannels = platform.events
         self.hub = PortDispatcher.attach(self.events)
         #: Microseconds blocking calls poll the ring before sleeping on the event channel.
         self.spin_us = DEFAULT_SPIN_US
@@ -285,15 +230,15 @@ class VchanEndpoint:
         return n
 
     # -- non-blocking data path
-    def send_nowait(self, data: Any) -> int:
+    def send_nowait(self, data: Buffer) -> int:
         """Write what fits now (possibly 0); :class:`BrokenPipeError` once the peer left."""
         return self._write(data, 0)
 
-    def recv_nowait(self, buf: Any, want: int = -1) -> int:
+    def recv_nowait(self, buf: Buffer, want: int = -1) -> int:
         """Read what is available now into ``buf`` (possibly 0)."""
         return self._read(buf, want, 0)
 
-    def _write(self, data: Any, spin_ns: int) -> int:
+    def _write(self, data: Buffer, spin_ns: int) -> int:
         # One call into the ring per write; with no room it polls up to spin_ns first.
         rings = self.rings
         if self.closed or rings.broken is not None:
@@ -307,7 +252,7 @@ class VchanEndpoint:
             self._check()
         return n
 
-    def _read(self, buf: Any, want: int, spin_ns: int) -> int:
+    def _read(self, buf: Buffer, want: int, spin_ns: int) -> int:
         # One call into the ring per read; with nothing there it polls up to spin_ns first.
         rings = self.rings
         if self.closed or rings.broken is not None:
@@ -382,14 +327,13 @@ class VchanEndpoint:
             self.hub.wait(self.port, remaining)
 
     # -- blocking API
-    def send(self, data: Any, timeout: float | None = None) -> int:
+    def send(self, data: Buffer, timeout: float | None = None) -> int:
         """Write all of ``data``, waiting for room; returns its size in bytes.
 
         :class:`BrokenPipeError` if the peer leaves first, :class:`TimeoutError` after
         ``timeout`` seconds (counted from the first wait for room)."""
-        kind = type(data)
-        total = (len(data) if kind is bytes or kind is bytearray
-                 else data.nbytes if kind is memoryview else memoryview(data).nbytes)
+        total = (len(data) if isinstance(data, (bytes, bytearray))
+                 else data.nbytes if isinstance(data, memoryview) else memoryview(data).nbytes)
         if not total:
             return 0
         spin_ns = self.spin_us * 1000 if self.spin_us > 0 else 0
@@ -407,7 +351,7 @@ class VchanEndpoint:
             pos += n
         return pos
 
-    def recv_into(self, buf: Any, want: int = -1, timeout: float | None = None) -> int:
+    def recv_into(self, buf: Buffer, want: int = -1, timeout: float | None = None) -> int:
         """Read at least one byte into ``buf`` (up to ``want``), waiting if needed.
 
         Returns 0 at end of stream (the peer has gone and everything it sent was read);
@@ -447,13 +391,6 @@ class VchanEndpoint:
         return bytes(buf)
 
     # -- close
-    #: Whether our memory is shared (server: end access) or mapped (client: unmap).
-    _shares_memory: ClassVar[bool]
-
-    def _memory(self) -> list[Any]:
-        """Our page runs, control page last."""
-        raise NotImplementedError
-
     def release(self) -> None:
         """Own live byte to 0, let go of every page, signal the port unconditionally and
         unbind it (no xenstore work); idempotent."""
@@ -462,25 +399,19 @@ class VchanEndpoint:
         self.closed = True
         self.rings.set_live(0)
         self.rings.release()
-        gt = self.platform.grants
-        _drop_memory(gt, self._memory(), shared=self._shares_memory)
-        with contextlib.suppress(PlatformError, LocalError):
-            self.events.notify(self.port)  # unconditionally: the peer must look at us
         self.hub.detach(self.port)
-        with contextlib.suppress(PlatformError, LocalError):
-            self.events.unbind(self.port)
-        with contextlib.suppress(PlatformError, LocalError):
-            reap(gt)
+        # pages first, then the port, signalled unconditionally: the peer must look at us
+        self.res.release(notify=True)
 
     def close(self) -> None:
         """Close the vchan (blocking; the server also removes its xenstore path)."""
         self.release()
 
-    async def aclose(self, xs: Any = None) -> None:
+    async def aclose(self, xs: XenstoreClient | None = None) -> None:
         """Close the vchan from asyncio code."""
         self.release()
 
-    def __enter__(self: Any) -> Any:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -492,37 +423,39 @@ class VchanServer(VchanEndpoint):
 
     Blocking construction: ``VchanServer(platform, client_domid, path, read_min=…,
     write_min=…)``; from asyncio: ``await VchanServer.create(…)``.  ``read_min`` is the
-    least size of the ring the server reads (left), ``write_min`` of the one it writes."""
+    least size of the ring the server reads (left), ``write_min`` of the one it writes.
+    ``quarantine`` (else one of its own) receives the shares the client still maps at
+    close."""
 
     is_server = True
 
-    def __init__(self, platform: Any, client_domid: int, path: str, *, read_min: int = 0,
-                 write_min: int = 0, _setup: Any = None) -> None:
+    def __init__(self, platform: Platform, client_domid: int, path: str, *, read_min: int = 0,
+                 write_min: int = 0, quarantine: GrantQuarantine | None = None,
+                 _setup: _ServerSetup | None = None) -> None:
         if _setup is None:
             server = run_blocking(
                 lambda: VchanServer.create(platform, client_domid, path, read_min=read_min,
-                                           write_min=write_min))
+                                           write_min=write_min, quarantine=quarantine))
             self.__dict__.update(server.__dict__)
             return
-        port, ctrl, shares, rings = _setup
-        super().__init__(platform, client_domid, path, port, rings)
+        port, ctrl, shares, rings, res = _setup
+        super().__init__(platform, client_domid, path, port, rings, res)
         self.ctrl = ctrl
         self.shares = shares
 
     @classmethod
-    async def create(cls, platform: Any, client_domid: int, path: str, *, read_min: int = 0,
-                     write_min: int = 0, xs: Any = None) -> VchanServer:
+    async def create(cls, platform: Platform, client_domid: int, path: str, *,
+                     read_min: int = 0, write_min: int = 0, xs: XenstoreClient | None = None,
+                     quarantine: GrantQuarantine | None = None) -> VchanServer:
         """Set up the vchan and publish it at ``path`` (see the module docstring)."""
         left_order, right_order = choose_orders(read_min, write_min)
-        gt, events = platform.grants, platform.events
-        reap(gt)
-        port = events.alloc_unbound(client_domid)
-        ctrl = None
-        shares: list[Any] = []
-        try:
-            events.unmask(port)
-            ctrl = _share_with_notify(
-                gt, client_domid, UnmapNotify(VCHAN_SRV_LIVE_OFFSET, clear_byte=True, port=port))
+        res = DeviceResources(platform.grants, platform.events, quarantine)
+        res.quarantine.reap()
+        with res.undo_on_error():
+            port = res.alloc_unbound(client_domid)
+            platform.events.unmask(port)
+            ctrl = res.grant(client_domid, 1, writable=True, notify=UnmapNotify(
+                VCHAN_SRV_LIVE_OFFSET, clear_byte=True, port=port))
             mem = ctrl.mem
             mem[:PAGE] = bytes(PAGE)  # R7, although fresh pages are zeroed already
             struct.pack_into("<HH", mem, VCHAN_LEFT_ORDER_OFFSET, left_order, right_order)
@@ -531,12 +464,13 @@ class VchanServer(VchanEndpoint):
             mem[VCHAN_CLI_NOTIFY_OFFSET] = VCHAN_NOTIFY_WRITE
             refs: list[int] = []
             views: list[memoryview] = []
+            shares: list[SharedPages] = []
             for order in (left_order, right_order):
                 if order in VCHAN_IN_PAGE_OFFSETS:
                     off = VCHAN_IN_PAGE_OFFSETS[order]
                     views.append(mem[off : off + (1 << order)])
                 else:
-                    pages = gt.grant(client_domid, pages_for_order(order), writable=True)
+                    pages = res.grant(client_domid, pages_for_order(order), writable=True)
                     shares.append(pages)
                     refs.extend(pages.refs)
                     views.append(pages.mem)
@@ -545,11 +479,11 @@ class VchanServer(VchanEndpoint):
             rings = VchanRings(mem, views[0], 1 << left_order, views[1], 1 << right_order,
                                is_server=True)
 
-            async def publish(xs: Any) -> None:
+            async def publish(xs: XenstoreClient) -> None:
                 own = parse_number(await xs.read("domid"), "own domid", low=0, high=0xFFFF)
                 perms = [f"n{own}", f"r{client_domid}"]
 
-                async def write(t: Any) -> None:
+                async def write(t: XenstoreNodes) -> None:
                     await t.write(f"{path}/{KEY_RING_REF}", str(ctrl.refs[0]))
                     await t.set_perms(f"{path}/{KEY_RING_REF}", perms)
                     await t.write(f"{path}/{KEY_EVENT_CHANNEL}", str(port))
@@ -558,10 +492,7 @@ class VchanServer(VchanEndpoint):
                 await xs.transact(write, retries=64)
 
             await _with_xenstore(platform, xs, publish)
-        except BaseException:
-            _undo_setup(platform, port, [*shares, ctrl], shared=True)
-            raise
-        return cls(platform, client_domid, path, _setup=(port, ctrl, shares, rings))
+        return cls(platform, client_domid, path, _setup=(port, ctrl, shares, rings, res))
 
     async def wait_client(self) -> None:
         """asyncio: wait until a client is connected (``cli_live`` 1)."""
@@ -576,15 +507,9 @@ class VchanServer(VchanEndpoint):
         finally:
             self.hub.unwatch(self.port)
 
-    _shares_memory = True
-
-    def _memory(self) -> list[Any]:
-        """Ring shares, then the control page."""
-        return [*self.shares, self.ctrl]
-
-    async def remove_path(self, xs: Any = None) -> None:
+    async def remove_path(self, xs: XenstoreClient | None = None) -> None:
         """Remove the published xenstore path."""
-        async def rm(c: Any) -> None:
+        async def rm(c: XenstoreClient) -> None:
             await c.rm(self.path)
 
         with contextlib.suppress(PlatformError, LocalError, PeerError, OSError):
@@ -599,16 +524,14 @@ class VchanServer(VchanEndpoint):
             return
         self.release()
         run_blocking(self.remove_path)
-        deadline = time.monotonic() + linger
-        while reap(self.platform.grants) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        self.quarantine.drain_blocking(linger)
 
-    async def aclose(self, xs: Any = None, linger: float = 0.0) -> None:
+    async def aclose(self, xs: XenstoreClient | None = None, linger: float = 0.0) -> None:
         """Close and remove the xenstore path (asyncio); ``linger`` as for :meth:`close`."""
         if not self.closed:
             self.release()
             await self.remove_path(xs)
-        await wait_reaped(self.platform.grants, linger)
+        await self.quarantine.drain(linger)
 
 
 class VchanClient(VchanEndpoint):
@@ -619,22 +542,23 @@ class VchanClient(VchanEndpoint):
 
     is_server = False
 
-    def __init__(self, platform: Any, server_domid: int, path: str, *, _setup: Any = None) -> None:
+    def __init__(self, platform: Platform, server_domid: int, path: str, *,
+                 _setup: _ClientSetup | None = None) -> None:
         if _setup is None:
             client = run_blocking(lambda: VchanClient.create(platform, server_domid, path))
             self.__dict__.update(client.__dict__)
             return
-        port, ctrl, mappings, rings = _setup
-        super().__init__(platform, server_domid, path, port, rings)
+        port, ctrl, mappings, rings, res = _setup
+        super().__init__(platform, server_domid, path, port, rings, res)
         self.ctrl = ctrl
         self.mappings = mappings
 
     @classmethod
-    async def create(cls, platform: Any, server_domid: int, path: str, *,
-                     xs: Any = None) -> VchanClient:
+    async def create(cls, platform: Platform, server_domid: int, path: str, *,
+                     xs: XenstoreClient | None = None) -> VchanClient:
         """Connect to the vchan published at ``path`` by ``server_domid``."""
 
-        async def read_keys(c: Any) -> tuple[int, int]:
+        async def read_keys(c: XenstoreClient) -> tuple[int, int]:
             ref = parse_number(await c.read(f"{path}/{KEY_RING_REF}"), "ring-ref")
             evt = parse_number(await c.read(f"{path}/{KEY_EVENT_CHANNEL}"), "event-channel")
             return ref, evt
@@ -643,22 +567,19 @@ class VchanClient(VchanEndpoint):
         return cls.attach(platform, server_domid, path, ring_ref, remote_port)
 
     @classmethod
-    def attach(cls, platform: Any, server_domid: int, path: str, ring_ref: int,
+    def attach(cls, platform: Platform, server_domid: int, path: str, ring_ref: int,
                remote_port: int) -> VchanClient:
         """Connect given the (already read) ``ring-ref`` and ``event-channel`` values."""
-        gt, events = platform.grants, platform.events
-        reap(gt)
+        res = DeviceResources(platform.grants, platform.events)
         try:
-            port = events.bind_interdomain(server_domid, remote_port)
+            port = res.bind(server_domid, remote_port)
         except PlatformError as exc:
             raise VchanPeerError(f"vchan {path}: cannot bind event channel {remote_port}: {exc}") from exc
-        ctrl = None
-        mappings: list[Any] = []
-        try:
-            events.unmask(port)
+        with res.undo_on_error():
+            platform.events.unmask(port)
             try:
-                ctrl = gt.map(server_domid, [ring_ref], writable=True,
-                              notify=UnmapNotify(VCHAN_CLI_LIVE_OFFSET, clear_byte=True, port=port))
+                ctrl = res.map(server_domid, [ring_ref], writable=True,
+                               notify=UnmapNotify(VCHAN_CLI_LIVE_OFFSET, clear_byte=True, port=port))
             except PlatformError as exc:
                 raise VchanPeerError(f"vchan {path}: cannot map ring-ref {ring_ref}: {exc}") from exc
             mem = ctrl.mem
@@ -669,6 +590,7 @@ class VchanClient(VchanEndpoint):
             except ProtocolError as exc:
                 raise VchanPeerError(f"vchan {path}: {exc}") from exc
             views: list[memoryview] = []
+            mappings: list[MappedGrants] = []
             for order, refs, writable in ((left_order, left_refs, True),
                                           (right_order, right_refs, False)):
                 if order in VCHAN_IN_PAGE_OFFSETS:
@@ -676,7 +598,7 @@ class VchanClient(VchanEndpoint):
                     views.append(mem[off : off + (1 << order)])
                     continue
                 try:
-                    m = gt.map(server_domid, refs, writable=writable)
+                    m = res.map(server_domid, refs, writable=writable)
                 except PlatformError as exc:
                     raise VchanPeerError(f"vchan {path}: cannot map ring pages: {exc}") from exc
                 mappings.append(m)
@@ -685,14 +607,11 @@ class VchanClient(VchanEndpoint):
                                is_server=False)
             mem[VCHAN_CLI_LIVE_OFFSET] = VCHAN_CLI_CONNECTED
             mem[VCHAN_SRV_NOTIFY_OFFSET] = VCHAN_NOTIFY_WRITE
-            events.notify(port)  # wake the server
-        except BaseException:
-            _undo_setup(platform, port, [*mappings, ctrl], shared=False)
-            raise
-        return cls(platform, server_domid, path, _setup=(port, ctrl, mappings, rings))
+            platform.events.notify(port)  # wake the server
+        return cls(platform, server_domid, path, _setup=(port, ctrl, mappings, rings, res))
 
-    _shares_memory = False
 
-    def _memory(self) -> list[Any]:
-        """Ring mappings, then the control page (its unmap notification fires)."""
-        return [*self.mappings, self.ctrl]
+#: What :meth:`VchanServer.create` hands its constructor.
+_ServerSetup = tuple[int, SharedPages, list[SharedPages], VchanRings, DeviceResources]
+#: What :meth:`VchanClient.attach` hands its constructor.
+_ClientSetup = tuple[int, MappedGrants, list[MappedGrants], VchanRings, DeviceResources]

@@ -34,7 +34,12 @@ byte.  The notify bytes are changed with atomic byte operations from :mod:`xenpv
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+    from xenpv.vchan import _vring
 
 from xenpv.compiled import pure_python
 from xenpv.protocols.vchan import (
@@ -193,7 +198,7 @@ class VchanRings:
             )
         return ready
 
-    def recv_into(self, buf: Any, want: int = -1, spin_ns: int = 0) -> int:
+    def recv_into(self, buf: Buffer, want: int = -1, spin_ns: int = 0) -> int:
         """Move up to ``want`` (default: ``len(buf)``) available bytes into ``buf``; with
         nothing available, first poll for up to ``spin_ns`` nanoseconds (:meth:`wait_ready`).
 
@@ -254,7 +259,7 @@ class VchanRings:
             )
         return self.wr_size - used
 
-    def send(self, data: Any, spin_ns: int = 0) -> int:
+    def send(self, data: Buffer, spin_ns: int = 0) -> int:
         """Copy as much of ``data`` as fits into the ring we write and publish it; with no
         room, first poll for up to ``spin_ns`` nanoseconds (:meth:`wait_ready`).
 
@@ -299,7 +304,7 @@ if not TYPE_CHECKING and not pure_python():
         pass
 
 
-def implementation(name: str) -> Any:
+def implementation(name: str) -> type[ReferenceVchanRings] | type[_vring.VchanRings]:
     """The ``VchanRings`` class of one implementation: ``"cython"`` or ``"reference"``
     (ImportError if the extension is not built)."""
     if name == "reference":

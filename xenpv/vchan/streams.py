@@ -32,10 +32,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import Any
 
+from xenpv.drivers.quarantine import GrantQuarantine
 from xenpv.drivers.streams import RingStreamTransport
 from xenpv.errors import LocalError, PeerError, PlatformError
+from xenpv.platforms.base import Platform, XenstoreClient
 from xenpv.protocols.vchan import VCHAN_NOTIFY_READ, VCHAN_NOTIFY_WRITE
 from xenpv.vchan.endpoint import VchanClient, VchanEndpoint, VchanServer
 
@@ -87,7 +88,7 @@ class VchanTransport(RingStreamTransport):
         if again:
             self._schedule()
 
-    def _send(self, data: Any) -> int:
+    def _send(self, data: bytes | bytearray | memoryview) -> int:
         if not self._ep.is_open:
             raise BrokenPipeError("vchan peer is gone")
         return self._ep.send_nowait(data)
@@ -154,7 +155,8 @@ def _streams(limit: int) -> tuple[asyncio.StreamReader, Callable[..., asyncio.St
 
 
 async def open_connection(
-    platform: Any, server_domid: int, path: str, *, limit: int = 2**16, xs: Any = None
+    platform: Platform, server_domid: int, path: str, *, limit: int = 2**16,
+    xs: XenstoreClient | None = None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to the vchan ``server_domid`` published at ``path``; returns
     ``(reader, writer)`` like :func:`asyncio.open_connection`.
@@ -175,12 +177,19 @@ class VchanStreamServer:
 
     Each connecting client gets ``callback(reader, writer)``.  When that connection ends
     (the client left, or the writer was closed) the vchan is torn down and, unless the
-    server is closed, published afresh at the same path for the next client."""
+    server is closed, published afresh at the same path for the next client.
 
-    def __init__(self, platform: Any, client_domid: int, path: str,
-                 callback: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
-                 *, read_min: int, write_min: int, limit: int, xs: Any) -> None:
+    Every vchan it publishes shares :attr:`quarantine` (the one given, else its own), so
+    pages a client still mapped are retried at each new publication; ``await
+    server.quarantine.drain(timeout)`` waits until all are ended."""
+
+    def __init__(self, platform: Platform, client_domid: int, path: str,
+                 callback: Callable[[asyncio.StreamReader, asyncio.StreamWriter], object],
+                 *, read_min: int, write_min: int, limit: int, xs: XenstoreClient | None,
+                 quarantine: GrantQuarantine | None = None) -> None:
         self.platform = platform
+        self.quarantine = quarantine if quarantine is not None else GrantQuarantine(
+            platform.grants)
         self.client_domid = client_domid
         self.path = path
         self.callback = callback
@@ -193,12 +202,12 @@ class VchanStreamServer:
         self._closed = asyncio.Event()
         #: Connections served so far.
         self.connections = 0
-        self._handlers: set[asyncio.Task[Any]] = set()
+        self._handlers: set[asyncio.Task[object]] = set()
 
     async def _publish(self) -> None:
         self.endpoint = await VchanServer.create(
             self.platform, self.client_domid, self.path, read_min=self.read_min,
-            write_min=self.write_min, xs=self._xs)
+            write_min=self.write_min, xs=self._xs, quarantine=self.quarantine)
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -272,22 +281,24 @@ class VchanStreamServer:
 
 
 async def start_server(
-    platform: Any,
+    platform: Platform,
     client_domid: int,
     path: str,
-    callback: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[Any] | None],
+    callback: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[object] | None],
     *,
     read_min: int = 0,
     write_min: int = 0,
     limit: int = 2**16,
-    xs: Any = None,
+    xs: XenstoreClient | None = None,
+    quarantine: GrantQuarantine | None = None,
 ) -> VchanStreamServer:
     """Publish a vchan for ``client_domid`` at ``path`` and call ``callback(reader,
     writer)`` for each client connection (one at a time), like :func:`asyncio.start_server`.
 
     The vchan is published before this returns, so a client may connect at once."""
     server = VchanStreamServer(platform, client_domid, path, callback, read_min=read_min,
-                               write_min=write_min, limit=limit, xs=xs)
+                               write_min=write_min, limit=limit, xs=xs,
+                               quarantine=quarantine)
     try:
         await server._publish()
     except (PlatformError, LocalError):

@@ -50,7 +50,7 @@ from xenpv.platforms.loopback import proto
 from xenpv.platforms.loopback.env import ENV_SOCKET, ENV_XENSTORED_PATH
 from xenpv.platforms.loopback.events import EpollEvents
 from xenpv.platforms.loopback.inprocess import notify_args, with_notify
-from xenpv.platforms.loopback.memory import MappedRegion, Region, SharedRegion, map_fd, owned_run
+from xenpv.platforms.loopback.memory import MappedRegion, Region, SharedRegion, owned_run
 from xenpv.platforms.loopback.proto import Op
 
 _ONE = (1).to_bytes(8, "little")

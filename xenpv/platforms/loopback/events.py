@@ -42,8 +42,8 @@ from abc import ABC, abstractmethod
 
 from xenpv.errors import LocalError
 from xenpv.platforms.base import PortError
-from xenpv.platforms.fdwait import wait_readable
 from xenpv.platforms.dispatch import DispatchedEvents
+from xenpv.platforms.fdwait import wait_readable
 
 _ARM = select.EPOLLIN | select.EPOLLET
 

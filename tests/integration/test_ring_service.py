@@ -157,7 +157,7 @@ def lab() -> Any:
         yield lab
 
 
-@pytest.mark.parametrize(("order", "queues"), [(0, 1), (1, 1), (2, 1), (4, 1), (0, 3), (2, 2)])
+@pytest.mark.parametrize(("order", "queues"), [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1), (0, 3), (2, 2)])
 def test_requests_answered_in_process(lab: InProcessVchanLab, order: int, queues: int) -> None:
     """Every layout: all requests answered, odd ones later and out of order; nothing held
     afterwards."""
@@ -236,6 +236,8 @@ def test_hostile_request_index_is_a_peer_error_not_an_exception(lab: InProcessVc
         err = await asyncio.wait_for(service.wait_stopped(), WAIT)
         assert isinstance(err, PeerError)
         assert service.stats["peer_errors"] == 1 and not service.running
+        info = service.info()
+        assert info["error"] == str(err) and info["running"] == 0 and info["slots"] == 32
         await asyncio.sleep(0.01)  # the loop is alive
         bch.close()
         fch.close()

@@ -33,7 +33,8 @@ with the same pass and spin policy.
 Counters (:attr:`~_RingPump.stats`, a plain dict for ``xenpv … info``): ``requests``,
 ``responses``, ``batches``, ``notifications_sent``, ``notifications_received``,
 ``spurious_wakeups``, ``spin_hits`` (polling found work, no sleep needed), ``sleeps``,
-``passes_cut`` (a pass stopped at its bound), ``peer_errors``.
+``passes_cut`` (a pass stopped at its bound), ``peer_errors``; :meth:`~_RingPump.info`
+adds the port, slot size and count, whether it runs and the error that stopped it.
 """
 
 from __future__ import annotations
@@ -139,6 +140,14 @@ class _RingPump:
         """Wait until the service stops; returns the peer error that stopped it, if any."""
         await self._stopped.wait()
         return self.error
+
+    def info(self) -> dict[str, int | str | None]:
+        """Counters plus the ring's geometry and state, for ``xenpv … info``."""
+        out: dict[str, int | str | None] = dict(self.stats)
+        out.update(port=self.port, slot_size=self.slot_size,
+                   slots=len(self._buf) // self.slot_size, running=int(self.running),
+                   error=None if self.error is None else str(self.error))
+        return out
 
     def _fail(self, exc: PeerError) -> None:
         self.stats["peer_errors"] += 1

@@ -246,6 +246,61 @@ def test_hostile_request_index_is_a_peer_error_not_an_exception(lab: InProcessVc
     lab.assert_released()
 
 
+def test_hostile_response_index_is_a_peer_error_for_the_client(lab: InProcessVchanLab) -> None:
+    """A backend that writes ``rsp_prod`` beyond what was requested ends the frontend's
+    client with a peer error, not an exception."""
+    front, back = lab.platform(FE), lab.platform(BE)
+
+    async def body() -> None:
+        fch = FrontChannel.create(front, BE, slot_size=SLOT, order=0)
+        bch = BackChannel.attach(back, FE, RingPlacement(fch.refs, fch.port), slot_size=SLOT)
+        client = RingClient(fch, Collector(1))
+        client.start()
+        assert client.submit([request(1, 1)]) == 1
+        struct.pack_into("<I", bch.res.mappings[0].mem, 8, 1000)  # rsp_prod far ahead
+        back.events.notify(bch.port)
+        err = await asyncio.wait_for(client.wait_stopped(), WAIT)
+        assert isinstance(err, PeerError) and client.stats["peer_errors"] == 1
+        bch.close()
+        fch.close()
+
+    asyncio.run(body())
+    lab.assert_released()
+
+
+def test_event_storm_costs_spurious_wakeups_and_service_goes_on(
+        lab: InProcessVchanLab) -> None:
+    """Thousands of notifications with no request: each wake-up finds nothing (counted as
+    spurious), and real requests sent afterwards are still answered."""
+    front, back = lab.platform(FE), lab.platform(BE)
+
+    async def body() -> None:
+        fch = FrontChannel.create(front, BE, slot_size=SLOT, order=0)
+        bch = BackChannel.attach(back, FE, RingPlacement(fch.refs, fch.port), slot_size=SLOT)
+        service = RingService(bch, Disk())
+        service.start()
+        for i in range(5000):
+            front.events.notify(fch.port)
+            if i % 100 == 0:
+                await asyncio.sleep(0)
+        await asyncio.sleep(0.05)
+        assert service.stats["spurious_wakeups"] >= 1
+        assert service.stats["requests"] == 0 and service.running
+        col = Collector(20)
+        client = RingClient(fch, col)
+        client.start()
+        client.submit([request(i, i) for i in range(20)])
+        await asyncio.wait_for(col.done.wait(), WAIT)
+        assert col.got == {i: status_for(i) for i in range(20)}
+        client.stop()
+        service.stop()
+        bch.close()
+        fch.close()
+
+    asyncio.run(body())
+    lab.assert_released()
+
+
 def test_hostile_keys_are_refused_before_mapping(lab: InProcessVchanLab) -> None:
     """A ring-page-order beyond the advertised maximum, a queue count beyond it, or a ref
     that is not granted: a peer error, and nothing stays mapped or bound."""

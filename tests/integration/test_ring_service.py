@@ -19,7 +19,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import pytest
-from xenpv.vchan.testing import InProcessVchanLab, VchanLab, read_line
 
 from xenpv.drivers import (
     BackChannel,
@@ -33,6 +32,7 @@ from xenpv.drivers import (
 from xenpv.drivers.ringchannel import RingChannelPeerError
 from xenpv.errors import PeerError
 from xenpv.platforms.base import Platform, XenstoreClient
+from xenpv.testing.vchan import InProcessVchanLab, VchanLab, read_line
 from xenpv.xenbus.driver import PeerKeys
 
 FE, BE = 1, 2

@@ -34,7 +34,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("rings", ("xenpv.rings",)),
     ("protocols", ("xenpv.protocols",)),
     ("xenbus", ("xenpv.xenbus",)),
-    ("driver base", ("xenpv.drivers", "xenpv.streams")),
+    ("driver base", ("xenpv.drivers",)),
     ("drivers", ("xenpv.frontends", "xenpv.backends", "xenpv.vchan")),
     ("tools", ("xenpv.bench", "xenpv.fuzz", "xenpv.testing")),
     ("cli", ("xenpv.cli", "xenpv.__main__")),

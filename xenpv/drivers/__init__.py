@@ -20,7 +20,7 @@ platforms and xenstore underneath).  Device drivers (:mod:`xenpv.frontends`,
   (batches, a sans-IO :class:`RequestHandler`, notify only when the ring says so,
   spin-then-sleep, counters).
 
-``docs/drivers.md`` shows how a new device pair is written with them.
+``docs/architecture.md`` ("Driver base") shows how a new device pair is written with them.
 """
 
 from xenpv.drivers.consolering import ConsoleRing

@@ -13,7 +13,7 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xenpv.frontends import console as fc
+from xenpv.drivers import consolering as fc
 from xenpv.protocols.console import (
     XENCONS_IN_CONS_OFFSET,
     XENCONS_IN_SIZE,

@@ -22,6 +22,7 @@ from xenpv.frontends.keyboard import KeyboardFrontend
 from xenpv.fuzz.xenbus_driver import BE, FE, World, xenstore_world
 from xenpv.protocols import kbdif as K
 from xenpv.protocols.keycodes import BTN_LEFT, NAMES
+from xenpv.xenbus import XenbusState as S
 
 WAIT = 10.0
 KEY_A = NAMES["A"]
@@ -77,7 +78,8 @@ async def keyboard_pair(config: KeyboardConfig | None = None, **fe_kw: Any
         await fe.start()
         try:
             await fe.wait_connected(WAIT)
-            await wait_for(lambda: be.session is not None, "backend session")
+            await wait_for(lambda: be.session is not None and fe.state is S.Connected
+                           and be.state is S.Connected, "both connected")
             yield Pair(w, fe, be, fp, bp)
         finally:
             await fe.close()

@@ -45,9 +45,10 @@ import errno as _errno
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from xenpv.backends.hid.router import FocusRouter
 from xenpv.backends.hid.source import AbsInput, InputEvent, KeyInput, RelInput, TouchInput
 from xenpv.drivers.events import EventPump, EventRateLimiter
 from xenpv.drivers.kbdring import kbd_in_ring
@@ -58,16 +59,19 @@ from xenpv.protocols import kbdif as K
 from xenpv.protocols.keycodes import is_pointer_code, valid_code
 from xenpv.rings import ByteRing
 from xenpv.xenbus.driver import BackendDriver, PeerKeys
+from xenpv.xenbus.watcher import BackendWatcher
 from xenpv.xenstore.client import XenstoreClient as XenbusClient
 
 __all__ = [
     "EventProducer",
     "EventTranslator",
     "KbdRecord",
+    "KeyboardBackend",
     "KeyboardBackendDriver",
     "KeyboardConfig",
     "KeyboardMode",
     "KeyboardSession",
+    "toolstack_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -444,6 +448,7 @@ class KeyboardBackendDriver(BackendDriver):
     def __init__(self, platform: Platform, client: XenbusClient, path: str,
                  config: KeyboardConfig | None = None, *,
                  on_connect: Callable[[KeyboardBackendDriver], None] | None = None,
+                 on_disconnect: Callable[[KeyboardBackendDriver], None] | None = None,
                  **kw: Any) -> None:
         """Serve ``path`` (see :class:`BackendDriver`)."""
         super().__init__(client, path, **kw)
@@ -452,10 +457,17 @@ class KeyboardBackendDriver(BackendDriver):
         self.session: KeyboardSession | None = None
         self.mode: KeyboardMode | None = None
         self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
         self.stats["not_connected"] = 0
+        self._configured = False
 
     async def publish_features(self) -> None:
-        """Write the offered features and ranges (§9.3)."""
+        """Take the toolstack's settings from the own directory (once), then write the
+        offered features and ranges (§9.3)."""
+        if not self._configured:
+            self._configured = True
+            self.config = await toolstack_config(PeerKeys(self.client, self.path,
+                                                          self.op_timeout), self.config)
         await self.write_keys(self.config.features())
 
     async def connect(self, peer: PeerKeys) -> None:
@@ -502,3 +514,91 @@ class KeyboardBackendDriver(BackendDriver):
             session, self.session = self.session, None
             with contextlib.suppress(LocalError, PlatformError):
                 session.close()
+            if self.on_disconnect is not None:
+                self.on_disconnect(self)
+
+
+async def toolstack_config(own: PeerKeys, base: KeyboardConfig) -> KeyboardConfig:
+    """``base`` with what the toolstack wrote in the backend directory before the backend
+    started (as libxl does for a vkbd: ``feature-*``, ``width``, ``height``,
+    ``multi-touch-*``, ``unique-id``).  The directory is dom0's and the backend's, never
+    the guest's (R14); a malformed value is a :class:`~xenpv.errors.LocalError`."""
+    try:
+        top = K.RAW_POINTER_MAX
+        mt = base.multi_touch
+        if await own.feature(K.XENKBD_FIELD_FEAT_MTOUCH, mt is not None):
+            w0, h0, n0 = mt if mt is not None else (base.width, base.height, 10)
+            mt = (await own.uint(K.XENKBD_FIELD_MT_WIDTH, 1, top, default=w0),
+                  await own.uint(K.XENKBD_FIELD_MT_HEIGHT, 1, top, default=h0),
+                  await own.uint(K.XENKBD_FIELD_MT_NUM_CONTACTS, 1, 256, default=n0))
+        else:
+            mt = None
+        return replace(
+            base,
+            abs_pointer=await own.feature(K.XENKBD_FIELD_FEAT_ABS_POINTER, base.abs_pointer),
+            raw_pointer=await own.feature(K.XENKBD_FIELD_FEAT_RAW_POINTER, base.raw_pointer),
+            disable_keyboard=await own.feature(K.XENKBD_FIELD_FEAT_DSBL_KEYBRD,
+                                               base.disable_keyboard),
+            disable_pointer=await own.feature(K.XENKBD_FIELD_FEAT_DSBL_POINTER,
+                                              base.disable_pointer),
+            width=await own.uint(K.XENKBD_FIELD_WIDTH, 1, top, default=base.width),
+            height=await own.uint(K.XENKBD_FIELD_HEIGHT, 1, top, default=base.height),
+            unique_id=await own.text(K.XENKBD_FIELD_UNIQUE_ID, default=base.unique_id),
+            multi_touch=mt)
+    except PeerError as exc:
+        raise LocalError(f"toolstack vkbd settings: {exc}") from None
+
+
+class KeyboardBackend:
+    """Serves every ``vkbd`` device of this domain and routes input to the guests.
+
+    One :class:`KeyboardBackendDriver` per device (a
+    :class:`~xenpv.xenbus.watcher.BackendWatcher`); each connected device becomes the
+    :class:`~xenpv.backends.hid.router.FocusRouter` target of its guest's domid (the
+    most recently connected device of a guest, if it has several).
+    """
+
+    def __init__(self, platform: Platform, client: XenbusClient,
+                 config: KeyboardConfig | None = None, *,
+                 router: FocusRouter | None = None, **driver_kw: Any) -> None:
+        """Prepare; :meth:`start` begins serving."""
+        self.platform = platform
+        self.client = client
+        self.config = config or KeyboardConfig()
+        self.router = router if router is not None else FocusRouter()
+        self.driver_kw = driver_kw
+        self.drivers: dict[str, KeyboardBackendDriver] = {}
+        self.watcher: BackendWatcher | None = None
+
+    async def start(self) -> None:
+        """Watch ``backend/vkbd`` of this domain."""
+        def factory(client: XenbusClient, path: str) -> KeyboardBackendDriver:
+            driver = KeyboardBackendDriver(self.platform, client, path, self.config,
+                                           on_connect=self._connected,
+                                           on_disconnect=self._disconnected,
+                                           **self.driver_kw)
+            self.drivers[path] = driver
+            return driver
+
+        self.watcher = BackendWatcher(self.client, self.platform.domid,
+                                      K.XENKBD_DRIVER_NAME, factory)
+        await self.watcher.start()
+
+    def _connected(self, driver: KeyboardBackendDriver) -> None:
+        self.router.add_target(driver.peer_domid, driver)
+
+    def _disconnected(self, driver: KeyboardBackendDriver) -> None:
+        if self.router.targets.get(driver.peer_domid) is driver:
+            self.router.remove_target(driver.peer_domid)
+
+    def connected(self) -> dict[int, KeyboardBackendDriver]:
+        """Connected devices by guest domid."""
+        return {d.peer_domid: d for d in self.drivers.values() if d.session is not None}
+
+    async def close(self) -> None:
+        """Stop serving (bounded, idempotent)."""
+        if self.watcher is not None:
+            watcher, self.watcher = self.watcher, None
+            await watcher.close()
+        await self.router.close()
+        self.drivers.clear()

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("xenpv.cli.demo", "show xenpv at work (the README's main job)"),
     "device": ("xenpv.cli.device", "create, remove and list xenbus device pairs as the toolstack"),
     "fuzz": ("xenpv.cli.fuzz", "fuzz ring, xenbus and xenstore handling with hostile peers"),
+    "hid": ("xenpv.cli.hid", "keyboard/pointer devices: serve, route, watch, focus, inject"),
     "info": ("xenpv.cli.info", "print version, ring implementation and platform facts"),
     "loopback": ("xenpv.cli.loopback", "run the loopback emulator daemon and manage its domains"),
     "peers": ("xenpv.cli.peers", "fetch and locate the real Xen programs used as test peers"),

@@ -40,6 +40,18 @@ def _domid(text: str) -> int:
     return value
 
 
+def _touch(text: str) -> dict[str, str]:
+    """``WxHxN`` as the vkbd backend keys a toolstack writes (libxl's names)."""
+    try:
+        w, h, n = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WxHxN, got {text!r}") from None
+    if not (0 < w <= 0x7FFF and 0 < h <= 0x7FFF and 0 < n <= 256):
+        raise argparse.ArgumentTypeError(f"multi-touch {text} out of range")
+    return {"feature-multi-touch": "1", "multi-touch-width": str(w),
+            "multi-touch-height": str(h), "multi-touch-num-contacts": str(n)}
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the ``device`` subcommands."""
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -58,6 +70,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      help="frontend key (repeatable)")  # fmt: skip
     add.add_argument("--backend-key", type=_pair, action="append", default=[],
                      metavar="K=V", help="backend key (repeatable)")  # fmt: skip
+    add.add_argument("--multi-touch", type=_touch, metavar="WxHxN",
+                     help="vkbd: offer a multi-touch surface of W x H with N contacts")
 
     rem = sub.add_parser("remove", help="remove a device pair")
     common(rem, devid_required=True)
@@ -100,9 +114,14 @@ async def _with_client(args: argparse.Namespace) -> int:
     client = await XenstoreClient.connect(args.socket, timeout=10.0)
     try:
         if args.mode == "add":
+            backend_keys = dict(args.backend_key)
+            if args.multi_touch is not None:
+                if args.type != "vkbd":
+                    raise LocalError("--multi-touch is for vkbd devices")
+                backend_keys.update(args.multi_touch)
             info = await add_device(
                 client, args.type, args.frontend_domid, args.backend_domid, args.devid,
-                frontend_keys=dict(args.key), backend_keys=dict(args.backend_key),
+                frontend_keys=dict(args.key), backend_keys=backend_keys,
                 backend_type=args.backend_type,
             )  # fmt: skip
             print(f"{info.frontend_path}\n{info.backend_path}")

@@ -92,7 +92,11 @@ class HidInterface:
 def find_hid_interfaces(backend: Any = None) -> list[HidInterface]:
     """Every HID interface of configuration 1 of every device ``backend`` shows."""
     out = []
-    for dev in usb.core.find(find_all=True, backend=backend) or []:
+    try:
+        devices = list(usb.core.find(find_all=True, backend=backend) or [])
+    except usb.core.NoBackendError:
+        raise LocalError("pyusb found no USB library (libusb) on this host") from None
+    for dev in devices:
         try:
             cfg = dev[0]
         except (usb.core.USBError, IndexError):

@@ -144,6 +144,8 @@ class KeyboardConsumer(EventPump):
         #: The last bad event's reason; the ring error once broken.
         self.last_error: str | None = None
         self.broken: PeerError | None = None
+        #: ``stats["delivered"]`` when the ring broke (nothing is delivered after).
+        self.delivered_at_break: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._log_times: deque[float] = deque(maxlen=_LOG_BURST)
@@ -205,6 +207,7 @@ class KeyboardConsumer(EventPump):
 
     def _break(self, exc: PeerError) -> None:
         self.broken = exc
+        self.delivered_at_break = self.stats["delivered"]
         self.last_error = str(exc)
         self._log(f"event ring broken: {exc}")
         if self.on_broken is not None:

@@ -549,6 +549,15 @@ def _xenbus_driver(victim: Any) -> Callable[[bytes], None]:
     return DriverTarget(victim)
 
 
+def _kbd_driver(side: str) -> Callable[[Any], Callable[[bytes], None]]:
+    def build(victim: Any) -> Callable[[bytes], None]:
+        from xenpv.fuzz.kbd_driver import KbdDriverTarget
+
+        return KbdDriverTarget(side)
+
+    return build
+
+
 def _vchan_process(victim: Any) -> Callable[[bytes], None]:
     from xenpv.fuzz.vchan_process import VchanProcess
 
@@ -614,6 +623,10 @@ def _make_targets() -> dict[str, Target]:
         Target("xenbus:driver", "hostile frontend domain via xenstore vs an asyncio backend driver "
                "(embedded xenstored + emulator; victim: a BackendDriver factory)",
                _xenbus_driver, "xenbus-backend"),
+        Target("kbdfront:driver", "hostile backend (ring events, in_prod, floods, keys) vs "
+               "our keyboard frontend, in a connected pair", _kbd_driver("frontend")),
+        Target("kbdback:driver", "hostile frontend (in_cons, floods, garbage keys, state "
+               "cycles) vs our keyboard backend while it sends input", _kbd_driver("backend")),
     ]
     return {t.name: t for t in out}
 

@@ -29,6 +29,7 @@ from xenpv.errors import LocalError
 
 BENCHMARKS: dict[str, str] = {
     "fuzz": "hostile operations per second per fuzz target against benign throughput",
+    "hid": "keyboard events per second and injection-to-delivery latency, ours and QEMU's vkbd",
     "platform": "notify round trip, grant map/unmap and grant copy on the loopback emulator",
     "ring": "shared-ring requests per second: Xen's C macros, Cython core, reference",
     "vchan": "vchan throughput and latency against a Unix socket and libxenvchan",

@@ -22,7 +22,8 @@ and ``inject``.  Events for ``inject``: ``a`` (tap: press and release), ``+a`` /
 a release: ``xenpv hid inject -- -a``).  ``watch`` is a frontend in the guest
 ``DOMID`` printing the events it receives, one JSON object per line, like ``evtest``.
 ``backend`` and ``watch`` print ``{"event": "ready", …}`` first and run until stdin is
-closed or SIGTERM (``watch`` also after ``--count`` events).
+closed or SIGTERM (``watch`` also after ``--count`` events; with ``--timing`` it prints no
+events, only their receive times in its ``done`` line, for ``xenpv bench hid``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from typing import Any
 
 from xenpv.cli.console import _platform, _stdin_closed, _xenstore, emit
@@ -92,6 +94,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     wa.add_argument("--relative", action="store_true", help="do not request absolute")
     wa.add_argument("--raw", action="store_true", help="request raw pointer mode")
     wa.add_argument("--multi-touch", action="store_true", help="request multi-touch")
+    wa.add_argument("--timing", action="store_true",
+                    help="print no events: the receive time of each (monotonic s) at the end")
 
 
 def _control_path(args: argparse.Namespace) -> str:
@@ -304,12 +308,16 @@ async def _watch(args: argparse.Namespace) -> int:
         mode = dataclasses.asdict(fe.mode) if fe.mode is not None else {}
         emit(event="ready", path=path, mode=mode)
         seen = 0
+        times: list[float] = []
 
         async def pump() -> None:
             nonlocal seen
             async for ev in fe.events():
                 seen += 1
-                emit(event="input", **_record(ev), pressed_keys=sorted(fe.pressed))
+                if args.timing:
+                    times.append(time.monotonic())
+                else:
+                    emit(event="input", **_record(ev), pressed_keys=sorted(fe.pressed))
                 if args.count and seen >= args.count:
                     return
 
@@ -318,7 +326,10 @@ async def _watch(args: argparse.Namespace) -> int:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        emit(event="done", events=seen, stats=fe.counters())
+        if args.timing:
+            emit(event="done", events=seen, stats=fe.counters(), times=times)
+        else:
+            emit(event="done", events=seen, stats=fe.counters())
     finally:
         await fe.close()
         await client.close()

@@ -148,6 +148,7 @@ class KeyboardConsumer(EventPump):
         self.delivered_at_break: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._notify_pending = False
         self._log_times: deque[float] = deque(maxlen=_LOG_BURST)
 
     def start(self) -> None:
@@ -187,8 +188,22 @@ class KeyboardConsumer(EventPump):
         else:
             self.stats["paused"] += 1
         if taken:
-            self._notify()  # after the in_cons update, as the protocol asks
+            self._notify_soon()  # after the in_cons update, as the protocol asks
         return taken > 0
+
+    def _notify_soon(self) -> None:
+        """Notify the backend once the reader woken by these events has run (its wake-up
+        was queued first): the consumer's latency does not pay for the notification."""
+        if self._notify_pending or self._loop is None:
+            return
+        self._notify_pending = True
+
+        def go() -> None:
+            self._notify_pending = False
+            if not self._closed:
+                self._notify()
+
+        self._loop.call_soon(go)
 
     def _accept(self, raw: bytes) -> None:
         ev = K.parse_in_event(raw)
@@ -310,7 +325,7 @@ class KeyboardFrontend(FrontendDriver):
         self.contacts: dict[int, tuple[int, int]] = {}
         self._page: _KbdPage | None = None
         self._queue: deque[object] = deque()
-        self._wake = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
         self._connected = asyncio.Event()
 
     async def publish(self, backend: PeerKeys) -> None:
@@ -370,7 +385,7 @@ class KeyboardFrontend(FrontendDriver):
             page, self._page = self._page, None
             page.release()
         self._queue.append(_END)
-        self._wake.set()
+        self._wakeup()
 
     async def wait_connected(self, timeout: float = 10.0) -> None:
         """Wait until events can flow."""
@@ -397,7 +412,12 @@ class KeyboardFrontend(FrontendDriver):
         elif isinstance(ev, K.MTouch) and ev.event_type == K.XENKBD_MT_EV_UP:
             self.contacts.pop(ev.contact_id, None)
         self._queue.append(ev)
-        self._wake.set()
+        self._wakeup()
+
+    def _wakeup(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def events(self) -> AsyncIterator[KbdEvent]:
         """Accepted events in ring order; ends when the connection ends."""
@@ -405,12 +425,12 @@ class KeyboardFrontend(FrontendDriver):
             while not self._queue:
                 if self.done:
                     return
-                self._wake.clear()
-                waiter = asyncio.ensure_future(self._wake.wait())
-                try:
-                    await asyncio.wait({waiter}, timeout=0.5)  # also notices the end
-                finally:
-                    waiter.cancel()
+                # one future awaited directly: a delivery wakes the reader in the next
+                # pass of the loop (the timeout only notices a driver that ended)
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        await waiter
             item = self._queue.popleft()
             if item is _END:
                 return

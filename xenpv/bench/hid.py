@@ -87,7 +87,7 @@ class _Watcher:
 
 
 async def _measure(lab: Any, qmp_path: Path, n_lat: int, n_rate: int,
-                   rec: Rounds) -> None:
+                   rec: Rounds, round_no: int) -> None:
     from xenpv.backends.hid.source import KeyInput
     from xenpv.backends.keyboard import KeyboardBackendDriver, KeyboardConfig
     from xenpv.xenbus.toolstack import add_device
@@ -97,14 +97,16 @@ async def _measure(lab: Any, qmp_path: Path, n_lat: int, n_rate: int,
     dom0 = lab.platform(0)
     be = None
     try:
-        ours_info = await add_device(xs0, "vkbd", GUEST, 0, 0, backend_type="vkbd-xenpv")
-        qemu_info = await add_device(xs0, "vkbd", GUEST, 0, 1)
+        ours_dev, qemu_dev = 2 * round_no, 2 * round_no + 1  # fresh devices each round
+        ours_info = await add_device(xs0, "vkbd", GUEST, 0, ours_dev,
+                                     backend_type="vkbd-xenpv")
+        qemu_info = await add_device(xs0, "vkbd", GUEST, 0, qemu_dev)
         be = KeyboardBackendDriver(dom0, xs0, ours_info.backend_path,
                                    KeyboardConfig(backlog=1 << 16, rate_allowance=1 << 20))
         await be.start()
         qmp = await _Qmp.connect(qmp_path, 30.0)
         try:
-            for which, devid in (("ours", 0), ("qemu", 1)):
+            for which, devid in (("ours", ours_dev), ("qemu", qemu_dev)):
                 for kind, n in (("latency", n_lat), ("rate", n_rate)):
                     watcher = _Watcher(lab, devid, n, relative=True)
                     ready = await asyncio.to_thread(watcher.line, 60.0)
@@ -216,9 +218,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       "-xen-attach", "-display", "none", "-nodefaults", "-qmp",
                       f"unix:{qmp_path},server=on,wait=off"],
                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(rounds):
+        for r in range(rounds):
             rec.add("notify_rtt_us", notify_rtt_us(lab.rundir, n_rtt, cpus))
-            asyncio.run(_measure(lab, qmp_path, n_lat, n_rate, rec))
+            asyncio.run(_measure(lab, qmp_path, n_lat, n_rate, rec, r))
     ratios = {
         "ours_latency_p50_vs_notify_rtt": Ratio("ours_latency_us_p50", "notify_rtt_us",
                                                 "<= 1.5"),

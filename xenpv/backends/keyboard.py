@@ -265,16 +265,26 @@ class EventProducer:
                       "evicted": 0, "backlog_max": 0, "insane": 0}
 
     def put(self, events: list[KbdRecord]) -> None:
-        """Queue ``events`` and write as many as fit (one notification)."""
+        """Queue ``events`` and write as many as fit (one notification).  Only events
+        that cannot go into the ring now wait, coalesce or count against the backlog."""
+        room = self._free()
         for ev in events:
-            self._queue(ev)
+            self._queue(ev, room)
         self.flush()
 
-    def _queue(self, ev: KbdRecord) -> None:
+    def _free(self) -> int:
+        insane = self.ring.insane_count
+        room = self.ring.free()
+        if self.ring.insane_count != insane:
+            self.stats["insane"] += 1
+        return room
+
+    def _queue(self, ev: KbdRecord, room: int) -> None:
         q = self.backlog
-        if q and self._coalesce(q[-1], ev):
+        waiting = len(q) - room  # events already queued that will not fit now
+        if waiting >= 0 and q and self._coalesce(q[-1], ev):
             return
-        if len(q) >= self.limit:
+        if waiting >= self.limit:
             if not _is_release(ev):
                 self.stats["dropped"] += 1
                 return
@@ -282,7 +292,7 @@ class EventProducer:
                 return
             self._evict()
         q.append(ev)
-        self.stats["backlog_max"] = max(self.stats["backlog_max"], len(q))
+        self.stats["backlog_max"] = max(self.stats["backlog_max"], len(q) - max(room, 0))
 
     def _coalesce(self, last: KbdRecord, ev: KbdRecord) -> bool:
         q = self.backlog
@@ -345,11 +355,7 @@ class EventProducer:
         q = self.backlog
         if not q:
             return 0
-        insane = self.ring.insane_count
-        room = self.ring.free()
-        if self.ring.insane_count != insane:
-            self.stats["insane"] += 1
-        n = min(room, len(q))
+        n = min(self._free(), len(q))
         if n <= 0:
             return 0
         data = b"".join(q[i].pack() for i in range(n))

@@ -324,3 +324,26 @@ def test_multicall_xenstore_binary_agrees(xs_env: dict[str, str]) -> None:
         a = subprocess.run([exe, mode, *args], env=xs_env, capture_output=True, timeout=TIMEOUT)
         b = ours(xs_env, mode, *args)
         assert (a.returncode, a.stdout) == (b.returncode, b.stdout), (mode, a.stderr, b.stderr)
+
+
+@pytest.mark.parametrize("spec", ["n99999999999", "n65536", "n-1", "r4294967297", "nabc"])
+def test_chmod_refuses_out_of_range_domids(xs_env: dict[str, str], spec: str) -> None:
+    """Issue 14 item 9: a domid beyond the wire's range is refused, never masked to 16
+    bits (``n99999999999`` used to set ``n59391``)."""
+    check(real(xs_env, "write", "/chmod/k", "v"))
+    before = check(real(xs_env, "ls", "-p", "/chmod"))
+    b = ours(xs_env, "chmod", "/chmod/k", spec)
+    assert b.returncode == 1 and b"Invalid argument" in b.stderr, b.stderr
+    if spec in ("n99999999999", "n65536", "n-1"):  # atoi: "abc" is 0, 4294967297 is 1
+        a = real(xs_env, "chmod", "/chmod/k", spec)
+        assert a.returncode == 1 and b"Invalid argument" in a.stderr
+    assert check(real(xs_env, "ls", "-p", "/chmod")) == before
+
+
+def test_chmod_of_a_missing_path_gives_the_reason(xs_env: dict[str, str]) -> None:
+    """Issue 14 item 12: the reason is printed, as xenstore-chmod prints it."""
+    a = real(xs_env, "chmod", "/no/such/node", "n0")
+    b = ours(xs_env, "chmod", "/no/such/node", "n0")
+    assert a.returncode == b.returncode == 1
+    assert b"No such file or directory" in a.stderr
+    assert b.stderr.count(b"\n") == 1 and b"No such file or directory" in b.stderr

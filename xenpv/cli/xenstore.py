@@ -13,7 +13,10 @@ between them:
 * ``ls`` prints an indented tree (``name = "value"``), truncated to the terminal width
   (80 columns when stdout is not a terminal); ``-p`` adds permissions, ``-f`` full paths;
 * ``exists`` prints nothing and exits 1 if a key is missing;
-* failures exit 1 with a message on stderr; usage errors exit 1 too.
+* failures exit 1 with a message on stderr; usage errors exit 1 too;
+* ``chmod`` takes a domid of plain decimal digits up to 65535 and refuses anything
+  else with ``Invalid argument`` (where xenstore-chmod's ``atoi`` turns ``nabc`` into
+  ``n0`` and ``n4294967297`` into ``n1``); nothing is masked to fit.
 
 The server is found as libxenstore finds it (``$XENSTORED_PATH``,
 ``$XENSTORED_RUNDIR/socket``, ``/dev/xen/xenbus``) unless ``--socket PATH`` names one.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import fcntl
 import os
 import struct
@@ -266,7 +270,15 @@ class _Cli:
             if letter not in ("n", "r", "w", "b"):
                 self.warn(f"Invalid permission specification: '{letter}'")
                 raise _Failed
-            perms.append(Perm(letter, _atoi(spec[1:]) & 0xFFFF))
+            digits = spec[1:]
+            # the wire carries the domid as text and the server refuses one above 65535
+            # with EINVAL; refuse it (and anything but plain digits) the same way, never
+            # masked to 16 bits
+            if not digits.isascii() or not digits.isdigit() or int(digits) > 0xFFFF:
+                self.warn(f"Error occurred setting permissions on '{key}': "
+                          f"{os.strerror(errno.EINVAL)} (domid {digits!r} in {spec!r})")
+                raise _Failed
+            perms.append(Perm(letter, int(digits)))
         await self._chmod(ops, key, perms, self.args.upto, self.args.recurse)
         return 0
 
@@ -280,9 +292,11 @@ class _Cli:
     ) -> None:
         if not path:
             return
-        if not await _ok(ops.set_perms(path, perms)):
-            self.warn(f"Error occurred setting permissions on '{path}'")
-            raise _Failed
+        try:
+            await ops.set_perms(path, perms)
+        except (XenstoreError, LocalError) as exc:
+            self.warn(f"Error occurred setting permissions on '{path}': {_describe(exc)}")
+            raise _Failed from None
         if upto:
             if "/" not in path:
                 self.warn(f"Unable to locate path separator '/' in '{path}'")
@@ -394,21 +408,6 @@ class _Cli:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
         return 0
-
-
-def _atoi(text: str) -> int:
-    """C ``atoi``: leading decimal digits (optionally signed), else 0."""
-    text = text.lstrip()
-    sign = 1
-    if text[:1] in ("+", "-"):
-        sign = -1 if text[0] == "-" else 1
-        text = text[1:]
-    digits = ""
-    for ch in text:
-        if not ch.isascii() or not ch.isdigit():
-            break
-        digits += ch
-    return sign * int(digits) if digits else 0
 
 
 def _clip(text: str, precision: int) -> str:

@@ -578,9 +578,13 @@ class ConsoleBackendDriver(BackendDriver):
         except PlatformError as exc:  # the ref or port the frontend wrote is unusable
             raise _ConsolePeerError(f"cannot use ring-ref {ref}, port {port}: {exc}") from None
         if self.session.tty_path is not None:
-            with contextlib.suppress(XenstoreError, TimeoutError):
-                await self.client.write(f"{self.peer_path}/{KEY_TTY}", self.session.tty_path,
-                                        timeout=self.op_timeout)
+            # the backend directory's copy is the one to trust (R14: the guest can
+            # rewrite its own frontend directory); the frontend copy is where Xen's
+            # tools look
+            for where in (self.path, self.peer_path):
+                with contextlib.suppress(XenstoreError, TimeoutError):
+                    await self.client.write(f"{where}/{KEY_TTY}", self.session.tty_path,
+                                            timeout=self.op_timeout)
 
     async def disconnect(self) -> None:
         """Stop the session (unmaps and unbinds)."""

@@ -37,7 +37,9 @@ import termios
 import tty
 from typing import Any
 
+from xenpv.cli import args as args_
 from xenpv.errors import LocalError, PeerError, PlatformError
+from xenpv.xenstore.wire import XenstoreError
 
 ESCAPE = 0x1D  # Ctrl-], as xenconsole
 
@@ -52,8 +54,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     at = sub.add_parser("attach", help="connect this terminal to a guest's console pty")
-    at.add_argument("domid", type=int)
-    at.add_argument("--num", type=int, default=0, help="console number (0: primary)")
+    at.add_argument("domid", type=args_.domid, help="the guest domain")
+    at.add_argument("-n", "--num", type=args_.uint(0, 0xFFFF, "console number"), default=0,
+                    help="console number (0: primary, N: device/console/N), as xenconsole's")
+    at.add_argument("--backend-domid", type=args_.domid, default=0,
+                    help="domain serving secondary console N (default 0)")
+    at.add_argument("--timeout", type=args_.positive_float, default=10.0,
+                    help="seconds to wait for the console's pty (default 10)")
     at.add_argument("--rundir", help="loopback emulator run directory (default: the environment)")
 
     be = sub.add_parser("backend", help="serve consoles on ptys (dom0 by default)")
@@ -259,25 +266,60 @@ async def _publish(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- attach
 
 
+def tty_node(domid: int, num: int, backend_domid: int = 0) -> str:
+    """The xenstore node ``attach`` takes console ``num`` of ``domid``'s pty path from.
+
+    Console 0: ``/local/domain/<domid>/console/tty`` (the toolstack makes that directory
+    read-only to the guest).  Secondary consoles: the backend's own directory,
+    ``/local/domain/<backend>/backend/console/<domid>/<num>/tty``, never the guest-owned
+    ``device/console/<num>/tty`` that Xen's ``xenconsole`` reads (R14)."""
+    if num == 0:
+        return f"/local/domain/{domid}/console/tty"
+    return f"/local/domain/{backend_domid}/backend/console/{domid}/{num}/tty"
+
+
+def guest_can_write(perms: list[Any], domid: int) -> bool:
+    """Whether ``domid`` may write a node with permissions ``perms`` (owner first)."""
+    if not perms or perms[0].domid == domid:
+        return True
+    for perm in perms[1:]:
+        if perm.domid == domid:
+            return bool(perm.can_write)
+    return bool(perms[0].can_write)
+
+
 async def _tty_path(args: argparse.Namespace, timeout: float = 10.0) -> str:
     client = await _xenstore(args.rundir, 0)
-    home = f"/local/domain/{args.domid}"
-    path = f"{home}/console/tty" if args.num == 0 else f"{home}/device/console/{args.num}/tty"
+    path = tty_node(args.domid, args.num, args.backend_domid)
     try:
-        async with asyncio.timeout(timeout), client.watch(path, max_pending=4) as watch:
-            async for _ in watch:
-                with contextlib.suppress(Exception):
-                    value = await client.read(path)
-                    if value:
+        if not await client.exists(f"/local/domain/{args.domid}"):
+            raise LocalError(f"domain {args.domid} does not exist")
+        try:
+            async with asyncio.timeout(timeout), client.watch(path, max_pending=4) as watch:
+                async for _ in watch:
+                    with contextlib.suppress(XenstoreError):
+                        value = await client.read(path)
+                        if not value:
+                            continue
+                        if guest_can_write(await client.get_perms(path), args.domid):
+                            raise LocalError(f"{path} is writable by domain {args.domid}: "
+                                             "not opening a terminal the guest names")
                         return value.decode("ascii", "replace")
+        except TimeoutError:
+            raise LocalError(
+                f"no console backend published {path} within {timeout:.0f} s "
+                f"(is `xenpv console backend` serving domain {args.domid}?)") from None
     finally:
         await client.close()
     raise LocalError(f"{path} never appeared")
 
 
 def _attach(args: argparse.Namespace) -> int:
-    path = asyncio.run(_tty_path(args))
+    path = asyncio.run(_tty_path(args, args.timeout))
     fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
+    if not os.isatty(fd):
+        os.close(fd)
+        raise LocalError(f"{path} is not a terminal")
     tty.setraw(fd, termios.TCSANOW)  # TCSANOW: keep what the guest already wrote
     stdin = sys.stdin.fileno()
     saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None

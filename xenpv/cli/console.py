@@ -12,7 +12,9 @@
 With ``--rundir`` a command acts on the loopback emulator running there (as dom0, or as
 the domain named); without it, the platform comes from the environment (``xenpv loopback
 env``).  ``backend`` and ``frontend`` print one JSON object per line on stdout
-(``{"event": "ready", …}`` first) and run until stdin is closed or SIGTERM.
+(``{"event": "ready", …}`` first) and run until SIGTERM, SIGINT or SIGHUP, or, when
+stdin is a pipe, until its other end closes (how a parent process stops them); they
+never read a terminal or ``/dev/null``, so they run in the background of a shell.
 
 ``frontend`` (the guest side) sets up console 0 (or, with ``--devid``, the secondary
 console ``device/console/K``), then optionally writes ``--send`` bytes of text, and with
@@ -32,6 +34,7 @@ import json
 import os
 import select
 import signal
+import stat
 import sys
 import termios
 import tty
@@ -42,6 +45,7 @@ from xenpv.errors import LocalError, PeerError, PlatformError
 from xenpv.xenstore.wire import XenstoreError
 
 ESCAPE = 0x1D  # Ctrl-], as xenconsole
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def emit(**fields: Any) -> None:
@@ -106,12 +110,26 @@ async def _xenstore(rundir: str | None, domid: int) -> Any:
     return await connect(os.path.join(rundir, f"dom{domid}", "xenstore"))
 
 
+def _stdin_is_a_pipe() -> bool:
+    """Whether stdin is a pipe or socket (a parent process holding the other end)."""
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
 def _stdin_closed(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
-    """A future that completes when stdin reaches EOF (the parent let go of us)."""
+    """A future that completes on SIGTERM, SIGINT or SIGHUP, or when stdin is a pipe
+    and reaches EOF (the parent let go of us).
+
+    A terminal, ``/dev/null`` or a file on stdin is never read: a service started with
+    ``&`` must neither stop at once (``/dev/null`` cannot be polled) nor be stopped for
+    reading its terminal from the background."""
     fut: asyncio.Future[None] = loop.create_future()
-    fd = sys.stdin.fileno()
 
     def readable() -> None:
+        fd = sys.stdin.fileno()
         try:
             data = os.read(fd, 4096)
         except OSError:
@@ -125,8 +143,10 @@ def _stdin_closed(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
         if not fut.done():
             fut.set_result(None)
 
-    loop.add_reader(fd, readable)
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    if _stdin_is_a_pipe():
+        fd = sys.stdin.fileno()
+        loop.add_reader(fd, readable)
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop)
     return fut
 

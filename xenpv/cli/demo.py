@@ -32,6 +32,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -40,7 +41,7 @@ import termios
 import time
 import tty
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -52,6 +53,38 @@ _PING = 64
 
 class DemoError(Exception):
     """A stage of the demo failed (the message says which and why)."""
+
+
+class Stopped(BaseException):
+    """The demo received SIGTERM, SIGINT or SIGHUP (it then ends its children)."""
+
+    def __init__(self, signum: int) -> None:
+        """Record the signal."""
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn the first SIGTERM/SIGINT/SIGHUP into :class:`Stopped`; ignore the rest while
+    the caller cleans up (its cleanup is bounded), then restore the old handlers."""
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    def handler(signum: int, _frame: object) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -488,7 +521,18 @@ def _sizes(args: argparse.Namespace) -> tuple[int, int, int]:
 
 
 def demo(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """Run the whole demo; returns the exit status."""
+    """Run the whole demo; returns the exit status.
+
+    SIGTERM, SIGINT and SIGHUP end it early: every child process is stopped (by pid),
+    the emulator too, and the run directory is removed (status 128 + the signal)."""
+    try:
+        with stop_on_signals():
+            return _demo(args, out, err)
+    except Stopped as exc:
+        return 128 + exc.signum
+
+
+def _demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from xenpv.platforms.loopback.harness import start_daemon, stop_daemon
 
     console_bytes, vchan_bytes, pings = _sizes(args)
@@ -518,6 +562,10 @@ def demo(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.s
         print("(the console backend limits each guest to 30 events per 200 ms, like "
               "xenconsoled;\n the console's latency tail and throughput show it)", file=out)
         status = 0
+    except Stopped as exc:
+        progress.end()
+        print(f"xenpv demo: stopped by {exc}; ending its processes", file=err, flush=True)
+        raise
     except DemoError as exc:
         progress.end()
         print(f"xenpv demo: FAILED: {exc}", file=err)
@@ -525,6 +573,8 @@ def demo(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.s
         progress.end()
         print(f"xenpv demo: FAILED: {type(exc).__name__}: {exc}", file=err)
     finally:
+        for sig in STOP_SIGNALS:  # the cleanup below is bounded: let it finish
+            signal.signal(sig, signal.SIG_IGN)
         kids.stop()
         if daemon is not None:
             stop_daemon(daemon)

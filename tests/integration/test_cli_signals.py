@@ -1,0 +1,116 @@
+"""Issue 14 item 10: commands that start processes end them on SIGTERM, SIGINT and SIGHUP,
+and long-running commands stop on those signals.
+
+Each command runs in a session of its own, so "every child is gone" is checked by
+looking for any process left in that session.  Timeouts here are hang guards only.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from cli_support import json_line, xenpv
+
+from xenpv.platforms.loopback.harness import DaemonMachine
+
+HANG_GUARD = 60.0
+SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+
+
+def session_members(sid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process of session ``sid``."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            out.append((int(entry.name), cmdline))
+    return out
+
+
+def wait_for_member(sid: int, needle: str, timeout: float = HANG_GUARD) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(needle in cmd for _, cmd in session_members(sid)):
+        assert time.monotonic() < deadline, f"no {needle!r} process started"
+        time.sleep(0.05)
+
+
+def wait_session_empty(sid: int, timeout: float = HANG_GUARD) -> None:
+    deadline = time.monotonic() + timeout
+    while left := session_members(sid):
+        assert time.monotonic() < deadline, f"processes left behind: {left}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+def test_demo_ends_its_children_and_removes_its_rundir_on(sig: signal.Signals) -> None:
+    demo = subprocess.Popen(xenpv("demo", "--quick"), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        assert demo.stdout is not None
+        ready, _, _ = select.select([demo.stdout], [], [], HANG_GUARD)
+        assert ready
+        first = demo.stdout.readline().decode()
+        assert first.startswith("xenpv demo: loopback emulator in "), first
+        rundir = first.rsplit(" ", 1)[1].strip()
+        # the guest's console frontend is the process that used to be orphaned
+        wait_for_member(demo.pid, "console frontend")
+        demo.send_signal(sig)
+        assert demo.wait(HANG_GUARD) == 128 + sig
+        wait_session_empty(demo.pid)
+        assert not os.path.exists(rundir)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        for pid, _ in session_members(demo.pid):
+            os.kill(pid, signal.SIGKILL)
+        for f in (demo.stdout, demo.stderr):
+            if f is not None:
+                f.close()
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+def test_console_pair_stops_on(sig: signal.Signals) -> None:
+    """Backend and frontend (a secondary console, connected) stop on each signal, with
+    stdin not a pipe (so only the signal can stop them)."""
+    machine = DaemonMachine(max_grants=64, max_ports=32)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        machine.create_domain(7)
+        rundir = machine.rundir
+        subprocess.run(xenpv("device", "add", "console", "--frontend-domid", "7", "--devid",
+                             "1", "-s", os.path.join(rundir, "dom0", "xenstore")),
+                       check=True, timeout=HANG_GUARD)
+        for argv in (("console", "backend", "--rundir", rundir, "--all"),
+                     ("console", "frontend", "--rundir", rundir, "--domid", "7",
+                      "--devid", "1")):
+            p = subprocess.Popen(xenpv(*argv), stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE)
+            procs.append(p)
+            assert json_line(p, HANG_GUARD)["event"] == "ready"
+        for p in procs:  # the guest first: the backend then sees it close
+            p.send_signal(sig)
+            assert p.wait(HANG_GUARD) == 0
+        machine.assert_released()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            if p.stdout is not None:
+                p.stdout.close()
+        machine.close()

@@ -20,6 +20,14 @@ U32_MAX = 0xFFFFFFFF
 _MAX_DIGITS = 20
 
 
+class CliError(Exception):
+    """A command failed; ``xenpv`` prints ``xenpv COMMAND: MESSAGE`` and exits 1."""
+
+
+class UsageError(CliError):
+    """The command line is wrong in a way argparse cannot see; exits like a usage error."""
+
+
 def parse_uint(text: str, lo: int = 0, hi: int = U32_MAX, what: str = "number") -> int:
     """``text`` as a decimal integer in ``lo..hi``; :class:`ValueError` (with a message
     naming ``what`` and the range) otherwise."""

@@ -2,8 +2,8 @@
 
 ::
 
-    xenpv console attach DOMID [--num N] [--rundir DIR]        # like xenconsole --type pv
-    xenpv console backend [--rundir DIR] [--as DOMID] [--domid N ... | --all] [--no-secondary]
+    xenpv console attach DOMID [-n N] [--backend-domid B] [--rundir DIR]  # like xenconsole --type pv
+    xenpv console backend [--rundir DIR] [--backend-domid B] [--domid N ... | --all] [--no-secondary]
                           [--log-dir DIR] [--log-max BYTES] [--limit BYTES] [--policy P]
     xenpv console frontend [--rundir DIR] --domid N [--backend-domid B] [--devid K]
                            [--send BYTES] [--shell]
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import select
@@ -41,6 +42,7 @@ import tty
 from typing import Any
 
 from xenpv.cli import args as args_
+from xenpv.cli import describe, set_usage_status
 from xenpv.errors import LocalError, PeerError, PlatformError
 from xenpv.xenstore.wire import XenstoreError
 
@@ -58,6 +60,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     at = sub.add_parser("attach", help="connect this terminal to a guest's console pty")
+    set_usage_status(at, errno.EINVAL)  # xenconsole exits with EINVAL on a usage error
     at.add_argument("domid", type=args_.domid, help="the guest domain")
     at.add_argument("-n", "--num", type=args_.uint(0, 0xFFFF, "console number"), default=0,
                     help="console number (0: primary, N: device/console/N), as xenconsole's")
@@ -69,31 +72,43 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     be = sub.add_parser("backend", help="serve consoles on ptys (dom0 by default)")
     be.add_argument("--rundir", help="loopback emulator run directory (default: the environment)")
-    be.add_argument("--as", dest="as_domid", type=int, default=0, help="backend domain")
-    be.add_argument("--domid", type=int, action="append", default=[],
+    be.add_argument("--backend-domid", "--as", dest="as_domid", type=args_.domid, default=0,
+                    help="the domain this backend acts as (default 0)")
+    be.add_argument("--domid", type=args_.domid, action="append", default=[],
                     help="serve console 0 of this guest (repeatable)")
     be.add_argument("--all", action="store_true",
                     help="serve console 0 of every domain, as they come and go")
-    be.add_argument("--no-secondary", action="store_true", help="no device/console/N")
+    be.add_argument("--no-secondary", action="store_true",
+                    help="do not serve secondary consoles (device/console/N)")
     be.add_argument("--log-dir", help="write NAME.log per console here")
-    be.add_argument("--log-max", type=int, default=1 << 20, help="log size cap (bytes)")
-    be.add_argument("--limit", type=int, default=1 << 20, help="buffered output cap (bytes)")
-    be.add_argument("--policy", choices=["discard", "block"], default="discard")
+    be.add_argument("--log-max", type=args_.size(1, 1 << 40, "--log-max"), default=1 << 20,
+                    help="log size cap in bytes (default 1 MiB)")
+    be.add_argument("--limit", type=args_.size(1, 1 << 40, "--limit"), default=1 << 20,
+                    help="buffered output cap in bytes (default 1 MiB)")
+    be.add_argument("--policy", choices=["discard", "block"], default="discard",
+                    help="when the buffer is full: drop the oldest output (discard, the "
+                    "default) or stop reading the guest's ring (block)")
 
     fe = sub.add_parser("frontend", help="the guest side of a console")
     fe.add_argument("--rundir", help="loopback emulator run directory (default: the environment)")
-    fe.add_argument("--domid", type=int, required=True, help="the guest domain")
-    fe.add_argument("--backend-domid", type=int, default=0)
-    fe.add_argument("--devid", type=int, help="secondary console device/console/DEVID")
-    fe.add_argument("--send", type=int, default=0, help="bytes of text to print at start")
+    fe.add_argument("--domid", type=args_.domid, required=True, help="the guest domain")
+    fe.add_argument("--backend-domid", type=args_.domid, default=0,
+                    help="the backend's domain (default 0)")
+    fe.add_argument("--devid", type=args_.uint(1, 0xFFFF, "console number"),
+                    help="secondary console device/console/DEVID (default: console 0)")
+    fe.add_argument("--send", type=args_.size(0, 1 << 40, "--send"), default=0,
+                    help="bytes of text to print at start")
     fe.add_argument("--shell", action="store_true", help="answer echo/send/quit lines")
 
     pub = sub.add_parser("publish", help="toolstack: publish console 0 of a guest")
     pub.add_argument("--rundir", help="loopback emulator run directory (default: the environment)")
-    pub.add_argument("--domid", type=int, required=True)
-    pub.add_argument("--port", type=int, required=True)
-    pub.add_argument("--ring-ref", type=int, default=0)
-    pub.add_argument("--backend-domid", type=int, default=0)
+    pub.add_argument("--domid", type=args_.guest_domid, required=True, help="the guest domain")
+    pub.add_argument("--port", type=args_.port, required=True,
+                     help="the guest's unbound event-channel port")
+    pub.add_argument("--ring-ref", type=args_.grant_ref, default=0,
+                     help="the ring page's frame number (default 0)")
+    pub.add_argument("--backend-domid", type=args_.domid, default=0,
+                     help="the domain serving the console (default 0)")
 
 
 def _platform(rundir: str | None, domid: int) -> Any:
@@ -377,6 +392,6 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "frontend":
             return asyncio.run(_frontend(args))
         return asyncio.run(_publish(args))
-    except (LocalError, PeerError, PlatformError, OSError) as exc:
-        print(f"xenpv console: {exc}", file=sys.stderr)
+    except (LocalError, PeerError, PlatformError, XenstoreError, OSError) as exc:
+        print(f"xenpv console {args.action}: {describe(exc)}", file=sys.stderr)
         return 1

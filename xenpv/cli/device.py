@@ -9,15 +9,20 @@ Mermaid or Graphviz text.
 
 The xenstore server is found like xenstore-utils find it (``$XENSTORED_PATH``, then
 ``$XENSTORED_RUNDIR/socket``, then ``/dev/xen/xenbus``) unless ``-s SOCKET`` names one;
-the connection must be dom0's.  Failures print a message and exit 1.
+``add`` and ``remove`` must run as dom0 (a guest gets a message saying so); ``list``
+prints a table, or with ``--json`` one array.  Failures print one line and exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import sys
 
+from xenpv.cli import args as args_
+from xenpv.cli.args import CliError
 from xenpv.errors import LocalError, PlatformError
 from xenpv.xenbus.diagram import TABLES, render_dot, render_mermaid
 from xenpv.xenbus.states import XenbusState
@@ -31,13 +36,6 @@ def _pair(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
-
-
-def _domid(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 0x7FF0:
-        raise argparse.ArgumentTypeError(f"{text} is not a domid")
-    return value
 
 
 def _touch(text: str) -> dict[str, str]:
@@ -54,13 +52,17 @@ def _touch(text: str) -> dict[str, str]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the ``device`` subcommands."""
-    sub = parser.add_subparsers(dest="mode", required=True)
+    sub = parser.add_subparsers(dest="mode", required=True, metavar="ACTION")
 
     def common(p: argparse.ArgumentParser, *, devid_required: bool) -> None:
         p.add_argument("type", help="device type, e.g. vbd, vif, console, vkbd")
-        p.add_argument("--frontend-domid", "-f", type=_domid, required=True)
-        p.add_argument("--backend-domid", "-b", type=_domid, default=0)
-        p.add_argument("--devid", "-d", type=int, required=devid_required)
+        p.add_argument("--frontend-domid", "-f", type=args_.domid, required=True,
+                       help="the guest (frontend) domain")
+        p.add_argument("--backend-domid", "-b", type=args_.domid, default=0,
+                       help="the backend domain (default 0)")
+        p.add_argument("--devid", "-d", type=args_.devid, required=devid_required,
+                       help="device id" + ("" if devid_required else
+                                           " (default: the lowest free one)"))
         p.add_argument("--backend-type", help="backend directory type (default: TYPE)")
         p.add_argument("-s", "--socket", help="xenstore socket (default: as xenstore-utils)")
 
@@ -75,20 +77,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     rem = sub.add_parser("remove", help="remove a device pair")
     common(rem, devid_required=True)
-    rem.add_argument("--timeout", type=float, default=10.0,
+    rem.add_argument("--timeout", type=args_.positive_float, default=10.0,
                      help="seconds to wait for the backend to close (default 10)")  # fmt: skip
     rem.add_argument("--force", action="store_true", help="do not wait for the backend")
 
     lst = sub.add_parser("list", help="list the devices of a backend domain")
-    lst.add_argument("type")
-    lst.add_argument("--frontend-domid", "-f", type=_domid)
-    lst.add_argument("--backend-domid", "-b", type=_domid, default=0)
-    lst.add_argument("--backend-type")
-    lst.add_argument("-s", "--socket")
+    lst.add_argument("type", help="device type, e.g. vbd, vif, console, vkbd")
+    lst.add_argument("--frontend-domid", "-f", type=args_.domid,
+                     help="only the devices of this guest")
+    lst.add_argument("--backend-domid", "-b", type=args_.domid, default=0,
+                     help="the backend domain (default 0)")
+    lst.add_argument("--backend-type", help="backend directory type (default: TYPE)")
+    lst.add_argument("-s", "--socket", help="xenstore socket (default: as xenstore-utils)")
+    lst.add_argument("--json", action="store_true", help="print one JSON array")
 
     dia = sub.add_parser("diagram", help="print a xenbus transition table as a diagram")
-    dia.add_argument("table", nargs="?", default="backend", choices=sorted(TABLES))
-    dia.add_argument("--format", choices=("mermaid", "dot"), default="mermaid")
+    dia.add_argument("table", nargs="?", default="backend", choices=sorted(TABLES),
+                     help="which table (default: backend)")
+    dia.add_argument("--format", choices=("mermaid", "dot"), default="mermaid",
+                     help="Mermaid (default) or Graphviz text")
 
 
 def _state(state: XenbusState | None) -> str:
@@ -110,9 +117,43 @@ def format_table(devices: list[DeviceInfo]) -> str:
     )
 
 
+def as_json(devices: list[DeviceInfo]) -> str:
+    """The ``list --json`` output: one array of objects."""
+    return json.dumps([
+        {"type": d.devtype, "devid": d.devid, "frontend_domid": d.frontend_domid,
+         "backend_domid": d.backend_domid, "frontend_path": d.frontend_path,
+         "backend_path": d.backend_path,
+         "frontend_state": None if d.frontend_state is None else int(d.frontend_state),
+         "backend_state": None if d.backend_state is None else int(d.backend_state),
+         "online": None if d.online is None else int(d.online)}
+        for d in devices
+    ])  # fmt: skip
+
+
+async def _check_domains(client: XenstoreClient, *domids: int) -> None:
+    for domid in dict.fromkeys(domids):
+        try:
+            if not await client.exists(f"/local/domain/{domid}"):
+                raise CliError(f"domain {domid} does not exist")
+        except XenstoreError as exc:
+            if exc.errno_name != "EACCES":  # not ours to read: the action itself decides
+                raise
+
+
+def _dom0_only(args: argparse.Namespace) -> CliError:
+    me = os.environ.get("XENPV_LOOPBACK_DOMID")
+    who = f"this process acts as domain {me}" if me and me != "0" else "this connection"
+    return CliError(
+        f"permission denied (EACCES): `device {args.mode}` is a dom0 (toolstack) action "
+        f"and {who} may not write the device directories; run it as dom0 (e.g. after "
+        "`eval \"$(xenpv loopback env --rundir DIR --domid 0)\"`)")
+
+
 async def _with_client(args: argparse.Namespace) -> int:
     client = await XenstoreClient.connect(args.socket, timeout=10.0)
     try:
+        if args.mode in ("add", "remove"):
+            await _check_domains(client, args.frontend_domid, args.backend_domid)
         if args.mode == "add":
             backend_keys = dict(args.backend_key)
             if args.multi_touch is not None:
@@ -137,7 +178,7 @@ async def _with_client(args: argparse.Namespace) -> int:
                 client, args.type, backend_domid=args.backend_domid,
                 frontend_domid=args.frontend_domid, backend_type=args.backend_type,
             )  # fmt: skip
-            print(format_table(devices))
+            print(as_json(devices) if args.json else format_table(devices))
     finally:
         await client.close()
     return 0
@@ -151,6 +192,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         return asyncio.run(_with_client(args))
-    except (LocalError, XenstoreError, PlatformError, WireError, TimeoutError) as exc:
-        print(f"xenpv device {args.mode}: {exc}", file=sys.stderr)
-        return 1
+    except XenstoreError as exc:
+        if exc.errno_name == "EACCES" and args.mode in ("add", "remove"):
+            raise _dom0_only(args) from None
+        raise CliError(f"{exc.errno_name}: {os.strerror(exc.errno)}") from None
+    except (LocalError, PlatformError, WireError, TimeoutError) as exc:
+        raise CliError(str(exc) or type(exc).__name__) from None

@@ -33,10 +33,12 @@ import asyncio
 import contextlib
 import errno
 import os
+import signal
 import socket
 import sys
 from typing import Any
 
+from xenpv.cli import args as args_
 from xenpv.errors import LocalError, PeerError, PlatformError
 from xenpv.platforms.choose import open_platform
 from xenpv.protocols.vchan import VCHAN_NOTIFY_READ, VCHAN_NOTIFY_WRITE
@@ -44,6 +46,8 @@ from xenpv.vchan.endpoint import VchanClient, VchanEndpoint, VchanServer
 from xenpv.xenstore.wire import XenstoreError
 
 BUFSIZE = 1 << 16
+USAGE_STATUS = 1  # as vchan-socket-proxy
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 _verbose = False
 
@@ -60,7 +64,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="vchan connection mode (client by default)")
     parser.add_argument("-s", "--state-path", help='xenstore path where "running" is written at startup')
     parser.add_argument("-v", "--verbose", action="store_true", help="verbose logging")
-    parser.add_argument("domid", type=int, help="the peer domain")
+    parser.add_argument("domid", type=args_.domid, help="the peer domain")
     parser.add_argument("nodepath", help="xenstore path of the vchan")
     parser.add_argument("socket", help="socket path, file descriptor number, or - for stdin/stdout")
 
@@ -233,18 +237,62 @@ def _close_local(in_fd: int, out_fd: int) -> None:
                 os.close(fd)
 
 
+class ProxyError(Exception):
+    """A failure reported as one line, in the words of Xen's proxy where it has them."""
+
+
+def _strerror(exc: BaseException) -> str:
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int) and code > 0:
+        return os.strerror(code)
+    return str(exc) or type(exc).__name__
+
+
 async def _write_state(platform: Any, path: str | None) -> None:
     if path:
         xs = await platform.xenstore()
         try:
             await xs.write(path, "running")
+        except (XenstoreError, LocalError) as exc:
+            raise ProxyError(f"xs_write: {_strerror(exc)}") from None
         finally:
             await xs.close()
 
 
+async def check_domain(platform: Any, domid: int) -> None:
+    """:class:`ProxyError` unless domain ``domid`` exists (its home is in xenstore; one
+    this domain may not read counts as existing)."""
+    xs = await platform.xenstore()
+    try:
+        if not await xs.exists(f"/local/domain/{domid}"):
+            raise ProxyError(f"domain {domid} does not exist")
+    except XenstoreError as exc:
+        if exc.errno_name != "EACCES":
+            raise ProxyError(f"xs_read: {_strerror(exc)}") from None
+    finally:
+        await xs.close()
+
+
+def listen_unix(path: str) -> socket.socket:
+    """A listening Unix socket at ``path``; :class:`ProxyError` (``bind: …``) on an
+    occupied or too long path or a missing directory."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(5)
+    except OSError as exc:
+        sock.close()
+        raise ProxyError(f"bind: {_strerror(exc)} ({path})") from None
+    return sock
+
+
 async def run_server(platform: Any, args: argparse.Namespace) -> int:
     """Server mode (see the module docstring)."""
-    server = await VchanServer.create(platform, args.domid, args.nodepath, read_min=0, write_min=0)
+    try:
+        server = await VchanServer.create(platform, args.domid, args.nodepath, read_min=0,
+                                          write_min=0)
+    except (XenstoreError, PlatformError) as exc:
+        raise ProxyError(f"libxenvchan_server_init: {_strerror(exc)}") from None
     try:
         await _write_state(platform, args.state_path)
         while True:
@@ -308,13 +356,17 @@ async def connect_vchan(platform: Any, domid: int, path: str) -> VchanClient | N
 async def run_client(platform: Any, args: argparse.Namespace) -> int:
     """Client mode (see the module docstring)."""
     listener: socket.socket | None = None
+    bound: tuple[str, int] | None = None  # the socket file we made: removed on exit
+    await check_domain(platform, args.domid)
     if args.socket != "-":
         if _is_fd(args.socket):
-            listener = socket.socket(fileno=int(args.socket, 0))
+            try:
+                listener = socket.socket(fileno=int(args.socket, 0))
+            except OSError as exc:
+                raise ProxyError(f"listening descriptor {args.socket}: {_strerror(exc)}") from None
         else:
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(args.socket)
-            listener.listen(5)
+            listener = listen_unix(args.socket)
+            bound = (args.socket, os.stat(args.socket).st_ino)
     try:
         await _write_state(platform, args.state_path)
         loop = asyncio.get_running_loop()
@@ -342,6 +394,34 @@ async def run_client(platform: Any, args: argparse.Namespace) -> int:
     finally:
         if listener is not None:
             listener.close()
+        if bound is not None:
+            with contextlib.suppress(OSError):
+                if os.stat(bound[0]).st_ino == bound[1]:
+                    os.unlink(bound[0])
+
+
+async def _until_signal(main: Any) -> int:
+    """Run ``main`` until it ends or SIGTERM/SIGINT/SIGHUP comes (then 0, after its
+    cleanup: the socket file it made is removed)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(main)
+    stopped: list[int] = []
+
+    def stop(sig: int) -> None:
+        stopped.append(sig)
+        task.cancel()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        return int(await task)
+    except asyncio.CancelledError:
+        if stopped:
+            return 0
+        raise
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -355,15 +435,18 @@ def run(args: argparse.Namespace) -> int:
         return 1
     try:
         main = run_server if args.mode == "server" else run_client
-        return asyncio.run(main(platform, args))
-    except (PlatformError, PeerError, LocalError) as exc:
+        return asyncio.run(_until_signal(main(platform, args)))
+    except ProxyError as exc:
         print(f"vchan-proxy: {exc}", file=sys.stderr)
+        return 1
+    except (PlatformError, PeerError, LocalError, XenstoreError) as exc:
+        print(f"vchan-proxy: {_strerror(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     except OSError as exc:
-        if exc.errno == errno.EPIPE:
-            return 1
-        raise
+        if exc.errno != errno.EPIPE:
+            print(f"vchan-proxy: {_strerror(exc)}", file=sys.stderr)
+        return 1
     finally:
         platform.close()

@@ -50,6 +50,7 @@ from xenpv.xenstore.wire import WireError, XenstoreError
 
 T = TypeVar("T")
 
+USAGE_STATUS = 1  # xenstore-utils exit 1 on a usage error
 MODES = ("read", "write", "ls", "list", "rm", "exists", "chmod", "watch")
 
 # " = \"...\"": the room xenstore-ls keeps for a value marker on every line.

@@ -101,9 +101,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--log-level",
-        default="warning",
         choices=["debug", "info", "warning", "error"],
-        help="logging threshold (default: warning)",
+        help="logging threshold (default: xenpv's global one, warning)",
     )
 
 
@@ -158,7 +157,8 @@ async def _serve_until_stopped(args: argparse.Namespace, server: XenstoredServer
 
 def run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT; return the exit status."""
-    logging.basicConfig(level=args.log_level.upper(), format="xenstored: %(message)s")
+    if args.log_level is not None:
+        logging.getLogger().setLevel(args.log_level.upper())
     try:
         quotas = make_quotas(args.quota)
     except ValueError as exc:

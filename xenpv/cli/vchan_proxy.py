@@ -36,6 +36,7 @@ import os
 import signal
 import socket
 import sys
+import traceback
 from typing import Any
 
 from xenpv.cli import args as args_
@@ -292,6 +293,8 @@ async def run_server(platform: Any, args: argparse.Namespace) -> int:
         server = await VchanServer.create(platform, args.domid, args.nodepath, read_min=0,
                                           write_min=0)
     except (XenstoreError, PlatformError) as exc:
+        # drop the failed setup's frames now (they hold views of its pages)
+        traceback.clear_frames(exc.__traceback__)
         raise ProxyError(f"libxenvchan_server_init: {_strerror(exc)}") from None
     try:
         await _write_state(platform, args.state_path)

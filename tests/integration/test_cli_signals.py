@@ -12,32 +12,14 @@ import select
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-from cli_support import json_line, xenpv
+from cli_support import json_line, session_members, xenpv
 
 from xenpv.platforms.loopback.harness import DaemonMachine
 
 HANG_GUARD = 60.0
 SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
-
-
-def session_members(sid: int) -> list[tuple[int, str]]:
-    """(pid, command line) of every live process of session ``sid``."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            out.append((int(entry.name), cmdline))
-    return out
 
 
 def wait_for_member(sid: int, needle: str, timeout: float = HANG_GUARD) -> None:

@@ -52,7 +52,8 @@ def _outputs(p: argparse.ArgumentParser) -> None:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """The subcommands: one per benchmark, plus ``all``, ``compare`` and ``plot``."""
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="NAME")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="NAME",
+                                help="the benchmark to run, or a tool for saved results")
     for name, help_ in sorted(BENCHMARKS.items()):
         p = sub.add_parser(name, help=help_, description=help_)
         _outputs(p)

@@ -57,7 +57,8 @@ def emit(**fields: Any) -> None:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the ``attach``, ``backend``, ``frontend`` and ``publish`` subcommands."""
-    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION",
+                                help="what to do")
 
     at = sub.add_parser("attach", help="connect this terminal to a guest's console pty")
     set_usage_status(at, errno.EINVAL)  # xenconsole exits with EINVAL on a usage error

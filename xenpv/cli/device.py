@@ -52,7 +52,8 @@ def _touch(text: str) -> dict[str, str]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the ``device`` subcommands."""
-    sub = parser.add_subparsers(dest="mode", required=True, metavar="ACTION")
+    sub = parser.add_subparsers(dest="mode", required=True, metavar="ACTION",
+                                help="what to do")
 
     def common(p: argparse.ArgumentParser, *, devid_required: bool) -> None:
         p.add_argument("type", help="device type, e.g. vbd, vif, console, vkbd")

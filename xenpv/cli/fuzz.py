@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from xenpv.cli import args as args_
 from xenpv.errors import LocalError
 
 if TYPE_CHECKING:
@@ -37,9 +38,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all", action="store_true",
                         help="run every target in turn, --time seconds each (default victims)")
     parser.add_argument("--replay", metavar="FILE", help="run a reproducer file again")
-    parser.add_argument("--time", type=float, default=10.0, help="time box in seconds (default 10)")
-    parser.add_argument("--runs", type=int, default=None, help="stop after this many inputs")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--time", type=args_.positive_float, default=10.0, help="time box in seconds (default 10)")
+    parser.add_argument("--runs", type=args_.size(1, 1 << 62, "--runs"), default=None, help="stop after this many inputs")
+    parser.add_argument("--seed", type=args_.uint(0, (1 << 64) - 1, "--seed"), default=0, help="random seed (default 0)")
     parser.add_argument("--out", default="fuzz-failures", help="reproducer directory")
     parser.add_argument("--engine", choices=("auto", "atheris", "random"), default="auto",
                         help="coverage-guided atheris (default when installed) or random mutation")

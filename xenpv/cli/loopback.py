@@ -53,7 +53,8 @@ RUNDIR_HELP = "the emulator's run directory (its sockets, one directory per doma
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the ``up``, ``domain``, ``env`` and ``stats`` subcommands."""
-    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION",
+                                help="what to do")
 
     up = sub.add_parser("up", help="run the emulator daemon (stays in the foreground)",
                         description="Run the emulator daemon in the foreground until "

@@ -9,10 +9,11 @@ from xenpv import peers
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", required=True)
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION",
+                                help="what to do")
     f = sub.add_parser("fetch", help="download and unpack the Debian packages (idempotent)")
     f.add_argument("--dir", help="target directory (default: $XENPV_PEERS_DIR or ~/.cache/xenpv/peers)")
-    f.add_argument("-q", "--quiet", action="store_true")
+    f.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     sub.add_parser("path", help="print the peers directory")
     sub.add_parser("env", help="print an LD_LIBRARY_PATH export line for the peers' libraries")
 

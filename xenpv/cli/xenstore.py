@@ -130,7 +130,7 @@ def unsanitise(text: bytes) -> bytes:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the mode subcommands."""
-    sub = parser.add_subparsers(dest="mode", metavar="MODE")
+    sub = parser.add_subparsers(dest="mode", metavar="MODE", help="the xenstore-MODE tool to act as")
     sub.required = True
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
@@ -142,31 +142,32 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p = add("read", "print the values of keys")
     p.add_argument("-p", "--prefix", action="store_true", help="prefix values with their path")
     p.add_argument("-R", "--raw", action="store_true", help="print raw bytes, no newline")
-    p.add_argument("keys", nargs="*")
+    p.add_argument("keys", nargs="*", metavar="key", help="the keys to read")
     p = add("write", "write key value pairs")
     p.add_argument("-R", "--raw", action="store_true", help="do not unescape values")
-    p.add_argument("keys", nargs="*", metavar="key value")
+    p.add_argument("keys", nargs="*", metavar="key value", help="pairs of key and value")
     p = add("ls", "print a subtree")
     p.add_argument("-p", "--prefix", action="store_true", help="show permissions")
     p.add_argument("-f", "--flat", action="store_true", help="show full paths")
-    p.add_argument("keys", nargs="*", metavar="path")
+    p.add_argument("keys", nargs="*", metavar="path", help="the subtree to print (default /)")
     p = add("list", "list the children of keys")
     p.add_argument("-p", "--prefix", action="store_true", help="prefix names with the key")
-    p.add_argument("keys", nargs="*")
+    p.add_argument("keys", nargs="*", metavar="key", help="the keys to list")
     p = add("rm", "remove keys and their subtrees")
     p.add_argument("-t", "--tidy", action="store_true", help="also remove empty parents")
-    p.add_argument("keys", nargs="*")
+    p.add_argument("keys", nargs="*", metavar="key", help="the keys to remove")
     p = add("exists", "exit 0 if every key exists, else 1")
     p.add_argument("-p", "--prefix", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("keys", nargs="*")
+    p.add_argument("keys", nargs="*", metavar="key", help="the keys to look for")
     p = add("chmod", "set permissions: key perm [perm…] (perm = n|r|w|b + domid)")
     p.add_argument("-u", "--upto", action="store_true", help="also set on every parent")
     p.add_argument("-r", "--recurse", action="store_true", help="also set on every child")
-    p.add_argument("keys", nargs="*", metavar="key perm")
+    p.add_argument("keys", nargs="*", metavar="key perm",
+                   help="the key, then its permissions (owner first)")
     p = add("watch", "print the path of every watch event")
     p.add_argument("-n", "--number", type=int, default=-1, metavar="NR",
                    help="exit after NR events")
-    p.add_argument("keys", nargs="*")
+    p.add_argument("keys", nargs="*", metavar="key", help="the keys to watch")
 
 
 def _usage(mode: str) -> str:

@@ -12,6 +12,7 @@ import select
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from cli_support import json_line, session_members, xenpv
@@ -96,3 +97,49 @@ def test_console_pair_stops_on(sig: signal.Signals) -> None:
             if p.stdout is not None:
                 p.stdout.close()
         machine.close()
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+def test_vchan_proxy_removes_its_socket_on(sig: signal.Signals, tmp_path: Path) -> None:
+    """A listening proxy stops on each signal and removes the socket file it made."""
+    from xenpv.cli.loopback import domain_env
+
+    machine = DaemonMachine(max_grants=64, max_ports=32)
+    sock = tmp_path / "proxy.sock"
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        machine.create_domain(1)
+        env = dict(os.environ, **domain_env(machine.rundir, 0))
+        proc = subprocess.Popen(xenpv("vchan-proxy", "1", "/local/domain/1/data/v", str(sock)),
+                                env=env, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + HANG_GUARD
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        assert proc.wait(HANG_GUARD) == 0
+        assert not sock.exists()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        machine.close()
+
+
+def test_loopback_up_stops_on_sighup(tmp_path: Path) -> None:
+    rundir = tmp_path / "run"
+    proc = subprocess.Popen(xenpv("loopback", "up", "--rundir", str(rundir), "--domain", "1"),
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], HANG_GUARD)
+        assert ready and b"ready" in proc.stdout.readline()
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(HANG_GUARD) == 0
+        assert not (rundir / "dom0" / "control").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

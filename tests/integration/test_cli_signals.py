@@ -7,6 +7,7 @@ looking for any process left in that session.  Timeouts here are hang guards onl
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -143,3 +144,61 @@ def test_loopback_up_stops_on_sighup(tmp_path: Path) -> None:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def dom7_watches(rundir: str) -> int:
+    out = subprocess.run(xenpv("loopback", "stats", "--rundir", rundir, "--json"),
+                         capture_output=True, check=True, timeout=HANG_GUARD).stdout
+    return sum(row["watches"] for row in json.loads(out) if row["domid"] == 7)
+
+
+def test_console_frontend_waiting_for_its_backend_stops_on_sigterm() -> None:
+    """No backend serves the console: the frontend, still setting up, obeys SIGTERM
+    (it used to wait out its 30 s connect timeout and fail)."""
+    machine = DaemonMachine(max_grants=64, max_ports=32)
+    fe: subprocess.Popen[bytes] | None = None
+    try:
+        machine.create_domain(7)
+        rundir = machine.rundir
+        subprocess.run(xenpv("device", "add", "console", "--frontend-domid", "7", "--devid",
+                             "1", "-s", os.path.join(rundir, "dom0", "xenstore")),
+                       check=True, timeout=HANG_GUARD)
+        fe = subprocess.Popen(xenpv("console", "frontend", "--rundir", rundir, "--domid", "7",
+                                    "--devid", "1"),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        # its xenstore watch shows it is up and waiting for a backend
+        deadline = time.monotonic() + HANG_GUARD
+        while not dom7_watches(rundir):
+            assert fe.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        fe.send_signal(signal.SIGTERM)
+        assert fe.wait(HANG_GUARD) == 0
+        assert fe.stdout is not None
+        assert b'"done"' in fe.stdout.read()
+        machine.assert_released()
+    finally:
+        if fe is not None:
+            if fe.poll() is None:
+                fe.kill()
+            fe.wait()
+            if fe.stdout is not None:
+                fe.stdout.close()
+        machine.close()
+
+
+def test_xenstored_stops_on_sighup(tmp_path: Path) -> None:
+    sock, pidfile = tmp_path / "xs.sock", tmp_path / "xs.pid"
+    proc = subprocess.Popen(xenpv("xenstored", "--socket", str(sock), "--pid-file",
+                                  str(pidfile)), stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + HANG_GUARD
+        while not pidfile.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(HANG_GUARD) == 0
+        assert not sock.exists() and not pidfile.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -39,13 +39,15 @@ import stat
 import sys
 import termios
 import tty
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from xenpv.cli import args as args_
 from xenpv.cli import describe, set_usage_status
 from xenpv.errors import LocalError, PeerError, PlatformError
 from xenpv.xenstore.wire import XenstoreError
 
+T = TypeVar("T")
 ESCAPE = 0x1D  # Ctrl-], as xenconsole
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -167,6 +169,20 @@ def _stdin_closed(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
     return fut
 
 
+async def until_stopped(aw: Awaitable[T], stop: asyncio.Future[None]) -> T | None:
+    """Await ``aw`` unless ``stop`` completes first (then cancel it and return None), so
+    a signal is obeyed at once even while setting up waits for a peer."""
+    task = asyncio.ensure_future(aw)
+    waiting: set[asyncio.Future[Any]] = {task, stop}
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
 # --------------------------------------------------------------------------- backend
 
 
@@ -179,10 +195,12 @@ async def _backend(args: argparse.Namespace) -> int:
     client = await _xenstore(args.rundir, args.as_domid)
     backend = ConsoleBackend(platform, client, config, domids=args.domid,
                              all_domains=args.all, secondary=not args.no_secondary)
+    stop = _stdin_closed(asyncio.get_running_loop())
     try:
-        await backend.start()
-        emit(event="ready", domids=args.domid)
-        await _stdin_closed(asyncio.get_running_loop())
+        await until_stopped(backend.start(), stop)
+        if not stop.done():
+            emit(event="ready", domids=args.domid)
+        await stop
         stats = {str(d): (srv.session.stats if srv.session else None)
                  for d, srv in backend.primaries.items()}
         emit(event="done", stats=stats)
@@ -249,7 +267,8 @@ async def _frontend(args: argparse.Namespace) -> int:
     primary: PrimaryConsole | None = None
     driver: ConsoleFrontend | None = None
     client: Any = None
-    try:
+    async def start() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        nonlocal primary, driver, client
         if args.devid is None:
             primary = PrimaryConsole(platform, args.backend_domid).setup()
             emit(event="ready", port=primary.port, ring_ref=primary.ring_ref)
@@ -257,13 +276,22 @@ async def _frontend(args: argparse.Namespace) -> int:
         else:
             client = await _xenstore(args.rundir, args.domid)
             path = f"/local/domain/{args.domid}/device/console/{args.devid}"
-            driver = ConsoleFrontend(platform, client, path)
+            # a stopped frontend gives its backend 2 s to let go, not the default 10
+            driver = ConsoleFrontend(platform, client, path, close_timeout=2.0)
             await driver.start()
             reader, writer = await driver.streams(timeout=30.0)
             emit(event="ready", path=path)
         if args.send:
             await _send(writer, args.send)
             emit(event="sent", bytes=args.send)
+        return reader, writer
+
+    try:
+        streams = await until_stopped(start(), stop)
+        if streams is None:  # stopped while waiting for the backend
+            emit(event="done")
+            return 0
+        reader, writer = streams
         if args.shell:
             await _shell(reader, writer, stop)
         # stay until told to go, so the backend can let go of the page first

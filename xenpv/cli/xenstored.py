@@ -1,9 +1,9 @@
 """``xenpv xenstored``: run the embedded xenstore daemon in the foreground.
 
 It serves dom0's (privileged) socket and one socket per ``--domain DOMID=PATH``; it exits
-with status 0 on SIGTERM or SIGINT after saving ``--state-file`` and removing its sockets
-and ``--pid-file``.  If a live process serves one of the sockets or uses the state file
-(their ``.lock`` files, :mod:`xenpv.pidlock`), it exits with status 1 and a one-line
+with status 0 on SIGTERM, SIGINT or SIGHUP after saving ``--state-file`` and removing its
+sockets and ``--pid-file``.  If a live process serves one of the sockets or uses the state
+file (their ``.lock`` files, :mod:`xenpv.pidlock`), it exits with status 1 and a one-line
 error naming that process, having changed nothing.
 """
 
@@ -137,7 +137,7 @@ async def _serve(args: argparse.Namespace, quotas: Quotas) -> None:
 async def _serve_until_stopped(args: argparse.Namespace, server: XenstoredServer) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     try:
         if args.pid_file:

@@ -202,3 +202,50 @@ def test_xenstored_stops_on_sighup(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_console_attach_restores_the_terminal_on(sig: signal.Signals) -> None:
+    import termios
+
+    machine = DaemonMachine(max_grants=64, max_ports=32)
+    procs: list[subprocess.Popen[bytes]] = []
+    master, slave = os.openpty()
+    try:
+        machine.create_domain(7)
+        rundir = machine.rundir
+        subprocess.run(xenpv("device", "add", "console", "--frontend-domid", "7", "--devid",
+                             "1", "-s", os.path.join(rundir, "dom0", "xenstore")),
+                       check=True, timeout=HANG_GUARD)
+        for argv in (("console", "backend", "--rundir", rundir),
+                     ("console", "frontend", "--rundir", rundir, "--domid", "7",
+                      "--devid", "1", "--shell")):
+            p = subprocess.Popen(xenpv(*argv), stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE)
+            procs.append(p)
+            assert json_line(p, HANG_GUARD)["event"] == "ready"
+        before = termios.tcgetattr(slave)
+        at = subprocess.Popen(xenpv("console", "attach", "7", "-n", "1", "--rundir", rundir),
+                              stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+        procs.append(at)
+        deadline = time.monotonic() + HANG_GUARD
+        while termios.tcgetattr(slave)[3] & termios.ICANON:  # until attach made it raw
+            assert at.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        at.send_signal(sig)
+        assert at.wait(HANG_GUARD) == 0
+        assert termios.tcgetattr(slave) == before
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(HANG_GUARD)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            if p.stdout is not None:
+                p.stdout.close()
+        os.close(master)
+        os.close(slave)
+        machine.close()

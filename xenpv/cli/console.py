@@ -387,6 +387,10 @@ def _attach(args: argparse.Namespace) -> int:
     tty.setraw(fd, termios.TCSANOW)  # TCSANOW: keep what the guest already wrote
     stdin = sys.stdin.fileno()
     saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
+    def detach(_signum: int, _frame: object) -> None:
+        raise _Detach
+
+    old_handlers = {sig: signal.signal(sig, detach) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         if saved is not None:
             tty.setraw(stdin, termios.TCSANOW)  # keep type-ahead
@@ -405,10 +409,19 @@ def _attach(args: argparse.Namespace) -> int:
                     os.write(fd, data[: data.index(ESCAPE)])
                     return 0
                 os.write(fd, data)
+    except _Detach:  # SIGTERM/SIGHUP: leave, with the terminal restored
+        return 0
     finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
         if saved is not None:
-            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+            with contextlib.suppress(termios.error):  # a hung-up terminal is gone
+                termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
         os.close(fd)
+
+
+class _Detach(Exception):
+    """``attach`` got SIGTERM or SIGHUP."""
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,6 +24,12 @@ It behaves as Xen's program does (real-peers.md), on xenpv's own vchan endpoints
 
 ``-s STATE_PATH`` writes ``running`` to that xenstore path once the proxy is set up.  The
 process acts as the domain of its environment (``xenpv loopback env``, or real Xen).
+
+Client mode checks that DOMID exists before it binds SOCKET (a home it may not read counts
+as existing).  Failures are one line in the words of Xen's proxy where it has them
+(``bind: Address already in use``, ``xs_write: Permission denied``,
+``libxenvchan_server_init: Permission denied``) and exit 1, as do usage errors.  The socket
+file the proxy made is removed when it exits, also on SIGTERM, SIGINT or SIGHUP (status 0).
 """
 
 from __future__ import annotations

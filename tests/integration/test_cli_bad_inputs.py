@@ -26,7 +26,7 @@ def _env_for(rundir: str, domid: int | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("XENPV_LOOPBACK_", "XENSTORED_"))}
     if domid is not None:
-        from xenpv.cli.loopback import domain_env
+        from xenpv.platforms.loopback.env import domain_env
 
         env.update(domain_env(rundir, domid))
     else:  # nothing to find: xenstore clients must fail, not reach a real xenstored

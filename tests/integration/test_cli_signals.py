@@ -103,7 +103,7 @@ def test_console_pair_stops_on(sig: signal.Signals) -> None:
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
 def test_vchan_proxy_removes_its_socket_on(sig: signal.Signals, tmp_path: Path) -> None:
     """A listening proxy stops on each signal and removes the socket file it made."""
-    from xenpv.cli.loopback import domain_env
+    from xenpv.platforms.loopback.env import domain_env
 
     machine = DaemonMachine(max_grants=64, max_ports=32)
     sock = tmp_path / "proxy.sock"

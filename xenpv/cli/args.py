@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from xenpv.protocols.grant import GRANT_REF_MAX
-from xenpv.xenbus.keys import EVTCHN_PORT_MAX
+from xenpv.xenbus.keys import EVTCHN_PORT_MAX, GRANT_REF_MAX
 from xenpv.xenbus.paths import DEVID_MAX, DOMID_MAX
 
 U32_MAX = 0xFFFFFFFF

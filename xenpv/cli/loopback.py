@@ -34,8 +34,8 @@ from xenpv.cli.xenstored import make_quotas, quota_arg
 from xenpv.errors import LocalError, PlatformError
 from xenpv.loops import LOOPS
 from xenpv.pidlock import InUseError
+from xenpv.platforms.base import GNTTAB_NR_RESERVED_ENTRIES
 from xenpv.platforms.loopback.env import domain_env
-from xenpv.protocols.grant import GNTTAB_NR_RESERVED_ENTRIES
 
 
 def _domain_spec(text: str) -> tuple[int, str]:

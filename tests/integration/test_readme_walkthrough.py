@@ -33,9 +33,15 @@ def walkthrough() -> list[str]:
     return [line[4:] for line in block.group(1).splitlines()]
 
 
-def _read(fd: int, deadline: float) -> bytes:
+def _read(fd: int, deadline: float, proc: subprocess.Popen[bytes], out: bytearray) -> bytes:
     ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-    assert ready, "the walkthrough hangs"
+    if not ready:
+        left = session_members(proc.pid)
+        for pid, _ in left:
+            os.kill(pid, signal.SIGKILL)
+        assert proc.stderr is not None
+        out += f"\nstill running: {left}".encode()
+        raise AssertionError(f"the walkthrough hangs: {bytes(out)!r} {proc.stderr.read()!r}")
     return os.read(fd, 65536)
 
 
@@ -53,7 +59,7 @@ def test_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
     shim = bindir / "xenpv"
     shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m xenpv "$@"\n')
     shim.chmod(0o755)
-    script = "set -e\n" + "\n".join(line.replace("/tmp/xl", str(rundir))
+    script = "set -ex\n" + "\n".join(line.replace("/tmp/xl", str(rundir))
                                     for line in walkthrough()) + "\n"
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("XENPV_LOOPBACK_", "XENSTORED_"))}
@@ -76,7 +82,7 @@ def test_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
                 out += chunk
         proc.stdin.write(b"\x1d")  # Ctrl-]: leave the console
         proc.stdin.flush()
-        while chunk := _read(proc.stdout.fileno(), deadline):
+        while chunk := _read(proc.stdout.fileno(), deadline, proc, out):
             out += chunk
         assert proc.stderr is not None
         err = proc.stderr.read()

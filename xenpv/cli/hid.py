@@ -38,6 +38,7 @@ import sys
 import time
 from typing import Any
 
+from xenpv.cli import args as cliargs
 from xenpv.cli.console import _platform, _stdin_closed, _xenstore, emit
 from xenpv.errors import LocalError, PeerError, PlatformError
 
@@ -56,7 +57,8 @@ def _mt(text: str) -> tuple[int, int, int]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the ``hid`` actions."""
-    sub = parser.add_subparsers(dest="action", required=True)
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION",
+                                help="what to do (see ACTION --help)")
 
     def where(p: argparse.ArgumentParser) -> None:
         p.add_argument("--rundir", help="loopback emulator run directory (default: environment)")
@@ -64,13 +66,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     be = sub.add_parser("backend", help="serve vkbd devices, route input to the focused guest")
     where(be)
-    be.add_argument("--as", dest="as_domid", type=int, default=0, help="backend domain")
+    be.add_argument("--as", dest="as_domid", type=cliargs.domid, default=0, help="backend domain")
     be.add_argument("--usb", action="store_true", help="use every USB HID interface")
     be.add_argument("--hotkey", default="RIGHTCTRL+SCROLLLOCK",
                     help="focus hotkey, modifiers first ('none': no hotkey)")
-    be.add_argument("--width", type=int, default=800)
-    be.add_argument("--height", type=int, default=600)
-    be.add_argument("--multi-touch", type=_mt, metavar="WxHxN")
+    be.add_argument("--width", type=cliargs.uint(1, 0x7FFF, "width"), default=800,
+                    help="absolute pointer width in pixels (default 800)")
+    be.add_argument("--height", type=cliargs.uint(1, 0x7FFF, "height"), default=600,
+                    help="absolute pointer height in pixels (default 600)")
+    be.add_argument("--multi-touch", type=_mt, metavar="WxHxN",
+                    help="offer a multi-touch surface of W x H with N contacts")
     be.add_argument("--no-abs", action="store_true", help="no absolute pointer")
     be.add_argument("--no-raw", action="store_true", help="no raw pointer mode")
 
@@ -80,16 +85,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     fo = sub.add_parser("focus", help="give the focus to a guest")
     where(fo)
-    fo.add_argument("domid", type=int)
+    fo.add_argument("domid", type=cliargs.domid, help="the guest that gets the focus")
 
     inj = sub.add_parser("inject", help="send events to the focused guest")
     where(inj)
-    inj.add_argument("events", nargs="+", metavar="EVENT")
+    inj.add_argument("events", nargs="+", metavar="EVENT",
+                     help="events to send, in order (see docs/hid.md)")
 
     wa = sub.add_parser("watch", help="a frontend printing the events it receives")
-    wa.add_argument("domid", type=int)
+    wa.add_argument("domid", type=cliargs.domid, help="the guest whose frontend this is")
     wa.add_argument("--rundir", help="loopback emulator run directory (default: environment)")
-    wa.add_argument("--devid", type=int, default=0)
+    wa.add_argument("--devid", type=cliargs.devid, default=0, help="vkbd device id (default 0)")
     wa.add_argument("--count", type=int, default=0, help="stop after N events (0: never)")
     wa.add_argument("--relative", action="store_true", help="do not request absolute")
     wa.add_argument("--raw", action="store_true", help="request raw pointer mode")

@@ -1,0 +1,228 @@
+"""The block pair end to end: our frontend with our backend through xenstore and the
+in-process emulator — data moved and checked against the image file, over the feature
+matrix (ABIs, ring orders, queues, indirect, persistent grants), features refused by one
+side, read-only disks, flush, discard, resize; nothing left held afterwards."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from test_block_support import NOTHING, World, block_world, make_image, run, start_pair
+
+from xenpv.backends.block import BlockConfig
+from xenpv.frontends.block import BlockError, BlockUnsupported, FrontConfig
+from xenpv.protocols.blkif import ABI
+
+MiB = 1 << 20
+
+
+async def exercise(world: World, image: Path, data: bytes, *, seed: int = 7,
+                   front: FrontConfig, back: BlockConfig) -> dict[str, object]:
+    """Random reads and writes (small and large, many in flight), checked against a
+    model and against the image file; returns both ends' info."""
+    import asyncio
+
+    pair = await start_pair(world, image, front=front, back=back)
+    fe = pair.frontend
+    model = bytearray(data)
+    rng = random.Random(seed)
+    try:
+        assert fe.size == len(data)
+        assert await fe.read(0, len(data)) == data  # one big read: many pieces at once
+        jobs = []
+        spans: list[tuple[int, int]] = []
+        for _ in range(24):
+            n = rng.choice([512, 4096, 12 * 4096, 300 * 512, 256 * 4096])
+            n = min(n, len(data))
+            off = rng.randrange(0, (len(data) - n) // 512 + 1) * 512
+            if any(off < b and a < off + n for a, b in spans):
+                continue  # concurrent writes to one range have no defined order
+            spans.append((off, off + n))
+            blob = rng.randbytes(n)
+            model[off:off + n] = blob
+            jobs.append(fe.write(off, blob))
+        await asyncio.gather(*jobs)
+        assert await fe.flush() is True
+        reads = [fe.read(a, b - a) for a, b in spans]
+        for (a, b), got in zip(spans, await asyncio.gather(*reads), strict=True):
+            assert got == model[a:b]
+        assert image.read_bytes() == model
+        info = {"front": fe.info(), "back": pair.backend.info()}
+    finally:
+        await pair.close()
+    assert world.held() == NOTHING
+    return info
+
+
+@pytest.mark.parametrize("abi", [ABI.X86_64, ABI.X86_32, ABI.ARM])
+def test_each_abi_moves_data(abi: ABI) -> None:
+    async def body() -> None:
+        async with block_world() as w:
+            image = w.tmp / "disk.img"
+            data = make_image(image, 4 * MiB)
+            info = await exercise(w, image, data, front=FrontConfig(abi=abi),
+                                  back=BlockConfig())
+            assert info["back"]["abi"] == abi.value  # type: ignore[index]
+
+    run(body())
+
+
+@pytest.mark.parametrize("order", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("queues", [1, 2])
+def test_ring_orders_and_queues(order: int, queues: int) -> None:
+    async def body() -> None:
+        async with block_world() as w:
+            image = w.tmp / "disk.img"
+            data = make_image(image, 2 * MiB, seed=order)
+            info = await exercise(w, image, data,
+                                  front=FrontConfig(max_ring_order=order, max_queues=queues),
+                                  back=BlockConfig(max_queues=4))
+            front = info["front"]
+            assert front["ring_pages"] == [1 << order] * queues  # type: ignore[index]
+            assert info["back"]["queues"] == queues  # type: ignore[index]
+
+    run(body())
+
+
+@pytest.mark.parametrize("indirect", [True, False])
+@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize("refused_by", ["front", "back"])
+def test_indirect_and_persistent_on_off(indirect: bool, persistent: bool,
+                                        refused_by: str) -> None:
+    """Each feature on, or off on one side: the other side falls back and data moves."""
+    async def body() -> None:
+        async with block_world() as w:
+            image = w.tmp / "disk.img"
+            data = make_image(image, 3 * MiB)
+            front = FrontConfig(indirect=indirect or refused_by == "back",
+                                persistent=persistent or refused_by == "back")
+            back = BlockConfig(max_indirect_segments=256 if indirect or refused_by == "front"
+                               else 0,
+                               persistent=persistent or refused_by == "front")
+            info = await exercise(w, image, data, front=front, back=back)
+            f, b = info["front"], info["back"]
+            assert f["max_segments"] == (256 if indirect else 11)  # type: ignore[index]
+            assert f["persistent"] is persistent  # type: ignore[index]
+            assert b["persistent"] is persistent  # type: ignore[index]
+            indirect_sent = f["stats"]["indirect"]  # type: ignore[index]
+            assert (indirect_sent > 0) is indirect
+
+    run(body())
+
+
+def test_barrier_and_flush_refused_by_backend_fall_back() -> None:
+    async def body() -> None:
+        async with block_world() as w:
+            image = w.tmp / "disk.img"
+            make_image(image, MiB)
+            pair = await start_pair(w, image, back=BlockConfig(flush=False, barrier=True,
+                                                               discard=False))
+            fe = pair.frontend
+            try:
+                await fe.write(0, b"\x55" * 4096)
+                assert await fe.flush() is True  # as a barrier without data
+                assert pair.backend.handlers[0].stats["barriers"] == 1
+                with pytest.raises(BlockUnsupported):
+                    await fe.discard(0, 4096)
+            finally:
+                await pair.close()
+            pair = await start_pair(w, image, back=BlockConfig(flush=False, barrier=False),
+                                    devid=51728)
+            try:
+                assert await pair.frontend.flush() is False  # nothing to ask for
+            finally:
+                await pair.close()
+        assert w.held() == NOTHING
+
+    run(body())
+
+
+def test_read_only_disk_refuses_writes_at_both_ends() -> None:
+    async def body() -> None:
+        async with block_world() as w:
+            image = w.tmp / "disk.img"
+            data = make_image(image, MiB)
+            pair = await start_pair(w, image, mode="r")
+            fe = pair.frontend
+            try:
+                assert fe.readonly
+                assert fe.features["flush"] is False and fe.features["discard"] is False
+                with pytest.raises(BlockError):
+                    await fe.write(0, b"x" * 512)
+                # the backend refuses too (a frontend that ignores `info`)
+                fe.info_bits = 0
+                with pytest.raises(BlockError) as exc:
+                    await fe.write(0, b"x" * 512)
+                assert exc.value.status == -1
+                assert await fe.read(0, 4096) == data[:4096]
+            finally:
+                await pair.close()
+            assert image.read_bytes() == data
+        assert w.held() == NOTHING
+
+    run(body())
+
+
+def test_discard_punches_a_hole() -> None:
+    async def body() -> None:
+        async with block_world() as w:
+            image = w.tmp / "disk.img"
+            make_image(image, 4 * MiB)
+            pair = await start_pair(w, image)
+            fe = pair.frontend
+            try:
+                before = os.stat(image).st_blocks
+                assert fe.features["discard_granularity"] >= 512
+                await fe.discard(MiB, 2 * MiB)
+                assert await fe.read(MiB, 2 * MiB) == bytes(2 * MiB)
+                assert os.stat(image).st_blocks < before
+                assert os.path.getsize(image) == 4 * MiB
+            finally:
+                await pair.close()
+        assert w.held() == NOTHING
+
+    run(body())
+
+
+def test_online_resize_reaches_the_frontend() -> None:
+    async def body() -> None:
+        import asyncio
+
+        async with block_world() as w:
+            image = w.tmp / "disk.img"
+            make_image(image, MiB)
+            pair = await start_pair(w, image)
+            fe = pair.frontend
+            try:
+                assert fe.sectors == MiB // 512
+                with open(image, "r+b") as f:
+                    f.truncate(3 * MiB)
+                async with asyncio.timeout(10):
+                    while fe.sectors != 3 * MiB // 512:
+                        await asyncio.sleep(0.02)
+                await fe.write(2 * MiB, b"\x77" * 4096)
+                assert await fe.read(2 * MiB, 4096) == b"\x77" * 4096
+                assert fe.io_stats["resizes"] == 1
+            finally:
+                await pair.close()
+        assert w.held() == NOTHING
+
+    run(body())
+
+
+def test_inline_engine_moves_data() -> None:
+    async def body() -> None:
+        async with block_world() as w:
+            image = w.tmp / "disk.img"
+            data = make_image(image, 2 * MiB)
+            await exercise(w, image, data, front=FrontConfig(), back=BlockConfig(
+                engine="inline"))
+
+    run(body())

@@ -1,0 +1,623 @@
+"""Block frontend: a vbd as an asyncio disk (``read``, ``write``, ``flush``, ``discard``).
+
+Theory of operation
+-------------------
+:class:`BlockFrontend` is a :class:`~xenpv.xenbus.driver.FrontendDriver` for one
+``device/vbd/<devid>`` directory (xen-protocols.md §5.3, §6):
+
+* ``publish`` (backend in InitWait): reads ``max-ring-page-order`` and
+  ``multi-queue-max-queues``, builds ``min(ours, theirs)`` queues of ``2**order`` pages
+  (:class:`~xenpv.drivers.ringchannel.FrontChannel`) and writes, in one transaction, the
+  ring keys (:func:`~xenpv.drivers.ringchannel.front_keys`), ``protocol`` (the ABI of its
+  slots, :class:`FrontConfig`) and ``feature-persistent``;
+* ``connect`` (backend Connected): reads ``sectors``, ``sector-size``,
+  ``physical-sector-size``, ``info`` and the features (``feature-flush-cache``,
+  ``feature-barrier``, ``feature-discard`` + ``discard-*``,
+  ``feature-max-indirect-segments``, ``feature-persistent``), strictly, and starts one
+  :class:`~xenpv.drivers.ringservice.RingClient` per queue.  A later change of the
+  backend's ``sectors`` (online resize) updates :attr:`BlockFrontend.sectors`.
+
+I/O: :meth:`~BlockFrontend.read` and :meth:`~BlockFrontend.write` take byte offsets and
+lengths in whole sectors and split them into requests of at most
+``feature-max-indirect-segments`` pages (INDIRECT, only if the backend offered it and the
+config allows) or 11 pages (plain); every piece is submitted at once, on the queue with
+the most free slots, waiting for ring space when all are full, so many requests are in
+flight.  Data pages are granted per request (read-only for writes) and ended after the
+answer (a page the backend still maps goes to the quarantine, R8) or, with persistent
+grants negotiated, taken from a pool of pages granted writable once and reused.
+
+Responses are validated (R6, scenario 11): an id that is not outstanding, a wrong
+``operation`` echo or an unknown status fails the device closed (every waiter gets
+:class:`BlockPeerError`, the queues stop, the error node is written); the response slot
+was copied once by the ring client (R1).  ``EOPNOTSUPP`` to FLUSH/BARRIER/DISCARD turns the
+feature off, as blkfront does.  Every wait is bounded by ``io_timeout`` (R12).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno as _errno
+import logging
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from xenpv.drivers.quarantine import GrantQuarantine
+from xenpv.drivers.ringchannel import FrontChannel, front_keys
+from xenpv.drivers.ringservice import RingClient
+from xenpv.errors import LocalError, PeerError, PlatformError
+from xenpv.platforms.base import Platform, SharedPages
+from xenpv.protocols.blkif import (
+    ABI,
+    BLKIF_MAX_SEGMENTS_PER_REQUEST,
+    BLKIF_OP_DISCARD,
+    BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_INDIRECT,
+    BLKIF_OP_READ,
+    BLKIF_OP_WRITE,
+    BLKIF_OP_WRITE_BARRIER,
+    BLKIF_RSP_EOPNOTSUPP,
+    BLKIF_RSP_ERROR,
+    BLKIF_RSP_OKAY,
+    NATIVE_ABI,
+    SECTOR_SHIFT,
+    VDISK_CDROM,
+    VDISK_READONLY,
+    VDISK_REMOVABLE,
+    BlkifRequest,
+    BlkifRequestDiscard,
+    BlkifRequestIndirect,
+    Segment,
+    layouts,
+    pack_indirect_pages,
+)
+from xenpv.protocols.layout import XEN_PAGE_SIZE
+from xenpv.xenbus.driver import FrontendDriver, PeerKeys
+from xenpv.xenbus.paths import error_value
+from xenpv.xenstore.client import XenstoreClient as XenbusClient
+from xenpv.xenstore.wire import XenstoreError
+
+__all__ = ["BlockError", "BlockFrontend", "BlockPeerError", "BlockUnsupported", "FrontConfig"]
+
+log = logging.getLogger(__name__)
+
+_STATUSES = (BLKIF_RSP_OKAY, BLKIF_RSP_ERROR, BLKIF_RSP_EOPNOTSUPP)
+
+
+class BlockError(LocalError):
+    """A request failed: the backend answered ``status`` (ERROR or EOPNOTSUPP)."""
+
+    def __init__(self, message: str, status: int = BLKIF_RSP_ERROR) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class BlockUnsupported(BlockError):
+    """The backend does not offer the operation (not advertised, or EOPNOTSUPP)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, BLKIF_RSP_EOPNOTSUPP)
+
+
+class BlockPeerError(PeerError):
+    """The backend broke the protocol; the device failed closed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.errno = _errno.EPROTO
+
+
+@dataclass(frozen=True)
+class FrontConfig:
+    """What this frontend asks for (each capped by what the backend offers)."""
+
+    abi: ABI = NATIVE_ABI
+    max_ring_order: int = 4
+    max_queues: int = 4
+    indirect: bool = True
+    max_indirect_segments: int = 256
+    persistent: bool = True
+    #: Pages of the persistent pool (per device); past it, pages are granted per request.
+    persistent_pages: int = 512
+    io_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_ring_order <= 4 or self.max_queues < 1:
+            raise LocalError("max_ring_order must be 0..4 and max_queues >= 1")
+        if not 1 <= self.max_indirect_segments <= 4096:
+            raise LocalError("max_indirect_segments must be 1..4096")
+
+
+class _Pending:
+    """One request on the ring: how to finish it."""
+
+    __slots__ = ("finish", "future", "op")
+
+    def __init__(self, op: int, future: asyncio.Future[int], finish: Callable[[int], None]
+                 ) -> None:
+        self.op = op
+        self.future = future
+        self.finish = finish
+
+
+class _Queue:
+    """One ring: its channel, client, free ids and outstanding requests."""
+
+    def __init__(self, channel: FrontChannel) -> None:
+        self.channel = channel
+        self.client: RingClient | None = None
+        self.nr_ents = int(channel.ring.nr_ents)
+        self.free_ids = list(range(self.nr_ents - 1, -1, -1))
+        self.pending: dict[int, _Pending] = {}
+
+
+class BlockFrontend(FrontendDriver):
+    """The frontend of one vbd; see the module docstring.  After :meth:`start`,
+    ``await fe.ready()`` and use :meth:`read`/:meth:`write`/:meth:`flush`/:meth:`discard`.
+    """
+
+    def __init__(self, platform: Platform, client: XenbusClient, path: str, *,
+                 config: FrontConfig | None = None,
+                 quarantine: GrantQuarantine | None = None, **kw: Any) -> None:
+        """Serve the frontend directory ``path`` (see :class:`FrontendDriver`)."""
+        super().__init__(client, path, **kw)
+        self.platform = platform
+        self.config = config or FrontConfig()
+        #: Shares the backend still mapped when we ended them (R8), retried later.
+        self.quarantine = quarantine if quarantine is not None else GrantQuarantine(
+            platform.grants)
+        self.abi = self.config.abi
+        lay = layouts(self.abi)
+        self._slot = lay.ring.slot_size
+        self._rsp = struct.Struct("<QBxh")
+        self.queues: list[_Queue] = []
+        self.sectors = 0
+        self.sector_size = 512
+        self.physical_sector_size = 512
+        self.info_bits = 0
+        self.features: dict[str, Any] = {}
+        self.max_segments = BLKIF_MAX_SEGMENTS_PER_REQUEST
+        self.persistent = False
+        self._pool: list[SharedPages] = []
+        self._pool_free: list[SharedPages] = []
+        self._space = asyncio.Event()
+        self._connected: asyncio.Future[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._next_queue = 0
+        #: The protocol violation that failed the device (None while healthy).
+        self.error: BlockPeerError | None = None
+        self.io_stats = {"requests": 0, "indirect": 0, "responses": 0, "errors": 0,
+                      "resizes": 0, "pool_misses": 0}
+
+    # -- properties
+    @property
+    def size(self) -> int:
+        """Bytes on the disk."""
+        return self.sectors << SECTOR_SHIFT
+
+    @property
+    def readonly(self) -> bool:
+        """The backend serves the disk read-only (``info`` VDISK_READONLY)."""
+        return bool(self.info_bits & VDISK_READONLY)
+
+    @property
+    def removable(self) -> bool:
+        """``info`` VDISK_REMOVABLE."""
+        return bool(self.info_bits & VDISK_REMOVABLE)
+
+    @property
+    def cdrom(self) -> bool:
+        """``info`` VDISK_CDROM."""
+        return bool(self.info_bits & VDISK_CDROM)
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests that can be in flight at once (ring slots over every queue)."""
+        return sum(q.nr_ents for q in self.queues)
+
+    @property
+    def inflight(self) -> int:
+        """Requests on the rings now."""
+        return sum(len(q.pending) for q in self.queues)
+
+    # -- xenbus hooks
+    async def publish(self, backend: PeerKeys) -> None:
+        """Build the rings the backend allows and write the ring keys (one transaction)."""
+        self.quarantine.reap()
+        self.error = None
+        order = min(self.config.max_ring_order,
+                    await backend.uint("max-ring-page-order", 0, 32, default=0))
+        queues = min(self.config.max_queues,
+                     await backend.uint("multi-queue-max-queues", 0, 1 << 16, default=1))
+        queues = max(queues, 1)
+        try:
+            for _ in range(queues):
+                ch = FrontChannel.create(self.platform, self.peer_domid,
+                                         slot_size=self._slot, order=order,
+                                         quarantine=self.quarantine)
+                self.queues.append(_Queue(ch))
+        except PlatformError:
+            self._release_queues()
+            raise
+        keys: dict[str, str | int] = {**front_keys([q.channel for q in self.queues]),
+                                      "protocol": self.abi.value,
+                                      "feature-persistent": int(self.config.persistent)}
+        await self.write_keys(keys)
+
+    async def connect(self, peer: PeerKeys) -> None:
+        """Read the disk's properties and the backend's features; start the queues."""
+        self.sectors = await peer.uint("sectors", 0, (1 << 63) - 1)
+        self.sector_size = await peer.uint("sector-size", 512, XEN_PAGE_SIZE, default=512)
+        if self.sector_size & (self.sector_size - 1):
+            raise BlockPeerError(f"sector-size {self.sector_size} is not a power of two")
+        self.physical_sector_size = await peer.uint("physical-sector-size", 512, 1 << 20,
+                                                    default=self.sector_size)
+        self.info_bits = await peer.uint("info", 0, 0xFFFF, default=0)
+        f: dict[str, Any] = {
+            "flush": await peer.feature("feature-flush-cache"),
+            "barrier": await peer.feature("feature-barrier"),
+            "discard": await peer.feature("feature-discard"),
+            "persistent": await peer.feature("feature-persistent"),
+        }
+        indirect = await peer.uint("feature-max-indirect-segments", 0, 1 << 20, default=0)
+        f["max_indirect_segments"] = indirect
+        if f["discard"]:
+            f["discard_granularity"] = await peer.uint("discard-granularity", 0, 1 << 30,
+                                                       default=self.sector_size)
+            f["discard_alignment"] = await peer.uint("discard-alignment", 0, 1 << 30,
+                                                     default=0)
+            f["discard_secure"] = await peer.feature("discard-secure")
+        self.features = f
+        self.persistent = self.config.persistent and bool(f["persistent"])
+        if self.config.indirect and indirect > BLKIF_MAX_SEGMENTS_PER_REQUEST:
+            self.max_segments = min(indirect, self.config.max_indirect_segments)
+        else:
+            self.max_segments = BLKIF_MAX_SEGMENTS_PER_REQUEST
+        for q in self.queues:
+            q.client = RingClient(q.channel, lambda b, n, q=q: self._on_responses(q, b, n))
+            q.client.start()
+        self._watch_task = asyncio.create_task(self._watch_sectors())
+        self._future().set_result(None)
+        self._space.set()
+
+    async def disconnect(self) -> None:
+        """Stop the queues, fail what is in flight, release pages, rings and ports."""
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._watch_task
+            self._watch_task = None
+        fut = self._connected
+        if fut is not None and not fut.done():
+            fut.set_exception(LocalError("block device disconnected"))
+            fut.exception()
+        self._connected = None
+        self._fail_all(BlockError("block device disconnected"))
+        self._release_queues()
+
+    def _release_queues(self) -> None:
+        for q in self.queues:
+            if q.client is not None:
+                q.client.stop()
+            q.channel.close()
+        self.queues = []
+        pool, self._pool, self._pool_free = self._pool, [], []
+        for pages in pool:
+            with contextlib.suppress(LocalError, PlatformError):
+                self.quarantine.end(pages)
+        self._space.set()
+
+    def _future(self) -> asyncio.Future[None]:
+        if self._connected is None or self._connected.done():
+            self._connected = asyncio.get_running_loop().create_future()
+        return self._connected
+
+    async def ready(self, timeout: float = 10.0) -> None:
+        """Wait (at most ``timeout`` s) until the disk is connected and usable."""
+        if self._connected is None:
+            self._future()
+        assert self._connected is not None
+        await asyncio.wait_for(asyncio.shield(self._connected), timeout)
+
+    async def _watch_sectors(self) -> None:
+        path = f"{self.peer_path}/sectors"
+        with contextlib.suppress(Exception):
+            async with self.client.watch(path, max_pending=4) as watch:
+                async for _ in watch:
+                    try:
+                        raw = await self.client.read(path, timeout=self.op_timeout)
+                        value = int(raw.decode("ascii"))
+                    except (XenstoreError, TimeoutError, ValueError, UnicodeDecodeError):
+                        continue
+                    if 0 <= value < 1 << 63 and value != self.sectors:
+                        log.info("%s: disk resized to %d sectors", self.path, value)
+                        self.sectors = value
+                        self.io_stats["resizes"] += 1
+
+    # -- failing closed
+    def _peer_failed(self, message: str) -> None:
+        if self.error is not None:
+            return
+        self.error = BlockPeerError(message)
+        log.warning("%s: backend misbehaved: %s", self.path, message)
+        for q in self.queues:
+            if q.client is not None:
+                q.client.stop()
+        self._fail_all(self.error)
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().create_task(self._write_error(message))
+
+    async def _write_error(self, message: str) -> None:
+        with contextlib.suppress(XenstoreError, TimeoutError, LocalError):
+            await self.client.write(self.error_path, error_value(_errno.EPROTO, message),
+                                    timeout=self.op_timeout)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for q in self.queues:
+            pending, q.pending = q.pending, {}
+            for p in pending.values():
+                if not p.future.done():
+                    p.future.set_exception(exc)
+                    p.future.exception()
+                p.finish(BLKIF_RSP_ERROR)  # pages still mapped go to the quarantine
+            # the ids stay used: a queue that failed is never used again
+        self._space.set()
+
+    # -- responses
+    def _on_responses(self, q: _Queue, batch: memoryview, count: int) -> None:
+        rsp, slot = self._rsp, self._slot
+        for j in range(count):
+            rid, op, status = rsp.unpack_from(batch, j * slot)
+            p = q.pending.get(rid)
+            if p is None:
+                self._peer_failed(f"response to id {rid}, which is not outstanding")
+                return
+            if op != p.op:
+                self._peer_failed(f"response {rid}: operation {op}, request was {p.op}")
+                return
+            if status not in _STATUSES:
+                self._peer_failed(f"response {rid}: unknown status {status}")
+                return
+            del q.pending[rid]
+            q.free_ids.append(rid)
+            self.io_stats["responses"] += 1
+            p.finish(status)
+            if not p.future.done():
+                p.future.set_result(status)
+        self._space.set()
+
+    # -- submitting
+    def _check_usable(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if not self.queues or self.queues[0].client is None or self._connected is None \
+                or not self._connected.done():
+            raise LocalError("block device not connected")
+
+    async def _slot_queue(self) -> _Queue:
+        """A queue with a free slot (the one with most), waiting for space if needed."""
+        while True:
+            self._check_usable()
+            best = max(self.queues, key=lambda q: len(q.free_ids))
+            if best.free_ids:
+                return best
+            self._space.clear()
+            await self._space.wait()
+
+    async def _request(self, q: _Queue, op: int, build: Callable[[int], bytes],
+                       finish: Callable[[int], None]) -> int:
+        """Put one request on ``q`` (a slot is free) and wait for its status."""
+        rid = q.free_ids.pop()
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        try:
+            data = build(rid)
+        except BaseException:
+            q.free_ids.append(rid)
+            finish(BLKIF_RSP_ERROR)
+            raise
+        q.pending[rid] = _Pending(op, fut, finish)
+        assert q.client is not None
+        q.client.submit([data])
+        self.io_stats["requests"] += 1
+        return await asyncio.wait_for(asyncio.shield(fut), self.config.io_timeout)
+
+    def _pages(self, count: int, *, writable: bool) -> tuple[list[int], list[memoryview],
+                                                               Callable[[], None]]:
+        """``count`` pages granted to the backend: their refs, their memory, and how to
+        give them back."""
+        if self.persistent:
+            taken: list[SharedPages] = []
+            try:
+                while len(taken) < count:
+                    if self._pool_free:
+                        taken.append(self._pool_free.pop())
+                    elif len(self._pool) < self.config.persistent_pages:
+                        pages = self.platform.grants.grant(self.peer_domid, 1, writable=True)
+                        self._pool.append(pages)
+                        taken.append(pages)
+                    else:
+                        break
+            except PlatformError:
+                self._pool_free.extend(taken)
+                raise
+            if len(taken) == count:
+                def back() -> None:
+                    if self.queues:
+                        self._pool_free.extend(taken)
+                return [p.refs[0] for p in taken], [p.mem for p in taken], back
+            self._pool_free.extend(taken)
+            self.io_stats["pool_misses"] += 1
+        share = self.platform.grants.grant(self.peer_domid, count, writable=writable)
+        mems = [share.mem[i * XEN_PAGE_SIZE:(i + 1) * XEN_PAGE_SIZE] for i in range(count)]
+
+        def end() -> None:
+            with contextlib.suppress(LocalError, PlatformError):
+                self.quarantine.end(share)
+        return list(share.refs), mems, end
+
+    def _check_range(self, offset: int, length: int) -> None:
+        ss = self.sector_size
+        if offset < 0 or length < 0 or offset % ss or length % ss or offset % 512:
+            raise LocalError(f"offset {offset} and length {length} must be multiples of "
+                             f"the {ss}-byte sector size")
+        if offset + length > self.size:
+            raise LocalError(f"range {offset}+{length} beyond the {self.size}-byte disk")
+
+    async def _rw(self, write: bool, offset: int, length: int,
+                  data: memoryview | None, out: bytearray | None) -> None:
+        """Move ``length`` bytes at ``offset``: split, submit every piece, wait for all."""
+        self._check_range(offset, length)
+        if write and self.readonly:
+            raise BlockError("the disk is read-only")
+        chunk = self.max_segments * XEN_PAGE_SIZE
+        pieces = []
+        for start in range(0, length, chunk):
+            n = min(chunk, length - start)
+            q = await self._slot_queue()
+            pieces.append(asyncio.ensure_future(self._one_rw(q, write, offset + start, n,
+                                                             data, out, start)))
+        if not pieces:
+            return
+        results = await asyncio.gather(*pieces, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+
+    async def _one_rw(self, q: _Queue, write: bool, offset: int, n: int,
+                      data: memoryview | None, out: bytearray | None, start: int) -> None:
+        npages = -(-n // XEN_PAGE_SIZE)
+        refs, mems, give_back = self._pages(npages, writable=not write)
+        extra: list[Callable[[], None]] = []
+        if write:
+            assert data is not None
+            for i, m in enumerate(mems):
+                piece = data[start + i * XEN_PAGE_SIZE:start + min((i + 1) * XEN_PAGE_SIZE, n)]
+                m[:len(piece)] = piece
+        segs = []
+        for i, ref in enumerate(refs):
+            nbytes = min(XEN_PAGE_SIZE, n - i * XEN_PAGE_SIZE)
+            segs.append(Segment(ref, 0, (nbytes >> SECTOR_SHIFT) - 1))
+        op = BLKIF_OP_WRITE if write else BLKIF_OP_READ
+        sector = offset >> SECTOR_SHIFT
+        indirect = len(segs) > BLKIF_MAX_SEGMENTS_PER_REQUEST
+        if indirect:
+            ind_pages = pack_indirect_pages(segs)
+            try:
+                ind_refs, ind_mems, ind_end = self._pages(len(ind_pages), writable=False)
+            except BaseException:
+                give_back()
+                raise
+            for m, content in zip(ind_mems, ind_pages, strict=True):
+                m[:] = content
+            extra.append(ind_end)
+            grefs = tuple(ind_refs) + (0,) * (8 - len(ind_refs))
+
+            def build(rid: int) -> bytes:
+                return BlkifRequestIndirect(BLKIF_OP_INDIRECT, op, len(segs), rid, sector, 0,
+                                            grefs).pack(self.abi)
+            self.io_stats["indirect"] += 1
+            wire_op = BLKIF_OP_INDIRECT
+        else:
+            def build(rid: int) -> bytes:
+                return BlkifRequest.rw(op, 0, rid, sector, tuple(segs)).pack(self.abi)
+            wire_op = op
+
+        def finish(status: int) -> None:
+            if status == BLKIF_RSP_OKAY and not write and out is not None:
+                for i, m in enumerate(mems):
+                    k = min(XEN_PAGE_SIZE, n - i * XEN_PAGE_SIZE)
+                    out[start + i * XEN_PAGE_SIZE:start + i * XEN_PAGE_SIZE + k] = m[:k]
+            give_back()
+            for e in extra:
+                e()
+
+        status = await self._request(q, wire_op, build, finish)
+        if status != BLKIF_RSP_OKAY:
+            self.io_stats["errors"] += 1
+            raise BlockError(f"{'write' if write else 'read'} of {n} bytes at {offset} "
+                             f"failed (status {status})", status)
+
+    # -- the API
+    async def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` (both whole sectors)."""
+        out = bytearray(length)
+        await self._rw(False, offset, length, None, out)
+        return bytes(out)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` (whole sectors) at ``offset``."""
+        view = memoryview(data).cast("B")
+        await self._rw(True, offset, len(view), view, None)
+
+    async def _simple(self, op: int, build: Callable[[int], bytes]) -> int:
+        q = await self._slot_queue()
+        return await self._request(q, op, build, lambda status: None)
+
+    async def flush(self) -> bool:
+        """Make every write answered so far durable: FLUSH_DISKCACHE, or a WRITE_BARRIER
+        without data when only barriers are offered.  False (nothing sent) when the
+        backend offers neither (its cache is then write-through)."""
+        self._check_usable()
+        f = self.features
+        if f.get("flush"):
+            op = BLKIF_OP_FLUSH_DISKCACHE
+        elif f.get("barrier"):
+            op = BLKIF_OP_WRITE_BARRIER
+        else:
+            return False
+        status = await self._simple(op, lambda rid: BlkifRequest(op, 0, 0, rid, 0).pack(
+            self.abi))
+        if status == BLKIF_RSP_EOPNOTSUPP:
+            f["flush" if op == BLKIF_OP_FLUSH_DISKCACHE else "barrier"] = False
+            return await self.flush()
+        if status != BLKIF_RSP_OKAY:
+            raise BlockError(f"flush failed (status {status})", status)
+        return True
+
+    async def barrier(self) -> None:
+        """A WRITE_BARRIER without data (raises :class:`BlockUnsupported` if not offered)."""
+        self._check_usable()
+        if not self.features.get("barrier"):
+            raise BlockUnsupported("the backend does not offer barriers")
+        op = BLKIF_OP_WRITE_BARRIER
+        status = await self._simple(op, lambda rid: BlkifRequest(op, 0, 0, rid, 0).pack(
+            self.abi))
+        if status == BLKIF_RSP_EOPNOTSUPP:
+            self.features["barrier"] = False
+            raise BlockUnsupported("the backend refused a barrier")
+        if status != BLKIF_RSP_OKAY:
+            raise BlockError(f"barrier failed (status {status})", status)
+
+    async def discard(self, offset: int, length: int, *, secure: bool = False) -> None:
+        """Discard ``length`` bytes at ``offset`` (reads may then return zeros)."""
+        self._check_usable()
+        self._check_range(offset, length)
+        if not self.features.get("discard"):
+            raise BlockUnsupported("the backend does not offer discard")
+        if secure and not self.features.get("discard_secure"):
+            raise BlockUnsupported("the backend does not offer secure discard")
+        if length == 0:
+            return
+        op = BLKIF_OP_DISCARD
+        sector, count = offset >> SECTOR_SHIFT, length >> SECTOR_SHIFT
+        status = await self._simple(op, lambda rid: BlkifRequestDiscard(
+            op, int(secure), 0, rid, sector, count).pack(self.abi))
+        if status == BLKIF_RSP_EOPNOTSUPP:
+            self.features["discard"] = False
+            raise BlockUnsupported("the backend refused discard")
+        if status != BLKIF_RSP_OKAY:
+            raise BlockError(f"discard failed (status {status})", status)
+
+    def info(self) -> dict[str, Any]:
+        """Negotiated features, rings, queues and counters."""
+        return {
+            "path": self.path, "state": self.state.name, "sectors": self.sectors,
+            "sector_size": self.sector_size, "readonly": self.readonly, "abi": self.abi.value,
+            "queues": len(self.queues),
+            "ring_pages": [1 << q.channel.order for q in self.queues],
+            "queue_depth": self.queue_depth, "inflight": self.inflight,
+            "max_segments": self.max_segments, "persistent": self.persistent,
+            "features": dict(self.features), "stats": dict(self.io_stats),
+        }

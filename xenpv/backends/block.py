@@ -686,6 +686,7 @@ class BlockBackendDriver(BackendDriver):
         self.persistent: list[PersistentGrants] = []
         self.sectors = 0
         self._resize_task: asyncio.Task[None] | None = None
+        self._watchers: list[asyncio.Task[None]] = []
 
     # -- configuration
     async def _own(self, name: str) -> str | None:
@@ -779,11 +780,22 @@ class BlockBackendDriver(BackendDriver):
         })
         for s in self.services:
             s.start()
+            self._watchers.append(asyncio.create_task(self._watch_service(s)))
         if self.config.resize_poll > 0:
             self._resize_task = asyncio.create_task(self._watch_size())
 
+    async def _watch_service(self, service: RingService) -> None:
+        """A queue whose frontend broke the ring (R4): fail the device closed."""
+        error = await service.wait_stopped()
+        if error is not None and self.machine is not None and not self.machine.destroyed:
+            machine = self.machine
+            self._post(lambda: machine.peer_error(error))
+
     async def disconnect(self) -> None:
         """Stop the queues, wait for in-flight I/O, release grants, rings and ports."""
+        watchers, self._watchers = self._watchers, []
+        for w in watchers:
+            w.cancel()
         if self._resize_task is not None:
             self._resize_task.cancel()
             with contextlib.suppress(BaseException):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno as _errno
+import functools
 import logging
 import struct
 from collections.abc import Callable
@@ -75,7 +76,6 @@ from xenpv.protocols.blkif import (
 )
 from xenpv.protocols.layout import XEN_PAGE_SIZE
 from xenpv.xenbus.driver import FrontendDriver, PeerKeys
-from xenpv.xenbus.paths import error_value
 from xenpv.xenstore.client import XenstoreClient as XenbusClient
 from xenpv.xenstore.wire import XenstoreError
 
@@ -276,7 +276,7 @@ class BlockFrontend(FrontendDriver):
         else:
             self.max_segments = BLKIF_MAX_SEGMENTS_PER_REQUEST
         for q in self.queues:
-            q.client = RingClient(q.channel, lambda b, n, q=q: self._on_responses(q, b, n))
+            q.client = RingClient(q.channel, functools.partial(self._on_responses, q))
             q.client.start()
         self._watch_task = asyncio.create_task(self._watch_sectors())
         self._future().set_result(None)
@@ -346,13 +346,9 @@ class BlockFrontend(FrontendDriver):
             if q.client is not None:
                 q.client.stop()
         self._fail_all(self.error)
-        with contextlib.suppress(RuntimeError):
-            asyncio.get_running_loop().create_task(self._write_error(message))
-
-    async def _write_error(self, message: str) -> None:
-        with contextlib.suppress(XenstoreError, TimeoutError, LocalError):
-            await self.client.write(self.error_path, error_value(_errno.EPROTO, message),
-                                    timeout=self.op_timeout)
+        machine, error = self.machine, self.error
+        if machine is not None and not machine.destroyed:
+            self._post(lambda: machine.peer_error(error))  # error node, then Closing
 
     def _fail_all(self, exc: Exception) -> None:
         for q in self.queues:

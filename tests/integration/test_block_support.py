@@ -21,6 +21,7 @@ from xenpv.backends.block import BlockBackendDriver, BlockConfig
 from xenpv.frontends.block import BlockFrontend, FrontConfig
 from xenpv.platforms.loopback.harness import InProcessMachine
 from xenpv.xenbus import XenbusState, add_device
+from xenpv.xenbus.paths import error_path
 from xenpv.xenstore.client import Perm, XenstoreClient
 from xenpv.xenstore.server import XenstoredServer
 
@@ -51,6 +52,14 @@ class World:
     be: XenstoreClient
     machine: InProcessMachine
     tmp: Path
+
+    async def read_error(self, device_path: str) -> bytes | None:
+        """The error node of a device directory (None if none was written)."""
+        path = error_path(device_path)
+        if not await self.dom0.exists(path):
+            return None
+        value: bytes = await self.dom0.read(path)
+        return value
 
     def held(self) -> dict[str, int]:
         """Grants, mappings and ports still held in the emulator."""
@@ -113,16 +122,16 @@ class Pair:
 
 async def start_pair(world: World, image: Path, *, mode: str = "w",
                      front: FrontConfig | None = None, back: BlockConfig | None = None,
-                     devid: int = VDEV, wait: bool = True) -> Pair:
+                     devid: int = VDEV, wait: bool = True, **driver_kw: Any) -> Pair:
     """Add the vbd as the toolstack does, start both ends, wait until connected."""
     info = await add_device(world.dom0, "vbd", FE, BE, devid,
                             frontend_keys={"virtual-device": devid, "device-type": "disk"},
                             backend_keys={"params": str(image), "mode": mode,
                                           "type": "file", "dev": "xvda"})
     be = BlockBackendDriver(world.machine.domain(BE), world.be, info.backend_path,
-                            config=back or BlockConfig(resize_poll=0.05))
+                            config=back or BlockConfig(resize_poll=0.05), **driver_kw)
     fe = BlockFrontend(world.machine.domain(FE), world.fe, info.frontend_path,
-                       config=front or FrontConfig(persistent_pages=128))
+                       config=front or FrontConfig(persistent_pages=128), **driver_kw)
     await be.start()
     await fe.start()
     if wait:

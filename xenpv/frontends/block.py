@@ -84,6 +84,10 @@ __all__ = ["BlockError", "BlockFrontend", "BlockPeerError", "BlockUnsupported", 
 log = logging.getLogger(__name__)
 
 _STATUSES = (BLKIF_RSP_OKAY, BLKIF_RSP_ERROR, BLKIF_RSP_EOPNOTSUPP)
+#: A request id is (generation << 16) | ring slot: ids are not reused soon after their
+#: answer, so a duplicate answer is caught (R6).
+_SLOT_BITS = 16
+_SLOT_MASK = (1 << _SLOT_BITS) - 1
 
 
 class BlockError(LocalError):
@@ -151,6 +155,7 @@ class _Queue:
         self.nr_ents = int(channel.ring.nr_ents)
         self.free_ids = list(range(self.nr_ents - 1, -1, -1))
         self.pending: dict[int, _Pending] = {}
+        self.generation = 0
 
 
 class BlockFrontend(FrontendDriver):
@@ -377,7 +382,7 @@ class BlockFrontend(FrontendDriver):
                 self._peer_failed(f"response {rid}: unknown status {status}")
                 return
             del q.pending[rid]
-            q.free_ids.append(rid)
+            q.free_ids.append(rid & _SLOT_MASK)
             self.io_stats["responses"] += 1
             p.finish(status)
             if not p.future.done():
@@ -405,12 +410,14 @@ class BlockFrontend(FrontendDriver):
     async def _request(self, q: _Queue, op: int, build: Callable[[int], bytes],
                        finish: Callable[[int], None]) -> int:
         """Put one request on ``q`` (a slot is free) and wait for its status."""
-        rid = q.free_ids.pop()
+        slot = q.free_ids.pop()
+        q.generation += 1
+        rid = (q.generation << _SLOT_BITS) | slot  # a stale duplicate names an old id
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         try:
             data = build(rid)
         except BaseException:
-            q.free_ids.append(rid)
+            q.free_ids.append(slot)
             finish(BLKIF_RSP_ERROR)
             raise
         q.pending[rid] = _Pending(op, fut, finish)

@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 # name -> (module, one-line help).  Keep alphabetical.
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("xenpv.cli.bench", "run a benchmark and report ratios against its anchor"),
+    "block": ("xenpv.cli.block", "serve vbds from image files; show what a vbd negotiated"),
     "console": ("xenpv.cli.console", "attach to a guest console; run a console backend or frontend"),
     "demo": ("xenpv.cli.demo", "show xenpv at work (the README's main job)"),
     "device": ("xenpv.cli.device", "create, remove and list xenbus device pairs as the toolstack"),

@@ -26,7 +26,13 @@ from xenpv.cli.args import CliError
 from xenpv.errors import LocalError, PlatformError
 from xenpv.xenbus.diagram import TABLES, render_dot, render_mermaid
 from xenpv.xenbus.states import XenbusState
-from xenpv.xenbus.toolstack import DeviceInfo, add_device, list_devices, remove_device
+from xenpv.xenbus.toolstack import (
+    DeviceInfo,
+    add_device,
+    list_devices,
+    remove_device,
+    vbd_keys,
+)
 from xenpv.xenstore.client import XenstoreClient
 from xenpv.xenstore.wire import WireError, XenstoreError
 
@@ -75,6 +81,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      metavar="K=V", help="backend key (repeatable)")  # fmt: skip
     add.add_argument("--multi-touch", type=_touch, metavar="WxHxN",
                      help="vkbd: offer a multi-touch surface of W x H with N contacts")
+    add.add_argument("--target", help="vbd: the image file or block device (params)")
+    add.add_argument("--mode", dest="mode_rw", choices=("r", "w"), default="w",
+                     help="vbd: r (read-only) or w")
+    add.add_argument("--vdev", default="xvda", help="vbd: the guest's name (xvda, hdb, ...)")
 
     rem = sub.add_parser("remove", help="remove a device pair")
     common(rem, devid_required=True)
@@ -156,15 +166,19 @@ async def _with_client(args: argparse.Namespace) -> int:
         if args.mode in ("add", "remove"):
             await _check_domains(client, args.frontend_domid, args.backend_domid)
         if args.mode == "add":
-            backend_keys = dict(args.backend_key)
+            devid, fkeys, bkeys = args.devid, dict(args.key), dict(args.backend_key)
             if args.multi_touch is not None:
                 if args.type != "vkbd":
                     raise LocalError("--multi-touch is for vkbd devices")
-                backend_keys.update(args.multi_touch)
+                bkeys.update(args.multi_touch)
+            if args.type == "vbd" and args.target is not None:
+                vdevid, vfront, vback = vbd_keys(args.target, mode=args.mode_rw,
+                                                 vdev=args.vdev)
+                devid = vdevid if devid is None else devid
+                fkeys, bkeys = {**vfront, **fkeys}, {**vback, **bkeys}
             info = await add_device(
-                client, args.type, args.frontend_domid, args.backend_domid, args.devid,
-                frontend_keys=dict(args.key), backend_keys=backend_keys,
-                backend_type=args.backend_type,
+                client, args.type, args.frontend_domid, args.backend_domid, devid,
+                frontend_keys=fkeys, backend_keys=bkeys, backend_type=args.backend_type,
             )  # fmt: skip
             print(f"{info.frontend_path}\n{info.backend_path}")
         elif args.mode == "remove":

@@ -187,6 +187,8 @@ class BlockFrontend(FrontendDriver):
         self.persistent = False
         self._pool: list[SharedPages] = []
         self._pool_free: list[SharedPages] = []
+        self._pool_cap = 0
+        self._pool_back = asyncio.Event()
         self._space = asyncio.Event()
         self._connected: asyncio.Future[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -194,7 +196,7 @@ class BlockFrontend(FrontendDriver):
         #: The protocol violation that failed the device (None while healthy).
         self.error: BlockPeerError | None = None
         self.io_stats = {"requests": 0, "indirect": 0, "responses": 0, "errors": 0,
-                      "resizes": 0, "pool_misses": 0}
+                      "resizes": 0, "pool_waits": 0}
 
     # -- properties
     @property
@@ -280,6 +282,7 @@ class BlockFrontend(FrontendDriver):
             self.max_segments = min(indirect, self.config.max_indirect_segments)
         else:
             self.max_segments = BLKIF_MAX_SEGMENTS_PER_REQUEST
+        self._pool_cap = max(self.config.persistent_pages, self.max_segments + 8)
         for q in self.queues:
             q.client = RingClient(q.channel, functools.partial(self._on_responses, q))
             q.client.start()
@@ -313,6 +316,7 @@ class BlockFrontend(FrontendDriver):
             with contextlib.suppress(LocalError, PlatformError):
                 self.quarantine.end(pages)
         self._space.set()
+        self._pool_back.set()
 
     def _future(self) -> asyncio.Future[None]:
         if self._connected is None or self._connected.done():
@@ -365,6 +369,7 @@ class BlockFrontend(FrontendDriver):
                 p.finish(BLKIF_RSP_ERROR)  # pages still mapped go to the quarantine
             # the ids stay used: a queue that failed is never used again
         self._space.set()
+        self._pool_back.set()
 
     # -- responses
     def _on_responses(self, q: _Queue, batch: memoryview, count: int) -> None:
@@ -397,24 +402,25 @@ class BlockFrontend(FrontendDriver):
                 or not self._connected.done():
             raise LocalError("block device not connected")
 
-    async def _slot_queue(self) -> _Queue:
-        """A queue with a free slot (the one with most), waiting for space if needed."""
+    async def _reserve(self) -> tuple[_Queue, int]:
+        """A free ring slot on the queue with the most, waiting for space if needed."""
         while True:
             self._check_usable()
             best = max(self.queues, key=lambda q: len(q.free_ids))
             if best.free_ids:
-                return best
+                return best, best.free_ids.pop()
             self._space.clear()
             await self._space.wait()
 
-    async def _request(self, q: _Queue, op: int, build: Callable[[int], bytes],
-                       finish: Callable[[int], None]) -> int:
-        """Put one request on ``q`` (a slot is free) and wait for its status."""
-        slot = q.free_ids.pop()
+    async def _request(self, reserved: tuple[_Queue, int], op: int,
+                       build: Callable[[int], bytes], finish: Callable[[int], None]) -> int:
+        """Put one request in the reserved slot and wait (bounded) for its status."""
+        q, slot = reserved
         q.generation += 1
         rid = (q.generation << _SLOT_BITS) | slot  # a stale duplicate names an old id
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         try:
+            self._check_usable()
             data = build(rid)
         except BaseException:
             q.free_ids.append(slot)
@@ -426,39 +432,45 @@ class BlockFrontend(FrontendDriver):
         self.io_stats["requests"] += 1
         return await asyncio.wait_for(asyncio.shield(fut), self.config.io_timeout)
 
-    def _pages(self, count: int, *, writable: bool) -> tuple[list[int], list[memoryview],
-                                                               Callable[[], None]]:
+    async def _pages(self, count: int, *, writable: bool
+                     ) -> tuple[list[int], list[memoryview], Callable[[], None]]:
         """``count`` pages granted to the backend: their refs, their memory, and how to
-        give them back."""
-        if self.persistent:
-            taken: list[SharedPages] = []
-            try:
-                while len(taken) < count:
-                    if self._pool_free:
-                        taken.append(self._pool_free.pop())
-                    elif len(self._pool) < self.config.persistent_pages:
-                        pages = self.platform.grants.grant(self.peer_domid, 1, writable=True)
-                        self._pool.append(pages)
-                        taken.append(pages)
-                    else:
-                        break
-            except PlatformError:
-                self._pool_free.extend(taken)
-                raise
-            if len(taken) == count:
-                def back() -> None:
-                    if self.queues:
-                        self._pool_free.extend(taken)
-                return [p.refs[0] for p in taken], [p.mem for p in taken], back
-            self._pool_free.extend(taken)
-            self.io_stats["pool_misses"] += 1
-        share = self.platform.grants.grant(self.peer_domid, count, writable=writable)
-        mems = [share.mem[i * XEN_PAGE_SIZE:(i + 1) * XEN_PAGE_SIZE] for i in range(count)]
+        give them back.  With persistent grants every page comes from the pool (granted
+        writable once, never ended while connected: the backend may keep it mapped),
+        waiting for pages to come back when the pool is at its size."""
+        if not self.persistent:
+            share = self.platform.grants.grant(self.peer_domid, count, writable=writable)
+            mems = [share.mem[i * XEN_PAGE_SIZE:(i + 1) * XEN_PAGE_SIZE]
+                    for i in range(count)]
 
-        def end() -> None:
-            with contextlib.suppress(LocalError, PlatformError):
-                self.quarantine.end(share)
-        return list(share.refs), mems, end
+            def end() -> None:
+                with contextlib.suppress(LocalError, PlatformError):
+                    self.quarantine.end(share)
+            return list(share.refs), mems, end
+        while len(self._pool_free) + self._pool_cap - len(self._pool) < count:
+            self._check_usable()
+            self.io_stats["pool_waits"] += 1
+            self._pool_back.clear()
+            await self._pool_back.wait()
+        taken: list[SharedPages] = []
+        try:
+            while len(taken) < count:
+                if self._pool_free:
+                    taken.append(self._pool_free.pop())
+                else:
+                    pages = self.platform.grants.grant(self.peer_domid, 1, writable=True)
+                    self._pool.append(pages)
+                    taken.append(pages)
+        except PlatformError:
+            self._pool_free.extend(taken)
+            raise
+        pool = self._pool
+
+        def back() -> None:
+            if pool is self._pool:  # not from an earlier connection
+                self._pool_free.extend(taken)
+                self._pool_back.set()
+        return [p.refs[0] for p in taken], [p.mem for p in taken], back
 
     def _check_range(self, offset: int, length: int) -> None:
         ss = self.sector_size
@@ -478,9 +490,9 @@ class BlockFrontend(FrontendDriver):
         pieces = []
         for start in range(0, length, chunk):
             n = min(chunk, length - start)
-            q = await self._slot_queue()
-            pieces.append(asyncio.ensure_future(self._one_rw(q, write, offset + start, n,
-                                                             data, out, start)))
+            reserved = await self._reserve()
+            pieces.append(asyncio.ensure_future(self._one_rw(reserved, write, offset + start,
+                                                             n, data, out, start)))
         if not pieces:
             return
         results = await asyncio.gather(*pieces, return_exceptions=True)
@@ -488,10 +500,14 @@ class BlockFrontend(FrontendDriver):
             if isinstance(r, BaseException):
                 raise r
 
-    async def _one_rw(self, q: _Queue, write: bool, offset: int, n: int,
+    async def _one_rw(self, reserved: tuple[_Queue, int], write: bool, offset: int, n: int,
                       data: memoryview | None, out: bytearray | None, start: int) -> None:
         npages = -(-n // XEN_PAGE_SIZE)
-        refs, mems, give_back = self._pages(npages, writable=not write)
+        try:
+            refs, mems, give_back = await self._pages(npages, writable=not write)
+        except BaseException:
+            reserved[0].free_ids.append(reserved[1])
+            raise
         extra: list[Callable[[], None]] = []
         if write:
             assert data is not None
@@ -508,9 +524,11 @@ class BlockFrontend(FrontendDriver):
         if indirect:
             ind_pages = pack_indirect_pages(segs)
             try:
-                ind_refs, ind_mems, ind_end = self._pages(len(ind_pages), writable=False)
+                ind_refs, ind_mems, ind_end = await self._pages(len(ind_pages),
+                                                                writable=False)
             except BaseException:
                 give_back()
+                reserved[0].free_ids.append(reserved[1])
                 raise
             for m, content in zip(ind_mems, ind_pages, strict=True):
                 m[:] = content
@@ -536,7 +554,7 @@ class BlockFrontend(FrontendDriver):
             for e in extra:
                 e()
 
-        status = await self._request(q, wire_op, build, finish)
+        status = await self._request(reserved, wire_op, build, finish)
         if status != BLKIF_RSP_OKAY:
             self.io_stats["errors"] += 1
             raise BlockError(f"{'write' if write else 'read'} of {n} bytes at {offset} "
@@ -555,8 +573,7 @@ class BlockFrontend(FrontendDriver):
         await self._rw(True, offset, len(view), view, None)
 
     async def _simple(self, op: int, build: Callable[[int], bytes]) -> int:
-        q = await self._slot_queue()
-        return await self._request(q, op, build, lambda status: None)
+        return await self._request(await self._reserve(), op, build, lambda status: None)
 
     async def flush(self) -> bool:
         """Make every write answered so far durable: FLUSH_DISKCACHE, or a WRITE_BARRIER

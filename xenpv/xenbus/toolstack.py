@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from xenpv.errors import LocalError, PeerError
+from xenpv.protocols.blkif import vdev_encode
 from xenpv.xenbus.paths import (
     DevicePathError,
     backend_dir,
@@ -47,6 +48,7 @@ __all__ = [
     "add_device",
     "list_devices",
     "remove_device",
+    "vbd_keys",
 ]
 
 KeyValues = Mapping[str, str | bytes | int]
@@ -277,3 +279,24 @@ async def list_devices(
             be = f"{root}/{fe}/{devid}"
             out.append(await _info(client, devtype, backend_domid, fe, devid, be))
     return out
+
+
+def vbd_keys(target: str, *, mode: str = "w", vdev: str = "xvda", cdrom: bool = False,
+             backend_type: str = "phy") -> tuple[int, dict[str, str | int], dict[str, str | int]]:
+    """The devid, frontend keys and backend keys libxl writes for a disk (``vbd``).
+
+    ``target`` is the image or device path (``params``), ``mode`` ``r`` or ``w``, ``vdev``
+    the guest's name for it (``xvda``, ``hdb``, ``d0p1`` …; its number is the devid and the
+    frontend's ``virtual-device``)."""
+    if mode not in ("r", "w"):
+        raise LocalError(f"mode must be r or w, not {mode!r}")
+    if not target:
+        raise LocalError("a vbd needs a target")
+    devid = vdev_encode(vdev)
+    kind = "cdrom" if cdrom else "disk"
+    frontend: dict[str, str | int] = {"virtual-device": devid, "device-type": kind}
+    backend: dict[str, str | int] = {
+        "params": target, "type": backend_type, "mode": mode, "device-type": kind,
+        "dev": vdev, "removable": int(cdrom), "bootable": 1, "discard-enable": 1,
+    }  # fmt: skip
+    return devid, frontend, backend

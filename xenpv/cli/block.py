@@ -1,0 +1,140 @@
+"""``xenpv block backend|info`` — serve vbds from this domain; show one vbd's negotiation.
+
+``backend --all`` (run as the backend domain: ``--as DOMID``, dom0 by default) serves
+every ``backend/vbd/<fe>/<devid>`` directory of that domain, including devices added
+later, with the image named by each device's ``params`` and its ``mode``; it prints one
+JSON line ``{"event": "ready"}`` once watching and runs until stdin closes or SIGTERM,
+then prints ``{"event": "done", "devices": {...}}`` with every driver's counters.
+
+``info DOMID VDEV`` reads the frontend directory of guest ``DOMID``'s disk ``VDEV``
+(``xvda`` or its number ``51712``) and its backend directory and prints, as JSON, what the
+two sides negotiated: states, ABI, ring pages, queues, features, size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+from xenpv.cli.console import _platform, _stdin_closed, _xenstore, emit
+from xenpv.errors import LocalError, PeerError, PlatformError
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the ``backend`` and ``info`` subcommands."""
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    be = sub.add_parser("backend", help="serve this domain's vbds from image files")
+    be.add_argument("--rundir", help="loopback emulator run directory (default: the environment)")
+    be.add_argument("--as", dest="as_domid", type=int, default=0, help="backend domain")
+    be.add_argument("--all", action="store_true", required=True,
+                    help="serve every vbd of this backend domain, as they come and go")
+    be.add_argument("--engine", choices=("threads", "inline"), default="threads",
+                    help="I/O in a thread pool (default) or inline in the ring pass")
+    be.add_argument("--workers", type=int, default=8, help="I/O threads (default 8)")
+    be.add_argument("--max-ring-order", type=int, default=4)
+    be.add_argument("--max-queues", type=int, default=4)
+    be.add_argument("--max-indirect-segments", type=int, default=256,
+                    help="0: no indirect requests")
+    be.add_argument("--no-persistent", action="store_true", help="no persistent grants")
+    be.add_argument("--no-discard", action="store_true")
+
+    info = sub.add_parser("info", help="show what a vbd's two ends negotiated")
+    info.add_argument("domid", type=int, help="the guest (frontend) domain")
+    info.add_argument("vdev", help="the disk: xvda, hdb, ... or its number")
+    info.add_argument("-s", "--socket", help="xenstore socket (default: as xenstore-utils)")
+
+
+async def _backend(args: argparse.Namespace) -> int:
+    from xenpv.backends.block import BlockBackend, BlockConfig
+
+    config = BlockConfig(max_ring_order=args.max_ring_order, max_queues=args.max_queues,
+                         max_indirect_segments=args.max_indirect_segments,
+                         persistent=not args.no_persistent, discard=not args.no_discard,
+                         engine=args.engine, workers=args.workers)
+    platform = _platform(args.rundir, args.as_domid)
+    client = await _xenstore(args.rundir, args.as_domid)
+    backend = BlockBackend(platform, client, config)
+    try:
+        await backend.start()
+        emit(event="ready", domid=args.as_domid)
+        await _stdin_closed(asyncio.get_running_loop())
+        emit(event="done", devices={d.path: d.info() for d in backend.drivers})
+    finally:
+        await backend.close()
+        await client.close()
+        platform.close()
+    return 0
+
+
+_FRONT_KEYS = ("state", "backend", "backend-id", "virtual-device", "device-type", "protocol",
+               "ring-ref", "ring-page-order", "event-channel", "multi-queue-num-queues",
+               "feature-persistent")
+_BACK_KEYS = ("state", "online", "params", "mode", "type", "dev", "sectors", "sector-size",
+              "physical-sector-size", "info", "max-ring-page-order",
+              "multi-queue-max-queues", "feature-max-indirect-segments",
+              "feature-persistent", "feature-flush-cache", "feature-barrier",
+              "feature-discard", "discard-granularity", "discard-alignment", "discard-secure")
+
+
+async def read_keys(client: Any, path: str, names: tuple[str, ...]) -> dict[str, str]:
+    """The keys of ``names`` that exist under ``path``, as text."""
+    from xenpv.xenstore.wire import XenstoreError
+
+    out: dict[str, str] = {}
+    for name in names:
+        try:
+            out[name] = (await client.read(f"{path}/{name}")).decode("utf-8", "replace")
+        except XenstoreError:
+            continue
+    return out
+
+
+async def vbd_info(client: Any, domid: int, vdev: str) -> dict[str, Any]:
+    """What the frontend and backend of guest ``domid``'s disk ``vdev`` wrote."""
+    from xenpv.protocols.blkif import vdev_decode, vdev_encode
+    from xenpv.xenbus.paths import frontend_path
+
+    devid = int(vdev) if vdev.isdigit() else vdev_encode(vdev)
+    fe = frontend_path(domid, "vbd", devid)
+    if not await client.exists(fe):
+        raise LocalError(f"no vbd {vdev} in domain {domid} ({fe})")
+    front = await read_keys(client, fe, _FRONT_KEYS)
+    be = front.get("backend", "")
+    back = await read_keys(client, be, _BACK_KEYS) if be else {}
+    try:
+        queues = int(front.get("multi-queue-num-queues", "1"))
+        order = int(front.get("ring-page-order", "0"))
+    except ValueError:
+        queues, order = 0, 0
+    return {"domid": domid, "vdev": vdev_decode(devid), "devid": devid,
+            "frontend": fe, "backend": be, "queues": queues, "ring_pages": 1 << order,
+            "frontend_keys": front, "backend_keys": back}
+
+
+async def _info(args: argparse.Namespace) -> int:
+    from xenpv.xenstore.client import XenstoreClient
+
+    client = await XenstoreClient.connect(args.socket, timeout=10.0)
+    try:
+        print(json.dumps(await vbd_info(client, args.domid, args.vdev), indent=2))
+    finally:
+        await client.close()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one ``block`` subcommand; returns the exit status."""
+    from xenpv.xenstore.wire import WireError, XenstoreError
+
+    try:
+        if args.action == "backend":
+            return asyncio.run(_backend(args))
+        return asyncio.run(_info(args))
+    except (LocalError, PeerError, PlatformError, XenstoreError, WireError, TimeoutError,
+            OSError) as exc:
+        print(f"xenpv block {args.action}: {exc}", file=sys.stderr)
+        return 1

@@ -226,3 +226,26 @@ def test_inline_engine_moves_data() -> None:
                 engine="inline"))
 
     run(body())
+
+
+def test_persistent_pool_smaller_than_the_load_waits_for_pages() -> None:
+    """With persistent grants every page comes from the pool (granted writable), also when
+    more is in flight than the pool holds: pieces wait for pages to come back."""
+    async def body() -> None:
+        import asyncio
+
+        async with block_world() as w:
+            image = w.tmp / "disk.img"
+            make_image(image, 8 * MiB)
+            pair = await start_pair(w, image, front=FrontConfig(persistent_pages=16))
+            fe = pair.frontend
+            try:
+                blobs = [bytes([k]) * MiB for k in range(8)]
+                await asyncio.gather(*(fe.write(k * MiB, b) for k, b in enumerate(blobs)))
+                assert fe.io_stats["pool_waits"] > 0
+                assert image.read_bytes() == b"".join(blobs)
+            finally:
+                await pair.close()
+        assert w.held() == NOTHING
+
+    run(body())

@@ -479,10 +479,14 @@ async def tampered_pair(w: World, tamper: Any, **front: Any) -> Any:
     make_image(image, MiB)
     pair = await start_pair(w, image, front=FrontConfig(max_ring_order=0, max_queues=1,
                                                         **front))
-    h = pair.backend.handlers[0]
-    real = h.respond
-    assert real is not None
-    h.respond = lambda rsps: real(tamper(list(rsps)))
+    svc, h = pair.backend.services[0], pair.backend.handlers[0]
+    real = svc.respond
+
+    def tampered(rsps: Any) -> int:
+        return real(tamper(list(rsps)))
+
+    svc.respond = tampered  # type: ignore[method-assign]  # answers given now
+    h.respond = tampered  # answers given later
     return pair
 
 

@@ -217,13 +217,17 @@ def test_online_resize_reaches_the_frontend() -> None:
     run(body())
 
 
-def test_inline_engine_moves_data() -> None:
+@pytest.mark.parametrize("engine", ["inline", "threads"])
+def test_each_io_engine_moves_data(engine: str) -> None:
     async def body() -> None:
         async with block_world() as w:
             image = w.tmp / "disk.img"
             data = make_image(image, 2 * MiB)
-            await exercise(w, image, data, front=FrontConfig(), back=BlockConfig(
-                engine="inline"))
+            info = await exercise(w, image, data, front=FrontConfig(),
+                                  back=BlockConfig(engine=engine))
+            stats = info["back"]["requests"]  # type: ignore[index]
+            other = "threaded" if engine == "inline" else "inline"
+            assert sum(s[other] for s in stats) == 0  # type: ignore[index]
 
     run(body())
 

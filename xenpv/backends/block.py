@@ -29,9 +29,10 @@ and nothing else happens (no I/O, nothing mapped).  Grants are mapped for the re
 only (writable for READ, read-only for WRITE, all or nothing, R9), or, with persistent
 grants negotiated, kept mapped across requests up to ``max_persistent_grants`` (past that,
 mapped per request).  Data moves with ``os.preadv``/``os.pwritev`` directly between the
-image and the mapped grant pages (one ``memoryview`` per segment, no copy), either inline
-in the ring pass (``engine="inline"``) or in a thread pool (``engine="threads"``), so
-requests are served concurrently and answered in completion order.
+image and the mapped grant pages (one ``memoryview`` per segment, no copy): small reads
+and writes inline in the ring pass, large ones, discards and flushes in a thread pool
+(``engine="auto"``; ``"inline"`` and ``"threads"`` force one way), so slow requests are
+served concurrently and every answer goes out in completion order.
 
 Durability: ``FLUSH_DISKCACHE`` waits for every request taken before it, then
 ``fdatasync``; only then is it answered.  ``WRITE_BARRIER`` does the same and also holds
@@ -139,8 +140,12 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 class BlockConfig:
     """What a block backend offers (host decisions, never taken from the frontend).
 
-    ``engine``: ``"threads"`` (I/O in a pool of ``workers`` threads, many requests in
-    flight) or ``"inline"`` (I/O in the ring pass itself).  ``resize_poll``: seconds
+    ``engine``: ``"auto"`` (reads and writes up to ``inline_max`` bytes inline in the
+    ring pass, larger ones, discards and flushes in a pool of ``workers`` threads),
+    ``"threads"`` (everything in the pool) or ``"inline"`` (everything in the ring pass,
+    fdatasync included).  Measured on the loopback emulator with the image in the page
+    cache, 4 KiB random reads: inline 1.8-2.8x the IOPS of threads at depth 1 and 32 (a
+    page-cache read costs less than the hand-off to a thread and back).  ``resize_poll``: seconds
     between image size checks while connected (0: never).
     """
 
@@ -154,7 +159,8 @@ class BlockConfig:
     discard: bool = True
     sector_size: int = 512
     physical_sector_size: int | None = None
-    engine: str = "threads"
+    engine: str = "auto"
+    inline_max: int = 64 << 10
     workers: int = 8
     resize_poll: float = 1.0
 
@@ -169,8 +175,8 @@ class BlockConfig:
         if self.sector_size < 512 or self.sector_size & (self.sector_size - 1) \
                 or self.sector_size > XEN_PAGE_SIZE:
             raise LocalError("sector_size must be a power of two in 512..4096")
-        if self.engine not in ("threads", "inline"):
-            raise LocalError("engine must be 'threads' or 'inline'")
+        if self.engine not in ("auto", "threads", "inline"):
+            raise LocalError("engine must be 'auto', 'threads' or 'inline'")
         if self.workers < 1 or self.max_persistent_grants < 0:
             raise LocalError("workers must be positive, max_persistent_grants >= 0")
 
@@ -515,7 +521,10 @@ class BlockRequests:
             self._start_ordered(io)
             return
         work = self._work(io)
-        if self.executor is None or self.config.engine == "inline":
+        engine = self.config.engine
+        if self.executor is None or engine == "inline" or (
+                engine == "auto" and io.kind != BLKIF_OP_DISCARD
+                and io.length <= self.config.inline_max):
             self.stats["inline"] += 1
             status = work()
             self._unmap(io)
@@ -752,7 +761,7 @@ class BlockBackendDriver(BackendDriver):
         for pl in placements:
             self.channels.append(BackChannel.attach(self.platform, self.peer_domid, pl,
                                                     slot_size=slot))
-        if self.config.engine == "threads" and self._executor is None:
+        if self.config.engine != "inline" and self._executor is None:
             self._own_executor = concurrent.futures.ThreadPoolExecutor(
                 self.config.workers, thread_name_prefix=f"blkback-{self.peer_domid}")
         executor = self._executor or self._own_executor
@@ -880,7 +889,7 @@ class BlockBackend:
         self.watcher: BackendWatcher | None = None
         self.executor = (concurrent.futures.ThreadPoolExecutor(
             self.config.workers, thread_name_prefix="blkback")
-            if self.config.engine == "threads" else None)
+            if self.config.engine != "inline" else None)
 
     async def start(self) -> None:
         """Watch the backend directory and serve what appears there."""

@@ -32,8 +32,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     be.add_argument("--as", dest="as_domid", type=int, default=0, help="backend domain")
     be.add_argument("--all", action="store_true", required=True,
                     help="serve every vbd of this backend domain, as they come and go")
-    be.add_argument("--engine", choices=("threads", "inline"), default="threads",
-                    help="I/O in a thread pool (default) or inline in the ring pass")
+    be.add_argument("--engine", choices=("auto", "threads", "inline"), default="auto",
+                    help="small I/O inline, large in threads (auto, default); all in a "
+                         "thread pool; all inline in the ring pass")
     be.add_argument("--workers", type=int, default=8, help="I/O threads (default 8)")
     be.add_argument("--max-ring-order", type=int, default=4)
     be.add_argument("--max-queues", type=int, default=4)

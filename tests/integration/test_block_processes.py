@@ -128,12 +128,60 @@ def test_backend_process_serves_vbds_added_later_and_flushes_durably(
                     be.stdin.close()
                     done = json_line(be, WAIT)
                     assert done["event"] == "done"
-                    assert be.wait(WAIT) == 0
+                    assert await asyncio.to_thread(be.wait, WAIT) == 0
                     assert image.read_bytes() == model
             finally:
                 await fe.abort()
                 await xs.close()
                 guest.close()
+
+    asyncio.run(body())
+    machine.assert_released()
+
+
+def test_restarted_backend_process_continues_the_same_frontend(
+        daemon_machine: Callable[..., DaemonMachine], tmp_path: Path,
+        procs: list[subprocess.Popen[bytes]]) -> None:
+    """The backend process is SIGKILLed with requests in flight; a new one finds the
+    device Connected, maps the same rings where the old one stopped, serves the requests
+    that were never answered, and the frontend carries on without reconnecting."""
+    machine = daemon_machine(GUEST, max_grants=4096, max_ports=64)
+    rundir = machine.rundir
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4 * MiB))
+    sock = str(Path(rundir) / "dom0" / "xenstore")
+    rng = random.Random(5)
+    model = bytearray(4 * MiB)
+
+    async def body() -> None:
+        be = start_backend(rundir, procs)
+        fe_path = add_vbd(sock, image)
+        fe, xs, guest = await connect_frontend(rundir, fe_path)
+        try:
+            for rounds in range(3):
+                jobs = []
+                for k in range(16):
+                    off = (rounds * 16 + k) * 65536
+                    blob = rng.randbytes(65536)
+                    model[off:off + 65536] = blob
+                    jobs.append(asyncio.ensure_future(fe.write(off, blob)))
+                await asyncio.sleep(rng.random() * 0.005)
+                be.send_signal(signal.SIGKILL)  # some writes are answered, some not
+                be.wait(WAIT)
+                be = start_backend(rundir, procs)
+                await asyncio.wait_for(asyncio.gather(*jobs), WAIT)
+                assert await fe.flush()
+                assert await fe.read(0, 4 * MiB) == model
+                assert image.read_bytes() == model
+            assert be.stdin is not None
+            be.stdin.close()
+            assert json_line(be, WAIT)["event"] == "done"
+            await fe.close()
+            assert await asyncio.to_thread(be.wait, WAIT) == 0
+        finally:
+            await fe.abort()
+            await xs.close()
+            guest.close()
 
     asyncio.run(body())
     machine.assert_released()

@@ -60,6 +60,8 @@ __all__ = [
 
 #: Most pages of one ring a backend maps: io/blkif.h XENBUS_MAX_RING_GRANT_ORDER is 4.
 MAX_RING_ORDER = 4
+#: Offset of ``rsp_prod`` in the shared ring header (io/ring.h: req_prod, req_event, rsp_prod).
+_RSP_PROD = 8
 
 
 class RingChannelPeerError(PeerError):
@@ -181,7 +183,12 @@ class BackChannel(_Channel):
             except PlatformError as exc:
                 raise RingChannelPeerError(
                     f"cannot bind event channel {placement.port}: {exc}") from None
-            ring = BackRing(mapping.mem, slot_size)
+            # Attach where the last backend stopped (Linux blkback does the same): the
+            # frontend's rsp_prod, read once.  0 on a fresh ring; after a backend restart,
+            # requests taken but never answered are served again instead of the new
+            # backend answering old slots behind the frontend's rsp_cons.
+            start = int.from_bytes(mapping.mem[_RSP_PROD:_RSP_PROD + 4], "little")
+            ring = BackRing(mapping.mem, slot_size, start)
         return cls(res, frontend_domid, port, ring, order, slot_size)
 
     def _release_ring(self) -> None:

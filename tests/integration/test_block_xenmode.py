@@ -25,7 +25,7 @@ from xenpv.backends.block import BlockBackendDriver, BlockConfig
 from xenpv.frontends.block import BlockFrontend, FrontConfig
 from xenpv.platforms.loopback.client import ClientPlatform
 from xenpv.platforms.xen import XenPlatform
-from xenpv.vchan.testing import VchanLab
+from xenpv.testing.vchan import VchanLab
 from xenpv.xenbus.toolstack import add_device, remove_device, vbd_keys
 from xenpv.xenstore.client import connect
 

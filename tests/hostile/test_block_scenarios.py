@@ -175,6 +175,36 @@ def test_scenario_01_req_prod_beyond_ring_stops_the_queue(tmp_path: Path, claim:
     run(body())
 
 
+def test_scenario_01_ring_broken_while_io_is_in_flight(tmp_path: Path) -> None:
+    """Answers of I/O that completes after the frontend broke the ring are dropped; nothing
+    escapes the event loop (found by the blkback:driver fuzz target)."""
+    import threading
+
+    async def body() -> None:
+        escaped: list[object] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: escaped.append(ctx))
+        r = await rig(tmp_path, config=BlockConfig(engine="threads"))
+        gate = threading.Event()
+        for _ in range(2):  # both I/O threads busy until the gate opens
+            r.pool.submit(gate.wait, WAIT)
+        page = r.grant()
+        r.client.submit([r.rw(BLKIF_OP_READ, 1, 0, [Segment(page.refs[0], 0, 7)])])
+        async with asyncio.timeout(WAIT):
+            while r.handler.inflight == 0:
+                await asyncio.sleep(0.005)
+        set_req_prod(r, 1 << 31)
+        assert await asyncio.wait_for(r.service.wait_stopped(), WAIT) is not None
+        gate.set()
+        async with asyncio.timeout(WAIT):
+            while r.handler.inflight:
+                await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
+        assert escaped == []
+        await r.close()
+
+    run(body())
+
+
 def test_scenario_02_req_prod_backwards_stops_the_queue(tmp_path: Path) -> None:
     async def body() -> None:
         r = await rig(tmp_path)

@@ -604,7 +604,8 @@ class BlockRequests:
         if out and self.respond is not None and not self.closed:
             try:
                 self.respond(out)
-            except LocalError as exc:  # the channel went away under us
+            except (LocalError, PeerError) as exc:  # the channel went away, or the
+                # frontend broke the ring meanwhile (the service has stopped)
                 log.debug("dom%d: %d responses dropped: %s", self.domid, len(out), exc)
 
     # -- teardown

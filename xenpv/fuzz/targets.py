@@ -570,6 +570,12 @@ def _loopback_exhaustion(victim: Any) -> Callable[[bytes], None]:
     return DaemonExhaustion()
 
 
+def _blkback_driver(victim: Any) -> Callable[[bytes], None]:
+    from xenpv.fuzz.block_driver import BlkbackTarget
+
+    return BlkbackTarget()
+
+
 def _make_targets() -> dict[str, Target]:
     out: list[Target] = []
     for name, spec in RING_SPECS.items():
@@ -627,6 +633,9 @@ def _make_targets() -> dict[str, Target]:
                "our keyboard frontend, in a connected pair", _kbd_driver("frontend")),
         Target("kbdback:driver", "hostile frontend (in_cons, floods, garbage keys, state "
                "cycles) vs our keyboard backend while it sends input", _kbd_driver("backend")),
+        Target("blkback:driver", "hostile frontend vs the real block backend (request handler "
+               "and ring service over an image): fuzzed requests, indexes, revoked grants, "
+               "floods", _blkback_driver),
     ]
     return {t.name: t for t in out}
 

@@ -41,3 +41,26 @@ def test_a_backend_that_trusts_a_wrong_size_is_caught(monkeypatch: pytest.Monkey
     monkeypatch.setattr(BlockImage, "sectors", property(lambda self: (self.size >> 9) + 64))
     with pytest.raises(InvariantViolation, match="image grew"):
         get_target("blkback:driver")(write_across_the_end())
+
+
+def test_blkfront_target_runs_clean() -> None:
+    assert "blkfront:driver" in TARGETS
+    run = get_target("blkfront:driver")
+    rng = random.Random(3)
+    for _ in range(12):
+        run(rng.randbytes(rng.randrange(50, 400)))
+
+
+def test_blkfront_target_catches_a_frontend_that_crashes_on_answers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from xenpv.frontends.block import BlockFrontend
+
+    def crash(self: object, *args: object) -> None:
+        raise RuntimeError("a frontend that cannot take an answer")
+
+    monkeypatch.setattr(BlockFrontend, "_on_responses", crash)
+    run = get_target("blkfront:driver")
+    rng = random.Random(3)
+    with pytest.raises(InvariantViolation):
+        for _ in range(40):
+            run(rng.randbytes(rng.randrange(50, 400)))

@@ -1,4 +1,15 @@
-"""The ``blkback:driver`` fuzz target: a hostile frontend against the real block backend.
+"""The ``blkback:driver`` and ``blkfront:driver`` fuzz targets: hostile peers against the
+real block drivers.
+
+``blkfront:driver`` (:class:`BlkfrontTarget`) is the mirror image: a hostile backend
+domain writes fuzzed features and sizes, maps the frontend's rings and answers its
+requests with fuzzed ids, operations and statuses, moves ``rsp_prod`` anywhere and floods
+the port, while the real :class:`~xenpv.frontends.block.BlockFrontend` reads, writes and
+flushes.  Every API call must end (bounded) with data or one of the block/peer/local
+errors, nothing may escape the loop, and after teardown every share of the frontend is
+ended or in its quarantine.
+
+``blkback:driver`` (:class:`BlkbackTarget`):
 
 Each input builds a fresh world: an in-process emulator with the guest and the backend
 domain, a 256 KiB image, one ring (ABI, persistent grants, I/O engine and indirect support
@@ -31,6 +42,7 @@ import struct
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from xenpv.backends.block import BlockConfig, BlockImage, BlockRequests, PersistentGrants
 from xenpv.drivers.ringchannel import BackChannel, FrontChannel, RingPlacement
@@ -272,3 +284,169 @@ class _World:
                 self.fe.grants.end_access(share)
             except PlatformError as exc:
                 raise violation("a guest page stayed in use after teardown", exc) from None
+
+
+# --------------------------------------------------------------------------- blkfront
+
+
+#: What the frontend's API may end with under a hostile backend (anything else: breach).
+def _allowed() -> tuple[type[BaseException], ...]:
+    from xenpv.frontends.block import BlockError
+
+    return (BlockError, PeerError, LocalError, PlatformError, TimeoutError)
+
+
+class BlkfrontTarget:
+    """The ``blkfront:driver`` target: a hostile backend domain (xenstore keys, ring
+    answers, indexes, event floods, silence) against the real block frontend driver."""
+
+    def __call__(self, data: bytes) -> None:
+        """Play one input; raises InvariantViolation on a breach."""
+        started = time.monotonic()
+        quiet = [logging.getLogger(n) for n in ("xenpv.drivers", "xenpv.frontends",
+                                                  "xenpv.xenbus")]
+        levels = [q.level for q in quiet]
+        for q in quiet:
+            q.setLevel(logging.CRITICAL)
+        try:
+            asyncio.run(asyncio.wait_for(self._run(data), INPUT_BUDGET_S))
+        except InvariantViolation:
+            raise
+        except TimeoutError:
+            raise InvariantViolation(
+                f"one blkfront:driver input took over {INPUT_BUDGET_S} s (hang)") from None
+        except Exception as e:
+            raise violation("the block frontend world raised", e) from None
+        finally:
+            for q, level in zip(quiet, levels, strict=True):
+                q.setLevel(level)
+        if time.monotonic() - started > INPUT_BUDGET_S:
+            raise InvariantViolation(f"one blkfront:driver input took over {INPUT_BUDGET_S} s")
+
+    async def _run(self, data: bytes) -> None:
+        from xenpv.drivers.ringchannel import read_ring_keys
+        from xenpv.frontends.block import BlockFrontend, FrontConfig
+        from xenpv.fuzz.xenbus_driver import QUOTAS, xenstore_world
+        from xenpv.xenbus import PeerKeys
+
+        src = ByteSource(data)
+        escaped: list[BaseException] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: escaped.append(
+            ctx.get("exception") or RuntimeError(str(ctx.get("message")))))
+        allowed = _allowed()
+        async with xenstore_world("vbd", QUOTAS) as w:
+            fp, bp = await w.add(51712)
+            be_plat = w.machine.domain(BE)
+            fe = BlockFrontend(w.machine.domain(FE), w.fe, fp, config=FrontConfig(
+                abi=src.choice(list(ABI)), max_queues=1 + src.below(2),
+                persistent=src.boolean(), persistent_pages=32, max_indirect_segments=64,
+                io_timeout=0.3), connect_timeout=2.0, close_timeout=0.3, op_timeout=2.0,
+                hook_timeout=2.0)
+            choices = {  # a good value most of the time, else a hostile one
+                "max-ring-page-order": (["0", "2", "4"], ["9", "x", "-1"]),
+                "multi-queue-max-queues": (["1", "2"], ["0", "99999", ""]),
+                "sectors": (["512", "2048"], ["0", "-1", "99999999999999999999"]),
+                "sector-size": (["512"], ["4096", "1000", "0"]),
+                "feature-flush-cache": (["1", "0"], ["yes"]),
+                "feature-barrier": (["0", "1"], ["2"]),
+                "feature-discard": (["1", "0"], ["x"]),
+                "feature-persistent": (["1", "0"], ["on"]),
+                "feature-max-indirect-segments": (["256", "0", "32"], ["7", "4294967295"]),
+            }
+            keys = {k: src.choice(good) if src.below(8) else src.choice(bad)
+                    for k, (good, bad) in choices.items()}
+            for k, v in keys.items():
+                await w.be.write(f"{bp}/{k}", v)
+            await w.be.write(f"{bp}/state", "2")
+            channels: list[BackChannel] = []
+            await fe.start()
+            try:
+                async with asyncio.timeout(3.0):
+                    while await w.be.read(f"{fp}/state") not in (b"3", b"5", b"6"):
+                        await asyncio.sleep(0.01)
+                if await w.be.read(f"{fp}/state") == b"3":
+                    with contextlib.suppress(PeerError, PlatformError):
+                        for pl in await read_ring_keys(PeerKeys(w.be, fp), max_order=4,
+                                                       max_queues=4):
+                            channels.append(BackChannel.attach(
+                                be_plat, FE, pl, slot_size=layouts(fe.abi).ring.slot_size))
+                    await w.be.write(f"{bp}/state", "4")
+                await self._io(fe, channels, be_plat, src, allowed)
+            except TimeoutError:
+                pass  # the frontend refused to publish: fine, it must still close cleanly
+            finally:
+                await fe.close()
+                for ch in channels:
+                    ch.close()
+                await w.be.write(f"{bp}/state", "6")
+            if escaped:
+                raise violation("an exception escaped the event loop", escaped[0])
+            fe.quarantine.reap()
+            out = w.machine.outstanding()
+            if out["mappings"] or out["grants"] > len(fe.quarantine):
+                raise InvariantViolation(f"left held after teardown: {out}")
+
+    async def _io(self, fe: Any, channels: list[BackChannel], be_plat: Any, src: ByteSource,
+                  allowed: tuple[type[BaseException], ...]) -> None:
+        with contextlib.suppress(*allowed):
+            await fe.ready(1.0)
+        jobs: list[asyncio.Future[Any]] = []
+        for _ in range(MAX_STEPS):
+            if src.remaining <= 0:
+                break
+            action = src.below(6)
+            if action == 0:
+                off = src.below(64) * 512
+                jobs.append(asyncio.ensure_future(fe.read(off, 512 * (1 + src.below(128)))))
+            elif action == 1:
+                jobs.append(asyncio.ensure_future(fe.write(src.below(64) * 512,
+                                                           bytes(512 * (1 + src.below(64))))))
+            elif action == 2:
+                jobs.append(asyncio.ensure_future(src.choice([fe.flush, fe.barrier])()))
+            elif action == 3 and channels:
+                self._answer(channels[src.below(len(channels))], src, fe)
+            elif action == 4 and channels:
+                ch = channels[src.below(len(channels))]
+                if src.boolean():
+                    struct.pack_into("<I", ch.res.mappings[0].mem, 8, src.u32())
+                for _ in range(src.below(500)):
+                    be_plat.events.notify(ch.port)
+            await asyncio.sleep(src.below(3) / 1000)
+        if jobs:
+            done, _pending = await asyncio.wait(jobs, timeout=5.0)
+            if _pending:
+                raise InvariantViolation(f"{len(_pending)} frontend calls never ended")
+            for j in done:
+                exc = j.exception()
+                if exc is not None and not isinstance(exc, allowed):
+                    raise violation("a frontend call ended with an unexpected error", exc)
+
+    def _answer(self, ch: BackChannel, src: ByteSource, fe: Any) -> None:
+        """Take what the frontend queued and answer with fuzzed ids, operations and
+        statuses (sometimes the right ones)."""
+        from xenpv.backends.block import response_packer
+
+        slot = ch.slot_size
+        buf = bytearray(slot * int(ch.ring.nr_ents))
+        try:
+            n = int(ch.ring.take_requests_into(buf))
+        except PeerError:
+            return
+        pack = response_packer(fe.abi)
+        idoff = 8 if slot == 112 else 4
+        out = []
+        for j in range(n):
+            rid = struct.unpack_from("<Q", buf, j * slot + idoff)[0]
+            op = buf[j * slot]
+            if src.below(4) == 0:
+                rid = src.uint(8)
+            if src.below(4) == 0:
+                op = src.u8()
+            status = src.choice([0, 0, -1, -2, src.u16() - 32768])
+            out.append(pack(rid, op, status))
+        if out and src.below(8):
+            with contextlib.suppress(PeerError, LocalError):
+                for rsp in out[: src.below(len(out) + 1) or len(out)]:
+                    ch.ring.put_response(rsp)
+                if ch.ring.push_responses_and_check_notify() or src.boolean():
+                    ch.res.events.notify(ch.port)

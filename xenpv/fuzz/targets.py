@@ -576,6 +576,12 @@ def _blkback_driver(victim: Any) -> Callable[[bytes], None]:
     return BlkbackTarget()
 
 
+def _blkfront_driver(victim: Any) -> Callable[[bytes], None]:
+    from xenpv.fuzz.block_driver import BlkfrontTarget
+
+    return BlkfrontTarget()
+
+
 def _make_targets() -> dict[str, Target]:
     out: list[Target] = []
     for name, spec in RING_SPECS.items():
@@ -636,6 +642,8 @@ def _make_targets() -> dict[str, Target]:
         Target("blkback:driver", "hostile frontend vs the real block backend (request handler "
                "and ring service over an image): fuzzed requests, indexes, revoked grants, "
                "floods", _blkback_driver),
+        Target("blkfront:driver", "hostile backend domain vs the real block frontend (fuzzed "
+               "features, answers, ids, statuses, indexes, floods, silence)", _blkfront_driver),
     ]
     return {t.name: t for t in out}
 

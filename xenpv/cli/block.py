@@ -19,32 +19,37 @@ import json
 import sys
 from typing import Any
 
+from xenpv.cli import args as cliargs
 from xenpv.cli.console import _platform, _stdin_closed, _xenstore, emit
 from xenpv.errors import LocalError, PeerError, PlatformError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the ``backend`` and ``info`` subcommands."""
-    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION",
+                                help="what to do (see ACTION --help)")
 
     be = sub.add_parser("backend", help="serve this domain's vbds from image files")
     be.add_argument("--rundir", help="loopback emulator run directory (default: the environment)")
-    be.add_argument("--as", dest="as_domid", type=int, default=0, help="backend domain")
+    be.add_argument("--as", dest="as_domid", type=cliargs.domid, default=0, help="backend domain")
     be.add_argument("--all", action="store_true", required=True,
                     help="serve every vbd of this backend domain, as they come and go")
     be.add_argument("--engine", choices=("auto", "threads", "inline"), default="auto",
                     help="small I/O inline, large in threads (auto, default); all in a "
                          "thread pool; all inline in the ring pass")
-    be.add_argument("--workers", type=int, default=8, help="I/O threads (default 8)")
-    be.add_argument("--max-ring-order", type=int, default=4)
-    be.add_argument("--max-queues", type=int, default=4)
-    be.add_argument("--max-indirect-segments", type=int, default=256,
+    be.add_argument("--workers", type=cliargs.uint(1, 256, "workers"), default=8,
+                    help="I/O threads (default 8)")
+    be.add_argument("--max-ring-order", type=cliargs.uint(0, 4, "ring order"), default=4,
+                    help="largest ring order offered, 0..4 (default 4: 16 pages)")
+    be.add_argument("--max-queues", type=cliargs.uint(1, 4, "queues"), default=4,
+                    help="most queues offered, 1..4 (default 4)")
+    be.add_argument("--max-indirect-segments", type=cliargs.uint(0, 4096, "segments"), default=256,
                     help="0: no indirect requests")
     be.add_argument("--no-persistent", action="store_true", help="no persistent grants")
-    be.add_argument("--no-discard", action="store_true")
+    be.add_argument("--no-discard", action="store_true", help="do not offer discard")
 
     info = sub.add_parser("info", help="show what a vbd's two ends negotiated")
-    info.add_argument("domid", type=int, help="the guest (frontend) domain")
+    info.add_argument("domid", type=cliargs.domid, help="the guest (frontend) domain")
     info.add_argument("vdev", help="the disk: xvda, hdb, ... or its number")
     info.add_argument("-s", "--socket", help="xenstore socket (default: as xenstore-utils)")
 

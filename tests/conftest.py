@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -71,3 +72,20 @@ def direct_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     if request.param == "python":
         monkeypatch.setattr(server, "_serve", server._XsConnection._serve_direct)
     return str(request.param)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts (append them): each is killed if still running, then reaped,
+    and its pipes closed, whatever the test's outcome."""
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        yield started
+    finally:
+        for p in started:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+            for f in (p.stdin, p.stdout):
+                if f is not None:
+                    f.close()

@@ -11,9 +11,7 @@ from __future__ import annotations
 import os
 import select
 import subprocess
-from collections.abc import Iterator
 
-import pytest
 from cli_support import json_line, xenpv
 
 from xenpv.cli.demo import Pty
@@ -21,21 +19,6 @@ from xenpv.platforms.loopback.harness import DaemonMachine
 
 GUEST = 12
 WAIT = 20.0
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        yield started
-    finally:
-        for p in started:
-            if p.poll() is None:
-                p.kill()
-            p.wait(10)
-            for f in (p.stdin, p.stdout):
-                if f is not None:
-                    f.close()
 
 
 def test_scenario_27_attach_ignores_the_tty_the_guest_writes(

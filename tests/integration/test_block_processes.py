@@ -15,11 +15,10 @@ import json
 import random
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from cli_support import json_line, xenpv
 
 from xenpv.frontends.block import BlockFrontend, FrontConfig
@@ -32,21 +31,6 @@ GUEST = 5
 WAIT = 20.0
 MiB = 1 << 20
 VDEV = 51712
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        yield started
-    finally:
-        for p in started:
-            if p.poll() is None:
-                p.kill()
-            p.wait(10)
-            for f in (p.stdin, p.stdout):
-                if f is not None:
-                    f.close()
 
 
 def start_backend(rundir: str, procs: list[subprocess.Popen[bytes]], *extra: str

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
 
-import pytest
 from cli_support import json_line, xenpv
 
 from xenpv.cli.demo import Pty
@@ -20,21 +18,6 @@ from xenpv.platforms.loopback.harness import DaemonMachine
 
 GUEST = 11
 WAIT = 20.0
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        yield started
-    finally:
-        for p in started:
-            if p.poll() is None:
-                p.kill()
-            p.wait(10)
-            for f in (p.stdin, p.stdout):
-                if f is not None:
-                    f.close()
 
 
 def test_backend_frontend_publish_and_attach(procs: list[subprocess.Popen[bytes]]) -> None:

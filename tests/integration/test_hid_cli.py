@@ -10,10 +10,8 @@ plus the releases of the switch.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from cli_support import json_line, xenpv
 
 from xenpv.platforms.loopback.harness import DaemonMachine
@@ -21,21 +19,6 @@ from xenpv.protocols.keycodes import NAMES
 
 GUEST_A, GUEST_B = 21, 22
 WAIT = 30.0
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        yield started
-    finally:
-        for p in started:
-            if p.poll() is None:
-                p.kill()
-            p.wait(10)
-            for f in (p.stdin, p.stdout):
-                if f is not None:
-                    f.close()
 
 
 def cli(*args: str) -> str:

@@ -139,23 +139,34 @@ def test_transact_retries_real_conflicts(xs_server: Any) -> None:
     async def body() -> None:
         clients = [await dom0(xs_server) for _ in range(workers)]
         attempts = 0
+        # Every worker's first transaction reads before any of them writes, so at least
+        # workers - 1 of those commits must conflict (not left to the scheduler's timing).
+        all_read = asyncio.Barrier(workers)
         try:
             await clients[0].write("/counter", b"0")
 
-            async def incr(t: Transaction) -> None:
-                nonlocal attempts
-                attempts += 1
-                value = int(await t.read("/counter"))
-                await asyncio.sleep(0)  # let the others read the same value
-                await t.write("/counter", str(value + 1))
+            def incr_for(first: list[bool]) -> Callable[[Transaction], Awaitable[None]]:
+                async def incr(t: Transaction) -> None:
+                    nonlocal attempts
+                    attempts += 1
+                    value = int(await t.read("/counter"))
+                    if first:
+                        first.clear()
+                        await all_read.wait()
+                    else:
+                        await asyncio.sleep(0)  # let the others read the same value
+                    await t.write("/counter", str(value + 1))
+
+                return incr
 
             async def worker(c: XenstoreClient) -> None:
+                incr = incr_for([True])
                 for _ in range(rounds):
                     await c.transact(incr, retries=1000)
 
             await asyncio.gather(*(worker(c) for c in clients))
             assert await clients[0].read("/counter") == str(workers * rounds).encode()
-            assert attempts > workers * rounds  # some commits really hit EAGAIN
+            assert attempts >= workers * rounds + workers - 1  # the first commits hit EAGAIN
         finally:
             for c in clients:
                 await c.close()

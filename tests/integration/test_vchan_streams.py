@@ -222,6 +222,44 @@ def test_blocking_api_across_threads(daemon_lab: VchanLab) -> None:
     daemon_lab.assert_released()
 
 
+def test_blocking_zero_copy_forms(daemon_lab: VchanLab) -> None:
+    """send of a memoryview larger than the ring (continued at an offset, no slices),
+    recv_exactly_into the caller's buffer, recv from the kept scratch buffer, and the
+    notifications the blocking calls counted on the way."""
+    spf, cpf = daemon_lab.platform(SERVER), daemon_lab.platform(CLIENT)
+    path = vchan_path(SERVER, CLIENT, "zerocopy")
+    server = VchanServer(spf, CLIENT, path)  # in-page rings: 1 KiB and 2 KiB
+    data = os.urandom(50_000)
+    sent: list[int] = []
+
+    def feed() -> None:
+        server.wait_connected(10)
+        sent.append(server.send(memoryview(data)[1:], timeout=20))
+        sent.append(server.send(bytearray(b"tail"), timeout=20))
+
+    t = threading.Thread(target=feed)
+    t.start()
+    client = VchanClient(cpf, SERVER, path)
+    try:
+        buf = bytearray(len(data) + 10)
+        assert client.recv_exactly_into(buf, len(data) - 1, timeout=20) == len(data) - 1
+        assert buf[: len(data) - 1] == data[1:]
+        assert client.recv(2, timeout=10) == b"ta"
+        assert client.recv(64, timeout=10) == b"il"
+        with pytest.raises(ValueError):
+            client.recv_exactly_into(bytearray(3), 4)
+        t.join(30)
+        assert sent == [len(data) - 1, 4]
+        # 50 KB through a 2 KiB ring: the writer slept for room and the reader signalled
+        assert client.notifies > 0 and server.sleeps > 0
+        assert client.notifies == client.rings.kicks
+    finally:
+        t.join(30)
+        client.close()
+        server.close(linger=5)
+    daemon_lab.assert_released()
+
+
 def test_server_may_write_before_client_connects(pfs: tuple[Any, Any]) -> None:
     spf, cpf = pfs
     path = vchan_path(SERVER, CLIENT, "early")

@@ -201,3 +201,110 @@ def test_released_rings_are_empty_and_broken(impl: Any) -> None:
     assert server.send(b"x") == 0
     assert server.peer_live() == 0
     assert server.broken == "released"
+
+
+def test_write_some_only_while_peer_connected(impl: Any) -> None:
+    server, client, page = pair(impl)
+    assert client.write_some(b"abc") == -1  # server live byte 0: nothing written
+    assert server.data_ready() == 0
+    page[VCHAN_SRV_LIVE_OFFSET] = 1
+    assert client.write_some(b"abc") == 3
+    page[VCHAN_CLI_LIVE_OFFSET] = 2  # a server whose client is still waiting: slow path
+    assert server.write_some(b"x") == -1
+    page[VCHAN_CLI_LIVE_OFFSET] = 1
+    assert server.write_some(b"x") == 1
+    server.release()
+    assert server.write_some(b"x") == -1
+
+
+def test_write_some_continues_at_offset_without_slicing(impl: Any) -> None:
+    server, client, _ = live_pair(impl)
+    data = os.urandom(3000)
+    out = bytearray()
+    buf = bytearray(4096)
+    pos = 0
+    while pos < len(data):
+        n = client.write_some(memoryview(data), pos)  # the left ring holds 1024
+        assert 0 < n <= 1024
+        pos += n
+        out += buf[: server.recv_into(buf)]
+    assert bytes(out) == data
+    assert client.write_some(data, len(data)) == 0
+    with pytest.raises(ValueError):
+        client.write_some(data, len(data) + 1)
+    with pytest.raises(ValueError):
+        client.write_some(data, -1)
+
+
+def test_on_kick_replaces_the_kick_flag_and_kicks_are_counted(impl: Any) -> None:
+    server, client, _page = live_pair(impl)
+    calls: list[str] = []
+    client.on_kick = lambda: calls.append("kick")
+    server.request_notify(VCHAN_NOTIFY_WRITE)
+    assert client.write_some(b"a") == 1
+    assert calls == ["kick"] and not client.kick and client.kicks == 1
+    assert client.send(b"b") == 1  # nobody asked again
+    assert calls == ["kick"] and client.kicks == 1
+    server.request_notify(VCHAN_NOTIFY_WRITE)
+    client.on_kick = None  # back to the flag
+    client.send(b"c")
+    assert client.kick and client.kicks == 2 and calls == ["kick"]
+
+
+def test_on_kick_errors_propagate_after_the_data_is_published(impl: Any) -> None:
+    server, client, _page = live_pair(impl)
+
+    def boom() -> None:
+        raise OSError("event channel gone")
+
+    server.on_kick = boom
+    client.send(b"z" * 1024)
+    client.request_notify(VCHAN_NOTIFY_READ)
+    with pytest.raises(OSError):
+        server.recv_into(bytearray(10))
+    assert client.buffer_space() == 10  # the read was published before the signal
+
+
+OPS = st.lists(
+    st.tuples(st.sampled_from(["send", "write_some", "recv", "request", "live", "discard",
+                               "poke"]),
+              st.integers(0, 3000), st.integers(0, 255)),
+    max_size=60)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=OPS, start=st.sampled_from([0, 0xFFFFFC00]))
+def test_twins_agree_on_every_call(ops: list[tuple[str, int, int]], start: int) -> None:
+    """The compiled rings and ring.py give the same results, kicks, counters and memory
+    for the same calls (including a peer poking the control page)."""
+    sides = []
+    for name in IMPLS:
+        server, client, page = pair(implementation(name), start=start)
+        page[VCHAN_CLI_LIVE_OFFSET] = page[VCHAN_SRV_LIVE_OFFSET] = 1
+        sides.append((server, client, page, []))
+    for i, (op, size, byte) in enumerate(ops):
+        for server, client, page, log in sides:
+            ep = server if i % 2 else client
+            data = bytes([byte]) * size
+            if op == "send":
+                log.append(ep.send(data))
+            elif op == "write_some":
+                log.append(ep.write_some(data, size // 3))
+            elif op == "recv":
+                buf = bytearray(size)
+                n = ep.recv_into(buf, size // 2 if byte & 1 else -1)
+                log.append((n, bytes(buf[:n])))
+            elif op == "request":
+                ep.request_notify(byte & 3)
+            elif op == "live":
+                page[VCHAN_CLI_LIVE_OFFSET if byte & 1 else VCHAN_SRV_LIVE_OFFSET] = byte % 3
+            elif op == "discard":
+                log.append(ep.discard())
+            else:  # a hostile peer rewrites an index
+                struct.pack_into("<I", page, 4 * (byte % 4), (start + size * (byte % 5)) & 0xFFFFFFFF)
+            log.append((ep.kick, ep.kicks, ep.broken is None, ep.insane_count,
+                        ep.data_ready(), ep.buffer_space()))
+            ep.kick = False
+    (_, _, page_a, log_a), (_, _, page_b, log_b) = sides
+    assert log_a == log_b
+    assert page_a == page_b

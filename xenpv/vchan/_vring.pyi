@@ -1,5 +1,6 @@
 """Type stubs for the compiled vchan rings (xenpv/vchan/_vring.pyx)."""
 
+from collections.abc import Callable
 from typing import Any
 
 class VchanRings:
@@ -8,6 +9,8 @@ class VchanRings:
     is_server: bool
     broken: str | None
     kick: bool
+    on_kick: Callable[[], object] | None
+    kicks: int
     insane_count: int
     def __init__(self, ctrl: Any, rd_data: Any, rd_size: int, wr_data: Any, wr_size: int, *,
                  is_server: bool) -> None: ...
@@ -23,3 +26,4 @@ class VchanRings:
     def discard(self) -> int: ...
     def buffer_space(self) -> int: ...
     def send(self, data: Any, spin_ns: int = 0) -> int: ...
+    def write_some(self, data: Any, offset: int = 0, spin_ns: int = 0) -> int: ...

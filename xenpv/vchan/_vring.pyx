@@ -12,6 +12,11 @@
 # memcpy at any relative alignment, see xenpv_copy.h), so a 64 KiB chunk costs about what
 # the copy costs.  Nothing outside the two data areas and the 24-byte header is touched.
 #
+# write_some is the blocking API's write in one call: live check, poll for room, one copy
+# from the caller's buffer (at an offset, so a write larger than the ring needs no slice),
+# publish, and the peer signalled through on_kick when it asked, so the endpoint does no
+# per-call work of its own; recv_into is the same for reads.
+#
 # wait_ready is the busy-wait of the blocking API kept in C: a tight loop of volatile loads
 # and `pause` (no Python call per iteration) that leaves as soon as any watched word moves
 # away from the "nothing to do" state; the checked data_ready/buffer_space then decide
@@ -65,6 +70,8 @@ cdef class VchanRings:
     cdef uint32_t _rd_cons, _wr_prod
     cdef public object broken
     cdef public bint kick
+    cdef public object on_kick
+    cdef public unsigned long long kicks
     cdef public unsigned long long insane_count
 
     def __cinit__(self, *args, **kwargs):
@@ -106,6 +113,8 @@ cdef class VchanRings:
         self._rd_cons = xenpv_load_u32(self.ctrl + self.rd_cons_off)
         self._wr_prod = xenpv_load_u32(self.ctrl + self.wr_prod_off)
         self.kick = False
+        self.on_kick = None
+        self.kicks = 0
         self.insane_count = 0
 
     def __dealloc__(self):
@@ -158,10 +167,15 @@ cdef class VchanRings:
             xenpv_atomic_or8(self.ctrl + self.peer_notify, <uint8_t>bit)
             xenpv_mb()
 
-    cdef inline void _send_notify(self, uint8_t bit):
+    cdef inline int _send_notify(self, uint8_t bit) except -1:
         xenpv_mb()  # our index store is visible before we look at the request bit
         if xenpv_atomic_fetch_and_clear8(self.ctrl + self.my_notify, bit) & bit:
-            self.kick = True
+            self.kicks += 1
+            if self.on_kick is None:
+                self.kick = True
+            else:
+                self.on_kick()
+        return 0
 
     # -- waiting
     cdef inline bint _moved(self, bint reading, bint writing):
@@ -261,11 +275,11 @@ cdef class VchanRings:
         self._consume(n)
         return n
 
-    cdef void _consume(self, uint32_t n):
+    cdef int _consume(self, uint32_t n) except -1:
         self._rd_cons += n
         xenpv_mb()  # finish reading the data before the producer may overwrite it
         xenpv_store_u32(self.ctrl + self.rd_cons_off, self._rd_cons)
-        self._send_notify(NOTIFY_READ)
+        return self._send_notify(NOTIFY_READ)
 
     def discard(self) -> int:
         """Consume and drop everything readable now; returns the bytes dropped."""
@@ -294,29 +308,59 @@ cdef class VchanRings:
         """Copy as much of ``data`` as fits into the ring we write and publish it; with no
         room, first poll for up to ``spin_ns`` nanoseconds (:meth:`wait_ready`)."""
         cdef Py_buffer view
-        cdef uint32_t n, start, first, mask
+        cdef uint32_t n
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            n = self.buffer_space()
-            if n == 0 and view.len > 0 and spin_ns > 0 and self._wait(False, True, spin_ns):
-                n = self.buffer_space()
-            if n > view.len:
-                n = <uint32_t>view.len
-            if n == 0:
-                return 0
-            mask = self.wr_size - 1
-            start = self._wr_prod & mask
-            first = self.wr_size - start
-            if first > n:
-                first = n
-            xenpv_mb()  # indexes read before we overwrite data the consumer released
-            xenpv_copy(self.wr + start, view.buf, first)
-            if n > first:
-                xenpv_copy(self.wr, <const uint8_t *>view.buf + first, n - first)
+            n = self._copy_in(<const uint8_t *>view.buf, view.len, spin_ns)
         finally:
             PyBuffer_Release(&view)
+        if n:
+            self._publish(n)
+        return n
+
+    def write_some(self, data, Py_ssize_t offset=0, long long spin_ns=0) -> int:
+        """:meth:`send` of ``data`` from byte ``offset`` on, but only while the peer's live
+        byte says connected (1): -1, with nothing written, when it does not or the rings are
+        released or broken (the caller's slow path sorts that out).  No slice is made."""
+        cdef Py_buffer view
+        cdef uint32_t n
+        if (self.ctrl == NULL or self.broken is not None
+                or xenpv_load_u8(self.ctrl + self.peer_live_off) != 1):
+            return -1
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if offset < 0 or offset > view.len:
+                raise ValueError(f"offset {offset} outside a buffer of {view.len} bytes")
+            n = self._copy_in(<const uint8_t *>view.buf + offset, view.len - offset, spin_ns)
+        finally:
+            PyBuffer_Release(&view)
+        if n:
+            self._publish(n)
+        return n
+
+    cdef uint32_t _copy_in(self, const uint8_t *src, Py_ssize_t length,
+                           long long spin_ns) except? 0xFFFFFFFF:
+        # Copy what fits of src into the ring at our private prod; publishing is separate.
+        cdef uint32_t n, start, first
+        n = self.buffer_space()
+        if n == 0 and length > 0 and spin_ns > 0 and self._wait(False, True, spin_ns):
+            n = self.buffer_space()
+        if n > length:
+            n = <uint32_t>length
+        if n == 0:
+            return 0
+        start = self._wr_prod & (self.wr_size - 1)
+        first = self.wr_size - start
+        if first > n:
+            first = n
+        xenpv_mb()  # indexes read before we overwrite data the consumer released
+        xenpv_copy(self.wr + start, src, first)
+        if n > first:
+            xenpv_copy(self.wr, src + first, n - first)
+        return n
+
+    cdef int _publish(self, uint32_t n) except -1:
         self._wr_prod += n
         xenpv_wmb()  # the consumer must see the data before the index that covers it
         xenpv_store_u32(self.ctrl + self.wr_prod_off, self._wr_prod)
-        self._send_notify(NOTIFY_WRITE)
-        return n
+        return self._send_notify(NOTIFY_WRITE)

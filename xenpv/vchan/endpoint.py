@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import struct
 import threading
 import time
@@ -181,10 +182,27 @@ class VchanEndpoint:
         self.closed = False
         # The peer's live byte while connected (fast path of the data calls).
         self._live_connected = VCHAN_CLI_CONNECTED if self.is_server else VCHAN_SRV_ALIVE
-        #: Diagnostics: notifications we sent (the peer asked) and sleeps on the event
-        #: channel (spinning did not see the ring move).
-        self.notifies = 0
+        # The rings signal the peer themselves when it asked (no check after each call).
+        rings.on_kick = functools.partial(self.events.notify, port)
+        #: Diagnostics: sleeps on the event channel (spinning did not see the ring move).
         self.sleeps = 0
+        self._scratch: bytearray | None = None  # recv's buffer, kept between calls
+
+    @property
+    def spin_us(self) -> int:
+        """Microseconds blocking calls poll the ring before sleeping on the event channel
+        (0: no polling)."""
+        return self._spin_us
+
+    @spin_us.setter
+    def spin_us(self, value: int) -> None:
+        self._spin_us = value
+        self._spin_ns = max(value, 0) * 1000
+
+    @property
+    def notifies(self) -> int:
+        """Diagnostics: notifications we sent because the peer asked for them."""
+        return int(self.rings.kicks)
 
     # -- state
     @property
@@ -208,12 +226,6 @@ class VchanEndpoint:
             raise LocalError(f"vchan {self.path} is closed")
         if self.rings.broken is not None:
             raise VchanBroken(f"vchan {self.path}: {self.rings.broken}")
-
-    def _kick(self) -> None:
-        if self.rings.kick:
-            self.rings.kick = False
-            self.notifies += 1
-            self.events.notify(self.port)
 
     def data_ready(self) -> int:
         """Bytes that can be read now without waiting."""
@@ -245,9 +257,7 @@ class VchanEndpoint:
             self._check()
         if rings.peer_live() != self._live_connected and not self.is_open:
             raise BrokenPipeError(f"vchan {self.path}: peer is gone")
-        n = rings.send(data, spin_ns)
-        if rings.kick:
-            self._kick()
+        n = rings.send(data, spin_ns)  # the rings signal the peer if it asked (on_kick)
         if n == 0:
             self._check()
         return n
@@ -258,8 +268,6 @@ class VchanEndpoint:
         if self.closed or rings.broken is not None:
             self._check()
         n = rings.recv_into(buf, want, spin_ns)
-        if rings.kick:
-            self._kick()
         if n == 0:
             self._check()
         return n
@@ -270,8 +278,9 @@ class VchanEndpoint:
         """Poll the rings for up to ``spin_us`` (default :attr:`spin_us`) microseconds
         without sleeping: True as soon as data is readable (``reading``), room is writable
         (``writing``), the peer went away or the rings broke; else False."""
-        us = self.spin_us if spin_us is None else spin_us
-        return self.rings.wait_ready(reading, writing, max(us, 0) * 1000)
+        if spin_us is None:
+            return self.rings.wait_ready(reading, writing, self._spin_ns)
+        return self.rings.wait_ready(reading, writing, max(spin_us, 0) * 1000)
 
     def _sleep(self, reading: bool, writing: bool, timeout: float | None,
                spin: bool = True) -> bool:
@@ -280,7 +289,7 @@ class VchanEndpoint:
         ``VCHAN_NOTIFY_READ`` of room), re-check, and sleep on the event channel.
         False if ``timeout`` passed."""
         rings = self.rings
-        if rings.wait_ready(reading, writing, max(self.spin_us, 0) * 1000 if spin else 0):
+        if rings.wait_ready(reading, writing, self._spin_ns if spin else 0):
             return True
         rings.request_notify((VCHAN_NOTIFY_WRITE if reading else 0)
                              | (VCHAN_NOTIFY_READ if writing else 0))
@@ -327,39 +336,62 @@ class VchanEndpoint:
             self.hub.wait(self.port, remaining)
 
     # -- blocking API
+    # The fast path of send/recv_into is one call into the rings: it polls for room/data
+    # (up to spin_us), copies once between the caller's buffer and the ring, publishes the
+    # index and signals the peer if it asked.  Everything else (a full or empty ring after
+    # the spin, a peer not connected, a closed or broken vchan) takes the slow path.
     def send(self, data: Buffer, timeout: float | None = None) -> int:
-        """Write all of ``data``, waiting for room; returns its size in bytes.
+        """Write all of ``data`` (any contiguous buffer; it is not copied first), waiting
+        for room; returns its size in bytes.
 
         :class:`BrokenPipeError` if the peer leaves first, :class:`TimeoutError` after
         ``timeout`` seconds (counted from the first wait for room)."""
         total = (len(data) if isinstance(data, (bytes, bytearray))
                  else data.nbytes if isinstance(data, memoryview) else memoryview(data).nbytes)
-        if not total:
-            return 0
-        spin_ns = self.spin_us * 1000 if self.spin_us > 0 else 0
-        n = pos = self._write(data, spin_ns)  # usually all of it: one call into the ring
-        if pos == total:
-            return pos
-        src = memoryview(data).cast("B")
+        n = self.rings.write_some(data, 0, self._spin_ns)  # usually all of it
+        if n == total:
+            return n
+        return self._send_rest(data, total, n, timeout)
+
+    def _put(self, data: Buffer, pos: int) -> int:
+        """Write from ``pos`` what fits (polling first), with the checks of :meth:`_write`
+        when the fast call declines."""
+        n = self.rings.write_some(data, pos, self._spin_ns)
+        if n < 0:  # not connected, closed or broken: the checked path raises (or writes)
+            n = self._write(memoryview(data).cast("B")[pos:], self._spin_ns)
+        elif n == 0:
+            self._check()
+        return n
+
+    def _send_rest(self, data: Buffer, total: int, n: int, timeout: float | None) -> int:
+        if n < 0:
+            n = self._write(memoryview(data).cast("B"), self._spin_ns)
+        elif n == 0 and total:
+            self._check()
+        pos = n
         deadline = None if timeout is None else time.monotonic() + timeout
         while pos < total:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(f"vchan {self.path}: send timed out after {pos} bytes")
-            self._sleep(False, True, remaining, spin=n > 0)  # n == 0: _write just spun
-            n = self._write(src[pos:], spin_ns)
+            self._sleep(False, True, remaining, spin=n > 0)  # n == 0: we just spun
+            n = self._put(data, pos)
             pos += n
         return pos
 
     def recv_into(self, buf: Buffer, want: int = -1, timeout: float | None = None) -> int:
-        """Read at least one byte into ``buf`` (up to ``want``), waiting if needed.
+        """Read at least one byte into ``buf`` (up to ``want``), waiting if needed: the
+        bytes go from the ring straight into ``buf``.
 
         Returns 0 at end of stream (the peer has gone and everything it sent was read);
         :class:`TimeoutError` after ``timeout`` seconds (counted from the first wait)."""
-        spin_ns = self.spin_us * 1000 if self.spin_us > 0 else 0
-        n = self._read(buf, want, spin_ns)  # usually data: one call into the ring
+        n = self.rings.recv_into(buf, want, self._spin_ns)  # usually data
         if n:
             return n
+        return self._recv_rest(buf, want, timeout)
+
+    def _recv_rest(self, buf: Buffer, want: int, timeout: float | None) -> int:
+        self._check()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if not self.is_open:
@@ -367,27 +399,44 @@ class VchanEndpoint:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(f"vchan {self.path}: nothing to read")
-            self._sleep(True, False, remaining, spin=False)  # _read just spun
-            n = self._read(buf, want, spin_ns)
+            self._sleep(True, False, remaining, spin=False)  # we just spun
+            n = self._read(buf, want, self._spin_ns)
             if n:
                 return n
 
     def recv(self, n: int, timeout: float | None = None) -> bytes:
-        """Read up to ``n`` bytes (at least one; ``b""`` at end of stream)."""
-        buf = bytearray(n)
-        got = self.recv_into(buf, n, timeout)
-        return bytes(buf[:got])
+        """Read up to ``n`` bytes (at least one; ``b""`` at end of stream).
 
-    def recv_exactly(self, n: int, timeout: float | None = None) -> bytes:
-        """Read exactly ``n`` bytes; :class:`EOFError` if the stream ends first."""
-        buf = bytearray(n)
-        view = memoryview(buf)
-        pos = 0
+        The bytes are copied twice (ring to a scratch buffer, then into the new ``bytes``);
+        :meth:`recv_into` copies once."""
+        scratch = self._scratch
+        if scratch is None or len(scratch) < n:
+            scratch = self._scratch = bytearray(n)
+        got = self.recv_into(scratch, n, timeout)
+        return bytes(memoryview(scratch)[:got])
+
+    def recv_exactly_into(self, buf: Buffer, n: int = -1, timeout: float | None = None) -> int:
+        """Fill the first ``n`` (default: all) bytes of ``buf`` from the stream, waiting
+        as needed, with no copy beyond the one from the ring; returns ``n``.
+
+        :class:`EOFError` if the stream ends first."""
+        view = memoryview(buf).cast("B")
+        if n < 0:
+            n = len(view)
+        elif n > len(view):
+            raise ValueError(f"cannot read {n} bytes into a buffer of {len(view)}")
+        pos = self.recv_into(view, n, timeout) if n else 0
         while pos < n:
             got = self.recv_into(view[pos:], n - pos, timeout)
             if not got:
                 raise EOFError(f"vchan {self.path}: stream ended after {pos} of {n} bytes")
             pos += got
+        return n
+
+    def recv_exactly(self, n: int, timeout: float | None = None) -> bytes:
+        """Read exactly ``n`` bytes; :class:`EOFError` if the stream ends first."""
+        buf = bytearray(n)
+        self.recv_exactly_into(buf, n, timeout)
         return bytes(buf)
 
     # -- close

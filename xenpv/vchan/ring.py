@@ -9,7 +9,9 @@ shared-memory work of one endpoint and nothing else: it never signals an event c
 never waits and never touches xenstore.  Every call returns what happened, and
 :attr:`VchanRings.kick` tells the caller whether the peer asked to be signalled (the
 caller then notifies the event channel), in the style of Mirage's
-``push_requests_and_check_notify``.
+``push_requests_and_check_notify``; or, with :attr:`VchanRings.on_kick` set, the rings
+call it themselves (the endpoint sets the event channel's notify there, so its data path
+is one call per write or read: :meth:`VchanRings.write_some`, :meth:`VchanRings.recv_into`).
 
 Indexes.  Both indexes of a ring are free-running u32 counters in the control page.  The
 index this side advances (``cons`` of the ring it reads, ``prod`` of the ring it writes)
@@ -34,6 +36,7 @@ byte.  The notify bytes are changed with atomic byte operations from :mod:`xenpv
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -103,8 +106,14 @@ class VchanRings:
         #: Why the rings locked up (``None`` while sane).
         self.broken: str | None = None
         #: Set when the peer asked to be signalled after our last action; the caller
-        #: notifies the event channel and clears it.
+        #: notifies the event channel and clears it.  Not used while :attr:`on_kick` is set.
         self.kick = False
+        #: Called (no arguments) instead of setting :attr:`kick` when the peer asked to be
+        #: signalled, e.g. the event channel's notify: the data path then needs no check
+        #: of :attr:`kick` after each call.
+        self.on_kick: Callable[[], object] | None = None
+        #: Times the peer asked to be signalled (both ways of reporting it).
+        self.kicks = 0
         #: Insane passes seen (a hostile or broken peer).
         self.insane_count = 0
 
@@ -153,7 +162,11 @@ class VchanRings:
     def _send_notify(self, bit: int) -> None:
         full_barrier()  # our index store is visible before we look at the request bit
         if atomic_fetch_and_clear8(self._ctrl, self._my_notify, bit) & bit:
-            self.kick = True
+            self.kicks += 1
+            if self.on_kick is None:
+                self.kick = True
+            else:
+                self.on_kick()
 
     # -- waiting ----------------------------------------------------------------------
     def _ready(self, reading: bool, writing: bool) -> bool:
@@ -289,6 +302,21 @@ class VchanRings:
         self._wr_prod = prod
         self._send_notify(VCHAN_NOTIFY_WRITE)
         return n
+
+    def write_some(self, data: Buffer, offset: int = 0, spin_ns: int = 0) -> int:
+        """:meth:`send` of ``data`` from byte ``offset`` on, but only while the peer's live
+        byte says connected (1): -1, with nothing written, when it does not or the rings are
+        released or broken (the caller's slow path sorts that out).
+
+        The blocking API's one call per write: a write larger than the ring continues at
+        ``offset`` without slicing ``data``."""
+        ctrl = self._ctrl
+        if ctrl is None or self.broken is not None or ctrl[self._peer_live] != 1:
+            return -1
+        src = memoryview(data).cast("B")
+        if not 0 <= offset <= len(src):
+            raise ValueError(f"offset {offset} outside a buffer of {len(src)} bytes")
+        return self.send(src[offset:], spin_ns)
 
 
 #: The pure-Python class above, always available (tests compare both).

@@ -62,7 +62,7 @@ class VchanTransport(RingStreamTransport):
         super().__init__(protocol, {"vchan": endpoint,
                                     "peername": (endpoint.peer_domid, endpoint.path)})
         self._ep = endpoint
-        self._rbuf = bytearray(_READ_CHUNK)
+        self._rbuf = memoryview(bytearray(_READ_CHUNK))  # one copy out: bytes(view[:n])
         self._eof_seen = False
         self._on_lost = on_lost
         #: Microseconds a pass that moved data polls the ring before going back to the
@@ -115,12 +115,13 @@ class VchanTransport(RingStreamTransport):
         """Hand readable data to the protocol; True if a further pass is due now."""
         ep = self._ep
         moved = 0
+        rbuf = self._rbuf
         while self._reading and not self._lost and moved < _PASS_BYTES:
-            n = ep.recv_nowait(self._rbuf)
+            n = ep.recv_nowait(rbuf)
             if not n:
                 break
             moved += n
-            self._protocol.data_received(bytes(self._rbuf[:n]))
+            self._protocol.data_received(bytes(rbuf[:n]))
         if self._lost or not self._reading:
             return False
         if moved >= _PASS_BYTES:

@@ -269,14 +269,13 @@ def _backend_loop(impl_name: str, shared: mmap.mmap, waker: _Waker, spin_ns: int
     got = bytearray(SLOT * batch)
     notifies = sleeps = 0
     take, submit = back.take_requests_into, back.submit_responses
+    load_u32, poll = impl.load_u32, back.poll_requests_into
     while True:
         n = take(got, batch, spin_ns)  # spins up to spin_ns when there is nothing yet
         if n == 0:
-            if impl.load_u32(shared, CTL_STOP):
-                break
-            n = back.poll_requests_into(got, batch)  # re-arms req_event when empty
-            if n == 0:
-                if impl.load_u32(shared, CTL_STOP):
+            n = poll(got, batch)  # re-arms req_event when empty
+            if n == 0:  # the stop flag is looked at only here, as the C backend's
+                if load_u32(shared, CTL_STOP):  # loop does once per pass
                     break
                 sleeps += 1
                 waker.sleep(timeout_s)

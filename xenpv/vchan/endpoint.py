@@ -186,7 +186,7 @@ class VchanEndpoint:
         rings.on_kick = functools.partial(self.events.notify, port)
         #: Diagnostics: sleeps on the event channel (spinning did not see the ring move).
         self.sleeps = 0
-        self._scratch: bytearray | None = None  # recv's buffer, kept between calls
+        self._scratch: memoryview | None = None  # recv's buffer, kept between calls
 
     @property
     def spin_us(self) -> int:
@@ -411,9 +411,9 @@ class VchanEndpoint:
         :meth:`recv_into` copies once."""
         scratch = self._scratch
         if scratch is None or len(scratch) < n:
-            scratch = self._scratch = bytearray(n)
+            scratch = self._scratch = memoryview(bytearray(n))
         got = self.recv_into(scratch, n, timeout)
-        return bytes(memoryview(scratch)[:got])
+        return bytes(scratch[:got])
 
     def recv_exactly_into(self, buf: Buffer, n: int = -1, timeout: float | None = None) -> int:
         """Fill the first ``n`` (default: all) bytes of ``buf`` from the stream, waiting

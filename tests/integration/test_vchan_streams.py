@@ -260,6 +260,24 @@ def test_blocking_zero_copy_forms(daemon_lab: VchanLab) -> None:
     daemon_lab.assert_released()
 
 
+def test_empty_send_after_the_peer_left_is_a_no_op(pfs: tuple[Any, Any]) -> None:
+    """send(b"") returns 0 without looking at the peer, as it always did (the one-call
+    write path declines a gone peer; the empty case must not reach the checks)."""
+    spf, cpf = pfs
+    path = vchan_path(SERVER, CLIENT, "empty")
+    server = VchanServer(spf, CLIENT, path)
+    client = VchanClient(cpf, SERVER, path)
+    try:
+        client.close()
+        assert server.send(b"") == 0
+        assert server.send(memoryview(b"")) == 0
+        with pytest.raises(BrokenPipeError):
+            server.send(b"x")
+    finally:
+        client.close()
+        server.close(linger=5)
+
+
 def test_server_may_write_before_client_connects(pfs: tuple[Any, Any]) -> None:
     spf, cpf = pfs
     path = vchan_path(SERVER, CLIENT, "early")

@@ -364,9 +364,11 @@ class VchanEndpoint:
         return n
 
     def _send_rest(self, data: Buffer, total: int, n: int, timeout: float | None) -> int:
+        if not total:
+            return 0  # nothing to send: no checks, as before
         if n < 0:
             n = self._write(memoryview(data).cast("B"), self._spin_ns)
-        elif n == 0 and total:
+        elif n == 0:
             self._check()
         pos = n
         deadline = None if timeout is None else time.monotonic() + timeout

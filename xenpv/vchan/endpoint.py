@@ -422,12 +422,16 @@ class VchanEndpoint:
         as needed, with no copy beyond the one from the ring; returns ``n``.
 
         :class:`EOFError` if the stream ends first."""
+        pos = 0
+        if isinstance(buf, bytearray) and 0 < n <= len(buf):  # usually one read fills it
+            pos = self.recv_into(buf, n, timeout)
+            if pos == n:
+                return n
         view = memoryview(buf).cast("B")
         if n < 0:
             n = len(view)
         elif n > len(view):
             raise ValueError(f"cannot read {n} bytes into a buffer of {len(view)}")
-        pos = self.recv_into(view, n, timeout) if n else 0
         while pos < n:
             got = self.recv_into(view[pos:], n - pos, timeout)
             if not got:

@@ -236,6 +236,18 @@ def test_write_some_continues_at_offset_without_slicing(impl: Any) -> None:
         client.write_some(data, -1)
 
 
+def test_write_some_spins_for_room_then_gives_up(impl: Any) -> None:
+    """The blocking write's poll runs inside the call: a full ring is polled for spin_ns
+    and 0 comes back; a peer that leaves meanwhile is seen at the next call (-1)."""
+    server, client, page = live_pair(impl)
+    assert client.write_some(b"y" * 1500, 0, SPIN_NS) == 1024
+    assert client.write_some(b"y" * 1500, 1024, SPIN_NS) == 0  # full: spun, gave up
+    assert server.recv_into(bytearray(100)) == 100
+    assert client.write_some(b"y" * 1500, 1024, SPIN_NS) == 100  # room: no spin needed
+    page[VCHAN_SRV_LIVE_OFFSET] = 0
+    assert client.write_some(b"y" * 1500, 1124, SPIN_NS) == -1
+
+
 def test_on_kick_replaces_the_kick_flag_and_kicks_are_counted(impl: Any) -> None:
     server, client, _page = live_pair(impl)
     calls: list[str] = []

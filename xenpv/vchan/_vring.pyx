@@ -178,7 +178,7 @@ cdef class VchanRings:
         return 0
 
     # -- waiting
-    cdef inline bint _moved(self, bint reading, bint writing):
+    cdef inline bint _moved(self, bint reading, bint writing) noexcept:
         # One pass of volatile loads: has anything left the "nothing to do" state?
         # Differences in our own index count as movement: the checked path reports them.
         cdef uint32_t prod, cons

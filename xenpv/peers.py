@@ -23,11 +23,17 @@ from xenpv.errors import LocalError
 
 #: Debian packages unpacked into the peers tree (bookworm, Xen 4.17).
 PACKAGES: tuple[str, ...] = (
+    "libaio1",  # qemu-utils
     "libfdt1",
+    "libfuse3-3",  # qemu-utils
     "libgstreamer-plugins-base1.0-0",
+    "libnbd-bin",  # nbdinfo, nbdcopy: NBD clients of the block export tests
+    "libnbd0",
+    "libnuma1",  # qemu-utils
     "libopus0",
     "liborc-0.4-0",
     "libspice-server1",
+    "liburing2",  # qemu-utils
     "libusb-1.0-0",
     "libxen-dev",
     "libxencall1",
@@ -40,7 +46,9 @@ PACKAGES: tuple[str, ...] = (
     "libxenstore4",
     "libxentoolcore1",
     "libxentoollog1",
+    "libxml2",  # libnbd0
     "qemu-system-xen",  # usr/libexec/xen-qemu-system-i386 (PV backends); libraries above
+    "qemu-utils",  # qemu-img, qemu-io: NBD clients of the block export tests
     "xen-utils-4.17",
     "xenstore-utils",
 )

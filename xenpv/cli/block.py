@@ -1,4 +1,5 @@
-"""``xenpv block backend|info`` — serve vbds from this domain; show one vbd's negotiation.
+"""``xenpv block backend|info|export`` — serve vbds; show a vbd's negotiation; export a
+guest's disk over NBD.
 
 ``backend --all`` (run as the backend domain: ``--as DOMID``, dom0 by default) serves
 every ``backend/vbd/<fe>/<devid>`` directory of that domain, including devices added
@@ -9,6 +10,12 @@ then prints ``{"event": "done", "devices": {...}}`` with every driver's counters
 ``info DOMID VDEV`` reads the frontend directory of guest ``DOMID``'s disk ``VDEV``
 (``xvda`` or its number ``51712``) and its backend directory and prints, as JSON, what the
 two sides negotiated: states, ABI, ring pages, queues, features, size.
+
+``export VDEV --socket PATH``, run as the guest (under ``xenpv loopback env`` or with
+``--rundir``/``--domid``), attaches a frontend to that domain's vbd ``VDEV`` and serves the
+disk to NBD clients on the Unix socket ``PATH`` (:mod:`xenpv.frontends.nbd`); it prints
+``{"event": "ready", ...}`` once listening and, when stdin closes or on SIGTERM,
+``{"event": "done", ...}`` with the export's counters, then detaches the frontend.
 """
 
 from __future__ import annotations
@@ -24,8 +31,20 @@ from xenpv.cli.console import _platform, _stdin_closed, _xenstore, emit
 from xenpv.errors import LocalError, PeerError, PlatformError
 
 
+def vdev_number(text: str) -> int:
+    """An argparse ``type=`` for a virtual device: a name (``xvda``) or its number."""
+    from xenpv.protocols.blkif import vdev_encode
+
+    if text[:1].isdigit():
+        return cliargs.uint(0, (1 << 29) - 1, "virtual device")(text)
+    try:
+        return vdev_encode(text)
+    except LocalError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Add the ``backend`` and ``info`` subcommands."""
+    """Add the ``backend``, ``info`` and ``export`` subcommands."""
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION",
                                 help="what to do (see ACTION --help)")
 
@@ -52,6 +71,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
     info.add_argument("domid", type=cliargs.domid, help="the guest (frontend) domain")
     info.add_argument("vdev", help="the disk: xvda, hdb, ... or its number")
     info.add_argument("-s", "--socket", help="xenstore socket (default: as xenstore-utils)")
+
+    ex = sub.add_parser("export", help="serve this domain's vbd to NBD clients")
+    ex.add_argument("vdev", type=vdev_number, help="the disk: xvda, ... or its number 51712")
+    ex.add_argument("--socket", required=True, help="Unix socket to listen on for NBD clients")
+    ex.add_argument("--rundir", help="loopback emulator run directory (default: the environment)")
+    ex.add_argument("--domid", type=cliargs.domid,
+                    help="this (the guest's) domain (needed with --rundir)")
+    ex.add_argument("--name", help="export name (default: the vdev's name, e.g. xvda; the "
+                                   "empty default name reaches the export too)")
+    ex.add_argument("--max-ring-order", type=cliargs.uint(0, 4, "ring order"), default=4,
+                    help="largest ring order asked for, 0..4 (default 4)")
+    ex.add_argument("--max-queues", type=cliargs.uint(1, 4, "queues"), default=4,
+                    help="most queues asked for, 1..4 (default 4)")
+    ex.add_argument("--no-indirect", action="store_true", help="no indirect requests")
+    ex.add_argument("--no-persistent", action="store_true", help="no persistent grants")
+    ex.add_argument("--max-payload", type=cliargs.size(4096, 1 << 30, "max payload"),
+                    default=32 << 20, help="longest NBD read or write in bytes (default 32 MiB)")
+    ex.add_argument("--max-connections", type=cliargs.uint(1, 1024, "connections"), default=16,
+                    help="NBD clients served at once (default 16)")
 
 
 async def _backend(args: argparse.Namespace) -> int:
@@ -132,6 +170,48 @@ async def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _export(args: argparse.Namespace) -> int:
+    from xenpv.frontends.block import BlockFrontend, FrontConfig
+    from xenpv.frontends.nbd import NbdConfig, NbdExport
+    from xenpv.protocols.blkif import vdev_decode
+    from xenpv.xenbus.paths import frontend_path
+
+    if args.rundir is not None and args.domid is None:
+        raise LocalError("--rundir needs --domid (the guest's domain)")
+    platform = _platform(args.rundir, args.domid)
+    domid = platform.domid if args.domid is None else args.domid
+    client = await _xenstore(args.rundir, domid)
+    name = args.name if args.name is not None else vdev_decode(args.vdev)
+    path = frontend_path(domid, "vbd", args.vdev)
+    frontend = None
+    export = None
+    try:
+        if not await client.exists(path):
+            raise LocalError(f"no vbd {name} in domain {domid} ({path})")
+        config = FrontConfig(max_ring_order=args.max_ring_order, max_queues=args.max_queues,
+                             indirect=not args.no_indirect, persistent=not args.no_persistent)
+        frontend = BlockFrontend(platform, client, path, config=config)
+        await frontend.start()
+        await frontend.ready(30.0)
+        export = NbdExport(frontend, name, NbdConfig(max_payload=args.max_payload,
+                                                     max_buffered=max(64 << 20,
+                                                                      args.max_payload),
+                                                     max_connections=args.max_connections))
+        await export.listen(args.socket)
+        emit(event="ready", socket=args.socket, name=name, size=frontend.size,
+             readonly=frontend.readonly)
+        await _stdin_closed(asyncio.get_running_loop())
+        emit(event="done", export=export.info())
+    finally:
+        if export is not None:
+            await export.close()
+        if frontend is not None:
+            await frontend.close()
+        await client.close()
+        platform.close()
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run one ``block`` subcommand; returns the exit status."""
     from xenpv.xenstore.wire import WireError, XenstoreError
@@ -139,6 +219,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.action == "backend":
             return asyncio.run(_backend(args))
+        if args.action == "export":
+            return asyncio.run(_export(args))
         return asyncio.run(_info(args))
     except (LocalError, PeerError, PlatformError, XenstoreError, WireError, TimeoutError,
             OSError) as exc:

@@ -72,8 +72,10 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 @pytest.fixture
-def export(daemon_machine: Callable[..., DaemonMachine], tmp_path: Path,
-           procs: list[subprocess.Popen[bytes]]) -> Iterator[Export]:
+def export(request: pytest.FixtureRequest, daemon_machine: Callable[..., DaemonMachine],
+           tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> Iterator[Export]:
+    """The chain on an 8 MiB image, the vbd in mode ``request.param`` (``w`` by default)."""
+    mode = getattr(request, "param", "w")
     machine = daemon_machine(GUEST, max_grants=8192, max_ports=64)
     rundir = machine.rundir
     image = tmp_path / "disk.img"
@@ -84,7 +86,7 @@ def export(daemon_machine: Callable[..., DaemonMachine], tmp_path: Path,
     assert json_line(be, WAIT)["event"] == "ready"
     subprocess.run(xenpv("device", "add", "vbd", "-f", str(GUEST), "-s",
                          str(Path(rundir) / "dom0" / "xenstore"), "--target", str(image),
-                         "--vdev", "xvda"), check=True, capture_output=True, timeout=WAIT)
+                         "--vdev", "xvda", "--mode", mode), check=True, capture_output=True, timeout=WAIT)
     sock = str(tmp_path / "nbd.sock")
     env = {**os.environ, **domain_env(rundir, GUEST)}  # as `eval "$(xenpv loopback env)"`
     ex = subprocess.Popen(xenpv("block", "export", "xvda", "--socket", sock),
@@ -92,7 +94,7 @@ def export(daemon_machine: Callable[..., DaemonMachine], tmp_path: Path,
     procs.append(ex)
     ready = json_line(ex, WAIT)
     assert ready == {"event": "ready", "socket": sock, "name": "xvda", "size": SIZE,
-                     "readonly": False}
+                     "readonly": mode == "r"}
     chain = Export(image, sock, ex, rundir)
     yield chain
     if ex.poll() is None:
@@ -145,7 +147,8 @@ def test_qemu_io_writes_land_in_the_image_and_read_back(export: Export) -> None:
             "aio_write -P 0x21 2m 256k", "aio_write -P 0x22 3m 256k",
             "aio_write -P 0x23 4m 256k", "aio_write -P 0x24 5m 256k", "aio_flush",
             "flush", "read -P 0xab 0 64k", "read -P 0xcd 1m 512k", "read -P 0x11 6293504 1k",
-            "read -P 0x24 5m 256k", "read -v 8388096 512"]
+            "read -P 0x24 5m 256k", "discard 7m 64k", "read -P 0 7m 64k",
+            "read -v 8388096 512"]
     args = [*tool("qemu-io"), "-f", "raw"]
     for c in cmds:
         args += ["-c", c]
@@ -160,7 +163,27 @@ def test_qemu_io_writes_land_in_the_image_and_read_back(export: Export) -> None:
                         (0x21, 2 * MiB, 256 << 10), (0x22, 3 * MiB, 256 << 10),
                         (0x23, 4 * MiB, 256 << 10), (0x24, 5 * MiB, 256 << 10)):
         want[off:off + n] = bytes([pat]) * n
+    want[7 * MiB:7 * MiB + 65536] = bytes(65536)  # the TRIM punched a hole
     assert data == want
+    assert "discard 65536/65536 bytes at offset 7340032" in out
+
+
+@pytest.mark.parametrize("export", ["r"], indirect=True)
+def test_read_only_disk_is_exported_read_only(export: Export, tmp_path: Path) -> None:
+    """A vbd in mode ``r`` is exported with NBD_FLAG_READ_ONLY: ``nbdinfo`` says so, a
+    ``qemu-io`` write fails, reads work, the image is unchanged."""
+    original = export.image.read_bytes()
+    info = json.loads(run_tool(*tool("nbdinfo"), "--json", export.url))
+    assert info["exports"][0]["is_read_only"] is True
+    out = subprocess.run([*tool("qemu-io"), "-f", "raw", "-c", "write -P 0x55 0 4k",
+                          export.url], env=peers.run_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 or "wrote" not in out.stdout, out.stdout
+    copy = tmp_path / "copy.raw"
+    run_tool(*tool("qemu-img"), "convert", "-f", "raw", "-O", "raw", export.url, str(copy))
+    assert copy.read_bytes() == original
+    export.stop()
+    assert export.image.read_bytes() == original
 
 
 # -- hostile clients: raw bytes on the socket

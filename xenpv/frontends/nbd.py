@@ -107,6 +107,8 @@ _REPLY = struct.Struct(">IIQ")  # magic, error, cookie
 MAX_OPTION = 8192
 #: Options accepted before transmission starts.
 MAX_OPTIONS = 64
+#: Seconds a closing connection may take to send its last replies before it is aborted.
+CLOSE_TIMEOUT = 5.0
 
 
 class _Hangup(Exception):
@@ -174,7 +176,7 @@ class NbdExport:
         self.name = name
         self.config = config or NbdConfig()
         self._server: asyncio.AbstractServer | None = None
-        self._conns: set[asyncio.Task[None]] = set()
+        self._conns: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self.stats = {"connections": 0, "refused": 0, "requests": 0, "reads": 0,
                       "writes": 0, "flushes": 0, "trims": 0, "errors": 0,
                       "protocol_errors": 0, "bytes_read": 0, "bytes_written": 0}
@@ -199,7 +201,8 @@ class NbdExport:
             self._server.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path)
-        for t in list(self._conns):
+        for t, writer in list(self._conns.items()):
+            writer.transport.abort()  # nothing more is sent: the export is going away
             t.cancel()
         for t in list(self._conns):
             with contextlib.suppress(BaseException):
@@ -216,7 +219,7 @@ class NbdExport:
             return
         task = asyncio.current_task()
         assert task is not None
-        self._conns.add(task)
+        self._conns[task] = writer
         self.stats["connections"] += 1
         conn = _Conn(reader, writer, _Budget(self.config.max_buffered),
                      asyncio.Semaphore(self.config.max_inflight))
@@ -228,14 +231,16 @@ class NbdExport:
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
             pass
         finally:
-            self._conns.discard(task)
+            self._conns.pop(task, None)
             for t in list(conn.tasks):
                 t.cancel()
             if conn.tasks:
                 await asyncio.gather(*conn.tasks, return_exceptions=True)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            writer.close()  # sends what is buffered, unless the client stopped reading:
+            try:
+                await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+            except (TimeoutError, ConnectionError):
+                writer.transport.abort()
 
     async def _serve(self, conn: _Conn) -> None:
         async with asyncio.timeout(self.config.handshake_timeout):

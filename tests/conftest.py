@@ -77,12 +77,13 @@ def direct_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
 @pytest.fixture
 def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
     """Processes a test starts (append them): each is killed if still running, then reaped,
-    and its pipes closed, whatever the test's outcome."""
+    and its pipes closed, whatever the test's outcome; the last started goes first (a
+    client before the service it uses)."""
     started: list[subprocess.Popen[bytes]] = []
     try:
         yield started
     finally:
-        for p in started:
+        for p in reversed(started):
             if p.poll() is None:
                 p.kill()
             p.wait(10)

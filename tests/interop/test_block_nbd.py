@@ -57,21 +57,6 @@ class Export:
 
 
 @pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        yield started
-    finally:
-        for p in reversed(started):  # the export before the backend
-            if p.poll() is None:
-                p.kill()
-            p.wait(10)
-            for f in (p.stdin, p.stdout):
-                if f is not None:
-                    f.close()
-
-
-@pytest.fixture
 def export(request: pytest.FixtureRequest, daemon_machine: Callable[..., DaemonMachine],
            tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> Iterator[Export]:
     """The chain on an 8 MiB image, the vbd in mode ``request.param`` (``w`` by default)."""

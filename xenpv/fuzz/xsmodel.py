@@ -329,6 +329,8 @@ class Model:
                 raise Fail("ENOENT")
             if self.perm(domid, node.perms) & WRITE != WRITE:
                 raise Fail("EACCES")
+            if path == "/":
+                raise Fail("EINVAL")  # the root is never removed, even by dom0
             self.delete(tx, path)
             return None
         if op == "setperms":
@@ -419,6 +421,17 @@ class XsHarness:
             return "error", reply[16:]
         assert rtype == type_
         return "ok", reply[16:]
+
+    def touched(self, conn: str) -> list[str]:
+        """The paths the open transaction of ``conn`` looked at, wrote or wrote blindly."""
+        if conn not in self.txs:
+            return []
+        mtx = self.txs[conn][1]
+        return sorted(set(mtx.seen) | set(mtx.local) | mtx.blind)
+
+    def blind(self, conn: str) -> list[str]:
+        """The paths the open transaction of ``conn`` wrote without looking at them first."""
+        return sorted(self.txs[conn][1].blind) if conn in self.txs else []
 
     def check_events(self) -> None:
         """Every connection got exactly the watch events the model predicts."""

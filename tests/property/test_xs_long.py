@@ -3,8 +3,8 @@
 :class:`XenstoreLongMachine` extends the short machine of ``test_xs_model.py`` with rules
 that act from *outside* a transaction on exactly the nodes an open transaction touched:
 writes, removals (of the node or of its parent) and permission changes, including the
-removal of a node the transaction wrote blindly (C xenstored: the commit then fails with
-EAGAIN, since the write depended on the node existing).  It also adds watches under
+removal of an existing node the transaction wrote (the commit then fails with EAGAIN: the
+write looked at the node first, as C xenstored's does).  It also adds watches under
 mixed permissions (a node unreadable to a domain under a readable parent, and a readable
 node under an unreadable parent).  Runs of 80 steps; the example count keeps the test
 under about a minute on two loaded CPUs.  ``XS_LONG_EXAMPLES`` raises it for a campaign
@@ -29,14 +29,16 @@ MIXED = [("n0", "r5"), ("n0", "r6"), ("r0",), ("n5", "r6"), ("b6", "n5")]
 class XenstoreLongMachine(XenstoreModelMachine):
     """The short machine plus outside actions on the nodes of open transactions."""
 
-    def _tx_path(self, data: st.DataObject, blind_only: bool) -> tuple[str, str] | None:
+    def _tx_path(self, data: st.DataObject, changed_only: bool) -> tuple[str, str] | None:
         owners = [
-            c for c in sorted(self.h.txs) if (self.h.blind(c) if blind_only else self.h.touched(c))
+            c
+            for c in sorted(self.h.txs)
+            if (self.h.rewritten(c) if changed_only else self.h.touched(c))
         ]
         if not owners:
             return None
         owner = data.draw(st.sampled_from(owners), label="tx owner")
-        choices = self.h.blind(owner) if blind_only else self.h.touched(owner)
+        choices = self.h.rewritten(owner) if changed_only else self.h.touched(owner)
         return owner, data.draw(st.sampled_from(choices), label="touched path")
 
     @precondition(lambda self: any(self.h.touched(c) for c in self.h.txs))
@@ -46,7 +48,7 @@ class XenstoreLongMachine(XenstoreModelMachine):
         self, data: st.DataObject, op: str, value: bytes, perms: tuple[str, ...]
     ) -> None:
         """Another connection, outside any transaction, changes a node a transaction touched."""
-        picked = self._tx_path(data, blind_only=False)
+        picked = self._tx_path(data, changed_only=False)
         assert picked is not None
         _owner, path = picked
         actor = data.draw(st.sampled_from(["c0b", "c0", "c5", "c6"]), label="actor")
@@ -61,13 +63,11 @@ class XenstoreLongMachine(XenstoreModelMachine):
         else:
             self.h.op(actor, False, "setperms", path, perms)
 
-    @precondition(lambda self: any(self.h.blind(c) for c in self.h.txs))
+    @precondition(lambda self: any(self.h.rewritten(c) for c in self.h.txs))
     @rule(data=st.data(), parent=st.booleans(), commit=st.booleans())
-    def remove_blindly_written_then_end(
-        self, data: st.DataObject, parent: bool, commit: bool
-    ) -> None:
-        """Dom0 removes, outside, a node (or its parent) a transaction wrote blindly; then it ends."""
-        picked = self._tx_path(data, blind_only=True)
+    def remove_changed_then_end(self, data: st.DataObject, parent: bool, commit: bool) -> None:
+        """Dom0 removes, outside, a node (or its parent) a transaction changed; then it ends."""
+        picked = self._tx_path(data, changed_only=True)
         assert picked is not None
         owner, path = picked
         actor = "c0" if owner != "c0" else "c0b"

@@ -149,28 +149,29 @@ def test_tx_only_nodes_the_transaction_looked_at_are_checked(
     assert outside.read("/b/y") == b"other"
 
 
-def test_tx_modified_nodes_are_not_checked_so_a_blind_write_wins(
+def test_tx_a_write_reads_the_node_first_so_a_concurrent_write_gives_eagain(
     dom0: Client, outside: Client
 ) -> None:
+    """Modified nodes are checked when the transaction read them first, and a WRITE does."""
     dom0.write("/a/x", b"old")
     watching(outside, "/a/x")
     tx = dom0.start()
-    dom0.write("/a/x", b"blind", tx=tx)
+    dom0.write("/a/x", b"tx", tx=tx)  # never READ: still checked (the permission check reads)
     outside.write("/a/x", b"outside")
     assert outside.events() == [("/a/x", "t")]
-    assert dom0.commit(tx) == "OK"
-    assert outside.read("/a/x") == b"blind"
-    assert outside.events() == [("/a/x", "t")]
+    assert dom0.commit(tx) == "EAGAIN"
+    assert outside.read("/a/x") == b"outside"
+    assert outside.events() == []
 
 
-def test_tx_outside_removal_of_a_blindly_written_node_gives_eagain(
+def test_tx_outside_removal_of_a_node_the_transaction_wrote_gives_eagain(
     dom0: Client, outside: Client, store: Store
 ) -> None:
-    """The sequence the short fuzz box never reached: the blind write needs the node to exist."""
+    """The sequence the short fuzz box never reached: a removal of a node written unread."""
     dom0.write("/a/x", b"old")
     watching(outside, "/a")
     tx = dom0.start()
-    dom0.write("/a/x", b"blind", tx=tx)
+    dom0.write("/a/x", b"tx", tx=tx)
     outside.ok(T.RM, "/a/x")
     assert outside.events() == [("/a/x", "t")]
     count = store.node_count(0)
@@ -182,28 +183,28 @@ def test_tx_outside_removal_of_a_blindly_written_node_gives_eagain(
     assert store.check() == []
 
 
-def test_tx_outside_removal_of_the_parent_of_a_blindly_written_node_gives_eagain(
+def test_tx_outside_removal_of_the_parent_of_a_written_node_gives_eagain(
     dom0: Client, outside: Client, store: Store
 ) -> None:
     dom0.write("/a/x", b"old")
     tx = dom0.start()
-    dom0.write("/a/x", b"blind", tx=tx)
+    dom0.write("/a/x", b"tx", tx=tx)
     outside.ok(T.RM, "/a")
     assert dom0.commit(tx) == "EAGAIN"
     assert outside.err(T.READ, "/a") == "ENOENT"
     assert store.check() == []
 
 
-def test_tx_outside_removal_and_recreation_of_a_blindly_written_node_lets_the_blind_write_win(
+def test_tx_outside_removal_and_recreation_of_a_written_node_gives_eagain(
     dom0: Client, outside: Client
 ) -> None:
     dom0.write("/a/x", b"old")
     tx = dom0.start()
-    dom0.write("/a/x", b"blind", tx=tx)
+    dom0.write("/a/x", b"tx", tx=tx)
     outside.ok(T.RM, "/a/x")
-    outside.write("/a/x", b"again")
-    assert dom0.commit(tx) == "OK"
-    assert outside.read("/a/x") == b"blind"
+    outside.write("/a/x", b"again")  # the same path, a new generation
+    assert dom0.commit(tx) == "EAGAIN"
+    assert outside.read("/a/x") == b"again"
 
 
 def test_tx_outside_permission_change_of_a_read_node_gives_eagain(
@@ -217,15 +218,15 @@ def test_tx_outside_permission_change_of_a_read_node_gives_eagain(
     assert perms_of(outside, "/a/x") == ["n0", "r5"]
 
 
-def test_tx_outside_permission_change_of_a_blindly_written_node_keeps_both(
+def test_tx_outside_permission_change_of_a_written_node_gives_eagain(
     dom0: Client, outside: Client
 ) -> None:
     dom0.write("/a/x", b"v")
     tx = dom0.start()
-    dom0.write("/a/x", b"blind", tx=tx)
+    dom0.write("/a/x", b"tx", tx=tx)
     outside.ok(T.SET_PERMS, "/a/x", "n0", "r5")
-    assert dom0.commit(tx) == "OK"
-    assert outside.read("/a/x") == b"blind"
+    assert dom0.commit(tx) == "EAGAIN"
+    assert outside.read("/a/x") == b"v"
     assert perms_of(outside, "/a/x") == ["n0", "r5"]
 
 

@@ -5,7 +5,9 @@ Theory of operation
 The model (:class:`Model`) keeps whole-node copies in plain dicts and lists, recounts quotas
 by scanning, and implements C xenstored's transaction rule directly: a transaction's first
 look at a node snapshots it and remembers its version; a commit fails with EAGAIN exactly
-when a remembered version changed (or a blindly written node vanished).
+when a remembered version changed.  Every request looks at the node it changes first (a
+WRITE checks permissions), so a node a transaction wrote is checked too: there is no
+"blind write" that wins over a concurrent writer.
 
 :class:`XsHarness` sends the same operations to a real :class:`~xenpv.xenstore.store.Store`
 (over its ``handle`` entry point, as encoded wire requests) and to the model, from four
@@ -73,7 +75,6 @@ class MTx:
     seen: dict[str, MNode | None] = field(default_factory=dict)
     local: dict[str, MNode | None] = field(default_factory=dict)
     reads: dict[str, int | None] = field(default_factory=dict)
-    blind: set[str] = field(default_factory=set)
     ops: list[tuple[Any, ...]] = field(default_factory=list)
     delta: dict[int, int] = field(default_factory=dict)
     poisoned: str | None = None
@@ -129,20 +130,10 @@ class Model:
         tx.reads[path] = node.ver if node else None
         return snap
 
-    def get_blind(self, tx: MTx | None, path: str) -> MNode | None:
-        if tx is not None and path not in tx.local and path not in tx.seen and path in self.live:
-            tx.blind.add(path)
-            return self.live[path]
-        return self.get(tx, path)
-
     def own(self, tx: MTx, path: str) -> MNode:
         node = tx.local.get(path)
         if node is None:
-            base: MNode | None
-            if path in tx.blind and path not in tx.seen:
-                base = self.live[path]
-            else:
-                base = self.get(tx, path)
+            base = self.get(tx, path)
             assert base is not None
             node = tx.local[path] = base.clone()
         return node
@@ -303,7 +294,7 @@ class Model:
             return self.checked(domid, tx, path, READ).perms
         if op == "write":
             assert isinstance(arg, bytes)
-            node = self.get_blind(tx, path)
+            node = self.get(tx, path)
             if node is None:
                 self.create_path(domid, tx, path, arg)
             elif self.perm(domid, node.perms) & WRITE != WRITE:
@@ -351,8 +342,6 @@ class Model:
             node = self.live.get(path)
             if (node.ver if node else None) != ver:
                 return "EAGAIN"
-        if any(p not in self.live for p in tx.blind):
-            return "EAGAIN"
         backup = {p: n.clone() for p, n in self.live.items()}
         counts = {d: self.count(d, None) for d in (0, 5, 6)}
         for op in tx.ops:
@@ -423,15 +412,20 @@ class XsHarness:
         return "ok", reply[16:]
 
     def touched(self, conn: str) -> list[str]:
-        """The paths the open transaction of ``conn`` looked at, wrote or wrote blindly."""
+        """The paths the open transaction of ``conn`` looked at or changed."""
         if conn not in self.txs:
             return []
         mtx = self.txs[conn][1]
-        return sorted(set(mtx.seen) | set(mtx.local) | mtx.blind)
+        return sorted(set(mtx.seen) | set(mtx.local))
 
-    def blind(self, conn: str) -> list[str]:
-        """The paths the open transaction of ``conn`` wrote without looking at them first."""
-        return sorted(self.txs[conn][1].blind) if conn in self.txs else []
+    def rewritten(self, conn: str) -> list[str]:
+        """The existing nodes (not "/") the open transaction of ``conn`` changed."""
+        if conn not in self.txs:
+            return []
+        mtx = self.txs[conn][1]
+        return sorted(
+            p for p, n in mtx.local.items() if n is not None and mtx.seen.get(p) and p != "/"
+        )
 
     def check_events(self) -> None:
         """Every connection got exactly the watch events the model predicts."""

@@ -18,12 +18,12 @@ clock or the event loop.
 Transactions follow C xenstored: a transaction is not a snapshot.  The first time a
 transaction touches a node it looks at the live tree and records the node's generation
 (``NO_GEN`` if absent) in its *read set*; later accesses see the transaction's private
-copy (the *overlay*).  The one exception is a WRITE to an existing node the transaction
-has not looked at before (a *blind write*): only the node's existence is recorded, so a
-concurrent writer of the same node does not make the commit fail ("blind writes win").
-Mutations are also appended to an operation log.  At commit the read set is compared
-with the live tree: a changed generation, or a blindly written node that vanished, gives
-``EAGAIN``; nothing else does (except the ``always_eagain`` chaos knob).  Then the log is
+copy (the *overlay*).  Every request looks at the nodes it changes first (a WRITE checks
+the node's permissions, as C xenstored's does), so a node a transaction wrote is in its
+read set too: a concurrent write of the same node makes the commit fail, there are no
+"blind" writes that win.  Mutations are also appended to an operation log.  At commit
+the read set is compared with the live tree: a changed generation gives ``EAGAIN``;
+nothing else does (except the ``always_eagain`` chaos knob).  Then the log is
 replayed against the live tree under an undo log; if the replay breaks the node or
 memory quota the undo log restores everything and the commit answers ``ENOSPC`` /
 ``ENOMEM``.  Watch events of the replay fire only once the commit succeeded (one per
@@ -291,7 +291,6 @@ class Transaction:
 
     __slots__ = (
         "accessed",
-        "blind",
         "conn",
         "delta",
         "id",
@@ -312,7 +311,6 @@ class Transaction:
         self.overlay: dict[str, Node | None] = {}
         self.reads: dict[str, int] = {}
         self.seen: dict[str, Node | None] = {}
-        self.blind: set[str] = set()
         self.accessed: set[str] = set()
         self.ops: list[tuple[Any, ...]] = []
         self.delta: dict[int, int] = {}
@@ -351,24 +349,10 @@ class Transaction:
         self.seen[path] = node
         return node
 
-    def lookup_blind(self, path: str) -> Node | None:
-        """Look up the target of a WRITE: an unseen existing node is only required to exist."""
-        if path in self.overlay or path in self.seen:
-            return self.lookup(path)
-        node = self.store.nodes.get(path)
-        if node is None:
-            return self.lookup(path)
-        self._touch(path)
-        self.blind.add(path)
-        return node
-
     def _own(self, path: str) -> Node:
         node = self.overlay.get(path)
         if node is None:
-            if path in self.blind and path not in self.seen:
-                base = self.store.nodes.get(path)  # blind write: no read recorded
-            else:
-                base = self.lookup(path)
+            base = self.lookup(path)
             assert base is not None
             node = base.copy()
             self.overlay[path] = node
@@ -590,8 +574,6 @@ class Store:
     def lookup(self, path: str) -> Node | None:
         """Return the live node at ``path`` (no transaction)."""
         return self.nodes.get(path)
-
-    lookup_blind = lookup
 
     def count(self, domid: int) -> int:
         """Nodes owned by ``domid`` in the live tree."""
@@ -1017,7 +999,7 @@ class Store:
         if not conn.privileged and _over(self.quotas.node_size, len(value)):
             raise _Fail("E2BIG")
         view: Transaction | Store = tx or self
-        node = view.lookup_blind(path)
+        node = view.lookup(path)
         if node is None:
             self._create_path(conn, view, path, value)
         else:
@@ -1183,9 +1165,6 @@ class Store:
         for path, gen in tx.reads.items():
             node = nodes.get(path)
             if (node.gen if node is not None else NO_GEN) != gen:
-                raise _Fail("EAGAIN")
-        for path in tx.blind:
-            if path not in nodes:
                 raise _Fail("EAGAIN")
         if not tx.ops:
             return

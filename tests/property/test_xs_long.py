@@ -91,7 +91,7 @@ class XenstoreLongMachine(XenstoreModelMachine):
 
 
 XenstoreLongMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("XS_LONG_EXAMPLES", "60")),
+    max_examples=int(os.environ.get("XS_LONG_EXAMPLES", "250")),
     stateful_step_count=int(os.environ.get("XS_LONG_STEPS", "80")),
     deadline=None,
 )

@@ -36,7 +36,7 @@ class XenstoreModelMachine(RuleBasedStateMachine):
     @rule(conn=st.sampled_from(["c0", "c0b"]), use_tx=st.booleans(),
           path=st.sampled_from(["/a", "/a/b", "/local/domain/5/x"]), value=st.binary(max_size=2))  # fmt: skip
     def dom0_write_hot(self, conn: str, use_tx: bool, path: str, value: bytes) -> None:
-        """Frequent dom0 writes to a few nodes: conflicts and blind writes in transactions."""
+        """Frequent dom0 writes to a few nodes: conflicts with what open transactions touched."""
         self.h.op(conn, use_tx, "write", path, value)
 
     @rule(conn=st.sampled_from(list(CONNS)), use_tx=st.booleans(), path=st.sampled_from(PATHS),

@@ -509,7 +509,7 @@ def _xenstore_model(victim: Any) -> Callable[[bytes], None]:
         for _ in range(48):
             if src.remaining <= 0:
                 break
-            conn, kind = src.choice(conns), src.below(8)
+            conn, kind = src.choice(conns), src.below(9)
             if kind == 0:
                 h.op(conn, src.boolean(), "write", src.choice(PATHS), src.take(src.below(7)))
             elif kind == 1:
@@ -524,6 +524,16 @@ def _xenstore_model(victim: Any) -> Callable[[bytes], None]:
                 h.start(conn)
             elif kind == 6 and h.txs:
                 h.end(src.choice(sorted(h.txs)), src.boolean())
+            elif kind == 7 and any(h.touched(c) for c in h.txs):
+                # From outside, on a node an open transaction touched (write, rm, chmod).
+                owner = src.choice([c for c in sorted(h.txs) if h.touched(c)])
+                path, act = src.choice(h.touched(owner)), src.below(3)
+                if path == "/" or act == 0:
+                    h.op(conn, False, "write", path if path != "/" else "/a", src.take(2))
+                elif act == 1:
+                    h.op(conn, False, "rm", path)
+                else:
+                    h.op(conn, False, "setperms", path, src.choice(PERM_SETS))
             else:
                 h.round_trip()
             h.same_tree_and_counts()

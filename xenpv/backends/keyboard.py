@@ -131,24 +131,8 @@ class KeyboardConfig:
         return out
 
 
-@dataclass(frozen=True)
-class KeyboardMode:
-    """What was negotiated for one connection: the offer intersected with the requests."""
-
-    abs_pointer: bool = False
-    raw_pointer: bool = False
-    multi_touch: tuple[int, int, int] | None = None
-    keyboard: bool = True
-    pointer: bool = True
-    width: int = K.DEFAULT_WIDTH
-    height: int = K.DEFAULT_HEIGHT
-
-    @property
-    def abs_range(self) -> tuple[int, int]:
-        """The POS coordinate maxima (raw mode: 0x7fff both)."""
-        if self.raw_pointer:
-            return K.RAW_POINTER_MAX, K.RAW_POINTER_MAX
-        return self.width, self.height
+#: What was negotiated for one connection: the offer intersected with the requests.
+KeyboardMode = K.KbdMode
 
 
 def _scale(value: int, source_max: int, target_max: int) -> int:

@@ -39,7 +39,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from xenpv.drivers.events import EventPump, EventRateLimiter
@@ -67,25 +66,8 @@ _LOG_BURST = 10
 _LOG_WINDOW = 10.0
 
 
-@dataclass(frozen=True)
-class Negotiated:
-    """What this connection carries (the backend's offer intersected with our wishes)."""
-
-    abs_pointer: bool = False
-    raw_pointer: bool = False
-    multi_touch: tuple[int, int, int] | None = None
-    keyboard: bool = True
-    pointer: bool = True
-    width: int = K.DEFAULT_WIDTH
-    height: int = K.DEFAULT_HEIGHT
-    unique_id: str = ""
-
-    @property
-    def abs_range(self) -> tuple[int, int]:
-        """Largest POS coordinates (raw mode: 0x7fff both)."""
-        if self.raw_pointer:
-            return K.RAW_POINTER_MAX, K.RAW_POINTER_MAX
-        return self.width, self.height
+#: What this connection carries (the backend's offer intersected with our wishes).
+Negotiated = K.KbdMode
 
 
 def check_event(ev: K.InEvent, mode: Negotiated) -> None:

@@ -72,6 +72,29 @@ DEFAULT_HEIGHT = 600
 #: Absolute range in raw pointer mode.
 RAW_POINTER_MAX = 0x7FFF
 
+
+@dataclass(frozen=True)
+class KbdMode:
+    """What one kbdif connection carries: the backend's offer intersected with the
+    frontend's requests (both halves compute it from the same keys)."""
+
+    abs_pointer: bool = False
+    raw_pointer: bool = False
+    multi_touch: tuple[int, int, int] | None = None
+    keyboard: bool = True
+    pointer: bool = True
+    width: int = DEFAULT_WIDTH
+    height: int = DEFAULT_HEIGHT
+    unique_id: str = ""
+
+    @property
+    def abs_range(self) -> tuple[int, int]:
+        """Largest POS coordinates (raw mode: ``RAW_POINTER_MAX`` both)."""
+        if self.raw_pointer:
+            return RAW_POINTER_MAX, RAW_POINTER_MAX
+        return self.width, self.height
+
+
 PAGE_LAYOUT = c_struct(
     "xenkbd_page",
     [Field("in_cons", "I"), Field("in_prod", "I"), Field("out_cons", "I"), Field("out_prod", "I")],

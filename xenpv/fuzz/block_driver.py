@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import logging
 import os
 import struct
 import tempfile
@@ -50,6 +49,7 @@ from xenpv.drivers.ringservice import RingService
 from xenpv.errors import LocalError, PeerError, PlatformError
 from xenpv.fuzz.hostile import InvariantViolation, violation
 from xenpv.fuzz.source import ByteSource
+from xenpv.fuzz.xenbus_driver import play_input
 from xenpv.platforms.base import SharedPages
 from xenpv.platforms.loopback.harness import InProcessMachine
 from xenpv.protocols.blkif import (
@@ -81,26 +81,9 @@ class BlkbackTarget:
 
     def __call__(self, data: bytes) -> None:
         """Play one input; raises InvariantViolation on a breach."""
-        started = time.monotonic()
-        quiet = [logging.getLogger(n) for n in ("xenpv.drivers", "xenpv.backends")]
-        levels = [q.level for q in quiet]
-        for q in quiet:
-            q.setLevel(logging.CRITICAL)
-        try:
-            with tempfile.TemporaryDirectory(prefix="xenpv-blkfuzz-") as tmp:
-                asyncio.run(asyncio.wait_for(self._run(data, Path(tmp)), INPUT_BUDGET_S))
-        except InvariantViolation:
-            raise
-        except TimeoutError:
-            raise InvariantViolation(
-                f"one blkback:driver input took over {INPUT_BUDGET_S} s (hang)") from None
-        except Exception as e:
-            raise violation("the block backend world raised", e) from None
-        finally:
-            for q, level in zip(quiet, levels, strict=True):
-                q.setLevel(level)
-        if time.monotonic() - started > INPUT_BUDGET_S:
-            raise InvariantViolation(f"one blkback:driver input took over {INPUT_BUDGET_S} s")
+        with tempfile.TemporaryDirectory(prefix="xenpv-blkfuzz-") as tmp:
+            play_input("blkback:driver", "block backend", lambda: self._run(data, Path(tmp)),
+                       ("xenpv.drivers", "xenpv.backends"))
 
     async def _run(self, data: bytes, tmp: Path) -> None:
         src = ByteSource(data)
@@ -302,26 +285,8 @@ class BlkfrontTarget:
 
     def __call__(self, data: bytes) -> None:
         """Play one input; raises InvariantViolation on a breach."""
-        started = time.monotonic()
-        quiet = [logging.getLogger(n) for n in ("xenpv.drivers", "xenpv.frontends",
-                                                  "xenpv.xenbus")]
-        levels = [q.level for q in quiet]
-        for q in quiet:
-            q.setLevel(logging.CRITICAL)
-        try:
-            asyncio.run(asyncio.wait_for(self._run(data), INPUT_BUDGET_S))
-        except InvariantViolation:
-            raise
-        except TimeoutError:
-            raise InvariantViolation(
-                f"one blkfront:driver input took over {INPUT_BUDGET_S} s (hang)") from None
-        except Exception as e:
-            raise violation("the block frontend world raised", e) from None
-        finally:
-            for q, level in zip(quiet, levels, strict=True):
-                q.setLevel(level)
-        if time.monotonic() - started > INPUT_BUDGET_S:
-            raise InvariantViolation(f"one blkfront:driver input took over {INPUT_BUDGET_S} s")
+        play_input("blkfront:driver", "block frontend", lambda: self._run(data),
+                   ("xenpv.drivers", "xenpv.frontends", "xenpv.xenbus"))
 
     async def _run(self, data: bytes) -> None:
         from xenpv.drivers.ringchannel import read_ring_keys

@@ -30,9 +30,7 @@ emulator holds nothing; the input takes at most :data:`INPUT_BUDGET_S`.
 from __future__ import annotations
 
 import asyncio
-import logging
 import struct
-import time
 from typing import Any
 
 from xenpv.backends.hid.source import KeyInput, RelInput
@@ -41,7 +39,7 @@ from xenpv.errors import LocalError, PeerError, PlatformError
 from xenpv.frontends.keyboard import KeyboardFrontend, check_event
 from xenpv.fuzz.hostile import InvariantViolation, violation
 from xenpv.fuzz.source import ByteSource
-from xenpv.fuzz.xenbus_driver import BE, FE, xenstore_world
+from xenpv.fuzz.xenbus_driver import BE, FE, play_input, xenstore_world
 from xenpv.protocols import ProtocolError
 from xenpv.protocols import kbdif as K
 from xenpv.xenbus import XenbusState as S
@@ -70,25 +68,8 @@ class KbdDriverTarget:
 
     def __call__(self, data: bytes) -> None:
         """Play one input; raises InvariantViolation on a breach."""
-        started = time.monotonic()
-        quiet = [logging.getLogger(n) for n in ("xenpv.xenbus", "xenpv.frontends",
-                                                 "xenpv.backends")]
-        levels = [q.level for q in quiet]
-        for q in quiet:
-            q.setLevel(logging.CRITICAL)
-        try:
-            asyncio.run(asyncio.wait_for(self._run(data), INPUT_BUDGET_S))
-        except InvariantViolation:
-            raise
-        except TimeoutError:
-            raise InvariantViolation(f"one kbd input took over {INPUT_BUDGET_S} s") from None
-        except Exception as e:
-            raise violation("the keyboard driver world raised", e) from None
-        finally:
-            for q, lvl in zip(quiet, levels, strict=True):
-                q.setLevel(lvl)
-        if time.monotonic() - started > INPUT_BUDGET_S:
-            raise InvariantViolation(f"one kbd input took over {INPUT_BUDGET_S} s")
+        play_input("kbd", "keyboard driver", lambda: self._run(data),
+                   ("xenpv.xenbus", "xenpv.frontends", "xenpv.backends"))
 
     async def _run(self, data: bytes) -> None:
         src = ByteSource(data)

@@ -50,7 +50,7 @@ import contextlib
 import logging
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,35 @@ MAX_OPS = 24
 SETTLE_S = 3.0
 #: Hard bound on one input, world set-up and tear-down included.
 INPUT_BUDGET_S = 20.0
+
+
+def play_input(name: str, what: str, run: Callable[[], Coroutine[Any, Any, None]],
+               loggers: Sequence[str]) -> None:
+    """Play one input of a driver-world target: ``run()`` on a fresh event loop within
+    ``INPUT_BUDGET_S``, the ``loggers`` of expected peer-error notes muted meanwhile.
+
+    A hang, an exception that escapes or an overrun is an :class:`InvariantViolation`
+    naming target ``name`` (and ``what`` world raised).
+    """
+    started = time.monotonic()
+    quiet = [logging.getLogger(n) for n in loggers]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.CRITICAL)
+    try:
+        asyncio.run(asyncio.wait_for(run(), INPUT_BUDGET_S))
+    except InvariantViolation:
+        raise
+    except TimeoutError:
+        raise InvariantViolation(
+            f"one {name} input took over {INPUT_BUDGET_S} s (hang)") from None
+    except Exception as e:
+        raise violation(f"the {what} world raised", e) from None
+    finally:
+        for q, level in zip(quiet, levels, strict=True):
+            q.setLevel(level)
+    if time.monotonic() - started > INPUT_BUDGET_S:
+        raise InvariantViolation(f"one {name} input took over {INPUT_BUDGET_S} s")
 #: Timeouts handed to the victim (short: a fuzz input must not wait out real-world ones).
 DRIVER_TIMEOUTS: dict[str, float] = {"close_timeout": 0.2, "op_timeout": 2.0, "hook_timeout": 2.0}
 QUOTAS = Quotas(write_rate=0)
@@ -267,23 +296,8 @@ class DriverTarget:
 
     def __call__(self, data: bytes) -> None:
         """Play one input; raises InvariantViolation on a breach."""
-        started = time.monotonic()
-        quiet = logging.getLogger("xenpv.xenbus")  # thousands of expected peer-error notes
-        level = quiet.level
-        quiet.setLevel(logging.CRITICAL)
-        try:
-            asyncio.run(asyncio.wait_for(self._run(data), INPUT_BUDGET_S))
-        except InvariantViolation:
-            raise
-        except TimeoutError:
-            raise InvariantViolation(
-                f"one xenbus:driver input took over {INPUT_BUDGET_S} s (hang)") from None
-        except Exception as e:
-            raise violation("the xenbus driver world raised", e) from None
-        finally:
-            quiet.setLevel(level)
-        if time.monotonic() - started > INPUT_BUDGET_S:
-            raise InvariantViolation(f"one xenbus:driver input took over {INPUT_BUDGET_S} s")
+        # thousands of expected peer-error notes
+        play_input("xenbus:driver", "xenbus driver", lambda: self._run(data), ("xenpv.xenbus",))
 
     async def _run(self, data: bytes) -> None:
         async with xenstore_world(DEVTYPE, QUOTAS) as w:

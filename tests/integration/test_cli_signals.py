@@ -138,6 +138,7 @@ def test_loopback_up_stops_on_sighup(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGHUP)
         assert proc.wait(HANG_GUARD) == 0
         assert not (rundir / "dom0" / "control").exists()
+        assert not rundir.exists()  # it made the run directory, so it removes it
     finally:
         if proc.poll() is None:
             proc.kill()

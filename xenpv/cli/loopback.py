@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -121,6 +122,7 @@ def _up(args: argparse.Namespace) -> int:
     rundir = Path(args.rundir)
     if rundir.exists() and not rundir.is_dir():
         raise CliError(f"run directory {args.rundir} is not a directory")
+    created = not rundir.exists()  # a directory made here is removed again when empty
     try:
         rundir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -150,6 +152,10 @@ def _up(args: argparse.Namespace) -> int:
         )
     except InUseError as exc:  # a live daemon owns the rundir: it is left alone
         raise CliError(str(exc)) from None
+    finally:
+        if created:
+            with contextlib.suppress(OSError):  # not empty: someone else's files stay
+                rundir.rmdir()
     return 0
 
 

@@ -117,6 +117,32 @@ def test_call_interrupted_by_a_signal_handler_discards_the_late_reply(tmp_path: 
         signal.signal(signal.SIGALRM, old)
 
 
+def test_a_deadline_passed_before_sending_still_sends_the_request(tmp_path: Path) -> None:
+    """A caller preempted between starting a call and writing its request (here: a
+    timeout of zero) must still put the request on the wire when there is room: a
+    request id consumed without its request leaves a gap a server cannot explain, and
+    the late reply is then discarded like any timed-out one (a CI failure of the
+    ``xenstore:blocking-client`` fuzz target under load)."""
+    seen: list[int] = []
+
+    def script(s: socket.socket) -> None:
+        first = recv_request(s)
+        seen.append(first.req_id)
+        second = recv_request(s)
+        seen.append(second.req_id)
+        answer(s, first, b"late")
+        answer(s, second, b"second")
+
+    with scripted(tmp_path, script) as path, BlockingClient(path, timeout=TIMEOUT) as c:
+        c.default_timeout = 0
+        with pytest.raises(TimeoutError):
+            c.read("/first")
+        c.default_timeout = TIMEOUT
+        assert c.read("/second") == b"second"
+        assert c.connected
+    assert seen[1] == seen[0] + 1
+
+
 # -- watch registrations ----------------------------------------------------------------------
 
 

@@ -430,13 +430,18 @@ class BlockingClient(_NodeOps):
             if device:  # (a device has no per-call MSG_DONTWAIT)
                 os.set_blocking(fd, False)
             while view:
-                self._wait(fd, select.POLLOUT, deadline)
+                # write first, wait only for want of room: a deadline that passed
+                # before anything was written (a preempted caller) must not consume a
+                # request id without its request
                 try:
                     if sock is not None:
                         n = sock.send(view, socket.MSG_DONTWAIT)
                     else:
                         n = os.write(fd, view)
-                except (InterruptedError, BlockingIOError):
+                except InterruptedError:
+                    continue
+                except BlockingIOError:
+                    self._wait(fd, select.POLLOUT, deadline)
                     continue
                 except OSError as exc:
                     raise self._lost(exc) from exc

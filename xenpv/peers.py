@@ -55,6 +55,8 @@ PACKAGES: tuple[str, ...] = (
 
 XEN_BIN = "usr/lib/xen-4.17/bin"
 LIB_DIR = "usr/lib/x86_64-linux-gnu"
+#: Debian's QEMU build for Xen (the device model libxl starts; PV backends).
+QEMU = "usr/libexec/xen-qemu-system-i386"
 
 
 class PeerMissing(LocalError):
@@ -112,6 +114,18 @@ def find(relpath: str, root: Path | None = None) -> Path:
         f"real peer {relpath!r} not found under {root}; run 'xenpv peers fetch' "
         "(the test command does this)"
     )
+
+
+def qemu_device_model(domid: int, qmp: str | Path | None = None) -> list[str]:
+    """The command of QEMU as dom0's device model for ``domid`` (``-xen-attach``: the
+    domain exists already), with no display and no default devices, and a QMP server on
+    the Unix socket ``qmp`` if given.  Run it through the replacement libraries (as dom0
+    of an emulator).  Raises :class:`PeerMissing` at once if QEMU was not fetched."""
+    command = [str(find(QEMU)), "-machine", "xenpv", "-xen-domid", str(domid),
+               "-xen-attach", "-display", "none", "-nodefaults"]
+    if qmp is not None:
+        command += ["-qmp", f"unix:{qmp},server=on,wait=off"]
+    return command
 
 
 def lib_dir(root: Path | None = None) -> Path:

@@ -19,18 +19,14 @@ from shim_peers import LoopbackRun
 from xenpv import peers
 from xenpv.cli.demo import Pty
 
-#: Debian's QEMU build for Xen (the device model libxl starts).
-QEMU = "usr/libexec/xen-qemu-system-i386"
 #: What the tests type on QEMU's pty.
 TYPED = b"typed on qemu's pty\n"
 
 
-def qemu_command(domid: int) -> list[str]:
-    """QEMU as dom0's device model for ``domid`` (``-xen-attach``: the domain exists
-    already), with no display and no default devices.  Raises ``PeerMissing`` at once if
-    the QEMU build was not fetched."""
-    return [str(peers.find(QEMU)), "-machine", "xenpv", "-xen-domid", str(domid),
-            "-xen-attach", "-display", "none", "-nodefaults"]
+def qemu_command(domid: int, qmp: str | Path | None = None) -> list[str]:
+    """QEMU as dom0's device model for ``domid`` (:func:`xenpv.peers.qemu_device_model`);
+    raises ``PeerMissing`` at once if the QEMU build was not fetched."""
+    return peers.qemu_device_model(domid, qmp)
 
 
 def start_qemu(run: LoopbackRun, command: list[str], log_path: Path) -> None:

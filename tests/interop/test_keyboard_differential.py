@@ -95,7 +95,7 @@ async def until_sentinel(fe: KeyboardFrontend) -> list[Any]:
 def test_same_script_same_stream_through_qemu_and_ours(tmp_path: Path, mode: str) -> None:
     absolute = mode == "raw-absolute"
     qmp_path = tmp_path / "qmp.sock"
-    qemu = [*qemu_command(GUEST), "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+    qemu = qemu_command(GUEST, qmp_path)
     qemu_log = tmp_path / "qemu.log"
     run = LoopbackRun({GUEST: "guest", DRIVER: "driver"})
     try:

@@ -101,7 +101,7 @@ async def receive(fe: KeyboardFrontend, n: int) -> list[Any]:
 @pytest.mark.parametrize("mode", ["raw-absolute", "relative"])
 def test_our_frontend_receives_qmp_input_through_qemus_vkbd(tmp_path: Path, mode: str) -> None:
     qmp_path = tmp_path / "qmp.sock"
-    qemu = [*qemu_command(GUEST), "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+    qemu = qemu_command(GUEST, qmp_path)
     qemu_log = tmp_path / "qemu.log"
     run = LoopbackRun({GUEST: "guest"})
     absolute = mode == "raw-absolute"

@@ -36,7 +36,6 @@ from xenpv.bench.report import Ratio, Rounds, add_rounds_option, rounds_of
 from xenpv.errors import LocalError
 
 GUEST = 5
-QEMU = "usr/libexec/xen-qemu-system-i386"
 PACE_S = 0.002
 LAT_EVENTS = 400
 RATE_EVENTS = 2000
@@ -54,9 +53,9 @@ def prerequisites() -> None:
     from xenpv import peers
 
     try:
-        peers.find(QEMU)
+        peers.find(peers.QEMU)
     except Exception as exc:
-        raise LocalError(f"bench hid needs QEMU ({QEMU}): {exc}") from None
+        raise LocalError(f"bench hid needs QEMU ({peers.QEMU}): {exc}") from None
 
 
 def _key_events(n: int) -> list[tuple[int, bool]]:
@@ -214,9 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cpus = placements().get("cross", placements()["same"])
     with VchanLab(domains=(1, GUEST)) as lab:
         qmp_path = Path(lab.rundir) / "qmp.sock"
-        lab.spawn(0, [str(peers.find(QEMU)), "-machine", "xenpv", "-xen-domid", str(GUEST),
-                      "-xen-attach", "-display", "none", "-nodefaults", "-qmp",
-                      f"unix:{qmp_path},server=on,wait=off"],
+        lab.spawn(0, peers.qemu_device_model(GUEST, qmp_path),
                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for r in range(rounds):
             rec.add("notify_rtt_us", notify_rtt_us(lab.rundir, n_rtt, cpus))

@@ -97,6 +97,8 @@ def test_backend_watch_inject_focus_list(procs: list[subprocess.Popen[bytes]]) -
         res = subprocess.run(xenpv("hid", "inject", "--rundir", rundir, "nosuchkey"),
                              capture_output=True, text=True, timeout=WAIT)
         assert res.returncode == 1 and "bad event" in res.stderr
+        # one line, naming the subcommand, never a traceback
+        assert res.stderr.startswith("xenpv hid inject: ") and res.stderr.count("\n") == 1
         for p in (w1, w2, be):
             assert p.stdin is not None
             p.stdin.close()

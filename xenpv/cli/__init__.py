@@ -165,8 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         parser.error(str(exc))
     except (CliError, XenpvError, XenstoreError, OSError, TimeoutError) as exc:
-        # a failure of the command, not a bug: one line, never a traceback
-        print(f"xenpv {name}: {describe(exc)}", file=sys.stderr)
+        # a failure of the command, not a bug: one line, never a traceback, naming the
+        # subcommand where there is one ("xenpv block info: …")
+        action = getattr(ns, "action", None)
+        where = f"{name} {action}" if isinstance(action, str) else name
+        print(f"xenpv {where}: {describe(exc)}", file=sys.stderr)
         return 1
 
 

@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 from typing import Any
 
 from xenpv.cli import args as cliargs
 from xenpv.cli.console import _platform, _stdin_closed, _xenstore, emit
-from xenpv.errors import LocalError, PeerError, PlatformError
+from xenpv.errors import LocalError
 
 
 def vdev_number(text: str) -> int:
@@ -213,16 +212,10 @@ async def _export(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run one ``block`` subcommand; returns the exit status."""
-    from xenpv.xenstore.wire import WireError, XenstoreError
-
-    try:
-        if args.action == "backend":
-            return asyncio.run(_backend(args))
-        if args.action == "export":
-            return asyncio.run(_export(args))
-        return asyncio.run(_info(args))
-    except (LocalError, PeerError, PlatformError, XenstoreError, WireError, TimeoutError,
-            OSError) as exc:
-        print(f"xenpv block {args.action}: {exc}", file=sys.stderr)
-        return 1
+    """Run one ``block`` subcommand; returns the exit status (failures are reported in
+    one line by the ``xenpv`` entry point)."""
+    if args.action == "backend":
+        return asyncio.run(_backend(args))
+    if args.action == "export":
+        return asyncio.run(_export(args))
+    return asyncio.run(_info(args))

@@ -34,13 +34,12 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 import time
 from typing import Any
 
 from xenpv.cli import args as cliargs
 from xenpv.cli.console import _platform, _stdin_closed, _xenstore, emit
-from xenpv.errors import LocalError, PeerError, PlatformError
+from xenpv.errors import LocalError, PeerError
 
 DEFAULT_CONTROL = "/run/xenpv/hid.sock"
 #: Largest control request (one JSON line).
@@ -344,13 +343,10 @@ async def _watch(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run one ``xenpv hid`` action."""
-    try:
-        if args.action == "backend":
-            return asyncio.run(_backend(args))
-        if args.action == "watch":
-            return asyncio.run(_watch(args))
-        return asyncio.run(_client(args))
-    except (LocalError, PeerError, PlatformError, OSError, TimeoutError) as exc:
-        print(f"xenpv hid {args.action}: {exc}", file=sys.stderr)
-        return 1
+    """Run one ``xenpv hid`` action (failures are reported in one line by the ``xenpv``
+    entry point)."""
+    if args.action == "backend":
+        return asyncio.run(_backend(args))
+    if args.action == "watch":
+        return asyncio.run(_watch(args))
+    return asyncio.run(_client(args))

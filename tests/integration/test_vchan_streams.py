@@ -20,6 +20,7 @@ import pytest
 from xenpv.protocols.vchan import choose_orders
 from xenpv.testing.vchan import InProcessVchanLab, VchanLab, vchan_path
 from xenpv.vchan import VchanClient, VchanServer, open_connection, start_server
+from xenpv.xenstore.wire import XenstoreError
 
 SERVER, CLIENT = 1, 2
 MiB = 1 << 20
@@ -315,3 +316,23 @@ def test_peer_platform_dies_other_side_reports_and_releases(pfs: tuple[Any, Any]
         await survivor.aclose()
 
     run(main())
+
+
+
+def test_failed_create_releases_everything_while_its_error_is_alive(
+        lab: Any, pfs: tuple[Any, Any]) -> None:
+    """A server whose xenstore keys cannot be written (a path under another domain's
+    home) fails with the xenstore error, and every grant and port is released by then,
+    even while the caller still holds the exception (whose traceback still references
+    views of the pages)."""
+    spf, _ = pfs
+
+    async def attempt() -> XenstoreError:
+        with pytest.raises(XenstoreError) as info:
+            await VchanServer.create(spf, CLIENT, f"/local/domain/{CLIENT}/data/vchan-x")
+        return info.value
+
+    error = run(attempt())
+    assert error.errno_name == "EACCES"
+    lab.assert_released(timeout=0.5)
+    assert error.__traceback__ is not None  # (still held)

@@ -133,10 +133,16 @@ class _XsConnection:
         sock: socket.socket,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        self.server = server
-        self.domid = domid
         self.sock = sock
         self.fd = sock.fileno()
+        self._init_state(server, domid, loop)
+
+    def _init_state(
+        self, server: XenstoredServer, domid: int, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """Everything but the socket (a ring connection has none: see ``ringserver``)."""
+        self.server = server
+        self.domid = domid
         self.loop = loop
         self.decoder = Decoder(PAYLOAD_MAX)
         self.rbuf = bytearray(_RECV_SIZE)
@@ -552,6 +558,7 @@ class XenstoredServer:
         always_eagain: bool = False,
         save_interval: float = 0.0,
         spin_us: float = 0.0,
+        platform: Any = None,
     ) -> None:
         """Create the server; with ``state_file`` an existing saved tree is loaded.
 
@@ -563,6 +570,11 @@ class XenstoredServer:
         ``spin_us``: after answering a connection, poll it this many microseconds
         (yielding the CPU between tries) before going back to the event loop, so a
         client's next request is taken without a wake-up (see the module docstring).
+
+        ``platform``: dom0's platform; with it, ``INTRODUCE`` maps the domain's xenstore
+        page and binds its port, and the domain is served over its ring too
+        (:mod:`xenpv.xenstore.ringserver`).  The server uses it from its event loop and
+        does not close it.
         """
         self.quotas = quotas if quotas is not None else Quotas()
         self.state_file = os.fspath(state_file) if state_file is not None else None
@@ -587,6 +599,13 @@ class XenstoredServer:
         self.spin = max(0.0, spin_us) / 1e6
         self._saved: object = self._fingerprint()
         self._save_timer: asyncio.TimerHandle | None = None
+        #: Dom0's end of the guests' rings (None: sockets only).
+        self.rings: Any = None
+        if platform is not None:
+            from xenpv.xenstore.ringserver import RingService
+
+            self.rings = RingService(self, platform)
+            self.store.on_introduce = self.rings.introduce
 
     def _load(self) -> Store:
         path = self.state_file
@@ -723,6 +742,8 @@ class XenstoredServer:
         self._listeners.clear()
         for proto in list(self._protocols.values()):
             proto.abort()
+        if self.rings is not None:
+            self.rings.close()
         await asyncio.sleep(0)
         if save:
             self.save_state()

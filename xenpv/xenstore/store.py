@@ -456,6 +456,10 @@ class Store:
         self.always_eagain = False
         #: Requests that failed with EIO because of an unexpected exception in the store.
         self.internal_errors = 0
+        #: The I/O layer's ring set-up, run by INTRODUCE before the domain is introduced:
+        #: ``(domid, gfn, port)`` -> None, or the errno name to answer (the server sets it
+        #: when it can serve rings; see :mod:`xenpv.xenstore.ringserver`).
+        self.on_introduce: Callable[[int, int, int], str | None] | None = None
         self._fired: list[tuple[str, bool, Perms, int]] = []
         root_perms: Perms = ((0, NONE),)
         gen = self.next_gen()
@@ -1241,8 +1245,23 @@ class Store:
         domid = self._domid(parts[0])
         if domid == 0:
             raise _Fail("EINVAL")
+        hook = self.on_introduce
+        if hook is not None:
+            # The ring is mapped and its port bound before the domain counts as
+            # introduced; a failure leaves nothing introduced.
+            gfn, port = self._number(parts[1], 64), self._number(parts[2], 32)
+            failed = hook(domid, gfn, port)
+            if failed:
+                raise _Fail(failed)
         self.introduce_domain(domid)
         return OK
+
+    @staticmethod
+    def _number(raw: bytes, bits: int) -> int:
+        """A decimal argument below 2**bits (EINVAL otherwise)."""
+        if not raw.isdigit() or len(raw) > 20 or int(raw) >> bits:
+            raise _Fail("EINVAL")
+        return int(raw)
 
     def _release(self, conn: Connection, tx: Transaction | None, payload: bytes) -> bytes:
         if not conn.privileged:

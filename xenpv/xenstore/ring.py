@@ -1,0 +1,351 @@
+"""The xenstore shared ring (``xenstore_domain_interface``) and the guest's client over it.
+
+Theory of operation
+-------------------
+A domain's xenstore connection on Xen is one shared page and one event channel, not a
+socket.  The page (xen-protocols.md §4.9) holds two byte rings of 1024 bytes with
+free-running u32 indexes — ``req`` (guest → xenstored) and ``rsp`` (xenstored → guest,
+replies and watch events) — followed by three words: ``server_features`` (bits the server
+sets once, never clears), ``connection`` (0 connected, 1 reconnect requested) and
+``error`` (why the server stopped serving the ring).  The bytes carried are exactly those
+of the socket framing (:mod:`xenpv.xenstore.wire`); a message may span chunks and wrap.
+The domain builder puts the page at grant ref 1 (:data:`GNTTAB_RESERVED_XENSTORE`) and in
+a guest frame, allocates an unbound port for dom0 and gives both to dom0's xenstored in
+``INTRODUCE``.
+
+:class:`XsRingPage` wraps the page for either side over :class:`~xenpv.rings.ByteRing`
+(``on_insane="error"``: an index pair claiming more than 1024 bytes breaks the ring for
+good, until a reconnection resets it).  The server half is
+:mod:`xenpv.xenstore.ringserver`; the guest half is here: :class:`RingTransport`, an
+:class:`asyncio.Transport` over the page and the port that the asyncio client's protocol
+object runs on unchanged, and :func:`connect_ring`, which returns a
+:class:`~xenpv.xenstore.client.XenstoreClient` on it — the same operations, watches and
+transactions as over a socket.
+
+Reconnection (what a guest does when it takes over a ring that another kernel or process
+used before): if the server advertises :data:`FEATURE_RECONNECTION`, the guest writes
+``connection = XS_RECONNECT`` and signals; the server empties both rings, drops the
+connection's watches, transactions and queued output, sets ``connection =
+XS_CONNECTED`` and signals back.  :func:`connect_ring` does this by default, so a new
+client never sees a predecessor's replies or events.
+
+Every index update is followed by a notification on the port (the peer may sleep on it);
+the transport reads at most what the ring holds per event, so an event flood costs one
+look at two indexes per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from xenpv.errors import LocalError, PeerError, PlatformError, RingOverflowError
+from xenpv.platforms.dispatch import PortDispatcher
+from xenpv.rings import ByteRing, full_barrier, load_u32, store_u32
+
+__all__ = [
+    "CONNECTION_OFFSET",
+    "ERROR_COMM",
+    "ERROR_NONE",
+    "ERROR_OFFSET",
+    "ERROR_PROTO",
+    "ERROR_RINGIDX",
+    "FEATURES_OFFSET",
+    "FEATURE_ERROR",
+    "FEATURE_RECONNECTION",
+    "GNTTAB_RESERVED_XENSTORE",
+    "INTERFACE_SIZE",
+    "REQ_CONS_OFFSET",
+    "REQ_PROD_OFFSET",
+    "RING_SIZE",
+    "RSP_CONS_OFFSET",
+    "RSP_PROD_OFFSET",
+    "XS_CONNECTED",
+    "XS_RECONNECT",
+    "RingTransport",
+    "XsRingPage",
+    "connect_ring",
+]
+
+#: io/xs_wire.h XENSTORE_RING_SIZE: bytes in each direction.
+RING_SIZE = 1024
+REQ_OFFSET = 0
+RSP_OFFSET = 1024
+REQ_CONS_OFFSET = 2048
+REQ_PROD_OFFSET = 2052
+RSP_CONS_OFFSET = 2056
+RSP_PROD_OFFSET = 2060
+FEATURES_OFFSET = 2064
+CONNECTION_OFFSET = 2068
+ERROR_OFFSET = 2072
+#: sizeof(struct xenstore_domain_interface) in Xen 4.17.
+INTERFACE_SIZE = 2076
+#: server_features bits.
+FEATURE_RECONNECTION = 1
+FEATURE_ERROR = 2
+#: connection values.
+XS_CONNECTED = 0
+XS_RECONNECT = 1
+#: error values (valid when FEATURE_ERROR is advertised).
+ERROR_NONE = 0
+ERROR_COMM = 1
+ERROR_RINGIDX = 2
+ERROR_PROTO = 3
+#: grant_table.h: the grant ref the domain builder reserves for the xenstore page.
+GNTTAB_RESERVED_XENSTORE = 1
+
+#: Bytes the guest transport hands to its protocol per event before yielding.
+_PASS_BYTES = 1 << 16
+
+
+class XsRingPage:
+    """The two byte rings and three control words of one xenstore page, for one side.
+
+    ``server=False`` (the guest): :meth:`write` produces requests into ``req``,
+    :meth:`read` consumes ``rsp``; ``server=True`` the other way round.  A corrupt index
+    pair raises :class:`~xenpv.errors.RingOverflowError` from :meth:`read` /
+    :meth:`write` and keeps doing so until :meth:`reset_indexes`.
+    """
+
+    def __init__(self, mem: Any, *, server: bool) -> None:
+        """Place the rings in ``mem`` (a writable buffer of at least 2076 bytes)."""
+        if len(memoryview(mem)) < INTERFACE_SIZE:
+            raise LocalError(f"a xenstore page needs {INTERFACE_SIZE} bytes")
+        self.mem = mem
+        self.server = server
+        self._rx, self._tx = self._rings()
+
+    def _rings(self) -> tuple[ByteRing, ByteRing]:
+        req = ByteRing(self.mem, data_offset=REQ_OFFSET, size=RING_SIZE,
+                       prod_offset=REQ_PROD_OFFSET, cons_offset=REQ_CONS_OFFSET)
+        rsp = ByteRing(self.mem, data_offset=RSP_OFFSET, size=RING_SIZE,
+                       prod_offset=RSP_PROD_OFFSET, cons_offset=RSP_CONS_OFFSET)
+        return (req, rsp) if self.server else (rsp, req)
+
+    # -- data
+    def read(self, max_n: int = -1) -> bytes:
+        """Take up to ``max_n`` bytes (all there are for -1) from the ring we consume."""
+        return self._rx.read(max_n)
+
+    def read_into(self, dst: Any, max_n: int = -1) -> int:
+        """Take bytes into ``dst``; the count."""
+        return self._rx.read_into(dst, max_n)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Copy as much of ``data`` as fits into the ring we produce; the count."""
+        return self._tx.write(data)
+
+    def readable(self) -> int:
+        """Bytes waiting in the ring we consume."""
+        return self._rx.available()
+
+    def writable(self) -> int:
+        """Free bytes in the ring we produce."""
+        return self._tx.free()
+
+    @property
+    def broken(self) -> bool:
+        """True once a corrupt index pair was seen (until :meth:`reset_indexes`)."""
+        return bool(self._rx.broken or self._tx.broken)
+
+    # -- control words (each one aligned 32-bit load or store)
+    @property
+    def features(self) -> int:
+        """``server_features``."""
+        return load_u32(self.mem, FEATURES_OFFSET)
+
+    def add_features(self, bits: int) -> None:
+        """Set feature ``bits`` (server only; bits are never cleared)."""
+        store_u32(self.mem, FEATURES_OFFSET, self.features | bits)
+
+    @property
+    def connection(self) -> int:
+        """``connection`` (:data:`XS_CONNECTED` or :data:`XS_RECONNECT`)."""
+        return load_u32(self.mem, CONNECTION_OFFSET)
+
+    @connection.setter
+    def connection(self, value: int) -> None:
+        full_barrier()  # everything before it is visible first
+        store_u32(self.mem, CONNECTION_OFFSET, value)
+
+    @property
+    def error(self) -> int:
+        """``error`` (one of the ``ERROR_*`` values)."""
+        return load_u32(self.mem, ERROR_OFFSET)
+
+    @error.setter
+    def error(self, value: int) -> None:
+        store_u32(self.mem, ERROR_OFFSET, value)
+
+    def reset_indexes(self) -> None:
+        """Empty both rings (all four indexes 0) and forget a broken state (server only,
+        during a reconnection)."""
+        for off in (REQ_CONS_OFFSET, REQ_PROD_OFFSET, RSP_CONS_OFFSET, RSP_PROD_OFFSET):
+            store_u32(self.mem, off, 0)
+        full_barrier()
+        self.release()
+        self._rx, self._tx = self._rings()
+
+    def release(self) -> None:
+        """Let go of the page memory held by the ring objects (idempotent)."""
+        self._rx.release()
+        self._tx.release()
+
+
+class RingTransport(asyncio.Transport):
+    """The guest's end of a xenstore ring as an :class:`asyncio.Transport`.
+
+    ``protocol`` is an :class:`asyncio.BufferedProtocol` (the client's connection object).
+    Writes go into ``req`` at once; what does not fit waits (unbounded, like a socket
+    transport's buffer: the client bounds what it sends) for the server to consume and
+    signal.  Each event moves ``rsp`` bytes to the protocol and flushes waiting writes.
+    A corrupt ring, a server that reports ``error``, or a closed event channel closes the
+    transport with a :class:`~xenpv.errors.PeerError`.  ``on_close`` runs once when the
+    transport closes (the page and port belong to the caller, who releases them there).
+    """
+
+    def __init__(self, page: XsRingPage, events: Any, port: int,
+                 protocol: asyncio.BufferedProtocol, *,
+                 on_close: Callable[[], None] | None = None) -> None:
+        """Start: watch ``port`` and examine the ring once (in the running loop)."""
+        super().__init__()
+        self.page = page
+        self.events = events
+        self.port = port
+        self._protocol = protocol
+        self._out = bytearray()
+        self._closing = False
+        self._on_close = on_close
+        self._loop = asyncio.get_running_loop()
+        #: Events taken, and those that found nothing to do.
+        self.stats = {"events": 0, "spurious": 0, "notifies": 0}
+        self._hub = PortDispatcher.attach(events)
+        self._hub.watch(port, self._on_event)
+        protocol.connection_made(self)
+        self._loop.call_soon(self._on_event)
+
+    def _notify(self) -> None:
+        self.stats["notifies"] += 1
+        self.events.notify(self.port)
+
+    def _on_event(self) -> None:
+        if self._closing:
+            return
+        self.stats["events"] += 1
+        page = self.page
+        try:
+            if page.connection != XS_CONNECTED:
+                return  # a reconnection is in progress: only `connection` matters now
+            if page.features & FEATURE_ERROR and page.error != ERROR_NONE:
+                raise PeerError(f"the xenstore server stopped serving this ring "
+                                f"(error {page.error})")
+            moved = self._flush()
+            buf = self._protocol.get_buffer(-1)
+            got = 0
+            while got < _PASS_BYTES:
+                n = page.read_into(buf)
+                if not n:
+                    break
+                got += n
+                self._protocol.buffer_updated(n)
+                if self._closing:
+                    return
+            if got:
+                self._notify()
+                moved = True
+                # Space may have been freed meanwhile by the server for our writes too.
+                self._flush()
+            if not moved:
+                self.stats["spurious"] += 1
+        except (RingOverflowError, PeerError) as exc:
+            self._close(exc)
+        except PlatformError as exc:
+            self._close(exc)
+
+    def _flush(self) -> bool:
+        """Move waiting writes into ``req``; True if any moved (the peer was notified)."""
+        if not self._out:
+            return False
+        n = self.page.write(self._out)
+        if not n:
+            return False
+        del self._out[:n]
+        self._notify()
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data``; it enters the ring at once if there is room."""
+        if self._closing:
+            return
+        self._out += data
+        try:
+            self._flush()
+        except (RingOverflowError, PlatformError) as exc:
+            self._close(exc)
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes written that have not entered the ring yet."""
+        return len(self._out)
+
+    def is_closing(self) -> bool:
+        """True once closed."""
+        return self._closing
+
+    def close(self) -> None:
+        """Stop using the ring and tell the protocol."""
+        self._close(None)
+
+    def _close(self, exc: Exception | None) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._hub.detach(self.port)
+        self.page.release()
+        if self._on_close is not None:
+            with contextlib.suppress(Exception):
+                self._on_close()
+        self._loop.call_soon(self._protocol.connection_lost, exc)
+
+
+async def reconnect(page: XsRingPage, events: Any, port: int, timeout: float = 10.0) -> None:
+    """Ask the server to reset the ring's connection and wait until it has (a
+    :class:`TimeoutError` after ``timeout`` seconds).  The caller must not be using
+    the ring meanwhile."""
+    hub = PortDispatcher.attach(events)
+    woken = asyncio.Event()
+    hub.watch(port, woken.set)
+    try:
+        page.connection = XS_RECONNECT
+        events.notify(port)
+        async with asyncio.timeout(timeout):
+            while page.connection != XS_CONNECTED:
+                woken.clear()
+                await woken.wait()
+    finally:
+        hub.detach(port)
+
+
+async def connect_ring(mem: Any, events: Any, port: int, *, timeout: float | None = None,
+                       reset: bool = True, on_close: Callable[[], None] | None = None,
+                       reset_timeout: float = 10.0) -> Any:
+    """A :class:`~xenpv.xenstore.client.XenstoreClient` over the xenstore page ``mem``
+    (mapped writable) and the bound event-channel ``port`` of ``events``.
+
+    ``timeout`` is the client's default per request.  With ``reset`` (the default) and a
+    server that advertises :data:`FEATURE_RECONNECTION`, the connection is reset first
+    (see the module docstring).  ``on_close`` runs when the client's connection closes.
+    """
+    from xenpv.xenstore.client import XenstoreClient, _Connection
+
+    page = XsRingPage(mem, server=False)
+    try:
+        if reset and page.features & FEATURE_RECONNECTION:
+            await reconnect(page, events, port, reset_timeout)
+    except BaseException:
+        page.release()
+        raise
+    conn = _Connection()
+    RingTransport(page, events, port, conn, on_close=on_close)
+    return XenstoreClient(conn, timeout)

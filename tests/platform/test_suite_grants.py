@@ -58,7 +58,9 @@ def test_isolation_mapping_a_ref_not_granted_to_you_fails(machine: Any) -> None:
     b.grants.end_access(to_c)
 
 
-@pytest.mark.parametrize("ref", [0, 1, 7, 100_000, 2**32 - 1])
+# (ref 1 is left out: where a domain builder made the domain's xenstore page, dom0 may
+# map it there, as dom0's xenstored does; tests/integration/test_xs_ring.py covers it)
+@pytest.mark.parametrize("ref", [0, 7, 100_000, 2**32 - 1])
 def test_reserved_and_out_of_range_refs_cannot_be_mapped(machine: Any, ref: int) -> None:
     a, _b = machine.domain(0), machine.domain(1)
     with pytest.raises(MapError) as info:

@@ -37,6 +37,9 @@ from xenpv.loops import LOOPS
 from xenpv.pidlock import InUseError
 from xenpv.platforms.base import GNTTAB_NR_RESERVED_ENTRIES
 from xenpv.platforms.loopback.env import domain_env
+from xenpv.platforms.loopback.xsd import CHOICES as XSD_CHOICES
+from xenpv.platforms.loopback.xsd import OURS as XSD_OURS
+from xenpv.platforms.loopback.xsd import choose as choose_xenstored
 
 
 def _domain_spec(text: str) -> tuple[int, str]:
@@ -89,6 +92,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="event loop: uvloop when installed (auto, the default), uvloop or asyncio",
     )
+    up.add_argument(
+        "--xenstored",
+        choices=XSD_CHOICES,
+        default=XSD_OURS,
+        help="dom0's xenstored: ours (embedded, the default), xen-c or oxenstored (Xen's, "
+        "where this build provides them); every domain is introduced to it with its ring",
+    )
     up.add_argument("-v", "--verbose", action="store_true", help="log every domain change")
 
     dom = sub.add_parser("domain", help="create, destroy or list domains (acts as dom0)")
@@ -136,8 +146,11 @@ def _up(args: argparse.Namespace) -> int:
 
     try:
         quotas = make_quotas(args.xenstore_quota)
+        choose_xenstored(args.xenstored)  # refused before anything is created
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    except LocalError as exc:
+        raise CliError(str(exc)) from None
     try:
         loops.run(
             run_daemon(
@@ -147,6 +160,7 @@ def _up(args: argparse.Namespace) -> int:
                 max_ports=args.max_ports,
                 ready=ready,
                 quotas=quotas,
+                xenstored=args.xenstored,
             ),
             args.loop,
         )

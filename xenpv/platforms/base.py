@@ -62,6 +62,7 @@ __all__ = [
     "GrantPtr",
     "GrantTable",
     "GuestFrames",
+    "GuestXenstoreRing",
     "LocalPtr",
     "MapError",
     "MappedGrants",
@@ -602,6 +603,20 @@ if TYPE_CHECKING:
         return a, b
 
 
+@dataclass(frozen=True)
+class GuestXenstoreRing:
+    """A domain's own xenstore connection as its kernel sees it (what a guest finds in
+    its start info): the page (``xenstore_domain_interface``, mapped writable), the port
+    (bound to dom0's xenstored, delivered to this platform's event handle) and the guest
+    frame holding the page.  ``release`` unmaps the page and gives the port back to the
+    domain (the next taker reconnects)."""
+
+    mem: memoryview
+    port: int
+    gfn: int
+    release: Callable[[], None]
+
+
 G = TypeVar("G", bound=GrantTable)
 E = TypeVar("E", bound=EventChannels)
 
@@ -643,6 +658,28 @@ class BasePlatform(Generic[G, E]):
 
             raise LocalError("this platform has no xenstore endpoint")
         return await open_xenstore_client(self._xenstore_path)
+
+    def xenstore_ring(self) -> GuestXenstoreRing:
+        """Take over this domain's xenstore ring (platforms that can: the emulator's);
+        :class:`~xenpv.errors.LocalError` here."""
+        from xenpv.errors import LocalError
+
+        raise LocalError("this platform gives no access to the domain's xenstore ring")
+
+    async def xenstore_over_ring(self, *, timeout: float | None = None) -> XenstoreClient:
+        """A xenstore client acting as this domain over its own ring (not the socket):
+        :meth:`xenstore_ring` plus :func:`xenpv.xenstore.ring.connect_ring`; closing the
+        client releases the ring."""
+        from xenpv.xenstore.ring import connect_ring
+
+        ring = self.xenstore_ring()
+        try:
+            client: XenstoreClient = await connect_ring(
+                ring.mem, self._events, ring.port, timeout=timeout, on_close=ring.release)
+        except BaseException:
+            ring.release()
+            raise
+        return client
 
     def close(self) -> None:
         """Close the event-channel and grant handles (everything they hold)."""

@@ -75,6 +75,8 @@ _ERRNAMES = {ERROR_RINGIDX: "corrupt ring indexes", ERROR_PROTO: "a protocol vio
 class RingConnection(_XsConnection):
     """One domain's xenstore ring, served like a socket connection (module docstring)."""
 
+    counted = False
+
     def __init__(self, service: RingService, domid: int, gfn: int, mapping: Any,
                  port: int, remote_port: int, loop: asyncio.AbstractEventLoop) -> None:
         """Serve the mapped page ``mapping`` with local ``port`` (call :meth:`start`)."""

@@ -126,6 +126,10 @@ class _XsConnection:
     (backpressure) until the backlog drains to :attr:`low_water`.
     """
 
+    #: Whether the connection counts against the ``connections`` quota (sockets do; a
+    #: domain's one ring connection does not).
+    counted = True
+
     def __init__(
         self,
         server: XenstoredServer,
@@ -842,11 +846,12 @@ class XenstoredServer:
     def _register(self, proto: _XsConnection) -> None:
         assert proto.conn is not None
         self._protocols[proto.conn] = proto
-        self._open[proto.domid] = self._open.get(proto.domid, 0) + 1
+        if proto.counted:
+            self._open[proto.domid] = self._open.get(proto.domid, 0) + 1
 
     def _unregister(self, proto: _XsConnection) -> None:
         assert proto.conn is not None
-        if self._protocols.pop(proto.conn, None) is not None:
+        if self._protocols.pop(proto.conn, None) is not None and proto.counted:
             left = self._open[proto.domid] - 1
             if left:
                 self._open[proto.domid] = left

@@ -20,6 +20,7 @@ they held: mappings (their unmap notifications fire), shares, ports.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -36,6 +37,7 @@ from xenpv.platforms.base import (
     GrantCopy,
     GrantInUse,
     GrantPtr,
+    GuestXenstoreRing,
     LocalPtr,
     MapError,
     MappedGrants,
@@ -49,7 +51,7 @@ from xenpv.platforms.base import (
 from xenpv.platforms.loopback import proto
 from xenpv.platforms.loopback.env import ENV_SOCKET, ENV_XENSTORED_PATH
 from xenpv.platforms.loopback.events import EpollEvents
-from xenpv.platforms.loopback.inprocess import notify_args, with_notify
+from xenpv.platforms.loopback.inprocess import _ring_release, notify_args, with_notify
 from xenpv.platforms.loopback.memory import MappedRegion, Region, SharedRegion, owned_run
 from xenpv.platforms.loopback.proto import Op
 
@@ -549,6 +551,24 @@ class ClientPlatform(BasePlatform[ClientGrantTable, ClientEvents]):
                 str(sibling) if sibling.exists() else None
             )
         super().__init__(grants, events, None if xenstore_path is None else str(xenstore_path))
+
+    def xenstore_ring(self) -> GuestXenstoreRing:
+        """Take over the xenstore page and port the domain builder made for this domain
+        (the daemon's ``XS_RING``; ``EBUSY`` while another process has them)."""
+        events = self.events
+        out, fds = events._conn.call(Op.XS_RING)
+        page_fd, inbox = fds
+        port, gfn, page = proto.U32x3.unpack(out)
+        try:
+            events._register(port, inbox)
+            region = Region([(page_fd, page)], writable=True)
+        except BaseException:
+            with contextlib.suppress(PlatformError, LocalError, KeyError):
+                events.unbind(port)
+            raise
+        finally:
+            os.close(page_fd)
+        return GuestXenstoreRing(region.mem, port, gfn, _ring_release(region, events, port))
 
     @classmethod
     def for_domain(cls, rundir: str | os.PathLike[str], domid: int, **kw: Any) -> ClientPlatform:

@@ -303,6 +303,9 @@ class Port:
     remote: Port | None = None
     notify_refs: int = 0  # unmap notifications that will signal this port
     detached: bool = False  # unbound by its owner, kept alive for notify_refs
+    #: The handle a port lent to another handle goes back to when that one lets go of it
+    #: (the domain builder's xenstore port: see ``builder.adopt_xenstore_ring``).
+    home: Handle | None = None
 
 
 @dataclass(eq=False)
@@ -510,6 +513,8 @@ class Hypervisor:
         self.grant_gen = 0  # bumped on every grant-table change (invalidates copy plans)
         self.on_domain_created: list[Callable[[Domain], None]] = []
         self.on_domain_destroyed: list[Callable[[Domain], None]] = []
+        #: The domain builder's xenstore rings by domid (``builder.XenstoreRing``).
+        self.xenstore_rings: dict[int, Any] = {}
         self.create_domain(0, "Domain-0")
 
     # ------------------------------------------------------------------ domains
@@ -623,7 +628,8 @@ class Hypervisor:
         for s in list(h.shares.values()):
             self._end_share(s, s.entries)
         for p in list(h.ports.values()):
-            self._close_port(p)
+            if not self._return_port(p):
+                self._close_port(p)
         del h.domain.handles[h.id]
         h.domain.fds -= 1
         for cb in h.on_close:
@@ -1067,7 +1073,32 @@ class Hypervisor:
         p = h.ports.get(port)
         if p is None:
             raise PortError(f"port {port} is not bound by this handle", errno.EINVAL)
-        self._close_port(p)
+        if not self._return_port(p):
+            self._close_port(p)
+
+    def lend_port(self, p: Port, h: Handle) -> None:
+        """Move port ``p`` of ``h``'s domain to handle ``h``; it goes back to its current
+        owner when ``h`` unbinds it or closes (the domain builder's xenstore port, taken
+        over by the process acting as the guest's kernel)."""
+        self._check_open(h)
+        if p.domain is not h.domain or p.detached or p.home is not None:
+            raise PortError(f"port {p.port} cannot be lent", errno.EBUSY)
+        del p.owner.ports[p.port]
+        p.home, p.owner = p.owner, h
+        h.ports[p.port] = p
+        p.domain.bump(p.port)
+
+    def _return_port(self, p: Port) -> bool:
+        """Give a lent port back to its home handle (False: it is not lent, or its home
+        is gone, so it closes)."""
+        home = p.home
+        if home is None or home.closed or p.detached:
+            return False
+        del p.owner.ports[p.port]
+        p.owner, p.home = home, None
+        home.ports[p.port] = p
+        p.domain.bump(p.port)
+        return True
 
     def _close_port(self, p: Port) -> None:
         if not p.detached:

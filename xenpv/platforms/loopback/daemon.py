@@ -52,9 +52,16 @@ from xenpv.platforms.base import (
     ResourceExhausted,
 )
 from xenpv.platforms.loopback import proto
+from xenpv.platforms.loopback.builder import (
+    adopt_xenstore_ring,
+    build_xenstore_ring,
+    ring_holdings,
+)
 from xenpv.platforms.loopback.core import CopyPlan, Domain, Handle, Hypervisor, Mapping, Segment
 from xenpv.platforms.loopback.home import write_domain_home
+from xenpv.platforms.loopback.inprocess import InProcessPlatform
 from xenpv.platforms.loopback.proto import Op
+from xenpv.platforms.loopback.xsd import OURS, choose
 
 log = logging.getLogger("xenpv.loopback")
 
@@ -207,9 +214,12 @@ class LoopbackDaemon:
         max_fds: int = 4096,
         xenstore: bool = True,
         quotas: Any = None,
+        xenstored: str = OURS,
     ) -> None:
         """``quotas``: the embedded xenstored's :class:`~xenpv.xenstore.store.Quotas`;
-        ``max_fds``: descriptors the daemon holds for one unprivileged domain."""
+        ``max_fds``: descriptors the daemon holds for one unprivileged domain;
+        ``xenstored``: which xenstored is dom0's (:mod:`~xenpv.platforms.loopback.xsd`:
+        ``ours`` is embedded, another name must have a registered implementation)."""
         self.rundir = Path(rundir)
         self._lock = PidLock(self.rundir / "daemon.lock", f"run directory {self.rundir}")
         self._quotas = quotas
@@ -218,9 +228,12 @@ class LoopbackDaemon:
         self._accept_suppressed = 0
         self.connections: set[_Connection] = set()
         self._listeners: dict[int, socket.socket] = {}
-        self._want_xenstore = xenstore
+        #: Dom0's xenstored when it is not ours (None: the embedded one, or none).
+        self.external_xenstored = choose(xenstored) if xenstore else None
+        self._want_xenstore = xenstore and self.external_xenstored is None
         self.xenstored: Any = None
         self._xs_dom0: Any = None
+        self._dom0_platform: Any = None
         self._stopped = asyncio.Event()
         self._handlers: dict[int, Callable[[_Connection, bytes], Any]] = {
             Op.HELLO: self._hello,
@@ -245,6 +258,7 @@ class LoopbackDaemon:
             Op.FRAME_ALLOC: self._frame_alloc,
             Op.FOREIGN_MAP: self._foreign_map,
             Op.GNT_GRANT_FRAME: self._gnt_grant_frame,
+            Op.XS_RING: self._xs_ring,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -262,8 +276,15 @@ class LoopbackDaemon:
             except ImportError:
                 log.warning("embedded xenstore server not available: grants and events only")
             else:
-                self.xenstored = XenstoredServer(quotas=self._quotas, state_file=None)
+                # dom0's own handles on the hypervisor: INTRODUCE maps guests' xenstore
+                # pages and binds their ports through them
+                self._dom0_platform = InProcessPlatform(self.hv, 0)
+                self.xenstored = XenstoredServer(
+                    quotas=self._quotas, state_file=None, platform=self._dom0_platform
+                )
         await self._open_endpoints(self.hv.domains[0])
+        if self.external_xenstored is not None:
+            await self.external_xenstored.start(self.rundir)
         if self.xenstored is not None:
             from xenpv.xenstore.client import connect
 
@@ -362,8 +383,14 @@ class LoopbackDaemon:
         """Create a domain with its endpoints and xenstore home; ``@introduceDomain``."""
         dom = self.hv.create_domain(domid, name)
         try:
-            # the home exists before @introduceDomain fires (listen introduces the domain)
+            # the home exists before @introduceDomain fires
             await self._write_home(dom)
+            # the domain builder's xenstore page and port, introduced as a toolstack does
+            ring = build_xenstore_ring(self.hv, domid)
+            if self._xs_dom0 is not None:
+                await self._xs_dom0.introduce(domid, ring.gfn, ring.port)
+            elif self.external_xenstored is not None:
+                await self.external_xenstored.introduce(domid, ring.gfn, ring.port)
             await self._open_endpoints(dom)
             if self.xenstored is not None:
                 self.xenstored.introduce_domain(domid)
@@ -385,6 +412,8 @@ class LoopbackDaemon:
             with contextlib.suppress(Exception):
                 await self._xs_dom0.rm(f"/local/domain/{domid}")
             self.xenstored.release_domain(domid)
+        if self.external_xenstored is not None:
+            await self.external_xenstored.release(domid)
         log.info("destroyed dom%d", domid)
 
     async def serve_forever(self) -> None:
@@ -409,6 +438,10 @@ class LoopbackDaemon:
                 await self._xs_dom0.close()
         if self.xenstored is not None:
             await self.xenstored.close()
+        if self.external_xenstored is not None:
+            await self.external_xenstored.close()
+        if self._dom0_platform is not None:
+            self._dom0_platform.close()
         self.hv.close()
         if self._lock.held:  # (the pid file of a live daemon that refused us stays)
             with contextlib.suppress(FileNotFoundError):
@@ -562,6 +595,14 @@ class LoopbackDaemon:
         (entry,) = share.entries
         out = proto.U32x3.pack(share.handle_id, entry.ref, entry.page)
         return _ok(out, [entry.segment.fd])
+
+    def _xs_ring(self, conn: _Connection, payload: bytes) -> Reply:
+        if payload:
+            raise PlatformError("XS_RING takes no payload", errno.EINVAL)
+        ring, port = adopt_xenstore_ring(self.hv, conn.handle)
+        (entry,) = ring.frames.entries
+        out = proto.U32x3.pack(port.port, ring.gfn, entry.page)
+        return _ok(out, [entry.segment.fd, port.inbox])
 
     def _gnt_unmap(self, conn: _Connection, payload: bytes) -> Reply:
         (handle_id,) = _unpack(proto.U32, payload)
@@ -722,7 +763,13 @@ class LoopbackDaemon:
             self._require_priv(conn)
         s = self.hv.stats(domid)
         watches = self.xenstored.watch_count(domid) if self.xenstored is not None else 0
-        fields = (s.grants, s.grants_revoking, s.mappings, s.ports, s.shares, s.handles, watches)
+        # what the domain's processes hold: the xenstore ring is the domain's own
+        x = ring_holdings(self.hv, domid)
+        if domid == 0 and self._dom0_platform is not None:
+            x["handles"] += 2  # the embedded xenstored's own grant and event handles
+        fields = (s.grants - x["grants"], s.grants_revoking, s.mappings - x["mappings"],
+                  s.ports - x["ports"], s.shares - x["shares"], s.handles - x["handles"],
+                  watches)
         return _ok(proto.STATS_REPLY.pack(*fields))
 
     def _fault(self, conn: _Connection, payload: bytes) -> Reply:
@@ -749,13 +796,16 @@ async def run_daemon(
     max_fds: int = 4096,
     ready: Callable[[LoopbackDaemon], None] | None = None,
     quotas: Any = None,
+    xenstored: str = OURS,
 ) -> None:
     """Run the daemon in the foreground until SIGTERM/SIGINT, then shut down cleanly.
 
-    ``max_fds`` bounds the descriptors the daemon holds for one unprivileged domain."""
+    ``max_fds`` bounds the descriptors the daemon holds for one unprivileged domain;
+    ``xenstored`` names dom0's xenstored (:mod:`~xenpv.platforms.loopback.xsd`)."""
     _raise_fd_limit()
     daemon = LoopbackDaemon(
-        rundir, max_grants=max_grants, max_ports=max_ports, max_fds=max_fds, quotas=quotas
+        rundir, max_grants=max_grants, max_ports=max_ports, max_fds=max_fds, quotas=quotas,
+        xenstored=xenstored,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -36,6 +36,7 @@ from collections.abc import Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
 from xenpv.errors import LocalError
+from xenpv.platforms.loopback.builder import build_xenstore_ring, ring_holdings
 from xenpv.platforms.loopback.core import Hypervisor
 from xenpv.platforms.loopback.home import write_domain_home
 from xenpv.platforms.loopback.inprocess import InProcessPlatform
@@ -79,7 +80,10 @@ class InProcessEmulator:
         self.hv = Hypervisor(max_grants=max_grants, max_ports=max_ports)
         self._tmp = None if rundir is not None else tempfile.TemporaryDirectory(prefix="xenpv-emu-")
         self.rundir = os.fspath(rundir) if rundir is not None else self._tmp.name  # type: ignore[union-attr]
-        self.xenstored = XenstoredServer()
+        # dom0's handles for the xenstored: INTRODUCE maps each guest's xenstore page and
+        # binds its port through them (used from the xenstored's thread only)
+        self._dom0_platform = InProcessPlatform(self.hv, 0)
+        self.xenstored = XenstoredServer(platform=self._dom0_platform)
         self._platforms: list[InProcessPlatform] = []
         self._clients: list[Any] = []
         self._dom0: Any = None
@@ -107,10 +111,13 @@ class InProcessEmulator:
         return os.path.join(self.rundir, f"dom{domid}.sock")
 
     def create_domain(self, domid: int, name: str | None = None) -> None:
-        """Create ``domid`` with its home and xenstore socket (``@introduceDomain`` fires)."""
+        """Create ``domid`` with its home, its xenstore ring (the domain builder's page
+        and port, introduced to the xenstored: ``platform(domid).xenstore_over_ring()``)
+        and its xenstore socket (``@introduceDomain`` fires)."""
         dom = self.hv.create_domain(domid, name)
         try:
-            self._call(self._introduce(domid, dom.name))
+            ring = build_xenstore_ring(self.hv, domid)
+            self._call(self._introduce(domid, dom.name, ring.gfn, ring.port))
         except BaseException:
             self.hv.destroy_domain(domid)
             raise
@@ -146,8 +153,16 @@ class InProcessEmulator:
         return client
 
     def outstanding(self) -> dict[str, int]:
-        """Grants, shares, mappings and ports still held (and hypervisor handles)."""
-        return dict(self.hv.outstanding())
+        """Grants, shares, mappings and ports still held (and hypervisor handles), not
+        counting the domains' xenstore rings (``builder.ring_holdings``) nor the
+        xenstored's own two handles."""
+        out = dict(self.hv.outstanding())
+        for domid in list(self.hv.domains):
+            for key, value in ring_holdings(self.hv, domid).items():
+                if key in out:
+                    out[key] -= value
+        out["handles"] -= 2
+        return out
 
     def assert_released(self) -> None:
         """Raise ``AssertionError`` if a grant, mapping or port is still held."""
@@ -173,6 +188,8 @@ class InProcessEmulator:
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 self._thread.join(SETUP_TIMEOUT)
             self._loop.close()
+            with contextlib.suppress(Exception):
+                self._dom0_platform.close()
             self.hv.close()
         if self._tmp is not None:
             self._tmp.cleanup()
@@ -199,9 +216,10 @@ class InProcessEmulator:
         self._dom0 = await connect(self.xenstore_path(0))
         await write_domain_home(self._dom0, 0, self.hv.domains[0].name)
 
-    async def _introduce(self, domid: int, name: str) -> None:
-        # the home exists before @introduceDomain fires (listen introduces the domain)
+    async def _introduce(self, domid: int, name: str, gfn: int, port: int) -> None:
+        # the home exists before @introduceDomain fires
         await write_domain_home(self._dom0, domid, name)
+        await self._dom0.introduce(domid, gfn, port)
         await self.xenstored.listen(self.xenstore_path(domid), domid)
 
     async def _release(self, domid: int) -> None:

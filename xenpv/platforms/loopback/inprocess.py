@@ -9,13 +9,16 @@ would receive them.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from xenpv.errors import LocalError, PlatformError
 from xenpv.platforms.base import (
     BasePlatform,
     GrantCopy,
     GrantTable,
+    GuestXenstoreRing,
     MappedGrants,
     SharedPages,
     UnmapNotify,
@@ -231,3 +234,35 @@ class InProcessPlatform(BasePlatform[InProcessGrantTable, InProcessEvents]):
         self.hv = hv
         grants = InProcessGrantTable(hv, domid)
         super().__init__(grants, InProcessEvents(hv, domid), xenstore_path)
+
+    def xenstore_ring(self) -> GuestXenstoreRing:
+        """Take over the xenstore page and port the domain builder made for this domain
+        (:mod:`~xenpv.platforms.loopback.builder`); ``EBUSY`` while another handle has
+        them."""
+        from xenpv.platforms.loopback.builder import adopt_xenstore_ring
+
+        events = self.events
+        ring, port = adopt_xenstore_ring(self.hv, events._h)
+        try:
+            events._register(port.port, os.dup(port.inbox))
+            region = Region(ring.frames.pages(), writable=True)
+        except BaseException:
+            self.hv.unbind(events._h, port.port)
+            raise
+        return GuestXenstoreRing(region.mem, port.port, ring.gfn,
+                                 _ring_release(region, events, port.port))
+
+
+def _ring_release(region: Region, events: EpollEvents, port: int) -> Callable[[], None]:
+    """Unmap ``region`` and unbind ``port`` once (the port goes back to the domain)."""
+    done: list[bool] = []
+
+    def release() -> None:
+        if done:
+            return
+        done.append(True)
+        region.release()
+        with contextlib.suppress(PlatformError, LocalError):
+            events.unbind(port)
+
+    return release

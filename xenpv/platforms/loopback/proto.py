@@ -71,6 +71,8 @@ class Op(enum.IntEnum):
     FRAME_ALLOC = 20
     FOREIGN_MAP = 21
     GNT_GRANT_FRAME = 22
+    #: Take over the domain builder's xenstore page and port (``builder.py``).
+    XS_RING = 32
 
 
 class ProtocolViolation(Exception):

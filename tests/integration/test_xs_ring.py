@@ -135,6 +135,43 @@ def test_every_client_operation(emu: InProcessEmulator, transport: str) -> None:
     run(body)
 
 
+@pytest.mark.parametrize("transport", ["socket", "ring"])
+def test_blocking_client_operations(emu: InProcessEmulator, transport: str) -> None:
+    """The blocking client's operations, watch events and transactions on both."""
+    dom0 = emu.xenstore(0)
+    platform = emu.platform(2)
+    base = f"data/b-{transport}"
+    home = f"/local/domain/2/{base}"
+    if transport == "ring":
+        g = platform.blocking_xenstore_over_ring(timeout=TIMEOUT)
+    else:
+        g = emu.xenstore(2, timeout=TIMEOUT)
+    with g:
+        assert g.read("domid") == b"2"
+        big = b"x" * 1500 + b"y" * 400
+        g.write(f"{base}/big", big)
+        assert dom0.read(f"{home}/big") == big
+        for i in range(140):
+            g.write(f"{base}/d/a-rather-long-child-node-name-{i:03d}", str(i))
+        assert len(g.directory(f"{base}/d")) == 140  # past 4096 bytes: DIRECTORY_PART
+        assert g.get_perms(f"{base}/big") == [Perm("n", 2)]
+        with pytest.raises(XenstoreError) as info:
+            g.write("/local/domain/1/data/x", "1")
+        assert info.value.errno_name == "EACCES"
+        token = g.watch(f"{base}/w")
+        assert g.read_watch(timeout=TIMEOUT).path == f"{base}/w"
+        dom0.write(f"{home}/w/x", "1")
+        assert g.read_watch(timeout=TIMEOUT).path == f"{base}/w/x"
+        g.unwatch(f"{base}/w", token)
+        with g.transaction() as t:
+            t.write(f"{base}/t", t.read(f"{base}/big")[:3])
+        assert dom0.read(f"{home}/t") == b"xxx"
+        g.rm(f"{base}/d")
+        assert not g.exists(f"{base}/d")
+        with pytest.raises(TimeoutError):
+            g.read_watch(timeout=0.05)
+
+
 def test_ring_page_reconnect_and_release(emu: InProcessEmulator) -> None:
     """The builder's page at ref 1, the features, the reconnection protocol dropping a
     predecessor's watches and transactions, and release on destroy."""

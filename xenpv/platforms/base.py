@@ -681,6 +681,19 @@ class BasePlatform(Generic[G, E]):
             raise
         return client
 
+    def blocking_xenstore_over_ring(self, *, timeout: float | None = None) -> Any:
+        """A :class:`~xenpv.xenstore.ring.BlockingRingClient` acting as this domain over
+        its own ring; closing it releases the ring."""
+        from xenpv.xenstore.ring import BlockingRingClient
+
+        ring = self.xenstore_ring()
+        try:
+            return BlockingRingClient(ring.mem, self._events, ring.port, timeout=timeout,
+                                      on_close=ring.release)
+        except BaseException:
+            ring.release()
+            raise
+
     def close(self) -> None:
         """Close the event-channel and grant handles (everything they hold)."""
         self._events.close()

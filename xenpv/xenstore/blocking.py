@@ -219,7 +219,7 @@ class BlockingClient(_NodeOps):
         self._sock: socket.socket | None = None
         if max_pending < 1:
             raise LocalError("max_pending must be at least 1")
-        self._fd, self._sock = _open(path)
+        self._fd, self._sock = self._connect(path)
         self._client = self
         self.default_timeout = timeout
         self.max_pending = max_pending
@@ -236,6 +236,10 @@ class BlockingClient(_NodeOps):
         self._events: dict[WatchEvent, None] = {}
         self.overflows = 0
         self.error: BaseException | None = None
+
+    def _connect(self, path: str | None) -> tuple[int, socket.socket | None]:
+        """Open the connection: its descriptor and socket (None for a device)."""
+        return _open(path)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -476,6 +480,11 @@ class BlockingClient(_NodeOps):
             if start and len(buf) - end < HEADER_SIZE + PAYLOAD_MAX:
                 buf[: end - start] = buf[start:end]  # make room for a whole message
                 self._start, self._end = 0, end - start
+            self._end += self._read_some(deadline)
+
+    def _read_some(self, deadline: float | None) -> int:
+        """Read what has come (at least one byte) into the buffer after ``_end``."""
+        while True:
             if deadline is not None:
                 self._wait(self._fd, select.POLLIN, deadline)
             try:
@@ -486,7 +495,7 @@ class BlockingClient(_NodeOps):
                 raise self._lost(exc) from exc
             if not n:
                 raise self._lost(None)
-            self._end += n
+            return n
 
     def _lost(self, exc: OSError | None) -> XenstoreConnectionError:
         if exc is None:

@@ -20,7 +20,8 @@ good, until a reconnection resets it).  The server half is
 :class:`asyncio.Transport` over the page and the port that the asyncio client's protocol
 object runs on unchanged, and :func:`connect_ring`, which returns a
 :class:`~xenpv.xenstore.client.XenstoreClient` on it — the same operations, watches and
-transactions as over a socket.
+transactions as over a socket; :class:`BlockingRingClient` is the blocking client on the
+same page (its I/O replaced by ring reads and writes and waits on the port).
 
 Reconnection (what a guest does when it takes over a ring that another kernel or process
 used before): if the server advertises :data:`FEATURE_RECONNECTION`, the guest writes
@@ -38,12 +39,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
 from xenpv.errors import LocalError, PeerError, PlatformError, RingOverflowError
 from xenpv.platforms.dispatch import PortDispatcher
 from xenpv.rings import ByteRing, full_barrier, load_u32, store_u32
+from xenpv.xenstore.blocking import BlockingClient
+from xenpv.xenstore.ops import XenstoreConnectionError
 
 __all__ = [
     "CONNECTION_OFFSET",
@@ -64,6 +68,7 @@ __all__ = [
     "RSP_PROD_OFFSET",
     "XS_CONNECTED",
     "XS_RECONNECT",
+    "BlockingRingClient",
     "RingTransport",
     "XsRingPage",
     "connect_ring",
@@ -349,3 +354,114 @@ async def connect_ring(mem: Any, events: Any, port: int, *, timeout: float | Non
     conn = _Connection()
     RingTransport(page, events, port, conn, on_close=on_close)
     return XenstoreClient(conn, timeout)
+
+
+class BlockingRingClient(BlockingClient):
+    """The blocking client (:class:`~xenpv.xenstore.blocking.BlockingClient`) over a
+    xenstore ring: the page ``mem`` and the bound ``port`` of ``events``.
+
+    Everything but the I/O is the blocking client's (operations, transactions, watch
+    events, timeouts, threads).  A request is written into ``req`` as room allows, the
+    reply taken from ``rsp``; waiting is on the port (the handle's dispatcher, so other
+    ports of the handle keep working).  With ``reset`` the connection is reset first, as
+    :func:`connect_ring` does.  ``on_close`` runs once when the client closes.  A
+    :meth:`~xenpv.xenstore.blocking.BlockingClient.close` from another thread takes
+    effect when the thread blocked on the ring wakes (next event or its deadline).
+    """
+
+    def __init__(self, mem: Any, events: Any, port: int, *, timeout: float | None = None,
+                 max_pending: int = 1024, reset: bool = True,
+                 on_close: Callable[[], None] | None = None,
+                 reset_timeout: float = 10.0) -> None:
+        """Take the ring (see the class docstring)."""
+        self._page = XsRingPage(mem, server=False)
+        self._evtchn = events
+        self._port = port
+        self._on_close = on_close
+        self._released = False
+        self._hub = PortDispatcher.attach(events)
+        super().__init__(None, timeout=timeout, max_pending=max_pending)
+        try:
+            if reset and self._page.features & FEATURE_RECONNECTION:
+                self._reconnect(time.monotonic() + reset_timeout)
+        except BaseException:
+            self._close_fd()
+            raise
+
+    def _connect(self, path: str | None) -> tuple[int, None]:
+        return -1, None
+
+    def fileno(self) -> int:
+        """The event-channel handle's descriptor (readable when the server signalled)."""
+        return int(self._evtchn.fileno())
+
+    def _close_fd(self) -> None:
+        if getattr(self, "_released", True):
+            return
+        self._released = True
+        self._hub.detach(self._port)
+        self._page.release()
+        if self._on_close is not None:
+            with contextlib.suppress(Exception):
+                self._on_close()
+
+    def _reconnect(self, deadline: float) -> None:
+        page = self._page
+        page.connection = XS_RECONNECT
+        self._evtchn.notify(self._port)
+        while page.connection != XS_CONNECTED:
+            self._await_event(deadline)
+
+    def _await_event(self, deadline: float | None) -> None:
+        """Wait for the port to fire; :class:`TimeoutError` at ``deadline``."""
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise TimeoutError
+        if not self._hub.wait(self._port, left) and deadline is not None:
+            if time.monotonic() >= deadline:
+                raise TimeoutError
+
+    def _ring_lost(self, why: str) -> XenstoreConnectionError:
+        err = XenstoreConnectionError(f"xenstore ring: {why}")
+        self._fail(err)
+        return err
+
+    def _check(self) -> None:
+        if self._released or self.error is not None:
+            raise self.error or self._ring_lost("closed")
+        page = self._page
+        if page.features & FEATURE_ERROR and page.error != ERROR_NONE:
+            raise self._ring_lost(f"the server stopped serving it (error {page.error})")
+
+    def _send(self, data: bytes, deadline: float | None) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                self._check()
+                if self._page.connection == XS_CONNECTED:
+                    try:
+                        n = self._page.write(view)
+                    except RingOverflowError as exc:
+                        raise self._ring_lost(str(exc)) from None
+                    if n:
+                        view = view[n:]
+                        self._evtchn.notify(self._port)
+                        continue
+                self._await_event(deadline)
+        except BaseException:
+            if 0 < len(view) < len(data):
+                self._fail(XenstoreConnectionError("xenstore request left half-written"))
+            raise
+
+    def _read_some(self, deadline: float | None) -> int:
+        while True:
+            self._check()
+            if self._page.connection == XS_CONNECTED:
+                try:
+                    n = self._page.read_into(self._rview[self._end:])
+                except RingOverflowError as exc:
+                    raise self._ring_lost(str(exc)) from None
+                if n:
+                    self._evtchn.notify(self._port)
+                    return n
+            self._await_event(deadline)

@@ -246,3 +246,22 @@ def test_ring_across_processes(tmp_path: Any) -> None:
         machine.assert_released()
     finally:
         machine.release()
+
+
+def test_up_refuses_a_xenstored_it_does_not_have(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``loopback up --xenstored NAME`` without an implementation of NAME: one line, exit
+    1, nothing created; ``ours`` is the embedded server (xsd.choose gives None)."""
+    from xenpv.cli import main
+    from xenpv.platforms.loopback import xsd
+
+    monkeypatch.setattr(xsd, "XENSTOREDS", {})
+    rundir = tmp_path / "run"
+    assert main(["loopback", "up", "--rundir", str(rundir), "--xenstored", "oxenstored"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "oxenstored" in err[0] and "not available" in err[0], err
+    assert not rundir.exists()
+    assert xsd.choose("ours") is None
+    with pytest.raises(LocalError):
+        xsd.choose("nonesuch")

@@ -129,6 +129,10 @@ def _up(args: argparse.Namespace) -> int:
     if args.verbose and logging.getLogger().getEffectiveLevel() > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
 
+    try:
+        choose_xenstored(args.xenstored)  # refused before anything is created
+    except LocalError as exc:
+        raise CliError(str(exc)) from None
     rundir = Path(args.rundir)
     if rundir.exists() and not rundir.is_dir():
         raise CliError(f"run directory {args.rundir} is not a directory")
@@ -146,11 +150,8 @@ def _up(args: argparse.Namespace) -> int:
 
     try:
         quotas = make_quotas(args.xenstore_quota)
-        choose_xenstored(args.xenstored)  # refused before anything is created
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    except LocalError as exc:
-        raise CliError(str(exc)) from None
     try:
         loops.run(
             run_daemon(

@@ -21,6 +21,8 @@ from xenpv.xenstore.ring import (
     ERROR_RINGIDX,
     REQ_CONS_OFFSET,
     REQ_PROD_OFFSET,
+    RSP_CONS_OFFSET,
+    RSP_PROD_OFFSET,
     XS_CONNECTED,
     XS_RECONNECT,
     XsRingPage,
@@ -159,6 +161,13 @@ def test_corrupt_indexes_and_event_flood_mark_the_ring_bad(
     assert hostile.page.error == ERROR_NONE and not conn.ignored
     hostile.send(request(XsType.READ, b"domid\0", 7))
     assert reply_of(hostile) == (XsType.READ, 7, 0, b"1")
+    # the response ring's indexes too: the server finds them when it writes the reply
+    prod = struct.unpack_from("<I", mem, RSP_PROD_OFFSET)[0]
+    struct.pack_into("<I", mem, RSP_CONS_OFFSET, (prod - 3000) & 0xFFFFFFFF)
+    hostile.send(request(XsType.READ, b"domid\0", 8))
+    hostile.wait(lambda: hostile.page.error == ERROR_RINGIDX, "error RINGIDX (rsp)")
+    assert conn.ignored and conn.stats["faults"] == 2
+    well_behaved(emu)
 
 
 @pytest.mark.parametrize("length", [4097, 0x80000000, 0xFFFFFFFF])

@@ -26,12 +26,13 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("xenpv", "xenpv._lazy", "xenpv.compiled", "xenpv.errors", "xenpv.loops",
                     "xenpv.peers", "xenpv.pidlock")),
+    # rings import only the foundation: the xenstore page is a byte ring too
+    ("rings", ("xenpv.rings",)),
     ("xenstore", ("xenpv.xenstore",)),
     ("platform interfaces", ("xenpv.platforms", "xenpv.platforms.base",
                              "xenpv.platforms.dispatch", "xenpv.platforms.fdwait")),
     ("platforms", ("xenpv.platforms.loopback", "xenpv.platforms.xen")),
     ("platform choice", ("xenpv.platforms.choose",)),
-    ("rings", ("xenpv.rings",)),
     ("protocols", ("xenpv.protocols",)),
     ("xenbus", ("xenpv.xenbus",)),
     ("driver base", ("xenpv.drivers",)),
@@ -68,6 +69,7 @@ SANS_IO = (
     "xenpv.xenstore.ops",
     "xenpv.xenstore.paths",
     "xenpv.xenstore.store",
+    "xenpv.xenstore.page",
     "xenpv.vchan.ring",
 )
 EVENT_LOOPS = ("asyncio", "uvloop")

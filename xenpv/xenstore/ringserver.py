@@ -47,7 +47,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from xenpv.errors import PlatformError, RingOverflowError
-from xenpv.platforms.dispatch import PortDispatcher
 from xenpv.xenstore.ring import (
     ERROR_NONE,
     ERROR_PROTO,
@@ -58,6 +57,7 @@ from xenpv.xenstore.ring import (
     XS_CONNECTED,
     XS_RECONNECT,
     XsRingPage,
+    attach_dispatcher,
 )
 from xenpv.xenstore.server import _MAX_BUFFERED_INPUT, _XsConnection
 from xenpv.xenstore.wire import PAYLOAD_MAX, Decoder
@@ -92,7 +92,7 @@ class RingConnection(_XsConnection):
         self.ignored = False
         #: Counters: events taken, reconnections, faults.
         self.stats = {"events": 0, "reconnects": 0, "faults": 0, "notifies": 0}
-        self._hub: PortDispatcher | None = None
+        self._hub: Any = None
 
     # -- life cycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -104,7 +104,7 @@ class RingConnection(_XsConnection):
         page = self.page
         page.add_features(FEATURE_RECONNECTION | FEATURE_ERROR)
         page.connection = XS_CONNECTED
-        self._hub = PortDispatcher.attach(self.service.events)
+        self._hub = attach_dispatcher(self.service.events)
         self._hub.watch(self.port, self._on_event)
         self._notify()
 

@@ -170,6 +170,15 @@ def test_blocking_client_operations(emu: InProcessEmulator, transport: str) -> N
         assert not g.exists(f"{base}/d")
         with pytest.raises(TimeoutError):
             g.read_watch(timeout=0.05)
+        if transport == "ring":
+            # one signal per request each way (Linux's rule: the guest signals after
+            # consuming only a full ring), not two
+            served = emu.xenstored.rings.rings[2]
+            before = served.stats["events"], served.stats["notifies"]
+            for _ in range(50):
+                g.read("domid")
+            assert served.stats["events"] - before[0] <= 50
+            assert served.stats["notifies"] - before[1] <= 50
 
 
 def test_ring_page_reconnect_and_release(emu: InProcessEmulator) -> None:

@@ -105,6 +105,19 @@ class XsRingPage:
         """Copy as much of ``data`` as fits into the ring we produce; the count."""
         return self._tx.write(data)
 
+    def write_wake(self, data: bytes | bytearray | memoryview) -> tuple[int, bool]:
+        """:meth:`write`, and whether the consumer must be signalled: it had taken
+        everything before this write (so it may be asleep), judged from its index read
+        *after* the new producer index was published.  A consumer that had not caught
+        up will find these bytes in the same pass that takes the older ones."""
+        tx = self._tx
+        old = tx.prod
+        n = tx.write(data)
+        if not n:
+            return 0, False
+        full_barrier()
+        return n, tx.cons == old
+
     def readable(self) -> int:
         """Bytes waiting in the ring we consume."""
         return self._rx.available()

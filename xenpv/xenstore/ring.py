@@ -31,9 +31,12 @@ connection's watches, transactions and queued output, sets ``connection =
 XS_CONNECTED`` and signals back.  :func:`connect_ring` does this by default, so a new
 client never sees a predecessor's replies or events.
 
-Every index update is followed by a notification on the port (the peer may sleep on it);
-the transport reads at most what the ring holds per event, so an event flood costs one
-look at two indexes per event.
+Notifications follow the rule a Linux guest's xenbus driver uses: after producing, signal
+if the server had consumed everything before (read its index after publishing ours, so a
+server that had not caught up finds the new bytes in the pass that takes the old ones);
+after consuming, signal if the ring was full (the server may be waiting for room).  The
+server signals after every index update it makes.  The transport reads at most what the
+ring holds per event, so an event flood costs one look at two indexes per event.
 """
 
 from __future__ import annotations
@@ -162,11 +165,13 @@ class RingTransport(asyncio.Transport):
                 if not n:
                     break
                 got += n
+                if n == RING_SIZE:
+                    # the ring was full: the server may be waiting for room
+                    self._notify()
                 self._protocol.buffer_updated(n)
                 if self._closing:
                     return
             if got:
-                self._notify()
                 moved = True
                 # Space may have been freed meanwhile by the server for our writes too.
                 self._flush()
@@ -181,11 +186,12 @@ class RingTransport(asyncio.Transport):
         """Move waiting writes into ``req``; True if any moved (the peer was notified)."""
         if not self._out:
             return False
-        n = self.page.write(self._out)
+        n, wake = self.page.write_wake(self._out)
         if not n:
             return False
         del self._out[:n]
-        self._notify()
+        if wake:
+            self._notify()
         return True
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -348,12 +354,13 @@ class BlockingRingClient(BlockingClient):
                 self._check()
                 if self._page.connection == XS_CONNECTED:
                     try:
-                        n = self._page.write(view)
+                        n, wake = self._page.write_wake(view)
                     except RingOverflowError as exc:
                         raise self._ring_lost(str(exc)) from None
                     if n:
                         view = view[n:]
-                        self._evtchn.notify(self._port)
+                        if wake:
+                            self._evtchn.notify(self._port)
                         continue
                 self._await_event(deadline)
         except BaseException:
@@ -370,6 +377,7 @@ class BlockingRingClient(BlockingClient):
                 except RingOverflowError as exc:
                     raise self._ring_lost(str(exc)) from None
                 if n:
-                    self._evtchn.notify(self._port)
+                    if n == RING_SIZE:  # it was full: the server may wait for room
+                        self._evtchn.notify(self._port)
                     return n
             self._await_event(deadline)

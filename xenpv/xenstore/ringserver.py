@@ -54,6 +54,7 @@ from xenpv.xenstore.ring import (
     FEATURE_ERROR,
     FEATURE_RECONNECTION,
     GNTTAB_RESERVED_XENSTORE,
+    RING_SIZE,
     XS_CONNECTED,
     XS_RECONNECT,
     XsRingPage,
@@ -224,6 +225,16 @@ class RingConnection(_XsConnection):
         self._flush_out()
         if self.reading and not self.is_closing():
             self._read_general()
+            # A guest that signals only when we had caught up (Linux's rule) may have
+            # published more while we were taking the last bytes: look again, on the
+            # loop's next pass (so one guest never holds the loop).
+            try:
+                more = self.reading and not self.is_closing() and self.page.readable()
+            except RingOverflowError:
+                self._ignore(ERROR_RINGIDX)
+                return
+            if more and not self.scheduled:
+                self.loop.call_soon(self._service)
 
     def _on_readable(self) -> None:
         self._service()
@@ -235,7 +246,10 @@ class RingConnection(_XsConnection):
             self._ignore(ERROR_RINGIDX)
             return
         if data:
-            self._notify()
+            if len(data) == RING_SIZE:
+                # the ring was full: the guest may be waiting for room (a guest that
+                # is not learns of the consumed bytes from the reply's notification)
+                self._notify()
             decoder = self.decoder
             decoder.feed(data)
             if decoder.buffered > _MAX_BUFFERED_INPUT:

@@ -7,13 +7,17 @@ ring, must keep being served throughout, and the server must do bounded work.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from xenpv.errors import RingOverflowError
 from xenpv.platforms.loopback.emulator import InProcessEmulator
 from xenpv.xenstore.ring import (
     ERROR_NONE,
@@ -102,13 +106,18 @@ def well_behaved(emu: InProcessEmulator) -> None:
     """Dom2, over its own ring, still gets answers (one request of each kind)."""
     import asyncio
 
+    platform = emu.platform(2)
+
     async def body() -> None:
         async with asyncio.timeout(TIMEOUT):
-            async with await emu.platform(2).xenstore_over_ring(timeout=TIMEOUT) as g:
+            async with await platform.xenstore_over_ring(timeout=TIMEOUT) as g:
                 await g.write("data/alive", "1")
                 assert await g.read("data/alive") == b"1"
 
-    asyncio.run(body())
+    try:
+        asyncio.run(body())
+    finally:
+        platform.close()
 
 
 def request(type_: int, payload: bytes, req_id: int = 1, tx_id: int = 0) -> bytes:
@@ -269,3 +278,51 @@ def test_quotas_and_permissions_apply_over_the_ring(emu: InProcessEmulator) -> N
                 assert info.value.errno_name == "EACCES"
 
     asyncio.run(body())
+
+
+_ACTIONS = st.lists(
+    st.one_of(
+        st.tuples(st.just("bytes"), st.binary(max_size=1500)),
+        st.tuples(st.just("header"), st.sampled_from([0, 1, 2, 11, 12, 16, 20, 22, 99]),
+                  st.integers(0, 5000)),
+        st.tuples(st.sampled_from(["req_prod", "req_cons", "rsp_prod", "rsp_cons"]),
+                  st.integers(0, 0xFFFFFFFF)),
+        st.tuples(st.just("notify")),
+    ),
+    max_size=8,
+)
+_OFFSETS = {"req_prod": REQ_PROD_OFFSET, "req_cons": REQ_CONS_OFFSET,
+            "rsp_prod": RSP_PROD_OFFSET, "rsp_cons": RSP_CONS_OFFSET}
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(actions=_ACTIONS)
+def test_any_ring_contents_leave_the_server_serving(
+    emu: InProcessEmulator, actions: list[tuple[Any, ...]]
+) -> None:
+    """Whatever a guest puts in its page (bytes, headers, indexes) and however it
+    signals: no internal error, other domains served, and a reconnection gives the
+    guest a working connection again."""
+    h = Hostile(emu, 1)
+    try:
+        h.reconnect()
+        mem = h.ring.mem
+        for action in actions:
+            kind = action[0]
+            if kind in ("bytes", "header"):
+                data = action[1] if kind == "bytes" else HEADER.pack(action[1], 9, 0, action[2])
+                with contextlib.suppress(RingOverflowError):  # its own indexes are junk
+                    h.page.write(data)
+            elif kind == "notify":
+                h.notify()
+            else:
+                struct.pack_into("<I", mem, _OFFSETS[kind], action[1])
+        h.notify()
+        well_behaved(emu)
+        assert emu.xenstored.store.internal_errors == 0
+        h.reconnect()
+        h.send(request(XsType.READ, b"domid\0", 77))
+        assert reply_of(h) == (XsType.READ, 77, 0, b"1")
+    finally:
+        h.close()

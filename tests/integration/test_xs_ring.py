@@ -274,3 +274,60 @@ def test_up_refuses_a_xenstored_it_does_not_have(
     assert xsd.choose("ours") is None
     with pytest.raises(LocalError):
         xsd.choose("nonesuch")
+
+
+def test_daemon_drives_another_dom0_xenstored_through_the_interface(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--xenstored NAME`` with a registered implementation: the daemon starts no
+    embedded server, writes homes through the implementation's dom0 socket, introduces
+    each domain with the builder's ring, releases it after a destroy, closes it."""
+    from xenpv.platforms.loopback import xsd
+    from xenpv.platforms.loopback.daemon import LoopbackDaemon
+    from xenpv.xenstore.server import XenstoredServer
+
+    calls: list[tuple[Any, ...]] = []
+
+    class Recording:
+        """A dom0 xenstored: our server on a socket, recording what it is asked."""
+
+        def __init__(self) -> None:
+            self.server = XenstoredServer()
+            self.sock = str(tmp_path / "other.sock")
+
+        async def start(self, rundir: Any) -> None:
+            calls.append(("start", str(rundir)))
+            await self.server.listen(self.sock)
+
+        def socket_path(self, domid: int) -> str | None:
+            return self.sock if domid == 0 else None
+
+        async def introduce(self, domid: int, gfn: int, port: int) -> None:
+            calls.append(("introduce", domid, gfn, port))
+
+        async def release(self, domid: int) -> None:
+            calls.append(("release", domid))
+
+        async def close(self) -> None:
+            calls.append(("close",))
+            await self.server.close(save=False)
+
+    monkeypatch.setitem(xsd.XENSTOREDS, "xen-c", Recording)
+
+    async def body() -> None:
+        daemon = LoopbackDaemon(tmp_path / "run", xenstored="xen-c")
+        try:
+            await daemon.start({3: "three"})
+            assert daemon.xenstored is None and isinstance(daemon.external_xenstored, Recording)
+            ring = daemon.hv.xenstore_rings[3]
+            assert calls[1] == ("introduce", 3, ring.gfn, ring.port)
+            home = daemon.external_xenstored.server.store.nodes
+            assert home["/local/domain/3/name"].value == b"three"
+            await daemon.destroy_domain(3)
+            assert calls[-1] == ("release", 3)
+            assert "/local/domain/3" not in home
+        finally:
+            await daemon.close()
+        assert calls[0][0] == "start" and calls[-1] == ("close",)
+
+    run(body)

@@ -283,12 +283,17 @@ class LoopbackDaemon:
                     quotas=self._quotas, state_file=None, platform=self._dom0_platform
                 )
         await self._open_endpoints(self.hv.domains[0])
+        dom0_socket = None
         if self.external_xenstored is not None:
             await self.external_xenstored.start(self.rundir)
-        if self.xenstored is not None:
+            dom0_socket = self.external_xenstored.socket_path(0)
+        elif self.xenstored is not None:
+            dom0_socket = str(xenstore_path(self.rundir, 0))
+        if dom0_socket is not None:
+            # the toolstack's connection: homes, INTRODUCE, clean-up after a destroy
             from xenpv.xenstore.client import connect
 
-            self._xs_dom0 = await connect(str(xenstore_path(self.rundir, 0)))
+            self._xs_dom0 = await connect(dom0_socket)
             await self._write_home(self.hv.domains[0])
         for domid, name in sorted((domains or {}).items()):
             await self.create_domain(domid, name)
@@ -387,10 +392,10 @@ class LoopbackDaemon:
             await self._write_home(dom)
             # the domain builder's xenstore page and port, introduced as a toolstack does
             ring = build_xenstore_ring(self.hv, domid)
-            if self._xs_dom0 is not None:
-                await self._xs_dom0.introduce(domid, ring.gfn, ring.port)
-            elif self.external_xenstored is not None:
+            if self.external_xenstored is not None:
                 await self.external_xenstored.introduce(domid, ring.gfn, ring.port)
+            elif self._xs_dom0 is not None:
+                await self._xs_dom0.introduce(domid, ring.gfn, ring.port)
             await self._open_endpoints(dom)
             if self.xenstored is not None:
                 self.xenstored.introduce_domain(domid)
@@ -408,9 +413,10 @@ class LoopbackDaemon:
             # its xenstore socket stops accepting now, not when the daemon exits
             await self.xenstored.unlisten(str(xenstore_path(self.rundir, domid)))
         self._close_endpoints(domid)
-        if self.xenstored is not None:
+        if self._xs_dom0 is not None:
             with contextlib.suppress(Exception):
                 await self._xs_dom0.rm(f"/local/domain/{domid}")
+        if self.xenstored is not None:
             self.xenstored.release_domain(domid)
         if self.external_xenstored is not None:
             await self.external_xenstored.release(domid)

@@ -20,7 +20,9 @@ be plugged in without touching the daemon:
   ring (the toolstack's ``INTRODUCE``), :meth:`~Dom0Xenstored.release` after destroying
   one, and :meth:`~Dom0Xenstored.close` at shutdown.  The implementation runs its server
   as dom0 through the replacement libraries (``loopback env --domid 0``) and reports the
-  socket dom0's tools use through :meth:`~Dom0Xenstored.socket_path`.
+  socket dom0's tools use through :meth:`~Dom0Xenstored.socket_path`; the daemon
+  connects there as the toolstack to write each domain's home before introducing it and
+  to remove it after a destroy.
 
 Names accepted on the command line are :data:`CHOICES`; a name without a registered
 factory is refused with a clear error (``xen-c`` and ``oxenstored`` are reserved for the

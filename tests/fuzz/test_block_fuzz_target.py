@@ -16,7 +16,9 @@ from xenpv.fuzz.targets import TARGETS, get_target
 def write_across_the_end() -> bytes:
     """An input whose one step is a WRITE of sectors 508-515 of the 512-sector image, from
     a writable page of the pool (the byte layout follows the target's decisions)."""
-    head = bytes([0, 2, 0, 0])  # x86_64, inline engine, no indirect, no persistent grants
+    # x86_64, inline engine, no indirect, no persistent grants, 512-byte sectors, no
+    # secure discard
+    head = bytes([0, 2, 0, 0, 0, 0])
     step = bytes([0, 0, 0])  # submit, one request, a read/write-style slot
     rid = struct.pack("<Q", 1)
     sector = bytes([1]) + struct.pack("<I", 508)  # steered, then below(520)

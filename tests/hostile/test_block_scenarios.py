@@ -87,7 +87,8 @@ class Rig:
         self.ch = FrontChannel.create(self.fe, BE, slot_size=self.slot)
         self.bch = BackChannel.attach(self.be, FE, RingPlacement(self.ch.refs, self.ch.port),
                                       slot_size=self.slot)
-        self.image = BlockImage(str(self.path), readonly=self.readonly)
+        self.image = BlockImage(str(self.path), readonly=self.readonly,
+                                sector_size=self.config.sector_size)
         self.pool = concurrent.futures.ThreadPoolExecutor(2)
         self.pg = (PersistentGrants(self.be, FE, 64) if self.persistent else None)
         self.handler = BlockRequests(self.image, self.be, FE, self.abi, self.config,

@@ -122,14 +122,17 @@ class Pair:
 
 async def start_pair(world: World, image: Path, *, mode: str = "w",
                      front: FrontConfig | None = None, back: BlockConfig | None = None,
-                     devid: int = VDEV, wait: bool = True, **driver_kw: Any) -> Pair:
-    """Add the vbd as the toolstack does, start both ends, wait until connected."""
+                     devid: int = VDEV, wait: bool = True,
+                     back_kw: dict[str, Any] | None = None, **driver_kw: Any) -> Pair:
+    """Add the vbd as the toolstack does, start both ends, wait until connected
+    (``back_kw``: more arguments of the backend driver only)."""
     info = await add_device(world.dom0, "vbd", FE, BE, devid,
                             frontend_keys={"virtual-device": devid, "device-type": "disk"},
                             backend_keys={"params": str(image), "mode": mode,
                                           "type": "file", "dev": "xvda"})
     be = BlockBackendDriver(world.machine.domain(BE), world.be, info.backend_path,
-                            config=back or BlockConfig(resize_poll=0.05), **driver_kw)
+                            config=back or BlockConfig(resize_poll=0.05),
+                            **(back_kw or {}), **driver_kw)
     fe = BlockFrontend(world.machine.domain(FE), world.fe, info.frontend_path,
                        config=front or FrontConfig(persistent_pages=128), **driver_kw)
     await be.start()

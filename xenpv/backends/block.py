@@ -15,8 +15,11 @@ Theory of operation
   ``feature-persistent`` and its ring keys (strictly, bounds first:
   :func:`~xenpv.drivers.ringchannel.read_ring_keys`), maps every queue's ring and binds
   its port (:class:`~xenpv.drivers.ringchannel.BackChannel`), starts one
-  :class:`~xenpv.drivers.ringservice.RingService` per queue and publishes ``sectors``,
-  ``sector-size``, ``physical-sector-size`` and ``info``;
+  :class:`~xenpv.drivers.ringservice.RingService` per queue and publishes ``sectors``
+  (512-byte units, over whole logical sectors), ``sector-size``, ``physical-sector-size``
+  (configured, or a block device's own, ``BLKSSZGET``/``BLKPBSZGET``) and ``info``;
+* with a stats directory it keeps the queues' live state in a file there for ``xenpv
+  block info`` (:func:`read_live_stats`), rewritten at a bounded rate;
 * online resize: the image size is polled (``resize_poll`` seconds); a change rewrites
   ``sectors`` and, in the same transaction, ``state`` (Connected again), which is what
   makes a frontend look at ``sectors`` again.
@@ -37,7 +40,11 @@ served concurrently and every answer goes out in completion order.
 Durability: ``FLUSH_DISKCACHE`` waits for every request taken before it, then
 ``fdatasync``; only then is it answered.  ``WRITE_BARRIER`` does the same and also holds
 back every request taken after it until it is answered.  ``DISCARD`` punches a hole
-(``fallocate(PUNCH_HOLE|KEEP_SIZE)``); a file system that cannot answers EOPNOTSUPP.
+(``fallocate(PUNCH_HOLE|KEEP_SIZE)``); a file system that cannot answers EOPNOTSUPP.  A
+secure one (offered as ``discard-secure``) first overwrites the data still allocated in
+the range with zeros and syncs (:meth:`BlockImage.secure_discard`; ``BLKSECDISCARD`` on a
+device).  With a logical sector size over 512 bytes a request not on whole logical
+sectors (start, length, every segment) is answered ERROR.
 
 Teardown (R13): the services stop taking requests, in-flight I/O is waited for (bounded)
 before any mapping is released, then persistent mappings, rings and ports go.
@@ -45,16 +52,20 @@ before any mapping is released, then persistent mappings, rings and ports go.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
 import errno as _errno
+import fcntl
+import json
 import logging
 import os
 import stat
 import struct
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -99,13 +110,17 @@ from xenpv.xenstore.client import XenstoreClient as XenbusClient
 from xenpv.xenstore.wire import XenstoreError
 
 __all__ = [
+    "DEFAULT_STATS_DIR",
     "BlockBackend",
     "BlockBackendDriver",
     "BlockConfig",
     "BlockImage",
     "BlockRequests",
     "PersistentGrants",
+    "default_stats_dir",
     "image_from_params",
+    "live_stats_path",
+    "read_live_stats",
     "response_packer",
 ]
 
@@ -123,6 +138,12 @@ SEGMENT_DTYPE = np.dtype([("gref", "<u4"), ("first", "u1"), ("last", "u1"), ("pa
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+#: linux/fs.h block device ioctls: _IO(0x12, 104), _IO(0x12, 123), _IO(0x12, 125).
+_BLKSSZGET = 0x1268
+_BLKPBSZGET = 0x127B
+_BLKSECDISCARD = 0x127D
+#: Bytes of zeros written per call when a secure discard overwrites a file's data.
+_ZERO_CHUNK = 1 << 20
 _libc: Any = None
 
 
@@ -136,6 +157,19 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def _sector_size_ok(size: int, most: int = XEN_PAGE_SIZE) -> bool:
+    return 512 <= size <= most and not size & (size - 1)
+
+
+def _device_sizes(fd: int) -> tuple[int, int]:
+    """A block device's logical and physical block sizes (``BLKSSZGET``, ``BLKPBSZGET``)."""
+    logical = array.array("i", [0])
+    physical = array.array("I", [0])
+    fcntl.ioctl(fd, _BLKSSZGET, logical)
+    fcntl.ioctl(fd, _BLKPBSZGET, physical)
+    return int(logical[0]), int(physical[0])
+
+
 @dataclass(frozen=True)
 class BlockConfig:
     """What a block backend offers (host decisions, never taken from the frontend).
@@ -147,6 +181,12 @@ class BlockConfig:
     cache, 4 KiB random reads: inline 1.8-2.8x the IOPS of threads at depth 1 and 32 (a
     page-cache read costs less than the hand-off to a thread and back).  ``resize_poll``: seconds
     between image size checks while connected (0: never).
+
+    ``sector_size``: the logical sector size published (``sector-size``); None takes the
+    device's logical block size (``BLKSSZGET``), 512 for an image file.  A block device
+    refuses one smaller than its own.  ``physical_sector_size``: None takes the device's
+    (``BLKPBSZGET``), else the logical size.  ``discard_secure``: offer secure discard
+    (``discard-secure=1``, see :func:`secure_discard`).
     """
 
     max_ring_order: int = 4
@@ -157,7 +197,8 @@ class BlockConfig:
     flush: bool = True
     barrier: bool = True
     discard: bool = True
-    sector_size: int = 512
+    discard_secure: bool = False
+    sector_size: int | None = None
     physical_sector_size: int | None = None
     engine: str = "auto"
     inline_max: int = 64 << 10
@@ -172,9 +213,13 @@ class BlockConfig:
         if not 0 <= self.max_indirect_segments <= min(MAX_SEGMENTS_LIMIT,
                                                         BLKIF_MAX_INDIRECT_SEGMENTS):
             raise LocalError(f"max_indirect_segments must be 0..{MAX_SEGMENTS_LIMIT}")
-        if self.sector_size < 512 or self.sector_size & (self.sector_size - 1) \
-                or self.sector_size > XEN_PAGE_SIZE:
+        if self.sector_size is not None and not _sector_size_ok(self.sector_size):
             raise LocalError("sector_size must be a power of two in 512..4096")
+        if self.physical_sector_size is not None and (
+                not _sector_size_ok(self.physical_sector_size, 1 << 20)
+                or self.physical_sector_size < (self.sector_size or 512)):
+            raise LocalError("physical_sector_size must be a power of two, at least the "
+                             "sector size, at most 1 MiB")
         if self.engine not in ("auto", "threads", "inline"):
             raise LocalError("engine must be 'auto', 'threads' or 'inline'")
         if self.workers < 1 or self.max_persistent_grants < 0:
@@ -182,9 +227,16 @@ class BlockConfig:
 
 
 class BlockImage:
-    """An open raw image file or block device: size, I/O, flush and hole punching."""
+    """An open raw image file or block device: size, I/O, flush and hole punching.
 
-    def __init__(self, path: str, *, readonly: bool = False) -> None:
+    ``sector_size`` is the logical sector size served (None: a device's own logical block
+    size, 512 for a file); ``physical_sector_size`` likewise (None: the device's, else
+    the logical size).  The disk's size is the image's rounded down to whole logical
+    sectors.
+    """
+
+    def __init__(self, path: str, *, readonly: bool = False, sector_size: int | None = None,
+                 physical_sector_size: int | None = None) -> None:
         """Open ``path`` (read-only or read-write); raises :class:`LocalError`."""
         self.path = path
         self.readonly = readonly
@@ -198,6 +250,22 @@ class BlockImage:
             os.close(self.fd)
             raise LocalError(f"{path} is not a regular file or block device")
         self.is_block_device = stat.S_ISBLK(st.st_mode)
+        logical, physical = 512, 512
+        if self.is_block_device:
+            try:
+                logical, physical = _device_sizes(self.fd)
+            except OSError as exc:
+                self.close()
+                raise LocalError(f"{path}: cannot read its block sizes: {exc.strerror}"
+                                 ) from None
+        if sector_size is not None and sector_size < logical:
+            self.close()
+            raise LocalError(f"{path}: sector size {sector_size} is below the device's "
+                             f"logical block size {logical}")
+        #: The logical sector size served (``sector-size``), bytes.
+        self.sector_size = sector_size or logical
+        #: ``physical-sector-size``, bytes (never below the logical size).
+        self.physical_sector_size = max(physical_sector_size or physical, self.sector_size)
         #: Discard granularity: the file system's block size (a page for a device).
         self.discard_granularity = max(512, st.st_blksize if not self.is_block_device
                                        else XEN_PAGE_SIZE)
@@ -210,12 +278,56 @@ class BlockImage:
 
     @property
     def sectors(self) -> int:
-        """512-byte sectors in the image now (a partial last sector is not exposed)."""
-        return self.size >> SECTOR_SHIFT
+        """The disk's size now in 512-byte units (the unit of ``sectors`` and of the ring,
+        whatever the sector size), over whole logical sectors only: a partial last
+        logical sector is not exposed."""
+        return (self.size // self.sector_size * self.sector_size) >> SECTOR_SHIFT
 
     def punch(self, offset: int, length: int) -> None:
         """Deallocate ``length`` bytes at ``offset`` (reads then return zeros)."""
         _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def secure_discard(self, offset: int, length: int) -> None:
+        """Discard ``length`` bytes at ``offset`` so that the old data is gone, not just
+        unreachable: a block device gets ``BLKSECDISCARD``; a file has the data still
+        allocated in the range overwritten with zeros and made durable, then the range
+        punched out (its blocks released) and that made durable too.  Raises
+        :class:`OSError` (EOPNOTSUPP when the device or file system cannot)."""
+        if self.is_block_device:
+            fcntl.ioctl(self.fd, _BLKSECDISCARD, struct.pack("=QQ", offset, length))
+            return
+        zeros = bytes(min(_ZERO_CHUNK, length))
+        for start, end in self._data_extents(offset, offset + length):
+            while start < end:
+                start += os.pwrite(self.fd, memoryview(zeros)[:min(len(zeros), end - start)],
+                                   start)
+        os.fdatasync(self.fd)
+        self.punch(offset, length)
+        os.fdatasync(self.fd)
+
+    def _data_extents(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The allocated (data) extents of the file in ``[start, end)`` (SEEK_DATA and
+        SEEK_HOLE; the whole range where the file system cannot tell)."""
+        out = []
+        pos = start
+        try:
+            while pos < end:
+                try:
+                    data = os.lseek(self.fd, pos, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == _errno.ENXIO:  # no data past pos
+                        break
+                    raise
+                if data >= end:
+                    break
+                hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), end)
+                out.append((data, hole))
+                pos = hole
+        except OSError as exc:
+            if exc.errno not in (_errno.EINVAL, _errno.EOPNOTSUPP):
+                raise
+            return [(start, end)]
+        return out
 
     def sync(self) -> None:
         """Make every completed write durable (``fdatasync``)."""
@@ -287,9 +399,10 @@ class PersistentGrants:
 class _Io:
     """One request being served: what to answer and what to release."""
 
-    __slots__ = ("id", "kind", "length", "mappings", "offset", "op", "views")
+    __slots__ = ("id", "kind", "length", "mappings", "offset", "op", "secure", "views")
 
     def __init__(self, rid: int, op: int, kind: int, offset: int, length: int) -> None:
+        self.secure = False  # a DISCARD with BLKIF_DISCARD_SECURE
         self.id = rid
         self.op = op  # the operation to echo
         self.kind = kind  # what to do: READ, WRITE, FLUSH, BARRIER, DISCARD
@@ -317,7 +430,7 @@ class BlockRequests:
         self.persistent = persistent
         self.executor = executor
         self.slot = layouts(abi).ring.slot_size
-        self.pack = response_packer(abi)
+        self._pack = response_packer(abi)
         ops = {BLKIF_OP_READ, BLKIF_OP_WRITE}  # a write to a read-only disk: ERROR
         if not image.readonly:
             if config.flush:
@@ -329,6 +442,8 @@ class BlockRequests:
         if config.max_indirect_segments:
             ops.add(BLKIF_OP_INDIRECT)
         self.ops = frozenset(ops)
+        #: Secure discards are served (offered as ``discard-secure``), else EOPNOTSUPP.
+        self.secure_discard = BLKIF_OP_DISCARD in self.ops and config.discard_secure
         self.respond: Callable[[Iterable[bytes]], int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inflight: dict[int, asyncio.Future[Any]] = {}
@@ -339,9 +454,11 @@ class BlockRequests:
         self._flush_scheduled = False
         self._seq = 0
         self.closed = False
-        self.stats = {"reads": 0, "writes": 0, "flushes": 0, "barriers": 0, "discards": 0,
-                      "indirect": 0, "errors": 0, "unsupported": 0, "bytes_read": 0,
-                      "bytes_written": 0, "inline": 0, "threaded": 0}
+        #: ``taken``: requests read off the ring; ``completed``: answered (``errors``
+        #: and ``unsupported`` of them with ERROR and EOPNOTSUPP, refusals included).
+        self.stats = {"taken": 0, "completed": 0, "reads": 0, "writes": 0, "flushes": 0, "barriers": 0, "discards": 0,
+                      "secure_discards": 0, "indirect": 0, "errors": 0, "unsupported": 0,
+                      "bytes_read": 0, "bytes_written": 0, "inline": 0, "threaded": 0}
 
     # -- the handler
     @property
@@ -355,6 +472,7 @@ class BlockRequests:
             self._loop = asyncio.get_running_loop()
         ready: list[bytes] = []
         slot = self.slot
+        self.stats["taken"] += count
         for j in range(count):
             io = self._accept(batch, j * slot, ready)
             if io is None:
@@ -365,8 +483,24 @@ class BlockRequests:
                 self._start(io, ready)
         return ready
 
+    def pack(self, rid: int, op: int, status: int) -> bytes:
+        """The response record of one finished request (counted: ``completed``, and
+        ``errors``/``unsupported`` by status)."""
+        stats = self.stats
+        stats["completed"] += 1
+        if status == BLKIF_RSP_ERROR:
+            stats["errors"] += 1
+        elif status == BLKIF_RSP_EOPNOTSUPP:
+            stats["unsupported"] += 1
+        return self._pack(rid, op, status)
+
+    def live(self) -> dict[str, int]:
+        """This queue now: requests in flight, persistent grants held, every counter."""
+        return {"inflight": self.inflight,
+                "persistent_grants": len(self.persistent.maps) if self.persistent else 0,
+                **self.stats}
+
     def _fail(self, rid: int, op: int, status: int, ready: list[bytes], why: str) -> None:
-        self.stats["unsupported" if status == BLKIF_RSP_EOPNOTSUPP else "errors"] += 1
         log.debug("dom%d blkif request %d (op %d) refused: %s", self.domid, rid, op, why)
         ready.append(self.pack(rid, op, status))
 
@@ -378,11 +512,13 @@ class BlockRequests:
             validate_request(req, max_indirect_segments=self.config.max_indirect_segments,
                              disk_sectors=sectors, supported_ops=self.ops)
             if isinstance(req, BlkifRequestDiscard):
-                if req.flag & BLKIF_DISCARD_SECURE:
+                secure = bool(req.flag & BLKIF_DISCARD_SECURE)
+                if secure and not self.secure_discard:
                     raise BlkifRequestError("secure discard not offered", req.id,
                                             req.operation, BLKIF_RSP_EOPNOTSUPP)
                 io = _Io(req.id, req.operation, BLKIF_OP_DISCARD,
                          req.sector_number << SECTOR_SHIFT, req.nr_sectors << SECTOR_SHIFT)
+                io.secure = secure
                 self._check_alignment(req.id, req.operation, io)
                 return io
             if isinstance(req, BlkifRequestIndirect):
@@ -402,7 +538,7 @@ class BlockRequests:
                 raise BlkifRequestError("the disk is read-only", req.id, req.operation)
             io = _Io(req.id, req.operation, kind, req.sector_number << SECTOR_SHIFT,
                      total << SECTOR_SHIFT)
-            self._check_alignment(req.id, req.operation, io)
+            self._check_alignment(req.id, req.operation, io, segs)
             if len(segs):
                 self._map(io, segs, writable=kind == BLKIF_OP_READ)
             return io
@@ -410,11 +546,26 @@ class BlockRequests:
             self._fail(exc.id, exc.operation, exc.status, ready, str(exc))
         return None
 
-    def _check_alignment(self, rid: int, op: int, io: _Io) -> None:
-        ss = self.config.sector_size
-        if ss > 512 and (io.offset % ss or io.length % ss):
+    def _check_alignment(self, rid: int, op: int, io: _Io,
+                         segs: np.ndarray[Any, Any] | None = None) -> None:
+        """With a logical sector size over 512 bytes the request's start and length, and
+        every segment's start and length in its page, must be whole logical sectors (the
+        ring still counts 512-byte units); else ERROR."""
+        ss = self.image.sector_size
+        if ss <= 512:
+            return
+        if io.offset % ss or io.length % ss:
             raise BlkifRequestError(f"range {io.offset}+{io.length} not aligned to the "
                                     f"{ss}-byte sector size", rid, op)
+        if segs is not None and len(segs):
+            mask = (ss >> SECTOR_SHIFT) - 1
+            first = segs["first"].astype(np.int64)
+            bad = (first & mask) | ((segs["last"] - first + 1) & mask)
+            if bad.any():
+                k = int(np.argmax(bad != 0))
+                raise BlkifRequestError(f"segment {k} (sectors {int(first[k])}.."
+                                        f"{int(segs['last'][k])}) not aligned to the "
+                                        f"{ss}-byte sector size", rid, op)
 
     def _indirect_segments(self, req: BlkifRequestIndirect) -> np.ndarray[Any, Any]:
         """Map the indirect pages read-only, copy the segment records out once, release
@@ -485,7 +636,7 @@ class BlockRequests:
         if io.kind == BLKIF_OP_WRITE:
             return lambda: _transfer(os.pwritev, image.fd, io.views, io.offset, io.length)
         if io.kind == BLKIF_OP_DISCARD:
-            return lambda: _discard(image, io.offset, io.length)
+            return lambda: _discard(image, io.offset, io.length, secure=io.secure)
 
         def write_then_sync() -> int:  # flush or barrier, with its data if it has any
             status = BLKIF_RSP_OKAY
@@ -509,7 +660,7 @@ class BlockRequests:
             self.stats["writes"] += 1
             self.stats["bytes_written"] += io.length
         elif k == BLKIF_OP_DISCARD:
-            self.stats["discards"] += 1
+            self.stats["secure_discards" if io.secure else "discards"] += 1
         elif k == BLKIF_OP_FLUSH_DISKCACHE:
             self.stats["flushes"] += 1
         else:
@@ -651,15 +802,77 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
     return out
 
 
-def _discard(image: BlockImage, offset: int, length: int) -> int:
+def _discard(image: BlockImage, offset: int, length: int, *, secure: bool = False) -> int:
     try:
-        image.punch(offset, length)
+        if secure:
+            image.secure_discard(offset, length)
+        else:
+            image.punch(offset, length)
     except OSError as exc:
         if exc.errno in (_errno.EOPNOTSUPP, _errno.ENOSYS):
-            image.discard_supported = False
+            if not secure:
+                image.discard_supported = False
             return BLKIF_RSP_EOPNOTSUPP
         return BLKIF_RSP_ERROR
     return BLKIF_RSP_OKAY
+
+
+#: Where ``xenpv block backend`` keeps live stats without ``--rundir``.
+DEFAULT_STATS_DIR = "/run/xenpv/block"
+
+
+def default_stats_dir(rundir: str | os.PathLike[str] | None = None) -> str:
+    """The live stats directory: ``RUNDIR/block-stats`` for a loopback emulator's run
+    directory (given, or the one whose environment this process runs in), else
+    :data:`DEFAULT_STATS_DIR`."""
+    from xenpv.platforms.loopback.env import ENV_SOCKET
+
+    if rundir is None and os.environ.get(ENV_SOCKET):
+        rundir = os.path.dirname(os.path.dirname(os.environ[ENV_SOCKET]))  # R/domN/control
+    if rundir is None:
+        return DEFAULT_STATS_DIR
+    return os.path.join(os.fspath(rundir), "block-stats")
+
+
+def live_stats_path(stats_dir: str | os.PathLike[str], backend_path: str) -> str:
+    """The stats file of the backend device at ``backend_path``:
+    ``STATS_DIR/vbd-<backend>-<frontend>-<devid>.json``."""
+    from xenpv.xenbus.paths import parse_backend_path
+
+    bp = parse_backend_path(backend_path)
+    return os.path.join(os.fspath(stats_dir),
+                        f"{bp.devtype}-{bp.domid}-{bp.frontend_domid}-{bp.devid}.json")
+
+
+def read_live_stats(stats_dir: str | os.PathLike[str], backend_path: str
+                    ) -> dict[str, Any] | None:
+    """The live state a backend process keeps for ``backend_path`` (None if there is
+    none), with ``stale`` true when the process that wrote it is gone (killed before it
+    could remove the file) and ``age`` in seconds."""
+    try:
+        with open(live_stats_path(stats_dir, backend_path), "rb") as f:
+            state = json.loads(f.read(1 << 20))
+        pid = int(state["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        os.kill(pid, 0)
+        state["stale"] = False
+    except ProcessLookupError:
+        state["stale"] = True
+    except PermissionError:  # alive, another user's
+        state["stale"] = False
+    with contextlib.suppress(TypeError, ValueError):
+        state["age"] = round(max(0.0, time.time() - float(state["updated"])), 3)
+    return dict(state)
+
+
+def _write_atomically(target: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    tmp = f"{target}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, target)
 
 
 class _BlockPeerError(PeerError):
@@ -679,9 +892,22 @@ class BlockBackendDriver(BackendDriver):
     def __init__(self, platform: Platform, client: XenbusClient, path: str, *,
                  image_path: str | None = None, readonly: bool | None = None,
                  config: BlockConfig | None = None,
-                 executor: concurrent.futures.Executor | None = None, **kw: Any) -> None:
-        """Serve ``path`` (see :class:`BackendDriver` for the timeouts)."""
+                 executor: concurrent.futures.Executor | None = None,
+                 stats_dir: str | os.PathLike[str] | None = None,
+                 stats_interval: float = 1.0, **kw: Any) -> None:
+        """Serve ``path`` (see :class:`BackendDriver` for the timeouts).  With
+        ``stats_dir``, the live state of the queues is kept in a file there (see
+        :func:`live_stats_path`), rewritten at most every ``stats_interval`` seconds
+        while it changes and removed at disconnect."""
         super().__init__(client, path, **kw)
+        self.stats_file: str | None = None
+        if stats_dir is not None and stats_interval > 0:
+            try:
+                self.stats_file = live_stats_path(stats_dir, path)
+            except PeerError as exc:  # not a backend/<type>/<fe>/<devid> path
+                log.warning("%s: no live stats: %s", path, exc)
+        self.stats_interval = stats_interval
+        self._stats_task: asyncio.Task[None] | None = None
         self.platform = platform
         self.config = config or BlockConfig()
         self.image_path = image_path
@@ -715,6 +941,11 @@ class BlockBackendDriver(BackendDriver):
             readonly = (await self._own("mode") or "r") != "w"
         return path, readonly
 
+    def _open(self, path: str, readonly: bool) -> BlockImage:
+        c = self.config
+        return BlockImage(path, readonly=readonly, sector_size=c.sector_size,
+                          physical_sector_size=c.physical_sector_size)
+
     def _features(self, image: BlockImage) -> dict[str, str | int]:
         c = self.config
         writable = not image.readonly
@@ -730,16 +961,16 @@ class BlockBackendDriver(BackendDriver):
         discard = writable and c.discard and image.discard_supported
         keys["feature-discard"] = int(discard)
         if discard:
-            keys["discard-granularity"] = max(image.discard_granularity, c.sector_size)
+            keys["discard-granularity"] = max(image.discard_granularity, image.sector_size)
             keys["discard-alignment"] = 0
-            keys["discard-secure"] = 0
+            keys["discard-secure"] = int(c.discard_secure)
         return keys
 
     # -- hooks
     async def publish_features(self) -> None:
         """Check the image and advertise what this backend offers (before InitWait)."""
         path, readonly = await self._image_config()
-        image = BlockImage(path, readonly=readonly)
+        image = self._open(path, readonly)
         try:
             await self.write_keys(self._features(image))
         finally:
@@ -756,7 +987,7 @@ class BlockBackendDriver(BackendDriver):
         placements = await read_ring_keys(peer, max_order=self.config.max_ring_order,
                                           max_queues=self.config.max_queues)
         path, readonly = await self._image_config()
-        self.image = image = BlockImage(path, readonly=readonly)
+        self.image = image = self._open(path, readonly)
         self.abi = abi
         slot = layouts(abi).ring.slot_size
         for pl in placements:
@@ -780,12 +1011,11 @@ class BlockBackendDriver(BackendDriver):
             self.handlers.append(handler)
             self.services.append(service)
         self.sectors = image.sectors
-        ss = self.config.sector_size
         await self.write_keys({
             **self._features(image),
             "sectors": self.sectors,
-            "sector-size": ss,
-            "physical-sector-size": self.config.physical_sector_size or ss,
+            "sector-size": image.sector_size,
+            "physical-sector-size": image.physical_sector_size,
             "info": VDISK_READONLY if readonly else 0,
         })
         for s in self.services:
@@ -793,6 +1023,11 @@ class BlockBackendDriver(BackendDriver):
             self._watchers.append(asyncio.create_task(self._watch_service(s)))
         if self.config.resize_poll > 0:
             self._resize_task = asyncio.create_task(self._watch_size())
+        if self.stats_file is not None:
+            first = self._write_live(self.stats_file)  # there once Connected is
+            if first is not None:
+                self._stats_task = asyncio.create_task(self._publish_live(self.stats_file,
+                                                                          first))
 
     async def _watch_service(self, service: RingService) -> None:
         """A queue whose frontend broke the ring (R4): fail the device closed."""
@@ -806,6 +1041,14 @@ class BlockBackendDriver(BackendDriver):
         watchers, self._watchers = self._watchers, []
         for w in watchers:
             w.cancel()
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._stats_task
+            self._stats_task = None
+        if self.stats_file is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.stats_file)
         if self._resize_task is not None:
             self._resize_task.cancel()
             with contextlib.suppress(BaseException):
@@ -855,6 +1098,37 @@ class BlockBackendDriver(BackendDriver):
             with contextlib.suppress(XenstoreError, TimeoutError, OSError):
                 await self.check_resize()
 
+    # -- live state
+    def live_state(self) -> dict[str, Any]:
+        """What ``xenpv block info`` shows of this device from another process: the
+        serving process, when, and each queue's :meth:`BlockRequests.live`."""
+        return {"pid": os.getpid(), "updated": time.time(), "path": self.path,
+                "state": self.state.name, "interval": self.stats_interval,
+                "queues": [h.live() for h in self.handlers]}
+
+    def _write_live(self, target: str) -> list[dict[str, int]] | None:
+        """Write the stats file (atomically); the queues written, None if it failed."""
+        state = self.live_state()
+        try:
+            _write_atomically(target, json.dumps(state).encode())
+        except OSError as exc:
+            log.warning("%s: cannot keep live stats in %s: %s", self.path, target,
+                        exc.strerror)
+            return None
+        queues: list[dict[str, int]] = state["queues"]
+        return queues
+
+    async def _publish_live(self, target: str, last: list[dict[str, int]]) -> None:
+        """Rewrite the stats file every ``stats_interval`` seconds while the queues' state
+        changes: bounded work whatever the request rate."""
+        while True:
+            await asyncio.sleep(self.stats_interval)
+            if [h.live() for h in self.handlers] != last:
+                written = self._write_live(target)
+                if written is None:
+                    return
+                last = written
+
     # -- introspection
     def info(self) -> dict[str, Any]:
         """Negotiated features, rings, queues and counters (for ``xenpv block info``)."""
@@ -868,7 +1142,9 @@ class BlockBackendDriver(BackendDriver):
             "queues": len(self.channels),
             "ring_pages": [1 << c.order for c in self.channels],
             "persistent": bool(self.persistent),
+            "sector_size": self.image.sector_size if self.image else None,
             "inflight": [h.inflight for h in self.handlers],
+            "persistent_grants": [len(pg.maps) for pg in self.persistent],
             "requests": [dict(h.stats) for h in self.handlers],
             "rings": [dict(s.stats) for s in self.services],
         }

@@ -9,7 +9,10 @@ then prints ``{"event": "done", "devices": {...}}`` with every driver's counters
 
 ``info DOMID VDEV`` reads the frontend directory of guest ``DOMID``'s disk ``VDEV``
 (``xvda`` or its number ``51712``) and its backend directory and prints, as JSON, what the
-two sides negotiated: states, ABI, ring pages, queues, features, size.
+two sides negotiated: states, ABI, ring pages, queues, features, size; and, under
+``live``, what the backend process serving it keeps in its stats directory (per queue:
+requests in flight, completed, errors, persistent grants held; ``stale`` when that
+process is gone), or null.
 
 ``export VDEV --socket PATH``, run as the guest (under ``xenpv loopback env`` or with
 ``--rundir``/``--domid``), attaches a frontend to that domain's vbd ``VDEV`` and serves the
@@ -22,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 from typing import Any
 
 from xenpv.cli import args as cliargs
@@ -65,11 +70,33 @@ def configure(parser: argparse.ArgumentParser) -> None:
                     help="0: no indirect requests")
     be.add_argument("--no-persistent", action="store_true", help="no persistent grants")
     be.add_argument("--no-discard", action="store_true", help="do not offer discard")
+    be.add_argument("--discard-secure", action="store_true",
+                    help="offer secure discard (discard-secure=1): a file's data is "
+                         "overwritten with zeros, then punched out; a device gets "
+                         "BLKSECDISCARD")
+    be.add_argument("--sector-size", type=_sector_size,
+                    help="logical sector size published, 512..4096 (default: a block "
+                         "device's logical block size, 512 for an image file)")
+    be.add_argument("--physical-sector-size", type=_physical_sector_size,
+                    help="physical-sector-size published (default: a block device's, "
+                         "else the sector size)")
+    be.add_argument("--stats-dir",
+                    help="keep each device's live state (requests in flight, completed, "
+                         "errors, persistent grants) in a file here for 'block info' "
+                         "(default: RUNDIR/block-stats, or /run/xenpv/block)")
+    be.add_argument("--stats-interval", type=cliargs.positive_float, default=1.0,
+                    help="seconds between rewrites of a changing stats file (default 1; "
+                         "0: keep none)")
 
     info = sub.add_parser("info", help="show what a vbd's two ends negotiated")
     info.add_argument("domid", type=cliargs.domid, help="the guest (frontend) domain")
     info.add_argument("vdev", help="the disk: xvda, hdb, ... or its number")
-    info.add_argument("-s", "--socket", help="xenstore socket (default: as xenstore-utils)")
+    info.add_argument("-s", "--socket", help="xenstore socket (default: as xenstore-utils, "
+                                             "or dom0's of --rundir)")
+    info.add_argument("--rundir", help="loopback emulator run directory (dom0's xenstore "
+                                       "and the stats directory there)")
+    info.add_argument("--stats-dir", help="where the backend process keeps live state "
+                                          "(default: as 'block backend')")
 
     ex = sub.add_parser("export", help="serve this domain's vbd to NBD clients")
     ex.add_argument("vdev", type=vdev_number, help="the disk: xvda, ... or its number 51712")
@@ -91,16 +118,36 @@ def configure(parser: argparse.ArgumentParser) -> None:
                     help="NBD clients served at once (default 16)")
 
 
+def _power_of_two(lo: int, hi: int, what: str) -> Any:
+    number = cliargs.uint(lo, hi, what)
+
+    def convert(text: str) -> int:
+        value: int = number(text)
+        if value & (value - 1):
+            raise argparse.ArgumentTypeError(f"{what} {value} is not a power of two")
+        return value
+
+    return convert
+
+
+_sector_size = _power_of_two(512, 4096, "sector size")
+_physical_sector_size = _power_of_two(512, 1 << 20, "physical sector size")
+
+
 async def _backend(args: argparse.Namespace) -> int:
-    from xenpv.backends.block import BlockBackend, BlockConfig
+    from xenpv.backends.block import BlockBackend, BlockConfig, default_stats_dir
 
     config = BlockConfig(max_ring_order=args.max_ring_order, max_queues=args.max_queues,
                          max_indirect_segments=args.max_indirect_segments,
                          persistent=not args.no_persistent, discard=not args.no_discard,
+                         discard_secure=args.discard_secure, sector_size=args.sector_size,
+                         physical_sector_size=args.physical_sector_size,
                          engine=args.engine, workers=args.workers)
     platform = _platform(args.rundir, args.as_domid)
     client = await _xenstore(args.rundir, args.as_domid)
-    backend = BlockBackend(platform, client, config)
+    backend = BlockBackend(platform, client, config,
+                           stats_dir=args.stats_dir or default_stats_dir(args.rundir),
+                           stats_interval=args.stats_interval)
     try:
         await backend.start()
         emit(event="ready", domid=args.as_domid)
@@ -136,10 +183,13 @@ async def read_keys(client: Any, path: str, names: tuple[str, ...]) -> dict[str,
     return out
 
 
-async def vbd_info(client: Any, domid: int, vdev: str) -> dict[str, Any]:
-    """What the frontend and backend of guest ``domid``'s disk ``vdev`` wrote."""
+async def vbd_info(client: Any, domid: int, vdev: str,
+                   stats_dir: str | None = None) -> dict[str, Any]:
+    """What the frontend and backend of guest ``domid``'s disk ``vdev`` wrote, and
+    (``live``) the state the backend process keeps in ``stats_dir``, if any."""
+    from xenpv.backends.block import read_live_stats
     from xenpv.protocols.blkif import vdev_decode, vdev_encode
-    from xenpv.xenbus.paths import frontend_path
+    from xenpv.xenbus.paths import DevicePathError, frontend_path
 
     devid = int(vdev) if vdev.isdigit() else vdev_encode(vdev)
     fe = frontend_path(domid, "vbd", devid)
@@ -153,17 +203,29 @@ async def vbd_info(client: Any, domid: int, vdev: str) -> dict[str, Any]:
         order = int(front.get("ring-page-order", "0"))
     except ValueError:
         queues, order = 0, 0
+    live = None
+    if be and stats_dir is not None:
+        with contextlib.suppress(DevicePathError, ValueError):
+            live = read_live_stats(stats_dir, be)
+    if live is not None:
+        qs = live.get("queues") or []
+        live["inflight"] = sum(int(q.get("inflight", 0)) for q in qs)
     return {"domid": domid, "vdev": vdev_decode(devid), "devid": devid,
             "frontend": fe, "backend": be, "queues": queues, "ring_pages": 1 << order,
-            "frontend_keys": front, "backend_keys": back}
+            "frontend_keys": front, "backend_keys": back, "live": live}
 
 
 async def _info(args: argparse.Namespace) -> int:
+    from xenpv.backends.block import default_stats_dir
     from xenpv.xenstore.client import XenstoreClient
 
-    client = await XenstoreClient.connect(args.socket, timeout=10.0)
+    socket = args.socket
+    if socket is None and args.rundir is not None:
+        socket = os.path.join(args.rundir, "dom0", "xenstore")
+    stats_dir = args.stats_dir or default_stats_dir(args.rundir)
+    client = await XenstoreClient.connect(socket, timeout=10.0)
     try:
-        print(json.dumps(await vbd_info(client, args.domid, args.vdev), indent=2))
+        print(json.dumps(await vbd_info(client, args.domid, args.vdev, stats_dir), indent=2))
     finally:
         await client.close()
     return 0

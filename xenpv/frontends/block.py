@@ -18,7 +18,9 @@ Theory of operation
   backend's ``sectors`` (online resize) updates :attr:`BlockFrontend.sectors`.
 
 I/O: :meth:`~BlockFrontend.read` and :meth:`~BlockFrontend.write` take byte offsets and
-lengths in whole sectors and split them into requests of at most
+lengths in whole logical sectors (``sector-size``; the ring's sector numbers and the
+``sectors`` node stay in 512-byte units, and every segment covers whole logical sectors)
+and split them into requests of at most
 ``feature-max-indirect-segments`` pages (INDIRECT, only if the backend offered it and the
 config allows) or 11 pages (plain); every piece is submitted at once, on the queue with
 the most free slots, waiting for ring space when all are full, so many requests are in
@@ -201,8 +203,11 @@ class BlockFrontend(FrontendDriver):
     # -- properties
     @property
     def size(self) -> int:
-        """Bytes on the disk."""
-        return self.sectors << SECTOR_SHIFT
+        """Bytes on the disk: ``sectors`` (512-byte units, whatever the sector size) over
+        whole logical sectors only (a backend publishing a partial one does not get it
+        read or written)."""
+        ss = self.sector_size
+        return (self.sectors << SECTOR_SHIFT) // ss * ss
 
     @property
     def readonly(self) -> bool:
@@ -261,6 +266,10 @@ class BlockFrontend(FrontendDriver):
             raise BlockPeerError(f"sector-size {self.sector_size} is not a power of two")
         self.physical_sector_size = await peer.uint("physical-sector-size", 512, 1 << 20,
                                                     default=self.sector_size)
+        pss = self.physical_sector_size
+        if pss & (pss - 1) or pss < self.sector_size:
+            raise BlockPeerError(f"physical-sector-size {pss} is not a power of two at "
+                                 f"least the sector-size {self.sector_size}")
         self.info_bits = await peer.uint("info", 0, 0xFFFF, default=0)
         f: dict[str, Any] = {
             "flush": await peer.feature("feature-flush-cache"),
@@ -611,7 +620,11 @@ class BlockFrontend(FrontendDriver):
             raise BlockError(f"barrier failed (status {status})", status)
 
     async def discard(self, offset: int, length: int, *, secure: bool = False) -> None:
-        """Discard ``length`` bytes at ``offset`` (reads may then return zeros)."""
+        """Discard ``length`` bytes at ``offset`` (reads may then return zeros); both whole
+        logical sectors.  ``secure``: the old data must be erased, not just unmapped
+        (only when the backend offers ``discard-secure``, else
+        :class:`BlockUnsupported` and nothing is sent; an EOPNOTSUPP answer turns secure
+        discard off, plain discard stays)."""
         self._check_usable()
         self._check_range(offset, length)
         if not self.features.get("discard"):
@@ -625,8 +638,9 @@ class BlockFrontend(FrontendDriver):
         status = await self._simple(op, lambda rid: BlkifRequestDiscard(
             op, int(secure), 0, rid, sector, count).pack(self.abi))
         if status == BLKIF_RSP_EOPNOTSUPP:
-            self.features["discard"] = False
-            raise BlockUnsupported("the backend refused discard")
+            self.features["discard_secure" if secure else "discard"] = False
+            raise BlockUnsupported(f"the backend refused {'secure ' if secure else ''}"
+                                   "discard")
         if status != BLKIF_RSP_OKAY:
             raise BlockError(f"discard failed (status {status})", status)
 
@@ -634,7 +648,9 @@ class BlockFrontend(FrontendDriver):
         """Negotiated features, rings, queues and counters."""
         return {
             "path": self.path, "state": self.state.name, "sectors": self.sectors,
-            "sector_size": self.sector_size, "readonly": self.readonly, "abi": self.abi.value,
+            "sector_size": self.sector_size,
+            "physical_sector_size": self.physical_sector_size, "size": self.size,
+            "readonly": self.readonly, "abi": self.abi.value,
             "queues": len(self.queues),
             "ring_pages": [1 << q.channel.order for q in self.queues],
             "queue_depth": self.queue_depth, "inflight": self.inflight,

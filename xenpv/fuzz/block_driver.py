@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import os
 import struct
 import tempfile
@@ -96,6 +97,8 @@ class BlkbackTarget:
                              max_indirect_segments=src.choice([0, 256]), workers=2,
                              resize_poll=0)
         persistent = src.boolean()
+        config = dataclasses.replace(config, sector_size=src.choice([None, 4096]),
+                                     discard_secure=src.boolean())
         path = tmp / "disk.img"
         path.write_bytes(os.urandom(IMAGE_SIZE))
         machine = InProcessMachine(max_grants=512, max_ports=16)
@@ -136,7 +139,7 @@ class _World:
         self.ch = FrontChannel.create(self.fe, BE, slot_size=self.slot)
         self.bch = BackChannel.attach(self.be, FE, RingPlacement(self.ch.refs, self.ch.port),
                                       slot_size=self.slot)
-        self.image = BlockImage(str(self.path))
+        self.image = BlockImage(str(self.path), sector_size=self.config.sector_size)
         self.pool = (concurrent.futures.ThreadPoolExecutor(2)
                      if self.config.engine != "inline" else None)
         self.pg = PersistentGrants(self.be, FE, 8) if self.persistent else None

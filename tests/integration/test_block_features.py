@@ -425,3 +425,23 @@ def test_backend_process_options_and_live_state(
 
     asyncio.run(body())
     assert image.read_bytes() == data
+
+
+def test_read_live_stats_takes_only_a_well_formed_state(tmp_path: Path) -> None:
+    """What `block info` reads is checked: a backend path that is not one (the frontend's
+    `backend` node is the guest's to write) names no file outside the stats directory,
+    and a file that is not a state (truncated, wrong shapes) shows as no state."""
+    be = "/local/domain/0/backend/vbd/3/51712"
+    target = Path(live_stats_path(tmp_path, be))
+    assert target == tmp_path / "vbd-0-3-51712.json"
+    for bad_path in ["/local/domain/0/backend/vbd/../../../etc/passwd", "backend", ""]:
+        assert read_live_stats(tmp_path, bad_path) is None
+    good = {"pid": os.getpid(), "updated": 0, "queues": [{"inflight": 2}, {"inflight": 1}]}
+    for content in [b"{", b"[]", b'{"pid": 1}', b'{"pid": "x", "queues": []}',
+                    json.dumps({**good, "queues": [1]}).encode(),
+                    json.dumps({**good, "queues": {"a": 1}}).encode()]:
+        target.write_bytes(content)
+        assert read_live_stats(tmp_path, be) is None, content
+    target.write_bytes(json.dumps(good).encode())
+    shown = read_live_stats(tmp_path, be)
+    assert shown is not None and (shown["inflight"], shown["stale"]) == (3, False)

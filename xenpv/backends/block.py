@@ -847,13 +847,16 @@ def live_stats_path(stats_dir: str | os.PathLike[str], backend_path: str) -> str
 def read_live_stats(stats_dir: str | os.PathLike[str], backend_path: str
                     ) -> dict[str, Any] | None:
     """The live state a backend process keeps for ``backend_path`` (None if there is
-    none), with ``stale`` true when the process that wrote it is gone (killed before it
-    could remove the file) and ``age`` in seconds."""
+    none, or it is not such a state), with ``inflight`` summed over the queues, ``stale``
+    true when the process that wrote it is gone (killed before it could remove the file)
+    and ``age`` in seconds."""
     try:
         with open(live_stats_path(stats_dir, backend_path), "rb") as f:
             state = json.loads(f.read(1 << 20))
         pid = int(state["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
+        queues = state["queues"]
+        state["inflight"] = sum(int(q["inflight"]) for q in queues)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, PeerError):
         return None
     try:
         os.kill(pid, 0)

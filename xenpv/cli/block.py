@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 from typing import Any
@@ -189,7 +188,7 @@ async def vbd_info(client: Any, domid: int, vdev: str,
     (``live``) the state the backend process keeps in ``stats_dir``, if any."""
     from xenpv.backends.block import read_live_stats
     from xenpv.protocols.blkif import vdev_decode, vdev_encode
-    from xenpv.xenbus.paths import DevicePathError, frontend_path
+    from xenpv.xenbus.paths import frontend_path
 
     devid = int(vdev) if vdev.isdigit() else vdev_encode(vdev)
     fe = frontend_path(domid, "vbd", devid)
@@ -203,13 +202,7 @@ async def vbd_info(client: Any, domid: int, vdev: str,
         order = int(front.get("ring-page-order", "0"))
     except ValueError:
         queues, order = 0, 0
-    live = None
-    if be and stats_dir is not None:
-        with contextlib.suppress(DevicePathError, ValueError):
-            live = read_live_stats(stats_dir, be)
-    if live is not None:
-        qs = live.get("queues") or []
-        live["inflight"] = sum(int(q.get("inflight", 0)) for q in qs)
+    live = read_live_stats(stats_dir, be) if be and stats_dir is not None else None
     return {"domid": domid, "vdev": vdev_decode(devid), "devid": devid,
             "frontend": fe, "backend": be, "queues": queues, "ring_pages": 1 << order,
             "frontend_keys": front, "backend_keys": back, "live": live}

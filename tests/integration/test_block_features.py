@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hostile"))
 from cli_support import xenpv
 from test_block_processes import GUEST, add_vbd, connect_frontend, start_backend
 from test_block_scenarios import rig
-from test_block_support import FE, NOTHING, block_world, make_image, run, start_pair
+from test_block_support import FE, NOTHING, S, block_world, make_image, run, start_pair
 
 from xenpv.backends.block import (
     BlockConfig,
@@ -445,3 +445,36 @@ def test_read_live_stats_takes_only_a_well_formed_state(tmp_path: Path) -> None:
     target.write_bytes(json.dumps(good).encode())
     shown = read_live_stats(tmp_path, be)
     assert shown is not None and (shown["inflight"], shown["stale"]) == (3, False)
+
+
+@pytest.mark.parametrize("sizes", [("4096", "2048"), ("4096", "6144"), ("8192", "8192"),
+                                   ("1024", "x")])
+def test_frontend_fails_closed_on_bad_sector_sizes(sizes: tuple[str, str]) -> None:
+    """A backend publishing a sector size the frontend cannot honour (over a page), or a
+    physical sector size below it or not a power of two: the frontend never connects,
+    it writes its error node and holds nothing."""
+    async def body() -> None:
+        async with block_world() as w:
+            from xenpv.frontends.block import BlockFrontend
+            from xenpv.xenbus import add_device
+
+            info = await add_device(w.dom0, "vbd", FE, 2, 51712)
+            bp = info.backend_path
+            await w.dom0.write(f"{bp}/state", "2")
+            fe = BlockFrontend(w.machine.domain(FE), w.fe, info.frontend_path,
+                               close_timeout=0.5)
+            await fe.start()
+            try:
+                await fe.wait_state(S.Initialised, timeout=10)
+                for k, v in {"sectors": "2048", "sector-size": sizes[0],
+                             "physical-sector-size": sizes[1], "state": "4"}.items():
+                    await w.dom0.write(f"{bp}/{k}", v)
+                await fe.wait_state(S.Closing, S.Closed, timeout=10)
+                assert await w.read_error(info.frontend_path)
+                with pytest.raises(LocalError):
+                    await fe.read(0, 4096)
+            finally:
+                await fe.close()
+        assert w.held() == NOTHING
+
+    run(body())

@@ -59,13 +59,15 @@ class Export:
 @pytest.fixture
 def export(request: pytest.FixtureRequest, daemon_machine: Callable[..., DaemonMachine],
            tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> Iterator[Export]:
-    """The chain on an 8 MiB image, the vbd in mode ``request.param`` (``w`` by default)."""
-    mode = getattr(request, "param", "w")
+    """The chain on an 8 MiB image, the vbd in mode ``request.param`` (``w`` by default;
+    ``MODE:N`` also serves it with N-byte logical sectors)."""
+    mode, _, sector_size = getattr(request, "param", "w").partition(":")
     machine = daemon_machine(GUEST, max_grants=8192, max_ports=64)
     rundir = machine.rundir
     image = tmp_path / "disk.img"
     image.write_bytes(random.Random(7).randbytes(SIZE))
-    be = subprocess.Popen(xenpv("block", "backend", "--all", "--rundir", rundir),
+    be = subprocess.Popen(xenpv("block", "backend", "--all", "--rundir", rundir,
+                                *(["--sector-size", sector_size] if sector_size else [])),
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     procs.append(be)
     assert json_line(be, WAIT)["event"] == "ready"
@@ -151,6 +153,26 @@ def test_qemu_io_writes_land_in_the_image_and_read_back(export: Export) -> None:
     want[7 * MiB:7 * MiB + 65536] = bytes(65536)  # the TRIM punched a hole
     assert data == want
     assert "discard 65536/65536 bytes at offset 7340032" in out
+
+
+@pytest.mark.parametrize("export", ["w:4096"], indirect=True)
+def test_4096_byte_sectors_reach_nbd_clients(export: Export) -> None:
+    """A disk served with 4 KiB logical sectors: the export announces 4 KiB as its minimum
+    block size, and ``qemu-io`` honours it (a write of 1 KiB at 512 bytes becomes a
+    read-modify-write of the sector around it), so only the bytes written change."""
+    original = export.image.read_bytes()
+    info = json.loads(run_tool(*tool("nbdinfo"), "--json", export.url))
+    [exp] = info["exports"]
+    assert exp["block_size_minimum"] == 4096 and exp["export-size"] == SIZE
+    out = run_tool(*tool("qemu-io"), "-f", "raw", "-c", "write -P 0x33 512 1k", "-c",
+                   "write -P 0x44 1m 64k", "-c", "flush", "-c", "read -P 0x33 512 1k",
+                   "-c", "read -P 0x44 1m 64k", export.url)
+    assert "Pattern verification failed" not in out, out
+    export.stop()
+    want = bytearray(original)
+    want[512:1536] = b"\x33" * 1024
+    want[MiB:MiB + 65536] = b"\x44" * 65536
+    assert export.image.read_bytes() == want
 
 
 @pytest.mark.parametrize("export", ["r"], indirect=True)

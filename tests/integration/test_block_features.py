@@ -326,13 +326,19 @@ def test_block_info_shows_requests_in_flight_from_another_process() -> None:
         shown: dict[str, Any] = json.loads(out)
         return shown
 
-    async def until(w: Any, stats: Path, ok: Callable[[dict[str, Any]], bool]
-                    ) -> dict[str, Any]:
+    async def until(w: Any, stats: Path, be_path: str, ok: Callable[[dict[str, Any]], bool],
+                    *, shown: bool = True) -> dict[str, Any]:
+        """Wait for the state in the file to satisfy ``ok`` (read here, cheaply), then
+        (``shown``) what `block info` in another process shows of it (the state holds
+        still)."""
         async with asyncio.timeout(30):
-            while True:
-                shown = await info(w, stats)
-                if shown["live"] is not None and ok(shown["live"]):
-                    return shown
+            while not ok(live := read_live_stats(stats, be_path) or {"inflight": -1,
+                                                                       "queues": [{}]}):
+                await asyncio.sleep(0.02)
+        if shown:
+            live = (await info(w, stats))["live"]
+        assert ok(live)
+        return live
 
     async def body() -> None:
         async with block_world() as w:
@@ -346,20 +352,20 @@ def test_block_info_shows_requests_in_flight_from_another_process() -> None:
             fe = pair.frontend
             try:
                 await fe.read(0, 4096)  # a persistent grant mapped, one request completed
-                live = (await until(w, stats, lambda s: s["queues"][0]["completed"] == 1))[
-                    "live"]
+                live = await until(w, stats, pair.be_path,
+                                   lambda s: s["queues"][0].get("completed") == 1, shown=False)
                 assert (live["pid"], live["stale"], live["inflight"]) == (os.getpid(),
                                                                          False, 0)
                 pool.gate.clear()
                 writes = asyncio.gather(*(fe.write(k * 65536, bytes([k]) * 65536)
                                           for k in range(3)))
-                live = (await until(w, stats, lambda s: s["inflight"] == 3))["live"]
+                live = await until(w, stats, pair.be_path, lambda s: s["inflight"] == 3)
                 q = live["queues"][0]
                 assert q["inflight"] == 3 and q["persistent_grants"] >= 16
                 assert q["completed"] == 1 and q["errors"] == 0
                 pool.gate.set()
                 await writes
-                live = (await until(w, stats, lambda s: s["inflight"] == 0))["live"]
+                live = await until(w, stats, pair.be_path, lambda s: s["inflight"] == 0)
                 assert live["queues"][0]["completed"] == 4
                 assert live["queues"][0]["taken"] == 4
                 path = live_stats_path(stats, pair.be_path)
@@ -368,7 +374,7 @@ def test_block_info_shows_requests_in_flight_from_another_process() -> None:
                 await pair.close()
                 pool.shutdown()
             assert not os.path.exists(path)
-            assert (await info(w, stats))["live"] is None
+            assert read_live_stats(stats, pair.be_path) is None
         assert w.held() == NOTHING
 
     run(body())
@@ -400,15 +406,19 @@ def test_backend_process_options_and_live_state(
             data[4096:12288] = b"\x11" * 8192
             data[MiB:MiB + 65536] = bytes(65536)
             assert await fe.read(0, 2 * MiB) == data
-            async with asyncio.timeout(30):
-                while True:
-                    out = await asyncio.create_subprocess_exec(
-                        *xenpv("block", "info", str(GUEST), "xvda", "--rundir", rundir),
-                        stdout=subprocess.PIPE)
-                    shown = json.loads((await out.communicate())[0])
-                    live = shown["live"]
-                    if live and sum(q["completed"] for q in live["queues"]) >= 3:
-                        break
+            be_path = f"/local/domain/0/backend/vbd/{GUEST}/51712"
+            sent = fe.io_stats["requests"]
+            async with asyncio.timeout(30):  # the file catches up (read here, cheaply)
+                while not (live := read_live_stats(default_stats_dir(rundir), be_path)) \
+                        or sum(q["completed"] for q in live["queues"]) < sent:
+                    await asyncio.sleep(0.02)
+            out = await asyncio.create_subprocess_exec(
+                *xenpv("block", "info", str(GUEST), "xvda", "--rundir", rundir),
+                stdout=subprocess.PIPE)
+            shown = json.loads((await out.communicate())[0])
+            live = shown["live"]
+            assert shown["backend"] == be_path
+            assert sum(q["completed"] for q in live["queues"]) == sent
             assert shown["backend_keys"]["sector-size"] == "4096"
             assert shown["backend_keys"]["discard-secure"] == "1"
             assert live["pid"] == be.pid and live["stale"] is False

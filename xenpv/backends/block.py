@@ -456,9 +456,10 @@ class BlockRequests:
         self.closed = False
         #: ``taken``: requests read off the ring; ``completed``: answered (``errors``
         #: and ``unsupported`` of them with ERROR and EOPNOTSUPP, refusals included).
-        self.stats = {"taken": 0, "completed": 0, "reads": 0, "writes": 0, "flushes": 0, "barriers": 0, "discards": 0,
-                      "secure_discards": 0, "indirect": 0, "errors": 0, "unsupported": 0,
-                      "bytes_read": 0, "bytes_written": 0, "inline": 0, "threaded": 0}
+        self.stats = {"taken": 0, "completed": 0, "reads": 0, "writes": 0, "flushes": 0,
+                      "barriers": 0, "discards": 0, "secure_discards": 0, "indirect": 0,
+                      "errors": 0, "unsupported": 0, "bytes_read": 0, "bytes_written": 0,
+                      "inline": 0, "threaded": 0}
 
     # -- the handler
     @property

@@ -73,6 +73,11 @@ def rows(run: str, tmp: Path) -> list[tuple[list[str], int | None, int, str]]:
         (["loopback", "env", "--rundir", str(tmp), "--domid", "0"], None, 1,
          "no emulator"),
         (["loopback", "stats", "--rundir", missing], None, 1, "no run directory"),
+        # block backend
+        (["block", "backend", "--all", "--sector-size", "1000"], 0, 2, "power of two"),
+        (["block", "backend", "--all", "--sector-size", "8192"], 0, 2, "out of range"),
+        (["block", "backend", "--all", "--physical-sector-size", "3000"], 0, 2,
+         "power of two"),
         # device
         (["device", "add", "console", "-f", "9", "-s", dom0_xs], None, 1,
          "domain 9 does not exist"),

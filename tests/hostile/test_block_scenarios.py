@@ -689,6 +689,35 @@ def test_scenario_17_backend_never_answers() -> None:
     run(body())
 
 
+@pytest.mark.parametrize("used_up", ["persistent pool", "ring slots"])
+def test_scenario_17_silent_backend_holding_every_page_or_slot(used_up: str) -> None:
+    """A backend that never answers keeps the pages and ring slots of the requests it
+    took: a later call that needs a page of the persistent pool, or a ring slot, ends
+    with TimeoutError after ``io_timeout`` instead of waiting for them forever (R12)."""
+    async def body() -> None:
+        async with block_world() as w:
+            pool = used_up == "persistent pool"
+            pair = await tampered_pair(w, lambda rs: [], io_timeout=0.3, indirect=False,
+                                       persistent=pool, persistent_pages=16)
+            fe = pair.frontend
+            try:
+                # 19 pool pages (11 + 8), or all 32 slots of the one-page ring
+                held = [fe.read(0, 19 * 4096)] if pool else [fe.read(k * 4096, 4096)
+                                                            for k in range(32)]
+                for r in await asyncio.gather(*held, return_exceptions=True):
+                    assert isinstance(r, TimeoutError)
+                late = asyncio.ensure_future(fe.read(0, 4096))
+                done, _ = await asyncio.wait({late}, timeout=10)
+                assert late in done, f"a call waiting for {used_up} never ended"
+                assert isinstance(late.exception(), TimeoutError)
+                assert fe.io_stats["requests"] == (2 if pool else 32)
+            finally:
+                await pair.close()
+        assert w.held() == NOTHING
+
+    run(body())
+
+
 def test_scenario_17_backend_never_leaves_initwait() -> None:
     async def body() -> None:
         async with block_world() as w:

@@ -412,14 +412,31 @@ class BlockFrontend(FrontendDriver):
             raise LocalError("block device not connected")
 
     async def _reserve(self) -> tuple[_Queue, int]:
-        """A free ring slot on the queue with the most, waiting for space if needed."""
+        """A free ring slot on the queue with the most, waiting for space if needed (at
+        most ``io_timeout``: slots of requests a silent backend never answered stay
+        taken, R12)."""
+        deadline = None
         while True:
             self._check_usable()
             best = max(self.queues, key=lambda q: len(q.free_ids))
             if best.free_ids:
                 return best, best.free_ids.pop()
             self._space.clear()
-            await self._space.wait()
+            deadline = await self._wait_for(self._space, deadline, "a free ring slot")
+
+    async def _wait_for(self, event: asyncio.Event, deadline: float | None, what: str
+                        ) -> float:
+        """Wait for ``event`` until ``deadline`` (now + ``io_timeout`` if None); the
+        deadline, or :class:`TimeoutError` naming ``what``."""
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + self.config.io_timeout
+        try:
+            await asyncio.wait_for(event.wait(), max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            raise TimeoutError(f"no {what} within {self.config.io_timeout} s (requests "
+                               "the backend has not answered hold them)") from None
+        return deadline
 
     async def _request(self, reserved: tuple[_Queue, int], op: int,
                        build: Callable[[int], bytes], finish: Callable[[int], None]) -> int:
@@ -456,11 +473,13 @@ class BlockFrontend(FrontendDriver):
                 with contextlib.suppress(LocalError, PlatformError):
                     self.quarantine.end(share)
             return list(share.refs), mems, end
+        deadline = None
         while len(self._pool_free) + self._pool_cap - len(self._pool) < count:
             self._check_usable()
             self.io_stats["pool_waits"] += 1
             self._pool_back.clear()
-            await self._pool_back.wait()
+            deadline = await self._wait_for(self._pool_back, deadline,
+                                            f"{count} pages of the persistent pool")
         taken: list[SharedPages] = []
         try:
             while len(taken) < count:
@@ -497,14 +516,19 @@ class BlockFrontend(FrontendDriver):
             raise BlockError("the disk is read-only")
         chunk = self.max_segments * XEN_PAGE_SIZE
         pieces = []
+        failed: Exception | None = None
         for start in range(0, length, chunk):
             n = min(chunk, length - start)
-            reserved = await self._reserve()
+            try:
+                reserved = await self._reserve()
+            except Exception as exc:  # the pieces started still end (bounded) first
+                failed = exc
+                break
             pieces.append(asyncio.ensure_future(self._one_rw(reserved, write, offset + start,
                                                              n, data, out, start)))
-        if not pieces:
-            return
         results = await asyncio.gather(*pieces, return_exceptions=True)
+        if failed is not None:
+            raise failed
         for r in results:
             if isinstance(r, BaseException):
                 raise r

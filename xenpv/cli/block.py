@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from xenpv.cli import args as cliargs
@@ -117,7 +118,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                     help="NBD clients served at once (default 16)")
 
 
-def _power_of_two(lo: int, hi: int, what: str) -> Any:
+def _power_of_two(lo: int, hi: int, what: str) -> Callable[[str], int]:
+    """An argparse ``type=`` for a power of two in ``lo..hi``."""
     number = cliargs.uint(lo, hi, what)
 
     def convert(text: str) -> int:

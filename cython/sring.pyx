@@ -196,21 +196,26 @@ cdef class _Ring:
             xenpv_copy(dst + run * e, self.slots, (n - run) * e)
 
     # -- producing -------------------------------------------------------------------------
+    cdef Py_ssize_t _entries(self, Py_buffer *view, Py_ssize_t n) except -1:
+        """How many entries a call on ``view`` asked for: all of it if n < 0; LocalError if
+        the buffer holds fewer than ``n``."""
+        cdef Py_ssize_t have = view.len // self.slot_size
+        if n < 0:
+            return have
+        if n > have:
+            raise LocalError(
+                f"{n} entries asked for but the buffer holds {have} of {self.slot_size} bytes")
+        return n
+
     cdef uint32_t _put(self, object src, Py_ssize_t n, bint strict) except? 0xFFFFFFFF:
         """Copy up to ``n`` entries (all of ``src`` if n < 0) into the slots; not pushed."""
         cdef Py_buffer view
-        cdef Py_ssize_t have
         cdef uint32_t room
         self._usable()
         room = self._room()
         PyObject_GetBuffer(src, &view, PyBUF_SIMPLE)
         try:
-            have = view.len // self.slot_size
-            if n < 0:
-                n = have
-            elif n > have:
-                raise LocalError(
-                    f"{n} entries asked for but the buffer holds {have} of {self.slot_size} bytes")
+            n = self._entries(&view, n)
             if n > room:
                 if strict:
                     raise LocalError(f"{n} entries do not fit: room for {room}")
@@ -300,8 +305,11 @@ cdef class _Ring:
         xenpv_mb()  # the event store must be visible before re-reading the peer's index
         return 0
 
-    cdef uint32_t _poll_into(self, object dst, Py_ssize_t max_n) except? 0xFFFFFFFF:
-        cdef uint32_t n = self._take_into(dst, max_n, self._avail())
+    cdef uint32_t _poll_into(self, object dst, Py_ssize_t max_n,
+                             long long spin_ns) except? 0xFFFFFFFF:
+        """Take waiting entries (spinning up to ``spin_ns`` for them); when there are none,
+        re-arm the event field and take what arrived meanwhile (RING_FINAL_CHECK_*)."""
+        cdef uint32_t n = self._take_into(dst, max_n, self._spin(spin_ns))
         if n == 0 and max_n != 0:
             self._rearm()
             n = self._take_into(dst, max_n, self._avail())
@@ -474,10 +482,12 @@ cdef class FrontRing(_Ring):
         ``spin_ns``, busy-wait up to that long (see :meth:`spin`) when none are waiting."""
         return self._take_into(dst, max_n, self._spin(spin_ns))
 
-    cpdef unsigned int poll_responses_into(self, dst, Py_ssize_t max_n=-1) except? 0xFFFFFFFF:
-        """Take waiting responses into ``dst``; when there are none, re-arm ``rsp_event`` and
-        take what arrived meanwhile.  0 means the ring is empty and armed: safe to sleep."""
-        return self._poll_into(dst, max_n)
+    cpdef unsigned int poll_responses_into(self, dst, Py_ssize_t max_n=-1,
+                                        long long spin_ns=0) except? 0xFFFFFFFF:
+        """Take waiting responses into ``dst`` (with ``spin_ns``, busy-wait up to that long
+        for them first); when there are none, re-arm ``rsp_event`` and take what arrived
+        meanwhile.  0 means the ring is empty and armed: safe to sleep."""
+        return self._poll_into(dst, max_n, spin_ns)
 
     def take_responses(self, Py_ssize_t max_n=-1, dtype=None):
         """Copy out up to ``max_n`` waiting responses: ``bytes`` of k * slot_size, or a numpy
@@ -487,6 +497,47 @@ cdef class FrontRing(_Ring):
     def take_response(self):
         """Copy out the next response (``bytes``), or None if there is none."""
         return self._take(1, None) or None
+
+    def take_and_submit(self, dst, src, Py_ssize_t n=-1, Py_ssize_t max_n=-1,
+                        long long spin_ns=0):
+        """The frontend's turn in one call: take responses, then queue and push requests.
+
+        1. Responses: up to ``max_n`` (as many as fit ``dst``) are copied into ``dst``.  When
+           this call can queue nothing (``n`` is 0 or the ring is full) it waits for them as
+           :meth:`poll_responses_into` does: spins up to ``spin_ns``, then re-arms
+           ``rsp_event`` and looks once more (RING_FINAL_CHECK_FOR_RESPONSES).  Otherwise
+           it takes only what is already there.
+        2. Requests: up to ``n`` entries of ``src`` (default: all), as many as fit now
+           (the responses just taken freed their slots), are queued and pushed with the
+           notify check (RING_PUSH_REQUESTS_AND_CHECK_NOTIFY).
+
+        Returns ``(taken, queued, notify)``; the caller signals the event channel when
+        ``notify``.  ``(0, 0, False)`` means nothing came, nothing could be sent and
+        ``rsp_event`` is armed: safe to sleep.  ``src`` is checked before anything is
+        taken (a LocalError if it holds fewer than ``n`` entries).  A ring driven by this
+        call alone turns a batch of responses into the next batch of requests without
+        returning to Python in between, as a frontend written in C does.
+        """
+        cdef Py_buffer view
+        cdef uint32_t taken, room, queued = 0
+        cdef bint notify = False
+        self._usable()
+        PyObject_GetBuffer(src, &view, PyBUF_SIMPLE)
+        try:
+            n = self._entries(&view, n)
+            if n == 0 or self._room() == 0:
+                taken = self._poll_into(dst, max_n, spin_ns)
+            else:
+                taken = self._take_into(dst, max_n, self._avail())
+            room = self._room()
+            queued = <uint32_t>n if n < room else room
+            if queued:
+                self._copy_in(self._prod_pvt, <const uint8_t *>view.buf, queued)
+                self._prod_pvt += queued
+                notify = self._push()
+        finally:
+            PyBuffer_Release(&view)
+        return taken, queued, notify
 
 
 cdef class BackRing(_Ring):
@@ -551,10 +602,12 @@ cdef class BackRing(_Ring):
         ``spin_ns``, busy-wait up to that long (see :meth:`spin`) when none are waiting."""
         return self._take_into(dst, max_n, self._spin(spin_ns))
 
-    cpdef unsigned int poll_requests_into(self, dst, Py_ssize_t max_n=-1) except? 0xFFFFFFFF:
-        """Take waiting requests into ``dst``; when there are none, re-arm ``req_event`` and
-        take what arrived meanwhile.  0 means the ring is empty and armed: safe to sleep."""
-        return self._poll_into(dst, max_n)
+    cpdef unsigned int poll_requests_into(self, dst, Py_ssize_t max_n=-1,
+                                       long long spin_ns=0) except? 0xFFFFFFFF:
+        """Take waiting requests into ``dst`` (with ``spin_ns``, busy-wait up to that long
+        for them first); when there are none, re-arm ``req_event`` and take what arrived
+        meanwhile.  0 means the ring is empty and armed: safe to sleep."""
+        return self._poll_into(dst, max_n, spin_ns)
 
     def take_requests(self, Py_ssize_t max_n=-1, dtype=None):
         """Copy out up to ``max_n`` waiting requests: ``bytes`` of k * slot_size, or a numpy
@@ -594,13 +647,14 @@ cdef class BackRing(_Ring):
         self._put(src, n, True)
         return self._push()
 
-    def take_and_respond(self, dst, responses, Py_ssize_t max_n=-1):
+    def take_and_respond(self, dst, responses, Py_ssize_t max_n=-1, long long spin_ns=0):
         """One call for backends whose answers are known before the requests are read (an
         echo, a null device, benchmarks): take up to ``max_n`` requests into ``dst`` (as
-        :meth:`poll_requests_into`, re-arming when empty), queue the first k entries of
-        ``responses`` as their answers and push.  Returns ``(k, notify)``.  ``responses``
-        may be ``dst`` itself (echo)."""
-        cdef uint32_t k = self._poll_into(dst, max_n)
+        :meth:`poll_requests_into`: spinning up to ``spin_ns`` for them, re-arming when
+        empty), queue the first k entries of ``responses`` as their answers and push.
+        Returns ``(k, notify)``; ``(0, False)`` means the ring is empty and armed.
+        ``responses`` may be ``dst`` itself (echo)."""
+        cdef uint32_t k = self._poll_into(dst, max_n, spin_ns)
         if k == 0:
             return 0, False
         self._put(responses, k, True)

@@ -23,13 +23,14 @@ SLOTS = (4, 8, 12, 16, 64, 112)  # usbif conn, netif rx, netif tx, netif ctrl, 6
 ALL = 1 << 20  # "as many as possible"
 
 FRONT_OPS = ("put", "push", "push_notify", "submit", "take_rsp", "take_rsp_into", "poll_rsp",
-             "unconsumed_rsp", "final_rsp", "free", "set_rsp_event")
+             "unconsumed_rsp", "final_rsp", "free", "set_rsp_event", "take_submit")
 BACK_OPS = ("take_req", "take_req_into", "poll_req", "unconsumed_req", "final_req", "put_rsp",
             "push_rsp", "push_rsp_notify", "submit_rsp", "set_req_event", "take_respond")
 
 # the ordinary protocol flow is drawn more often than the rest
 FLOW = ("put", "push_notify", "submit", "take_req", "poll_req", "put_rsp", "push_rsp_notify",
-        "submit_rsp", "take_rsp", "poll_rsp", "final_req", "final_rsp", "take_respond")
+        "submit_rsp", "take_rsp", "poll_rsp", "final_req", "final_rsp", "take_respond",
+        "take_submit")
 counts = st.one_of(st.integers(0, 6), st.integers(0, 40), st.just(ALL))
 u32 = st.integers(0, MASK32)
 # a value near the current index ("rel", delta), near one ring size ahead ("relN", delta),
@@ -108,8 +109,15 @@ def ours_take(ring: Any, method: str, n: int, slot: int) -> Any:
 
 def ours_take_respond(ring: Any, n: int, slot: int, responses: bytes) -> Any:
     buf = bytearray(n * slot)
-    got = ours(lambda: ring.take_and_respond(buf, responses, n))
+    # a short spin sometimes: nothing changes meanwhile, so the answers must not either
+    got = ours(lambda: ring.take_and_respond(buf, responses, n, 2000 * (n & 1)))
     return got if got == OVERFLOW else (got[0], bytes(buf[: got[0] * slot]), got[1])
+
+
+def ours_take_submit(ring: Any, n: int, max_n: int, slot: int, requests: bytes) -> Any:
+    buf = bytearray(max_n * slot)
+    got = ours(lambda: ring.take_and_submit(buf, requests, n, max_n, 2000 * (n & 1)))
+    return got if got == OVERFLOW else (got[0], bytes(buf[: got[0] * slot]), *got[1:])
 
 
 def run_op(step: int, op: tuple[Any, ...], model: dict[str, Any]) -> list[Any]:
@@ -154,10 +162,12 @@ def run_op(step: int, op: tuple[Any, ...], model: dict[str, Any]) -> list[Any]:
         k = min(k, ref_back.pending_responses())
     elif name == "take_respond":
         k = min(k, ref_back.nr_ents)
+    elif name == "take_submit":  # k requests offered (more than fit, at times), k taken
+        k = min(k, ref_front.nr_ents + 2)
     else:
         k = min(k, 4 * 4096)
     data = pattern(step, k * slot) if name in ("put", "submit", "put_rsp", "submit_rsp",
-                                               "take_respond") else b""
+                                               "take_respond", "take_submit") else b""
     results = []
     for _page, f, b in impls:
         results.append({
@@ -183,6 +193,7 @@ def run_op(step: int, op: tuple[Any, ...], model: dict[str, Any]) -> list[Any]:
             "submit_rsp": lambda b=b: ours(lambda: b.submit_responses(data, k)),
             "set_req_event": lambda b=b: ours(lambda: b.set_req_event(value)),
             "take_respond": lambda b=b: ours_take_respond(b, k, slot, data),
+            "take_submit": lambda f=f: ours_take_submit(f, k, k, slot, data),
         }[name]())
     # the same operation through Xen's macros
     if name in ("put", "put_rsp"):
@@ -204,6 +215,12 @@ def run_op(step: int, op: tuple[Any, ...], model: dict[str, Any]) -> list[Any]:
         if cres != OVERFLOW:
             notify = bool(c.op(1, data, cres[0]) and c.op(3)) if cres[0] else False
             cres = (cres[0], cres[1], notify)
+    elif name == "take_submit":  # poll when nothing can be queued (else take), then submit
+        cres = c.poll(k) if k == 0 or c.op(0) == 0 else c.take(k)
+        if cres != OVERFLOW:
+            queued = min(k, c.op(0))
+            notify = bool(c.op(1, data, queued) and c.op(3)) if queued else False
+            cres = (cres[0], cres[1], queued, notify)
     elif name in ("unconsumed_rsp", "unconsumed_req"):
         v = c.op(4)
         cres = OVERFLOW if v < 0 else v

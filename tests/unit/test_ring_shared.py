@@ -334,6 +334,63 @@ def test_take_and_respond_echoes_in_one_call(rings: SimpleNamespace) -> None:
         back.take_and_respond(buf, bytes(16))  # two requests taken, one answer given
 
 
+def test_take_and_submit_is_one_frontend_turn(rings: SimpleNamespace) -> None:
+    """take_and_submit: responses first (waiting and re-arming only when nothing can be
+    queued), then as many requests as fit after them, pushed with the notify check."""
+    page = bytearray(PAGE)
+    front = rings.FrontRing(page, 16)  # 252 slots of 16 bytes -> 128
+    back = rings.BackRing(page, 16)
+    n = front.nr_ents
+    dst = bytearray(16 * n)
+    reqs = pattern(3, 16 * n)
+    # room and requests to send: no wait, no re-arm; the first push notifies (req_event 1)
+    assert front.take_and_submit(dst, reqs, 5, -1, 10**12) == (0, 5, True)
+    assert front.rsp_event == 1
+    assert back.take_and_respond(bytearray(16 * 8), reqs[16:]) == (5, True)
+    # nothing to queue (n=0): responses are waited for, found, taken
+    assert front.take_and_submit(dst, reqs, 0, 3) == (3, 0, False)
+    assert dst[: 16 * 3] == reqs[16 : 16 * 4]
+    # responses and requests in one call; as many requests as fit
+    assert front.take_and_submit(dst, reqs, -1) == (2, n, False)
+    assert front.free_requests() == 0
+    event = front.rsp_event
+    # a full ring, nothing answered: spin (bounded), re-arm, nothing -> safe to sleep
+    assert front.take_and_submit(dst, reqs, 4, -1, 1000) == (0, 0, False)
+    assert front.rsp_event == front.rsp_cons + 1 != event
+    # the responses taken free their slots for the requests queued in the same call
+    assert back.take_and_respond(bytearray(16 * n), reqs, 6) == (6, True)
+    assert front.take_and_submit(dst, reqs, 10, 4) == (4, 4, False)
+    assert front.req_prod == front.req_prod_pvt  # pushed
+    # the four new requests went into the slots of the responses just taken (5..8)
+    assert bytes(page[64 + 16 * 5 : 64 + 16 * 9]) == reqs[: 16 * 4]
+    with pytest.raises(LocalError):  # checked before anything is taken
+        front.take_and_submit(dst, bytes(16), 2)
+    assert front.unconsumed_responses() == 2
+    struct.pack_into("<I", page, 8, front.rsp_cons + n + 1)  # the backend goes insane
+    with pytest.raises(RingOverflowError):
+        front.take_and_submit(dst, reqs, 1)
+    assert front.broken
+
+
+def test_poll_and_take_and_respond_spin_first(rings: SimpleNamespace) -> None:
+    """With spin_ns, poll_*_into and take_and_respond busy-wait (bounded) before they
+    re-arm; entries already there are taken at once without touching the event."""
+    page = bytearray(PAGE)
+    front = rings.FrontRing(page, 8)
+    back = rings.BackRing(page, 8)
+    dst = bytearray(8 * 8)
+    struct.pack_into("<I", page, 4, 77)
+    assert back.poll_requests_into(dst, -1, 1000) == 0
+    assert back.req_event == 1  # re-armed after the spin
+    front.submit_requests(bytes(8 * 2))
+    struct.pack_into("<I", page, 4, 77)
+    assert back.take_and_respond(dst, dst, -1, 10**12) == (2, True)
+    assert back.req_event == 77  # found at once: no re-arm
+    assert back.take_and_respond(dst, dst, -1, 1000) == (0, False)
+    assert back.req_event == 3
+    assert front.poll_responses_into(dst, -1, 10**12) == 2
+
+
 def test_implementation_choice() -> None:
     """The compiled core is chosen when built; XENPV_PURE_PYTHON=1 forces the reference."""
     import os

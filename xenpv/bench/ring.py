@@ -14,9 +14,13 @@ What is measured (one run; every figure is requests completed per second):
   shared memfd, woken through eventfds under the event-index protocol, up to 32 requests in
   flight; a side with nothing to do spins up to 50 µs before re-arming and sleeping.  The
   ``*_nospin`` variants re-arm and sleep at once.  The C program uses the macros; the Python
-  one uses :mod:`xenpv.rings` (its spin is the core's bounded busy-wait, ``spin_ns``).  With
-  two CPUs available the frontend and backend are pinned to different ones (``placement``),
-  so every sleep costs a cross-CPU wake-up.
+  one uses :mod:`xenpv.rings` with one compiled call per batch on each side: the frontend's
+  ``take_and_submit`` waits for the responses (spinning, then re-arming), copies them out
+  and queues and pushes the next requests; the backend's ``take_and_respond`` does the same
+  with requests and their answers.  A side's turn, from entries seen to the next ones
+  published, thus stays in compiled code as in the C program, and Python runs while the
+  peer works.  With two CPUs available the frontend and backend are pinned to different
+  ones (``placement``), so every sleep costs a cross-CPU wake-up.
 
 Every figure is the median of ``--rounds`` interleaved rounds (each variant going first in
 turn; ``--seconds`` of measuring per figure, split over the rounds), and every ratio the
@@ -268,19 +272,17 @@ def _backend_loop(impl_name: str, shared: mmap.mmap, waker: _Waker, spin_ns: int
     back = impl.BackRing(memoryview(shared)[:PAGE], SLOT)
     got = bytearray(SLOT * batch)
     notifies = sleeps = 0
-    take, submit = back.take_requests_into, back.submit_responses
-    load_u32, poll = impl.load_u32, back.poll_requests_into
+    serve, load_u32 = back.take_and_respond, impl.load_u32
     while True:
-        n = take(got, batch, spin_ns)  # spins up to spin_ns when there is nothing yet
-        if n == 0:
-            n = poll(got, batch)  # re-arms req_event when empty
-            if n == 0:  # the stop flag is looked at only here, as the C backend's
-                if load_u32(shared, CTL_STOP):  # loop does once per pass
-                    break
-                sleeps += 1
-                waker.sleep(timeout_s)
-                continue
-        if submit(got, n):  # each response echoes its request
+        # one call per batch: spin up to spin_ns for requests, re-arm when there are none,
+        # copy them out, queue each one's echo as its response and push
+        n, notify = serve(got, got, batch, spin_ns)
+        if n == 0:  # the ring is empty and armed; the stop flag is looked at only here,
+            if load_u32(shared, CTL_STOP):  # as the C backend's loop does once per pass
+                break
+            sleeps += 1
+            waker.sleep(timeout_s)
+        elif notify:
             notifies += 1
             waker.kick()
     impl.store_u32(shared, CTL_NOTIFIES, notifies)
@@ -383,29 +385,26 @@ def _frontend_loop(front: Any, waker: _Waker, spin_ns: int, batch: int,
     start = time.perf_counter()
     deadline = start + seconds if seconds is not None else float("inf")
     limit = count if count is not None else -1
-    free, submit, take = front.free_requests, front.submit_requests, front.take_responses_into
-    clock = time.perf_counter
+    exchange, clock = front.take_and_submit, time.perf_counter
+    k = batch
     while done != limit and clock() < deadline:
-        room = k = free()
-        if k > batch:
-            k = batch
         if limit >= 0 and k > limit - submitted:
             k = limit - submitted
-        if k:
-            if verify:
-                reqs_ids[:k] = window[:k] + submitted
-            if submit(reqs, k):
-                notifies += 1
-                waker.kick()
-            submitted += k
-        waiting = room == k or submitted == limit  # nothing more to send: we may wait
-        n = take(got, batch, spin_ns if waiting else 0)
-        if n == 0 and waiting:
-            n = front.poll_responses_into(got, batch)
-            if n == 0:
+        if verify:  # the next requests' sequence numbers, however many will fit
+            reqs_ids[:] = window + submitted
+        # one call per batch: wait for responses when nothing more can be sent (spin up to
+        # spin_ns, then re-arm), take them, queue and push what fits of the next batch
+        n, queued, notify = exchange(got, reqs, k, batch, spin_ns)
+        if notify:
+            notifies += 1
+            waker.kick()
+        submitted += queued
+        if n == 0:
+            if queued == 0:  # nothing came, nothing to send, rsp_event armed: sleep
                 sleeps += 1
                 waker.sleep(timeout_s)
-        if verify and n and not (got_ids[:n] == window[:n] + done).all():
+            continue
+        if verify and not (got_ids[:n] == window[:n] + done).all():
             raise RuntimeError(f"responses {done}..{done + n} came back wrong or out of order")
         done += n
     elapsed = time.perf_counter() - start

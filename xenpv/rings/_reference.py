@@ -172,26 +172,37 @@ class _Ring:
     # -- producing -------------------------------------------------------------------------
     def _put(self, src: Any, n: int, strict: bool) -> int:
         """Copy up to ``n`` entries (all of ``src`` if n < 0) into the slots; not pushed."""
-        raw = self._mem()[0]
+        self._mem()
         room = self._room()
         with memoryview(src) as view:
             data = view.cast("B")
-            have = len(data) // self.slot_size
-            if n < 0:
-                n = have
-            elif n > have:
-                raise LocalError(
-                    f"{n} entries asked for but the buffer holds {have} of {self.slot_size} bytes")
+            n = self._entries(data, n)
             if n > room:
                 if strict:
                     raise LocalError(f"{n} entries do not fit: room for {room}")
                 n = room
-            e = self.slot_size
-            for j in range(n):
-                at = self._slot(self._prod_pvt + j)
-                raw[at : at + e] = data[j * e : (j + 1) * e]
-        self._prod_pvt = (self._prod_pvt + n) & MASK32
+            self._copy_in(data, n)
         return n
+
+    def _entries(self, data: memoryview, n: int) -> int:
+        """How many entries a call on ``data`` asked for: all of it if n < 0; LocalError if
+        the buffer holds fewer than ``n``."""
+        have = len(data) // self.slot_size
+        if n < 0:
+            return have
+        if n > have:
+            raise LocalError(
+                f"{n} entries asked for but the buffer holds {have} of {self.slot_size} bytes")
+        return n
+
+    def _copy_in(self, data: memoryview, n: int) -> None:
+        """Copy the first n entries of ``data`` into the slots _prod_pvt .. _prod_pvt+n-1."""
+        raw = self._mem()[0]
+        e = self.slot_size
+        for j in range(n):
+            at = self._slot(self._prod_pvt + j)
+            raw[at : at + e] = data[j * e : (j + 1) * e]
+        self._prod_pvt = (self._prod_pvt + n) & MASK32
 
     def _put_one(self, data: Any) -> None:
         """Queue one entry of at most slot_size bytes; the rest of the slot is zeroed."""
@@ -265,8 +276,10 @@ class _Ring:
         self._store(self._in_event, self._cons + 1)
         full_barrier()  # the event store must be visible before re-reading the peer's index
 
-    def _poll_into(self, dst: Any, max_n: int) -> int:
-        n = self._take_into(dst, max_n, self._avail())
+    def _poll_into(self, dst: Any, max_n: int, spin_ns: int) -> int:
+        """Take waiting entries (spinning up to ``spin_ns`` for them); when there are none,
+        re-arm the event field and take what arrived meanwhile (RING_FINAL_CHECK_*)."""
+        n = self._take_into(dst, max_n, self.spin(spin_ns))
         if n == 0 and max_n != 0:
             self._rearm()
             n = self._take_into(dst, max_n, self._avail())
@@ -418,10 +431,11 @@ class FrontRing(_Ring):
         ``spin_ns``, busy-wait up to that long (see :meth:`spin`) when none are waiting."""
         return self._take_into(dst, max_n, self.spin(spin_ns))
 
-    def poll_responses_into(self, dst: Any, max_n: int = -1) -> int:
-        """Take waiting responses into ``dst``; when there are none, re-arm ``rsp_event`` and
-        take what arrived meanwhile.  0 means the ring is empty and armed: safe to sleep."""
-        return self._poll_into(dst, max_n)
+    def poll_responses_into(self, dst: Any, max_n: int = -1, spin_ns: int = 0) -> int:
+        """Take waiting responses into ``dst`` (with ``spin_ns``, busy-wait up to that long
+        for them first); when there are none, re-arm ``rsp_event`` and take what arrived
+        meanwhile.  0 means the ring is empty and armed: safe to sleep."""
+        return self._poll_into(dst, max_n, spin_ns)
 
     def take_responses(self, max_n: int = -1, dtype: Any = None) -> Any:
         """Copy out up to ``max_n`` waiting responses: ``bytes`` of k * slot_size, or a numpy
@@ -431,6 +445,41 @@ class FrontRing(_Ring):
     def take_response(self) -> bytes | None:
         """Copy out the next response (``bytes``), or None if there is none."""
         return self._take(1, None) or None
+
+    def take_and_submit(self, dst: Any, src: Any, n: int = -1, max_n: int = -1,
+                        spin_ns: int = 0) -> tuple[int, int, bool]:
+        """The frontend's turn in one call: take responses, then queue and push requests.
+
+        1. Responses: up to ``max_n`` (as many as fit ``dst``) are copied into ``dst``.  When
+           this call can queue nothing (``n`` is 0 or the ring is full) it waits for them as
+           :meth:`poll_responses_into` does: spins up to ``spin_ns``, then re-arms
+           ``rsp_event`` and looks once more (RING_FINAL_CHECK_FOR_RESPONSES).  Otherwise
+           it takes only what is already there.
+        2. Requests: up to ``n`` entries of ``src`` (default: all), as many as fit now
+           (the responses just taken freed their slots), are queued and pushed with the
+           notify check (RING_PUSH_REQUESTS_AND_CHECK_NOTIFY).
+
+        Returns ``(taken, queued, notify)``; the caller signals the event channel when
+        ``notify``.  ``(0, 0, False)`` means nothing came, nothing could be sent and
+        ``rsp_event`` is armed: safe to sleep.  ``src`` is checked before anything is
+        taken (a LocalError if it holds fewer than ``n`` entries).  A ring driven by this
+        call alone turns a batch of responses into the next batch of requests without
+        returning to Python in between, as a frontend written in C does.
+        """
+        self._mem()
+        with memoryview(src) as view:
+            data = view.cast("B")
+            n = self._entries(data, n)
+            if n == 0 or self._room() == 0:
+                taken = self._poll_into(dst, max_n, spin_ns)
+            else:
+                taken = self._take_into(dst, max_n, self._avail())
+            queued = min(n, self._room())
+            notify = False
+            if queued:
+                self._copy_in(data, queued)
+                notify = self._push()
+        return taken, queued, notify
 
 
 class BackRing(_Ring):
@@ -491,10 +540,11 @@ class BackRing(_Ring):
         ``spin_ns``, busy-wait up to that long (see :meth:`spin`) when none are waiting."""
         return self._take_into(dst, max_n, self.spin(spin_ns))
 
-    def poll_requests_into(self, dst: Any, max_n: int = -1) -> int:
-        """Take waiting requests into ``dst``; when there are none, re-arm ``req_event`` and
-        take what arrived meanwhile.  0 means the ring is empty and armed: safe to sleep."""
-        return self._poll_into(dst, max_n)
+    def poll_requests_into(self, dst: Any, max_n: int = -1, spin_ns: int = 0) -> int:
+        """Take waiting requests into ``dst`` (with ``spin_ns``, busy-wait up to that long
+        for them first); when there are none, re-arm ``req_event`` and take what arrived
+        meanwhile.  0 means the ring is empty and armed: safe to sleep."""
+        return self._poll_into(dst, max_n, spin_ns)
 
     def take_requests(self, max_n: int = -1, dtype: Any = None) -> Any:
         """Copy out up to ``max_n`` waiting requests: ``bytes`` of k * slot_size, or a numpy
@@ -534,13 +584,15 @@ class BackRing(_Ring):
         self._put(src, n, True)
         return self._push()
 
-    def take_and_respond(self, dst: Any, responses: Any, max_n: int = -1) -> tuple[int, bool]:
+    def take_and_respond(self, dst: Any, responses: Any, max_n: int = -1,
+                         spin_ns: int = 0) -> tuple[int, bool]:
         """One call for backends whose answers are known before the requests are read (an
         echo, a null device, benchmarks): take up to ``max_n`` requests into ``dst`` (as
-        :meth:`poll_requests_into`, re-arming when empty), queue the first k entries of
-        ``responses`` as their answers and push.  Returns ``(k, notify)``.  ``responses``
-        may be ``dst`` itself (echo)."""
-        k = self._poll_into(dst, max_n)
+        :meth:`poll_requests_into`: spinning up to ``spin_ns`` for them, re-arming when
+        empty), queue the first k entries of ``responses`` as their answers and push.
+        Returns ``(k, notify)``; ``(0, False)`` means the ring is empty and armed.
+        ``responses`` may be ``dst`` itself (echo)."""
+        k = self._poll_into(dst, max_n, spin_ns)
         if k == 0:
             return 0, False
         self._put(responses, k, True)

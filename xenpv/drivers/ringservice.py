@@ -21,7 +21,9 @@ on each wake-up runs one *pass*:
    re-arms ``req_event`` and sleeps (the final check, ``RING_FINAL_CHECK_FOR_REQUESTS``):
    waking a sleeping vCPU costs tens of microseconds on this machine kind
    (machine-baseline.md), so a frontend that sends its next batch at once is served
-   without a wake-up.  ``spin_us=0`` sleeps at once.
+   without a wake-up.  ``spin_us=0`` sleeps at once.  Spin, take, re-arm and the second
+   look are one compiled call (``poll_requests_into`` with ``spin_ns``), so a batch
+   costs one crossing into the ring core to take and one to answer.
 
 Work per pass is bounded (``max_batches``; the rest continues in a later loop turn, R3),
 and a peer caught violating the ring (a producer index outside the ring) ends the service
@@ -100,10 +102,9 @@ class _RingPump:
         self._stopped = asyncio.Event()
 
     # -- what each side provides
-    def _take(self, spin_ns: int) -> int:
-        raise NotImplementedError
-
-    def _final_check(self) -> bool:
+    def _poll(self, spin_ns: int) -> int:
+        """Take waiting entries into the buffer, spinning up to ``spin_ns`` for them; with
+        none, re-arm and look once more.  0: empty and armed, safe to sleep."""
         raise NotImplementedError
 
     def _consume(self, count: int) -> None:
@@ -179,10 +180,8 @@ class _RingPump:
         done = 0
         try:
             for _ in range(self.max_batches):
-                k = self._take(spin_ns if done else 0)
-                if k == 0:
-                    if self._final_check():
-                        continue  # arrived while re-arming: no sleep
+                k = self._poll(spin_ns if done else 0)
+                if k == 0:  # nothing, not even after re-arming: sleep
                     self.stats["sleeps"] += 1
                     return done
                 if done:
@@ -229,11 +228,8 @@ class RingService(_RingPump):
         """Requests taken but not answered yet."""
         return int(self.ring.pending_responses())
 
-    def _take(self, spin_ns: int) -> int:
-        return int(self.ring.take_requests_into(self._buf, -1, spin_ns))
-
-    def _final_check(self) -> bool:
-        return bool(self.ring.final_check_for_requests())
+    def _poll(self, spin_ns: int) -> int:
+        return int(self.ring.poll_requests_into(self._buf, -1, spin_ns))
 
     def _consume(self, count: int) -> None:
         self.stats["requests"] += count
@@ -305,11 +301,8 @@ class RingClient(_RingPump):
                 self._notify()
         return n
 
-    def _take(self, spin_ns: int) -> int:
-        return int(self.ring.take_responses_into(self._buf, -1, spin_ns))
-
-    def _final_check(self) -> bool:
-        return bool(self.ring.final_check_for_responses())
+    def _poll(self, spin_ns: int) -> int:
+        return int(self.ring.poll_responses_into(self._buf, -1, spin_ns))
 
     def _consume(self, count: int) -> None:
         self.stats["responses"] += count

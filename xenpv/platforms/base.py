@@ -39,8 +39,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
-import numpy as np
-
 from xenpv.errors import PlatformError
 
 if TYPE_CHECKING:
@@ -200,8 +198,12 @@ class _Pages:
 
     mem: memoryview
 
-    def array(self, dtype: npt.DTypeLike = np.uint8, offset: int = 0, count: int = -1) -> Any:
+    def array(self, dtype: npt.DTypeLike = "u1", offset: int = 0, count: int = -1) -> Any:
         """A numpy array over the pages (no copy; read-only if the mapping is)."""
+        # imported here: numpy starts a BLAS thread pool, which byte-stream users of the
+        # pages (vchan, console, xenstore) should not pay for
+        import numpy as np
+
         return np.frombuffer(self.mem, dtype=dtype, offset=offset, count=count)
 
     @property

@@ -32,13 +32,12 @@ them.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Self
-
-import numpy as np
 
 from xenpv.errors import LocalError
 
@@ -63,6 +62,7 @@ _CODES: dict[str, tuple[str, int, bool]] = {
 }
 
 if TYPE_CHECKING:
+    import numpy as np
     from typing_extensions import Buffer
 else:
     Buffer = object  # any object exporting the buffer protocol (bytes, mmap, numpy arrays, ...)
@@ -161,7 +161,6 @@ class Layout:
         self.offsets = offsets
         #: Names of the data fields, in order (the parsed record's constructor arguments).
         self.names: tuple[str, ...] = tuple(f.name for f in self.fields if f.code != "x")
-        self.dtype = self.dtype_for(self.size)
         if self.struct.size != off:
             raise LocalError(f"{name}: struct size {self.struct.size} != field sum {off}")
 
@@ -183,10 +182,18 @@ class Layout:
 
     # -- numpy -------------------------------------------------------------------------------
 
+    @functools.cached_property
+    def dtype(self) -> np.dtype[Any]:
+        """A structured dtype of this record (built on first use: numpy is imported only by
+        the users of batch views, not by every process that speaks a protocol)."""
+        return self.dtype_for(self.size)
+
     def dtype_for(self, itemsize: int) -> np.dtype[Any]:
         """A structured dtype of this record with the given ``itemsize`` (e.g. the slot size)."""
         if itemsize < self.size:
             raise LocalError(f"{self.name}: itemsize {itemsize} < record size {self.size}")
+        import numpy as np  # here: protocol users that never ask for a dtype go without it
+
         names: list[str] = []
         formats: list[Any] = []
         offs: list[int] = []

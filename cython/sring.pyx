@@ -513,7 +513,9 @@ cdef class FrontRing(_Ring):
 
         Returns ``(taken, queued, notify)``; the caller signals the event channel when
         ``notify``.  ``(0, 0, False)`` means nothing came, nothing could be sent and
-        ``rsp_event`` is armed: safe to sleep.  ``src`` is checked before anything is
+        ``rsp_event`` is armed: safe to sleep (unless ``max_n`` is 0 or ``dst`` holds no
+        whole entry: then nothing is taken and, with ``max_n`` 0, nothing re-armed, as in
+        :meth:`poll_responses_into`).  ``src`` is checked before anything is
         taken (a LocalError if it holds fewer than ``n`` entries).  A ring driven by this
         call alone turns a batch of responses into the next batch of requests without
         returning to Python in between, as a frontend written in C does.

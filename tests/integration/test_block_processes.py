@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cli_support import json_line, xenpv
 
 from xenpv.frontends.block import BlockFrontend, FrontConfig
@@ -33,12 +34,15 @@ MiB = 1 << 20
 VDEV = 51712
 
 
-def start_backend(rundir: str, procs: list[subprocess.Popen[bytes]], *extra: str
-                  ) -> subprocess.Popen[bytes]:
-    be = subprocess.Popen(xenpv("block", "backend", "--all", "--rundir", rundir, *extra),
+def start_backend(rundir: str, procs: list[subprocess.Popen[bytes]], *extra: str,
+                  engine: str = "auto") -> subprocess.Popen[bytes]:
+    be = subprocess.Popen(xenpv("block", "backend", "--all", "--rundir", rundir,
+                                "--engine", engine, *extra),
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     procs.append(be)
-    assert json_line(be, WAIT)["event"] == "ready"
+    ready = json_line(be, WAIT)
+    assert ready["event"] == "ready"
+    assert ready["engine"] == ("io_uring" if engine == "auto" else engine)
     return be
 
 
@@ -59,12 +63,14 @@ def add_vbd(sock: str, image: Path) -> str:
     return out.stdout.split()[0]
 
 
+@pytest.mark.parametrize("engine", ["io_uring", "threads"])
 def test_backend_process_serves_vbds_added_later_and_flushes_durably(
         daemon_machine: Callable[..., DaemonMachine], tmp_path: Path,
-        procs: list[subprocess.Popen[bytes]]) -> None:
-    """Rounds of: backend process up, vbd added (after it started), writes, FLUSH, SIGKILL
-    of the backend right after the FLUSH answer (random delay): every acknowledged byte is
-    in the image.  The last round ends cleanly and the emulator holds nothing."""
+        procs: list[subprocess.Popen[bytes]], engine: str) -> None:
+    """Rounds of: backend process up (each I/O engine), vbd added (after it started),
+    writes, FLUSH, SIGKILL of the backend right after the FLUSH answer (random delay):
+    every acknowledged byte is in the image.  The last round ends cleanly and the emulator
+    holds nothing."""
     machine = daemon_machine(GUEST, max_grants=4096, max_ports=64)
     rundir = machine.rundir
     image = tmp_path / "disk.img"
@@ -75,7 +81,7 @@ def test_backend_process_serves_vbds_added_later_and_flushes_durably(
 
     async def body() -> None:
         for rounds in range(5):
-            be = start_backend(rundir, procs)
+            be = start_backend(rundir, procs, engine=engine)
             fe_path = add_vbd(sock, image)  # the backend finds the device added later
             assert fe_path == f"/local/domain/{GUEST}/device/vbd/{VDEV}"
             fe, xs, guest = await connect_frontend(rundir, fe_path)

@@ -4,8 +4,8 @@ guest's disk over NBD.
 ``backend --all`` (run as the backend domain: ``--as DOMID``, dom0 by default) serves
 every ``backend/vbd/<fe>/<devid>`` directory of that domain, including devices added
 later, with the image named by each device's ``params`` and its ``mode``; it prints one
-JSON line ``{"event": "ready"}`` once watching and runs until stdin closes or SIGTERM,
-then prints ``{"event": "done", "devices": {...}}`` with every driver's counters.
+JSON line ``{"event": "ready", "engine": ...}`` (the I/O engine serving) once watching
+and runs until stdin closes or SIGTERM, then prints ``{"event": "done", "devices": {...}}`` with every driver's counters.
 
 ``info DOMID VDEV`` reads the frontend directory of guest ``DOMID``'s disk ``VDEV``
 (``xvda`` or its number ``51712``) and its backend directory and prints, as JSON, what the
@@ -57,9 +57,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     be.add_argument("--as", dest="as_domid", type=cliargs.domid, default=0, help="backend domain")
     be.add_argument("--all", action="store_true", required=True,
                     help="serve every vbd of this backend domain, as they come and go")
-    be.add_argument("--engine", choices=("auto", "threads", "inline"), default="auto",
-                    help="small I/O inline, large in threads (auto, default); all in a "
-                         "thread pool; all inline in the ring pass")
+    be.add_argument("--engine", choices=("auto", "io_uring", "threads", "inline"),
+                    default="auto",
+                    help="reads and writes through io_uring (io_uring; auto, the default, "
+                         "where the kernel allows it, else small I/O inline and large in "
+                         "threads); all in a thread pool; all inline in the ring pass")
+    be.add_argument("--direct", action="store_true",
+                    help="open images with O_DIRECT (bypass the page cache)")
     be.add_argument("--workers", type=cliargs.uint(1, 256, "workers"), default=8,
                     help="I/O threads (default 8)")
     be.add_argument("--max-ring-order", type=cliargs.uint(0, 4, "ring order"), default=4,
@@ -137,13 +141,15 @@ _physical_sector_size = _power_of_two(512, 1 << 20, "physical sector size")
 
 async def _backend(args: argparse.Namespace) -> int:
     from xenpv.backends.block import BlockBackend, BlockConfig, default_stats_dir
+    from xenpv.backends.blockio import effective_engine
 
     config = BlockConfig(max_ring_order=args.max_ring_order, max_queues=args.max_queues,
                          max_indirect_segments=args.max_indirect_segments,
                          persistent=not args.no_persistent, discard=not args.no_discard,
                          discard_secure=args.discard_secure, sector_size=args.sector_size,
                          physical_sector_size=args.physical_sector_size,
-                         engine=args.engine, workers=args.workers)
+                         engine=args.engine, workers=args.workers, direct=args.direct)
+    engine = effective_engine(args.engine)  # logs why if io_uring cannot be used
     platform = _platform(args.rundir, args.as_domid)
     client = await _xenstore(args.rundir, args.as_domid)
     backend = BlockBackend(platform, client, config,
@@ -151,7 +157,7 @@ async def _backend(args: argparse.Namespace) -> int:
                            stats_interval=args.stats_interval)
     try:
         await backend.start()
-        emit(event="ready", domid=args.as_domid)
+        emit(event="ready", domid=args.as_domid, engine=engine)
         await _stdin_closed(asyncio.get_running_loop())
         emit(event="done", devices={d.path: d.info() for d in backend.drivers})
     finally:

@@ -24,10 +24,10 @@ cdef extern from "xenpv_uring.h":
                    unsigned n, uint64_t offset, uint64_t user_data)
     unsigned xu_reap(xu_ring *r, uint64_t *user_data, int32_t *res, unsigned max)
     int xu_register_eventfd(xu_ring *r, int efd, int async_only)
+    int xu_eventfd_enable(xu_ring *r, int on)
 
 cdef enum:
     REAP_BATCH = 256
-    SETUP_COOP_TASKRUN = 1 << 8
 
 MAX_BUFFERS = XU_IOV_POOL
 
@@ -52,9 +52,10 @@ cdef class Uring:
 
     def __cinit__(self, unsigned entries=256, unsigned cq_entries=1024):
         self.r.fd = -1
-        cdef int rc = xu_setup(&self.r, entries, cq_entries, SETUP_COOP_TASKRUN)
-        if rc == -22:  # EINVAL: a kernel without COOP_TASKRUN (before 5.19)
-            rc = xu_setup(&self.r, entries, cq_entries, 0)
+        # No IORING_SETUP_COOP_TASKRUN: with it, a completion that arrives while the loop
+        # sleeps in epoll is only posted at the task's next system call, and the eventfd
+        # the loop waits for never fires.
+        cdef int rc = xu_setup(&self.r, entries, cq_entries, 0)
         if rc == -95:  # ENOTSUP
             raise OSError(95, "io_uring_setup: the kernel lacks a needed feature "
                               "(Linux 5.6 or later is needed)")
@@ -75,13 +76,19 @@ cdef class Uring:
         """Requests prepared and not yet taken by the kernel."""
         return xu_unsubmitted(&self.r) if self.r.fd >= 0 else 0
 
-    def register_eventfd(self, int efd, bint async_only=True):
+    def register_eventfd(self, int efd, bint async_only=False):
         """Have the kernel signal ``efd`` on completions (with ``async_only``, only on
-        those that did not complete during their submission)."""
+        those completed by the kernel's io worker threads)."""
         self._check()
         cdef int rc = xu_register_eventfd(&self.r, efd, async_only)
         if rc < 0:
             raise _oserror(rc, "io_uring_register(EVENTFD)")
+
+    def eventfd_enable(self, bint on):
+        """Resume (True) or stop (False) the eventfd signals; False if this kernel
+        cannot stop them (before 5.8)."""
+        self._check()
+        return xu_eventfd_enable(&self.r, on) == 0
 
     cdef int _check(self) except -1:
         if self.r.fd < 0:

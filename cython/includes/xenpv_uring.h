@@ -29,7 +29,7 @@ typedef struct xu_ring {
     int fd;
     unsigned features;
     unsigned *sq_head, *sq_tail, *sq_mask, *sq_entries, *sq_flags, *sq_array;
-    unsigned *cq_head, *cq_tail, *cq_mask;
+    unsigned *cq_head, *cq_tail, *cq_mask, *cq_flags; /* cq_flags: NULL before 5.8 */
     struct io_uring_cqe *cqes;
     struct io_uring_sqe *sqes;
     void *sq_map, *cq_map;
@@ -104,6 +104,7 @@ static int xu_setup(xu_ring *r, unsigned entries, unsigned cq_entries, unsigned 
     r->cq_head = (unsigned *)(cq + p.cq_off.head);
     r->cq_tail = (unsigned *)(cq + p.cq_off.tail);
     r->cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
+    r->cq_flags = p.cq_off.flags ? (unsigned *)(cq + p.cq_off.flags) : NULL;
     r->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
     r->local_tail = *r->sq_tail;
     r->iovs = calloc(XU_IOV_POOL, sizeof(struct iovec));
@@ -211,6 +212,16 @@ static unsigned xu_reap(xu_ring *r, uint64_t *user_data, int32_t *res, unsigned 
     }
     xu_store_release(r->cq_head, head);
     return got;
+}
+
+/* Stop (0) or resume (1) eventfd signals; 0, or -ENOTSUP if the kernel cannot. */
+static int xu_eventfd_enable(xu_ring *r, int on)
+{
+    if (!r->cq_flags) return -ENOTSUP;
+    unsigned f = *r->cq_flags;
+    f = on ? (f & ~IORING_CQ_EVENTFD_DISABLED) : (f | IORING_CQ_EVENTFD_DISABLED);
+    xu_store_release(r->cq_flags, f);
+    return 0;
 }
 
 static int xu_register_eventfd(xu_ring *r, int efd, int async_only)

@@ -93,3 +93,33 @@ def test_uring_engine_reads_writes_short_transfers_and_waits_at_close(tmp_path: 
     assert path.read_bytes()[8192:12288] == b"\xab" * 4096
     pages.release()
     mem.close()
+
+
+def test_uring_engine_answers_a_direct_read_from_the_eventfd_alone(tmp_path: Path) -> None:
+    """An O_DIRECT read completes after its submission; the loop, asleep in its poller,
+    must be woken by the ring's eventfd (it hung when the ring deferred completion work
+    to the next system call of the task)."""
+    path = tmp_path / "img"
+    path.write_bytes(bytes(range(256)) * 64)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    mem = mmap.mmap(-1, 4096)
+    page = memoryview(mem)
+
+    async def body() -> list[int]:
+        eng = UringEngine(asyncio.get_running_loop())
+        got: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        try:
+            for _ in range(20):
+                got = asyncio.get_running_loop().create_future()
+                assert eng.start(False, fd, [page], 4096, got.set_result)
+                eng.submit()
+                await asyncio.wait_for(got, 10)  # only the eventfd can finish it
+        finally:
+            eng.close()
+        return [got.result(), eng.stats["submitted"]]
+
+    assert asyncio.run(body()) == [4096, 20]
+    assert bytes(page) == bytes(range(256)) * 16
+    os.close(fd)
+    page.release()
+    mem.close()

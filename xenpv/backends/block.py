@@ -501,8 +501,7 @@ class BlockRequests:
         if self.uring is not None:
             self._ready = ready  # what finishes during submission is answered now
             try:
-                self.uring.submit()
-                self.uring.complete()
+                self.uring.submit_and_complete()
             finally:
                 self._ready = None
         return ready
@@ -753,8 +752,7 @@ class BlockRequests:
     def _kick(self) -> None:
         self._kick_scheduled = False
         if self.uring is not None and self.uring.ring.fd >= 0:
-            self.uring.submit()
-            self.uring.complete()
+            self.uring.submit_and_complete()
 
     def _uring_transfer(self, io: _Io, token: int, fut: asyncio.Future[Any],
                         views: list[memoryview], offset: int, remaining: int) -> None:

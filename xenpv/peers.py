@@ -23,15 +23,32 @@ from xenpv.errors import LocalError
 
 #: Debian packages unpacked into the peers tree (bookworm, Xen 4.17).
 PACKAGES: tuple[str, ...] = (
+    "fio",  # fio: the machine's floor in bench block; the libraries below for its links
     "libaio1",  # qemu-utils
+    "libboost-thread1.74.0",  # librados2 (fio)
+    "libdaxctl1",  # libpmem1 (fio)
     "libfdt1",
+    "libfmt9",  # librados2 (fio)
     "libfuse3-3",  # qemu-utils
+    "libgfapi0",  # fio
+    "libgfrpc0",  # libgfapi0 (fio)
+    "libgfxdr0",  # libgfapi0 (fio)
+    "libglusterfs0",  # libgfapi0 (fio)
     "libgstreamer-plugins-base1.0-0",
+    "libibverbs1",  # fio
     "libnbd-bin",  # nbdinfo, nbdcopy: NBD clients of the block export tests
     "libnbd0",
+    "libndctl6",  # libpmem1 (fio)
+    "libnl-3-200",  # libibverbs1 (fio)
+    "libnl-route-3-200",  # libibverbs1 (fio)
     "libnuma1",  # qemu-utils
     "libopus0",
     "liborc-0.4-0",
+    "libpmem1",  # fio
+    "libpmemblk1",  # fio
+    "librados2",  # fio; its libceph-common is in usr/lib/x86_64-linux-gnu/ceph
+    "librbd1",  # fio
+    "librdmacm1",  # fio
     "libspice-server1",
     "liburing2",  # qemu-utils
     "libusb-1.0-0",
@@ -150,3 +167,14 @@ def run_env(extra_lib_dirs: list[str] | None = None, base: dict[str, str] | None
         dirs.append(env["LD_LIBRARY_PATH"])
     env["LD_LIBRARY_PATH"] = ":".join(dirs)
     return env
+
+
+#: Where fio's libraries unpack besides :data:`LIB_DIR` (libnl under ``/lib``, librados'
+#: private libceph-common).
+FIO_LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu/ceph")
+
+
+def fio_env(root: Path | None = None) -> dict[str, str]:
+    """Environment for running the peers tree's ``fio`` (its libraries on the path)."""
+    root = root or peers_root()
+    return run_env([str(root / d) for d in FIO_LIB_DIRS if (root / d).is_dir()])

@@ -168,3 +168,18 @@ def test_virtual_device_decode_is_total_and_consistent(number: int) -> None:
         return
     again = blkif.vdev_encode(name)
     assert blkif.vdev_decode(again) == name
+
+
+@settings(max_examples=300, deadline=None)
+@given(slot=st.binary(min_size=112, max_size=112), op=st.sampled_from([0, 1, 3, 4, 200]),
+       nr=st.integers(0, 255), abi=st.sampled_from(list(blkif.ABI)))
+def test_request_fast_path_matches_the_generic_layout(slot: bytes, op: int, nr: int,
+                                                      abi: blkif.ABI) -> None:
+    """BlkifRequest's flat parse and pack give what the generic nested layout gives."""
+    raw = bytes([op, nr]) + slot[2:blkif.layouts(abi).request.size]
+    fast = blkif.BlkifRequest.parse(raw, 0, abi)
+    generic = blkif.BlkifRequest.from_raw(blkif.BlkifRequest.layout(abi).unpack_from(raw, 0))
+    assert fast == generic
+    assert fast.pack(abi) == blkif.BlkifRequest.layout(abi).pack(generic.raw())
+    with pytest.raises(LocalError):
+        blkif.BlkifRequest.parse(raw[:-1], 0, abi)

@@ -28,6 +28,7 @@ from typing import Any
 from xenpv.errors import LocalError
 
 BENCHMARKS: dict[str, str] = {
+    "block": "block I/O: our backend, QEMU's qdisk, fio and Python threads on one image",
     "fuzz": "hostile operations per second per fuzz target against benign throughput",
     "hid": "keyboard events per second and injection-to-delivery latency, ours and QEMU's vkbd",
     "platform": "notify round trip, grant map/unmap and grant copy on the loopback emulator",

@@ -21,7 +21,9 @@ Sectors are always 512-byte units (``sector_number``, ``first_sect``/``last_sect
 
 from __future__ import annotations
 
+import contextlib
 import re
+import struct
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar, Self
@@ -305,6 +307,9 @@ class Segment(Record):
         return self.last_sect - self.first_sect + 1
 
 
+_NO_SEGMENT = [0, 0, 0]
+
+
 @dataclass(frozen=True)
 class BlkifRequest(_AbiRecord):
     """``struct blkif_request`` (read, write, barrier, flush).
@@ -329,6 +334,34 @@ class BlkifRequest(_AbiRecord):
         op, nr, handle, rid, sector, segs = raw
         used = min(nr, BLKIF_MAX_SEGMENTS_PER_REQUEST)
         return cls(op, nr, handle, rid, sector, tuple(Segment(*s) for s in segs[:used]))
+
+    @classmethod
+    def parse(cls, buf: Buffer, offset: int = 0, abi: ABI = NATIVE_ABI) -> Self:
+        """Copy one request out of ``buf`` at ``offset`` (no validation).  Every ring pass
+        parses one per request, so the flat field order (operation, nr_segments, handle,
+        id, sector_number, then gref/first/last per segment) is read straight from the
+        layout's struct instead of through the generic nested grouping."""
+        st = cls.layout(abi).struct
+        if offset < 0 or offset + st.size > len(memoryview(buf).cast("B")):
+            return super().parse(buf, offset, abi)  # the generic error
+        v = st.unpack_from(buf, offset)
+        nr = v[1]
+        segs = tuple(Segment(v[k], v[k + 1], v[k + 2])
+                     for k in range(5, 5 + 3 * min(nr, BLKIF_MAX_SEGMENTS_PER_REQUEST), 3))
+        return cls(v[0], nr, v[2], v[3], v[4], segs)
+
+    def pack(self, abi: ABI = NATIVE_ABI) -> bytes:
+        """Encode for ``abi`` (padding and unused segments zero); the flat fast path of
+        :meth:`parse`, the generic encoder for anything unusual (and its errors)."""
+        seg = self.seg
+        if len(seg) <= BLKIF_MAX_SEGMENTS_PER_REQUEST and all(type(s) is Segment for s in seg):
+            flat = [self.operation, self.nr_segments, self.handle, self.id, self.sector_number]
+            for s in seg:
+                flat += (s.gref, s.first_sect, s.last_sect)
+            flat += _NO_SEGMENT * (BLKIF_MAX_SEGMENTS_PER_REQUEST - len(seg))
+            with contextlib.suppress(struct.error):
+                return self.layout(abi).struct.pack(*flat)
+        return super().pack(abi)
 
     @classmethod
     def rw(cls, operation: int, handle: int, id: int, sector_number: int, seg: tuple[Segment, ...]) -> Self:

@@ -41,6 +41,10 @@ def test_bench_block_quick_reports_every_key(peer_root: Path, tmp_path: Path) ->
     assert setup["ours_frontend"]["persistent"] and setup["ours_frontend"]["max_segments"] > 11
     assert setup["qemu_frontend"]["max_segments"] == 11  # QEMU offers no indirect
     assert setup["qemu_o_direct"] in (True, False)
+    cpu = setup["cpu_us_per_op"]
+    assert set(cpu) == {f"{p}{phase}_{w}" for p in ("ours", "qemu") for phase in ("", "_direct")
+                        for w in (*WORKLOADS, "seqread")}
+    assert all(set(v) == {"front", "back", "emulator"} for v in cpu.values())
     text = subprocess.run([sys.executable, "-m", "xenpv", "bench", "compare", str(saved),
                            str(saved)], capture_output=True, text=True, timeout=60, check=True)
     assert "ours_randread_qd32_iops" in text.stdout

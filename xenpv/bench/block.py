@@ -24,6 +24,9 @@ GB/s).  Everything runs twice: with the page cache (keys ``PATH_WORKLOAD_iops``,
 ``PATH_direct_WORKLOAD_…``; our backend then runs with ``--direct``, fio with
 ``direct=1``, the threads on an ``O_DIRECT`` descriptor).  QEMU opens the image as it
 decides for ``aio:`` (``setup.qemu_o_direct`` says whether that was ``O_DIRECT``).
+``setup.cpu_us_per_op`` gives, for our frontend's paths (last round), the CPU time per
+request of the frontend process, the backend process (ours or QEMU) and the emulator
+daemon (``/proc/PID/stat``): what bounds a path on a shared machine.
 
 Targets: ours at least twice QEMU for random reads at depth 32 and for sequential reads;
 ours at least a quarter of fio for random reads at depth 32.
@@ -278,6 +281,12 @@ async def _add_vbds(lab: Any, image: Path, ours_vdev: str, qemu_vdev: str
     return ours.frontend_path, qemu.frontend_path
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time process ``pid`` has used (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _direct_ok(directory: str) -> bool:
     probe = Path(directory) / "direct.probe"
     try:
@@ -309,6 +318,7 @@ def _phase(lab: Any, image: Path, direct: bool, vdevs: tuple[str, str], rounds: 
     setup[f"ours{tag}_engine"] = ready.get("engine")
     ours_path, qemu_path = asyncio.run(_add_vbds(lab, image, *vdevs))
     fronts: dict[str, _Front] = {}
+    cpu = setup.setdefault("cpu_us_per_op", {})
     try:
         fronts["ours"] = _Front(lab, ours_path, size)
         fronts["qemu"] = _Front(lab, qemu_path, size)
@@ -322,7 +332,14 @@ def _phase(lab: Any, image: Path, direct: bool, vdevs: tuple[str, str], rounds: 
                 order = PATHS[r % len(PATHS):] + PATHS[:r % len(PATHS)]
                 for path in order:
                     if path in fronts:
+                        pids = {"front": fronts[path].proc.pid,
+                                "back": be.pid if path == "ours" else qemu_pid,
+                                "emulator": lab.machine.proc.pid}
+                        before = {k: _cpu_seconds(p) for k, p in pids.items()}
                         ops, seconds = fronts[path].run(kind, bs, depth, duration)
+                        cpu[f"{path}{tag}_{name}"] = {
+                            k: round((_cpu_seconds(p) - before[k]) / max(ops, 1) * 1e6, 1)
+                            for k, p in pids.items()}
                     elif path == "fio":
                         ops, seconds = _fio(str(image), kind, bs, depth, duration, direct)
                     else:  # in this process, otherwise idle while it measures

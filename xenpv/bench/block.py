@@ -52,7 +52,6 @@ from xenpv.bench.report import Ratio, Rounds, add_rounds_option, rounds_of
 from xenpv.errors import LocalError
 
 GUEST = 7
-QEMU = "usr/libexec/xen-qemu-system-i386"
 KiB, MiB = 1 << 10, 1 << 20
 WAIT = 60.0
 #: name -> (kind, block size, depth)
@@ -84,7 +83,7 @@ def prerequisites() -> None:
     """QEMU's build for Xen and fio must have been fetched (``xenpv peers fetch``)."""
     from xenpv import peers
 
-    for what in (QEMU, "fio"):
+    for what in (peers.QEMU, "fio"):
         try:
             peers.find(what)
         except Exception as exc:
@@ -389,10 +388,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 setup["direct"] = f"the file system of {tmp} refuses O_DIRECT"
         with VchanLab(domains=(GUEST,), max_grants=8192) as lab:
             with open(Path(tmp) / "qemu.log", "wb") as qemu_log:
-                qemu = lab.spawn(0, [str(peers.find(QEMU)), "-machine", "xenpv",
-                                     "-xen-domid", str(GUEST), "-xen-attach", "-display",
-                                     "none", "-nodefaults"],
-                                 stdout=qemu_log, stderr=subprocess.STDOUT)
+                qemu = lab.spawn(0, peers.qemu_device_model(GUEST), stdout=qemu_log,
+                                 stderr=subprocess.STDOUT)
                 vdevs = [("xvda", "xvdb"), ("xvdc", "xvdd")]
                 for direct, pair in zip(phases, vdevs, strict=False):
                     _phase(lab, image, direct, pair, rounds, duration, size, rec, setup,

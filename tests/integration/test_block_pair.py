@@ -270,3 +270,51 @@ def test_persistent_pool_smaller_than_the_load_waits_for_pages() -> None:
         assert w.held() == NOTHING
 
     run(body())
+
+
+def test_io_uring_short_transfers_are_finished_and_end_of_file_is_an_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel may move fewer bytes than asked: the backend submits the rest (here
+    every multi-segment transfer is first cut to its first segment) and the data is
+    whole; a transfer that moves nothing (past the end of the image) answers ERROR."""
+    from xenpv.backends import blockio
+
+    real_start = blockio.UringEngine.start
+    cut = {"short": 0, "eof": 0}
+    eof_next = [False]
+
+    def start(self: blockio.UringEngine, write: bool, fd: int, views: list[memoryview],
+              offset: int, done: object) -> bool:
+        if eof_next[0]:
+            eof_next[0] = False
+            cut["eof"] += 1
+            offset = os.fstat(fd).st_size  # as if the image had shrunk meanwhile
+        elif len(views) > 1:
+            cut["short"] += 1
+            views = views[:1]
+        return real_start(self, write, fd, views, offset, done)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(blockio.UringEngine, "start", start)
+
+    async def body() -> None:
+        async with block_world() as w:
+            image = w.tmp / "disk.img"
+            data = make_image(image, 2 * MiB)
+            info = await exercise(w, image, data, front=FrontConfig(),
+                                  back=BlockConfig(engine="io_uring"))
+            assert cut["short"] > 0
+            stats = info["back"]["requests"]  # type: ignore[index]
+            assert sum(s["uring"] for s in stats) > 0  # type: ignore[index]
+            pair = await start_pair(w, image, back=BlockConfig(engine="io_uring"),
+                                    devid=51728)
+            try:
+                eof_next[0] = True
+                with pytest.raises(BlockError):
+                    await pair.frontend.read(0, 4096)
+                assert cut["eof"] == 1
+                assert await pair.frontend.read(0, 4096) == image.read_bytes()[:4096]
+            finally:
+                await pair.close()
+        assert w.held() == NOTHING
+
+    run(body())

@@ -16,7 +16,6 @@ from xenpv.backends.blockio import UringEngine, effective_engine, uring_unavaila
 # A child that forbids io_uring_setup (EPERM) with a seccomp filter, then asks for io_uring.
 _SECCOMP_CHILD = textwrap.dedent("""
     import ctypes, logging, struct, sys
-    logging.basicConfig(format="%(message)s")
     def ins(code, jt, jf, k):
         return struct.pack("<HBBI", code, jt, jf, k)
     prog = b"".join([
@@ -35,23 +34,34 @@ _SECCOMP_CHILD = textwrap.dedent("""
                            ctypes.c_ulong]
     assert libc.prctl(38, 1, None, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
     assert libc.prctl(22, 2, fprog, 0, 0) == 0, ctypes.get_errno()  # SECCOMP_MODE_FILTER
+    if sys.argv[1] == "cli":  # the command's own log line, then its failure to connect
+        from xenpv.cli import main
+        sys.exit(main(["block", "backend", "--all", "--rundir", sys.argv[2], "--engine",
+                       "io_uring"]))
+    logging.basicConfig(format="%(message)s")
     from xenpv.backends.blockio import effective_engine, uring_unavailable
     print(effective_engine("io_uring"), effective_engine("auto"), effective_engine("threads"))
     print(uring_unavailable())
 """)
 
 
-def test_io_uring_forbidden_by_seccomp_falls_back_with_a_clear_message() -> None:
+def test_io_uring_forbidden_by_seccomp_falls_back_with_a_clear_message(tmp_path: Path) -> None:
     assert uring_unavailable() is None  # this machine allows it (the engine is tested)
     assert effective_engine("auto") == "io_uring"
-    out = subprocess.run([sys.executable, "-c", _SECCOMP_CHILD], capture_output=True,
-                         text=True, timeout=60, check=True)
+    out = subprocess.run([sys.executable, "-c", _SECCOMP_CHILD, "engines"],
+                         capture_output=True, text=True, timeout=60, check=True)
     engines, reason = out.stdout.splitlines()
     assert engines == "threads mixed threads"
     assert reason.startswith("io_uring forbidden (seccomp filter or kernel.io_uring_disabled)")
     # said once per requested engine, naming what serves instead
     assert "io_uring forbidden" in out.stderr and "thread-pool engine instead" in out.stderr
     assert out.stderr.count("io_uring forbidden") == 2
+    cli = subprocess.run([sys.executable, "-c", _SECCOMP_CHILD, "cli", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert cli.returncode == 1  # no emulator there: it got as far as connecting
+    assert cli.stderr.splitlines()[0] == (
+        "xenpv block: io_uring forbidden (seccomp filter or kernel.io_uring_disabled): "
+        "io_uring_setup: Operation not permitted; serving with the thread-pool engine instead")
 
 
 def test_uring_engine_reads_writes_short_transfers_and_waits_at_close(tmp_path: Path) -> None:

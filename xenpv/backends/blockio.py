@@ -79,7 +79,7 @@ def effective_engine(requested: str) -> str:
     fallback = "threads" if requested == "io_uring" else "mixed"
     if requested not in _warned:
         _warned.add(requested)
-        log.warning("block backend: %s; serving with the %s engine instead", reason,
+        log.warning("%s; serving with the %s engine instead", reason,
                     "thread-pool" if fallback == "threads" else "inline/thread-pool")
     return fallback
 

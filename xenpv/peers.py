@@ -177,4 +177,4 @@ FIO_LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu/ceph")
 def fio_env(root: Path | None = None) -> dict[str, str]:
     """Environment for running the peers tree's ``fio`` (its libraries on the path)."""
     root = root or peers_root()
-    return run_env([str(root / d) for d in FIO_LIB_DIRS if (root / d).is_dir()])
+    return run_env([str(root / d) for d in (*FIO_LIB_DIRS, LIB_DIR) if (root / d).is_dir()])

@@ -210,7 +210,7 @@ def test_compare_of_a_missing_or_broken_file_is_a_one_line_error(tmp_path: Path)
 # ---------------------------------------------------------------------------- prerequisites
 
 
-@pytest.mark.parametrize("bench", ["ring", "vchan", "xenstore", "all"])
+@pytest.mark.parametrize("bench", ["ring", "vchan", "xenstore", "block", "all"])
 def test_bench_without_peers_says_what_to_run(bench: str, tmp_path: Path) -> None:
     env = dict(os.environ, XENPV_PEERS_DIR=str(tmp_path / "empty"))
     assert_one_line_error(xenpv("bench", bench, "--quick", env=env, timeout=60),

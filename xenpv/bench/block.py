@@ -217,15 +217,21 @@ def _fio(path: str, kind: str, bs: int, depth: int, duration: float, direct: boo
 
 # -- the run --------------------------------------------------------------------------------
 class _Front:
-    """A frontend process (the guest) on one vbd; :meth:`run` one workload in it."""
+    """A frontend process (the guest) on one vbd: started here, connected once
+    :meth:`wait_ready` returns; :meth:`run` one workload in it."""
 
     def __init__(self, lab: Any, fe_path: str, size: int) -> None:
+        self.fe_path = fe_path
+        self.ready: dict[str, Any] = {}
         self.proc = lab.spawn(GUEST, [sys.executable, "-m", "xenpv.bench.block", "front",
                                       lab.rundir, str(GUEST), fe_path, str(size)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+
+    def wait_ready(self) -> None:
+        """Wait for the frontend to connect (its ``ready`` line)."""
         self.ready = self._line()
         if self.ready.get("event") != "ready":
-            raise LocalError(f"frontend on {fe_path}: {self.ready}")
+            raise LocalError(f"frontend on {self.fe_path}: {self.ready}")
 
     def _line(self) -> dict[str, Any]:
         from xenpv.testing.vchan import read_line
@@ -239,10 +245,13 @@ class _Front:
         reply = self._line()
         return int(reply["ops"]), float(reply["seconds"])
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Tell the frontend to disconnect and end (and wait for it, with ``wait``)."""
         assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(WAIT)
+        if not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        if wait:
+            self.proc.wait(WAIT)
 
 
 def _qemu_o_direct(pid: int, image: Path) -> bool | None:
@@ -321,6 +330,8 @@ def _phase(lab: Any, image: Path, direct: bool, vdevs: tuple[str, str], rounds: 
     try:
         fronts["ours"] = _Front(lab, ours_path, size)
         fronts["qemu"] = _Front(lab, qemu_path, size)
+        for front in fronts.values():  # both started before either is waited for
+            front.wait_ready()
         setup[f"ours{tag}_frontend"] = fronts["ours"].ready
         setup[f"qemu{tag}_frontend"] = fronts["qemu"].ready
         setup[f"qemu{tag}_o_direct"] = _qemu_o_direct(qemu_pid, image)
@@ -355,6 +366,8 @@ def _phase(lab: Any, image: Path, direct: bool, vdevs: tuple[str, str], rounds: 
         be.stdin.close()  # the backend reports its counters while still connected
         done = json.loads(read_line(be, WAIT))
         be.wait(WAIT)
+        for f in fronts.values():  # both told to close before either is waited for
+            f.close(wait=False)
         for f in fronts.values():
             f.close()
     stats = [s for dev in done.get("devices", {}).values() for s in dev.get("requests", [])]

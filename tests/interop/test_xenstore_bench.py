@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 KEYS = {"ours_sequential", "ours_pipelined", "pyxs_sequential", "libxenstore_sequential",
-        "c_echo_floor", "ours_sequential_asyncio", "libxenstore_c_loop", "ratios"}
+        "c_echo_floor", "ours_sequential_asyncio", "libxenstore_c_loop", "ours_ring_sequential",
+        "ours_guest_socket_sequential", "ratios"}
 
 
 def test_bench_xenstore_quick_reports_every_figure(peer_root: Path) -> None:

@@ -16,6 +16,14 @@ READs of the same short value against it, in the same run:
 (e) ``c_echo_floor``     — the transport floor: a C client and a C server exchanging
     16-byte-header messages over the same kind of Unix socket (``csrc/xs_echo.c``).
 
+Over a guest's xenstore ring, against ``xenpv loopback up`` (the emulator with the embedded
+xenstored as dom0's; domain 1 is this process, through the control socket):
+``ours_ring_sequential`` — domain 1 reads its own ``domid`` one request at a time over its
+ring (:class:`~xenpv.xenstore.ring.BlockingRingClient`), and
+``ours_guest_socket_sequential`` — the same reads over the domain's socket, for reference
+(ratio without a target).  Xen's C xenstored serving the same ring is to be measured in
+the same way once it runs as the emulator's dom0 xenstored (``xen_c_ring_sequential``).
+
 Also reported, without targets: ``ours_sequential_asyncio`` (the asyncio client one
 request at a time: it pays an event-loop wake-up and a task switch per reply) and
 ``libxenstore_c_loop`` (libxenstore called by a C loop, ``csrc/xs_libxs_read.c``: the
@@ -62,12 +70,17 @@ from typing import Any
 from xenpv import peers
 from xenpv.bench.report import Ratio, Rounds, add_rounds_option, rounds_of
 from xenpv.errors import LocalError
+from xenpv.platforms.loopback.client import ClientPlatform
+from xenpv.platforms.loopback.harness import start_daemon, stop_daemon
 from xenpv.xenstore.blocking import BlockingClient
 from xenpv.xenstore.client import connect
 from xenpv.xenstore.wire import XsType
 
 CSRC = Path(__file__).parent / "csrc"
 KEY = "/bench/key"
+#: The emulated guest of the ring measurements, and the node it reads.
+GUEST_DOMID = 1
+GUEST_KEY = "domid"
 VALUE = b"value"
 WINDOW = 64
 _START_TIMEOUT = 30.0
@@ -187,6 +200,27 @@ def _blocking(sock: str, count: int, setup: bool = True) -> float:
         return count / (time.perf_counter() - t0)
 
 
+def _guest_reads(client: Any, count: int) -> float:
+    """Sequential READs of the guest's own ``domid`` through ``client``."""
+    read = client.read
+    expected = read(GUEST_KEY)
+    t0 = time.perf_counter()
+    for _ in range(count):
+        if read(GUEST_KEY) != expected:
+            raise LocalError("unexpected value")
+    return count / (time.perf_counter() - t0)
+
+
+def _guest_ring(guest: Any, count: int) -> float:
+    with guest.blocking_xenstore_over_ring(timeout=60) as c:
+        return _guest_reads(c, count)
+
+
+def _guest_socket(guest: Any, count: int) -> float:
+    with BlockingClient(guest.xenstore_path, timeout=60) as c:
+        return _guest_reads(c, count)
+
+
 def _pyxs(sock: str, count: int, setup: bool = True) -> float:
     import pyxs
 
@@ -297,6 +331,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ("ours_sequential", "libxenstore_sequential"),
             ("ours_sequential_asyncio", "pyxs_sequential"),
             ("libxenstore_c_loop", "c_echo_floor"),
+            ("ours_ring_sequential", "ours_guest_socket_sequential"),
         )
     }
     ratios["client_only: ours_sequential/pyxs_sequential"] = Ratio(
@@ -319,6 +354,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ours_pipelined": "XenstoreClient.submit, windows of 64",
         "libxenstore": "xs_read from Python through cffi (Debian libxenstore.so.4)",
         "libxenstore_c_loop": "xs_read from a C loop",
+        "ours_ring_sequential": "BlockingRingClient.read of its domid by domain 1 of "
+        "xenpv loopback up (this process), over its xenstore ring",
+        "ours_guest_socket_sequential": "the same reads over domain 1's socket",
         "cpus": os.cpu_count(),
     }
     return rec.result(units={k: "ops/s" for k in rec.samples}, ratios=ratios,
@@ -346,6 +384,9 @@ def _measure(count: int, rounds: int, cpus: set[int] | None) -> dict[str, list[f
             f"-Wl,-rpath-link,{libdir}",
         )
         proc, sock = _start_server(work, cpus)
+        emulator = start_daemon(work / "emu", domains=(GUEST_DOMID,))
+        _pin(emulator.pid, cpus)
+        guest = ClientPlatform.for_domain(work / "emu", GUEST_DOMID)
         try:
             cffi_reader = [sys.executable, "-m", "xenpv.bench._xs_cffi"]
             measures: dict[str, Callable[[], float]] = {
@@ -366,9 +407,14 @@ def _measure(count: int, rounds: int, cpus: set[int] | None) -> dict[str, list[f
                 "pyxs_vs_c_echo_server": lambda: _against_echo(
                     echo, work, cpus, lambda s: _pyxs(s, count, setup=False)
                 ),
+                # a guest of the emulator: over its ring, and over its socket
+                "ours_ring_sequential": lambda: _guest_ring(guest, count),
+                "ours_guest_socket_sequential": lambda: _guest_socket(guest, count),
             }
             rec = Rounds("xenstore")
             rec.interleave(rounds, measures)  # each measurement goes first in turn
             return rec.samples
         finally:
+            guest.close()
+            stop_daemon(emulator)
             _stop(proc)

@@ -212,6 +212,14 @@ def test_ring_page_reconnect_and_release(emu: InProcessEmulator) -> None:
         assert emu.xenstored.transaction_count(3) == 0
         assert await g2.read("name") == b"dom3"
         assert emu.xenstored.rings.rings[3].stats["reconnects"] >= 2
+        # INTRODUCE again with the same page re-creates the event channel (the same
+        # port here); another page is refused
+        gfn, port = emu.hv.xenstore_rings[3].gfn, emu.hv.xenstore_rings[3].port
+        await asyncio.to_thread(dom0.introduce, 3, gfn, port)
+        assert await g2.read("name") == b"dom3"
+        with pytest.raises(XenstoreError) as info:
+            await asyncio.to_thread(dom0.introduce, 3, gfn + 1, port)
+        assert info.value.errno_name == "EINVAL"
         await g2.close()
 
     run(body)

@@ -110,14 +110,19 @@ class RingConnection(_XsConnection):
         self._notify()
 
     def rebind(self, remote_port: int) -> None:
-        """Bind the guest's (new) unbound ``remote_port`` instead of the current port."""
+        """Re-create the event channel (a repeated INTRODUCE): let go of the current
+        port, then bind the guest's unbound ``remote_port`` — which may be the same one,
+        unbound again by our letting go.  If that fails the ring has no port until the
+        next INTRODUCE (the error propagates)."""
         events = self.service.events
-        port = events.bind_interdomain(self.domid, remote_port)
         hub = self._hub
-        if hub is not None:
-            hub.unwatch(self.port)
-        with contextlib.suppress(PlatformError):
-            events.unbind(self.port)
+        if self.port >= 0:
+            if hub is not None:
+                hub.unwatch(self.port)
+            with contextlib.suppress(PlatformError):
+                events.unbind(self.port)
+            self.port = -1
+        port = events.bind_interdomain(self.domid, remote_port)
         self.port, self.remote_port = port, remote_port
         if hub is not None:
             hub.watch(port, self._on_event)
@@ -142,12 +147,13 @@ class RingConnection(_XsConnection):
         self.reading = False
         self.out.clear()
         self.queue.clear()
-        if self._hub is not None:
-            self._hub.detach(self.port)
-            self._hub = None
         service = self.service
-        with contextlib.suppress(PlatformError):
-            service.events.unbind(self.port)
+        if self._hub is not None:
+            self._hub.detach(self.port if self.port >= 0 else None)
+            self._hub = None
+        if self.port >= 0:
+            with contextlib.suppress(PlatformError):
+                service.events.unbind(self.port)
         self.page.release()
         with contextlib.suppress(PlatformError):
             service.grants.unmap(self.mapping)
@@ -205,6 +211,8 @@ class RingConnection(_XsConnection):
 
     # -- events and ring I/O -----------------------------------------------------------
     def _notify(self) -> None:
+        if self.port < 0:
+            return
         self.stats["notifies"] += 1
         with contextlib.suppress(PlatformError):
             self.service.events.notify(self.port)

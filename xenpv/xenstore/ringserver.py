@@ -60,8 +60,8 @@ from xenpv.xenstore.ring import (
     XsRingPage,
     attach_dispatcher,
 )
-from xenpv.xenstore.server import _MAX_BUFFERED_INPUT, _XsConnection
-from xenpv.xenstore.wire import PAYLOAD_MAX, Decoder
+from xenpv.xenstore.server import _LIMITED_TYPES, _MAX_BUFFERED_INPUT, _XsConnection
+from xenpv.xenstore.wire import HEADER, HEADER_SIZE, PAYLOAD_MAX, Decoder
 
 if TYPE_CHECKING:
     from xenpv.xenstore.server import XenstoredServer
@@ -259,10 +259,38 @@ class RingConnection(_XsConnection):
                 # is not learns of the consumed bytes from the reply's notification)
                 self._notify()
             decoder = self.decoder
+            if not (decoder.buffered or self.held is not None or self.write_paused
+                    or self.throttled or self.out or self.queue):
+                # Nothing older waits: hand the whole requests straight to the store (as
+                # the sockets' direct path does); the rest goes through the decoder.
+                out, pos = self._direct(data)
+                if pos < len(data):
+                    decoder.feed(memoryview(data)[pos:])
+                self._process(out)
+                return
             decoder.feed(data)
             if decoder.buffered > _MAX_BUFFERED_INPUT:
                 self._pause_reading()
         self._process()
+
+    def _direct(self, data: bytes) -> tuple[list[bytes], int]:
+        """Handle the whole requests at the start of ``data`` (up to a batch, stopping
+        at a rate-limited one or a bad length); their replies and where the rest begins."""
+        conn = self.conn
+        assert conn is not None
+        handle = self.server.store.handle
+        limited = self.limited
+        unpack = HEADER.unpack_from
+        out: list[bytes] = []
+        pos, n, batch = 0, len(data), self.batch
+        while n - pos >= HEADER_SIZE and len(out) < batch:
+            type_, req_id, tx_id, length = unpack(data, pos)
+            end = pos + HEADER_SIZE + length
+            if length > PAYLOAD_MAX or end > n or (limited and type_ in _LIMITED_TYPES):
+                break
+            out.append(handle(conn, type_, req_id, tx_id, data[pos + HEADER_SIZE:end]))
+            pos = end
+        return out, pos
 
     def write(self, data: bytes) -> None:
         """Put ``data`` into ``rsp`` as far as it fits; keep the rest (backpressure past

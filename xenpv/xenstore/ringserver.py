@@ -20,8 +20,11 @@ exactly the socket connections' rules: it acts as its domain (permissions, quota
 rate limit, bounded watch-event queue, backpressure once unread output passes the mark),
 and its watches and transactions are its own.  Each event on the port is one service
 pass: check ``connection``, move waiting output into ``rsp``, take what ``req`` holds
-(at most 1024 bytes), handle the whole requests in it (a batch), signal after every
-index update.  Work per event is bounded, so an event flood costs the flooder's share of
+(at most 1024 bytes), handle the whole requests in it (a batch: straight from the bytes
+taken when nothing older waits, else through the decoder, as for sockets), signal after
+producing replies (and after consuming only if ``req`` was full, when the guest may be
+waiting for room), and look once more on the loop's next pass if the guest published
+more meanwhile.  Work per event is bounded, so an event flood costs the flooder's share of
 the loop and no more; other connections keep being served.
 
 Faults (hostile-inputs scenarios 21-25 over the ring): a corrupt index pair

@@ -137,15 +137,18 @@ class FrontChannel(_Channel):
 
     @classmethod
     def create(cls, platform: Platform, backend_domid: int, *, slot_size: int,
-               order: int = 0, quarantine: GrantQuarantine | None = None) -> FrontChannel:
+               order: int = 0, quarantine: GrantQuarantine | None = None,
+               shared_port: int | None = None) -> FrontChannel:
         """Share ``2**order`` pages with ``backend_domid``, initialise the ring in them and
-        allocate its port.  Nothing stays held if a step fails."""
+        allocate its port (or use ``shared_port``, a port another channel holds: one
+        event channel for several rings, as netif's unsplit TX/RX).  Nothing stays held
+        if a step fails."""
         if not 0 <= order <= MAX_RING_ORDER:
             raise ValueError(f"ring page order {order} not in 0..{MAX_RING_ORDER}")
         res = DeviceResources(platform.grants, platform.events, quarantine)
         with res.undo_on_error():
             pages = res.grant(backend_domid, 1 << order)
-            port = res.alloc_unbound(backend_domid)
+            port = res.alloc_unbound(backend_domid) if shared_port is None else shared_port
             ring = FrontRing(pages.mem, slot_size)
         return cls(res, backend_domid, port, ring, tuple(pages.refs), order, slot_size)
 
@@ -164,9 +167,11 @@ class BackChannel(_Channel):
 
     @classmethod
     def attach(cls, platform: Platform, frontend_domid: int, placement: RingPlacement, *,
-               slot_size: int) -> BackChannel:
-        """Map the ring pages and bind the port the frontend wrote.  A ref or port that
-        cannot be used raises :class:`RingChannelPeerError`; nothing stays held."""
+               slot_size: int, shared_port: int | None = None) -> BackChannel:
+        """Map the ring pages and bind the port the frontend wrote (or use
+        ``shared_port``, a local port another channel already bound for the same
+        frontend port).  A ref or port that cannot be used raises
+        :class:`RingChannelPeerError`; nothing stays held."""
         refs = placement.refs
         order = len(refs).bit_length() - 1
         if not refs or len(refs) != 1 << order or order > MAX_RING_ORDER:
@@ -179,7 +184,8 @@ class BackChannel(_Channel):
             except PlatformError as exc:
                 raise RingChannelPeerError(f"cannot map ring refs {list(refs)}: {exc}") from None
             try:
-                port = res.bind(frontend_domid, placement.port)
+                port = (res.bind(frontend_domid, placement.port) if shared_port is None
+                        else shared_port)
             except PlatformError as exc:
                 raise RingChannelPeerError(
                     f"cannot bind event channel {placement.port}: {exc}") from None

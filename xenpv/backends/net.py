@@ -1,0 +1,777 @@
+"""Net backend: serves netif frontends (vifs) and joins them to a userspace switch.
+
+Theory of operation
+-------------------
+:class:`NetBackendDriver` is a :class:`~xenpv.xenbus.driver.BackendDriver` for one
+``backend/vif/<fe>/<devid>`` directory (xen-protocols.md §7):
+
+* before InitWait (``publish_features``) it advertises, as its :class:`NetConfig`
+  allows, ``feature-sg``, ``feature-gso-tcpv4``, ``feature-gso-tcpv6``,
+  ``feature-ipv6-csum-offload``, ``feature-rx-copy`` = 1 (``feature-rx-flip`` = 0),
+  ``feature-split-event-channels`` and ``multi-queue-max-queues``;
+* on connect it reads the frontend's keys strictly: ``request-rx-copy`` and
+  ``feature-rx-notify`` are required (this backend only copies, and never polls the RX
+  ring); ``feature-sg``, ``feature-gso-tcpv4``/``-v6``, ``feature-ipv6-csum-offload`` and
+  ``feature-no-csum-offload`` say what the frontend can *receive*;
+  ``multi-queue-num-queues`` (absent: 1; 0 or above what was offered: refused) and per
+  queue ``tx-ring-ref``, ``rx-ring-ref`` and ``event-channel`` (or, split,
+  ``event-channel-tx`` + ``event-channel-rx``), at the top level for one queue and under
+  ``queue-K/`` for several.  Each ring is a
+  :class:`~xenpv.drivers.ringchannel.BackChannel` (unsplit: the RX ring shares the TX
+  ring's port) served by a :class:`~xenpv.drivers.ringservice.RingService`.
+
+TX (:class:`NetTx`, frontend → backend): the ring service hands batches of slots, already
+copied out of the shared page once (R1); a chain whose end has not arrived yet is kept
+(privately) for the next batch.  Each chain is checked once
+(:func:`~xenpv.protocols.netif.parse_tx_packet` plus: no empty fragment, the Ethernet
+header in the first slot, multi-slot only with ``feature-sg``, GSO only of an offered
+type).  A bad chain is dropped, counted and answered ``NETIF_RSP_ERROR`` in every slot
+(``NETIF_RSP_NULL`` in extra-info slots); more than ``fatal_slots`` slots or a fragment
+crossing its page marks the frontend misbehaving (the queue stops and the device goes
+Closing with an ``error`` node, R4).  Data is pulled with grant copies (no mapping is
+ever held), the frame goes to the vif's *port* (a :class:`~.netswitch.SwitchPort` or
+any callable), every slot is answered in the order taken.
+
+RX (:class:`NetRx`, backend → frontend): the RX ring's requests are the frontend's empty
+pages, remembered in order.  A frame for the guest is first adapted to what the
+frontend negotiated (GSO frames segmented in software for a frontend without that GSO
+type or without ``feature-sg``; a blank checksum completed for a frontend without
+checksum offload for that IP version; a frame needing more than one page dropped for a
+frontend without ``feature-sg``), then copied into as many posted pages as it needs
+(grant copies), with a GSO extra-info slot after the first when kept, each response
+written at the ring index of the request it consumed (the slot identity rule).  Frames
+wait in a backlog bounded in frames and bytes while pages are missing (beyond it they
+are dropped and counted); if no frame could be delivered for ``stall_timeout`` seconds
+the backlog is dropped and the carrier is off (frames dropped at once) until the
+frontend posts pages again (hostile scenario 7).
+
+Queue selection for RX is a flow hash (:func:`~xenpv.protocols.ethernet.flow_hash`), so a
+flow stays in order.  :class:`NetBackend` serves every vif of a backend domain and owns
+the switches (one per ``bridge`` name) the vifs join.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno as _errno
+import logging
+import struct
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from xenpv.backends.netswitch import NetSwitch, SwitchPort
+from xenpv.drivers.ringchannel import BackChannel, RingPlacement
+from xenpv.drivers.ringservice import RingService
+from xenpv.drivers.sharedport import share_port
+from xenpv.errors import LocalError, PeerError, PlatformError
+from xenpv.platforms.base import GrantCopy, GrantPtr, LocalPtr, Platform
+from xenpv.platforms.dispatch import PortDispatcher
+from xenpv.protocols import ProtocolError
+from xenpv.protocols.ethernet import (
+    ETH_HLEN,
+    GSO_NONE,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    NetFrame,
+    complete_checksum,
+    flow_hash,
+    l4_info,
+    segment_tcp,
+)
+from xenpv.protocols.layout import XEN_PAGE_SIZE
+from xenpv.protocols.netif import (
+    FATAL_SKB_SLOTS_DEFAULT,
+    NETIF_RSP_ERROR,
+    NETIF_RSP_NULL,
+    NETIF_RSP_OKAY,
+    RX_RING,
+    TX_RING,
+    XEN_NETIF_EXTRA_TYPE_GSO,
+    XEN_NETIF_NR_SLOTS_MIN,
+    GsoExtra,
+    NetifFatalError,
+    NetifPacketError,
+    NETRXF_csum_blank,
+    NETRXF_data_validated,
+    NETRXF_extra_info,
+    NETRXF_more_data,
+    NETTXF_csum_blank,
+    NETTXF_data_validated,
+    TxPacket,
+    parse_tx_packet,
+)
+from xenpv.xenbus import keys as _keys
+from xenpv.xenbus.driver import BackendDriver, PeerKeys
+from xenpv.xenbus.watcher import BackendWatcher
+from xenpv.xenstore.client import XenstoreClient as XenbusClient
+
+__all__ = [
+    "NetBackend",
+    "NetBackendDriver",
+    "NetConfig",
+    "NetFeatures",
+    "NetQueue",
+    "NetRx",
+    "NetTx",
+    "NetVif",
+    "read_queue_keys",
+]
+
+log = logging.getLogger(__name__)
+
+_TX_RSP = struct.Struct("<Hh")
+_TX_ID = struct.Struct("<H")
+_RX_REQ = struct.Struct("<HxxI")
+_RX_RSP = struct.Struct("<HHHh")
+_TX_SLOT = TX_RING.slot_size
+_RX_SLOT = RX_RING.slot_size
+#: The most TX chain slots kept between batches (a chain, its extras and one more).
+_MAX_PENDING_SLOTS = FATAL_SKB_SLOTS_DEFAULT + 8
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """What a net backend offers and its bounds (host decisions, never the frontend's).
+
+    ``max_slots``: data slots a TX packet may use (more: dropped); ``fatal_slots``: slots
+    after the first beyond which the frontend is misbehaving.  ``backlog_frames`` and
+    ``backlog_bytes`` bound the frames waiting for RX pages per queue;
+    ``stall_timeout`` is how long they may wait without progress.
+    """
+
+    sg: bool = True
+    gso_tcpv4: bool = True
+    gso_tcpv6: bool = True
+    ipv6_csum: bool = True
+    split_events: bool = True
+    max_queues: int = 4
+    max_slots: int = XEN_NETIF_NR_SLOTS_MIN
+    fatal_slots: int = FATAL_SKB_SLOTS_DEFAULT
+    backlog_frames: int = 256
+    backlog_bytes: int = 4 << 20
+    stall_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_queues <= 64:
+            raise LocalError("max_queues must be 1..64")
+        if not 1 <= self.max_slots <= self.fatal_slots + 1 <= _MAX_PENDING_SLOTS - 6:
+            raise LocalError("need 1 <= max_slots <= fatal_slots + 1 <= "
+                             f"{_MAX_PENDING_SLOTS - 6}")
+        if self.backlog_frames < 1 or self.backlog_bytes < XEN_PAGE_SIZE:
+            raise LocalError("the RX backlog must hold at least one frame and one page")
+        if self.stall_timeout <= 0:
+            raise LocalError("stall_timeout must be positive")
+
+
+@dataclass(frozen=True)
+class NetFeatures:
+    """What the frontend said it can receive (RX side of the negotiation)."""
+
+    sg: bool = False
+    gso_tcpv4: bool = False
+    gso_tcpv6: bool = False
+    csum: bool = True
+    ipv6_csum: bool = False
+
+    def as_dict(self) -> dict[str, bool]:
+        """For ``info``."""
+        return {"sg": self.sg, "gso_tcpv4": self.gso_tcpv4, "gso_tcpv6": self.gso_tcpv6,
+                "csum": self.csum, "ipv6_csum": self.ipv6_csum}
+
+
+class _NetPeerError(PeerError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.errno = _errno.EINVAL
+
+
+# --------------------------------------------------------------------------- TX
+
+
+class NetTx:
+    """The TX ring handler of one queue (sans-IO apart from grant copies); see the
+    module docstring.  ``port`` takes every accepted frame."""
+
+    def __init__(self, platform: Platform, frontend_domid: int, config: NetConfig,
+                 port: Callable[[NetFrame], object]) -> None:
+        """Check chains of ``frontend_domid`` against ``config``."""
+        self.grants = platform.grants
+        self.domid = frontend_domid
+        self.config = config
+        self.port = port
+        self._pending = b""
+        self.stats = dict.fromkeys(("packets", "bytes", "dropped", "fatal", "copy_errors",
+                                    "port_errors", "gso", "csum_blank"), 0)
+        #: Why the last packet was dropped (diagnostics).
+        self.last_drop = ""
+
+    def handle(self, batch: memoryview, count: int) -> list[bytes]:
+        """Take ``count`` slots; answer every complete chain (in order)."""
+        buf = self._pending + bytes(batch[: count * _TX_SLOT])
+        n = len(buf) // _TX_SLOT
+        view = memoryview(buf)
+        out: list[bytes] = []
+        pos = 0
+        while pos < n:
+            rest = view[pos * _TX_SLOT:]
+            try:
+                pkt = parse_tx_packet(rest, n - pos, max_slots=self.config.max_slots,
+                                      fatal_slots=self.config.fatal_slots)
+            except NetifPacketError as exc:
+                self._drop(str(exc))
+                out += _error_responses(rest, exc.slots, len(exc.ids))
+                pos += exc.slots
+                continue
+            except NetifFatalError:
+                self.stats["fatal"] += 1
+                self._pending = b""
+                raise
+            if pkt is None:
+                break
+            out += self._serve(pkt, rest)
+            pos += pkt.slots
+        self._pending = buf[pos * _TX_SLOT:]
+        if len(self._pending) > _MAX_PENDING_SLOTS * _TX_SLOT:  # parse bounds this
+            raise ProtocolError("TX chain longer than any allowed")
+        return out
+
+    def _drop(self, why: str) -> None:
+        self.stats["dropped"] += 1
+        self.last_drop = why
+        log.debug("dom%d tx: packet dropped: %s", self.domid, why)
+
+    def _check(self, pkt: TxPacket) -> tuple[int, int] | str:
+        """(gso type, gso size) of an acceptable packet, or why it is not."""
+        frags = pkt.fragments
+        if pkt.size < ETH_HLEN:
+            return f"runt packet of {pkt.size} bytes"
+        if frags[0].length < ETH_HLEN:
+            return f"first slot holds {frags[0].length} bytes, less than the Ethernet header"
+        if any(f.length == 0 for f in frags[1:]):
+            return "empty fragment"
+        if len(frags) > 1 and not self.config.sg:
+            return "multi-slot packet without feature-sg"
+        gso_type, gso_size = GSO_NONE, 0
+        for extra in pkt.extras:
+            if isinstance(extra, GsoExtra):
+                offered = (self.config.gso_tcpv4 if extra.gso_type == GSO_TCPV4
+                           else self.config.gso_tcpv6)
+                if not offered:
+                    return f"GSO type {extra.gso_type} not offered"
+                gso_type, gso_size = extra.gso_type, extra.size
+            elif extra.type != XEN_NETIF_EXTRA_TYPE_GSO:
+                return f"extra-info type {extra.type} not offered"
+        return gso_type, gso_size
+
+    def _serve(self, pkt: TxPacket, slots: memoryview) -> list[bytes]:
+        extras = len(pkt.extras)
+        checked = self._check(pkt)
+        if isinstance(checked, str):
+            self._drop(checked)
+            return _error_responses(slots, pkt.slots, len(pkt.requests))
+        data = bytearray(pkt.size)
+        segs, pos = [], 0
+        for f in pkt.fragments:
+            if f.length:
+                segs.append(GrantCopy(GrantPtr(self.domid, f.gref, f.offset),
+                                      LocalPtr(data, pos), f.length))
+                pos += f.length
+        try:
+            statuses = self.grants.copy(segs)
+        except (PlatformError, LocalError) as exc:
+            statuses = [-1]
+            log.debug("dom%d tx: grant copy failed: %s", self.domid, exc)
+        if any(statuses):
+            self.stats["copy_errors"] += 1
+            self._drop("a fragment's grant could not be copied")
+            return _error_responses(slots, pkt.slots, len(pkt.requests))
+        flags = pkt.flags
+        frame = NetFrame(bytes(data), csum_blank=bool(flags & NETTXF_csum_blank),
+                         data_validated=bool(flags & NETTXF_data_validated),
+                         gso_type=checked[0], gso_size=checked[1])
+        self.stats["packets"] += 1
+        self.stats["bytes"] += pkt.size
+        self.stats["gso"] += frame.gso_type != GSO_NONE
+        self.stats["csum_blank"] += frame.csum_blank
+        try:
+            self.port(frame)
+        except (LocalError, PeerError, PlatformError) as exc:
+            self.stats["port_errors"] += 1
+            log.debug("dom%d tx: the port refused a frame: %s", self.domid, exc)
+        out = [_TX_RSP.pack(pkt.requests[0].id, NETIF_RSP_OKAY)]
+        out += [_TX_RSP.pack(0, NETIF_RSP_NULL)] * extras
+        out += [_TX_RSP.pack(r.id, NETIF_RSP_OKAY) for r in pkt.requests[1:]]
+        return out
+
+
+def _error_responses(slots: memoryview, used: int, data_slots: int) -> list[bytes]:
+    """ERROR for every data slot of a dropped chain, NULL for its extra-info slots
+    (which follow the first)."""
+    extras = used - data_slots
+    out = []
+    for j in range(used):
+        if 1 <= j <= extras:
+            out.append(_TX_RSP.pack(0, NETIF_RSP_NULL))
+        else:
+            out.append(_TX_RSP.pack(_TX_ID.unpack_from(slots, j * _TX_SLOT + 8)[0],
+                                    NETIF_RSP_ERROR))
+    return out
+
+
+# --------------------------------------------------------------------------- RX
+
+
+class NetRx:
+    """The RX ring handler of one queue: posted pages in, frames out; see the module
+    docstring.  ``respond`` is set to the queue's :meth:`RingService.respond`."""
+
+    def __init__(self, platform: Platform, frontend_domid: int, config: NetConfig,
+                 features: NetFeatures) -> None:
+        """Deliver to ``frontend_domid`` as ``features`` allow."""
+        self.grants = platform.grants
+        self.domid = frontend_domid
+        self.config = config
+        self.features = features
+        self.respond: Callable[[list[bytes]], int] | None = None
+        self.posted: deque[tuple[int, int]] = deque()
+        self.backlog: deque[tuple[NetFrame, int]] = deque()
+        self.backlog_bytes = 0
+        self.carrier = True
+        self.closed = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._progress = time.monotonic()
+        self.stats = dict.fromkeys(("packets", "bytes", "dropped", "backlog_full",
+                                    "too_big", "segmented", "csum_completed",
+                                    "copy_errors", "stalls", "carrier_drops",
+                                    "unparseable"), 0)
+
+    # -- ring side
+    def handle(self, batch: memoryview, count: int) -> list[bytes]:
+        """Remember ``count`` posted pages; deliver what waited for them."""
+        for j in range(count):
+            self.posted.append(_RX_REQ.unpack_from(batch, j * _RX_SLOT))
+        if count and not self.carrier:
+            self.carrier = True
+        return self._drain()
+
+    # -- frames
+    def deliver(self, frame: NetFrame) -> None:
+        """Queue a frame for the guest (adapted to its features) and send what fits."""
+        if self.closed:
+            return
+        if not self.carrier:
+            self.stats["carrier_drops"] += 1
+            return
+        for f in self._adapt(frame):
+            need = self._slots(f)
+            if len(self.backlog) >= self.config.backlog_frames or \
+                    self.backlog_bytes + len(f.data) > self.config.backlog_bytes:
+                self.stats["backlog_full"] += 1
+                self.stats["dropped"] += 1
+                continue
+            self.backlog.append((f, need))
+            self.backlog_bytes += len(f.data)
+        out = self._drain()
+        if out and self.respond is not None:
+            with contextlib.suppress(LocalError, PeerError):
+                self.respond(out)
+        if self.backlog:
+            self._arm()
+
+    def _adapt(self, frame: NetFrame) -> list[NetFrame]:
+        f = self.features
+        frames = [frame]
+        if frame.gso_type != GSO_NONE:
+            can = f.sg and (f.gso_tcpv4 if frame.gso_type == GSO_TCPV4 else
+                            f.gso_tcpv6 if frame.gso_type == GSO_TCPV6 else False)
+            if not can:
+                try:
+                    frames = segment_tcp(frame)
+                except LocalError:
+                    self.stats["unparseable"] += 1
+                    self.stats["dropped"] += 1
+                    return []
+                self.stats["segmented"] += 1
+        out = []
+        for fr in frames:
+            if fr.csum_blank:
+                info = l4_info(fr.data)
+                ok = info is not None and (f.ipv6_csum if info.version == 6 else f.csum)
+                if not ok:
+                    done = complete_checksum(fr)
+                    if done is None:
+                        self.stats["unparseable"] += 1
+                        self.stats["dropped"] += 1
+                        continue
+                    self.stats["csum_completed"] += 1
+                    fr = done
+            if (len(fr.data) > XEN_PAGE_SIZE and not f.sg) or \
+                    len(fr.data) > XEN_NETIF_NR_SLOTS_MIN * XEN_PAGE_SIZE or not fr.data:
+                self.stats["too_big"] += 1
+                self.stats["dropped"] += 1
+                continue
+            out.append(fr)
+        return out
+
+    @staticmethod
+    def _slots(frame: NetFrame) -> int:
+        data_slots = -(-len(frame.data) // XEN_PAGE_SIZE)
+        return data_slots + (frame.gso_type != GSO_NONE)
+
+    def _drain(self) -> list[bytes]:
+        out: list[bytes] = []
+        while self.backlog and self.backlog[0][1] <= len(self.posted):
+            frame, _need = self.backlog.popleft()
+            self.backlog_bytes -= len(frame.data)
+            out += self._fill(frame)
+            self._progress = time.monotonic()
+        return out
+
+    def _fill(self, frame: NetFrame) -> list[bytes]:
+        data = frame.data
+        chunks = [(off, min(XEN_PAGE_SIZE, len(data) - off))
+                  for off in range(0, len(data), XEN_PAGE_SIZE)]
+        gso = frame.gso_type != GSO_NONE
+        reqs = [self.posted.popleft() for _ in range(len(chunks) + gso)]
+        data_reqs = [reqs[0], *reqs[1 + gso:]]
+        segs = [GrantCopy(LocalPtr(data, off), GrantPtr(self.domid, gref, 0), n)
+                for (off, n), (_id, gref) in zip(chunks, data_reqs, strict=True)]
+        try:
+            statuses = self.grants.copy(segs)
+        except (PlatformError, LocalError):
+            statuses = [-1] * len(segs)
+        failed = any(statuses)
+        if failed:
+            self.stats["copy_errors"] += 1
+            self.stats["dropped"] += 1
+        else:
+            self.stats["packets"] += 1
+            self.stats["bytes"] += len(data)
+        flags0 = 0
+        if frame.csum_blank:
+            flags0 |= NETRXF_csum_blank | NETRXF_data_validated
+        elif frame.data_validated:
+            flags0 |= NETRXF_data_validated
+        if gso:
+            flags0 |= NETRXF_extra_info
+        out: list[bytes] = []
+        last = len(chunks) - 1
+        for k, ((_off, n), (rid, _gref)) in enumerate(zip(chunks, data_reqs, strict=True)):
+            flags = (flags0 if k == 0 else 0) | (NETRXF_more_data if k < last else 0)
+            out.append(_RX_RSP.pack(rid, 0, flags, NETIF_RSP_ERROR if failed else n))
+            if k == 0 and gso:
+                out.append(GsoExtra(XEN_NETIF_EXTRA_TYPE_GSO, 0, frame.gso_size,
+                                    frame.gso_type, 0).pack())
+        return out
+
+    # -- stall (scenario 7)
+    def _arm(self) -> None:
+        if self._timer is not None or self.closed:
+            return
+        with contextlib.suppress(RuntimeError):
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.config.stall_timeout, self._check_stall)
+
+    def _check_stall(self) -> None:
+        self._timer = None
+        if not self.backlog or self.closed:
+            return
+        idle = time.monotonic() - self._progress
+        if idle < self.config.stall_timeout:
+            self._arm()
+            return
+        self.stats["stalls"] += 1
+        self.stats["dropped"] += len(self.backlog)
+        log.info("dom%d rx: no progress for %.1f s: %d frames dropped, carrier off",
+                 self.domid, idle, len(self.backlog))
+        self.backlog.clear()
+        self.backlog_bytes = 0
+        self.carrier = False
+
+    def close(self) -> None:
+        """Stop delivering; drop the backlog."""
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.backlog.clear()
+        self.backlog_bytes = 0
+
+
+# --------------------------------------------------------------------------- queues
+
+
+@dataclass(frozen=True)
+class QueueKeys:
+    """Where one queue's rings are (as the frontend wrote them)."""
+
+    tx_ref: int
+    rx_ref: int
+    tx_port: int
+    rx_port: int | None  # None: one event channel for both rings
+
+
+async def read_queue_keys(peer: PeerKeys, *, max_queues: int, split: bool
+                          ) -> list[QueueKeys]:
+    """Read the frontend's ring keys strictly (bounds first, §7.4); one entry per queue.
+    Split event channels are read only if ``split`` was offered and are used when both
+    ``event-channel-tx`` and ``-rx`` are there."""
+    count = _keys.parse_num_queues(await peer.raw("multi-queue-num-queues"), max_queues)
+
+    async def one(prefix: str) -> QueueKeys:
+        tx = await peer.grant_ref(f"{prefix}tx-ring-ref")
+        rx = await peer.grant_ref(f"{prefix}rx-ring-ref")
+        if split and await peer.raw(f"{prefix}event-channel-tx") is not None:
+            return QueueKeys(tx, rx, await peer.port(f"{prefix}event-channel-tx"),
+                             await peer.port(f"{prefix}event-channel-rx"))
+        return QueueKeys(tx, rx, await peer.port(f"{prefix}event-channel"), None)
+
+    if count == 1:
+        return [await one("")]
+    return [await one(f"queue-{k}/") for k in range(count)]
+
+
+
+class NetQueue:
+    """One queue of a vif: TX and RX channels, handlers and services."""
+
+    def __init__(self, platform: Platform, frontend_domid: int, keys: QueueKeys,
+                 config: NetConfig, features: NetFeatures,
+                 port: Callable[[NetFrame], object]) -> None:
+        """Map both rings and bind the port(s); nothing runs before :meth:`start`."""
+        self.tx_channel = BackChannel.attach(platform, frontend_domid,
+                                             RingPlacement((keys.tx_ref,), keys.tx_port),
+                                             slot_size=_TX_SLOT)
+        try:
+            self.rx_channel = BackChannel.attach(
+                platform, frontend_domid,
+                RingPlacement((keys.rx_ref,), keys.rx_port if keys.rx_port is not None
+                              else keys.tx_port),
+                slot_size=_RX_SLOT,
+                shared_port=None if keys.rx_port is not None else self.tx_channel.port)
+        except BaseException:
+            self.tx_channel.close()
+            raise
+        self.split = keys.rx_port is not None
+        self.tx = NetTx(platform, frontend_domid, config, port)
+        self.rx = NetRx(platform, frontend_domid, config, features)
+        self.tx_service = RingService(self.tx_channel, self.tx)
+        self.rx_service = RingService(self.rx_channel, self.rx)
+        self.rx.respond = self.rx_service.respond
+        self._hub: PortDispatcher | None = None
+
+    def start(self) -> None:
+        """Serve both rings."""
+        self.tx_service.start()
+        self.rx_service.start()
+        if not self.split:
+            self._hub = share_port(self.tx_channel.res.events, self.tx_channel.port,
+                                    [self.tx_service, self.rx_service])
+
+    def stop(self) -> None:
+        """Stop serving (idempotent)."""
+        self.rx.close()
+        self.tx_service.stop()
+        self.rx_service.stop()
+        if self._hub is not None:
+            hub, self._hub = self._hub, None
+            hub.detach(self.tx_channel.port)
+
+    def close(self) -> None:
+        """Stop, then release rings and ports (the RX ring first: it may share the
+        TX ring's port)."""
+        self.stop()
+        self.rx_channel.close()
+        self.tx_channel.close()
+
+    def info(self) -> dict[str, Any]:
+        """Counters of both rings."""
+        return {"split": self.split, "tx": dict(self.tx.stats), "rx": dict(self.rx.stats),
+                "rx_posted": len(self.rx.posted), "rx_backlog": len(self.rx.backlog),
+                "carrier": self.rx.carrier, "tx_ring": self.tx_service.info(),
+                "rx_ring": self.rx_service.info()}
+
+
+class NetVif:
+    """The queues of one connected vif: frames to the guest are spread by flow."""
+
+    def __init__(self, queues: list[NetQueue]) -> None:
+        """Serve ``queues`` (at least one)."""
+        if not queues:
+            raise LocalError("a vif needs at least one queue")
+        self.queues = queues
+
+    def deliver(self, frame: NetFrame) -> None:
+        """Send a frame to the guest on its flow's queue."""
+        q = self.queues[flow_hash(frame.data) % len(self.queues)] \
+            if len(self.queues) > 1 else self.queues[0]
+        q.rx.deliver(frame)
+
+    def errors(self) -> list[PeerError]:
+        """Peer errors that stopped a queue's service."""
+        return [e for q in self.queues for e in (q.tx_service.error, q.rx_service.error)
+                if e is not None]
+
+
+# --------------------------------------------------------------------------- driver
+
+
+class NetBackendDriver(BackendDriver):
+    """Backend of one vif (``backend/vif/<fe>/<devid>``); see the module docstring.
+
+    Frames from the guest go to ``port`` (a callable), or, if None, into the switch
+    ``switch``; frames the port or switch sends back go to the guest.
+    """
+
+    def __init__(self, platform: Platform, client: XenbusClient, path: str, *,
+                 config: NetConfig | None = None, switch: NetSwitch | None = None,
+                 **kw: Any) -> None:
+        """Serve ``path`` (see :class:`BackendDriver` for the timeouts)."""
+        super().__init__(client, path, **kw)
+        self.platform = platform
+        self.config = config or NetConfig()
+        self.switch = switch
+        self.switch_port: SwitchPort | None = None
+        self.vif: NetVif | None = None
+        self.queues: list[NetQueue] = []
+        self.features = NetFeatures()
+        self._watchers: list[asyncio.Task[None]] = []
+
+    def _offer(self) -> dict[str, str | int]:
+        c = self.config
+        return {"feature-sg": int(c.sg), "feature-gso-tcpv4": int(c.gso_tcpv4),
+                "feature-gso-tcpv6": int(c.gso_tcpv6),
+                "feature-ipv6-csum-offload": int(c.ipv6_csum), "feature-rx-copy": 1,
+                "feature-rx-flip": 0, "feature-split-event-channels": int(c.split_events),
+                "multi-queue-max-queues": c.max_queues}
+
+    async def publish_features(self) -> None:
+        """Advertise what this backend offers (before InitWait)."""
+        await self.write_keys(self._offer())
+
+    async def connect(self, peer: PeerKeys) -> None:
+        """Read the frontend's features and rings; map, bind, serve, join the switch."""
+        if not await peer.feature("request-rx-copy"):
+            raise _NetPeerError("request-rx-copy is required (this backend only copies)")
+        if not await peer.feature("feature-rx-notify"):
+            raise _NetPeerError("feature-rx-notify is required (this backend never polls)")
+        self.features = NetFeatures(
+            sg=await peer.feature("feature-sg"),
+            gso_tcpv4=await peer.feature("feature-gso-tcpv4"),
+            gso_tcpv6=await peer.feature("feature-gso-tcpv6"),
+            csum=not await peer.feature("feature-no-csum-offload"),
+            ipv6_csum=await peer.feature("feature-ipv6-csum-offload"))
+        placements = await read_queue_keys(peer, max_queues=self.config.max_queues,
+                                           split=self.config.split_events)
+        name = self.path.rsplit("/", 2)
+        if self.switch is not None:
+            self.switch_port = self.switch.attach(f"vif{name[-2]}.{name[-1]}",
+                                                  self._deliver)
+        port: Callable[[NetFrame], object] = (
+            self.switch_port.send if self.switch_port is not None else (lambda f: None))
+        for pl in placements:
+            self.queues.append(NetQueue(self.platform, self.peer_domid, pl, self.config,
+                                        self.features, port))
+        self.vif = NetVif(self.queues)
+        for q in self.queues:
+            q.start()
+            for s in (q.tx_service, q.rx_service):
+                self._watchers.append(asyncio.create_task(self._watch_service(s)))
+
+    def _deliver(self, frame: NetFrame) -> None:
+        if self.vif is not None:
+            self.vif.deliver(frame)
+
+    async def _watch_service(self, service: RingService) -> None:
+        """A queue whose frontend broke its ring (R4): fail the device closed."""
+        error = await service.wait_stopped()
+        if error is not None and self.machine is not None and not self.machine.destroyed:
+            machine = self.machine
+            self._post(lambda: machine.peer_error(error))
+
+    async def disconnect(self) -> None:
+        """Leave the switch, stop the queues, release rings and ports."""
+        watchers, self._watchers = self._watchers, []
+        for w in watchers:
+            w.cancel()
+        if self.switch_port is not None:
+            self.switch_port.detach()
+            self.switch_port = None
+        self.vif = None
+        queues, self.queues = self.queues, []
+        for q in queues:
+            q.close()
+
+    def info(self) -> dict[str, Any]:
+        """Negotiated features, queues and counters (for ``xenpv net info``)."""
+        queues = self.queues
+        return {
+            "path": self.path,
+            "state": self.state.name,
+            "offered": self._offer(),
+            "frontend_features": self.features.as_dict(),
+            "queues": len(queues),
+            "split_event_channels": bool(queues) and queues[0].split,
+            "switch": self.switch.name if self.switch is not None else None,
+            "port": self.switch_port.info() if self.switch_port is not None else None,
+            "per_queue": [q.info() for q in queues],
+        }
+
+
+class NetBackend:
+    """Serves every vif whose backend is this domain (a
+    :class:`~xenpv.xenbus.watcher.BackendWatcher` of ``vif``), joining each to the switch
+    its ``bridge`` node names (``default_switch`` if none)."""
+
+    def __init__(self, platform: Platform, client: XenbusClient,
+                 config: NetConfig | None = None, *, default_switch: str = "xenpv0",
+                 **driver_kw: Any) -> None:
+        """Prepare; :meth:`start` begins serving."""
+        self.platform = platform
+        self.client = client
+        self.config = config or NetConfig()
+        self.default_switch = default_switch
+        self.driver_kw = driver_kw
+        self.switches: dict[str, NetSwitch] = {}
+        self.watcher: BackendWatcher | None = None
+
+    def switch(self, name: str) -> NetSwitch:
+        """The switch called ``name`` (made on first use)."""
+        sw = self.switches.get(name)
+        if sw is None:
+            sw = self.switches[name] = NetSwitch(name)
+        return sw
+
+    async def start(self) -> None:
+        """Watch the backend directory and serve what appears there."""
+        backend = self
+
+        class _Driver(NetBackendDriver):
+            async def publish_features(self) -> None:
+                raw = await self._read(f"{self.path}/bridge")
+                name = raw.decode("ascii", "replace") if raw else backend.default_switch
+                self.switch = backend.switch(name[:64] or backend.default_switch)
+                await super().publish_features()
+
+        def factory(client: XenbusClient, path: str) -> NetBackendDriver:
+            return _Driver(self.platform, client, path, config=self.config, **self.driver_kw)
+
+        self.watcher = BackendWatcher(self.client, self.platform.domid, "vif", factory)
+        await self.watcher.start()
+
+    @property
+    def drivers(self) -> list[NetBackendDriver]:
+        """The drivers serving now."""
+        if self.watcher is None:
+            return []
+        return [d for d in self.watcher.devices.values() if isinstance(d, NetBackendDriver)]
+
+    async def close(self) -> None:
+        """Stop every driver (bounded, idempotent)."""
+        if self.watcher is not None:
+            await self.watcher.close()
+            self.watcher = None

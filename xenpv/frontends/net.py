@@ -1,0 +1,578 @@
+"""Net frontend: a vif as an asyncio port that sends and receives Ethernet frames.
+
+Theory of operation
+-------------------
+:class:`NetFrontend` is a :class:`~xenpv.xenbus.driver.FrontendDriver` for one
+``device/vif/<devid>`` directory (xen-protocols.md §7):
+
+* ``publish`` (backend in InitWait): requires ``feature-rx-copy``; reads
+  ``feature-sg``, ``feature-gso-tcpv4``/``-v6``, ``feature-ipv6-csum-offload``,
+  ``feature-split-event-channels`` and ``multi-queue-max-queues``; builds
+  ``min(ours, theirs)`` queues, each a TX and an RX ring
+  (:class:`~xenpv.drivers.ringchannel.FrontChannel`, split event channels when both
+  sides want them, else one port for both rings), and writes in one transaction the
+  ring keys (top level for one queue, ``queue-K/`` for several, and
+  ``multi-queue-num-queues`` whenever the backend offered multi-queue),
+  ``request-rx-copy`` = 1, ``feature-rx-notify`` = 1 and what it can receive:
+  ``feature-sg``, ``feature-gso-tcpv4``/``-v6``, ``feature-ipv6-csum-offload``,
+  ``feature-no-csum-offload`` (:class:`NetFrontConfig`);
+* ``connect`` (backend Connected): starts a :class:`~xenpv.drivers.ringservice.RingClient`
+  per ring and posts one RX page per RX slot.
+
+Buffers: each queue grants its TX pages (read-only) and RX pages (writable) once and
+reuses them; a TX page is free again when its slot is answered, an RX page is posted
+again as soon as its slot's data was copied out (once).
+
+Sending (:meth:`NetFrontend.send`): a frame is first adapted to what the backend accepts
+(GSO segmented in software without the backend's ``feature-gso-*`` or ``feature-sg``; an
+IPv6 blank checksum completed without its ``feature-ipv6-csum-offload``), then written
+into pages of up to 4096 bytes as one chain (first slot: the total size and the checksum
+flags; a GSO extra-info slot; ``NETTXF_more_data`` on all but the last), on the queue its
+flow hashes to, waiting (bounded by ``send_timeout``) for slots and pages.
+
+Receiving (:meth:`NetFrontend.recv`, or a ``receiver`` callback): responses are taken in
+ring order; the RX page of each slot is the one posted at that ring index (the slot
+identity rule), and a data response must carry that page's id (R6).  A chain is
+``NETRXF_more_data`` slots with extra-info slots after any response flagged
+``NETRXF_extra_info``; a negative status drops the packet (counted); a response running
+past its page, an unknown status, an invalid extra-info record or a chain longer than
+``XEN_NETIF_NR_SLOTS_MIN`` + extras fails the device closed (hostile scenario 15: error
+node, Closing, every waiter gets :class:`NetPeerError`).  Received frames wait in a
+queue bounded by ``rx_queue_frames`` (beyond it they are dropped and counted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno as _errno
+import functools
+import logging
+import struct
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from xenpv.drivers.quarantine import GrantQuarantine
+from xenpv.drivers.ringchannel import FrontChannel
+from xenpv.drivers.ringservice import RingClient
+from xenpv.drivers.sharedport import share_port
+from xenpv.errors import LocalError, PeerError, PlatformError
+from xenpv.platforms.base import Platform, SharedPages
+from xenpv.platforms.dispatch import PortDispatcher
+from xenpv.protocols import ProtocolError
+from xenpv.protocols.ethernet import (
+    GSO_NONE,
+    GSO_TCPV4,
+    NetFrame,
+    complete_checksum,
+    flow_hash,
+    l4_info,
+    mac_bytes,
+    segment_tcp,
+)
+from xenpv.protocols.layout import XEN_PAGE_SIZE
+from xenpv.protocols.netif import (
+    NETIF_RSP_DROPPED,
+    NETIF_RSP_ERROR,
+    NETIF_RSP_NULL,
+    NETIF_RSP_OKAY,
+    RX_RING,
+    TX_RING,
+    XEN_NETIF_EXTRA_FLAG_MORE,
+    XEN_NETIF_EXTRA_TYPE_GSO,
+    XEN_NETIF_EXTRA_TYPE_MAX,
+    XEN_NETIF_MAX_TX_SIZE,
+    XEN_NETIF_NR_SLOTS_MIN,
+    GsoExtra,
+    NETRXF_csum_blank,
+    NETRXF_data_validated,
+    NETRXF_extra_info,
+    NETRXF_more_data,
+    NETTXF_csum_blank,
+    NETTXF_data_validated,
+    NETTXF_extra_info,
+    NETTXF_more_data,
+    RxResponse,
+    TxRequest,
+    parse_extra,
+    validate_extra,
+    validate_rx_response,
+)
+from xenpv.xenbus.driver import FrontendDriver, PeerKeys
+from xenpv.xenstore.client import XenstoreClient as XenbusClient
+
+__all__ = ["NetFrontConfig", "NetFrontend", "NetPeerError"]
+
+log = logging.getLogger(__name__)
+
+_TX_SLOT = TX_RING.slot_size
+_RX_SLOT = RX_RING.slot_size
+_TX_RSP = struct.Struct("<Hh")
+_RX_REQ = struct.Struct("<HxxI")
+_TX_STATUSES = (NETIF_RSP_OKAY, NETIF_RSP_ERROR, NETIF_RSP_DROPPED)
+#: Slots one received chain may use: the data slots a backend may fill plus extras.
+_MAX_RX_CHAIN = XEN_NETIF_NR_SLOTS_MIN + XEN_NETIF_EXTRA_TYPE_MAX
+
+
+class NetPeerError(PeerError):
+    """The backend broke the protocol; the device failed closed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.errno = _errno.EPROTO
+
+
+@dataclass(frozen=True)
+class NetFrontConfig:
+    """What this frontend asks for and its buffers (each feature also needs the
+    backend's)."""
+
+    sg: bool = True
+    gso_tcpv4: bool = True
+    gso_tcpv6: bool = True
+    csum: bool = True
+    ipv6_csum: bool = True
+    split_events: bool = True
+    max_queues: int = 4
+    #: TX pages per queue (data slots in flight) and RX pages posted per queue.
+    tx_pages: int = 256
+    rx_pages: int = 256
+    rx_queue_frames: int = 1024
+    send_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_queues <= 64:
+            raise LocalError("max_queues must be 1..64")
+        if not XEN_NETIF_NR_SLOTS_MIN <= self.tx_pages <= 256 or \
+                not XEN_NETIF_NR_SLOTS_MIN + 2 <= self.rx_pages <= 256:
+            raise LocalError("tx_pages must be 18..256 and rx_pages 20..256")
+        if self.rx_queue_frames < 1:
+            raise LocalError("rx_queue_frames must be positive")
+
+
+class _Chain:
+    """A received packet being put together."""
+
+    __slots__ = ("data", "error", "extra", "first_flags", "gso", "more", "slots")
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.error = False
+        self.extra = False
+        self.more = False
+        self.slots = 0
+        self.first_flags = -1
+        self.gso: GsoExtra | None = None
+
+
+class _Queue:
+    """One queue: TX and RX channels, clients, pages and bookkeeping."""
+
+    def __init__(self, index: int, tx: FrontChannel, rx: FrontChannel,
+                 tx_pages: SharedPages, rx_pages: SharedPages) -> None:
+        self.index = index
+        self.tx_channel = tx
+        self.rx_channel = rx
+        self.tx_pages = tx_pages
+        self.rx_pages = rx_pages
+        self.tx_client: RingClient | None = None
+        self.rx_client: RingClient | None = None
+        self.tx_free = list(range(len(tx_pages.refs) - 1, -1, -1))
+        self.tx_out: set[int] = set()
+        self.rx_posted: deque[int] = deque()
+        self.chain: _Chain | None = None
+        self.hub: PortDispatcher | None = None
+
+    @property
+    def split(self) -> bool:
+        return self.rx_channel.port != self.tx_channel.port
+
+
+class NetFrontend(FrontendDriver):
+    """The frontend of one vif; see the module docstring.  After :meth:`start`,
+    ``await fe.ready()``, then :meth:`send` and :meth:`recv` frames (or set
+    :attr:`receiver` to get each frame as it arrives)."""
+
+    def __init__(self, platform: Platform, client: XenbusClient, path: str, *,
+                 config: NetFrontConfig | None = None,
+                 quarantine: GrantQuarantine | None = None, **kw: Any) -> None:
+        """Serve the frontend directory ``path`` (see :class:`FrontendDriver`)."""
+        super().__init__(client, path, **kw)
+        self.platform = platform
+        self.config = config or NetFrontConfig()
+        self.quarantine = quarantine if quarantine is not None else GrantQuarantine(
+            platform.grants)
+        self.queues: list[_Queue] = []
+        #: What the backend accepts from us (TX).
+        self.backend_features: dict[str, bool] = {}
+        self.mac: bytes | None = None
+        #: Called with each received frame instead of queueing it for :meth:`recv`.
+        self.receiver: Callable[[NetFrame], object] | None = None
+        self._rx: deque[NetFrame] = deque()
+        self._rx_ready = asyncio.Event()
+        self._space = asyncio.Event()
+        self._connected: asyncio.Future[None] | None = None
+        #: The protocol violation that failed the device (None while healthy).
+        self.error: NetPeerError | None = None
+        self.net_stats = dict.fromkeys(
+            ("tx_packets", "tx_bytes", "tx_errors", "tx_segmented", "tx_csum_completed",
+             "rx_packets", "rx_bytes", "rx_errors", "rx_queue_full", "rx_gso",
+             "rx_csum_blank"), 0)
+
+    # -- xenbus hooks
+    async def publish(self, backend: PeerKeys) -> None:
+        """Read the backend's offer, build the queues, write the keys (one transaction)."""
+        self.quarantine.reap()
+        self.error = None
+        if not await backend.feature("feature-rx-copy"):
+            raise NetPeerError("the backend does not offer feature-rx-copy")
+        c = self.config
+        offered_mq = await backend.raw("multi-queue-max-queues") is not None
+        be_queues = await backend.uint("multi-queue-max-queues", 0, 1 << 16, default=1)
+        f = {name: await backend.feature(f"feature-{name}") for name in
+             ("sg", "gso-tcpv4", "gso-tcpv6", "ipv6-csum-offload", "split-event-channels")}
+        self.backend_features = f
+        split = c.split_events and f["split-event-channels"]
+        count = max(1, min(c.max_queues, be_queues))
+        raw_mac = await self._read(f"{self.path}/mac")
+        try:
+            self.mac = mac_bytes(raw_mac.decode("ascii")) if raw_mac else None
+        except (LocalError, UnicodeDecodeError):
+            self.mac = None
+        try:
+            for k in range(count):
+                self.queues.append(self._make_queue(k, split))
+        except PlatformError:
+            self._release_queues()
+            raise
+        keys: dict[str, str | int] = {
+            "request-rx-copy": 1, "feature-rx-notify": 1, "feature-sg": int(c.sg),
+            "feature-gso-tcpv4": int(c.sg and c.gso_tcpv4),
+            "feature-gso-tcpv6": int(c.sg and c.gso_tcpv6),
+            "feature-ipv6-csum-offload": int(c.ipv6_csum),
+            "feature-no-csum-offload": int(not c.csum),
+        }
+        if offered_mq:
+            keys["multi-queue-num-queues"] = count
+        for q in self.queues:
+            prefix = "" if count == 1 else f"queue-{q.index}/"
+            if prefix:
+                keys[prefix.rstrip("/")] = ""
+            keys[f"{prefix}tx-ring-ref"] = q.tx_channel.refs[0]
+            keys[f"{prefix}rx-ring-ref"] = q.rx_channel.refs[0]
+            if q.split:
+                keys[f"{prefix}event-channel-tx"] = q.tx_channel.port
+                keys[f"{prefix}event-channel-rx"] = q.rx_channel.port
+            else:
+                keys[f"{prefix}event-channel"] = q.tx_channel.port
+        await self.write_keys(keys)
+
+    def _make_queue(self, index: int, split: bool) -> _Queue:
+        dom, quar = self.peer_domid, self.quarantine
+        held: list[Any] = []
+        try:
+            tx = FrontChannel.create(self.platform, dom, slot_size=_TX_SLOT, quarantine=quar)
+            held.append(tx)
+            rx = FrontChannel.create(self.platform, dom, slot_size=_RX_SLOT, quarantine=quar,
+                                     shared_port=None if split else tx.port)
+            held.append(rx)
+            tx_pages = self.platform.grants.grant(dom, self.config.tx_pages, writable=False)
+            held.append(tx_pages)
+            rx_pages = self.platform.grants.grant(dom, self.config.rx_pages, writable=True)
+        except BaseException:
+            for h in reversed(held):
+                if isinstance(h, FrontChannel):
+                    h.close()
+                else:
+                    with contextlib.suppress(LocalError, PlatformError):
+                        self.quarantine.end(h)
+            raise
+        return _Queue(index, tx, rx, tx_pages, rx_pages)
+
+    async def connect(self, peer: PeerKeys) -> None:
+        """Start the rings and post the RX pages."""
+        for q in self.queues:
+            q.tx_client = RingClient(q.tx_channel, functools.partial(self._on_tx, q))
+            q.rx_client = RingClient(q.rx_channel, functools.partial(self._on_rx, q))
+            q.tx_client.start()
+            q.rx_client.start()
+            if not q.split:
+                q.hub = share_port(q.tx_channel.res.events, q.tx_channel.port,
+                                    [q.tx_client, q.rx_client])
+            self._post_rx(q, range(len(q.rx_pages.refs)))
+        self._future().set_result(None)
+        self._space.set()
+
+    async def disconnect(self) -> None:
+        """Stop the queues, fail the waiters, release pages, rings and ports."""
+        fut = self._connected
+        if fut is not None and not fut.done():
+            fut.set_exception(LocalError("net device disconnected"))
+            fut.exception()
+        self._connected = None
+        self._release_queues()
+
+    def _release_queues(self) -> None:
+        for q in self.queues:
+            for c in (q.tx_client, q.rx_client):
+                if c is not None:
+                    c.stop()
+            if q.hub is not None:
+                q.hub.detach(q.tx_channel.port)
+                q.hub = None
+            q.rx_channel.close()
+            q.tx_channel.close()
+            for pages in (q.tx_pages, q.rx_pages):
+                with contextlib.suppress(LocalError, PlatformError):
+                    self.quarantine.end(pages)
+        self.queues = []
+        self._space.set()
+        self._rx_ready.set()
+
+    def _future(self) -> asyncio.Future[None]:
+        if self._connected is None or self._connected.done():
+            self._connected = asyncio.get_running_loop().create_future()
+        return self._connected
+
+    async def ready(self, timeout: float = 10.0) -> None:
+        """Wait (at most ``timeout`` s) until the vif is connected and usable."""
+        if self._connected is None:
+            self._future()
+        assert self._connected is not None
+        await asyncio.wait_for(asyncio.shield(self._connected), timeout)
+
+    # -- failing closed
+    def _peer_failed(self, message: str) -> None:
+        if self.error is not None:
+            return
+        self.error = NetPeerError(message)
+        log.warning("%s: backend misbehaved: %s", self.path, message)
+        for q in self.queues:
+            for c in (q.tx_client, q.rx_client):
+                if c is not None:
+                    c.stop()
+        self._space.set()
+        self._rx_ready.set()
+        machine, error = self.machine, self.error
+        if machine is not None and not machine.destroyed:
+            self._post(lambda: machine.peer_error(error))  # error node, then Closing
+
+    # -- RX
+    def _post_rx(self, q: _Queue, pages: Iterable[int]) -> None:
+        """Post RX pages ``pages`` of ``q`` (in this order)."""
+        client = q.rx_client
+        if client is None or self.error is not None:
+            return
+        refs = q.rx_pages.refs
+        reqs = []
+        for idx in pages:
+            q.rx_posted.append(idx)
+            reqs.append(_RX_REQ.pack(idx, refs[idx]))
+        with contextlib.suppress(LocalError):
+            client.submit(reqs)
+
+    def _on_rx(self, q: _Queue, batch: memoryview, count: int) -> None:
+        if self.error is not None:
+            return
+        repost: list[int] = []
+        try:
+            for j in range(count):
+                self._rx_slot(q, batch, j * _RX_SLOT, repost)
+        except ProtocolError as exc:
+            self._peer_failed(f"queue {q.index} rx: {exc}")
+            return
+        if repost:
+            self._post_rx(q, repost)
+
+    def _rx_slot(self, q: _Queue, batch: memoryview, off: int, repost: list[int]) -> None:
+        if not q.rx_posted:
+            raise ProtocolError("an RX response without a posted page")
+        idx = q.rx_posted.popleft()
+        repost.append(idx)
+        chain = q.chain
+        if chain is None:
+            chain = q.chain = _Chain()
+        chain.slots += 1
+        if chain.slots > _MAX_RX_CHAIN:
+            raise ProtocolError(f"an RX chain longer than {_MAX_RX_CHAIN} slots")
+        if chain.extra:
+            extra = parse_extra(batch, off)
+            validate_extra(extra)
+            if isinstance(extra, GsoExtra):
+                chain.gso = extra
+            chain.extra = bool(extra.flags & XEN_NETIF_EXTRA_FLAG_MORE)
+        else:
+            rsp = RxResponse.parse(batch, off)
+            if rsp.id != idx:
+                raise ProtocolError(f"RX response id {rsp.id} in the slot of page {idx}")
+            n = validate_rx_response(rsp)
+            if rsp.status < 0:
+                chain.error = True
+            else:
+                page = q.rx_pages.mem
+                chain.data.append(bytes(page[idx * XEN_PAGE_SIZE + rsp.offset:
+                                             idx * XEN_PAGE_SIZE + rsp.offset + n]))
+            if chain.first_flags < 0:
+                chain.first_flags = rsp.flags
+            chain.more = bool(rsp.flags & NETRXF_more_data)
+            chain.extra = bool(rsp.flags & NETRXF_extra_info)
+        if not chain.more and not chain.extra:
+            q.chain = None
+            self._finish(chain)
+
+    def _finish(self, chain: _Chain) -> None:
+        data = b"".join(chain.data)
+        if chain.error or not data:
+            self.net_stats["rx_errors"] += 1
+            return
+        flags = chain.first_flags
+        gso = chain.gso
+        frame = NetFrame(data, csum_blank=bool(flags & NETRXF_csum_blank),
+                         data_validated=bool(flags & NETRXF_data_validated),
+                         gso_type=gso.gso_type if gso is not None else GSO_NONE,
+                         gso_size=gso.size if gso is not None else 0)
+        self.net_stats["rx_packets"] += 1
+        self.net_stats["rx_bytes"] += len(data)
+        self.net_stats["rx_gso"] += gso is not None
+        self.net_stats["rx_csum_blank"] += frame.csum_blank
+        if self.receiver is not None:
+            try:
+                self.receiver(frame)
+            except (LocalError, PlatformError, OSError) as exc:
+                log.debug("%s: receiver refused a frame: %s", self.path, exc)
+            return
+        if len(self._rx) >= self.config.rx_queue_frames:
+            self.net_stats["rx_queue_full"] += 1
+            return
+        self._rx.append(frame)
+        self._rx_ready.set()
+
+    async def recv(self, timeout: float | None = None) -> NetFrame:
+        """The next received frame (waits at most ``timeout`` s: TimeoutError)."""
+        async with asyncio.timeout(timeout):
+            while not self._rx:
+                if self.error is not None:
+                    raise self.error
+                self._rx_ready.clear()
+                await self._rx_ready.wait()
+        return self._rx.popleft()
+
+    def pending_frames(self) -> int:
+        """Received frames not taken yet."""
+        return len(self._rx)
+
+    # -- TX
+    def _on_tx(self, q: _Queue, batch: memoryview, count: int) -> None:
+        if self.error is not None:
+            return
+        for j in range(count):
+            rid, status = _TX_RSP.unpack_from(batch, j * _TX_SLOT)
+            if status == NETIF_RSP_NULL:
+                continue
+            if status not in _TX_STATUSES:
+                self._peer_failed(f"queue {q.index} tx: unknown status {status}")
+                return
+            if rid not in q.tx_out:
+                self._peer_failed(f"queue {q.index} tx: response to id {rid}, "
+                                  "which is not outstanding")
+                return
+            q.tx_out.discard(rid)
+            q.tx_free.append(rid)
+            if status != NETIF_RSP_OKAY:
+                self.net_stats["tx_errors"] += 1
+        self._space.set()
+
+    def _adapt(self, frame: NetFrame) -> list[NetFrame]:
+        f = self.backend_features
+        frames = [frame]
+        if frame.gso_type != GSO_NONE:
+            key = "gso-tcpv4" if frame.gso_type == GSO_TCPV4 else "gso-tcpv6"
+            if not (f.get(key) and f.get("sg")):
+                frames = segment_tcp(frame)
+                self.net_stats["tx_segmented"] += 1
+        out = []
+        for fr in frames:
+            if fr.csum_blank and not f.get("ipv6-csum-offload"):
+                info = l4_info(fr.data)
+                if info is not None and info.version == 6:
+                    done = complete_checksum(fr)
+                    if done is not None:
+                        fr = done
+                        self.net_stats["tx_csum_completed"] += 1
+            if len(fr.data) > XEN_NETIF_MAX_TX_SIZE or not fr.data:
+                raise LocalError(f"a frame of {len(fr.data)} bytes cannot be sent")
+            if len(fr.data) > XEN_PAGE_SIZE and not f.get("sg"):
+                raise LocalError(f"a frame of {len(fr.data)} bytes needs feature-sg, which "
+                                 "the backend does not offer")
+            out.append(fr)
+        return out
+
+    async def send(self, frame: NetFrame) -> None:
+        """Queue ``frame`` for the backend (waits for ring space, at most
+        ``send_timeout``); LocalError for a frame that cannot be sent,
+        :class:`NetPeerError` once the device failed."""
+        for fr in self._adapt(frame):
+            await self._send_one(fr)
+
+    async def _send_one(self, frame: NetFrame) -> None:
+        data = frame.data
+        chunks = [(off, min(XEN_PAGE_SIZE, len(data) - off))
+                  for off in range(0, len(data), XEN_PAGE_SIZE)]
+        gso = frame.gso_type != GSO_NONE
+        slots = len(chunks) + gso
+        async with asyncio.timeout(self.config.send_timeout):
+            while True:
+                if self.error is not None:
+                    raise self.error
+                if not self.queues or self.queues[0].tx_client is None:
+                    raise LocalError("net device not connected")
+                q = self.queues[flow_hash(data) % len(self.queues)]
+                client = q.tx_client
+                if client is not None and client.free() >= slots and \
+                        len(q.tx_free) >= len(chunks):
+                    break
+                self._space.clear()
+                await self._space.wait()
+        assert client is not None
+        mem, refs = q.tx_pages.mem, q.tx_pages.refs
+        flags = (NETTXF_csum_blank if frame.csum_blank else 0) | \
+            (NETTXF_data_validated if frame.data_validated else 0)
+        reqs: list[bytes] = []
+        for k, (off, n) in enumerate(chunks):
+            idx = q.tx_free.pop()
+            q.tx_out.add(idx)
+            mem[idx * XEN_PAGE_SIZE:idx * XEN_PAGE_SIZE + n] = data[off:off + n]
+            more = NETTXF_more_data if k < len(chunks) - 1 else 0
+            if k == 0:
+                reqs.append(TxRequest(refs[idx], 0, flags | more |
+                                      (NETTXF_extra_info if gso else 0), idx,
+                                      len(data)).pack())
+                if gso:
+                    reqs.append(GsoExtra(XEN_NETIF_EXTRA_TYPE_GSO, 0, frame.gso_size,
+                                         frame.gso_type, 0).pack())
+            else:
+                reqs.append(TxRequest(refs[idx], 0, more, idx, n).pack())
+        client.submit(reqs)
+        self.net_stats["tx_packets"] += 1
+        self.net_stats["tx_bytes"] += len(data)
+
+    # -- introspection
+    def info(self) -> dict[str, Any]:
+        """Negotiated features, queues and counters."""
+        return {
+            "path": self.path,
+            "state": self.state.name,
+            "mac": None if self.mac is None else ":".join(f"{b:02x}" for b in self.mac),
+            "backend_features": dict(self.backend_features),
+            "queues": len(self.queues),
+            "split_event_channels": bool(self.queues) and self.queues[0].split,
+            "stats": dict(self.net_stats),
+            "rings": [{"tx": q.tx_client.info() if q.tx_client else None,
+                       "rx": q.rx_client.info() if q.rx_client else None,
+                       "tx_inflight": len(q.tx_out), "rx_posted": len(q.rx_posted)}
+                      for q in self.queues],
+            "error": None if self.error is None else str(self.error),
+        }
+

@@ -608,6 +608,30 @@ def test_scenario_11_bad_tx_responses_fail_the_frontend_closed(kind: str) -> Non
     run(body())
 
 
+@pytest.mark.parametrize("ring", ["tx", "rx"])
+def test_scenario_10_rsp_prod_beyond_ring_fails_the_frontend_closed(ring: str) -> None:
+    """With one port for both rings, a broken RX (or TX) ring still fails the device:
+    the frontend does not keep waiting on a ring nobody wakes."""
+    async def body() -> None:
+        async with net_world() as w:
+            v = await start_vif(w, FE, front=NetFrontConfig(max_queues=1, split_events=False,
+                                                            tx_pages=32, rx_pages=32))
+            try:
+                q = v.backend.queues[0]
+                ch = q.tx_channel if ring == "tx" else q.rx_channel
+                q.stop()
+                struct.pack_into("<I", ch.res.mappings[0].mem, 8, 1 << 31)
+                ch.res.events.notify(ch.port)
+                await v.frontend.wait_state(S.Closing, S.Closed, timeout=WAIT)
+                assert isinstance(v.frontend.error, NetPeerError)
+                assert await w.read_error(v.fe_path)
+            finally:
+                await v.close()
+            assert w.held() == NOTHING
+
+    run(body())
+
+
 def test_scenario_12_rx_response_rewritten_after_it_was_read() -> None:
     """The backend rewrites the response slot and the page right after the frontend
     took them: the frame received is the one answered first."""

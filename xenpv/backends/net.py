@@ -563,17 +563,33 @@ class NetQueue:
         self.rx_service = RingService(self.rx_channel, self.rx)
         self.rx.respond = self.rx_service.respond
         self._hub: PortDispatcher | None = None
+        self._guard: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Serve both rings."""
+        """Serve both rings (in the running loop).  A ring the frontend breaks stops
+        both (R4; with a shared port the other could not be woken any more)."""
         self.tx_service.start()
         self.rx_service.start()
         if not self.split:
             self._hub = share_port(self.tx_channel.res.events, self.tx_channel.port,
-                                    [self.tx_service, self.rx_service])
+                                   [self.tx_service, self.rx_service])
+        self._guard = asyncio.get_running_loop().create_task(self._stop_together())
+
+    async def _stop_together(self) -> None:
+        waits = [asyncio.ensure_future(s.wait_stopped())
+                 for s in (self.tx_service, self.rx_service)]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        self.stop()
 
     def stop(self) -> None:
         """Stop serving (idempotent)."""
+        guard, self._guard = self._guard, None
+        if guard is not None and guard is not asyncio.current_task():
+            guard.cancel()
         self.rx.close()
         self.tx_service.stop()
         self.rx_service.stop()

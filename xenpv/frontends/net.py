@@ -184,6 +184,7 @@ class _Queue:
         self.rx_posted: deque[int] = deque()
         self.chain: _Chain | None = None
         self.hub: PortDispatcher | None = None
+        self.guard: asyncio.Task[None] | None = None
 
     @property
     def split(self) -> bool:
@@ -302,6 +303,7 @@ class NetFrontend(FrontendDriver):
                 q.hub = share_port(q.tx_channel.res.events, q.tx_channel.port,
                                     [q.tx_client, q.rx_client])
             self._post_rx(q, range(len(q.rx_pages.refs)))
+            q.guard = asyncio.create_task(self._watch_rings(q))
         self._future().set_result(None)
         self._space.set()
 
@@ -314,8 +316,24 @@ class NetFrontend(FrontendDriver):
         self._connected = None
         self._release_queues()
 
+    async def _watch_rings(self, q: _Queue) -> None:
+        """A ring the backend broke (an index outside the ring) fails the device."""
+        clients = [c for c in (q.tx_client, q.rx_client) if c is not None]
+        waits = [asyncio.ensure_future(c.wait_stopped()) for c in clients]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        errors = [c.error for c in clients if c.error is not None]
+        if errors:
+            self._peer_failed(f"queue {q.index}: {errors[0]}")
+
     def _release_queues(self) -> None:
         for q in self.queues:
+            if q.guard is not None:
+                q.guard.cancel()
+                q.guard = None
             for c in (q.tx_client, q.rx_client):
                 if c is not None:
                     c.stop()

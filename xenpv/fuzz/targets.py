@@ -592,6 +592,18 @@ def _blkfront_driver(victim: Any) -> Callable[[bytes], None]:
     return BlkfrontTarget()
 
 
+def _netback_driver(victim: Any) -> Callable[[bytes], None]:
+    from xenpv.fuzz.net_driver import NetbackTarget
+
+    return NetbackTarget()
+
+
+def _netfront_driver(victim: Any) -> Callable[[bytes], None]:
+    from xenpv.fuzz.net_driver import NetfrontTarget
+
+    return NetfrontTarget()
+
+
 def _make_targets() -> dict[str, Target]:
     out: list[Target] = []
     for name, spec in RING_SPECS.items():
@@ -654,6 +666,12 @@ def _make_targets() -> dict[str, Target]:
                "floods", _blkback_driver),
         Target("blkfront:driver", "hostile backend domain vs the real block frontend (fuzzed "
                "features, answers, ids, statuses, indexes, floods, silence)", _blkfront_driver),
+        Target("netback:driver", "hostile frontend vs a real net backend queue (TX and RX "
+               "handlers and ring services): fuzzed chains, extras, indexes, RX pages, "
+               "frames to the guest, revoked grants, floods", _netback_driver),
+        Target("netfront:driver", "hostile backend domain vs the real net frontend (fuzzed "
+               "features, TX/RX answers, ids, offsets, extras, indexes, floods, silence)",
+               _netfront_driver),
     ]
     return {t.name: t for t in out}
 

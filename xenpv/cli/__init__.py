@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hid": ("xenpv.cli.hid", "keyboard/pointer devices: serve, route, watch, focus, inject"),
     "info": ("xenpv.cli.info", "print version, ring implementation and platform facts"),
     "loopback": ("xenpv.cli.loopback", "run the loopback emulator daemon and manage its domains"),
+    "net": ("xenpv.cli.net", "serve vifs through a userspace switch; show what a vif negotiated"),
     "peers": ("xenpv.cli.peers", "fetch and locate the real Xen programs used as test peers"),
     "vchan-proxy": ("xenpv.cli.vchan_proxy", "vchan to Unix socket proxy, a drop-in for vchan-socket-proxy"),
     "xenstore": ("xenpv.cli.xenstore", "xenstore-utils style client commands"),

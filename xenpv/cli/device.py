@@ -32,6 +32,7 @@ from xenpv.xenbus.toolstack import (
     list_devices,
     remove_device,
     vbd_keys,
+    vif_keys,
 )
 from xenpv.xenstore.client import XenstoreClient
 from xenpv.xenstore.wire import WireError, XenstoreError
@@ -85,6 +86,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add.add_argument("--mode", dest="mode_rw", choices=("r", "w"), default="w",
                      help="vbd: r (read-only) or w")
     add.add_argument("--vdev", default="xvda", help="vbd: the guest's name (xvda, hdb, ...)")
+    add.add_argument("--mac", help="vif: the guest's MAC (default: random, 00:16:3e:...)")
+    add.add_argument("--bridge", "--switch", dest="bridge", default="xenpv0",
+                     help="vif: the bridge, for xenpv's net backend the switch (default xenpv0)")
+    add.add_argument("--mtu", type=args_.uint(68, 65535, "mtu"), default=1500,
+                     help="vif: the MTU (default 1500)")
 
     rem = sub.add_parser("remove", help="remove a device pair")
     common(rem, devid_required=True)
@@ -160,6 +166,18 @@ def _dom0_only(args: argparse.Namespace) -> CliError:
         "`eval \"$(xenpv loopback env --rundir DIR --domid 0)\"`)")
 
 
+async def _free_vif(client: XenstoreClient, domid: int) -> int:
+    """The lowest vif devid not used in guest ``domid`` (its ``handle`` is the devid)."""
+    try:
+        used = {int(n) for n in await client.directory(f"/local/domain/{domid}/device/vif")
+                if n.isdigit()}
+    except XenstoreError as exc:
+        if exc.errno_name != "ENOENT":
+            raise
+        used = set()
+    return min(set(range(len(used) + 1)) - used)
+
+
 async def _with_client(args: argparse.Namespace) -> int:
     client = await XenstoreClient.connect(args.socket, timeout=10.0)
     try:
@@ -175,6 +193,12 @@ async def _with_client(args: argparse.Namespace) -> int:
                 vdevid, vfront, vback = vbd_keys(args.target, mode=args.mode_rw,
                                                  vdev=args.vdev)
                 devid = vdevid if devid is None else devid
+                fkeys, bkeys = {**vfront, **fkeys}, {**vback, **bkeys}
+            if args.type == "vif":
+                devid = await _free_vif(client, args.frontend_domid) if devid is None \
+                    else devid
+                vfront, vback = vif_keys(devid, mac=args.mac, bridge=args.bridge,
+                                         mtu=args.mtu)
                 fkeys, bkeys = {**vfront, **fkeys}, {**vback, **bkeys}
             info = await add_device(
                 client, args.type, args.frontend_domid, args.backend_domid, devid,

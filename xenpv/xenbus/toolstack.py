@@ -49,6 +49,7 @@ __all__ = [
     "list_devices",
     "remove_device",
     "vbd_keys",
+    "vif_keys",
 ]
 
 KeyValues = Mapping[str, str | bytes | int]
@@ -300,3 +301,36 @@ def vbd_keys(target: str, *, mode: str = "w", vdev: str = "xvda", cdrom: bool = 
         "dev": vdev, "removable": int(cdrom), "bootable": 1, "discard-enable": 1,
     }  # fmt: skip
     return devid, frontend, backend
+
+
+def vif_keys(devid: int, *, mac: str | None = None, bridge: str = "xenpv0", mtu: int = 1500,
+             script: str = "vif-bridge", rate: str | None = None
+             ) -> tuple[dict[str, str | int], dict[str, str | int]]:
+    """The frontend and backend keys libxl writes for a network interface (``vif``):
+    ``mac`` (``xx:xx:xx:xx:xx:xx``; a random one in Xen's 00:16:3e range if None),
+    ``handle`` (the devid), ``mtu`` on both sides, and for the backend ``bridge`` (for
+    xenpv's net backend: the switch to join), ``script``, ``type`` = vif and the
+    optional ``rate`` (``BYTES,USECS``)."""
+    import os
+    import re
+
+    if mac is None:
+        mac = "00:16:3e:" + ":".join(f"{b:02x}" for b in (os.urandom(3)[0] & 0x7F,
+                                                           *os.urandom(2)))
+    if not re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}", mac):
+        raise LocalError(f"not a MAC address: {mac!r}")
+    if int(mac[:2], 16) & 1:
+        raise LocalError(f"{mac} is a group (multicast) address")
+    if not 68 <= mtu <= 65535:
+        raise LocalError(f"mtu {mtu} not in 68..65535")
+    if not bridge or "/" in bridge or len(bridge) > 64:
+        raise LocalError(f"bad bridge name {bridge!r}")
+    mac = mac.lower()
+    front: dict[str, str | int] = {"mac": mac, "handle": devid, "mtu": mtu}
+    back: dict[str, str | int] = {"mac": mac, "handle": devid, "mtu": mtu, "bridge": bridge,
+                                  "script": script, "type": "vif"}
+    if rate is not None:
+        if not re.fullmatch(r"\d+,\d+", rate):
+            raise LocalError(f"rate must be BYTES,USECS, not {rate!r}")
+        back["rate"] = rate
+    return front, back

@@ -1,0 +1,101 @@
+"""Frame helpers, the switch's table and the toolstack's vif keys, checked against
+independent computations (the test's own checksum code) rather than against themselves."""
+
+from __future__ import annotations
+
+import random
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+
+from test_net_support import blank_checksum, tcp_checksum_ok, tcp_frame
+
+from xenpv.backends.netswitch import NetSwitch
+from xenpv.errors import LocalError
+from xenpv.protocols.ethernet import (
+    GSO_TCPV4,
+    GSO_TCPV6,
+    NetFrame,
+    complete_checksum,
+    flow_hash,
+    l4_info,
+    segment_tcp,
+)
+from xenpv.xenbus.toolstack import vif_keys
+
+A, B = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_complete_checksum_matches_an_independent_sum(v6: bool) -> None:
+    for n in (0, 1, 7, 1000, 1461):
+        good = tcp_frame(B, A, random.Random(n).randbytes(n), v6=v6)
+        blank = NetFrame(blank_checksum(good, v6), csum_blank=True)
+        done = complete_checksum(blank)
+        assert done is not None and done.data == good and not done.csum_blank
+    assert complete_checksum(NetFrame(bytes(60))) is None  # not IP: reported
+
+
+@pytest.mark.parametrize(("v6", "kind"), [(False, GSO_TCPV4), (True, GSO_TCPV6)])
+def test_segmentation_cuts_a_gso_frame_into_valid_segments(v6: bool, kind: int) -> None:
+    payload = random.Random(1).randbytes(10_000)
+    big = tcp_frame(B, A, payload, v6=v6, seq=0xFFFFF000, flags=0x19)  # FIN|PSH|ACK
+    segs = segment_tcp(NetFrame(blank_checksum(big, v6), csum_blank=True, gso_type=kind,
+                                gso_size=1448))
+    hdr = 14 + (40 if v6 else 20)
+    assert len(segs) == 7
+    got = b""
+    for k, s in enumerate(segs):
+        assert tcp_checksum_ok(s.data) and s.gso_type == 0 and not s.csum_blank
+        seq = struct.unpack_from("!I", s.data, hdr + 4)[0]
+        assert seq == (0xFFFFF000 + 1448 * k) & 0xFFFFFFFF  # wraps past 2^32
+        flags = s.data[hdr + 13]
+        assert flags == (0x19 if k == 6 else 0x10)  # FIN/PSH on the last only
+        if not v6:
+            assert struct.unpack_from("!H", s.data, 18)[0] == 7 + k  # IPv4 ids go up
+        got += s.data[hdr + 20:]
+    assert got == payload
+
+
+def test_segmentation_refuses_what_it_cannot_parse() -> None:
+    with pytest.raises(LocalError):
+        segment_tcp(NetFrame(bytes(100), gso_type=GSO_TCPV4, gso_size=100))
+    v4 = tcp_frame(B, A, bytes(3000))
+    with pytest.raises(LocalError):  # the type says IPv6, the frame is IPv4
+        segment_tcp(NetFrame(v4, gso_type=GSO_TCPV6, gso_size=1000))
+    with pytest.raises(LocalError):
+        segment_tcp(NetFrame(v4, gso_type=GSO_TCPV4, gso_size=0))
+    assert l4_info(v4[:40]) is None  # truncated
+    assert flow_hash(v4) == flow_hash(tcp_frame(B, A, bytes(10)))  # same flow, same queue
+
+
+def test_switch_table_is_bounded_and_ports_forget_their_macs() -> None:
+    sw = NetSwitch("t", max_macs=4)
+    got: dict[str, list[bytes]] = {"p": [], "q": []}
+    p = sw.attach("p", lambda f: got["p"].append(f.data))
+    q = sw.attach("q", lambda f: got["q"].append(f.data))
+    for k in range(10):
+        src = bytes([2, 0, 0, 0, 0, k])
+        p.send(NetFrame(b"\xff" * 6 + src + b"\x88\xb5" + bytes(46)))
+    assert len(sw.table) == 4 and len(got["q"]) == 10
+    frame = bytes([2, 0, 0, 0, 0, 9]) + B + b"\x88\xb5" + bytes(46)
+    assert q.send(NetFrame(frame)) == 1 and got["p"] == [frame]  # learnt: to p only
+    assert q.send(NetFrame(bytes([2, 0, 0, 0, 0, 0]) + B + b"\x88\xb5" + bytes(46))) == 1
+    assert p.send(NetFrame(bytes(10))) == 0 and p.stats["runts"] == 1
+    p.detach()
+    assert all(port is q for port in sw.table.values())
+
+
+def test_vif_keys_are_libxl_shaped_and_checked() -> None:
+    front, back = vif_keys(2, mac="02:AA:00:00:00:01", bridge="lab", mtu=9000, rate="1000,50")
+    assert front == {"mac": "02:aa:00:00:00:01", "handle": 2, "mtu": 9000}
+    assert back["bridge"] == "lab" and back["type"] == "vif" and back["rate"] == "1000,50"
+    assert vif_keys(0)[0]["mac"].startswith("00:16:3e:")  # type: ignore[union-attr]
+    for bad in ({"mac": "01:00:00:00:00:01"}, {"mac": "zz"}, {"mtu": 20},
+                {"bridge": "a/b"}, {"rate": "fast"}):
+        with pytest.raises(LocalError):
+            vif_keys(0, **bad)  # type: ignore[arg-type]

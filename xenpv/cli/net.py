@@ -1,0 +1,140 @@
+"""``xenpv net backend|info`` — serve vifs through a userspace switch; show what a vif
+negotiated.
+
+``backend --all`` (run as the backend domain: ``--as DOMID``, dom0 by default) serves
+every ``backend/vif/<fe>/<devid>`` directory of that domain, including devices added
+later, joining each vif to the userspace switch its ``bridge`` node names (``--switch``
+if none): guests of one backend process talk to each other without the kernel.  It
+prints one JSON line ``{"event": "ready"}`` once watching and runs until stdin closes or
+SIGTERM, then prints ``{"event": "done", "devices": {...}, "switches": {...}}`` with every
+driver's and switch port's counters.
+
+``info DOMID DEVID`` reads the frontend directory of guest ``DOMID``'s vif ``DEVID`` and
+its backend directory and prints, as JSON, what the two sides negotiated: states, MAC,
+queues, event channels (split or not) and each feature as offered and as requested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+from xenpv.cli import args as cliargs
+from xenpv.cli.block import read_keys
+from xenpv.cli.console import _platform, _stdin_closed, _xenstore, emit
+from xenpv.errors import LocalError, PeerError, PlatformError
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the ``backend`` and ``info`` subcommands."""
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION",
+                                help="what to do (see ACTION --help)")
+
+    be = sub.add_parser("backend", help="serve this domain's vifs through a userspace switch")
+    be.add_argument("--rundir", help="loopback emulator run directory (default: the environment)")
+    be.add_argument("--as", dest="as_domid", type=cliargs.domid, default=0, help="backend domain")
+    be.add_argument("--all", action="store_true", required=True,
+                    help="serve every vif of this backend domain, as they come and go")
+    be.add_argument("--switch", default="xenpv0",
+                    help="switch for vifs without a bridge node (default xenpv0)")
+    be.add_argument("--max-queues", type=cliargs.uint(1, 64, "queues"), default=4,
+                    help="most queues offered, 1..64 (default 4)")
+    be.add_argument("--no-sg", action="store_true", help="do not offer feature-sg")
+    be.add_argument("--no-gso", action="store_true", help="do not offer GSO (TCPv4, TCPv6)")
+    be.add_argument("--no-ipv6-csum", action="store_true",
+                    help="do not offer IPv6 checksum offload")
+    be.add_argument("--no-split", action="store_true", help="do not offer split event channels")
+
+    info = sub.add_parser("info", help="show what a vif's two ends negotiated")
+    info.add_argument("domid", type=cliargs.domid, help="the guest (frontend) domain")
+    info.add_argument("devid", type=cliargs.devid, help="the vif's device id (0 for vif0)")
+    info.add_argument("-s", "--socket", help="xenstore socket (default: as xenstore-utils)")
+
+
+async def _backend(args: argparse.Namespace) -> int:
+    from xenpv.backends.net import NetBackend, NetConfig
+
+    config = NetConfig(sg=not args.no_sg, gso_tcpv4=not args.no_gso, gso_tcpv6=not args.no_gso,
+                       ipv6_csum=not args.no_ipv6_csum, split_events=not args.no_split,
+                       max_queues=args.max_queues)
+    platform = _platform(args.rundir, args.as_domid)
+    client = await _xenstore(args.rundir, args.as_domid)
+    backend = NetBackend(platform, client, config, default_switch=args.switch)
+    try:
+        await backend.start()
+        emit(event="ready", domid=args.as_domid)
+        await _stdin_closed(asyncio.get_running_loop())
+        emit(event="done", devices={d.path: d.info() for d in backend.drivers},
+             switches={n: s.info() for n, s in backend.switches.items()})
+    finally:
+        await backend.close()
+        await client.close()
+        platform.close()
+    return 0
+
+
+_FEATURES = ("feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6",
+             "feature-ipv6-csum-offload", "feature-no-csum-offload", "feature-rx-copy",
+             "feature-rx-flip", "feature-split-event-channels", "feature-rx-notify",
+             "request-rx-copy", "feature-multicast-control", "feature-ctrl-ring")
+_FRONT_KEYS = ("state", "backend", "backend-id", "handle", "mac", "mtu",
+               "multi-queue-num-queues", "tx-ring-ref", "rx-ring-ref", "event-channel",
+               "event-channel-tx", "event-channel-rx", *_FEATURES)
+_BACK_KEYS = ("state", "online", "frontend-id", "handle", "mac", "mtu", "bridge", "script",
+              "type", "rate", "multi-queue-max-queues", *_FEATURES)
+
+
+async def vif_info(client: Any, domid: int, devid: int) -> dict[str, Any]:
+    """What the frontend and backend of guest ``domid``'s vif ``devid`` wrote."""
+    from xenpv.xenbus.paths import frontend_path
+
+    fe = frontend_path(domid, "vif", devid)
+    if not await client.exists(fe):
+        raise LocalError(f"no vif {devid} in domain {domid} ({fe})")
+    front = await read_keys(client, fe, _FRONT_KEYS)
+    be = front.get("backend", "")
+    back = await read_keys(client, be, _BACK_KEYS) if be else {}
+    try:
+        queues = int(front.get("multi-queue-num-queues", "1"))
+    except ValueError:
+        queues = 0
+    split_key = "event-channel-tx" if queues <= 1 else "queue-0/event-channel-tx"
+    split = await client.exists(f"{fe}/{split_key}")
+
+    def on(keys: dict[str, str], name: str) -> bool:
+        return keys.get(name, "0") == "1"
+
+    features = {name: {"backend": on(back, name), "frontend": on(front, name)}
+                for name in _FEATURES}
+    return {"domid": domid, "devid": devid, "frontend": fe, "backend": be,
+            "mac": back.get("mac") or front.get("mac"), "queues": queues,
+            "split_event_channels": split, "features": features,
+            "frontend_keys": front, "backend_keys": back}
+
+
+async def _info(args: argparse.Namespace) -> int:
+    from xenpv.xenstore.client import XenstoreClient
+
+    client = await XenstoreClient.connect(args.socket, timeout=10.0)
+    try:
+        print(json.dumps(await vif_info(client, args.domid, args.devid), indent=2))
+    finally:
+        await client.close()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one ``net`` subcommand; returns the exit status."""
+    from xenpv.xenstore.wire import WireError, XenstoreError
+
+    try:
+        if args.action == "backend":
+            return asyncio.run(_backend(args))
+        return asyncio.run(_info(args))
+    except (LocalError, PeerError, PlatformError, XenstoreError, WireError, TimeoutError,
+            OSError) as exc:
+        print(f"xenpv net {args.action}: {exc}", file=sys.stderr)
+        return 1

@@ -91,6 +91,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      help="vif: the bridge, for xenpv's net backend the switch (default xenpv0)")
     add.add_argument("--mtu", type=args_.uint(68, 65535, "mtu"), default=1500,
                      help="vif: the MTU (default 1500)")
+    add.add_argument("--rate", metavar="BYTES,USECS",
+                     help="vif: the credit limit node libxl writes (not enforced yet)")
 
     rem = sub.add_parser("remove", help="remove a device pair")
     common(rem, devid_required=True)
@@ -198,7 +200,7 @@ async def _with_client(args: argparse.Namespace) -> int:
                 devid = await _free_vif(client, args.frontend_domid) if devid is None \
                     else devid
                 vfront, vback = vif_keys(devid, mac=args.mac, bridge=args.bridge,
-                                         mtu=args.mtu)
+                                         mtu=args.mtu, rate=args.rate)
                 fkeys, bkeys = {**vfront, **fkeys}, {**vback, **bkeys}
             info = await add_device(
                 client, args.type, args.frontend_domid, args.backend_domid, devid,

@@ -20,14 +20,17 @@ is at its destination's ring (or in its backlog) when :meth:`SwitchPort.send` re
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
 
+from xenpv.drivers.tap import TapDevice
 from xenpv.errors import LocalError, PeerError, PlatformError
 from xenpv.protocols.ethernet import ETH_HLEN, NetFrame, is_multicast, mac_text
 
-__all__ = ["NetSwitch", "SwitchPort"]
+__all__ = ["NetSwitch", "SwitchPort", "TapUplink"]
 
 log = logging.getLogger(__name__)
 
@@ -132,3 +135,38 @@ class NetSwitch:
         """Ports, their counters and the MAC table size."""
         return {"name": self.name, "macs": len(self.table),
                 "ports": [p.info() for p in self.ports]}
+
+
+class TapUplink:
+    """A TAP device as a port of a switch: frames the kernel sends go into the switch,
+    frames the switch forwards to it go to the kernel (a kernel stack, possibly in
+    another network namespace, behind the backend)."""
+
+    def __init__(self, switch: NetSwitch, tap: TapDevice) -> None:
+        """Join ``tap`` to ``switch``; :meth:`start` begins reading it."""
+        self.tap = tap
+        self.port = switch.attach(f"tap:{tap.name}", tap.write)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Read the TAP in the running loop."""
+        self._task = asyncio.get_running_loop().create_task(self._pump())
+
+    async def _pump(self) -> None:
+        while True:
+            try:
+                frame = await self.tap.recv()
+            except LocalError as exc:
+                log.warning("tap %s: %s", self.tap.name, exc)
+                return
+            self.port.send(frame)
+
+    async def close(self) -> None:
+        """Stop reading, leave the switch, close the TAP."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.port.detach()
+        self.tap.close()

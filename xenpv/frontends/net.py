@@ -58,6 +58,7 @@ from xenpv.drivers.quarantine import GrantQuarantine
 from xenpv.drivers.ringchannel import FrontChannel
 from xenpv.drivers.ringservice import RingClient
 from xenpv.drivers.sharedport import share_port
+from xenpv.drivers.tap import TapDevice
 from xenpv.errors import LocalError, PeerError, PlatformError
 from xenpv.platforms.base import Platform, SharedPages
 from xenpv.platforms.dispatch import PortDispatcher
@@ -103,7 +104,7 @@ from xenpv.protocols.netif import (
 from xenpv.xenbus.driver import FrontendDriver, PeerKeys
 from xenpv.xenstore.client import XenstoreClient as XenbusClient
 
-__all__ = ["NetFrontConfig", "NetFrontend", "NetPeerError"]
+__all__ = ["NetFrontConfig", "NetFrontend", "NetPeerError", "TapBridge"]
 
 log = logging.getLogger(__name__)
 
@@ -594,3 +595,46 @@ class NetFrontend(FrontendDriver):
             "error": None if self.error is None else str(self.error),
         }
 
+
+
+class TapBridge:
+    """A TAP device on top of a frontend: frames the kernel sends are sent on the vif
+    (waiting for ring space: the TAP is read no faster than the ring drains), frames
+    received on the vif go to the kernel — a kernel stack, possibly in another network
+    namespace, runs on our frontend."""
+
+    def __init__(self, frontend: NetFrontend, tap: TapDevice) -> None:
+        """Bridge ``frontend`` and ``tap``; :meth:`start` begins."""
+        self.frontend = frontend
+        self.tap = tap
+        self.refused = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Deliver received frames to the TAP and read it, in the running loop."""
+        self.frontend.receiver = self.tap.write
+        self._task = asyncio.get_running_loop().create_task(self._pump())
+
+    async def _pump(self) -> None:
+        while True:
+            try:
+                frame = await self.tap.recv()
+                await self.frontend.send(frame)
+            except NetPeerError:
+                return
+            except (LocalError, TimeoutError) as exc:
+                if self.tap.fd < 0:
+                    return
+                self.refused += 1
+                log.debug("tap %s: frame not sent: %s", self.tap.name, exc)
+
+    async def close(self) -> None:
+        """Stop, detach from the frontend, close the TAP."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.frontend.receiver == self.tap.write:
+            self.frontend.receiver = None
+        self.tap.close()

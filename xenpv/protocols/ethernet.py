@@ -48,6 +48,7 @@ __all__ = [
     "l4_info",
     "mac_bytes",
     "mac_text",
+    "partial_checksum",
     "segment_tcp",
 ]
 
@@ -176,18 +177,27 @@ def _ip_end(buf: bytearray | bytes, info: L4Info) -> int:
     return min(end, len(buf)) if end >= info.l4 else len(buf)
 
 
-def _store_l4_checksum(buf: bytearray, info: L4Info) -> None:
-    end = _ip_end(buf, info)
-    field = info.l4 + (16 if info.proto == _TCP else 6)
-    if end < field + 2:
-        raise LocalError("L4 header truncated")
-    buf[field:field + 2] = b"\0\0"
-    length = end - info.l4
+def _pseudo_sum(buf: bytearray | bytes, info: L4Info, length: int) -> int:
     if info.version == 4:
         pseudo = bytes(buf[info.l3 + 12:info.l3 + 20]) + struct.pack("!xBH", info.proto, length)
     else:
         pseudo = bytes(buf[info.l3 + 8:info.l3 + 40]) + struct.pack("!I3xB", length, info.proto)
-    csum = 0xFFFF - _fold(_sum16(pseudo) + _sum16(buf[info.l4:end]))
+    return _sum16(pseudo)
+
+
+def _l4_field(buf: bytearray | bytes, info: L4Info) -> tuple[int, int]:
+    """(checksum field offset, end of the L4 data)."""
+    end = _ip_end(buf, info)
+    field = info.l4 + (16 if info.proto == _TCP else 6)
+    if end < field + 2:
+        raise LocalError("L4 header truncated")
+    return field, end
+
+
+def _store_l4_checksum(buf: bytearray, info: L4Info) -> None:
+    field, end = _l4_field(buf, info)
+    buf[field:field + 2] = b"\0\0"
+    csum = 0xFFFF - _fold(_pseudo_sum(buf, info, end - info.l4) + _sum16(buf[info.l4:end]))
     if csum == 0 and info.proto == _UDP:
         csum = 0xFFFF
     buf[field:field + 2] = csum.to_bytes(2, "big")
@@ -214,6 +224,21 @@ def complete_checksum(frame: NetFrame) -> NetFrame | None:
     except LocalError:
         return None
     return replace(frame, data=bytes(buf), csum_blank=False, data_validated=True)
+
+
+def partial_checksum(frame: NetFrame) -> NetFrame | None:
+    """``frame`` with its TCP/UDP checksum field holding the pseudo-header sum (the
+    partial checksum a kernel completes, ``NEEDS_CSUM``); None if not TCP/UDP over IP."""
+    info = l4_info(frame.data)
+    if info is None:
+        return None
+    buf = bytearray(frame.data)
+    try:
+        field, end = _l4_field(buf, info)
+    except LocalError:
+        return None
+    buf[field:field + 2] = _fold(_pseudo_sum(buf, info, end - info.l4)).to_bytes(2, "big")
+    return replace(frame, data=bytes(buf))
 
 
 def segment_tcp(frame: NetFrame, max_segments: int = 1024) -> list[NetFrame]:

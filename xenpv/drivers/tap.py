@@ -1,0 +1,239 @@
+"""A Linux TAP device carrying :class:`~xenpv.protocols.ethernet.NetFrame` s with their
+offload metadata, optionally in another network namespace.
+
+Theory of operation
+-------------------
+:meth:`TapDevice.open` opens ``/dev/net/tun`` and attaches it to (or creates) the TAP
+interface ``name`` with ``TUNSETIFF`` (``IFF_TAP | IFF_NO_PI``, plus ``IFF_VNET_HDR``);
+with ``netns`` (a name under ``/run/netns``, as ``ip netns add`` makes, or a path) the
+ioctl runs in a short-lived thread that first joins that namespace (``setns``), so the
+interface is created there while this process stays where it is.  With ``offload`` the
+device is told (``TUNSETOFFLOAD``: ``TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6``) that we take
+frames with blank checksums and TCP segmentation left undone, which is what lets the
+kernel's stack hand one 64 KiB TCP frame instead of 45.
+
+Every frame crosses the fd with a 10-byte ``virtio_net_hdr`` in front (``TUNSETVNETHDRSZ``
+= 10; little-endian on the machines xenpv runs on): ``flags`` (``NEEDS_CSUM`` 1,
+``DATA_VALID`` 2), ``gso_type`` (TCPv4 1, TCPv6 4), ``hdr_len``, ``gso_size``,
+``csum_start``, ``csum_offset``.  :func:`to_vnet` and :func:`from_vnet` translate that to
+and from the netif flags a ``NetFrame`` carries (``csum_blank``, ``data_validated``,
+GSO type and size); a frame whose blank checksum or GSO cannot be located (not TCP/UDP
+over IP) is refused, as is a GSO type netif cannot carry.  The checksum field of a blank
+frame is set to the pseudo-header sum, the convention of a partial checksum the kernel
+completes.
+
+:meth:`TapDevice.recv` waits (asyncio) for the next frame; :meth:`TapDevice.write`
+writes one without blocking (a full device queue drops it, counted).  The interface is
+left to the caller to configure (addresses, ``up``); closing the fd of a TAP created
+here removes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import errno as _errno
+import fcntl
+import os
+import struct
+import threading
+from dataclasses import dataclass
+
+from xenpv.errors import LocalError
+from xenpv.protocols.ethernet import (
+    GSO_NONE,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    NetFrame,
+    l4_info,
+    partial_checksum,
+)
+
+__all__ = ["TapDevice", "from_vnet", "to_vnet"]
+
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
+VNET_HDR = struct.Struct("<BBHHHH")
+NEEDS_CSUM, DATA_VALID = 1, 2
+_VNET_TCPV4, _VNET_TCPV6, _VNET_ECN = 1, 4, 0x80
+_CLONE_NEWNET = 0x40000000
+_MAX_FRAME = 0xFFFF + VNET_HDR.size
+
+
+def to_vnet(frame: NetFrame) -> bytes | None:
+    """``virtio_net_hdr`` + frame bytes for a TAP write; None if the metadata cannot be
+    expressed (a blank checksum or GSO on something that is not TCP/UDP over IP)."""
+    data = frame.data
+    if not frame.csum_blank and frame.gso_type == GSO_NONE:
+        flags = DATA_VALID if frame.data_validated else 0
+        return VNET_HDR.pack(flags, 0, 0, 0, 0, 0) + data
+    info = l4_info(data)
+    if info is None:
+        return None
+    tcp = info.proto == 6
+    gso, hdr_len = 0, 0
+    if frame.gso_type != GSO_NONE:
+        if not tcp or frame.gso_size <= 0:
+            return None
+        gso = _VNET_TCPV4 if frame.gso_type == GSO_TCPV4 else _VNET_TCPV6
+        hdr_len = info.l4 + (data[info.l4 + 12] >> 4) * 4
+    done = partial_checksum(frame)
+    if done is None:
+        return None
+    return VNET_HDR.pack(NEEDS_CSUM, gso, hdr_len, frame.gso_size if gso else 0, info.l4,
+                         16 if tcp else 6) + done.data
+
+
+def from_vnet(buf: bytes) -> NetFrame | None:
+    """The frame a TAP read returned (header first); None for a GSO type netif cannot
+    carry or a runt."""
+    if len(buf) < VNET_HDR.size + 14:
+        return None
+    flags, gso, _hdr_len, gso_size, _cs, _co = VNET_HDR.unpack_from(buf)
+    kind = {0: GSO_NONE, _VNET_TCPV4: GSO_TCPV4, _VNET_TCPV6: GSO_TCPV6}.get(gso & ~_VNET_ECN)
+    if kind is None:
+        return None
+    return NetFrame(buf[VNET_HDR.size:], csum_blank=bool(flags & NEEDS_CSUM),
+                    data_validated=bool(flags & DATA_VALID), gso_type=kind,
+                    gso_size=gso_size if kind != GSO_NONE else 0)
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _netns_path(netns: str) -> str:
+    return netns if "/" in netns else f"/run/netns/{netns}"
+
+
+def _open_tun(name: str, flags: int, offload: int, netns: str | None) -> int:
+    """Open and attach the TAP fd (in ``netns``'s thread if given)."""
+    if netns is not None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        nsfd = os.open(_netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if libc.setns(nsfd, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise LocalError(f"cannot enter network namespace {netns}: {os.strerror(err)}")
+        finally:
+            os.close(nsfd)
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+        if flags & IFF_VNET_HDR:
+            fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR.size))
+            fcntl.ioctl(fd, TUNSETOFFLOAD, offload)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@dataclass
+class _Result:
+    fd: int = -1
+    error: BaseException | None = None
+
+
+class TapDevice:
+    """One TAP interface's fd; see the module docstring.  Made by :meth:`open`."""
+
+    def __init__(self, fd: int, name: str, netns: str | None, offload: bool) -> None:
+        """Wrap an attached fd (use :meth:`open`)."""
+        self.fd = fd
+        self.name = name
+        self.netns = netns
+        self.offload = offload
+        self.stats = dict.fromkeys(("rx_frames", "rx_bytes", "rx_refused", "tx_frames",
+                                    "tx_bytes", "tx_refused", "tx_dropped"), 0)
+
+    @classmethod
+    def open(cls, name: str, *, netns: str | None = None, offload: bool = True) -> TapDevice:
+        """Attach to (or create) TAP ``name``, in network namespace ``netns`` if given;
+        LocalError if that cannot be done (no ``/dev/net/tun``, no permission, …)."""
+        if not name or len(name) > 15 or "/" in name:
+            raise LocalError(f"bad interface name {name!r}")
+        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+        off = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 if offload else 0
+        result = _Result()
+
+        def attach() -> None:
+            try:
+                result.fd = _open_tun(name, flags, off, netns)
+            except BaseException as exc:
+                result.error = exc
+
+        if netns is None:
+            attach()
+        else:  # the namespace is joined by a thread of its own, which then ends
+            t = threading.Thread(target=attach, name=f"tap-{name}")
+            t.start()
+            t.join()
+        if result.error is not None:
+            if isinstance(result.error, OSError):
+                raise LocalError(f"cannot open TAP {name}: {result.error.strerror}") from None
+            raise result.error
+        return cls(result.fd, name, netns, offload)
+
+    async def recv(self) -> NetFrame:
+        """The next frame from the kernel (frames netif cannot carry are skipped)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self.fd < 0:
+                raise LocalError(f"TAP {self.name} is closed")
+            try:
+                buf = os.read(self.fd, _MAX_FRAME)
+            except BlockingIOError:
+                ready: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(self.fd, _set_done, ready)
+                try:
+                    await ready
+                finally:
+                    with contextlib.suppress(ValueError, OSError):
+                        loop.remove_reader(self.fd)
+                continue
+            except OSError as exc:
+                raise LocalError(f"TAP {self.name}: read failed: {exc.strerror}") from None
+            frame = from_vnet(buf)
+            if frame is None:
+                self.stats["rx_refused"] += 1
+                continue
+            self.stats["rx_frames"] += 1
+            self.stats["rx_bytes"] += len(frame.data)
+            return frame
+
+    def write(self, frame: NetFrame) -> bool:
+        """Hand one frame to the kernel without blocking; False if refused or dropped."""
+        buf = to_vnet(frame)
+        if buf is None or self.fd < 0:
+            self.stats["tx_refused"] += 1
+            return False
+        try:
+            os.write(self.fd, buf)
+        except OSError as exc:
+            if exc.errno not in (_errno.EAGAIN, _errno.EIO, _errno.EINVAL):
+                raise LocalError(f"TAP {self.name}: write failed: {exc.strerror}") from None
+            self.stats["tx_dropped"] += 1  # queue full, link down, or refused by the kernel
+            return False
+        self.stats["tx_frames"] += 1
+        self.stats["tx_bytes"] += len(frame.data)
+        return True
+
+    def close(self) -> None:
+        """Close the fd (idempotent); a TAP created by it goes away."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def info(self) -> dict[str, object]:
+        """Name, namespace, offload and counters."""
+        return {"name": self.name, "netns": self.netns, "offload": self.offload,
+                **self.stats}

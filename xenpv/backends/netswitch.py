@@ -20,13 +20,11 @@ is at its destination's ring (or in its backlog) when :meth:`SwitchPort.send` re
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
 
-from xenpv.drivers.tap import TapDevice
+from xenpv.drivers.tap import TapDevice, TapPump
 from xenpv.errors import LocalError, PeerError, PlatformError
 from xenpv.protocols.ethernet import ETH_HLEN, NetFrame, is_multicast, mac_text
 
@@ -146,27 +144,17 @@ class TapUplink:
         """Join ``tap`` to ``switch``; :meth:`start` begins reading it."""
         self.tap = tap
         self.port = switch.attach(f"tap:{tap.name}", tap.write)
-        self._task: asyncio.Task[None] | None = None
+        self.pump = TapPump(tap, self._forward)
+
+    async def _forward(self, frame: NetFrame) -> bool:
+        self.port.send(frame)
+        return True
 
     def start(self) -> None:
         """Read the TAP in the running loop."""
-        self._task = asyncio.get_running_loop().create_task(self._pump())
-
-    async def _pump(self) -> None:
-        while True:
-            try:
-                frame = await self.tap.recv()
-            except LocalError as exc:
-                log.warning("tap %s: %s", self.tap.name, exc)
-                return
-            self.port.send(frame)
+        self.pump.start()
 
     async def close(self) -> None:
         """Stop reading, leave the switch, close the TAP."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self.pump.close()
         self.port.detach()
-        self.tap.close()

@@ -39,6 +39,7 @@ import fcntl
 import os
 import struct
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from xenpv.errors import LocalError
@@ -51,7 +52,7 @@ from xenpv.protocols.ethernet import (
     partial_checksum,
 )
 
-__all__ = ["TapDevice", "from_vnet", "to_vnet"]
+__all__ = ["TapDevice", "TapPump", "from_vnet", "to_vnet"]
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
@@ -237,3 +238,37 @@ class TapDevice:
         """Name, namespace, offload and counters."""
         return {"name": self.name, "netns": self.netns, "offload": self.offload,
                 **self.stats}
+
+
+class TapPump:
+    """Reads a :class:`TapDevice` in a task and hands each frame to ``forward`` (awaited:
+    the TAP is read no faster than ``forward`` takes frames); ``forward`` returning False
+    ends the pump.  :meth:`close` stops it and closes the TAP."""
+
+    def __init__(self, tap: TapDevice, forward: Callable[[NetFrame], Awaitable[bool]]) -> None:
+        """Nothing runs before :meth:`start`."""
+        self.tap = tap
+        self.forward = forward
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start reading in the running loop."""
+        self._task = asyncio.get_running_loop().create_task(self._pump())
+
+    async def _pump(self) -> None:
+        while True:
+            try:
+                frame = await self.tap.recv()
+            except LocalError:
+                return  # closed underneath
+            if not await self.forward(frame):
+                return
+
+    async def close(self) -> None:
+        """Stop reading and close the TAP (idempotent)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.tap.close()

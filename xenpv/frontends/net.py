@@ -58,7 +58,7 @@ from xenpv.drivers.quarantine import GrantQuarantine
 from xenpv.drivers.ringchannel import FrontChannel
 from xenpv.drivers.ringservice import RingClient
 from xenpv.drivers.sharedport import share_port
-from xenpv.drivers.tap import TapDevice
+from xenpv.drivers.tap import TapDevice, TapPump
 from xenpv.errors import LocalError, PeerError, PlatformError
 from xenpv.platforms.base import Platform, SharedPages
 from xenpv.platforms.dispatch import PortDispatcher
@@ -608,33 +608,25 @@ class TapBridge:
         self.frontend = frontend
         self.tap = tap
         self.refused = 0
-        self._task: asyncio.Task[None] | None = None
+        self.pump = TapPump(tap, self._forward)
+
+    async def _forward(self, frame: NetFrame) -> bool:
+        try:
+            await self.frontend.send(frame)
+        except NetPeerError:
+            return False
+        except (LocalError, TimeoutError) as exc:
+            self.refused += 1
+            log.debug("tap %s: frame not sent: %s", self.tap.name, exc)
+        return True
 
     def start(self) -> None:
         """Deliver received frames to the TAP and read it, in the running loop."""
         self.frontend.receiver = self.tap.write
-        self._task = asyncio.get_running_loop().create_task(self._pump())
-
-    async def _pump(self) -> None:
-        while True:
-            try:
-                frame = await self.tap.recv()
-                await self.frontend.send(frame)
-            except NetPeerError:
-                return
-            except (LocalError, TimeoutError) as exc:
-                if self.tap.fd < 0:
-                    return
-                self.refused += 1
-                log.debug("tap %s: frame not sent: %s", self.tap.name, exc)
+        self.pump.start()
 
     async def close(self) -> None:
         """Stop, detach from the frontend, close the TAP."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self.pump.close()
         if self.frontend.receiver == self.tap.write:
             self.frontend.receiver = None
-        self.tap.close()

@@ -123,6 +123,7 @@ async def transfer(nets: Namespaces, server_addr: str, scope: str) -> None:
                 await p.wait()
 
 
+#: offload on with 4 queues runs in tests/integration/test_net_processes.py (CLI processes)
 @pytest.mark.parametrize(("offload", "queues"), [(True, 2), (False, 1)])
 def test_tcp_between_kernel_stacks_through_the_net_pair(offload: bool, queues: int) -> None:
     async def body() -> None:

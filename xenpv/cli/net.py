@@ -1,5 +1,5 @@
-"""``xenpv net backend|info`` — serve vifs through a userspace switch; show what a vif
-negotiated.
+"""``xenpv net backend|frontend|info`` — serve vifs through a userspace switch; put a
+guest's vif on a TAP device; show what a vif negotiated.
 
 ``backend --all`` (run as the backend domain: ``--as DOMID``, dom0 by default) serves
 every ``backend/vif/<fe>/<devid>`` directory of that domain, including devices added
@@ -7,7 +7,14 @@ later, joining each vif to the userspace switch its ``bridge`` node names (``--s
 if none): guests of one backend process talk to each other without the kernel.  It
 prints one JSON line ``{"event": "ready"}`` once watching and runs until stdin closes or
 SIGTERM, then prints ``{"event": "done", "devices": {...}, "switches": {...}}`` with every
-driver's and switch port's counters.
+driver's and switch port's counters.  ``--tap NAME [--netns NS]`` also joins a TAP
+device (created in network namespace ``NS`` if given) to the default switch, so a kernel
+stack sits behind the backend.
+
+``frontend DEVID --tap NAME [--netns NS]``, run as the guest (under ``xenpv loopback
+env`` or with ``--rundir``/``--domid``), attaches a frontend to that domain's vif
+``DEVID`` and bridges it to a TAP device (in namespace ``NS`` if given), so a kernel stack
+runs on our frontend; ``ready``/``done`` JSON lines as the backend.
 
 ``info DOMID DEVID`` reads the frontend directory of guest ``DOMID``'s vif ``DEVID`` and
 its backend directory and prints, as JSON, what the two sides negotiated: states, MAC,
@@ -47,6 +54,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     be.add_argument("--no-ipv6-csum", action="store_true",
                     help="do not offer IPv6 checksum offload")
     be.add_argument("--no-split", action="store_true", help="do not offer split event channels")
+    be.add_argument("--tap", help="also join this TAP device to the default switch")
+    be.add_argument("--netns", help="create the TAP in this network namespace (ip netns name)")
+    be.add_argument("--no-offload", action="store_true",
+                    help="no checksum/TSO offload on the TAP")
+
+    fe = sub.add_parser("frontend", help="as the guest: bridge this domain's vif to a TAP")
+    fe.add_argument("devid", type=cliargs.devid, help="the vif's device id (0 for vif0)")
+    fe.add_argument("--tap", required=True, help="the TAP device to create or attach to")
+    fe.add_argument("--netns", help="create the TAP in this network namespace (ip netns name)")
+    fe.add_argument("--rundir", help="loopback emulator run directory (default: the environment)")
+    fe.add_argument("--domid", type=cliargs.domid,
+                    help="this (the guest's) domain (needed with --rundir)")
+    fe.add_argument("--max-queues", type=cliargs.uint(1, 64, "queues"), default=4,
+                    help="most queues asked for (default 4)")
+    fe.add_argument("--no-offload", action="store_true",
+                    help="ask for no sg/GSO/checksum offload, none on the TAP either")
 
     info = sub.add_parser("info", help="show what a vif's two ends negotiated")
     info.add_argument("domid", type=cliargs.domid, help="the guest (frontend) domain")
@@ -60,17 +83,66 @@ async def _backend(args: argparse.Namespace) -> int:
     config = NetConfig(sg=not args.no_sg, gso_tcpv4=not args.no_gso, gso_tcpv6=not args.no_gso,
                        ipv6_csum=not args.no_ipv6_csum, split_events=not args.no_split,
                        max_queues=args.max_queues)
+    from xenpv.backends.netswitch import TapUplink
+    from xenpv.drivers.tap import TapDevice
+
     platform = _platform(args.rundir, args.as_domid)
     client = await _xenstore(args.rundir, args.as_domid)
     backend = NetBackend(platform, client, config, default_switch=args.switch)
+    uplink = None
     try:
+        if args.tap:
+            tap = TapDevice.open(args.tap, netns=args.netns, offload=not args.no_offload)
+            uplink = TapUplink(backend.switch(args.switch), tap)
+            uplink.start()
         await backend.start()
-        emit(event="ready", domid=args.as_domid)
+        emit(event="ready", domid=args.as_domid, tap=args.tap)
         await _stdin_closed(asyncio.get_running_loop())
         emit(event="done", devices={d.path: d.info() for d in backend.drivers},
-             switches={n: s.info() for n, s in backend.switches.items()})
+             switches={n: s.info() for n, s in backend.switches.items()},
+             tap=uplink.tap.info() if uplink else None)
     finally:
         await backend.close()
+        if uplink is not None:
+            await uplink.close()
+        await client.close()
+        platform.close()
+    return 0
+
+
+async def _frontend(args: argparse.Namespace) -> int:
+    from xenpv.drivers.tap import TapDevice
+    from xenpv.frontends.net import NetFrontConfig, NetFrontend, TapBridge
+    from xenpv.xenbus.paths import frontend_path
+
+    if args.rundir is not None and args.domid is None:
+        raise LocalError("--rundir needs --domid (the guest's domain)")
+    platform = _platform(args.rundir, args.domid)
+    domid = platform.domid if args.domid is None else args.domid
+    client = await _xenstore(args.rundir, domid)
+    path = frontend_path(domid, "vif", args.devid)
+    offload = not args.no_offload
+    frontend = bridge = None
+    try:
+        if not await client.exists(path):
+            raise LocalError(f"no vif {args.devid} in domain {domid} ({path})")
+        config = NetFrontConfig(max_queues=args.max_queues, sg=offload, gso_tcpv4=offload,
+                                gso_tcpv6=offload, csum=offload, ipv6_csum=offload)
+        frontend = NetFrontend(platform, client, path, config=config)
+        await frontend.start()
+        await frontend.ready(30.0)
+        bridge = TapBridge(frontend, TapDevice.open(args.tap, netns=args.netns,
+                                                    offload=offload))
+        bridge.start()
+        emit(event="ready", tap=args.tap, mac=frontend.info()["mac"],
+             queues=len(frontend.queues))
+        await _stdin_closed(asyncio.get_running_loop())
+        emit(event="done", vif=frontend.info(), tap=bridge.tap.info())
+    finally:
+        if bridge is not None:
+            await bridge.close()
+        if frontend is not None:
+            await frontend.close()
         await client.close()
         platform.close()
     return 0
@@ -133,6 +205,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.action == "backend":
             return asyncio.run(_backend(args))
+        if args.action == "frontend":
+            return asyncio.run(_frontend(args))
         return asyncio.run(_info(args))
     except (LocalError, PeerError, PlatformError, XenstoreError, WireError, TimeoutError,
             OSError) as exc:

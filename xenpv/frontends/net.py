@@ -219,7 +219,7 @@ class NetFrontend(FrontendDriver):
         #: The protocol violation that failed the device (None while healthy).
         self.error: NetPeerError | None = None
         self.net_stats = dict.fromkeys(
-            ("tx_packets", "tx_bytes", "tx_errors", "tx_segmented", "tx_csum_completed",
+            ("tx_packets", "tx_bytes", "tx_errors", "tx_gso", "tx_segmented", "tx_csum_completed",
              "rx_packets", "rx_bytes", "rx_errors", "rx_queue_full", "rx_gso",
              "rx_csum_blank"), 0)
 
@@ -574,6 +574,7 @@ class NetFrontend(FrontendDriver):
             else:
                 reqs.append(TxRequest(refs[idx], 0, more, idx, n).pack())
         client.submit(reqs)
+        self.net_stats["tx_gso"] += gso
         self.net_stats["tx_packets"] += 1
         self.net_stats["tx_bytes"] += len(data)
 

@@ -200,3 +200,77 @@ def test_backend_refusing_offloads_makes_the_frontend_adapt() -> None:
                 await close_all(w, a, b)
 
     run(body())
+
+
+MS_KEY = bytes.fromhex("6d5a56da255b0ec24167253d43a38fb0d0ca2bcbae7b30b477cb2da3"
+                       "8030f20c6a42b73bbeac01fa")
+#: (source, source port, destination, destination port, Toeplitz hash of the TCP 4-tuple)
+#: from the published RSS verification examples.
+RSS_V4 = [("66.9.149.187", 2794, "161.142.100.80", 1766, 0x51CCC178),
+          ("199.92.111.2", 14230, "65.69.140.83", 4739, 0xC626B0EA),
+          ("24.19.198.95", 12898, "12.22.207.184", 38024, 0x5C2B394A),
+          ("38.27.205.30", 48228, "209.142.163.6", 2217, 0xAFC7327F),
+          ("153.39.163.191", 44251, "202.188.127.2", 1303, 0x10E828A2)]
+
+
+def flow_frame(dst_mac: bytes, src_mac: bytes, src: str, sport: int, dst: str,
+               dport: int) -> bytes:
+    import socket
+    import struct
+
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, 0x10, 1000, 0, 0)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 6, 0, socket.inet_aton(src),
+                     socket.inet_aton(dst))
+    return eth(dst_mac, src_mac, 0x0800, ip + tcp)
+
+
+def test_control_ring_toeplitz_picks_the_rx_queue() -> None:
+    """A frontend with the control ring sets the Toeplitz key, the IPv4+TCP hash type and
+    a mapping table: each flow of the published RSS examples arrives on the queue the
+    table gives for its hash.  Requests out of range get their statuses."""
+    from xenpv.frontends.net import NetCtrlError
+    from xenpv.protocols import netif
+
+    async def body() -> None:
+        async with net_world() as w:
+            a = await start_vif(w, A, front=NetFrontConfig(max_queues=1, tx_pages=32,
+                                                           rx_pages=32))
+            b = await start_vif(w, B, front=NetFrontConfig(max_queues=4, ctrl_ring=True,
+                                                           tx_pages=32, rx_pages=32))
+            try:
+                fe = b.frontend
+                mapping = [3, 1, 2, 0, 2, 2, 1, 3]
+                await fe.set_toeplitz(MS_KEY, netif.XEN_NETIF_CTRL_HASH_TYPE_IPV4_TCP,
+                                      mapping)
+                for src, sport, dst, dport, h in RSS_V4:
+                    before = [r["rx_frames"] for r in fe.info()["rings"]]
+                    await a.frontend.send(NetFrame(flow_frame(b.mac, a.mac, src, sport, dst,
+                                                              dport)))
+                    await fe.recv(5.0)
+                    after = [r["rx_frames"] for r in fe.info()["rings"]]
+                    got = [k for k in range(4) if after[k] != before[k]]
+                    assert got == [mapping[h % len(mapping)]], (src, got)
+                assert b.backend.info()["ctrl"]["hashed"] == len(RSS_V4)
+                assert await fe.ctrl(netif.XEN_NETIF_CTRL_TYPE_GET_HASH_FLAGS) == 0xF
+                assert await fe.ctrl(netif.XEN_NETIF_CTRL_TYPE_GET_HASH_MAPPING_SIZE) == 128
+                bad = [(netif.XEN_NETIF_CTRL_TYPE_SET_HASH_MAPPING_SIZE, 0, 0, 0, 2),
+                       (netif.XEN_NETIF_CTRL_TYPE_SET_HASH_MAPPING_SIZE, 129, 0, 0, 2),
+                       (netif.XEN_NETIF_CTRL_TYPE_SET_HASH_KEY, 0, 41, 0, 3),
+                       (netif.XEN_NETIF_CTRL_TYPE_SET_HASH_KEY, 0xFFFFFF, 40, 0, 2),
+                       (netif.XEN_NETIF_CTRL_TYPE_SET_HASH_ALGORITHM, 7, 0, 0, 2),
+                       (netif.XEN_NETIF_CTRL_TYPE_SET_HASH_FLAGS, 0x10, 0, 0, 2),
+                       (netif.XEN_NETIF_CTRL_TYPE_SET_HASH_MAPPING, 0, 6, 4, 2),
+                       (netif.XEN_NETIF_CTRL_TYPE_GET_GREF_MAPPING_SIZE, 0, 0, 0, 1),
+                       (99, 0, 0, 0, 1)]
+                for typ, d0, d1, d2, status in bad:
+                    with pytest.raises(NetCtrlError) as err:
+                        await fe.ctrl(typ, d0, d1, d2)
+                    assert err.value.status == status, typ
+                with pytest.raises(NetCtrlError):  # a queue that does not exist
+                    await fe.set_toeplitz(MS_KEY, 2, [0, 4])
+                with pytest.raises(Exception, match="control ring"):
+                    await a.frontend.ctrl(netif.XEN_NETIF_CTRL_TYPE_GET_HASH_FLAGS)
+            finally:
+                await close_all(w, a, b)
+
+    run(body())

@@ -24,6 +24,8 @@ from xenpv.protocols.ethernet import (
     flow_hash,
     l4_info,
     segment_tcp,
+    toeplitz,
+    toeplitz_input,
 )
 from xenpv.xenbus.toolstack import vif_keys
 
@@ -99,3 +101,38 @@ def test_vif_keys_are_libxl_shaped_and_checked() -> None:
                 {"bridge": "a/b"}, {"rate": "fast"}):
         with pytest.raises(LocalError):
             vif_keys(0, **bad)  # type: ignore[arg-type]
+
+
+RSS_KEY = bytes.fromhex("6d5a56da255b0ec24167253d43a38fb0d0ca2bcbae7b30b477cb2da3"
+                        "8030f20c6a42b73bbeac01fa")
+
+
+@pytest.mark.parametrize(("src", "sport", "dst", "dport", "ip_hash", "tcp_hash"), [
+    ("66.9.149.187", 2794, "161.142.100.80", 1766, 0x323E8FC2, 0x51CCC178),
+    ("199.92.111.2", 14230, "65.69.140.83", 4739, 0xD718262A, 0xC626B0EA),
+    ("24.19.198.95", 12898, "12.22.207.184", 38024, 0xD2D0A5DE, 0x5C2B394A),
+    ("38.27.205.30", 48228, "209.142.163.6", 2217, 0x82989176, 0xAFC7327F),
+    ("153.39.163.191", 44251, "202.188.127.2", 1303, 0x5D1809C5, 0x10E828A2),
+    ("3ffe:2501:200:1fff::7", 2794, "3ffe:2501:200:3::1", 1766, 0x2CC18CD5, 0x40207D3D),
+    ("3ffe:501:8::260:97ff:fe40:efab", 14230, "ff02::1", 4739, 0x0F0C461C, 0xDDE51BBF),
+    ("3ffe:1900:4545:3:200:f8ff:fe21:67cf", 44251, "fe80::200:f8ff:fe21:67cf", 38024,
+     0x4B61E985, 0x02D1FEEF),
+])
+def test_toeplitz_matches_the_published_rss_vectors(src: str, sport: int, dst: str,
+                                                     dport: int, ip_hash: int,
+                                                     tcp_hash: int) -> None:
+    import socket
+
+    fam = socket.AF_INET6 if ":" in src else socket.AF_INET
+    addrs = socket.inet_pton(fam, src) + socket.inet_pton(fam, dst)
+    ports = struct.pack("!HH", sport, dport)
+    assert toeplitz(RSS_KEY, addrs) == ip_hash
+    assert toeplitz(RSS_KEY, addrs + ports) == tcp_hash
+    if fam == socket.AF_INET:  # the same input taken from a frame
+        tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, 0x10, 1000, 0, 0)
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 6, 0,
+                         socket.inet_aton(src), socket.inet_aton(dst))
+        frame = B + A + b"\x08\x00" + ip + tcp
+        assert toeplitz_input(frame, 2) == (2, addrs + ports)
+        assert toeplitz_input(frame, 1) == (1, addrs)
+        assert toeplitz_input(frame, 4 | 8) is None

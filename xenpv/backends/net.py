@@ -8,7 +8,7 @@ Theory of operation
 * before InitWait (``publish_features``) it advertises, as its :class:`NetConfig`
   allows, ``feature-sg``, ``feature-gso-tcpv4``, ``feature-gso-tcpv6``,
   ``feature-ipv6-csum-offload``, ``feature-rx-copy`` = 1 (``feature-rx-flip`` = 0),
-  ``feature-split-event-channels`` and ``multi-queue-max-queues``;
+  ``feature-split-event-channels``, ``multi-queue-max-queues`` and ``feature-ctrl-ring``;
 * on connect it reads the frontend's keys strictly: ``request-rx-copy`` and
   ``feature-rx-notify`` are required (this backend only copies, and never polls the RX
   ring); ``feature-sg``, ``feature-gso-tcpv4``/``-v6``, ``feature-ipv6-csum-offload`` and
@@ -46,7 +46,8 @@ the backlog is dropped and the carrier is off (frames dropped at once) until the
 frontend posts pages again (hostile scenario 7).
 
 Queue selection for RX is a flow hash (:func:`~xenpv.protocols.ethernet.flow_hash`), so a
-flow stays in order.  :class:`NetBackend` serves every vif of a backend domain and owns
+flow stays in order — or, when the frontend set one up on the control ring
+(``feature-ctrl-ring``, :class:`NetCtrl`), its Toeplitz hash, key and mapping table.  :class:`NetBackend` serves every vif of a backend domain and owns
 the switches (one per ``bridge`` name) the vifs join.
 """
 
@@ -81,15 +82,31 @@ from xenpv.protocols.ethernet import (
     flow_hash,
     l4_info,
     segment_tcp,
+    toeplitz,
+    toeplitz_input,
 )
 from xenpv.protocols.layout import XEN_PAGE_SIZE
 from xenpv.protocols.netif import (
+    CTRL_RING,
     FATAL_SKB_SLOTS_DEFAULT,
     NETIF_RSP_ERROR,
     NETIF_RSP_NULL,
     NETIF_RSP_OKAY,
     RX_RING,
     TX_RING,
+    XEN_NETIF_CTRL_HASH_ALGORITHM_NONE,
+    XEN_NETIF_CTRL_HASH_ALGORITHM_TOEPLITZ,
+    XEN_NETIF_CTRL_STATUS_BUFFER_OVERFLOW,
+    XEN_NETIF_CTRL_STATUS_INVALID_PARAMETER,
+    XEN_NETIF_CTRL_STATUS_NOT_SUPPORTED,
+    XEN_NETIF_CTRL_STATUS_SUCCESS,
+    XEN_NETIF_CTRL_TYPE_GET_HASH_FLAGS,
+    XEN_NETIF_CTRL_TYPE_GET_HASH_MAPPING_SIZE,
+    XEN_NETIF_CTRL_TYPE_SET_HASH_ALGORITHM,
+    XEN_NETIF_CTRL_TYPE_SET_HASH_FLAGS,
+    XEN_NETIF_CTRL_TYPE_SET_HASH_KEY,
+    XEN_NETIF_CTRL_TYPE_SET_HASH_MAPPING,
+    XEN_NETIF_CTRL_TYPE_SET_HASH_MAPPING_SIZE,
     XEN_NETIF_EXTRA_TYPE_GSO,
     XEN_NETIF_NR_SLOTS_MIN,
     GsoExtra,
@@ -113,6 +130,7 @@ __all__ = [
     "NetBackend",
     "NetBackendDriver",
     "NetConfig",
+    "NetCtrl",
     "NetFeatures",
     "NetQueue",
     "NetRx",
@@ -129,6 +147,14 @@ _RX_REQ = struct.Struct("<HxxI")
 _RX_RSP = struct.Struct("<HHHh")
 _TX_SLOT = TX_RING.slot_size
 _RX_SLOT = RX_RING.slot_size
+_CTRL_SLOT = CTRL_RING.slot_size
+_CTRL_REQ = struct.Struct("<HH3I")
+_CTRL_RSP = struct.Struct("<HHII")
+#: Longest Toeplitz key and largest queue mapping table (Linux netback's limits).
+MAX_HASH_KEY = 40
+MAX_HASH_MAPPING = 128
+#: Hash types this backend computes (IPv4, IPv4+TCP, IPv6, IPv6+TCP).
+HASH_TYPES = 0xF
 #: The most TX chain slots kept between batches (a chain, its extras and one more).
 _MAX_PENDING_SLOTS = FATAL_SKB_SLOTS_DEFAULT + 8
 
@@ -144,6 +170,7 @@ class NetConfig:
     """
 
     sg: bool = True
+    ctrl_ring: bool = True
     gso_tcpv4: bool = True
     gso_tcpv6: bool = True
     ipv6_csum: bool = True
@@ -502,6 +529,117 @@ class NetRx:
         self.backlog_bytes = 0
 
 
+# --------------------------------------------------------------------------- control ring
+
+
+class NetCtrl:
+    """The control ring handler of a vif (io/netif.h ``xen_netif_ctrl``): the frontend
+    chooses the Toeplitz hash (algorithm, hash types, key) and the mapping table from
+    hash to queue that RX queue selection then uses (:meth:`select`).  Key and mapping
+    come in pages the frontend granted, pulled with grant copies; every request is
+    answered with its id and type and a status (``INVALID_PARAMETER`` for values out of
+    range, ``BUFFER_OVERFLOW`` for a key longer than 40 bytes or a mapping beyond its
+    page, ``NOT_SUPPORTED`` for the static grant mapping requests and unknown types)."""
+
+    def __init__(self, platform: Platform, frontend_domid: int, queues: int) -> None:
+        """Hash nothing until the frontend asks."""
+        self.grants = platform.grants
+        self.domid = frontend_domid
+        self.queues = queues
+        self.algorithm = XEN_NETIF_CTRL_HASH_ALGORITHM_NONE
+        self.flags = 0
+        self.key = bytes(MAX_HASH_KEY)
+        self.mapping: list[int] = []
+        self.stats = {"requests": 0, "refused": 0, "hashed": 0}
+
+    def handle(self, batch: memoryview, count: int) -> list[bytes]:
+        """Answer every request in order."""
+        out = []
+        for j in range(count):
+            rid, typ, d0, d1, d2 = _CTRL_REQ.unpack_from(batch, j * _CTRL_SLOT)
+            status, data = self._one(typ, d0, d1, d2)
+            self.stats["requests"] += 1
+            self.stats["refused"] += status != XEN_NETIF_CTRL_STATUS_SUCCESS
+            out.append(_CTRL_RSP.pack(rid, typ, status, data))
+        return out
+
+    def _pull(self, gref: int, length: int) -> bytes | None:
+        buf = bytearray(length)
+        if not length:
+            return b""
+        try:
+            ok = self.grants.copy([GrantCopy(GrantPtr(self.domid, gref, 0), LocalPtr(buf),
+                                             length)]) == [0]
+        except (PlatformError, LocalError):
+            ok = False
+        return bytes(buf) if ok else None
+
+    def _one(self, typ: int, d0: int, d1: int, d2: int) -> tuple[int, int]:
+        ok, bad = XEN_NETIF_CTRL_STATUS_SUCCESS, XEN_NETIF_CTRL_STATUS_INVALID_PARAMETER
+        if typ == XEN_NETIF_CTRL_TYPE_GET_HASH_FLAGS:
+            return ok, HASH_TYPES
+        if typ == XEN_NETIF_CTRL_TYPE_SET_HASH_FLAGS:
+            if d0 & ~HASH_TYPES or self.algorithm == XEN_NETIF_CTRL_HASH_ALGORITHM_NONE:
+                return bad, 0
+            self.flags = d0
+            return ok, 0
+        if typ == XEN_NETIF_CTRL_TYPE_SET_HASH_ALGORITHM:
+            if d0 not in (XEN_NETIF_CTRL_HASH_ALGORITHM_NONE,
+                          XEN_NETIF_CTRL_HASH_ALGORITHM_TOEPLITZ):
+                return bad, 0
+            self.algorithm = d0
+            if d0 == XEN_NETIF_CTRL_HASH_ALGORITHM_NONE:
+                self.flags = 0
+            return ok, 0
+        if typ == XEN_NETIF_CTRL_TYPE_SET_HASH_KEY:
+            if d1 > MAX_HASH_KEY:
+                return XEN_NETIF_CTRL_STATUS_BUFFER_OVERFLOW, 0
+            key = self._pull(d0, d1)
+            if key is None:
+                return bad, 0
+            self.key = key.ljust(MAX_HASH_KEY, b"\0")
+            return ok, 0
+        if typ == XEN_NETIF_CTRL_TYPE_GET_HASH_MAPPING_SIZE:
+            return ok, MAX_HASH_MAPPING
+        if typ == XEN_NETIF_CTRL_TYPE_SET_HASH_MAPPING_SIZE:
+            if not 1 <= d0 <= MAX_HASH_MAPPING:
+                return bad, 0
+            self.mapping = [0] * d0
+            return ok, 0
+        if typ == XEN_NETIF_CTRL_TYPE_SET_HASH_MAPPING:
+            off, n = d1, d2
+            if n * 4 > XEN_PAGE_SIZE:
+                return XEN_NETIF_CTRL_STATUS_BUFFER_OVERFLOW, 0
+            if off > len(self.mapping) or n > len(self.mapping) - off:
+                return bad, 0
+            raw = self._pull(d0, n * 4)
+            if raw is None:
+                return bad, 0
+            entries = list(struct.unpack(f"<{n}I", raw))
+            if any(e >= self.queues for e in entries):
+                return bad, 0
+            self.mapping[off:off + n] = entries
+            return ok, 0
+        return XEN_NETIF_CTRL_STATUS_NOT_SUPPORTED, 0
+
+    def select(self, data: bytes) -> int | None:
+        """The queue the hash picks for a frame, or None (no hash configured or no
+        enabled type applies)."""
+        if self.algorithm != XEN_NETIF_CTRL_HASH_ALGORITHM_TOEPLITZ or not self.flags:
+            return None
+        hin = toeplitz_input(data, self.flags)
+        if hin is None:
+            return None
+        h = toeplitz(self.key, hin[1])
+        self.stats["hashed"] += 1
+        return self.mapping[h % len(self.mapping)] if self.mapping else h % self.queues
+
+    def info(self) -> dict[str, Any]:
+        """Algorithm, hash types, key, mapping and counters."""
+        return {"algorithm": self.algorithm, "flags": self.flags, "key": self.key.hex(),
+                "mapping": list(self.mapping), **self.stats}
+
+
 # --------------------------------------------------------------------------- queues
 
 
@@ -613,19 +751,25 @@ class NetQueue:
 
 
 class NetVif:
-    """The queues of one connected vif: frames to the guest are spread by flow."""
+    """The queues of one connected vif: frames to the guest are spread by flow (the
+    frontend's Toeplitz hash and mapping when it set them on the control ring ``ctrl``,
+    else :func:`~xenpv.protocols.ethernet.flow_hash`)."""
 
-    def __init__(self, queues: list[NetQueue]) -> None:
+    def __init__(self, queues: list[NetQueue], ctrl: NetCtrl | None = None) -> None:
         """Serve ``queues`` (at least one)."""
         if not queues:
             raise LocalError("a vif needs at least one queue")
         self.queues = queues
+        self.ctrl = ctrl
 
     def deliver(self, frame: NetFrame) -> None:
         """Send a frame to the guest on its flow's queue."""
-        q = self.queues[flow_hash(frame.data) % len(self.queues)] \
-            if len(self.queues) > 1 else self.queues[0]
-        q.rx.deliver(frame)
+        n = len(self.queues)
+        if n == 1:
+            self.queues[0].rx.deliver(frame)
+            return
+        k = self.ctrl.select(frame.data) if self.ctrl is not None else None
+        self.queues[flow_hash(frame.data) % n if k is None else k].rx.deliver(frame)
 
     def errors(self) -> list[PeerError]:
         """Peer errors that stopped a queue's service."""
@@ -654,6 +798,9 @@ class NetBackendDriver(BackendDriver):
         self.switch_port: SwitchPort | None = None
         self.vif: NetVif | None = None
         self.queues: list[NetQueue] = []
+        self.ctrl: NetCtrl | None = None
+        self.ctrl_channel: BackChannel | None = None
+        self.ctrl_service: RingService | None = None
         self.features = NetFeatures()
         self._watchers: list[asyncio.Task[None]] = []
 
@@ -663,7 +810,7 @@ class NetBackendDriver(BackendDriver):
                 "feature-gso-tcpv6": int(c.gso_tcpv6),
                 "feature-ipv6-csum-offload": int(c.ipv6_csum), "feature-rx-copy": 1,
                 "feature-rx-flip": 0, "feature-split-event-channels": int(c.split_events),
-                "multi-queue-max-queues": c.max_queues}
+                "multi-queue-max-queues": c.max_queues, "feature-ctrl-ring": int(c.ctrl_ring)}
 
     async def publish_features(self) -> None:
         """Advertise what this backend offers (before InitWait)."""
@@ -692,7 +839,16 @@ class NetBackendDriver(BackendDriver):
         for pl in placements:
             self.queues.append(NetQueue(self.platform, self.peer_domid, pl, self.config,
                                         self.features, port))
-        self.vif = NetVif(self.queues)
+        if self.config.ctrl_ring and await peer.raw("ctrl-ring-ref") is not None:
+            placement = RingPlacement((await peer.grant_ref("ctrl-ring-ref"),),
+                                      await peer.port("event-channel-ctrl"))
+            self.ctrl_channel = BackChannel.attach(self.platform, self.peer_domid, placement,
+                                                   slot_size=_CTRL_SLOT)
+            self.ctrl = NetCtrl(self.platform, self.peer_domid, len(self.queues))
+            self.ctrl_service = RingService(self.ctrl_channel, self.ctrl)
+            self.ctrl_service.start()
+            self._watchers.append(asyncio.create_task(self._watch_service(self.ctrl_service)))
+        self.vif = NetVif(self.queues, self.ctrl)
         for q in self.queues:
             q.start()
             for s in (q.tx_service, q.rx_service):
@@ -721,6 +877,13 @@ class NetBackendDriver(BackendDriver):
         queues, self.queues = self.queues, []
         for q in queues:
             q.close()
+        if self.ctrl_service is not None:
+            self.ctrl_service.stop()
+            self.ctrl_service = None
+        if self.ctrl_channel is not None:
+            self.ctrl_channel.close()
+            self.ctrl_channel = None
+        self.ctrl = None
 
     def info(self) -> dict[str, Any]:
         """Negotiated features, queues and counters (for ``xenpv net info``)."""
@@ -735,6 +898,7 @@ class NetBackendDriver(BackendDriver):
             "switch": self.switch.name if self.switch is not None else None,
             "port": self.switch_port.info() if self.switch_port is not None else None,
             "per_queue": [q.info() for q in queues],
+            "ctrl": self.ctrl.info() if self.ctrl is not None else None,
         }
 
 

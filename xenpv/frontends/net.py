@@ -75,12 +75,20 @@ from xenpv.protocols.ethernet import (
 )
 from xenpv.protocols.layout import XEN_PAGE_SIZE
 from xenpv.protocols.netif import (
+    CTRL_RING,
     NETIF_RSP_DROPPED,
     NETIF_RSP_ERROR,
     NETIF_RSP_NULL,
     NETIF_RSP_OKAY,
     RX_RING,
     TX_RING,
+    XEN_NETIF_CTRL_HASH_ALGORITHM_TOEPLITZ,
+    XEN_NETIF_CTRL_STATUS_SUCCESS,
+    XEN_NETIF_CTRL_TYPE_SET_HASH_ALGORITHM,
+    XEN_NETIF_CTRL_TYPE_SET_HASH_FLAGS,
+    XEN_NETIF_CTRL_TYPE_SET_HASH_KEY,
+    XEN_NETIF_CTRL_TYPE_SET_HASH_MAPPING,
+    XEN_NETIF_CTRL_TYPE_SET_HASH_MAPPING_SIZE,
     XEN_NETIF_EXTRA_FLAG_MORE,
     XEN_NETIF_EXTRA_TYPE_GSO,
     XEN_NETIF_EXTRA_TYPE_MAX,
@@ -104,12 +112,15 @@ from xenpv.protocols.netif import (
 from xenpv.xenbus.driver import FrontendDriver, PeerKeys
 from xenpv.xenstore.client import XenstoreClient as XenbusClient
 
-__all__ = ["NetFrontConfig", "NetFrontend", "NetPeerError", "TapBridge"]
+__all__ = ["NetCtrlError", "NetFrontConfig", "NetFrontend", "NetPeerError", "TapBridge"]
 
 log = logging.getLogger(__name__)
 
 _TX_SLOT = TX_RING.slot_size
 _RX_SLOT = RX_RING.slot_size
+_CTRL_SLOT = CTRL_RING.slot_size
+_CTRL_REQ = struct.Struct("<HH3I")
+_CTRL_RSP = struct.Struct("<HHII")
 _TX_RSP = struct.Struct("<Hh")
 _RX_REQ = struct.Struct("<HxxI")
 _TX_STATUSES = (NETIF_RSP_OKAY, NETIF_RSP_ERROR, NETIF_RSP_DROPPED)
@@ -125,6 +136,15 @@ class NetPeerError(PeerError):
         self.errno = _errno.EPROTO
 
 
+class NetCtrlError(LocalError):
+    """The backend refused a control request: ``status`` is its
+    ``XEN_NETIF_CTRL_STATUS_*``."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass(frozen=True)
 class NetFrontConfig:
     """What this frontend asks for and its buffers (each feature also needs the
@@ -136,6 +156,8 @@ class NetFrontConfig:
     csum: bool = True
     ipv6_csum: bool = True
     split_events: bool = True
+    #: Set up the control ring when the backend offers one (hash and queue mapping).
+    ctrl_ring: bool = False
     max_queues: int = 4
     #: TX pages per queue (data slots in flight) and RX pages posted per queue.
     tx_pages: int = 256
@@ -183,6 +205,7 @@ class _Queue:
         self.tx_free = list(range(len(tx_pages.refs) - 1, -1, -1))
         self.tx_out: set[int] = set()
         self.rx_posted: deque[int] = deque()
+        self.rx_frames = 0
         self.chain: _Chain | None = None
         self.hub: PortDispatcher | None = None
         self.guard: asyncio.Task[None] | None = None
@@ -212,6 +235,12 @@ class NetFrontend(FrontendDriver):
         self.mac: bytes | None = None
         #: Called with each received frame instead of queueing it for :meth:`recv`.
         self.receiver: Callable[[NetFrame], object] | None = None
+        self.ctrl_channel: FrontChannel | None = None
+        self.ctrl_client: RingClient | None = None
+        self._ctrl_page: SharedPages | None = None
+        self._ctrl_waiting: dict[int, tuple[int, asyncio.Future[int]]] = {}
+        self._ctrl_ids = 0
+        self._ctrl_lock = asyncio.Lock()
         self._rx: deque[NetFrame] = deque()
         self._rx_ready = asyncio.Event()
         self._space = asyncio.Event()
@@ -258,6 +287,18 @@ class NetFrontend(FrontendDriver):
         }
         if offered_mq:
             keys["multi-queue-num-queues"] = count
+        if c.ctrl_ring and await backend.feature("feature-ctrl-ring"):
+            try:
+                self.ctrl_channel = FrontChannel.create(self.platform, self.peer_domid,
+                                                        slot_size=_CTRL_SLOT,
+                                                        quarantine=self.quarantine)
+                self._ctrl_page = self.platform.grants.grant(self.peer_domid, 1,
+                                                             writable=False)
+            except PlatformError:
+                self._release_queues()
+                raise
+            keys["ctrl-ring-ref"] = self.ctrl_channel.refs[0]
+            keys["event-channel-ctrl"] = self.ctrl_channel.port
         for q in self.queues:
             prefix = "" if count == 1 else f"queue-{q.index}/"
             if prefix:
@@ -305,6 +346,9 @@ class NetFrontend(FrontendDriver):
                                     [q.tx_client, q.rx_client])
             self._post_rx(q, range(len(q.rx_pages.refs)))
             q.guard = asyncio.create_task(self._watch_rings(q))
+        if self.ctrl_channel is not None:
+            self.ctrl_client = RingClient(self.ctrl_channel, self._on_ctrl)
+            self.ctrl_client.start()
         self._future().set_result(None)
         self._space.set()
 
@@ -347,6 +391,21 @@ class NetFrontend(FrontendDriver):
                 with contextlib.suppress(LocalError, PlatformError):
                     self.quarantine.end(pages)
         self.queues = []
+        if self.ctrl_client is not None:
+            self.ctrl_client.stop()
+            self.ctrl_client = None
+        if self.ctrl_channel is not None:
+            self.ctrl_channel.close()
+            self.ctrl_channel = None
+        if self._ctrl_page is not None:
+            with contextlib.suppress(LocalError, PlatformError):
+                self.quarantine.end(self._ctrl_page)
+            self._ctrl_page = None
+        waiting, self._ctrl_waiting = self._ctrl_waiting, {}
+        for _typ, fut in waiting.values():
+            if not fut.done():
+                fut.set_exception(self.error or LocalError("net device disconnected"))
+                fut.exception()
         self._space.set()
         self._rx_ready.set()
 
@@ -439,13 +498,14 @@ class NetFrontend(FrontendDriver):
             chain.extra = bool(rsp.flags & NETRXF_extra_info)
         if not chain.more and not chain.extra:
             q.chain = None
-            self._finish(chain)
+            self._finish(q, chain)
 
-    def _finish(self, chain: _Chain) -> None:
+    def _finish(self, q: _Queue, chain: _Chain) -> None:
         data = b"".join(chain.data)
         if chain.error or not data:
             self.net_stats["rx_errors"] += 1
             return
+        q.rx_frames += 1
         flags = chain.first_flags
         gso = chain.gso
         frame = NetFrame(data, csum_blank=bool(flags & NETRXF_csum_blank),
@@ -578,6 +638,64 @@ class NetFrontend(FrontendDriver):
         self.net_stats["tx_packets"] += 1
         self.net_stats["tx_bytes"] += len(data)
 
+    # -- control ring
+    def _on_ctrl(self, batch: memoryview, count: int) -> None:
+        for j in range(count):
+            rid, typ, status, data = _CTRL_RSP.unpack_from(batch, j * _CTRL_SLOT)
+            waiting = self._ctrl_waiting.pop(rid, None)
+            if waiting is None or waiting[0] != typ:
+                self._peer_failed(f"control response {rid} (type {typ}) matches no request")
+                return
+            fut = waiting[1]
+            if status != XEN_NETIF_CTRL_STATUS_SUCCESS:
+                fut.set_exception(NetCtrlError(f"control request type {typ} refused with "
+                                               f"status {status}", status))
+                fut.exception()
+            else:
+                fut.set_result(data)
+
+    async def ctrl(self, typ: int, d0: int = 0, d1: int = 0, d2: int = 0,
+                   timeout: float = 5.0) -> int:
+        """One control request (``XEN_NETIF_CTRL_TYPE_*``); the response's data, or
+        :class:`NetCtrlError` with the backend's status.  LocalError without a control
+        ring (not asked for, or not offered)."""
+        client = self.ctrl_client
+        if self.error is not None:
+            raise self.error
+        if client is None:
+            raise LocalError("no control ring (NetFrontConfig.ctrl_ring, feature-ctrl-ring)")
+        self._ctrl_ids = (self._ctrl_ids + 1) & 0xFFFF
+        rid = self._ctrl_ids
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._ctrl_waiting[rid] = (typ, fut)
+        if client.submit([_CTRL_REQ.pack(rid, typ, d0, d1, d2)]) != 1:
+            del self._ctrl_waiting[rid]
+            raise LocalError("control ring full")
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._ctrl_waiting.pop(rid, None)
+
+    async def set_toeplitz(self, key: bytes, flags: int, mapping: list[int] | None = None
+                           ) -> None:
+        """Ask the backend to pick RX queues by Toeplitz hash under ``key`` for the hash
+        types ``flags`` (``XEN_NETIF_CTRL_HASH_TYPE_*`` masks), through ``mapping``
+        (hash modulo its size -> queue) if given."""
+        page = self._ctrl_page
+        if page is None:
+            raise LocalError("no control ring (NetFrontConfig.ctrl_ring, feature-ctrl-ring)")
+        async with self._ctrl_lock:  # one page carries key and mapping: one at a time
+            await self.ctrl(XEN_NETIF_CTRL_TYPE_SET_HASH_ALGORITHM,
+                            XEN_NETIF_CTRL_HASH_ALGORITHM_TOEPLITZ)
+            page.mem[:len(key)] = key
+            await self.ctrl(XEN_NETIF_CTRL_TYPE_SET_HASH_KEY, page.refs[0], len(key))
+            if mapping:
+                await self.ctrl(XEN_NETIF_CTRL_TYPE_SET_HASH_MAPPING_SIZE, len(mapping))
+                page.mem[:4 * len(mapping)] = struct.pack(f"<{len(mapping)}I", *mapping)
+                await self.ctrl(XEN_NETIF_CTRL_TYPE_SET_HASH_MAPPING, page.refs[0], 0,
+                                len(mapping))
+            await self.ctrl(XEN_NETIF_CTRL_TYPE_SET_HASH_FLAGS, flags)
+
     # -- introspection
     def info(self) -> dict[str, Any]:
         """Negotiated features, queues and counters."""
@@ -591,7 +709,8 @@ class NetFrontend(FrontendDriver):
             "stats": dict(self.net_stats),
             "rings": [{"tx": q.tx_client.info() if q.tx_client else None,
                        "rx": q.rx_client.info() if q.rx_client else None,
-                       "tx_inflight": len(q.tx_out), "rx_posted": len(q.rx_posted)}
+                       "tx_inflight": len(q.tx_out), "rx_posted": len(q.rx_posted),
+                       "rx_frames": q.rx_frames}
                       for q in self.queues],
             "error": None if self.error is None else str(self.error),
         }

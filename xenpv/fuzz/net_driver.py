@@ -9,7 +9,9 @@ services), and a pool of pages the guest granted (writable and read-only).  The 
 the input is a list of hostile steps: TX chains with fuzzed grefs, offsets, flags, ids,
 sizes and extra-info slots, raw slot bytes, arbitrary ``req_prod`` values on either
 ring, RX pages posted with fuzzed ids and grefs, frames (GSO, blank checksums, any
-size, any bytes) sent towards the guest, revoked grants, notification floods, pauses.
+size, any bytes) sent towards the guest, control-ring requests (hash algorithm, flags,
+key and mapping pages with fuzzed grefs and values), revoked grants, notification floods,
+pauses.
 
 Invariants (a breach is an :class:`~xenpv.fuzz.hostile.InvariantViolation`): nothing
 escapes the event loop; the services either keep serving or stopped with a
@@ -35,7 +37,7 @@ import struct
 import time
 from typing import Any
 
-from xenpv.backends.net import NetConfig, NetFeatures, NetQueue, QueueKeys
+from xenpv.backends.net import NetConfig, NetCtrl, NetFeatures, NetQueue, QueueKeys
 from xenpv.drivers.ringchannel import BackChannel, FrontChannel, RingPlacement
 from xenpv.errors import LocalError, PeerError, PlatformError
 from xenpv.fuzz.hostile import InvariantViolation, violation
@@ -143,6 +145,24 @@ class _BackWorld:
         for k in range(POOL):
             self.shares.append(self.fe.grants.grant(BE, 1, writable=k % 4 != 3))
         self.refs = [s.refs[0] for s in self.shares]
+        self.ctrl = NetCtrl(self.be, FE, 4)
+
+    def _ctrl(self, src: ByteSource) -> None:
+        """Control requests with fuzzed types and data (grefs from the pool often)."""
+        n = 1 + src.below(8)
+        raw = bytearray(src.take(16 * n).ljust(16 * n, b"\0"))
+        for j in range(n):
+            if src.boolean():
+                struct.pack_into("<HI", raw, j * 16 + 2, src.below(12), self._ref(src))
+        answers = self.ctrl.handle(memoryview(bytes(raw)), n)
+        if len(answers) != n:
+            raise InvariantViolation(f"{len(answers)} control answers for {n} requests")
+        for a in answers:
+            if struct.unpack_from("<I", a, 4)[0] not in (0, 1, 2, 3):
+                raise InvariantViolation(f"control answer with status {a[4:8].hex()}")
+        if any(e >= 4 for e in self.ctrl.mapping) or len(self.ctrl.key) != 40:
+            raise InvariantViolation("control state out of its bounds")
+        self.ctrl.select(_tcp_like(src))
 
     def _port(self, frame: NetFrame) -> None:
         if not 14 <= len(frame.data) <= 0xFFFF:
@@ -191,9 +211,11 @@ class _BackWorld:
         return out
 
     async def step(self, src: ByteSource) -> None:
-        action = src.below(10)
+        action = src.below(11)
         if action <= 2:
             self._submit("tx", self._chain(src))
+        elif action == 10:
+            self._ctrl(src)
         elif action == 3:
             self._submit("tx", [src.take(12)])
         elif action == 4:

@@ -50,6 +50,8 @@ __all__ = [
     "mac_text",
     "partial_checksum",
     "segment_tcp",
+    "toeplitz",
+    "toeplitz_input",
 ]
 
 ETH_HLEN = 14
@@ -301,3 +303,43 @@ def flow_hash(data: bytes | memoryview) -> int:
     else:
         key = bytes(data[info.l3 + 8:info.l3 + 40])
     return zlib.crc32(key + bytes([info.proto]) + bytes(data[info.l4:info.l4 + 4]))
+
+
+#: Hash types (io/netif.h XEN_NETIF_CTRL_HASH_TYPE_* bit masks).
+HASH_IPV4, HASH_IPV4_TCP, HASH_IPV6, HASH_IPV6_TCP = 1, 2, 4, 8
+
+
+def toeplitz(key: bytes, data: bytes) -> int:
+    """The Toeplitz hash of ``data`` under ``key`` (the RSS hash: for every set bit of
+    the input, XOR in the 32 key bits starting at that bit).  ``key`` must be at least
+    ``len(data) + 4`` bytes long (zero bits beyond it)."""
+    k = int.from_bytes(key, "big")
+    kbits = len(key) * 8
+    result = 0
+    for i, byte in enumerate(data):
+        for b in range(8):
+            if byte & (0x80 >> b):
+                shift = kbits - 32 - (i * 8 + b)
+                window = (k >> shift) if shift >= 0 else (k << -shift)
+                result ^= window & 0xFFFFFFFF
+    return result
+
+
+def toeplitz_input(data: bytes | memoryview, flags: int) -> tuple[int, bytes] | None:
+    """(hash type, hash input) of a frame for the enabled hash ``flags``: source and
+    destination address, then source and destination port for TCP when the TCP type is
+    enabled; None if no enabled type applies."""
+    info = l4_info(data)
+    if info is None:
+        return None
+    if info.version == 4:
+        addrs = bytes(data[info.l3 + 12:info.l3 + 20])
+        tcp_type, ip_type = HASH_IPV4_TCP, HASH_IPV4
+    else:
+        addrs = bytes(data[info.l3 + 8:info.l3 + 40])
+        tcp_type, ip_type = HASH_IPV6_TCP, HASH_IPV6
+    if info.proto == _TCP and flags & tcp_type:
+        return tcp_type, addrs + bytes(data[info.l4:info.l4 + 4])
+    if flags & ip_type:
+        return ip_type, addrs
+    return None

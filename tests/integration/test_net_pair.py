@@ -5,6 +5,7 @@ nothing left held afterwards."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sys
 from pathlib import Path
@@ -270,6 +271,37 @@ def test_control_ring_toeplitz_picks_the_rx_queue() -> None:
                     await fe.set_toeplitz(MS_KEY, 2, [0, 4])
                 with pytest.raises(Exception, match="control ring"):
                     await a.frontend.ctrl(netif.XEN_NETIF_CTRL_TYPE_GET_HASH_FLAGS)
+            finally:
+                await close_all(w, a, b)
+
+    run(body())
+
+
+def test_rate_node_limits_tx_credit_and_keeps_order() -> None:
+    """A vif whose backend directory has ``rate`` = 20000 bytes per 2 s: of 40 frames of
+    1000 bytes sent at once, the first window serves 20 and holds the rest (answered
+    later, by the credit timer); all 40 arrive, in order."""
+    async def body() -> None:
+        async with net_world() as w:
+            a = await start_vif(w, A, front=NetFrontConfig(max_queues=1, tx_pages=64,
+                                                           rx_pages=64),
+                                backend_keys={"rate": "20000,2000000"})
+            b = await start_vif(w, B)
+            try:
+                assert a.backend.info()["rate"] == [20000, 2000000]
+                frames = [eth(b.mac, a.mac, 0x88B5, k.to_bytes(2, "big") * 493)
+                          for k in range(40)]
+                for f in frames:
+                    await a.frontend.send(NetFrame(f))
+                q = a.backend.queues[0]
+                async with asyncio.timeout(10):
+                    while q.tx.stats["packets"] + q.tx.held < 40:
+                        await asyncio.sleep(0.005)
+                assert q.tx.stats["rate_limited"] >= 1
+                assert q.tx.stats["packets"] == 20 and q.tx.held == 20
+                for f in frames:
+                    assert (await b.frontend.recv(10.0)).data == f
+                assert a.frontend.info()["rings"][0]["tx_inflight"] == 0
             finally:
                 await close_all(w, a, b)
 

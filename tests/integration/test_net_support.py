@@ -123,13 +123,14 @@ class Vif:
 
 async def start_vif(world: World, domid: int, *, devid: int = 0,
                     front: NetFrontConfig | None = None, back: NetConfig | None = None,
-                    wait: bool = True, **driver_kw: Any) -> Vif:
+                    wait: bool = True, backend_keys: dict[str, str] | None = None,
+                    **driver_kw: Any) -> Vif:
     """Add the vif as the toolstack does, start both ends, wait until connected."""
     mac = guest_mac(domid, devid)
     keys = {"mac": mac_text(mac), "handle": devid, "mtu": 1500}
     info = await add_device(world.dom0, "vif", domid, BE, devid, frontend_keys=keys,
                             backend_keys={**keys, "type": "vif", "bridge": "xenpv0",
-                                          "script": "vif-bridge"})
+                                          "script": "vif-bridge", **(backend_keys or {})})
     be = NetBackendDriver(world.machine.domain(BE), world.clients[BE], info.backend_path,
                           config=back or NetConfig(), switch=world.switch, **driver_kw)
     fe = NetFrontend(world.machine.domain(domid), world.clients[domid], info.frontend_path,

@@ -47,7 +47,12 @@ frontend posts pages again (hostile scenario 7).
 
 Queue selection for RX is a flow hash (:func:`~xenpv.protocols.ethernet.flow_hash`), so a
 flow stays in order — or, when the frontend set one up on the control ring
-(``feature-ctrl-ring``, :class:`NetCtrl`), its Toeplitz hash, key and mapping table.  :class:`NetBackend` serves every vif of a backend domain and owns
+(``feature-ctrl-ring``, :class:`NetCtrl`), its Toeplitz hash, key and mapping table.
+
+The toolstack's ``rate`` node (``BYTES,USECS``) is a credit limit on TX per queue: a
+packet larger than the credit left waits (answered later, in order, by a timer at the
+end of the window); each window adds ``BYTES`` of credit, up to a burst of
+``max(BYTES, 128 KiB)``.  :class:`NetBackend` serves every vif of a backend domain and owns
 the switches (one per ``bridge`` name) the vifs join.
 """
 
@@ -224,17 +229,27 @@ class NetTx:
     module docstring.  ``port`` takes every accepted frame."""
 
     def __init__(self, platform: Platform, frontend_domid: int, config: NetConfig,
-                 port: Callable[[NetFrame], object]) -> None:
-        """Check chains of ``frontend_domid`` against ``config``."""
+                 port: Callable[[NetFrame], object],
+                 rate: tuple[int, int] | None = None) -> None:
+        """Check chains of ``frontend_domid`` against ``config``; ``rate`` is the credit
+        limit (bytes, microseconds) of the toolstack's ``rate`` node, or None."""
         self.grants = platform.grants
         self.domid = frontend_domid
         self.config = config
         self.port = port
         self._pending = b""
         self.stats = dict.fromkeys(("packets", "bytes", "dropped", "fatal", "copy_errors",
-                                    "port_errors", "gso", "csum_blank"), 0)
+                                    "port_errors", "gso", "csum_blank", "rate_limited"), 0)
         #: Why the last packet was dropped (diagnostics).
         self.last_drop = ""
+        #: Answers given later (``rate``): the queue's :meth:`RingService.respond`.
+        self.respond: Callable[[list[bytes]], int] | None = None
+        self.rate = rate
+        self.credit = rate[0] if rate else 0
+        self._window = -1.0  # the first window starts with the first packet
+        self._held: deque[tuple[TxPacket | None, bytes | list[bytes]]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self.closed = False
 
     def handle(self, batch: memoryview, count: int) -> list[bytes]:
         """Take ``count`` slots; answer every complete chain (in order)."""
@@ -259,12 +274,81 @@ class NetTx:
                 raise
             if pkt is None:
                 break
-            out += self._serve(pkt, rest)
+            if self.rate is None:
+                out += self._serve(pkt, rest)
+            else:  # answered in order, as credit allows
+                self._held.append((pkt, bytes(rest[:pkt.slots * _TX_SLOT])))
             pos += pkt.slots
         self._pending = buf[pos * _TX_SLOT:]
         if len(self._pending) > _MAX_PENDING_SLOTS * _TX_SLOT:  # parse bounds this
             raise ProtocolError("TX chain longer than any allowed")
+        if self.rate is not None:
+            if out:  # dropped chains keep their place behind held packets
+                self._held.append((None, out))
+            return self._release()
         return out
+
+    # -- credit limit (the toolstack's rate node: bytes per microseconds)
+    def _replenish(self) -> None:
+        assert self.rate is not None
+        nbytes, usecs = self.rate
+        now = time.monotonic()
+        if self._window < 0:
+            self._window = now
+        elif now >= self._window + usecs / 1e6:
+            self._window = now
+            burst = max(nbytes, 128 << 10)  # a large packet must pass eventually
+            self.credit = min(self.credit + nbytes, burst)
+
+    def _release(self) -> list[bytes]:
+        """Serve held packets in order while the credit lasts; arm the timer if not."""
+        out: list[bytes] = []
+        self._replenish()
+        while self._held:
+            pkt, data = self._held[0]
+            if pkt is None:
+                assert isinstance(data, list)
+                out += data
+            else:
+                assert isinstance(data, bytes)
+                if pkt.size > self.credit:
+                    self.stats["rate_limited"] += 1
+                    self._arm()
+                    break
+                self.credit -= pkt.size
+                out += self._serve(pkt, memoryview(data))
+            self._held.popleft()
+        return out
+
+    def _arm(self) -> None:
+        if self._timer is not None or self.closed or self.rate is None:
+            return
+        with contextlib.suppress(RuntimeError):
+            loop = asyncio.get_running_loop()
+            due = self._window + self.rate[1] / 1e6 - time.monotonic()
+            self._timer = loop.call_later(max(due, 0.0), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        out = self._release()
+        if out and self.respond is not None:
+            with contextlib.suppress(LocalError, PeerError):
+                self.respond(out)
+
+    @property
+    def held(self) -> int:
+        """Packets waiting for credit."""
+        return sum(1 for p, _d in self._held if p is not None)
+
+    def close(self) -> None:
+        """Stop the credit timer; held packets are never answered."""
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._held.clear()
 
     def _drop(self, why: str) -> None:
         self.stats["dropped"] += 1
@@ -679,7 +763,8 @@ class NetQueue:
 
     def __init__(self, platform: Platform, frontend_domid: int, keys: QueueKeys,
                  config: NetConfig, features: NetFeatures,
-                 port: Callable[[NetFrame], object]) -> None:
+                 port: Callable[[NetFrame], object],
+                 rate: tuple[int, int] | None = None) -> None:
         """Map both rings and bind the port(s); nothing runs before :meth:`start`."""
         self.tx_channel = BackChannel.attach(platform, frontend_domid,
                                              RingPlacement((keys.tx_ref,), keys.tx_port),
@@ -695,11 +780,12 @@ class NetQueue:
             self.tx_channel.close()
             raise
         self.split = keys.rx_port is not None
-        self.tx = NetTx(platform, frontend_domid, config, port)
+        self.tx = NetTx(platform, frontend_domid, config, port, rate)
         self.rx = NetRx(platform, frontend_domid, config, features)
         self.tx_service = RingService(self.tx_channel, self.tx)
         self.rx_service = RingService(self.rx_channel, self.rx)
         self.rx.respond = self.rx_service.respond
+        self.tx.respond = self.tx_service.respond
         self._hub: PortDispatcher | None = None
         self._guard: asyncio.Task[None] | None = None
 
@@ -729,6 +815,7 @@ class NetQueue:
         if guard is not None and guard is not asyncio.current_task():
             guard.cancel()
         self.rx.close()
+        self.tx.close()
         self.tx_service.stop()
         self.rx_service.stop()
         if self._hub is not None:
@@ -744,7 +831,8 @@ class NetQueue:
 
     def info(self) -> dict[str, Any]:
         """Counters of both rings."""
-        return {"split": self.split, "tx": dict(self.tx.stats), "rx": dict(self.rx.stats),
+        return {"split": self.split, "tx": dict(self.tx.stats), "tx_held": self.tx.held,
+                "rx": dict(self.rx.stats),
                 "rx_posted": len(self.rx.posted), "rx_backlog": len(self.rx.backlog),
                 "carrier": self.rx.carrier, "tx_ring": self.tx_service.info(),
                 "rx_ring": self.rx_service.info()}
@@ -798,6 +886,7 @@ class NetBackendDriver(BackendDriver):
         self.switch_port: SwitchPort | None = None
         self.vif: NetVif | None = None
         self.queues: list[NetQueue] = []
+        self.rate: tuple[int, int] | None = None
         self.ctrl: NetCtrl | None = None
         self.ctrl_channel: BackChannel | None = None
         self.ctrl_service: RingService | None = None
@@ -836,9 +925,10 @@ class NetBackendDriver(BackendDriver):
                                                   self._deliver)
         port: Callable[[NetFrame], object] = (
             self.switch_port.send if self.switch_port is not None else (lambda f: None))
+        self.rate = await self._rate()
         for pl in placements:
             self.queues.append(NetQueue(self.platform, self.peer_domid, pl, self.config,
-                                        self.features, port))
+                                        self.features, port, self.rate))
         if self.config.ctrl_ring and await peer.raw("ctrl-ring-ref") is not None:
             placement = RingPlacement((await peer.grant_ref("ctrl-ring-ref"),),
                                       await peer.port("event-channel-ctrl"))
@@ -853,6 +943,21 @@ class NetBackendDriver(BackendDriver):
             q.start()
             for s in (q.tx_service, q.rx_service):
                 self._watchers.append(asyncio.create_task(self._watch_service(s)))
+
+    async def _rate(self) -> tuple[int, int] | None:
+        """The own ``rate`` node (``BYTES,USECS``, written by the toolstack), per queue."""
+        raw = await self._read(f"{self.path}/rate")
+        if not raw:
+            return None
+        try:
+            nbytes, usecs = (int(x) for x in raw.decode("ascii").split(","))
+        except (ValueError, UnicodeDecodeError):
+            log.warning("%s: ignoring rate %r (not BYTES,USECS)", self.path, raw)
+            return None
+        if nbytes <= 0 or not 0 < usecs <= 60_000_000:
+            log.warning("%s: ignoring rate %r (out of range)", self.path, raw)
+            return None
+        return nbytes, usecs
 
     def _deliver(self, frame: NetFrame) -> None:
         if self.vif is not None:
@@ -896,6 +1001,7 @@ class NetBackendDriver(BackendDriver):
             "queues": len(queues),
             "split_event_channels": bool(queues) and queues[0].split,
             "switch": self.switch.name if self.switch is not None else None,
+            "rate": list(self.rate) if self.rate else None,
             "port": self.switch_port.info() if self.switch_port is not None else None,
             "per_queue": [q.info() for q in queues],
             "ctrl": self.ctrl.info() if self.ctrl is not None else None,

@@ -92,7 +92,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add.add_argument("--mtu", type=args_.uint(68, 65535, "mtu"), default=1500,
                      help="vif: the MTU (default 1500)")
     add.add_argument("--rate", metavar="BYTES,USECS",
-                     help="vif: the credit limit node libxl writes (not enforced yet)")
+                     help="vif: credit limit, BYTES per USECS microseconds (the rate node)")
 
     rem = sub.add_parser("remove", help="remove a device pair")
     common(rem, devid_required=True)

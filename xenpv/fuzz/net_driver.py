@@ -102,8 +102,9 @@ class NetbackTarget:
         features = NetFeatures(sg=src.boolean(), gso_tcpv4=src.boolean(),
                                gso_tcpv6=src.boolean(), csum=src.boolean(),
                                ipv6_csum=src.boolean())
+        rate = src.choice([None, None, (3000, 20000), (2000, 5000)])
         machine = InProcessMachine(max_grants=512, max_ports=16)
-        world = _BackWorld(machine, config, features, split=src.boolean())
+        world = _BackWorld(machine, config, features, split=src.boolean(), rate=rate)
         try:
             world.start()
             for _ in range(MAX_STEPS):
@@ -122,8 +123,9 @@ class NetbackTarget:
 
 class _BackWorld:
     def __init__(self, machine: InProcessMachine, config: NetConfig, features: NetFeatures,
-                 *, split: bool) -> None:
+                 *, split: bool, rate: tuple[int, int] | None) -> None:
         self.machine = machine
+        self.rate = rate
         self.fe, self.be = machine.domain(FE), machine.domain(BE)
         self.config = config
         self.features = features
@@ -140,7 +142,7 @@ class _BackWorld:
         self.queue = NetQueue(self.be, FE, QueueKeys(self.tx.refs[0], self.rx.refs[0],
                                                      self.tx.port,
                                                      self.rx.port if self.split else None),
-                              self.config, self.features, self._port)
+                              self.config, self.features, self._port, self.rate)
         self.queue.start()
         for k in range(POOL):
             self.shares.append(self.fe.grants.grant(BE, 1, writable=k % 4 != 3))
@@ -287,7 +289,8 @@ class _BackWorld:
         def busy() -> bool:
             produced = struct.unpack_from("<I", ring, 0)[0]
             s = self.queue.tx_service
-            return s.running and int(self.queue.tx_channel.ring.req_cons) != produced
+            return s.running and (int(self.queue.tx_channel.ring.req_cons) != produced
+                                  or (self.rate is not None and self.queue.tx.held > 0))
 
         deadline = time.monotonic() + SETTLE_S
         await asyncio.sleep(0)

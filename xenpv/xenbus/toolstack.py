@@ -310,7 +310,7 @@ def vif_keys(devid: int, *, mac: str | None = None, bridge: str = "xenpv0", mtu:
     ``mac`` (``xx:xx:xx:xx:xx:xx``; a random one in Xen's 00:16:3e range if None),
     ``handle`` (the devid), ``mtu`` on both sides, and for the backend ``bridge`` (for
     xenpv's net backend: the switch to join), ``script``, ``type`` = vif and the
-    optional ``rate`` (``BYTES,USECS``)."""
+    optional ``rate`` (``BYTES,USECS``: a credit limit on what the guest sends)."""
     import os
     import re
 

@@ -306,3 +306,53 @@ def test_rate_node_limits_tx_credit_and_keeps_order() -> None:
                 await close_all(w, a, b)
 
     run(body())
+
+
+def test_multicast_control_filters_and_follows_the_frontend() -> None:
+    """A guest with multicast control gets multicast frames only for the groups it
+    added (broadcast always); turning the request off later (dynamic control) lets every
+    group through; a guest without it gets them all."""
+    async def body() -> None:
+        async with net_world() as w:
+            cfg = NetFrontConfig(max_queues=1, tx_pages=32, rx_pages=32)
+            a = await start_vif(w, A, front=cfg)
+            b = await start_vif(w, B, front=NetFrontConfig(max_queues=1, tx_pages=32,
+                                                           rx_pages=32,
+                                                           multicast_control=True))
+            c = await start_vif(w, A, devid=1, front=cfg)
+            group = bytes.fromhex("01005e0000fb")
+            other = bytes.fromhex("01005e000001")
+            try:
+                async def blast(dst: bytes, tag: int) -> bytes:
+                    frame = eth(dst, a.mac, 0x88B5, bytes([tag]) * 50)
+                    await a.frontend.send(NetFrame(frame))
+                    assert (await c.frontend.recv(5.0)).data == frame  # no filter on c
+                    return frame
+
+                filtered = b.backend.queues[0].rx.stats
+                await blast(group, 1)
+                assert filtered["mcast_filtered"] == 1
+                await b.frontend.multicast_add(group)
+                f2 = await blast(group, 2)
+                assert (await b.frontend.recv(5.0)).data == f2
+                await blast(other, 3)
+                bcast = await blast(BROADCAST, 4)
+                assert (await b.frontend.recv(5.0)).data == bcast  # broadcast passes
+                assert filtered["mcast_filtered"] == 2
+                assert b.backend.info()["multicast_filter"]["macs"] == ["01:00:5e:00:00:fb"]
+                await b.frontend.multicast_del(group)
+                await blast(group, 5)
+                assert filtered["mcast_filtered"] == 3
+                with pytest.raises(Exception, match="group MAC"):
+                    await b.frontend.multicast_add(a.mac)
+                await b.frontend.set_multicast_control(False)
+                async with asyncio.timeout(5):
+                    while b.backend.mcast is not None and b.backend.mcast.enabled:
+                        await asyncio.sleep(0.01)
+                f6 = await blast(other, 6)
+                assert (await b.frontend.recv(5.0)).data == f6
+                assert b.frontend.pending_frames() == 0
+            finally:
+                await close_all(w, a, b, c)
+
+    run(body())

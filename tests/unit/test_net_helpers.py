@@ -136,3 +136,16 @@ def test_toeplitz_matches_the_published_rss_vectors(src: str, sport: int, dst: s
         assert toeplitz_input(frame, 2) == (2, addrs + ports)
         assert toeplitz_input(frame, 1) == (1, addrs)
         assert toeplitz_input(frame, 4 | 8) is None
+
+
+def test_zero_size_is_legal_only_for_a_multicast_filter_request() -> None:
+    from xenpv.protocols import netif
+
+    mac = bytes.fromhex("01005e0000fb")
+    req = netif.TxRequest(5, 0, netif.NETTXF_extra_info, 1, 0).pack()
+    add = netif.McastExtra(netif.XEN_NETIF_EXTRA_TYPE_MCAST_ADD, 0, mac).pack().ljust(12, b"\0")
+    pkt = netif.parse_tx_packet(req + add, 2)
+    assert pkt is not None and pkt.size == 0 and pkt.slots == 2
+    gso = netif.GsoExtra(netif.XEN_NETIF_EXTRA_TYPE_GSO, 0, 1448, 1, 0).pack().ljust(12, b"\0")
+    with pytest.raises(netif.NetifPacketError, match="0 bytes"):
+        netif.parse_tx_packet(req + gso, 2)

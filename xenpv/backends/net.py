@@ -8,7 +8,8 @@ Theory of operation
 * before InitWait (``publish_features``) it advertises, as its :class:`NetConfig`
   allows, ``feature-sg``, ``feature-gso-tcpv4``, ``feature-gso-tcpv6``,
   ``feature-ipv6-csum-offload``, ``feature-rx-copy`` = 1 (``feature-rx-flip`` = 0),
-  ``feature-split-event-channels``, ``multi-queue-max-queues`` and ``feature-ctrl-ring``;
+  ``feature-split-event-channels``, ``multi-queue-max-queues``, ``feature-ctrl-ring`` and
+  ``feature-multicast-control`` + ``feature-dynamic-multicast-control``;
 * on connect it reads the frontend's keys strictly: ``request-rx-copy`` and
   ``feature-rx-notify`` are required (this backend only copies, and never polls the RX
   ring); ``feature-sg``, ``feature-gso-tcpv4``/``-v6``, ``feature-ipv6-csum-offload`` and
@@ -48,6 +49,11 @@ frontend posts pages again (hostile scenario 7).
 Queue selection for RX is a flow hash (:func:`~xenpv.protocols.ethernet.flow_hash`), so a
 flow stays in order — or, when the frontend set one up on the control ring
 (``feature-ctrl-ring``, :class:`NetCtrl`), its Toeplitz hash, key and mapping table.
+
+Multicast control (:class:`MulticastFilter`): while the frontend's
+``request-multicast-control`` is 1 (watched while connected: the dynamic variant),
+multicast frames reach the guest only for the addresses it added with dummy TX requests
+carrying MCAST_ADD/MCAST_DEL extras (at most 64; broadcast always passes).
 
 The toolstack's ``rate`` node (``BYTES,USECS``) is a credit limit on TX per queue: a
 packet larger than the credit left waits (answered later, in order, by a timer at the
@@ -113,8 +119,10 @@ from xenpv.protocols.netif import (
     XEN_NETIF_CTRL_TYPE_SET_HASH_MAPPING,
     XEN_NETIF_CTRL_TYPE_SET_HASH_MAPPING_SIZE,
     XEN_NETIF_EXTRA_TYPE_GSO,
+    XEN_NETIF_EXTRA_TYPE_MCAST_DEL,
     XEN_NETIF_NR_SLOTS_MIN,
     GsoExtra,
+    McastExtra,
     NetifFatalError,
     NetifPacketError,
     NETRXF_csum_blank,
@@ -132,6 +140,7 @@ from xenpv.xenbus.watcher import BackendWatcher
 from xenpv.xenstore.client import XenstoreClient as XenbusClient
 
 __all__ = [
+    "MulticastFilter",
     "NetBackend",
     "NetBackendDriver",
     "NetConfig",
@@ -160,6 +169,8 @@ MAX_HASH_KEY = 40
 MAX_HASH_MAPPING = 128
 #: Hash types this backend computes (IPv4, IPv4+TCP, IPv6, IPv6+TCP).
 HASH_TYPES = 0xF
+#: Most multicast addresses a frontend may subscribe (Linux netback's limit).
+MAX_MCAST = 64
 #: The most TX chain slots kept between batches (a chain, its extras and one more).
 _MAX_PENDING_SLOTS = FATAL_SKB_SLOTS_DEFAULT + 8
 
@@ -176,6 +187,7 @@ class NetConfig:
 
     sg: bool = True
     ctrl_ring: bool = True
+    multicast_control: bool = True
     gso_tcpv4: bool = True
     gso_tcpv6: bool = True
     ipv6_csum: bool = True
@@ -215,6 +227,36 @@ class NetFeatures:
                 "csum": self.csum, "ipv6_csum": self.ipv6_csum}
 
 
+class MulticastFilter:
+    """The multicast addresses a frontend subscribed (``feature-multicast-control``):
+    while ``enabled`` (its ``request-multicast-control``), a multicast frame for the
+    guest is delivered only if its destination was added; broadcast always is."""
+
+    def __init__(self) -> None:
+        """Empty and off."""
+        self.enabled = False
+        self.macs: set[bytes] = set()
+
+    def change(self, extra: McastExtra) -> bool:
+        """Apply an MCAST_ADD/DEL extra; False if refused (not a group address, full)."""
+        mac = bytes(extra.addr)
+        if not mac[0] & 1:
+            return False
+        if extra.type == XEN_NETIF_EXTRA_TYPE_MCAST_DEL:
+            self.macs.discard(mac)
+            return True
+        if mac not in self.macs and len(self.macs) >= MAX_MCAST:
+            return False
+        self.macs.add(mac)
+        return True
+
+    def passes(self, dst: bytes) -> bool:
+        """Whether a frame to ``dst`` may be delivered."""
+        if not self.enabled or not dst[0] & 1 or dst == b"\xff" * 6:
+            return True
+        return dst in self.macs
+
+
 class _NetPeerError(PeerError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -230,16 +272,20 @@ class NetTx:
 
     def __init__(self, platform: Platform, frontend_domid: int, config: NetConfig,
                  port: Callable[[NetFrame], object],
-                 rate: tuple[int, int] | None = None) -> None:
+                 rate: tuple[int, int] | None = None,
+                 mcast: MulticastFilter | None = None) -> None:
         """Check chains of ``frontend_domid`` against ``config``; ``rate`` is the credit
-        limit (bytes, microseconds) of the toolstack's ``rate`` node, or None."""
+        limit (bytes, microseconds) of the toolstack's ``rate`` node, or None;
+        ``mcast`` takes the frontend's multicast filter requests (None: refused)."""
+        self.mcast = mcast
         self.grants = platform.grants
         self.domid = frontend_domid
         self.config = config
         self.port = port
         self._pending = b""
         self.stats = dict.fromkeys(("packets", "bytes", "dropped", "fatal", "copy_errors",
-                                    "port_errors", "gso", "csum_blank", "rate_limited"), 0)
+                                    "port_errors", "gso", "csum_blank", "rate_limited",
+                                    "mcast_requests"), 0)
         #: Why the last packet was dropped (diagnostics).
         self.last_drop = ""
         #: Answers given later (``rate``): the queue's :meth:`RingService.respond`.
@@ -378,8 +424,25 @@ class NetTx:
                 return f"extra-info type {extra.type} not offered"
         return gso_type, gso_size
 
+    def _filter_request(self, pkt: TxPacket) -> list[bytes] | None:
+        """Answers to a multicast filter request (a dummy packet with MCAST extras), or
+        None if ``pkt`` is not one."""
+        changes = [e for e in pkt.extras if isinstance(e, McastExtra)]
+        if not changes:
+            return None
+        self.stats["mcast_requests"] += 1
+        ok = self.mcast is not None and all(self.mcast.change(e) for e in changes)
+        status = NETIF_RSP_OKAY if ok else NETIF_RSP_ERROR
+        out = [_TX_RSP.pack(pkt.requests[0].id, status)]
+        out += [_TX_RSP.pack(0, NETIF_RSP_NULL)] * len(pkt.extras)
+        out += [_TX_RSP.pack(r.id, status) for r in pkt.requests[1:]]
+        return out
+
     def _serve(self, pkt: TxPacket, slots: memoryview) -> list[bytes]:
         extras = len(pkt.extras)
+        answered = self._filter_request(pkt)
+        if answered is not None:
+            return answered
         checked = self._check(pkt)
         if isinstance(checked, str):
             self._drop(checked)
@@ -441,8 +504,9 @@ class NetRx:
     docstring.  ``respond`` is set to the queue's :meth:`RingService.respond`."""
 
     def __init__(self, platform: Platform, frontend_domid: int, config: NetConfig,
-                 features: NetFeatures) -> None:
-        """Deliver to ``frontend_domid`` as ``features`` allow."""
+                 features: NetFeatures, mcast: MulticastFilter | None = None) -> None:
+        """Deliver to ``frontend_domid`` as ``features`` (and ``mcast``) allow."""
+        self.mcast = mcast
         self.grants = platform.grants
         self.domid = frontend_domid
         self.config = config
@@ -458,7 +522,7 @@ class NetRx:
         self.stats = dict.fromkeys(("packets", "bytes", "dropped", "backlog_full",
                                     "too_big", "segmented", "csum_completed",
                                     "copy_errors", "stalls", "carrier_drops",
-                                    "unparseable"), 0)
+                                    "unparseable", "mcast_filtered"), 0)
 
     # -- ring side
     def handle(self, batch: memoryview, count: int) -> list[bytes]:
@@ -476,6 +540,9 @@ class NetRx:
             return
         if not self.carrier:
             self.stats["carrier_drops"] += 1
+            return
+        if self.mcast is not None and not self.mcast.passes(frame.dst):
+            self.stats["mcast_filtered"] += 1
             return
         for f in self._adapt(frame):
             need = self._slots(f)
@@ -764,7 +831,8 @@ class NetQueue:
     def __init__(self, platform: Platform, frontend_domid: int, keys: QueueKeys,
                  config: NetConfig, features: NetFeatures,
                  port: Callable[[NetFrame], object],
-                 rate: tuple[int, int] | None = None) -> None:
+                 rate: tuple[int, int] | None = None,
+                 mcast: MulticastFilter | None = None) -> None:
         """Map both rings and bind the port(s); nothing runs before :meth:`start`."""
         self.tx_channel = BackChannel.attach(platform, frontend_domid,
                                              RingPlacement((keys.tx_ref,), keys.tx_port),
@@ -780,8 +848,8 @@ class NetQueue:
             self.tx_channel.close()
             raise
         self.split = keys.rx_port is not None
-        self.tx = NetTx(platform, frontend_domid, config, port, rate)
-        self.rx = NetRx(platform, frontend_domid, config, features)
+        self.tx = NetTx(platform, frontend_domid, config, port, rate, mcast)
+        self.rx = NetRx(platform, frontend_domid, config, features, mcast)
         self.tx_service = RingService(self.tx_channel, self.tx)
         self.rx_service = RingService(self.rx_channel, self.rx)
         self.rx.respond = self.rx_service.respond
@@ -887,6 +955,7 @@ class NetBackendDriver(BackendDriver):
         self.vif: NetVif | None = None
         self.queues: list[NetQueue] = []
         self.rate: tuple[int, int] | None = None
+        self.mcast: MulticastFilter | None = None
         self.ctrl: NetCtrl | None = None
         self.ctrl_channel: BackChannel | None = None
         self.ctrl_service: RingService | None = None
@@ -899,7 +968,9 @@ class NetBackendDriver(BackendDriver):
                 "feature-gso-tcpv6": int(c.gso_tcpv6),
                 "feature-ipv6-csum-offload": int(c.ipv6_csum), "feature-rx-copy": 1,
                 "feature-rx-flip": 0, "feature-split-event-channels": int(c.split_events),
-                "multi-queue-max-queues": c.max_queues, "feature-ctrl-ring": int(c.ctrl_ring)}
+                "multi-queue-max-queues": c.max_queues, "feature-ctrl-ring": int(c.ctrl_ring),
+                "feature-multicast-control": int(c.multicast_control),
+                "feature-dynamic-multicast-control": int(c.multicast_control)}
 
     async def publish_features(self) -> None:
         """Advertise what this backend offers (before InitWait)."""
@@ -926,9 +997,13 @@ class NetBackendDriver(BackendDriver):
         port: Callable[[NetFrame], object] = (
             self.switch_port.send if self.switch_port is not None else (lambda f: None))
         self.rate = await self._rate()
+        self.mcast = MulticastFilter() if self.config.multicast_control else None
+        if self.mcast is not None:
+            self.mcast.enabled = await peer.feature("request-multicast-control")
+            self._watchers.append(asyncio.create_task(self._watch_mcast(peer, self.mcast)))
         for pl in placements:
             self.queues.append(NetQueue(self.platform, self.peer_domid, pl, self.config,
-                                        self.features, port, self.rate))
+                                        self.features, port, self.rate, self.mcast))
         if self.config.ctrl_ring and await peer.raw("ctrl-ring-ref") is not None:
             placement = RingPlacement((await peer.grant_ref("ctrl-ring-ref"),),
                                       await peer.port("event-channel-ctrl"))
@@ -943,6 +1018,16 @@ class NetBackendDriver(BackendDriver):
             q.start()
             for s in (q.tx_service, q.rx_service):
                 self._watchers.append(asyncio.create_task(self._watch_service(s)))
+
+    async def _watch_mcast(self, peer: PeerKeys, mcast: MulticastFilter) -> None:
+        """``feature-dynamic-multicast-control``: follow the frontend's
+        ``request-multicast-control`` while connected (a garbage value: unchanged)."""
+        path = peer.key("request-multicast-control")
+        with contextlib.suppress(Exception):
+            async with self.client.watch(path, max_pending=4) as watch:
+                async for _ in watch:
+                    with contextlib.suppress(PeerError, TimeoutError):
+                        mcast.enabled = await peer.feature("request-multicast-control")
 
     async def _rate(self) -> tuple[int, int] | None:
         """The own ``rate`` node (``BYTES,USECS``, written by the toolstack), per queue."""
@@ -1002,6 +1087,9 @@ class NetBackendDriver(BackendDriver):
             "split_event_channels": bool(queues) and queues[0].split,
             "switch": self.switch.name if self.switch is not None else None,
             "rate": list(self.rate) if self.rate else None,
+            "multicast_filter": None if self.mcast is None else {
+                "enabled": self.mcast.enabled,
+                "macs": sorted(":".join(f"{b:02x}" for b in m) for m in self.mcast.macs)},
             "port": self.switch_port.info() if self.switch_port is not None else None,
             "per_queue": [q.info() for q in queues],
             "ctrl": self.ctrl.info() if self.ctrl is not None else None,

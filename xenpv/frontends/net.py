@@ -92,9 +92,12 @@ from xenpv.protocols.netif import (
     XEN_NETIF_EXTRA_FLAG_MORE,
     XEN_NETIF_EXTRA_TYPE_GSO,
     XEN_NETIF_EXTRA_TYPE_MAX,
+    XEN_NETIF_EXTRA_TYPE_MCAST_ADD,
+    XEN_NETIF_EXTRA_TYPE_MCAST_DEL,
     XEN_NETIF_MAX_TX_SIZE,
     XEN_NETIF_NR_SLOTS_MIN,
     GsoExtra,
+    McastExtra,
     NETRXF_csum_blank,
     NETRXF_data_validated,
     NETRXF_extra_info,
@@ -158,6 +161,8 @@ class NetFrontConfig:
     split_events: bool = True
     #: Set up the control ring when the backend offers one (hash and queue mapping).
     ctrl_ring: bool = False
+    #: Ask for multicast filtering (``request-multicast-control``) when offered.
+    multicast_control: bool = False
     max_queues: int = 4
     #: TX pages per queue (data slots in flight) and RX pages posted per queue.
     tx_pages: int = 256
@@ -241,6 +246,7 @@ class NetFrontend(FrontendDriver):
         self._ctrl_waiting: dict[int, tuple[int, asyncio.Future[int]]] = {}
         self._ctrl_ids = 0
         self._ctrl_lock = asyncio.Lock()
+        self._tx_waiting: dict[tuple[int, int], asyncio.Future[int]] = {}
         self._rx: deque[NetFrame] = deque()
         self._rx_ready = asyncio.Event()
         self._space = asyncio.Event()
@@ -263,7 +269,8 @@ class NetFrontend(FrontendDriver):
         offered_mq = await backend.raw("multi-queue-max-queues") is not None
         be_queues = await backend.uint("multi-queue-max-queues", 0, 1 << 16, default=1)
         f = {name: await backend.feature(f"feature-{name}") for name in
-             ("sg", "gso-tcpv4", "gso-tcpv6", "ipv6-csum-offload", "split-event-channels")}
+             ("sg", "gso-tcpv4", "gso-tcpv6", "ipv6-csum-offload", "split-event-channels",
+              "multicast-control", "dynamic-multicast-control")}
         self.backend_features = f
         split = c.split_events and f["split-event-channels"]
         count = max(1, min(c.max_queues, be_queues))
@@ -287,6 +294,8 @@ class NetFrontend(FrontendDriver):
         }
         if offered_mq:
             keys["multi-queue-num-queues"] = count
+        if c.multicast_control and f.get("multicast-control"):
+            keys["request-multicast-control"] = 1
         if c.ctrl_ring and await backend.feature("feature-ctrl-ring"):
             try:
                 self.ctrl_channel = FrontChannel.create(self.platform, self.peer_domid,
@@ -401,6 +410,11 @@ class NetFrontend(FrontendDriver):
             with contextlib.suppress(LocalError, PlatformError):
                 self.quarantine.end(self._ctrl_page)
             self._ctrl_page = None
+        for fut in self._tx_waiting.values():
+            if not fut.done():
+                fut.set_exception(self.error or LocalError("net device disconnected"))
+                fut.exception()
+        self._tx_waiting = {}
         waiting, self._ctrl_waiting = self._ctrl_waiting, {}
         for _typ, fut in waiting.values():
             if not fut.done():
@@ -559,7 +573,10 @@ class NetFrontend(FrontendDriver):
                 return
             q.tx_out.discard(rid)
             q.tx_free.append(rid)
-            if status != NETIF_RSP_OKAY:
+            waiter = self._tx_waiting.pop((q.index, rid), None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(status)
+            elif status != NETIF_RSP_OKAY:
                 self.net_stats["tx_errors"] += 1
         self._space.set()
 
@@ -637,6 +654,47 @@ class NetFrontend(FrontendDriver):
         self.net_stats["tx_gso"] += gso
         self.net_stats["tx_packets"] += 1
         self.net_stats["tx_bytes"] += len(data)
+
+    # -- multicast filter (feature-multicast-control)
+    async def _mcast(self, kind: int, mac: bytes) -> None:
+        if len(mac) != 6 or not mac[0] & 1:
+            raise LocalError("a multicast filter entry must be a group MAC address")
+        if not self.backend_features.get("multicast-control"):
+            raise LocalError("the backend does not offer feature-multicast-control")
+        async with asyncio.timeout(self.config.send_timeout):
+            while True:
+                if self.error is not None:
+                    raise self.error
+                if not self.queues or self.queues[0].tx_client is None:
+                    raise LocalError("net device not connected")
+                q = self.queues[0]
+                client = q.tx_client
+                if client is not None and client.free() >= 2 and q.tx_free:
+                    break
+                self._space.clear()
+                await self._space.wait()
+            idx = q.tx_free.pop()
+            q.tx_out.add(idx)
+            fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._tx_waiting[(q.index, idx)] = fut
+            client.submit([TxRequest(q.tx_pages.refs[idx], 0, NETTXF_extra_info, idx, 0).pack(),
+                           McastExtra(kind, 0, mac).pack()])
+            status = await fut
+        if status != NETIF_RSP_OKAY:
+            raise LocalError(f"the backend refused the multicast filter change ({status})")
+
+    async def multicast_add(self, mac: bytes) -> None:
+        """Receive multicast frames to ``mac`` while filtering is on (MCAST_ADD)."""
+        await self._mcast(XEN_NETIF_EXTRA_TYPE_MCAST_ADD, mac)
+
+    async def multicast_del(self, mac: bytes) -> None:
+        """Stop receiving multicast frames to ``mac`` (MCAST_DEL)."""
+        await self._mcast(XEN_NETIF_EXTRA_TYPE_MCAST_DEL, mac)
+
+    async def set_multicast_control(self, on: bool) -> None:
+        """Turn filtering on or off while connected (needs the backend's
+        ``feature-dynamic-multicast-control`` to take effect before a reconnect)."""
+        await self.write_keys({"request-multicast-control": int(on)})
 
     # -- control ring
     def _on_ctrl(self, batch: memoryview, count: int) -> None:

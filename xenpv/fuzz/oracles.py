@@ -248,7 +248,8 @@ def netif_tx_packet(
     Walked again from the bytes: the first request, its extra-info chain, then the
     ``more_data`` chain.  A complete packet: every extra valid, at most ``max_slots``
     data slots and ``fatal_slots`` after the first, total size 1..0xFFFF (no zero-length
-    packet), the other fragments within the total, every fragment inside its page, and
+    packet, except the dummy request of a multicast filter change, which carries an
+    MCAST_ADD/DEL extra), the other fragments within the total, every fragment inside its page, and
     the parsed fragments, size and slot count equal to the walk.  ``None`` must mean the
     chain really runs past the ``count`` slots, with what was seen still legal.
     """
@@ -261,6 +262,7 @@ def netif_tx_packet(
 
     used, complete = 1, True
     first = req(0)
+    mcast = False
     if first[2] & _NETTXF_EXTRA_INFO:
         more = True
         while more and complete:
@@ -268,6 +270,7 @@ def netif_tx_packet(
                 complete = False
                 break
             _extra_ok(what, slots, used * _TX_SLOT)
+            mcast |= _u8(slots, used * _TX_SLOT) in (2, 3)  # MCAST_ADD, MCAST_DEL
             more = bool(_u8(slots, used * _TX_SLOT + 1) & _EXTRA_MORE)
             used += 1
     data = [first]
@@ -293,7 +296,7 @@ def netif_tx_packet(
         _fail(what, f"{len(data)} data slots (> max_slots {max_slots})")
     total = first[4]
     rest = sum(r[4] for r in data[1:])
-    if not 1 <= total <= _NET_MAX_SIZE:
+    if not (0 if mcast else 1) <= total <= _NET_MAX_SIZE:
         _fail(what, f"packet size {total} outside 1..{_NET_MAX_SIZE}")
     if rest > total:
         _fail(what, f"fragments after the first ({rest}) exceed the packet size {total}")

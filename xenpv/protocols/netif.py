@@ -11,7 +11,8 @@ fragment length.  :func:`parse_tx_packet` walks such a chain in a copied batch o
 checks it (hostile scenario 6): at most ``fatal_slots`` slots after the first or the peer is
 treated as malicious (:class:`NetifFatalError`), more than ``max_slots`` data slots, a total
 above 0xFFFF or of 0 bytes, fragments larger than the total, or a fragment crossing its page make the
-packet droppable (:class:`NetifPacketError`, answered with ``NETIF_RSP_ERROR`` for every
+packet droppable (0 bytes is allowed only for a dummy request carrying an MCAST_ADD/DEL
+extra) (:class:`NetifPacketError`, answered with ``NETIF_RSP_ERROR`` for every
 slot consumed).  Extra-info records are parsed per type (GSO, MCAST, HASH).
 
 Everything is sans-IO and bounded by the number of slots handed in.
@@ -483,7 +484,10 @@ def parse_tx_packet(
         raise NetifPacketError(f"fragments ({rest}) exceed packet size {total}", used, slot_ids)
     if total > XEN_NETIF_MAX_TX_SIZE:
         raise NetifPacketError(f"packet size {total} > {XEN_NETIF_MAX_TX_SIZE}", used, slot_ids)
-    if total == 0:  # scenario 6: no zero-length packet (allocation)
+    mcast = any(e.type in (XEN_NETIF_EXTRA_TYPE_MCAST_ADD, XEN_NETIF_EXTRA_TYPE_MCAST_DEL)
+                for e in extras)
+    if total == 0 and not mcast:  # scenario 6: no zero-length packet (allocation);
+        # a multicast filter request is a dummy request of 0 bytes with its extra
         raise NetifPacketError("packet of 0 bytes", used, slot_ids)
     frags = [Fragment(first.gref, first.offset, total - rest)]
     frags.extend(Fragment(r.gref, r.offset, r.size) for r in reqs[1:])

@@ -131,10 +131,11 @@ def test_tcp_between_kernel_stacks_through_the_net_pair(offload: bool, queues: i
             async with net_world() as w:
                 vif = await start_vif(w, GUESTS[0], front=NetFrontConfig(max_queues=queues),
                                       back=NetConfig(max_queues=queues))
-                gtap = TapDevice.open(nets.gtap, netns=nets.guest, offload=offload)
+                gtap = TapDevice.open(nets.gtap, netns=nets.guest, offload=offload,
+                                      queues=queues)  # IFF_MULTI_QUEUE with 2
                 bridge = TapBridge(vif.frontend, gtap)
                 uplink = TapUplink(w.switch, TapDevice.open(nets.dtap, netns=nets.dom0,
-                                                            offload=offload))
+                                                            offload=offload, queues=queues))
                 try:
                     nets.configure(nets.guest, nets.gtap, "198.18.0.2/24", "fe80::2/64")
                     nets.configure(nets.dom0, nets.dtap, "198.18.0.1/24", "fe80::1/64")
@@ -174,6 +175,7 @@ def test_tcp_between_kernel_stacks_through_the_net_pair(offload: bool, queues: i
                     else:
                         assert tx_gso == 0 and rx_gso == 0
                     assert gtap.stats["tx_frames"] > 0 and uplink.tap.stats["rx_frames"] > 0
+                    assert gtap.info()["queues"] == queues
                 finally:
                     await bridge.close()
                     await uplink.close()

@@ -134,6 +134,7 @@ def test_cli_frontend_and_backend_carry_tcp_between_namespaces(
             tap = done["tap"]
             assert isinstance(tap, dict) and tap["rx_frames"] > 0 and tap["tx_frames"] > 0
             if p is fe:  # TSO frames of both kernels crossed the rings as GSO
+                assert tap["queues"] == 4  # one TAP queue per vif queue
                 stats = done["vif"]["stats"]  # type: ignore[index]
                 assert stats["rx_gso"] > 0 and stats["tx_gso"] > 0
             assert p.wait(WAIT) == 0

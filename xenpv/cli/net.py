@@ -14,7 +14,8 @@ stack sits behind the backend.
 ``frontend DEVID --tap NAME [--netns NS]``, run as the guest (under ``xenpv loopback
 env`` or with ``--rundir``/``--domid``), attaches a frontend to that domain's vif
 ``DEVID`` and bridges it to a TAP device (in namespace ``NS`` if given), so a kernel stack
-runs on our frontend; ``ready``/``done`` JSON lines as the backend.
+runs on our frontend, with one TAP queue per vif queue (``IFF_MULTI_QUEUE``);
+``ready``/``done`` JSON lines as the backend.
 
 ``info DOMID DEVID`` reads the frontend directory of guest ``DOMID``'s vif ``DEVID`` and
 its backend directory and prints, as JSON, what the two sides negotiated: states, MAC,
@@ -58,6 +59,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     be.add_argument("--netns", help="create the TAP in this network namespace (ip netns name)")
     be.add_argument("--no-offload", action="store_true",
                     help="no checksum/TSO offload on the TAP")
+    be.add_argument("--tap-queues", type=cliargs.uint(1, 16, "queues"), default=1,
+                    help="TAP queues (IFF_MULTI_QUEUE when more than 1; default 1)")
 
     fe = sub.add_parser("frontend", help="as the guest: bridge this domain's vif to a TAP")
     fe.add_argument("devid", type=cliargs.devid, help="the vif's device id (0 for vif0)")
@@ -92,7 +95,8 @@ async def _backend(args: argparse.Namespace) -> int:
     uplink = None
     try:
         if args.tap:
-            tap = TapDevice.open(args.tap, netns=args.netns, offload=not args.no_offload)
+            tap = TapDevice.open(args.tap, netns=args.netns, offload=not args.no_offload,
+                                 queues=args.tap_queues)
             uplink = TapUplink(backend.switch(args.switch), tap)
             uplink.start()
         await backend.start()
@@ -132,7 +136,8 @@ async def _frontend(args: argparse.Namespace) -> int:
         await frontend.start()
         await frontend.ready(30.0)
         bridge = TapBridge(frontend, TapDevice.open(args.tap, netns=args.netns,
-                                                    offload=offload))
+                                                    offload=offload,
+                                                    queues=min(len(frontend.queues), 16)))
         bridge.start()
         emit(event="ready", tap=args.tap, mac=frontend.info()["mac"],
              queues=len(frontend.queues))

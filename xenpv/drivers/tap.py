@@ -7,7 +7,9 @@ Theory of operation
 interface ``name`` with ``TUNSETIFF`` (``IFF_TAP | IFF_NO_PI``, plus ``IFF_VNET_HDR``);
 with ``netns`` (a name under ``/run/netns``, as ``ip netns add`` makes, or a path) the
 ioctl runs in a short-lived thread that first joins that namespace (``setns``), so the
-interface is created there while this process stays where it is.  With ``offload`` the
+interface is created there while this process stays where it is.  With ``queues`` > 1
+the device is multi-queue (``IFF_MULTI_QUEUE``): one fd per queue, all read, and a
+frame written on the fd its flow hashes to.  With ``offload`` the
 device is told (``TUNSETOFFLOAD``: ``TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6``) that we take
 frames with blank checksums and TCP segmentation left undone, which is what lets the
 kernel's stack hand one 64 KiB TCP frame instead of 45.
@@ -48,6 +50,7 @@ from xenpv.protocols.ethernet import (
     GSO_TCPV4,
     GSO_TCPV6,
     NetFrame,
+    flow_hash,
     l4_info,
     partial_checksum,
 )
@@ -60,6 +63,7 @@ TUNSETVNETHDRSZ = 0x400454D8
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
 VNET_HDR = struct.Struct("<BBHHHH")
 NEEDS_CSUM, DATA_VALID = 1, 2
@@ -115,8 +119,8 @@ def _netns_path(netns: str) -> str:
     return netns if "/" in netns else f"/run/netns/{netns}"
 
 
-def _open_tun(name: str, flags: int, offload: int, netns: str | None) -> int:
-    """Open and attach the TAP fd (in ``netns``'s thread if given)."""
+def _open_tun(name: str, flags: int, offload: int, netns: str | None, count: int) -> list[int]:
+    """Open and attach ``count`` TAP fds (queues; in ``netns``'s thread if given)."""
     if netns is not None:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         nsfd = os.open(_netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
@@ -126,49 +130,59 @@ def _open_tun(name: str, flags: int, offload: int, netns: str | None) -> int:
                 raise LocalError(f"cannot enter network namespace {netns}: {os.strerror(err)}")
         finally:
             os.close(nsfd)
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    fds: list[int] = []
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
-        if flags & IFF_VNET_HDR:
-            fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR.size))
-            fcntl.ioctl(fd, TUNSETOFFLOAD, offload)
+        for _ in range(count):
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            fds.append(fd)
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+            if flags & IFF_VNET_HDR:
+                fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR.size))
+                fcntl.ioctl(fd, TUNSETOFFLOAD, offload)
     except BaseException:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
         raise
-    return fd
+    return fds
 
 
 @dataclass
 class _Result:
-    fd: int = -1
+    fds: list[int] | None = None
     error: BaseException | None = None
 
 
 class TapDevice:
     """One TAP interface's fd; see the module docstring.  Made by :meth:`open`."""
 
-    def __init__(self, fd: int, name: str, netns: str | None, offload: bool) -> None:
-        """Wrap an attached fd (use :meth:`open`)."""
-        self.fd = fd
+    def __init__(self, fds: list[int], name: str, netns: str | None, offload: bool) -> None:
+        """Wrap attached fds, one per queue (use :meth:`open`)."""
+        self.fds = fds
         self.name = name
         self.netns = netns
         self.offload = offload
+        self._next = 0
         self.stats = dict.fromkeys(("rx_frames", "rx_bytes", "rx_refused", "tx_frames",
                                     "tx_bytes", "tx_refused", "tx_dropped"), 0)
 
     @classmethod
-    def open(cls, name: str, *, netns: str | None = None, offload: bool = True) -> TapDevice:
-        """Attach to (or create) TAP ``name``, in network namespace ``netns`` if given;
-        LocalError if that cannot be done (no ``/dev/net/tun``, no permission, …)."""
+    def open(cls, name: str, *, netns: str | None = None, offload: bool = True,
+             queues: int = 1) -> TapDevice:
+        """Attach to (or create) TAP ``name``, in network namespace ``netns`` if given,
+        with ``queues`` fds (``IFF_MULTI_QUEUE`` when more than one: the kernel spreads
+        its flows over them, frames written go to the fd of their flow); LocalError if
+        that cannot be done (no ``/dev/net/tun``, no permission, …)."""
         if not name or len(name) > 15 or "/" in name:
             raise LocalError(f"bad interface name {name!r}")
-        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+        if not 1 <= queues <= 16:
+            raise LocalError("a TAP takes 1..16 queues here")
+        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if queues > 1 else 0)
         off = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 if offload else 0
         result = _Result()
 
         def attach() -> None:
             try:
-                result.fd = _open_tun(name, flags, off, netns)
+                result.fds = _open_tun(name, flags, off, netns, queues)
             except BaseException as exc:
                 result.error = exc
 
@@ -182,27 +196,43 @@ class TapDevice:
             if isinstance(result.error, OSError):
                 raise LocalError(f"cannot open TAP {name}: {result.error.strerror}") from None
             raise result.error
-        return cls(result.fd, name, netns, offload)
+        assert result.fds is not None
+        return cls(result.fds, name, netns, offload)
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return not self.fds
 
     async def recv(self) -> NetFrame:
         """The next frame from the kernel (frames netif cannot carry are skipped)."""
         loop = asyncio.get_running_loop()
         while True:
-            if self.fd < 0:
+            fds = self.fds
+            if not fds:
                 raise LocalError(f"TAP {self.name} is closed")
-            try:
-                buf = os.read(self.fd, _MAX_FRAME)
-            except BlockingIOError:
+            buf = None
+            for k in range(len(fds)):  # every queue in turn, from where the last read was
+                fd = fds[(self._next + k) % len(fds)]
+                try:
+                    buf = os.read(fd, _MAX_FRAME)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    raise LocalError(f"TAP {self.name}: read failed: {exc.strerror}") from None
+                self._next = (self._next + k + 1) % len(fds)
+                break
+            if buf is None:
                 ready: asyncio.Future[None] = loop.create_future()
-                loop.add_reader(self.fd, _set_done, ready)
+                for fd in fds:
+                    loop.add_reader(fd, _set_done, ready)
                 try:
                     await ready
                 finally:
-                    with contextlib.suppress(ValueError, OSError):
-                        loop.remove_reader(self.fd)
+                    for fd in fds:
+                        with contextlib.suppress(ValueError, OSError):
+                            loop.remove_reader(fd)
                 continue
-            except OSError as exc:
-                raise LocalError(f"TAP {self.name}: read failed: {exc.strerror}") from None
             frame = from_vnet(buf)
             if frame is None:
                 self.stats["rx_refused"] += 1
@@ -214,11 +244,13 @@ class TapDevice:
     def write(self, frame: NetFrame) -> bool:
         """Hand one frame to the kernel without blocking; False if refused or dropped."""
         buf = to_vnet(frame)
-        if buf is None or self.fd < 0:
+        fds = self.fds
+        if buf is None or not fds:
             self.stats["tx_refused"] += 1
             return False
+        fd = fds[flow_hash(frame.data) % len(fds)] if len(fds) > 1 else fds[0]
         try:
-            os.write(self.fd, buf)
+            os.write(fd, buf)
         except OSError as exc:
             if exc.errno not in (_errno.EAGAIN, _errno.EIO, _errno.EINVAL):
                 raise LocalError(f"TAP {self.name}: write failed: {exc.strerror}") from None
@@ -229,15 +261,15 @@ class TapDevice:
         return True
 
     def close(self) -> None:
-        """Close the fd (idempotent); a TAP created by it goes away."""
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
+        """Close the fds (idempotent); a TAP created by them goes away."""
+        fds, self.fds = self.fds, []
+        for fd in fds:
             os.close(fd)
 
     def info(self) -> dict[str, object]:
         """Name, namespace, offload and counters."""
         return {"name": self.name, "netns": self.netns, "offload": self.offload,
-                **self.stats}
+                "queues": len(self.fds), **self.stats}
 
 
 class TapPump:

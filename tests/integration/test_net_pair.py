@@ -228,7 +228,8 @@ def flow_frame(dst_mac: bytes, src_mac: bytes, src: str, sport: int, dst: str,
 def test_control_ring_toeplitz_picks_the_rx_queue() -> None:
     """A frontend with the control ring sets the Toeplitz key, the IPv4+TCP hash type and
     a mapping table: each flow of the published RSS examples arrives on the queue the
-    table gives for its hash.  Requests out of range get their statuses."""
+    table gives for its hash, with that hash in a HASH extra-info slot (after the GSO
+    one for a GSO frame).  Requests out of range get their statuses."""
     from xenpv.frontends.net import NetCtrlError
     from xenpv.protocols import netif
 
@@ -247,11 +248,20 @@ def test_control_ring_toeplitz_picks_the_rx_queue() -> None:
                     before = [r["rx_frames"] for r in fe.info()["rings"]]
                     await a.frontend.send(NetFrame(flow_frame(b.mac, a.mac, src, sport, dst,
                                                               dport)))
-                    await fe.recv(5.0)
+                    got_frame = await fe.recv(5.0)
+                    # the hash also comes with the frame, in a HASH extra-info slot
+                    assert (got_frame.rss_type, got_frame.rss_hash) == (2, h)
                     after = [r["rx_frames"] for r in fe.info()["rings"]]
                     got = [k for k in range(4) if after[k] != before[k]]
                     assert got == [mapping[h % len(mapping)]], (src, got)
-                assert b.backend.info()["ctrl"]["hashed"] == len(RSS_V4)
+                src, sport, dst, dport, h = RSS_V4[0]  # GSO + HASH extras, chained
+                big = flow_frame(b.mac, a.mac, src, sport, dst, dport)
+                big = big[:16] + (40 + 20000).to_bytes(2, "big") + big[18:] + bytes(20000)
+                await a.frontend.send(NetFrame(big, gso_type=GSO_TCPV4, gso_size=1000))
+                got_big = await fe.recv(5.0)
+                assert got_big.data == big and got_big.gso_type == GSO_TCPV4
+                assert (got_big.rss_type, got_big.rss_hash) == (2, h)
+                assert b.backend.info()["ctrl"]["hashed"] == len(RSS_V4) + 1
                 assert await fe.ctrl(netif.XEN_NETIF_CTRL_TYPE_GET_HASH_FLAGS) == 0xF
                 assert await fe.ctrl(netif.XEN_NETIF_CTRL_TYPE_GET_HASH_MAPPING_SIZE) == 128
                 bad = [(netif.XEN_NETIF_CTRL_TYPE_SET_HASH_MAPPING_SIZE, 0, 0, 0, 2),

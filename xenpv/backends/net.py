@@ -72,7 +72,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from xenpv.backends.netswitch import NetSwitch, SwitchPort
@@ -118,10 +118,13 @@ from xenpv.protocols.netif import (
     XEN_NETIF_CTRL_TYPE_SET_HASH_KEY,
     XEN_NETIF_CTRL_TYPE_SET_HASH_MAPPING,
     XEN_NETIF_CTRL_TYPE_SET_HASH_MAPPING_SIZE,
+    XEN_NETIF_EXTRA_FLAG_MORE,
     XEN_NETIF_EXTRA_TYPE_GSO,
+    XEN_NETIF_EXTRA_TYPE_HASH,
     XEN_NETIF_EXTRA_TYPE_MCAST_DEL,
     XEN_NETIF_NR_SLOTS_MIN,
     GsoExtra,
+    HashExtra,
     McastExtra,
     NetifFatalError,
     NetifPacketError,
@@ -534,8 +537,9 @@ class NetRx:
         return self._drain()
 
     # -- frames
-    def deliver(self, frame: NetFrame) -> None:
-        """Queue a frame for the guest (adapted to its features) and send what fits."""
+    def deliver(self, frame: NetFrame, rss: tuple[int, int] | None = None) -> None:
+        """Queue a frame for the guest (adapted to its features) and send what fits;
+        ``rss`` (hash type mask, value) goes with it in a HASH extra-info slot."""
         if self.closed:
             return
         if not self.carrier:
@@ -545,6 +549,8 @@ class NetRx:
             self.stats["mcast_filtered"] += 1
             return
         for f in self._adapt(frame):
+            if rss is not None:
+                f = replace(f, rss_type=rss[0], rss_hash=rss[1])
             need = self._slots(f)
             if len(self.backlog) >= self.config.backlog_frames or \
                     self.backlog_bytes + len(f.data) > self.config.backlog_bytes:
@@ -596,9 +602,23 @@ class NetRx:
         return out
 
     @staticmethod
-    def _slots(frame: NetFrame) -> int:
+    def _extras(frame: NetFrame) -> list[bytes]:
+        """The extra-info records that follow the first slot (chained by MORE)."""
+        out: list[GsoExtra | HashExtra] = []
+        if frame.gso_type != GSO_NONE:
+            out.append(GsoExtra(XEN_NETIF_EXTRA_TYPE_GSO, 0, frame.gso_size, frame.gso_type,
+                                0))
+        if frame.rss_hash is not None and frame.rss_type:
+            out.append(HashExtra(XEN_NETIF_EXTRA_TYPE_HASH, 0, frame.rss_type.bit_length() - 1,
+                                 XEN_NETIF_CTRL_HASH_ALGORITHM_TOEPLITZ, frame.rss_hash))
+        return [replace(e, flags=XEN_NETIF_EXTRA_FLAG_MORE if k < len(out) - 1 else 0).pack()
+                for k, e in enumerate(out)]
+
+    @classmethod
+    def _slots(cls, frame: NetFrame) -> int:
         data_slots = -(-len(frame.data) // XEN_PAGE_SIZE)
-        return data_slots + (frame.gso_type != GSO_NONE)
+        return data_slots + (frame.gso_type != GSO_NONE) + \
+            (frame.rss_hash is not None and frame.rss_type != 0)
 
     def _drain(self) -> list[bytes]:
         out: list[bytes] = []
@@ -613,9 +633,9 @@ class NetRx:
         data = frame.data
         chunks = [(off, min(XEN_PAGE_SIZE, len(data) - off))
                   for off in range(0, len(data), XEN_PAGE_SIZE)]
-        gso = frame.gso_type != GSO_NONE
-        reqs = [self.posted.popleft() for _ in range(len(chunks) + gso)]
-        data_reqs = [reqs[0], *reqs[1 + gso:]]
+        extras = self._extras(frame)
+        reqs = [self.posted.popleft() for _ in range(len(chunks) + len(extras))]
+        data_reqs = [reqs[0], *reqs[1 + len(extras):]]
         segs = [GrantCopy(LocalPtr(data, off), GrantPtr(self.domid, gref, 0), n)
                 for (off, n), (_id, gref) in zip(chunks, data_reqs, strict=True)]
         try:
@@ -634,16 +654,15 @@ class NetRx:
             flags0 |= NETRXF_csum_blank | NETRXF_data_validated
         elif frame.data_validated:
             flags0 |= NETRXF_data_validated
-        if gso:
+        if extras:
             flags0 |= NETRXF_extra_info
         out: list[bytes] = []
         last = len(chunks) - 1
         for k, ((_off, n), (rid, _gref)) in enumerate(zip(chunks, data_reqs, strict=True)):
             flags = (flags0 if k == 0 else 0) | (NETRXF_more_data if k < last else 0)
             out.append(_RX_RSP.pack(rid, 0, flags, NETIF_RSP_ERROR if failed else n))
-            if k == 0 and gso:
-                out.append(GsoExtra(XEN_NETIF_EXTRA_TYPE_GSO, 0, frame.gso_size,
-                                    frame.gso_type, 0).pack())
+            if k == 0:
+                out += extras
         return out
 
     # -- stall (scenario 7)
@@ -773,9 +792,9 @@ class NetCtrl:
             return ok, 0
         return XEN_NETIF_CTRL_STATUS_NOT_SUPPORTED, 0
 
-    def select(self, data: bytes) -> int | None:
-        """The queue the hash picks for a frame, or None (no hash configured or no
-        enabled type applies)."""
+    def select(self, data: bytes) -> tuple[int, int, int] | None:
+        """(queue, hash type, hash) the configured hash gives a frame, or None (no hash
+        configured or no enabled type applies)."""
         if self.algorithm != XEN_NETIF_CTRL_HASH_ALGORITHM_TOEPLITZ or not self.flags:
             return None
         hin = toeplitz_input(data, self.flags)
@@ -783,7 +802,8 @@ class NetCtrl:
             return None
         h = toeplitz(self.key, hin[1])
         self.stats["hashed"] += 1
-        return self.mapping[h % len(self.mapping)] if self.mapping else h % self.queues
+        q = self.mapping[h % len(self.mapping)] if self.mapping else h % self.queues
+        return q, hin[0], h
 
     def info(self) -> dict[str, Any]:
         """Algorithm, hash types, key, mapping and counters."""
@@ -921,11 +941,11 @@ class NetVif:
     def deliver(self, frame: NetFrame) -> None:
         """Send a frame to the guest on its flow's queue."""
         n = len(self.queues)
-        if n == 1:
-            self.queues[0].rx.deliver(frame)
+        sel = self.ctrl.select(frame.data) if self.ctrl is not None else None
+        if sel is not None:
+            self.queues[sel[0] if sel[0] < n else 0].rx.deliver(frame, (sel[1], sel[2]))
             return
-        k = self.ctrl.select(frame.data) if self.ctrl is not None else None
-        self.queues[flow_hash(frame.data) % n if k is None else k].rx.deliver(frame)
+        self.queues[flow_hash(frame.data) % n if n > 1 else 0].rx.deliver(frame)
 
     def errors(self) -> list[PeerError]:
         """Peer errors that stopped a queue's service."""

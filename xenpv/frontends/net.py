@@ -97,6 +97,7 @@ from xenpv.protocols.netif import (
     XEN_NETIF_MAX_TX_SIZE,
     XEN_NETIF_NR_SLOTS_MIN,
     GsoExtra,
+    HashExtra,
     McastExtra,
     NETRXF_csum_blank,
     NETRXF_data_validated,
@@ -183,7 +184,7 @@ class NetFrontConfig:
 class _Chain:
     """A received packet being put together."""
 
-    __slots__ = ("data", "error", "extra", "first_flags", "gso", "more", "slots")
+    __slots__ = ("data", "error", "extra", "first_flags", "gso", "more", "rss", "slots")
 
     def __init__(self) -> None:
         self.data: list[bytes] = []
@@ -193,6 +194,7 @@ class _Chain:
         self.slots = 0
         self.first_flags = -1
         self.gso: GsoExtra | None = None
+        self.rss: HashExtra | None = None
 
 
 class _Queue:
@@ -494,6 +496,8 @@ class NetFrontend(FrontendDriver):
             validate_extra(extra)
             if isinstance(extra, GsoExtra):
                 chain.gso = extra
+            elif isinstance(extra, HashExtra) and extra.hash_type < 4:
+                chain.rss = extra
             chain.extra = bool(extra.flags & XEN_NETIF_EXTRA_FLAG_MORE)
         else:
             rsp = RxResponse.parse(batch, off)
@@ -525,7 +529,9 @@ class NetFrontend(FrontendDriver):
         frame = NetFrame(data, csum_blank=bool(flags & NETRXF_csum_blank),
                          data_validated=bool(flags & NETRXF_data_validated),
                          gso_type=gso.gso_type if gso is not None else GSO_NONE,
-                         gso_size=gso.size if gso is not None else 0)
+                         gso_size=gso.size if gso is not None else 0,
+                         rss_hash=chain.rss.value if chain.rss is not None else None,
+                         rss_type=1 << chain.rss.hash_type if chain.rss is not None else 0)
         self.net_stats["rx_packets"] += 1
         self.net_stats["rx_bytes"] += len(data)
         self.net_stats["rx_gso"] += gso is not None

@@ -71,6 +71,10 @@ class NetFrame:
     data_validated: bool = False
     gso_type: int = GSO_NONE
     gso_size: int = 0
+    #: The Toeplitz hash the backend computed for the frame (``rss_type``: its hash type
+    #: as a ``XEN_NETIF_CTRL_HASH_TYPE_*`` mask), when the frontend asked for one.
+    rss_hash: int | None = None
+    rss_type: int = 0
 
     @property
     def dst(self) -> bytes:

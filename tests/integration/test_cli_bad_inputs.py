@@ -84,6 +84,15 @@ def rows(run: str, tmp: Path) -> list[tuple[list[str], int | None, int, str]]:
         (["device", "add", "console", "-f", "1", "--devid", "3"], 1, 1, "dom0"),
         (["device", "add", "console", "-f", "99999"], 0, 2, "out of range"),
         (["device", "list", "console"], None, 1, "no-such-socket"),
+        (["device", "add", "vif", "-f", "1", "--mac", "01:00:5e:00:00:01"], 0, 1,
+         "group (multicast) address"),
+        (["device", "add", "vif", "-f", "1", "--mtu", "20"], 0, 2, "mtu"),
+        # net
+        (["net", "info", "1", "7"], 0, 1, "no vif 7 in domain 1"),
+        (["net", "frontend", "7", "--tap", "t0", "--rundir", run, "--domid", "1"], None, 1,
+         "no vif 7 in domain 1"),
+        (["net", "backend", "--all", "--tap", "t0", "--netns", "no-such-ns-xpv", "--rundir",
+          run], None, 1, "no-such-ns-xpv"),
         # xenstore
         (["xenstore", "chmod", "/no/such/node", "n0"], 0, 1, "No such file or directory"),
         (["xenstore", "chmod", "/local", "n99999999999"], 0, 1, "Invalid argument"),

@@ -123,7 +123,11 @@ def _open_tun(name: str, flags: int, offload: int, netns: str | None, count: int
     """Open and attach ``count`` TAP fds (queues; in ``netns``'s thread if given)."""
     if netns is not None:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        nsfd = os.open(_netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            nsfd = os.open(_netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise LocalError(f"no network namespace {netns} ({_netns_path(netns)}: "
+                             f"{exc.strerror})") from None
         try:
             if libc.setns(nsfd, _CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()

@@ -109,6 +109,7 @@ from xenpv.protocols.netif import (
     NETTXF_more_data,
     RxResponse,
     TxRequest,
+    pack_tx_request,
     parse_extra,
     validate_extra,
     validate_rx_response,
@@ -648,14 +649,14 @@ class NetFrontend(FrontendDriver):
             mem[idx * XEN_PAGE_SIZE:idx * XEN_PAGE_SIZE + n] = data[off:off + n]
             more = NETTXF_more_data if k < len(chunks) - 1 else 0
             if k == 0:
-                reqs.append(TxRequest(refs[idx], 0, flags | more |
-                                      (NETTXF_extra_info if gso else 0), idx,
-                                      len(data)).pack())
+                reqs.append(pack_tx_request(refs[idx], 0, flags | more |
+                                            (NETTXF_extra_info if gso else 0), idx,
+                                            len(data)))
                 if gso:
                     reqs.append(GsoExtra(XEN_NETIF_EXTRA_TYPE_GSO, 0, frame.gso_size,
                                          frame.gso_type, 0).pack())
             else:
-                reqs.append(TxRequest(refs[idx], 0, more, idx, n).pack())
+                reqs.append(pack_tx_request(refs[idx], 0, more, idx, n))
         client.submit(reqs)
         self.net_stats["tx_gso"] += gso
         self.net_stats["tx_packets"] += 1

@@ -20,6 +20,7 @@ Everything is sans-IO and bounded by the number of slots handed in.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -425,6 +426,16 @@ class TxPacket:
         return self.requests[0].flags
 
 
+#: ``netif_tx_request`` as a plain struct (the hot path; equal to TX_REQUEST_LAYOUT).
+_TX_REQ = struct.Struct("<IHHHH")
+assert _TX_REQ.size == TX_REQUEST_LAYOUT.size
+
+
+def pack_tx_request(gref: int, offset: int, flags: int, rid: int, size: int) -> bytes:
+    """``TxRequest(...).pack()`` without the generic record machinery (the hot path)."""
+    return _TX_REQ.pack(gref, offset, flags, rid, size)
+
+
 def parse_tx_packet(
     slots: Buffer,
     count: int,
@@ -442,7 +453,7 @@ def parse_tx_packet(
     if count < 1:
         raise LocalError("parse_tx_packet needs at least one slot")
     step = TX_RING.slot_size
-    first = TxRequest.parse(slots, 0)
+    first = TxRequest(*_TX_REQ.unpack_from(slots, 0))
     used = 1
     extras: list[AnyExtra] = []
     ids = [first.id]
@@ -469,7 +480,7 @@ def parse_tx_packet(
             raise NetifFatalError(f"packet uses more than {fatal_slots} slots after the first")
         if used >= count:
             return None
-        req = TxRequest.parse(slots, used * step)
+        req = TxRequest(*_TX_REQ.unpack_from(slots, used * step))
         used += 1
         following += 1
         reqs.append(req)

@@ -344,7 +344,7 @@ class NetfrontTarget:
             fe = NetFrontend(w.machine.domain(FE), w.fe, fp, config=NetFrontConfig(
                 max_queues=1 + src.below(2), sg=src.boolean(), csum=src.boolean(),
                 tx_pages=32, rx_pages=32, rx_queue_frames=16, send_timeout=0.3),
-                connect_timeout=2.0, close_timeout=0.3, op_timeout=2.0, hook_timeout=2.0)
+                connect_timeout=2.0, close_timeout=0.15, op_timeout=2.0, hook_timeout=2.0)
             choices = {  # a good value most of the time, else a hostile one
                 "feature-rx-copy": (["1"], ["0", "x"]),
                 "feature-sg": (["1", "0"], ["yes"]),
@@ -387,7 +387,7 @@ class NetfrontTarget:
     async def _io(self, fe: Any, world: _FrontPeer, src: ByteSource) -> None:
         allowed = _allowed()
         with contextlib.suppress(*allowed):
-            await fe.ready(1.0)
+            await fe.ready(0.5)
         jobs: list[asyncio.Future[Any]] = []
         for _ in range(MAX_STEPS):
             if src.remaining <= 0:

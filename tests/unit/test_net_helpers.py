@@ -149,3 +149,15 @@ def test_zero_size_is_legal_only_for_a_multicast_filter_request() -> None:
     gso = netif.GsoExtra(netif.XEN_NETIF_EXTRA_TYPE_GSO, 0, 1448, 1, 0).pack().ljust(12, b"\0")
     with pytest.raises(netif.NetifPacketError, match="0 bytes"):
         netif.parse_tx_packet(req + gso, 2)
+
+
+def test_hot_path_structs_give_the_layouts_bytes() -> None:
+    from xenpv.protocols import netif
+
+    assert netif.pack_tx_request(7, 100, 5, 9, 1514) == netif.TxRequest(7, 100, 5, 9, 1514).pack()
+    assert netif.TX_RESPONSE_STRUCT.pack(3, -1) == netif.TxResponse(3, -1).pack()
+    assert netif.RX_REQUEST_STRUCT.pack(4, 88) == netif.RxRequest(4, 0, 88).pack()
+    assert netif.RX_RESPONSE_STRUCT.pack(4, 10, 6, 1500) == netif.RxResponse(4, 10, 6, 1500).pack()
+    assert netif.CTRL_REQUEST_STRUCT.pack(1, 3, 7, 40, 0) == \
+        netif.CtrlRequest(1, 3, (7, 40, 0)).pack()
+    assert netif.CTRL_RESPONSE_STRUCT.pack(1, 3, 2, 9) == netif.CtrlResponse(1, 3, 2, 9).pack()

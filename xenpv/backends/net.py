@@ -98,12 +98,17 @@ from xenpv.protocols.ethernet import (
 )
 from xenpv.protocols.layout import XEN_PAGE_SIZE
 from xenpv.protocols.netif import (
+    CTRL_REQUEST_STRUCT,
+    CTRL_RESPONSE_STRUCT,
     CTRL_RING,
     FATAL_SKB_SLOTS_DEFAULT,
     NETIF_RSP_ERROR,
     NETIF_RSP_NULL,
     NETIF_RSP_OKAY,
+    RX_REQUEST_STRUCT,
+    RX_RESPONSE_STRUCT,
     RX_RING,
+    TX_RESPONSE_STRUCT,
     TX_RING,
     XEN_NETIF_CTRL_HASH_ALGORITHM_NONE,
     XEN_NETIF_CTRL_HASH_ALGORITHM_TOEPLITZ,
@@ -158,15 +163,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_TX_RSP = struct.Struct("<Hh")
+_TX_RSP = TX_RESPONSE_STRUCT
 _TX_ID = struct.Struct("<H")
-_RX_REQ = struct.Struct("<HxxI")
-_RX_RSP = struct.Struct("<HHHh")
+_RX_REQ = RX_REQUEST_STRUCT
+_RX_RSP = RX_RESPONSE_STRUCT
 _TX_SLOT = TX_RING.slot_size
 _RX_SLOT = RX_RING.slot_size
 _CTRL_SLOT = CTRL_RING.slot_size
-_CTRL_REQ = struct.Struct("<HH3I")
-_CTRL_RSP = struct.Struct("<HHII")
+_CTRL_REQ = CTRL_REQUEST_STRUCT
+_CTRL_RSP = CTRL_RESPONSE_STRUCT
 #: Longest Toeplitz key and largest queue mapping table (Linux netback's limits).
 MAX_HASH_KEY = 40
 MAX_HASH_MAPPING = 128

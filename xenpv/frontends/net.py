@@ -75,12 +75,16 @@ from xenpv.protocols.ethernet import (
 )
 from xenpv.protocols.layout import XEN_PAGE_SIZE
 from xenpv.protocols.netif import (
+    CTRL_REQUEST_STRUCT,
+    CTRL_RESPONSE_STRUCT,
     CTRL_RING,
     NETIF_RSP_DROPPED,
     NETIF_RSP_ERROR,
     NETIF_RSP_NULL,
     NETIF_RSP_OKAY,
+    RX_REQUEST_STRUCT,
     RX_RING,
+    TX_RESPONSE_STRUCT,
     TX_RING,
     XEN_NETIF_CTRL_HASH_ALGORITHM_TOEPLITZ,
     XEN_NETIF_CTRL_STATUS_SUCCESS,
@@ -124,10 +128,10 @@ log = logging.getLogger(__name__)
 _TX_SLOT = TX_RING.slot_size
 _RX_SLOT = RX_RING.slot_size
 _CTRL_SLOT = CTRL_RING.slot_size
-_CTRL_REQ = struct.Struct("<HH3I")
-_CTRL_RSP = struct.Struct("<HHII")
-_TX_RSP = struct.Struct("<Hh")
-_RX_REQ = struct.Struct("<HxxI")
+_CTRL_REQ = CTRL_REQUEST_STRUCT
+_CTRL_RSP = CTRL_RESPONSE_STRUCT
+_TX_RSP = TX_RESPONSE_STRUCT
+_RX_REQ = RX_REQUEST_STRUCT
 _TX_STATUSES = (NETIF_RSP_OKAY, NETIF_RSP_ERROR, NETIF_RSP_DROPPED)
 #: Slots one received chain may use: the data slots a backend may fill plus extras.
 _MAX_RX_CHAIN = XEN_NETIF_NR_SLOTS_MIN + XEN_NETIF_EXTRA_TYPE_MAX

@@ -426,9 +426,14 @@ class TxPacket:
         return self.requests[0].flags
 
 
-#: ``netif_tx_request`` as a plain struct (the hot path; equal to TX_REQUEST_LAYOUT).
+#: The records as plain structs for the drivers' hot paths (the same bytes as the
+#: layouts above; padding to the slot size is the ring's).
 _TX_REQ = struct.Struct("<IHHHH")
-assert _TX_REQ.size == TX_REQUEST_LAYOUT.size
+TX_RESPONSE_STRUCT = struct.Struct("<Hh")
+RX_REQUEST_STRUCT = struct.Struct("<HxxI")
+RX_RESPONSE_STRUCT = struct.Struct("<HHHh")
+CTRL_REQUEST_STRUCT = struct.Struct("<HH3I")
+CTRL_RESPONSE_STRUCT = struct.Struct("<HHII")
 
 
 def pack_tx_request(gref: int, offset: int, flags: int, rid: int, size: int) -> bytes:

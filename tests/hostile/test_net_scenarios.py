@@ -685,3 +685,30 @@ def test_scenario_16_backend_floods_the_frontend_event_channel() -> None:
             assert w.held() == NOTHING
 
     run(body())
+
+
+def test_scenario_06_chain_beyond_fatal_slots_fails_the_device_closed() -> None:
+    """A chain of 22 slots pushed on a connected vif's TX ring marks the frontend
+    misbehaving at driver level: error node, Closing; the sibling vifs keep talking."""
+    async def body() -> None:
+        async with net_world() as w:
+            a = await start_vif(w, GUESTS[0], front=NetFrontConfig(max_queues=1))
+            b = await start_vif(w, GUESTS[1])
+            c = await start_vif(w, GUESTS[1], devid=1)
+            try:
+                q = a.frontend.queues[0]
+                ref = q.tx_pages.refs[0]
+                chain = [TxRequest(ref, 0, NETTXF_more_data, 1, 22 * 64).pack()]
+                chain += [TxRequest(ref, 0, NETTXF_more_data if k < 21 else 0, 1 + k,
+                                    64).pack() for k in range(1, 22)]
+                assert q.tx_client is not None and q.tx_client.submit(chain) == 22
+                await a.backend.wait_state(S.Closing, S.Closed, timeout=WAIT)
+                assert b"slots" in (await w.read_error(a.be_path) or b"")
+                assert a.backend.misbehaving
+                await _exchange(b, c)
+            finally:
+                for v in (a, b, c):
+                    await v.close()
+            assert w.held() == NOTHING
+
+    run(body())

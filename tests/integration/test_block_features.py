@@ -30,10 +30,10 @@ from test_block_support import FE, NOTHING, S, block_world, make_image, run, sta
 from xenpv.backends.block import (
     BlockConfig,
     BlockImage,
-    default_stats_dir,
     live_stats_path,
     read_live_stats,
 )
+from xenpv.cli.block import default_stats_dir
 from xenpv.errors import LocalError
 from xenpv.frontends.block import BlockUnsupported
 from xenpv.platforms.loopback.harness import DaemonMachine

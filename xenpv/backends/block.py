@@ -119,7 +119,6 @@ __all__ = [
     "BlockImage",
     "BlockRequests",
     "PersistentGrants",
-    "default_stats_dir",
     "image_from_params",
     "live_stats_path",
     "read_live_stats",
@@ -906,19 +905,6 @@ def _discard(image: BlockImage, offset: int, length: int, *, secure: bool = Fals
 
 #: Where ``xenpv block backend`` keeps live stats without ``--rundir``.
 DEFAULT_STATS_DIR = "/run/xenpv/block"
-
-
-def default_stats_dir(rundir: str | os.PathLike[str] | None = None) -> str:
-    """The live stats directory: ``RUNDIR/block-stats`` for a loopback emulator's run
-    directory (given, or the one whose environment this process runs in), else
-    :data:`DEFAULT_STATS_DIR`."""
-    from xenpv.platforms.loopback.env import ENV_SOCKET
-
-    if rundir is None and os.environ.get(ENV_SOCKET):
-        rundir = os.path.dirname(os.path.dirname(os.environ[ENV_SOCKET]))  # R/domN/control
-    if rundir is None:
-        return DEFAULT_STATS_DIR
-    return os.path.join(os.fspath(rundir), "block-stats")
 
 
 def live_stats_path(stats_dir: str | os.PathLike[str], backend_path: str) -> str:

@@ -35,6 +35,21 @@ from xenpv.cli.console import _platform, _stdin_closed, _xenstore, emit
 from xenpv.errors import LocalError
 
 
+def default_stats_dir(rundir: str | os.PathLike[str] | None = None) -> str:
+    """The live stats directory of ``block backend`` and ``block info``:
+    ``RUNDIR/block-stats`` for a loopback emulator's run directory (given, or the one
+    whose environment this process runs in), else
+    :data:`xenpv.backends.block.DEFAULT_STATS_DIR`."""
+    from xenpv.backends.block import DEFAULT_STATS_DIR
+    from xenpv.platforms.loopback.env import ENV_SOCKET
+
+    if rundir is None and os.environ.get(ENV_SOCKET):
+        rundir = os.path.dirname(os.path.dirname(os.environ[ENV_SOCKET]))  # R/domN/control
+    if rundir is None:
+        return DEFAULT_STATS_DIR
+    return os.path.join(os.fspath(rundir), "block-stats")
+
+
 def vdev_number(text: str) -> int:
     """An argparse ``type=`` for a virtual device: a name (``xvda``) or its number."""
     from xenpv.protocols.blkif import vdev_encode
@@ -140,7 +155,7 @@ _physical_sector_size = _power_of_two(512, 1 << 20, "physical sector size")
 
 
 async def _backend(args: argparse.Namespace) -> int:
-    from xenpv.backends.block import BlockBackend, BlockConfig, default_stats_dir
+    from xenpv.backends.block import BlockBackend, BlockConfig
     from xenpv.backends.blockio import effective_engine
 
     config = BlockConfig(max_ring_order=args.max_ring_order, max_queues=args.max_queues,
@@ -217,7 +232,6 @@ async def vbd_info(client: Any, domid: int, vdev: str,
 
 
 async def _info(args: argparse.Namespace) -> int:
-    from xenpv.backends.block import default_stats_dir
     from xenpv.xenstore.client import XenstoreClient
 
     socket = args.socket

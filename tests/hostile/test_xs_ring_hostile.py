@@ -25,6 +25,7 @@ from xenpv.xenstore.ring import (
     ERROR_RINGIDX,
     REQ_CONS_OFFSET,
     REQ_PROD_OFFSET,
+    RING_SIZE,
     RSP_CONS_OFFSET,
     RSP_PROD_OFFSET,
     XS_CONNECTED,
@@ -50,13 +51,14 @@ class Hostile:
     def notify(self) -> None:
         self.events.notify(self.ring.port)
 
-    def wait(self, cond: Callable[[], bool], what: str) -> None:
-        """Wait on the port (bounded) until ``cond()``; each wake-up re-checks it."""
+    def wait(self, cond: Callable[[], bool], what: str, poll: float = 0.2) -> None:
+        """Wait on the port (bounded) until ``cond()``; each wake-up, and every ``poll``
+        seconds without one, re-checks it."""
         deadline = time.monotonic() + TIMEOUT
         while not cond():
             left = deadline - time.monotonic()
             assert left > 0, f"timed out waiting for {what}"
-            got = self.events.pending(min(left, 0.2))
+            got = self.events.pending(min(left, poll))
             if got is not None:
                 self.events.unmask(got)
 
@@ -236,6 +238,10 @@ def test_guest_never_reading_responses_is_bounded(
         assert sent < 200, "the server never stopped taking requests"
         hostile.send(request(XsType.READ, b"big\0", 2))
         sent += 1
+        # the server takes what it can before the next one (it runs in its own thread:
+        # a loaded machine must not let the guest run ahead into a full ring)
+        hostile.wait(lambda: conn.write_paused or hostile.page.writable() == RING_SIZE,
+                     "the server to take the request or pause", poll=0.002)
     bound = conn.high_water + conn.batch * (16 + 2000)
     assert len(conn.out) <= bound
     with dom0.transaction() as t:

@@ -297,10 +297,13 @@ xenevtchn_port_or_error_t xenevtchn_bind_interdomain(xenevtchn_handle *xce, uint
     return bind_port(xce, LB_EVT_BIND_INTERDOMAIN, req, sizeof(req), 1);
 }
 
+/* EVT_BIND_VIRQ: only VIRQ_DOM_EXC exists in the emulator (ENOSYS for the others); it
+ * fires in the privileged domain when a domain shuts down or is destroyed. */
 xenevtchn_port_or_error_t xenevtchn_bind_virq(xenevtchn_handle *xce, unsigned int virq)
 {
-    errno = ENOSYS; /* §4.8: the emulator has no virtual IRQs */
-    return -1;
+    unsigned char req[4];
+    lb_put32(req, virq);
+    return bind_port(xce, LB_EVT_BIND_VIRQ, req, sizeof(req), 0);
 }
 
 int xenevtchn_unbind(xenevtchn_handle *xce, evtchn_port_t port)

@@ -38,6 +38,9 @@ enum lb_op {
     LB_DOMAIN_LIST = 14,
     LB_FRAME_ALLOC = 20,
     LB_FOREIGN_MAP = 21,
+    LB_EVT_BIND_VIRQ = 23,
+    LB_DOMAIN_SHUTDOWN = 24,
+    LB_DOMAIN_INFO = 25,
 };
 
 #define LB_GNT_WRITABLE 1u
@@ -46,6 +49,9 @@ enum lb_op {
 #define LB_DOMFLAG_PRIVILEGED 1u
 #define LB_DOMFLAG_DYING 2u
 #define LB_DOMFLAG_RUNNING 4u
+#define LB_DOMFLAG_SHUTDOWN 8u
+/* DOMAIN_INFO entry: domid, flags, shutdown reason (u32 each), uuid (16 bytes). */
+#define LB_DOMAIN_INFO_ENTRY 28
 
 /* One connection to RUNDIR/dom<N>/control, shared by the handles of a process. */
 struct lb_conn {

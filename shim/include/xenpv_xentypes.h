@@ -89,6 +89,86 @@ typedef struct xc_dominfo {
     struct xenpv_arch_domainconfig arch_config;
 } xc_dominfo_t;
 
+/* domctl.h: struct xen_domctl_getdomaininfo = xc_domaininfo_t (Xen 4.17, x86-64; 112
+ * bytes), and its XEN_DOMINF_* flags. */
+#define XEN_DOMINF_dying (1u << 0)
+#define XEN_DOMINF_shutdown (1u << 2)
+#define XEN_DOMINF_blocked (1u << 4)
+#define XEN_DOMINF_running (1u << 5)
+#define XEN_DOMINF_shutdownshift 16
+#define XEN_DOMINF_shutdownmask 255u
+typedef struct xen_domctl_getdomaininfo {
+    domid_t domain;
+    uint16_t pad1;
+    uint32_t flags;
+    uint64_t tot_pages;
+    uint64_t max_pages;
+    uint64_t outstanding_pages;
+    uint64_t shr_pages;
+    uint64_t paged_pages;
+    uint64_t shared_info_frame;
+    uint64_t cpu_time;
+    uint32_t nr_online_vcpus;
+    uint32_t max_vcpu_id;
+    uint32_t ssidref;
+    uint8_t handle[16];
+    uint32_t cpupool;
+    uint8_t gpaddr_bits;
+    uint8_t pad2[7];
+    struct xenpv_arch_domainconfig arch_config;
+} xc_domaininfo_t;
+
+/* sysctl.h: struct xen_sysctl_physinfo = xc_physinfo_t (Xen 4.17; 112 bytes). */
+typedef struct xen_sysctl_physinfo {
+    uint32_t threads_per_core;
+    uint32_t cores_per_socket;
+    uint32_t nr_cpus;
+    uint32_t max_cpu_id;
+    uint32_t nr_nodes;
+    uint32_t max_node_id;
+    uint32_t cpu_khz;
+    uint32_t capabilities;
+    uint32_t arch_capabilities;
+    uint32_t pad;
+    uint64_t total_pages;
+    uint64_t free_pages;
+    uint64_t scrub_pages;
+    uint64_t outstanding_pages;
+    uint64_t max_mfn;
+    uint32_t hw_cap[8];
+} xc_physinfo_t;
+
+/* version.h: XENVER_* commands of xc_version and their argument types. */
+#define XENVER_version 0
+#define XENVER_extraversion 1
+#define XENVER_compile_info 2
+#define XENVER_capabilities 3
+#define XENVER_changeset 4
+#define XENVER_platform_parameters 5
+#define XENVER_get_features 6
+#define XENVER_pagesize 7
+#define XENVER_guest_handle 8
+#define XENVER_commandline 9
+typedef struct xen_compile_info {
+    char compiler[64];
+    char compile_by[16];
+    char compile_domain[32];
+    char compile_date[32];
+} xen_compile_info_t;
+typedef struct xen_feature_info {
+    unsigned int submap_idx;
+    uint32_t submap;
+} xen_feature_info_t;
+typedef struct xen_platform_parameters {
+    unsigned long virt_start;
+} xen_platform_parameters_t;
+
+/* sched.h: the shutdown reasons (SCHEDOP_shutdown). */
+#define SHUTDOWN_crash 3
+
+/* xen.h: the one virtual IRQ the emulator raises. */
+#define VIRQ_DOM_EXC 3
+
 /* event_channel.h: struct evtchn_status (EVTCHNOP_status; 24 bytes). */
 #define EVTCHNSTAT_closed 0
 #define EVTCHNSTAT_unbound 1
@@ -133,6 +213,9 @@ struct Xentoolcore__Active_Handle {
 _Static_assert(sizeof(xc_dominfo_t) == 112, "xc_dominfo_t layout");
 _Static_assert(offsetof(xc_dominfo_t, handle) == 80, "xc_dominfo_t.handle offset");
 _Static_assert(sizeof(xc_evtchn_status_t) == 24, "evtchn_status layout");
+_Static_assert(sizeof(xc_domaininfo_t) == 112, "xen_domctl_getdomaininfo layout");
+_Static_assert(offsetof(xc_domaininfo_t, handle) == 76, "getdomaininfo.handle offset");
+_Static_assert(sizeof(xc_physinfo_t) == 112, "xen_sysctl_physinfo layout");
 _Static_assert(sizeof(xengnttab_grant_copy_segment_t) == 24, "grant copy segment layout");
 #endif
 

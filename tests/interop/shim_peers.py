@@ -121,6 +121,23 @@ class LoopbackRun:
         self.procs.append(proc)
         return proc
 
+    def domain_op(self, op: str, domid: int, *, name: str = "", reason: int = 0) -> None:
+        """``create``, ``destroy`` or ``shutdown`` (with ``reason``) domain ``domid``,
+        as dom0 over the control socket."""
+        from xenpv.platforms.loopback import proto
+        from xenpv.platforms.loopback.client import ControlConnection
+
+        requests = {
+            "create": (proto.Op.DOMAIN_CREATE, proto.U32.pack(domid) + name.encode()),
+            "destroy": (proto.Op.DOMAIN_DESTROY, proto.U32.pack(domid)),
+            "shutdown": (proto.Op.DOMAIN_SHUTDOWN, proto.U32x2.pack(domid, reason)),
+        }
+        ctl = ControlConnection(self.rundir / "dom0" / "control", timeout=20.0)
+        try:
+            ctl.call(*requests[op])
+        finally:
+            ctl.close()
+
     def xenstore_read(self, path: str) -> str | None:
         """Read ``path`` as dom0 with Debian's ``xenstore-read``; ``None`` if absent."""
         res = subprocess.run(

@@ -17,6 +17,16 @@ from shim_peers import LoopbackRun
 from xenpv.platforms.loopback import proto
 from xenpv.platforms.loopback.client import ControlConnection
 
+#: cffi declaration of xenctrl.h's xc_dominfo_t (its bit-fields as one ``flags`` word:
+#: bit 0 dying, 1 crashed, 2 shutdown, 3 paused, 4 blocked, 5 running)
+XC_DOMINFO_CDEF = """
+typedef struct { uint32_t domid; uint32_t ssidref; unsigned int flags; unsigned int shutdown_reason;
+                 unsigned long nr_pages, nr_outstanding_pages, nr_shared_pages, nr_paged_pages,
+                 shared_info_frame; uint64_t cpu_time; unsigned long max_memkb;
+                 unsigned int nr_online_vcpus, max_vcpu_id; uint8_t handle[16];
+                 unsigned int cpupool; uint8_t gpaddr_bits; uint32_t arch[2]; } xc_dominfo_t;
+"""
+
 #: The leading fields of a STATS reply (later protocol versions may append more).
 STATS_FIELDS = ("grants", "revoking", "mappings", "ports", "shares", "handles")
 

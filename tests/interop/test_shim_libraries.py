@@ -17,7 +17,7 @@ from typing import Any
 import cffi
 import pytest
 from shim_peers import LoopbackRun
-from shim_support import act_as, daemon_stats, loopback_fixture
+from shim_support import XC_DOMINFO_CDEF, act_as, daemon_stats, loopback_fixture
 
 from xenpv import peers
 from xenpv.platforms.loopback.env import shim_dir
@@ -104,12 +104,7 @@ def test_shim_sources_compile_without_warnings(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- calls
 
-CDEF = """
-typedef struct { uint32_t domid; uint32_t ssidref; unsigned int flags; unsigned int shutdown_reason;
-                 unsigned long nr_pages, nr_outstanding_pages, nr_shared_pages, nr_paged_pages,
-                 shared_info_frame; uint64_t cpu_time; unsigned long max_memkb;
-                 unsigned int nr_online_vcpus, max_vcpu_id; uint8_t handle[16];
-                 unsigned int cpupool; uint8_t gpaddr_bits; uint32_t arch[2]; } xc_dominfo_t;
+CDEF = XC_DOMINFO_CDEF + """
 typedef struct { uint16_t dom; uint32_t port; uint32_t status; uint32_t vcpu;
                  uint16_t rdom; uint32_t rport; } xc_evtchn_status_t;
 void *xc_interface_open(void *logger, void *dombuild_logger, unsigned open_flags);

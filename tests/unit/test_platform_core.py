@@ -318,3 +318,45 @@ def test_scenario_16_notification_storm_is_one_delivery(
     assert a.events.pending(0) is None  # masked: the storm stays queued as one event
     a.events.unmask(pa)
     assert a.events.pending(0.05) is None  # drained at delivery: nothing left
+
+
+def test_virq_dom_exc_reaches_dom0_on_shutdown_and_destroy(hv: Hypervisor) -> None:
+    dom0, dom1 = InProcessPlatform(hv, 0), InProcessPlatform(hv, 1)
+    try:
+        port = dom0.events.bind_virq(core.VIRQ_DOM_EXC)
+        guest_port = dom1.events.bind_virq(core.VIRQ_DOM_EXC)  # bound, but never delivered
+        assert dom0.events.pending(0) is None
+        assert hv.status(hv.open_handle(0), 0, port) == (EvtchnState.virq, core.VIRQ_DOM_EXC, 0)
+        # a virq is bound once per domain; only DOM_EXC exists; past NR_VIRQS is invalid
+        for virq, code in ((core.VIRQ_DOM_EXC, errno.EEXIST), (2, errno.ENOSYS),
+                           (core.NR_VIRQS, errno.EINVAL)):
+            with pytest.raises(PlatformError) as exc:
+                dom0.events.bind_virq(virq)
+            assert exc.value.errno == code
+        with pytest.raises(PlatformError) as exc:
+            dom0.events.notify(port)  # EVTCHNOP_send on a virq port
+        assert exc.value.errno == errno.EINVAL
+        hv.shutdown_domain(2, core.SHUTDOWN_CRASH)
+        assert hv.domains[2].shutdown_reason == core.SHUTDOWN_CRASH
+        assert dom0.events.pending(1) == port
+        dom0.events.unmask(port)
+        hv.shutdown_domain(2, 0)  # a second shutdown changes nothing and fires nothing
+        assert hv.domains[2].shutdown_reason == core.SHUTDOWN_CRASH
+        assert dom0.events.pending(0) is None
+        hv.destroy_domain(2)
+        assert dom0.events.pending(1) == port
+        assert dom1.events.pending(0) is None
+        dom0.events.unmask(port)
+        with pytest.raises(PlatformError) as exc:
+            hv.shutdown_domain(0, 0)
+        assert exc.value.errno == errno.EPERM
+        # unbinding frees the virq for a new binding
+        dom0.events.unbind(port)
+        assert core.VIRQ_DOM_EXC not in hv.domains[0].virqs
+        port = dom0.events.bind_virq(core.VIRQ_DOM_EXC)
+        dom1.events.unbind(guest_port)
+    finally:
+        dom0.close()
+        dom1.close()
+    assert core.VIRQ_DOM_EXC not in hv.domains[0].virqs  # closing the handle unbinds it
+    assert hv.domains[0].uuid.int == 0 and hv.domains[1].uuid.int != 0

@@ -102,11 +102,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     up.add_argument("-v", "--verbose", action="store_true", help="log every domain change")
 
     dom = sub.add_parser("domain", help="create, destroy or list domains (acts as dom0)")
-    dom.add_argument("op", choices=["create", "destroy", "list"],
-                     help="create or destroy domain DOMID, or list every domain")
+    dom.add_argument("op", choices=["create", "destroy", "shutdown", "list"],
+                     help="create, destroy or shut down domain DOMID, or list every domain")
     dom.add_argument("--rundir", required=True, help=RUNDIR_HELP)
     dom.add_argument("--domid", type=args_.guest_domid, help="the domain (create/destroy)")
     dom.add_argument("--name", help="domain name (create; default domN)")
+    dom.add_argument("--reason", type=args_.uint(0, 255, "--reason"), default=0,
+                     help="shutdown: sched.h SHUTDOWN_* code (0 poweroff, 1 reboot, "
+                     "2 suspend, 3 crash; default 0)")
     dom.add_argument("--json", action="store_true", help="list: print one JSON array")
 
     env = sub.add_parser("env", help="print the environment under which a program is domain N")
@@ -174,7 +177,7 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
-_FLAGS = ("privileged", "dying", "running")
+_FLAGS = ("privileged", "dying", "running", "shutdown")
 _STATS = ("grants", "revoking", "mappings", "ports", "shares", "handles", "watches")
 
 
@@ -193,7 +196,8 @@ def _domain(args: argparse.Namespace) -> int:
             rows: list[dict[str, Any]] = []
             for i in range(count):
                 domid, flags = proto.U32x2.unpack_from(out, 4 + 8 * i)
-                bits = (proto.DOMFLAG_PRIVILEGED, proto.DOMFLAG_DYING, proto.DOMFLAG_RUNNING)
+                bits = (proto.DOMFLAG_PRIVILEGED, proto.DOMFLAG_DYING, proto.DOMFLAG_RUNNING,
+                        proto.DOMFLAG_SHUTDOWN)
                 row: dict[str, Any] = {"domid": domid}
                 if args.op == "list":
                     row["flags"] = [t for bit, t in zip(bits, _FLAGS, strict=True) if flags & bit]
@@ -217,6 +221,8 @@ def _domain(args: argparse.Namespace) -> int:
         if args.op == "create":
             name = (args.name or "").encode()
             conn.call(proto.Op.DOMAIN_CREATE, struct.pack("<I", domid) + name)
+        elif args.op == "shutdown":
+            conn.call(proto.Op.DOMAIN_SHUTDOWN, struct.pack("<II", domid, args.reason))
         else:
             conn.call(proto.Op.DOMAIN_DESTROY, struct.pack("<I", domid))
         return 0

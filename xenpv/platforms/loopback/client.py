@@ -477,6 +477,14 @@ class ClientEvents(_OnConnection, EpollEvents):
         self._outbox[port] = (fds[1], gen)
         return port
 
+    def bind_virq(self, virq: int) -> int:
+        """A port signalled when the virtual IRQ ``virq`` fires (only VIRQ_DOM_EXC, which
+        reaches dom0: a domain shut down or died)."""
+        out, fds = self._conn.call(Op.EVT_BIND_VIRQ, proto.U32.pack(virq))
+        (port,) = proto.U32.unpack(out)
+        self._register(port, fds[0])
+        return port
+
     def notify(self, port: int) -> None:
         """Signal the remote end of ``port`` (direct eventfd write when the cache is valid)."""
         cached = self._outbox.get(port)

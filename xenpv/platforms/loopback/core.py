@@ -47,6 +47,7 @@ import heapq
 import mmap
 import os
 import resource
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -80,6 +81,13 @@ FAULT_HOLD_MAPPED = 1
 FAULT_RELEASE_HOLD = 2
 FAULT_DROP_NOTIFY = 3
 FAULT_DUPLICATE_NOTIFY = 4
+
+#: xen.h: the virtual IRQs a domain may bind; only VIRQ_DOM_EXC is emulated
+NR_VIRQS = 24
+VIRQ_DOM_EXC = 3  # global: "a domain shut down or died", delivered to the privileged domain
+#: sched.h SHUTDOWN_* reasons (SCHEDOP_shutdown); 3 is a crash
+SHUTDOWN_CRASH = 3
+SHUTDOWN_MAX = 255  # domctl.h: XEN_DOMINF_shutdownmask
 
 #: descriptors one segment may hold in the daemon (memfd, mmap's dup, read-only reopening)
 SEGMENT_FDS = 3
@@ -306,6 +314,7 @@ class Port:
     #: The handle a port lent to another handle goes back to when that one lets go of it
     #: (the domain builder's xenstore port: see ``builder.adopt_xenstore_ring``).
     home: Handle | None = None
+    virq: int | None = None  # bound to this virtual IRQ (state virq, no remote end)
 
 
 @dataclass(eq=False)
@@ -337,6 +346,10 @@ class Domain:
         self.name = name
         self.privileged = domid == 0
         self.dying = False
+        self.shutdown_reason: int | None = None  # set once the domain shut down (or crashed)
+        # xen_domain_handle_t: dom0's is all zeroes, as on Xen; every other domain a fresh one
+        self.uuid = uuid.UUID(int=0) if domid == 0 else uuid.uuid4()
+        self.virqs: dict[int, Port] = {}  # virq -> the port it is bound to
         self.max_grants = max_grants
         self.max_ports = max_ports
         self.grants: dict[int, GrantEntry] = {}
@@ -547,6 +560,30 @@ class Hypervisor:
         dom.close()
         for cb in self.on_domain_destroyed:
             cb(dom)
+        self.send_global_virq(VIRQ_DOM_EXC)
+
+    def shutdown_domain(self, domid: int, reason: int) -> None:
+        """SCHEDOP_shutdown / remote shutdown: the domain stays, marked shut down with
+        ``reason`` (sched.h ``SHUTDOWN_*``; 3 = crash), and VIRQ_DOM_EXC fires.  A second
+        shutdown keeps the first reason and fires nothing, as Xen."""
+        dom = self.domain(domid)
+        if domid == 0:
+            raise PlatformError("dom0 cannot be shut down here", errno.EPERM)
+        if not 0 <= reason <= SHUTDOWN_MAX:
+            raise PlatformError(f"invalid shutdown reason {reason}", errno.EINVAL)
+        if dom.shutdown_reason is not None:
+            return
+        dom.shutdown_reason = reason
+        self.send_global_virq(VIRQ_DOM_EXC)
+
+    def send_global_virq(self, virq: int) -> None:
+        """Signal a global virtual IRQ: Xen delivers it to the privileged domain only
+        (the default global-virq handler), on the port that domain bound to it."""
+        for dom in self.domains.values():
+            if dom.privileged:
+                p = dom.virqs.get(virq)
+                if p is not None and p.inbox >= 0:
+                    signal_eventfd(p.inbox)
 
     def domain(self, domid: int) -> Domain:
         """The live domain ``domid``, or :class:`NoSuchDomain`."""
@@ -1067,6 +1104,26 @@ class Hypervisor:
         signal_eventfd(lp.inbox)  # bind leaves the new local port pending
         return lp
 
+    def bind_virq(self, h: Handle, virq: int) -> Port:
+        """EVTCHNOP_bind_virq (vcpu 0): a port signalled when ``virq`` fires.
+
+        Only VIRQ_DOM_EXC is emulated (``ENOSYS`` for the others, ``EINVAL`` past
+        NR_VIRQS); a domain binds a virq once (``EEXIST``, as Xen).  Any domain may bind
+        it, but like every global virq it is delivered to the privileged domain only."""
+        self._check_open(h)
+        if not 0 <= virq < NR_VIRQS:
+            raise PortError(f"virq {virq} does not exist", errno.EINVAL)
+        if virq != VIRQ_DOM_EXC:
+            raise PortError(f"virq {virq} is not emulated", errno.ENOSYS)
+        dom = h.domain
+        if virq in dom.virqs:
+            raise PortError(f"dom{dom.domid}: virq {virq} is already bound", errno.EEXIST)
+        p = self._new_port(h, DOMID_SELF)
+        p.state = EvtchnState.virq
+        p.virq = virq
+        dom.virqs[virq] = p
+        return p
+
     def unbind(self, h: Handle, port: int) -> None:
         """EVTCHNOP_close of a port this handle owns."""
         self._check_open(h)
@@ -1106,6 +1163,9 @@ class Hypervisor:
             del p.owner.ports[p.port]
         if p.notify_refs > 0:
             return  # an unmap notification still refers to it: closed when it fires
+        if p.virq is not None:
+            p.domain.virqs.pop(p.virq, None)
+            p.virq = None
         r = p.remote
         if r is not None:
             # event_channel.h: closing one end puts the other back to unbound
@@ -1131,6 +1191,8 @@ class Hypervisor:
         """EVTCHNOP_send through the hypervisor; returns the remote port (or ``None``)."""
         self._check_open(h)
         p = self.port_of(h, port)
+        if p.virq is not None:  # event_channel.c: EVTCHNOP_send on a virq port
+            raise PortError(f"port {port} is bound to a virq", errno.EINVAL)
         return self._signal_remote(p)
 
     def _signal_remote(self, p: Port) -> Port | None:
@@ -1162,6 +1224,8 @@ class Hypervisor:
         p = dom.ports.get(port)
         if p is None:
             return (EvtchnState.closed, 0, 0)
+        if p.virq is not None:  # (the virq number is the second field)
+            return (EvtchnState.virq, p.virq, 0)
         if p.remote is None:
             return (EvtchnState.unbound, p.remote_domid, 0)
         return (EvtchnState.interdomain, p.remote.domain.domid, p.remote.port)

@@ -44,6 +44,7 @@ from typing import Any
 from xenpv.errors import PlatformError
 from xenpv.pidlock import PidLock
 from xenpv.platforms.base import (
+    DOMID_SELF,
     PAGE_SIZE,
     GrantCopy,
     GrantPtr,
@@ -259,6 +260,9 @@ class LoopbackDaemon:
             Op.FOREIGN_MAP: self._foreign_map,
             Op.GNT_GRANT_FRAME: self._gnt_grant_frame,
             Op.XS_RING: self._xs_ring,
+            Op.EVT_BIND_VIRQ: self._evt_bind_virq,
+            Op.DOMAIN_SHUTDOWN: self._domain_shutdown,
+            Op.DOMAIN_INFO: self._domain_info,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -708,6 +712,11 @@ class LoopbackDaemon:
         assert p.remote is not None
         return _ok(proto.U32x2.pack(p.port, p.domain.gen[p.port]), [p.inbox, p.remote.inbox])
 
+    def _evt_bind_virq(self, conn: _Connection, payload: bytes) -> Reply:
+        (virq,) = _unpack(proto.U32, payload)
+        p = self.hv.bind_virq(conn.handle, virq)
+        return _ok(proto.U32.pack(p.port), [p.inbox])
+
     def _evt_unbind(self, conn: _Connection, payload: bytes) -> Reply:
         (port,) = _unpack(proto.U32, payload)
         self.hv.unbind(conn.handle, port)
@@ -738,10 +747,27 @@ class LoopbackDaemon:
         doms = sorted(self.hv.domains.values(), key=lambda d: d.domid)
         out = proto.U32.pack(len(doms))
         for d in doms:
-            flags = proto.DOMFLAG_RUNNING | (proto.DOMFLAG_PRIVILEGED if d.privileged else 0)
-            flags |= proto.DOMFLAG_DYING if d.dying else 0
-            out += proto.U32x2.pack(d.domid, flags)
+            out += proto.U32x2.pack(d.domid, _domain_flags(d))
         return _ok(out)
+
+    def _domain_info(self, conn: _Connection, payload: bytes) -> Reply:
+        if payload:
+            raise PlatformError("DOMAIN_INFO takes no payload", errno.EINVAL)
+        doms = sorted(self.hv.domains.values(), key=lambda d: d.domid)
+        out = bytearray(proto.U32.pack(len(doms)))
+        for d in doms:
+            reason = d.shutdown_reason or 0
+            out += proto.DOMAIN_INFO_ENTRY.pack(d.domid, _domain_flags(d), reason, d.uuid.bytes)
+        return _ok(out)
+
+    def _domain_shutdown(self, conn: _Connection, payload: bytes) -> Reply:
+        domid, reason = _unpack(proto.U32x2, payload)
+        if domid == DOMID_SELF:
+            domid = conn.handle.domain.domid
+        if domid != conn.handle.domain.domid:
+            self._require_priv(conn)
+        self.hv.shutdown_domain(domid, reason)
+        return _ok()
 
     async def _domain_create(self, conn: _Connection, payload: bytes) -> Reply:
         self._require_priv(conn)
@@ -783,6 +809,14 @@ class LoopbackDaemon:
         kind, domid, ref, arg = _unpack(proto.U32x4, payload)
         self.hv.fault(kind, domid, ref, arg)
         return _ok()
+
+
+def _domain_flags(d: Domain) -> int:
+    """DOMAIN_LIST / DOMAIN_INFO flags of a live domain."""
+    flags = proto.DOMFLAG_RUNNING | (proto.DOMFLAG_PRIVILEGED if d.privileged else 0)
+    flags |= proto.DOMFLAG_DYING if d.dying else 0
+    flags |= proto.DOMFLAG_SHUTDOWN if d.shutdown_reason is not None else 0
+    return flags
 
 
 def _raise_fd_limit() -> None:

@@ -211,6 +211,12 @@ class InProcessEvents(EpollEvents):
         self._register(p.port, os.dup(p.inbox))
         return p.port
 
+    def bind_virq(self, virq: int) -> int:
+        """A port signalled when the virtual IRQ ``virq`` fires (only VIRQ_DOM_EXC)."""
+        p = self._hv.bind_virq(self._h, virq)
+        self._register(p.port, os.dup(p.inbox))
+        return p.port
+
     def notify(self, port: int) -> None:
         """Signal the remote end of ``port``."""
         self._hv.notify(self._h, port)

@@ -44,6 +44,9 @@ GNTCOPY_dest_gref = 2
 DOMFLAG_PRIVILEGED = 1
 DOMFLAG_DYING = 2
 DOMFLAG_RUNNING = 4
+DOMFLAG_SHUTDOWN = 8
+# DOMAIN_INFO entry: domid, flags (DOMFLAG_*), shutdown reason, uuid (xen_domain_handle_t)
+DOMAIN_INFO_ENTRY = struct.Struct("<III16s")
 
 
 class Op(enum.IntEnum):
@@ -71,6 +74,9 @@ class Op(enum.IntEnum):
     FRAME_ALLOC = 20
     FOREIGN_MAP = 21
     GNT_GRANT_FRAME = 22
+    EVT_BIND_VIRQ = 23
+    DOMAIN_SHUTDOWN = 24
+    DOMAIN_INFO = 25
     #: Take over the domain builder's xenstore page and port (``builder.py``).
     XS_RING = 32
 

@@ -133,3 +133,55 @@ def test_encoded_path_cache_keeps_validation(tmp_path: Path) -> None:
                     await c.read("@releaseDomain")  # special names only where allowed
 
     run(with_server(tmp_path, echo_store, body))
+
+
+def test_connect_waits_while_the_servers_backlog_is_full(tmp_path: Path) -> None:
+    # C xenstored listens with a backlog of 1: a connect beyond it fails with EAGAIN and
+    # leaves the socket unconnected (reading it then fails with EINVAL)
+    path = str(tmp_path / "full.sock")
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(0)
+    fillers: list[socket.socket] = []
+    try:
+        while True:  # fill the backlog
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(path)
+            except BlockingIOError:
+                s.close()
+                break
+            fillers.append(s)
+
+        async def main() -> bytes:
+            task = asyncio.ensure_future(xsclient.connect(path))
+            await asyncio.sleep(0.05)
+            assert not task.done()  # still waiting for room
+            for _ in fillers:
+                lsock.accept()[0].close()  # (blocking: they are queued)
+            lsock.setblocking(False)
+            while True:  # the client's connection, once there was room for it
+                try:
+                    conn, _ = lsock.accept()
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+            client = await task
+            try:
+                reply = asyncio.ensure_future(client.read("/x"))
+                loop = asyncio.get_running_loop()
+                conn.setblocking(False)
+                req = await asyncio.wait_for(loop.sock_recv(conn, 4096), 10)
+                _t, req_id, _tx, _n = wire.HEADER.unpack_from(req)
+                await loop.sock_sendall(conn, wire.encode(XsType.READ, req_id, 0, b"value"))
+                return await asyncio.wait_for(reply, 10)
+            finally:
+                await client.close()
+                conn.close()
+
+        assert asyncio.run(main()) == b"value"
+    finally:
+        for s in fillers:
+            s.close()
+        lsock.close()

@@ -383,12 +383,32 @@ class _FdTransport(asyncio.Transport):
         self._loop.call_soon(self._protocol.connection_lost, exc)
 
 
+#: Seconds a connect keeps retrying while the server's listen backlog is full.
+CONNECT_BACKLOG_WAIT = 30.0
+
+
 async def _connect_unix(loop: asyncio.AbstractEventLoop, path: str) -> int:
-    """Connect a non-blocking Unix stream socket to ``path``; return its fd."""
+    """Connect a non-blocking Unix stream socket to ``path``; return its fd.
+
+    A Unix socket never connects in the background: ``EAGAIN`` means the server's listen
+    backlog is full (C xenstored listens with a backlog of 1), and the socket stays
+    unconnected, so waiting for it to become writable (``loop.sock_connect``) would take
+    it for connected.  The connect is tried again instead, with a growing pause, for at
+    most :data:`CONNECT_BACKLOG_WAIT` seconds."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
-        await loop.sock_connect(sock, path)
+        deadline = loop.time() + CONNECT_BACKLOG_WAIT
+        pause = 0.001
+        while True:
+            try:
+                sock.connect(path)
+                break
+            except (BlockingIOError, InterruptedError):
+                if loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.05)
     except BaseException:
         sock.close()
         raise

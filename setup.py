@@ -50,6 +50,8 @@ SHIM_LIBRARIES: dict[str, tuple[list[str], str | None, list[str]]] = {
     "libxenforeignmemory.so.1": (["shim/foreignmemory.c", "shim/common.c"], "shim/libxenforeignmemory.map", ["-lpthread"]),
     "libxendevicemodel.so.1": (["shim/devicemodel.c"], "shim/libxendevicemodel.map", []),
     "libxentoolcore.so.1": (["shim/toolcore.c"], "shim/libxentoolcore.map", ["-lpthread"]),
+    # LD_PRELOAD interposer for C xenstored's /proc/xen/xsd_{port,kva} (not a Xen library)
+    "libxenpv_xsd.so": (["shim/xsd_open.c"], None, ["-ldl"]),
 }
 SHIM_OUT = HERE / "xenpv" / "platforms" / "loopback" / "shim"
 

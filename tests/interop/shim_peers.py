@@ -83,12 +83,13 @@ def xenpv_cli(*args: str, timeout: float = 60.0) -> str:
 class LoopbackRun:
     """A loopback daemon with some domains, and the peer processes started on it."""
 
-    def __init__(self, domains: dict[int, str]) -> None:
+    def __init__(self, domains: dict[int, str], *, xenstored: str = "ours") -> None:
+        """``xenstored``: dom0's xenstored (``loopback up --xenstored``)."""
         # Short path: Unix socket paths are limited to 107 bytes.
         self.rundir = Path(tempfile.mkdtemp(prefix="xenpv-shim-"))
         self.procs: list[subprocess.Popen[bytes]] = []
         self._env: dict[int, dict[str, str]] = {}
-        self.daemon = start_daemon(self.rundir)
+        self.daemon = start_daemon(self.rundir, xenstored=xenstored)
         try:
             for domid, name in domains.items():
                 xenpv_cli(

@@ -103,13 +103,16 @@ def start_daemon(
     timeout: float = 20.0,
     loop: str = "auto",
     stderr: Any = None,
+    xenstored: str = "ours",
 ) -> subprocess.Popen[bytes]:
     """Start ``xenpv loopback up`` and wait until it listens (raise if it does not).
 
     ``loop`` is the daemon's event loop (``--loop``: auto, uvloop or asyncio); ``stderr``
-    where its log goes (as for :class:`subprocess.Popen`; default: inherited)."""
+    where its log goes (as for :class:`subprocess.Popen`; default: inherited);
+    ``xenstored`` dom0's xenstored (``--xenstored``)."""
     cmd = [sys.executable, "-m", "xenpv", "loopback", "up", "--rundir", str(rundir)]
     cmd += ["--max-grants", str(max_grants), "--max-ports", str(max_ports), "--loop", loop]
+    cmd += ["--xenstored", xenstored]
     for d in domains:
         cmd += ["--domain", str(d)]
     proc = subprocess.Popen(

@@ -25,8 +25,9 @@ be plugged in without touching the daemon:
   to remove it after a destroy.
 
 Names accepted on the command line are :data:`CHOICES`; a name without a registered
-factory is refused with a clear error (``xen-c`` and ``oxenstored`` are reserved for the
-reference servers).
+factory is refused with a clear error.  ``xen-c`` is Xen's C xenstored
+(:class:`~xenpv.platforms.loopback.xenstoreds.XenCDom0Xenstored`); ``oxenstored`` is
+reserved.
 """
 
 from __future__ import annotations
@@ -72,7 +73,13 @@ class Dom0Xenstored(Protocol):
 
 #: Factories of the xenstoreds other than ours, by ``--xenstored`` name (a factory only
 #: builds the object: it starts nothing until :meth:`Dom0Xenstored.start`).
-XENSTOREDS: dict[str, Callable[[], Dom0Xenstored]] = {}
+def _xen_c() -> Dom0Xenstored:
+    from xenpv.platforms.loopback.xenstoreds import XenCDom0Xenstored
+
+    return XenCDom0Xenstored()
+
+
+XENSTOREDS: dict[str, Callable[[], Dom0Xenstored]] = {"xen-c": _xen_c}
 
 
 def choose(name: str) -> Dom0Xenstored | None:

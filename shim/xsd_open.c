@@ -1,0 +1,71 @@
+/*
+ * libxenpv_xsd.so: an LD_PRELOAD interposer that lets Xen's C xenstored find dom0's
+ * xenstore ring on the loopback emulator.
+ *
+ * On a Xen host, dom0's kernel publishes its own xenstore ring through two files:
+ * /proc/xen/xsd_port (the event-channel port, as text) and /proc/xen/xsd_kva (one page,
+ * mapped with mmap).  C xenstored opens both paths, compiled in, at startup.  This
+ * library redirects those two open() calls to the files named by $XENPV_XSD_PORT and
+ * $XENPV_XSD_KVA (a text file with the port, a one-page file holding the ring); every
+ * other open() goes straight to libc.  See shim/README.md.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+
+#define XENPV_EXPORT __attribute__((visibility("default")))
+
+XENPV_EXPORT int open(const char *path, int flags, ...);
+XENPV_EXPORT int open64(const char *path, int flags, ...);
+
+typedef int open_fn(const char *, int, ...);
+
+static const char *redirect(const char *path)
+{
+    static const struct {
+        const char *path, *env;
+    } table[] = {
+        {"/proc/xen/xsd_kva", "XENPV_XSD_KVA"},
+        {"/proc/xen/xsd_port", "XENPV_XSD_PORT"},
+    };
+    if (!path)
+        return path;
+    for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); i++)
+        if (strcmp(path, table[i].path) == 0) {
+            const char *to = getenv(table[i].env);
+            return to && *to ? to : path;
+        }
+    return path;
+}
+
+static mode_t mode_arg(int flags, va_list ap)
+{
+    /* open(2): the mode argument exists only with O_CREAT or O_TMPFILE */
+    if ((flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE)
+        return va_arg(ap, mode_t);
+    return 0;
+}
+
+static int call_next(const char *path, int flags, mode_t mode)
+{
+    open_fn *next = (open_fn *)dlsym(RTLD_NEXT, "open");
+    if (!next)
+        return -1;
+    return next(redirect(path), flags, mode);
+}
+
+int open(const char *path, int flags, ...)
+{
+    va_list ap;
+    va_start(ap, flags);
+    mode_t mode = mode_arg(flags, ap);
+    va_end(ap);
+    return call_next(path, flags, mode);
+}
+
+/* On x86-64, open64 is open (off_t is 64 bits). */
+int open64(const char *path, int flags, ...) __attribute__((alias("open")));

@@ -220,6 +220,36 @@ def test_watch_matches_path_and_descendants(dom0: Client) -> None:
     assert dom0.events() == [("/w/a/b", "t")]
 
 
+def test_one_change_sends_an_identical_event_once_per_connection(dom0: Client) -> None:
+    # as C xenstored: watches on a node and its parent with one token give one event
+    dom0.ok(T.WATCH, "/w", "t")
+    dom0.ok(T.WATCH, "/w/a", "t")
+    dom0.ok(T.WATCH, "/w/a", "u")
+    dom0.events()
+    dom0.write("/w/a", b"1")
+    assert sorted(dom0.events()) == [("/w/a", "t"), ("/w/a", "u")]
+    dom0.write("/w/b", b"1")
+    assert dom0.events() == [("/w/b", "t")]
+
+
+def test_one_changes_events_come_in_c_xenstored_order(dom0: Client) -> None:
+    # a connection's watches in registration order; a removal reports children first
+    # and only nodes that existed
+    dom0.write("/o/a/b/c")
+    dom0.write("/o/a/d")
+    dom0.ok(T.WATCH, "/o/a", "late")
+    dom0.ok(T.WATCH, "/o", "early")
+    dom0.ok(T.WATCH, "/o/a/d", "d")
+    dom0.ok(T.WATCH, "/o/a/b/c", "c")
+    dom0.ok(T.WATCH, "/o/a/b/never", "n")
+    dom0.events()
+    dom0.write("/o/a", b"1")
+    assert dom0.events() == [("/o/a", "late"), ("/o/a", "early")]
+    dom0.ok(T.RM, "/o/a")
+    assert dom0.events() == [("/o/a/b/c", "c"), ("/o/a/d", "d"), ("/o/a", "late"),
+                             ("/o/a", "early")]
+
+
 def test_relative_watch_reports_relative_event_paths(guest: Client) -> None:
     guest.ok(T.WATCH, "data", "t")
     assert guest.events() == [("data", "t")]
@@ -583,6 +613,18 @@ def test_watch_quota(guest: Client) -> None:
     assert guest.err(T.WATCH, "w-extra", "t") == "ENOSPC"
 
 
+def test_set_perms_owner_must_be_a_live_domain_when_the_store_can_ask(
+    dom0: Client, store: Store
+) -> None:
+    dom0.write("/p")
+    dom0.ok(T.SET_PERMS, "/p", "n9")  # no hypervisor to ask: any domid
+    store.domain_exists = {0, 5}.__contains__
+    assert dom0.err(T.SET_PERMS, "/p", "n9") == "ENOENT"
+    assert dom0.err(T.SET_PERMS, "/missing", "n9") == "ENOENT"  # before the node lookup
+    dom0.ok(T.SET_PERMS, "/p", "n5", "r9")  # other entries may name any domid
+    assert perms_of(dom0, "/p") == ["n5", "r9"]
+
+
 def test_permission_entry_quota(guest: Client, dom0: Client) -> None:
     guest.write("p")
     guest.ok(T.SET_PERMS, "p", "n5", "r1", "r2", "r3", "r4")
@@ -594,7 +636,13 @@ def test_path_length_limits(guest: Client, dom0: Client) -> None:
     assert guest.write_err("a" * 2049) == "EINVAL"
     assert guest.write_err("/" + "a" * 3072) == "EINVAL"
     guest.write("a" * 2000)
-    dom0.write("/" + "b" * 2500)
+    # as C xenstored 4.17: dom0 too, counted after /local/domain/<domid>/
+    assert dom0.write_err("/" + "b" * 2500) == "EINVAL"
+    assert dom0.write_err("/" + "b" * 2048) == "EINVAL"
+    dom0.write("/" + "b" * 2047)
+    dom0.write("/local/domain/7/" + "c" * 2048)
+    assert dom0.write_err("/local/domain/7/" + "c" * 2049) == "EINVAL"
+    assert dom0.write_err("/local/domain/x/" + "c" * 2040) == "EINVAL"  # no domid: counted whole
 
 
 def test_control_commands(dom0: Client, store: Store) -> None:

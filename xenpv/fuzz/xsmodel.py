@@ -97,7 +97,8 @@ class Model:
         }
         self.watches: list[tuple[str, str, str]] = []  # (conn, path, token)
         self.events: dict[str, list[tuple[str, str]]] = {c: [] for c in CONNS}
-        self.fired: list[tuple[str, bool, Perms]] = []
+        # (path, removed descendants, perms) of each change not yet reported
+        self.fired: list[tuple[str, frozenset[str], Perms]] = []
 
     def next(self) -> int:
         self.ver += 1
@@ -147,7 +148,7 @@ class Model:
             self.live[parent(path)].children.append(name)
             self.live[parent(path)].ver = ver
             if fire:
-                self.fired.append((path, False, perms))
+                self.fired.append((path, frozenset(), perms))
         else:
             tx.local[path] = MNode(value, perms, ver)
             p = self.own(tx, parent(path))
@@ -161,7 +162,7 @@ class Model:
         node.value = value
         node.ver = self.next()
         if tx is None:
-            self.fired.append((path, False, node.perms))
+            self.fired.append((path, frozenset(), node.perms))
         else:
             tx.ops.append(("value", path, value))
 
@@ -173,7 +174,7 @@ class Model:
         node.perms = perms
         node.ver = self.next()
         if tx is None:
-            self.fired.append((path, False, perms))
+            self.fired.append((path, frozenset(), perms))
         else:
             tx.ops.append(("perms", path, perms))
 
@@ -191,12 +192,13 @@ class Model:
         name = path.rsplit("/", 1)[1]
         if tx is None:
             top = self.live[path]
-            for sub in self.subtree(None, path):
+            subs = self.subtree(None, path)
+            for sub in subs:
                 del self.live[sub]
             p = self.live[parent(path)]
             p.children.remove(name)
             p.ver = self.next()
-            self.fired.append((path, True, top.perms))
+            self.fired.append((path, frozenset(subs) - {path}, top.perms))
         else:
             if self.get(tx, parent(path)) is None:
                 return  # parent read as absent: the commit fails with EAGAIN anyway
@@ -212,14 +214,17 @@ class Model:
             tx.ops.append(("delete", path))
 
     # -- events ---------------------------------------------------------------------------
-    def fire(self, path: str, recurse: bool, perms: Perms) -> None:
+    def fire(self, path: str, removed: frozenset[str], perms: Perms) -> None:
+        sent: set[tuple[str, str, str]] = set()  # an identical event goes once per conn
         for conn, wpath, token in self.watches:
             domid = CONNS[conn]
             if is_below(path, wpath):
                 reported = path
-            elif recurse and is_below(wpath, path) and wpath != path:
+            elif wpath in removed:  # a removed node below (never one that did not exist)
                 reported = wpath
             else:
+                continue
+            if (conn, reported, token) in sent:
                 continue
             visible = self.perm(domid, perms) & READ or (
                 path != "/"
@@ -227,6 +232,7 @@ class Model:
                 and self.perm(domid, self.live[parent(path)].perms) & READ
             )
             if visible:
+                sent.add((conn, reported, token))
                 self.events[conn].append((reported, token))
 
     def flush(self) -> None:
@@ -366,10 +372,10 @@ class Model:
                     return "ENOSPC"
         # One event per path, in first-modification order, visible by the permissions the
         # path has at the end of the commit.
-        merged: dict[str, tuple[str, bool, Perms]] = {}
+        merged: dict[str, tuple[str, frozenset[str], Perms]] = {}
         for ev in self.fired:
             prev = merged.get(ev[0])
-            merged[ev[0]] = ev if prev is None else (ev[0], prev[1] or ev[1], ev[2])
+            merged[ev[0]] = ev if prev is None else (ev[0], prev[1] | ev[1], ev[2])
         self.fired = list(merged.values())
         self.flush()
         return "OK"

@@ -103,12 +103,31 @@ PATH_CACHE_BYTES = 65536
 Perms = tuple[tuple[int, int], ...]
 
 
+_NONE_REMOVED: tuple[str, ...] = ()
+
+
+def _by_seq(hit: tuple[Watch, str]) -> int:
+    return hit[0].seq
+
+
+def _home_prefix_len(path: str) -> int:
+    """Length of a leading ``/local/domain/<1-5 digits>/`` (0 without one): what
+    ``path_max`` does not count (C xenstored matches ``/local/domain/%5u/``)."""
+    if not path.startswith("/local/domain/"):
+        return 0
+    digits, slash, _ = path[14:20].partition("/")
+    if slash and 1 <= len(digits) <= 5 and digits.isascii() and digits.isdigit():
+        return 15 + len(digits)
+    return 0
+
+
 @dataclass
 class Quotas:
     """Per-domain limits for unprivileged domains (C xenstored defaults; 0 disables one).
 
-    Dom0 is exempt from all of them.  ``path_max`` is the length of a path relative to
-    ``/local/domain/<domid>/``; absolute paths are always capped at 3072 bytes.
+    Dom0 is exempt from all of them but ``path_max``: the length of a path relative to
+    ``/local/domain/<domid>/`` (dom0's paths too, as C xenstored 4.17); absolute paths are
+    always capped at 3072 bytes.
     """
 
     nodes: int = 1000
@@ -211,17 +230,25 @@ class Domain:
 class Watch:
     """A registered watch (``path`` is absolute or a special name)."""
 
-    __slots__ = ("conn", "depth", "path", "relative", "token")
+    __slots__ = ("conn", "depth", "path", "relative", "seq", "token")
 
     def __init__(
-        self, conn: Connection, path: str, token: bytes, relative: bool, depth: int | None
+        self,
+        conn: Connection,
+        path: str,
+        token: bytes,
+        relative: bool,
+        depth: int | None,
+        seq: int = 0,
     ) -> None:
-        """Create a watch of ``conn`` on ``path``."""
+        """Create a watch of ``conn`` on ``path``; ``seq`` orders a connection's watches
+        by registration (the order C xenstored sends one change's events in)."""
         self.conn = conn
         self.path = path
         self.token = token
         self.relative = relative
         self.depth = depth
+        self.seq = seq
 
 
 class Connection:
@@ -452,6 +479,10 @@ class Store:
         self.log: deque[str] = deque(maxlen=256)
         #: Watch events dropped because they would exceed the payload limit.
         self.dropped_events = 0
+        #: Whether a domid names a live domain (the hypervisor's view); ``None``: no
+        #: hypervisor to ask, every domid is accepted.  C xenstored refuses SET_PERMS
+        #: whose owner is not a live domain (ENOENT).
+        self.domain_exists: Callable[[int], bool] | None = None
         #: Chaos knob (oxenstored ``test-eagain``): every commit answers EAGAIN.
         self.always_eagain = False
         #: Requests that failed with EIO because of an unexpected exception in the store.
@@ -460,7 +491,9 @@ class Store:
         #: ``(domid, gfn, port)`` -> None, or the errno name to answer (the server sets it
         #: when it can serve rings; see :mod:`xenpv.xenstore.ringserver`).
         self.on_introduce: Callable[[int, int, int], str | None] | None = None
-        self._fired: list[tuple[str, bool, Perms, int]] = []
+        # (path, removed descendants, perms, perm_gen) of each change not yet reported
+        self._fired: list[tuple[str, tuple[str, ...], Perms, int]] = []
+        self._watch_seq = 0
         root_perms: Perms = ((0, NONE),)
         gen = self.next_gen()
         self.nodes["/"] = Node(b"", root_perms, {}, gen, gen)
@@ -593,7 +626,7 @@ class Store:
         self._account(perms[0][0], 1)
         self._charge(perms[0][0], footprint(path, value, perms))
         if fire:
-            self._fired.append((path, False, perms, gen))
+            self._fired.append((path, _NONE_REMOVED, perms, gen))
 
     def set_value(self, path: str, value: bytes) -> None:
         """Replace the value of ``path``; queues its watch event."""
@@ -601,7 +634,7 @@ class Store:
         self._charge(node.owner, len(value) - len(node.value))
         node.value = value
         node.gen = self.next_gen()
-        self._fired.append((path, False, node.perms, node.perm_gen))
+        self._fired.append((path, _NONE_REMOVED, node.perms, node.perm_gen))
 
     def set_perms(self, path: str, perms: Perms) -> None:
         """Replace the permissions of ``path``; queues its watch event."""
@@ -613,20 +646,21 @@ class Store:
         self._charge(perms[0][0], footprint(path, node.value, perms))
         node.perms = perms
         node.gen = node.perm_gen = self.next_gen()
-        self._fired.append((path, False, perms, node.perm_gen))
+        self._fired.append((path, _NONE_REMOVED, perms, node.perm_gen))
 
     def delete(self, path: str) -> None:
         """Remove ``path`` and its subtree; queues one recursive watch event."""
         nodes = self.nodes
         top = nodes[path]
-        for sub in self.subtree(path, nodes.get):
+        subs = self.postorder(path, nodes.get)
+        for sub in subs:
             node = nodes.pop(sub)
             self._account(node.owner, -1)
             self._charge(node.owner, -footprint(sub, node.value, node.perms))
         parent = nodes[paths.parent(path)]
         parent.children.pop(paths.basename(path), None)
         parent.gen = self.next_gen()
-        self._fired.append((path, True, top.perms, top.perm_gen))
+        self._fired.append((path, tuple(subs[:-1]), top.perms, top.perm_gen))
 
     @staticmethod
     def subtree(path: str, lookup: Lookup) -> list[str]:
@@ -640,6 +674,24 @@ class Store:
             if node is not None and node.children:
                 prefix = base + "/" if base != "/" else "/"
                 out.extend(prefix + child for child in node.children)
+        return out
+
+    @staticmethod
+    def postorder(path: str, lookup: Lookup) -> list[str]:
+        """Return the descendants of ``path`` children first, then ``path`` itself (the
+        order C xenstored removes a subtree in, and reports it)."""
+        out: list[str] = []
+        stack: list[tuple[str, bool]] = [(path, False)]
+        while stack:
+            here, done = stack.pop()
+            if done:
+                out.append(here)
+                continue
+            stack.append((here, True))
+            node = lookup(here)
+            if node is not None and node.children:
+                prefix = here + "/" if here != "/" else "/"
+                stack.extend((prefix + child, False) for child in reversed(node.children))
         return out
 
     # -- connections -----------------------------------------------------------------
@@ -745,11 +797,20 @@ class Store:
         parent = self.nodes.get(paths.parent(path))
         return parent is not None and bool(self.perm_for(conn, parent) & READ)
 
-    def _fire(self, path: str, recurse: bool, perms: Perms, perm_gen: int) -> None:
+    def _fire(self, path: str, removed: tuple[str, ...], perms: Perms, perm_gen: int) -> None:
         index = self.watch_index
         if not index:
             return
         hits: list[tuple[Watch, str]] = []
+        if removed:
+            # watches on removed descendants, children first (nodes that existed: as C
+            # xenstored, a watch below on a path that never existed does not fire)
+            for wpath in removed:
+                group = [(w, wpath) for w in index.get(wpath, ())]
+                if len(group) > 1:
+                    group.sort(key=_by_seq)
+                hits += group
+        top = len(hits)
         # Watches on the path itself and on each ancestor (depth-limited).
         depth = 0
         probe = path
@@ -761,24 +822,27 @@ class Store:
                 break
             probe = paths.parent(probe)
             depth += 1
-        if recurse:
-            prefix = path + "/" if path != "/" else "/"
-            for wpath, watches in index.items():
-                if wpath.startswith(prefix) and wpath != path:
-                    hits.extend((w, wpath) for w in watches)
+        if len(hits) - top > 1:  # a connection's events in watch registration order
+            hits[top:] = sorted(hits[top:], key=_by_seq)
         seen: dict[Connection, bool] = {}
+        # one change sends a connection a given event once, however many of its watches
+        # match (C xenstored: two watches with one token on a node and its parent)
+        sent: set[tuple[Connection, bytes, bool, str]] = set()
         for watch, reported in hits:
             ok = seen.get(watch.conn)
             if ok is None:
                 ok = seen[watch.conn] = self._visible(watch.conn, path, perms, perm_gen)
             if ok:
-                self._emit(watch, reported)
+                key = (watch.conn, watch.token, watch.relative, reported)
+                if key not in sent:
+                    sent.add(key)
+                    self._emit(watch, reported)
 
     def _flush_fired(self) -> None:
         fired = self._fired
         self._fired = []
-        for path, recurse, perms, perm_gen in fired:
-            self._fire(path, recurse, perms, perm_gen)
+        for path, removed, perms, perm_gen in fired:
+            self._fire(path, removed, perms, perm_gen)
 
     # -- request entry point ----------------------------------------------------------
     def handle(
@@ -865,13 +929,9 @@ class Store:
         path = paths.resolve(text, conn.domid)
         if len(path) > ABS_PATH_MAX:
             raise _Fail("EINVAL")
-        if not conn.privileged and self.quotas.path_max:
-            rel = path
-            if path.startswith("/local/domain/"):
-                _, _, rest = path[14:].partition("/")
-                rel = rest
-            if len(rel) > self.quotas.path_max:
-                raise _Fail("EINVAL")
+        # C xenstored 4.17 applies path_max to every connection, dom0's included
+        if self.quotas.path_max and len(path) - _home_prefix_len(path) > self.quotas.path_max:
+            raise _Fail("EINVAL")
         conn.cache_path(raw, path)
         return path
 
@@ -1062,6 +1122,9 @@ class Store:
             raise _Fail("EINVAL")
         if not conn.privileged and _over(self.quotas.node_permissions, len(perms)):
             raise _Fail("ENOSPC")
+        exists = self.domain_exists
+        if exists is not None and not exists(perms[0][0]):
+            raise _Fail("ENOENT")  # the owner is no live domain (checked before the node)
         name = parts[0].decode("ascii", "replace")
         special = self.specials.get(name)
         view: Transaction | Store = tx or self
@@ -1099,7 +1162,8 @@ class Store:
         rec = self.domain_ref(conn.domid)
         if not conn.privileged and _over(self.quotas.watches, rec.watches + 1):
             raise _Fail("ENOSPC")
-        watch = Watch(conn, path, token, relative, depth)
+        self._watch_seq += 1
+        watch = Watch(conn, path, token, relative, depth, self._watch_seq)
         conn.watches[key] = watch
         self.watch_index.setdefault(path, []).append(watch)
         rec.watches += 1
@@ -1230,10 +1294,13 @@ class Store:
         # One event per modified path, in first-modification order; visibility is decided
         # by the permissions the path has at the end of the commit (a transaction that
         # creates a node and then grants a domain read access must notify that domain).
-        merged: dict[str, tuple[str, bool, Perms, int]] = {}
+        merged: dict[str, tuple[str, tuple[str, ...], Perms, int]] = {}
         for ev in self._fired:
             prev = merged.get(ev[0])
-            merged[ev[0]] = ev if prev is None else (ev[0], prev[1] or ev[1], ev[2], ev[3])
+            if prev is not None:
+                removed = prev[1] + tuple(p for p in ev[1] if p not in prev[1])
+                ev = (ev[0], removed, ev[2], ev[3])
+            merged[ev[0]] = ev
         self._fired = before + list(merged.values())
 
     def _introduce(self, conn: Connection, tx: Transaction | None, payload: bytes) -> bytes:

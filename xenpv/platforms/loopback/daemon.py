@@ -286,6 +286,9 @@ class LoopbackDaemon:
                 self.xenstored = XenstoredServer(
                     quotas=self._quotas, state_file=None, platform=self._dom0_platform
                 )
+                # permissions name live domains only, as on Xen (C xenstored asks the
+                # hypervisor through xc_domain_getinfo)
+                self.xenstored.store.domain_exists = self.hv.domains.__contains__
         await self._open_endpoints(self.hv.domains[0])
         dom0_socket = None
         if self.external_xenstored is not None:

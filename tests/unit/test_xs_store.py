@@ -625,6 +625,21 @@ def test_set_perms_owner_must_be_a_live_domain_when_the_store_can_ask(
     assert perms_of(dom0, "/p") == ["n5", "r9"]
 
 
+def test_a_missing_node_is_admitted_to_whoever_can_read_its_parent(
+    dom0: Client, guest: Client
+) -> None:
+    # as C xenstored: EACCES only when the nearest existing ancestor is unreadable, for
+    # every request (SET_PERMS and RM need more than read on the node itself)
+    dom0.write("/ro")
+    dom0.ok(T.SET_PERMS, "/ro", "n0", "r5")  # readable, not writable, by domain 5
+    dom0.write("/hidden")
+    dom0.ok(T.SET_PERMS, "/hidden", "n0")
+    assert guest.err(T.SET_PERMS, "/ro/missing", "n5") == "ENOENT"
+    assert guest.err(T.SET_PERMS, "/hidden/missing", "n5") == "EACCES"
+    assert guest.err(T.GET_PERMS, "/ro/missing") == "ENOENT"
+    assert guest.err(T.READ, "/hidden/missing") == "EACCES"
+
+
 def test_permission_entry_quota(guest: Client, dom0: Client) -> None:
     guest.write("p")
     guest.ok(T.SET_PERMS, "p", "n5", "r1", "r2", "r3", "r4")

@@ -247,7 +247,7 @@ class Model:
             probe = parent(probe)
             node = self.get(tx, probe)
             if node is not None:
-                return "ENOENT" if self.perm(domid, node.perms) & perm == perm else "EACCES"
+                return "ENOENT" if self.perm(domid, node.perms) & READ else "EACCES"
         return "ENOENT"
 
     def checked(self, domid: int, tx: MTx | None, path: str, perm: int) -> MNode:

@@ -201,7 +201,7 @@ class Model:
             self.fired.append((path, frozenset(subs) - {path}, top.perms))
         else:
             if self.get(tx, parent(path)) is None:
-                return  # parent read as absent: the commit fails with EAGAIN anyway
+                raise Fail("EINVAL")  # parent read as absent (C xenstored: EINVAL)
             for sub in self.subtree(tx, path):
                 node = self.get(tx, sub)
                 assert node is not None
@@ -247,7 +247,7 @@ class Model:
             probe = parent(probe)
             node = self.get(tx, probe)
             if node is not None:
-                return "ENOENT" if self.perm(domid, node.perms) & READ else "EACCES"
+                return "ENOENT" if self.perm(domid, node.perms) & perm == perm else "EACCES"
         return "ENOENT"
 
     def checked(self, domid: int, tx: MTx | None, path: str, perm: int) -> MNode:
@@ -332,7 +332,7 @@ class Model:
             return None
         if op == "setperms":
             assert isinstance(arg, tuple)
-            node = self.checked(domid, tx, path, 0)
+            node = self.checked(domid, tx, path, WRITE)
             if not self.perm(domid, node.perms) & OWNER:
                 raise Fail("EACCES")
             if domid and arg[0][0] != node.perms[0][0]:

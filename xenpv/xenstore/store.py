@@ -426,10 +426,10 @@ class Transaction:
         The view is taken node by node, so it can hold a node whose parent it saw absent
         (the parent was read before another writer created both).  Such a transaction read
         the parent's absence, which is no longer true: its commit fails with EAGAIN, and
-        the removal has nothing consistent to change here.
+        the removal has nothing consistent to change: EINVAL, as C xenstored answers.
         """
         if path != "/" and self.lookup(paths.parent(path)) is None:
-            return
+            raise _Fail("EINVAL")
         for sub in self.store.subtree(path, self.lookup):
             node = self.lookup(sub)
             assert node is not None
@@ -952,15 +952,13 @@ class Store:
     def _missing_errno(
         self, conn: Connection, view: Transaction | Store, path: str, perm: int
     ) -> str:
-        """ENOENT, or EACCES if the connection may not read the nearest existing
-        ancestor (as C xenstored: whatever ``perm`` the request needed, a missing node is
-        only admitted to whoever can see its parent)."""
+        """ENOENT, or EACCES if the nearest existing ancestor denies ``perm``."""
         probe = path
         while probe != "/":
             probe = paths.parent(probe)
             node = view.lookup(probe)
             if node is not None:
-                return "ENOENT" if self.perm_for(conn, node) & READ else "EACCES"
+                return "ENOENT" if self.perm_for(conn, node) & perm == perm else "EACCES"
         return "ENOENT"
 
     def _get(self, conn: Connection, view: Transaction | Store, path: str, perm: int) -> Node:
@@ -1130,8 +1128,12 @@ class Store:
         name = parts[0].decode("ascii", "replace")
         special = self.specials.get(name)
         view: Transaction | Store = tx or self
+        # WRITE as C xenstored asks for it: a missing node is EACCES unless its nearest
+        # existing ancestor is writable
         node = (
-            special if special is not None else self._get(conn, view, self._path(conn, parts[0]), 0)
+            special
+            if special is not None
+            else self._get(conn, view, self._path(conn, parts[0]), WRITE)
         )
         access = self.perm_for(conn, node)
         if not access & OWNER:

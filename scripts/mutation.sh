@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# Mutation testing of the code that guards peers (docs/testing.md, "Mutation testing").
+#
+#   bash scripts/mutation.sh                  # every group, one after the other
+#   bash scripts/mutation.sh protocols keys   # only these groups
+#   bash scripts/mutation.sh --list           # the groups, what they mutate, what they run
+#
+# Options: --jobs N (mutants run at once, default 1), --work DIR (default .mutation/).
+# Needs mutmut (`pip install -e '.[mutation]'`; MUTMUT=/path/to/mutmut picks another) and
+# the compiled extensions built in place (`python setup.py build_ext --inplace`).
+#
+# Each group runs in its own copy of the tree (DIR/GROUP/: the tracked and untracked
+# files plus the built extensions), so the work tree is never touched, a killed run leaves
+# nothing behind, and groups never share mutmut state. mutmut runs the group's fast tests
+# once to learn which test calls which function, then runs each mutant against only the
+# tests that call the mutated function. The summary (score and surviving mutants with
+# their diffs) goes to stdout and DIR/GROUP/report.txt. Heavy: it runs under nice -n 10.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+WORK="$ROOT/.mutation"
+JOBS=1
+MUTMUT="${MUTMUT:-mutmut}"
+ALL_GROUPS=(protocols keys store emulator vchan rings)
+
+# group -> files mutated (mutmut's only_mutate globs), tests run, extra environment,
+# extra pytest arguments.
+declare -A MUTATE TESTS ENVS ARGS
+MUTATE[protocols]="xenpv/protocols/*.py"
+TESTS[protocols]="tests/unit/test_protocol_blkif.py tests/unit/test_protocol_netif.py
+ tests/unit/test_protocol_misc.py tests/unit/test_protocol_vchan.py
+ tests/unit/test_console_ring.py tests/unit/test_hid_descriptor.py
+ tests/unit/test_keyboard_overflow.py tests/unit/test_layouts_roundtrip.py
+ tests/unit/test_xs_values.py tests/property/test_perturbations.py
+ tests/fuzz/test_oracles.py tests/fuzz/test_strategies.py"
+MUTATE[keys]="xenpv/xenbus/keys.py"
+TESTS[keys]="tests/unit/test_xenbus_paths.py tests/unit/test_xs_values.py
+ tests/property/test_perturbations.py tests/fuzz/test_oracles.py"
+MUTATE[store]="xenpv/xenstore/store.py"
+TESTS[store]="tests/unit/test_xs_store.py tests/unit/test_xs_rules.py
+ tests/property/test_xs_model.py"
+MUTATE[emulator]="xenpv/platforms/loopback/core.py"
+TESTS[emulator]="tests/unit/test_platform_core.py tests/unit/test_platform_model.py
+ tests/platform/test_suite_grants.py tests/platform/test_suite_events.py"
+ARGS[emulator]="-k|not crossprocess"  # the daemon mode runs the core in another process
+MUTATE[vchan]="xenpv/vchan/ring.py"
+TESTS[vchan]="tests/unit/test_vchan_ring.py tests/unit/test_protocol_vchan.py"
+ENVS[vchan]="XENPV_PURE_PYTHON=1"
+MUTATE[rings]="xenpv/rings/_reference.py"
+TESTS[rings]="tests/unit/test_ring_shared.py tests/unit/test_ring_atomic.py
+ tests/unit/test_ring_bytering.py tests/property/test_ring_properties.py
+ tests/property/test_console_ring_model.py tests/hostile/test_ring_hostile.py"
+ENVS[rings]="XENPV_PURE_PYTHON=1"
+
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+
+groups=()
+while (($#)); do
+    case "$1" in
+        --jobs) JOBS="$2"; shift 2 ;;
+        --work) WORK="$(realpath -m "$2")"; shift 2 ;;
+        --list)
+            for g in "${ALL_GROUPS[@]}"; do
+                printf '%s\n  mutates: %s\n  runs:    %s\n' "$g" "${MUTATE[$g]}" \
+                    "$(echo ${TESTS[$g]})"
+                [[ -n "${ENVS[$g]:-}" ]] && printf '  env:     %s\n' "${ENVS[$g]}"
+            done
+            exit 0 ;;
+        -h|--help) usage; exit 0 ;;
+        -*) echo "mutation.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
+        *)
+            [[ -n "${MUTATE[$1]:-}" ]] || { echo "mutation.sh: unknown group $1 (one of: ${ALL_GROUPS[*]})" >&2; exit 2; }
+            groups+=("$1"); shift ;;
+    esac
+done
+((${#groups[@]})) || groups=("${ALL_GROUPS[@]}")
+command -v "$MUTMUT" >/dev/null || {
+    echo "mutation.sh: $MUTMUT not found: pip install -e '.[mutation]' (or set MUTMUT)" >&2; exit 2; }
+ls "$ROOT"/xenpv/rings/_sring*.so >/dev/null 2>&1 || {
+    echo "mutation.sh: build the extensions first: python setup.py build_ext --inplace" >&2; exit 2; }
+
+run_group() {
+    local g="$1" tree="$WORK/$1"
+    rm -rf "$tree"
+    mkdir -p "$tree"
+    # a copy of the tree as it is now (tracked and untracked files, built extensions)
+    (cd "$ROOT" && { git ls-files -co --exclude-standard; find xenpv -name '*.so*'; } |
+        sort -u | while read -r f; do [[ -f "$f" ]] && printf '%s\0' "$f"; done |
+        tar -cf - --null -T -) | tar -xf - -C "$tree"
+    {
+        echo "[mutmut]"
+        echo "source_paths = xenpv"
+        echo "only_mutate = ${MUTATE[$g]}"
+        # pytest's own per-test timeout stays as a last resort; mutmut's timeout (15x the
+        # tests' clean duration + 10 s) turns a mutant that loops forever into a kill
+        echo "pytest_add_cli_args ="
+        local IFS='|'
+        for a in -p no:cacheprovider -q ${ARGS[$g]:-}; do echo "    $a"; done
+        unset IFS
+        echo "pytest_add_cli_args_test_selection ="
+        for t in ${TESTS[$g]}; do echo "    $t"; done
+        echo "timeout_constant = 10.0"
+        echo "use_setproctitle = false"
+    } > "$tree/setup.cfg"
+    # mutmut puts DIR/GROUP/mutants first on sys.path; it must exist before Python starts,
+    # or the import system caches its absence and the editable install's xenpv is tested
+    mkdir -p "$tree/mutants"
+    echo "== $g: mutating ${MUTATE[$g]} (log: $tree/mutmut.log)"
+    local start=$SECONDS rc=0
+    (cd "$tree" && env PYTHONPATH="$tree/mutants" ${ENVS[$g]:-} \
+        nice -n 10 "$MUTMUT" run --max-children "$JOBS" > "$tree/mutmut.log" 2>&1) || rc=$?
+    if ((rc)); then
+        echo "$g: mutmut failed (exit $rc); the end of $tree/mutmut.log:" >&2
+        tr '\r' '\n' < "$tree/mutmut.log" | grep -v '^[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏]' | tail -20 >&2
+        return 1
+    fi
+    (cd "$tree" && PYTHONPATH="$tree/mutants" "$MUTMUT" results --all true) > "$tree/results.txt"
+    local elapsed=$((SECONDS - start))
+    (cd "$tree" && PYTHONPATH="$tree/mutants" python3 - "$g" "$elapsed" "$MUTMUT") <<'EOF' | tee "$tree/report.txt"
+import subprocess
+import sys
+from collections import Counter
+
+group, elapsed, mutmut = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+status: dict[str, str] = {}
+for line in open("results.txt", encoding="utf-8"):
+    name, sep, verdict = line.strip().partition(": ")
+    if sep:
+        status[name] = verdict
+count = Counter(status.values())
+total = len(status)
+# a mutant that makes the tests time out or crash the interpreter was noticed
+caught = count["killed"] + count["timeout"] + count["segfault"]
+score = 100.0 * caught / total if total else 0.0
+print(f"{group}: {total} mutants in {elapsed} s, score {score:.1f}% "
+      f"({caught} caught: {count['killed']} killed, {count['timeout']} timeout, "
+      f"{count['segfault']} crashed; not caught: "
+      + ", ".join(f"{n} {v}" for v, n in sorted(count.items())
+                  if v not in ("killed", "timeout", "segfault")) + ")")
+for name, verdict in sorted(status.items()):
+    if verdict in ("killed", "timeout", "segfault"):
+        continue
+    diff = subprocess.run([mutmut, "show", name], capture_output=True, text=True).stdout
+    changed = [ln for ln in diff.splitlines()
+               if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
+    print(f"  {verdict}: {name}")
+    for ln in changed:
+        print(f"      {ln.strip()[:150]}")
+EOF
+}
+
+failed=0
+for g in "${groups[@]}"; do
+    run_group "$g" || failed=1
+done
+exit "$failed"

@@ -171,3 +171,45 @@ def test_protocol_names() -> None:
     for bad in (b"x86_16-abi", b"", b"\xff" * 10, b"x86_64-abi\0"):
         with pytest.raises(BadKeyError):
             keys.parse_protocol(bad)
+
+
+def test_key_errors_name_the_key_show_the_value_and_carry_the_errno() -> None:
+    """What goes into the ``error`` node: every refusal names the key (each parser's
+    default name when the caller gives none), shows the value (cut at 32 bytes, marked
+    with an ellipsis only when cut) and carries ENOENT, ERANGE or EINVAL."""
+    refusals = [
+        (lambda: keys.parse_grant_ref(b"7"), "'ring-ref'", errno.ERANGE),
+        (lambda: keys.parse_grant_ref(b"x"), "'ring-ref'", errno.EINVAL),
+        (lambda: keys.parse_port(b"0"), "'event-channel'", errno.ERANGE),
+        (lambda: keys.parse_port(b"x"), "'event-channel'", errno.EINVAL),
+        (lambda: keys.parse_ring_page_order(b"5", 4), "'ring-page-order'", errno.ERANGE),
+        (lambda: keys.parse_ring_page_order(b"x", 4), "'ring-page-order'", errno.EINVAL),
+        (lambda: keys.parse_num_queues(b"5", 4), "'multi-queue-num-queues'", errno.ERANGE),
+        (lambda: keys.parse_num_queues(b"x", 4), "'multi-queue-num-queues'", errno.EINVAL),
+        (lambda: keys.parse_uint(b"x", "ring-ref3"), "'ring-ref3'", errno.EINVAL),
+        (lambda: keys.parse_bool(b"2", "feature-persistent"), "'feature-persistent'", errno.EINVAL),
+        (lambda: keys.parse_protocol(b"x86_16-abi"), "b'x86_16-abi'", errno.EINVAL),
+    ]
+    for refuse, shown, err in refusals:
+        with pytest.raises(BadKeyError) as info:
+            refuse()
+        assert shown in str(info.value) and info.value.errno == err, (shown, str(info.value))
+    absent = keys.missing("ring-ref")
+    assert isinstance(absent, BadKeyError)
+    assert absent.errno == errno.ENOENT and "'ring-ref'" in str(absent)
+    # the value shown: 32 bytes are shown whole, a 33rd is cut off and marked
+    for length in (31, 32, 33, 200):
+        raw = bytes(range(40, 40 + length))
+        for parse in (lambda r: keys.parse_bool(r, "feature-x"), keys.parse_protocol):
+            with pytest.raises(BadKeyError) as info:
+                parse(raw)
+            text = str(info.value)
+            assert text.endswith(repr(raw[:32]) + ("…" if length > 32 else "")), text
+
+
+def test_parse_uint_defaults_to_the_whole_u32_range() -> None:
+    assert keys.parse_uint(b"0", "k") == 0
+    assert keys.parse_uint(b"4294967295", "k") == keys.U32_MAX == 2**32 - 1
+    with pytest.raises(BadKeyError) as info:
+        keys.parse_uint(b"4294967296", "k")
+    assert info.value.errno == errno.ERANGE

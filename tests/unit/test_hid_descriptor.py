@@ -140,3 +140,19 @@ def test_reports_for_undeclared_ids_and_short_reports_are_errors() -> None:
 def test_long_items_are_skipped() -> None:
     d = parse_report_descriptor(bytes.fromhex("fe0201aabb") + MOUSE_REPORT)
     assert d.reports[0].bits == 32
+
+
+def test_code_ranges_at_their_edges() -> None:
+    """Buttons 1-8 map to BTN_MOUSE.., key codes 1..KEY_MAX are valid, pointer codes are
+    BTN_MOUSE..BTN_TASK and BTN_TOUCH; an unknown name or code raises KeyError naming it."""
+    from xenpv.protocols import keycodes as kc
+
+    assert [kc.button_for_usage(u) for u in (0, 1, 8, 9)] == [None, kc.BTN_MOUSE, kc.BTN_MOUSE + 7, None]
+    assert [kc.valid_code(c) for c in (0, 1, kc.KEY_MAX, kc.KEY_MAX + 1)] == [False, True, True, False]
+    edges = (kc.BTN_MOUSE - 1, kc.BTN_MOUSE, kc.BTN_TASK, kc.BTN_TASK + 1, kc.BTN_TOUCH, kc.BTN_TOUCH + 1)
+    assert [kc.is_pointer_code(c) for c in edges] == [False, True, True, False, True, False]
+    assert code_by_name("0x1") == 1 and code_by_name(hex(kc.KEY_MAX)) == kc.KEY_MAX
+    for bad in ("no-such-key", "0x0", str(kc.KEY_MAX + 1)):
+        with pytest.raises(KeyError) as info:
+            code_by_name(bad)
+        assert info.value.args == (bad,)

@@ -98,10 +98,10 @@ def test_hostile_slot_bytes_only_ever_raise_peer_errors(slot: bytes, abi: blkif.
 def test_responses() -> None:
     blkif.validate_response(BlkifResponse(1, BLKIF_OP_READ, 0), BLKIF_OP_READ)
     blkif.validate_response(BlkifResponse(1, BLKIF_OP_READ, BLKIF_RSP_EOPNOTSUPP))
-    with pytest.raises(ProtocolError):  # scenario 11: status outside {0, -1, -2}
-        blkif.validate_response(BlkifResponse(1, BLKIF_OP_READ, 5))
-    with pytest.raises(ProtocolError):  # scenario 11: wrong operation echo
-        blkif.validate_response(BlkifResponse(1, BLKIF_OP_WRITE, 0), BLKIF_OP_READ)
+    with pytest.raises(ProtocolError, match=r"^blkif response 1: unknown status 5$"):
+        blkif.validate_response(BlkifResponse(1, BLKIF_OP_READ, 5))  # scenario 11
+    with pytest.raises(ProtocolError, match=r"^blkif response 1: operation 1 != request's 0$"):
+        blkif.validate_response(BlkifResponse(1, BLKIF_OP_WRITE, 0), BLKIF_OP_READ)  # echo
 
 
 def test_abi_from_protocol() -> None:
@@ -110,11 +110,22 @@ def test_abi_from_protocol() -> None:
     assert blkif.abi_from_protocol(None) is blkif.ABI.X86_64
     with pytest.raises(ProtocolError):  # scenario 18: unknown protocol
         blkif.abi_from_protocol("x86_16-abi")
+    # non-ASCII bytes are an unknown protocol too (never a decoding error), and the
+    # message shows the first 40 characters of the value
+    with pytest.raises(ProtocolError) as info:
+        blkif.abi_from_protocol(b"\xffarm-abi" + b"x" * 60)
+    shown = ("\ufffdarm-abi" + "x" * 60)[:40]
+    assert str(info.value) == f"unknown blkif protocol {shown!r}"
 
 
 def test_ring_sizes() -> None:
     for abi in blkif.ABI:
         assert [blkif.RING_SIZE(p, abi) for p in (1, 2, 4, 8, 16)] == [32, 64, 128, 256, 512]
+    assert blkif.RING_SIZE() == 32
+    seg = blkif.Segment(8, 0, 7)
+    assert blkif.BlkifRequest.rw(BLKIF_OP_READ, 0, 1, 0, (seg,) * 11).nr_segments == 11
+    with pytest.raises(LocalError, match=r"^at most 11 segments, got 12$"):
+        blkif.BlkifRequest.rw(BLKIF_OP_READ, 0, 1, 0, (seg,) * 12)
     lay = blkif.layouts().ring
     assert lay.slot_offset(37) == 624  # xen-protocols §1.2 worked example
     with pytest.raises(LocalError):

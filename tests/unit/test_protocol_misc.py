@@ -119,8 +119,9 @@ def test_xenstore_ring_used() -> None:
     assert xsring.ring_used(10, 5) == 5
     assert xsring.ring_used(3, 0xFFFFFFFE) == 5
     assert xsring.ring_used(1024, 0) == 1024
-    with pytest.raises(ProtocolError):  # scenario 25: in_prod - in_cons > 1024
+    with pytest.raises(ProtocolError) as info:  # scenario 25: in_prod - in_cons > 1024
         xsring.ring_used(1025, 0)
+    assert str(info.value) == "xenstore ring index corrupt: prod 1025 cons 0"
 
 
 def test_ring_geometry_helper() -> None:
@@ -129,3 +130,16 @@ def test_ring_geometry_helper() -> None:
     assert RingLayout("conn", 2, 4).slot_size == 4
     with pytest.raises(LocalError):
         ring_nr_ents(4096, 0)
+
+
+def test_ring_geometry_edges() -> None:
+    """One-byte slots (the smallest), a ring no bigger than its header, page counts."""
+    assert ring_nr_ents(64, 1) == 0 and ring_nr_ents(65, 1) == 1 and ring_nr_ents(40, 1) == 0
+    assert ring_nr_ents(100, 1) == 32 and ring_nr_ents(4096, 1) == 2048
+    for bad in (0, -1):
+        with pytest.raises(LocalError, match=f"slot size must be positive, got {bad}"):
+            ring_nr_ents(4096, bad)
+    ring = RingLayout("r", 1, 1)
+    assert ring.nr_ents() == 2048 and ring.nr_ents(2) == 4096 and ring.nr_ents(1) == 2048
+    with pytest.raises(LocalError, match="r: a ring needs at least one page, got 0"):
+        ring.nr_ents(0)

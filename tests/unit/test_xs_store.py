@@ -669,6 +669,63 @@ def test_control_commands(dom0: Client, store: Store) -> None:
     assert dom0.err(T.CONTROL, "frobnicate") == "EINVAL"
 
 
+
+def test_control_quota_lists_sets_refuses_and_reports_a_domain(
+    dom0: Client, guest: Client, store: Store
+) -> None:
+    """``quota``: every limit in declaration order with dashed names; ``set`` by dashed or
+    underscored name (integers and rates, 0 allowed: it disables a limit); an unknown
+    name, a negative or malformed value, or a ``set`` without its two arguments is
+    EINVAL with nothing changed; ``quota <domid>`` gives that domain's counts, an unknown
+    domain ENOENT."""
+    names = Quotas.names()
+    assert names[:3] == ["nodes", "node-size", "watches"] and names[-1] == "connections"
+    assert "watch-event-timeout" in names and all("_" not in n for n in names)
+    listing = "".join(f"{n}: {getattr(store.quotas, n.replace('-', '_'))}\n" for n in names)
+    assert dom0.ok(T.CONTROL, "quota") == listing.encode() + b"\0"
+    assert dom0.ok(T.CONTROL, "quota", "set", "node-size", "100") == b"OK\0"
+    assert dom0.ok(T.CONTROL, "quota", "set", "write_rate", "2.5") == b"OK\0"
+    assert dom0.ok(T.CONTROL, "quota", "set", "nodes", "0") == b"OK\0"
+    assert (store.quotas.node_size, store.quotas.write_rate, store.quotas.nodes) == (100, 2.5, 0)
+    assert isinstance(store.quotas.write_rate, float) and isinstance(store.quotas.nodes, int)
+    for bad in (("no-such", "1"), ("nodes", "-1"), ("nodes", "x"), ("nodes", "1.5"), ("nodes",)):
+        assert dom0.err(T.CONTROL, "quota", "set", *bad) == "EINVAL", bad
+    assert (store.quotas.node_size, store.quotas.nodes) == (100, 0)
+    with pytest.raises(KeyError) as unknown:
+        store.quotas.set("no-such", "1")
+    assert unknown.value.args == ("no-such",)
+    with pytest.raises(ValueError, match=r"^quota node-size must not be negative$"):
+        store.quotas.set("node-size", "-1")
+    # a domain's counts
+    guest.write("data", b"x")
+    guest.ok(T.WATCH, "data", "tok")
+    guest.start()
+    assert (store.watch_count(5), store.transaction_count(5)) == (1, 1)
+    assert (store.watch_count(7), store.transaction_count(7)) == (0, 0)
+    report = f"nodes: {store.node_count(5)}\nwatches: 1\ntransactions: 1\n\0".encode()
+    assert store.node_count(5) == 2 and dom0.ok(T.CONTROL, "quota", "5") == report
+    assert dom0.ok(T.CONTROL, "quota", "5", "a", "b") == report  # three args, not a set
+    assert dom0.err(T.CONTROL, "quota", "7") == "ENOENT"
+
+
+def test_disconnect_and_release_forget_the_connection(
+    dom0: Client, guest: Client, store: Store
+) -> None:
+    """A disconnected connection leaves ``connections`` and the set of connections with
+    pending events; dom0 and unknown domains are never released; a known one is, once."""
+    guest.ok(T.WATCH, "data", "tok")
+    dom0.write("/local/domain/5/data", b"1")
+    assert guest.conn in store.dirty and guest.conn in store.connections
+    store.disconnect(guest.conn)
+    assert guest.conn not in store.dirty and guest.conn not in store.connections
+    assert store.watch_count(5) == 0
+    dom0.write("/tool/kept", b"k")
+    assert store.release_domain(0) is False and store.release_domain(9) is False
+    assert dom0.ok(T.READ, "/tool/kept") == b"k"
+    assert store.release_domain(5) is True and store.release_domain(5) is False
+    store.introduce_domain(1)
+    assert store.release_domain(1) is True
+
 # -- persistence ------------------------------------------------------------------------------
 def test_state_round_trip_keeps_everything(dom0: Client, guest: Client, store: Store) -> None:
     dom0.write("/odd", bytes(range(256)) + b"\0\0")

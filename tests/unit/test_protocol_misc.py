@@ -143,3 +143,17 @@ def test_ring_geometry_edges() -> None:
     assert ring.nr_ents() == 2048 and ring.nr_ents(2) == 4096 and ring.nr_ents(1) == 2048
     with pytest.raises(LocalError, match="r: a ring needs at least one page, got 0"):
         ring.nr_ents(0)
+
+
+def test_usb_conn_responses_and_kbd_out_slots_at_their_edges() -> None:
+    """A conn response's port is checked against the frontend's port count, its speed
+    against the four known; out-ring slot k of the keyboard page lies at 3072 + 40 * k."""
+    usbif.validate_conn_response(usbif.ConnResponse(1, 4, usbif.USBIF_SPEED_HIGH), num_ports=4)
+    usbif.validate_conn_response(usbif.ConnResponse(1, 31, 0))
+    for port, ports in ((5, 4), (0, 4), (32, 31)):
+        with pytest.raises(ProtocolError, match=f"usb port {port} outside 1..{ports}"):
+            usbif.validate_conn_response(usbif.ConnResponse(1, port, 0), num_ports=ports)
+    with pytest.raises(ProtocolError, match="usb port 2: unknown speed 4"):
+        usbif.validate_conn_response(usbif.ConnResponse(1, 2, 4))
+    assert kbdif.XENKBD_OUT_RING_LEN == 25 and kbdif.XENKBD_OUT_RING_OFFS == 3072
+    assert [kbdif.out_slot_offset(i) for i in (0, 1, 24, 25, 26)] == [3072, 3112, 4032, 3072, 3112]

@@ -150,3 +150,19 @@ def test_ring_sizes_and_limits() -> None:
     assert (netif.NET_TX_RING_SIZE, netif.NET_RX_RING_SIZE, netif.NET_CTRL_RING_SIZE) == (256, 256, 128)
     assert netif.XEN_NETIF_NR_SLOTS_MIN == 18 and netif.XEN_NETIF_MAX_TX_SIZE == 0xFFFF
     assert netif.TxResponse.LAYOUT.size == 4 and netif.TX_RING.slot_size == 12
+
+
+def test_rx_response_edges() -> None:
+    """A zero-byte response is data (0 bytes), not an error status; data may end exactly at
+    the page's end but not one byte past it; a negative status other than ERROR/DROPPED
+    is a protocol error naming the response."""
+    rx = netif.RxResponse
+    assert netif.validate_rx_response(rx(3, 100, 0, 0)) == 0
+    assert netif.validate_rx_response(rx(3, 0, 0, 4096)) == 4096
+    assert netif.validate_rx_response(rx(3, 4000, 0, 96)) == 96
+    with pytest.raises(ProtocolError, match=r"^netif rx response 3: offset 4000 \+ 97 > page$"):
+        netif.validate_rx_response(rx(3, 4000, 0, 97))
+    for status in (netif.NETIF_RSP_ERROR, netif.NETIF_RSP_DROPPED):
+        assert netif.validate_rx_response(rx(3, 4095, 0, status)) == 0
+    with pytest.raises(ProtocolError, match=r"^netif rx response 3: unknown status -3$"):
+        netif.validate_rx_response(rx(3, 0, 0, -3))

@@ -726,6 +726,29 @@ def test_disconnect_and_release_forget_the_connection(
     store.introduce_domain(1)
     assert store.release_domain(1) is True
 
+
+def test_release_forgets_the_domains_accounting_and_targets_but_never_the_root(
+    store: Store, dom0: Client, guest: Client
+) -> None:
+    """Releasing a domain removes what it owns (but never ``/``, even when dom0 gave it
+    the root: the root goes back to dom0, so the accounting stays exact and a later domain
+    reusing the id does not own it), drops its node and memory accounting, and clears the
+    target of exactly the domains that targeted it."""
+    guest.write("data", b"x")
+    dom0.write("/tool/kept", b"k")
+    dom0.ok(T.SET_PERMS, "/", "n5")
+    for domid in (7, 8):
+        store.introduce_domain(domid)
+    dom0.ok(T.SET_TARGET, "7", "5")
+    dom0.ok(T.SET_TARGET, "6", "8")
+    assert store.node_count(5) == 3 and store.mem(5) > 0
+    assert store.release_domain(5) is True
+    assert dom0.ok(T.READ, "/tool/kept") == b"k" and dom0.err(T.READ, "/local/domain/5") == "ENOENT"
+    assert 5 not in store.owned and 5 not in store.memory and 5 not in store.domains
+    assert store.domains[7].target is None and store.domains[6].target == 8
+    assert perms_of(dom0, "/") == ["n0"]
+    assert store.check() == []
+
 # -- persistence ------------------------------------------------------------------------------
 def test_state_round_trip_keeps_everything(dom0: Client, guest: Client, store: Store) -> None:
     dom0.write("/odd", bytes(range(256)) + b"\0\0")

@@ -753,6 +753,9 @@ class Store:
         for path in owned_roots:
             if path in self.nodes and path != "/":
                 self.delete(path)
+        root = self.nodes["/"]
+        if root.owner == domid:  # dom0 gave it the root, which stays: the root goes back to dom0
+            self.set_perms("/", ((0, root.perms[0][1]), *root.perms[1:]))
         del self.domains[domid]
         self.owned.pop(domid, None)
         self.memory.pop(domid, None)

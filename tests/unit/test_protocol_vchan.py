@@ -26,6 +26,12 @@ from xenpv.protocols import ProtocolError, vchan
         (4096, 4096, (12, 12)),
         (1 << 20, 4097, (20, 13)),
         (1 << 20, 1 << 20, (20, 20)),
+        # one byte past each threshold
+        (1024, 2049, (11, 12)),
+        (2049, 1024, (12, 11)),
+        (2049, 4096, (12, 12)),
+        (4096, 2049, (12, 12)),
+        (4096, 2048, (12, 11)),
     ],
 )
 def test_server_size_choice(read_min: int, write_min: int, orders: tuple[int, int]) -> None:
@@ -50,8 +56,25 @@ def test_chosen_orders_fit_and_are_valid(read_min: int, write_min: int) -> None:
 
 
 def test_size_choice_rejects_oversize() -> None:
-    with pytest.raises(LocalError):
+    with pytest.raises(LocalError, match=r"^vchan ring sizes must be 0\.\.1048576, got 1048577, 0$"):
         vchan.choose_orders((1 << 20) + 1, 0)
+
+
+def test_order_refusals_name_the_ring_and_the_grant_list_limit() -> None:
+    """Each refusal names the ring (left/right) and the bound; the grant list must end
+    before an in-page ring: an order-20 ring (256 grants, ending at 1048) does not fit
+    before the order-10 ring at 1024, but does before the order-11 one at 2048."""
+    with pytest.raises(ProtocolError, match=r"^vchan left order 9 outside 10\.\.20$"):
+        vchan.validate_orders(9, 11)
+    with pytest.raises(ProtocolError, match=r"^vchan right order 21 outside 10\.\.20$"):
+        vchan.validate_orders(12, 21)
+    with pytest.raises(ProtocolError, match=r"^vchan rings both use the in-page order 11$"):
+        vchan.validate_orders(11, 11)
+    for orders in ((10, 20), (20, 10)):
+        with pytest.raises(ProtocolError, match=r"^vchan grant list ends at 1048, beyond 1024$"):
+            vchan.validate_orders(*orders)
+    for orders in ((11, 20), (20, 11), (10, 19), (20, 20)):
+        vchan.validate_orders(*orders)
 
 
 @pytest.mark.parametrize(

@@ -157,3 +157,16 @@ def test_usb_conn_responses_and_kbd_out_slots_at_their_edges() -> None:
         usbif.validate_conn_response(usbif.ConnResponse(1, 2, 4))
     assert kbdif.XENKBD_OUT_RING_LEN == 25 and kbdif.XENKBD_OUT_RING_OFFS == 3072
     assert [kbdif.out_slot_offset(i) for i in (0, 1, 24, 25, 26)] == [3072, 3112, 4032, 3072, 3112]
+
+
+def test_usb_isochronous_urbs_count_frame_descriptor_segments() -> None:
+    """Buffer and frame-descriptor segments together: 9 + 7 = 16 is accepted, 10 + 7 = 17
+    refused, even though each kind alone is far below the limit."""
+    isoc = usbif.Pipe(2, False, True, 1, 1, 0).encode()
+    u = bytes(6) + (7).to_bytes(2, "little")
+    seg = usbif.UsbSegment(8, 0, 8)
+    ok = usbif.UrbRequest(1, 9, isoc, 0, 512, u, (seg,) * 16)
+    assert ok.frame_desc_segs == 7
+    usbif.validate_urb_request(ok, num_ports=4)
+    with pytest.raises(ProtocolError, match=r"^usb urb 1: 17 segments > 16$"):
+        usbif.validate_urb_request(usbif.UrbRequest(1, 10, isoc, 0, 512, u, (seg,) * 17))

@@ -667,6 +667,12 @@ def test_control_commands(dom0: Client, store: Store) -> None:
     assert dom0.ok(T.CONTROL, "quota", "set", "nodes", "5") == b"OK\0"
     assert store.quotas.nodes == 5
     assert dom0.err(T.CONTROL, "frobnicate") == "EINVAL"
+    # the arguments: NUL-separated, the last NUL optional, non-ASCII bytes replaced
+    dom0.ok(T.CONTROL, raw=b"print\0no trailing nul")
+    assert store.log[-1] == "no trailing nul"
+    dom0.ok(T.CONTROL, raw=b"print\0a\xffb\0c\0")
+    assert store.log[-1] == "a\ufffdb c"
+    assert dom0.err(T.CONTROL, raw=b"") == "EINVAL" and dom0.err(T.CONTROL, raw=b"\0") == "EINVAL"
 
 
 

@@ -77,11 +77,11 @@ def test_usb_validation() -> None:
     seg = usbif.UsbSegment(8, 0, 512)
     req = usbif.UrbRequest(1, 1, usbif.Pipe(2, False, True, 1, 1, 3).encode(), 0, 512, bytes(8), (seg,))
     usbif.validate_urb_request(req, num_ports=4)
-    with pytest.raises(ProtocolError):  # segment crosses its page
+    with pytest.raises(ProtocolError, match=r"^usb urb 1: segment 4000\+512 crosses the page$"):
         usbif.validate_urb_request(
             usbif.UrbRequest(1, 1, req.pipe, 0, 512, bytes(8), (usbif.UsbSegment(8, 4000, 512),))
         )
-    with pytest.raises(ProtocolError):  # more data than buffer_length
+    with pytest.raises(ProtocolError, match=r"^usb urb 1: segments hold 512 > buffer_length 100$"):
         usbif.validate_urb_request(usbif.UrbRequest(1, 1, req.pipe, 0, 100, bytes(8), (seg,)))
     with pytest.raises(ProtocolError):  # 17 segments
         usbif.validate_urb_request(usbif.UrbRequest(1, 17, req.pipe, 0, 512, bytes(8), (seg,)))

@@ -5,7 +5,9 @@
 #   bash scripts/mutation.sh protocols keys   # only these groups
 #   bash scripts/mutation.sh --list           # the groups, what they mutate, what they run
 #
-# Options: --jobs N (mutants run at once, default 1), --work DIR (default .mutation/).
+# Options: --jobs N (mutants run at once, default 1), --work DIR (default .mutation/),
+# --fresh (re-check every survivor in a fresh interpreter, see below), --report (only
+# print the report of the last run in DIR/GROUP/, e.g. one stopped with Ctrl-C).
 # Needs mutmut (`pip install -e '.[mutation]'`; MUTMUT=/path/to/mutmut picks another) and
 # the compiled extensions built in place (`python setup.py build_ext --inplace`).
 #
@@ -15,23 +17,42 @@
 # once to learn which test calls which function, then runs each mutant against only the
 # tests that call the mutated function. The summary (score and surviving mutants with
 # their diffs) goes to stdout and DIR/GROUP/report.txt. Heavy: it runs under nice -n 10.
+#
+# mutmut's workers are forked from a process that has already imported xenpv, so a mutant
+# in code that runs only at import (the record layouts built into module-level tables)
+# is never executed by them and survives. --fresh runs the group's tests once more for
+# each survivor in a new interpreter with that mutant active (MUTANT_UNDER_TEST), where
+# import-time code runs mutated too; a survivor those tests fail on counts as caught.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="$ROOT/.mutation"
 JOBS=1
+FRESH=0
+REPORT_ONLY=0
 MUTMUT="${MUTMUT:-mutmut}"
-ALL_GROUPS=(protocols keys store emulator vchan rings)
+ALL_GROUPS=(keys store protocol-checks blkif layout hid emulator vchan rings)
+# `protocols` names the four groups that cover xenpv/protocols/ together
+PROTOCOL_GROUPS=(protocol-checks blkif layout hid)
 
 # group -> files mutated (mutmut's only_mutate globs), tests run, extra environment,
-# extra pytest arguments.
+# extra pytest arguments.  A mutant runs only the group's tests that call its function.
 declare -A MUTATE TESTS ENVS ARGS
-MUTATE[protocols]="xenpv/protocols/*.py"
-TESTS[protocols]="tests/unit/test_protocol_blkif.py tests/unit/test_protocol_netif.py
- tests/unit/test_protocol_misc.py tests/unit/test_protocol_vchan.py
- tests/unit/test_console_ring.py tests/unit/test_hid_descriptor.py
- tests/unit/test_keyboard_overflow.py tests/unit/test_layouts_roundtrip.py
- tests/unit/test_xs_values.py tests/property/test_perturbations.py
- tests/fuzz/test_oracles.py tests/fuzz/test_strategies.py"
+MUTATE[protocol-checks]="xenpv/protocols/netif.py xenpv/protocols/kbdif.py
+ xenpv/protocols/usbif.py xenpv/protocols/vchan.py xenpv/protocols/xsring.py
+ xenpv/protocols/console.py xenpv/protocols/__init__.py"
+TESTS[protocol-checks]="tests/unit/test_protocol_netif.py tests/unit/test_protocol_misc.py
+ tests/unit/test_protocol_vchan.py tests/unit/test_console_ring.py
+ tests/unit/test_keyboard_overflow.py tests/unit/test_xs_values.py
+ tests/property/test_perturbations.py tests/fuzz/test_oracles.py tests/fuzz/test_strategies.py"
+MUTATE[blkif]="xenpv/protocols/blkif.py"
+TESTS[blkif]="tests/unit/test_protocol_blkif.py tests/unit/test_xs_values.py
+ tests/property/test_perturbations.py tests/fuzz/test_oracles.py tests/fuzz/test_strategies.py"
+MUTATE[layout]="xenpv/protocols/layout.py"
+TESTS[layout]="tests/unit/test_layouts_roundtrip.py tests/unit/test_protocol_blkif.py
+ tests/unit/test_protocol_netif.py tests/unit/test_protocol_misc.py"
+MUTATE[hid]="xenpv/protocols/hid.py xenpv/protocols/keycodes.py"
+TESTS[hid]="tests/unit/test_hid_descriptor.py tests/unit/test_keyboard_overflow.py
+ tests/unit/test_protocol_misc.py"
 MUTATE[keys]="xenpv/xenbus/keys.py"
 TESTS[keys]="tests/unit/test_xenbus_paths.py tests/unit/test_xs_values.py
  tests/property/test_perturbations.py tests/fuzz/test_oracles.py"
@@ -57,18 +78,21 @@ groups=()
 while (($#)); do
     case "$1" in
         --jobs) JOBS="$2"; shift 2 ;;
+        --fresh) FRESH=1; shift ;;
+        --report) REPORT_ONLY=1; shift ;;
         --work) WORK="$(realpath -m "$2")"; shift 2 ;;
         --list)
             for g in "${ALL_GROUPS[@]}"; do
-                printf '%s\n  mutates: %s\n  runs:    %s\n' "$g" "${MUTATE[$g]}" \
+                printf '%s\n  mutates: %s\n  runs:    %s\n' "$g" "$(echo ${MUTATE[$g]})" \
                     "$(echo ${TESTS[$g]})"
                 [[ -n "${ENVS[$g]:-}" ]] && printf '  env:     %s\n' "${ENVS[$g]}"
             done
             exit 0 ;;
         -h|--help) usage; exit 0 ;;
         -*) echo "mutation.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
+        protocols) groups+=("${PROTOCOL_GROUPS[@]}"); shift ;;
         *)
-            [[ -n "${MUTATE[$1]:-}" ]] || { echo "mutation.sh: unknown group $1 (one of: ${ALL_GROUPS[*]})" >&2; exit 2; }
+            [[ -n "${MUTATE[$1]:-}" ]] || { echo "mutation.sh: unknown group $1 (one of: ${ALL_GROUPS[*]} protocols)" >&2; exit 2; }
             groups+=("$1"); shift ;;
     esac
 done
@@ -80,6 +104,12 @@ ls "$ROOT"/xenpv/rings/_sring*.so >/dev/null 2>&1 || {
 
 run_group() {
     local g="$1" tree="$WORK/$1"
+    local start=$SECONDS
+    if ((REPORT_ONLY)); then
+        [[ -d "$tree/mutants" ]] || { echo "$g: no run in $tree" >&2; return 1; }
+        report_group "$g" "$tree" "$start"
+        return
+    fi
     rm -rf "$tree"
     mkdir -p "$tree"
     # a copy of the tree as it is now (tracked and untracked files, built extensions)
@@ -89,7 +119,8 @@ run_group() {
     {
         echo "[mutmut]"
         echo "source_paths = xenpv"
-        echo "only_mutate = ${MUTATE[$g]}"
+        echo "only_mutate ="
+        for m in ${MUTATE[$g]}; do echo "    $m"; done
         # pytest's own per-test timeout stays as a last resort; mutmut's timeout (15x the
         # tests' clean duration + 10 s) turns a mutant that loops forever into a kill
         echo "pytest_add_cli_args ="
@@ -105,15 +136,39 @@ run_group() {
     # or the import system caches its absence and the editable install's xenpv is tested
     mkdir -p "$tree/mutants"
     echo "== $g: mutating ${MUTATE[$g]} (log: $tree/mutmut.log)"
-    local start=$SECONDS rc=0
+    local rc=0
     (cd "$tree" && env PYTHONPATH="$tree/mutants" ${ENVS[$g]:-} \
         nice -n 10 "$MUTMUT" run --max-children "$JOBS" > "$tree/mutmut.log" 2>&1) || rc=$?
+    # Ctrl-C stops mutmut cleanly (exit 0): the report then covers the mutants checked
     if ((rc)); then
         echo "$g: mutmut failed (exit $rc); the end of $tree/mutmut.log:" >&2
         tr '\r' '\n' < "$tree/mutmut.log" | grep -v '^[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏]' | tail -20 >&2
         return 1
     fi
+    report_group "$g" "$tree" "$start"
+}
+
+report_group() {
+    local g="$1" tree="$2" start="$3"
     (cd "$tree" && PYTHONPATH="$tree/mutants" "$MUTMUT" results --all true) > "$tree/results.txt"
+    [[ -f "$tree/fresh.txt" ]] || : > "$tree/fresh.txt"
+    if ((FRESH)); then
+        : > "$tree/fresh.txt"
+        # the interpreter mutmut runs under (its own venv, or the project's)
+        local py
+        py="$(head -1 "$(command -v "$MUTMUT")" | sed 's/^#!//')"
+        [[ -x "$py" ]] || py=python3
+        awk -F': ' '$2 == "survived" || $2 == "no tests" {print $1}' "$tree/results.txt" |
+        while read -r name; do
+            name="${name#"${name%%[![:space:]]*}"}"
+            local verdict=survived
+            # shellcheck disable=SC2086
+            (cd "$tree/mutants" && env PYTHONPATH="$tree/mutants" ${ENVS[$g]:-} \
+                MUTANT_UNDER_TEST="$name" nice -n 10 timeout 600 "$py" -m pytest -x -q \
+                -p no:cacheprovider ${TESTS[$g]} > /dev/null 2>&1) || verdict=killed
+            echo "$name: $verdict" >> "$tree/fresh.txt"
+        done
+    fi
     local elapsed=$((SECONDS - start))
     (cd "$tree" && PYTHONPATH="$tree/mutants" python3 - "$g" "$elapsed" "$MUTMUT") <<'EOF' | tee "$tree/report.txt"
 import subprocess
@@ -121,23 +176,36 @@ import sys
 from collections import Counter
 
 group, elapsed, mutmut = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-status: dict[str, str] = {}
-for line in open("results.txt", encoding="utf-8"):
-    name, sep, verdict = line.strip().partition(": ")
-    if sep:
-        status[name] = verdict
+CAUGHT = ("killed", "killed (fresh)", "timeout", "segfault")
+def read(path: str) -> dict[str, str]:
+    verdicts: dict[str, str] = {}
+    for line in open(path, encoding="utf-8"):
+        name, sep, verdict = line.strip().partition(": ")
+        if sep:
+            verdicts[name] = verdict
+    return verdicts
+
+
+status = read("results.txt")
+fresh = read("fresh.txt")
+status.update({n: "killed (fresh)" for n, v in fresh.items() if v == "killed"})
+# an interrupted run (Ctrl-C) leaves mutants "not checked": the score covers the others
+unchecked = sum(1 for v in status.values() if v == "not checked")
+status = {n: v for n, v in status.items() if v != "not checked"}
 count = Counter(status.values())
 total = len(status)
 # a mutant that makes the tests time out or crash the interpreter was noticed
-caught = count["killed"] + count["timeout"] + count["segfault"]
+caught = count["killed"] + count["killed (fresh)"] + count["timeout"] + count["segfault"]
 score = 100.0 * caught / total if total else 0.0
-print(f"{group}: {total} mutants in {elapsed} s, score {score:.1f}% "
-      f"({caught} caught: {count['killed']} killed, {count['timeout']} timeout, "
-      f"{count['segfault']} crashed; not caught: "
-      + ", ".join(f"{n} {v}" for v, n in sorted(count.items())
-                  if v not in ("killed", "timeout", "segfault")) + ")")
+print(f"{group}: {total} mutants in {elapsed} s"
+      + (f" ({unchecked} more not checked: interrupted)" if unchecked else "")
+      + f", score {score:.1f}% "
+      f"({caught} caught: {count['killed']} killed, {count['killed (fresh)']} killed only "
+      f"in a fresh interpreter, {count['timeout']} timeout, {count['segfault']} crashed; "
+      "not caught: " + ", ".join(f"{n} {v}" for v, n in sorted(count.items()) if v not in CAUGHT)
+      + ")")
 for name, verdict in sorted(status.items()):
-    if verdict in ("killed", "timeout", "segfault"):
+    if verdict in CAUGHT:
         continue
     diff = subprocess.run([mutmut, "show", name], capture_output=True, text=True).stdout
     changed = [ln for ln in diff.splitlines()

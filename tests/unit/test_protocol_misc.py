@@ -170,3 +170,15 @@ def test_usb_isochronous_urbs_count_frame_descriptor_segments() -> None:
     usbif.validate_urb_request(ok, num_ports=4)
     with pytest.raises(ProtocolError, match=r"^usb urb 1: 17 segments > 16$"):
         usbif.validate_urb_request(usbif.UrbRequest(1, 10, isoc, 0, 512, u, (seg,) * 17))
+
+
+def test_byte_ring_fill_at_the_edges() -> None:
+    """A full ring holds ``size`` readable bytes and no space; one more is corrupt (0, 0);
+    the indexes wrap at 2^32."""
+    from xenpv.protocols.layout import byte_ring_avail, byte_ring_space
+
+    for size in (1024, 2048):
+        assert (byte_ring_avail(size, 0, size), byte_ring_space(size, 0, size)) == (size, 0)
+        assert (byte_ring_avail(size - 1, 0, size), byte_ring_space(size - 1, 0, size)) == (size - 1, 1)
+        assert (byte_ring_avail(size + 1, 0, size), byte_ring_space(size + 1, 0, size)) == (0, 0)
+        assert byte_ring_avail(size - 5, 2**32 - 5, size) == size

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xenpv.errors import PeerError
+from xenpv.errors import LocalError, PeerError
 from xenpv.protocols import ProtocolError, netif
 from xenpv.protocols.netif import (
     NetifFatalError,
@@ -166,3 +166,39 @@ def test_rx_response_edges() -> None:
         assert netif.validate_rx_response(rx(3, 4095, 0, status)) == 0
     with pytest.raises(ProtocolError, match=r"^netif rx response 3: unknown status -3$"):
         netif.validate_rx_response(rx(3, 0, 0, -3))
+
+
+def test_tx_chain_limits_at_their_edges_and_the_refusals_text() -> None:
+    """18 data slots are a packet, 19 are dropped (every consumed slot named); 5 chained
+    extras pass, a 6th is fatal; a GSO size of 1 passes, 0 is fatal; each refusal says
+    what was wrong."""
+    pkt = netif.parse_tx_packet(slots(*chain([10] * 18)), 18)
+    assert pkt is not None and pkt.slots == 18 and len(pkt.fragments) == 18
+    with pytest.raises(NetifPacketError, match=r"^packet uses 19 data slots \(> 18\)$"):
+        netif.parse_tx_packet(slots(*chain([10] * 19)), 19)
+    with pytest.raises(NetifPacketError, match=r"^fragments \(65536\) exceed packet size 65535$") as exc:
+        netif.parse_tx_packet(slots(*chain([4096] * 17, total=0xFFFF)), 17)
+    assert exc.value.slots == 17 and exc.value.ids == tuple(range(17))
+    with pytest.raises(NetifPacketError, match=r"^packet of 0 bytes$"):
+        netif.parse_tx_packet(slots(TxRequest(5, 0, 0, 1, 0)), 1)
+    with pytest.raises(NetifFatalError, match=r"^fragment offset 4000 [+] size 200 crosses the page$"):
+        netif.parse_tx_packet(slots(TxRequest(5, 4000, 0, 1, 200)), 1)
+    first = TxRequest(5, 0, NETTXF_extra_info, 1, 100)
+
+    def extras(k: int) -> list[netif.HashExtra]:
+        more = netif.XEN_NETIF_EXTRA_FLAG_MORE
+        return [netif.HashExtra(netif.XEN_NETIF_EXTRA_TYPE_HASH, more if i < k - 1 else 0, 0, 1, 0)
+                for i in range(k)]  # fmt: skip
+
+    pkt = netif.parse_tx_packet(slots(first, *extras(5)), 6)
+    assert pkt is not None and len(pkt.extras) == 5
+    with pytest.raises(NetifFatalError, match=r"^too many chained extra-info slots$"):
+        netif.parse_tx_packet(slots(first, *extras(6)), 7)
+    gso = netif.GsoExtra(netif.XEN_NETIF_EXTRA_TYPE_GSO, 0, 1, 1, 0)
+    assert netif.parse_tx_packet(slots(first, gso), 2) is not None
+    with pytest.raises(NetifFatalError, match=r"^netif GSO size 0$"):
+        netif.parse_tx_packet(slots(first, netif.GsoExtra(netif.XEN_NETIF_EXTRA_TYPE_GSO, 0, 0, 1, 0)), 2)
+    with pytest.raises(LocalError, match=r"^parse_tx_packet needs at least one slot$"):
+        netif.parse_tx_packet(b"", 0)
+    with pytest.raises(LocalError, match=r"^netif_extra_info: buffer too short at -16$"):
+        netif.parse_extra(bytes(64), -16)

@@ -58,8 +58,10 @@ def test_extras_precede_fragments_and_chain_by_more() -> None:
 
 def test_scenario_06_too_many_slots_is_fatal() -> None:
     reqs = chain([10] * 22)
-    with pytest.raises(NetifFatalError):
+    with pytest.raises(NetifFatalError, match=r"^packet uses more than 20 slots after the first$"):
         netif.parse_tx_packet(slots(*reqs), len(reqs))
+    pkt = netif.parse_tx_packet(slots(*chain([10, 20])), 2)
+    assert pkt is not None and [r.id for r in pkt.requests] == [0, 1]
 
 
 def test_scenario_06_more_than_18_data_slots_drops_the_packet() -> None:
@@ -106,13 +108,13 @@ def test_scenario_06_fragment_crossing_its_page_is_fatal() -> None:
 
 def test_bad_extra_is_fatal() -> None:
     first = TxRequest(5, 0, NETTXF_extra_info, 1, 100)
-    for bad in (
-        netif.ExtraInfo(netif.XEN_NETIF_EXTRA_TYPE_NONE, 0),
-        netif.ExtraInfo(netif.XEN_NETIF_EXTRA_TYPE_MAX, 0),
-        netif.GsoExtra(netif.XEN_NETIF_EXTRA_TYPE_GSO, 0, 1448, 7, 0),
-        netif.GsoExtra(netif.XEN_NETIF_EXTRA_TYPE_GSO, 0x80, 1448, 1, 0),
+    for bad, text in (
+        (netif.ExtraInfo(netif.XEN_NETIF_EXTRA_TYPE_NONE, 0), "extra-info type 0 invalid"),
+        (netif.ExtraInfo(netif.XEN_NETIF_EXTRA_TYPE_MAX, 0), "extra-info type 5 invalid"),
+        (netif.GsoExtra(netif.XEN_NETIF_EXTRA_TYPE_GSO, 0, 1448, 7, 0), "GSO type 7 unknown"),
+        (netif.GsoExtra(netif.XEN_NETIF_EXTRA_TYPE_GSO, 0x80, 1448, 1, 0), "extra-info flags 0x80 unknown"),
     ):
-        with pytest.raises(NetifFatalError):
+        with pytest.raises(NetifFatalError, match=f"^netif {text}$"):
             netif.parse_tx_packet(slots(first, bad), 2)
 
 

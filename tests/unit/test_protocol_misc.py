@@ -170,6 +170,10 @@ def test_usb_isochronous_urbs_count_frame_descriptor_segments() -> None:
     usbif.validate_urb_request(ok, num_ports=4)
     with pytest.raises(ProtocolError, match=r"^usb urb 1: 17 segments > 16$"):
         usbif.validate_urb_request(usbif.UrbRequest(1, 10, isoc, 0, 512, u, (seg,) * 17))
+    # the count is a little-endian u16 at u[6:8], and only an isochronous pipe has one
+    assert usbif.UrbRequest(1, 1, isoc, 0, 512, bytes(7) + b"\x01", (seg,)).frame_desc_segs == 256
+    bulk = usbif.Pipe(2, False, True, 1, 1, 3).encode()
+    assert usbif.UrbRequest(1, 1, bulk, 0, 512, u, (seg,)).frame_desc_segs == 0
 
 
 def test_byte_ring_fill_at_the_edges() -> None:

@@ -186,3 +186,27 @@ def test_byte_ring_fill_at_the_edges() -> None:
         assert (byte_ring_avail(size - 1, 0, size), byte_ring_space(size - 1, 0, size)) == (size - 1, 1)
         assert (byte_ring_avail(size + 1, 0, size), byte_ring_space(size + 1, 0, size)) == (0, 0)
         assert byte_ring_avail(size - 5, 2**32 - 5, size) == size
+
+
+def test_kbd_event_refusals_say_what_is_wrong() -> None:
+    """Each in-ring refusal names the offending value; an unknown event type keeps its type
+    and raw bytes; a short buffer is a local error naming the offset."""
+    raw = bytes([9]) + bytes(range(1, 40))
+    unknown = kbdif.parse_in_event(raw)
+    assert unknown == kbdif.UnknownEvent(9, raw)
+    cases = [
+        (unknown, "kbd event type 9 unknown"),
+        (kbdif.Key(kbdif.XENKBD_TYPE_KEY, 2, 30), "kbd key event pressed=2"),
+        (kbdif.Position(kbdif.XENKBD_TYPE_POS, 10, 801), r"kbd position \(10, 801\) outside 800x600"),
+        (kbdif.MTouch(kbdif.XENKBD_TYPE_MTOUCH, 9, 0), "kbd multi-touch sub-type 9 unknown"),
+        (kbdif.MTouchOrient(kbdif.XENKBD_TYPE_MTOUCH, kbdif.XENKBD_MT_EV_ORIENT, 0, 181),
+         "kbd orientation 181 outside -180..180"),
+    ]  # fmt: skip
+    for ev, text in cases:
+        with pytest.raises(ProtocolError, match=f"^{text}$"):
+            kbdif.validate_in_event(ev, width=800, height=600)
+    contact = kbdif.MTouchPos(kbdif.XENKBD_TYPE_MTOUCH, kbdif.XENKBD_MT_EV_DOWN, 4, 1, 1)
+    with pytest.raises(ProtocolError, match=r"^kbd contact id 4 >= 4$"):
+        kbdif.validate_in_event(contact, num_contacts=4)
+    with pytest.raises(LocalError, match=r"^kbd event: buffer too short at 8$"):
+        kbdif.parse_in_event(bytes(40), 8)

@@ -121,11 +121,13 @@ run_group() {
         echo "source_paths = xenpv"
         echo "only_mutate ="
         for m in ${MUTATE[$g]}; do echo "    $m"; done
-        # pytest's own per-test timeout stays as a last resort; mutmut's timeout (15x the
-        # tests' clean duration + 10 s) turns a mutant that loops forever into a kill
+        # mutmut's timeout (15x the tests' clean CPU time + 10 s) turns a mutant that loops
+        # forever into a kill
         echo "pytest_add_cli_args ="
         local IFS='|'
-        for a in -p no:cacheprovider -q ${ARGS[$g]:-}; do echo "    $a"; done
+        # mutmut's own timeout counts CPU time: a mutant that blocks (an event never
+        # signalled) is ended by pytest-timeout's wall clock instead, and counts as killed
+        for a in -p no:cacheprovider -q --timeout=60 ${ARGS[$g]:-}; do echo "    $a"; done
         unset IFS
         echo "pytest_add_cli_args_test_selection ="
         for t in ${TESTS[$g]}; do echo "    $t"; done

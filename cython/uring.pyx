@@ -50,8 +50,14 @@ cdef class Uring:
     cdef int32_t res[REAP_BATCH]
     cdef public unsigned pending
 
-    def __cinit__(self, unsigned entries=256, unsigned cq_entries=1024):
+    def __cinit__(self, *args, **kwargs):
         self.r.fd = -1
+        self.pending = 0
+
+    def __init__(self, unsigned entries=256, unsigned cq_entries=1024):
+        if self.r.fd >= 0:  # (__init__ called again: the old ring goes first)
+            xu_close(&self.r)
+            self.r.fd = -1
         # No IORING_SETUP_COOP_TASKRUN: with it, a completion that arrives while the loop
         # sleeps in epoll is only posted at the task's next system call, and the eventfd
         # the loop waits for never fires.

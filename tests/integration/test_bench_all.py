@@ -4,19 +4,32 @@ with its figures' spreads, ratios, targets and conditions; ``--plot`` draws them
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
+
 from xenpv.cli.bench import BENCHMARKS
 
 
+@pytest.mark.timeout(700)
 def test_bench_all_quick_json_reports_every_benchmark(peer_root: Path, tmp_path: Path) -> None:
     svg, saved = tmp_path / "all.svg", tmp_path / "all.json"
-    res = subprocess.run([sys.executable, "-m", "xenpv", "bench", "all", "--quick", "--json",
-                          "--plot", str(svg), "--output", str(saved)],
-                         capture_output=True, text=True, timeout=600)
+    # (a run that hangs is stopped with SIGABRT, whose faulthandler dump names the place)
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "xenpv", "bench",
+                             "all", "--quick", "--json", "--plot", str(svg), "--output",
+                             str(saved)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        out, err = proc.communicate(timeout=30)
+        pytest.fail(f"bench all did not finish in 600 s:\n{err}")
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc == json.loads(saved.read_text())

@@ -127,9 +127,12 @@ def test_vchan_proxy_removes_its_socket_on(sig: signal.Signals, tmp_path: Path) 
         machine.close()
 
 
-def test_loopback_up_stops_on_sighup(tmp_path: Path) -> None:
+@pytest.mark.parametrize("xenstored", ["ours", "xen-c"])
+def test_loopback_up_stops_on_sighup(tmp_path: Path, xenstored: str) -> None:
+    """Also with Xen's C xenstored as dom0's: its files (in the run directory) go too."""
     rundir = tmp_path / "run"
-    proc = subprocess.Popen(xenpv("loopback", "up", "--rundir", str(rundir), "--domain", "1"),
+    proc = subprocess.Popen(xenpv("loopback", "up", "--rundir", str(rundir), "--domain", "1",
+                                  "--xenstored", xenstored),
                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         assert proc.stdout is not None

@@ -281,4 +281,5 @@ class XenCDom0Xenstored:
             self._xs = None
         if self.server is not None:
             await asyncio.to_thread(self.server.stop)
+            self.server.remove_workdir()  # (its files live in the run directory)
             self.server = None

@@ -41,6 +41,10 @@ _ffi.cdef(
     """
 )
 _libc: Any = _ffi.dlopen(None)
+# Resolved now, not on first use: cffi resolves a function under a lock that is not
+# re-entrant, and the destructor below can run inside the garbage collector while another
+# lookup holds that lock (it would wait forever).
+_munmap: Any = _libc.munmap
 _MAP_FAILED = _ffi.cast("void *", -1)
 
 PROT_NONE = 0
@@ -60,7 +64,7 @@ def _check(ptr: Any, what: str) -> Any:
 
 
 def _unmap(ptr: Any, length: int) -> None:
-    _libc.munmap(ptr, length)
+    _munmap(ptr, length)
 
 
 class Region:

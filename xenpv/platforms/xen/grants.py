@@ -93,13 +93,15 @@ class _Run(_Pages):
         length = len(self.refs) * PAGE_SIZE
         state = {"placeholder": False}
         self._state = state
-        libc = libs.libc
+        # Resolved here: the destructor may run inside the garbage collector while a cffi
+        # lookup holds cffi's (non-re-entrant) lock, so it must not look anything up.
+        munmap = libs.libc.munmap
 
         def _collect(ptr: Any) -> None:
             # The last view is gone: drop the zero placeholder (never the grant mapping,
             # which only the library may unmap).
             if state["placeholder"]:
-                libc.munmap(ptr, length)
+                munmap(ptr, length)
 
         self._ptr: Any = ffi.gc(ffi.cast("char *", addr), _collect)
         view = memoryview(ffi.buffer(self._ptr, length))

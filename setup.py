@@ -50,8 +50,9 @@ SHIM_LIBRARIES: dict[str, tuple[list[str], str | None, list[str]]] = {
     "libxenforeignmemory.so.1": (["shim/foreignmemory.c", "shim/common.c"], "shim/libxenforeignmemory.map", ["-lpthread"]),
     "libxendevicemodel.so.1": (["shim/devicemodel.c"], "shim/libxendevicemodel.map", []),
     "libxentoolcore.so.1": (["shim/toolcore.c"], "shim/libxentoolcore.map", ["-lpthread"]),
-    # LD_PRELOAD interposer for C xenstored's /proc/xen/xsd_{port,kva} (not a Xen library)
-    "libxenpv_xsd.so": (["shim/xsd_open.c"], None, ["-ldl"]),
+    # LD_PRELOAD interposer for C xenstored's /proc/xen/xsd_{port,kva} and its lifeline
+    # (not a Xen library)
+    "libxenpv_xsd.so": (["shim/xsd_open.c"], None, ["-ldl", "-lpthread"]),
 }
 SHIM_OUT = HERE / "xenpv" / "platforms" / "loopback" / "shim"
 

@@ -7,15 +7,24 @@
  * mapped with mmap).  C xenstored opens both paths, compiled in, at startup.  This
  * library redirects those two open() calls to the files named by $XENPV_XSD_PORT and
  * $XENPV_XSD_KVA (a text file with the port, a one-page file holding the ring); every
- * other open() goes straight to libc.  See shim/README.md.
+ * other open() goes straight to libc.
+ *
+ * It also ties the server's life to its launcher's: when $XENPV_XSD_LIFELINE names a
+ * descriptor (the read end of a pipe whose write end only the launcher holds), a thread
+ * started at load time waits on it and kills the process once it reads end of file, which
+ * happens when the launcher exits in any way, SIGKILL included.  See shim/README.md.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/types.h>
+#include <unistd.h>
 
 #define XENPV_EXPORT __attribute__((visibility("default")))
 
@@ -69,3 +78,42 @@ int open(const char *path, int flags, ...)
 
 /* On x86-64, open64 is open (off_t is 64 bits). */
 int open64(const char *path, int flags, ...) __attribute__((alias("open")));
+
+static void *watch_lifeline(void *arg)
+{
+    int fd = (int)(long)arg;
+    char byte;
+    ssize_t n;
+    do
+        n = read(fd, &byte, 1);
+    while (n > 0 || (n < 0 && errno == EINTR));
+    kill(getpid(), SIGKILL); /* the launcher is gone (or the descriptor is unusable) */
+    return NULL;
+}
+
+__attribute__((constructor)) static void start_lifeline(void)
+{
+    const char *s = getenv("XENPV_XSD_LIFELINE");
+    char *end;
+    long fd;
+    pthread_t thread;
+    pthread_attr_t attr;
+    sigset_t all, old;
+
+    if (!s || !*s)
+        return;
+    fd = strtol(s, &end, 10);
+    if (*end || fd < 0 || fcntl((int)fd, F_GETFD) < 0)
+        return;
+    fcntl((int)fd, F_SETFD, FD_CLOEXEC);
+    /* the watcher takes no signals: the server's handlers run in its own thread */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 65536);
+    if (pthread_create(&thread, &attr, watch_lifeline, (void *)fd) != 0)
+        kill(getpid(), SIGKILL); /* without a watcher the server could outlive us */
+    pthread_attr_destroy(&attr);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}

@@ -11,7 +11,11 @@ sends it no RELEASE).  A destroy fires ``@releaseDomain`` from the embedded serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from xenpv import peers
 from xenpv.platforms.loopback import proto
 from xenpv.platforms.loopback.client import ClientPlatform, ControlConnection
 from xenpv.platforms.loopback.env import shim_dir
+from xenpv.platforms.loopback.harness import start_daemon, stop_daemon
 from xenpv.platforms.loopback.xenstoreds import XEN_C_XENSTORED, xen_c_binary
 from xenpv.xenstore.client import Watch, XenstoreClient, connect
 from xenpv.xenstore.paths import SPECIAL_RELEASE
@@ -167,3 +172,41 @@ def test_domain_info_reports_shutdown_and_distinct_uuids(run: LoopbackRun) -> No
         ctl.close()
         run.domain_op("destroy", 31)
         run.domain_op("destroy", 32)
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            kids += [int(k) for k in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    return kids
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def test_c_xenstored_dies_with_a_sigkilled_loopback_daemon(tmp_path: Path) -> None:
+    rundir = tmp_path / "r"
+    daemon = start_daemon(rundir, xenstored="xen-c")
+    binary = os.path.realpath(xen_c_binary())
+    servers = [p for p in _children(daemon.pid)
+               if os.path.realpath(f"/proc/{p}/exe") == binary]
+    try:
+        assert len(servers) == 1, servers
+        daemon.kill()  # no chance to stop its xenstored
+        daemon.wait(10)
+        deadline = time.monotonic() + 10
+        while _running(servers[0]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _running(servers[0]), "C xenstored outlived its loopback daemon"
+    finally:
+        stop_daemon(daemon)
+        for pid in servers:  # only if it survived: the process we found, by its pid
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -18,7 +18,10 @@ The embedded server (``xenpv.xenstore.server``) is the emulator's default xensto
 * it binds ``VIRQ_DOM_EXC`` and, on every domain shutdown or destruction the emulator
   signals there, asks ``xc_domain_getinfo`` which introduced domains went away, releasing
   them and firing ``@releaseDomain``;
-* it listens on ``$XENSTORED_PATH`` (``WORKDIR/socket``); every socket client is dom0.
+* it listens on ``$XENSTORED_PATH`` (``WORKDIR/socket``); every socket client is dom0;
+* it dies with its launcher: the interposer watches the read end of a pipe whose write end
+  only the launcher holds (``XENPV_XSD_LIFELINE``), and kills the server at end of file,
+  so a launcher killed by SIGKILL (a ``loopback up`` daemon, a test) leaves no server.
 
 Guests reach it over their own xenstore ring once introduced (``XS_INTRODUCE`` with the
 guest's grant ref 1 and an unbound port offered to dom0).  Everything it was given is
@@ -51,6 +54,8 @@ __all__ = ["XSD_INTERPOSER", "XenCDom0Xenstored", "XenCXenstored", "xen_c_binary
 
 #: The LD_PRELOAD library that redirects ``/proc/xen/xsd_{kva,port}`` (built from shim/).
 XSD_INTERPOSER = "libxenpv_xsd.so"
+#: The environment variable naming the server's end of its lifeline pipe.
+ENV_LIFELINE = "XENPV_XSD_LIFELINE"
 #: Seconds C xenstored may take to release a destroyed domain (VIRQ_DOM_EXC).
 RELEASE_WAIT = 10.0
 #: Where C xenstored sits in the peers tree.
@@ -101,6 +106,7 @@ class XenCXenstored:
         self.proc: subprocess.Popen[bytes] | None = None
         self.dom0_port = 0
         self._events: ClientEvents | None = None  # holds dom0's xenstore port
+        self._lifeline = -1  # the write end of the server's lifeline pipe
 
     # -- lifecycle
     def env(self) -> dict[str, str]:
@@ -117,6 +123,7 @@ class XenCXenstored:
         """The environment of a dom0 program talking to this server over its socket."""
         env = self.env()
         del env["LD_PRELOAD"]
+        env.pop(ENV_LIFELINE, None)
         return env
 
     def start(self, timeout: float = 20.0) -> XenCXenstored:
@@ -141,13 +148,20 @@ class XenCXenstored:
             (self.workdir / "xsd_kva").write_bytes(bytes(PAGE_SIZE))
             (self.workdir / "xsd_port").write_text(f"{self.dom0_port}\n")
             cmd = [str(binary), "--no-fork", *(["--verbose"] if self.verbose else []), *self.args]
-            with open(self.log_path, "wb") as log:
-                self.proc = subprocess.Popen(
-                    cmd, env=self.env(), stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=subprocess.STDOUT, cwd=self.workdir,
-                )
+            # the write end is not inheritable: no other child keeps the server alive
+            lifeline, self._lifeline = os.pipe()
+            try:
+                with open(self.log_path, "wb") as log:
+                    self.proc = subprocess.Popen(
+                        cmd, env={**self.env(), ENV_LIFELINE: str(lifeline)},
+                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                        cwd=self.workdir, pass_fds=(lifeline,),
+                    )
+            finally:
+                os.close(lifeline)
         except BaseException:
             events.close()
+            self._close_lifeline()
             raise
         self._events = events
         deadline = time.monotonic() + timeout
@@ -186,12 +200,18 @@ class XenCXenstored:
                     self.proc.wait(timeout)
             status = self.proc.returncode
             self.proc = None
+        self._close_lifeline()
         if self._events is not None:
             self._events.close()
             self._events = None
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         return status
+
+    def _close_lifeline(self) -> None:
+        if self._lifeline >= 0:
+            os.close(self._lifeline)
+            self._lifeline = -1
 
     def remove_workdir(self) -> None:
         """Delete the server's files (after :meth:`stop`)."""

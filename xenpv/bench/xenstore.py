@@ -21,8 +21,12 @@ xenstored as dom0's; domain 1 is this process, through the control socket):
 ``ours_ring_sequential`` — domain 1 reads its own ``domid`` one request at a time over its
 ring (:class:`~xenpv.xenstore.ring.BlockingRingClient`), and
 ``ours_guest_socket_sequential`` — the same reads over the domain's socket, for reference
-(ratio without a target).  Xen's C xenstored serving the same ring is to be measured in
-the same way once it runs as the emulator's dom0 xenstored (``xen_c_ring_sequential``).
+(ratio without a target); ``xen_c_ring_sequential`` — the same ring reads by domain 1 of a
+second emulator whose dom0 xenstored is Xen's C xenstored (``xenpv loopback up
+--xenstored xen-c``), in the same run.  The ratio ``ours_ring_sequential /
+xen_c_ring_sequential`` has the target >= 1.0: both servers are reached the same way (an
+event on the guest's port wakes the server, which reads ``req`` and writes ``rsp`` in the
+shared page, then signals the guest), so it compares the servers' own costs.
 
 Also reported, without targets: ``ours_sequential_asyncio`` (the asyncio client one
 request at a time: it pays an event-loop wake-up and a task switch per reply) and
@@ -56,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -72,6 +77,7 @@ from xenpv.bench.report import Ratio, Rounds, add_rounds_option, rounds_of
 from xenpv.errors import LocalError
 from xenpv.platforms.loopback.client import ClientPlatform
 from xenpv.platforms.loopback.harness import start_daemon, stop_daemon
+from xenpv.platforms.loopback.xenstoreds import xen_c_binary
 from xenpv.xenstore.blocking import BlockingClient
 from xenpv.xenstore.client import connect
 from xenpv.xenstore.wire import XsType
@@ -124,6 +130,21 @@ def _cpus(placement: str) -> tuple[str, set[int] | None, set[int] | None]:
 def _pin(pid: int, cpus: set[int] | None) -> None:
     if cpus is not None:
         os.sched_setaffinity(pid, cpus)
+
+
+def _pin_tree(pid: int, cpus: set[int] | None) -> None:
+    """Pin ``pid`` and its children (threads included: each task is pinned)."""
+    if cpus is None:
+        return
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task), cpus)
+        try:
+            children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+        except OSError:
+            children = []
+        for child in children:
+            _pin_tree(int(child), cpus)
 
 
 def _compile(work: Path, name: str, *extra: str) -> Path:
@@ -287,8 +308,9 @@ def _against_echo(
 
 def prerequisites() -> None:
     """Raise a one-line LocalError naming what is missing: the peers tree (libxenstore and
-    Xen's headers), pyxs, or a C compiler."""
+    Xen's headers, Xen's C xenstored), pyxs, or a C compiler."""
     peers.find(f"{peers.LIB_DIR}/libxenstore.so.4")
+    xen_c_binary()
     peers.include_dir()
     try:
         import pyxs  # noqa: F401
@@ -332,6 +354,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ("ours_sequential_asyncio", "pyxs_sequential"),
             ("libxenstore_c_loop", "c_echo_floor"),
             ("ours_ring_sequential", "ours_guest_socket_sequential"),
+            ("ours_ring_sequential", "xen_c_ring_sequential"),
         )
     }
     ratios["client_only: ours_sequential/pyxs_sequential"] = Ratio(
@@ -357,6 +380,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ours_ring_sequential": "BlockingRingClient.read of its domid by domain 1 of "
         "xenpv loopback up (this process), over its xenstore ring",
         "ours_guest_socket_sequential": "the same reads over domain 1's socket",
+        "xen_c_ring_sequential": "the same ring reads by domain 1 of xenpv loopback up "
+        "--xenstored xen-c (Xen's C xenstored 4.17 as dom0's xenstored)",
         "cpus": os.cpu_count(),
     }
     return rec.result(units={k: "ops/s" for k in rec.samples}, ratios=ratios,
@@ -367,6 +392,7 @@ TARGETS = {
     "ours_sequential/pyxs_sequential": ">= 3.0",
     "ours_pipelined/pyxs_sequential": ">= 10.0",
     "libxenstore_sequential/c_echo_floor": ">= 0.5",
+    "ours_ring_sequential/xen_c_ring_sequential": ">= 1.0",
 }
 
 
@@ -385,8 +411,11 @@ def _measure(count: int, rounds: int, cpus: set[int] | None) -> dict[str, list[f
         )
         proc, sock = _start_server(work, cpus)
         emulator = start_daemon(work / "emu", domains=(GUEST_DOMID,))
-        _pin(emulator.pid, cpus)
+        _pin_tree(emulator.pid, cpus)
         guest = ClientPlatform.for_domain(work / "emu", GUEST_DOMID)
+        xen_c = start_daemon(work / "emu-xen-c", domains=(GUEST_DOMID,), xenstored="xen-c")
+        _pin_tree(xen_c.pid, cpus)  # the daemon and the C xenstored it started
+        xen_c_guest = ClientPlatform.for_domain(work / "emu-xen-c", GUEST_DOMID)
         try:
             cffi_reader = [sys.executable, "-m", "xenpv.bench._xs_cffi"]
             measures: dict[str, Callable[[], float]] = {
@@ -410,11 +439,14 @@ def _measure(count: int, rounds: int, cpus: set[int] | None) -> dict[str, list[f
                 # a guest of the emulator: over its ring, and over its socket
                 "ours_ring_sequential": lambda: _guest_ring(guest, count),
                 "ours_guest_socket_sequential": lambda: _guest_socket(guest, count),
+                "xen_c_ring_sequential": lambda: _guest_ring(xen_c_guest, count),
             }
             rec = Rounds("xenstore")
             rec.interleave(rounds, measures)  # each measurement goes first in turn
             return rec.samples
         finally:
             guest.close()
+            xen_c_guest.close()
+            stop_daemon(xen_c)
             stop_daemon(emulator)
             _stop(proc)

@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_net_support import (
+    BE,
     BROADCAST,
     GUESTS,
     NOTHING,
@@ -31,8 +32,9 @@ from test_net_support import (
 )
 
 from xenpv.backends.net import NetConfig
-from xenpv.frontends.net import NetFrontConfig
+from xenpv.frontends.net import NetFrontConfig, NetFrontend
 from xenpv.protocols.ethernet import GSO_NONE, GSO_TCPV4, GSO_TCPV6, NetFrame
+from xenpv.xenbus import XenbusState, add_device
 
 A, B = GUESTS
 
@@ -366,3 +368,35 @@ def test_multicast_control_filters_and_follows_the_frontend() -> None:
                 await close_all(w, a, b, c)
 
     run(body())
+
+
+def test_frontend_goes_connected_for_a_backend_that_waits_for_it() -> None:
+    """Linux netback and QEMU 10's xen-net-device connect only when the frontend says
+    Connected (they ignore Initialised): our frontend writes its keys and goes
+    Connected on the backend's InitWait, and ready() waits for the backend's Connected."""
+
+    async def body() -> None:
+        async with net_world() as w:
+            be = w.clients[BE]
+            info = await add_device(w.dom0, "vif", A, BE, 0,
+                                    frontend_keys={"mac": "02:16:3e:00:03:00"})
+            fe = NetFrontend(w.machine.domain(A), w.clients[A], info.frontend_path,
+                             config=NetFrontConfig(tx_pages=32, rx_pages=32), close_timeout=0.3)
+            await be.write(f"{info.backend_path}/feature-rx-copy", "1")
+            await be.write(f"{info.backend_path}/state", str(int(XenbusState.InitWait)))
+            await fe.start()
+            try:
+                async with asyncio.timeout(5.0):  # the backend waits for Connected only
+                    while await be.read(f"{info.frontend_path}/state") != b"4":
+                        await asyncio.sleep(0.01)
+                assert await be.read(f"{info.frontend_path}/tx-ring-ref")
+                with pytest.raises(TimeoutError):  # the backend has not connected yet
+                    await fe.ready(0.2)
+                await be.write(f"{info.backend_path}/state", str(int(XenbusState.Connected)))
+                await fe.ready(5.0)
+            finally:
+                await fe.close()
+            await be.write(f"{info.backend_path}/state", str(int(XenbusState.Closed)))
+            assert w.held() == NOTHING
+
+    run(body(), timeout=30)

@@ -16,8 +16,10 @@ Theory of operation
   ``request-rx-copy`` = 1, ``feature-rx-notify`` = 1 and what it can receive:
   ``feature-sg``, ``feature-gso-tcpv4``/``-v6``, ``feature-ipv6-csum-offload``,
   ``feature-no-csum-offload`` (:class:`NetFrontConfig`);
-* ``connect`` (backend Connected): starts a :class:`~xenpv.drivers.ringservice.RingClient`
-  per ring and posts one RX page per RX slot.
+* ``connect`` (right after ``publish``, as Linux's netfront does: the frontend goes from
+  Initialising straight to Connected, and the backend connects when it sees that):
+  starts a :class:`~xenpv.drivers.ringservice.RingClient` per ring and posts one RX page
+  per RX slot.  :meth:`NetFrontend.ready` also waits for the backend's Connected.
 
 Buffers: each queue grants its TX pages (read-only) and RX pages (writable) once and
 reuses them; a TX page is free again when its slot is answered, an RX page is posted
@@ -118,7 +120,9 @@ from xenpv.protocols.netif import (
     validate_extra,
     validate_rx_response,
 )
+from xenpv.xenbus import XenbusState
 from xenpv.xenbus.driver import FrontendDriver, PeerKeys
+from xenpv.xenbus.machine import FrontendStyle
 from xenpv.xenstore.client import XenstoreClient as XenbusClient
 
 __all__ = ["NetCtrlError", "NetFrontConfig", "NetFrontend", "NetPeerError", "TapBridge"]
@@ -230,7 +234,13 @@ class _Queue:
 class NetFrontend(FrontendDriver):
     """The frontend of one vif; see the module docstring.  After :meth:`start`,
     ``await fe.ready()``, then :meth:`send` and :meth:`recv` frames (or set
-    :attr:`receiver` to get each frame as it arrives)."""
+    :attr:`receiver` to get each frame as it arrives).
+
+    Like Linux's netfront it goes from Initialising straight to Connected once its keys
+    are written (:attr:`FrontendStyle.DIRECT`): Linux netback and QEMU's xen-net-device
+    connect only when they see the frontend Connected, never on Initialised."""
+
+    style = FrontendStyle.DIRECT
 
     def __init__(self, platform: Platform, client: XenbusClient, path: str, *,
                  config: NetFrontConfig | None = None,
@@ -436,11 +446,14 @@ class NetFrontend(FrontendDriver):
         return self._connected
 
     async def ready(self, timeout: float = 10.0) -> None:
-        """Wait (at most ``timeout`` s) until the vif is connected and usable."""
+        """Wait (at most ``timeout`` s) until the vif is connected and usable: our rings
+        are up and the backend says Connected."""
         if self._connected is None:
             self._future()
         assert self._connected is not None
-        await asyncio.wait_for(asyncio.shield(self._connected), timeout)
+        async with asyncio.timeout(timeout):
+            await asyncio.shield(self._connected)
+            await self.wait_peer_state(XenbusState.Connected, timeout=timeout)
 
     # -- failing closed
     def _peer_failed(self, message: str) -> None:

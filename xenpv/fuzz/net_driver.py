@@ -362,9 +362,9 @@ class NetfrontTarget:
             await fe.start()
             try:
                 async with asyncio.timeout(3.0):
-                    while await w.be.read(f"{fp}/state") not in (b"3", b"5", b"6"):
+                    while await w.be.read(f"{fp}/state") not in (b"3", b"4", b"5", b"6"):
                         await asyncio.sleep(0.01)
-                if await w.be.read(f"{fp}/state") == b"3":
+                if await w.be.read(f"{fp}/state") in (b"3", b"4"):  # keys published
                     with contextlib.suppress(PeerError, PlatformError):
                         for qk in await read_queue_keys(PeerKeys(w.be, fp), max_queues=4,
                                                         split=True):

@@ -362,12 +362,28 @@ class XenbusDriver:
 
         Raises :class:`TimeoutError`, or :class:`LocalError` if the loop ended first.
         """
+        return await self._wait_until(lambda: self.state, states, timeout, "in state")
+
+    async def wait_peer_state(self, *states: XenbusState, timeout: float = 10.0) -> XenbusState:
+        """Wait (at most ``timeout`` s) until the peer's state, as last read, is one of
+        ``states``.
+
+        Raises :class:`TimeoutError`, or :class:`LocalError` if the loop ended first.
+        """
+        return await self._wait_until(lambda: self.peer_state, states, timeout,
+                                      "with the peer in state")
+
+    async def _wait_until(self, current: Callable[[], XenbusState | None],
+                          states: tuple[XenbusState, ...], timeout: float,
+                          what: str) -> XenbusState:
         async with asyncio.timeout(timeout):
             while True:
-                if self.state in states:
-                    return self.state
+                now = current()
+                if now is not None and now in states:
+                    return now
                 if self._done.is_set():
-                    raise LocalError(f"driver ended in state {self.state.name}")
+                    name = now.name if now is not None else "unknown"
+                    raise LocalError(f"driver ended {what} {name}")
                 self._changed.clear()
                 waiter = asyncio.ensure_future(self._changed.wait())
                 done_waiter = asyncio.ensure_future(self._done.wait())
@@ -506,7 +522,10 @@ class XenbusDriver:
                     )
                     return
                 raw = None
+            before = m.peer
             await self._execute(m.peer_state_raw(raw))
+            if m.peer is not before:
+                self._changed.set()  # wakes wait_peer_state (and wait_state, harmlessly)
         except DeviceRemovedError:
             await self._execute(m.removed())
 

@@ -4,7 +4,10 @@ xenpv is tested against programs nobody on this project wrote: xenstore-utils, X
 ``test-xenstore``, ``vchan-socket-proxy``, ``xenconsoled``/``xenconsole``, libxenvchan and
 friends.  Installing ``xen-utils`` system-wide drags in hypervisor tooling, so the packages
 are downloaded with ``apt-get download`` and unpacked with ``dpkg-deb -x`` into a private
-tree (``peers_root()``), which is used through ``LD_LIBRARY_PATH``.
+tree (``peers_root()``), which is used through ``LD_LIBRARY_PATH``.  A few newer packages
+come from bookworm-backports (:data:`BACKPORTS`) through a private apt source list and
+state, so the system's apt configuration is left alone; they unpack into a subtree of
+their own (:data:`BACKPORTS_DIR`), since QEMU 10's files have 7.2's paths.
 
 ``xenpv peers fetch`` does this; tests locate programs with :func:`find` and fail loudly if
 one is missing.
@@ -70,10 +73,25 @@ PACKAGES: tuple[str, ...] = (
     "xenstore-utils",
 )
 
+#: Packages from bookworm-backports, unpacked under :data:`BACKPORTS_DIR`.  QEMU 10.0 is
+#: built against Xen 4.17's libraries and every library it links is in bookworm (``ldd``
+#: through :func:`run_env` finds them all), so nothing else comes from there.
+BACKPORTS: tuple[str, ...] = (
+    "qemu-system-xen",  # QEMU 10: xen-net-device with a netdev peer (7.2's qnic has none)
+)
+#: The subtree of the peers tree holding :data:`BACKPORTS`.
+BACKPORTS_DIR = "bookworm-backports"
+#: The suite :data:`BACKPORTS` come from, on the archive the system's bookworm comes from.
+BACKPORTS_SUITE = "bookworm-backports"
+
 XEN_BIN = "usr/lib/xen-4.17/bin"
 LIB_DIR = "usr/lib/x86_64-linux-gnu"
 #: Debian's QEMU build for Xen (the device model libxl starts; PV backends).
 QEMU = "usr/libexec/xen-qemu-system-i386"
+#: QEMU 10 from bookworm-backports (same program, in :data:`BACKPORTS_DIR`).
+QEMU10 = f"{BACKPORTS_DIR}/{QEMU}"
+#: The archive keyring apt checks the backports suite with, when it is there.
+ARCHIVE_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
 
 class PeerMissing(LocalError):
@@ -89,31 +107,75 @@ def peers_root() -> Path:
     return Path(cache) / "xenpv" / "peers"
 
 
-def _stamp(packages: tuple[str, ...]) -> str:
-    return hashlib.sha256("\n".join(sorted(packages)).encode()).hexdigest()[:16]
+def _stamp(packages: tuple[str, ...], backports: tuple[str, ...] = ()) -> str:
+    names = [*packages, *(f"{BACKPORTS_SUITE}/{b}" for b in backports)]
+    return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:16]
 
 
-def fetch(root: Path | None = None, packages: tuple[str, ...] = PACKAGES, quiet: bool = False) -> Path:
-    """Download and unpack ``packages`` into ``root`` (idempotent); return ``root``."""
+def fetch(root: Path | None = None, packages: tuple[str, ...] = PACKAGES, quiet: bool = False,
+          backports: tuple[str, ...] = BACKPORTS) -> Path:
+    """Download and unpack ``packages`` into ``root`` and ``backports`` into its
+    :data:`BACKPORTS_DIR` (idempotent: a stamp names what was unpacked); return ``root``."""
     root = root or peers_root()
     stamp = root / ".stamp"
-    if stamp.exists() and stamp.read_text().strip() == _stamp(packages):
+    if stamp.exists() and stamp.read_text().strip() == _stamp(packages, backports):
         return root
     for tool in ("apt-get", "dpkg-deb"):
         if shutil.which(tool) is None:
             raise PeerMissing(f"{tool} is needed to fetch the Xen peer programs (Debian/Ubuntu only)")
     root.mkdir(parents=True, exist_ok=True)
+    out = subprocess.DEVNULL if quiet else None
     with tempfile.TemporaryDirectory(prefix="xenpv-debs-") as tmp:
         cmd = ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *packages]
-        out = subprocess.DEVNULL if quiet else None
         if subprocess.run(cmd, cwd=tmp, stdout=out).returncode != 0:
             # A fresh machine has no package lists yet.
             subprocess.run(["apt-get", "update", "-q"], check=True, stdout=out)
             subprocess.run(cmd, cwd=tmp, check=True, stdout=out)
-        for deb in sorted(Path(tmp).glob("*.deb")):
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
-    stamp.write_text(_stamp(packages) + "\n")
+        _unpack(Path(tmp), root)
+    if backports:
+        with tempfile.TemporaryDirectory(prefix="xenpv-backports-") as tmp:
+            _download_backports(Path(tmp), backports, out)
+            _unpack(Path(tmp) / "debs", root / BACKPORTS_DIR)
+    stamp.write_text(_stamp(packages, backports) + "\n")
     return root
+
+
+def _unpack(debs: Path, root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for deb in sorted(debs.glob("*.deb")):
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+
+
+def _archive_uri(out: int | None) -> str:
+    """The URI of the archive the system's apt takes bookworm from (its package lists
+    name it; they are fetched once if there are none yet)."""
+    query = ["apt-get", "indextargets", "--format", "$(RELEASE) $(REPO_URI)"]
+    for attempt in range(2):
+        listed = subprocess.run(query, capture_output=True, text=True, check=True).stdout
+        for line in listed.splitlines():
+            release, _, uri = line.partition(" ")
+            if release == "bookworm" and uri:
+                return uri
+        if attempt == 0:
+            subprocess.run(["apt-get", "update", "-q"], check=True, stdout=out)
+    raise PeerMissing("no apt source for Debian bookworm is configured: "
+                      f"{BACKPORTS_SUITE} is taken from the same archive")
+
+
+def _download_backports(tmp: Path, names: tuple[str, ...], out: int | None) -> None:
+    """``apt-get download`` ``names`` from :data:`BACKPORTS_SUITE` into ``tmp/debs``,
+    with a source list, package lists and cache of its own under ``tmp``."""
+    for d in ("debs", "etc", "state/lists/partial", "cache/archives/partial"):
+        (tmp / d).mkdir(parents=True)
+    signed = f" [signed-by={ARCHIVE_KEYRING}]" if os.path.exists(ARCHIVE_KEYRING) else ""
+    (tmp / "etc/sources.list").write_text(
+        f"deb{signed} {_archive_uri(out)} {BACKPORTS_SUITE} main\n")
+    private = ["-o", f"Dir::Etc::sourcelist={tmp / 'etc/sources.list'}",
+               "-o", "Dir::Etc::sourceparts=-", "-o", f"Dir::State={tmp / 'state'}",
+               "-o", f"Dir::Cache={tmp / 'cache'}", "-o", "APT::Sandbox::User=root"]
+    subprocess.run(["apt-get", *private, "update", "-q"], check=True, stdout=out)
+    subprocess.run(["apt-get", *private, "download", "-q", *names], cwd=tmp / "debs",
+                   check=True, stdout=out)
 
 
 def find(relpath: str, root: Path | None = None) -> Path:
@@ -133,16 +195,31 @@ def find(relpath: str, root: Path | None = None) -> Path:
     )
 
 
-def qemu_device_model(domid: int, qmp: str | Path | None = None) -> list[str]:
+def qemu_device_model(domid: int, qmp: str | Path | None = None, *, qemu: str = QEMU) -> list[str]:
     """The command of QEMU as dom0's device model for ``domid`` (``-xen-attach``: the
     domain exists already), with no display and no default devices, and a QMP server on
     the Unix socket ``qmp`` if given.  Run it through the replacement libraries (as dom0
-    of an emulator).  Raises :class:`PeerMissing` at once if QEMU was not fetched."""
-    command = [str(find(QEMU)), "-machine", "xenpv", "-xen-domid", str(domid),
+    of an emulator).  ``qemu``: which build (:data:`QEMU` is 7.2, :data:`QEMU10` 10.0).
+    Raises :class:`PeerMissing` at once if that QEMU was not fetched."""
+    command = [str(find(qemu)), "-machine", "xenpv", "-xen-domid", str(domid),
                "-xen-attach", "-display", "none", "-nodefaults"]
     if qmp is not None:
         command += ["-qmp", f"unix:{qmp},server=on,wait=off"]
     return command
+
+
+def qemu_net_backend(domid: int, tap: str, mac: str, idx: int = 0, *,
+                     netns: str | None = None) -> list[str]:
+    """The command of QEMU 10 (:data:`QEMU10`) as dom0's device model for ``domid``
+    serving one vif: ``xen-net-device`` number ``idx`` with ``mac``, whose netdev is the
+    TAP device ``tap`` (opened, or created if absent, when QEMU starts; no scripts).  QEMU
+    writes ``backend/qnic/<domid>/<idx>`` and the guest's ``device/vif/<idx>`` itself.
+    With ``netns`` the command runs in that network namespace (``ip netns exec``), so
+    the TAP is there.  Raises :class:`PeerMissing` at once if QEMU 10 was not fetched."""
+    command = [*qemu_device_model(domid, qemu=QEMU10),
+               "-netdev", f"tap,id=n{idx},ifname={tap},script=no,downscript=no",
+               "-device", f"xen-net-device,netdev=n{idx},mac={mac},idx={idx}"]
+    return ["ip", "netns", "exec", netns, *command] if netns else command
 
 
 def lib_dir(root: Path | None = None) -> Path:

@@ -1,18 +1,29 @@
-"""Our net frontend with QEMU's net backend (Debian's qemu-system-xen 7.2, ``qnic``).
+"""Our net frontend with QEMU's net backends (Debian's qemu-system-xen 7.2 and 10.0).
 
 QEMU runs as dom0's device model for the guest on the loopback emulator, through the
-replacement libraries.  The toolstack creates ``backend/qnic/<guest>/<devid>`` behind the
-guest's ``device/vif/<devid>``.  QEMU 7.2's backend offers ``feature-rx-copy`` only and
-creates no netdev peer, so what can be shown is the handshake and the TX side: our
-frontend negotiates down to one queue, one event channel, no scatter-gather and no
-offloads (GSO frames are segmented and checksums completed before they leave), and every
-frame it sends is answered ``NETIF_RSP_OKAY`` by QEMU; frames larger than a page are
-refused locally, since QEMU did not offer ``feature-sg``.
+replacement libraries.
+
+* **7.2** (``qnic``): the toolstack creates ``backend/qnic/<guest>/<devid>`` behind the
+  guest's ``device/vif/<devid>``.  Its backend offers ``feature-rx-copy`` only and creates
+  no netdev peer, so what can be shown is the handshake and the TX side: our frontend
+  negotiates down to one queue, one event channel, no scatter-gather and no offloads (GSO
+  frames are segmented and checksums completed before they leave), and every frame it
+  sends is answered ``NETIF_RSP_OKAY`` by QEMU; frames larger than a page are refused
+  locally, since QEMU did not offer ``feature-sg``.
+* **10.0** (bookworm-backports, ``-device xen-net-device`` over a TAP netdev,
+  :func:`xenpv.testing.qemunet.qemu_vif`): QEMU writes both directories itself and
+  connects only once the frontend says Connected.  A kernel stack in a network namespace
+  behind QEMU's TAP and another on top of our frontend (its TAP in a second namespace,
+  checksum/TSO offload on, so the kernel's 64 KiB frames are segmented by our frontend)
+  answer ICMP echo over IPv4 and IPv6 link-local and move 8 MiB each way over TCP,
+  checked by SHA-256 digests.  The echo is sent from a raw socket by Python (the peers
+  tree has no ``ping`` yet).
 """
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,11 +34,13 @@ from shim_peers import LoopbackRun, run_showing_log
 from xenpv.frontends.net import NetFrontConfig, NetFrontend
 from xenpv.platforms.loopback.client import ClientPlatform
 from xenpv.protocols.ethernet import GSO_TCPV4, NetFrame
+from xenpv.testing.qemunet import qemu_vif, read_dir
 from xenpv.xenbus import XenbusState
 from xenpv.xenbus.toolstack import add_device, remove_device, vif_keys
 from xenpv.xenstore.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+from test_net_kernel import Namespaces, run_in, transfer
 from test_net_support import blank_checksum, tcp_frame
 
 GUEST = 35
@@ -59,6 +72,9 @@ def test_our_frontend_with_qemus_net_backend(tmp_path: Path) -> None:
                 fe = frontend
                 offered = {k for k, v in fe.backend_features.items() if v}
                 assert offered == set(), offered  # rx-copy only, required and present
+                bdir = await read_dir(xs0, info.backend_path)
+                assert {k: v for k, v in bdir.items() if k.startswith("feature-")} \
+                    == {"feature-rx-copy": "1", "feature-rx-flip": "0"}
                 assert len(fe.queues) == 1 and not fe.queues[0].split
                 peer = bytes.fromhex("00163e0000ff")
                 assert fe.mac is not None
@@ -91,3 +107,80 @@ def test_our_frontend_with_qemus_net_backend(tmp_path: Path) -> None:
         run_showing_log(body, qemu_log, "QEMU")
     finally:
         run.close()
+
+
+#: ICMP (or ICMPv6) echo from a raw socket: argv[1] the address, argv[2] the scope id.
+ECHO = """
+import socket, struct, sys
+addr, scope = sys.argv[1], int(sys.argv[2])
+v6 = ":" in addr
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_RAW,
+                  socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP)
+s.settimeout(5)
+body = struct.pack("!HH", 0x5870, 1) + bytes(range(56))
+msg = struct.pack("!BBH", 128 if v6 else 8, 0, 0) + body
+if not v6:  # the kernel fills in the ICMPv6 checksum, ICMP's is ours
+    t = sum(struct.unpack("!%dH" % (len(msg) // 2), msg))
+    t = (t & 0xFFFF) + (t >> 16)
+    msg = msg[:2] + struct.pack("!H", ~(t + (t >> 16)) & 0xFFFF) + msg[4:]
+s.sendto(msg, (addr, 0, 0, scope) if v6 else (addr, 0))
+while True:
+    data, peer = s.recvfrom(2048)
+    reply = data if v6 else data[(data[0] & 15) * 4:]  # raw IPv4 sockets get the IP header
+    if reply[0] == (129 if v6 else 0) and reply[4:] == body:
+        print("reply from", peer[0], flush=True)
+        break
+"""
+
+
+def ifindex(ns: str, dev: str) -> str:
+    """The interface index of ``dev`` in namespace ``ns``."""
+    out = subprocess.run(["ip", "-n", ns, "-o", "link", "show", dev], check=True,
+                         capture_output=True, text=True, timeout=20).stdout
+    return out.split(":")[0]
+
+
+async def echo(ns: str, addr: str, scope: str) -> None:
+    """An ICMP echo from namespace ``ns`` to ``addr`` is answered."""
+    proc = await run_in(ns, ECHO, addr, scope)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0 and out.startswith(b"reply from"), err.decode()[-2000:]
+
+
+def test_our_frontend_with_qemu10s_net_backend_and_kernel_stacks(tmp_path: Path) -> None:
+    qemu_log = tmp_path / "qemu10.log"
+    with Namespaces() as nets:  # guest: on our frontend; dom0: behind QEMU's TAP
+        run = LoopbackRun({GUEST: "guest"})
+        try:
+            async def body() -> None:
+                with open(qemu_log, "wb") as log:
+                    async with qemu_vif(run, GUEST, qemu_netns=nets.dom0, qemu_tap=nets.dtap,
+                                        guest_netns=nets.guest, guest_tap=nets.gtap,
+                                        log=log, timeout=WAIT) as vif:
+                        fe = vif.frontend
+                        offered = {k: v for k, v in vif.backend_keys.items()
+                                   if k.startswith("feature-")}
+                        assert offered == {"feature-rx-copy": "1", "feature-rx-flip": "0"}
+                        assert vif.frontend_keys["mac"] == "00:16:3e:00:00:23"
+                        assert vif.frontend_keys["state"] == vif.backend_keys["state"] == "4"
+                        assert len(fe.queues) == 1 and not fe.queues[0].split
+                        nets.configure(nets.guest, nets.gtap, "198.18.0.2/24", "fe80::2/64")
+                        nets.configure(nets.dom0, nets.dtap, "198.18.0.1/24", "fe80::1/64")
+                        await echo(nets.guest, "198.18.0.1", "0")
+                        await echo(nets.guest, "fe80::1", ifindex(nets.guest, nets.gtap))
+                        await transfer(nets, "198.18.0.1", "0")
+                        stats = fe.net_stats
+                        assert stats["tx_segmented"] > 0  # the kernel's GSO frames, cut by us
+                        assert stats["tx_errors"] == 0 and stats["rx_errors"] == 0
+                        assert stats["rx_bytes"] > 8 << 20 and stats["tx_bytes"] > 8 << 20
+                        assert fe.error is None
+                    assert vif.qemu.returncode is not None  # ended by pid
+
+            run_showing_log(body, qemu_log, "QEMU 10")
+        finally:
+            run.close()

@@ -16,8 +16,9 @@ replacement libraries.
   behind QEMU's TAP and another on top of our frontend (its TAP in a second namespace,
   checksum/TSO offload on, so the kernel's 64 KiB frames are segmented by our frontend)
   answer ICMP echo over IPv4 and IPv6 link-local and move 8 MiB each way over TCP,
-  checked by SHA-256 digests.  The echo is sent from a raw socket by Python (the peers
-  tree has no ``ping`` yet).
+  checked by SHA-256 digests; afterwards the emulator holds nothing (QEMU unmapped every
+  page, our grants and ports ended).  The echo is sent from a raw socket by Python (the
+  peers tree has no ``ping`` yet).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from xenpv.frontends.net import NetFrontConfig, NetFrontend
 from xenpv.platforms.loopback.client import ClientPlatform
 from xenpv.protocols.ethernet import GSO_TCPV4, NetFrame
 from xenpv.testing.qemunet import qemu_vif, read_dir
+from xenpv.testing.vchan import VchanLab
 from xenpv.xenbus import XenbusState
 from xenpv.xenbus.toolstack import add_device, remove_device, vif_keys
 from xenpv.xenstore.client import connect
@@ -154,33 +156,31 @@ async def echo(ns: str, addr: str, scope: str) -> None:
 
 def test_our_frontend_with_qemu10s_net_backend_and_kernel_stacks(tmp_path: Path) -> None:
     qemu_log = tmp_path / "qemu10.log"
-    with Namespaces() as nets:  # guest: on our frontend; dom0: behind QEMU's TAP
-        run = LoopbackRun({GUEST: "guest"})
-        try:
-            async def body() -> None:
-                with open(qemu_log, "wb") as log:
-                    async with qemu_vif(run, GUEST, qemu_netns=nets.dom0, qemu_tap=nets.dtap,
-                                        guest_netns=nets.guest, guest_tap=nets.gtap,
-                                        log=log, timeout=WAIT) as vif:
-                        fe = vif.frontend
-                        offered = {k: v for k, v in vif.backend_keys.items()
-                                   if k.startswith("feature-")}
-                        assert offered == {"feature-rx-copy": "1", "feature-rx-flip": "0"}
-                        assert vif.frontend_keys["mac"] == "00:16:3e:00:00:23"
-                        assert vif.frontend_keys["state"] == vif.backend_keys["state"] == "4"
-                        assert len(fe.queues) == 1 and not fe.queues[0].split
-                        nets.configure(nets.guest, nets.gtap, "198.18.0.2/24", "fe80::2/64")
-                        nets.configure(nets.dom0, nets.dtap, "198.18.0.1/24", "fe80::1/64")
-                        await echo(nets.guest, "198.18.0.1", "0")
-                        await echo(nets.guest, "fe80::1", ifindex(nets.guest, nets.gtap))
-                        await transfer(nets, "198.18.0.1", "0")
-                        stats = fe.net_stats
-                        assert stats["tx_segmented"] > 0  # the kernel's GSO frames, cut by us
-                        assert stats["tx_errors"] == 0 and stats["rx_errors"] == 0
-                        assert stats["rx_bytes"] > 8 << 20 and stats["tx_bytes"] > 8 << 20
-                        assert fe.error is None
-                    assert vif.qemu.returncode is not None  # ended by pid
+    with Namespaces() as nets, VchanLab(domains=(GUEST,), max_grants=1024) as lab:
+        # guest namespace: on our frontend; dom0 namespace: behind QEMU's TAP
+        async def body() -> None:
+            with open(qemu_log, "wb") as log:
+                async with qemu_vif(lab, GUEST, qemu_netns=nets.dom0, qemu_tap=nets.dtap,
+                                    guest_netns=nets.guest, guest_tap=nets.gtap,
+                                    log=log, timeout=WAIT) as vif:
+                    fe = vif.frontend
+                    offered = {k: v for k, v in vif.backend_keys.items()
+                               if k.startswith("feature-")}
+                    assert offered == {"feature-rx-copy": "1", "feature-rx-flip": "0"}
+                    assert vif.frontend_keys["mac"] == "00:16:3e:00:00:23"
+                    assert vif.frontend_keys["state"] == vif.backend_keys["state"] == "4"
+                    assert len(fe.queues) == 1 and not fe.queues[0].split
+                    nets.configure(nets.guest, nets.gtap, "198.18.0.2/24", "fe80::2/64")
+                    nets.configure(nets.dom0, nets.dtap, "198.18.0.1/24", "fe80::1/64")
+                    await echo(nets.guest, "198.18.0.1", "0")
+                    await echo(nets.guest, "fe80::1", ifindex(nets.guest, nets.gtap))
+                    await transfer(nets, "198.18.0.1", "0")
+                    stats = fe.net_stats
+                    assert stats["tx_segmented"] > 0  # the kernel's GSO frames, cut by us
+                    assert stats["tx_errors"] == 0 and stats["rx_errors"] == 0
+                    assert stats["rx_bytes"] > 8 << 20 and stats["tx_bytes"] > 8 << 20
+                    assert fe.error is None
+                assert vif.qemu.returncode is not None  # ended by pid
 
-            run_showing_log(body, qemu_log, "QEMU 10")
-        finally:
-            run.close()
+        run_showing_log(body, qemu_log, "QEMU 10")
+        lab.assert_released()  # QEMU unmapped everything, our grants and ports ended

@@ -36,7 +36,10 @@ from xenpv.frontends.net import NetFrontConfig, NetFrontend, TapBridge
 from xenpv.platforms.loopback.client import ClientPlatform
 from xenpv.xenstore.client import XenstoreClient, connect
 
-__all__ = ["QemuVif", "qemu_vif", "read_dir"]
+__all__ = ["MAC", "QemuVif", "qemu_vif", "read_dir", "start_qemu_net"]
+
+#: The vif's MAC unless one is given (QEMU writes it into the frontend directory).
+MAC = "00:16:3e:00:00:23"
 
 
 class Lab(Protocol):
@@ -92,21 +95,43 @@ async def _wait_key(xs: XenstoreClient, path: str, timeout: float,
             await asyncio.sleep(0.05)
 
 
+async def start_qemu_net(lab: Lab, guest: int, *, netns: str, tap: str, log: IO[bytes],
+                         mac: str = MAC, idx: int = 0,
+                         timeout: float = 20.0) -> tuple[subprocess.Popen[Any], str]:
+    """Start QEMU 10 as dom0's device model for ``guest``, serving vif ``idx`` (``mac``)
+    over TAP ``tap`` in namespace ``netns`` (its output to ``log``), and wait until it has
+    written the vif's directories; return QEMU's process and the vif's frontend path.  A
+    frontend (ours in process, or ``xenpv net frontend IDX`` as the guest) can then
+    connect.  The lab ends QEMU when it closes (or end it by pid).  Raises ``PeerMissing``
+    at once if QEMU 10 was not fetched, ``TimeoutError`` after ``timeout`` s."""
+    argv = peers.qemu_net_backend(guest, tap, mac, idx, netns=netns)
+    frontend_path = f"/local/domain/{guest}/device/vif/{idx}"
+    xs0 = await connect(str(Path(lab.rundir) / "dom0" / "xenstore"))
+    try:
+        qemu = lab.spawn(0, argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            await _wait_key(xs0, f"{frontend_path}/backend", timeout, qemu)
+        except BaseException:
+            await _end(qemu)
+            raise
+    finally:
+        await xs0.close()
+    return qemu, frontend_path
+
+
 @contextlib.asynccontextmanager
 async def qemu_vif(lab: Lab, guest: int, *, qemu_netns: str, qemu_tap: str,
                    guest_netns: str, guest_tap: str, log: IO[bytes],
-                   mac: str = "00:16:3e:00:00:23", idx: int = 0, offload: bool = True,
+                   mac: str = MAC, idx: int = 0, offload: bool = True,
                    config: NetFrontConfig | None = None,
                    timeout: float = 20.0) -> AsyncIterator[QemuVif]:
-    """Start QEMU 10 serving vif ``idx`` of ``guest`` over TAP ``qemu_tap`` in
-    ``qemu_netns`` (its output to ``log``), connect our frontend to it and bridge the
-    frontend to TAP ``guest_tap`` in ``guest_netns`` (checksum/TSO offload between that
-    TAP and the frontend when ``offload``).  Both namespaces must exist; the TAPs are
-    made here and are down and without addresses.  Raises ``PeerMissing`` at once if QEMU
-    10 was not fetched, ``TimeoutError`` if the vif does not connect within ``timeout``."""
-    argv = peers.qemu_net_backend(guest, qemu_tap, mac, idx, netns=qemu_netns)
+    """QEMU 10 serving vif ``idx`` of ``guest`` over TAP ``qemu_tap`` in ``qemu_netns``
+    (:func:`start_qemu_net`), our frontend connected to it in this process and bridged to
+    TAP ``guest_tap`` in ``guest_netns`` (checksum/TSO offload between that TAP and the
+    frontend when ``offload``).  Both namespaces must exist; the TAPs are made here and
+    are down and without addresses.  Raises ``PeerMissing`` at once if QEMU 10 was not
+    fetched, ``TimeoutError`` if the vif does not connect within ``timeout``."""
     rundir = Path(lab.rundir)
-    frontend_path = f"/local/domain/{guest}/device/vif/{idx}"
     async with contextlib.AsyncExitStack() as stack:  # undone in reverse order
         platform = ClientPlatform.for_domain(rundir, guest)
         stack.callback(platform.close)
@@ -114,10 +139,10 @@ async def qemu_vif(lab: Lab, guest: int, *, qemu_netns: str, qemu_tap: str,
         stack.push_async_callback(xs0.close)
         xsg = await connect(str(rundir / f"dom{guest}" / "xenstore"))
         stack.push_async_callback(xsg.close)
-        qemu = lab.spawn(0, argv, stdout=log, stderr=subprocess.STDOUT)
+        qemu, frontend_path = await start_qemu_net(lab, guest, netns=qemu_netns, tap=qemu_tap,
+                                                   log=log, mac=mac, idx=idx, timeout=timeout)
         stack.push_async_callback(_end, qemu)
-        backend_path = (await _wait_key(xs0, f"{frontend_path}/backend", timeout,
-                                        qemu)).decode()
+        backend_path = (await xs0.read(f"{frontend_path}/backend")).decode()
         frontend = NetFrontend(platform, xsg, frontend_path,
                                config=config or NetFrontConfig(tx_pages=64, rx_pages=64))
         await frontend.start()

@@ -46,8 +46,14 @@ CYTHON_DIRECTIVES = {
 SHIM_LIBRARIES: dict[str, tuple[list[str], str | None, list[str]]] = {
     "libxengnttab.so.1": (["shim/gnttab.c", "shim/common.c"], "shim/libxengnttab.map", ["-lpthread"]),
     "libxenevtchn.so.1": (["shim/evtchn.c", "shim/common.c"], "shim/libxenevtchn.map", ["-lpthread"]),
-    "libxenctrl.so.4.17": (["shim/ctrl.c", "shim/common.c"], "shim/libxenctrl.map", ["-lpthread"]),
     "libxenforeignmemory.so.1": (["shim/foreignmemory.c", "shim/common.c"], "shim/libxenforeignmemory.map", ["-lpthread"]),
+    # Needs libxenforeignmemory (as Debian's does): libxenguest imports xenforeignmemory_*
+    # unversioned and finds them only if a loaded library brought it in; found next to
+    # libxenctrl ($ORIGIN) also when it is opened by path.
+    "libxenctrl.so.4.17": (["shim/ctrl.c", "shim/ctrl_xl.c", "shim/ctrl_stubs.c", "shim/common.c"],
+                           "shim/libxenctrl.map",
+                           ["-lpthread", "-Wl,-rpath,$ORIGIN", "-Wl,--no-as-needed",
+                            "xenpv/platforms/loopback/shim/libxenforeignmemory.so.1"]),
     "libxendevicemodel.so.1": (["shim/devicemodel.c"], "shim/libxendevicemodel.map", []),
     "libxentoolcore.so.1": (["shim/toolcore.c"], "shim/libxentoolcore.map", ["-lpthread"]),
     # LD_PRELOAD interposer for C xenstored's /proc/xen/xsd_{port,kva} and its lifeline

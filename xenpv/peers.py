@@ -72,6 +72,10 @@ PACKAGES: tuple[str, ...] = (
     "xen-utils-4.17",
     "xenstore-utils",
 )
+#: xl (in xen-utils-4.17) as the toolstack: the libraries it links besides Xen's.
+PACKAGES += (
+    "libyajl2",  # libxenlight's JSON
+)
 
 #: Packages from bookworm-backports, unpacked under :data:`BACKPORTS_DIR`.  QEMU 10.0 is
 #: built against Xen 4.17's libraries and every library it links is in bookworm (``ldd``

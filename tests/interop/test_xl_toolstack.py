@@ -10,12 +10,24 @@ modulo the differences listed in ``docs/xl.md``.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from cli_support import json_line, xenpv
+from xl_support import XlToolstack
 
 from xenpv import peers
+from xenpv.frontends.block import BlockFrontend, FrontConfig
+from xenpv.frontends.net import NetFrontend
+from xenpv.platforms.loopback.client import ClientPlatform
 from xenpv.platforms.loopback.env import shim_dir
+from xenpv.platforms.loopback.harness import DaemonMachine
+from xenpv.protocols.ethernet import NetFrame
+from xenpv.xenstore.client import connect
 
 REPO = Path(__file__).resolve().parents[2]
 XEN_BIN = peers.XEN_BIN
@@ -49,3 +61,233 @@ def test_xl_and_xens_servers_load_on_the_replacement_libraries() -> None:
     check = subprocess.run([sys.executable, str(REPO / "scripts" / "shim_stubs.py"), "--check"],
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+# ------------------------------------------------------------------ xl as the toolstack
+
+GUESTS = {1: "xl-one", 2: "xl-two"}
+#: A domain that gets the same devices from ``xenpv device add`` (no frontend runs there).
+OURS = 3
+WAIT = 20.0
+MiB = 1 << 20
+XVDB = 51728  # vdev xvdb
+#: What ``xl`` writes that ``xenpv device add`` does not (or differently), per device
+#: type: {node relative to the device's backend (``be/``) or frontend (``fe/``)
+#: directory: (xenpv's value, xl's value)}; ``docs/xl.md`` says why.
+DIFFERENCES: dict[str, dict[str, tuple[str | None, str | None]]] = {
+    "vbd": {
+        "be/script": (None, "/etc/xen/scripts/block"),
+        "be/specification": (None, "xen"),
+        "fe/trusted": (None, "1"),
+        "fe/protocol": (None, "x86_64-abi"),
+    },
+    "vif": {
+        "be/script": ("vif-bridge", "/etc/xen/scripts/vif-bridge"),
+        "be/hotplug-status": (None, ""),
+        "be/mtu": ("1500", None),
+        "fe/mtu@perms": ("nD r0", "n0 rD"),
+        "fe/trusted": (None, "1"),
+    },
+}
+
+
+async def snapshot(xs: Any, devtype: str, domid: int, devid: int) -> dict[str, str]:
+    """The device's backend and frontend nodes: ``{"be/KEY": value, "be/KEY@perms": ...}``
+    (the guest's domain number in values and permissions replaced by ``D``), and
+    ``libxl`` when xl's own record of the device exists."""
+    out: dict[str, str] = {}
+    for side, path in (("be", f"/local/domain/0/backend/{devtype}/{domid}/{devid}"),
+                       ("fe", f"/local/domain/{domid}/device/{devtype}/{devid}")):
+        for key in await xs.directory(path):
+            value = (await xs.read(f"{path}/{key}")).decode()
+            out[f"{side}/{key}"] = "D" if value == str(domid) and key.endswith("-id") \
+                else value.replace(f"/{domid}/", "/D/")
+            perms = await xs.get_perms(f"{path}/{key}")
+            out[f"{side}/{key}@perms"] = " ".join(
+                p.access + ("D" if p.domid == domid else str(p.domid)) for p in perms)
+    if await xs.exists(f"/libxl/{domid}/device/{devtype}/{devid}"):
+        out["libxl"] = "present"
+    return out
+
+
+def differences(ours: dict[str, str], xls: dict[str, str]) -> dict[str, tuple[str | None,
+                                                                               str | None]]:
+    """``{key: (ours, xl's)}`` for every node that is not the same in both."""
+    return {k: (ours.get(k), xls.get(k)) for k in sorted(ours.keys() | xls.keys())
+            if ours.get(k) != xls.get(k) and not k.endswith("@perms")} | {
+        k: (ours.get(k), xls.get(k)) for k in sorted(ours.keys() & xls.keys())
+        if k.endswith("@perms") and ours[k] != xls[k]}
+
+
+async def wait_node(xs: Any, path: str, want: str | None, timeout: float = WAIT) -> None:
+    """Until ``path`` reads ``want`` (``None``: until it is gone)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = (await xs.read(path)).decode() if await xs.exists(path) else None
+        if value == want:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"{path} is {value!r}, not {want!r}"
+        await asyncio.sleep(0.05)
+
+
+def test_xl_attaches_lists_and_detaches_vbds_and_vifs_served_by_xenpv(
+        daemon_machine: Callable[..., DaemonMachine], procs: list[subprocess.Popen[bytes]],
+        tmp_path: Path) -> None:
+    """``xl list`` shows the emulator's domains (their uuids); ``xl block-attach`` and
+    ``network-attach`` write the same nodes as ``xenpv device add`` modulo
+    :data:`DIFFERENCES`, run the hotplug scripts, and the devices are served by ``xenpv
+    block backend``/``net backend``: the guests' frontends connect and move data;
+    ``block-list``/``network-list`` show them connected; ``block-detach`` and
+    ``network-detach`` close both ends and remove every node."""
+    machine = daemon_machine(max_grants=4096, max_ports=64)
+    for domid, name in {**GUESTS, OURS: "xenpv-three"}.items():
+        machine.create_domain(domid, name)
+    rundir = machine.rundir
+    sock = str(Path(rundir) / "dom0" / "xenstore")
+    state = tmp_path / "xl"
+    state.mkdir()
+    xl = XlToolstack(rundir, state)
+    listed = xl.domains()
+    assert set(listed) == {"Domain-0", "xenpv-three", *GUESTS.values()}, listed
+    assert listed["Domain-0"][0] == 0
+    uuids = {listed[name][1] for name in GUESTS.values()}
+    uuids.add(listed["xenpv-three"][1])
+    assert len(uuids) == 3 and "00000000-0000-0000-0000-000000000000" not in uuids
+    for domid, name in GUESTS.items():
+        assert listed[name][0] == domid
+        xl.adopt(domid, name, listed[name][1])
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4 * MiB))
+    block = subprocess.Popen(xenpv("block", "backend", "--all", "--rundir", rundir),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    procs.append(block)
+    net = subprocess.Popen(xenpv("net", "backend", "--all", "--rundir", rundir),
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    procs.append(net)
+    assert json_line(block, WAIT)["event"] == "ready"
+    assert json_line(net, WAIT)["event"] == "ready"
+
+    def cli(*args: str) -> None:
+        subprocess.run(xenpv(*args, "-s", sock), check=True, capture_output=True, timeout=WAIT)
+
+    async def xl_run(*args: str) -> str:
+        """xl in a thread: the guests' frontends run in this event loop meanwhile."""
+        return await asyncio.to_thread(xl.run, *args)
+
+    async def body() -> None:
+        xs = await connect(sock)
+        try:
+            for domid in GUESTS:  # what the toolstack that built the domain wrote
+                await xs.write(f"/local/domain/{domid}/memory/target", "262144")
+                await xs.write(f"/local/domain/{domid}/memory/static-max", "262144")
+            await block_device(xs)
+            await net_devices(xs)
+            for devtype, devid in (("vbd", XVDB), ("vif", 0)):  # never connected: no wait
+                cli("device", "remove", devtype, "-f", str(OURS), "-d", str(devid), "--force")
+        finally:
+            await xs.close()
+
+    async def block_device(xs: Any) -> None:
+        be = f"/local/domain/0/backend/vbd/1/{XVDB}"
+        cli("device", "add", "vbd", "-f", str(OURS), "--target", str(image), "--vdev", "xvdb")
+        await wait_node(xs, f"/local/domain/0/backend/vbd/{OURS}/{XVDB}/state", "2")
+        ours = await snapshot(xs, "vbd", OURS, XVDB)
+        await xl_run("block-attach", "1", f"format=raw,vdev=xvdb,access=rw,target={image}")
+        xls = await snapshot(xs, "vbd", 1, XVDB)
+        assert xls.pop("libxl") == "present"
+        assert differences(ours, xls) == DIFFERENCES["vbd"]
+        assert xl.hotplug_calls() == [f"block add backend/vbd/1/{XVDB}"]
+        guest = ClientPlatform.for_domain(rundir, 1)
+        gxs = await connect(str(Path(rundir) / "dom1" / "xenstore"))
+        # One queue on a one-page ring: xl block-list reads only those keys (event-channel,
+        # ring-ref), and shows -1 for queue-N/... and ring-refN
+        fe = BlockFrontend(guest, gxs, f"/local/domain/1/device/vbd/{XVDB}",
+                           config=FrontConfig(max_queues=1, max_ring_order=0),
+                           close_timeout=2.0)
+        try:
+            await fe.start()
+            await fe.ready(WAIT)
+            blob = bytes(range(256)) * 1024  # 256 KiB
+            await fe.write(MiB, blob)
+            assert await fe.flush()
+            assert await fe.read(MiB, len(blob)) == blob
+            assert image.read_bytes()[MiB:MiB + len(blob)] == blob
+            rows = (await xl_run("block-list", "1")).splitlines()
+            assert rows[0].split()[:4] == ["Vdev", "BE", "handle", "state"]
+            vdev, backend, _, st, evtch, ring = rows[1].split()[:6]
+            assert (vdev, backend, st) == (str(XVDB), "0", "4")
+            assert int(evtch) > 0 and int(ring) >= 0
+            await xl_run("block-detach", "1", "xvdb")
+            for path in (be, f"/local/domain/1/device/vbd/{XVDB}", f"/libxl/1/device/vbd/{XVDB}"):
+                assert not await xs.exists(path), path
+            assert xl.hotplug_calls()[1:] == [f"block remove backend/vbd/1/{XVDB}"]
+            assert (await xl_run("block-list", "1")).splitlines()[1:] == []
+        finally:
+            await fe.close()
+            await gxs.close()
+            guest.close()
+
+    async def net_devices(xs: Any) -> None:
+        macs = {1: "00:16:3e:00:00:01", 2: "00:16:3e:00:00:02"}
+        cli("device", "add", "vif", "-f", str(OURS), "--mac", macs[1], "--switch", "lab")
+        await wait_node(xs, f"/local/domain/0/backend/vif/{OURS}/0/state", "2")
+        ours = await snapshot(xs, "vif", OURS, 0)
+        calls = len(xl.hotplug_calls())
+        for domid in GUESTS:
+            await xl_run("network-attach", str(domid), f"mac={macs[domid]}", "bridge=lab")
+        xls = await snapshot(xs, "vif", 1, 0)
+        assert xls.pop("libxl") == "present"
+        assert differences(ours, xls) == DIFFERENCES["vif"]
+        assert xl.hotplug_calls()[calls:] == [f"vif-bridge online backend/vif/{d}/0"
+                                              for d in GUESTS]
+        ends = []
+        try:
+            for domid in GUESTS:
+                plat = ClientPlatform.for_domain(rundir, domid)
+                gxs = await connect(str(Path(rundir) / f"dom{domid}" / "xenstore"))
+                fe = NetFrontend(plat, gxs, f"/local/domain/{domid}/device/vif/0",
+                                 close_timeout=2.0)
+                ends.append((fe, gxs, plat))
+                await fe.start()
+            a, b = ends[0][0], ends[1][0]
+            await a.ready(WAIT)
+            await b.ready(WAIT)
+            assert a.mac == bytes.fromhex(macs[1].replace(":", ""))
+            hello = b"\xff" * 6 + a.mac + b"\x88\xb5" + b"through xl".ljust(46, b".")
+            await a.send(NetFrame(hello))
+            assert (await b.recv(WAIT)).data == hello
+            reply = a.mac + b.mac + b"\x88\xb5" + bytes(range(256)) * 5
+            await b.send(NetFrame(reply))
+            assert (await a.recv(WAIT)).data == reply
+            rows = (await xl_run("network-list", "1")).splitlines()
+            assert rows[0].split()[:4] == ["Idx", "BE", "Mac", "Addr."]
+            idx, backend, mac, handle, st = rows[1].split()[:5]
+            assert (idx, backend, mac, handle, st) == ("0", "0", macs[1], "0", "4")
+            calls = len(xl.hotplug_calls())
+            for domid in GUESTS:
+                await xl_run("network-detach", str(domid), "0")
+                for path in (f"/local/domain/0/backend/vif/{domid}/0",
+                             f"/local/domain/{domid}/device/vif/0",
+                             f"/libxl/{domid}/device/vif/0"):
+                    assert not await xs.exists(path), path
+            assert xl.hotplug_calls()[calls:] == [f"vif-bridge offline backend/vif/{d}/0"
+                                                  for d in GUESTS]
+            assert (await xl_run("network-list", "1")).splitlines()[1:] == []
+        finally:
+            for fe, gxs, plat in ends:
+                await fe.close()
+                await gxs.close()
+                plat.close()
+
+    asyncio.run(body())
+    # libxl's files went to the overlays' upper layers, never to the host
+    name = f"userdata-d.1.{listed[GUESTS[1]][1]}.libxl-json"
+    assert (state / "var" / "up" / "lib" / "xen" / name).exists()
+    assert not (Path("/var/lib/xen") / name).exists()
+    assert not Path("/usr/lib/xen-4.17").exists()
+    for backend in (block, net):
+        assert backend.stdin is not None
+        backend.stdin.close()
+        assert json_line(backend, WAIT)["event"] == "done"
+        assert backend.wait(WAIT) == 0
+    machine.assert_released()

@@ -11,6 +11,7 @@ modulo the differences listed in ``docs/xl.md``.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from cli_support import json_line, xenpv
+from test_shim_xenconsoled import GREETING, Console, _read_until
+from test_shim_xenconsoled import console as console  # the fixture
 from xl_support import XlToolstack
 
 from xenpv import peers
@@ -291,3 +294,29 @@ def test_xl_attaches_lists_and_detaches_vbds_and_vifs_served_by_xenpv(
         assert json_line(backend, WAIT)["event"] == "done"
         assert backend.wait(WAIT) == 0
     machine.assert_released()
+
+
+def test_xl_console_attaches_to_a_guest_console_served_by_xenconsoled(
+        console: Console, tmp_path: Path) -> None:
+    """``xl console 1`` execs its compiled-in ``/usr/lib/xen-4.17/bin/xenconsole`` (there
+    in xl's mount namespace) on our terminal: the guest's output arrives, our input
+    reaches the guest."""
+    xl = XlToolstack(console.run.rundir, tmp_path)
+    master, slave = os.openpty()
+    proc = subprocess.Popen(xl.command("console", "1"), env=xl.env, stdin=slave,
+                            stdout=slave, stderr=slave, start_new_session=True)
+    try:
+        os.close(slave)
+        slave = -1
+        console.start_guest_output()
+        _read_until(master, GREETING)
+        os.write(master, b"via xl\n")  # xenconsole put the terminal in raw mode
+        assert console.guest_input() == b"via xl\n"
+        assert proc.poll() is None
+        assert Path(f"/proc/{proc.pid}/exe").resolve().name == "xenconsole"
+    finally:
+        proc.kill()
+        proc.wait(10)
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)

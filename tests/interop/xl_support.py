@@ -71,13 +71,18 @@ class XlToolstack:
         self.unshare = shutil.which("unshare")
         assert self.unshare, "unshare (util-linux) is needed to run xl in a mount namespace"
 
+    def command(self, *args: str) -> list[str]:
+        """The command running ``xl ARGS`` in its namespace (under :attr:`env`); every
+        step execs the next, so its pid is xl's (and that of what xl execs)."""
+        assert self.unshare
+        return [self.unshare, "-m", "--propagation", "private", "sh", "-c", NAMESPACE_SCRIPT,
+                "xl-namespace", str(self.state), str(peers.peers_root()), str(self.xl), *args]
+
     def run(self, *args: str, check: bool = True, timeout: float = 30.0) -> str:
         """Run ``xl ARGS``; its standard output (``AssertionError`` with its output if it
         fails and ``check``)."""
-        cmd = [self.unshare, "-m", "--propagation", "private", "sh", "-c", NAMESPACE_SCRIPT,
-               "xl-namespace", str(self.state), str(peers.peers_root()), str(self.xl), *args]
-        res = subprocess.run(cmd, env=self.env, capture_output=True, text=True,
-                             timeout=timeout)
+        res = subprocess.run(self.command(*args), env=self.env, capture_output=True,
+                             text=True, timeout=timeout)
         if check:
             assert res.returncode == 0, f"xl {' '.join(args)}: {res.returncode}\n{res.stderr}"
         return res.stdout

@@ -100,15 +100,20 @@ def return_kinds(root: Path, names: list[str]) -> dict[str, str]:
     text = "".join((root / "usr/include" / h).read_text()
                    for h in ("xenctrl.h", "xenctrl_compat.h", "xenguest.h"))
     text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    text = re.sub(r"^\s*#.*$", " ", text, flags=re.M)
+    returns: dict[str, str] = {}  # function name -> its return type, first declaration
+    for statement in re.split(r"[;{}]", text):
+        m = re.match(r"\s*([^()]*?)\b([A-Za-z_]\w*)\s*\(", statement)
+        if m:
+            returns.setdefault(m.group(2), " ".join(m.group(1).split()))
     kinds = {}
     for name in names:
-        m = re.search(r"(?:^|[;}])\s*([^;{}#]*?)\b" + name + r"\s*\(", text, flags=re.M)
-        if m is None:
+        if name not in returns:
             if name not in PRIVATE:
                 raise SystemExit(f"no prototype for {name}: add its return kind to PRIVATE")
             kinds[name] = PRIVATE[name]
             continue
-        ret = " ".join(m.group(1).split())
+        ret = returns[name]
         pointer = "*" in ret or ret in POINTER_TYPEDEFS
         kinds[name] = "pointer" if pointer else "void" if ret == "void" else "value"
     return kinds

@@ -30,6 +30,7 @@ from xenpv.platforms.loopback.client import ClientPlatform
 from xenpv.platforms.loopback.env import shim_dir
 from xenpv.platforms.loopback.harness import DaemonMachine
 from xenpv.protocols.ethernet import NetFrame
+from xenpv.xenbus import remove_device
 from xenpv.xenstore.client import connect
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,6 +92,7 @@ DIFFERENCES: dict[str, dict[str, tuple[str | None, str | None]]] = {
         "fe/mtu@perms": ("nD r0", "n0 rD"),
         "fe/trusted": (None, "1"),
     },
+    "vkbd": {},
 }
 
 
@@ -185,8 +187,9 @@ def test_xl_attaches_lists_and_detaches_vbds_and_vifs_served_by_xenpv(
                 await xs.write(f"/local/domain/{domid}/memory/static-max", "262144")
             await block_device(xs)
             await net_devices(xs)
+            await keyboard_nodes(xs)
             for devtype, devid in (("vbd", XVDB), ("vif", 0)):  # never connected: no wait
-                cli("device", "remove", devtype, "-f", str(OURS), "-d", str(devid), "--force")
+                await remove_device(xs, devtype, OURS, devid, 0, force=True)
         finally:
             await xs.close()
 
@@ -281,6 +284,19 @@ def test_xl_attaches_lists_and_detaches_vbds_and_vifs_served_by_xenpv(
                 await fe.close()
                 await gxs.close()
                 plat.close()
+
+    async def keyboard_nodes(xs: Any) -> None:
+        # xl does not wait for a vkbd's backend: the nodes only (QEMU's backend type,
+        # xl's default, is the vkbd directory xenpv uses)
+        cli("device", "add", "vkbd", "-f", str(OURS))
+        ours = await snapshot(xs, "vkbd", OURS, 0)
+        await xl_run("vkb-attach", "1", "backend-type=qemu")
+        xls = await snapshot(xs, "vkbd", 1, 0)
+        assert xls.pop("libxl") == "present"
+        assert differences(ours, xls) == DIFFERENCES["vkbd"]
+        assert ours["be/state"] == "1" and len(ours) == 14
+        for domid in (1, OURS):
+            await remove_device(xs, "vkbd", domid, 0, 0, force=True)
 
     asyncio.run(body())
     # libxl's files went to the overlays' upper layers, never to the host

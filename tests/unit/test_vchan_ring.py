@@ -320,3 +320,173 @@ def test_twins_agree_on_every_call(ops: list[tuple[str, int, int]], start: int) 
     (_, _, page_a, log_a), (_, _, page_b, log_b) = sides
     assert log_a == log_b
     assert page_a == page_b
+
+
+# -- the busy-wait, step by step (the reference rings; the compiled twin polls in C) --------
+#
+# ring.py reads the time only through ``time.perf_counter_ns``.  A scripted clock makes
+# the spin deterministic: every reading advances by ``step`` ns, and the peer acts at a
+# chosen reading (data arrives, room appears), as a peer on another CPU would while we
+# poll.  What the docstrings promise: a zero budget (the default) never polls; a budget
+# polls until the deadline (now + spin_ns) and sees whatever the peer did before it;
+# what the peer does after the deadline is not waited for.
+
+
+class PeerClock:
+    """A stand-in for the ``time`` module whose clock runs in fixed steps and runs
+    ``action`` when it is read for the ``at``-th time (1-based; 0: never)."""
+
+    def __init__(self, step: int, at: int = 0, action: Any = None) -> None:
+        self.now = 1_000_000
+        self.step = step
+        self.at = at
+        self.action = action
+        self.reads = 0
+
+    def perf_counter_ns(self) -> int:
+        """The next reading; the peer acts first if this is its reading."""
+        self.reads += 1
+        if self.reads == self.at:
+            self.action()
+        self.now += self.step
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Install a scripted clock in ring.py; the test sets it up with ``clock(...)``."""
+    import xenpv.vchan.ring as ring
+
+    def install(step: int, at: int = 0, action: Any = None) -> PeerClock:
+        fake = PeerClock(step, at, action)
+        monkeypatch.setattr(ring, "time", fake)
+        return fake
+
+    return install
+
+
+REF = implementation("reference")
+
+
+def test_spin_sees_data_the_peer_writes_while_we_poll(clock: Any) -> None:
+    """recv_into and wait_ready(reading) with a budget: data written by the peer during
+    the spin is seen (and received), whenever it comes before the deadline - at the first
+    reading, in the middle, or at the reading that reaches the deadline (1 ns budget)."""
+    for spin, step, at in [(1000, 10, 3), (1000, 10, 1), (1000, 10, 100), (1, 10, 1)]:
+        server, client, _ = live_pair(REF)
+        c = clock(step, at, lambda client=client: client.send(b"abc"))
+        buf = bytearray(8)
+        assert server.recv_into(buf, -1, spin) == 3 and buf[:3] == b"abc", (spin, at)
+        assert c.reads >= at
+        server, client, _ = live_pair(REF)
+        c = clock(step, at, lambda client=client: client.send(b"abc"))
+        assert server.wait_ready(True, False, spin), (spin, at)
+        assert server.data_ready() == 3
+        # wanting a single byte is wanting something: it spins too
+        server, client, _ = live_pair(REF)
+        clock(step, at, lambda client=client: client.send(b"abc"))
+        assert server.recv_into(buf, 1, spin) == 1 and buf[:1] == b"a"
+
+
+def test_spin_sees_room_the_peer_makes_while_we_poll(clock: Any) -> None:
+    """send, write_some and wait_ready(writing) with a budget on a full ring: room the
+    peer makes during the spin is used."""
+    for spin, step, at in [(1000, 10, 3), (1000, 10, 100), (1, 10, 1)]:
+        for call in ("send", "write_some", "wait"):
+            server, client, _ = live_pair(REF)
+            assert client.send(b"f" * 1024) == 1024  # the left ring is full
+            c = clock(step, at, lambda server=server: server.recv_into(bytearray(5)))
+            if call == "send":
+                assert client.send(b"0123456789", spin) == 5, (spin, at)
+            elif call == "write_some":
+                assert client.write_some(b"0123456789", 2, spin) == 5, (spin, at)
+            else:
+                assert client.wait_ready(False, True, spin) and client.buffer_space() == 5
+            assert c.reads >= at
+            if call != "wait":
+                out = bytearray(2048)
+                assert server.recv_into(out) == 1024  # 1019 left of the f's, then 5 new
+                assert out[1019:1024] == (b"01234" if call == "send" else b"23456")
+
+
+def test_spin_waits_only_for_what_was_asked(clock: Any) -> None:
+    """A reader's spin is not ended by room in the ring it writes, a writer's not by data
+    in the ring it reads: with the other ring ready all along and the peer acting only
+    after the deadline, both give up empty-handed."""
+    server, client, _ = live_pair(REF)
+    server.send(b"for the client")  # the client has data to read ...
+    assert client.send(b"f" * 1024) == 1024  # ... and no room to write
+    clock(10, 1000, lambda: server.recv_into(bytearray(5)))
+    assert client.send(b"x", 1000) == 0
+    assert not client.wait_ready(False, True, 1000)
+    server, client, _ = live_pair(REF)  # the server has room to write, nothing to read
+    clock(10, 1000, lambda: client.send(b"late"))
+    assert server.recv_into(bytearray(8), -1, 1000) == 0
+    assert not server.wait_ready(True, False, 1000)
+
+
+def test_spin_stops_at_the_deadline(clock: Any) -> None:
+    """The budget ends at now + spin_ns: a peer that acts only at the first reading past
+    the deadline is not waited for, whether a reading lands on the deadline exactly
+    (steps of 500 ns) or jumps past it (300 ns)."""
+    for step in (500, 300):
+        # reading 1 sets the deadline; readings 2.. are at +step, +2*step, ...: the one
+        # at or past +1000 ends the spin, and the peer acts at the reading after it
+        last = 1 + -(-1000 // step)
+        for call in ("wait", "recv"):
+            server, client, _ = live_pair(REF)
+            acted: list[int] = []
+            clock(step, last + 1, lambda client=client, acted=acted: acted.append(client.send(b"late")))
+            if call == "wait":
+                assert not server.wait_ready(True, False, 1000)
+            else:
+                assert server.recv_into(bytearray(8), -1, 1000) == 0
+            assert acted == [], (step, call)  # we stopped reading the clock in time
+
+
+def test_no_budget_means_no_polling(clock: Any) -> None:
+    """spin_ns 0 - the default of recv_into, send and write_some - checks once and never
+    reads the clock, so a peer acting 'meanwhile' is not waited for; the same for a
+    read of 0 bytes, however large the budget."""
+    server, client, _ = live_pair(REF)
+    c = clock(10, 1, lambda: client.send(b"abc"))
+    assert server.recv_into(bytearray(8)) == 0
+    assert server.recv_into(bytearray(8), -1, 0) == 0
+    assert not server.wait_ready(True, False, 0)
+    assert server.recv_into(bytearray(8), 0, 10_000) == 0  # want 0: nothing to wait for
+    assert c.reads == 0
+    assert client.send(b"f" * 1024) == 1024
+    c = clock(10, 1, lambda: server.recv_into(bytearray(5)))
+    assert client.send(b"x") == 0
+    assert client.write_some(b"x") == 0
+    assert client.send(b"x", 0) == 0
+    assert not client.wait_ready(False, True, 0)
+    assert c.reads == 0
+    # what is ready now is reported at once, with no budget, for either direction
+    server, client, _ = live_pair(REF)
+    client.send(b"abc")
+    assert server.wait_ready(True, False, 0) and server.wait_ready(True, True, 0)
+    assert client.wait_ready(False, True, 0)
+
+
+def test_vchan_rings_bookkeeping() -> None:
+    """is_server as given; set_live stores our own live byte (server: srv_live at 21,
+    client: cli_live at 20, xen-protocols.md §10.1) and nothing else; release is
+    idempotent; an unknown implementation is refused by name."""
+    for cls in (REF, implementation("cython")):
+        server, client, page = pair(cls)
+        assert server.is_server is True and client.is_server is False
+        before = bytes(page)
+        server.set_live(1)
+        assert page[21] == 1 and bytes(page[:21]) + bytes(page[22:]) == before[:21] + before[22:]
+        client.set_live(2)
+        assert page[20] == 2 and page[21] == 1
+        assert client.peer_live() == 1 and server.peer_live() == 2
+        server.release()
+        server.release()  # twice: nothing left to drop
+        server.set_live(0)  # released: the page is no longer ours to write
+        assert page[21] == 1 and server.broken == "released"
+    with pytest.raises(ValueError, match="'bogus'"):
+        implementation("bogus")
+    with pytest.raises(ValueError, match="offset 9 outside a buffer of 3 bytes"):
+        live_pair(REF)[1].write_some(b"abc", 9)

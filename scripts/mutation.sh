@@ -57,8 +57,8 @@ MUTATE[keys]="xenpv/xenbus/keys.py"
 TESTS[keys]="tests/unit/test_xenbus_paths.py tests/unit/test_xs_values.py
  tests/property/test_perturbations.py tests/fuzz/test_oracles.py"
 MUTATE[store]="xenpv/xenstore/store.py"
-TESTS[store]="tests/unit/test_xs_store.py tests/unit/test_xs_rules.py
- tests/property/test_xs_model.py"
+TESTS[store]="tests/unit/test_xs_store.py tests/unit/test_xs_store_requests.py
+ tests/unit/test_xs_rules.py tests/property/test_xs_model.py"
 MUTATE[emulator]="xenpv/platforms/loopback/core.py"
 TESTS[emulator]="tests/unit/test_platform_core.py tests/unit/test_platform_model.py
  tests/platform/test_suite_grants.py tests/platform/test_suite_events.py"

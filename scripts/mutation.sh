@@ -55,7 +55,7 @@ MUTATE[layout]="xenpv/protocols/layout.py"
 TESTS[layout]="tests/unit/test_layouts_roundtrip.py tests/unit/test_blkif_abi.py tests/unit/test_protocol_blkif.py
  tests/unit/test_protocol_netif.py tests/unit/test_protocol_misc.py"
 MUTATE[hid]="xenpv/protocols/hid.py xenpv/protocols/keycodes.py"
-TESTS[hid]="tests/unit/test_hid_descriptor.py tests/unit/test_keyboard_overflow.py
+TESTS[hid]="tests/unit/test_hid_descriptor.py tests/unit/test_hid_translate.py tests/unit/test_keyboard_overflow.py
  tests/unit/test_protocol_misc.py"
 MUTATE[keys]="xenpv/xenbus/keys.py"
 TESTS[keys]="tests/unit/test_xenbus_paths.py tests/unit/test_xs_values.py

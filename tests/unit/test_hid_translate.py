@@ -1,0 +1,271 @@
+"""HID descriptors written item by item, and what their reports must translate to.
+
+The descriptors here are assembled from HID 1.11's short items (§6.2.2: prefix byte =
+tag << 4 | type << 2 | size code; main 0, global 1, local 2; Input flags bit 0 constant,
+bit 1 variable, bit 2 relative) so that each one isolates one rule of the translator:
+
+- values are sign-extended only when the logical minimum is negative (§6.2.2.7);
+- an array field reports usage ``usage_min + value - logical_min`` for values inside the
+  logical range, nothing for others, and usage 0 means "no key";
+- ErrorRollOver (keyboard usage 1) in an array keeps the previous state and is counted;
+- relative deltas of one usage in one report add up; an axis moves on its own; the wheel
+  comes out negated (HID: positive = away from the user, i.e. up; kbdif's ``rel_z``,
+  which the sources use: negative = up), and so do the wheels of an absolute pointer;
+- an absolute position is reported from the logical minimum with the range's width, and
+  only when both X and Y are present;
+- a report without key fields leaves the pressed keys alone;
+- a finger needs a tip switch, a contact id, X and Y, or it is skipped (and the fingers
+  after it still count); a contact keeps its slot wherever it appears in the report; at
+  most 16 contacts, a 17th is ignored while the others go on.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from xenpv.protocols.hid import HidError, HidTranslator, decode_report, parse_report_descriptor
+
+BTN_LEFT, BTN_RIGHT, BTN_MIDDLE = 0x110, 0x111, 0x112  # linux/input-event-codes.h
+KEY_A, KEY_LEFTSHIFT, KEY_COMPOSE = 30, 42, 127
+
+
+def item(type_: int, tag: int, value: int | None = None, size: int | None = None) -> bytes:
+    """One short item; ``value`` in the fewest bytes (or ``size`` bytes), little-endian."""
+    if value is None:
+        return bytes([tag << 4 | type_ << 2])
+    if size is None:
+        size = 1 if -0x80 <= value <= 0xFF else 2 if -0x8000 <= value <= 0xFFFF else 4
+    code = {1: 1, 2: 2, 4: 3}[size]
+    return bytes([tag << 4 | type_ << 2 | code]) + (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
+
+
+def page(p: int) -> bytes:
+    return item(1, 0, p)
+
+
+def lmin(v: int, size: int | None = None) -> bytes:
+    return item(1, 1, v, size)
+
+
+def lmax(v: int, size: int | None = None) -> bytes:
+    return item(1, 2, v, size)
+
+
+def rsize(n: int) -> bytes:
+    return item(1, 7, n)
+
+
+def rid(n: int) -> bytes:
+    return item(1, 8, n)
+
+
+def rcount(n: int) -> bytes:
+    return item(1, 9, n)
+
+
+def usage(u: int) -> bytes:
+    return item(2, 0, u)
+
+
+def umin(u: int) -> bytes:
+    return item(2, 1, u)
+
+
+def umax(u: int) -> bytes:
+    return item(2, 2, u)
+
+
+def inp(flags: int) -> bytes:
+    return item(0, 8, flags)
+
+
+def coll(kind: int) -> bytes:
+    return item(0, 0xA, kind)
+
+
+END = item(0, 0xC)
+DATA_ARRAY, DATA_VAR, DATA_VAR_REL, CONST = 0x00, 0x02, 0x06, 0x01
+DESKTOP, KEYBOARD, BUTTON, DIGITIZER, CONSUMER = 0x01, 0x07, 0x09, 0x0D, 0x0C
+X, Y, WHEEL = 0x30, 0x31, 0x38
+
+
+def app(usage_page: int, u: int, *body: bytes) -> bytes:
+    return page(usage_page) + usage(u) + coll(1) + b"".join(body) + END
+
+
+def test_signs_follow_the_logical_minimum() -> None:
+    desc = parse_report_descriptor(app(
+        DESKTOP, 0x05,
+        page(0xFF00), usage(1), usage(2), item(1, 1), lmax(255), rsize(8),
+        rcount(2), inp(DATA_VAR),          # min as an empty item: 0, values unsigned
+        usage(3), lmin(-1), lmax(1), rsize(8), rcount(1), inp(DATA_VAR),
+        usage(4), lmin(-127), lmax(127), rsize(8), rcount(1), inp(DATA_VAR),
+        usage(5), lmin(-0x8000, 2), lmax(0x7FFF, 2), rsize(16), rcount(1), inp(DATA_VAR)))
+    fields = desc.reports[0].fields
+    assert [(f.logical_min, f.logical_max) for f in fields] == [
+        (0, 255), (-1, 1), (-127, 127), (-0x8000, 0x7FFF)]
+    report = bytes([0xFF, 0x80, 0xFF, 0x40]) + (0x8000).to_bytes(2, "little")
+    assert decode_report(desc, report)[1] == [[255, 128], [-1], [64], [-0x8000]]
+    report = bytes([0x7F, 0x01, 0x01, 0xC0]) + (0x7FFF).to_bytes(2, "little")
+    assert decode_report(desc, report)[1] == [[127, 1], [1], [-64], [0x7FFF]]
+
+
+def test_an_empty_report_of_a_device_with_ids_is_refused_by_name() -> None:
+    desc = parse_report_descriptor(app(DESKTOP, 0x02, rid(1), page(BUTTON), umin(1), umax(3),
+                                       lmin(0), lmax(1), rsize(1), rcount(8), inp(DATA_VAR)))
+    with pytest.raises(HidError, match=r"^empty report$"):
+        decode_report(desc, b"")
+
+
+def keyboard(lmax_value: int = 101) -> bytes:
+    return app(
+        DESKTOP, 0x06,
+        page(KEYBOARD), umin(0xE0), umax(0xE7), lmin(0), lmax(1), rsize(1), rcount(8),
+        inp(DATA_VAR),
+        rsize(8), rcount(1), inp(CONST),
+        page(KEYBOARD), umin(0), umax(101), lmin(0), lmax(lmax_value), rsize(8), rcount(6),
+        inp(DATA_ARRAY))
+
+
+def test_keyboard_arrays_counters_and_range_edges() -> None:
+    t = HidTranslator(parse_report_descriptor(keyboard(lmax_value=255)))
+    assert t.stats == {"reports": 0, "unmapped": 0, "rollover": 0}
+    # usage 0 in the empty slots is no key; 101 (the usage maximum) is Compose
+    assert t.translate(bytes([0x02, 0, 4, 101, 0, 0, 0, 0])) == [
+        ("key", KEY_LEFTSHIFT, True), ("key", KEY_A, True), ("key", KEY_COMPOSE, True)]
+    # 102 is inside the logical range but past the usage maximum: no key
+    assert t.translate(bytes([0, 0, 102, 0, 0, 0, 0, 0])) == [
+        ("key", KEY_A, False), ("key", KEY_COMPOSE, False), ("key", KEY_LEFTSHIFT, False)]
+    assert t.stats == {"reports": 2, "unmapped": 0, "rollover": 0}
+    # ErrorUndefined (usage 3) has no key code: counted, each time
+    assert t.translate(bytes([0, 0, 3, 3, 0, 0, 0, 0])) == []
+    assert t.stats["unmapped"] == 2
+    assert t.translate(bytes([0, 0, 4, 0, 0, 0, 0, 0])) == [("key", KEY_A, True)]
+    for _ in range(2):  # rollover: the state stays, each one counted
+        assert t.translate(bytes([0, 0, 1, 1, 1, 1, 1, 1])) == []
+    assert t.stats == {"reports": 6, "unmapped": 2, "rollover": 2}
+    assert t.translate(bytes(8)) == [("key", KEY_A, False)]
+
+
+def test_button_array_maps_from_the_logical_minimum() -> None:
+    """Buttons 1-3 reported as values 1..3 (logical min 1): 1 and 3, the range's ends,
+    are buttons 1 and 3; 0 and 4 are outside the range."""
+    t = HidTranslator(parse_report_descriptor(app(
+        DESKTOP, 0x02, page(BUTTON), umin(1), umax(3), lmin(1), lmax(3), rsize(8), rcount(2),
+        inp(DATA_ARRAY))))
+    assert t.translate(bytes([1, 3])) == [("key", BTN_LEFT, True), ("key", BTN_MIDDLE, True)]
+    assert t.translate(bytes([2, 0])) == [
+        ("key", BTN_LEFT, False), ("key", BTN_MIDDLE, False), ("key", BTN_RIGHT, True)]
+    assert t.translate(bytes([4, 0])) == [("key", BTN_RIGHT, False)]
+    assert t.stats["unmapped"] == 0
+
+
+def test_reports_without_key_fields_leave_the_keys_alone() -> None:
+    """A keyboard (modifiers only, ID 1) and a mouse without buttons (ID 2) in one device."""
+    t = HidTranslator(parse_report_descriptor(
+        app(DESKTOP, 0x06, rid(1), page(KEYBOARD), umin(0xE0), umax(0xE7), lmin(0), lmax(1),
+            rsize(1), rcount(8), inp(DATA_VAR))
+        + app(DESKTOP, 0x02, rid(2), page(DESKTOP), usage(X), usage(Y), lmin(-127), lmax(127),
+              rsize(8), rcount(2), inp(DATA_VAR_REL))))
+    assert t.translate(bytes([1, 0x02])) == [("key", KEY_LEFTSHIFT, True)]
+    assert t.translate(bytes([2, 1, 0])) == [("rel", 1, 0, 0)]
+    assert t.translate(bytes([1, 0x00])) == [("key", KEY_LEFTSHIFT, False)]
+
+
+def test_relative_axes_add_up_and_move_alone() -> None:
+    t = HidTranslator(parse_report_descriptor(app(
+        DESKTOP, 0x02, page(DESKTOP), usage(X), usage(X), usage(Y), usage(WHEEL),
+        lmin(-127), lmax(127), rsize(8), rcount(4), inp(DATA_VAR_REL),
+        page(CONSUMER), usage(0x30), lmin(0), lmax(1), rsize(8), rcount(1), inp(DATA_VAR_REL))))
+
+    def rep(dx1: int, dx2: int, dy: int, w: int, power: int = 0) -> bytes:
+        return bytes(v & 0xFF for v in (dx1, dx2, dy, w, power))
+
+    assert t.translate(rep(5, 2, 0, 0)) == [("rel", 7, 0, 0)]
+    assert t.translate(rep(0, 0, -3, 0)) == [("rel", 0, -3, 0)]
+    assert t.translate(rep(0, 0, 0, 2)) == [("rel", 0, 0, -2)]
+    assert t.translate(rep(0, 0, 0, 0)) == []
+    # usage 0x30 of the consumer page (Power) is no X axis
+    assert t.translate(rep(0, 0, 0, 0, power=1)) == []
+
+
+def test_absolute_position_from_the_logical_minimum() -> None:
+    t = HidTranslator(parse_report_descriptor(app(
+        DESKTOP, 0x02, page(DESKTOP), usage(X), lmin(10), lmax(1010, 2), rsize(16), rcount(1),
+        inp(DATA_VAR),
+        usage(Y), lmin(-500, 2), lmax(500, 2), rsize(16), rcount(1), inp(DATA_VAR),
+        usage(WHEEL), usage(WHEEL), lmin(-127), lmax(127), rsize(8), rcount(2), inp(DATA_VAR))))
+    report = (510).to_bytes(2, "little") + (0).to_bytes(2, "little") + bytes([1, 2])
+    assert t.translate(report) == [("abs", 500, 500, 1000, 1000, -3)]
+    report = (10).to_bytes(2, "little") + (500).to_bytes(2, "little") + bytes([0xFF, 0])
+    assert t.translate(report) == [("abs", 0, 1000, 1000, 1000, 1)]
+    # X without Y (and Y without X): no position
+    for axis in (X, Y):
+        t = HidTranslator(parse_report_descriptor(app(
+            DESKTOP, 0x02, page(BUTTON), umin(1), umax(1), lmin(0), lmax(1), rsize(8),
+            rcount(1), inp(DATA_VAR),
+            page(DESKTOP), usage(axis), lmin(0), lmax(100), rsize(8), rcount(1), inp(DATA_VAR))))
+        assert t.translate(bytes([1, 50])) == [("key", BTN_LEFT, True)]
+
+
+def finger(x_min: int, y_min: int, *, tip: bool = True, cid: bool = True, y: bool = True) -> bytes:
+    """A finger collection: tip switch (1 bit + 7 padding), contact id (8), X and Y (16)."""
+    body = b""
+    body += page(DIGITIZER) + usage(0x42) + lmin(0) + lmax(1) + rsize(1) + rcount(1)
+    body += inp(DATA_VAR if tip else CONST) + rsize(7) + rcount(1) + inp(CONST)
+    body += page(DIGITIZER) + usage(0x51) + lmin(0) + lmax(127) + rsize(8) + rcount(1)
+    body += inp(DATA_VAR if cid else CONST)
+    body += page(DESKTOP) + usage(X) + lmin(x_min, 2) + lmax(x_min + 4095, 2) + rsize(16)
+    body += rcount(1) + inp(DATA_VAR)
+    body += page(DESKTOP) + usage(Y) + lmin(y_min, 2) + lmax(y_min + 2047, 2) + rsize(16)
+    body += rcount(1) + inp(DATA_VAR if y else CONST)
+    return page(DIGITIZER) + usage(0x22) + coll(2) + body + END
+
+
+def contact(tip: int, cid: int, x: int, y: int) -> bytes:
+    return bytes([tip, cid]) + x.to_bytes(2, "little") + y.to_bytes(2, "little")
+
+
+FRAME = ("touch", "frame", 0, 0, 0, 1, 1)
+R = (4095, 2047)
+
+
+def test_touch_positions_slots_and_the_contact_limit() -> None:
+    t = HidTranslator(parse_report_descriptor(app(
+        DIGITIZER, 0x04, rid(1), finger(100, 200), finger(100, 200))))
+
+    def rep(*fingers: bytes) -> bytes:
+        return bytes([1]) + b"".join(fingers)
+
+    # positions from the logical minimums, ranges as widths
+    assert t.translate(rep(contact(1, 40, 100, 200), contact(1, 41, 4195, 2247))) == [
+        ("touch", "down", 0, 0, 0, *R), ("touch", "down", 1, 4095, 2047, *R), FRAME]
+    # the contacts swap places in the report: each keeps its slot
+    assert t.translate(rep(contact(1, 41, 300, 400), contact(1, 40, 500, 600))) == [
+        ("touch", "move", 1, 200, 200, *R), ("touch", "move", 0, 400, 400, *R), FRAME]
+    assert t.translate(rep(contact(0, 41, 0, 0), contact(0, 40, 0, 0))) == [
+        ("touch", "up", 1, 0, 0, 1, 1), ("touch", "up", 0, 0, 0, 1, 1), FRAME]
+    # sixteen contacts fill the slots; a seventeenth is ignored, the other finger is not
+    for k in range(8):
+        out = t.translate(rep(contact(1, 2 * k, 100, 200), contact(1, 2 * k + 1, 100, 200)))
+        assert [e[2] for e in out[:2]] == [2 * k, 2 * k + 1]
+    assert t.translate(rep(contact(1, 99, 100, 200), contact(1, 3, 101, 201))) == [
+        ("touch", "move", 3, 1, 1, *R), FRAME]
+
+
+@pytest.mark.parametrize("missing", ["tip", "cid", "y"])
+def test_an_incomplete_finger_is_skipped_and_the_next_still_counts(missing: str) -> None:
+    broken = finger(0, 0, **{missing: False})
+    t = HidTranslator(parse_report_descriptor(app(DIGITIZER, 0x04, broken, finger(0, 0))))
+    assert t.translate(contact(1, 7, 10, 20) + contact(1, 8, 30, 40)) == [
+        ("touch", "down", 0, 30, 40, *R), FRAME]
+
+
+def test_keys_and_touches_of_one_report_are_both_reported() -> None:
+    """Two application collections (a mouse's buttons, a touch screen) in one report."""
+    t = HidTranslator(parse_report_descriptor(
+        app(DESKTOP, 0x02, page(BUTTON), umin(1), umax(8), lmin(0), lmax(1), rsize(1),
+            rcount(8), inp(DATA_VAR))
+        + app(DIGITIZER, 0x04, finger(0, 0))))
+    assert t.translate(bytes([1]) + contact(1, 5, 1, 2)) == [
+        ("key", BTN_LEFT, True), ("touch", "down", 0, 1, 2, *R), FRAME]

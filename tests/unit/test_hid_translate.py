@@ -269,3 +269,80 @@ def test_keys_and_touches_of_one_report_are_both_reported() -> None:
         + app(DIGITIZER, 0x04, finger(0, 0))))
     assert t.translate(bytes([1]) + contact(1, 5, 1, 2)) == [
         ("key", BTN_LEFT, True), ("touch", "down", 0, 1, 2, *R), FRAME]
+
+
+# -- the descriptor's own rules (HID 1.11 §6.2.2 and the parser's documented bounds) ----------
+#
+# A descriptor is 1..4096 bytes; a short item's data is 0, 1, 2 or 4 bytes and must lie
+# inside the descriptor; a long item (0xFE) is the prefix, a data-size byte, a tag byte
+# and that many data bytes, and is skipped; global state before any global item is all
+# zero (usage page 0, logical range 0..0, no report size, count or ID); an Input needs a
+# report size of 1..32 bits, and a count of 0 declares nothing; at most 256 fields.
+
+ONE_BUTTON = app(DESKTOP, 0x02, page(BUTTON), umin(1), umax(1), lmin(0), lmax(1), rsize(8),
+                 rcount(1), inp(DATA_VAR))
+
+
+def test_descriptor_length_bounds() -> None:
+    filler = page(BUTTON)  # a global item that changes nothing after the last Input
+    full = ONE_BUTTON + filler * ((4096 - len(ONE_BUTTON)) // 2)
+    full += b"\x00" * (4096 - len(full))  # main item 0 of 0 bytes: Input-less, harmless
+    assert len(full) == 4096 and parse_report_descriptor(full).reports[0].bits == 8
+    with pytest.raises(HidError, match=r"^report descriptor of 4097 bytes \(1\.\.4096\)$"):
+        parse_report_descriptor(full + b"\x00")
+    with pytest.raises(HidError, match=r"^report descriptor of 0 bytes \(1\.\.4096\)$"):
+        parse_report_descriptor(b"")
+
+
+def test_items_must_lie_inside_the_descriptor() -> None:
+    for size in (1, 2, 4):
+        whole = item(1, 0, 0x01, size)  # a Usage Page of ``size`` data bytes
+        assert len(whole) == 1 + size
+        parse_report_descriptor(ONE_BUTTON + whole)  # exactly at the end: fine
+        with pytest.raises(HidError, match=rf"^item at {len(ONE_BUTTON)} runs past the end$"):
+            parse_report_descriptor(ONE_BUTTON + whole[:-1])
+    # a 4-byte usage is page << 16 | usage whatever the usage page in force
+    desc = parse_report_descriptor(app(
+        DESKTOP, 0x02, page(BUTTON), item(2, 0, 0x00010030, 4), lmin(0), lmax(0x7FFF_FFFF, 4),
+        rsize(32), rcount(1), inp(DATA_VAR_REL)))
+    f = desc.reports[0].fields[0]
+    assert f.usages == (0x00010030,) and f.logical_max == 0x7FFF_FFFF and f.size == 32
+    assert HidTranslator(desc).translate((7).to_bytes(4, "little")) == [("rel", 7, 0, 0)]
+
+
+def test_long_items_are_skipped_whole() -> None:
+    # the data would be End Collection items (an error) if read as short items
+    long_item = bytes([0xFE, 200, 0x10]) + bytes([0xC0]) * 200
+    empty = bytes([0xFE, 0, 0x11])  # a long item without data may end the descriptor
+    desc = parse_report_descriptor(page(DESKTOP) + long_item + ONE_BUTTON[2:] + empty)
+    assert desc.reports[0].bits == 8
+    # cut in its header, or in its data: the item runs past the end
+    for cut in (1, 2, 3, 4, 202):
+        with pytest.raises(HidError, match=r"^truncated long item$"):
+            parse_report_descriptor(ONE_BUTTON + long_item[:cut])
+
+
+def test_global_state_starts_at_zero() -> None:
+    # no usage page, no logical range: page 0, 0..0, outside any collection
+    desc = parse_report_descriptor(usage(0x30) + rsize(8) + rcount(1) + inp(DATA_VAR))
+    f = desc.reports[0].fields[0]
+    assert (f.usages, f.logical_min, f.logical_max, f.application, f.report_id) == (
+        (0x30,), 0, 0, 0, 0)
+    assert desc.applications == [] and desc.uses_ids is False
+    # no report count: nothing declared
+    desc = parse_report_descriptor(page(BUTTON) + usage(1) + rsize(8) + inp(DATA_VAR))
+    assert desc.reports[0].fields == [] and desc.reports[0].bits == 0
+    # no report size (or one beyond 32 bits): refused
+    for size in (b"", rsize(0), rsize(33)):
+        with pytest.raises(HidError, match=r"^report size \d+ x count 4$"):
+            parse_report_descriptor(page(BUTTON) + usage(1) + size + rcount(4) + inp(DATA_VAR))
+    parse_report_descriptor(page(BUTTON) + usage(1) + rsize(32) + rcount(4) + inp(DATA_VAR))
+
+
+def test_at_most_256_fields() -> None:
+    def fields(n: int) -> bytes:
+        return page(BUTTON) + usage(1) + lmin(0) + lmax(1) + rsize(1) + rcount(1) + inp(DATA_VAR) * n
+
+    assert len(parse_report_descriptor(fields(256)).reports[0].fields) == 256
+    with pytest.raises(HidError, match=r"^too many fields$"):
+        parse_report_descriptor(fields(257))

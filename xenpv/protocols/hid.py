@@ -149,7 +149,7 @@ def parse_report_descriptor(data: bytes) -> ReportDescriptor:
     while i < n:
         prefix = data[i]
         if prefix == 0xFE:  # long item: size byte, tag byte, data
-            if i + 2 >= n:
+            if i + 2 >= n or i + 3 + data[i + 1] > n:
                 raise HidError("truncated long item")
             i += 3 + data[i + 1]
             continue

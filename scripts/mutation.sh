@@ -73,7 +73,8 @@ ENVS[vchan]="XENPV_PURE_PYTHON=1"
 MUTATE[rings]="xenpv/rings/_reference.py"
 TESTS[rings]="tests/unit/test_ring_shared.py tests/unit/test_ring_atomic.py
  tests/unit/test_ring_bytering.py tests/property/test_ring_properties.py
- tests/property/test_console_ring_model.py tests/hostile/test_ring_hostile.py"
+ tests/property/test_console_ring_model.py tests/hostile/test_ring_hostile.py
+ tests/unit/test_ring_reference_edges.py"
 ENVS[rings]="XENPV_PURE_PYTHON=1"
 
 usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }

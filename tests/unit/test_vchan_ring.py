@@ -377,7 +377,7 @@ def test_spin_sees_data_the_peer_writes_while_we_poll(clock: Any) -> None:
         c = clock(step, at, lambda client=client: client.send(b"abc"))
         buf = bytearray(8)
         assert server.recv_into(buf, -1, spin) == 3 and buf[:3] == b"abc", (spin, at)
-        assert c.reads >= at
+        assert c.reads == max(at, 2)  # polling stops at the first look after the peer acted
         server, client, _ = live_pair(REF)
         c = clock(step, at, lambda client=client: client.send(b"abc"))
         assert server.wait_ready(True, False, spin), (spin, at)
@@ -398,31 +398,37 @@ def test_spin_sees_room_the_peer_makes_while_we_poll(clock: Any) -> None:
             c = clock(step, at, lambda server=server: server.recv_into(bytearray(5)))
             if call == "send":
                 assert client.send(b"0123456789", spin) == 5, (spin, at)
+                c = clock(step, at, lambda server=server: server.recv_into(bytearray(1)))
+                assert client.send(b"!", spin) == 1  # a single byte is worth a spin too
             elif call == "write_some":
                 assert client.write_some(b"0123456789", 2, spin) == 5, (spin, at)
             else:
                 assert client.wait_ready(False, True, spin) and client.buffer_space() == 5
-            assert c.reads >= at
+            assert c.reads == max(at, 2)  # polling stops at the first look after the peer acted
             if call != "wait":
                 out = bytearray(2048)
-                assert server.recv_into(out) == 1024  # 1019 left of the f's, then 5 new
-                assert out[1019:1024] == (b"01234" if call == "send" else b"23456")
+                assert server.recv_into(out) == 1024  # the f's left, then the new bytes
+                tail = b"01234!" if call == "send" else b"23456"
+                assert out[1024 - len(tail) : 1024] == tail
 
 
 def test_spin_waits_only_for_what_was_asked(clock: Any) -> None:
-    """A reader's spin is not ended by room in the ring it writes, a writer's not by data
-    in the ring it reads: with the other ring ready all along and the peer acting only
-    after the deadline, both give up empty-handed."""
-    server, client, _ = live_pair(REF)
-    server.send(b"for the client")  # the client has data to read ...
-    assert client.send(b"f" * 1024) == 1024  # ... and no room to write
-    clock(10, 1000, lambda: server.recv_into(bytearray(5)))
-    assert client.send(b"x", 1000) == 0
-    assert not client.wait_ready(False, True, 1000)
-    server, client, _ = live_pair(REF)  # the server has room to write, nothing to read
-    clock(10, 1000, lambda: client.send(b"late"))
-    assert server.recv_into(bytearray(8), -1, 1000) == 0
-    assert not server.wait_ready(True, False, 1000)
+    """A writer's spin is not ended by data in the ring it reads, a reader's not by room
+    in the ring it writes: with the other ring ready all along, the spin goes on until
+    the peer acts (then the call moves the bytes), or until the deadline (then 0)."""
+    for at, moved in [(5, True), (1000, False)]:
+        server, client, _ = live_pair(REF)
+        server.send(b"for the client")  # the client has data to read ...
+        assert client.send(b"f" * 1024) == 1024  # ... and no room to write
+        clock(10, at, lambda server=server: server.recv_into(bytearray(5)))
+        assert client.send(b"x", 1000) == (1 if moved else 0), at
+        clock(10, at, lambda server=server: server.recv_into(bytearray(5)))
+        assert client.wait_ready(False, True, 1000) is moved
+        server, client, _ = live_pair(REF)  # the server has room to write, nothing to read
+        clock(10, at, lambda client=client: client.send(b"late"))
+        assert server.recv_into(bytearray(8), -1, 1000) == (4 if moved else 0), at
+        clock(10, at, lambda client=client: client.send(b"late"))
+        assert server.wait_ready(True, False, 1000) is moved
 
 
 def test_spin_stops_at_the_deadline(clock: Any) -> None:
@@ -460,6 +466,7 @@ def test_no_budget_means_no_polling(clock: Any) -> None:
     assert client.send(b"x") == 0
     assert client.write_some(b"x") == 0
     assert client.send(b"x", 0) == 0
+    assert client.send(b"", 10_000) == 0  # nothing to send: nothing to wait for
     assert not client.wait_ready(False, True, 0)
     assert c.reads == 0
     # what is ready now is reported at once, with no budget, for either direction

@@ -9,6 +9,11 @@
  * $XENPV_XSD_KVA (a text file with the port, a one-page file holding the ring); every
  * other open() goes straight to libc.
  *
+ * For oxenstored it also gives xc_map_foreign_range its meaning (oxenstored maps a guest's
+ * ring by the frame named in XS_INTRODUCE; the replacement libxenctrl has only an ENOSYS
+ * stub): one xenforeignmemory_map of the frames, through the replacement
+ * libxenforeignmemory the process has loaded.
+ *
  * It also ties the server's life to its launcher's: when $XENPV_XSD_LIFELINE names a
  * descriptor (the read end of a pipe whose write end only the launcher holds), a thread
  * started at load time waits on it and kills the process once it reads end of file, which
@@ -21,8 +26,10 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -30,6 +37,8 @@
 
 XENPV_EXPORT int open(const char *path, int flags, ...);
 XENPV_EXPORT int open64(const char *path, int flags, ...);
+XENPV_EXPORT void *xc_map_foreign_range(void *xch, uint32_t dom, int size, int prot,
+                                        unsigned long mfn);
 
 typedef int open_fn(const char *, int, ...);
 
@@ -40,6 +49,8 @@ static const char *redirect(const char *path)
     } table[] = {
         {"/proc/xen/xsd_kva", "XENPV_XSD_KVA"},
         {"/proc/xen/xsd_port", "XENPV_XSD_PORT"},
+        /* oxenstored raises RLIMIT_NOFILE to this (EPERM without CAP_SYS_RESOURCE) */
+        {"/proc/sys/fs/nr_open", "XENPV_XSD_NR_OPEN"},
     };
     if (!path)
         return path;
@@ -105,7 +116,8 @@ __attribute__((constructor)) static void start_lifeline(void)
     fd = strtol(s, &end, 10);
     if (*end || fd < 0 || fcntl((int)fd, F_GETFD) < 0)
         return;
-    fcntl((int)fd, F_SETFD, FD_CLOEXEC);
+    /* (not close-on-exec: a launcher that execs the server, e.g. through unshare and a
+     * shell, passes it on, and the server's own constructor watches it again) */
     /* the watcher takes no signals: the server's handlers run in its own thread */
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
@@ -116,4 +128,44 @@ __attribute__((constructor)) static void start_lifeline(void)
         kill(getpid(), SIGKILL); /* without a watcher the server could outlive us */
     pthread_attr_destroy(&attr);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+/* libxenctrl's xc_map_foreign_range: map `size` bytes of dom's frames from `mfn` on. */
+void *xc_map_foreign_range(void *xch, uint32_t dom, int size, int prot, unsigned long mfn)
+{
+    typedef void *fopen_fn(void *logger, unsigned int flags);
+    typedef void *fmap_fn(void *fmem, uint32_t dom, int prot, size_t pages,
+                          const unsigned long arr[], int err[]);
+    static void *fmem; /* one handle for the process: the server maps from its loop only */
+    fopen_fn *fopen_ = (fopen_fn *)dlsym(RTLD_DEFAULT, "xenforeignmemory_open");
+    fmap_fn *fmap = (fmap_fn *)dlsym(RTLD_DEFAULT, "xenforeignmemory_map");
+    size_t pages, i;
+    unsigned long frames[16];
+    int err[16];
+    void *addr;
+
+    (void)xch;
+    if (size <= 0 || (size_t)size > sizeof(frames) / sizeof(frames[0]) * 4096) {
+        errno = EINVAL;
+        return NULL;
+    }
+    if (!fopen_ || !fmap) {
+        errno = ENOSYS;
+        return NULL;
+    }
+    if (!fmem && !(fmem = fopen_(NULL, 0)))
+        return NULL;
+    pages = ((size_t)size + 4095) / 4096;
+    for (i = 0; i < pages; i++)
+        frames[i] = mfn + i;
+    addr = fmap(fmem, dom, prot, pages, frames, err);
+    if (!addr)
+        return NULL;
+    for (i = 0; i < pages; i++)
+        if (err[i]) {
+            munmap(addr, pages * 4096);
+            errno = -err[i] > 0 ? -err[i] : EINVAL;
+            return NULL;
+        }
+    return addr;
 }

@@ -26,7 +26,7 @@ GUEST = 5
 TEST_PATH = f"/local/domain/{GUEST}/xenstore-test"
 
 
-@pytest.fixture(scope="module", params=["ours", "xen-c"])
+@pytest.fixture(scope="module", params=["ours", "xen-c", "oxenstored"])
 def run(request: pytest.FixtureRequest) -> Iterator[LoopbackRun]:
     r = LoopbackRun({GUEST: "guest"}, xenstored=request.param)
     try:

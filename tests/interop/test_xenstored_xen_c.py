@@ -1,11 +1,12 @@
-"""Xen's C xenstored as dom0's xenstore server on the loopback emulator
-(``xenpv loopback up --xenstored xen-c``).
+"""Xen's C xenstored and oxenstored as dom0's xenstore server on the loopback emulator
+(``xenpv loopback up --xenstored xen-c|oxenstored``).
 
-It runs unmodified over the replacement libraries: every import of the binary resolves
+Each runs unmodified over the replacement libraries: every import of the binary resolves
 against them, Xen's ``test-xenstore`` passes against it, it serves guests over the rings
 the domain builder made and introduced to it, and it notices a destroyed or shut-down
 guest through VIRQ_DOM_EXC and ``xc_domain_getinfo`` (``@releaseDomain``; the daemon
-sends it no RELEASE).  A destroy fires ``@releaseDomain`` from the embedded server too.
+sends it no RELEASE); so does oxenstored, which also maps the guests' rings by frame.  A
+destroy fires ``@releaseDomain`` from the embedded server too.
 """
 
 from __future__ import annotations
@@ -29,15 +30,18 @@ from xenpv.platforms.loopback import proto
 from xenpv.platforms.loopback.client import ClientPlatform, ControlConnection
 from xenpv.platforms.loopback.env import shim_dir
 from xenpv.platforms.loopback.harness import start_daemon, stop_daemon
-from xenpv.platforms.loopback.xenstoreds import XEN_C_XENSTORED, xen_c_binary
+from xenpv.platforms.loopback.xenstoreds import OXENSTORED, XEN_C_XENSTORED, xen_c_binary
 from xenpv.xenstore.client import Watch, XenstoreClient, connect
 from xenpv.xenstore.paths import SPECIAL_RELEASE
 from xenpv.xenstore.wire import XenstoreError
 
+#: Xen's servers as dom0's xenstored: C xenstored, and oxenstored (``XenOxenstored``).
+SERVERS = {"xen-c": "xen-c/xenstored.log", "oxenstored": "xen-oxenstored/oxenstored.out"}
 
-@pytest.fixture(scope="module")
-def run() -> Iterator[LoopbackRun]:
-    r = LoopbackRun({}, xenstored="xen-c")
+
+@pytest.fixture(scope="module", params=sorted(SERVERS))
+def run(request: pytest.FixtureRequest) -> Iterator[LoopbackRun]:
+    r = LoopbackRun({}, xenstored=request.param)
     try:
         yield r
     finally:
@@ -49,7 +53,10 @@ def _dom0_socket(run: LoopbackRun) -> str:
 
 
 def _log(run: LoopbackRun) -> Path:
-    return run.rundir / "xen-c" / "xenstored.log"
+    """The output of the run's Xen xenstored."""
+    logs = [run.rundir / rel for rel in SERVERS.values() if (run.rundir / rel).exists()]
+    assert len(logs) == 1, logs
+    return logs[0]
 
 
 def test_every_import_of_c_xenstored_resolves_against_the_replacement_libraries() -> None:
@@ -127,7 +134,7 @@ def test_c_xenstored_serves_guests_over_their_rings_and_releases_them_on_destroy
             await xs.close()
 
     try:
-        run_showing_log(main, _log(run), "C xenstored")
+        run_showing_log(main, _log(run), "Xen's xenstored")
     finally:
         for g in guests:
             g.close()
@@ -191,10 +198,11 @@ def _running(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
-def test_c_xenstored_dies_with_a_sigkilled_loopback_daemon(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", sorted(SERVERS))
+def test_xen_xenstored_dies_with_a_sigkilled_loopback_daemon(tmp_path: Path, name: str) -> None:
     rundir = tmp_path / "r"
-    daemon = start_daemon(rundir, xenstored="xen-c")
-    binary = os.path.realpath(xen_c_binary())
+    daemon = start_daemon(rundir, xenstored=name)
+    binary = os.path.realpath(xen_c_binary() if name == "xen-c" else peers.find(OXENSTORED))
     servers = [p for p in _children(daemon.pid)
                if os.path.realpath(f"/proc/{p}/exe") == binary]
     try:
@@ -204,7 +212,7 @@ def test_c_xenstored_dies_with_a_sigkilled_loopback_daemon(tmp_path: Path) -> No
         deadline = time.monotonic() + 10
         while _running(servers[0]) and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert not _running(servers[0]), "C xenstored outlived its loopback daemon"
+        assert not _running(servers[0]), f"{name} outlived its loopback daemon"
     finally:
         stop_daemon(daemon)
         for pid in servers:  # only if it survived: the process we found, by its pid

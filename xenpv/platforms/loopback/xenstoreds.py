@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -50,7 +51,8 @@ if TYPE_CHECKING:
     from xenpv.platforms.loopback.client import ClientEvents
     from xenpv.xenstore.client import XenstoreClient
 
-__all__ = ["XSD_INTERPOSER", "XenCDom0Xenstored", "XenCXenstored", "xen_c_binary"]
+__all__ = ["XSD_INTERPOSER", "XenCDom0Xenstored", "XenCXenstored", "XenOxenstored",
+           "xen_c_binary"]
 
 #: The LD_PRELOAD library that redirects ``/proc/xen/xsd_{kva,port}`` (built from shim/).
 XSD_INTERPOSER = "libxenpv_xsd.so"
@@ -60,6 +62,8 @@ ENV_LIFELINE = "XENPV_XSD_LIFELINE"
 RELEASE_WAIT = 10.0
 #: Where C xenstored sits in the peers tree.
 XEN_C_XENSTORED = "usr/lib/xen-4.17/bin/xenstored"
+#: Where oxenstored sits in the peers tree.
+OXENSTORED = "usr/lib/xen-4.17/bin/oxenstored"
 
 
 def xen_c_binary() -> Path:
@@ -134,7 +138,7 @@ class XenCXenstored:
         from xenpv.platforms.loopback.client import ClientEvents
         from xenpv.platforms.loopback.daemon import control_path
 
-        binary = xen_c_binary()
+        binary = self.binary()
         interposer = shim_dir() / XSD_INTERPOSER
         if not interposer.exists():
             raise LocalError(f"{interposer} is missing: build the shim (setup.py build_ext)")
@@ -146,8 +150,7 @@ class XenCXenstored:
             # what a dom0 kernel does for a local xenstored: a port offered to itself
             self.dom0_port = events.alloc_unbound(0)
             (self.workdir / "xsd_kva").write_bytes(bytes(PAGE_SIZE))
-            (self.workdir / "xsd_port").write_text(f"{self.dom0_port}\n")
-            cmd = [str(binary), "--no-fork", *(["--verbose"] if self.verbose else []), *self.args]
+            cmd = self._prepare(binary)
             # the write end is not inheritable: no other child keeps the server alive
             lifeline, self._lifeline = os.pipe()
             try:
@@ -174,6 +177,15 @@ class XenCXenstored:
                 raise LocalError(f"C xenstored {why}; its log: {tail}")
             time.sleep(0.02)
         return self
+
+    def binary(self) -> Path:
+        """The server's executable (``PeerMissing`` without the peers tree)."""
+        return xen_c_binary()
+
+    def _prepare(self, binary: Path) -> list[str]:
+        """Write the server's files (the ring page exists); its command line."""
+        (self.workdir / "xsd_port").write_text(f"{self.dom0_port}\n")
+        return [str(binary), "--no-fork", *(["--verbose"] if self.verbose else []), *self.args]
 
     def log_tail(self, nbytes: int = 2000) -> str:
         """The end of the server's output (for failure messages)."""
@@ -229,6 +241,75 @@ class XenCXenstored:
         self.stop()
 
 
+class XenOxenstored(XenCXenstored):
+    """Xen's OCaml ``oxenstored`` (4.17) in the place of :class:`XenCXenstored`.
+
+    What differs from C xenstored, each answered here:
+
+    * dom0's ring and port come from its configuration file (``xenstored-kva``,
+      ``xenstored-port``: the port file without a trailing newline), written into the
+      work directory and passed with ``--config-file``; so are its pid and log files;
+    * its socket is compiled in (``/var/run/xenstored/socket``): it runs in a private
+      mount namespace (``unshare -m``, root) where the work directory's ``run/`` is bound
+      over ``/var/run/xenstored``, and :attr:`socket_path` is a symbolic link to the
+      socket there (``RUNDIR/xen-oxenstored/socket`` by default);
+    * it raises ``RLIMIT_NOFILE`` to ``/proc/sys/fs/nr_open``, which needs
+      ``CAP_SYS_RESOURCE``: the interposer sends that ``open`` to a file holding the
+      current hard limit;
+    * it maps a guest's ring by the frame named in ``XS_INTRODUCE``
+      (``xc_map_foreign_range``, given by the interposer over the replacement
+      ``libxenforeignmemory``);
+    * its ``libxenguest`` imports ``xtl_*`` and ``xencall1`` without versions, which
+      Debian's ``libxenctrl`` brings in and the replacement does not: Debian's
+      ``libxentoollog`` and ``libxencall`` are preloaded.
+    """
+
+    def __init__(self, rundir: str | os.PathLike[str], *,
+                 workdir: str | os.PathLike[str] | None = None,
+                 socket_path: str | os.PathLike[str] | None = None,
+                 args: tuple[str, ...] = (), verbose: bool = False) -> None:
+        """As :class:`XenCXenstored` (work directory ``RUNDIR/xen-oxenstored``)."""
+        rundir = Path(rundir)
+        super().__init__(rundir, workdir=workdir or rundir / "xen-oxenstored",
+                         socket_path=socket_path, args=args, verbose=verbose)
+        self.log_path = self.workdir / "oxenstored.out"
+
+    def binary(self) -> Path:
+        """oxenstored in the peers tree."""
+        return peers.find(OXENSTORED)
+
+    def env(self) -> dict[str, str]:
+        """:meth:`XenCXenstored.env`, with Debian's logging and hypercall libraries
+        preloaded and the ``nr_open`` file named."""
+        env = super().env()
+        env["LD_PRELOAD"] = f"libxentoollog.so.1 libxencall.so.1 {env['LD_PRELOAD']}"
+        env["XENPV_XSD_NR_OPEN"] = str(self.workdir / "nr_open")
+        return env
+
+    def _prepare(self, binary: Path) -> list[str]:
+        unshare = shutil.which("unshare")
+        if unshare is None:
+            raise LocalError("oxenstored needs unshare (util-linux): its socket path is "
+                             "compiled in and is given its own mount namespace")
+        work = self.workdir
+        run = work / "run"
+        run.mkdir(exist_ok=True)
+        (work / "xsd_port").write_text(str(self.dom0_port))  # no newline: OCaml's parse
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        (work / "nr_open").write_text(f"{hard}\n")
+        (work / "oxenstored.conf").write_text(
+            f"xenstored-kva = {work}/xsd_kva\nxenstored-port = {work}/xsd_port\n"
+            f"pid-file = {run}/xenstored.pid\nxenstored-log-file = {work}/xenstored.log\n"
+            f"access-log-file = {work}/access.log\n")
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        self.socket_path.symlink_to(run / "socket")
+        script = ('mkdir -p /var/run/xenstored && mount --bind "$0" /var/run/xenstored '
+                  '&& exec "$@"')
+        return [unshare, "-m", "--propagation", "private", "sh", "-c", script, str(run),
+                str(binary), "--no-fork", "--config-file", str(work / "oxenstored.conf"),
+                *self.args]
+
+
 class XenCDom0Xenstored:
     """C xenstored in the role of dom0's xenstored of a running emulator daemon
     (``xenpv loopback up --xenstored xen-c``), driven from the daemon's event loop.
@@ -240,9 +321,12 @@ class XenCDom0Xenstored:
     ring, starting and stopping the process) run in a worker thread, so the daemon keeps
     answering the control requests they make."""
 
-    def __init__(self, *, args: tuple[str, ...] = (), verbose: bool = False) -> None:
+    def __init__(self, *, args: tuple[str, ...] = (), verbose: bool = False,
+                 server_class: type[XenCXenstored] = XenCXenstored) -> None:
+        """``server_class``: :class:`XenCXenstored` or :class:`XenOxenstored`."""
         self.args = args
         self.verbose = verbose
+        self.server_class = server_class
         self.server: XenCXenstored | None = None
         self._xs: XenstoreClient | None = None
 
@@ -251,8 +335,8 @@ class XenCDom0Xenstored:
         from xenpv.platforms.loopback.daemon import xenstore_path
         from xenpv.xenstore.client import connect
 
-        server = XenCXenstored(rundir, socket_path=xenstore_path(rundir, 0), args=self.args,
-                               verbose=self.verbose)
+        server = self.server_class(rundir, socket_path=xenstore_path(rundir, 0),
+                                   args=self.args, verbose=self.verbose)
         await asyncio.to_thread(server.start)
         self.server = server
         try:

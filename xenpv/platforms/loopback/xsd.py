@@ -79,7 +79,14 @@ def _xen_c() -> Dom0Xenstored:
     return XenCDom0Xenstored()
 
 
-XENSTOREDS: dict[str, Callable[[], Dom0Xenstored]] = {"xen-c": _xen_c}
+def _oxenstored() -> Dom0Xenstored:
+    from xenpv.platforms.loopback.xenstoreds import XenCDom0Xenstored, XenOxenstored
+
+    return XenCDom0Xenstored(server_class=XenOxenstored)
+
+
+XENSTOREDS: dict[str, Callable[[], Dom0Xenstored]] = {"xen-c": _xen_c,
+                                                     "oxenstored": _oxenstored}
 
 
 def choose(name: str) -> Dom0Xenstored | None:

@@ -1,10 +1,11 @@
-"""Hostile-inputs scenarios 21-25 over the xenstore ring, against both dom0 xenstoreds of
-the loopback daemon: ours (asserted) and Xen's C xenstored (recorded, not asserted).
+"""Hostile-inputs scenarios 21-25 over the xenstore ring, against the dom0 xenstoreds of
+the loopback daemon: ours (asserted), Xen's C xenstored and oxenstored (recorded, not
+asserted).
 
 Each plan runs as a fresh guest (created for it, destroyed after) that writes raw bytes
 and indexes into its own xenstore page and signals its port, while guest 2 — well
 behaved, over its own ring — must keep being served.  What each server did is one short
-text per plan; ours must give :data:`OURS`, C's is printed (``pytest -s``) and tabled in
+text per plan; ours must give :data:`OURS`, C's and oxenstored's are printed (``pytest -s``) and tabled in
 docs/xenstore.md ("Hostile guests over the ring: ours and C").  Every wait is bounded:
 a server that does not answer is recorded as such, never waited for.
 """
@@ -300,14 +301,15 @@ def _run_plans(xenstored: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def outcomes() -> Iterator[dict[str, dict[str, str]]]:
-    yield {name: _run_plans(name) for name in ("ours", "xen-c")}
+    yield {name: _run_plans(name) for name in ("ours", "xen-c", "oxenstored")}
 
 
 def test_hostile_ring_plans_against_ours_and_c(outcomes: dict[str, dict[str, str]]) -> None:
-    ours, theirs = outcomes["ours"], outcomes["xen-c"]
-    print("\n| plan | ours | C xenstored 4.17 |\n|---|---|---|")
+    ours, theirs, ox = outcomes["ours"], outcomes["xen-c"], outcomes["oxenstored"]
+    print("\n| plan | ours | C xenstored 4.17 | oxenstored 4.17 |\n|---|---|---|---|")
     for name in ours:
-        print(f"| {name} | {ours[name]} | {theirs.get(name, '(not run)')} |")
+        print(f"| {name} | {ours[name]} | {theirs.get(name, '(not run)')} | "
+              f"{ox.get(name, '(not run)')} |")
     for name, expected in OURS.items():
         got = ours[name]
         if name.startswith("corrupt"):

@@ -158,22 +158,34 @@ class Servers:
             return "(no log)"
 
 
-@pytest.fixture(scope="module")
-def servers() -> Iterator[Servers]:
+def _emulators(*xenstoreds: str) -> Iterator[list[Server]]:
+    """One emulator per dom0 xenstored named, each with guests 1 and 2 on their rings."""
     made: list[tuple[str, Any, list[RawRing]]] = []
     try:
-        for xenstored in ("ours", "xen-c"):
+        for xenstored in xenstoreds:
             rundir = tempfile.mkdtemp(prefix="xenpv-xsdiff-")
             # domains 1 and 2 exist (permissions may name them); domain 3 does not
             made.append((rundir, start_daemon(rundir, domains=GUESTS, xenstored=xenstored), []))
             made[-1][2].extend(RawRing(rundir, d) for d in GUESTS)
-        yield Servers(Server(made[0][0], made[0][2]), Server(made[1][0], made[1][2]))
+        yield [Server(rundir, guests) for rundir, _, guests in made]
     finally:
         for rundir, daemon, guests in made:
             for g in guests:
                 g.close()
             stop_daemon(daemon)
             shutil.rmtree(rundir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[Servers]:
+    for ours, xen_c in _emulators("ours", "xen-c"):
+        yield Servers(ours, xen_c)
+
+
+@pytest.fixture(scope="module")
+def oxenstored() -> Iterator[Server]:
+    for (ox,) in _emulators("oxenstored"):
+        yield ox
 
 
 def _z(*parts: str | bytes) -> bytes:
@@ -451,3 +463,50 @@ def test_domain_lifecycle_alike(servers: Servers) -> None:
                      (("create", 3), introduced), (("release", 0, 3), released),
                      (("destroy", 3), None),  # released already: nothing more fires
                      (("release", 2, 1), None), (("release", 0, 4), None)]
+
+
+# ----------------------------------------------------------- oxenstored against C
+
+#: Permissions naming only domains that live through a stream (oxenstored drops an entry
+#: naming a domain when that domain is destroyed; C keeps it).
+OX_PERMS = tuple(p for p in PERMS if not any(e[1:] in ("3", "4") for e in p))
+own_ = st.just("own")
+no_tx_ = st.just(False)
+#: What oxenstored and C answer alike (docs/xenstore.md, "oxenstored"): every connection
+#: on its own nodes, outside transactions, with watches (special paths included) and
+#: domains made and destroyed; not transactions (oxenstored merges them), other guests'
+#: nodes (it answers ENOENT before EACCES), limits, RELEASE and INTRODUCE.
+ox_streams_ = st.lists(st.one_of(
+    st.tuples(st.just("write"), conn_, no_tx_, own_, node_, st.sampled_from(VALUES)),
+    st.tuples(st.just("read"), conn_, no_tx_, own_, node_),
+    st.tuples(st.just("mkdir"), conn_, no_tx_, own_, node_),
+    st.tuples(st.just("rm"), conn_, no_tx_, own_, node_),
+    st.tuples(st.just("directory"), conn_, no_tx_, own_, st.sampled_from(("", "a", "x"))),
+    st.tuples(st.just("get_perms"), conn_, no_tx_, own_, node_),
+    st.tuples(st.just("set_perms"), conn_, no_tx_, own_, node_, st.sampled_from(OX_PERMS)),
+    st.tuples(st.just("watch"), conn_, own_, st.sampled_from(WATCHED), st.sampled_from(TOKENS)),
+    st.tuples(st.just("unwatch"), conn_, own_, st.sampled_from(WATCHED), st.sampled_from(TOKENS)),
+    st.tuples(st.just("create"), st.sampled_from(LIFECYCLE)),
+    st.tuples(st.just("destroy"), st.sampled_from(LIFECYCLE)),
+    st.tuples(st.just("introduced"), conn_, st.sampled_from((*GUESTS, *LIFECYCLE))),
+), min_size=1, max_size=25)
+
+
+def _children_sorted(transcript: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The transcript with DIRECTORY replies' names sorted (oxenstored lists children in
+    another order than C; a listing's order carries no meaning)."""
+    return [(r[0], r[1], b"".join(sorted(n + b"\0" for n in r[2].split(b"\0")[:-1])))
+            if r[0] != "events" and r[1] == "DIRECTORY" else r for r in transcript]
+
+
+@settings(max_examples=max(EXAMPLES // 2, 1), deadline=None,
+          derandomize=bool(os.environ.get("CI")),
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(stream=ox_streams_)
+def test_oxenstored_answers_like_c_where_they_agree(
+    servers: Servers, oxenstored: Server, stream: list[tuple[Any, ...]]
+) -> None:
+    n = next(_counter)
+    theirs = _children_sorted(_run(servers.xen_c, n, stream))
+    ox = _children_sorted(_run(oxenstored, n, stream))
+    assert ox == theirs

@@ -1,4 +1,4 @@
-"""Xen's own xenstored as dom0's xenstore server on the loopback emulator.
+"""Xen's own xenstoreds (C and OCaml) as dom0's xenstore server on the loopback emulator.
 
 Theory of operation
 -------------------
@@ -22,6 +22,10 @@ The embedded server (``xenpv.xenstore.server``) is the emulator's default xensto
 * it dies with its launcher: the interposer watches the read end of a pipe whose write end
   only the launcher holds (``XENPV_XSD_LIFELINE``), and kills the server at end of file,
   so a launcher killed by SIGKILL (a ``loopback up`` daemon, a test) leaves no server.
+
+:class:`XenOxenstored` runs Xen's OCaml ``oxenstored`` the same way, with the few things
+it needs besides (its class docstring): a configuration file, a mount namespace for its
+compiled-in socket path, and two more answers from the interposer.
 
 Guests reach it over their own xenstore ring once introduced (``XS_INTRODUCE`` with the
 guest's grant ref 1 and an unbound port offered to dom0).  Everything it was given is
@@ -252,7 +256,8 @@ class XenOxenstored(XenCXenstored):
     * its socket is compiled in (``/var/run/xenstored/socket``): it runs in a private
       mount namespace (``unshare -m``, root) where the work directory's ``run/`` is bound
       over ``/var/run/xenstored``, and :attr:`socket_path` is a symbolic link to the
-      socket there (``RUNDIR/xen-oxenstored/socket`` by default);
+      socket there (``RUNDIR/xen-oxenstored/socket`` by default); the mount point
+      ``/var/run/xenstored`` is made if missing (an empty directory of the host);
     * it raises ``RLIMIT_NOFILE`` to ``/proc/sys/fs/nr_open``, which needs
       ``CAP_SYS_RESOURCE``: the interposer sends that ``open`` to a file holding the
       current hard limit;
@@ -311,8 +316,9 @@ class XenOxenstored(XenCXenstored):
 
 
 class XenCDom0Xenstored:
-    """C xenstored in the role of dom0's xenstored of a running emulator daemon
-    (``xenpv loopback up --xenstored xen-c``), driven from the daemon's event loop.
+    """C xenstored (or oxenstored: ``server_class``) in the role of dom0's xenstored of a
+    running emulator daemon (``xenpv loopback up --xenstored xen-c|oxenstored``), driven
+    from the daemon's event loop.
 
     The daemon calls :meth:`start` once dom0 exists, :meth:`introduce` after building a
     domain's xenstore ring, :meth:`release` after destroying a domain, :meth:`close` at

@@ -16,7 +16,8 @@ goes to the program.  Like a kernel taking over the ring, it first resets the co
 (reconnection protocol) when the server offers it.
 
 The ring is any :class:`~xenpv.platforms.base.GuestXenstoreRing` (``platform.xenstore_ring()``
-in every platform mode); the device owns neither it nor the event handle.  It serves one
+in every platform mode); the device owns neither it nor the event handle, which its
+thread uses while it runs (so nothing else should wait on that handle meanwhile).  It serves one
 program at a time, as the messages of two openers would interleave on the one ring (the
 kernel driver multiplexes them; this device does not).  A corrupt ring or a server that
 sets ``error`` ends the forwarding (the program then sees its reads end).

@@ -267,6 +267,13 @@ class RingConnection(_XsConnection):
                 # Nothing older waits: hand the whole requests straight to the store (as
                 # the sockets' direct path does); the rest goes through the decoder.
                 out, pos = self._direct(data)
+                if pos == len(data) and out:
+                    # all of it handled: send the replies (and the events they caused)
+                    self.write(out[0] if len(out) == 1 else b"".join(out))
+                    store = self.server.store
+                    if store.dirty or store.released:
+                        self.server._after_batch()
+                    return
                 if pos < len(data):
                     decoder.feed(memoryview(data)[pos:])
                 self._process(out)

@@ -8,8 +8,12 @@ toolstack gives a guest its writable subtrees.
 
 from __future__ import annotations
 
+import errno
 import os
+import select
+import struct
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -19,7 +23,7 @@ from test_xenstore_peers import TESTS
 from xenpv import peers
 from xenpv.platforms.loopback.client import ClientPlatform
 from xenpv.xenstore.blocking import BlockingClient
-from xenpv.xenstore.wire import XenstoreError
+from xenpv.xenstore.wire import XenstoreError, XsType
 from xenpv.xenstore.xenbusdev import XenbusDevice
 
 GUEST = 5
@@ -72,3 +76,35 @@ def test_test_xenstore_as_a_guest_over_its_socket(run: LoopbackRun) -> None:
 
 def _dom0(run: LoopbackRun) -> BlockingClient:
     return BlockingClient(os.path.join(run.rundir, "dom0", "xenstore"), timeout=20)
+
+
+@pytest.mark.parametrize("run", ["ours"], indirect=True)
+def test_xenbus_device_ends_on_a_ring_the_server_flagged_and_a_new_one_resets_it(
+    run: LoopbackRun,
+) -> None:
+    guest = ClientPlatform.for_domain(run.rundir, GUEST)
+    ring = guest.xenstore_ring()
+    try:
+        with XenbusDevice(ring.mem, guest.events, ring.port) as dev:
+            fd = os.open(dev.path, os.O_RDWR | os.O_NOCTTY)
+            try:  # a header announcing 4097 bytes: the server flags the ring (PROTO)
+                os.write(fd, struct.pack("<IIII", XsType.READ, 1, 0, 4097) + b"x" * 32)
+                deadline = time.monotonic() + 20
+                while dev.error is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert dev.error is not None and "error 3" in dev.error
+                # the device hung up: a read ends at once (end of file or EIO)
+                assert select.select([fd], [], [], 10)[0] == [fd]
+                try:
+                    assert os.read(fd, 4096) == b""
+                except OSError as exc:
+                    assert exc.errno == errno.EIO
+            finally:
+                os.close(fd)
+        # the next taker resets the connection and is served again
+        with XenbusDevice(ring.mem, guest.events, ring.port) as dev:
+            _test_xenstore(run, run.env(GUEST, XENSTORED_PATH=dev.path))
+            assert dev.error is None
+    finally:
+        ring.release()
+        guest.close()

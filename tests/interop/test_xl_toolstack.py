@@ -336,3 +336,66 @@ def test_xl_console_attaches_to_a_guest_console_served_by_xenconsoled(
         os.close(master)
         if slave >= 0:
             os.close(slave)
+
+
+def test_xl_attaches_a_qdisk_that_qemu_serves(
+        daemon_machine: Callable[..., DaemonMachine], procs: list[subprocess.Popen[bytes]],
+        tmp_path: Path) -> None:
+    """``xl block-attach ...backendtype=qdisk`` for a guest whose device model is QEMU
+    (Debian's 7.2, running as dom0 on the emulator): QEMU's qdisk backend serves it, our
+    frontend's writes land in the image, ``block-detach`` closes and removes it and QEMU
+    carries on."""
+    machine = daemon_machine(max_grants=4096, max_ports=64)
+    machine.create_domain(1, "xl-qdisk")
+    rundir = machine.rundir
+    xl = XlToolstack(rundir, tmp_path / "xl")
+    ((domid, uuid),) = [row for name, row in xl.domains().items() if name == "xl-qdisk"]
+    xl.adopt(domid, "xl-qdisk", uuid)
+    image = tmp_path / "q.img"
+    image.write_bytes(bytes(4 * MiB))
+    log = tmp_path / "qemu.log"
+    with open(log, "wb") as out:
+        qemu = subprocess.Popen(peers.qemu_device_model(1), env=xl.env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    procs.append(qemu)
+    be = "/local/domain/0/backend/qdisk/1/51744"  # xvdc
+
+    async def body() -> None:
+        xs = await connect(str(Path(rundir) / "dom0" / "xenstore"))
+        guest = ClientPlatform.for_domain(rundir, 1)
+        gxs = await connect(str(Path(rundir) / "dom1" / "xenstore"))
+        fe = None
+        try:
+            # what libxl writes when it has started the device model (its check that one
+            # runs), and the memory node of a domain it built
+            await xs.write("/local/domain/1/image/device-model-pid", str(qemu.pid))
+            await xs.write("/local/domain/1/memory/target", "262144")
+            await asyncio.to_thread(xl.run, "block-attach", "1",
+                                    f"backendtype=qdisk,format=raw,vdev=xvdc,access=rw,"
+                                    f"target={image}")
+            assert (await xs.read(f"{be}/params")).decode() == f"aio:{image}"
+            fe = BlockFrontend(guest, gxs, "/local/domain/1/device/vbd/51744",
+                               close_timeout=2.0)
+            await fe.start()
+            await fe.ready(WAIT)
+            blob = bytes(range(255, -1, -1)) * 512
+            await fe.write(2 * MiB, blob)
+            assert await fe.flush()
+            assert image.read_bytes()[2 * MiB:2 * MiB + len(blob)] == blob
+            await asyncio.to_thread(xl.run, "block-detach", "1", "xvdc")
+            assert not await xs.exists(be)
+            assert not await xs.exists("/local/domain/1/device/vbd/51744")
+        finally:
+            if fe is not None:
+                await fe.close()
+            await gxs.close()
+            await xs.close()
+            guest.close()
+
+    try:
+        asyncio.run(body())
+    except Exception as exc:
+        raise AssertionError(f"{exc!r}; QEMU said: {log.read_text(errors='replace')[-2000:]}"
+                             ) from exc
+    assert qemu.poll() is None
+    assert xl.hotplug_calls() == []  # libxl runs no script for QEMU's disks

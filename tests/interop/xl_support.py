@@ -53,6 +53,7 @@ class XlToolstack:
         self.rundir = Path(rundir)
         self.state = state
         self.xl = peers.find(f"{peers.XEN_BIN}/xl")
+        state.mkdir(parents=True, exist_ok=True)
         self.hotplug_log = state / "hotplug.log"
         self.hotplug_log.write_text("")
         scripts = state / "etc" / "up" / "xen" / "scripts"

@@ -11,6 +11,7 @@ modulo the differences listed in ``docs/xl.md``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cffi
 from cli_support import json_line, xenpv
 from test_shim_xenconsoled import GREETING, Console, _read_until
 from test_shim_xenconsoled import console as console  # the fixture
@@ -65,6 +67,48 @@ def test_xl_and_xens_servers_load_on_the_replacement_libraries() -> None:
     check = subprocess.run([sys.executable, str(REPO / "scripts" / "shim_stubs.py"), "--check"],
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_the_stubs_fail_with_enosys_and_the_helpers_work() -> None:
+    """A generated stub returns -1 (or NULL for a pointer) with errno ENOSYS; the
+    hand-written helpers behave as Xen's: xc_strerror, xc_error_code_to_desc,
+    xc_get_last_error (no error), read_exact/write_exact over a pipe (EOF is -1, errno
+    0)."""
+    ffi = cffi.FFI()
+    ffi.cdef("""
+        int xc_domain_pause(void *xch, uint32_t domid);
+        void *xc_map_foreign_range(void *xch, uint32_t dom, int size, int prot,
+                                   unsigned long mfn);
+        const char *xc_strerror(void *xch, int errcode);
+        const char *xc_error_code_to_desc(int code);
+        typedef struct { int code; char message[1024]; } xc_error;
+        const xc_error *xc_get_last_error(void *xch);
+        int read_exact(int fd, void *data, size_t size);
+        int write_exact(int fd, const void *data, size_t size);
+    """)
+    lib: Any = ffi.dlopen(str(shim_dir() / "libxenctrl.so.4.17"))
+    ffi.errno = 0
+    assert lib.xc_domain_pause(ffi.NULL, 1) == -1 and ffi.errno == errno.ENOSYS
+    ffi.errno = 0
+    assert lib.xc_map_foreign_range(ffi.NULL, 1, 4096, 3, 0) == ffi.NULL
+    assert ffi.errno == errno.ENOSYS
+    assert ffi.string(lib.xc_strerror(ffi.NULL, errno.EINVAL)) == os.strerror(errno.EINVAL).encode()
+    assert ffi.string(lib.xc_error_code_to_desc(3)) == b"Invalid configuration"
+    last = lib.xc_get_last_error(ffi.NULL)
+    assert last.code == 0 and ffi.string(last.message) == b""
+    r, w = os.pipe()
+    try:
+        assert lib.write_exact(w, b"0123456789", 10) == 0
+        os.close(w)
+        w = -1
+        buf = ffi.new("char[8]")
+        assert lib.read_exact(r, buf, 8) == 0 and ffi.buffer(buf)[:] == b"01234567"
+        ffi.errno = 5
+        assert lib.read_exact(r, buf, 8) == -1 and ffi.errno == 0  # 2 bytes, then EOF
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
 
 
 # ------------------------------------------------------------------ xl as the toolstack

@@ -5,9 +5,10 @@ libxl reads and writes fixed paths: ``/etc/xen/xl.conf``, the hotplug scripts in
 ``/etc/xen/scripts``, the per-domain files in ``/var/lib/xen``, logs in ``/var/log/xen``,
 ``/var/run/xen``, and ``xl console`` execs ``/usr/lib/xen-4.17/bin/xenconsole``.  None of
 them exists on the test machine, and a test must not create them there.  :class:`XlToolstack`
-runs every ``xl`` command in a private mount namespace (``unshare -m``) where ``/etc``,
-``/var``, ``/run`` and ``/usr/lib`` are overlays whose upper layers live in the test's
-temporary directory: what libxl writes lands there, and the host sees nothing.
+runs every ``xl`` command through ``shim/xl-namespace.sh``: a private mount namespace
+(``unshare -m``) where ``/etc``, ``/var``, ``/run`` and ``/usr/lib`` are overlays whose
+upper layers live in the test's temporary directory, so what libxl writes lands there and
+the host sees nothing.  The hotplug scripts put there record their calls.
 """
 
 from __future__ import annotations
@@ -22,20 +23,8 @@ from pathlib import Path
 from xenpv import peers
 from xenpv.platforms.loopback.env import shim_dir
 
-#: Mounts the overlays (upper layers under $1), adds Xen's directories and the link to
-#: the peers tree's Xen programs, then runs the command.
-NAMESPACE_SCRIPT = r"""
-set -e
-state=$1; peers=$2; shift 2
-for dir in etc var run usr/lib; do
-    layer=$state/$(echo "$dir" | tr / _)
-    mkdir -p "$layer/up" "$layer/work"
-    mount -t overlay overlay -o "lowerdir=/$dir,upperdir=$layer/up,workdir=$layer/work" "/$dir"
-done
-mkdir -p /etc/xen/scripts /var/lib/xen /var/log/xen /run/xen
-[ -e /usr/lib/xen-4.17 ] || ln -s "$peers/usr/lib/xen-4.17" /usr/lib/xen-4.17
-exec "$@"
-"""
+#: Runs a command in xl's mount namespace (overlays with their upper layers in STATE).
+NAMESPACE_SCRIPT = Path(__file__).resolve().parents[2] / "shim" / "xl-namespace.sh"
 
 #: A hotplug script that records how libxl ran it (its arguments and the xenbus path)
 #: and succeeds: xenpv's backends open ``params`` and join ``bridge`` themselves.
@@ -61,23 +50,19 @@ class XlToolstack:
         for name in ("block", "vif-bridge"):
             (scripts / name).write_text(HOTPLUG_SCRIPT.format(log=self.hotplug_log))
             (scripts / name).chmod(0o755)
-        # The global configuration; libxl's defaults (run_hotplug_scripts=1 ...) apply.
-        (scripts.parent / "xl.conf").write_text("# xl on the xenpv loopback emulator\n")
         self.env = peers.run_env([str(shim_dir())], base={
             **os.environ,
             "XENPV_LOOPBACK_SOCKET": str(self.rundir / "dom0" / "control"),
             "XENPV_LOOPBACK_DOMID": "0",
             "XENSTORED_PATH": str(self.rundir / "dom0" / "xenstore"),
         })
-        self.unshare = shutil.which("unshare")
-        assert self.unshare, "unshare (util-linux) is needed to run xl in a mount namespace"
+        assert shutil.which("unshare"), "unshare (util-linux) runs xl in a mount namespace"
 
     def command(self, *args: str) -> list[str]:
         """The command running ``xl ARGS`` in its namespace (under :attr:`env`); every
         step execs the next, so its pid is xl's (and that of what xl execs)."""
-        assert self.unshare
-        return [self.unshare, "-m", "--propagation", "private", "sh", "-c", NAMESPACE_SCRIPT,
-                "xl-namespace", str(self.state), str(peers.peers_root()), str(self.xl), *args]
+        return [str(NAMESPACE_SCRIPT), str(self.state), str(peers.peers_root()), str(self.xl),
+                *args]
 
     def run(self, *args: str, check: bool = True, timeout: float = 30.0) -> str:
         """Run ``xl ARGS``; its standard output (``AssertionError`` with its output if it

@@ -426,7 +426,13 @@ def test_xl_attaches_a_qdisk_that_qemu_serves(
             await fe.write(2 * MiB, blob)
             assert await fe.flush()
             assert image.read_bytes()[2 * MiB:2 * MiB + len(blob)] == blob
-            await asyncio.to_thread(xl.run, "block-detach", "1", "xvdc")
+            try:
+                await asyncio.to_thread(xl.run, "block-detach", "1", "xvdc")
+            except AssertionError as exc:  # say where each end stood
+                states = [(await xs.read(f"{p}/state")).decode() if await xs.exists(p)
+                          else "gone" for p in (be, "/local/domain/1/device/vbd/51744")]
+                raise AssertionError(f"{exc}; backend, frontend states: {states}, "
+                                     f"frontend: {fe.state}") from exc
             assert not await xs.exists(be)
             assert not await xs.exists("/local/domain/1/device/vbd/51744")
         finally:

@@ -426,15 +426,16 @@ def test_xl_attaches_a_qdisk_that_qemu_serves(
             await fe.write(2 * MiB, blob)
             assert await fe.flush()
             assert image.read_bytes()[2 * MiB:2 * MiB + len(blob)] == blob
-            try:
-                await asyncio.to_thread(xl.run, "block-detach", "1", "xvdc")
-            except AssertionError as exc:  # say where each end stood
-                states = [(await xs.read(f"{p}/state")).decode() if await xs.exists(p)
-                          else "gone" for p in (be, "/local/domain/1/device/vbd/51744")]
-                raise AssertionError(f"{exc}; backend, frontend states: {states}, "
-                                     f"frontend: {fe.state}") from exc
-            assert not await xs.exists(be)
-            assert not await xs.exists("/local/domain/1/device/vbd/51744")
+            detach = await asyncio.to_thread(xl.call, "-vvv", "block-detach", "1", "xvdc")
+            if detach.returncode != 0:
+                # QEMU removes an offline device's directories itself once it is Closed; if
+                # it does so before libxl reads the backend's Closed state, libxl calls the
+                # removal failed (a race of QEMU 7.2 and libxl 4.17, seen under load)
+                assert "wanted state 6 but it was removed" in detach.stderr, detach.stderr
+            # QEMU may rewrite the state node just after libxl removed the directory,
+            # then removes it again
+            await wait_node(xs, be, None)
+            await wait_node(xs, "/local/domain/1/device/vbd/51744", None)
         finally:
             if fe is not None:
                 await fe.close()

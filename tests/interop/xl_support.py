@@ -64,13 +64,16 @@ class XlToolstack:
         return [str(NAMESPACE_SCRIPT), str(self.state), str(peers.peers_root()), str(self.xl),
                 *args]
 
-    def run(self, *args: str, check: bool = True, timeout: float = 30.0) -> str:
+    def call(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """Run ``xl ARGS``; its exit status and output."""
+        return subprocess.run(self.command(*args), env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def run(self, *args: str) -> str:
         """Run ``xl ARGS``; its standard output (``AssertionError`` with its output if it
-        fails and ``check``)."""
-        res = subprocess.run(self.command(*args), env=self.env, capture_output=True,
-                             text=True, timeout=timeout)
-        if check:
-            assert res.returncode == 0, f"xl {' '.join(args)}: {res.returncode}\n{res.stderr}"
+        fails)."""
+        res = self.call(*args)
+        assert res.returncode == 0, f"xl {' '.join(args)}: {res.returncode}\n{res.stderr}"
         return res.stdout
 
     def domains(self) -> dict[str, tuple[int, str]]:

@@ -45,6 +45,32 @@ def test_bench_block_quick_reports_every_key(peer_root: Path, tmp_path: Path) ->
     assert set(cpu) == {f"{p}{phase}_{w}" for p in ("ours", "qemu") for phase in ("", "_direct")
                         for w in (*WORKLOADS, "seqread")}
     assert all(set(v) == {"front", "back", "emulator"} for v in cpu.values())
+    for key in (f"{p}{phase}_{w}_{end}_cpu_us" for p in ("ours", "qemu")
+                for phase in ("", "_direct") for w in (*WORKLOADS, "seqread")
+                for end in ("front", "back")):
+        assert isinstance(result[key], float) and result[key] >= 0, key
+        assert result["units"][key] == "µs" and result["better"][key] == "lower", key
     text = subprocess.run([sys.executable, "-m", "xenpv", "bench", "compare", str(saved),
                            str(saved)], capture_output=True, text=True, timeout=60, check=True)
     assert "ours_randread_qd32_iops" in text.stdout
+
+
+def test_bench_block_profiles_our_processes(peer_root: Path, tmp_path: Path) -> None:
+    """``--workloads`` narrows the run, ``--profile`` runs our frontend and backend under
+    cProfile: their stats files are written and summarised per request in ``setup``."""
+    prof = tmp_path / "prof"
+    res = subprocess.run([sys.executable, "-m", "xenpv", "bench", "block", "--quick",
+                          "--json", "--no-direct", "--workloads", "randread_qd32",
+                          "--profile", str(prof)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    assert [k for k in result if k.endswith("_iops")] == [
+        f"{p}_randread_qd32_iops" for p in PATHS]
+    assert set(result["ratios"]) == {"ours_vs_qemu_randread_qd32", "ours_vs_fio_randread_qd32",
+                                     "ours_vs_preadv_randread_qd32"}
+    assert sorted(p.name for p in prof.iterdir()) == ["back.prof", "front.prof"]
+    summary = result["setup"]["profile"]["ours"]
+    for end in ("front", "back"):
+        assert summary[end]["total (own time, every function)"] > 0, summary
+        assert len(summary[end]) > 3 and all(v >= 0 for v in summary[end].values()), summary

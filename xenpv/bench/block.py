@@ -77,6 +77,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="skip the O_DIRECT phase")
     parser.add_argument("--engine", choices=("auto", "io_uring", "threads", "inline"),
                         default="auto", help="our backend's I/O engine (default auto)")
+    parser.add_argument("--workloads", default=None, metavar="W,W",
+                        help=f"only these workloads (of {', '.join(WORKLOADS)})")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="run our frontend and backend processes under cProfile, "
+                             "their stats in DIR (front*.prof, back*.prof)")
 
 
 def prerequisites() -> None:
@@ -220,10 +225,11 @@ class _Front:
     """A frontend process (the guest) on one vbd: started here, connected once
     :meth:`wait_ready` returns; :meth:`run` one workload in it."""
 
-    def __init__(self, lab: Any, fe_path: str, size: int) -> None:
+    def __init__(self, lab: Any, fe_path: str, size: int, profile: str | None = None
+                 ) -> None:
         self.fe_path = fe_path
         self.ready: dict[str, Any] = {}
-        self.proc = lab.spawn(GUEST, [sys.executable, "-m", "xenpv.bench.block", "front",
+        self.proc = lab.spawn(GUEST, [*_python(profile), "xenpv.bench.block", "front",
                                       lab.rundir, str(GUEST), fe_path, str(size)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
 
@@ -252,6 +258,52 @@ class _Front:
             self.proc.stdin.close()
         if wait:
             self.proc.wait(WAIT)
+
+
+def _python(profile: str | None) -> list[str]:
+    """``python -m`` (under cProfile on the main thread's CPU clock, its stats written to
+    ``profile``, if given)."""
+    if profile is None:
+        return [sys.executable, "-m"]
+    return [sys.executable, "-m", "xenpv.bench.block", "profile", profile]
+
+
+def _profiled(out: str, module: str, argv: list[str]) -> None:
+    """Run ``module`` as ``__main__`` with ``argv`` under cProfile (the main thread's CPU
+    time, so neither waiting nor being preempted on a loaded machine counts)."""
+    import cProfile
+    import runpy
+
+    prof = cProfile.Profile(time.thread_time)
+    sys.argv = [module, *argv]
+    prof.enable()
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit:
+        pass
+    finally:
+        prof.disable()
+        prof.dump_stats(out)
+
+
+def profile_summary(path: str, requests: int, top: int = 15) -> dict[str, float]:
+    """µs of CPU per request of the ``top`` functions (own time) in the cProfile stats at
+    ``path``, over ``requests`` requests; functions called fewer than once per 20
+    requests (start-up, imports) are left out."""
+    import pstats
+
+    stats: dict[Any, Any] = pstats.Stats(path).stats  # type: ignore[attr-defined]
+    rows = []
+    for (filename, line, name), (_cc, ncalls, tottime, _ct, _callers) in stats.items():
+        if ncalls * 20 < requests:
+            continue
+        where = name if filename == "~" else f"{Path(filename).name}:{line}({name})"
+        rows.append((tottime, where))
+    rows.sort(reverse=True)
+    out = {where: round(t / max(requests, 1) * 1e6, 2) for t, where in rows[:top]}
+    out["total (own time, every function)"] = round(
+        sum(v[2] for v in stats.values()) / max(requests, 1) * 1e6, 1)
+    return out
 
 
 def _qemu_o_direct(pid: int, image: Path) -> bool | None:
@@ -314,11 +366,14 @@ def _make_image(path: Path, size: int) -> None:
 
 def _phase(lab: Any, image: Path, direct: bool, vdevs: tuple[str, str], rounds: int,
            duration: float, size: int, rec: Rounds, setup: dict[str, Any],
-           qemu_pid: int, engine: str) -> None:
+           qemu_pid: int, engine: str, workloads: dict[str, tuple[str, int, int]],
+           profile: str | None = None) -> None:
     from xenpv.testing.vchan import read_line
 
     tag = "_direct" if direct else ""
-    be = lab.spawn(0, [sys.executable, "-m", "xenpv", "block", "backend", "--all",
+    prof = {end: None if profile is None else str(Path(profile) / f"{end}{tag}.prof")
+            for end in ("front", "back")}
+    be = lab.spawn(0, [*_python(prof["back"]), "xenpv", "block", "backend", "--all",
                        "--rundir", lab.rundir, "--engine", engine,
                        *(["--direct"] if direct else [])],
                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
@@ -327,8 +382,9 @@ def _phase(lab: Any, image: Path, direct: bool, vdevs: tuple[str, str], rounds: 
     ours_path, qemu_path = asyncio.run(_add_vbds(lab, image, *vdevs))
     fronts: dict[str, _Front] = {}
     cpu = setup.setdefault("cpu_us_per_op", {})
+    served: dict[str, int] = {}
     try:
-        fronts["ours"] = _Front(lab, ours_path, size)
+        fronts["ours"] = _Front(lab, ours_path, size, prof["front"])
         fronts["qemu"] = _Front(lab, qemu_path, size)
         for front in fronts.values():  # both started before either is waited for
             front.wait_ready()
@@ -338,7 +394,7 @@ def _phase(lab: Any, image: Path, direct: bool, vdevs: tuple[str, str], rounds: 
         if not direct:
             subprocess.run(["cat", str(image)], stdout=subprocess.DEVNULL, check=True)
         for r in range(rounds):
-            for name, (kind, bs, depth) in WORKLOADS.items():
+            for name, (kind, bs, depth) in workloads.items():
                 order = PATHS[r % len(PATHS):] + PATHS[:r % len(PATHS)]
                 for path in order:
                     if path in fronts:
@@ -347,9 +403,12 @@ def _phase(lab: Any, image: Path, direct: bool, vdevs: tuple[str, str], rounds: 
                                 "emulator": lab.machine.proc.pid}
                         before = {k: _cpu_seconds(p) for k, p in pids.items()}
                         ops, seconds = fronts[path].run(kind, bs, depth, duration)
-                        cpu[f"{path}{tag}_{name}"] = {
+                        served[path] = served.get(path, 0) + ops
+                        used = cpu[f"{path}{tag}_{name}"] = {
                             k: round((_cpu_seconds(p) - before[k]) / max(ops, 1) * 1e6, 1)
                             for k, p in pids.items()}
+                        for end in ("front", "back"):
+                            rec.add(f"{path}{tag}_{name}_{end}_cpu_us", used[end])
                     elif path == "fio":
                         ops, seconds = _fio(str(image), kind, bs, depth, duration, direct)
                     else:  # in this process, otherwise idle while it measures
@@ -370,6 +429,10 @@ def _phase(lab: Any, image: Path, direct: bool, vdevs: tuple[str, str], rounds: 
             f.close(wait=False)
         for f in fronts.values():
             f.close()
+    if profile is not None:  # the processes have ended: their stats are written
+        setup.setdefault("profile", {})[f"ours{tag}"] = {
+            end: profile_summary(str(p), served.get("ours", 0))
+            for end, p in prof.items() if p is not None}
     stats = [s for dev in done.get("devices", {}).values() for s in dev.get("requests", [])]
     setup[f"ours{tag}_served"] = {k: sum(s.get(k, 0) for s in stats)
                                   for k in ("uring", "inline", "threaded", "errors")}
@@ -385,10 +448,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rounds = rounds_of(args, 3)
     duration = args.duration if args.duration is not None else (0.05 if quick else 1.0)
     size = (args.size if args.size is not None else (8 if quick else 256)) * MiB
+    names = getattr(args, "workloads", None)
+    workloads = dict(WORKLOADS)
+    if names:
+        unknown = set(names.split(",")) - set(WORKLOADS)
+        if unknown:
+            raise LocalError(f"unknown workloads {', '.join(sorted(unknown))}")
+        workloads = {k: v for k, v in WORKLOADS.items() if k in names.split(",")}
+    profile = getattr(args, "profile", None)
+    if profile is not None:
+        os.makedirs(profile, exist_ok=True)
+        profile = os.path.abspath(profile)
     rec = Rounds("block")
     setup: dict[str, Any] = {"image_mib": size // MiB, "duration_s": duration,
                              "workloads": {k: {"kind": v[0], "bs": v[1], "depth": v[2]}
-                                           for k, v in WORKLOADS.items()}}
+                                           for k, v in workloads.items()}}
     with tempfile.TemporaryDirectory(prefix="xenpv-bench-block-",
                                      dir=os.environ.get("XENPV_BENCH_DIR")) as tmp:
         image = Path(tmp) / "disk.img"
@@ -406,7 +480,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 vdevs = [("xvda", "xvdb"), ("xvdc", "xvdd")]
                 for direct, pair in zip(phases, vdevs, strict=False):
                     _phase(lab, image, direct, pair, rounds, duration, size, rec, setup,
-                           qemu.pid, getattr(args, "engine", "auto"))
+                           qemu.pid, getattr(args, "engine", "auto"), workloads, profile)
     ratios = {
         "ours_vs_qemu_randread_qd32": Ratio("ours_randread_qd32_iops",
                                             "qemu_randread_qd32_iops", ">= 2"),
@@ -428,15 +502,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "ours_vs_qemu_direct_seqread": Ratio("ours_direct_seqread_gbps",
                                                  "qemu_direct_seqread_gbps"),
         })
-    units = {k: "GB/s" if k.endswith("_gbps") else "IOPS" for k in rec.samples}
+    ratios = {k: r for k, r in ratios.items()
+              if r.figure in rec.samples and r.anchor in rec.samples}
+    units = {k: "GB/s" if k.endswith("_gbps") else "µs" if k.endswith("_us") else "IOPS"
+             for k in rec.samples}
     return rec.result(ratios=ratios, units=units, extra={"setup": setup})
 
 
 def main(argv: list[str]) -> int:
     """The frontend process: ``front RUNDIR DOMID FE_PATH SIZE`` (our frontend as the
-    guest, workloads read as JSON lines on stdin, one JSON line of results each)."""
+    guest, workloads read as JSON lines on stdin, one JSON line of results each); or
+    ``profile OUT MODULE ARGS...`` (``python -m MODULE ARGS`` under cProfile)."""
     if argv[0] == "front":
         asyncio.run(_front_main(argv[1], int(argv[2]), argv[3], int(argv[4])))
+        return 0
+    if argv[0] == "profile":  # profile OUT MODULE ARGS...
+        _profiled(argv[1], argv[2], argv[3:])
         return 0
     raise SystemExit(f"unknown child {argv[0]!r}")
 

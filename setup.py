@@ -30,6 +30,7 @@ CYTHON_MODULES: dict[str, str] = {
     "xenpv.vchan._vring": "xenpv/vchan/_vring.pyx",
     "xenpv.xenstore._xsconn": "cython/xsconn.pyx",
     "xenpv.backends._uring": "cython/uring.pyx",
+    "xenpv.protocols._blkscan": "cython/blkscan.pyx",
 }
 
 CYTHON_DIRECTIVES = {

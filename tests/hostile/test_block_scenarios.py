@@ -597,15 +597,15 @@ def test_scenario_13_backend_keeps_a_grant_mapped() -> None:
             pair = await tampered_pair(w, lambda rs: rs, persistent=False)
             fe = pair.frontend
             h = pair.backend.handlers[0]
-            real_map = h._map
+            real_map = h._map_segments
 
             def map_and_pin(io: Any, segs: Any, *, writable: bool) -> None:
                 real_map(io, segs, writable=writable)
-                ref = int(segs["gref"][0])
+                ref = int(segs[0][0])  # (gref, start, end) of the first segment
                 w.machine.hold_mapped(FE, ref)
                 pinned.append(ref)
 
-            h._map = map_and_pin  # type: ignore[method-assign]
+            h._map_segments = map_and_pin  # type: ignore[method-assign]
             try:
                 await fe.read(0, 4096)
                 assert len(fe.quarantine) == 1  # not reused, not lost (R8)
@@ -627,14 +627,14 @@ def test_scenario_14_granted_pages_hold_no_leftovers() -> None:
             pair = await tampered_pair(w, lambda rs: rs, persistent=False)
             fe = pair.frontend
             h = pair.backend.handlers[0]
-            real_map = h._map
+            real_map = h._map_segments
 
             def map_and_look(io: Any, segs: Any, *, writable: bool) -> None:
                 real_map(io, segs, writable=writable)
                 for m in io.mappings:
                     seen.append(bytes(m.mem))
 
-            h._map = map_and_look  # type: ignore[method-assign]
+            h._map_segments = map_and_look  # type: ignore[method-assign]
             guest = fe.platform
             canary = guest.grants.grant(BE, 8)
             canary.mem[:] = b"CANARY!!" * (len(canary.mem) // 8)

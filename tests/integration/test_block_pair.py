@@ -9,6 +9,7 @@ import os
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -313,6 +314,50 @@ def test_io_uring_short_transfers_are_finished_and_end_of_file_is_an_error(
                     await pair.frontend.read(0, 4096)
                 assert cut["eof"] == 1
                 assert await pair.frontend.read(0, 4096) == image.read_bytes()[:4096]
+            finally:
+                await pair.close()
+        assert w.held() == NOTHING
+
+    run(body())
+
+
+def test_requests_of_one_loop_turn_go_in_one_push_and_flush_waits_for_them() -> None:
+    """32 reads started together reach the backend as one batch on one queue, pushed
+    with at most one notification (the frontend pushes once per loop turn), and are
+    answered with the right data; a flush sent with a batch of writes is answered only
+    after every one of them (it waits for the io_uring transfers started before it)."""
+    async def body() -> None:
+        import asyncio
+
+        async with block_world() as w:
+            image = w.tmp / "disk.img"
+            data = make_image(image, 2 * MiB)
+            pair = await start_pair(w, image, front=FrontConfig(max_queues=4),
+                                    back=BlockConfig(max_queues=4, engine="io_uring"))
+            fe, be = pair.frontend, pair.backend
+            try:
+                offsets = [k * 8192 for k in range(32)]
+                got = await asyncio.gather(*(fe.read(o, 4096) for o in offsets))
+                assert got == [data[o:o + 4096] for o in offsets]
+                taken = [h.stats["taken"] for h in be.handlers]
+                assert sorted(taken) == [0, 0, 0, 32], taken
+                busy = taken.index(32)
+                assert be.services[busy].stats["batches"] == 1
+                sent = [q.client.stats["notifications_sent"] for q in fe.queues if q.client]
+                assert sum(sent) <= 1, sent
+                done: list[str] = []
+
+                async def tagged(what: str, aw: Any) -> None:
+                    await aw
+                    done.append(what)
+
+                blob = bytes(range(256)) * 16
+                await asyncio.gather(*(tagged(f"w{k}", fe.write(o, blob))
+                                       for k, o in enumerate(offsets)),
+                                     tagged("flush", fe.flush()))
+                assert done[-1] == "flush" and len(done) == 33
+                assert sum(h.stats["uring"] for h in be.handlers) >= 64
+                assert all(image.read_bytes()[o:o + 4096] == blob for o in offsets)
             finally:
                 await pair.close()
         assert w.held() == NOTHING

@@ -102,6 +102,7 @@ from xenpv.protocols.blkif import (
     indirect_pages,
     layouts,
     parse_request,
+    scan_rw,
     validate_request,
 )
 from xenpv.protocols.layout import XEN_PAGE_SIZE
@@ -460,6 +461,10 @@ class BlockRequests:
         self._kick_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inflight: dict[int, asyncio.Future[Any]] = {}
+        #: io_uring transfers in flight by token (ascending), and the fences flushes and
+        #: barriers wait on: (last token before them, future).
+        self._uring_live: dict[int, _Io] = {}
+        self._fences: list[tuple[int, asyncio.Future[None]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._held: list[_Io] = []
         self._barrier = False
@@ -478,7 +483,8 @@ class BlockRequests:
     @property
     def inflight(self) -> int:
         """Requests taken and not answered yet."""
-        return len(self._inflight) + len(self._held) + (1 if self._barrier else 0)
+        return len(self._inflight) + len(self._uring_live) + len(self._held) + (
+            1 if self._barrier else 0)
 
     def handle(self, batch: memoryview, count: int) -> list[bytes]:
         """Parse, validate and start ``count`` requests; the answers ready now out."""
@@ -489,8 +495,15 @@ class BlockRequests:
         ready: list[bytes] = []
         slot = self.slot
         self.stats["taken"] += count
+        image = self.image
+        # The plain reads and writes that pass every check, in one compiled pass over the
+        # batch (itself the private copy, R1); anything else is validated in full here.
+        fast = scan_rw(batch, count, self.abi, image.sectors, readonly=image.readonly,
+                       sector_size=image.sector_size)
         for j in range(count):
-            io = self._accept(batch, j * slot, ready)
+            accepted = fast[j]
+            io = self._accept(batch, j * slot, ready) if accepted is None else \
+                self._accept_rw(accepted, ready)
             if io is None:
                 continue
             if self._barrier:
@@ -568,6 +581,31 @@ class BlockRequests:
             self._fail(exc.id, exc.operation, exc.status, ready, str(exc))
         return None
 
+    def _accept_rw(self, accepted: tuple[int, int, int, int, tuple[tuple[int, int, int], ...]],
+                   ready: list[bytes]) -> _Io | None:
+        """An :class:`_Io` for a READ/WRITE :func:`scan_rw` accepted: its pages are the
+        persistent ones where possible, the rest mapped for it in one batch."""
+        rid, op, offset, length, segs = accepted
+        io = _Io(rid, op, op, offset, length)
+        views = io.views
+        pg = self.persistent
+        if pg is not None:
+            for gref, start, end in segs:
+                page = pg.cached(gref)  # counted below, for the whole request
+                if page is None:
+                    break
+                views.append(page[start:end])
+            else:
+                pg.stats["hits"] += len(segs)
+                return io
+            views.clear()
+        try:
+            self._map_segments(io, segs, writable=op == BLKIF_OP_READ)
+        except BlkifRequestError as exc:
+            self._fail(exc.id, exc.operation, exc.status, ready, str(exc))
+            return None
+        return io
+
     def _check_alignment(self, rid: int, op: int, io: _Io,
                          segs: np.ndarray[Any, Any] | None = None) -> None:
         """With a logical sector size over 512 bytes the request's start and length, and
@@ -618,19 +656,26 @@ class BlockRequests:
         return segs
 
     def _map(self, io: _Io, segs: np.ndarray[Any, Any], *, writable: bool) -> None:
-        """The memory of every segment: persistent pages where possible, the rest mapped
-        for this request in one all-or-nothing batch."""
-        grefs = segs["gref"].tolist()
-        firsts = segs["first"].tolist()
-        lasts = segs["last"].tolist()
-        pages: list[memoryview | None] = [None] * len(grefs)
+        """The memory of every segment (checked records): see :meth:`_map_segments`."""
+        starts = (segs["first"].astype(np.int64) << SECTOR_SHIFT).tolist()
+        ends = ((segs["last"].astype(np.int64) + 1) << SECTOR_SHIFT).tolist()
+        self._map_segments(io, tuple(zip(segs["gref"].tolist(), starts, ends, strict=True)),
+                           writable=writable)
+
+    def _map_segments(self, io: _Io, segs: tuple[tuple[int, int, int], ...], *,
+                      writable: bool) -> None:
+        """The memory of every ``(gref, start, end)`` segment into ``io.views``:
+        persistent pages where possible, the rest mapped for this request in one
+        all-or-nothing batch."""
+        pages: list[memoryview | None] = [None] * len(segs)
         try:
             if self.persistent is not None:
-                for i, ref in enumerate(grefs):
-                    pages[i] = self.persistent.lookup(ref)
+                for i, seg in enumerate(segs):
+                    pages[i] = self.persistent.lookup(seg[0])
             missing = [i for i, p in enumerate(pages) if p is None]
             if missing:
-                m = self.grants.map(self.domid, [grefs[i] for i in missing], writable=writable)
+                m = self.grants.map(self.domid, [segs[i][0] for i in missing],
+                                    writable=writable)
                 io.mappings.append(m)
                 for k, i in enumerate(missing):
                     pages[i] = m.mem[k * XEN_PAGE_SIZE:(k + 1) * XEN_PAGE_SIZE]
@@ -639,9 +684,9 @@ class BlockRequests:
             raise BlkifRequestError(f"cannot map the request's grants: {exc}", io.id,
                                     io.op) from None
         views = io.views
-        for i, page in enumerate(pages):
+        for (_gref, start, end), page in zip(segs, pages, strict=True):
             assert page is not None
-            views.append(page[firsts[i] << SECTOR_SHIFT:(lasts[i] + 1) << SECTOR_SHIFT])
+            views.append(page[start:end])
 
     def _unmap(self, io: _Io) -> None:
         io.views.clear()
@@ -740,10 +785,9 @@ class BlockRequests:
     def _start_uring(self, io: _Io) -> None:
         assert self._loop is not None
         self.stats["uring"] += 1
-        fut: asyncio.Future[Any] = self._loop.create_future()
         token = self._seq = self._seq + 1
-        self._inflight[token] = fut
-        self._uring_transfer(io, token, fut, io.views, io.offset, io.length)
+        self._uring_live[token] = io
+        self._uring_transfer(io, token, io.views, io.offset, io.length)
         if self._ready is None and not self._kick_scheduled:  # started outside a ring
             self._kick_scheduled = True  # pass (after a barrier): submit soon
             self._loop.call_soon(self._kick)
@@ -753,16 +797,16 @@ class BlockRequests:
         if self.uring is not None and self.uring.ring.fd >= 0:
             self.uring.submit_and_complete()
 
-    def _uring_transfer(self, io: _Io, token: int, fut: asyncio.Future[Any],
-                        views: list[memoryview], offset: int, remaining: int) -> None:
+    def _uring_transfer(self, io: _Io, token: int, views: list[memoryview], offset: int,
+                        remaining: int) -> None:
         write = io.kind == BLKIF_OP_WRITE
 
         def done(res: int) -> None:
             if 0 < res < remaining:  # short transfer: the rest as a new request
-                self._uring_transfer(io, token, fut, _advance(views, res), offset + res,
+                self._uring_transfer(io, token, _advance(views, res), offset + res,
                                      remaining - res)
                 return
-            self._uring_finish(io, token, fut,
+            self._uring_finish(io, token,
                                BLKIF_RSP_OKAY if res == remaining else BLKIF_RSP_ERROR)
 
         assert self.uring is not None and self.image is not None
@@ -770,25 +814,45 @@ class BlockRequests:
             # no submission slot (the kernel is backlogged): move it here and now
             status = _transfer(os.pwritev if write else os.preadv, self.image.fd, views,
                                offset, remaining)
-            self._uring_finish(io, token, fut, status)
+            self._uring_finish(io, token, status)
 
-    def _uring_finish(self, io: _Io, token: int, fut: asyncio.Future[Any],
-                      status: int) -> None:
-        self._inflight.pop(token, None)
-        if not fut.done():
-            fut.set_result(status)
+    def _uring_finish(self, io: _Io, token: int, status: int) -> None:
+        live = self._uring_live
+        live.pop(token, None)
         self._unmap(io)
         rsp = self.pack(io.id, io.op, status)
         if self._ready is not None:
             self._ready.append(rsp)
         else:
             self._queue(rsp)
+        if self._fences:
+            oldest = next(iter(live), None)  # tokens ascend: the oldest still running
+            keep = []
+            for last, fut in self._fences:
+                if oldest is not None and oldest <= last:
+                    keep.append((last, fut))
+                elif not fut.done():
+                    fut.set_result(None)
+            self._fences = keep
+
+    def _uring_fence(self) -> asyncio.Future[None] | None:
+        """A future done once every io_uring transfer started so far has finished (None
+        when none is running)."""
+        if not self._uring_live:
+            return None
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._fences.append((self._seq, fut))
+        return fut
 
     def _start_ordered(self, io: _Io) -> None:
         """FLUSH (and BARRIER, which also holds back later requests): wait for every
         request taken before, write its data if any, fdatasync, answer."""
         assert self._loop is not None
-        earlier = list(self._inflight.values())
+        earlier: list[asyncio.Future[Any]] = list(self._inflight.values())
+        fence = self._uring_fence()
+        if fence is not None:
+            earlier.append(fence)
         barrier = io.kind == BLKIF_OP_WRITE_BARRIER
         if barrier:
             self._barrier = True

@@ -90,6 +90,10 @@ _STATUSES = (BLKIF_RSP_OKAY, BLKIF_RSP_ERROR, BLKIF_RSP_EOPNOTSUPP)
 #: answer, so a duplicate answer is caught (R6).
 _SLOT_BITS = 16
 _SLOT_MASK = (1 << _SLOT_BITS) - 1
+#: gref, first and last sector of every unused segment of a plain request.
+_NO_SEGMENTS = (0,) * (3 * BLKIF_MAX_SEGMENTS_PER_REQUEST)
+#: The last sector of a whole page.
+_PAGE_LAST = (XEN_PAGE_SIZE >> SECTOR_SHIFT) - 1
 
 
 class BlockError(LocalError):
@@ -137,15 +141,16 @@ class FrontConfig:
 
 
 class _Pending:
-    """One request on the ring: how to finish it."""
+    """One request on the ring: how to finish it, and when its caller stops waiting."""
 
-    __slots__ = ("finish", "future", "op")
+    __slots__ = ("deadline", "finish", "future", "op")
 
-    def __init__(self, op: int, future: asyncio.Future[int], finish: Callable[[int], None]
-                 ) -> None:
+    def __init__(self, op: int, future: asyncio.Future[int], finish: Callable[[int], None],
+                 deadline: float) -> None:
         self.op = op
         self.future = future
         self.finish = finish
+        self.deadline = deadline
 
 
 class _Queue:
@@ -156,7 +161,10 @@ class _Queue:
         self.client: RingClient | None = None
         self.nr_ents = int(channel.ring.nr_ents)
         self.free_ids = list(range(self.nr_ents - 1, -1, -1))
+        #: Outstanding requests by id, in submission (hence deadline) order.
         self.pending: dict[int, _Pending] = {}
+        #: Requests built but not pushed yet (pushed together, see ``_push``).
+        self.outbox: list[bytes] = []
         self.generation = 0
 
 
@@ -194,7 +202,12 @@ class BlockFrontend(FrontendDriver):
         self._space = asyncio.Event()
         self._connected: asyncio.Future[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
-        self._next_queue = 0
+        #: The queue the requests of this loop turn go to (one push, one notify), None
+        #: once pushed.
+        self._batch_queue: _Queue | None = None
+        self._push_scheduled = False
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._rw_struct = lay.request.struct
         #: The protocol violation that failed the device (None while healthy).
         self.error: BlockPeerError | None = None
         self.io_stats = {"requests": 0, "indirect": 0, "responses": 0, "errors": 0,
@@ -369,7 +382,12 @@ class BlockFrontend(FrontendDriver):
             self._post(lambda: machine.peer_error(error))  # error node, then Closing
 
     def _fail_all(self, exc: Exception) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        self._batch_queue = None
         for q in self.queues:
+            q.outbox.clear()  # never pushed: nothing of theirs is on the ring
             pending, q.pending = q.pending, {}
             for p in pending.values():
                 if not p.future.done():
@@ -412,17 +430,28 @@ class BlockFrontend(FrontendDriver):
             raise LocalError("block device not connected")
 
     async def _reserve(self) -> tuple[_Queue, int]:
-        """A free ring slot on the queue with the most, waiting for space if needed (at
-        most ``io_timeout``: slots of requests a silent backend never answered stay
-        taken, R12)."""
+        """A free ring slot: on the queue this loop turn's requests go to while it has
+        room (they are pushed together), else on the queue with the most; waiting for
+        space if needed (at most ``io_timeout``: slots of requests a silent backend never
+        answered stay taken, R12)."""
         deadline = None
         while True:
-            self._check_usable()
-            best = max(self.queues, key=lambda q: len(q.free_ids))
-            if best.free_ids:
-                return best, best.free_ids.pop()
+            reserved = self._reserve_now()
+            if reserved is not None:
+                return reserved
             self._space.clear()
             deadline = await self._wait_for(self._space, deadline, "a free ring slot")
+
+    def _reserve_now(self) -> tuple[_Queue, int] | None:
+        """:meth:`_reserve` without waiting: None when every queue is full."""
+        self._check_usable()
+        best = self._batch_queue
+        if best is None or not best.free_ids:
+            best = max(self.queues, key=lambda q: len(q.free_ids))
+        if best.free_ids:
+            self._batch_queue = best
+            return best, best.free_ids.pop()
+        return None
 
     async def _wait_for(self, event: asyncio.Event, deadline: float | None, what: str
                         ) -> float:
@@ -440,11 +469,14 @@ class BlockFrontend(FrontendDriver):
 
     async def _request(self, reserved: tuple[_Queue, int], op: int,
                        build: Callable[[int], bytes], finish: Callable[[int], None]) -> int:
-        """Put one request in the reserved slot and wait (bounded) for its status."""
+        """Put one request in the reserved slot and wait (bounded by ``io_timeout``) for
+        its status.  The request is pushed with every other one built in this loop turn
+        (:meth:`_push`: one push, one notification by the ring's rules)."""
         q, slot = reserved
         q.generation += 1
         rid = (q.generation << _SLOT_BITS) | slot  # a stale duplicate names an old id
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
         try:
             self._check_usable()
             data = build(rid)
@@ -452,11 +484,57 @@ class BlockFrontend(FrontendDriver):
             q.free_ids.append(slot)
             finish(BLKIF_RSP_ERROR)
             raise
-        q.pending[rid] = _Pending(op, fut, finish)
-        assert q.client is not None
-        q.client.submit([data])
+        deadline = loop.time() + self.config.io_timeout
+        q.pending[rid] = _Pending(op, fut, finish, deadline)
+        q.outbox.append(data)
+        if not self._push_scheduled:
+            self._push_scheduled = True
+            loop.call_soon(self._push)
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(deadline, self._expire)
         self.io_stats["requests"] += 1
-        return await asyncio.wait_for(asyncio.shield(fut), self.config.io_timeout)
+        return await fut  # a late answer still finishes it (pages back, slot freed)
+
+    def _push(self) -> None:
+        """Push every request built since the last push, one ring push (and at most one
+        notification) per queue."""
+        self._push_scheduled = False
+        self._batch_queue = None
+        for q in self.queues:
+            if q.outbox and q.client is not None:
+                out, q.outbox = q.outbox, []
+                try:
+                    pushed = q.client.submit(out)
+                except PeerError as exc:  # the backend broke the ring's indexes
+                    self._peer_failed(str(exc))
+                    return
+                except LocalError:  # closed meanwhile: its requests failed already
+                    continue
+                if pushed < len(out):  # every one had a reserved slot: only a backend
+                    # that moved the indexes wrongly takes the room away
+                    self._peer_failed(f"ring full with {len(out) - pushed} reserved "
+                                      "requests unsent")
+                    return
+
+    def _expire(self) -> None:
+        """Fail the waits of requests past their deadline with :class:`TimeoutError`
+        (their ids and pages stay with the backend until it answers, R12); re-arm for
+        the next deadline."""
+        self._watchdog = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        nearest: float | None = None
+        for q in self.queues:
+            for rid, p in q.pending.items():  # submission order: deadlines ascending
+                if p.future.done():
+                    continue
+                if p.deadline > now:
+                    nearest = p.deadline if nearest is None else min(nearest, p.deadline)
+                    break
+                p.future.set_exception(TimeoutError(
+                    f"request {rid}: no answer within {self.config.io_timeout} s"))
+        if nearest is not None:
+            self._watchdog = loop.call_at(nearest, self._expire)
 
     async def _pages(self, count: int, *, writable: bool
                      ) -> tuple[list[int], list[memoryview], Callable[[], None]]:
@@ -464,6 +542,20 @@ class BlockFrontend(FrontendDriver):
         give them back.  With persistent grants every page comes from the pool (granted
         writable once, never ended while connected: the backend may keep it mapped),
         waiting for pages to come back when the pool is at its size."""
+        got = self._pages_now(count, writable=writable)
+        deadline = None
+        while got is None:
+            self._check_usable()
+            self.io_stats["pool_waits"] += 1
+            self._pool_back.clear()
+            deadline = await self._wait_for(self._pool_back, deadline,
+                                            f"{count} pages of the persistent pool")
+            got = self._pages_now(count, writable=writable)
+        return got
+
+    def _pages_now(self, count: int, *, writable: bool
+                   ) -> tuple[list[int], list[memoryview], Callable[[], None]] | None:
+        """:meth:`_pages` without waiting: None when the pool has too few pages now."""
         if not self.persistent:
             share = self.platform.grants.grant(self.peer_domid, count, writable=writable)
             mems = [share.mem[i * XEN_PAGE_SIZE:(i + 1) * XEN_PAGE_SIZE]
@@ -473,13 +565,8 @@ class BlockFrontend(FrontendDriver):
                 with contextlib.suppress(LocalError, PlatformError):
                     self.quarantine.end(share)
             return list(share.refs), mems, end
-        deadline = None
-        while len(self._pool_free) + self._pool_cap - len(self._pool) < count:
-            self._check_usable()
-            self.io_stats["pool_waits"] += 1
-            self._pool_back.clear()
-            deadline = await self._wait_for(self._pool_back, deadline,
-                                            f"{count} pages of the persistent pool")
+        if len(self._pool_free) + self._pool_cap - len(self._pool) < count:
+            return None
         taken: list[SharedPages] = []
         try:
             while len(taken) < count:
@@ -515,6 +602,12 @@ class BlockFrontend(FrontendDriver):
         if write and self.readonly:
             raise BlockError("the disk is read-only")
         chunk = self.max_segments * XEN_PAGE_SIZE
+        if length <= chunk:  # one request: no task of its own
+            reserved = self._reserve_now()
+            if reserved is None:
+                reserved = await self._reserve()
+            await self._one_rw(reserved, write, offset, length, data, out, 0)
+            return
         pieces = []
         failed: Exception | None = None
         for start in range(0, length, chunk):
@@ -537,7 +630,10 @@ class BlockFrontend(FrontendDriver):
                       data: memoryview | None, out: bytearray | None, start: int) -> None:
         npages = -(-n // XEN_PAGE_SIZE)
         try:
-            refs, mems, give_back = await self._pages(npages, writable=not write)
+            got = self._pages_now(npages, writable=not write)  # no coroutine when there
+            if got is None:
+                got = await self._pages(npages, writable=not write)
+            refs, mems, give_back = got
         except BaseException:
             reserved[0].free_ids.append(reserved[1])
             raise
@@ -547,14 +643,13 @@ class BlockFrontend(FrontendDriver):
             for i, m in enumerate(mems):
                 piece = data[start + i * XEN_PAGE_SIZE:start + min((i + 1) * XEN_PAGE_SIZE, n)]
                 m[:len(piece)] = piece
-        segs = []
-        for i, ref in enumerate(refs):
-            nbytes = min(XEN_PAGE_SIZE, n - i * XEN_PAGE_SIZE)
-            segs.append(Segment(ref, 0, (nbytes >> SECTOR_SHIFT) - 1))
+        # every page full but the last: (gref, first sector 0, last sector) each
+        lasts = [_PAGE_LAST] * (npages - 1)
+        lasts.append(((n - (npages - 1) * XEN_PAGE_SIZE) >> SECTOR_SHIFT) - 1)
         op = BLKIF_OP_WRITE if write else BLKIF_OP_READ
         sector = offset >> SECTOR_SHIFT
-        indirect = len(segs) > BLKIF_MAX_SEGMENTS_PER_REQUEST
-        if indirect:
+        if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST:
+            segs = [Segment(ref, 0, last) for ref, last in zip(refs, lasts, strict=True)]
             ind_pages = pack_indirect_pages(segs)
             try:
                 ind_refs, ind_mems, ind_end = await self._pages(len(ind_pages),
@@ -574,8 +669,14 @@ class BlockFrontend(FrontendDriver):
             self.io_stats["indirect"] += 1
             wire_op = BLKIF_OP_INDIRECT
         else:
+            flat: list[int] = []
+            for ref, last in zip(refs, lasts, strict=True):
+                flat += (ref, 0, last)
+            flat += _NO_SEGMENTS[len(flat):]
+            pack = self._rw_struct.pack
+
             def build(rid: int) -> bytes:
-                return BlkifRequest.rw(op, 0, rid, sector, tuple(segs)).pack(self.abi)
+                return pack(op, npages, 0, rid, sector, *flat)
             wire_op = op
 
         def finish(status: int) -> None:

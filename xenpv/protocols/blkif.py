@@ -574,6 +574,70 @@ def validate_response(rsp: BlkifResponse, expected_operation: int | None = None)
         )
 
 
+# -- batch accept (the backend's fast path) ---------------------------------------------------
+
+#: One accepted READ/WRITE: ``(id, operation, byte offset, byte length, segments)``, each
+#: segment ``(gref, start, end)`` in bytes within its granted page.
+AcceptedRW = tuple[int, int, int, int, tuple[tuple[int, int, int], ...]]
+
+
+def scan_rw_reference(batch: Buffer, count: int, abi: ABI, disk_sectors: int, *,
+                      readonly: bool = False, sector_size: int = 512
+                      ) -> list[AcceptedRW | None]:
+    """The readable twin of the compiled :func:`scan_rw`: for each of ``count`` request
+    slots in ``batch`` (already a private copy), the accepted READ/WRITE (see
+    :data:`AcceptedRW`) if it passes :func:`validate_request` against ``disk_sectors``,
+    is not a write to a ``readonly`` disk and covers whole ``sector_size`` sectors (start,
+    length and every segment); else None, and the caller validates that slot in full
+    (which answers it)."""
+    slot = LAYOUTS[abi].ring.slot_size
+    mask = (sector_size >> SECTOR_SHIFT) - 1
+    out: list[AcceptedRW | None] = []
+    for j in range(count):
+        req = parse_request(batch, j * slot, abi)
+        accepted: AcceptedRW | None = None
+        if isinstance(req, BlkifRequest) and req.operation in (BLKIF_OP_READ, BLKIF_OP_WRITE) \
+                and not (readonly and req.operation == BLKIF_OP_WRITE):
+            try:
+                validate_request(req, disk_sectors=disk_sectors)
+            except BlkifRequestError:
+                pass
+            else:
+                total = sum(s.nr_sectors for s in req.seg)
+                if not (req.sector_number & mask or total & mask
+                        or any(s.first_sect & mask or s.nr_sectors & mask for s in req.seg)):
+                    accepted = (req.id, req.operation, req.sector_number << SECTOR_SHIFT,
+                                total << SECTOR_SHIFT,
+                                tuple((s.gref, s.first_sect << SECTOR_SHIFT,
+                                       (s.last_sect + 1) << SECTOR_SHIFT) for s in req.seg))
+        out.append(accepted)
+    return out
+
+
+def _compiled_scan() -> Any:
+    try:
+        from xenpv.protocols import _blkscan
+    except ImportError:  # not built: the twin serves
+        return None
+    return _blkscan.scan_rw
+
+
+_SCAN = _compiled_scan()
+
+
+def scan_rw(batch: Buffer, count: int, abi: ABI, disk_sectors: int, *,
+            readonly: bool = False, sector_size: int = 512) -> list[AcceptedRW | None]:
+    """:func:`scan_rw_reference`, compiled (``cython/blkscan.pyx``: one pass over the batch,
+    no per-field Python objects) where built."""
+    if _SCAN is None:
+        return scan_rw_reference(batch, count, abi, disk_sectors, readonly=readonly,
+                                 sector_size=sector_size)
+    result: list[AcceptedRW | None] = _SCAN(
+        batch, count, LAYOUTS[abi].ring.slot_size, 4 if abi is ABI.X86_32 else 8,
+        disk_sectors, readonly, sector_size)
+    return result
+
+
 # -- virtual-device numbers (xen-vbd-interface) ----------------------------------------------
 
 XVD_MAJOR = 202

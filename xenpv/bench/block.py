@@ -40,6 +40,7 @@ import json
 import mmap
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -269,14 +270,16 @@ def _python(profile: str | None) -> list[str]:
 
 
 def _profiled(out: str, module: str, argv: list[str]) -> None:
-    """Run ``module`` as ``__main__`` with ``argv`` under cProfile (the main thread's CPU
-    time, so neither waiting nor being preempted on a loaded machine counts)."""
+    """Run ``module`` as ``__main__`` with ``argv``, profiled by cProfile (the main thread's
+    CPU time, so neither waiting nor being preempted on a loaded machine counts) while
+    measured: from a ``SIGUSR1`` to the next ``SIGUSR2`` (start-up is left out)."""
     import cProfile
     import runpy
 
     prof = cProfile.Profile(time.thread_time)
     sys.argv = [module, *argv]
-    prof.enable()
+    signal.signal(signal.SIGUSR1, lambda _sig, _frame: prof.enable())
+    signal.signal(signal.SIGUSR2, lambda _sig, _frame: prof.disable())
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit:
@@ -288,15 +291,12 @@ def _profiled(out: str, module: str, argv: list[str]) -> None:
 
 def profile_summary(path: str, requests: int, top: int = 15) -> dict[str, float]:
     """µs of CPU per request of the ``top`` functions (own time) in the cProfile stats at
-    ``path``, over ``requests`` requests; functions called fewer than once per 20
-    requests (start-up, imports) are left out."""
+    ``path``, over ``requests`` requests (and the total of every function)."""
     import pstats
 
     stats: dict[Any, Any] = pstats.Stats(path).stats  # type: ignore[attr-defined]
     rows = []
-    for (filename, line, name), (_cc, ncalls, tottime, _ct, _callers) in stats.items():
-        if ncalls * 20 < requests:
-            continue
+    for (filename, line, name), (_cc, _ncalls, tottime, _ct, _callers) in stats.items():
         where = name if filename == "~" else f"{Path(filename).name}:{line}({name})"
         rows.append((tottime, where))
     rows.sort(reverse=True)
@@ -402,7 +402,13 @@ def _phase(lab: Any, image: Path, direct: bool, vdevs: tuple[str, str], rounds: 
                                 "back": be.pid if path == "ours" else qemu_pid,
                                 "emulator": lab.machine.proc.pid}
                         before = {k: _cpu_seconds(p) for k, p in pids.items()}
+                        profiled = [pids["front"], pids["back"]] \
+                            if path == "ours" and profile is not None else []
+                        for pid in profiled:
+                            os.kill(pid, signal.SIGUSR1)
                         ops, seconds = fronts[path].run(kind, bs, depth, duration)
+                        for pid in profiled:
+                            os.kill(pid, signal.SIGUSR2)
                         served[path] = served.get(path, 0) + ops
                         used = cpu[f"{path}{tag}_{name}"] = {
                             k: round((_cpu_seconds(p) - before[k]) / max(ops, 1) * 1e6, 1)

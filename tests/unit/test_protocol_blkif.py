@@ -266,3 +266,14 @@ def test_batch_accept_takes_good_reads_and_writes_only() -> None:
                    (2, BLKIF_OP_WRITE, 8 * 512, 4096, ((8, 0, 4096),)), None, None, None]
     assert blkif.scan_rw(raw, 2, abi, 64, readonly=True)[1] is None
     assert blkif.scan_rw(raw, 2, abi, 64, sector_size=4096) == [None, got[1]]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 7)), min_size=1,
+                max_size=1100))
+def test_indirect_pages_from_columns_match_the_segment_encoder(
+        segs: list[tuple[int, int]]) -> None:
+    """The frontend's column packer gives the same pages as packing Segment records."""
+    grefs, lasts = [g for g, _ in segs], [last for _, last in segs]
+    assert blkif.pack_indirect_columns(grefs, 0, lasts) == blkif.pack_indirect_pages(
+        [Segment(g, 0, last) for g, last in segs])

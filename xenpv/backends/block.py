@@ -94,6 +94,7 @@ from xenpv.protocols.blkif import (
     BLKIF_RSP_ERROR,
     BLKIF_RSP_OKAY,
     SECTOR_SHIFT,
+    SEGMENT_DTYPE,
     VDISK_READONLY,
     BlkifRequestDiscard,
     BlkifRequestError,
@@ -135,8 +136,6 @@ DEFAULT_PERSISTENT_GRANTS = 1056
 #: Seconds in-flight I/O may take to finish at teardown before mappings go regardless.
 DRAIN_TIMEOUT = 10.0
 
-#: One indirect segment record (io/blkif.h blkif_request_segment).
-SEGMENT_DTYPE = np.dtype([("gref", "<u4"), ("first", "u1"), ("last", "u1"), ("pad", "<u2")])
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02

@@ -72,9 +72,8 @@ from xenpv.protocols.blkif import (
     BlkifRequest,
     BlkifRequestDiscard,
     BlkifRequestIndirect,
-    Segment,
     layouts,
-    pack_indirect_pages,
+    pack_indirect_columns,
 )
 from xenpv.protocols.layout import XEN_PAGE_SIZE
 from xenpv.xenbus.driver import FrontendDriver, PeerKeys
@@ -649,8 +648,7 @@ class BlockFrontend(FrontendDriver):
         op = BLKIF_OP_WRITE if write else BLKIF_OP_READ
         sector = offset >> SECTOR_SHIFT
         if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST:
-            segs = [Segment(ref, 0, last) for ref, last in zip(refs, lasts, strict=True)]
-            ind_pages = pack_indirect_pages(segs)
+            ind_pages = pack_indirect_columns(refs, 0, lasts)
             try:
                 ind_refs, ind_mems, ind_end = await self._pages(len(ind_pages),
                                                                 writable=False)
@@ -664,7 +662,7 @@ class BlockFrontend(FrontendDriver):
             grefs = tuple(ind_refs) + (0,) * (8 - len(ind_refs))
 
             def build(rid: int) -> bytes:
-                return BlkifRequestIndirect(BLKIF_OP_INDIRECT, op, len(segs), rid, sector, 0,
+                return BlkifRequestIndirect(BLKIF_OP_INDIRECT, op, npages, rid, sector, 0,
                                             grefs).pack(self.abi)
             self.io_stats["indirect"] += 1
             wire_op = BLKIF_OP_INDIRECT

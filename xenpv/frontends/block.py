@@ -566,15 +566,15 @@ class BlockFrontend(FrontendDriver):
             return list(share.refs), mems, end
         if len(self._pool_free) + self._pool_cap - len(self._pool) < count:
             return None
-        taken: list[SharedPages] = []
+        free = self._pool_free
+        k = min(count, len(free))
+        taken: list[SharedPages] = free[len(free) - k:]
+        del free[len(free) - k:]
         try:
-            while len(taken) < count:
-                if self._pool_free:
-                    taken.append(self._pool_free.pop())
-                else:
-                    pages = self.platform.grants.grant(self.peer_domid, 1, writable=True)
-                    self._pool.append(pages)
-                    taken.append(pages)
+            while len(taken) < count:  # the pool grows up to its size
+                pages = self.platform.grants.grant(self.peer_domid, 1, writable=True)
+                self._pool.append(pages)
+                taken.append(pages)
         except PlatformError:
             self._pool_free.extend(taken)
             raise

@@ -25,8 +25,11 @@ Theory of operation
   makes a frontend look at ``sectors`` again.
 
 Requests (:class:`BlockRequests`, the sans-IO handler of the services): every slot is
-copied once (:func:`~xenpv.protocols.blkif.parse_request`, R1) and validated from the copy
-(:func:`~xenpv.protocols.blkif.validate_request` plus the indirect pages, themselves
+copied once (the service's batch copy, R1) and validated from the copy: the plain reads
+and writes that pass every check by one compiled pass over the batch
+(:func:`~xenpv.protocols.blkif.scan_rw`), every other slot in full
+(:func:`~xenpv.protocols.blkif.parse_request`,
+:func:`~xenpv.protocols.blkif.validate_request` plus the indirect pages, themselves
 copied once); a bad request is answered ``BLKIF_RSP_ERROR`` or ``BLKIF_RSP_EOPNOTSUPP``
 and nothing else happens (no I/O, nothing mapped).  Grants are mapped for the request
 only (writable for READ, read-only for WRITE, all or nothing, R9), or, with persistent

@@ -679,9 +679,12 @@ class BlockFrontend(FrontendDriver):
 
         def finish(status: int) -> None:
             if status == BLKIF_RSP_OKAY and not write and out is not None:
-                for i, m in enumerate(mems):
-                    k = min(XEN_PAGE_SIZE, n - i * XEN_PAGE_SIZE)
-                    out[start + i * XEN_PAGE_SIZE:start + i * XEN_PAGE_SIZE + k] = m[:k]
+                if npages == 1:
+                    out[start:start + n] = mems[0][:n]
+                else:
+                    for i, m in enumerate(mems):
+                        k = min(XEN_PAGE_SIZE, n - i * XEN_PAGE_SIZE)
+                        out[start + i * XEN_PAGE_SIZE:start + i * XEN_PAGE_SIZE + k] = m[:k]
             give_back()
             for e in extra:
                 e()

@@ -27,6 +27,11 @@ from xenpv.errors import LocalError
 #: Debian packages unpacked into the peers tree (bookworm, Xen 4.17).
 PACKAGES: tuple[str, ...] = (
     "fio",  # fio: the machine's floor in bench block; the libraries below for its links
+    # net tests and bench net: ping (bin/ping) and iperf3 with its libraries
+    "iperf3",
+    "iputils-ping",
+    "libiperf0",  # iperf3
+    "libsctp1",  # libiperf0
     "libaio1",  # qemu-utils
     "libboost-thread1.74.0",  # librados2 (fio)
     "libdaxctl1",  # libpmem1 (fio)

@@ -4,15 +4,18 @@ The test creates two network namespaces of its own (and removes them): a "guest"
 whose TAP device sits on our frontend (:class:`~xenpv.frontends.net.TapBridge`) and a
 "dom0" one whose TAP device is a port of our backend's userspace switch
 (:class:`~xenpv.backends.netswitch.TapUplink`).  Addresses are from 198.18.0.0/15 and
-IPv6 link-local.  Python processes started in each namespace move data over TCP both
-ways, checked by SHA-256 digests, with the TAPs' checksum/TSO offload on and off and one
-or two queues; GSO frames and blank checksums cross the rings when offload is on.
+IPv6 link-local.  With the TAPs' checksum/TSO offload on and off and one or two queues:
+Debian's ``ping`` (v4, and v6 to link-local addresses) both ways, ``iperf3`` TCP both
+directions (``xenpv peers fetch`` brings both), and Python processes in each namespace
+moving data over TCP both ways, checked by SHA-256 digests (256 MiB from the guest in
+one configuration); GSO frames and blank checksums cross the rings when offload is on.
 Every process is ended by pid; the emulator holds nothing afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_net_support import GUESTS, NOTHING, net_world, run, start_vif
 
+from xenpv import peers
 from xenpv.backends.net import NetConfig
 from xenpv.backends.netswitch import TapUplink
 from xenpv.drivers.tap import TapDevice
@@ -46,28 +50,28 @@ while chunk := c.recv(1 << 16):
 c.sendall(h.hexdigest().encode())
 c.close()
 c, _ = s.accept()
-c.sendall(random.Random(2).randbytes(int(sys.argv[2])))
+c.sendall(random.Random(2).randbytes(int(sys.argv[4])))
 c.close()
 """
 CLIENT = """
 import hashlib, random, socket, sys
-addr, size = sys.argv[1], int(sys.argv[2])
+addr, size, down = sys.argv[1], int(sys.argv[2]), int(sys.argv[4])
 target = (addr, 5001, 0, int(sys.argv[3])) if ":" in addr else (addr, 5001)
 fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
-data = random.Random(1).randbytes(size)
-c = socket.create_connection(target, timeout=60) if fam == socket.AF_INET else None
-if c is None:
-    c = socket.socket(fam, socket.SOCK_STREAM); c.settimeout(60); c.connect(target)
-c.sendall(data)
+c = socket.socket(fam, socket.SOCK_STREAM); c.settimeout(60); c.connect(target)
+rng, sent, left = random.Random(1), hashlib.sha256(), size
+while left:  # in 16 MiB pieces: one 256 MiB randbytes is beyond its limit
+    piece = rng.randbytes(min(left, 1 << 24)); sent.update(piece); c.sendall(piece)
+    left -= len(piece)
 c.shutdown(socket.SHUT_WR)
 got = c.recv(100).decode()
-assert got == hashlib.sha256(data).hexdigest(), "guest -> dom0 digest differs"
+assert got == sent.hexdigest(), "guest -> dom0 digest differs"
 c.close()
 c = socket.socket(fam, socket.SOCK_STREAM); c.settimeout(60); c.connect(target)
 h = hashlib.sha256(); n = 0
 while chunk := c.recv(1 << 16):
     h.update(chunk); n += len(chunk)
-assert n == size and h.digest() == hashlib.sha256(random.Random(2).randbytes(size)).digest()
+assert n == down and h.digest() == hashlib.sha256(random.Random(2).randbytes(down)).digest()
 print("ok", flush=True)
 """
 
@@ -106,26 +110,89 @@ async def run_in(ns: str, code: str, *args: str) -> asyncio.subprocess.Process:
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
 
 
-async def transfer(nets: Namespaces, server_addr: str, scope: str) -> None:
-    server = await run_in(nets.dom0, SERVER, server_addr, str(SIZE), scope)
+async def transfer(nets: Namespaces, server_addr: str, scope: str, *, up: int = SIZE,
+                   down: int = SIZE, client_scope: str | None = None) -> None:
+    """``up`` bytes guest -> dom0, then ``down`` bytes back, each checked by digest
+    (``scope``/``client_scope``: the ifindex a link-local address is bound/sent on)."""
+    server = await run_in(nets.dom0, SERVER, server_addr, "0", scope, str(down))
     client = None
     try:
         assert server.stdout is not None
         assert (await asyncio.wait_for(server.stdout.readline(), 20)).strip() == b"listening"
-        client = await run_in(nets.guest, CLIENT, server_addr, str(SIZE), scope)
-        out, err = await asyncio.wait_for(client.communicate(), 90)
+        client = await run_in(nets.guest, CLIENT, server_addr, str(up),
+                              client_scope or scope, str(down))
+        out, err = await asyncio.wait_for(client.communicate(), 120)
         assert client.returncode == 0 and out.strip() == b"ok", err.decode()[-2000:]
         assert await asyncio.wait_for(server.wait(), 20) == 0
     finally:
-        for p in (client, server):
-            if p is not None and p.returncode is None:
-                p.kill()  # ends `ip netns exec`, which exec'd python: the same pid
-                await p.wait()
+        await end(client, server)
 
 
-#: offload on with 4 queues runs in tests/integration/test_net_processes.py (CLI processes)
-@pytest.mark.parametrize(("offload", "queues"), [(True, 2), (False, 1)])
-def test_tcp_between_kernel_stacks_through_the_net_pair(offload: bool, queues: int) -> None:
+async def end(*procs: asyncio.subprocess.Process | None) -> None:
+    """Kill what still runs (``ip netns exec`` exec'd its program: the same pid)."""
+    for p in procs:
+        if p is not None and p.returncode is None:
+            p.kill()
+            await p.wait()
+
+
+async def tool(ns: str, *argv: str, timeout: float = 30.0) -> str:
+    """Run a peers-tree program in ``ns``; its stdout (AssertionError unless status 0)."""
+    proc = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", ns, *argv, env=peers.run_env(),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        await end(proc)
+    assert proc.returncode == 0, f"{argv}: {out.decode()[-1500:]} {err.decode()[-1500:]}"
+    return out.decode()
+
+
+async def pings(nets: Namespaces) -> None:
+    """Debian's ping, v4 and v6 (link-local), from each namespace to the other."""
+    ping = str(peers.find("bin/ping"))
+    for ns, dest in ((nets.guest, "198.18.0.1"), (nets.dom0, "198.18.0.2"),
+                     (nets.guest, f"fe80::1%{nets.gtap}"), (nets.dom0, f"fe80::2%{nets.dtap}")):
+        out = await tool(ns, ping, "-c", "3", "-i", "0.05", "-W", "5", "-w", "15", dest)
+        assert " 3 received" in out, out
+
+
+async def iperf3_both_ways(nets: Namespaces, size: int) -> None:
+    """``iperf3`` TCP guest -> dom0 and dom0 -> guest (``-R``), ``size`` bytes each."""
+    iperf3 = str(peers.find("iperf3"))
+    server = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", nets.dom0, iperf3, "-s", "-p", "5201", "--forceflush",
+        env=peers.run_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert server.stdout is not None
+        while b"Server listening" not in await asyncio.wait_for(server.stdout.readline(), 20):
+            pass
+        for reverse in ([], ["-R"]):
+            out = json.loads(await tool(nets.guest, iperf3, "-c", "198.18.0.1", "-p", "5201",
+                                        "-n", str(size), "-J", "--connect-timeout", "5000",
+                                        *reverse, timeout=60))
+            end_ = out["end"]  # (the receiver's count stops when the sender is done)
+            assert end_["sum_sent"]["bytes"] >= size and end_["sum_received"]["bytes"] > 0
+            assert out["start"]["test_start"]["reverse"] == len(reverse), out
+    finally:
+        await end(server)
+
+
+def ifindex(ns: str, dev: str) -> str:
+    index = subprocess.run(["ip", "-n", ns, "-o", "link", "show", dev], check=True,
+                           capture_output=True, text=True, timeout=20).stdout.split(":")[0]
+    assert index.isdigit()
+    return index
+
+
+#: offload on with 4 queues runs in tests/integration/test_net_processes.py (CLI processes);
+#: the 256 MiB transfer runs in one configuration only (CI time)
+@pytest.mark.parametrize(("offload", "queues", "up"), [(True, 2, 256 * MiB), (False, 1, SIZE)])
+def test_kernel_stacks_through_the_net_pair(offload: bool, queues: int, up: int) -> None:
+    peers.find("iperf3")  # the real tools, fetched by `xenpv peers fetch`: fail loudly
+    peers.find("bin/ping")
+
     async def body() -> None:
         with Namespaces() as nets:
             async with net_world() as w:
@@ -141,30 +208,12 @@ def test_tcp_between_kernel_stacks_through_the_net_pair(offload: bool, queues: i
                     nets.configure(nets.dom0, nets.dtap, "198.18.0.1/24", "fe80::1/64")
                     bridge.start()
                     uplink.start()
-                    await transfer(nets, "198.18.0.1", "0")
-                    ifindex = subprocess.run(
-                        ["ip", "-n", nets.dom0, "-o", "link", "show", nets.dtap],
-                        check=True, capture_output=True, text=True, timeout=20
-                    ).stdout.split(":")[0]
-                    gindex = subprocess.run(
-                        ["ip", "-n", nets.guest, "-o", "link", "show", nets.gtap],
-                        check=True, capture_output=True, text=True, timeout=20
-                    ).stdout.split(":")[0]
-                    assert ifindex.isdigit() and gindex.isdigit()
-                    server = await run_in(nets.dom0, SERVER, "fe80::1", str(2 * MiB), ifindex)
-                    try:
-                        assert server.stdout is not None
-                        await asyncio.wait_for(server.stdout.readline(), 20)
-                        client = await run_in(nets.guest, CLIENT, "fe80::1", str(2 * MiB),
-                                              gindex)
-                        out, err = await asyncio.wait_for(client.communicate(), 90)
-                        assert client.returncode == 0 and out.strip() == b"ok", \
-                            err.decode()[-2000:]
-                        assert await asyncio.wait_for(server.wait(), 20) == 0
-                    finally:
-                        if server.returncode is None:
-                            server.kill()
-                            await server.wait()
+                    gindex, dindex = ifindex(nets.guest, nets.gtap), ifindex(nets.dom0, nets.dtap)
+                    await pings(nets)
+                    await transfer(nets, "198.18.0.1", "0", up=up)
+                    await transfer(nets, "fe80::1", dindex, up=2 * MiB, down=2 * MiB,
+                                   client_scope=gindex)
+                    await iperf3_both_ways(nets, 4 * MiB)
                     info = vif.backend.info()
                     tx_gso = sum(q["tx"]["gso"] for q in info["per_queue"])
                     rx_gso = vif.frontend.net_stats["rx_gso"]
@@ -175,6 +224,7 @@ def test_tcp_between_kernel_stacks_through_the_net_pair(offload: bool, queues: i
                     else:
                         assert tx_gso == 0 and rx_gso == 0
                     assert gtap.stats["tx_frames"] > 0 and uplink.tap.stats["rx_frames"] > 0
+                    assert vif.frontend.net_stats["tx_bytes"] > up  # the big one crossed
                     assert gtap.info()["queues"] == queues
                 finally:
                     await bridge.close()
@@ -182,4 +232,4 @@ def test_tcp_between_kernel_stacks_through_the_net_pair(offload: bool, queues: i
                     await vif.close()
                 assert w.held() == NOTHING
 
-    run(body(), timeout=240)
+    run(body(), timeout=300)

@@ -1,0 +1,51 @@
+"""Smoke run of ``xenpv bench net --quick --json``: every figure (ours, veth) is measured
+in one run and reported with its spread, units, ratios and targets, the namespaces are
+gone afterwards (no timings are asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from xenpv.cli.bench import render_result
+
+FIGURES = {"ours_tcp_gbps": "Gbit/s", "ours_tcp_rx_gbps": "Gbit/s",
+           "ours_tcp_2streams_gbps": "Gbit/s", "veth_tcp_gbps": "Gbit/s",
+           "ours_udp_pps": "packets/s", "veth_udp_pps": "packets/s"}
+
+
+def namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=20,
+                         check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def test_bench_net_quick_reports_every_key(peer_root: Path, tmp_path: Path) -> None:
+    saved = tmp_path / "net.json"
+    before = namespaces()
+    res = subprocess.run([sys.executable, "-m", "xenpv", "bench", "net", "--quick", "--json",
+                          "--output", str(saved)], capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    assert result == json.loads(saved.read_text())
+    assert result["benchmark"] == "net" and result["rounds"] == 1
+    for key, unit in FIGURES.items():
+        assert isinstance(result[key], float) and result[key] > 0, key
+        assert key in result["spread"] and result["units"][key] == unit, key
+    assert result["targets"] == {"ours/veth tcp": ">= 0.1"}
+    assert set(result["targets_met"]) == {"ours/veth tcp"}
+    assert set(result["ratios"]) == {"ours/veth tcp", "ours/veth udp",
+                                     "ours 2 streams/1 stream tcp"}
+    assert all(v > 0 for v in result["ratios"].values())
+    setup = result["setup"]
+    assert setup["queues"] == 2 and setup["udp_payload_bytes"] == 64
+    assert set(setup["cpu_per_second"]) == {k for k in FIGURES if k.startswith("ours")}
+    assert all(set(v) == {"front", "back", "emulator"} for v in setup["cpu_per_second"].values())
+    assert setup["frontend_stats"]["tx_gso"] > 0 and setup["frontend_stats"]["rx_gso"] > 0
+    assert setup["backend_tap"]["rx_frames"] > 0 and setup["frontend_tap"]["tx_frames"] > 0
+    assert "unpinned" in result["conditions"]["placement"]
+    assert namespaces() <= before  # the run removed what it made
+    text = render_result(result)
+    assert "ours/veth tcp:" in text and "target >= 0.1: " in text

@@ -71,16 +71,16 @@ import logging
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from xenpv.backends.netswitch import NetSwitch, SwitchPort
 from xenpv.drivers.ringchannel import BackChannel, RingPlacement
 from xenpv.drivers.ringservice import RingService
 from xenpv.drivers.sharedport import share_port
 from xenpv.errors import LocalError, PeerError, PlatformError
-from xenpv.platforms.base import GrantCopy, GrantPtr, LocalPtr, Platform
+from xenpv.platforms.base import GrantCopy, GrantPtr, GrantTable, LocalPtr, Platform
 from xenpv.platforms.dispatch import PortDispatcher
 from xenpv.protocols import ProtocolError
 from xenpv.protocols.ethernet import (
@@ -146,6 +146,11 @@ from xenpv.xenbus import keys as _keys
 from xenpv.xenbus.driver import BackendDriver, PeerKeys
 from xenpv.xenbus.watcher import BackendWatcher
 from xenpv.xenstore.client import XenstoreClient as XenbusClient
+
+#: Data bytes one batched grant copy carries at most: packets of a ring pass are copied
+#: together up to this (the loopback daemon keeps a call to 64 KiB of data); a larger
+#: packet is copied alone.
+COPY_BATCH = 64 << 10
 
 __all__ = [
     "MulticastFilter",
@@ -311,7 +316,8 @@ class NetTx:
         n = len(buf) // _TX_SLOT
         view = memoryview(buf)
         out: list[bytes] = []
-        pos = 0
+        group: list[_TxCopy] = []  # packets whose data is copied in one call
+        group_bytes = pos = 0
         while pos < n:
             rest = view[pos * _TX_SLOT:]
             try:
@@ -319,20 +325,37 @@ class NetTx:
                                       fatal_slots=self.config.fatal_slots)
             except NetifPacketError as exc:
                 self._drop(str(exc))
+                out += self._copy_group(group)  # answers stay in slot order
+                group_bytes = 0
                 out += _error_responses(rest, exc.slots, len(exc.ids))
                 pos += exc.slots
                 continue
             except NetifFatalError:
                 self.stats["fatal"] += 1
                 self._pending = b""
+                self._copy_group(group)  # the packets before it still go out
                 raise
             if pkt is None:
                 break
             if self.rate is None:
-                out += self._serve(pkt, rest)
+                if group and any(isinstance(e, McastExtra) for e in pkt.extras):
+                    out += self._copy_group(group)  # the filter changes after them
+                    group_bytes = 0
+                prepared = self._prepare(pkt, rest)
+                if isinstance(prepared, list):  # answered without a copy
+                    out += self._copy_group(group)
+                    group_bytes = 0
+                    out += prepared
+                else:
+                    if group and group_bytes + pkt.size > COPY_BATCH:
+                        out += self._copy_group(group)
+                        group_bytes = 0
+                    group.append(prepared)
+                    group_bytes += pkt.size
             else:  # answered in order, as credit allows
                 self._held.append((pkt, bytes(rest[:pkt.slots * _TX_SLOT])))
             pos += pkt.slots
+        out += self._copy_group(group)
         self._pending = buf[pos * _TX_SLOT:]
         if len(self._pending) > _MAX_PENDING_SLOTS * _TX_SLOT:  # parse bounds this
             raise ProtocolError("TX chain longer than any allowed")
@@ -447,7 +470,12 @@ class NetTx:
         return out
 
     def _serve(self, pkt: TxPacket, slots: memoryview) -> list[bytes]:
-        extras = len(pkt.extras)
+        prepared = self._prepare(pkt, slots)
+        return prepared if isinstance(prepared, list) else self._copy_group([prepared])
+
+    def _prepare(self, pkt: TxPacket, slots: memoryview) -> list[bytes] | _TxCopy:
+        """The answers to a packet served without a copy (a filter request, a dropped
+        chain), or the copy that brings its data in."""
         answered = self._filter_request(pkt)
         if answered is not None:
             return answered
@@ -462,19 +490,30 @@ class NetTx:
                 segs.append(GrantCopy(GrantPtr(self.domid, f.gref, f.offset),
                                       LocalPtr(data, pos), f.length))
                 pos += f.length
-        try:
-            statuses = self.grants.copy(segs)
-        except (PlatformError, LocalError) as exc:
-            statuses = [-1]
-            log.debug("dom%d tx: grant copy failed: %s", self.domid, exc)
-        if any(statuses):
+        return _TxCopy(pkt, slots, checked, data, segs)
+
+    def _copy_group(self, group: list[_TxCopy]) -> list[bytes]:
+        """Copy the data of every packet of ``group`` in one call, hand each to the port
+        and answer them in order (a packet whose copy failed is dropped alone); empties
+        ``group``."""
+        if not group:
+            return []
+        out: list[bytes] = []
+        for p, failed in zip(group, _copy_batch(self.grants, group), strict=True):
+            out += self._finish(p, failed)
+        group.clear()
+        return out
+
+    def _finish(self, p: _TxCopy, failed: bool) -> list[bytes]:
+        pkt = p.pkt
+        if failed:
             self.stats["copy_errors"] += 1
             self._drop("a fragment's grant could not be copied")
-            return _error_responses(slots, pkt.slots, len(pkt.requests))
+            return _error_responses(p.slots, pkt.slots, len(pkt.requests))
         flags = pkt.flags
-        frame = NetFrame(bytes(data), csum_blank=bool(flags & NETTXF_csum_blank),
+        frame = NetFrame(bytes(p.data), csum_blank=bool(flags & NETTXF_csum_blank),
                          data_validated=bool(flags & NETTXF_data_validated),
-                         gso_type=checked[0], gso_size=checked[1])
+                         gso_type=p.gso[0], gso_size=p.gso[1])
         self.stats["packets"] += 1
         self.stats["bytes"] += pkt.size
         self.stats["gso"] += frame.gso_type != GSO_NONE
@@ -485,9 +524,48 @@ class NetTx:
             self.stats["port_errors"] += 1
             log.debug("dom%d tx: the port refused a frame: %s", self.domid, exc)
         out = [_TX_RSP.pack(pkt.requests[0].id, NETIF_RSP_OKAY)]
-        out += [_TX_RSP.pack(0, NETIF_RSP_NULL)] * extras
+        out += [_TX_RSP.pack(0, NETIF_RSP_NULL)] * len(pkt.extras)
         out += [_TX_RSP.pack(r.id, NETIF_RSP_OKAY) for r in pkt.requests[1:]]
         return out
+
+
+def _copy_batch(grants: GrantTable, group: Sequence[_TxCopy | _RxCopy]) -> list[bool]:
+    """One grant-copy call for the segments of every item of ``group``; whether each
+    item's copy failed (all of them if the call itself failed)."""
+    segs = [s for c in group for s in c.segs]
+    try:
+        statuses = grants.copy(segs)
+    except (PlatformError, LocalError) as exc:
+        log.debug("grant copy of %d segments failed: %s", len(segs), exc)
+        statuses = [-1] * len(segs)
+    failed: list[bool] = []
+    k = 0
+    for c in group:
+        failed.append(any(statuses[k:k + len(c.segs)]))
+        k += len(c.segs)
+    return failed
+
+
+class _RxCopy(NamedTuple):
+    """A frame for the guest and the posted pages it took: its (offset, length) chunks,
+    extra-info records, the (id, gref) of its data pages and the copies into them."""
+
+    frame: NetFrame
+    chunks: list[tuple[int, int]]
+    extras: list[bytes]
+    data_reqs: list[tuple[int, int]]
+    segs: list[GrantCopy]
+
+
+class _TxCopy(NamedTuple):
+    """A checked TX packet waiting for its data: the slots it used (for error answers),
+    its (GSO type, GSO size), the buffer and the grant copies that fill it."""
+
+    pkt: TxPacket
+    slots: memoryview
+    gso: tuple[int, int]
+    data: bytearray
+    segs: list[GrantCopy]
 
 
 def _error_responses(slots: memoryview, used: int, data_slots: int) -> list[bytes]:
@@ -526,6 +604,7 @@ class NetRx:
         self.carrier = True
         self.closed = False
         self._timer: asyncio.TimerHandle | None = None
+        self._soon: asyncio.Handle | None = None  # a push due in this loop iteration
         self._progress = time.monotonic()
         self.stats = dict.fromkeys(("packets", "bytes", "dropped", "backlog_full",
                                     "too_big", "segmented", "csum_completed",
@@ -564,6 +643,24 @@ class NetRx:
                 continue
             self.backlog.append((f, need))
             self.backlog_bytes += len(f.data)
+        if self._soon is not None and self.backlog_bytes < COPY_BATCH:
+            return  # a push is due in this loop iteration: copied together with it
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or self.backlog_bytes >= COPY_BATCH:
+            self._push()
+        else:  # frames delivered in this iteration (a TX ring pass) go in one copy
+            self._soon = loop.call_soon(self._push)
+
+    def _push(self) -> None:
+        """Send what fits of the backlog (answers to the ring) and watch for a stall."""
+        if self._soon is not None:
+            self._soon.cancel()
+            self._soon = None
+        if self.closed:
+            return
         out = self._drain()
         if out and self.respond is not None:
             with contextlib.suppress(LocalError, PeerError):
@@ -627,14 +724,22 @@ class NetRx:
 
     def _drain(self) -> list[bytes]:
         out: list[bytes] = []
+        group: list[_RxCopy] = []  # frames whose data is copied in one call
+        group_bytes = 0
         while self.backlog and self.backlog[0][1] <= len(self.posted):
             frame, _need = self.backlog.popleft()
             self.backlog_bytes -= len(frame.data)
-            out += self._fill(frame)
+            if group and group_bytes + len(frame.data) > COPY_BATCH:
+                out += self._fill(group)
+                group_bytes = 0
+            group.append(self._claim(frame))
+            group_bytes += len(frame.data)
             self._progress = time.monotonic()
+        out += self._fill(group)
         return out
 
-    def _fill(self, frame: NetFrame) -> list[bytes]:
+    def _claim(self, frame: NetFrame) -> _RxCopy:
+        """Take the posted pages ``frame`` needs (in ring order) and plan its copies."""
         data = frame.data
         chunks = [(off, min(XEN_PAGE_SIZE, len(data) - off))
                   for off in range(0, len(data), XEN_PAGE_SIZE)]
@@ -643,31 +748,42 @@ class NetRx:
         data_reqs = [reqs[0], *reqs[1 + len(extras):]]
         segs = [GrantCopy(LocalPtr(data, off), GrantPtr(self.domid, gref, 0), n)
                 for (off, n), (_id, gref) in zip(chunks, data_reqs, strict=True)]
-        try:
-            statuses = self.grants.copy(segs)
-        except (PlatformError, LocalError):
-            statuses = [-1] * len(segs)
-        failed = any(statuses)
+        return _RxCopy(frame, chunks, extras, data_reqs, segs)
+
+    def _fill(self, group: list[_RxCopy]) -> list[bytes]:
+        """Copy every frame of ``group`` into its pages in one call; the responses, in
+        the order the pages were posted (a frame whose copy failed is answered ERROR);
+        empties ``group``."""
+        if not group:
+            return []
+        out: list[bytes] = []
+        for c, failed in zip(group, _copy_batch(self.grants, group), strict=True):
+            out += self._responses(c, failed)
+        group.clear()
+        return out
+
+    def _responses(self, c: _RxCopy, failed: bool) -> list[bytes]:
+        frame = c.frame
         if failed:
             self.stats["copy_errors"] += 1
             self.stats["dropped"] += 1
         else:
             self.stats["packets"] += 1
-            self.stats["bytes"] += len(data)
+            self.stats["bytes"] += len(frame.data)
         flags0 = 0
         if frame.csum_blank:
             flags0 |= NETRXF_csum_blank | NETRXF_data_validated
         elif frame.data_validated:
             flags0 |= NETRXF_data_validated
-        if extras:
+        if c.extras:
             flags0 |= NETRXF_extra_info
         out: list[bytes] = []
-        last = len(chunks) - 1
-        for k, ((_off, n), (rid, _gref)) in enumerate(zip(chunks, data_reqs, strict=True)):
+        last = len(c.chunks) - 1
+        for k, ((_off, n), (rid, _gref)) in enumerate(zip(c.chunks, c.data_reqs, strict=True)):
             flags = (flags0 if k == 0 else 0) | (NETRXF_more_data if k < last else 0)
             out.append(_RX_RSP.pack(rid, 0, flags, NETIF_RSP_ERROR if failed else n))
             if k == 0:
-                out += extras
+                out += c.extras
         return out
 
     # -- stall (scenario 7)
@@ -700,6 +816,9 @@ class NetRx:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._soon is not None:
+            self._soon.cancel()
+            self._soon = None
         self.backlog.clear()
         self.backlog_bytes = 0
 

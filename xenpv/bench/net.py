@@ -238,7 +238,8 @@ class NetLab:
         iperf3 server and the daemon; remove the namespaces."""
         from xenpv.testing.vchan import read_line
 
-        for name, proc in (("frontend", self.frontend), ("backend", self.backend)):
+        # the backend first: it reports its queues' counters while still connected
+        for name, proc in (("backend", self.backend), ("frontend", self.frontend)):
             if proc is None or proc.poll() is not None or proc.stdin is None:
                 continue
             with contextlib.suppress(Exception):

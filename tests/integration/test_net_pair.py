@@ -415,7 +415,7 @@ class CountingGrants:
 
 def test_a_burst_of_small_frames_is_copied_in_few_grant_copies() -> None:
     """40 small frames pushed in one burst cross the backend with a handful of grant-copy
-    calls on TX and on RX (packets of a ring pass are copied together, up to 64 KiB),
+    calls on TX and on RX (packets of a ring pass are copied together, up to 120 KiB),
     intact and in order; one failed copy in a batch drops only its own frame."""
     async def body() -> None:
         async with net_world() as w:
@@ -434,6 +434,13 @@ def test_a_burst_of_small_frames_is_copied_in_few_grant_copies() -> None:
                 for f in frames:
                     assert (await b.frontend.recv(5.0)).data == f
                 assert 1 <= tx.calls <= 4 and 1 <= rx.calls <= 4, (tx.calls, rx.calls)
+                big = [eth(b.mac, a.mac, 0x88B5, bytes([k]) * 45000) for k in range(3)]
+                tx.calls = rx.calls = 0
+                for f in big:  # two of 45 KB fit one call (COPY_BATCH), the third another
+                    await a.frontend.send(NetFrame(f))
+                for f in big:
+                    assert (await b.frontend.recv(5.0)).data == f
+                assert tx.calls == 2 and rx.calls <= 2, (tx.calls, rx.calls)
                 # a copy that fails for one frame of a batch drops that frame only
                 real = tx.inner
 

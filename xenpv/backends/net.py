@@ -147,10 +147,12 @@ from xenpv.xenbus.driver import BackendDriver, PeerKeys
 from xenpv.xenbus.watcher import BackendWatcher
 from xenpv.xenstore.client import XenstoreClient as XenbusClient
 
-#: Data bytes one batched grant copy carries at most: packets of a ring pass are copied
-#: together up to this (the loopback daemon keeps a call to 64 KiB of data); a larger
-#: packet is copied alone.
-COPY_BATCH = 64 << 10
+#: What one batched grant copy carries at most, counted as data bytes plus
+#: :data:`COPY_SEG_COST` per segment: packets of a ring pass are copied together up to
+#: this, a larger packet alone.  The loopback daemon's messages are 128 KiB with their
+#: headers (24 bytes per segment in a request, 4 in a reply): 120 KiB so counted fits.
+COPY_BATCH = 120 << 10
+COPY_SEG_COST = 32
 
 __all__ = [
     "MulticastFilter",
@@ -347,11 +349,12 @@ class NetTx:
                     group_bytes = 0
                     out += prepared
                 else:
-                    if group and group_bytes + pkt.size > COPY_BATCH:
+                    cost = pkt.size + COPY_SEG_COST * len(prepared.segs)
+                    if group and group_bytes + cost > COPY_BATCH:
                         out += self._copy_group(group)
                         group_bytes = 0
                     group.append(prepared)
-                    group_bytes += pkt.size
+                    group_bytes += cost
             else:  # answered in order, as credit allows
                 self._held.append((pkt, bytes(rest[:pkt.slots * _TX_SLOT])))
             pos += pkt.slots
@@ -729,11 +732,13 @@ class NetRx:
         while self.backlog and self.backlog[0][1] <= len(self.posted):
             frame, _need = self.backlog.popleft()
             self.backlog_bytes -= len(frame.data)
-            if group and group_bytes + len(frame.data) > COPY_BATCH:
+            claimed = self._claim(frame)
+            cost = len(frame.data) + COPY_SEG_COST * len(claimed.segs)
+            if group and group_bytes + cost > COPY_BATCH:
                 out += self._fill(group)
                 group_bytes = 0
-            group.append(self._claim(frame))
-            group_bytes += len(frame.data)
+            group.append(claimed)
+            group_bytes += cost
             self._progress = time.monotonic()
         out += self._fill(group)
         return out

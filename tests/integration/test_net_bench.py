@@ -1,4 +1,4 @@
-"""Smoke run of ``xenpv bench net --quick --json``: every figure (ours, veth) is measured
+"""Smoke run of ``xenpv bench net --quick --json``: every figure (ours, QEMU 10, veth) is measured
 in one run and reported with its spread, units, ratios and targets, the namespaces are
 gone afterwards (no timings are asserted)."""
 
@@ -13,7 +13,9 @@ from xenpv.cli.bench import render_result
 
 FIGURES = {"ours_tcp_gbps": "Gbit/s", "ours_tcp_rx_gbps": "Gbit/s",
            "ours_tcp_2streams_gbps": "Gbit/s", "veth_tcp_gbps": "Gbit/s",
-           "ours_udp_pps": "packets/s", "veth_udp_pps": "packets/s"}
+           "ours_udp_pps": "packets/s", "veth_udp_pps": "packets/s",
+           "qemu_tcp_gbps": "Gbit/s", "qemu_udp_pps": "packets/s"}
+TARGETS = {"ours/qemu tcp": ">= 2", "ours/qemu udp": ">= 2", "ours/veth tcp": ">= 0.1"}
 
 
 def namespaces() -> set[str]:
@@ -34,14 +36,16 @@ def test_bench_net_quick_reports_every_key(peer_root: Path, tmp_path: Path) -> N
     for key, unit in FIGURES.items():
         assert isinstance(result[key], float) and result[key] > 0, key
         assert key in result["spread"] and result["units"][key] == unit, key
-    assert result["targets"] == {"ours/veth tcp": ">= 0.1"}
-    assert set(result["targets_met"]) == {"ours/veth tcp"}
-    assert set(result["ratios"]) == {"ours/veth tcp", "ours/veth udp",
-                                     "ours 2 streams/1 stream tcp"}
+    assert result["targets"] == TARGETS
+    assert set(result["targets_met"]) == set(TARGETS)
+    assert set(result["ratios"]) == {*TARGETS, "ours/veth udp", "ours 2 streams/1 stream tcp"}
     assert all(v > 0 for v in result["ratios"].values())
     setup = result["setup"]
     assert setup["queues"] == 2 and setup["udp_payload_bytes"] == 64
-    assert set(setup["cpu_per_second"]) == {k for k in FIGURES if k.startswith("ours")}
+    assert setup["qemu_queues"] == 1  # QEMU offers feature-rx-copy only
+    assert not any(setup["qemu_backend_features"].values())
+    assert setup["qemu_frontend_stats"]["tx_packets"] > 0
+    assert set(setup["cpu_per_second"]) == {k for k in FIGURES if not k.startswith("veth")}
     assert all(set(v) == {"front", "back", "emulator"} for v in setup["cpu_per_second"].values())
     assert setup["frontend_stats"]["tx_gso"] > 0 and setup["frontend_stats"]["rx_gso"] > 0
     assert setup["backend_tap"]["rx_frames"] > 0 and setup["frontend_tap"]["tx_frames"] > 0

@@ -1,9 +1,10 @@
-"""``xenpv bench net``: iperf3 between two kernel stacks through our net pair, against a
-veth pair between the same two namespaces (the kernel's floor), in one run.
+"""``xenpv bench net``: iperf3 between two kernel stacks through our net pair, through our
+frontend on QEMU 10's net backend, and through a veth pair between the same two
+namespaces (the kernel's floor), in one run.
 
-Setup (made and removed by the run; needs root, ``ip`` and the peers tree's ``iperf3``,
-which ``xenpv peers fetch`` brings): two network namespaces, a "guest" one and a "dom0"
-one, joined twice:
+Setup (made and removed by the run; needs root, ``ip`` and the peers tree's ``iperf3`` and
+QEMU 10, which ``xenpv peers fetch`` brings): two network namespaces, a "guest" one and
+a "dom0" one, joined three ways:
 
 * ``ours``: the loopback daemon with one guest; ``xenpv net backend --all --tap … --netns
   DOM0`` as dom0 in its own process (its TAP, two queues, on the backend's userspace
@@ -11,6 +12,12 @@ one, joined twice:
   TAP with one queue per vif queue); the vif has two queues, checksum and TSO offload on
   both TAPs, so 64 KiB TCP frames cross the rings as GSO.  Addresses 198.18.0.1 (dom0)
   and 198.18.0.2 (guest).
+* ``qemu``: on the same loopback daemon, QEMU 10 as dom0's device model serving the
+  guest's vif 1 (``xen-net-device`` over a TAP netdev it creates in the dom0 namespace,
+  :func:`xenpv.testing.qemunet.start_qemu_net`) and ``xenpv net frontend 1 --tap …
+  --netns GUEST`` as the guest in its own process.  QEMU offers ``feature-rx-copy`` only:
+  one queue, no scatter-gather, no offloads, so our frontend cuts the guest kernel's TSO
+  frames into MSS-sized segments before they leave.  198.18.1.1 and 198.18.1.2.
 * ``veth``: a veth pair between the two namespaces, 198.19.0.1 and 198.19.0.2, the
   kernel's own offloads as they are by default.
 
@@ -27,19 +34,19 @@ One ``iperf3`` server runs in the dom0 namespace for the whole run; each figure 
 The figures are interleaved over ``--rounds`` rounds (medians, spreads; see
 :mod:`xenpv.bench.report`).  ``setup.cpu_per_second`` gives, for our paths (last round),
 the CPU seconds per second of the measurement used by the frontend process, the backend
-process and the emulator daemon (which does the grant copies): a process near 1.0 is
-what bounds the path on this machine.  Nothing is pinned (placement ``unpinned``): the
-two iperf3 processes, our two processes and the daemon share the machine's CPUs.
+process (ours or QEMU) and the emulator daemon (which does the grant copies): a process
+near 1.0 is what bounds the path on this machine.  Nothing is pinned (placement
+``unpinned``): the two iperf3 processes, the frontend and backend processes and the
+daemon share the machine's CPUs.
 
-Targets: ours at least a tenth of veth for TCP.  QEMU's net backend as a third path
-(``qemu_tcp_gbps``, ``qemu_udp_pps``, ratios ``ours/qemu tcp`` and ``ours/qemu udp``
-with target ≥ 2) slots in through :data:`ROUTES`: a route needs its own addresses on
-its own TAP pair in the same two namespaces and a starter in :meth:`NetLab.start`.
+Targets: ours at least twice QEMU for TCP and for UDP packets per second; ours at least a
+tenth of veth for TCP.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -70,13 +77,14 @@ class Route(NamedTuple):
     client: str
 
 
-#: Every path measured, by the prefix of its keys.  ``qemu`` (QEMU's net backend behind
-#: a second vif of the same guest) is the hook for the third path: add
-#: ``"qemu": Route("198.18.1.1", "198.18.1.2")`` with its starter in :meth:`NetLab.start`.
+#: Every path measured, by the prefix of its keys.
 ROUTES: dict[str, Route] = {
     "ours": Route("198.18.0.1", "198.18.0.2"),
+    "qemu": Route("198.18.1.1", "198.18.1.2"),
     "veth": Route("198.19.0.1", "198.19.0.2"),
 }
+#: The MAC of the guest's vif 1, the one QEMU serves.
+QEMU_MAC = "02:16:3e:00:07:01"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +96,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def prerequisites() -> None:
-    """Root (network namespaces), ``ip``, and the peers tree's ``iperf3``."""
+    """Root (network namespaces), ``ip``, and the peers tree's ``iperf3`` and QEMU 10."""
     from xenpv import peers
 
     if os.geteuid() != 0:
@@ -96,6 +104,7 @@ def prerequisites() -> None:
     if shutil.which("ip") is None:
         raise LocalError("bench net needs 'ip' (iproute2)")
     peers.find("iperf3")
+    peers.find(peers.QEMU10)
 
 
 def _ip(*args: str) -> None:
@@ -120,13 +129,18 @@ class NetLab:
         self.guest, self.dom0 = f"{tag}g", f"{tag}d"
         self.gtap, self.dtap = f"{tag}gt", f"{tag}dt"
         self.gveth, self.dveth = f"{tag}gv", f"{tag}dv"
+        self.gqtap, self.dqtap = f"{tag}gq", f"{tag}dq"
         self.workdir = Path(workdir)
         self.namespaces: list[str] = []
         self.lab: Any = None
         self.backend: subprocess.Popen[bytes] | None = None
         self.frontend: subprocess.Popen[bytes] | None = None
         self.server: subprocess.Popen[bytes] | None = None
+        self.qemu: subprocess.Popen[Any] | None = None
+        self.qemu_frontend: subprocess.Popen[bytes] | None = None
+        self.qemu_log: Any = None
         self.ready: dict[str, Any] = {}
+        self.qemu_ready: dict[str, Any] = {}
         self.done: dict[str, Any] = {}
 
     # -- setup ----------------------------------------------------------------------------
@@ -138,6 +152,7 @@ class NetLab:
             _ip("-n", ns, "link", "set", "lo", "up")
         self._start_veth()
         self._start_ours()
+        self._start_qemu()
         self._start_server()
 
     def _start_veth(self) -> None:
@@ -175,6 +190,23 @@ class NetLab:
         self._address(self.guest, self.gtap, ROUTES["ours"].client)
         self._address(self.dom0, self.dtap, ROUTES["ours"].server)
 
+    def _start_qemu(self) -> None:
+        from xenpv.testing.qemunet import start_qemu_net
+        from xenpv.testing.vchan import read_line
+
+        self.qemu_log = open(self.workdir / "qemu.log", "wb")  # closed by close()
+        self.qemu, _path = asyncio.run(start_qemu_net(
+            self.lab, GUEST, netns=self.dom0, tap=self.dqtap, log=self.qemu_log, mac=QEMU_MAC,
+            idx=1, timeout=WAIT))
+        self.qemu_frontend = self.lab.spawn(
+            GUEST, [sys.executable, "-m", "xenpv", "net", "frontend", "1", "--rundir",
+                    self.lab.rundir, "--domid", str(GUEST), "--tap", self.gqtap, "--netns",
+                    self.guest, "--max-queues", "1"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        self.qemu_ready = self._expect(self.qemu_frontend, "frontend on QEMU", read_line)
+        self._address(self.guest, self.gqtap, ROUTES["qemu"].client)
+        self._address(self.dom0, self.dqtap, ROUTES["qemu"].server)
+
     @staticmethod
     def _expect(proc: subprocess.Popen[bytes], what: str,
                 read_line: Callable[..., str]) -> dict[str, Any]:
@@ -203,11 +235,12 @@ class NetLab:
         return (log.read_text() if log.exists() else "")[-500:]
 
     # -- measurements ---------------------------------------------------------------------
-    def pids(self) -> dict[str, int]:
-        """Our path's processes: frontend, backend, emulator daemon."""
-        assert self.frontend is not None and self.backend is not None
-        return {"front": self.frontend.pid, "back": self.backend.pid,
-                "emulator": self.lab.machine.proc.pid}
+    def pids(self, route: str) -> dict[str, int]:
+        """The processes of ``route`` (ours or qemu): frontend, backend, emulator daemon."""
+        front, back = ((self.frontend, self.backend) if route == "ours"
+                       else (self.qemu_frontend, self.qemu))
+        assert front is not None and back is not None
+        return {"front": front.pid, "back": back.pid, "emulator": self.lab.machine.proc.pid}
 
     def iperf(self, route: str, duration: int, *, udp: bool = False, streams: int = 1,
               reverse: bool = False) -> dict[str, Any]:
@@ -239,7 +272,8 @@ class NetLab:
         from xenpv.testing.vchan import read_line
 
         # the backend first: it reports its queues' counters while still connected
-        for name, proc in (("backend", self.backend), ("frontend", self.frontend)):
+        for name, proc in (("backend", self.backend), ("frontend", self.frontend),
+                           ("qemu_frontend", self.qemu_frontend)):
             if proc is None or proc.poll() is not None or proc.stdin is None:
                 continue
             with contextlib.suppress(Exception):
@@ -253,7 +287,9 @@ class NetLab:
             if self.server.stderr is not None:
                 self.server.stderr.close()
         if self.lab is not None:
-            self.lab.close()  # kills what it spawned and is still running, stops the daemon
+            self.lab.close()  # kills what it spawned and still runs (QEMU), stops the daemon
+        if self.qemu_log is not None:
+            self.qemu_log.close()
         for ns in self.namespaces:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
         self.namespaces.clear()
@@ -289,7 +325,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             def measure(key: str, route: str, figure: Callable[[dict[str, Any]], float],
                         **kw: Any) -> Callable[[], float]:
                 def one() -> float:
-                    pids = lab.pids() if route != "veth" else {}
+                    pids = lab.pids(route) if route != "veth" else {}
                     before = {k: _cpu_seconds(p) for k, p in pids.items()}
                     t0 = time.monotonic()
                     value = figure(lab.iperf(route, duration, **kw))
@@ -311,10 +347,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                   tcp_gbps, streams=2),
                 "ours_udp_pps": measure("ours_udp_pps", "ours", udp_pps, udp=True),
                 "veth_udp_pps": measure("veth_udp_pps", "veth", udp_pps, udp=True),
+                "qemu_tcp_gbps": measure("qemu_tcp_gbps", "qemu", tcp_gbps),
+                "qemu_udp_pps": measure("qemu_udp_pps", "qemu", udp_pps, udp=True),
             })
         finally:
             lab.close()
     ratios = {
+        "ours/qemu tcp": Ratio("ours_tcp_gbps", "qemu_tcp_gbps", ">= 2"),
+        "ours/qemu udp": Ratio("ours_udp_pps", "qemu_udp_pps", ">= 2"),
         "ours/veth tcp": Ratio("ours_tcp_gbps", "veth_tcp_gbps", ">= 0.1"),
         "ours/veth udp": Ratio("ours_udp_pps", "veth_udp_pps"),
         "ours 2 streams/1 stream tcp": Ratio("ours_tcp_2streams_gbps", "ours_tcp_gbps"),
@@ -322,12 +362,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     units = {k: "Gbit/s" if k.endswith("_gbps") else "packets/s" for k in rec.samples}
     back = lab.done.get("backend", {})
     front = lab.done.get("frontend", {})
+    qfront = lab.done.get("qemu_frontend", {})
     setup = {"duration_s": duration, "udp_payload_bytes": UDP_PAYLOAD,
              "routes": {k: r._asdict() for k, r in ROUTES.items()},
-             "queues": lab.ready.get("queues"), "offload": True,
+             "queues": lab.ready.get("queues"), "qemu_queues": lab.qemu_ready.get("queues"),
+             "offload": True,
              "cpu_per_second": cpu,
              "frontend_stats": (front.get("vif") or {}).get("stats"),
+             "qemu_frontend_stats": (qfront.get("vif") or {}).get("stats"),
+             "qemu_backend_features": (qfront.get("vif") or {}).get("backend_features"),
              "frontend_tap": front.get("tap"), "backend_tap": back.get("tap")}
-    placement = "unpinned: iperf3 client and server, our frontend and backend processes " \
-                "and the emulator daemon share every CPU"
+    placement = "unpinned: iperf3 client and server, the frontend and backend processes " \
+                "(ours, QEMU) and the emulator daemon share every CPU"
     return rec.result(units=units, ratios=ratios, placement=placement, extra={"setup": setup})

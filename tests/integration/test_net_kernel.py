@@ -166,9 +166,11 @@ async def iperf3_both_ways(nets: Namespaces, size: int) -> None:
         env=peers.run_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         assert server.stdout is not None
-        while b"Server listening" not in await asyncio.wait_for(server.stdout.readline(), 20):
-            pass
         for reverse in ([], ["-R"]):
+            # it opens its socket anew for each test, and says so once it listens
+            while b"Server listening" not in await asyncio.wait_for(server.stdout.readline(),
+                                                                     20):
+                pass
             out = json.loads(await tool(nets.guest, iperf3, "-c", "198.18.0.1", "-p", "5201",
                                         "-n", str(size), "-J", "--connect-timeout", "5000",
                                         *reverse, timeout=60))

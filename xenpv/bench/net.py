@@ -136,6 +136,7 @@ class NetLab:
         self.backend: subprocess.Popen[bytes] | None = None
         self.frontend: subprocess.Popen[bytes] | None = None
         self.server: subprocess.Popen[bytes] | None = None
+        self.tests = 0  # iperf3 tests the server ran
         self.qemu: subprocess.Popen[Any] | None = None
         self.qemu_frontend: subprocess.Popen[bytes] | None = None
         self.qemu_log: Any = None
@@ -224,11 +225,19 @@ class NetLab:
              str(PORT), "--forceflush", "--logfile", str(log)],
             env=peers.run_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE)
+        self._listening(1)
+
+    def _listening(self, test: int) -> None:
+        """Wait until the server listens for its ``test``-th client: it opens its socket
+        anew after each test (and says so), so a client right behind the previous one
+        could find it closed."""
+        log = self.workdir / "iperf3-server.log"
         deadline = time.monotonic() + 20.0
-        while "Server listening" not in (log.read_text() if log.exists() else ""):
+        assert self.server is not None
+        while (log.read_text() if log.exists() else "").count("Server listening") < test:
             if self.server.poll() is not None or time.monotonic() > deadline:
-                raise LocalError(f"iperf3 server did not start: {self._server_log()}")
-            time.sleep(0.02)
+                raise LocalError(f"iperf3 server is not listening: {self._server_log()}")
+            time.sleep(0.01)
 
     def _server_log(self) -> str:
         log = self.workdir / "iperf3-server.log"
@@ -254,8 +263,10 @@ class NetLab:
             cmd += ["-u", "-l", str(UDP_PAYLOAD), "-b", "0"]
         if reverse:
             cmd.append("-R")
+        self._listening(self.tests + 1)
         res = subprocess.run(cmd, env=peers.run_env(), capture_output=True, text=True,
                              timeout=WAIT + duration)
+        self.tests += 1
         try:
             out: dict[str, Any] = json.loads(res.stdout)
         except ValueError:
@@ -301,10 +312,12 @@ def tcp_gbps(out: dict[str, Any]) -> float:
 
 
 def udp_pps(out: dict[str, Any]) -> float:
-    """Datagrams received per second of an iperf3 UDP run (sent minus lost)."""
-    s = out["end"]["sum"]
-    received = int(s["packets"]) - int(s["lost_packets"])
-    return received / float(s["seconds"]) if float(s["seconds"]) > 0 else 0.0
+    """Datagrams received per second of an iperf3 UDP run: the bytes the receiver got
+    over the datagram size (its loss count, from sequence gaps, is no count of what
+    arrived)."""
+    s = out["end"]["sum_received"]
+    seconds = float(s["seconds"])
+    return int(s["bytes"]) / UDP_PAYLOAD / seconds if seconds > 0 else 0.0
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -459,3 +459,41 @@ def test_a_burst_of_small_frames_is_copied_in_few_grant_copies() -> None:
                 await close_all(w, a, b)
 
     run(body())
+
+
+def test_send_waits_for_ring_room_and_gives_up_after_send_timeout() -> None:
+    """A backend that stops answering: the frontend's sends take its 18 TX pages, the
+    next one waits for room and raises TimeoutError after ``send_timeout``; once answers
+    come again, waiting sends go out in order."""
+    async def body() -> None:
+        async with net_world() as w:
+            a, b = await two_vifs(w, front=NetFrontConfig(tx_pages=18, rx_pages=32,
+                                                          send_timeout=0.3, max_queues=1),
+                                  back=NetConfig(max_queues=1))
+            tx = a.backend.queues[0].tx
+            serve, held = tx.handle, []
+
+            def hold(batch: memoryview, count: int) -> list[bytes]:
+                held.append(bytes(batch[:count * 12]))
+                return []
+
+            try:
+                frames = [eth(b.mac, a.mac, 0x88B5, bytes([k]) * 100) for k in range(19)]
+                tx.handle = hold  # type: ignore[method-assign]
+                for f in frames[:18]:
+                    await a.frontend.send(NetFrame(f))  # room for these: no wait
+                with pytest.raises(TimeoutError):
+                    await a.frontend.send(NetFrame(frames[18]))
+                late = asyncio.create_task(a.frontend.send(NetFrame(frames[18])))
+                await asyncio.sleep(0.05)
+                assert not late.done()  # still waiting for room
+                tx.handle = serve  # type: ignore[method-assign]
+                out = serve(memoryview(b"".join(held)), sum(len(h) for h in held) // 12)
+                a.backend.queues[0].tx_service.respond(out)
+                await late
+                for f in frames:
+                    assert (await b.frontend.recv(5.0)).data == f
+            finally:
+                await close_all(w, a, b)
+
+    run(body())

@@ -636,26 +636,34 @@ class NetFrontend(FrontendDriver):
         for fr in self._adapt(frame):
             await self._send_one(fr)
 
+    def _tx_room(self, data: bytes, slots: int, pages: int
+                 ) -> tuple[_Queue, RingClient | None]:
+        """The queue a frame goes on (by its flow) and that queue's TX client if it has
+        ``slots`` free slots and ``pages`` free pages now (else None); raises once the
+        device failed or is not connected."""
+        if self.error is not None:
+            raise self.error
+        if not self.queues or self.queues[0].tx_client is None:
+            raise LocalError("net device not connected")
+        q = self.queues[flow_hash(data) % len(self.queues)]
+        client = q.tx_client
+        if client is not None and client.free() >= slots and len(q.tx_free) >= pages:
+            return q, client
+        return q, None
+
     async def _send_one(self, frame: NetFrame) -> None:
         data = frame.data
         chunks = [(off, min(XEN_PAGE_SIZE, len(data) - off))
                   for off in range(0, len(data), XEN_PAGE_SIZE)]
         gso = frame.gso_type != GSO_NONE
         slots = len(chunks) + gso
-        async with asyncio.timeout(self.config.send_timeout):
-            while True:
-                if self.error is not None:
-                    raise self.error
-                if not self.queues or self.queues[0].tx_client is None:
-                    raise LocalError("net device not connected")
-                q = self.queues[flow_hash(data) % len(self.queues)]
-                client = q.tx_client
-                if client is not None and client.free() >= slots and \
-                        len(q.tx_free) >= len(chunks):
-                    break
-                self._space.clear()
-                await self._space.wait()
-        assert client is not None
+        q, client = self._tx_room(data, slots, len(chunks))
+        if client is None:  # the timer only when waiting: it costs as much as the rest
+            async with asyncio.timeout(self.config.send_timeout):
+                while client is None:
+                    self._space.clear()
+                    await self._space.wait()
+                    q, client = self._tx_room(data, slots, len(chunks))
         mem, refs = q.tx_pages.mem, q.tx_pages.refs
         flags = (NETTXF_csum_blank if frame.csum_blank else 0) | \
             (NETTXF_data_validated if frame.data_validated else 0)

@@ -26,13 +26,14 @@ One ``iperf3`` server runs in the dom0 namespace for the whole run; each figure 
 
 * ``PATH_tcp_gbps``: one TCP stream guest → dom0 (the receiver's bits per second);
 * ``ours_tcp_rx_gbps``: one TCP stream dom0 → guest (``-R``);
-* ``ours_tcp_2streams_gbps``: two TCP streams guest → dom0 (two flows, spread over the
-  two queues);
+* ``ours_tcp_2streams_gbps``: two TCP streams guest → dom0 (two flows, each on the
+  queue its flow hash picks);
 * ``PATH_udp_pps``: UDP datagrams of 64 bytes of payload sent as fast as the client can
-  (``-b 0``), datagrams *received* per second (sent minus lost).
+  (``-b 0``), datagrams *received* per second (the receiver's bytes over 64: its loss
+  count, from sequence gaps, is no count of what arrived).
 
 The figures are interleaved over ``--rounds`` rounds (medians, spreads; see
-:mod:`xenpv.bench.report`).  ``setup.cpu_per_second`` gives, for our paths (last round),
+:mod:`xenpv.bench.report`).  ``setup.cpu_per_second`` gives, for ours and QEMU's (last round),
 the CPU seconds per second of the measurement used by the frontend process, the backend
 process (ours or QEMU) and the emulator daemon (which does the grant copies): a process
 near 1.0 is what bounds the path on this machine.  Nothing is pinned (placement

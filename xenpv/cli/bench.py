@@ -31,7 +31,7 @@ BENCHMARKS: dict[str, str] = {
     "block": "block I/O: our backend, QEMU's qdisk, fio and Python threads on one image",
     "fuzz": "hostile operations per second per fuzz target against benign throughput",
     "hid": "keyboard events per second and injection-to-delivery latency, ours and QEMU's vkbd",
-    "net": "iperf3 TCP and UDP between two namespaces: our net pair against a veth pair",
+    "net": "iperf3 TCP and UDP between two namespaces: our net pair, QEMU 10, a veth pair",
     "platform": "notify round trip, grant map/unmap and grant copy on the loopback emulator",
     "ring": "shared-ring requests per second: Xen's C macros, Cython core, reference",
     "vchan": "vchan throughput and latency against a Unix socket and libxenvchan",

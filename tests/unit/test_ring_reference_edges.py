@@ -90,8 +90,10 @@ def test_counts_max_n_and_single_entries() -> None:
     # responses: at most one per consumed request, refused by the one-call submit too
     with pytest.raises(LocalError, match=r"^4 entries do not fit: room for 3$"):
         back.submit_responses(entries(9, 9, 9, 9))
-    assert back.submit_responses(entries(7)) in (True, False)
-    assert front.take_response() == entries(7)
+    assert back.submit_responses(entries(7, 8)) in (True, False)
+    assert front.take_response() == entries(7)  # one of the two waiting
+    arr = front.take_responses(dtype=np.dtype([("tag", "u1"), ("rest", "u1", (E - 1,))]))
+    assert isinstance(arr, np.ndarray) and arr["tag"].tolist() == [8]
     assert front.take_responses_into(dst) == 0
 
 
@@ -185,3 +187,47 @@ def test_byte_ring_texts_and_a_second_release() -> None:
         ring.read_into(bytes(8))
     ring.release()
     ring.release()  # nothing left to let go of
+
+
+def byte_ring(buf: bytearray, **kw: Any) -> Any:
+    args = {"data_offset": 16, "size": 32, "prod_offset": 0, "cons_offset": 4, **kw}
+    return ref.ByteRing(buf, **args)
+
+
+def test_byte_ring_geometry_edges() -> None:
+    """size 1..2^31 units of >= 1 byte, the data area inside the buffer, the two index
+    words outside the data area (touching it is fine) and distinct; the texts."""
+    byte_ring(bytearray(64), size=1)
+    byte_ring(bytearray(64), size=16, slot=3)  # 16..64 exactly
+    for kw, text in [
+        ({"size": 0}, r"^bad ring geometry: 0 units of 1 bytes$"),
+        ({"size": 0x80000001}, r"^bad ring geometry: 2147483649 units of 1 bytes$"),
+        ({"slot": 0}, r"^bad ring geometry: 32 units of 0 bytes$"),
+        ({"size": 0x80000000}, r"^data area \[16, 2147483664\) is outside the 64-byte buffer$"),
+        ({"size": 32, "slot": 2}, r"^data area \[16, 80\) is outside the 64-byte buffer$"),
+        ({"prod_offset": 16}, r"^index offset 16 overlaps the data area$"),
+        ({"cons_offset": 44}, r"^index offset 44 overlaps the data area$"),
+        ({"cons_offset": 0}, r"^prod and cons cannot share one word$"),
+        ({"on_insane": "ignore"}, r"^on_insane must be 'error' or 'zero', not 'ignore'$"),
+    ]:
+        with pytest.raises(LocalError, match=text):
+            byte_ring(bytearray(64), **kw)
+    # index words right before and right after the data area
+    byte_ring(bytearray(64), data_offset=8, size=32, prod_offset=4, cons_offset=40)
+
+
+def test_byte_ring_units_and_release_with_a_separate_data_buffer() -> None:
+    buf = bytearray(64)
+    ring = byte_ring(buf, size=16, slot=2)
+    assert ring.write(bytes(range(16))) == 8
+    out = bytearray(6)
+    assert ring.read_into(out) == 3 and out == bytes(range(6))
+    ring.release()
+    buf.extend(b"x")  # every view of the buffer was let go of
+    index, data = bytearray(8), bytearray(32)
+    ring = ref.ByteRing(index, data_offset=0, size=32, prod_offset=0, cons_offset=4,
+                        data_buffer=data)
+    assert ring.write(b"abc") == 3 and ring.read() == b"abc"
+    ring.release()
+    index.extend(b"x")
+    data.extend(b"x")

@@ -164,3 +164,29 @@ def test_directory_part_chunks_at_every_offset(store: Store) -> None:
     assert len(gens) == 1 and full_chunks > 100
     for payload in (b"/big", b"/big\0x\0", b"/big\0-1\0", b"/big\0\0", b"/big\x001 \0"):
         assert refused(store, dom0, T.DIRECTORY_PART, payload) == b"EINVAL\0", payload
+
+
+def test_introduce_hands_the_ring_to_the_io_layer_first(store: Store) -> None:
+    """With ``on_introduce`` set, INTRODUCE passes (domid, gfn, port) - gfn below 2^64,
+    port below 2^32, decimal - before the domain counts as introduced; the hook's errno
+    is the reply and leaves nothing introduced; a bad number is EINVAL, hook not called."""
+    dom0 = store.connect(0)
+    calls: list[tuple[int, int, int]] = []
+    answer: list[str | None] = [None]
+
+    def hook(domid: int, gfn: int, port: int) -> str | None:
+        calls.append((domid, gfn, port))
+        return answer[0]
+
+    store.on_introduce = hook
+    top_gfn, top_port = 2**64 - 1, 2**32 - 1
+    assert accepted(store, dom0, T.INTRODUCE, f"3\0{top_gfn}\0{top_port}\0".encode()) == b"OK\0"
+    assert calls == [(3, top_gfn, top_port)] and store.domains[3].introduced
+    for payload in (f"4\0{2**64}\x001\0", f"4\x001\0{2**32}\0", "4\0x\x001\0", "4\x001\0\0",
+                    "4\0\x001\0"):
+        assert refused(store, dom0, T.INTRODUCE, payload.encode()) == b"EINVAL\0", payload
+    assert len(calls) == 1
+    answer[0] = "ENOSPC"
+    assert refused(store, dom0, T.INTRODUCE, b"4\x0012\x0034\0") == b"ENOSPC\0"
+    assert calls[-1] == (4, 12, 34)
+    assert 4 not in store.domains or not store.domains[4].introduced

@@ -346,3 +346,59 @@ def test_at_most_256_fields() -> None:
     assert len(parse_report_descriptor(fields(256)).reports[0].fields) == 256
     with pytest.raises(HidError, match=r"^too many fields$"):
         parse_report_descriptor(fields(257))
+
+
+def test_descriptor_bounds_at_their_edges() -> None:
+    """Report IDs 1..255; 8 pushes deep; 1024 usages per main item; collections 16 deep;
+    a field of up to 8192 one-bit elements and reports of up to 8192 bits; every refusal
+    with its text."""
+    field = lmin(0) + lmax(1) + rsize(1) + rcount(1) + inp(DATA_VAR)
+    for rid_value in (1, 255):
+        desc = parse_report_descriptor(page(BUTTON) + usage(1) + rid(rid_value) + field)
+        assert list(desc.reports) == [rid_value] and desc.reports[rid_value].report_id == rid_value
+    for bad in (0, 256):
+        with pytest.raises(HidError, match=rf"^report ID {bad}$"):
+            parse_report_descriptor(page(BUTTON) + usage(1) + rid(bad) + field)
+    push, pop = item(1, 0xA), item(1, 0xB)
+    parse_report_descriptor(push * 8 + page(BUTTON) + usage(1) + field)
+    with pytest.raises(HidError, match=r"^global push stack too deep$"):
+        parse_report_descriptor(push * 9 + page(BUTTON) + usage(1) + field)
+    with pytest.raises(HidError, match=r"^pop without push$"):
+        parse_report_descriptor(push + pop + pop + page(BUTTON) + usage(1) + field)
+    # push saves the global state, pop brings it back
+    desc = parse_report_descriptor(page(BUTTON) + lmin(-5) + lmax(5) + rsize(8) + rcount(1)
+                                   + push + lmin(0) + lmax(1) + rsize(1) + pop
+                                   + usage(1) + inp(DATA_VAR))
+    f = desc.reports[0].fields[0]
+    assert (f.logical_min, f.logical_max, f.size, f.usages) == (-5, 5, 8, (0x00090001,))
+    many = page(BUTTON) + usage(1) * 1024 + lmin(0) + lmax(1) + rsize(1) + rcount(1024)
+    assert len(parse_report_descriptor(many + inp(DATA_VAR)).reports[0].fields[0].usages) == 1024
+    with pytest.raises(HidError, match=r"^too many usages$"):
+        parse_report_descriptor(page(BUTTON) + usage(1) * 1025 + field)
+    nest = page(DESKTOP) + usage(2) + coll(1) + coll(0) * 15
+    parse_report_descriptor(nest + page(BUTTON) + usage(1) + field + END * 16)
+    with pytest.raises(HidError, match=r"^collections nested too deep$"):
+        parse_report_descriptor(nest + coll(0) + page(BUTTON) + usage(1) + field + END * 17)
+    with pytest.raises(HidError, match=r"^end collection without collection$"):
+        parse_report_descriptor(page(BUTTON) + usage(1) + field + END)
+    wide = page(BUTTON) + usage(1) + lmin(0) + lmax(1) + rsize(1)
+    assert parse_report_descriptor(wide + rcount(8192) + inp(DATA_VAR)).reports[0].bits == 8192
+    with pytest.raises(HidError, match=r"^report size 1 x count 8193$"):
+        parse_report_descriptor(wide + rcount(8193) + inp(DATA_VAR))
+    with pytest.raises(HidError, match=r"^report 0 longer than 8192 bits$"):
+        parse_report_descriptor(wide + rcount(8192) + inp(DATA_VAR) + rcount(1) + inp(DATA_VAR))
+
+
+def test_negative_logical_ranges_and_applications() -> None:
+    """A range entirely below zero stays signed at both ends (1- and 2-byte items);
+    only application collections (type 1) name an application, whatever usage precedes
+    the others, and every field of a finger belongs to its application."""
+    for size in (1, 2):
+        desc = parse_report_descriptor(page(BUTTON) + usage(1) + lmin(-10, size) + lmax(-1, size)
+                                       + rsize(8) + rcount(1) + inp(DATA_VAR))
+        f = desc.reports[0].fields[0]
+        assert (f.logical_min, f.logical_max) == (-10, -1), size
+        assert decode_report(desc, bytes([0xFE]))[1] == [[-2]]
+    desc = parse_report_descriptor(app(DIGITIZER, 0x04, finger(0, 0)))
+    assert desc.applications == [0x000D0004]
+    assert {f.application for f in desc.reports[0].fields} == {0x000D0004}

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from xenpv.protocols import blkif
+from xenpv.errors import LocalError
+from xenpv.protocols import ProtocolError, blkif
 from xenpv.protocols.blkif import ABI
 from xenpv.protocols.layout import Layout
 
@@ -116,7 +117,7 @@ def test_blkif_layouts_match_the_abi(abi: ABI) -> None:
     ring slot is the larger of request and response, with 32 slots in one page (64 in
     two) after the 64-byte header."""
     for layouts in (blkif._layouts(abi), blkif.layouts(abi)):
-        assert layouts.abi is abi
+        assert layouts.abi is abi and layouts.ring.name == f"blkif[{abi.value}]"
         slot = 108 if abi is ABI.X86_32 else 112
         assert layouts.ring.slot_size == slot
         assert (layouts.ring.nr_ents(1), layouts.ring.nr_ents(2)) == (32, 64)
@@ -141,3 +142,64 @@ def test_blkif_abi_names() -> None:
     assert blkif.abi_from_protocol(None) is ABI.X86_64
     assert blkif.abi_from_protocol(b"x86_32-abi") is ABI.X86_32
     assert blkif.abi_from_protocol("arm-abi") is ABI.ARM
+
+
+def test_requests_pack_parse_and_indirect_pages_at_the_abi_offsets() -> None:
+    """A full read/write request packed at the table's offsets, parsed back at offset 0
+    and in a later slot; 11 segments at most; indirect pages hold 512 segments of 8 bytes
+    each, zero-filled (io/blkif.h)."""
+    seg = tuple(blkif.Segment(100 + k, k % 8, 7) for k in range(11))
+    req = blkif.BlkifRequest.rw(blkif.BLKIF_OP_WRITE, 3, 0xABCDEF, 99, seg)
+    assert (req.nr_segments, req.seg) == (11, seg)
+    raw = req.pack()
+    assert struct.unpack_from("<BBHxxxxQQ", raw) == (1, 11, 3, 0xABCDEF, 99)
+    assert struct.unpack_from("<IBB", raw, 24 + 8 * 10) == (110, 2, 7)
+    buf = bytearray(2 * 112)
+    req.pack_into(buf, 112)
+    assert buf[112:] == raw and not any(buf[:112])
+    assert blkif.BlkifRequest.parse(raw, 0) == req == blkif.BlkifRequest.parse(buf, 112)
+    with pytest.raises(LocalError):
+        blkif.BlkifRequest.rw(blkif.BLKIF_OP_READ, 0, 1, 0, (*seg, seg[0]))
+    segs = [blkif.Segment(1000 + k, k % 8, 7) for k in range(513)]
+    pages = blkif.pack_indirect_pages(segs)
+    assert [len(p) for p in pages] == [4096, 4096]
+    for k in (0, 1, 511, 512):
+        page, slot = divmod(k, 512)
+        assert struct.unpack_from("<IBBH", pages[page], slot * 8) == (1000 + k, k % 8, 7, 0)
+    assert not any(pages[1][8:])
+
+
+def test_refusals_carry_id_status_and_text() -> None:
+    def rw(op: int, sector: int = 0) -> Any:
+        return blkif.BlkifRequest.rw(op, 0, 77, sector, (blkif.Segment(8, 0, 7),))
+
+    cases: list[tuple[Any, dict[str, Any], str, int]] = [
+        (rw(blkif.BLKIF_OP_FLUSH_DISKCACHE),
+         {"supported_ops": frozenset({blkif.BLKIF_OP_READ, blkif.BLKIF_OP_WRITE})},
+         "operation 3 not supported", blkif.BLKIF_RSP_EOPNOTSUPP),
+        (rw(4), {}, "unknown operation 4", blkif.BLKIF_RSP_EOPNOTSUPP),
+        (blkif.BlkifRequestIndirect(operation=blkif.BLKIF_OP_INDIRECT, indirect_op=2,
+                                    nr_segments=1, id=77, sector_number=0, handle=0),
+         {"max_indirect_segments": 32}, "indirect_op 2 not read/write", blkif.BLKIF_RSP_ERROR),
+        (rw(blkif.BLKIF_OP_READ, 10), {"disk_sectors": 16}, "sectors 10+8 beyond disk of 16",
+         blkif.BLKIF_RSP_ERROR),
+    ]
+    for req, kw, text, status in cases:
+        with pytest.raises(blkif.BlkifRequestError) as err:
+            blkif.validate_request(req, **kw)
+        assert (str(err.value), err.value.id, err.value.status) == (text, 77, status)
+        assert err.value.operation == req.operation
+    blkif.validate_request(rw(blkif.BLKIF_OP_READ, 8), disk_sectors=16)  # the last 8 sectors
+
+
+def test_virtual_device_numbers_at_their_edges() -> None:
+    top = (1 << 29) - 1  # extended encoding: disk (top >> 8) & 0xFFFFF, partition 255
+    assert blkif.parse_virtual_device(str(top)) == top
+    with pytest.raises(ProtocolError):
+        blkif.parse_virtual_device(str(1 << 29))
+    with pytest.raises(ProtocolError, match=r"^virtual-device 256: unknown major 1$"):
+        blkif.vdev_decode(256)
+    assert blkif.vdev_encode("xvdq255") == blkif.VDEV_EXTENDED | 16 << 8 | 255
+    for name in ("xvdq256", "xvda256", "d0p256"):
+        with pytest.raises(LocalError):
+            blkif.vdev_encode(name)

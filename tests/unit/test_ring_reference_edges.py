@@ -231,3 +231,24 @@ def test_byte_ring_units_and_release_with_a_separate_data_buffer() -> None:
     ring.release()
     index.extend(b"x")
     data.extend(b"x")
+
+
+def test_byte_ring_modulo_sizes_broken_and_released_states() -> None:
+    """A ring of 6 units (not a power of two: indexes taken modulo the size) keeps the
+    bytes in order across its end; an insane index pair breaks an "error" ring with the
+    reason, which every later call repeats; a released ring says so."""
+    buf = bytearray(64)
+    ring = byte_ring(buf, size=6)
+    for chunk in (b"abcd", b"efgh", b"ijklm"):
+        assert ring.write(chunk) == len(chunk) and ring.read() == chunk
+    struct.pack_into("<I", buf, 0, 1000)  # prod 1000 units past cons
+    with pytest.raises(RingOverflowError) as first:
+        ring.available()
+    assert str(first.value).startswith("ring indexes prod 1000 cons 13 claim 987 units")
+    with pytest.raises(RingOverflowError) as again:
+        ring.read()
+    assert str(again.value) == str(first.value) and ring.broken
+    ring = byte_ring(bytearray(64))
+    ring.release()
+    with pytest.raises(LocalError, match=r"^the ring memory was released$"):
+        ring.available()

@@ -190,3 +190,32 @@ def test_introduce_hands_the_ring_to_the_io_layer_first(store: Store) -> None:
     assert refused(store, dom0, T.INTRODUCE, b"4\x0012\x0034\0") == b"ENOSPC\0"
     assert calls[-1] == (4, 12, 34)
     assert 4 not in store.domains or not store.domains[4].introduced
+
+
+def test_root_removal_permission_entries_and_a_commit_that_does_not_grow(store: Store) -> None:
+    """dom0's RM of ``/`` is EINVAL (raw name); a permission entry is a letter and at most
+    five digits (``r65535``; ``r000005`` is one digit too many); a domain over its node
+    quota (lowered after it created its nodes) may still commit a transaction that does
+    not add nodes - the quota is checked where the count grows."""
+    dom0 = store.connect(0)
+    assert refused(store, dom0, T.RM, b"/\0") == b"EINVAL\0"
+    accepted(store, dom0, T.WRITE, b"/p\0")
+    assert accepted(store, dom0, T.SET_PERMS, b"/p\0n0\0r65535\0") == b"OK\0"
+    assert accepted(store, dom0, T.GET_PERMS, b"/p\0") == b"n0\0r65535\0"
+    for bad in (b"r000005", b"r65536", b"x5", b"r"):
+        assert refused(store, dom0, T.SET_PERMS, b"/p\0n0\0" + bad + b"\0") == b"EINVAL\0", bad
+    store.introduce_domain(5)
+    guest = store.connect(5)
+    home = b"/local/domain/5"
+    accepted(store, dom0, T.MKDIR, home + b"\0")
+    accepted(store, dom0, T.SET_PERMS, home + b"\0n5\0")
+    for name in (b"a", b"b", b"c"):
+        accepted(store, guest, T.WRITE, home + b"/" + name + b"\0x")
+    count = store.node_count(5)
+    store.quotas.nodes = 1  # now over it
+    reply = store.handle(guest, T.TRANSACTION_START, 1, 0, b"\0")
+    tx = int(reply[16:-1])
+    assert store.handle(guest, T.WRITE, 2, tx, home + b"/a\0y")[16:] == b"OK\0"
+    assert store.handle(guest, T.TRANSACTION_END, 3, tx, b"T\0")[16:] == b"OK\0"
+    assert store.node_count(5) == count
+    assert refused(store, guest, T.WRITE, home + b"/d\0z") == b"ENOSPC\0"  # growth: refused

@@ -252,3 +252,17 @@ def test_byte_ring_modulo_sizes_broken_and_released_states() -> None:
     ring.release()
     with pytest.raises(LocalError, match=r"^the ring memory was released$"):
         ring.available()
+
+
+def test_byte_atomics_and_memory_refusals() -> None:
+    """The byte atomics return the old byte unsigned; offsets outside the buffer, index
+    words that are misaligned and read-only ring memory are refused with their texts."""
+    buf = bytearray([0x80, 0xFF])
+    assert ref.atomic_or8(buf, 0, 0x01) == 0x80 and buf[0] == 0x81
+    assert ref.atomic_fetch_and_clear8(buf, 1, 0x80) == 0xFF and buf[1] == 0x7F
+    with pytest.raises(LocalError, match=r"^offset 2 is outside the 2-byte buffer$"):
+        ref.atomic_or8(buf, 2, 1)
+    with pytest.raises(LocalError, match=r"^index offset 2 is not an aligned word of the 64-byte buffer$"):
+        byte_ring(bytearray(64), prod_offset=2)
+    with pytest.raises(LocalError, match=r"^ring memory must be writable$"):
+        ref.FrontRing(bytes(PAGE), E)

@@ -23,7 +23,13 @@ from __future__ import annotations
 
 import pytest
 
-from xenpv.protocols.hid import HidError, HidTranslator, decode_report, parse_report_descriptor
+from xenpv.protocols.hid import (
+    Field,
+    HidError,
+    HidTranslator,
+    decode_report,
+    parse_report_descriptor,
+)
 
 BTN_LEFT, BTN_RIGHT, BTN_MIDDLE = 0x110, 0x111, 0x112  # linux/input-event-codes.h
 KEY_A, KEY_LEFTSHIFT, KEY_COMPOSE = 30, 42, 127
@@ -326,8 +332,8 @@ def test_global_state_starts_at_zero() -> None:
     # no usage page, no logical range: page 0, 0..0, outside any collection
     desc = parse_report_descriptor(usage(0x30) + rsize(8) + rcount(1) + inp(DATA_VAR))
     f = desc.reports[0].fields[0]
-    assert (f.usages, f.logical_min, f.logical_max, f.application, f.report_id) == (
-        (0x30,), 0, 0, 0, 0)
+    assert (f.usages, f.logical_min, f.logical_max, f.application, f.report_id, f.collection) == (
+        (0x30,), 0, 0, 0, 0, 0)
     assert desc.applications == [] and desc.uses_ids is False
     # no report count: nothing declared
     desc = parse_report_descriptor(page(BUTTON) + usage(1) + rsize(8) + inp(DATA_VAR))
@@ -402,3 +408,45 @@ def test_negative_logical_ranges_and_applications() -> None:
     desc = parse_report_descriptor(app(DIGITIZER, 0x04, finger(0, 0)))
     assert desc.applications == [0x000D0004]
     assert {f.application for f in desc.reports[0].fields} == {0x000D0004}
+
+
+def test_field_usages_from_lists_and_ranges() -> None:
+    """A variable field takes one usage per element: the Usage items if any (the last
+    repeated), else the Usage Minimum..Maximum range (at most 1025 usages: maximum minus
+    minimum up to 1024), else usage 0; an array field names its page and range by the
+    range if given, else by its first and last Usage, else 0."""
+    def var(body: bytes, count: int) -> Field:
+        desc = parse_report_descriptor(page(BUTTON) + body + lmin(0) + lmax(1) + rsize(1)
+                                       + rcount(count) + inp(DATA_VAR))
+        return desc.reports[0].fields[0]
+
+    p = BUTTON << 16
+    assert var(umin(1) + umax(3), 5).usages == (p | 1, p | 2, p | 3, p | 3, p | 3)
+    assert var(usage(5) + umin(1) + umax(2), 1).usages == (p | 5,)
+    assert var(usage(5) + usage(6), 3).usages == (p | 5, p | 6, p | 6)
+    assert var(b"", 1030).usages == (0,) * 1030
+    assert len(var(umin(1) + umax(1025), 1).usages) == 1
+    with pytest.raises(HidError, match=r"^usage range too large$"):
+        var(umin(1) + umax(1026), 1)
+
+    def arr(body: bytes) -> Field:
+        desc = parse_report_descriptor(page(KEYBOARD) + body + lmin(0) + lmax(101) + rsize(8)
+                                       + rcount(2) + inp(DATA_ARRAY))
+        return desc.reports[0].fields[0]
+
+    f = arr(usage(4) + usage(9))
+    assert (f.page, f.umin, f.umax, f.usages) == (KEYBOARD, 4, 9, ())
+    f = arr(umin(0) + umax(101))
+    assert (f.page, f.umin, f.umax) == (KEYBOARD, 0, 101)
+    f = arr(b"")
+    assert (f.page, f.umin, f.umax) == (0, 0, 0)
+
+
+def test_whole_descriptor_refusals() -> None:
+    field = page(BUTTON) + usage(1) + lmin(0) + lmax(1) + rsize(1) + rcount(1)
+    with pytest.raises(HidError, match=r"^unclosed collection$"):
+        parse_report_descriptor(page(DESKTOP) + usage(2) + coll(1) + field + inp(DATA_VAR))
+    with pytest.raises(HidError, match=r"^no input report$"):
+        parse_report_descriptor(field + item(0, 9, 0x02))  # an Output item only
+    with pytest.raises(HidError, match=r"^fields outside any report ID in a descriptor that uses IDs$"):
+        parse_report_descriptor(field + inp(DATA_VAR) + rid(1) + inp(DATA_VAR))

@@ -219,3 +219,26 @@ def test_root_removal_permission_entries_and_a_commit_that_does_not_grow(store: 
     assert store.handle(guest, T.TRANSACTION_END, 3, tx, b"T\0")[16:] == b"OK\0"
     assert store.node_count(5) == count
     assert refused(store, guest, T.WRITE, home + b"/d\0z") == b"ENOSPC\0"  # growth: refused
+
+
+def test_watch_event_paths_keep_the_form_they_were_watched_in(store: Store) -> None:
+    """A guest's watch on an absolute path reports absolute paths, one on a relative
+    path reports them relative to the domain's home (xen-protocols.md §4)."""
+    store.introduce_domain(5)
+    dom0, guest = store.connect(0), store.connect(5)
+    accepted(store, dom0, T.MKDIR, b"/local/domain/5\0")
+    accepted(store, dom0, T.SET_PERMS, b"/local/domain/5\0n5\0")
+    accepted(store, guest, T.WATCH, b"/local/domain/5/abs\0ta\0")
+    accepted(store, guest, T.WATCH, b"rel\0tr\0")
+    guest.events.clear()
+    accepted(store, guest, T.WRITE, b"/local/domain/5/abs\0x")
+    accepted(store, guest, T.WRITE, b"/local/domain/5/rel\0x")
+    got = [wire.fields(m[16:]) for m in guest.events]
+    assert got == [[b"/local/domain/5/abs", b"ta"], [b"rel", b"tr"]]
+
+
+def test_transaction_ids_skip_zero_when_they_wrap(store: Store) -> None:
+    dom0 = store.connect(0)
+    dom0.next_tx = 0xFFFFFFFF  # as after 2^32 - 1 transactions
+    ids = [int(accepted(store, dom0, T.TRANSACTION_START, b"\0")[:-1]) for _ in range(2)]
+    assert ids == [0xFFFFFFFF, 1]

@@ -428,6 +428,11 @@ def test_field_usages_from_lists_and_ranges() -> None:
     assert len(var(umin(1) + umax(1025), 1).usages) == 1
     with pytest.raises(HidError, match=r"^usage range too large$"):
         var(umin(1) + umax(1026), 1)
+    # a constant item declares padding: its usages, however many, are not looked at
+    desc = parse_report_descriptor(page(BUTTON) + umin(0) + umax(2000) + rsize(8) + rcount(1)
+                                   + inp(CONST) + usage(1) + lmin(0) + lmax(1) + rsize(8)
+                                   + rcount(1) + inp(DATA_VAR))
+    assert desc.reports[0].bits == 16 and desc.reports[0].fields[0].offset == 8
 
     def arr(body: bytes) -> Field:
         desc = parse_report_descriptor(page(KEYBOARD) + body + lmin(0) + lmax(101) + rsize(8)

@@ -242,3 +242,26 @@ def test_transaction_ids_skip_zero_when_they_wrap(store: Store) -> None:
     dom0.next_tx = 0xFFFFFFFF  # as after 2^32 - 1 transactions
     ids = [int(accepted(store, dom0, T.TRANSACTION_START, b"\0")[:-1]) for _ in range(2)]
     assert ids == [0xFFFFFFFF, 1]
+
+
+def test_domain_1_is_an_ordinary_guest_and_check_counts_per_domain(store: Store) -> None:
+    """Permission entries of a released domain 1 are stale for its successor (only dom0's
+    are always honoured); the consistency check counts each domain's own watches and
+    transactions."""
+    dom0 = store.connect(0)
+    accepted(store, dom0, T.WRITE, b"/n\0v")
+    accepted(store, dom0, T.SET_PERMS, b"/n\0n0\0r1\0")
+    store.introduce_domain(1)
+    assert accepted(store, store.connect(1), T.READ, b"/n\0") == b"v"
+    accepted(store, dom0, T.RELEASE, b"1\0")
+    store.introduce_domain(1)
+    assert refused(store, store.connect(1), T.READ, b"/n\0") == b"EACCES\0"
+    store.introduce_domain(5)
+    guest = store.connect(5)
+    accepted(store, guest, T.WATCH, b"/local\0a\0")
+    accepted(store, dom0, T.WATCH, b"/n\0b\0")
+    accepted(store, dom0, T.WATCH, b"/n\0c\0")
+    accepted(store, guest, T.TRANSACTION_START, b"\0")  # watches and transactions differ
+    assert (store.watch_count(0), store.transaction_count(0)) == (2, 0)
+    assert (store.watch_count(5), store.transaction_count(5)) == (1, 1)
+    assert store.check() == []

@@ -52,7 +52,14 @@ from xenpv.platforms.loopback import proto
 from xenpv.platforms.loopback.env import ENV_SOCKET, ENV_XENSTORED_PATH
 from xenpv.platforms.loopback.events import EpollEvents
 from xenpv.platforms.loopback.inprocess import _ring_release, notify_args, with_notify
-from xenpv.platforms.loopback.memory import MappedRegion, Region, SharedRegion, owned_run
+from xenpv.platforms.loopback.memory import (
+    PAGE_SIZE,
+    MappedRegion,
+    Region,
+    SharedRegion,
+    buffer_address,
+    owned_run,
+)
 from xenpv.platforms.loopback.proto import Op
 
 _ONE = (1).to_bytes(8, "little")
@@ -211,6 +218,10 @@ class ClientGrantTable(_OnConnection):
     ) -> None:
         self._conn = ControlConnection(_socket_from_env(path), timeout=timeout)
         self._live: dict[int, SharedRegion | MappedRegion] = {}
+        #: this handle's own pages (shares, frames) a grant copy may name instead of
+        #: sending their bytes: (start address, end address, handle id, one memfd per page)
+        self._own: list[tuple[int, int, int, bool]] = []
+        self._own_gen = 0  # bumped when _own changes (copy plans re-encode)
 
     def grant(self, domid: int, count: int = 1, *, writable: bool = True,
               notify: UnmapNotify | None = None) -> SharedRegion:
@@ -244,7 +255,44 @@ class ClientGrantTable(_OnConnection):
         region = self._place(handle_id, fds, lambda: Region(pages, writable=True))
         run = SharedRegion(refs, domid, region, handle_id, writable)
         self._live[handle_id] = run
+        self._add_own(run, per_page)
         return run
+
+    def _add_own(self, run: SharedRegion, per_page: bool) -> None:
+        start = run.region.address
+        self._own.append((start, start + run.region.length, run.handle_id, per_page))
+        self._own_gen += 1
+
+    def _drop_own(self, handle_id: int) -> None:
+        self._own = [o for o in self._own if o[2] != handle_id]
+        self._own_gen += 1
+
+    def own_side(self, p: LocalPtr, length: int) -> tuple[int, int] | None:
+        """``(share handle id, byte offset)`` if the ``length`` bytes at ``p`` lie in pages
+        this handle shared or allocated (one memfd's run: within one page of guest
+        frames), so a grant copy can name them instead of carrying their bytes; None for
+        any other buffer (and for a side the daemon would refuse as it is)."""
+        if not self._own:
+            return None
+        try:
+            view = memoryview(p.buffer).cast("B")
+        except (TypeError, ValueError):
+            return None
+        if p.offset < 0 or length <= 0 or p.offset + length > len(view):
+            return None
+        addr = buffer_address(view)
+        if addr is None:
+            return None
+        addr += p.offset
+        for start, end, handle_id, per_page in self._own:
+            if start <= addr and addr + length <= end:
+                off = addr - start
+                if per_page and off // PAGE_SIZE != (off + length - 1) // PAGE_SIZE:
+                    return None
+                if off // PAGE_SIZE > 0xFFFF:
+                    return None
+                return handle_id, off
+        return None
 
     def _place(self, handle_id: int, fds: list[int], build: Callable[[], Region]) -> Region:
         """Map what the daemon sent, close its descriptors; undo the share/map on failure."""
@@ -268,6 +316,7 @@ class ClientGrantTable(_OnConnection):
         except GrantInUse as exc:
             raise GrantInUse(str(exc), refs) from None
         del self._live[run.handle_id]
+        self._drop_own(run.handle_id)
         run.region.release()
 
     def set_unmap_notify(self, obj: SharedPages | MappedGrants, notify: UnmapNotify) -> None:
@@ -309,6 +358,7 @@ class ClientGrantTable(_OnConnection):
         """Give the frames back (deferred while dom0 still maps one) and unmap locally."""
         run = owned_run(frames, self._live)
         del self._live[run.handle_id]
+        self._drop_own(run.handle_id)
         run.region.release()
         self._conn.call(Op.GNT_UNMAP, proto.U32.pack(run.handle_id))
 
@@ -324,6 +374,7 @@ class ClientGrantTable(_OnConnection):
         region = self._place(handle_id, fds, lambda: Region([(fds[0], page)], writable=True))
         run = SharedRegion((granted,), domid, region, handle_id, True)
         self._live[handle_id] = run
+        self._add_own(run, True)
         return run
 
     def foreign_map(
@@ -357,13 +408,15 @@ class ClientGrantTable(_OnConnection):
         self._conn.call(Op.GNT_UNMAP, proto.U32.pack(run.handle_id))
 
     def copy(self, segments: Sequence[GrantCopy]) -> list[int]:
-        """Grant copy done by the daemon; one ``GNTST_*`` per segment."""
-        return _ClientCopyPlan(self._conn, segments)()
+        """Grant copy done by the daemon; one ``GNTST_*`` per segment.  A local side in
+        pages of this handle's own shares or frames travels as (share, offset), any other
+        as bytes over the socket."""
+        return _ClientCopyPlan(self, segments)()
 
     def prepare_copy(self, segments: Sequence[GrantCopy]) -> Callable[[], list[int]]:
-        """A reusable copy of ``segments``: the request layout is encoded once (local
-        source bytes are read at each run)."""
-        return _ClientCopyPlan(self._conn, segments)
+        """A reusable copy of ``segments``: the request layout is encoded once (again
+        when this handle's own pages change; local source bytes are read at each run)."""
+        return _ClientCopyPlan(self, segments)
 
     def stats(self, domid: int | None = None) -> tuple[int, ...]:
         """STATS of ``domid`` (default: self): grants, revoking, mappings, ports, shares,
@@ -376,30 +429,52 @@ class ClientGrantTable(_OnConnection):
         for run in self._live.values():
             run.region.release()
         self._live.clear()
+        self._own = []
+        self._own_gen += 1
         self._conn.close()
 
 
 class _ClientCopyPlan:
     """GNT_COPY request for a fixed list of segments (docs/loopback-protocol.md §4.7).
 
-    The request layout is encoded once; local destinations that follow each other in one
-    buffer are filled with one slice assignment when all their segments succeeded."""
+    The request layout is encoded once (again when the table's own pages changed); a
+    local side in the table's own pages is named (share, offset) and carries no bytes;
+    other local destinations that follow each other in one buffer are filled with one
+    slice assignment when all their segments succeeded."""
 
-    def __init__(self, conn: ControlConnection, segments: Sequence[GrantCopy]) -> None:
-        self._conn = conn
+    def __init__(self, table: ClientGrantTable, segments: Sequence[GrantCopy]) -> None:
+        self._table = table
+        self._conn = table.connection
         self._segments = tuple(segments)
-        head = [proto.U32x2.pack(len(segments), 0)]
+        self._gen = -1
+        self._head = b""
+        self._sent: list[GrantCopy] = []  # segments whose local source bytes are sent
         # runs of local destinations: [buffer, offset, length, first segment, end segment]
         self._runs: list[list[Any]] = []
-        for i, s in enumerate(segments):
+        self._encode()
+
+    def _encode(self) -> None:
+        table = self._table
+        head = [proto.U32x2.pack(len(self._segments), 0)]
+        self._sent = []
+        self._runs = []
+        for i, s in enumerate(self._segments):
             flags = 0
             sref = sdom = soff = dref = ddom = doff = 0
             if isinstance(s.source, GrantPtr):
                 flags |= proto.GNTCOPY_source_gref
                 sref, sdom, soff = s.source.ref, s.source.domid, s.source.offset
+            elif (own := table.own_side(s.source, s.length)) is not None:
+                flags |= proto.GNTCOPY_source_own
+                sref, sdom, soff = own[0], own[1] // PAGE_SIZE, own[1] % PAGE_SIZE
+            else:
+                self._sent.append(s)
             if isinstance(s.dest, GrantPtr):
                 flags |= proto.GNTCOPY_dest_gref
                 dref, ddom, doff = s.dest.ref, s.dest.domid, s.dest.offset
+            elif (own := table.own_side(s.dest, s.length)) is not None:
+                flags |= proto.GNTCOPY_dest_own
+                dref, ddom, doff = own[0], own[1] // PAGE_SIZE, own[1] % PAGE_SIZE
             else:
                 last = self._runs[-1] if self._runs else None
                 if (
@@ -414,13 +489,16 @@ class _ClientCopyPlan:
                     self._runs.append([s.dest.buffer, s.dest.offset, s.length, i, i + 1])
             head.append(proto.COPY_SEG.pack(sref, sdom, soff, dref, ddom, doff, s.length, flags, 0))
         self._head = b"".join(head)
+        self._gen = table._own_gen
 
     def __call__(self) -> list[int]:
+        if self._gen != self._table._own_gen:
+            self._encode()
         data = [
             bytes(
                 memoryview(s.source.buffer).cast("B")[s.source.offset : s.source.offset + s.length]
             )
-            for s in self._segments
+            for s in self._sent
             if isinstance(s.source, LocalPtr)
         ]
         out, fds = self._conn.call(Op.GNT_COPY, self._head + b"".join(data))

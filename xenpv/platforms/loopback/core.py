@@ -428,6 +428,20 @@ class DomainStats:
     fds: int = 0  # descriptors charged to the domain (see the descriptor quota)
 
 
+@dataclass(frozen=True, slots=True)
+class SharePtr:
+    """One side of a grant copy in pages the copying handle shared or allocated itself
+    (a :class:`Share` of that handle): the share's handle id and a byte offset in it.
+
+    The loopback client sends this instead of the bytes of a local buffer that lies in
+    such pages, so the daemon copies memfd page to memfd page.  A share of another
+    handle, an ended or unknown one is refused (``GNTST_bad_page``): it can never name
+    memory the caller does not hold itself."""
+
+    handle_id: int
+    offset: int
+
+
 class CopyPlan:
     """A validated grant copy that can be run again and again (``GNTTABOP_copy``).
 
@@ -1032,6 +1046,8 @@ class Hypervisor:
             if dest and e.readonly:
                 return GntSt.permission_denied
             return e.segment, e.segment.view, e.page * PAGE_SIZE + p.offset
+        if isinstance(p, SharePtr):
+            return self._share_window(h, p, length)
         if not isinstance(p, LocalPtr):
             return GntSt.general_error
         try:
@@ -1043,6 +1059,27 @@ class Hypervisor:
         if dest and buf.readonly:
             return GntSt.bad_copy_arg
         return p.buffer, buf, p.offset
+
+    @staticmethod
+    def _share_window(h: Handle, p: SharePtr, length: int) -> Any:
+        """The window of a :class:`SharePtr` side, or a GNTST code: the share must be one
+        of ``h``'s own, every page it touches live, and the run one memfd's consecutive
+        pages (a guest frame is its own memfd: a window there stays in one page)."""
+        share = h.shares.get(p.handle_id)
+        if share is None:
+            return GntSt.bad_page
+        if p.offset < 0 or length < 0 or p.offset + length > len(share.entries) * PAGE_SIZE:
+            return GntSt.bad_copy_arg
+        first = share.entries[p.offset // PAGE_SIZE]
+        last_page = (p.offset + max(length, 1) - 1) // PAGE_SIZE
+        for k in range(p.offset // PAGE_SIZE, last_page + 1):
+            e = share.entries[k]
+            if e.revoking or e.freed or e.segment.fd < 0:
+                return GntSt.bad_page
+            if e.segment is not first.segment or e.page != first.page + k - p.offset // PAGE_SIZE:
+                return GntSt.bad_copy_arg
+        seg = first.segment
+        return seg, seg.view, first.page * PAGE_SIZE + p.offset % PAGE_SIZE
 
     # ------------------------------------------------------------------ event channels
     def _new_port(self, h: Handle, remote_domid: int) -> Port:

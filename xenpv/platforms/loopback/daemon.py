@@ -58,7 +58,15 @@ from xenpv.platforms.loopback.builder import (
     build_xenstore_ring,
     ring_holdings,
 )
-from xenpv.platforms.loopback.core import CopyPlan, Domain, Handle, Hypervisor, Mapping, Segment
+from xenpv.platforms.loopback.core import (
+    CopyPlan,
+    Domain,
+    Handle,
+    Hypervisor,
+    Mapping,
+    Segment,
+    SharePtr,
+)
 from xenpv.platforms.loopback.home import write_domain_home
 from xenpv.platforms.loopback.inprocess import InProcessPlatform
 from xenpv.platforms.loopback.proto import Op
@@ -89,6 +97,25 @@ def _unpack(st: Any, payload: bytes, *, exact: bool = True) -> tuple[Any, ...]:
     if len(payload) < st.size or (exact and len(payload) != st.size):
         raise PlatformError("request payload has the wrong size", errno.EINVAL)
     return tuple(st.unpack_from(payload))
+
+
+#: flags of a side whose bytes are not in the request/reply (a grant, or the caller's own pages)
+_SOURCE_NOT_SENT = proto.GNTCOPY_source_gref | proto.GNTCOPY_source_own
+_DEST_NOT_SENT = proto.GNTCOPY_dest_gref | proto.GNTCOPY_dest_own
+
+
+def _named_side(flags: int, gref: int, own: int, ref: int, domid: int, offset: int
+                ) -> GrantPtr | SharePtr | None:
+    """The side a GNT_COPY segment names: a grant, a page of the caller's own share
+    (``ref`` its handle id, ``domid`` the page in it), or None (both flags: the
+    segment fails with ``GNTST_general_error``)."""
+    if flags & gref and flags & own:
+        return None
+    if flags & gref:
+        return GrantPtr(domid, ref, offset)
+    if offset >= PAGE_SIZE:
+        return SharePtr(ref, -1)  # out of the page: refused as bad_copy_arg
+    return SharePtr(ref, domid * PAGE_SIZE + offset)
 
 
 def _ok(
@@ -676,8 +703,8 @@ class LoopbackDaemon:
             proto.COPY_SEG.unpack_from(payload, proto.U32x2.size + i * proto.COPY_SEG.size)
             for i in range(count)
         ]
-        src_total = sum(s[6] for s in raw if not s[7] & proto.GNTCOPY_source_gref)
-        dst_total = sum(s[6] for s in raw if not s[7] & proto.GNTCOPY_dest_gref)
+        src_total = sum(s[6] for s in raw if not s[7] & _SOURCE_NOT_SENT)
+        dst_total = sum(s[6] for s in raw if not s[7] & _DEST_NOT_SENT)
         if src_total > len(payload) - base:
             raise PlatformError("grant copy: not enough source data", errno.EINVAL)
         head = proto.U32x2.size + 4 * count
@@ -689,19 +716,21 @@ class LoopbackDaemon:
         segs: list[GrantCopy] = []
         out_len = src_cursor = 0
         for sref, sdom, soff, dref, ddom, doff, length, flags, _ in raw:
-            src: GrantPtr | LocalPtr
-            dst: GrantPtr | LocalPtr
-            if flags & proto.GNTCOPY_source_gref:
-                src = GrantPtr(sdom, sref, soff)
+            src: GrantPtr | LocalPtr | SharePtr | None
+            dst: GrantPtr | LocalPtr | SharePtr | None
+            if flags & _SOURCE_NOT_SENT:
+                src = _named_side(flags, proto.GNTCOPY_source_gref, proto.GNTCOPY_source_own,
+                                  sref, sdom, soff)
             else:
                 src = LocalPtr(data, src_cursor)
                 src_cursor += length
-            if flags & proto.GNTCOPY_dest_gref:
-                dst = GrantPtr(ddom, dref, doff)
+            if flags & _DEST_NOT_SENT:
+                dst = _named_side(flags, proto.GNTCOPY_dest_gref, proto.GNTCOPY_dest_own,
+                                  dref, ddom, doff)
             else:
                 dst = LocalPtr(dest, out_len)
                 out_len += length
-            segs.append(GrantCopy(src, dst, length))
+            segs.append(GrantCopy(src, dst, length))  # type: ignore[arg-type]  # SharePtr: the hypervisor's own side type
         return self.hv.prepare_copy(conn.handle, segs), reply, src_cursor > 0
 
     def _evt_alloc_unbound(self, conn: _Connection, payload: bytes) -> Reply:

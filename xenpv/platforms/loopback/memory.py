@@ -140,6 +140,15 @@ class Region:
             self._ptr = None
 
 
+def buffer_address(buffer: Any) -> int | None:
+    """Address of the first byte of ``buffer`` (any contiguous buffer), or None if it
+    exposes no contiguous buffer."""
+    try:
+        return int(_ffi.cast("uintptr_t", _ffi.from_buffer(buffer)))
+    except (TypeError, ValueError, BufferError):
+        return None
+
+
 def map_fd(fd: int, npages: int, *, writable: bool) -> Region:
     """Map the first ``npages`` pages of ``fd`` contiguously."""
     return Region([(fd, i) for i in range(npages)], writable=writable)

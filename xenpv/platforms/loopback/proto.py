@@ -41,6 +41,10 @@ END_DEFER = 1
 MAP_WRITABLE = 1
 GNTCOPY_source_gref = 1
 GNTCOPY_dest_gref = 2
+#: loopback extension: the local side lies in pages the caller shared or allocated itself
+#: (its ref field holds the share's handle id, its domid field the page in the share)
+GNTCOPY_source_own = 0x100
+GNTCOPY_dest_own = 0x200
 DOMFLAG_PRIVILEGED = 1
 DOMFLAG_DYING = 2
 DOMFLAG_RUNNING = 4

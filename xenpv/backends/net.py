@@ -80,7 +80,15 @@ from xenpv.drivers.ringchannel import BackChannel, RingPlacement
 from xenpv.drivers.ringservice import RingService
 from xenpv.drivers.sharedport import share_port
 from xenpv.errors import LocalError, PeerError, PlatformError
-from xenpv.platforms.base import GrantCopy, GrantPtr, GrantTable, LocalPtr, Platform
+from xenpv.platforms.base import (
+    GrantCopy,
+    GrantPtr,
+    GrantTable,
+    GuestFrames,
+    LocalPtr,
+    Platform,
+    SharedPages,
+)
 from xenpv.platforms.dispatch import PortDispatcher
 from xenpv.protocols import ProtocolError
 from xenpv.protocols.ethernet import (
@@ -153,6 +161,11 @@ from xenpv.xenstore.client import XenstoreClient as XenbusClient
 #: headers (24 bytes per segment in a request, 4 in a reply): 120 KiB so counted fits.
 COPY_BATCH = 120 << 10
 COPY_SEG_COST = 32
+#: Pages of own memory each direction of a queue stages its batched copies in, where the
+#: platform gives the backend frames of its own (:class:`GuestFrames`): on the loopback
+#: emulator a grant copy names such pages instead of carrying their bytes over the
+#: daemon's socket.  A batch is cut when it does not fit any more.
+STAGING_PAGES = 40
 
 __all__ = [
     "MulticastFilter",
@@ -197,7 +210,9 @@ class NetConfig:
     ``max_slots``: data slots a TX packet may use (more: dropped); ``fatal_slots``: slots
     after the first beyond which the frontend is misbehaving.  ``backlog_frames`` and
     ``backlog_bytes`` bound the frames waiting for RX pages per queue;
-    ``stall_timeout`` is how long they may wait without progress.
+    ``stall_timeout`` is how long they may wait without progress.  ``staging_pages``:
+    own frames per queue and direction that batched copies are staged in where the
+    platform has them (0: private buffers only).
     """
 
     sg: bool = True
@@ -213,8 +228,11 @@ class NetConfig:
     backlog_frames: int = 256
     backlog_bytes: int = 4 << 20
     stall_timeout: float = 60.0
+    staging_pages: int = STAGING_PAGES
 
     def __post_init__(self) -> None:
+        if not 0 <= self.staging_pages <= 250:
+            raise LocalError("staging_pages must be 0..250")
         if not 1 <= self.max_queues <= 64:
             raise LocalError("max_queues must be 1..64")
         if not 1 <= self.max_slots <= self.fatal_slots + 1 <= _MAX_PENDING_SLOTS - 6:
@@ -278,6 +296,86 @@ class _NetPeerError(PeerError):
         self.errno = _errno.EINVAL
 
 
+# --------------------------------------------------------------------------- staging
+
+
+class _Staging:
+    """Own frames that one direction of a queue stages its batched copies in.
+
+    The frames are allocated at the first copy (a queue that carries nothing holds
+    none).  Each copied piece (at most a page, as a grant copy segment is) is placed so
+    that it does not cross a page of the staging area (each guest frame may be its own
+    memory), one after the other; :meth:`reset` starts again once a batch is done.  Grant
+    copies never map anything of the guest: the guest side stays a grant."""
+
+    def __init__(self, grants: GuestFrames, pages: int) -> None:
+        self._grants: GuestFrames | None = grants
+        self._pages = pages
+        self.frames: SharedPages | None = None
+        self.mem = memoryview(b"")
+        self.size = 0
+        self.cursor = 0
+
+    @classmethod
+    def for_platform(cls, grants: GrantTable, pages: int) -> _Staging | None:
+        """Staging of ``pages`` own frames, or None where the platform has no frames of
+        its own to give: copies then go through private buffers."""
+        if pages <= 0 or not isinstance(grants, GuestFrames):
+            return None
+        return cls(grants, pages)
+
+    def _ready(self) -> bool:
+        if self.frames is None and self._grants is not None:
+            try:
+                self.frames = self._grants.alloc_frames(self._pages)
+            except (PlatformError, LocalError) as exc:  # none left: private buffers
+                log.debug("no staging frames (%s): copies use private buffers", exc)
+                self._grants = None
+                return False
+            self.mem = self.frames.mem
+            self.size = len(self.mem)
+        return self.frames is not None and self._grants is not None
+
+    def fits(self, lengths: Sequence[int]) -> bool:
+        """Whether pieces of ``lengths`` all fit after what is placed (always, where
+        there is no staging: the private buffers take anything)."""
+        if not self._ready():
+            return True
+        cursor = self.cursor
+        for n in lengths:
+            cursor = self._at(cursor, n) + n
+        return cursor <= self.size
+
+    @staticmethod
+    def _at(cursor: int, n: int) -> int:
+        if n and cursor // XEN_PAGE_SIZE != (cursor + n - 1) // XEN_PAGE_SIZE:
+            return -(-cursor // XEN_PAGE_SIZE) * XEN_PAGE_SIZE
+        return cursor
+
+    def place(self, lengths: Sequence[int]) -> list[int] | None:
+        """Offsets for pieces of ``lengths`` (each at most a page), or None (nothing
+        placed) if they do not all fit or there is no staging."""
+        if not self._ready() or not self.fits(lengths):
+            return None
+        out = []
+        for n in lengths:
+            at = self._at(self.cursor, n)
+            out.append(at)
+            self.cursor = at + n
+        return out
+
+    def reset(self) -> None:
+        """The batch is done: place from the start again."""
+        self.cursor = 0
+
+    def close(self) -> None:
+        """Give the frames back (idempotent); nothing is staged afterwards."""
+        grants, self._grants = self._grants, None
+        if grants is not None and self.frames is not None:
+            with contextlib.suppress(PlatformError, LocalError):
+                grants.free_frames(self.frames)
+
+
 # --------------------------------------------------------------------------- TX
 
 
@@ -311,6 +409,7 @@ class NetTx:
         self._held: deque[tuple[TxPacket | None, bytes | list[bytes]]] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self.closed = False
+        self._stage = _Staging.for_platform(self.grants, config.staging_pages)
 
     def handle(self, batch: memoryview, count: int) -> list[bytes]:
         """Take ``count`` slots; answer every complete chain (in order)."""
@@ -343,16 +442,18 @@ class NetTx:
                 if group and any(isinstance(e, McastExtra) for e in pkt.extras):
                     out += self._copy_group(group)  # the filter changes after them
                     group_bytes = 0
+                pieces = [f.length for f in pkt.fragments if f.length]
+                cost = pkt.size + COPY_SEG_COST * len(pieces)
+                if group and (group_bytes + cost > COPY_BATCH or
+                              (self._stage is not None and not self._stage.fits(pieces))):
+                    out += self._copy_group(group)  # before this packet is placed
+                    group_bytes = 0
                 prepared = self._prepare(pkt, rest)
                 if isinstance(prepared, list):  # answered without a copy
                     out += self._copy_group(group)
                     group_bytes = 0
                     out += prepared
                 else:
-                    cost = pkt.size + COPY_SEG_COST * len(prepared.segs)
-                    if group and group_bytes + cost > COPY_BATCH:
-                        out += self._copy_group(group)
-                        group_bytes = 0
                     group.append(prepared)
                     group_bytes += cost
             else:  # answered in order, as credit allows
@@ -429,6 +530,9 @@ class NetTx:
             self._timer.cancel()
             self._timer = None
         self._held.clear()
+        stage, self._stage = self._stage, None
+        if stage is not None:
+            stage.close()
 
     def _drop(self, why: str) -> None:
         self.stats["dropped"] += 1
@@ -486,13 +590,20 @@ class NetTx:
         if isinstance(checked, str):
             self._drop(checked)
             return _error_responses(slots, pkt.slots, len(pkt.requests))
+        frags = [f for f in pkt.fragments if f.length]
+        at = self._stage.place([f.length for f in frags]) if self._stage is not None else None
+        if at is not None:  # staged in own frames: the copy carries no bytes (loopback)
+            assert self._stage is not None
+            mem = self._stage.mem
+            segs = [GrantCopy(GrantPtr(self.domid, f.gref, f.offset), LocalPtr(mem, o), f.length)
+                    for f, o in zip(frags, at, strict=True)]
+            return _TxCopy(pkt, slots, checked, None, segs)
         data = bytearray(pkt.size)
         segs, pos = [], 0
-        for f in pkt.fragments:
-            if f.length:
-                segs.append(GrantCopy(GrantPtr(self.domid, f.gref, f.offset),
-                                      LocalPtr(data, pos), f.length))
-                pos += f.length
+        for f in frags:
+            segs.append(GrantCopy(GrantPtr(self.domid, f.gref, f.offset),
+                                  LocalPtr(data, pos), f.length))
+            pos += f.length
         return _TxCopy(pkt, slots, checked, data, segs)
 
     def _copy_group(self, group: list[_TxCopy]) -> list[bytes]:
@@ -505,6 +616,8 @@ class NetTx:
         for p, failed in zip(group, _copy_batch(self.grants, group), strict=True):
             out += self._finish(p, failed)
         group.clear()
+        if self._stage is not None:
+            self._stage.reset()
         return out
 
     def _finish(self, p: _TxCopy, failed: bool) -> list[bytes]:
@@ -514,7 +627,7 @@ class NetTx:
             self._drop("a fragment's grant could not be copied")
             return _error_responses(p.slots, pkt.slots, len(pkt.requests))
         flags = pkt.flags
-        frame = NetFrame(bytes(p.data), csum_blank=bool(flags & NETTXF_csum_blank),
+        frame = NetFrame(_gathered(p), csum_blank=bool(flags & NETTXF_csum_blank),
                          data_validated=bool(flags & NETTXF_data_validated),
                          gso_type=p.gso[0], gso_size=p.gso[1])
         self.stats["packets"] += 1
@@ -562,13 +675,29 @@ class _RxCopy(NamedTuple):
 
 class _TxCopy(NamedTuple):
     """A checked TX packet waiting for its data: the slots it used (for error answers),
-    its (GSO type, GSO size), the buffer and the grant copies that fill it."""
+    its (GSO type, GSO size), its private buffer (None: staged, the copies' destinations
+    hold it) and the grant copies that fill it."""
 
     pkt: TxPacket
     slots: memoryview
     gso: tuple[int, int]
-    data: bytearray
+    data: bytearray | None
     segs: list[GrantCopy]
+
+
+def _gathered(p: _TxCopy) -> bytes:
+    """The packet's bytes once its copies are done."""
+    if p.data is not None:
+        return bytes(p.data)
+    views = [memoryview(s.dest.buffer)[s.dest.offset:s.dest.offset + s.length]
+             for s in p.segs if isinstance(s.dest, LocalPtr)]
+    return bytes(views[0]) if len(views) == 1 else b"".join(views)
+
+
+def _chunks(size: int) -> list[tuple[int, int]]:
+    """(offset, length) of the page-sized pieces a frame of ``size`` bytes fills posted
+    pages with."""
+    return [(off, min(XEN_PAGE_SIZE, size - off)) for off in range(0, size, XEN_PAGE_SIZE)]
 
 
 def _error_responses(slots: memoryview, used: int, data_slots: int) -> list[bytes]:
@@ -609,6 +738,7 @@ class NetRx:
         self._timer: asyncio.TimerHandle | None = None
         self._soon: asyncio.Handle | None = None  # a push due in this loop iteration
         self._progress = time.monotonic()
+        self._stage = _Staging.for_platform(self.grants, config.staging_pages)
         self.stats = dict.fromkeys(("packets", "bytes", "dropped", "backlog_full",
                                     "too_big", "segmented", "csum_completed",
                                     "copy_errors", "stalls", "carrier_drops",
@@ -732,27 +862,37 @@ class NetRx:
         while self.backlog and self.backlog[0][1] <= len(self.posted):
             frame, _need = self.backlog.popleft()
             self.backlog_bytes -= len(frame.data)
-            claimed = self._claim(frame)
-            cost = len(frame.data) + COPY_SEG_COST * len(claimed.segs)
-            if group and group_bytes + cost > COPY_BATCH:
-                out += self._fill(group)
+            chunks = _chunks(len(frame.data))
+            cost = len(frame.data) + COPY_SEG_COST * len(chunks)
+            if group and (group_bytes + cost > COPY_BATCH or (
+                    self._stage is not None and not self._stage.fits([n for _o, n in chunks]))):
+                out += self._fill(group)  # before this frame is placed
                 group_bytes = 0
+            claimed = self._claim(frame, chunks)
             group.append(claimed)
             group_bytes += cost
             self._progress = time.monotonic()
         out += self._fill(group)
         return out
 
-    def _claim(self, frame: NetFrame) -> _RxCopy:
-        """Take the posted pages ``frame`` needs (in ring order) and plan its copies."""
+    def _claim(self, frame: NetFrame, chunks: list[tuple[int, int]]) -> _RxCopy:
+        """Take the posted pages ``frame`` needs (in ring order) and plan the copies of
+        its ``chunks`` (staged in own frames where there is staging)."""
         data = frame.data
-        chunks = [(off, min(XEN_PAGE_SIZE, len(data) - off))
-                  for off in range(0, len(data), XEN_PAGE_SIZE)]
         extras = self._extras(frame)
         reqs = [self.posted.popleft() for _ in range(len(chunks) + len(extras))]
         data_reqs = [reqs[0], *reqs[1 + len(extras):]]
-        segs = [GrantCopy(LocalPtr(data, off), GrantPtr(self.domid, gref, 0), n)
-                for (off, n), (_id, gref) in zip(chunks, data_reqs, strict=True)]
+        at = self._stage.place([n for _o, n in chunks]) if self._stage is not None else None
+        if at is not None:  # staged: the copy carries no bytes (loopback)
+            assert self._stage is not None
+            mem, view = self._stage.mem, memoryview(data)
+            for (off, n), o in zip(chunks, at, strict=True):
+                mem[o:o + n] = view[off:off + n]
+            srcs = [LocalPtr(mem, o) for o in at]
+        else:
+            srcs = [LocalPtr(data, off) for off, _n in chunks]
+        segs = [GrantCopy(src, GrantPtr(self.domid, gref, 0), n)
+                for src, (_off, n), (_id, gref) in zip(srcs, chunks, data_reqs, strict=True)]
         return _RxCopy(frame, chunks, extras, data_reqs, segs)
 
     def _fill(self, group: list[_RxCopy]) -> list[bytes]:
@@ -765,6 +905,8 @@ class NetRx:
         for c, failed in zip(group, _copy_batch(self.grants, group), strict=True):
             out += self._responses(c, failed)
         group.clear()
+        if self._stage is not None:
+            self._stage.reset()
         return out
 
     def _responses(self, c: _RxCopy, failed: bool) -> list[bytes]:
@@ -826,6 +968,9 @@ class NetRx:
             self._soon = None
         self.backlog.clear()
         self.backlog_bytes = 0
+        stage, self._stage = self._stage, None
+        if stage is not None:
+            stage.close()
 
 
 # --------------------------------------------------------------------------- control ring

@@ -267,23 +267,34 @@ class ClientGrantTable(_OnConnection):
         self._own = [o for o in self._own if o[2] != handle_id]
         self._own_gen += 1
 
-    def own_side(self, p: LocalPtr, length: int) -> tuple[int, int] | None:
+    def own_side(self, p: LocalPtr, length: int, *, dest: bool = False,
+                 memo: dict[int, tuple[Any, int, int, bool]] | None = None
+                 ) -> tuple[int, int] | None:
         """``(share handle id, byte offset)`` if the ``length`` bytes at ``p`` lie in pages
         this handle shared or allocated (one memfd's run: within one page of guest
         frames), so a grant copy can name them instead of carrying their bytes; None for
-        any other buffer (and for a side the daemon would refuse as it is)."""
+        any other buffer (and for a side the daemon would refuse as it is: out of the
+        buffer, or a read-only buffer as a destination).  ``memo`` keeps what was learnt
+        of each buffer object across the segments of one copy."""
         if not self._own:
             return None
-        try:
-            view = memoryview(p.buffer).cast("B")
-        except (TypeError, ValueError):
+        key = id(p.buffer)
+        known = memo.get(key) if memo is not None else None
+        if known is None or known[0] is not p.buffer:
+            try:
+                view = memoryview(p.buffer).cast("B")
+            except (TypeError, ValueError):
+                return None
+            addr = buffer_address(view)
+            known = (p.buffer, -1 if addr is None else addr, len(view), view.readonly)
+            if memo is not None:
+                memo[key] = known
+        _buf, base, size, readonly = known
+        if base < 0 or (dest and readonly):
             return None
-        if p.offset < 0 or length <= 0 or p.offset + length > len(view):
+        if p.offset < 0 or length <= 0 or p.offset + length > size:
             return None
-        addr = buffer_address(view)
-        if addr is None:
-            return None
-        addr += p.offset
+        addr = base + p.offset
         for start, end, handle_id, per_page in self._own:
             if start <= addr and addr + length <= end:
                 off = addr - start
@@ -456,6 +467,7 @@ class _ClientCopyPlan:
     def _encode(self) -> None:
         table = self._table
         head = [proto.U32x2.pack(len(self._segments), 0)]
+        memo: dict[int, tuple[Any, int, int, bool]] = {}
         self._sent = []
         self._runs = []
         for i, s in enumerate(self._segments):
@@ -464,7 +476,7 @@ class _ClientCopyPlan:
             if isinstance(s.source, GrantPtr):
                 flags |= proto.GNTCOPY_source_gref
                 sref, sdom, soff = s.source.ref, s.source.domid, s.source.offset
-            elif (own := table.own_side(s.source, s.length)) is not None:
+            elif (own := table.own_side(s.source, s.length, memo=memo)) is not None:
                 flags |= proto.GNTCOPY_source_own
                 sref, sdom, soff = own[0], own[1] // PAGE_SIZE, own[1] % PAGE_SIZE
             else:
@@ -472,7 +484,7 @@ class _ClientCopyPlan:
             if isinstance(s.dest, GrantPtr):
                 flags |= proto.GNTCOPY_dest_gref
                 dref, ddom, doff = s.dest.ref, s.dest.domid, s.dest.offset
-            elif (own := table.own_side(s.dest, s.length)) is not None:
+            elif (own := table.own_side(s.dest, s.length, dest=True, memo=memo)) is not None:
                 flags |= proto.GNTCOPY_dest_own
                 dref, ddom, doff = own[0], own[1] // PAGE_SIZE, own[1] % PAGE_SIZE
             else:

@@ -428,7 +428,7 @@ class DomainStats:
     fds: int = 0  # descriptors charged to the domain (see the descriptor quota)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SharePtr:
     """One side of a grant copy in pages the copying handle shared or allocated itself
     (a :class:`Share` of that handle): the share's handle id and a byte offset in it.
@@ -1068,18 +1068,23 @@ class Hypervisor:
         share = h.shares.get(p.handle_id)
         if share is None:
             return GntSt.bad_page
-        if p.offset < 0 or length < 0 or p.offset + length > len(share.entries) * PAGE_SIZE:
+        off, entries = p.offset, share.entries
+        if off < 0 or length < 0 or off + length > len(entries) * PAGE_SIZE:
             return GntSt.bad_copy_arg
-        first = share.entries[p.offset // PAGE_SIZE]
-        last_page = (p.offset + max(length, 1) - 1) // PAGE_SIZE
-        for k in range(p.offset // PAGE_SIZE, last_page + 1):
-            e = share.entries[k]
-            if e.revoking or e.freed or e.segment.fd < 0:
-                return GntSt.bad_page
-            if e.segment is not first.segment or e.page != first.page + k - p.offset // PAGE_SIZE:
-                return GntSt.bad_copy_arg
+        k = off // PAGE_SIZE
+        first = entries[k]
         seg = first.segment
-        return seg, seg.view, first.page * PAGE_SIZE + p.offset % PAGE_SIZE
+        if first.revoking or first.freed or seg.fd < 0:
+            return GntSt.bad_page
+        inpage = off - k * PAGE_SIZE
+        if inpage + length > PAGE_SIZE:  # the window goes on into the following pages
+            for j in range(k + 1, (off + length - 1) // PAGE_SIZE + 1):
+                e = entries[j]
+                if e.revoking or e.freed:
+                    return GntSt.bad_page
+                if e.segment is not seg or e.page != first.page + j - k:
+                    return GntSt.bad_copy_arg
+        return seg, seg.view, first.page * PAGE_SIZE + inpage
 
     # ------------------------------------------------------------------ event channels
     def _new_port(self, h: Handle, remote_domid: int) -> Port:

@@ -94,7 +94,9 @@ def _payloads() -> st.SearchStrategy[tuple[int, bytes]]:
                         st.sampled_from([0, 1, 2]),
                         st.integers(0, 4200),
                         st.integers(0, 5000),
-                        st.integers(0, 3),
+                        # grant sides, own-page sides (ref: a share handle id), both
+                        st.sampled_from([0, 1, 2, 3, 0x100, 0x200, 0x300, 0x101, 0x202,
+                                         0x102, 0x201, 0xFFFF]),
                         st.just(0),
                     ),
                     max_size=4,

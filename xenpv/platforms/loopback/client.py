@@ -268,8 +268,7 @@ class ClientGrantTable(_OnConnection):
         self._own_gen += 1
 
     def own_side(self, p: LocalPtr, length: int, *, dest: bool = False,
-                 memo: dict[int, tuple[Any, int, int, bool]] | None = None
-                 ) -> tuple[int, int] | None:
+                 memo: dict[int, tuple[Any, ...]] | None = None) -> tuple[int, int] | None:
         """``(share handle id, byte offset)`` if the ``length`` bytes at ``p`` lie in pages
         this handle shared or allocated (one memfd's run: within one page of guest
         frames), so a grant copy can name them instead of carrying their bytes; None for
@@ -281,29 +280,38 @@ class ClientGrantTable(_OnConnection):
         key = id(p.buffer)
         known = memo.get(key) if memo is not None else None
         if known is None or known[0] is not p.buffer:
-            try:
-                view = memoryview(p.buffer).cast("B")
-            except (TypeError, ValueError):
-                return None
-            addr = buffer_address(view)
-            known = (p.buffer, -1 if addr is None else addr, len(view), view.readonly)
+            known = self._learn(p.buffer)
             if memo is not None:
                 memo[key] = known
-        _buf, base, size, readonly = known
+        _buf, base, size, readonly, run = known
         if base < 0 or (dest and readonly):
             return None
         if p.offset < 0 or length <= 0 or p.offset + length > size:
             return None
         addr = base + p.offset
-        for start, end, handle_id, per_page in self._own:
-            if start <= addr and addr + length <= end:
-                off = addr - start
-                if per_page and off // PAGE_SIZE != (off + length - 1) // PAGE_SIZE:
-                    return None
-                if off // PAGE_SIZE > 0xFFFF:
-                    return None
-                return handle_id, off
-        return None
+        if run is None or not run[0] <= addr or addr + length > run[1]:  # look it up
+            run = next((o for o in self._own if o[0] <= addr and addr + length <= o[1]), None)
+            if run is None:
+                return None
+        start, _end, handle_id, per_page = run
+        off = addr - start
+        if per_page and off // PAGE_SIZE != (off + length - 1) // PAGE_SIZE:
+            return None
+        if off // PAGE_SIZE > 0xFFFF:
+            return None
+        return handle_id, off
+
+    def _learn(self, buffer: Any) -> tuple[Any, ...]:
+        """``(buffer, address or -1, length, read-only, own run holding its first byte)``."""
+        try:
+            view = memoryview(buffer).cast("B")
+        except (TypeError, ValueError):
+            return (buffer, -1, 0, True, None)
+        addr = buffer_address(view)
+        if addr is None:
+            return (buffer, -1, 0, True, None)
+        run = next((o for o in self._own if o[0] <= addr < o[1]), None)
+        return (buffer, addr, len(view), view.readonly, run)
 
     def _place(self, handle_id: int, fds: list[int], build: Callable[[], Region]) -> Region:
         """Map what the daemon sent, close its descriptors; undo the share/map on failure."""
@@ -467,7 +475,7 @@ class _ClientCopyPlan:
     def _encode(self) -> None:
         table = self._table
         head = [proto.U32x2.pack(len(self._segments), 0)]
-        memo: dict[int, tuple[Any, int, int, bool]] = {}
+        memo: dict[int, tuple[Any, ...]] = {}
         self._sent = []
         self._runs = []
         for i, s in enumerate(self._segments):

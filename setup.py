@@ -29,6 +29,7 @@ CYTHON_MODULES: dict[str, str] = {
     "xenpv.rings._atomic": "cython/atomic.pyx",
     "xenpv.vchan._vring": "xenpv/vchan/_vring.pyx",
     "xenpv.xenstore._xsconn": "cython/xsconn.pyx",
+    "xenpv.xenstore._xsring": "cython/xsring.pyx",
     "xenpv.backends._uring": "cython/uring.pyx",
     "xenpv.protocols._blkscan": "cython/blkscan.pyx",
 }

@@ -27,6 +27,15 @@ waiting for room), and look once more on the loop's next pass if the guest publi
 more meanwhile.  Work per event is bounded, so an event flood costs the flooder's share of
 the loop and no more; other connections keep being served.
 
+The common case of a pass — the ring connected, nothing older waiting, ``req`` holding
+only whole requests within a batch and the rate limit — is compiled
+(``cython/xsring.pyx``: the port's callback is the compiled ``RingPass``, which copies
+the requests out of ``req``, hands them to the store, copies the replies into ``rsp`` and
+signals, with no Python frame of ours in between).  Anything else, before a byte is
+consumed, goes to the Python pass (:meth:`RingConnection._service_general`), which is
+also every pass when the extension is not built or ``XENPV_PURE_PYTHON=1``;
+``tests/property/test_xs_ring_pass.py`` checks that both answer alike.
+
 Faults (hostile-inputs scenarios 21-25 over the ring): a corrupt index pair
 (``prod - cons > 1024``) sets ``error = XENSTORE_ERROR_RINGIDX``; a framing violation
 (a length over 4096) sets ``XENSTORE_ERROR_PROTO``.  Either way the connection is
@@ -49,6 +58,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
+from xenpv.compiled import pure_python
 from xenpv.errors import PlatformError, RingOverflowError
 from xenpv.xenstore.ring import (
     ERROR_NONE,
@@ -76,6 +86,25 @@ log = logging.getLogger(__name__)
 _ERRNAMES = {ERROR_RINGIDX: "corrupt ring indexes", ERROR_PROTO: "a protocol violation"}
 
 
+def _compiled_pass() -> Any:
+    """The compiled service pass (``cython/xsring.pyx``), unless it is missing or
+    ``XENPV_PURE_PYTHON=1``."""
+    if pure_python():
+        return None
+    try:
+        from xenpv.xenstore._xsring import RingPass
+    except ImportError:
+        return None
+    return RingPass
+
+
+#: The class of the compiled service pass, or None for the pure-Python pass only (read
+#: when a connection starts: tests set it to None to run the Python twin).
+_RingPass: Any = _compiled_pass()
+#: Which pass serves rings in their common case: ``"cython"`` or ``"python"``.
+RING_IMPL = "python" if _RingPass is None else "cython"
+
+
 class RingConnection(_XsConnection):
     """One domain's xenstore ring, served like a socket connection (module docstring)."""
 
@@ -97,6 +126,8 @@ class RingConnection(_XsConnection):
         #: Counters: events taken, reconnections, faults.
         self.stats = {"events": 0, "reconnects": 0, "faults": 0, "notifies": 0}
         self._hub: Any = None
+        #: The compiled pass over the page (None: every pass is the Python one).
+        self._fast: Any = None if _RingPass is None else _RingPass(self, mapping.mem)
 
     # -- life cycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -109,7 +140,7 @@ class RingConnection(_XsConnection):
         page.add_features(FEATURE_RECONNECTION | FEATURE_ERROR)
         page.connection = XS_CONNECTED
         self._hub = attach_dispatcher(self.service.events)
-        self._hub.watch(self.port, self._on_event)
+        self._hub.watch(self.port, self._fast or self._on_event)
         self._notify()
 
     def rebind(self, remote_port: int) -> None:
@@ -128,7 +159,7 @@ class RingConnection(_XsConnection):
         port = events.bind_interdomain(self.domid, remote_port)
         self.port, self.remote_port = port, remote_port
         if hub is not None:
-            hub.watch(port, self._on_event)
+            hub.watch(port, self._fast or self._on_event)
         self._notify()
 
     def abort(self) -> None:
@@ -158,6 +189,9 @@ class RingConnection(_XsConnection):
             with contextlib.suppress(PlatformError):
                 service.events.unbind(self.port)
         self.page.release()
+        if self._fast is not None:
+            self._fast.release()
+            self._fast = None
         with contextlib.suppress(PlatformError):
             service.grants.unmap(self.mapping)
         if service.rings.get(self.domid) is self:
@@ -217,15 +251,26 @@ class RingConnection(_XsConnection):
         if self.port < 0:
             return
         self.stats["notifies"] += 1
-        with contextlib.suppress(PlatformError):
+        try:
             self.service.events.notify(self.port)
+        except PlatformError:
+            pass
 
     def _on_event(self) -> None:
         self.stats["events"] += 1
-        self._service()
+        fast = self._fast
+        if fast is None or not fast.serve(self):
+            self._service_general()
 
     def _service(self) -> None:
-        """One service pass (see the module docstring)."""
+        """One service pass (see the module docstring): the compiled one in its common
+        case (``cython/xsring.pyx``), else :meth:`_service_general`."""
+        fast = self._fast
+        if fast is None or not fast.serve(self):
+            self._service_general()
+
+    def _service_general(self) -> None:
+        """One service pass in Python (every case; the compiled pass's twin)."""
         if self.closed:
             return
         if self.page.connection == XS_RECONNECT:

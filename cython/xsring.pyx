@@ -1,0 +1,230 @@
+# The embedded xenstored's ring service pass, compiled.
+#
+# Theory of operation
+# -------------------
+# ``RingPass(mem)`` holds the xenstore page of one ring connection
+# (``xenpv.xenstore.ringserver.RingConnection``) and ``serve(rc)`` runs one service pass of
+# that connection in its common case, the compiled form of ``RingConnection._service``
+# (its pure-Python twin, which the ring tests run as well): the page's ``connection`` is
+# ``XS_CONNECTED``, nothing older waits (no buffered input, no held request, no unsent
+# output or queued events, not paused or throttled, not closing or ignored), and the
+# ``req`` ring holds only whole requests — at most a batch, none of a rate-limited type
+# while the connection is limited, no length over 4096.  Then it takes them (``req``
+# cons moves past them, a signal if the ring was full), hands each to ``Store.handle``,
+# puts the replies into ``rsp`` (a signal if any went in; what does not fit goes to the
+# connection's output, as the Python path keeps it), lets the server deliver the watch
+# events the batch caused, and looks at ``req`` once more: more bytes schedule another
+# pass on the loop's next turn, exactly as the Python path does.
+#
+# Anything else returns False before a byte is consumed, and the caller runs the Python
+# pass, which owns every such case: a reconnection, a corrupt index pair (it sets
+# ``error`` and ignores the ring), a partial or oversized message, a full batch.  Index
+# loads, barriers and copies follow ``cython/bytering.pyx`` (io/xs_wire.h: 1024-byte
+# rings, free-running u32 indexes; ``req`` at 0, ``rsp`` at 1024, indexes at 2048..2060,
+# ``connection`` at 2068).
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport uint8_t, uint32_t
+from libc.string cimport memcpy
+
+from heldbuf cimport drop_buffer, hold_buffer
+from includes.barrier cimport xenpv_load_u32, xenpv_mb, xenpv_rmb, xenpv_store_u32, xenpv_wmb
+
+from xenpv.errors import LocalError, PlatformError
+from xenpv.xenstore.page import ERROR_RINGIDX
+
+
+DEF RING = 1024
+DEF REQ = 0
+DEF RSP = 1024
+DEF REQ_CONS = 2048
+DEF REQ_PROD = 2052
+DEF RSP_CONS = 2056
+DEF RSP_PROD = 2060
+DEF CONNECTION = 2068
+DEF INTERFACE = 2076
+DEF HEADER_SIZE = 16
+DEF PAYLOAD_MAX = 4096
+DEF XS_CONNECTED = 0
+
+
+cdef struct xsd_sockmsg:  # io/xs_wire.h
+    uint32_t type
+    uint32_t req_id
+    uint32_t tx_id
+    uint32_t len
+
+
+cdef inline void _copy_out(const uint8_t *ring, uint32_t idx, uint8_t *dst,
+                           uint32_t n) noexcept nogil:
+    cdef uint32_t first = idx & (RING - 1)
+    cdef uint32_t run = RING - first
+    if run > n:
+        run = n
+    memcpy(dst, ring + first, run)
+    if n > run:
+        memcpy(dst + run, ring, n - run)
+
+
+cdef inline void _copy_in(uint8_t *ring, uint32_t idx, const uint8_t *src,
+                          uint32_t n) noexcept nogil:
+    cdef uint32_t first = idx & (RING - 1)
+    cdef uint32_t run = RING - first
+    if run > n:
+        run = n
+    memcpy(ring + first, src, run)
+    if n > run:
+        memcpy(ring, src + run, n - run)
+
+
+cdef class RingPass:
+    """The compiled service pass of ring connection ``rc`` over its xenstore page ``mem``
+    (module comment).  Calling it is the port's event callback."""
+
+    cdef Py_buffer *_view
+    cdef uint8_t *base
+    cdef object rc
+
+    def __cinit__(self, *args, **kwargs):
+        self._view = NULL
+        self.base = NULL
+
+    def __init__(self, rc, mem):
+        self.release()
+        self._view = hold_buffer(mem)
+        if self._view.len < INTERFACE or (<size_t>self._view.buf) & 3:
+            drop_buffer(&self._view)
+            raise LocalError(f"a xenstore page needs {INTERFACE} aligned bytes")
+        self.base = <uint8_t *>self._view.buf
+        self.rc = rc
+
+    def __dealloc__(self):
+        drop_buffer(&self._view)
+
+    def release(self) -> None:
+        """Let go of the page and the connection (idempotent); passes then decline."""
+        drop_buffer(&self._view)
+        self.base = NULL
+        self.rc = None
+
+    def __call__(self) -> None:
+        """An event on the port: ``RingConnection._on_event``'s compiled form."""
+        cdef object rc = self.rc
+        if rc is None:
+            return
+        stats = rc.stats
+        stats["events"] += 1
+        if not self.serve(rc):
+            rc._service_general()
+
+    cdef int _notify(self, object rc) except -1:
+        """``RingConnection._notify``: signal the guest (a failure is not ours to report)."""
+        cdef object port = rc.port
+        if port < 0:
+            return 0
+        stats = rc.stats
+        stats["notifies"] += 1
+        try:
+            rc.service.events.notify(port)
+        except PlatformError:
+            pass
+        return 0
+
+    cpdef bint serve(self, object rc) except -1:
+        """One service pass of ring connection ``rc`` in the common case; False (nothing
+        consumed) when the Python pass must run instead."""
+        cdef uint8_t *base = self.base
+        cdef uint8_t buf[RING]
+        cdef uint32_t prod, cons, used, rprod, rcons, rused, room, n
+        cdef Py_ssize_t pos, end, count, batch, total
+        cdef xsd_sockmsg h
+        cdef object limited_types, handle, conn, server, store
+        cdef list out
+        cdef bytes data
+        if base == NULL:
+            return False
+        if (rc.closed or rc.ignored or not rc.reading or rc.closing or rc.out or rc.queue
+                or rc.held is not None or rc.write_paused or rc.throttled
+                or rc.decoder.buffered):
+            return False
+        if xenpv_load_u32(base + CONNECTION) != XS_CONNECTED:
+            return False
+        prod = xenpv_load_u32(base + REQ_PROD)
+        cons = xenpv_load_u32(base + REQ_CONS)
+        used = prod - cons
+        if used > RING:
+            return False  # corrupt: the Python pass reports it
+        if used == 0:
+            # A spurious event (the request was taken by an earlier pass): the Python
+            # pass would find nothing to read, nothing to send and nothing to resume.
+            store = rc.server.store
+            if store.dirty or store.released:
+                rc.server._after_batch()
+            return True
+        xenpv_rmb()  # the prod load comes before the data loads it covers
+        _copy_out(base + REQ, cons, buf, used)
+        # Only whole requests, within a batch and the rate limit, take this path.
+        batch = rc.batch
+        limited_types = rc.limited_types
+        pos = 0
+        count = 0
+        while pos < used:
+            if used - pos < HEADER_SIZE or count >= batch:
+                return False
+            memcpy(&h, buf + pos, HEADER_SIZE)
+            end = pos + HEADER_SIZE + <Py_ssize_t>h.len
+            if h.len > PAYLOAD_MAX or end > used:
+                return False
+            if h.type in limited_types and rc.limited:
+                return False
+            pos = end
+            count += 1
+        xenpv_mb()  # finish reading the data before the guest may overwrite it
+        xenpv_store_u32(base + REQ_CONS, prod)
+        if used == RING:
+            self._notify(rc)  # the ring was full: the guest may be waiting for room
+        conn = rc.conn
+        server = rc.server
+        store = server.store
+        handle = store.handle
+        out = []
+        pos = 0
+        while pos < used:
+            memcpy(&h, buf + pos, HEADER_SIZE)
+            out.append(handle(conn, h.type, h.req_id, h.tx_id,
+                              PyBytes_FromStringAndSize(<char *>buf + pos + HEADER_SIZE,
+                                                        h.len)))
+            pos += HEADER_SIZE + <Py_ssize_t>h.len
+        data = out[0] if len(out) == 1 else b"".join(out)
+        if rc.closing or rc.closed or rc.out or self.base == NULL:
+            rc.write(data)  # the batch changed the connection's state: the general rule
+        else:
+            total = PyBytes_GET_SIZE(data)
+            rprod = xenpv_load_u32(base + RSP_PROD)
+            rcons = xenpv_load_u32(base + RSP_CONS)
+            rused = rprod - rcons
+            if rused > RING:
+                rc.write(data)  # corrupt: the Python write ignores the ring (RINGIDX)
+            else:
+                xenpv_mb()  # index loads before overwriting data the guest has released
+                room = RING - rused
+                n = room if total > room else <uint32_t>total
+                _copy_in(base + RSP, rprod, <const uint8_t *>PyBytes_AS_STRING(data), n)
+                xenpv_wmb()  # the guest must see the data before the index covering it
+                xenpv_store_u32(base + RSP_PROD, rprod + n)
+                if n:
+                    self._notify(rc)
+                if n < total:
+                    rc._keep(data[n:])
+        if store.dirty or store.released:
+            server._after_batch()
+        # As the Python pass: a guest that signals only when we had caught up may have
+        # published more meanwhile; look again on the loop's next pass.
+        if self.base != NULL and rc.reading and not (rc.closing or rc.closed):
+            prod = xenpv_load_u32(base + REQ_PROD)
+            cons = xenpv_load_u32(base + REQ_CONS)
+            if prod - cons > RING:
+                rc._ignore(ERROR_RINGIDX)
+            elif prod != cons and not rc.scheduled:
+                rc.loop.call_soon(rc._service)
+        return True

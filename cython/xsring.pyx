@@ -16,6 +16,13 @@
 # events the batch caused, and looks at ``req`` once more: more bytes schedule another
 # pass on the loop's next turn, exactly as the Python path does.
 #
+# Calling the object is the port's event callback: one pass, then — with the server's
+# ``spin`` set (``spin_us``, as for its sockets) — up to ``rounds - 1`` more, each after
+# polling ``req`` (and ``connection``) for up to ``spin`` seconds, yielding the CPU
+# between looks: a sequential guest's next request is then taken without an event
+# delivery and without this process sleeping and being woken.  The guest's signal for
+# it stays queued and later costs one look at an empty ring.
+#
 # Anything else returns False before a byte is consumed, and the caller runs the Python
 # pass, which owns every such case: a reconnection, a corrupt index pair (it sets
 # ``error`` and ignores the ring), a partial or oversized message, a full batch.  Index
@@ -29,6 +36,7 @@ from libc.string cimport memcpy
 
 from heldbuf cimport drop_buffer, hold_buffer
 from includes.barrier cimport xenpv_load_u32, xenpv_mb, xenpv_rmb, xenpv_store_u32, xenpv_wmb
+from includes.barrier cimport xenpv_now_ns
 
 from xenpv.errors import LocalError, PlatformError
 from xenpv.xenstore.page import ERROR_RINGIDX
@@ -46,6 +54,10 @@ DEF INTERFACE = 2076
 DEF HEADER_SIZE = 16
 DEF PAYLOAD_MAX = 4096
 DEF XS_CONNECTED = 0
+
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
 
 
 cdef struct xsd_sockmsg:  # io/xs_wire.h
@@ -84,13 +96,15 @@ cdef class RingPass:
     cdef Py_buffer *_view
     cdef uint8_t *base
     cdef object rc
+    cdef int rounds
 
     def __cinit__(self, *args, **kwargs):
         self._view = NULL
         self.base = NULL
 
-    def __init__(self, rc, mem):
+    def __init__(self, rc, mem, int rounds=16):
         self.release()
+        self.rounds = rounds
         self._view = hold_buffer(mem)
         if self._view.len < INTERFACE or (<size_t>self._view.buf) & 3:
             drop_buffer(&self._view)
@@ -108,14 +122,45 @@ cdef class RingPass:
         self.rc = None
 
     def __call__(self) -> None:
-        """An event on the port: ``RingConnection._on_event``'s compiled form."""
+        """An event on the port: ``RingConnection._on_event``'s compiled form, then (with
+        the server's ``spin`` set) up to ``rounds - 1`` more passes, each after polling
+        ``req`` that long for the guest's next request (yielding the CPU between looks)."""
         cdef object rc = self.rc
+        cdef int r
+        cdef double spin
         if rc is None:
             return
         stats = rc.stats
         stats["events"] += 1
         if not self.serve(rc):
             rc._service_general()
+            return
+        spin = rc.server.spin
+        if spin <= 0:
+            return
+        for r in range(1, self.rounds):
+            if not self._spin_wait(spin) or self.rc is None:
+                return
+            if not self.serve(rc):
+                rc._service_general()
+                return
+
+    cdef bint _spin_wait(self, double spin) noexcept:
+        """Poll ``req`` (and ``connection``) for up to ``spin`` seconds, yielding the CPU
+        between looks; True when the guest published something."""
+        cdef long long end = xenpv_now_ns() + <long long>(spin * 1e9)
+        cdef uint8_t *base
+        while True:
+            with nogil:
+                sched_yield()
+            base = self.base
+            if base == NULL:
+                return False
+            if (xenpv_load_u32(base + REQ_PROD) != xenpv_load_u32(base + REQ_CONS)
+                    or xenpv_load_u32(base + CONNECTION) != XS_CONNECTED):
+                return True
+            if xenpv_now_ns() > end:
+                return False
 
     cdef int _notify(self, object rc) except -1:
         """``RingConnection._notify``: signal the guest (a failure is not ours to report)."""

@@ -9,7 +9,8 @@ types, bad paths, payloads up to 4096 bytes) cut into chunks at arbitrary points
 request may span chunks, and a chunk may hold several whole requests), optionally ending
 with a header whose length is over 4096; and whether the write rate limit applies.  The
 same stream is played against two emulators, one serving rings with the compiled pass and
-one with the Python pass only: each chunk is written into ``req`` whole and signalled, and
+one with the Python pass only (the compiled one polling ``req`` after answering, as
+``spin_us`` makes it): each chunk is written into ``req`` whole and signalled, and
 the next one waits until the server has taken it, so both servers see the same chunk
 boundaries.  The reply bytes (watch events included), the ``error`` word and the
 connections' fault counts must be identical.
@@ -134,6 +135,7 @@ def _emulator(pass_class: Any) -> InProcessEmulator:
 @pytest.fixture(scope="module")
 def guests() -> Iterator[tuple[Guest, Guest]]:
     compiled = _emulator(_compiled_class())
+    compiled.xenstored.spin = 50e-6  # its passes also poll for the next chunk
     python = _emulator(None)
     try:
         assert compiled.xenstored.rings.rings[1]._fast is not None

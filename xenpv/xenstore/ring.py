@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -280,7 +281,9 @@ class BlockingRingClient(BlockingClient):
     ports of the handle keep working).  With ``reset`` the connection is reset first, as
     :func:`connect_ring` does.  ``on_close`` runs once when the client closes.  A
     :meth:`~xenpv.xenstore.blocking.BlockingClient.close` from another thread takes
-    effect when the thread blocked on the ring wakes (next event or its deadline).
+    effect when the thread blocked on the ring wakes (next event or its deadline).  A
+    reply not there yet gets one ``sched_yield`` before the wait: on a CPU shared with the
+    server just signalled, the server answers meanwhile and no wake-up is needed.
     """
 
     def __init__(self, mem: Any, events: Any, port: int, *, timeout: float | None = None,
@@ -369,6 +372,7 @@ class BlockingRingClient(BlockingClient):
             raise
 
     def _read_some(self, deadline: float | None) -> int:
+        yielded = False
         while True:
             self._check()
             if self._page.connection == XS_CONNECTED:
@@ -380,4 +384,11 @@ class BlockingRingClient(BlockingClient):
                     if n == RING_SIZE:  # it was full: the server may wait for room
                         self._evtchn.notify(self._port)
                     return n
+                if not yielded:
+                    # Nothing yet: let the server we just signalled run first (on a
+                    # shared CPU it answers meanwhile and we need not sleep; elsewhere
+                    # this costs one system call).
+                    yielded = True
+                    os.sched_yield()
+                    continue
             self._await_event(deadline)

@@ -31,7 +31,9 @@ The common case of a pass — the ring connected, nothing older waiting, ``req``
 only whole requests within a batch and the rate limit — is compiled
 (``cython/xsring.pyx``: the port's callback is the compiled ``RingPass``, which copies
 the requests out of ``req``, hands them to the store, copies the replies into ``rsp`` and
-signals, with no Python frame of ours in between).  Anything else, before a byte is
+signals, with no Python frame of ours in between; with the server's ``spin_us`` it then
+polls ``req`` that long for the guest's next request, as the sockets are polled, at most
+``_READ_AGAIN`` passes per event).  Anything else, before a byte is
 consumed, goes to the Python pass (:meth:`RingConnection._service_general`), which is
 also every pass when the extension is not built or ``XENPV_PURE_PYTHON=1``;
 ``tests/property/test_xs_ring_pass.py`` checks that both answer alike.
@@ -73,7 +75,12 @@ from xenpv.xenstore.ring import (
     XsRingPage,
     attach_dispatcher,
 )
-from xenpv.xenstore.server import _LIMITED_TYPES, _MAX_BUFFERED_INPUT, _XsConnection
+from xenpv.xenstore.server import (
+    _LIMITED_TYPES,
+    _MAX_BUFFERED_INPUT,
+    _READ_AGAIN,
+    _XsConnection,
+)
 from xenpv.xenstore.wire import HEADER, HEADER_SIZE, PAYLOAD_MAX, Decoder
 
 if TYPE_CHECKING:
@@ -127,7 +134,8 @@ class RingConnection(_XsConnection):
         self.stats = {"events": 0, "reconnects": 0, "faults": 0, "notifies": 0}
         self._hub: Any = None
         #: The compiled pass over the page (None: every pass is the Python one).
-        self._fast: Any = None if _RingPass is None else _RingPass(self, mapping.mem)
+        self._fast: Any = (None if _RingPass is None
+                           else _RingPass(self, mapping.mem, _READ_AGAIN))
 
     # -- life cycle --------------------------------------------------------------------
     def start(self) -> None:

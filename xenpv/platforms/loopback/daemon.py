@@ -310,8 +310,11 @@ class LoopbackDaemon:
                 # dom0's own handles on the hypervisor: INTRODUCE maps guests' xenstore
                 # pages and binds their ports through them
                 self._dom0_platform = InProcessPlatform(self.hv, 0)
+                # spin as `xenpv xenstored` does by default: a sequential guest's next
+                # request (over its ring or a socket) is then taken without a wake-up
                 self.xenstored = XenstoredServer(
-                    quotas=self._quotas, state_file=None, platform=self._dom0_platform
+                    quotas=self._quotas, state_file=None, platform=self._dom0_platform,
+                    spin_us=50.0,
                 )
                 # permissions name live domains only, as on Xen (C xenstored asks the
                 # hypervisor through xc_domain_getinfo)

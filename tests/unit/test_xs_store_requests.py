@@ -265,3 +265,35 @@ def test_domain_1_is_an_ordinary_guest_and_check_counts_per_domain(store: Store)
     assert (store.watch_count(0), store.transaction_count(0)) == (2, 0)
     assert (store.watch_count(5), store.transaction_count(5)) == (1, 1)
     assert store.check() == []
+
+
+def test_quotas_count_inside_a_transaction(store: Store) -> None:
+    """Nodes and bytes a transaction creates count against the creator's quotas at once:
+    the write that breaks one is refused inside the transaction (nodes: ENOSPC, memory:
+    ENOMEM); a node made
+    in the transaction has a decimal generation there (DIRECTORY_PART)."""
+    store.introduce_domain(5)
+    dom0, guest = store.connect(0), store.connect(5)
+    accepted(store, dom0, T.MKDIR, b"/local/domain/5\0")
+    accepted(store, dom0, T.SET_PERMS, b"/local/domain/5\0n5\0")
+    home = b"/local/domain/5/"
+
+    def in_tx(*writes: bytes) -> list[bytes]:
+        tx = int(store.handle(guest, T.TRANSACTION_START, 1, 0, b"\0")[16:-1])
+        out = [store.handle(guest, T.WRITE, 2, tx, w)[16:] for w in writes]
+        store.handle(guest, T.TRANSACTION_END, 3, tx, b"F\0")
+        return out
+
+    store.quotas.nodes = store.node_count(5) + 1
+    assert in_tx(home + b"a\0", home + b"b\0") == [b"OK\0", b"ENOSPC\0"]
+    store.quotas.nodes = 1000
+    entry = len("/local/domain/5/a") + 100 + 8  # path, value, one permission entry
+    store.quotas.memory = store.mem(5) + 2 * entry + entry // 2
+    writes = [home + name + b"\0" + b"x" * 100 for name in (b"a", b"c", b"d")]
+    assert in_tx(*writes) == [b"OK\0", b"OK\0", b"ENOMEM\0"]
+    tx = int(store.handle(guest, T.TRANSACTION_START, 1, 0, b"\0")[16:-1])
+    store.handle(guest, T.WRITE, 2, tx, home + b"new/leaf\0")
+    reply = store.handle(guest, T.DIRECTORY_PART, 3, tx, home + b"new\x000\0")[16:]
+    assert reply.split(b"\0")[0].isdigit() and reply.endswith(b"leaf\0\0"), reply
+    reply = store.handle(guest, T.DIRECTORY_PART, 4, tx, home + b"new/leaf\x000\0")[16:]
+    assert reply[:-2].isdigit() and reply.endswith(b"\0\0"), reply

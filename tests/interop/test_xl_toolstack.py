@@ -133,7 +133,6 @@ DIFFERENCES: dict[str, dict[str, tuple[str | None, str | None]]] = {
         "be/script": ("vif-bridge", "/etc/xen/scripts/vif-bridge"),
         "be/hotplug-status": (None, ""),
         "be/mtu": ("1500", None),
-        "fe/mtu@perms": ("nD r0", "n0 rD"),
         "fe/trusted": (None, "1"),
     },
     "vkbd": {},

@@ -205,6 +205,7 @@ async def _with_client(args: argparse.Namespace) -> int:
             info = await add_device(
                 client, args.type, args.frontend_domid, args.backend_domid, devid,
                 frontend_keys=fkeys, backend_keys=bkeys, backend_type=args.backend_type,
+                frontend_readonly=("mtu",) if args.type == "vif" else (),
             )  # fmt: skip
             print(f"{info.frontend_path}\n{info.backend_path}")
         elif args.mode == "remove":

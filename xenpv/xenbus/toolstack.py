@@ -130,11 +130,14 @@ async def add_device(
     frontend_keys: KeyValues | None = None,
     backend_keys: KeyValues | None = None,
     backend_type: str | None = None,
+    frontend_readonly: tuple[str, ...] = (),
     timeout: float = 5.0,
 ) -> DeviceInfo:
     """Create a device pair (see the module docstring); returns its paths and states.
 
     ``devid`` None picks the lowest id unused in the frontend's ``device/<type>``.
+    ``frontend_readonly`` names frontend keys the guest may read but not change (perms
+    ``[n<be>, r<fe>]``, as libxl gives a vif's ``mtu``).
     Raises :class:`DeviceExistsError` if either directory exists.
     """
     fkeys, bkeys = dict(frontend_keys or {}), dict(backend_keys or {})
@@ -164,6 +167,10 @@ async def add_device(
             await t.set_perms(path, perms)
             for name, value in items.items():
                 await t.write(f"{path}/{name}", _value(value))
+        for name in frontend_readonly:
+            if name in fkeys:
+                await t.set_perms(f"{fe}/{name}", [Perm("n", backend_domid),
+                                                   Perm("r", frontend_domid)])
         return DeviceInfo(
             devtype, dev, frontend_domid, backend_domid, fe, be,
             XenbusState.Initialising, XenbusState.Initialising, True,

@@ -157,7 +157,7 @@ def test_4096_byte_sectors_backend_refuses_misaligned_requests(tmp_path: Path) -
 def test_loop_device_with_4096_byte_sectors(tmp_path: Path) -> None:
     """A real block device (a loop device with 4 KiB logical sectors): the backend takes
     its logical and physical block sizes from the device (BLKSSZGET/BLKPBSZGET), refuses a
-    smaller configured size, and serves it; secure discard offered by the host but not
+    smaller configured size, and serves it (a plain discard punches the range); secure discard offered by the host but not
     supported by the device answers EOPNOTSUPP, which turns only secure discard off."""
     backing = tmp_path / "backing.img"
     data = make_image(backing, 4 * MiB)
@@ -184,6 +184,9 @@ def test_loop_device_with_4096_byte_sectors(tmp_path: Path) -> None:
                     assert await fe.read(0, 4 * MiB) == data
                     await fe.write(MiB, b"\x5a" * 65536)
                     assert await fe.flush()
+                    # A plain discard on the device (fallocate punches it: zeros after).
+                    await fe.discard(MiB + 32768, 32768)
+                    assert await fe.read(MiB, 65536) == b"\x5a" * 32768 + bytes(32768)
                     with pytest.raises(BlockUnsupported, match="secure"):
                         await fe.discard(0, 4096, secure=True)
                     assert fe.features["discard_secure"] is False
@@ -199,7 +202,7 @@ def test_loop_device_with_4096_byte_sectors(tmp_path: Path) -> None:
 
         run(body())
         with open(dev, "rb") as f:
-            assert f.read(MiB + 65536)[MiB:] == b"\x5a" * 65536
+            assert f.read(MiB + 65536)[MiB:] == b"\x5a" * 32768 + bytes(32768)
     finally:
         subprocess.run(["losetup", "-d", dev], check=True, timeout=30)
 

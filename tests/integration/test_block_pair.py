@@ -54,6 +54,14 @@ async def exercise(world: World, image: Path, data: bytes, *, seed: int = 7,
         reads = [fe.read(a, b - a) for a, b in spans]
         for (a, b), got in zip(spans, await asyncio.gather(*reads), strict=True):
             assert got == model[a:b]
+        # the batch API: many ranges (some split in pieces), one future each way
+        batch = [(a, rng.randbytes(b - a)) for a, b in spans]
+        await fe.write_many(batch)
+        for a, blob in batch:
+            model[a:a + len(blob)] = blob
+        bufs = [(a, bytearray(b - a)) for a, b in spans]
+        await fe.read_many(bufs)
+        assert [bytes(buf) for _, buf in bufs] == [model[a:b] for a, b in spans]
         assert image.read_bytes() == model
         info = {"front": fe.info(), "back": pair.backend.info()}
     finally:

@@ -43,7 +43,7 @@ import errno as _errno
 import functools
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +72,7 @@ from xenpv.protocols.blkif import (
     BlkifRequest,
     BlkifRequestDiscard,
     BlkifRequestIndirect,
+    indirect_pages,
     layouts,
     pack_indirect_columns,
 )
@@ -93,6 +94,11 @@ _SLOT_MASK = (1 << _SLOT_BITS) - 1
 _NO_SEGMENTS = (0,) * (3 * BLKIF_MAX_SEGMENTS_PER_REQUEST)
 #: The last sector of a whole page.
 _PAGE_LAST = (XEN_PAGE_SIZE >> SECTOR_SHIFT) - 1
+
+
+#: A request's data pages (refs, memory, give back) and its indirect pages, if any.
+_Pages = tuple[list[int], list[memoryview], Callable[[], None]]
+_RwPages = tuple[_Pages, _Pages | None]
 
 
 class BlockError(LocalError):
@@ -139,17 +145,43 @@ class FrontConfig:
             raise LocalError("max_indirect_segments must be 1..4096")
 
 
+class _Batch:
+    """The requests of one :meth:`BlockFrontend.read_many`/``write_many`` call: one
+    future for all of them, set when the last is answered."""
+
+    __slots__ = ("errors", "future", "remaining", "status")
+
+    def __init__(self, future: asyncio.Future[Any], remaining: int) -> None:
+        self.future = future
+        self.remaining = remaining
+        #: Requests answered with an error, and the first such status.
+        self.errors = 0
+        self.status = BLKIF_RSP_OKAY
+
+    def answered(self, status: int) -> None:
+        """One request of the batch is answered; the future is set after the last."""
+        if status != BLKIF_RSP_OKAY:
+            self.errors += 1
+            if self.status == BLKIF_RSP_OKAY:
+                self.status = status
+        self.remaining -= 1
+        if self.remaining <= 0 and not self.future.done():
+            self.future.set_result(None)
+
+
 class _Pending:
-    """One request on the ring: how to finish it, and when its caller stops waiting."""
+    """One request on the ring: how to finish it, and when its caller stops waiting
+    (``future`` is the batch's, shared, when ``batch`` is set)."""
 
-    __slots__ = ("deadline", "finish", "future", "op")
+    __slots__ = ("batch", "deadline", "finish", "future", "op")
 
-    def __init__(self, op: int, future: asyncio.Future[int], finish: Callable[[int], None],
-                 deadline: float) -> None:
+    def __init__(self, op: int, future: asyncio.Future[Any], finish: Callable[[int], None],
+                 deadline: float, batch: _Batch | None = None) -> None:
         self.op = op
         self.future = future
         self.finish = finish
         self.deadline = deadline
+        self.batch = batch
 
 
 class _Queue:
@@ -416,7 +448,9 @@ class BlockFrontend(FrontendDriver):
             q.free_ids.append(rid & _SLOT_MASK)
             self.io_stats["responses"] += 1
             p.finish(status)
-            if not p.future.done():
+            if p.batch is not None:
+                p.batch.answered(status)
+            elif not p.future.done():
                 p.future.set_result(status)
         self._space.set()
 
@@ -471,11 +505,19 @@ class BlockFrontend(FrontendDriver):
         """Put one request in the reserved slot and wait (bounded by ``io_timeout``) for
         its status.  The request is pushed with every other one built in this loop turn
         (:meth:`_push`: one push, one notification by the ring's rules)."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._submit(reserved, op, build, finish, fut, None)
+        return await fut  # a late answer still finishes it (pages back, slot freed)
+
+    def _submit(self, reserved: tuple[_Queue, int], op: int, build: Callable[[int], bytes],
+                finish: Callable[[int], None], fut: asyncio.Future[Any],
+                batch: _Batch | None) -> None:
+        """Put one request in the reserved slot, answered through ``fut`` (or through
+        ``batch``, whose future ``fut`` is), pushed at the end of this loop turn."""
         q, slot = reserved
         q.generation += 1
         rid = (q.generation << _SLOT_BITS) | slot  # a stale duplicate names an old id
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[int] = loop.create_future()
         try:
             self._check_usable()
             data = build(rid)
@@ -484,7 +526,7 @@ class BlockFrontend(FrontendDriver):
             finish(BLKIF_RSP_ERROR)
             raise
         deadline = loop.time() + self.config.io_timeout
-        q.pending[rid] = _Pending(op, fut, finish, deadline)
+        q.pending[rid] = _Pending(op, fut, finish, deadline, batch)
         q.outbox.append(data)
         if not self._push_scheduled:
             self._push_scheduled = True
@@ -492,7 +534,6 @@ class BlockFrontend(FrontendDriver):
         if self._watchdog is None:
             self._watchdog = loop.call_at(deadline, self._expire)
         self.io_stats["requests"] += 1
-        return await fut  # a late answer still finishes it (pages back, slot freed)
 
     def _push(self) -> None:
         """Push every request built since the last push, one ring push (and at most one
@@ -587,6 +628,8 @@ class BlockFrontend(FrontendDriver):
         return [p.refs[0] for p in taken], [p.mem for p in taken], back
 
     def _check_range(self, offset: int, length: int) -> None:
+        """Raise :class:`LocalError` unless ``offset``/``length`` are whole logical
+        sectors on the disk."""
         ss = self.sector_size
         if offset < 0 or length < 0 or offset % ss or length % ss or offset % 512:
             raise LocalError(f"offset {offset} and length {length} must be multiples of "
@@ -625,40 +668,59 @@ class BlockFrontend(FrontendDriver):
             if isinstance(r, BaseException):
                 raise r
 
-    async def _one_rw(self, reserved: tuple[_Queue, int], write: bool, offset: int, n: int,
-                      data: memoryview | None, out: bytearray | None, start: int) -> None:
-        npages = -(-n // XEN_PAGE_SIZE)
+    def _rw_pages_now(self, npages: int, write: bool) -> _RwPages | None:
+        """The data pages of a request of ``npages`` (and its indirect pages when it
+        needs them) if they are free now, else None (nothing taken)."""
+        got = self._pages_now(npages, writable=not write)
+        if got is None:
+            return None
+        if npages <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
+            return got, None
+        ind = self._pages_now(indirect_pages(npages), writable=False)
+        if ind is None:
+            got[2]()
+            return None
+        return got, ind
+
+    async def _rw_pages(self, npages: int, write: bool) -> _RwPages:
+        """:meth:`_rw_pages_now`, waiting (bounded) for pool pages."""
+        got = await self._pages(npages, writable=not write)
+        if npages <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
+            return got, None
         try:
-            got = self._pages_now(npages, writable=not write)  # no coroutine when there
-            if got is None:
-                got = await self._pages(npages, writable=not write)
-            refs, mems, give_back = got
+            return got, await self._pages(indirect_pages(npages), writable=False)
         except BaseException:
-            reserved[0].free_ids.append(reserved[1])
+            got[2]()
             raise
-        extra: list[Callable[[], None]] = []
+
+    def _build_rw(self, pages: _RwPages, write: bool, offset: int, n: int,
+                  data: memoryview | None, out: memoryview | bytearray | None, start: int
+                  ) -> tuple[int, Callable[[int], bytes], Callable[[int], None]]:
+        """One READ/WRITE (INDIRECT past 11 pages) of ``n`` bytes at ``offset``, its data
+        at ``start`` of ``data``/``out``, in ``pages``: the wire operation, how to build
+        its slot, and how to finish it (copy a read out, give the pages back)."""
+        (refs, mems, give_back), ind = pages
+        npages = len(refs)
         if write:
             assert data is not None
-            for i, m in enumerate(mems):
-                piece = data[start + i * XEN_PAGE_SIZE:start + min((i + 1) * XEN_PAGE_SIZE, n)]
-                m[:len(piece)] = piece
+            if npages == 1:
+                mems[0][:n] = data[start:start + n]
+            else:
+                for i, m in enumerate(mems):
+                    piece = data[start + i * XEN_PAGE_SIZE:
+                                 start + min((i + 1) * XEN_PAGE_SIZE, n)]
+                    m[:len(piece)] = piece
         # every page full but the last: (gref, first sector 0, last sector) each
         lasts = [_PAGE_LAST] * (npages - 1)
         lasts.append(((n - (npages - 1) * XEN_PAGE_SIZE) >> SECTOR_SHIFT) - 1)
         op = BLKIF_OP_WRITE if write else BLKIF_OP_READ
         sector = offset >> SECTOR_SHIFT
-        if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST:
-            ind_pages = pack_indirect_columns(refs, 0, lasts)
-            try:
-                ind_refs, ind_mems, ind_end = await self._pages(len(ind_pages),
-                                                                writable=False)
-            except BaseException:
-                give_back()
-                reserved[0].free_ids.append(reserved[1])
-                raise
-            for m, content in zip(ind_mems, ind_pages, strict=True):
+        build: Callable[[int], bytes]
+        if ind is not None:
+            ind_refs, ind_mems, _ = ind
+            for m, content in zip(ind_mems, pack_indirect_columns(refs, 0, lasts),
+                                  strict=True):
                 m[:] = content
-            extra.append(ind_end)
             grefs = tuple(ind_refs) + (0,) * (8 - len(ind_refs))
 
             def build(rid: int) -> bytes:
@@ -686,14 +748,85 @@ class BlockFrontend(FrontendDriver):
                         k = min(XEN_PAGE_SIZE, n - i * XEN_PAGE_SIZE)
                         out[start + i * XEN_PAGE_SIZE:start + i * XEN_PAGE_SIZE + k] = m[:k]
             give_back()
-            for e in extra:
-                e()
+            if ind is not None:
+                ind[2]()
+        return wire_op, build, finish
 
+    async def _one_rw(self, reserved: tuple[_Queue, int], write: bool, offset: int, n: int,
+                      data: memoryview | None, out: memoryview | bytearray | None,
+                      start: int) -> None:
+        npages = -(-n // XEN_PAGE_SIZE)
+        try:
+            pages = self._rw_pages_now(npages, write)  # no coroutine when they are free
+            if pages is None:
+                pages = await self._rw_pages(npages, write)
+        except BaseException:
+            reserved[0].free_ids.append(reserved[1])
+            raise
+        wire_op, build, finish = self._build_rw(pages, write, offset, n, data, out, start)
         status = await self._request(reserved, wire_op, build, finish)
         if status != BLKIF_RSP_OKAY:
             self.io_stats["errors"] += 1
             raise BlockError(f"{'write' if write else 'read'} of {n} bytes at {offset} "
                              f"failed (status {status})", status)
+
+    async def _rw_many(self, write: bool,
+                       items: Iterable[tuple[int, bytes | bytearray | memoryview]]) -> None:
+        """Every ``(offset, buffer)`` of ``items`` read into or written from its buffer,
+        as requests submitted back to back (pushed together) and answered through one
+        future; see :meth:`read_many`."""
+        chunk = self.max_segments * XEN_PAGE_SIZE
+        pieces: list[tuple[int, int, memoryview, int]] = []
+        for offset, buf in items:  # everything checked before anything is sent
+            view = memoryview(buf).cast("B")
+            if not write and view.readonly:
+                raise LocalError("read_many needs writable buffers")
+            length = len(view)
+            self._check_range(offset, length)
+            for start in range(0, length, chunk):
+                pieces.append((offset + start, min(chunk, length - start), view, start))
+        self._check_usable()
+        if write and self.readonly:
+            raise BlockError("the disk is read-only")
+        if not pieces:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        batch = _Batch(fut, len(pieces))
+        failed: BaseException | None = None
+        for k, (offset, n, view, start) in enumerate(pieces):
+            try:
+                reserved = self._reserve_now()
+                if reserved is None:  # the ring is full: what is built goes out now
+                    reserved = await self._reserve()
+                try:
+                    pages = self._rw_pages_now(-(-n // XEN_PAGE_SIZE), write)
+                    if pages is None:
+                        pages = await self._rw_pages(-(-n // XEN_PAGE_SIZE), write)
+                except BaseException:
+                    reserved[0].free_ids.append(reserved[1])
+                    raise
+                wire_op, build, finish = self._build_rw(
+                    pages, write, offset, n, view if write else None,
+                    None if write else view, start)
+                self._submit(reserved, wire_op, build, finish, fut, batch)
+            except BaseException as exc:  # the pieces sent still end (bounded) first
+                failed = exc
+                batch.remaining -= len(pieces) - k
+                if batch.remaining <= 0 and not fut.done():
+                    fut.set_result(None)
+                break
+        try:
+            await fut
+        except BaseException:
+            if failed is None:
+                raise
+        if failed is not None:
+            raise failed
+        if batch.errors:
+            self.io_stats["errors"] += batch.errors
+            raise BlockError(f"{batch.errors} of the {len(pieces)} requests of a "
+                             f"{'write' if write else 'read'} batch failed (status "
+                             f"{batch.status})", batch.status)
 
     # -- the API
     async def read(self, offset: int, length: int) -> bytes:
@@ -706,6 +839,21 @@ class BlockFrontend(FrontendDriver):
         """Write ``data`` (whole sectors) at ``offset``."""
         view = memoryview(data).cast("B")
         await self._rw(True, offset, len(view), view, None)
+
+    async def read_many(self, items: Iterable[tuple[int, bytearray | memoryview]]) -> None:
+        """Read every ``(offset, buffer)`` of ``items``: ``len(buffer)`` bytes at
+        ``offset`` (both whole sectors) into the writable ``buffer``.  Every request is
+        submitted at once (pushed together, waiting for ring space or pool pages only when
+        they are short) and the call waits on one future for all of them: no task, future
+        or coroutine per request.  All are checked before any is sent; if any fails,
+        :class:`BlockError` after all have ended (the other buffers hold their data)."""
+        await self._rw_many(False, items)
+
+    async def write_many(self, items: Iterable[tuple[int, bytes | bytearray | memoryview]]
+                         ) -> None:
+        """Write every ``(offset, data)`` of ``items`` (whole sectors), as
+        :meth:`read_many` reads."""
+        await self._rw_many(True, items)
 
     async def _simple(self, op: int, build: Callable[[int], bytes]) -> int:
         return await self._request(await self._reserve(), op, build, lambda status: None)

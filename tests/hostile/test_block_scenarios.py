@@ -37,7 +37,7 @@ from test_block_support import (
 
 from xenpv.backends.block import BlockConfig, BlockImage, BlockRequests, PersistentGrants
 from xenpv.drivers import BackChannel, FrontChannel, RingClient, RingPlacement, RingService
-from xenpv.frontends.block import BlockPeerError, FrontConfig
+from xenpv.frontends.block import BlockError, BlockPeerError, FrontConfig
 from xenpv.platforms.base import SharedPages
 from xenpv.platforms.loopback.harness import InProcessMachine
 from xenpv.protocols.blkif import (
@@ -537,6 +537,37 @@ TAMPER = {
 }
 
 
+def test_refused_request_of_a_batch_fails_the_call_after_all_ended() -> None:
+    """A batch with one request answered ERROR (a valid answer): BlockError once every
+    request has ended, the other buffers hold their data, the device stays usable."""
+    async def body() -> None:
+        async with block_world() as w:
+            refused: list[bool] = []
+
+            def refuse_one(rs: list[bytes]) -> list[bytes]:
+                if rs and not refused:
+                    refused.append(True)
+                    return [_rewrite(rs[0], status=BLKIF_RSP_ERROR), *rs[1:]]
+                return rs
+
+            pair = await tampered_pair(w, refuse_one)
+            fe = pair.frontend
+            try:
+                image = (w.tmp / "disk.img").read_bytes()
+                bufs = [(k * 4096, bytearray(4096)) for k in range(1, 4)]
+                with pytest.raises(BlockError) as info:
+                    await fe.read_many(bufs)
+                assert info.value.status == BLKIF_RSP_ERROR and "1 of the 3" in str(info.value)
+                good = [bytes(b) == image[o:o + 4096] for o, b in bufs]
+                assert sorted(good) == [False, True, True] and fe.inflight == 0
+                assert await fe.read(0, 4096) == image[:4096] and fe.error is None
+            finally:
+                await pair.close()
+        assert w.held() == NOTHING
+
+    run(body())
+
+
 @pytest.mark.parametrize("kind", sorted(TAMPER))
 def test_scenario_11_bad_responses_fail_the_frontend_closed(kind: str) -> None:
     async def body() -> None:
@@ -556,8 +587,10 @@ def test_scenario_11_bad_responses_fail_the_frontend_closed(kind: str) -> None:
                 await pair.frontend.read(0, 4096)
             fe = pair.frontend
             try:
-                with pytest.raises(BlockPeerError):
-                    await fe.read(0, 4096)
+                bufs = [(0, bytearray(4096)), (8192, bytearray(4096))]
+                for r in await asyncio.gather(fe.read(0, 4096), fe.read_many(bufs),
+                                              return_exceptions=True):
+                    assert isinstance(r, BlockPeerError)  # one call, and one batch
                 assert fe.error is not None
                 await fe.wait_state(S.Closing, S.Closed, timeout=WAIT)
                 assert await w.read_error(pair.fe_path)
@@ -682,6 +715,9 @@ def test_scenario_17_backend_never_answers() -> None:
                 with pytest.raises(TimeoutError):
                     await fe.read(0, 4096)
                 assert fe.inflight == 1  # its id and pages stay with the backend
+                with pytest.raises(TimeoutError):  # a batch's one future too
+                    await fe.read_many([(0, bytearray(4096)), (4096, bytearray(512))])
+                assert fe.inflight == 3
             finally:
                 await pair.close()  # teardown completes with a silent backend (R12)
         assert w.held() == NOTHING
@@ -707,9 +743,11 @@ def test_scenario_17_silent_backend_holding_every_page_or_slot(used_up: str) -> 
                 for r in await asyncio.gather(*held, return_exceptions=True):
                     assert isinstance(r, TimeoutError)
                 late = asyncio.ensure_future(fe.read(0, 4096))
-                done, _ = await asyncio.wait({late}, timeout=10)
-                assert late in done, f"a call waiting for {used_up} never ended"
+                batch = asyncio.ensure_future(fe.write_many([(0, bytes(4096))] * 2))
+                done, _ = await asyncio.wait({late, batch}, timeout=10)
+                assert done == {late, batch}, f"a call waiting for {used_up} never ended"
                 assert isinstance(late.exception(), TimeoutError)
+                assert isinstance(batch.exception(), TimeoutError)
                 assert fe.io_stats["requests"] == (2 if pool else 32)
             finally:
                 await pair.close()

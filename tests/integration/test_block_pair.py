@@ -273,6 +273,11 @@ def test_persistent_pool_smaller_than_the_load_waits_for_pages() -> None:
                 blobs = [bytes([k]) * MiB for k in range(8)]
                 await asyncio.gather(*(fe.write(k * MiB, b) for k, b in enumerate(blobs)))
                 assert fe.io_stats["pool_waits"] > 0
+                waits = fe.io_stats["pool_waits"]
+                bufs = [(k * MiB, bytearray(MiB)) for k in range(8)]
+                await fe.read_many(bufs)  # one batch: its pieces wait for pages too
+                assert fe.io_stats["pool_waits"] > waits
+                assert [bytes(b) for _, b in bufs] == blobs
                 assert image.read_bytes() == b"".join(blobs)
             finally:
                 await pair.close()

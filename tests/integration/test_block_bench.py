@@ -40,6 +40,7 @@ def test_bench_block_quick_reports_every_key(peer_root: Path, tmp_path: Path) ->
     assert setup["ours_served"]["uring"] > 0 and setup["ours_served"]["errors"] == 0
     assert setup["ours_frontend"]["persistent"] and setup["ours_frontend"]["max_segments"] > 11
     assert setup["qemu_frontend"]["max_segments"] == 11  # QEMU offers no indirect
+    assert setup["ours_frontend"]["batch"] == 8  # depth kept through read_many batches
     assert setup["qemu_o_direct"] in (True, False)
     cpu = setup["cpu_us_per_op"]
     assert set(cpu) == {f"{p}{phase}_{w}" for p in ("ours", "qemu") for phase in ("", "_direct")

@@ -16,6 +16,10 @@ read and write it:
   the image, the best a naive Python backend could do (in the bench's own process, idle
   otherwise while they run).
 
+Our frontend keeps the depth the way fio does, through its batch API: ``depth / 8``
+lanes, each a ``read_many``/``write_many`` of 8 requests (one future per batch),
+submitted again as soon as it is answered (:data:`BATCH`).
+
 Workloads (each ``--duration`` seconds per path, the paths interleaved in every round):
 ``randread_qd1``, ``randread_qd32``, ``randwrite_qd1``, ``randwrite_qd32`` (4 KiB at
 random 4 KiB-aligned offsets, IOPS) and ``seqread`` (1 MiB reads in order, 4 in flight,
@@ -114,7 +118,8 @@ async def _front_main(rundir: str, domid: int, fe_path: str, size: int) -> None:
         info = fe.info()
         print(json.dumps({"event": "ready", "ring_pages": info.get("ring_pages"),
                           "queues": len(info.get("ring_pages") or []),
-                          "max_segments": fe.max_segments, "persistent": fe.persistent}),
+                          "max_segments": fe.max_segments, "persistent": fe.persistent,
+                          "batch": BATCH}),
               flush=True)
         while True:
             line = await loop.run_in_executor(None, sys.stdin.readline)
@@ -130,29 +135,43 @@ async def _front_main(rundir: str, domid: int, fe_path: str, size: int) -> None:
         platform.close()
 
 
+#: Requests per ``read_many``/``write_many`` call of the frontend process: the depth is
+#: kept by ``depth / BATCH`` lanes, each refilling its batch as soon as it is answered.
+BATCH = 8
+
+
 async def _front_workload(fe: Any, kind: str, bs: int, depth: int, duration: float,
                           size: int) -> tuple[int, float]:
+    """``depth`` requests kept in flight for ``duration`` s, as fio keeps its queue full:
+    ``depth / BATCH`` lanes, each one ``read_many``/``write_many`` of up to ``BATCH``
+    requests (one future for the batch), submitted again when it is answered."""
     rng = random.Random(depth * 1000 + bs)
     blocks = size // bs
     payload = os.urandom(bs)
     count = 0
     position = 0
     stop = time.perf_counter() + duration
+    randrange = rng.randrange
 
-    async def worker() -> None:
+    async def lane(width: int) -> None:
         nonlocal count, position
+        bufs = [bytearray(bs) for _ in range(width)]
         while time.perf_counter() < stop:
             if kind == "randread":
-                await fe.read(rng.randrange(blocks) * bs, bs)
+                await fe.read_many([(randrange(blocks) * bs, b) for b in bufs])
             elif kind == "randwrite":
-                await fe.write(rng.randrange(blocks) * bs, payload)
+                await fe.write_many([(randrange(blocks) * bs, payload) for _ in bufs])
             else:
-                offset, position = position, (position + bs) % (blocks * bs)
-                await fe.read(offset, bs)
-            count += 1
+                batch = []
+                for b in bufs:
+                    batch.append((position, b))
+                    position = (position + bs) % (blocks * bs)
+                await fe.read_many(batch)
+            count += width
 
+    widths = [BATCH] * (depth // BATCH) + ([depth % BATCH] if depth % BATCH else [])
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(depth)))
+    await asyncio.gather(*(lane(w) for w in widths))
     return count, time.perf_counter() - t0
 
 

@@ -542,11 +542,11 @@ def test_refused_request_of_a_batch_fails_the_call_after_all_ended() -> None:
     request has ended, the other buffers hold their data, the device stays usable."""
     async def body() -> None:
         async with block_world() as w:
-            refused: list[bool] = []
+            calls: list[int] = []
 
             def refuse_one(rs: list[bytes]) -> list[bytes]:
-                if rs and not refused:
-                    refused.append(True)
+                calls.append(len(rs))
+                if len(calls) == 2:  # the batch's first answer
                     return [_rewrite(rs[0], status=BLKIF_RSP_ERROR), *rs[1:]]
                 return rs
 
@@ -554,9 +554,11 @@ def test_refused_request_of_a_batch_fails_the_call_after_all_ended() -> None:
             fe = pair.frontend
             try:
                 image = (w.tmp / "disk.img").read_bytes()
+                assert await fe.read(0, 3 * 4096) == image[:3 * 4096]  # 3 pool pages
                 bufs = [(k * 4096, bytearray(4096)) for k in range(1, 4)]
                 with pytest.raises(BlockError) as info:
                     await fe.read_many(bufs)
+                assert len(fe._pool) == 3  # the batch took the pool's free pages
                 assert info.value.status == BLKIF_RSP_ERROR and "1 of the 3" in str(info.value)
                 good = [bytes(b) == image[o:o + 4096] for o, b in bufs]
                 assert sorted(good) == [False, True, True] and fe.inflight == 0

@@ -42,10 +42,11 @@ import contextlib
 import errno as _errno
 import functools
 import logging
-import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from xenpv.drivers.quarantine import GrantQuarantine
 from xenpv.drivers.ringchannel import FrontChannel, front_keys
@@ -92,6 +93,8 @@ _SLOT_BITS = 16
 _SLOT_MASK = (1 << _SLOT_BITS) - 1
 #: gref, first and last sector of every unused segment of a plain request.
 _NO_SEGMENTS = (0,) * (3 * BLKIF_MAX_SEGMENTS_PER_REQUEST)
+#: The unused segments of a one-segment plain request.
+_ONE_SEGMENT_TAIL = _NO_SEGMENTS[3:]
 #: The last sector of a whole page.
 _PAGE_LAST = (XEN_PAGE_SIZE >> SECTOR_SHIFT) - 1
 
@@ -171,17 +174,36 @@ class _Batch:
 
 class _Pending:
     """One request on the ring: how to finish it, and when its caller stops waiting
-    (``future`` is the batch's, shared, when ``batch`` is set)."""
+    (``future`` is the batch's, shared, when ``batch`` is set).  A one-page request of a
+    batch on a persistent pool page has no ``finish`` closure: ``page`` goes back to
+    ``home`` (the pool's free list) and a read is copied to ``out[start:start + n]``."""
 
-    __slots__ = ("batch", "deadline", "finish", "future", "op")
+    __slots__ = ("batch", "deadline", "finish", "future", "home", "n", "op", "out", "page",
+                 "start")
+    page: SharedPages
+    home: list[SharedPages]
+    out: memoryview | None
+    start: int
+    n: int
 
-    def __init__(self, op: int, future: asyncio.Future[Any], finish: Callable[[int], None],
-                 deadline: float, batch: _Batch | None = None) -> None:
+    def __init__(self, op: int, future: asyncio.Future[Any],
+                 finish: Callable[[int], None] | None, deadline: float,
+                 batch: _Batch | None = None) -> None:
         self.op = op
         self.future = future
         self.finish = finish
         self.deadline = deadline
         self.batch = batch
+
+    def end(self, status: int) -> None:
+        """Finish the request: its read data out (if OKAY), its pages given back."""
+        if self.finish is not None:
+            self.finish(status)
+            return
+        page = self.page
+        if status == BLKIF_RSP_OKAY and self.out is not None:
+            self.out[self.start:self.start + self.n] = page.mem[:self.n]
+        self.home.append(page)
 
 
 class _Queue:
@@ -217,7 +239,10 @@ class BlockFrontend(FrontendDriver):
         self.abi = self.config.abi
         lay = layouts(self.abi)
         self._slot = lay.ring.slot_size
-        self._rsp = struct.Struct("<QBxh")
+        #: id, operation echo and status at the head of every response slot.
+        self._rsp_dtype = np.dtype({"names": ["id", "op", "status"],
+                                    "formats": ["<u8", "u1", "<i2"], "offsets": [0, 8, 10],
+                                    "itemsize": self._slot})
         self.queues: list[_Queue] = []
         self.sectors = 0
         self.sector_size = 512
@@ -424,35 +449,53 @@ class BlockFrontend(FrontendDriver):
                 if not p.future.done():
                     p.future.set_exception(exc)
                     p.future.exception()
-                p.finish(BLKIF_RSP_ERROR)  # pages still mapped go to the quarantine
+                p.end(BLKIF_RSP_ERROR)  # pages still mapped go to the quarantine
             # the ids stay used: a queue that failed is never used again
         self._space.set()
         self._pool_back.set()
 
     # -- responses
     def _on_responses(self, q: _Queue, batch: memoryview, count: int) -> None:
-        rsp, slot = self._rsp, self._slot
-        for j in range(count):
-            rid, op, status = rsp.unpack_from(batch, j * slot)
-            p = q.pending.get(rid)
-            if p is None:
-                self._peer_failed(f"response to id {rid}, which is not outstanding")
-                return
-            if op != p.op:
-                self._peer_failed(f"response {rid}: operation {op}, request was {p.op}")
-                return
-            if status not in _STATUSES:
-                self._peer_failed(f"response {rid}: unknown status {status}")
-                return
-            del q.pending[rid]
-            q.free_ids.append(rid & _SLOT_MASK)
-            self.io_stats["responses"] += 1
-            p.finish(status)
-            if p.batch is not None:
-                p.batch.answered(status)
-            elif not p.future.done():
-                p.future.set_result(status)
-        self._space.set()
+        """Check and finish ``count`` responses (copied once by the ring client, R1):
+        every (id, operation, status) of the batch unpacked in one numpy pass."""
+        pending, free_ids = q.pending, q.free_ids
+        okay = BLKIF_RSP_OKAY
+        done = 0
+        try:
+            for rid, op, status in np.frombuffer(batch, self._rsp_dtype, count).tolist():
+                p = pending.get(rid)
+                if p is None:
+                    self._peer_failed(f"response to id {rid}, which is not outstanding")
+                    return
+                if op != p.op:
+                    self._peer_failed(f"response {rid}: operation {op}, request was {p.op}")
+                    return
+                if status not in _STATUSES:
+                    self._peer_failed(f"response {rid}: unknown status {status}")
+                    return
+                del pending[rid]
+                free_ids.append(rid & _SLOT_MASK)
+                done += 1
+                fin = p.finish
+                if fin is None:  # a one-page request of a batch, on a pool page
+                    page = p.page
+                    if status == okay and p.out is not None:
+                        p.out[p.start:p.start + p.n] = page.mem[:p.n]
+                    p.home.append(page)
+                else:
+                    fin(status)
+                b = p.batch
+                if b is not None:
+                    if status == okay and b.remaining > 1:
+                        b.remaining -= 1
+                    else:
+                        b.answered(status)
+                elif not p.future.done():
+                    p.future.set_result(status)
+        finally:
+            self.io_stats["responses"] += done
+            self._space.set()
+            self._pool_back.set()
 
     # -- submitting
     def _check_usable(self) -> None:
@@ -790,10 +833,38 @@ class BlockFrontend(FrontendDriver):
             raise BlockError("the disk is read-only")
         if not pieces:
             return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         batch = _Batch(fut, len(pieces))
         failed: BaseException | None = None
+        op = BLKIF_OP_WRITE if write else BLKIF_OP_READ
+        pack, free, stats = self._rw_struct.pack, self._pool_free, self.io_stats
+        deadline = loop.time() + self.config.io_timeout
         for k, (offset, n, view, start) in enumerate(pieces):
+            q = self._batch_queue
+            if n <= XEN_PAGE_SIZE and free and q is not None and q.free_ids \
+                    and self.persistent and free is self._pool_free and self.error is None:
+                # the common case, inline: a free slot on this turn's queue, a free page
+                # of the persistent pool, no closure (the response handler finishes it)
+                page = free.pop()
+                if write:
+                    page.mem[:n] = view[start:start + n]
+                slot = q.free_ids.pop()
+                q.generation += 1
+                rid = (q.generation << _SLOT_BITS) | slot
+                pend = _Pending(op, fut, None, deadline, batch)
+                pend.page, pend.home, pend.start, pend.n = page, free, start, n
+                pend.out = None if write else view
+                q.pending[rid] = pend
+                q.outbox.append(pack(op, 1, 0, rid, offset >> SECTOR_SHIFT, page.refs[0], 0,
+                                     (n >> SECTOR_SHIFT) - 1, *_ONE_SEGMENT_TAIL))
+                stats["requests"] += 1
+                if not self._push_scheduled:
+                    self._push_scheduled = True
+                    loop.call_soon(self._push)
+                if self._watchdog is None:
+                    self._watchdog = loop.call_at(deadline, self._expire)
+                continue
             try:
                 reserved = self._reserve_now()
                 if reserved is None:  # the ring is full: what is built goes out now
@@ -809,6 +880,7 @@ class BlockFrontend(FrontendDriver):
                     pages, write, offset, n, view if write else None,
                     None if write else view, start)
                 self._submit(reserved, wire_op, build, finish, fut, batch)
+                deadline = loop.time() + self.config.io_timeout  # after any wait
             except BaseException as exc:  # the pieces sent still end (bounded) first
                 failed = exc
                 batch.remaining -= len(pieces) - k

@@ -592,11 +592,12 @@ class BlockRequests:
         views = io.views
         pg = self.persistent
         if pg is not None:
+            maps = pg.maps  # kept pages, looked up directly (counted below)
             for gref, start, end in segs:
-                page = pg.cached(gref)  # counted below, for the whole request
-                if page is None:
+                m = maps.get(gref)
+                if m is None:
                     break
-                views.append(page[start:end])
+                views.append(m.mem[start:end])
             else:
                 pg.stats["hits"] += len(segs)
                 return io
@@ -744,12 +745,21 @@ class BlockRequests:
             self.stats["barriers"] += 1
 
     def _start(self, io: _Io, ready: list[bytes] | None) -> None:
-        self._count(io)
-        if io.kind in (BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER):
-            self._start_ordered(io)
-            return
-        if self.uring is not None and io.views and io.kind in (BLKIF_OP_READ, BLKIF_OP_WRITE):
+        kind = io.kind
+        if self.uring is not None and io.views and (kind == BLKIF_OP_READ
+                                                    or kind == BLKIF_OP_WRITE):
+            stats = self.stats  # _count's, inline for the common case
+            if kind == BLKIF_OP_READ:
+                stats["reads"] += 1
+                stats["bytes_read"] += io.length
+            else:
+                stats["writes"] += 1
+                stats["bytes_written"] += io.length
             self._start_uring(io)
+            return
+        self._count(io)
+        if kind in (BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER):
+            self._start_ordered(io)
             return
         work = self._work(io)
         engine = self.engine
@@ -829,7 +839,10 @@ class BlockRequests:
     def _uring_finish(self, io: _Io, token: int, status: int) -> None:
         live = self._uring_live
         live.pop(token, None)
-        self._unmap(io)
+        if io.mappings:  # persistent pages only: nothing to unmap
+            self._unmap(io)
+        else:
+            io.views.clear()
         rsp = self.pack(io.id, io.op, status)
         if self._ready is not None:
             self._ready.append(rsp)

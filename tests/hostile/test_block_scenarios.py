@@ -336,6 +336,17 @@ def test_scenario_05_bad_grant_refs(tmp_path: Path, persistent: bool) -> None:
             assert await r.send(r.rw(op, rid, 0, segs)) == [BLKIF_RSP_ERROR], name
             if not persistent:
                 assert r.m.outstanding()["mappings"] == 1, name  # nothing left mapped (R9)
+        # one ring batch, a bad ref in its middle request: without persistent grants the
+        # batch's pages are mapped in one call; it fails, each is mapped on its own, only
+        # the bad one is refused, and nothing stays mapped once all are answered
+        batch = [r.rw(BLKIF_OP_READ, 60 + k, 8 * k, [Segment(ref, 0, 7)])
+                 for k, ref in enumerate((good.refs[0], 1 << 29, good.refs[1]))]
+        batch.append(r.rw(BLKIF_OP_READ, 63, 0, [Segment(good.refs[2], 0, 7),
+                                                 Segment(good.refs[3], 0, 7)]))
+        assert await r.send(*batch) == [BLKIF_RSP_OKAY, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY,
+                                        BLKIF_RSP_OKAY]
+        if not persistent:
+            assert r.m.outstanding()["mappings"] == 1  # nothing left mapped (R9)
         # a write from a read-only grant is fine (the backend only reads it)
         if not persistent:
             assert await r.send(r.rw(BLKIF_OP_WRITE, 50, 0, [Segment(ro.refs[0], 0, 7)])) \

@@ -122,6 +122,11 @@ def test_indirect_and_persistent_on_off(indirect: bool, persistent: bool,
             assert b["persistent"] is persistent  # type: ignore[index]
             indirect_sent = f["stats"]["indirect"]  # type: ignore[index]
             assert (indirect_sent > 0) is indirect
+            served = b["requests"]  # type: ignore[index]
+            maps = sum(h["maps"] for h in served)
+            rw = sum(h["reads"] + h["writes"] for h in served)
+            # without persistent grants a ring batch's pages are mapped in one call
+            assert (maps == 0) if persistent else (0 < maps < rw / 2)
 
     run(body())
 

@@ -405,6 +405,17 @@ class PersistentGrants:
                 self.grants.unmap(m)
 
 
+class _SharedMapping:
+    """One map call's pages shared by the requests of a ring batch: unmapped when the
+    last of its ``users`` ends."""
+
+    __slots__ = ("mapped", "users")
+
+    def __init__(self, mapped: MappedGrants, users: int) -> None:
+        self.mapped = mapped
+        self.users = users
+
+
 class _Io:
     """One request being served: what to answer and what to release."""
 
@@ -418,7 +429,7 @@ class _Io:
         self.offset = offset
         self.length = length
         self.views: list[memoryview] = []
-        self.mappings: list[MappedGrants] = []
+        self.mappings: list[MappedGrants | _SharedMapping] = []
 
 
 class BlockRequests:
@@ -479,7 +490,7 @@ class BlockRequests:
         self.stats = {"taken": 0, "completed": 0, "reads": 0, "writes": 0, "flushes": 0,
                       "barriers": 0, "discards": 0, "secure_discards": 0, "indirect": 0,
                       "errors": 0, "unsupported": 0, "bytes_read": 0, "bytes_written": 0,
-                      "inline": 0, "threaded": 0, "uring": 0}
+                      "inline": 0, "threaded": 0, "uring": 0, "maps": 0}
 
     # -- the handler
     @property
@@ -502,16 +513,30 @@ class BlockRequests:
         # batch (itself the private copy, R1); anything else is validated in full here.
         fast = scan_rw(batch, count, self.abi, image.sectors, readonly=image.readonly,
                        sector_size=image.sector_size)
+        # Without persistent grants the accepted reads and writes are mapped together:
+        # one map call per run of them (per direction), not one per request.
+        unmapped: list[tuple[_Io, tuple[tuple[int, int, int], ...]]] | None = \
+            [] if self.persistent is None else None
         for j in range(count):
             accepted = fast[j]
-            io = self._accept(batch, j * slot, ready) if accepted is None else \
-                self._accept_rw(accepted, ready)
+            if accepted is None:
+                if unmapped:  # in order: what came before is started first
+                    self._map_and_start(unmapped, ready)
+                io = self._accept(batch, j * slot, ready)
+            elif unmapped is not None:
+                rid, op, offset, length, segs = accepted
+                unmapped.append((_Io(rid, op, op, offset, length), segs))
+                continue
+            else:
+                io = self._accept_rw(accepted, ready)
             if io is None:
                 continue
             if self._barrier:
                 self._held.append(io)
             else:
                 self._start(io, ready)
+        if unmapped:
+            self._map_and_start(unmapped, ready)
         if self.uring is not None:
             self._ready = ready  # what finishes during submission is answered now
             try:
@@ -609,6 +634,44 @@ class BlockRequests:
             return None
         return io
 
+    def _map_and_start(self, group: list[tuple[_Io, tuple[tuple[int, int, int], ...]]],
+                       ready: list[bytes]) -> None:
+        """Map the pages of every accepted READ/WRITE of ``group`` (no persistent grants)
+        with one all-or-nothing call per direction, shared by its requests (unmapped when
+        the last of them ends), and start them in order; if a call fails (a bad ref
+        among them) each request is mapped on its own, so only the bad ones fail."""
+        batch, group[:] = list(group), []
+        for writable in (True, False):  # READs map writable, WRITEs read-only
+            part = [g for g in batch if (g[0].op == BLKIF_OP_READ) == writable]
+            if len(part) < 2:
+                continue
+            refs = [seg[0] for _, segs in part for seg in segs]
+            try:
+                m = self.grants.map(self.domid, refs, writable=writable)
+            except PlatformError:
+                continue  # per request below: the bad ones fail alone
+            self.stats["maps"] += 1
+            shared = _SharedMapping(m, len(part))
+            mem, k = m.mem, 0
+            for io, segs in part:
+                views = io.views
+                for _gref, start, end in segs:
+                    base = k * XEN_PAGE_SIZE
+                    views.append(mem[base + start:base + end])
+                    k += 1
+                io.mappings.append(shared)
+        for io, segs in batch:
+            if not io.mappings:
+                try:
+                    self._map_segments(io, segs, writable=io.op == BLKIF_OP_READ)
+                except BlkifRequestError as exc:
+                    self._fail(exc.id, exc.operation, exc.status, ready, str(exc))
+                    continue
+            if self._barrier:
+                self._held.append(io)
+            else:
+                self._start(io, ready)
+
     def _check_alignment(self, rid: int, op: int, io: _Io,
                          segs: np.ndarray[Any, Any] | None = None) -> None:
         """With a logical sector size over 512 bytes the request's start and length, and
@@ -687,6 +750,7 @@ class BlockRequests:
             if missing:
                 m = self.grants.map(self.domid, [segs[i][0] for i in missing],
                                     writable=writable)
+                self.stats["maps"] += 1
                 io.mappings.append(m)
                 for k, i in enumerate(missing):
                     pages[i] = m.mem[k * XEN_PAGE_SIZE:(k + 1) * XEN_PAGE_SIZE]
@@ -703,6 +767,11 @@ class BlockRequests:
         io.views.clear()
         mappings, io.mappings = io.mappings, []
         for m in mappings:
+            if isinstance(m, _SharedMapping):
+                m.users -= 1
+                if m.users > 0:
+                    continue
+                m = m.mapped
             with contextlib.suppress(PlatformError, LocalError):
                 self.grants.unmap(m)
 

@@ -131,6 +131,30 @@ def test_indirect_and_persistent_on_off(indirect: bool, persistent: bool,
     run(body())
 
 
+def test_batch_without_persistent_grants_grants_its_pages_in_one_call() -> None:
+    """Without persistent grants a batch's one-page requests share one grant call (ended
+    after the last answer); the data is right and nothing stays granted."""
+    async def body() -> None:
+        async with block_world() as w:
+            image = w.tmp / "disk.img"
+            data = make_image(image, MiB)
+            pair = await start_pair(w, image, front=FrontConfig(persistent=False))
+            fe = pair.frontend
+            try:
+                bufs = [(k * 8192, bytearray(4096 if k % 2 else 512)) for k in range(16)]
+                await fe.read_many(bufs)
+                assert all(bytes(b) == data[o:o + len(b)] for o, b in bufs)
+                assert fe.io_stats["grants"] == 1 and fe.io_stats["requests"] == 16
+                await fe.write_many([(o, bytes(len(b))) for o, b in bufs])
+                assert fe.io_stats["grants"] == 2
+                assert await fe.read(0, 512) == bytes(512)
+            finally:
+                await pair.close()
+        assert w.held() == NOTHING
+
+    run(body())
+
+
 def test_barrier_and_flush_refused_by_backend_fall_back() -> None:
     async def body() -> None:
         async with block_world() as w:

@@ -267,7 +267,7 @@ class BlockFrontend(FrontendDriver):
         #: The protocol violation that failed the device (None while healthy).
         self.error: BlockPeerError | None = None
         self.io_stats = {"requests": 0, "indirect": 0, "responses": 0, "errors": 0,
-                      "resizes": 0, "pool_waits": 0}
+                      "resizes": 0, "pool_waits": 0, "grants": 0}
 
     # -- properties
     @property
@@ -641,6 +641,7 @@ class BlockFrontend(FrontendDriver):
         """:meth:`_pages` without waiting: None when the pool has too few pages now."""
         if not self.persistent:
             share = self.platform.grants.grant(self.peer_domid, count, writable=writable)
+            self.io_stats["grants"] += 1
             mems = [share.mem[i * XEN_PAGE_SIZE:(i + 1) * XEN_PAGE_SIZE]
                     for i in range(count)]
 
@@ -669,6 +670,28 @@ class BlockFrontend(FrontendDriver):
                 self._pool_free.extend(taken)
                 self._pool_back.set()
         return [p.refs[0] for p in taken], [p.mem for p in taken], back
+
+    def _grant_batch(self, count: int, write: bool) -> list[_Pages]:
+        """Without persistent grants: ``count`` one-page grants for a batch's one-page
+        requests, made (and ended, after the last of them is answered) in one call each;
+        empty when fewer than two are needed or the grant fails (then per request)."""
+        if count < 2:
+            return []
+        try:
+            share = self.platform.grants.grant(self.peer_domid, count, writable=not write)
+        except PlatformError:
+            return []
+        self.io_stats["grants"] += 1
+        users = [count]
+
+        def back() -> None:
+            users[0] -= 1
+            if users[0] == 0:
+                with contextlib.suppress(LocalError, PlatformError):
+                    self.quarantine.end(share)
+        mem = share.mem
+        return [([share.refs[i]], [mem[i * XEN_PAGE_SIZE:(i + 1) * XEN_PAGE_SIZE]], back)
+                for i in range(count - 1, -1, -1)]
 
     def _check_range(self, offset: int, length: int) -> None:
         """Raise :class:`LocalError` unless ``offset``/``length`` are whole logical
@@ -840,6 +863,8 @@ class BlockFrontend(FrontendDriver):
         op = BLKIF_OP_WRITE if write else BLKIF_OP_READ
         pack, free, stats = self._rw_struct.pack, self._pool_free, self.io_stats
         deadline = loop.time() + self.config.io_timeout
+        granted = [] if self.persistent else self._grant_batch(
+            sum(1 for piece in pieces if piece[1] <= XEN_PAGE_SIZE), write)
         for k, (offset, n, view, start) in enumerate(pieces):
             q = self._batch_queue
             if n <= XEN_PAGE_SIZE and free and q is not None and q.free_ids \
@@ -870,7 +895,9 @@ class BlockFrontend(FrontendDriver):
                 if reserved is None:  # the ring is full: what is built goes out now
                     reserved = await self._reserve()
                 try:
-                    pages = self._rw_pages_now(-(-n // XEN_PAGE_SIZE), write)
+                    pages: _RwPages | None = (granted.pop(), None) \
+                        if granted and n <= XEN_PAGE_SIZE else \
+                        self._rw_pages_now(-(-n // XEN_PAGE_SIZE), write)
                     if pages is None:
                         pages = await self._rw_pages(-(-n // XEN_PAGE_SIZE), write)
                 except BaseException:
@@ -887,6 +914,8 @@ class BlockFrontend(FrontendDriver):
                 if batch.remaining <= 0 and not fut.done():
                     fut.set_result(None)
                 break
+        for unused in granted:  # pages of pieces never sent
+            unused[2]()
         try:
             await fut
         except BaseException:

@@ -1154,7 +1154,6 @@ class BlockBackendDriver(BackendDriver):
         self.persistent: list[PersistentGrants] = []
         self.sectors = 0
         self._resize_task: asyncio.Task[None] | None = None
-        self._watchers: list[asyncio.Task[None]] = []
 
     # -- configuration
     async def _own(self, name: str) -> str | None:
@@ -1252,7 +1251,7 @@ class BlockBackendDriver(BackendDriver):
         })
         for s in self.services:
             s.start()
-            self._watchers.append(asyncio.create_task(self._watch_service(s)))
+            self.watch_ring(s)
         if self.config.resize_poll > 0:
             self._resize_task = asyncio.create_task(self._watch_size())
         if self.stats_file is not None:
@@ -1261,18 +1260,9 @@ class BlockBackendDriver(BackendDriver):
                 self._stats_task = asyncio.create_task(self._publish_live(self.stats_file,
                                                                           first))
 
-    async def _watch_service(self, service: RingService) -> None:
-        """A queue whose frontend broke the ring (R4): fail the device closed."""
-        error = await service.wait_stopped()
-        if error is not None and self.machine is not None and not self.machine.destroyed:
-            machine = self.machine
-            self._post(lambda: machine.peer_error(error))
-
     async def disconnect(self) -> None:
         """Stop the queues, wait for in-flight I/O, release grants, rings and ports."""
-        watchers, self._watchers = self._watchers, []
-        for w in watchers:
-            w.cancel()
+        self.stop_watchers()
         if self._stats_task is not None:
             self._stats_task.cancel()
             with contextlib.suppress(BaseException):

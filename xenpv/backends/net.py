@@ -1254,7 +1254,6 @@ class NetBackendDriver(BackendDriver):
         self.ctrl_channel: BackChannel | None = None
         self.ctrl_service: RingService | None = None
         self.features = NetFeatures()
-        self._watchers: list[asyncio.Task[None]] = []
 
     def _offer(self) -> dict[str, str | int]:
         c = self.config
@@ -1294,7 +1293,7 @@ class NetBackendDriver(BackendDriver):
         self.mcast = MulticastFilter() if self.config.multicast_control else None
         if self.mcast is not None:
             self.mcast.enabled = await peer.feature("request-multicast-control")
-            self._watchers.append(asyncio.create_task(self._watch_mcast(peer, self.mcast)))
+            self.start_watcher(self._watch_mcast(peer, self.mcast))
         for pl in placements:
             self.queues.append(NetQueue(self.platform, self.peer_domid, pl, self.config,
                                         self.features, port, self.rate, self.mcast))
@@ -1306,12 +1305,12 @@ class NetBackendDriver(BackendDriver):
             self.ctrl = NetCtrl(self.platform, self.peer_domid, len(self.queues))
             self.ctrl_service = RingService(self.ctrl_channel, self.ctrl)
             self.ctrl_service.start()
-            self._watchers.append(asyncio.create_task(self._watch_service(self.ctrl_service)))
+            self.watch_ring(self.ctrl_service)
         self.vif = NetVif(self.queues, self.ctrl)
         for q in self.queues:
             q.start()
             for s in (q.tx_service, q.rx_service):
-                self._watchers.append(asyncio.create_task(self._watch_service(s)))
+                self.watch_ring(s)
 
     async def _watch_mcast(self, peer: PeerKeys, mcast: MulticastFilter) -> None:
         """``feature-dynamic-multicast-control``: follow the frontend's
@@ -1342,18 +1341,9 @@ class NetBackendDriver(BackendDriver):
         if self.vif is not None:
             self.vif.deliver(frame)
 
-    async def _watch_service(self, service: RingService) -> None:
-        """A queue whose frontend broke its ring (R4): fail the device closed."""
-        error = await service.wait_stopped()
-        if error is not None and self.machine is not None and not self.machine.destroyed:
-            machine = self.machine
-            self._post(lambda: machine.peer_error(error))
-
     async def disconnect(self) -> None:
         """Leave the switch, stop the queues, release rings and ports."""
-        watchers, self._watchers = self._watchers, []
-        for w in watchers:
-            w.cancel()
+        self.stop_watchers()
         if self.switch_port is not None:
             self.switch_port.detach()
             self.switch_port = None

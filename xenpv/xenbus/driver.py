@@ -56,8 +56,8 @@ import errno as _errno
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from typing import ClassVar, Literal
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, ClassVar, Literal, Protocol
 
 from xenpv.errors import LocalError, PeerError
 from xenpv.xenbus import keys as _keys
@@ -706,6 +706,14 @@ class FrontendDriver(XenbusDriver):
         return FrontendMachine(self.style, initial=own)
 
 
+class StoppableRing(Protocol):
+    """What :meth:`BackendDriver.watch_ring` needs of a ring service."""
+
+    async def wait_stopped(self) -> PeerError | None:
+        """Wait until the service stops; the peer error that stopped it, if any."""
+        ...
+
+
 class BackendDriver(XenbusDriver):
     """Base of backends: ``path`` is ``/local/domain/<be>/backend/<type>/<fe>/<devid>``.
 
@@ -722,6 +730,12 @@ class BackendDriver(XenbusDriver):
     wait_hotplug: ClassVar[bool] = False
 
     _hotplug_failed = False
+    _watchers: list[asyncio.Task[None]]
+
+    def __init__(self, client: XenstoreClient, path: str, **kwargs: Any) -> None:
+        """See :class:`XenbusDriver`."""
+        super().__init__(client, path, **kwargs)
+        self._watchers = []
 
     async def publish_features(self) -> None:
         """Hook: write what the frontend needs before it builds rings (§5.3 step 1)."""
@@ -731,6 +745,27 @@ class BackendDriver(XenbusDriver):
 
     def _paths(self, peer_path: bytes) -> tuple[FrontendPath, BackendPath]:
         return parse_frontend_path(peer_path), parse_backend_path(self.path)
+
+    def watch_ring(self, service: StoppableRing) -> None:
+        """Fail the device closed when ``service`` stops because the frontend broke its
+        ring (R4); ends with :meth:`stop_watchers`."""
+        self.start_watcher(self._ring_stopped(service))
+
+    def start_watcher(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` for the connection's lifetime (cancelled by :meth:`stop_watchers`)."""
+        self._watchers.append(asyncio.create_task(coro))
+
+    def stop_watchers(self) -> None:
+        """Cancel every watcher started for the connection (call first in ``disconnect``)."""
+        watchers, self._watchers = self._watchers, []
+        for w in watchers:
+            w.cancel()
+
+    async def _ring_stopped(self, service: StoppableRing) -> None:
+        error = await service.wait_stopped()
+        if error is not None and self.machine is not None and not self.machine.destroyed:
+            machine = self.machine
+            self._post(lambda: machine.peer_error(error))
 
     async def _online(self) -> bool:
         # Linux xenbus_dev_is_online(): a missing or non-numeric node reads as 0.

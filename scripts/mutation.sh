@@ -67,7 +67,7 @@ ARGS[store]="--timeout=600"
 TESTS[store]="tests/unit/test_xs_store.py tests/unit/test_xs_store_requests.py
  tests/unit/test_xs_rules.py tests/property/test_xs_model.py"
 MUTATE[emulator]="xenpv/platforms/loopback/core.py"
-TESTS[emulator]="tests/unit/test_platform_core.py tests/unit/test_platform_model.py
+TESTS[emulator]="tests/unit/test_core_rules.py tests/unit/test_platform_core.py tests/unit/test_platform_model.py
  tests/platform/test_suite_grants.py tests/platform/test_suite_events.py"
 ARGS[emulator]="-k|not crossprocess"  # the daemon mode runs the core in another process
 MUTATE[vchan]="xenpv/vchan/ring.py"

@@ -1,0 +1,774 @@
+"""The loopback hypervisor's isolation rules, driven in-process at both edges of each bound.
+
+Every check states the rule independently (the expected errno or ``GNTST_*`` status and
+what must be left unchanged), so a core that is off by one or refuses with the wrong
+code fails here.  This also reaches the functions only the daemon calls in normal runs
+(guest frames, foreign mapping, lending ports), so mutation testing covers them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from xenpv.errors import LocalError, PlatformError
+from xenpv.platforms.base import (
+    DOMID_SELF,
+    GNTTAB_NR_RESERVED_ENTRIES,
+    PAGE_SIZE,
+    EvtchnState,
+    GntSt,
+    GrantCopy,
+    GrantInUse,
+    GrantPtr,
+    LocalPtr,
+    MapError,
+    NoSuchDomain,
+    PortError,
+    ResourceExhausted,
+)
+from xenpv.platforms.loopback import core
+from xenpv.platforms.loopback.core import Hypervisor, SharePtr
+
+FIRST_REF = GNTTAB_NR_RESERVED_ENTRIES  # refs below this are never handed out
+RESERVED_DOMID = 0x7FF0  # DOMID_FIRST_RESERVED: no domain may have it or above
+
+
+def refused(fn: Callable[[], Any], exc: type[BaseException], code: int) -> Any:
+    """Run ``fn``; it must raise ``exc`` with errno ``code``; returns the exception."""
+    with pytest.raises(exc) as info:
+        fn()
+    assert getattr(info.value, "errno", None) == code, (info.value, code)
+    return info.value
+
+
+def map_refused(fn: Callable[[], Any], code: int, index: int, status: int) -> None:
+    e = refused(fn, MapError, code)
+    assert (e.index, e.status) == (index, status)
+
+
+def pending(fd: int) -> int:
+    """Read and clear an eventfd counter (0 if nothing is pending)."""
+    try:
+        return int.from_bytes(os.read(fd, 8), "little")
+    except BlockingIOError:
+        return 0
+
+
+@pytest.fixture
+def hv() -> Iterator[Hypervisor]:
+    h = Hypervisor(max_grants=FIRST_REF + 8, max_ports=6, max_maptrack=6)
+    h.create_domain(1)
+    h.create_domain(2)
+    yield h
+    h.close()
+
+
+def test_domain_table_and_shutdown_bounds() -> None:
+    hv = Hypervisor(max_grants=FIRST_REF + 1, max_ports=2)
+    try:
+        for bad in (-1, RESERVED_DOMID):
+            refused(lambda bad=bad: hv.create_domain(bad), PlatformError, errno.EINVAL)
+        d = hv.create_domain(RESERVED_DOMID - 1)
+        assert d.name == f"dom{RESERVED_DOMID - 1}" and not d.privileged
+        assert hv.create_domain(5, "five").name == "five"
+        refused(lambda: hv.create_domain(5), PlatformError, errno.EEXIST)
+        refused(lambda: hv.destroy_domain(0), PlatformError, errno.EPERM)
+        refused(lambda: hv.destroy_domain(9), NoSuchDomain, errno.ESRCH)
+        refused(lambda: hv.shutdown_domain(0, 0), PlatformError, errno.EPERM)
+        for bad in (-1, core.SHUTDOWN_MAX + 1):
+            refused(lambda bad=bad: hv.shutdown_domain(5, bad), PlatformError, errno.EINVAL)
+        assert hv.domain(5).shutdown_reason is None
+        hv.shutdown_domain(5, core.SHUTDOWN_MAX)
+        hv.shutdown_domain(5, 0)  # a second shutdown keeps the first reason
+        assert hv.domain(5).shutdown_reason == core.SHUTDOWN_MAX
+        hv.shutdown_domain(RESERVED_DOMID - 1, 0)
+        assert hv.domain(RESERVED_DOMID - 1).shutdown_reason == 0
+        with pytest.raises(LocalError):  # table sizes
+            Hypervisor(max_grants=FIRST_REF, max_ports=2)
+        with pytest.raises(LocalError):
+            Hypervisor(max_grants=FIRST_REF + 1, max_ports=1)
+    finally:
+        hv.close()
+    hv.assert_released()
+
+
+def test_share_rules_refs_and_table_bounds(hv: Hypervisor) -> None:
+    h1 = hv.open_handle(1)
+    for bad in (0, -1, core.MAX_BATCH + 1):
+        refused(lambda bad=bad: hv.share(h1, 2, bad, writable=True), PlatformError, errno.EINVAL)
+    for bad in (1, -1, RESERVED_DOMID):  # itself, negative, reserved ids
+        refused(lambda bad=bad: hv.share(h1, bad, 1, writable=True), PlatformError, errno.EINVAL)
+    refused(lambda: hv.share(h1, 7, 1, writable=True), NoSuchDomain, errno.ESRCH)
+    # reserved refs: only 0 and 1, one page, once
+    for bad in (-1, 2, FIRST_REF):
+        refused(
+            lambda bad=bad: hv.share(h1, 0, 1, writable=True, reserved=bad),
+            PlatformError,
+            errno.EINVAL,
+        )
+    refused(lambda: hv.share(h1, 0, 2, writable=True, reserved=0), PlatformError, errno.EINVAL)
+    assert hv.share(h1, 0, 1, writable=True, reserved=0).refs == (0,)
+    assert hv.share(h1, 0, 1, writable=True, reserved=1).refs == (1,)
+    refused(lambda: hv.share(h1, 0, 1, writable=True, reserved=1), PlatformError, errno.EBUSY)
+    assert hv.stats(1).grants == 2
+    # the table holds exactly max_grants - 8 ordinary refs, handed out from 8 upwards
+    s = hv.share(h1, 2, 7, writable=True)
+    assert s.refs == tuple(range(FIRST_REF, FIRST_REF + 7))
+    assert all(e.grantee == 2 and not e.readonly for e in s.entries)
+    last = hv.share(h1, 2, 1, writable=False)
+    assert last.refs == (FIRST_REF + 7,) and last.entries[0].readonly
+    refused(lambda: hv.share(h1, 2, 1, writable=True), ResourceExhausted, errno.ENOSPC)
+    assert hv.stats(1).grants == 10
+    # freed refs come back last (FIFO), reserved ones never enter the free list
+    assert hv.end_access(h1, [FIRST_REF + 2, 0]) == 2
+    assert hv.end_access(h1, [FIRST_REF]) == 1
+    assert hv.share(h1, 2, 2, writable=True).refs == (FIRST_REF + 2, FIRST_REF)
+    assert hv.share(h1, 0, 1, writable=True, reserved=0).refs == (0,)
+    hv.close_handle(h1)
+    assert hv.stats(1).grants == 0 and hv.stats(1).fds == 0
+
+
+def test_share_of_a_full_batch_and_a_failed_segment_returns_its_refs() -> None:
+    hv = Hypervisor(max_grants=FIRST_REF + core.MAX_BATCH, max_ports=2, max_fds=1 + 2 * 3)
+    try:
+        hv.create_domain(1)
+        h = hv.open_handle(1)  # 1 fd: the connection
+        full = hv.share(h, 0, core.MAX_BATCH, writable=True)
+        assert len(full.refs) == core.MAX_BATCH
+        hv.end_access(h, full.refs[:2])
+        small = hv.share(h, 0, 1, writable=True)  # 1 + 3 + 3 fds: the quota exactly
+        assert hv.stats(1).fds == 7
+        refused(lambda: hv.share(h, 0, 1, writable=True), ResourceExhausted, errno.ENOSPC)
+        assert hv.stats(1).fds == 7 and hv.stats(1).grants == core.MAX_BATCH - 1
+        # the refused share gave its ref back in front: the next share gets it
+        hv.end_access(h, small.refs)
+        nxt = hv.share(h, 0, 1, writable=True)
+        assert nxt.refs == (FIRST_REF + 1,)
+        refused(lambda: hv.open_handle(1), ResourceExhausted, errno.ENOSPC)
+        hv.close_handle(h)
+        assert hv.stats(1).fds == 0
+        # dom0 has no descriptor quota
+        h0s = [hv.open_handle(0) for _ in range(9)]
+        assert hv.stats(0).fds == 9
+        for h0 in h0s:
+            hv.close_handle(h0)
+    finally:
+        hv.close()
+
+
+def test_map_rules_statuses_index_and_all_or_nothing(hv: Hypervisor) -> None:
+    h1, h2 = hv.open_handle(1), hv.open_handle(2)
+    rw = hv.share(h1, 2, 2, writable=True)
+    ro = hv.share(h1, 2, 1, writable=False)
+    other = hv.share(h1, 0, 1, writable=True)  # granted to dom0, not dom2
+    a, b = rw.refs
+    (r,) = ro.refs
+    for bad in ([], [(1, a)] * (core.MAX_BATCH + 1)):
+        refused(lambda bad=bad: hv.map(h2, bad, writable=False), PlatformError, errno.EINVAL)
+    map_refused(
+        lambda: hv.map(h2, [(1, a), (7, a)], writable=True), errno.ESRCH, 1, GntSt.bad_domain
+    )
+    map_refused(lambda: hv.map(h2, [(2, a)], writable=True), errno.ESRCH, 0, GntSt.bad_domain)
+    map_refused(
+        lambda: hv.map(h2, [(1, a), (DOMID_SELF, a)], writable=True),
+        errno.ESRCH,
+        1,
+        GntSt.bad_domain,
+    )
+    map_refused(
+        lambda: hv.map(h2, [(1, a), (1, b), (1, other.refs[0])], writable=False),
+        errno.ENOENT,
+        2,
+        GntSt.bad_gntref,
+    )
+    map_refused(lambda: hv.map(h2, [(1, 3)], writable=False), errno.ENOENT, 0, GntSt.bad_gntref)
+    map_refused(
+        lambda: hv.map(h2, [(1, a), (1, r)], writable=True), errno.EPERM, 1, GntSt.permission_denied
+    )
+    # nothing of a refused batch stays mapped
+    assert all(e.mappers == 0 for e in rw.entries + ro.entries)
+    assert hv.domain(2).maptrack == 0 and hv.stats(2).mappings == 0
+    assert not ro.entries[0].segment.readonly_sealed
+    # a read-only grant maps read-only (and seals its memory); a writable one either way
+    m_ro = hv.map(h2, [(1, r)], writable=False)
+    assert ro.entries[0].segment.readonly_sealed and not rw.entries[0].segment.readonly_sealed
+    m_rw = hv.map(h2, [(1, a), (1, b)], writable=True)
+    m_again = hv.map(h2, [(1, a)], writable=False)
+    assert [e.mappers for e in rw.entries] == [2, 1]
+    assert hv.domain(2).maptrack == 4 and hv.stats(2).mappings == 3
+    assert m_ro.handle_id != m_rw.handle_id != m_again.handle_id
+    # the maptrack bound (6): 2 more fit exactly, then nothing
+    map_refused(lambda: hv.map(h2, [(1, a)] * 3, writable=False), errno.ENOSPC, 0, GntSt.no_space)
+    last = hv.map(h2, [(1, a), (1, b)], writable=False)
+    map_refused(lambda: hv.map(h2, [(1, a)], writable=False), errno.ENOSPC, 0, GntSt.no_space)
+    assert hv.domain(2).maptrack == 6
+    for m in (last, m_again, m_rw, m_ro):
+        hv.unmap(h2, m.handle_id)
+    assert hv.domain(2).maptrack == 0
+    assert all(e.mappers == 0 for e in rw.entries + ro.entries)
+    refused(lambda: hv.unmap(h2, m_rw.handle_id), PlatformError, errno.ENOENT)
+    # a page of a partly ended multi-page share can no longer be mapped; a revoking one neither
+    hv.end_access(h1, [a])
+    map_refused(lambda: hv.map(h2, [(1, b)], writable=False), errno.ENOENT, 0, GntSt.bad_gntref)
+    m = hv.map(h2, [(1, r)], writable=False)
+    assert hv.end_access(h1, [r], defer=True) == 0
+    map_refused(lambda: hv.map(h2, [(1, r)], writable=False), errno.ENOENT, 0, GntSt.bad_gntref)
+    hv.unmap(h2, m.handle_id)
+    assert hv.stats(1).grants == 2  # b and other
+    hv.close_handle(h1)
+    hv.close_handle(h2)
+    assert hv.stats(1).grants == 0
+
+
+def test_end_access_rules_and_deferred_release(hv: Hypervisor) -> None:
+    h1, h1b, h2 = hv.open_handle(1), hv.open_handle(1), hv.open_handle(2)
+    s = hv.share(h1, 2, 3, writable=True)
+    x, y, z = s.refs
+    refused(lambda: hv.end_access(h1b, [x]), PlatformError, errno.ENOENT)  # another handle's
+    refused(lambda: hv.end_access(h1, [3]), PlatformError, errno.ENOENT)
+    refused(lambda: hv.end_access(h1, [x, 99]), PlatformError, errno.ENOENT)
+    assert hv.stats(1).grants == 3
+    m = hv.map(h2, [(1, y)], writable=True)
+    hv.hold_mapped(1, z)
+    e = refused(lambda: hv.end_access(h1, [x, y, z]), GrantInUse, errno.EBUSY)
+    assert e.refs == (y, z)
+    assert not any(en.revoking or en.freed for en in s.entries)  # strict: nothing ended
+    assert hv.end_access(h1, [x, y, z], defer=True) == 1
+    st = hv.stats(1)
+    assert (st.grants, st.grants_revoking, st.shares) == (2, 2, 0)
+    refused(lambda: hv.end_access(h1, [y], defer=True), PlatformError, errno.ENOENT)
+    hv.unmap(h2, m.handle_id)  # the last mapping of y goes: y is freed
+    assert hv.stats(1).grants == 1 and s.entries[1].freed
+    hv.release_hold(1, z)
+    assert hv.stats(1).grants == 0
+    # unmapping a share id ends the share, deferred while mapped
+    s2 = hv.share(h1, 2, 1, writable=True)
+    m2 = hv.map(h2, [(1, s2.refs[0])], writable=False)
+    hv.unmap(h1, s2.handle_id)
+    assert hv.stats(1).grants_revoking == 1 and hv.stats(1).shares == 0
+    hv.close_handle(h2)  # the grantee's death unmaps: the entry goes
+    assert hv.stats(1).grants == 0
+    del m2
+    refused(lambda: hv.unmap(h1, 999), PlatformError, errno.ENOENT)
+    hv.close_handle(h1)
+    refused(lambda: hv.end_access(h1, []), PlatformError, errno.EBADF)
+    refused(lambda: hv.share(h1, 2, 1, writable=True), PlatformError, errno.EBADF)
+    refused(lambda: hv.map(h1, [(2, 8)], writable=True), PlatformError, errno.EBADF)
+    hv.close_handle(h1b)
+
+
+def test_faults_hold_release_and_unknown(hv: Hypervisor) -> None:
+    h1 = hv.open_handle(1)
+    (ref,) = hv.share(h1, 2, 1, writable=True).refs
+    refused(lambda: hv.hold_mapped(1, ref + 1), PlatformError, errno.ENOENT)
+    refused(lambda: hv.release_hold(1, ref + 1), PlatformError, errno.ENOENT)
+    refused(lambda: hv.fault(99, 1), PlatformError, errno.EINVAL)
+    refused(lambda: hv.fault(core.FAULT_HOLD_MAPPED, 9, ref), NoSuchDomain, errno.ESRCH)
+    hv.release_hold(1, ref)  # nothing held: a no-op, holds never go negative
+    assert hv.domain(1).grants[ref].holds == 0
+    hv.hold_mapped(1, ref)
+    hv.hold_mapped(1, ref)
+    refused(lambda: hv.end_access(h1, [ref]), GrantInUse, errno.EBUSY)
+    assert hv.end_access(h1, [ref], defer=True) == 0
+    hv.release_hold(1, ref)
+    assert hv.stats(1).grants_revoking == 1
+    hv.release_hold(1, ref)
+    assert hv.stats(1).grants == 0
+    # notification faults: drop the next N sends, or send twice; both bump generations
+    h2 = hv.open_handle(2)
+    p1 = hv.alloc_unbound(h1, 2)
+    p2 = hv.bind_interdomain(h2, 1, p1.port)
+    pending(p2.inbox)
+    gen = hv.domain(1).gen[p1.port]
+    hv.fault(core.FAULT_DROP_NOTIFY, 1, arg=2)
+    assert hv.domain(1).gen[p1.port] == gen + 1
+    for _ in range(2):
+        assert hv.notify(h1, p1.port) is p2
+    assert pending(p2.inbox) == 0
+    hv.notify(h1, p1.port)
+    assert pending(p2.inbox) == 1
+    hv.fault(core.FAULT_DUPLICATE_NOTIFY, 1, arg=1)
+    hv.notify(h1, p1.port)
+    assert pending(p2.inbox) == 2
+    hv.fault(core.FAULT_DUPLICATE_NOTIFY, 1, arg=0)
+    hv.notify(h1, p1.port)
+    assert pending(p2.inbox) == 1
+    hv.close_handle(h1)
+    hv.close_handle(h2)
+
+
+def test_set_notify_rules_and_firing(hv: Hypervisor) -> None:
+    h1, h2 = hv.open_handle(1), hv.open_handle(2)
+    s = hv.share(h1, 2, 2, writable=True)
+    ro = hv.share(h1, 2, 1, writable=False)
+    m = hv.map(h2, [(1, r) for r in s.refs], writable=True)
+    mro = hv.map(h2, ro.refs and [(1, ro.refs[0])], writable=False)
+    p2 = hv.alloc_unbound(h2, 1)
+    p1 = hv.bind_interdomain(h1, 2, p2.port)
+    pending(p1.inbox)
+    pending(p2.inbox)
+    hid = m.handle_id
+    refused(lambda: hv.set_notify(h2, 99, 0, 1, 0), PlatformError, errno.ENOENT)
+    h1b = hv.open_handle(1)
+    refused(lambda: hv.set_notify(h1b, hid, 0, 1, 0), PlatformError, errno.ENOENT)  # not its own
+    hv.close_handle(h1b)
+    for bad in (4, 8, -1):
+        refused(lambda bad=bad: hv.set_notify(h2, hid, 0, bad, 0), PlatformError, errno.EINVAL)
+    for bad in (-1, 2 * PAGE_SIZE):
+        refused(lambda bad=bad: hv.set_notify(h2, hid, bad, 1, 0), PlatformError, errno.EINVAL)
+    refused(lambda: hv.set_notify(h2, mro.handle_id, 0, 1, 0), PlatformError, errno.EINVAL)
+    refused(lambda: hv.set_notify(h2, hid, 0, 2, 5), PlatformError, errno.EINVAL)  # no such port
+    refused(lambda: hv.set_notify(h2, hid, 0, 2, 0), PlatformError, errno.EINVAL)
+    assert m.notify is None and p2.notify_refs == 0
+    hv.set_notify(h2, mro.handle_id, PAGE_SIZE - 1, 2, p2.port)  # event only: read-only is fine
+    assert p2.notify_refs == 1
+    hv.set_notify(h2, mro.handle_id, 0, 0, 0)  # replacing drops the old port reference
+    assert p2.notify_refs == 0
+    hv.set_notify(h2, hid, 2 * PAGE_SIZE - 1, 3, p2.port)
+    last = s.entries[1].segment
+    last.mm[2 * PAGE_SIZE - 1] = 0xAA
+    last.mm[2 * PAGE_SIZE - 2] = 0xBB
+    hv.unbind(h2, p2.port)  # kept open for the notification
+    assert p2.detached and hv.status(h1, 1, p1.port)[0] == EvtchnState.interdomain
+    hv.unmap(h2, hid)
+    assert last.mm[2 * PAGE_SIZE - 1] == 0 and last.mm[2 * PAGE_SIZE - 2] == 0xBB
+    assert pending(p1.inbox) == 1
+    assert hv.status(h1, 1, p1.port)[:1] == (EvtchnState.unbound,)  # p2 closed after firing
+    assert hv.stats(2).ports == 0
+    # a share's own notification (no Mapping: clear-byte allowed on a read-only share)
+    hv.set_notify(h1, ro.handle_id, 5, 1, 0)
+    ro.entries[0].segment.mm[5] = 7
+    hv.unmap(h2, mro.handle_id)
+    hv.end_access(h1, ro.refs)
+    hv.close_handle(h1)
+    hv.close_handle(h2)
+
+
+def test_notify_fires_once_on_deferred_end_and_not_for_other_pages(hv: Hypervisor) -> None:
+    h1, h2 = hv.open_handle(1), hv.open_handle(2)
+    s = hv.share(h1, 2, 2, writable=True)
+    p2 = hv.alloc_unbound(h2, 1)
+    p1 = hv.bind_interdomain(h1, 2, p2.port)
+    pending(p1.inbox)
+    pending(p2.inbox)
+    seg = s.entries[0].segment
+    seg.mm[PAGE_SIZE + 3] = 9
+    hv.set_notify(h1, s.handle_id, PAGE_SIZE + 3, 3, p1.port)
+    assert p1.notify_refs == 1
+    m = hv.map(h2, [(1, s.refs[1])], writable=False)
+    hv.end_access(h1, [s.refs[0]])  # the other page: nothing fires
+    assert seg.mm[PAGE_SIZE + 3] == 9 and pending(p2.inbox) == 0
+    hv.end_access(h1, [s.refs[1]], defer=True)  # the notified page: fires now, once
+    assert seg.mm[PAGE_SIZE + 3] == 0 and pending(p2.inbox) == 1 and p1.notify_refs == 0
+    hv.unmap(h2, m.handle_id)
+    assert pending(p2.inbox) == 0 and hv.stats(1).grants == 0
+    hv.close_handle(h1)
+    hv.close_handle(h2)
+
+
+def _copy(hv: Hypervisor, h: Any, src: Any, dst: Any, n: int) -> int:
+    (st,) = hv.copy(h, [GrantCopy(src, dst, n)])
+    return st
+
+
+def test_copy_grant_sides_bounds_and_permissions(hv: Hypervisor) -> None:
+    h1, h2 = hv.open_handle(1), hv.open_handle(2)
+    rw = hv.share(h1, 2, 1, writable=True)
+    ro = hv.share(h1, 2, 1, writable=False)
+    to0 = hv.share(h1, 0, 1, writable=True)
+    g, r = rw.refs[0], ro.refs[0]
+    rwseg = rw.entries[0].segment
+    rwseg.mm[:PAGE_SIZE] = bytes(range(256)) * 16
+    ro.entries[0].segment.mm[:PAGE_SIZE] = b"\x5a" * PAGE_SIZE
+    buf = bytearray(PAGE_SIZE + 1)
+    L = LocalPtr
+    assert _copy(hv, h2, GrantPtr(1, g, 0), L(buf), PAGE_SIZE) == GntSt.okay
+    assert bytes(buf[:PAGE_SIZE]) == bytes(rwseg.mm[:PAGE_SIZE]) and buf[PAGE_SIZE] == 0
+    assert _copy(hv, h2, GrantPtr(1, g, 0), L(buf), PAGE_SIZE + 1) == GntSt.bad_copy_arg
+    assert _copy(hv, h2, GrantPtr(1, g, 0), L(buf), -1) == GntSt.bad_copy_arg
+    assert _copy(hv, h2, GrantPtr(1, g, 0), L(buf), 0) == GntSt.okay
+    assert _copy(hv, h2, GrantPtr(1, g, PAGE_SIZE - 3), L(buf, 1), 3) == GntSt.okay
+    assert bytes(buf[1:4]) == bytes(rwseg.mm[PAGE_SIZE - 3 : PAGE_SIZE])
+    assert _copy(hv, h2, GrantPtr(1, g, PAGE_SIZE - 3), L(buf), 4) == GntSt.bad_copy_arg
+    assert _copy(hv, h2, GrantPtr(1, g, -1), L(buf), 1) == GntSt.bad_copy_arg
+    assert _copy(hv, h2, L(buf), GrantPtr(1, g, PAGE_SIZE - 2), 3) == GntSt.bad_copy_arg
+    assert _copy(hv, h2, L(buf), GrantPtr(1, g, -1), 1) == GntSt.bad_copy_arg
+    assert _copy(hv, h2, GrantPtr(7, g), L(buf), 1) == GntSt.bad_domain
+    assert _copy(hv, h2, L(buf), GrantPtr(7, g), 1) == GntSt.bad_domain
+    assert _copy(hv, h2, GrantPtr(1, to0.refs[0]), L(buf), 1) == GntSt.bad_gntref
+    assert _copy(hv, h2, GrantPtr(1, 3), L(buf), 1) == GntSt.bad_gntref
+    assert _copy(hv, h2, L(buf), GrantPtr(1, r), 1) == GntSt.permission_denied
+    assert _copy(hv, h2, GrantPtr(1, r), GrantPtr(1, g, 10), 2) == GntSt.okay
+    assert bytes(rwseg.mm[10:12]) == b"\x5a\x5a"
+    # the granter copying its own grant through DOMID_SELF is not the grantee: refused
+    assert _copy(hv, h1, GrantPtr(DOMID_SELF, g), L(buf), 1) == GntSt.bad_gntref
+    # local sides: bounds at both edges, a read-only destination buffer
+    small = bytearray(8)
+    assert _copy(hv, h2, L(small, 4), GrantPtr(1, g, 100), 4) == GntSt.okay
+    assert _copy(hv, h2, L(small, 5), GrantPtr(1, g, 100), 4) == GntSt.bad_copy_arg
+    assert _copy(hv, h2, L(small, -1), GrantPtr(1, g, 100), 1) == GntSt.bad_copy_arg
+    assert _copy(hv, h2, GrantPtr(1, g), L(small, 4), 4) == GntSt.okay
+    assert _copy(hv, h2, GrantPtr(1, g), L(small, 5), 4) == GntSt.bad_copy_arg
+    assert _copy(hv, h2, GrantPtr(1, g), L(small, -1), 1) == GntSt.bad_copy_arg
+    assert _copy(hv, h2, GrantPtr(1, g), L(bytes(8)), 1) == GntSt.bad_copy_arg
+    assert _copy(hv, h2, L(bytes([3, 4])), GrantPtr(1, g, 200), 2) == GntSt.okay
+    assert bytes(rwseg.mm[200:202]) == b"\x03\x04"
+    assert _copy(hv, h2, "nonsense", L(small), 1) == GntSt.general_error  # type: ignore[arg-type]
+    assert _copy(hv, h2, L(small), "nonsense", 1) == GntSt.general_error  # type: ignore[arg-type]
+    # a revoking grant can no longer be copied
+    m = hv.map(h2, [(1, g)], writable=False)
+    hv.end_access(h1, [g], defer=True)
+    assert _copy(hv, h2, GrantPtr(1, g), L(buf), 1) == GntSt.bad_gntref
+    hv.unmap(h2, m.handle_id)
+    hv.close_handle(h1)
+    hv.close_handle(h2)
+
+
+def test_copy_batches_merge_runs_and_match_a_byte_model(hv: Hypervisor) -> None:
+    h1, h2 = hv.open_handle(1), hv.open_handle(2)
+    s = hv.share(h1, 2, 2, writable=True)
+    a, b = s.refs
+    seg = s.entries[0].segment
+    seg.mm[: 2 * PAGE_SIZE] = bytes((i * 7) % 251 for i in range(2 * PAGE_SIZE))
+    model = bytearray(seg.mm[: 2 * PAGE_SIZE])
+    out = bytearray(300)
+    segs = [
+        GrantCopy(GrantPtr(1, a, 0), LocalPtr(out, 0), 100),
+        GrantCopy(GrantPtr(1, a, 100), LocalPtr(out, 100), 50),  # contiguous: merged
+        GrantCopy(GrantPtr(1, a, 0), LocalPtr(out, 150), PAGE_SIZE + 1),  # refused alone
+        GrantCopy(GrantPtr(1, b, 10), LocalPtr(out, 150), 50),  # not contiguous at the source
+        GrantCopy(GrantPtr(1, b, 60), LocalPtr(out, 201), 20),  # gap at the destination
+        GrantCopy(LocalPtr(b"xyz"), GrantPtr(1, a, PAGE_SIZE - 3), 3),
+    ]
+    plan = hv.prepare_copy(h2, segs)
+    assert plan() == [0, 0, GntSt.bad_copy_arg, 0, 0, 0]
+    want = bytearray(300)
+    want[0:150] = model[0:150]
+    want[150:200] = model[PAGE_SIZE + 10 : PAGE_SIZE + 60]
+    want[201:221] = model[PAGE_SIZE + 60 : PAGE_SIZE + 80]
+    assert out == want
+    assert bytes(seg.mm[PAGE_SIZE - 3 : PAGE_SIZE]) == b"xyz"
+    seg.mm[5] = 0xEE  # run again: the plan copies the current bytes
+    assert plan()[0] == 0 and out[5] == 0xEE
+    hv.end_access(h1, [b])  # grant tables changed: revalidated
+    assert plan() == [0, 0, GntSt.bad_copy_arg, GntSt.bad_gntref, GntSt.bad_gntref, 0]
+    plan.release()
+    hv.close_handle(h2)
+    refused(plan, PlatformError, errno.EBADF)
+    refused(lambda: hv.copy(h2, []), PlatformError, errno.EBADF)
+    refused(lambda: hv.prepare_copy(h2, []), PlatformError, errno.EBADF)
+    hv.close_handle(h1)
+
+
+def test_copy_own_pages_rules(hv: Hypervisor) -> None:
+    h1, h1b, h2 = hv.open_handle(1), hv.open_handle(1), hv.open_handle(2)
+    s = hv.share(h1, 2, 3, writable=True)
+    seg = s.entries[0].segment
+    seg.mm[: 3 * PAGE_SIZE] = bytes(i % 253 for i in range(3 * PAGE_SIZE))
+    g = hv.share(h2, 1, 1, writable=True)
+    gseg = g.entries[0].segment
+    sid = s.handle_id
+    buf = bytearray(2 * PAGE_SIZE)
+    L = LocalPtr
+    # a window across pages of one multi-page share is fine, up to the share's end
+    assert _copy(hv, h1, SharePtr(sid, PAGE_SIZE - 10), L(buf), 20) == GntSt.okay
+    assert bytes(buf[:20]) == bytes(seg.mm[PAGE_SIZE - 10 : PAGE_SIZE + 10])
+    assert _copy(hv, h1, SharePtr(sid, 2 * PAGE_SIZE), L(buf), PAGE_SIZE) == GntSt.okay
+    assert _copy(hv, h1, SharePtr(sid, 2 * PAGE_SIZE + 1), L(buf), PAGE_SIZE) == GntSt.bad_copy_arg
+    assert _copy(hv, h1, SharePtr(sid, -1), L(buf), 1) == GntSt.bad_copy_arg
+    assert _copy(hv, h1, SharePtr(sid, 0), L(buf), -1) == GntSt.bad_copy_arg
+    assert _copy(hv, h1, L(b"own"), SharePtr(sid, 3 * PAGE_SIZE - 3), 3) == GntSt.okay
+    assert bytes(seg.mm[3 * PAGE_SIZE - 3 : 3 * PAGE_SIZE]) == b"own"
+    # another handle's share (same domain or not) and unknown ids name nothing
+    assert _copy(hv, h1b, SharePtr(sid, 0), L(buf), 1) == GntSt.bad_page
+    h2b = hv.open_handle(2)
+    assert _copy(hv, h2b, SharePtr(sid, 0), L(buf), 1) == GntSt.bad_page
+    hv.close_handle(h2b)
+    assert _copy(hv, h1, SharePtr(99, 0), L(buf), 1) == GntSt.bad_page
+    # own page to grant and back
+    assert _copy(hv, h1, SharePtr(sid, 5), SharePtr(sid, PAGE_SIZE + 5), 3) == GntSt.okay
+    assert bytes(seg.mm[PAGE_SIZE + 5 : PAGE_SIZE + 8]) == bytes(seg.mm[5:8])
+    assert _copy(hv, h1, SharePtr(sid, 0), GrantPtr(2, g.refs[0], 7), 4) == GntSt.okay
+    assert bytes(gseg.mm[7:11]) == bytes(seg.mm[0:4])
+    # an ended page: refused whether it starts the window or is crossed into
+    m = hv.map(h2, [(1, s.refs[2])], writable=False)
+    hv.end_access(h1, [s.refs[1]])
+    assert _copy(hv, h1, SharePtr(sid, PAGE_SIZE), L(buf), 1) == GntSt.bad_page
+    assert _copy(hv, h1, SharePtr(sid, PAGE_SIZE - 1), L(buf), 2) == GntSt.bad_page
+    assert _copy(hv, h1, SharePtr(sid, 2 * PAGE_SIZE - 1), L(buf), 2) == GntSt.bad_page
+    assert _copy(hv, h1, SharePtr(sid, PAGE_SIZE - 1), L(buf), 1) == GntSt.okay
+    assert _copy(hv, h1, SharePtr(sid, 2 * PAGE_SIZE), L(buf), 1) == GntSt.okay
+    # a revoking page likewise
+    hv.end_access(h1, [s.refs[2]], defer=True)
+    assert _copy(hv, h1, SharePtr(sid, 2 * PAGE_SIZE), L(buf), 1) == GntSt.bad_page
+    assert _copy(hv, h1, SharePtr(sid, PAGE_SIZE - 1), L(buf), 1) == GntSt.okay
+    hv.unmap(h2, m.handle_id)
+    # guest frames are one memfd each: a window stays inside one frame
+    f = hv.alloc_frames(h1, 2)
+    fid = f.handle_id
+    fseg0, fseg1 = (e.segment for e in f.entries)
+    assert fseg0 is not fseg1
+    assert _copy(hv, h1, L(b"ab"), SharePtr(fid, PAGE_SIZE - 2), 2) == GntSt.okay
+    assert bytes(fseg0.mm[PAGE_SIZE - 2 : PAGE_SIZE]) == b"ab"
+    assert _copy(hv, h1, L(b"abc"), SharePtr(fid, PAGE_SIZE - 2), 3) == GntSt.bad_copy_arg
+    assert _copy(hv, h1, L(b"c"), SharePtr(fid, PAGE_SIZE), 1) == GntSt.okay
+    assert fseg1.mm[0] == ord("c")
+    hv.close_handle(h1)
+    hv.close_handle(h1b)
+    hv.close_handle(h2)
+
+
+def test_guest_frames_grant_frame_and_foreign_map(hv: Hypervisor) -> None:
+    h0, h1, h2 = hv.open_handle(0), hv.open_handle(1), hv.open_handle(2)
+    for bad in (0, -1, core.MAX_BATCH + 1):
+        refused(lambda bad=bad: hv.alloc_frames(h1, bad), PlatformError, errno.EINVAL)
+    f = hv.alloc_frames(h1, 3)
+    assert f.refs == (core.FIRST_GFN, core.FIRST_GFN + 1, core.FIRST_GFN + 2)
+    assert [e.page for e in f.entries] == [0, 0, 0] and all(e.frame for e in f.entries)
+    # the frame table holds max_grants (16) frames: 13 more fit, then none
+    refused(lambda: hv.alloc_frames(h1, 14), ResourceExhausted, errno.ENOSPC)
+    g2 = hv.alloc_frames(h1, 13)
+    assert g2.refs[0] == core.FIRST_GFN + 3
+    refused(lambda: hv.alloc_frames(h1, 1), ResourceExhausted, errno.ENOSPC)
+    hv.unmap(h1, g2.handle_id)
+    g3 = hv.alloc_frames(h1, 1)
+    assert g3.refs == (core.FIRST_GFN + 16,)  # gfns are never reused
+    gfn = f.refs[1]
+    # grant_frame: a live frame of the caller's domain, to another existing domain
+    refused(lambda: hv.grant_frame(h1, 0x1234, 2), PlatformError, errno.EINVAL)
+    refused(lambda: hv.grant_frame(h2, gfn, 1), PlatformError, errno.EINVAL)  # not dom2's
+    for bad in (1, -1, RESERVED_DOMID):
+        refused(lambda bad=bad: hv.grant_frame(h1, gfn, bad), PlatformError, errno.EINVAL)
+    refused(lambda: hv.grant_frame(h1, gfn, 7), NoSuchDomain, errno.ESRCH)
+    for bad in (2, -1):
+        refused(
+            lambda bad=bad: hv.grant_frame(h1, gfn, 2, reserved=bad), PlatformError, errno.EINVAL
+        )
+    gr = hv.grant_frame(h1, gfn, 2, reserved=1)
+    refused(lambda: hv.grant_frame(h1, gfn, 2, reserved=1), PlatformError, errno.EBUSY)
+    gr2 = hv.grant_frame(h1, gfn, 0)
+    assert gr.refs == (1,) and gr2.refs == (FIRST_REF,)
+    assert not gr.entries[0].readonly and gr.entries[0].grantee == 2
+    fseg = f.entries[1].segment
+    assert gr.entries[0].segment is fseg and fseg.refs_live == 3
+    m2 = hv.map(h2, [(1, 1)], writable=True)
+    fseg.mm[0] = 0x42
+    assert m2.segment_at(0)[0].mm[0] == 0x42
+    # foreign_map: dom0 only, frames of a live other domain, all or nothing
+    refused(lambda: hv.foreign_map(h2, 1, [gfn], writable=True), PlatformError, errno.EPERM)
+    for bad in ([], [gfn] * (core.MAX_BATCH + 1)):
+        refused(
+            lambda bad=bad: hv.foreign_map(h0, 1, bad, writable=True), PlatformError, errno.EINVAL
+        )
+    map_refused(
+        lambda: hv.foreign_map(h0, 7, [gfn], writable=True), errno.ESRCH, 0, GntSt.bad_domain
+    )
+    map_refused(
+        lambda: hv.foreign_map(h0, DOMID_SELF, [gfn], writable=True),
+        errno.ESRCH,
+        0,
+        GntSt.bad_domain,
+    )
+    map_refused(
+        lambda: hv.foreign_map(h0, 0, [gfn], writable=True), errno.ESRCH, 0, GntSt.bad_domain
+    )
+    map_refused(
+        lambda: hv.foreign_map(h0, 1, [gfn, 0x99], writable=True), errno.EINVAL, 1, GntSt.bad_page
+    )
+    map_refused(  # a freed frame
+        lambda: hv.foreign_map(h0, 1, [g2.refs[0]], writable=True), errno.EINVAL, 0, GntSt.bad_page
+    )
+    assert f.entries[1].mappers == 0 and hv.domain(0).maptrack == 0
+    fm = hv.foreign_map(h0, 1, [f.refs[0], gfn], writable=True)
+    assert [e.mappers for e in f.entries] == [1, 1, 0] and hv.domain(0).maptrack == 2
+    assert fm.segment_at(PAGE_SIZE)[0] is fseg
+    # the maptrack bound counts foreign maps too (6): 4 more fit exactly
+    map_refused(
+        lambda: hv.foreign_map(h0, 1, [gfn] * 5, writable=False), errno.ENOSPC, 0, GntSt.no_space
+    )
+    fm4 = hv.foreign_map(h0, 1, [gfn] * 4, writable=False)
+    hv.unmap(h0, fm4.handle_id)
+    # freeing frames while dom0 maps them: deferred; the grant keeps the memory
+    hv.unmap(h1, f.handle_id)
+    assert hv.outstanding()["frames"] == 3  # two still mapped (revoking) + g3
+    map_refused(
+        lambda: hv.foreign_map(h0, 1, [gfn], writable=True), errno.EINVAL, 0, GntSt.bad_page
+    )
+    refused(lambda: hv.grant_frame(h1, gfn, 2), PlatformError, errno.EINVAL)
+    hv.unmap(h0, fm.handle_id)
+    assert hv.outstanding()["frames"] == 1 and fseg.fd >= 0  # grants still refer to it
+    hv.unmap(h2, m2.handle_id)
+    hv.end_access(h1, [1, FIRST_REF])
+    assert fseg.fd == -1
+    hv.close_handle(h1)
+    assert hv.outstanding()["frames"] == 0
+    hv.close_handle(h0)
+    hv.close_handle(h2)
+
+
+def test_destroyed_domain_releases_everything_but_mapped_grants(hv: Hypervisor) -> None:
+    h0, h1, h2 = hv.open_handle(0), hv.open_handle(1), hv.open_handle(2)
+    virq = hv.bind_virq(h0, core.VIRQ_DOM_EXC)
+    pending(virq.inbox)
+    s = hv.share(h1, 2, 2, writable=True)
+    f = hv.alloc_frames(h1, 2)
+    p1 = hv.alloc_unbound(h1, 2)
+    p2 = hv.bind_interdomain(h2, 1, p1.port)
+    m = hv.map(h2, [(1, s.refs[0])], writable=True)
+    fm = hv.foreign_map(h0, 1, [f.refs[1]], writable=False)
+    gen = hv.grant_gen
+    hv.destroy_domain(1)
+    assert hv.grant_gen > gen and pending(virq.inbox) == 1
+    refused(lambda: hv.domain(1), NoSuchDomain, errno.ESRCH)
+    assert h1.closed and hv.outstanding()["zombies"] == 1
+    assert hv.status(h2, 2, p2.port) == (EvtchnState.unbound, 1, 0)
+    o = hv.outstanding()
+    assert (o["grants"], o["frames"]) == (1, 1)  # only what others still map
+    assert _copy(hv, h2, GrantPtr(1, s.refs[0]), LocalPtr(bytearray(1)), 1) == GntSt.bad_domain
+    hv.unmap(h2, m.handle_id)
+    assert hv.outstanding()["zombies"] == 1
+    hv.unmap(h0, fm.handle_id)
+    assert hv.outstanding()["zombies"] == 0 and hv.outstanding()["grants"] == 0
+    hv.create_domain(1)  # the id can be reused, with a fresh table
+    assert hv.stats(1).grants == 0
+    hv.close_handle(h0)
+    hv.close_handle(h2)
+
+
+def test_port_rules_numbering_and_status(hv: Hypervisor) -> None:
+    h0, h1, h1b, h2 = (hv.open_handle(d) for d in (0, 1, 1, 2))
+    refused(lambda: hv.alloc_unbound(h1, 7), NoSuchDomain, errno.ESRCH)
+    u = hv.alloc_unbound(h1, DOMID_SELF)  # DOMID_SELF: offered to dom1 itself
+    assert u.port == 1 and hv.status(h1, DOMID_SELF, 1) == (EvtchnState.unbound, 1, 0)
+    o = hv.alloc_unbound(h1, 2)
+    assert o.port == 2
+    refused(lambda: hv.bind_interdomain(h2, 1, u.port), PortError, errno.EINVAL)  # not offered
+    refused(lambda: hv.bind_interdomain(h2, 1, 5), PortError, errno.EINVAL)
+    refused(lambda: hv.bind_interdomain(h2, 7, 1), NoSuchDomain, errno.ESRCH)
+    gen1 = hv.domain(1).gen[o.port]
+    b = hv.bind_interdomain(h2, 1, o.port)
+    assert b.port == 1 and pending(b.inbox) == 1 and pending(o.inbox) == 0
+    assert hv.domain(1).gen[o.port] == gen1 + 1
+    refused(lambda: hv.bind_interdomain(h0, 1, o.port), PortError, errno.EINVAL)  # bound now
+    refused(lambda: hv.bind_interdomain(h2, 1, o.port), PortError, errno.EINVAL)
+    assert hv.status(h1, 1, o.port) == (EvtchnState.interdomain, 2, 1)
+    assert hv.status(h0, 2, 1) == (EvtchnState.interdomain, 1, o.port)
+    assert hv.status(h0, 1, 5) == (EvtchnState.closed, 0, 0)
+    refused(lambda: hv.status(h2, 1, o.port), PlatformError, errno.EPERM)
+    refused(lambda: hv.status(h0, 7, 1), NoSuchDomain, errno.ESRCH)
+    # sending: to the remote inbox only; unbound is a no-op; only the owning handle
+    assert hv.notify(h1, o.port) is b and pending(b.inbox) == 1 and pending(o.inbox) == 0
+    assert hv.notify(h1, u.port) is None
+    refused(lambda: hv.notify(h1b, o.port), PortError, errno.EINVAL)
+    refused(lambda: hv.unbind(h1b, o.port), PortError, errno.EINVAL)
+    refused(lambda: hv.port_of(h1b, o.port), PortError, errno.EINVAL)
+    assert hv.port_of(h1, o.port) is o
+    # the port table (max_ports 6: ports 1-5), lowest free first
+    more = [hv.alloc_unbound(h1b, 0).port for _ in range(3)]
+    assert more == [3, 4, 5]
+    refused(lambda: hv.alloc_unbound(h1, 0), ResourceExhausted, errno.ENOSPC)
+    assert hv.stats(1).ports == 5 and hv.stats(1).fds == 2 + 5
+    hv.unbind(h1b, 4)
+    hv.unbind(h1, u.port)
+    assert hv.alloc_unbound(h1, 0).port == 1 and hv.alloc_unbound(h1, 0).port == 4
+    # closing one end puts the other back to unbound, offered to the closer's domain
+    gen2 = hv.domain(2).gen[b.port]
+    hv.unbind(h1, o.port)
+    assert hv.status(h2, 2, b.port) == (EvtchnState.unbound, 1, 0)
+    assert hv.domain(2).gen[b.port] == gen2 + 1
+    assert hv.status(h1, 1, o.port) == (EvtchnState.closed, 0, 0)
+    assert hv.notify(h2, b.port) is None
+    # restriction: irreversible, to one domain
+    hv.restrict(h0, 2)
+    hv.restrict(h0, 2)
+    refused(lambda: hv.restrict(h0, 1), PortError, errno.EINVAL)
+    o2 = hv.alloc_unbound(h1, 0)
+    refused(lambda: hv.bind_interdomain(h0, 1, o2.port), PortError, errno.EPERM)
+    o3 = hv.alloc_unbound(h2, 0)
+    assert hv.bind_interdomain(h0, 2, o3.port).remote is o3
+    for h in (h0, h1, h1b, h2):
+        hv.close_handle(h)
+    refused(lambda: hv.alloc_unbound(h1, 0), PlatformError, errno.EBADF)
+    refused(lambda: hv.notify(h1, 1), PlatformError, errno.EBADF)
+    refused(lambda: hv.unbind(h1, 1), PlatformError, errno.EBADF)
+    assert hv.stats(1).ports == 0 and hv.stats(1).fds == 0
+
+
+def test_virq_rules(hv: Hypervisor) -> None:
+    h0, h1 = hv.open_handle(0), hv.open_handle(1)
+    for bad in (-1, core.NR_VIRQS):
+        refused(lambda bad=bad: hv.bind_virq(h1, bad), PortError, errno.EINVAL)
+    for other in (0, core.NR_VIRQS - 1, core.VIRQ_DOM_EXC + 1):
+        refused(lambda other=other: hv.bind_virq(h1, other), PortError, errno.ENOSYS)
+    v1 = hv.bind_virq(h1, core.VIRQ_DOM_EXC)
+    refused(lambda: hv.bind_virq(h1, core.VIRQ_DOM_EXC), PortError, errno.EEXIST)
+    assert hv.status(h1, 1, v1.port) == (EvtchnState.virq, core.VIRQ_DOM_EXC, 0)
+    refused(lambda: hv.notify(h1, v1.port), PortError, errno.EINVAL)
+    v0 = hv.bind_virq(h0, core.VIRQ_DOM_EXC)
+    hv.shutdown_domain(2, core.SHUTDOWN_CRASH)
+    assert pending(v0.inbox) == 1 and pending(v1.inbox) == 0  # dom0 only
+    hv.shutdown_domain(2, 0)
+    assert pending(v0.inbox) == 0
+    hv.unbind(h1, v1.port)
+    assert hv.bind_virq(h1, core.VIRQ_DOM_EXC).port == v1.port  # bindable again
+    hv.close_handle(h0)
+    hv.close_handle(h1)
+
+
+def test_lent_ports_go_home(hv: Hypervisor) -> None:
+    home, taker, other = hv.open_handle(1), hv.open_handle(1), hv.open_handle(2)
+    p = hv.alloc_unbound(home, 0)
+    refused(lambda: hv.lend_port(p, other), PortError, errno.EBUSY)  # another domain
+    gen = hv.domain(1).gen[p.port]
+    hv.lend_port(p, taker)
+    assert p.owner is taker and p.home is home and p.port in taker.ports
+    assert p.port not in home.ports and hv.domain(1).gen[p.port] == gen + 1
+    refused(lambda: hv.lend_port(p, home), PortError, errno.EBUSY)  # lent already
+    hv.unbind(taker, p.port)  # goes back, stays open
+    assert p.owner is home and p.home is None and p.port in home.ports
+    assert hv.domain(1).gen[p.port] == gen + 2 and hv.stats(1).ports == 1
+    hv.lend_port(p, taker)
+    hv.close_handle(taker)  # the borrower's death returns it too
+    assert p.owner is home and hv.stats(1).ports == 1
+    taker2 = hv.open_handle(1)
+    hv.lend_port(p, taker2)
+    hv.close_handle(home)  # home gone: the port closes with its borrower
+    hv.close_handle(taker2)
+    assert hv.stats(1).ports == 0
+    # a detached port (kept for a notification) cannot be lent
+    h2 = hv.open_handle(2)
+    s = hv.share(h2, 1, 1, writable=True)
+    q = hv.alloc_unbound(h2, 1)
+    hv.set_notify(h2, s.handle_id, 0, 2, q.port)
+    hv.unbind(h2, q.port)
+    refused(lambda: hv.lend_port(q, h2), PortError, errno.EBUSY)
+    closed = hv.open_handle(2)
+    hv.close_handle(closed)
+    refused(lambda: hv.lend_port(q, closed), PlatformError, errno.EBADF)
+    hv.close_handle(h2)
+    hv.close_handle(other)
+    assert hv.stats(2).ports == 0
+
+
+def test_handle_table_bound_and_close_order() -> None:
+    hv = Hypervisor(max_grants=FIRST_REF + 4, max_ports=4, max_handles=2)
+    try:
+        hv.create_domain(1)
+        refused(lambda: hv.open_handle(9), NoSuchDomain, errno.ESRCH)
+        h, h2 = hv.open_handle(1), hv.open_handle(1)
+        refused(lambda: hv.open_handle(1), ResourceExhausted, errno.ENOSPC)
+        closed: list[int] = []
+        h.on_close.append(lambda: closed.append(1))
+        hv.close_handle(h)
+        hv.close_handle(h)  # idempotent
+        assert closed == [1] and hv.stats(1).handles == 1
+        h3 = hv.open_handle(1)
+        assert h3.id > h2.id > h.id
+    finally:
+        hv.close()
+    hv.assert_released()

@@ -9,7 +9,9 @@ code fails here.  This also reaches the functions only the daemon calls in norma
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import resource
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -43,6 +45,7 @@ def refused(fn: Callable[[], Any], exc: type[BaseException], code: int) -> Any:
     with pytest.raises(exc) as info:
         fn()
     assert getattr(info.value, "errno", None) == code, (info.value, code)
+    assert isinstance(info.value.args[0], str) and info.value.args[0], info.value.args
     return info.value
 
 
@@ -772,3 +775,67 @@ def test_handle_table_bound_and_close_order() -> None:
     finally:
         hv.close()
     hv.assert_released()
+
+
+def test_released_plan_runs_again_and_segments_close_once() -> None:
+    hv = Hypervisor(max_grants=FIRST_REF + 2, max_ports=2)
+    try:
+        assert hv.xenstore_rings == {} and hv.grant_gen == 0
+        h0 = hv.open_handle(0)
+        hv.create_domain(1)
+        s = hv.share(h0, 1, 1, writable=True)
+        assert hv.grant_gen == 1  # one share: the plan's rebuild must not trust a stale id
+        h1 = hv.open_handle(1)
+        out = bytearray(4)
+        plan = hv.prepare_copy(h1, [GrantCopy(GrantPtr(0, s.refs[0]), LocalPtr(out), 4)])
+        seg = s.entries[0].segment
+        seg.mm[:4] = b"abcd"
+        assert plan() == [0] and out == b"abcd"
+        plan.release()
+        seg.mm[:4] = b"wxyz"
+        assert plan() == [0] and out == b"wxyz"  # rebuilt after release
+        plan.release()
+        # a writable share's memfd takes no further seals; a read-only one only once mapped
+        with pytest.raises(OSError):
+            fcntl.fcntl(seg.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+        hv.end_access(h0, s.refs)
+        assert seg.fd == -1
+        seg.close()  # idempotent
+        assert seg.fd == -1
+        o = hv.outstanding()
+        assert (o["handles"], o["frames"], o["grants"]) == (2, 0, 0)
+        hv.close_handle(h1)
+        assert hv.outstanding()["handles"] == 1
+        hv.close_handle(h0)
+    finally:
+        hv.close()
+
+
+def test_dom0s_descriptor_reserve_refuses_guests_only() -> None:
+    """Below RLIMIT_NOFILE, the last FD_RESERVE descriptors are dom0's: a guest's port or
+    pages landing there are refused with nothing charged or allocated; dom0's are not."""
+    hv = Hypervisor(max_grants=FIRST_REF + 4, max_ports=4)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        hv.create_domain(1)
+        h0, h1 = hv.open_handle(0), hv.open_handle(1)
+        probe = os.dup(0)
+        os.close(probe)
+        # the next descriptor is `probe`: put it just inside the reserve, then just outside
+        resource.setrlimit(resource.RLIMIT_NOFILE, (probe + core.FD_RESERVE, hard))
+        refused(lambda: hv.alloc_unbound(h1, 0), ResourceExhausted, errno.ENOSPC)
+        refused(lambda: hv.share(h1, 0, 1, writable=True), ResourceExhausted, errno.ENOSPC)
+        st = hv.stats(1)
+        assert (st.fds, st.ports, st.grants) == (1, 0, 0)
+        p0 = hv.alloc_unbound(h0, 1)  # dom0 may use its reserve
+        hv.unbind(h0, p0.port)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (probe + core.FD_RESERVE + 1, hard))
+        p = hv.alloc_unbound(h1, 0)
+        assert p.port == 1 and hv.stats(1).fds == 2
+        hv.unbind(h1, p.port)
+        assert hv.stats(1).fds == 1
+        hv.close_handle(h0)
+        hv.close_handle(h1)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        hv.close()

@@ -155,8 +155,11 @@ def test_share_of_a_full_batch_and_a_failed_segment_returns_its_refs() -> None:
         refused(lambda: hv.open_handle(1), ResourceExhausted, errno.ENOSPC)
         hv.close_handle(h)
         assert hv.stats(1).fds == 0
-        # dom0 has no descriptor quota
+        # dom0 has no descriptor quota; a frame batch takes up to MAX_BATCH frames
         h0s = [hv.open_handle(0) for _ in range(9)]
+        frames = hv.alloc_frames(h0s[0], core.MAX_BATCH)
+        assert len(frames.refs) == core.MAX_BATCH
+        hv.unmap(h0s[0], frames.handle_id)
         assert hv.stats(0).fds == 9
         for h0 in h0s:
             hv.close_handle(h0)
@@ -272,6 +275,12 @@ def test_faults_hold_release_and_unknown(hv: Hypervisor) -> None:
     refused(lambda: hv.release_hold(1, ref + 1), PlatformError, errno.ENOENT)
     refused(lambda: hv.fault(99, 1), PlatformError, errno.EINVAL)
     refused(lambda: hv.fault(core.FAULT_HOLD_MAPPED, 9, ref), NoSuchDomain, errno.ESRCH)
+    console = hv.share(h1, 2, 1, writable=True, reserved=0)
+    hv.fault(core.FAULT_HOLD_MAPPED, 1)  # the ref defaults to 0
+    assert console.entries[0].holds == 1
+    hv.fault(core.FAULT_RELEASE_HOLD, 1)
+    assert console.entries[0].holds == 0
+    hv.end_access(h1, [0])
     hv.release_hold(1, ref)  # nothing held: a no-op, holds never go negative
     assert hv.domain(1).grants[ref].holds == 0
     hv.hold_mapped(1, ref)
@@ -506,6 +515,11 @@ def test_copy_own_pages_rules(hv: Hypervisor) -> None:
     assert _copy(hv, h1, SharePtr(sid, 2 * PAGE_SIZE - 1), L(buf), 2) == GntSt.bad_page
     assert _copy(hv, h1, SharePtr(sid, PAGE_SIZE - 1), L(buf), 1) == GntSt.okay
     assert _copy(hv, h1, SharePtr(sid, 2 * PAGE_SIZE), L(buf), 1) == GntSt.okay
+    # only the pages the window touches count: page 0 ended, pages 1-2 still fine
+    s4 = hv.share(h1, 2, 4, writable=True)
+    hv.end_access(h1, [s4.refs[0]])
+    assert s4.segments() == [s4.entries[0].segment]
+    assert _copy(hv, h1, SharePtr(s4.handle_id, 2 * PAGE_SIZE - 1), L(buf), 2) == GntSt.okay
     # a revoking page likewise
     hv.end_access(h1, [s.refs[2]], defer=True)
     assert _copy(hv, h1, SharePtr(sid, 2 * PAGE_SIZE), L(buf), 1) == GntSt.bad_page
@@ -533,6 +547,8 @@ def test_guest_frames_grant_frame_and_foreign_map(hv: Hypervisor) -> None:
     f = hv.alloc_frames(h1, 3)
     assert f.refs == (core.FIRST_GFN, core.FIRST_GFN + 1, core.FIRST_GFN + 2)
     assert [e.page for e in f.entries] == [0, 0, 0] and all(e.frame for e in f.entries)
+    assert f.writable and all(e.grantee == 0 and not e.readonly for e in f.entries)
+    assert f.segments() == [e.segment for e in f.entries]  # one memfd per frame
     # the frame table holds max_grants (16) frames: 13 more fit, then none
     refused(lambda: hv.alloc_frames(h1, 14), ResourceExhausted, errno.ENOSPC)
     g2 = hv.alloc_frames(h1, 13)
@@ -556,7 +572,8 @@ def test_guest_frames_grant_frame_and_foreign_map(hv: Hypervisor) -> None:
     refused(lambda: hv.grant_frame(h1, gfn, 2, reserved=1), PlatformError, errno.EBUSY)
     gr2 = hv.grant_frame(h1, gfn, 0)
     assert gr.refs == (1,) and gr2.refs == (FIRST_REF,)
-    assert not gr.entries[0].readonly and gr.entries[0].grantee == 2
+    assert gr.writable and not gr.entries[0].readonly and gr.entries[0].grantee == 2
+    assert gr.segments() == [f.entries[1].segment]
     fseg = f.entries[1].segment
     assert gr.entries[0].segment is fseg and fseg.refs_live == 3
     m2 = hv.map(h2, [(1, 1)], writable=True)
@@ -818,7 +835,7 @@ def test_dom0s_descriptor_reserve_refuses_guests_only() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         hv.create_domain(1)
-        h0, h1 = hv.open_handle(0), hv.open_handle(1)
+        h0, h1, h1b = hv.open_handle(0), hv.open_handle(1), hv.open_handle(1)
         probe = os.dup(0)
         os.close(probe)
         # the next descriptor is `probe`: put it just inside the reserve, then just outside
@@ -826,16 +843,17 @@ def test_dom0s_descriptor_reserve_refuses_guests_only() -> None:
         refused(lambda: hv.alloc_unbound(h1, 0), ResourceExhausted, errno.ENOSPC)
         refused(lambda: hv.share(h1, 0, 1, writable=True), ResourceExhausted, errno.ENOSPC)
         st = hv.stats(1)
-        assert (st.fds, st.ports, st.grants) == (1, 0, 0)
+        assert (st.fds, st.ports, st.grants) == (2, 0, 0)
         p0 = hv.alloc_unbound(h0, 1)  # dom0 may use its reserve
         hv.unbind(h0, p0.port)
         resource.setrlimit(resource.RLIMIT_NOFILE, (probe + core.FD_RESERVE + 1, hard))
         p = hv.alloc_unbound(h1, 0)
-        assert p.port == 1 and hv.stats(1).fds == 2
+        assert p.port == 1 and hv.stats(1).fds == 3
         hv.unbind(h1, p.port)
-        assert hv.stats(1).fds == 1
+        assert hv.stats(1).fds == 2
         hv.close_handle(h0)
         hv.close_handle(h1)
+        hv.close_handle(h1b)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         hv.close()

@@ -812,9 +812,17 @@ def test_released_plan_runs_again_and_segments_close_once() -> None:
         seg.mm[:4] = b"wxyz"
         assert plan() == [0] and out == b"wxyz"  # rebuilt after release
         plan.release()
-        # a writable share's memfd takes no further seals; a read-only one only once mapped
-        with pytest.raises(OSError):
-            fcntl.fcntl(seg.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+        # a writable share's memfd: size sealed, and no further seals (no one can make the
+        # granter's pages read-only under it); a read-only one is sealed when first mapped
+        fixed = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+        assert fcntl.fcntl(seg.fd, fcntl.F_GET_SEALS) == fixed | fcntl.F_SEAL_SEAL
+        ro = hv.share(h0, 1, 1, writable=False)
+        rseg = ro.entries[0].segment
+        assert fcntl.fcntl(rseg.fd, fcntl.F_GET_SEALS) == fixed
+        hv.unmap(h1, hv.map(h1, [(0, ro.refs[0])], writable=False).handle_id)
+        sealed = fixed | core.F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
+        assert fcntl.fcntl(rseg.fd, fcntl.F_GET_SEALS) == sealed
+        hv.end_access(h0, ro.refs)
         hv.end_access(h0, s.refs)
         assert seg.fd == -1
         seg.close()  # idempotent

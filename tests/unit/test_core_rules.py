@@ -252,6 +252,12 @@ def test_end_access_rules_and_deferred_release(hv: Hypervisor) -> None:
     assert hv.stats(1).grants == 1 and s.entries[1].freed
     hv.release_hold(1, z)
     assert hv.stats(1).grants == 0
+    # one call may end the refs of several shares: each share goes once all of it ended
+    sa, sb = hv.share(h1, 2, 1, writable=True), hv.share(h1, 2, 2, writable=True)
+    assert hv.stats(1).shares == 2
+    assert hv.end_access(h1, [*sa.refs, sb.refs[0]]) == 2
+    assert hv.stats(1).shares == 1 and (sa.ended, sb.ended) == (1, 1)
+    assert hv.end_access(h1, [sb.refs[1]]) == 1 and hv.stats(1).shares == 0
     # unmapping a share id ends the share, deferred while mapped
     s2 = hv.share(h1, 2, 1, writable=True)
     m2 = hv.map(h2, [(1, s2.refs[0])], writable=False)
@@ -490,6 +496,7 @@ def test_copy_own_pages_rules(hv: Hypervisor) -> None:
     # a window across pages of one multi-page share is fine, up to the share's end
     assert _copy(hv, h1, SharePtr(sid, PAGE_SIZE - 10), L(buf), 20) == GntSt.okay
     assert bytes(buf[:20]) == bytes(seg.mm[PAGE_SIZE - 10 : PAGE_SIZE + 10])
+    assert _copy(hv, h1, SharePtr(sid, 2 * PAGE_SIZE - 10), L(buf), 20) == GntSt.okay
     assert _copy(hv, h1, SharePtr(sid, 2 * PAGE_SIZE), L(buf), PAGE_SIZE) == GntSt.okay
     assert _copy(hv, h1, SharePtr(sid, 2 * PAGE_SIZE + 1), L(buf), PAGE_SIZE) == GntSt.bad_copy_arg
     assert _copy(hv, h1, SharePtr(sid, -1), L(buf), 1) == GntSt.bad_copy_arg
@@ -515,6 +522,11 @@ def test_copy_own_pages_rules(hv: Hypervisor) -> None:
     assert _copy(hv, h1, SharePtr(sid, 2 * PAGE_SIZE - 1), L(buf), 2) == GntSt.bad_page
     assert _copy(hv, h1, SharePtr(sid, PAGE_SIZE - 1), L(buf), 1) == GntSt.okay
     assert _copy(hv, h1, SharePtr(sid, 2 * PAGE_SIZE), L(buf), 1) == GntSt.okay
+    # a window crossing into the share's last page, and one that stops a page short of
+    # an ended page
+    s3 = hv.share(h1, 2, 3, writable=True)
+    hv.end_access(h1, [s3.refs[2]])
+    assert _copy(hv, h1, SharePtr(s3.handle_id, PAGE_SIZE - 10), L(buf), 20) == GntSt.okay
     # only the pages the window touches count: page 0 ended, pages 1-2 still fine
     s4 = hv.share(h1, 2, 4, writable=True)
     hv.end_access(h1, [s4.refs[0]])
@@ -642,7 +654,15 @@ def test_destroyed_domain_releases_everything_but_mapped_grants(hv: Hypervisor) 
     m = hv.map(h2, [(1, s.refs[0])], writable=True)
     fm = hv.foreign_map(h0, 1, [f.refs[1]], writable=False)
     gen = hv.grant_gen
+    seen: list[tuple[int, bool]] = []
+    hv.on_domain_destroyed.append(lambda d: seen.append((d.domid, d.dying)))
+    gen_fd = hv.domain(1).gen_fd
+    # the generation page is sealed: clients get it read-only, no reopening can write it
+    assert fcntl.fcntl(gen_fd, fcntl.F_GET_SEALS) == (
+        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | core.F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
+    )
     hv.destroy_domain(1)
+    assert seen == [(1, True)]
     assert hv.grant_gen > gen and pending(virq.inbox) == 1
     refused(lambda: hv.domain(1), NoSuchDomain, errno.ESRCH)
     assert h1.closed and hv.outstanding()["zombies"] == 1
@@ -805,6 +825,7 @@ def test_released_plan_runs_again_and_segments_close_once() -> None:
         h1 = hv.open_handle(1)
         out = bytearray(4)
         plan = hv.prepare_copy(h1, [GrantCopy(GrantPtr(0, s.refs[0]), LocalPtr(out), 4)])
+        plan.release()  # before it ever ran
         seg = s.entries[0].segment
         seg.mm[:4] = b"abcd"
         assert plan() == [0] and out == b"abcd"
@@ -822,7 +843,11 @@ def test_released_plan_runs_again_and_segments_close_once() -> None:
         hv.unmap(h1, hv.map(h1, [(0, ro.refs[0])], writable=False).handle_id)
         sealed = fixed | core.F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
         assert fcntl.fcntl(rseg.fd, fcntl.F_GET_SEALS) == sealed
+        with pytest.raises(OSError):
+            os.write(rseg.ro_fd, b"x")
         hv.end_access(h0, ro.refs)
+        rseg.close()  # idempotent with the read-only descriptor gone too
+        assert rseg.fd == -1 and rseg._ro_fd == -1
         hv.end_access(h0, s.refs)
         assert seg.fd == -1
         seg.close()  # idempotent
@@ -854,6 +879,13 @@ def test_dom0s_descriptor_reserve_refuses_guests_only() -> None:
         assert (st.fds, st.ports, st.grants) == (2, 0, 0)
         p0 = hv.alloc_unbound(h0, 1)  # dom0 may use its reserve
         hv.unbind(h0, p0.port)
+        # no descriptor left at all (EMFILE): refused the same way, dom0 included
+        resource.setrlimit(resource.RLIMIT_NOFILE, (probe, hard))
+        refused(lambda: hv.alloc_unbound(h1, 0), ResourceExhausted, errno.ENOSPC)
+        refused(lambda: hv.share(h1, 0, 1, writable=True), ResourceExhausted, errno.ENOSPC)
+        refused(lambda: hv.alloc_unbound(h0, 1), ResourceExhausted, errno.ENOSPC)
+        st = hv.stats(1)
+        assert (st.fds, st.ports, st.grants) == (2, 0, 0)
         resource.setrlimit(resource.RLIMIT_NOFILE, (probe + core.FD_RESERVE + 1, hard))
         p = hv.alloc_unbound(h1, 0)
         assert p.port == 1 and hv.stats(1).fds == 3

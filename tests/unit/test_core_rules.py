@@ -143,7 +143,7 @@ def test_share_of_a_full_batch_and_a_failed_segment_returns_its_refs() -> None:
         h = hv.open_handle(1)  # 1 fd: the connection
         full = hv.share(h, 0, core.MAX_BATCH, writable=True)
         assert len(full.refs) == core.MAX_BATCH
-        hv.end_access(h, full.refs[:2])
+        assert hv.end_access(h, full.refs[:2]) == 2
         small = hv.share(h, 0, 1, writable=True)  # 1 + 3 + 3 fds: the quota exactly
         assert hv.stats(1).fds == 7
         refused(lambda: hv.share(h, 0, 1, writable=True), ResourceExhausted, errno.ENOSPC)
@@ -159,6 +159,13 @@ def test_share_of_a_full_batch_and_a_failed_segment_returns_its_refs() -> None:
         h0s = [hv.open_handle(0) for _ in range(9)]
         frames = hv.alloc_frames(h0s[0], core.MAX_BATCH)
         assert len(frames.refs) == core.MAX_BATCH
+        seals = fcntl.fcntl(frames.entries[0].segment.fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_SEAL  # frames are writable: sealed against new seals
+        hg = hv.open_handle(1)
+        (gfn,) = hv.alloc_frames(hg, 1).refs
+        whole = hv.foreign_map(h0s[1], 1, [gfn] * core.MAX_BATCH, writable=False)
+        hv.unmap(h0s[1], whole.handle_id)
+        hv.close_handle(hg)
         hv.unmap(h0s[0], frames.handle_id)
         assert hv.stats(0).fds == 9
         for h0 in h0s:
@@ -584,7 +591,9 @@ def test_guest_frames_grant_frame_and_foreign_map(hv: Hypervisor) -> None:
     refused(lambda: hv.grant_frame(h1, gfn, 2, reserved=1), PlatformError, errno.EBUSY)
     gr2 = hv.grant_frame(h1, gfn, 0)
     assert gr.refs == (1,) and gr2.refs == (FIRST_REF,)
-    assert gr.writable and not gr.entries[0].readonly and gr.entries[0].grantee == 2
+    assert (
+        gr.domid == 2 and gr.writable and not gr.entries[0].readonly and gr.entries[0].grantee == 2
+    )
     assert gr.segments() == [f.entries[1].segment]
     fseg = f.entries[1].segment
     assert gr.entries[0].segment is fseg and fseg.refs_live == 3
@@ -818,6 +827,11 @@ def test_released_plan_runs_again_and_segments_close_once() -> None:
     hv = Hypervisor(max_grants=FIRST_REF + 2, max_ports=2)
     try:
         assert hv.xenstore_rings == {} and hv.grant_gen == 0
+        assert hv.domain(0).name == "Domain-0" and hv.domain(0).privileged
+        d0 = hv.domain(0)
+        d0.gen[1] = 0xFFFFFFFF  # generations are u32 and wrap
+        d0.bump(1)
+        assert d0.gen[1] == 0
         h0 = hv.open_handle(0)
         hv.create_domain(1)
         s = hv.share(h0, 1, 1, writable=True)
@@ -833,6 +847,7 @@ def test_released_plan_runs_again_and_segments_close_once() -> None:
         seg.mm[:4] = b"wxyz"
         assert plan() == [0] and out == b"wxyz"  # rebuilt after release
         plan.release()
+        plan.release()  # twice: nothing left to release
         # a writable share's memfd: size sealed, and no further seals (no one can make the
         # granter's pages read-only under it); a read-only one is sealed when first mapped
         fixed = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
@@ -897,3 +912,32 @@ def test_dom0s_descriptor_reserve_refuses_guests_only() -> None:
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         hv.close()
+
+
+def test_stale_plan_and_zombies_at_close() -> None:
+    """A plan built before its grant ended is rebuilt whatever changed the tables since
+    (here a frame grant), and closing the machine frees a dead domain's mapped grants."""
+    hv = Hypervisor(max_grants=FIRST_REF + 4, max_ports=2)
+    try:
+        hv.create_domain(1)
+        h0, h1 = hv.open_handle(0), hv.open_handle(1)
+        s = hv.share(h1, 0, 1, writable=True)
+        out = bytearray(1)
+        plan = hv.prepare_copy(h0, [GrantCopy(GrantPtr(1, s.refs[0]), LocalPtr(out), 1)])
+        assert plan() == [0]
+        plan.release()
+        assert plan() == [0]
+        hv.end_access(h1, s.refs)
+        (gfn,) = hv.alloc_frames(h1, 1).refs
+        hv.grant_frame(h1, gfn, 0)
+        assert plan() == [GntSt.bad_gntref]
+        plan.release()
+        m = hv.share(h1, 0, 1, writable=True)
+        hv.map(h0, [(1, m.refs[0])], writable=True)
+        hv.destroy_domain(1)
+        assert hv.outstanding()["zombies"] == 1
+    finally:
+        hv.close()
+    assert hv.outstanding() == dict.fromkeys(
+        ("grants", "frames", "mappings", "ports", "handles", "zombies"), 0
+    )

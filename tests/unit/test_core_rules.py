@@ -934,8 +934,10 @@ def test_stale_plan_and_zombies_at_close() -> None:
         plan.release()
         m = hv.share(h1, 0, 1, writable=True)
         hv.map(h0, [(1, m.refs[0])], writable=True)
+        held = hv.share(h1, 0, 1, writable=True)
+        hv.hold_mapped(1, held.refs[0])  # pinned by no handle: still there at close
         hv.destroy_domain(1)
-        assert hv.outstanding()["zombies"] == 1
+        assert hv.outstanding()["zombies"] == 1 and hv.outstanding()["grants"] == 2
     finally:
         hv.close()
     assert hv.outstanding() == dict.fromkeys(

@@ -943,3 +943,28 @@ def test_stale_plan_and_zombies_at_close() -> None:
     assert hv.outstanding() == dict.fromkeys(
         ("grants", "frames", "mappings", "ports", "handles", "zombies"), 0
     )
+
+
+def test_documented_default_table_sizes() -> None:
+    """docs/loopback-protocol.md: by default refs 8..4095 are usable (4088 per domain)
+    and a domain maps at most 16384 pages (maptrack; then ENOSPC, GNTST no_space)."""
+    hv = Hypervisor()
+    try:
+        hv.create_domain(1)
+        hv.create_domain(2)
+        h1, h2 = hv.open_handle(1), hv.open_handle(2)
+        shares = [hv.share(h1, 2, n, writable=True) for n in (1024, 1024, 1024, 1016)]
+        assert sorted(r for s in shares for r in s.refs) == list(range(FIRST_REF, 4096))
+        refused(lambda: hv.share(h1, 2, 1, writable=True), ResourceExhausted, errno.ENOSPC)
+        ref = shares[0].refs[0]
+        maps = [hv.map(h2, [(1, ref)] * 1024, writable=False) for _ in range(16)]
+        map_refused(
+            lambda: hv.map(h2, [(1, ref)], writable=False), errno.ENOSPC, 0, GntSt.no_space
+        )
+        for m in maps:
+            hv.unmap(h2, m.handle_id)
+        for s in shares:
+            hv.end_access(h1, s.refs)
+    finally:
+        hv.close()
+    hv.assert_released()

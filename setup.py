@@ -32,6 +32,7 @@ CYTHON_MODULES: dict[str, str] = {
     "xenpv.xenstore._xsring": "cython/xsring.pyx",
     "xenpv.backends._uring": "cython/uring.pyx",
     "xenpv.protocols._blkscan": "cython/blkscan.pyx",
+    "xenpv.protocols._netscan": "cython/netscan.pyx",
 }
 
 CYTHON_DIRECTIVES = {

@@ -149,6 +149,7 @@ from xenpv.protocols.netif import (
     NETTXF_data_validated,
     TxPacket,
     parse_tx_packet,
+    scan_tx,
 )
 from xenpv.xenbus import keys as _keys
 from xenpv.xenbus.driver import BackendDriver, PeerKeys
@@ -185,6 +186,8 @@ log = logging.getLogger(__name__)
 
 _TX_RSP = TX_RESPONSE_STRUCT
 _TX_ID = struct.Struct("<H")
+_TX_NULL = TX_RESPONSE_STRUCT.pack(0, NETIF_RSP_NULL)
+_NO_GSO = (GSO_NONE, 0)
 _RX_REQ = RX_REQUEST_STRUCT
 _RX_RSP = RX_RESPONSE_STRUCT
 _TX_SLOT = TX_RING.slot_size
@@ -420,6 +423,10 @@ class NetTx:
         group: list[_TxCopy] = []  # packets whose data is copied in one call
         group_bytes = pos = 0
         while pos < n:
+            if self.rate is None:  # plain chains of the pass: one compiled scan
+                pos, group_bytes = self._take_plain(view, pos, n, group, group_bytes, out)
+                if pos >= n:
+                    break
             rest = view[pos * _TX_SLOT:]
             try:
                 pkt = parse_tx_packet(rest, n - pos, max_slots=self.config.max_slots,
@@ -590,21 +597,50 @@ class NetTx:
         if isinstance(checked, str):
             self._drop(checked)
             return _error_responses(slots, pkt.slots, len(pkt.requests))
-        frags = [f for f in pkt.fragments if f.length]
-        at = self._stage.place([f.length for f in frags]) if self._stage is not None else None
+        frags = [(f.gref, f.offset, f.length) for f in pkt.fragments if f.length]
+        return self._place(pkt.flags, pkt.size, tuple(r.id for r in pkt.requests),
+                           len(pkt.extras), frags, slots, checked)
+
+    def _take_plain(self, view: memoryview, pos: int, n: int, group: list[_TxCopy],
+                    group_bytes: int, out: list[bytes]) -> tuple[int, int]:
+        """Add the plain chains from slot ``pos`` on (:func:`scan_tx`, compiled) to
+        ``group`` (copying the group first when full, answers to ``out``); the slot after
+        them and the group's bytes."""
+        config = self.config
+        stage = self._stage
+        for flags, size, used, ids, frags in scan_tx(
+                view[pos * _TX_SLOT:], n - pos, max_slots=config.max_slots,
+                fatal_slots=config.fatal_slots, sg=config.sg):
+            cost = size + COPY_SEG_COST * len(frags)
+            if group and (group_bytes + cost > COPY_BATCH or
+                          (stage is not None and not stage.fits([f[2] for f in frags]))):
+                out += self._copy_group(group)  # before this packet is placed
+                group_bytes = 0
+            group.append(self._place(flags, size, ids, 0, frags, view[pos * _TX_SLOT:],
+                                     _NO_GSO))
+            group_bytes += cost
+            pos += used
+        return pos, group_bytes
+
+    def _place(self, flags: int, size: int, ids: tuple[int, ...], extras: int,
+               frags: Sequence[tuple[int, int, int]], slots: memoryview,
+               gso: tuple[int, int]) -> _TxCopy:
+        """The copy that brings in a checked packet's (gref, offset, length) fragments:
+        into staging frames where they fit, else into a private buffer."""
+        at = self._stage.place([f[2] for f in frags]) if self._stage is not None else None
+        domid = self.domid
         if at is not None:  # staged in own frames: the copy carries no bytes (loopback)
             assert self._stage is not None
             mem = self._stage.mem
-            segs = [GrantCopy(GrantPtr(self.domid, f.gref, f.offset), LocalPtr(mem, o), f.length)
-                    for f, o in zip(frags, at, strict=True)]
-            return _TxCopy(pkt, slots, checked, None, segs)
-        data = bytearray(pkt.size)
+            segs = [GrantCopy(GrantPtr(domid, g, o), LocalPtr(mem, a), length)
+                    for (g, o, length), a in zip(frags, at, strict=True)]
+            return _TxCopy(flags, size, ids, extras, slots, gso, None, segs)
+        data = bytearray(size)
         segs, pos = [], 0
-        for f in frags:
-            segs.append(GrantCopy(GrantPtr(self.domid, f.gref, f.offset),
-                                  LocalPtr(data, pos), f.length))
-            pos += f.length
-        return _TxCopy(pkt, slots, checked, data, segs)
+        for g, o, length in frags:
+            segs.append(GrantCopy(GrantPtr(domid, g, o), LocalPtr(data, pos), length))
+            pos += length
+        return _TxCopy(flags, size, ids, extras, slots, gso, data, segs)
 
     def _copy_group(self, group: list[_TxCopy]) -> list[bytes]:
         """Copy the data of every packet of ``group`` in one call, hand each to the port
@@ -621,17 +657,17 @@ class NetTx:
         return out
 
     def _finish(self, p: _TxCopy, failed: bool) -> list[bytes]:
-        pkt = p.pkt
+        ids = p.ids
         if failed:
             self.stats["copy_errors"] += 1
             self._drop("a fragment's grant could not be copied")
-            return _error_responses(p.slots, pkt.slots, len(pkt.requests))
-        flags = pkt.flags
+            return _error_responses(p.slots, len(ids) + p.extras, len(ids))
+        flags = p.flags
         frame = NetFrame(_gathered(p), csum_blank=bool(flags & NETTXF_csum_blank),
                          data_validated=bool(flags & NETTXF_data_validated),
                          gso_type=p.gso[0], gso_size=p.gso[1])
         self.stats["packets"] += 1
-        self.stats["bytes"] += pkt.size
+        self.stats["bytes"] += p.size
         self.stats["gso"] += frame.gso_type != GSO_NONE
         self.stats["csum_blank"] += frame.csum_blank
         try:
@@ -639,9 +675,11 @@ class NetTx:
         except (LocalError, PeerError, PlatformError) as exc:
             self.stats["port_errors"] += 1
             log.debug("dom%d tx: the port refused a frame: %s", self.domid, exc)
-        out = [_TX_RSP.pack(pkt.requests[0].id, NETIF_RSP_OKAY)]
-        out += [_TX_RSP.pack(0, NETIF_RSP_NULL)] * len(pkt.extras)
-        out += [_TX_RSP.pack(r.id, NETIF_RSP_OKAY) for r in pkt.requests[1:]]
+        if len(ids) == 1 and not p.extras:
+            return [_TX_RSP.pack(ids[0], NETIF_RSP_OKAY)]
+        out = [_TX_RSP.pack(ids[0], NETIF_RSP_OKAY)]
+        out += [_TX_NULL] * p.extras
+        out += [_TX_RSP.pack(i, NETIF_RSP_OKAY) for i in ids[1:]]
         return out
 
 
@@ -674,11 +712,15 @@ class _RxCopy(NamedTuple):
 
 
 class _TxCopy(NamedTuple):
-    """A checked TX packet waiting for its data: the slots it used (for error answers),
-    its (GSO type, GSO size), its private buffer (None: staged, the copies' destinations
-    hold it) and the grant copies that fill it."""
+    """A checked TX packet waiting for its data: its first slot's flags, its size, the
+    ids of its data slots, how many extra-info slots follow the first, the slots it
+    used (for error answers), its (GSO type, GSO size), its private buffer (None:
+    staged, the copies' destinations hold it) and the grant copies that fill it."""
 
-    pkt: TxPacket
+    flags: int
+    size: int
+    ids: tuple[int, ...]
+    extras: int
     slots: memoryview
     gso: tuple[int, int]
     data: bytearray | None

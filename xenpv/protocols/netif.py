@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from xenpv.errors import LocalError
 from xenpv.protocols import ProtocolError
@@ -510,3 +510,72 @@ def parse_tx_packet(
     for f in frags:
         check_slot(f.offset, f.length)
     return TxPacket(tuple(reqs), tuple(extras), tuple(frags), total, used)
+
+
+# -- the backend's batch accept of plain TX chains ---------------------------------------------
+
+#: A plain TX chain accepted in one pass: (flags of its first slot, packet size, slots used,
+#: the id of each slot, the (gref, offset, length) of each fragment).
+PlainTx = tuple[int, int, int, tuple[int, ...], tuple[tuple[int, int, int], ...]]
+
+#: The Ethernet header length (``xenpv.protocols.ethernet.ETH_HLEN``): a packet and its first
+#: fragment must hold at least this.
+_ETH_HLEN = 14
+
+
+def plain_tx(pkt: TxPacket, *, sg: bool) -> PlainTx | None:
+    """``pkt`` as a :data:`PlainTx` if it is plain (no extra-info, at least an Ethernet
+    header in its first fragment, no empty fragment after it, one slot unless ``sg``),
+    else None."""
+    frags = pkt.fragments
+    if pkt.extras or pkt.size < _ETH_HLEN or frags[0].length < _ETH_HLEN \
+            or any(f.length == 0 for f in frags[1:]) or (len(frags) > 1 and not sg):
+        return None
+    return (pkt.flags, pkt.size, pkt.slots, tuple(r.id for r in pkt.requests),
+            tuple((f.gref, f.offset, f.length) for f in frags))
+
+
+def scan_tx_reference(batch: Buffer, count: int, *, max_slots: int = XEN_NETIF_NR_SLOTS_MIN,
+                      fatal_slots: int = FATAL_SKB_SLOTS_DEFAULT, sg: bool = True
+                      ) -> list[PlainTx]:
+    """The readable twin of the compiled :func:`scan_tx`: the plain chains (see
+    :func:`plain_tx`) that :func:`parse_tx_packet` accepts at the start of ``count``
+    slots of ``batch`` (already a private copy), in order, up to the first chain that is
+    not plain or not complete; the caller validates that one in full (which answers it)."""
+    out: list[PlainTx] = []
+    view = memoryview(batch).cast("B")
+    pos = 0
+    while pos < count:
+        try:
+            pkt = parse_tx_packet(view[pos * TX_RING.slot_size:], count - pos,
+                                  max_slots=max_slots, fatal_slots=fatal_slots)
+        except ProtocolError:
+            break
+        plain = plain_tx(pkt, sg=sg) if pkt is not None else None
+        if plain is None:
+            break
+        out.append(plain)
+        pos += plain[2]
+    return out
+
+
+def _compiled_scan() -> Any:
+    try:
+        from xenpv.protocols import _netscan
+    except ImportError:  # not built: the twin serves
+        return None
+    return _netscan.scan_tx
+
+
+_SCAN = _compiled_scan()
+
+
+def scan_tx(batch: Buffer, count: int, *, max_slots: int = XEN_NETIF_NR_SLOTS_MIN,
+            fatal_slots: int = FATAL_SKB_SLOTS_DEFAULT, sg: bool = True) -> list[PlainTx]:
+    """:func:`scan_tx_reference`, compiled (``cython/netscan.pyx``: one pass over the
+    slots, no per-field Python objects) where built."""
+    if _SCAN is None:
+        return scan_tx_reference(batch, count, max_slots=max_slots, fatal_slots=fatal_slots,
+                                 sg=sg)
+    result: list[PlainTx] = _SCAN(batch, count, max_slots, fatal_slots, sg)
+    return result

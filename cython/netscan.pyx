@@ -1,0 +1,87 @@
+# The net backend's batch accept: one pass over the TX slots of a ring pass.
+#
+# The readable twin is xenpv.protocols.netif.scan_tx_reference (tests compare the two on
+# arbitrary slots).  Only plain chains are accepted here: no extra-info slot, every slot
+# present, at most ``max_slots`` data slots (and never past the fatal bound), a size of at
+# least an Ethernet header and at most the TX maximum, fragments that fit the size, a first
+# fragment holding the Ethernet header, no empty later fragment, no fragment crossing its
+# page, several slots only with scatter-gather.  The scan stops at the first chain that is
+# not plain; the full Python validation answers that one.  So this can only make the common
+# case cheaper, never accept more.
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t
+from libc.string cimport memcpy
+
+cdef enum:
+    TX_SLOT = 12
+    MORE_DATA = 4
+    EXTRA_INFO = 8
+    ETH_HLEN = 14
+    MAX_TX_SIZE = 0xFFFF
+    PAGE_SIZE = 4096
+
+
+cdef inline uint32_t _u32(const uint8_t *p) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, p, 4)  # little-endian host (x86, arm64 little-endian)
+    return v
+
+
+cdef inline uint16_t _u16(const uint8_t *p) noexcept nogil:
+    cdef uint16_t v
+    memcpy(&v, p, 2)
+    return v
+
+
+def scan_tx(const uint8_t[::1] batch not None, Py_ssize_t count, Py_ssize_t max_slots,
+            Py_ssize_t fatal_slots, bint sg):
+    """The plain chains at the start of ``count`` 12-byte TX slots in ``batch`` (a
+    private copy), in order, up to the first chain that is not plain: for each,
+    ``(flags, size, slots, ids, ((gref, offset, length), ...))``."""
+    if count < 0 or count * TX_SLOT > batch.shape[0]:
+        raise ValueError("batch too short for the slots")
+    cdef list out = []
+    cdef Py_ssize_t pos = 0, n, k, limit
+    cdef const uint8_t *base
+    cdef uint16_t flags, size, length, offset
+    cdef uint32_t rest
+    cdef bint ok
+    limit = max_slots if max_slots < fatal_slots + 1 else fatal_slots + 1
+    if not sg and limit > 1:
+        limit = 1
+    while pos < count:
+        base = &batch[pos * TX_SLOT]
+        flags = _u16(base + 6)
+        size = _u16(base + 10)
+        if flags & EXTRA_INFO or size < ETH_HLEN:
+            break
+        # the chain's data slots: stop at the first without more_data
+        n = 1
+        while _u16(base + (n - 1) * TX_SLOT + 6) & MORE_DATA:
+            if n >= limit or pos + n >= count:
+                n = 0
+                break
+            n += 1
+        if n == 0:
+            break
+        rest = 0
+        ok = True
+        for k in range(1, n):
+            length = _u16(base + k * TX_SLOT + 10)
+            offset = _u16(base + k * TX_SLOT + 4)
+            if length == 0 or <uint32_t>offset + length > PAGE_SIZE:
+                ok = False
+                break
+            rest += length
+        if not ok or rest > size or size - rest < ETH_HLEN:
+            break
+        offset = _u16(base + 4)
+        if <uint32_t>offset + (size - rest) > PAGE_SIZE:
+            break
+        frags = [(_u32(base), offset, <uint32_t>(size - rest))]
+        frags += [(_u32(base + k * TX_SLOT), _u16(base + k * TX_SLOT + 4),
+                   _u16(base + k * TX_SLOT + 10)) for k in range(1, n)]
+        ids = tuple([_u16(base + k * TX_SLOT + 8) for k in range(n)])
+        out.append((flags, size, n, ids, tuple(frags)))
+        pos += n
+    return out

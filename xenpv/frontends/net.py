@@ -85,6 +85,7 @@ from xenpv.protocols.netif import (
     NETIF_RSP_NULL,
     NETIF_RSP_OKAY,
     RX_REQUEST_STRUCT,
+    RX_RESPONSE_STRUCT,
     RX_RING,
     TX_RESPONSE_STRUCT,
     TX_RING,
@@ -113,12 +114,11 @@ from xenpv.protocols.netif import (
     NETTXF_data_validated,
     NETTXF_extra_info,
     NETTXF_more_data,
-    RxResponse,
     TxRequest,
+    check_rx_response,
     pack_tx_request,
     parse_extra,
     validate_extra,
-    validate_rx_response,
 )
 from xenpv.xenbus import XenbusState
 from xenpv.xenbus.driver import FrontendDriver, PeerKeys
@@ -136,6 +136,7 @@ _CTRL_REQ = CTRL_REQUEST_STRUCT
 _CTRL_RSP = CTRL_RESPONSE_STRUCT
 _TX_RSP = TX_RESPONSE_STRUCT
 _RX_REQ = RX_REQUEST_STRUCT
+_RX_RSP = RX_RESPONSE_STRUCT
 _TX_STATUSES = (NETIF_RSP_OKAY, NETIF_RSP_ERROR, NETIF_RSP_DROPPED)
 #: Slots one received chain may use: the data slots a backend may fill plus extras.
 _MAX_RX_CHAIN = XEN_NETIF_NR_SLOTS_MIN + XEN_NETIF_EXTRA_TYPE_MAX
@@ -518,20 +519,19 @@ class NetFrontend(FrontendDriver):
                 chain.rss = extra
             chain.extra = bool(extra.flags & XEN_NETIF_EXTRA_FLAG_MORE)
         else:
-            rsp = RxResponse.parse(batch, off)
-            if rsp.id != idx:
-                raise ProtocolError(f"RX response id {rsp.id} in the slot of page {idx}")
-            n = validate_rx_response(rsp)
-            if rsp.status < 0:
+            rid, offset, flags, status = _RX_RSP.unpack_from(batch, off)
+            if rid != idx:
+                raise ProtocolError(f"RX response id {rid} in the slot of page {idx}")
+            n = check_rx_response(rid, offset, status)
+            if status < 0:
                 chain.error = True
             else:
-                page = q.rx_pages.mem
-                chain.data.append(bytes(page[idx * XEN_PAGE_SIZE + rsp.offset:
-                                             idx * XEN_PAGE_SIZE + rsp.offset + n]))
+                at = idx * XEN_PAGE_SIZE + offset
+                chain.data.append(bytes(q.rx_pages.mem[at:at + n]))
             if chain.first_flags < 0:
-                chain.first_flags = rsp.flags
-            chain.more = bool(rsp.flags & NETRXF_more_data)
-            chain.extra = bool(rsp.flags & NETRXF_extra_info)
+                chain.first_flags = flags
+            chain.more = bool(flags & NETRXF_more_data)
+            chain.extra = bool(flags & NETRXF_extra_info)
         if not chain.more and not chain.extra:
             q.chain = None
             self._finish(q, chain)

@@ -26,7 +26,11 @@ copied out of the shared page once (R1); a chain whose end has not arrived yet i
 (privately) for the next batch.  Each chain is checked once
 (:func:`~xenpv.protocols.netif.parse_tx_packet` plus: no empty fragment, the Ethernet
 header in the first slot, multi-slot only with ``feature-sg``, GSO only of an offered
-type).  A bad chain is dropped, counted and answered ``NETIF_RSP_ERROR`` in every slot
+type).  The plain chains of a batch (no extra-info, one slot or scatter-gather, nothing
+unusual) are accepted by one compiled pass, :func:`~xenpv.protocols.netif.scan_tx`,
+which stops at the first other chain; that one goes through the checks above, so the
+compiled pass never accepts more.  A bad chain is dropped, counted and answered
+``NETIF_RSP_ERROR`` in every slot
 (``NETIF_RSP_NULL`` in extra-info slots); more than ``fatal_slots`` slots or a fragment
 crossing its page marks the frontend misbehaving (the queue stops and the device goes
 Closing with an ``error`` node, R4).  Data is pulled with grant copies (no mapping is

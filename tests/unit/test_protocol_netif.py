@@ -208,21 +208,29 @@ def test_tx_chain_limits_at_their_edges_and_the_refusals_text() -> None:
 
 @st.composite
 def _tx_chain(draw: st.DrawFn) -> bytes:
-    """One chain of data slots, most of them plain, some bent by one field."""
-    n = draw(st.sampled_from([1, 1, 1, 2, 3, 18, 19, 21]))
-    lengths = draw(st.lists(st.sampled_from([14, 60, 1500, 3996]), min_size=n,
-                            max_size=n))
+    """One chain of data slots, half of them plain, half bent by one field (a length
+    before the total is summed: an empty or runt fragment in a chain that adds up)."""
+    n = draw(st.sampled_from([1, 2, 2, 3, 18, 19, 21]))
+    later = draw(st.lists(st.sampled_from([0, 14, 60, 1500, 3996, 3996]), min_size=n - 1,
+                          max_size=n - 1))
+    lengths = [draw(st.sampled_from([14, 60, 1500, 3996])), *later]
     offsets = draw(st.lists(st.sampled_from([0, 0, 100]), min_size=n, max_size=n))
-    flags = draw(st.sampled_from([0, 1, 2, 3]))
+    bend = draw(st.booleans())
+    field = draw(st.sampled_from([1, 2, 4, 4]))  # offset, flags, size (twice)
+    k_bent = draw(st.one_of(st.just(0), st.integers(0, n - 1)))
+    value = draw(st.sampled_from({1: [4000, 4096, 0xFFFF], 2: [0, 8, 12, 0xFFFF],
+                                  4: [0, 1, 13, 4000, 0xFFFF]}[field]))
+    if bend and field == 4:
+        lengths[k_bent] = value
     total = sum(lengths) + draw(st.sampled_from([0, 0, 0, 0, -1, 1, 60000]))
+    flags = draw(st.sampled_from([0, 1, 2, 3]))
     reqs = [[draw(st.integers(0, 2**32 - 1)), offsets[k], flags if k == 0 else 0,
              draw(st.integers(0, 0xFFFF)), lengths[k]] for k in range(n)]
     reqs[0][4] = total & 0xFFFF
     for k in range(n - 1):
         reqs[k][2] |= NETTXF_more_data
-    if draw(st.integers(0, 3)) == 0:  # bend one field of one slot
-        reqs[draw(st.integers(0, n - 1))][draw(st.integers(1, 4))] = draw(
-            st.sampled_from([0, 1, 8, 12, 13, 4000, 4096, 0xFFFF]))
+    if bend and field != 4:
+        reqs[k_bent][field] = value
     return b"".join(netif.pack_tx_request(*r).ljust(SLOT, b"\0") for r in reqs)
 
 
@@ -234,11 +242,12 @@ def _tx_slots(draw: st.DrawFn) -> tuple[bytes, int]:
     else:
         raw = draw(st.binary(max_size=SLOT * 40))
     count = len(raw) // SLOT
-    return raw + draw(st.binary(max_size=SLOT)), draw(st.integers(max(count - 3, 0), count))
+    return raw + draw(st.binary(max_size=SLOT)), draw(st.sampled_from(
+        [count, count, count, max(count - 1, 0), max(count - 3, 0)]))
 
 
 @settings(max_examples=300, deadline=None)
-@given(_tx_slots(), st.integers(1, 20), st.integers(1, 22), st.booleans())
+@given(_tx_slots(), st.integers(1, 20), st.integers(1, 22), st.sampled_from([True, True, False]))
 def test_compiled_tx_scan_matches_its_twin(batch: tuple[bytes, int], max_slots: int,
                                            fatal: int, sg: bool) -> None:
     """The compiled TX scan takes exactly the plain chains the readable twin (built on
@@ -269,3 +278,6 @@ def test_tx_scan_takes_plain_chains_and_stops_at_the_first_other() -> None:
     assert netif.scan_tx(slots(TxRequest(9, 0, 0, 3, 13)), 1) == []
     assert netif.scan_tx(slots(TxRequest(9, 4000, 0, 3, 97)), 1) == []
     assert netif.scan_tx(slots(*chain([100, 4096, 20])), 3, max_slots=2) == []
+    assert netif.scan_tx(slots(*chain([100, 0, 20])), 3) == []  # an empty fragment
+    assert netif.scan_tx(slots(*chain([13, 100])), 2) == []  # a header split over slots
+    assert netif.scan_tx(slots(*chain([100, 4096, 20]), one), 4, fatal_slots=1) == []

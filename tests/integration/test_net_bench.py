@@ -53,3 +53,38 @@ def test_bench_net_quick_reports_every_key(peer_root: Path, tmp_path: Path) -> N
     assert namespaces() <= before  # the run removed what it made
     text = render_result(result)
     assert "ours/veth tcp:" in text and "target >= 0.1: " in text
+
+
+def test_sigterm_midway_ends_the_bench_with_one_line_and_leaves_nothing(peer_root: Path) -> None:
+    """SIGTERM while the figures are measured stops the run as Ctrl-C does: one line, status
+    130, and its namespaces, processes (emulator, drivers, QEMU, iperf3) and directories
+    are gone (before, the bench died at once and left them behind)."""
+    import os
+    import signal
+    import time
+
+    before = namespaces()
+    proc = subprocess.Popen([sys.executable, "-m", "xenpv", "bench", "net", "--quick"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not namespaces() - before:  # the bench's namespaces exist: it is measuring
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(2)
+        mine = namespaces() - before
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                  text=True, timeout=20).stdout.split()
+        assert children
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "xenpv bench net: interrupted (SIGTERM)"
+    assert not namespaces() & mine
+    for pid in children:
+        assert not os.path.exists(f"/proc/{pid}"), f"child {pid} left running"
+    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("xenpv-bench-net-*"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -201,10 +202,22 @@ def run_all(quick: bool, rounds: int | None = None) -> dict[str, Any]:
                            "load_after": loadavg(), "noisy": noisy}}
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the subcommand; a missing prerequisite or failed step is one line on stderr."""
+    """Run the subcommand; a missing prerequisite or failed step is one line on stderr.
+
+    SIGTERM and SIGHUP stop a run as Ctrl-C does: every benchmark ends the processes,
+    namespaces and directories it made on its way out, then one line says so."""
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return _run(args)
+    except KeyboardInterrupt as exc:
+        print(f"xenpv bench {args.bench}: interrupted{f' ({exc})' if str(exc) else ''}",
+              file=sys.stderr)
+        return 130
     except LocalError as exc:
         print(f"xenpv bench {args.bench}: {exc}", file=sys.stderr)
     except ModuleNotFoundError as exc:
@@ -215,6 +228,9 @@ def run(args: argparse.Namespace) -> int:
         cmd = exc.cmd[0] if isinstance(exc.cmd, list | tuple) else str(exc.cmd).split()[0]
         print(f"xenpv bench {args.bench}: {cmd} failed with status {exc.returncode}"
               + (f": {detail[-1]}" if detail else ""), file=sys.stderr)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 1
 
 

@@ -32,7 +32,18 @@ def test_client_started_before_the_server_waits_and_connects() -> None:
         assert server.stdin is not None and client.stdin is not None
         server.stdin.write(b"late but here\n")
         server.stdin.close()
-        out, err = client.communicate(timeout=WAIT)
+        # The client's own input stays open: end of file there ends a client as it ends
+        # Xen's, and could overtake the server's line.  The server closing the vchan after
+        # its line is what ends the client, with the line flushed first.
+        try:
+            client.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            client.wait()
+            raise
+        assert client.stdout is not None and client.stderr is not None
+        out, err = client.stdout.read(), client.stderr.read()
+        client.stdin.close()
         assert client.returncode == 0, err.decode()
         assert out == b"late but here\n"
         server.wait(WAIT)

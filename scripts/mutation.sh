@@ -9,7 +9,9 @@
 # --fresh (re-check every survivor in a fresh interpreter, see below), --report (only
 # print the report of the last run in DIR/GROUP/, e.g. one stopped with Ctrl-C),
 # --sample N (check only N mutants drawn at random, --seed S, default 1: an estimate of
-# the score of a group too slow to run whole; the report counts the others as not checked).
+# the score of a group too slow to run whole; the report counts the others as not checked),
+# --tests "FILES" (run these test files instead of the group's own: a first pass of a slow
+# group against its fast tests, whose survivors are then re-checked against the rest).
 # Needs mutmut (`pip install -e '.[mutation]'`; MUTMUT=/path/to/mutmut picks another) and
 # the compiled extensions built in place (`python setup.py build_ext --inplace`).
 #
@@ -33,6 +35,7 @@ FRESH=0
 REPORT_ONLY=0
 SAMPLE=0
 SEED=1
+TESTS_OVERRIDE=""
 MUTMUT="${MUTMUT:-mutmut}"
 ALL_GROUPS=(keys store protocol-checks blkif layout hid emulator vchan rings)
 # `protocols` names the four groups that cover xenpv/protocols/ together
@@ -90,6 +93,7 @@ while (($#)); do
         --report) REPORT_ONLY=1; shift ;;
         --sample) SAMPLE="$2"; shift 2 ;;
         --seed) SEED="$2"; shift 2 ;;
+        --tests) TESTS_OVERRIDE="$2"; shift 2 ;;
         --work) WORK="$(realpath -m "$2")"; shift 2 ;;
         --list)
             for g in "${ALL_GROUPS[@]}"; do
@@ -107,6 +111,9 @@ while (($#)); do
     esac
 done
 ((${#groups[@]})) || groups=("${ALL_GROUPS[@]}")
+if [[ -n "$TESTS_OVERRIDE" ]]; then
+    for g in "${groups[@]}"; do TESTS[$g]="$TESTS_OVERRIDE"; done
+fi
 command -v "$MUTMUT" >/dev/null || {
     echo "mutation.sh: $MUTMUT not found: pip install -e '.[mutation]' (or set MUTMUT)" >&2; exit 2; }
 ls "$ROOT"/xenpv/rings/_sring*.so >/dev/null 2>&1 || {

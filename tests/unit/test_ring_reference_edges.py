@@ -20,6 +20,7 @@ import pytest
 
 from xenpv.errors import LocalError, RingOverflowError
 from xenpv.rings import _reference as ref
+from xenpv.testing.clock import clock_installer
 
 PAGE = 4096
 E = 16  # slot size: 252 // 16 -> 252 slots -> 128 (a power of two)
@@ -39,29 +40,10 @@ def header(page: bytearray) -> tuple[int, int, int, int]:
     return struct.unpack_from("<IIII", page, 0)
 
 
-class Clock:
-    """A stand-in for ``time`` in the reference module: fixed steps; the peer's ``action``
-    runs at the ``at``-th reading."""
-
-    def __init__(self, step: int, at: int = 0, action: Any = None) -> None:
-        self.now, self.step, self.at, self.action, self.reads = 10**9, step, at, action, 0
-
-    def monotonic_ns(self) -> int:
-        self.reads += 1
-        if self.reads == self.at:
-            self.action()
-        self.now += self.step
-        return self.now
-
-
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Any:
-    def install(step: int, at: int = 0, action: Any = None) -> Clock:
-        c = Clock(step, at, action)
-        monkeypatch.setattr(ref, "time", c)
-        return c
-
-    return install
+    """Install a scripted clock in the reference module; set up with ``clock(...)``."""
+    return clock_installer(monkeypatch, ref)
 
 
 def test_ring_size_small_ends() -> None:

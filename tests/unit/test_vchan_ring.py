@@ -18,6 +18,7 @@ from xenpv.protocols.vchan import (
     VCHAN_SRV_LIVE_OFFSET,
     VCHAN_SRV_NOTIFY_OFFSET,
 )
+from xenpv.testing.clock import clock_installer
 from xenpv.vchan.ring import implementation
 
 IMPLS = ["reference", "cython"]
@@ -332,37 +333,12 @@ def test_twins_agree_on_every_call(ops: list[tuple[str, int, int]], start: int) 
 # what the peer does after the deadline is not waited for.
 
 
-class PeerClock:
-    """A stand-in for the ``time`` module whose clock runs in fixed steps and runs
-    ``action`` when it is read for the ``at``-th time (1-based; 0: never)."""
-
-    def __init__(self, step: int, at: int = 0, action: Any = None) -> None:
-        self.now = 1_000_000
-        self.step = step
-        self.at = at
-        self.action = action
-        self.reads = 0
-
-    def perf_counter_ns(self) -> int:
-        """The next reading; the peer acts first if this is its reading."""
-        self.reads += 1
-        if self.reads == self.at:
-            self.action()
-        self.now += self.step
-        return self.now
-
-
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Any:
     """Install a scripted clock in ring.py; the test sets it up with ``clock(...)``."""
     import xenpv.vchan.ring as ring
 
-    def install(step: int, at: int = 0, action: Any = None) -> PeerClock:
-        fake = PeerClock(step, at, action)
-        monkeypatch.setattr(ring, "time", fake)
-        return fake
-
-    return install
+    return clock_installer(monkeypatch, ring)
 
 
 REF = implementation("reference")

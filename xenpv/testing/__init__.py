@@ -3,6 +3,8 @@
 * :mod:`xenpv.testing.vchan` -- :class:`~xenpv.testing.vchan.VchanLab`: a loopback daemon,
   its domains, and programs started in a domain's environment (``python -m
   xenpv.vchan.tool``, Xen's ``vchan-socket-proxy``, C programs linked with libxenvchan).
+* :mod:`xenpv.testing.clock` -- :class:`~xenpv.testing.clock.ScriptedClock`: a stand-in for
+  ``time`` in a module under test, for bounded polling loops.
 * :mod:`xenpv.testing.usbhid` -- emulated USB HID devices behind pyusb's pluggable
   backend interface (these machines have no USB), for the USB HID input source.
 

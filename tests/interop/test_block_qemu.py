@@ -18,13 +18,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from qemu_support import qemu_command, start_qemu
-from shim_peers import LoopbackRun, run_showing_log
+from qemu_support import QemuGuest, with_qemu_guest
 
 from xenpv.frontends.block import BlockFrontend, FrontConfig
-from xenpv.platforms.loopback.client import ClientPlatform
 from xenpv.xenbus.toolstack import add_device, remove_device, vbd_keys
-from xenpv.xenstore.client import connect
 
 GUEST = 34
 WAIT = 20.0
@@ -37,56 +34,43 @@ def test_our_frontend_with_qemus_qdisk_backend(tmp_path: Path, order: int) -> No
     subprocess.run(["dd", "if=/dev/urandom", f"of={image}", "bs=1M", "count=4",
                     "status=none"], check=True, timeout=WAIT)
     original = image.read_bytes()
-    qemu = qemu_command(GUEST)
-    qemu_log = tmp_path / "qemu.log"
-    run = LoopbackRun({GUEST: "guest"})
-    try:
-        rundir = Path(run.rundir)
 
-        async def body() -> None:
-            guest = ClientPlatform.for_domain(rundir, GUEST)
-            xs0 = await connect(str(rundir / "dom0" / "xenstore"))
-            xsg = await connect(str(rundir / f"dom{GUEST}" / "xenstore"))
-            frontend = None
-            try:
-                devid, fkeys, bkeys = vbd_keys(f"aio:{image}", vdev="xvda")
-                bkeys.pop("type")
-                info = await add_device(xs0, "vbd", GUEST, 0, devid, frontend_keys=fkeys,
-                                        backend_keys=bkeys, backend_type="qdisk")
-                start_qemu(run, qemu, qemu_log)
-                frontend = BlockFrontend(guest, xsg, info.frontend_path,
-                                         config=FrontConfig(max_ring_order=order))
-                await frontend.start()
-                await frontend.ready(WAIT)
-                fe = frontend
-                assert fe.size == 4 * MiB
-                assert fe.info()["ring_pages"] == [1 << order]
-                assert fe.max_segments == 11 and not fe.persistent  # nothing offered
-                assert await fe.read(0, 4 * MiB) == original
-                rng = random.Random(order)
-                model = bytearray(original)
-                jobs = []
-                for k in range(16):
-                    off, n = k * 256 * 1024, rng.choice([512, 4096, 45056, 128 * 1024])
-                    blob = rng.randbytes(n)
-                    model[off:off + n] = blob
-                    jobs.append(fe.write(off, blob))
-                await asyncio.gather(*jobs)
-                assert await fe.flush() is True
-                assert image.read_bytes() == model
-                assert fe.features["discard"]
-                await fe.discard(MiB, MiB)
-                assert await fe.read(MiB, MiB) == bytes(MiB)
-                assert fe.io_stats["indirect"] == 0 and fe.error is None
-                await remove_device(xs0, "vbd", GUEST, devid, 0, backend_type="qdisk",
-                                    timeout=5.0)
-            finally:
-                if frontend is not None:
-                    await frontend.close()
-                await xsg.close()
-                await xs0.close()
-                guest.close()
+    async def body(w: QemuGuest) -> None:
+        frontend = None
+        try:
+            devid, fkeys, bkeys = vbd_keys(f"aio:{image}", vdev="xvda")
+            bkeys.pop("type")
+            info = await add_device(w.xs0, "vbd", GUEST, 0, devid, frontend_keys=fkeys,
+                                    backend_keys=bkeys, backend_type="qdisk")
+            w.start_qemu()
+            frontend = BlockFrontend(w.guest, w.xsg, info.frontend_path,
+                                     config=FrontConfig(max_ring_order=order))
+            await frontend.start()
+            await frontend.ready(WAIT)
+            fe = frontend
+            assert fe.size == 4 * MiB
+            assert fe.info()["ring_pages"] == [1 << order]
+            assert fe.max_segments == 11 and not fe.persistent  # nothing offered
+            assert await fe.read(0, 4 * MiB) == original
+            rng = random.Random(order)
+            model = bytearray(original)
+            jobs = []
+            for k in range(16):
+                off, n = k * 256 * 1024, rng.choice([512, 4096, 45056, 128 * 1024])
+                blob = rng.randbytes(n)
+                model[off:off + n] = blob
+                jobs.append(fe.write(off, blob))
+            await asyncio.gather(*jobs)
+            assert await fe.flush() is True
+            assert image.read_bytes() == model
+            assert fe.features["discard"]
+            await fe.discard(MiB, MiB)
+            assert await fe.read(MiB, MiB) == bytes(MiB)
+            assert fe.io_stats["indirect"] == 0 and fe.error is None
+            await remove_device(w.xs0, "vbd", GUEST, devid, 0, backend_type="qdisk",
+                                timeout=5.0)
+        finally:
+            if frontend is not None:
+                await frontend.close()
 
-        run_showing_log(body, qemu_log, "QEMU")
-    finally:
-        run.close()
+    with_qemu_guest(GUEST, tmp_path, body)

@@ -12,55 +12,39 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qemu_support import qemu_command, start_qemu, text_both_ways
-from shim_peers import LoopbackRun, run_showing_log, wait_xenstore_value
+from qemu_support import QemuGuest, text_both_ways, with_qemu_guest
+from shim_peers import wait_xenstore_value
 
 from xenpv.cli.demo import Pty
 from xenpv.frontends.console import ConsoleFrontend
-from xenpv.platforms.loopback.client import ClientPlatform
 from xenpv.xenbus.states import XenbusState
 from xenpv.xenbus.toolstack import add_device, remove_device
-from xenpv.xenstore.client import connect
 
 GUEST = 33
 WAIT = 20.0
 
 
 def test_our_frontend_with_qemus_console_backend(tmp_path: Path) -> None:
-    qemu = qemu_command(GUEST)
-    qemu_log = tmp_path / "qemu.log"
-    run = LoopbackRun({GUEST: "guest"})
-    try:
-        rundir = Path(run.rundir)
+    async def body(w: QemuGuest) -> None:
+        pty: Pty | None = None
+        frontend = None
+        try:
+            info = await add_device(w.xs0, "console", GUEST, 0, 1,
+                                    frontend_keys={"type": "ioemu", "output": "pty"})
+            w.start_qemu()
+            frontend = ConsoleFrontend(w.guest, w.xsg, info.frontend_path)
+            await frontend.start()
+            reader, writer = await frontend.streams(WAIT)
+            await frontend.wait_state(XenbusState.Connected, timeout=WAIT)
+            assert await w.xs0.read(f"{info.backend_path}/state") == b"4"
+            pty_path = await wait_xenstore_value(w.xs0, f"{info.frontend_path}/tty", WAIT)
+            pty = Pty.open(pty_path.decode())
+            await text_both_ways(pty, reader, writer, b"from the guest through qemu\n", WAIT)
+            await remove_device(w.xs0, "console", GUEST, 1, 0, timeout=5.0)
+        finally:
+            if pty is not None:
+                pty.close()
+            if frontend is not None:
+                await frontend.close()
 
-        async def body() -> None:
-            guest = ClientPlatform.for_domain(rundir, GUEST)
-            xs0 = await connect(str(rundir / "dom0" / "xenstore"))
-            xsg = await connect(str(rundir / f"dom{GUEST}" / "xenstore"))
-            pty: Pty | None = None
-            frontend = None
-            try:
-                info = await add_device(xs0, "console", GUEST, 0, 1,
-                                        frontend_keys={"type": "ioemu", "output": "pty"})
-                start_qemu(run, qemu, qemu_log)
-                frontend = ConsoleFrontend(guest, xsg, info.frontend_path)
-                await frontend.start()
-                reader, writer = await frontend.streams(WAIT)
-                await frontend.wait_state(XenbusState.Connected, timeout=WAIT)
-                assert await xs0.read(f"{info.backend_path}/state") == b"4"
-                pty_path = await wait_xenstore_value(xs0, f"{info.frontend_path}/tty", WAIT)
-                pty = Pty.open(pty_path.decode())
-                await text_both_ways(pty, reader, writer, b"from the guest through qemu\n", WAIT)
-                await remove_device(xs0, "console", GUEST, 1, 0, timeout=5.0)
-            finally:
-                if pty is not None:
-                    pty.close()
-                if frontend is not None:
-                    await frontend.close()
-                await xsg.close()
-                await xs0.close()
-                guest.close()
-
-        run_showing_log(body, qemu_log, "QEMU")
-    finally:
-        run.close()
+    with_qemu_guest(GUEST, tmp_path, body)

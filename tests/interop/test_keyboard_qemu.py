@@ -18,16 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu_support import qemu_command, start_qemu
-from shim_peers import LoopbackRun, run_showing_log
+from qemu_support import QemuGuest, with_qemu_guest
 
 from xenpv.frontends.keyboard import KeyboardFrontend
-from xenpv.platforms.loopback.client import ClientPlatform
 from xenpv.protocols import kbdif as K
 from xenpv.protocols.keycodes import BTN_LEFT, NAMES
 from xenpv.xenbus.states import XenbusState
 from xenpv.xenbus.toolstack import add_device, remove_device
-from xenpv.xenstore.client import connect
 
 GUEST = 34
 WAIT = 20.0
@@ -101,83 +98,70 @@ async def receive(fe: KeyboardFrontend, n: int) -> list[Any]:
 @pytest.mark.parametrize("mode", ["raw-absolute", "relative"])
 def test_our_frontend_receives_qmp_input_through_qemus_vkbd(tmp_path: Path, mode: str) -> None:
     qmp_path = tmp_path / "qmp.sock"
-    qemu = qemu_command(GUEST, qmp_path)
-    qemu_log = tmp_path / "qemu.log"
-    run = LoopbackRun({GUEST: "guest"})
     absolute = mode == "raw-absolute"
-    try:
-        rundir = Path(run.rundir)
 
-        async def body() -> None:
-            guest = ClientPlatform.for_domain(rundir, GUEST)
-            xs0 = await connect(str(rundir / "dom0" / "xenstore"))
-            xsg = await connect(str(rundir / f"dom{GUEST}" / "xenstore"))
-            frontend = None
-            qmp = None
-            try:
-                info = await add_device(xs0, "vkbd", GUEST, 0, 0)
-                start_qemu(run, qemu, qemu_log)
-                frontend = KeyboardFrontend(guest, xsg, info.frontend_path,
-                                            abs_pointer=absolute, raw_pointer=absolute)
-                await frontend.start()
-                await frontend.wait_state(XenbusState.Connected, timeout=WAIT)
-                assert frontend.mode is not None
-                assert frontend.mode.abs_pointer == absolute
-                assert frontend.mode.raw_pointer == absolute
-                qmp = await Qmp.connect(qmp_path, WAIT)
-                # QEMU registers its input handlers once it sees us Connected
-                async with asyncio.timeout(WAIT):
-                    while await xs0.read(f"{info.backend_path}/state") != b"4":
-                        await asyncio.sleep(0.05)
-                await asyncio.sleep(0.2)
-                await qmp.send(key("a", True))
-                await qmp.send(key("a", False))
-                await qmp.send(key("shift", True), key("b", True))
-                await qmp.send(key("b", False), key("shift", False))
-                KEY = K.XENKBD_TYPE_KEY
-                assert await receive(frontend, 6) == [
-                    K.Key(KEY, 1, NAMES["A"]), K.Key(KEY, 0, NAMES["A"]),
-                    K.Key(KEY, 1, NAMES["LEFTSHIFT"]), K.Key(KEY, 1, NAMES["B"]),
-                    K.Key(KEY, 0, NAMES["B"]), K.Key(KEY, 0, NAMES["LEFTSHIFT"])]
-                await qmp.send(btn("left", True))
-                await qmp.send(btn("left", False))
-                # QEMU follows each button with the pointer state of its sync: keep the keys
-                keys: list[Any] = []
-                pointer: list[Any] = []
-                it = frontend.events()
-                async with asyncio.timeout(WAIT):
-                    while len(keys) < 2:
-                        ev = await it.__anext__()
-                        (keys if isinstance(ev, K.Key) else pointer).append(ev)
-                await it.aclose()
-                assert keys == [K.Key(KEY, 1, BTN_LEFT), K.Key(KEY, 0, BTN_LEFT)]
-                assert all(isinstance(e, K.Position if absolute else K.Motion) for e in pointer)
-                if absolute:
-                    await qmp.send(axis("abs", "x", 0x4000), axis("abs", "y", 0x2000))
-                    want: Any = K.Position(K.XENKBD_TYPE_POS, 0x4000, 0x2000, 0)
-                    stale: Any = K.Position(K.XENKBD_TYPE_POS, 0, 0, 0)
-                else:
-                    await qmp.send(axis("rel", "x", 7), axis("rel", "y", -3))
-                    want = K.Motion(K.XENKBD_TYPE_MOTION, 7, -3, 0)
-                    stale = K.Motion(K.XENKBD_TYPE_MOTION, 0, 0, 0)
-                # before it, only the (unchanged) pointer state of the button syncs
-                it = frontend.events()
-                async with asyncio.timeout(WAIT):
-                    while (ev := await it.__anext__()) != want:
-                        assert ev == stale, ev
-                await it.aclose()
-                stats = frontend.counters()
-                assert stats["bad_events"] == 0
-                await remove_device(xs0, "vkbd", GUEST, 0, 0, timeout=5.0)
-            finally:
-                if qmp is not None:
-                    qmp.close()
-                if frontend is not None:
-                    await frontend.close()
-                await xsg.close()
-                await xs0.close()
-                guest.close()
+    async def body(w: QemuGuest) -> None:
+        frontend = None
+        qmp = None
+        try:
+            info = await add_device(w.xs0, "vkbd", GUEST, 0, 0)
+            w.start_qemu()
+            frontend = KeyboardFrontend(w.guest, w.xsg, info.frontend_path,
+                                        abs_pointer=absolute, raw_pointer=absolute)
+            await frontend.start()
+            await frontend.wait_state(XenbusState.Connected, timeout=WAIT)
+            assert frontend.mode is not None
+            assert frontend.mode.abs_pointer == absolute
+            assert frontend.mode.raw_pointer == absolute
+            qmp = await Qmp.connect(qmp_path, WAIT)
+            # QEMU registers its input handlers once it sees us Connected
+            async with asyncio.timeout(WAIT):
+                while await w.xs0.read(f"{info.backend_path}/state") != b"4":
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
+            await qmp.send(key("a", True))
+            await qmp.send(key("a", False))
+            await qmp.send(key("shift", True), key("b", True))
+            await qmp.send(key("b", False), key("shift", False))
+            KEY = K.XENKBD_TYPE_KEY
+            assert await receive(frontend, 6) == [
+                K.Key(KEY, 1, NAMES["A"]), K.Key(KEY, 0, NAMES["A"]),
+                K.Key(KEY, 1, NAMES["LEFTSHIFT"]), K.Key(KEY, 1, NAMES["B"]),
+                K.Key(KEY, 0, NAMES["B"]), K.Key(KEY, 0, NAMES["LEFTSHIFT"])]
+            await qmp.send(btn("left", True))
+            await qmp.send(btn("left", False))
+            # QEMU follows each button with the pointer state of its sync: keep the keys
+            keys: list[Any] = []
+            pointer: list[Any] = []
+            it = frontend.events()
+            async with asyncio.timeout(WAIT):
+                while len(keys) < 2:
+                    ev = await it.__anext__()
+                    (keys if isinstance(ev, K.Key) else pointer).append(ev)
+            await it.aclose()
+            assert keys == [K.Key(KEY, 1, BTN_LEFT), K.Key(KEY, 0, BTN_LEFT)]
+            assert all(isinstance(e, K.Position if absolute else K.Motion) for e in pointer)
+            if absolute:
+                await qmp.send(axis("abs", "x", 0x4000), axis("abs", "y", 0x2000))
+                want: Any = K.Position(K.XENKBD_TYPE_POS, 0x4000, 0x2000, 0)
+                stale: Any = K.Position(K.XENKBD_TYPE_POS, 0, 0, 0)
+            else:
+                await qmp.send(axis("rel", "x", 7), axis("rel", "y", -3))
+                want = K.Motion(K.XENKBD_TYPE_MOTION, 7, -3, 0)
+                stale = K.Motion(K.XENKBD_TYPE_MOTION, 0, 0, 0)
+            # before it, only the (unchanged) pointer state of the button syncs
+            it = frontend.events()
+            async with asyncio.timeout(WAIT):
+                while (ev := await it.__anext__()) != want:
+                    assert ev == stale, ev
+            await it.aclose()
+            stats = frontend.counters()
+            assert stats["bad_events"] == 0
+            await remove_device(w.xs0, "vkbd", GUEST, 0, 0, timeout=5.0)
+        finally:
+            if qmp is not None:
+                qmp.close()
+            if frontend is not None:
+                await frontend.close()
 
-        run_showing_log(body, qemu_log, "QEMU")
-    finally:
-        run.close()
+    with_qemu_guest(GUEST, tmp_path, body, qmp=qmp_path)

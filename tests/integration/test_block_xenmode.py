@@ -13,9 +13,8 @@ and indirect requests, and the emulator holds nothing afterwards.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,8 @@ import pytest
 from xenpv.backends.block import BlockBackendDriver, BlockConfig
 from xenpv.frontends.block import BlockFrontend, FrontConfig
 from xenpv.platforms.loopback.client import ClientPlatform
-from xenpv.platforms.xen import XenPlatform
 from xenpv.testing.vchan import VchanLab
+from xenpv.testing.xenmode import xen_platform
 from xenpv.xenbus.toolstack import add_device, remove_device, vbd_keys
 from xenpv.xenstore.client import connect
 
@@ -34,17 +33,6 @@ WAIT = 20.0
 MiB = 1 << 20
 
 
-def _load_xenmode() -> Any:
-    path = Path(__file__).resolve().parents[1] / "platform" / "xenmode.py"
-    spec = importlib.util.spec_from_file_location("block_xenmode_helper", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-#: ``xen_platform(rundir, domid)``: ``XenPlatform`` acting as that domain of the emulator.
-xen_platform: Callable[[str, int], XenPlatform] = _load_xenmode()._local
 
 
 @pytest.fixture

@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,29 +39,14 @@ from xenpv.cli.demo import Pty
 from xenpv.errors import LocalError
 from xenpv.frontends.console import GNTTAB_RESERVED_CONSOLE, ConsoleFrontend, PrimaryConsole
 from xenpv.platforms.loopback.client import ClientPlatform
-from xenpv.platforms.xen import XenPlatform
 from xenpv.testing.vchan import VchanLab
+from xenpv.testing.xenmode import xen_platform
 from xenpv.xenbus.toolstack import add_device, remove_device
 from xenpv.xenstore.client import connect
 
 GUEST = 7
 WAIT = 15.0
 BULK = 256 * 1024
-
-
-def _load_xenmode() -> Any:
-    # the platform suite's helper (tests/platform is not a package): XenPlatform acting as a
-    # domain of the emulator, opened in that domain's environment
-    path = Path(__file__).resolve().parents[1] / "platform" / "xenmode.py"
-    spec = importlib.util.spec_from_file_location("console_xenmode_helper", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-#: ``xen_platform(rundir, domid)``: ``xen_on_loopback`` in that domain's environment
-xen_platform: Callable[[str, int], XenPlatform] = _load_xenmode()._local
 
 
 # --------------------------------------------------------------------------- the guest

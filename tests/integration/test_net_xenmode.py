@@ -13,9 +13,8 @@ shared event channels; the emulator holds nothing afterwards.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,9 @@ from xenpv.backends.net import NetBackendDriver, NetConfig
 from xenpv.backends.netswitch import NetSwitch, SwitchPort
 from xenpv.frontends.net import NetFrontConfig, NetFrontend
 from xenpv.platforms.loopback.client import ClientPlatform
-from xenpv.platforms.xen import XenPlatform
 from xenpv.protocols.ethernet import GSO_TCPV4, NetFrame
 from xenpv.testing.vchan import VchanLab
+from xenpv.testing.xenmode import xen_platform
 from xenpv.xenbus.toolstack import add_device, remove_device, vif_keys
 from xenpv.xenstore.client import connect
 
@@ -36,16 +35,6 @@ WAIT = 20.0
 ECHO_MAC = bytes.fromhex("020000000099")
 
 
-def _load_xenmode() -> Any:
-    path = Path(__file__).resolve().parents[1] / "platform" / "xenmode.py"
-    spec = importlib.util.spec_from_file_location("net_xenmode_helper", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-xen_platform: Callable[[str, int], XenPlatform] = _load_xenmode()._local
 
 
 @pytest.fixture

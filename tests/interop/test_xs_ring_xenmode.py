@@ -18,6 +18,7 @@ from typing import Any
 
 from xenpv.platforms.loopback.client import ClientPlatform
 from xenpv.platforms.loopback.harness import DaemonMachine
+from xenpv.testing.xenmode import xen_platform
 from xenpv.xenstore import client as xsclient
 from xenpv.xenstore.ring import connect_ring
 from xenpv.xenstore.server import XenstoredServer
@@ -26,14 +27,7 @@ TIMEOUT = 30
 
 
 def _xen_dom0(rundir: str) -> Any:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "platform"))
-    try:
-        import xenmode
-    finally:
-        sys.path.pop(0)
-    return xenmode._local(rundir, 0)
+    return xen_platform(rundir, 0)
 
 
 def test_our_xenstored_serves_a_ring_through_the_real_xen_api(tmp_path: Path) -> None:

@@ -11,15 +11,10 @@ that needs it can be checked against the documented refusal instead.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-from xenpv.platforms.choose import xen_on_loopback
-from xenpv.platforms.loopback.env import domain_env
 from xenpv.platforms.loopback.harness import DaemonMachine
-from xenpv.platforms.xen import XenPlatform
+from xenpv.testing.xenmode import xen_platform
 
 FACTORY = "xenpv.platforms.choose:xen_on_loopback"
 
@@ -29,31 +24,10 @@ FACTORY = "xenpv.platforms.choose:xen_on_loopback"
 XEN_LIMITS = frozenset({"strict_end_access", "late_unmap_notify", "multipage_unmap_notify"})
 
 
-@contextmanager
-def _environment(env: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _local(rundir: str, domid: int) -> XenPlatform:
-    # The libraries read $XENPV_LOOPBACK_SOCKET when a handle is opened; the handles keep
-    # their connection afterwards, so the variable is only needed while opening.
-    with _environment(domain_env(rundir, domid)):
-        return xen_on_loopback(rundir, domid)
-
-
 def xen_machine(*, max_grants: int = 128, max_ports: int = 32) -> Any:
     """A daemon machine whose platforms are the real-Xen platform on the shim."""
     machine = DaemonMachine(
-        max_grants=max_grants, max_ports=max_ports, factory=FACTORY, local_factory=_local
+        max_grants=max_grants, max_ports=max_ports, factory=FACTORY, local_factory=xen_platform
     )
     machine.limits = XEN_LIMITS
     return machine

@@ -5,6 +5,8 @@
   xenpv.vchan.tool``, Xen's ``vchan-socket-proxy``, C programs linked with libxenvchan).
 * :mod:`xenpv.testing.clock` -- :class:`~xenpv.testing.clock.ScriptedClock`: a stand-in for
   ``time`` in a module under test, for bounded polling loops.
+* :mod:`xenpv.testing.xenmode` -- :func:`~xenpv.testing.xenmode.xen_platform`: the real-Xen
+  platform acting as a domain of the emulator (through the replacement libraries).
 * :mod:`xenpv.testing.usbhid` -- emulated USB HID devices behind pyusb's pluggable
   backend interface (these machines have no USB), for the USB HID input source.
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import select
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,8 @@ from test_net_support import (
 )
 
 from xenpv.backends.net import NetConfig
-from xenpv.frontends.net import NetFrontConfig, NetFrontend
+from xenpv.drivers.tap import TapDevice
+from xenpv.frontends.net import NetFrontConfig, NetFrontend, TapBridge
 from xenpv.platforms.base import LocalPtr
 from xenpv.protocols.ethernet import GSO_NONE, GSO_TCPV4, GSO_TCPV6, NetFrame
 from xenpv.xenbus import XenbusState, add_device
@@ -458,6 +461,62 @@ def test_a_burst_of_small_frames_is_copied_in_few_grant_copies() -> None:
                 assert (await b.frontend.recv(5.0)).data == frames[2]
                 assert a.backend.queues[0].tx.stats["copy_errors"] == 1
             finally:
+                await close_all(w, a, b)
+
+    run(body())
+
+
+def test_a_tap_read_pass_goes_out_with_one_ring_push() -> None:
+    """The frames a TAP has ready (here a SOCK_SEQPACKET pair standing in for its fd)
+    are read in one pass and sent with one TX ring push (at most one notification), all
+    arriving intact and in order; ``send_many`` skips and counts a frame that cannot be
+    sent and sends the rest; frames to the guest reach the TAP with their header."""
+    async def body() -> None:
+        async with net_world() as w:
+            a, b = await two_vifs(w, back=NetConfig(max_queues=1))
+            ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            ours.setblocking(False)
+            bridge = TapBridge(a.frontend, TapDevice([ours.fileno()], "fake", None, True))
+            try:
+                learn = eth(BROADCAST, b.mac, 0x88B5, b"learn".ljust(46, b"."))
+                await b.frontend.send(NetFrame(learn))  # b's MAC is learnt: unicast to b
+                assert (await a.frontend.recv(5.0)).data == learn
+                client = a.frontend.queues[0].tx_client
+                assert client is not None
+                submits, real_submit = [], client.submit
+
+                def counting(reqs: Any) -> int:
+                    reqs = list(reqs)
+                    submits.append(len(reqs))
+                    return real_submit(reqs)
+
+                client.submit = counting  # type: ignore[method-assign]
+                notified = client.stats["notifications_sent"]
+                frames = [eth(b.mac, a.mac, 0x88B5, bytes([k]) * (60 + k)) for k in range(40)]
+                frames[7] = eth(b.mac, a.mac, 0x88B5, bytes(range(256)) * 30)  # 2 slots
+                for f in frames:
+                    peer.send(bytes(10) + f)
+                bridge.start()
+                for f in frames:
+                    assert (await b.frontend.recv(5.0)).data == f
+                assert submits == [41], submits
+                assert client.stats["notifications_sent"] - notified <= 1
+                huge = NetFrame(eth(b.mac, a.mac, 0x88B5, bytes(70000)))
+                assert await a.frontend.send_many([NetFrame(frames[0]), huge,
+                                                   NetFrame(frames[1])]) == 1
+                assert (await b.frontend.recv(5.0)).data == frames[0]
+                assert (await b.frontend.recv(5.0)).data == frames[1]
+                assert a.frontend.info()["stats"]["tx_refused"] == 1
+                reply = eth(a.mac, b.mac, 0x88B5, b"reply".ljust(46, b"."))
+                await b.frontend.send(NetFrame(reply))
+                async with asyncio.timeout(5.0):
+                    while not select.select([peer], [], [], 0)[0]:
+                        await asyncio.sleep(0.01)
+                assert peer.recv(70000) == bytes(10) + reply
+            finally:
+                await bridge.close()
+                peer.close()
+                ours.detach()  # the bridge closed its fd
                 await close_all(w, a, b)
 
     run(body())

@@ -3,7 +3,10 @@ independent computations (the test's own checksum code) rather than against them
 
 from __future__ import annotations
 
+import asyncio
 import random
+import select
+import socket
 import struct
 import sys
 from pathlib import Path
@@ -15,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from test_net_support import blank_checksum, tcp_checksum_ok, tcp_frame
 
 from xenpv.backends.netswitch import NetSwitch
+from xenpv.drivers.tap import TapDevice, from_vnet, to_vnet
 from xenpv.errors import LocalError
 from xenpv.protocols.ethernet import (
     GSO_TCPV4,
@@ -161,3 +165,85 @@ def test_hot_path_structs_give_the_layouts_bytes() -> None:
     assert netif.CTRL_REQUEST_STRUCT.pack(1, 3, 7, 40, 0) == \
         netif.CtrlRequest(1, 3, (7, 40, 0)).pack()
     assert netif.CTRL_RESPONSE_STRUCT.pack(1, 3, 2, 9) == netif.CtrlResponse(1, 3, 2, 9).pack()
+
+
+def _seqpacket_tap(queues: int) -> tuple[TapDevice, list[socket.socket], list[socket.socket]]:
+    """A TapDevice over SOCK_SEQPACKET pairs (one per queue): each read or write is one
+    message, as on a TAP fd, so the device's own logic runs without root."""
+    ours, peers = [], []
+    for _ in range(queues):
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        a.setblocking(False)
+        ours.append(a)
+        peers.append(b)
+    return TapDevice([s.fileno() for s in ours], "fake", None, True), ours, peers
+
+
+def test_tap_reads_every_ready_frame_per_pass_and_writes_one_buffer() -> None:
+    """read_ready drains each queue's fd in order up to its bound (a runt or an unknown
+    GSO type skipped and counted), picks up where the bound cut it, and recv_many waits
+    for the first frame; write puts the kernel's partial checksum (the pseudo-header
+    sum, completed here by the test's own sum) and the GSO fields in the header, each
+    flow on one queue."""
+    tap, ours, peers = _seqpacket_tap(2)
+    hdr = struct.Struct("<BBHHHH")
+    try:
+        frames = [tcp_frame(B, A, bytes([k]) * (10 + k), seq=k) for k in range(6)]
+        for f in frames[:4]:
+            peers[0].send(hdr.pack(0, 0, 0, 0, 0, 0) + f)
+        peers[0].send(b"runt")
+        peers[0].send(hdr.pack(0, 3, 0, 0, 0, 0) + frames[0])  # UDP fragmentation offload
+        for f in frames[4:]:
+            peers[1].send(hdr.pack(2, 0, 0, 0, 0, 0) + f)
+        first = tap.read_ready(3)
+        assert [fr.data for fr in first] == frames[:3]
+        rest = tap.read_ready()
+        assert [fr.data for fr in rest] == frames[3:]
+        assert [fr.data_validated for fr in rest] == [False, True, True]
+        assert tap.stats["rx_frames"] == 6 and tap.stats["rx_refused"] == 2
+        assert tap.read_ready() == []
+
+        async def late() -> list[NetFrame]:
+            asyncio.get_running_loop().call_later(0.05, peers[1].send,
+                                                  hdr.pack(0, 0, 0, 0, 0, 0) + frames[5])
+            return await tap.recv_many()
+        assert [fr.data for fr in asyncio.run(late())] == [frames[5]]
+
+        for v6, kind in ((False, GSO_TCPV4), (True, GSO_TCPV6)):
+            good = tcp_frame(B, A, bytes(range(200)) * 20, v6=v6)
+            frame = NetFrame(blank_checksum(good, v6), csum_blank=True, gso_type=kind,
+                             gso_size=1448)
+            seen = set()
+            for _ in range(3):  # one flow: always the same queue
+                assert tap.write(frame)
+                got = [p for p, s in enumerate(peers) if select_ready(s)]
+                assert len(got) == 1
+                seen.add(got[0])
+                buf = peers[got[0]].recv(70000)
+            assert len(seen) == 1
+            flags, gso, hdr_len, gso_size, start, offset = hdr.unpack_from(buf)
+            l4 = 54 if v6 else 34
+            assert (flags, gso, hdr_len, gso_size, start, offset) == \
+                (1, 1 if kind == GSO_TCPV4 else 4, l4 + 20, 1448, l4, 16)
+            data = bytearray(buf[hdr.size:])
+            seg_sum = sum(struct.unpack(f"!{(len(data) - l4) // 2}H", data[l4:]))
+            while seg_sum >> 16:
+                seg_sum = (seg_sum & 0xFFFF) + (seg_sum >> 16)
+            data[l4 + 16:l4 + 18] = struct.pack("!H", 0xFFFF - seg_sum)
+            assert bytes(data) == good and tcp_checksum_ok(bytes(data))
+            back = from_vnet(buf)
+            assert back is not None and back.gso_type == kind and back.csum_blank
+        plain = NetFrame(frames[0], data_validated=True)
+        assert tap.write(plain)
+        buf = next(s for s in peers if select_ready(s)).recv(70000)
+        assert buf == hdr.pack(2, 0, 0, 0, 0, 0) + frames[0]
+        assert to_vnet(NetFrame(b"\x01" * 60, csum_blank=True)) is None  # not TCP/UDP
+        assert tap.stats["tx_frames"] == 7
+    finally:
+        for s in ours + peers:
+            s.close()
+
+
+def select_ready(s: socket.socket) -> bool:
+    """Whether ``s`` has a message to read now."""
+    return bool(select.select([s], [], [], 0)[0])

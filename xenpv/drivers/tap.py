@@ -24,8 +24,13 @@ over IP) is refused, as is a GSO type netif cannot carry.  The checksum field of
 frame is set to the pseudo-header sum, the convention of a partial checksum the kernel
 completes.
 
-:meth:`TapDevice.recv` waits (asyncio) for the next frame; :meth:`TapDevice.write`
-writes one without blocking (a full device queue drops it, counted).  The interface is
+:meth:`TapDevice.recv_many` waits (asyncio) for the frames ready (each queue's fd read
+until it is empty, up to a bound: one wake-up and one failed read per pass, not per frame;
+:class:`TapPump` hands each pass's frames on as one list, so a frontend sends them with
+one ring push); :meth:`TapDevice.recv` takes one.  :meth:`TapDevice.write` writes one
+frame without blocking (a full device queue drops it, counted); the frame is copied once,
+into the buffer written, and its headers are located once for both the checksum field and
+the queue its flow hashes to.  The interface is
 left to the caller to configure (addresses, ``up``); closing the fd of a TAP created
 here removes it.
 """
@@ -49,13 +54,14 @@ from xenpv.protocols.ethernet import (
     GSO_NONE,
     GSO_TCPV4,
     GSO_TCPV6,
+    L4Info,
     NetFrame,
-    flow_hash,
+    flow_hash_of,
     l4_info,
-    partial_checksum,
+    partial_checksum_field,
 )
 
-__all__ = ["TapDevice", "TapPump", "from_vnet", "to_vnet"]
+__all__ = ["READ_BATCH", "TapDevice", "TapPump", "from_vnet", "to_vnet"]
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
@@ -70,16 +76,26 @@ NEEDS_CSUM, DATA_VALID = 1, 2
 _VNET_TCPV4, _VNET_TCPV6, _VNET_ECN = 1, 4, 0x80
 _CLONE_NEWNET = 0x40000000
 _MAX_FRAME = 0xFFFF + VNET_HDR.size
+_GSO_KIND = {0: GSO_NONE, _VNET_TCPV4: GSO_TCPV4, _VNET_TCPV6: GSO_TCPV6}
+_HDR_NONE = VNET_HDR.pack(0, 0, 0, 0, 0, 0)
+_HDR_VALID = VNET_HDR.pack(DATA_VALID, 0, 0, 0, 0, 0)
+#: Frames :meth:`TapDevice.recv_many` takes in one go at most (by default).
+READ_BATCH = 64
 
 
-def to_vnet(frame: NetFrame) -> bytes | None:
+def to_vnet(frame: NetFrame) -> bytes | bytearray | None:
     """``virtio_net_hdr`` + frame bytes for a TAP write; None if the metadata cannot be
     expressed (a blank checksum or GSO on something that is not TCP/UDP over IP)."""
+    plain = not frame.csum_blank and frame.gso_type == GSO_NONE
+    return _to_vnet(frame, None if plain else l4_info(frame.data))
+
+
+def _to_vnet(frame: NetFrame, info: L4Info | None) -> bytes | bytearray | None:
+    """:func:`to_vnet` with the headers already located (``info`` is only looked at for
+    a blank checksum or GSO).  The frame is copied once, into the buffer written."""
     data = frame.data
     if not frame.csum_blank and frame.gso_type == GSO_NONE:
-        flags = DATA_VALID if frame.data_validated else 0
-        return VNET_HDR.pack(flags, 0, 0, 0, 0, 0) + data
-    info = l4_info(data)
+        return (_HDR_VALID if frame.data_validated else _HDR_NONE) + data
     if info is None:
         return None
     tcp = info.proto == 6
@@ -89,11 +105,17 @@ def to_vnet(frame: NetFrame) -> bytes | None:
             return None
         gso = _VNET_TCPV4 if frame.gso_type == GSO_TCPV4 else _VNET_TCPV6
         hdr_len = info.l4 + (data[info.l4 + 12] >> 4) * 4
-    done = partial_checksum(frame)
-    if done is None:
+    field = partial_checksum_field(data, info)
+    if field is None:
         return None
-    return VNET_HDR.pack(NEEDS_CSUM, gso, hdr_len, frame.gso_size if gso else 0, info.l4,
-                         16 if tcp else 6) + done.data
+    at, value = field
+    h = VNET_HDR.size
+    out = bytearray(h + len(data))
+    VNET_HDR.pack_into(out, 0, NEEDS_CSUM, gso, hdr_len, frame.gso_size if gso else 0,
+                       info.l4, 16 if tcp else 6)
+    out[h:] = data
+    out[h + at:h + at + 2] = value
+    return out
 
 
 def from_vnet(buf: bytes) -> NetFrame | None:
@@ -102,12 +124,11 @@ def from_vnet(buf: bytes) -> NetFrame | None:
     if len(buf) < VNET_HDR.size + 14:
         return None
     flags, gso, _hdr_len, gso_size, _cs, _co = VNET_HDR.unpack_from(buf)
-    kind = {0: GSO_NONE, _VNET_TCPV4: GSO_TCPV4, _VNET_TCPV6: GSO_TCPV6}.get(gso & ~_VNET_ECN)
+    kind = _GSO_KIND.get(gso & ~_VNET_ECN)
     if kind is None:
         return None
-    return NetFrame(buf[VNET_HDR.size:], csum_blank=bool(flags & NEEDS_CSUM),
-                    data_validated=bool(flags & DATA_VALID), gso_type=kind,
-                    gso_size=gso_size if kind != GSO_NONE else 0)
+    return NetFrame(buf[VNET_HDR.size:], bool(flags & NEEDS_CSUM), bool(flags & DATA_VALID),
+                    kind, gso_size if kind != GSO_NONE else 0)
 
 
 def _set_done(fut: asyncio.Future[None]) -> None:
@@ -208,51 +229,80 @@ class TapDevice:
         """True after :meth:`close`."""
         return not self.fds
 
-    async def recv(self) -> NetFrame:
-        """The next frame from the kernel (frames netif cannot carry are skipped)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            fds = self.fds
-            if not fds:
-                raise LocalError(f"TAP {self.name} is closed")
-            buf = None
-            for k in range(len(fds)):  # every queue in turn, from where the last read was
-                fd = fds[(self._next + k) % len(fds)]
+    def read_ready(self, limit: int = READ_BATCH) -> list[NetFrame]:
+        """The frames the kernel has ready now, at most ``limit`` reads' worth (frames
+        netif cannot carry are skipped and counted); empty if none is ready.  Each
+        queue's fd is read until it is empty, starting after the one the last call
+        ended on, so one busy queue costs one failed read per call, not per frame."""
+        fds = self.fds
+        if not fds:
+            raise LocalError(f"TAP {self.name} is closed")
+        frames: list[NetFrame] = []
+        count = len(fds)
+        reads = 0
+        stats = self.stats
+        for k in range(count):
+            at = (self._next + k) % count
+            fd = fds[at]
+            while reads < limit:
                 try:
                     buf = os.read(fd, _MAX_FRAME)
                 except BlockingIOError:
-                    continue
+                    break
                 except OSError as exc:
                     raise LocalError(f"TAP {self.name}: read failed: {exc.strerror}") from None
-                self._next = (self._next + k + 1) % len(fds)
-                break
-            if buf is None:
-                ready: asyncio.Future[None] = loop.create_future()
-                for fd in fds:
-                    loop.add_reader(fd, _set_done, ready)
-                try:
-                    await ready
-                finally:
-                    for fd in fds:
-                        with contextlib.suppress(ValueError, OSError):
-                            loop.remove_reader(fd)
-                continue
-            frame = from_vnet(buf)
-            if frame is None:
-                self.stats["rx_refused"] += 1
-                continue
-            self.stats["rx_frames"] += 1
-            self.stats["rx_bytes"] += len(frame.data)
-            return frame
+                reads += 1
+                frame = from_vnet(buf)
+                if frame is None:
+                    stats["rx_refused"] += 1
+                    continue
+                stats["rx_frames"] += 1
+                stats["rx_bytes"] += len(frame.data)
+                frames.append(frame)
+            if reads >= limit:  # the next call starts with the fd not drained
+                self._next = at
+                return frames
+        self._next = (self._next + 1) % count
+        return frames
+
+    async def _readable(self) -> None:
+        """Wait until one of the fds is readable."""
+        loop = asyncio.get_running_loop()
+        fds = self.fds
+        ready: asyncio.Future[None] = loop.create_future()
+        for fd in fds:
+            loop.add_reader(fd, _set_done, ready)
+        try:
+            await ready
+        finally:
+            for fd in fds:
+                with contextlib.suppress(ValueError, OSError):
+                    loop.remove_reader(fd)
+
+    async def recv_many(self, limit: int = READ_BATCH) -> list[NetFrame]:
+        """The frames ready (at most ``limit`` reads' worth, at least one frame), waiting
+        for the first."""
+        while True:
+            frames = self.read_ready(limit)
+            if frames:
+                return frames
+            await self._readable()
+
+    async def recv(self) -> NetFrame:
+        """The next frame from the kernel (frames netif cannot carry are skipped)."""
+        return (await self.recv_many(1))[0]
 
     def write(self, frame: NetFrame) -> bool:
         """Hand one frame to the kernel without blocking; False if refused or dropped."""
-        buf = to_vnet(frame)
         fds = self.fds
+        data = frame.data
+        plain = not frame.csum_blank and frame.gso_type == GSO_NONE
+        info = l4_info(data) if not plain or len(fds) > 1 else None
+        buf = _to_vnet(frame, info)
         if buf is None or not fds:
             self.stats["tx_refused"] += 1
             return False
-        fd = fds[flow_hash(frame.data) % len(fds)] if len(fds) > 1 else fds[0]
+        fd = fds[flow_hash_of(data, info) % len(fds)] if len(fds) > 1 else fds[0]
         try:
             os.write(fd, buf)
         except OSError as exc:
@@ -261,7 +311,7 @@ class TapDevice:
             self.stats["tx_dropped"] += 1  # queue full, link down, or refused by the kernel
             return False
         self.stats["tx_frames"] += 1
-        self.stats["tx_bytes"] += len(frame.data)
+        self.stats["tx_bytes"] += len(data)
         return True
 
     def close(self) -> None:
@@ -277,14 +327,20 @@ class TapDevice:
 
 
 class TapPump:
-    """Reads a :class:`TapDevice` in a task and hands each frame to ``forward`` (awaited:
-    the TAP is read no faster than ``forward`` takes frames); ``forward`` returning False
-    ends the pump.  :meth:`close` stops it and closes the TAP."""
+    """Reads a :class:`TapDevice` in a task and hands the frames of each read pass (every
+    frame ready, up to ``batch``) to ``forward`` as one list, in order (awaited: the TAP
+    is read no faster than ``forward`` takes frames); ``forward`` returning False ends
+    the pump.  :meth:`close` stops it and closes the TAP."""
 
-    def __init__(self, tap: TapDevice, forward: Callable[[NetFrame], Awaitable[bool]]) -> None:
+    def __init__(self, tap: TapDevice,
+                 forward: Callable[[list[NetFrame]], Awaitable[bool]], *,
+                 batch: int = READ_BATCH) -> None:
         """Nothing runs before :meth:`start`."""
+        if batch < 1:
+            raise LocalError("a TAP pump reads at least one frame per pass")
         self.tap = tap
         self.forward = forward
+        self.batch = batch
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -294,10 +350,10 @@ class TapPump:
     async def _pump(self) -> None:
         while True:
             try:
-                frame = await self.tap.recv()
+                frames = await self.tap.recv_many(self.batch)
             except LocalError:
                 return  # closed underneath
-            if not await self.forward(frame):
+            if not await self.forward(frames):
                 return
 
     async def close(self) -> None:

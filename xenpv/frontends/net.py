@@ -272,7 +272,8 @@ class NetFrontend(FrontendDriver):
         #: The protocol violation that failed the device (None while healthy).
         self.error: NetPeerError | None = None
         self.net_stats = dict.fromkeys(
-            ("tx_packets", "tx_bytes", "tx_errors", "tx_gso", "tx_segmented", "tx_csum_completed",
+            ("tx_packets", "tx_bytes", "tx_errors", "tx_refused", "tx_gso", "tx_segmented",
+             "tx_csum_completed",
              "rx_packets", "rx_bytes", "rx_errors", "rx_queue_full", "rx_gso",
              "rx_csum_blank"), 0)
 
@@ -633,59 +634,115 @@ class NetFrontend(FrontendDriver):
         """Queue ``frame`` for the backend (waits for ring space, at most
         ``send_timeout``); LocalError for a frame that cannot be sent,
         :class:`NetPeerError` once the device failed."""
-        for fr in self._adapt(frame):
-            await self._send_one(fr)
+        await self._send_frames(self._adapt(frame))
 
-    def _tx_room(self, data: bytes, slots: int, pages: int
-                 ) -> tuple[_Queue, RingClient | None]:
-        """The queue a frame goes on (by its flow) and that queue's TX client if it has
-        ``slots`` free slots and ``pages`` free pages now (else None); raises once the
-        device failed or is not connected."""
+    async def send_many(self, frames: Iterable[NetFrame]) -> int:
+        """Queue ``frames`` in order with one ring push per queue (and a notification
+        only where the ring asks for one) for all that fit, waiting for room (at most
+        ``send_timeout`` each time, TimeoutError) only when the ring or the pages run
+        out.  A frame that cannot be sent is skipped and counted (``tx_refused``);
+        returns how many were skipped.  :class:`NetPeerError` once the device failed."""
+        out: list[NetFrame] = []
+        refused = 0
+        for frame in frames:
+            try:
+                out += self._adapt(frame)
+            except LocalError as exc:
+                refused += 1
+                log.debug("%s: frame not sent: %s", self.path, exc)
+        self.net_stats["tx_refused"] += refused
+        await self._send_frames(out)
+        return refused
+
+    def _tx_room(self, q: _Queue, slots: int, pages: int, taken: int) -> RingClient | None:
+        """``q``'s TX client if it has ``slots`` free slots (beyond ``taken`` filled but
+        not pushed yet) and ``pages`` free pages now, else None; raises once the device
+        failed or is not connected."""
         if self.error is not None:
             raise self.error
-        if not self.queues or self.queues[0].tx_client is None:
-            raise LocalError("net device not connected")
-        q = self.queues[flow_hash(data) % len(self.queues)]
         client = q.tx_client
-        if client is not None and client.free() >= slots and len(q.tx_free) >= pages:
-            return q, client
-        return q, None
+        queues = self.queues
+        if client is None or q.index >= len(queues) or queues[q.index] is not q:
+            raise LocalError("net device not connected")  # or reconnected meanwhile
+        if client.free() - taken >= slots and len(q.tx_free) >= pages:
+            return client
+        return None
 
-    async def _send_one(self, frame: NetFrame) -> None:
+    async def _send_frames(self, frames: list[NetFrame]) -> None:
+        """Fill the TX slots of ``frames`` (adapted already) in order and push each
+        queue's requests once; when a frame finds no room, what was filled is pushed
+        first and the wait is bounded by ``send_timeout``."""
+        if self.error is not None:
+            raise self.error
+        queues = self.queues
+        if not queues or queues[0].tx_client is None:
+            raise LocalError("net device not connected")
+        filled: dict[_Queue, list[bytes]] = {}
+        try:
+            for frame in frames:
+                data = frame.data
+                q = queues[flow_hash(data) % len(queues)] if len(queues) > 1 else queues[0]
+                pages = -(-len(data) // XEN_PAGE_SIZE)
+                slots = pages + (frame.gso_type != GSO_NONE)
+                reqs = filled.setdefault(q, [])
+                client = self._tx_room(q, slots, pages, len(reqs))
+                if client is None:  # the timer only when waiting: it costs as much as the rest
+                    self._push_filled(filled)
+                    async with asyncio.timeout(self.config.send_timeout):
+                        while client is None:
+                            self._space.clear()
+                            await self._space.wait()
+                            client = self._tx_room(q, slots, pages, len(reqs))
+                self._fill_tx(q, frame, reqs)
+        finally:
+            self._push_filled(filled)
+
+    def _push_filled(self, filled: dict[_Queue, list[bytes]]) -> None:
+        """Push the requests filled for each queue (one push, and a notification if the
+        ring asks, per queue); not to a device that failed or a queue released since."""
+        for q, reqs in filled.items():
+            if reqs and self.error is None and q.tx_client is not None and \
+                    q.index < len(self.queues) and self.queues[q.index] is q:
+                with contextlib.suppress(LocalError):  # the channel closed underneath
+                    q.tx_client.submit(reqs)
+            reqs.clear()
+
+    def _fill_tx(self, q: _Queue, frame: NetFrame, reqs: list[bytes]) -> None:
+        """Take ``frame``'s TX pages, copy it in and add its slots to ``reqs`` (room was
+        checked)."""
         data = frame.data
-        chunks = [(off, min(XEN_PAGE_SIZE, len(data) - off))
-                  for off in range(0, len(data), XEN_PAGE_SIZE)]
+        size = len(data)
         gso = frame.gso_type != GSO_NONE
-        slots = len(chunks) + gso
-        q, client = self._tx_room(data, slots, len(chunks))
-        if client is None:  # the timer only when waiting: it costs as much as the rest
-            async with asyncio.timeout(self.config.send_timeout):
-                while client is None:
-                    self._space.clear()
-                    await self._space.wait()
-                    q, client = self._tx_room(data, slots, len(chunks))
-        mem, refs = q.tx_pages.mem, q.tx_pages.refs
+        mem, refs, free, out = q.tx_pages.mem, q.tx_pages.refs, q.tx_free, q.tx_out
         flags = (NETTXF_csum_blank if frame.csum_blank else 0) | \
             (NETTXF_data_validated if frame.data_validated else 0)
-        reqs: list[bytes] = []
-        for k, (off, n) in enumerate(chunks):
-            idx = q.tx_free.pop()
-            q.tx_out.add(idx)
-            mem[idx * XEN_PAGE_SIZE:idx * XEN_PAGE_SIZE + n] = data[off:off + n]
-            more = NETTXF_more_data if k < len(chunks) - 1 else 0
-            if k == 0:
-                reqs.append(pack_tx_request(refs[idx], 0, flags | more |
-                                            (NETTXF_extra_info if gso else 0), idx,
-                                            len(data)))
-                if gso:
-                    reqs.append(GsoExtra(XEN_NETIF_EXTRA_TYPE_GSO, 0, frame.gso_size,
-                                         frame.gso_type, 0).pack())
-            else:
-                reqs.append(pack_tx_request(refs[idx], 0, more, idx, n))
-        client.submit(reqs)
-        self.net_stats["tx_gso"] += gso
-        self.net_stats["tx_packets"] += 1
-        self.net_stats["tx_bytes"] += len(data)
+        if size <= XEN_PAGE_SIZE and not gso:  # the common small frame: one slot
+            idx = free.pop()
+            out.add(idx)
+            at = idx * XEN_PAGE_SIZE
+            mem[at:at + size] = data
+            reqs.append(pack_tx_request(refs[idx], 0, flags, idx, size))
+        else:
+            view = memoryview(data)
+            last = (size - 1) // XEN_PAGE_SIZE
+            for k, off in enumerate(range(0, size, XEN_PAGE_SIZE)):
+                n = min(XEN_PAGE_SIZE, size - off)
+                idx = free.pop()
+                out.add(idx)
+                mem[idx * XEN_PAGE_SIZE:idx * XEN_PAGE_SIZE + n] = view[off:off + n]
+                more = NETTXF_more_data if k < last else 0
+                if k == 0:
+                    reqs.append(pack_tx_request(refs[idx], 0, flags | more |
+                                                (NETTXF_extra_info if gso else 0), idx, size))
+                    if gso:
+                        reqs.append(GsoExtra(XEN_NETIF_EXTRA_TYPE_GSO, 0, frame.gso_size,
+                                             frame.gso_type, 0).pack())
+                else:
+                    reqs.append(pack_tx_request(refs[idx], 0, more, idx, n))
+        stats = self.net_stats
+        stats["tx_gso"] += gso
+        stats["tx_packets"] += 1
+        stats["tx_bytes"] += size
 
     # -- multicast filter (feature-multicast-control)
     async def _mcast(self, kind: int, mac: bytes) -> None:
@@ -820,14 +877,14 @@ class TapBridge:
         self.refused = 0
         self.pump = TapPump(tap, self._forward)
 
-    async def _forward(self, frame: NetFrame) -> bool:
-        try:
-            await self.frontend.send(frame)
+    async def _forward(self, frames: list[NetFrame]) -> bool:
+        try:  # the frames of one TAP read pass: one ring push
+            self.refused += await self.frontend.send_many(frames)
         except NetPeerError:
             return False
         except (LocalError, TimeoutError) as exc:
             self.refused += 1
-            log.debug("tap %s: frame not sent: %s", self.tap.name, exc)
+            log.debug("tap %s: frames not sent: %s", self.tap.name, exc)
         return True
 
     def start(self) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -44,11 +45,13 @@ __all__ = [
     "NetFrame",
     "complete_checksum",
     "flow_hash",
+    "flow_hash_of",
     "is_multicast",
     "l4_info",
     "mac_bytes",
     "mac_text",
     "partial_checksum",
+    "partial_checksum_field",
     "segment_tcp",
     "toeplitz",
     "toeplitz_input",
@@ -111,9 +114,9 @@ def is_multicast(mac: bytes) -> bool:
     return bool(mac[0] & 1)
 
 
-@dataclass(frozen=True)
-class L4Info:
-    """Where a frame's IP and TCP/UDP headers are."""
+class L4Info(NamedTuple):
+    """Where a frame's IP and TCP/UDP headers are (a tuple: made for every frame on the
+    hot paths, where a frozen dataclass costs several times as much)."""
 
     version: int
     l3: int
@@ -239,15 +242,24 @@ def partial_checksum(frame: NetFrame) -> NetFrame | None:
     """``frame`` with its TCP/UDP checksum field holding the pseudo-header sum (the
     partial checksum a kernel completes, ``NEEDS_CSUM``); None if not TCP/UDP over IP."""
     info = l4_info(frame.data)
-    if info is None:
+    field = None if info is None else partial_checksum_field(frame.data, info)
+    if field is None:
         return None
+    at, value = field
     buf = bytearray(frame.data)
+    buf[at:at + 2] = value
+    return replace(frame, data=bytes(buf))
+
+
+def partial_checksum_field(data: bytes, info: L4Info) -> tuple[int, bytes] | None:
+    """Where the TCP/UDP checksum field of ``data`` (located by ``info``) is and the
+    pseudo-header sum :func:`partial_checksum` puts there, without copying the frame;
+    None if the L4 header is truncated."""
     try:
-        field, end = _l4_field(buf, info)
+        field, end = _l4_field(data, info)
     except LocalError:
         return None
-    buf[field:field + 2] = _fold(_pseudo_sum(buf, info, end - info.l4)).to_bytes(2, "big")
-    return replace(frame, data=bytes(buf))
+    return field, _fold(_pseudo_sum(data, info, end - info.l4)).to_bytes(2, "big")
 
 
 def segment_tcp(frame: NetFrame, max_segments: int = 1024) -> list[NetFrame]:
@@ -302,7 +314,12 @@ def segment_tcp(frame: NetFrame, max_segments: int = 1024) -> list[NetFrame]:
 
 def flow_hash(data: bytes | memoryview) -> int:
     """A hash of the frame's flow (IP addresses, protocol, ports; else the MACs)."""
-    info = l4_info(data)
+    return flow_hash_of(data, l4_info(data))
+
+
+def flow_hash_of(data: bytes | memoryview, info: L4Info | None) -> int:
+    """:func:`flow_hash` of ``data`` whose headers ``info`` (from :func:`l4_info`)
+    located: for a caller that has located them already."""
     if info is None:
         return zlib.crc32(bytes(data[:12]))
     if info.version == 4:

@@ -1,7 +1,9 @@
 # The net backend's batch accept: one pass over the TX slots of a ring pass.
 #
 # The readable twin is xenpv.protocols.netif.scan_tx_reference (tests compare the two on
-# arbitrary slots).  Only plain chains are accepted here: no extra-info slot, every slot
+# arbitrary slots).  Only plain chains are accepted here: no extra-info slot but one GSO
+# record of a type the backend offered (``gso`` mask: 1 TCPv4, 2 TCPv6; flags 0, size not
+# 0), every slot
 # present, at most ``max_slots`` data slots (and never past the fatal bound), a size of at
 # least an Ethernet header and at most the TX maximum, fragments that fit the size, a first
 # fragment holding the Ethernet header, no empty later fragment, no fragment crossing its
@@ -16,6 +18,7 @@ cdef enum:
     TX_SLOT = 12
     MORE_DATA = 4
     EXTRA_INFO = 8
+    EXTRA_GSO = 1
     ETH_HLEN = 14
     MAX_TX_SIZE = 0xFFFF
     PAGE_SIZE = 4096
@@ -34,16 +37,19 @@ cdef inline uint16_t _u16(const uint8_t *p) noexcept nogil:
 
 
 def scan_tx(const uint8_t[::1] batch not None, Py_ssize_t count, Py_ssize_t max_slots,
-            Py_ssize_t fatal_slots, bint sg):
+            Py_ssize_t fatal_slots, bint sg, unsigned gso=0):
     """The plain chains at the start of ``count`` 12-byte TX slots in ``batch`` (a
     private copy), in order, up to the first chain that is not plain: for each,
-    ``(flags, size, slots, ids, ((gref, offset, length), ...))``."""
+    ``(flags, size, slots, ids, ((gref, offset, length), ...), (gso type, gso size))``
+    (``(0, 0)`` without a GSO record)."""
     if count < 0 or count * TX_SLOT > batch.shape[0]:
         raise ValueError("batch too short for the slots")
     cdef list out = []
-    cdef Py_ssize_t pos = 0, n, k, limit
+    cdef Py_ssize_t pos = 0, n, k, limit, extras
     cdef const uint8_t *base
-    cdef uint16_t flags, size, length, offset
+    cdef const uint8_t *ex
+    cdef uint16_t flags, size, length, offset, gso_size
+    cdef uint8_t gso_type
     cdef uint32_t rest
     cdef bint ok
     limit = max_slots if max_slots < fatal_slots + 1 else fatal_slots + 1
@@ -53,12 +59,26 @@ def scan_tx(const uint8_t[::1] batch not None, Py_ssize_t count, Py_ssize_t max_
         base = &batch[pos * TX_SLOT]
         flags = _u16(base + 6)
         size = _u16(base + 10)
-        if flags & EXTRA_INFO or size < ETH_HLEN:
+        if size < ETH_HLEN:
             break
-        # the chain's data slots: stop at the first without more_data
+        extras = 0
+        gso_type = 0
+        gso_size = 0
+        if flags & EXTRA_INFO:  # one GSO record of an offered type, nothing else
+            if pos + 1 >= count:
+                break
+            ex = base + TX_SLOT
+            gso_type = ex[4]
+            gso_size = _u16(ex + 2)
+            if ex[0] != EXTRA_GSO or ex[1] != 0 or gso_size == 0 or not (
+                    (gso_type == 1 and gso & 1) or (gso_type == 2 and gso & 2)):
+                break
+            extras = 1
+        # the chain's data slots (the first, then after the extra): stop at the first
+        # without more_data
         n = 1
-        while _u16(base + (n - 1) * TX_SLOT + 6) & MORE_DATA:
-            if n >= limit or pos + n >= count:
+        while _u16(base + ((n - 1 + extras) if n > 1 else 0) * TX_SLOT + 6) & MORE_DATA:
+            if n >= limit or pos + extras + n >= count:
                 n = 0
                 break
             n += 1
@@ -67,8 +87,8 @@ def scan_tx(const uint8_t[::1] batch not None, Py_ssize_t count, Py_ssize_t max_
         rest = 0
         ok = True
         for k in range(1, n):
-            length = _u16(base + k * TX_SLOT + 10)
-            offset = _u16(base + k * TX_SLOT + 4)
+            length = _u16(base + (k + extras) * TX_SLOT + 10)
+            offset = _u16(base + (k + extras) * TX_SLOT + 4)
             if length == 0 or <uint32_t>offset + length > PAGE_SIZE:
                 ok = False
                 break
@@ -79,9 +99,10 @@ def scan_tx(const uint8_t[::1] batch not None, Py_ssize_t count, Py_ssize_t max_
         if <uint32_t>offset + (size - rest) > PAGE_SIZE:
             break
         frags = [(_u32(base), offset, <uint32_t>(size - rest))]
-        frags += [(_u32(base + k * TX_SLOT), _u16(base + k * TX_SLOT + 4),
-                   _u16(base + k * TX_SLOT + 10)) for k in range(1, n)]
-        ids = tuple([_u16(base + k * TX_SLOT + 8) for k in range(n)])
-        out.append((flags, size, n, ids, tuple(frags)))
-        pos += n
+        frags += [(_u32(base + (k + extras) * TX_SLOT), _u16(base + (k + extras) * TX_SLOT + 4),
+                   _u16(base + (k + extras) * TX_SLOT + 10)) for k in range(1, n)]
+        ids = [_u16(base + 8)]
+        ids += [_u16(base + (k + extras) * TX_SLOT + 8) for k in range(1, n)]
+        out.append((flags, size, n + extras, tuple(ids), tuple(frags), (gso_type, gso_size)))
+        pos += n + extras
     return out

@@ -231,7 +231,17 @@ def _tx_chain(draw: st.DrawFn) -> bytes:
         reqs[k][2] |= NETTXF_more_data
     if bend and field != 4:
         reqs[k_bent][field] = value
-    return b"".join(netif.pack_tx_request(*r).ljust(SLOT, b"\0") for r in reqs)
+    out = [netif.pack_tx_request(*r).ljust(SLOT, b"\0") for r in reqs]
+    if draw(st.integers(0, 2)) == 0:  # a GSO record (or a bent one) after the first slot
+        out[0] = netif.pack_tx_request(*reqs[0][:2], reqs[0][2] | NETTXF_extra_info,
+                                       *reqs[0][3:]).ljust(SLOT, b"\0")
+        typ = draw(st.sampled_from([1, 1, 1, 2, 4, 0]))
+        eflags = draw(st.sampled_from([0, 0, 0, 1, 2]))
+        gso_type = draw(st.sampled_from([1, 2, 2, 0, 3]))
+        gso_size = draw(st.sampled_from([1448, 1448, 0, 0xFFFF]))
+        out.insert(1, bytes([typ, eflags]) + gso_size.to_bytes(2, "little") +
+                   bytes([gso_type, 0]) + draw(st.binary(min_size=6, max_size=6)))
+    return b"".join(out)
 
 
 @st.composite
@@ -247,17 +257,21 @@ def _tx_slots(draw: st.DrawFn) -> tuple[bytes, int]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(_tx_slots(), st.integers(1, 20), st.integers(1, 22), st.sampled_from([True, True, False]))
+@given(_tx_slots(), st.integers(1, 20), st.integers(1, 22), st.sampled_from([True, True, False]),
+       st.sampled_from([0, 1, 2, 3, 3]))
 def test_compiled_tx_scan_matches_its_twin(batch: tuple[bytes, int], max_slots: int,
-                                           fatal: int, sg: bool) -> None:
+                                           fatal: int, sg: bool, gso: int) -> None:
     """The compiled TX scan takes exactly the plain chains the readable twin (built on
-    parse_tx_packet) takes, with the same fields, and stops where it stops."""
+    parse_tx_packet) takes, GSO records of the offered types included, with the same
+    fields, and stops where it stops."""
     from xenpv.protocols import _netscan  # built by setup.py: missing is a failure
 
     raw, count = batch
-    twin = netif.scan_tx_reference(raw, count, max_slots=max_slots, fatal_slots=fatal, sg=sg)
-    assert _netscan.scan_tx(raw, count, max_slots, fatal, sg) == twin
-    assert netif.scan_tx(raw, count, max_slots=max_slots, fatal_slots=fatal, sg=sg) == twin
+    twin = netif.scan_tx_reference(raw, count, max_slots=max_slots, fatal_slots=fatal, sg=sg,
+                                   gso=gso)
+    assert _netscan.scan_tx(raw, count, max_slots, fatal, sg, gso) == twin
+    assert netif.scan_tx(raw, count, max_slots=max_slots, fatal_slots=fatal, sg=sg,
+                         gso=gso) == twin
 
 
 def test_tx_scan_takes_plain_chains_and_stops_at_the_first_other() -> None:
@@ -270,9 +284,9 @@ def test_tx_scan_takes_plain_chains_and_stops_at_the_first_other() -> None:
     extra = TxRequest(1, 0, NETTXF_extra_info, 4, 60)
     raw = slots(one, *multi, extra, TxRequest(0, 0, 0, 0, 0))
     got = netif.scan_tx(raw, 6)
-    assert got == [(1, 60, 1, (3,), ((9, 64, 60),)),
+    assert got == [(1, 60, 1, (3,), ((9, 64, 60),), (0, 0)),
                    (NETTXF_more_data, 4216, 3, (0, 1, 2),
-                    ((100, 0, 100), (101, 0, 4096), (102, 0, 20)))]
+                    ((100, 0, 100), (101, 0, 4096), (102, 0, 20)), (0, 0))]
     assert netif.scan_tx(raw, 6, sg=False) == got[:1]
     assert netif.scan_tx(raw, 3) == got[:1]  # the second chain is not complete
     assert netif.scan_tx(slots(TxRequest(9, 0, 0, 3, 13)), 1) == []
@@ -281,3 +295,19 @@ def test_tx_scan_takes_plain_chains_and_stops_at_the_first_other() -> None:
     assert netif.scan_tx(slots(*chain([100, 0, 20])), 3) == []  # an empty fragment
     assert netif.scan_tx(slots(*chain([13, 100])), 2) == []  # a header split over slots
     assert netif.scan_tx(slots(*chain([100, 4096, 20]), one), 4, fatal_slots=1) == []
+    # a chain with one GSO record: taken only for an offered type, the record's slot
+    # counted in the slots used but not among the ids
+    big = chain([1000, 4096, 4096])
+    big[0] = TxRequest(big[0].gref, 0, big[0].flags | NETTXF_extra_info, 0, big[0].size)
+    for kind, mask in ((1, netif.SCAN_GSO_TCPV4), (2, netif.SCAN_GSO_TCPV6)):
+        gso = netif.GsoExtra(netif.XEN_NETIF_EXTRA_TYPE_GSO, 0, 1448, kind, 0)
+        raw = slots(big[0], gso, *big[1:], one)
+        assert netif.scan_tx(raw, 5) == []  # no GSO offered: the full check answers it
+        assert netif.scan_tx(raw, 5, gso=3 ^ mask) == []
+        assert netif.scan_tx(raw, 5, gso=mask) == [
+            (NETTXF_extra_info | NETTXF_more_data, 9192, 4, (0, 1, 2),
+             ((100, 0, 1000), (101, 0, 4096), (102, 0, 4096)), (kind, 1448)),
+            (1, 60, 1, (3,), ((9, 64, 60),), (0, 0))]
+        assert netif.scan_tx(raw, 3, gso=mask) == []  # incomplete
+        more = netif.GsoExtra(netif.XEN_NETIF_EXTRA_TYPE_GSO, 1, 1448, kind, 0)
+        assert netif.scan_tx(slots(big[0], more, *big[1:]), 4, gso=3) == []  # a second extra

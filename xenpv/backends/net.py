@@ -120,6 +120,8 @@ from xenpv.protocols.netif import (
     RX_REQUEST_STRUCT,
     RX_RESPONSE_STRUCT,
     RX_RING,
+    SCAN_GSO_TCPV4,
+    SCAN_GSO_TCPV6,
     TX_RESPONSE_STRUCT,
     TX_RING,
     XEN_NETIF_CTRL_HASH_ALGORITHM_NONE,
@@ -191,7 +193,6 @@ log = logging.getLogger(__name__)
 _TX_RSP = TX_RESPONSE_STRUCT
 _TX_ID = struct.Struct("<H")
 _TX_NULL = TX_RESPONSE_STRUCT.pack(0, NETIF_RSP_NULL)
-_NO_GSO = (GSO_NONE, 0)
 _RX_REQ = RX_REQUEST_STRUCT
 _RX_RSP = RX_RESPONSE_STRUCT
 _TX_SLOT = TX_RING.slot_size
@@ -417,6 +418,9 @@ class NetTx:
         self._timer: asyncio.TimerHandle | None = None
         self.closed = False
         self._stage = _Staging.for_platform(self.grants, config.staging_pages)
+        #: The GSO types the compiled scan may accept (those offered).
+        self._gso_mask = (SCAN_GSO_TCPV4 if config.gso_tcpv4 else 0) | \
+            (SCAN_GSO_TCPV6 if config.gso_tcpv6 else 0)
 
     def handle(self, batch: memoryview, count: int) -> list[bytes]:
         """Take ``count`` slots; answer every complete chain (in order)."""
@@ -612,16 +616,16 @@ class NetTx:
         them and the group's bytes."""
         config = self.config
         stage = self._stage
-        for flags, size, used, ids, frags in scan_tx(
+        for flags, size, used, ids, frags, gso in scan_tx(
                 view[pos * _TX_SLOT:], n - pos, max_slots=config.max_slots,
-                fatal_slots=config.fatal_slots, sg=config.sg):
+                fatal_slots=config.fatal_slots, sg=config.sg, gso=self._gso_mask):
             cost = size + COPY_SEG_COST * len(frags)
             if group and (group_bytes + cost > COPY_BATCH or
                           (stage is not None and not stage.fits([f[2] for f in frags]))):
                 out += self._copy_group(group)  # before this packet is placed
                 group_bytes = 0
-            group.append(self._place(flags, size, ids, 0, frags, view[pos * _TX_SLOT:],
-                                     _NO_GSO))
+            group.append(self._place(flags, size, ids, used - len(ids), frags,
+                                     view[pos * _TX_SLOT:], gso))
             group_bytes += cost
             pos += used
         return pos, group_bytes

@@ -521,29 +521,42 @@ def parse_tx_packet(
 # -- the backend's batch accept of plain TX chains ---------------------------------------------
 
 #: A plain TX chain accepted in one pass: (flags of its first slot, packet size, slots used,
-#: the id of each slot, the (gref, offset, length) of each fragment).
-PlainTx = tuple[int, int, int, tuple[int, ...], tuple[tuple[int, int, int], ...]]
+#: the id of each data slot, the (gref, offset, length) of each fragment, (GSO type, GSO
+#: size) of its GSO record or (0, 0)).
+PlainTx = tuple[int, int, int, tuple[int, ...], tuple[tuple[int, int, int], ...],
+                tuple[int, int]]
 
 #: The Ethernet header length (``xenpv.protocols.ethernet.ETH_HLEN``): a packet and its first
 #: fragment must hold at least this.
 _ETH_HLEN = 14
+#: :func:`scan_tx`'s ``gso`` mask bits: the GSO types a backend offered.
+SCAN_GSO_TCPV4, SCAN_GSO_TCPV6 = 1, 2
 
 
-def plain_tx(pkt: TxPacket, *, sg: bool) -> PlainTx | None:
-    """``pkt`` as a :data:`PlainTx` if it is plain (no extra-info, at least an Ethernet
-    header in its first fragment, no empty fragment after it, one slot unless ``sg``),
-    else None."""
+def plain_tx(pkt: TxPacket, *, sg: bool, gso: int = 0) -> PlainTx | None:
+    """``pkt`` as a :data:`PlainTx` if it is plain (no extra-info but one GSO record of a
+    type in ``gso`` (:data:`SCAN_GSO_TCPV4` | :data:`SCAN_GSO_TCPV6`), at least an
+    Ethernet header in its first fragment, no empty fragment after it, one slot unless
+    ``sg``), else None."""
     frags = pkt.fragments
-    if pkt.extras or pkt.size < _ETH_HLEN or frags[0].length < _ETH_HLEN \
+    gso_type = gso_size = 0
+    if pkt.extras:
+        extra = pkt.extras[0]
+        if len(pkt.extras) != 1 or not isinstance(extra, GsoExtra) or not (
+                (extra.gso_type == XEN_NETIF_GSO_TYPE_TCPV4 and gso & SCAN_GSO_TCPV4) or
+                (extra.gso_type == XEN_NETIF_GSO_TYPE_TCPV6 and gso & SCAN_GSO_TCPV6)):
+            return None
+        gso_type, gso_size = extra.gso_type, extra.size
+    if pkt.size < _ETH_HLEN or frags[0].length < _ETH_HLEN \
             or any(f.length == 0 for f in frags[1:]) or (len(frags) > 1 and not sg):
         return None
     return (pkt.flags, pkt.size, pkt.slots, tuple(r.id for r in pkt.requests),
-            tuple((f.gref, f.offset, f.length) for f in frags))
+            tuple((f.gref, f.offset, f.length) for f in frags), (gso_type, gso_size))
 
 
 def scan_tx_reference(batch: Buffer, count: int, *, max_slots: int = XEN_NETIF_NR_SLOTS_MIN,
-                      fatal_slots: int = FATAL_SKB_SLOTS_DEFAULT, sg: bool = True
-                      ) -> list[PlainTx]:
+                      fatal_slots: int = FATAL_SKB_SLOTS_DEFAULT, sg: bool = True,
+                      gso: int = 0) -> list[PlainTx]:
     """The readable twin of the compiled :func:`scan_tx`: the plain chains (see
     :func:`plain_tx`) that :func:`parse_tx_packet` accepts at the start of ``count``
     slots of ``batch`` (already a private copy), in order, up to the first chain that is
@@ -557,7 +570,7 @@ def scan_tx_reference(batch: Buffer, count: int, *, max_slots: int = XEN_NETIF_N
                                   max_slots=max_slots, fatal_slots=fatal_slots)
         except ProtocolError:
             break
-        plain = plain_tx(pkt, sg=sg) if pkt is not None else None
+        plain = plain_tx(pkt, sg=sg, gso=gso) if pkt is not None else None
         if plain is None:
             break
         out.append(plain)
@@ -577,11 +590,12 @@ _SCAN = _compiled_scan()
 
 
 def scan_tx(batch: Buffer, count: int, *, max_slots: int = XEN_NETIF_NR_SLOTS_MIN,
-            fatal_slots: int = FATAL_SKB_SLOTS_DEFAULT, sg: bool = True) -> list[PlainTx]:
+            fatal_slots: int = FATAL_SKB_SLOTS_DEFAULT, sg: bool = True,
+            gso: int = 0) -> list[PlainTx]:
     """:func:`scan_tx_reference`, compiled (``cython/netscan.pyx``: one pass over the
     slots, no per-field Python objects) where built."""
     if _SCAN is None:
         return scan_tx_reference(batch, count, max_slots=max_slots, fatal_slots=fatal_slots,
-                                 sg=sg)
-    result: list[PlainTx] = _SCAN(batch, count, max_slots, fatal_slots, sg)
+                                 sg=sg, gso=gso)
+    result: list[PlainTx] = _SCAN(batch, count, max_slots, fatal_slots, sg, gso)
     return result

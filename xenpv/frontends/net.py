@@ -692,6 +692,12 @@ class NetFrontend(FrontendDriver):
                         while client is None:
                             self._space.clear()
                             await self._space.wait()
+                            if self.queues is not queues and self.error is None:
+                                queues = self.queues  # reconnected: the frame's new queue
+                                if not queues:
+                                    raise LocalError("net device not connected")
+                                q = queues[flow_hash(data) % len(queues)]
+                                reqs = filled.setdefault(q, [])
                             client = self._tx_room(q, slots, pages, len(reqs))
                 self._fill_tx(q, frame, reqs)
         finally:

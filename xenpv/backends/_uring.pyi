@@ -1,5 +1,7 @@
 """Type stub of the compiled io_uring core (cython/uring.pyx)."""
 
+from typing import Any
+
 MAX_BUFFERS: int
 
 class Uring:
@@ -16,3 +18,25 @@ class Uring:
     def submit(self, wait_nr: int = 0) -> int: ...
     def reap(self) -> list[tuple[int, int]]: ...
     def close(self) -> None: ...
+
+LANE_BIT: int
+
+class RwLane:
+    out: bytearray
+    nout: int
+    seq: int
+    reads: int
+    writes: int
+    bytes_read: int
+    bytes_written: int
+    hits: int
+    completed: int
+    def __init__(self, ring: Uring, fd: int, pages: dict[int, Any], rsp_size: int,
+                 slot_size: int, entries: int = 1024) -> None: ...
+    @property
+    def inflight(self) -> int: ...
+    def oldest(self) -> int | None: ...
+    def start(self, accepted: list[Any]) -> list[Any]: ...
+    def take(self, token: int) -> tuple[Any, int]: ...
+    def reap(self) -> list[tuple[int, int]]: ...
+    def counts(self) -> tuple[int, int, int, int, int, int]: ...

@@ -98,6 +98,7 @@ from xenpv.protocols.blkif import (
     SECTOR_SHIFT,
     SEGMENT_DTYPE,
     VDISK_READONLY,
+    AcceptedRW,
     BlkifRequestDiscard,
     BlkifRequestError,
     BlkifRequestIndirect,
@@ -465,11 +466,16 @@ class BlockRequests:
         #: Secure discards are served (offered as ``discard-secure``), else EOPNOTSUPP.
         self.secure_discard = BLKIF_OP_DISCARD in self.ops and config.discard_secure
         self.respond: Callable[[Iterable[bytes]], int] | None = None
+        #: The queue's :meth:`RingService.respond_slots` (responses the compiled lane
+        #: wrote as whole slots); without it they are handed out as records.
+        self.respond_slots: Callable[[bytearray, int], None] | None = None
         #: The engine serving reads and writes (see :mod:`xenpv.backends.blockio`).
         self.engine = effective_engine(config.engine)
         if self.engine in ("threads", "mixed") and executor is None:
             self.engine = "inline"  # no pool to hand anything to
         self.uring: UringEngine | None = None
+        #: The compiled fast lane (persistent grants on io_uring; see handle).
+        self._lane: Any = None
         self._ready: list[bytes] | None = None
         self._kick_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -490,14 +496,14 @@ class BlockRequests:
         self.stats = {"taken": 0, "completed": 0, "reads": 0, "writes": 0, "flushes": 0,
                       "barriers": 0, "discards": 0, "secure_discards": 0, "indirect": 0,
                       "errors": 0, "unsupported": 0, "bytes_read": 0, "bytes_written": 0,
-                      "inline": 0, "threaded": 0, "uring": 0, "maps": 0}
+                      "inline": 0, "threaded": 0, "uring": 0, "lane": 0, "maps": 0}
 
     # -- the handler
     @property
     def inflight(self) -> int:
         """Requests taken and not answered yet."""
         return len(self._inflight) + len(self._uring_live) + len(self._held) + (
-            1 if self._barrier else 0)
+            1 if self._barrier else 0) + (self._lane.inflight if self._lane is not None else 0)
 
     def handle(self, batch: memoryview, count: int) -> list[bytes]:
         """Parse, validate and start ``count`` requests; the answers ready now out."""
@@ -517,8 +523,17 @@ class BlockRequests:
         # one map call per run of them (per direction), not one per request.
         unmapped: list[tuple[_Io, tuple[tuple[int, int, int], ...]]] | None = \
             [] if self.persistent is None else None
+        # With persistent grants on io_uring, runs of them go to the compiled lane (the
+        # same requests as the readable path below, without a Python object each).
+        lane = self._lane
+        run: list[AcceptedRW] = []
         for j in range(count):
             accepted = fast[j]
+            if accepted is not None and lane is not None and not self._barrier:
+                run.append(accepted)
+                continue
+            if run:  # in order: what came before is started first
+                self._start_lane(run, ready)
             if accepted is None:
                 if unmapped:  # in order: what came before is started first
                     self._map_and_start(unmapped, ready)
@@ -535,6 +550,8 @@ class BlockRequests:
                 self._held.append(io)
             else:
                 self._start(io, ready)
+        if run:
+            self._start_lane(run, ready)
         if unmapped:
             self._map_and_start(unmapped, ready)
         if self.uring is not None:
@@ -543,6 +560,8 @@ class BlockRequests:
                 self.uring.submit_and_complete()
             finally:
                 self._ready = None
+            if lane is not None:
+                self._lane_answers(ready)
         return ready
 
     def pack(self, rid: int, op: int, status: int) -> bytes:
@@ -870,6 +889,76 @@ class BlockRequests:
             self.engine = "threads" if self.executor is not None else "inline"
             return
         self.uring.on_wakeup = self._flush_outbox  # answer what the wakeup completed
+        if self.persistent is not None:
+            self._lane = self.uring.open_lane(
+                self.image.fd, self.persistent.maps, layouts(self.abi).response.size,
+                self.slot)
+            self.uring.on_lane = self._lane_other
+
+    # -- the compiled lane (persistent grants on io_uring)
+    def _start_lane(self, run: list[AcceptedRW], ready: list[bytes]) -> None:
+        """Start ``run`` (accepted READs/WRITEs, emptied) on the lane; what it cannot
+        take (a page not kept, no submission slot) the readable way, in order."""
+        lane = self._lane
+        lane.seq = self._seq
+        rest = lane.start(run)
+        self._seq = lane.seq
+        self.stats["lane"] += len(run) - len(rest)
+        run.clear()
+        for accepted in rest:
+            io = self._accept_rw(accepted, ready)
+            if io is not None:
+                self._start(io, ready)
+
+    def _lane_other(self, token: int, res: int) -> None:
+        """A lane request the lane did not answer (a short or failed transfer, or no room
+        for its answer): served on as the readable path does, under its sequence number
+        (so fences still wait for it)."""
+        (rid, op, offset, length, segs), seq = self._lane.take(token)
+        assert self.persistent is not None
+        maps = self.persistent.maps
+        io = _Io(rid, op, op, offset, length)
+        io.views = [maps[gref].mem[start:end] for gref, start, end in segs]
+        self._uring_live[seq] = io
+        if 0 < res < length:
+            self._uring_transfer(io, seq, _advance(io.views, res), offset + res, length - res)
+        else:
+            self._uring_finish(io, seq, BLKIF_RSP_OKAY if res == length else BLKIF_RSP_ERROR)
+
+    def _lane_answers(self, ready: list[bytes] | None) -> None:
+        """Push the answers the lane wrote (or add them to ``ready`` as records when there
+        is no slot-level respond) and fold its counters into :attr:`stats`."""
+        lane = self._lane
+        n = lane.nout
+        if n:
+            lane.nout = 0
+            if self.closed:
+                pass
+            elif self.respond_slots is not None:
+                try:
+                    self.respond_slots(lane.out, n)
+                except (LocalError, PeerError) as exc:
+                    log.debug("dom%d: %d responses dropped: %s", self.domid, n, exc)
+            else:
+                size, slot, out = layouts(self.abi).response.size, self.slot, lane.out
+                records = [bytes(out[k * slot:k * slot + size]) for k in range(n)]
+                if ready is not None:
+                    ready.extend(records)
+                else:  # (called from _flush_outbox, which sends the outbox next)
+                    self._outbox.extend(records)
+        reads, writes, bytes_read, bytes_written, hits, completed = lane.counts()
+        if reads or writes or completed:
+            stats = self.stats
+            stats["reads"] += reads
+            stats["writes"] += writes
+            stats["uring"] += reads + writes
+            stats["bytes_read"] += bytes_read
+            stats["bytes_written"] += bytes_written
+            stats["completed"] += completed
+            if self.persistent is not None:
+                self.persistent.stats["hits"] += hits
+        if self._fences and completed:
+            self._resolve_fences()
 
     def _start_uring(self, io: _Io) -> None:
         assert self._loop is not None
@@ -885,6 +974,8 @@ class BlockRequests:
         self._kick_scheduled = False
         if self.uring is not None and self.uring.ring.fd >= 0:
             self.uring.submit_and_complete()
+            if self._lane is not None and self._lane.nout:
+                self._flush_outbox()
 
     def _uring_transfer(self, io: _Io, token: int, views: list[memoryview], offset: int,
                         remaining: int) -> None:
@@ -918,19 +1009,28 @@ class BlockRequests:
         else:
             self._queue(rsp)
         if self._fences:
-            oldest = next(iter(live), None)  # tokens ascend: the oldest still running
-            keep = []
-            for last, fut in self._fences:
-                if oldest is not None and oldest <= last:
-                    keep.append((last, fut))
-                elif not fut.done():
-                    fut.set_result(None)
-            self._fences = keep
+            self._resolve_fences()
+
+    def _resolve_fences(self) -> None:
+        """Set every fence whose transfers have all finished."""
+        live = self._uring_live
+        oldest = min(live) if live else None  # the oldest transfer still running
+        if self._lane is not None:
+            lane_oldest = self._lane.oldest()
+            if lane_oldest is not None and (oldest is None or lane_oldest < oldest):
+                oldest = lane_oldest
+        keep = []
+        for last, fut in self._fences:
+            if oldest is not None and oldest <= last:
+                keep.append((last, fut))
+            elif not fut.done():
+                fut.set_result(None)
+        self._fences = keep
 
     def _uring_fence(self) -> asyncio.Future[None] | None:
         """A future done once every io_uring transfer started so far has finished (None
         when none is running)."""
-        if not self._uring_live:
+        if not self._uring_live and not (self._lane is not None and self._lane.inflight):
             return None
         assert self._loop is not None
         fut: asyncio.Future[None] = self._loop.create_future()
@@ -991,6 +1091,8 @@ class BlockRequests:
 
     def _flush_outbox(self) -> None:
         self._flush_scheduled = False
+        if self._lane is not None:
+            self._lane_answers(None)
         out, self._outbox = self._outbox, []
         if out and self.respond is not None and not self.closed:
             try:
@@ -1239,6 +1341,7 @@ class BlockBackendDriver(BackendDriver):
                                     persistent=pg, executor=executor)
             service = RingService(ch, handler)
             handler.respond = service.respond
+            handler.respond_slots = service.respond_slots
             self.handlers.append(handler)
             self.services.append(service)
         self.sectors = image.sectors

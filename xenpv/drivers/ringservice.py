@@ -256,8 +256,21 @@ class RingService(_RingPump):
             self._put(n)
         return n
 
+    def respond_slots(self, slots: bytearray | memoryview, n: int) -> None:
+        """Queue ``n`` responses already laid out as whole slots at the start of
+        ``slots`` (what a compiled handler writes), push them, and notify if the frontend
+        asked.  More responses than outstanding requests is a LocalError."""
+        if self.channel.closed:
+            raise LocalError("ring service: the channel is closed")
+        if n:
+            self.ring.put_responses(slots, n)
+            self._pushed(n)
+
     def _put(self, n: int) -> None:
         self.ring.put_responses(self._out, n)
+        self._pushed(n)
+
+    def _pushed(self, n: int) -> None:
         self.stats["responses"] += n
         if self.ring.push_responses_and_check_notify():
             self._notify()

@@ -843,12 +843,18 @@ class BlockFrontend(FrontendDriver):
         future; see :meth:`read_many`."""
         chunk = self.max_segments * XEN_PAGE_SIZE
         pieces: list[tuple[int, int, memoryview, int]] = []
+        ss, size = self.sector_size, self.size
         for offset, buf in items:  # everything checked before anything is sent
             view = memoryview(buf).cast("B")
             if not write and view.readonly:
                 raise LocalError("read_many needs writable buffers")
             length = len(view)
-            self._check_range(offset, length)
+            if offset < 0 or offset % ss or length % ss or offset % 512 \
+                    or offset + length > size:
+                self._check_range(offset, length)  # (raises, saying which rule)
+            if 0 < length <= chunk:
+                pieces.append((offset, length, view, 0))
+                continue
             for start in range(0, length, chunk):
                 pieces.append((offset + start, min(chunk, length - start), view, start))
         self._check_usable()

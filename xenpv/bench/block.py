@@ -53,8 +53,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from xenpv.bench.report import Ratio, Rounds, add_rounds_option, rounds_of
 from xenpv.errors import LocalError
 
@@ -147,26 +145,22 @@ async def _front_workload(fe: Any, kind: str, bs: int, depth: int, duration: flo
     """``depth`` requests kept in flight for ``duration`` s, as fio keeps its queue full:
     ``depth / BATCH`` lanes, each one ``read_many``/``write_many`` of up to ``BATCH``
     requests (one future for the batch), submitted again when it is answered."""
-    # offsets drawn a batch at a time (numpy), as fio draws them in C: the caller's own
-    # cost per request stays small beside the frontend's
-    rng = np.random.default_rng(depth * 1000 + bs)
+    rng = random.Random(depth * 1000 + bs)
     blocks = size // bs
     payload = os.urandom(bs)
     count = 0
     position = 0
     stop = time.perf_counter() + duration
-    integers = rng.integers
+    uniform = rng.random  # int(uniform() * blocks): half the cost of randrange(blocks)
 
     async def lane(width: int) -> None:
         nonlocal count, position
         bufs = [bytearray(bs) for _ in range(width)]
         while time.perf_counter() < stop:
             if kind == "randread":
-                offsets = (integers(0, blocks, width) * bs).tolist()
-                await fe.read_many(list(zip(offsets, bufs, strict=True)))
+                await fe.read_many([(int(uniform() * blocks) * bs, b) for b in bufs])
             elif kind == "randwrite":
-                offsets = (integers(0, blocks, width) * bs).tolist()
-                await fe.write_many([(o, payload) for o in offsets])
+                await fe.write_many([(int(uniform() * blocks) * bs, payload) for _ in bufs])
             else:
                 batch = []
                 for b in bufs:

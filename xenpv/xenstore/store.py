@@ -859,7 +859,9 @@ class Store:
         """
         if type_ == _READ and not tx_id and not conn.closed:
             # Fast path of the commonest request: a readable node outside a transaction.
-            # Anything else (an error to report) takes the general path below.
+            # Anything else (an error to report) takes the general path below.  The
+            # compiled ring pass answers the cached-path case itself with the same
+            # lookups (cython/xsring.pyx, RingPass._read): keep the two in step.
             path = conn.path_cache.get(payload)
             if path is None:
                 end = payload.find(b"\0")

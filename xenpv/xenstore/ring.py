@@ -155,7 +155,7 @@ class RingTransport(asyncio.Transport):
         try:
             if page.connection != XS_CONNECTED:
                 return  # a reconnection is in progress: only `connection` matters now
-            if page.features & FEATURE_ERROR and page.error != ERROR_NONE:
+            if page.error != ERROR_NONE and page.features & FEATURE_ERROR:
                 raise PeerError(f"the xenstore server stopped serving this ring "
                                 f"(error {page.error})")
             moved = self._flush()
@@ -347,7 +347,8 @@ class BlockingRingClient(BlockingClient):
         if self._released or self.error is not None:
             raise self.error or self._ring_lost("closed")
         page = self._page
-        if page.features & FEATURE_ERROR and page.error != ERROR_NONE:
+        # (``error`` first: it is almost always clear, and each word is a load)
+        if page.error != ERROR_NONE and page.features & FEATURE_ERROR:
             raise self._ring_lost(f"the server stopped serving it (error {page.error})")
 
     def _send(self, data: bytes, deadline: float | None) -> None:

@@ -16,8 +16,7 @@
 # ``Store.handle``, puts the replies into ``rsp`` (a signal if any went in; what does not
 # fit goes to the connection's output, as the Python path keeps it), lets the server
 # deliver the watch events the batch caused, and looks at ``req`` once more: more bytes
-# schedule another
-# pass on the loop's next turn, exactly as the Python path does.
+# schedule another pass on the loop's next turn, exactly as the Python path does.
 #
 # Calling the object is the port's event callback: one pass, then — with the server's
 # ``spin`` set (``spin_us``, as for its sockets) — up to ``rounds - 1`` more, each after

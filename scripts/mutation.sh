@@ -68,7 +68,7 @@ MUTATE[store]="xenpv/xenstore/store.py"
 # Hypothesis then reported a flaky strategy instead of a result
 ARGS[store]="--timeout=600"
 TESTS[store]="tests/unit/test_xs_store.py tests/unit/test_xs_store_requests.py
- tests/unit/test_xs_rules.py tests/property/test_xs_model.py"
+ tests/unit/test_xs_rules.py tests/unit/test_xs_store_edges.py tests/property/test_xs_model.py"
 MUTATE[emulator]="xenpv/platforms/loopback/core.py"
 TESTS[emulator]="tests/unit/test_core_rules.py tests/unit/test_platform_core.py tests/unit/test_platform_model.py
  tests/platform/test_suite_grants.py tests/platform/test_suite_events.py"

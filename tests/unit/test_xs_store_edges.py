@@ -1,0 +1,388 @@
+"""The store's transactions, watch index and saved state at the edges a mutation run found
+unchecked (docs/testing.md, "Mutation testing").
+
+The rules checked, from hostile-inputs.md ("Transaction isolation semantics", "Quota
+defaults", R17) and docs/xenstore.md:
+
+- what a transaction sees is its own copy: a node it changed (value, permissions,
+  removal) reads back changed inside it and unchanged outside until the commit; every
+  change stamps a fresh generation, inside a transaction too (DIRECTORY_PART shows it);
+- quotas count inside a transaction: the nodes and bytes a transaction's own changes
+  add or free count at once, so the request that breaks a quota is the one refused, and
+  a transaction's view of a domain's node and byte counts is what the commit makes them;
+- a commit is all-or-nothing, accounting included: one that breaks a quota leaves the
+  tree (a removed subtree too) and the counts exactly as they were;
+- a restart loses nothing: a saved and restored store has the same tree, domains,
+  targets and quotas, and treats its requests the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from test_xs_store import Client, perms_of
+
+from xenpv.xenstore.store import Quotas, Store
+from xenpv.xenstore.wire import XsType as T
+
+HOME5 = "/local/domain/5"
+
+
+def new_store(quotas: Quotas | None = None) -> tuple[Store, Client, Client]:
+    """A store with domains 5, 6 and 7 introduced, dom0 and domain 5 connected, 5's home
+    owned by 5 (as a toolstack sets it up)."""
+    store = Store(quotas or Quotas())
+    for domid in (5, 6, 7):
+        store.introduce_domain(domid)
+    dom0 = Client(store, 0)
+    dom0.ok(T.MKDIR, HOME5)
+    dom0.ok(T.SET_PERMS, HOME5, "n5")
+    return store, dom0, Client(store, 5)
+
+
+def gen_of(client: Client, path: str, tx: int = 0) -> int:
+    """The generation DIRECTORY_PART reports for ``path`` (decimal, xen-protocols §4.4)."""
+    text = client.ok(T.DIRECTORY_PART, path, "0", tx=tx).split(b"\0")[0]
+    assert text.isdigit(), text
+    return int(text)
+
+
+def children(client: Client, path: str, tx: int = 0) -> list[bytes]:
+    return sorted(client.ok(T.DIRECTORY, path, tx=tx).split(b"\0")[:-1])
+
+
+# -- a transaction's own view -----------------------------------------------------------
+def test_tx_changes_read_back_inside_with_fresh_generations_and_stay_private() -> None:
+    """Value, permission and removal changes made in a transaction: visible in it (each
+    with a new decimal generation), invisible outside, all there after the commit."""
+    store, dom0, _ = new_store()
+    dom0.write("/a", b"v0")
+    dom0.write("/a/kid", b"k")
+    dom0.write("/a/kid/grand", b"g")
+    tx = dom0.start()
+    gens = [gen_of(dom0, "/a", tx)]
+    dom0.write("/a", b"v1", tx=tx)
+    gens.append(gen_of(dom0, "/a", tx))
+    dom0.ok(T.SET_PERMS, "/a", "n0", "r5", tx=tx)
+    gens.append(gen_of(dom0, "/a", tx))
+    assert perms_of_tx(dom0, "/a", tx) == ["n0", "r5"] and perms_of(dom0, "/a") == ["n0"]
+    dom0.ok(T.RM, "/a/kid", tx=tx)
+    gens.append(gen_of(dom0, "/a", tx))
+    assert len(set(gens)) == 4 and gens == sorted(gens), gens
+    assert dom0.read("/a", tx=tx) == b"v1" and children(dom0, "/a", tx) == []
+    for gone in ("/a/kid", "/a/kid/grand"):
+        assert dom0.err(T.READ, gone, tx=tx) == "ENOENT"
+        assert dom0.err(T.GET_PERMS, gone, tx=tx) == "ENOENT"
+    # a removed node can be made again in the same transaction
+    dom0.write("/a/kid", b"again", tx=tx)
+    assert dom0.read("/a/kid", tx=tx) == b"again" and children(dom0, "/a", tx) == [b"kid"]
+    # outside: nothing happened yet
+    assert dom0.read("/a") == b"v0" and dom0.read("/a/kid/grand") == b"g"
+    assert perms_of(dom0, "/a") == ["n0"]
+    assert dom0.commit(tx) == "OK"
+    assert dom0.read("/a") == b"v1" and dom0.read("/a/kid") == b"again"
+    assert dom0.err(T.READ, "/a/kid/grand") == "ENOENT"
+    assert perms_of(dom0, "/a") == ["n0", "r5"]
+    assert store.check() == []
+
+
+def perms_of_tx(client: Client, path: str, tx: int) -> list[str]:
+    return [p.decode() for p in client.ok(T.GET_PERMS, path, tx=tx).split(b"\0")[:-1]]
+
+
+def test_tx_removal_under_a_parent_the_transaction_saw_absent_is_einval() -> None:
+    """A transaction that read ``/p`` as absent, then removes ``/p/c`` made meanwhile by
+    another writer: its view has nothing consistent to change (EINVAL, as C xenstored),
+    and its commit fails with EAGAIN; the outside nodes stay."""
+    store, dom0, _ = new_store()
+    outside = Client(store, 0)
+    tx = dom0.start()
+    assert dom0.err(T.READ, "/p", tx=tx) == "ENOENT"
+    outside.write("/p/c", b"x")
+    assert dom0.req(T.RM, "/p/c", tx=tx) == ("error", b"EINVAL\0")  # the name as sent
+    assert dom0.commit(tx) == "EAGAIN"
+    assert outside.read("/p/c") == b"x" and store.check() == []
+
+
+# -- quotas inside a transaction ---------------------------------------------------------
+OWNERS = (0, 5, 6, 7, 8)  # 7 owns nothing before the transaction, 8 nothing at all
+
+# dom0's transaction: creates, value changes, owner changes and removals, nodes of
+# several owners (only dom0 may change owners, hostile-inputs "Permission rules")
+DOM0_STEPS: list[tuple[str, ...]] = [
+    ("perms", f"{HOME5}/x", "n7", "r5"),
+    ("write", "/d/a", "xyz"),
+    ("perms", "/d/a", "n5", "r6"),
+    ("write", "/d/a", "a longer value"),
+    ("write", "/d/a", "s"),
+    ("perms", "/d/a", "n6"),
+    ("perms", "/d/a", "n6", "r5", "b7"),
+    ("write", "/d/b/c", "cc"),
+    ("perms", "/d/b", "n6"),
+    ("perms", "/d/b", "n5"),
+    ("perms", "/d/b/c", "n7"),
+    ("write", f"{HOME5}/new", "by dom0, owned by 5"),
+    ("rm", "/d/b"),
+    ("rm", f"{HOME5}/x"),
+    ("write", f"{HOME5}/x", "made again"),
+    ("perms", f"{HOME5}/x", "n7", "r5"),
+    ("rm", "/d"),
+]
+
+# domain 5's own transaction (no owner changes: EACCES for it)
+GUEST_STEPS: list[tuple[str, ...]] = [
+    ("write", f"{HOME5}/g/h", "hh"),
+    ("write", f"{HOME5}/g", "longer value"),
+    ("perms", f"{HOME5}/g", "n5", "r6", "w7"),
+    ("write", f"{HOME5}/g", ""),
+    ("rm", f"{HOME5}/x"),
+    ("write", f"{HOME5}/x/y", "again"),
+    ("perms", f"{HOME5}/x", "n5", "b6"),
+    ("rm", f"{HOME5}/g"),
+]
+
+
+def run_step(client: Client, step: tuple[str, ...], tx: int) -> None:
+    kind, path, *rest = step
+    if kind == "write":
+        client.write(path, rest[0].encode(), tx=tx)
+    elif kind == "perms":
+        client.ok(T.SET_PERMS, path, *rest, tx=tx)
+    else:
+        client.ok(T.RM, path, tx=tx)
+
+
+@pytest.mark.parametrize("who, steps", [(0, DOM0_STEPS), (5, GUEST_STEPS)])
+def test_tx_view_of_node_and_byte_counts_is_what_the_commit_makes_them(
+    who: int, steps: list[tuple[str, ...]]
+) -> None:
+    """After every prefix of a transaction's changes, its view of each domain's node count
+    and bytes (what the quotas are checked against inside it) equals what a walk of the
+    tree finds once it is committed; before the commit the live counts are untouched."""
+    for end in range(1, len(steps) + 1):
+        store, dom0, guest = new_store()
+        guest.write("x/old", b"o")  # 5 owns x and x/old
+        dom0.ok(T.SET_PERMS, f"{HOME5}/x/old", "n6")  # a child of another owner
+        client = dom0 if who == 0 else guest
+        before = (dict(store.owned), dict(store.memory))
+        tx = client.start()
+        for step in steps[:end]:
+            run_step(client, step, tx)
+        view = client.conn.transactions[tx]
+        seen = {d: (view.count(d), view.mem(d)) for d in OWNERS}
+        assert (dict(store.owned), dict(store.memory)) == before, steps[end - 1]
+        assert client.commit(tx) == "OK"
+        counts, usage = store.recount(), store.remeasure()
+        after = {d: (counts.get(d, 0), usage.get(d, 0)) for d in OWNERS}
+        assert seen == after, steps[end - 1]
+        assert store.check() == []
+
+
+def test_tx_node_quota_counts_the_transactions_creations_and_removals() -> None:
+    """With room for three more nodes, a transaction makes three (one request each) and
+    the fourth is ENOSPC; one that first removes a two-node subtree has room for five.
+    The refused request poisons the transaction: its commit fails, nothing changes."""
+    store, _, guest = new_store()
+    guest.write("old/leaf", b"")
+    store.quotas.nodes = store.node_count(5) + 3
+    for removed, room in (("", 3), ("old", 5)):
+        tx = guest.start()
+        if removed:
+            guest.ok(T.RM, removed, tx=tx)
+        for i in range(room):
+            guest.write(f"n{i}", b"v", tx=tx)
+        assert guest.write_err(f"n{room}", b"v", tx=tx) == "ENOSPC"
+        assert guest.commit(tx) == "ENOSPC"
+        assert children(guest, HOME5) == [b"old"] and store.check() == []
+    # without the refused request the same transaction commits, and the count is exact
+    tx = guest.start()
+    guest.ok(T.RM, "old", tx=tx)
+    for i in range(5):
+        guest.write(f"n{i}", b"v", tx=tx)
+    assert guest.commit(tx) == "OK"
+    assert store.node_count(5) == store.quotas.nodes and store.check() == []
+
+
+def test_tx_memory_quota_counts_the_transactions_values_permissions_and_removals() -> None:
+    """The memory quota (path + value + 8 bytes per permission entry) inside a
+    transaction: a value may grow to exactly the limit and not a byte past it, an extra
+    permission entry uses 8 of those bytes, a removal gives its node's bytes back, and a
+    shrunk value gives its bytes back too."""
+    store, _, guest = new_store()
+    guest.write("v", b"")
+    guest.write("gone", b"z" * 50)
+    path = f"{HOME5}/v"
+    gone = len(f"{HOME5}/gone") + 50 + 8
+    store.quotas.memory = store.mem(5) + 100
+
+    def try_write(grow: int, **kw: bool) -> bool:
+        tx = guest.start()
+        if kw.get("shrink"):
+            guest.write(path, b"s" * 100, tx=tx)
+            guest.write(path, b"", tx=tx)
+        if kw.get("perms"):
+            guest.ok(T.SET_PERMS, path, "n5", "r6", tx=tx)
+        if kw.get("remove"):
+            guest.ok(T.RM, "gone", tx=tx)
+        kind, payload = guest.req(T.WRITE, tx=tx, raw=path.encode() + b"\0" + b"x" * grow)
+        guest.ok(T.TRANSACTION_END, "F", tx=tx)
+        assert kind == "ok" or payload == b"ENOMEM\0", payload
+        return kind == "ok"
+
+    assert try_write(100) and not try_write(101)
+    assert try_write(100, shrink=True) and not try_write(101, shrink=True)
+    assert try_write(92, perms=True) and not try_write(93, perms=True)
+    assert try_write(100 + gone, remove=True) and not try_write(101 + gone, remove=True)
+    assert store.check() == []
+
+
+def test_tx_accessed_node_limit_is_exact_with_created_nodes() -> None:
+    """``transaction-nodes`` counts each node a transaction looked at or made once: with a
+    limit of 4, a transaction that creates a node under its home (the home and 3 new
+    nodes: 4) commits; one more node is ENOSPC."""
+    store, _, guest = new_store(Quotas(transaction_nodes=4))
+    tx = guest.start()
+    guest.write("a/b/c", b"v", tx=tx)  # HOME5, a, a/b, a/b/c
+    assert guest.commit(tx) == "OK"
+    tx = guest.start()
+    guest.write("p/q/r", b"v", tx=tx)
+    assert guest.write_err("p/q/s", b"v", tx=tx) == "ENOSPC"
+    assert guest.commit(tx) == "ENOSPC"
+    assert guest.err(T.READ, "p") == "ENOENT" and store.check() == []
+
+
+def test_tx_commit_that_breaks_a_quota_restores_a_removed_subtree() -> None:
+    """All-or-nothing (R17): a commit that removes a subtree and makes nodes, refused with
+    ENOSPC because another writer gave the domain nodes meanwhile, leaves the subtree,
+    its values and every count as they were."""
+    store, dom0, guest = new_store()
+    for leaf in ("a", "b", "b/c"):
+        guest.write(f"old/{leaf}", leaf.encode())
+    store.quotas.nodes = store.node_count(5) + 2
+    tx = guest.start()
+    guest.ok(T.RM, "old", tx=tx)  # 4 nodes freed in the transaction
+    for i in range(6):
+        guest.write(f"new{i}", b"v", tx=tx)
+    for i in range(3):  # nodes the transaction never looked at, owned by 5
+        dom0.write(f"/other/{i}")
+        dom0.ok(T.SET_PERMS, f"/other/{i}", "n5")
+    counts = (store.node_count(5), store.mem(5))
+    assert guest.commit(tx) == "ENOSPC"
+    assert guest.read("old/b/c") == b"b/c" and guest.read("old/a") == b"a"
+    assert children(guest, f"{HOME5}/old") == [b"a", b"b"]
+    assert children(guest, HOME5) == [b"old"]
+    assert (store.node_count(5), store.mem(5)) == counts and store.check() == []
+
+
+# -- watches -------------------------------------------------------------------------------
+def test_unwatching_one_of_several_watches_on_a_path_keeps_the_others() -> None:
+    """Two connections (and a second token) watch one path; removing one watch leaves the
+    others firing, and removing the last leaves nothing behind."""
+    store, dom0, guest = new_store()
+    other = Client(store, 0)
+    for client, token in ((dom0, "t1"), (dom0, "t2"), (other, "t1")):
+        client.ok(T.WATCH, "/w", token)
+    dom0.events(), other.events()
+    dom0.ok(T.UNWATCH, "/w", "t1")
+    dom0.write("/w", b"1")
+    assert dom0.events() == [("/w", "t2")] and other.events() == [("/w", "t1")]
+    other.ok(T.UNWATCH, "/w", "t1")
+    dom0.write("/w", b"2")
+    assert dom0.events() == [("/w", "t2")] and other.events() == []
+    dom0.ok(T.UNWATCH, "/w", "t2")
+    dom0.write("/w", b"3")
+    assert dom0.events() == [] and "/w" not in store.watch_index
+    assert store.watch_count(0) == 0 and guest.events() == []
+
+
+# -- INTRODUCE's numbers ---------------------------------------------------------------
+def test_introduce_numbers_longer_than_the_longest_64_bit_value_are_refused() -> None:
+    """A gfn is at most 20 digits (2^64 - 1 has 20): a 21-digit one is EINVAL even when
+    leading zeros keep its value small, so the store never parses unbounded numbers."""
+    store, dom0, _ = new_store()
+    calls: list[tuple[int, int, int]] = []
+    store.on_introduce = lambda domid, gfn, port: calls.append((domid, gfn, port))  # type: ignore[func-returns-value]
+    dom0.ok(T.INTRODUCE, "9", "0" * 19 + "1", "0" * 19 + "2")
+    assert calls == [(9, 1, 2)]
+    for gfn, port in (("0" * 20 + "1", "2"), ("1", "0" * 20 + "2")):
+        assert dom0.err(T.INTRODUCE, "10", gfn, port) == "EINVAL"
+    assert calls == [(9, 1, 2)] and dom0.ok(T.IS_DOMAIN_INTRODUCED, "10") == b"F\0"
+
+
+# -- saved state ---------------------------------------------------------------------------
+def restored(store: Store, quotas: Quotas | None = None) -> Store:
+    return Store.from_state(json.loads(json.dumps(store.to_state())), quotas)
+
+
+def test_restored_store_keeps_targets_and_uses_the_quotas_it_is_given() -> None:
+    """A restart loses nothing (docs/xenstore.md): a stub domain keeps acting with its
+    target's rights, and the restored store enforces the quotas the daemon passes."""
+    store, dom0, guest = new_store()
+    guest.write("secret", b"s")
+    dom0.ok(T.SET_TARGET, "7", "5")
+    assert Client(store, 7).read(f"{HOME5}/secret") == b"s"
+    quotas = Quotas(nodes=store.node_count(5) + 1)
+    copy = restored(store, quotas)
+    assert copy.quotas is quotas
+    stub, guest2 = Client(copy, 7), Client(copy, 5)
+    assert stub.read(f"{HOME5}/secret") == b"s"
+    assert Client(copy, 6).err(T.READ, f"{HOME5}/secret") == "EACCES"
+    guest2.write("one", b"")
+    assert guest2.write_err("two", b"") == "ENOSPC"
+
+
+def test_a_state_without_dom0s_record_still_has_an_introduced_privileged_dom0() -> None:
+    """dom0 is always there: a state file whose domain list lacks it (written by hand, or
+    trimmed) restores dom0 as introduced, and its watches and transactions are counted."""
+    store, _, _ = new_store()
+    state = json.loads(json.dumps(store.to_state()))
+    state["domains"] = [d for d in state["domains"] if d[0] != 0]
+    copy = Store.from_state(state)
+    dom0 = Client(copy, 0)
+    assert dom0.ok(T.IS_DOMAIN_INTRODUCED, "0") == b"T\0"
+    dom0.ok(T.WATCH, "/w", "t")
+    tx = dom0.start()
+    assert (copy.watch_count(0), copy.transaction_count(0)) == (1, 1)
+    assert dom0.ok(T.CONTROL, "quota", "0") == b"nodes: %d\nwatches: 1\ntransactions: 1\n\0" % (
+        copy.node_count(0)
+    )
+    assert dom0.ok(T.CONTROL, "check") == b"OK\0"
+    assert dom0.commit(tx) == "OK"
+
+
+def test_restoring_a_state_ignores_unknown_or_malformed_special_nodes() -> None:
+    """A special node's entry with a malformed permission list, or a name the store does
+    not know, is ignored: the special keeps its default (dom0 only) permissions."""
+    store, _, _ = new_store()
+    state = json.loads(json.dumps(store.to_state()))
+    state["specials"]["@releaseDomain"] = ["x5\0", 3]
+    state["specials"]["@futureNode"] = ["r5\0", 3]
+    copy = Store.from_state(state)
+    dom0 = Client(copy, 0)
+    assert perms_of(dom0, "@releaseDomain") == ["n0"]
+    assert sorted(copy.specials) == ["@introduceDomain", "@releaseDomain"]
+    assert Client(copy, 5).err(T.GET_PERMS, "@releaseDomain") == "EACCES"
+
+
+def newer_version(state: dict[str, Any]) -> None:
+    state["version"] = 2
+
+
+def bad_home_perms(state: dict[str, Any]) -> None:
+    next(n for n in state["nodes"] if n[0] == HOME5)[2] = "q0\0"
+
+
+@pytest.mark.parametrize("spoil, words", [(newer_version, "version"), (bad_home_perms, HOME5)])
+def test_an_unusable_state_is_refused_with_a_message_naming_the_problem(
+    spoil: Callable[[dict[str, Any]], None], words: str
+) -> None:
+    """An unknown version, or a node with a malformed permission list: ValueError whose
+    message names the version or the node (the daemon shows it when it refuses to start)."""
+    store, _, _ = new_store()
+    state = json.loads(json.dumps(store.to_state()))
+    spoil(state)
+    with pytest.raises(ValueError, match=words):
+        Store.from_state(state)

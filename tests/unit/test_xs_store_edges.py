@@ -386,3 +386,138 @@ def test_an_unusable_state_is_refused_with_a_message_naming_the_problem(
     spoil(state)
     with pytest.raises(ValueError, match=words):
         Store.from_state(state)
+
+
+# -- generations, quotas and commits outside the transaction's own view ------------------
+def test_every_change_outside_a_transaction_stamps_a_fresh_generation() -> None:
+    """A value write and a removal below a node both give it a new, larger, decimal
+    generation; and a transaction that read the node fails on each of them (EAGAIN)."""
+    _, dom0, _ = new_store()
+    dom0.write("/g/kid", b"k")
+    gens = [gen_of(dom0, "/g")]
+    for change in (lambda: dom0.write("/g", b"v"), lambda: dom0.ok(T.RM, "/g/kid")):
+        tx = dom0.start()
+        dom0.read("/g", tx=tx)
+        change()
+        gens.append(gen_of(dom0, "/g"))
+        assert dom0.commit(tx) == "EAGAIN"
+    assert gens == sorted(set(gens)), gens
+
+
+def test_quotas_of_a_domain_that_owns_nothing_yet() -> None:
+    """A domain that never owned a node has 0 nodes and 0 bytes: with a node quota of 1 it
+    may create exactly one node, and with a memory quota of exactly that node's bytes the
+    write fits, outside a transaction or committed from one."""
+    for in_tx in (False, True):
+        store, dom0, _ = new_store()
+        dom0.write("/shared")
+        dom0.ok(T.SET_PERMS, "/shared", "n0", "b7")
+        guest = Client(store, 7)
+        assert store.node_count(7) == 0 and store.mem(7) == 0
+        store.quotas.nodes = 1
+        store.quotas.memory = len("/shared/one") + 3 + 8 * 2  # path, value, two entries
+        tx = guest.start() if in_tx else 0
+        guest.write("/shared/one", b"abc", tx=tx)
+        assert guest.write_err("/shared/two", b"", tx=tx) == "ENOSPC"
+        if in_tx:
+            assert guest.commit(tx) == "ENOSPC"  # poisoned by the refused write
+            tx = guest.start()
+            guest.write("/shared/one", b"abc", tx=tx)
+            assert guest.commit(tx) == "OK"
+        assert guest.read("/shared/one") == b"abc" and store.node_count(7) == 1
+        assert store.mem(7) == store.quotas.memory and store.check() == []
+
+
+def test_a_commit_is_refused_only_for_quotas_it_breaks_by_growing() -> None:
+    """dom0 (exempt from quotas) may leave a domain over its quotas; another domain's
+    commit is not refused for that, nor is a commit that does not grow the domain over
+    its limit; a commit that grows a domain past a limit lowered meanwhile is refused."""
+    store, dom0, guest = new_store()
+    dom0.write("/big", b"x" * 3000)
+    dom0.ok(T.SET_PERMS, "/big", "n6")  # domain 6: over the memory quota set below
+    for i in range(12):
+        dom0.write(f"/dom0/{i}", b"")  # dom0 owns more nodes than 5 will
+    guest.write("v", b"12345")
+    store.quotas.memory = store.mem(5) + 500
+    store.quotas.nodes = store.node_count(5) + 5
+    assert store.mem(6) > store.quotas.memory > store.mem(5)
+    tx = guest.start()
+    guest.write("v", b"abcde", tx=tx)  # same size: no growth
+    assert guest.commit(tx) == "OK"
+    tx = guest.start()
+    for i in range(4):
+        guest.write(f"n{i}", b"", tx=tx)
+    store.quotas.nodes = store.node_count(5) + 2  # lowered while the transaction is open
+    assert guest.commit(tx) == "ENOSPC"
+    assert children(guest, HOME5) == [b"v"] and store.check() == []
+
+
+def test_a_refused_commit_also_undoes_a_node_it_made_and_removed() -> None:
+    """All-or-nothing with a node the transaction created and removed again: the refused
+    commit (quota broken meanwhile) leaves no trace of it and answers ENOSPC."""
+    store, dom0, guest = new_store()
+    store.quotas.nodes = store.node_count(5) + 2
+    tx = guest.start()
+    guest.write("tmp/x", b"t", tx=tx)
+    guest.ok(T.RM, "tmp", tx=tx)
+    guest.write("keep", b"k", tx=tx)
+    guest.write("keep2", b"k", tx=tx)
+    dom0.write("/other")
+    dom0.ok(T.SET_PERMS, "/other", "n5")
+    assert guest.commit(tx) == "ENOSPC"
+    assert children(guest, HOME5) == [] and guest.err(T.READ, "tmp") == "ENOENT"
+    assert store.check() == []
+
+
+def test_a_commit_reports_removed_nodes_even_when_their_parent_is_made_again() -> None:
+    """One event per modified path at commit, but none lost: a transaction that writes
+    ``/a``, removes it (with ``/a/b``) and makes it again notifies a watcher of ``/a/b``
+    (the node is gone) and a watcher of ``/a`` once."""
+    store, dom0, _ = new_store()
+    dom0.write("/a/b", b"b")
+    watch_a, watch_b = Client(store, 0), Client(store, 0)
+    watch_a.ok(T.WATCH, "/a", "ta")
+    watch_b.ok(T.WATCH, "/a/b", "tb")
+    watch_a.events(), watch_b.events()
+    tx = dom0.start()
+    dom0.write("/a", b"1", tx=tx)
+    dom0.ok(T.RM, "/a", tx=tx)
+    dom0.write("/a", b"2", tx=tx)
+    assert dom0.commit(tx) == "OK"
+    assert watch_b.events() == [("/a/b", "tb")]
+    assert watch_a.events() == [("/a", "ta")]
+    assert dom0.err(T.READ, "/a/b") == "ENOENT" and dom0.read("/a") == b"2"
+
+
+# -- visibility, special nodes, release ---------------------------------------------------
+def test_changes_to_an_unreadable_root_are_not_shown_to_its_watchers() -> None:
+    """The root has no parent to be seen through: a domain that may not read ``/`` gets no
+    event for a change of ``/`` itself, but does once it may read it."""
+    _, dom0, guest = new_store()
+    guest.ok(T.WATCH, "/", "t")
+    guest.events()
+    dom0.write("/", b"v")
+    assert guest.events() == []
+    dom0.ok(T.SET_PERMS, "/", "r0")
+    assert guest.events() == [("/", "t")]
+
+
+def test_special_node_permissions_on_the_wire() -> None:
+    """GET_PERMS on a special node: EACCES (the name as sent) unless granted; a path with
+    non-ASCII bytes is EINVAL, never an internal error."""
+    store, dom0, guest = new_store()
+    assert guest.req(T.GET_PERMS, "@releaseDomain") == ("error", b"EACCES\0")
+    dom0.ok(T.SET_PERMS, "@releaseDomain", "n0", "r5")
+    assert perms_of(guest, "@releaseDomain") == ["n0", "r5"]
+    for client in (dom0, guest):
+        assert client.req(T.GET_PERMS, raw=b"@release\xffDomain\0") == ("error", b"EINVAL\0")
+    assert store.internal_errors == 0
+
+
+def test_a_released_owner_of_the_root_leaves_the_roots_other_entries() -> None:
+    """The root goes back to dom0 when the domain dom0 gave it to is released; the other
+    domains' entries on it stay as they were."""
+    store, dom0, _ = new_store()
+    dom0.ok(T.SET_PERMS, "/", "r5", "w6", "b7")
+    assert store.release_domain(5)
+    assert perms_of(dom0, "/") == ["r0", "w6", "b7"] and store.check() == []

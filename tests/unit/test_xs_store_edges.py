@@ -280,7 +280,8 @@ def test_tx_commit_that_breaks_a_quota_restores_a_removed_subtree() -> None:
 # -- watches -------------------------------------------------------------------------------
 def test_unwatching_one_of_several_watches_on_a_path_keeps_the_others() -> None:
     """Two connections (and a second token) watch one path; removing one watch leaves the
-    others firing, and removing the last leaves nothing behind."""
+    others firing, and removing the last leaves nothing behind; UNWATCH without a token is
+    EINVAL."""
     store, dom0, guest = new_store()
     other = Client(store, 0)
     for client, token in ((dom0, "t1"), (dom0, "t2"), (other, "t1")):
@@ -295,6 +296,8 @@ def test_unwatching_one_of_several_watches_on_a_path_keeps_the_others() -> None:
     dom0.ok(T.UNWATCH, "/w", "t2")
     dom0.write("/w", b"3")
     assert dom0.events() == [] and "/w" not in store.watch_index
+    # a path and a token are needed (the name as sent)
+    assert dom0.req(T.UNWATCH, raw=b"/w\0") == ("error", b"EINVAL\0")
     assert store.watch_count(0) == 0 and guest.events() == []
 
 

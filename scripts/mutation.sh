@@ -52,7 +52,7 @@ TESTS[protocol-checks]="tests/unit/test_protocol_netif.py tests/unit/test_protoc
  tests/unit/test_keyboard_overflow.py tests/unit/test_xs_values.py
  tests/property/test_perturbations.py tests/fuzz/test_oracles.py tests/fuzz/test_strategies.py"
 MUTATE[blkif]="xenpv/protocols/blkif.py"
-TESTS[blkif]="tests/unit/test_protocol_blkif.py tests/unit/test_blkif_abi.py tests/unit/test_xs_values.py
+TESTS[blkif]="tests/unit/test_protocol_blkif.py tests/unit/test_blkif_abi.py tests/unit/test_blkif_mutants.py tests/unit/test_xs_values.py
  tests/property/test_perturbations.py tests/fuzz/test_oracles.py tests/fuzz/test_strategies.py"
 MUTATE[layout]="xenpv/protocols/layout.py"
 TESTS[layout]="tests/unit/test_layouts_roundtrip.py tests/unit/test_layout_edges.py tests/unit/test_blkif_abi.py tests/unit/test_protocol_blkif.py

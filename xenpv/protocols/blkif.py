@@ -512,7 +512,11 @@ def validate_segment(seg: Segment) -> int:
 
 
 def _check_range(req: AnyRequest, first: int, count: int, disk_sectors: int | None) -> None:
-    if disk_sectors is not None and (first >= disk_sectors or count > disk_sectors - first):
+    """Refuse ``count`` sectors from ``first`` unless they lie inside the disk.  No sectors
+    touch nothing and are never refused: a flush or barrier without segments may name any
+    sector (Linux's blkfront sends (u64)-1 there, and Linux's and QEMU's backends check
+    the range only of requests that carry data)."""
+    if disk_sectors is not None and count > 0 and count > disk_sectors - first:
         raise BlkifRequestError(
             f"sectors {first}+{count} beyond disk of {disk_sectors}", req.id, req.operation
         )

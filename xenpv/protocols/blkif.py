@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 
+from xenpv.compiled import pure_python
 from xenpv.errors import LocalError
 from xenpv.protocols import ProtocolError
 from xenpv.protocols.layout import (
@@ -637,6 +638,10 @@ def scan_rw_reference(batch: Buffer, count: int, abi: ABI, disk_sectors: int, *,
 
 
 def _compiled_scan() -> Any:
+    """The compiled scan, or None where the twin serves: not built, or
+    ``XENPV_PURE_PYTHON=1`` (:func:`xenpv.compiled.pure_python`)."""
+    if pure_python():
+        return None
     try:
         from xenpv.protocols import _blkscan
     except ImportError:  # not built: the twin serves

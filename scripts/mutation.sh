@@ -55,7 +55,7 @@ MUTATE[blkif]="xenpv/protocols/blkif.py"
 TESTS[blkif]="tests/unit/test_protocol_blkif.py tests/unit/test_blkif_abi.py tests/unit/test_blkif_mutants.py tests/unit/test_xs_values.py
  tests/property/test_perturbations.py tests/fuzz/test_oracles.py tests/fuzz/test_strategies.py"
 MUTATE[layout]="xenpv/protocols/layout.py"
-TESTS[layout]="tests/unit/test_layouts_roundtrip.py tests/unit/test_layout_edges.py tests/unit/test_blkif_abi.py tests/unit/test_protocol_blkif.py
+TESTS[layout]="tests/unit/test_layouts_roundtrip.py tests/unit/test_layout_edges.py tests/unit/test_layout_mutants.py tests/unit/test_blkif_abi.py tests/unit/test_protocol_blkif.py
  tests/unit/test_protocol_netif.py tests/unit/test_protocol_misc.py"
 MUTATE[hid]="xenpv/protocols/hid.py xenpv/protocols/keycodes.py"
 TESTS[hid]="tests/unit/test_hid_descriptor.py tests/unit/test_hid_translate.py tests/unit/test_keyboard_overflow.py

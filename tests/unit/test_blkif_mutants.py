@@ -332,8 +332,12 @@ def test_request_parse_refuses_what_lies_outside_the_buffer() -> None:
     for abi in ABI:
         raw = BlkifRequest.rw(BLKIF_OP_READ, 1, 2, 3, (Segment(8, 0, 7),)).pack(abi)
         assert BlkifRequest.parse(raw, 0, abi) == BlkifRequest.parse(b"\0" + raw, 1, abi)
-        for buf, off in ((raw, -len(raw)), (raw, 1), (raw[:-1], 0), (b"\0" + raw, -len(raw))):
-            with pytest.raises(LocalError):
+        if abi is blkif.NATIVE_ABI:
+            assert BlkifRequest.parse(raw) == BlkifRequest.parse(raw, 0, abi)  # offset 0
+        size = len(raw)
+        for buf, off in ((raw, -size), (raw, 1), (raw[:-1], 0), (b"\0" + raw, -size)):
+            text = rf"^blkif_request\[{abi.value}\]: (negative offset|cannot read {size} bytes)"
+            with pytest.raises(LocalError, match=text):
                 BlkifRequest.parse(buf, off, abi)
             with pytest.raises(LocalError, match=rf"^blkif request: buffer too short at {off}$"):
                 blkif.parse_request(buf, off, abi)

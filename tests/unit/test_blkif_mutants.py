@@ -330,7 +330,9 @@ def test_request_parse_refuses_what_lies_outside_the_buffer() -> None:
     """A request is read only from inside the buffer: a negative offset or one that
     leaves less than a request's bytes is a LocalError, never a read from the end."""
     for abi in ABI:
-        raw = BlkifRequest.rw(BLKIF_OP_READ, 1, 2, 3, (Segment(8, 0, 7),)).pack(abi)
+        req = BlkifRequest.rw(BLKIF_OP_READ, 0x1234, 2**40 + 2, 3, (Segment(8, 1, 7),))
+        raw = req.pack(abi)
+        assert BlkifRequest.parse(raw, 0, abi) == req
         assert BlkifRequest.parse(raw, 0, abi) == BlkifRequest.parse(b"\0" + raw, 1, abi)
         if abi is blkif.NATIVE_ABI:
             assert BlkifRequest.parse(raw) == BlkifRequest.parse(raw, 0, abi)  # offset 0

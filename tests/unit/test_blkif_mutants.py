@@ -149,9 +149,10 @@ def test_discard_indirect_and_response_records_at_any_offset() -> None:
             rec.pack_into(buf, 5, abi)  # type: ignore[attr-defined]
             assert bytes(buf) == want[:5] + want
         # parse_request picks the layout by the operation byte, from offset 0 by default
-        slot = cases[0][1] + bytes(blkif.LAYOUTS[abi].request.size - len(cases[0][1]))
-        assert blkif.parse_request(slot, abi=abi) == cases[0][0]
-        assert blkif.parse_request(b"\0" + slot, 1, abi) == cases[0][0]
+        for rec, want in cases[:2]:
+            slot = want + bytes(blkif.LAYOUTS[abi].request.size - len(want))
+            assert blkif.parse_request(slot, abi=abi) == rec
+            assert blkif.parse_request(b"\0" + slot, 1, abi) == rec
 
 
 def test_request_encoder_slow_path_gives_the_same_bytes_and_clear_errors() -> None:

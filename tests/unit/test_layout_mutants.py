@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import pytest
 
 from xenpv.errors import LocalError
@@ -128,5 +129,8 @@ def test_declared_members_offsets_leaves_and_c_names() -> None:
     assert Layout("tail", [Field("a", "I")], pad_to=6).padding() == [(4, 2)]
     dt = outer.dtype_for(outer.size)
     assert dt.itemsize == outer.size and dt.fields["w"][1] == 20
+    view = np.frombuffer(raw, dtype=dt)[0]
+    assert (int(view["seg"][1]["g"]), int(view["seg"][0]["f"]), bytes(view["raw"])) == (3, -2, b"hi")
+    assert c_struct("ev.key", [Field("a", "I")], pad_to=8).padding() == [(4, 4)]
     with pytest.raises(LocalError, match=rf"^outer\.v\[x\]: itemsize {outer.size - 1} < "):
         outer.dtype_for(outer.size - 1)

@@ -132,5 +132,9 @@ def test_declared_members_offsets_leaves_and_c_names() -> None:
     view = np.frombuffer(raw, dtype=dt)[0]
     assert (int(view["seg"][1]["g"]), int(view["seg"][0]["f"]), bytes(view["raw"])) == (3, -2, b"hi")
     assert c_struct("ev.key", [Field("a", "I")], pad_to=8).padding() == [(4, 4)]
+    # entries not given are packed as zeros; nested entries may be parsed records
+    assert outer.pack((7, b"hi", [(1, -2)], (-1,))) == raw[:9] + bytes(11) + raw[20:28] + bytes(8)
+    pairs = Layout("pairs", [Field("p", "", 2, sub=_Pair.LAYOUT)])
+    assert pairs.pack(([_Pair(1, -2)],)) == struct.pack("<H2xi8x", 1, -2)
     with pytest.raises(LocalError, match=rf"^outer\.v\[x\]: itemsize {outer.size - 1} < "):
         outer.dtype_for(outer.size - 1)

@@ -40,8 +40,10 @@ from xenpv.platforms.loopback.harness import DaemonMachine
 from xenpv.protocols.blkif import (
     BLKIF_DISCARD_SECURE,
     BLKIF_OP_DISCARD,
+    BLKIF_OP_FLUSH_DISKCACHE,
     BLKIF_OP_READ,
     BLKIF_OP_WRITE,
+    BLKIF_OP_WRITE_BARRIER,
     BLKIF_RSP_EOPNOTSUPP,
     BLKIF_RSP_ERROR,
     BLKIF_RSP_OKAY,
@@ -148,6 +150,31 @@ def test_4096_byte_sectors_backend_refuses_misaligned_requests(tmp_path: Path) -
             assert await r.send(BlkifRequestDiscard(BLKIF_OP_DISCARD, 0, 0, 9, 8, 8
                                                     ).pack(r.abi)) == [BLKIF_RSP_OKAY]
             assert r.path.read_bytes()[4096:8192] == bytes(4096)
+        finally:
+            await r.close()
+
+    run(body())
+
+
+@pytest.mark.parametrize("sector_size", [512, 4096])
+def test_flush_and_barrier_without_data_at_sector_minus_one_are_served(
+        tmp_path: Path, sector_size: int) -> None:
+    """Linux's blkfront sends a flush that carries no data with sector (u64)-1 (the block
+    layer's flush request starts there): FLUSH and BARRIER without segments are served
+    OKAY at any sector, with 4 KiB logical sectors too (no range to align); with data the
+    range is checked as before."""
+    async def body() -> None:
+        r = await rig(tmp_path, config=BlockConfig(sector_size=sector_size))
+        try:
+            no_sector = 2**64 - 1
+            assert await r.send(r.rw(BLKIF_OP_FLUSH_DISKCACHE, 1, no_sector, []),
+                                r.rw(BLKIF_OP_WRITE_BARRIER, 2, no_sector, []),
+                                r.rw(BLKIF_OP_FLUSH_DISKCACHE, 3, 0, [])) \
+                == [BLKIF_RSP_OKAY] * 3
+            page = r.grant(1, fill=b"\x5a" * 4096)
+            assert await r.send(r.rw(BLKIF_OP_FLUSH_DISKCACHE, 4, no_sector,
+                                     [Segment(page.refs[0], 0, 7)])) == [BLKIF_RSP_ERROR]
+            assert r.image_unchanged()
         finally:
             await r.close()
 

@@ -695,9 +695,11 @@ class BlockRequests:
                          segs: np.ndarray[Any, Any] | None = None) -> None:
         """With a logical sector size over 512 bytes the request's start and length, and
         every segment's start and length in its page, must be whole logical sectors (the
-        ring still counts 512-byte units); else ERROR."""
+        ring still counts 512-byte units); else ERROR.  A request that moves no data (a
+        flush or barrier without segments, which Linux's blkfront sends at sector
+        (u64)-1) has no range to align."""
         ss = self.image.sector_size
-        if ss <= 512:
+        if ss <= 512 or not io.length:
             return
         if io.offset % ss or io.length % ss:
             raise BlkifRequestError(f"range {io.offset}+{io.length} not aligned to the "

@@ -311,3 +311,15 @@ def test_tx_scan_takes_plain_chains_and_stops_at_the_first_other() -> None:
         assert netif.scan_tx(raw, 3, gso=mask) == []  # incomplete
         more = netif.GsoExtra(netif.XEN_NETIF_EXTRA_TYPE_GSO, 1, 1448, kind, 0)
         assert netif.scan_tx(slots(big[0], more, *big[1:]), 4, gso=3) == []  # a second extra
+
+
+def test_pure_python_switch_turns_the_tx_scan_to_its_twin(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """XENPV_PURE_PYTHON=1 makes the TX scan use its readable twin, as every module with a
+    compiled twin does (xenpv.compiled); otherwise the built extension serves."""
+    from xenpv.protocols import _netscan  # built by setup.py: missing is a failure
+
+    monkeypatch.setenv("XENPV_PURE_PYTHON", "1")
+    assert netif._compiled_scan() is None
+    monkeypatch.setenv("XENPV_PURE_PYTHON", "0")
+    assert netif._compiled_scan() is _netscan.scan_tx

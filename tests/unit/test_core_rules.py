@@ -958,9 +958,7 @@ def test_documented_default_table_sizes() -> None:
         refused(lambda: hv.share(h1, 2, 1, writable=True), ResourceExhausted, errno.ENOSPC)
         ref = shares[0].refs[0]
         maps = [hv.map(h2, [(1, ref)] * 1024, writable=False) for _ in range(16)]
-        map_refused(
-            lambda: hv.map(h2, [(1, ref)], writable=False), errno.ENOSPC, 0, GntSt.no_space
-        )
+        map_refused(lambda: hv.map(h2, [(1, ref)], writable=False), errno.ENOSPC, 0, GntSt.no_space)
         for m in maps:
             hv.unmap(h2, m.handle_id)
         for s in shares:
@@ -968,3 +966,211 @@ def test_documented_default_table_sizes() -> None:
     finally:
         hv.close()
     hv.assert_released()
+
+
+def test_copy_merges_only_runs_contiguous_in_one_object_on_both_sides(hv: Hypervisor) -> None:
+    h1 = hv.open_handle(1)
+    s = hv.share(h1, 2, 1, writable=True)
+    t = hv.share(h1, 2, 1, writable=True)
+    s.entries[0].segment.mm[:PAGE_SIZE] = bytes((i * 13 + 1) % 251 for i in range(PAGE_SIZE))
+    t.entries[0].segment.mm[:PAGE_SIZE] = bytes((i * 5 + 3) % 241 for i in range(PAGE_SIZE))
+    source = {s.handle_id: bytes(s.entries[0].segment.mm[:PAGE_SIZE])}
+    source[t.handle_id] = bytes(t.entries[0].segment.mm[:PAGE_SIZE])
+    S, T = s.handle_id, t.handle_id
+    # (source share, source offset, destination buffer, destination offset) x 2, 50 bytes
+    # each, and the memcpy count the plan may use: runs contiguous in the same object on
+    # both sides are one memcpy, anything else is copied on its own
+    cases = [
+        (((S, 0, "a", 0), (S, 50, "a", 50)), 1),  # contiguous on both sides
+        (((S, 0, "a", 0), (S, 50, "b", 50)), 2),  # same offsets, another destination
+        (((S, 0, "a", 0), (T, 50, "a", 50)), 2),  # same offsets, another source
+        (((S, 0, "a", 100), (S, 50, "a", 50)), 2),  # the destination goes back
+        (((S, 100, "a", 0), (S, 50, "a", 50)), 2),  # the source goes back
+        (((S, 0, "a", 0), (S, 100, "a", 50)), 2),  # the source skips one run's length
+    ]
+    for pair, memcpys in cases:
+        bufs = {"a": bytearray(300), "b": bytearray(300)}
+        want = {k: bytearray(300) for k in bufs}
+        segs = []
+        for sid, so, d, do in pair:
+            segs.append(GrantCopy(SharePtr(sid, so), LocalPtr(bufs[d], do), 50))
+            want[d][do : do + 50] = source[sid][so : so + 50]  # each segment on its own
+        plan = hv.prepare_copy(h1, segs)
+        assert plan() == [GntSt.okay, GntSt.okay], pair
+        assert bufs == want, pair
+        assert len(plan._ops) == memcpys, pair  # the documented cost of a plan
+        plan.release()
+    # a zero-length window of a share is a valid (empty) copy
+    assert hv.copy(h1, [GrantCopy(SharePtr(S, 0), LocalPtr(bytearray(1)), 0)]) == [GntSt.okay]
+    hv.close_handle(h1)
+
+
+def test_plan_revalidates_after_grant_frame_then_end_access(hv: Hypervisor) -> None:
+    """Every grant-table change gives a new generation, never an earlier one again."""
+    h1, h2 = hv.open_handle(1), hv.open_handle(2)
+    s = hv.share(h1, 2, 1, writable=True)
+    s.entries[0].segment.mm[0] = 0x77
+    f = hv.alloc_frames(h1, 1)
+    m = hv.map(h2, [(1, s.refs[0])], writable=False)
+    out = bytearray(1)
+    plan = hv.prepare_copy(h2, [GrantCopy(GrantPtr(1, s.refs[0]), LocalPtr(out), 1)])
+    assert plan() == [GntSt.okay] and out[0] == 0x77
+    gr = hv.grant_frame(h1, f.refs[0], 2)
+    hv.end_access(h1, s.refs, defer=True)  # mapped: revoking, no longer copyable
+    out[0] = 0
+    assert plan() == [GntSt.bad_gntref] and out[0] == 0
+    plan.release()
+    hv.unmap(h2, m.handle_id)
+    hv.unmap(h1, gr.handle_id)
+    hv.close_handle(h1)
+    hv.close_handle(h2)
+
+
+def test_share_window_ending_one_byte_before_a_page_end(hv: Hypervisor) -> None:
+    h1 = hv.open_handle(1)
+    s = hv.share(h1, 2, 2, writable=True)
+    s3 = hv.share(h1, 2, 3, writable=True)
+    hv.end_access(h1, [s3.refs[2]])
+    buf = bytearray(PAGE_SIZE)
+    for share in (s, s3):  # [PAGE-1, 2*PAGE-1): pages 0 and 1 only
+        (st,) = hv.copy(
+            h1, [GrantCopy(SharePtr(share.handle_id, PAGE_SIZE - 1), LocalPtr(buf), PAGE_SIZE)]
+        )
+        assert st == GntSt.okay
+    hv.close_handle(h1)
+
+
+def test_failed_frame_batch_gives_back_its_descriptors() -> None:
+    hv = Hypervisor(max_grants=FIRST_REF + 8, max_ports=2, max_fds=1 + 2 * core.SEGMENT_FDS)
+    try:
+        hv.create_domain(1)
+        h = hv.open_handle(1)
+        with pytest.raises(ResourceExhausted):
+            hv.alloc_frames(h, 3)  # the third frame is past the quota
+        assert hv.stats(1).fds == 1 and hv.outstanding()["frames"] == 0
+        f = hv.alloc_frames(h, 2)  # the quota is whole again
+        assert f.refs == (core.FIRST_GFN, core.FIRST_GFN + 1)  # no gfn was used up
+        hv.close_handle(h)
+        hv.assert_released()
+    finally:
+        hv.close()
+
+
+def test_frames_grant_frame_ids_reserved_console_and_maptrack(hv: Hypervisor) -> None:
+    h0, h1, h2 = hv.open_handle(0), hv.open_handle(1), hv.open_handle(2)
+    f = hv.alloc_frames(h1, 2)
+    assert f.domid == 0  # guest frames: dom0 is the one that may map them
+    g0 = hv.grant_frame(h1, f.refs[0], 2, reserved=0)  # GNTTAB_RESERVED_CONSOLE
+    g1 = hv.grant_frame(h1, f.refs[1], 2, reserved=1)  # GNTTAB_RESERVED_XENSTORE
+    assert g0.refs == (0,) and g1.refs == (1,)
+    assert len({f.handle_id, g0.handle_id, g1.handle_id}) == 3
+    hv.unmap(h1, g0.handle_id)
+    hv.unmap(h1, g1.handle_id)
+    assert hv.stats(1).grants == 0
+    # foreign maps add up in dom0's maptrack (6 entries)
+    m1 = hv.foreign_map(h0, 1, [f.refs[0]] * 3, writable=True)
+    m2 = hv.foreign_map(h0, 1, [f.refs[1]] * 2, writable=False)
+    assert hv.domain(0).maptrack == 5
+    with pytest.raises(MapError) as info:
+        hv.foreign_map(h0, 1, [f.refs[0]] * 2, writable=False)
+    assert (info.value.errno, info.value.status) == (errno.ENOSPC, GntSt.no_space)
+    # a writable foreign mapping takes a clear-byte notification and clears the byte
+    hv.set_notify(h0, m1.handle_id, PAGE_SIZE + 9, core.NOTIFY_CLEAR_BYTE, 0)
+    seg = f.entries[0].segment
+    seg.mm[9] = 0x31
+    hv.unmap(h0, m1.handle_id)
+    assert seg.mm[9] == 0
+    hv.unmap(h0, m2.handle_id)
+    assert hv.domain(0).maptrack == 0
+    # deferred frame free: the frame share's entries end when dom0 unmaps
+    m3 = hv.foreign_map(h0, 1, [f.refs[0]], writable=False)
+    hv.unmap(h1, f.handle_id)
+    assert hv.outstanding()["frames"] == 1
+    hv.unmap(h0, m3.handle_id)
+    assert hv.outstanding()["frames"] == 0
+    hv.close_handle(h0)
+    hv.close_handle(h1)
+    hv.close_handle(h2)
+    hv.assert_released()
+
+
+def test_mapping_fds_event_only_notify_keeps_the_byte_shared_port_counts(hv: Hypervisor) -> None:
+    h1, h2 = hv.open_handle(1), hv.open_handle(2)
+    s = hv.share(h1, 2, 2, writable=True)
+    seg = s.entries[0].segment
+    seg.mm[3] = 0x5A
+    seg.mm[PAGE_SIZE + 3] = 0x5B
+    m1 = hv.map(h2, [(1, s.refs[0])], writable=True)
+    m2 = hv.map(h2, [(1, s.refs[1])], writable=True)
+    # (fd, page) per page, through a read-only descriptor where asked
+    ((rofd, page),) = m2.pages(True)
+    ((rwfd, _),) = m2.pages(False)
+    assert page == 1
+    assert fcntl.fcntl(rofd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+    assert fcntl.fcntl(rwfd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+    p2 = hv.alloc_unbound(h2, 1)
+    p1 = hv.bind_interdomain(h1, 2, p2.port)
+    pending(p1.inbox)
+    pending(p2.inbox)
+    # two notifications (event only) on writable mappings, the same port
+    hv.set_notify(h2, m1.handle_id, 3, core.NOTIFY_SEND_EVENT, p2.port)
+    hv.set_notify(h2, m2.handle_id, 3, core.NOTIFY_SEND_EVENT, p2.port)
+    assert p2.notify_refs == 2
+    hv.unbind(h2, p2.port)  # kept open while either notification refers to it
+    hv.unmap(h2, m1.handle_id)
+    assert seg.mm[3] == 0x5A  # event only: the byte stays
+    assert pending(p1.inbox) == 1
+    assert hv.status(h1, 1, p1.port)[0] == EvtchnState.interdomain
+    hv.unmap(h2, m2.handle_id)
+    assert seg.mm[PAGE_SIZE + 3] == 0x5B and pending(p1.inbox) == 1
+    assert hv.status(h1, 1, p1.port)[0] == EvtchnState.unbound  # closed after the last
+    hv.close_handle(h1)
+    hv.close_handle(h2)
+
+
+def test_returned_port_is_usable_by_its_home(hv: Hypervisor) -> None:
+    home, taker, peer = hv.open_handle(1), hv.open_handle(1), hv.open_handle(2)
+    p = hv.alloc_unbound(home, 2)
+    q = hv.bind_interdomain(peer, 1, p.port)
+    pending(p.inbox)
+    pending(q.inbox)  # bind leaves the new port pending
+    hv.lend_port(p, taker)
+    hv.unbind(taker, p.port)  # back home
+    assert hv.port_of(home, p.port) is p
+    assert hv.notify(home, p.port) is q and pending(q.inbox) == 1
+    hv.unbind(home, p.port)
+    assert hv.status(peer, 2, q.port)[0] == EvtchnState.unbound
+    for h in (home, taker, peer):
+        hv.close_handle(h)
+
+
+def test_fault_defaults_turn_faults_off(hv: Hypervisor) -> None:
+    h1, h2 = hv.open_handle(1), hv.open_handle(2)
+    p2 = hv.alloc_unbound(h2, 1)
+    p1 = hv.bind_interdomain(h1, 2, p2.port)
+    pending(p1.inbox)
+    pending(p2.inbox)
+    hv.fault(core.FAULT_DROP_NOTIFY, 1)  # arg defaults to 0: drop nothing
+    hv.notify(h1, p1.port)
+    assert pending(p2.inbox) == 1
+    hv.fault(core.FAULT_DUPLICATE_NOTIFY, 1, arg=1)
+    hv.notify(h1, p1.port)
+    assert pending(p2.inbox) == 2
+    hv.fault(core.FAULT_DUPLICATE_NOTIFY, 1)  # default: duplication off
+    hv.notify(h1, p1.port)
+    assert pending(p2.inbox) == 1
+    with pytest.raises(PlatformError):
+        hv.fault(99, 1)
+    hv.close_handle(h1)
+    hv.close_handle(h2)
+
+
+def test_non_contiguous_local_buffer_is_the_callers_error(hv: Hypervisor) -> None:
+    h1 = hv.open_handle(1)
+    s = hv.share(h1, 2, 1, writable=True)
+    strided = memoryview(bytearray(16))[::2]
+    with pytest.raises(LocalError) as info:
+        hv.copy(h1, [GrantCopy(SharePtr(s.handle_id, 0), LocalPtr(strided), 4)])
+    msg = info.value.args[0]
+    assert isinstance(msg, str) and "contiguous" in msg
+    hv.close_handle(h1)

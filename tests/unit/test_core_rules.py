@@ -1005,25 +1005,65 @@ def test_copy_merges_only_runs_contiguous_in_one_object_on_both_sides(hv: Hyperv
     hv.close_handle(h1)
 
 
-def test_plan_revalidates_after_grant_frame_then_end_access(hv: Hypervisor) -> None:
-    """Every grant-table change gives a new generation, never an earlier one again."""
+def test_plan_revalidates_after_every_kind_of_grant_table_change() -> None:
+    """A copy plan is rebuilt after any grant-table change: each change gives the tables
+    a generation they never had before, so a stale plan cannot look current."""
+    changes: list[Callable[[Hypervisor, Any], Any]] = [
+        lambda hv, h1: hv.share(h1, 2, 1, writable=True),
+        lambda hv, h1: hv.grant_frame(h1, hv.alloc_frames(h1, 1).refs[0], 2),
+        lambda hv, h1: hv.destroy_domain(3),  # a domain holding nothing
+    ]
+    for change in changes:
+        hv = Hypervisor(max_grants=FIRST_REF + 8, max_ports=6, max_maptrack=6)
+        try:
+            for d in (1, 2, 3):
+                hv.create_domain(d)
+            h1, h2 = hv.open_handle(1), hv.open_handle(2)
+            s = hv.share(h1, 2, 1, writable=True)
+            assert (s.domid, s.writable) == (2, True)
+            s.entries[0].segment.mm[0] = 0x77
+            m = hv.map(h2, [(1, s.refs[0])], writable=False)
+            out = bytearray(1)
+            plan = hv.prepare_copy(h2, [GrantCopy(GrantPtr(1, s.refs[0]), LocalPtr(out), 1)])
+            assert plan() == [GntSt.okay] and out[0] == 0x77
+            hv.end_access(h1, s.refs, defer=True)  # mapped: revoking, no longer copyable
+            change(hv, h1)
+            out[0] = 0
+            assert plan() == [GntSt.bad_gntref] and out[0] == 0
+            plan.release()
+            hv.unmap(h2, m.handle_id)
+        finally:
+            hv.close()
+
+
+def test_segment_that_cannot_be_sized_closes_its_descriptor() -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError):
+        core.Segment(-1, "xenpv-test-bad-size")
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_share_notify_fired_then_later_pages_end_and_leftovers_are_listed(
+    hv: Hypervisor,
+) -> None:
     h1, h2 = hv.open_handle(1), hv.open_handle(2)
-    s = hv.share(h1, 2, 1, writable=True)
-    s.entries[0].segment.mm[0] = 0x77
-    f = hv.alloc_frames(h1, 1)
-    m = hv.map(h2, [(1, s.refs[0])], writable=False)
-    out = bytearray(1)
-    plan = hv.prepare_copy(h2, [GrantCopy(GrantPtr(1, s.refs[0]), LocalPtr(out), 1)])
-    assert plan() == [GntSt.okay] and out[0] == 0x77
-    gr = hv.grant_frame(h1, f.refs[0], 2)
-    hv.end_access(h1, s.refs, defer=True)  # mapped: revoking, no longer copyable
-    out[0] = 0
-    assert plan() == [GntSt.bad_gntref] and out[0] == 0
-    plan.release()
-    hv.unmap(h2, m.handle_id)
-    hv.unmap(h1, gr.handle_id)
+    s = hv.share(h1, 2, 3, writable=True)
+    p2 = hv.alloc_unbound(h2, 1)
+    p1 = hv.bind_interdomain(h1, 2, p2.port)
+    pending(p2.inbox)
+    hv.set_notify(h1, s.handle_id, 0, core.NOTIFY_SEND_EVENT, p1.port)
+    assert hv.end_access(h1, [s.refs[0]]) == 1 and pending(p2.inbox) == 1  # fired
+    assert hv.end_access(h1, [s.refs[1]]) == 1 and pending(p2.inbox) == 0  # not again
+    hv.set_notify(h1, s.handle_id, 2 * PAGE_SIZE, core.NOTIFY_SEND_EVENT, p1.port)
+    hv.set_notify(h1, s.handle_id, 2 * PAGE_SIZE + 1, core.NOTIFY_SEND_EVENT, p1.port)
+    assert p1.notify_refs == 1  # replaced, not added
+    with pytest.raises(AssertionError) as info:
+        hv.assert_released()
+    assert "grants" in str(info.value) and "ports" in str(info.value)
+    assert hv.end_access(h1, [s.refs[2]]) == 1 and pending(p2.inbox) == 1
     hv.close_handle(h1)
     hv.close_handle(h2)
+    hv.assert_released()
 
 
 def test_share_window_ending_one_byte_before_a_page_end(hv: Hypervisor) -> None:

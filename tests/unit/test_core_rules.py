@@ -1036,11 +1036,21 @@ def test_plan_revalidates_after_every_kind_of_grant_table_change() -> None:
             hv.close()
 
 
-def test_segment_that_cannot_be_sized_closes_its_descriptor() -> None:
+def test_segment_that_cannot_be_sized_closes_its_descriptor(hv: Hypervisor) -> None:
+    """Pages that cannot be allocated for a reason other than exhaustion: a platform
+    error carrying the system's errno, no descriptor kept, nothing charged."""
     before = len(os.listdir("/proc/self/fd"))
     with pytest.raises(OSError):
         core.Segment(-1, "xenpv-test-bad-size")
     assert len(os.listdir("/proc/self/fd")) == before
+    dom = hv.domain(1)
+    fds = dom.fds
+    refused(
+        lambda: hv._new_segment(dom, -1, "xenpv-test-bad-size", writable=True),
+        PlatformError,
+        errno.EINVAL,
+    )
+    assert dom.fds == fds and len(os.listdir("/proc/self/fd")) == before
 
 
 def test_share_notify_fired_then_later_pages_end_and_leftovers_are_listed(

@@ -1113,7 +1113,9 @@ def test_frames_grant_frame_ids_reserved_console_and_maptrack(hv: Hypervisor) ->
     g0 = hv.grant_frame(h1, f.refs[0], 2, reserved=0)  # GNTTAB_RESERVED_CONSOLE
     g1 = hv.grant_frame(h1, f.refs[1], 2, reserved=1)  # GNTTAB_RESERVED_XENSTORE
     assert g0.refs == (0,) and g1.refs == (1,)
-    assert len({f.handle_id, g0.handle_id, g1.handle_id}) == 3
+    ids = (f.handle_id, g0.handle_id, g1.handle_id)
+    assert len(set(ids)) == 3  # unique, and u32 (the daemon's replies carry them as such)
+    assert all(0 <= i < 1 << 32 for i in ids)
     hv.unmap(h1, g0.handle_id)
     hv.unmap(h1, g1.handle_id)
     assert hv.stats(1).grants == 0

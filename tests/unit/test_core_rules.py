@@ -1226,3 +1226,15 @@ def test_non_contiguous_local_buffer_is_the_callers_error(hv: Hypervisor) -> Non
     msg = info.value.args[0]
     assert isinstance(msg, str) and "contiguous" in msg
     hv.close_handle(h1)
+
+
+def test_bind_interdomain_to_domid_self(hv: Hypervisor) -> None:
+    """A domain may connect two of its own ports, naming itself DOMID_SELF."""
+    h1 = hv.open_handle(1)
+    a = hv.alloc_unbound(h1, DOMID_SELF)
+    b = hv.bind_interdomain(h1, DOMID_SELF, a.port)
+    pending(a.inbox)
+    pending(b.inbox)
+    assert hv.status(h1, 1, b.port) == (EvtchnState.interdomain, 1, a.port)
+    assert hv.notify(h1, b.port) is a and pending(a.inbox) == 1
+    hv.close_handle(h1)

@@ -950,6 +950,8 @@ def test_documented_default_table_sizes() -> None:
     and a domain maps at most 16384 pages (maptrack; then ENOSPC, GNTST no_space)."""
     hv = Hypervisor()
     try:
+        # and 1024 ports per domain (1..1023), 256 control connections per domain
+        assert (hv.max_ports, hv.max_handles) == (1024, 256)
         hv.create_domain(1)
         hv.create_domain(2)
         h1, h2 = hv.open_handle(1), hv.open_handle(2)

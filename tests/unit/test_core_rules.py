@@ -950,8 +950,13 @@ def test_documented_default_table_sizes() -> None:
     and a domain maps at most 16384 pages (maptrack; then ENOSPC, GNTST no_space)."""
     hv = Hypervisor()
     try:
-        # and 1024 ports per domain (1..1023), 256 control connections per domain
-        assert (hv.max_ports, hv.max_handles) == (1024, 256)
+        # and 1024 ports per domain (1..1023), 256 control connections per domain, at
+        # most 4096 descriptors held for an unprivileged domain
+        assert (hv.max_ports, hv.max_handles, hv.max_fds) == (1024, 256, 4096)
+        for bad in ({"max_grants": FIRST_REF}, {"max_ports": 1}):  # no usable entry
+            with pytest.raises(LocalError) as info:
+                Hypervisor(**bad)
+            assert isinstance(info.value.args[0], str) and info.value.args[0]
         hv.create_domain(1)
         hv.create_domain(2)
         h1, h2 = hv.open_handle(1), hv.open_handle(2)

@@ -14,7 +14,6 @@ event by event, closes, and checks the emulator holds nothing.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from xenpv.platforms.loopback.client import ClientPlatform
 from xenpv.platforms.loopback.harness import DaemonMachine
 from xenpv.protocols import kbdif as K
 from xenpv.protocols.keycodes import NAMES
+from xenpv.testing.xenmode import xen_platform
 from xenpv.xenbus import XenbusState as S
 from xenpv.xenbus.toolstack import add_device
 from xenpv.xenstore.client import connect
@@ -57,15 +57,6 @@ async def exchange(be: KeyboardBackendDriver, fe: KeyboardFrontend) -> None:
     assert fe.counters()["bad_events"] == 0
 
 
-def _xen_platform() -> Any:
-    path = Path(__file__).resolve().parents[1] / "platform" / "xenmode.py"
-    spec = importlib.util.spec_from_file_location("keyboard_xenmode_helper", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module._local
-
-
 def test_inprocess() -> None:
     async def body() -> None:
         async with keyboard_pair(CFG, multi_touch=True) as p:
@@ -76,7 +67,7 @@ def test_inprocess() -> None:
 
 @pytest.fixture(params=["crossprocess", "xen"])
 def mode(request: pytest.FixtureRequest) -> Iterator[tuple[DaemonMachine, Any, str]]:
-    factory = ClientPlatform.for_domain if request.param == "crossprocess" else _xen_platform()
+    factory = ClientPlatform.for_domain if request.param == "crossprocess" else xen_platform
     machine = DaemonMachine(max_grants=64, max_ports=32)
     try:
         machine.create_domain(GUEST)

@@ -251,8 +251,10 @@ def test_blocking_zero_copy_forms(daemon_lab: VchanLab) -> None:
             client.recv_exactly_into(bytearray(3), 4)
         t.join(30)
         assert sent == [len(data) - 1, 4]
-        # 50 KB through a 2 KiB ring: the writer slept for room and the reader signalled
-        assert client.notifies > 0 and server.sleeps > 0
+        # 50 KB through a 2 KiB ring: a writer that slept for room was woken by the
+        # reader's signal (whether it slept at all depends on scheduling: its bounded
+        # poll can see the reader's progress every time), and every signal was counted
+        assert server.sleeps == 0 or client.notifies > 0
         assert client.notifies == client.rings.kicks
     finally:
         t.join(30)

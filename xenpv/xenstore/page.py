@@ -101,6 +101,31 @@ class XsRingPage:
         """Take bytes into ``dst``; the count."""
         return self._rx.read_into(dst, max_n)
 
+    def read_wake(self, max_n: int = -1) -> tuple[bytes, bool]:
+        """:meth:`read`, and whether the producer must be signalled: it may have found
+        the ring full and be waiting for room.  Judged, as a guest's xenbus driver does,
+        from the producer index read *after* the new consumer index was published: the
+        producer may have filled the ring while the bytes were being taken, so "the read
+        took a whole ring" is not enough (a producer that filled it just after the index
+        was sampled would wait for ever)."""
+        rx = self._rx
+        old = rx.cons
+        data = rx.read(max_n)
+        if not data:
+            return data, False
+        full_barrier()
+        return data, ((rx.prod - old) & 0xFFFFFFFF) >= RING_SIZE
+
+    def read_into_wake(self, dst: Any, max_n: int = -1) -> tuple[int, bool]:
+        """:meth:`read_into` with :meth:`read_wake`'s signal rule."""
+        rx = self._rx
+        old = rx.cons
+        n = rx.read_into(dst, max_n)
+        if not n:
+            return 0, False
+        full_barrier()
+        return n, ((rx.prod - old) & 0xFFFFFFFF) >= RING_SIZE
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Copy as much of ``data`` as fits into the ring we produce; the count."""
         return self._tx.write(data)

@@ -162,12 +162,12 @@ class RingTransport(asyncio.Transport):
             buf = self._protocol.get_buffer(-1)
             got = 0
             while got < _PASS_BYTES:
-                n = page.read_into(buf)
+                n, wake = page.read_into_wake(buf)
                 if not n:
                     break
                 got += n
-                if n == RING_SIZE:
-                    # the ring was full: the server may be waiting for room
+                if wake:
+                    # the ring was (or became) full: the server may be waiting for room
                     self._notify()
                 self._protocol.buffer_updated(n)
                 if self._closing:
@@ -378,11 +378,11 @@ class BlockingRingClient(BlockingClient):
             self._check()
             if self._page.connection == XS_CONNECTED:
                 try:
-                    n = self._page.read_into(self._rview[self._end:])
+                    n, wake = self._page.read_into_wake(self._rview[self._end:])
                 except RingOverflowError as exc:
                     raise self._ring_lost(str(exc)) from None
                 if n:
-                    if n == RING_SIZE:  # it was full: the server may wait for room
+                    if wake:  # it was (or became) full: the server may wait for room
                         self._evtchn.notify(self._port)
                     return n
                 if not yielded:

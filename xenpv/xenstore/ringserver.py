@@ -69,7 +69,6 @@ from xenpv.xenstore.ring import (
     FEATURE_ERROR,
     FEATURE_RECONNECTION,
     GNTTAB_RESERVED_XENSTORE,
-    RING_SIZE,
     XS_CONNECTED,
     XS_RECONNECT,
     XsRingPage,
@@ -305,13 +304,13 @@ class RingConnection(_XsConnection):
 
     def _read_general(self) -> None:
         try:
-            data = self.page.read()
+            data, wake = self.page.read_wake()
         except RingOverflowError:
             self._ignore(ERROR_RINGIDX)
             return
         if data:
-            if len(data) == RING_SIZE:
-                # the ring was full: the guest may be waiting for room (a guest that
+            if wake:
+                # the ring was (or became) full: the guest may be waiting for room (a guest that
                 # is not learns of the consumed bytes from the reply's notification)
                 self._notify()
             decoder = self.decoder

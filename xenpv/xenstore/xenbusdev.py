@@ -36,7 +36,6 @@ from xenpv.errors import RingOverflowError
 from xenpv.xenstore.ring import (
     ERROR_NONE,
     FEATURE_RECONNECTION,
-    RING_SIZE,
     XS_CONNECTED,
     XS_RECONNECT,
     XsRingPage,
@@ -98,11 +97,11 @@ class XenbusDevice:
                 if page.error != ERROR_NONE:
                     self.error = f"the server stopped serving the ring (error {page.error})"
                     return
-                got = page.read()
+                got, wake = page.read_wake()
                 if got:
+                    if wake:
+                        notify(port)  # it was (or became) full: the server may wait for room
                     os.write(master, got)  # (blocking: the program reads its replies)
-                    if len(got) == RING_SIZE:
-                        notify(port)  # it was full: the server may wait for room
                 if pending:
                     n, wake = page.write_wake(pending)
                     del pending[:n]

@@ -108,23 +108,24 @@ class XsRingPage:
         producer may have filled the ring while the bytes were being taken, so "the read
         took a whole ring" is not enough (a producer that filled it just after the index
         was sampled would wait for ever)."""
-        rx = self._rx
-        old = rx.cons
-        data = rx.read(max_n)
-        if not data:
-            return data, False
-        full_barrier()
-        return data, ((rx.prod - old) & 0xFFFFFFFF) >= RING_SIZE
+        old = self._rx.cons
+        data = self._rx.read(max_n)
+        return data, self._producer_waits(old, len(data))
 
     def read_into_wake(self, dst: Any, max_n: int = -1) -> tuple[int, bool]:
         """:meth:`read_into` with :meth:`read_wake`'s signal rule."""
-        rx = self._rx
-        old = rx.cons
-        n = rx.read_into(dst, max_n)
-        if not n:
-            return 0, False
-        full_barrier()
-        return n, ((rx.prod - old) & 0xFFFFFFFF) >= RING_SIZE
+        old = self._rx.cons
+        n = self._rx.read_into(dst, max_n)
+        return n, self._producer_waits(old, n)
+
+    def _producer_waits(self, old_cons: int, taken: int) -> bool:
+        """After a read of ``taken`` bytes from consumer index ``old_cons`` (its new index
+        already published): whether the producer may be waiting for room, i.e. its index,
+        read now, is a whole ring past ``old_cons``."""
+        if not taken:
+            return False
+        full_barrier()  # our published index before the producer's index we read
+        return ((self._rx.prod - old_cons) & 0xFFFFFFFF) >= RING_SIZE
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Copy as much of ``data`` as fits into the ring we produce; the count."""

@@ -28,12 +28,14 @@
 # Anything else returns False before a byte is consumed, and the caller runs the Python
 # pass, which owns every such case: a reconnection, a corrupt index pair (it sets
 # ``error`` and ignores the ring), a partial or oversized message, a full batch.  Index
-# loads, barriers and copies follow ``cython/bytering.pyx`` (io/xs_wire.h: 1024-byte
-# rings, free-running u32 indexes; ``req`` at 0, ``rsp`` at 1024, indexes at 2048..2060,
-# ``connection`` at 2068).
+# loads, barriers and copies follow ``cython/bytering.pyx``.  The page's layout (its
+# ring size and offsets, ``XS_CONNECTED``) is ``xenpv.xenstore.page``'s and the message
+# limits and types are ``xenpv.xenstore.wire``'s: taken from there into C globals when
+# this module is imported, so the compiled and the Python pass read one definition.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject
 from libc.stdint cimport uint8_t, uint32_t
 from libc.string cimport memcpy
@@ -43,34 +45,41 @@ from includes.barrier cimport xenpv_load_u32, xenpv_mb, xenpv_rmb, xenpv_store_u
 from includes.barrier cimport xenpv_now_ns
 
 from xenpv.errors import LocalError, PlatformError
+from xenpv.xenstore import page as _page
+from xenpv.xenstore import wire as _wire
 from xenpv.xenstore.page import ERROR_RINGIDX
 from xenpv.xenstore.store import READ as _PERM_READ
 
 
-DEF RING = 1024
-DEF REQ = 0
-DEF RSP = 1024
-DEF REQ_CONS = 2048
-DEF REQ_PROD = 2052
-DEF RSP_CONS = 2056
-DEF RSP_PROD = 2060
-DEF CONNECTION = 2068
-DEF INTERFACE = 2076
-DEF HEADER_SIZE = 16
-DEF PAYLOAD_MAX = 4096
-DEF XS_CONNECTED = 0
-DEF XS_READ = 2  # io/xs_wire.h XS_READ
+# The layout and the wire's limits, from their Python definitions (module comment).
+cdef uint32_t RING = _page.RING_SIZE
+cdef Py_ssize_t REQ = _page.REQ_OFFSET
+cdef Py_ssize_t RSP = _page.RSP_OFFSET
+cdef Py_ssize_t REQ_CONS = _page.REQ_CONS_OFFSET
+cdef Py_ssize_t REQ_PROD = _page.REQ_PROD_OFFSET
+cdef Py_ssize_t RSP_CONS = _page.RSP_CONS_OFFSET
+cdef Py_ssize_t RSP_PROD = _page.RSP_PROD_OFFSET
+cdef Py_ssize_t CONNECTION = _page.CONNECTION_OFFSET
+cdef Py_ssize_t INTERFACE = _page.INTERFACE_SIZE
+cdef uint32_t XS_CONNECTED = _page.XS_CONNECTED
+cdef uint32_t PAYLOAD_MAX = _wire.PAYLOAD_MAX
+cdef uint32_t XS_READ = _wire.XsType.READ
 
 
 cdef extern from "<sched.h>" nogil:
     int sched_yield()
 
 
-cdef struct xsd_sockmsg:  # io/xs_wire.h
+cdef struct xsd_sockmsg:  # io/xs_wire.h; xenpv.xenstore.wire.HEADER
     uint32_t type
     uint32_t req_id
     uint32_t tx_id
     uint32_t len
+
+
+cdef Py_ssize_t HEADER_SIZE = _wire.HEADER_SIZE
+if sizeof(xsd_sockmsg) != HEADER_SIZE:
+    raise ImportError("xsring: the message header differs from xenpv.xenstore.wire's")
 
 
 cdef inline void _copy_out(const uint8_t *ring, uint32_t idx, uint8_t *dst,
@@ -101,6 +110,7 @@ cdef class RingPass:
 
     cdef Py_buffer *_view
     cdef uint8_t *base
+    cdef uint8_t *scratch  # RING bytes: the requests a pass takes
     cdef object rc
     cdef int rounds
     cdef object notify  # the events handle's notify (bound once)
@@ -109,6 +119,9 @@ cdef class RingPass:
     def __cinit__(self, *args, **kwargs):
         self._view = NULL
         self.base = NULL
+        self.scratch = <uint8_t *>PyMem_Malloc(RING)
+        if self.scratch == NULL:
+            raise MemoryError()
 
     def __init__(self, rc, mem, int rounds=16):
         self.release()
@@ -124,6 +137,7 @@ cdef class RingPass:
 
     def __dealloc__(self):
         drop_buffer(&self._view)
+        PyMem_Free(self.scratch)
 
     def release(self) -> None:
         """Let go of the page and the connection (idempotent); passes then decline."""
@@ -217,7 +231,7 @@ cdef class RingPass:
         h.req_id = req_id
         h.tx_id = 0
         h.len = <uint32_t>size
-        memcpy(PyBytes_AS_STRING(reply), &h, HEADER_SIZE)
+        memcpy(PyBytes_AS_STRING(reply), &h, sizeof(h))
         memcpy(PyBytes_AS_STRING(reply) + HEADER_SIZE, PyBytes_AS_STRING(value), size)
         return reply
 
@@ -225,7 +239,7 @@ cdef class RingPass:
         """One service pass of ring connection ``rc`` in the common case; False (nothing
         consumed) when the Python pass must run instead."""
         cdef uint8_t *base = self.base
-        cdef uint8_t buf[RING]
+        cdef uint8_t *buf = self.scratch
         cdef uint32_t prod, cons, used, rprod, rcons, rused, room, n
         cdef Py_ssize_t pos, end, count, batch, total
         cdef xsd_sockmsg h
@@ -262,7 +276,7 @@ cdef class RingPass:
         while pos < used:
             if used - pos < HEADER_SIZE or count >= batch:
                 return False
-            memcpy(&h, buf + pos, HEADER_SIZE)
+            memcpy(&h, buf + pos, sizeof(h))
             end = pos + HEADER_SIZE + <Py_ssize_t>h.len
             if h.len > PAYLOAD_MAX or end > used:
                 return False
@@ -281,7 +295,7 @@ cdef class RingPass:
         out = []
         pos = 0
         while pos < used:
-            memcpy(&h, buf + pos, HEADER_SIZE)
+            memcpy(&h, buf + pos, sizeof(h))
             reply = None
             if h.type == XS_READ and h.tx_id == 0:
                 reply = self._read(conn, store, h.req_id, buf + pos + HEADER_SIZE, h.len)

@@ -5,8 +5,9 @@ indexes — ``req`` (guest → xenstored) and ``rsp`` (xenstored → guest) — 
 ``server_features``, ``connection`` and ``error``.  :class:`XsRingPage` reads and writes
 both rings over :class:`~xenpv.rings.ByteRing` and the three words with single aligned
 loads and stores.  The transports over it are in :mod:`xenpv.xenstore.ring` (guest) and
-:mod:`xenpv.xenstore.ringserver` (server); :mod:`xenpv.protocols.xsring` takes its
-constants from here.
+:mod:`xenpv.xenstore.ringserver` (server); :mod:`xenpv.protocols.xsring` and the
+compiled server pass (``cython/xsring.pyx``, when it is imported) take its constants from
+here.
 """
 
 from __future__ import annotations

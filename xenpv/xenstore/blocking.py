@@ -133,7 +133,7 @@ class _NodeOps:
         self._run(ops.set_perms(path, perms))
 
 
-class BlockingTransaction(_NodeOps):
+class BlockingTransaction(ops.TransactionLife, _NodeOps):
     """An open transaction of a :class:`BlockingClient`; node operations act inside it.
 
     ``with client.transaction() as t:`` commits on normal exit (raising
@@ -143,17 +143,9 @@ class BlockingTransaction(_NodeOps):
     def __init__(self, client: BlockingClient) -> None:
         """Bind to ``client``; the transaction starts in ``__enter__``/:meth:`start`."""
         self._client = client
-        self._tx_id = 0
-        self._state = "new"
-
-    @property
-    def tx_id(self) -> int:
-        """The server's transaction id (0 before start)."""
-        return self._tx_id
 
     def _run(self, op: ops.Op[T]) -> T:
-        if self._state != "open":
-            raise LocalError(f"transaction is {self._state}, not open")
+        self._check_open()
         return self._client._drive(op, self._tx_id)
 
     def read(self, path: str) -> bytes:
@@ -162,19 +154,14 @@ class BlockingTransaction(_NodeOps):
 
     def start(self) -> BlockingTransaction:
         """Send TRANSACTION_START."""
-        if self._state != "new":
-            raise LocalError("transaction already started")
-        self._tx_id = self._client._drive(ops.transaction_start(), 0)
-        self._state = "open"
+        self._check_new()
+        self._opened(self._client._drive(ops.transaction_start(), 0))
         return self
 
     def end(self, commit: bool = True) -> None:
         """Commit (``T``) or abort (``F``); the transaction is over either way."""
-        try:
+        with self._ending(commit):
             self._run(ops.transaction_end(commit))
-        finally:
-            self._state = "failed" if self._state == "open" else self._state
-        self._state = "committed" if commit else "aborted"
 
     def commit(self) -> None:
         """Commit; raises :class:`XenstoreError` ``EAGAIN`` if another writer interfered."""
@@ -200,7 +187,7 @@ class BlockingTransaction(_NodeOps):
         if exc_type is None:
             self.commit()
             return
-        with contextlib.suppress(XenstoreError, XenstoreConnectionError, WireError, TimeoutError):
+        with contextlib.suppress(*ops.TX_EXIT_QUIET):
             self.abort()
 
 

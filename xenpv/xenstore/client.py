@@ -498,7 +498,7 @@ class _Ops:
         await self._run(ops.set_perms(path, perms), timeout)
 
 
-class Transaction(_Ops):
+class Transaction(ops.TransactionLife, _Ops):
     """An open xenstore transaction; node operations run inside it.
 
     Use ``async with client.transaction() as t:`` — commit on normal exit (raising
@@ -510,33 +510,17 @@ class Transaction(_Ops):
         self._client = client
         self._conn = client._conn
         self.default_timeout = client.default_timeout if timeout is None else timeout
-        self._tx_id = 0
-        self._state = "new"
-
-    @property
-    def tx_id(self) -> int:
-        """The server's transaction id (0 before start)."""
-        return self._tx_id
-
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise LocalError(f"transaction is {self._state}, not open")
 
     async def start(self) -> Transaction:
         """Send TRANSACTION_START (header tx_id 0, payload ``\\0``)."""
-        if self._state != "new":
-            raise LocalError("transaction already started")
-        self._tx_id = await self._client._run(ops.transaction_start(), self.default_timeout)
-        self._state = "open"
+        self._check_new()
+        self._opened(await self._client._run(ops.transaction_start(), self.default_timeout))
         return self
 
     async def end(self, commit: bool = True, *, timeout: float | None = None) -> None:
         """Commit (``T``) or abort (``F``); the transaction is over either way."""
-        try:
+        with self._ending(commit):
             await self._run(ops.transaction_end(commit), timeout)
-        finally:
-            self._state = "failed" if self._state == "open" else self._state
-        self._state = "committed" if commit else "aborted"
 
     async def commit(self, *, timeout: float | None = None) -> None:
         """Commit; raises :class:`XenstoreError` ``EAGAIN`` if another writer interfered."""
@@ -562,7 +546,7 @@ class Transaction(_Ops):
         if exc_type is None:
             await self.commit()
             return
-        with contextlib.suppress(XenstoreError, XenstoreConnectionError, WireError, TimeoutError):
+        with contextlib.suppress(*ops.TX_EXIT_QUIET):
             await self.abort()
 
 

@@ -19,15 +19,16 @@ operations the hot paths use (READ) are also exposed as plain encoders so a driv
 skip the generator.
 
 Also here, because both clients need them: :class:`Perm`, :class:`WatchEvent`, the
-connection error, path encoding (with a small cache of validated paths), watch-event
+connection error, a transaction's life (:class:`TransactionLife`), path encoding (with a small cache of validated paths), watch-event
 parsing, and the way libxenstore picks its connection (:func:`connect_candidates`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
@@ -38,10 +39,12 @@ from xenpv.xenstore.wire import WireError, XenstoreError, XsType
 
 __all__ = [
     "DEFAULT_RUNDIR",
+    "TX_EXIT_QUIET",
     "XENBUS_DEVICES",
     "InvalidPermError",
     "Op",
     "Perm",
+    "TransactionLife",
     "WatchEvent",
     "XenstoreConnectionError",
     "check_token",
@@ -366,6 +369,52 @@ def transaction_start() -> Op[int]:
 def transaction_end(commit: bool) -> Op[None]:
     """TRANSACTION_END: commit (``T``) or abort (``F``)."""
     _ok((yield XsType.TRANSACTION_END, b"T\0" if commit else b"F\0"), "TRANSACTION_END")
+
+
+#: What a transaction's ``with`` exit lets pass silently when it aborts after the block
+#: raised (the block's own exception is the one to report).
+TX_EXIT_QUIET = (XenstoreError, XenstoreConnectionError, WireError, TimeoutError)
+
+
+class TransactionLife:
+    """The life of a transaction, the same in both clients (only their I/O differs).
+
+    ``new`` → ``open`` when TRANSACTION_START is answered (:meth:`_opened`) → ``committed``
+    or ``aborted`` when TRANSACTION_END is answered, or ``failed`` when it was sent and no
+    answer came (:meth:`_ending`); it is over either way.  Node operations need it
+    ``open`` (:meth:`_check_open`).
+    """
+
+    _tx_id: int = 0
+    _state: str = "new"
+
+    @property
+    def tx_id(self) -> int:
+        """The server's transaction id (0 before start)."""
+        return self._tx_id
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise LocalError(f"transaction is {self._state}, not open")
+
+    def _check_new(self) -> None:
+        if self._state != "new":
+            raise LocalError("transaction already started")
+
+    def _opened(self, tx_id: int) -> None:
+        self._tx_id = tx_id
+        self._state = "open"
+
+    @contextlib.contextmanager
+    def _ending(self, commit: bool) -> Iterator[None]:
+        """Around sending TRANSACTION_END (``commit`` or not) and taking its answer."""
+        try:
+            yield
+        except BaseException:
+            if self._state == "open":
+                self._state = "failed"
+            raise
+        self._state = "committed" if commit else "aborted"
 
 
 def check_token(token: str) -> None:

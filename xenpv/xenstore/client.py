@@ -300,7 +300,45 @@ def _errno_of(exc: BaseException) -> int | None:
     return exc.errno if isinstance(exc, OSError) else None
 
 
-class _FdTransport(asyncio.Transport):
+class _Transport(asyncio.Transport):
+    """What the client's transports (over a descriptor here, over a xenstore ring in
+    :mod:`xenpv.xenstore.ring`) share: the protocol, the bytes written and not yet taken
+    by the other side (``_out``), and closing once — let go of what the transport holds
+    (:meth:`_let_go`), then tell the protocol on the loop's next turn."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 protocol: asyncio.BufferedProtocol) -> None:
+        super().__init__()
+        self._loop = loop
+        self._protocol = protocol
+        self._out = bytearray()
+        self._closing = False
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes written that the other side has not taken yet."""
+        return len(self._out)
+
+    def is_closing(self) -> bool:
+        """True once closed."""
+        return self._closing
+
+    def close(self) -> None:
+        """Let go of the connection and tell the protocol."""
+        self._close(None)
+
+    def _close(self, exc: Exception | None) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._let_go()
+        self._loop.call_soon(self._protocol.connection_lost, exc)
+
+    def _let_go(self) -> None:
+        """Release what the transport holds (once, as it closes)."""
+        raise NotImplementedError
+
+
+class _FdTransport(_Transport):
     """Minimal transport over a file descriptor: a connected Unix socket or a character
     device (``/dev/xen/xenbus``, a pty …).
 
@@ -310,12 +348,8 @@ class _FdTransport(asyncio.Transport):
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, protocol: _Connection) -> None:
-        super().__init__()
-        self._loop = loop
+        super().__init__(loop, protocol)
         self._fd = fd
-        self._protocol = protocol
-        self._out = bytearray()
-        self._closing = False
         self._rbufs = [protocol.get_buffer(-1)]
         os.set_blocking(fd, False)
         loop.add_reader(fd, self._on_readable)
@@ -365,22 +399,10 @@ class _FdTransport(asyncio.Transport):
         if not self._out:
             self._loop.remove_writer(self._fd)
 
-    def is_closing(self) -> bool:
-        """True once closed."""
-        return self._closing
-
-    def close(self) -> None:
-        """Close the device fd and tell the protocol."""
-        self._close(None)
-
-    def _close(self, exc: Exception | None) -> None:
-        if self._closing:
-            return
-        self._closing = True
+    def _let_go(self) -> None:
         self._loop.remove_reader(self._fd)
         self._loop.remove_writer(self._fd)
         os.close(self._fd)
-        self._loop.call_soon(self._protocol.connection_lost, exc)
 
 
 #: Seconds a connect keeps retrying while the server's listen backlog is full.

@@ -50,6 +50,7 @@ from typing import Any
 
 from xenpv.errors import PeerError, PlatformError, RingOverflowError
 from xenpv.xenstore.blocking import BlockingClient
+from xenpv.xenstore.client import XenstoreClient, _Connection, _Transport
 from xenpv.xenstore.ops import XenstoreConnectionError
 from xenpv.xenstore.page import (
     CONNECTION_OFFSET,
@@ -111,7 +112,7 @@ def attach_dispatcher(events: Any) -> Any:
     return hub
 
 
-class RingTransport(asyncio.Transport):
+class RingTransport(_Transport):
     """The guest's end of a xenstore ring as an :class:`asyncio.Transport`.
 
     ``protocol`` is an :class:`asyncio.BufferedProtocol` (the client's connection object).
@@ -127,15 +128,11 @@ class RingTransport(asyncio.Transport):
                  protocol: asyncio.BufferedProtocol, *,
                  on_close: Callable[[], None] | None = None) -> None:
         """Start: watch ``port`` and examine the ring once (in the running loop)."""
-        super().__init__()
+        super().__init__(asyncio.get_running_loop(), protocol)
         self.page = page
         self.events = events
         self.port = port
-        self._protocol = protocol
-        self._out = bytearray()
-        self._closing = False
         self._on_close = on_close
-        self._loop = asyncio.get_running_loop()
         #: Events taken, and those that found nothing to do.
         self.stats = {"events": 0, "spurious": 0, "notifies": 0}
         self._hub = attach_dispatcher(events)
@@ -205,28 +202,12 @@ class RingTransport(asyncio.Transport):
         except (RingOverflowError, PlatformError) as exc:
             self._close(exc)
 
-    def get_write_buffer_size(self) -> int:
-        """Bytes written that have not entered the ring yet."""
-        return len(self._out)
-
-    def is_closing(self) -> bool:
-        """True once closed."""
-        return self._closing
-
-    def close(self) -> None:
-        """Stop using the ring and tell the protocol."""
-        self._close(None)
-
-    def _close(self, exc: Exception | None) -> None:
-        if self._closing:
-            return
-        self._closing = True
+    def _let_go(self) -> None:
         self._hub.detach(self.port)
         self.page.release()
         if self._on_close is not None:
             with contextlib.suppress(Exception):
                 self._on_close()
-        self._loop.call_soon(self._protocol.connection_lost, exc)
 
 
 async def reconnect(page: XsRingPage, events: Any, port: int, timeout: float = 10.0) -> None:
@@ -257,8 +238,6 @@ async def connect_ring(mem: Any, events: Any, port: int, *, timeout: float | Non
     server that advertises :data:`FEATURE_RECONNECTION`, the connection is reset first
     (see the module docstring).  ``on_close`` runs when the client's connection closes.
     """
-    from xenpv.xenstore.client import XenstoreClient, _Connection
-
     page = XsRingPage(mem, server=False)
     try:
         if reset and page.features & FEATURE_RECONNECTION:

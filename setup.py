@@ -33,6 +33,7 @@ CYTHON_MODULES: dict[str, str] = {
     "xenpv.backends._uring": "cython/uring.pyx",
     "xenpv.protocols._blkscan": "cython/blkscan.pyx",
     "xenpv.protocols._netscan": "cython/netscan.pyx",
+    "xenpv.frontends._blktable": "cython/blktable.pyx",
 }
 
 CYTHON_DIRECTIVES = {

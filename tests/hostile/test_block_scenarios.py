@@ -551,6 +551,17 @@ TAMPER = {
 }
 
 
+@pytest.fixture(params=["compiled", "twin"])
+def tables(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The frontend's request table: the compiled one (built by setup.py: missing is a
+    failure) or its readable twin (what ``XENPV_PURE_PYTHON=1`` picks)."""
+    from xenpv.frontends import _blktable, blktable, block
+
+    monkeypatch.setattr(block, "_TABLES", blktable if request.param == "twin" else _blktable)
+    return str(request.param)
+
+
+@pytest.mark.usefixtures("tables")
 def test_refused_request_of_a_batch_fails_the_call_after_all_ended() -> None:
     """A batch with one request answered ERROR (a valid answer): BlockError once every
     request has ended, the other buffers hold their data, the device stays usable."""
@@ -584,6 +595,7 @@ def test_refused_request_of_a_batch_fails_the_call_after_all_ended() -> None:
     run(body())
 
 
+@pytest.mark.usefixtures("tables")
 @pytest.mark.parametrize("kind", sorted(TAMPER))
 def test_scenario_11_bad_responses_fail_the_frontend_closed(kind: str) -> None:
     async def body() -> None:
@@ -722,6 +734,7 @@ def test_scenario_16_backend_floods_the_event_channel() -> None:
     run(body())
 
 
+@pytest.mark.usefixtures("tables")
 def test_scenario_17_backend_never_answers() -> None:
     async def body() -> None:
         async with block_world() as w:

@@ -131,6 +131,62 @@ def test_indirect_and_persistent_on_off(indirect: bool, persistent: bool,
     run(body())
 
 
+@pytest.mark.parametrize("abi", [ABI.X86_64, ABI.X86_32])
+def test_the_request_tables_twin_serves_the_pair(abi: ABI,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The readable twin of the frontend's request table (``XENPV_PURE_PYTHON=1``) moves
+    the same data: two queues, and a persistent pool smaller than a batch, so the table
+    runs out of pages and slots mid-batch and the general path takes the rest."""
+    from xenpv.frontends import blktable, block
+
+    monkeypatch.setattr(block, "_TABLES", blktable)
+
+    async def body() -> None:
+        async with block_world() as w:
+            image = w.tmp / "disk.img"
+            data = make_image(image, 2 * MiB, seed=5)
+            info = await exercise(w, image, data,
+                                  front=FrontConfig(abi=abi, max_queues=2, max_ring_order=0,
+                                                    persistent_pages=16),
+                                  back=BlockConfig(max_queues=2))
+            assert info["front"]["persistent"] is True  # type: ignore[index]
+
+    run(body())
+
+
+def test_batches_past_the_pool_and_the_ring_move_data() -> None:
+    """Batches of one-page reads and writes larger than the persistent pool and the
+    ring (one queue, 32 slots, a pool of 16 pages, some 512-byte and bytes pieces): the
+    request table builds what fits, the general path the rest, and every byte lands."""
+    async def body() -> None:
+        async with block_world() as w:
+            image = w.tmp / "disk.img"
+            data = make_image(image, MiB, seed=9)
+            pair = await start_pair(w, image, front=FrontConfig(
+                max_queues=1, max_ring_order=0, persistent_pages=16, indirect=False))
+            fe = pair.frontend
+            model = bytearray(data)
+            rng = random.Random(4)
+            try:
+                for _ in range(3):
+                    offsets = rng.sample(range(0, MiB // 4096), 48)
+                    writes = [(o * 4096, rng.randbytes(rng.choice([512, 4096])))
+                              for o in offsets]
+                    await fe.write_many(writes)
+                    for o, blob in writes:
+                        model[o:o + len(blob)] = blob
+                    bufs = [(o * 4096, bytearray(rng.choice([512, 4096]))) for o in offsets]
+                    await fe.read_many(bufs)
+                    assert all(bytes(b) == model[o:o + len(b)] for o, b in bufs)
+                assert image.read_bytes() == model and fe.inflight == 0
+                assert fe.io_stats["requests"] == fe.io_stats["responses"] == 6 * 48
+            finally:
+                await pair.close()
+        assert w.held() == NOTHING
+
+    run(body())
+
+
 def test_batch_without_persistent_grants_grants_its_pages_in_one_call() -> None:
     """Without persistent grants a batch's one-page requests share one grant call (ended
     after the last answer); the data is right and nothing stays granted."""

@@ -314,6 +314,21 @@ class RingClient(_RingPump):
                 self._notify()
         return n
 
+    def submit_slots(self, slots: bytearray | memoryview, n: int) -> int:
+        """Queue as many of the ``n`` requests laid out as whole slots at the start of
+        ``slots`` as fit (what a compiled builder writes), push them and notify if the
+        backend asked; returns how many were queued."""
+        if self.channel.closed:
+            raise LocalError("ring client: the channel is closed")
+        if n <= 0:
+            return 0
+        k = int(self.ring.put_requests(slots, n))
+        if k:
+            self.stats["requests"] += k
+            if self.ring.push_requests_and_check_notify():
+                self._notify()
+        return k
+
     def _poll(self, spin_ns: int) -> int:
         return int(self.ring.poll_responses_into(self._buf, -1, spin_ns))
 

@@ -26,7 +26,11 @@ config allows) or 11 pages (plain); every piece is submitted at once, on the que
 the most free slots, waiting for ring space when all are full, so many requests are in
 flight.  Data pages are granted per request (read-only for writes) and ended after the
 answer (a page the backend still maps goes to the quarantine, R8) or, with persistent
-grants negotiated, taken from a pool of pages granted writable once and reused.
+grants negotiated, taken from a pool of pages granted writable once and reused.  Each
+queue's ids and staged slots are kept by its request table
+(:mod:`xenpv.frontends.blktable`, compiled in ``cython/blktable.pyx``), which also builds
+and finishes the common request of :meth:`~BlockFrontend.read_many`/``write_many`` (one
+page, on a free pool page) a whole batch per call, with no Python record per request.
 
 Responses are validated (R6, scenario 11): an id that is not outstanding, a wrong
 ``operation`` echo or an unknown status fails the device closed (every waiter gets
@@ -42,16 +46,18 @@ import contextlib
 import errno as _errno
 import functools
 import logging
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
+from xenpv.compiled import pure_python
 from xenpv.drivers.quarantine import GrantQuarantine
 from xenpv.drivers.ringchannel import FrontChannel, front_keys
 from xenpv.drivers.ringservice import RingClient
 from xenpv.errors import LocalError, PeerError, PlatformError
+from xenpv.frontends import blktable
+from xenpv.frontends.blktable import SLOT_BITS, Batch, RequestTable
 from xenpv.platforms.base import Platform, SharedPages
 from xenpv.protocols.blkif import (
     ABI,
@@ -87,14 +93,11 @@ __all__ = ["BlockError", "BlockFrontend", "BlockPeerError", "BlockUnsupported", 
 log = logging.getLogger(__name__)
 
 _STATUSES = (BLKIF_RSP_OKAY, BLKIF_RSP_ERROR, BLKIF_RSP_EOPNOTSUPP)
-#: A request id is (generation << 16) | ring slot: ids are not reused soon after their
-#: answer, so a duplicate answer is caught (R6).
-_SLOT_BITS = 16
-_SLOT_MASK = (1 << _SLOT_BITS) - 1
+#: A request id is (generation << 16) | ring slot (:class:`RequestTable`): ids are not
+#: reused soon after their answer, so a duplicate answer is caught (R6).
+_SLOT_MASK = (1 << SLOT_BITS) - 1
 #: gref, first and last sector of every unused segment of a plain request.
 _NO_SEGMENTS = (0,) * (3 * BLKIF_MAX_SEGMENTS_PER_REQUEST)
-#: The unused segments of a one-segment plain request.
-_ONE_SEGMENT_TAIL = _NO_SEGMENTS[3:]
 #: The last sector of a whole page.
 _PAGE_LAST = (XEN_PAGE_SIZE >> SECTOR_SHIFT) - 1
 
@@ -148,77 +151,58 @@ class FrontConfig:
             raise LocalError("max_indirect_segments must be 1..4096")
 
 
-class _Batch:
-    """The requests of one :meth:`BlockFrontend.read_many`/``write_many`` call: one
-    future for all of them, set when the last is answered."""
-
-    __slots__ = ("errors", "future", "remaining", "status")
-
-    def __init__(self, future: asyncio.Future[Any], remaining: int) -> None:
-        self.future = future
-        self.remaining = remaining
-        #: Requests answered with an error, and the first such status.
-        self.errors = 0
-        self.status = BLKIF_RSP_OKAY
-
-    def answered(self, status: int) -> None:
-        """One request of the batch is answered; the future is set after the last."""
-        if status != BLKIF_RSP_OKAY:
-            self.errors += 1
-            if self.status == BLKIF_RSP_OKAY:
-                self.status = status
-        self.remaining -= 1
-        if self.remaining <= 0 and not self.future.done():
-            self.future.set_result(None)
-
-
 class _Pending:
-    """One request on the ring: how to finish it, and when its caller stops waiting
-    (``future`` is the batch's, shared, when ``batch`` is set).  A one-page request of a
-    batch on a persistent pool page has no ``finish`` closure: ``page`` goes back to
-    ``home`` (the pool's free list) and a read is copied to ``out[start:start + n]``."""
+    """One request on the ring outside the request table: how to finish it, and when its
+    caller stops waiting (``future`` is the batch's, shared, when ``batch`` is set)."""
 
-    __slots__ = ("batch", "deadline", "finish", "future", "home", "n", "op", "out", "page",
-                 "start")
-    page: SharedPages
-    home: list[SharedPages]
-    out: memoryview | None
-    start: int
-    n: int
+    __slots__ = ("batch", "deadline", "finish", "future", "op")
 
-    def __init__(self, op: int, future: asyncio.Future[Any],
-                 finish: Callable[[int], None] | None, deadline: float,
-                 batch: _Batch | None = None) -> None:
+    def __init__(self, op: int, future: asyncio.Future[Any], finish: Callable[[int], None],
+                 deadline: float, batch: Batch | None = None) -> None:
         self.op = op
         self.future = future
         self.finish = finish
         self.deadline = deadline
         self.batch = batch
 
-    def end(self, status: int) -> None:
-        """Finish the request: its read data out (if OKAY), its pages given back."""
-        if self.finish is not None:
-            self.finish(status)
-            return
-        page = self.page
-        if status == BLKIF_RSP_OKAY and self.out is not None:
-            self.out[self.start:self.start + self.n] = page.mem[:self.n]
-        self.home.append(page)
+
+def _compiled_tables() -> Any:
+    """The compiled request table (``cython/blktable.pyx``), or None where its twin
+    :mod:`xenpv.frontends.blktable` serves: not built, or ``XENPV_PURE_PYTHON=1``
+    (:func:`xenpv.compiled.pure_python`)."""
+    if pure_python():
+        return None
+    try:
+        from xenpv.frontends import _blktable
+    except ImportError:  # not built: the twin serves
+        return None
+    return _blktable
+
+
+#: The module whose ``RequestTable`` and ``Batch`` the frontend uses.
+_TABLES: Any = _compiled_tables() or blktable
 
 
 class _Queue:
-    """One ring: its channel, client, free ids and outstanding requests."""
+    """One ring: its channel, client, request table (free ids, staged requests, the
+    one-page requests of batches) and the other outstanding requests."""
 
-    def __init__(self, channel: FrontChannel) -> None:
+    def __init__(self, channel: FrontChannel, abi: ABI) -> None:
         self.channel = channel
         self.client: RingClient | None = None
         self.nr_ents = int(channel.ring.nr_ents)
-        self.free_ids = list(range(self.nr_ents - 1, -1, -1))
-        #: Outstanding requests by id, in submission (hence deadline) order.
+        self.table: RequestTable = _TABLES.RequestTable(
+            self.nr_ents, channel.slot_size, 4 if abi is ABI.X86_32 else 8)
+        #: The table's free slots (the same list).
+        self.free_ids: list[int] = self.table.free_ids
+        #: Outstanding requests outside the table by id, in submission (hence deadline)
+        #: order.
         self.pending: dict[int, _Pending] = {}
-        #: Requests built but not pushed yet (pushed together, see ``_push``).
-        self.outbox: list[bytes] = []
-        self.generation = 0
+
+    @property
+    def inflight(self) -> int:
+        """Requests on this ring."""
+        return len(self.pending) + self.table.inflight
 
 
 class BlockFrontend(FrontendDriver):
@@ -240,9 +224,7 @@ class BlockFrontend(FrontendDriver):
         lay = layouts(self.abi)
         self._slot = lay.ring.slot_size
         #: id, operation echo and status at the head of every response slot.
-        self._rsp_dtype = np.dtype({"names": ["id", "op", "status"],
-                                    "formats": ["<u8", "u1", "<i2"], "offsets": [0, 8, 10],
-                                    "itemsize": self._slot})
+        self._rsp_struct = struct.Struct("<QB1xh")
         self.queues: list[_Queue] = []
         self.sectors = 0
         self.sector_size = 512
@@ -301,7 +283,7 @@ class BlockFrontend(FrontendDriver):
     @property
     def inflight(self) -> int:
         """Requests on the rings now."""
-        return sum(len(q.pending) for q in self.queues)
+        return sum(q.inflight for q in self.queues)
 
     # -- xenbus hooks
     async def publish(self, backend: PeerKeys) -> None:
@@ -318,7 +300,7 @@ class BlockFrontend(FrontendDriver):
                 ch = FrontChannel.create(self.platform, self.peer_domid,
                                          slot_size=self._slot, order=order,
                                          quarantine=self.quarantine)
-                self.queues.append(_Queue(ch))
+                self.queues.append(_Queue(ch, self.abi))
         except PlatformError:
             self._release_queues()
             raise
@@ -443,29 +425,47 @@ class BlockFrontend(FrontendDriver):
             self._watchdog = None
         self._batch_queue = None
         for q in self.queues:
-            q.outbox.clear()  # never pushed: nothing of theirs is on the ring
+            # the staged requests were never pushed: nothing of theirs is on the ring
+            futures = [b.future for b in q.table.fail_all()]  # pool pages back
             pending, q.pending = q.pending, {}
             for p in pending.values():
-                if not p.future.done():
-                    p.future.set_exception(exc)
-                    p.future.exception()
-                p.end(BLKIF_RSP_ERROR)  # pages still mapped go to the quarantine
+                futures.append(p.future)
+                p.finish(BLKIF_RSP_ERROR)  # pages still mapped go to the quarantine
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(exc)
+                    fut.exception()
             # the ids stay used: a queue that failed is never used again
         self._space.set()
         self._pool_back.set()
 
     # -- responses
     def _on_responses(self, q: _Queue, batch: memoryview, count: int) -> None:
-        """Check and finish ``count`` responses (copied once by the ring client, R1):
-        every (id, operation, status) of the batch unpacked in one numpy pass."""
-        pending, free_ids = q.pending, q.free_ids
-        okay = BLKIF_RSP_OKAY
-        done = 0
+        """Check and finish ``count`` responses (copied once by the ring client, R1): the
+        request table finishes its own in one call, up to the first it leaves here (an
+        answer to another request, or a violation this reports)."""
+        pending, free_ids, table = q.pending, q.free_ids, q.table
+        unpack = self._rsp_struct.unpack_from
+        slot = self._slot
+        j = done = 0
         try:
-            for rid, op, status in np.frombuffer(batch, self._rsp_dtype, count).tolist():
+            while j < count:
+                k = table.finish(batch, count, j)
+                done += k - j
+                if k == count:
+                    return
+                rid, op, status = unpack(batch, k * slot)
+                j = k + 1
                 p = pending.get(rid)
                 if p is None:
-                    self._peer_failed(f"response to id {rid}, which is not outstanding")
+                    expected = table.lookup(rid)
+                    if expected < 0:
+                        self._peer_failed(f"response to id {rid}, which is not outstanding")
+                    elif op != expected:
+                        self._peer_failed(f"response {rid}: operation {op}, request was "
+                                          f"{expected}")
+                    else:
+                        self._peer_failed(f"response {rid}: unknown status {status}")
                     return
                 if op != p.op:
                     self._peer_failed(f"response {rid}: operation {op}, request was {p.op}")
@@ -476,20 +476,10 @@ class BlockFrontend(FrontendDriver):
                 del pending[rid]
                 free_ids.append(rid & _SLOT_MASK)
                 done += 1
-                fin = p.finish
-                if fin is None:  # a one-page request of a batch, on a pool page
-                    page = p.page
-                    if status == okay and p.out is not None:
-                        p.out[p.start:p.start + p.n] = page.mem[:p.n]
-                    p.home.append(page)
-                else:
-                    fin(status)
+                p.finish(status)
                 b = p.batch
                 if b is not None:
-                    if status == okay and b.remaining > 1:
-                        b.remaining -= 1
-                    else:
-                        b.answered(status)
+                    b.answered(status)
                 elif not p.future.done():
                     p.future.set_result(status)
         finally:
@@ -529,6 +519,17 @@ class BlockFrontend(FrontendDriver):
             return best, best.free_ids.pop()
         return None
 
+    def _table_queue(self) -> _Queue | None:
+        """The queue with the most free slots as this loop turn's queue (None, nothing
+        chosen, when every queue is full)."""
+        if not self.queues:
+            return None
+        best = max(self.queues, key=lambda q: len(q.free_ids))
+        if not best.free_ids:
+            return None
+        self._batch_queue = best
+        return best
+
     async def _wait_for(self, event: asyncio.Event, deadline: float | None, what: str
                         ) -> float:
         """Wait for ``event`` until ``deadline`` (now + ``io_timeout`` if None); the
@@ -554,12 +555,11 @@ class BlockFrontend(FrontendDriver):
 
     def _submit(self, reserved: tuple[_Queue, int], op: int, build: Callable[[int], bytes],
                 finish: Callable[[int], None], fut: asyncio.Future[Any],
-                batch: _Batch | None) -> None:
+                batch: Batch | None) -> None:
         """Put one request in the reserved slot, answered through ``fut`` (or through
         ``batch``, whose future ``fut`` is), pushed at the end of this loop turn."""
         q, slot = reserved
-        q.generation += 1
-        rid = (q.generation << _SLOT_BITS) | slot  # a stale duplicate names an old id
+        rid = q.table.next_id(slot)  # a stale duplicate names an old id
         loop = asyncio.get_running_loop()
         try:
             self._check_usable()
@@ -570,7 +570,7 @@ class BlockFrontend(FrontendDriver):
             raise
         deadline = loop.time() + self.config.io_timeout
         q.pending[rid] = _Pending(op, fut, finish, deadline, batch)
-        q.outbox.append(data)
+        q.table.stage(data)  # (room: every staged request holds a reserved slot)
         if not self._push_scheduled:
             self._push_scheduled = True
             loop.call_soon(self._push)
@@ -584,19 +584,19 @@ class BlockFrontend(FrontendDriver):
         self._push_scheduled = False
         self._batch_queue = None
         for q in self.queues:
-            if q.outbox and q.client is not None:
-                out, q.outbox = q.outbox, []
+            if q.table.staged and q.client is not None:
+                n = q.table.take_staged()
                 try:
-                    pushed = q.client.submit(out)
+                    pushed = q.client.submit_slots(q.table.out, n)
                 except PeerError as exc:  # the backend broke the ring's indexes
                     self._peer_failed(str(exc))
                     return
                 except LocalError:  # closed meanwhile: its requests failed already
                     continue
-                if pushed < len(out):  # every one had a reserved slot: only a backend
-                    # that moved the indexes wrongly takes the room away
-                    self._peer_failed(f"ring full with {len(out) - pushed} reserved "
-                                      "requests unsent")
+                if pushed < n:  # every one had a reserved slot: only a backend that
+                    # moved the indexes wrongly takes the room away
+                    self._peer_failed(f"ring full with {n - pushed} reserved requests "
+                                      "unsent")
                     return
 
     def _expire(self) -> None:
@@ -615,6 +615,14 @@ class BlockFrontend(FrontendDriver):
                     nearest = p.deadline if nearest is None else min(nearest, p.deadline)
                     break
                 p.future.set_exception(TimeoutError(
+                    f"request {rid}: no answer within {self.config.io_timeout} s"))
+            for rid, deadline, b in q.table.entries():  # the table's, in any order
+                if b.future.done():
+                    continue
+                if deadline > now:
+                    nearest = deadline if nearest is None else min(nearest, deadline)
+                    continue
+                b.future.set_exception(TimeoutError(
                     f"request {rid}: no answer within {self.config.io_timeout} s"))
         if nearest is not None:
             self._watchdog = loop.call_at(nearest, self._expire)
@@ -841,10 +849,13 @@ class BlockFrontend(FrontendDriver):
         """Every ``(offset, buffer)`` of ``items`` read into or written from its buffer,
         as requests submitted back to back (pushed together) and answered through one
         future; see :meth:`read_many`."""
-        chunk = self.max_segments * XEN_PAGE_SIZE
-        pieces: list[tuple[int, int, memoryview, int]] = []
         ss, size = self.sector_size, self.size
-        for offset, buf in items:  # everything checked before anything is sent
+        # everything is checked before anything is sent: one-page bytearrays (or bytes
+        # to write) in one compiled pass, anything else item by item
+        some = _TABLES.split_pages(items, write, ss, size) if type(items) is list else None
+        pieces: list[tuple[int, int, memoryview, int]] = [] if some is None else some
+        chunk = self.max_segments * XEN_PAGE_SIZE
+        for offset, buf in items if some is None else ():
             view = memoryview(buf).cast("B")
             if not write and view.readonly:
                 raise LocalError("read_many needs writable buffers")
@@ -864,38 +875,35 @@ class BlockFrontend(FrontendDriver):
             return
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        batch = _Batch(fut, len(pieces))
+        total = len(pieces)
+        batch: Batch = _TABLES.Batch(fut, total)
         failed: BaseException | None = None
-        op = BLKIF_OP_WRITE if write else BLKIF_OP_READ
-        pack, free, stats = self._rw_struct.pack, self._pool_free, self.io_stats
+        free, stats = self._pool_free, self.io_stats
         deadline = loop.time() + self.config.io_timeout
         granted = [] if self.persistent else self._grant_batch(
             sum(1 for piece in pieces if piece[1] <= XEN_PAGE_SIZE), write)
-        for k, (offset, n, view, start) in enumerate(pieces):
-            q = self._batch_queue
-            if n <= XEN_PAGE_SIZE and free and q is not None and q.free_ids \
-                    and self.persistent and free is self._pool_free and self.error is None:
-                # the common case, inline: a free slot on this turn's queue, a free page
-                # of the persistent pool, no closure (the response handler finishes it)
-                page = free.pop()
-                if write:
-                    page.mem[:n] = view[start:start + n]
-                slot = q.free_ids.pop()
-                q.generation += 1
-                rid = (q.generation << _SLOT_BITS) | slot
-                pend = _Pending(op, fut, None, deadline, batch)
-                pend.page, pend.home, pend.start, pend.n = page, free, start, n
-                pend.out = None if write else view
-                q.pending[rid] = pend
-                q.outbox.append(pack(op, 1, 0, rid, offset >> SECTOR_SHIFT, page.refs[0], 0,
-                                     (n >> SECTOR_SHIFT) - 1, *_ONE_SEGMENT_TAIL))
-                stats["requests"] += 1
-                if not self._push_scheduled:
-                    self._push_scheduled = True
-                    loop.call_soon(self._push)
-                if self._watchdog is None:
-                    self._watchdog = loop.call_at(deadline, self._expire)
-                continue
+        k = 0
+        while k < total:
+            if self.persistent and free and free is self._pool_free and self.error is None:
+                # the common case: one-page pieces on free pages of the persistent pool,
+                # built into this turn's queue by its request table (no closure, no
+                # record: the table finishes them too)
+                q = self._batch_queue
+                if q is None or not q.free_ids:
+                    q = self._table_queue()
+                if q is not None:
+                    built = q.table.build(pieces, k, write, free, deadline, batch)
+                    if built > k:
+                        stats["requests"] += built - k
+                        k = built
+                        if not self._push_scheduled:
+                            self._push_scheduled = True
+                            loop.call_soon(self._push)
+                        if self._watchdog is None:
+                            self._watchdog = loop.call_at(deadline, self._expire)
+                        if k == total:
+                            break
+            offset, n, view, start = pieces[k]
             try:
                 reserved = self._reserve_now()
                 if reserved is None:  # the ring is full: what is built goes out now
@@ -916,10 +924,11 @@ class BlockFrontend(FrontendDriver):
                 deadline = loop.time() + self.config.io_timeout  # after any wait
             except BaseException as exc:  # the pieces sent still end (bounded) first
                 failed = exc
-                batch.remaining -= len(pieces) - k
+                batch.remaining -= total - k
                 if batch.remaining <= 0 and not fut.done():
                     fut.set_result(None)
                 break
+            k += 1
         for unused in granted:  # pages of pieces never sent
             unused[2]()
         try:

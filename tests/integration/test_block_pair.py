@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_block_support import NOTHING, World, block_world, make_image, run, start_pair
 
 from xenpv.backends.block import BlockConfig
+from xenpv.errors import LocalError
 from xenpv.frontends.block import BlockError, BlockUnsupported, FrontConfig
 from xenpv.protocols.blkif import ABI
 
@@ -131,6 +132,14 @@ def test_indirect_and_persistent_on_off(indirect: bool, persistent: bool,
     run(body())
 
 
+def test_front_config_checks_its_values() -> None:
+    for bad in ({"max_ring_order": 5}, {"max_queues": 0}, {"max_indirect_segments": 0},
+                {"spin_us": -1}, {"spin_us": 2_000_000}):
+        with pytest.raises(LocalError):
+            FrontConfig(**bad)  # type: ignore[arg-type]
+    assert FrontConfig(spin_us=50).spin_us == 50
+
+
 @pytest.mark.parametrize("abi", [ABI.X86_64, ABI.X86_32])
 def test_the_request_tables_twin_serves_the_pair(abi: ABI,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
@@ -180,6 +189,8 @@ def test_batches_past_the_pool_and_the_ring_move_data() -> None:
                     assert all(bytes(b) == model[o:o + len(b)] for o, b in bufs)
                 assert image.read_bytes() == model and fe.inflight == 0
                 assert fe.io_stats["requests"] == fe.io_stats["responses"] == 6 * 48
+                # the ring client goes back to the loop right after a batch of answers
+                assert [q.client.spin_us for q in fe.queues if q.client] == [0]
             finally:
                 await pair.close()
         assert w.held() == NOTHING

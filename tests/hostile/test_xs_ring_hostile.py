@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from xenpv.errors import RingOverflowError
 from xenpv.platforms.loopback.emulator import InProcessEmulator
-from xenpv.xenstore.ring import (
+from xenpv.xenstore.page import (
     ERROR_NONE,
     ERROR_PROTO,
     ERROR_RINGIDX,

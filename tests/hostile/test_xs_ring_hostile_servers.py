@@ -26,7 +26,7 @@ from xenpv.platforms.loopback import proto
 from xenpv.platforms.loopback.client import ClientPlatform, ControlConnection
 from xenpv.platforms.loopback.harness import start_daemon, stop_daemon
 from xenpv.xenstore.blocking import BlockingClient
-from xenpv.xenstore.ring import (
+from xenpv.xenstore.page import (
     REQ_CONS_OFFSET,
     REQ_PROD_OFFSET,
     RING_SIZE,

@@ -18,7 +18,7 @@ from xenpv.platforms.loopback.client import ClientPlatform
 from xenpv.platforms.loopback.emulator import InProcessEmulator
 from xenpv.platforms.loopback.harness import DaemonMachine
 from xenpv.xenstore.client import Perm, XenstoreClient
-from xenpv.xenstore.ring import (
+from xenpv.xenstore.page import (
     FEATURE_ERROR,
     FEATURE_RECONNECTION,
     XS_CONNECTED,

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from xenpv.platforms.loopback.emulator import InProcessEmulator
 from xenpv.xenstore import ringserver
-from xenpv.xenstore.ring import (
+from xenpv.xenstore.page import (
     ERROR_NONE,
     RING_SIZE,
     XS_CONNECTED,
@@ -110,7 +110,7 @@ class Guest:
         return bytes(rx), self.page.error, conn.stats["faults"]
 
     def _req_empty(self) -> bool:
-        from xenpv.xenstore.ring import REQ_CONS_OFFSET, REQ_PROD_OFFSET
+        from xenpv.xenstore.page import REQ_CONS_OFFSET, REQ_PROD_OFFSET
 
         mem = self.ring.mem
         return bytes(mem[REQ_CONS_OFFSET:REQ_CONS_OFFSET + 4]) == bytes(

@@ -9,12 +9,12 @@ replies and watch events) — followed by three words: ``server_features`` (bits
 sets once, never clears), ``connection`` (0 connected, 1 reconnect requested) and
 ``error`` (why the server stopped serving the ring).  The bytes carried are exactly those
 of the socket framing (:mod:`xenpv.xenstore.wire`); a message may span chunks and wrap.
-The domain builder puts the page at grant ref 1 (:data:`GNTTAB_RESERVED_XENSTORE`) and in
-a guest frame, allocates an unbound port for dom0 and gives both to dom0's xenstored in
+The domain builder puts the page at grant ref 1 (``GNTTAB_RESERVED_XENSTORE``) and in a
+guest frame, allocates an unbound port for dom0 and gives both to dom0's xenstored in
 ``INTRODUCE``.
 
-:class:`~xenpv.xenstore.page.XsRingPage` (sans-IO, re-exported here with the layout's
-constants) wraps the page for either side over :class:`~xenpv.rings.ByteRing`
+:class:`~xenpv.xenstore.page.XsRingPage` (sans-IO; :mod:`xenpv.xenstore.page` also holds
+the layout's constants) wraps the page for either side over :class:`~xenpv.rings.ByteRing`
 (``on_insane="error"``: an index pair claiming more than 1024 bytes breaks the ring for
 good, until a reconnection resets it).  The server half is
 :mod:`xenpv.xenstore.ringserver`; the guest half is here: :class:`RingTransport`, an
@@ -25,7 +25,7 @@ transactions as over a socket; :class:`BlockingRingClient` is the blocking clien
 same page (its I/O replaced by ring reads and writes and waits on the port).
 
 Reconnection (what a guest does when it takes over a ring that another kernel or process
-used before): if the server advertises :data:`FEATURE_RECONNECTION`, the guest writes
+used before): if the server advertises ``FEATURE_RECONNECTION``, the guest writes
 ``connection = XS_RECONNECT`` and signals; the server empties both rings, drops the
 connection's watches, transactions and queued output, sets ``connection =
 XS_CONNECTED`` and signals back.  :func:`connect_ring` does this by default, so a new
@@ -53,51 +53,15 @@ from xenpv.xenstore.blocking import BlockingClient
 from xenpv.xenstore.client import XenstoreClient, _Connection, _Transport
 from xenpv.xenstore.ops import XenstoreConnectionError
 from xenpv.xenstore.page import (
-    CONNECTION_OFFSET,
-    ERROR_COMM,
     ERROR_NONE,
-    ERROR_OFFSET,
-    ERROR_PROTO,
-    ERROR_RINGIDX,
     FEATURE_ERROR,
     FEATURE_RECONNECTION,
-    FEATURES_OFFSET,
-    GNTTAB_RESERVED_XENSTORE,
-    INTERFACE_SIZE,
-    REQ_CONS_OFFSET,
-    REQ_PROD_OFFSET,
-    RING_SIZE,
-    RSP_CONS_OFFSET,
-    RSP_PROD_OFFSET,
     XS_CONNECTED,
     XS_RECONNECT,
     XsRingPage,
 )
 
-__all__ = [
-    "CONNECTION_OFFSET",
-    "ERROR_COMM",
-    "ERROR_NONE",
-    "ERROR_OFFSET",
-    "ERROR_PROTO",
-    "ERROR_RINGIDX",
-    "FEATURES_OFFSET",
-    "FEATURE_ERROR",
-    "FEATURE_RECONNECTION",
-    "GNTTAB_RESERVED_XENSTORE",
-    "INTERFACE_SIZE",
-    "REQ_CONS_OFFSET",
-    "REQ_PROD_OFFSET",
-    "RING_SIZE",
-    "RSP_CONS_OFFSET",
-    "RSP_PROD_OFFSET",
-    "XS_CONNECTED",
-    "XS_RECONNECT",
-    "BlockingRingClient",
-    "RingTransport",
-    "XsRingPage",
-    "connect_ring",
-]
+__all__ = ["BlockingRingClient", "RingTransport", "connect_ring"]
 
 #: Bytes the guest transport hands to its protocol per event before yielding.
 _PASS_BYTES = 1 << 16
@@ -235,7 +199,7 @@ async def connect_ring(mem: Any, events: Any, port: int, *, timeout: float | Non
     (mapped writable) and the bound event-channel ``port`` of ``events``.
 
     ``timeout`` is the client's default per request.  With ``reset`` (the default) and a
-    server that advertises :data:`FEATURE_RECONNECTION`, the connection is reset first
+    server that advertises ``FEATURE_RECONNECTION``, the connection is reset first
     (see the module docstring).  ``on_close`` runs when the client's connection closes.
     """
     page = XsRingPage(mem, server=False)

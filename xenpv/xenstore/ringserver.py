@@ -6,7 +6,7 @@ A server given dom0's platform (``XenstoredServer(platform=...)``) serves, besid
 sockets, one *ring connection* per introduced domain, as C xenstored does.  ``INTRODUCE
 <domid> <gfn> <port>`` from dom0 runs :meth:`RingService.introduce` before the domain
 counts as introduced: the page is mapped at the guest's grant ref 1
-(:data:`~xenpv.xenstore.ring.GNTTAB_RESERVED_XENSTORE`), or, if that fails, as guest
+(:data:`~xenpv.xenstore.page.GNTTAB_RESERVED_XENSTORE`), or, if that fails, as guest
 frame ``gfn`` through the platform's foreign map; the guest's unbound ``port`` is bound;
 ``server_features`` gets the reconnection and error bits; ``connection`` is set to
 ``XS_CONNECTED`` and the guest is signalled.  A failure answers the INTRODUCE with
@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 from xenpv.compiled import pure_python
 from xenpv.errors import PlatformError, RingOverflowError
-from xenpv.xenstore.ring import (
+from xenpv.xenstore.page import (
     ERROR_NONE,
     ERROR_PROTO,
     ERROR_RINGIDX,
@@ -72,8 +72,8 @@ from xenpv.xenstore.ring import (
     XS_CONNECTED,
     XS_RECONNECT,
     XsRingPage,
-    attach_dispatcher,
 )
+from xenpv.xenstore.ring import attach_dispatcher
 from xenpv.xenstore.server import (
     _LIMITED_TYPES,
     _MAX_BUFFERED_INPUT,

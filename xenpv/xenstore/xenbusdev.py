@@ -33,14 +33,14 @@ import tty
 from typing import Any
 
 from xenpv.errors import RingOverflowError
-from xenpv.xenstore.ring import (
+from xenpv.xenstore.page import (
     ERROR_NONE,
     FEATURE_RECONNECTION,
     XS_CONNECTED,
     XS_RECONNECT,
     XsRingPage,
-    attach_dispatcher,
 )
+from xenpv.xenstore.ring import attach_dispatcher
 
 __all__ = ["XenbusDevice"]
 

@@ -184,11 +184,8 @@ class BlockingTransaction(ops.TransactionLife, _NodeOps):
         """Commit on success, abort (best effort) on an exception."""
         if self._state != "open":
             return
-        if exc_type is None:
-            self.commit()
-            return
-        with contextlib.suppress(*ops.TX_EXIT_QUIET):
-            self.abort()
+        with self._exit_end(exc_type):
+            self.end(exc_type is None)
 
 
 class BlockingClient(_NodeOps):

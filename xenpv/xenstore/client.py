@@ -565,11 +565,8 @@ class Transaction(ops.TransactionLife, _Ops):
         """Commit on success, abort (best effort) on an exception."""
         if self._state != "open":
             return
-        if exc_type is None:
-            await self.commit()
-            return
-        with contextlib.suppress(*ops.TX_EXIT_QUIET):
-            await self.abort()
+        with self._exit_end(exc_type):
+            await self.end(exc_type is None)
 
 
 class Watch:

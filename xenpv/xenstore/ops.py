@@ -30,7 +30,7 @@ import errno
 import os
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from xenpv.errors import LocalError, PlatformError
 from xenpv.xenstore import paths as _paths
@@ -39,7 +39,6 @@ from xenpv.xenstore.wire import WireError, XenstoreError, XsType
 
 __all__ = [
     "DEFAULT_RUNDIR",
-    "TX_EXIT_QUIET",
     "XENBUS_DEVICES",
     "InvalidPermError",
     "Op",
@@ -373,7 +372,7 @@ def transaction_end(commit: bool) -> Op[None]:
 
 #: What a transaction's ``with`` exit lets pass silently when it aborts after the block
 #: raised (the block's own exception is the one to report).
-TX_EXIT_QUIET = (XenstoreError, XenstoreConnectionError, WireError, TimeoutError)
+_EXIT_QUIET = (XenstoreError, XenstoreConnectionError, WireError, TimeoutError)
 
 
 class TransactionLife:
@@ -382,7 +381,8 @@ class TransactionLife:
     ``new`` → ``open`` when TRANSACTION_START is answered (:meth:`_opened`) → ``committed``
     or ``aborted`` when TRANSACTION_END is answered, or ``failed`` when it was sent and no
     answer came (:meth:`_ending`); it is over either way.  Node operations need it
-    ``open`` (:meth:`_check_open`).
+    ``open`` (:meth:`_check_open`).  Leaving the ``with`` block of an open transaction
+    commits it, or aborts it (best effort) when the block raised: :meth:`_exit_end`.
     """
 
     _tx_id: int = 0
@@ -415,6 +415,16 @@ class TransactionLife:
                 self._state = "failed"
             raise
         self._state = "committed" if commit else "aborted"
+
+    def _exit_end(
+        self, exc_type: type[BaseException] | None
+    ) -> contextlib.AbstractContextManager[Any]:
+        """What the ``with`` exit runs its TRANSACTION_END (commit when ``exc_type`` is
+        None) under: nothing when the block finished (a failed commit is the error to
+        report), the quiet errors suppressed when it raised (its own exception is)."""
+        if exc_type is None:
+            return contextlib.nullcontext()
+        return contextlib.suppress(*_EXIT_QUIET)
 
 
 def check_token(token: str) -> None:

@@ -2,30 +2,27 @@
 
 :func:`block_world` is an embedded xenstored on temporary Unix sockets (one client per
 domain: dom0 the toolstack, ``FE`` the guest, ``BE`` the backend domain) and an in-process
-emulator with room for 1 MiB requests; :class:`Pair` adds a vbd (``backend/vbd``) with an
-image file and runs our frontend and backend on it.  Everything is closed afterwards and
-the emulator's accounting is checked by the caller (:func:`held`).
+emulator with room for 1 MiB requests: the driver fuzz targets' world
+(:func:`xenpv.fuzz.xenbus_driver.xenstore_world`).  :class:`Pair` adds a vbd
+(``backend/vbd``) with an image file and runs our frontend and backend on it.  Everything
+is closed afterwards and the emulator's accounting is checked by the caller
+(``World.held``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import tempfile
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from xenpv.backends.block import BlockBackendDriver, BlockConfig
 from xenpv.frontends.block import BlockFrontend, FrontConfig
-from xenpv.platforms.loopback.harness import InProcessMachine
+from xenpv.fuzz.xenbus_driver import BE, FE, World, xenstore_world
 from xenpv.xenbus import XenbusState, add_device
-from xenpv.xenbus.paths import error_path
-from xenpv.xenstore.client import Perm, XenstoreClient
-from xenpv.xenstore.server import XenstoredServer
 
-FE, BE = 3, 2
 VDEV = 51712  # xvda
 S = XenbusState
 T = TypeVar("T")
@@ -42,55 +39,9 @@ def run(coro: Awaitable[T], timeout: float = 120.0) -> T:
     return asyncio.run(main())
 
 
-@dataclass
-class World:
-    """The xenstored, one client per domain and the emulator."""
-
-    server: XenstoredServer
-    dom0: XenstoreClient
-    fe: XenstoreClient
-    be: XenstoreClient
-    machine: InProcessMachine
-    tmp: Path
-
-    async def read_error(self, device_path: str) -> bytes | None:
-        """The error node of a device directory (None if none was written)."""
-        path = error_path(device_path)
-        if not await self.dom0.exists(path):
-            return None
-        value: bytes = await self.dom0.read(path)
-        return value
-
-    def held(self) -> dict[str, int]:
-        """Grants, mappings and ports still held in the emulator."""
-        out = self.machine.outstanding()
-        return {k: out[k] for k in ("grants", "mappings", "ports")}
-
-
-@contextlib.asynccontextmanager
-async def block_world(max_grants: int = 4096) -> AsyncIterator[World]:
+def block_world(max_grants: int = 4096) -> contextlib.AbstractAsyncContextManager[World]:
     """See the module docstring."""
-    with tempfile.TemporaryDirectory(prefix="xenpv-block-") as tmp:
-        server = XenstoredServer()
-        machine = InProcessMachine(max_grants=max_grants, max_ports=64)
-        clients: list[XenstoreClient] = []
-        try:
-            for domid in (0, FE, BE):
-                sock = str(Path(tmp) / f"dom{domid}.sock")
-                await server.listen(sock, domid)
-                clients.append(await XenstoreClient.connect(sock, timeout=5.0))
-            dom0, fe, be = clients
-            for domid in (FE, BE):
-                machine.hv.create_domain(domid)
-                home = f"/local/domain/{domid}"
-                await dom0.mkdir(home)
-                await dom0.set_perms(home, [Perm("n", domid)])
-            yield World(server, dom0, fe, be, machine, Path(tmp))
-        finally:
-            for c in clients:
-                await c.close()
-            await server.close()
-            machine.close()
+    return xenstore_world("vbd", max_grants=max_grants, max_ports=64, prefix="xenpv-block-")
 
 
 def make_image(path: Path, size: int, seed: int = 1) -> bytes:

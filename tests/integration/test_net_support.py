@@ -2,10 +2,11 @@
 
 :func:`net_world` is an embedded xenstored on temporary Unix sockets (one client per
 domain: dom0 the toolstack, guests ``GUESTS`` and the backend domain ``BE``) and an
-in-process emulator; :func:`start_vif` adds a vif as the toolstack does and runs our
-frontend (as the guest) and our backend (as ``BE``, joined to a shared
-:class:`~xenpv.backends.netswitch.NetSwitch`).  Frames are built by :func:`eth`,
-:func:`tcp4` and :func:`tcp6`.  The caller checks the emulator's accounting (:func:`held`).
+in-process emulator (:func:`xenpv.testing.world.domain_world`); :func:`start_vif` adds a
+vif as the toolstack does and runs our frontend (as the guest) and our backend (as
+``BE``, joined to a shared :class:`~xenpv.backends.netswitch.NetSwitch`).  Frames are
+built by :func:`eth`, :func:`tcp4` and :func:`tcp6`.  The caller checks the emulator's
+accounting (``World.held``).
 """
 
 from __future__ import annotations
@@ -13,21 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-import tempfile
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 from xenpv.backends.net import NetBackendDriver, NetConfig
 from xenpv.backends.netswitch import NetSwitch
 from xenpv.frontends.net import NetFrontConfig, NetFrontend
-from xenpv.platforms.loopback.harness import InProcessMachine
 from xenpv.protocols.ethernet import mac_text
+from xenpv.testing.world import DomainWorld, domain_world
 from xenpv.xenbus import XenbusState, add_device
-from xenpv.xenbus.paths import error_path
-from xenpv.xenstore.client import Perm, XenstoreClient
-from xenpv.xenstore.server import XenstoredServer
 
 BE = 2
 GUESTS = (3, 4)
@@ -53,54 +49,16 @@ def guest_mac(domid: int, devid: int = 0) -> bytes:
 
 
 @dataclass
-class World:
-    """The xenstored, one client per domain and the emulator."""
+class World(DomainWorld):
+    """The xenstored, one client per domain, the emulator and the backend's switch."""
 
-    server: XenstoredServer
-    dom0: XenstoreClient
-    clients: dict[int, XenstoreClient]
-    machine: InProcessMachine
-    tmp: Path
     switch: NetSwitch = field(default_factory=NetSwitch)
 
-    async def read_error(self, device_path: str) -> bytes | None:
-        """The error node of a device directory (None if none was written)."""
-        path = error_path(device_path)
-        if not await self.dom0.exists(path):
-            return None
-        value: bytes = await self.dom0.read(path)
-        return value
 
-    def held(self) -> dict[str, int]:
-        """Grants, mappings and ports still held in the emulator."""
-        out = self.machine.outstanding()
-        return {k: out[k] for k in ("grants", "mappings", "ports")}
-
-
-@contextlib.asynccontextmanager
-async def net_world(max_grants: int = 8192) -> AsyncIterator[World]:
+def net_world(max_grants: int = 8192) -> contextlib.AbstractAsyncContextManager[World]:
     """See the module docstring."""
-    with tempfile.TemporaryDirectory(prefix="xenpv-net-") as tmp:
-        server = XenstoredServer()
-        machine = InProcessMachine(max_grants=max_grants, max_ports=64)
-        clients: dict[int, XenstoreClient] = {}
-        try:
-            for domid in (0, BE, *GUESTS):
-                sock = str(Path(tmp) / f"dom{domid}.sock")
-                await server.listen(sock, domid)
-                clients[domid] = await XenstoreClient.connect(sock, timeout=5.0)
-            dom0 = clients[0]
-            for domid in (BE, *GUESTS):
-                machine.hv.create_domain(domid)
-                home = f"/local/domain/{domid}"
-                await dom0.mkdir(home)
-                await dom0.set_perms(home, [Perm("n", domid)])
-            yield World(server, dom0, clients, machine, Path(tmp))
-        finally:
-            for c in clients.values():
-                await c.close()
-            await server.close()
-            machine.close()
+    return domain_world((BE, *GUESTS), World, max_grants=max_grants, max_ports=64,
+                        prefix="xenpv-net-")
 
 
 @dataclass

@@ -48,17 +48,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from xenpv.errors import LocalError, PeerError, PlatformError
 from xenpv.fuzz.hostile import InvariantViolation, violation
 from xenpv.fuzz.source import ByteSource
 from xenpv.platforms.loopback.harness import InProcessMachine
+from xenpv.testing.world import DomainWorld, domain_world
 from xenpv.xenbus import BackendDriver, BadKeyError, PeerKeys, XenbusState, add_device
 from xenpv.xenbus.driver import WATCH_PENDING
 from xenpv.xenstore.client import Perm, XenstoreClient
@@ -131,20 +130,21 @@ BackendFactory = Callable[..., BackendDriver]
 
 
 @dataclass
-class World:
-    """The xenstored, one client per domain and the loopback emulator."""
+class World(DomainWorld):
+    """The xenstored, one client per domain (dom0, ``FE``, ``BE``) and the loopback
+    emulator (:class:`~xenpv.testing.world.DomainWorld`), for devices of ``devtype``."""
 
-    server: XenstoredServer
-    dom0: XenstoreClient
-    fe: XenstoreClient
-    be: XenstoreClient
-    machine: InProcessMachine
-    sockets: dict[int, str]
-    devtype: str
+    devtype: str = DEVTYPE
 
-    async def connect(self, domid: int) -> XenstoreClient:
-        """Another client acting as ``domid``."""
-        return await XenstoreClient.connect(self.sockets[domid], timeout=5.0)
+    @property
+    def fe(self) -> XenstoreClient:
+        """The frontend domain's client."""
+        return self.clients[FE]
+
+    @property
+    def be(self) -> XenstoreClient:
+        """The backend domain's client."""
+        return self.clients[BE]
 
     async def add(self, devid: int = 0, **kwargs: Any) -> tuple[str, str]:
         """Create a device pair (FE's frontend, BE's backend) as the toolstack; returns
@@ -152,39 +152,16 @@ class World:
         info = await add_device(self.dom0, self.devtype, FE, BE, devid, **kwargs)
         return info.frontend_path, info.backend_path
 
-    async def read(self, path: str) -> bytes | None:
-        """dom0's view of ``path`` (None if missing)."""
-        if not await self.dom0.exists(path):
-            return None
-        return await self.dom0.read(path)
 
-
-@contextlib.asynccontextmanager
-async def xenstore_world(devtype: str, quotas: Quotas | None = None) -> AsyncIterator[World]:
+def xenstore_world(devtype: str, quotas: Quotas | None = None, *, max_grants: int = 128,
+                   max_ports: int = 32,
+                   prefix: str = "xenpv-xenbus-") -> contextlib.AbstractAsyncContextManager[World]:
     """An embedded xenstored on temporary Unix sockets serving dom0, FE and BE (their
     homes owned by them, as a toolstack leaves them) and an in-process emulator holding
-    both domains; everything is closed afterwards."""
-    with tempfile.TemporaryDirectory(prefix="xenpv-xenbus-") as tmp:
-        server = XenstoredServer(quotas=quotas)
-        sockets = {d: str(Path(tmp) / f"dom{d}.sock") for d in (0, FE, BE)}
-        machine = InProcessMachine()
-        clients: list[XenstoreClient] = []
-        try:
-            for domid, path in sockets.items():
-                await server.listen(path, domid)
-                clients.append(await XenstoreClient.connect(path, timeout=5.0))
-            dom0, fe, be = clients
-            for domid in (FE, BE):
-                machine.hv.create_domain(domid)
-                home = f"/local/domain/{domid}"
-                await dom0.mkdir(home)
-                await dom0.set_perms(home, [Perm("n", domid)])
-            yield World(server, dom0, fe, be, machine, sockets, devtype)
-        finally:
-            for c in clients:
-                await c.close()
-            await server.close()
-            machine.close()
+    both domains, with room for ``max_grants`` and ``max_ports``; everything is closed
+    afterwards (:func:`~xenpv.testing.world.domain_world`)."""
+    return domain_world((FE, BE), World, quotas=quotas, max_grants=max_grants,
+                        max_ports=max_ports, prefix=prefix, devtype=devtype)
 
 
 class ToyBackend(BackendDriver):

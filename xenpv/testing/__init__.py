@@ -9,6 +9,9 @@
   platform acting as a domain of the emulator (through the replacement libraries).
 * :mod:`xenpv.testing.usbhid` -- emulated USB HID devices behind pyusb's pluggable
   backend interface (these machines have no USB), for the USB HID input source.
+* :mod:`xenpv.testing.world` -- :func:`~xenpv.testing.world.domain_world`: an embedded
+  xenstored with one client per domain and the in-process emulator holding the domains,
+  for device pairs (the pair and hostile tests, the driver fuzz targets).
 
 The emulated machines themselves are :mod:`xenpv.platforms.loopback.harness`.  Nothing in
 the drivers imports this package (tests/unit/test_layers.py).

@@ -16,23 +16,18 @@ import asyncio
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from xenpv.backends.block import BlockBackendDriver, BlockConfig
 from xenpv.frontends.block import BlockFrontend, FrontConfig
-from xenpv.platforms.loopback.client import ClientPlatform
 from xenpv.testing.vchan import VchanLab
-from xenpv.testing.xenmode import xen_platform
+from xenpv.testing.xenmode import daemon_pair
 from xenpv.xenbus.toolstack import add_device, remove_device, vbd_keys
-from xenpv.xenstore.client import connect
 
 GUEST = 9
 WAIT = 20.0
 MiB = 1 << 20
-
-
 
 
 @pytest.fixture
@@ -50,26 +45,16 @@ def test_block_pair_on_the_xen_platform(lab: VchanLab, tmp_path: Path, persisten
     image.write_bytes(data)
 
     async def body() -> None:
-        dom0: Any
-        guest: Any
-        if on_xen == "backend":
-            dom0 = xen_platform(lab.rundir, 0)
-            guest = ClientPlatform.for_domain(lab.rundir, GUEST)
-        else:
-            dom0 = ClientPlatform.for_domain(lab.rundir, 0)
-            guest = xen_platform(lab.rundir, GUEST)
-        xs0 = await connect(str(Path(lab.rundir) / "dom0" / "xenstore"))
-        xsg = await connect(str(Path(lab.rundir) / f"dom{GUEST}" / "xenstore"))
-        be = fe = None
-        try:
+        async with daemon_pair(lab.rundir, GUEST,
+                               on_xen=(0,) if on_xen == "backend" else (GUEST,)) as p:
             devid, fkeys, bkeys = vbd_keys(str(image))
-            info = await add_device(xs0, "vbd", GUEST, 0, devid, frontend_keys=fkeys,
+            info = await add_device(p.xs0, "vbd", GUEST, 0, devid, frontend_keys=fkeys,
                                     backend_keys=bkeys)
-            be = BlockBackendDriver(dom0, xs0, info.backend_path,
-                                    config=BlockConfig(persistent=persistent))
-            fe = BlockFrontend(guest, xsg, info.frontend_path,
-                               config=FrontConfig(max_queues=2, max_ring_order=2,
-                                                  persistent_pages=128))
+            be = p.closing(BlockBackendDriver(p.dom0, p.xs0, info.backend_path,
+                                              config=BlockConfig(persistent=persistent)))
+            fe = p.closing(BlockFrontend(p.guest, p.xsg, info.frontend_path,
+                                         config=FrontConfig(max_queues=2, max_ring_order=2,
+                                                            persistent_pages=128)))
             await be.start()
             await fe.start()
             await fe.ready(WAIT)
@@ -88,17 +73,8 @@ def test_block_pair_on_the_xen_platform(lab: VchanLab, tmp_path: Path, persisten
             assert image.read_bytes() == model
             assert await fe.read(0, 4 * MiB) == model
             await fe.close()
-            assert await remove_device(xs0, "vbd", GUEST, devid, 0, timeout=WAIT)
+            assert await remove_device(p.xs0, "vbd", GUEST, devid, 0, timeout=WAIT)
             await be.wait_done(WAIT)
-        finally:
-            if fe is not None:
-                await fe.close()
-            if be is not None:
-                await be.close()
-            await xsg.close()
-            await xs0.close()
-            guest.close()
-            dom0.close()
 
     asyncio.run(body())
     lab.machine.assert_released()

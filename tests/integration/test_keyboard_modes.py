@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 from test_keyboard_pair import WAIT, keyboard_pair, run, wait_for
@@ -24,14 +22,12 @@ from test_keyboard_pair import WAIT, keyboard_pair, run, wait_for
 from xenpv.backends.hid.source import AbsInput, InputEvent, KeyInput, TouchInput
 from xenpv.backends.keyboard import KeyboardBackendDriver, KeyboardConfig
 from xenpv.frontends.keyboard import KeyboardFrontend
-from xenpv.platforms.loopback.client import ClientPlatform
 from xenpv.platforms.loopback.harness import DaemonMachine
 from xenpv.protocols import kbdif as K
 from xenpv.protocols.keycodes import NAMES
-from xenpv.testing.xenmode import xen_platform
+from xenpv.testing.xenmode import daemon_pair
 from xenpv.xenbus import XenbusState as S
 from xenpv.xenbus.toolstack import add_device
-from xenpv.xenstore.client import connect
 
 GUEST = 9
 CFG = KeyboardConfig(width=1000, height=500, multi_touch=(200, 100, 2))
@@ -66,45 +62,32 @@ def test_inprocess() -> None:
 
 
 @pytest.fixture(params=["crossprocess", "xen"])
-def mode(request: pytest.FixtureRequest) -> Iterator[tuple[DaemonMachine, Any, str]]:
-    factory = ClientPlatform.for_domain if request.param == "crossprocess" else xen_platform
+def mode(request: pytest.FixtureRequest) -> Iterator[tuple[DaemonMachine, str]]:
     machine = DaemonMachine(max_grants=64, max_ports=32)
     try:
         machine.create_domain(GUEST)
-        yield machine, factory, request.param
+        yield machine, request.param
     finally:
         machine.close()
 
 
-def test_daemon_modes(mode: tuple[DaemonMachine, Any, str]) -> None:
-    machine, factory, name = mode
-    rundir = Path(machine.rundir)
+def test_daemon_modes(mode: tuple[DaemonMachine, str]) -> None:
+    machine, name = mode
 
     async def body() -> None:
-        dom0, guest = factory(str(rundir), 0), factory(str(rundir), GUEST)
-        xs0 = await connect(str(rundir / "dom0" / "xenstore"))
-        xsg = await connect(str(rundir / f"dom{GUEST}" / "xenstore"))
-        be = fe = None
-        try:
-            info = await add_device(xs0, "vkbd", GUEST, 0, 0)
-            be = KeyboardBackendDriver(dom0, xs0, info.backend_path, CFG)
-            fe = KeyboardFrontend(guest, xsg, info.frontend_path, multi_touch=True)
+        async with daemon_pair(machine.rundir, GUEST,
+                               on_xen=(0, GUEST) if name == "xen" else ()) as p:
+            info = await add_device(p.xs0, "vkbd", GUEST, 0, 0)
+            be = p.closing(KeyboardBackendDriver(p.dom0, p.xs0, info.backend_path, CFG))
+            fe = p.closing(KeyboardFrontend(p.guest, p.xsg, info.frontend_path,
+                                            multi_touch=True))
             await be.start()
             await fe.start()
-            await wait_for(lambda: be is not None and fe is not None and be.session is not None
-                           and fe.state is S.Connected, "connected")
-            keys = set(await xsg.directory(info.frontend_path))
+            await wait_for(lambda: be.session is not None and fe.state is S.Connected,
+                           "connected")
+            keys = set(await p.xsg.directory(info.frontend_path))
             assert ("page-ref" in keys) == (name == "crossprocess")
             await exchange(be, fe)
-        finally:
-            if fe is not None:
-                await fe.close()
-            if be is not None:
-                await be.close()
-            await xsg.close()
-            await xs0.close()
-            guest.close()
-            dom0.close()
 
     run(body())
     machine.assert_released()

@@ -15,26 +15,20 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
 from xenpv.backends.net import NetBackendDriver, NetConfig
 from xenpv.backends.netswitch import NetSwitch, SwitchPort
 from xenpv.frontends.net import NetFrontConfig, NetFrontend
-from xenpv.platforms.loopback.client import ClientPlatform
 from xenpv.protocols.ethernet import GSO_TCPV4, NetFrame
 from xenpv.testing.vchan import VchanLab
-from xenpv.testing.xenmode import xen_platform
+from xenpv.testing.xenmode import daemon_pair
 from xenpv.xenbus.toolstack import add_device, remove_device, vif_keys
-from xenpv.xenstore.client import connect
 
 GUEST = 9
 WAIT = 20.0
 ECHO_MAC = bytes.fromhex("020000000099")
-
-
 
 
 @pytest.fixture
@@ -60,25 +54,16 @@ def echo_switch() -> NetSwitch:
 @pytest.mark.parametrize(("on_xen", "split"), [("backend", True), ("frontend", False)])
 def test_net_pair_on_the_xen_platform(lab: VchanLab, on_xen: str, split: bool) -> None:
     async def body() -> None:
-        dom0: Any
-        guest: Any
-        if on_xen == "backend":
-            dom0 = xen_platform(lab.rundir, 0)
-            guest = ClientPlatform.for_domain(lab.rundir, GUEST)
-        else:
-            dom0 = ClientPlatform.for_domain(lab.rundir, 0)
-            guest = xen_platform(lab.rundir, GUEST)
-        xs0 = await connect(str(Path(lab.rundir) / "dom0" / "xenstore"))
-        xsg = await connect(str(Path(lab.rundir) / f"dom{GUEST}" / "xenstore"))
-        be = fe = None
-        try:
+        async with daemon_pair(lab.rundir, GUEST,
+                               on_xen=(0,) if on_xen == "backend" else (GUEST,)) as p:
             fkeys, bkeys = vif_keys(0, mac="02:00:00:00:00:09")
-            info = await add_device(xs0, "vif", GUEST, 0, 0, frontend_keys=fkeys,
+            info = await add_device(p.xs0, "vif", GUEST, 0, 0, frontend_keys=fkeys,
                                     backend_keys=bkeys)
-            be = NetBackendDriver(dom0, xs0, info.backend_path, switch=echo_switch(),
-                                  config=NetConfig(max_queues=2))
-            fe = NetFrontend(guest, xsg, info.frontend_path, config=NetFrontConfig(
-                max_queues=2, split_events=split, tx_pages=64, rx_pages=64))
+            be = p.closing(NetBackendDriver(p.dom0, p.xs0, info.backend_path,
+                                            switch=echo_switch(),
+                                            config=NetConfig(max_queues=2)))
+            fe = p.closing(NetFrontend(p.guest, p.xsg, info.frontend_path, config=NetFrontConfig(
+                max_queues=2, split_events=split, tx_pages=64, rx_pages=64)))
             await be.start()
             await fe.start()
             await fe.ready(WAIT)
@@ -95,17 +80,8 @@ def test_net_pair_on_the_xen_platform(lab: VchanLab, on_xen: str, split: bool) -
             got = await fe.recv(WAIT)
             assert (got.gso_type, got.gso_size, got.csum_blank) == (GSO_TCPV4, 1448, True)
             await fe.close()
-            assert await remove_device(xs0, "vif", GUEST, 0, 0, timeout=WAIT)
+            assert await remove_device(p.xs0, "vif", GUEST, 0, 0, timeout=WAIT)
             await be.wait_done(WAIT)
-        finally:
-            if fe is not None:
-                await fe.close()
-            if be is not None:
-                await be.close()
-            await xsg.close()
-            await xs0.close()
-            guest.close()
-            dom0.close()
 
     asyncio.run(body())
     lab.machine.assert_released()

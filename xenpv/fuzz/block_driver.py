@@ -40,7 +40,6 @@ import dataclasses
 import os
 import struct
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +47,20 @@ from xenpv.backends.block import BlockConfig, BlockImage, BlockRequests, Persist
 from xenpv.drivers.ringchannel import BackChannel, FrontChannel, RingPlacement
 from xenpv.drivers.ringservice import RingService
 from xenpv.errors import LocalError, PeerError, PlatformError
-from xenpv.fuzz.hostile import InvariantViolation, violation
+from xenpv.fuzz.hostile import InvariantViolation
 from xenpv.fuzz.source import ByteSource
-from xenpv.fuzz.xenbus_driver import play_input
+from xenpv.fuzz.xenbus_driver import (
+    QUOTAS,
+    World,
+    backend_let_go,
+    calls_end,
+    frontend_let_go,
+    hostile_keys,
+    no_escapes,
+    play_input,
+    settled,
+    xenstore_world,
+)
 from xenpv.platforms.base import SharedPages
 from xenpv.platforms.loopback.harness import InProcessMachine
 from xenpv.protocols.blkif import (
@@ -88,35 +98,30 @@ class BlkbackTarget:
 
     async def _run(self, data: bytes, tmp: Path) -> None:
         src = ByteSource(data)
-        escaped: list[BaseException] = []
-        loop = asyncio.get_running_loop()
-        loop.set_exception_handler(lambda _l, ctx: escaped.append(
-            ctx.get("exception") or RuntimeError(str(ctx.get("message")))))
-        abi = src.choice(list(ABI))
-        config = BlockConfig(engine=src.choice(["auto", "threads", "inline"]),
-                             max_indirect_segments=src.choice([0, 256]), workers=2,
-                             resize_poll=0)
-        persistent = src.boolean()
-        config = dataclasses.replace(config, sector_size=src.choice([None, 4096]),
-                                     discard_secure=src.boolean())
-        path = tmp / "disk.img"
-        path.write_bytes(os.urandom(IMAGE_SIZE))
-        machine = InProcessMachine(max_grants=512, max_ports=16)
-        world = _World(machine, path, abi, config, persistent)
-        try:
-            await world.start()
-            for _ in range(MAX_STEPS):
-                if src.remaining <= 0 or not world.service.running:
-                    break
-                await world.step(src)
+        with no_escapes():
+            abi = src.choice(list(ABI))
+            config = BlockConfig(engine=src.choice(["auto", "threads", "inline"]),
+                                 max_indirect_segments=src.choice([0, 256]), workers=2,
+                                 resize_poll=0)
+            persistent = src.boolean()
+            config = dataclasses.replace(config, sector_size=src.choice([None, 4096]),
+                                         discard_secure=src.boolean())
+            path = tmp / "disk.img"
+            path.write_bytes(os.urandom(IMAGE_SIZE))
+            machine = InProcessMachine(max_grants=512, max_ports=16)
+            world = _World(machine, path, abi, config, persistent)
+            try:
+                await world.start()
+                for _ in range(MAX_STEPS):
+                    if src.remaining <= 0 or not world.service.running:
+                        break
+                    await world.step(src)
+                    world.check()
+                await world.settle()
                 world.check()
-            await world.settle()
-            world.check()
-        finally:
-            await world.close()
-            machine.close()
-        if escaped:
-            raise violation("an exception escaped the event loop", escaped[0])
+            finally:
+                await world.close()
+                machine.close()
         if path.stat().st_size != IMAGE_SIZE:
             raise InvariantViolation(f"the image grew to {path.stat().st_size} bytes")
 
@@ -244,13 +249,8 @@ class _World:
             return self.service.running and (
                 int(self.bch.ring.req_cons) != produced or self.service.pending > 0)
 
-        deadline = time.monotonic() + SETTLE_S
-        await asyncio.sleep(0)
-        while busy() and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        if busy():
-            raise InvariantViolation(f"requests not served in {SETTLE_S} s "
-                                     f"({self.service.pending} taken, unanswered)")
+        await settled(busy, lambda: f"requests not served in {SETTLE_S} s "
+                                    f"({self.service.pending} taken, unanswered)", SETTLE_S)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -263,13 +263,7 @@ class _World:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
         self.image.close()
-        if self.machine.outstanding()["mappings"]:
-            raise InvariantViolation("the backend left grants mapped after teardown")
-        for share in self.shares:
-            try:
-                self.fe.grants.end_access(share)
-            except PlatformError as exc:
-                raise violation("a guest page stayed in use after teardown", exc) from None
+        backend_let_go(self.machine, self.fe, self.shares)
 
 
 # --------------------------------------------------------------------------- blkfront
@@ -292,68 +286,62 @@ class BlkfrontTarget:
                    ("xenpv.drivers", "xenpv.frontends", "xenpv.xenbus"))
 
     async def _run(self, data: bytes) -> None:
+        src = ByteSource(data)
+        async with xenstore_world("vbd", QUOTAS) as w:
+            with no_escapes():
+                fp, bp = await w.add(51712)
+                fe = await self._attack(w, fp, bp, src)
+            frontend_let_go(w.machine, fe)
+
+    async def _attack(self, w: World, fp: str, bp: str, src: ByteSource) -> Any:
+        """The hostile backend's keys, rings and answers against a new frontend of device
+        ``fp``/``bp``; the frontend, closed."""
         from xenpv.drivers.ringchannel import read_ring_keys
         from xenpv.frontends.block import BlockFrontend, FrontConfig
-        from xenpv.fuzz.xenbus_driver import QUOTAS, xenstore_world
         from xenpv.xenbus import PeerKeys
 
-        src = ByteSource(data)
-        escaped: list[BaseException] = []
-        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: escaped.append(
-            ctx.get("exception") or RuntimeError(str(ctx.get("message")))))
         allowed = _allowed()
-        async with xenstore_world("vbd", QUOTAS) as w:
-            fp, bp = await w.add(51712)
-            be_plat = w.machine.domain(BE)
-            fe = BlockFrontend(w.machine.domain(FE), w.fe, fp, config=FrontConfig(
-                abi=src.choice(list(ABI)), max_queues=1 + src.below(2),
-                persistent=src.boolean(), persistent_pages=32, max_indirect_segments=64,
-                io_timeout=0.3), connect_timeout=2.0, close_timeout=0.3, op_timeout=2.0,
-                hook_timeout=2.0)
-            choices = {  # a good value most of the time, else a hostile one
-                "max-ring-page-order": (["0", "2", "4"], ["9", "x", "-1"]),
-                "multi-queue-max-queues": (["1", "2"], ["0", "99999", ""]),
-                "sectors": (["512", "2048"], ["0", "-1", "99999999999999999999"]),
-                "sector-size": (["512", "4096"], ["8192", "1000", "0"]),
-                "physical-sector-size": (["4096"], ["512", "3000"]),
-                "feature-flush-cache": (["1", "0"], ["yes"]),
-                "feature-barrier": (["0", "1"], ["2"]),
-                "feature-discard": (["1", "0"], ["x"]),
-                "feature-persistent": (["1", "0"], ["on"]),
-                "feature-max-indirect-segments": (["256", "0", "32"], ["7", "4294967295"]),
-            }
-            keys = {k: src.choice(good) if src.below(8) else src.choice(bad)
-                    for k, (good, bad) in choices.items()}
-            for k, v in keys.items():
-                await w.be.write(f"{bp}/{k}", v)
-            await w.be.write(f"{bp}/state", "2")
-            channels: list[BackChannel] = []
-            await fe.start()
-            try:
-                async with asyncio.timeout(3.0):
-                    while await w.be.read(f"{fp}/state") not in (b"3", b"5", b"6"):
-                        await asyncio.sleep(0.01)
-                if await w.be.read(f"{fp}/state") == b"3":
-                    with contextlib.suppress(PeerError, PlatformError):
-                        for pl in await read_ring_keys(PeerKeys(w.be, fp), max_order=4,
-                                                       max_queues=4):
-                            channels.append(BackChannel.attach(
-                                be_plat, FE, pl, slot_size=layouts(fe.abi).ring.slot_size))
-                    await w.be.write(f"{bp}/state", "4")
-                await self._io(fe, channels, be_plat, src, allowed)
-            except TimeoutError:
-                pass  # the frontend refused to publish: fine, it must still close cleanly
-            finally:
-                await fe.close()
-                for ch in channels:
-                    ch.close()
-                await w.be.write(f"{bp}/state", "6")
-            if escaped:
-                raise violation("an exception escaped the event loop", escaped[0])
-            fe.quarantine.reap()
-            out = w.machine.outstanding()
-            if out["mappings"] or out["grants"] > len(fe.quarantine):
-                raise InvariantViolation(f"left held after teardown: {out}")
+        be_plat = w.machine.domain(BE)
+        fe = BlockFrontend(w.machine.domain(FE), w.fe, fp, config=FrontConfig(
+            abi=src.choice(list(ABI)), max_queues=1 + src.below(2),
+            persistent=src.boolean(), persistent_pages=32, max_indirect_segments=64,
+            io_timeout=0.3), connect_timeout=2.0, close_timeout=0.3, op_timeout=2.0,
+            hook_timeout=2.0)
+        await hostile_keys(w.be, bp, {
+            "max-ring-page-order": (["0", "2", "4"], ["9", "x", "-1"]),
+            "multi-queue-max-queues": (["1", "2"], ["0", "99999", ""]),
+            "sectors": (["512", "2048"], ["0", "-1", "99999999999999999999"]),
+            "sector-size": (["512", "4096"], ["8192", "1000", "0"]),
+            "physical-sector-size": (["4096"], ["512", "3000"]),
+            "feature-flush-cache": (["1", "0"], ["yes"]),
+            "feature-barrier": (["0", "1"], ["2"]),
+            "feature-discard": (["1", "0"], ["x"]),
+            "feature-persistent": (["1", "0"], ["on"]),
+            "feature-max-indirect-segments": (["256", "0", "32"], ["7", "4294967295"]),
+        }, src)
+        await w.be.write(f"{bp}/state", "2")
+        channels: list[BackChannel] = []
+        await fe.start()
+        try:
+            async with asyncio.timeout(3.0):
+                while await w.be.read(f"{fp}/state") not in (b"3", b"5", b"6"):
+                    await asyncio.sleep(0.01)
+            if await w.be.read(f"{fp}/state") == b"3":
+                with contextlib.suppress(PeerError, PlatformError):
+                    for pl in await read_ring_keys(PeerKeys(w.be, fp), max_order=4,
+                                                   max_queues=4):
+                        channels.append(BackChannel.attach(
+                            be_plat, FE, pl, slot_size=layouts(fe.abi).ring.slot_size))
+                await w.be.write(f"{bp}/state", "4")
+            await self._io(fe, channels, be_plat, src, allowed)
+        except TimeoutError:
+            pass  # the frontend refused to publish: fine, it must still close cleanly
+        finally:
+            await fe.close()
+            for ch in channels:
+                ch.close()
+            await w.be.write(f"{bp}/state", "6")
+        return fe
 
     async def _io(self, fe: Any, channels: list[BackChannel], be_plat: Any, src: ByteSource,
                   allowed: tuple[type[BaseException], ...]) -> None:
@@ -381,14 +369,7 @@ class BlkfrontTarget:
                 for _ in range(src.below(500)):
                     be_plat.events.notify(ch.port)
             await asyncio.sleep(src.below(3) / 1000)
-        if jobs:
-            done, _pending = await asyncio.wait(jobs, timeout=5.0)
-            if _pending:
-                raise InvariantViolation(f"{len(_pending)} frontend calls never ended")
-            for j in done:
-                exc = j.exception()
-                if exc is not None and not isinstance(exc, allowed):
-                    raise violation("a frontend call ended with an unexpected error", exc)
+        await calls_end(jobs, allowed)
 
     def _answer(self, ch: BackChannel, src: ByteSource, fe: Any) -> None:
         """Take what the frontend queued and answer with fuzzed ids, operations and

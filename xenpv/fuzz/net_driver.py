@@ -34,15 +34,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-import time
 from typing import Any
 
 from xenpv.backends.net import NetConfig, NetCtrl, NetFeatures, NetQueue, QueueKeys
 from xenpv.drivers.ringchannel import BackChannel, FrontChannel, RingPlacement
 from xenpv.errors import LocalError, PeerError, PlatformError
-from xenpv.fuzz.hostile import InvariantViolation, violation
+from xenpv.fuzz.hostile import InvariantViolation
 from xenpv.fuzz.source import ByteSource
-from xenpv.fuzz.xenbus_driver import play_input
+from xenpv.fuzz.xenbus_driver import (
+    QUOTAS,
+    World,
+    backend_let_go,
+    calls_end,
+    frontend_let_go,
+    hostile_keys,
+    no_escapes,
+    play_input,
+    settled,
+    xenstore_world,
+)
 from xenpv.platforms.base import GrantCopy, GrantPtr, LocalPtr, SharedPages
 from xenpv.platforms.loopback.harness import InProcessMachine
 from xenpv.protocols.ethernet import NetFrame
@@ -93,32 +103,29 @@ class NetbackTarget:
 
     async def _run(self, data: bytes) -> None:
         src = ByteSource(data)
-        escaped: list[BaseException] = []
-        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: escaped.append(
-            ctx.get("exception") or RuntimeError(str(ctx.get("message")))))
-        config = NetConfig(sg=src.boolean(), gso_tcpv4=src.boolean(), gso_tcpv6=src.boolean(),
-                           backlog_frames=8, backlog_bytes=128 << 10,
-                           stall_timeout=src.choice([0.01, 0.05, 5.0]))
-        features = NetFeatures(sg=src.boolean(), gso_tcpv4=src.boolean(),
-                               gso_tcpv6=src.boolean(), csum=src.boolean(),
-                               ipv6_csum=src.boolean())
-        rate = src.choice([None, None, (3000, 20000), (2000, 5000)])
-        machine = InProcessMachine(max_grants=512, max_ports=16)
-        world = _BackWorld(machine, config, features, split=src.boolean(), rate=rate)
-        try:
-            world.start()
-            for _ in range(MAX_STEPS):
-                if src.remaining <= 0 or not world.serving():
-                    break
-                await world.step(src)
+        with no_escapes():
+            config = NetConfig(sg=src.boolean(), gso_tcpv4=src.boolean(),
+                               gso_tcpv6=src.boolean(), backlog_frames=8,
+                               backlog_bytes=128 << 10,
+                               stall_timeout=src.choice([0.01, 0.05, 5.0]))
+            features = NetFeatures(sg=src.boolean(), gso_tcpv4=src.boolean(),
+                                   gso_tcpv6=src.boolean(), csum=src.boolean(),
+                                   ipv6_csum=src.boolean())
+            rate = src.choice([None, None, (3000, 20000), (2000, 5000)])
+            machine = InProcessMachine(max_grants=512, max_ports=16)
+            world = _BackWorld(machine, config, features, split=src.boolean(), rate=rate)
+            try:
+                world.start()
+                for _ in range(MAX_STEPS):
+                    if src.remaining <= 0 or not world.serving():
+                        break
+                    await world.step(src)
+                    world.check()
+                await world.settle()
                 world.check()
-            await world.settle()
-            world.check()
-        finally:
-            world.close()
-            machine.close()
-        if escaped:
-            raise violation("an exception escaped the event loop", escaped[0])
+            finally:
+                world.close()
+                machine.close()
 
 
 class _BackWorld:
@@ -292,24 +299,13 @@ class _BackWorld:
             return s.running and (int(self.queue.tx_channel.ring.req_cons) != produced
                                   or (self.rate is not None and self.queue.tx.held > 0))
 
-        deadline = time.monotonic() + SETTLE_S
-        await asyncio.sleep(0)
-        while busy() and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        if busy():
-            raise InvariantViolation(f"TX slots not taken in {SETTLE_S} s")
+        await settled(busy, lambda: f"TX slots not taken in {SETTLE_S} s", SETTLE_S)
 
     def close(self) -> None:
         self.queue.close()
         self.rx.close()
         self.tx.close()
-        if self.machine.outstanding()["mappings"]:
-            raise InvariantViolation("the backend left grants mapped after teardown")
-        for share in self.shares:
-            try:
-                self.fe.grants.end_access(share)
-            except PlatformError as exc:
-                raise violation("a guest page stayed in use after teardown", exc) from None
+        backend_let_go(self.machine, self.fe, self.shares)
 
 
 # --------------------------------------------------------------------------- netfront
@@ -329,60 +325,55 @@ class NetfrontTarget:
                    ("xenpv.drivers", "xenpv.frontends", "xenpv.xenbus"))
 
     async def _run(self, data: bytes) -> None:
+        src = ByteSource(data)
+        async with xenstore_world("vif", QUOTAS) as w:
+            with no_escapes():
+                fp, bp = await w.add(0, frontend_keys={"mac": "02:00:00:00:00:03"})
+                fe = await self._attack(w, fp, bp, src)
+            frontend_let_go(w.machine, fe)
+
+    async def _attack(self, w: World, fp: str, bp: str, src: ByteSource) -> Any:
+        """The hostile backend's keys, rings and answers against a new frontend of device
+        ``fp``/``bp``; the frontend, closed."""
         from xenpv.backends.net import read_queue_keys
         from xenpv.frontends.net import NetFrontConfig, NetFrontend
-        from xenpv.fuzz.xenbus_driver import QUOTAS, xenstore_world
         from xenpv.xenbus import PeerKeys
 
-        src = ByteSource(data)
-        escaped: list[BaseException] = []
-        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: escaped.append(
-            ctx.get("exception") or RuntimeError(str(ctx.get("message")))))
-        async with xenstore_world("vif", QUOTAS) as w:
-            fp, bp = await w.add(0, frontend_keys={"mac": "02:00:00:00:00:03"})
-            be_plat = w.machine.domain(BE)
-            fe = NetFrontend(w.machine.domain(FE), w.fe, fp, config=NetFrontConfig(
-                max_queues=1 + src.below(2), sg=src.boolean(), csum=src.boolean(),
-                tx_pages=32, rx_pages=32, rx_queue_frames=16, send_timeout=0.3),
-                connect_timeout=2.0, close_timeout=0.15, op_timeout=2.0, hook_timeout=2.0)
-            choices = {  # a good value most of the time, else a hostile one
-                "feature-rx-copy": (["1"], ["0", "x"]),
-                "feature-sg": (["1", "0"], ["yes"]),
-                "feature-gso-tcpv4": (["1", "0"], ["2"]),
-                "feature-gso-tcpv6": (["1", "0"], [""]),
-                "feature-ipv6-csum-offload": (["1", "0"], ["-1"]),
-                "feature-split-event-channels": (["1", "0"], ["on"]),
-                "multi-queue-max-queues": (["1", "2"], ["0", "99999", "x"]),
-            }
-            for k, (good, bad) in choices.items():
-                await w.be.write(f"{bp}/{k}", src.choice(good) if src.below(8)
-                                 else src.choice(bad))
-            await w.be.write(f"{bp}/state", "2")
-            world = _FrontPeer(be_plat)
-            await fe.start()
-            try:
-                async with asyncio.timeout(3.0):
-                    while await w.be.read(f"{fp}/state") not in (b"3", b"4", b"5", b"6"):
-                        await asyncio.sleep(0.01)
-                if await w.be.read(f"{fp}/state") in (b"3", b"4"):  # keys published
-                    with contextlib.suppress(PeerError, PlatformError):
-                        for qk in await read_queue_keys(PeerKeys(w.be, fp), max_queues=4,
-                                                        split=True):
-                            world.attach(qk)
-                    await w.be.write(f"{bp}/state", "4")
-                await self._io(fe, world, src)
-            except TimeoutError:
-                pass  # the frontend refused to publish: fine, it must still close cleanly
-            finally:
-                await fe.close()
-                world.close()
-                await w.be.write(f"{bp}/state", "6")
-            if escaped:
-                raise violation("an exception escaped the event loop", escaped[0])
-            fe.quarantine.reap()
-            out = w.machine.outstanding()
-            if out["mappings"] or out["grants"] > len(fe.quarantine):
-                raise InvariantViolation(f"left held after teardown: {out}")
+        be_plat = w.machine.domain(BE)
+        fe = NetFrontend(w.machine.domain(FE), w.fe, fp, config=NetFrontConfig(
+            max_queues=1 + src.below(2), sg=src.boolean(), csum=src.boolean(),
+            tx_pages=32, rx_pages=32, rx_queue_frames=16, send_timeout=0.3),
+            connect_timeout=2.0, close_timeout=0.15, op_timeout=2.0, hook_timeout=2.0)
+        await hostile_keys(w.be, bp, {
+            "feature-rx-copy": (["1"], ["0", "x"]),
+            "feature-sg": (["1", "0"], ["yes"]),
+            "feature-gso-tcpv4": (["1", "0"], ["2"]),
+            "feature-gso-tcpv6": (["1", "0"], [""]),
+            "feature-ipv6-csum-offload": (["1", "0"], ["-1"]),
+            "feature-split-event-channels": (["1", "0"], ["on"]),
+            "multi-queue-max-queues": (["1", "2"], ["0", "99999", "x"]),
+        }, src)
+        await w.be.write(f"{bp}/state", "2")
+        world = _FrontPeer(be_plat)
+        await fe.start()
+        try:
+            async with asyncio.timeout(3.0):
+                while await w.be.read(f"{fp}/state") not in (b"3", b"4", b"5", b"6"):
+                    await asyncio.sleep(0.01)
+            if await w.be.read(f"{fp}/state") in (b"3", b"4"):  # keys published
+                with contextlib.suppress(PeerError, PlatformError):
+                    for qk in await read_queue_keys(PeerKeys(w.be, fp), max_queues=4,
+                                                    split=True):
+                        world.attach(qk)
+                await w.be.write(f"{bp}/state", "4")
+            await self._io(fe, world, src)
+        except TimeoutError:
+            pass  # the frontend refused to publish: fine, it must still close cleanly
+        finally:
+            await fe.close()
+            world.close()
+            await w.be.write(f"{bp}/state", "6")
+        return fe
 
     async def _io(self, fe: Any, world: _FrontPeer, src: ByteSource) -> None:
         allowed = _allowed()
@@ -413,14 +404,7 @@ class NetfrontTarget:
                 for _ in range(src.below(500)):
                     ch.res.events.notify(ch.port)
             await asyncio.sleep(src.below(3) / 1000)
-        if jobs:
-            done, pending = await asyncio.wait(jobs, timeout=5.0)
-            if pending:
-                raise InvariantViolation(f"{len(pending)} frontend calls never ended")
-            for j in done:
-                exc = j.exception()
-                if exc is not None and not isinstance(exc, allowed):
-                    raise violation("a frontend call ended with an unexpected error", exc)
+        await calls_end(jobs, allowed)
 
 
 class _FrontPeer:

@@ -40,7 +40,12 @@ Invariant, checked per input (any breach raises
 5. the whole input takes at most :data:`INPUT_BUDGET_S` (no hang).
 
 The world (:func:`xenstore_world`) and the victim (:class:`ToyBackend`) are also what the
-xenbus integration and hostile tests run their device pairs on.
+xenbus integration and hostile tests run their device pairs on.  The device driver targets
+(:mod:`xenpv.fuzz.block_driver`, :mod:`xenpv.fuzz.net_driver`, :mod:`xenpv.fuzz.kbd_driver`)
+play their inputs with :func:`play_input` and check the invariants they share with the
+helpers here: :func:`no_escapes`, :func:`calls_end`, :func:`settled`,
+:func:`backend_let_go`, :func:`frontend_let_go`; their hostile backends write their keys
+with :func:`hostile_keys`.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +120,76 @@ def play_input(name: str, what: str, run: Callable[[], Coroutine[Any, Any, None]
             q.setLevel(level)
     if time.monotonic() - started > INPUT_BUDGET_S:
         raise InvariantViolation(f"one {name} input took over {INPUT_BUDGET_S} s")
+@contextlib.contextmanager
+def no_escapes() -> Iterator[None]:
+    """While the block runs, collect what escapes the running event loop (an exception in
+    a callback, or in a task nobody awaits); when it ends, the first one is an
+    :class:`InvariantViolation`."""
+    escaped: list[BaseException] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: escaped.append(
+        ctx.get("exception") or RuntimeError(str(ctx.get("message")))))
+    yield
+    if escaped:
+        raise violation("an exception escaped the event loop", escaped[0])
+
+
+async def calls_end(jobs: Sequence[asyncio.Future[Any]],
+                    allowed: tuple[type[BaseException], ...], timeout: float = 5.0) -> None:
+    """Every API call of a frontend under attack (``jobs``) ended within ``timeout``, with
+    a result or one of the ``allowed`` errors."""
+    if not jobs:
+        return
+    done, pending = await asyncio.wait(jobs, timeout=timeout)
+    if pending:
+        raise InvariantViolation(f"{len(pending)} frontend calls never ended")
+    for j in done:
+        exc = j.exception()
+        if exc is not None and not isinstance(exc, allowed):
+            raise violation("a frontend call ended with an unexpected error", exc)
+
+
+async def settled(busy: Callable[[], bool], what: Callable[[], str],
+                  seconds: float = SETTLE_S) -> None:
+    """Wait (polling) until ``busy()`` is false; still busy after ``seconds`` is an
+    :class:`InvariantViolation` saying ``what()`` was not done."""
+    deadline = time.monotonic() + seconds
+    await asyncio.sleep(0)
+    while busy() and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    if busy():
+        raise InvariantViolation(what())
+
+
+def backend_let_go(machine: InProcessMachine, guest: Any, shares: Sequence[Any]) -> None:
+    """After a backend under attack closed: it maps nothing, and every page the hostile
+    ``guest`` granted it (``shares``) can be ended."""
+    if machine.outstanding()["mappings"]:
+        raise InvariantViolation("the backend left grants mapped after teardown")
+    for share in shares:
+        try:
+            guest.grants.end_access(share)
+        except PlatformError as exc:
+            raise violation("a guest page stayed in use after teardown", exc) from None
+
+
+def frontend_let_go(machine: InProcessMachine, frontend: Any) -> None:
+    """After a frontend under attack closed: nothing is mapped, and no grant is left but
+    those in the frontend's quarantine (pages a peer may still hold)."""
+    frontend.quarantine.reap()
+    out = machine.outstanding()
+    if out["mappings"] or out["grants"] > len(frontend.quarantine):
+        raise InvariantViolation(f"left held after teardown: {out}")
+
+
+async def hostile_keys(client: XenstoreClient, path: str,
+                       choices: Mapping[str, tuple[Sequence[str], Sequence[str]]],
+                       src: ByteSource) -> None:
+    """Write each key of ``choices`` (key → good values, hostile values) under ``path``:
+    a good value most of the time (7 in 8), else a hostile one."""
+    for key, (good, bad) in choices.items():
+        await client.write(f"{path}/{key}", src.choice(good) if src.below(8) else src.choice(bad))
+
+
 #: Timeouts handed to the victim (short: a fuzz input must not wait out real-world ones).
 DRIVER_TIMEOUTS: dict[str, float] = {"close_timeout": 0.2, "op_timeout": 2.0, "hook_timeout": 2.0}
 QUOTAS = Quotas(write_rate=0)

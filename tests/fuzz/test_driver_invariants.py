@@ -2,7 +2,8 @@
 
 Each helper is given a breach and a clean case: an exception escaping the loop, a
 frontend call that never ends or ends with an unexpected error, work that never settles,
-a backend that keeps a mapping, grants held outside a frontend's quarantine.  A hostile key writer writes good values mostly, hostile ones else.
+a backend that keeps a mapping, grants held outside a frontend's quarantine; a hostile
+guest's page pool revokes what it can.  A hostile key writer writes good values mostly, hostile ones else.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from xenpv.fuzz.source import ByteSource
 from xenpv.fuzz.xenbus_driver import (
     BE,
     FE,
+    GuestPages,
     backend_let_go,
     calls_end,
     frontend_let_go,
@@ -80,12 +82,18 @@ def test_teardown_invariants() -> None:
     machine = InProcessMachine()
     try:
         guest, backend = machine.domain(FE), machine.domain(BE)
-        pages, other = guest.grants.grant(BE, 1), guest.grants.grant(BE, 1)
-        mapping = backend.grants.map(FE, pages.refs)
+        pages = GuestPages(guest, BE, 8)
+        src = ByteSource(bytes(range(64)))
+        refs = [pages.ref(src) for _ in range(8)]
+        assert len(pages.shares) == 8 and any(r in pages.refs for r in refs)
+        mapping = backend.grants.map(FE, pages.shares[0].refs)
         with pytest.raises(InvariantViolation, match="the backend left grants mapped"):
-            backend_let_go(machine, guest, [pages, other])
+            backend_let_go(machine, pages)
+        for _ in range(32):
+            pages.revoke(src)  # never the mapped one
+        assert pages.shares == [pages.shares[0]]
         backend.grants.unmap(mapping)
-        backend_let_go(machine, guest, [pages, other])  # and ends them
+        backend_let_go(machine, pages)  # and ends it
         assert machine.outstanding()["grants"] == 0
 
         frontend_let_go(machine, Frontend())

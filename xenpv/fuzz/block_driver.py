@@ -51,6 +51,7 @@ from xenpv.fuzz.hostile import InvariantViolation
 from xenpv.fuzz.source import ByteSource
 from xenpv.fuzz.xenbus_driver import (
     QUOTAS,
+    GuestPages,
     World,
     backend_let_go,
     calls_end,
@@ -61,7 +62,6 @@ from xenpv.fuzz.xenbus_driver import (
     settled,
     xenstore_world,
 )
-from xenpv.platforms.base import SharedPages
 from xenpv.platforms.loopback.harness import InProcessMachine
 from xenpv.protocols.blkif import (
     ABI,
@@ -138,7 +138,6 @@ class _World:
         self.persistent = persistent
         self.responses: list[tuple[int, int, int]] = []
         self.submitted = 0
-        self.shares: list[SharedPages] = []
 
     async def start(self) -> None:
         self.ch = FrontChannel.create(self.fe, BE, slot_size=self.slot)
@@ -156,9 +155,7 @@ class _World:
         self.nr_ents = int(self.ch.ring.nr_ents)
         self.req_prod = 0
         self.rsp_cons = 0
-        for k in range(POOL):
-            self.shares.append(self.fe.grants.grant(BE, 1, writable=k % 4 != 3))
-        self.refs = [s.refs[0] for s in self.shares]
+        self.pages = GuestPages(self.fe, BE, POOL)
 
     def _submit(self, reqs: list[bytes]) -> None:
         """Write the slots and ``req_prod`` as a frontend does (no checks of its own)."""
@@ -183,16 +180,13 @@ class _World:
             self.responses.append(struct.unpack_from("<QBxh", ring, off))
             self.rsp_cons = (self.rsp_cons + 1) & 0xFFFFFFFF
 
-    def _ref(self, src: ByteSource) -> int:
-        return src.choice(self.refs) if src.below(8) else src.u32()
-
     def _request(self, src: ByteSource) -> bytes:
         kind = src.below(4)
         rid = src.uint(8)
         sector = src.below(IMAGE_SIZE // 512 + 8) if src.below(4) else src.uint(8)
         if kind == 0:
             n = src.below(BLKIF_MAX_SEGMENTS_PER_REQUEST + 2)
-            segs = tuple(Segment(self._ref(src), src.below(9), src.below(9))
+            segs = tuple(Segment(self.pages.ref(src), src.below(9), src.below(9))
                          for _ in range(min(n, BLKIF_MAX_SEGMENTS_PER_REQUEST)))
             op = src.choice([0, 1, 2, 3, 4, 7, src.u8()])
             return BlkifRequest(op, n, src.u16(), rid, sector, segs).pack(self.abi)
@@ -201,7 +195,7 @@ class _World:
                                        src.below(64) if src.below(4) else src.uint(8)
                                        ).pack(self.abi)
         if kind == 2:
-            grefs = tuple(self._ref(src) for _ in range(8))
+            grefs = tuple(self.pages.ref(src) for _ in range(8))
             return BlkifRequestIndirect(6, src.choice([0, 1, 3, src.u8()]),
                                         src.choice([1, 8, 64, 256, 257, src.u16()]), rid,
                                         sector, 0, grefs).pack(self.abi)
@@ -216,13 +210,10 @@ class _World:
             self.req_prod = src.u32() if src.below(2) else (self.req_prod + src.below(64))
             struct.pack_into("<I", ring, 0, self.req_prod)
             self.fe.events.notify(self.ch.port)
-        elif action == 4 and self.shares:
-            share = self.shares[src.below(len(self.shares))]
-            with contextlib.suppress(PlatformError, LocalError):
-                self.fe.grants.end_access(share)  # revoked under the backend's feet
-                self.shares.remove(share)
-        elif action == 5 and self.shares:
-            share = self.shares[src.below(len(self.shares))]
+        elif action == 4 and self.pages.shares:
+            self.pages.revoke(src)  # under the backend's feet
+        elif action == 5 and self.pages.shares:
+            share = self.pages.pick(src)
             blob = src.take(64)
             off = src.below(4096 - len(blob) + 1)
             share.mem[off:off + len(blob)] = blob  # indirect records or data, rewritten
@@ -263,7 +254,7 @@ class _World:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
         self.image.close()
-        backend_let_go(self.machine, self.fe, self.shares)
+        backend_let_go(self.machine, self.pages)
 
 
 # --------------------------------------------------------------------------- blkfront

@@ -43,6 +43,7 @@ from xenpv.fuzz.hostile import InvariantViolation
 from xenpv.fuzz.source import ByteSource
 from xenpv.fuzz.xenbus_driver import (
     QUOTAS,
+    GuestPages,
     World,
     backend_let_go,
     calls_end,
@@ -53,7 +54,7 @@ from xenpv.fuzz.xenbus_driver import (
     settled,
     xenstore_world,
 )
-from xenpv.platforms.base import GrantCopy, GrantPtr, LocalPtr, SharedPages
+from xenpv.platforms.base import GrantCopy, GrantPtr, LocalPtr
 from xenpv.platforms.loopback.harness import InProcessMachine
 from xenpv.protocols.ethernet import NetFrame
 from xenpv.protocols.netif import (
@@ -138,7 +139,6 @@ class _BackWorld:
         self.features = features
         self.split = split
         self.frames: list[NetFrame] = []
-        self.shares: list[SharedPages] = []
         self.prod = {"tx": 0, "rx": 0}
         self.cons = {"tx": 0, "rx": 0}
 
@@ -151,9 +151,7 @@ class _BackWorld:
                                                      self.rx.port if self.split else None),
                               self.config, self.features, self._port, self.rate)
         self.queue.start()
-        for k in range(POOL):
-            self.shares.append(self.fe.grants.grant(BE, 1, writable=k % 4 != 3))
-        self.refs = [s.refs[0] for s in self.shares]
+        self.pages = GuestPages(self.fe, BE, POOL)
         self.ctrl = NetCtrl(self.be, FE, 4)
 
     def _ctrl(self, src: ByteSource) -> None:
@@ -162,7 +160,7 @@ class _BackWorld:
         raw = bytearray(src.take(16 * n).ljust(16 * n, b"\0"))
         for j in range(n):
             if src.boolean():
-                struct.pack_into("<HI", raw, j * 16 + 2, src.below(12), self._ref(src))
+                struct.pack_into("<HI", raw, j * 16 + 2, src.below(12), self.pages.ref(src))
         answers = self.ctrl.handle(memoryview(bytes(raw)), n)
         if len(answers) != n:
             raise InvariantViolation(f"{len(answers)} control answers for {n} requests")
@@ -195,9 +193,6 @@ class _BackWorld:
         ch = self.tx if which == "tx" else self.rx
         self.fe.events.notify(ch.port)
 
-    def _ref(self, src: ByteSource) -> int:
-        return src.choice(self.refs) if src.below(8) else src.u32()
-
     def _chain(self, src: ByteSource) -> list[bytes]:
         n = 1 + src.below(24) if src.below(3) == 0 else 1 + src.below(4)
         out = []
@@ -207,7 +202,7 @@ class _BackWorld:
             flags = NETTXF_more_data if k < n - 1 else 0
             if k == 0:
                 flags |= src.below(4) | (NETTXF_extra_info if extra else 0)
-                out.append(TxRequest(self._ref(src), src.choice([0, 0, src.below(4097)]),
+                out.append(TxRequest(self.pages.ref(src), src.choice([0, 0, src.below(4097)]),
                                      flags if src.below(8) else src.u16(), src.u16(),
                                      total).pack())
                 if extra:
@@ -215,7 +210,7 @@ class _BackWorld:
                                         src.choice([0, 0, 1]), src.choice([1448, 0, src.u16()]),
                                         src.choice([1, 2, 0, src.u8()]), 0).pack())
             else:
-                out.append(TxRequest(self._ref(src), src.choice([0, src.below(4097)]), flags,
+                out.append(TxRequest(self.pages.ref(src), src.choice([0, src.below(4097)]), flags,
                                      src.u16(), src.choice([1, 100, 4096, src.u16()])).pack())
         return out
 
@@ -233,7 +228,7 @@ class _BackWorld:
             struct.pack_into("<I", self._ring(which), 0, self.prod[which] & 0xFFFFFFFF)
             self.fe.events.notify(self.tx.port)
         elif action == 5:
-            self._submit("rx", [struct.pack("<HxxI", src.u16(), self._ref(src))
+            self._submit("rx", [struct.pack("<HxxI", src.u16(), self.pages.ref(src))
                                 for _ in range(1 + src.below(20))])
         elif action == 6:
             data = _tcp_like(src) if src.boolean() else src.take(src.below(200)) + \
@@ -242,11 +237,8 @@ class _BackWorld:
                                            data_validated=src.boolean(),
                                            gso_type=src.choice([0, 1, 2, src.u8()]),
                                            gso_size=src.choice([0, 1, 536, 1448, src.u16()])))
-        elif action == 7 and self.shares:
-            share = self.shares[src.below(len(self.shares))]
-            with contextlib.suppress(PlatformError, LocalError):
-                self.fe.grants.end_access(share)
-                self.shares.remove(share)
+        elif action == 7 and self.pages.shares:
+            self.pages.revoke(src)
         elif action == 8:
             for _ in range(src.below(2000)):
                 self.fe.events.notify(self.tx.port)
@@ -305,7 +297,7 @@ class _BackWorld:
         self.queue.close()
         self.rx.close()
         self.tx.close()
-        backend_let_go(self.machine, self.fe, self.shares)
+        backend_let_go(self.machine, self.pages)
 
 
 # --------------------------------------------------------------------------- netfront

@@ -44,8 +44,9 @@ xenbus integration and hostile tests run their device pairs on.  The device driv
 (:mod:`xenpv.fuzz.block_driver`, :mod:`xenpv.fuzz.net_driver`, :mod:`xenpv.fuzz.kbd_driver`)
 play their inputs with :func:`play_input` and check the invariants they share with the
 helpers here: :func:`no_escapes`, :func:`calls_end`, :func:`settled`,
-:func:`backend_let_go`, :func:`frontend_let_go`; their hostile backends write their keys
-with :func:`hostile_keys`.
+:func:`backend_let_go`, :func:`frontend_let_go`; their hostile guests grant their pages
+as :class:`GuestPages`, their hostile backends write their keys with
+:func:`hostile_keys`.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from typing import Any
 from xenpv.errors import LocalError, PeerError, PlatformError
 from xenpv.fuzz.hostile import InvariantViolation, violation
 from xenpv.fuzz.source import ByteSource
+from xenpv.platforms.base import SharedPages
 from xenpv.platforms.loopback.harness import InProcessMachine
 from xenpv.testing.world import DomainWorld, domain_world
 from xenpv.xenbus import BackendDriver, BadKeyError, PeerKeys, XenbusState, add_device
@@ -160,14 +162,44 @@ async def settled(busy: Callable[[], bool], what: Callable[[], str],
         raise InvariantViolation(what())
 
 
-def backend_let_go(machine: InProcessMachine, guest: Any, shares: Sequence[Any]) -> None:
+class GuestPages:
+    """A hostile guest's pool of ``count`` pages granted to the backend domain under attack
+    (every fourth read-only): its requests point at them most of the time (:meth:`ref`),
+    its input may revoke one under the backend's feet (:meth:`revoke`), and after teardown
+    every one left must be endable (:func:`backend_let_go`)."""
+
+    def __init__(self, guest: Any, backend: int, count: int) -> None:
+        """Grant the pages."""
+        self.guest = guest
+        self.shares: list[SharedPages] = [guest.grants.grant(backend, 1, writable=k % 4 != 3)
+                                          for k in range(count)]
+        self.refs = [s.refs[0] for s in self.shares]
+
+    def ref(self, src: ByteSource) -> int:
+        """A grant ref for a hostile request: one of the pool's mostly (7 in 8), else any."""
+        return src.choice(self.refs) if src.below(8) else src.u32()
+
+    def pick(self, src: ByteSource) -> SharedPages:
+        """A page of the pool (there must be one left)."""
+        return self.shares[src.below(len(self.shares))]
+
+    def revoke(self, src: ByteSource) -> None:
+        """End the access to a page of the pool (there must be one left), if it can be
+        ended (not while the backend maps it)."""
+        share = self.pick(src)
+        with contextlib.suppress(PlatformError, LocalError):
+            self.guest.grants.end_access(share)
+            self.shares.remove(share)
+
+
+def backend_let_go(machine: InProcessMachine, pages: GuestPages) -> None:
     """After a backend under attack closed: it maps nothing, and every page the hostile
-    ``guest`` granted it (``shares``) can be ended."""
+    guest granted it can be ended."""
     if machine.outstanding()["mappings"]:
         raise InvariantViolation("the backend left grants mapped after teardown")
-    for share in shares:
+    for share in pages.shares:
         try:
-            guest.grants.end_access(share)
+            pages.guest.grants.end_access(share)
         except PlatformError as exc:
             raise violation("a guest page stayed in use after teardown", exc) from None
 

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 from collections.abc import Callable
 from typing import Any
 
 from xenpv.cli import args as cliargs
-from xenpv.cli.console import _platform, _stdin_closed, _xenstore, emit
+from xenpv.cli.console import _stdin_closed, emit
+from xenpv.cli.ends import device_ends, domain_session, print_info
 from xenpv.errors import LocalError
 
 
@@ -165,20 +165,17 @@ async def _backend(args: argparse.Namespace) -> int:
                          physical_sector_size=args.physical_sector_size,
                          engine=args.engine, workers=args.workers, direct=args.direct)
     engine = effective_engine(args.engine)  # logs why if io_uring cannot be used
-    platform = _platform(args.rundir, args.as_domid)
-    client = await _xenstore(args.rundir, args.as_domid)
-    backend = BlockBackend(platform, client, config,
-                           stats_dir=args.stats_dir or default_stats_dir(args.rundir),
-                           stats_interval=args.stats_interval)
-    try:
-        await backend.start()
-        emit(event="ready", domid=args.as_domid, engine=engine)
-        await _stdin_closed(asyncio.get_running_loop())
-        emit(event="done", devices={d.path: d.info() for d in backend.drivers})
-    finally:
-        await backend.close()
-        await client.close()
-        platform.close()
+    async with domain_session(args.rundir, args.as_domid) as (platform, _domid, client):
+        backend = BlockBackend(platform, client, config,
+                               stats_dir=args.stats_dir or default_stats_dir(args.rundir),
+                               stats_interval=args.stats_interval)
+        try:
+            await backend.start()
+            emit(event="ready", domid=args.as_domid, engine=engine)
+            await _stdin_closed(asyncio.get_running_loop())
+            emit(event="done", devices={d.path: d.info() for d in backend.drivers})
+        finally:
+            await backend.close()
     return 0
 
 
@@ -192,34 +189,16 @@ _BACK_KEYS = ("state", "online", "params", "mode", "type", "dev", "sectors", "se
               "feature-discard", "discard-granularity", "discard-alignment", "discard-secure")
 
 
-async def read_keys(client: Any, path: str, names: tuple[str, ...]) -> dict[str, str]:
-    """The keys of ``names`` that exist under ``path``, as text."""
-    from xenpv.xenstore.wire import XenstoreError
-
-    out: dict[str, str] = {}
-    for name in names:
-        try:
-            out[name] = (await client.read(f"{path}/{name}")).decode("utf-8", "replace")
-        except XenstoreError:
-            continue
-    return out
-
-
 async def vbd_info(client: Any, domid: int, vdev: str,
                    stats_dir: str | None = None) -> dict[str, Any]:
     """What the frontend and backend of guest ``domid``'s disk ``vdev`` wrote, and
     (``live``) the state the backend process keeps in ``stats_dir``, if any."""
     from xenpv.backends.block import read_live_stats
     from xenpv.protocols.blkif import vdev_decode, vdev_encode
-    from xenpv.xenbus.paths import frontend_path
 
     devid = int(vdev) if vdev.isdigit() else vdev_encode(vdev)
-    fe = frontend_path(domid, "vbd", devid)
-    if not await client.exists(fe):
-        raise LocalError(f"no vbd {vdev} in domain {domid} ({fe})")
-    front = await read_keys(client, fe, _FRONT_KEYS)
-    be = front.get("backend", "")
-    back = await read_keys(client, be, _BACK_KEYS) if be else {}
+    fe, be, front, back = await device_ends(client, domid, "vbd", devid, vdev, _FRONT_KEYS,
+                                            _BACK_KEYS)
     try:
         queues = int(front.get("multi-queue-num-queues", "1"))
         order = int(front.get("ring-page-order", "0"))
@@ -232,18 +211,12 @@ async def vbd_info(client: Any, domid: int, vdev: str,
 
 
 async def _info(args: argparse.Namespace) -> int:
-    from xenpv.xenstore.client import XenstoreClient
-
     socket = args.socket
     if socket is None and args.rundir is not None:
         socket = os.path.join(args.rundir, "dom0", "xenstore")
     stats_dir = args.stats_dir or default_stats_dir(args.rundir)
-    client = await XenstoreClient.connect(socket, timeout=10.0)
-    try:
-        print(json.dumps(await vbd_info(client, args.domid, args.vdev, stats_dir), indent=2))
-    finally:
-        await client.close()
-    return 0
+    return await print_info(socket, lambda client: vbd_info(client, args.domid, args.vdev,
+                                                            stats_dir))
 
 
 async def _export(args: argparse.Namespace) -> int:
@@ -252,39 +225,33 @@ async def _export(args: argparse.Namespace) -> int:
     from xenpv.protocols.blkif import vdev_decode
     from xenpv.xenbus.paths import frontend_path
 
-    if args.rundir is not None and args.domid is None:
-        raise LocalError("--rundir needs --domid (the guest's domain)")
-    platform = _platform(args.rundir, args.domid)
-    domid = platform.domid if args.domid is None else args.domid
-    client = await _xenstore(args.rundir, domid)
-    name = args.name if args.name is not None else vdev_decode(args.vdev)
-    path = frontend_path(domid, "vbd", args.vdev)
-    frontend = None
-    export = None
-    try:
-        if not await client.exists(path):
-            raise LocalError(f"no vbd {name} in domain {domid} ({path})")
-        config = FrontConfig(max_ring_order=args.max_ring_order, max_queues=args.max_queues,
-                             indirect=not args.no_indirect, persistent=not args.no_persistent)
-        frontend = BlockFrontend(platform, client, path, config=config)
-        await frontend.start()
-        await frontend.ready(30.0)
-        export = NbdExport(frontend, name, NbdConfig(max_payload=args.max_payload,
-                                                     max_buffered=max(64 << 20,
-                                                                      args.max_payload),
-                                                     max_connections=args.max_connections))
-        await export.listen(args.socket)
-        emit(event="ready", socket=args.socket, name=name, size=frontend.size,
-             readonly=frontend.readonly)
-        await _stdin_closed(asyncio.get_running_loop())
-        emit(event="done", export=export.info())
-    finally:
-        if export is not None:
-            await export.close()
-        if frontend is not None:
-            await frontend.close()
-        await client.close()
-        platform.close()
+    async with domain_session(args.rundir, args.domid) as (platform, domid, client):
+        name = args.name if args.name is not None else vdev_decode(args.vdev)
+        path = frontend_path(domid, "vbd", args.vdev)
+        frontend = None
+        export = None
+        try:
+            if not await client.exists(path):
+                raise LocalError(f"no vbd {name} in domain {domid} ({path})")
+            config = FrontConfig(max_ring_order=args.max_ring_order,
+                                 max_queues=args.max_queues, indirect=not args.no_indirect,
+                                 persistent=not args.no_persistent)
+            frontend = BlockFrontend(platform, client, path, config=config)
+            await frontend.start()
+            await frontend.ready(30.0)
+            export = NbdExport(frontend, name, NbdConfig(
+                max_payload=args.max_payload, max_buffered=max(64 << 20, args.max_payload),
+                max_connections=args.max_connections))
+            await export.listen(args.socket)
+            emit(event="ready", socket=args.socket, name=name, size=frontend.size,
+                 readonly=frontend.readonly)
+            await _stdin_closed(asyncio.get_running_loop())
+            emit(event="done", export=export.info())
+        finally:
+            if export is not None:
+                await export.close()
+            if frontend is not None:
+                await frontend.close()
     return 0
 
 

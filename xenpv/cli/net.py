@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from typing import Any
 
 from xenpv.cli import args as cliargs
-from xenpv.cli.block import read_keys
-from xenpv.cli.console import _platform, _stdin_closed, _xenstore, emit
+from xenpv.cli.console import _stdin_closed, emit
+from xenpv.cli.ends import device_ends, domain_session, print_info
 from xenpv.errors import LocalError, PeerError, PlatformError
 
 
@@ -89,28 +88,25 @@ async def _backend(args: argparse.Namespace) -> int:
     from xenpv.backends.netswitch import TapUplink
     from xenpv.drivers.tap import TapDevice
 
-    platform = _platform(args.rundir, args.as_domid)
-    client = await _xenstore(args.rundir, args.as_domid)
-    backend = NetBackend(platform, client, config, default_switch=args.switch)
-    uplink = None
-    try:
-        if args.tap:
-            tap = TapDevice.open(args.tap, netns=args.netns, offload=not args.no_offload,
-                                 queues=args.tap_queues)
-            uplink = TapUplink(backend.switch(args.switch), tap)
-            uplink.start()
-        await backend.start()
-        emit(event="ready", domid=args.as_domid, tap=args.tap)
-        await _stdin_closed(asyncio.get_running_loop())
-        emit(event="done", devices={d.path: d.info() for d in backend.drivers},
-             switches={n: s.info() for n, s in backend.switches.items()},
-             tap=uplink.tap.info() if uplink else None)
-    finally:
-        await backend.close()
-        if uplink is not None:
-            await uplink.close()
-        await client.close()
-        platform.close()
+    async with domain_session(args.rundir, args.as_domid) as (platform, _domid, client):
+        backend = NetBackend(platform, client, config, default_switch=args.switch)
+        uplink = None
+        try:
+            if args.tap:
+                tap = TapDevice.open(args.tap, netns=args.netns, offload=not args.no_offload,
+                                     queues=args.tap_queues)
+                uplink = TapUplink(backend.switch(args.switch), tap)
+                uplink.start()
+            await backend.start()
+            emit(event="ready", domid=args.as_domid, tap=args.tap)
+            await _stdin_closed(asyncio.get_running_loop())
+            emit(event="done", devices={d.path: d.info() for d in backend.drivers},
+                 switches={n: s.info() for n, s in backend.switches.items()},
+                 tap=uplink.tap.info() if uplink else None)
+        finally:
+            await backend.close()
+            if uplink is not None:
+                await uplink.close()
     return 0
 
 
@@ -119,37 +115,32 @@ async def _frontend(args: argparse.Namespace) -> int:
     from xenpv.frontends.net import NetFrontConfig, NetFrontend, TapBridge
     from xenpv.xenbus.paths import frontend_path
 
-    if args.rundir is not None and args.domid is None:
-        raise LocalError("--rundir needs --domid (the guest's domain)")
-    platform = _platform(args.rundir, args.domid)
-    domid = platform.domid if args.domid is None else args.domid
-    client = await _xenstore(args.rundir, domid)
-    path = frontend_path(domid, "vif", args.devid)
-    offload = not args.no_offload
-    frontend = bridge = None
-    try:
-        if not await client.exists(path):
-            raise LocalError(f"no vif {args.devid} in domain {domid} ({path})")
-        config = NetFrontConfig(max_queues=args.max_queues, sg=offload, gso_tcpv4=offload,
-                                gso_tcpv6=offload, csum=offload, ipv6_csum=offload)
-        frontend = NetFrontend(platform, client, path, config=config)
-        await frontend.start()
-        await frontend.ready(30.0)
-        bridge = TapBridge(frontend, TapDevice.open(args.tap, netns=args.netns,
-                                                    offload=offload,
-                                                    queues=min(len(frontend.queues), 16)))
-        bridge.start()
-        emit(event="ready", tap=args.tap, mac=frontend.info()["mac"],
-             queues=len(frontend.queues))
-        await _stdin_closed(asyncio.get_running_loop())
-        emit(event="done", vif=frontend.info(), tap=bridge.tap.info())
-    finally:
-        if bridge is not None:
-            await bridge.close()
-        if frontend is not None:
-            await frontend.close()
-        await client.close()
-        platform.close()
+    async with domain_session(args.rundir, args.domid) as (platform, domid, client):
+        path = frontend_path(domid, "vif", args.devid)
+        offload = not args.no_offload
+        frontend = bridge = None
+        try:
+            if not await client.exists(path):
+                raise LocalError(f"no vif {args.devid} in domain {domid} ({path})")
+            config = NetFrontConfig(max_queues=args.max_queues, sg=offload,
+                                    gso_tcpv4=offload, gso_tcpv6=offload, csum=offload,
+                                    ipv6_csum=offload)
+            frontend = NetFrontend(platform, client, path, config=config)
+            await frontend.start()
+            await frontend.ready(30.0)
+            bridge = TapBridge(frontend, TapDevice.open(args.tap, netns=args.netns,
+                                                        offload=offload,
+                                                        queues=min(len(frontend.queues), 16)))
+            bridge.start()
+            emit(event="ready", tap=args.tap, mac=frontend.info()["mac"],
+                 queues=len(frontend.queues))
+            await _stdin_closed(asyncio.get_running_loop())
+            emit(event="done", vif=frontend.info(), tap=bridge.tap.info())
+        finally:
+            if bridge is not None:
+                await bridge.close()
+            if frontend is not None:
+                await frontend.close()
     return 0
 
 
@@ -166,14 +157,8 @@ _BACK_KEYS = ("state", "online", "frontend-id", "handle", "mac", "mtu", "bridge"
 
 async def vif_info(client: Any, domid: int, devid: int) -> dict[str, Any]:
     """What the frontend and backend of guest ``domid``'s vif ``devid`` wrote."""
-    from xenpv.xenbus.paths import frontend_path
-
-    fe = frontend_path(domid, "vif", devid)
-    if not await client.exists(fe):
-        raise LocalError(f"no vif {devid} in domain {domid} ({fe})")
-    front = await read_keys(client, fe, _FRONT_KEYS)
-    be = front.get("backend", "")
-    back = await read_keys(client, be, _BACK_KEYS) if be else {}
+    fe, be, front, back = await device_ends(client, domid, "vif", devid, str(devid),
+                                            _FRONT_KEYS, _BACK_KEYS)
     try:
         queues = int(front.get("multi-queue-num-queues", "1"))
     except ValueError:
@@ -193,14 +178,8 @@ async def vif_info(client: Any, domid: int, devid: int) -> dict[str, Any]:
 
 
 async def _info(args: argparse.Namespace) -> int:
-    from xenpv.xenstore.client import XenstoreClient
-
-    client = await XenstoreClient.connect(args.socket, timeout=10.0)
-    try:
-        print(json.dumps(await vif_info(client, args.domid, args.devid), indent=2))
-    finally:
-        await client.close()
-    return 0
+    return await print_info(args.socket, lambda client: vif_info(client, args.domid,
+                                                                 args.devid))
 
 
 def run(args: argparse.Namespace) -> int:

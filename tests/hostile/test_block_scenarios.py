@@ -37,9 +37,10 @@ from test_block_support import (
     start_pair,
 )
 
-from xenpv.backends.block import BlockConfig, BlockImage, BlockRequests, PersistentGrants
-from xenpv.drivers import BackChannel, FrontChannel, RingClient, RingPlacement, RingService
+from xenpv.backends.block import BlockConfig, BlockImage
+from xenpv.drivers import FrontChannel, RingClient
 from xenpv.frontends.block import BlockError, BlockPeerError, FrontConfig
+from xenpv.fuzz.block_driver import serve_raw_ring
 from xenpv.platforms.base import SharedPages
 from xenpv.platforms.loopback.harness import InProcessMachine
 from xenpv.protocols.blkif import (
@@ -86,18 +87,12 @@ class Rig:
         self.rsp = struct.Struct("<QBxh")
 
     async def start(self) -> Rig:
-        self.ch = FrontChannel.create(self.fe, BE, slot_size=self.slot)
-        self.bch = BackChannel.attach(self.be, FE, RingPlacement(self.ch.refs, self.ch.port),
-                                      slot_size=self.slot)
         self.image = BlockImage(str(self.path), readonly=self.readonly,
                                 sector_size=self.config.sector_size)
         self.pool = concurrent.futures.ThreadPoolExecutor(2)
-        self.pg = (PersistentGrants(self.be, FE, 64) if self.persistent else None)
-        self.handler = BlockRequests(self.image, self.be, FE, self.abi, self.config,
-                                     persistent=self.pg, executor=self.pool)
-        self.service = RingService(self.bch, self.handler)
-        self.handler.respond = self.service.respond
-        self.service.start()
+        self.ch, self.bch, self.pg, self.handler, self.service = serve_raw_ring(
+            self.fe, self.be, self.image, self.abi, self.config,
+            persistent_pages=64 if self.persistent else 0, executor=self.pool)
         self.client = RingClient(self.ch, self._on)
         self.client.start()
         return self

@@ -41,7 +41,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from xenpv.backends.block import BlockConfig, BlockImage, BlockRequests, PersistentGrants
 from xenpv.drivers.ringchannel import BackChannel, FrontChannel, RingPlacement
@@ -76,7 +76,8 @@ from xenpv.protocols.blkif import (
     layouts,
 )
 
-__all__ = ["INPUT_BUDGET_S", "MAX_STEPS", "BlkbackTarget"]
+__all__ = ["INPUT_BUDGET_S", "MAX_STEPS", "BlkbackTarget", "BlkfrontTarget", "RawRing",
+           "serve_raw_ring"]
 
 FE, BE = 3, 2
 IMAGE_SIZE = 256 * 1024
@@ -126,6 +127,38 @@ class BlkbackTarget:
             raise InvariantViolation(f"the image grew to {path.stat().st_size} bytes")
 
 
+class RawRing(NamedTuple):
+    """A ring of the guest that the attacker writes by hand (slots and indexes) and the
+    real block backend serving it (:func:`serve_raw_ring`)."""
+
+    #: The guest's end: the ring pages it granted and the port it offered.
+    ch: FrontChannel
+    #: The backend's end, mapped and bound.
+    bch: BackChannel
+    #: The backend's persistent grants (None: not negotiated).
+    pg: PersistentGrants | None
+    handler: BlockRequests
+    service: RingService
+
+
+def serve_raw_ring(fe: Any, be: Any, image: BlockImage, abi: ABI, config: BlockConfig, *,
+                   persistent_pages: int, executor: Any) -> RawRing:
+    """A ring of guest ``fe`` served from ``be`` by the real request handler
+    (:class:`~xenpv.backends.block.BlockRequests` on ``image``, I/O on ``executor``) under
+    a :class:`~xenpv.drivers.ringservice.RingService`, started; ``persistent_pages``
+    persistent grants at most (0: none).  The hostile block tests and this target's world
+    attack the backend through it."""
+    slot = layouts(abi).ring.slot_size
+    ch = FrontChannel.create(fe, BE, slot_size=slot)
+    bch = BackChannel.attach(be, FE, RingPlacement(ch.refs, ch.port), slot_size=slot)
+    pg = PersistentGrants(be, FE, persistent_pages) if persistent_pages else None
+    handler = BlockRequests(image, be, FE, abi, config, persistent=pg, executor=executor)
+    service = RingService(bch, handler)
+    handler.respond = service.respond
+    service.start()
+    return RawRing(ch, bch, pg, handler, service)
+
+
 class _World:
     def __init__(self, machine: InProcessMachine, path: Path, abi: ABI, config: BlockConfig,
                  persistent: bool) -> None:
@@ -140,18 +173,12 @@ class _World:
         self.submitted = 0
 
     async def start(self) -> None:
-        self.ch = FrontChannel.create(self.fe, BE, slot_size=self.slot)
-        self.bch = BackChannel.attach(self.be, FE, RingPlacement(self.ch.refs, self.ch.port),
-                                      slot_size=self.slot)
         self.image = BlockImage(str(self.path), sector_size=self.config.sector_size)
         self.pool = (concurrent.futures.ThreadPoolExecutor(2)
                      if self.config.engine != "inline" else None)
-        self.pg = PersistentGrants(self.be, FE, 8) if self.persistent else None
-        self.handler = BlockRequests(self.image, self.be, FE, self.abi, self.config,
-                                     persistent=self.pg, executor=self.pool)
-        self.service = RingService(self.bch, self.handler)
-        self.handler.respond = self.service.respond
-        self.service.start()
+        self.ch, self.bch, self.pg, self.handler, self.service = serve_raw_ring(
+            self.fe, self.be, self.image, self.abi, self.config,
+            persistent_pages=8 if self.persistent else 0, executor=self.pool)
         self.nr_ents = int(self.ch.ring.nr_ents)
         self.req_prod = 0
         self.rsp_cons = 0

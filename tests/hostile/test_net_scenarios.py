@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -367,29 +368,43 @@ async def _exchange(a: Vif, b: Vif) -> None:
     raise AssertionError("the frame did not arrive")
 
 
-def test_scenario_01_at_driver_level_fails_the_device_closed() -> None:
-    """A vif whose frontend breaks its TX ring goes Closing with an error node; the
-    sibling vifs on the same backend and switch keep exchanging frames."""
-    async def body() -> None:
+def siblings_outlive(breach: Callable[[Vif], None]) -> bytes:
+    """Vif ``a`` (guest 0, one queue) next to sibling vifs ``b`` and ``c`` (guest 1) on one
+    backend and switch: once ``a`` has carried a frame, ``breach(a)`` breaks it from the
+    guest's side; its device must go Closing or Closed with an error node and its backend
+    marked misbehaving, while ``b`` and ``c`` keep exchanging frames both ways; nothing is
+    held at the end.  The error node's value."""
+    async def body() -> bytes:
         async with net_world() as w:
             a = await start_vif(w, GUESTS[0], front=NetFrontConfig(max_queues=1))
             b = await start_vif(w, GUESTS[1])
             c = await start_vif(w, GUESTS[1], devid=1)
             try:
                 await _exchange(a, b)
-                ring = a.frontend.queues[0].tx_channel.res.shares[0].mem
-                struct.pack_into("<I", ring, 0, 1 << 31)
-                a.frontend.platform.events.notify(a.frontend.queues[0].tx_channel.port)
+                breach(a)
                 await a.backend.wait_state(S.Closing, S.Closed, timeout=WAIT)
-                assert await w.read_error(a.be_path)
+                error = await w.read_error(a.be_path)
+                assert error and a.backend.misbehaving
                 await _exchange(b, c)
                 await _exchange(c, b)
             finally:
                 for v in (a, b, c):
                     await v.close()
             assert w.held() == NOTHING
+            return error
 
-    run(body())
+    return run(body())
+
+
+def test_scenario_01_at_driver_level_fails_the_device_closed() -> None:
+    """A vif whose frontend breaks its TX ring goes Closing with an error node; the
+    sibling vifs on the same backend and switch keep exchanging frames."""
+    def breach(a: Vif) -> None:
+        ring = a.frontend.queues[0].tx_channel.res.shares[0].mem
+        struct.pack_into("<I", ring, 0, 1 << 31)
+        a.frontend.platform.events.notify(a.frontend.queues[0].tx_channel.port)
+
+    siblings_outlive(breach)
 
 
 async def hostile_keys(w: World, keys: dict[str, str]) -> tuple[Any, str, list[Any]]:
@@ -690,25 +705,12 @@ def test_scenario_16_backend_floods_the_frontend_event_channel() -> None:
 def test_scenario_06_chain_beyond_fatal_slots_fails_the_device_closed() -> None:
     """A chain of 22 slots pushed on a connected vif's TX ring marks the frontend
     misbehaving at driver level: error node, Closing; the sibling vifs keep talking."""
-    async def body() -> None:
-        async with net_world() as w:
-            a = await start_vif(w, GUESTS[0], front=NetFrontConfig(max_queues=1))
-            b = await start_vif(w, GUESTS[1])
-            c = await start_vif(w, GUESTS[1], devid=1)
-            try:
-                q = a.frontend.queues[0]
-                ref = q.tx_pages.refs[0]
-                chain = [TxRequest(ref, 0, NETTXF_more_data, 1, 22 * 64).pack()]
-                chain += [TxRequest(ref, 0, NETTXF_more_data if k < 21 else 0, 1 + k,
-                                    64).pack() for k in range(1, 22)]
-                assert q.tx_client is not None and q.tx_client.submit(chain) == 22
-                await a.backend.wait_state(S.Closing, S.Closed, timeout=WAIT)
-                assert b"slots" in (await w.read_error(a.be_path) or b"")
-                assert a.backend.misbehaving
-                await _exchange(b, c)
-            finally:
-                for v in (a, b, c):
-                    await v.close()
-            assert w.held() == NOTHING
+    def breach(a: Vif) -> None:
+        q = a.frontend.queues[0]
+        ref = q.tx_pages.refs[0]
+        chain = [TxRequest(ref, 0, NETTXF_more_data, 1, 22 * 64).pack()]
+        chain += [TxRequest(ref, 0, NETTXF_more_data if k < 21 else 0, 1 + k,
+                            64).pack() for k in range(1, 22)]
+        assert q.tx_client is not None and q.tx_client.submit(chain) == 22
 
-    run(body())
+    assert b"slots" in siblings_outlive(breach)

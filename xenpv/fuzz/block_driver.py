@@ -56,6 +56,7 @@ from xenpv.fuzz.xenbus_driver import (
     backend_let_go,
     calls_end,
     frontend_let_go,
+    hostile_backend,
     hostile_keys,
     no_escapes,
     play_input,
@@ -337,28 +338,19 @@ class BlkfrontTarget:
             "feature-persistent": (["1", "0"], ["on"]),
             "feature-max-indirect-segments": (["256", "0", "32"], ["7", "4294967295"]),
         }, src)
-        await w.be.write(f"{bp}/state", "2")
         channels: list[BackChannel] = []
-        await fe.start()
-        try:
-            async with asyncio.timeout(3.0):
-                while await w.be.read(f"{fp}/state") not in (b"3", b"5", b"6"):
-                    await asyncio.sleep(0.01)
-            if await w.be.read(f"{fp}/state") == b"3":
-                with contextlib.suppress(PeerError, PlatformError):
-                    for pl in await read_ring_keys(PeerKeys(w.be, fp), max_order=4,
-                                                   max_queues=4):
-                        channels.append(BackChannel.attach(
-                            be_plat, FE, pl, slot_size=layouts(fe.abi).ring.slot_size))
-                await w.be.write(f"{bp}/state", "4")
-            await self._io(fe, channels, be_plat, src, allowed)
-        except TimeoutError:
-            pass  # the frontend refused to publish: fine, it must still close cleanly
-        finally:
-            await fe.close()
+
+        async def attach() -> None:
+            for pl in await read_ring_keys(PeerKeys(w.be, fp), max_order=4, max_queues=4):
+                channels.append(BackChannel.attach(be_plat, FE, pl,
+                                                   slot_size=layouts(fe.abi).ring.slot_size))
+
+        def detach() -> None:
             for ch in channels:
                 ch.close()
-            await w.be.write(f"{bp}/state", "6")
+
+        await hostile_backend(w, fe, fp, bp, (b"3",), attach,
+                              lambda: self._io(fe, channels, be_plat, src, allowed), detach)
         return fe
 
     async def _io(self, fe: Any, channels: list[BackChannel], be_plat: Any, src: ByteSource,

@@ -48,6 +48,7 @@ from xenpv.fuzz.xenbus_driver import (
     backend_let_go,
     calls_end,
     frontend_let_go,
+    hostile_backend,
     hostile_keys,
     no_escapes,
     play_input,
@@ -345,26 +346,14 @@ class NetfrontTarget:
             "feature-split-event-channels": (["1", "0"], ["on"]),
             "multi-queue-max-queues": (["1", "2"], ["0", "99999", "x"]),
         }, src)
-        await w.be.write(f"{bp}/state", "2")
         world = _FrontPeer(be_plat)
-        await fe.start()
-        try:
-            async with asyncio.timeout(3.0):
-                while await w.be.read(f"{fp}/state") not in (b"3", b"4", b"5", b"6"):
-                    await asyncio.sleep(0.01)
-            if await w.be.read(f"{fp}/state") in (b"3", b"4"):  # keys published
-                with contextlib.suppress(PeerError, PlatformError):
-                    for qk in await read_queue_keys(PeerKeys(w.be, fp), max_queues=4,
-                                                    split=True):
-                        world.attach(qk)
-                await w.be.write(f"{bp}/state", "4")
-            await self._io(fe, world, src)
-        except TimeoutError:
-            pass  # the frontend refused to publish: fine, it must still close cleanly
-        finally:
-            await fe.close()
-            world.close()
-            await w.be.write(f"{bp}/state", "6")
+
+        async def attach() -> None:
+            for qk in await read_queue_keys(PeerKeys(w.be, fp), max_queues=4, split=True):
+                world.attach(qk)
+
+        await hostile_backend(w, fe, fp, bp, (b"3", b"4"), attach,
+                              lambda: self._io(fe, world, src), world.close)
         return fe
 
     async def _io(self, fe: Any, world: _FrontPeer, src: ByteSource) -> None:

@@ -46,7 +46,7 @@ play their inputs with :func:`play_input` and check the invariants they share wi
 helpers here: :func:`no_escapes`, :func:`calls_end`, :func:`settled`,
 :func:`backend_let_go`, :func:`frontend_let_go`; their hostile guests grant their pages
 as :class:`GuestPages`, their hostile backends write their keys with
-:func:`hostile_keys`.
+:func:`hostile_keys` and play the connection with :func:`hostile_backend`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,6 +211,36 @@ def frontend_let_go(machine: InProcessMachine, frontend: Any) -> None:
     out = machine.outstanding()
     if out["mappings"] or out["grants"] > len(frontend.quarantine):
         raise InvariantViolation(f"left held after teardown: {out}")
+
+
+async def hostile_backend(w: World, frontend: Any, fp: str, bp: str,
+                          published: tuple[bytes, ...], attach: Callable[[], Awaitable[None]],
+                          attack: Callable[[], Awaitable[None]],
+                          detach: Callable[[], None]) -> None:
+    """A hostile backend's part of the connection against ``frontend`` (of device
+    ``fp``/``bp``): InitWait, start the frontend; once it has published its keys (its
+    state one of ``published``) ``attach()`` to its rings (a peer or platform error there
+    is the frontend's doing: no rings) and say Connected; then ``attack()``.  A frontend
+    that refuses to publish within 3 s is fine: like every other, it must still close
+    cleanly; at the end it is closed, ``detach()`` lets go of the rings, the backend says
+    Closed."""
+    await w.be.write(f"{bp}/state", "2")
+    await frontend.start()
+    try:
+        async with asyncio.timeout(3.0):
+            while await w.be.read(f"{fp}/state") not in (*published, b"5", b"6"):
+                await asyncio.sleep(0.01)
+        if await w.be.read(f"{fp}/state") in published:
+            with contextlib.suppress(PeerError, PlatformError):
+                await attach()
+            await w.be.write(f"{bp}/state", "4")
+        await attack()
+    except TimeoutError:
+        pass
+    finally:
+        await frontend.close()
+        detach()
+        await w.be.write(f"{bp}/state", "6")
 
 
 async def hostile_keys(client: XenstoreClient, path: str,

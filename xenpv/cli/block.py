@@ -31,7 +31,13 @@ from typing import Any
 
 from xenpv.cli import args as cliargs
 from xenpv.cli.console import _stdin_closed, emit
-from xenpv.cli.ends import device_ends, domain_session, print_info
+from xenpv.cli.ends import (
+    backend_parser,
+    device_ends,
+    domain_session,
+    guest_arguments,
+    print_info,
+)
 from xenpv.errors import LocalError
 
 
@@ -67,11 +73,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION",
                                 help="what to do (see ACTION --help)")
 
-    be = sub.add_parser("backend", help="serve this domain's vbds from image files")
-    be.add_argument("--rundir", help="loopback emulator run directory (default: the environment)")
-    be.add_argument("--as", dest="as_domid", type=cliargs.domid, default=0, help="backend domain")
-    be.add_argument("--all", action="store_true", required=True,
-                    help="serve every vbd of this backend domain, as they come and go")
+    be = backend_parser(sub, "vbd", "serve this domain's vbds from image files")
     be.add_argument("--engine", choices=("auto", "io_uring", "threads", "inline"),
                     default="auto",
                     help="reads and writes through io_uring (io_uring; auto, the default, "
@@ -120,9 +122,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     ex = sub.add_parser("export", help="serve this domain's vbd to NBD clients")
     ex.add_argument("vdev", type=vdev_number, help="the disk: xvda, ... or its number 51712")
     ex.add_argument("--socket", required=True, help="Unix socket to listen on for NBD clients")
-    ex.add_argument("--rundir", help="loopback emulator run directory (default: the environment)")
-    ex.add_argument("--domid", type=cliargs.domid,
-                    help="this (the guest's) domain (needed with --rundir)")
+    guest_arguments(ex)
     ex.add_argument("--name", help="export name (default: the vdev's name, e.g. xvda; the "
                                    "empty default name reaches the export too)")
     ex.add_argument("--max-ring-order", type=cliargs.uint(0, 4, "ring order"), default=4,

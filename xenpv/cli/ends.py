@@ -1,6 +1,7 @@
 """What the ``block`` and ``net`` commands share about a device's two ends.
 
-:func:`domain_session` opens a domain's platform and xenstore client for the length of a
+:func:`backend_parser` and :func:`guest_arguments` add the options every backend and
+every command run as the guest take; :func:`domain_session` opens a domain's platform and xenstore client for the length of a
 command (a backend serving every device of its domain, a frontend attaching to one of
 its guest's devices); :func:`device_ends` reads what the frontend and the backend of a
 guest's device wrote, and :func:`print_info` prints such a reading as JSON.
@@ -8,15 +9,39 @@ guest's device wrote, and :func:`print_info` prints such a reading as JSON.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from xenpv.cli import args as cliargs
 from xenpv.cli.console import _xenstore
 from xenpv.errors import LocalError
 
-__all__ = ["device_ends", "domain_session", "print_info", "read_keys"]
+__all__ = ["backend_parser", "device_ends", "domain_session", "guest_arguments", "print_info",
+           "read_keys"]
+
+
+def backend_parser(sub: Any, device: str, help: str) -> argparse.ArgumentParser:
+    """A device command's ``backend`` subcommand (``help``) with what every backend takes:
+    ``--rundir``, ``--as`` (the backend domain, dom0 by default) and the required
+    ``--all`` (serve every ``device`` of that domain)."""
+    be: argparse.ArgumentParser = sub.add_parser("backend", help=help)
+    be.add_argument("--rundir", help="loopback emulator run directory (default: the environment)")
+    be.add_argument("--as", dest="as_domid", type=cliargs.domid, default=0, help="backend domain")
+    be.add_argument("--all", action="store_true", required=True,
+                    help=f"serve every {device} of this backend domain, as they come and go")
+    return be
+
+
+def guest_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--rundir`` and ``--domid`` of a command run as the guest (as
+    :func:`domain_session` takes them)."""
+    parser.add_argument("--rundir",
+                        help="loopback emulator run directory (default: the environment)")
+    parser.add_argument("--domid", type=cliargs.domid,
+                        help="this (the guest's) domain (needed with --rundir)")
 
 
 @contextlib.asynccontextmanager

@@ -31,7 +31,13 @@ from typing import Any
 
 from xenpv.cli import args as cliargs
 from xenpv.cli.console import _stdin_closed, emit
-from xenpv.cli.ends import device_ends, domain_session, print_info
+from xenpv.cli.ends import (
+    backend_parser,
+    device_ends,
+    domain_session,
+    guest_arguments,
+    print_info,
+)
 from xenpv.errors import LocalError, PeerError, PlatformError
 
 
@@ -40,11 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION",
                                 help="what to do (see ACTION --help)")
 
-    be = sub.add_parser("backend", help="serve this domain's vifs through a userspace switch")
-    be.add_argument("--rundir", help="loopback emulator run directory (default: the environment)")
-    be.add_argument("--as", dest="as_domid", type=cliargs.domid, default=0, help="backend domain")
-    be.add_argument("--all", action="store_true", required=True,
-                    help="serve every vif of this backend domain, as they come and go")
+    be = backend_parser(sub, "vif", "serve this domain's vifs through a userspace switch")
     be.add_argument("--switch", default="xenpv0",
                     help="switch for vifs without a bridge node (default xenpv0)")
     be.add_argument("--max-queues", type=cliargs.uint(1, 64, "queues"), default=4,
@@ -65,9 +67,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     fe.add_argument("devid", type=cliargs.devid, help="the vif's device id (0 for vif0)")
     fe.add_argument("--tap", required=True, help="the TAP device to create or attach to")
     fe.add_argument("--netns", help="create the TAP in this network namespace (ip netns name)")
-    fe.add_argument("--rundir", help="loopback emulator run directory (default: the environment)")
-    fe.add_argument("--domid", type=cliargs.domid,
-                    help="this (the guest's) domain (needed with --rundir)")
+    guest_arguments(fe)
     fe.add_argument("--max-queues", type=cliargs.uint(1, 64, "queues"), default=4,
                     help="most queues asked for (default 4)")
     fe.add_argument("--no-offload", action="store_true",

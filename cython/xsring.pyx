@@ -10,7 +10,7 @@
 # output or queued events, not paused or throttled, not closing or ignored), and the
 # ``req`` ring holds only whole requests — at most a batch, none of a rate-limited type
 # while the connection is limited, no length over 4096.  Then it takes them (``req``
-# cons moves past them, a signal if the ring was full), answers each READ outside a
+# cons moves past them, a signal if the guest may wait), answers each READ outside a
 # transaction of a path the connection already validated, naming a node it may read,
 # itself (``Store.handle``'s fast path, compiled: ``_read``), hands every other request to
 # ``Store.handle``, puts the replies into ``rsp`` (a signal if any went in; what does not
@@ -286,8 +286,12 @@ cdef class RingPass:
             count += 1
         xenpv_mb()  # finish reading the data before the guest may overwrite it
         xenpv_store_u32(base + REQ_CONS, prod)
-        if used == RING:
-            self._notify(rc)  # the ring was full: the guest may be waiting for room
+        # The guest may have found the ring full (also after ``prod`` was sampled) and be
+        # waiting for room: judged, as XsRingPage.read_wake does, from its index read
+        # after ours was published.
+        xenpv_mb()
+        if <uint32_t>(xenpv_load_u32(base + REQ_PROD) - cons) >= RING:
+            self._notify(rc)
         conn = rc.conn
         server = rc.server
         store = server.store

@@ -34,6 +34,7 @@ CYTHON_MODULES: dict[str, str] = {
     "xenpv.protocols._blkscan": "cython/blkscan.pyx",
     "xenpv.protocols._netscan": "cython/netscan.pyx",
     "xenpv.frontends._blktable": "cython/blktable.pyx",
+    "xenpv.platforms.loopback._gntcopy": "cython/gntcopy.pyx",
 }
 
 CYTHON_DIRECTIVES = {

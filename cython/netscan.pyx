@@ -12,7 +12,8 @@
 # case cheaper, never accept more.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t
-from libc.string cimport memcpy
+
+from includes.wire cimport le_u16, le_u32
 
 cdef enum:
     TX_SLOT = 12
@@ -22,18 +23,6 @@ cdef enum:
     ETH_HLEN = 14
     MAX_TX_SIZE = 0xFFFF
     PAGE_SIZE = 4096
-
-
-cdef inline uint32_t _u32(const uint8_t *p) noexcept nogil:
-    cdef uint32_t v
-    memcpy(&v, p, 4)  # little-endian host (x86, arm64 little-endian)
-    return v
-
-
-cdef inline uint16_t _u16(const uint8_t *p) noexcept nogil:
-    cdef uint16_t v
-    memcpy(&v, p, 2)
-    return v
 
 
 def scan_tx(const uint8_t[::1] batch not None, Py_ssize_t count, Py_ssize_t max_slots,
@@ -57,8 +46,8 @@ def scan_tx(const uint8_t[::1] batch not None, Py_ssize_t count, Py_ssize_t max_
         limit = 1
     while pos < count:
         base = &batch[pos * TX_SLOT]
-        flags = _u16(base + 6)
-        size = _u16(base + 10)
+        flags = le_u16(base + 6)
+        size = le_u16(base + 10)
         if size < ETH_HLEN:
             break
         extras = 0
@@ -69,7 +58,7 @@ def scan_tx(const uint8_t[::1] batch not None, Py_ssize_t count, Py_ssize_t max_
                 break
             ex = base + TX_SLOT
             gso_type = ex[4]
-            gso_size = _u16(ex + 2)
+            gso_size = le_u16(ex + 2)
             if ex[0] != EXTRA_GSO or ex[1] != 0 or gso_size == 0 or not (
                     (gso_type == 1 and gso & 1) or (gso_type == 2 and gso & 2)):
                 break
@@ -77,7 +66,7 @@ def scan_tx(const uint8_t[::1] batch not None, Py_ssize_t count, Py_ssize_t max_
         # the chain's data slots (the first, then after the extra): stop at the first
         # without more_data
         n = 1
-        while _u16(base + ((n - 1 + extras) if n > 1 else 0) * TX_SLOT + 6) & MORE_DATA:
+        while le_u16(base + ((n - 1 + extras) if n > 1 else 0) * TX_SLOT + 6) & MORE_DATA:
             if n >= limit or pos + extras + n >= count:
                 n = 0
                 break
@@ -87,22 +76,22 @@ def scan_tx(const uint8_t[::1] batch not None, Py_ssize_t count, Py_ssize_t max_
         rest = 0
         ok = True
         for k in range(1, n):
-            length = _u16(base + (k + extras) * TX_SLOT + 10)
-            offset = _u16(base + (k + extras) * TX_SLOT + 4)
+            length = le_u16(base + (k + extras) * TX_SLOT + 10)
+            offset = le_u16(base + (k + extras) * TX_SLOT + 4)
             if length == 0 or <uint32_t>offset + length > PAGE_SIZE:
                 ok = False
                 break
             rest += length
         if not ok or rest > size or size - rest < ETH_HLEN:
             break
-        offset = _u16(base + 4)
+        offset = le_u16(base + 4)
         if <uint32_t>offset + (size - rest) > PAGE_SIZE:
             break
-        frags = [(_u32(base), offset, <uint32_t>(size - rest))]
-        frags += [(_u32(base + (k + extras) * TX_SLOT), _u16(base + (k + extras) * TX_SLOT + 4),
-                   _u16(base + (k + extras) * TX_SLOT + 10)) for k in range(1, n)]
-        ids = [_u16(base + 8)]
-        ids += [_u16(base + (k + extras) * TX_SLOT + 8) for k in range(1, n)]
+        frags = [(le_u32(base), offset, <uint32_t>(size - rest))]
+        frags += [(le_u32(base + (k + extras) * TX_SLOT), le_u16(base + (k + extras) * TX_SLOT + 4),
+                   le_u16(base + (k + extras) * TX_SLOT + 10)) for k in range(1, n)]
+        ids = [le_u16(base + 8)]
+        ids += [le_u16(base + (k + extras) * TX_SLOT + 8) for k in range(1, n)]
         out.append((flags, size, n + extras, tuple(ids), tuple(frags), (gso_type, gso_size)))
         pos += n + extras
     return out

@@ -4,7 +4,8 @@ hostile-inputs.md scenario 5 (a hostile peer hands out bad grant refs and length
 R5 (every peer-supplied length checked against both bounds: at most a page per segment,
 the total within one message) and R11 (nothing a peer sends grows a queue or cache
 without bound).  A request's lengths are validated before the daemon allocates anything,
-and nothing is kept for a request with a failed segment.
+and nothing is kept for a request with a failed segment (both GNT_COPY engines, the
+readable and the compiled one).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from xenpv.platforms.base import GntSt
 from xenpv.platforms.loopback import proto
 from xenpv.platforms.loopback.client import ControlConnection
 from xenpv.platforms.loopback.daemon import LoopbackDaemon, _Connection
+from xenpv.platforms.loopback.gntcopy import copy_engine
 from xenpv.platforms.loopback.harness import start_daemon, stop_daemon
 from xenpv.platforms.loopback.proto import Op
 
@@ -38,13 +40,16 @@ def copy_request(count: int, length: int, *, ref: int = 0, flags: int = 0) -> by
     return proto.U32x2.pack(count, 0) + seg * count + data
 
 
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[tuple[LoopbackDaemon, _Connection]]:
+@pytest.fixture(params=["python", "compiled"])
+def daemon(tmp_path: Path, request: pytest.FixtureRequest
+           ) -> Iterator[tuple[LoopbackDaemon, _Connection]]:
+    """A daemon and one connection of dom1, served by each GNT_COPY engine in turn."""
     d = LoopbackDaemon(tmp_path, xenstore=False)
     d.hv.create_domain(1)
     d.hv.create_domain(2)
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     conn = _Connection(d, a, d.hv.open_handle(1))
+    conn.copier = copy_engine(d.hv, conn.handle, compiled=request.param == "compiled")
     try:
         yield d, conn
     finally:
@@ -68,7 +73,7 @@ def test_scenario_05_huge_copy_lengths_allocate_nothing_inprocess(
         tracemalloc.stop()
     assert peak < 1 << 20, f"the daemon allocated {peak} bytes for a hostile copy"
     assert status == -errno.E2BIG and not payload
-    assert conn.copy_cache is None
+    assert conn.copier.kept == 0
 
 
 def test_scenario_05_failed_copy_segments_are_not_cached_inprocess(
@@ -86,7 +91,7 @@ def test_scenario_05_failed_copy_segments_are_not_cached_inprocess(
         count, _ = proto.U32x2.unpack_from(payload)
         codes = struct.unpack_from(f"<{count}i", payload, 8)
         assert all(c in (GntSt.bad_gntref, GntSt.bad_copy_arg) for c in codes), codes
-        assert conn.copy_cache is None
+        assert conn.copier.kept == 0
 
 
 def test_successful_copies_are_still_cached_and_a_later_failure_zeroes_the_reply(
@@ -103,12 +108,12 @@ def test_successful_copies_are_still_cached_and_a_later_failure_zeroes_the_reply
     for _ in range(2):
         status, payload, _fds, _close = d.dispatch_now(conn, Op.GNT_COPY, req)  # type: ignore[misc]
         assert status == 0 and bytes(payload[12:]) == b"granted!"
-        assert conn.copy_cache is not None
+        assert conn.copier.kept
     d.hv.end_access(h2, share.refs)
     status, payload, _fds, _close = d.dispatch_now(conn, Op.GNT_COPY, req)  # type: ignore[misc]
     assert struct.unpack_from("<i", payload, 8)[0] == GntSt.bad_gntref
     assert bytes(payload[12:]) == bytes(8)
-    assert conn.copy_cache is None
+    assert conn.copier.kept == 0
     d.hv.close_handle(h2)
 
 

@@ -1036,16 +1036,11 @@ class Hypervisor:
         if isinstance(p, GrantPtr):
             if p.offset < 0 or length < 0 or p.offset + length > PAGE_SIZE:
                 return GntSt.bad_copy_arg
-            domid = self._resolve(h, p.domid)
-            dom = self.domains.get(domid)
-            if dom is None:
-                return GntSt.bad_domain
-            e = dom.grants.get(p.ref)
-            if e is None or e.revoking or e.grantee != h.domain.domid:
-                return GntSt.bad_gntref
-            if dest and e.readonly:
-                return GntSt.permission_denied
-            return e.segment, e.segment.view, e.page * PAGE_SIZE + p.offset
+            found = self.grant_page(h, p.domid, p.ref, dest)
+            if isinstance(found, int):
+                return found
+            seg, start = found
+            return seg, seg.view, start + p.offset
         if isinstance(p, SharePtr):
             return self._share_window(h, p, length)
         if not isinstance(p, LocalPtr):
@@ -1060,6 +1055,27 @@ class Hypervisor:
             return GntSt.bad_copy_arg
         return p.buffer, buf, p.offset
 
+    def grant_page(
+        self, h: Handle, domid: int, ref: int, dest: bool
+    ) -> int | tuple[Segment, int]:
+        """The page a grant copy side names by ``(domid, ref)`` as ``(segment, byte
+        offset of the page in it)``, or the GNTST code refusing it: the domain must exist
+        (``DOMID_SELF`` is the caller's), the ref be granted to the caller's domain and
+        not revoking, and a destination be a writable grant.
+
+        A page given stays the answer while :attr:`grant_gen` does not change (and ``h``
+        is open), so a copy engine may keep it until then (``cython/gntcopy.pyx``); a
+        refusal may turn into a page without a bump (a domain created)."""
+        dom = self.domains.get(self._resolve(h, domid))
+        if dom is None:
+            return GntSt.bad_domain
+        e = dom.grants.get(ref)
+        if e is None or e.revoking or e.grantee != h.domain.domid:
+            return GntSt.bad_gntref
+        if dest and e.readonly:
+            return GntSt.permission_denied
+        return e.segment, e.page * PAGE_SIZE
+
     @staticmethod
     def _share_window(h: Handle, p: SharePtr, length: int) -> Any:
         """The window of a :class:`SharePtr` side, or a GNTST code: the share must be one
@@ -1069,7 +1085,10 @@ class Hypervisor:
         if share is None:
             return GntSt.bad_page
         off, entries = p.offset, share.entries
-        if off < 0 or length < 0 or off + length > len(entries) * PAGE_SIZE:
+        size = len(entries) * PAGE_SIZE
+        # an empty window must still start in a page of the share (one at its very end
+        # names no page)
+        if off < 0 or length < 0 or off + length > size or off >= size:
             return GntSt.bad_copy_arg
         k = off // PAGE_SIZE
         first = entries[k]

@@ -46,9 +46,6 @@ from xenpv.pidlock import PidLock
 from xenpv.platforms.base import (
     DOMID_SELF,
     PAGE_SIZE,
-    GrantCopy,
-    GrantPtr,
-    LocalPtr,
     MapError,
     ResourceExhausted,
 )
@@ -59,14 +56,13 @@ from xenpv.platforms.loopback.builder import (
     ring_holdings,
 )
 from xenpv.platforms.loopback.core import (
-    CopyPlan,
     Domain,
     Handle,
     Hypervisor,
     Mapping,
     Segment,
-    SharePtr,
 )
+from xenpv.platforms.loopback.gntcopy import copy_engine
 from xenpv.platforms.loopback.home import write_domain_home
 from xenpv.platforms.loopback.inprocess import InProcessPlatform
 from xenpv.platforms.loopback.proto import Op
@@ -99,25 +95,6 @@ def _unpack(st: Any, payload: bytes, *, exact: bool = True) -> tuple[Any, ...]:
     return tuple(st.unpack_from(payload))
 
 
-#: flags of a side whose bytes are not in the request/reply (a grant, or the caller's own pages)
-_SOURCE_NOT_SENT = proto.GNTCOPY_source_gref | proto.GNTCOPY_source_own
-_DEST_NOT_SENT = proto.GNTCOPY_dest_gref | proto.GNTCOPY_dest_own
-
-
-def _named_side(flags: int, gref: int, own: int, ref: int, domid: int, offset: int
-                ) -> GrantPtr | SharePtr | None:
-    """The side a GNT_COPY segment names: a grant, a page of the caller's own share
-    (``ref`` its handle id, ``domid`` the page in it), or None (both flags: the
-    segment fails with ``GNTST_general_error``)."""
-    if flags & gref and flags & own:
-        return None
-    if flags & gref:
-        return GrantPtr(domid, ref, offset)
-    if offset >= PAGE_SIZE:
-        return SharePtr(ref, -1)  # out of the page: refused as bad_copy_arg
-    return SharePtr(ref, domid * PAGE_SIZE + offset)
-
-
 def _ok(
     payload: bytes | bytearray = b"", fds: list[int] | None = None, close: list[int] | None = None
 ) -> Reply:
@@ -136,9 +113,7 @@ class _Connection:
         self.sock = sock
         self.handle = handle
         self.task: asyncio.Task[None] | None = None  # an awaiting request, if any
-        # (request, plan, reply) of the last fully successful grant copy without local
-        # source data (bounded: both fit one message)
-        self.copy_cache: tuple[bytes, CopyPlan, bytearray] | None = None
+        self.copier = copy_engine(daemon.hv, handle)  # GNT_COPY (keeps views: release)
         self.closed = False
         self._reading = False
         handle.on_close.append(self.close)  # domain destroyed: the connection dies with it
@@ -223,9 +198,7 @@ class _Connection:
         if self.task is not None and not self.task.done():
             self.task.cancel()
         self.daemon.connections.discard(self)
-        if self.copy_cache is not None:
-            self.copy_cache[1].release()
-            self.copy_cache = None
+        self.copier.release()
         self.daemon.hv.close_handle(self.handle)
         self.sock.close()
 
@@ -658,83 +631,7 @@ class LoopbackDaemon:
         return _ok()
 
     def _gnt_copy(self, conn: _Connection, payload: bytes) -> Reply:
-        count, _pad = _unpack(proto.U32x2, payload, exact=False)
-        base = proto.U32x2.size + count * proto.COPY_SEG.size
-        if len(payload) < base:
-            raise PlatformError("short grant-copy request", errno.EINVAL)
-        cached = conn.copy_cache
-        if cached is not None and len(payload) == base and cached[0] == payload:
-            # the same segments again, with no local source data: reuse the plan (it
-            # re-validates by itself whenever a grant table changed)
-            _, plan, reply = cached
-            keep = True
-        else:
-            if cached is not None:
-                conn.copy_cache = None
-                cached[1].release()
-            plan, reply, local_src = self._copy_plan(conn, payload, count, base)
-            keep = not local_src
-        try:
-            status = plan()
-        except BaseException:
-            conn.copy_cache = None
-            plan.release()
-            raise
-        proto.U32x2.pack_into(reply, 0, count, 0)
-        struct.pack_into(f"<{count}i", reply, proto.U32x2.size, *status)
-        if keep and not any(status):
-            conn.copy_cache = (payload, plan, reply)
-        else:  # nothing is kept for a request with local data or a failed segment
-            conn.copy_cache = None
-            for seg, st in zip(plan.segments, status, strict=True):
-                if st and isinstance(seg.dest, LocalPtr):  # a reused reply: zero bytes
-                    seg.dest.buffer[seg.dest.offset : seg.dest.offset + seg.length] = bytes(
-                        seg.length
-                    )
-            plan.release()
-        return _ok(reply)
-
-    def _copy_plan(
-        self, conn: _Connection, payload: bytes, count: int, base: int
-    ) -> tuple[CopyPlan, bytearray, bool]:
-        """Validate the peer's lengths, then build the plan and the one reply buffer.
-
-        Every length is checked before anything is allocated: the source data must be in
-        the request and the destination data must fit one reply, so a request can never
-        make the daemon allocate more than a message (hostile-inputs R5, R11)."""
-        raw = [
-            proto.COPY_SEG.unpack_from(payload, proto.U32x2.size + i * proto.COPY_SEG.size)
-            for i in range(count)
-        ]
-        src_total = sum(s[6] for s in raw if not s[7] & _SOURCE_NOT_SENT)
-        dst_total = sum(s[6] for s in raw if not s[7] & _DEST_NOT_SENT)
-        if src_total > len(payload) - base:
-            raise PlatformError("grant copy: not enough source data", errno.EINVAL)
-        head = proto.U32x2.size + 4 * count
-        if proto.REPLY.size + head + dst_total > proto.MAX_MESSAGE:
-            raise PlatformError("grant copy: the destination data exceeds a reply", errno.E2BIG)
-        data = memoryview(payload)[base:]
-        reply = bytearray(head + dst_total)
-        dest = memoryview(reply)[head:]
-        segs: list[GrantCopy] = []
-        out_len = src_cursor = 0
-        for sref, sdom, soff, dref, ddom, doff, length, flags, _ in raw:
-            src: GrantPtr | LocalPtr | SharePtr | None
-            dst: GrantPtr | LocalPtr | SharePtr | None
-            if flags & _SOURCE_NOT_SENT:
-                src = _named_side(flags, proto.GNTCOPY_source_gref, proto.GNTCOPY_source_own,
-                                  sref, sdom, soff)
-            else:
-                src = LocalPtr(data, src_cursor)
-                src_cursor += length
-            if flags & _DEST_NOT_SENT:
-                dst = _named_side(flags, proto.GNTCOPY_dest_gref, proto.GNTCOPY_dest_own,
-                                  dref, ddom, doff)
-            else:
-                dst = LocalPtr(dest, out_len)
-                out_len += length
-            segs.append(GrantCopy(src, dst, length))  # type: ignore[arg-type]  # SharePtr: the hypervisor's own side type
-        return self.hv.prepare_copy(conn.handle, segs), reply, src_cursor > 0
+        return _ok(conn.copier.run(payload))
 
     def _evt_alloc_unbound(self, conn: _Connection, payload: bytes) -> Reply:
         (remote,) = _unpack(proto.U32, payload)

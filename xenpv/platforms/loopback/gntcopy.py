@@ -1,0 +1,198 @@
+"""The loopback daemon's GNT_COPY (docs/loopback-protocol.md §4.7): a request payload in,
+the reply payload out, for one control connection (one hypervisor handle).
+
+Two twins serve it, chosen by :func:`copy_engine`:
+
+* :class:`PyCopyEngine`, the readable one: the request is parsed into
+  :class:`~xenpv.platforms.base.GrantCopy` records (a grant side as a ``GrantPtr``, a side
+  in the caller's own pages as a :class:`~xenpv.platforms.loopback.core.SharePtr`, a side
+  whose bytes travel in the request or the reply as a ``LocalPtr``) and run by the
+  hypervisor's :class:`~xenpv.platforms.loopback.core.CopyPlan`, the same rules as the
+  in-process platform's copies;
+* ``CopyEngine`` (``cython/gntcopy.pyx``), compiled: it parses the request in place,
+  keeps the hypervisor's answer for each page named until a grant table changes
+  (:attr:`~xenpv.platforms.loopback.core.Hypervisor.grant_gen`) and copies with memmove.
+  It asks the hypervisor the same questions (``grant_page``, ``_share_window``), so the
+  table rules have one implementation; tests compare the two engines on arbitrary
+  requests, hostile ones included.
+
+Both check every length before allocating anything (hostile-inputs R5, R11): the local
+source bytes must be in the request and the local destination bytes fit one reply.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from typing import Any, Protocol
+
+from xenpv.compiled import pure_python
+from xenpv.errors import PlatformError
+from xenpv.platforms.base import PAGE_SIZE, GrantCopy, GrantPtr, LocalPtr
+from xenpv.platforms.loopback import proto
+from xenpv.platforms.loopback.core import CopyPlan, Handle, Hypervisor, SharePtr
+
+__all__ = ["CopyEngineLike", "PyCopyEngine", "copy_engine"]
+
+#: flags of a side whose bytes are not in the request/reply (a grant, or the caller's own pages)
+_SOURCE_NOT_SENT = proto.GNTCOPY_source_gref | proto.GNTCOPY_source_own
+_DEST_NOT_SENT = proto.GNTCOPY_dest_gref | proto.GNTCOPY_dest_own
+
+
+class CopyEngineLike(Protocol):
+    """What the daemon asks of a GNT_COPY engine."""
+
+    def run(self, payload: bytes) -> bytearray:
+        """The reply payload to the request ``payload`` (or :class:`PlatformError`)."""
+
+    def release(self) -> None:
+        """Drop every memory view held (the connection closes)."""
+
+    @property
+    def kept(self) -> int:
+        """How many plans or pages are kept between requests (bounded)."""
+
+
+def _named_side(flags: int, gref: int, own: int, ref: int, domid: int, offset: int
+                ) -> GrantPtr | SharePtr | None:
+    """The side a GNT_COPY segment names: a grant, a page of the caller's own share
+    (``ref`` its handle id, ``domid`` the page in it), or None (both flags: the
+    segment fails with ``GNTST_general_error``)."""
+    if flags & gref and flags & own:
+        return None
+    if flags & gref:
+        return GrantPtr(domid, ref, offset)
+    if offset >= PAGE_SIZE:
+        return SharePtr(ref, -1)  # out of the page: refused as bad_copy_arg
+    return SharePtr(ref, domid * PAGE_SIZE + offset)
+
+
+class PyCopyEngine:
+    """The readable GNT_COPY: the request as a :class:`CopyPlan`.  The plan of the last
+    fully successful request without local source bytes is kept, and reused while the
+    same request comes again (it re-validates by itself when a grant table changed)."""
+
+    def __init__(self, hv: Hypervisor, handle: Handle) -> None:
+        self.hv = hv
+        self.handle = handle
+        # (request, plan, reply) of the last fully successful grant copy without local
+        # source data (bounded: both fit one message)
+        self._cache: tuple[bytes, CopyPlan, bytearray] | None = None
+
+    @property
+    def kept(self) -> int:
+        """1 while a plan is kept, else 0."""
+        return int(self._cache is not None)
+
+    def release(self) -> None:
+        """Drop the kept plan's views."""
+        if self._cache is not None:
+            self._cache[1].release()
+            self._cache = None
+
+    def run(self, payload: bytes) -> bytearray:
+        """The reply payload to the GNT_COPY request ``payload``."""
+        if len(payload) < proto.U32x2.size:
+            raise PlatformError("request payload has the wrong size", errno.EINVAL)
+        count, _pad = proto.U32x2.unpack_from(payload)
+        base = proto.U32x2.size + count * proto.COPY_SEG.size
+        if len(payload) < base:
+            raise PlatformError("short grant-copy request", errno.EINVAL)
+        cached = self._cache
+        if cached is not None and len(payload) == base and cached[0] == payload:
+            _, plan, reply = cached
+            keep = True
+        else:
+            self.release()
+            plan, reply, local_src = self._plan(payload, count, base)
+            keep = not local_src
+        try:
+            status = plan()
+        except BaseException:
+            self._cache = None
+            plan.release()
+            raise
+        proto.U32x2.pack_into(reply, 0, count, 0)
+        struct.pack_into(f"<{count}i", reply, proto.U32x2.size, *status)
+        if keep and not any(status):
+            self._cache = (payload, plan, reply)
+        else:  # nothing is kept for a request with local data or a failed segment
+            self._cache = None
+            for seg, st in zip(plan.segments, status, strict=True):
+                if st and isinstance(seg.dest, LocalPtr):  # a reused reply: zero bytes
+                    seg.dest.buffer[seg.dest.offset : seg.dest.offset + seg.length] = bytes(
+                        seg.length
+                    )
+            plan.release()
+        return reply
+
+    def _plan(self, payload: bytes, count: int, base: int) -> tuple[CopyPlan, bytearray, bool]:
+        """Validate the peer's lengths, then build the plan and the one reply buffer.
+
+        Every length is checked before anything is allocated: the source data must be in
+        the request and the destination data must fit one reply, so a request can never
+        make the daemon allocate more than a message (hostile-inputs R5, R11)."""
+        raw = [
+            proto.COPY_SEG.unpack_from(payload, proto.U32x2.size + i * proto.COPY_SEG.size)
+            for i in range(count)
+        ]
+        src_total = sum(s[6] for s in raw if not s[7] & _SOURCE_NOT_SENT)
+        dst_total = sum(s[6] for s in raw if not s[7] & _DEST_NOT_SENT)
+        if src_total > len(payload) - base:
+            raise PlatformError("grant copy: not enough source data", errno.EINVAL)
+        head = proto.U32x2.size + 4 * count
+        if proto.REPLY.size + head + dst_total > proto.MAX_MESSAGE:
+            raise PlatformError("grant copy: the destination data exceeds a reply", errno.E2BIG)
+        data = memoryview(payload)[base:]
+        reply = bytearray(head + dst_total)
+        dest = memoryview(reply)[head:]
+        segs: list[GrantCopy] = []
+        out_len = src_cursor = 0
+        for sref, sdom, soff, dref, ddom, doff, length, flags, _ in raw:
+            src: GrantPtr | LocalPtr | SharePtr | None
+            dst: GrantPtr | LocalPtr | SharePtr | None
+            if flags & _SOURCE_NOT_SENT:
+                src = _named_side(flags, proto.GNTCOPY_source_gref, proto.GNTCOPY_source_own,
+                                  sref, sdom, soff)
+            else:
+                src = LocalPtr(data, src_cursor)
+                src_cursor += length
+            if flags & _DEST_NOT_SENT:
+                dst = _named_side(flags, proto.GNTCOPY_dest_gref, proto.GNTCOPY_dest_own,
+                                  dref, ddom, doff)
+            else:
+                dst = LocalPtr(dest, out_len)
+                out_len += length
+            segs.append(GrantCopy(src, dst, length))  # type: ignore[arg-type]  # SharePtr: the hypervisor's own side type
+        return self.hv.prepare_copy(self.handle, segs), reply, src_cursor > 0
+
+
+def _compiled() -> Any:
+    """The compiled engine class, or None (not built, or ``XENPV_PURE_PYTHON=1``)."""
+    if pure_python():
+        return None
+    try:
+        from xenpv.platforms.loopback import _gntcopy
+    except ImportError:  # not built: the twin serves
+        return None
+    return _gntcopy.CopyEngine
+
+
+_COMPILED = _compiled()
+
+
+def copy_engine(hv: Hypervisor, handle: Handle, *, compiled: bool | None = None
+                ) -> CopyEngineLike:
+    """The GNT_COPY engine of one connection: compiled where built (``compiled``: force
+    one, for tests; True raises ImportError when it is not built)."""
+    if compiled is None:
+        compiled = _COMPILED is not None
+    if not compiled:
+        return PyCopyEngine(hv, handle)
+    if _COMPILED is None:
+        from xenpv.platforms.loopback import _gntcopy
+
+        engine: CopyEngineLike = _gntcopy.CopyEngine(hv, handle, SharePtr)
+        return engine
+    engine = _COMPILED(hv, handle, SharePtr)
+    return engine

@@ -603,6 +603,9 @@ def test_backend_stages_batched_copies_in_its_own_frames() -> None:
                 mems = [s.mem for s in used]
                 assert all(any(buf is m for m in mems) for buf in locals_seen) == bool(pages)
                 assert pages == 0 or len(used) >= 4  # TX and RX, both vifs
+                txs = [q.tx.stats for q in a.backend.vif.queues]  # type: ignore[union-attr]
+                copies, packets = (sum(t[k] for t in txs) for k in ("copies", "packets"))
+                assert 1 <= copies <= packets  # one copy call serves a batch
             finally:
                 await close_all(w, a, b)
             assert w.machine.outstanding()["frames"] == 0

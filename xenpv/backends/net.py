@@ -207,6 +207,8 @@ MAX_HASH_MAPPING = 128
 HASH_TYPES = 0xF
 #: Most multicast addresses a frontend may subscribe (Linux netback's limit).
 MAX_MCAST = 64
+#: Staged TX copy records a queue keeps for reuse (``NetTx._made``).
+_MADE_KEPT = 8192
 #: The most TX chain slots kept between batches (a chain, its extras and one more).
 _MAX_PENDING_SLOTS = FATAL_SKB_SLOTS_DEFAULT + 8
 
@@ -344,33 +346,38 @@ class _Staging:
             self.size = len(self.mem)
         return self.frames is not None and self._grants is not None
 
+    def _layout(self, lengths: Sequence[int]) -> tuple[list[int], int]:
+        """Where pieces of ``lengths`` go after what is placed (a piece that would cross
+        a page starts at the next one), and the end of the last."""
+        cursor = self.cursor
+        out = []
+        for n in lengths:
+            if n and cursor // XEN_PAGE_SIZE != (cursor + n - 1) // XEN_PAGE_SIZE:
+                cursor = -(-cursor // XEN_PAGE_SIZE) * XEN_PAGE_SIZE
+            out.append(cursor)
+            cursor += n
+        return out, cursor
+
     def fits(self, lengths: Sequence[int]) -> bool:
         """Whether pieces of ``lengths`` all fit after what is placed (always, where
         there is no staging: the private buffers take anything)."""
-        if not self._ready():
-            return True
-        cursor = self.cursor
-        for n in lengths:
-            cursor = self._at(cursor, n) + n
-        return cursor <= self.size
-
-    @staticmethod
-    def _at(cursor: int, n: int) -> int:
-        if n and cursor // XEN_PAGE_SIZE != (cursor + n - 1) // XEN_PAGE_SIZE:
-            return -(-cursor // XEN_PAGE_SIZE) * XEN_PAGE_SIZE
-        return cursor
+        return not self._ready() or self._layout(lengths)[1] <= self.size
 
     def place(self, lengths: Sequence[int]) -> list[int] | None:
         """Offsets for pieces of ``lengths`` (each at most a page), or None (nothing
         placed) if they do not all fit or there is no staging."""
-        if not self._ready() or not self.fits(lengths):
+        if not self._ready():
             return None
-        out = []
-        for n in lengths:
-            at = self._at(self.cursor, n)
-            out.append(at)
-            self.cursor = at + n
+        out, end = self._layout(lengths)
+        if end > self.size:
+            return None
+        self.cursor = end
         return out
+
+    @property
+    def ready(self) -> bool:
+        """Whether there is staging (allocated at the first use; None left: never)."""
+        return self._ready()
 
     def reset(self) -> None:
         """The batch is done: place from the start again."""
@@ -406,7 +413,7 @@ class NetTx:
         self._pending = b""
         self.stats = dict.fromkeys(("packets", "bytes", "dropped", "fatal", "copy_errors",
                                     "port_errors", "gso", "csum_blank", "rate_limited",
-                                    "mcast_requests"), 0)
+                                    "mcast_requests", "copies"), 0)
         #: Why the last packet was dropped (diagnostics).
         self.last_drop = ""
         #: Answers given later (``rate``): the queue's :meth:`RingService.respond`.
@@ -418,6 +425,8 @@ class NetTx:
         self._timer: asyncio.TimerHandle | None = None
         self.closed = False
         self._stage = _Staging.for_platform(self.grants, config.staging_pages)
+        #: Staged copy records by (gref, offset, staging place, length) (bounded).
+        self._made: dict[tuple[int, int, int, int], GrantCopy] = {}
         #: The GSO types the compiled scan may accept (those offered).
         self._gso_mask = (SCAN_GSO_TCPV4 if config.gso_tcpv4 else 0) | \
             (SCAN_GSO_TCPV6 if config.gso_tcpv6 else 0)
@@ -620,28 +629,47 @@ class NetTx:
                 view[pos * _TX_SLOT:], n - pos, max_slots=config.max_slots,
                 fatal_slots=config.fatal_slots, sg=config.sg, gso=self._gso_mask):
             cost = size + COPY_SEG_COST * len(frags)
-            if group and (group_bytes + cost > COPY_BATCH or
-                          (stage is not None and not stage.fits([f[2] for f in frags]))):
+            if group and group_bytes + cost > COPY_BATCH:
                 out += self._copy_group(group)  # before this packet is placed
                 group_bytes = 0
+            at = None
+            if stage is not None:
+                lengths = [f[2] for f in frags]
+                at = stage.place(lengths)
+                if at is None and group and stage.ready:  # full: copy what it holds first
+                    out += self._copy_group(group)
+                    group_bytes = 0
+                    at = stage.place(lengths)
             group.append(self._place(flags, size, ids, used - len(ids), frags,
-                                     view[pos * _TX_SLOT:], gso))
+                                     view[pos * _TX_SLOT:], gso, at, placed=True))
             group_bytes += cost
             pos += used
         return pos, group_bytes
 
     def _place(self, flags: int, size: int, ids: tuple[int, ...], extras: int,
                frags: Sequence[tuple[int, int, int]], slots: memoryview,
-               gso: tuple[int, int]) -> _TxCopy:
+               gso: tuple[int, int], at: list[int] | None = None, *,
+               placed: bool = False) -> _TxCopy:
         """The copy that brings in a checked packet's (gref, offset, length) fragments:
-        into staging frames where they fit, else into a private buffer."""
-        at = self._stage.place([f[2] for f in frags]) if self._stage is not None else None
+        into staging frames where they fit, else into a private buffer (``placed``:
+        the caller placed them already, at ``at``)."""
+        if not placed and self._stage is not None:
+            at = self._stage.place([f[2] for f in frags])
         domid = self.domid
         if at is not None:  # staged in own frames: the copy carries no bytes (loopback)
             assert self._stage is not None
-            mem = self._stage.mem
-            segs = [GrantCopy(GrantPtr(domid, g, o), LocalPtr(mem, a), length)
-                    for (g, o, length), a in zip(frags, at, strict=True)]
+            mem, made = self._stage.mem, self._made
+            segs = []
+            for (g, o, length), a in zip(frags, at, strict=True):
+                # the frontend's pages and the staging places recur: the same records
+                # (whose encoding the platform may keep) serve again
+                seg = made.get((g, o, a, length))
+                if seg is None:
+                    if len(made) >= _MADE_KEPT:
+                        made.clear()
+                    seg = made[g, o, a, length] = GrantCopy(GrantPtr(domid, g, o),
+                                                           LocalPtr(mem, a), length)
+                segs.append(seg)
             return _TxCopy(flags, size, ids, extras, slots, gso, None, segs)
         data = bytearray(size)
         segs, pos = [], 0
@@ -657,6 +685,7 @@ class NetTx:
         if not group:
             return []
         out: list[bytes] = []
+        self.stats["copies"] += 1
         for p, failed in zip(group, _copy_batch(self.grants, group), strict=True):
             out += self._finish(p, failed)
         group.clear()
@@ -739,9 +768,13 @@ def _gathered(p: _TxCopy) -> bytes:
     """The packet's bytes once its copies are done."""
     if p.data is not None:
         return bytes(p.data)
+    first, last = p.segs[0].dest, p.segs[-1]
+    assert isinstance(first, LocalPtr) and isinstance(last.dest, LocalPtr)
+    if last.dest.offset + last.length - first.offset == p.size:  # placed without gaps
+        return bytes(memoryview(first.buffer)[first.offset:first.offset + p.size])
     views = [memoryview(s.dest.buffer)[s.dest.offset:s.dest.offset + s.length]
              for s in p.segs if isinstance(s.dest, LocalPtr)]
-    return bytes(views[0]) if len(views) == 1 else b"".join(views)
+    return b"".join(views)
 
 
 def _chunks(size: int) -> list[tuple[int, int]]:
@@ -792,7 +825,7 @@ class NetRx:
         self.stats = dict.fromkeys(("packets", "bytes", "dropped", "backlog_full",
                                     "too_big", "segmented", "csum_completed",
                                     "copy_errors", "stalls", "carrier_drops",
-                                    "unparseable", "mcast_filtered"), 0)
+                                    "unparseable", "mcast_filtered", "copies"), 0)
 
     # -- ring side
     def handle(self, batch: memoryview, count: int) -> list[bytes]:
@@ -952,6 +985,7 @@ class NetRx:
         if not group:
             return []
         out: list[bytes] = []
+        self.stats["copies"] += 1
         for c, failed in zip(group, _copy_batch(self.grants, group), strict=True):
             out += self._responses(c, failed)
         group.clear()

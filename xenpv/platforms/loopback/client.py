@@ -155,7 +155,7 @@ class ControlConnection:
                 raise PlatformGone("loopback daemon closed the connection")
             try:
                 rop, rseq, status, out = proto.decode_reply(data)
-                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or (rop, rseq) != (
+                if flags & proto.TRUNCATED or (rop, rseq) != (
                     op,
                     self._seq,
                 ):
@@ -222,6 +222,12 @@ class ClientGrantTable(_OnConnection):
         #: sending their bytes: (start address, end address, handle id, one memfd per page)
         self._own: list[tuple[int, int, int, bool]] = []
         self._own_gen = 0  # bumped when _own changes (copy plans re-encode)
+        #: encodings of segments that carry no bytes (a grant copied into or out of own
+        #: pages), by segment object: a driver that builds the same segments again and
+        #: again (a net backend's staged copies) pays for each encoding once.  Valid for
+        #: ``_named_gen`` (= ``_own_gen``), bounded by :data:`NAMED_KEPT`.
+        self._named: dict[int, tuple[GrantCopy, bytes]] = {}
+        self._named_gen = 0
 
     def grant(self, domid: int, count: int = 1, *, writable: bool = True,
               notify: UnmapNotify | None = None) -> SharedRegion:
@@ -453,6 +459,12 @@ class ClientGrantTable(_OnConnection):
         self._conn.close()
 
 
+#: segment encodings a grant table keeps (see ``ClientGrantTable._named``)
+NAMED_KEPT = 4096
+_SOURCE_NAMED = proto.GNTCOPY_source_gref | proto.GNTCOPY_source_own
+_DEST_NAMED = proto.GNTCOPY_dest_gref | proto.GNTCOPY_dest_own
+
+
 class _ClientCopyPlan:
     """GNT_COPY request for a fixed list of segments (docs/loopback-protocol.md §4.7).
 
@@ -478,7 +490,15 @@ class _ClientCopyPlan:
         memo: dict[int, tuple[Any, ...]] = {}
         self._sent = []
         self._runs = []
+        named = table._named
+        if table._named_gen != table._own_gen:
+            named.clear()
+            table._named_gen = table._own_gen
         for i, s in enumerate(self._segments):
+            known = named.get(id(s))
+            if known is not None and known[0] is s:
+                head.append(known[1])
+                continue
             flags = 0
             sref = sdom = soff = dref = ddom = doff = 0
             if isinstance(s.source, GrantPtr):
@@ -507,7 +527,12 @@ class _ClientCopyPlan:
                     last[4] = i + 1
                 else:
                     self._runs.append([s.dest.buffer, s.dest.offset, s.length, i, i + 1])
-            head.append(proto.COPY_SEG.pack(sref, sdom, soff, dref, ddom, doff, s.length, flags, 0))
+            packed = proto.COPY_SEG.pack(sref, sdom, soff, dref, ddom, doff, s.length, flags, 0)
+            head.append(packed)
+            if flags & _SOURCE_NAMED and flags & _DEST_NAMED:  # no bytes: the same each time
+                if len(named) >= NAMED_KEPT:
+                    named.clear()
+                named[id(s)] = (s, packed)
         self._head = b"".join(head)
         self._gen = table._own_gen
 

@@ -145,7 +145,7 @@ class _Connection:
                 if not data and not fds:
                     self.close()  # EOF: the client is gone
                     return
-                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                if flags & proto.TRUNCATED:
                     raise proto.ProtocolViolation("oversized request")
                 op, seq, payload = proto.decode_request(data)
                 reply = self.daemon.dispatch_now(self, op, payload)

@@ -16,6 +16,10 @@ MAX_FDS = 250
 #: control space sized for the kernel's SCM_MAX_FD (253)
 CMSG_SPACE = socket.CMSG_SPACE(253 * 4)
 
+#: recvmsg flags of a message that did not fit (a plain int: enum arithmetic per message
+#: costs more than the rest of a small request's framing)
+TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+
 REQUEST = struct.Struct("<III")  # op, seq, len
 REPLY = struct.Struct("<IIiI")  # op, seq, status, len
 

@@ -29,6 +29,7 @@ import asyncio
 import sys
 from typing import Any
 
+from xenpv import loops
 from xenpv.cli import args as cliargs
 from xenpv.cli.console import _stdin_closed, emit
 from xenpv.cli.ends import (
@@ -187,10 +188,12 @@ def run(args: argparse.Namespace) -> int:
     from xenpv.xenstore.wire import WireError, XenstoreError
 
     try:
+        # the drivers' processes spend much of each frame in the event loop's own
+        # machinery (wake-ups, readers): uvloop's, in C, where installed (xenpv.loops)
         if args.action == "backend":
-            return asyncio.run(_backend(args))
+            return loops.run(_backend(args))
         if args.action == "frontend":
-            return asyncio.run(_frontend(args))
+            return loops.run(_frontend(args))
         return asyncio.run(_info(args))
     except (LocalError, PeerError, PlatformError, XenstoreError, WireError, TimeoutError,
             OSError) as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,7 +156,10 @@ async def pings(nets: Namespaces) -> None:
     for ns, dest in ((nets.guest, "198.18.0.1"), (nets.dom0, "198.18.0.2"),
                      (nets.guest, f"fe80::1%{nets.gtap}"), (nets.dom0, f"fe80::2%{nets.dtap}")):
         out = await tool(ns, ping, "-c", "3", "-i", "0.05", "-W", "5", "-w", "15", dest)
-        assert " 3 received" in out, out
+        # three answers at least: while the first round trips take longer than the
+        # interval (a loaded machine), ping sends and receives a few more before it stops
+        got = re.search(r"(\d+) received", out)
+        assert got is not None and int(got.group(1)) >= 3, out
 
 
 async def iperf3_both_ways(nets: Namespaces, size: int) -> None:

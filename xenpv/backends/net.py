@@ -172,7 +172,7 @@ COPY_SEG_COST = 32
 #: platform gives the backend frames of its own (:class:`GuestFrames`): on the loopback
 #: emulator a grant copy names such pages instead of carrying their bytes over the
 #: daemon's socket.  A batch is cut when it does not fit any more.
-STAGING_PAGES = 40
+STAGING_PAGES = 128
 
 __all__ = [
     "MulticastFilter",
@@ -628,10 +628,6 @@ class NetTx:
         for flags, size, used, ids, frags, gso in scan_tx(
                 view[pos * _TX_SLOT:], n - pos, max_slots=config.max_slots,
                 fatal_slots=config.fatal_slots, sg=config.sg, gso=self._gso_mask):
-            cost = size + COPY_SEG_COST * len(frags)
-            if group and group_bytes + cost > COPY_BATCH:
-                out += self._copy_group(group)  # before this packet is placed
-                group_bytes = 0
             at = None
             if stage is not None:
                 lengths = [f[2] for f in frags]
@@ -639,6 +635,14 @@ class NetTx:
                 if at is None and group and stage.ready:  # full: copy what it holds first
                     out += self._copy_group(group)
                     group_bytes = 0
+                    at = stage.place(lengths)
+            # a staged packet's bytes do not travel with the copy: only its segments count
+            cost = COPY_SEG_COST * len(frags) + (size if at is None else 0)
+            if group and group_bytes + cost > COPY_BATCH:
+                out += self._copy_group(group)  # it starts the staging area again
+                group_bytes = 0
+                if at is not None:
+                    assert stage is not None
                     at = stage.place(lengths)
             group.append(self._place(flags, size, ids, used - len(ids), frags,
                                      view[pos * _TX_SLOT:], gso, at, placed=True))

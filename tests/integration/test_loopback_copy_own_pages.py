@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from xenpv.platforms.base import GntSt, GrantCopy, GrantPtr, LocalPtr
-from xenpv.platforms.loopback import proto
+from xenpv.platforms.loopback import client, proto
 from xenpv.platforms.loopback.client import ClientGrantTable
 from xenpv.platforms.loopback.harness import start_daemon, stop_daemon
 from xenpv.platforms.loopback.proto import Op
@@ -126,6 +126,14 @@ def test_own_pages_copy_both_ways_without_their_bytes_on_the_socket(rundir: Path
                 extra = t1.alloc_frames(1)  # own pages change
         assert t1._named_gen == t1._own_gen and len(t1._named) == 1
         assert wire.sizes[-1] == (8 + proto.COPY_SEG.size, 8 + 4)
+        # the encodings kept are bounded: past the bound they start again
+        bound, client.NAMED_KEPT = client.NAMED_KEPT, 2
+        try:
+            many = [GrantCopy(GrantPtr(2, g.refs[0], k), LocalPtr(own.mem, 100 + k), 1)
+                    for k in range(5)]
+            assert t1.copy(many) == [GntSt.okay] * 5 and len(t1._named) <= 2
+        finally:
+            client.NAMED_KEPT = bound
         t1.free_frames(extra)
         t1.end_access(own)
         t1.free_frames(frames)

@@ -208,7 +208,7 @@ HASH_TYPES = 0xF
 #: Most multicast addresses a frontend may subscribe (Linux netback's limit).
 MAX_MCAST = 64
 #: Staged TX copy records a queue keeps for reuse (``NetTx._made``).
-_MADE_KEPT = 8192
+_MADE_KEPT = 16384
 #: The most TX chain slots kept between batches (a chain, its extras and one more).
 _MAX_PENDING_SLOTS = FATAL_SKB_SLOTS_DEFAULT + 8
 

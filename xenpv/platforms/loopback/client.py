@@ -460,7 +460,7 @@ class ClientGrantTable(_OnConnection):
 
 
 #: segment encodings a grant table keeps (see ``ClientGrantTable._named``)
-NAMED_KEPT = 4096
+NAMED_KEPT = 16384
 _SOURCE_NAMED = proto.GNTCOPY_source_gref | proto.GNTCOPY_source_own
 _DEST_NAMED = proto.GNTCOPY_dest_gref | proto.GNTCOPY_dest_own
 

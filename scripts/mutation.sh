@@ -37,9 +37,9 @@ SAMPLE=0
 SEED=1
 TESTS_OVERRIDE=""
 MUTMUT="${MUTMUT:-mutmut}"
-ALL_GROUPS=(keys store protocol-checks blkif layout hid emulator vchan rings)
-# `protocols` names the four groups that cover xenpv/protocols/ together
-PROTOCOL_GROUPS=(protocol-checks blkif layout hid)
+ALL_GROUPS=(keys store protocol-checks blkif layout hid ethernet emulator vchan rings)
+# `protocols` names the five groups that cover xenpv/protocols/ together
+PROTOCOL_GROUPS=(protocol-checks blkif layout hid ethernet)
 
 # group -> files mutated (mutmut's only_mutate globs), tests run, extra environment,
 # extra pytest arguments.  A mutant runs only the group's tests that call its function.
@@ -60,6 +60,8 @@ TESTS[layout]="tests/unit/test_layouts_roundtrip.py tests/unit/test_layout_edges
 MUTATE[hid]="xenpv/protocols/hid.py xenpv/protocols/keycodes.py"
 TESTS[hid]="tests/unit/test_hid_descriptor.py tests/unit/test_hid_translate.py tests/unit/test_keyboard_overflow.py
  tests/unit/test_protocol_misc.py"
+MUTATE[ethernet]="xenpv/protocols/ethernet.py"
+TESTS[ethernet]="tests/unit/test_ethernet.py tests/unit/test_net_helpers.py"
 MUTATE[keys]="xenpv/xenbus/keys.py"
 TESTS[keys]="tests/unit/test_xenbus_paths.py tests/unit/test_xs_values.py
  tests/property/test_perturbations.py tests/fuzz/test_oracles.py"
@@ -85,16 +87,27 @@ ENVS[rings]="XENPV_PURE_PYTHON=1"
 
 usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
 
+# an option that takes a value must have one (not the end of the line, not another option)
+value_of() {
+    if (($# < 2)) || [[ -z "$2" || "$2" == --* ]]; then
+        echo "mutation.sh: $1 needs a value" >&2; usage >&2; exit 2
+    fi
+}
+count_of() {
+    value_of "$@"
+    [[ "$2" =~ ^[0-9]+$ ]] || { echo "mutation.sh: $1 needs a number, not '$2'" >&2; exit 2; }
+}
+
 groups=()
 while (($#)); do
     case "$1" in
-        --jobs) JOBS="$2"; shift 2 ;;
+        --jobs) count_of "$@"; JOBS="$2"; shift 2 ;;
         --fresh) FRESH=1; shift ;;
         --report) REPORT_ONLY=1; shift ;;
-        --sample) SAMPLE="$2"; shift 2 ;;
-        --seed) SEED="$2"; shift 2 ;;
-        --tests) TESTS_OVERRIDE="$2"; shift 2 ;;
-        --work) WORK="$(realpath -m "$2")"; shift 2 ;;
+        --sample) count_of "$@"; SAMPLE="$2"; shift 2 ;;
+        --seed) count_of "$@"; SEED="$2"; shift 2 ;;
+        --tests) value_of "$@"; TESTS_OVERRIDE="$2"; shift 2 ;;
+        --work) value_of "$@"; WORK="$(realpath -m "$2")"; shift 2 ;;
         --list)
             for g in "${ALL_GROUPS[@]}"; do
                 printf '%s\n  mutates: %s\n  runs:    %s\n' "$g" "$(echo ${MUTATE[$g]})" \

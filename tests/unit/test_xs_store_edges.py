@@ -524,3 +524,88 @@ def test_a_released_owner_of_the_root_leaves_the_roots_other_entries() -> None:
     dom0.ok(T.SET_PERMS, "/", "r5", "w6", "b7")
     assert store.release_domain(5)
     assert perms_of(dom0, "/") == ["r0", "w6", "b7"] and store.check() == []
+
+
+# -- WATCH and TRANSACTION_END arguments, event ordering and size (fourth round) ------------
+def test_watch_arguments_and_their_errors() -> None:
+    """WATCH is ``path\\0token\\0`` [+ ``depth\\0``]: too few fields, a depth that is not a
+    number and an unknown special name are EINVAL (a special name with non-ASCII bytes too,
+    never an internal error); an empty or unterminated third field is no depth at all."""
+    store, dom0, guest = new_store()
+    for raw in (b"/w", b"/w\0tok", b"/w\0tok\0x\0", b"/w\0tok\0-1\0", b"@nosuch\0tok\0",
+                b"@\xffrelease\0tok\0", b"@\0tok\0"):
+        for client in (dom0, guest):
+            assert client.req(T.WATCH, raw=raw) == ("error", b"EINVAL\0"), raw
+    assert store.internal_errors == 0
+    deep = "/w/a/b/c"
+    for raw, token in ((b"/w\0empty\0\0", "empty"), (b"/w\0open\0" + b"1", "open"),
+                       (b"/w\0one\0" + b"1\0", "one")):
+        dom0.ok(T.WATCH, raw=raw)
+        assert dom0.events() == [("/w", token)]  # fired on registration
+    dom0.write(deep, b"v")
+    # depth 1 stops at /w/a's level; the others have no limit
+    assert sorted(dom0.events()) == [(deep, "empty"), (deep, "open")]
+    dom0.write("/w/a", b"v")
+    assert sorted(dom0.events()) == [("/w/a", "empty"), ("/w/a", "one"), ("/w/a", "open")]
+
+
+def test_one_changes_events_come_in_watch_registration_order() -> None:
+    """A connection with watches on a node and on its ancestors gets one change's events in
+    the order it registered the watches (as C xenstored sends them), not tree order."""
+    _, dom0, _ = new_store()
+    for path, token in (("/o", "first"), ("/o/p/q", "second"), ("/", "third"),
+                        ("/o/p", "fourth")):
+        dom0.ok(T.WATCH, path, token)
+    dom0.events()
+    dom0.write("/o/p/q", b"v")
+    assert [token for _, token in dom0.events()] == ["first", "second", "third", "fourth"]
+
+
+def test_an_event_of_exactly_the_largest_payload_is_sent_and_a_larger_one_counted() -> None:
+    """A watch event of PAYLOAD_MAX (4096) bytes is sent; one byte more is dropped and
+    counted (``dropped_events``), every time."""
+    store, dom0, _ = new_store()
+    fits, over = "f" * (4096 - len("/w/x") - 2), "o" * (4096 - len("/w/x") - 1)
+    dom0.ok(T.WATCH, "/w", fits)
+    dom0.ok(T.WATCH, "/w", over)
+    assert [len(t) for _, t in dom0.events()] == [len(fits), len(over)]
+    assert store.dropped_events == 0
+    dom0.write("/w/x", b"v")
+    assert dom0.events() == [("/w/x", fits)] and store.dropped_events == 1
+    dom0.write("/w/y", b"v")
+    assert dom0.events() == [("/w/y", fits)] and store.dropped_events == 2
+
+
+def test_transaction_end_arguments_and_their_errors() -> None:
+    """TRANSACTION_END takes ``T`` or ``F``: anything else is EINVAL (inside a transaction
+    too, which stays open); with no transaction it is ENOENT - the errno names exactly, as
+    the reply carries them (a client reads an unknown name as EINVAL)."""
+    _, dom0, guest = new_store()
+    einval, enoent = ("error", b"EINVAL\0"), ("error", b"ENOENT\0")
+    for client in (dom0, guest):
+        for arg in ("X", "t", "", "TF"):
+            assert client.req(T.TRANSACTION_END, arg) == einval
+        assert client.req(T.TRANSACTION_END, "T") == enoent
+        assert client.req(T.TRANSACTION_END, "F") == enoent
+        tx = client.start()
+        assert client.req(T.TRANSACTION_END, "X", tx=tx) == einval
+        assert client.commit(tx) == "OK"
+        assert client.req(T.TRANSACTION_END, "T", tx=tx) == enoent  # ended: gone
+
+
+def test_check_names_what_is_inconsistent() -> None:
+    """``Store.check()`` (the consistency oracle of the model and fuzz tests) names the
+    node, the child or the domain at fault, so a failing run says what broke."""
+    store, dom0, _ = new_store()
+    dom0.write("/a/b", b"v")
+    client5 = Client(store, 5)
+    client5.ok(T.WATCH, "/a", "t")
+    assert store.check() == []
+    store.nodes["/a"].children["ghost"] = None
+    assert "/a lists missing child ghost" in store.check()
+    del store.nodes["/a"].children["ghost"]
+    del store.nodes["/a"].children["b"]
+    assert store.check() == ["/a/b not listed by its parent"]
+    store.nodes["/a"].children["b"] = None
+    store.domains[5].watches += 1
+    assert store.check() == ["domain 5 watch/transaction accounting off"]

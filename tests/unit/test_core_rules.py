@@ -1245,3 +1245,73 @@ def test_bind_interdomain_to_domid_self(hv: Hypervisor) -> None:
     assert hv.status(h1, 1, b.port) == (EvtchnState.interdomain, 1, a.port)
     assert hv.notify(h1, b.port) is a and pending(a.inbox) == 1
     hv.close_handle(h1)
+
+
+def test_generation_page_creation_hooks_and_flags() -> None:
+    """A domain's port-generation page holds one u32 per port (docs/loopback-protocol.md:
+    ``max_ports`` x u32, at least a page); the creation and destruction hooks get the
+    domain itself; a new domain is running, not dying (DOMAIN_LIST / DOMAIN_INFO flags)."""
+    from xenpv.platforms.loopback import proto
+    from xenpv.platforms.loopback.daemon import _domain_flags
+
+    for ports in (2, 1024, 1025, 5000):
+        hv = Hypervisor(max_grants=FIRST_REF + 1, max_ports=ports)
+        try:
+            dom = hv.create_domain(1)
+            size = max(4 * ports, PAGE_SIZE)
+            assert os.fstat(dom.gen_fd).st_size == size and len(dom.gen) == size // 4
+            if ports == 5000:  # the highest port's generation is in the page
+                dom.bump(ports - 1)
+                assert dom.gen[ports - 1] == 1
+        finally:
+            hv.close()
+        hv.assert_released()
+    hv = Hypervisor(max_grants=FIRST_REF + 1, max_ports=2)
+    try:
+        created: list[core.Domain] = []
+        destroyed: list[core.Domain] = []
+        hv.on_domain_created.append(created.append)
+        hv.on_domain_destroyed.append(destroyed.append)
+        dom = hv.create_domain(3)
+        assert created == [dom] and dom is hv.domain(3)
+        assert _domain_flags(dom) == proto.DOMFLAG_RUNNING
+        assert _domain_flags(hv.domain(0)) == proto.DOMFLAG_RUNNING | proto.DOMFLAG_PRIVILEGED
+        hv.shutdown_domain(3, 0)
+        assert _domain_flags(dom) == proto.DOMFLAG_RUNNING | proto.DOMFLAG_SHUTDOWN
+        hv.destroy_domain(3)
+        assert destroyed == [dom] and dom.dying
+    finally:
+        hv.close()
+    hv.assert_released()
+
+
+def test_full_tables_and_a_failed_eventfd_leave_nothing_taken(
+        hv: Hypervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full grant table or port table says which domain and how many entries it has
+    (what an operator needs to size them); an eventfd that cannot be made gives the
+    port number back and the descriptor charge: EMFILE/ENFILE/ENOMEM as a full table
+    (ENOSPC), anything else as a platform error with its own errno."""
+    h1 = hv.open_handle(1)
+    share = hv.share(h1, 2, 8, writable=True)
+    e = refused(lambda: hv.share(h1, 2, 1, writable=True), ResourceExhausted, errno.ENOSPC)
+    assert "dom1" in str(e) and "(8 of 8 refs in use)" in str(e)
+    hv.end_access(h1, share.refs)
+    fds = hv.domain(1).fds
+    for code, exc, want in ((errno.EMFILE, ResourceExhausted, errno.ENOSPC),
+                            (errno.ENOMEM, ResourceExhausted, errno.ENOSPC),
+                            (errno.EINVAL, PlatformError, errno.EINVAL),
+                            (errno.ENODEV, PlatformError, errno.ENODEV)):
+        def fail(*_: object, code: int = code) -> int:
+            raise OSError(code, os.strerror(code))
+
+        with monkeypatch.context() as m:
+            m.setattr(core.os, "eventfd", fail)
+            e = refused(lambda: hv.alloc_unbound(h1, 2), exc, want)
+        assert "eventfd" in str(e) and os.strerror(code) in str(e)
+        assert hv.domain(1).fds == fds and not hv.domain(1).ports
+    ports = [hv.alloc_unbound(h1, 2) for _ in range(5)]
+    assert [p.port for p in ports] == [1, 2, 3, 4, 5]  # every number came back
+    e = refused(lambda: hv.alloc_unbound(h1, 2), ResourceExhausted, errno.ENOSPC)
+    assert "dom1: all 5 ports in use" in str(e)
+    for p in ports:
+        hv.unbind(h1, p.port)

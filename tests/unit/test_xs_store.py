@@ -37,7 +37,11 @@ class Client(Requests):
         assert (rid, rtx, length) == (self.req_id, tx, len(reply) - 16)
         assert length <= wire.PAYLOAD_MAX
         if rtype == T.ERROR:
-            return "error", reply[16:]
+            # exactly an errno name xs_wire.h lists (a client reads any other text as
+            # EINVAL, so a wrong name would otherwise pass unseen)
+            name = reply[16:]
+            assert name[-1:] == b"\0" and name[:-1].decode("ascii", "replace") in wire.ERRNO, name
+            return "error", name
         assert rtype == type_
         return "ok", reply[16:]
 

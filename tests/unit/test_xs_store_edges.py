@@ -609,3 +609,116 @@ def test_check_names_what_is_inconsistent() -> None:
     store.nodes["/a"].children["b"] = None
     store.domains[5].watches += 1
     assert store.check() == ["domain 5 watch/transaction accounting off"]
+
+
+def write_result(client: Client, path: str, value: bytes = b"") -> str:
+    """WRITE: ``"OK"`` or the error's name."""
+    kind, payload = client.req(T.WRITE, raw=path.encode() + b"\0" + value)
+    return "OK" if kind == "ok" else payload[:-1].decode()
+
+
+def test_path_max_counts_what_follows_a_home_prefix_of_one_to_five_digits() -> None:
+    """``path_max`` (every connection, dom0's too) counts the bytes after
+    ``/local/domain/<1-5 digits>/`` - a short domid with nested names after it, and a
+    five-digit one - and the whole path when what follows ``/local/domain/`` is no
+    domid."""
+    store, dom0, _ = new_store(Quotas(path_max=40))
+    store.introduce_domain(10000)
+    rest = "a/b/" + "c" * 36  # 40 bytes, slashes within the first six after the prefix
+    for home in ("/local/domain/7/", "/local/domain/10000/"):
+        assert write_result(dom0, home + rest) == "OK"
+        assert write_result(dom0, home + rest + "d") == "EINVAL"
+    other = "/local/domain/abc/"
+    assert write_result(dom0, other + "e" * (40 - len(other))) == "OK"
+    assert write_result(dom0, other + "e" * (41 - len(other))) == "EINVAL"
+    six = "/local/domain/123456/"  # no domid has six digits: counted whole
+    assert write_result(dom0, six + "f" * (40 - len(six))) == "OK"
+    assert write_result(dom0, six + "f" * (41 - len(six))) == "EINVAL"
+    # without path_max, an absolute path may have exactly XENSTORE_ABS_PATH_MAX bytes
+    _, free, _ = new_store(Quotas(path_max=0))
+    assert write_result(free, "/" + "g" * 3071) == "OK"
+    assert write_result(free, "/" + "g" * 3072) == "EINVAL"
+
+
+def test_the_path_cache_holds_exactly_its_bounds() -> None:
+    """hostile-inputs.md scenario 23: a connection's cache of validated paths holds at
+    most 1024 entries and 65536 bytes (keys plus paths) and starts afresh past either -
+    and not before."""
+    store, _, _ = new_store()
+    dom0 = Client(store, 0)  # a fresh connection: an empty cache
+    conn = dom0.conn
+    for i in range(1024):  # 14 bytes an entry: the entry bound comes first
+        assert dom0.err(T.DIRECTORY, f"/e/{i:04d}") == "ENOENT"
+    assert len(conn.path_cache) == 1024
+    assert dom0.err(T.DIRECTORY, "/e/next") == "ENOENT"
+    assert len(conn.path_cache) == 1
+    dom0b = Client(store, 0)
+    for i in range(512):  # 128 bytes an entry: exactly 65536 bytes
+        assert dom0b.err(T.DIRECTORY, f"/b/{i:061d}") == "ENOENT"
+    assert (len(dom0b.conn.path_cache), dom0b.conn.path_cache_bytes) == (512, 65536)
+    assert dom0b.err(T.DIRECTORY, "/b/" + "x" * 61) == "ENOENT"
+    assert (len(dom0b.conn.path_cache), dom0b.conn.path_cache_bytes) == (1, 128)
+
+
+def test_two_watches_and_removed_nodes_events_in_registration_order() -> None:
+    """The registration order holds for exactly two watches on a path and its parent,
+    and for several watches on a node that a removal of its ancestor takes away."""
+    _, dom0, _ = new_store()
+    dom0.ok(T.WATCH, "/t", "1st")
+    dom0.ok(T.WATCH, "/t/u", "2nd")
+    dom0.events()
+    dom0.write("/t/u", b"v")
+    assert dom0.events() == [("/t/u", "1st"), ("/t/u", "2nd")]
+    for token in ("r1", "r2", "r3"):
+        dom0.ok(T.WATCH, "/t/u", token)
+    dom0.events()
+    dom0.ok(T.RM, "/t")
+    assert dom0.events() == [("/t/u", "2nd"), ("/t/u", "r1"), ("/t/u", "r2"), ("/t/u", "r3"),
+                             ("/t", "1st")]
+
+
+def test_memory_quota_checks_growth_only_at_its_exact_edge() -> None:
+    """A guest's rewrite is refused (ENOMEM) only when it grows the owner past the memory
+    quota: growing to exactly the quota is fine, one byte more is not; a domain already
+    over a lowered quota may still rewrite without growing, and shrink."""
+    store, _, guest = new_store()
+    guest.write(HOME5 + "/v", b"1234")
+    room = 40
+    store.quotas.memory = store.mem(5) + room
+    assert write_result(guest, HOME5 + "/v", b"1234" + b"x" * (room + 1)) == "ENOMEM"
+    assert write_result(guest, HOME5 + "/v", b"1234" + b"x" * room) == "OK"
+    assert store.mem(5) == store.quotas.memory
+    assert write_result(guest, HOME5 + "/v", b"1234" + b"x" * (room + 1)) == "ENOMEM"
+    store.quotas.memory -= 10  # lowered below what domain 5 holds
+    assert write_result(guest, HOME5 + "/v", b"5678" + b"y" * room) == "OK"  # same size
+    assert write_result(guest, HOME5 + "/v", b"5678" + b"y" * (room + 1)) == "ENOMEM"
+    assert write_result(guest, HOME5 + "/v", b"short") == "OK"
+    assert store.check() == []
+
+
+def test_mkdir_set_perms_and_one_argument_requests_at_their_edges() -> None:
+    """MKDIR of an existing node the guest may not write is EACCES (one it may write: OK,
+    unchanged); SET_PERMS of a path with non-ASCII bytes is EINVAL, never an internal
+    error, and its last permission is read with or without a closing NUL; a one-argument
+    request reads its argument up to the first NUL, as WRITE reads its path."""
+    store, dom0, guest = new_store()
+    dom0.write("/ro", b"keep")
+    dom0.ok(T.SET_PERMS, "/ro", "n0", "r5")
+    assert guest.err(T.MKDIR, "/ro") == "EACCES"
+    guest.write(HOME5 + "/mine", b"mine")
+    guest.ok(T.MKDIR, HOME5 + "/mine")
+    assert guest.read(HOME5 + "/mine") == b"mine"
+    for client in (dom0, guest):
+        assert client.err(T.SET_PERMS, raw=b"/r\xffo\0n0\0") == "EINVAL"
+    assert store.internal_errors == 0
+    dom0.ok(T.SET_PERMS, raw=b"/ro\0n0\0r5")
+    assert perms_of(dom0, "/ro") == ["n0", "r5"]
+    dom0.ok(T.SET_PERMS, raw=b"/ro\0n0\0b6")
+    assert perms_of(dom0, "/ro") == ["n0", "b6"]
+    # one-argument requests: bytes after the argument's NUL are not part of it
+    assert dom0.ok(T.READ, raw=b"/ro\0/other\0") == b"keep"
+    dom0.ok(T.MKDIR, raw=b"/made\0junk\0")
+    dom0.ok(T.RM, raw=b"/made\0junk\0")
+    assert dom0.err(T.READ, "/made") == "ENOENT"
+    tx = dom0.start()
+    assert dom0.req(T.TRANSACTION_END, raw=b"F\0T\0", tx=tx) == ("ok", b"OK\0")

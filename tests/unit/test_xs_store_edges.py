@@ -722,3 +722,18 @@ def test_mkdir_set_perms_and_one_argument_requests_at_their_edges() -> None:
     assert dom0.err(T.READ, "/made") == "ENOENT"
     tx = dom0.start()
     assert dom0.req(T.TRANSACTION_END, raw=b"F\0T\0", tx=tx) == ("ok", b"OK\0")
+
+
+def test_a_new_store_and_its_bounded_log() -> None:
+    """A new store holds ``/``, ``/tool`` and ``/tool/xenstored``, empty and dom0's, with
+    decimal generations; the lines CONTROL ``print`` adds are kept to the last 256."""
+    store = Store(Quotas())
+    dom0 = Client(store, 0)
+    assert sorted(store.nodes) == ["/", "/tool", "/tool/xenstored"]
+    for path in store.nodes:
+        assert dom0.read(path) == b"" and perms_of(dom0, path) == ["n0"]
+        gen_of(dom0, path)  # decimal
+    assert store.check() == [] and store.memory == store.remeasure()
+    for i in range(300):
+        dom0.ok(T.CONTROL, "print", f"line {i}")
+    assert list(store.log) == [f"line {i}" for i in range(44, 300)]

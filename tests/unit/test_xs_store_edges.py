@@ -19,6 +19,7 @@ defaults", R17) and docs/xenstore.md:
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -737,3 +738,63 @@ def test_a_new_store_and_its_bounded_log() -> None:
     for i in range(300):
         dom0.ok(T.CONTROL, "print", f"line {i}")
     assert list(store.log) == [f"line {i}" for i in range(44, 300)]
+
+
+def test_reads_on_closed_connections_unterminated_paths_and_one_trailing_byte() -> None:
+    """The READ fast path answers as the general one: a closed connection gets EINVAL, a
+    path sent without its NUL is the whole payload (not one byte less), and READs of a
+    path followed by one varying byte after its NUL never grow the path cache (hostile-
+    inputs.md scenario 23)."""
+    store, dom0, guest = new_store()
+    dom0.write("/a", b"A")
+    dom0.write("/ab", b"AB")
+    dom0.ok(T.SET_PERMS, "/ab", "n0", "r5")
+    for client in (dom0, guest):
+        assert client.ok(T.READ, raw=b"/ab") == b"AB"
+        assert client.ok(T.READ, raw=b"/ab\0") == b"AB"
+    fresh = Client(store, 5)
+    for i in range(256):
+        assert fresh.ok(T.READ, raw=b"/ab\0" + bytes([i])) == b"AB"
+    assert len(fresh.conn.path_cache) <= 2
+    closed = Client(store, 0)
+    closed.ok(T.READ, "/a")  # its path is cached now
+    store.disconnect(closed.conn)
+    assert closed.req(T.READ, "/a") == ("error", b"EINVAL\0")
+    assert closed.req(T.READ, raw=b"/a\0") == ("error", b"EINVAL\0")
+
+
+def test_a_reply_of_exactly_the_largest_payload_is_sent() -> None:
+    """A reply of exactly PAYLOAD_MAX (4096) bytes goes out; one byte more is E2BIG."""
+    _, dom0, _ = new_store()
+    for i in range(64):  # 64 names of 63 bytes, each with its NUL: 4096 bytes
+        dom0.write(f"/d/{i:063d}")
+    assert len(dom0.ok(T.DIRECTORY, "/d")) == 4096
+    dom0.write("/d/x")
+    assert dom0.err(T.DIRECTORY, "/d") == "E2BIG"
+
+
+def test_an_internal_error_is_logged_counted_and_poisons_the_transaction(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in a handler (an unexpected exception, injected here) answers EIO, counts
+    in ``internal_errors``, is logged with the request type and the domain, and makes
+    the transaction it happened in fail its commit with EIO; other requests are served."""
+    import xenpv.xenstore.store as store_module
+
+    def broken(*_: object) -> bytes:
+        raise RuntimeError("injected")
+
+    store, dom0, guest = new_store()
+    monkeypatch.setitem(store_module._HANDLERS, T.GET_DOMAIN_PATH, broken)
+    with caplog.at_level(logging.ERROR, logger="xenpv.xenstore.store"):
+        assert guest.req(T.GET_DOMAIN_PATH, "5") == ("error", b"EIO\0")
+        assert store.internal_errors == 1
+        tx = dom0.start()
+        dom0.write("/in-tx", b"v", tx=tx)
+        assert dom0.req(T.GET_DOMAIN_PATH, "5", tx=tx) == ("error", b"EIO\0")
+        assert store.internal_errors == 2
+        assert dom0.req(T.GET_DOMAIN_PATH, "6", tx=tx) == ("error", b"EIO\0")
+        assert dom0.commit(tx) == "EIO" and dom0.err(T.READ, "/in-tx") == "ENOENT"
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == f"xenstore request of type {int(T.GET_DOMAIN_PATH)} from domain 5 failed"
+    assert messages[1:] == [messages[0].replace("domain 5", "domain 0")] * 2
+    assert guest.read(HOME5) == b"" and store.check() == []

@@ -716,6 +716,11 @@ def test_mkdir_set_perms_and_one_argument_requests_at_their_edges() -> None:
     assert perms_of(dom0, "/ro") == ["n0", "r5"]
     dom0.ok(T.SET_PERMS, raw=b"/ro\0n0\0b6")
     assert perms_of(dom0, "/ro") == ["n0", "b6"]
+    # too few fields: a WRITE without the NUL after its path, a SET_PERMS without a
+    # permission
+    for client in (dom0, guest):
+        for type_, raw in ((T.WRITE, b"/ro"), (T.SET_PERMS, b"/ro\0"), (T.SET_PERMS, b"/ro")):
+            assert client.req(type_, raw=raw) == ("error", b"EINVAL\0"), raw
     # one-argument requests: bytes after the argument's NUL are not part of it
     assert dom0.ok(T.READ, raw=b"/ro\0/other\0") == b"keep"
     dom0.ok(T.MKDIR, raw=b"/made\0junk\0")

@@ -204,6 +204,12 @@ def test_complete_checksum_verifies_independently(proto: int, v6: bool, vlan: bo
 
 def test_complete_checksum_edges() -> None:
     assert complete_checksum(NetFrame(bytes(60))) is None  # not IP
+    # a GSO-sized frame (IP length above 32767) whose receiver takes GSO but not a
+    # blank checksum
+    for proto in (TCP, UDP):
+        for v6 in (False, True):
+            big = complete_checksum(NetFrame(frame(proto, bytes(40000), v6=v6)))
+            assert big is not None and l4_sum_ok(big.data)
     # UDP sends a computed checksum of 0 as 0xFFFF (0 means "none"); TCP keeps 0
     for proto, expect in ((UDP, 0xFFFF), (TCP, 0)):
         base = frame(proto, b"\0\0" + bytes(10))
@@ -324,6 +330,16 @@ def test_segment_tcp_at_every_count_edge(v6: bool, vlan: bool) -> None:
         segs = segment_tcp(NetFrame(big, csum_blank=True, gso_type=kind, gso_size=mss),
                            max_segments=400)
         split_check(big, segs, mss)
+    # an IPv4 header whose words sum to between 2^16 and 2^17 before folding (low
+    # addresses, TTL 255): its checksum still folds to 16 bits
+    if not v6:
+        low = bytearray(frame(TCP, rng.randbytes(3000), vlan=vlan, ttl=255))
+        l3 = 18 if vlan else 14
+        low[l3 + 12:l3 + 20] = bytes([0, 0, 0, 1, 0, 0, 0, 2])
+        low[l3 + 10:l3 + 12] = b"\0\0"  # (recomputed for every segment)
+        assert 0x10000 <= sum(struct.unpack("!10H", low[l3:l3 + 20])) < 0x20000
+        segs = segment_tcp(NetFrame(bytes(low), gso_type=kind, gso_size=1000))
+        split_check(bytes(low), segs, 1000)
     # the limit on the count: at it, and one past it
     big = frame(TCP, bytes(1000), v6=v6, vlan=vlan)
     assert len(segment_tcp(NetFrame(big, gso_type=kind, gso_size=10), max_segments=100)) == 100
@@ -378,6 +394,15 @@ def test_flow_hash_follows_the_flow_and_nothing_else() -> None:
         same.append(other_macs)
         for s in same:
             assert flow_hash(s) == h
+        # every header byte beside addresses, protocol and ports may differ: sequence
+        # numbers in all four bytes, UDP lengths, IPv4 options
+        assert flow_hash(frame(TCP, b"one", v6=v6, seq=0x12345678)) == h
+        udp = flow_hash(frame(UDP, b"", v6=v6))
+        assert flow_hash(frame(UDP, bytes(300), v6=v6)) == udp
+        if not v6:
+            opts = [bytearray(frame(TCP, b"o", ihl=6)) for _ in range(2)]
+            opts[1][34] = 0x94  # an option byte right after the fixed header
+            assert flow_hash(bytes(opts[0])) == flow_hash(bytes(opts[1]))
         # every byte of the addresses and ports counts, and the protocol
         v = 6 if v6 else 4
         _, l3, l4, _, _ = parse(base)

@@ -108,6 +108,28 @@ def test_tx_removal_under_a_parent_the_transaction_saw_absent_is_einval() -> Non
     assert outside.read("/p/c") == b"x" and store.check() == []
 
 
+
+def test_tx_removal_of_a_node_whose_child_was_removed_outside_is_not_an_internal_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A transaction changed ``/a`` (its copy lists child ``b``), then another writer
+    removed ``/a`` with ``/a/b``: the transaction's removal of ``/a`` meets a child its
+    view names but no longer finds.  That child is gone already; the removal goes on
+    (OK, no internal error, the transaction not poisoned) and the commit fails with
+    EAGAIN, as every transaction whose reads another writer changed; nothing comes back.
+    (Found by the model state machine; the removal answered EIO before.)"""
+    store, dom0, _ = new_store()
+    outside = Client(store, 0)
+    outside.write("/a/b", b"x")
+    tx = dom0.start()
+    dom0.write("/a", b"", tx=tx)
+    outside.ok(T.RM, "/a")
+    with caplog.at_level(logging.ERROR, logger="xenpv.xenstore.store"):
+        assert dom0.req(T.RM, "/a", tx=tx) == ("ok", b"OK\0")
+    assert store.internal_errors == 0 and not caplog.records
+    assert dom0.commit(tx) == "EAGAIN"
+    assert outside.err(T.READ, "/a") == "ENOENT" and store.check() == []
+
 # -- quotas inside a transaction ---------------------------------------------------------
 OWNERS = (0, 5, 6, 7, 8)  # 7 owns nothing before the transaction, 8 nothing at all
 

@@ -427,12 +427,17 @@ class Transaction:
         (the parent was read before another writer created both).  Such a transaction read
         the parent's absence, which is no longer true: its commit fails with EAGAIN, and
         the removal has nothing consistent to change: EINVAL, as C xenstored answers.
+        The reverse, a child the view's copy of a node names but another writer has
+        removed since, is skipped: it is gone already, and the commit fails with EAGAIN.
         """
         if path != "/" and self.lookup(paths.parent(path)) is None:
             raise _Fail("EINVAL")
         for sub in self.store.subtree(path, self.lookup):
             node = self.lookup(sub)
-            assert node is not None
+            if node is None:
+                # a child this view's copy of its parent names, removed since by another
+                # writer: already gone (the commit fails with EAGAIN: the parent changed)
+                continue
             self.delta[node.owner] = self.delta.get(node.owner, 0) - 1
             self._charge(node.owner, -footprint(sub, node.value, node.perms))
             self.overlay[sub] = None

@@ -36,6 +36,10 @@ import numpy as np
 
 from xenpv.errors import LocalError
 
+#: Network-order 16- and 32-bit fields, read and written in place.
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+
 __all__ = [
     "ETH_HLEN",
     "GSO_NONE",
@@ -131,18 +135,18 @@ def l4_info(data: bytes | memoryview) -> L4Info | None:
     if n < ETH_HLEN:
         return None
     off = 12
-    etype = int.from_bytes(data[off:off + 2], "big")
+    etype = _U16.unpack_from(data, off)[0]
     if etype == _ETH_P_8021Q:
         if n < ETH_HLEN + 4:
             return None
         off += 4
-        etype = int.from_bytes(data[off:off + 2], "big")
+        etype = _U16.unpack_from(data, off)[0]
     l3 = off + 2
     if etype == _ETH_P_IP:
         if n < l3 + 20 or data[l3] >> 4 != 4:
             return None
         ihl = (data[l3] & 0xF) * 4
-        frag = int.from_bytes(data[l3 + 6:l3 + 8], "big")
+        frag = _U16.unpack_from(data, l3 + 6)[0]
         if ihl < 20 or n < l3 + ihl or frag & 0x3FFF:
             return None
         return _l4(n, 4, l3, l3 + ihl, data[l3 + 9])
@@ -183,9 +187,9 @@ def _fold(total: int) -> int:
 def _ip_end(buf: bytearray | bytes, info: L4Info) -> int:
     """End of the IP packet (the frame may carry Ethernet padding after it)."""
     if info.version == 4:
-        end = info.l3 + int.from_bytes(buf[info.l3 + 2:info.l3 + 4], "big")
+        end = info.l3 + _U16.unpack_from(buf, info.l3 + 2)[0]
     else:
-        end = info.l4 + int.from_bytes(buf[info.l3 + 4:info.l3 + 6], "big")
+        end = info.l4 + _U16.unpack_from(buf, info.l3 + 4)[0]
     return min(end, len(buf)) if end >= info.l4 else len(buf)
 
 
@@ -212,7 +216,7 @@ def _store_l4_checksum(buf: bytearray, info: L4Info) -> None:
     csum = 0xFFFF - _fold(_pseudo_sum(buf, info, end - info.l4) + _sum16(buf[info.l4:end]))
     if csum == 0 and info.proto == _UDP:
         csum = 0xFFFF
-    buf[field:field + 2] = csum.to_bytes(2, "big")
+    _U16.pack_into(buf, field, csum)
 
 
 def _store_ip_checksum(buf: bytearray, info: L4Info) -> None:
@@ -221,7 +225,7 @@ def _store_ip_checksum(buf: bytearray, info: L4Info) -> None:
     ihl = info.l4 - info.l3
     buf[info.l3 + 10:info.l3 + 12] = b"\0\0"
     csum = 0xFFFF - _sum16(buf[info.l3:info.l3 + ihl])
-    buf[info.l3 + 10:info.l3 + 12] = csum.to_bytes(2, "big")
+    _U16.pack_into(buf, info.l3 + 10, csum)
 
 
 def complete_checksum(frame: NetFrame) -> NetFrame | None:
@@ -259,7 +263,7 @@ def partial_checksum_field(data: bytes, info: L4Info) -> tuple[int, bytes] | Non
         field, end = _l4_field(data, info)
     except LocalError:
         return None
-    return field, _fold(_pseudo_sum(data, info, end - info.l4)).to_bytes(2, "big")
+    return field, _U16.pack(_fold(_pseudo_sum(data, info, end - info.l4)))
 
 
 def segment_tcp(frame: NetFrame, max_segments: int = 1024) -> list[NetFrame]:
@@ -286,9 +290,9 @@ def segment_tcp(frame: NetFrame, max_segments: int = 1024) -> list[NetFrame]:
     if count > max_segments:
         raise LocalError(f"GSO frame would make {count} segments")
     head = data[:hlen]
-    seq0 = int.from_bytes(head[info.l4 + 4:info.l4 + 8], "big")
+    seq0 = _U32.unpack_from(head, info.l4 + 4)[0]
     flags0 = head[info.l4 + 13]
-    ipid0 = int.from_bytes(head[info.l3 + 4:info.l3 + 6], "big") if info.version == 4 else 0
+    ipid0 = _U16.unpack_from(head, info.l3 + 4)[0]  # IPv4 only; unused for IPv6
     out: list[NetFrame] = []
     for k in range(count):
         chunk = payload[k * mss:(k + 1) * mss]
@@ -300,13 +304,13 @@ def segment_tcp(frame: NetFrame, max_segments: int = 1024) -> list[NetFrame]:
         if k:
             flags &= ~_CWR
         buf[info.l4 + 13] = flags
-        buf[info.l4 + 4:info.l4 + 8] = ((seq0 + k * mss) & 0xFFFFFFFF).to_bytes(4, "big")
+        _U32.pack_into(buf, info.l4 + 4, (seq0 + k * mss) & 0xFFFFFFFF)
         if info.version == 4:
-            buf[info.l3 + 2:info.l3 + 4] = (len(buf) - info.l3).to_bytes(2, "big")
-            buf[info.l3 + 4:info.l3 + 6] = ((ipid0 + k) & 0xFFFF).to_bytes(2, "big")
+            _U16.pack_into(buf, info.l3 + 2, len(buf) - info.l3)
+            _U16.pack_into(buf, info.l3 + 4, (ipid0 + k) & 0xFFFF)
             _store_ip_checksum(buf, info)
         else:
-            buf[info.l3 + 4:info.l3 + 6] = (len(buf) - info.l4).to_bytes(2, "big")
+            _U16.pack_into(buf, info.l3 + 4, len(buf) - info.l4)
         _store_l4_checksum(buf, info)
         out.append(NetFrame(bytes(buf), data_validated=True))
     return out

@@ -35,6 +35,7 @@ CYTHON_MODULES: dict[str, str] = {
     "xenpv.protocols._netscan": "cython/netscan.pyx",
     "xenpv.frontends._blktable": "cython/blktable.pyx",
     "xenpv.platforms.loopback._gntcopy": "cython/gntcopy.pyx",
+    "xenpv.drivers._vnethdr": "cython/vnethdr.pyx",
 }
 
 CYTHON_DIRECTIVES = {

@@ -30,7 +30,8 @@ until it is empty, up to a bound: one wake-up and one failed read per pass, not 
 one ring push); :meth:`TapDevice.recv` takes one.  :meth:`TapDevice.write` writes one
 frame without blocking (a full device queue drops it, counted); the frame is copied once,
 into the buffer written, and its headers are located once for both the checksum field and
-the queue its flow hashes to.  The interface is
+the queue its flow hashes to (compiled: ``cython/vnethdr.pyx``, whose readable twin is
+:func:`vnet_frame_reference`).  The interface is
 left to the caller to configure (addresses, ``up``); closing the fd of a TAP created
 here removes it.
 """
@@ -49,6 +50,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from xenpv.compiled import pure_python
 from xenpv.errors import LocalError
 from xenpv.protocols.ethernet import (
     GSO_NONE,
@@ -61,7 +63,7 @@ from xenpv.protocols.ethernet import (
     partial_checksum_field,
 )
 
-__all__ = ["READ_BATCH", "TapDevice", "TapPump", "from_vnet", "to_vnet"]
+__all__ = ["READ_BATCH", "TapDevice", "TapPump", "from_vnet", "to_vnet", "vnet_frame_reference"]
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
@@ -116,6 +118,33 @@ def _to_vnet(frame: NetFrame, info: L4Info | None) -> bytes | bytearray | None:
     out[h:] = data
     out[h + at:h + at + 2] = value
     return out
+
+
+def vnet_frame_reference(data: bytes, csum_blank: bool, data_validated: bool, gso_type: int,
+                         gso_size: int, want_hash: bool) -> tuple[bytes | bytearray | None, int]:
+    """(:func:`to_vnet` of the frame with these bytes and metadata, its flow hash or 0
+    unless ``want_hash``), its headers located once: the readable twin of the compiled
+    ``xenpv.drivers._vnethdr.vnet_frame`` (``cython/vnethdr.pyx``)."""
+    plain = not csum_blank and gso_type == GSO_NONE
+    info = l4_info(data) if not plain or want_hash else None
+    frame = NetFrame(data, csum_blank, data_validated, gso_type, gso_size)
+    return _to_vnet(frame, info), flow_hash_of(data, info) if want_hash else 0
+
+
+def _compiled_vnet() -> Callable[[bytes, bool, bool, int, int, bool],
+                                 tuple[bytes | bytearray | None, int]]:
+    """The compiled header builder, or its twin (not built, or ``XENPV_PURE_PYTHON=1``:
+    :func:`xenpv.compiled.pure_python`)."""
+    if pure_python():
+        return vnet_frame_reference
+    try:
+        from xenpv.drivers import _vnethdr
+    except ImportError:  # not built: the twin serves
+        return vnet_frame_reference
+    return _vnethdr.vnet_frame
+
+
+_VNET_FRAME = _compiled_vnet()
 
 
 def from_vnet(buf: bytes) -> NetFrame | None:
@@ -296,13 +325,13 @@ class TapDevice:
         """Hand one frame to the kernel without blocking; False if refused or dropped."""
         fds = self.fds
         data = frame.data
-        plain = not frame.csum_blank and frame.gso_type == GSO_NONE
-        info = l4_info(data) if not plain or len(fds) > 1 else None
-        buf = _to_vnet(frame, info)
+        count = len(fds)
+        buf, hashed = _VNET_FRAME(data, frame.csum_blank, frame.data_validated,
+                                  frame.gso_type, frame.gso_size, count > 1)
         if buf is None or not fds:
             self.stats["tx_refused"] += 1
             return False
-        fd = fds[flow_hash_of(data, info) % len(fds)] if len(fds) > 1 else fds[0]
+        fd = fds[hashed % count] if count > 1 else fds[0]
         try:
             os.write(fd, buf)
         except OSError as exc:

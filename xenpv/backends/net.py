@@ -315,8 +315,12 @@ class _Staging:
     The frames are allocated at the first copy (a queue that carries nothing holds
     none).  Each copied piece (at most a page, as a grant copy segment is) is placed so
     that it does not cross a page of the staging area (each guest frame may be its own
-    memory), one after the other; :meth:`reset` starts again once a batch is done.  Grant
-    copies never map anything of the guest: the guest side stays a grant."""
+    memory): one after the other, each page taken in order; a whole page that comes with a
+    key (the TX side gives the frontend's grant reference) goes to the first page free in
+    this batch from ``key`` modulo the pages on, so that the same guest page mostly lands
+    on the same staging page and its copy record serves again (``NetTx._made``).
+    :meth:`reset` starts again once a batch is done.  Grant copies never map anything of
+    the guest: the guest side stays a grant."""
 
     def __init__(self, grants: GuestFrames, pages: int) -> None:
         self._grants: GuestFrames | None = grants
@@ -324,7 +328,12 @@ class _Staging:
         self.frames: SharedPages | None = None
         self.mem = memoryview(b"")
         self.size = 0
-        self.cursor = 0
+        #: the page being filled one piece after the other, and its fill
+        self._page = -1
+        self._fill = XEN_PAGE_SIZE
+        #: the pages taken in this batch (1 each), and the first not taken in order
+        self._used = bytearray(pages)
+        self._next = 0
 
     @classmethod
     def for_platform(cls, grants: GrantTable, pages: int) -> _Staging | None:
@@ -346,33 +355,55 @@ class _Staging:
             self.size = len(self.mem)
         return self.frames is not None and self._grants is not None
 
-    def _layout(self, lengths: Sequence[int]) -> tuple[list[int], int]:
-        """Where pieces of ``lengths`` go after what is placed (a piece that would cross
-        a page starts at the next one), and the end of the last."""
-        cursor = self.cursor
+    def _layout(self, lengths: Sequence[int], keys: Sequence[int | None] | None,
+                commit: bool) -> list[int] | None:
+        """Where pieces of ``lengths`` (``keys[i]``: the key of a whole page, or None) go
+        after what is placed, or None if they do not all fit; taken only with
+        ``commit``."""
+        pages = min(self._pages, self.size // XEN_PAGE_SIZE)
+        used = bytearray(self._used)
+        page, fill, nxt = self._page, self._fill, self._next
         out = []
-        for n in lengths:
-            if n and cursor // XEN_PAGE_SIZE != (cursor + n - 1) // XEN_PAGE_SIZE:
-                cursor = -(-cursor // XEN_PAGE_SIZE) * XEN_PAGE_SIZE
-            out.append(cursor)
-            cursor += n
-        return out, cursor
+        for i, n in enumerate(lengths):
+            key = keys[i] if keys is not None and n == XEN_PAGE_SIZE else None
+            if key is not None:
+                at = key % pages
+                for _ in range(pages):
+                    if not used[at]:
+                        break
+                    at = at + 1 if at + 1 < pages else 0
+                else:
+                    return None
+                used[at] = 1
+                out.append(at * XEN_PAGE_SIZE)
+                continue
+            if n and fill + n > XEN_PAGE_SIZE:  # the next page not taken
+                while nxt < pages and used[nxt]:
+                    nxt += 1
+                if nxt >= pages:
+                    return None
+                page, fill = nxt, 0
+                used[nxt] = 1
+            out.append(max(page, 0) * XEN_PAGE_SIZE + min(fill, XEN_PAGE_SIZE))
+            fill += n
+        if commit:
+            self._page, self._fill, self._next, self._used = page, fill, nxt, used
+        return out
 
-    def fits(self, lengths: Sequence[int]) -> bool:
-        """Whether pieces of ``lengths`` all fit after what is placed (always, where
-        there is no staging: the private buffers take anything)."""
-        return not self._ready() or self._layout(lengths)[1] <= self.size
+    def fits(self, lengths: Sequence[int], keys: Sequence[int | None] | None = None) -> bool:
+        """Whether pieces of ``lengths`` (``keys``: as for :meth:`place`) all fit after
+        what is placed (always, where there is no staging: the private buffers take
+        anything)."""
+        return not self._ready() or self._layout(lengths, keys, False) is not None
 
-    def place(self, lengths: Sequence[int]) -> list[int] | None:
-        """Offsets for pieces of ``lengths`` (each at most a page), or None (nothing
-        placed) if they do not all fit or there is no staging."""
+    def place(self, lengths: Sequence[int],
+              keys: Sequence[int | None] | None = None) -> list[int] | None:
+        """Offsets for pieces of ``lengths`` (each at most a page; ``keys``: see the
+        class), or None (nothing placed) if they do not all fit or there is no
+        staging."""
         if not self._ready():
             return None
-        out, end = self._layout(lengths)
-        if end > self.size:
-            return None
-        self.cursor = end
-        return out
+        return self._layout(lengths, keys, True)
 
     @property
     def ready(self) -> bool:
@@ -381,7 +412,8 @@ class _Staging:
 
     def reset(self) -> None:
         """The batch is done: place from the start again."""
-        self.cursor = 0
+        self._page, self._fill, self._next = -1, XEN_PAGE_SIZE, 0
+        self._used = bytearray(self._pages)
 
     def close(self) -> None:
         """Give the frames back (idempotent); nothing is staged afterwards."""
@@ -631,11 +663,12 @@ class NetTx:
             at = None
             if stage is not None:
                 lengths = [f[2] for f in frags]
-                at = stage.place(lengths)
+                keys = [f[0] if not f[1] else None for f in frags]  # whole pages by gref
+                at = stage.place(lengths, keys)
                 if at is None and group and stage.ready:  # full: copy what it holds first
                     out += self._copy_group(group)
                     group_bytes = 0
-                    at = stage.place(lengths)
+                    at = stage.place(lengths, keys)
             # a staged packet's bytes do not travel with the copy: only its segments count
             cost = COPY_SEG_COST * len(frags) + (size if at is None else 0)
             if group and group_bytes + cost > COPY_BATCH:
@@ -643,7 +676,7 @@ class NetTx:
                 group_bytes = 0
                 if at is not None:
                     assert stage is not None
-                    at = stage.place(lengths)
+                    at = stage.place(lengths, keys)
             group.append(self._place(flags, size, ids, used - len(ids), frags,
                                      view[pos * _TX_SLOT:], gso, at, placed=True))
             group_bytes += cost
@@ -772,10 +805,17 @@ def _gathered(p: _TxCopy) -> bytes:
     """The packet's bytes once its copies are done."""
     if p.data is not None:
         return bytes(p.data)
-    first, last = p.segs[0].dest, p.segs[-1]
-    assert isinstance(first, LocalPtr) and isinstance(last.dest, LocalPtr)
-    if last.dest.offset + last.length - first.offset == p.size:  # placed without gaps
-        return bytes(memoryview(first.buffer)[first.offset:first.offset + p.size])
+    first = p.segs[0].dest
+    assert isinstance(first, LocalPtr)
+    pos = first.offset
+    for s in p.segs:  # placed in order without gaps: one slice
+        dest = s.dest
+        if not isinstance(dest, LocalPtr) or dest.offset != pos:
+            break
+        pos += s.length
+    else:
+        if pos - first.offset == p.size:
+            return bytes(memoryview(first.buffer)[first.offset:pos])
     views = [memoryview(s.dest.buffer)[s.dest.offset:s.dest.offset + s.length]
              for s in p.segs if isinstance(s.dest, LocalPtr)]
     return b"".join(views)

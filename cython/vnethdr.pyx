@@ -169,3 +169,13 @@ def vnet_frame(data, bint csum_blank, bint data_validated, int gso_type, long gs
     o[VNET_HDR_LEN + field] = (total >> 8) & 0xFF
     o[VNET_HDR_LEN + field + 1] = total & 0xFF
     return out, hashed
+
+
+def flow_hash(data):
+    """The flow hash of a frame, as ``xenpv.protocols.ethernet.flow_hash`` gives it."""
+    cdef const uint8_t[::1] view = data
+    cdef const uint8_t *d = &view[0] if view.shape[0] else NULL
+    cdef Py_ssize_t n = view.shape[0], l3 = 0, l4 = 0
+    cdef int version = 0, proto = 0
+    cdef int found = locate(d, n, &version, &l3, &l4, &proto)
+    return flow(view, n, found, version, l3, l4, proto)

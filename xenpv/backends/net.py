@@ -50,8 +50,8 @@ are dropped and counted); if no frame could be delivered for ``stall_timeout`` s
 the backlog is dropped and the carrier is off (frames dropped at once) until the
 frontend posts pages again (hostile scenario 7).
 
-Queue selection for RX is a flow hash (:func:`~xenpv.protocols.ethernet.flow_hash`), so a
-flow stays in order — or, when the frontend set one up on the control ring
+Queue selection for RX is a flow hash (:func:`~xenpv.protocols.ethernet.flow_hash`;
+compiled: :data:`xenpv.drivers.tap.frame_flow_hash`), so a flow stays in order — or, when the frontend set one up on the control ring
 (``feature-ctrl-ring``, :class:`NetCtrl`), its Toeplitz hash, key and mapping table.
 
 Multicast control (:class:`MulticastFilter`): while the frontend's
@@ -83,6 +83,7 @@ from xenpv.backends.netswitch import NetSwitch, SwitchPort
 from xenpv.drivers.ringchannel import BackChannel, RingPlacement
 from xenpv.drivers.ringservice import RingService
 from xenpv.drivers.sharedport import share_port
+from xenpv.drivers.tap import frame_flow_hash
 from xenpv.errors import LocalError, PeerError, PlatformError
 from xenpv.platforms.base import (
     GrantCopy,
@@ -102,7 +103,6 @@ from xenpv.protocols.ethernet import (
     GSO_TCPV6,
     NetFrame,
     complete_checksum,
-    flow_hash,
     l4_info,
     segment_tcp,
     toeplitz,
@@ -1347,7 +1347,7 @@ class NetVif:
         if sel is not None:
             self.queues[sel[0] if sel[0] < n else 0].rx.deliver(frame, (sel[1], sel[2]))
             return
-        self.queues[flow_hash(frame.data) % n if n > 1 else 0].rx.deliver(frame)
+        self.queues[frame_flow_hash(frame.data) % n if n > 1 else 0].rx.deliver(frame)
 
     def errors(self) -> list[PeerError]:
         """Peer errors that stopped a queue's service."""

@@ -49,6 +49,7 @@ import struct
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from xenpv.compiled import pure_python
 from xenpv.errors import LocalError
@@ -58,12 +59,14 @@ from xenpv.protocols.ethernet import (
     GSO_TCPV6,
     L4Info,
     NetFrame,
+    flow_hash,
     flow_hash_of,
     l4_info,
     partial_checksum_field,
 )
 
-__all__ = ["READ_BATCH", "TapDevice", "TapPump", "from_vnet", "to_vnet", "vnet_frame_reference"]
+__all__ = ["READ_BATCH", "TapDevice", "TapPump", "frame_flow_hash", "from_vnet", "to_vnet",
+           "vnet_frame_reference"]
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
@@ -131,20 +134,33 @@ def vnet_frame_reference(data: bytes, csum_blank: bool, data_validated: bool, gs
     return _to_vnet(frame, info), flow_hash_of(data, info) if want_hash else 0
 
 
-def _compiled_vnet() -> Callable[[bytes, bool, bool, int, int, bool],
-                                 tuple[bytes | bytearray | None, int]]:
-    """The compiled header builder, or its twin (not built, or ``XENPV_PURE_PYTHON=1``:
+def _compiled(name: str, twin: Any) -> Any:
+    """``name`` of the compiled ``xenpv.drivers._vnethdr`` (``cython/vnethdr.pyx``), or
+    its readable twin (not built, or ``XENPV_PURE_PYTHON=1``:
     :func:`xenpv.compiled.pure_python`)."""
     if pure_python():
-        return vnet_frame_reference
+        return twin
     try:
         from xenpv.drivers import _vnethdr
     except ImportError:  # not built: the twin serves
-        return vnet_frame_reference
-    return _vnethdr.vnet_frame
+        return twin
+    return getattr(_vnethdr, name)
+
+
+def _compiled_vnet() -> Callable[[bytes, bool, bool, int, int, bool],
+                                 tuple[bytes | bytearray | None, int]]:
+    """The compiled header builder, or its twin :func:`vnet_frame_reference`."""
+    return _compiled("vnet_frame", vnet_frame_reference)  # type: ignore[no-any-return]
+
+
+def _compiled_flow_hash() -> Callable[[bytes], int]:
+    """The compiled :func:`~xenpv.protocols.ethernet.flow_hash`, or that function."""
+    return _compiled("flow_hash", flow_hash)  # type: ignore[no-any-return]
 
 
 _VNET_FRAME = _compiled_vnet()
+#: A frame's flow hash (:func:`~xenpv.protocols.ethernet.flow_hash`), compiled where built.
+frame_flow_hash = _compiled_flow_hash()
 
 
 def from_vnet(buf: bytes) -> NetFrame | None:

@@ -60,7 +60,7 @@ from xenpv.drivers.quarantine import GrantQuarantine
 from xenpv.drivers.ringchannel import FrontChannel
 from xenpv.drivers.ringservice import RingClient
 from xenpv.drivers.sharedport import share_port
-from xenpv.drivers.tap import TapDevice, TapPump
+from xenpv.drivers.tap import TapDevice, TapPump, frame_flow_hash
 from xenpv.errors import LocalError, PeerError, PlatformError
 from xenpv.platforms.base import Platform, SharedPages
 from xenpv.platforms.dispatch import PortDispatcher
@@ -70,7 +70,6 @@ from xenpv.protocols.ethernet import (
     GSO_TCPV4,
     NetFrame,
     complete_checksum,
-    flow_hash,
     l4_info,
     mac_bytes,
     segment_tcp,
@@ -138,6 +137,13 @@ _TX_RSP = TX_RESPONSE_STRUCT
 _RX_REQ = RX_REQUEST_STRUCT
 _RX_RSP = RX_RESPONSE_STRUCT
 _TX_STATUSES = (NETIF_RSP_OKAY, NETIF_RSP_ERROR, NETIF_RSP_DROPPED)
+
+
+@functools.lru_cache(maxsize=64)
+def _gso_slot(gso_type: int, size: int) -> bytes:
+    """The TX slot of a GSO extra-info record (the same few for a whole stream: packed
+    once each)."""
+    return GsoExtra(XEN_NETIF_EXTRA_TYPE_GSO, 0, size, gso_type, 0).pack()
 #: Slots one received chain may use: the data slots a backend may fill plus extras.
 _MAX_RX_CHAIN = XEN_NETIF_NR_SLOTS_MIN + XEN_NETIF_EXTRA_TYPE_MAX
 
@@ -681,7 +687,7 @@ class NetFrontend(FrontendDriver):
         try:
             for frame in frames:
                 data = frame.data
-                q = queues[flow_hash(data) % len(queues)] if len(queues) > 1 else queues[0]
+                q = queues[frame_flow_hash(data) % len(queues)] if len(queues) > 1 else queues[0]
                 pages = -(-len(data) // XEN_PAGE_SIZE)
                 slots = pages + (frame.gso_type != GSO_NONE)
                 reqs = filled.setdefault(q, [])
@@ -696,7 +702,7 @@ class NetFrontend(FrontendDriver):
                                 queues = self.queues  # reconnected: the frame's new queue
                                 if not queues:
                                     raise LocalError("net device not connected")
-                                q = queues[flow_hash(data) % len(queues)]
+                                q = queues[frame_flow_hash(data) % len(queues)]
                                 reqs = filled.setdefault(q, [])
                             client = self._tx_room(q, slots, pages, len(reqs))
                 self._fill_tx(q, frame, reqs)
@@ -741,8 +747,7 @@ class NetFrontend(FrontendDriver):
                     reqs.append(pack_tx_request(refs[idx], 0, flags | more |
                                                 (NETTXF_extra_info if gso else 0), idx, size))
                     if gso:
-                        reqs.append(GsoExtra(XEN_NETIF_EXTRA_TYPE_GSO, 0, frame.gso_size,
-                                             frame.gso_type, 0).pack())
+                        reqs.append(_gso_slot(frame.gso_type, frame.gso_size))
                 else:
                     reqs.append(pack_tx_request(refs[idx], 0, more, idx, n))
         stats = self.net_stats

@@ -74,13 +74,19 @@ def test_gathered_takes_one_slice_only_for_pieces_in_order_without_gaps() -> Non
     for k in range(4):
         mem[k * PAGE:(k + 1) * PAGE] = bytes([k + 1]) * PAGE
 
-    def packet(places: list[int], lengths: list[int]) -> _TxCopy:
+    def gathered(places: list[int], lengths: list[int]) -> bytes:
+        """The packet's bytes, found from its copies and from its recorded places."""
         segs = [GrantCopy(GrantPtr(1, 10 + i, 0), LocalPtr(mem, a), n)
                 for i, (a, n) in enumerate(zip(places, lengths, strict=True))]
-        return _TxCopy(0, sum(lengths), (), 0, memoryview(b""), (0, 0), None, segs)
+        plain = _TxCopy(0, sum(lengths), (), 0, memoryview(b""), (0, 0), None, segs)
+        recorded = plain._replace(staging=mem, places=list(zip(places, lengths, strict=True)))
+        out = _gathered(plain)
+        assert _gathered(recorded) == out
+        return out
 
-    assert _gathered(packet([0, PAGE, 2 * PAGE], [PAGE, PAGE, 10])) == \
+    assert gathered([0, PAGE, 2 * PAGE], [PAGE, PAGE, 10]) == \
         b"\1" * PAGE + b"\2" * PAGE + b"\3" * 10
-    assert _gathered(packet([0, 2 * PAGE, PAGE, 3 * PAGE], [PAGE, PAGE, PAGE, 10])) == \
+    assert gathered([0, 2 * PAGE, PAGE, 3 * PAGE], [PAGE, PAGE, PAGE, 10]) == \
         b"\1" * PAGE + b"\3" * PAGE + b"\2" * PAGE + b"\4" * 10
-    assert _gathered(packet([3 * PAGE, PAGE], [PAGE, 20])) == b"\4" * PAGE + b"\2" * 20
+    assert gathered([3 * PAGE, PAGE], [PAGE, 20]) == b"\4" * PAGE + b"\2" * 20
+    assert gathered([PAGE + 100], [50]) == b"\2" * 50

@@ -696,7 +696,7 @@ class NetTx:
         if at is not None:  # staged in own frames: the copy carries no bytes (loopback)
             assert self._stage is not None
             mem, made = self._stage.mem, self._made
-            segs = []
+            segs, places = [], []
             for (g, o, length), a in zip(frags, at, strict=True):
                 # the frontend's pages and the staging places recur: the same records
                 # (whose encoding the platform may keep) serve again
@@ -707,7 +707,8 @@ class NetTx:
                     seg = made[g, o, a, length] = GrantCopy(GrantPtr(domid, g, o),
                                                            LocalPtr(mem, a), length)
                 segs.append(seg)
-            return _TxCopy(flags, size, ids, extras, slots, gso, None, segs)
+                places.append((a, length))
+            return _TxCopy(flags, size, ids, extras, slots, gso, None, segs, mem, places)
         data = bytearray(size)
         segs, pos = [], 0
         for g, o, length in frags:
@@ -799,26 +800,33 @@ class _TxCopy(NamedTuple):
     gso: tuple[int, int]
     data: bytearray | None
     segs: list[GrantCopy]
+    #: staged: the staging memory and where each piece is in it, (offset, length)
+    staging: memoryview | None = None
+    places: list[tuple[int, int]] | None = None
 
 
 def _gathered(p: _TxCopy) -> bytes:
     """The packet's bytes once its copies are done."""
     if p.data is not None:
         return bytes(p.data)
-    first = p.segs[0].dest
-    assert isinstance(first, LocalPtr)
-    pos = first.offset
-    for s in p.segs:  # placed in order without gaps: one slice
-        dest = s.dest
-        if not isinstance(dest, LocalPtr) or dest.offset != pos:
+    mem, places = p.staging, p.places
+    if mem is None or places is None:  # where each piece is: from the copies
+        first = p.segs[0].dest
+        assert isinstance(first, LocalPtr)
+        mem = memoryview(first.buffer)
+        places = []
+        for s in p.segs:
+            assert isinstance(s.dest, LocalPtr) and s.dest.buffer is first.buffer
+            places.append((s.dest.offset, s.length))
+    start = pos = places[0][0]
+    for at, n in places:  # placed in order without gaps: one slice
+        if at != pos:
             break
-        pos += s.length
+        pos += n
     else:
-        if pos - first.offset == p.size:
-            return bytes(memoryview(first.buffer)[first.offset:pos])
-    views = [memoryview(s.dest.buffer)[s.dest.offset:s.dest.offset + s.length]
-             for s in p.segs if isinstance(s.dest, LocalPtr)]
-    return b"".join(views)
+        if pos - start == p.size:
+            return bytes(mem[start:pos])
+    return b"".join([mem[at:at + n] for at, n in places])
 
 
 def _chunks(size: int) -> list[tuple[int, int]]:

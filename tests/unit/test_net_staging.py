@@ -1,4 +1,5 @@
-"""The net backend's staging area: where a batch's copied pieces go."""
+"""Where the net drivers put a frame's pieces: the backend's staging area (a batch's
+copies), the frontend's TX pages and slots."""
 
 from __future__ import annotations
 
@@ -90,3 +91,47 @@ def test_gathered_takes_one_slice_only_for_pieces_in_order_without_gaps() -> Non
         b"\1" * PAGE + b"\3" * PAGE + b"\2" * PAGE + b"\4" * 10
     assert gathered([3 * PAGE, PAGE], [PAGE, 20]) == b"\4" * PAGE + b"\2" * 20
     assert gathered([PAGE + 100], [50]) == b"\2" * 50
+
+
+def test_frontend_fills_a_frame_s_tx_pages_and_slots_in_order() -> None:
+    """Frames of every size around page bounds (with and without GSO) take their pages
+    as a stack gives them, copied in whole, with one slot per page (the first with the
+    size, the flags, the GSO record after it) and more-data on all but the last."""
+    import collections
+
+    from xenpv.frontends.net import NetFrontend
+    from xenpv.protocols.ethernet import NetFrame
+    from xenpv.protocols.netif import (
+        XEN_NETIF_EXTRA_TYPE_GSO,
+        GsoExtra,
+        NETTXF_csum_blank,
+        NETTXF_extra_info,
+        NETTXF_more_data,
+        TxRequest,
+    )
+
+    fe = SimpleNamespace(net_stats=collections.Counter())
+    for size in (1, 60, 4095, 4096, 4097, 8192, 8193, 20000, 65535):
+        for gso in (0, 1):
+            mem = memoryview(bytearray(20 * PAGE))
+            free = list(range(19, -1, -1))
+            q = SimpleNamespace(tx_pages=SimpleNamespace(mem=mem, refs=list(range(500, 520))),
+                                tx_free=free[:], tx_out=set())
+            data = bytes((i * 7 + size) & 0xFF for i in range(size))
+            reqs: list[bytes] = []
+            NetFrontend._fill_tx(cast(Any, fe), cast(Any, q), NetFrame(
+                data, csum_blank=True, gso_type=gso, gso_size=1448 if gso else 0), reqs)
+            pages = -(-size // PAGE)
+            idxs = [free.pop() for _ in range(pages)]
+            assert q.tx_free == free and q.tx_out == set(idxs)
+            want = []
+            for k, idx in enumerate(idxs):
+                more = NETTXF_more_data if k < pages - 1 else 0
+                n = size if k == 0 else min(PAGE, size - k * PAGE)
+                flags = NETTXF_csum_blank | (NETTXF_extra_info if gso else 0) if k == 0 else 0
+                want.append(TxRequest(500 + idx, 0, flags | more, idx, n).pack())
+                if k == 0 and gso:
+                    want.append(GsoExtra(XEN_NETIF_EXTRA_TYPE_GSO, 0, 1448, 1, 0).pack())
+                piece = data[k * PAGE:(k + 1) * PAGE]
+                assert bytes(mem[idx * PAGE:idx * PAGE + len(piece)]) == piece
+            assert reqs == want, size

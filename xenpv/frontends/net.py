@@ -734,22 +734,35 @@ class NetFrontend(FrontendDriver):
             at = idx * XEN_PAGE_SIZE
             mem[at:at + size] = data
             reqs.append(pack_tx_request(refs[idx], 0, flags, idx, size))
-        else:
+        elif size:
+            pages = -(-size // XEN_PAGE_SIZE)
+            if len(free) < pages:
+                raise LocalError("no free TX pages for the frame")
+            idxs = free[-pages:]  # the pages pop() would give, in that order
+            del free[-pages:]
+            idxs.reverse()
+            out.update(idxs)
             view = memoryview(data)
-            last = (size - 1) // XEN_PAGE_SIZE
-            for k, off in enumerate(range(0, size, XEN_PAGE_SIZE)):
-                n = min(XEN_PAGE_SIZE, size - off)
-                idx = free.pop()
-                out.add(idx)
-                mem[idx * XEN_PAGE_SIZE:idx * XEN_PAGE_SIZE + n] = view[off:off + n]
-                more = NETTXF_more_data if k < last else 0
-                if k == 0:
-                    reqs.append(pack_tx_request(refs[idx], 0, flags | more |
-                                                (NETTXF_extra_info if gso else 0), idx, size))
-                    if gso:
-                        reqs.append(_gso_slot(frame.gso_type, frame.gso_size))
+            first = idxs[0]
+            reqs.append(pack_tx_request(refs[first], 0, flags | (NETTXF_extra_info if gso else 0)
+                                        | (NETTXF_more_data if pages > 1 else 0), first, size))
+            if gso:
+                reqs.append(_gso_slot(frame.gso_type, frame.gso_size))
+            mem[first * XEN_PAGE_SIZE:first * XEN_PAGE_SIZE + min(size, XEN_PAGE_SIZE)] = \
+                view[:XEN_PAGE_SIZE]
+            last = pages - 1
+            off = XEN_PAGE_SIZE
+            for k in range(1, pages):
+                idx = idxs[k]
+                at = idx * XEN_PAGE_SIZE
+                if k < last:
+                    mem[at:at + XEN_PAGE_SIZE] = view[off:off + XEN_PAGE_SIZE]
+                    reqs.append(pack_tx_request(refs[idx], 0, NETTXF_more_data, idx,
+                                                XEN_PAGE_SIZE))
                 else:
-                    reqs.append(pack_tx_request(refs[idx], 0, more, idx, n))
+                    mem[at:at + size - off] = view[off:]
+                    reqs.append(pack_tx_request(refs[idx], 0, 0, idx, size - off))
+                off += XEN_PAGE_SIZE
         stats = self.net_stats
         stats["tx_gso"] += gso
         stats["tx_packets"] += 1

@@ -1315,3 +1315,21 @@ def test_full_tables_and_a_failed_eventfd_leave_nothing_taken(
     assert "dom1: all 5 ports in use" in str(e)
     for p in ports:
         hv.unbind(h1, p.port)
+
+
+def test_closing_one_end_puts_the_other_back_to_unbound_for_a_new_peer(
+    hv: Hypervisor,
+) -> None:
+    """event_channel.h: when one end of an interdomain channel closes, the other end is
+    unbound again (still for the same remote domain), so the peer may bind to it anew -
+    as a frontend reconnecting to a backend's port does."""
+    h1, h2 = hv.open_handle(1), hv.open_handle(2)
+    p1 = hv.alloc_unbound(h1, 2)
+    p2 = hv.bind_interdomain(h2, 1, p1.port)
+    hv.unbind(h2, p2.port)
+    assert p1.remote is None and p1.state == core.EvtchnState.unbound
+    again = hv.bind_interdomain(h2, 1, p1.port)
+    assert again.remote is p1 and p1.remote is again
+    assert hv.notify(h2, again.port) is p1 and pending(p1.inbox) == 1
+    hv.close_handle(h1)
+    hv.close_handle(h2)

@@ -51,7 +51,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from xenpv.compiled import pure_python
+from xenpv.compiled import compiled_attr
 from xenpv.errors import LocalError
 from xenpv.protocols.ethernet import (
     GSO_NONE,
@@ -138,13 +138,7 @@ def _compiled(name: str, twin: Any) -> Any:
     """``name`` of the compiled ``xenpv.drivers._vnethdr`` (``cython/vnethdr.pyx``), or
     its readable twin (not built, or ``XENPV_PURE_PYTHON=1``:
     :func:`xenpv.compiled.pure_python`)."""
-    if pure_python():
-        return twin
-    try:
-        from xenpv.drivers import _vnethdr
-    except ImportError:  # not built: the twin serves
-        return twin
-    return getattr(_vnethdr, name)
+    return compiled_attr("xenpv.drivers._vnethdr", name, twin)
 
 
 def _compiled_vnet() -> Callable[[bytes, bool, bool, int, int, bool],

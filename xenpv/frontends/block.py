@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from xenpv.compiled import pure_python
+from xenpv.compiled import compiled_attr
 from xenpv.drivers.quarantine import GrantQuarantine
 from xenpv.drivers.ringchannel import FrontChannel, front_keys
 from xenpv.drivers.ringservice import RingClient
@@ -177,13 +177,7 @@ def _compiled_tables() -> Any:
     """The compiled request table (``cython/blktable.pyx``), or None where its twin
     :mod:`xenpv.frontends.blktable` serves: not built, or ``XENPV_PURE_PYTHON=1``
     (:func:`xenpv.compiled.pure_python`)."""
-    if pure_python():
-        return None
-    try:
-        from xenpv.frontends import _blktable
-    except ImportError:  # not built: the twin serves
-        return None
-    return _blktable
+    return compiled_attr("xenpv.frontends._blktable")
 
 
 #: The module whose ``RequestTable`` and ``Batch`` the frontend uses.

@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 
-from xenpv.compiled import pure_python
+from xenpv.compiled import compiled_attr
 from xenpv.errors import LocalError
 from xenpv.protocols import ProtocolError
 from xenpv.protocols.layout import (
@@ -640,13 +640,7 @@ def scan_rw_reference(batch: Buffer, count: int, abi: ABI, disk_sectors: int, *,
 def _compiled_scan() -> Any:
     """The compiled scan, or None where the twin serves: not built, or
     ``XENPV_PURE_PYTHON=1`` (:func:`xenpv.compiled.pure_python`)."""
-    if pure_python():
-        return None
-    try:
-        from xenpv.protocols import _blkscan
-    except ImportError:  # not built: the twin serves
-        return None
-    return _blkscan.scan_rw
+    return compiled_attr("xenpv.protocols._blkscan", "scan_rw")
 
 
 _SCAN = _compiled_scan()

@@ -24,7 +24,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from xenpv.compiled import pure_python
+from xenpv.compiled import compiled_attr
 from xenpv.errors import LocalError
 from xenpv.protocols import ProtocolError
 from xenpv.protocols.layout import (
@@ -582,13 +582,7 @@ def scan_tx_reference(batch: Buffer, count: int, *, max_slots: int = XEN_NETIF_N
 def _compiled_scan() -> Any:
     """The compiled scan, or None (not built, or ``XENPV_PURE_PYTHON=1``:
     :func:`xenpv.compiled.pure_python`)."""
-    if pure_python():
-        return None
-    try:
-        from xenpv.protocols import _netscan
-    except ImportError:  # not built: the twin serves
-        return None
-    return _netscan.scan_tx
+    return compiled_attr("xenpv.protocols._netscan", "scan_tx")
 
 
 _SCAN = _compiled_scan()

@@ -26,7 +26,7 @@ import errno
 import struct
 from typing import Any, Protocol
 
-from xenpv.compiled import pure_python
+from xenpv.compiled import compiled_attr
 from xenpv.errors import PlatformError
 from xenpv.platforms.base import PAGE_SIZE, GrantCopy, GrantPtr, LocalPtr
 from xenpv.platforms.loopback import proto
@@ -169,13 +169,7 @@ class PyCopyEngine:
 
 def _compiled() -> Any:
     """The compiled engine class, or None (not built, or ``XENPV_PURE_PYTHON=1``)."""
-    if pure_python():
-        return None
-    try:
-        from xenpv.platforms.loopback import _gntcopy
-    except ImportError:  # not built: the twin serves
-        return None
-    return _gntcopy.CopyEngine
+    return compiled_attr("xenpv.platforms.loopback._gntcopy", "CopyEngine")
 
 
 _COMPILED = _compiled()

@@ -29,6 +29,8 @@ from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint32_t
 from libc.string cimport memcpy
 
+from xenpv.xenstore import wire as _wire
+
 
 cdef extern from "<sched.h>" nogil:
     int sched_yield()
@@ -70,15 +72,15 @@ cdef extern from "<sys/socket.h>" nogil:
         MSG_NOSIGNAL
 
 
-cdef struct xsd_sockmsg:  # io/xs_wire.h
+cdef struct xsd_sockmsg:  # io/xs_wire.h; xenpv.xenstore.wire.HEADER
     uint32_t type
     uint32_t req_id
     uint32_t tx_id
     uint32_t len
 
 
-DEF HEADER_SIZE = 16
-DEF PAYLOAD_MAX = 4096
+cdef Py_ssize_t HEADER_SIZE = _wire.HEADER_SIZE
+cdef uint32_t PAYLOAD_MAX = _wire.PAYLOAD_MAX
 
 AGAIN = 0
 DONE = 1

@@ -36,6 +36,7 @@ CYTHON_MODULES: dict[str, str] = {
     "xenpv.frontends._blktable": "cython/blktable.pyx",
     "xenpv.platforms.loopback._gntcopy": "cython/gntcopy.pyx",
     "xenpv.drivers._vnethdr": "cython/vnethdr.pyx",
+    "xenpv.backends._nettx": "cython/nettx.pyx",
 }
 
 CYTHON_DIRECTIVES = {

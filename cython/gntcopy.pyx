@@ -291,3 +291,61 @@ cdef class CopyEngine:
         found = self._own(ref, at, length)
         self._inpage = at % PAGE_SIZE
         return found
+
+
+# --------------------------------------------------------------------------- client side
+
+cdef enum:
+    PIECE = 12         # base.COPY_PIECE: <IHHI (ref, offset, length, place)
+
+
+def encode_pieces(const uint8_t[::1] pieces not None, Py_ssize_t count, uint32_t domid,
+                  uint32_t handle, Py_ssize_t base, Py_ssize_t size, bint per_page):
+    """The GNT_COPY request (head and segments) copying ``count`` COPY_PIECE records of
+    ``pieces`` from grants of ``domid`` into the client's own share ``handle``, whose
+    destination buffer starts ``base`` bytes into the share and holds ``size`` bytes; None
+    where a piece cannot be named so (it crosses a page of a share of one page per frame,
+    or its page index does not fit).  A piece crossing its grant's page or running past
+    the buffer raises ValueError.  Readable twin: ``gntcopy.encode_pieces_reference``."""
+    if count < 0 or count * PIECE > pieces.shape[0] or base < 0 or size < 0:
+        raise ValueError("bad piece count or destination")
+    if HEAD + count * SEG > MAX_MESSAGE:
+        raise ValueError("too many pieces for one request")
+    cdef bytearray out = bytearray(HEAD + count * SEG)
+    cdef uint8_t *o = out
+    cdef const uint8_t *p
+    cdef uint32_t ref, place, at
+    cdef uint16_t offset, length
+    cdef uint16_t flags = SRC_GREF | DST_OWN
+    cdef uint16_t dom16 = <uint16_t>domid
+    cdef uint16_t page16, off16
+    cdef uint32_t count32 = <uint32_t>count, zero32 = 0
+    cdef Py_ssize_t i
+    memmove(o, &count32, 4)
+    memmove(o + 4, &zero32, 4)
+    for i in range(count):
+        p = &pieces[i * PIECE]
+        ref = le_u32(p)
+        offset = le_u16(p + 4)
+        length = le_u16(p + 6)
+        place = le_u32(p + 8)
+        if <Py_ssize_t>offset + length > PAGE_SIZE or <Py_ssize_t>place + length > size:
+            raise ValueError("a copy piece out of bounds")
+        at = <uint32_t>(base + place)
+        if per_page and length and at // PAGE_SIZE != (at + length - 1) // PAGE_SIZE:
+            return None
+        if at // PAGE_SIZE > 0xFFFF:
+            return None
+        page16 = <uint16_t>(at // PAGE_SIZE)
+        off16 = <uint16_t>(at % PAGE_SIZE)
+        o = <uint8_t *>out + HEAD + i * SEG
+        memmove(o, &ref, 4)
+        memmove(o + 4, &dom16, 2)
+        memmove(o + 6, &offset, 2)
+        memmove(o + 8, &handle, 4)
+        memmove(o + 12, &page16, 2)
+        memmove(o + 14, &off16, 2)
+        memmove(o + 16, &length, 2)
+        memmove(o + 18, &flags, 2)
+        memmove(o + 20, &zero32, 4)
+    return bytes(out)

@@ -49,11 +49,11 @@ def test_staging_places_pieces_apart_within_pages_and_keyed_pages_recur(
         lengths = [n for n, _k in step]
         keys = [k for _n, k in step]
         fits = stage.fits(lengths, keys)
-        before = (stage._page, stage._fill, stage._next, bytes(stage._used))
+        before = stage.state()
         at = stage.place(lengths, keys)
         assert (at is not None) == fits
         if at is None:
-            assert before == (stage._page, stage._fill, stage._next, bytes(stage._used))
+            assert before == stage.state()
             continue
         for (n, key), a in zip(step, at, strict=True):
             assert 0 <= a and a + n <= pages * PAGE

@@ -68,6 +68,7 @@ the switches (one per ``bridge`` name) the vifs join.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import errno as _errno
@@ -80,6 +81,7 @@ from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from xenpv.backends.netswitch import NetSwitch, SwitchPort
+from xenpv.backends.nettx import tx_group
 from xenpv.drivers.ringchannel import BackChannel, RingPlacement
 from xenpv.drivers.ringservice import RingService
 from xenpv.drivers.sharedport import share_port
@@ -93,6 +95,7 @@ from xenpv.platforms.base import (
     LocalPtr,
     Platform,
     SharedPages,
+    copy_pieces,
 )
 from xenpv.platforms.dispatch import PortDispatcher
 from xenpv.protocols import ProtocolError
@@ -328,12 +331,8 @@ class _Staging:
         self.frames: SharedPages | None = None
         self.mem = memoryview(b"")
         self.size = 0
-        #: the page being filled one piece after the other, and its fill
-        self._page = -1
-        self._fill = XEN_PAGE_SIZE
-        #: the pages taken in this batch (1 each), and the first not taken in order
-        self._used = bytearray(pages)
-        self._next = 0
+        #: the layout and the TX copy group over the frames (:mod:`.nettx`), made with them
+        self.group: Any = None
 
     @classmethod
     def for_platform(cls, grants: GrantTable, pages: int) -> _Staging | None:
@@ -353,42 +352,25 @@ class _Staging:
                 return False
             self.mem = self.frames.mem
             self.size = len(self.mem)
+            pages = min(self._pages, self.size // XEN_PAGE_SIZE)
+            if pages < 1:
+                self._grants = None
+                return False
+            self.group = tx_group(pages)
         return self.frames is not None and self._grants is not None
 
     def _layout(self, lengths: Sequence[int], keys: Sequence[int | None] | None,
                 commit: bool) -> list[int] | None:
         """Where pieces of ``lengths`` (``keys[i]``: the key of a whole page, or None) go
         after what is placed, or None if they do not all fit; taken only with
-        ``commit``."""
-        pages = min(self._pages, self.size // XEN_PAGE_SIZE)
-        used = bytearray(self._used)
-        page, fill, nxt = self._page, self._fill, self._next
-        out = []
-        for i, n in enumerate(lengths):
-            key = keys[i] if keys is not None and n == XEN_PAGE_SIZE else None
-            if key is not None:
-                at = key % pages
-                for _ in range(pages):
-                    if not used[at]:
-                        break
-                    at = at + 1 if at + 1 < pages else 0
-                else:
-                    return None
-                used[at] = 1
-                out.append(at * XEN_PAGE_SIZE)
-                continue
-            if n and fill + n > XEN_PAGE_SIZE:  # the next page not taken
-                while nxt < pages and used[nxt]:
-                    nxt += 1
-                if nxt >= pages:
-                    return None
-                page, fill = nxt, 0
-                used[nxt] = 1
-            out.append(max(page, 0) * XEN_PAGE_SIZE + min(fill, XEN_PAGE_SIZE))
-            fill += n
-        if commit:
-            self._page, self._fill, self._next, self._used = page, fill, nxt, used
-        return out
+        ``commit`` (the group's layout)."""
+        layout: list[int] | None = self.group.layout(lengths, keys, commit)
+        return layout
+
+    def state(self) -> tuple[int, int, int, bytes]:
+        """The layout's state (see :meth:`.nettx.TxGroupReference.state`; for tests)."""
+        state: tuple[int, int, int, bytes] = self.group.state()
+        return state
 
     def fits(self, lengths: Sequence[int], keys: Sequence[int | None] | None = None) -> bool:
         """Whether pieces of ``lengths`` (``keys``: as for :meth:`place`) all fit after
@@ -412,8 +394,8 @@ class _Staging:
 
     def reset(self) -> None:
         """The batch is done: place from the start again."""
-        self._page, self._fill, self._next = -1, XEN_PAGE_SIZE, 0
-        self._used = bytearray(self._pages)
+        if self.group is not None:
+            self.group.reset()
 
     def close(self) -> None:
         """Give the frames back (idempotent); nothing is staged afterwards."""
@@ -450,6 +432,11 @@ class NetTx:
         self.last_drop = ""
         #: Answers given later (``rate``): the queue's :meth:`RingService.respond`.
         self.respond: Callable[[list[bytes]], int] | None = None
+        #: The queue's :meth:`RingService.respond_slots`: a pass's answers as whole slots
+        #: (None: :meth:`handle` returns them as a list).
+        self.respond_slots: Callable[[bytearray, int], None] | None = None
+        #: the answers of this pass laid out as whole slots, in slot order
+        self._slots = bytearray()
         self.rate = rate
         self.credit = rate[0] if rate else 0
         self._window = -1.0  # the first window starts with the first packet
@@ -464,66 +451,91 @@ class NetTx:
             (SCAN_GSO_TCPV6 if config.gso_tcpv6 else 0)
 
     def handle(self, batch: memoryview, count: int) -> list[bytes]:
-        """Take ``count`` slots; answer every complete chain (in order)."""
+        """Take ``count`` slots; answer every complete chain (in order): through
+        :attr:`respond_slots` where set (returning nothing), else returned."""
         buf = self._pending + bytes(batch[: count * _TX_SLOT])
         n = len(buf) // _TX_SLOT
         view = memoryview(buf)
         out: list[bytes] = []
         group: list[_TxCopy] = []  # packets whose data is copied in one call
         group_bytes = pos = 0
-        while pos < n:
-            if self.rate is None:  # plain chains of the pass: one compiled scan
-                pos, group_bytes = self._take_plain(view, pos, n, group, group_bytes, out)
-                if pos >= n:
+        try:
+            while pos < n:
+                if self.rate is None:  # plain chains of the pass: one compiled scan
+                    pos, group_bytes = self._take_plain(view, pos, n, group, group_bytes,
+                                                        out)
+                    if pos >= n:
+                        break
+                    self._flush_group(out)  # the chain below places in the same staging
+                rest = view[pos * _TX_SLOT:]
+                try:
+                    pkt = parse_tx_packet(rest, n - pos, max_slots=self.config.max_slots,
+                                          fatal_slots=self.config.fatal_slots)
+                except NetifPacketError as exc:
+                    self._drop(str(exc))
+                    out += self._copy_group(group)  # answers stay in slot order
+                    group_bytes = 0
+                    out += _error_responses(rest, exc.slots, len(exc.ids))
+                    pos += exc.slots
+                    continue
+                except NetifFatalError:
+                    self.stats["fatal"] += 1
+                    self._pending = b""
+                    self._copy_group(group)  # the packets before it still go out
+                    raise
+                if pkt is None:
                     break
-            rest = view[pos * _TX_SLOT:]
-            try:
-                pkt = parse_tx_packet(rest, n - pos, max_slots=self.config.max_slots,
-                                      fatal_slots=self.config.fatal_slots)
-            except NetifPacketError as exc:
-                self._drop(str(exc))
-                out += self._copy_group(group)  # answers stay in slot order
-                group_bytes = 0
-                out += _error_responses(rest, exc.slots, len(exc.ids))
-                pos += exc.slots
-                continue
-            except NetifFatalError:
-                self.stats["fatal"] += 1
-                self._pending = b""
-                self._copy_group(group)  # the packets before it still go out
-                raise
-            if pkt is None:
-                break
-            if self.rate is None:
-                if group and any(isinstance(e, McastExtra) for e in pkt.extras):
-                    out += self._copy_group(group)  # the filter changes after them
-                    group_bytes = 0
-                pieces = [f.length for f in pkt.fragments if f.length]
-                cost = pkt.size + COPY_SEG_COST * len(pieces)
-                if group and (group_bytes + cost > COPY_BATCH or
-                              (self._stage is not None and not self._stage.fits(pieces))):
-                    out += self._copy_group(group)  # before this packet is placed
-                    group_bytes = 0
-                prepared = self._prepare(pkt, rest)
-                if isinstance(prepared, list):  # answered without a copy
-                    out += self._copy_group(group)
-                    group_bytes = 0
-                    out += prepared
-                else:
-                    group.append(prepared)
-                    group_bytes += cost
-            else:  # answered in order, as credit allows
-                self._held.append((pkt, bytes(rest[:pkt.slots * _TX_SLOT])))
-            pos += pkt.slots
-        out += self._copy_group(group)
+                if self.rate is None:
+                    if group and any(isinstance(e, McastExtra) for e in pkt.extras):
+                        out += self._copy_group(group)  # the filter changes after them
+                        group_bytes = 0
+                    pieces = [f.length for f in pkt.fragments if f.length]
+                    cost = pkt.size + COPY_SEG_COST * len(pieces)
+                    if group and (group_bytes + cost > COPY_BATCH or
+                                  (self._stage is not None and
+                                   not self._stage.fits(pieces))):
+                        out += self._copy_group(group)  # before this packet is placed
+                        group_bytes = 0
+                    prepared = self._prepare(pkt, rest)
+                    if isinstance(prepared, list):  # answered without a copy
+                        out += self._copy_group(group)
+                        group_bytes = 0
+                        out += prepared
+                    else:
+                        group.append(prepared)
+                        group_bytes += cost
+                else:  # answered in order, as credit allows
+                    self._held.append((pkt, bytes(rest[:pkt.slots * _TX_SLOT])))
+                pos += pkt.slots
+            out += self._copy_group(group)
+            self._flush_group(out)
+        except NetifFatalError:
+            self._flush_group(out)  # the packets before it still go out
+            self._slots = bytearray()
+            raise
         self._pending = buf[pos * _TX_SLOT:]
         if len(self._pending) > _MAX_PENDING_SLOTS * _TX_SLOT:  # parse bounds this
+            self._slots = bytearray()
             raise ProtocolError("TX chain longer than any allowed")
         if self.rate is not None:
             if out:  # dropped chains keep their place behind held packets
                 self._held.append((None, out))
             return self._release()
-        return out
+        return self._answers(out)
+
+    def _answers(self, out: list[bytes]) -> list[bytes]:
+        """The pass's answers: the slots laid out (then ``out``, answered after them) go
+        to :attr:`respond_slots` where set; else all of them are returned."""
+        slots = self._slots
+        if not slots:
+            return out
+        self._slots = bytearray()
+        if out:
+            slots += b"".join(r.ljust(_TX_SLOT, b"\0") for r in out)
+        if self.respond_slots is not None:
+            self.respond_slots(slots, len(slots) // _TX_SLOT)
+            return []
+        return [bytes(slots[k:k + _TX_RSP.size]) for k in range(0, len(slots), _TX_SLOT)]
 
     # -- credit limit (the toolstack's rate node: bytes per microseconds)
     def _replenish(self) -> None:
@@ -652,14 +664,36 @@ class NetTx:
 
     def _take_plain(self, view: memoryview, pos: int, n: int, group: list[_TxCopy],
                     group_bytes: int, out: list[bytes]) -> tuple[int, int]:
-        """Add the plain chains from slot ``pos`` on (:func:`scan_tx`, compiled) to
-        ``group`` (copying the group first when full, answers to ``out``); the slot after
-        them and the group's bytes."""
+        """Add the plain chains from slot ``pos`` on (:func:`scan_tx`, compiled) to the
+        staging's TX group (:mod:`.nettx`), or where there is no staging to ``group``
+        (copying the group first when full, answers to ``out``); the slot after them and
+        ``group``'s bytes."""
         config = self.config
         stage = self._stage
-        for flags, size, used, ids, frags, gso in scan_tx(
-                view[pos * _TX_SLOT:], n - pos, max_slots=config.max_slots,
-                fatal_slots=config.fatal_slots, sg=config.sg, gso=self._gso_mask):
+        chains = scan_tx(view[pos * _TX_SLOT:], n - pos, max_slots=config.max_slots,
+                         fatal_slots=config.fatal_slots, sg=config.sg, gso=self._gso_mask)
+        if not chains:
+            return pos, group_bytes
+        if stage is not None and stage.ready:
+            fast = stage.group
+            if group:  # it shares the staging: copied first
+                out += self._copy_group(group)
+                group_bytes = 0
+            for chain in chains:
+                frags = chain[4]
+                if fast.chains and (fast.count + len(frags)) * COPY_SEG_COST > COPY_BATCH:
+                    self._flush_group(out)
+                if not fast.add(chain):
+                    self._flush_group(out)  # full: copy what it holds first
+                    if not fast.add(chain):  # larger than the whole area: alone, privately
+                        flags, size, used, ids, _f, gso = chain
+                        group.append(self._place(flags, size, ids, used - len(ids), frags,
+                                                 view[pos * _TX_SLOT:], gso, None,
+                                                 placed=True))
+                        out += self._copy_group(group)
+                pos += chain[2]
+            return pos, group_bytes
+        for flags, size, used, ids, frags, gso in chains:
             at = None
             if stage is not None:
                 lengths = [f[2] for f in frags]
@@ -682,6 +716,45 @@ class NetTx:
             group_bytes += cost
             pos += used
         return pos, group_bytes
+
+    def _flush_group(self, out: list[bytes]) -> None:
+        """Copy the staging's TX group in one call (:func:`copy_pieces`), hand each
+        frame to the port and lay the answers out after those of ``out`` (a chain whose
+        copy failed is dropped alone)."""
+        stage = self._stage
+        if stage is None or stage.group is None or not stage.group.chains:
+            return
+        fast = stage.group
+        self.stats["copies"] += 1
+        try:
+            statuses = copy_pieces(self.grants, self.domid, fast.pieces, fast.count,
+                                   stage.mem)
+        except (PlatformError, LocalError) as exc:
+            log.debug("grant copy of %d pieces failed: %s", fast.count, exc)
+            statuses = array.array("i", [-1]) * fast.count
+        frames, answers = fast.finish(stage.mem, statuses)
+        stats, port = self.stats, self.port
+        for data, flags, gso_type, gso_size in frames:
+            if data is None:
+                stats["copy_errors"] += 1
+                self._drop("a fragment's grant could not be copied")
+                continue
+            frame = NetFrame(data, csum_blank=bool(flags & NETTXF_csum_blank),
+                             data_validated=bool(flags & NETTXF_data_validated),
+                             gso_type=gso_type, gso_size=gso_size)
+            stats["packets"] += 1
+            stats["bytes"] += len(data)
+            stats["gso"] += gso_type != GSO_NONE
+            stats["csum_blank"] += frame.csum_blank
+            try:
+                port(frame)
+            except (LocalError, PeerError, PlatformError) as exc:
+                stats["port_errors"] += 1
+                log.debug("dom%d tx: the port refused a frame: %s", self.domid, exc)
+        if out:  # answered before these: laid out first
+            self._slots += b"".join(r.ljust(_TX_SLOT, b"\0") for r in out)
+            out.clear()
+        self._slots += answers
 
     def _place(self, flags: int, size: int, ids: tuple[int, ...], extras: int,
                frags: Sequence[tuple[int, int, int]], slots: memoryview,
@@ -1284,6 +1357,7 @@ class NetQueue:
         self.rx_service = RingService(self.rx_channel, self.rx)
         self.rx.respond = self.rx_service.respond
         self.tx.respond = self.tx_service.respond
+        self.tx.respond_slots = self.tx_service.respond_slots
         self._hub: PortDispatcher | None = None
         self._guard: asyncio.Task[None] | None = None
 

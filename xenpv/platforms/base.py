@@ -14,8 +14,10 @@ across processes (one process per domain, talking to ``xenpv loopback up``), and
 Optional platform features are small interfaces of their own, checked with
 ``isinstance`` (all are :func:`typing.runtime_checkable`): :class:`ReservedGrants`
 (place a page at a reserved grant ref, as a domain builder does), :class:`GuestFrames`
-(guest frame numbers a dom0 backend may foreign-map) and :class:`PreparedCopies` (grant
-copies validated once, repeated cheaply).  The xenstore client is described by
+(guest frame numbers a dom0 backend may foreign-map), :class:`PreparedCopies` (grant
+copies validated once, repeated cheaply) and :class:`PieceCopies` (many copies out of one
+domain's grants into one local buffer, given as a compact array; :func:`copy_pieces`
+serves every platform, through ``copy`` where the platform has nothing better).  The xenstore client is described by
 :class:`XenstoreClient` (asyncio; :mod:`xenpv.xenstore.client` satisfies it) and
 :class:`BlockingXenstore` (:mod:`xenpv.xenstore.blocking`), the node operations both
 share in their calling style being what drivers use.
@@ -33,13 +35,15 @@ use of the API (unmapping twice, a port this handle does not own) is a
 
 from __future__ import annotations
 
+import array
 import enum
 import errno as _errno
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
-from xenpv.errors import PlatformError
+from xenpv.errors import LocalError, PlatformError
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -47,6 +51,7 @@ if TYPE_CHECKING:
     from xenpv.platforms.dispatch import PortDispatcher
 
 __all__ = [
+    "COPY_PIECE",
     "DOMID_SELF",
     "GNTTAB_NR_RESERVED_ENTRIES",
     "GNTTAB_RESERVED_CONSOLE",
@@ -65,6 +70,7 @@ __all__ = [
     "MapError",
     "MappedGrants",
     "NoSuchDomain",
+    "PieceCopies",
     "Platform",
     "PlatformGone",
     "PortError",
@@ -76,6 +82,9 @@ __all__ = [
     "XenstoreClient",
     "XenstoreNodes",
     "XenstoreWatch",
+    "check_pieces",
+    "copy_pieces",
+    "copy_pieces_as_segments",
     "prepare_copy",
 ]
 
@@ -87,6 +96,9 @@ GNTTAB_NR_RESERVED_ENTRIES = 8
 GNTTAB_RESERVED_CONSOLE = 0
 #: xen.h: DOMID_SELF.
 DOMID_SELF = 0x7FF0
+#: One piece of :meth:`PieceCopies.copy_pieces`: the source's grant reference, its offset
+#: in the granted page, the length, and the place (byte offset) in the destination buffer.
+COPY_PIECE = struct.Struct("<IHHI")
 
 
 class GntSt(enum.IntEnum):
@@ -432,6 +444,54 @@ class PreparedCopies(Protocol):
     def prepare_copy(self, segments: Sequence[GrantCopy]) -> Callable[[], list[int]]:
         """A callable running ``segments`` (one ``GNTST_*`` per segment) each call."""
         ...
+
+
+@runtime_checkable
+class PieceCopies(Protocol):
+    """Optional grant-table feature: many grant copies out of one domain's grants into
+    one local buffer, given as a compact array (a backend's batch of packets)."""
+
+    def copy_pieces(self, domid: int, pieces: Any, count: int, dest: Any) -> Sequence[int]:
+        """Copy ``count`` :data:`COPY_PIECE` records of ``pieces`` (a buffer): each from
+        grant ``ref`` of ``domid`` at ``offset`` to ``place`` in ``dest`` (a writable
+        buffer; a platform may name its own frames instead of carrying bytes).  One
+        ``GNTST_*`` per piece, as a buffer of C ints (``array('i')`` or a memoryview
+        cast to ``'i'``).  A piece crossing its page on the grant side or running past
+        ``dest`` is refused (``LocalError``, nothing copied)."""
+        ...
+
+
+def check_pieces(pieces: Any, count: int, dest_size: int) -> memoryview:
+    """``pieces`` as bytes of ``count`` :data:`COPY_PIECE` records, once checked: none
+    crosses its grant's page, none runs past ``dest_size`` (``LocalError`` if one does;
+    also for too few records)."""
+    view = memoryview(pieces).cast("B")
+    if count < 0 or len(view) < count * COPY_PIECE.size:
+        raise LocalError(f"{count} copy pieces in {len(view)} bytes")
+    view = view[:count * COPY_PIECE.size]
+    for _ref, offset, length, place in COPY_PIECE.iter_unpack(view):
+        if offset + length > PAGE_SIZE or place + length > dest_size:
+            raise LocalError(f"copy piece ({offset}, {length}, {place}) out of bounds")
+    return view
+
+
+def copy_pieces(grants: GrantTable, domid: int, pieces: Any, count: int, dest: Any
+                ) -> Sequence[int]:
+    """:meth:`PieceCopies.copy_pieces` on any grant table: the platform's own where it
+    has one, else as :class:`GrantCopy` segments through ``grants.copy``."""
+    if isinstance(grants, PieceCopies):
+        return grants.copy_pieces(domid, pieces, count, dest)
+    return copy_pieces_as_segments(grants, domid, pieces, count, dest)
+
+
+def copy_pieces_as_segments(grants: GrantTable, domid: int, pieces: Any, count: int,
+                            dest: Any) -> Sequence[int]:
+    """:meth:`PieceCopies.copy_pieces` done with ``grants.copy`` (a platform with no
+    cheaper way)."""
+    view = check_pieces(pieces, count, memoryview(dest).nbytes)
+    segs = [GrantCopy(GrantPtr(domid, ref, offset), LocalPtr(dest, place), length)
+            for ref, offset, length, place in COPY_PIECE.iter_unpack(view)]
+    return array.array("i", grants.copy(segs) if segs else [])
 
 
 class XenstoreNodes(Protocol):

@@ -47,10 +47,12 @@ from xenpv.platforms.base import (
     ResourceExhausted,
     SharedPages,
     UnmapNotify,
+    copy_pieces_as_segments,
 )
 from xenpv.platforms.loopback import proto
 from xenpv.platforms.loopback.env import ENV_SOCKET, ENV_XENSTORED_PATH
 from xenpv.platforms.loopback.events import EpollEvents
+from xenpv.platforms.loopback.gntcopy import encode_pieces
 from xenpv.platforms.loopback.inprocess import _ring_release, notify_args, with_notify
 from xenpv.platforms.loopback.memory import (
     PAGE_SIZE,
@@ -228,6 +230,8 @@ class ClientGrantTable(_OnConnection):
         #: ``_named_gen`` (= ``_own_gen``), bounded by :data:`NAMED_KEPT`.
         self._named: dict[int, tuple[GrantCopy, bytes]] = {}
         self._named_gen = 0
+        #: the last destination of copy_pieces: (buffer, _own_gen, what _dest_run said)
+        self._pieces_dest: tuple[Any, int, tuple[int, int, int, bool] | None] | None = None
 
     def grant(self, domid: int, count: int = 1, *, writable: bool = True,
               notify: UnmapNotify | None = None) -> SharedRegion:
@@ -437,6 +441,43 @@ class ClientGrantTable(_OnConnection):
         pages of this handle's own shares or frames travels as (share, offset), any other
         as bytes over the socket."""
         return _ClientCopyPlan(self, segments)()
+
+    def copy_pieces(self, domid: int, pieces: Any, count: int, dest: Any) -> Sequence[int]:
+        """:meth:`~xenpv.platforms.base.PieceCopies.copy_pieces`: into this handle's own
+        pages (shares, frames) the request names them (encoded in one pass, compiled
+        where built) and no bytes cross the socket; into any other buffer as
+        :meth:`copy` segments."""
+        named = self._pieces_dest
+        if named is None or named[0] is not dest or named[1] != self._own_gen:
+            named = self._pieces_dest = (dest, self._own_gen, self._dest_run(dest))
+        run = named[2]
+        head = None
+        if run is not None and count:
+            handle_id, base, size, per_page = run
+            try:
+                head = encode_pieces(pieces, count, domid, handle_id, base, size, per_page)
+            except ValueError as exc:
+                raise LocalError(f"copy pieces: {exc}") from None
+        if head is None:
+            return copy_pieces_as_segments(self, domid, pieces, count, dest)
+        out, fds = self._conn.call(Op.GNT_COPY, head)
+        for fd in fds:
+            os.close(fd)
+        got, _ = proto.U32x2.unpack_from(out)
+        if got != count or len(out) < 8 + 4 * count:
+            raise PlatformGone(f"GNT_COPY answered {got} statuses for {count} pieces")
+        return memoryview(out)[8:8 + 4 * count].cast("i")
+
+    def _dest_run(self, dest: Any) -> tuple[int, int, int, bool] | None:
+        """(share handle id, offset of ``dest`` in it, its size, one page per frame) if
+        ``dest`` is a writable buffer lying in one of this handle's own runs, else None."""
+        _buf, addr, size, readonly, _run = self._learn(dest)
+        if addr < 0 or readonly:
+            return None
+        for start, end, handle_id, per_page in self._own:
+            if start <= addr and addr + size <= end:
+                return handle_id, addr - start, size, per_page
+        return None
 
     def prepare_copy(self, segments: Sequence[GrantCopy]) -> Callable[[], list[int]]:
         """A reusable copy of ``segments``: the request layout is encoded once (again

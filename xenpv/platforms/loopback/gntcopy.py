@@ -28,11 +28,12 @@ from typing import Any, Protocol
 
 from xenpv.compiled import compiled_attr
 from xenpv.errors import PlatformError
-from xenpv.platforms.base import PAGE_SIZE, GrantCopy, GrantPtr, LocalPtr
+from xenpv.platforms.base import COPY_PIECE, PAGE_SIZE, GrantCopy, GrantPtr, LocalPtr
 from xenpv.platforms.loopback import proto
 from xenpv.platforms.loopback.core import CopyPlan, Handle, Hypervisor, SharePtr
 
-__all__ = ["CopyEngineLike", "PyCopyEngine", "copy_engine"]
+__all__ = ["CopyEngineLike", "PyCopyEngine", "copy_engine", "encode_pieces",
+           "encode_pieces_reference"]
 
 #: flags of a side whose bytes are not in the request/reply (a grant, or the caller's own pages)
 _SOURCE_NOT_SENT = proto.GNTCOPY_source_gref | proto.GNTCOPY_source_own
@@ -190,3 +191,37 @@ def copy_engine(hv: Hypervisor, handle: Handle, *, compiled: bool | None = None
         return engine
     engine = _COMPILED(hv, handle, SharePtr)
     return engine
+
+
+def encode_pieces_reference(pieces: Any, count: int, domid: int, handle: int, base: int,
+                            size: int, per_page: bool) -> bytes | None:
+    """The client's GNT_COPY request (head and segments) copying ``count``
+    :data:`~xenpv.platforms.base.COPY_PIECE` records of ``pieces`` from grants of
+    ``domid`` into its own share ``handle``, whose destination buffer starts ``base``
+    bytes into the share and holds ``size`` bytes; None where a piece cannot be named so
+    (it crosses a page of a share of one page per frame, or its page index does not
+    fit).  A piece crossing its grant's page or running past the buffer raises
+    ValueError.  The readable twin of the compiled ``encode_pieces``."""
+    view = memoryview(pieces).cast("B")
+    if count < 0 or count * COPY_PIECE.size > len(view) or base < 0 or size < 0:
+        raise ValueError("bad piece count or destination")
+    if proto.U32x2.size + count * proto.COPY_SEG.size > proto.MAX_MESSAGE:
+        raise ValueError("too many pieces for one request")
+    out = [proto.U32x2.pack(count, 0)]
+    flags = proto.GNTCOPY_source_gref | proto.GNTCOPY_dest_own
+    for ref, offset, length, place in COPY_PIECE.iter_unpack(view[:count * COPY_PIECE.size]):
+        if offset + length > PAGE_SIZE or place + length > size:
+            raise ValueError("a copy piece out of bounds")
+        at = base + place
+        if per_page and length and at // PAGE_SIZE != (at + length - 1) // PAGE_SIZE:
+            return None
+        if at // PAGE_SIZE > 0xFFFF:
+            return None
+        out.append(proto.COPY_SEG.pack(ref, domid & 0xFFFF, offset, handle, at // PAGE_SIZE,
+                                       at % PAGE_SIZE, length, flags, 0))
+    return b"".join(out)
+
+
+#: :func:`encode_pieces_reference`, compiled where built
+encode_pieces: Any = compiled_attr("xenpv.platforms.loopback._gntcopy", "encode_pieces",
+                                   encode_pieces_reference)

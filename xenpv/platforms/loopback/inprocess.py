@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from xenpv.errors import LocalError, PlatformError
 from xenpv.platforms.base import (
@@ -22,6 +23,7 @@ from xenpv.platforms.base import (
     MappedGrants,
     SharedPages,
     UnmapNotify,
+    copy_pieces_as_segments,
 )
 from xenpv.platforms.loopback.core import (
     NOTIFY_CLEAR_BYTE,
@@ -173,6 +175,11 @@ class InProcessGrantTable:
     def copy(self, segments: Sequence[GrantCopy]) -> list[int]:
         """Grant copy; one ``GNTST_*`` per segment."""
         return self._hv.copy(self._h, segments)
+
+    def copy_pieces(self, domid: int, pieces: Any, count: int, dest: Any) -> Sequence[int]:
+        """:meth:`~xenpv.platforms.base.PieceCopies.copy_pieces`: the hypervisor's copy
+        of the pieces as segments (in process nothing crosses a socket)."""
+        return copy_pieces_as_segments(self, domid, pieces, count, dest)
 
     def prepare_copy(self, segments: Sequence[GrantCopy]) -> CopyPlan:
         """A reusable, pre-validated copy (re-validated when grant tables change)."""

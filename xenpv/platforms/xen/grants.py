@@ -29,6 +29,7 @@ Limits of the C library, surfaced as they are:
 
 from __future__ import annotations
 
+import array
 import errno
 import mmap as _mmap
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ from typing import Any
 
 from xenpv.errors import LocalError, PlatformError
 from xenpv.platforms.base import (
+    COPY_PIECE,
     PAGE_SIZE,
     GntSt,
     GrantCopy,
@@ -46,6 +48,7 @@ from xenpv.platforms.base import (
     SharedPages,
     UnmapNotify,
     _Pages,
+    check_pieces,
 )
 from xenpv.platforms.xen._libs import (
     GNTCOPY_dest_gref,
@@ -338,6 +341,32 @@ class XenGrantTable:
                 raise call_error("xengnttab_grant_copy")
             for k, i in enumerate(send):
                 statuses[i] = int(segs[k].status)
+        return statuses
+
+    def copy_pieces(self, domid: int, pieces: Any, count: int, dest: Any) -> Sequence[int]:
+        """:meth:`~xenpv.platforms.base.PieceCopies.copy_pieces`: one
+        ``xengnttab_grant_copy`` of segments built straight from the pieces (no
+        :class:`GrantCopy` records), each into ``dest`` at its place."""
+        gnttab, _ = self._handles()
+        buf = ffi.from_buffer(dest, require_writable=True)
+        view = check_pieces(pieces, count, len(buf))
+        statuses = array.array("i", bytes(4 * count))
+        if not count:
+            return statuses
+        segs = ffi.new("xengnttab_grant_copy_segment_t[]", count)
+        base = ffi.cast("char *", buf)
+        for k, (ref, offset, length, place) in enumerate(COPY_PIECE.iter_unpack(view)):
+            c = segs[k]
+            c.len = length
+            c.flags = GNTCOPY_source_gref
+            c.source.foreign.ref = ref
+            c.source.foreign.domid = domid
+            c.source.foreign.offset = offset
+            c.dest.virt = base + place
+        if self._libs.gnttab.xengnttab_grant_copy(gnttab, count, segs) < 0:
+            raise call_error("xengnttab_grant_copy")
+        for k in range(count):
+            statuses[k] = int(segs[k].status)
         return statuses
 
     def close(self) -> None:

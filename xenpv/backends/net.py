@@ -72,6 +72,7 @@ import array
 import asyncio
 import contextlib
 import errno as _errno
+import functools
 import logging
 import struct
 import time
@@ -93,9 +94,10 @@ from xenpv.platforms.base import (
     GrantTable,
     GuestFrames,
     LocalPtr,
+    PieceCopies,
     Platform,
     SharedPages,
-    copy_pieces,
+    copy_pieces_as_segments,
 )
 from xenpv.platforms.dispatch import PortDispatcher
 from xenpv.protocols import ProtocolError
@@ -444,6 +446,11 @@ class NetTx:
         self._timer: asyncio.TimerHandle | None = None
         self.closed = False
         self._stage = _Staging.for_platform(self.grants, config.staging_pages)
+        #: the platform's compact copy, for the grant table ``_copy_for`` (checked once
+        #: per table: a protocol check costs per call)
+        self._copy_for: GrantTable | None = None
+        self._copy_pieces: Callable[[int, Any, int, Any], Sequence[int]] = \
+            functools.partial(copy_pieces_as_segments, self.grants)
         #: Staged copy records by (gref, offset, staging place, length) (bounded).
         self._made: dict[tuple[int, int, int, int], GrantCopy] = {}
         #: The GSO types the compiled scan may accept (those offered).
@@ -727,8 +734,11 @@ class NetTx:
         fast = stage.group
         self.stats["copies"] += 1
         try:
-            statuses = copy_pieces(self.grants, self.domid, fast.pieces, fast.count,
-                                   stage.mem)
+            if self._copy_for is not self.grants:
+                self._copy_for = grants = self.grants
+                self._copy_pieces = (grants.copy_pieces if isinstance(grants, PieceCopies)
+                                     else functools.partial(copy_pieces_as_segments, grants))
+            statuses = self._copy_pieces(self.domid, fast.pieces, fast.count, stage.mem)
         except (PlatformError, LocalError) as exc:
             log.debug("grant copy of %d pieces failed: %s", fast.count, exc)
             statuses = array.array("i", [-1]) * fast.count

@@ -35,7 +35,10 @@ compiled pass never accepts more.  A bad chain is dropped, counted and answered
 crossing its page marks the frontend misbehaving (the queue stops and the device goes
 Closing with an ``error`` node, R4).  Data is pulled with grant copies (no mapping is
 ever held), the frame goes to the vif's *port* (a :class:`~.netswitch.SwitchPort` or
-any callable), every slot is answered in the order taken.
+any callable), every slot is answered in the order taken.  Where the queue stages its
+copies in own frames, the chains the scan accepted go through the compiled copy group of
+:mod:`.nettx` (one ``copy_pieces`` call per group; the answers as whole slots for the
+ring service's ``respond_slots``); the others through ``GrantCopy`` segments.
 
 RX (:class:`NetRx`, backend → frontend): the RX ring's requests are the frontend's empty
 pages, remembered in order.  A frame for the guest is first adapted to what the

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import array
 import random
+import struct
 from typing import Any
 
 import pytest
@@ -20,10 +21,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xenpv.backends import _nettx  # built by setup.py
+from xenpv.backends.net import NetConfig, NetTx
 from xenpv.backends.nettx import TxGroupReference, tx_group
 from xenpv.platforms.base import COPY_PIECE
 from xenpv.platforms.loopback import _gntcopy
 from xenpv.platforms.loopback.gntcopy import encode_pieces_reference
+from xenpv.platforms.loopback.harness import InProcessMachine
+from xenpv.protocols.ethernet import NetFrame
+from xenpv.protocols.netif import (
+    NETTXF_csum_blank,
+    NETTXF_extra_info,
+    NETTXF_more_data,
+    pack_tx_request,
+)
 
 PAGE = 4096
 
@@ -142,3 +152,68 @@ def test_pure_python_switch_turns_the_tx_group_to_its_twin(
     assert type(tx_group(4)) is TxGroupReference
     monkeypatch.setenv("XENPV_PURE_PYTHON", "0")
     assert type(tx_group(4)) is _nettx.TxGroup
+
+
+def _tx_slots(refs: list[int], reqs: list[tuple[int, int, int, int, int]]) -> bytes:
+    """TX ring slots: (page index, offset, flags, id, size) each, or an extra (-1, ...)."""
+    out = []
+    for page, offset, flags, rid, size in reqs:
+        if page < 0:  # a GSO extra-info slot: TCPv4, size 1448
+            out.append(struct.pack("<BBHBBH4x", 1, 0, 1448, 1, 0, 0))
+        else:
+            out.append(pack_tx_request(refs[page], offset, flags, rid, size))
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("staging", [128, 2])
+def test_tx_answers_every_slot_in_order_and_drops_only_what_failed(staging: int) -> None:
+    """One ring pass of a GSO chain, a chain with an empty fragment (bad), a one-slot
+    frame and a frame whose grant is not the backend's: the good frames reach the port
+    intact; the answers are whole slots given once to ``respond_slots``, in slot order
+    (OKAY, NULL for the extra-info slot, ERROR for every slot of the bad chain and of the
+    one whose copy failed); the bad chain and the failed copy are counted.  With a
+    staging area of 2 pages the GSO chain (3 pages) cannot be staged and is copied alone
+    into a private buffer, with the same outcome."""
+    machine = InProcessMachine(max_grants=256, max_ports=8)
+    try:
+        dom0, dom1, dom2 = machine.domain(0), machine.domain(1), machine.domain(2)
+        pages = dom1.grants.grant(0, 8)
+        foreign = dom1.grants.grant(2, 1)  # not granted to the backend: its copy fails
+        del dom2
+        pages.mem[:] = random.Random(5).randbytes(8 * PAGE)
+        got: list[NetFrame] = []
+        tx = NetTx(dom0, 1, NetConfig(staging_pages=staging), got.append)
+        answered: list[bytes] = []
+        tx.respond_slots = lambda buf, n: answered.append(bytes(buf[:n * 12]))
+        size = 2 * PAGE + 700
+        refs = list(pages.refs) + list(foreign.refs)
+        batch = _tx_slots(refs, [
+            (0, 0, NETTXF_extra_info | NETTXF_more_data | NETTXF_csum_blank, 10, size),
+            (-1, 0, 0, 0, 0),
+            (1, 0, NETTXF_more_data, 11, PAGE),
+            (2, 0, 0, 12, 700),
+            (3, 0, NETTXF_more_data, 20, 100),  # bad: an empty second fragment
+            (4, 0, 0, 21, 0),
+            (5, 64, 0, 30, 60),
+            (8, 0, 0, 40, 60),  # the foreign page
+        ])
+        assert tx.handle(memoryview(batch), len(batch) // 12) == []
+        assert len(answered) == 1
+        slots = [answered[0][k:k + 12] for k in range(0, len(answered[0]), 12)]
+        assert [struct.unpack_from("<Hh", s) for s in slots] == [
+            (10, 0), (0, 1), (11, 0), (12, 0), (20, -1), (21, -1), (30, 0), (40, -1)]
+        assert all(s[4:] == bytes(8) for s in slots)
+        mem = bytes(pages.mem)
+        assert [f.data for f in got] == [mem[0:PAGE] + mem[PAGE:2 * PAGE] +
+                                         mem[2 * PAGE:2 * PAGE + 700],
+                                         mem[5 * PAGE + 64:5 * PAGE + 124]]
+        assert (got[0].gso_type, got[0].gso_size, got[0].csum_blank) == (1, 1448, True)
+        assert (tx.stats["dropped"], tx.stats["copy_errors"], tx.stats["packets"]) == (2, 1, 2)
+        tx.respond_slots = None  # without the ring service: returned, in the same order
+        assert [struct.unpack("<Hh", r) for r in tx.handle(memoryview(batch), 8)] == [
+            struct.unpack_from("<Hh", s) for s in slots]
+        tx.close()
+        dom1.grants.end_access(pages)
+        dom1.grants.end_access(foreign)
+    finally:
+        machine.close()

@@ -112,6 +112,13 @@ class ControlConnection:
         except OSError:
             sock.close()
             raise
+        # the kernel keeps the timeout (SO_RCVTIMEO/SO_SNDTIMEO on a blocking socket):
+        # Python's own timeout would poll() before every send and every receive
+        sock.settimeout(None)
+        whole = int(timeout)
+        timeval = struct.pack("ll", whole, max(int((timeout - whole) * 1e6), 0 if whole else 1))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         self._sock: socket.socket | None = sock
         reply, fds = self.call(Op.HELLO, proto.U32.pack(proto.VERSION))
         _v, self.domid, priv, self.max_grants, self.max_ports, _ps = proto.HELLO_REPLY.unpack(reply)
@@ -141,7 +148,7 @@ class ControlConnection:
             try:
                 sock.sendall(msg)
                 data, anc, flags, _ = sock.recvmsg(proto.MAX_MESSAGE, proto.CMSG_SPACE)
-            except TimeoutError as exc:
+            except (TimeoutError, BlockingIOError) as exc:  # the kernel's timeout: EAGAIN
                 self._drop()
                 raise PlatformError(
                     f"loopback daemon did not answer within {self.timeout} s", errno.ETIMEDOUT

@@ -292,6 +292,8 @@ def test_copy_pieces_into_own_frames_and_private_buffers(machine: Any) -> None:
                 copy_pieces(a.grants, 1, COPY_PIECE.pack(r1, 0, 8, 0) + bad, 2, dest)
         with pytest.raises(LocalError):  # fewer records than counted
             copy_pieces(a.grants, 1, COPY_PIECE.pack(r1, 0, 8, 0), 2, dest)
+        with pytest.raises(LocalError):  # not a domain id (never truncated to one)
+            copy_pieces(a.grants, 0x10001, COPY_PIECE.pack(r1, 0, 8, 0), 1, dest)
         assert bytes(dest) == before
     if frames is not None:
         a.grants.free_frames(frames)

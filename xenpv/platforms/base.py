@@ -461,10 +461,12 @@ class PieceCopies(Protocol):
         ...
 
 
-def check_pieces(pieces: Any, count: int, dest_size: int) -> memoryview:
+def check_pieces(pieces: Any, count: int, dest_size: int, domid: int = 0) -> memoryview:
     """``pieces`` as bytes of ``count`` :data:`COPY_PIECE` records, once checked: none
     crosses its grant's page, none runs past ``dest_size`` (``LocalError`` if one does;
-    also for too few records)."""
+    also for too few records, or a ``domid`` that is not a domain id)."""
+    if not 0 <= domid <= 0xFFFF:
+        raise LocalError(f"domain id {domid} out of range")
     view = memoryview(pieces).cast("B")
     if count < 0 or len(view) < count * COPY_PIECE.size:
         raise LocalError(f"{count} copy pieces in {len(view)} bytes")
@@ -488,7 +490,7 @@ def copy_pieces_as_segments(grants: GrantTable, domid: int, pieces: Any, count: 
                             dest: Any) -> Sequence[int]:
     """:meth:`PieceCopies.copy_pieces` done with ``grants.copy`` (a platform with no
     cheaper way)."""
-    view = check_pieces(pieces, count, memoryview(dest).nbytes)
+    view = check_pieces(pieces, count, memoryview(dest).nbytes, domid)
     segs = [GrantCopy(GrantPtr(domid, ref, offset), LocalPtr(dest, place), length)
             for ref, offset, length, place in COPY_PIECE.iter_unpack(view)]
     return array.array("i", grants.copy(segs) if segs else [])

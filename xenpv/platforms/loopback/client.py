@@ -454,6 +454,8 @@ class ClientGrantTable(_OnConnection):
         pages (shares, frames) the request names them (encoded in one pass, compiled
         where built) and no bytes cross the socket; into any other buffer as
         :meth:`copy` segments."""
+        if not 0 <= domid <= 0xFFFF:
+            raise LocalError(f"copy pieces: domain id {domid} out of range")
         named = self._pieces_dest
         if named is None or named[0] is not dest or named[1] != self._own_gen:
             named = self._pieces_dest = (dest, self._own_gen, self._dest_run(dest))

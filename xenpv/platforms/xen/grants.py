@@ -349,7 +349,7 @@ class XenGrantTable:
         :class:`GrantCopy` records), each into ``dest`` at its place."""
         gnttab, _ = self._handles()
         buf = ffi.from_buffer(dest, require_writable=True)
-        view = check_pieces(pieces, count, len(buf))
+        view = check_pieces(pieces, count, len(buf), domid)
         statuses = array.array("i", bytes(4 * count))
         if not count:
             return statuses

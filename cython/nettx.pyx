@@ -68,30 +68,29 @@ cdef class TxGroup:
         """The layout's state (for tests)."""
         return self._page, self._fill, self._next, bytes(self._used)
 
-    cdef object _lay(self, object lengths, object keys, Py_ssize_t n, bint commit,
-                     uint32_t *places):
-        """Lay out ``n`` pieces (lengths[i], keys[i] or None); True if they all fit
-        (places written), committed only with ``commit``."""
+    cdef int _lay(self, Py_ssize_t n, const long *lengths, const long long *keys,
+                  bint commit, uint32_t *places) except -1:
+        """Lay out ``n`` pieces (``keys[i]``: the key of a whole page already modulo the
+        pages, or -1); 1 if they all fit (places written), committed only with
+        ``commit``; 0 if not."""
         cdef int pages = self.pages
         cdef bytearray used = bytearray(self._used)
         cdef uint8_t *u = used
         cdef int page = self._page, fill = self._fill, nxt = self._next, at, tries
         cdef Py_ssize_t i
         cdef long length
-        cdef object key
         for i in range(n):
             length = lengths[i]
             if length < 0 or length > PAGE:
-                raise ValueError(f"a piece of {length} bytes")
-            key = keys[i] if keys is not None and length == PAGE else None
-            if key is not None:
-                at = <int>(key % pages)
+                raise ValueError("a piece longer than a page")
+            if keys[i] >= 0 and length == PAGE:
+                at = <int>keys[i]
                 tries = 0
                 while tries < pages and u[at]:
                     at = at + 1 if at + 1 < pages else 0
                     tries += 1
                 if tries >= pages:
-                    return False
+                    return 0
                 u[at] = 1
                 places[i] = <uint32_t>at * PAGE
                 continue
@@ -99,7 +98,7 @@ cdef class TxGroup:
                 while nxt < pages and u[nxt]:
                     nxt += 1
                 if nxt >= pages:
-                    return False
+                    return 0
                 page = nxt
                 fill = 0
                 u[nxt] = 1
@@ -110,16 +109,23 @@ cdef class TxGroup:
             self._fill = fill
             self._next = nxt
             self._used = used
-        return True
+        return 1
 
     def layout(self, lengths, keys, bint commit):
         """Where pieces of ``lengths`` go after what is placed, or None (see the twin)."""
-        cdef Py_ssize_t n = len(lengths)
+        cdef Py_ssize_t n = len(lengths), i
         if keys is not None and len(keys) < n:
             raise ValueError("fewer keys than lengths")
-        cdef bytearray where = bytearray(4 * n if n else 4)
-        cdef uint32_t *places = <uint32_t *><uint8_t *>where
-        if not self._lay(lengths, keys, n, commit, places):
+        cdef bytearray work = bytearray(20 * n + 8)
+        cdef long *lens = <long *><uint8_t *>work
+        cdef long long *ks = <long long *>(<uint8_t *>work + 8 * n)
+        cdef uint32_t *places = <uint32_t *>(<uint8_t *>work + 16 * n)
+        for i in range(n):
+            length = lengths[i]
+            lens[i] = length if 0 <= length <= PAGE else -1  # refused where it is reached
+            key = keys[i] if keys is not None else None
+            ks[i] = -1 if key is None else key % self.pages
+        if not self._lay(n, lens, ks, commit, places):
             return None
         return [places[i] for i in range(n)]
 
@@ -128,27 +134,34 @@ cdef class TxGroup:
         fit (see the twin)."""
         flags, size, used, ids, frags, gso = chain
         cdef Py_ssize_t n = len(frags), i, first = self._count
-        cdef bytearray where = bytearray(4 * n if n else 4)
-        cdef uint32_t *places = <uint32_t *><uint8_t *>where
-        lengths = [f[2] for f in frags]
-        keys = [f[0] if not f[1] else None for f in frags]
-        if not self._lay(lengths, keys, n, True, places):
-            return False
-        cdef Py_ssize_t end = self._count + n
-        self._pieces.extend(bytes(PIECE * n))
-        cdef uint8_t *p = <uint8_t *>self._pieces
+        cdef bytearray work = bytearray(20 * n + 8)
+        cdef long *lens = <long *><uint8_t *>work
+        cdef long long *ks = <long long *>(<uint8_t *>work + 8 * n)
+        cdef uint32_t *places = <uint32_t *>(<uint8_t *>work + 16 * n)
         cdef uint32_t ref
         cdef uint16_t offset, length
         for i in range(n):
             f = frags[i]
             ref = f[0]
             offset = f[1]
-            length = f[2]
-            memcpy(p + (first + i) * PIECE, &ref, 4)
-            memcpy(p + (first + i) * PIECE + 4, &offset, 2)
-            memcpy(p + (first + i) * PIECE + 6, &length, 2)
-            memcpy(p + (first + i) * PIECE + 8, &places[i], 4)
-        self._count = end
+            length = f[2] if 0 <= f[2] <= PAGE else 0xFFFF  # refused where it is reached
+            lens[i] = length if length <= PAGE else -1
+            ks[i] = -1 if offset else <long long>(ref % <uint32_t>self.pages)
+        if not self._lay(n, lens, ks, True, places):
+            return False
+        self._pieces.extend(bytes(PIECE * n))
+        cdef uint8_t *p = <uint8_t *>self._pieces + first * PIECE
+        for i in range(n):
+            f = frags[i]
+            ref = f[0]
+            offset = f[1]
+            length = <uint16_t>lens[i]
+            memcpy(p, &ref, 4)
+            memcpy(p + 4, &offset, 2)
+            memcpy(p + 6, &length, 2)
+            memcpy(p + 8, &places[i], 4)
+            p += PIECE
+        self._count = first + n
         self._chains.append((flags, size, ids, used - len(ids), first, n, gso[0], gso[1]))
         return True
 

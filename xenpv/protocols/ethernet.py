@@ -83,6 +83,22 @@ class NetFrame:
     rss_hash: int | None = None
     rss_type: int = 0
 
+    def __init__(self, data: bytes, csum_blank: bool = False, data_validated: bool = False,
+                 gso_type: int = GSO_NONE, gso_size: int = 0, rss_hash: int | None = None,
+                 rss_type: int = 0) -> None:
+        """The fields as given.  Written straight into the instance's dict: the
+        generated init of a frozen dataclass sets each field through
+        ``object.__setattr__`` (2.6 µs per frame against 1.0, and every frame of both
+        directions is made once or more); assignment afterwards stays refused."""
+        d = self.__dict__
+        d["data"] = data
+        d["csum_blank"] = csum_blank
+        d["data_validated"] = data_validated
+        d["gso_type"] = gso_type
+        d["gso_size"] = gso_size
+        d["rss_hash"] = rss_hash
+        d["rss_type"] = rss_type
+
     @property
     def dst(self) -> bytes:
         """Destination MAC (6 bytes)."""

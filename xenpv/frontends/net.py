@@ -137,6 +137,8 @@ _TX_RSP = TX_RESPONSE_STRUCT
 _RX_REQ = RX_REQUEST_STRUCT
 _RX_RSP = RX_RESPONSE_STRUCT
 _TX_STATUSES = (NETIF_RSP_OKAY, NETIF_RSP_ERROR, NETIF_RSP_DROPPED)
+#: RX response flags that make a chain of more than one slot.
+_CHAINED = NETRXF_more_data | NETRXF_extra_info
 
 
 @functools.lru_cache(maxsize=64)
@@ -228,6 +230,8 @@ class _Queue:
         self.tx_free = list(range(len(tx_pages.refs) - 1, -1, -1))
         self.tx_out: set[int] = set()
         self.rx_posted: deque[int] = deque()
+        #: each RX page's request, packed once
+        self.rx_reqs = [_RX_REQ.pack(idx, ref) for idx, ref in enumerate(rx_pages.refs)]
         self.rx_frames = 0
         self.chain: _Chain | None = None
         self.hub: PortDispatcher | None = None
@@ -481,25 +485,41 @@ class NetFrontend(FrontendDriver):
 
     # -- RX
     def _post_rx(self, q: _Queue, pages: Iterable[int]) -> None:
-        """Post RX pages ``pages`` of ``q`` (in this order)."""
+        """Post RX pages ``pages`` of ``q`` (in this order): their requests (packed once
+        per page) laid out as whole slots, one push."""
         client = q.rx_client
         if client is None or self.error is not None:
             return
-        refs = q.rx_pages.refs
-        reqs = []
-        for idx in pages:
-            q.rx_posted.append(idx)
-            reqs.append(_RX_REQ.pack(idx, refs[idx]))
+        reqs = q.rx_reqs
+        pages = list(pages)
+        q.rx_posted.extend(pages)
         with contextlib.suppress(LocalError):
-            client.submit(reqs)
+            client.submit_slots(memoryview(b"".join([reqs[idx] for idx in pages])), len(pages))
 
     def _on_rx(self, q: _Queue, batch: memoryview, count: int) -> None:
+        """The responses of a ring pass: a data response with neither more data nor
+        extra info after it is a whole frame (the common small one: checked and
+        delivered here, the same checks as :meth:`_rx_slot`); anything else goes slot by
+        slot through :meth:`_rx_slot`.  The pages are posted again in one push."""
         if self.error is not None:
             return
+        posted = q.rx_posted
         repost: list[int] = []
+        mem = q.rx_pages.mem
+        unpack = _RX_RSP.unpack_from
         try:
             for j in range(count):
-                self._rx_slot(q, batch, j * _RX_SLOT, repost)
+                off = j * _RX_SLOT
+                if q.chain is None and posted:
+                    rid, offset, flags, status = unpack(batch, off)
+                    if not flags & _CHAINED and status > 0 and rid == posted[0] and \
+                            offset + status <= XEN_PAGE_SIZE:
+                        posted.popleft()
+                        repost.append(rid)
+                        at = rid * XEN_PAGE_SIZE + offset
+                        self._frame(q, bytes(mem[at:at + status]), flags, None, None)
+                        continue
+                self._rx_slot(q, batch, off, repost)
         except ProtocolError as exc:
             self._peer_failed(f"queue {q.index} rx: {exc}")
             return
@@ -548,19 +568,28 @@ class NetFrontend(FrontendDriver):
         if chain.error or not data:
             self.net_stats["rx_errors"] += 1
             return
+        self._frame(q, data, chain.first_flags, chain.gso, chain.rss)
+
+    def _frame(self, q: _Queue, data: bytes, flags: int, gso: GsoExtra | None,
+               rss: HashExtra | None) -> None:
+        """Deliver a received frame (not empty) with its first slot's ``flags`` and
+        extras."""
         q.rx_frames += 1
-        flags = chain.first_flags
-        gso = chain.gso
-        frame = NetFrame(data, csum_blank=bool(flags & NETRXF_csum_blank),
-                         data_validated=bool(flags & NETRXF_data_validated),
-                         gso_type=gso.gso_type if gso is not None else GSO_NONE,
-                         gso_size=gso.size if gso is not None else 0,
-                         rss_hash=chain.rss.value if chain.rss is not None else None,
-                         rss_type=1 << chain.rss.hash_type if chain.rss is not None else 0)
-        self.net_stats["rx_packets"] += 1
-        self.net_stats["rx_bytes"] += len(data)
-        self.net_stats["rx_gso"] += gso is not None
-        self.net_stats["rx_csum_blank"] += frame.csum_blank
+        csum_blank = bool(flags & NETRXF_csum_blank)
+        if gso is None and rss is None:
+            frame = NetFrame(data, csum_blank, bool(flags & NETRXF_data_validated))
+        else:
+            frame = NetFrame(data, csum_blank=csum_blank,
+                             data_validated=bool(flags & NETRXF_data_validated),
+                             gso_type=gso.gso_type if gso is not None else GSO_NONE,
+                             gso_size=gso.size if gso is not None else 0,
+                             rss_hash=rss.value if rss is not None else None,
+                             rss_type=1 << rss.hash_type if rss is not None else 0)
+        stats = self.net_stats
+        stats["rx_packets"] += 1
+        stats["rx_bytes"] += len(data)
+        stats["rx_gso"] += gso is not None
+        stats["rx_csum_blank"] += csum_blank
         if self.receiver is not None:
             try:
                 self.receiver(frame)
@@ -568,7 +597,7 @@ class NetFrontend(FrontendDriver):
                 log.debug("%s: receiver refused a frame: %s", self.path, exc)
             return
         if len(self._rx) >= self.config.rx_queue_frames:
-            self.net_stats["rx_queue_full"] += 1
+            stats["rx_queue_full"] += 1
             return
         self._rx.append(frame)
         self._rx_ready.set()

@@ -37,8 +37,9 @@ from test_net_support import (
 from xenpv.backends.net import NetConfig
 from xenpv.drivers.tap import TapDevice
 from xenpv.frontends.net import NetFrontConfig, NetFrontend, TapBridge
-from xenpv.platforms.base import LocalPtr
+from xenpv.platforms.base import GrantCopy, LocalPtr
 from xenpv.protocols.ethernet import GSO_NONE, GSO_TCPV4, GSO_TCPV6, NetFrame
+from xenpv.protocols.layout import XEN_PAGE_SIZE
 from xenpv.xenbus import XenbusState, add_device
 
 A, B = GUESTS
@@ -463,6 +464,29 @@ def test_a_burst_of_small_frames_is_copied_in_few_grant_copies() -> None:
                 assert (await b.frontend.recv(5.0)).data == frames[0]
                 assert (await b.frontend.recv(5.0)).data == frames[2]
                 assert a.backend.queues[0].tx.stats["copy_errors"] == 1
+                # the same towards the guest, single-page frames and a chain in one
+                # batch: a frame whose copy failed is answered ERROR (the guest counts
+                # it), the others arrive in order
+                a.backend.queues[0].tx.grants = real
+                rx_real = rx.inner
+                odd = eth(b.mac, a.mac, 0x88B5, bytes([9]) * 77)  # 91 bytes
+                last = len(big[0]) % XEN_PAGE_SIZE  # the length of the chain's last piece
+
+                class FailSome:
+                    def copy(self, segments: list[GrantCopy]) -> list[int]:
+                        status = rx_real.copy(segments)  # type: ignore[attr-defined]
+                        return [-1 if seg.length in (len(odd), last) else s
+                                for seg, s in zip(segments, status, strict=True)]
+
+                b.backend.queues[0].rx.grants = FailSome()  # type: ignore[assignment]
+                errors = b.frontend.net_stats["rx_errors"]
+                await a.frontend.send_many([NetFrame(f) for f in
+                                            (frames[5], odd, frames[6], big[1], frames[7])])
+                for f in (frames[5], frames[6], frames[7]):
+                    assert (await b.frontend.recv(5.0)).data == f
+                assert b.backend.queues[0].rx.stats["copy_errors"] == 2
+                assert b.frontend.net_stats["rx_errors"] == errors + 2
+                b.backend.queues[0].rx.grants = rx_real
             finally:
                 await close_all(w, a, b)
 

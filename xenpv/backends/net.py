@@ -217,6 +217,9 @@ HASH_TYPES = 0xF
 MAX_MCAST = 64
 #: Staged TX copy records a queue keeps for reuse (``NetTx._made``).
 _MADE_KEPT = 16384
+#: Staged RX copy records a queue keeps for reuse (``NetRx._made``): fewer than TX's,
+#: whose records share the platform's cache of encodings.
+_RX_MADE_KEPT = 4096
 #: The most TX chain slots kept between batches (a chain, its extras and one more).
 _MAX_PENDING_SLOTS = FATAL_SKB_SLOTS_DEFAULT + 8
 
@@ -915,6 +918,13 @@ def _gathered(p: _TxCopy) -> bytes:
     return b"".join([mem[at:at + n] for at, n in places])
 
 
+def _rx_flags(frame: NetFrame) -> int:
+    """The checksum flags of a frame's first RX response."""
+    if frame.csum_blank:
+        return NETRXF_csum_blank | NETRXF_data_validated
+    return NETRXF_data_validated if frame.data_validated else 0
+
+
 def _chunks(size: int) -> list[tuple[int, int]]:
     """(offset, length) of the page-sized pieces a frame of ``size`` bytes fills posted
     pages with."""
@@ -940,7 +950,8 @@ def _error_responses(slots: memoryview, used: int, data_slots: int) -> list[byte
 
 class NetRx:
     """The RX ring handler of one queue: posted pages in, frames out; see the module
-    docstring.  ``respond`` is set to the queue's :meth:`RingService.respond`."""
+    docstring.  ``respond_slots`` is set to the queue's
+    :meth:`RingService.respond_slots`."""
 
     def __init__(self, platform: Platform, frontend_domid: int, config: NetConfig,
                  features: NetFeatures, mcast: MulticastFilter | None = None) -> None:
@@ -950,7 +961,7 @@ class NetRx:
         self.domid = frontend_domid
         self.config = config
         self.features = features
-        self.respond: Callable[[list[bytes]], int] | None = None
+        self.respond_slots: Callable[[bytearray, int], None] | None = None
         self.posted: deque[tuple[int, int]] = deque()
         self.backlog: deque[tuple[NetFrame, int]] = deque()
         self.backlog_bytes = 0
@@ -960,6 +971,9 @@ class NetRx:
         self._soon: asyncio.Handle | None = None  # a push due in this loop iteration
         self._progress = time.monotonic()
         self._stage = _Staging.for_platform(self.grants, config.staging_pages)
+        #: Staged copy records by (staging place, gref, length) (bounded).
+        self._made: dict[tuple[int, int, int], GrantCopy] = {}
+        self._out = bytearray()  # the responses of a pass, as whole slots
         self.stats = dict.fromkeys(("packets", "bytes", "dropped", "backlog_full",
                                     "too_big", "segmented", "csum_completed",
                                     "copy_errors", "stalls", "carrier_drops",
@@ -967,12 +981,13 @@ class NetRx:
 
     # -- ring side
     def handle(self, batch: memoryview, count: int) -> list[bytes]:
-        """Remember ``count`` posted pages; deliver what waited for them."""
-        for j in range(count):
-            self.posted.append(_RX_REQ.unpack_from(batch, j * _RX_SLOT))
+        """Remember ``count`` posted pages; deliver what waited for them (answered here,
+        as whole slots: nothing is returned)."""
+        self.posted.extend(_RX_REQ.iter_unpack(batch[:count * _RX_SLOT]))
         if count and not self.carrier:
             self.carrier = True
-        return self._drain()
+        self._send()
+        return []
 
     # -- frames
     def deliver(self, frame: NetFrame, rss: tuple[int, int] | None = None) -> None:
@@ -1015,12 +1030,18 @@ class NetRx:
             self._soon = None
         if self.closed:
             return
-        out = self._drain()
-        if out and self.respond is not None:
-            with contextlib.suppress(LocalError, PeerError):
-                self.respond(out)
+        self._send()
         if self.backlog:
             self._arm()
+
+    def _send(self) -> None:
+        """Copy what fits of the backlog into posted pages and answer their slots."""
+        out = self._out
+        out.clear()
+        self._drain(out)
+        if out and self.respond_slots is not None:
+            with contextlib.suppress(LocalError, PeerError):
+                self.respond_slots(out, len(out) // _RX_SLOT)
 
     def _adapt(self, frame: NetFrame) -> list[NetFrame]:
         f = self.features
@@ -1059,7 +1080,8 @@ class NetRx:
 
     @staticmethod
     def _extras(frame: NetFrame) -> list[bytes]:
-        """The extra-info records that follow the first slot (chained by MORE)."""
+        """The extra-info records that follow the first slot (chained by MORE), each
+        padded to a whole slot."""
         out: list[GsoExtra | HashExtra] = []
         if frame.gso_type != GSO_NONE:
             out.append(GsoExtra(XEN_NETIF_EXTRA_TYPE_GSO, 0, frame.gso_size, frame.gso_type,
@@ -1068,7 +1090,7 @@ class NetRx:
             out.append(HashExtra(XEN_NETIF_EXTRA_TYPE_HASH, 0, frame.rss_type.bit_length() - 1,
                                  XEN_NETIF_CTRL_HASH_ALGORITHM_TOEPLITZ, frame.rss_hash))
         return [replace(e, flags=XEN_NETIF_EXTRA_FLAG_MORE if k < len(out) - 1 else 0).pack()
-                for k, e in enumerate(out)]
+                .ljust(_RX_SLOT, b"\0") for k, e in enumerate(out)]
 
     @classmethod
     def _slots(cls, frame: NetFrame) -> int:
@@ -1076,25 +1098,67 @@ class NetRx:
         return data_slots + (frame.gso_type != GSO_NONE) + \
             (frame.rss_hash is not None and frame.rss_type != 0)
 
-    def _drain(self) -> list[bytes]:
-        out: list[bytes] = []
-        group: list[_RxCopy] = []  # frames whose data is copied in one call
+    def _drain(self, out: bytearray) -> None:
+        """Claim posted pages for the backlog's frames in order while they last and copy
+        them in, one copy call per batch (cut at ``COPY_BATCH`` or a full staging
+        area); their responses, in ring order, are added to ``out`` as whole slots."""
+        group: list[_RxCopy | tuple[int, int, int]] = []  # frames copied in one call
+        segs: list[GrantCopy] = []  # their copies, in order
         group_bytes = 0
-        while self.backlog and self.backlog[0][1] <= len(self.posted):
-            frame, _need = self.backlog.popleft()
-            self.backlog_bytes -= len(frame.data)
-            chunks = _chunks(len(frame.data))
-            cost = len(frame.data) + COPY_SEG_COST * len(chunks)
+        backlog, posted, stage = self.backlog, self.posted, self._stage
+        while backlog and backlog[0][1] <= len(posted):
+            frame, need = backlog.popleft()
+            data = frame.data
+            size = len(data)
+            self.backlog_bytes -= size
+            self._progress = time.monotonic()
+            if need == 1:  # one page, no extra-info: the common small frame
+                cost = size + COPY_SEG_COST
+                if group and group_bytes + cost > COPY_BATCH:
+                    self._fill(group, segs, out)
+                    group_bytes = 0
+                at = stage.place([size]) if stage is not None else None
+                if at is None and group and stage is not None and stage.ready:
+                    self._fill(group, segs, out)  # the staging is full: copy what it has
+                    group_bytes = 0
+                    at = stage.place([size])
+                rid, gref = posted.popleft()
+                if at is not None:  # staged: the copy carries no bytes (loopback)
+                    assert stage is not None
+                    a = at[0]
+                    stage.mem[a:a + size] = data
+                    segs.append(self._staged_copy(a, gref, size))
+                else:
+                    segs.append(GrantCopy(LocalPtr(data, 0), GrantPtr(self.domid, gref, 0),
+                                          size))
+                group.append((rid, _rx_flags(frame), size))
+                group_bytes += cost
+                continue
+            chunks = _chunks(size)
+            cost = size + COPY_SEG_COST * len(chunks)
             if group and (group_bytes + cost > COPY_BATCH or (
-                    self._stage is not None and not self._stage.fits([n for _o, n in chunks]))):
-                out += self._fill(group)  # before this frame is placed
+                    stage is not None and not stage.fits([n for _o, n in chunks]))):
+                self._fill(group, segs, out)  # before this frame is placed
                 group_bytes = 0
             claimed = self._claim(frame, chunks)
+            segs += claimed.segs
             group.append(claimed)
             group_bytes += cost
-            self._progress = time.monotonic()
-        out += self._fill(group)
-        return out
+        self._fill(group, segs, out)
+
+    def _staged_copy(self, at: int, gref: int, size: int) -> GrantCopy:
+        """The copy of ``size`` bytes staged at ``at`` into the page of ``gref``: the
+        frontend's pages and the staging places recur, so the same records (whose
+        encoding the platform may keep) serve again."""
+        made = self._made
+        seg = made.get((at, gref, size))
+        if seg is None:
+            if len(made) >= _RX_MADE_KEPT:
+                made.clear()
+            assert self._stage is not None
+            seg = made[at, gref, size] = GrantCopy(LocalPtr(self._stage.mem, at),
+                                                   GrantPtr(self.domid, gref, 0), size)
+        return seg
 
     def _claim(self, frame: NetFrame, chunks: list[tuple[int, int]]) -> _RxCopy:
         """Take the posted pages ``frame`` needs (in ring order) and plan the copies of
@@ -1116,20 +1180,42 @@ class NetRx:
                 for src, (_off, n), (_id, gref) in zip(srcs, chunks, data_reqs, strict=True)]
         return _RxCopy(frame, chunks, extras, data_reqs, segs)
 
-    def _fill(self, group: list[_RxCopy]) -> list[bytes]:
-        """Copy every frame of ``group`` into its pages in one call; the responses, in
-        the order the pages were posted (a frame whose copy failed is answered ERROR);
-        empties ``group``."""
+    def _fill(self, group: list[_RxCopy | tuple[int, int, int]], segs: list[GrantCopy],
+              out: bytearray) -> None:
+        """Copy every frame of ``group`` into its pages with one call (``segs``, in
+        order); add the responses to ``out``, in the order the pages were posted (a
+        frame whose copy failed is answered ERROR); empties ``group`` and ``segs``."""
         if not group:
-            return []
-        out: list[bytes] = []
+            return
         self.stats["copies"] += 1
-        for c, failed in zip(group, _copy_batch(self.grants, group), strict=True):
-            out += self._responses(c, failed)
+        try:
+            statuses = self.grants.copy(segs)
+        except (PlatformError, LocalError) as exc:
+            log.debug("grant copy of %d segments failed: %s", len(segs), exc)
+            statuses = [-1] * len(segs)
+        stats = self.stats
+        k = 0
+        pack = _RX_RSP.pack
+        for c in group:
+            if isinstance(c, _RxCopy):
+                n = len(c.segs)
+                out += b"".join(self._responses(c, any(statuses[k:k + n])))
+                k += n
+                continue
+            rid, flags, size = c  # one slot
+            if statuses[k]:
+                stats["copy_errors"] += 1
+                stats["dropped"] += 1
+                out += pack(rid, 0, flags, NETIF_RSP_ERROR)
+            else:
+                stats["packets"] += 1
+                stats["bytes"] += size
+                out += pack(rid, 0, flags, size)
+            k += 1
         group.clear()
+        segs.clear()
         if self._stage is not None:
             self._stage.reset()
-        return out
 
     def _responses(self, c: _RxCopy, failed: bool) -> list[bytes]:
         frame = c.frame
@@ -1139,11 +1225,7 @@ class NetRx:
         else:
             self.stats["packets"] += 1
             self.stats["bytes"] += len(frame.data)
-        flags0 = 0
-        if frame.csum_blank:
-            flags0 |= NETRXF_csum_blank | NETRXF_data_validated
-        elif frame.data_validated:
-            flags0 |= NETRXF_data_validated
+        flags0 = _rx_flags(frame)
         if c.extras:
             flags0 |= NETRXF_extra_info
         out: list[bytes] = []
@@ -1368,7 +1450,7 @@ class NetQueue:
         self.rx = NetRx(platform, frontend_domid, config, features, mcast)
         self.tx_service = RingService(self.tx_channel, self.tx)
         self.rx_service = RingService(self.rx_channel, self.rx)
-        self.rx.respond = self.rx_service.respond
+        self.rx.respond_slots = self.rx_service.respond_slots
         self.tx.respond = self.tx_service.respond
         self.tx.respond_slots = self.tx_service.respond_slots
         self._hub: PortDispatcher | None = None

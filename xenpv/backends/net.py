@@ -1001,6 +1001,19 @@ class NetRx:
         if self.mcast is not None and not self.mcast.passes(frame.dst):
             self.stats["mcast_filtered"] += 1
             return
+        size = len(frame.data)
+        if rss is None and frame.gso_type == GSO_NONE and frame.rss_hash is None and \
+                0 < size <= XEN_PAGE_SIZE and (not frame.csum_blank or self._csum_ok(frame)):
+            # the common small frame: nothing to adapt, one slot
+            if len(self.backlog) >= self.config.backlog_frames or \
+                    self.backlog_bytes + size > self.config.backlog_bytes:
+                self.stats["backlog_full"] += 1
+                self.stats["dropped"] += 1
+            else:
+                self.backlog.append((frame, 1))
+                self.backlog_bytes += size
+            self._due()
+            return
         for f in self._adapt(frame):
             if rss is not None:
                 f = replace(f, rss_type=rss[0], rss_hash=rss[1])
@@ -1012,6 +1025,11 @@ class NetRx:
                 continue
             self.backlog.append((f, need))
             self.backlog_bytes += len(f.data)
+        self._due()
+
+    def _due(self) -> None:
+        """Send the backlog now, or at the end of this loop iteration (what else is
+        delivered in it goes in the same copy call)."""
         if self._soon is not None and self.backlog_bytes < COPY_BATCH:
             return  # a push is due in this loop iteration: copied together with it
         try:
@@ -1060,9 +1078,7 @@ class NetRx:
         out = []
         for fr in frames:
             if fr.csum_blank:
-                info = l4_info(fr.data)
-                ok = info is not None and (f.ipv6_csum if info.version == 6 else f.csum)
-                if not ok:
+                if not self._csum_ok(fr):
                     done = complete_checksum(fr)
                     if done is None:
                         self.stats["unparseable"] += 1
@@ -1077,6 +1093,13 @@ class NetRx:
                 continue
             out.append(fr)
         return out
+
+    def _csum_ok(self, frame: NetFrame) -> bool:
+        """Whether the frontend takes ``frame``'s blank checksum as it is (its headers
+        located, offload negotiated for its IP version)."""
+        info = l4_info(frame.data)
+        f = self.features
+        return info is not None and (f.ipv6_csum if info.version == 6 else f.csum)
 
     @staticmethod
     def _extras(frame: NetFrame) -> list[bytes]:

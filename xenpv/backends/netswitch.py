@@ -90,30 +90,33 @@ class NetSwitch:
     def _learn(self, mac: bytes, port: SwitchPort) -> None:
         if is_multicast(mac):
             return
-        if self.table.get(mac) is not port:
-            self.table[mac] = port
-        self.table.move_to_end(mac)
-        while len(self.table) > self.max_macs:
-            self.table.popitem(last=False)
+        table = self.table
+        if table.get(mac) is not port:
+            table[mac] = port
+            while len(table) > self.max_macs:
+                table.popitem(last=False)
+        table.move_to_end(mac)
 
     def forward(self, src: SwitchPort, frame: NetFrame) -> int:
         """Learn and forward one frame that came in on ``src``; returns ports reached."""
         if src not in self.ports:
             return 0
-        n = len(frame.data)
-        src.stats["rx_packets"] += 1
-        src.stats["rx_bytes"] += n
+        data = frame.data
+        n = len(data)
+        stats = src.stats
+        stats["rx_packets"] += 1
+        stats["rx_bytes"] += n
         if n < ETH_HLEN:
-            src.stats["runts"] += 1
+            stats["runts"] += 1
             return 0
-        dst_mac = frame.dst
-        self._learn(frame.src, src)
+        dst_mac = data[0:6]
+        self._learn(data[6:12], src)
         dst = None if is_multicast(dst_mac) else self.table.get(dst_mac)
-        if dst is None:
-            src.stats["flooded"] += 1
-            targets = [p for p in self.ports if p is not src]
-        elif dst is src:
+        if dst is src:
             return 0
+        if dst is None:
+            stats["flooded"] += 1
+            targets = [p for p in self.ports if p is not src]
         else:
             targets = [dst]
         reached = 0

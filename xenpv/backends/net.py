@@ -974,6 +974,11 @@ class NetRx:
         #: Staged copy records by (staging place, gref, length) (bounded).
         self._made: dict[tuple[int, int, int], GrantCopy] = {}
         self._out = bytearray()  # the responses of a pass, as whole slots
+        #: Backlog bytes that are sent at once rather than at the end of the loop
+        #: iteration: a copy call's worth (staged frames carry no bytes: what the
+        #: staging holds).
+        self._push_at = COPY_BATCH if self._stage is None else \
+            max(COPY_BATCH, config.staging_pages * XEN_PAGE_SIZE)
         self.stats = dict.fromkeys(("packets", "bytes", "dropped", "backlog_full",
                                     "too_big", "segmented", "csum_completed",
                                     "copy_errors", "stalls", "carrier_drops",
@@ -1030,13 +1035,13 @@ class NetRx:
     def _due(self) -> None:
         """Send the backlog now, or at the end of this loop iteration (what else is
         delivered in it goes in the same copy call)."""
-        if self._soon is not None and self.backlog_bytes < COPY_BATCH:
+        if self._soon is not None and self.backlog_bytes < self._push_at:
             return  # a push is due in this loop iteration: copied together with it
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        if loop is None or self.backlog_bytes >= COPY_BATCH:
+        if loop is None or self.backlog_bytes >= self._push_at:
             self._push()
         else:  # frames delivered in this iteration (a TX ring pass) go in one copy
             self._soon = loop.call_soon(self._push)
@@ -1158,12 +1163,19 @@ class NetRx:
                 group_bytes += cost
                 continue
             chunks = _chunks(size)
-            cost = size + COPY_SEG_COST * len(chunks)
+            lengths = [n for _o, n in chunks]
+            # the grant of each data page (the first, then after the extra-info slots)
+            extras = need - len(chunks)
+            keys: list[int | None] = [posted[0][1]]
+            keys += [posted[k + extras][1] for k in range(1, len(chunks))]
+            staged = stage is not None and stage.ready
+            # staged, the bytes do not travel: only the segments count against the batch
+            cost = COPY_SEG_COST * len(chunks) + (0 if staged else size)
             if group and (group_bytes + cost > COPY_BATCH or (
-                    stage is not None and not stage.fits([n for _o, n in chunks]))):
+                    stage is not None and not stage.fits(lengths, keys))):
                 self._fill(group, segs, out)  # before this frame is placed
                 group_bytes = 0
-            claimed = self._claim(frame, chunks)
+            claimed = self._claim(frame, chunks, lengths, keys)
             segs += claimed.segs
             group.append(claimed)
             group_bytes += cost
@@ -1183,24 +1195,28 @@ class NetRx:
                                                    GrantPtr(self.domid, gref, 0), size)
         return seg
 
-    def _claim(self, frame: NetFrame, chunks: list[tuple[int, int]]) -> _RxCopy:
+    def _claim(self, frame: NetFrame, chunks: list[tuple[int, int]], lengths: list[int],
+               keys: list[int | None]) -> _RxCopy:
         """Take the posted pages ``frame`` needs (in ring order) and plan the copies of
-        its ``chunks`` (staged in own frames where there is staging)."""
+        its ``chunks`` (of ``lengths``, into the pages of grants ``keys``), staged in own
+        frames where there is staging: a whole page on the staging page its grant picks,
+        so that its copy record serves again."""
         data = frame.data
         extras = self._extras(frame)
         reqs = [self.posted.popleft() for _ in range(len(chunks) + len(extras))]
         data_reqs = [reqs[0], *reqs[1 + len(extras):]]
-        at = self._stage.place([n for _o, n in chunks]) if self._stage is not None else None
+        stage = self._stage
+        at = stage.place(lengths, keys) if stage is not None else None
         if at is not None:  # staged: the copy carries no bytes (loopback)
-            assert self._stage is not None
-            mem, view = self._stage.mem, memoryview(data)
-            for (off, n), o in zip(chunks, at, strict=True):
+            assert stage is not None
+            mem, view = stage.mem, memoryview(data)
+            segs = []
+            for (off, n), o, (_id, gref) in zip(chunks, at, data_reqs, strict=True):
                 mem[o:o + n] = view[off:off + n]
-            srcs = [LocalPtr(mem, o) for o in at]
+                segs.append(self._staged_copy(o, gref, n))
         else:
-            srcs = [LocalPtr(data, off) for off, _n in chunks]
-        segs = [GrantCopy(src, GrantPtr(self.domid, gref, 0), n)
-                for src, (_off, n), (_id, gref) in zip(srcs, chunks, data_reqs, strict=True)]
+            segs = [GrantCopy(LocalPtr(data, off), GrantPtr(self.domid, gref, 0), n)
+                    for (off, n), (_id, gref) in zip(chunks, data_reqs, strict=True)]
         return _RxCopy(frame, chunks, extras, data_reqs, segs)
 
     def _fill(self, group: list[_RxCopy | tuple[int, int, int]], segs: list[GrantCopy],

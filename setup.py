@@ -37,6 +37,7 @@ CYTHON_MODULES: dict[str, str] = {
     "xenpv.platforms.loopback._gntcopy": "cython/gntcopy.pyx",
     "xenpv.drivers._vnethdr": "cython/vnethdr.pyx",
     "xenpv.backends._nettx": "cython/nettx.pyx",
+    "xenpv.protocols._netrx": "cython/netrx.pyx",
 }
 
 CYTHON_DIRECTIVES = {

@@ -564,6 +564,41 @@ def test_scenario_15_bad_rx_responses_fail_the_frontend_closed(kind: str) -> Non
     run(body())
 
 
+def test_rx_chain_split_across_ring_passes_arrives_whole() -> None:
+    """A chain whose first slot comes in one ring pass and its end in the next is held
+    (its page still taken) and delivered whole; the pages go back to the ring once."""
+    async def body() -> None:
+        async with net_world() as w:
+            v, q = await hostile_backend(w)
+            fq = v.frontend.queues[0]
+            try:
+                posted = list(q.rx.posted)
+                frame = eth(v.mac, PEER_MAC, 0x88B5, bytes(range(256)) * 20)  # 5134 bytes
+                ring = q.rx_channel.ring
+                for k, (rsp, piece) in enumerate((
+                        (struct.pack("<HHHh", posted[0][0], 0, NETRXF_more_data, 4096),
+                         frame[:4096]),
+                        (struct.pack("<HHHh", posted[1][0], 0, 0, len(frame) - 4096),
+                         frame[4096:]))):
+                    q.rx_channel.res.grants.copy([_copy_to(q, posted[k][1], piece)])
+                    ring.put_response(rsp)
+                    ring.push_responses()
+                    q.rx_channel.res.events.notify(q.rx_channel.port)
+                    if k == 0:
+                        async with asyncio.timeout(WAIT):
+                            while not fq.rx_pending:
+                                await asyncio.sleep(0.002)
+                        assert len(fq.rx_posted) == 32 and v.frontend.pending_frames() == 0
+                got = await v.frontend.recv(WAIT)
+                assert got.data == frame and not fq.rx_pending
+                assert len(fq.rx_posted) == 32 and v.frontend.error is None
+            finally:
+                await v.close()
+            assert w.held() == NOTHING
+
+    run(body())
+
+
 def test_scenario_15_negative_status_drops_only_that_packet() -> None:
     async def body() -> None:
         async with net_world() as w:

@@ -23,7 +23,7 @@ Theory of operation
 
 Buffers: each queue grants its TX pages (read-only) and RX pages (writable) once and
 reuses them; a TX page is free again when its slot is answered, an RX page is posted
-again as soon as its slot's data was copied out (once).
+again as soon as its chain's data was copied out (once).
 
 Sending (:meth:`NetFrontend.send`): a frame is first adapted to what the backend accepts
 (GSO segmented in software without the backend's ``feature-gso-*`` or ``feature-sg``; an
@@ -39,7 +39,11 @@ identity rule), and a data response must carry that page's id (R6).  A chain is
 ``NETRXF_extra_info``; a negative status drops the packet (counted); a response running
 past its page, an unknown status, an invalid extra-info record or a chain longer than
 ``XEN_NETIF_NR_SLOTS_MIN`` + extras fails the device closed (hostile scenario 15: error
-node, Closing, every waiter gets :class:`NetPeerError`).  Received frames wait in a
+node, Closing, every waiter gets :class:`NetPeerError`).  The responses of a ring pass
+are checked and their frames gathered by one scan
+(:func:`~xenpv.protocols.netif.scan_rx`, compiled; the readable twin is
+:func:`~xenpv.protocols.netif.scan_rx_reference`); the slots of a chain the pass leaves
+unfinished wait for the next pass, their pages still taken.  Received frames wait in a
 queue bounded by ``rx_queue_frames`` (beyond it they are dropped and counted).
 """
 
@@ -64,7 +68,6 @@ from xenpv.drivers.tap import TapDevice, TapPump, frame_flow_hash
 from xenpv.errors import LocalError, PeerError, PlatformError
 from xenpv.platforms.base import Platform, SharedPages
 from xenpv.platforms.dispatch import PortDispatcher
-from xenpv.protocols import ProtocolError
 from xenpv.protocols.ethernet import (
     GSO_NONE,
     GSO_TCPV4,
@@ -95,29 +98,22 @@ from xenpv.protocols.netif import (
     XEN_NETIF_CTRL_TYPE_SET_HASH_KEY,
     XEN_NETIF_CTRL_TYPE_SET_HASH_MAPPING,
     XEN_NETIF_CTRL_TYPE_SET_HASH_MAPPING_SIZE,
-    XEN_NETIF_EXTRA_FLAG_MORE,
     XEN_NETIF_EXTRA_TYPE_GSO,
-    XEN_NETIF_EXTRA_TYPE_MAX,
     XEN_NETIF_EXTRA_TYPE_MCAST_ADD,
     XEN_NETIF_EXTRA_TYPE_MCAST_DEL,
     XEN_NETIF_MAX_TX_SIZE,
     XEN_NETIF_NR_SLOTS_MIN,
     GsoExtra,
-    HashExtra,
     McastExtra,
     NETRXF_csum_blank,
     NETRXF_data_validated,
-    NETRXF_extra_info,
-    NETRXF_more_data,
     NETTXF_csum_blank,
     NETTXF_data_validated,
     NETTXF_extra_info,
     NETTXF_more_data,
     TxRequest,
-    check_rx_response,
     pack_tx_request,
-    parse_extra,
-    validate_extra,
+    scan_rx,
 )
 from xenpv.xenbus import XenbusState
 from xenpv.xenbus.driver import FrontendDriver, PeerKeys
@@ -137,8 +133,6 @@ _TX_RSP = TX_RESPONSE_STRUCT
 _RX_REQ = RX_REQUEST_STRUCT
 _RX_RSP = RX_RESPONSE_STRUCT
 _TX_STATUSES = (NETIF_RSP_OKAY, NETIF_RSP_ERROR, NETIF_RSP_DROPPED)
-#: RX response flags that make a chain of more than one slot.
-_CHAINED = NETRXF_more_data | NETRXF_extra_info
 
 
 @functools.lru_cache(maxsize=64)
@@ -146,8 +140,6 @@ def _gso_slot(gso_type: int, size: int) -> bytes:
     """The TX slot of a GSO extra-info record (the same few for a whole stream: packed
     once each)."""
     return GsoExtra(XEN_NETIF_EXTRA_TYPE_GSO, 0, size, gso_type, 0).pack()
-#: Slots one received chain may use: the data slots a backend may fill plus extras.
-_MAX_RX_CHAIN = XEN_NETIF_NR_SLOTS_MIN + XEN_NETIF_EXTRA_TYPE_MAX
 
 
 class NetPeerError(PeerError):
@@ -199,22 +191,6 @@ class NetFrontConfig:
             raise LocalError("rx_queue_frames must be positive")
 
 
-class _Chain:
-    """A received packet being put together."""
-
-    __slots__ = ("data", "error", "extra", "first_flags", "gso", "more", "rss", "slots")
-
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-        self.error = False
-        self.extra = False
-        self.more = False
-        self.slots = 0
-        self.first_flags = -1
-        self.gso: GsoExtra | None = None
-        self.rss: HashExtra | None = None
-
-
 class _Queue:
     """One queue: TX and RX channels, clients, pages and bookkeeping."""
 
@@ -233,7 +209,8 @@ class _Queue:
         #: each RX page's request, packed once
         self.rx_reqs = [_RX_REQ.pack(idx, ref) for idx, ref in enumerate(rx_pages.refs)]
         self.rx_frames = 0
-        self.chain: _Chain | None = None
+        #: the slots of a chain a ring pass left unfinished (at most a chain's)
+        self.rx_pending = b""
         self.hub: PortDispatcher | None = None
         self.guard: asyncio.Task[None] | None = None
 
@@ -497,98 +474,47 @@ class NetFrontend(FrontendDriver):
             client.submit_slots(memoryview(b"".join([reqs[idx] for idx in pages])), len(pages))
 
     def _on_rx(self, q: _Queue, batch: memoryview, count: int) -> None:
-        """The responses of a ring pass: a data response with neither more data nor
-        extra info after it is a whole frame (the common small one: checked and
-        delivered here, the same checks as :meth:`_rx_slot`); anything else goes slot by
-        slot through :meth:`_rx_slot`.  The pages are posted again in one push."""
+        """The responses of a ring pass, after the slots of a chain a former pass left
+        unfinished: every complete chain checked and its frame delivered by one scan
+        (:func:`~xenpv.protocols.netif.scan_rx`, compiled), their pages posted again in
+        one push; an unfinished chain's slots wait (its pages stay taken) for the next
+        pass; a chain that breaks the protocol fails the device after the frames before
+        it."""
         if self.error is not None:
             return
+        if q.rx_pending:
+            buf: bytes | memoryview = q.rx_pending + bytes(batch[:count * _RX_SLOT])
+            count = len(buf) // _RX_SLOT
+        else:
+            buf = batch
         posted = q.rx_posted
-        repost: list[int] = []
-        mem = q.rx_pages.mem
-        unpack = _RX_RSP.unpack_from
-        try:
-            for j in range(count):
-                off = j * _RX_SLOT
-                if q.chain is None and posted:
-                    rid, offset, flags, status = unpack(batch, off)
-                    if not flags & _CHAINED and status > 0 and rid == posted[0] and \
-                            offset + status <= XEN_PAGE_SIZE:
-                        posted.popleft()
-                        repost.append(rid)
-                        at = rid * XEN_PAGE_SIZE + offset
-                        self._frame(q, bytes(mem[at:at + status]), flags, None, None)
-                        continue
-                self._rx_slot(q, batch, off, repost)
-        except ProtocolError as exc:
-            self._peer_failed(f"queue {q.index} rx: {exc}")
+        frames, used, error = scan_rx(buf, count, posted, q.rx_pages.mem)
+        q.rx_pending = bytes(buf[used * _RX_SLOT:count * _RX_SLOT]) if used < count else b""
+        repost = [posted.popleft() for _ in range(used)]
+        stats = self.net_stats
+        for data, flags, gso_type, gso_size, rss_hash, rss_type in frames:
+            if data is None:
+                stats["rx_errors"] += 1
+            else:
+                self._frame(q, data, flags, gso_type, gso_size, rss_hash, rss_type)
+        if error is not None:
+            self._peer_failed(f"queue {q.index} rx: {error}")
             return
         if repost:
             self._post_rx(q, repost)
 
-    def _rx_slot(self, q: _Queue, batch: memoryview, off: int, repost: list[int]) -> None:
-        if not q.rx_posted:
-            raise ProtocolError("an RX response without a posted page")
-        idx = q.rx_posted.popleft()
-        repost.append(idx)
-        chain = q.chain
-        if chain is None:
-            chain = q.chain = _Chain()
-        chain.slots += 1
-        if chain.slots > _MAX_RX_CHAIN:
-            raise ProtocolError(f"an RX chain longer than {_MAX_RX_CHAIN} slots")
-        if chain.extra:
-            extra = parse_extra(batch, off)
-            validate_extra(extra)
-            if isinstance(extra, GsoExtra):
-                chain.gso = extra
-            elif isinstance(extra, HashExtra) and extra.hash_type < 4:
-                chain.rss = extra
-            chain.extra = bool(extra.flags & XEN_NETIF_EXTRA_FLAG_MORE)
-        else:
-            rid, offset, flags, status = _RX_RSP.unpack_from(batch, off)
-            if rid != idx:
-                raise ProtocolError(f"RX response id {rid} in the slot of page {idx}")
-            n = check_rx_response(rid, offset, status)
-            if status < 0:
-                chain.error = True
-            else:
-                at = idx * XEN_PAGE_SIZE + offset
-                chain.data.append(bytes(q.rx_pages.mem[at:at + n]))
-            if chain.first_flags < 0:
-                chain.first_flags = flags
-            chain.more = bool(flags & NETRXF_more_data)
-            chain.extra = bool(flags & NETRXF_extra_info)
-        if not chain.more and not chain.extra:
-            q.chain = None
-            self._finish(q, chain)
-
-    def _finish(self, q: _Queue, chain: _Chain) -> None:
-        data = b"".join(chain.data)
-        if chain.error or not data:
-            self.net_stats["rx_errors"] += 1
-            return
-        self._frame(q, data, chain.first_flags, chain.gso, chain.rss)
-
-    def _frame(self, q: _Queue, data: bytes, flags: int, gso: GsoExtra | None,
-               rss: HashExtra | None) -> None:
-        """Deliver a received frame (not empty) with its first slot's ``flags`` and
-        extras."""
+    def _frame(self, q: _Queue, data: bytes, flags: int, gso_type: int, gso_size: int,
+               rss_hash: int | None, rss_type: int) -> None:
+        """Deliver a received frame (not empty) with its first data slot's ``flags``,
+        its GSO type and size and its hash."""
         q.rx_frames += 1
         csum_blank = bool(flags & NETRXF_csum_blank)
-        if gso is None and rss is None:
-            frame = NetFrame(data, csum_blank, bool(flags & NETRXF_data_validated))
-        else:
-            frame = NetFrame(data, csum_blank=csum_blank,
-                             data_validated=bool(flags & NETRXF_data_validated),
-                             gso_type=gso.gso_type if gso is not None else GSO_NONE,
-                             gso_size=gso.size if gso is not None else 0,
-                             rss_hash=rss.value if rss is not None else None,
-                             rss_type=1 << rss.hash_type if rss is not None else 0)
+        frame = NetFrame(data, csum_blank, bool(flags & NETRXF_data_validated), gso_type,
+                         gso_size, rss_hash, rss_type)
         stats = self.net_stats
         stats["rx_packets"] += 1
         stats["rx_bytes"] += len(data)
-        stats["rx_gso"] += gso is not None
+        stats["rx_gso"] += gso_type != GSO_NONE
         stats["rx_csum_blank"] += csum_blank
         if self.receiver is not None:
             try:

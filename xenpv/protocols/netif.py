@@ -21,6 +21,7 @@ Everything is sans-IO and bounded by the number of slots handed in.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -597,4 +598,107 @@ def scan_tx(batch: Buffer, count: int, *, max_slots: int = XEN_NETIF_NR_SLOTS_MI
         return scan_tx_reference(batch, count, max_slots=max_slots, fatal_slots=fatal_slots,
                                  sg=sg, gso=gso)
     result: list[PlainTx] = _SCAN(batch, count, max_slots, fatal_slots, sg, gso)
+    return result
+
+
+# -- the frontend's RX batch ------------------------------------------------------------------
+
+#: Slots one received chain may use: the data slots a backend may fill plus extras.
+MAX_RX_CHAIN = XEN_NETIF_NR_SLOTS_MIN + XEN_NETIF_EXTRA_TYPE_MAX
+#: One frame of :func:`scan_rx`: its bytes (None: dropped, a slot had an error status or
+#: no slot had data), its first data slot's flags, its GSO type and size ((0, 0): none)
+#: and its hash value and type mask ((None, 0): none).
+RxFrame = tuple[bytes | None, int, int, int, int | None, int]
+
+
+def scan_rx_reference(batch: Buffer, count: int, posted: Sequence[int], mem: Buffer
+                      ) -> tuple[list[RxFrame], int, str | None]:
+    """The readable twin of the compiled :func:`scan_rx`: the frames of the complete
+    chains at the start of ``count`` RX responses in ``batch`` (a private copy, 8 bytes
+    each), where ``posted[k]`` is the id of the page posted at the ring slot of response
+    ``k`` and page ``id`` is at ``id * 4096`` in ``mem``.
+
+    Returns (frames, slots used, error).  A chain is data responses joined by
+    ``NETRXF_more_data``, each followed by the extra-info slots its
+    ``NETRXF_extra_info`` (then each record's MORE flag) announces; a data response must
+    carry its page's id, a known status and stay inside its page; an extra-info record
+    must be valid (:func:`validate_extra`); a chain may use :data:`MAX_RX_CHAIN` slots.
+    The scan stops after the last complete chain (the slots after it begin a chain that
+    continues in the next batch) or at a chain that breaks one of these rules (``error``
+    says which; the frames before it stand).  A page id outside ``mem`` is the caller's
+    mistake (ValueError)."""
+    view = memoryview(batch).cast("B")
+    pages = memoryview(mem).cast("B")
+    if count < 0 or count * RX_RING.slot_size > len(view):
+        raise ValueError("batch too short for the slots")
+    frames: list[RxFrame] = []
+    pos = 0
+    while pos < count:  # one chain from pos
+        k, slots = pos, 0
+        pieces: list[bytes] = []
+        failed, first, more, extra = False, -1, False, False
+        gso: tuple[int, int] = (0, 0)
+        rss: tuple[int | None, int] = (None, 0)
+        while True:
+            if k >= count:
+                return frames, pos, None  # continued in the next batch
+            if k >= len(posted):
+                return frames, pos, "an RX response without a posted page"
+            idx = posted[k]
+            slots += 1
+            if slots > MAX_RX_CHAIN:
+                return frames, pos, f"an RX chain longer than {MAX_RX_CHAIN} slots"
+            off = k * RX_RING.slot_size
+            k += 1
+            try:
+                if extra:
+                    record = parse_extra(view, off)
+                    validate_extra(record)
+                    if isinstance(record, GsoExtra):
+                        gso = (record.gso_type, record.size)
+                    elif isinstance(record, HashExtra) and record.hash_type < 4:
+                        rss = (record.value, 1 << record.hash_type)
+                    extra = bool(record.flags & XEN_NETIF_EXTRA_FLAG_MORE)
+                else:
+                    rid, offset, flags, status = RX_RESPONSE_STRUCT.unpack_from(view, off)
+                    if rid != idx:
+                        raise ProtocolError(f"RX response id {rid} in the slot of page {idx}")
+                    n = check_rx_response(rid, offset, status)
+                    if status < 0:
+                        failed = True
+                    else:
+                        if idx < 0 or (idx + 1) * XEN_PAGE_SIZE > len(pages):
+                            raise ValueError(f"page {idx} is outside the pages")
+                        at = idx * XEN_PAGE_SIZE + offset
+                        pieces.append(bytes(pages[at:at + n]))
+                    if first < 0:
+                        first = flags
+                    more = bool(flags & NETRXF_more_data)
+                    extra = bool(flags & NETRXF_extra_info)
+            except ProtocolError as exc:
+                return frames, pos, str(exc)
+            if not more and not extra:
+                break
+        data = b"".join(pieces)
+        frames.append((None if failed or not data else data, first, *gso, *rss))
+        pos = k
+    return frames, pos, None
+
+
+def _compiled_scan_rx() -> Any:
+    """The compiled RX scan, or None (not built, or ``XENPV_PURE_PYTHON=1``)."""
+    return compiled_attr("xenpv.protocols._netrx", "scan_rx")
+
+
+_SCAN_RX = _compiled_scan_rx()
+
+
+def scan_rx(batch: Buffer, count: int, posted: Sequence[int], mem: Buffer
+            ) -> tuple[list[RxFrame], int, str | None]:
+    """:func:`scan_rx_reference`, compiled (``cython/netrx.pyx``: one pass over the
+    responses, each frame's bytes gathered from its pages into one new object) where
+    built."""
+    if _SCAN_RX is None:
+        return scan_rx_reference(batch, count, posted, mem)
+    result: tuple[list[RxFrame], int, str | None] = _SCAN_RX(batch, count, posted, mem)
     return result

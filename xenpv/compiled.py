@@ -2,7 +2,7 @@
 
 Each compiled module (``xenpv.rings._sring``/``_bytering``/``_atomic``,
 ``xenpv.vchan._vring``, ``xenpv.xenstore._xsconn``/``_xsring``,
-``xenpv.protocols._blkscan``/``_netscan``, the TAP write header builder
+``xenpv.protocols._blkscan``/``_netscan``/``_netrx``, the TAP write header builder
 ``xenpv.drivers._vnethdr``, the block backend's io_uring lane in
 ``xenpv.backends._uring``, the net backend's TX copy group ``xenpv.backends._nettx``,
 the block frontend's request table in ``xenpv.frontends._blktable``) has a readable pure-Python twin that

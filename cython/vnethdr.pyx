@@ -8,6 +8,7 @@
 
 from libc.stdint cimport uint8_t, uint32_t
 from libc.string cimport memcpy
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
 import struct
@@ -152,8 +153,8 @@ def vnet_frame(data, bint csum_blank, bint data_validated, int gso_type, long gs
     total = fold(total)
     if gso and gso_size > 0xFFFF:
         raise struct.error("gso_size does not fit the header's 16 bits")
-    out = bytearray(VNET_HDR_LEN + n)
-    o = out
+    out = PyByteArray_FromStringAndSize(NULL, VNET_HDR_LEN + n)  # every byte written below
+    o = <uint8_t *>PyByteArray_AS_STRING(out)
     o[0] = NEEDS_CSUM
     o[1] = <uint8_t>gso
     o[2] = hdr_len & 0xFF

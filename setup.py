@@ -31,13 +31,13 @@ CYTHON_MODULES: dict[str, str] = {
     "xenpv.xenstore._xsconn": "cython/xsconn.pyx",
     "xenpv.xenstore._xsring": "cython/xsring.pyx",
     "xenpv.backends._uring": "cython/uring.pyx",
+    "xenpv.protocols._netrx": "cython/netrx.pyx",
     "xenpv.protocols._blkscan": "cython/blkscan.pyx",
     "xenpv.protocols._netscan": "cython/netscan.pyx",
     "xenpv.frontends._blktable": "cython/blktable.pyx",
     "xenpv.platforms.loopback._gntcopy": "cython/gntcopy.pyx",
     "xenpv.drivers._vnethdr": "cython/vnethdr.pyx",
     "xenpv.backends._nettx": "cython/nettx.pyx",
-    "xenpv.protocols._netrx": "cython/netrx.pyx",
 }
 
 CYTHON_DIRECTIVES = {

@@ -244,6 +244,68 @@ def test_tap_reads_every_ready_frame_per_pass_and_writes_one_buffer() -> None:
             s.close()
 
 
+def test_tap_pump_forwards_each_fd_s_frames_and_reads_nothing_while_forward_waits() -> None:
+    """The pump reads each queue's fd from its own reader callback and forwards its
+    frames in order; a forward that answers with an awaitable stops every read until it
+    completes (frames sent meanwhile stay in the fds), reading resumes after; a forward
+    answering False ends the pump, and close closes the TAP."""
+    from xenpv.drivers.tap import TapPump
+
+    tap, ours, peers = _seqpacket_tap(2)
+    hdr = bytes(10)
+    frames = [tcp_frame(B, A, bytes([k]) * (20 + k), seq=k) for k in range(8)]
+    got: list[list[bytes]] = []
+    gate: asyncio.Future[bool] | None = None
+
+    def forward(batch: list[NetFrame]) -> bool | asyncio.Future[bool]:
+        got.append([f.data for f in batch])
+        if gate is not None and len(got) == 2:
+            return gate
+        return len(got) < 4
+
+    async def body() -> None:
+        nonlocal gate
+        gate = asyncio.get_running_loop().create_future()
+        pump = TapPump(tap, forward)
+        pump.start()
+        for f in frames[:3]:
+            peers[0].send(hdr + f)
+        async with asyncio.timeout(5):
+            while not got:
+                await asyncio.sleep(0.001)
+        assert got == [frames[:3]]
+        peers[1].send(hdr + frames[3])
+        async with asyncio.timeout(5):
+            while len(got) < 2:
+                await asyncio.sleep(0.001)
+        assert got[1] == [frames[3]]
+        peers[0].send(hdr + frames[4])  # forward has not finished: nothing is read
+        await asyncio.sleep(0.05)
+        assert len(got) == 2 and tap.stats["rx_frames"] == 4
+        gate.set_result(True)
+        async with asyncio.timeout(5):
+            while len(got) < 3:
+                await asyncio.sleep(0.001)
+        assert got[2] == [frames[4]]
+        peers[1].send(hdr + frames[5])  # the fourth pass: forward says stop
+        async with asyncio.timeout(5):
+            while len(got) < 4:
+                await asyncio.sleep(0.001)
+        peers[0].send(hdr + frames[6])
+        await asyncio.sleep(0.05)
+        assert len(got) == 4 and tap.stats["rx_frames"] == 6
+        await pump.close()
+        assert tap.closed
+
+    try:
+        asyncio.run(body())
+    finally:
+        for s in peers:
+            s.close()
+        for s in ours:
+            s.detach()  # the pump closed their fds
+
+
 def select_ready(s: socket.socket) -> bool:
     """Whether ``s`` has a message to read now."""
     return bool(select.select([s], [], [], 0)[0])

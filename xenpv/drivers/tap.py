@@ -25,9 +25,12 @@ frame is set to the pseudo-header sum, the convention of a partial checksum the 
 completes.
 
 :meth:`TapDevice.recv_many` waits (asyncio) for the frames ready (each queue's fd read
-until it is empty, up to a bound: one wake-up and one failed read per pass, not per frame;
-:class:`TapPump` hands each pass's frames on as one list, so a frontend sends them with
-one ring push); :meth:`TapDevice.recv` takes one.  :meth:`TapDevice.write` writes one
+until it is empty, up to a bound: one wake-up and one failed read per pass, not per frame);
+:meth:`TapDevice.recv` takes one.  :class:`TapPump` is the hot path: one reader callback
+per queue fd, registered once, reads that fd until it is empty and hands the frames on as
+one list (a frontend sends them with one ring push) synchronously when they can be taken
+at once — no future, task switch or reader (de)registration per wake-up; only a receiver
+short of room pauses the reading (its fds unregistered) until it caught up.  :meth:`TapDevice.write` writes one
 frame without blocking (a full device queue drops it, counted); the frame is copied once,
 into the buffer written, and its headers are located once for both the checksum field and
 the queue its flow hashes to (compiled: ``cython/vnethdr.pyx``, whose readable twin is
@@ -279,30 +282,45 @@ class TapDevice:
         frames: list[NetFrame] = []
         count = len(fds)
         reads = 0
-        stats = self.stats
         for k in range(count):
             at = (self._next + k) % count
-            fd = fds[at]
-            while reads < limit:
-                try:
-                    buf = os.read(fd, _MAX_FRAME)
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    raise LocalError(f"TAP {self.name}: read failed: {exc.strerror}") from None
-                reads += 1
-                frame = from_vnet(buf)
-                if frame is None:
-                    stats["rx_refused"] += 1
-                    continue
-                stats["rx_frames"] += 1
-                stats["rx_bytes"] += len(frame.data)
-                frames.append(frame)
+            reads += self._read_fd(fds[at], limit - reads, frames)
             if reads >= limit:  # the next call starts with the fd not drained
                 self._next = at
                 return frames
         self._next = (self._next + 1) % count
         return frames
+
+    def read_fd(self, fd: int, limit: int = READ_BATCH) -> list[NetFrame]:
+        """The frames ready now on one queue's fd ``fd``, read until it is empty or
+        ``limit`` reads were made (frames netif cannot carry are skipped and counted)."""
+        if not self.fds:
+            raise LocalError(f"TAP {self.name} is closed")
+        frames: list[NetFrame] = []
+        self._read_fd(fd, limit, frames)
+        return frames
+
+    def _read_fd(self, fd: int, limit: int, frames: list[NetFrame]) -> int:
+        """Read ``fd`` into ``frames`` until it is empty or ``limit`` reads were made;
+        the reads made (a failed one not counted)."""
+        reads = 0
+        stats = self.stats
+        while reads < limit:
+            try:
+                buf = os.read(fd, _MAX_FRAME)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                raise LocalError(f"TAP {self.name}: read failed: {exc.strerror}") from None
+            reads += 1
+            frame = from_vnet(buf)
+            if frame is None:
+                stats["rx_refused"] += 1
+                continue
+            stats["rx_frames"] += 1
+            stats["rx_bytes"] += len(frame.data)
+            frames.append(frame)
+        return reads
 
     async def _readable(self) -> None:
         """Wait until one of the fds is readable."""
@@ -366,13 +384,18 @@ class TapDevice:
 
 
 class TapPump:
-    """Reads a :class:`TapDevice` in a task and hands the frames of each read pass (every
-    frame ready, up to ``batch``) to ``forward`` as one list, in order (awaited: the TAP
-    is read no faster than ``forward`` takes frames); ``forward`` returning False ends
-    the pump.  :meth:`close` stops it and closes the TAP."""
+    """Reads a :class:`TapDevice` from persistent reader callbacks, one per queue fd
+    (registered once, at :meth:`start`): when an fd is readable its frames are read
+    (until it is empty, at most ``batch``) and handed to ``forward`` as one list, in
+    order.  ``forward`` answers at once with a bool (False ends the pump) when it could
+    take them all now; otherwise it returns an awaitable (of that bool), and the pump
+    stops reading every fd until it completes — so the TAP is read no faster than
+    ``forward`` takes frames, and only a ``forward`` short of room costs a task and
+    re-registering the fds.  A subclass may read its own way by overriding
+    :meth:`_drain`.  :meth:`close` stops it and closes the TAP."""
 
     def __init__(self, tap: TapDevice,
-                 forward: Callable[[list[NetFrame]], Awaitable[bool]], *,
+                 forward: Callable[[list[NetFrame]], bool | Awaitable[bool]], *,
                  batch: int = READ_BATCH) -> None:
         """Nothing runs before :meth:`start`."""
         if batch < 1:
@@ -380,23 +403,74 @@ class TapPump:
         self.tap = tap
         self.forward = forward
         self.batch = batch
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watched: list[int] = []
         self._task: asyncio.Task[None] | None = None
+        self._done = False
 
     def start(self) -> None:
         """Start reading in the running loop."""
-        self._task = asyncio.get_running_loop().create_task(self._pump())
+        self._loop = asyncio.get_running_loop()
+        self._done = False
+        self._watch()
 
-    async def _pump(self) -> None:
-        while True:
-            try:
-                frames = await self.tap.recv_many(self.batch)
-            except LocalError:
-                return  # closed underneath
-            if not await self.forward(frames):
-                return
+    def _watch(self) -> None:
+        loop = self._loop
+        if loop is None or self._done or self._watched or self.tap.closed:
+            return
+        for fd in self.tap.fds:
+            loop.add_reader(fd, self._ready, fd)
+            self._watched.append(fd)
+
+    def _unwatch(self) -> None:
+        loop, watched, self._watched = self._loop, self._watched, []
+        if loop is None:
+            return
+        for fd in watched:
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(fd)
+
+    def _stop(self) -> None:
+        self._done = True
+        self._unwatch()
+
+    def _ready(self, fd: int) -> None:
+        if not self._watched:
+            return  # a callback already queued when the pump paused or stopped
+        try:
+            result = self._drain(fd)
+        except LocalError:
+            self._stop()  # closed underneath
+            return
+        if result is True:
+            return
+        if result is False:
+            self._stop()
+            return
+        self._unwatch()  # short of room: read nothing more until forward took these
+        assert self._loop is not None
+        self._task = self._loop.create_task(self._resume(result))
+
+    def _drain(self, fd: int) -> bool | Awaitable[bool]:
+        """Read ``fd``'s ready frames and forward them (True: nothing was ready)."""
+        frames = self.tap.read_fd(fd, self.batch)
+        if not frames:
+            return True
+        return self.forward(frames)
+
+    async def _resume(self, pending: Awaitable[bool]) -> None:
+        try:
+            going = await pending
+        except LocalError:
+            going = False
+        if going:
+            self._watch()
+        else:
+            self._stop()
 
     async def close(self) -> None:
         """Stop reading and close the TAP (idempotent)."""
+        self._stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

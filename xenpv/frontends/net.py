@@ -56,7 +56,7 @@ import functools
 import logging
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -603,6 +603,12 @@ class NetFrontend(FrontendDriver):
         ``send_timeout`` each time, TimeoutError) only when the ring or the pages run
         out.  A frame that cannot be sent is skipped and counted (``tx_refused``);
         returns how many were skipped.  :class:`NetPeerError` once the device failed."""
+        out, refused = self._adapt_many(frames)
+        await self._send_frames(out)
+        return refused
+
+    def _adapt_many(self, frames: Iterable[NetFrame]) -> tuple[list[NetFrame], int]:
+        """``frames`` adapted to the backend, and how many were refused (counted)."""
         out: list[NetFrame] = []
         refused = 0
         for frame in frames:
@@ -612,8 +618,7 @@ class NetFrontend(FrontendDriver):
                 refused += 1
                 log.debug("%s: frame not sent: %s", self.path, exc)
         self.net_stats["tx_refused"] += refused
-        await self._send_frames(out)
-        return refused
+        return out, refused
 
     def _tx_room(self, q: _Queue, slots: int, pages: int, taken: int) -> RingClient | None:
         """``q``'s TX client if it has ``slots`` free slots (beyond ``taken`` filled but
@@ -629,40 +634,59 @@ class NetFrontend(FrontendDriver):
             return client
         return None
 
-    async def _send_frames(self, frames: list[NetFrame]) -> None:
-        """Fill the TX slots of ``frames`` (adapted already) in order and push each
-        queue's requests once; when a frame finds no room, what was filled is pushed
-        first and the wait is bounded by ``send_timeout``."""
+    def _send_ready(self, frames: list[NetFrame], start: int = 0) -> int:
+        """Fill the TX slots of ``frames[start:]`` (adapted already) in order while there
+        is room, push each queue's requests once; the index of the first frame that found
+        no room (``len(frames)``: all went)."""
         if self.error is not None:
             raise self.error
         queues = self.queues
         if not queues or queues[0].tx_client is None:
             raise LocalError("net device not connected")
         filled: dict[_Queue, list[bytes]] = {}
+        k = start
         try:
-            for frame in frames:
+            for k in range(start, len(frames)):
+                frame = frames[k]
                 data = frame.data
                 q = queues[frame_flow_hash(data) % len(queues)] if len(queues) > 1 else queues[0]
                 pages = -(-len(data) // XEN_PAGE_SIZE)
                 slots = pages + (frame.gso_type != GSO_NONE)
                 reqs = filled.setdefault(q, [])
-                client = self._tx_room(q, slots, pages, len(reqs))
-                if client is None:  # the timer only when waiting: it costs as much as the rest
-                    self._push_filled(filled)
-                    async with asyncio.timeout(self.config.send_timeout):
-                        while client is None:
-                            self._space.clear()
-                            await self._space.wait()
-                            if self.queues is not queues and self.error is None:
-                                queues = self.queues  # reconnected: the frame's new queue
-                                if not queues:
-                                    raise LocalError("net device not connected")
-                                q = queues[frame_flow_hash(data) % len(queues)]
-                                reqs = filled.setdefault(q, [])
-                            client = self._tx_room(q, slots, pages, len(reqs))
+                if self._tx_room(q, slots, pages, len(reqs)) is None:
+                    return k
                 self._fill_tx(q, frame, reqs)
+            return len(frames)
         finally:
             self._push_filled(filled)
+
+    async def _send_frames(self, frames: list[NetFrame]) -> None:
+        """Fill the TX slots of ``frames`` (adapted already) in order and push each
+        queue's requests once; when a frame finds no room, what was filled is pushed
+        first and the wait is bounded by ``send_timeout``."""
+        k = self._send_ready(frames)
+        while k < len(frames):
+            await self._wait_room(frames[k])
+            k = self._send_ready(frames, k)
+
+    async def _wait_room(self, frame: NetFrame) -> None:
+        """Wait (at most ``send_timeout``: TimeoutError) until ``frame``'s queue has room
+        for it; raises once the device failed or is not connected."""
+        data = frame.data
+        pages = -(-len(data) // XEN_PAGE_SIZE)
+        slots = pages + (frame.gso_type != GSO_NONE)
+        async with asyncio.timeout(self.config.send_timeout):
+            while True:
+                if self.error is not None:
+                    raise self.error
+                queues = self.queues  # it may have reconnected meanwhile
+                if not queues:
+                    raise LocalError("net device not connected")
+                q = queues[frame_flow_hash(data) % len(queues)] if len(queues) > 1 else queues[0]
+                if self._tx_room(q, slots, pages, 0) is not None:
+                    return
+                self._space.clear()
+                await self._space.wait()
 
     def _push_filled(self, filled: dict[_Queue, list[bytes]]) -> None:
         """Push the requests filled for each queue (one push, and a notification if the
@@ -856,9 +880,28 @@ class TapBridge:
         self.refused = 0
         self.pump = TapPump(tap, self._forward)
 
-    async def _forward(self, frames: list[NetFrame]) -> bool:
-        try:  # the frames of one TAP read pass: one ring push
-            self.refused += await self.frontend.send_many(frames)
+    def _forward(self, frames: list[NetFrame]) -> bool | Awaitable[bool]:
+        """Send the frames of one TAP read pass (one ring push per queue) at once when
+        they fit; else an awaitable that sends the rest as room comes (the pump reads
+        nothing more meanwhile)."""
+        fe = self.frontend
+        try:
+            out, refused = fe._adapt_many(frames)
+            self.refused += refused
+            k = fe._send_ready(out)
+        except NetPeerError:
+            return False
+        except LocalError as exc:
+            self.refused += 1
+            log.debug("tap %s: frames not sent: %s", self.tap.name, exc)
+            return True
+        if k == len(out):
+            return True
+        return self._send_rest(out[k:])
+
+    async def _send_rest(self, frames: list[NetFrame]) -> bool:
+        try:
+            await self.frontend._send_frames(frames)
         except NetPeerError:
             return False
         except (LocalError, TimeoutError) as exc:

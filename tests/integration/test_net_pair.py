@@ -553,7 +553,9 @@ def test_a_tap_read_pass_goes_out_with_one_ring_push() -> None:
 def test_send_waits_for_ring_room_and_gives_up_after_send_timeout() -> None:
     """A backend that stops answering: the frontend's sends take its 18 TX pages, the
     next one waits for room and raises TimeoutError after ``send_timeout``; once answers
-    come again, waiting sends go out in order."""
+    come again, waiting sends go out in order (the waiting sender asked for the
+    notification).  With room, no TX answer is signalled: the frontend takes them when
+    it sends (and when asked for its counters)."""
     async def body() -> None:
         async with net_world() as w:
             a, b = await two_vifs(w, front=NetFrontConfig(tx_pages=18, rx_pages=32,
@@ -582,6 +584,13 @@ def test_send_waits_for_ring_room_and_gives_up_after_send_timeout() -> None:
                 await late
                 for f in frames:
                     assert (await b.frontend.recv(5.0)).data == f
+                # with room, the answers are taken when sending: none is signalled
+                signalled = a.backend.queues[0].tx_service.stats["notifications_sent"]
+                for f in frames[:12]:
+                    await a.frontend.send(NetFrame(f))
+                    assert (await b.frontend.recv(5.0)).data == f
+                assert a.backend.queues[0].tx_service.stats["notifications_sent"] == signalled
+                assert a.frontend.info()["rings"][0]["tx_inflight"] == 0  # info takes them
             finally:
                 await close_all(w, a, b)
 

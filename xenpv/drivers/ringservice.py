@@ -30,7 +30,9 @@ and a peer caught violating the ring (a producer index outside the ring) ends th
 with a :class:`~xenpv.errors.PeerError` in :attr:`~RingService.error` and a counter,
 never an exception out of the loop.  :class:`RingClient` is the frontend's counterpart:
 it submits requests (notifying when the ring says so) and hands responses to a callback
-with the same pass and spin policy.
+with the same pass and spin policy — or, ``lazy``, takes them only when its owner asks
+(:meth:`RingClient.reap`) and asks for a notification only when its owner must wait for
+them (:meth:`RingClient.arm`).
 
 Counters (:attr:`~_RingPump.stats`, a plain dict for ``xenpv … info``): ``requests``,
 ``responses``, ``batches``, ``notifications_sent``, ``notifications_received``,
@@ -285,11 +287,17 @@ class RingClient(_RingPump):
     def __init__(self, channel: FrontChannel,
                  on_responses: Callable[[memoryview, int], None], *,
                  spin_us: int = DEFAULT_SPIN_US,
-                 max_batches: int = DEFAULT_MAX_BATCHES) -> None:
-        """Prepare; nothing happens before :meth:`start`."""
+                 max_batches: int = DEFAULT_MAX_BATCHES, lazy: bool = False) -> None:
+        """Prepare; nothing happens before :meth:`start`.  ``lazy``: see :attr:`lazy`."""
         self.channel = channel
         self.ring: FrontRing = channel.ring
         self.on_responses = on_responses
+        #: A lazy client's passes take the responses there without spinning and without
+        #: re-arming ``rsp_event``: the backend stops signalling it, and its owner takes
+        #: responses when it wants them (:meth:`reap`) and asks for a notification only
+        #: when it must wait for some (:meth:`arm`).  A net frontend's TX ring is such a
+        #: ring: its answers only free pages, which matter only when short of them.
+        self.lazy = lazy
         super().__init__(channel.res.events, channel.port, channel.slot_size,
                          channel.ring.nr_ents, spin_us=spin_us, max_batches=max_batches)
 
@@ -329,7 +337,39 @@ class RingClient(_RingPump):
                 self._notify()
         return k
 
+    def reap(self) -> int:
+        """Take the responses waiting now (no spin, no re-arm) and hand them on, as a
+        pass does; how many.  Bounded: the ring never holds more responses than requests
+        outstanding (a peer claiming more stops the client with its error)."""
+        if not self.running or self.channel.closed:
+            return 0
+        done = 0
+        try:
+            while True:
+                k = int(self.ring.take_responses_into(self._buf, -1, 0))
+                if not k:
+                    return done
+                done += k
+                self.stats["batches"] += 1
+                self._consume(k)
+                if not self.running:
+                    return done
+        except PeerError as exc:
+            self._fail(exc)
+            return done
+
+    def arm(self, count: int = 1) -> int:
+        """Ask the backend for a notification once ``count`` more responses are there
+        (``rsp_event``), then take those already there (the final check: one that came
+        before the request is taken here, never waited for); how many were taken."""
+        if not self.running or self.channel.closed:
+            return 0
+        self.ring.set_rsp_event(self.ring.rsp_cons + max(count, 1))
+        return self.reap()
+
     def _poll(self, spin_ns: int) -> int:
+        if self.lazy:
+            return int(self.ring.take_responses_into(self._buf, -1, 0))
         return int(self.ring.poll_responses_into(self._buf, -1, spin_ns))
 
     def _consume(self, count: int) -> None:

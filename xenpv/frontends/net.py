@@ -352,7 +352,7 @@ class NetFrontend(FrontendDriver):
     async def connect(self, peer: PeerKeys) -> None:
         """Start the rings and post the RX pages."""
         for q in self.queues:
-            q.tx_client = RingClient(q.tx_channel, functools.partial(self._on_tx, q))
+            q.tx_client = RingClient(q.tx_channel, functools.partial(self._on_tx, q), lazy=True)
             q.rx_client = RingClient(q.rx_channel, functools.partial(self._on_rx, q))
             q.tx_client.start()
             q.rx_client.start()
@@ -654,7 +654,10 @@ class NetFrontend(FrontendDriver):
                 slots = pages + (frame.gso_type != GSO_NONE)
                 reqs = filled.setdefault(q, [])
                 if self._tx_room(q, slots, pages, len(reqs)) is None:
-                    return k
+                    client = q.tx_client
+                    assert client is not None  # _tx_room checked it
+                    if not client.reap() or self._tx_room(q, slots, pages, len(reqs)) is None:
+                        return k
                 self._fill_tx(q, frame, reqs)
             return len(frames)
         finally:
@@ -685,7 +688,13 @@ class NetFrontend(FrontendDriver):
                 q = queues[frame_flow_hash(data) % len(queues)] if len(queues) > 1 else queues[0]
                 if self._tx_room(q, slots, pages, 0) is not None:
                     return
+                client = q.tx_client
+                assert client is not None  # _tx_room checked it
+                # a notification once enough answers may be there (each frees a slot, at
+                # most one page); those already there are taken now
                 self._space.clear()
+                if client.arm(max(slots - client.free(), pages - len(q.tx_free))):
+                    continue
                 await self._space.wait()
 
     def _push_filled(self, filled: dict[_Queue, list[bytes]]) -> None:
@@ -761,17 +770,25 @@ class NetFrontend(FrontendDriver):
                     raise LocalError("net device not connected")
                 q = self.queues[0]
                 client = q.tx_client
-                if client is not None and client.free() >= 2 and q.tx_free:
+                assert client is not None  # checked above
+                client.reap()
+                if client.free() >= 2 and q.tx_free:
                     break
                 self._space.clear()
-                await self._space.wait()
+                if not client.arm(max(2 - client.free(), 1 - len(q.tx_free))):
+                    await self._space.wait()
             idx = q.tx_free.pop()
             q.tx_out.add(idx)
             fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             self._tx_waiting[(q.index, idx)] = fut
-            client.submit([TxRequest(q.tx_pages.refs[idx], 0, NETTXF_extra_info, idx, 0).pack(),
-                           McastExtra(kind, 0, mac).pack()])
-            status = await fut
+            client.lazy = False  # its answer is waited for: notifications until it came
+            try:
+                client.submit([TxRequest(q.tx_pages.refs[idx], 0, NETTXF_extra_info, idx,
+                                         0).pack(), McastExtra(kind, 0, mac).pack()])
+                client.arm()
+                status = await fut
+            finally:
+                client.lazy = not any(i == q.index for i, _ in self._tx_waiting)
         if status != NETIF_RSP_OKAY:
             raise LocalError(f"the backend refused the multicast filter change ({status})")
 
@@ -848,7 +865,10 @@ class NetFrontend(FrontendDriver):
 
     # -- introspection
     def info(self) -> dict[str, Any]:
-        """Negotiated features, queues and counters."""
+        """Negotiated features, queues and counters (the TX answers there taken first)."""
+        for q in self.queues:
+            if q.tx_client is not None and self.error is None:
+                q.tx_client.reap()
         return {
             "path": self.path,
             "state": self.state.name,

@@ -35,6 +35,7 @@ CYTHON_MODULES: dict[str, str] = {
     "xenpv.protocols._blkscan": "cython/blkscan.pyx",
     "xenpv.protocols._netscan": "cython/netscan.pyx",
     "xenpv.frontends._blktable": "cython/blktable.pyx",
+    "xenpv.frontends._nettx": "cython/netfronttx.pyx",
     "xenpv.platforms.loopback._gntcopy": "cython/gntcopy.pyx",
     "xenpv.drivers._vnethdr": "cython/vnethdr.pyx",
     "xenpv.backends._nettx": "cython/nettx.pyx",

@@ -5,7 +5,8 @@ Each compiled module (``xenpv.rings._sring``/``_bytering``/``_atomic``,
 ``xenpv.protocols._blkscan``/``_netscan``/``_netrx``, the TAP write header builder
 ``xenpv.drivers._vnethdr``, the block backend's io_uring lane in
 ``xenpv.backends._uring``, the net backend's TX copy group ``xenpv.backends._nettx``,
-the block frontend's request table in ``xenpv.frontends._blktable``) has a readable pure-Python twin that
+the block frontend's request table in ``xenpv.frontends._blktable``, the net frontend's
+TX table in ``xenpv.frontends._nettx``) has a readable pure-Python twin that
 serves when the extension is not built, or when ``XENPV_PURE_PYTHON=1`` forces it (tests
 and benchmarks compare both).  The variable is read here and nowhere else.
 """

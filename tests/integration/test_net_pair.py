@@ -511,14 +511,13 @@ def test_a_tap_read_pass_goes_out_with_one_ring_push() -> None:
                 assert (await a.frontend.recv(5.0)).data == learn
                 client = a.frontend.queues[0].tx_client
                 assert client is not None
-                submits, real_submit = [], client.submit
+                submits, real_submit = [], client.submit_slots
 
-                def counting(reqs: Any) -> int:
-                    reqs = list(reqs)
-                    submits.append(len(reqs))
-                    return real_submit(reqs)
+                def counting(slots: Any, n: int) -> int:
+                    submits.append(n)
+                    return real_submit(slots, n)
 
-                client.submit = counting  # type: ignore[method-assign]
+                client.submit_slots = counting  # type: ignore[method-assign]
                 notified = client.stats["notifications_sent"]
                 frames = [eth(b.mac, a.mac, 0x88B5, bytes([k]) * (60 + k)) for k in range(40)]
                 frames[7] = eth(b.mac, a.mac, 0x88B5, bytes(range(256)) * 30)  # 2 slots

@@ -99,7 +99,7 @@ def test_frontend_fills_a_frame_s_tx_pages_and_slots_in_order() -> None:
     size, the flags, the GSO record after it) and more-data on all but the last."""
     import collections
 
-    from xenpv.frontends.net import NetFrontend
+    from xenpv.frontends.net import _TX_TABLE, NetFrontend
     from xenpv.protocols.ethernet import NetFrame
     from xenpv.protocols.netif import (
         XEN_NETIF_EXTRA_TYPE_GSO,
@@ -115,15 +115,14 @@ def test_frontend_fills_a_frame_s_tx_pages_and_slots_in_order() -> None:
         for gso in (0, 1):
             mem = memoryview(bytearray(20 * PAGE))
             free = list(range(19, -1, -1))
-            q = SimpleNamespace(tx_pages=SimpleNamespace(mem=mem, refs=list(range(500, 520))),
-                                tx_free=free[:], tx_out=set())
+            q = SimpleNamespace(tx=_TX_TABLE(mem, list(range(500, 520)), 32))
             data = bytes((i * 7 + size) & 0xFF for i in range(size))
-            reqs: list[bytes] = []
             NetFrontend._fill_tx(cast(Any, fe), cast(Any, q), NetFrame(
-                data, csum_blank=True, gso_type=gso, gso_size=1448 if gso else 0), reqs)
+                data, csum_blank=True, gso_type=gso, gso_size=1448 if gso else 0))
+            reqs = [bytes(q.tx.out[k * 12:(k + 1) * 12]) for k in range(q.tx.staged)]
             pages = -(-size // PAGE)
             idxs = [free.pop() for _ in range(pages)]
-            assert q.tx_free == free and q.tx_out == set(idxs)
+            assert q.tx.free == free and q.tx.out_ids == set(idxs)
             want = []
             for k, idx in enumerate(idxs):
                 more = NETTXF_more_data if k < pages - 1 else 0
@@ -131,7 +130,8 @@ def test_frontend_fills_a_frame_s_tx_pages_and_slots_in_order() -> None:
                 flags = NETTXF_csum_blank | (NETTXF_extra_info if gso else 0) if k == 0 else 0
                 want.append(TxRequest(500 + idx, 0, flags | more, idx, n).pack())
                 if k == 0 and gso:
-                    want.append(GsoExtra(XEN_NETIF_EXTRA_TYPE_GSO, 0, 1448, 1, 0).pack())
+                    want.append(GsoExtra(XEN_NETIF_EXTRA_TYPE_GSO, 0, 1448, 1, 0).pack()
+                                .ljust(12, b"\0"))  # a whole slot
                 piece = data[k * PAGE:(k + 1) * PAGE]
                 assert bytes(mem[idx * PAGE:idx * PAGE + len(piece)]) == piece
             assert reqs == want, size

@@ -60,12 +60,14 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from xenpv.compiled import compiled_attr
 from xenpv.drivers.quarantine import GrantQuarantine
 from xenpv.drivers.ringchannel import FrontChannel
 from xenpv.drivers.ringservice import RingClient
 from xenpv.drivers.sharedport import share_port
 from xenpv.drivers.tap import TapDevice, TapPump, frame_flow_hash
 from xenpv.errors import LocalError, PeerError, PlatformError
+from xenpv.frontends import nettx
 from xenpv.platforms.base import Platform, SharedPages
 from xenpv.platforms.dispatch import PortDispatcher
 from xenpv.protocols.ethernet import (
@@ -82,14 +84,10 @@ from xenpv.protocols.netif import (
     CTRL_REQUEST_STRUCT,
     CTRL_RESPONSE_STRUCT,
     CTRL_RING,
-    NETIF_RSP_DROPPED,
-    NETIF_RSP_ERROR,
-    NETIF_RSP_NULL,
     NETIF_RSP_OKAY,
     RX_REQUEST_STRUCT,
     RX_RESPONSE_STRUCT,
     RX_RING,
-    TX_RESPONSE_STRUCT,
     TX_RING,
     XEN_NETIF_CTRL_HASH_ALGORITHM_TOEPLITZ,
     XEN_NETIF_CTRL_STATUS_SUCCESS,
@@ -110,9 +108,7 @@ from xenpv.protocols.netif import (
     NETTXF_csum_blank,
     NETTXF_data_validated,
     NETTXF_extra_info,
-    NETTXF_more_data,
     TxRequest,
-    pack_tx_request,
     scan_rx,
 )
 from xenpv.xenbus import XenbusState
@@ -129,10 +125,17 @@ _RX_SLOT = RX_RING.slot_size
 _CTRL_SLOT = CTRL_RING.slot_size
 _CTRL_REQ = CTRL_REQUEST_STRUCT
 _CTRL_RSP = CTRL_RESPONSE_STRUCT
-_TX_RSP = TX_RESPONSE_STRUCT
 _RX_REQ = RX_REQUEST_STRUCT
 _RX_RSP = RX_RESPONSE_STRUCT
-_TX_STATUSES = (NETIF_RSP_OKAY, NETIF_RSP_ERROR, NETIF_RSP_DROPPED)
+
+
+def _tx_table_class() -> Any:
+    """The compiled TX table (``cython/netfronttx.pyx``), or its readable twin
+    :class:`xenpv.frontends.nettx.TxTable` (not built, or ``XENPV_PURE_PYTHON=1``)."""
+    return compiled_attr("xenpv.frontends._nettx", "TxTable", nettx.TxTable)
+
+
+_TX_TABLE = _tx_table_class()
 
 
 @functools.lru_cache(maxsize=64)
@@ -203,8 +206,8 @@ class _Queue:
         self.rx_pages = rx_pages
         self.tx_client: RingClient | None = None
         self.rx_client: RingClient | None = None
-        self.tx_free = list(range(len(tx_pages.refs) - 1, -1, -1))
-        self.tx_out: set[int] = set()
+        #: Free TX pages, staged TX slots, checks on the TX answers.
+        self.tx = _TX_TABLE(tx_pages.mem, list(tx_pages.refs), tx.ring.nr_ents)
         self.rx_posted: deque[int] = deque()
         #: each RX page's request, packed once
         self.rx_reqs = [_RX_REQ.pack(idx, ref) for idx, ref in enumerate(rx_pages.refs)]
@@ -546,24 +549,17 @@ class NetFrontend(FrontendDriver):
     def _on_tx(self, q: _Queue, batch: memoryview, count: int) -> None:
         if self.error is not None:
             return
-        for j in range(count):
-            rid, status = _TX_RSP.unpack_from(batch, j * _TX_SLOT)
-            if status == NETIF_RSP_NULL:
-                continue
-            if status not in _TX_STATUSES:
-                self._peer_failed(f"queue {q.index} tx: unknown status {status}")
-                return
-            if rid not in q.tx_out:
-                self._peer_failed(f"queue {q.index} tx: response to id {rid}, "
-                                  "which is not outstanding")
-                return
-            q.tx_out.discard(rid)
-            q.tx_free.append(rid)
+        errors, answered, bad = q.tx.reap(batch, count)
+        self.net_stats["tx_errors"] += errors
+        for rid, status in answered:
             waiter = self._tx_waiting.pop((q.index, rid), None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(status)
             elif status != NETIF_RSP_OKAY:
                 self.net_stats["tx_errors"] += 1
+        if bad is not None:
+            self._peer_failed(f"queue {q.index} tx: {bad}")
+            return
         self._space.set()
 
     def _adapt(self, frame: NetFrame) -> list[NetFrame]:
@@ -620,9 +616,9 @@ class NetFrontend(FrontendDriver):
         self.net_stats["tx_refused"] += refused
         return out, refused
 
-    def _tx_room(self, q: _Queue, slots: int, pages: int, taken: int) -> RingClient | None:
-        """``q``'s TX client if it has ``slots`` free slots (beyond ``taken`` filled but
-        not pushed yet) and ``pages`` free pages now, else None; raises once the device
+    def _tx_room(self, q: _Queue, slots: int, pages: int) -> RingClient | None:
+        """``q``'s TX client if it has ``slots`` free slots (beyond those staged, not
+        pushed yet) and ``pages`` free pages now, else None; raises once the device
         failed or is not connected."""
         if self.error is not None:
             raise self.error
@@ -630,7 +626,7 @@ class NetFrontend(FrontendDriver):
         queues = self.queues
         if client is None or q.index >= len(queues) or queues[q.index] is not q:
             raise LocalError("net device not connected")  # or reconnected meanwhile
-        if client.free() - taken >= slots and len(q.tx_free) >= pages:
+        if client.free() - q.tx.staged >= slots and q.tx.free_pages() >= pages:
             return client
         return None
 
@@ -643,25 +639,29 @@ class NetFrontend(FrontendDriver):
         queues = self.queues
         if not queues or queues[0].tx_client is None:
             raise LocalError("net device not connected")
-        filled: dict[_Queue, list[bytes]] = {}
-        k = start
+        filled: set[_Queue] = set()
         try:
             for k in range(start, len(frames)):
                 frame = frames[k]
                 data = frame.data
                 q = queues[frame_flow_hash(data) % len(queues)] if len(queues) > 1 else queues[0]
                 pages = -(-len(data) // XEN_PAGE_SIZE)
-                slots = pages + (frame.gso_type != GSO_NONE)
-                reqs = filled.setdefault(q, [])
-                if self._tx_room(q, slots, pages, len(reqs)) is None:
-                    client = q.tx_client
-                    assert client is not None  # _tx_room checked it
-                    if not client.reap() or self._tx_room(q, slots, pages, len(reqs)) is None:
-                        return k
-                self._fill_tx(q, frame, reqs)
+                if not self._tx_space(q, pages + (frame.gso_type != GSO_NONE), pages):
+                    return k
+                filled.add(q)
+                self._fill_tx(q, frame)
             return len(frames)
         finally:
             self._push_filled(filled)
+
+    def _tx_space(self, q: _Queue, slots: int, pages: int) -> bool:
+        """Whether ``q`` has room for ``slots`` slots and ``pages`` pages, taking the TX
+        answers there when short (they are taken only then, or by a waiting sender)."""
+        if self._tx_room(q, slots, pages) is not None:
+            return True
+        client = q.tx_client
+        assert client is not None  # _tx_room checked it
+        return bool(client.reap()) and self._tx_room(q, slots, pages) is not None
 
     async def _send_frames(self, frames: list[NetFrame]) -> None:
         """Fill the TX slots of ``frames`` (adapted already) in order and push each
@@ -686,75 +686,49 @@ class NetFrontend(FrontendDriver):
                 if not queues:
                     raise LocalError("net device not connected")
                 q = queues[frame_flow_hash(data) % len(queues)] if len(queues) > 1 else queues[0]
-                if self._tx_room(q, slots, pages, 0) is not None:
+                if await self._tx_wait(q, slots, pages):
                     return
-                client = q.tx_client
-                assert client is not None  # _tx_room checked it
-                # a notification once enough answers may be there (each frees a slot, at
-                # most one page); those already there are taken now
-                self._space.clear()
-                if client.arm(max(slots - client.free(), pages - len(q.tx_free))):
-                    continue
-                await self._space.wait()
 
-    def _push_filled(self, filled: dict[_Queue, list[bytes]]) -> None:
-        """Push the requests filled for each queue (one push, and a notification if the
-        ring asks, per queue); not to a device that failed or a queue released since."""
-        for q, reqs in filled.items():
-            if reqs and self.error is None and q.tx_client is not None and \
+    async def _tx_wait(self, q: _Queue, slots: int, pages: int) -> bool:
+        """True if ``q`` has room for ``slots`` slots and ``pages`` pages; else ask for a
+        notification once enough answers may be there (each frees a slot, at most one
+        page), take those already there, and wait for a change (False: look again)."""
+        if self._tx_room(q, slots, pages) is not None:
+            return True
+        client = q.tx_client
+        assert client is not None  # _tx_room checked it
+        self._space.clear()
+        if not client.arm(max(slots - client.free() + q.tx.staged,
+                              pages - q.tx.free_pages())):
+            await self._space.wait()
+        return False
+
+    def _push_filled(self, filled: Iterable[_Queue]) -> None:
+        """Push the slots staged on each queue (one push, and a notification if the ring
+        asks, per queue); not to a device that failed or a queue released since."""
+        for q in filled:
+            table = q.tx
+            if table.staged and self.error is None and q.tx_client is not None and \
                     q.index < len(self.queues) and self.queues[q.index] is q:
                 with contextlib.suppress(LocalError):  # the channel closed underneath
-                    q.tx_client.submit(reqs)
-            reqs.clear()
+                    q.tx_client.submit_slots(table.out, table.staged)
+            table.pushed()
 
-    def _fill_tx(self, q: _Queue, frame: NetFrame, reqs: list[bytes]) -> None:
-        """Take ``frame``'s TX pages, copy it in and add its slots to ``reqs`` (room was
+    def _fill_tx(self, q: _Queue, frame: NetFrame) -> None:
+        """Take ``frame``'s TX pages, copy it in and stage its slots (room was
         checked)."""
-        data = frame.data
-        size = len(data)
         gso = frame.gso_type != GSO_NONE
-        mem, refs, free, out = q.tx_pages.mem, q.tx_pages.refs, q.tx_free, q.tx_out
         flags = (NETTXF_csum_blank if frame.csum_blank else 0) | \
             (NETTXF_data_validated if frame.data_validated else 0)
-        if size <= XEN_PAGE_SIZE and not gso:  # the common small frame: one slot
-            idx = free.pop()
-            out.add(idx)
-            at = idx * XEN_PAGE_SIZE
-            mem[at:at + size] = data
-            reqs.append(pack_tx_request(refs[idx], 0, flags, idx, size))
-        elif size:
-            pages = -(-size // XEN_PAGE_SIZE)
-            if len(free) < pages:
-                raise LocalError("no free TX pages for the frame")
-            idxs = free[-pages:]  # the pages pop() would give, in that order
-            del free[-pages:]
-            idxs.reverse()
-            out.update(idxs)
-            view = memoryview(data)
-            first = idxs[0]
-            reqs.append(pack_tx_request(refs[first], 0, flags | (NETTXF_extra_info if gso else 0)
-                                        | (NETTXF_more_data if pages > 1 else 0), first, size))
-            if gso:
-                reqs.append(_gso_slot(frame.gso_type, frame.gso_size))
-            mem[first * XEN_PAGE_SIZE:first * XEN_PAGE_SIZE + min(size, XEN_PAGE_SIZE)] = \
-                view[:XEN_PAGE_SIZE]
-            last = pages - 1
-            off = XEN_PAGE_SIZE
-            for k in range(1, pages):
-                idx = idxs[k]
-                at = idx * XEN_PAGE_SIZE
-                if k < last:
-                    mem[at:at + XEN_PAGE_SIZE] = view[off:off + XEN_PAGE_SIZE]
-                    reqs.append(pack_tx_request(refs[idx], 0, NETTXF_more_data, idx,
-                                                XEN_PAGE_SIZE))
-                else:
-                    mem[at:at + size - off] = view[off:]
-                    reqs.append(pack_tx_request(refs[idx], 0, 0, idx, size - off))
-                off += XEN_PAGE_SIZE
+        try:
+            q.tx.fill(frame.data, flags, _gso_slot(frame.gso_type, frame.gso_size) if gso
+                      else None)
+        except ValueError as exc:
+            raise LocalError(str(exc)) from None
         stats = self.net_stats
         stats["tx_gso"] += gso
         stats["tx_packets"] += 1
-        stats["tx_bytes"] += size
+        stats["tx_bytes"] += len(frame.data)
 
     # -- multicast filter (feature-multicast-control)
     async def _mcast(self, kind: int, mac: bytes) -> None:
@@ -771,14 +745,10 @@ class NetFrontend(FrontendDriver):
                 q = self.queues[0]
                 client = q.tx_client
                 assert client is not None  # checked above
-                client.reap()
-                if client.free() >= 2 and q.tx_free:
+                if await self._tx_wait(q, 2, 1):
                     break
-                self._space.clear()
-                if not client.arm(max(2 - client.free(), 1 - len(q.tx_free))):
-                    await self._space.wait()
-            idx = q.tx_free.pop()
-            q.tx_out.add(idx)
+            idx = q.tx.take()
+            q.tx.watch(idx)
             fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             self._tx_waiting[(q.index, idx)] = fut
             client.lazy = False  # its answer is waited for: notifications until it came
@@ -879,7 +849,7 @@ class NetFrontend(FrontendDriver):
             "stats": dict(self.net_stats),
             "rings": [{"tx": q.tx_client.info() if q.tx_client else None,
                        "rx": q.rx_client.info() if q.rx_client else None,
-                       "tx_inflight": len(q.tx_out), "rx_posted": len(q.rx_posted),
+                       "tx_inflight": q.tx.outstanding(), "rx_posted": len(q.rx_posted),
                        "rx_frames": q.rx_frames}
                       for q in self.queues],
             "error": None if self.error is None else str(self.error),

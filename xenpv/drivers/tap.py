@@ -69,7 +69,7 @@ from xenpv.protocols.ethernet import (
 )
 
 __all__ = ["READ_BATCH", "TapDevice", "TapPump", "frame_flow_hash", "from_vnet", "to_vnet",
-           "vnet_frame_reference"]
+           "vnet_frame_reference", "vnet_meta"]
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
@@ -165,12 +165,22 @@ def from_vnet(buf: bytes) -> NetFrame | None:
     carry or a runt."""
     if len(buf) < VNET_HDR.size + 14:
         return None
-    flags, gso, _hdr_len, gso_size, _cs, _co = VNET_HDR.unpack_from(buf)
+    meta = vnet_meta(buf)
+    if meta is None:
+        return None
+    return NetFrame(buf[VNET_HDR.size:], *meta)
+
+
+def vnet_meta(hdr: bytes | bytearray | memoryview) -> tuple[bool, bool, int, int] | None:
+    """(csum_blank, data_validated, GSO type, GSO size) of the frame behind the
+    ``virtio_net_hdr`` a TAP read put first in ``hdr``; None for a GSO type netif cannot
+    carry."""
+    flags, gso, _hdr_len, gso_size, _cs, _co = VNET_HDR.unpack_from(hdr)
     kind = _GSO_KIND.get(gso & ~_VNET_ECN)
     if kind is None:
         return None
-    return NetFrame(buf[VNET_HDR.size:], bool(flags & NEEDS_CSUM), bool(flags & DATA_VALID),
-                    kind, gso_size if kind != GSO_NONE else 0)
+    return (bool(flags & NEEDS_CSUM), bool(flags & DATA_VALID), kind,
+            gso_size if kind != GSO_NONE else 0)
 
 
 def _set_done(fut: asyncio.Future[None]) -> None:

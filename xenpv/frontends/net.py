@@ -30,7 +30,14 @@ Sending (:meth:`NetFrontend.send`): a frame is first adapted to what the backend
 IPv6 blank checksum completed without its ``feature-ipv6-csum-offload``), then written
 into pages of up to 4096 bytes as one chain (first slot: the total size and the checksum
 flags; a GSO extra-info slot; ``NETTXF_more_data`` on all but the last), on the queue its
-flow hashes to, waiting (bounded by ``send_timeout``) for slots and pages.
+flow hashes to, waiting (bounded by ``send_timeout``) for slots and pages.  Each queue's
+TX table (``cython/nettx.pyx``, readable twin :mod:`xenpv.frontends.nettx`) holds the free
+pages, builds the slots as whole slots (one ``submit_slots`` per push) and checks the TX
+answers in one call.  The answers are taken when a sender is short of room (and by
+:meth:`NetFrontend.info`), not on a notification per pass: the TX ring client is lazy
+(:attr:`~xenpv.drivers.ringservice.RingClient.lazy`), and only a sender that must wait
+asks for a notification, at the answers it needs.  :class:`TapBridge` reads the guest's
+TAP straight into TX pages (``readv``) when the backend takes its frames as they are.
 
 Receiving (:meth:`NetFrontend.recv`, or a ``receiver`` callback): responses are taken in
 ring order; the RX page of each slot is the one posted at that ring index (the slot
@@ -65,7 +72,7 @@ from xenpv.drivers.quarantine import GrantQuarantine
 from xenpv.drivers.ringchannel import FrontChannel
 from xenpv.drivers.ringservice import RingClient
 from xenpv.drivers.sharedport import share_port
-from xenpv.drivers.tap import TapDevice, TapPump, frame_flow_hash
+from xenpv.drivers.tap import TapDevice, TapPump, frame_flow_hash, vnet_meta
 from xenpv.errors import LocalError, PeerError, PlatformError
 from xenpv.frontends import nettx
 from xenpv.platforms.base import Platform, SharedPages
@@ -127,6 +134,10 @@ _CTRL_REQ = CTRL_REQUEST_STRUCT
 _CTRL_RSP = CTRL_RESPONSE_STRUCT
 _RX_REQ = RX_REQUEST_STRUCT
 _RX_RSP = RX_RESPONSE_STRUCT
+
+
+_MAX_FRAME_PAGES = nettx.MAX_FRAME_PAGES
+_VNET_HDR_SIZE = nettx.VNET_HDR_SIZE
 
 
 def _tx_table_class() -> Any:
@@ -861,14 +872,100 @@ class TapBridge:
     """A TAP device on top of a frontend: frames the kernel sends are sent on the vif
     (waiting for ring space: the TAP is read no faster than the ring drains), frames
     received on the vif go to the kernel — a kernel stack, possibly in another network
-    namespace, runs on our frontend."""
+    namespace, runs on our frontend.  While the backend takes the TAP's frames as they
+    are (sg, GSO, IPv6 checksum offload), each is read straight into TX pages
+    (:meth:`_drain`); otherwise frames are read and adapted as for :meth:`NetFrontend.send`."""
 
     def __init__(self, frontend: NetFrontend, tap: TapDevice) -> None:
         """Bridge ``frontend`` and ``tap``; :meth:`start` begins."""
         self.frontend = frontend
         self.tap = tap
         self.refused = 0
-        self.pump = TapPump(tap, self._forward)
+        self.pump: TapPump = _BridgePump(tap, self._forward, self)
+        self._fd_queue: dict[int, int] = {}
+
+    def _drain(self, fd: int) -> bool | Awaitable[bool] | None:
+        """Read the TAP fd ``fd`` straight into TX pages and stage each frame's slots
+        (one push per queue at the end): no ``bytes`` object, no second copy.  Only while
+        the backend takes every frame as the TAP gives it (sg, GSO, IPv6 checksum
+        offload) and the device is connected; else None, and the pump reads frames.
+        Each frame is read into the queue its fd's last frame went to, and copied to
+        another queue when its flow hashes there.  Short of room for the largest
+        frame, an awaitable that waits for it (the pump reads nothing meanwhile)."""
+        fe = self.frontend
+        f = fe.backend_features
+        queues = fe.queues
+        if fe.error is not None or not queues or queues[0].tx_client is None or not (
+                f.get("sg") and f.get("gso-tcpv4") and f.get("gso-tcpv6")
+                and f.get("ipv6-csum-offload")):
+            return None
+        stats, net = self.tap.stats, fe.net_stats
+        count = len(queues)
+        q = queues[self._fd_queue.get(fd, 0) % count]
+        filled: set[_Queue] = set()
+        try:
+            for _ in range(self.pump.batch):
+                if not fe._tx_space(q, _MAX_FRAME_PAGES + 1, _MAX_FRAME_PAGES):
+                    fe._push_filled(filled)
+                    return self._room_for(q)
+                table = q.tx
+                try:
+                    n = table.read_frame(fd)
+                except OSError as exc:
+                    raise LocalError(f"TAP {self.tap.name}: read failed: {exc.strerror}") \
+                        from None
+                if n < 0:
+                    break
+                size = n - _VNET_HDR_SIZE
+                meta = vnet_meta(table.hdr) if size >= 14 else None
+                if meta is None:
+                    stats["rx_refused"] += 1
+                    continue
+                stats["rx_frames"] += 1
+                stats["rx_bytes"] += size
+                blank, valid, kind, gso_size = meta
+                if count > 1:
+                    target = queues[frame_flow_hash(table.head(size)) % count]
+                    if target is not q:  # another flow: copied there, read there next
+                        self._fd_queue[fd] = target.index
+                        frame = NetFrame(table.frame(size), blank, valid, kind, gso_size)
+                        fe._push_filled(filled)
+                        q = target
+                        try:
+                            if fe._send_ready([frame]) == 0:
+                                return self._send_rest([frame])
+                        except NetPeerError:
+                            raise
+                        except LocalError as exc:
+                            self.refused += 1
+                            log.debug("tap %s: frame not sent: %s", self.tap.name, exc)
+                        continue
+                table.commit(size, (NETTXF_csum_blank if blank else 0)
+                             | (NETTXF_data_validated if valid else 0),
+                             _gso_slot(kind, gso_size) if kind != GSO_NONE else None)
+                filled.add(q)
+                net["tx_packets"] += 1
+                net["tx_bytes"] += size
+                net["tx_gso"] += kind != GSO_NONE
+        except NetPeerError:
+            return False
+        finally:
+            fe._push_filled(filled)
+        return True
+
+    async def _room_for(self, q: _Queue) -> bool:
+        """Wait until ``q`` has room for the largest frame (at most ``send_timeout``);
+        False once the device failed."""
+        fe = self.frontend
+        try:
+            async with asyncio.timeout(fe.config.send_timeout):
+                while not await fe._tx_wait(q, _MAX_FRAME_PAGES + 1, _MAX_FRAME_PAGES):
+                    pass
+        except NetPeerError:
+            return False
+        except (LocalError, TimeoutError) as exc:  # the next read looks again
+            log.debug("tap %s: no room: %s", self.tap.name, exc)
+        return True
 
     def _forward(self, frames: list[NetFrame]) -> bool | Awaitable[bool]:
         """Send the frames of one TAP read pass (one ring push per queue) at once when
@@ -909,3 +1006,18 @@ class TapBridge:
         await self.pump.close()
         if self.frontend.receiver == self.tap.write:
             self.frontend.receiver = None
+
+
+class _BridgePump(TapPump):
+    """A :class:`~xenpv.drivers.tap.TapPump` that reads the TAP straight into the
+    frontend's TX pages when it can (:meth:`TapBridge._drain`)."""
+
+    def __init__(self, tap: TapDevice, forward: Callable[[list[NetFrame]],
+                                                         bool | Awaitable[bool]],
+                 bridge: TapBridge) -> None:
+        super().__init__(tap, forward)
+        self.bridge = bridge
+
+    def _drain(self, fd: int) -> bool | Awaitable[bool]:
+        done = self.bridge._drain(fd)
+        return super()._drain(fd) if done is None else done

@@ -31,7 +31,7 @@ IPv6 blank checksum completed without its ``feature-ipv6-csum-offload``), then w
 into pages of up to 4096 bytes as one chain (first slot: the total size and the checksum
 flags; a GSO extra-info slot; ``NETTXF_more_data`` on all but the last), on the queue its
 flow hashes to, waiting (bounded by ``send_timeout``) for slots and pages.  Each queue's
-TX table (``cython/nettx.pyx``, readable twin :mod:`xenpv.frontends.nettx`) holds the free
+TX table (``cython/netfronttx.pyx``, readable twin :mod:`xenpv.frontends.nettx`) holds the free
 pages, builds the slots as whole slots (one ``submit_slots`` per push) and checks the TX
 answers in one call.  The answers are taken when a sender is short of room (and by
 :meth:`NetFrontend.info`), not on a notification per pass: the TX ring client is lazy

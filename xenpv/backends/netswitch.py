@@ -149,7 +149,8 @@ class TapUplink:
         self.port = switch.attach(f"tap:{tap.name}", tap.write)
         self.pump = TapPump(tap, self._forward)
 
-    async def _forward(self, frames: list[NetFrame]) -> bool:
+    def _forward(self, frames: list[NetFrame]) -> bool:
+        # synchronous: the pump forwards from its reader callback, no task per pass
         send = self.port.send
         for frame in frames:  # delivered to the guests' RX rings in one copy per pass
             send(frame)

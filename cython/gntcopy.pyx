@@ -10,19 +10,25 @@
 #   source bytes must be in the request, the local destination bytes fit one reply;
 # * the table rules are not repeated here: a grant side's page is asked of
 #   Hypervisor.grant_page, an own side's pages of Hypervisor._share_window (for a window
-#   widened to whole pages: the same answer), and the pages granted are kept (at most
-#   MAX_KEPT per cache; refusals are asked again each time) while Hypervisor.grant_gen
-#   stays (every change of what a copy may name bumps it);
+#   widened to whole pages: the same answer), and the pages granted are kept in a C table
+#   (at most MAX_KEPT; refusals are asked again each time) while Hypervisor.grant_gen
+#   stays (every change of what a copy may name bumps it): a segment whose pages are kept
+#   touches no Python object;
 # * only the arithmetic is: a segment of more than a page is bad_copy_arg, a grant window
 #   must end in its page (bad_copy_arg), both flags of a side is general_error, an own
 #   window's page index and offset; then the statuses, in segment order, are those of
 #   CopyPlan, and the copies are its runs (segments contiguous on both sides in the same
 #   memory are merged and copied as one memmove, in order), so even overlapping
 #   segments leave the same bytes.
+#
+# CopyEngine.answer also frames the daemon's hot request: a whole GNT_COPY request message
+# in, the whole reply message out, so the daemon's Python path does not see it.
 
-from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t
-from libc.stdlib cimport free, malloc
-from libc.string cimport memmove
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytearray cimport PyByteArray_AS_STRING
+from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memmove, memset
 
 from heldbuf cimport drop_buffer, hold_buffer
 from includes.wire cimport le_u16, le_u32
@@ -36,18 +42,24 @@ cdef enum:
     PAGE_SIZE = 4096
     HEAD = 8           # count, pad
     SEG = 24           # COPY_SEG: <IHHIHHHHI
+    REQUEST_HEAD = 12  # REQUEST: op, seq, len
     REPLY_HEAD = 16    # REPLY: op, seq, status, len
     MAX_MESSAGE = 131072
+    OP_GNT_COPY = 7
     SRC_GREF = 1
     DST_GREF = 2
     SRC_OWN = 0x100
     DST_OWN = 0x200
-    # pages kept per cache (refusals never are: see CopyEngine): beyond it a cache starts
-    # again, so nothing a peer sends grows it without bound (hostile-inputs R11)
-    MAX_KEPT = 4096
+    # pages kept (refusals never are: see CopyEngine): beyond it the cache starts again,
+    # so nothing a peer sends grows it without bound (hostile-inputs R11)
+    MAX_KEPT = 8192
+    FIRST_SLOTS = 16   # the table's first size (slots; doubled when it would be half full)
 
 cdef int BAD_COPY_ARG = GntSt.bad_copy_arg
 cdef int GENERAL_ERROR = GntSt.general_error
+# a kept page's key: a grant's (domid, dest, ref), or OWN_KEY with an own window's
+# (handle id, first page, whether it runs on into the next page)
+cdef uint64_t OWN_KEY = (<uint64_t>1) << 63
 
 
 cdef class _Window:
@@ -79,85 +91,264 @@ ctypedef struct _Run:
     void *sbase
 
 
+ctypedef struct _Slot:
+    uint64_t key
+    uint32_t epoch     # the slot is in use while this is the engine's epoch
+    char *ptr          # the window's first byte
+    void *base         # its segment (runs merge within one base only)
+
+
+cdef inline uint64_t _grant_key(uint16_t domid, uint32_t ref, bint dest) noexcept:
+    return (<uint64_t>domid << 33) | (<uint64_t>dest << 32) | ref
+
+
 cdef class CopyEngine:
     """GNT_COPY for one daemon connection (one hypervisor handle): :meth:`run` takes a
-    request payload and returns the reply payload."""
+    request payload and returns the reply payload, :meth:`answer` does the same for a
+    whole request message.
+
+    The pages the hypervisor gave are kept in an open-addressing table of C slots (key,
+    pointer, segment) whose windows ``_held`` owns: a segment served from it touches no
+    Python object.  The table is dropped at once (a new epoch) when a grant table
+    changed, at MAX_KEPT pages, and on :meth:`release`."""
 
     cdef object hv
     cdef object handle
     cdef object share_ptr
-    cdef dict grants      # (domid, ref, dest) -> _Window of the page
-    cdef dict owns        # (handle id, first page, last page) -> _Window of those pages
+    cdef list _held       # the _Window of every slot of this epoch
+    cdef list _keep       # windows the request being run still points into
+    cdef _Slot *_table
+    cdef Py_ssize_t _size  # slots (a power of two)
+    cdef int _shift        # 64 - log2(_size)
+    cdef Py_ssize_t _kept
+    cdef Py_ssize_t _max_kept
+    cdef uint32_t _epoch
     cdef object gen
-    cdef Py_ssize_t _inpage  # where in its window the last side asked for starts
 
-    def __init__(self, hv, handle, share_ptr):
-        """``share_ptr`` is core.SharePtr (passed in: no import cycle)."""
+    def __cinit__(self):
+        self._table = <_Slot *>calloc(FIRST_SLOTS, sizeof(_Slot))
+        if self._table == NULL:
+            raise MemoryError()
+        self._size = FIRST_SLOTS
+        self._shift = 64 - 4
+        self._epoch = 1
+
+    def __dealloc__(self):
+        free(self._table)
+
+    def __init__(self, hv, handle, share_ptr, Py_ssize_t max_kept=MAX_KEPT):
+        """``share_ptr`` is core.SharePtr (passed in: no import cycle); ``max_kept``
+        bounds the pages kept (tests make it small)."""
+        if not 0 < max_kept <= MAX_KEPT:
+            raise ValueError(f"max_kept must be in 1..{MAX_KEPT}")
+        self._max_kept = max_kept
         self.hv = hv
         self.handle = handle
         self.share_ptr = share_ptr
-        self.grants = {}
-        self.owns = {}
+        self._held = []
+        self._keep = []
         self.gen = None
 
     @property
     def kept(self):
         """How many answers are kept (pages held)."""
-        return len(self.grants) + len(self.owns)
+        return self._kept
 
     def release(self):
-        """Drop every buffer held (the engine fills its caches again if run again)."""
-        self.grants.clear()
-        self.owns.clear()
+        """Drop every buffer held (the engine fills its cache again if run again)."""
+        self._forget()
+        self._held.clear()
         self.gen = None
 
-    cdef object _grant(self, uint16_t domid, uint32_t ref, bint dest):
-        key = (domid, ref, dest)
-        found = self.grants.get(key)
-        if found is None:
-            answer = self.hv.grant_page(self.handle, domid, ref, dest)
-            if isinstance(answer, int):  # refusals are not kept: a peer cannot grow this
-                return int(answer)
-            seg, start = answer
-            found = _window(seg, seg.view, start)
-            if len(self.grants) >= MAX_KEPT:
-                self.grants.clear()
-            self.grants[key] = found
-        return found
+    cdef void _forget(self) noexcept:
+        """A new epoch: every slot is free (the windows are the caller's to drop)."""
+        self._kept = 0
+        self._epoch += 1
+        if self._epoch == 0:  # wrapped: slots of an old epoch 0 would look in use
+            memset(self._table, 0, self._size * sizeof(_Slot))
+            self._epoch = 1
 
-    cdef object _own(self, uint32_t hid, Py_ssize_t off, Py_ssize_t length):
+    cdef inline _Slot *_find(self, uint64_t key) noexcept:
+        """The slot of ``key``, or the free slot where it goes (less than half full:
+        there is always one)."""
+        cdef Py_ssize_t i = <Py_ssize_t>((key * <uint64_t>0x9E3779B97F4A7C15) >> self._shift)
+        cdef _Slot *slot
+        while True:
+            slot = &self._table[i]
+            if slot.epoch != self._epoch or slot.key == key:
+                return slot
+            i = (i + 1) & (self._size - 1)
+
+    cdef int _grow(self) except -1:
+        cdef _Slot *old = self._table
+        cdef Py_ssize_t i, n = self._size
+        cdef _Slot *slot
+        cdef _Slot *table = <_Slot *>calloc(2 * n, sizeof(_Slot))
+        if table == NULL:
+            raise MemoryError()
+        self._table = table
+        self._size = 2 * n
+        self._shift -= 1
+        for i in range(n):
+            if old[i].epoch == self._epoch:
+                slot = self._find(old[i].key)
+                slot[0] = old[i]
+        free(old)
+        return 0
+
+    cdef int _keep_window(self, uint64_t key, _Window w) except -1:
+        """Keep the page ``w`` answered for ``key``."""
+        cdef _Slot *slot
+        if self._kept >= self._max_kept:
+            # the request being run may still point into these: they go with it
+            self._keep.extend(self._held)
+            self._held.clear()
+            self._forget()
+        if 2 * (self._kept + 1) > self._size:
+            self._grow()
+        slot = self._find(key)
+        slot.key = key
+        slot.epoch = self._epoch
+        slot.ptr = w.ptr
+        slot.base = <void *>w.base
+        self._held.append(w)
+        self._kept += 1
+        return 0
+
+    cdef int _grant(self, uint16_t domid, uint32_t ref, bint dest, char **ptr,
+                    void **base) except 1:
+        """The page of grant ``ref`` of ``domid`` (0, its first byte in ``ptr``), or the
+        GNTST code refusing it."""
+        cdef uint64_t key = _grant_key(domid, ref, dest)
+        cdef _Slot *slot = self._find(key)
+        cdef _Window w
+        if slot.epoch == self._epoch:
+            ptr[0] = slot.ptr
+            base[0] = slot.base
+            return 0
+        answer = self.hv.grant_page(self.handle, domid, ref, dest)
+        if isinstance(answer, int):  # refusals are not kept: a peer cannot grow this
+            return answer
+        seg, start = answer
+        w = _window(seg, seg.view, start)
+        self._keep_window(key, w)
+        ptr[0] = w.ptr
+        base[0] = <void *>w.base
+        return 0
+
+    cdef int _own(self, uint32_t hid, Py_ssize_t off, Py_ssize_t length, char **ptr,
+                  void **base) except 1:
+        """The window of ``length`` bytes at ``off`` in the caller's own share ``hid``
+        (0, its first byte in ``ptr``), or the GNTST code refusing it."""
         cdef Py_ssize_t k, last
+        cdef uint64_t key
+        cdef _Slot *slot
+        cdef _Window w
         if off < 0 or length == 0:  # refused or empty: asked as it is, not kept
             answer = self.hv._share_window(self.handle, self.share_ptr(hid, off), length)
             if isinstance(answer, int):
-                return int(answer)
+                return answer
             seg, view, start = answer
-            return _window(seg, view, start)
+            w = _window(seg, view, start)
+            self._keep.append(w)
+            ptr[0] = w.ptr
+            base[0] = <void *>w.base
+            return 0
+        # length is at most a page and off's page offset under a page: the window ends
+        # in page k or k + 1 (k fits 16 bits: the wire's page index)
         k = off // PAGE_SIZE
         last = (off + length - 1) // PAGE_SIZE
-        key = (hid, k, last)
-        found = self.owns.get(key)
-        if found is None:
-            answer = self.hv._share_window(self.handle, self.share_ptr(hid, k * PAGE_SIZE),
-                                           (last - k + 1) * PAGE_SIZE)
-            if isinstance(answer, int):
-                return int(answer)
-            seg, view, start = answer
-            found = _window(seg, view, start)
-            if len(self.owns) >= MAX_KEPT:
-                self.owns.clear()
-            self.owns[key] = found
-        return found
+        key = OWN_KEY | (<uint64_t>hid << 17) | (<uint64_t>k << 1) | <uint64_t>(last - k)
+        slot = self._find(key)
+        if slot.epoch == self._epoch:
+            ptr[0] = slot.ptr + off % PAGE_SIZE
+            base[0] = slot.base
+            return 0
+        answer = self.hv._share_window(self.handle, self.share_ptr(hid, k * PAGE_SIZE),
+                                       (last - k + 1) * PAGE_SIZE)
+        if isinstance(answer, int):
+            return answer
+        seg, view, start = answer
+        w = _window(seg, view, start)
+        self._keep_window(key, w)
+        ptr[0] = w.ptr + off % PAGE_SIZE
+        base[0] = <void *>w.base
+        return 0
+
+    cdef int _side(self, const uint8_t *s, uint16_t length, bint dest, char **ptr,
+                   void **base) except 1:
+        """Where one named side starts (0, in ``ptr``; its memory's base in ``base``), or
+        the GNTST code refusing it."""
+        cdef uint32_t ref = le_u32(s + (8 if dest else 0))
+        cdef uint16_t domid = le_u16(s + (12 if dest else 4))
+        cdef uint16_t off = le_u16(s + (14 if dest else 6))
+        cdef uint16_t flags = le_u16(s + 18)
+        cdef uint16_t gref = DST_GREF if dest else SRC_GREF
+        cdef uint16_t own = DST_OWN if dest else SRC_OWN
+        cdef int status
+        if flags & gref and flags & own:
+            return GENERAL_ERROR
+        if flags & gref:
+            if off + length > PAGE_SIZE:
+                return BAD_COPY_ARG
+            status = self._grant(domid, ref, dest, ptr, base)
+            if status == 0:
+                ptr[0] += off
+            return status
+        return self._own(ref, -1 if off >= PAGE_SIZE else <Py_ssize_t>domid * PAGE_SIZE + off,
+                         length, ptr, base)
 
     def run(self, payload):
         """The reply payload to the GNT_COPY request ``payload`` (count, pad, then one
         int32 GNTST status per segment, then the local destination bytes); raises
         :class:`~xenpv.errors.PlatformError` as the daemon's Python path does."""
-        cdef const uint8_t[::1] pv = payload
-        cdef Py_ssize_t n = pv.shape[0]
-        cdef Py_ssize_t count, base, i, src_total = 0, dst_total = 0, head
-        cdef Py_ssize_t src_cursor = 0, out_len = 0, inpage, nruns = 0
+        cdef Py_buffer pb
+        PyObject_GetBuffer(payload, &pb, PyBUF_SIMPLE)
+        try:
+            return self._reply(<const uint8_t *>pb.buf, pb.len, payload, 0)
+        finally:
+            PyBuffer_Release(&pb)
+
+    def answer(self, msg, Py_ssize_t n):
+        """The whole reply message (header and payload) to the request message
+        ``msg[:n]`` when it is a GNT_COPY request framed right (its length field says
+        the rest of the message), with a failure's ``-errno`` as its status and no
+        payload; None for any other message (the daemon's general path frames it)."""
+        cdef Py_buffer pb
         cdef const uint8_t *p
+        cdef uint32_t seq, length
+        cdef int32_t status = 0
+        cdef bytearray reply
+        cdef uint32_t *h
+        PyObject_GetBuffer(msg, &pb, PyBUF_SIMPLE)
+        try:
+            if n < REQUEST_HEAD or n > pb.len:
+                return None
+            p = <const uint8_t *>pb.buf
+            seq = le_u32(p + 4)
+            length = le_u32(p + 8)
+            if le_u32(p) != OP_GNT_COPY or length != n - REQUEST_HEAD:
+                return None
+            try:
+                reply = self._reply(p + REQUEST_HEAD, length, msg, REPLY_HEAD)
+            except PlatformError as exc:
+                reply = bytearray(REPLY_HEAD)
+                status = -(exc.errno or errno.EINVAL)
+        finally:
+            PyBuffer_Release(&pb)
+        h = <uint32_t *>PyByteArray_AS_STRING(reply)
+        h[0] = OP_GNT_COPY
+        h[1] = seq
+        (<int32_t *>h)[2] = status
+        h[3] = <uint32_t>(len(reply) - REPLY_HEAD)
+        return reply
+
+    cdef bytearray _reply(self, const uint8_t *p, Py_ssize_t n, object source,
+                          Py_ssize_t lead):
+        """The reply payload to the request payload ``p[:n]`` (held by ``source``),
+        ``lead`` bytes into a new bytearray."""
+        cdef Py_ssize_t count, base, i, src_total = 0, dst_total = 0, head
+        cdef Py_ssize_t src_cursor = 0, out_len = 0, nruns = 0
         cdef const uint8_t *s
         cdef uint16_t flags, length
         cdef int status
@@ -167,13 +358,10 @@ cdef class CopyEngine:
         cdef void *dbase
         cdef _Run *runs
         cdef _Run *last
-        cdef _Window w
         cdef bytearray reply
-        cdef uint8_t[::1] rv
-        cdef char *reply_data
+        cdef char *out
         if n < HEAD:
             raise PlatformError("request payload has the wrong size", errno.EINVAL)
-        p = &pv[0]
         count = le_u32(p)
         base = HEAD + count * SEG
         if n < base:
@@ -195,13 +383,11 @@ cdef class CopyEngine:
             raise PlatformError("handle is closed", errno.EBADF)
         gen = self.hv.grant_gen
         if gen != self.gen:
-            self.grants.clear()
-            self.owns.clear()
+            self._forget()
+            self._held.clear()
             self.gen = gen
-        reply = bytearray(head + dst_total)
-        rv = reply
-        reply_data = <char *>&rv[0] + head
-        keep = []  # windows of this request that are not kept in a cache
+        reply = bytearray(lead + head + dst_total)
+        out = PyByteArray_AS_STRING(reply) + lead
         runs = <_Run *>malloc((count if count else 1) * sizeof(_Run))
         if runs == NULL:
             raise MemoryError()
@@ -215,32 +401,20 @@ cdef class CopyEngine:
                 sbase = dbase = NULL
                 if not flags & (SRC_GREF | SRC_OWN):
                     sptr = <char *>p + base + src_cursor
-                    sbase = <void *>payload
+                    sbase = <void *>source
                     src_cursor += length
                 if not flags & (DST_GREF | DST_OWN):
-                    dptr = reply_data + out_len
+                    dptr = out + head + out_len
                     dbase = <void *>reply
                     out_len += length
                 status = 0
                 if length > PAGE_SIZE:  # grant_table.c: at most one page
                     status = BAD_COPY_ARG
                 if status == 0 and sptr == NULL:
-                    found = self._side(s, length, False, keep)
-                    if isinstance(found, int):
-                        status = found
-                    else:
-                        w = <_Window>found
-                        sptr = w.ptr + self._inpage
-                        sbase = <void *>w.base
+                    status = self._side(s, length, False, &sptr, &sbase)
                 if status == 0 and dptr == NULL:
-                    found = self._side(s, length, True, keep)
-                    if isinstance(found, int):
-                        status = found
-                    else:
-                        w = <_Window>found
-                        dptr = w.ptr + self._inpage
-                        dbase = <void *>w.base
-                (<int32_t *>(<char *>&rv[0] + HEAD))[i] = status
+                    status = self._side(s, length, True, &dptr, &dbase)
+                (<int32_t *>(out + HEAD))[i] = status
                 if status:
                     continue
                 last = &runs[nruns - 1] if nruns else NULL
@@ -258,39 +432,10 @@ cdef class CopyEngine:
                 memmove(runs[i].dst, runs[i].src, runs[i].n)
         finally:
             free(runs)
-        (<uint32_t *>&rv[0])[0] = <uint32_t>count
-        (<uint32_t *>&rv[0])[1] = 0
-        del keep
+            self._keep.clear()
+        (<uint32_t *>out)[0] = <uint32_t>count
+        (<uint32_t *>out)[1] = 0
         return reply
-
-    cdef object _side(self, const uint8_t *s, uint16_t length, bint dest, list keep):
-        """The window of one named side (its first byte at ``w.ptr + self._inpage``), or
-        the GNTST code refusing it."""
-        cdef uint32_t ref = le_u32(s + (8 if dest else 0))
-        cdef uint16_t domid = le_u16(s + (12 if dest else 4))
-        cdef uint16_t off = le_u16(s + (14 if dest else 6))
-        cdef uint16_t flags = le_u16(s + 18)
-        cdef uint16_t gref = DST_GREF if dest else SRC_GREF
-        cdef uint16_t own = DST_OWN if dest else SRC_OWN
-        cdef Py_ssize_t at
-        self._inpage = 0
-        if flags & gref and flags & own:
-            return GENERAL_ERROR
-        if flags & gref:
-            if off + length > PAGE_SIZE:
-                return BAD_COPY_ARG
-            found = self._grant(domid, ref, dest)
-            self._inpage = off
-            return found
-        at = -1 if off >= PAGE_SIZE else <Py_ssize_t>domid * PAGE_SIZE + off
-        if at < 0 or length == 0:
-            found = self._own(ref, at, length)
-            if not isinstance(found, int):
-                keep.append(found)
-            return found
-        found = self._own(ref, at, length)
-        self._inpage = at % PAGE_SIZE
-        return found
 
 
 # --------------------------------------------------------------------------- client side

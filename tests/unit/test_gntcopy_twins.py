@@ -8,7 +8,10 @@ sequence of requests, with grant-table changes in between, goes to each through 
 engine.  Every reply (or the error), and every live page afterwards, must be the same.
 The requests are arbitrary: segments of every side kind (a grant, an own page, bytes in
 the request or the reply, both flags), good and bad refs, domains, handle ids, offsets
-and lengths, overlapping windows, short or padded source data, replies too large.
+and lengths, overlapping windows, short or padded source data, replies too large.  Each
+goes either as a payload (``run``) or as a whole request message (``answer``, the
+daemon's framing), framed right or not; the compiled engine may be given a small bound
+on the pages it keeps, so its table starts again in the middle of a request.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from hypothesis import strategies as st
 from xenpv.errors import PlatformError
 from xenpv.platforms.base import DOMID_SELF, PAGE_SIZE, GntSt
 from xenpv.platforms.loopback import proto
-from xenpv.platforms.loopback.core import Handle, Hypervisor, Segment, Share
+from xenpv.platforms.loopback.core import Handle, Hypervisor, Segment, Share, SharePtr
 from xenpv.platforms.loopback.gntcopy import CopyEngineLike, copy_engine
 
 SRC_GREF, DST_GREF = proto.GNTCOPY_source_gref, proto.GNTCOPY_dest_gref
@@ -68,16 +71,36 @@ class Machine:
 
     def change(self, what: int) -> None:
         """A grant-table change between requests."""
-        if what == 1:  # dom2 ends its writable share
+        dom2_live = not self.h2.closed
+        if what == 1 and dom2_live:  # dom2 ends its writable share
             if self.shares[0].entries[0].segment.fd >= 0:
                 self.hv.end_access(self.h2, self.shares[0].refs)
-        elif what == 2:  # dom2 grants a new page (a fresh ref)
+        elif what == 2 and dom2_live:  # dom2 grants a new page (a fresh ref)
             self.shares.append(self.hv.share(self.h2, 1, 1, writable=True))
-        elif what == 3:  # the copier gets a new share of its own
+        elif what == 3 and dom2_live:  # the copier gets a new share of its own (to dom2)
             self.shares.append(self.hv.share(self.h, 2, 2, writable=True))
+        elif what == 4:  # the copier ends its own share
+            own = self.shares[4]
+            if not own.entries[0].freed:
+                self.hv.end_access(self.h, own.refs)
+        elif what == 5 and dom2_live:  # the copier maps a grant, which dom2 then revokes
+            e = self.shares[1].entries[0]
+            if not (e.revoking or e.freed):
+                self.hv.map(self.h, [(2, e.ref)], writable=False)
+                self.hv.end_access(self.h2, [e.ref], defer=True)
+        elif what == 6 and dom2_live:  # dom2 dies (its grants end with it)
+            self.hv.destroy_domain(2)
+        elif what == 7 and not dom2_live:  # a new dom2 grants a page again
+            self.hv.create_domain(2)
+            self.h2 = self.hv.open_handle(2)
+            self.shares.append(self.hv.share(self.h2, 1, 2, writable=True))
 
 
-def engine(m: Machine, compiled: bool) -> CopyEngineLike:
+def engine(m: Machine, compiled: bool, max_kept: int | None = None) -> CopyEngineLike:
+    if compiled and max_kept is not None:
+        from xenpv.platforms.loopback import _gntcopy
+
+        return _gntcopy.CopyEngine(m.hv, m.h, SharePtr, max_kept)
     return copy_engine(m.hv, m.h, compiled=compiled)
 
 
@@ -137,24 +160,37 @@ def request(draw: Any) -> bytes:
     return body[:cut] if cut is not None else body
 
 
-def answer(e: CopyEngineLike, payload: bytes) -> tuple[Any, ...]:
-    try:
-        return ("reply", bytes(e.run(payload)))
-    except PlatformError as exc:
-        return ("error", exc.errno, str(exc))
+def answer(e: CopyEngineLike, payload: bytes, framing: int = 0) -> tuple[Any, ...]:
+    """What ``e`` answers to ``payload``: as a payload (framing 0), or in a request
+    message (1: framed right, behind stale bytes in a larger buffer as the daemon's
+    receive buffer has them; 2: another operation; 3: a length field that disagrees;
+    4: a message shorter than its header)."""
+    if framing == 0:
+        try:
+            return ("reply", bytes(e.run(payload)))
+        except PlatformError as exc:
+            return ("error", exc.errno, str(exc))
+    op = proto.Op.GNT_COPY if framing != 2 else proto.Op.STATS
+    length = len(payload) + (1 if framing == 3 else 0)
+    msg = proto.REQUEST.pack(op, 0xABCD1234, length) + payload
+    n = len(msg) if framing != 4 else 7
+    out = e.answer(bytearray(msg) + b"stale bytes", n)
+    return ("message", None if out is None else bytes(out))
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(request(), st.sampled_from([0, 0, 0, 1, 2, 3])), min_size=1,
-                max_size=4), st.integers(0, 1000))
-def test_compiled_copy_engine_matches_its_twin(steps: list[tuple[bytes, int]],
-                                               seed: int) -> None:
+@given(st.lists(st.tuples(request(), st.sampled_from([0, 0, 0, 1, 2, 3, 4, 5, 6, 7]),
+                          st.sampled_from([0, 0, 1, 1, 2, 3, 4])), min_size=1, max_size=5),
+       st.integers(0, 1000), st.sampled_from([None, None, 1, 2, 5]))
+def test_compiled_copy_engine_matches_its_twin(steps: list[tuple[bytes, int, int]],
+                                               seed: int, max_kept: int | None) -> None:
     py, cy = Machine(seed), Machine(seed)
-    ep, ec = engine(py, False), engine(cy, True)
+    ep, ec = engine(py, False), engine(cy, True, max_kept)
     try:
-        for payload, change in steps:
-            assert answer(ep, payload) == answer(ec, payload)
+        for payload, change, framing in steps:
+            assert answer(ep, payload, framing) == answer(ec, payload, framing)
             assert py.memory() == cy.memory()
+            assert ec.kept <= (max_kept or 8192)
             py.change(change)
             cy.change(change)
         assert refs_of(py) == refs_of(cy)

@@ -46,6 +46,10 @@ class CopyEngineLike(Protocol):
     def run(self, payload: bytes) -> bytearray:
         """The reply payload to the request ``payload`` (or :class:`PlatformError`)."""
 
+    def answer(self, msg: Any, n: int) -> bytearray | None:
+        """The whole reply message to the request message ``msg[:n]`` if it is a
+        GNT_COPY request framed right, else None (see :meth:`PyCopyEngine.answer`)."""
+
     def release(self) -> None:
         """Drop every memory view held (the connection closes)."""
 
@@ -126,6 +130,25 @@ class PyCopyEngine:
                     )
             plan.release()
         return reply
+
+    def answer(self, msg: Any, n: int) -> bytearray | None:
+        """The whole reply message (header and payload) to the request message
+        ``msg[:n]`` when it is a GNT_COPY request framed right (its length field says
+        the rest of the message): :meth:`run`'s reply, or a failure's ``-errno`` as the
+        status and no payload, as the daemon's general path would send it.  None for any
+        other message, which that path frames (and refuses if it is garbled)."""
+        view = memoryview(msg).cast("B")
+        if not proto.REQUEST.size <= n <= len(view):
+            return None
+        op, seq, length = proto.REQUEST.unpack_from(view)
+        if op != proto.Op.GNT_COPY or length != n - proto.REQUEST.size:
+            return None
+        status, out = 0, bytearray()
+        try:
+            out = self.run(bytes(view[proto.REQUEST.size : n]))
+        except PlatformError as exc:
+            status = -(exc.errno or errno.EINVAL)
+        return bytearray(proto.REPLY.pack(op, seq, status, len(out))) + out
 
     def _plan(self, payload: bytes, count: int, base: int) -> tuple[CopyPlan, bytearray, bool]:
         """Validate the peer's lengths, then build the plan and the one reply buffer.

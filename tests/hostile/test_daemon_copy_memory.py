@@ -10,6 +10,7 @@ readable and the compiled one).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import socket
@@ -25,7 +26,7 @@ from xenpv.platforms.base import GntSt
 from xenpv.platforms.loopback import proto
 from xenpv.platforms.loopback.client import ControlConnection
 from xenpv.platforms.loopback.daemon import LoopbackDaemon, _Connection
-from xenpv.platforms.loopback.gntcopy import copy_engine
+from xenpv.platforms.loopback.gntcopy import PyCopyEngine, copy_engine
 from xenpv.platforms.loopback.harness import start_daemon, stop_daemon
 from xenpv.platforms.loopback.proto import Op
 
@@ -156,3 +157,66 @@ def test_scenario_05_hostile_copies_leave_the_daemon_memory_bounded(tmp_path: Pa
         for c in conns:
             c.close()
         stop_daemon(proc)
+
+
+class _BuggyEngine(PyCopyEngine):
+    """Fault injection: an engine whose copy hits a bug (not a PlatformError)."""
+
+    def run(self, payload: bytes) -> bytearray:
+        raise RuntimeError("injected engine bug")
+
+
+@pytest.mark.parametrize("engine", ["python", "compiled", "buggy"])
+def test_pipelined_requests_on_the_framing_fast_path(tmp_path: Path, engine: str) -> None:
+    """A client that sends several requests before reading: each is answered, in order,
+    whether its engine framed it (GNT_COPY: a copy, a refusal with E2BIG, an engine bug
+    answered EIO) or the general path did (DOMAIN_LIST); then a GNT_COPY whose length
+    field disagrees with its message drops the connection."""
+
+    async def main() -> list[bytes]:
+        d = LoopbackDaemon(tmp_path, xenstore=False)
+        d.hv.create_domain(1)
+        d.hv.create_domain(2)
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        a.setblocking(False)
+        b.setblocking(False)
+        conn = _Connection(d, a, d.hv.open_handle(1))
+        if engine == "buggy":
+            conn.copier = _BuggyEngine(d.hv, conn.handle)
+        else:
+            conn.copier = copy_engine(d.hv, conn.handle, compiled=engine == "compiled")
+        h2 = d.hv.open_handle(2)
+        share = d.hv.share(h2, 1, 1, writable=True)
+        seg, off = share.segment_at(0)
+        os.pwrite(seg.fd, b"pipelined", off)
+        good = copy_request(1, 9, ref=share.refs[0], flags=proto.GNTCOPY_source_gref)
+        huge = copy_request(500, 0xFFFF, ref=8, flags=proto.GNTCOPY_source_gref)
+        for seq, (op, payload) in enumerate([(Op.GNT_COPY, good), (Op.DOMAIN_LIST, b""),
+                                             (Op.GNT_COPY, huge), (Op.GNT_COPY, good)], 1):
+            b.send(proto.encode_request(op, seq, payload))
+        b.send(proto.REQUEST.pack(Op.GNT_COPY, 5, len(good) + 1) + good)
+        loop = asyncio.get_running_loop()
+        conn.start()
+        try:
+            return [await asyncio.wait_for(loop.sock_recv(b, proto.MAX_MESSAGE), 10)
+                    for _ in range(5)]
+        finally:
+            conn.close()
+            b.close()
+            d.hv.close_handle(h2)
+            d.hv.close()
+
+    replies = asyncio.run(main())
+    assert replies[4] == b""  # the misframed request ended the connection
+    decoded = [proto.decode_reply(r) for r in replies[:4]]
+    assert [(op, seq) for op, seq, _, _ in decoded] == [
+        (Op.GNT_COPY, 1), (Op.DOMAIN_LIST, 2), (Op.GNT_COPY, 3), (Op.GNT_COPY, 4)]
+    statuses = [status for _, _, status, _ in decoded]
+    assert statuses[1] == 0 and proto.U32.unpack_from(decoded[1][3])[0] == 3
+    if engine == "buggy":
+        assert statuses == [-errno.EIO, 0, -errno.EIO, -errno.EIO]
+        return
+    assert statuses == [0, 0, -errno.E2BIG, 0]
+    for i in (0, 3):
+        assert decoded[i][3] == proto.U32x2.pack(1, 0) + bytes(4) + b"pipelined"
+    assert decoded[2][3] == b""

@@ -27,6 +27,7 @@
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING
+from cpython.exc cimport PyErr_SetFromErrno
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memmove, memset
@@ -39,6 +40,44 @@ import errno
 
 from xenpv.errors import PlatformError
 from xenpv.platforms.base import GntSt
+from xenpv.platforms.loopback.proto import ProtocolViolation
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    struct msghdr:
+        void *msg_name
+        unsigned msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+    ssize_t recvmsg(int fd, msghdr *msg, int flags)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    cmsghdr *CMSG_FIRSTHDR(msghdr *msg)
+    cmsghdr *CMSG_NXTHDR(msghdr *msg, cmsghdr *cmsg)
+    unsigned char *CMSG_DATA(cmsghdr *cmsg)
+    size_t CMSG_LEN(size_t n)
+    int SOL_SOCKET, SCM_RIGHTS, MSG_DONTWAIT, MSG_NOSIGNAL, MSG_TRUNC, MSG_CTRUNC
+    int MSG_CMSG_CLOEXEC
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+
+cdef extern from "<errno.h>":
+    int c_errno "errno"
+    int EAGAIN, EWOULDBLOCK, EINTR
+
+cdef enum:
+    CONTROL_WORDS = 256  # 2 KiB of control space: more than CMSG_SPACE(253 * 4), the
+                         # kernel's SCM_MAX_FD descriptors (proto.CMSG_SPACE)
 
 cdef enum:
     PAGE_SIZE = 4096
@@ -328,6 +367,59 @@ cdef class CopyEngine:
             return self._reply(<const uint8_t *>pb.buf, pb.len, payload, 0)
         finally:
             PyBuffer_Release(&pb)
+
+    def serve(self, sock, rbuf):
+        """Receive one request message from ``sock`` (non-blocking) into ``rbuf`` and,
+        when it is a GNT_COPY framed right, send its reply (:meth:`answer`): -1 then,
+        and when nothing waits; 0 at the end of the stream (or an empty message); else
+        the length of the message left in ``rbuf`` for the daemon's general path.
+        Descriptors sent along are closed; a truncated message raises
+        ProtocolViolation, a failed receive or send OSError.  Readable twin:
+        ``PyCopyEngine.serve``."""
+        cdef int fd = sock.fileno()
+        cdef Py_buffer pb
+        cdef msghdr msg
+        cdef iovec iov
+        cdef uint64_t control[CONTROL_WORDS]
+        cdef cmsghdr *c
+        cdef Py_ssize_t got, i, nfds
+        cdef int *fds
+        cdef object out
+        PyObject_GetBuffer(rbuf, &pb, PyBUF_SIMPLE)
+        try:
+            iov.iov_base = pb.buf
+            iov.iov_len = pb.len
+            memset(&msg, 0, sizeof(msg))
+            msg.msg_iov = &iov
+            msg.msg_iovlen = 1
+            msg.msg_control = control
+            msg.msg_controllen = sizeof(control)
+            got = recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
+            if got < 0:
+                if c_errno == EAGAIN or c_errno == EWOULDBLOCK or c_errno == EINTR:
+                    return -1
+                PyErr_SetFromErrno(OSError)
+            if msg.msg_controllen:
+                c = CMSG_FIRSTHDR(&msg)
+                while c != NULL:  # clients never send descriptors
+                    if c.cmsg_level == SOL_SOCKET and c.cmsg_type == SCM_RIGHTS:
+                        fds = <int *>CMSG_DATA(c)
+                        nfds = (c.cmsg_len - CMSG_LEN(0)) // sizeof(int)
+                        for i in range(nfds):
+                            close(fds[i])
+                    c = CMSG_NXTHDR(&msg, c)
+            if msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC):
+                raise ProtocolViolation("oversized request")
+            if got == 0:
+                return 0
+        finally:
+            PyBuffer_Release(&pb)
+        out = self.answer(rbuf, got)
+        if out is None:
+            return got
+        if send(fd, PyByteArray_AS_STRING(out), len(out), MSG_DONTWAIT | MSG_NOSIGNAL) < 0:
+            PyErr_SetFromErrno(OSError)
+        return -1
 
     def answer(self, msg, Py_ssize_t n):
         """The whole reply message (header and payload) to the request message

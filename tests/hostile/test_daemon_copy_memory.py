@@ -171,7 +171,8 @@ def test_pipelined_requests_on_the_framing_fast_path(tmp_path: Path, engine: str
     """A client that sends several requests before reading: each is answered, in order,
     whether its engine framed it (GNT_COPY: a copy, a refusal with E2BIG, an engine bug
     answered EIO) or the general path did (DOMAIN_LIST); then a GNT_COPY whose length
-    field disagrees with its message drops the connection."""
+    field disagrees with its message drops the connection.  Descriptors a client sends
+    along are closed (the first request carries two)."""
 
     async def main() -> list[bytes]:
         d = LoopbackDaemon(tmp_path, xenstore=False)
@@ -191,18 +192,26 @@ def test_pipelined_requests_on_the_framing_fast_path(tmp_path: Path, engine: str
         os.pwrite(seg.fd, b"pipelined", off)
         good = copy_request(1, 9, ref=share.refs[0], flags=proto.GNTCOPY_source_gref)
         huge = copy_request(500, 0xFFFF, ref=8, flags=proto.GNTCOPY_source_gref)
-        for seq, (op, payload) in enumerate([(Op.GNT_COPY, good), (Op.DOMAIN_LIST, b""),
-                                             (Op.GNT_COPY, huge), (Op.GNT_COPY, good)], 1):
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        b.sendmsg([proto.encode_request(Op.GNT_COPY, 1, good)], proto.ancdata_for([w, w]))
+        os.close(w)
+        for seq, (op, payload) in enumerate([(Op.DOMAIN_LIST, b""), (Op.GNT_COPY, huge),
+                                             (Op.GNT_COPY, good)], 2):
             b.send(proto.encode_request(op, seq, payload))
         b.send(proto.REQUEST.pack(Op.GNT_COPY, 5, len(good) + 1) + good)
         loop = asyncio.get_running_loop()
         conn.start()
         try:
-            return [await asyncio.wait_for(loop.sock_recv(b, proto.MAX_MESSAGE), 10)
-                    for _ in range(5)]
+            replies = [await asyncio.wait_for(loop.sock_recv(b, proto.MAX_MESSAGE), 10)
+                       for _ in range(5)]
+            # the write end sent along was closed: the pipe reads its end
+            assert os.read(r, 1) == b""
+            return replies
         finally:
             conn.close()
             b.close()
+            os.close(r)
             d.hv.close_handle(h2)
             d.hv.close()
 

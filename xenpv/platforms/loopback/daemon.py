@@ -140,30 +140,18 @@ class _Connection:
         # is read (an awaited one is copied out first)
         rbuf = self.daemon.rbuf
         try:
-            try:
-                n, anc, flags, _ = self.sock.recvmsg_into(self.daemon.rviews, proto.CMSG_SPACE)
-            except (BlockingIOError, InterruptedError):
-                return
-            if anc:
-                fds = proto.fds_from_ancdata(anc)
-                for fd in fds:  # clients never send descriptors
-                    os.close(fd)
-                if not n and not fds:
-                    self.close()  # EOF: the client is gone
-                    return
-            elif not n:
-                self.close()
-                return
-            if flags & proto.TRUNCATED:
-                raise proto.ProtocolViolation("oversized request")
-            try:  # GNT_COPY, the hot one: framed, run and answered by its engine
-                out = self.copier.answer(rbuf, n)
-            except Exception as exc:
+            try:  # GNT_COPY, the hot one: received, framed, run and answered by its engine
+                n = self.copier.serve(self.sock, rbuf)
+            except (OSError, proto.ProtocolViolation):
+                raise
+            except Exception as exc:  # a bug in the engine: the request is in rbuf
                 seq = proto.REQUEST.unpack_from(rbuf)[1]
                 self._send(Op.GNT_COPY, seq, self.daemon._error_reply(self, Op.GNT_COPY, exc))
                 return
-            if out is not None:
-                self.sock.send(out)
+            if n < 0:  # answered, or nothing to read
+                return
+            if n == 0:
+                self.close()  # EOF: the client is gone
                 return
             op, seq, payload = proto.decode_request(bytes(rbuf[:n]))
             reply = self.daemon.dispatch_now(self, op, payload)
@@ -247,7 +235,6 @@ class LoopbackDaemon:
         self.connections: set[_Connection] = set()
         #: the control connections' receive buffer (one message at a time, in the loop)
         self.rbuf = bytearray(proto.MAX_MESSAGE)
-        self.rviews = (memoryview(self.rbuf),)
         self._listeners: dict[int, socket.socket] = {}
         #: Dom0's xenstored when it is not ours (None: the embedded one, or none).
         self.external_xenstored = choose(xenstored) if xenstore else None

@@ -23,6 +23,8 @@ source bytes must be in the request and the local destination bytes fit one repl
 from __future__ import annotations
 
 import errno
+import os
+import socket
 import struct
 from typing import Any, Protocol
 
@@ -49,6 +51,10 @@ class CopyEngineLike(Protocol):
     def answer(self, msg: Any, n: int) -> bytearray | None:
         """The whole reply message to the request message ``msg[:n]`` if it is a
         GNT_COPY request framed right, else None (see :meth:`PyCopyEngine.answer`)."""
+
+    def serve(self, sock: socket.socket, rbuf: bytearray) -> int:
+        """Receive one request into ``rbuf``, answering a GNT_COPY (see
+        :meth:`PyCopyEngine.serve`)."""
 
     def release(self) -> None:
         """Drop every memory view held (the connection closes)."""
@@ -149,6 +155,30 @@ class PyCopyEngine:
         except PlatformError as exc:
             status = -(exc.errno or errno.EINVAL)
         return bytearray(proto.REPLY.pack(op, seq, status, len(out))) + out
+
+    def serve(self, sock: socket.socket, rbuf: bytearray) -> int:
+        """Receive one request message from ``sock`` (non-blocking) into ``rbuf`` and,
+        when it is a GNT_COPY framed right, send its reply (:meth:`answer`): -1 then,
+        and when nothing waits; 0 at the end of the stream (or an empty message); else
+        the length of the message left in ``rbuf`` for the daemon's general path.
+        Descriptors sent along are closed (clients never send any); a truncated
+        message raises :class:`~xenpv.platforms.loopback.proto.ProtocolViolation`, a
+        failed receive or send OSError."""
+        try:
+            n, anc, flags, _ = sock.recvmsg_into((rbuf,), proto.CMSG_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return -1
+        for fd in proto.fds_from_ancdata(anc):
+            os.close(fd)
+        if flags & proto.TRUNCATED:
+            raise proto.ProtocolViolation("oversized request")
+        if n == 0:
+            return 0
+        out = self.answer(rbuf, n)
+        if out is None:
+            return n
+        sock.send(out)
+        return -1
 
     def _plan(self, payload: bytes, count: int, base: int) -> tuple[CopyPlan, bytearray, bool]:
         """Validate the peer's lengths, then build the plan and the one reply buffer.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import struct
-from dataclasses import replace
+from dataclasses import FrozenInstanceError, replace
 
 import pytest
 
@@ -128,6 +128,15 @@ def test_macs_frames_and_group_addresses() -> None:
     assert (f.dst, f.src, len(f)) == (DST, SRC, 60)
     assert (f.csum_blank, f.data_validated, f.gso_type, f.gso_size, f.rss_hash,
             f.rss_type) == (False, False, GSO_NONE, 0, None, 0)
+    # every field from its own argument, by keyword and by position; still frozen
+    g = NetFrame(b"ab", csum_blank=True, data_validated=True, gso_type=GSO_TCPV6,
+                 gso_size=1400, rss_hash=0xDEAD, rss_type=4)
+    assert g == NetFrame(b"ab", True, True, GSO_TCPV6, 1400, 0xDEAD, 4)
+    assert (g.data, g.csum_blank, g.data_validated, g.gso_type, g.gso_size, g.rss_hash,
+            g.rss_type) == (b"ab", True, True, GSO_TCPV6, 1400, 0xDEAD, 4)
+    assert replace(g, gso_size=9).gso_size == 9 and g.gso_size == 1400
+    with pytest.raises(FrozenInstanceError):
+        g.gso_size = 1  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("v6", [False, True])

@@ -32,12 +32,13 @@ from typing import Any
 
 from xenpv.compiled import compiled_attr
 from xenpv.platforms.base import COPY_PIECE
+from xenpv.protocols.netif import TX_RING
 
 __all__ = ["TX_ANSWER_SLOT", "TxGroupReference", "tx_group"]
 
 PAGE = 4096
 #: Bytes of one TX ring slot (a request; an answer is written at its start, zero padded).
-TX_ANSWER_SLOT = 12
+TX_ANSWER_SLOT = TX_RING.slot_size
 _ANSWER = struct.Struct("<Hh8x")
 _OKAY, _ERROR, _NULL = 0, -1, 1
 

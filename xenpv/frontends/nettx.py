@@ -39,12 +39,14 @@ import os
 import struct
 from typing import Any
 
+from xenpv.drivers.tap import VNET_HDR
 from xenpv.protocols.layout import XEN_PAGE_SIZE
 from xenpv.protocols.netif import (
     NETIF_RSP_DROPPED,
     NETIF_RSP_ERROR,
     NETIF_RSP_NULL,
     NETIF_RSP_OKAY,
+    TX_RING,
     NETTXF_extra_info,
     NETTXF_more_data,
 )
@@ -52,9 +54,9 @@ from xenpv.protocols.netif import (
 __all__ = ["MAX_FRAME", "MAX_FRAME_PAGES", "SLOT", "VNET_HDR_SIZE", "TxTable"]
 
 #: Bytes of one TX ring slot (request or response).
-SLOT = 12
+SLOT = TX_RING.slot_size
 #: The ``virtio_net_hdr`` in front of each TAP frame.
-VNET_HDR_SIZE = 10
+VNET_HDR_SIZE = VNET_HDR.size
 #: The largest frame a TX chain carries (its size field is 16 bits).
 MAX_FRAME = 0xFFFF
 #: Pages a frame of :data:`MAX_FRAME` bytes takes.
